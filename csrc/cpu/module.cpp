@@ -1,0 +1,17 @@
+// pg_kernels._C: the CPU kernels. The torch.library ops in pg_kernels/ops/ call these.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pg_kernels CPU kernels";
+#if defined(CPU_CAPABILITY_AVX512)
+  m.attr("cpu_capability") = "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  m.attr("cpu_capability") = "avx2";
+#else
+  m.attr("cpu_capability") = "default";
+#endif
+  m.def("token_stats_forward", &pg_kernels::cpu::token_stats_forward);
+  m.def("token_stats_backward", &pg_kernels::cpu::token_stats_backward);
+}

@@ -1,0 +1,71 @@
+// CPU entry points of pg_kernels._C and the input checks they share.
+// Signatures follow the op schemas in pg_kernels/_library.py (float -> double, int -> int64_t).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+namespace pg_kernels::cpu {
+
+// The Python layer validates user input with friendly messages; these checks guard the
+// invariants the kernels rely on, so a direct call cannot read out of bounds.
+inline void check_row_inputs(const char* op, const at::Tensor& logits, const at::Tensor& labels,
+                             const std::optional<at::Tensor>& temperature) {
+  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK(logits.dim() >= 1 && logits.stride(-1) == 1, op,
+              ": logits must have a contiguous last dim");
+  TORCH_CHECK(labels.dim() == 1 && labels.is_contiguous(), op, ": labels must be flat and contiguous");
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
+              ": labels must be int64 or int32, got ", labels.scalar_type());
+  TORCH_CHECK(logits.numel() == labels.numel() * logits.size(-1), op,
+              ": logits has ", logits.numel() / std::max<int64_t>(logits.size(-1), 1),
+              " rows but labels has ", labels.numel());
+  if (temperature) {
+    const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(temperature->scalar_type() == acc && temperature->is_contiguous() &&
+                    temperature->numel() == labels.numel(),
+                op, ": per-row temperature must be a contiguous ", acc, " tensor of ",
+                labels.numel(), " elements");
+  }
+}
+
+// Reads int32 or int64 labels as int64.
+struct LabelReader {
+  const void* data;
+  bool is_int32;
+  explicit LabelReader(const at::Tensor& labels)
+      : data(labels.const_data_ptr()), is_int32(labels.scalar_type() == at::kInt) {}
+  int64_t operator()(int64_t r) const {
+    return is_int32 ? static_cast<const int32_t*>(data)[r] : static_cast<const int64_t*>(data)[r];
+  }
+};
+
+// On the CPU a bad label costs nothing to find: check them all before any kernel runs.
+inline void check_labels_in_range(const char* op, const at::Tensor& labels, int64_t V,
+                                  int64_t ignore_index) {
+  const LabelReader read(labels);
+  for (int64_t i = 0, n = labels.numel(); i < n; ++i) {
+    const int64_t c = read(i);
+    TORCH_CHECK(c == ignore_index || (c >= 0 && c < V), op, ": labels.flatten()[", i, "] = ", c,
+                " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+  }
+}
+
+std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::Tensor& labels,
+                                            const std::optional<at::Tensor>& temperature,
+                                            double temperature_scalar, int64_t ignore_index,
+                                            int64_t n_inner, int64_t stride_outer,
+                                            int64_t stride_inner);
+
+at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
+                                const at::Tensor& grad_collision, const at::Tensor& grad_lse,
+                                const at::Tensor& logits, const at::Tensor& labels,
+                                const std::optional<at::Tensor>& temperature,
+                                double temperature_scalar, int64_t ignore_index,
+                                const at::Tensor& lse, const at::Tensor& entropy,
+                                const at::Tensor& collision, int64_t n_inner,
+                                int64_t stride_outer, int64_t stride_inner);
+
+}  // namespace pg_kernels::cpu

@@ -1,0 +1,215 @@
+// token_stats on the CPU: SPEC sections 1-3.
+//
+// Forward: one pass over each row. Per chunk of the row (vec_rows.h): load + scale + max,
+// then one exp per element feeding the three sums of the accumulator, kept per vector lane and
+// rescaled once per chunk when the max rises. Lanes merge in a fixed order at the row's end.
+// Reads N*V logits once, writes 7 numbers per row.
+// Backward: one pass; recomputes p_j = exp(z_j - L) from the saved L and writes the gradient
+// once (reads N*V, writes N*V).
+// Rows are independent and each is computed by one thread in a fixed order, so results are
+// deterministic and do not depend on the batch.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "ops.h"
+#include "vec_rows.h"
+
+namespace pg_kernels::cpu {
+namespace {
+
+template <typename acc_t>
+struct LaneSums {
+  Vec<acc_t> s1{acc_t(0)}, s2{acc_t(0)}, t{acc_t(0)};
+
+  // Move the lanes' reference max from m_old to m_new (SPEC section 1 rescale).
+  void rescale(acc_t m_old, acc_t m_new) {
+    if (m_old == neg_inf<acc_t>()) return;  // nothing accumulated yet
+    const acc_t delta = m_old - m_new;
+    const Vec<acc_t> a(std::exp(delta));
+    t = a * at::vec::fmadd(Vec<acc_t>(delta), s1, t);
+    s1 = a * s1;
+    s2 = a * a * s2;
+  }
+
+  // d = z - m <= 0 (clamped to the lowest finite value so that -inf logits give e * d = 0).
+  void add(const Vec<acc_t>& z, const Vec<acc_t>& m) {
+    const Vec<acc_t> d = at::vec::clamp_min(z - m, Vec<acc_t>(std::numeric_limits<acc_t>::lowest()));
+    const Vec<acc_t> e = vexp(d);
+    s1 = s1 + e;
+    s2 = at::vec::fmadd(e, e, s2);
+    t = at::vec::fmadd(e, d, t);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, int64_t label, acc_t* buf,
+                 TokenStatsRow<acc_t>& out, int64_t& argmax) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  // Sums run in two levels: per chunk (two independent chains of at most kChunk / (2 W)
+  // terms per lane), then chunk totals into the row total. Summation error then grows with
+  // kChunk / (2 W) + V / kChunk terms instead of V / (2 W), close to PyTorch's cascade sum.
+  LaneSums<acc_t> row;
+  acc_t m = neg_inf<acc_t>();
+  argmax = 0;
+  for (int64_t begin = 0; begin < V; begin += kChunk) {
+    const int64_t n = std::min(kChunk, V - begin);
+    const acc_t chunk_max = load_scaled_chunk(x + begin, n, inv_tau, buf);
+    if (!(chunk_max <= m)) {  // a new max, or a NaN
+      row.rescale(m, chunk_max);
+      m = chunk_max;
+      // Strictly greater than every earlier max: its first index here is the row's first argmax.
+      argmax = begin + (std::find(buf, buf + n, chunk_max) - buf);
+    }
+    if (!(m < -neg_inf<acc_t>())) break;  // NaN or +inf: the row is NaN, stop early
+    if (m == neg_inf<acc_t>()) continue;  // nothing but -inf so far
+    const Vec<acc_t> vm(m);
+    LaneSums<acc_t> lo, hi;
+    const int64_t n_pad = round_up(n, kStep<acc_t>);
+    for (int64_t i = 0; i < n_pad; i += 2 * W) {
+      lo.add(Vec<acc_t>::loadu(buf + i), vm);
+      hi.add(Vec<acc_t>::loadu(buf + i + W), vm);
+    }
+    row.s1 = row.s1 + (lo.s1 + hi.s1);
+    row.s2 = row.s2 + (lo.s2 + hi.s2);
+    row.t = row.t + (lo.t + hi.t);
+  }
+  const SoftmaxState<acc_t> state{m, sum_lanes(row.s1), sum_lanes(row.s2), sum_lanes(row.t)};
+  out = finalize_token_stats(state, acc_t(x[label]) * inv_tau);
+  if (!state_is_valid(state)) argmax = -1;
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_row(const scalar_t* x, int64_t V, acc_t inv_tau, int64_t label, acc_t lse,
+                  const TokenStatsGradCoef<acc_t>& coef, acc_t g_logprob, acc_t* buf,
+                  scalar_t* grad) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const Vec<acc_t> vl(lse), va(coef.a * inv_tau), vb(coef.b * inv_tau), vc(coef.c * inv_tau);
+  const Vec<acc_t> lowest(std::numeric_limits<acc_t>::lowest());
+  for (int64_t begin = 0; begin < V; begin += kChunk) {
+    const int64_t n = std::min(kChunk, V - begin);
+    load_scaled_chunk(x + begin, n, inv_tau, buf);
+    for (int64_t i = 0; i < n; i += W) {
+      const Vec<acc_t> d = at::vec::clamp_min(Vec<acc_t>::loadu(buf + i) - vl, lowest);
+      const Vec<acc_t> p = vexp(d);
+      // dz/tau = p (a + b d + c p) / tau
+      (p * at::vec::fmadd(vc, p, at::vec::fmadd(vb, d, va))).store(buf + i);
+    }
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      std::copy(buf, buf + n, grad + begin);
+    } else {
+      at::vec::convert(buf, grad + begin, n);
+    }
+  }
+  // The label's entry gets + g_l / tau, added in acc_t before the one rounding to scalar_t.
+  const acc_t d_c = std::max(acc_t(x[label]) * inv_tau - lse, std::numeric_limits<acc_t>::lowest());
+  const acc_t p_c = std::exp(d_c);
+  grad[label] = scalar_t((p_c * (coef.a + coef.b * d_c + coef.c * p_c) + g_logprob) * inv_tau);
+}
+
+template <typename acc_t>
+acc_t scalar_inv(double temperature) {
+  return acc_t(1) / acc_t(temperature);
+}
+
+int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
+
+}  // namespace
+
+std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::Tensor& labels,
+                                            const std::optional<at::Tensor>& temperature,
+                                            double temperature_scalar, int64_t ignore_index,
+                                            int64_t n_inner, int64_t stride_outer,
+                                            int64_t stride_inner) {
+  const int64_t N = labels.numel();
+  const int64_t V = logits.size(-1);
+  check_row_inputs("token_stats", logits, labels, temperature);
+  check_labels_in_range("token_stats", labels, V, ignore_index);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = labels.options().dtype(acc_dtype);
+  at::Tensor logprob = at::empty({N}, opts), entropy = at::empty({N}, opts),
+             collision = at::empty({N}, opts), lgp = at::empty({N}, opts),
+             lse = at::empty({N}, opts), max_prob = at::empty({N}, opts),
+             argmax = at::empty({N}, opts.dtype(at::kLong));
+  const RowLayout layout{n_inner, stride_outer, stride_inner};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_stats_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const InvTemperature<acc_t> inv_tau{
+        temperature ? temperature->const_data_ptr<acc_t>() : nullptr, scalar_inv<acc_t>(temperature_scalar)};
+    acc_t *o_lp = logprob.data_ptr<acc_t>(), *o_h = entropy.data_ptr<acc_t>(),
+          *o_c = collision.data_ptr<acc_t>(), *o_w = lgp.data_ptr<acc_t>(),
+          *o_l = lse.data_ptr<acc_t>(), *o_mp = max_prob.data_ptr<acc_t>();
+    int64_t* o_am = argmax.data_ptr<int64_t>();
+    const LabelReader read_label(labels);
+    at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[kBufferSize<acc_t>];
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t c = read_label(r);
+        if (c == ignore_index) {
+          o_lp[r] = o_h[r] = o_c[r] = o_w[r] = o_l[r] = o_mp[r] = acc_t(0);
+          o_am[r] = 0;
+          continue;
+        }
+        TokenStatsRow<acc_t> row;
+        forward_row(x + layout.offset(r), V, inv_tau(r), c, buf, row, o_am[r]);
+        o_lp[r] = row.logprob;
+        o_h[r] = row.entropy;
+        o_c[r] = row.collision;
+        o_w[r] = row.lgp;
+        o_l[r] = row.lse;
+        o_mp[r] = row.max_prob;
+      }
+    });
+  });
+  return {logprob, entropy, collision, lgp, lse, max_prob, argmax};
+}
+
+at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
+                                const at::Tensor& grad_collision, const at::Tensor& grad_lse,
+                                const at::Tensor& logits, const at::Tensor& labels,
+                                const std::optional<at::Tensor>& temperature,
+                                double temperature_scalar, int64_t ignore_index,
+                                const at::Tensor& lse, const at::Tensor& entropy,
+                                const at::Tensor& collision, int64_t n_inner,
+                                int64_t stride_outer, int64_t stride_inner) {
+  const int64_t N = labels.numel();
+  const int64_t V = logits.size(-1);
+  check_row_inputs("token_stats_backward", logits, labels, temperature);
+  // The gradient is a fresh contiguous tensor: row r starts at r * V.
+  at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  const RowLayout layout{n_inner, stride_outer, stride_inner};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_stats_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const InvTemperature<acc_t> inv_tau{
+        temperature ? temperature->const_data_ptr<acc_t>() : nullptr, scalar_inv<acc_t>(temperature_scalar)};
+    const acc_t *g_lp = grad_logprob.const_data_ptr<acc_t>(), *g_h = grad_entropy.const_data_ptr<acc_t>(),
+                *g_c = grad_collision.const_data_ptr<acc_t>(), *g_l = grad_lse.const_data_ptr<acc_t>(),
+                *s_l = lse.const_data_ptr<acc_t>(), *s_h = entropy.const_data_ptr<acc_t>(),
+                *s_c = collision.const_data_ptr<acc_t>();
+    const LabelReader read_label(labels);
+    at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[kBufferSize<acc_t>];
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* grad_row = g + r * V;
+        const int64_t c = read_label(r);
+        if (c == ignore_index) {
+          std::fill(grad_row, grad_row + V, scalar_t(0));
+          continue;
+        }
+        if (!(std::abs(s_l[r]) < -neg_inf<acc_t>())) {  // a NaN row stays NaN
+          std::fill(grad_row, grad_row + V, scalar_t(quiet_nan<acc_t>()));
+          continue;
+        }
+        const auto coef = token_stats_grad_coef(g_lp[r], g_h[r], g_c[r], g_l[r], s_h[r], s_c[r]);
+        backward_row(x + layout.offset(r), V, inv_tau(r), c, s_l[r], coef, g_lp[r], buf, grad_row);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace pg_kernels::cpu

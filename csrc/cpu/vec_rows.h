@@ -1,0 +1,127 @@
+// CPU building blocks for one-pass row kernels over [N, V] logits.
+//
+// A row is processed in chunks of kChunk elements: a chunk is loaded once from memory,
+// converted to the accumulation type and scaled by 1/tau into a small L1-resident buffer, and
+// every later step of the chunk (max, exp, sums) reads that buffer. So each logit is read from
+// memory exactly once per pass, whatever its dtype.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "pg_kernels/softmax_stats.h"
+
+namespace pg_kernels::cpu {
+
+constexpr int64_t kChunk = 2048;
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+// Loops below step two vectors at a time; buffers are padded with -inf up to this multiple.
+template <typename acc_t>
+constexpr int64_t kStep = 2 * Vec<acc_t>::size();
+
+template <typename acc_t>
+constexpr int64_t kBufferSize = kChunk + kStep<acc_t>;
+
+inline int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
+
+// Where row r of a [..., V] tensor starts, for leading dims that collapse into at most two
+// strided levels (e.g. logits[:, :-1] of a [B, T + 1, V] tensor): no copy of strided input.
+struct RowLayout {
+  int64_t n_inner;       // rows per outer step
+  int64_t stride_outer;  // elements between outer steps
+  int64_t stride_inner;  // elements between consecutive rows inside an outer step
+  int64_t offset(int64_t r) const {
+    return (r / n_inner) * stride_outer + (r % n_inner) * stride_inner;
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX2)
+// exp for fp32 lanes, ~1 ulp for the arguments these kernels use (x <= 0): Cody-Waite range
+// reduction x = n ln2 + r with a two-part ln2, then Cephes' degree-6 polynomial for e^r.
+// ATen's exp_u20 is as fast but ~15 ulp, which showed up as 3x the error of plain PyTorch in
+// the gradients; Sleef's 1-ulp exp is ~1.6x slower. Results below ln(FLT_MIN) flush to 0.
+inline Vec<float> exp_1ulp(const Vec<float>& v) {
+  const __m256 lo = _mm256_set1_ps(-87.33654475f), hi = _mm256_set1_ps(88.72283905f);
+  const __m256 underflow = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
+  const __m256 x = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+  return _mm256_blendv_ps(y, _mm256_setzero_ps(), underflow);
+}
+#endif
+
+// exp on a vector of the accumulation type: the CPU floor of these kernels is one exp per element.
+template <typename acc_t>
+inline Vec<acc_t> vexp(const Vec<acc_t>& x) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(PGK_EXP_U20)
+  if constexpr (std::is_same_v<acc_t, float>) return exp_1ulp(x);
+#endif
+  return x.exp();
+}
+
+// buf[0, n) = src[0, n) * scale in acc_t, buf[n, round_up(n, kStep)) = -inf.
+// Returns the chunk's max (NaN if the chunk holds a NaN).
+template <typename scalar_t, typename acc_t>
+inline acc_t load_scaled_chunk(const scalar_t* src, int64_t n, acc_t scale, acc_t* buf) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::copy(src, src + n, buf);
+  } else {
+    at::vec::convert(src, buf, n);
+  }
+  const int64_t n_pad = round_up(n, kStep<acc_t>);
+  std::fill(buf + n, buf + n_pad, neg_inf<acc_t>());
+  const Vec<acc_t> vscale(scale);
+  Vec<acc_t> vmax(neg_inf<acc_t>());
+  for (int64_t i = 0; i < n_pad; i += W) {
+    const Vec<acc_t> z = Vec<acc_t>::loadu(buf + i) * vscale;
+    z.store(buf + i);
+    vmax = at::vec::maximum(vmax, z);  // propagates NaN
+  }
+  acc_t lanes[W];
+  vmax.store(lanes);
+  acc_t m = lanes[0];
+  for (int64_t i = 1; i < W; ++i) m = max_nan(m, lanes[i]);
+  return m;
+}
+
+// Sum of a vector's lanes in a fixed order (deterministic).
+template <typename acc_t>
+inline acc_t sum_lanes(const Vec<acc_t>& v) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  acc_t lanes[W];
+  v.store(lanes);
+  acc_t s = 0;
+  for (int64_t i = 0; i < W; ++i) s += lanes[i];
+  return s;
+}
+
+// Per-row inverse temperature: a per-row tensor when given, else the scalar.
+template <typename acc_t>
+struct InvTemperature {
+  const acc_t* per_row;  // nullptr when the temperature is a scalar
+  acc_t scalar_inv;
+  acc_t operator()(int64_t r) const { return per_row ? acc_t(1) / per_row[r] : scalar_inv; }
+};
+
+}  // namespace pg_kernels::cpu

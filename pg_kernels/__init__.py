@@ -1,0 +1,17 @@
+"""pg_kernels: fused one-pass kernels for policy-gradient RL over vocabulary-sized logits."""
+
+from pg_kernels._backend import env_report
+from pg_kernels.ops._common import check_labels
+from pg_kernels.ops.token_stats import token_stats
+from pg_kernels.outputs import MismatchStats, PrunedLogprob, TokenStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MismatchStats",
+    "PrunedLogprob",
+    "TokenStats",
+    "check_labels",
+    "env_report",
+    "token_stats",
+]

@@ -1,0 +1,135 @@
+"""Which kernels can run here, and which one serves a call.
+
+Backends:
+  "reference"  plain PyTorch (pg_kernels.reference), any device; always available.
+  "cpu"        the C++ extension pg_kernels._C, CPU tensors.
+  "triton"     Triton kernels, CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
+  "cuda"       the CUDA C++ extension pg_kernels._C_cuda, CUDA tensors.
+
+Availability is data: `unavailable_reason(backend, device)` says why a backend cannot take
+inputs on a device (None when it can); `resolve` uses it both for "auto" and for the error
+raised when a user forces a backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import platform
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+# What "auto" tries, per device type, in order.
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+
+
+@functools.cache
+def _load(module: str):
+    """(module, None) when the compiled module imports, (None, reason) otherwise."""
+    try:
+        return importlib.import_module(module), None
+    except ImportError as e:
+        return None, f"not built or not importable ({e})"
+
+
+def cpu_extension():
+    ext, _ = _load("pg_kernels._C")
+    return ext
+
+
+def cuda_extension():
+    ext, _ = _load("pg_kernels._C_cuda")
+    return ext
+
+
+@functools.cache
+def _cpu_reason() -> str | None:
+    ext, why = _load("pg_kernels._C")
+    if ext is None:
+        return why
+    needed = ext.cpu_capability
+    if needed == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "the extension was built for AVX2, which this CPU lacks (rebuild with PG_KERNELS_CPU_CAPABILITY=default)"
+    return None
+
+
+@functools.cache
+def _triton_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "not installed (pip install triton)"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when `backend` can run on tensors of `device`, else why it cannot."""
+    kind = device.type
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if kind != "cpu":
+            return f"takes CPU tensors, got {kind}"
+        return _cpu_reason()
+    if backend == "triton":
+        why = _triton_reason()
+        if why is not None:
+            return why
+        if kind == "cuda":
+            return None
+        if kind == "cpu":
+            return None if triton_interpreted() else "CPU tensors need TRITON_INTERPRET=1 (set before importing pg_kernels)"
+        return f"no Triton kernels for {kind} tensors"
+    if backend == "cuda":
+        if kind != "cuda":
+            return f"takes CUDA tensors, got {kind}"
+        _, why = _load("pg_kernels._C_cuda")
+        return why
+    return f"unknown backend; choose one of {BACKENDS}"
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """The backend that serves `op` for tensors on `device`; raises if a forced one cannot."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return "reference"
+    why = unavailable_reason(backend, device)
+    if why is not None:
+        raise RuntimeError(f"{op}: backend {backend!r} cannot run here: {backend}: {why}")
+    return backend
+
+
+def env_report() -> str:
+    """A human-readable account of what pg_kernels can use on this machine, and why not."""
+    lines = [
+        f"pg_kernels on {platform.machine()} / Python {platform.python_version()}",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, "
+        f"GPU available: {torch.cuda.is_available()}, CPU capability: "
+        f"{torch.backends.cpu.get_cpu_capability()})",
+    ]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__} (interpreter: {triton_interpreted()})")
+    except ImportError:
+        lines.append("triton: not installed")
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    for device in devices:
+        for backend in BACKENDS[1:]:
+            why = unavailable_reason(backend, device)
+            lines.append(f"  {device.type:4s} {backend:9s} {'ok' if why is None else why}")
+        lines.append(f"  {device.type:4s} auto ->   {resolve('env_report', 'auto', device)}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Sequence-level methods built on per-token tensors (baselines, masks, policy losses)."""

@@ -1,0 +1,158 @@
+"""Input checks and layout helpers shared by every op over [..., V] logits.
+
+User errors raise ValueError/TypeError naming the argument and the problem. Checks that read
+tensor values run only on CPU tensors (free there) and never while torch.compile traces; on
+CUDA, bad labels or temperatures give NaN for that row, and `check_labels` is the explicit,
+host-syncing validation step a caller may choose to run.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and per-token output dtype for logits of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_logits(op: str, name: str, logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be bf16, fp16, fp32 or fp64, got {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError(f"{op}: {name} must have shape [..., V], got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{op}: {name} has an empty vocabulary (V == 0)")
+    if logits.stride(-1) != 1 and logits.numel() > 0:
+        raise ValueError(
+            f"{op}: {name} must be contiguous in its last (vocab) dim, got stride {logits.stride(-1)}"
+        )
+
+
+def check_labels(
+    labels: torch.Tensor, vocab_size: int, ignore_index: int = -100, *, name: str = "labels"
+) -> None:
+    """Raise if any label is outside [0, vocab_size) and not ignore_index.
+
+    Reads the labels' values: on a GPU this syncs the host. The ops themselves never call it on
+    CUDA tensors (out-of-range labels give NaN rows there); call it when you want the error.
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name}[{', '.join(map(str, pos))}] = {int(labels[pos])} is outside "
+            f"[0, {vocab_size}) and is not ignore_index ({ignore_index})"
+        )
+
+
+def check_labels_arg(op: str, logits: torch.Tensor, labels: torch.Tensor, name: str = "labels"):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{op}: {name} must be int64 or int32, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{op}: {name} must have the logits' leading shape {tuple(logits.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"{op}: {name} is on {labels.device} but logits on {logits.device}")
+
+
+class Temperature(NamedTuple):
+    """A temperature as the ops take it: a per-row tensor, or None and a scalar."""
+
+    tensor: torch.Tensor | None  # flat [N], acc dtype, contiguous
+    scalar: float
+
+
+def make_temperature(
+    op: str, temperature, logits: torch.Tensor, name: str = "temperature"
+) -> Temperature:
+    """Validate a float or per-row tensor temperature ([...] = logits' leading shape)."""
+    if isinstance(temperature, torch.Tensor):
+        if not temperature.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a float or floating tensor, got {temperature.dtype}")
+        if temperature.device != logits.device:
+            raise ValueError(f"{op}: {name} is on {temperature.device} but logits on {logits.device}")
+        lead = tuple(logits.shape[:-1])
+        if temperature.dim() == 0:
+            temperature = temperature.expand(lead)
+        if tuple(temperature.shape) != lead:
+            raise ValueError(
+                f"{op}: per-row {name} must have shape {lead} (the logits' leading shape), "
+                f"got {tuple(temperature.shape)}"
+            )
+        if temperature.requires_grad:
+            raise ValueError(f"{op}: {name} is not differentiable; pass {name}.detach()")
+        flat = temperature.detach().reshape(-1).to(acc_dtype(logits.dtype)).contiguous()
+        if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+            bad = ~(torch.isfinite(flat) & (flat > 0))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{op}: {name}.flatten()[{i}] = {float(flat[i])} must be finite and > 0")
+        return Temperature(flat, 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float or a tensor, got {type(temperature).__name__}")
+    t = float(temperature)
+    if not (t > 0 and t < float("inf")):
+        raise ValueError(f"{op}: {name} must be finite and > 0, got {temperature}")
+    return Temperature(None, t)
+
+
+def check_ignore_index(op: str, ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def check_labels_on_cpu(op: str, labels: torch.Tensor, vocab_size: int, ignore_index: int):
+    """Label range check where it costs no host sync: CPU tensors, outside torch.compile."""
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        try:
+            check_labels(labels, vocab_size, ignore_index)
+        except ValueError as e:
+            raise ValueError(f"{op}: {e}") from None
+
+
+class RowLayout(NamedTuple):
+    """Row r of a [..., V] tensor starts at (r // n_inner) * stride_outer + (r % n_inner) * stride_inner."""
+
+    n_inner: int
+    stride_outer: int
+    stride_inner: int
+
+
+def row_layout(op: str, name: str, x: torch.Tensor) -> RowLayout:
+    """Collapse x's leading dims into at most two strided levels, without copying.
+
+    Covers contiguous tensors, row slices and the shifted view logits[:, :-1] of a [B, T, V]
+    tensor. Layouts that need three or more levels raise: copying would silently double memory.
+    """
+    groups: list[list[int]] = []  # [size, stride], outermost first
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if groups and groups[-1][1] == size * stride:
+            groups[-1] = [groups[-1][0] * size, stride]
+        else:
+            groups.append([size, stride])
+    if not groups:
+        return RowLayout(1, 0, 0)
+    if len(groups) == 1:
+        return RowLayout(groups[0][0], 0, groups[0][1])
+    if len(groups) == 2:
+        return RowLayout(groups[1][0], groups[0][1], groups[1][1])
+    raise ValueError(
+        f"{op}: {name} with shape {tuple(x.shape)} and strides {x.stride()} cannot be read as rows "
+        "without a copy; pass a tensor whose leading dims collapse into at most two strided levels "
+        f"(e.g. {name}.contiguous())"
+    )

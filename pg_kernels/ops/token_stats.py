@@ -1,0 +1,142 @@
+"""token_stats: per-token log-prob, entropy, collision probability, logit-gradient proxy and
+logsumexp of softmax(logits / temperature), in one pass over the logits (SPEC sections 1-3).
+
+Layers: public function `token_stats` -> op `pg_kernels::token_stats` (schema in _library.py)
+-> kernel chosen by `backend`: C++ (`pg_kernels._C`), Triton (`pg_kernels.triton`) or CUDA C++
+(`pg_kernels._C_cuda`). Autograd saves only per-row L, H, C; the backward op recomputes
+p_j = exp(z_j - L) in one pass and writes the gradient once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pg_kernels import _backend, _library  # noqa: F401  (_library defines the schemas)
+from pg_kernels import reference
+from pg_kernels.ops._common import (
+    acc_dtype,
+    check_ignore_index,
+    check_labels_arg,
+    check_labels_on_cpu,
+    check_logits,
+    make_temperature,
+    row_layout,
+)
+from pg_kernels.outputs import TokenStats
+
+OP = "token_stats"
+
+
+def _kernels(backend: str):
+    """The (forward, backward) launchers of a backend; each takes flat labels and a row layout."""
+    if backend == "cpu":
+        ext = _backend.cpu_extension()
+        return ext.token_stats_forward, ext.token_stats_backward
+    if backend == "cuda":
+        ext = _backend.cuda_extension()
+        return ext.token_stats_forward, ext.token_stats_backward
+    if backend == "triton":
+        from pg_kernels.triton import token_stats as tt
+
+        return tt.token_stats_forward, tt.token_stats_backward
+    raise RuntimeError(f"{OP}: no kernel for backend {backend!r}")
+
+
+@torch.library.register_kernel("pg_kernels::token_stats", ("cpu", "cuda"))
+def _token_stats(logits, labels, temperature, temperature_scalar, ignore_index, backend):
+    forward, _ = _kernels(backend)
+    layout = row_layout(OP, "logits", logits)
+    outs = forward(logits, labels.reshape(-1), temperature, temperature_scalar, ignore_index, *layout)
+    return tuple(o.view(labels.shape) for o in outs)
+
+
+@torch.library.register_fake("pg_kernels::token_stats")
+def _token_stats_fake(logits, labels, temperature, temperature_scalar, ignore_index, backend):
+    stat = labels.new_empty(labels.shape, dtype=acc_dtype(logits.dtype))
+    return (*(torch.empty_like(stat) for _ in range(6)), labels.new_empty(labels.shape, dtype=torch.int64))
+
+
+@torch.library.register_kernel("pg_kernels::token_stats_backward", ("cpu", "cuda"))
+def _token_stats_backward(
+    g_logprob, g_entropy, g_collision, g_lse, logits, labels, temperature, temperature_scalar,
+    ignore_index, lse, entropy, collision, backend,
+):  # fmt: skip
+    _, backward = _kernels(backend)
+    layout = row_layout(OP, "logits", logits)
+    flat = [t.reshape(-1).contiguous() for t in (g_logprob, g_entropy, g_collision, g_lse)]
+    saved = [t.reshape(-1) for t in (lse, entropy, collision)]
+    return backward(
+        *flat, logits, labels.reshape(-1), temperature, temperature_scalar, ignore_index, *saved, *layout
+    )
+
+
+@torch.library.register_fake("pg_kernels::token_stats_backward")
+def _token_stats_backward_fake(
+    g_logprob, g_entropy, g_collision, g_lse, logits, labels, temperature, temperature_scalar,
+    ignore_index, lse, entropy, collision, backend,
+):  # fmt: skip
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, temperature_scalar, ignore_index, backend = inputs
+    _, entropy, collision, lgp, lse, max_prob, argmax = output
+    ctx.save_for_backward(logits, labels, temperature, lse, entropy, collision)
+    ctx.scalars = (temperature_scalar, ignore_index, backend)
+    ctx.mark_non_differentiable(lgp, max_prob, argmax)
+
+
+def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, g_argmax):
+    logits, labels, temperature, lse, entropy, collision = ctx.saved_tensors
+    temperature_scalar, ignore_index, backend = ctx.scalars
+    grad = torch.ops.pg_kernels.token_stats_backward(
+        g_logprob, g_entropy, g_collision, g_lse, logits, labels, temperature,
+        temperature_scalar, ignore_index, lse, entropy, collision, backend,
+    )  # fmt: skip
+    return grad, None, None, None, None, None
+
+
+torch.library.register_autograd("pg_kernels::token_stats", _backward, setup_context=_setup_context)
+
+
+def token_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> TokenStats:
+    """Per-token statistics of p = softmax(logits / temperature), in one pass over the logits.
+
+    Args:
+        logits: [..., V] bf16, fp16, fp32 or fp64; only the last dim must be contiguous.
+        labels: [...] int64 or int32, the chosen tokens; ignore_index rows give 0 everywhere.
+        temperature: a float or a [...] tensor (per row), finite and > 0. Not differentiable.
+        ignore_index: label value of rows to skip.
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        TokenStats of [...] tensors (fp32; fp64 for fp64 logits): logprob, entropy, collision,
+        lgp, lse, max_prob, argmax (int64), plus the properties lgp_norm and renyi2.
+        Gradients flow to `logits` through logprob, entropy, collision and lse, and come back in
+        the logits' dtype.
+
+    Labels outside [0, V) raise on CPU; on CUDA they give NaN rows (see `check_labels`).
+    """
+    check_logits(OP, "logits", logits)
+    check_labels_arg(OP, logits, labels)
+    ignore_index = check_ignore_index(OP, ignore_index)
+    temp = make_temperature(OP, temperature, logits)
+    backend = _backend.resolve(OP, backend, logits.device)
+    check_labels_on_cpu(OP, labels, logits.shape[-1], ignore_index)
+    if backend == "reference":
+        out = reference.token_stats(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=False
+        )
+        return out
+    return TokenStats(
+        *torch.ops.pg_kernels.token_stats(
+            logits, labels, temp.tensor, temp.scalar, ignore_index, backend
+        )
+    )

@@ -1,0 +1,46 @@
+"""Helpers shared by the float64-capable PyTorch references."""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    """float64 when upcasting (the truth), else the precision a plain PyTorch trainer uses."""
+    if upcast or dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def scaled(logits: torch.Tensor, temperature, dtype: torch.dtype) -> torch.Tensor:
+    """z = logits / temperature in `dtype`; temperature is a float or a tensor of shape [...]."""
+    z = logits.to(dtype)
+    if isinstance(temperature, torch.Tensor):
+        return z / temperature.to(dtype).unsqueeze(-1)
+    return z / temperature
+
+
+def invalid_rows(z: torch.Tensor) -> torch.Tensor:
+    """Rows whose outputs are NaN by contract: any NaN or +inf, or nothing but -inf."""
+    return (torch.isnan(z) | (z == float("inf"))).any(-1) | torch.isneginf(z).all(-1)
+
+
+def finish(value: torch.Tensor, invalid: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """NaN on invalid rows, then 0 on ignored rows (ignored beats invalid)."""
+    value = torch.where(invalid, torch.full_like(value, float("nan")), value)
+    if keep is not None:
+        value = torch.where(keep, value, torch.zeros_like(value))
+    return value
+
+
+def label_mask(labels: torch.Tensor | None, ignore_index: int):
+    """(keep, safe_labels): rows to keep, and labels with ignored ones replaced by 0."""
+    if labels is None:
+        return None, None
+    keep = labels != ignore_index
+    return keep, torch.where(keep, labels, torch.zeros_like(labels)).long()
+
+
+def zero_where_neginf(z: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """z with 0 where `where` holds, so 0 * (-inf) terms vanish with finite gradients."""
+    return torch.where(where, torch.zeros_like(z), z)

@@ -1,0 +1,68 @@
+"""Reference divergences between two logit tensors (SPEC section 4).
+
+A term with zero weight contributes exactly 0, even against -inf log-probs of the other side;
+a positive weight against a zero probability of the other side gives +inf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pg_kernels.reference._util import compute_dtype, finish, invalid_rows, label_mask, scaled
+
+DIRECTIONS = ("reverse", "forward")
+
+
+def _kl(logw: torch.Tensor, logv: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j (log w_j - log v_j) over the last dim, with 0 where w_j = 0."""
+    zero_weight = torch.isneginf(logw)
+    w = logw.exp()
+    diff = torch.where(zero_weight, torch.zeros_like(logw), logw) - torch.where(
+        zero_weight, torch.zeros_like(logv), logv
+    )
+    return (w * diff).sum(-1)
+
+
+def kl_divergence(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    *,
+    direction: str = "reverse",
+    temperature: float | torch.Tensor = 1.0,
+    ref_temperature: float | torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Per-row KL [...] between p = softmax(logits/T) and q = softmax(ref_logits/T_ref).
+
+    direction "reverse": KL(p || q); "forward": KL(q || p). Differentiable by autograd.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"kl_divergence: direction must be one of {DIRECTIONS}, got {direction!r}")
+    dtype = compute_dtype(logits.dtype, upcast)
+    z = scaled(logits, temperature, dtype)
+    zr = scaled(ref_logits, temperature if ref_temperature is None else ref_temperature, dtype)
+    logp, logq = z.log_softmax(-1), zr.log_softmax(-1)
+    kl = _kl(logp, logq) if direction == "reverse" else _kl(logq, logp)
+    keep, _ = label_mask(labels, ignore_index)
+    return finish(kl, invalid_rows(z) | invalid_rows(zr), keep)
+
+
+def rollout_tv(
+    logits: torch.Tensor,
+    rollout_logits: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    rollout_temperature: float | torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Total variation 1/2 sum |p - q| per row [...]."""
+    dtype = compute_dtype(logits.dtype, upcast)
+    z = scaled(logits, temperature, dtype)
+    zr = scaled(rollout_logits, temperature if rollout_temperature is None else rollout_temperature, dtype)
+    tv = 0.5 * (z.softmax(-1) - zr.softmax(-1)).abs().sum(-1)
+    keep, _ = label_mask(labels, ignore_index)
+    return finish(tv, invalid_rows(z) | invalid_rows(zr), keep)

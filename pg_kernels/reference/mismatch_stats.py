@@ -1,0 +1,74 @@
+"""Reference training-vs-rollout mismatch (SPEC sections 4 and 5)."""
+
+from __future__ import annotations
+
+import torch
+
+from pg_kernels.outputs import MismatchStats
+from pg_kernels.reference._util import compute_dtype, label_mask
+from pg_kernels.reference.kl_divergence import kl_divergence, rollout_tv
+from pg_kernels.reference.token_stats import token_stats
+
+RATIO_CLAMP = 20.0  # rho = exp(clamp(delta, -20, 20)): no overflow on wild tokens
+
+
+def sampled_mismatch(
+    logprob: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    *,
+    tis_cap: float = 2.0,
+    icepop_low: float = 0.5,
+    icepop_high: float = 2.0,
+) -> dict[str, torch.Tensor]:
+    """The sampled-token estimators of SPEC section 5 from per-token log-probs."""
+    delta = logprob - rollout_logprobs.to(logprob.dtype)
+    rho = delta.clamp(-RATIO_CLAMP, RATIO_CLAMP).exp()
+    in_band = (rho >= icepop_low) & (rho <= icepop_high)
+    return {
+        "log_ratio": delta,
+        "ratio": rho,
+        "k1": -delta,
+        "k2": 0.5 * delta * delta,
+        "k3": rho - 1 - delta,
+        "abs_log_ratio": delta.abs(),
+        "chi2": (rho - 1) ** 2,
+        "tis_weight": rho.clamp_max(tis_cap),
+        "icepop_weight": torch.where(in_band, rho, torch.zeros_like(rho)),
+    }
+
+
+def mismatch_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    *,
+    rollout_logits: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    rollout_temperature: float | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    tis_cap: float = 2.0,
+    icepop_low: float = 0.5,
+    icepop_high: float = 2.0,
+    upcast: bool = True,
+) -> MismatchStats:
+    """logits [..., V], labels [...], rollout_logprobs [...] (optionally rollout_logits [..., V])."""
+    stats = token_stats(logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=upcast)
+    keep, _ = label_mask(labels, ignore_index)
+    dtype = compute_dtype(logits.dtype, upcast)
+    sampled = sampled_mismatch(
+        stats.logprob, rollout_logprobs.to(dtype), tis_cap=tis_cap, icepop_low=icepop_low, icepop_high=icepop_high
+    )
+    sampled = {k: torch.where(keep, v, torch.zeros_like(v)) for k, v in sampled.items()}
+    token_kl = token_tv = None
+    if rollout_logits is not None:
+        shared = dict(
+            temperature=temperature,
+            labels=labels,
+            ignore_index=ignore_index,
+            upcast=upcast,
+        )
+        rt = temperature if rollout_temperature is None else rollout_temperature
+        # KL(pi_roll || pi_theta) is the forward direction with q the rollout distribution.
+        token_kl = kl_divergence(logits, rollout_logits, direction="forward", ref_temperature=rt, **shared)
+        token_tv = rollout_tv(logits, rollout_logits, rollout_temperature=rt, **shared)
+    return MismatchStats(logprob=stats.logprob, **sampled, token_kl=token_kl, token_tv=token_tv)

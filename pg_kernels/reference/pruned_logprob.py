@@ -1,0 +1,41 @@
+"""Reference safe-vocabulary log-prob (SPEC section 6)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pg_kernels.outputs import PrunedLogprob
+from pg_kernels.reference._util import compute_dtype, finish, invalid_rows, label_mask, scaled
+
+
+def pruned_logprob(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = -100,
+    upcast: bool = True,
+) -> PrunedLogprob:
+    """S = {v: z_v >= max z + log alpha} plus the label; logprob = z_c - logsumexp_S z."""
+    if not (0 < alpha < 1):
+        raise ValueError(f"pruned_logprob: alpha must be in (0, 1), got {alpha}")
+    z = scaled(logits, temperature, compute_dtype(logits.dtype, upcast))
+    keep, c = label_mask(labels, ignore_index)
+    invalid = invalid_rows(z)
+    threshold = z.amax(-1, keepdim=True).detach() + math.log(alpha)
+    z_c = z.gather(-1, c.unsqueeze(-1))
+    safe = z >= threshold
+    in_safe = safe.gather(-1, c.unsqueeze(-1)).squeeze(-1)
+    safe = safe.scatter(-1, c.unsqueeze(-1), True)
+    lse_safe = torch.logsumexp(z.masked_fill(~safe, float("-inf")), -1)
+    lse = torch.logsumexp(z, -1)
+    logprob = z_c.squeeze(-1) - lse_safe
+    tail_mass = -torch.expm1(lse_safe - lse)
+    return PrunedLogprob(
+        logprob=finish(logprob, invalid, keep),
+        in_safe=in_safe & keep & ~invalid,
+        tail_mass=finish(tail_mass, invalid, keep).detach(),
+    )
