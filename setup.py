@@ -53,7 +53,11 @@ def _cuda_decision() -> tuple[bool, str]:
         return False, f"torch {torch.__version__} is a CPU build"
     if cpp_extension.CUDA_HOME is None:
         return False, "no CUDA toolkit found (set CUDA_HOME)"
-    return True, f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={cpp_extension.CUDA_HOME}"
+    return (
+        True,
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"CUDA_HOME={cpp_extension.CUDA_HOME}",
+    )
 
 
 def _extensions():

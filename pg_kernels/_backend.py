@@ -13,8 +13,8 @@ raised when a user forces a backend.
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import os
 import platform
 
@@ -26,7 +26,6 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 
-@functools.cache
 def _load(module: str):
     """(module, None) when the compiled module imports, (None, reason) otherwise."""
     try:
@@ -35,38 +34,37 @@ def _load(module: str):
         return None, f"not built or not importable ({e})"
 
 
+def _cpu_status():
+    ext, why = _load("pg_kernels._C")
+    if ext is not None and ext.cpu_capability == "avx2":
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            why = (
+                "the extension was built for AVX2, which this CPU lacks "
+                "(rebuild with PG_KERNELS_CPU_CAPABILITY=default)"
+            )
+    return ext, why
+
+
+# Probed once at import, so that backend choice inside torch.compile is plain data.
+_CPU_EXT, _CPU_REASON = _cpu_status()
+_CUDA_EXT, _CUDA_REASON = _load("pg_kernels._C_cuda")
+_TRITON_REASON = (
+    None if importlib.util.find_spec("triton") else "not installed (pip install triton)"
+)
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def cpu_extension():
-    ext, _ = _load("pg_kernels._C")
-    return ext
+    return _CPU_EXT
 
 
 def cuda_extension():
-    ext, _ = _load("pg_kernels._C_cuda")
-    return ext
-
-
-@functools.cache
-def _cpu_reason() -> str | None:
-    ext, why = _load("pg_kernels._C")
-    if ext is None:
-        return why
-    needed = ext.cpu_capability
-    if needed == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return "the extension was built for AVX2, which this CPU lacks (rebuild with PG_KERNELS_CPU_CAPABILITY=default)"
-    return None
-
-
-@functools.cache
-def _triton_reason() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "not installed (pip install triton)"
-    return None
+    return _CUDA_EXT
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton kernels run in its interpreter (TRITON_INTERPRET=1 at import)."""
+    return _TRITON_INTERPRETED
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -77,21 +75,23 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend == "cpu":
         if kind != "cpu":
             return f"takes CPU tensors, got {kind}"
-        return _cpu_reason()
+        return _CPU_REASON
     if backend == "triton":
-        why = _triton_reason()
-        if why is not None:
-            return why
+        if _TRITON_REASON is not None:
+            return _TRITON_REASON
         if kind == "cuda":
             return None
         if kind == "cpu":
-            return None if triton_interpreted() else "CPU tensors need TRITON_INTERPRET=1 (set before importing pg_kernels)"
+            return (
+                None
+                if triton_interpreted()
+                else "CPU tensors need TRITON_INTERPRET=1 (set before importing pg_kernels)"
+            )
         return f"no Triton kernels for {kind} tensors"
     if backend == "cuda":
         if kind != "cuda":
             return f"takes CUDA tensors, got {kind}"
-        _, why = _load("pg_kernels._C_cuda")
-        return why
+        return _CUDA_REASON
     return f"unknown backend; choose one of {BACKENDS}"
 
 

@@ -51,7 +51,7 @@ class MismatchStats(NamedTuple):
 
 
 class PrunedLogprob(NamedTuple):
-    """Log-prob on the safe vocabulary S = {v: p_v >= alpha max p} plus the label (SPEC section 6)."""
+    """Log-prob on the safe vocabulary S = {v: p_v >= alpha max p} plus the label (SPEC 6)."""
 
     logprob: torch.Tensor  # z_c - logsumexp_S z; differentiable
     in_safe: torch.Tensor  # bool: the label met the threshold on its own

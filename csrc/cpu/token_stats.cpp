@@ -33,9 +33,9 @@ struct LaneSums {
     s2 = a * a * s2;
   }
 
-  // d = z - m <= 0 (clamped to the lowest finite value so that -inf logits give e * d = 0).
+  // d = z - m <= 0, clamped where exp is already 0 so that -inf logits give e * d = 0.
   void add(const Vec<acc_t>& z, const Vec<acc_t>& m) {
-    const Vec<acc_t> d = at::vec::clamp_min(z - m, Vec<acc_t>(std::numeric_limits<acc_t>::lowest()));
+    const Vec<acc_t> d = at::vec::clamp_min(z - m, Vec<acc_t>(exp_zero_below<acc_t>()));
     const Vec<acc_t> e = vexp(d);
     s1 = s1 + e;
     s2 = at::vec::fmadd(e, e, s2);
@@ -86,7 +86,7 @@ void backward_row(const scalar_t* x, int64_t V, acc_t inv_tau, int64_t label, ac
                   scalar_t* grad) {
   constexpr int64_t W = Vec<acc_t>::size();
   const Vec<acc_t> vl(lse), va(coef.a * inv_tau), vb(coef.b * inv_tau), vc(coef.c * inv_tau);
-  const Vec<acc_t> lowest(std::numeric_limits<acc_t>::lowest());
+  const Vec<acc_t> lowest(exp_zero_below<acc_t>());
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
     load_scaled_chunk(x + begin, n, inv_tau, buf);
@@ -103,7 +103,7 @@ void backward_row(const scalar_t* x, int64_t V, acc_t inv_tau, int64_t label, ac
     }
   }
   // The label's entry gets + g_l / tau, added in acc_t before the one rounding to scalar_t.
-  const acc_t d_c = std::max(acc_t(x[label]) * inv_tau - lse, std::numeric_limits<acc_t>::lowest());
+  const acc_t d_c = std::max(acc_t(x[label]) * inv_tau - lse, exp_zero_below<acc_t>());
   const acc_t p_c = std::exp(d_c);
   grad[label] = scalar_t((p_c * (coef.a + coef.b * d_c + coef.c * p_c) + g_logprob) * inv_tau);
 }

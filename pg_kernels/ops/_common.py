@@ -32,7 +32,8 @@ def check_logits(op: str, name: str, logits: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} has an empty vocabulary (V == 0)")
     if logits.stride(-1) != 1 and logits.numel() > 0:
         raise ValueError(
-            f"{op}: {name} must be contiguous in its last (vocab) dim, got stride {logits.stride(-1)}"
+            f"{op}: {name} must be contiguous in its last (vocab) dim, "
+            f"got stride {logits.stride(-1)}"
         )
 
 
@@ -80,9 +81,13 @@ def make_temperature(
     """Validate a float or per-row tensor temperature ([...] = logits' leading shape)."""
     if isinstance(temperature, torch.Tensor):
         if not temperature.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a float or floating tensor, got {temperature.dtype}")
+            raise TypeError(
+                f"{op}: {name} must be a float or floating tensor, got {temperature.dtype}"
+            )
         if temperature.device != logits.device:
-            raise ValueError(f"{op}: {name} is on {temperature.device} but logits on {logits.device}")
+            raise ValueError(
+                f"{op}: {name} is on {temperature.device} but logits on {logits.device}"
+            )
         lead = tuple(logits.shape[:-1])
         if temperature.dim() == 0:
             temperature = temperature.expand(lead)
@@ -98,10 +103,14 @@ def make_temperature(
             bad = ~(torch.isfinite(flat) & (flat > 0))
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"{op}: {name}.flatten()[{i}] = {float(flat[i])} must be finite and > 0")
+                raise ValueError(
+                    f"{op}: {name}.flatten()[{i}] = {float(flat[i])} must be finite and > 0"
+                )
         return Temperature(flat, 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"{op}: {name} must be a float or a tensor, got {type(temperature).__name__}")
+        raise TypeError(
+            f"{op}: {name} must be a float or a tensor, got {type(temperature).__name__}"
+        )
     t = float(temperature)
     if not (t > 0 and t < float("inf")):
         raise ValueError(f"{op}: {name} must be finite and > 0, got {temperature}")
@@ -124,7 +133,7 @@ def check_labels_on_cpu(op: str, labels: torch.Tensor, vocab_size: int, ignore_i
 
 
 class RowLayout(NamedTuple):
-    """Row r of a [..., V] tensor starts at (r // n_inner) * stride_outer + (r % n_inner) * stride_inner."""
+    """Row r of [..., V] starts at (r // n_inner) * stride_outer + (r % n_inner) * stride_inner."""
 
     n_inner: int
     stride_outer: int

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels import _backend, _library  # noqa: F401  (_library defines the schemas)
-from pg_kernels import reference
+from pg_kernels import _backend, _library, reference  # noqa: F401  (_library defines the schemas)
 from pg_kernels.ops._common import (
     acc_dtype,
     check_ignore_index,
@@ -46,14 +45,19 @@ def _kernels(backend: str):
 def _token_stats(logits, labels, temperature, temperature_scalar, ignore_index, backend):
     forward, _ = _kernels(backend)
     layout = row_layout(OP, "logits", logits)
-    outs = forward(logits, labels.reshape(-1), temperature, temperature_scalar, ignore_index, *layout)
+    outs = forward(
+        logits, labels.reshape(-1), temperature, temperature_scalar, ignore_index, *layout
+    )
     return tuple(o.view(labels.shape) for o in outs)
 
 
 @torch.library.register_fake("pg_kernels::token_stats")
 def _token_stats_fake(logits, labels, temperature, temperature_scalar, ignore_index, backend):
     stat = labels.new_empty(labels.shape, dtype=acc_dtype(logits.dtype))
-    return (*(torch.empty_like(stat) for _ in range(6)), labels.new_empty(labels.shape, dtype=torch.int64))
+    return (
+        *(torch.empty_like(stat) for _ in range(6)),
+        labels.new_empty(labels.shape, dtype=torch.int64),
+    )
 
 
 @torch.library.register_kernel("pg_kernels::token_stats_backward", ("cpu", "cuda"))
@@ -66,7 +70,14 @@ def _token_stats_backward(
     flat = [t.reshape(-1).contiguous() for t in (g_logprob, g_entropy, g_collision, g_lse)]
     saved = [t.reshape(-1) for t in (lse, entropy, collision)]
     return backward(
-        *flat, logits, labels.reshape(-1), temperature, temperature_scalar, ignore_index, *saved, *layout
+        *flat,
+        logits,
+        labels.reshape(-1),
+        temperature,
+        temperature_scalar,
+        ignore_index,
+        *saved,
+        *layout,
     )
 
 
@@ -97,6 +108,8 @@ def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, 
 
 
 torch.library.register_autograd("pg_kernels::token_stats", _backward, setup_context=_setup_context)
+# The backward is not differentiable again: its output simply does not require grad.
+_library.LIB.impl("token_stats_backward", torch.library.fallthrough_kernel, "Autograd")
 
 
 def token_stats(

@@ -62,7 +62,9 @@ def rollout_tv(
     """Total variation 1/2 sum |p - q| per row [...]."""
     dtype = compute_dtype(logits.dtype, upcast)
     z = scaled(logits, temperature, dtype)
-    zr = scaled(rollout_logits, temperature if rollout_temperature is None else rollout_temperature, dtype)
+    zr = scaled(
+        rollout_logits, temperature if rollout_temperature is None else rollout_temperature, dtype
+    )
     tv = 0.5 * (z.softmax(-1) - zr.softmax(-1)).abs().sum(-1)
     keep, _ = label_mask(labels, ignore_index)
     return finish(tv, invalid_rows(z) | invalid_rows(zr), keep)

@@ -51,12 +51,18 @@ def mismatch_stats(
     icepop_high: float = 2.0,
     upcast: bool = True,
 ) -> MismatchStats:
-    """logits [..., V], labels [...], rollout_logprobs [...] (optionally rollout_logits [..., V])."""
-    stats = token_stats(logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=upcast)
+    """logits [..., V], labels [...], rollout_logprobs [...], optional rollout_logits [..., V]."""
+    stats = token_stats(
+        logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=upcast
+    )
     keep, _ = label_mask(labels, ignore_index)
     dtype = compute_dtype(logits.dtype, upcast)
     sampled = sampled_mismatch(
-        stats.logprob, rollout_logprobs.to(dtype), tis_cap=tis_cap, icepop_low=icepop_low, icepop_high=icepop_high
+        stats.logprob,
+        rollout_logprobs.to(dtype),
+        tis_cap=tis_cap,
+        icepop_low=icepop_low,
+        icepop_high=icepop_high,
     )
     sampled = {k: torch.where(keep, v, torch.zeros_like(v)) for k, v in sampled.items()}
     token_kl = token_tv = None
@@ -69,6 +75,8 @@ def mismatch_stats(
         )
         rt = temperature if rollout_temperature is None else rollout_temperature
         # KL(pi_roll || pi_theta) is the forward direction with q the rollout distribution.
-        token_kl = kl_divergence(logits, rollout_logits, direction="forward", ref_temperature=rt, **shared)
+        token_kl = kl_divergence(
+            logits, rollout_logits, direction="forward", ref_temperature=rt, **shared
+        )
         token_tv = rollout_tv(logits, rollout_logits, rollout_temperature=rt, **shared)
     return MismatchStats(logprob=stats.logprob, **sampled, token_kl=token_kl, token_tv=token_tv)

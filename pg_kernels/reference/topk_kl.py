@@ -1,4 +1,4 @@
-"""Reference top-k KL (SPEC section 4): KL(q || p) coarse-grained to the k ids plus a tail bucket."""
+"""Reference top-k KL (SPEC section 4): KL(q || p) on the k ids plus one tail bucket."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ def _xlogy_ratio(w: torch.Tensor, logw: torch.Tensor, logv: torch.Tensor) -> tor
     """w (log w - log v), 0 where w = 0."""
     zero = w == 0
     return torch.where(zero, torch.zeros_like(w), w) * (
-        torch.where(zero, torch.zeros_like(logw), logw) - torch.where(zero, torch.zeros_like(logv), logv)
+        torch.where(zero, torch.zeros_like(logw), logw)
+        - torch.where(zero, torch.zeros_like(logv), logv)
     )
 
 

@@ -38,6 +38,15 @@ PGK_HD T max_nan(T a, T b) {
   return (a > b || a != a) ? a : b;
 }
 
+// Below this, exp(x) rounds to exactly 0 in T (fp32: e^-128 < 2^-150; fp64: e^-1024 < 2^-1075).
+// Clamping log-domain differences z - m or z - L to it keeps -inf logits from producing
+// 0 * inf = NaN in terms like p d, and changes no result. Do not clamp to the lowest finite
+// value: b * d then overflows to inf and 0 * inf is NaN again.
+template <typename T>
+PGK_HD T exp_zero_below() {
+  return sizeof(T) == 8 ? T(-1024) : T(-128);
+}
+
 template <typename T>
 struct SoftmaxState {
   T m;   // running max; -inf while the row has no finite entry yet

@@ -1,0 +1,323 @@
+"""Benchmark of pg_kernels.token_stats: shapes, providers, bytes moved. No timing code here.
+
+    python benchmarks/bench_token_stats.py [--device cpu|cuda] [--quick] [--shapes NxV ...]
+        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--out benchmarks/results]
+
+Providers: pg_kernels on every backend this device can run (cpu; triton and cuda on a GPU),
+the eager reference (`reference.token_stats(..., upcast=False)`, what a plain PyTorch trainer
+computes), `torch.compile` of it, and on GPU the log-prob-only cross entropies of Liger-Kernel
+and flash-attention when installed. The backward modes differentiate
+loss = sum(w_lp * logprob + w_H * entropy + w_C * collision) with random per-row weights, so
+every gradient term runs (peers without entropy/collision get the logprob term only).
+
+Bytes moved (the minimum an ideal kernel moves), s = logits' itemsize:
+  fwd      N*V*s logits + N*8 labels + N*32 outputs (6 fp32 stats + int64 argmax)
+  bwd      N*V*s logits + N*V*s grad + N*32 (labels, saved lse/entropy/collision, 3 upstream)
+  fwd+bwd  the sum of both.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `pg_kernels` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pg_kernels
+from benchmarks import harness
+from benchmarks.harness import Case, Ceiling, CeilingRow, Inputs, OpBench, Outputs, Provider, Skip
+from pg_kernels import _backend, reference
+
+OP = "token_stats"
+DIMS = ("N", "V")
+LOSS_FIELDS = ("logprob", "entropy", "collision")
+CHECK_FIELDS = ("logprob", "entropy", "collision", "lgp", "lse", "max_prob")
+IGNORE_INDEX = -100
+TEMPERATURE = 1.0
+LOGIT_STD = 2.0  # peaked enough to look like a language model's logits, never all equal
+# label in; logprob, entropy, collision, lgp, lse, max_prob (fp32) and argmax (int64) out
+ROW_BYTES_FWD = 8 + 6 * 4 + 8
+ROW_BYTES_BWD = 8 + 3 * 4 + 3 * 4  # label, saved lse/entropy/collision, upstream grads of 3 stats
+
+
+def default_shapes(device: torch.device, quick: bool) -> list[dict[str, int]]:
+    """CPU: a 32k and a 152k vocabulary. GPU: N in {1, 512, 4096, 16384} x four vocabularies."""
+    if device.type == "cuda":
+        if quick:
+            return [{"N": n, "V": v} for n, v in ((4096, 32000), (4096, 151936), (1, 151936))]
+        vocabs, rows = (32000, 128256, 151936, 262144), (1, 512, 4096, 16384)
+        return [{"N": n, "V": v} for v in vocabs for n in rows]
+    if quick:
+        return [{"N": 256, "V": 32000}]
+    return [{"N": 1024, "V": 32000}, {"N": 512, "V": 151936}]
+
+
+# ----------------------------------------------------------------------------- inputs and loss
+
+
+def make_inputs(case: Case, seed: int) -> Inputs:
+    """logits [N, V] (dtype of the case), labels [N] int64, loss weights [N] fp32; all random."""
+    n, v = case.shape["N"], case.shape["V"]
+    gen = torch.Generator(device=case.device).manual_seed(1000 + seed)
+    logits = torch.empty(n, v, dtype=case.dtype, device=case.device)
+    # Fill in row blocks: a full fp32 draw of a [16384, 262144] bf16 tensor would need 17 GB.
+    block = max(1, (1 << 26) // v)
+    for r in range(0, n, block):
+        rows = min(block, n - r)
+        chunk = torch.randn(rows, v, generator=gen, device=case.device) * LOGIT_STD
+        logits[r : r + rows] = chunk.to(case.dtype)
+    labels = torch.randint(0, v, (n,), generator=gen, device=case.device)
+    weights = {
+        f"w_{f}": torch.randn(n, generator=gen, device=case.device) for f in LOSS_FIELDS
+    }  # random upstream gradients: all-ones would let a kernel skip a term and still pass
+    return {"logits": logits, "labels": labels, **weights}
+
+
+def loss(out: Outputs, inputs: Inputs) -> torch.Tensor:
+    """sum over rows of w_f * stat_f for the loss fields the provider produced."""
+    terms = [(inputs[f"w_{f}"] * out[f]).sum() for f in LOSS_FIELDS if f in out]
+    return torch.stack(terms).sum()
+
+
+def bytes_moved(case: Case) -> int:
+    n, v = case.shape["N"], case.shape["V"]
+    s = case.dtype.itemsize
+    fwd = n * v * s + n * ROW_BYTES_FWD
+    bwd = 2 * n * v * s + n * ROW_BYTES_BWD
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
+
+
+def truth(inputs: Inputs) -> Outputs:
+    """The float64 reference (the inputs arrive already upcast)."""
+    out = reference.token_stats(
+        inputs["logits"], inputs["labels"], temperature=TEMPERATURE,
+        ignore_index=IGNORE_INDEX, upcast=True,
+    )  # fmt: skip
+    return out._asdict()
+
+
+def check_rows(case: Case) -> int:
+    """Rows checked against float64: all of them up to ~32M elements (~2-3 GB of float64)."""
+    return max(1, min(case.shape["N"], (1 << 25) // case.shape["V"]))
+
+
+def tolerance_floor(case: Case, field: str) -> float:
+    """Added to twice the eager reference's own error (flash-attention's rule).
+
+    Stats are fp32 whatever the input dtype: a 1e-5 floor is ~100 fp32 ulps of slack for
+    one-pass summation orders that differ from PyTorch's. Gradients come back in the logits'
+    dtype, so their floor is one rounding of that dtype (2^-8 for bf16).
+    """
+    if field.startswith("grad:") and case.dtype != torch.float32:
+        return 2.0**-8
+    return 1e-5
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def _ref_fn(logits: torch.Tensor, labels: torch.Tensor):
+    return reference.token_stats(
+        logits, labels, temperature=TEMPERATURE, ignore_index=IGNORE_INDEX, upcast=False
+    )
+
+
+def _pg_provider(backend: str) -> Provider:
+    def build(case: Case):
+        why = _backend.unavailable_reason(backend, case.device)
+        if why is not None:
+            raise Skip(why)
+
+        def fn(inputs: Inputs) -> Outputs:
+            return pg_kernels.token_stats(
+                inputs["logits"], inputs["labels"], temperature=TEMPERATURE,
+                ignore_index=IGNORE_INDEX, backend=backend,
+            )._asdict()  # fmt: skip
+
+        return fn
+
+    return Provider(f"pg_kernels:{backend}", build)
+
+
+def _eager(case: Case):
+    return lambda inputs: _ref_fn(inputs["logits"], inputs["labels"])._asdict()
+
+
+def _compile(case: Case):
+    compiled = harness.compile_once(
+        _ref_fn, (case.device.type, case.dtype, tuple(case.shape.items()))
+    )
+    return lambda inputs: compiled(inputs["logits"], inputs["labels"])._asdict()
+
+
+def _liger(case: Case):
+    if case.device.type != "cuda":
+        raise Skip("Liger-Kernel needs CUDA tensors")
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except ImportError as e:
+        raise Skip(f"Liger-Kernel not installed ({e.name})") from None
+
+    def fn(inputs: Inputs) -> Outputs:
+        out = liger_cross_entropy(
+            inputs["logits"], inputs["labels"], ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        out = getattr(out, "loss", out)  # newer versions return a CrossEntropyOutput
+        out = out[0] if isinstance(out, tuple) else out
+        return {"logprob": -out}
+
+    return fn
+
+
+def _flash(case: Case):
+    if case.device.type != "cuda":
+        raise Skip("flash-attention's cross entropy needs CUDA tensors")
+    try:
+        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+    except ImportError as e:
+        raise Skip(f"flash-attn not installed ({e.name})") from None
+
+    def fn(inputs: Inputs) -> Outputs:
+        losses, _ = cross_entropy_loss(
+            inputs["logits"], inputs["labels"], ignore_index=IGNORE_INDEX
+        )
+        return {"logprob": -losses}
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- ceilings
+
+
+def _amax() -> Ceiling:
+    return Ceiling(
+        "amax",
+        prepare=lambda inputs: inputs["logits"],
+        run=lambda x: torch.amax(x, -1),
+        bytes=lambda c: (
+            c.shape["N"] * c.shape["V"] * c.dtype.itemsize + c.shape["N"] * c.dtype.itemsize
+        ),
+    )
+
+
+def _copy() -> Ceiling:
+    return Ceiling(
+        "copy",
+        prepare=lambda inputs: (torch.empty_like(inputs["logits"]), inputs["logits"]),
+        run=lambda st: st[0].copy_(st[1]),
+        bytes=lambda c: 2 * c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
+    )
+
+
+def _exp() -> Ceiling:
+    # fp32 data whatever the case's dtype: the CPU kernels exp in fp32. Preallocated output so
+    # that page faults of a fresh 100+ MB buffer are not counted as exp time.
+    def prepare(inputs: Inputs):
+        x = inputs["logits"].float()
+        return x, torch.empty_like(x)
+
+    return Ceiling(
+        "exp",
+        prepare=prepare,
+        run=lambda st: torch.exp(st[0], out=st[1]),
+        bytes=lambda c: 8 * c.shape["N"] * c.shape["V"],
+    )
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def summary(records: list[dict]) -> list[str]:
+    """Issue 2's CPU forward targets, evaluated on the rows at [1024, 32000]."""
+    rows = [
+        r for r in records
+        if r["mode"] == "fwd" and r["provider"] == "pg_kernels:cpu" and r["status"] == "ok"
+        and r["shape"] == {"N": 1024, "V": 32000}
+    ]  # fmt: skip
+    if not rows:
+        return []
+    lines = ["## Targets (issue 2): CPU forward at 1024×32000", ""]
+    lines += ["| dtype | ×eager ≥ 8 | ×compile ≥ 1.3 | ms / ms(exp) ≤ 1.5 | peak MB (O(N)) |"]
+    lines += ["|---|---|---|---|---|"]
+    for r in rows:
+        sp = r["speedup_vs"]
+        e, c, x = sp.get("eager"), sp.get("compile"), sp.get("ceiling:exp")
+
+        def mark(value, ok):
+            return "—" if value is None else f"{value:.2f} {'✅' if ok else '❌'}"
+
+        n_bytes = (r["peak_mem_mb"] or 0) * 2**20
+        lines.append(
+            f"| {r['dtype']} | {mark(e, e is not None and e >= 8)} "
+            f"| {mark(c, c is not None and c >= 1.3)} "
+            f"| {mark(None if x is None else 1 / x, x is not None and 1 / x <= 1.5)} "
+            f"| {r['peak_mem_mb']:.3g} ({n_bytes / r['shape']['N']:.0f} B/row) |"
+        )
+    return lines + [""]
+
+
+# ----------------------------------------------------------------------------- declaration
+
+
+def make_bench(device: torch.device) -> OpBench:
+    providers: list[Provider] = []
+    notes: list[str] = []
+    backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    for b in backends:
+        providers.append(_pg_provider(b))
+    if device.type == "cpu":
+        notes.append(
+            "pg_kernels:triton not timed on CPU: the Triton interpreter is not a performance path"
+        )
+    providers += [
+        Provider("eager", _eager),
+        Provider("compile", _compile),
+        # Liger writes the gradient into the logits during its forward: give it its own copies.
+        Provider("liger", _liger, mutates_inputs=True),
+        Provider("flash_attn", _flash),
+    ]
+    ceilings = {"amax": _amax(), "copy": _copy()}
+    rows: dict[str, list[CeilingRow]] = {
+        "fwd": [CeilingRow(("amax",))],
+        "bwd": [CeilingRow(("copy",))],
+        "fwd+bwd": [CeilingRow(("amax", "copy"))],
+    }
+    if device.type == "cpu":
+        # On a CPU the floor is one exp per element (BUILD_NOTES), not memory bandwidth: the
+        # forward needs one exp pass, the backward one more (it recomputes p from the saved L).
+        ceilings["exp"] = _exp()
+        rows["fwd"].append(CeilingRow(("exp",), "floor"))
+        rows["bwd"].append(CeilingRow(("exp",), "floor"))
+        rows["fwd+bwd"].append(CeilingRow(("exp", "exp"), "floor"))
+    extra = {}
+    for mod, key in (("liger_kernel", "liger_kernel"), ("flash_attn", "flash_attn")):
+        if device.type == "cuda":
+            try:
+                extra[key] = getattr(__import__(mod), "__version__", "?")
+            except ImportError:
+                pass
+    return OpBench(
+        op=OP,
+        shape_dims=DIMS,
+        make_inputs=make_inputs,
+        grad_inputs=("logits",),
+        loss=loss,
+        bytes_moved=bytes_moved,
+        truth=truth,
+        check_fields=CHECK_FIELDS,
+        check_rows=check_rows,
+        tolerance_floor=tolerance_floor,
+        providers=providers,
+        ceilings=ceilings,
+        ceiling_rows=rows,
+        notes=notes,
+        extra_versions=extra,
+        summary=summary if device.type == "cpu" else None,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main(make_bench, default_shapes, DIMS, OP))

@@ -1,0 +1,959 @@
+"""The one timing and reporting harness of pg_kernels benchmarks.
+
+A `bench_<op>.py` declares an `OpBench`: how to make inputs, the providers (callables from an
+inputs dict to an outputs dict of per-row tensors), the float64 truth, the loss that drives the
+backward modes, the minimum bytes the op must move, and the ceilings (reference passes over the
+same tensors). Everything else lives here: the sweep, the correctness check before timing,
+warm-up, rotation of input sets, the timing itself, peak memory, and the JSON / markdown / PNG
+outputs. No timing code belongs anywhere else.
+
+Conventions every OpBench follows:
+  * Inputs and outputs are dicts of tensors whose first dim is the row dim N; rows are
+    independent, so the check may compare the first `check_rows` rows of a full-size run with
+    the float64 truth computed on those rows only (a float64 copy of a GPU-sized tensor would
+    not fit).
+  * Modes: "fwd" runs the provider with no input requiring grad; "bwd" runs forward + loss
+    outside the timed region, then times `torch.autograd.grad(loss, grad_inputs)`; "fwd+bwd"
+    times all three. `autograd.grad` (not `.backward()`) so that no `.grad` accumulation adds
+    an extra pass from the second repetition on.
+  * A record's `speedup_vs[X]` is `ms(X) / ms(this row)`: above 1 means this row is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Inputs = dict[str, torch.Tensor]
+Outputs = dict[str, torch.Tensor]
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Skip(Exception):
+    """Raised by `Provider.build` when a provider cannot run a case; the reason becomes a note."""
+
+
+@dataclasses.dataclass
+class Case:
+    """One measurement point: op x mode x dtype x shape on a device."""
+
+    op: str
+    mode: str
+    dtype: torch.dtype
+    shape: dict[str, int]
+    device: torch.device
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch."))
+
+    @property
+    def shape_str(self) -> str:
+        return "x".join(str(v) for v in self.shape.values())
+
+    @property
+    def group(self) -> tuple:
+        """Cases sharing dtype and shape share input sets, ceilings and the float64 truth."""
+        return (self.dtype_name, tuple(self.shape.items()))
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.mode != "fwd"
+
+
+@dataclasses.dataclass
+class Provider:
+    """An implementation to time. `build(case)` returns `fn(inputs) -> outputs` or raises Skip.
+
+    `build` runs outside timing (it may compile); the first calls of `fn` happen during the
+    check and the warm-up, also outside timing. Set `mutates_inputs` for kernels that write
+    into their inputs (e.g. in-place backward): they get private clones of the input sets.
+    """
+
+    name: str
+    build: Callable[[Case], Callable[[Inputs], Outputs]]
+    modes: tuple[str, ...] = MODES
+    mutates_inputs: bool = False
+
+
+@dataclasses.dataclass
+class Ceiling:
+    """A reference pass over the case's tensors, e.g. one read (`amax`) or read + write (`copy`).
+
+    `prepare(inputs)` runs once per input set outside timing (allocate output buffers, make
+    fp32 copies); `run(state)` is what gets timed; `bytes(case)` is what it moves.
+    """
+
+    name: str
+    prepare: Callable[[Inputs], Any]
+    run: Callable[[Any], Any]
+    bytes: Callable[[Case], int]
+
+
+@dataclasses.dataclass
+class CeilingRow:
+    """A ceiling row of a mode: the sum of some ceilings' times, e.g. amax + copy for fwd+bwd.
+
+    role "memory": the memory-only ceiling that `pct_of_ceiling` compares against (one per
+    mode). role "floor": another lower bound worth a speedup column (e.g. one exp per element
+    on a CPU, where arithmetic, not memory, is the floor).
+    """
+
+    parts: tuple[str, ...]
+    role: str = "memory"
+
+    @property
+    def name(self) -> str:
+        return "ceiling:" + "+".join(self.parts)
+
+
+@dataclasses.dataclass
+class OpBench:
+    """Everything op-specific about a benchmark; see the module docstring for the conventions."""
+
+    op: str
+    shape_dims: tuple[str, ...]
+    make_inputs: Callable[[Case, int], Inputs]  # (case, seed) -> fresh random inputs, never zeros
+    grad_inputs: tuple[str, ...]  # input names the backward modes differentiate
+    loss: Callable[[Outputs, Inputs], torch.Tensor]  # scalar over whatever outputs are present
+    bytes_moved: Callable[[Case], int]  # the minimum an ideal kernel must move
+    truth: Callable[[Inputs], Outputs]  # float64 reference on float64 inputs
+    check_fields: tuple[str, ...]  # outputs compared with the truth (when a provider has them)
+    check_rows: Callable[[Case], int]  # leading rows compared with the truth
+    tolerance_floor: Callable[[Case, str], float]  # (case, field or "grad:<input>") -> floor
+    providers: list[Provider]
+    ceilings: dict[str, Ceiling]
+    ceiling_rows: dict[str, list[CeilingRow]]  # mode -> rows
+    precision_baseline: str = "eager"  # the plain implementation whose error sets tolerances
+    baselines: tuple[str, ...] = ("eager", "compile")  # speedup columns of the markdown table
+    notes: list[str] = dataclasses.field(default_factory=list)
+    extra_versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    summary: Callable[[list[dict]], list[str]] | None = None  # extra markdown after the tables
+
+
+@dataclasses.dataclass
+class Timing:
+    """Warm-up and repetition policy. Repetitions aim at `target_s` of timed work per row."""
+
+    warmup_s: float
+    min_warmup: int
+    target_s: float
+    min_reps: int
+    max_reps: int
+    input_sets: int = 3  # rotation depth, lowered when memory is short
+
+    @staticmethod
+    def default(device: torch.device, quick: bool) -> Timing:
+        if device.type == "cuda":
+            return Timing(0.05, 5, 0.1 if quick else 0.4, 10, 100 if quick else 300)
+        return Timing(0.1, 2, 0.3 if quick else 1.0, 3 if quick else 5, 20 if quick else 50)
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name, or the CPU model name with its core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def device_kind(device: torch.device) -> str:
+    """Short tag for file names: 'cpu' or e.g. 'cuda-h100-80gb-hbm3'."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device).lower().removeprefix("nvidia").strip()
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def versions(extra: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import pg_kernels
+
+        pg_version = pg_kernels.__version__
+    except ImportError:
+        pg_version = None
+    out: dict[str, str | None] = {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "pg_kernels": pg_version,
+        "cuda": torch.version.cuda,
+    }
+    out.update(extra or {})
+    return out
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """(HEAD sha, whether tracked files outside benchmarks/ differ from it)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks")
+        return sha, bool(changed)
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- compile helper
+
+_compiled: dict[Any, Callable] = {}
+
+
+def compile_once(fn: Callable, key: Any) -> Callable:
+    """`torch.compile(fn, dynamic=False)`, compiled afresh for each new `key` (dtype, shape).
+
+    dynamo keys its cache on fn's code object, so successive shapes would pile up as
+    recompiles, turn dynamic after the second, and past the recompile limit silently fall back
+    to eager. Resetting on a new key gives each shape its own static compile; the inference and
+    the training graph of one key share the compiled object.
+    """
+    if key not in _compiled:
+        torch._dynamo.reset()
+        _compiled.clear()
+        _compiled[key] = torch.compile(fn, dynamic=False)
+    return _compiled[key]
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor | None:
+    """A buffer twice the L2 size (at least 256 MiB), overwritten before every CUDA repetition."""
+    if device.type != "cuda":
+        return None
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return torch.empty(max(2 * l2, 256 << 20), dtype=torch.int8, device=device)
+
+
+def _measure(
+    setup: Callable[[int], Any],
+    timed: Callable[[Any], Any],
+    device: torch.device,
+    timing: Timing,
+    flush: torch.Tensor | None,
+) -> list[float]:
+    """Warm up, then time `timed(setup(i))` over rotating i; returns per-repetition ms.
+
+    `setup(i)` runs outside the timed region (it picks input set i % sets and, for bwd, runs
+    the forward). CPU: perf_counter around each call (CPU ops are synchronous). CUDA: an event
+    pair per repetition, L2 flushed before each, one synchronize at the end.
+    """
+    if device.type == "cuda":
+
+        def run(i: int) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+            state = setup(i)
+            flush.fill_(i & 0x7F)  # type: ignore[union-attr]  # evict L2 between reps
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = timed(state)
+            end.record()
+            del result, state
+            return start, end
+
+        def block(first: int, count: int) -> list[float]:
+            events = [run(first + i) for i in range(count)]
+            torch.cuda.synchronize(device)
+            return [s.elapsed_time(e) for s, e in events]
+    else:
+
+        def block(first: int, count: int) -> list[float]:
+            out = []
+            for i in range(first, first + count):
+                state = setup(i)
+                t0 = time.perf_counter()
+                result = timed(state)
+                t1 = time.perf_counter()
+                del result, state
+                out.append((t1 - t0) * 1e3)
+            return out
+
+    # Python's GC pausing inside a timed region would add noise that is not the kernel's.
+    gc.collect()
+    gc.disable()
+    try:
+        warm: list[float] = []
+        t_start = time.perf_counter()
+        while len(warm) < timing.min_warmup or time.perf_counter() - t_start < timing.warmup_s:
+            warm += block(len(warm), 1)
+        est_ms = max(statistics.median(warm[-3:]), 1e-3)
+        reps = int(min(timing.max_reps, max(timing.min_reps, timing.target_s * 1e3 / est_ms)))
+        return block(len(warm), reps)
+    finally:
+        gc.enable()
+
+
+def _cpu_peak_bytes(fn: Callable[[], Any]) -> int | None:
+    """Peak bytes held by torch's CPU allocator during fn() above the level at its start.
+
+    Read from the profiler's allocation events (every allocation and free through the c10 CPU
+    allocator, which eager ops, inductor's generated code and C++ extensions all use). Memory
+    that bypasses the allocator (thread stacks, std::vector in a kernel) is not counted.
+    None when this torch cannot report it.
+    """
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+            del result
+        events = [
+            (e.start_ns(), e.nbytes())
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        ]
+    except Exception:  # noqa: BLE001  (private profiler API; no number beats a wrong one)
+        return None
+    level = peak = 0
+    for _, nbytes in sorted(events):
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+def _peak_bytes(setup: Callable[[], Any], timed: Callable[[Any], Any], device: torch.device):
+    """Peak extra memory of one timed-region call (inputs and forward state excluded)."""
+    state = setup()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        result = timed(state)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del result
+        return peak
+    return _cpu_peak_bytes(lambda: timed(state))
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; inf for any NaN / inf or a shape mismatch."""
+    if out.shape != ref.shape:
+        return math.inf
+    out, ref = out.detach().double(), ref.detach().double()
+    if not bool(torch.isfinite(out).all()):  # the benchmark's inputs give finite truths
+        return math.inf
+    denom = float(ref.norm())
+    num = float((out - ref).norm())
+    return num / denom if denom > 0 else num
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+class _GroupState:
+    """Input sets, ceiling timings and truth of one (dtype, shape) group."""
+
+    def __init__(self, bench: OpBench, case: Case, timing: Timing, notes: list[str]):
+        first = bench.make_inputs(case, 0)
+        set_bytes = sum(t.numel() * t.element_size() for t in first.values())
+        # Rotation defeats warm caches; keep its copies under a quarter of free memory so the
+        # providers' own temporaries still fit.
+        fit = _available_bytes(case.device) // 4 // max(set_bytes, 1)
+        self.n_sets = int(max(1, min(timing.input_sets, fit)))
+        if self.n_sets < timing.input_sets:
+            notes.append(
+                f"{case.dtype_name} {case.shape_str}: {self.n_sets} input set(s) in rotation "
+                f"(memory); L2 flush on CUDA keeps caches cold anyway"
+            )
+        self.sets = [first] + [bench.make_inputs(case, s) for s in range(1, self.n_sets)]
+        self.set_bytes = set_bytes
+        self.ceiling_ms: dict[str, list[float]] = {}
+        self.ceiling_mem: dict[str, int | None] = {}
+        self.truth: dict[Any, tuple[Outputs, dict[str, torch.Tensor]]] = {}
+        self.baseline_err: dict[str, dict[str, float]] = {}  # mode kind -> field -> err
+
+
+def _slice_for_truth(bench: OpBench, inputs: Inputs, k: int) -> Inputs:
+    """The first k rows of every input, floats upcast to float64 (exact for bf16/fp32)."""
+    out = {}
+    for name, t in inputs.items():
+        s = t.detach()[:k] if t.dim() >= 1 else t.detach()
+        if s.is_floating_point():
+            s = s.double()
+        if name in bench.grad_inputs:
+            s = s.clone().requires_grad_(True)
+        out[name] = s
+    return out
+
+
+def _truth(bench: OpBench, g: _GroupState, case: Case, fields: tuple[str, ...], grad: bool):
+    key = (fields, grad)
+    if key not in g.truth:
+        k = bench.check_rows(case)
+        sl = _slice_for_truth(bench, g.sets[0], k)
+        with torch.enable_grad():
+            out = bench.truth(sl)
+            grads: dict[str, torch.Tensor] = {}
+            if grad:
+                loss = bench.loss({f: out[f] for f in fields}, sl)
+                names = list(bench.grad_inputs)
+                gs = torch.autograd.grad(loss, [sl[n] for n in names])
+                grads = {f"grad:{n}": gr.detach() for n, gr in zip(names, gs)}
+        g.truth[key] = ({f: v.detach() for f, v in out.items()}, grads)
+    return g.truth[key]
+
+
+def _run_provider_once(bench: OpBench, fn: Callable, inputs: Inputs, grad: bool):
+    if not grad:
+        with torch.no_grad():
+            return fn(inputs), {}
+    with torch.enable_grad():
+        out = fn(inputs)
+        loss = bench.loss(out, inputs)
+        names = list(bench.grad_inputs)
+        gs = torch.autograd.grad(loss, [inputs[n] for n in names])
+    return out, {f"grad:{n}": gr for n, gr in zip(names, gs)}
+
+
+def _check(bench: OpBench, g: _GroupState, case: Case, prov: Provider, fn: Callable, inputs):
+    """Compare one full-size run's first rows with the float64 truth; returns (ok, errs, tols)."""
+    grad = case.needs_grad
+    out, grads = _run_provider_once(bench, fn, inputs, grad)
+    fields = tuple(f for f in bench.check_fields if f in out)
+    truth_out, truth_grads = _truth(bench, g, case, fields, grad)
+    k = bench.check_rows(case)
+    errs = {f: _rel_err(out[f][:k], truth_out[f]) for f in fields}
+    errs.update({n: _rel_err(gr[:k], truth_grads[n]) for n, gr in grads.items()})
+    kind = "grad" if grad else "fwd"
+    if prov.name == bench.precision_baseline:
+        g.baseline_err[kind] = errs
+    base = g.baseline_err.get(kind, {})
+    # flash-attention's rule: at most twice the error of the plain implementation at the input
+    # precision (measured on the same data), plus a small floor.
+    tols = {f: 2 * base.get(f, 0.0) + bench.tolerance_floor(case, f) for f in errs}
+    ok = bool(errs) and all(errs[f] <= tols[f] for f in errs)
+    return ok, errs, tols
+
+
+def _clone_sets(sets: list[Inputs]) -> list[Inputs]:
+    return [
+        {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in s.items()} for s in sets
+    ]
+
+
+def _base_record(case: Case, provider: str, env: dict) -> dict:
+    return {
+        "op": case.op,
+        "mode": case.mode,
+        "provider": provider,
+        "dtype": case.dtype_name,
+        "shape": dict(case.shape),
+        "status": "ok",
+        "ms": None,
+        "ms_spread": None,
+        "reps": None,
+        "bytes": None,
+        "gbps": None,
+        "ceiling_gbps": None,
+        "pct_of_ceiling": None,
+        "peak_mem_mb": None,
+        "speedup_vs": {},
+        "check": None,
+        "device": env["device"],
+        "versions": env["versions"],
+        "git_sha": env["git_sha"],
+    }
+
+
+def _fill_time(rec: dict, times: list[float], nbytes: int) -> None:
+    ms = statistics.median(times)
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [ms] * 4
+    rec.update(
+        ms=ms,
+        ms_spread={"p20": q[0], "p80": q[3], "min": min(times), "max": max(times)},
+        reps=len(times),
+        bytes=nbytes,
+        gbps=nbytes / (ms * 1e-3) / 1e9,
+    )
+
+
+def run_sweep(
+    bench: OpBench,
+    cases: list[Case],
+    timing: Timing,
+    providers: Sequence[str] | None = None,
+    progress: bool = True,
+) -> tuple[list[dict], list[str], dict]:
+    """Check, time and measure every (case, provider) and ceiling; returns (records, notes, env)."""
+    from tqdm import tqdm
+
+    notes = list(bench.notes)
+    sha, dirty = git_state()
+    device = cases[0].device
+    env = {
+        "device": device_name(device),
+        "versions": versions(bench.extra_versions),
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+    }
+    selected = [p for p in bench.providers if providers is None or p.name in providers]
+    # The precision baseline runs first in each mode: its error sets the others' tolerance.
+    order = sorted(selected, key=lambda p: p.name != bench.precision_baseline)
+    groups: dict[tuple, list[Case]] = {}
+    for c in cases:
+        groups.setdefault(c.group, []).append(c)
+    total = sum(
+        len([p for p in order if c.mode in p.modes]) + len(bench.ceiling_rows.get(c.mode, []))
+        for c in cases
+    )
+    bar = tqdm(total=total, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    flush = _flush_buffer(device)
+    records: list[dict] = []
+    skipped: set[tuple[str, str]] = set()
+    try:
+        for group_cases in groups.values():
+            g = _GroupState(bench, group_cases[0], timing, notes)
+            for case in group_cases:
+                for prov in order:
+                    if case.mode not in prov.modes:
+                        continue
+                    bar.set_postfix_str(
+                        f"{case.mode} {case.dtype_name} {case.shape_str} {prov.name}"
+                    )
+                    rec = _time_provider(bench, g, case, prov, timing, flush, env, notes, skipped)
+                    if rec is not None:
+                        records.append(rec)
+                    bar.update(1)
+                for row in bench.ceiling_rows.get(case.mode, []):
+                    bar.set_postfix_str(
+                        f"{case.mode} {case.dtype_name} {case.shape_str} {row.name}"
+                    )
+                    records.append(_time_ceiling_row(bench, g, case, row, timing, flush, env))
+                    bar.update(1)
+            del g
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        bar.close()
+    _fill_ratios(bench, records)
+    return records, notes, env
+
+
+def _time_provider(bench, g, case, prov, timing, flush, env, notes, skipped) -> dict | None:
+    for s in g.sets:
+        for n in bench.grad_inputs:
+            s[n].requires_grad_(case.needs_grad)
+    rec = _base_record(case, prov.name, env)
+    try:
+        fn = prov.build(case)
+    except Skip as e:
+        if (prov.name, str(e)) not in skipped:
+            skipped.add((prov.name, str(e)))
+            notes.append(f"{prov.name}: skipped ({e})")
+        return None
+    sets = _clone_sets(g.sets) if prov.mutates_inputs else g.sets
+    try:
+        check_input = _clone_sets(sets[:1])[0] if prov.mutates_inputs else sets[0]
+        ok, errs, tols = _check(bench, g, case, prov, fn, check_input)
+        del check_input
+        rec["check"] = {"rel_err": errs, "tol": tols, "rows": bench.check_rows(case)}
+        if not ok:
+            rec["status"] = "failed"
+            bad = [f"{f} {errs[f]:.2e} > {tols[f]:.2e}" for f in errs if errs[f] > tols[f]]
+            rec["error"] = "check against float64 truth failed: " + ", ".join(bad or ["no fields"])
+            return rec
+        setup, timed = _mode_fns(bench, case, fn, sets)
+        times = _measure(setup, timed, case.device, timing, flush)
+        _fill_time(rec, times, bench.bytes_moved(case))
+        peak = _peak_bytes(lambda: setup(0), timed, case.device)
+        rec["peak_mem_mb"] = None if peak is None else peak / 2**20
+    except torch.OutOfMemoryError:
+        rec["status"] = "skipped"
+        rec["error"] = "out of memory"
+    except Exception as e:  # noqa: BLE001  (a broken provider is a result, not a crash)
+        rec["status"] = "failed"
+        rec["error"] = f"{type(e).__name__}: {e}"[:500]
+    finally:
+        if case.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rec
+
+
+def _mode_fns(bench: OpBench, case: Case, fn: Callable, sets: list[Inputs]):
+    """(setup(i), timed(state)) for the case's mode; setup work is never timed."""
+    names = list(bench.grad_inputs)
+    if case.mode == "fwd":
+
+        def timed_fwd(inputs: Inputs):
+            with torch.no_grad():
+                return fn(inputs)
+
+        return (lambda i: sets[i % len(sets)]), timed_fwd
+    if case.mode == "bwd":
+
+        def setup_bwd(i: int):
+            inputs = sets[i % len(sets)]
+            with torch.enable_grad():
+                loss = bench.loss(fn(inputs), inputs)
+            return loss, [inputs[n] for n in names]
+
+        return setup_bwd, lambda st: torch.autograd.grad(st[0], st[1])
+
+    def timed_fwd_bwd(inputs: Inputs):
+        with torch.enable_grad():
+            loss = bench.loss(fn(inputs), inputs)
+            return torch.autograd.grad(loss, [inputs[n] for n in names])
+
+    return (lambda i: sets[i % len(sets)]), timed_fwd_bwd
+
+
+def _time_ceiling_row(bench, g, case, row: CeilingRow, timing, flush, env) -> dict:
+    rec = _base_record(case, row.name, env)
+    rec["role"] = row.role
+    try:
+        for part in row.parts:
+            if part in g.ceiling_ms:
+                continue
+            ceil = bench.ceilings[part]
+            plain = [{k: v.detach() for k, v in s.items()} for s in g.sets]
+            states = [ceil.prepare(s) for s in plain]
+
+            def timed(st, run=ceil.run):
+                with torch.no_grad():
+                    return run(st)
+
+            g.ceiling_ms[part] = _measure(
+                lambda i, states=states: states[i % len(states)], timed, case.device, timing, flush
+            )
+            g.ceiling_mem[part] = _peak_bytes(lambda states=states: states[0], timed, case.device)
+            del states, plain
+        # Parts run back to back in a real kernel pair: add medians, and add spreads as a bound.
+        per_part = [g.ceiling_ms[p] for p in row.parts]
+        nbytes = sum(bench.ceilings[p].bytes(case) for p in row.parts)
+        medians = [statistics.median(t) for t in per_part]
+        _fill_time(rec, per_part[0] if len(per_part) == 1 else [sum(medians)], nbytes)
+        if len(per_part) > 1:
+            spreads = [
+                statistics.quantiles(t, n=5, method="inclusive")
+                if len(t) > 1
+                else [statistics.median(t)] * 4
+                for t in per_part
+            ]
+            rec["ms_spread"] = {
+                "p20": sum(s[0] for s in spreads),
+                "p80": sum(s[3] for s in spreads),
+                "min": sum(min(t) for t in per_part),
+                "max": sum(max(t) for t in per_part),
+            }
+            rec["reps"] = min(len(t) for t in per_part)
+        mems = [g.ceiling_mem[p] for p in row.parts]
+        rec["peak_mem_mb"] = None if None in mems else max(mems) / 2**20
+    except torch.OutOfMemoryError:
+        rec["status"] = "skipped"
+        rec["error"] = "out of memory"
+    return rec
+
+
+def _fill_ratios(bench: OpBench, records: list[dict]) -> None:
+    """pct_of_ceiling against the mode's memory ceiling row; speedup_vs every other ok row."""
+    by_case: dict[tuple, list[dict]] = {}
+    for r in records:
+        by_case.setdefault((r["op"], r["mode"], r["dtype"], tuple(r["shape"].items())), []).append(
+            r
+        )
+    for (_, mode, _, _), rows in by_case.items():
+        memory = [row.name for row in bench.ceiling_rows.get(mode, []) if row.role == "memory"]
+        ok = {r["provider"]: r for r in rows if r["status"] == "ok"}
+        ceil = ok.get(memory[0]) if memory else None
+        for r in rows:
+            if r["status"] != "ok":
+                continue
+            if ceil is not None:
+                r["ceiling_gbps"] = ceil["gbps"]
+                r["pct_of_ceiling"] = 100.0 * r["gbps"] / ceil["gbps"]
+            r["speedup_vs"] = {
+                name: other["ms"] / r["ms"] for name, other in ok.items() if name != r["provider"]
+            }
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _fmt(x: float | None, kind: str) -> str:
+    if x is None:
+        return "—"
+    if kind == "ms":
+        return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+    if kind == "gbps":
+        return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+    if kind == "pct":
+        return f"{x:.0f}%"
+    if kind == "x":
+        return f"{x:.2f}×"
+    if kind == "mb":
+        return f"{x:.3g}" if x >= 0.001 else "0"
+    return str(x)
+
+
+def markdown(bench: OpBench, records: list[dict], notes: list[str], meta: dict) -> str:
+    """The comparison tables, one per (mode, dtype), plus a header with device and versions."""
+    v = meta["versions"]
+    lines = [
+        f"# {bench.op} benchmark: {meta['device']}",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']} · runtime {meta['runtime_s']:.0f} s · git {meta['git_sha']}"
+        + (" (tracked files outside benchmarks/ modified)" if meta.get("git_dirty") else ""),
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
+    ]
+    if meta.get("torch_threads"):
+        lines.append(f"- torch threads: {meta['torch_threads']}")
+    lines += [
+        (
+            "- ms: median over repetitions (p20–p80 beside it); GB/s: minimum bytes the op must "
+            "move / median time; % ceil: GB/s over the mode's measured memory ceiling row; "
+            "peak MB: extra memory of one timed call (MiB); ×X: ms(X) / ms(row), above 1 = "
+            "faster than X."
+        ),
+        "",
+    ]
+    for note in notes:
+        lines.append(f"> {note}")
+    if notes:
+        lines.append("")
+    modes = [m for m in MODES if any(r["mode"] == m for r in records)]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in records))
+    for mode in modes:
+        floor_names = [row.name for row in bench.ceiling_rows.get(mode, []) if row.role == "floor"]
+        for dt in dtypes:
+            rows = [r for r in records if r["mode"] == mode and r["dtype"] == dt]
+            if not rows:
+                continue
+            cols = [b for b in bench.baselines if any(r["provider"] == b for r in rows)]
+            header = ["shape", "provider", "ms", "p20–p80", "GB/s", "% ceil", "peak MB"]
+            header += [f"×{b}" for b in cols] + [
+                f"×{f.removeprefix('ceiling:')}" for f in floor_names
+            ]
+            lines += [f"## {mode}, {dt}", "", "| " + " | ".join(header) + " |"]
+            lines.append(
+                "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"
+            )
+            for r in rows:
+                shape = "×".join(str(x) for x in r["shape"].values())
+                if r["status"] != "ok":
+                    cells = [shape, r["provider"], r["status"].upper(), r.get("error", "")]
+                    cells += [""] * (len(header) - len(cells))
+                else:
+                    sp = r["ms_spread"]
+                    cells = [
+                        shape,
+                        r["provider"],
+                        _fmt(r["ms"], "ms"),
+                        f"{_fmt(sp['p20'], 'ms')}–{_fmt(sp['p80'], 'ms')}",
+                        _fmt(r["gbps"], "gbps"),
+                        _fmt(r["pct_of_ceiling"], "pct"),
+                        _fmt(r["peak_mem_mb"], "mb"),
+                    ]
+                    for b in cols + floor_names:
+                        cells.append(
+                            "" if b == r["provider"] else _fmt(r["speedup_vs"].get(b), "x")
+                        )
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    if bench.summary is not None:
+        lines += bench.summary(records)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(bench: OpBench, records: list[dict], path: Path, title: str) -> None:
+    """GB/s per provider per shape, one panel per (mode, dtype); ceilings hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r["status"] == "ok"]
+    modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in ok))
+    if not modes:
+        return
+    providers = list(dict.fromkeys(r["provider"] for r in records))
+    colors = plt.get_cmap("tab10")
+    color = {p: colors(i % 10) for i, p in enumerate(providers)}
+    shapes = list(dict.fromkeys(tuple(r["shape"].values()) for r in records))
+    width = max(5.0, 0.22 * len(shapes) * len(providers) + 1.5)
+    fig, axes = plt.subplots(
+        len(modes), len(dtypes), figsize=(width * len(dtypes), 3.4 * len(modes) + 0.8),
+        squeeze=False, sharey=True,
+    )  # fmt: skip
+    for i, mode in enumerate(modes):
+        for j, dt in enumerate(dtypes):
+            ax = axes[i][j]
+            rows = [r for r in ok if r["mode"] == mode and r["dtype"] == dt]
+            present = [p for p in providers if any(r["provider"] == p for r in rows)]
+            bar_w = 0.8 / max(len(present), 1)
+            for k, p in enumerate(present):
+                xs, ys = [], []
+                for s_idx, s in enumerate(shapes):
+                    hit = [
+                        r for r in rows if r["provider"] == p and tuple(r["shape"].values()) == s
+                    ]
+                    if hit:
+                        xs.append(s_idx - 0.4 + bar_w * (k + 0.5))
+                        ys.append(hit[0]["gbps"])
+                ax.bar(
+                    xs, ys, bar_w, color=color[p], label=p,
+                    hatch="//" if p.startswith("ceiling:") else None,
+                    edgecolor="white" if p.startswith("ceiling:") else None,
+                )  # fmt: skip
+            ax.set_title(f"{bench.op} {mode}, {dt}", fontsize=10)
+            ax.set_xticks(range(len(shapes)))
+            ax.set_xticklabels(["×".join(map(str, s)) for s in shapes], fontsize=8)
+            ax.set_yscale("log")
+            ax.grid(axis="y", which="both", alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("GB/s (minimum bytes / time)")
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+            labels[lab] = lab
+    fig.legend(
+        [handles[k] for k in providers if k in handles], [k for k in providers if k in handles],
+        loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
+    )  # fmt: skip
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_shape(text: str, dims: tuple[str, ...]) -> dict[str, int]:
+    parts = re.split(r"[x,×]", text.strip())
+    if len(parts) != len(dims) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"shape {text!r} is not {'x'.join(dims)} (e.g. 1024x32000)"
+        )
+    return dict(zip(dims, map(int, parts)))
+
+
+def main(
+    make_bench: Callable[[torch.device], OpBench],
+    default_shapes: Callable[[torch.device, bool], list[dict[str, int]]],
+    shape_dims: tuple[str, ...],
+    op: str,
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Command line of every bench_<op>.py: parse, sweep, print the table, write the files."""
+    parser = argparse.ArgumentParser(description=f"Benchmark {op} (see benchmarks/README.md).")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="a small subset, fewer repetitions")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="x".join(shape_dims))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--providers", nargs="+", default=None, help="only these (and ceilings)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--tag", default=None, help="file name suffix (default: 'quick' with --quick)"
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no GPU")
+    shapes = (
+        [parse_shape(s, shape_dims) for s in args.shapes]
+        if args.shapes
+        else default_shapes(device, args.quick)
+    )
+    bench = make_bench(device)
+    cases = [
+        Case(op, mode, DTYPES[dt], shape, device)
+        for dt in args.dtypes
+        for shape in shapes
+        for mode in args.modes
+    ]
+    timing = Timing.default(device, args.quick)
+    t0 = time.perf_counter()
+    records, notes, env = run_sweep(bench, cases, timing, args.providers, not args.no_progress)
+    runtime = time.perf_counter() - t0
+    meta = {
+        "op": op,
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+        if argv is None
+        else " ".join(argv),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "runtime_s": runtime,
+        "timing": dataclasses.asdict(timing),
+        **env,
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
+    stem = f"{op}_{device_kind(device)}" + (f"_{tag}" if tag else "")
+    md = markdown(bench, records, notes, meta)
+    (out_dir / f"{stem}.md").write_text(md)
+    (out_dir / f"{stem}.json").write_text(
+        json.dumps({**meta, "notes": notes, "records": records}, indent=1, default=str) + "\n"
+    )
+    plot(bench, records, out_dir / f"{stem}.png", f"{op} on {env['device']}")
+    print(md)
+    print(f"wrote {out_dir / stem}.{{json,md,png}} in {runtime:.0f} s", file=sys.stderr)
+    return 0 if all(r["status"] != "failed" for r in records) else 1

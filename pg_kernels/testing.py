@@ -1,0 +1,186 @@
+"""Shared test machinery: tolerance tables, input generators and the reference check.
+
+The tolerance rule (from flash-attention's tests): a kernel's error against the float64 truth may
+be at most 2x the error of plain PyTorch at the input precision (the reference with
+upcast=False), plus a small floor from the tables below. Each floor carries its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tol:
+    rtol: float  # elementwise, relative to |truth|
+    atol: float  # relative to the largest |truth| of the tensor (absolute for per-token outputs)
+    why: str
+
+
+# Per-token outputs are fp32 sums over the row for bf16/fp16/fp32 logits alike (the truth is
+# computed from the same rounded logits), so they share the fp32 floor.
+FORWARD_TOL = {
+    torch.float32: Tol(
+        2e-5,
+        1e-6,
+        "fp32 accumulation; 2e-5 relative is the project target, "
+        "1e-6 absolute covers outputs near 0 (entropy of one-hot rows)",
+    ),
+    torch.bfloat16: Tol(2e-5, 1e-6, "outputs are fp32 sums of the same rounded logits"),
+    torch.float16: Tol(2e-5, 1e-6, "outputs are fp32 sums of the same rounded logits"),
+    torch.float64: Tol(1e-12, 1e-13, "fp64 accumulation over <= 2^18 terms"),
+}
+
+# Gradients are rounded once to the logits' dtype: elementwise rtol is that rounding (2 ulp of
+# the dtype), atol is the project target of 1e-5 of the largest gradient entry.
+GRAD_TOL = {
+    torch.float32: Tol(0.0, 1e-5, "target: within 1e-5 of the float64 gradient's largest entry"),
+    torch.bfloat16: Tol(2**-7, 1e-5, "one rounding to bf16 (8 mantissa bits), 2 ulp"),
+    torch.float16: Tol(2**-9, 1e-5, "one rounding to fp16 (11 mantissa bits), 2 ulp"),
+    torch.float64: Tol(0.0, 1e-12, "fp64 throughout"),
+}
+
+
+def make_logits(
+    n: int | Sequence[int],
+    vocab: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    scale: float = 3.0,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Random logits [*n, vocab] ~ N(0, scale^2) plus a random per-row offset (never zeros)."""
+    shape = (n,) if isinstance(n, int) else tuple(n)
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = torch.randn(*shape, vocab, generator=g, dtype=torch.float64) * scale
+    x += torch.randn(*shape, 1, generator=g, dtype=torch.float64) * 5
+    return x.to(dtype=dtype, device=device)
+
+
+def make_labels(
+    shape: Sequence[int], vocab: int, *, device="cpu", seed: int | None = None, ignore_index=-100
+) -> torch.Tensor:
+    """Random labels covering 0 and vocab - 1, with ~10% ignore_index rows."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    y = torch.randint(0, vocab, tuple(shape), generator=g)
+    flat = y.view(-1)
+    if flat.numel() >= 2:
+        flat[0], flat[-1] = 0, vocab - 1
+    if flat.numel() >= 4:
+        drop = torch.rand(flat.shape, generator=g) < 0.1
+        drop[0] = drop[-1] = False
+        flat[drop] = ignore_index
+    return y.to(device)
+
+
+def near_one_hot(logits: torch.Tensor, rows: slice | Sequence[int], gap: float = 40.0) -> None:
+    """Make `rows` nearly one-hot in place: one logit `gap` above the rest."""
+    sub = logits[rows]
+    sub[..., sub.shape[-1] // 3] = sub.amax(-1) + gap
+    logits[rows] = sub
+
+
+def _err(out: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    return (out.double() - truth.double()).abs()
+
+
+def assert_close_to_truth(
+    name: str, out: torch.Tensor, truth: torch.Tensor, plain: torch.Tensor, tol: Tol
+) -> float:
+    """Check |out - truth| <= 2 max|plain - truth| + rtol |truth| + atol scale elementwise.
+
+    NaN and infinities must sit at the same places with the same values. Returns the max error.
+    """
+    assert out.shape == truth.shape, f"{name}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    out_nan, truth_nan = torch.isnan(out), torch.isnan(truth)
+    assert torch.equal(out_nan.cpu(), truth_nan.cpu()), (
+        f"{name}: NaN at {out_nan.nonzero()[:5].tolist()}, "
+        f"in the truth at {truth_nan.nonzero()[:5].tolist()}"
+    )
+    out_inf, truth_inf = torch.isinf(out), torch.isinf(truth)
+    assert torch.equal(out_inf.cpu(), truth_inf.cpu()), f"{name}: infinities differ"
+    assert torch.equal(out[out_inf].double().cpu(), truth[truth_inf].double().cpu()), (
+        f"{name}: infinities have different signs"
+    )
+    finite = torch.isfinite(truth)
+    if not bool(finite.any()):
+        return 0.0
+    o, t, p = (a.detach()[finite].double() for a in (out, truth, plain))
+    err = (o - t).abs()
+    plain_err = float(_err(p, t).max()) if p.numel() else 0.0
+    scale = float(t.abs().max())
+    allowed = 2 * plain_err + tol.rtol * t.abs() + tol.atol * max(scale, 1e-30)
+    bad = err > allowed
+    if bool(bad.any()):
+        i = int(((err - allowed) / allowed.clamp_min(1e-300)).argmax())
+        raise AssertionError(
+            f"{name}: max error {float(err.max()):.3e} (plain PyTorch {plain_err:.3e}); worst at "
+            f"{i}: got {float(o[i])!r}, truth {float(t[i])!r}, allowed {float(allowed[i]):.3e} "
+            f"[{tol.why}]"
+        )
+    return float(err.max())
+
+
+def check_against_reference(
+    op: Callable,
+    ref: Callable,
+    args: Sequence,
+    kwargs: dict,
+    *,
+    diff_fields: Sequence[str],
+    grad_args: Sequence[int] = (0,),
+    check_fields: Sequence[str] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Run op, ref in float64 (truth) and ref at input precision (plain); check outputs + grads.
+
+    `op` and `ref` return NamedTuples (or a tensor, then diff_fields=("out",)). Upstream grads are
+    random on every differentiable field. Returns the max errors, keyed by field / grad name.
+    """
+
+    def run(fn, upcast):
+        leaves = [a.detach().clone().requires_grad_(i in grad_args) if isinstance(a, torch.Tensor)
+                  and i in grad_args else a for i, a in enumerate(args)]  # fmt: skip
+        extra = {} if upcast is None else {"upcast": upcast}
+        out = fn(*leaves, **kwargs, **extra)
+        fields = out._asdict() if hasattr(out, "_asdict") else {"out": out}
+        return leaves, fields
+
+    leaves_k, out_k = run(op, None)
+    leaves_t, out_t = run(ref, True)
+    leaves_p, out_p = run(ref, False)
+    dtype = args[0].dtype
+    errors: dict[str, float] = {}
+    for name in check_fields or [f for f, v in out_k.items() if isinstance(v, torch.Tensor)]:
+        k, t, p = out_k[name], out_t[name], out_p[name]
+        if not k.is_floating_point():
+            assert torch.equal(k.cpu(), t.cpu()), f"{name}: {k} != {t}"
+            continue
+        expected = torch.float64 if dtype == torch.float64 else torch.float32
+        assert k.dtype == expected, f"{name}: dtype {k.dtype}, expected {expected}"
+        errors[name] = assert_close_to_truth(name, k, t, p, FORWARD_TOL[dtype])
+    if not diff_fields:
+        return errors
+    g = torch.Generator().manual_seed(seed)
+    ups = {f: torch.randn(out_k[f].shape, generator=g, dtype=torch.float64) for f in diff_fields}
+
+    def grads(leaves, out):
+        loss = sum(
+            (out[f].double() * ups[f].to(out[f].device)).nan_to_num().sum() for f in diff_fields
+        )
+        want = [leaves[i] for i in grad_args]
+        return torch.autograd.grad(loss, want, allow_unused=True)
+
+    for i, gk, gt, gp in zip(grad_args, grads(leaves_k, out_k), grads(leaves_t, out_t),
+                             grads(leaves_p, out_p)):  # fmt: skip
+        assert gk is not None, f"no gradient for argument {i}"
+        assert gk.dtype == args[i].dtype, f"grad {i}: dtype {gk.dtype} != {args[i].dtype}"
+        assert gk.is_contiguous() and gk.shape == args[i].shape
+        errors[f"grad{i}"] = assert_close_to_truth(
+            f"grad of argument {i}", gk, gt, gp, GRAD_TOL[dtype]
+        )
+    return errors

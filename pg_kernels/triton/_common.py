@@ -1,0 +1,180 @@
+"""Building blocks shared by the Triton kernels of pg_kernels.
+
+Device helpers (`@triton.jit`, inlined into the kernels that call them):
+  row_offset          where row r of a [..., V] tensor starts (pg_kernels.ops._common.RowLayout)
+  exp_acc, div_acc    exp and IEEE division in the accumulation dtype (fp32 or fp64)
+  max_nan             max that keeps a NaN (a NaN row must stay NaN)
+  merge_states        the merge rule of SPEC section 1 for (m, s1, s2, t) partial states
+  inv_temperature     1 / tau per row (tensor) or from the launcher's scalar
+
+Host helpers: `acc_dtype_of`, `scalar_inv_temperature_bits` and `RowBlocking` (how a row of V
+elements is cut into loop steps and per-program chunks, as a function of V and dtype only).
+Everything here mirrors csrc/include/pg_kernels/softmax_stats.h: the same formulas, the same
+edge cases (an empty state has m = -inf and zero sums; it is the identity of the merge).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+# Clamp for d = z - m in the products e * d and p * (b d): exp(d) is exactly 0 below -745 in fp64
+# (-104 in fp32), so any finite floor below that changes no nonzero term, while d = -inf (a -inf
+# logit) would give 0 * -inf = NaN. Not the lowest float: b * lowest overflows to inf when |b| > 1.
+D_MIN = tl.constexpr(-1024.0)
+
+
+@triton.jit
+def row_offset(row, n_inner, stride_outer, stride_inner):
+    """Element offset of row `row`: (row // n_inner) * stride_outer + (row % n_inner) * stride_inner.
+
+    In int64: N * V and the strides of a [B, T, V] tensor overflow int32.
+    """
+    r = row.to(tl.int64)
+    return (r // n_inner) * stride_outer + (r % n_inner) * stride_inner
+
+
+@triton.jit
+def exp_acc(x):
+    """e^x in x's dtype. fp32: one ex2 with a pre-multiplied log2(e) (what tl.exp does anyway, made
+    explicit); fp64: the full-precision exp (Triton's fp32 fast path does not apply)."""
+    if x.dtype == tl.float64:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x * LOG2E)
+
+
+@triton.jit
+def div_acc(a, b):
+    """a / b correctly rounded: a plain fp32 `/` compiles to the approximate div.full.f32."""
+    if b.dtype == tl.float32:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def max_nan(a, b):
+    """max(a, b), NaN if a is NaN or b is NaN (tl.maximum drops NaN on the GPU)."""
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def merge_states(m_a, s1_a, s2_a, t_a, m_b, s1_b, s2_b, t_b):
+    """SPEC section 1 merge of two (m, s1, s2, t) states, elementwise over rows.
+
+        m = max(m_a, m_b);  a = e^{m_a - m};  b = e^{m_b - m}
+        s1 = a s1_a + b s1_b;  s2 = a^2 s2_a + b^2 s2_b
+        t  = a (t_a + (m_a - m) s1_a) + b (t_b + (m_b - m) s1_b)
+
+    An empty side (m = -inf, sums 0) contributes exactly 0 and the other side comes back
+    unchanged (factor exactly 1), as in softmax_stats.h; a NaN max makes the result NaN.
+    """
+    m = max_nan(m_a, m_b)
+    a_empty = m_a == float("-inf")
+    b_empty = m_b == float("-inf")
+    # (m_a - m) is -inf - -inf = NaN for two empty sides: the guards keep every product finite.
+    da = tl.where(a_empty, 0.0, m_a - m)
+    db = tl.where(b_empty, 0.0, m_b - m)
+    fa = tl.where(a_empty, 0.0, tl.where(da == 0.0, 1.0, exp_acc(da)))
+    fb = tl.where(b_empty, 0.0, tl.where(db == 0.0, 1.0, exp_acc(db)))
+    s1 = fa * s1_a + fb * s1_b
+    s2 = (fa * fa) * s2_a + (fb * fb) * s2_b
+    t = fa * (t_a + da * s1_a) + fb * (t_b + db * s1_b)
+    return m, s1, s2, t
+
+
+@triton.jit
+def inv_temperature(temp_ptr, rows, mask, inv_tau_bits, HAS_TEMP: tl.constexpr, ACC: tl.constexpr):
+    """1 / tau in ACC for `rows`: from the per-row tensor, or the launcher's scalar 1 / tau.
+
+    The scalar travels as the int64 bit pattern of a float64 (Triton passes Python floats as
+    fp32, which would round an fp64 temperature). A tau <= 0, inf or NaN gives 1 / tau <= 0, 0 or
+    NaN: callers treat anything but a finite positive 1 / tau as a NaN row.
+    """
+    if HAS_TEMP:
+        tau = tl.load(temp_ptr + rows, mask=mask, other=1.0).to(ACC)
+        return div_acc(tl.full(tau.shape, 1.0, ACC), tau)
+    else:
+        return inv_tau_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+
+
+@triton.jit
+def valid_inv_temperature(inv_tau):
+    return (inv_tau > 0.0) & (inv_tau < float("inf"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side
+
+
+def acc_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation (and per-token output) dtype: fp64 for fp64 logits, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _round_to_f32(x: float) -> float:
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def scalar_inv_temperature_bits(temperature: float, acc: torch.dtype) -> int:
+    """The int64 bit pattern of the float64 holding 1 / temperature as the CPU kernel computes it:
+    acc(1) / acc(temperature) (fp32: exact, since a double quotient of two floats rounds to the
+    correctly rounded float). An invalid temperature (<= 0, inf, NaN) maps to NaN: a NaN row."""
+    t = float(temperature)
+    if not (t > 0.0 and t < math.inf):
+        inv = math.nan
+    elif acc == torch.float32:
+        t32 = _round_to_f32(t)
+        inv = _round_to_f32(1.0 / t32) if t32 > 0.0 else math.inf
+    else:
+        inv = 1.0 / t
+    return struct.unpack("<q", struct.pack("<d", inv))[0]
+
+
+class RowBlocking(NamedTuple):
+    """How each row is cut: BLOCK_V elements per loop step, CHUNK (a multiple of BLOCK_V)
+    elements per program, n_chunks programs per row. A function of V and the dtype only, so a
+    row's arithmetic (hence its bits) never depends on N: batch invariance."""
+
+    block_v: int
+    chunk: int
+    n_chunks: int
+    num_warps: int
+
+
+# One loop step loads 8 KiB per program (4096 bf16 / 2048 fp32 / 1024 fp64): with 8 warps that
+# is 32 bytes (two or more 16-byte vector loads) per thread per step, and the three fp32 lane
+# accumulators of the forward stay at ~48 registers per thread, so ~3 programs fit per SM.
+STEP_BYTES = 8192
+# Four steps (32 KiB) per program: long enough to amortize the per-program prologue (label,
+# temperature, row offset) and epilogue (lane reduction, partial-state store), short enough that
+# V = 151936 bf16 is cut into 10 programs per row, so a handful of rows already fills a GPU.
+STEPS_PER_CHUNK = 4
+BYTES_PER_THREAD_STEP = 32
+
+
+def row_blocking(
+    V: int, dtype: torch.dtype, block_v: int | None = None, chunk: int | None = None
+) -> RowBlocking:
+    """Blocking of rows of V elements of `dtype`; block_v / chunk override it (tests, tuning)."""
+    itemsize = dtype.itemsize
+    bv = block_v if block_v is not None else STEP_BYTES // itemsize
+    if chunk is not None:
+        bv = min(bv, chunk)
+    bv = min(triton.next_power_of_2(bv), max(16, triton.next_power_of_2(V)))
+    ck = chunk if chunk is not None else STEPS_PER_CHUNK * bv
+    if ck % bv != 0:
+        raise ValueError(f"chunk ({ck}) must be a multiple of the block ({bv})")
+    ck = min(ck, triton.cdiv(V, bv) * bv)
+    num_warps = max(1, min(8, bv * itemsize // (32 * BYTES_PER_THREAD_STEP)))
+    return RowBlocking(bv, ck, triton.cdiv(V, ck), num_warps)

@@ -1,0 +1,352 @@
+"""token_stats against the float64 reference on every backend present, plus the op contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pg_kernels
+from pg_kernels import reference
+from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
+
+DIFF = ("logprob", "entropy", "collision", "lse")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _shapes(backend: str, device: str):
+    """(N, V): odd vocab sizes and a real one; small for the Triton interpreter (2.5 ms/step)."""
+    if backend == "triton" and device == "cpu":
+        return [(3, 7), (4, 1000), (2, 5003)]
+    return [(3, 7), (16, 1000), (8, 32003), (2, 151936)]
+
+
+def _op(backend):
+    def op(logits, labels, **kw):
+        return pg_kernels.token_stats(logits, labels, backend=backend, **kw)
+
+    return op
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(backend_device, dtype):
+    backend, device = backend_device
+    for i, (n, v) in enumerate(_shapes(backend, device)):
+        x = make_logits(n, v, dtype, device=device, seed=i)
+        near_one_hot(x, slice(0, 1))
+        y = make_labels((n,), v, device=device, seed=i)
+        check_against_reference(
+            _op(backend), reference.token_stats, (x, y), {}, diff_fields=DIFF, seed=i
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_temperature(backend_device, dtype):
+    backend, device = backend_device
+    n, v = 6, 1000
+    x = make_logits((2, 3), v, dtype, device=device, seed=1)
+    y = make_labels((2, 3), v, device=device, seed=1)
+    per_row = torch.rand(2, 3, dtype=torch.float64, device=device) * 2 + 0.25
+    for temperature in (0.7, per_row):
+        check_against_reference(
+            _op(backend),
+            reference.token_stats,
+            (x, y),
+            {"temperature": temperature},
+            diff_fields=DIFF,
+        )
+    assert n == x[..., 0].numel()
+
+
+def test_neg_inf_entries(backend_device):
+    """-inf logits add exactly 0; a label on a -inf logit has logprob -inf and p_c = 0."""
+    backend, device = backend_device
+    v = 5003 if backend == "triton" else 70000  # several CPU chunks; the first all -inf
+    x = make_logits(4, v, torch.float32, device=device, seed=2)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    x[mask.to(device)] = float("-inf")
+    x[1, : v // 2] = float("-inf")  # a leading run of -inf longer than a chunk
+    x[2, 5] = float("-inf")
+    y = torch.tensor([0, v - 1, 5, 17], device=device)
+    x[[0, 1, 3], y[[0, 1, 3]]] = 1.0  # keep those labels finite
+    check_against_reference(
+        _op(backend), reference.token_stats, (x, y), {}, diff_fields=("entropy", "collision", "lse")
+    )
+    out = _op(backend)(x, y)
+    assert out.logprob[2] == float("-inf") and out.lgp[2] > 1
+
+
+def test_invalid_rows_stay_local(backend_device):
+    """NaN, +inf and all -inf rows give NaN outputs (argmax -1) and leave other rows untouched."""
+    backend, device = backend_device
+    x = make_logits(5, 1000, torch.float32, device=device, seed=3)
+    clean = _op(backend)(x, make_labels((5,), 1000, device=device, seed=3, ignore_index=-7))
+    y = make_labels((5,), 1000, device=device, seed=3, ignore_index=-7)
+    x[1, 10] = float("nan")
+    x[2, 999] = float("inf")
+    x[3] = float("-inf")
+    out = _op(backend)(x, y)
+    for name in ("logprob", "entropy", "collision", "lgp", "lse", "max_prob"):
+        got = getattr(out, name)
+        assert torch.isnan(got[1:4]).all(), name
+        assert torch.equal(got[[0, 4]], getattr(clean, name)[[0, 4]]), name
+    assert out.argmax[1:4].tolist() == [-1, -1, -1]
+    xg = x.clone().requires_grad_()
+    _op(backend)(xg, y).logprob.sum().backward()
+    assert torch.isnan(xg.grad[1:4]).all() and torch.isfinite(xg.grad[[0, 4]]).all()
+
+
+def test_ignore_index_rows(backend_device):
+    backend, device = backend_device
+    x = make_logits(4, 1000, torch.float32, device=device, seed=4)
+    y = torch.tensor([3, -1, 999, -1], device=device)
+    xg = x.clone().requires_grad_()
+    out = _op(backend)(xg, y, ignore_index=-1)
+    for name in out._fields:
+        assert (getattr(out, name)[[1, 3]] == 0).all(), name
+    (out.logprob + out.entropy + out.collision + out.lse).sum().backward()
+    assert (xg.grad[[1, 3]] == 0).all() and (xg.grad[[0, 2]] != 0).any()
+
+
+def test_strided_input_is_read_in_place(backend_device):
+    """logits[:, :-1] of [B, T+1, V] (the shifted view trainers use) and a row slice."""
+    backend, device = backend_device
+    base = make_logits((3, 5), 1000, torch.float32, device=device, seed=5)
+    y = make_labels((3, 4), 1000, device=device, seed=5)
+    view = base[:, :-1]
+    assert not view.is_contiguous()
+    a, b = _op(backend)(view, y), _op(backend)(view.contiguous(), y)
+    for name in a._fields:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    rows = base.view(15, 1000)[::2]
+    a, b = _op(backend)(rows, y.view(-1)[:8]), _op(backend)(rows.contiguous(), y.view(-1)[:8])
+    assert torch.equal(a.entropy, b.entropy)
+    check_against_reference(_op(backend), reference.token_stats, (view, y), {}, diff_fields=DIFF)
+
+
+def test_int32_labels_and_shift_invariance(backend_device):
+    backend, device = backend_device
+    x = make_logits(6, 1000, torch.float32, device=device, seed=6)
+    y = make_labels((6,), 1000, device=device, seed=6)
+    a, b = _op(backend)(x, y), _op(backend)(x, y.int())
+    assert torch.equal(a.entropy, b.entropy) and torch.equal(a.logprob, b.logprob)
+    c = _op(backend)(x + 11.0, y)
+    torch.testing.assert_close(c.logprob, a.logprob, rtol=0, atol=1e-5)
+    torch.testing.assert_close(c.entropy, a.entropy, rtol=0, atol=1e-5)
+    torch.testing.assert_close(c.collision, a.collision, rtol=1e-5, atol=0)
+
+
+def test_deterministic_and_batch_invariant(backend_device):
+    backend, device = backend_device
+    v = 5003 if backend == "triton" else 40000
+    x = make_logits(9, v, torch.bfloat16, device=device, seed=7)
+    y = make_labels((9,), v, device=device, seed=7)
+
+    def run(xs, ys):
+        xg = xs.clone().requires_grad_()
+        out = _op(backend)(xg, ys)
+        (out.logprob * 0.3 + out.entropy - out.collision).sum().backward()
+        return out, xg.grad
+
+    (a, ga), (b, gb) = run(x, y), run(x, y)
+    alone, g_alone = run(x[4:5], y[4:5])
+    for name in a._fields:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(getattr(a, name)[4:5], getattr(alone, name)), name
+    assert torch.equal(ga, gb) and torch.equal(ga[4:5], g_alone)
+
+
+def test_lgp_expectation_links_to_collision(backend_device):
+    """E_{c~p}[1 - 2 p_c + C] = 1 - C: one row, every label."""
+    backend, device = backend_device
+    v = 300
+    x = make_logits(1, v, torch.float64, device=device, seed=8).expand(v, v)
+    out = _op(backend)(x, torch.arange(v, device=device))
+    p = out.logprob.exp()
+    torch.testing.assert_close((p * out.lgp).sum(), 1 - out.collision[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.lgp_norm**2, out.lgp)
+    torch.testing.assert_close(out.renyi2, -out.collision.log())
+
+
+def test_empty_batch(backend_device):
+    backend, device = backend_device
+    x = torch.randn(0, 7, 100, device=device, requires_grad=True)
+    out = _op(backend)(x, torch.zeros(0, 7, dtype=torch.long, device=device))
+    assert out.logprob.shape == (0, 7) and out.argmax.dtype == torch.int64
+    out.entropy.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_inputs_not_mutated(backend_device):
+    backend, device = backend_device
+    x = make_logits(4, 1000, torch.bfloat16, device=device, seed=9)
+    y = make_labels((4,), 1000, device=device, seed=9)
+    t = torch.rand(4, device=device) + 0.5
+    copies = [x.clone(), y.clone(), t.clone()]
+    xg = x.requires_grad_()
+    _op(backend)(xg, y, temperature=t).entropy.sum().backward()
+    for before, after in zip(copies, (x.detach(), y, t)):
+        assert torch.equal(before, after)
+
+
+def test_auto_backend_and_reference_backend_agree():
+    x = make_logits(4, 1000, torch.float32, seed=10)
+    y = make_labels((4,), 1000, seed=10)
+    a = pg_kernels.token_stats(x, y)
+    b = pg_kernels.token_stats(x, y, backend="reference")
+    for name in a._fields:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-5)
+
+
+# --- the op contract (CPU extension) ------------------------------------------------------
+
+needs_cpu_ext = pytest.mark.skipif(
+    pg_kernels._backend.unavailable_reason("cpu", torch.device("cpu")) is not None,
+    reason="C++ extension not built",
+)
+
+
+@needs_cpu_ext
+def test_gradcheck_float64():
+    x = make_logits(3, 11, torch.float64, seed=11).requires_grad_()
+    y = torch.tensor([0, 10, 4])
+    t = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+
+    def f(x):
+        out = pg_kernels.token_stats(x, y, temperature=t, backend="cpu")
+        return out.logprob, out.entropy, out.collision, out.lse
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+@needs_cpu_ext
+def test_opcheck():
+    x = make_logits(4, 33, torch.float32, seed=12)
+    y = make_labels((4,), 33, seed=12)
+    t = torch.rand(4) + 0.5
+    for temp in (None, t):
+        torch.library.opcheck(
+            torch.ops.pg_kernels.token_stats.default,
+            (x.requires_grad_(), y, temp, 1.3, -100, "cpu"),
+        )
+    out = pg_kernels.token_stats(x, y, backend="cpu")
+    g = [torch.randn(4) for _ in range(4)]
+    args = (*g, x.detach(), y, None, 1.0, -100, out.lse, out.entropy, out.collision, "cpu")
+    torch.library.opcheck(torch.ops.pg_kernels.token_stats_backward.default, args)
+
+
+@needs_cpu_ext
+def test_compile_fullgraph_matches_eager():
+    x = make_logits((2, 3), 500, torch.float32, seed=13)
+    y = make_labels((2, 3), 500, seed=13)
+
+    def loss(x, y):
+        out = pg_kernels.token_stats(x, y, temperature=0.9)
+        return (out.logprob - 0.1 * out.entropy + out.collision).sum(), out.lgp
+
+    compiled = torch.compile(loss, fullgraph=True)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la, ga = loss(xa, y)
+    lb, gb = compiled(xb, y)
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb) and torch.equal(ga, gb) and torch.equal(xa.grad, xb.grad)
+
+
+@pytest.mark.slow
+@needs_cpu_ext
+def test_more_than_2_31_elements():
+    """int64 offsets: a bf16 [16385, 131072] tensor has 2^31 + 2^17 elements (4.3 GB)."""
+    n, v = 16385, 131072
+    x = torch.empty(n, v, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(14)
+    for i in range(0, n, 2048):
+        x[i : i + 2048] = torch.randn(min(2048, n - i), v, generator=g) * 3
+    y = torch.randint(0, v, (n,), generator=g)
+    out = pg_kernels.token_stats(x, y, backend="cpu")
+    rows = [0, n // 2, n - 2, n - 1]  # the last rows start past 2^31 elements
+    ref = reference.token_stats(x[rows], y[rows])
+    for name in ("logprob", "entropy", "collision", "lse"):
+        torch.testing.assert_close(
+            getattr(out, name)[rows].double(), getattr(ref, name), rtol=2e-5, atol=1e-5
+        )
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+BAD_INPUTS = [
+    (lambda x, y: pg_kernels.token_stats(x[0], y[0, 0]), ValueError, "labels must have"),
+    (lambda x, y: pg_kernels.token_stats(x, y[:, :-1]), ValueError, "labels must have"),
+    (lambda x, y: pg_kernels.token_stats(x, y.float()), TypeError, "labels must be int64 or int32"),
+    (lambda x, y: pg_kernels.token_stats(x.long(), y), TypeError, "logits must be bf16"),
+    (lambda x, y: pg_kernels.token_stats(x[..., :0], y), ValueError, "V == 0"),
+    (
+        lambda x, y: pg_kernels.token_stats(x, y, temperature=0.0),
+        ValueError,
+        "temperature must be finite and > 0",
+    ),
+    (
+        lambda x, y: pg_kernels.token_stats(x, y, temperature=float("nan")),
+        ValueError,
+        "temperature",
+    ),
+    (
+        lambda x, y: pg_kernels.token_stats(x, y, temperature=-torch.ones(2, 3)),
+        ValueError,
+        "temperature.flatten()[0]",
+    ),
+    (
+        lambda x, y: pg_kernels.token_stats(x, y, temperature=torch.ones(3)),
+        ValueError,
+        "per-row temperature",
+    ),
+    (
+        lambda x, y: pg_kernels.token_stats(x, y, backend="tpu"),
+        ValueError,
+        "backend must be one of",
+    ),
+    (
+        lambda x, y: pg_kernels.token_stats(x, y, backend="cuda"),
+        RuntimeError,
+        "backend 'cuda' cannot run here",
+    ),
+    (
+        lambda x, y: pg_kernels.token_stats(x, y.index_fill(1, torch.tensor([2]), 50)),
+        ValueError,
+        "labels[0, 2] = 50 is outside [0, 50)",
+    ),
+    (
+        lambda x, y: pg_kernels.token_stats(x, y.index_fill(0, torch.tensor([1]), -3)),
+        ValueError,
+        "labels[1, 0] = -3",
+    ),
+    (
+        lambda x, y: pg_kernels.token_stats(x.transpose(1, 2), y),
+        ValueError,
+        "contiguous in its last",
+    ),
+    (
+        lambda x, y: pg_kernels.token_stats(x, y, ignore_index=1.5),
+        TypeError,
+        "ignore_index must be an int",
+    ),
+    (
+        lambda x, y: pg_kernels.token_stats(x.to("meta"), y),
+        ValueError,
+        "labels is on cpu but logits on meta",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_input_raises_clear_error(case):
+    fn, exc, msg = BAD_INPUTS[case]
+    x, y = make_logits((2, 3), 50, seed=15), make_labels((2, 3), 50, seed=15)
+    with pytest.raises(exc, match=None) as info:
+        fn(x, y)
+    assert msg in str(info.value), str(info.value)
+
+
+def test_check_labels_names_position():
+    with pytest.raises(ValueError, match=r"labels\[1, 2\] = 9 is outside \[0, 9\)"):
+        pg_kernels.check_labels(torch.tensor([[0, 1, 2], [3, 4, 9]]), 9)
+    pg_kernels.check_labels(torch.tensor([[0, -100], [8, 3]]), 9)
