@@ -95,16 +95,28 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return f"unknown backend; choose one of {BACKENDS}"
 
 
-def resolve(op: str, backend: str, device: torch.device) -> str:
-    """The backend that serves `op` for tensors on `device`; raises if a forced one cannot."""
+def resolve(
+    op: str, backend: str, device: torch.device, kernels: tuple[str, ...] | None = None
+) -> str:
+    """The backend that serves `op` for tensors on `device`; raises if a forced one cannot.
+
+    `kernels` lists the backends that have a kernel for `op` (default: all); "reference" always
+    serves.
+    """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+
+    def reason(candidate: str) -> str | None:
+        if kernels is not None and candidate != "reference" and candidate not in kernels:
+            return f"{op} has no {candidate} kernel"
+        return unavailable_reason(candidate, device)
+
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(candidate, device) is None:
+            if reason(candidate) is None:
                 return candidate
         return "reference"
-    why = unavailable_reason(backend, device)
+    why = reason(backend)
     if why is not None:
         raise RuntimeError(f"{op}: backend {backend!r} cannot run here: {backend}: {why}")
     return backend
