@@ -350,3 +350,47 @@ def test_check_labels_names_position():
     with pytest.raises(ValueError, match=r"labels\[1, 2\] = 9 is outside \[0, 9\)"):
         pg_kernels.check_labels(torch.tensor([[0, 1, 2], [3, 4, 9]]), 9)
     pg_kernels.check_labels(torch.tensor([[0, -100], [8, 3]]), 9)
+
+
+def _allocated_bytes(fn) -> int:
+    """Bytes of CPU tensor memory allocated while fn runs (torch profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
+@needs_cpu_ext
+def test_memory_forward_o_n_backward_only_the_gradient():
+    n, v = 256, 32000
+    x = make_logits(n, v, torch.float32, seed=16)
+    y = make_labels((n,), v, seed=16)
+    pg_kernels.token_stats(x, y, backend="cpu")  # warm up
+    # The measurement sees [N, V] temporaries: the eager reference makes several.
+    assert _allocated_bytes(lambda: reference.token_stats(x, y, upcast=False)) > 2 * x.numel() * 4
+    fwd = _allocated_bytes(lambda: pg_kernels.token_stats(x, y, backend="cpu"))
+    assert fwd <= 16 * 8 * n, f"forward allocated {fwd} bytes for {n} rows: an [N, V] temporary?"
+    xg = x.clone().requires_grad_()
+    out = pg_kernels.token_stats(xg, y, backend="cpu")
+    loss = (out.logprob + out.entropy + out.collision + out.lse).sum()
+    bwd = _allocated_bytes(lambda: loss.backward())
+    assert x.numel() * 4 <= bwd <= x.numel() * 4 + 64 * 8 * n, f"backward allocated {bwd} bytes"
+
+
+def test_import_without_compiled_extensions():
+    """With no _C, pg_kernels imports, says why, and the reference backend serves."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nsys.modules['pg_kernels._C'] = sys.modules['pg_kernels._C_cuda'] = None\n"
+        "import torch, pg_kernels\n"
+        "x = torch.randn(3, 10); y = torch.tensor([1, 2, 3])\n"
+        "assert pg_kernels._backend.resolve('t', 'auto', x.device) == 'reference'\n"
+        "print(pg_kernels.token_stats(x, y).logprob.shape)\n"
+        "print(pg_kernels.env_report())\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "cpu       not built or not importable" in run.stdout, run.stdout

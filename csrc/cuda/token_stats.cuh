@@ -1,0 +1,1033 @@
+// token_stats on CUDA: SPEC sections 1-3. Torch-free (CUDA runtime + the shared math header), so
+// nvcc can compile-check it on a machine with no GPU and no CUDA build of torch; the torch glue
+// (checks, allocation, dtype dispatch, stream) lives in token_stats.cu.
+//
+// ---- Algorithm -------------------------------------------------------------------------------
+// Forward, two launches:
+//   1. token_stats_partial_kernel: each row is cut into C chunks of at most kChunkBytes (32 KiB)
+//      where C depends on V and the dtype only (never on N, never on alignment). A work item is
+//      one (row, chunk); a persistent grid (SMs x resident CTAs) walks the items in a grid-stride
+//      loop. Per item a CTA
+//        a) issues all of its loads at once: each thread holds kUnroll = 8 vectors of 16 bytes
+//           (8 bf16/fp16, 4 fp32, 2 fp64 logits per vector), i.e. 8 independent 16-byte loads
+//           in flight per thread and 32 KiB per CTA;
+//        b) takes the chunk's max M (NaN-propagating, on packed bf16x2/f16x2 words for 16-bit
+//           logits) with warp shuffles + shared memory, so every thread then uses the same
+//           reference max m = M / tau and the block reduction of the sums is a plain sum (no
+//           exp rescaling inside the CTA);
+//        c) accumulates s1 = sum e, s2 = sum e^2 (square of the e already computed), t = sum e d
+//           with e = exp(d), d = z - m, one exp per element, in a fixed per-thread order;
+//        d) reduces (s1, s2, t, first argmax) over the CTA in a fixed order (xor-butterfly in
+//           each warp, lane 0's value, then warp partials folded 0..W-1 by thread 0) and writes
+//           the chunk's partial state (m, s1, s2, t, argmax) to a [C][N] workspace.
+//   2. token_stats_finalize_kernel: one thread per row folds its C partial states left to right
+//      (chunk 0, 1, ..., C-1) with the SPEC section 1 merge, in double precision, reads the label
+//      logit, and writes the seven outputs (finalize_token_stats of softmax_stats.h).
+//   Every reduction order is fixed by (V, dtype): results are bitwise deterministic and do not
+//   depend on N (batch invariance), on the grid size, or on which CTA ran an item. The aligned
+//   (16-byte vector) and unaligned (scalar) load paths fill the same registers with the same bits
+//   for the same thread, so they give bitwise the same results too.
+// Backward, one launch (token_stats_backward_kernel): same chunking and grid; per element
+//   p = exp(z - L) from the saved L, dz = p (a + b d + c p) (+ g_l at the label), divided by tau
+//   (folded into a, b, c), rounded once to the logits' dtype and stored as 16-byte vectors.
+//
+// ---- Bytes moved per row (S = sizeof(logit), A = sizeof(acc) = 4, 8 for fp64) ----------------
+//   forward:  reads V*S (each logit once) + label + tau + the label logit (one 32 B sector);
+//             writes C*(4A + 4) partial bytes, which finalize reads back; writes 6A + 8 outputs.
+//             Qwen vocab, bf16: V*S = 303,872 B, C = 10, partials 200 B: 0.07 % overhead.
+//   backward: reads V*S + 9 per-row scalars, writes V*S (the gradient), once each.
+//
+// ---- Launch configuration ---------------------------------------------------------------------
+//   * CTA: up to 256 threads (8 warps), fewer when V is small (threads = 32 * ceil(vectors per
+//     chunk / (8 * 32)), a function of V only) so that small vocabularies do not run idle warps.
+//   * Chunk: at most 256 threads x 8 vectors x 16 B = 32 KiB; C = ceil(vectors / 2048), and the
+//     vectors are spread evenly over the C chunks (chunk boundaries stay multiples of 16 B).
+//     Qwen bf16 (V = 151936): 18992 vectors -> C = 10 chunks of 1900 vectors (7.4 per thread).
+//   * Grid: min(items, SMs x resident CTAs per SM from the occupancy calculator). At <= 64
+//     registers per thread (__launch_bounds__(256, 4)) an H100 holds 4 CTAs = 1024 threads per
+//     SM, i.e. up to 128 KiB of loads in flight per SM while Little's law asks for roughly
+//     bandwidth/SM x latency = 22.7 B/ns x ~1 us ~= 23 KiB: with 4 CTAs per SM alternating between
+//     their load phase and their compute/reduce phase, the memory system stays saturated.
+//   * Issue budget (bf16, H100, 3 TB/s): 6.5 logits per clock per SM must be consumed. The inner
+//     loop costs ~7.5 instructions per logit (unpack 1, packed max 0.5, FFMA, clamp, EX2, FADD,
+//     2 FFMA) and the per-item reductions ~20 % more: ~60 of the 128 issue slots per clock.
+//     fp32 logits take the more accurate exp (below) at half the logits per clock.
+//   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
+//     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item.
+//   * Row scalars (label, tau; in backward also L, H, C and the four upstream grads) of the next
+//     item are loaded one iteration ahead, so their latency hides behind the current item.
+//
+// ---- Accuracy ---------------------------------------------------------------------------------
+//   * 16-bit logits: e = 2^(x (log2e / tau) - m log2e) with one FFMA and ex2.approx (2 ulp). The
+//     absolute error of the exponent is ~|z| 2^-23, so ~1e-6 relative for |z| < 10: far below the
+//     bf16/fp16 rounding of the gradient and of any 16-bit reference.
+//   * fp32 logits: z = x / tau and d = z - m are rounded exactly as on the CPU and in PyTorch, and
+//     exp(d) is ex2.approx of a two-part d log2e (~2-3 ulp), since fp32 gradients keep fp32
+//     precision. Compiler flags (--use_fast_math) do not change either path: both use explicit
+//     PTX / intrinsics.
+//   * fp64 logits: plain double arithmetic.
+//   * Partial states are merged and finalized in double (also for fp32 accumulation), so the
+//     approximate single-precision log/exp/division of --use_fast_math never reach an output.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <limits>
+
+#include "pg_kernels/softmax_stats.h"
+
+namespace pg_kernels {
+namespace gpu {
+
+// ---------------------------------------------------------------------------------------------
+// Tuning constants (see "Launch configuration" above).
+constexpr int kMaxThreads = 256;              // threads per CTA at most (8 warps)
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kUnroll = 8;                    // 16-byte vectors per thread per item
+constexpr int kMinBlocksPerSM = 4;            // register cap: 65536 / (4 * 256) = 64 per thread
+constexpr int64_t kVectorsPerChunk = int64_t(kMaxThreads) * kUnroll;  // 2048 x 16 B = 32 KiB
+constexpr int kFinalizeThreads = 128;
+
+// ---------------------------------------------------------------------------------------------
+// Logit dtypes. The kernels see logits as raw bits; each dtype says how to turn bits into the
+// accumulation type and back. kVec elements fill one 16-byte vector (a uint4).
+struct BF16 {};
+struct F16 {};
+struct F32 {};
+struct F64 {};
+
+template <typename Tag>
+struct DTypeTraits;
+
+template <>
+struct DTypeTraits<BF16> {
+  using acc_t = float;
+  using bits_t = uint16_t;
+  static constexpr int kVec = 8;
+  static constexpr bool kPacked16 = true;
+  static constexpr uint16_t kNegInfBits = 0xFF80;
+  static constexpr uint16_t kNaNBits = 0x7FC0;
+};
+template <>
+struct DTypeTraits<F16> {
+  using acc_t = float;
+  using bits_t = uint16_t;
+  static constexpr int kVec = 8;
+  static constexpr bool kPacked16 = true;
+  static constexpr uint16_t kNegInfBits = 0xFC00;
+  static constexpr uint16_t kNaNBits = 0x7E00;
+};
+template <>
+struct DTypeTraits<F32> {
+  using acc_t = float;
+  using bits_t = uint32_t;
+  static constexpr int kVec = 4;
+  static constexpr bool kPacked16 = false;
+  static constexpr uint32_t kNegInfBits = 0xFF800000u;
+  static constexpr uint32_t kNaNBits = 0x7FC00000u;
+};
+template <>
+struct DTypeTraits<F64> {
+  using acc_t = double;
+  using bits_t = unsigned long long;
+  static constexpr int kVec = 2;
+  static constexpr bool kPacked16 = false;
+  static constexpr unsigned long long kNegInfBits = 0xFFF0000000000000ull;
+  static constexpr unsigned long long kNaNBits = 0x7FF8000000000000ull;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Chunking: a function of (V, dtype) only, shared by forward and backward and by the host.
+struct ChunkPlan {
+  int64_t n_vecs;            // 16-byte vectors per row, ceil(V / kVec) (the last may be partial)
+  int64_t n_chunks;          // C >= 1
+  int64_t vecs_per_chunk;    // chunk k covers vectors [k * vecs_per_chunk, (k + 1) * ...)
+  int threads;               // CTA size: a multiple of 32, <= kMaxThreads, threads * kUnroll >= vecs_per_chunk
+};
+
+PGK_HD ChunkPlan plan_chunks(int64_t V, int vec) {
+  ChunkPlan p;
+  p.n_vecs = V > 0 ? (V + vec - 1) / vec : 0;
+  p.n_chunks = p.n_vecs > 0 ? (p.n_vecs + kVectorsPerChunk - 1) / kVectorsPerChunk : 1;
+  p.vecs_per_chunk = p.n_vecs > 0 ? (p.n_vecs + p.n_chunks - 1) / p.n_chunks : 1;
+  const int64_t per_thread_rows = (p.vecs_per_chunk + kUnroll - 1) / kUnroll;
+  const int64_t warps = (per_thread_rows + 31) / 32;
+  p.threads = static_cast<int>(warps < 1 ? 32 : (warps > kMaxWarps ? kMaxThreads : warps * 32));
+  return p;
+}
+
+// Row r of a [..., V] tensor starts at this element offset (int64: N * V exceeds 2^31).
+struct RowLayout {
+  int64_t n_inner;       // rows per outer step (>= 1)
+  int64_t stride_outer;  // elements between outer steps
+  int64_t stride_inner;  // elements between consecutive rows inside an outer step
+  PGK_HD int64_t offset(int64_t r) const {
+    return (r / n_inner) * stride_outer + (r % n_inner) * stride_inner;
+  }
+};
+
+// Can every row of `ptr` (rows given by layout, N rows) be read with 16-byte vector loads?
+// The base pointer and every stride that is actually used must be multiples of 16 bytes.
+inline bool rows_are_16b_aligned(const void* ptr, int64_t elem_size, int64_t N,
+                                 const RowLayout& layout) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  const bool inner_used = N > 1 && layout.n_inner > 1;
+  const bool outer_used = N > layout.n_inner;
+  if (inner_used && (layout.stride_inner * elem_size) % 16 != 0) return false;
+  if (outer_used && (layout.stride_outer * elem_size) % 16 != 0) return false;
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel parameters (plain structs passed by value).
+template <typename acc_t>
+struct RowInputs {
+  const void* logits;          // bits of the logits' dtype
+  const void* labels;          // int64 or int32, [N]
+  bool labels_int32;
+  const acc_t* temperature;    // per-row [N], or nullptr for the scalar below
+  acc_t inv_tau_scalar;        // 1 / temperature_scalar, rounded as on the CPU
+  int64_t ignore_index;
+  int64_t N;
+  int64_t V;
+  RowLayout layout;
+  ChunkPlan plan;
+};
+
+template <typename acc_t>
+struct ForwardParams {
+  RowInputs<acc_t> in;
+  // Workspace, [C][N] each (chunk-major: finalize reads it coalesced).
+  acc_t* ws_m;
+  acc_t* ws_s1;
+  acc_t* ws_s2;
+  acc_t* ws_t;
+  int32_t* ws_idx;  // first argmax of the chunk, as an index into the row
+  // Outputs, [N] each.
+  acc_t* logprob;
+  acc_t* entropy;
+  acc_t* collision;
+  acc_t* lgp;
+  acc_t* lse;
+  acc_t* max_prob;
+  int64_t* argmax;
+};
+
+template <typename acc_t>
+struct BackwardParams {
+  RowInputs<acc_t> in;
+  const acc_t* g_logprob;  // [N] each, contiguous
+  const acc_t* g_entropy;
+  const acc_t* g_collision;
+  const acc_t* g_lse;
+  const acc_t* lse;        // saved by forward
+  const acc_t* entropy;
+  const acc_t* collision;
+  void* grad;              // [N, V] contiguous, logits' dtype
+};
+
+// ---------------------------------------------------------------------------------------------
+// Scalar helpers (device).
+
+// NaN-propagating max (SPEC: a NaN row must stay NaN; fmaxf would drop it). max.NaN is sm_80+.
+__device__ __forceinline__ float max_nan_f32(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return max_nan(a, b);
+#endif
+}
+__device__ __forceinline__ double max_nan_acc(double a, double b) { return max_nan(a, b); }
+__device__ __forceinline__ float max_nan_acc(float a, float b) { return max_nan_f32(a, b); }
+
+// Max of two packed 16-bit pairs, NaN-propagating, one instruction for two logits.
+template <typename Tag>
+__device__ __forceinline__ uint32_t max_nan_x2(uint32_t a, uint32_t b);
+template <>
+__device__ __forceinline__ uint32_t max_nan_x2<BF16>(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+template <>
+__device__ __forceinline__ uint32_t max_nan_x2<F16>(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+// 2^x, ex2.approx with denormal results flushed to 0 (2 ulp; x <= -126 gives 0).
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+constexpr float kLog2e = 1.44269502162933349609375f;     // float(log2 e)
+constexpr float kLog2eLo = 1.925963033500011079e-8f;     // log2 e - kLog2e
+constexpr float kLn2 = 0.693147182464599609375f;         // float(ln 2)
+
+// exp(d) for fp32 to ~2-3 ulp: 2^(d log2e) with d log2e split into h + l, h = fl(d kLog2e) and
+// l = the product's exact rounding error (FMA) + d (log2e - kLog2e); then 2^l ~= 1 + l ln2
+// (|l| < 2^-16). Without the split, fl(d log2e) alone costs |d| 2^-24 relative.
+// d must be >= -200 (callers clamp): then h > -289, so no overflow in the error terms.
+__device__ __forceinline__ float exp_accurate(float d) {
+  const float h = __fmul_rn(d, kLog2e);
+  float l = fmaf(d, kLog2e, -h);
+  l = fmaf(d, kLog2eLo, l);
+  const float e = ex2_approx(h);
+  return fmaf(e, __fmul_rn(l, kLn2), e);
+}
+
+// Finite clamps for d = z - m so that -inf logits give e = 0 and e * d = 0 (never 0 * -inf).
+// Small enough that exp underflows to exactly 0, large enough that b * d cannot overflow for any
+// sane upstream gradient b (the CPU kernel clamps at lowest(), where |b| > 1 overflows: see notes).
+constexpr float kMinD32 = -200.0f;        // exp(-200) == 0 in fp32 (flushed)
+constexpr float kMinD2Fast = -256.0f;     // base-2 exponent: 2^-256 == 0 in fp32
+constexpr double kMinD64 = -1000.0;       // exp(-1000) == 0 in fp64 (below 2^-1074)
+
+__device__ __forceinline__ float reciprocal(float t) { return __frcp_rn(t); }  // == 1.0f / t
+__device__ __forceinline__ double reciprocal(double t) { return 1.0 / t; }
+
+template <typename acc_t>
+__device__ __forceinline__ bool is_finite_positive(acc_t t) {
+  return t > acc_t(0) && t < -neg_inf<acc_t>();
+}
+
+__device__ __forceinline__ int64_t load_label(const void* labels, bool is_int32, int64_t r) {
+  return is_int32 ? static_cast<int64_t>(__ldg(static_cast<const int32_t*>(labels) + r))
+                  : static_cast<int64_t>(__ldg(static_cast<const long long*>(labels) + r));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bits <-> accumulation type.
+
+template <typename Tag>
+__device__ __forceinline__ typename DTypeTraits<Tag>::acc_t bits_to_acc(
+    typename DTypeTraits<Tag>::bits_t b);
+template <>
+__device__ __forceinline__ float bits_to_acc<BF16>(uint16_t b) {
+  return __uint_as_float(static_cast<uint32_t>(b) << 16);
+}
+template <>
+__device__ __forceinline__ float bits_to_acc<F16>(uint16_t b) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
+  return f;
+}
+template <>
+__device__ __forceinline__ float bits_to_acc<F32>(uint32_t b) {
+  return __uint_as_float(b);
+}
+template <>
+__device__ __forceinline__ double bits_to_acc<F64>(unsigned long long b) {
+  return __longlong_as_double(static_cast<long long>(b));
+}
+
+// Element j of a 16-byte vector, as acc_t. j is a compile-time constant after unrolling.
+template <typename Tag>
+__device__ __forceinline__ typename DTypeTraits<Tag>::acc_t element(const uint4& v, int j) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (std::is_same_v<Tag, BF16>) {
+    const uint32_t word = w[j >> 1];
+    // Low half: shift up; high half: mask. One integer op per logit.
+    return __uint_as_float((j & 1) ? (word & 0xFFFF0000u) : (word << 16));
+  } else if constexpr (std::is_same_v<Tag, F16>) {
+    const uint32_t word = w[j >> 1];
+    return bits_to_acc<F16>(static_cast<uint16_t>((j & 1) ? (word >> 16) : (word & 0xFFFFu)));
+  } else if constexpr (std::is_same_v<Tag, F32>) {
+    return __uint_as_float(w[j]);
+  } else {
+    return __hiloint2double(static_cast<int>(w[2 * j + 1]), static_cast<int>(w[2 * j]));
+  }
+}
+
+// Pack kVec acc_t values (rounded to nearest even, once) into a 16-byte vector.
+template <typename Tag>
+__device__ __forceinline__ uint4 pack_vector(const typename DTypeTraits<Tag>::acc_t* g) {
+  uint32_t w[4];
+  if constexpr (std::is_same_v<Tag, BF16>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)  // d = {hi: g[2i+1], lo: g[2i]}
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[i]) : "f"(g[2 * i + 1]), "f"(g[2 * i]));
+  } else if constexpr (std::is_same_v<Tag, F16>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w[i]) : "f"(g[2 * i + 1]), "f"(g[2 * i]));
+  } else if constexpr (std::is_same_v<Tag, F32>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = __float_as_uint(g[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const long long b = __double_as_longlong(g[i]);
+      w[2 * i] = static_cast<uint32_t>(b);
+      w[2 * i + 1] = static_cast<uint32_t>(static_cast<unsigned long long>(b) >> 32);
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// A vector whose every element has the given bits.
+template <typename Tag>
+__device__ __forceinline__ uint4 splat_bits(typename DTypeTraits<Tag>::bits_t b) {
+  using Tr = DTypeTraits<Tag>;
+  if constexpr (sizeof(typename Tr::bits_t) == 2) {
+    const uint32_t w = static_cast<uint32_t>(b) | (static_cast<uint32_t>(b) << 16);
+    return make_uint4(w, w, w, w);
+  } else if constexpr (sizeof(typename Tr::bits_t) == 4) {
+    return make_uint4(b, b, b, b);
+  } else {
+    const uint32_t lo = static_cast<uint32_t>(b), hi = static_cast<uint32_t>(b >> 32);
+    return make_uint4(lo, hi, lo, hi);
+  }
+}
+
+// Vector g of a row (elements [g * kVec, g * kVec + kVec)), elements at or past V read as -inf.
+// Aligned: one 16-byte load when the whole vector is inside the row. Otherwise (unaligned rows,
+// or the partial last vector) element-wise loads that build the same bits in the same registers.
+template <typename Tag, bool kAligned>
+__device__ __forceinline__ uint4 load_vector(const typename DTypeTraits<Tag>::bits_t* row,
+                                             int64_t g, int64_t V) {
+  using Tr = DTypeTraits<Tag>;
+  using bits_t = typename Tr::bits_t;
+  const int64_t e0 = g * Tr::kVec;
+  if (kAligned && e0 + Tr::kVec <= V) return __ldg(reinterpret_cast<const uint4*>(row + e0));
+  bits_t b[Tr::kVec];
+#pragma unroll
+  for (int j = 0; j < Tr::kVec; ++j) b[j] = e0 + j < V ? __ldg(row + e0 + j) : Tr::kNegInfBits;
+  if constexpr (sizeof(bits_t) == 2) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      w[i] = static_cast<uint32_t>(b[2 * i]) | (static_cast<uint32_t>(b[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  } else if constexpr (sizeof(bits_t) == 4) {
+    return make_uint4(b[0], b[1], b[2], b[3]);
+  } else {
+    return make_uint4(static_cast<uint32_t>(b[0]), static_cast<uint32_t>(b[0] >> 32),
+                      static_cast<uint32_t>(b[1]), static_cast<uint32_t>(b[1] >> 32));
+  }
+}
+
+// Store vector g of a gradient row; only elements < V are written.
+template <typename Tag, bool kAligned>
+__device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* row, int64_t g,
+                                             int64_t V, const uint4& v) {
+  using Tr = DTypeTraits<Tag>;
+  using bits_t = typename Tr::bits_t;
+  const int64_t e0 = g * Tr::kVec;
+  if (kAligned && e0 + Tr::kVec <= V) {
+    *reinterpret_cast<uint4*>(row + e0) = v;
+    return;
+  }
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < Tr::kVec; ++j) {
+    if (e0 + j >= V) break;
+    bits_t b;
+    if constexpr (sizeof(bits_t) == 2) {
+      b = static_cast<bits_t>((j & 1) ? (w[j >> 1] >> 16) : (w[j >> 1] & 0xFFFFu));
+    } else if constexpr (sizeof(bits_t) == 4) {
+      b = w[j];
+    } else {
+      b = static_cast<bits_t>(w[2 * j]) | (static_cast<bits_t>(w[2 * j + 1]) << 32);
+    }
+    row[e0 + j] = b;
+  }
+}
+
+// Max over every element of a thread's vectors, NaN-propagating.
+template <typename Tag>
+__device__ __forceinline__ typename DTypeTraits<Tag>::acc_t thread_max(const uint4 (&raw)[kUnroll]) {
+  using Tr = DTypeTraits<Tag>;
+  if constexpr (Tr::kPacked16) {
+    // Exact in the 16-bit type; half the instructions of converting first.
+    uint32_t m = raw[0].x;
+    m = max_nan_x2<Tag>(m, raw[0].y);
+    m = max_nan_x2<Tag>(m, raw[0].z);
+    m = max_nan_x2<Tag>(m, raw[0].w);
+#pragma unroll
+    for (int u = 1; u < kUnroll; ++u) {
+      m = max_nan_x2<Tag>(m, raw[u].x);
+      m = max_nan_x2<Tag>(m, raw[u].y);
+      m = max_nan_x2<Tag>(m, raw[u].z);
+      m = max_nan_x2<Tag>(m, raw[u].w);
+    }
+    return max_nan_f32(bits_to_acc<Tag>(static_cast<uint16_t>(m & 0xFFFFu)),
+                       bits_to_acc<Tag>(static_cast<uint16_t>(m >> 16)));
+  } else {
+    auto m = element<Tag>(raw[0], 0);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int j = 0; j < Tr::kVec; ++j) m = max_nan_acc(m, element<Tag>(raw[u], j));
+    return m;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-element accumulation of the forward pass: s1 += e, s2 += e^2, t += e d, e = exp(d).
+// All three specializations share the reference max m of the chunk (already scaled by 1/tau).
+template <typename Tag>
+struct ForwardTerm;
+
+// 16-bit logits: base-2 exponent from one FFMA; t is kept in base-2 units (times ln 2 at the end).
+template <typename Tag>
+struct ForwardTermFast {
+  float c;    // log2e / tau
+  float bm;   // m log2e
+  __device__ __forceinline__ ForwardTermFast(float inv_tau, float m)
+      : c(__fmul_rn(inv_tau, kLog2e)), bm(__fmul_rn(m, kLog2e)) {}
+  __device__ __forceinline__ void add(float x, float& s1, float& s2, float& t) const {
+    // d2 = (z - m) log2e, clamped so -inf logits give e = 0 and e * d2 = 0.
+    const float d2 = fmaxf(fmaf(x, c, -bm), kMinD2Fast);
+    const float e = ex2_approx(d2);
+    s1 = __fadd_rn(s1, e);
+    s2 = fmaf(e, e, s2);
+    t = fmaf(e, d2, t);
+  }
+  __device__ __forceinline__ float finish_t(float t) const { return __fmul_rn(t, kLn2); }
+};
+template <>
+struct ForwardTerm<BF16> : ForwardTermFast<BF16> {
+  using ForwardTermFast<BF16>::ForwardTermFast;
+};
+template <>
+struct ForwardTerm<F16> : ForwardTermFast<F16> {
+  using ForwardTermFast<F16>::ForwardTermFast;
+};
+
+// fp32 logits: z and d rounded as on the CPU, accurate exp.
+template <>
+struct ForwardTerm<F32> {
+  float inv_tau, m;
+  __device__ __forceinline__ ForwardTerm(float inv_tau_, float m_) : inv_tau(inv_tau_), m(m_) {}
+  __device__ __forceinline__ void add(float x, float& s1, float& s2, float& t) const {
+    const float d = fmaxf(__fsub_rn(__fmul_rn(x, inv_tau), m), kMinD32);
+    const float e = exp_accurate(d);
+    s1 = __fadd_rn(s1, e);
+    s2 = fmaf(e, e, s2);
+    t = fmaf(e, d, t);
+  }
+  __device__ __forceinline__ float finish_t(float t) const { return t; }
+};
+
+template <>
+struct ForwardTerm<F64> {
+  double inv_tau, m;
+  __device__ __forceinline__ ForwardTerm(double inv_tau_, double m_) : inv_tau(inv_tau_), m(m_) {}
+  __device__ __forceinline__ void add(double x, double& s1, double& s2, double& t) const {
+    const double d = fmax(__dsub_rn(__dmul_rn(x, inv_tau), m), kMinD64);
+    const double e = ::exp(d);
+    s1 = __dadd_rn(s1, e);
+    s2 = fma(e, e, s2);
+    t = fma(e, d, t);
+  }
+  __device__ __forceinline__ double finish_t(double t) const { return t; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Warp reductions (xor butterflies; callers use lane 0's result, so the order is fixed).
+template <typename T>
+__device__ __forceinline__ T warp_max_nan(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max_nan_acc(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = v + __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+__device__ __forceinline__ int warp_min(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
+  return v;
+}
+
+// Row status, shared by forward partial, finalize and backward so they always agree.
+enum class RowKind : int { kIgnored = 0, kInvalid = 1, kValid = 2 };
+
+template <typename acc_t>
+struct RowScalars {
+  int64_t label;
+  acc_t inv_tau;
+  RowKind kind;
+};
+
+// Label and temperature of row r: ignore_index rows are kIgnored; a label outside [0, V) or a
+// per-row temperature that is not finite and > 0 makes the row kInvalid (NaN outputs): never a
+// trap or a host sync.
+template <typename acc_t>
+__device__ __forceinline__ RowScalars<acc_t> load_row_scalars(const RowInputs<acc_t>& in, int64_t r) {
+  RowScalars<acc_t> s;
+  s.label = load_label(in.labels, in.labels_int32, r);
+  s.inv_tau = in.inv_tau_scalar;
+  bool ok = s.label >= 0 && s.label < in.V;
+  if (in.temperature != nullptr) {
+    const acc_t tau = __ldg(in.temperature + r);
+    ok = ok && is_finite_positive(tau);
+    s.inv_tau = reciprocal(tau);
+  }
+  s.kind = s.label == in.ignore_index ? RowKind::kIgnored : (ok ? RowKind::kValid : RowKind::kInvalid);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward, launch 1: partial state of every (row, chunk).
+template <typename Tag, bool kAligned>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
+    token_stats_partial_kernel(const ForwardParams<typename DTypeTraits<Tag>::acc_t> p) {
+  using Tr = DTypeTraits<Tag>;
+  using acc_t = typename Tr::acc_t;
+  using bits_t = typename Tr::bits_t;
+  __shared__ acc_t sh_max[kMaxWarps];
+  __shared__ acc_t sh_s1[kMaxWarps];
+  __shared__ acc_t sh_s2[kMaxWarps];
+  __shared__ acc_t sh_t[kMaxWarps];
+  __shared__ int sh_idx[kMaxWarps];
+
+  const RowInputs<acc_t>& in = p.in;
+  const int T = blockDim.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n_warps = T >> 5;
+  const int64_t C = in.plan.n_chunks;
+  const int64_t n_items = in.N * C;
+  const bits_t* logits = static_cast<const bits_t*>(in.logits);
+
+  int64_t item = blockIdx.x;
+  RowScalars<acc_t> next{};
+  if (item < n_items) next = load_row_scalars(in, item / C);
+  for (; item < n_items; item += gridDim.x) {
+    const int64_t row = item / C;
+    const int64_t chunk = item - row * C;
+    const RowScalars<acc_t> cur = next;
+    if (item + gridDim.x < n_items) next = load_row_scalars(in, (item + gridDim.x) / C);
+    if (cur.kind != RowKind::kValid) continue;  // uniform over the CTA; finalize fills the row
+
+    // a) all loads of the item in flight at once.
+    const bits_t* x = logits + in.layout.offset(row);
+    const int64_t vec0 = chunk * in.plan.vecs_per_chunk;
+    const int64_t n_here = min(in.plan.vecs_per_chunk, in.plan.n_vecs - vec0);
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = int64_t(u) * T + tid;
+      raw[u] = v < n_here ? load_vector<Tag, kAligned>(x, vec0 + v, in.V)
+                          : splat_bits<Tag>(Tr::kNegInfBits);
+    }
+
+    // b) the chunk's max, NaN-propagating, in logit units (the scaling by 1/tau > 0 is monotone).
+    const acc_t lm = thread_max<Tag>(raw);
+    const acc_t wm = warp_max_nan(lm);
+    if (lane == 0) sh_max[warp] = wm;
+    __syncthreads();
+    acc_t M = sh_max[0];
+    for (int w = 1; w < n_warps; ++w) M = max_nan_acc(M, sh_max[w]);
+    // Reference max of the chunk in z units, rounded as the CPU rounds z = x / tau.
+    const acc_t m = M * cur.inv_tau;
+
+    // c) one exp per element; fixed order: vector u, then element j.
+    const ForwardTerm<Tag> term(cur.inv_tau, m);
+    acc_t s1 = 0, s2 = 0, t = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (int64_t(u) * T < n_here) {  // uniform: skip vector slots no thread of the CTA has
+#pragma unroll
+        for (int j = 0; j < Tr::kVec; ++j) term.add(element<Tag>(raw[u], j), s1, s2, t);
+      }
+    }
+    t = term.finish_t(t);
+
+    // First index of the max of z (as the CPU: compare scaled values). Only threads whose own
+    // max scales to m can hold it; rarely more than one per chunk.
+    int idx = INT_MAX;
+    if (lm * cur.inv_tau == m) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t g = vec0 + int64_t(u) * T + tid;
+#pragma unroll
+        for (int j = 0; j < Tr::kVec; ++j) {
+          const int64_t e = g * Tr::kVec + j;
+          if (idx == INT_MAX && int64_t(u) * T + tid < n_here && e < in.V &&
+              element<Tag>(raw[u], j) * cur.inv_tau == m)
+            idx = static_cast<int>(e);
+        }
+      }
+    }
+
+    // d) CTA reduction of (s1, s2, t, idx) in a fixed order.
+    const acc_t w1 = warp_sum(s1), w2 = warp_sum(s2), wt = warp_sum(t);
+    const int wi = warp_min(idx);
+    if (lane == 0) {
+      sh_s1[warp] = w1;
+      sh_s2[warp] = w2;
+      sh_t[warp] = wt;
+      sh_idx[warp] = wi;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      acc_t a1 = sh_s1[0], a2 = sh_s2[0], at = sh_t[0];
+      int ai = sh_idx[0];
+      for (int w = 1; w < n_warps; ++w) {
+        a1 += sh_s1[w];
+        a2 += sh_s2[w];
+        at += sh_t[w];
+        ai = min(ai, sh_idx[w]);
+      }
+      const int64_t o = chunk * in.N + row;
+      p.ws_m[o] = m;
+      p.ws_s1[o] = a1;
+      p.ws_s2[o] = a2;
+      p.ws_t[o] = at;
+      p.ws_idx[o] = ai;
+    }
+    // The next item's writes to sh_max happen after this item's second barrier, and its writes to
+    // sh_s1.. after its own first barrier, which thread 0 reaches only after the reads above.
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward, launch 2 (also usable on the host): fold the C partial states of one row in chunk
+// order and finish the row. Partial arrays are [C][N]; chunk k of row r is at k * N + r.
+template <typename acc_t>
+struct FinalRow {
+  TokenStatsRow<acc_t> stats;
+  int64_t argmax;
+};
+
+template <typename acc_t>
+PGK_HD FinalRow<acc_t> finalize_row(const acc_t* ws_m, const acc_t* ws_s1, const acc_t* ws_s2,
+                                    const acc_t* ws_t, const int32_t* ws_idx, int64_t C,
+                                    int64_t N, int64_t r, acc_t z_label) {
+  // Merge in double: the approximate fp32 exp/log of --use_fast_math never touch an output, and
+  // the fold order is fixed (chunk 0 first), so the result is deterministic.
+  SoftmaxState<double> s = empty_state<double>();
+  double best = neg_inf<double>();
+  int64_t argmax = 0;
+  for (int64_t k = 0; k < C; ++k) {
+    const int64_t o = k * N + r;
+    const SoftmaxState<double> part{double(ws_m[o]), double(ws_s1[o]), double(ws_s2[o]),
+                                    double(ws_t[o])};
+    if (part.m > best) {  // strictly greater: the first chunk holding the max wins
+      best = part.m;
+      argmax = ws_idx[o];
+    }
+    s = merge(s, part);
+  }
+  const TokenStatsRow<double> d = finalize_token_stats(s, double(z_label));
+  FinalRow<acc_t> out;
+  out.stats = {acc_t(d.logprob), acc_t(d.entropy), acc_t(d.collision), acc_t(d.lgp),
+               acc_t(d.lse),     acc_t(d.max_prob)};
+  out.argmax = state_is_valid(s) ? argmax : -1;
+  return out;
+}
+
+template <typename Tag>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    token_stats_finalize_kernel(const ForwardParams<typename DTypeTraits<Tag>::acc_t> p) {
+  using Tr = DTypeTraits<Tag>;
+  using acc_t = typename Tr::acc_t;
+  using bits_t = typename Tr::bits_t;
+  const RowInputs<acc_t>& in = p.in;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < in.N;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    const RowScalars<acc_t> rs = load_row_scalars(in, r);
+    FinalRow<acc_t> f;
+    if (rs.kind == RowKind::kIgnored) {
+      f.stats = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+      f.argmax = 0;
+    } else if (rs.kind == RowKind::kInvalid) {
+      const acc_t nan = quiet_nan<acc_t>();
+      f.stats = {nan, nan, nan, nan, nan, nan};
+      f.argmax = -1;
+    } else {
+      const bits_t* x = static_cast<const bits_t*>(in.logits) + in.layout.offset(r);
+      const acc_t z_label = bits_to_acc<Tag>(__ldg(x + rs.label)) * rs.inv_tau;
+      f = finalize_row(p.ws_m, p.ws_s1, p.ws_s2, p.ws_t, p.ws_idx, in.plan.n_chunks, in.N, r,
+                       z_label);
+    }
+    p.logprob[r] = f.stats.logprob;
+    p.entropy[r] = f.stats.entropy;
+    p.collision[r] = f.stats.collision;
+    p.lgp[r] = f.stats.lgp;
+    p.lse[r] = f.stats.lse;
+    p.max_prob[r] = f.stats.max_prob;
+    p.argmax[r] = f.argmax;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: dz_j / tau for one (row, chunk) per CTA iteration.
+//
+// With d_j = z_j - L = log p_j and the coefficients of softmax_stats.h:
+//   g_l  (1[j=c] - p_j)          d/dz_j of logprob   = z_c - L
+//   g_H  (-p_j (d_j + H))        d/dz_j of entropy   = -sum p log p
+//   g_C  (2 p_j (p_j - C))       d/dz_j of collision = sum p^2
+//   g_L  p_j                     d/dz_j of lse       = log sum e^z
+//   sum = p_j (a + b d_j + c p_j) + g_l 1[j=c];  a, b, c (and g_l at the label) divided by tau.
+template <typename acc_t>
+struct BackwardRow {
+  RowScalars<acc_t> rs;
+  acc_t lse, entropy, collision, g_logprob, g_entropy, g_collision, g_lse;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ BackwardRow<acc_t> load_backward_row(const BackwardParams<acc_t>& p,
+                                                                int64_t r) {
+  BackwardRow<acc_t> b;
+  b.rs = load_row_scalars(p.in, r);
+  b.lse = __ldg(p.lse + r);
+  b.entropy = __ldg(p.entropy + r);
+  b.collision = __ldg(p.collision + r);
+  b.g_logprob = __ldg(p.g_logprob + r);
+  b.g_entropy = __ldg(p.g_entropy + r);
+  b.g_collision = __ldg(p.g_collision + r);
+  b.g_lse = __ldg(p.g_lse + r);
+  return b;
+}
+
+// Per-element gradient. kFast (16-bit logits): base-2 exponent from one FFMA, b pre-multiplied by
+// ln 2 so that b d = (b ln2) d2. Otherwise d and p rounded as in the forward of the same dtype.
+template <typename Tag>
+struct BackwardTerm;
+
+template <typename Tag>
+struct BackwardTermFast {
+  float c2, bl, a, b, c;  // log2e / tau, L log2e, a / tau, b ln2 / tau, c / tau
+  __device__ __forceinline__ BackwardTermFast(float inv_tau, float lse,
+                                              const TokenStatsGradCoef<float>& k)
+      : c2(__fmul_rn(inv_tau, kLog2e)),
+        bl(__fmul_rn(lse, kLog2e)),
+        a(__fmul_rn(k.a, inv_tau)),
+        b(__fmul_rn(__fmul_rn(k.b, inv_tau), kLn2)),
+        c(__fmul_rn(k.c, inv_tau)) {}
+  __device__ __forceinline__ float grad(float x) const {
+    const float d2 = fmaxf(fmaf(x, c2, -bl), kMinD2Fast);  // (z - L) log2e, finite
+    const float pj = ex2_approx(d2);
+    return __fmul_rn(pj, fmaf(c, pj, fmaf(b, d2, a)));  // p (a + b d + c p) / tau
+  }
+};
+template <>
+struct BackwardTerm<BF16> : BackwardTermFast<BF16> {
+  using BackwardTermFast<BF16>::BackwardTermFast;
+};
+template <>
+struct BackwardTerm<F16> : BackwardTermFast<F16> {
+  using BackwardTermFast<F16>::BackwardTermFast;
+};
+template <>
+struct BackwardTerm<F32> {
+  float inv_tau, lse, a, b, c;
+  __device__ __forceinline__ BackwardTerm(float inv_tau_, float lse_,
+                                          const TokenStatsGradCoef<float>& k)
+      : inv_tau(inv_tau_),
+        lse(lse_),
+        a(__fmul_rn(k.a, inv_tau_)),
+        b(__fmul_rn(k.b, inv_tau_)),
+        c(__fmul_rn(k.c, inv_tau_)) {}
+  __device__ __forceinline__ float grad(float x) const {
+    const float d = fmaxf(__fsub_rn(__fmul_rn(x, inv_tau), lse), kMinD32);
+    const float pj = exp_accurate(d);
+    return __fmul_rn(pj, fmaf(c, pj, fmaf(b, d, a)));
+  }
+};
+template <>
+struct BackwardTerm<F64> {
+  double inv_tau, lse, a, b, c;
+  __device__ __forceinline__ BackwardTerm(double inv_tau_, double lse_,
+                                          const TokenStatsGradCoef<double>& k)
+      : inv_tau(inv_tau_), lse(lse_), a(k.a * inv_tau_), b(k.b * inv_tau_), c(k.c * inv_tau_) {}
+  __device__ __forceinline__ double grad(double x) const {
+    const double d = fmax(__dsub_rn(__dmul_rn(x, inv_tau), lse), kMinD64);
+    const double pj = ::exp(d);
+    return __dmul_rn(pj, fma(c, pj, fma(b, d, a)));
+  }
+};
+
+// The label's entry, as the CPU computes it: (p_c (a + b d_c + c p_c) + g_l) / tau, in acc_t and
+// with an accurate exp, then rounded once. Runs for one element per row.
+template <typename acc_t>
+__device__ __forceinline__ acc_t label_grad(acc_t x_c, acc_t inv_tau, acc_t lse,
+                                            const TokenStatsGradCoef<acc_t>& k, acc_t g_logprob) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const float d = fmaxf(__fsub_rn(__fmul_rn(x_c, inv_tau), lse), kMinD32);
+    const float pc = exp_accurate(d);
+    return __fmul_rn(fmaf(pc, fmaf(k.c, pc, fmaf(k.b, d, k.a)), g_logprob), inv_tau);
+  } else {
+    const double d = fmax(x_c * inv_tau - lse, kMinD64);
+    const double pc = ::exp(d);
+    return (pc * (k.a + k.b * d + k.c * pc) + g_logprob) * inv_tau;
+  }
+}
+
+template <typename Tag, bool kAligned>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
+    token_stats_backward_kernel(const BackwardParams<typename DTypeTraits<Tag>::acc_t> p) {
+  using Tr = DTypeTraits<Tag>;
+  using acc_t = typename Tr::acc_t;
+  using bits_t = typename Tr::bits_t;
+  const RowInputs<acc_t>& in = p.in;
+  const int T = blockDim.x;
+  const int tid = threadIdx.x;
+  const int64_t C = in.plan.n_chunks;
+  const int64_t n_items = in.N * C;
+  const bits_t* logits = static_cast<const bits_t*>(in.logits);
+  bits_t* grad = static_cast<bits_t*>(p.grad);
+
+  int64_t item = blockIdx.x;
+  BackwardRow<acc_t> next{};
+  if (item < n_items) next = load_backward_row(p, item / C);
+  for (; item < n_items; item += gridDim.x) {
+    const int64_t row = item / C;
+    const int64_t chunk = item - row * C;
+    const BackwardRow<acc_t> cur = next;
+    if (item + gridDim.x < n_items) next = load_backward_row(p, (item + gridDim.x) / C);
+
+    bits_t* g_row = grad + row * in.V;  // the gradient is a fresh contiguous [N, V] tensor
+    const int64_t vec0 = chunk * in.plan.vecs_per_chunk;
+    const int64_t n_here = min(in.plan.vecs_per_chunk, in.plan.n_vecs - vec0);
+
+    RowKind kind = cur.rs.kind;
+    // A row whose forward was NaN (NaN / +inf logits, all -inf) has a non-finite L: NaN gradient.
+    if (kind == RowKind::kValid && !(fabs(cur.lse) < -neg_inf<acc_t>())) kind = RowKind::kInvalid;
+    if (kind != RowKind::kValid) {
+      const uint4 fill = splat_bits<Tag>(kind == RowKind::kIgnored ? bits_t(0) : Tr::kNaNBits);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = int64_t(u) * T + tid;
+        if (v < n_here) store_vector<Tag, kAligned>(g_row, vec0 + v, in.V, fill);
+      }
+      continue;
+    }
+
+    const bits_t* x = logits + in.layout.offset(row);
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = int64_t(u) * T + tid;
+      raw[u] = v < n_here ? load_vector<Tag, kAligned>(x, vec0 + v, in.V)
+                          : splat_bits<Tag>(Tr::kNegInfBits);
+    }
+
+    const TokenStatsGradCoef<acc_t> coef = token_stats_grad_coef(
+        cur.g_logprob, cur.g_entropy, cur.g_collision, cur.g_lse, cur.entropy, cur.collision);
+    const BackwardTerm<Tag> term(cur.rs.inv_tau, cur.lse, coef);
+    const int64_t label = cur.rs.label;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = int64_t(u) * T + tid;
+      if (v < n_here) {
+        const int64_t e0 = (vec0 + v) * Tr::kVec;
+        acc_t gv[Tr::kVec];
+#pragma unroll
+        for (int j = 0; j < Tr::kVec; ++j) gv[j] = term.grad(element<Tag>(raw[u], j));
+        if (label >= e0 && label < e0 + Tr::kVec) {  // the label's vector: add g_l there
+#pragma unroll
+          for (int j = 0; j < Tr::kVec; ++j)
+            if (e0 + j == label)
+              gv[j] = label_grad(element<Tag>(raw[u], j), cur.rs.inv_tau, cur.lse, coef,
+                                 cur.g_logprob);
+        }
+        store_vector<Tag, kAligned>(g_row, vec0 + v, in.V, pack_vector<Tag>(gv));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-side launchers (no torch). They size the grid from the device and launch on `stream`;
+// they return the first launch error (the caller turns it into an exception).
+
+// Resident CTAs per SM of `kernel` at `threads`, cached per (kernel, device, warps).
+template <typename Kernel>
+inline int resident_ctas_per_sm(Kernel kernel, int device, int threads) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices][kMaxWarps + 1];  // 0 = unknown
+  const int w = threads / 32;
+  const bool cacheable = device >= 0 && device < kMaxDevices && w >= 1 && w <= kMaxWarps;
+  if (cacheable) {
+    const int hit = cache[device][w].load(std::memory_order_relaxed);
+    if (hit > 0) return hit;
+  }
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();  // a failed query is not fatal: fall back to 1 CTA per SM
+    n = 1;
+  }
+  if (cacheable) cache[device][w].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+inline int sm_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];
+  if (device >= 0 && device < kMaxDevices) {
+    const int hit = cache[device].load(std::memory_order_relaxed);
+    if (hit > 0) return hit;
+  }
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();
+    n = 1;
+  }
+  if (device >= 0 && device < kMaxDevices) cache[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// Persistent grid: every item gets a CTA when there are few; otherwise SMs x resident CTAs.
+template <typename Kernel>
+inline unsigned int persistent_grid(Kernel kernel, int device, int threads, int64_t n_items) {
+  const int64_t full = int64_t(sm_count(device)) * resident_ctas_per_sm(kernel, device, threads);
+  const int64_t g = n_items < full ? n_items : full;
+  return static_cast<unsigned int>(g < 1 ? 1 : g);
+}
+
+template <typename Tag>
+cudaError_t launch_token_stats_forward(const ForwardParams<typename DTypeTraits<Tag>::acc_t>& p,
+                                       bool aligned, int device, cudaStream_t stream) {
+  const RowInputs<typename DTypeTraits<Tag>::acc_t>& in = p.in;
+  if (in.N <= 0) return cudaSuccess;
+  const int threads = in.plan.threads;
+  const int64_t n_items = in.N * in.plan.n_chunks;
+  if (aligned) {
+    auto* k = token_stats_partial_kernel<Tag, true>;
+    k<<<persistent_grid(k, device, threads, n_items), threads, 0, stream>>>(p);
+  } else {
+    auto* k = token_stats_partial_kernel<Tag, false>;
+    k<<<persistent_grid(k, device, threads, n_items), threads, 0, stream>>>(p);
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = (in.N + kFinalizeThreads - 1) / kFinalizeThreads;
+  const int64_t cap = int64_t(sm_count(device)) * 16;
+  token_stats_finalize_kernel<Tag>
+      <<<static_cast<unsigned int>(blocks < cap ? blocks : cap), kFinalizeThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename Tag>
+cudaError_t launch_token_stats_backward(const BackwardParams<typename DTypeTraits<Tag>::acc_t>& p,
+                                        bool aligned, int device, cudaStream_t stream) {
+  const RowInputs<typename DTypeTraits<Tag>::acc_t>& in = p.in;
+  if (in.N <= 0 || in.V <= 0) return cudaSuccess;
+  const int threads = in.plan.threads;
+  const int64_t n_items = in.N * in.plan.n_chunks;
+  if (aligned) {
+    auto* k = token_stats_backward_kernel<Tag, true>;
+    k<<<persistent_grid(k, device, threads, n_items), threads, 0, stream>>>(p);
+  } else {
+    auto* k = token_stats_backward_kernel<Tag, false>;
+    k<<<persistent_grid(k, device, threads, n_items), threads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace gpu
+}  // namespace pg_kernels
