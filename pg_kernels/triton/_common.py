@@ -6,6 +6,7 @@ Device helpers (`@triton.jit`, inlined into the kernels that call them):
   max_nan             max that keeps a NaN (a NaN row must stay NaN)
   merge_states        the merge rule of SPEC section 1 for (m, s1, s2, t) partial states
   inv_temperature     1 / tau per row (tensor) or from the launcher's scalar
+  round_to            the one rounding of a result to the output dtype (nearest even)
 
 Host helpers: `acc_dtype_of`, `scalar_inv_temperature_bits` and `RowBlocking` (how a row of V
 elements is cut into loop steps and per-program chunks, as a function of V and dtype only).
@@ -16,6 +17,7 @@ edge cases (an empty state has m = -inf and zero sums; it is the identity of the
 from __future__ import annotations
 
 import math
+import os
 import struct
 from typing import NamedTuple
 
@@ -24,17 +26,36 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# Clamp for d = z - m in the products e * d and p * (b d): exp(d) is exactly 0 below -745 in fp64
-# (-104 in fp32), so any finite floor below that changes no nonzero term, while d = -inf (a -inf
-# logit) would give 0 * -inf = NaN. Not the lowest float: b * lowest overflows to inf when |b| > 1.
+# Floor for d = z - m in the products e * d and p * (b d) (exp_zero_below in softmax_stats.h):
+# e^d is exactly 0 below -745 in fp64 (-104 in fp32), so a floor below that changes no nonzero
+# term, while d = -inf (a -inf logit) would give 0 * -inf = NaN. Not the lowest float: b * lowest
+# overflows to inf when |b| > 1. One value serves fp32 and fp64 (the header uses -128 for fp32).
 D_MIN = tl.constexpr(-1024.0)
+
+
+# The interpreter converts fp32 -> bf16 by truncation (triton 3.6, with or without
+# fp_downcast_rounding="rtne"): 1 ulp errors a GPU (cvt.rn.bf16.f32) never makes. Under the
+# interpreter only, `round_to` rounds to nearest even by hand so that CPU tests see GPU rounding.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """x (fp32/fp64) rounded once to `dtype`, to nearest even."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # a NaN payload must not carry into inf
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
 def row_offset(row, n_inner, stride_outer, stride_inner):
-    """Element offset of row `row`: (row // n_inner) * stride_outer + (row % n_inner) * stride_inner.
+    """Element offset of row `row` (RowLayout): in int64, since N * V overflows int32.
 
-    In int64: N * V and the strides of a [B, T, V] tensor overflow int32.
+    (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
     """
     r = row.to(tl.int64)
     return (r // n_inner) * stride_outer + (r % n_inner) * stride_inner
@@ -79,9 +100,12 @@ def merge_states(m_a, s1_a, s2_a, t_a, m_b, s1_b, s2_b, t_b):
     m = max_nan(m_a, m_b)
     a_empty = m_a == float("-inf")
     b_empty = m_b == float("-inf")
-    # (m_a - m) is -inf - -inf = NaN for two empty sides: the guards keep every product finite.
-    da = tl.where(a_empty, 0.0, m_a - m)
-    db = tl.where(b_empty, 0.0, m_b - m)
+    # An empty side is moved to the reference max before subtracting: -inf - -inf would be NaN
+    # and -inf * 0 too. The operands stay finite even where the result is thrown away, so the
+    # interpreter (numpy) raises no warnings either.
+    m_ref = tl.where(a_empty & b_empty, 0.0, m)
+    da = tl.where(a_empty, m_ref, m_a) - m_ref
+    db = tl.where(b_empty, m_ref, m_b) - m_ref
     fa = tl.where(a_empty, 0.0, tl.where(da == 0.0, 1.0, exp_acc(da)))
     fb = tl.where(b_empty, 0.0, tl.where(db == 0.0, 1.0, exp_acc(db)))
     s1 = fa * s1_a + fb * s1_b
@@ -150,6 +174,7 @@ class RowBlocking(NamedTuple):
     chunk: int
     n_chunks: int
     num_warps: int
+    fold: int  # neighbours that share an accumulator lane: within one 16-byte vector load
 
 
 # One loop step loads 8 KiB per program (4096 bf16 / 2048 fp32 / 1024 fp64): with 8 warps that
@@ -177,4 +202,5 @@ def row_blocking(
         raise ValueError(f"chunk ({ck}) must be a multiple of the block ({bv})")
     ck = min(ck, triton.cdiv(V, bv) * bv)
     num_warps = max(1, min(8, bv * itemsize // (32 * BYTES_PER_THREAD_STEP)))
-    return RowBlocking(bv, ck, triton.cdiv(V, ck), num_warps)
+    fold = max(1, min(4, 16 // itemsize, bv // 2))
+    return RowBlocking(bv, ck, triton.cdiv(V, ck), num_warps, fold)

@@ -2,37 +2,48 @@
 
 Forward, two kernels:
   1. `_fwd_chunk_kernel`, grid (N, n_chunks): program (r, k) reads elements [k CHUNK, (k+1) CHUNK)
-     of row r once, BLOCK_V per loop step. Per step: the block max (one reduction); when it rises,
-     rescale the running state (rare after the first steps); then one exp2 per element feeding the
-     three sums of the accumulator, kept per lane (BLOCK_V lanes, no reduction in the loop):
-         s1 += e,  s2 += e * e,  t += e * d,  with d = z - m, e = exp(d), z = x / tau.
-     At the end the lanes are summed (a fixed tree) and the chunk's partial state
+     of row r once, BLOCK_V per loop step. Per step: the block max (one reduction); when it rises
+     (rare after the first steps), rescale the running state and take the block's first argmax;
+     then one exp2 per element feeding the three sums of the accumulator, kept per lane
+     (BLOCK_V / FOLD lanes, no reduction inside the loop):
+         s1 += e,  s2 += e * e,  t += e * d,   d = z - m,  e = exp(d),  z = x / tau.
+     After the last step the lanes are summed (a fixed tree) and the chunk's partial state
      (max of x, s1, s2, t, first argmax) is stored. Ignored rows read nothing.
   2. `_fwd_merge_kernel`, grid (cdiv(N, BLOCK_R)): merges each row's n_chunks partial states in
      chunk order with the SPEC section 1 rule and writes the seven outputs.
   When a row fits in one chunk (n_chunks == 1), kernel 1 finalizes the row itself (no kernel 2).
 
-  n_chunks, CHUNK and BLOCK_V depend on V and the dtype only (`row_blocking`), never on N, and
-  every reduction runs in a fixed order: results are bitwise deterministic and batch invariant.
+  n_chunks, CHUNK, BLOCK_V and FOLD depend on V and the dtype only (`row_blocking`), never on N,
+  every reduction runs in a fixed order and each row's merge is elementwise: results are bitwise
+  deterministic and batch invariant.
 
 Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): recomputes p_j = exp(z_j - L) from the
 saved L and writes dz_j / tau = p_j (a + b d_j + c p_j) / tau + g_l 1[j = c] / tau (no merge).
 
 Passes over V: forward 1 (read), backward 1 (read + write).
-Bytes per row of V elements of s bytes (minimum: the logits once, the gradient once):
+Bytes per row of V elements of s bytes (the minimum is the logits once, the gradient once):
   forward   V s read (0 for an ignored row) + label, temperature and the label's logit
-            + 20 n_chunks bytes of partial state written and read back (fp32; 40 for fp64;
-            none when n_chunks == 1) + 6 x 4 + 8 bytes of outputs. For V = 151936 bf16:
-            303872 B of logits vs 200 + 200 B of partial states (0.13 %).
+            + 20 n_chunks bytes of partial state written and read back (36 for fp64; none when
+            n_chunks == 1) + 6 * 4 + 8 bytes of outputs. V = 151936 bf16: 303872 B of logits,
+            10 chunks, 400 B of partial-state traffic (0.13 %).
   backward  V s read (0 for an ignored row) + V s written + ~40 B of per-row scalars.
 
-Performance notes (H100, bf16; not measured here, see RowBlocking for the sizes): a step loads
-BLOCK_V = 4096 elements (8 KiB, two 16-byte loads per thread at 8 warps), a program runs 4 steps
-(CHUNK = 16384), so V = 151936 gives 10 programs per row: N = 16384 gives 163840 programs,
-N = 16 already gives 160. Loads are unmasked except on a row's last step (mask only there), with
-`other=-inf`. Per element the forward costs one convert, one fma, one mul, one ex2, one max,
-one add and two fmas (plus the block max): under the ~19 fp32 ops per element that 3 TB/s
-of bf16 leaves an H100 SM, so it should stay memory bound.
+GPU design (H100 target: bf16, N = 16384, V = 151936; not timed here, no GPU was available):
+  - A step is 8 KiB of logits (BLOCK_V = 4096 bf16 / 2048 fp32 / 1024 fp64) at 8 warps: 32 bytes
+    per thread, i.e. two (bf16) or more 16-byte vector loads, unmasked except on the last step of
+    a row (V % 16 == 0 and 16-element aligned row strides keep them vectorized). A program runs
+    4 steps (CHUNK = 16384 bf16): V = 151936 gives 10 programs per row, 163840 at N = 16384 and
+    already 160 at N = 16, so small batches fill the GPU too.
+  - The forward prefetches block i + 1 into registers before reducing block i, and folds FOLD = 4
+    neighbouring elements (inside one thread's vector) onto one accumulator lane. Compiled offline
+    for sm_90 with triton 3.6 (ptxas from its wheel): the bf16 chunk kernel uses ~80 registers,
+    no spills, LDG.128 (3 programs = 24 warps per SM, ~24 KiB of loads in flight per SM); fp32
+    ~50 registers; the backward 32 registers with LDG.128 / STG.128; the merge kernel 32.
+  - Per element the forward is one convert, one fma (d), one mul (log2 e), one MUFU.EX2, one max
+    (clamp), one add and two fmas, plus the block max: ~9 instructions, below the ~19 fp32
+    instructions per element that 3 TB/s of bf16 leaves an H100 SM. The backward is ~11.
+  - Knobs to tune on a GPU (one config, no autotune): `_common.STEP_BYTES`, `STEPS_PER_CHUNK`,
+    `BYTES_PER_THREAD_STEP` (num_warps), or per call `_block_v` / `_chunk`.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ from pg_kernels.triton._common import (
     inv_temperature,
     max_nan,
     merge_states,
+    round_to,
     row_blocking,
     row_offset,
     scalar_inv_temperature_bits,
@@ -62,8 +74,9 @@ MERGE_BLOCK_R = 128
 
 
 @triton.jit
-def _fwd_step(x_row, col0, cols, V, inv_tau, mx, m, am, s1, s2, t, MASKED: tl.constexpr):
-    """One BLOCK_V step of the online accumulator over columns `cols` (col0 = cols[0]).
+def _fwd_step(x, col0, inv_tau, mx, m, am, s1, s2, t, FOLD: tl.constexpr):
+    """One BLOCK_V step of the online accumulator over the logits x of columns col0 + lanes
+    (-inf where masked off).
 
     State: mx = max of the raw logits so far (-inf: nothing finite yet), m = mx / tau (0 while
     empty: a finite reference keeps z - m finite for -inf logits), am = first index of mx, and the
@@ -71,10 +84,6 @@ def _fwd_step(x_row, col0, cols, V, inv_tau, mx, m, am, s1, s2, t, MASKED: tl.co
     monotone: comparing raw values keeps argmax the first index of the max even when two logits
     round to the same z.
     """
-    if MASKED:
-        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf"))
-    else:
-        x = tl.load(x_row + cols)
     x = x.to(s1.dtype)
     bmax = tl.max(x, axis=0)
     if bmax > mx:
@@ -91,6 +100,29 @@ def _fwd_step(x_row, col0, cols, V, inv_tau, mx, m, am, s1, s2, t, MASKED: tl.co
         am = col0 + tl.argmax(x, axis=0)
         mx = bmax
         m = m_new
+    # The block folds onto BLOCK_V / FOLD accumulator lanes: FOLD neighbours (inside one
+    # thread's 16-byte vector, so no data moves) add into one lane in turn. Same one add or fma
+    # per element and sum, 1 / FOLD of the accumulator registers: bf16 at 8 warps needs ~80
+    # registers instead of ~124, so 3 programs fit per SM instead of 2 (more loads in flight).
+    if FOLD == 4:
+        x0, x1 = tl.split(tl.reshape(x, [x.shape[0] // 4, 2, 2]))
+        x00, x01 = tl.split(x0)
+        x10, x11 = tl.split(x1)
+        s1, s2, t = _accumulate(x00, inv_tau, m, s1, s2, t)
+        s1, s2, t = _accumulate(x01, inv_tau, m, s1, s2, t)
+        s1, s2, t = _accumulate(x10, inv_tau, m, s1, s2, t)
+        s1, s2, t = _accumulate(x11, inv_tau, m, s1, s2, t)
+    elif FOLD == 2:
+        x0, x1 = tl.split(tl.reshape(x, [x.shape[0] // 2, 2]))
+        s1, s2, t = _accumulate(x0, inv_tau, m, s1, s2, t)
+        s1, s2, t = _accumulate(x1, inv_tau, m, s1, s2, t)
+    else:
+        s1, s2, t = _accumulate(x, inv_tau, m, s1, s2, t)
+    return mx, m, am, s1, s2, t
+
+
+@triton.jit
+def _accumulate(x, inv_tau, m, s1, s2, t):
     # d = z - m in one rounding (fma); e = e^d is the one exp per element. NaN logits make e NaN,
     # which the caller turns into a NaN row; d = -inf (a -inf logit) gives e = 0 and, clamped,
     # e * d = 0 instead of 0 * -inf.
@@ -99,7 +131,7 @@ def _fwd_step(x_row, col0, cols, V, inv_tau, mx, m, am, s1, s2, t, MASKED: tl.co
     s1 = s1 + e
     s2 = tl.fma(e, e, s2)  # exp(2 d) as the square of the exp we have
     t = tl.fma(e, tl.maximum(d, D_MIN), t)
-    return mx, m, am, s1, s2, t
+    return s1, s2, t
 
 
 @triton.jit
@@ -111,6 +143,11 @@ def _finalize(m, s1, s2, t, am, z_label, keep, ok):
     (all -inf, a NaN, a +inf) is NaN with argmax -1.
     """
     valid = ok & (m > float("-inf")) & (m < float("inf"))
+    # Rows that end up 0 or NaN anyway (ignored, padding, invalid) compute on a dummy state:
+    # no log(0) or 0 / 0 (numpy warnings under the interpreter), same results.
+    s1 = tl.where(valid, s1, 1.0)
+    m = tl.where(valid, m, 0.0)
+    z_label = tl.where(valid, z_label, 0.0)
     log_s1 = tl.log(s1)
     lse = m + log_s1
     logprob = z_label - lse
@@ -154,6 +191,7 @@ def _fwd_chunk_kernel(
     part_ptr, part_idx_ptr,
     logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr, argmax_ptr,
     HAS_TEMP: tl.constexpr, FINALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    FOLD: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the partial state of one chunk of one row.
 
@@ -177,19 +215,23 @@ def _fwd_chunk_kernel(
     mx = tl.full([], float("-inf"), ACC)
     m = tl.zeros([], ACC)
     am = tl.zeros([], tl.int32)
-    s1 = tl.zeros([BLOCK_V], ACC)
-    s2 = tl.zeros([BLOCK_V], ACC)
-    t = tl.zeros([BLOCK_V], ACC)
+    s1 = tl.zeros([BLOCK_V // FOLD], ACC)
+    s2 = tl.zeros([BLOCK_V // FOLD], ACC)
+    t = tl.zeros([BLOCK_V // FOLD], ACC)
+    # Software pipelining by hand: block i + 1 is loaded (into registers, as raw logits) before
+    # block i is reduced, so a program always has a block in flight, not only between steps.
+    # Full blocks need no bounds mask; the mask here is one uniform flag (the last prefetch
+    # loads nothing), which keeps the loads vectorized.
+    x_next = tl.load(x_row + start + lanes, mask=n_full > 0, other=float("-inf"))
     for i in range(0, n_full):
+        x = x_next
         col0 = start + i * BLOCK_V
-        mx, m, am, s1, s2, t = _fwd_step(
-            x_row, col0, col0 + lanes, V, inv_tau, mx, m, am, s1, s2, t, MASKED=False
-        )
+        x_next = tl.load(x_row + (col0 + BLOCK_V) + lanes, mask=i + 1 < n_full, other=float("-inf"))
+        mx, m, am, s1, s2, t = _fwd_step(x, col0, inv_tau, mx, m, am, s1, s2, t, FOLD)
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         col0 = start + n_full * BLOCK_V
-        mx, m, am, s1, s2, t = _fwd_step(
-            x_row, col0, col0 + lanes, V, inv_tau, mx, m, am, s1, s2, t, MASKED=True
-        )
+        x = tl.load(x_row + col0 + lanes, mask=col0 + lanes < V, other=float("-inf"))
+        mx, m, am, s1, s2, t = _fwd_step(x, col0, inv_tau, mx, m, am, s1, s2, t, FOLD)
     s1_sum = tl.sum(s1, axis=0)
     s2_sum = tl.sum(s2, axis=0)
     t_sum = tl.sum(t, axis=0)
@@ -240,8 +282,10 @@ def _fwd_merge_kernel(
     mx = tl.full([BLOCK_R], float("-inf"), ACC)
     am = tl.zeros([BLOCK_R], tl.int32)
     plane = n_chunks.to(tl.int64) * N
-    for k in range(0, n_chunks):
-        idx = k * N + rows
+    chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
+    for _ in range(0, n_chunks):
+        idx = chunk_off + rows
+        chunk_off += N
         mx_k = tl.load(part_ptr + idx, mask=rmask, other=float("-inf"))
         s1_k = tl.load(part_ptr + plane + idx, mask=rmask, other=0.0)
         s2_k = tl.load(part_ptr + 2 * plane + idx, mask=rmask, other=0.0)
@@ -264,7 +308,7 @@ def _fwd_merge_kernel(
 
 
 @triton.jit
-def _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label,
+def _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label_col,
               MASKED: tl.constexpr):  # fmt: skip
     """dz_j / tau for one block, with the coefficients a, b, c, g_label already divided by tau.
 
@@ -278,14 +322,15 @@ def _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label
         in_row = cols < V
         x = tl.load(x_row + cols, mask=in_row & keep, other=float("-inf"))
     else:
-        x = tl.load(x_row + cols, mask=keep, other=float("-inf"))  # uniform mask: still vector loads
+        # A uniform mask (one flag for the whole block) keeps the loads vectorized.
+        x = tl.load(x_row + cols, mask=keep, other=float("-inf"))
     x = x.to(lse.dtype)
     d = tl.fma(x, inv_tau, -lse)
     p = exp_acc(d)
     # d clamped to a finite floor: a -inf logit has p = 0, and p * (b d) must be 0, not 0 * inf.
     dz = p * tl.fma(c, p, tl.fma(b, tl.maximum(d, D_MIN), a))
-    dz = tl.where(cols == label, dz + g_label, dz)
-    dz = dz.to(g_row.dtype.element_ty)
+    dz = tl.where(cols == label_col, dz + g_label, dz)
+    dz = round_to(dz, g_row.dtype.element_ty)
     if MASKED:
         tl.store(g_row + cols, dz, mask=in_row)
     else:
@@ -330,6 +375,9 @@ def _bwd_kernel(
     b = b * scale
     c = c * scale
     g_label = g_l * scale
+    # The label's column as int32 (-1: none, also for an ignore_index inside [0, V)), so that the
+    # per-element test is a 32-bit compare.
+    label_col = tl.where(keep & ok, label, -1).to(tl.int32)
 
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     g_row = grad_ptr + row.to(tl.int64) * V  # the gradient is a fresh contiguous tensor
@@ -339,10 +387,10 @@ def _bwd_kernel(
     lanes = tl.arange(0, BLOCK_V)
     for i in range(0, n_full):
         cols = start + i * BLOCK_V + lanes
-        _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label, MASKED=False)
+        _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label_col, False)
     if n_full * BLOCK_V < n_valid:
         cols = start + n_full * BLOCK_V + lanes
-        _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label, MASKED=True)
+        _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label_col, True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,7 +481,7 @@ def token_stats_forward(
         n_inner, stride_outer, stride_inner,
         part, part_idx, *outs, argmax,
         HAS_TEMP=has_temp, FINALIZE=single, CHUNK=blk.chunk, BLOCK_V=blk.block_v,
-        num_warps=blk.num_warps,
+        FOLD=blk.fold, num_warps=blk.num_warps,
     )  # fmt: skip
     if not single:
         _fwd_merge_kernel[(triton.cdiv(N, MERGE_BLOCK_R),)](
@@ -483,7 +531,14 @@ def token_stats_backward(
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if N == 0:
         return grad
-    per_row = [t.reshape(-1).to(acc).contiguous() for t in (g_logprob, g_entropy, g_collision, g_lse)]
+    per_row = {"g_logprob": g_logprob, "g_entropy": g_entropy, "g_collision": g_collision}
+    per_row |= {"g_lse": g_lse, "lse": lse, "entropy": entropy, "collision": collision}
+    for name, t in per_row.items():
+        if t.numel() != N:
+            raise ValueError(f"{OP}_backward: {name} has {t.numel()} elements, expected {N}")
+    # No-ops (no copy) for what the op layer passes: flat, contiguous, acc dtype.
+    upstream = [t.reshape(-1).to(acc).contiguous() for t in (g_logprob, g_entropy, g_collision)]
+    upstream.append(g_lse.reshape(-1).to(acc).contiguous())
     saved = [t.reshape(-1).to(acc).contiguous() for t in (lse, entropy, collision)]
     blk = row_blocking(V, logits.dtype, _block_v, _chunk)
     has_temp = temperature is not None
@@ -492,7 +547,7 @@ def token_stats_backward(
     _bwd_kernel[(N, blk.n_chunks)](
         logits, labels, temp, inv_bits, ignore_index, V,
         n_inner, stride_outer, stride_inner,
-        *per_row, *saved, grad,
+        *upstream, *saved, grad,
         HAS_TEMP=has_temp, CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
     )  # fmt: skip
     return grad
