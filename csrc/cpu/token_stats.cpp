@@ -177,6 +177,15 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
   const int64_t N = labels.numel();
   const int64_t V = logits.size(-1);
   check_row_inputs("token_stats_backward", logits, labels, temperature);
+  check_labels_in_range("token_stats_backward", labels, V, ignore_index);
+  for (const at::Tensor* t : {&grad_logprob, &grad_entropy, &grad_collision, &grad_lse, &lse,
+                              &entropy, &collision}) {
+    TORCH_CHECK(t->is_contiguous() && t->numel() == N && t->scalar_type() == lse.scalar_type(),
+                "token_stats_backward: per-row tensors must be contiguous with ", N,
+                " elements of one dtype");
+  }
+  TORCH_CHECK(lse.scalar_type() == (logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+              "token_stats_backward: per-row tensors must be fp32 (fp64 for fp64 logits)");
   // The gradient is a fresh contiguous tensor: row r starts at r * V.
   at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   const RowLayout layout{n_inner, stride_outer, stride_inner};
