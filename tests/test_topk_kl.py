@@ -92,6 +92,36 @@ def test_q_tail_edge_cases(bd):
     assert torch.isfinite(out).all()
 
 
+def test_tail_far_below_the_head(bd):
+    """p's tail ~e^-150 below the head (exp(z - m) underflows in fp32; q_tail / p_tail would
+    overflow): log p_tail and the tail gradient -q_tail p_j / p_tail stay accurate."""
+    backend, device = bd
+    v, k = 5000, 10
+    x = make_logits(3, v, torch.float32, device=device, seed=20, scale=1.0)
+    ids, lp, _ = make_topk(x, k, seed=20)
+    for r, gap in enumerate((150.0, 60.0, 100.0)):
+        x[r, ids[r]] += gap
+    lp[2] = lp[2] - lp[2].double().exp().sum().log().float() - 1e-3  # q_tail ~1e-3
+    check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), {}, diff_fields=("out",))
+    xg = x.clone().requires_grad_()
+    _op(backend)(xg, ids, lp).sum().backward()
+    assert torch.isfinite(xg.grad).all() and (xg.grad[0].abs().sum() > 0)
+
+
+def test_ids_at_edges_and_chunk_boundaries(bd):
+    """Ids at 0, V - 1 and on both sides of the CPU kernel's 2048-element chunk boundaries."""
+    backend, device = bd
+    v = 10000
+    x = make_logits(3, v, torch.float32, device=device, seed=21)
+    edge = torch.tensor([0, v - 1, 2047, 2048, 4095, 4096, 8191, 8192], device=device)
+    ids = torch.stack([edge, edge.flip(0), torch.randperm(v)[:8].to(device)])
+    x[0, edge] += 6.0  # the head holds most of p in row 0
+    lp = torch.randn(3, 8, generator=torch.Generator().manual_seed(21)).log_softmax(-1) - 0.1
+    check_against_reference(
+        _op(backend), reference.topk_kl, (x, ids, lp.to(device)), {}, diff_fields=("out",)
+    )
+
+
 def test_neg_inf_entries(bd):
     """-inf logits add 0; q_v > 0 on a -inf logit, or q_tail > 0 against an all -inf tail, give
     +inf with the finite limit gradient (Q p_j - q_j on the ids, 0 on -inf logits)."""
