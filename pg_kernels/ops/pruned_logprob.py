@@ -14,9 +14,10 @@ csrc/cpu/pruned_logprob.cpp for why an online (one-sweep) version cannot drop el
 The threshold is treated as a constant for the gradient (it moves with m only on a null set).
 
 Layers: public function `pruned_logprob` -> op `pg_kernels::pruned_logprob` (schema in
-_library.py) -> kernel chosen by `backend` (C++ `pg_kernels._C`; other backends fall back to the
-reference). Autograd saves only per-row LSE_S and the threshold; the backward op recomputes
-p~_j in one pass. `alpha` is a plain float argument of the op: any value, no recompilation.
+_library.py) -> kernel chosen by `backend`: C++ (`pg_kernels._C`) or Triton
+(`pg_kernels.triton`); "cuda" has no kernel yet ("auto" takes Triton on GPUs). Autograd saves
+only per-row LSE_S and the threshold; the backward op recomputes p~_j in one pass. `alpha` is a
+plain float argument of the op: any value, no recompilation.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pg_kernels.ops._common import (
 from pg_kernels.outputs import PrunedLogprob
 
 OP = "pruned_logprob"
-KERNELS = ("cpu",)  # backends with a pruned_logprob kernel; the others are served by the reference
+KERNELS = ("cpu", "triton")  # backends with a kernel; the reference serves the others
 
 
 def _kernels(backend: str):
@@ -44,6 +45,10 @@ def _kernels(backend: str):
     if backend == "cpu":
         ext = _backend.cpu_extension()
         return ext.pruned_logprob_forward, ext.pruned_logprob_backward
+    if backend == "triton":
+        from pg_kernels.triton import pruned_logprob as tk
+
+        return tk.pruned_logprob_forward, tk.pruned_logprob_backward
     raise RuntimeError(f"{OP}: no kernel for backend {backend!r}")
 
 
@@ -153,8 +158,7 @@ def pruned_logprob(
         alpha: float in (0, 1): tokens at least alpha times as likely as the top one are safe.
         temperature: a float or a [...] tensor (per row), finite and > 0. Not differentiable.
         ignore_index: label value of rows to skip.
-        backend: "auto", "reference", "cpu", "triton" or "cuda" (only "cpu" has a kernel; the
-            reference serves "auto" elsewhere).
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (no CUDA C++ kernel yet).
 
     Returns:
         PrunedLogprob of [...] tensors: logprob (fp32, fp64 for fp64 logits; differentiable,
