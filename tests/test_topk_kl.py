@@ -44,15 +44,22 @@ def make_topk(logits, k, *, seed, noise=1.0, lp_dtype=None):
     return ids.gather(-1, perm).to(dev), lp.gather(-1, perm).to(lp_dtype).to(dev), ref_logits
 
 
-def _shapes():
+def _interpreted(backend: str, device: str) -> bool:
+    """The Triton interpreter costs ~ms per (program x loop step): keep its shapes small."""
+    return backend == "triton" and device == "cpu"
+
+
+def _shapes(backend: str, device: str):
     """(N, V, K): odd vocab sizes and a real one."""
+    if _interpreted(backend, device):
+        return [(3, 7, 3), (4, 1000, 20), (2, 5003, 20)]
     return [(3, 7, 3), (16, 1000, 20), (8, 32003, 50), (2, 151936, 20)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(bd, dtype):
     backend, device = bd
-    for i, (n, v, k) in enumerate(_shapes()):
+    for i, (n, v, k) in enumerate(_shapes(backend, device)):
         x = make_logits(n, v, dtype, device=device, seed=i)
         near_one_hot(x, slice(0, 1))  # p's tail ~e^-40: log p_tail must not cancel
         ids, lp, _ = make_topk(x, k, seed=i, noise=0.5 + i)
@@ -126,7 +133,8 @@ def test_neg_inf_entries(bd):
     """-inf logits add 0; q_v > 0 on a -inf logit, or q_tail > 0 against an all -inf tail, give
     +inf with the finite limit gradient (Q p_j - q_j on the ids, 0 on -inf logits)."""
     backend, device = bd
-    v, k = 70000, 30  # several CPU chunks; the first all -inf in row 1
+    # several CPU chunks / Triton blocks; the first all -inf in row 1
+    v, k = (9000 if _interpreted(backend, device) else 70000), 30
     x = make_logits(5, v, torch.float32, device=device, seed=3)
     mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.3
     x[mask.to(device)] = -INF
@@ -153,7 +161,7 @@ def test_neg_inf_entries(bd):
 
 def test_equals_full_kl_at_k_equals_v(bd):
     backend, device = bd
-    for v in (7, 1000):
+    for v in (7, 200 if _interpreted(backend, device) else 1000):
         x = make_logits(3, v, torch.float64, device=device, seed=4)
         ids, lp, ref_logits = make_topk(x, v, seed=4)
         xk = x.clone().requires_grad_()
@@ -171,14 +179,14 @@ def test_equals_full_kl_at_k_equals_v(bd):
 def test_lower_bound_on_full_kl(bd):
     """Data processing: KL_k <= KL(q || p) for every k, and KL_k grows with k."""
     backend, device = bd
-    v = 1000
+    v = 200 if _interpreted(backend, device) else 1000
     x = make_logits(8, v, torch.float64, device=device, seed=5)
     _, _, ref_logits = make_topk(x, 1, seed=5, noise=2.0)
     logq = ref_logits.log_softmax(-1).to(device)
     full = reference.kl_divergence(x, ref_logits.to(device), direction="forward")
     order = logq.argsort(-1, descending=True)
     prev = torch.zeros_like(full)
-    for k in (1, 5, 50, 500, 999, 1000):
+    for k in (1, 5, 50, v // 2, v - 1, v):
         ids = order[:, :k]
         out = _op(backend)(x, ids, logq.gather(-1, ids))
         assert (out <= full + 1e-12).all() and (out >= prev - 1e-12).all(), k
@@ -414,7 +422,7 @@ def _bad_cases():
         (lambda x, i, lp: f(x.long(), i, lp), TypeError, "logits must be bf16"),
         (lambda x, i, lp: f(x, i, lp, temperature=0.0), ValueError, "temperature must be finite"),
         (lambda x, i, lp: f(x, i, lp, backend="tpu"), ValueError, "backend must be one of"),
-        (lambda x, i, lp: f(x, i, lp, backend="triton"), RuntimeError, "topk_kl has no triton"),
+        (lambda x, i, lp: f(x, i, lp, backend="cuda"), RuntimeError, "cannot run here"),
         (lambda x, i, lp: f(x, i, lp, ignore_index=1.5), TypeError, "ignore_index must be an int"),
         (
             lambda x, i, lp: f(x.to("meta"), i, lp),

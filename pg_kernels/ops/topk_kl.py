@@ -14,7 +14,8 @@ Q = sum_K q_v + q_tail (1 unless the given q_v sum past 1):
                                                   tail in proportion to p)
 
 Layers: public function `topk_kl` -> op `pg_kernels::topk_kl` (schema in _library.py) -> kernel
-chosen by `backend` (C++ `pg_kernels._C`; other backends fall back to the reference). Autograd
+chosen by `backend`: C++ (`pg_kernels._C`) or Triton (`pg_kernels.triton`); "cuda" has no kernel
+yet ("auto" takes Triton on GPUs). Autograd
 saves only per-row L and log p_tail (plus the inputs); the backward op recomputes p_j in one pass.
 """
 
@@ -34,7 +35,7 @@ from pg_kernels.ops._common import (
 )
 
 OP = "topk_kl"
-KERNELS = ("cpu",)  # backends with a topk_kl kernel; the others are served by the reference
+KERNELS = ("cpu", "triton")  # backends with a kernel; the reference serves the others
 
 
 def _kernels(backend: str):
@@ -42,6 +43,10 @@ def _kernels(backend: str):
     if backend == "cpu":
         ext = _backend.cpu_extension()
         return ext.topk_kl_forward, ext.topk_kl_backward
+    if backend == "triton":
+        from pg_kernels.triton import topk_kl as tk
+
+        return tk.topk_kl_forward, tk.topk_kl_backward
     raise RuntimeError(f"{OP}: no kernel for backend {backend!r}")
 
 
@@ -219,8 +224,7 @@ def topk_kl(
         labels: optional [...] int64 or int32; only `labels == ignore_index` is read: those rows
             give 0 and zero gradient (their ids are not checked).
         ignore_index: label value of rows to skip.
-        backend: "auto", "reference", "cpu", "triton" or "cuda" (only "cpu" has a kernel; the
-            reference serves "auto" elsewhere).
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (no CUDA C++ kernel yet).
 
     Returns:
         [...] fp32 (fp64 for fp64 logits) KL_k, differentiable w.r.t. `logits` (gradient in the
