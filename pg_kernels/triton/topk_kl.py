@@ -33,7 +33,7 @@ from pg_kernels.triton.pruned_logprob import _exp, _num_warps, _row_offset, bloc
 
 @triton.jit
 def _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD):
-    """keep (not an ignored row), ok (kept and every id in [0, V)), the sorted ids (padded with V)."""
+    """keep (not an ignored row), ok (kept, all ids in [0, V)), the sorted ids (padded with V)."""
     if HAS_LABELS:
         keep = tl.load(labels_ptr + row).to(tl.int64) != ignore_index
     else:
