@@ -74,6 +74,7 @@ def _fwd_kernel(
         bad = bad | ((z != z) | (z == float("inf"))).to(tl.int32)
     m = tl.max(mvec, axis=0)
     valid = keep & in_range & (tl.max(bad, axis=0) == 0) & (m > float("-inf"))
+    valid = valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
     threshold = m + log_alpha
     m_ref = tl.where(valid, m, 0.0)  # a finite reference: exp(-inf - m_ref) = 0, never NaN
 

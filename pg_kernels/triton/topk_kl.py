@@ -93,6 +93,7 @@ def _fwd_kernel(
     m_head = tl.max(zh, axis=0)
     m_all = tl.maximum(m_tail, m_head)
     valid = ok & (tl.max(bad, axis=0) == 0) & (bad_h == 0) & (m_all > float("-inf"))
+    valid = valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
     m = tl.where(valid, m_all, 0.0)
     s_head = tl.sum(_exp(zh - m), axis=0)  # relative to the row max directly: head terms <= 1
     tail_part = tl.where(m_tail == float("-inf"), 0.0, s_tail * _exp(m_tail - m))
