@@ -2,7 +2,9 @@
 
 from pg_kernels._backend import env_report
 from pg_kernels.ops._common import check_labels
+from pg_kernels.ops.pruned_logprob import pruned_logprob
 from pg_kernels.ops.token_stats import token_stats
+from pg_kernels.ops.topk_kl import topk_kl
 from pg_kernels.outputs import MismatchStats, PrunedLogprob, TokenStats
 
 __version__ = "0.1.0"
@@ -13,5 +15,7 @@ __all__ = [
     "TokenStats",
     "check_labels",
     "env_report",
+    "pruned_logprob",
     "token_stats",
+    "topk_kl",
 ]

@@ -21,3 +21,23 @@ LIB.define(
     "float temperature_scalar, int ignore_index, Tensor lse, Tensor entropy, Tensor collision, "
     "str backend) -> Tensor"
 )
+LIB.define(
+    "topk_kl(Tensor logits, Tensor topk_ids, Tensor topk_logprobs, Tensor? labels, "
+    "Tensor? temperature, float temperature_scalar, int ignore_index, str backend) "
+    "-> (Tensor kl, Tensor lse, Tensor logp_tail)"
+)
+LIB.define(
+    "topk_kl_backward(Tensor grad_kl, Tensor logits, Tensor topk_ids, Tensor topk_logprobs, "
+    "Tensor? labels, Tensor? temperature, float temperature_scalar, int ignore_index, "
+    "Tensor lse, Tensor logp_tail, str backend) -> Tensor"
+)
+LIB.define(
+    "pruned_logprob(Tensor logits, Tensor labels, Tensor? temperature, float temperature_scalar, "
+    "float alpha, int ignore_index, str backend) -> (Tensor logprob, Tensor in_safe, "
+    "Tensor tail_mass, Tensor lse_safe, Tensor threshold)"
+)
+LIB.define(
+    "pruned_logprob_backward(Tensor grad_logprob, Tensor logits, Tensor labels, "
+    "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor lse_safe, "
+    "Tensor threshold, str backend) -> Tensor"
+)

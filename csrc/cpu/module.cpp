@@ -14,4 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("token_stats_forward", &pg_kernels::cpu::token_stats_forward);
   m.def("token_stats_backward", &pg_kernels::cpu::token_stats_backward);
+  m.def("topk_kl_forward", &pg_kernels::cpu::topk_kl_forward);
+  m.def("topk_kl_backward", &pg_kernels::cpu::topk_kl_backward);
+  m.def("pruned_logprob_forward", &pg_kernels::cpu::pruned_logprob_forward);
+  m.def("pruned_logprob_backward", &pg_kernels::cpu::pruned_logprob_backward);
 }

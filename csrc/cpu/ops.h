@@ -31,6 +31,24 @@ inline void check_row_inputs(const char* op, const at::Tensor& logits, const at:
   }
 }
 
+// The logits and per-row temperature of an op over n_rows rows (topk_kl has no labels tensor
+// to count rows by).
+inline void check_rows(const char* op, const at::Tensor& logits, int64_t n_rows,
+                       const std::optional<at::Tensor>& temperature) {
+  TORCH_CHECK(logits.device().is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK(logits.dim() >= 1 && logits.stride(-1) == 1, op,
+              ": logits must have a contiguous last dim");
+  TORCH_CHECK(logits.numel() == n_rows * logits.size(-1), op, ": logits has ",
+              logits.numel() / std::max<int64_t>(logits.size(-1), 1), " rows, expected ", n_rows);
+  if (temperature) {
+    const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(temperature->scalar_type() == acc && temperature->is_contiguous() &&
+                    temperature->numel() == n_rows && temperature->device().is_cpu(),
+                op, ": per-row temperature must be a contiguous ", acc, " tensor of ", n_rows,
+                " elements");
+  }
+}
+
 // Reads int32 or int64 labels as int64.
 struct LabelReader {
   const void* data;
@@ -67,5 +85,34 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
                                 const at::Tensor& lse, const at::Tensor& entropy,
                                 const at::Tensor& collision, int64_t n_inner,
                                 int64_t stride_outer, int64_t stride_inner);
+
+std::vector<at::Tensor> topk_kl_forward(const at::Tensor& logits, const at::Tensor& topk_ids,
+                                        const at::Tensor& topk_logprobs,
+                                        const std::optional<at::Tensor>& labels,
+                                        const std::optional<at::Tensor>& temperature,
+                                        double temperature_scalar, int64_t ignore_index,
+                                        int64_t n_inner, int64_t stride_outer,
+                                        int64_t stride_inner);
+
+at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
+                            const at::Tensor& topk_ids, const at::Tensor& topk_logprobs,
+                            const std::optional<at::Tensor>& labels,
+                            const std::optional<at::Tensor>& temperature,
+                            double temperature_scalar, int64_t ignore_index,
+                            const at::Tensor& lse, const at::Tensor& logp_tail, int64_t n_inner,
+                            int64_t stride_outer, int64_t stride_inner);
+
+std::vector<at::Tensor> pruned_logprob_forward(const at::Tensor& logits, const at::Tensor& labels,
+                                               const std::optional<at::Tensor>& temperature,
+                                               double temperature_scalar, double alpha,
+                                               int64_t ignore_index, int64_t n_inner,
+                                               int64_t stride_outer, int64_t stride_inner);
+
+at::Tensor pruned_logprob_backward(const at::Tensor& grad_logprob, const at::Tensor& logits,
+                                   const at::Tensor& labels,
+                                   const std::optional<at::Tensor>& temperature,
+                                   double temperature_scalar, int64_t ignore_index,
+                                   const at::Tensor& lse_safe, const at::Tensor& threshold,
+                                   int64_t n_inner, int64_t stride_outer, int64_t stride_inner);
 
 }  // namespace pg_kernels::cpu

@@ -29,19 +29,34 @@ def topk_kl(
     """logits [..., V], topk_ids [..., K] (distinct per row), topk_logprobs [..., K] -> [...].
 
     KL_k = sum_K q_v (log q_v - log p_v) + q_tail (log q_tail - log p_tail), with
-    q_tail = 1 - sum_K q_v (clamped at 0) and p_tail the mass of p off the k ids. A lower bound
-    on KL(q || p); equal to it when k = V.
+    q_tail = 1 - sum_K q_v (clamped at 0; exactly 0 when k = V, where there is no tail bucket)
+    and p_tail the mass of p off the k ids. A lower bound on KL(q || p); equal to it when k = V.
+    A positive q_v (or q_tail) against p_v = 0 (p_tail = 0) gives +inf. Differentiable in
+    `logits` by autograd (d/dz_j = Q p_j - q_v on the ids, p_j (Q - q_tail / p_tail) off
+    them, Q = sum_K q_v + q_tail), not in topk_logprobs.
     """
     dtype = compute_dtype(logits.dtype, upcast)
     z = scaled(logits, temperature, dtype)
     lse = torch.logsumexp(z, -1, keepdim=True)
+    keep, _ = label_mask(labels, ignore_index)
     ids = topk_ids.long()
+    if keep is not None:  # ignored rows may hold padding ids: read distinct in-range ones instead
+        spare = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+        ids = torch.where(keep.unsqueeze(-1), ids, spare)
     logp_k = z.gather(-1, ids) - lse
     logq_k = topk_logprobs.to(dtype)
     head = _xlogy_ratio(logq_k.exp(), logq_k, logp_k).sum(-1)
-    # p's tail mass from the logits off the k ids (no 1 - sum cancellation).
-    logp_tail = torch.logsumexp(z.scatter(-1, ids, float("-inf")), -1) - lse.squeeze(-1)
+    # p's tail mass from the logits off the k ids (no 1 - sum cancellation). A tail with no
+    # finite logit (k = V, or only -inf left) has log mass -inf; the double `where` keeps
+    # logsumexp's backward off that all -inf row (it would give 0 * nan).
+    z_tail = z.scatter(-1, ids, float("-inf"))
+    tail_empty = torch.isneginf(z_tail).all(-1)
+    lse_tail = torch.logsumexp(torch.where(tail_empty.unsqueeze(-1), 0.0, z_tail), -1)
+    logp_tail = torch.where(tail_empty, float("-inf"), lse_tail) - lse.squeeze(-1)
+    # k = V: there is no tail bucket, so q_tail = 0 exactly (1 - sum q_v is rounding noise that
+    # would otherwise meet p_tail = 0 and give +inf).
     q_tail = (1 - logq_k.exp().sum(-1)).clamp_min(0)
+    if ids.shape[-1] >= z.shape[-1]:
+        q_tail = torch.zeros_like(q_tail)
     tail = _xlogy_ratio(q_tail, q_tail.log(), logp_tail)
-    keep, _ = label_mask(labels, ignore_index)
     return finish(head + tail, invalid_rows(z), keep)

@@ -134,4 +134,105 @@ PGK_HD TokenStatsGradCoef<T> token_stats_grad_coef(T g_logprob, T g_entropy, T g
           T(2) * g_collision};
 }
 
+
+// ---- topk_kl (SPEC section 4, top-k rollout / teacher) ------------------------------------
+// q is known on K distinct ids (log q_v given) plus one tail bucket of mass
+// q_tail = 1 - sum_K q_v; p's tail P_tail is the mass of p off the K ids.
+//   KL_k = sum_K q_v (log q_v - log p_v) + q_tail (log q_tail - log P_tail)
+
+// One bucket's term q (log q - log p): exactly 0 when q = 0 (also against log p = -inf),
+// +inf when q > 0 meets p = 0, NaN when log q is NaN.
+template <typename T>
+PGK_HD T kl_term(T q, T log_q, T log_p) {
+  return q == T(0) ? T(0) : q * (log_q - log_p);
+}
+
+// q's tail mass from Q_K = sum_K q_v: 1 - Q_K clamped >= 0 (engines round log-probs, so Q_K
+// can exceed 1 slightly), and exactly 0 when the K ids cover the vocabulary (no tail bucket:
+// 1 - Q_K is then rounding noise that would meet P_tail = 0 and give +inf).
+template <typename T>
+PGK_HD T topk_q_tail(T q_head_sum, bool has_tail) {
+  const T rest = T(1) - q_head_sum;
+  return (has_tail && rest > T(0)) ? rest : T(0);
+}
+
+template <typename T>
+struct TopkNormalizer {
+  T lse;        // L = logsumexp of the whole row
+  T logp_tail;  // log P_tail = LSE_tail - L; -inf when the tail has no finite logit
+};
+
+// The tail is summed separately, relative to its own max (s_tail = sum_{v not in K}
+// exp(z_v - m_tail)), so log P_tail = m_tail + log s_tail - L has no 1 - sum_K p_v
+// cancellation and no underflow however far the tail lies below the head. The head sum
+// s_head = sum_K exp(z_v - m_head) joins it for the full normalizer L.
+template <typename T>
+PGK_HD TopkNormalizer<T> topk_normalizer(T m_tail, T s_tail, T m_head, T s_head) {
+  const T m = m_tail > m_head ? m_tail : m_head;  // finite for a valid row
+  const T tail = m_tail == neg_inf<T>() ? T(0) : s_tail * std::exp(m_tail - m);
+  const T head = m_head == neg_inf<T>() ? T(0) : s_head * std::exp(m_head - m);
+  const T lse = m + std::log(tail + head);
+  return {lse, m_tail == neg_inf<T>() ? neg_inf<T>() : m_tail + std::log(s_tail) - lse};
+}
+
+// Gradient of KL_k w.r.t. z (derivation: d log p_v = e_v - p, d log P_tail = 1[j not in K]
+// p_j / P_tail - p_j). With Q = Q_K + q_tail (= 1 unless Q_K > 1 clamped q_tail to 0):
+//   j in K:      dKL/dz_j = Q p_j - q_j
+//   j not in K:  dKL/dz_j = p_j (Q - q_tail / P_tail)      (= Q p_j - q_tail p_j / P_tail:
+//                p minus q spread over the tail in proportion to p)
+// The tail factor is kept in the log domain, dKL/dz_j = sign exp(z_j - L + tail_log), so that
+// q_tail / P_tail may be huge (tail far below the head) without p_j underflowing to 0 times
+// an overflowed factor. tail_log = -inf (factor 0) when q_tail = 0 and Q = 0, or when the tail
+// has no finite logit (P_tail = 0: its logits are -inf and get 0; if q_tail > 0 the KL is +inf
+// and the head keeps its finite limit Q p_j - q_j).
+template <typename T>
+struct TopkKLGradCoef {
+  T head;      // Q
+  T tail_log;  // log |Q - q_tail / P_tail|
+  T tail_sign; // +1 or -1 (0 when tail_log = -inf)
+};
+
+template <typename T>
+PGK_HD TopkKLGradCoef<T> topk_kl_grad_coef(T q_head_sum, T q_tail, T logp_tail) {
+  const T q_all = q_head_sum + q_tail;
+  if (q_tail == T(0)) {
+    return {q_all, std::log(q_all), q_all > T(0) ? T(1) : T(0)};
+  }
+  if (logp_tail == neg_inf<T>()) return {q_all, neg_inf<T>(), T(0)};
+  const T log_ratio = std::log(q_tail) - logp_tail;  // log(q_tail / P_tail), finite
+  const T log_q = std::log(q_all);                   // q_all >= q_tail > 0
+  if (log_ratio > log_q) {  // log(ratio - Q) = log_ratio + log(1 - Q / ratio)
+    return {q_all, log_ratio + std::log1p(-std::exp(log_q - log_ratio)), T(-1)};
+  }
+  // log(Q - ratio); -inf (factor 0) when they are equal
+  return {q_all, log_q + std::log1p(-std::exp(log_ratio - log_q)), T(1)};
+}
+
+// ---- pruned_logprob (SPEC section 6, safe vocabulary) -------------------------------------
+// S = {v : z_v >= m + log alpha} plus the label c. With every sum relative to the row max m,
+// the label masked out of both (it is added back through e_c = exp(z_c - m)):
+//   s_in  = sum_{v in S, v != c} exp(z_v - m),   s_out = sum_{v not in S, v != c} exp(z_v - m)
+// LSE_S = m + log(s_in + e_c), L = m + log(s_in + s_out + e_c), and the tail mass
+// 1 - exp(LSE_S - L) = s_out / (s_in + s_out + e_c) is a ratio of positive sums (no
+// cancellation when the tail is tiny). s_in + e_c >= 1 (the max is in S), so it lies in [0, 1).
+template <typename T>
+struct PrunedRow {
+  T logprob;    // z_c - LSE_S
+  T tail_mass;  // 1 - p(S)
+  T lse_safe;   // LSE_S, saved for backward
+  bool in_safe; // z_c >= threshold
+};
+
+template <typename T>
+PGK_HD PrunedRow<T> finalize_pruned(T m, T threshold, T s_in, T s_out, T z_label) {
+  if (!(m > neg_inf<T>() && m < -neg_inf<T>())) {
+    const T nan = quiet_nan<T>();
+    return {nan, nan, nan, false};
+  }
+  const T e_c = std::exp(z_label - m);  // 0 for a -inf label
+  const T s_safe = s_in + e_c;
+  const T lse_safe = m + std::log(s_safe);
+  return {z_label - lse_safe, s_out / (s_safe + s_out), lse_safe, z_label >= threshold};
+}
+
 }  // namespace pg_kernels

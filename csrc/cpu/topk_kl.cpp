@@ -1,0 +1,285 @@
+// topk_kl on the CPU: KL(q || p) coarse-grained to q's top-k ids plus one tail bucket
+// (SPEC section 4), with the derivation and edge cases in softmax_stats.h.
+//
+// Forward: one pass over each row. The row's K ids are sorted once (a private copy; this also
+// finds duplicates), then per chunk (vec_rows.h): load + scale + max, overwrite the chunk's ids
+// with -inf in the L1 buffer, and sum exp(z - m_tail) over what is left: the tail, relative to
+// its own running max (rescaled when it rises). One exp per element. The K head logits are then
+// read directly (K scattered loads) and joined with the tail for the full normalizer L, so
+// log P_tail = m_tail + log s_tail - L needs no 1 - sum_K p_v (which cancels when the tail is
+// tiny). Reads V logits + K ids + K log-probs, writes 3 numbers per row (kl, L, log P_tail).
+// Backward: one pass; recomputes p_j = exp(z_j - L) from the saved L, log P_tail and the K
+// log-probs, writes the tail formula for every element of a chunk, overwrites the chunk's ids
+// with the head formula in the buffer, and rounds to the logits' dtype once (reads V, writes V).
+// Rows are independent and each is computed by one thread in a fixed order, so results are
+// deterministic and do not depend on the batch.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "ops.h"
+#include "vec_rows.h"
+
+namespace pg_kernels::cpu {
+namespace {
+
+// (vocab id, position in the row's top-k list), sorted by id.
+using IdSlot = std::pair<int64_t, int64_t>;
+
+// Row r's ids, sorted by id. Ids are checked before any use: in [0, V) and distinct.
+void sorted_row_ids(const LabelReader& ids, int64_t r, int64_t K, int64_t V,
+                    std::vector<IdSlot>& out) {
+  out.resize(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t id = ids(r * K + k);
+    TORCH_CHECK(id >= 0 && id < V, "topk_kl: topk_ids row ", r, " position ", k, " = ", id,
+                " is outside [0, ", V, ")");
+    out[k] = {id, k};
+  }
+  std::sort(out.begin(), out.end());
+  for (int64_t k = 1; k < K; ++k) {
+    TORCH_CHECK(out[k].first != out[k - 1].first, "topk_kl: topk_ids row ", r, " holds id ",
+                out[k].first, " twice; the top-k ids of a row must be distinct");
+  }
+}
+
+template <typename acc_t>
+acc_t buffer_max(const acc_t* buf, int64_t n_pad) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  Vec<acc_t> vmax(neg_inf<acc_t>());
+  for (int64_t i = 0; i < n_pad; i += W) vmax = at::vec::maximum(vmax, Vec<acc_t>::loadu(buf + i));
+  acc_t lanes[W];
+  vmax.store(lanes);
+  acc_t m = lanes[0];
+  for (int64_t i = 1; i < W; ++i) m = max_nan(m, lanes[i]);
+  return m;
+}
+
+template <typename acc_t>
+struct TopkKLRow {
+  acc_t kl, lse, logp_tail;
+};
+
+template <typename scalar_t, typename acc_t>
+TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const IdSlot* ids,
+                             int64_t K, const acc_t* log_q, acc_t* buf) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  // Two-level sums as in token_stats.cpp: two chains per lane inside a chunk, then chunk
+  // totals into the row's lanes.
+  Vec<acc_t> s_tail(acc_t(0));
+  acc_t m_tail = neg_inf<acc_t>();  // running max over the tail (ids masked out)
+  acc_t m_row = neg_inf<acc_t>();   // running max over everything: NaN / +inf detection
+  int64_t next = 0;                 // first sorted id not yet reached
+  for (int64_t begin = 0; begin < V; begin += kChunk) {
+    const int64_t n = std::min(kChunk, V - begin);
+    const int64_t n_pad = round_up(n, kStep<acc_t>);
+    acc_t chunk_max = load_scaled_chunk(x + begin, n, inv_tau, buf);
+    m_row = max_nan(m_row, chunk_max);
+    if (!(m_row < -neg_inf<acc_t>())) break;  // NaN or +inf anywhere: the row is NaN
+    bool masked = false;
+    for (; next < K && ids[next].first < begin + n; ++next) {
+      buf[ids[next].first - begin] = neg_inf<acc_t>();
+      masked = true;
+    }
+    if (masked) chunk_max = buffer_max(buf, n_pad);
+    if (chunk_max > m_tail) {
+      if (m_tail != neg_inf<acc_t>()) s_tail = s_tail * Vec<acc_t>(std::exp(m_tail - chunk_max));
+      m_tail = chunk_max;
+    }
+    if (m_tail == neg_inf<acc_t>()) continue;  // nothing finite in the tail so far
+    const Vec<acc_t> vm(m_tail);
+    Vec<acc_t> lo(acc_t(0)), hi(acc_t(0));
+    for (int64_t i = 0; i < n_pad; i += 2 * W) {
+      // exp(-inf - m) = 0: masked ids, -inf logits and the padding add nothing.
+      lo = lo + vexp(Vec<acc_t>::loadu(buf + i) - vm);
+      hi = hi + vexp(Vec<acc_t>::loadu(buf + i + W) - vm);
+    }
+    s_tail = s_tail + (lo + hi);
+  }
+  if (!(m_row > neg_inf<acc_t>() && m_row < -neg_inf<acc_t>())) {
+    const acc_t nan = quiet_nan<acc_t>();
+    return {nan, nan, nan};
+  }
+  // The head: K scattered reads, in the caller's order (ids[] is sorted, so go by slot).
+  acc_t m_head = neg_inf<acc_t>();
+  for (int64_t k = 0; k < K; ++k) m_head = std::max(m_head, acc_t(x[ids[k].first]) * inv_tau);
+  acc_t s_head = 0;
+  if (m_head != neg_inf<acc_t>()) {
+    for (int64_t k = 0; k < K; ++k) s_head += std::exp(acc_t(x[ids[k].first]) * inv_tau - m_head);
+  }
+  const TopkNormalizer<acc_t> norm = topk_normalizer(m_tail, sum_lanes(s_tail), m_head, s_head);
+  // Head terms in a fixed order (sorted by id); q_v from the given log-probs.
+  acc_t kl = 0, q_head = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t lq = log_q[ids[k].second];
+    const acc_t q = std::exp(lq);
+    q_head += q;
+    kl += kl_term(q, lq, acc_t(x[ids[k].first]) * inv_tau - norm.lse);
+  }
+  const acc_t q_tail = topk_q_tail(q_head, K < V);
+  kl += kl_term(q_tail, std::log(q_tail), norm.logp_tail);
+  return {kl, norm.lse, norm.logp_tail};
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const IdSlot* ids, int64_t K,
+                  const acc_t* log_q, acc_t lse, acc_t logp_tail, acc_t g, acc_t* buf,
+                  scalar_t* grad) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  acc_t q_head = 0;
+  for (int64_t k = 0; k < K; ++k) q_head += std::exp(log_q[ids[k].second]);
+  const acc_t q_tail = topk_q_tail(q_head, K < V);
+  const TopkKLGradCoef<acc_t> coef = topk_kl_grad_coef(q_head, q_tail, logp_tail);
+  const acc_t g_tau = g * inv_tau;
+  // Off the ids: dKL/dz_j = sign exp(z_j - (L - tail_log)); an offset of +inf gives 0.
+  const Vec<acc_t> v_off(lse - coef.tail_log), v_scale(coef.tail_sign * g_tau);
+  int64_t next = 0;
+  for (int64_t begin = 0; begin < V; begin += kChunk) {
+    const int64_t n = std::min(kChunk, V - begin);
+    load_scaled_chunk(x + begin, n, inv_tau, buf);
+    for (int64_t i = 0; i < n; i += W) {
+      (vexp(Vec<acc_t>::loadu(buf + i) - v_off) * v_scale).store(buf + i);
+    }
+    // On the ids: dKL/dz_j = Q p_j - q_j.
+    for (; next < K && ids[next].first < begin + n; ++next) {
+      const int64_t id = ids[next].first;
+      const acc_t p = std::exp(acc_t(x[id]) * inv_tau - lse);
+      buf[id - begin] = (coef.head * p - std::exp(log_q[ids[next].second])) * g_tau;
+    }
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      std::copy(buf, buf + n, grad + begin);
+    } else {
+      at::vec::convert(buf, grad + begin, n);
+    }
+  }
+}
+
+int64_t grain_rows(int64_t V) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
+}
+
+void check_topk_inputs(const char* op, const at::Tensor& logits, const at::Tensor& topk_ids,
+                       const at::Tensor& topk_logprobs, const std::optional<at::Tensor>& labels,
+                       const std::optional<at::Tensor>& temperature) {
+  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.is_contiguous() && topk_ids.size(1) >= 1, op,
+              ": topk_ids must be a contiguous [N, K] tensor with K >= 1");
+  TORCH_CHECK(topk_ids.scalar_type() == at::kLong || topk_ids.scalar_type() == at::kInt, op,
+              ": topk_ids must be int64 or int32, got ", topk_ids.scalar_type());
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(topk_logprobs.sizes() == topk_ids.sizes() && topk_logprobs.is_contiguous() &&
+                  topk_logprobs.scalar_type() == acc,
+              op, ": topk_logprobs must be a contiguous ", acc, " tensor shaped like topk_ids");
+  check_rows(op, logits, topk_ids.size(0), temperature);
+  if (labels) {
+    TORCH_CHECK(labels->dim() == 1 && labels->is_contiguous() &&
+                    labels->numel() == topk_ids.size(0) && labels->device().is_cpu() &&
+                    (labels->scalar_type() == at::kLong || labels->scalar_type() == at::kInt),
+                op, ": labels must be a flat contiguous int64 or int32 tensor of ",
+                topk_ids.size(0), " elements");
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> topk_kl_forward(const at::Tensor& logits, const at::Tensor& topk_ids,
+                                        const at::Tensor& topk_logprobs,
+                                        const std::optional<at::Tensor>& labels,
+                                        const std::optional<at::Tensor>& temperature,
+                                        double temperature_scalar, int64_t ignore_index,
+                                        int64_t n_inner, int64_t stride_outer,
+                                        int64_t stride_inner) {
+  check_topk_inputs("topk_kl", logits, topk_ids, topk_logprobs, labels, temperature);
+  const int64_t N = topk_ids.size(0), K = topk_ids.size(1), V = logits.size(-1);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = logits.options().dtype(acc_dtype);
+  at::Tensor kl = at::empty({N}, opts), lse = at::empty({N}, opts), logp_tail = at::empty({N}, opts);
+  const RowLayout layout{n_inner, stride_outer, stride_inner};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const InvTemperature<acc_t> inv_tau{temperature ? temperature->const_data_ptr<acc_t>() : nullptr,
+                                        acc_t(1) / acc_t(temperature_scalar)};
+    const acc_t* log_q = topk_logprobs.const_data_ptr<acc_t>();
+    acc_t *o_kl = kl.data_ptr<acc_t>(), *o_lse = lse.data_ptr<acc_t>(),
+          *o_tail = logp_tail.data_ptr<acc_t>();
+    const LabelReader read_ids(topk_ids);
+    const std::optional<LabelReader> read_label =
+        labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
+    at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[kBufferSize<acc_t>];
+      std::vector<IdSlot> ids;
+      for (int64_t r = begin; r < end; ++r) {
+        if (read_label && (*read_label)(r) == ignore_index) {
+          o_kl[r] = o_lse[r] = o_tail[r] = acc_t(0);
+          continue;
+        }
+        sorted_row_ids(read_ids, r, K, V, ids);
+        const TopkKLRow<acc_t> row =
+            forward_row(x + layout.offset(r), V, inv_tau(r), ids.data(), K, log_q + r * K, buf);
+        o_kl[r] = row.kl;
+        o_lse[r] = row.lse;
+        o_tail[r] = row.logp_tail;
+      }
+    });
+  });
+  return {kl, lse, logp_tail};
+}
+
+at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
+                            const at::Tensor& topk_ids, const at::Tensor& topk_logprobs,
+                            const std::optional<at::Tensor>& labels,
+                            const std::optional<at::Tensor>& temperature,
+                            double temperature_scalar, int64_t ignore_index,
+                            const at::Tensor& lse, const at::Tensor& logp_tail, int64_t n_inner,
+                            int64_t stride_outer, int64_t stride_inner) {
+  check_topk_inputs("topk_kl_backward", logits, topk_ids, topk_logprobs, labels, temperature);
+  const int64_t N = topk_ids.size(0), K = topk_ids.size(1), V = logits.size(-1);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&grad_kl, &lse, &logp_tail}) {
+    TORCH_CHECK(t->dim() == 1 && t->numel() == N && t->is_contiguous() &&
+                    t->scalar_type() == acc_dtype,
+                "topk_kl_backward: per-row tensors must be contiguous ", acc_dtype, " [", N, "]");
+  }
+  // The gradient is a fresh contiguous tensor: row r starts at r * V.
+  at::Tensor grad =
+      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  const RowLayout layout{n_inner, stride_outer, stride_inner};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const InvTemperature<acc_t> inv_tau{temperature ? temperature->const_data_ptr<acc_t>() : nullptr,
+                                        acc_t(1) / acc_t(temperature_scalar)};
+    const acc_t *log_q = topk_logprobs.const_data_ptr<acc_t>(), *g_kl = grad_kl.const_data_ptr<acc_t>(),
+                *s_lse = lse.const_data_ptr<acc_t>(), *s_tail = logp_tail.const_data_ptr<acc_t>();
+    const LabelReader read_ids(topk_ids);
+    const std::optional<LabelReader> read_label =
+        labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
+    at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[kBufferSize<acc_t>];
+      std::vector<IdSlot> ids;
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* grad_row = g + r * V;
+        if (read_label && (*read_label)(r) == ignore_index) {
+          std::fill(grad_row, grad_row + V, scalar_t(0));
+          continue;
+        }
+        if (!(std::abs(s_lse[r]) < -neg_inf<acc_t>())) {  // a NaN row stays NaN
+          std::fill(grad_row, grad_row + V, scalar_t(quiet_nan<acc_t>()));
+          continue;
+        }
+        sorted_row_ids(read_ids, r, K, V, ids);
+        backward_row(x + layout.offset(r), V, inv_tau(r), ids.data(), K, log_q + r * K, s_lse[r],
+                     s_tail[r], g_kl[r], buf, grad_row);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace pg_kernels::cpu

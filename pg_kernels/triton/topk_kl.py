@@ -1,0 +1,250 @@
+"""topk_kl in Triton: KL(q || p) on q's top-k ids plus one tail bucket (SPEC section 4), with the
+C++ launchers' interface. Formulas, derivation and edge cases: csrc/include/pg_kernels/
+softmax_stats.h (topk_normalizer, topk_q_tail, topk_kl_grad_coef).
+
+One program per row, BLOCK_V elements per loop step (a function of V and the dtype only: results
+are bitwise deterministic and batch invariant). The launcher sorts each row's K ids (a [N, K]
+sort, K << V) so that the ids falling in a block are a contiguous run of the sorted list: the
+program finds the run with two K-wide compares per block and masks those ids with one
+`where(cols == id)` each (K extra compares per BLOCK_V elements per row in all).
+Forward, one sweep: per block, z = x / tau, the block's ids set to -inf, then the tail's online
+sum s_tail = sum exp(z - m_tail) (rescaled when the tail max rises; one exp per element). The K
+head logits are gathered at the end and joined with the tail for L, so log p_tail =
+m_tail + log s_tail - L needs no 1 - sum_K p_v.
+Backward, one sweep: dKL/dz_j = sign exp(z_j - L + tail_log) off the ids, Q p_j - q_j on them.
+
+Bytes per row of V elements of s bytes: forward V s read + 16 K (ids and log-probs, sorted copies)
++ ~12 B written; backward V s read + V s written + 16 K.
+One program per row: a GPU is filled by a few thousand rows (N = B T in training).
+
+Kept self-contained on purpose (the helpers come from pg_kernels/triton/pruned_logprob.py, not
+from pg_kernels/triton/_common.py, which is being reworked); fold them together when both land.
+Duplicate ids are a user error: undefined here (the CPU paths raise).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pg_kernels.triton.pruned_logprob import _exp, _num_warps, _row_offset, block_v, inv_temperature
+
+
+@triton.jit
+def _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD):
+    """keep (not an ignored row), ok (kept, all ids in [0, V)), the sorted ids (padded with V)."""
+    if HAS_LABELS:
+        keep = tl.load(labels_ptr + row).to(tl.int64) != ignore_index
+    else:
+        keep = row >= 0
+    kk = tl.arange(0, K_PAD)
+    kmask = kk < K
+    idv = tl.load(ids_ptr + row.to(tl.int64) * K + kk, mask=kmask, other=V).to(tl.int64)
+    lo_ok = tl.min(tl.where(kmask, idv, 0), axis=0) >= 0
+    hi_ok = tl.max(tl.where(kmask, idv, 0), axis=0) < V
+    ok = keep & lo_ok & hi_ok
+    return keep, ok, idv
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _fwd_kernel(
+    x_ptr, ids_ptr, lq_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K,
+    n_inner, stride_outer, stride_inner,
+    kl_ptr, lse_ptr, logp_tail_ptr,
+    HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    row = tl.program_id(0)
+    keep, ok, idv = _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD)
+    inv_tau = tl.load(inv_tau_ptr + row)
+    x_row = x_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+    ids_row = ids_ptr + row.to(tl.int64) * K
+    lanes = tl.arange(0, BLOCK_V)
+
+    s = tl.zeros([BLOCK_V], ACC)
+    m_tail = tl.full([], float("-inf"), ACC)
+    bad = tl.zeros([BLOCK_V], tl.int32)
+    n = tl.where(ok, V, 0)  # ignored rows (and rows with bad ids) read nothing
+    for start in range(0, n, BLOCK_V):
+        cols = start + lanes
+        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(ACC) * inv_tau
+        bad = bad | ((z != z) | (z == float("inf"))).to(tl.int32)
+        # The block's ids: a contiguous run [lo, hi) of the sorted list (the padding, V, never
+        # counts: the bounds stay below V).
+        lo = tl.sum((idv < start).to(tl.int32), axis=0)
+        hi = tl.sum((idv < tl.minimum(start + BLOCK_V, V)).to(tl.int32), axis=0)
+        for j in range(lo, hi):
+            z = tl.where(cols == tl.load(ids_row + j), float("-inf"), z)
+        bmax = tl.max(z, axis=0)
+        if bmax > m_tail:
+            # exp(-inf) = 0: an empty state (s = 0) stays 0
+            s = s * _exp(m_tail - bmax)
+            m_tail = bmax
+        m_ref = tl.where(m_tail == float("-inf"), 0.0, m_tail)  # exp(-inf - m_ref) = 0, never NaN
+        s += _exp(z - m_ref)
+    s_tail = tl.sum(s, axis=0)
+
+    # The head: K gathered logits, and q from the given log-probs.
+    kk = tl.arange(0, K_PAD)
+    hm = kk < tl.where(ok, K, 0)
+    zh = tl.load(x_row + tl.where(hm, idv, 0), mask=hm, other=float("-inf")).to(ACC) * inv_tau
+    bad_h = tl.max(((zh != zh) | (zh == float("inf"))).to(tl.int32), axis=0)
+    m_head = tl.max(zh, axis=0)
+    m_all = tl.maximum(m_tail, m_head)
+    valid = ok & (tl.max(bad, axis=0) == 0) & (bad_h == 0) & (m_all > float("-inf"))
+    valid = valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
+    m = tl.where(valid, m_all, 0.0)
+    s_head = tl.sum(_exp(zh - m), axis=0)  # relative to the row max directly: head terms <= 1
+    tail_part = tl.where(m_tail == float("-inf"), 0.0, s_tail * _exp(m_tail - m))
+    lse = m + tl.log(tail_part + s_head)
+    logp_tail = tl.where(m_tail == float("-inf"), float("-inf"), m_tail + tl.log(s_tail) - lse)
+    lq = tl.load(lq_ptr + row.to(tl.int64) * K + kk, mask=hm, other=float("-inf")).to(ACC)
+    q = _exp(lq)
+    q_head = tl.sum(q, axis=0)
+    rest = 1.0 - q_head
+    q_tail = tl.where((K < V) & (rest > 0.0), rest, 0.0)
+    # q (log q - log p), exactly 0 where q = 0
+    head = tl.sum(tl.where(q == 0.0, 0.0, q * (lq - (zh - lse))), axis=0)
+    tail = tl.where(q_tail == 0.0, 0.0, q_tail * (tl.log(q_tail) - logp_tail))
+    nan = float("nan")
+    tl.store(kl_ptr + row, tl.where(keep, tl.where(valid, head + tail, nan), 0.0))
+    tl.store(lse_ptr + row, tl.where(keep, tl.where(valid, lse, nan), 0.0))
+    tl.store(logp_tail_ptr + row, tl.where(keep, tl.where(valid, logp_tail, nan), 0.0))
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _bwd_kernel(
+    g_ptr, x_ptr, ids_ptr, lq_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K,
+    n_inner, stride_outer, stride_inner, lse_ptr, logp_tail_ptr, grad_ptr,
+    HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    row = tl.program_id(0)
+    keep, ok, idv = _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD)
+    lse = tl.load(lse_ptr + row)
+    logp_tail = tl.load(logp_tail_ptr + row)
+    valid = ok & (lse > float("-inf")) & (lse < float("inf"))  # NaN rows stay NaN
+    inv_tau = tl.load(inv_tau_ptr + row)
+    g_tau = tl.load(g_ptr + row).to(ACC) * inv_tau
+    x_row = x_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+    ids_row = ids_ptr + row.to(tl.int64) * K
+    lq_row = lq_ptr + row.to(tl.int64) * K
+    grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
+
+    # topk_kl_grad_coef (softmax_stats.h), with log(1 - y) for log1p(-y): the same absolute
+    # error in tail_log, i.e. the same relative error of the gradient.
+    kk = tl.arange(0, K_PAD)
+    hm = kk < tl.where(valid, K, 0)
+    q_head = tl.sum(_exp(tl.load(lq_row + kk, mask=hm, other=float("-inf")).to(ACC)), axis=0)
+    rest = 1.0 - q_head
+    q_tail = tl.where((K < V) & (rest > 0.0), rest, 0.0)
+    q_all = q_head + q_tail
+    log_q = tl.log(q_all)
+    tail_empty = logp_tail == float("-inf")
+    log_ratio = tl.where(tail_empty | (q_tail == 0.0), 0.0, tl.log(q_tail) - logp_tail)
+    above = log_ratio > log_q
+    tail_log = tl.where(
+        above,
+        log_ratio + tl.log(1.0 - _exp(log_q - log_ratio)),
+        log_q + tl.log(1.0 - _exp(log_ratio - log_q)),
+    )
+    sign = tl.where(above, -1.0, 1.0)
+    tail_log = tl.where(q_tail == 0.0, log_q, tl.where(tail_empty, float("-inf"), tail_log))
+    sign = tl.where(q_tail == 0.0, tl.where(q_all > 0.0, 1.0, 0.0), sign)
+    sign = tl.where((q_tail != 0.0) & tail_empty, 0.0, sign)
+    off = tl.where(valid, lse - tail_log, 0.0)  # +inf when the tail factor is 0
+    scale = sign * g_tau
+
+    lanes = tl.arange(0, BLOCK_V)
+    n_read = tl.where(valid, V, 0)
+    for start in range(0, V, BLOCK_V):
+        cols = start + lanes
+        z = tl.load(x_row + cols, mask=cols < n_read, other=float("-inf")).to(ACC) * inv_tau
+        # off the ids: dKL/dz_j = sign exp(z_j - L + tail_log) = p_j (Q - q_tail / p_tail)
+        g = scale * _exp(z - off)
+        lo = tl.sum((idv < start).to(tl.int32), axis=0)
+        hi = tl.sum((idv < tl.where(valid, tl.minimum(start + BLOCK_V, V), 0)).to(tl.int32), axis=0)
+        for j in range(lo, hi):
+            idj = tl.load(ids_row + j)
+            # on the ids: dKL/dz_j = Q p_j - q_j
+            p_j = _exp(tl.load(x_row + idj).to(ACC) * inv_tau - lse)
+            head = g_tau * (q_all * p_j - _exp(tl.load(lq_row + j).to(ACC)))
+            g = tl.where(cols == idj, head, g)
+        g = tl.where(keep, tl.where(valid, g, float("nan")), 0.0)
+        tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers: the signatures of the C++ ones (pg_kernels._C.topk_kl_forward / _backward).
+
+
+def _sorted(topk_ids, topk_logprobs, labels, V, ignore_index):
+    """Ids sorted per row (and the log-probs in the same order), both contiguous [N, K]."""
+    ids, order = topk_ids.long().sort(-1)
+    lq = topk_logprobs.gather(-1, order).contiguous()
+    if ids.device.type == "cpu":  # the interpreter: the C++ kernel's checks (kept rows only)
+        kept = (
+            torch.ones(ids.shape[0], dtype=torch.bool) if labels is None else labels != ignore_index
+        )
+        bad = ((ids < 0) | (ids >= V)).any(-1) & kept
+        if bool(bad.any()):
+            raise RuntimeError(
+                f"topk_kl: topk_ids row {int(bad.nonzero()[0, 0])} is outside [0, {V})"
+            )
+        dup = (ids[:, 1:] == ids[:, :-1]).any(-1) & kept
+        if bool(dup.any()):
+            raise RuntimeError(
+                f"topk_kl: topk_ids row {int(dup.nonzero()[0, 0])} holds an id twice; the top-k "
+                "ids of a row must be distinct"
+            )
+    return ids.contiguous(), lq
+
+
+def _launch_args(topk_ids, labels, V, dtype):
+    bv = block_v(V, dtype)
+    meta = dict(
+        HAS_LABELS=labels is not None,
+        K_PAD=max(16, triton.next_power_of_2(topk_ids.shape[1])),
+        BLOCK_V=bv,
+        num_warps=_num_warps(bv, dtype),
+    )
+    return (topk_ids if labels is None else labels), meta
+
+
+def topk_kl_forward(
+    logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar, ignore_index,
+    n_inner, stride_outer, stride_inner,
+):  # fmt: skip
+    """topk_ids, topk_logprobs: [N, K]; labels: flat [N] or None. Returns flat [N] kl, lse and
+    log p_tail."""
+    (N, K), V = topk_ids.shape, logits.shape[-1]
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    outs = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(3)]
+    if N > 0:
+        ids, lq = _sorted(topk_ids, topk_logprobs, labels, V, ignore_index)
+        inv_tau = inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
+        labels_arg, meta = _launch_args(topk_ids, labels, V, logits.dtype)
+        _fwd_kernel[(N,)](
+            logits, ids, lq, labels_arg, inv_tau, ignore_index, V, K, n_inner, stride_outer,
+            stride_inner, *outs, **meta,
+        )  # fmt: skip
+    return outs
+
+
+def topk_kl_backward(
+    grad_kl, logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar,
+    ignore_index, lse, logp_tail, n_inner, stride_outer, stride_inner,
+):  # fmt: skip
+    (N, K), V = topk_ids.shape, logits.shape[-1]
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if N > 0:
+        acc = lse.dtype
+        ids, lq = _sorted(topk_ids, topk_logprobs, labels, V, ignore_index)
+        inv_tau = inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
+        labels_arg, meta = _launch_args(topk_ids, labels, V, logits.dtype)
+        _bwd_kernel[(N,)](
+            grad_kl.to(acc), logits, ids, lq, labels_arg, inv_tau, ignore_index, V, K, n_inner,
+            stride_outer, stride_inner, lse, logp_tail, grad, **meta,
+        )  # fmt: skip
+    return grad

@@ -1,0 +1,445 @@
+"""topk_kl against the float64 reference on every backend with a kernel, plus the op contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pg_kernels
+from pg_kernels import reference
+from pg_kernels.ops import topk_kl as topk_kl_op
+from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+INF = float("inf")
+
+
+@pytest.fixture
+def bd(backend_device):
+    """(backend, device) pairs of the conftest whose backend has a topk_kl kernel."""
+    backend, device = backend_device
+    if backend not in topk_kl_op.KERNELS:
+        pytest.skip(f"topk_kl has no {backend} kernel")
+    return backend, device
+
+
+def _op(backend):
+    def op(logits, topk_ids, topk_logprobs, **kw):
+        return pg_kernels.topk_kl(logits, topk_ids, topk_logprobs, backend=backend, **kw)
+
+    return op
+
+
+def make_topk(logits, k, *, seed, noise=1.0, lp_dtype=None):
+    """q from logits + noise (float64): its top-k ids (in random order), their log-probs, and
+    q's full logits (for the full KL)."""
+    g = torch.Generator().manual_seed(seed)
+    base = logits.detach().double().cpu()
+    ref_logits = base + torch.randn(base.shape, generator=g, dtype=torch.float64) * noise
+    logq = ref_logits.log_softmax(-1)
+    lp, ids = logq.topk(k, dim=-1)
+    perm = torch.rand(ids.shape, generator=g).argsort(-1)
+    lp_dtype = lp_dtype or (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    dev = logits.device
+    return ids.gather(-1, perm).to(dev), lp.gather(-1, perm).to(lp_dtype).to(dev), ref_logits
+
+
+def _interpreted(backend: str, device: str) -> bool:
+    """The Triton interpreter costs ~ms per (program x loop step): keep its shapes small."""
+    return backend == "triton" and device == "cpu"
+
+
+def _shapes(backend: str, device: str):
+    """(N, V, K): odd vocab sizes and a real one."""
+    if _interpreted(backend, device):
+        return [(3, 7, 3), (4, 1000, 20), (2, 5003, 20)]
+    return [(3, 7, 3), (16, 1000, 20), (8, 32003, 50), (2, 151936, 20)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(bd, dtype):
+    backend, device = bd
+    for i, (n, v, k) in enumerate(_shapes(backend, device)):
+        x = make_logits(n, v, dtype, device=device, seed=i)
+        near_one_hot(x, slice(0, 1))  # p's tail ~e^-40: log p_tail must not cancel
+        ids, lp, _ = make_topk(x, k, seed=i, noise=0.5 + i)
+        y = make_labels((n,), v, device=device, seed=i)
+        check_against_reference(
+            _op(backend), reference.topk_kl, (x, ids, lp), {"labels": y}, diff_fields=("out",),
+            seed=i,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_temperature(bd, dtype):
+    backend, device = bd
+    x = make_logits((2, 3), 1000, dtype, device=device, seed=1)
+    ids, lp, _ = make_topk(x, 16, seed=1)
+    per_row = torch.rand(2, 3, dtype=torch.float64, device=device) * 2 + 0.25
+    for temperature in (0.7, per_row):
+        check_against_reference(
+            _op(backend), reference.topk_kl, (x, ids, lp), {"temperature": temperature},
+            diff_fields=("out",),
+        )  # fmt: skip
+
+
+def test_q_tail_edge_cases(bd):
+    """q_tail = 0 (top-k holding all of q), sum q_v > 1 (clamped), a q_v = 0 on a -inf logit."""
+    backend, device = bd
+    v, k = 1000, 8
+    x = make_logits(4, v, torch.float32, device=device, seed=2)
+    ids, lp, _ = make_topk(x, k, seed=2)
+    lp[0] = lp[0] - lp[0].double().exp().sum().log().float()  # sum q = 1 up to rounding
+    lp[1] = lp[1] - lp[1].double().exp().sum().log().float() + 1e-3  # sum q > 1: q_tail = 0
+    lp[2, 0] = -INF  # q_v = 0 ...
+    x[2, ids[2, 0]] = -INF  # ... on a -inf logit: adds exactly 0
+    lp[3] = lp[3] - 30.0  # q's tail holds almost everything
+    check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), {}, diff_fields=("out",))
+    out = _op(backend)(x, ids, lp)
+    assert torch.isfinite(out).all()
+
+
+def test_tail_far_below_the_head(bd):
+    """p's tail ~e^-150 below the head (exp(z - m) underflows in fp32; q_tail / p_tail would
+    overflow): log p_tail and the tail gradient -q_tail p_j / p_tail stay accurate."""
+    backend, device = bd
+    v, k = 5000, 10
+    x = make_logits(3, v, torch.float32, device=device, seed=20, scale=1.0)
+    ids, lp, _ = make_topk(x, k, seed=20)
+    for r, gap in enumerate((150.0, 60.0, 100.0)):
+        x[r, ids[r]] += gap
+    lp[2] = lp[2] - lp[2].double().exp().sum().log().float() - 1e-3  # q_tail ~1e-3
+    check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), {}, diff_fields=("out",))
+    xg = x.clone().requires_grad_()
+    _op(backend)(xg, ids, lp).sum().backward()
+    assert torch.isfinite(xg.grad).all() and (xg.grad[0].abs().sum() > 0)
+
+
+def test_ids_at_edges_and_chunk_boundaries(bd):
+    """Ids at 0, V - 1 and on both sides of the CPU kernel's 2048-element chunk boundaries."""
+    backend, device = bd
+    v = 10000
+    x = make_logits(3, v, torch.float32, device=device, seed=21)
+    edge = torch.tensor([0, v - 1, 2047, 2048, 4095, 4096, 8191, 8192], device=device)
+    ids = torch.stack([edge, edge.flip(0), torch.randperm(v)[:8].to(device)])
+    x[0, edge] += 6.0  # the head holds most of p in row 0
+    lp = torch.randn(3, 8, generator=torch.Generator().manual_seed(21)).log_softmax(-1) - 0.1
+    check_against_reference(
+        _op(backend), reference.topk_kl, (x, ids, lp.to(device)), {}, diff_fields=("out",)
+    )
+
+
+def test_neg_inf_entries(bd):
+    """-inf logits add 0; q_v > 0 on a -inf logit, or q_tail > 0 against an all -inf tail, give
+    +inf with the finite limit gradient (Q p_j - q_j on the ids, 0 on -inf logits)."""
+    backend, device = bd
+    # several CPU chunks / Triton blocks; the first all -inf in row 1
+    v, k = (9000 if _interpreted(backend, device) else 70000), 30
+    x = make_logits(5, v, torch.float32, device=device, seed=3)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    x[mask.to(device)] = -INF
+    x[1, : v // 2] = -INF
+    ids, lp, _ = make_topk(torch.where(torch.isneginf(x), -1e4, x), k, seed=3)
+    check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), {}, diff_fields=("out",))
+    # Row 3: a q_v > 0 on a -inf logit. Row 4: every logit off the ids is -inf, q_tail > 0.
+    x[3, ids[3, 5]] = -INF
+    keep = torch.zeros(v, dtype=torch.bool, device=device)
+    keep[ids[4]] = True
+    x[4, ~keep] = -INF
+    xk = x.clone().requires_grad_()
+    out = _op(backend)(xk, ids, lp)
+    xr = x.clone().requires_grad_()
+    truth = reference.topk_kl(xr, ids, lp)
+    assert out[3] == INF and out[4] == INF and torch.isfinite(out[:3]).all()
+    torch.testing.assert_close(out[:3].double(), truth[:3], rtol=2e-5, atol=1e-6)
+    out.sum().backward()
+    truth.sum().backward()
+    assert torch.isfinite(xk.grad).all()
+    torch.testing.assert_close(xk.grad.double(), xr.grad.double(), rtol=0, atol=1e-6)
+    assert (xk.grad[4][~keep] == 0).all()
+
+
+def test_equals_full_kl_at_k_equals_v(bd):
+    backend, device = bd
+    for v in (7, 200 if _interpreted(backend, device) else 1000):
+        x = make_logits(3, v, torch.float64, device=device, seed=4)
+        ids, lp, ref_logits = make_topk(x, v, seed=4)
+        xk = x.clone().requires_grad_()
+        out = _op(backend)(xk, ids, lp)
+        full = reference.kl_divergence(x, ref_logits.to(device), direction="forward")
+        torch.testing.assert_close(out, full, rtol=1e-12, atol=1e-13)
+        out.sum().backward()
+        grad = x.softmax(-1) - ref_logits.to(device).softmax(-1)  # SPEC 4: p - q
+        torch.testing.assert_close(xk.grad, grad, rtol=0, atol=1e-13)
+        # fp32 log-probs (sum q != 1 by rounding): still finite and close
+        out32 = _op(backend)(x.float(), ids, lp.float())
+        torch.testing.assert_close(out32.double(), full, rtol=1e-5, atol=1e-6)
+
+
+def test_lower_bound_on_full_kl(bd):
+    """Data processing: KL_k <= KL(q || p) for every k, and KL_k grows with k."""
+    backend, device = bd
+    v = 200 if _interpreted(backend, device) else 1000
+    x = make_logits(8, v, torch.float64, device=device, seed=5)
+    _, _, ref_logits = make_topk(x, 1, seed=5, noise=2.0)
+    logq = ref_logits.log_softmax(-1).to(device)
+    full = reference.kl_divergence(x, ref_logits.to(device), direction="forward")
+    order = logq.argsort(-1, descending=True)
+    prev = torch.zeros_like(full)
+    for k in (1, 5, 50, v // 2, v - 1, v):
+        ids = order[:, :k]
+        out = _op(backend)(x, ids, logq.gather(-1, ids))
+        assert (out <= full + 1e-12).all() and (out >= prev - 1e-12).all(), k
+        prev = out
+    torch.testing.assert_close(prev, full, rtol=1e-12, atol=1e-13)
+    # fp32 logits and log-probs: within rounding of the bound
+    ids = order[:, :20]
+    out = _op(backend)(x.float(), ids, logq.gather(-1, ids).float())
+    assert (out.double() <= full * (1 + 1e-5) + 1e-6).all()
+
+
+def test_invalid_rows_stay_local(bd):
+    backend, device = bd
+    x = make_logits(5, 1000, torch.float32, device=device, seed=6)
+    ids, lp, _ = make_topk(x, 10, seed=6)
+    clean = _op(backend)(x, ids, lp)
+    x[1, 10] = float("nan")
+    x[2, ids[2, 3]] = INF  # +inf on one of the ids
+    x[3] = -INF
+    xg = x.clone().requires_grad_()
+    out = _op(backend)(xg, ids, lp)
+    assert torch.isnan(out[1:4]).all()
+    assert torch.equal(out[[0, 4]], clean[[0, 4]])
+    out.sum().backward()
+    assert torch.isnan(xg.grad[1:4]).all() and torch.isfinite(xg.grad[[0, 4]]).all()
+
+
+def test_ignore_index_rows(bd):
+    """Ignored rows give 0 and zero gradient; their ids are never read (padding may be junk)."""
+    backend, device = bd
+    x = make_logits(4, 1000, torch.float32, device=device, seed=7)
+    ids, lp, _ = make_topk(x, 10, seed=7)
+    ids[1] = -1  # junk padding
+    ids[3] = 0  # duplicates
+    y = torch.tensor([3, -1, 999, -1], device=device)
+    xg = x.clone().requires_grad_()
+    out = _op(backend)(xg, ids, lp, labels=y, ignore_index=-1)
+    assert (out[[1, 3]] == 0).all() and (out[[0, 2]] > 0).all()
+    out.sum().backward()
+    assert (xg.grad[[1, 3]] == 0).all() and (xg.grad[[0, 2]] != 0).any()
+    check_against_reference(
+        _op(backend), reference.topk_kl, (x, ids, lp), {"labels": y, "ignore_index": -1},
+        diff_fields=("out",),
+    )  # fmt: skip
+
+
+def test_strided_input_is_read_in_place(bd):
+    backend, device = bd
+    base = make_logits((3, 5), 1000, torch.float32, device=device, seed=8)
+    view = base[:, :-1]
+    ids, lp, _ = make_topk(view, 12, seed=8)
+    assert not view.is_contiguous()
+    assert torch.equal(_op(backend)(view, ids, lp), _op(backend)(view.contiguous(), ids, lp))
+    ids_view = torch.cat([ids, ids], -1)[..., :12]  # non-contiguous ids too
+    assert torch.equal(_op(backend)(view, ids_view, lp), _op(backend)(view, ids, lp))
+    check_against_reference(
+        _op(backend), reference.topk_kl, (view, ids, lp), {}, diff_fields=("out",)
+    )
+
+
+def test_int32_ids_and_shift_invariance(bd):
+    backend, device = bd
+    x = make_logits(6, 1000, torch.float32, device=device, seed=9)
+    ids, lp, _ = make_topk(x, 10, seed=9)
+    a, b = _op(backend)(x, ids, lp), _op(backend)(x, ids.int(), lp)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(_op(backend)(x + 11.0, ids, lp), a, rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_and_batch_invariant(bd):
+    backend, device = bd
+    v = 40000
+    x = make_logits(9, v, torch.bfloat16, device=device, seed=10)
+    ids, lp, _ = make_topk(x, 20, seed=10)
+
+    def run(xs, i, lps):
+        xg = xs.clone().requires_grad_()
+        out = _op(backend)(xg, i, lps)
+        out.sum().backward()
+        return out, xg.grad
+
+    (a, ga), (b, gb) = run(x, ids, lp), run(x, ids, lp)
+    alone, g_alone = run(x[4:5], ids[4:5], lp[4:5])
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    assert torch.equal(a[4:5], alone) and torch.equal(ga[4:5], g_alone)
+
+
+def test_empty_batch(bd):
+    backend, device = bd
+    x = torch.randn(0, 7, 100, device=device, requires_grad=True)
+    ids = torch.zeros(0, 7, 5, dtype=torch.long, device=device)
+    out = _op(backend)(x, ids, torch.zeros(0, 7, 5, device=device))
+    assert out.shape == (0, 7)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_inputs_not_mutated(bd):
+    backend, device = bd
+    x = make_logits(4, 1000, torch.bfloat16, device=device, seed=11)
+    ids, lp, _ = make_topk(x, 10, seed=11)
+    t = torch.rand(4, device=device) + 0.5
+    copies = [x.clone(), ids.clone(), lp.clone(), t.clone()]
+    xg = x.requires_grad_()
+    _op(backend)(xg, ids, lp, temperature=t).sum().backward()
+    for before, after in zip(copies, (x.detach(), ids, lp, t)):
+        assert torch.equal(before, after)
+
+
+def test_auto_backend_and_reference_backend_agree():
+    x = make_logits(4, 1000, torch.float32, seed=12)
+    ids, lp, _ = make_topk(x, 10, seed=12)
+    a = pg_kernels.topk_kl(x, ids, lp)
+    b = pg_kernels.topk_kl(x, ids, lp, backend="reference")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- the op contract (CPU extension) ------------------------------------------------------
+
+needs_cpu_ext = pytest.mark.skipif(
+    pg_kernels._backend.unavailable_reason("cpu", torch.device("cpu")) is not None,
+    reason="C++ extension not built",
+)
+
+
+@needs_cpu_ext
+def test_gradcheck_float64():
+    x = make_logits(4, 11, torch.float64, seed=13).requires_grad_()
+    ids, lp, _ = make_topk(x, 4, seed=13)
+    lp[1] += 0.2  # sum q > 1: q_tail clamped to 0
+    ids_all, lp_all, _ = make_topk(x, 11, seed=14)  # k = V
+    t = torch.tensor([0.5, 1.0, 2.0, 1.3], dtype=torch.float64)
+    y = torch.tensor([0, -100, 4, 7])
+
+    def f(x):
+        return (
+            pg_kernels.topk_kl(x, ids, lp, temperature=t, labels=y, backend="cpu"),
+            pg_kernels.topk_kl(x, ids_all, lp_all, temperature=0.8, backend="cpu"),
+        )
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+@needs_cpu_ext
+def test_opcheck():
+    x = make_logits(4, 33, torch.float32, seed=15)
+    ids, lp, _ = make_topk(x, 5, seed=15)
+    y = make_labels((4,), 33, seed=15)
+    t = torch.rand(4) + 0.5
+    for temp, labels in ((None, None), (t, y)):
+        torch.library.opcheck(
+            torch.ops.pg_kernels.topk_kl.default,
+            (x.requires_grad_(), ids, lp, labels, temp, 1.3, -100, "cpu"),
+        )
+    kl, lse, logp_tail = torch.ops.pg_kernels.topk_kl(
+        x.detach(), ids, lp, y, None, 1.0, -100, "cpu"
+    )
+    args = (torch.randn(4), x.detach(), ids, lp, y, None, 1.0, -100, lse, logp_tail, "cpu")
+    torch.library.opcheck(torch.ops.pg_kernels.topk_kl_backward.default, args)
+
+
+@needs_cpu_ext
+def test_compile_fullgraph_matches_eager():
+    x = make_logits((2, 3), 500, torch.float32, seed=16)
+    ids, lp, _ = make_topk(x, 7, seed=16)
+    y = make_labels((2, 3), 500, seed=16)
+
+    def loss(x, ids, lp, y):
+        kl = pg_kernels.topk_kl(x, ids, lp, temperature=0.9, labels=y)
+        return (kl * 0.5).sum(), kl
+
+    compiled = torch.compile(loss, fullgraph=True)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la, ka = loss(xa, ids, lp, y)
+    lb, kb = compiled(xb, ids, lp, y)
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb) and torch.equal(ka, kb) and torch.equal(xa.grad, xb.grad)
+
+
+@needs_cpu_ext
+def test_kernel_rejects_bad_ids_without_python_checks():
+    """The C++ kernel never reads out of bounds, even when called directly (no Python checks)."""
+    x = make_logits(2, 50, torch.float32, seed=17)
+    lp = torch.full((2, 3), -2.0)
+    for bad, msg in (
+        ([[0, 1, 50], [1, 2, 3]], "outside [0, 50)"),
+        ([[0, 1, 1], [1, 2, 3]], "twice"),
+    ):
+        with pytest.raises(RuntimeError, match=None) as info:
+            torch.ops.pg_kernels.topk_kl(x, torch.tensor(bad), lp, None, None, 1.0, -100, "cpu")
+        assert msg in str(info.value)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def _bad_cases():
+    f = pg_kernels.topk_kl
+    return [
+        (lambda x, i, lp: f(x, i.float(), lp), TypeError, "topk_ids must be int64 or int32"),
+        (lambda x, i, lp: f(x, i, lp.long()), TypeError, "topk_logprobs must be a floating"),
+        (lambda x, i, lp: f(x, i[..., :0], lp[..., :0]), ValueError, "K >= 1"),
+        (lambda x, i, lp: f(x, i, lp[..., :2]), ValueError, "topk_logprobs must have the shape"),
+        (lambda x, i, lp: f(x, i[0], lp[0]), ValueError, "topk_ids must have shape [..., K]"),
+        (lambda x, i, lp: f(x[..., :3], i, lp), ValueError, "K = 4 distinct ids cannot exist"),
+        (lambda x, i, lp: f(x, i.tolist(), lp), TypeError, "topk_ids must be a torch.Tensor"),
+        (
+            lambda x, i, lp: f(x, i.index_fill(2, torch.tensor([1]), 50), lp),
+            ValueError,
+            "topk_ids[0, 0, 1] = 50 is outside [0, 50)",
+        ),
+        (
+            lambda x, i, lp: f(x, i.index_fill(2, torch.tensor([3]), -1), lp),
+            ValueError,
+            "topk_ids[0, 0, 3] = -1",
+        ),
+        (
+            lambda x, i, lp: f(x, torch.cat([i[..., :3], i[..., 1:2]], -1), lp),
+            ValueError,
+            "topk_ids[0, 0, 1] and topk_ids[0, 0, 3] are both",
+        ),
+        (
+            lambda x, i, lp: f(x, i, lp.clone().requires_grad_()),
+            ValueError,
+            "topk_logprobs is not differentiable",
+        ),
+        (
+            lambda x, i, lp: f(x, i, lp, labels=torch.zeros(2, dtype=torch.long)),
+            ValueError,
+            "labels must have",
+        ),
+        (lambda x, i, lp: f(x.long(), i, lp), TypeError, "logits must be bf16"),
+        (lambda x, i, lp: f(x, i, lp, temperature=0.0), ValueError, "temperature must be finite"),
+        (lambda x, i, lp: f(x, i, lp, backend="tpu"), ValueError, "backend must be one of"),
+        (lambda x, i, lp: f(x, i, lp, backend="cuda"), RuntimeError, "cannot run here"),
+        (lambda x, i, lp: f(x, i, lp, ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (
+            lambda x, i, lp: f(x.to("meta"), i, lp),
+            ValueError,
+            "topk_ids is on cpu but logits on meta",
+        ),
+    ]
+
+
+BAD_INPUTS = _bad_cases()
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_input_raises_clear_error(case):
+    fn, exc, msg = BAD_INPUTS[case]
+    x = make_logits((2, 3), 50, seed=18)
+    ids, lp, _ = make_topk(x, 4, seed=18)
+    with pytest.raises(exc, match=None) as info:
+        fn(x, ids, lp)
+    assert msg in str(info.value), str(info.value)
