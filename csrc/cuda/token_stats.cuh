@@ -48,9 +48,10 @@
 //     SM, i.e. up to 128 KiB of loads in flight per SM while Little's law asks for roughly
 //     bandwidth/SM x latency = 22.7 B/ns x ~1 us ~= 23 KiB: with 4 CTAs per SM alternating between
 //     their load phase and their compute/reduce phase, the memory system stays saturated.
-//   * Issue budget (bf16, H100, 3 TB/s): 6.5 logits per clock per SM must be consumed. The inner
-//     loop costs ~7.5 instructions per logit (unpack 1, packed max 0.5, FFMA, clamp, EX2, FADD,
-//     2 FFMA) and the per-item reductions ~20 % more: ~60 of the 128 issue slots per clock.
+//   * Issue budget (bf16, H100, 3 TB/s): 6.5 logits per clock per SM must be consumed. In the
+//     sm_90 SASS the exp loop is 7 instructions per logit (unpack, FFMA, clamp FMNMX, MUFU.EX2,
+//     FADD, 2 FFMA), the max 0.25 (3-input VHMNMX.BF16_V2.NAN), and loads, reductions and loop
+//     control bring the item to ~11 per logit: ~60 % of the 128 issue slots per clock.
 //     fp32 logits take the more accurate exp (below) at half the logits per clock.
 //   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
 //     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item.
@@ -76,6 +77,7 @@
 #include <climits>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "pg_kernels/softmax_stats.h"
 
@@ -110,6 +112,7 @@ struct DTypeTraits<BF16> {
   static constexpr bool kPacked16 = true;
   static constexpr uint16_t kNegInfBits = 0xFF80;
   static constexpr uint16_t kNaNBits = 0x7FC0;
+  static constexpr int kMinBlocks = kMinBlocksPerSM;
 };
 template <>
 struct DTypeTraits<F16> {
@@ -119,6 +122,7 @@ struct DTypeTraits<F16> {
   static constexpr bool kPacked16 = true;
   static constexpr uint16_t kNegInfBits = 0xFC00;
   static constexpr uint16_t kNaNBits = 0x7E00;
+  static constexpr int kMinBlocks = kMinBlocksPerSM;
 };
 template <>
 struct DTypeTraits<F32> {
@@ -128,6 +132,7 @@ struct DTypeTraits<F32> {
   static constexpr bool kPacked16 = false;
   static constexpr uint32_t kNegInfBits = 0xFF800000u;
   static constexpr uint32_t kNaNBits = 0x7FC00000u;
+  static constexpr int kMinBlocks = kMinBlocksPerSM;
 };
 template <>
 struct DTypeTraits<F64> {
@@ -137,24 +142,34 @@ struct DTypeTraits<F64> {
   static constexpr bool kPacked16 = false;
   static constexpr unsigned long long kNegInfBits = 0xFFF0000000000000ull;
   static constexpr unsigned long long kNaNBits = 0x7FF8000000000000ull;
+  // fp64 is not a performance target and double exp needs many registers: 2 CTAs per SM
+  // (128 registers) instead of spilling.
+  static constexpr int kMinBlocks = 2;
 };
 
 // ---------------------------------------------------------------------------------------------
 // Chunking: a function of (V, dtype) only, shared by forward and backward and by the host.
+// In-row indices are 32-bit in the kernels (fewer registers and instructions): the glue checks
+// V <= kMaxVocab.
+constexpr int64_t kMaxVocab = (int64_t(1) << 31) - 64;
+
 struct ChunkPlan {
-  int64_t n_vecs;            // 16-byte vectors per row, ceil(V / kVec) (the last may be partial)
-  int64_t n_chunks;          // C >= 1
-  int64_t vecs_per_chunk;    // chunk k covers vectors [k * vecs_per_chunk, (k + 1) * ...)
-  int threads;               // CTA size: a multiple of 32, <= kMaxThreads, threads * kUnroll >= vecs_per_chunk
+  int n_vecs;           // 16-byte vectors per row, ceil(V / kVec) (the last may be partial)
+  int n_chunks;         // C >= 1
+  int vecs_per_chunk;   // chunk k covers vectors [k * vecs_per_chunk, (k + 1) * vecs_per_chunk)
+  int threads;          // CTA size: multiple of 32, <= kMaxThreads, threads * kUnroll >= vecs_per_chunk
 };
 
 PGK_HD ChunkPlan plan_chunks(int64_t V, int vec) {
   ChunkPlan p;
-  p.n_vecs = V > 0 ? (V + vec - 1) / vec : 0;
-  p.n_chunks = p.n_vecs > 0 ? (p.n_vecs + kVectorsPerChunk - 1) / kVectorsPerChunk : 1;
-  p.vecs_per_chunk = p.n_vecs > 0 ? (p.n_vecs + p.n_chunks - 1) / p.n_chunks : 1;
-  const int64_t per_thread_rows = (p.vecs_per_chunk + kUnroll - 1) / kUnroll;
+  const int64_t n_vecs = V > 0 ? (V + vec - 1) / vec : 0;
+  const int64_t n_chunks = n_vecs > 0 ? (n_vecs + kVectorsPerChunk - 1) / kVectorsPerChunk : 1;
+  const int64_t per_chunk = n_vecs > 0 ? (n_vecs + n_chunks - 1) / n_chunks : 1;
+  const int64_t per_thread_rows = (per_chunk + kUnroll - 1) / kUnroll;
   const int64_t warps = (per_thread_rows + 31) / 32;
+  p.n_vecs = static_cast<int>(n_vecs);
+  p.n_chunks = static_cast<int>(n_chunks);
+  p.vecs_per_chunk = static_cast<int>(per_chunk);
   p.threads = static_cast<int>(warps < 1 ? 32 : (warps > kMaxWarps ? kMaxThreads : warps * 32));
   return p;
 }
@@ -181,6 +196,56 @@ inline bool rows_are_16b_aligned(const void* ptr, int64_t elem_size, int64_t N,
   return true;
 }
 
+// A CTA walks the items blockIdx.x, blockIdx.x + gridDim.x, ...; item = row * C + chunk. These
+// steps (computed on the host from the grid size) advance (row, chunk) and the row's
+// (outer, inner) layout coordinates without a 64-bit division per item, which would cost ~15 %
+// of an item's instructions.
+struct GridWalk {
+  int64_t step_row;    // gridDim.x / C
+  int step_chunk;      // gridDim.x % C
+  int64_t step_outer;  // step_row / n_inner
+  int64_t step_inner;  // step_row % n_inner
+};
+
+inline GridWalk make_grid_walk(int64_t grid, int n_chunks, int64_t n_inner) {
+  GridWalk w;
+  w.step_row = grid / n_chunks;
+  w.step_chunk = static_cast<int>(grid % n_chunks);
+  w.step_outer = w.step_row / n_inner;
+  w.step_inner = w.step_row % n_inner;
+  return w;
+}
+
+struct ItemCursor {
+  int64_t row;
+  int chunk;
+  int64_t outer, inner;  // row = outer * n_inner + inner
+  PGK_HD void init(int64_t item, int C, int64_t n_inner) {
+    row = item / C;
+    chunk = static_cast<int>(item - row * C);
+    outer = row / n_inner;
+    inner = row - outer * n_inner;
+  }
+  PGK_HD void advance(const GridWalk& w, int C, int64_t n_inner) {
+    row += w.step_row;
+    chunk += w.step_chunk;
+    outer += w.step_outer;
+    inner += w.step_inner;
+    if (chunk >= C) {  // carry: one row further
+      chunk -= C;
+      ++row;
+      ++inner;
+    }
+    if (inner >= n_inner) {  // inner < 2 n_inner here, so one carry is enough
+      inner -= n_inner;
+      ++outer;
+    }
+  }
+  PGK_HD int64_t offset(const RowLayout& l) const {
+    return outer * l.stride_outer + inner * l.stride_inner;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Kernel parameters (plain structs passed by value).
 template <typename acc_t>
@@ -195,6 +260,7 @@ struct RowInputs {
   int64_t V;
   RowLayout layout;
   ChunkPlan plan;
+  GridWalk walk;               // set by the launcher from its grid size
 };
 
 template <typename acc_t>
@@ -248,16 +314,30 @@ __device__ __forceinline__ float max_nan_acc(float a, float b) { return max_nan_
 // Max of two packed 16-bit pairs, NaN-propagating, one instruction for two logits.
 template <typename Tag>
 __device__ __forceinline__ uint32_t max_nan_x2(uint32_t a, uint32_t b);
+// Before sm_80 there is no packed max.NaN: callers convert and use max_nan_f32 instead.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define PGK_PACKED_MAX 1
+#else
+#define PGK_PACKED_MAX 0
+#endif
 template <>
 __device__ __forceinline__ uint32_t max_nan_x2<BF16>(uint32_t a, uint32_t b) {
   uint32_t r;
+#if PGK_PACKED_MAX
   asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+#else
+  r = 0;  // unused: thread_max does not call it
+#endif
   return r;
 }
 template <>
 __device__ __forceinline__ uint32_t max_nan_x2<F16>(uint32_t a, uint32_t b) {
   uint32_t r;
+#if PGK_PACKED_MAX
   asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+#else
+  r = 0;  // unused: thread_max does not call it
+#endif
   return r;
 }
 
@@ -274,8 +354,10 @@ constexpr float kLn2 = 0.693147182464599609375f;         // float(ln 2)
 
 // exp(d) for fp32 to ~2-3 ulp: 2^(d log2e) with d log2e split into h + l, h = fl(d kLog2e) and
 // l = the product's exact rounding error (FMA) + d (log2e - kLog2e); then 2^l ~= 1 + l ln2
-// (|l| < 2^-16). Without the split, fl(d log2e) alone costs |d| 2^-24 relative.
-// d must be >= -200 (callers clamp): then h > -289, so no overflow in the error terms.
+// (|l| < 2^-16). Without the split, fl(d log2e) alone costs |d| 2^-24 relative. Emulated on the
+// host over d in [-88, 0] with a correctly rounded 2^h: split <= 1.0 ulp (mean 0.32), unsplit up
+// to 64 ulp (mean 7.5); ex2.approx adds its own <= 2 ulp.
+// d must be >= min_d32() = -128 (callers clamp): then h > -185, so no overflow in the error terms.
 __device__ __forceinline__ float exp_accurate(float d) {
   const float h = __fmul_rn(d, kLog2e);
   float l = fmaf(d, kLog2e, -h);
@@ -284,15 +366,21 @@ __device__ __forceinline__ float exp_accurate(float d) {
   return fmaf(e, __fmul_rn(l, kLn2), e);
 }
 
-// Finite clamps for d = z - m so that -inf logits give e = 0 and e * d = 0 (never 0 * -inf).
-// Small enough that exp underflows to exactly 0, large enough that b * d cannot overflow for any
-// sane upstream gradient b (the CPU kernel clamps at lowest(), where |b| > 1 overflows: see notes).
-constexpr float kMinD32 = -200.0f;        // exp(-200) == 0 in fp32 (flushed)
-constexpr float kMinD2Fast = -256.0f;     // base-2 exponent: 2^-256 == 0 in fp32
-constexpr double kMinD64 = -1000.0;       // exp(-1000) == 0 in fp64 (below 2^-1074)
+// Finite clamps for d = z - m (or z - L) so that -inf logits give e = 0 and e * d = 0, never
+// 0 * -inf: softmax_stats.h's exp_zero_below (exp underflows to exactly 0 below it, and b * d
+// cannot overflow), as the CPU kernel, and the same bound in base-2 units for the 16-bit path.
+// (Constants after inlining: fp32 -128, fp64 -1024.)
+__device__ __forceinline__ float min_d32() { return exp_zero_below<float>(); }
+__device__ __forceinline__ double min_d64() { return exp_zero_below<double>(); }
+__device__ __forceinline__ float min_d2_fast() { return exp_zero_below<float>() * kLog2e; }
 
 __device__ __forceinline__ float reciprocal(float t) { return __frcp_rn(t); }  // == 1.0f / t
 __device__ __forceinline__ double reciprocal(double t) { return 1.0 / t; }
+
+// z = x / tau rounded once, never fused into a neighbouring add (--fmad would be free to): these
+// values are compared for the argmax and stored, so they must match the CPU's rounding exactly.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 template <typename acc_t>
 __device__ __forceinline__ bool is_finite_positive(acc_t t) {
@@ -347,18 +435,35 @@ __device__ __forceinline__ typename DTypeTraits<Tag>::acc_t element(const uint4&
   }
 }
 
+// fp32 -> bf16 bits, round to nearest even (pre-sm_80 fallback of cvt.rn.bf16x2.f32).
+__device__ __forceinline__ uint32_t f32_to_bf16_bits(float f) {
+  const uint32_t u = __float_as_uint(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
 // Pack kVec acc_t values (rounded to nearest even, once) into a 16-byte vector.
 template <typename Tag>
 __device__ __forceinline__ uint4 pack_vector(const typename DTypeTraits<Tag>::acc_t* g) {
   uint32_t w[4];
   if constexpr (std::is_same_v<Tag, BF16>) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)  // d = {hi: g[2i+1], lo: g[2i]}
+    for (int i = 0; i < 4; ++i) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+      // d = {hi: g[2i+1], lo: g[2i]}, round to nearest even, NaN stays NaN.
       asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[i]) : "f"(g[2 * i + 1]), "f"(g[2 * i]));
+#else
+      w[i] = f32_to_bf16_bits(g[2 * i]) | (f32_to_bf16_bits(g[2 * i + 1]) << 16);
+#endif
+    }
   } else if constexpr (std::is_same_v<Tag, F16>) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-      asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w[i]) : "f"(g[2 * i + 1]), "f"(g[2 * i]));
+    for (int i = 0; i < 4; ++i) {
+      uint16_t lo, hi;
+      asm("cvt.rn.f16.f32 %0, %1;" : "=h"(lo) : "f"(g[2 * i]));
+      asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hi) : "f"(g[2 * i + 1]));
+      w[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
   } else if constexpr (std::is_same_v<Tag, F32>) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) w[i] = __float_as_uint(g[i]);
@@ -393,10 +498,10 @@ __device__ __forceinline__ uint4 splat_bits(typename DTypeTraits<Tag>::bits_t b)
 // or the partial last vector) element-wise loads that build the same bits in the same registers.
 template <typename Tag, bool kAligned>
 __device__ __forceinline__ uint4 load_vector(const typename DTypeTraits<Tag>::bits_t* row,
-                                             int64_t g, int64_t V) {
+                                             int g, int V) {
   using Tr = DTypeTraits<Tag>;
   using bits_t = typename Tr::bits_t;
-  const int64_t e0 = g * Tr::kVec;
+  const int e0 = g * Tr::kVec;
   if (kAligned && e0 + Tr::kVec <= V) return __ldg(reinterpret_cast<const uint4*>(row + e0));
   bits_t b[Tr::kVec];
 #pragma unroll
@@ -417,11 +522,11 @@ __device__ __forceinline__ uint4 load_vector(const typename DTypeTraits<Tag>::bi
 
 // Store vector g of a gradient row; only elements < V are written.
 template <typename Tag, bool kAligned>
-__device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* row, int64_t g,
-                                             int64_t V, const uint4& v) {
+__device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* row, int g, int V,
+                                             const uint4& v) {
   using Tr = DTypeTraits<Tag>;
   using bits_t = typename Tr::bits_t;
-  const int64_t e0 = g * Tr::kVec;
+  const int e0 = g * Tr::kVec;
   if (kAligned && e0 + Tr::kVec <= V) {
     *reinterpret_cast<uint4*>(row + e0) = v;
     return;
@@ -442,11 +547,40 @@ __device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* 
   }
 }
 
+// All kUnroll vectors of a thread for one item: vector v = u * T + tid of the chunk, i.e. the
+// warp's 32 lanes read 512 contiguous bytes per u. Slots past the chunk read as -inf.
+// Fast path (item-uniform): 16-byte aligned rows and no partial vector in the chunk: one base
+// pointer, no per-vector bounds test except on the slot that straddles the chunk's end.
+template <typename Tag, bool kAligned>
+__device__ __forceinline__ void load_item(uint4 (&raw)[kUnroll],
+                                          const typename DTypeTraits<Tag>::bits_t* x, int vec0,
+                                          int n_here, int V, int T, int tid) {
+  using Tr = DTypeTraits<Tag>;
+  const uint4 fill = splat_bits<Tag>(Tr::kNegInfBits);
+  if (kAligned && (vec0 + n_here) * Tr::kVec <= V) {
+    const uint4* src = reinterpret_cast<const uint4*>(x) + vec0 + tid;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if ((u + 1) * T <= n_here) {
+        raw[u] = __ldg(src + u * T);
+      } else {
+        raw[u] = u * T + tid < n_here ? __ldg(src + u * T) : fill;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int v = u * T + tid;
+      raw[u] = v < n_here ? load_vector<Tag, kAligned>(x, vec0 + v, V) : fill;
+    }
+  }
+}
+
 // Max over every element of a thread's vectors, NaN-propagating.
 template <typename Tag>
 __device__ __forceinline__ typename DTypeTraits<Tag>::acc_t thread_max(const uint4 (&raw)[kUnroll]) {
   using Tr = DTypeTraits<Tag>;
-  if constexpr (Tr::kPacked16) {
+  if constexpr (Tr::kPacked16 && PGK_PACKED_MAX) {
     // Exact in the 16-bit type; half the instructions of converting first.
     uint32_t m = raw[0].x;
     m = max_nan_x2<Tag>(m, raw[0].y);
@@ -482,11 +616,15 @@ template <typename Tag>
 struct ForwardTermFast {
   float c;    // log2e / tau
   float bm;   // m log2e
-  __device__ __forceinline__ ForwardTermFast(float inv_tau, float m)
-      : c(__fmul_rn(inv_tau, kLog2e)), bm(__fmul_rn(m, kLog2e)) {}
+  // (Initialized in the body: nvcc keeps mem-initializers of device constructors in the host
+  // pass, where device intrinsics are not declared.)
+  __device__ __forceinline__ ForwardTermFast(float inv_tau, float m) {
+    c = __fmul_rn(inv_tau, kLog2e);
+    bm = __fmul_rn(m, kLog2e);
+  }
   __device__ __forceinline__ void add(float x, float& s1, float& s2, float& t) const {
     // d2 = (z - m) log2e, clamped so -inf logits give e = 0 and e * d2 = 0.
-    const float d2 = fmaxf(fmaf(x, c, -bm), kMinD2Fast);
+    const float d2 = fmaxf(fmaf(x, c, -bm), min_d2_fast());
     const float e = ex2_approx(d2);
     s1 = __fadd_rn(s1, e);
     s2 = fmaf(e, e, s2);
@@ -509,7 +647,7 @@ struct ForwardTerm<F32> {
   float inv_tau, m;
   __device__ __forceinline__ ForwardTerm(float inv_tau_, float m_) : inv_tau(inv_tau_), m(m_) {}
   __device__ __forceinline__ void add(float x, float& s1, float& s2, float& t) const {
-    const float d = fmaxf(__fsub_rn(__fmul_rn(x, inv_tau), m), kMinD32);
+    const float d = fmaxf(__fsub_rn(__fmul_rn(x, inv_tau), m), min_d32());
     const float e = exp_accurate(d);
     s1 = __fadd_rn(s1, e);
     s2 = fmaf(e, e, s2);
@@ -523,7 +661,7 @@ struct ForwardTerm<F64> {
   double inv_tau, m;
   __device__ __forceinline__ ForwardTerm(double inv_tau_, double m_) : inv_tau(inv_tau_), m(m_) {}
   __device__ __forceinline__ void add(double x, double& s1, double& s2, double& t) const {
-    const double d = fmax(__dsub_rn(__dmul_rn(x, inv_tau), m), kMinD64);
+    const double d = fmax(__dsub_rn(__dmul_rn(x, inv_tau), m), min_d64());
     const double e = ::exp(d);
     s1 = __dadd_rn(s1, e);
     s2 = fma(e, e, s2);
@@ -557,7 +695,7 @@ enum class RowKind : int { kIgnored = 0, kInvalid = 1, kValid = 2 };
 
 template <typename acc_t>
 struct RowScalars {
-  int64_t label;
+  int label;  // meaningful for kValid rows only (then in [0, V))
   acc_t inv_tau;
   RowKind kind;
 };
@@ -568,22 +706,23 @@ struct RowScalars {
 template <typename acc_t>
 __device__ __forceinline__ RowScalars<acc_t> load_row_scalars(const RowInputs<acc_t>& in, int64_t r) {
   RowScalars<acc_t> s;
-  s.label = load_label(in.labels, in.labels_int32, r);
+  const int64_t label = load_label(in.labels, in.labels_int32, r);
+  s.label = static_cast<int>(label);
   s.inv_tau = in.inv_tau_scalar;
-  bool ok = s.label >= 0 && s.label < in.V;
+  bool ok = label >= 0 && label < in.V;
   if (in.temperature != nullptr) {
     const acc_t tau = __ldg(in.temperature + r);
     ok = ok && is_finite_positive(tau);
     s.inv_tau = reciprocal(tau);
   }
-  s.kind = s.label == in.ignore_index ? RowKind::kIgnored : (ok ? RowKind::kValid : RowKind::kInvalid);
+  s.kind = label == in.ignore_index ? RowKind::kIgnored : (ok ? RowKind::kValid : RowKind::kInvalid);
   return s;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward, launch 1: partial state of every (row, chunk).
 template <typename Tag, bool kAligned>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
+__global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     token_stats_partial_kernel(const ForwardParams<typename DTypeTraits<Tag>::acc_t> p) {
   using Tr = DTypeTraits<Tag>;
   using acc_t = typename Tr::acc_t;
@@ -597,31 +736,28 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
   const RowInputs<acc_t>& in = p.in;
   const int T = blockDim.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n_warps = T >> 5;
-  const int64_t C = in.plan.n_chunks;
-  const int64_t n_items = in.N * C;
+  const int C = in.plan.n_chunks;
+  const int V = static_cast<int>(in.V);
   const bits_t* logits = static_cast<const bits_t*>(in.logits);
 
-  int64_t item = blockIdx.x;
-  RowScalars<acc_t> next{};
-  if (item < n_items) next = load_row_scalars(in, item / C);
-  for (; item < n_items; item += gridDim.x) {
-    const int64_t row = item / C;
-    const int64_t chunk = item - row * C;
-    const RowScalars<acc_t> cur = next;
-    if (item + gridDim.x < n_items) next = load_row_scalars(in, (item + gridDim.x) / C);
+  ItemCursor next;
+  next.init(blockIdx.x, C, in.layout.n_inner);
+  RowScalars<acc_t> next_rs{};
+  if (next.row < in.N) next_rs = load_row_scalars(in, next.row);
+  while (next.row < in.N) {
+    const int64_t row = next.row;
+    const int chunk = next.chunk;
+    const int64_t row_offset = next.offset(in.layout);
+    const RowScalars<acc_t> cur = next_rs;
+    next.advance(in.walk, C, in.layout.n_inner);
+    if (next.row < in.N) next_rs = load_row_scalars(in, next.row);  // prefetch
     if (cur.kind != RowKind::kValid) continue;  // uniform over the CTA; finalize fills the row
 
     // a) all loads of the item in flight at once.
-    const bits_t* x = logits + in.layout.offset(row);
-    const int64_t vec0 = chunk * in.plan.vecs_per_chunk;
-    const int64_t n_here = min(in.plan.vecs_per_chunk, in.plan.n_vecs - vec0);
+    const int vec0 = chunk * in.plan.vecs_per_chunk;
+    const int n_here = min(in.plan.vecs_per_chunk, in.plan.n_vecs - vec0);
     uint4 raw[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = int64_t(u) * T + tid;
-      raw[u] = v < n_here ? load_vector<Tag, kAligned>(x, vec0 + v, in.V)
-                          : splat_bits<Tag>(Tr::kNegInfBits);
-    }
+    load_item<Tag, kAligned>(raw, logits + row_offset, vec0, n_here, V, T, tid);
 
     // b) the chunk's max, NaN-propagating, in logit units (the scaling by 1/tau > 0 is monotone).
     const acc_t lm = thread_max<Tag>(raw);
@@ -629,16 +765,18 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     if (lane == 0) sh_max[warp] = wm;
     __syncthreads();
     acc_t M = sh_max[0];
-    for (int w = 1; w < n_warps; ++w) M = max_nan_acc(M, sh_max[w]);
+#pragma unroll
+    for (int w = 1; w < kMaxWarps; ++w)  // bounded by a constant: no runtime-trip-count loop
+      if (w < n_warps) M = max_nan_acc(M, sh_max[w]);
     // Reference max of the chunk in z units, rounded as the CPU rounds z = x / tau.
-    const acc_t m = M * cur.inv_tau;
+    const acc_t m = mul_rn(M, cur.inv_tau);
 
     // c) one exp per element; fixed order: vector u, then element j.
     const ForwardTerm<Tag> term(cur.inv_tau, m);
     acc_t s1 = 0, s2 = 0, t = 0;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (int64_t(u) * T < n_here) {  // uniform: skip vector slots no thread of the CTA has
+      if (u * T < n_here) {  // uniform: skip vector slots no thread of the CTA has
 #pragma unroll
         for (int j = 0; j < Tr::kVec; ++j) term.add(element<Tag>(raw[u], j), s1, s2, t);
       }
@@ -648,16 +786,15 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     // First index of the max of z (as the CPU: compare scaled values). Only threads whose own
     // max scales to m can hold it; rarely more than one per chunk.
     int idx = INT_MAX;
-    if (lm * cur.inv_tau == m) {
+    if (mul_rn(lm, cur.inv_tau) == m) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int64_t g = vec0 + int64_t(u) * T + tid;
+        const int v = u * T + tid;
 #pragma unroll
         for (int j = 0; j < Tr::kVec; ++j) {
-          const int64_t e = g * Tr::kVec + j;
-          if (idx == INT_MAX && int64_t(u) * T + tid < n_here && e < in.V &&
-              element<Tag>(raw[u], j) * cur.inv_tau == m)
-            idx = static_cast<int>(e);
+          const int e = (vec0 + v) * Tr::kVec + j;
+          if (idx == INT_MAX && v < n_here && e < V && mul_rn(element<Tag>(raw[u], j), cur.inv_tau) == m)
+            idx = e;
         }
       }
     }
@@ -675,13 +812,16 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
     if (tid == 0) {
       acc_t a1 = sh_s1[0], a2 = sh_s2[0], at = sh_t[0];
       int ai = sh_idx[0];
-      for (int w = 1; w < n_warps; ++w) {
-        a1 += sh_s1[w];
-        a2 += sh_s2[w];
-        at += sh_t[w];
-        ai = min(ai, sh_idx[w]);
+#pragma unroll
+      for (int w = 1; w < kMaxWarps; ++w) {
+        if (w < n_warps) {
+          a1 += sh_s1[w];
+          a2 += sh_s2[w];
+          at += sh_t[w];
+          ai = min(ai, sh_idx[w]);
+        }
       }
-      const int64_t o = chunk * in.N + row;
+      const int64_t o = int64_t(chunk) * in.N + row;
       p.ws_m[o] = m;
       p.ws_s1[o] = a1;
       p.ws_s2[o] = a2;
@@ -749,7 +889,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       f.argmax = -1;
     } else {
       const bits_t* x = static_cast<const bits_t*>(in.logits) + in.layout.offset(r);
-      const acc_t z_label = bits_to_acc<Tag>(__ldg(x + rs.label)) * rs.inv_tau;
+      const acc_t z_label = mul_rn(bits_to_acc<Tag>(__ldg(x + rs.label)), rs.inv_tau);
       f = finalize_row(p.ws_m, p.ws_s1, p.ws_s2, p.ws_t, p.ws_idx, in.plan.n_chunks, in.N, r,
                        z_label);
     }
@@ -772,27 +912,6 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 //   g_C  (2 p_j (p_j - C))       d/dz_j of collision = sum p^2
 //   g_L  p_j                     d/dz_j of lse       = log sum e^z
 //   sum = p_j (a + b d_j + c p_j) + g_l 1[j=c];  a, b, c (and g_l at the label) divided by tau.
-template <typename acc_t>
-struct BackwardRow {
-  RowScalars<acc_t> rs;
-  acc_t lse, entropy, collision, g_logprob, g_entropy, g_collision, g_lse;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ BackwardRow<acc_t> load_backward_row(const BackwardParams<acc_t>& p,
-                                                                int64_t r) {
-  BackwardRow<acc_t> b;
-  b.rs = load_row_scalars(p.in, r);
-  b.lse = __ldg(p.lse + r);
-  b.entropy = __ldg(p.entropy + r);
-  b.collision = __ldg(p.collision + r);
-  b.g_logprob = __ldg(p.g_logprob + r);
-  b.g_entropy = __ldg(p.g_entropy + r);
-  b.g_collision = __ldg(p.g_collision + r);
-  b.g_lse = __ldg(p.g_lse + r);
-  return b;
-}
-
 // Per-element gradient. kFast (16-bit logits): base-2 exponent from one FFMA, b pre-multiplied by
 // ln 2 so that b d = (b ln2) d2. Otherwise d and p rounded as in the forward of the same dtype.
 template <typename Tag>
@@ -802,14 +921,15 @@ template <typename Tag>
 struct BackwardTermFast {
   float c2, bl, a, b, c;  // log2e / tau, L log2e, a / tau, b ln2 / tau, c / tau
   __device__ __forceinline__ BackwardTermFast(float inv_tau, float lse,
-                                              const TokenStatsGradCoef<float>& k)
-      : c2(__fmul_rn(inv_tau, kLog2e)),
-        bl(__fmul_rn(lse, kLog2e)),
-        a(__fmul_rn(k.a, inv_tau)),
-        b(__fmul_rn(__fmul_rn(k.b, inv_tau), kLn2)),
-        c(__fmul_rn(k.c, inv_tau)) {}
+                                              const TokenStatsGradCoef<float>& k) {
+    c2 = __fmul_rn(inv_tau, kLog2e);
+    bl = __fmul_rn(lse, kLog2e);
+    a = __fmul_rn(k.a, inv_tau);
+    b = __fmul_rn(__fmul_rn(k.b, inv_tau), kLn2);
+    c = __fmul_rn(k.c, inv_tau);
+  }
   __device__ __forceinline__ float grad(float x) const {
-    const float d2 = fmaxf(fmaf(x, c2, -bl), kMinD2Fast);  // (z - L) log2e, finite
+    const float d2 = fmaxf(fmaf(x, c2, -bl), min_d2_fast());  // (z - L) log2e, finite
     const float pj = ex2_approx(d2);
     return __fmul_rn(pj, fmaf(c, pj, fmaf(b, d2, a)));  // p (a + b d + c p) / tau
   }
@@ -826,14 +946,15 @@ template <>
 struct BackwardTerm<F32> {
   float inv_tau, lse, a, b, c;
   __device__ __forceinline__ BackwardTerm(float inv_tau_, float lse_,
-                                          const TokenStatsGradCoef<float>& k)
-      : inv_tau(inv_tau_),
-        lse(lse_),
-        a(__fmul_rn(k.a, inv_tau_)),
-        b(__fmul_rn(k.b, inv_tau_)),
-        c(__fmul_rn(k.c, inv_tau_)) {}
+                                          const TokenStatsGradCoef<float>& k) {
+    inv_tau = inv_tau_;
+    lse = lse_;
+    a = __fmul_rn(k.a, inv_tau_);
+    b = __fmul_rn(k.b, inv_tau_);
+    c = __fmul_rn(k.c, inv_tau_);
+  }
   __device__ __forceinline__ float grad(float x) const {
-    const float d = fmaxf(__fsub_rn(__fmul_rn(x, inv_tau), lse), kMinD32);
+    const float d = fmaxf(__fsub_rn(__fmul_rn(x, inv_tau), lse), min_d32());
     const float pj = exp_accurate(d);
     return __fmul_rn(pj, fmaf(c, pj, fmaf(b, d, a)));
   }
@@ -845,7 +966,7 @@ struct BackwardTerm<F64> {
                                           const TokenStatsGradCoef<double>& k)
       : inv_tau(inv_tau_), lse(lse_), a(k.a * inv_tau_), b(k.b * inv_tau_), c(k.c * inv_tau_) {}
   __device__ __forceinline__ double grad(double x) const {
-    const double d = fmax(__dsub_rn(__dmul_rn(x, inv_tau), lse), kMinD64);
+    const double d = fmax(__dsub_rn(__dmul_rn(x, inv_tau), lse), min_d64());
     const double pj = ::exp(d);
     return __dmul_rn(pj, fma(c, pj, fma(b, d, a)));
   }
@@ -857,18 +978,18 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t label_grad(acc_t x_c, acc_t inv_tau, acc_t lse,
                                             const TokenStatsGradCoef<acc_t>& k, acc_t g_logprob) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    const float d = fmaxf(__fsub_rn(__fmul_rn(x_c, inv_tau), lse), kMinD32);
+    const float d = fmaxf(__fsub_rn(__fmul_rn(x_c, inv_tau), lse), min_d32());
     const float pc = exp_accurate(d);
     return __fmul_rn(fmaf(pc, fmaf(k.c, pc, fmaf(k.b, d, k.a)), g_logprob), inv_tau);
   } else {
-    const double d = fmax(x_c * inv_tau - lse, kMinD64);
+    const double d = fmax(__dsub_rn(__dmul_rn(x_c, inv_tau), lse), min_d64());
     const double pc = ::exp(d);
-    return (pc * (k.a + k.b * d + k.c * pc) + g_logprob) * inv_tau;
+    return __dmul_rn(fma(pc, fma(k.c, pc, fma(k.b, d, k.a)), g_logprob), inv_tau);
   }
 }
 
 template <typename Tag, bool kAligned>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
+__global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     token_stats_backward_kernel(const BackwardParams<typename DTypeTraits<Tag>::acc_t> p) {
   using Tr = DTypeTraits<Tag>;
   using acc_t = typename Tr::acc_t;
@@ -876,55 +997,74 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
   const RowInputs<acc_t>& in = p.in;
   const int T = blockDim.x;
   const int tid = threadIdx.x;
-  const int64_t C = in.plan.n_chunks;
-  const int64_t n_items = in.N * C;
+  const int C = in.plan.n_chunks;
+  const int V = static_cast<int>(in.V);
   const bits_t* logits = static_cast<const bits_t*>(in.logits);
   bits_t* grad = static_cast<bits_t*>(p.grad);
 
-  int64_t item = blockIdx.x;
-  BackwardRow<acc_t> next{};
-  if (item < n_items) next = load_backward_row(p, item / C);
-  for (; item < n_items; item += gridDim.x) {
-    const int64_t row = item / C;
-    const int64_t chunk = item - row * C;
-    const BackwardRow<acc_t> cur = next;
-    if (item + gridDim.x < n_items) next = load_backward_row(p, (item + gridDim.x) / C);
+  ItemCursor next;
+  next.init(blockIdx.x, C, in.layout.n_inner);
+  RowScalars<acc_t> next_rs{};
+  if (next.row < in.N) next_rs = load_row_scalars(in, next.row);
+  while (next.row < in.N) {
+    const int64_t row = next.row;
+    const int chunk = next.chunk;
+    const int64_t row_offset = next.offset(in.layout);
+    const RowScalars<acc_t> cur = next_rs;
+    next.advance(in.walk, C, in.layout.n_inner);
+    if (next.row < in.N) next_rs = load_row_scalars(in, next.row);  // prefetch
 
     bits_t* g_row = grad + row * in.V;  // the gradient is a fresh contiguous [N, V] tensor
-    const int64_t vec0 = chunk * in.plan.vecs_per_chunk;
-    const int64_t n_here = min(in.plan.vecs_per_chunk, in.plan.n_vecs - vec0);
+    const int vec0 = chunk * in.plan.vecs_per_chunk;
+    const int n_here = min(in.plan.vecs_per_chunk, in.plan.n_vecs - vec0);
 
-    RowKind kind = cur.rs.kind;
-    // A row whose forward was NaN (NaN / +inf logits, all -inf) has a non-finite L: NaN gradient.
-    if (kind == RowKind::kValid && !(fabs(cur.lse) < -neg_inf<acc_t>())) kind = RowKind::kInvalid;
-    if (kind != RowKind::kValid) {
+    acc_t lse = 0, entropy = 0, collision = 0, g_logprob = 0, g_entropy = 0, g_collision = 0,
+          g_lse = 0;
+    uint4 raw[kUnroll];
+    RowKind kind = cur.kind;
+    if (kind == RowKind::kValid) {
+      // The logit loads and the row's saved statistics / upstream grads go out together: the
+      // scalars' latency hides behind the vectors'.
+      load_item<Tag, kAligned>(raw, logits + row_offset, vec0, n_here, V, T, tid);
+      lse = __ldg(p.lse + row);
+      entropy = __ldg(p.entropy + row);
+      collision = __ldg(p.collision + row);
+      g_logprob = __ldg(p.g_logprob + row);
+      g_entropy = __ldg(p.g_entropy + row);
+      g_collision = __ldg(p.g_collision + row);
+      g_lse = __ldg(p.g_lse + row);
+      // A row whose forward was NaN (NaN / +inf logits, all -inf) has a non-finite L.
+      if (!(fabs(lse) < -neg_inf<acc_t>())) kind = RowKind::kInvalid;
+    }
+    // Stores mirror load_item: 16-byte stores from one base pointer when the chunk is aligned and
+    // has no partial vector (the gradient rows are aligned whenever kAligned is set).
+    const bool fast = kAligned && (vec0 + n_here) * Tr::kVec <= V;
+    uint4* dst = reinterpret_cast<uint4*>(g_row) + vec0 + tid;
+    if (kind != RowKind::kValid) {  // ignore_index: 0; invalid: NaN; no logit is needed
       const uint4 fill = splat_bits<Tag>(kind == RowKind::kIgnored ? bits_t(0) : Tr::kNaNBits);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = int64_t(u) * T + tid;
-        if (v < n_here) store_vector<Tag, kAligned>(g_row, vec0 + v, in.V, fill);
+        const int v = u * T + tid;
+        if (v < n_here) {
+          if (fast) {
+            dst[u * T] = fill;
+          } else {
+            store_vector<Tag, kAligned>(g_row, vec0 + v, V, fill);
+          }
+        }
       }
       continue;
     }
 
-    const bits_t* x = logits + in.layout.offset(row);
-    uint4 raw[kUnroll];
+    const TokenStatsGradCoef<acc_t> coef =
+        token_stats_grad_coef(g_logprob, g_entropy, g_collision, g_lse, entropy, collision);
+    const BackwardTerm<Tag> term(cur.inv_tau, lse, coef);
+    const int label = cur.label;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = int64_t(u) * T + tid;
-      raw[u] = v < n_here ? load_vector<Tag, kAligned>(x, vec0 + v, in.V)
-                          : splat_bits<Tag>(Tr::kNegInfBits);
-    }
-
-    const TokenStatsGradCoef<acc_t> coef = token_stats_grad_coef(
-        cur.g_logprob, cur.g_entropy, cur.g_collision, cur.g_lse, cur.entropy, cur.collision);
-    const BackwardTerm<Tag> term(cur.rs.inv_tau, cur.lse, coef);
-    const int64_t label = cur.rs.label;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = int64_t(u) * T + tid;
+      const int v = u * T + tid;
       if (v < n_here) {
-        const int64_t e0 = (vec0 + v) * Tr::kVec;
+        const int e0 = (vec0 + v) * Tr::kVec;
         acc_t gv[Tr::kVec];
 #pragma unroll
         for (int j = 0; j < Tr::kVec; ++j) gv[j] = term.grad(element<Tag>(raw[u], j));
@@ -932,10 +1072,13 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
 #pragma unroll
           for (int j = 0; j < Tr::kVec; ++j)
             if (e0 + j == label)
-              gv[j] = label_grad(element<Tag>(raw[u], j), cur.rs.inv_tau, cur.lse, coef,
-                                 cur.g_logprob);
+              gv[j] = label_grad(element<Tag>(raw[u], j), cur.inv_tau, lse, coef, g_logprob);
         }
-        store_vector<Tag, kAligned>(g_row, vec0 + v, in.V, pack_vector<Tag>(gv));
+        if (fast) {
+          dst[u * T] = pack_vector<Tag>(gv);
+        } else {
+          store_vector<Tag, kAligned>(g_row, vec0 + v, V, pack_vector<Tag>(gv));
+        }
       }
     }
   }
@@ -945,9 +1088,11 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM)
 // Host-side launchers (no torch). They size the grid from the device and launch on `stream`;
 // they return the first launch error (the caller turns it into an exception).
 
-// Resident CTAs per SM of `kernel` at `threads`, cached per (kernel, device, warps).
-template <typename Kernel>
-inline int resident_ctas_per_sm(Kernel kernel, int device, int threads) {
+// Resident CTAs per SM of `kernel` at `threads`, cached per (kernel, device, warps). The kernel
+// is a template argument so that every kernel instantiation gets its own cache (several share
+// one function-pointer type but not one register count).
+template <auto kernel>
+inline int resident_ctas_per_sm(int device, int threads) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices][kMaxWarps + 1];  // 0 = unknown
   const int w = threads / 32;
@@ -982,9 +1127,9 @@ inline int sm_count(int device) {
 }
 
 // Persistent grid: every item gets a CTA when there are few; otherwise SMs x resident CTAs.
-template <typename Kernel>
-inline unsigned int persistent_grid(Kernel kernel, int device, int threads, int64_t n_items) {
-  const int64_t full = int64_t(sm_count(device)) * resident_ctas_per_sm(kernel, device, threads);
+template <auto kernel>
+inline unsigned int persistent_grid(int device, int threads, int64_t n_items) {
+  const int64_t full = int64_t(sm_count(device)) * resident_ctas_per_sm<kernel>(device, threads);
   const int64_t g = n_items < full ? n_items : full;
   return static_cast<unsigned int>(g < 1 ? 1 : g);
 }
@@ -996,19 +1141,24 @@ cudaError_t launch_token_stats_forward(const ForwardParams<typename DTypeTraits<
   if (in.N <= 0) return cudaSuccess;
   const int threads = in.plan.threads;
   const int64_t n_items = in.N * in.plan.n_chunks;
+  ForwardParams<typename DTypeTraits<Tag>::acc_t> q = p;
   if (aligned) {
-    auto* k = token_stats_partial_kernel<Tag, true>;
-    k<<<persistent_grid(k, device, threads, n_items), threads, 0, stream>>>(p);
+    constexpr auto k = token_stats_partial_kernel<Tag, true>;
+    const unsigned int grid = persistent_grid<k>(device, threads, n_items);
+    q.in.walk = make_grid_walk(grid, in.plan.n_chunks, in.layout.n_inner);
+    k<<<grid, threads, 0, stream>>>(q);
   } else {
-    auto* k = token_stats_partial_kernel<Tag, false>;
-    k<<<persistent_grid(k, device, threads, n_items), threads, 0, stream>>>(p);
+    constexpr auto k = token_stats_partial_kernel<Tag, false>;
+    const unsigned int grid = persistent_grid<k>(device, threads, n_items);
+    q.in.walk = make_grid_walk(grid, in.plan.n_chunks, in.layout.n_inner);
+    k<<<grid, threads, 0, stream>>>(q);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t blocks = (in.N + kFinalizeThreads - 1) / kFinalizeThreads;
   const int64_t cap = int64_t(sm_count(device)) * 16;
   token_stats_finalize_kernel<Tag>
-      <<<static_cast<unsigned int>(blocks < cap ? blocks : cap), kFinalizeThreads, 0, stream>>>(p);
+      <<<static_cast<unsigned int>(blocks < cap ? blocks : cap), kFinalizeThreads, 0, stream>>>(q);
   return cudaGetLastError();
 }
 
@@ -1019,12 +1169,17 @@ cudaError_t launch_token_stats_backward(const BackwardParams<typename DTypeTrait
   if (in.N <= 0 || in.V <= 0) return cudaSuccess;
   const int threads = in.plan.threads;
   const int64_t n_items = in.N * in.plan.n_chunks;
+  BackwardParams<typename DTypeTraits<Tag>::acc_t> q = p;
   if (aligned) {
-    auto* k = token_stats_backward_kernel<Tag, true>;
-    k<<<persistent_grid(k, device, threads, n_items), threads, 0, stream>>>(p);
+    constexpr auto k = token_stats_backward_kernel<Tag, true>;
+    const unsigned int grid = persistent_grid<k>(device, threads, n_items);
+    q.in.walk = make_grid_walk(grid, in.plan.n_chunks, in.layout.n_inner);
+    k<<<grid, threads, 0, stream>>>(q);
   } else {
-    auto* k = token_stats_backward_kernel<Tag, false>;
-    k<<<persistent_grid(k, device, threads, n_items), threads, 0, stream>>>(p);
+    constexpr auto k = token_stats_backward_kernel<Tag, false>;
+    const unsigned int grid = persistent_grid<k>(device, threads, n_items);
+    q.in.walk = make_grid_walk(grid, in.plan.n_chunks, in.layout.n_inner);
+    k<<<grid, threads, 0, stream>>>(q);
   }
   return cudaGetLastError();
 }

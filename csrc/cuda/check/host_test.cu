@@ -1,0 +1,196 @@
+// Host-side sanity test of the host-callable parts of token_stats.cuh; needs no GPU and no torch.
+// Built and run by .ci/check_cuda.sh. It does not emulate the kernels: it checks the pieces of
+// their contract that are plain arithmetic shared with the host:
+//   1. plan_chunks: chunks cover each row exactly, depend on (V, dtype) only, stay within the
+//      32 KiB / 256-thread budget, no chunk is empty and no warp of a CTA is idle.
+//   2. ItemCursor + make_grid_walk: the division-free walk visits exactly the items
+//      blockIdx.x + k * gridDim.x with the right (row, chunk, row offset).
+//   3. finalize_row: folding per-chunk partial states (computed here in double straight from the
+//      definitions of SPEC section 1) gives the one-pass row statistics, the first argmax across
+//      chunk boundaries, and NaN / -1 for NaN, +inf and all -inf rows.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "../token_stats.cuh"
+
+using namespace pg_kernels;
+using namespace pg_kernels::gpu;
+
+static int g_failures = 0;
+static int g_checks = 0;
+
+#define CHECK(cond, ...)                                         \
+  do {                                                           \
+    ++g_checks;                                                  \
+    if (!(cond)) {                                               \
+      ++g_failures;                                              \
+      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                                  \
+      std::printf("\n");                                         \
+      if (g_failures > 20) std::exit(1);                         \
+    }                                                            \
+  } while (0)
+
+static void test_plan() {
+  const int vecs[] = {8, 4, 2};
+  std::vector<int64_t> vocab = {1, 2, 7, 8, 9, 1000, 2047, 2048, 16383, 16384, 16385, 32000,
+                                32003, 50257, 128256, 151936, 152064, 201088, 262144};
+  std::mt19937_64 rng(1);
+  for (int i = 0; i < 300; ++i) vocab.push_back(1 + int64_t(rng() % 300000));
+  for (int vec : vecs) {
+    for (int64_t V : vocab) {
+      const ChunkPlan p = plan_chunks(V, vec);
+      const int64_t n_vecs = (V + vec - 1) / vec;
+      CHECK(p.n_vecs == n_vecs, "V=%lld vec=%d", (long long)V, vec);
+      CHECK(p.n_chunks >= 1 && p.vecs_per_chunk >= 1, "V=%lld", (long long)V);
+      CHECK(int64_t(p.n_chunks) * p.vecs_per_chunk >= n_vecs, "chunks must cover the row");
+      CHECK(int64_t(p.n_chunks - 1) * p.vecs_per_chunk < n_vecs, "last chunk empty V=%lld vec=%d",
+            (long long)V, vec);
+      CHECK(p.vecs_per_chunk <= kVectorsPerChunk, "chunk above 32 KiB");
+      CHECK(p.threads % 32 == 0 && p.threads >= 32 && p.threads <= kMaxThreads, "threads %d",
+            p.threads);
+      CHECK(int64_t(p.threads) * kUnroll >= p.vecs_per_chunk, "a chunk must fit one CTA pass");
+      CHECK(int64_t(p.threads - 32) * kUnroll < p.vecs_per_chunk || p.threads == 32,
+            "no idle warp: V=%lld threads=%d", (long long)V, p.threads);
+    }
+  }
+  // Batch invariance starts here: the plan is a function of (V, vec) only.
+  const ChunkPlan a = plan_chunks(151936, 8), b = plan_chunks(151936, 8);
+  CHECK(a.n_chunks == b.n_chunks && a.vecs_per_chunk == b.vecs_per_chunk, "deterministic plan");
+  CHECK(a.n_chunks == 10 && a.vecs_per_chunk == 1900 && a.threads == 256,
+        "Qwen bf16 plan: C=%d per=%d T=%d", a.n_chunks, a.vecs_per_chunk, a.threads);
+}
+
+static void test_walk() {
+  std::mt19937_64 rng(2);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int64_t N = 1 + int64_t(rng() % 5000);
+    const int C = 1 + int(rng() % 40);
+    const int64_t n_inner = 1 + int64_t(rng() % (N + 3));
+    const RowLayout layout{n_inner, int64_t(rng() % 1000000), int64_t(rng() % 1000)};
+    const int64_t n_items = N * C;
+    const int64_t grid = 1 + int64_t(rng() % std::min<int64_t>(n_items, 3000));
+    const GridWalk w = make_grid_walk(grid, C, n_inner);
+    const int64_t block = int64_t(rng() % grid);
+    ItemCursor cur;
+    cur.init(block, C, n_inner);
+    int64_t steps = 0;
+    for (int64_t item = block; item < n_items; item += grid, ++steps) {
+      const int64_t row = item / C;
+      CHECK(cur.row == row && cur.chunk == int(item % C), "walk: N=%lld C=%d grid=%lld item=%lld",
+            (long long)N, C, (long long)grid, (long long)item);
+      CHECK(cur.offset(layout) == layout.offset(row), "offset: row=%lld", (long long)row);
+      if (g_failures) return;
+      cur.advance(w, C, n_inner);
+    }
+    CHECK(cur.row >= N, "walk must end past the last row");
+  }
+}
+
+// Partial state of elements [lo, hi) of a row of z, straight from SPEC section 1, in double.
+struct Partial {
+  double m, s1, s2, t;
+  int idx;
+};
+
+static Partial chunk_state(const std::vector<double>& z, int64_t lo, int64_t hi) {
+  Partial p{-std::numeric_limits<double>::infinity(), 0, 0, 0, INT_MAX};
+  for (int64_t j = lo; j < hi; ++j) p.m = max_nan(p.m, z[j]);
+  for (int64_t j = lo; j < hi; ++j) {
+    if (p.idx == INT_MAX && z[j] == p.m) p.idx = int(j);
+    if (!(p.m > -std::numeric_limits<double>::infinity() && std::isfinite(p.m))) continue;
+    const double d = std::max(z[j] - p.m, -1000.0);
+    const double e = std::exp(d);
+    p.s1 += e;
+    p.s2 += e * e;
+    p.t += e * d;
+  }
+  return p;
+}
+
+static void test_finalize() {
+  std::mt19937_64 rng(3);
+  std::normal_distribution<double> normal(0.0, 3.0);
+  const double inf = std::numeric_limits<double>::infinity();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (int trial = 0; trial < 400; ++trial) {
+    const int64_t V = trial < 8 ? int64_t(1) << (trial + 10) : 1 + int64_t(rng() % 70000);
+    const int vec = 8;
+    const ChunkPlan plan = plan_chunks(V, vec);
+    std::vector<double> z(V);
+    for (auto& v : z) v = normal(rng);
+    const int kind = trial % 8;
+    if (kind == 1) {  // ties across a chunk boundary: the first index must win
+      const int64_t j = std::min<int64_t>(V - 1, int64_t(plan.vecs_per_chunk) * vec - 1);
+      z[j] = 50.0;
+      z[V - 1] = 50.0;
+    }
+    if (kind == 2) {  // -inf entries, one whole chunk of -inf when there are several
+      for (int64_t j = 0; j < V; j += 3) z[j] = -inf;
+      if (plan.n_chunks > 1)
+        for (int64_t j = 0; j < int64_t(plan.vecs_per_chunk) * vec; ++j) z[j] = -inf;
+    }
+    if (kind == 3) z[rng() % V] = nan;
+    if (kind == 4) z[rng() % V] = inf;
+    if (kind == 5)
+      for (auto& v : z) v = -inf;
+    if (kind == 6) {  // near one-hot, and shifted by a large constant
+      for (auto& v : z) v += 1000.0;
+      z[rng() % V] = 1040.0;
+    }
+
+    const int64_t C = plan.n_chunks;
+    std::vector<double> wm(C), ws1(C), ws2(C), wt(C);
+    std::vector<int32_t> widx(C);
+    for (int64_t k = 0; k < C; ++k) {
+      const int64_t lo = k * int64_t(plan.vecs_per_chunk) * vec;
+      const int64_t hi = std::min<int64_t>(V, lo + int64_t(plan.vecs_per_chunk) * vec);
+      const Partial p = chunk_state(z, lo, hi);
+      wm[k] = p.m;
+      ws1[k] = p.s1;
+      ws2[k] = p.s2;
+      wt[k] = p.t;
+      widx[k] = p.idx;
+    }
+    const int64_t label = int64_t(rng() % V);
+    const FinalRow<double> f =
+        finalize_row(wm.data(), ws1.data(), ws2.data(), wt.data(), widx.data(), C, 1, 0, z[label]);
+
+    // One-pass reference over the whole row.
+    const Partial all = chunk_state(z, 0, V);
+    const bool valid = all.m > -inf && std::isfinite(all.m);
+    if (!valid) {
+      CHECK(std::isnan(f.stats.lse) && std::isnan(f.stats.logprob) && std::isnan(f.stats.entropy) &&
+                std::isnan(f.stats.collision) && std::isnan(f.stats.lgp) &&
+                std::isnan(f.stats.max_prob) && f.argmax == -1,
+            "invalid row must be NaN / -1 (trial %d kind %d)", trial, kind);
+      continue;
+    }
+    const double lse = all.m + std::log(all.s1);
+    const double H = std::log(all.s1) - all.t / all.s1;
+    const double Cc = all.s2 / (all.s1 * all.s1);
+    auto close = [](double a, double b) {  // equal infinities (label on a -inf logit) are close
+      return a == b || std::fabs(a - b) <= 1e-12 * (1 + std::fabs(b));
+    };
+    CHECK(close(f.stats.lse, lse), "lse %.17g vs %.17g (trial %d)", f.stats.lse, lse, trial);
+    CHECK(close(f.stats.logprob, z[label] - lse), "logprob (trial %d)", trial);
+    CHECK(close(f.stats.entropy, H), "entropy %.17g vs %.17g (trial %d)", f.stats.entropy, H, trial);
+    CHECK(close(f.stats.collision, Cc), "collision (trial %d)", trial);
+    CHECK(close(f.stats.max_prob, 1.0 / all.s1), "max_prob (trial %d)", trial);
+    CHECK(f.argmax == all.idx, "argmax %lld vs %d (trial %d kind %d)", (long long)f.argmax,
+          all.idx, trial, kind);
+    CHECK(f.stats.lgp >= 0, "lgp >= 0");
+  }
+}
+
+int main() {
+  test_plan();
+  test_walk();
+  test_finalize();
+  std::printf("host_test: %d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
