@@ -39,11 +39,16 @@ LIB.define(
     "-> (Tensor grad_logits, Tensor grad_ref_logits)"
 )
 # mismatch_stats with rollout logits: the row reductions (the sampled-token estimators are
-# elementwise functions of logprob, computed by the public function). The backward of logprob
-# is token_stats_backward's.
+# elementwise functions of logprob, computed by the public function). row_state [..., 2] =
+# (max, log sum exp(z - max)) of the logits, saved for the backward of logprob.
 LIB.define(
     "mismatch_stats(Tensor logits, Tensor rollout_logits, Tensor labels, Tensor? temperature, "
     "float temperature_scalar, Tensor? rollout_temperature, float rollout_temperature_scalar, "
     "int ignore_index, str backend) -> (Tensor logprob, Tensor token_kl, Tensor token_tv, "
-    "Tensor lse)"
+    "Tensor row_state)"
+)
+LIB.define(
+    "mismatch_stats_backward(Tensor grad_logprob, Tensor logits, Tensor labels, "
+    "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor row_state, "
+    "str backend) -> Tensor"
 )

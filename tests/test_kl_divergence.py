@@ -70,9 +70,12 @@ def test_temperature(bd, dtype, direction):
     backend, device = bd
     x, xr = _pair(6, 1000, dtype, device, seed=1)
     x, xr = x.view(2, 3, 1000), xr.view(2, 3, 1000)
-    per_row = torch.rand(2, 3, dtype=torch.float64, device=device) * 2 + 0.25
-    per_row_ref = torch.rand(2, 3, dtype=torch.float64, device=device) * 2 + 0.25
-    for t, t_ref in ((0.7, None), (per_row, None), (0.7, 1.3), (per_row, per_row_ref), (1.0, 0.5)):
+    gen = torch.Generator().manual_seed(1)
+    per_row = (torch.rand(2, 3, generator=gen, dtype=torch.float64) * 2 + 0.25).to(device)
+    per_row_ref = (torch.rand(2, 3, generator=gen, dtype=torch.float64) * 2 + 0.25).to(device)
+    low = torch.tensor([[0.25, 0.5, 1.0], [2.0, 0.3, 1.5]], dtype=torch.float64, device=device)
+    cases = ((0.7, None), (per_row, None), (0.7, 1.3), (per_row, per_row_ref), (1.0, 0.5))
+    for t, t_ref in (*cases, (low, None), (low, per_row)):
         _check(backend, x, xr, direction=direction, temperature=t, ref_temperature=t_ref)
 
 

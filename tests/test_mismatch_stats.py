@@ -86,9 +86,13 @@ def test_without_rollout_logits(backend_device, dtype):
 
 def test_temperature(bd):
     backend, device = bd
-    per_row = torch.rand(2, 3, dtype=torch.float64, device=device) * 2 + 0.25
-    per_row_r = torch.rand(2, 3, dtype=torch.float64, device=device) * 2 + 0.25
-    for t, tr in ((0.7, None), (per_row, None), (0.7, 1.3), (per_row, per_row_r)):
+    gen = torch.Generator().manual_seed(2)
+    per_row = (torch.rand(2, 3, generator=gen, dtype=torch.float64) * 2 + 0.25).to(device)
+    per_row_r = (torch.rand(2, 3, generator=gen, dtype=torch.float64) * 2 + 0.25).to(device)
+    # Row 0 is near one-hot: at tau 0.25 its log-probs reach ~ -200 while delta stays ~0.05.
+    low = torch.tensor([[0.25, 0.5, 1.0], [2.0, 0.3, 1.5]], dtype=torch.float64, device=device)
+    cases = ((0.7, None), (per_row, None), (0.7, 1.3), (per_row, per_row_r), (low, None))
+    for t, tr in cases:
         x, xr, y, lp = _inputs((2, 3), 1000, torch.float32, device, seed=2,
                                rollout_temperature=t if tr is None else tr)  # fmt: skip
         _check(backend, x, y, lp, rollout_logits=xr, temperature=t, rollout_temperature=tr)
@@ -183,7 +187,7 @@ def test_gradient_flows_through_logprob_only(bd):
     assert out.logprob.requires_grad
     for name in (*SAMPLED, "token_kl", "token_tv"):
         assert not getattr(out, name).requires_grad, name
-    # logprob's gradient is token_stats' (its saved lse may differ in the last bit).
+    # logprob and its gradient are token_stats' (up to rounding).
     out.logprob.sum().backward()
     xt = x.clone().requires_grad_()
     ref = pg_kernels.token_stats(xt, y, backend=backend).logprob
@@ -336,6 +340,9 @@ def test_opcheck():
     for temp, roll_temp in ((None, None), (t, None), (None, t)):
         args = (x.clone().requires_grad_(), xr, y, temp, 1.3, roll_temp, 0.9, -100, "cpu")
         torch.library.opcheck(op, args)
+    _, _, _, row_state = op(x, xr, y, t, 1.0, None, 1.0, -100, "cpu")
+    bwd = torch.ops.pg_kernels.mismatch_stats_backward.default
+    torch.library.opcheck(bwd, (torch.randn(4), x, y, t, 1.0, -100, row_state, "cpu"))
 
 
 @needs_cpu_ext

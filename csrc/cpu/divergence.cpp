@@ -2,8 +2,8 @@
 // mismatch_stats (SPEC sections 4 and 5). One kernel family, one pair pass.
 //
 // Pair pass (softmax_stats.h, PairState): a row of a weight side z_w and an other side z_v is
-// read once, chunk by chunk (vec_rows.h: each chunk loaded, converted and scaled by 1/tau into
-// an L1-resident buffer). Per chunk: both chunk maxes, then one exp per element of each side
+// read once, chunk by chunk (each chunk loaded, converted and divided by tau into an
+// L1-resident buffer, as vec_rows.h does for token_stats). Per chunk: both chunk maxes, then one exp per element of each side
 // feeding s1_w, s1_v and u = sum e^{d_w} (d_w - d_v), kept per vector lane in two independent
 // chains; the chunk's lanes sum to a chunk state that merges into the row state (two-level
 // summation, like token_stats). Two exps per vocabulary entry: the floor of a forward KL.
@@ -20,7 +20,7 @@
 //                           L2 for V = 32k) and the chunk maxes they are relative to; a second
 //                           sweep over that scratch, with no exp and no read of the logits,
 //                           sums |e_w a_k - e_v b_k| with per-chunk scales a_k = e^{m_w,k - L_w}.
-//                           Its backward (of logprob only) is token_stats_backward's.
+//   mismatch_stats backward of logprob only: g (1[j = c] - p_j) / tau in one pass.
 // Rows are independent, each computed by one thread in a fixed order: deterministic and
 // batch invariant.
 #include <ATen/Dispatch.h>
@@ -35,6 +35,47 @@
 
 namespace pg_kernels::cpu {
 namespace {
+
+// buf[0, n) = src[0, n) / tau in acc_t, padded with -inf to a multiple of kStep; returns the
+// chunk's max (NaN if it holds a NaN). Divides where token_stats' loader multiplies by 1 / tau:
+// z = x / tau is rounded once, like SPEC's and PyTorch's z, instead of twice. It matters where
+// a small difference of large log-probs is the output: log_ratio = logprob - rollout_logprobs
+// at logprob ~ -100 (tau 0.5 on a peaked row) had 5x plain PyTorch's error with 1 / tau.
+template <typename scalar_t, typename acc_t>
+acc_t load_divided_chunk(const scalar_t* src, int64_t n, acc_t tau, acc_t* buf) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::copy(src, src + n, buf);
+  } else {
+    at::vec::convert(src, buf, n);
+  }
+  const int64_t n_pad = round_up(n, kStep<acc_t>);
+  std::fill(buf + n, buf + n_pad, neg_inf<acc_t>());
+  Vec<acc_t> vmax(neg_inf<acc_t>());
+  if (tau == acc_t(1)) {  // the common case: nothing to scale
+    for (int64_t i = 0; i < n_pad; i += W) vmax = at::vec::maximum(vmax, Vec<acc_t>::loadu(buf + i));
+  } else {
+    const Vec<acc_t> vtau(tau);
+    for (int64_t i = 0; i < n_pad; i += W) {
+      const Vec<acc_t> z = Vec<acc_t>::loadu(buf + i) / vtau;
+      z.store(buf + i);
+      vmax = at::vec::maximum(vmax, z);  // propagates NaN
+    }
+  }
+  acc_t lanes[W];
+  vmax.store(lanes);
+  acc_t m = lanes[0];
+  for (int64_t i = 1; i < W; ++i) m = max_nan(m, lanes[i]);
+  return m;
+}
+
+// Per-row temperature: a per-row tensor when given, else the scalar.
+template <typename acc_t>
+struct RowTemperature {
+  const acc_t* per_row;  // nullptr when the temperature is a scalar
+  acc_t scalar;
+  acc_t operator()(int64_t r) const { return per_row ? per_row[r] : scalar; }
+};
 
 // dst[0, n) = buf[0, n), rounded once to the output dtype.
 template <typename acc_t, typename scalar_t>
@@ -150,7 +191,7 @@ struct RowSum {
 // broken rollout row). kKeepExps: bw, bv are row-sized scratch that end up holding every
 // e^{z - m_chunk}, and chunk_m[2k], chunk_m[2k + 1] the maxes of chunk k.
 template <typename scalar_t, typename acc_t, bool kKeepExps>
-PairState<acc_t> pair_row(const scalar_t* xw, acc_t inv_tw, const scalar_t* xv, acc_t inv_tv,
+PairState<acc_t> pair_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv, acc_t tau_v,
                           int64_t V, bool stop_on_w_invalid, acc_t* bw, acc_t* bv,
                           acc_t* chunk_m) {
   RowSum<acc_t> row;
@@ -158,8 +199,8 @@ PairState<acc_t> pair_row(const scalar_t* xw, acc_t inv_tw, const scalar_t* xv, 
     const int64_t n = std::min(kChunk, V - begin);
     acc_t* cw = kKeepExps ? bw + begin : bw;
     acc_t* cv = kKeepExps ? bv + begin : bv;
-    const acc_t mw = load_scaled_chunk(xw + begin, n, inv_tw, cw);
-    const acc_t mv = load_scaled_chunk(xv + begin, n, inv_tv, cv);
+    const acc_t mw = load_divided_chunk(xw + begin, n, tau_w, cw);
+    const acc_t mv = load_divided_chunk(xv + begin, n, tau_v, cv);
     if constexpr (kKeepExps) {
       chunk_m[2 * k] = mw;
       chunk_m[2 * k + 1] = mv;
@@ -219,7 +260,7 @@ SideState<acc_t> side_state(acc_t m, acc_t s1) {
 //   grad_v,j = g / tau_v * (v_j - w_j),                 v_j = e^{d_v,j - l_v}
 // kW / kV: which gradients to write; only grad_v needs v_j's exp.
 template <typename scalar_t, typename acc_t, bool kW, bool kV>
-void kl_backward_row(const scalar_t* xw, acc_t inv_tw, const scalar_t* xv, acc_t inv_tv,
+void kl_backward_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv, acc_t tau_v,
                      int64_t V, SideState<acc_t> sw, SideState<acc_t> sv, acc_t c, acc_t gw,
                      acc_t gv, acc_t* bw, acc_t* bv, scalar_t* grad_w, scalar_t* grad_v) {
   constexpr int64_t W = Vec<acc_t>::size();
@@ -227,8 +268,8 @@ void kl_backward_row(const scalar_t* xw, acc_t inv_tw, const scalar_t* xv, acc_t
       vgv(gv), zero(acc_t(0)), lowest(exp_zero_below<acc_t>());
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
-    load_scaled_chunk(xw + begin, n, inv_tw, bw);
-    load_scaled_chunk(xv + begin, n, inv_tv, bv);
+    load_divided_chunk(xw + begin, n, tau_w, bw);
+    load_divided_chunk(xv + begin, n, tau_v, bv);
     for (int64_t i = 0; i < n; i += W) {
       const Vec<acc_t> dw = Vec<acc_t>::loadu(bw + i) - vmw;
       const Vec<acc_t> dv = Vec<acc_t>::loadu(bv + i) - vmv;
@@ -248,11 +289,6 @@ void kl_backward_row(const scalar_t* xw, acc_t inv_tw, const scalar_t* xv, acc_t
     if constexpr (kW) store_row(bw, grad_w + begin, n);
     if constexpr (kV) store_row(bv, grad_v + begin, n);
   }
-}
-
-template <typename acc_t>
-acc_t scalar_inv(double temperature) {
-  return acc_t(1) / acc_t(temperature);
 }
 
 int64_t grain_rows(int64_t V) {
@@ -301,10 +337,10 @@ std::vector<at::Tensor> kl_divergence_forward(
         using acc_t = at::opmath_type<scalar_t>;
         const scalar_t *x = logits.const_data_ptr<scalar_t>(),
                        *xr = ref_logits.const_data_ptr<scalar_t>();
-        const InvTemperature<acc_t> inv_tau{optional_data<acc_t>(temperature),
-                                            scalar_inv<acc_t>(temperature_scalar)};
-        const InvTemperature<acc_t> inv_tau_r{optional_data<acc_t>(ref_temperature),
-                                              scalar_inv<acc_t>(ref_temperature_scalar)};
+        const RowTemperature<acc_t> tau{optional_data<acc_t>(temperature),
+                                        acc_t(temperature_scalar)};
+        const RowTemperature<acc_t> tau_r{optional_data<acc_t>(ref_temperature),
+                                          acc_t(ref_temperature_scalar)};
         acc_t *o_kl = kl.data_ptr<acc_t>(), *o_st = row_state.data_ptr<acc_t>();
         const std::optional<LabelReader> read_label =
             labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
@@ -319,7 +355,7 @@ std::vector<at::Tensor> kl_divergence_forward(
               continue;
             }
             const scalar_t *xp = x + layout.offset(r), *xq = xr + ref_layout.offset(r);
-            const acc_t tp = inv_tau(r), tq = inv_tau_r(r);
+            const acc_t tp = tau(r), tq = tau_r(r);
             // reverse KL(p || q): weight side p; forward KL(q || p): weight side q.
             const PairState<acc_t> s =
                 reverse ? pair_row<scalar_t, acc_t, false>(xp, tp, xq, tq, V, true, bw, bv, nullptr)
@@ -378,10 +414,10 @@ std::vector<at::Tensor> kl_divergence_backward(
                        *xr = ref_logits.const_data_ptr<scalar_t>();
         scalar_t* g = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
         scalar_t* gr = need_ref_grad ? grad_ref.data_ptr<scalar_t>() : nullptr;
-        const InvTemperature<acc_t> inv_tau{optional_data<acc_t>(temperature),
-                                            scalar_inv<acc_t>(temperature_scalar)};
-        const InvTemperature<acc_t> inv_tau_r{optional_data<acc_t>(ref_temperature),
-                                              scalar_inv<acc_t>(ref_temperature_scalar)};
+        const RowTemperature<acc_t> tau{optional_data<acc_t>(temperature),
+                                        acc_t(temperature_scalar)};
+        const RowTemperature<acc_t> tau_r{optional_data<acc_t>(ref_temperature),
+                                          acc_t(ref_temperature_scalar)};
         const acc_t *up = grad_kl.const_data_ptr<acc_t>(), *s_kl = kl.const_data_ptr<acc_t>(),
                     *s_st = row_state.const_data_ptr<acc_t>();
         const std::optional<LabelReader> read_label =
@@ -418,12 +454,12 @@ std::vector<at::Tensor> kl_divergence_backward(
               const bool do_w = need_w && !w_inf;
               if (need_w && w_inf) fill(grad_w, quiet_nan<acc_t>());
               const scalar_t *xp = x + layout.offset(r), *xq = xr + ref_layout.offset(r);
-              const acc_t tp = inv_tau(r), tq = inv_tau_r(r);
+              const acc_t tp = tau(r), tq = tau_r(r);
               const scalar_t *xw = reverse ? xp : xq, *xv = reverse ? xq : xp;
               const acc_t tw = reverse ? tp : tq, tv = reverse ? tq : tp;
               const SideState<acc_t> sw = reverse ? p : q, sv = reverse ? q : p;
               const acc_t c = st[4];
-              const acc_t gw = up[r] * tw, gv = up[r] * tv;
+              const acc_t gw = up[r] / tw, gv = up[r] / tv;  // d/dx = d/dz / tau
               if (do_w && need_v) {
                 kl_backward_row<scalar_t, acc_t, true, true>(xw, tw, xv, tv, V, sw, sv, c, gw,
                                                              gv, bw, bv, grad_w, grad_v);
@@ -454,8 +490,9 @@ std::vector<at::Tensor> mismatch_stats_forward(
   check_labels_in_range("mismatch_stats", labels, V, ignore_index);
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = logits.options().dtype(acc_dtype);
+  // row_state [N, 2]: the logits' (max, log s1), saved for the backward of logprob.
   at::Tensor logprob = at::empty({N}, opts), token_kl = at::empty({N}, opts),
-             token_tv = at::empty({N}, opts), lse = at::empty({N}, opts);
+             token_tv = at::empty({N}, opts), row_state = at::empty({N, 2}, opts);
   const RowLayout layout{n_inner, stride_outer, stride_inner};
   const RowLayout roll_layout{rollout_n_inner, rollout_stride_outer, rollout_stride_inner};
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -463,30 +500,31 @@ std::vector<at::Tensor> mismatch_stats_forward(
         using acc_t = at::opmath_type<scalar_t>;
         const scalar_t *x = logits.const_data_ptr<scalar_t>(),
                        *xr = rollout_logits.const_data_ptr<scalar_t>();
-        const InvTemperature<acc_t> inv_tau{optional_data<acc_t>(temperature),
-                                            scalar_inv<acc_t>(temperature_scalar)};
-        const InvTemperature<acc_t> inv_tau_r{optional_data<acc_t>(rollout_temperature),
-                                              scalar_inv<acc_t>(rollout_temperature_scalar)};
+        const RowTemperature<acc_t> tau{optional_data<acc_t>(temperature),
+                                        acc_t(temperature_scalar)};
+        const RowTemperature<acc_t> tau_r{optional_data<acc_t>(rollout_temperature),
+                                          acc_t(rollout_temperature_scalar)};
         acc_t *o_lp = logprob.data_ptr<acc_t>(), *o_kl = token_kl.data_ptr<acc_t>(),
-              *o_tv = token_tv.data_ptr<acc_t>(), *o_l = lse.data_ptr<acc_t>();
+              *o_tv = token_tv.data_ptr<acc_t>(), *o_st = row_state.data_ptr<acc_t>();
         const LabelReader read_label(labels);
         at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
           ExpScratch<acc_t> scratch(V);
           for (int64_t r = begin; r < end; ++r) {
             const int64_t c = read_label(r);
             if (c == ignore_index) {
-              o_lp[r] = o_kl[r] = o_tv[r] = o_l[r] = acc_t(0);
+              o_lp[r] = o_kl[r] = o_tv[r] = o_st[2 * r] = o_st[2 * r + 1] = acc_t(0);
               continue;
             }
             const scalar_t *xp = x + layout.offset(r), *xq = xr + roll_layout.offset(r);
-            const acc_t tp = inv_tau(r);
+            const acc_t tp = tau(r);
             // KL(pi_roll || pi_theta): the weight side is the rollout distribution q.
             const PairState<acc_t> s = pair_row<scalar_t, acc_t, true>(
-                xq, inv_tau_r(r), xp, tp, V, false, scratch.ew(), scratch.ev(),
+                xq, tau_r(r), xp, tp, V, false, scratch.ew(), scratch.ev(),
                 scratch.chunk_m());
             const SideState<acc_t> q = side_state(s.m_w, s.s1_w), p = side_state(s.m_v, s.s1_v);
-            o_l[r] = p.m + p.log_s1;  // token_stats_backward recomputes p_j = e^{z_j - L}
-            o_lp[r] = (acc_t(xp[c]) * tp - p.m) - p.log_s1;  // NaN when the logits row is
+            o_st[2 * r] = p.m;
+            o_st[2 * r + 1] = p.log_s1;
+            o_lp[r] = (acc_t(xp[c]) / tp - p.m) - p.log_s1;  // NaN when the logits row is
             o_kl[r] = finalize_kl(s);
             o_tv[r] = (side_is_valid(s.m_w) && side_is_valid(s.m_v))
                           ? total_variation(scratch.ew(), scratch.ev(), scratch.chunk_m(), V,
@@ -495,7 +533,77 @@ std::vector<at::Tensor> mismatch_stats_forward(
           }
         });
       });
-  return {logprob, token_kl, token_tv, lse};
+  return {logprob, token_kl, token_tv, row_state};
+}
+
+// d logprob / dx_j = g (1[j = c] - p_j) / tau, p_j = e^{(z_j - m) - l} from the saved (m, l).
+// The label's entry is g (-expm1(log p_c)) / tau: no cancellation of 1 - p_c when p_c -> 1.
+// Reads N V logits, writes N V gradient (fresh, contiguous).
+at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Tensor& logits,
+                                   const at::Tensor& labels,
+                                   const std::optional<at::Tensor>& temperature,
+                                   double temperature_scalar, int64_t ignore_index,
+                                   const at::Tensor& row_state, int64_t n_inner,
+                                   int64_t stride_outer, int64_t stride_inner) {
+  const int64_t V = logits.size(-1);
+  const int64_t N = labels.numel();
+  check_row_inputs("mismatch_stats_backward", logits, labels, temperature);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&grad_logprob, &row_state}) {
+    TORCH_CHECK(t->scalar_type() == acc_dtype && t->is_contiguous(),
+                "mismatch_stats_backward: grad_logprob and row_state must be contiguous ",
+                acc_dtype);
+  }
+  TORCH_CHECK(grad_logprob.numel() == N && row_state.numel() == 2 * N,
+              "mismatch_stats_backward: expected ", N, " rows in grad_logprob and row_state");
+  at::Tensor grad =
+      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  const RowLayout layout{n_inner, stride_outer, stride_inner};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "mismatch_stats_backward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int64_t W = Vec<acc_t>::size();
+        const scalar_t* x = logits.const_data_ptr<scalar_t>();
+        scalar_t* g = grad.data_ptr<scalar_t>();
+        const RowTemperature<acc_t> tau{optional_data<acc_t>(temperature),
+                                        acc_t(temperature_scalar)};
+        const acc_t *up = grad_logprob.const_data_ptr<acc_t>(),
+                    *st = row_state.const_data_ptr<acc_t>();
+        const LabelReader read_label(labels);
+        at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+          alignas(64) acc_t buf[kBufferSize<acc_t>];
+          for (int64_t r = begin; r < end; ++r) {
+            scalar_t* grad_row = g + r * V;
+            const int64_t c = read_label(r);
+            const acc_t m = st[2 * r], l = st[2 * r + 1];
+            if (c == ignore_index) {
+              std::fill(grad_row, grad_row + V, scalar_t(0));
+              continue;
+            }
+            if (!(std::abs(m) < -neg_inf<acc_t>() && std::abs(l) < -neg_inf<acc_t>())) {
+              std::fill(grad_row, grad_row + V, scalar_t(quiet_nan<acc_t>()));  // NaN row
+              continue;
+            }
+            const scalar_t* xr = x + layout.offset(r);
+            const acc_t t = tau(r), gt = up[r] / t;
+            const Vec<acc_t> vm(m), vl(l), vneg(-gt), lowest(exp_zero_below<acc_t>());
+            for (int64_t b = 0; b < V; b += kChunk) {
+              const int64_t n = std::min(kChunk, V - b);
+              load_divided_chunk(xr + b, n, t, buf);
+              for (int64_t i = 0; i < n; i += W) {
+                // d/dz_j of -(L) = -p_j
+                const Vec<acc_t> d = at::vec::clamp_min(Vec<acc_t>::loadu(buf + i) - vm - vl, lowest);
+                (vneg * vexp(d)).store(buf + i);
+              }
+              store_row(buf, grad_row + b, n);
+            }
+            // d/dz_c of z_c - L = 1 - p_c = -expm1(log p_c), added before the one rounding.
+            const acc_t log_pc = (acc_t(xr[c]) / t - m) - l;
+            grad_row[c] = scalar_t(-std::expm1(log_pc) * gt);
+          }
+        });
+      });
+  return grad;
 }
 
 }  // namespace pg_kernels::cpu

@@ -17,4 +17,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kl_divergence_forward", &pg_kernels::cpu::kl_divergence_forward);
   m.def("kl_divergence_backward", &pg_kernels::cpu::kl_divergence_backward);
   m.def("mismatch_stats_forward", &pg_kernels::cpu::mismatch_stats_forward);
+  m.def("mismatch_stats_backward", &pg_kernels::cpu::mismatch_stats_backward);
 }

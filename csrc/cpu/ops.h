@@ -124,4 +124,11 @@ std::vector<at::Tensor> mismatch_stats_forward(
     int64_t ignore_index, int64_t n_inner, int64_t stride_outer, int64_t stride_inner,
     int64_t rollout_n_inner, int64_t rollout_stride_outer, int64_t rollout_stride_inner);
 
+at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Tensor& logits,
+                                   const at::Tensor& labels,
+                                   const std::optional<at::Tensor>& temperature,
+                                   double temperature_scalar, int64_t ignore_index,
+                                   const at::Tensor& row_state, int64_t n_inner,
+                                   int64_t stride_outer, int64_t stride_inner);
+
 }  // namespace pg_kernels::cpu
