@@ -2,6 +2,8 @@
 
 from pg_kernels._backend import env_report
 from pg_kernels.ops._common import check_labels
+from pg_kernels.ops.kl_divergence import kl_divergence
+from pg_kernels.ops.mismatch_stats import mismatch_stats
 from pg_kernels.ops.pruned_logprob import pruned_logprob
 from pg_kernels.ops.token_stats import token_stats
 from pg_kernels.ops.topk_kl import topk_kl
@@ -15,6 +17,8 @@ __all__ = [
     "TokenStats",
     "check_labels",
     "env_report",
+    "kl_divergence",
+    "mismatch_stats",
     "pruned_logprob",
     "token_stats",
     "topk_kl",

@@ -40,4 +40,34 @@ LIB.define(
     "pruned_logprob_backward(Tensor grad_logprob, Tensor logits, Tensor labels, "
     "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor lse_safe, "
     "Tensor threshold, str backend) -> Tensor"
+# kl_divergence: `direction` is "reverse" (KL(p || q)) or "forward" (KL(q || p)); `labels` only
+# masks ignore_index rows. row_state [..., 5] = (max, log sum exp(z - max)) of the logits, then of
+# ref_logits, then E_w[(z_w - max_w) - (z_v - max_v)] over the weighting distribution w: saved
+# for the backward, not differentiable.
+LIB.define(
+    "kl_divergence(Tensor logits, Tensor ref_logits, Tensor? labels, Tensor? temperature, "
+    "float temperature_scalar, Tensor? ref_temperature, float ref_temperature_scalar, "
+    "int ignore_index, str direction, str backend) -> (Tensor kl, Tensor row_state)"
+)
+# Returns an empty tensor in place of a gradient that was not asked for.
+LIB.define(
+    "kl_divergence_backward(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor? labels, "
+    "Tensor? temperature, float temperature_scalar, Tensor? ref_temperature, "
+    "float ref_temperature_scalar, int ignore_index, str direction, Tensor kl, "
+    "Tensor row_state, bool logits_grad, bool ref_grad, str backend) "
+    "-> (Tensor grad_logits, Tensor grad_ref_logits)"
+)
+# mismatch_stats with rollout logits: the row reductions (the sampled-token estimators are
+# elementwise functions of logprob, computed by the public function). row_state [..., 2] =
+# (max, log sum exp(z - max)) of the logits, saved for the backward of logprob.
+LIB.define(
+    "mismatch_stats(Tensor logits, Tensor rollout_logits, Tensor labels, Tensor? temperature, "
+    "float temperature_scalar, Tensor? rollout_temperature, float rollout_temperature_scalar, "
+    "int ignore_index, str backend) -> (Tensor logprob, Tensor token_kl, Tensor token_tv, "
+    "Tensor row_state)"
+)
+LIB.define(
+    "mismatch_stats_backward(Tensor grad_logprob, Tensor logits, Tensor labels, "
+    "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor row_state, "
+    "str backend) -> Tensor"
 )

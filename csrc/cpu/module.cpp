@@ -18,4 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_kl_backward", &pg_kernels::cpu::topk_kl_backward);
   m.def("pruned_logprob_forward", &pg_kernels::cpu::pruned_logprob_forward);
   m.def("pruned_logprob_backward", &pg_kernels::cpu::pruned_logprob_backward);
+  m.def("kl_divergence_forward", &pg_kernels::cpu::kl_divergence_forward);
+  m.def("kl_divergence_backward", &pg_kernels::cpu::kl_divergence_backward);
+  m.def("mismatch_stats_forward", &pg_kernels::cpu::mismatch_stats_forward);
+  m.def("mismatch_stats_backward", &pg_kernels::cpu::mismatch_stats_backward);
 }

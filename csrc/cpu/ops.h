@@ -49,6 +49,37 @@ inline void check_rows(const char* op, const at::Tensor& logits, int64_t n_rows,
   }
 }
 
+// Two [..., V] logit tensors of one divergence: same shape and dtype, optional labels and
+// per-row temperatures of N = rows elements.
+inline void check_pair_inputs(const char* op, const at::Tensor& logits, const at::Tensor& other,
+                              const std::optional<at::Tensor>& labels,
+                              const std::optional<at::Tensor>& temperature,
+                              const std::optional<at::Tensor>& other_temperature) {
+  TORCH_CHECK(logits.device().is_cpu() && other.device().is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK(logits.dim() >= 1 && logits.stride(-1) == 1 && other.stride(-1) == 1, op,
+              ": logits must have a contiguous last dim");
+  TORCH_CHECK(logits.sizes() == other.sizes() && logits.scalar_type() == other.scalar_type(),
+              op, ": the two logit tensors must have the same shape and dtype");
+  const int64_t V = logits.size(-1);
+  const int64_t N = V > 0 ? logits.numel() / V : 0;
+  if (labels) {
+    TORCH_CHECK(labels->dim() == 1 && labels->is_contiguous() && labels->numel() == N, op,
+                ": labels must be flat, contiguous and hold one label per row (", N, ")");
+    TORCH_CHECK(labels->scalar_type() == at::kLong || labels->scalar_type() == at::kInt, op,
+                ": labels must be int64 or int32, got ", labels->scalar_type());
+    TORCH_CHECK(labels->device().is_cpu(), op, ": expected CPU tensors");
+  }
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto* t : {&temperature, &other_temperature}) {
+    if (*t) {
+      TORCH_CHECK((*t)->scalar_type() == acc && (*t)->is_contiguous() && (*t)->numel() == N &&
+                      (*t)->device().is_cpu(),
+                  op, ": per-row temperatures must be contiguous ", acc, " CPU tensors of ", N,
+                  " elements");
+    }
+  }
+}
+
 // Reads int32 or int64 labels as int64.
 struct LabelReader {
   const void* data;
@@ -114,5 +145,36 @@ at::Tensor pruned_logprob_backward(const at::Tensor& grad_logprob, const at::Ten
                                    double temperature_scalar, int64_t ignore_index,
                                    const at::Tensor& lse_safe, const at::Tensor& threshold,
                                    int64_t n_inner, int64_t stride_outer, int64_t stride_inner);
+// Divergences (divergence.cpp). Layout ints describe the logits' rows, then the other tensor's.
+std::vector<at::Tensor> kl_divergence_forward(
+    const at::Tensor& logits, const at::Tensor& ref_logits,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& temperature,
+    double temperature_scalar, const std::optional<at::Tensor>& ref_temperature,
+    double ref_temperature_scalar, int64_t ignore_index, bool reverse, int64_t n_inner,
+    int64_t stride_outer, int64_t stride_inner, int64_t ref_n_inner, int64_t ref_stride_outer,
+    int64_t ref_stride_inner);
+
+std::vector<at::Tensor> kl_divergence_backward(
+    const at::Tensor& grad_kl, const at::Tensor& logits, const at::Tensor& ref_logits,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& temperature,
+    double temperature_scalar, const std::optional<at::Tensor>& ref_temperature,
+    double ref_temperature_scalar, int64_t ignore_index, bool reverse, const at::Tensor& kl,
+    const at::Tensor& row_state, bool need_logits_grad, bool need_ref_grad, int64_t n_inner,
+    int64_t stride_outer, int64_t stride_inner, int64_t ref_n_inner, int64_t ref_stride_outer,
+    int64_t ref_stride_inner);
+
+std::vector<at::Tensor> mismatch_stats_forward(
+    const at::Tensor& logits, const at::Tensor& rollout_logits, const at::Tensor& labels,
+    const std::optional<at::Tensor>& temperature, double temperature_scalar,
+    const std::optional<at::Tensor>& rollout_temperature, double rollout_temperature_scalar,
+    int64_t ignore_index, int64_t n_inner, int64_t stride_outer, int64_t stride_inner,
+    int64_t rollout_n_inner, int64_t rollout_stride_outer, int64_t rollout_stride_inner);
+
+at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Tensor& logits,
+                                   const at::Tensor& labels,
+                                   const std::optional<at::Tensor>& temperature,
+                                   double temperature_scalar, int64_t ignore_index,
+                                   const at::Tensor& row_state, int64_t n_inner,
+                                   int64_t stride_outer, int64_t stride_inner);
 
 }  // namespace pg_kernels::cpu

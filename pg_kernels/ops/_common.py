@@ -37,6 +37,38 @@ def check_logits(op: str, name: str, logits: torch.Tensor) -> None:
         )
 
 
+def check_logits_pair(op: str, logits: torch.Tensor, other: torch.Tensor, name: str) -> None:
+    """A second [..., V] logits tensor (reference, teacher, rollout) that pairs with `logits`.
+
+    Same shape (the two distributions are compared row by row) and dtype (the kernels read both
+    in one pass with one accumulation type; cast one side rather than mixing).
+    """
+    check_logits(op, name, other)
+    if tuple(other.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"{op}: {name} must have the logits' shape {tuple(logits.shape)}, "
+            f"got {tuple(other.shape)}"
+        )
+    if other.dtype != logits.dtype:
+        raise TypeError(
+            f"{op}: {name} must have the logits' dtype {logits.dtype}, got {other.dtype} "
+            "(cast one of them)"
+        )
+    if other.device != logits.device:
+        raise ValueError(f"{op}: {name} is on {other.device} but logits on {logits.device}")
+
+
+def check_float_arg(op: str, name: str, value, *, low: float | None = None) -> float:
+    """A finite float hyper-parameter (optionally > low)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    if not (abs(v) < float("inf")) or (low is not None and not v > low):
+        bound = "" if low is None else f" and > {low:g}"
+        raise ValueError(f"{op}: {name} must be finite{bound}, got {value}")
+    return v
+
+
 def check_labels(
     labels: torch.Tensor, vocab_size: int, ignore_index: int = -100, *, name: str = "labels"
 ) -> None:

@@ -14,9 +14,13 @@ DIRECTIONS = ("reverse", "forward")
 
 
 def _kl(logw: torch.Tensor, logv: torch.Tensor) -> torch.Tensor:
-    """sum_j w_j (log w_j - log v_j) over the last dim, with 0 where w_j = 0."""
-    zero_weight = torch.isneginf(logw)
+    """sum_j w_j (log w_j - log v_j) over the last dim, with 0 where w_j = 0.
+
+    w_j = 0 includes weights that underflow (log w_j < -745 in float64, < -104 in float32):
+    testing only log w_j == -inf left 0 * (finite - (-inf)) = NaN for those against v_j = 0.
+    """
     w = logw.exp()
+    zero_weight = w == 0
     diff = torch.where(zero_weight, torch.zeros_like(logw), logw) - torch.where(
         zero_weight, torch.zeros_like(logv), logv
     )

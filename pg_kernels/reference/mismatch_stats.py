@@ -23,7 +23,8 @@ def sampled_mismatch(
     """The sampled-token estimators of SPEC section 5 from per-token log-probs."""
     delta = logprob - rollout_logprobs.to(logprob.dtype)
     rho = delta.clamp(-RATIO_CLAMP, RATIO_CLAMP).exp()
-    in_band = (rho >= icepop_low) & (rho <= icepop_high)
+    # A NaN ratio stays NaN (NaN rows are NaN in every field); out of the band is 0.
+    in_band = ((rho >= icepop_low) & (rho <= icepop_high)) | rho.isnan()
     return {
         "log_ratio": delta,
         "ratio": rho,

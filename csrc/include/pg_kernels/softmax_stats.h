@@ -233,6 +233,88 @@ PGK_HD PrunedRow<T> finalize_pruned(T m, T threshold, T s_in, T s_out, T z_label
   const T s_safe = s_in + e_c;
   const T lse_safe = m + std::log(s_safe);
   return {z_label - lse_safe, s_out / (s_safe + s_out), lse_safe, z_label >= threshold};
+// ---------------------------------------------------------------------------------------------
+// Divergences between two distributions over the same vocabulary (SPEC section 4).
+//
+// A "pair" pass reads a weight side w = softmax(z_w) and an other side v = softmax(z_v) and
+// keeps, besides each side's max and sum of exps,
+//   u = sum_j e^{d_w,j} (d_w,j - d_v,j),   d_w = z_w - m_w,  d_v = z_v - m_v
+// so that KL(w || v) = sum w (log w - log v) = u / s1_w - log s1_w + log s1_v.
+// Keeping u relative to both maxes (instead of sum e^{d_w} (z_w - z_v)) makes the result
+// invariant to constant shifts of either side: no cancellation of m_w - m_v at the end.
+// Reverse KL(p || q) is the pair (w = p, v = q); forward KL(q || p) the pair (w = q, v = p).
+//
+// A term with w_j = 0 is exactly 0, whatever v_j. A term with w_j > 0 and v_j = 0 (z_v = -inf)
+// makes the KL +inf: it is kept out of u and recorded in `inf` instead, so that u stays finite
+// and every rescale below stays NaN-free.
+template <typename T>
+struct PairState {
+  T m_w;   // max of z_w; -inf while no finite z_w has been seen
+  T s1_w;  // sum exp(z_w - m_w)
+  T m_v;   // max of z_v
+  T s1_v;  // sum exp(z_v - m_v)
+  T u;     // sum exp(z_w - m_w) ((z_w - m_w) - (z_v - m_v)) over terms with z_v > -inf
+  bool inf;  // some term has w_j > 0 and v_j = 0
+};
+
+template <typename T>
+PGK_HD PairState<T> empty_pair() {
+  return {neg_inf<T>(), T(0), neg_inf<T>(), T(0), T(0), false};
+}
+
+// Rescale a pair state to new (not smaller) maxes. With D_w = m_w - m_w', D_v = m_v - m_v':
+//   s1_w <- e^{D_w} s1_w,  s1_v <- e^{D_v} s1_v,  u <- e^{D_w} (u + (D_w - D_v) s1_w)
+// since every term's d_w moves by D_w and its d_v by D_v. An empty side (m = -inf) has
+// nothing to rescale: its sums are 0, and an empty v side means every w-weighted term so far
+// went to `inf`, so u holds no term to shift.
+template <typename T>
+PGK_HD PairState<T> rescale_pair(const PairState<T>& s, T m_w_new, T m_v_new) {
+  const bool has_w = s.m_w != neg_inf<T>(), has_v = s.m_v != neg_inf<T>();
+  const T dw = has_w ? s.m_w - m_w_new : T(0);
+  const T dv = has_v ? s.m_v - m_v_new : T(0);
+  const T a_w = has_w ? std::exp(dw) : T(0);
+  const T a_v = has_v ? std::exp(dv) : T(0);
+  return {m_w_new, a_w * s.s1_w, m_v_new, a_v * s.s1_v, a_w * (s.u + (dw - dv) * s.s1_w),
+          s.inf};
+}
+
+// Join two partial pair states (chunks, threads, vocab shards). Deterministic in (a, b).
+template <typename T>
+PGK_HD PairState<T> merge_pair(const PairState<T>& a, const PairState<T>& b) {
+  const T m_w = max_nan(a.m_w, b.m_w), m_v = max_nan(a.m_v, b.m_v);
+  const PairState<T> ra = rescale_pair(a, m_w, m_v), rb = rescale_pair(b, m_w, m_v);
+  return {m_w, ra.s1_w + rb.s1_w, m_v, ra.s1_v + rb.s1_v, ra.u + rb.u, a.inf || b.inf};
+}
+
+template <typename T>
+PGK_HD bool side_is_valid(T m) {
+  return m > neg_inf<T>() && m < -neg_inf<T>();
+}
+
+// KL(w || v) from a finished pair state: NaN if either side is invalid, +inf if some w_j > 0
+// has v_j = 0, else u / s1_w - log s1_w + log s1_v clamped at 0 (the exact value is >= 0;
+// rounding can leave -1e-8 when w = v).
+template <typename T>
+PGK_HD T finalize_kl(const PairState<T>& s) {
+  if (!side_is_valid(s.m_w) || !side_is_valid(s.m_v)) return quiet_nan<T>();
+  if (s.inf) return -neg_inf<T>();
+  const T kl = s.u / s.s1_w - std::log(s.s1_w) + std::log(s.s1_v);
+  return kl > T(0) ? kl : T(0);
+}
+
+// Gradients of KL(w || v) (one pass, recomputing w_j and v_j):
+//   dKL/dz_w,j = w_j ((log w_j - log v_j) - KL)     (0 where w_j = 0)
+//   dKL/dz_v,j = v_j - w_j
+// In terms of d = z - m (each side's max; exact for the max entry itself) and l = log s1:
+//   w_j = e^{d_w,j - l_w},  v_j = e^{d_v,j - l_v},
+//   log w_j - log v_j - KL = (d_w,j - l_w) - (d_v,j - l_v) - (u / s1_w - l_w + l_v)
+//                          = (d_w,j - d_v,j) - c,   c = u / s1_w = E_w[d_w - d_v]
+// The log s1 terms cancel exactly, so the backward takes c from the forward instead of
+// rebuilding it from KL (two roundings of O(log V) numbers fewer). Working from z - L instead
+// of z - m would lose ulp(L) of every log-prob (L ~ 50 on peaked rows).
+template <typename T>
+PGK_HD T kl_grad_shift(const PairState<T>& s) {
+  return s.u / s.s1_w;
 }
 
 }  // namespace pg_kernels

@@ -1,0 +1,270 @@
+"""mismatch_stats: training-vs-rollout mismatch per token (SPEC sections 4 and 5).
+
+Two parts:
+  * Row reductions over the logits: the label's log-prob log pi_theta(c) (differentiable) and,
+    when the rollout engine's logits are given, the exact KL(pi_roll || pi_theta) and total
+    variation 1/2 sum |pi_theta - pi_roll|. Without rollout logits this is the token_stats op
+    (one pass). With them it is the op `pg_kernels::mismatch_stats`: one pass over the logits
+    and one over the rollout logits, read together chunk by chunk; on the CPU, TV then takes a
+    second sweep over the exps that pass kept in a per-thread scratch (still in cache; no
+    exp and no re-read of the logits, see csrc/cpu/divergence.cpp). Its backward (of logprob
+    only) is one pass from the saved per-row max and log-normalizer of the logits. (It does not
+    reuse token_stats_backward: that recomputes p_j = e^{z_j - L} and loses ulp(L), ~1e-5 at
+    L ~ 200 on peaked rows at low temperature, 1.5e-5 relative on p_c ~ 1 in a test.)
+  * The sampled-token estimators (log ratio, ratio, k1, k2, k3, |delta|, chi2, TIS and IcePop
+    weights): elementwise on [...] tensors, computed here from logprob.detach().
+
+Gradients: only `logprob` is differentiable (w.r.t. logits). The estimators, token_kl and
+token_tv are no-grad diagnostics (trust-region masks, rollout-correction weights, health
+metrics). For a differentiable exact KL use `kl_divergence(..., direction="forward")`; for a
+loss on an estimator, write it on `logprob` (e.g. exp(logprob - rollout_logprobs)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pg_kernels import _backend, _library, reference  # noqa: F401  (_library defines the schemas)
+from pg_kernels.ops._common import (
+    acc_dtype,
+    check_float_arg,
+    check_ignore_index,
+    check_labels_arg,
+    check_labels_on_cpu,
+    check_logits,
+    check_logits_pair,
+    make_temperature,
+    row_layout,
+)
+from pg_kernels.ops.token_stats import token_stats
+from pg_kernels.outputs import MismatchStats
+
+OP = "mismatch_stats"
+KERNELS = ("cpu",)  # backends with a fused kernel for the rollout-logits case
+RATIO_CLAMP = 20.0  # rho = exp(clamp(delta, -20, 20)): no overflow on wild tokens
+
+
+def _kernels(backend: str):
+    """The (forward, backward) launchers of a backend."""
+    if backend == "cpu":
+        ext = _backend.cpu_extension()
+        return ext.mismatch_stats_forward, ext.mismatch_stats_backward
+    raise RuntimeError(f"{OP}: no kernel for backend {backend!r}")
+
+
+@torch.library.register_kernel("pg_kernels::mismatch_stats", ("cpu", "cuda"))
+def _mismatch_stats(
+    logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
+    rollout_temperature_scalar, ignore_index, backend,
+):  # fmt: skip
+    forward, _ = _kernels(backend)
+    logprob, token_kl, token_tv, row_state = forward(
+        logits, rollout_logits, labels.reshape(-1), temperature, temperature_scalar,
+        rollout_temperature, rollout_temperature_scalar, ignore_index,
+        *row_layout(OP, "logits", logits), *row_layout(OP, "rollout_logits", rollout_logits),
+    )  # fmt: skip
+    lead = labels.shape
+    return (logprob.view(lead), token_kl.view(lead), token_tv.view(lead), row_state.view(*lead, 2))
+
+
+@torch.library.register_fake("pg_kernels::mismatch_stats")
+def _mismatch_stats_fake(
+    logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
+    rollout_temperature_scalar, ignore_index, backend,
+):  # fmt: skip
+    out = labels.new_empty(labels.shape, dtype=acc_dtype(logits.dtype))
+    row_state = labels.new_empty((*labels.shape, 2), dtype=acc_dtype(logits.dtype))
+    return out, torch.empty_like(out), torch.empty_like(out), row_state
+
+
+@torch.library.register_kernel("pg_kernels::mismatch_stats_backward", ("cpu", "cuda"))
+def _mismatch_stats_backward(
+    grad_logprob, logits, labels, temperature, temperature_scalar, ignore_index, row_state,
+    backend,
+):  # fmt: skip
+    _, backward = _kernels(backend)
+    acc = acc_dtype(logits.dtype)
+    return backward(
+        grad_logprob.reshape(-1).to(acc).contiguous(), logits, labels.reshape(-1), temperature,
+        temperature_scalar, ignore_index, row_state.reshape(-1).to(acc).contiguous(),
+        *row_layout(OP, "logits", logits),
+    )  # fmt: skip
+
+
+@torch.library.register_fake("pg_kernels::mismatch_stats_backward")
+def _mismatch_stats_backward_fake(
+    grad_logprob, logits, labels, temperature, temperature_scalar, ignore_index, row_state,
+    backend,
+):  # fmt: skip
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    (logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
+     rollout_temperature_scalar, ignore_index, backend) = inputs  # fmt: skip
+    _, token_kl, token_tv, row_state = output
+    ctx.save_for_backward(logits, labels, temperature, row_state)
+    ctx.scalars = (temperature_scalar, ignore_index, backend)
+    ctx.mark_non_differentiable(token_kl, token_tv, row_state)
+
+
+def _backward(ctx, g_logprob, g_kl, g_tv, g_row_state):
+    logits, labels, temperature, row_state = ctx.saved_tensors
+    temperature_scalar, ignore_index, backend = ctx.scalars
+    grad = None
+    if ctx.needs_input_grad[0]:
+        # d logprob / dz_j = 1[j = c] - p_j
+        grad = torch.ops.pg_kernels.mismatch_stats_backward(
+            g_logprob, logits, labels, temperature, temperature_scalar, ignore_index, row_state,
+            backend,
+        )  # fmt: skip
+    return grad, *(None,) * 8
+
+
+torch.library.register_autograd(
+    "pg_kernels::mismatch_stats", _backward, setup_context=_setup_context
+)
+# The backward is not differentiable again: its output simply does not require grad.
+_library.LIB.impl("mismatch_stats_backward", torch.library.fallthrough_kernel, "Autograd")
+
+
+def sampled_estimators(
+    logprob: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    tis_cap: float,
+    icepop_low: float,
+    icepop_high: float,
+) -> dict[str, torch.Tensor]:
+    """SPEC section 5 from [...] log-probs, 0 where `keep` is False. Elementwise, no grad.
+
+    k3 = rho - 1 - delta and chi2 = (rho - 1)^2 use expm1: rho - 1 in float32 loses all
+    digits of a small delta (k3 ~ delta^2 / 2 would be pure rounding below |delta| ~ 1e-3).
+    """
+    delta = logprob.detach() - rollout_logprobs.to(logprob.dtype)
+    clamped = delta.clamp(-RATIO_CLAMP, RATIO_CLAMP)
+    rho = clamped.exp()
+    rho_m1 = clamped.expm1()
+    # NaN stays NaN (a NaN row is NaN in every field), outside the band is 0.
+    in_band = ((rho >= icepop_low) & (rho <= icepop_high)) | rho.isnan()
+    fields = {
+        "log_ratio": delta,
+        "ratio": rho,
+        "k1": -delta,
+        "k2": 0.5 * delta * delta,
+        "k3": (rho_m1 - delta).clamp_min(0),  # >= 0 exactly; clamp the last rounding
+        "abs_log_ratio": delta.abs(),
+        "chi2": rho_m1 * rho_m1,
+        "tis_weight": rho.clamp_max(tis_cap),
+        "icepop_weight": torch.where(in_band, rho, torch.zeros_like(rho)),
+    }
+    return {k: torch.where(keep, v, torch.zeros_like(v)) for k, v in fields.items()}
+
+
+def mismatch_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    *,
+    rollout_logits: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    rollout_temperature: float | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    tis_cap: float = 2.0,
+    icepop_low: float = 0.5,
+    icepop_high: float = 2.0,
+    backend: str = "auto",
+) -> MismatchStats:
+    """Training-vs-rollout mismatch per token: sampled estimators, and exact KL / TV.
+
+    Args:
+        logits: [..., V] training logits, bf16, fp16, fp32 or fp64; last dim contiguous.
+        labels: [...] int64/int32, the sampled tokens; ignore_index rows give 0 everywhere.
+        rollout_logprobs: [...] float, log pi_roll(c) as the rollout engine reported it.
+        rollout_logits: optional [..., V] rollout-engine logits, same shape and dtype as
+            `logits`; enables the exact token_kl and token_tv.
+        temperature: float or [...] tensor for the training logits.
+        rollout_temperature: the same for rollout_logits (default: `temperature`); used only
+            with rollout_logits (rollout_logprobs are taken as given).
+        ignore_index: label value of rows to skip.
+        tis_cap: truncated-IS cap C, > 0: tis_weight = min(rho, C).
+        icepop_low, icepop_high: IcePop band, 0 <= low <= high: rho * 1[low <= rho <= high].
+        backend: "auto", "reference", "cpu"; without rollout_logits also what token_stats takes.
+
+    Returns:
+        MismatchStats of [...] tensors, fp32 (fp64 for fp64 logits), with
+        delta = logprob - rollout_logprobs and rho = exp(clamp(delta, -20, 20)):
+        logprob (differentiable w.r.t. logits), log_ratio, ratio, k1 = -delta,
+        k2 = delta^2 / 2, k3 = rho - 1 - delta, abs_log_ratio, chi2 = (rho - 1)^2, tis_weight,
+        icepop_weight; token_kl = KL(pi_roll || pi_theta) and token_tv = 1/2 sum |p - q| when
+        rollout_logits is given, else None. E_{c ~ pi_roll}[k3] = token_kl.
+        Every field but logprob is a no-grad diagnostic. A NaN in rollout_logprobs makes that
+        row's estimators NaN; a NaN / +inf / all -inf row of rollout_logits makes that row's
+        token_kl and token_tv NaN (logprob is unaffected). token_kl is +inf where the rollout
+        sampled from a token the training policy gives probability 0.
+    """
+    check_logits(OP, "logits", logits)
+    check_labels_arg(OP, logits, labels)
+    if not isinstance(rollout_logprobs, torch.Tensor) or not rollout_logprobs.is_floating_point():
+        raise TypeError(f"{OP}: rollout_logprobs must be a floating tensor of log-probs")
+    if tuple(rollout_logprobs.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"{OP}: rollout_logprobs must have the labels' shape {tuple(labels.shape)}, "
+            f"got {tuple(rollout_logprobs.shape)}"
+        )
+    if rollout_logprobs.device != logits.device:
+        raise ValueError(
+            f"{OP}: rollout_logprobs is on {rollout_logprobs.device} but logits on {logits.device}"
+        )
+    ignore_index = check_ignore_index(OP, ignore_index)
+    tis_cap = check_float_arg(OP, "tis_cap", tis_cap, low=0.0)
+    icepop_low = check_float_arg(OP, "icepop_low", icepop_low)
+    icepop_high = check_float_arg(OP, "icepop_high", icepop_high)
+    if not 0 <= icepop_low <= icepop_high:
+        raise ValueError(
+            f"{OP}: need 0 <= icepop_low <= icepop_high, got {icepop_low} and {icepop_high}"
+        )
+    token_kl = token_tv = None
+    if rollout_logits is None:
+        logprob = token_stats(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend
+        ).logprob
+    else:
+        check_logits_pair(OP, logits, rollout_logits, "rollout_logits")
+        temp = make_temperature(OP, temperature, logits)
+        roll_temp = (
+            temp
+            if rollout_temperature is None
+            else make_temperature(OP, rollout_temperature, logits, "rollout_temperature")
+        )
+        backend = _backend.resolve(OP, backend, logits.device, kernels=KERNELS)
+        check_labels_on_cpu(OP, labels, logits.shape[-1], ignore_index)
+        if backend == "reference":
+            rt = temperature if rollout_temperature is None else rollout_temperature
+            shared = dict(
+                temperature=temperature, labels=labels, ignore_index=ignore_index, upcast=False
+            )
+            logprob = reference.token_stats(
+                logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=False
+            ).logprob
+            token_kl = reference.kl_divergence(
+                logits, rollout_logits, direction="forward", ref_temperature=rt, **shared
+            ).detach()
+            token_tv = reference.rollout_tv(
+                logits, rollout_logits, rollout_temperature=rt, **shared
+            ).detach()
+        else:
+            logprob, token_kl, token_tv, _ = torch.ops.pg_kernels.mismatch_stats(
+                logits, rollout_logits, labels, temp.tensor, temp.scalar, roll_temp.tensor,
+                roll_temp.scalar, ignore_index, backend,
+            )  # fmt: skip
+    sampled = sampled_estimators(
+        logprob,
+        rollout_logprobs,
+        labels != ignore_index,
+        tis_cap=tis_cap,
+        icepop_low=icepop_low,
+        icepop_high=icepop_high,
+    )
+    return MismatchStats(logprob=logprob, **sampled, token_kl=token_kl, token_tv=token_tv)

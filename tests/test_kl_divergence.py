@@ -1,0 +1,401 @@
+"""kl_divergence against the float64 reference on every backend with a kernel, plus the contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pg_kernels
+from pg_kernels import reference
+from pg_kernels.ops.kl_divergence import KERNELS
+from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+DIRECTIONS = ["reverse", "forward"]
+INF = float("inf")
+
+
+@pytest.fixture
+def bd(backend_device):
+    """backend_device, skipping backends that have no kl_divergence kernel."""
+    backend, _ = backend_device
+    if backend not in KERNELS:
+        pytest.skip(f"kl_divergence has no {backend} kernel")
+    return backend_device
+
+
+def _shapes():
+    return [(3, 7), (16, 1000), (8, 32003), (2, 151936)]
+
+
+def _op(backend):
+    def op(logits, ref_logits, **kw):
+        return pg_kernels.kl_divergence(logits, ref_logits, backend=backend, **kw)
+
+    return op
+
+
+def _pair(n, v, dtype, device, seed):
+    """Logits and reference logits: the first half of the rows independent (KL of several nats),
+    the second half a small perturbation of the logits (KL ~ 1e-3), one near one-hot row."""
+    x = make_logits(n, v, dtype, device=device, seed=seed)
+    near_one_hot(x, slice(0, 1))
+    xr = make_logits(n, v, dtype, device=device, seed=seed + 100)
+    half = n // 2
+    noise = make_logits(n - half, v, torch.float64, scale=0.05, seed=seed + 200)
+    noise -= noise.mean(-1, keepdim=True)
+    xr[half:] = (x[half:].double() + noise.to(device) + 3.0).to(dtype)
+    return x, xr
+
+
+def _check(backend, x, xr, **kw):
+    return check_against_reference(
+        _op(backend), reference.kl_divergence, (x, xr), kw, diff_fields=("out",), grad_args=(0, 1)
+    )
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(bd, dtype, direction):
+    backend, device = bd
+    for i, (n, v) in enumerate(_shapes()):
+        x, xr = _pair(n, v, dtype, device, seed=i)
+        y = make_labels((n,), v, device=device, seed=i)
+        _check(backend, x, xr, direction=direction, labels=y)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_temperature(bd, dtype, direction):
+    backend, device = bd
+    x, xr = _pair(6, 1000, dtype, device, seed=1)
+    x, xr = x.view(2, 3, 1000), xr.view(2, 3, 1000)
+    gen = torch.Generator().manual_seed(1)
+    per_row = (torch.rand(2, 3, generator=gen, dtype=torch.float64) * 2 + 0.25).to(device)
+    per_row_ref = (torch.rand(2, 3, generator=gen, dtype=torch.float64) * 2 + 0.25).to(device)
+    low = torch.tensor([[0.25, 0.5, 1.0], [2.0, 0.3, 1.5]], dtype=torch.float64, device=device)
+    cases = ((0.7, None), (per_row, None), (0.7, 1.3), (per_row, per_row_ref), (1.0, 0.5))
+    for t, t_ref in (*cases, (low, None), (low, per_row)):
+        _check(backend, x, xr, direction=direction, temperature=t, ref_temperature=t_ref)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_shared_neg_inf_entries(bd, direction):
+    """-inf at the same places on both sides (masked / padded vocab) add exactly 0."""
+    backend, device = bd
+    v = 70000  # several CPU chunks; row 1's first half (> one chunk) is -inf on both sides
+    x, xr = _pair(4, v, torch.float32, device, seed=2)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    mask[1, : v // 2] = True
+    x[mask.to(device)] = -INF
+    xr[mask.to(device)] = -INF
+    _check(backend, x, xr, direction=direction)
+
+
+def test_one_sided_neg_inf(bd):
+    """A token impossible under one distribution only.
+
+    -inf in ref_logits only: reverse KL(p || q) = +inf (p has mass where q has none), forward
+    KL(q || p) is finite (those terms have weight q = 0). Symmetrically for -inf in logits.
+    """
+    backend, device = bd
+    v = 5000
+    x, xr = _pair(4, v, torch.float32, device, seed=3)
+    xr[0, 17] = -INF  # only in the reference
+    x[1, 4000] = -INF  # only in the logits
+    xr[2, :3000] = -INF  # a leading run (> one chunk) only in the reference
+    x[3, 100] = xr[3, 100] = -INF  # shared: finite both ways
+    rev = _op(backend)(x, xr, direction="reverse")
+    fwd = _op(backend)(x, xr, direction="forward")
+    assert rev[[0, 2]].tolist() == [INF, INF] and torch.isfinite(rev[[1, 3]]).all()
+    assert fwd[1] == INF and torch.isfinite(fwd[[0, 2, 3]]).all()
+    # The finite rows match the reference, gradients included.
+    _check(backend, x[[1, 3]], xr[[1, 3]], direction="reverse")
+    _check(backend, x[[0, 2, 3]], xr[[0, 2, 3]], direction="forward")
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_infinite_kl_gradients(bd, direction):
+    """On a +inf row the weighting side's gradient is NaN, the other side's is exact (v - w);
+    masking the row out of the loss gives an exactly zero gradient, never NaN."""
+    backend, device = bd
+    x, xr = _pair(3, 1000, torch.float64, device, seed=4)
+    other = xr if direction == "reverse" else x  # the side whose -inf makes the KL infinite
+    other[1, 10] = -INF
+    xg, xrg = x.clone().requires_grad_(), xr.clone().requires_grad_()
+    kl = _op(backend)(xg, xrg, direction=direction)
+    assert kl[1] == INF and torch.isfinite(kl[[0, 2]]).all()
+    kl.sum().backward()  # upstream grad 1 on every row (the loss itself is +inf)
+    p, q = x.softmax(-1), xr.softmax(-1)
+    g_weight, g_other = (xg.grad, xrg.grad) if direction == "reverse" else (xrg.grad, xg.grad)
+    w, vv = (p, q) if direction == "reverse" else (q, p)
+    assert torch.isnan(g_weight[1]).all() and torch.isfinite(g_weight[[0, 2]]).all()
+    torch.testing.assert_close(g_other[1], vv[1] - w[1], rtol=0, atol=1e-14)
+    # Masked out: where(isinf, 0, kl) sends a zero upstream gradient to the row.
+    xg.grad = xrg.grad = None
+    kl = _op(backend)(xg, xrg, direction=direction)
+    torch.where(torch.isinf(kl), torch.zeros_like(kl), kl).sum().backward()
+    assert (xg.grad[1] == 0).all() and (xrg.grad[1] == 0).all()
+    assert torch.isfinite(xg.grad).all() and torch.isfinite(xrg.grad).all()
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_invalid_rows_stay_local(bd, direction):
+    """NaN, +inf and all -inf rows in either tensor give NaN for that row only."""
+    backend, device = bd
+    x, xr = _pair(7, 1000, torch.float32, device, seed=5)
+    clean = _op(backend)(x, xr, direction=direction)
+    x[1, 10] = float("nan")
+    xr[2, 999] = INF
+    x[3] = -INF
+    xr[4] = -INF
+    xr[5, 3] = float("nan")
+    bad, good = [1, 2, 3, 4, 5], [0, 6]
+    xg, xrg = x.clone().requires_grad_(), xr.clone().requires_grad_()
+    out = _op(backend)(xg, xrg, direction=direction)
+    assert torch.isnan(out[bad]).all()
+    assert torch.equal(out[good], clean[good])
+    out.nan_to_num().sum().backward()
+    for g in (xg.grad, xrg.grad):
+        assert torch.isnan(g[bad]).all() and torch.isfinite(g[good]).all()
+
+
+def test_ignore_index_rows(bd):
+    backend, device = bd
+    x, xr = _pair(4, 1000, torch.float32, device, seed=6)
+    x[3, 5] = float("nan")  # an ignored row is 0 even when its logits are broken
+    y = torch.tensor([3, -1, 999, -1], device=device)
+    xg, xrg = x.clone().requires_grad_(), xr.clone().requires_grad_()
+    out = _op(backend)(xg, xrg, labels=y, ignore_index=-1)
+    assert (out[[1, 3]] == 0).all() and (out[[0, 2]] > 0).all()
+    out.sum().backward()
+    for g in (xg.grad, xrg.grad):
+        assert (g[[1, 3]] == 0).all() and (g[[0, 2]] != 0).any()
+
+
+def test_strided_inputs_are_read_in_place(bd):
+    """logits[:, :-1] of [B, T+1, V] against ref_logits[:, 1:] of another tensor, and row slices."""
+    backend, device = bd
+    base = make_logits((3, 5), 1000, torch.float32, device=device, seed=7)
+    base_r = make_logits((3, 6), 1000, torch.float32, device=device, seed=8)
+    x, xr = base[:, :-1], base_r[:, 2:]
+    assert not x.is_contiguous() and not xr.is_contiguous()
+    for direction in DIRECTIONS:
+        a = _op(backend)(x, xr, direction=direction)
+        b = _op(backend)(x.contiguous(), xr.contiguous(), direction=direction)
+        assert torch.equal(a, b)
+    rows, rows_r = base.view(15, 1000)[::2], base_r.view(18, 1000)[1:16:2]
+    a = _op(backend)(rows, rows_r)
+    assert torch.equal(a, _op(backend)(rows.contiguous(), rows_r.contiguous()))
+    _check(backend, x, xr, direction="forward")
+
+
+def test_properties(bd):
+    """KL >= 0; KL(p, p) = 0 exactly with zero gradients; shifting either side changes nothing."""
+    backend, device = bd
+    x, xr = _pair(16, 1000, torch.float32, device, seed=9)
+    for direction in DIRECTIONS:
+        kl = _op(backend)(x, xr, direction=direction)
+        assert (kl >= 0).all()
+        xg = x.clone().requires_grad_()
+        same = _op(backend)(xg, x, direction=direction, temperature=0.8)
+        assert (same == 0).all()
+        same.sum().backward()
+        assert xg.grad.abs().max() < 1e-6
+        shifted = _op(backend)(x + 11.0, xr - 7.0, direction=direction)
+        torch.testing.assert_close(shifted, kl, rtol=1e-5, atol=1e-5)
+
+
+def test_reverse_forward_swap(bd):
+    """forward KL(q || p) of (x, xr) is reverse KL of (xr, x), temperatures swapped."""
+    backend, device = bd
+    x, xr = _pair(8, 3000, torch.float64, device, seed=10)
+    a = _op(backend)(x, xr, direction="forward", temperature=0.9, ref_temperature=1.1)
+    b = _op(backend)(xr, x, direction="reverse", temperature=1.1, ref_temperature=0.9)
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_deterministic_and_batch_invariant(bd):
+    backend, device = bd
+    x, xr = _pair(9, 40000, torch.bfloat16, device, seed=11)
+
+    def run(xs, xrs):
+        xg, xrg = xs.clone().requires_grad_(), xrs.clone().requires_grad_()
+        out = _op(backend)(xg, xrg)
+        out.sum().backward()
+        return out, xg.grad, xrg.grad
+
+    a, b, alone = run(x, xr), run(x, xr), run(x[4:5], xr[4:5])
+    for u, w, one in zip(a, b, alone):
+        assert torch.equal(u, w) and torch.equal(u[4:5], one)
+
+
+def test_only_one_side_requires_grad(bd):
+    backend, device = bd
+    x, xr = _pair(4, 1000, torch.float32, device, seed=12)
+    for direction in DIRECTIONS:
+        xg, xrg = x.clone().requires_grad_(), xr.clone().requires_grad_()
+        _op(backend)(xg, xrg, direction=direction).sum().backward()
+        g_both, gr_both = xg.grad, xrg.grad
+        xg = x.clone().requires_grad_()
+        _op(backend)(xg, xr, direction=direction).sum().backward()
+        assert torch.equal(xg.grad, g_both)
+        xrg = xr.clone().requires_grad_()
+        _op(backend)(x, xrg, direction=direction).sum().backward()
+        assert torch.equal(xrg.grad, gr_both)
+
+
+def test_empty_batch(bd):
+    backend, device = bd
+    x = torch.randn(0, 7, 100, device=device, requires_grad=True)
+    xr = torch.randn(0, 7, 100, device=device, requires_grad=True)
+    out = _op(backend)(x, xr)
+    assert out.shape == (0, 7) and out.dtype == torch.float32
+    out.sum().backward()
+    assert x.grad.shape == x.shape and xr.grad.shape == xr.shape
+
+
+def test_inputs_not_mutated(bd):
+    backend, device = bd
+    x, xr = _pair(4, 1000, torch.bfloat16, device, seed=13)
+    t = torch.rand(4, device=device) + 0.5
+    copies = [x.clone(), xr.clone(), t.clone()]
+    xg, xrg = x.requires_grad_(), xr.requires_grad_()
+    _op(backend)(xg, xrg, temperature=t).sum().backward()
+    for before, after in zip(copies, (x.detach(), xr.detach(), t)):
+        assert torch.equal(before, after)
+
+
+def test_auto_backend_and_reference_backend_agree():
+    x, xr = _pair(4, 1000, torch.float32, "cpu", seed=14)
+    for direction in DIRECTIONS:
+        a = pg_kernels.kl_divergence(x, xr, direction=direction)
+        b = pg_kernels.kl_divergence(x, xr, direction=direction, backend="reference")
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --- the op contract (CPU extension) ------------------------------------------------------
+
+needs_cpu_ext = pytest.mark.skipif(
+    pg_kernels._backend.unavailable_reason("cpu", torch.device("cpu")) is not None,
+    reason="C++ extension not built",
+)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_gradcheck_float64(direction):
+    x = make_logits(3, 11, torch.float64, seed=15).requires_grad_()
+    xr = make_logits(3, 11, torch.float64, seed=16).requires_grad_()
+    t = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    t_ref = torch.tensor([1.5, 0.7, 1.0], dtype=torch.float64)
+
+    def f(x, xr):
+        return pg_kernels.kl_divergence(
+            x, xr, direction=direction, temperature=t, ref_temperature=t_ref, backend="cpu"
+        )
+
+    assert torch.autograd.gradcheck(f, (x, xr))
+    # With a shared -inf entry (a zero-weight term on both sides).
+    x2 = x.detach().clone()
+    xr2 = xr.detach().clone()
+    x2[:, 3] = xr2[:, 3] = -INF
+    assert torch.autograd.gradcheck(f, (x2.requires_grad_(), xr2.requires_grad_()))
+
+
+@needs_cpu_ext
+def test_opcheck():
+    x = make_logits(4, 33, torch.float32, seed=17)
+    xr = make_logits(4, 33, torch.float32, seed=18)
+    y = make_labels((4,), 33, seed=17)
+    t = torch.rand(4) + 0.5
+    op = torch.ops.pg_kernels.kl_divergence.default
+    for direction in DIRECTIONS:
+        for labels, temp, ref_temp in ((None, None, None), (y, t, None), (y, None, t)):
+            args = (x.clone().requires_grad_(), xr.clone().requires_grad_(), labels, temp, 1.3,
+                    ref_temp, 0.8, -100, direction, "cpu")  # fmt: skip
+            torch.library.opcheck(op, args)
+    kl, row_state = op(x, xr, y, None, 1.0, None, 1.0, -100, "reverse", "cpu")
+    bwd = torch.ops.pg_kernels.kl_divergence_backward.default
+    for need in ((True, True), (True, False), (False, True)):
+        args = (torch.randn(4), x, xr, y, None, 1.0, t, 1.0, -100, "reverse", kl, row_state,
+                *need, "cpu")  # fmt: skip
+        torch.library.opcheck(bwd, args)
+
+
+@needs_cpu_ext
+def test_compile_fullgraph_matches_eager():
+    x, xr = _pair(6, 500, torch.float32, "cpu", seed=19)
+    x, xr = x.view(2, 3, 500), xr.view(2, 3, 500)
+    y = make_labels((2, 3), 500, seed=19)
+
+    def loss(x, xr, y):
+        rev = pg_kernels.kl_divergence(x, xr, temperature=0.9, labels=y)
+        fwd = pg_kernels.kl_divergence(x, xr, direction="forward", ref_temperature=1.2)
+        return (rev + 0.5 * fwd).sum(), fwd
+
+    compiled = torch.compile(loss, fullgraph=True)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    xra, xrb = xr.clone().requires_grad_(), xr.clone().requires_grad_()
+    la, fa = loss(xa, xra, y)
+    lb, fb = compiled(xb, xrb, y)
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb) and torch.equal(fa, fb)
+    assert torch.equal(xa.grad, xb.grad) and torch.equal(xra.grad, xrb.grad)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+KL = pg_kernels.kl_divergence
+BAD_INPUTS = [
+    (lambda x, xr, y: KL(x, xr[:, :2]), ValueError, "ref_logits must have the logits' shape"),
+    (lambda x, xr, y: KL(x, xr[..., :-1]), ValueError, "ref_logits must have the logits' shape"),
+    (lambda x, xr, y: KL(x, xr.double()), TypeError, "ref_logits must have the logits' dtype"),
+    (lambda x, xr, y: KL(x, xr.long()), TypeError, "ref_logits must be bf16"),
+    (lambda x, xr, y: KL(x, xr.numpy()), TypeError, "ref_logits must be a torch.Tensor"),
+    (lambda x, xr, y: KL(x.long(), xr), TypeError, "logits must be bf16"),
+    (lambda x, xr, y: KL(x, xr, direction="both"), ValueError, "direction must be one of"),
+    (lambda x, xr, y: KL(x, xr, direction=None), ValueError, "direction must be one of"),
+    (lambda x, xr, y: KL(x, xr, labels=y[:, :2]), ValueError, "labels must have"),
+    (lambda x, xr, y: KL(x, xr, labels=y.float()), TypeError, "labels must be int64 or int32"),
+    (lambda x, xr, y: KL(x, xr, temperature=0.0), ValueError, "temperature must be finite"),
+    (
+        lambda x, xr, y: KL(x, xr, ref_temperature=-1.0),
+        ValueError,
+        "ref_temperature must be finite and > 0",
+    ),
+    (
+        lambda x, xr, y: KL(x, xr, ref_temperature=torch.ones(3)),
+        ValueError,
+        "per-row ref_temperature",
+    ),
+    (
+        lambda x, xr, y: KL(x, xr, ref_temperature=-torch.ones(2, 3)),
+        ValueError,
+        "ref_temperature.flatten()[0]",
+    ),
+    (lambda x, xr, y: KL(x, xr, backend="tpu"), ValueError, "backend must be one of"),
+    (
+        lambda x, xr, y: KL(x, xr, backend="triton"),
+        RuntimeError,
+        "kl_divergence has no triton kernel",
+    ),
+    (
+        lambda x, xr, y: KL(x, torch.cat([xr, xr], -1)[..., ::2]),
+        ValueError,
+        "ref_logits must be contiguous in its last",
+    ),
+    (lambda x, xr, y: KL(x, xr, ignore_index=None), TypeError, "ignore_index must be an int"),
+    (lambda x, xr, y: KL(x, xr.to("meta")), ValueError, "ref_logits is on meta but logits on cpu"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_input_raises_clear_error(case):
+    fn, exc, msg = BAD_INPUTS[case]
+    x, xr = make_logits((2, 3), 50, seed=20), make_logits((2, 3), 50, seed=21)
+    y = make_labels((2, 3), 50, seed=20)
+    with pytest.raises(exc) as info:
+        fn(x, xr, y)
+    assert msg in str(info.value), str(info.value)

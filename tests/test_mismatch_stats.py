@@ -1,0 +1,402 @@
+"""mismatch_stats against the float64 reference on every backend with a kernel, the op contract,
+and the properties of SPEC section 5 (E_roll[k3] = KL, the first-order log-prob bound)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pg_kernels
+from pg_kernels import reference
+from pg_kernels.ops.mismatch_stats import KERNELS
+from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SAMPLED = ("log_ratio", "ratio", "k1", "k2", "k3", "abs_log_ratio", "chi2", "tis_weight",
+           "icepop_weight")  # fmt: skip
+INF = float("inf")
+
+
+@pytest.fixture
+def bd(backend_device):
+    """backend_device, skipping backends without a fused mismatch_stats kernel."""
+    backend, _ = backend_device
+    if backend not in KERNELS:
+        pytest.skip(f"mismatch_stats has no {backend} kernel")
+    return backend_device
+
+
+def _op(backend):
+    def op(logits, labels, rollout_logprobs, **kw):
+        return pg_kernels.mismatch_stats(logits, labels, rollout_logprobs, backend=backend, **kw)
+
+    return op
+
+
+def _inputs(shape, v, dtype, device, seed, rollout_temperature=1.0):
+    """Training logits, rollout logits (a perturbation; the last row independent), labels and
+    the rollout engine's log-probs of the labels, with a few extreme rows."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    x = make_logits(shape, v, dtype, device=device, seed=seed)
+    near_one_hot(x.view(-1, v), slice(0, 1))
+    noise = make_logits(shape, v, torch.float64, scale=0.1, seed=seed + 100)
+    noise -= noise.mean(-1, keepdim=True)
+    xr = (x.double() + noise.to(device) - 2.0).to(dtype)
+    xr.view(-1, v)[-1] = make_logits(1, v, dtype, device=device, seed=seed + 200)
+    y = make_labels(shape, v, device=device, seed=seed)
+    lp = reference.token_stats(xr, y, temperature=rollout_temperature).logprob.float()
+    flat = lp.view(-1)
+    if flat.numel() >= 4:
+        flat[1] -= 30.0  # delta beyond the ratio clamp
+        flat[2] += 1e-6  # a tiny mismatch: k3 ~ 5e-13
+    flat[y.view(-1) == -100] = float("nan")  # ignored rows' rollout log-probs are never read
+    return x, xr, y, lp
+
+
+def _check(backend, x, y, lp, **kw):
+    return check_against_reference(
+        _op(backend), reference.mismatch_stats, (x, y, lp), kw, diff_fields=("logprob",)
+    )
+
+
+def _shapes():
+    return [(3, 7), (16, 1000), (8, 32003), (2, 151936)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(bd, dtype):
+    backend, device = bd
+    for i, (n, v) in enumerate(_shapes()):
+        x, xr, y, lp = _inputs(n, v, dtype, device, seed=i)
+        errors = _check(backend, x, y, lp, rollout_logits=xr)
+        assert {"token_kl", "token_tv", "k3", "grad0"} <= set(errors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_without_rollout_logits(backend_device, dtype):
+    """Sampled estimators only: any backend token_stats runs on; token_kl, token_tv are None."""
+    backend, device = backend_device
+    x, _, y, lp = _inputs(16, 1000, dtype, device, seed=1)
+    out = _op(backend)(x, y, lp)
+    assert out.token_kl is None and out.token_tv is None
+    _check(backend, x, y, lp, tis_cap=1.5, icepop_low=0.8, icepop_high=1.25)
+
+
+def test_temperature(bd):
+    backend, device = bd
+    gen = torch.Generator().manual_seed(2)
+    per_row = (torch.rand(2, 3, generator=gen, dtype=torch.float64) * 2 + 0.25).to(device)
+    per_row_r = (torch.rand(2, 3, generator=gen, dtype=torch.float64) * 2 + 0.25).to(device)
+    # Row 0 is near one-hot: at tau 0.25 its log-probs reach ~ -200 while delta stays ~0.05.
+    low = torch.tensor([[0.25, 0.5, 1.0], [2.0, 0.3, 1.5]], dtype=torch.float64, device=device)
+    cases = ((0.7, None), (per_row, None), (0.7, 1.3), (per_row, per_row_r), (low, None))
+    for t, tr in cases:
+        x, xr, y, lp = _inputs((2, 3), 1000, torch.float32, device, seed=2,
+                               rollout_temperature=t if tr is None else tr)  # fmt: skip
+        _check(backend, x, y, lp, rollout_logits=xr, temperature=t, rollout_temperature=tr)
+
+
+def test_neg_inf_entries(bd):
+    """Shared -inf (padded vocab) adds 0; a token the rollout could sample but the policy cannot
+    (-inf in logits only) makes token_kl = KL(pi_roll || pi_theta) = +inf; -inf in the rollout
+    logits only is a zero-weight term: finite."""
+    backend, device = bd
+    v = 70000
+    x, xr, _, lp = _inputs(5, v, torch.float32, device, seed=3)
+    y = torch.tensor([0, v - 1, 100, 200, v - 1], device=device)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    mask[1, : v // 2] = True  # a leading run longer than a chunk
+    mask[:, y] = False  # labels stay finite
+    x[mask.to(device)] = -INF
+    xr[mask.to(device)] = -INF
+    xr[2, 12345] = -INF  # rollout only: finite
+    _check(backend, x[:3], y[:3], lp[:3], rollout_logits=xr[:3])
+    x[3, 5] = -INF  # policy only: +inf
+    x[4, : v // 2] = -INF  # policy only, a run of chunks; the label (v - 1) stays finite
+    out = _op(backend)(x, y, lp, rollout_logits=xr)
+    assert out.token_kl[[3, 4]].tolist() == [INF, INF]
+    assert torch.isfinite(out.token_kl[:3]).all() and torch.isfinite(out.token_tv).all()
+    ref = reference.rollout_tv(x, xr, labels=y)
+    torch.testing.assert_close(out.token_tv.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_invalid_rows_stay_local(bd):
+    """A broken logits row is NaN everywhere; a broken rollout row only in token_kl / token_tv
+    (logprob depends on the logits alone); NaN rollout_logprobs only in the estimators."""
+    backend, device = bd
+    x, xr, _, _ = _inputs(7, 1000, torch.float32, device, seed=4)
+    y = torch.arange(7, device=device) * 100
+    lp = torch.randn(7, generator=torch.Generator().manual_seed(4)).to(device) - 5
+    clean = _op(backend)(x, y, lp, rollout_logits=xr)
+    x[1, 10] = float("nan")
+    x[2] = -INF
+    xr[3, 999] = INF
+    xr[4] = -INF
+    lp[5] = float("nan")
+    xg = x.clone().requires_grad_()
+    out = _op(backend)(xg, y, lp, rollout_logits=xr)
+    for name in ("token_kl", "token_tv"):
+        got = getattr(out, name)
+        assert torch.isnan(got[1:5]).all() and torch.equal(
+            got[[0, 5, 6]], getattr(clean, name)[[0, 5, 6]]
+        )
+    assert torch.isnan(out.logprob[1:3]).all()
+    assert torch.equal(out.logprob[[0, 3, 4, 5, 6]], clean.logprob[[0, 3, 4, 5, 6]])
+    for name in SAMPLED:
+        got = getattr(out, name)
+        assert torch.isnan(got[[1, 2, 5]]).all(), name
+        assert torch.equal(got[[0, 3, 4, 6]], getattr(clean, name)[[0, 3, 4, 6]]), name
+    out.logprob.nan_to_num().sum().backward()
+    assert torch.isnan(xg.grad[1:3]).all() and torch.isfinite(xg.grad[[0, 3, 4, 5, 6]]).all()
+
+
+def test_ignore_index_rows(bd):
+    backend, device = bd
+    x, xr, y, lp = _inputs(4, 1000, torch.float32, device, seed=5)
+    y = torch.tensor([3, -1, 999, -1], device=device)
+    x[3, 0] = float("nan")
+    xg = x.clone().requires_grad_()
+    out = _op(backend)(xg, y, lp, rollout_logits=xr, ignore_index=-1)
+    for name in out._fields:
+        assert (getattr(out, name)[[1, 3]] == 0).all(), name
+    out.logprob.sum().backward()
+    assert (xg.grad[[1, 3]] == 0).all() and (xg.grad[[0, 2]] != 0).any()
+
+
+def test_strided_inputs_are_read_in_place(bd):
+    backend, device = bd
+    base = make_logits((3, 5), 1000, torch.float32, device=device, seed=6)
+    base_r = make_logits((3, 6), 1000, torch.float32, device=device, seed=7)
+    x, xr = base[:, :-1], base_r[:, 2:]
+    y = make_labels((3, 4), 1000, device=device, seed=6)
+    lp = torch.randn(3, 4, device=device) - 5
+    a = _op(backend)(x, y, lp, rollout_logits=xr)
+    b = _op(backend)(x.contiguous(), y, lp, rollout_logits=xr.contiguous())
+    for name in a._fields:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    _check(backend, x, y, lp, rollout_logits=xr)
+
+
+def test_gradient_flows_through_logprob_only(bd):
+    backend, device = bd
+    x, xr, y, lp = _inputs(4, 1000, torch.float32, device, seed=8)
+    xg = x.clone().requires_grad_()
+    out = _op(backend)(xg, y, lp, rollout_logits=xr)
+    assert out.logprob.requires_grad
+    for name in (*SAMPLED, "token_kl", "token_tv"):
+        assert not getattr(out, name).requires_grad, name
+    # logprob and its gradient are token_stats' (up to rounding).
+    out.logprob.sum().backward()
+    xt = x.clone().requires_grad_()
+    ref = pg_kernels.token_stats(xt, y, backend=backend).logprob
+    ref.sum().backward()
+    torch.testing.assert_close(out.logprob, ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(xg.grad, xt.grad, rtol=0, atol=1e-6)
+
+
+def test_deterministic_and_batch_invariant(bd):
+    backend, device = bd
+    x, xr, y, lp = _inputs(9, 40000, torch.bfloat16, device, seed=9)
+    a, b = (_op(backend)(x, y, lp, rollout_logits=xr) for _ in range(2))
+    alone = _op(backend)(x[4:5], y[4:5], lp[4:5], rollout_logits=xr[4:5])
+    for name in a._fields:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(getattr(a, name)[4:5], getattr(alone, name)), name
+
+
+def test_empty_batch(bd):
+    backend, device = bd
+    x = torch.randn(0, 7, 100, device=device, requires_grad=True)
+    y = torch.zeros(0, 7, dtype=torch.long, device=device)
+    out = _op(backend)(x, y, torch.zeros(0, 7), rollout_logits=torch.randn(0, 7, 100))
+    assert out.token_tv.shape == (0, 7)
+    out.logprob.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+# --- properties ---------------------------------------------------------------------------
+
+
+def _one_row(v, seed, device="cpu"):
+    """One fp64 row of logits and a perturbed rollout row (KL ~ 0.05)."""
+    x = make_logits(1, v, torch.float64, device=device, seed=seed)
+    noise = make_logits(1, v, torch.float64, scale=0.3, seed=seed + 1).to(device)
+    return x, x + noise
+
+
+def test_k3_is_unbiased_for_token_kl(bd):
+    """E_{c ~ pi_roll}[k3] = KL(pi_roll || pi_theta) (SPEC 5): exactly as a q-weighted sum over
+    every label, and within Monte-Carlo error when sampling labels from the rollout."""
+    backend, device = bd
+    v = 200
+    x, xr = _one_row(v, seed=10, device=device)
+    log_q = xr.log_softmax(-1)[0]
+
+    def stats(labels):
+        n = labels.numel()
+        return _op(backend)(x.expand(n, v), labels, log_q[labels], rollout_logits=xr.expand(n, v))
+
+    every = stats(torch.arange(v, device=device))
+    kl = every.token_kl[0]
+    assert kl > 0.01 and torch.equal(every.token_kl, kl.expand(v))
+    torch.testing.assert_close((log_q.exp() * every.k3).sum(), kl, rtol=1e-10, atol=0)
+    gen = torch.Generator().manual_seed(11)
+    n = 200_000
+    sampled = torch.multinomial(log_q.exp().cpu(), n, replacement=True, generator=gen)
+    k3 = stats(sampled.to(device)).k3
+    stderr = float(k3.std()) / math.sqrt(n)
+    assert abs(float(k3.mean()) - float(kl)) < 5 * stderr, (float(k3.mean()), float(kl), stderr)
+    # Pinsker: TV <= sqrt(KL / 2).
+    assert every.token_tv[0] <= torch.sqrt(kl / 2)
+
+
+def test_first_order_logprob_bound(bd):
+    """|delta log p_c| <= 2 eps (1 - p_c) to first order for |delta z| <= eps (SPEC 5): the
+    high-probability tokens barely move. The second-order rest is at most eps^2 / 2."""
+    backend, device = bd
+    v, eps = 500, 1e-3
+    x = make_logits(8, v, torch.float64, device=device, seed=12)
+    near_one_hot(x, slice(0, 3), gap=8.0)  # p_c close to 1 for the argmax label
+    gen = torch.Generator().manual_seed(13)
+    y = torch.randint(0, v, (8,), generator=gen).to(device)
+    y[:3] = v // 3
+    # The worst case for the label: +eps on it, -eps elsewhere (and the reverse); plus noise.
+    worst = torch.full_like(x, -eps).scatter(-1, y[:, None], eps)
+    noise = (torch.rand(x.shape, generator=gen, dtype=torch.float64) * 2 - 1).to(device) * eps
+    for dz in (worst, -worst, noise):
+        xr = x + dz
+        lp_roll = xr.log_softmax(-1).gather(-1, y[:, None])[:, 0]
+        out = _op(backend)(x, y, lp_roll, rollout_logits=xr)
+        p_c = out.logprob.exp()
+        bound = 2 * eps * (1 - p_c) + eps**2 / 2
+        assert (out.abs_log_ratio <= bound).all(), (out.abs_log_ratio - bound).max()
+        if dz is worst:  # the bound is tight to first order
+            assert (out.abs_log_ratio >= 2 * eps * (1 - p_c) - eps**2).all()
+    assert (p_c[:3] > 0.99).all()
+
+
+def test_tv_properties(bd):
+    backend, device = bd
+    x, xr, y, lp = _inputs(16, 1000, torch.float32, device, seed=14)
+    out = _op(backend)(x, y, lp, rollout_logits=xr)
+    assert ((out.token_tv >= 0) & (out.token_tv <= 1)).all()
+    assert (out.token_tv <= torch.sqrt(out.token_kl / 2) + 1e-6).all()  # Pinsker
+    same = _op(backend)(x, y, lp, rollout_logits=x)
+    assert (same.token_kl == 0).all() and (same.token_tv.abs() < 1e-6).all()
+
+
+def test_sampled_estimator_values():
+    """The elementwise definitions, including the clamp and the IcePop band edges."""
+    x = make_logits(6, 50, torch.float64, seed=15)
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    lp = pg_kernels.token_stats(x, y).logprob
+    delta = torch.tensor(
+        [0.0, math.log(0.6), math.log(1.9), 25.0, -25.0, 1e-4], dtype=torch.float64
+    )
+    out = pg_kernels.mismatch_stats(x, y, lp - delta, tis_cap=1.5, icepop_low=0.5, icepop_high=2.0)
+    torch.testing.assert_close(out.log_ratio, delta, rtol=0, atol=1e-12)
+    rho = delta.clamp(-20, 20).exp()
+    torch.testing.assert_close(out.ratio, rho, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.k3, rho - 1 - delta, rtol=1e-6, atol=1e-12)
+    assert abs(float(out.k3[5]) - 1e-8 / 2) < 1e-12
+    assert out.icepop_weight.tolist()[:3] == pytest.approx([1.0, 0.6, 1.9])
+    assert out.icepop_weight[3] == 0 and out.icepop_weight[4] == 0
+    assert out.tis_weight.tolist()[:4] == pytest.approx([1.0, 0.6, 1.5, 1.5])
+
+
+# --- the op contract (CPU extension) ------------------------------------------------------
+
+needs_cpu_ext = pytest.mark.skipif(
+    pg_kernels._backend.unavailable_reason("cpu", torch.device("cpu")) is not None,
+    reason="C++ extension not built",
+)
+
+
+@needs_cpu_ext
+def test_gradcheck_float64():
+    x = make_logits(3, 11, torch.float64, seed=16).requires_grad_()
+    xr = make_logits(3, 11, torch.float64, seed=17)
+    y = torch.tensor([0, 10, 4])
+    t = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+
+    def f(x):
+        return pg_kernels.mismatch_stats(
+            x, y, torch.zeros(3, dtype=torch.float64), rollout_logits=xr, temperature=t,
+            backend="cpu",
+        ).logprob  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+@needs_cpu_ext
+def test_opcheck():
+    x = make_logits(4, 33, torch.float32, seed=18)
+    xr = make_logits(4, 33, torch.float32, seed=19)
+    y = make_labels((4,), 33, seed=18)
+    t = torch.rand(4) + 0.5
+    op = torch.ops.pg_kernels.mismatch_stats.default
+    for temp, roll_temp in ((None, None), (t, None), (None, t)):
+        args = (x.clone().requires_grad_(), xr, y, temp, 1.3, roll_temp, 0.9, -100, "cpu")
+        torch.library.opcheck(op, args)
+    _, _, _, row_state = op(x, xr, y, t, 1.0, None, 1.0, -100, "cpu")
+    bwd = torch.ops.pg_kernels.mismatch_stats_backward.default
+    torch.library.opcheck(bwd, (torch.randn(4), x, y, t, 1.0, -100, row_state, "cpu"))
+
+
+@needs_cpu_ext
+def test_compile_fullgraph_matches_eager():
+    x, xr, y, lp = _inputs((2, 3), 500, torch.float32, "cpu", seed=20)
+
+    def loss(x, xr, y, lp):
+        out = pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr, temperature=0.9)
+        mask = (out.token_kl < 0.05).float()
+        return (out.tis_weight * mask * out.logprob).sum(), out.token_tv, out.k3
+
+    compiled = torch.compile(loss, fullgraph=True)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la, *ra = loss(xa, xr, y, lp)
+    lb, *rb = compiled(xb, xr, y, lp)
+    la.backward()
+    lb.backward()
+    # The op's outputs are bitwise equal; the elementwise tail may fuse (exp/expm1 by ulps).
+    assert torch.equal(ra[0], rb[0])
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ra[1], rb[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=0)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+MS = pg_kernels.mismatch_stats
+BAD_INPUTS = [
+    (lambda x, xr, y, lp: MS(x, y, lp, rollout_logits=xr[:1]), ValueError,
+     "rollout_logits must have the logits' shape"),
+    (lambda x, xr, y, lp: MS(x, y, lp, rollout_logits=xr.half()), TypeError,
+     "rollout_logits must have the logits' dtype"),
+    (lambda x, xr, y, lp: MS(x, y, lp[:, :2]), ValueError,
+     "rollout_logprobs must have the labels'"),
+    (lambda x, xr, y, lp: MS(x, y, lp.long()), TypeError, "rollout_logprobs must be a floating"),
+    (lambda x, xr, y, lp: MS(x, y[:, :2], lp), ValueError, "labels must have"),
+    (lambda x, xr, y, lp: MS(x, y, lp, tis_cap=0.0), ValueError, "tis_cap must be finite and > 0"),
+    (lambda x, xr, y, lp: MS(x, y, lp, tis_cap="2"), TypeError, "tis_cap must be a float"),
+    (lambda x, xr, y, lp: MS(x, y, lp, icepop_low=3.0), ValueError, "icepop_low <= icepop_high"),
+    (lambda x, xr, y, lp: MS(x, y, lp, icepop_high=INF), ValueError, "icepop_high must be finite"),
+    (lambda x, xr, y, lp: MS(x, y, lp, rollout_logits=xr, rollout_temperature=0.0), ValueError,
+     "rollout_temperature must be finite and > 0"),
+    (lambda x, xr, y, lp: MS(x, y, lp, rollout_logits=xr, backend="triton"), RuntimeError,
+     "mismatch_stats has no triton kernel"),
+    (lambda x, xr, y, lp: MS(x, y.index_fill(1, torch.tensor([2]), 50), lp, rollout_logits=xr),
+     ValueError, "labels[0, 2] = 50 is outside [0, 50)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_input_raises_clear_error(case):
+    fn, exc, msg = BAD_INPUTS[case]
+    x, xr = make_logits((2, 3), 50, seed=21), make_logits((2, 3), 50, seed=22)
+    y, lp = make_labels((2, 3), 50, seed=21), torch.randn(2, 3) - 4
+    with pytest.raises(exc) as info:
+        fn(x, xr, y, lp)
+    assert msg in str(info.value), str(info.value)
