@@ -233,6 +233,8 @@ PGK_HD PrunedRow<T> finalize_pruned(T m, T threshold, T s_in, T s_out, T z_label
   const T s_safe = s_in + e_c;
   const T lse_safe = m + std::log(s_safe);
   return {z_label - lse_safe, s_out / (s_safe + s_out), lse_safe, z_label >= threshold};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Divergences between two distributions over the same vocabulary (SPEC section 4).
 //
