@@ -40,6 +40,7 @@ LIB.define(
     "pruned_logprob_backward(Tensor grad_logprob, Tensor logits, Tensor labels, "
     "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor lse_safe, "
     "Tensor threshold, str backend) -> Tensor"
+)
 # kl_divergence: `direction` is "reverse" (KL(p || q)) or "forward" (KL(q || p)); `labels` only
 # masks ignore_index rows. row_state [..., 5] = (max, log sum exp(z - max)) of the logits, then of
 # ref_logits, then E_w[(z_w - max_w) - (z_v - max_v)] over the weighting distribution w: saved
