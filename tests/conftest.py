@@ -6,11 +6,17 @@ Triton kernels: on CPU tensors.
 """
 
 import os
+import tempfile
 
 import torch
 
 if torch.version.cuda is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Inductor's on-disk graph cache (/tmp/torchinductor_$USER, shared by every checkout on the
+# machine) does not key on a custom op's fake: a graph compiled against another checkout's op
+# can replay with stale output shapes. Each test session compiles into its own cache.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pgk-inductor-"))
 
 import pytest  # noqa: E402
 
