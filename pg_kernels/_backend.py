@@ -67,6 +67,24 @@ def triton_interpreted() -> bool:
     return _TRITON_INTERPRETED
 
 
+def launchers(op: str, backend: str):
+    """The (forward, backward) launchers of `op` on a kernel backend.
+
+    Every backend names them alike: `<op>_forward` / `<op>_backward` in pg_kernels._C ("cpu"),
+    pg_kernels._C_cuda ("cuda") or the module pg_kernels.triton.<op> ("triton"), all with the
+    same signature (flat labels, per-row temperature, row layout ints).
+    """
+    if backend == "cpu":
+        module = _CPU_EXT
+    elif backend == "cuda":
+        module = _CUDA_EXT
+    elif backend == "triton":
+        module = importlib.import_module(f"pg_kernels.triton.{op}")
+    else:
+        raise RuntimeError(f"{op}: no kernel for backend {backend!r}")
+    return getattr(module, f"{op}_forward"), getattr(module, f"{op}_backward")
+
+
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None when `backend` can run on tensors of `device`, else why it cannot."""
     kind = device.type

@@ -43,14 +43,6 @@ DIRECTIONS = ("reverse", "forward")
 ROW_STATE = 5  # per-row numbers saved for the backward (see _library.py)
 
 
-def _kernels(backend: str):
-    """The (forward, backward) launchers of a backend."""
-    if backend == "cpu":
-        ext = _backend.cpu_extension()
-        return ext.kl_divergence_forward, ext.kl_divergence_backward
-    raise RuntimeError(f"{OP}: no kernel for backend {backend!r}")
-
-
 def _layouts(logits, ref_logits):
     return (*row_layout(OP, "logits", logits), *row_layout(OP, "ref_logits", ref_logits))
 
@@ -64,7 +56,7 @@ def _kl_divergence(
     logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
     ref_temperature_scalar, ignore_index, direction, backend,
 ):  # fmt: skip
-    forward, _ = _kernels(backend)
+    forward, _ = _backend.launchers(OP, backend)
     outs = forward(
         logits, ref_logits, _flat(labels), temperature, temperature_scalar, ref_temperature,
         ref_temperature_scalar, ignore_index, direction == "reverse", *_layouts(logits, ref_logits),
@@ -92,7 +84,7 @@ def _kl_divergence_backward(
     ref_temperature_scalar, ignore_index, direction, kl, row_state, logits_grad, ref_grad,
     backend,
 ):  # fmt: skip
-    _, backward = _kernels(backend)
+    _, backward = _backend.launchers(OP, backend)
     acc = acc_dtype(logits.dtype)
     grad_kl, kl, row_state = (t.reshape(-1).to(acc).contiguous() for t in (grad_kl, kl, row_state))
     grads = backward(

@@ -44,20 +44,12 @@ KERNELS = ("cpu",)  # backends with a fused kernel for the rollout-logits case
 RATIO_CLAMP = 20.0  # rho = exp(clamp(delta, -20, 20)): no overflow on wild tokens
 
 
-def _kernels(backend: str):
-    """The (forward, backward) launchers of a backend."""
-    if backend == "cpu":
-        ext = _backend.cpu_extension()
-        return ext.mismatch_stats_forward, ext.mismatch_stats_backward
-    raise RuntimeError(f"{OP}: no kernel for backend {backend!r}")
-
-
 @torch.library.register_kernel("pg_kernels::mismatch_stats", ("cpu", "cuda"))
 def _mismatch_stats(
     logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
     rollout_temperature_scalar, ignore_index, backend,
 ):  # fmt: skip
-    forward, _ = _kernels(backend)
+    forward, _ = _backend.launchers(OP, backend)
     logprob, token_kl, token_tv, row_state = forward(
         logits, rollout_logits, labels.reshape(-1), temperature, temperature_scalar,
         rollout_temperature, rollout_temperature_scalar, ignore_index,
@@ -82,7 +74,7 @@ def _mismatch_stats_backward(
     grad_logprob, logits, labels, temperature, temperature_scalar, ignore_index, row_state,
     backend,
 ):  # fmt: skip
-    _, backward = _kernels(backend)
+    _, backward = _backend.launchers(OP, backend)
     acc = acc_dtype(logits.dtype)
     return backward(
         grad_logprob.reshape(-1).to(acc).contiguous(), logits, labels.reshape(-1), temperature,

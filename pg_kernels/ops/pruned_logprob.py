@@ -40,21 +40,9 @@ OP = "pruned_logprob"
 KERNELS = ("cpu", "triton")  # backends with a kernel; the reference serves the others
 
 
-def _kernels(backend: str):
-    """The (forward, backward) launchers of a backend; each takes flat labels and a row layout."""
-    if backend == "cpu":
-        ext = _backend.cpu_extension()
-        return ext.pruned_logprob_forward, ext.pruned_logprob_backward
-    if backend == "triton":
-        from pg_kernels.triton import pruned_logprob as tk
-
-        return tk.pruned_logprob_forward, tk.pruned_logprob_backward
-    raise RuntimeError(f"{OP}: no kernel for backend {backend!r}")
-
-
 @torch.library.register_kernel("pg_kernels::pruned_logprob", ("cpu", "cuda"))
 def _pruned_logprob(logits, labels, temperature, temperature_scalar, alpha, ignore_index, backend):
-    forward, _ = _kernels(backend)
+    forward, _ = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
     outs = forward(
         logits,
@@ -85,7 +73,7 @@ def _pruned_logprob_backward(
     g_logprob, logits, labels, temperature, temperature_scalar, ignore_index, lse_safe,
     threshold, backend,
 ):  # fmt: skip
-    _, backward = _kernels(backend)
+    _, backward = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
     return backward(
         g_logprob.reshape(-1).contiguous(),

@@ -26,24 +26,9 @@ from pg_kernels.outputs import TokenStats
 OP = "token_stats"
 
 
-def _kernels(backend: str):
-    """The (forward, backward) launchers of a backend; each takes flat labels and a row layout."""
-    if backend == "cpu":
-        ext = _backend.cpu_extension()
-        return ext.token_stats_forward, ext.token_stats_backward
-    if backend == "cuda":
-        ext = _backend.cuda_extension()
-        return ext.token_stats_forward, ext.token_stats_backward
-    if backend == "triton":
-        from pg_kernels.triton import token_stats as tt
-
-        return tt.token_stats_forward, tt.token_stats_backward
-    raise RuntimeError(f"{OP}: no kernel for backend {backend!r}")
-
-
 @torch.library.register_kernel("pg_kernels::token_stats", ("cpu", "cuda"))
 def _token_stats(logits, labels, temperature, temperature_scalar, ignore_index, backend):
-    forward, _ = _kernels(backend)
+    forward, _ = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
     outs = forward(
         logits, labels.reshape(-1), temperature, temperature_scalar, ignore_index, *layout
@@ -65,7 +50,7 @@ def _token_stats_backward(
     g_logprob, g_entropy, g_collision, g_lse, logits, labels, temperature, temperature_scalar,
     ignore_index, lse, entropy, collision, backend,
 ):  # fmt: skip
-    _, backward = _kernels(backend)
+    _, backward = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
     flat = [t.reshape(-1).contiguous() for t in (g_logprob, g_entropy, g_collision, g_lse)]
     saved = [t.reshape(-1) for t in (lse, entropy, collision)]

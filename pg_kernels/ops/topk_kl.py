@@ -38,18 +38,6 @@ OP = "topk_kl"
 KERNELS = ("cpu", "triton")  # backends with a kernel; the reference serves the others
 
 
-def _kernels(backend: str):
-    """The (forward, backward) launchers of a backend; each takes flat [N, K] ids and a layout."""
-    if backend == "cpu":
-        ext = _backend.cpu_extension()
-        return ext.topk_kl_forward, ext.topk_kl_backward
-    if backend == "triton":
-        from pg_kernels.triton import topk_kl as tk
-
-        return tk.topk_kl_forward, tk.topk_kl_backward
-    raise RuntimeError(f"{OP}: no kernel for backend {backend!r}")
-
-
 def _flat(topk_ids, topk_logprobs, labels):
     k = topk_ids.shape[-1]
     return (
@@ -63,7 +51,7 @@ def _flat(topk_ids, topk_logprobs, labels):
 def _topk_kl(
     logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar, ignore_index, backend
 ):
-    forward, _ = _kernels(backend)
+    forward, _ = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
     outs = forward(
         logits,
@@ -93,7 +81,7 @@ def _topk_kl_backward(
     grad_kl, logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar,
     ignore_index, lse, logp_tail, backend,
 ):  # fmt: skip
-    _, backward = _kernels(backend)
+    _, backward = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
     return backward(
         grad_kl.reshape(-1).contiguous(),
