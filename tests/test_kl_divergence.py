@@ -185,8 +185,9 @@ def test_strided_inputs_are_read_in_place(bd):
         b = _op(backend)(x.contiguous(), xr.contiguous(), direction=direction)
         assert torch.equal(a, b)
     rows, rows_r = base.view(15, 1000)[::2], base_r.view(18, 1000)[1:16:2]
-    a = _op(backend)(rows, rows_r)
-    assert torch.equal(a, _op(backend)(rows.contiguous(), rows_r.contiguous()))
+    y = make_labels((16,), 1000, device=device, seed=9)[::2]  # strided 1-D labels
+    a = _op(backend)(rows, rows_r, labels=y)
+    assert torch.equal(a, _op(backend)(rows.contiguous(), rows_r.contiguous(), labels=y.clone()))
     _check(backend, x, xr, direction="forward")
 
 

@@ -56,7 +56,8 @@ def _layouts(logits, ref_logits):
 
 
 def _flat(labels):
-    return None if labels is None else labels.reshape(-1)
+    # contiguous(): reshape(-1) of a strided 1-D view (labels[::2]) is still strided.
+    return None if labels is None else labels.reshape(-1).contiguous()
 
 
 @torch.library.register_kernel("pg_kernels::kl_divergence", ("cpu", "cuda"))

@@ -52,6 +52,11 @@ def _kernels(backend: str):
     raise RuntimeError(f"{OP}: no kernel for backend {backend!r}")
 
 
+def _flat(labels):
+    # contiguous(): reshape(-1) of a strided 1-D view (labels[::2]) is still strided.
+    return labels.reshape(-1).contiguous()
+
+
 @torch.library.register_kernel("pg_kernels::mismatch_stats", ("cpu", "cuda"))
 def _mismatch_stats(
     logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
@@ -59,7 +64,7 @@ def _mismatch_stats(
 ):  # fmt: skip
     forward, _ = _kernels(backend)
     logprob, token_kl, token_tv, row_state = forward(
-        logits, rollout_logits, labels.reshape(-1), temperature, temperature_scalar,
+        logits, rollout_logits, _flat(labels), temperature, temperature_scalar,
         rollout_temperature, rollout_temperature_scalar, ignore_index,
         *row_layout(OP, "logits", logits), *row_layout(OP, "rollout_logits", rollout_logits),
     )  # fmt: skip
@@ -85,7 +90,7 @@ def _mismatch_stats_backward(
     _, backward = _kernels(backend)
     acc = acc_dtype(logits.dtype)
     return backward(
-        grad_logprob.reshape(-1).to(acc).contiguous(), logits, labels.reshape(-1), temperature,
+        grad_logprob.reshape(-1).to(acc).contiguous(), logits, _flat(labels), temperature,
         temperature_scalar, ignore_index, row_state.reshape(-1).to(acc).contiguous(),
         *row_layout(OP, "logits", logits),
     )  # fmt: skip
