@@ -177,6 +177,16 @@ def test_strided_inputs_are_read_in_place(bd):
     for name in a._fields:
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     _check(backend, x, y, lp, rollout_logits=xr)
+    # Strided 1-D labels and rollout log-probs (every other row), gradient included.
+    rows, rows_r = base.view(15, 1000)[::2], base_r.view(18, 1000)[::2][:8]
+    y_big, lp_big = make_labels((16,), 1000, device=device, seed=8), torch.randn(16) - 5
+    y_s, lp_s = y_big[::2], lp_big.to(device)[::2]
+    assert not y_s.is_contiguous()
+    a = _op(backend)(rows, y_s, lp_s, rollout_logits=rows_r)
+    b = _op(backend)(rows.contiguous(), y_s.contiguous(), lp_s, rollout_logits=rows_r.contiguous())
+    for name in a._fields:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    _check(backend, rows, y_s, lp_s, rollout_logits=rows_r)
 
 
 def test_gradient_flows_through_logprob_only(bd):

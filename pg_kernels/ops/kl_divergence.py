@@ -5,10 +5,11 @@ direction "reverse" is KL(p || q), the dense per-token gradient of on-policy imi
 student samples, the teacher q scores); "forward" is KL(q || p), distillation.
 
 Layers: public function `kl_divergence` -> op `pg_kernels::kl_divergence` (schema in
-_library.py) -> kernel chosen by `backend` (C++ `pg_kernels._C`; no GPU kernel yet, so CUDA
-tensors take the reference). Autograd saves only per-row scalars: KL, each side's max m and
-log s1 = log sum exp(z - m) (log-probs as (z - m) - log s1 are exact at the top token; z - L
-would lose ulp(L)), and c = E_w[d_w - d_v] with d = z - m, so that the backward's
+_library.py) -> kernel chosen by `backend`: C++ (`pg_kernels._C`) or Triton
+(`pg_kernels.triton`; checked under its interpreter and compiled for sm_90, not yet timed on a
+GPU). Autograd saves only per-row scalars: KL, each side's max m and log s1 =
+log sum exp(z - m) (log-probs as (z - m) - log s1 are exact at the top token; z - L would lose
+ulp(L)), and c = E_w[d_w - d_v] with d = z - m, so that the backward's
 (log w_j - log v_j) - KL = (d_w,j - d_v,j) - c exactly, without the O(log V) terms that cancel.
 The backward op recomputes p_j and q_j in one pass and writes each requested gradient once:
     reverse  d/dz = p ((log p - log q) - KL)      d/dz_ref = q - p
@@ -38,7 +39,7 @@ from pg_kernels.ops._common import (
 )
 
 OP = "kl_divergence"
-KERNELS = ("cpu",)  # backends with a kernel for this op; "reference" always serves
+KERNELS = ("cpu", "triton")  # backends with a kernel for this op; "reference" always serves
 DIRECTIONS = ("reverse", "forward")
 ROW_STATE = 5  # per-row numbers saved for the backward (see _library.py)
 
@@ -48,7 +49,8 @@ def _layouts(logits, ref_logits):
 
 
 def _flat(labels):
-    return None if labels is None else labels.reshape(-1)
+    # contiguous(): reshape(-1) of a strided 1-D view (labels[::2]) is still strided.
+    return None if labels is None else labels.reshape(-1).contiguous()
 
 
 @torch.library.register_kernel("pg_kernels::kl_divergence", ("cpu", "cuda"))
@@ -168,8 +170,8 @@ def kl_divergence(
         labels: optional [...] int64/int32; only rows equal to ignore_index are read (their
             KL is 0 and their gradient 0). Other values are not used.
         ignore_index: label value of rows to skip.
-        backend: "auto", "reference" or "cpu" ("triton" and "cuda" have no kernel yet; "auto"
-            takes the reference on CUDA tensors).
+        backend: "auto", "reference", "cpu" or "triton" ("cuda" has no kernel yet; "auto" takes
+            Triton on CUDA tensors).
 
     Returns:
         [...] fp32 (fp64 for fp64 logits) KL per row, >= 0. +inf where the weighting

@@ -44,6 +44,11 @@ KERNELS = ("cpu",)  # backends with a fused kernel for the rollout-logits case
 RATIO_CLAMP = 20.0  # rho = exp(clamp(delta, -20, 20)): no overflow on wild tokens
 
 
+def _flat(labels):
+    # contiguous(): reshape(-1) of a strided 1-D view (labels[::2]) is still strided.
+    return labels.reshape(-1).contiguous()
+
+
 @torch.library.register_kernel("pg_kernels::mismatch_stats", ("cpu", "cuda"))
 def _mismatch_stats(
     logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
@@ -51,7 +56,7 @@ def _mismatch_stats(
 ):  # fmt: skip
     forward, _ = _backend.launchers(OP, backend)
     logprob, token_kl, token_tv, row_state = forward(
-        logits, rollout_logits, labels.reshape(-1), temperature, temperature_scalar,
+        logits, rollout_logits, _flat(labels), temperature, temperature_scalar,
         rollout_temperature, rollout_temperature_scalar, ignore_index,
         *row_layout(OP, "logits", logits), *row_layout(OP, "rollout_logits", rollout_logits),
     )  # fmt: skip
@@ -77,7 +82,7 @@ def _mismatch_stats_backward(
     _, backward = _backend.launchers(OP, backend)
     acc = acc_dtype(logits.dtype)
     return backward(
-        grad_logprob.reshape(-1).to(acc).contiguous(), logits, labels.reshape(-1), temperature,
+        grad_logprob.reshape(-1).to(acc).contiguous(), logits, _flat(labels), temperature,
         temperature_scalar, ignore_index, row_state.reshape(-1).to(acc).contiguous(),
         *row_layout(OP, "logits", logits),
     )  # fmt: skip

@@ -31,7 +31,12 @@ def _token_stats(logits, labels, temperature, temperature_scalar, ignore_index, 
     forward, _ = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
     outs = forward(
-        logits, labels.reshape(-1), temperature, temperature_scalar, ignore_index, *layout
+        logits,
+        labels.reshape(-1).contiguous(),
+        temperature,
+        temperature_scalar,
+        ignore_index,
+        *layout,
     )
     return tuple(o.view(labels.shape) for o in outs)
 
@@ -57,7 +62,7 @@ def _token_stats_backward(
     return backward(
         *flat,
         logits,
-        labels.reshape(-1),
+        labels.reshape(-1).contiguous(),
         temperature,
         temperature_scalar,
         ignore_index,

@@ -1,0 +1,242 @@
+"""Benchmark of pg_kernels.kl_divergence: shapes, providers, bytes moved. No timing code here.
+
+    python benchmarks/bench_kl_divergence.py [--device cpu|cuda] [--quick] [--shapes NxV ...]
+        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--out benchmarks/results]
+
+Direction "reverse" (KL(p || q), on-policy imitation against a frozen teacher): the backward
+modes differentiate loss = sum(w * kl) with random per-row weights w.r.t. the logits only.
+Providers: pg_kernels on every backend with a kernel here (cpu), the eager reference
+(`reference.kl_divergence(..., upcast=False)`, what a plain PyTorch trainer computes) and
+`torch.compile` of it.
+
+Bytes moved (the minimum an ideal kernel moves), s = the logits' itemsize:
+  fwd      2 N V s (logits, ref_logits) + N * 4 (kl out)
+  bwd      2 N V s read + N V s grad written + N * 16 (saved L, L_ref, KL; upstream)
+  fwd+bwd  the sum of both.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `pg_kernels` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pg_kernels
+from benchmarks import harness
+from benchmarks.harness import Case, Ceiling, CeilingRow, Inputs, OpBench, Outputs, Provider, Skip
+from pg_kernels import _backend, reference
+from pg_kernels.ops.kl_divergence import KERNELS
+
+OP = "kl_divergence"
+DIMS = ("N", "V")
+DIRECTION = "reverse"
+TEMPERATURE = 1.0
+LOGIT_STD = 2.0
+TEACHER_NOISE = 0.5  # the reference is a perturbation of the logits: KL ~ 0.1 nats, realistic
+
+
+def default_shapes(device: torch.device, quick: bool) -> list[dict[str, int]]:
+    if device.type == "cuda":
+        return [{"N": 4096, "V": 32000}, {"N": 4096, "V": 151936}]
+    if quick:
+        return [{"N": 256, "V": 32000}]
+    return [{"N": 1024, "V": 32000}, {"N": 512, "V": 151936}]
+
+
+def make_inputs(case: Case, seed: int) -> Inputs:
+    """logits, ref_logits [N, V] (dtype of the case), loss weights [N] fp32; all random."""
+    n, v = case.shape["N"], case.shape["V"]
+    gen = torch.Generator(device=case.device).manual_seed(2000 + seed)
+    logits = torch.empty(n, v, dtype=case.dtype, device=case.device)
+    ref = torch.empty_like(logits)
+    block = max(1, (1 << 26) // v)
+    for r in range(0, n, block):
+        rows = min(block, n - r)
+        chunk = torch.randn(rows, v, generator=gen, device=case.device) * LOGIT_STD
+        noise = torch.randn(rows, v, generator=gen, device=case.device) * TEACHER_NOISE
+        logits[r : r + rows] = chunk.to(case.dtype)
+        ref[r : r + rows] = (chunk + noise).to(case.dtype)
+    w = torch.randn(n, generator=gen, device=case.device)
+    return {"logits": logits, "ref_logits": ref, "w": w}
+
+
+def loss(out: Outputs, inputs: Inputs) -> torch.Tensor:
+    return (inputs["w"] * out["kl"]).sum()
+
+
+def bytes_moved(case: Case) -> int:
+    n, v = case.shape["N"], case.shape["V"]
+    s = case.dtype.itemsize
+    fwd = 2 * n * v * s + n * 4
+    bwd = 3 * n * v * s + n * 16
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
+
+
+def truth(inputs: Inputs) -> Outputs:
+    kl = reference.kl_divergence(
+        inputs["logits"], inputs["ref_logits"], direction=DIRECTION, temperature=TEMPERATURE,
+        upcast=True,
+    )  # fmt: skip
+    return {"kl": kl}
+
+
+def check_rows(case: Case) -> int:
+    return max(1, min(case.shape["N"], (1 << 24) // case.shape["V"]))
+
+
+def tolerance_floor(case: Case, field: str) -> float:
+    """Added to twice the eager reference's own error. KL is an fp32 sum (1e-5 relative);
+    gradients come back in the logits' dtype (one bf16 rounding, 2^-8)."""
+    if field.startswith("grad:") and case.dtype != torch.float32:
+        return 2.0**-8
+    return 1e-5
+
+
+def _ref_fn(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    return reference.kl_divergence(
+        logits, ref_logits, direction=DIRECTION, temperature=TEMPERATURE, upcast=False
+    )
+
+
+def _pg_provider(backend: str) -> Provider:
+    def build(case: Case):
+        why = _backend.unavailable_reason(backend, case.device)
+        if why is None and backend not in KERNELS:
+            why = f"{OP} has no {backend} kernel"
+        if why is not None:
+            raise Skip(why)
+
+        def fn(inputs: Inputs) -> Outputs:
+            kl = pg_kernels.kl_divergence(
+                inputs["logits"], inputs["ref_logits"], direction=DIRECTION,
+                temperature=TEMPERATURE, backend=backend,
+            )  # fmt: skip
+            return {"kl": kl}
+
+        return fn
+
+    return Provider(f"pg_kernels:{backend}", build)
+
+
+def _eager(case: Case):
+    return lambda inputs: {"kl": _ref_fn(inputs["logits"], inputs["ref_logits"])}
+
+
+def _compile(case: Case):
+    compiled = harness.compile_once(
+        _ref_fn, (OP, case.device.type, case.dtype, tuple(case.shape.items()))
+    )
+    return lambda inputs: {"kl": compiled(inputs["logits"], inputs["ref_logits"])}
+
+
+def _amax(name: str) -> Ceiling:
+    return Ceiling(
+        f"amax:{name}",
+        prepare=lambda inputs: inputs[name],
+        run=lambda x: torch.amax(x, -1),
+        bytes=lambda c: c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
+    )
+
+
+def _copy() -> Ceiling:
+    return Ceiling(
+        "copy",
+        prepare=lambda inputs: (torch.empty_like(inputs["logits"]), inputs["logits"]),
+        run=lambda st: st[0].copy_(st[1]),
+        bytes=lambda c: 2 * c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
+    )
+
+
+def _exp(name: str) -> Ceiling:
+    # fp32 data whatever the case's dtype (the CPU kernels exp in fp32), preallocated output.
+    def prepare(inputs: Inputs):
+        x = inputs[name].float()
+        return x, torch.empty_like(x)
+
+    return Ceiling(
+        f"exp:{name}",
+        prepare=prepare,
+        run=lambda st: torch.exp(st[0], out=st[1]),
+        bytes=lambda c: 8 * c.shape["N"] * c.shape["V"],
+    )
+
+
+def summary(records: list[dict]) -> list[str]:
+    """Issue 4's CPU forward targets at [1024, 32000]."""
+    rows = [
+        r for r in records
+        if r["mode"] == "fwd" and r["provider"] == "pg_kernels:cpu" and r["status"] == "ok"
+        and r["shape"] == {"N": 1024, "V": 32000}
+    ]  # fmt: skip
+    if not rows:
+        return []
+    lines = ["## Targets (issue 4): CPU forward at 1024×32000", ""]
+    lines += [
+        "| dtype | ×eager ≥ 8 | ×compile ≥ 1.3 | ms / ms(2 exp passes) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        sp = r["speedup_vs"]
+        e, c = sp.get("eager"), sp.get("compile")
+        x = sp.get("ceiling:exp:logits+exp:ref_logits")
+
+        def mark(value, ok):
+            return "—" if value is None else f"{value:.2f} {'✅' if ok else '❌'}"
+
+        lines.append(
+            f"| {r['dtype']} | {mark(e, e is not None and e >= 8)} "
+            f"| {mark(c, c is not None and c >= 1.3)} "
+            f"| {'—' if x is None else f'{1 / x:.2f}'} |"
+        )
+    return lines + [""]
+
+
+def make_bench(device: torch.device) -> OpBench:
+    backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    providers = [_pg_provider(b) for b in backends]
+    providers += [Provider("eager", _eager), Provider("compile", _compile)]
+    ceilings = {
+        "amax:logits": _amax("logits"),
+        "amax:ref_logits": _amax("ref_logits"),
+        "copy": _copy(),
+    }
+    both = ("amax:logits", "amax:ref_logits")
+    rows: dict[str, list[CeilingRow]] = {
+        "fwd": [CeilingRow(both)],
+        "bwd": [CeilingRow((*both, "copy"))],
+        "fwd+bwd": [CeilingRow((*both, *both, "copy"))],
+    }
+    if device.type == "cpu":
+        # The CPU floor: the forward needs one exp per element of each tensor (both
+        # normalizers); the reverse-KL backward w.r.t. the logits one exp per logit (p_j).
+        ceilings["exp:logits"] = _exp("logits")
+        ceilings["exp:ref_logits"] = _exp("ref_logits")
+        exps = ("exp:logits", "exp:ref_logits")
+        rows["fwd"].append(CeilingRow(exps, "floor"))
+        rows["bwd"].append(CeilingRow(("exp:logits",), "floor"))
+        rows["fwd+bwd"].append(CeilingRow((*exps, "exp:logits"), "floor"))
+    return OpBench(
+        op=OP,
+        shape_dims=DIMS,
+        make_inputs=make_inputs,
+        grad_inputs=("logits",),
+        loss=loss,
+        bytes_moved=bytes_moved,
+        truth=truth,
+        check_fields=("kl",),
+        check_rows=check_rows,
+        tolerance_floor=tolerance_floor,
+        providers=providers,
+        ceilings=ceilings,
+        ceiling_rows=rows,
+        notes=[f"direction={DIRECTION}; backward w.r.t. logits only (frozen reference)"],
+        summary=summary if device.type == "cpu" else None,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main(make_bench, default_shapes, DIMS, OP))

@@ -1,0 +1,252 @@
+"""Benchmark of pg_kernels.mismatch_stats with rollout logits (exact token KL and TV).
+
+    python benchmarks/bench_mismatch_stats.py [--device cpu|cuda] [--quick] [--shapes NxV ...]
+        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--out benchmarks/results]
+
+Every field of MismatchStats is computed: logprob, the sampled estimators against the rollout
+engine's log-probs, and token_kl = KL(pi_roll || pi_theta), token_tv = 1/2 sum |p - q| from the
+rollout logits. The backward modes differentiate loss = sum(w * logprob) (the only
+differentiable field). Providers: pg_kernels on every backend with a kernel here (cpu), the
+eager reference (`reference.mismatch_stats(..., upcast=False)`) and `torch.compile` of it.
+
+Bytes moved (minimum), s = the logits' itemsize:
+  fwd      2 N V s (logits, rollout_logits) + N * 16 (label, rollout log-prob) + N * 48 (12 out)
+  bwd      N V s read + N V s grad written + N * 16
+  fwd+bwd  the sum of both.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `pg_kernels` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pg_kernels
+from benchmarks import harness
+from benchmarks.harness import Case, Ceiling, CeilingRow, Inputs, OpBench, Outputs, Provider, Skip
+from pg_kernels import _backend, reference
+from pg_kernels.ops.mismatch_stats import KERNELS
+
+OP = "mismatch_stats"
+DIMS = ("N", "V")
+CHECK_FIELDS = ("logprob", "log_ratio", "ratio", "k3", "chi2", "token_kl", "token_tv")
+LOGIT_STD = 2.0
+ROLLOUT_NOISE = 0.05  # rollout engine vs trainer: a small numeric mismatch
+
+
+def default_shapes(device: torch.device, quick: bool) -> list[dict[str, int]]:
+    if device.type == "cuda":
+        return [{"N": 4096, "V": 32000}, {"N": 4096, "V": 151936}]
+    if quick:
+        return [{"N": 256, "V": 32000}]
+    return [{"N": 1024, "V": 32000}, {"N": 512, "V": 151936}]
+
+
+def make_inputs(case: Case, seed: int) -> Inputs:
+    """logits, rollout_logits [N, V], labels [N], rollout_logprobs [N], loss weights [N]."""
+    n, v = case.shape["N"], case.shape["V"]
+    gen = torch.Generator(device=case.device).manual_seed(3000 + seed)
+    logits = torch.empty(n, v, dtype=case.dtype, device=case.device)
+    rollout = torch.empty_like(logits)
+    rollout_lp = torch.empty(n, device=case.device)
+    labels = torch.randint(0, v, (n,), generator=gen, device=case.device)
+    block = max(1, (1 << 26) // v)
+    for r in range(0, n, block):
+        rows = min(block, n - r)
+        chunk = torch.randn(rows, v, generator=gen, device=case.device) * LOGIT_STD
+        noisy = chunk + torch.randn(rows, v, generator=gen, device=case.device) * ROLLOUT_NOISE
+        logits[r : r + rows] = chunk.to(case.dtype)
+        rollout[r : r + rows] = noisy.to(case.dtype)
+        lp = noisy.log_softmax(-1).gather(-1, labels[r : r + rows, None])[:, 0]
+        rollout_lp[r : r + rows] = lp
+    w = torch.randn(n, generator=gen, device=case.device)
+    return {
+        "logits": logits,
+        "rollout_logits": rollout,
+        "labels": labels,
+        "rollout_logprobs": rollout_lp,
+        "w": w,
+    }
+
+
+def loss(out: Outputs, inputs: Inputs) -> torch.Tensor:
+    return (inputs["w"] * out["logprob"]).sum()
+
+
+def bytes_moved(case: Case) -> int:
+    n, v = case.shape["N"], case.shape["V"]
+    s = case.dtype.itemsize
+    fwd = 2 * n * v * s + n * 16 + n * 48
+    bwd = 2 * n * v * s + n * 16
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
+
+
+def _fields(out) -> Outputs:
+    return {k: v for k, v in out._asdict().items() if isinstance(v, torch.Tensor)}
+
+
+def truth(inputs: Inputs) -> Outputs:
+    return _fields(
+        reference.mismatch_stats(
+            inputs["logits"], inputs["labels"], inputs["rollout_logprobs"],
+            rollout_logits=inputs["rollout_logits"], upcast=True,
+        )
+    )  # fmt: skip
+
+
+def check_rows(case: Case) -> int:
+    return max(1, min(case.shape["N"], (1 << 24) // case.shape["V"]))
+
+
+def tolerance_floor(case: Case, field: str) -> float:
+    if field.startswith("grad:") and case.dtype != torch.float32:
+        return 2.0**-8
+    return 1e-5
+
+
+def _ref_fn(logits, labels, rollout_logprobs, rollout_logits):
+    return reference.mismatch_stats(
+        logits, labels, rollout_logprobs, rollout_logits=rollout_logits, upcast=False
+    )
+
+
+def _args(inputs: Inputs):
+    return inputs["logits"], inputs["labels"], inputs["rollout_logprobs"], inputs["rollout_logits"]
+
+
+def _pg_provider(backend: str) -> Provider:
+    def build(case: Case):
+        why = _backend.unavailable_reason(backend, case.device)
+        if why is None and backend not in KERNELS:
+            why = f"{OP} has no {backend} kernel"
+        if why is not None:
+            raise Skip(why)
+
+        def fn(inputs: Inputs) -> Outputs:
+            x, y, lp, xr = _args(inputs)
+            return _fields(pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr, backend=backend))
+
+        return fn
+
+    return Provider(f"pg_kernels:{backend}", build)
+
+
+def _eager(case: Case):
+    return lambda inputs: _fields(_ref_fn(*_args(inputs)))
+
+
+def _compile(case: Case):
+    compiled = harness.compile_once(
+        _ref_fn, (OP, case.device.type, case.dtype, tuple(case.shape.items()))
+    )
+    return lambda inputs: _fields(compiled(*_args(inputs)))
+
+
+def _amax(name: str) -> Ceiling:
+    return Ceiling(
+        f"amax:{name}",
+        prepare=lambda inputs: inputs[name],
+        run=lambda x: torch.amax(x, -1),
+        bytes=lambda c: c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
+    )
+
+
+def _copy() -> Ceiling:
+    return Ceiling(
+        "copy",
+        prepare=lambda inputs: (torch.empty_like(inputs["logits"]), inputs["logits"]),
+        run=lambda st: st[0].copy_(st[1]),
+        bytes=lambda c: 2 * c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
+    )
+
+
+def _exp(name: str) -> Ceiling:
+    def prepare(inputs: Inputs):
+        x = inputs[name].float()
+        return x, torch.empty_like(x)
+
+    return Ceiling(
+        f"exp:{name}",
+        prepare=prepare,
+        run=lambda st: torch.exp(st[0], out=st[1]),
+        bytes=lambda c: 8 * c.shape["N"] * c.shape["V"],
+    )
+
+
+def summary(records: list[dict]) -> list[str]:
+    """Issue 4's CPU forward targets at [1024, 32000]."""
+    rows = [
+        r for r in records
+        if r["mode"] == "fwd" and r["provider"] == "pg_kernels:cpu" and r["status"] == "ok"
+        and r["shape"] == {"N": 1024, "V": 32000}
+    ]  # fmt: skip
+    if not rows:
+        return []
+    lines = ["## Targets (issue 4): CPU forward at 1024×32000 (with rollout logits)", ""]
+    lines += [
+        "| dtype | ×eager ≥ 8 | ×compile ≥ 1.3 | ms / ms(2 exp passes) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        sp = r["speedup_vs"]
+        e, c = sp.get("eager"), sp.get("compile")
+        x = sp.get("ceiling:exp:logits+exp:rollout_logits")
+
+        def mark(value, ok):
+            return "—" if value is None else f"{value:.2f} {'✅' if ok else '❌'}"
+
+        lines.append(
+            f"| {r['dtype']} | {mark(e, e is not None and e >= 8)} "
+            f"| {mark(c, c is not None and c >= 1.3)} "
+            f"| {'—' if x is None else f'{1 / x:.2f}'} |"
+        )
+    return lines + [""]
+
+
+def make_bench(device: torch.device) -> OpBench:
+    backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    providers = [_pg_provider(b) for b in backends]
+    providers += [Provider("eager", _eager), Provider("compile", _compile)]
+    ceilings = {
+        "amax:logits": _amax("logits"),
+        "amax:rollout_logits": _amax("rollout_logits"),
+        "copy": _copy(),
+    }
+    both = ("amax:logits", "amax:rollout_logits")
+    rows: dict[str, list[CeilingRow]] = {
+        "fwd": [CeilingRow(both)],
+        "bwd": [CeilingRow(("amax:logits", "copy"))],
+        "fwd+bwd": [CeilingRow((*both, "amax:logits", "copy"))],
+    }
+    if device.type == "cpu":
+        ceilings["exp:logits"] = _exp("logits")
+        ceilings["exp:rollout_logits"] = _exp("rollout_logits")
+        exps = ("exp:logits", "exp:rollout_logits")
+        rows["fwd"].append(CeilingRow(exps, "floor"))
+        rows["bwd"].append(CeilingRow(("exp:logits",), "floor"))
+        rows["fwd+bwd"].append(CeilingRow((*exps, "exp:logits"), "floor"))
+    return OpBench(
+        op=OP,
+        shape_dims=DIMS,
+        make_inputs=make_inputs,
+        grad_inputs=("logits",),
+        loss=loss,
+        bytes_moved=bytes_moved,
+        truth=truth,
+        check_fields=CHECK_FIELDS,
+        check_rows=check_rows,
+        tolerance_floor=tolerance_floor,
+        providers=providers,
+        ceilings=ceilings,
+        ceiling_rows=rows,
+        notes=["with rollout_logits: every MismatchStats field, token_kl and token_tv included"],
+        summary=summary if device.type == "cpu" else None,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main(make_bench, default_shapes, DIMS, OP))
