@@ -19,6 +19,7 @@ Bytes moved (the minimum an ideal kernel moves), s = logits' itemsize:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -119,14 +120,14 @@ def tolerance_floor(case: Case, field: str) -> float:
 # ----------------------------------------------------------------------------- providers
 
 
-def _ref_fn(logits: torch.Tensor, labels: torch.Tensor):
+def _ref_fn(logits: torch.Tensor, labels: torch.Tensor) -> pg_kernels.TokenStats:
     return reference.token_stats(
         logits, labels, temperature=TEMPERATURE, ignore_index=IGNORE_INDEX, upcast=False
     )
 
 
 def _pg_provider(backend: str) -> Provider:
-    def build(case: Case):
+    def build(case: Case) -> Callable[[Inputs], Outputs]:
         why = _backend.unavailable_reason(backend, case.device)
         if why is not None:
             raise Skip(why)
@@ -142,18 +143,18 @@ def _pg_provider(backend: str) -> Provider:
     return Provider(f"pg_kernels:{backend}", build)
 
 
-def _eager(case: Case):
+def _eager(case: Case) -> Callable[[Inputs], Outputs]:
     return lambda inputs: _ref_fn(inputs["logits"], inputs["labels"])._asdict()
 
 
-def _compile(case: Case):
+def _compile(case: Case) -> Callable[[Inputs], Outputs]:
     compiled = harness.compile_once(
         _ref_fn, (case.device.type, case.dtype, tuple(case.shape.items()))
     )
     return lambda inputs: compiled(inputs["logits"], inputs["labels"])._asdict()
 
 
-def _liger(case: Case):
+def _liger(case: Case) -> Callable[[Inputs], Outputs]:
     if case.device.type != "cuda":
         raise Skip("Liger-Kernel needs CUDA tensors")
     try:
@@ -172,7 +173,7 @@ def _liger(case: Case):
     return fn
 
 
-def _flash(case: Case):
+def _flash(case: Case) -> Callable[[Inputs], Outputs]:
     if case.device.type != "cuda":
         raise Skip("flash-attention's cross entropy needs CUDA tensors")
     try:
@@ -215,7 +216,7 @@ def _copy() -> Ceiling:
 def _exp() -> Ceiling:
     # fp32 data whatever the case's dtype: the CPU kernels exp in fp32. Preallocated output so
     # that page faults of a fresh 100+ MB buffer are not counted as exp time.
-    def prepare(inputs: Inputs):
+    def prepare(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         x = inputs["logits"].float()
         return x, torch.empty_like(x)
 
@@ -246,7 +247,7 @@ def summary(records: list[dict]) -> list[str]:
         sp = r["speedup_vs"]
         e, c, x = sp.get("eager"), sp.get("compile"), sp.get("ceiling:exp")
 
-        def mark(value, ok):
+        def mark(value: float | None, ok: bool) -> str:
             return "—" if value is None else f"{value:.2f} {'✅' if ok else '❌'}"
 
         n_bytes = (r["peak_mem_mb"] or 0) * 2**20

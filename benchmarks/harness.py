@@ -164,9 +164,12 @@ class Timing:
     max_reps: int
     input_sets: int = 3  # rotation depth, lowered when memory is short
     # A shared CPU: wait up to quiet_wait_s for other processes to go under LOAD_WARN cores
-    # before timing, and re-time up to `retries` times when they did not stay there.
+    # before timing, and re-time up to `retries` times when they did not stay there. Waiting
+    # and re-timing stop once they have cost quiet_budget_s in the sweep: past that, a busy
+    # machine gets flagged rows rather than an endless run.
     quiet_wait_s: float = 0.0
     retries: int = 0
+    quiet_budget_s: float = 0.0
 
     @staticmethod
     def default(device: torch.device, quick: bool) -> Timing:
@@ -174,7 +177,7 @@ class Timing:
             return Timing(0.05, 5, 0.1 if quick else 0.4, 10, 100 if quick else 300)
         return Timing(
             0.1, 2, 0.3 if quick else 1.0, 3 if quick else 5, 20 if quick else 50,
-            quiet_wait_s=30.0, retries=2,
+            quiet_wait_s=30.0, retries=2, quiet_budget_s=60.0 if quick else 900.0,
         )  # fmt: skip
 
 
@@ -378,14 +381,18 @@ def _measure(
         est_ms = max(statistics.median(warm[-3:]), 1e-3)
         reps = int(min(timing.max_reps, max(timing.min_reps, timing.target_s * 1e3 / est_ms)))
         best: tuple[list[float], float | None] | None = None
-        for _ in range(1 + timing.retries):
-            _wait_until_quiet(timing.quiet_wait_s)
+        for attempt in range(1 + timing.retries):
+            t_wait = time.perf_counter()
+            _wait_until_quiet(min(timing.quiet_wait_s, timing.quiet_budget_s))
             load = _OtherLoad()
             times = block(len(warm), reps)
             other = load.cores()
             if best is None or (other or 0.0) < (best[1] or 0.0):
                 best = (times, other)
-            if (other or 0.0) <= LOAD_WARN:
+            # The wait and any re-timing come out of the sweep's budget; the first timing is free.
+            end = load.t0 if attempt == 0 else time.perf_counter()
+            timing.quiet_budget_s -= end - t_wait
+            if (other or 0.0) <= LOAD_WARN or timing.quiet_budget_s <= 0:
                 break
         return best
     finally:
@@ -431,7 +438,9 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int | None:
     return peak
 
 
-def _peak_bytes(setup: Callable[[], Any], timed: Callable[[Any], Any], device: torch.device):
+def _peak_bytes(
+    setup: Callable[[], Any], timed: Callable[[Any], Any], device: torch.device
+) -> int | None:
     """Peak extra memory of one timed-region call (inputs and forward state excluded)."""
     state = setup()
     if device.type == "cuda":
@@ -464,7 +473,7 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 class _GroupState:
     """Input sets, ceiling timings and truth of one (dtype, shape) group."""
 
-    def __init__(self, bench: OpBench, case: Case, timing: Timing, notes: list[str]):
+    def __init__(self, bench: OpBench, case: Case, timing: Timing, notes: list[str]) -> None:
         first = bench.make_inputs(case, 0)
         set_bytes = sum(t.numel() * t.element_size() for t in first.values())
         # Rotation defeats warm caches; keep its copies under a quarter of free memory so the
@@ -498,7 +507,9 @@ def _slice_for_truth(bench: OpBench, inputs: Inputs, k: int) -> Inputs:
     return out
 
 
-def _truth(bench: OpBench, g: _GroupState, case: Case, fields: tuple[str, ...], grad: bool):
+def _truth(
+    bench: OpBench, g: _GroupState, case: Case, fields: tuple[str, ...], grad: bool
+) -> tuple[Outputs, dict[str, torch.Tensor]]:
     key = (fields, grad)
     if key not in g.truth:
         k = bench.check_rows(case)
@@ -515,7 +526,9 @@ def _truth(bench: OpBench, g: _GroupState, case: Case, fields: tuple[str, ...], 
     return g.truth[key]
 
 
-def _run_provider_once(bench: OpBench, fn: Callable, inputs: Inputs, grad: bool):
+def _run_provider_once(
+    bench: OpBench, fn: Callable, inputs: Inputs, grad: bool
+) -> tuple[Outputs, dict[str, torch.Tensor]]:
     if not grad:
         with torch.no_grad():
             return fn(inputs), {}
@@ -527,7 +540,9 @@ def _run_provider_once(bench: OpBench, fn: Callable, inputs: Inputs, grad: bool)
     return out, {f"grad:{n}": gr for n, gr in zip(names, gs)}
 
 
-def _check(bench: OpBench, g: _GroupState, case: Case, prov: Provider, fn: Callable, inputs):
+def _check(
+    bench: OpBench, g: _GroupState, case: Case, prov: Provider, fn: Callable, inputs: Inputs
+) -> tuple[bool, dict[str, float], dict[str, float]]:
     """Compare one full-size run's first rows with the float64 truth; returns (ok, errs, tols)."""
     grad = case.needs_grad
     out, grads = _run_provider_once(bench, fn, inputs, grad)
@@ -657,7 +672,18 @@ def run_sweep(
     return records, notes, env
 
 
-def _time_provider(bench, g, case, prov, timing, flush, env, notes, skipped) -> dict | None:
+def _time_provider(
+    bench: OpBench,
+    g: _GroupState,
+    case: Case,
+    prov: Provider,
+    timing: Timing,
+    flush: torch.Tensor | None,
+    env: dict,
+    notes: list[str],
+    skipped: set[tuple[str, str]],
+) -> dict | None:
+    """Check, time and measure one provider on one case; None when it does not apply."""
     for s in g.sets:
         for n in bench.grad_inputs:
             s[n].requires_grad_(case.needs_grad)
@@ -701,19 +727,21 @@ def _time_provider(bench, g, case, prov, timing, flush, env, notes, skipped) -> 
     return rec
 
 
-def _mode_fns(bench: OpBench, case: Case, fn: Callable, sets: list[Inputs]):
+def _mode_fns(
+    bench: OpBench, case: Case, fn: Callable, sets: list[Inputs]
+) -> tuple[Callable[[int], Any], Callable[[Any], Any]]:
     """(setup(i), timed(state)) for the case's mode; setup work is never timed."""
     names = list(bench.grad_inputs)
     if case.mode == "fwd":
 
-        def timed_fwd(inputs: Inputs):
+        def timed_fwd(inputs: Inputs) -> Outputs:
             with torch.no_grad():
                 return fn(inputs)
 
         return (lambda i: sets[i % len(sets)]), timed_fwd
     if case.mode == "bwd":
 
-        def setup_bwd(i: int):
+        def setup_bwd(i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
             inputs = sets[i % len(sets)]
             with torch.enable_grad():
                 loss = bench.loss(fn(inputs), inputs)
@@ -721,7 +749,7 @@ def _mode_fns(bench: OpBench, case: Case, fn: Callable, sets: list[Inputs]):
 
         return setup_bwd, lambda st: torch.autograd.grad(st[0], st[1])
 
-    def timed_fwd_bwd(inputs: Inputs):
+    def timed_fwd_bwd(inputs: Inputs) -> tuple[torch.Tensor, ...]:
         with torch.enable_grad():
             loss = bench.loss(fn(inputs), inputs)
             return torch.autograd.grad(loss, [inputs[n] for n in names])
@@ -729,7 +757,16 @@ def _mode_fns(bench: OpBench, case: Case, fn: Callable, sets: list[Inputs]):
     return (lambda i: sets[i % len(sets)]), timed_fwd_bwd
 
 
-def _time_ceiling_row(bench, g, case, row: CeilingRow, timing, flush, env) -> dict:
+def _time_ceiling_row(
+    bench: OpBench,
+    g: _GroupState,
+    case: Case,
+    row: CeilingRow,
+    timing: Timing,
+    flush: torch.Tensor | None,
+    env: dict,
+) -> dict:
+    """Time the row's ceilings (each once per group, reused across modes) and sum them."""
     rec = _base_record(case, row.name, env)
     rec["role"] = row.role
     try:
@@ -740,7 +777,7 @@ def _time_ceiling_row(bench, g, case, row: CeilingRow, timing, flush, env) -> di
             plain = [{k: v.detach() for k, v in s.items()} for s in g.sets]
             states = [ceil.prepare(s) for s in plain]
 
-            def timed(st, run=ceil.run):
+            def timed(st: Any, run: Callable[[Any], Any] = ceil.run) -> Any:
                 with torch.no_grad():
                     return run(st)
 
@@ -898,6 +935,9 @@ def markdown(bench: OpBench, records: list[dict], notes: list[str], meta: dict) 
     return "\n".join(lines).rstrip() + "\n"
 
 
+HATCHES = ("//", "..", "\\\\", "xx", "--")  # one per ceiling row, so greys stay apart
+
+
 def plot(bench: OpBench, records: list[dict], path: Path, title: str) -> None:
     """GB/s per provider per shape, one panel per (mode, dtype).
 
@@ -944,8 +984,9 @@ def plot(bench: OpBench, records: list[dict], path: Path, title: str) -> None:
                 is_ceil = p.startswith("ceiling:")
                 if as_bars:
                     xs = [x - 0.4 + bar_w * (k + 0.5) for x in xs]
+                    hatch = HATCHES[ceils.index(p) % len(HATCHES)] if is_ceil else None
                     ax.bar(
-                        xs, ys, bar_w, color=color[p], label=p, hatch="//" if is_ceil else None,
+                        xs, ys, bar_w, color=color[p], label=p, hatch=hatch,
                         edgecolor="white" if is_ceil else None,
                     )  # fmt: skip
                 else:
@@ -1011,6 +1052,11 @@ def main(
         "--tag", default=None, help="file name suffix (default: 'quick' with --quick)"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--max-wait", type=float, default=None, metavar="S",
+        help="CPU: seconds a sweep may spend waiting for a quiet machine and re-timing "
+        "(default 900, 60 with --quick; 0 times at once)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -1029,6 +1075,9 @@ def main(
         for mode in args.modes
     ]
     timing = Timing.default(device, args.quick)
+    if args.max_wait is not None:
+        timing.quiet_budget_s = max(0.0, args.max_wait)
+    policy = dataclasses.asdict(timing)  # before the sweep spends the waiting budget
     t0 = time.perf_counter()
     records, notes, env = run_sweep(bench, cases, timing, args.providers, not args.no_progress)
     runtime = time.perf_counter() - t0
@@ -1039,7 +1088,7 @@ def main(
         else " ".join(argv),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "runtime_s": runtime,
-        "timing": dataclasses.asdict(timing),
+        "timing": policy,
         **env,
     }
     out_dir = Path(args.out)
