@@ -397,3 +397,45 @@ def test_import_without_compiled_extensions():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "cpu       not built or not importable" in run.stdout, run.stdout
+
+
+# --- GPU only: sizes CPU CI cannot afford -------------------------------------------------
+
+
+def _gpu_only(device: str) -> None:
+    if device != "cuda":
+        pytest.skip("a GPU-sized test")
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_2_31_elements(backend_device):
+    """bf16 [16384, 151936]: 2.49e9 elements, row offsets past 2^31 (int64 indexing)."""
+    backend, device = backend_device
+    _gpu_only(device)
+    n, v = 16384, 151936
+    g = torch.Generator(device=device).manual_seed(17)
+    x = (torch.randn(n, v, generator=g, device=device, dtype=torch.bfloat16) * 3).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g, device=device)
+    out = pg_kernels.token_stats(x, y, backend=backend)
+    out.logprob.sum().backward()
+    rows = [0, n // 2, n - 2, n - 1]
+    ref = reference.token_stats(x.detach()[rows].double(), y[rows])
+    for name in ("logprob", "entropy", "collision", "lse"):
+        torch.testing.assert_close(
+            getattr(out, name)[rows].double(), getattr(ref, name), rtol=2e-5, atol=1e-5
+        )
+    p = (x.detach()[rows[-1]].double() - ref.lse[-1]).exp()
+    want = -p
+    want[y[rows[-1]]] += 1
+    torch.testing.assert_close(x.grad[rows[-1]].double(), want, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_largest_vocab(backend_device, dtype):
+    backend, device = backend_device
+    _gpu_only(device)
+    for n in (1, 37):
+        x = make_logits(n, 262144, dtype, device=device, seed=18)
+        y = make_labels((n,), 262144, device=device, seed=18)
+        check_against_reference(_op(backend), reference.token_stats, (x, y), {}, diff_fields=DIFF)
