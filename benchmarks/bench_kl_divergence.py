@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `pg_kern
 
 import pg_kernels
 from benchmarks import harness
-from benchmarks.harness import Case, Ceiling, CeilingRow, Inputs, OpBench, Outputs, Provider, Skip
+from benchmarks.harness import Case, CeilingRow, Inputs, OpBench, Outputs, Provider, Skip
 from pg_kernels import _backend, reference
 from pg_kernels.ops.kl_divergence import KERNELS
 
@@ -133,38 +133,6 @@ def _compile(case: Case):
     return lambda inputs: {"kl": compiled(inputs["logits"], inputs["ref_logits"])}
 
 
-def _amax(name: str) -> Ceiling:
-    return Ceiling(
-        f"amax:{name}",
-        prepare=lambda inputs: inputs[name],
-        run=lambda x: torch.amax(x, -1),
-        bytes=lambda c: c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
-    )
-
-
-def _copy() -> Ceiling:
-    return Ceiling(
-        "copy",
-        prepare=lambda inputs: (torch.empty_like(inputs["logits"]), inputs["logits"]),
-        run=lambda st: st[0].copy_(st[1]),
-        bytes=lambda c: 2 * c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
-    )
-
-
-def _exp(name: str) -> Ceiling:
-    # fp32 data whatever the case's dtype (the CPU kernels exp in fp32), preallocated output.
-    def prepare(inputs: Inputs):
-        x = inputs[name].float()
-        return x, torch.empty_like(x)
-
-    return Ceiling(
-        f"exp:{name}",
-        prepare=prepare,
-        run=lambda st: torch.exp(st[0], out=st[1]),
-        bytes=lambda c: 8 * c.shape["N"] * c.shape["V"],
-    )
-
-
 def summary(records: list[dict]) -> list[str]:
     """Issue 4's CPU forward targets at [1024, 32000]."""
     rows = [
@@ -200,9 +168,9 @@ def make_bench(device: torch.device) -> OpBench:
     providers = [_pg_provider(b) for b in backends]
     providers += [Provider("eager", _eager), Provider("compile", _compile)]
     ceilings = {
-        "amax:logits": _amax("logits"),
-        "amax:ref_logits": _amax("ref_logits"),
-        "copy": _copy(),
+        "amax:logits": harness.amax_ceiling("logits"),
+        "amax:ref_logits": harness.amax_ceiling("ref_logits"),
+        "copy": harness.copy_ceiling(),
     }
     both = ("amax:logits", "amax:ref_logits")
     rows: dict[str, list[CeilingRow]] = {
@@ -213,8 +181,8 @@ def make_bench(device: torch.device) -> OpBench:
     if device.type == "cpu":
         # The CPU floor: the forward needs one exp per element of each tensor (both
         # normalizers); the reverse-KL backward w.r.t. the logits one exp per logit (p_j).
-        ceilings["exp:logits"] = _exp("logits")
-        ceilings["exp:ref_logits"] = _exp("ref_logits")
+        ceilings["exp:logits"] = harness.exp_ceiling("logits")
+        ceilings["exp:ref_logits"] = harness.exp_ceiling("ref_logits")
         exps = ("exp:logits", "exp:ref_logits")
         rows["fwd"].append(CeilingRow(exps, "floor"))
         rows["bwd"].append(CeilingRow(("exp:logits",), "floor"))

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `pg_kern
 
 import pg_kernels
 from benchmarks import harness
-from benchmarks.harness import Case, Ceiling, CeilingRow, Inputs, OpBench, Outputs, Provider, Skip
+from benchmarks.harness import Case, CeilingRow, Inputs, OpBench, Outputs, Provider, Skip
 from pg_kernels import _backend, reference
 from pg_kernels.ops.mismatch_stats import KERNELS
 
@@ -146,37 +146,6 @@ def _compile(case: Case):
     return lambda inputs: _fields(compiled(*_args(inputs)))
 
 
-def _amax(name: str) -> Ceiling:
-    return Ceiling(
-        f"amax:{name}",
-        prepare=lambda inputs: inputs[name],
-        run=lambda x: torch.amax(x, -1),
-        bytes=lambda c: c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
-    )
-
-
-def _copy() -> Ceiling:
-    return Ceiling(
-        "copy",
-        prepare=lambda inputs: (torch.empty_like(inputs["logits"]), inputs["logits"]),
-        run=lambda st: st[0].copy_(st[1]),
-        bytes=lambda c: 2 * c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
-    )
-
-
-def _exp(name: str) -> Ceiling:
-    def prepare(inputs: Inputs):
-        x = inputs[name].float()
-        return x, torch.empty_like(x)
-
-    return Ceiling(
-        f"exp:{name}",
-        prepare=prepare,
-        run=lambda st: torch.exp(st[0], out=st[1]),
-        bytes=lambda c: 8 * c.shape["N"] * c.shape["V"],
-    )
-
-
 def summary(records: list[dict]) -> list[str]:
     """Issue 4's CPU forward targets at [1024, 32000]."""
     rows = [
@@ -212,9 +181,9 @@ def make_bench(device: torch.device) -> OpBench:
     providers = [_pg_provider(b) for b in backends]
     providers += [Provider("eager", _eager), Provider("compile", _compile)]
     ceilings = {
-        "amax:logits": _amax("logits"),
-        "amax:rollout_logits": _amax("rollout_logits"),
-        "copy": _copy(),
+        "amax:logits": harness.amax_ceiling("logits"),
+        "amax:rollout_logits": harness.amax_ceiling("rollout_logits"),
+        "copy": harness.copy_ceiling(),
     }
     both = ("amax:logits", "amax:rollout_logits")
     rows: dict[str, list[CeilingRow]] = {
@@ -223,8 +192,8 @@ def make_bench(device: torch.device) -> OpBench:
         "fwd+bwd": [CeilingRow((*both, "amax:logits", "copy"))],
     }
     if device.type == "cpu":
-        ceilings["exp:logits"] = _exp("logits")
-        ceilings["exp:rollout_logits"] = _exp("rollout_logits")
+        ceilings["exp:logits"] = harness.exp_ceiling("logits")
+        ceilings["exp:rollout_logits"] = harness.exp_ceiling("rollout_logits")
         exps = ("exp:logits", "exp:rollout_logits")
         rows["fwd"].append(CeilingRow(exps, "floor"))
         rows["bwd"].append(CeilingRow(("exp:logits",), "floor"))

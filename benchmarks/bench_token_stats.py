@@ -204,30 +204,6 @@ def _amax() -> Ceiling:
     )
 
 
-def _copy() -> Ceiling:
-    return Ceiling(
-        "copy",
-        prepare=lambda inputs: (torch.empty_like(inputs["logits"]), inputs["logits"]),
-        run=lambda st: st[0].copy_(st[1]),
-        bytes=lambda c: 2 * c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
-    )
-
-
-def _exp() -> Ceiling:
-    # fp32 data whatever the case's dtype: the CPU kernels exp in fp32. Preallocated output so
-    # that page faults of a fresh 100+ MB buffer are not counted as exp time.
-    def prepare(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        x = inputs["logits"].float()
-        return x, torch.empty_like(x)
-
-    return Ceiling(
-        "exp",
-        prepare=prepare,
-        run=lambda st: torch.exp(st[0], out=st[1]),
-        bytes=lambda c: 8 * c.shape["N"] * c.shape["V"],
-    )
-
-
 # ----------------------------------------------------------------------------- targets
 
 
@@ -280,7 +256,7 @@ def make_bench(device: torch.device) -> OpBench:
         Provider("liger", _liger, mutates_inputs=True),
         Provider("flash_attn", _flash),
     ]
-    ceilings = {"amax": _amax(), "copy": _copy()}
+    ceilings = {"amax": _amax(), "copy": harness.copy_ceiling()}
     rows: dict[str, list[CeilingRow]] = {
         "fwd": [CeilingRow(("amax",))],
         "bwd": [CeilingRow(("copy",))],
@@ -289,7 +265,7 @@ def make_bench(device: torch.device) -> OpBench:
     if device.type == "cpu":
         # On a CPU the floor is one exp per element (BUILD_NOTES), not memory bandwidth: the
         # forward needs one exp pass, the backward one more (it recomputes p from the saved L).
-        ceilings["exp"] = _exp()
+        ceilings["exp"] = harness.exp_ceiling(name="exp")
         rows["fwd"].append(CeilingRow(("exp",), "floor"))
         rows["bwd"].append(CeilingRow(("exp",), "floor"))
         rows["fwd+bwd"].append(CeilingRow(("exp", "exp"), "floor"))

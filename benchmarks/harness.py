@@ -112,6 +112,43 @@ class Ceiling:
     bytes: Callable[[Case], int]
 
 
+def amax_ceiling(tensor: str, name: str | None = None) -> Ceiling:
+    """One read of inputs[tensor] ([N, V]): the floor of a one-read op on that tensor."""
+    return Ceiling(
+        name or f"amax:{tensor}",
+        prepare=lambda inputs: inputs[tensor],
+        run=lambda x: torch.amax(x, -1),
+        bytes=lambda c: c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
+    )
+
+
+def copy_ceiling(tensor: str = "logits", name: str = "copy") -> Ceiling:
+    """A device copy of inputs[tensor] into a preallocated buffer: read + write."""
+    return Ceiling(
+        name,
+        prepare=lambda inputs: (torch.empty_like(inputs[tensor]), inputs[tensor]),
+        run=lambda st: st[0].copy_(st[1]),
+        bytes=lambda c: 2 * c.shape["N"] * c.shape["V"] * c.dtype.itemsize,
+    )
+
+
+def exp_ceiling(tensor: str = "logits", name: str | None = None) -> Ceiling:
+    """One torch.exp pass over fp32 data of inputs[tensor]'s shape: the CPU floor (kernels exp
+    in fp32 whatever the logits' dtype). The output is preallocated so that page faults of a
+    fresh 100+ MB buffer are not counted as exp time."""
+
+    def prepare(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        x = inputs[tensor].float()
+        return x, torch.empty_like(x)
+
+    return Ceiling(
+        name or f"exp:{tensor}",
+        prepare=prepare,
+        run=lambda st: torch.exp(st[0], out=st[1]),
+        bytes=lambda c: 8 * c.shape["N"] * c.shape["V"],
+    )
+
+
 @dataclasses.dataclass
 class CeilingRow:
     """A ceiling row of a mode: the sum of some ceilings' times, e.g. amax + copy for fwd+bwd.
