@@ -180,9 +180,7 @@ def pair_partials(
     """Launch `pair_chunk_kernel` over N rows of V; returns partials [PARTIAL, n_chunks, N]."""
     V = xw.shape[-1]
     N = tau_w.numel()
-    part = torch.empty(
-        (PARTIAL, blocking.n_chunks, N), dtype=tau_w.dtype, device=xw.device
-    )
+    part = torch.empty((PARTIAL, blocking.n_chunks, N), dtype=tau_w.dtype, device=xw.device)
     pair_chunk_kernel[(N, blocking.n_chunks)](
         xw, xv, labels if labels is not None else tau_w, tau_w, tau_v, part, V, N, ignore_index,
         *w_layout, *v_layout,
