@@ -50,3 +50,13 @@ def pytest_configure(config):
 @pytest.fixture(params=KERNEL_BACKENDS)
 def backend_device(request):
     return request.param
+
+
+@pytest.fixture
+def small_triton_blocks(monkeypatch):
+    """Triton row blocking shrunk to 64-byte steps, 2 steps per program: V = 1000 fp32 becomes
+    63 chunk programs per row, so the cross-program merges run on small test shapes."""
+    from pg_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "STEP_BYTES", 64)
+    monkeypatch.setattr(_common, "STEPS_PER_CHUNK", 2)

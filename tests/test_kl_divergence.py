@@ -114,6 +114,22 @@ def test_temperature(bd, dtype, direction):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
+def test_many_chunks_per_row(bd, direction, small_triton_blocks):
+    """Rows cut into many chunk programs (Triton; small blocks): the fixed-order merge of chunk
+    states, with -inf runs covering whole chunks and a one-hot row, matches the reference."""
+    backend, device = bd
+    if backend != "triton":
+        pytest.skip("only the Triton kernels cut rows across programs")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, xr = _pair(4, 1000, dtype, device, seed=21)
+        # Shared -inf runs (one-sided ones give KL = +inf: test_one_sided_neg_inf).
+        x[1, 100:300] = xr[1, 100:300] = -INF
+        x[2, :500] = xr[2, :500] = -INF
+        y = make_labels((4,), 1000, device=device, seed=21)
+        _check(backend, x, xr, direction=direction, labels=y, temperature=0.8)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_shared_neg_inf_entries(bd, direction):
     """-inf at the same places on both sides (masked / padded vocab) add exactly 0."""
     backend, device = bd

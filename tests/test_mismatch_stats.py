@@ -61,14 +61,17 @@ def _check(backend, x, y, lp, **kw):
     )
 
 
-def _shapes():
+def _shapes(backend: str, device: str):
+    """(N, V): odd vocab sizes and a real one; fewer rows for the Triton interpreter."""
+    if backend == "triton" and device == "cpu":
+        return [(3, 7), (16, 1000), (2, 5003), (2, 32003)]
     return [(3, 7), (16, 1000), (8, 32003), (2, 151936)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(bd, dtype):
     backend, device = bd
-    for i, (n, v) in enumerate(_shapes()):
+    for i, (n, v) in enumerate(_shapes(backend, device)):
         x, xr, y, lp = _inputs(n, v, dtype, device, seed=i)
         errors = _check(backend, x, y, lp, rollout_logits=xr)
         assert {"token_kl", "token_tv", "k3", "grad0"} <= set(errors)
@@ -120,6 +123,21 @@ def test_neg_inf_entries(bd):
     assert torch.isfinite(out.token_kl[:3]).all() and torch.isfinite(out.token_tv).all()
     ref = reference.rollout_tv(x, xr, labels=y)
     torch.testing.assert_close(out.token_tv.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_many_chunks_per_row(bd, small_triton_blocks):
+    """Rows cut into many chunk programs (Triton; small blocks): the merges of the pair pass and
+    of the TV sums, with -inf runs covering whole chunks, match the reference."""
+    backend, device = bd
+    if backend != "triton":
+        pytest.skip("only the Triton kernels cut rows across programs")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, xr, y, lp = _inputs(5, 1000, dtype, device, seed=22)
+        x[1, 100:300] = -INF
+        x[1, 300:310] = xr[1, 300:310] = -INF
+        xr[2, :500] = -INF
+        y[1], y[2] = 50, 700
+        _check(backend, x, y, lp, rollout_logits=xr, temperature=0.8, rollout_temperature=1.1)
 
 
 def test_invalid_rows_stay_local(bd):
@@ -253,7 +271,9 @@ def test_k3_is_unbiased_for_token_kl(bd):
     assert kl > 0.01 and torch.equal(every.token_kl, kl.expand(v))
     torch.testing.assert_close((log_q.exp() * every.k3).sum(), kl, rtol=1e-10, atol=0)
     gen = torch.Generator().manual_seed(11)
-    n = 200_000
+    # Fewer samples under the Triton interpreter (~30 ms per row): a 5 sigma test either way; the
+    # labels only enter through logprob, which the exact check above covers for every label.
+    n = 500 if (backend, device) == ("triton", "cpu") else 200_000
     sampled = torch.multinomial(log_q.exp().cpu(), n, replacement=True, generator=gen)
     k3 = stats(sampled.to(device)).k3
     stderr = float(k3.std()) / math.sqrt(n)
@@ -395,8 +415,8 @@ BAD_INPUTS = [
     (lambda x, xr, y, lp: MS(x, y, lp, icepop_high=INF), ValueError, "icepop_high must be finite"),
     (lambda x, xr, y, lp: MS(x, y, lp, rollout_logits=xr, rollout_temperature=0.0), ValueError,
      "rollout_temperature must be finite and > 0"),
-    (lambda x, xr, y, lp: MS(x, y, lp, rollout_logits=xr, backend="triton"), RuntimeError,
-     "mismatch_stats has no triton kernel"),
+    (lambda x, xr, y, lp: MS(x, y, lp, rollout_logits=xr, backend="cuda"), RuntimeError,
+     "mismatch_stats has no cuda kernel"),
     (lambda x, xr, y, lp: MS(x, y.index_fill(1, torch.tensor([2]), 50), lp, rollout_logits=xr),
      ValueError, "labels[0, 2] = 50 is outside [0, 50)"),
 ]  # fmt: skip

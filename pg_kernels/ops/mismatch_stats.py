@@ -5,9 +5,11 @@ Two parts:
     when the rollout engine's logits are given, the exact KL(pi_roll || pi_theta) and total
     variation 1/2 sum |pi_theta - pi_roll|. Without rollout logits this is the token_stats op
     (one pass). With them it is the op `pg_kernels::mismatch_stats`: one pass over the logits
-    and one over the rollout logits, read together chunk by chunk; on the CPU, TV then takes a
-    second sweep over the exps that pass kept in a per-thread scratch (still in cache; no
-    exp and no re-read of the logits, see csrc/cpu/divergence.cpp). Its backward (of logprob
+    and one over the rollout logits, read together chunk by chunk. TV needs both normalizers,
+    known only at the row's end: the C++ kernel then sweeps the exps that pass kept in a
+    per-thread scratch (still in cache; no exp and no re-read of the logits, see
+    csrc/cpu/divergence.cpp); the Triton kernel, whose chunk programs cannot hold a row, reads
+    both rows a second time (pg_kernels/triton/mismatch_stats.py). Its backward (of logprob
     only) is one pass from the saved per-row max and log-normalizer of the logits. (It does not
     reuse token_stats_backward: that recomputes p_j = e^{z_j - L} and loses ulp(L), ~1e-5 at
     L ~ 200 on peaked rows at low temperature, 1.5e-5 relative on p_c ~ 1 in a test.)
@@ -40,7 +42,7 @@ from pg_kernels.ops.token_stats import token_stats
 from pg_kernels.outputs import MismatchStats
 
 OP = "mismatch_stats"
-KERNELS = ("cpu",)  # backends with a fused kernel for the rollout-logits case
+KERNELS = ("cpu", "triton")  # backends with a fused kernel for the rollout-logits case
 RATIO_CLAMP = 20.0  # rho = exp(clamp(delta, -20, 20)): no overflow on wild tokens
 
 
@@ -187,7 +189,8 @@ def mismatch_stats(
         ignore_index: label value of rows to skip.
         tis_cap: truncated-IS cap C, > 0: tis_weight = min(rho, C).
         icepop_low, icepop_high: IcePop band, 0 <= low <= high: rho * 1[low <= rho <= high].
-        backend: "auto", "reference", "cpu"; without rollout_logits also what token_stats takes.
+        backend: "auto", "reference", "cpu", "triton"; without rollout_logits also what
+            token_stats takes.
 
     Returns:
         MismatchStats of [...] tensors, fp32 (fp64 for fp64 logits), with

@@ -162,10 +162,13 @@ def finalize_kl(m_w, s_w, m_v, s_v, u, inf):
     """KL(w || v) of a merged state (finalize_kl in softmax_stats.h): NaN if a side is invalid
     (all -inf, NaN or +inf), +inf if some w_j > 0 has v_j = 0, else u / s1_w - log s1_w +
     log s1_v clamped at 0. Also returns log s1 of each side and c = u / s1_w (the backward's
-    shift; kl_grad_shift), on a dummy state for invalid rows (no log(0) or 0 / 0)."""
-    valid = side_is_valid(m_w) & side_is_valid(m_v)
-    s_w = tl.where(valid, s_w, 1.0)
-    s_v = tl.where(valid, s_v, 1.0)
+    shift; kl_grad_shift), from a dummy state for an invalid side (no log(0) or 0 / 0)."""
+    ok_w = side_is_valid(m_w)
+    ok_v = side_is_valid(m_v)
+    valid = ok_w & ok_v
+    # Each side is replaced on its own: a broken rollout row keeps the logits' log s1 exact.
+    s_w = tl.where(ok_w, s_w, 1.0)
+    s_v = tl.where(ok_v, s_v, 1.0)
     l_w = tl.log(s_w)
     l_v = tl.log(s_v)
     c = div_acc(u, s_w)
@@ -197,3 +200,13 @@ def per_row_temperature(
     if t is not None:
         return t.contiguous()
     return torch.full((n,), scalar, dtype=acc, device=device)
+
+
+def needs_division(temperature, temperature_scalar, other_temperature, other_scalar) -> bool:
+    """False only when both temperatures are the scalar 1: then z = x and no division runs."""
+    return not (
+        temperature is None
+        and other_temperature is None
+        and temperature_scalar == 1.0
+        and other_scalar == 1.0
+    )

@@ -32,6 +32,7 @@ from pg_kernels.triton._pair import (
     finalize_kl,
     load_divided,
     merge_row,
+    needs_division,
     pair_partials,
     per_row_temperature,
     side_is_valid,
@@ -146,16 +147,6 @@ def _bwd_kernel(
             tl.store(gxr_ptr + out + cols, grad_xr.to(gxr_ptr.dtype.element_ty), mask=in_row)
 
 
-def _divide(temperature, temperature_scalar, ref_temperature, ref_temperature_scalar) -> bool:
-    """False only when both temperatures are the scalar 1 (z = x, no division needed)."""
-    return not (
-        temperature is None
-        and ref_temperature is None
-        and temperature_scalar == 1.0
-        and ref_temperature_scalar == 1.0
-    )
-
-
 def kl_divergence_forward(
     logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
     ref_temperature_scalar, ignore_index, reverse, n_inner, stride_outer, stride_inner,
@@ -175,7 +166,9 @@ def kl_divergence_forward(
     layout = (n_inner, stride_outer, stride_inner)
     ref_layout = (ref_n_inner, ref_stride_outer, ref_stride_inner)
     blk = row_blocking(V, logits.dtype, _block_v, _chunk)
-    divide = _divide(temperature, temperature_scalar, ref_temperature, ref_temperature_scalar)
+    divide = needs_division(
+        temperature, temperature_scalar, ref_temperature, ref_temperature_scalar
+    )
     if reverse:  # the weight side first
         part = pair_partials(
             logits, ref_logits, labels, t, tr, ignore_index, layout, ref_layout, blk, divide
@@ -223,7 +216,7 @@ def kl_divergence_backward(
         ignore_index, n_inner, stride_outer, stride_inner, ref_n_inner, ref_stride_outer,
         ref_stride_inner, HAS_LABELS=labels is not None, REVERSE=bool(reverse),
         NEED_X=bool(need_logits_grad), NEED_XR=bool(need_ref_grad),
-        DIVIDE=_divide(temperature, temperature_scalar, ref_temperature, ref_temperature_scalar),
+        DIVIDE=needs_division(temperature, temperature_scalar, ref_temperature, ref_temperature_scalar),
         CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
     )  # fmt: skip
     return grad, grad_ref

@@ -1,0 +1,242 @@
+"""mismatch_stats with rollout_logits in Triton (SPEC sections 4 and 5), with the C++ launchers'
+interface: the label's log-prob under the logits, the exact KL(pi_roll || pi_theta) and the total
+variation 1/2 sum |pi_theta - pi_roll|.
+
+Forward, four kernels (the blocking depends on V and the dtype only; every reduction runs in a
+fixed order: deterministic and batch invariant):
+  1. the pair pass (`_pair.pair_chunk_kernel`, grid (N, n_chunks)) with the rollout distribution
+     q as the weight side and the logits p as the other: each side's max and s1, and u;
+  2. `_fwd_finish_kernel`: merges each row's chunks, writes logprob = (z_c - m_p) - log s1_p,
+     token_kl (finalize_kl) and the row state (m_p, log s1_p) the backward needs;
+  3. `_tv_chunk_kernel`, grid (N, n_chunks): TV needs both normalizers, known only now, so each
+     chunk is read again and sum |q_j - p_j| taken per lane (two exps per element);
+  4. `_tv_finish_kernel`: token_tv = min(1/2 sum over the chunks in order, 1).
+Backward (of logprob only), `_bwd_kernel`, grid (N, n_chunks): g (1[j = c] - p_j) / tau with
+p_j = e^{(z_j - m) - l} from the saved row state; the label's entry is -expm1(log p_c) g / tau
+(no cancellation of 1 - p_c when p_c -> 1).
+
+Bytes per row of V elements of s bytes: forward 4 V s read (both rows twice: the C++ kernel keeps
+the row's exps in cache for the TV sweep, a GPU chunk program cannot hold them until the row's
+normalizers exist) + 24 n_chunks + 4 n_chunks bytes of partial states; backward V s read + V s
+written. Checked under TRITON_INTERPRET=1 on CPU tensors (the test suite); not yet run or timed
+on a GPU. A label outside [0, V) on a GPU gives a NaN logprob (no host sync to check it);
+token_kl and token_tv do not depend on the label.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pg_kernels.triton._common import (
+    D_MIN,
+    acc_dtype_of,
+    div_acc,
+    exp_acc,
+    expm1_acc,
+    row_blocking,
+    row_offset,
+)
+from pg_kernels.triton._pair import (
+    FINISH_BLOCK_R,
+    finalize_kl,
+    load_divided,
+    merge_row,
+    needs_division,
+    pair_partials,
+    per_row_temperature,
+    side_is_valid,
+)
+
+OP = "mismatch_stats"
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _fwd_finish_kernel(
+    part_ptr, x_ptr, labels_ptr, t_ptr, logprob_ptr, kl_ptr, st_ptr, q_norm_ptr, V, N, n_chunks,
+    ignore_index, n_inner, s_outer, s_inner,
+    DIVIDE: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_R rows per program: logprob, token_kl, the row state (m_p, log s1_p), and the
+    rollout side's (m_q, log s1_q) for the TV pass."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    label = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    keep = label != ignore_index
+    m_q, s_q, m_p, s_p, u, inf = merge_row(part_ptr, rows, rmask, N, n_chunks)
+    kl, l_q, l_p, _ = finalize_kl(m_q, s_q, m_p, s_p, u, inf)
+    ok_p = side_is_valid(m_p)
+    ok_q = side_is_valid(m_q)
+    in_range = (label >= 0) & (label < V)
+    tau = tl.load(t_ptr + rows, mask=rmask, other=1.0)
+    x_row = x_ptr + row_offset(rows, n_inner, s_outer, s_inner)
+    read = rmask & keep & in_range & ok_p
+    z_c = load_divided(x_row, tl.where(read, label, 0), read, tau, DIVIDE)
+    logprob = (tl.where(read, z_c, 0.0) - tl.where(ok_p, m_p, 0.0)) - l_p
+    nan = float("nan")
+    logprob = tl.where(keep, tl.where(read, logprob, nan), 0.0)
+    tl.store(logprob_ptr + rows, logprob, mask=rmask)
+    tl.store(kl_ptr + rows, tl.where(keep, kl, 0.0), mask=rmask)
+    tl.store(st_ptr + 2 * rows, tl.where(keep, tl.where(ok_p, m_p, nan), 0.0), mask=rmask)
+    tl.store(st_ptr + 2 * rows + 1, tl.where(keep, tl.where(ok_p, l_p, nan), 0.0), mask=rmask)
+    tl.store(q_norm_ptr + 2 * rows, tl.where(ok_q, m_q, nan), mask=rmask)
+    tl.store(q_norm_ptr + 2 * rows + 1, tl.where(ok_q, l_q, nan), mask=rmask)
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _tv_chunk_kernel(
+    x_ptr, xr_ptr, labels_ptr, t_ptr, tr_ptr, st_ptr, q_norm_ptr, part_ptr, V, N, ignore_index,
+    n_inner, s_outer, s_inner, r_n_inner, r_s_outer, r_s_inner,
+    DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Program (row, chunk): sum |q_j - p_j| over one chunk, into part_ptr [n_chunks, N]. Rows
+    that are ignored or invalid on either side read nothing (their TV is 0 or NaN anyway)."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    keep = tl.load(labels_ptr + row).to(tl.int64) != ignore_index
+    m_p, l_p = tl.load(st_ptr + 2 * row), tl.load(st_ptr + 2 * row + 1)
+    m_q, l_q = tl.load(q_norm_ptr + 2 * row), tl.load(q_norm_ptr + 2 * row + 1)
+    read = keep & (m_p == m_p) & (m_q == m_q)  # the finish kernel wrote NaN for invalid sides
+    m_p, l_p = tl.where(read, m_p, 0.0), tl.where(read, l_p, 0.0)
+    m_q, l_q = tl.where(read, m_q, 0.0), tl.where(read, l_q, 0.0)
+    tau = tl.load(t_ptr + row)
+    tau_r = tl.load(tr_ptr + row)
+    x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
+    xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
+    acc = tl.zeros([BLOCK_V], m_p.dtype)
+    start = chunk * CHUNK
+    for off in range(0, CHUNK, BLOCK_V):
+        cols = start + off + tl.arange(0, BLOCK_V)
+        mask = (cols < V) & read
+        p = exp_acc(tl.maximum((load_divided(x_row, cols, mask, tau, DIVIDE) - m_p) - l_p, D_MIN))
+        q = exp_acc(tl.maximum((load_divided(xr_row, cols, mask, tau_r, DIVIDE) - m_q) - l_q, D_MIN))
+        acc += tl.abs(q - p)
+    tl.store(part_ptr + chunk.to(tl.int64) * N + row, tl.sum(acc, 0))
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _tv_finish_kernel(
+    part_ptr, labels_ptr, st_ptr, q_norm_ptr, tv_ptr, N, n_chunks, ignore_index,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    keep = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64) != ignore_index
+    m_p = tl.load(st_ptr + 2 * rows, mask=rmask, other=0.0)
+    m_q = tl.load(q_norm_ptr + 2 * rows, mask=rmask, other=0.0)
+    valid = (m_p == m_p) & (m_q == m_q)  # NaN: that side is invalid (the finish kernel's mark)
+    total = tl.zeros([BLOCK_R], part_ptr.dtype.element_ty)
+    chunk_off = tl.zeros([], tl.int64)
+    for _ in range(0, n_chunks):
+        total += tl.load(part_ptr + chunk_off + rows, mask=rmask, other=0.0)
+        chunk_off += N
+    tv = tl.minimum(0.5 * total, 1.0)
+    tl.store(tv_ptr + rows, tl.where(keep, tl.where(valid, tv, float("nan")), 0.0), mask=rmask)
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _bwd_kernel(
+    g_ptr, x_ptr, labels_ptr, t_ptr, st_ptr, grad_ptr, V, ignore_index,
+    n_inner, s_outer, s_inner,
+    DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Program (row, chunk): d logprob / dx of one chunk of one row, written once."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    keep = label != ignore_index
+    m, l = tl.load(st_ptr + 2 * row), tl.load(st_ptr + 2 * row + 1)
+    big = float("inf")
+    ok = (tl.abs(m) < big) & (tl.abs(l) < big) & (label >= 0) & (label < V)
+    tau = tl.load(t_ptr + row)
+    gt = div_acc(tl.load(g_ptr + row), tau)  # d/dx = d/dz / tau
+    compute = keep & ok
+    m, l = tl.where(compute, m, 0.0), tl.where(compute, l, 0.0)
+    x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
+    # d/dz_c of z_c - L = 1 - p_c = -expm1(log p_c): the label's entry, rounded once.
+    z_c = load_divided(x_row, tl.where(compute, label, 0), compute, tau, DIVIDE)
+    g_label = -expm1_acc((tl.where(compute, z_c, 0.0) - m) - l) * gt
+    label_col = tl.where(compute, label, -1).to(tl.int32)
+    g_row = grad_ptr + row.to(tl.int64) * V  # the gradient is a fresh contiguous tensor
+    nan = gt * 0.0 + float("nan")
+    start = chunk * CHUNK
+    for off in range(0, CHUNK, BLOCK_V):
+        cols = start + off + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        z = load_divided(x_row, cols, in_row & compute, tau, DIVIDE)
+        # d/dz_j of -L = -p_j
+        grad = -gt * exp_acc(tl.maximum((z - m) - l, D_MIN))
+        grad = tl.where(cols == label_col, g_label, grad)
+        grad = tl.where(keep, tl.where(ok, grad, nan), 0.0)
+        tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def mismatch_stats_forward(
+    logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
+    rollout_temperature_scalar, ignore_index, n_inner, stride_outer, stride_inner,
+    rollout_n_inner, rollout_stride_outer, rollout_stride_inner, *, _block_v=None, _chunk=None,
+):  # fmt: skip
+    """[logprob, token_kl, token_tv, row_state [N, 2]]; the signature of
+    pg_kernels._C.mismatch_stats_forward. _block_v, _chunk: private overrides of the row
+    blocking (tests and tuning only)."""
+    V = logits.shape[-1]
+    n = labels.numel()
+    acc = acc_dtype_of(logits.dtype)
+    outs = [torch.empty(n, dtype=acc, device=logits.device) for _ in range(3)]
+    row_state = torch.empty(n, 2, dtype=acc, device=logits.device)
+    if n == 0:
+        return [*outs, row_state]
+    logprob, token_kl, token_tv = outs
+    t = per_row_temperature(temperature, temperature_scalar, n, acc, logits.device)
+    tr = per_row_temperature(rollout_temperature, rollout_temperature_scalar, n, acc, logits.device)
+    layout = (n_inner, stride_outer, stride_inner)
+    roll_layout = (rollout_n_inner, rollout_stride_outer, rollout_stride_inner)
+    blk = row_blocking(V, logits.dtype, _block_v, _chunk)
+    divide = needs_division(
+        temperature, temperature_scalar, rollout_temperature, rollout_temperature_scalar
+    )
+    # KL(pi_roll || pi_theta): the rollout distribution is the weight side.
+    part = pair_partials(
+        rollout_logits, logits, labels, tr, t, ignore_index, roll_layout, layout, blk, divide
+    )
+    q_norm = torch.empty(n, 2, dtype=acc, device=logits.device)
+    finish_grid = (triton.cdiv(n, FINISH_BLOCK_R),)
+    _fwd_finish_kernel[finish_grid](
+        part, logits, labels, t, logprob, token_kl, row_state, q_norm, V, n, blk.n_chunks,
+        ignore_index, *layout, DIVIDE=divide, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
+    )  # fmt: skip
+    tv_part = part[0]  # reused: the pair partials are spent; [n_chunks, N] of the same dtype
+    _tv_chunk_kernel[(n, blk.n_chunks)](
+        logits, rollout_logits, labels, t, tr, row_state, q_norm, tv_part, V, n, ignore_index,
+        *layout, *roll_layout, DIVIDE=divide, CHUNK=blk.chunk, BLOCK_V=blk.block_v,
+        num_warps=blk.num_warps,
+    )  # fmt: skip
+    _tv_finish_kernel[finish_grid](
+        tv_part, labels, row_state, q_norm, token_tv, n, blk.n_chunks, ignore_index,
+        BLOCK_R=FINISH_BLOCK_R, num_warps=4,
+    )  # fmt: skip
+    return [logprob, token_kl, token_tv, row_state]
+
+
+def mismatch_stats_backward(
+    grad_logprob, logits, labels, temperature, temperature_scalar, ignore_index, row_state,
+    n_inner, stride_outer, stride_inner, *, _block_v=None, _chunk=None,
+):  # fmt: skip
+    """d(sum grad_logprob * logprob) / d logits: a new contiguous tensor of the logits' shape and
+    dtype; ignored rows 0, NaN rows (a non-finite saved state, a bad label) NaN."""
+    V = logits.shape[-1]
+    n = labels.numel()
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if n == 0:
+        return grad
+    acc = acc_dtype_of(logits.dtype)
+    t = per_row_temperature(temperature, temperature_scalar, n, acc, logits.device)
+    blk = row_blocking(V, logits.dtype, _block_v, _chunk)
+    _bwd_kernel[(n, blk.n_chunks)](
+        grad_logprob, logits, labels, t, row_state, grad, V, ignore_index,
+        n_inner, stride_outer, stride_inner,
+        DIVIDE=needs_division(temperature, temperature_scalar, None, 1.0), CHUNK=blk.chunk,
+        BLOCK_V=blk.block_v, num_warps=blk.num_warps,
+    )  # fmt: skip
+    return grad
