@@ -210,13 +210,16 @@ def kl_divergence_backward(
     t = per_row_temperature(temperature, temperature_scalar, n, acc, logits.device)
     tr = per_row_temperature(ref_temperature, ref_temperature_scalar, n, acc, logits.device)
     blk = row_blocking(V, logits.dtype, _block_v, _chunk)
+    divide = needs_division(
+        temperature, temperature_scalar, ref_temperature, ref_temperature_scalar
+    )
     _bwd_kernel[(n, blk.n_chunks)](
         grad_kl, logits, ref_logits, labels if labels is not None else kl, t, tr, kl, row_state,
         grad if need_logits_grad else grad_ref, grad_ref if need_ref_grad else grad, V,
         ignore_index, n_inner, stride_outer, stride_inner, ref_n_inner, ref_stride_outer,
         ref_stride_inner, HAS_LABELS=labels is not None, REVERSE=bool(reverse),
         NEED_X=bool(need_logits_grad), NEED_XR=bool(need_ref_grad),
-        DIVIDE=needs_division(temperature, temperature_scalar, ref_temperature, ref_temperature_scalar),
+        DIVIDE=divide,
         CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
     )  # fmt: skip
     return grad, grad_ref

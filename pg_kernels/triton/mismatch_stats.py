@@ -109,8 +109,10 @@ def _tv_chunk_kernel(
     for off in range(0, CHUNK, BLOCK_V):
         cols = start + off + tl.arange(0, BLOCK_V)
         mask = (cols < V) & read
-        p = exp_acc(tl.maximum((load_divided(x_row, cols, mask, tau, DIVIDE) - m_p) - l_p, D_MIN))
-        q = exp_acc(tl.maximum((load_divided(xr_row, cols, mask, tau_r, DIVIDE) - m_q) - l_q, D_MIN))
+        z_p = load_divided(x_row, cols, mask, tau, DIVIDE)
+        z_q = load_divided(xr_row, cols, mask, tau_r, DIVIDE)
+        p = exp_acc(tl.maximum((z_p - m_p) - l_p, D_MIN))
+        q = exp_acc(tl.maximum((z_q - m_q) - l_q, D_MIN))
         acc += tl.abs(q - p)
     tl.store(part_ptr + chunk.to(tl.int64) * N + row, tl.sum(acc, 0))
 
@@ -146,17 +148,17 @@ def _bwd_kernel(
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
-    m, l = tl.load(st_ptr + 2 * row), tl.load(st_ptr + 2 * row + 1)
+    m, log_s1 = tl.load(st_ptr + 2 * row), tl.load(st_ptr + 2 * row + 1)
     big = float("inf")
-    ok = (tl.abs(m) < big) & (tl.abs(l) < big) & (label >= 0) & (label < V)
+    ok = (tl.abs(m) < big) & (tl.abs(log_s1) < big) & (label >= 0) & (label < V)
     tau = tl.load(t_ptr + row)
     gt = div_acc(tl.load(g_ptr + row), tau)  # d/dx = d/dz / tau
     compute = keep & ok
-    m, l = tl.where(compute, m, 0.0), tl.where(compute, l, 0.0)
+    m, log_s1 = tl.where(compute, m, 0.0), tl.where(compute, log_s1, 0.0)
     x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
     # d/dz_c of z_c - L = 1 - p_c = -expm1(log p_c): the label's entry, rounded once.
     z_c = load_divided(x_row, tl.where(compute, label, 0), compute, tau, DIVIDE)
-    g_label = -expm1_acc((tl.where(compute, z_c, 0.0) - m) - l) * gt
+    g_label = -expm1_acc((tl.where(compute, z_c, 0.0) - m) - log_s1) * gt
     label_col = tl.where(compute, label, -1).to(tl.int32)
     g_row = grad_ptr + row.to(tl.int64) * V  # the gradient is a fresh contiguous tensor
     nan = gt * 0.0 + float("nan")
@@ -166,7 +168,7 @@ def _bwd_kernel(
         in_row = cols < V
         z = load_divided(x_row, cols, in_row & compute, tau, DIVIDE)
         # d/dz_j of -L = -p_j
-        grad = -gt * exp_acc(tl.maximum((z - m) - l, D_MIN))
+        grad = -gt * exp_acc(tl.maximum((z - m) - log_s1, D_MIN))
         grad = tl.where(cols == label_col, g_label, grad)
         grad = tl.where(keep, tl.where(ok, grad, nan), 0.0)
         tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
