@@ -73,6 +73,24 @@ def test_temperature(bd, dtype):
         )  # fmt: skip
 
 
+def test_many_chunks_per_row(bd, small_triton_blocks):
+    """Rows cut into many chunk programs (Triton; small blocks): the row max from the chunk
+    maxes and the fixed-order sums of s_in / s_out match the reference, with the max in the
+    last chunk and -inf runs covering whole chunks."""
+    backend, device = bd
+    if backend != "triton":
+        pytest.skip("only the Triton kernels cut rows across programs")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = make_logits(4, 1000, dtype, device=device, seed=23)
+        x[0, 990] = x[0].max() + 5.0  # the max in the last chunk: the threshold moves late
+        x[1, 100:300] = -INF
+        x[2, :500] = -INF
+        y = make_labels((4,), 1000, device=device, seed=23)
+        check_against_reference(
+            _op(backend, 0.05), _ref(0.05), (x, y), {"temperature": 0.8}, diff_fields=DIFF
+        )
+
+
 def test_neg_inf_entries(bd):
     """-inf logits add 0; a label on a -inf logit has logprob -inf, is not in_safe, and its
     gradient is 1 at the label (p~_c = 0) minus p~ on S."""

@@ -129,6 +129,23 @@ def test_ids_at_edges_and_chunk_boundaries(bd):
     )
 
 
+def test_many_chunks_per_row(bd, small_triton_blocks):
+    """Rows cut into many chunk programs (Triton; small blocks): ids masked inside chunks and on
+    their edges, tail states merged in chunk order, a -inf run covering whole chunks."""
+    backend, device = bd
+    if backend != "triton":
+        pytest.skip("only the Triton kernels cut rows across programs")
+    v = 1000  # fp32: 16-element blocks, 32-element chunks: 32 chunk programs per row
+    x = make_logits(3, v, torch.float32, device=device, seed=24)
+    ids, lp, _ = make_topk(x, 12, seed=24)
+    ids[0, :4] = torch.tensor([31, 32, 63, 64], device=device)  # on chunk edges
+    x[1, 200:400] = -INF
+    x[2, 990] = x[2].max() + 3.0  # the tail max in the last chunk
+    check_against_reference(
+        _op(backend), reference.topk_kl, (x, ids, lp), {"temperature": 0.8}, diff_fields=("out",)
+    )
+
+
 def test_neg_inf_entries(bd):
     """-inf logits add 0; q_v > 0 on a -inf logit, or q_tail > 0 against an all -inf tail, give
     +inf with the finite limit gradient (Q p_j - q_j on the ids, 0 on -inf logits)."""

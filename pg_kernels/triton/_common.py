@@ -9,8 +9,9 @@ Device helpers (`@triton.jit`, inlined into the kernels that call them):
   inv_temperature     1 / tau per row (tensor) or from the launcher's scalar
   round_to            the one rounding of a result to the output dtype (nearest even)
 
-Host helpers: `acc_dtype_of`, `scalar_inv_temperature_bits` and `RowBlocking` (how a row of V
-elements is cut into loop steps and per-program chunks, as a function of V and dtype only).
+Host helpers: `acc_dtype_of`, `scalar_inv_temperature_bits`, `per_row_inv_temperature` and
+`RowBlocking` (how a row of V elements is cut into loop steps and per-program chunks, as a
+function of V and dtype only).
 Everything here mirrors csrc/include/pg_kernels/softmax_stats.h: the same formulas, the same
 edge cases (an empty state has m = -inf and zero sums; it is the identity of the merge).
 """
@@ -218,3 +219,20 @@ def row_blocking(
     num_warps = max(1, min(8, bv * itemsize // (32 * BYTES_PER_THREAD_STEP)))
     fold = max(1, min(4, 16 // itemsize, bv // 2))
     return RowBlocking(bv, ck, triton.cdiv(V, ck), num_warps, fold)
+
+
+def per_row_inv_temperature(
+    temperature: torch.Tensor | None, temperature_scalar: float, n: int, acc: torch.dtype, device
+) -> torch.Tensor:
+    """Per-row 1 / tau in acc as the C++ kernels compute it (acc(1) / acc(tau)): a fill kernel for
+    a scalar (no host-to-device copy), an elementwise reciprocal for a per-row tensor."""
+    if temperature is not None:
+        return torch.reciprocal(temperature.to(acc))
+    t = float(temperature_scalar)
+    if acc == torch.float32:
+        t = _round_to_f32(t)
+        # A double quotient of two floats rounded once to float: the correctly rounded 1 / t.
+        inv = _round_to_f32(1.0 / t) if t > 0.0 else math.inf
+    else:
+        inv = 1.0 / t
+    return torch.full((n,), inv, dtype=acc, device=device)

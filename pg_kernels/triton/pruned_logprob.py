@@ -1,22 +1,24 @@
 """pruned_logprob in Triton: SPEC section 6, with the C++ launchers' interface.
 
-One program per row, BLOCK_V elements per loop step (a function of V and the dtype only, so
-results are bitwise deterministic and batch invariant).
-Forward, two sweeps over the row, one exp per element in all:
-  1. max of z = x / tau (no exp), plus a flag for NaN / +inf;
-  2. e = exp(z - m) per element, into s_in where z >= m + log alpha and into s_out elsewhere,
-     the label masked out of both (added back as e_c) - see softmax_stats.h (finalize_pruned).
+Rows are cut as `row_blocking` cuts them (a function of V and the dtype only) and every
+reduction runs in a fixed order: results are bitwise deterministic and batch invariant.
+Forward, two sweeps over the row (one exp per element in all), three kernels:
+  1. `_max_chunk_kernel`, grid (N, n_chunks): each chunk's max of z = x / tau (no exp), NaN when
+     the chunk holds a NaN or +inf;
+  2. `_sum_chunk_kernel`, grid (N, n_chunks): the row's max m from the chunk maxes (n_chunks
+     loads), then e = exp(z - m) per element, into s_in where z >= m + log alpha and into s_out
+     elsewhere, the label masked out of both (added back as e_c; finalize_pruned in
+     softmax_stats.h);
+  3. `_fwd_finish_kernel`: sums each row's chunk sums in chunk order and finalizes.
   The set S depends on the final max, so a one-sweep online sum cannot drop the elements that
   fall below a risen threshold exactly (csrc/cpu/pruned_logprob.cpp says more).
-Backward, one sweep: d logprob / dz_j = 1[j = c] - p~_j on S, 0 off S, divided by tau.
+Backward, `_bwd_kernel`, grid (N, n_chunks): d logprob / dz_j = 1[j = c] - p~_j on S, 0 off S,
+divided by tau.
 
-Bytes per row of V elements of s bytes: forward 2 V s read (the second sweep mostly from L2 for
-rows up to a few hundred KB) + ~24 B of per-row values; backward V s read + V s written.
-One program per row: a GPU is filled by a few thousand rows (N = B T in training); small N
-leaves SMs idle (no split of a row across programs here, unlike token_stats).
-
-Kept self-contained on purpose (the helpers below mirror pg_kernels/triton/_common.py, which is
-being reworked); fold them into _common.py when both land.
+Bytes per row of V elements of s bytes: forward 2 V s read + 12 n_chunks bytes of partials
+(fp32) + ~24 B of per-row values; backward V s read + V s written.
+Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
+(.ci/check_triton_sm90.py); not yet run or timed on a GPU.
 """
 
 from __future__ import annotations
@@ -28,94 +30,150 @@ import triton
 import triton.language as tl
 
 from pg_kernels.ops._common import check_labels
+from pg_kernels.triton._common import (
+    acc_dtype_of,
+    exp_acc,
+    max_nan,
+    per_row_inv_temperature,
+    row_blocking,
+    row_offset,
+)
 
-LOG2E = tl.constexpr(1.4426950408889634)
+# Rows per program of the finish kernel: it moves ~8 bytes per (row, chunk).
+FINISH_BLOCK_R = 128
 
 
 @triton.jit
-def _row_offset(row, n_inner, stride_outer, stride_inner):
-    r = row.to(tl.int64)  # N * V and the strides of [B, T, V] overflow int32
-    return (r // n_inner) * stride_outer + (r % n_inner) * stride_inner
-
-
-@triton.jit
-def _exp(x):
-    if x.dtype == tl.float64:
-        return tl.exp(x)
-    else:
-        return tl.exp2(x * LOG2E)
+def _row_max(part_ptr, row, N, n_chunks):
+    """The row's max from its chunk maxes (part_ptr [n_chunks, N]); NaN if one chunk is bad."""
+    m = tl.full([], float("-inf"), part_ptr.dtype.element_ty)
+    chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
+    for _ in range(0, n_chunks):
+        m = max_nan(m, tl.load(part_ptr + chunk_off + row))
+        chunk_off += N
+    return m
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
-def _fwd_kernel(
-    x_ptr, labels_ptr, inv_tau_ptr, log_alpha_ptr, ignore_index, V,
-    n_inner, stride_outer, stride_inner,
-    logprob_ptr, in_safe_ptr, tail_mass_ptr, lse_safe_ptr, threshold_ptr,
-    BLOCK_V: tl.constexpr,
+def _max_chunk_kernel(
+    x_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, N, n_inner, stride_outer, stride_inner,
+    part_ptr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    ACC: tl.constexpr = lse_safe_ptr.dtype.element_ty
+    """Program (row, chunk): the chunk's max of z, NaN if it holds a NaN or +inf."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
     row = tl.program_id(0)
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    keep = label != ignore_index
-    in_range = (label >= 0) & (label < V)
+    chunk = tl.program_id(1)
+    keep = tl.load(labels_ptr + row).to(tl.int64) != ignore_index
     inv_tau = tl.load(inv_tau_ptr + row)
-    log_alpha = tl.load(log_alpha_ptr)
-    x_row = x_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
-    n = tl.where(keep, V, 0)  # ignored rows read nothing
-    lanes = tl.arange(0, BLOCK_V)
-
-    # Sweep 1: the max, and whether any z is NaN or +inf.
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    end = tl.where(keep, V, 0)  # ignored rows read nothing
     mvec = tl.full([BLOCK_V], float("-inf"), ACC)
     bad = tl.zeros([BLOCK_V], tl.int32)
-    for start in range(0, n, BLOCK_V):
-        cols = start + lanes
-        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(ACC) * inv_tau
+    start = chunk * CHUNK
+    for off in range(0, CHUNK, BLOCK_V):
+        cols = start + off + tl.arange(0, BLOCK_V)
+        z = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC) * inv_tau
         mvec = tl.maximum(mvec, z)
         bad = bad | ((z != z) | (z == float("inf"))).to(tl.int32)
-    m = tl.max(mvec, axis=0)
-    valid = keep & in_range & (tl.max(bad, axis=0) == 0) & (m > float("-inf"))
-    valid = valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
-    threshold = m + log_alpha
-    m_ref = tl.where(valid, m, 0.0)  # a finite reference: exp(-inf - m_ref) = 0, never NaN
+    m = tl.where(tl.max(bad, axis=0) > 0, float("nan"), tl.max(mvec, axis=0))
+    tl.store(part_ptr + chunk.to(tl.int64) * N + row, m)
 
-    # Sweep 2: one exp per element, split by the threshold, the label masked out.
+
+@triton.jit
+def _row_validity(label, V, keep, inv_tau, m):
+    """A kept row with its label in range, a finite max and a valid temperature."""
+    valid = keep & (label >= 0) & (label < V) & (m > float("-inf")) & (m < float("inf"))
+    return valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _sum_chunk_kernel(
+    x_ptr, labels_ptr, inv_tau_ptr, log_alpha_ptr, ignore_index, V, N, n_chunks,
+    n_inner, stride_outer, stride_inner, max_ptr, part_ptr,
+    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Program (row, chunk): the chunk's s_in and s_out (label masked) into part_ptr
+    [2, n_chunks, N], relative to the row's max."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    inv_tau = tl.load(inv_tau_ptr + row)
+    m = _row_max(max_ptr, row, N, n_chunks)
+    valid = _row_validity(label, V, label != ignore_index, inv_tau, m)
+    threshold = m + tl.load(log_alpha_ptr)
+    m_ref = tl.where(valid, m, 0.0)  # a finite reference: exp(-inf - m_ref) = 0, never NaN
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    end = tl.where(valid, V, 0)
     s_in = tl.zeros([BLOCK_V], ACC)
     s_out = tl.zeros([BLOCK_V], ACC)
-    n2 = tl.where(valid, V, 0)
-    for start in range(0, n2, BLOCK_V):
-        cols = start + lanes
-        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(ACC) * inv_tau
-        e = _exp(z - m_ref)
+    start = chunk * CHUNK
+    for off in range(0, CHUNK, BLOCK_V):
+        cols = start + off + tl.arange(0, BLOCK_V)
+        z = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC) * inv_tau
+        e = exp_acc(z - m_ref)
         e = tl.where(cols == label, 0.0, e)
         safe = z >= threshold
         s_in += tl.where(safe, e, 0.0)
         s_out += tl.where(safe, 0.0, e)
-    safe_label = tl.where(in_range, label, 0)
-    z_c = tl.load(x_row + safe_label).to(ACC) * inv_tau
-    # finalize_pruned (softmax_stats.h)
-    e_c = _exp(z_c - m_ref)
-    s_safe = tl.sum(s_in, axis=0) + e_c
-    s_tail = tl.sum(s_out, axis=0)
+    idx = chunk.to(tl.int64) * N + row
+    tl.store(part_ptr + idx, tl.sum(s_in, axis=0))
+    tl.store(part_ptr + tl.num_programs(1).to(tl.int64) * N + idx, tl.sum(s_out, axis=0))
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _fwd_finish_kernel(
+    x_ptr, labels_ptr, inv_tau_ptr, log_alpha_ptr, ignore_index, V, N, n_chunks,
+    n_inner, stride_outer, stride_inner, max_ptr, part_ptr,
+    logprob_ptr, in_safe_ptr, tail_mass_ptr, lse_safe_ptr, threshold_ptr,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_R rows per program: finalize_pruned (softmax_stats.h) from the chunk sums."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    label = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index).to(tl.int64)
+    keep = label != ignore_index
+    inv_tau = tl.load(inv_tau_ptr + rows, mask=rmask, other=1.0)
+    m = tl.full([BLOCK_R], float("-inf"), ACC)
+    s_in = tl.zeros([BLOCK_R], ACC)
+    s_out = tl.zeros([BLOCK_R], ACC)
+    plane = n_chunks.to(tl.int64) * N
+    chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
+    for _ in range(0, n_chunks):
+        m = max_nan(m, tl.load(max_ptr + chunk_off + rows, mask=rmask, other=0.0))
+        s_in += tl.load(part_ptr + chunk_off + rows, mask=rmask, other=0.0)
+        s_out += tl.load(part_ptr + plane + chunk_off + rows, mask=rmask, other=0.0)
+        chunk_off += N
+    valid = _row_validity(label, V, keep, inv_tau, m)
+    threshold = m + tl.load(log_alpha_ptr)
+    m_ref = tl.where(valid, m, 0.0)
+    x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
+    z_c = tl.load(x_row + tl.where(valid, label, 0), mask=valid & rmask, other=0.0).to(ACC)
+    z_c = z_c * inv_tau
+    e_c = exp_acc(z_c - m_ref)
+    s_safe = tl.where(valid, s_in + e_c, 1.0)  # invalid rows: a dummy state, no log(0)
     lse_safe = m_ref + tl.log(s_safe)
     logprob = z_c - lse_safe
-    tail_mass = s_tail / (s_safe + s_tail)
+    tail_mass = s_out / (s_safe + s_out)
     in_safe = valid & (z_c >= threshold)
     nan = float("nan")
-    tl.store(logprob_ptr + row, tl.where(keep, tl.where(valid, logprob, nan), 0.0))
-    tl.store(tail_mass_ptr + row, tl.where(keep, tl.where(valid, tail_mass, nan), 0.0))
-    tl.store(lse_safe_ptr + row, tl.where(keep, tl.where(valid, lse_safe, nan), 0.0))
-    tl.store(threshold_ptr + row, tl.where(keep, tl.where(valid, threshold, nan), 0.0))
-    tl.store(in_safe_ptr + row, (keep & in_safe).to(tl.int8))
+    tl.store(logprob_ptr + rows, tl.where(keep, tl.where(valid, logprob, nan), 0.0), mask=rmask)
+    tl.store(tail_mass_ptr + rows, tl.where(keep, tl.where(valid, tail_mass, nan), 0.0), mask=rmask)
+    tl.store(lse_safe_ptr + rows, tl.where(keep, tl.where(valid, lse_safe, nan), 0.0), mask=rmask)
+    tl.store(threshold_ptr + rows, tl.where(keep, tl.where(valid, threshold, nan), 0.0), mask=rmask)
+    tl.store(in_safe_ptr + rows, (keep & in_safe).to(tl.int8), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _bwd_kernel(
     g_ptr, x_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, n_inner, stride_outer, stride_inner,
-    lse_safe_ptr, threshold_ptr, grad_ptr,
-    BLOCK_V: tl.constexpr,
+    lse_safe_ptr, threshold_ptr, grad_ptr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
+    """Program (row, chunk): the gradient of one chunk of one row, written once."""
     ACC: tl.constexpr = lse_safe_ptr.dtype.element_ty
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
     lse_safe = tl.load(lse_safe_ptr + row)
@@ -123,86 +181,73 @@ def _bwd_kernel(
     inv_tau = tl.load(inv_tau_ptr + row)
     g_tau = tl.load(g_ptr + row).to(ACC) * inv_tau
     valid = (lse_safe > float("-inf")) & (lse_safe < float("inf"))  # NaN rows stay NaN
-    x_row = x_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
-    lanes = tl.arange(0, BLOCK_V)
     n_read = tl.where(keep & valid, V, 0)  # ignored and NaN rows read no logits
-    for start in range(0, V, BLOCK_V):
-        cols = start + lanes
-        mask = cols < V
+    start = chunk * CHUNK
+    for off in range(0, CHUNK, BLOCK_V):
+        cols = start + off + tl.arange(0, BLOCK_V)
         z = tl.load(x_row + cols, mask=cols < n_read, other=float("-inf")).to(ACC) * inv_tau
         is_label = cols == label
         # d logprob / dz_j = 1[j = c] - p~_j on S (the label is in S whatever its logit), 0 off S
-        p = tl.where((z >= threshold) | is_label, _exp(z - tl.where(valid, lse_safe, 0.0)), 0.0)
+        p = tl.where((z >= threshold) | is_label, exp_acc(z - tl.where(valid, lse_safe, 0.0)), 0.0)
         g = g_tau * (tl.where(is_label, 1.0, 0.0) - p)
         g = tl.where(keep, tl.where(valid, g, float("nan")), 0.0)
-        tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 # ------------------------------------------------------------------------------------------------
 # Launchers: the signatures of the C++ ones (pg_kernels._C.pruned_logprob_forward / _backward).
 
 
-def block_v(V: int, dtype: torch.dtype) -> int:
-    """Elements per loop step: 8 KiB of logits, at most the row (a function of V and dtype)."""
-    return min(8192 // dtype.itemsize, max(16, triton.next_power_of_2(V)))
-
-
-def _num_warps(bv: int, dtype: torch.dtype) -> int:
-    return max(1, min(8, bv * dtype.itemsize // 1024))
-
-
-def inv_temperature(temperature, temperature_scalar: float, n: int, acc, device) -> torch.Tensor:
-    """Per-row 1 / tau in acc as the C++ kernels compute it (acc(1) / acc(tau)): a fill kernel for
-    a scalar (no host-to-device copy), an elementwise reciprocal for a per-row tensor."""
-    if temperature is not None:
-        return torch.reciprocal(temperature.to(acc))
-    t = float(temperature_scalar)
-    if acc == torch.float32:
-        t = float(torch.tensor(t, dtype=torch.float32))
-        inv = float(torch.tensor(1.0 / t, dtype=torch.float32))  # a double quotient, rounded once
-    else:
-        inv = 1.0 / t
-    return torch.full((n,), inv, dtype=acc, device=device)
-
-
 def pruned_logprob_forward(
     logits, labels, temperature, temperature_scalar, alpha, ignore_index, n_inner, stride_outer,
-    stride_inner,
+    stride_inner, *, _block_v=None, _chunk=None,
 ):  # fmt: skip
     """labels: flat [N]. Returns flat [N] logprob, in_safe (bool), tail_mass, lse_safe,
-    threshold."""
+    threshold. _block_v, _chunk: private overrides of the row blocking (tests, tuning)."""
     N, V = labels.numel(), logits.shape[-1]
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype_of(logits.dtype)
     if logits.device.type == "cpu":  # the interpreter: same error as the C++ kernel
         check_labels(labels, V, ignore_index)
     outs = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(4)]
     in_safe = torch.empty(N, dtype=torch.int8, device=logits.device)
     if N > 0:
-        inv_tau = inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
+        inv_tau = per_row_inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
         log_alpha = torch.full((1,), math.log(alpha), dtype=acc, device=logits.device)
-        bv = block_v(V, logits.dtype)
-        _fwd_kernel[(N,)](
-            logits, labels, inv_tau, log_alpha, ignore_index, V, n_inner, stride_outer,
-            stride_inner, outs[0], in_safe, outs[1], outs[2], outs[3],
-            BLOCK_V=bv, num_warps=_num_warps(bv, logits.dtype),
+        blk = row_blocking(V, logits.dtype, _block_v, _chunk)
+        layout = (n_inner, stride_outer, stride_inner)
+        maxes = torch.empty((blk.n_chunks, N), dtype=acc, device=logits.device)
+        sums = torch.empty((2, blk.n_chunks, N), dtype=acc, device=logits.device)
+        step = dict(CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps)
+        _max_chunk_kernel[(N, blk.n_chunks)](
+            logits, labels, inv_tau, ignore_index, V, N, *layout, maxes, **step
+        )
+        _sum_chunk_kernel[(N, blk.n_chunks)](
+            logits, labels, inv_tau, log_alpha, ignore_index, V, N, blk.n_chunks, *layout,
+            maxes, sums, **step,
+        )  # fmt: skip
+        _fwd_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
+            logits, labels, inv_tau, log_alpha, ignore_index, V, N, blk.n_chunks, *layout,
+            maxes, sums, outs[0], in_safe, outs[1], outs[2], outs[3],
+            BLOCK_R=FINISH_BLOCK_R, num_warps=4,
         )  # fmt: skip
     return [outs[0], in_safe.bool(), outs[1], outs[2], outs[3]]
 
 
 def pruned_logprob_backward(
     grad_logprob, logits, labels, temperature, temperature_scalar, ignore_index, lse_safe,
-    threshold, n_inner, stride_outer, stride_inner,
+    threshold, n_inner, stride_outer, stride_inner, *, _block_v=None, _chunk=None,
 ):  # fmt: skip
     N, V = labels.numel(), logits.shape[-1]
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if N > 0:
         acc = lse_safe.dtype
-        inv_tau = inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
-        bv = block_v(V, logits.dtype)
-        _bwd_kernel[(N,)](
+        inv_tau = per_row_inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
+        blk = row_blocking(V, logits.dtype, _block_v, _chunk)
+        _bwd_kernel[(N, blk.n_chunks)](
             grad_logprob.to(acc), logits, labels, inv_tau, ignore_index, V, n_inner,
             stride_outer, stride_inner, lse_safe, threshold, grad,
-            BLOCK_V=bv, num_warps=_num_warps(bv, logits.dtype),
+            CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
         )  # fmt: skip
     return grad

@@ -2,23 +2,26 @@
 C++ launchers' interface. Formulas, derivation and edge cases: csrc/include/pg_kernels/
 softmax_stats.h (topk_normalizer, topk_q_tail, topk_kl_grad_coef).
 
-One program per row, BLOCK_V elements per loop step (a function of V and the dtype only: results
-are bitwise deterministic and batch invariant). The launcher sorts each row's K ids (a [N, K]
-sort, K << V) so that the ids falling in a block are a contiguous run of the sorted list: the
-program finds the run with two K-wide compares per block and masks those ids with one
-`where(cols == id)` each (K extra compares per BLOCK_V elements per row in all).
-Forward, one sweep: per block, z = x / tau, the block's ids set to -inf, then the tail's online
-sum s_tail = sum exp(z - m_tail) (rescaled when the tail max rises; one exp per element). The K
-head logits are gathered at the end and joined with the tail for L, so log p_tail =
-m_tail + log s_tail - L needs no 1 - sum_K p_v.
-Backward, one sweep: dKL/dz_j = sign exp(z_j - L + tail_log) off the ids, Q p_j - q_j on them.
+Rows are cut as `row_blocking` cuts them (a function of V and the dtype only) and every
+reduction runs in a fixed order: results are bitwise deterministic and batch invariant. The
+launcher sorts each row's K ids (a [N, K] sort, K << V) so that the ids falling in a block are a
+contiguous run of the sorted list: a program finds the run with two K-wide compares per block
+and masks those ids with one `where(cols == id)` each (K extra compares per BLOCK_V elements).
+Forward, one sweep, two kernels:
+  1. `_tail_chunk_kernel`, grid (N, n_chunks): per block, z = x * (1 / tau), the
+     block's ids set to -inf, then the tail's online sum s_tail = sum exp(z - m_tail) (rescaled
+     when the tail max rises; one exp per element); the chunk's (m_tail, s_tail) is stored, m_tail
+     NaN when the chunk holds a NaN or +inf;
+  2. `_fwd_finish_kernel`, grid (N,): merges the chunk states in chunk order, gathers the K head
+     logits and joins them with the tail for L, so log p_tail = m_tail + log s_tail - L needs no
+     1 - sum_K p_v; then the KL of SPEC section 4.
+Backward, `_bwd_kernel`, grid (N, n_chunks): dKL/dz_j = sign exp(z_j - L + tail_log) off the
+ids, Q p_j - q_j on them.
 
-Bytes per row of V elements of s bytes: forward V s read + 16 K (ids and log-probs, sorted copies)
-+ ~12 B written; backward V s read + V s written + 16 K.
-One program per row: a GPU is filled by a few thousand rows (N = B T in training).
-
-Kept self-contained on purpose (the helpers come from pg_kernels/triton/pruned_logprob.py, not
-from pg_kernels/triton/_common.py, which is being reworked); fold them together when both land.
+Bytes per row of V elements of s bytes: forward V s read + 16 K (ids and log-probs, sorted
+copies) + 8 n_chunks bytes of partial states + ~12 B written; backward V s read + V s written
++ 16 K. Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
+(.ci/check_triton_sm90.py); not yet run or timed on a GPU.
 Duplicate ids are a user error: undefined here (the CPU paths raise).
 """
 
@@ -28,7 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pg_kernels.triton.pruned_logprob import _exp, _num_warps, _row_offset, block_v, inv_temperature
+from pg_kernels.triton._common import (
+    acc_dtype_of,
+    exp_acc,
+    merge_states,
+    per_row_inv_temperature,
+    row_blocking,
+    row_offset,
+)
 
 
 @triton.jit
@@ -48,42 +58,72 @@ def _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD):
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
-def _fwd_kernel(
-    x_ptr, ids_ptr, lq_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K,
-    n_inner, stride_outer, stride_inner,
-    kl_ptr, lse_ptr, logp_tail_ptr,
-    HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
+def _tail_chunk_kernel(
+    x_ptr, ids_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K, N,
+    n_inner, stride_outer, stride_inner, part_ptr,
+    HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    """Program (row, chunk): the tail state (m_tail, s_tail) of one chunk, into part_ptr
+    [2, n_chunks, N]; m_tail is NaN when the chunk holds a NaN or +inf."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
     keep, ok, idv = _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD)
     inv_tau = tl.load(inv_tau_ptr + row)
-    x_row = x_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     ids_row = ids_ptr + row.to(tl.int64) * K
     lanes = tl.arange(0, BLOCK_V)
-
     s = tl.zeros([BLOCK_V], ACC)
     m_tail = tl.full([], float("-inf"), ACC)
     bad = tl.zeros([BLOCK_V], tl.int32)
-    n = tl.where(ok, V, 0)  # ignored rows (and rows with bad ids) read nothing
-    for start in range(0, n, BLOCK_V):
+    end = tl.where(ok, V, 0)  # ignored rows (and rows with bad ids) read nothing
+    for off in range(0, CHUNK, BLOCK_V):
+        start = chunk * CHUNK + off
         cols = start + lanes
-        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(ACC) * inv_tau
+        z = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC) * inv_tau
         bad = bad | ((z != z) | (z == float("inf"))).to(tl.int32)
         # The block's ids: a contiguous run [lo, hi) of the sorted list (the padding, V, never
         # counts: the bounds stay below V).
         lo = tl.sum((idv < start).to(tl.int32), axis=0)
-        hi = tl.sum((idv < tl.minimum(start + BLOCK_V, V)).to(tl.int32), axis=0)
+        hi = tl.sum((idv < tl.minimum(start + BLOCK_V, end)).to(tl.int32), axis=0)
         for j in range(lo, hi):
             z = tl.where(cols == tl.load(ids_row + j), float("-inf"), z)
         bmax = tl.max(z, axis=0)
         if bmax > m_tail:
             # exp(-inf) = 0: an empty state (s = 0) stays 0
-            s = s * _exp(m_tail - bmax)
+            s = s * exp_acc(m_tail - bmax)
             m_tail = bmax
         m_ref = tl.where(m_tail == float("-inf"), 0.0, m_tail)  # exp(-inf - m_ref) = 0, never NaN
-        s += _exp(z - m_ref)
-    s_tail = tl.sum(s, axis=0)
+        s += exp_acc(z - m_ref)
+    idx = chunk.to(tl.int64) * N + row
+    tl.store(part_ptr + idx, tl.where(tl.max(bad, axis=0) > 0, float("nan"), m_tail))
+    tl.store(part_ptr + tl.num_programs(1).to(tl.int64) * N + idx, tl.sum(s, axis=0))
+
+
+@triton.jit(do_not_specialize=["ignore_index"])
+def _fwd_finish_kernel(
+    x_ptr, ids_ptr, lq_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K, N, n_chunks,
+    n_inner, stride_outer, stride_inner, part_ptr,
+    kl_ptr, lse_ptr, logp_tail_ptr,
+    HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr,
+):  # fmt: skip
+    """Program row: the row's tail state from its chunks (in chunk order), the head, the KL."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    row = tl.program_id(0)
+    keep, ok, idv = _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD)
+    inv_tau = tl.load(inv_tau_ptr + row)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    zero = tl.zeros([], ACC)
+    m_tail = zero - float("inf")
+    s_tail = zero
+    plane = n_chunks.to(tl.int64) * N
+    chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
+    for _ in range(0, n_chunks):
+        m_k = tl.load(part_ptr + chunk_off + row)
+        s_k = tl.load(part_ptr + plane + chunk_off + row)
+        m_tail, s_tail, _, _ = merge_states(m_tail, s_tail, zero, zero, m_k, s_k, zero, zero)
+        chunk_off += N
+    tail_ok = m_tail == m_tail  # a NaN chunk max: the row held a NaN or +inf
 
     # The head: K gathered logits, and q from the given log-probs.
     kk = tl.arange(0, K_PAD)
@@ -91,16 +131,20 @@ def _fwd_kernel(
     zh = tl.load(x_row + tl.where(hm, idv, 0), mask=hm, other=float("-inf")).to(ACC) * inv_tau
     bad_h = tl.max(((zh != zh) | (zh == float("inf"))).to(tl.int32), axis=0)
     m_head = tl.max(zh, axis=0)
-    m_all = tl.maximum(m_tail, m_head)
-    valid = ok & (tl.max(bad, axis=0) == 0) & (bad_h == 0) & (m_all > float("-inf"))
+    m_all = tl.maximum(tl.where(tail_ok, m_tail, float("-inf")), m_head)
+    valid = ok & tail_ok & (bad_h == 0) & (m_all > float("-inf"))
     valid = valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
     m = tl.where(valid, m_all, 0.0)
-    s_head = tl.sum(_exp(zh - m), axis=0)  # relative to the row max directly: head terms <= 1
-    tail_part = tl.where(m_tail == float("-inf"), 0.0, s_tail * _exp(m_tail - m))
+    m_tail = tl.where(tail_ok, m_tail, float("-inf"))
+    s_head = tl.sum(exp_acc(zh - m), axis=0)  # relative to the row max directly: head terms <= 1
+    tail_empty = m_tail == float("-inf")
+    tail_part = tl.where(tail_empty, 0.0, s_tail * exp_acc(m_tail - m))
     lse = m + tl.log(tail_part + s_head)
-    logp_tail = tl.where(m_tail == float("-inf"), float("-inf"), m_tail + tl.log(s_tail) - lse)
+    logp_tail = tl.where(
+        tail_empty, float("-inf"), m_tail + tl.log(tl.where(tail_empty, 1.0, s_tail)) - lse
+    )
     lq = tl.load(lq_ptr + row.to(tl.int64) * K + kk, mask=hm, other=float("-inf")).to(ACC)
-    q = _exp(lq)
+    q = exp_acc(lq)
     q_head = tl.sum(q, axis=0)
     rest = 1.0 - q_head
     q_tail = tl.where((K < V) & (rest > 0.0), rest, 0.0)
@@ -117,17 +161,19 @@ def _fwd_kernel(
 def _bwd_kernel(
     g_ptr, x_ptr, ids_ptr, lq_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K,
     n_inner, stride_outer, stride_inner, lse_ptr, logp_tail_ptr, grad_ptr,
-    HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
+    """Program (row, chunk): the gradient of one chunk of one row, written once."""
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
     keep, ok, idv = _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD)
     lse = tl.load(lse_ptr + row)
     logp_tail = tl.load(logp_tail_ptr + row)
     valid = ok & (lse > float("-inf")) & (lse < float("inf"))  # NaN rows stay NaN
     inv_tau = tl.load(inv_tau_ptr + row)
     g_tau = tl.load(g_ptr + row).to(ACC) * inv_tau
-    x_row = x_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     ids_row = ids_ptr + row.to(tl.int64) * K
     lq_row = lq_ptr + row.to(tl.int64) * K
     grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
@@ -136,7 +182,7 @@ def _bwd_kernel(
     # error in tail_log, i.e. the same relative error of the gradient.
     kk = tl.arange(0, K_PAD)
     hm = kk < tl.where(valid, K, 0)
-    q_head = tl.sum(_exp(tl.load(lq_row + kk, mask=hm, other=float("-inf")).to(ACC)), axis=0)
+    q_head = tl.sum(exp_acc(tl.load(lq_row + kk, mask=hm, other=float("-inf")).to(ACC)), axis=0)
     rest = 1.0 - q_head
     q_tail = tl.where((K < V) & (rest > 0.0), rest, 0.0)
     q_all = q_head + q_tail
@@ -146,8 +192,8 @@ def _bwd_kernel(
     above = log_ratio > log_q
     tail_log = tl.where(
         above,
-        log_ratio + tl.log(1.0 - _exp(log_q - log_ratio)),
-        log_q + tl.log(1.0 - _exp(log_ratio - log_q)),
+        log_ratio + tl.log(1.0 - exp_acc(log_q - log_ratio)),
+        log_q + tl.log(1.0 - exp_acc(log_ratio - log_q)),
     )
     sign = tl.where(above, -1.0, 1.0)
     tail_log = tl.where(q_tail == 0.0, log_q, tl.where(tail_empty, float("-inf"), tail_log))
@@ -158,18 +204,19 @@ def _bwd_kernel(
 
     lanes = tl.arange(0, BLOCK_V)
     n_read = tl.where(valid, V, 0)
-    for start in range(0, V, BLOCK_V):
+    for step in range(0, CHUNK, BLOCK_V):
+        start = chunk * CHUNK + step
         cols = start + lanes
         z = tl.load(x_row + cols, mask=cols < n_read, other=float("-inf")).to(ACC) * inv_tau
         # off the ids: dKL/dz_j = sign exp(z_j - L + tail_log) = p_j (Q - q_tail / p_tail)
-        g = scale * _exp(z - off)
+        g = scale * exp_acc(z - off)
         lo = tl.sum((idv < start).to(tl.int32), axis=0)
         hi = tl.sum((idv < tl.where(valid, tl.minimum(start + BLOCK_V, V), 0)).to(tl.int32), axis=0)
         for j in range(lo, hi):
             idj = tl.load(ids_row + j)
             # on the ids: dKL/dz_j = Q p_j - q_j
-            p_j = _exp(tl.load(x_row + idj).to(ACC) * inv_tau - lse)
-            head = g_tau * (q_all * p_j - _exp(tl.load(lq_row + j).to(ACC)))
+            p_j = exp_acc(tl.load(x_row + idj).to(ACC) * inv_tau - lse)
+            head = g_tau * (q_all * p_j - exp_acc(tl.load(lq_row + j).to(ACC)))
             g = tl.where(cols == idj, head, g)
         g = tl.where(keep, tl.where(valid, g, float("nan")), 0.0)
         tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
@@ -201,49 +248,57 @@ def _sorted(topk_ids, topk_logprobs, labels, V, ignore_index):
     return ids.contiguous(), lq
 
 
-def _launch_args(topk_ids, labels, V, dtype):
-    bv = block_v(V, dtype)
+def _launch_args(topk_ids, labels, V, dtype, block_v, chunk):
+    blk = row_blocking(V, dtype, block_v, chunk)
     meta = dict(
         HAS_LABELS=labels is not None,
         K_PAD=max(16, triton.next_power_of_2(topk_ids.shape[1])),
-        BLOCK_V=bv,
-        num_warps=_num_warps(bv, dtype),
+        CHUNK=blk.chunk,
+        BLOCK_V=blk.block_v,
+        num_warps=blk.num_warps,
     )
-    return (topk_ids if labels is None else labels), meta
+    return (topk_ids if labels is None else labels), blk, meta
 
 
 def topk_kl_forward(
     logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar, ignore_index,
-    n_inner, stride_outer, stride_inner,
+    n_inner, stride_outer, stride_inner, *, _block_v=None, _chunk=None,
 ):  # fmt: skip
     """topk_ids, topk_logprobs: [N, K]; labels: flat [N] or None. Returns flat [N] kl, lse and
-    log p_tail."""
+    log p_tail. _block_v, _chunk: private overrides of the row blocking (tests, tuning)."""
     (N, K), V = topk_ids.shape, logits.shape[-1]
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype_of(logits.dtype)
     outs = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(3)]
     if N > 0:
         ids, lq = _sorted(topk_ids, topk_logprobs, labels, V, ignore_index)
-        inv_tau = inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
-        labels_arg, meta = _launch_args(topk_ids, labels, V, logits.dtype)
-        _fwd_kernel[(N,)](
-            logits, ids, lq, labels_arg, inv_tau, ignore_index, V, K, n_inner, stride_outer,
-            stride_inner, *outs, **meta,
+        inv_tau = per_row_inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
+        labels_arg, blk, meta = _launch_args(topk_ids, labels, V, logits.dtype, _block_v, _chunk)
+        part = torch.empty((2, blk.n_chunks, N), dtype=acc, device=logits.device)
+        _tail_chunk_kernel[(N, blk.n_chunks)](
+            logits, ids, labels_arg, inv_tau, ignore_index, V, K, N, n_inner, stride_outer,
+            stride_inner, part, **meta,
+        )  # fmt: skip
+        _fwd_finish_kernel[(N,)](
+            logits, ids, lq, labels_arg, inv_tau, ignore_index, V, K, N, blk.n_chunks, n_inner,
+            stride_outer, stride_inner, part, *outs, HAS_LABELS=meta["HAS_LABELS"],
+            K_PAD=meta["K_PAD"], num_warps=1,
         )  # fmt: skip
     return outs
 
 
 def topk_kl_backward(
     grad_kl, logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar,
-    ignore_index, lse, logp_tail, n_inner, stride_outer, stride_inner,
+    ignore_index, lse, logp_tail, n_inner, stride_outer, stride_inner, *, _block_v=None,
+    _chunk=None,
 ):  # fmt: skip
     (N, K), V = topk_ids.shape, logits.shape[-1]
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if N > 0:
         acc = lse.dtype
         ids, lq = _sorted(topk_ids, topk_logprobs, labels, V, ignore_index)
-        inv_tau = inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
-        labels_arg, meta = _launch_args(topk_ids, labels, V, logits.dtype)
-        _bwd_kernel[(N,)](
+        inv_tau = per_row_inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
+        labels_arg, blk, meta = _launch_args(topk_ids, labels, V, logits.dtype, _block_v, _chunk)
+        _bwd_kernel[(N, blk.n_chunks)](
             grad_kl.to(acc), logits, ids, lq, labels_arg, inv_tau, ignore_index, V, K, n_inner,
             stride_outer, stride_inner, lse, logp_tail, grad, **meta,
         )  # fmt: skip
