@@ -27,7 +27,16 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `pg_kern
 
 import pg_kernels
 from benchmarks import harness
-from benchmarks.harness import Case, CeilingRow, Inputs, OpBench, Outputs, Provider, Skip
+from benchmarks.harness import (
+    Case,
+    CeilingRow,
+    Inputs,
+    OpBench,
+    Outputs,
+    Provider,
+    Skip,
+    Target,
+)
 from pg_kernels import _backend, reference
 from pg_kernels.ops.kl_divergence import KERNELS
 
@@ -133,34 +142,48 @@ def _compile(case: Case):
     return lambda inputs: {"kl": compiled(inputs["logits"], inputs["ref_logits"])}
 
 
-def summary(records: list[dict]) -> list[str]:
-    """Issue 4's CPU forward targets at [1024, 32000]."""
-    rows = [
-        r for r in records
-        if r["mode"] == "fwd" and r["provider"] == "pg_kernels:cpu" and r["status"] == "ok"
-        and r["shape"] == {"N": 1024, "V": 32000}
-    ]  # fmt: skip
-    if not rows:
-        return []
-    lines = ["## Targets (issue 4): CPU forward at 1024×32000", ""]
-    lines += [
-        "| dtype | ×eager ≥ 8 | ×compile ≥ 1.3 | ms / ms(2 exp passes) |",
-        "|---|---|---|---|",
-    ]
-    for r in rows:
-        sp = r["speedup_vs"]
-        e, c = sp.get("eager"), sp.get("compile")
-        x = sp.get("ceiling:exp:logits+exp:ref_logits")
-
-        def mark(value, ok):
-            return "—" if value is None else f"{value:.2f} {'✅' if ok else '❌'}"
-
-        lines.append(
-            f"| {r['dtype']} | {mark(e, e is not None and e >= 8)} "
-            f"| {mark(c, c is not None and c >= 1.3)} "
-            f"| {'—' if x is None else f'{1 / x:.2f}'} |"
+def targets(device: torch.device, backends: tuple[str, ...]) -> list:
+    """Issue 4's targets: CPU forward at [1024, 32000]; GPU forward <= 1.1 x two pure reads
+    (amax over logits and over ref_logits), fwd+bwd <= 1.15 x (those reads + one copy)."""
+    if device.type == "cpu":
+        return [
+            harness.targets_summary(
+                "Targets (issue 4): CPU forward at 1024×32000",
+                "pg_kernels:cpu",
+                {"N": 1024, "V": 32000},
+                [
+                    Target("×eager ≥ 8", "fwd", "eager", at_least=8),
+                    Target("×compile ≥ 1.3", "fwd", "compile", at_least=1.3),
+                    Target(
+                        "ms / ms(2 exp passes)",
+                        "fwd",
+                        "ceiling:exp:logits+exp:ref_logits",
+                        time_ratio=True,
+                    ),
+                ],
+            )
+        ]
+    return [
+        harness.targets_summary(
+            f"Targets (issue 4): {backend} at 16384×151936",
+            f"pg_kernels:{backend}",
+            {"N": 16384, "V": 151936},
+            [
+                Target(
+                    "fwd / 2 reads ≤ 1.1", "fwd", "ceiling:amax:logits+amax:ref_logits", at_most=1.1
+                ),
+                Target(
+                    "fwd+bwd / (2 reads + copy) ≤ 1.15",
+                    "fwd+bwd",
+                    "ceiling:amax:logits+amax:ref_logits+copy",
+                    at_most=1.15,
+                ),
+                Target("fwd ×eager", "fwd", "eager"),
+                Target("fwd ×compile", "fwd", "compile"),
+            ],
         )
-    return lines + [""]
+        for backend in backends
+    ]
 
 
 def make_bench(device: torch.device) -> OpBench:
@@ -176,7 +199,12 @@ def make_bench(device: torch.device) -> OpBench:
     rows: dict[str, list[CeilingRow]] = {
         "fwd": [CeilingRow(both)],
         "bwd": [CeilingRow((*both, "copy"))],
-        "fwd+bwd": [CeilingRow((*both, *both, "copy"))],
+        # The minimum of a forward and a backward (both tensors read twice, the gradient written
+        # once: 4 reads + 1 write), then issue 4's target denominator, two reads + one copy.
+        "fwd+bwd": [
+            CeilingRow((*both, "amax:ref_logits", "copy")),
+            CeilingRow((*both, "copy")),
+        ],
     }
     if device.type == "cpu":
         # The CPU floor: the forward needs one exp per element of each tensor (both
@@ -202,7 +230,7 @@ def make_bench(device: torch.device) -> OpBench:
         ceilings=ceilings,
         ceiling_rows=rows,
         notes=[f"direction={DIRECTION}; backward w.r.t. logits only (frozen reference)"],
-        summary=summary if device.type == "cpu" else None,
+        summaries=targets(device, backends),
     )
 
 

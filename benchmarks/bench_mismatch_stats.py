@@ -27,7 +27,16 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `pg_kern
 
 import pg_kernels
 from benchmarks import harness
-from benchmarks.harness import Case, CeilingRow, Inputs, OpBench, Outputs, Provider, Skip
+from benchmarks.harness import (
+    Case,
+    CeilingRow,
+    Inputs,
+    OpBench,
+    Outputs,
+    Provider,
+    Skip,
+    Target,
+)
 from pg_kernels import _backend, reference
 from pg_kernels.ops.mismatch_stats import KERNELS
 
@@ -146,34 +155,51 @@ def _compile(case: Case):
     return lambda inputs: _fields(compiled(*_args(inputs)))
 
 
-def summary(records: list[dict]) -> list[str]:
-    """Issue 4's CPU forward targets at [1024, 32000]."""
-    rows = [
-        r for r in records
-        if r["mode"] == "fwd" and r["provider"] == "pg_kernels:cpu" and r["status"] == "ok"
-        and r["shape"] == {"N": 1024, "V": 32000}
-    ]  # fmt: skip
-    if not rows:
-        return []
-    lines = ["## Targets (issue 4): CPU forward at 1024×32000 (with rollout logits)", ""]
-    lines += [
-        "| dtype | ×eager ≥ 8 | ×compile ≥ 1.3 | ms / ms(2 exp passes) |",
-        "|---|---|---|---|",
-    ]
-    for r in rows:
-        sp = r["speedup_vs"]
-        e, c = sp.get("eager"), sp.get("compile")
-        x = sp.get("ceiling:exp:logits+exp:rollout_logits")
-
-        def mark(value, ok):
-            return "—" if value is None else f"{value:.2f} {'✅' if ok else '❌'}"
-
-        lines.append(
-            f"| {r['dtype']} | {mark(e, e is not None and e >= 8)} "
-            f"| {mark(c, c is not None and c >= 1.3)} "
-            f"| {'—' if x is None else f'{1 / x:.2f}'} |"
+def targets(device: torch.device, backends: tuple[str, ...]) -> list:
+    """Issue 4's targets: CPU forward at [1024, 32000]; GPU forward <= 1.1 x two pure reads
+    (amax over logits and over rollout_logits), fwd+bwd <= 1.15 x (those reads + one copy)."""
+    if device.type == "cpu":
+        return [
+            harness.targets_summary(
+                "Targets (issue 4): CPU forward at 1024×32000 (with rollout logits)",
+                "pg_kernels:cpu",
+                {"N": 1024, "V": 32000},
+                [
+                    Target("×eager ≥ 8", "fwd", "eager", at_least=8),
+                    Target("×compile ≥ 1.3", "fwd", "compile", at_least=1.3),
+                    Target(
+                        "ms / ms(2 exp passes)",
+                        "fwd",
+                        "ceiling:exp:logits+exp:rollout_logits",
+                        time_ratio=True,
+                    ),
+                ],
+            )
+        ]
+    return [
+        harness.targets_summary(
+            f"Targets (issue 4): {backend} at 16384×151936 (with rollout logits)",
+            f"pg_kernels:{backend}",
+            {"N": 16384, "V": 151936},
+            [
+                Target(
+                    "fwd / 2 reads ≤ 1.1",
+                    "fwd",
+                    "ceiling:amax:logits+amax:rollout_logits",
+                    at_most=1.1,
+                ),
+                Target(
+                    "fwd+bwd / (2 reads + copy) ≤ 1.15",
+                    "fwd+bwd",
+                    "ceiling:amax:logits+amax:rollout_logits+copy",
+                    at_most=1.15,
+                ),
+                Target("fwd ×eager", "fwd", "eager"),
+                Target("fwd ×compile", "fwd", "compile"),
+            ],
         )
-    return lines + [""]
+        for backend in backends
+    ]
 
 
 def make_bench(device: torch.device) -> OpBench:
@@ -189,7 +215,9 @@ def make_bench(device: torch.device) -> OpBench:
     rows: dict[str, list[CeilingRow]] = {
         "fwd": [CeilingRow(both)],
         "bwd": [CeilingRow(("amax:logits", "copy"))],
-        "fwd+bwd": [CeilingRow((*both, "amax:logits", "copy"))],
+        # Both tensors read once, then the logits read and the gradient written: 3 reads +
+        # 1 write, exactly issue 4's two reads + one copy.
+        "fwd+bwd": [CeilingRow((*both, "copy"))],
     }
     if device.type == "cpu":
         ceilings["exp:logits"] = harness.exp_ceiling("logits")
@@ -213,7 +241,7 @@ def make_bench(device: torch.device) -> OpBench:
         ceilings=ceilings,
         ceiling_rows=rows,
         notes=["with rollout_logits: every MismatchStats field, token_kl and token_tv included"],
-        summary=summary if device.type == "cpu" else None,
+        summaries=targets(device, backends),
     )
 
 

@@ -29,7 +29,17 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `pg_kern
 
 import pg_kernels
 from benchmarks import harness
-from benchmarks.harness import Case, Ceiling, CeilingRow, Inputs, OpBench, Outputs, Provider, Skip
+from benchmarks.harness import (
+    Case,
+    Ceiling,
+    CeilingRow,
+    Inputs,
+    OpBench,
+    Outputs,
+    Provider,
+    Skip,
+    Target,
+)
 from pg_kernels import _backend, reference
 
 OP = "token_stats"
@@ -207,33 +217,34 @@ def _amax() -> Ceiling:
 # ----------------------------------------------------------------------------- targets
 
 
-def summary(records: list[dict]) -> list[str]:
-    """Issue 2's CPU forward targets, evaluated on the rows at [1024, 32000]."""
-    rows = [
-        r for r in records
-        if r["mode"] == "fwd" and r["provider"] == "pg_kernels:cpu" and r["status"] == "ok"
-        and r["shape"] == {"N": 1024, "V": 32000}
-    ]  # fmt: skip
-    if not rows:
-        return []
-    lines = ["## Targets (issue 2): CPU forward at 1024×32000", ""]
-    lines += ["| dtype | ×eager ≥ 8 | ×compile ≥ 1.3 | ms / ms(exp) ≤ 1.5 | peak MB (O(N)) |"]
-    lines += ["|---|---|---|---|---|"]
-    for r in rows:
-        sp = r["speedup_vs"]
-        e, c, x = sp.get("eager"), sp.get("compile"), sp.get("ceiling:exp")
+CPU_SHAPE = {"N": 1024, "V": 32000}
+# Issue 2's CPU forward targets, and issue 3's GPU ones (bf16 at [16384, 151936]).
+CPU_TARGETS = harness.targets_summary(
+    "Targets (issue 2): CPU forward at 1024×32000",
+    "pg_kernels:cpu",
+    CPU_SHAPE,
+    [
+        Target("×eager ≥ 8", "fwd", "eager", at_least=8),
+        Target("×compile ≥ 1.3", "fwd", "compile", at_least=1.3),
+        Target("ms / ms(exp) ≤ 1.5", "fwd", "ceiling:exp", at_most=1.5),
+    ],
+    memory=True,
+)
 
-        def mark(value: float | None, ok: bool) -> str:
-            return "—" if value is None else f"{value:.2f} {'✅' if ok else '❌'}"
 
-        n_bytes = (r["peak_mem_mb"] or 0) * 2**20
-        lines.append(
-            f"| {r['dtype']} | {mark(e, e is not None and e >= 8)} "
-            f"| {mark(c, c is not None and c >= 1.3)} "
-            f"| {mark(None if x is None else 1 / x, x is not None and 1 / x <= 1.5)} "
-            f"| {r['peak_mem_mb']:.3g} ({n_bytes / r['shape']['N']:.0f} B/row) |"
-        )
-    return lines + [""]
+def gpu_targets(backend: str):
+    return harness.targets_summary(
+        f"Targets (issue 3): {backend} at 16384×151936",
+        f"pg_kernels:{backend}",
+        {"N": 16384, "V": 151936},
+        [
+            Target("fwd / amax ≤ 1.05", "fwd", "ceiling:amax", at_most=1.05),
+            Target("fwd+bwd / (amax+copy) ≤ 1.1", "fwd+bwd", "ceiling:amax+copy", at_most=1.1),
+            Target("fwd ×eager", "fwd", "eager"),
+            Target("fwd ×compile", "fwd", "compile"),
+            Target("fwd+bwd ×liger", "fwd+bwd", "liger"),
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------- declaration
@@ -292,7 +303,7 @@ def make_bench(device: torch.device) -> OpBench:
         ceiling_rows=rows,
         notes=notes,
         extra_versions=extra,
-        summary=summary if device.type == "cpu" else None,
+        summaries=[CPU_TARGETS] if device.type == "cpu" else [gpu_targets(b) for b in backends],
     )
 
 

@@ -166,6 +166,63 @@ class CeilingRow:
         return "ceiling:" + "+".join(self.parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One target of an issue, read off a record's ratios: `speedup_vs[against]` of the
+    `mode` row must be >= `at_least`, or the time ratio ms / ms(against) <= `at_most`."""
+
+    header: str  # column header, e.g. "×eager ≥ 8"
+    mode: str  # "fwd", "bwd" or "fwd+bwd"
+    against: str  # a key of speedup_vs: "eager", "compile", "ceiling:amax+copy", ...
+    at_least: float | None = None
+    at_most: float | None = None  # compares the time ratio 1 / speedup_vs[against]
+    time_ratio: bool = False  # show ms / ms(against) (implied by at_most)
+
+    def cell(self, record: dict | None) -> str:
+        speedup = None if record is None else record["speedup_vs"].get(self.against)
+        if speedup is None:
+            return "—"
+        value = 1 / speedup if (self.time_ratio or self.at_most is not None) else speedup
+        ok = (self.at_least is None or value >= self.at_least) and (
+            self.at_most is None or value <= self.at_most
+        )
+        bound = self.at_least is not None or self.at_most is not None
+        return f"{value:.2f}" + (f" {'✅' if ok else '❌'}" if bound else "")
+
+
+def targets_summary(
+    title: str, provider: str, shape: dict[str, int], targets: list[Target], memory: bool = False
+) -> Callable[[list[dict]], list[str]]:
+    """An OpBench.summary: one row per dtype with each target's value and verdict, from the
+    records of `provider` at `shape` (ratios measured in the same run). `memory` adds the forward
+    peak memory per row."""
+
+    def summary(records: list[dict]) -> list[str]:
+        mine = {
+            (r["dtype"], r["mode"]): r
+            for r in records
+            if r["provider"] == provider and r["status"] == "ok" and r["shape"] == shape
+        }
+        dtypes = list(dict.fromkeys(dtype for dtype, _ in mine))
+        if not dtypes:
+            return []
+        header = ["dtype", *(t.header for t in targets)] + (["peak MB (fwd)"] if memory else [])
+        lines = [f"## {title}", "", "| " + " | ".join(header) + " |"]
+        lines.append("|" + "---|" * len(header))
+        for dtype in dtypes:
+            cells = [dtype, *(t.cell(mine.get((dtype, t.mode))) for t in targets)]
+            fwd = mine.get((dtype, "fwd"))
+            if memory and fwd is not None and fwd["peak_mem_mb"] is not None:
+                per_row = fwd["peak_mem_mb"] * 2**20 / fwd["shape"]["N"]
+                cells.append(f"{fwd['peak_mem_mb']:.3g} ({per_row:.0f} B/row)")
+            elif memory:
+                cells.append("—")
+            lines.append("| " + " | ".join(cells) + " |")
+        return lines + [""]
+
+    return summary
+
+
 @dataclasses.dataclass
 class OpBench:
     """Everything op-specific about a benchmark; see the module docstring for the conventions."""
@@ -187,7 +244,8 @@ class OpBench:
     baselines: tuple[str, ...] = ("eager", "compile")  # speedup columns of the markdown table
     notes: list[str] = dataclasses.field(default_factory=list)
     extra_versions: dict[str, str] = dataclasses.field(default_factory=dict)
-    summary: Callable[[list[dict]], list[str]] | None = None  # extra markdown after the tables
+    # Markdown sections after the tables, e.g. an issue's targets (`targets_summary`).
+    summaries: list[Callable[[list[dict]], list[str]]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -967,8 +1025,8 @@ def markdown(bench: OpBench, records: list[dict], notes: list[str], meta: dict) 
                         )
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
-    if bench.summary is not None:
-        lines += bench.summary(records)
+    for summary in bench.summaries:
+        lines += summary(records)
     return "\n".join(lines).rstrip() + "\n"
 
 
