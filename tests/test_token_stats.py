@@ -57,6 +57,23 @@ def test_temperature(backend_device, dtype):
     assert n == x[..., 0].numel()
 
 
+def test_many_chunks_per_row(backend_device, small_triton_blocks):
+    """Rows cut into many chunk programs (Triton; small blocks): the merge kernel, with the max
+    and the argmax in late chunks, ties across chunks and -inf runs covering whole chunks."""
+    backend, device = backend_device
+    if backend != "triton":
+        pytest.skip("only the Triton kernels cut rows across programs")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = make_logits(5, 1000, dtype, device=device, seed=25)
+        x[0, 990] = x[0].max() + 4.0  # the argmax in the last chunk
+        x[1, 100:300] = float("-inf")
+        x[2, 40] = x[2, 700] = x[2].max() + 1.0  # a tie across chunks: the first index wins
+        y = make_labels((5,), 1000, device=device, seed=25)
+        check_against_reference(
+            _op(backend), reference.token_stats, (x, y), {"temperature": 0.8}, diff_fields=DIFF
+        )
+
+
 def test_neg_inf_entries(backend_device):
     """-inf logits add exactly 0; a label on a -inf logit has logprob -inf and p_c = 0."""
     backend, device = backend_device

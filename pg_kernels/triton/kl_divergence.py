@@ -26,7 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pg_kernels.triton._common import D_MIN, acc_dtype_of, exp_acc, row_blocking, row_offset
+from pg_kernels.triton._common import (
+    D_MIN,
+    acc_dtype_of,
+    exp_acc,
+    round_to,
+    row_blocking,
+    row_offset,
+)
 from pg_kernels.triton._pair import (
     FINISH_BLOCK_R,
     finalize_kl,
@@ -142,9 +149,9 @@ def _bwd_kernel(
         else:
             grad_x, grad_xr = grad_v, grad_w
         if NEED_X:
-            tl.store(gx_ptr + out + cols, grad_x.to(gx_ptr.dtype.element_ty), mask=in_row)
+            tl.store(gx_ptr + out + cols, round_to(grad_x, gx_ptr.dtype.element_ty), mask=in_row)
         if NEED_XR:
-            tl.store(gxr_ptr + out + cols, grad_xr.to(gxr_ptr.dtype.element_ty), mask=in_row)
+            tl.store(gxr_ptr + out + cols, round_to(grad_xr, gxr_ptr.dtype.element_ty), mask=in_row)
 
 
 def kl_divergence_forward(

@@ -35,6 +35,7 @@ from pg_kernels.triton._common import (
     div_acc,
     exp_acc,
     expm1_acc,
+    round_to,
     row_blocking,
     row_offset,
 )
@@ -171,7 +172,7 @@ def _bwd_kernel(
         grad = -gt * exp_acc(tl.maximum((z - m) - log_s1, D_MIN))
         grad = tl.where(cols == label_col, g_label, grad)
         grad = tl.where(keep, tl.where(ok, grad, nan), 0.0)
-        tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+        tl.store(g_row + cols, round_to(grad, grad_ptr.dtype.element_ty), mask=in_row)
 
 
 def mismatch_stats_forward(

@@ -35,6 +35,7 @@ from pg_kernels.triton._common import (
     exp_acc,
     max_nan,
     per_row_inv_temperature,
+    round_to,
     row_blocking,
     row_offset,
 )
@@ -193,7 +194,7 @@ def _bwd_kernel(
         p = tl.where((z >= threshold) | is_label, exp_acc(z - tl.where(valid, lse_safe, 0.0)), 0.0)
         g = g_tau * (tl.where(is_label, 1.0, 0.0) - p)
         g = tl.where(keep, tl.where(valid, g, float("nan")), 0.0)
-        tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 # ------------------------------------------------------------------------------------------------

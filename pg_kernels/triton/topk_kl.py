@@ -36,6 +36,7 @@ from pg_kernels.triton._common import (
     exp_acc,
     merge_states,
     per_row_inv_temperature,
+    round_to,
     row_blocking,
     row_offset,
 )
@@ -219,7 +220,7 @@ def _bwd_kernel(
             head = g_tau * (q_all * p_j - exp_acc(tl.load(lq_row + j).to(ACC)))
             g = tl.where(cols == idj, head, g)
         g = tl.where(keep, tl.where(valid, g, float("nan")), 0.0)
-        tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+        tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 # ------------------------------------------------------------------------------------------------
