@@ -435,7 +435,7 @@ std::vector<at::Tensor> kl_divergence_backward(
             const SideState<acc_t> p{st[0], st[1]}, q{st[2], st[3]};
             const acc_t kl_r = s_kl[r];
             bool state_ok = true;  // the maxes and log s1 of both sides
-            for (int i = 0; i < 4; ++i) state_ok = state_ok && std::abs(st[i]) < -neg_inf<acc_t>();
+            for (int i = 0; i < 4; ++i) state_ok = state_ok && is_finite(st[i]);
             if (read_label && (*read_label)(r) == ignore_index) {
               fill(gp, 0);
               fill(gq, 0);
@@ -576,14 +576,8 @@ at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Ten
             scalar_t* grad_row = g + r * V;
             const int64_t c = read_label(r);
             const acc_t m = st[2 * r], l = st[2 * r + 1];
-            if (c == ignore_index) {
-              std::fill(grad_row, grad_row + V, scalar_t(0));
-              continue;
-            }
-            if (!(std::abs(m) < -neg_inf<acc_t>() && std::abs(l) < -neg_inf<acc_t>())) {
-              std::fill(grad_row, grad_row + V, scalar_t(quiet_nan<acc_t>()));  // NaN row
-              continue;
-            }
+            const bool nan_row = !(is_finite(m) && is_finite(l));
+            if (fill_skipped_row(grad_row, V, c == ignore_index, nan_row)) continue;
             const scalar_t* xr = x + layout.offset(r);
             const acc_t t = tau(r), gt = up[r] / t;
             const Vec<acc_t> vm(m), vl(l), vneg(-gt), lowest(exp_zero_below<acc_t>());

@@ -102,20 +102,7 @@ inline void check_labels_in_range(const char* op, const at::Tensor& labels, int6
   }
 }
 
-std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::Tensor& labels,
-                                            const std::optional<at::Tensor>& temperature,
-                                            double temperature_scalar, int64_t ignore_index,
-                                            int64_t n_inner, int64_t stride_outer,
-                                            int64_t stride_inner);
-
-at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
-                                const at::Tensor& grad_collision, const at::Tensor& grad_lse,
-                                const at::Tensor& logits, const at::Tensor& labels,
-                                const std::optional<at::Tensor>& temperature,
-                                double temperature_scalar, int64_t ignore_index,
-                                const at::Tensor& lse, const at::Tensor& entropy,
-                                const at::Tensor& collision, int64_t n_inner,
-                                int64_t stride_outer, int64_t stride_inner);
+#include "pg_kernels/token_stats_entry_points.inc"
 
 std::vector<at::Tensor> topk_kl_forward(const at::Tensor& logits, const at::Tensor& topk_ids,
                                         const at::Tensor& topk_logprobs,

@@ -195,14 +195,7 @@ at::Tensor pruned_logprob_backward(const at::Tensor& grad_logprob, const at::Ten
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* grad_row = g + r * V;
         const int64_t c = read_label(r);
-        if (c == ignore_index) {
-          std::fill(grad_row, grad_row + V, scalar_t(0));
-          continue;
-        }
-        if (!(std::abs(s_ls[r]) < -neg_inf<acc_t>())) {  // a NaN row stays NaN
-          std::fill(grad_row, grad_row + V, scalar_t(quiet_nan<acc_t>()));
-          continue;
-        }
+        if (fill_skipped_row(grad_row, V, c == ignore_index, !is_finite(s_ls[r]))) continue;
         backward_row(x + layout.offset(r), V, inv_tau(r), c, s_ls[r], s_th[r], g_lp[r], buf,
                      grad_row);
       }

@@ -205,14 +205,7 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* grad_row = g + r * V;
         const int64_t c = read_label(r);
-        if (c == ignore_index) {
-          std::fill(grad_row, grad_row + V, scalar_t(0));
-          continue;
-        }
-        if (!(std::abs(s_l[r]) < -neg_inf<acc_t>())) {  // a NaN row stays NaN
-          std::fill(grad_row, grad_row + V, scalar_t(quiet_nan<acc_t>()));
-          continue;
-        }
+        if (fill_skipped_row(grad_row, V, c == ignore_index, !is_finite(s_l[r]))) continue;
         const auto coef = token_stats_grad_coef(g_lp[r], g_h[r], g_c[r], g_l[r], s_h[r], s_c[r]);
         backward_row(x + layout.offset(r), V, inv_tau(r), c, s_l[r], coef, g_lp[r], buf, grad_row);
       }

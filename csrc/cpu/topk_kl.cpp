@@ -265,14 +265,8 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
       std::vector<IdSlot> ids;
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* grad_row = g + r * V;
-        if (read_label && (*read_label)(r) == ignore_index) {
-          std::fill(grad_row, grad_row + V, scalar_t(0));
-          continue;
-        }
-        if (!(std::abs(s_lse[r]) < -neg_inf<acc_t>())) {  // a NaN row stays NaN
-          std::fill(grad_row, grad_row + V, scalar_t(quiet_nan<acc_t>()));
-          continue;
-        }
+        const bool ignored = read_label && (*read_label)(r) == ignore_index;
+        if (fill_skipped_row(grad_row, V, ignored, !is_finite(s_lse[r]))) continue;
         sorted_row_ids(read_ids, r, K, V, ids);
         backward_row(x + layout.offset(r), V, inv_tau(r), ids.data(), K, log_q + r * K, s_lse[r],
                      s_tail[r], g_kl[r], buf, grad_row);

@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -123,5 +124,21 @@ struct InvTemperature {
   acc_t scalar_inv;
   acc_t operator()(int64_t r) const { return per_row ? acc_t(1) / per_row[r] : scalar_inv; }
 };
+
+template <typename acc_t>
+inline bool is_finite(acc_t x) {
+  return std::abs(x) < -neg_inf<acc_t>();
+}
+
+// The rows a backward writes without computing them, in one place for every op: an ignored row
+// gets an exactly zero gradient, a row the forward left NaN (its saved normalizer not finite)
+// gets NaN. Returns true when it wrote the row.
+template <typename scalar_t>
+inline bool fill_skipped_row(scalar_t* grad_row, int64_t V, bool ignored, bool nan_row) {
+  if (!ignored && !nan_row) return false;
+  const scalar_t value = ignored ? scalar_t(0) : scalar_t(std::numeric_limits<float>::quiet_NaN());
+  std::fill(grad_row, grad_row + V, value);
+  return true;
+}
 
 }  // namespace pg_kernels::cpu

@@ -12,22 +12,8 @@
 namespace pg_kernels {
 namespace gpu {
 
-// Defined in token_stats.cu (compiled by nvcc). Signatures follow the op schemas in
-// pg_kernels/_library.py (float -> double, int -> int64_t) and match csrc/cpu/ops.h.
-std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::Tensor& labels,
-                                            const std::optional<at::Tensor>& temperature,
-                                            double temperature_scalar, int64_t ignore_index,
-                                            int64_t n_inner, int64_t stride_outer,
-                                            int64_t stride_inner);
-
-at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
-                                const at::Tensor& grad_collision, const at::Tensor& grad_lse,
-                                const at::Tensor& logits, const at::Tensor& labels,
-                                const std::optional<at::Tensor>& temperature,
-                                double temperature_scalar, int64_t ignore_index,
-                                const at::Tensor& lse, const at::Tensor& entropy,
-                                const at::Tensor& collision, int64_t n_inner,
-                                int64_t stride_outer, int64_t stride_inner);
+// Defined in token_stats.cu (compiled by nvcc), declared like the CPU module's.
+#include "pg_kernels/token_stats_entry_points.inc"
 
 }  // namespace gpu
 }  // namespace pg_kernels
