@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `pg_kern
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pg_kernels
-from benchmarks import harness
+from benchmarks import bench_kl_divergence, harness
 from benchmarks.harness import (
     Case,
     CeilingRow,
@@ -35,7 +35,6 @@ from benchmarks.harness import (
     Outputs,
     Provider,
     Skip,
-    Target,
 )
 from pg_kernels import _backend, reference
 from pg_kernels.ops.mismatch_stats import KERNELS
@@ -155,53 +154,6 @@ def _compile(case: Case):
     return lambda inputs: _fields(compiled(*_args(inputs)))
 
 
-def targets(device: torch.device, backends: tuple[str, ...]) -> list:
-    """Issue 4's targets: CPU forward at [1024, 32000]; GPU forward <= 1.1 x two pure reads
-    (amax over logits and over rollout_logits), fwd+bwd <= 1.15 x (those reads + one copy)."""
-    if device.type == "cpu":
-        return [
-            harness.targets_summary(
-                "Targets (issue 4): CPU forward at 1024×32000 (with rollout logits)",
-                "pg_kernels:cpu",
-                {"N": 1024, "V": 32000},
-                [
-                    Target("×eager ≥ 8", "fwd", "eager", at_least=8),
-                    Target("×compile ≥ 1.3", "fwd", "compile", at_least=1.3),
-                    Target(
-                        "ms / ms(2 exp passes)",
-                        "fwd",
-                        "ceiling:exp:logits+exp:rollout_logits",
-                        time_ratio=True,
-                    ),
-                ],
-            )
-        ]
-    return [
-        harness.targets_summary(
-            f"Targets (issue 4): {backend} at 16384×151936 (with rollout logits)",
-            f"pg_kernels:{backend}",
-            {"N": 16384, "V": 151936},
-            [
-                Target(
-                    "fwd / 2 reads ≤ 1.1",
-                    "fwd",
-                    "ceiling:amax:logits+amax:rollout_logits",
-                    at_most=1.1,
-                ),
-                Target(
-                    "fwd+bwd / (2 reads + copy) ≤ 1.15",
-                    "fwd+bwd",
-                    "ceiling:amax:logits+amax:rollout_logits+copy",
-                    at_most=1.15,
-                ),
-                Target("fwd ×eager", "fwd", "eager"),
-                Target("fwd ×compile", "fwd", "compile"),
-            ],
-        )
-        for backend in backends
-    ]
-
-
 def make_bench(device: torch.device) -> OpBench:
     backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
     providers = [_pg_provider(b) for b in backends]
@@ -241,7 +193,9 @@ def make_bench(device: torch.device) -> OpBench:
         ceilings=ceilings,
         ceiling_rows=rows,
         notes=["with rollout_logits: every MismatchStats field, token_kl and token_tv included"],
-        summaries=targets(device, backends),
+        summaries=bench_kl_divergence.targets(
+            device, backends, other="rollout_logits", note=" (with rollout logits)"
+        ),
     )
 
 
