@@ -450,3 +450,37 @@ def test_bad_input_raises_clear_error(case):
     with pytest.raises(exc) as info:
         fn(x, xr, y)
     assert msg in str(info.value), str(info.value)
+
+
+# --- GPU only: sizes CPU CI cannot afford -------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_2_31_elements(bd):
+    """bf16 [16384, 151936] on both sides: row offsets past 2^31 (int64 indexing)."""
+    backend, device = bd
+    if device != "cuda":
+        pytest.skip("a GPU-sized test")
+    n, v = 16384, 151936
+    g = torch.Generator(device=device).manual_seed(31)
+    x = (torch.randn(n, v, generator=g, device=device, dtype=torch.bfloat16) * 3).requires_grad_()
+    xr = torch.randn(n, v, generator=g, device=device, dtype=torch.bfloat16) * 3
+    kl = _op(backend)(x, xr)
+    kl.sum().backward()
+    rows = [0, n // 2, n - 1]
+    xs = x.detach()[rows].double().requires_grad_()
+    ref = reference.kl_divergence(xs, xr[rows].double())
+    ref.sum().backward()
+    torch.testing.assert_close(kl[rows].double(), ref.detach(), rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad[rows].double(), xs.grad, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_gpu_largest_vocab(bd, direction):
+    backend, device = bd
+    if device != "cuda":
+        pytest.skip("a GPU-sized test")
+    for n in (1, 37):
+        x, xr = _pair(n, 262144, torch.bfloat16, device, seed=32)
+        _check(backend, x, xr, direction=direction)

@@ -430,3 +430,40 @@ def test_bad_input_raises_clear_error(case):
     with pytest.raises(exc) as info:
         fn(x, xr, y, lp)
     assert msg in str(info.value), str(info.value)
+
+
+# --- GPU only: sizes CPU CI cannot afford -------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_more_than_2_31_elements(bd):
+    """bf16 [16384, 151936] logits and rollout logits: row offsets past 2^31."""
+    backend, device = bd
+    if device != "cuda":
+        pytest.skip("a GPU-sized test")
+    n, v = 16384, 151936
+    g = torch.Generator(device=device).manual_seed(33)
+    x = torch.randn(n, v, generator=g, device=device, dtype=torch.bfloat16) * 3
+    xr = x + torch.randn(n, v, generator=g, device=device, dtype=torch.bfloat16) * 0.1
+    y = torch.randint(0, v, (n,), generator=g, device=device)
+    lp = torch.randn(n, generator=g, device=device) - 12
+    xg = x.clone().requires_grad_()
+    out = _op(backend)(xg, y, lp, rollout_logits=xr)
+    out.logprob.nan_to_num().sum().backward()
+    rows = [0, 8192, 16383]
+    ref = reference.mismatch_stats(x[rows], y[rows], lp[rows], rollout_logits=xr[rows])
+    for name in ("logprob", "token_kl", "token_tv"):
+        torch.testing.assert_close(
+            getattr(out, name)[rows].double(), getattr(ref, name).double(), rtol=2e-5, atol=1e-5
+        )
+    assert torch.isfinite(xg.grad[rows]).all()
+
+
+@pytest.mark.gpu
+def test_gpu_largest_vocab(bd):
+    backend, device = bd
+    if device != "cuda":
+        pytest.skip("a GPU-sized test")
+    for n in (1, 37):
+        x, xr, y, lp = _inputs(n, 262144, torch.bfloat16, device, seed=34)
+        _check(backend, x, y, lp, rollout_logits=xr)
