@@ -94,7 +94,9 @@ def pair_chunk_kernel(
     bad_w = 0  # NaN / +inf entries of each side: that side is NaN
     bad_v = 0
     start = chunk * CHUNK
-    for off in range(0, CHUNK, BLOCK_V):
+    # Only the steps inside the row run (the last chunk can end early); none for ignored rows.
+    n_cols = tl.where(keep, tl.minimum(V - start, CHUNK), 0)
+    for off in range(0, n_cols, BLOCK_V):
         cols = start + off + tl.arange(0, BLOCK_V)
         mask = (cols < V) & keep
         zw = load_divided(w_row, cols, mask, tau_w, DIVIDE)

@@ -122,7 +122,7 @@ def _bwd_kernel(
     out = row.to(tl.int64) * V  # gradients are fresh contiguous tensors
     nan = tau * 0 + float("nan")
     start = chunk * CHUNK
-    for off in range(0, CHUNK, BLOCK_V):
+    for off in range(0, tl.minimum(V - start, CHUNK), BLOCK_V):  # the last chunk can end early
         cols = start + off + tl.arange(0, BLOCK_V)
         in_row = cols < V
         mask = in_row & compute

@@ -112,7 +112,7 @@ def _tv_chunk_kernel(
     xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
     acc = tl.zeros([BLOCK_V], m_p.dtype)
     start = chunk * CHUNK
-    for off in range(0, CHUNK, BLOCK_V):
+    for off in range(0, tl.where(read, tl.minimum(V - start, CHUNK), 0), BLOCK_V):
         cols = start + off + tl.arange(0, BLOCK_V)
         mask = (cols < V) & read
         z_p = load_divided(x_row, cols, mask, tau, DIVIDE)
@@ -169,7 +169,7 @@ def _bwd_kernel(
     g_row = grad_ptr + row.to(tl.int64) * V  # the gradient is a fresh contiguous tensor
     nan = gt * 0.0 + float("nan")
     start = chunk * CHUNK
-    for off in range(0, CHUNK, BLOCK_V):
+    for off in range(0, tl.minimum(V - start, CHUNK), BLOCK_V):  # the last chunk can end early
         cols = start + off + tl.arange(0, BLOCK_V)
         in_row = cols < V
         z = load_divided(x_row, cols, in_row & compute, tau, DIVIDE)

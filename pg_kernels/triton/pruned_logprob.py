@@ -71,7 +71,7 @@ def _max_chunk_kernel(
     mvec = tl.full([BLOCK_V], float("-inf"), ACC)
     bad = tl.zeros([BLOCK_V], tl.int32)
     start = chunk * CHUNK
-    for off in range(0, CHUNK, BLOCK_V):
+    for off in range(0, tl.where(keep, tl.minimum(V - start, CHUNK), 0), BLOCK_V):
         cols = start + off + tl.arange(0, BLOCK_V)
         z = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC) * inv_tau
         mvec = tl.maximum(mvec, z)
@@ -109,7 +109,7 @@ def _sum_chunk_kernel(
     s_in = tl.zeros([BLOCK_V], ACC)
     s_out = tl.zeros([BLOCK_V], ACC)
     start = chunk * CHUNK
-    for off in range(0, CHUNK, BLOCK_V):
+    for off in range(0, tl.where(valid, tl.minimum(V - start, CHUNK), 0), BLOCK_V):
         cols = start + off + tl.arange(0, BLOCK_V)
         z = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC) * inv_tau
         e = exp_acc(z - m_ref)
@@ -186,7 +186,7 @@ def _bwd_kernel(
     grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
     n_read = tl.where(keep & valid, V, 0)  # ignored and NaN rows read no logits
     start = chunk * CHUNK
-    for off in range(0, CHUNK, BLOCK_V):
+    for off in range(0, tl.minimum(V - start, CHUNK), BLOCK_V):  # the last chunk can end early
         cols = start + off + tl.arange(0, BLOCK_V)
         z = tl.load(x_row + cols, mask=cols < n_read, other=float("-inf")).to(ACC) * inv_tau
         is_label = cols == label

@@ -78,7 +78,7 @@ def _tail_chunk_kernel(
     m_tail = tl.full([], float("-inf"), ACC)
     bad = tl.zeros([BLOCK_V], tl.int32)
     end = tl.where(ok, V, 0)  # ignored rows (and rows with bad ids) read nothing
-    for off in range(0, CHUNK, BLOCK_V):
+    for off in range(0, tl.minimum(end - chunk * CHUNK, CHUNK), BLOCK_V):
         start = chunk * CHUNK + off
         cols = start + lanes
         z = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC) * inv_tau
@@ -205,7 +205,7 @@ def _bwd_kernel(
 
     lanes = tl.arange(0, BLOCK_V)
     n_read = tl.where(valid, V, 0)
-    for step in range(0, CHUNK, BLOCK_V):
+    for step in range(0, tl.minimum(V - chunk * CHUNK, CHUNK), BLOCK_V):  # the last can end early
         start = chunk * CHUNK + step
         cols = start + lanes
         z = tl.load(x_row + cols, mask=cols < n_read, other=float("-inf")).to(ACC) * inv_tau
