@@ -9,8 +9,9 @@ Device helpers (`@triton.jit`, inlined into the kernels that call them):
   inv_temperature     1 / tau per row (tensor) or from the launcher's scalar
   round_to            the one rounding of a result to the output dtype (nearest even)
 
-Host helpers: `acc_dtype_of`, `scalar_inv_temperature_bits`, `per_row_inv_temperature` and
-`RowBlocking` (how a row of V elements is cut into loop steps and per-program chunks, as a
+Host helpers: `acc_dtype_of`, `scalar_inv_temperature_bits`, `per_row_inv_temperature` (1 / tau
+per row, for kernels that multiply), `per_row_temperature` (tau per row, for those that divide)
+and `RowBlocking` (how a row of V elements is cut into loop steps and per-program chunks, as a
 function of V and dtype only).
 Everything here mirrors csrc/include/pg_kernels/softmax_stats.h: the same formulas, the same
 edge cases (an empty state has m = -inf and zero sums; it is the identity of the merge).
@@ -236,3 +237,12 @@ def per_row_inv_temperature(
     else:
         inv = 1.0 / t
     return torch.full((n,), inv, dtype=acc, device=device)
+
+
+def per_row_temperature(
+    t: torch.Tensor | None, scalar: float, n: int, acc: torch.dtype, device
+) -> torch.Tensor:
+    """A per-row temperature tensor: the given one, or N copies of the scalar (one code path)."""
+    if t is not None:
+        return t.contiguous()
+    return torch.full((n,), scalar, dtype=acc, device=device)

@@ -195,15 +195,6 @@ def pair_partials(
     return part
 
 
-def per_row_temperature(
-    t: torch.Tensor | None, scalar: float, n: int, acc: torch.dtype, device
-) -> torch.Tensor:
-    """A per-row temperature tensor: the given one, or N copies of the scalar (one code path)."""
-    if t is not None:
-        return t.contiguous()
-    return torch.full((n,), scalar, dtype=acc, device=device)
-
-
 def needs_division(temperature, temperature_scalar, other_temperature, other_scalar) -> bool:
     """False only when both temperatures are the scalar 1: then z = x and no division runs."""
     return not (

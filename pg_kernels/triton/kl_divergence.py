@@ -30,6 +30,7 @@ from pg_kernels.triton._common import (
     D_MIN,
     acc_dtype_of,
     exp_acc,
+    per_row_temperature,
     round_to,
     row_blocking,
     row_offset,
@@ -41,7 +42,6 @@ from pg_kernels.triton._pair import (
     merge_row,
     needs_division,
     pair_partials,
-    per_row_temperature,
     side_is_valid,
 )
 

@@ -40,6 +40,7 @@ from pg_kernels.triton._common import (
     div_acc,
     exp_acc,
     expm1_acc,
+    per_row_temperature,
     round_to,
     row_blocking,
     row_offset,
@@ -51,7 +52,6 @@ from pg_kernels.triton._pair import (
     merge_row,
     needs_division,
     pair_partials,
-    per_row_temperature,
     side_is_valid,
 )
 
