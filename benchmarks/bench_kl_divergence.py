@@ -1,7 +1,7 @@
 """Benchmark of pg_kernels.kl_divergence: shapes, providers, bytes moved. No timing code here.
 
     python benchmarks/bench_kl_divergence.py [--device cpu|cuda] [--quick] [--shapes NxV ...]
-        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--out benchmarks/results]
+        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/results]
 
 Direction "reverse" (KL(p || q), on-policy imitation against a frozen teacher): the backward
 modes differentiate loss = sum(w * kl) with random per-row weights w.r.t. the logits only.
@@ -17,6 +17,7 @@ Bytes moved (the minimum an ideal kernel moves), s = the logits' itemsize:
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -43,7 +44,6 @@ from pg_kernels.ops.kl_divergence import KERNELS
 OP = "kl_divergence"
 DIMS = ("N", "V")
 DIRECTION = "reverse"
-TEMPERATURE = 1.0
 LOGIT_STD = 2.0
 TEACHER_NOISE = 0.5  # the reference is a perturbation of the logits: KL ~ 0.1 nats, realistic
 
@@ -85,9 +85,9 @@ def bytes_moved(case: Case) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
 
 
-def truth(inputs: Inputs) -> Outputs:
+def truth(inputs: Inputs, temperature: float = 1.0) -> Outputs:
     kl = reference.kl_divergence(
-        inputs["logits"], inputs["ref_logits"], direction=DIRECTION, temperature=TEMPERATURE,
+        inputs["logits"], inputs["ref_logits"], direction=DIRECTION, temperature=temperature,
         upcast=True,
     )  # fmt: skip
     return {"kl": kl}
@@ -105,13 +105,13 @@ def tolerance_floor(case: Case, field: str) -> float:
     return 1e-5
 
 
-def _ref_fn(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+def _ref_fn(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return reference.kl_divergence(
-        logits, ref_logits, direction=DIRECTION, temperature=TEMPERATURE, upcast=False
+        logits, ref_logits, direction=DIRECTION, temperature=temperature, upcast=False
     )
 
 
-def _pg_provider(backend: str) -> Provider:
+def _pg_provider(backend: str, temperature: float) -> Provider:
     def build(case: Case):
         why = _backend.unavailable_reason(backend, case.device)
         if why is None and backend not in KERNELS:
@@ -122,7 +122,7 @@ def _pg_provider(backend: str) -> Provider:
         def fn(inputs: Inputs) -> Outputs:
             kl = pg_kernels.kl_divergence(
                 inputs["logits"], inputs["ref_logits"], direction=DIRECTION,
-                temperature=TEMPERATURE, backend=backend,
+                temperature=temperature, backend=backend,
             )  # fmt: skip
             return {"kl": kl}
 
@@ -131,15 +131,14 @@ def _pg_provider(backend: str) -> Provider:
     return Provider(f"pg_kernels:{backend}", build)
 
 
-def _eager(case: Case):
-    return lambda inputs: {"kl": _ref_fn(inputs["logits"], inputs["ref_logits"])}
+def _eager(case: Case, temperature: float):
+    return lambda inputs: {"kl": _ref_fn(inputs["logits"], inputs["ref_logits"], temperature)}
 
 
-def _compile(case: Case):
-    compiled = harness.compile_once(
-        _ref_fn, (OP, case.device.type, case.dtype, tuple(case.shape.items()))
-    )
-    return lambda inputs: {"kl": compiled(inputs["logits"], inputs["ref_logits"])}
+def _compile(case: Case, temperature: float):
+    key = (OP, case.device.type, case.dtype, tuple(case.shape.items()), temperature)
+    compiled = harness.compile_once(_ref_fn, key)
+    return lambda inputs: {"kl": compiled(inputs["logits"], inputs["ref_logits"], temperature)}
 
 
 def targets(
@@ -185,10 +184,13 @@ def targets(
     ]
 
 
-def make_bench(device: torch.device) -> OpBench:
+def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
-    providers = [_pg_provider(b) for b in backends]
-    providers += [Provider("eager", _eager), Provider("compile", _compile)]
+    providers = [_pg_provider(b, temperature) for b in backends]
+    providers += [
+        Provider("eager", functools.partial(_eager, temperature=temperature)),
+        Provider("compile", functools.partial(_compile, temperature=temperature)),
+    ]
     ceilings = {
         "amax:logits": harness.amax_ceiling("logits"),
         "amax:ref_logits": harness.amax_ceiling("ref_logits"),
@@ -221,7 +223,7 @@ def make_bench(device: torch.device) -> OpBench:
         grad_inputs=("logits",),
         loss=loss,
         bytes_moved=bytes_moved,
-        truth=truth,
+        truth=functools.partial(truth, temperature=temperature),
         check_fields=("kl",),
         check_rows=check_rows,
         tolerance_floor=tolerance_floor,

@@ -1,7 +1,7 @@
 """Benchmark of pg_kernels.mismatch_stats with rollout logits (exact token KL and TV).
 
     python benchmarks/bench_mismatch_stats.py [--device cpu|cuda] [--quick] [--shapes NxV ...]
-        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--out benchmarks/results]
+        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/results]
 
 Every field of MismatchStats is computed: logprob, the sampled estimators against the rollout
 engine's log-probs, and token_kl = KL(pi_roll || pi_theta), token_tv = 1/2 sum |p - q| from the
@@ -17,6 +17,7 @@ Bytes moved (minimum), s = the logits' itemsize:
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -97,11 +98,11 @@ def _fields(out) -> Outputs:
     return {k: v for k, v in out._asdict().items() if isinstance(v, torch.Tensor)}
 
 
-def truth(inputs: Inputs) -> Outputs:
+def truth(inputs: Inputs, temperature: float = 1.0) -> Outputs:
     return _fields(
         reference.mismatch_stats(
             inputs["logits"], inputs["labels"], inputs["rollout_logprobs"],
-            rollout_logits=inputs["rollout_logits"], upcast=True,
+            rollout_logits=inputs["rollout_logits"], temperature=temperature, upcast=True,
         )
     )  # fmt: skip
 
@@ -116,17 +117,18 @@ def tolerance_floor(case: Case, field: str) -> float:
     return 1e-5
 
 
-def _ref_fn(logits, labels, rollout_logprobs, rollout_logits):
+def _ref_fn(logits, labels, rollout_logprobs, rollout_logits, temperature):
     return reference.mismatch_stats(
-        logits, labels, rollout_logprobs, rollout_logits=rollout_logits, upcast=False
-    )
+        logits, labels, rollout_logprobs, rollout_logits=rollout_logits,
+        temperature=temperature, upcast=False,
+    )  # fmt: skip
 
 
 def _args(inputs: Inputs):
     return inputs["logits"], inputs["labels"], inputs["rollout_logprobs"], inputs["rollout_logits"]
 
 
-def _pg_provider(backend: str) -> Provider:
+def _pg_provider(backend: str, temperature: float) -> Provider:
     def build(case: Case):
         why = _backend.unavailable_reason(backend, case.device)
         if why is None and backend not in KERNELS:
@@ -136,28 +138,34 @@ def _pg_provider(backend: str) -> Provider:
 
         def fn(inputs: Inputs) -> Outputs:
             x, y, lp, xr = _args(inputs)
-            return _fields(pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr, backend=backend))
+            return _fields(
+                pg_kernels.mismatch_stats(
+                    x, y, lp, rollout_logits=xr, temperature=temperature, backend=backend
+                )
+            )
 
         return fn
 
     return Provider(f"pg_kernels:{backend}", build)
 
 
-def _eager(case: Case):
-    return lambda inputs: _fields(_ref_fn(*_args(inputs)))
+def _eager(case: Case, temperature: float):
+    return lambda inputs: _fields(_ref_fn(*_args(inputs), temperature))
 
 
-def _compile(case: Case):
-    compiled = harness.compile_once(
-        _ref_fn, (OP, case.device.type, case.dtype, tuple(case.shape.items()))
-    )
-    return lambda inputs: _fields(compiled(*_args(inputs)))
+def _compile(case: Case, temperature: float):
+    key = (OP, case.device.type, case.dtype, tuple(case.shape.items()), temperature)
+    compiled = harness.compile_once(_ref_fn, key)
+    return lambda inputs: _fields(compiled(*_args(inputs), temperature))
 
 
-def make_bench(device: torch.device) -> OpBench:
+def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
-    providers = [_pg_provider(b) for b in backends]
-    providers += [Provider("eager", _eager), Provider("compile", _compile)]
+    providers = [_pg_provider(b, temperature) for b in backends]
+    providers += [
+        Provider("eager", functools.partial(_eager, temperature=temperature)),
+        Provider("compile", functools.partial(_compile, temperature=temperature)),
+    ]
     ceilings = {
         "amax:logits": harness.amax_ceiling("logits"),
         "amax:rollout_logits": harness.amax_ceiling("rollout_logits"),
@@ -185,7 +193,7 @@ def make_bench(device: torch.device) -> OpBench:
         grad_inputs=("logits",),
         loss=loss,
         bytes_moved=bytes_moved,
-        truth=truth,
+        truth=functools.partial(truth, temperature=temperature),
         check_fields=CHECK_FIELDS,
         check_rows=check_rows,
         tolerance_floor=tolerance_floor,

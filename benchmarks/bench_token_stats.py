@@ -1,7 +1,7 @@
 """Benchmark of pg_kernels.token_stats: shapes, providers, bytes moved. No timing code here.
 
     python benchmarks/bench_token_stats.py [--device cpu|cuda] [--quick] [--shapes NxV ...]
-        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--out benchmarks/results]
+        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/results]
 
 Providers: pg_kernels on every backend this device can run (cpu; triton and cuda on a GPU),
 the eager reference (`reference.token_stats(..., upcast=False)`, what a plain PyTorch trainer
@@ -18,6 +18,7 @@ Bytes moved (the minimum an ideal kernel moves), s = logits' itemsize:
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +48,6 @@ DIMS = ("N", "V")
 LOSS_FIELDS = ("logprob", "entropy", "collision")
 CHECK_FIELDS = ("logprob", "entropy", "collision", "lgp", "lse", "max_prob")
 IGNORE_INDEX = -100
-TEMPERATURE = 1.0
 LOGIT_STD = 2.0  # peaked enough to look like a language model's logits, never all equal
 # label in; logprob, entropy, collision, lgp, lse, max_prob (fp32) and argmax (int64) out
 ROW_BYTES_FWD = 8 + 6 * 4 + 8
@@ -101,10 +101,10 @@ def bytes_moved(case: Case) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
 
 
-def truth(inputs: Inputs) -> Outputs:
+def truth(inputs: Inputs, temperature: float = 1.0) -> Outputs:
     """The float64 reference (the inputs arrive already upcast)."""
     out = reference.token_stats(
-        inputs["logits"], inputs["labels"], temperature=TEMPERATURE,
+        inputs["logits"], inputs["labels"], temperature=temperature,
         ignore_index=IGNORE_INDEX, upcast=True,
     )  # fmt: skip
     return out._asdict()
@@ -130,13 +130,15 @@ def tolerance_floor(case: Case, field: str) -> float:
 # ----------------------------------------------------------------------------- providers
 
 
-def _ref_fn(logits: torch.Tensor, labels: torch.Tensor) -> pg_kernels.TokenStats:
+def _ref_fn(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> pg_kernels.TokenStats:
     return reference.token_stats(
-        logits, labels, temperature=TEMPERATURE, ignore_index=IGNORE_INDEX, upcast=False
+        logits, labels, temperature=temperature, ignore_index=IGNORE_INDEX, upcast=False
     )
 
 
-def _pg_provider(backend: str) -> Provider:
+def _pg_provider(backend: str, temperature: float) -> Provider:
     def build(case: Case) -> Callable[[Inputs], Outputs]:
         why = _backend.unavailable_reason(backend, case.device)
         if why is not None:
@@ -144,7 +146,7 @@ def _pg_provider(backend: str) -> Provider:
 
         def fn(inputs: Inputs) -> Outputs:
             return pg_kernels.token_stats(
-                inputs["logits"], inputs["labels"], temperature=TEMPERATURE,
+                inputs["logits"], inputs["labels"], temperature=temperature,
                 ignore_index=IGNORE_INDEX, backend=backend,
             )._asdict()  # fmt: skip
 
@@ -153,20 +155,27 @@ def _pg_provider(backend: str) -> Provider:
     return Provider(f"pg_kernels:{backend}", build)
 
 
-def _eager(case: Case) -> Callable[[Inputs], Outputs]:
-    return lambda inputs: _ref_fn(inputs["logits"], inputs["labels"])._asdict()
+def _eager(temperature: float) -> Provider:
+    def build(case: Case) -> Callable[[Inputs], Outputs]:
+        return lambda inputs: _ref_fn(inputs["logits"], inputs["labels"], temperature)._asdict()
+
+    return Provider("eager", build)
 
 
-def _compile(case: Case) -> Callable[[Inputs], Outputs]:
-    compiled = harness.compile_once(
-        _ref_fn, (case.device.type, case.dtype, tuple(case.shape.items()))
-    )
-    return lambda inputs: compiled(inputs["logits"], inputs["labels"])._asdict()
+def _compile(temperature: float) -> Provider:
+    def build(case: Case) -> Callable[[Inputs], Outputs]:
+        key = (case.device.type, case.dtype, tuple(case.shape.items()), temperature)
+        compiled = harness.compile_once(_ref_fn, key)
+        return lambda inputs: compiled(inputs["logits"], inputs["labels"], temperature)._asdict()
+
+    return Provider("compile", build)
 
 
-def _liger(case: Case) -> Callable[[Inputs], Outputs]:
+def _liger(case: Case, temperature: float = 1.0) -> Callable[[Inputs], Outputs]:
     if case.device.type != "cuda":
         raise Skip("Liger-Kernel needs CUDA tensors")
+    if temperature != 1.0:
+        raise Skip("Liger-Kernel's cross entropy takes no temperature")
     try:
         from liger_kernel.transformers.functional import liger_cross_entropy
     except ImportError as e:
@@ -183,9 +192,11 @@ def _liger(case: Case) -> Callable[[Inputs], Outputs]:
     return fn
 
 
-def _flash(case: Case) -> Callable[[Inputs], Outputs]:
+def _flash(case: Case, temperature: float = 1.0) -> Callable[[Inputs], Outputs]:
     if case.device.type != "cuda":
         raise Skip("flash-attention's cross entropy needs CUDA tensors")
+    if temperature != 1.0:
+        raise Skip("flash-attention's cross entropy takes no temperature")
     try:
         from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
     except ImportError as e:
@@ -250,22 +261,22 @@ def gpu_targets(backend: str):
 # ----------------------------------------------------------------------------- declaration
 
 
-def make_bench(device: torch.device) -> OpBench:
+def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     providers: list[Provider] = []
     notes: list[str] = []
     backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
     for b in backends:
-        providers.append(_pg_provider(b))
+        providers.append(_pg_provider(b, temperature))
     if device.type == "cpu":
         notes.append(
             "pg_kernels:triton not timed on CPU: the Triton interpreter is not a performance path"
         )
     providers += [
-        Provider("eager", _eager),
-        Provider("compile", _compile),
+        _eager(temperature),
+        _compile(temperature),
         # Liger writes the gradient into the logits during its forward: give it its own copies.
-        Provider("liger", _liger, mutates_inputs=True),
-        Provider("flash_attn", _flash),
+        Provider("liger", functools.partial(_liger, temperature=temperature), mutates_inputs=True),
+        Provider("flash_attn", functools.partial(_flash, temperature=temperature)),
     ]
     ceilings = {"amax": _amax(), "copy": harness.copy_ceiling()}
     rows: dict[str, list[CeilingRow]] = {
@@ -294,7 +305,7 @@ def make_bench(device: torch.device) -> OpBench:
         grad_inputs=("logits",),
         loss=loss,
         bytes_moved=bytes_moved,
-        truth=truth,
+        truth=functools.partial(truth, temperature=temperature),
         check_fields=CHECK_FIELDS,
         check_rows=check_rows,
         tolerance_floor=tolerance_floor,

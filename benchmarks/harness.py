@@ -961,6 +961,7 @@ def markdown(bench: OpBench, records: list[dict], notes: list[str], meta: dict) 
         f"- date: {meta['date']} · runtime {meta['runtime_s']:.0f} s · git {meta['git_sha']}"
         + (" (tracked files outside benchmarks/ modified)" if meta.get("git_dirty") else ""),
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
+        f"- temperature: {meta.get('temperature', 1.0):g}",
     ]
     if meta.get("torch_threads"):
         lines.append(f"- torch threads: {meta['torch_threads']}")
@@ -1127,7 +1128,7 @@ def parse_shape(text: str, dims: tuple[str, ...]) -> dict[str, int]:
 
 
 def main(
-    make_bench: Callable[[torch.device], OpBench],
+    make_bench: Callable[[torch.device, float], OpBench],
     default_shapes: Callable[[torch.device, bool], list[dict[str, int]]],
     shape_dims: tuple[str, ...],
     op: str,
@@ -1148,6 +1149,11 @@ def main(
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
+        "--temperature", type=float, default=1.0, metavar="T",
+        help="softmax temperature of every provider (default 1; another value runs the "
+        "kernels' division path and adds _t<T> to the file names)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-wait", type=float, default=None, metavar="S",
         help="CPU: seconds a sweep may spend waiting for a quiet machine and re-timing "
         "(default 900, 60 with --quick; 0 times at once)",
@@ -1162,7 +1168,9 @@ def main(
         if args.shapes
         else default_shapes(device, args.quick)
     )
-    bench = make_bench(device)
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        parser.error(f"--temperature must be finite and > 0, got {args.temperature}")
+    bench = make_bench(device, args.temperature)
     cases = [
         Case(op, mode, DTYPES[dt], shape, device)
         for dt in args.dtypes
@@ -1183,12 +1191,15 @@ def main(
         else " ".join(argv),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "runtime_s": runtime,
+        "temperature": args.temperature,
         "timing": policy,
         **env,
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
+    if args.temperature != 1.0:
+        tag = "_".join(t for t in (tag, f"t{args.temperature:g}") if t)
     stem = f"{op}_{device_kind(device)}" + (f"_{tag}" if tag else "")
     md = markdown(bench, records, notes, meta)
     (out_dir / f"{stem}.md").write_text(md)
