@@ -4,26 +4,32 @@
 #      every kernel for every dtype) for sm_80 and sm_90 with the extension's flags; nvcc, host
 #      compiler and ptxas warnings are errors, and a hot kernel (partial / backward) that spills
 #      registers fails the check. Then builds and runs the host-side test (csrc/cuda/check/host_test.cu).
-#   2. Link check (PG_KERNELS_CUDA_LINK_CHECK=1, the default): builds the real extension
-#      pg_kernels._C_cuda against a CUDA build of torch (torch==2.14.1) in a second venv, in a copy
-#      of the repo (the CPU venv's in-tree _C.so and ./build stay untouched), checks that setup.py
-#      printed "CUDA extension ON", that pg_kernels/_C_cuda*.so exists, that it leaves none of our
-#      own symbols undefined, and that it imports and rejects CPU tensors with our message.
-# This catches compile and link errors, not ABI mismatches with a GPU machine's torch.
+#   2. Link check (PG_KERNELS_CUDA_LINK_CHECK=1, the default), once per target torch: builds both
+#      extensions (pg_kernels._C and _C_cuda) with .ci/build_ext.sh, the very command the GPU
+#      machine's script (benchmarks/gpu_check.sh) runs, sm_90 only, against a CUDA build of torch
+#      in a cached venv, in a copy of the repo (the CPU venv's in-tree _C.so and ./build stay
+#      untouched); checks that setup.py printed "CUDA extension ON", that both .so exist, that
+#      _C_cuda leaves none of our own symbols undefined, and that the package loads both and the
+#      CUDA one rejects CPU tensors with our message. Targets:
+#        torch==2.14.1 (CUDA), $PYTHON                        venv /tmp/pgk-cuda-venv
+#        torch==2.11.0 (CUDA 13.0), Python 3.12 where found    venv /tmp/pgk-cuda-venv-2.11
+#      The second is the GPU machine's stack (torch 2.11.0+cu130 under Python 3.12): a build that
+#      fails there loses the GPU slot. Python 3.12 is python3.12 on PATH, else pyenv's
+#      ($PYENV_ROOT/versions/3.12*); without one that venv uses $PYTHON (other headers).
+# This catches compile and link errors, not run-time behaviour on a GPU.
 #
 # Environment:
 #   CUDA_HOME                      toolkit root (default: asked from nvcc, which may be a wrapper)
 #   PG_KERNELS_CUDA_LINK_CHECK     1 (default) | 0
-#   PG_KERNELS_CUDA_VENV           venv with CUDA torch (default /tmp/pgk-cuda-venv; reused when it
-#                                  already holds torch 2.14.1 with CUDA, else (re)created)
-#   PG_KERNELS_CUDA_TORCH          torch requirement for that venv (default torch==2.14.1)
-#   PYTHON                         interpreter that creates the venv (default python3)
+#   PG_KERNELS_CUDA_TORCH          one torch requirement instead of the two targets (e.g.
+#                                  torch==2.15.0), in PG_KERNELS_CUDA_VENV (default
+#                                  /tmp/pgk-cuda-venv-custom)
+#   PYTHON                         interpreter of the first target's venv (default python3)
+# A venv is reused when it already holds the wanted torch with CUDA, else (re)created (~5 GB).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LINK_CHECK="${PG_KERNELS_CUDA_LINK_CHECK:-1}"
-VENV="${PG_KERNELS_CUDA_VENV:-/tmp/pgk-cuda-venv}"
-TORCH_REQ="${PG_KERNELS_CUDA_TORCH:-torch==2.14.1}"
 PYTHON="${PYTHON:-python3}"
 ARCHS=(80 90)
 
@@ -90,77 +96,96 @@ if [[ "$LINK_CHECK" != "1" ]]; then
   exit 0
 fi
 
-# ---- 2. link check against a CUDA build of torch ---------------------------------------------
-t0=$(now)
-venv_ok() {
-  [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" - "$TORCH_REQ" <<'EOF' 2>/dev/null
+# ---- 2. link check against CUDA builds of torch ----------------------------------------------
+python312() {  # an interpreter of Python 3.12 (the GPU machine's), or nothing
+  local p
+  for p in "$(command -v python3.12 || true)" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+    if [[ -n "$p" && -x "$p" ]] &&
+       "$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      echo "$p"
+      return
+    fi
+  done
+}
+
+venv_ok() {  # VENV TORCH_REQ: the venv holds that torch, a CUDA build, and setuptools
+  [[ -x "$1/bin/python" ]] && "$1/bin/python" - "$2" <<'EOF' 2>/dev/null
 import sys, torch, setuptools  # noqa: F401
 want = sys.argv[1].split("==")[-1]
 ok = torch.version.cuda is not None and torch.__version__.split("+")[0] == want
 sys.exit(0 if ok else 1)
 EOF
 }
-if venv_ok; then
-  log "reusing $VENV ($("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"
-else
-  rm -rf "$VENV"
-  "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_REQ" setuptools ninja \
-    numpy > "$WORK/venv.log" 2>&1 || { tail -n 30 "$WORK/venv.log"; die "pip install $TORCH_REQ"; }
-  venv_ok || die "$VENV does not hold a CUDA build of $TORCH_REQ"
-  log "created $VENV with $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') in $(elapsed "$t0")"
-fi
-log "venv disk use: $(du -sh "$VENV" | cut -f1)"
 
 # A copy of the sources (tracked and untracked-but-not-ignored files): no .venv, build/ or .so.
-t0=$(now)
-SRC="$WORK/src"
-mkdir -p "$SRC"
-if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-  (cd "$REPO" && git ls-files -z --cached --others --exclude-standard |
-     xargs -0 -I{} sh -c 'test -e "{}" && printf "%s\0" "{}"' |
-     tar --null -T - -cf -) | tar -xf - -C "$SRC"
-else
-  tar -C "$REPO" --exclude='./.venv*' --exclude='./build' --exclude='*.so' --exclude='*.egg-info' \
-    -cf - . | tar -xf - -C "$SRC"
-fi
-log "copied sources to $SRC in $(elapsed "$t0")"
-
-t0=$(now)
-(cd "$SRC" && TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" PG_KERNELS_BUILD_CUDA=1 \
-   "$VENV/bin/python" -m pip install -v --no-build-isolation --no-deps --disable-pip-version-check \
-   -e . > "$WORK/build.log" 2>&1) || {
-  grep -nE "error|Error" "$WORK/build.log" | head -n 40
-  tail -n 30 "$WORK/build.log"
-  die "extension build"
+copy_sources() {
+  mkdir -p "$1"
+  if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$REPO" && git ls-files -z --cached --others --exclude-standard |
+       xargs -0 -I{} sh -c 'test -e "{}" && printf "%s\0" "{}"' |
+       tar --null -T - -cf -) | tar -xf - -C "$1"
+  else
+    tar -C "$REPO" --exclude='./.venv*' --exclude='./build' --exclude='*.so' --exclude='*.egg-info' \
+      -cf - . | tar -xf - -C "$1"
+  fi
 }
-grep -q "pg_kernels setup: CUDA extension ON" "$WORK/build.log" || {
-  grep "pg_kernels setup" "$WORK/build.log" || true
-  die "setup.py did not turn the CUDA extension on"
-}
-log "$(grep -m1 'pg_kernels setup: CUDA extension' "$WORK/build.log")"
-so=$(ls "$SRC"/pg_kernels/_C_cuda*.so 2>/dev/null | head -n1)
-[[ -n "$so" ]] || { tail -n 40 "$WORK/build.log"; die "pg_kernels/_C_cuda*.so was not produced"; }
-log "built $(basename "$so") ($(du -h "$so" | cut -f1)) in $(elapsed "$t0")"
-# Warnings located in our CUDA sources or the shared header fail the check (torch's own headers
-# warn about their pragmas: not ours to fix; the CPU sources are checked by the CPU build).
-# (gcc: "file:line:col: warning", nvcc's front end: "file(line): warning").
-ours="$(grep -E "^$SRC/csrc/(cuda|include)/[^:(]+(:[0-9]+(:[0-9]+)?|\([0-9]+\)): warning" \
-          "$WORK/build.log" || true)"
-[[ -z "$ours" ]] || { echo "$ours" | head -n 20; die "compiler warnings in csrc/cuda or csrc/include"; }
 
-# Our own symbols must all be defined in the module (a signature mismatch between module.cpp and
-# token_stats.cu would otherwise surface only at import time on a GPU machine).
-undefined=$(nm -D --undefined-only "$so" | c++filt | grep -E "pg_kernels" || true)
-[[ -z "$undefined" ]] || { echo "$undefined"; die "undefined pg_kernels symbols in $so"; }
+link_check() {  # TORCH_REQ PYTHON VENV
+  local req="$1" py="$2" venv="$3" tag t0 src blog so undefined ours
+  tag="$(echo "$req" | tr -c 'A-Za-z0-9.\n' '_')"
+  log "== link check: $req, Python $("$py" -c 'import platform; print(platform.python_version())'), $venv"
+  t0=$(now)
+  if venv_ok "$venv" "$req"; then
+    log "reusing $venv ($("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"
+  else
+    [[ "$(df -Pk "$(dirname "$venv")" | awk 'NR == 2 { print $4 }')" -gt $((8 << 20)) ]] ||
+      die "less than 8 GiB free under $(dirname "$venv") for the $req venv (~5 GB)"
+    rm -rf "$venv"
+    "$py" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "$req" setuptools ninja \
+      numpy > "$WORK/venv_$tag.log" 2>&1 || { tail -n 30 "$WORK/venv_$tag.log"; die "pip install $req"; }
+    venv_ok "$venv" "$req" || die "$venv does not hold a CUDA build of $req"
+    log "created $venv with $("$venv/bin/python" -c 'import torch; print(torch.__version__)') in $(elapsed "$t0")"
+  fi
+  log "venv disk use: $(du -sh "$venv" | cut -f1)"
 
-# Import the module on its own (no GPU needed) and check that it rejects CPU tensors.
-"$VENV/bin/python" - "$so" <<'EOF' || die "import / call check"
-import importlib.util, sys
+  src="$WORK/src_$tag"
+  copy_sources "$src"
+  blog="$WORK/build_$tag.log"
+  t0=$(now)
+  PG_KERNELS_BUILD_CUDA=1 bash "$REPO/.ci/build_ext.sh" "$venv/bin/python" "$src" > "$blog" 2>&1 || {
+    grep -nE "error|Error" "$blog" | head -n 40
+    tail -n 30 "$blog"
+    die "extension build against $req"
+  }
+  grep -q "pg_kernels setup: CUDA extension ON" "$blog" || {
+    grep "pg_kernels setup" "$blog" || true
+    die "setup.py did not turn the CUDA extension on ($req)"
+  }
+  log "$(grep -m1 'pg_kernels setup: CUDA extension' "$blog")"
+  so=$(ls "$src"/pg_kernels/_C_cuda*.so 2>/dev/null | head -n1)
+  [[ -n "$so" ]] || { tail -n 40 "$blog"; die "pg_kernels/_C_cuda*.so was not produced ($req)"; }
+  log "built $(cd "$src/pg_kernels" && ls _C*.so | tr '\n' ' ')(CUDA $(du -h "$so" | cut -f1)) in $(elapsed "$t0")"
+  # Warnings located in our CUDA sources or the shared header fail the check (torch's own headers
+  # warn about their pragmas: not ours to fix; the CPU sources are checked by the CPU build).
+  # (gcc: "file:line:col: warning", nvcc's front end: "file(line): warning").
+  ours="$(grep -E "^$src/csrc/(cuda|include)/[^:(]+(:[0-9]+(:[0-9]+)?|\([0-9]+\)): warning" \
+            "$blog" || true)"
+  [[ -z "$ours" ]] || { echo "$ours" | head -n 20; die "compiler warnings in csrc/cuda or csrc/include ($req)"; }
+
+  # Our own symbols must all be defined in the module (a signature mismatch between module.cpp and
+  # token_stats.cu would otherwise surface only at import time on a GPU machine).
+  undefined=$(nm -D --undefined-only "$so" | c++filt | grep -E "pg_kernels" || true)
+  [[ -z "$undefined" ]] || { echo "$undefined"; die "undefined pg_kernels symbols in $so"; }
+
+  # Import both modules the way the package does (no GPU needed) and check that the CUDA one
+  # rejects CPU tensors.
+  (cd "$src" && "$venv/bin/python" - <<'EOF') || die "import / call check ($req)"
 import torch
-spec = importlib.util.spec_from_file_location("_C_cuda", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mod)
+from pg_kernels import _backend
+assert _backend.cpu_extension() is not None, _backend.unavailable_reason("cpu", torch.device("cpu"))
+mod = _backend.cuda_extension()
+assert mod is not None, _backend.unavailable_reason("cuda", torch.device("cuda"))
 x = torch.randn(2, 8)
 y = torch.zeros(2, dtype=torch.long)
 try:
@@ -172,7 +197,19 @@ else:
 assert callable(mod.token_stats_backward)
 print("[check_cuda] import OK:", sorted(n for n in dir(mod) if not n.startswith("__")))
 EOF
-log "build dir disk use: $(du -sh "$SRC" | cut -f1)"
-# Leave the reusable venv as it was (the editable install points into $WORK, removed on exit).
-"$VENV/bin/python" -m pip uninstall -q -y pg_kernels >/dev/null 2>&1 || true
+  log "build dir disk use: $(du -sh "$src" | cut -f1)"
+  rm -rf "$src"
+}
+
+if [[ -n "${PG_KERNELS_CUDA_TORCH:-}" ]]; then
+  link_check "$PG_KERNELS_CUDA_TORCH" "$PYTHON" "${PG_KERNELS_CUDA_VENV:-/tmp/pgk-cuda-venv-custom}"
+else
+  link_check "torch==2.14.1" "$PYTHON" /tmp/pgk-cuda-venv
+  py312="$(python312)"
+  if [[ -z "$py312" ]]; then
+    log "WARNING: no Python 3.12 found; the torch 2.11.0 build uses $PYTHON's headers"
+    py312="$PYTHON"
+  fi
+  link_check "torch==2.11.0" "$py312" /tmp/pgk-cuda-venv-2.11
+fi
 log "all CUDA checks passed in $(elapsed "$t_start")"
