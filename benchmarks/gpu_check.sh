@@ -1,0 +1,406 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (an H100 / H200 with torch, Triton, nvcc, compute-sanitizer
+# preinstalled, no network): build, test, sanitize, graph-check and benchmark pg_kernels in
+# ~9 minutes, and leave at most 6 files in OUT.
+#
+#   bash benchmarks/gpu_check.sh OUT              on the GPU machine, with its python3
+#   bash benchmarks/gpu_check.sh --dry-run OUT    here, on CPU: every step in a CPU-sized mode
+#
+# Steps (each under its own `timeout`; a later step runs when an earlier one failed):
+#   preflight       nvidia-smi, versions, torch.cuda.is_available(), tools; private Triton and
+#                   inductor caches under /tmp
+#   build           .ci/build_ext.sh with this machine's python3 (both extensions, sm_90 only),
+#                   in the background while tests_triton runs (Triton needs no build)
+#   tests_triton    pytest -m gpu -k triton (xdist workers), then the skip check
+#   tests_cuda      pytest -m gpu -k "not triton" after the build, then the skip check: any skip
+#                   that says a GPU or an extension is missing, or of a CUDA case, fails the step
+#   memcheck        compute-sanitizer --tool memcheck  benchmarks/gpu_sanitize.py  } beside
+#   racecheck       compute-sanitizer --tool racecheck benchmarks/gpu_sanitize.py  } tests_cuda
+#   graph           benchmarks/gpu_graph_check.py: token_stats fwd+bwd CUDA-graph replay == eager
+#   bench:<op>:...  every bench_<op>.py, bf16: N=16384 V=151936 at T=1, then at T=0.7, then
+#                   N in {512, 1}; alone on the GPU, in that order, while time is left
+# OUT (created; at most 6 files, none deeper than OUT/):
+#   run.log         every step's output as it runs, each line prefixed with [step]
+#   summary.tsv     step, status, seconds, note: a line per finished step, written as they finish
+#   summary.md      the final table (also printed last), the test skip counts, the bench targets
+#   test_skips.txt  skip reasons and counts of the GPU test runs, the unexpected ones listed
+#   logs.tar.gz     each step's full log, junit XML, nvidia-smi, versions (re-made after each step)
+#   bench.tar.gz    the benchmark JSON, markdown and PNG files (re-made after each bench run)
+# A run killed at its time limit still leaves run.log, summary.tsv and the archives so far.
+# Status: PASS, FAIL, TIMEOUT, N/A (cannot run on this machine, e.g. compute-sanitizer under
+# gVisor: "Device not supported"), SKIP (not run: no time left, or not in PGK_STEPS). Exit 1
+# when a step FAILed or TIMEd OUT.
+#
+# Environment:
+#   PYTHON            interpreter (default: python3 on a GPU; .venv/bin/python for --dry-run)
+#   PGK_BUDGET_S      seconds for the whole run (default 540; dry run 300, ~100 s used on an
+#                     idle 2-core machine)
+#   PGK_STEPS         the steps to run (default all: "preflight build tests sanitize graph bench")
+#   PGK_TEST_JOBS     pytest-xdist workers (default 8)
+#   PGK_BENCH_OPS     ops to benchmark (default all five)
+#   PGK_BENCH_COMPILE ops whose N=16384, T=1 run also times torch.compile (default token_stats;
+#                     each compile costs 30-60 s per shape and mode)
+set -uo pipefail
+
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
+[[ $# -eq 1 ]] || { echo "usage: bash benchmarks/gpu_check.sh [--dry-run] OUT" >&2; exit 2; }
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$1" || exit 2
+OUT="$(cd "$1" && pwd)"
+cd "$REPO" || exit 2
+
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ $DRY == 1 && -x .venv/bin/python ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 300 || echo 540)}"
+STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph bench} "
+JOBS="${PGK_TEST_JOBS:-8}"
+BENCH_OPS="${PGK_BENCH_OPS:-token_stats kl_divergence mismatch_stats pruned_logprob topk_kl}"
+BENCH_COMPILE=" ${PGK_BENCH_COMPILE:-token_stats} "
+RESERVE=12  # seconds kept for the summary and the archives
+T0=$SECONDS
+
+WORK="$(mktemp -d /tmp/pgk-gpucheck.XXXXXX)"
+mkdir -p "$WORK/logs" "$WORK/bench" "$WORK/status"
+export TRITON_CACHE_DIR="$WORK/triton-cache" TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-cache"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg
+: > "$OUT/run.log"
+printf 'step\tstatus\tseconds\tnote\n' > "$OUT/summary.tsv"
+ORDER=()  # steps in the order they were started, for the table
+
+say() { echo "[gpu_check] $*" | tee -a "$OUT/run.log"; }
+left() { echo $((BUDGET - (SECONDS - T0) - RESERVE)); }
+wants() { [[ "$STEPS" == *" $1 "* ]]; }
+
+# OUT/<what>.tar.gz from $WORK/<what>, through a private temporary file (steps run side by side;
+# a log still being written is archived as it stands).
+archive() {
+  local tmp="$WORK/$1.$BASHPID.tgz"
+  tar -C "$WORK" --warning=no-file-changed -czf "$tmp" "$1" 2>/dev/null
+  mv -f "$tmp" "$OUT/$1.tar.gz"
+}
+archive_logs() { archive logs; }
+archive_bench() { archive bench; }
+
+record() {  # NAME STATUS SECONDS NOTE
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" | tee "$WORK/status/$1" >> "$OUT/summary.tsv"
+  say "$1: $2 in ${3}s${4:+ ($4)}"
+}
+
+skip_step() {  # NAME NOTE
+  ORDER+=("$1")
+  record "$1" SKIP 0 "$2"
+}
+
+# run_step NAME MAX_SECONDS CMD...: runs CMD under `timeout` (at most MAX_SECONDS, at most what
+# the budget has left), output to $WORK/logs/NAME.log and, prefixed, to OUT/run.log. A step may
+# set its status through $WORK/status/NAME.override ("STATUS note") before returning.
+run_step() {
+  local name="$1" max="$2" t rc start status note=""
+  shift 2
+  t=$(left)
+  (( t > max )) && t=$max
+  if (( t < 5 )); then record "$name" SKIP 0 "no time left"; return 0; fi
+  start=$SECONDS
+  say "$name: start (timeout ${t}s): $*"
+  # timeout signals its whole process group: pytest workers and sanitized programs too.
+  timeout -k 10 "$t" bash -c '"$@"' "$name" "$@" \
+    > >(tee "$WORK/logs/$name.log" | sed -u "s/^/[$name] /" >> "$OUT/run.log") 2>&1
+  rc=$?
+  sleep 0.2  # let the log pipe drain
+  case $rc in
+    0) status=PASS ;;
+    124 | 137) status=TIMEOUT; note="killed after ${t}s" ;;
+    *) status=FAIL; note="exit $rc" ;;
+  esac
+  if [[ -f "$WORK/status/$name.override" ]]; then
+    read -r status note < "$WORK/status/$name.override"
+  fi
+  record "$name" "$status" $((SECONDS - start)) "$note"
+  archive_logs
+  return 0
+}
+
+start_step() { ORDER+=("$1"); run_step "$@"; }
+
+# ---------------------------------------------------------------------------- steps
+
+preflight() {
+  echo "mode: $([[ $DRY == 1 ]] && echo dry-run || echo gpu), budget ${BUDGET}s, repo $REPO"
+  echo "python: $PYTHON"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi 2>&1 | tee "$WORK/logs/nvidia-smi.txt"
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version \
+      --format=csv 2>&1
+  else
+    echo "nvidia-smi: not found"
+  fi
+  for tool in nvcc compute-sanitizer ncu ninja; do
+    printf '%-18s %s\n' "$tool" "$(command -v "$tool" || echo 'not found')"
+  done
+  nvcc --version 2>/dev/null | tail -n 2
+  echo "cores $(nproc); $(free -g 2>/dev/null | awk '/Mem:/ { print $2 " GiB RAM" }'); /tmp: $(df -h /tmp | awk 'NR == 2 { print $4 " free" }')"
+  echo "git: $(git rev-parse HEAD 2>/dev/null || echo 'no .git in this copy')"
+  echo "TRITON_CACHE_DIR=$TRITON_CACHE_DIR TORCHINDUCTOR_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR"
+  "$PYTHON" - <<'EOF' 2>&1 | tee "$WORK/logs/versions.txt"
+import importlib, platform, sys
+import torch
+print("python", platform.python_version(), sys.executable)
+for name in ("torch", "triton", "numpy", "pytest", "xdist", "pytest_timeout", "hypothesis",
+             "matplotlib", "tqdm", "setuptools"):
+    try:
+        print(f"{name:15s}", getattr(importlib.import_module(name), "__version__", "present"))
+    except ImportError:
+        print(f"{name:15s} MISSING")
+print("torch.version.cuda", torch.version.cuda)
+print("torch.cuda.is_available()", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device 0: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.0f} GiB, L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+import pg_kernels  # must import without the compiled extensions (they are built next)
+print(pg_kernels.env_report())
+EOF
+  local rc=${PIPESTATUS[0]}
+  if [[ $DRY == 0 ]]; then
+    "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' ||
+      { echo "FAIL: torch sees no GPU"; return 1; }
+  fi
+  return "$rc"
+}
+
+build() {
+  # Only what is needed: both extensions, for sm_90 alone (~8 compile units, one ninja run).
+  # The dry run compiles nothing (minutes on a small CPU; .ci/check_cuda.sh runs this very
+  # command against the GPU machine's torch 2.11): it checks the script and the CPU extension
+  # that CI built.
+  if [[ $DRY == 1 ]]; then
+    bash -n .ci/build_ext.sh || return 1
+    echo "would run: TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) bash .ci/build_ext.sh $PYTHON"
+    "$PYTHON" -c 'import pg_kernels._C as m; print("pg_kernels._C imports:", m.__file__)'
+    return
+  fi
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" bash .ci/build_ext.sh "$PYTHON"
+}
+
+pytest_args() {  # the plugin options this interpreter has
+  "$PYTHON" -c 'import xdist' 2>/dev/null && printf '%s\n' -n "$JOBS"
+  "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && printf '%s\n' --timeout 150
+}
+
+# tests PHASE JUNIT PYTEST-SELECTION...: pytest, then the skip check on its junit XML.
+tests() {
+  local phase="$1" xml="$WORK/logs/$1.xml" rc skips
+  shift
+  mapfile -t plugins < <(pytest_args)
+  "$PYTHON" -m pytest -q -rs -p no:cacheprovider --junitxml="$xml" "${plugins[@]}" "$@"
+  rc=$?
+  echo "pytest exit $rc"
+  "$PYTHON" benchmarks/gpu_test_skips.py "$WORK/logs/$phase.skips.txt" "$xml"
+  skips=$?
+  { echo "== $phase: $*"; cat "$WORK/logs/$phase.skips.txt"; echo; } >> "$OUT/test_skips.txt"
+  if [[ $DRY == 1 && "$phase" == tests_triton ]]; then
+    # No GPU here: every CUDA case skips with "no GPU". The check must catch that.
+    if [[ $skips == 1 ]] && grep -q "no GPU" "$WORK/logs/$phase.skips.txt"; then
+      echo "PASS unexpected 'no GPU' skips detected"
+      echo "PASS dry run: the skip check caught the no-GPU skips" > "$WORK/status/$phase.override"
+      return 0
+    fi
+    echo "FAIL: the skip check did not catch the no-GPU skips"
+    return 1
+  fi
+  (( rc == 0 && skips == 0 ))
+}
+
+sanitizer() {
+  local s
+  s="$(command -v compute-sanitizer || true)"
+  for c in "${CUDA_HOME:-}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
+    [[ -z "$s" && -x "$c" ]] && s="$c"
+  done
+  echo "$s"
+}
+
+# sanitize TOOL: the driver under compute-sanitizer (dry run: the driver alone, on CPU).
+sanitize() {
+  local tool="$1" s rc
+  if [[ $DRY == 1 ]]; then  # the driver alone, on CPU, small
+    if [[ $tool == memcheck ]]; then
+      "$PYTHON" benchmarks/gpu_sanitize.py --device cpu --vocabs 1000 --dtypes bf16 fp32
+    else
+      "$PYTHON" benchmarks/gpu_sanitize.py --device cpu --vocabs 1000 --dtypes fp32 --ops token_stats
+    fi
+    return
+  fi
+  s="$(sanitizer)"
+  if [[ -z "$s" ]]; then
+    echo "N/A compute-sanitizer not found" > "$WORK/status/$tool.override"
+    return 1
+  fi
+  # Each tensor its own cudaMalloc, so that memcheck sees reads past a tensor's end.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$s" --tool "$tool" --target-processes all --print-limit 50 \
+    --error-exitcode 3 --report-api-errors no "$PYTHON" benchmarks/gpu_sanitize.py
+  rc=$?
+  if grep -qE "Device not supported|Unable to find injection library|error 999" "$WORK/logs/$tool.log"; then
+    echo "N/A compute-sanitizer cannot attach here (gVisor?)" > "$WORK/status/$tool.override"
+  elif (( rc == 3 )); then
+    echo "FAIL $(grep -m1 -oE 'ERROR SUMMARY: [0-9]+ errors?|RACECHECK SUMMARY: [0-9]+ hazards?[^\n]*' \
+      "$WORK/logs/$tool.log")" > "$WORK/status/$tool.override"
+  fi
+  return "$rc"
+}
+
+graph() {
+  if [[ $DRY == 1 ]]; then
+    "$PYTHON" benchmarks/gpu_graph_check.py --shape 64x1000
+  else
+    "$PYTHON" benchmarks/gpu_graph_check.py --shape 4096x151936 --temperature 0.7
+  fi
+}
+
+# bench OP TEMPERATURE TAG PROVIDERS SHAPES...
+bench() {
+  local op="$1" temp="$2" tag="$3" providers="$4" rc
+  shift 4
+  if [[ $DRY == 1 ]]; then
+    "$PYTHON" benchmarks/bench_"$op".py --device cpu --shapes 16x1000 --dtypes bf16 --modes fwd \
+      --providers pg_kernels:cpu --max-wait 0 --temperature "$temp" --tag "$tag" \
+      --out "$WORK/bench" --no-progress
+  else
+    # shellcheck disable=SC2086  # providers is a list
+    "$PYTHON" benchmarks/bench_"$op".py --device cuda --shapes "$@" --dtypes bf16 \
+      --modes fwd fwd+bwd --providers $providers --temperature "$temp" --tag "$tag" \
+      --out "$WORK/bench" --no-progress
+  fi
+  rc=$?
+  archive_bench
+  return "$rc"
+}
+
+# The steps run in `bash -c` under timeout: they see these functions and variables.
+export -f preflight build pytest_args tests sanitizer sanitize graph bench archive archive_bench
+export DRY PYTHON WORK OUT JOBS REPO BUDGET
+
+# ---------------------------------------------------------------------------- schedule
+
+say "start: $([[ $DRY == 1 ]] && echo dry run || echo GPU run), budget ${BUDGET}s, work dir $WORK"
+if wants preflight; then start_step preflight 45 preflight; else skip_step preflight "not in PGK_STEPS"; fi
+
+build_pid=""
+if wants build; then
+  ORDER+=(build)
+  run_step build 300 build &
+  build_pid=$!
+else
+  skip_step build "not in PGK_STEPS"
+fi
+
+GPU_TESTS=(tests)
+[[ $DRY == 1 ]] && GPU_TESTS=(tests/test_token_stats.py)
+if wants tests; then
+  start_step tests_triton 200 tests tests_triton "${GPU_TESTS[@]}" -m gpu -k triton
+else
+  skip_step tests_triton "not in PGK_STEPS"
+fi
+if [[ -n "$build_pid" ]]; then
+  say "waiting for the build"
+  wait "$build_pid"
+fi
+
+# The CUDA-extension tests and the sanitizer runs side by side (correctness only, no timing).
+pids=()
+if wants tests; then
+  if [[ $DRY == 1 ]]; then
+    ORDER+=(tests_cuda)
+    run_step tests_cuda 120 tests tests_cuda tests/test_token_stats.py -k "cpu-cpu and ignore" &
+  else
+    ORDER+=(tests_cuda)
+    run_step tests_cuda 200 tests tests_cuda tests -m gpu -k "not triton" &
+  fi
+  pids+=($!)
+else
+  skip_step tests_cuda "not in PGK_STEPS"
+fi
+if wants sanitize; then
+  ORDER+=(memcheck)
+  run_step memcheck 200 sanitize memcheck &
+  pids+=($!)
+  if [[ $DRY == 1 ]]; then
+    wait "${pids[@]}"  # two cores: one at a time
+    pids=()
+  fi
+  ORDER+=(racecheck)
+  run_step racecheck 200 sanitize racecheck &
+  pids+=($!)
+else
+  skip_step memcheck "not in PGK_STEPS"
+  skip_step racecheck "not in PGK_STEPS"
+fi
+(( ${#pids[@]} )) && wait "${pids[@]}"
+
+if wants graph; then start_step graph 60 graph; else skip_step graph "not in PGK_STEPS"; fi
+
+# Benchmarks, alone on the GPU, most wanted first; each run has its own timeout.
+if wants bench; then
+  if [[ $DRY == 1 ]]; then
+    start_step bench_token_stats_t1 40 bench token_stats 1 dry x
+    for op in $BENCH_OPS; do start_step "bench_${op}_t0.7" 40 bench "$op" 0.7 dry x; done
+  else
+    BIG=16384x151936
+    for temp in 1 0.7; do
+      for op in $BENCH_OPS; do
+        providers="pg_kernels:triton pg_kernels:cuda eager"
+        [[ $temp == 1 && "$BENCH_COMPILE" == *" $op "* ]] && providers+=" compile"
+        start_step "bench_${op}_t${temp}_n16384" 150 bench "$op" "$temp" n16384 "$providers" "$BIG"
+      done
+    done
+    for op in $BENCH_OPS; do
+      start_step "bench_${op}_t1_n512_n1" 60 bench "$op" 1 small \
+        "pg_kernels:triton pg_kernels:cuda eager" 512x151936 1x151936
+    done
+  fi
+else
+  skip_step bench "not in PGK_STEPS"
+fi
+
+# ---------------------------------------------------------------------------- summary
+
+{
+  echo "# gpu_check $([[ $DRY == 1 ]] && echo '(dry run, CPU)') $(date -u +%FT%TZ)"
+  echo
+  echo "| step | status | seconds | note |"
+  echo "|---|---|---:|---|"
+  for name in "${ORDER[@]}"; do
+    if [[ -f "$WORK/status/$name" ]]; then
+      IFS=$'\t' read -r s st sec note < "$WORK/status/$name"
+      echo "| $s | $st | $sec | $note |"
+    else
+      echo "| $name | TIMEOUT | | did not finish |"
+    fi
+  done
+  echo
+  echo "total $((SECONDS - T0)) s of a ${BUDGET} s budget"
+  if [[ -f "$OUT/test_skips.txt" ]]; then
+    echo
+    echo "## Tests"
+    grep -E '^(== |passed )' "$OUT/test_skips.txt" | sed 's/^/    /'
+  fi
+  for md in "$WORK"/bench/*.md; do
+    [[ -f "$md" ]] || continue
+    targets=$(awk '/^## Targets/ { on = 1; print; next } /^#/ { on = 0 } on && /^\|/' "$md")
+    [[ -n "$targets" ]] && printf '\n## %s\n\n%s\n' "$(basename "$md" .md)" "$targets"
+  done
+} > "$OUT/summary.md"
+archive_logs
+archive_bench
+rm -rf "$WORK"
+
+echo
+cat "$OUT/summary.md"
+echo "OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+if cut -f2 "$OUT/summary.tsv" | grep -qE '^(FAIL|TIMEOUT)$' ||
+   grep -q '| TIMEOUT |' "$OUT/summary.md"; then
+  exit 1
+fi
+exit 0
