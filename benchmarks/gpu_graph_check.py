@@ -27,7 +27,6 @@ if __package__ in (None, ""):  # run as a script: make `pg_kernels` importable f
 
 import pg_kernels  # noqa: E402
 from pg_kernels import _backend  # noqa: E402
-from pg_kernels.testing import make_logits  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FIELDS = ("logprob", "entropy", "collision", "lgp", "lse", "max_prob", "argmax")
@@ -48,13 +47,17 @@ def make_step(backend: str, inputs: dict[str, torch.Tensor], temperature: float)
 
 
 def fresh_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, v, (n,), generator=g)
-    labels[:: max(1, n // 7)] = -100  # some ignored rows
+    """Random logits [n, v] drawn on the device (N(0, 9) plus a per-row offset), labels with
+    some ignored rows, loss weights; never zeros."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(n, v, generator=g, device=device) * 3
+    logits += torch.randn(n, 1, generator=g, device=device) * 5
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
+    labels[:: max(1, n // 7)] = -100
     return {
-        "logits": make_logits(n, v, dtype, device=device, seed=seed).requires_grad_(True),
-        "labels": labels.to(device),
-        "w": torch.randn(3, n, generator=g).to(device),
+        "logits": logits.to(dtype).requires_grad_(True),
+        "labels": labels,
+        "w": torch.randn(3, n, generator=g, device=device),
     }
 
 
