@@ -17,7 +17,8 @@ SASS instructions of its hot loop (`sass_loops.hot_loop`, rare branches included
 each thread handles per trip (per element pair for the kernels that read two logit tensors), and
 its registers, against BUDGETS below. A kernel over its budget fails the check.
 
-Run: .venv/bin/python .ci/check_triton_sm90.py   (~1-2 min; prints one line per kernel)
+Run: .venv/bin/python .ci/check_triton_sm90.py [OP ...]   (~1 min; one line per kernel; with op
+names, only those ops' kernels: a quick loop while tuning one kernel)
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
     return kernel
 
 
-def exercise() -> None:
-    """Every op, forward and backward, in the variants that change a kernel's constexprs."""
+def exercise(only: list[str]) -> None:
+    """Every op (or those named in `only`), forward and backward, in the variants that change a
+    kernel's constexprs."""
     import pg_kernels
     from pg_kernels import _backend
 
@@ -120,15 +122,21 @@ def exercise() -> None:
         id_lp = torch.log_softmax(torch.randn(2, 4, generator=gen), -1) - 1.0
         for temperature in (1.0, per_row):
             t = dict(temperature=temperature, backend="triton")
-            s = pg_kernels.token_stats(x, y, **t)
-            (s.logprob + s.entropy + s.collision + s.lse).sum().backward()
-            for direction in ("reverse", "forward"):
-                pg_kernels.kl_divergence(x, xr, direction=direction, labels=y, **t).sum().backward()
-            pg_kernels.kl_divergence(x, xr.detach(), **t).sum().backward()  # one side only
-            m = pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr.detach(), **t)
-            m.logprob.sum().backward()
-            pg_kernels.topk_kl(x, ids, id_lp, labels=y, **t).sum().backward()
-            pg_kernels.pruned_logprob(x, y, alpha=1e-3, **t).logprob.sum().backward()
+            if not only or "token_stats" in only:
+                s = pg_kernels.token_stats(x, y, **t)
+                (s.logprob + s.entropy + s.collision + s.lse).sum().backward()
+            if not only or "kl_divergence" in only:
+                for direction in ("reverse", "forward"):
+                    kl = pg_kernels.kl_divergence(x, xr, direction=direction, labels=y, **t)
+                    kl.sum().backward()
+                pg_kernels.kl_divergence(x, xr.detach(), **t).sum().backward()  # one side only
+            if not only or "mismatch_stats" in only:
+                m = pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr.detach(), **t)
+                m.logprob.sum().backward()
+            if not only or "topk_kl" in only:
+                pg_kernels.topk_kl(x, ids, id_lp, labels=y, **t).sum().backward()
+            if not only or "pruned_logprob" in only:
+                pg_kernels.pruned_logprob(x, y, alpha=1e-3, **t).logprob.sum().backward()
 
 
 def resources(kernel) -> dict[str, int]:
@@ -214,7 +222,8 @@ def per_element(name: str, kernel) -> tuple[float, str]:
 def main() -> int:
     driver.set_active(OfflineDriver())
     JITFunction.run = _compile_only
-    exercise()
+    only = sys.argv[1:]  # op names: check only their kernels (while iterating on a kernel)
+    exercise(only)
     JITFunction.run = _run
     failed = []
     for name, kernel in sorted(COMPILED.values(), key=lambda item: item[0]):

@@ -53,18 +53,22 @@ import triton
 import triton.language as tl
 
 from pg_kernels.ops._common import check_labels
+from pg_kernels.triton import _common
 from pg_kernels.triton._common import (
     D_MIN,
+    LN2,
+    LOG2E_F64,
     acc_dtype_of,
     div_acc,
+    exp2_acc,
     exp_acc,
     inv_temperature,
     max_nan,
-    merge_states,
     round_to,
     row_blocking,
     row_offset,
     scalar_inv_temperature_bits,
+    scalar_log2_scale_bits,
     valid_inv_temperature,
 )
 
@@ -74,90 +78,114 @@ MERGE_BLOCK_R = 128
 
 
 @triton.jit
-def _fwd_step(x, col0, inv_tau, mx, m, am, s1, s2, t, FOLD: tl.constexpr):
-    """One BLOCK_V step of the online accumulator over the logits x of columns col0 + lanes
-    (-inf where masked off).
-
-    State: mx = max of the raw logits so far (-inf: nothing finite yet), m = mx / tau (0 while
-    empty: a finite reference keeps z - m finite for -inf logits), am = first index of mx, and the
-    per-lane sums s1, s2, t relative to m. The max is tracked on raw x because x -> x / tau is
-    monotone: comparing raw values keeps argmax the first index of the max even when two logits
-    round to the same z.
-    """
-    x = x.to(s1.dtype)
-    bmax = tl.max(x, axis=0)
-    if bmax > mx:
-        # Rescale to the new max: s1 <- f s1, s2 <- f^2 s2, t <- f (t + delta s1), f = e^delta.
-        # delta <= 0; clamped to [D_MIN, 0] so that an empty state (m = 0, sums 0) stays 0 and a
-        # huge drop gives f = 0 exactly rather than 0 * inf.
-        m_new = bmax * inv_tau
-        delta = tl.minimum(tl.maximum(m - m_new, D_MIN), 0.0)
-        f = exp_acc(delta)
-        t = f * (t + delta * s1)
-        s1 = f * s1
-        s2 = (f * f) * s2
-        # Strictly above every earlier max: its first index in this block is the first argmax.
-        am = col0 + tl.argmax(x, axis=0)
-        mx = bmax
-        m = m_new
-    # The block folds onto BLOCK_V / FOLD accumulator lanes: FOLD neighbours (inside one
-    # thread's 16-byte vector, so no data moves) add into one lane in turn. Same one add or fma
-    # per element and sum, 1 / FOLD of the accumulator registers: bf16 at 8 warps needs ~80
-    # registers instead of ~124, so 3 programs fit per SM instead of 2 (more loads in flight).
-    if FOLD == 4:
-        x0, x1 = tl.split(tl.reshape(x, [x.shape[0] // 4, 2, 2]))
-        x00, x01 = tl.split(x0)
-        x10, x11 = tl.split(x1)
-        s1, s2, t = _accumulate(x00, inv_tau, m, s1, s2, t)
-        s1, s2, t = _accumulate(x01, inv_tau, m, s1, s2, t)
-        s1, s2, t = _accumulate(x10, inv_tau, m, s1, s2, t)
-        s1, s2, t = _accumulate(x11, inv_tau, m, s1, s2, t)
-    elif FOLD == 2:
-        x0, x1 = tl.split(tl.reshape(x, [x.shape[0] // 2, 2]))
-        s1, s2, t = _accumulate(x0, inv_tau, m, s1, s2, t)
-        s1, s2, t = _accumulate(x1, inv_tau, m, s1, s2, t)
+def _log2_scale(temp_ptr, rows, mask, scale_bits, HAS_TEMP: tl.constexpr, ACC: tl.constexpr):
+    """c = log2(e) / tau in ACC, rounded once: from the per-row tensor (a float64 quotient per
+    row), or the launcher's scalar (float64 bits, `scalar_log2_scale_bits`). Anything but a finite
+    positive c (tau <= 0, inf, NaN) makes the row NaN."""
+    if HAS_TEMP:
+        tau = tl.load(temp_ptr + rows, mask=mask, other=1.0).to(tl.float64)
+        return (tl.full([], LOG2E_F64, tl.float64) / tau).to(ACC)
     else:
-        s1, s2, t = _accumulate(x, inv_tau, m, s1, s2, t)
-    return mx, m, am, s1, s2, t
+        return scale_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
 
 
 @triton.jit
-def _accumulate(x, inv_tau, m, s1, s2, t):
-    # d = z - m in one rounding (fma); e = e^d is the one exp per element. NaN logits make e NaN,
-    # which the caller turns into a NaN row; d = -inf (a -inf logit) gives e = 0 and, clamped,
-    # e * d = 0 instead of 0 * -inf.
-    d = tl.fma(x, inv_tau, -m)
-    e = exp_acc(d)
-    s1 = s1 + e
-    s2 = tl.fma(e, e, s2)  # exp(2 d) as the square of the exp we have
-    t = tl.fma(e, tl.maximum(d, D_MIN), t)
-    return s1, s2, t
+def _reference(mx):
+    """The finite reference a state's sums are taken against: its max, or 0 while empty (-inf),
+    so that x - reference stays -inf (not NaN) for -inf logits."""
+    return tl.where(mx == float("-inf"), 0.0, mx)
 
 
 @triton.jit
-def _finalize(m, s1, s2, t, am, z_label, keep, ok):
-    """SPEC section 2 from a row's merged state (finalize_token_stats in softmax_stats.h).
+def _lanes(x, ACC: tl.constexpr, VEC: tl.constexpr):
+    """A loaded [U, LANES * VEC] block of logits (coalesced: each thread one 16-byte vector per
+    row u) seen as [U, LANES, VEC] in ACC: the same registers, no data moves."""
+    return tl.reshape(x.to(ACC), [x.shape[0], x.shape[1] // VEC, VEC])
 
-    m is in z units. keep: not an ignored row (else every output 0, argmax 0). ok: the label is
-    in range and 1 / tau is finite and positive (else NaN). A row whose max is not finite
-    (all -inf, a NaN, a +inf) is NaN with argmax -1.
+
+@triton.jit
+def _bf16_pair_halves(w):
+    """bf16 logits loaded as int32 pairs [U, LANES * VEC // 2] -> the two [U, LANES, VEC // 2]
+    fp32 halves: a bf16 is the upper 16 bits of its fp32, so each element is one shift or one
+    mask of the pair (the generic conversion spends ~2 instructions per element)."""
+    w = tl.reshape(w, [w.shape[0], w.shape[1] // 4, 4])
+    lo = (w << 16).to(tl.float32, bitcast=True)
+    hi = (w & -65536).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _fwd_step(xa, xb, i, c, mx, r2, s1, s2, t2, st):
+    """One loop step over a block of raw logits in ACC, [U, LANES, H] (-inf where masked off),
+    whole in xa or as two halves xa, xb (bf16 pairs). Each lane is one thread's share of the step
+    (U 16-byte vectors).
+
+    Each lane keeps its own state: mx = max of its raw logits so far, r2 = reference(mx) * c (log2
+    units), and
+        s1 = sum 2^d2,  s2 = sum 2^(2 d2),  t2 = sum 2^d2 d2,   d2 = x c - r2 (one fma),
+    i.e. the SPEC section 1 sums in base 2 (2^d2 = e^(z - m), d2 = (z - m) log2 e). st = the last
+    step whose block raised the lane's max (where the lane's first argmax lies). The rescale to
+    a new max is per lane and branchless: one exp2 per lane per step, not per element.
     """
-    valid = ok & (m > float("-inf")) & (m < float("inf"))
-    # Rows that end up 0 or NaN anyway (ignored, padding, invalid) compute on a dummy state:
-    # no log(0) or 0 / 0 (numpy warnings under the interpreter), same results.
+    bmax = tl.max(tl.max(xa, axis=2), axis=0)
+    if xb is not None:
+        bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
+    st = tl.where(bmax > mx, i, st)
+    mx = tl.maximum(mx, bmax)
+    r2_new = _reference(mx) * c
+    # f = 2^(r2 - r2_new) <= 1; clamped to <= 0 in the exponent: an empty lane (r2 = 0, sums 0)
+    # whose first max is negative would otherwise scale zeros by a large factor.
+    delta = tl.minimum(r2 - r2_new, 0.0)
+    f = exp2_acc(delta)
+    t2 = f * tl.fma(delta, s1, t2)  # t relative to the new max: f (t + delta s1)
+    s1 = f * s1
+    s2 = (f * f) * s2
+    s1, s2, t2 = _accumulate(xa, c, r2_new, s1, s2, t2)
+    if xb is not None:
+        s1, s2, t2 = _accumulate(xb, c, r2_new, s1, s2, t2)
+    return mx, r2_new, s1, s2, t2, st
+
+
+@triton.jit
+def _accumulate(x, c, r2, s1, s2, t2):
+    # The one exp per element. d2 clamped to a finite floor: a -inf logit has e = 0 and must add
+    # e * d2 = 0, not 0 * -inf.
+    d2 = tl.maximum(tl.fma(x, c, -r2[None, :, None]), D_MIN)
+    e = exp2_acc(d2)
+    s1 += tl.sum(tl.sum(e, axis=2), axis=0)
+    s2 += tl.sum(tl.sum(e * e, axis=2), axis=0)  # 2^(2 d2) as the square of the exp we have
+    t2 += tl.sum(tl.sum(e * d2, axis=2), axis=0)
+    return s1, s2, t2
+
+
+@triton.jit
+def _finalize(mx, s1, s2, t2, am, x_label, c, keep, ok):
+    """SPEC section 2 from a row's merged base-2 state (softmax_stats.h's finalize_token_stats).
+
+    mx: the row's raw max; s1, s2, t2 relative to r2 = reference(mx) * c. Log-probabilities are
+    taken relative to that reference with the same fma the sums used (d2 = x c - r2), so p_c and
+    the sums agree to the last bit and log p_c stays exact as p_c -> 1 (no z_c - L cancellation).
+    keep: not an ignored row (else every output 0, argmax 0). ok: the label is in range and c is
+    finite and positive (else NaN). A row whose max is not finite (all -inf, a NaN, a +inf) is NaN
+    with argmax -1.
+    """
+    valid = ok & (mx > float("-inf")) & (mx < float("inf"))
+    # Rows that end up 0 or NaN anyway compute on a dummy state: no log(0) or 0 / 0 (numpy
+    # warnings under the interpreter), same results.
     s1 = tl.where(valid, s1, 1.0)
-    m = tl.where(valid, m, 0.0)
-    z_label = tl.where(valid, z_label, 0.0)
-    log_s1 = tl.log(s1)
-    lse = m + log_s1
-    logprob = z_label - lse
+    mx = tl.where(valid, mx, 0.0)
+    x_label = tl.where(valid, x_label, 0.0)
+    r2 = mx * c
+    log2_s1 = tl.log2(s1)
+    lse = (r2 + log2_s1) * LN2
+    logprob = (tl.fma(x_label, c, -r2) - log2_s1) * LN2
     collision = div_acc(s2, s1 * s1)
-    p_c = exp_acc(logprob)
+    p_c = exp2_acc(tl.fma(x_label, c, -r2) - log2_s1)
     # Two non-negative terms instead of 1 - 2 p_c + C: no cancellation when p_c -> 1.
     lgp = (1.0 - p_c) * (1.0 - p_c) + (collision - p_c * p_c)
     lgp = tl.where(lgp > 0.0, lgp, 0.0)
-    entropy = log_s1 - div_acc(t, s1)
-    max_prob = div_acc(tl.full(s1.shape, 1.0, s1.dtype), s1)
+    entropy = (log2_s1 - div_acc(t2, s1)) * LN2
+    max_prob = exp2_acc(tl.fma(mx, c, -r2) - log2_s1)
     nan = float("nan")
     logprob = tl.where(keep, tl.where(valid, logprob, nan), 0.0)
     entropy = tl.where(keep, tl.where(valid, entropy, nan), 0.0)
@@ -184,65 +212,104 @@ def _store_outputs(
     tl.store(argmax_ptr + rows, argmax, mask=mask)
 
 
-@triton.jit(do_not_specialize=["inv_tau_bits", "ignore_index"])
+@triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _fwd_chunk_kernel(
-    x_ptr, labels_ptr, temp_ptr, inv_tau_bits, ignore_index, V, N,
+    x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V, N,
     n_inner, stride_outer, stride_inner,
     part_ptr, part_idx_ptr,
     logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr, argmax_ptr,
     HAS_TEMP: tl.constexpr, FINALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
-    FOLD: tl.constexpr,
+    U: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the partial state of one chunk of one row.
 
-    part_ptr: [4, n_chunks, N] (max of x, s1, s2, t), part_idx_ptr: [n_chunks, N] int32 argmax;
-    chunk-major so that the merge kernel's loads are contiguous over rows. With FINALIZE (one
-    chunk per row) the row's outputs are written directly instead.
+    part_ptr: [4, n_chunks, N] (raw max, s1, s2, t2; base 2, relative to reference(max) * c),
+    part_idx_ptr: [n_chunks, N] int32 first argmax; chunk-major so that the merge kernel's loads
+    are contiguous over rows. With FINALIZE (one chunk per row) the row's outputs are written
+    directly instead.
     """
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    LANES: tl.constexpr = BLOCK_V // (U * VEC)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
-    inv_tau = inv_temperature(temp_ptr, row, True, inv_tau_bits, HAS_TEMP, ACC)
+    c = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP, ACC)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
 
     start = chunk * CHUNK
     # Ignored rows: no step runs, nothing is read, the state stays empty.
     n_valid = tl.where(keep, tl.minimum(V - start, CHUNK), 0)
     n_full = n_valid // BLOCK_V
-    lanes = tl.arange(0, BLOCK_V)
-    mx = tl.full([], float("-inf"), ACC)
-    m = tl.zeros([], ACC)
-    am = tl.zeros([], tl.int32)
-    s1 = tl.zeros([BLOCK_V // FOLD], ACC)
-    s2 = tl.zeros([BLOCK_V // FOLD], ACC)
-    t = tl.zeros([BLOCK_V // FOLD], ACC)
+    # Element (u, lane, k) of a step: u * LANES * VEC + lane * VEC + k. A thread holds one lane:
+    # U 16-byte vectors, LANES * VEC elements apart (coalesced across the warp).
+    block = tl.arange(0, U)[:, None] * (LANES * VEC) + tl.arange(0, LANES * VEC)[None, :]
+    mx = tl.full([LANES], float("-inf"), ACC)
+    r2 = tl.zeros([LANES], ACC)
+    s1 = tl.zeros([LANES], ACC)
+    s2 = tl.zeros([LANES], ACC)
+    t2 = tl.zeros([LANES], ACC)
+    st = tl.zeros([LANES], tl.int32)
     # Software pipelining by hand: block i + 1 is loaded (into registers, as raw logits) before
-    # block i is reduced, so a program always has a block in flight, not only between steps.
-    # Full blocks need no bounds mask; the mask here is one uniform flag (the last prefetch
-    # loads nothing), which keeps the loads vectorized.
-    x_next = tl.load(x_row + start + lanes, mask=n_full > 0, other=float("-inf"))
+    # block i is reduced. Full blocks need no bounds mask; the mask is one uniform flag (the last
+    # prefetch loads nothing), which keeps the loads vectorized.
+    if PAIRS:
+        # bf16 rows at even offsets: full steps load int32 pairs (same bytes, same LDG.128).
+        w_row = x_row.to(tl.pointer_type(tl.int32))
+        w_block = tl.arange(0, U)[:, None] * (LANES * VEC // 2) + tl.arange(0, LANES * VEC // 2)
+        x_next = tl.load(w_row + start // 2 + w_block, mask=n_full > 0, other=-8388608)
+    else:
+        x_next = tl.load(x_row + start + block, mask=n_full > 0, other=float("-inf"))
     for i in range(0, n_full):
-        x = x_next
-        col0 = start + i * BLOCK_V
-        x_next = tl.load(x_row + (col0 + BLOCK_V) + lanes, mask=i + 1 < n_full, other=float("-inf"))
-        mx, m, am, s1, s2, t = _fwd_step(x, col0, inv_tau, mx, m, am, s1, s2, t, FOLD)
+        # Converted first: the raw registers are then free for the prefetch to land in (no
+        # register copies to carry the prefetched block into the next trip).
+        if PAIRS:
+            xa, xb = _bf16_pair_halves(x_next)
+            col0 = start + i * BLOCK_V
+            x_next = tl.load(
+                w_row + (col0 + BLOCK_V) // 2 + w_block, mask=i + 1 < n_full, other=-8388608
+            )
+        else:
+            xa, xb = _lanes(x_next, ACC, VEC), None
+            col0 = start + i * BLOCK_V
+            x_next = tl.load(
+                x_row + (col0 + BLOCK_V) + block, mask=i + 1 < n_full, other=float("-inf")
+            )
+        mx, r2, s1, s2, t2, st = _fwd_step(xa, xb, i, c, mx, r2, s1, s2, t2, st)
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         col0 = start + n_full * BLOCK_V
-        x = tl.load(x_row + col0 + lanes, mask=col0 + lanes < V, other=float("-inf"))
-        mx, m, am, s1, s2, t = _fwd_step(x, col0, inv_tau, mx, m, am, s1, s2, t, FOLD)
-    s1_sum = tl.sum(s1, axis=0)
-    s2_sum = tl.sum(s2, axis=0)
-    t_sum = tl.sum(t, axis=0)
+        x = tl.load(x_row + col0 + block, mask=col0 + block < V, other=float("-inf"))
+        xa, xb = _lanes(x, ACC, VEC), None
+        mx, r2, s1, s2, t2, st = _fwd_step(xa, xb, n_full, c, mx, r2, s1, s2, t2, st)
+
+    # The chunk: every lane rescaled to the chunk's max, then plain sums (one reduction each).
+    cmax = tl.max(mx, axis=0)
+    r2_chunk = _reference(cmax) * c
+    delta = tl.minimum(r2 - r2_chunk, 0.0)
+    f = exp2_acc(delta)
+    s1_sum = tl.sum(f * s1, axis=0)
+    s2_sum = tl.sum((f * f) * s2, axis=0)
+    t2_sum = tl.sum(f * tl.fma(delta, s1, t2), axis=0)
+    # The first argmax: the lanes holding the chunk max re-read their elements of the step that
+    # raised it (from L2: just read) and take the first column equal to it.
+    # (An empty chunk, e.g. an ignored row, re-reads nothing: its bound is 0.)
+    lane_hit = mx == cmax
+    cols = start + st[None, :, None] * BLOCK_V + tl.reshape(block, [U, LANES, VEC])
+    bound = tl.where(cmax > float("-inf"), V, 0)
+    again = tl.load(
+        x_row + cols, mask=lane_hit[None, :, None] & (cols < bound), other=float("-inf")
+    )
+    hit = again.to(ACC) == cmax
+    am = tl.min(tl.min(tl.min(tl.where(hit, cols, 2147483647), axis=2), axis=0), axis=0)
+    am = tl.where(cmax > float("-inf"), am, 0).to(tl.int32)
     # A NaN logit (or +inf - +inf) shows up as a NaN sum: carry it in the max, which the merge
-    # and the finalize check (the block max itself may have dropped the NaN).
-    mx = tl.where(s1_sum != s1_sum, float("nan"), mx)
+    # and the finalize check (the max itself may have dropped the NaN).
+    cmax = tl.where(s1_sum != s1_sum, float("nan"), cmax)
 
     if FINALIZE:
-        ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(inv_tau)
+        ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
         x_label = tl.load(x_row + tl.where(ok, label, 0), mask=ok, other=0.0).to(ACC)
-        vals = _finalize(mx * inv_tau, s1_sum, s2_sum, t_sum, am, x_label * inv_tau, keep, ok)
+        vals = _finalize(cmax, s1_sum, s2_sum, t2_sum, am, x_label, c, keep, ok)
         _store_outputs(
             row, True, vals, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr,
             max_prob_ptr, argmax_ptr,
@@ -250,16 +317,16 @@ def _fwd_chunk_kernel(
     else:
         idx = chunk.to(tl.int64) * N + row
         plane = tl.num_programs(1).to(tl.int64) * N
-        tl.store(part_ptr + idx, mx)
+        tl.store(part_ptr + idx, cmax)
         tl.store(part_ptr + plane + idx, s1_sum)
         tl.store(part_ptr + 2 * plane + idx, s2_sum)
-        tl.store(part_ptr + 3 * plane + idx, t_sum)
+        tl.store(part_ptr + 3 * plane + idx, t2_sum)
         tl.store(part_idx_ptr + idx, am)
 
 
-@triton.jit(do_not_specialize=["inv_tau_bits", "ignore_index"])
+@triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _fwd_merge_kernel(
-    x_ptr, labels_ptr, temp_ptr, inv_tau_bits, ignore_index, V, N, n_chunks,
+    x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V, N, n_chunks,
     n_inner, stride_outer, stride_inner,
     part_ptr, part_idx_ptr,
     logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr, argmax_ptr,
@@ -272,35 +339,40 @@ def _fwd_merge_kernel(
     rmask = rows < N
     label = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64)
     keep = label != ignore_index
-    inv_tau = inv_temperature(temp_ptr, rows, rmask, inv_tau_bits, HAS_TEMP, ACC)
-    inv_tau = tl.zeros([BLOCK_R], ACC) + inv_tau  # a scalar temperature: broadcast to the rows
+    c = _log2_scale(temp_ptr, rows, rmask, scale_bits, HAS_TEMP, ACC)
+    c = tl.zeros([BLOCK_R], ACC) + c  # a scalar temperature: broadcast to the rows
 
-    m = tl.full([BLOCK_R], float("-inf"), ACC)
-    s1 = tl.zeros([BLOCK_R], ACC)
-    s2 = tl.zeros([BLOCK_R], ACC)
-    t = tl.zeros([BLOCK_R], ACC)
+    plane = n_chunks.to(tl.int64) * N
+    # First the row's max and first argmax (strictly greater: among equal maxima the earliest
+    # chunk, i.e. the first index, wins), then every chunk's sums rescaled straight to the row's
+    # reference, added in chunk order: a fixed order, so bitwise deterministic.
     mx = tl.full([BLOCK_R], float("-inf"), ACC)
     am = tl.zeros([BLOCK_R], tl.int32)
-    plane = n_chunks.to(tl.int64) * N
-    chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
+    idx = rows
     for _ in range(0, n_chunks):
-        idx = chunk_off + rows
-        chunk_off += N
         mx_k = tl.load(part_ptr + idx, mask=rmask, other=float("-inf"))
-        s1_k = tl.load(part_ptr + plane + idx, mask=rmask, other=0.0)
-        s2_k = tl.load(part_ptr + 2 * plane + idx, mask=rmask, other=0.0)
-        t_k = tl.load(part_ptr + 3 * plane + idx, mask=rmask, other=0.0)
-        am_k = tl.load(part_idx_ptr + idx, mask=rmask, other=0)
-        # The chunk kernel's m was mx_k * inv_tau, rounded the same way: same reference max.
-        m, s1, s2, t = merge_states(m, s1, s2, t, mx_k * inv_tau, s1_k, s2_k, t_k)
-        # Strictly greater: among equal maxima the earliest chunk (the first index) wins.
-        am = tl.where(mx_k > mx, am_k, am)
+        am = tl.where(mx_k > mx, tl.load(part_idx_ptr + idx, mask=rmask, other=0), am)
         mx = max_nan(mx, mx_k)
+        idx += N
+    r2 = _reference(mx) * c
+    s1 = tl.zeros([BLOCK_R], ACC)
+    s2 = tl.zeros([BLOCK_R], ACC)
+    t2 = tl.zeros([BLOCK_R], ACC)
+    idx = rows
+    for _ in range(0, n_chunks):
+        # The chunk kernel's reference, rounded the same way (same c, same product).
+        delta = tl.minimum(_reference(tl.load(part_ptr + idx, mask=rmask, other=0.0)) * c - r2, 0.0)
+        f = exp2_acc(delta)
+        s1_k = tl.load(part_ptr + plane + idx, mask=rmask, other=0.0)
+        s1 += f * s1_k
+        s2 += (f * f) * tl.load(part_ptr + 2 * plane + idx, mask=rmask, other=0.0)
+        t2 += f * tl.fma(delta, s1_k, tl.load(part_ptr + 3 * plane + idx, mask=rmask, other=0.0))
+        idx += N
 
-    ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(inv_tau)
+    ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
     x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
     x_label = tl.load(x_row + tl.where(ok, label, 0), mask=ok & rmask, other=0.0).to(ACC)
-    vals = _finalize(m, s1, s2, t, am, x_label * inv_tau, keep, ok)
+    vals = _finalize(mx, s1, s2, t2, am, x_label, c, keep, ok)
     _store_outputs(
         rows, rmask, vals, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr,
         max_prob_ptr, argmax_ptr,
@@ -397,6 +469,23 @@ def _bwd_kernel(
 # Launchers: the interface of the C++ kernels (pg_kernels/_C token_stats_forward / _backward).
 
 
+def _forward_blocking(V: int, dtype: torch.dtype, block_v: int | None, chunk: int | None):
+    """The forward's steps are four common steps (32 KiB: eight 16-byte vectors per thread at 8
+    warps), so each lane's rescale and the loop overhead spread over 64 bf16 elements; a chunk
+    is two such steps (64 KiB)."""
+    if block_v is None:
+        block_v = 4 * _common.STEP_BYTES // dtype.itemsize
+        if chunk is None:
+            chunk = max(1, _common.STEPS_PER_CHUNK // 2) * block_v
+    return row_blocking(V, dtype, block_v, chunk)
+
+
+def _bf16_pairs(logits: torch.Tensor, n_inner: int, stride_outer: int, stride_inner: int) -> bool:
+    """Whether every row of bf16 logits starts 4-byte aligned, so full steps can load pairs."""
+    even_rows = stride_outer % 2 == 0 and (n_inner == 1 or stride_inner % 2 == 0)
+    return logits.dtype == torch.bfloat16 and logits.data_ptr() % 4 == 0 and even_rows
+
+
 def _check_inputs(
     logits: torch.Tensor, labels: torch.Tensor, temperature: torch.Tensor | None, ignore_index: int
 ) -> None:
@@ -465,10 +554,12 @@ def token_stats_forward(
     argmax = torch.empty(N, dtype=torch.int64, device=logits.device)
     if N == 0:
         return [*outs, argmax]
-    blk = row_blocking(V, logits.dtype, _block_v, _chunk)
+    blk = _forward_blocking(V, logits.dtype, _block_v, _chunk)
+    vec = min(16 // logits.dtype.itemsize, blk.block_v)
+    u = max(1, min(8, blk.block_v // (vec * 32 * blk.num_warps)))
     has_temp = temperature is not None
     temp = temperature if has_temp else labels  # never read without HAS_TEMP
-    inv_bits = 0 if has_temp else scalar_inv_temperature_bits(temperature_scalar, acc)
+    scale_bits = 0 if has_temp else scalar_log2_scale_bits(temperature_scalar, acc)
     single = blk.n_chunks == 1
     if single:
         part = outs[0]  # unused
@@ -477,15 +568,16 @@ def token_stats_forward(
         part = torch.empty((4, blk.n_chunks, N), dtype=acc, device=logits.device)
         part_idx = torch.empty((blk.n_chunks, N), dtype=torch.int32, device=logits.device)
     _fwd_chunk_kernel[(N, blk.n_chunks)](
-        logits, labels, temp, inv_bits, ignore_index, V, N,
+        logits, labels, temp, scale_bits, ignore_index, V, N,
         n_inner, stride_outer, stride_inner,
         part, part_idx, *outs, argmax,
         HAS_TEMP=has_temp, FINALIZE=single, CHUNK=blk.chunk, BLOCK_V=blk.block_v,
-        FOLD=blk.fold, num_warps=blk.num_warps,
+        U=u, VEC=vec, PAIRS=_bf16_pairs(logits, n_inner, stride_outer, stride_inner),
+        num_warps=blk.num_warps,
     )  # fmt: skip
     if not single:
         _fwd_merge_kernel[(triton.cdiv(N, MERGE_BLOCK_R),)](
-            logits, labels, temp, inv_bits, ignore_index, V, N, blk.n_chunks,
+            logits, labels, temp, scale_bits, ignore_index, V, N, blk.n_chunks,
             n_inner, stride_outer, stride_inner,
             part, part_idx, *outs, argmax,
             HAS_TEMP=has_temp, BLOCK_R=MERGE_BLOCK_R, num_warps=4,
