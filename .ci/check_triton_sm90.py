@@ -180,8 +180,6 @@ OWED: dict[tuple[str, str], float] = {
     ("pruned_logprob._bwd_kernel", "fp16"): 18.6,
     ("pruned_logprob._sum_chunk_kernel", "bf16"): 17.6,
     ("pruned_logprob._sum_chunk_kernel", "fp16"): 16.9,
-    ("token_stats._bwd_kernel", "bf16"): 15.9,
-    ("token_stats._bwd_kernel", "fp16"): 15.4,
     ("topk_kl._bwd_kernel", "bf16"): 19.8,
     ("topk_kl._bwd_kernel", "fp16"): 19.2,
     ("topk_kl._tail_chunk_kernel", "bf16"): 15.2,

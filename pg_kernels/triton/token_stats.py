@@ -1,47 +1,56 @@
 """token_stats in Triton: SPEC sections 1-3 over [..., V] logits, with the C++ launchers' interface.
 
+Everything is accumulated in base 2: c = log2(e) / tau (rounded once), d2 = x c - r2 (one fma per
+element, r2 = a max times c), 2^d2 = e^(z - m). Log-probabilities are taken relative to the row
+max with that same fma, so p_c and the sums agree to the last bit (no z_c - L cancellation).
+
 Forward, two kernels:
   1. `_fwd_chunk_kernel`, grid (N, n_chunks): program (r, k) reads elements [k CHUNK, (k+1) CHUNK)
-     of row r once, BLOCK_V per loop step. Per step: the block max (one reduction); when it rises
-     (rare after the first steps), rescale the running state and take the block's first argmax;
-     then one exp2 per element feeding the three sums of the accumulator, kept per lane
-     (BLOCK_V / FOLD lanes, no reduction inside the loop):
-         s1 += e,  s2 += e * e,  t += e * d,   d = z - m,  e = exp(d),  z = x / tau.
-     After the last step the lanes are summed (a fixed tree) and the chunk's partial state
-     (max of x, s1, s2, t, first argmax) is stored. Ignored rows read nothing.
-  2. `_fwd_merge_kernel`, grid (cdiv(N, BLOCK_R)): merges each row's n_chunks partial states in
-     chunk order with the SPEC section 1 rule and writes the seven outputs.
+     of row r once, BLOCK_V per loop step, viewed as [U, LANES, VEC]: each thread is one lane and
+     holds U 16-byte vectors per step. Each lane keeps its own state (raw max, s1, s2, t2, the
+     step that raised its max); per step: the lane's max (in-thread), a branchless rescale (one
+     exp2 per lane), then one exp2 per element feeding
+         s1 += e,  s2 += e * e,  t2 += e * d2,   e = 2^d2.
+     No block-wide reduction, shuffle or barrier inside the loop. After the loop: the chunk max
+     (one reduction), every lane rescaled to it, three sums, and the first argmax: the lanes
+     holding the chunk max re-read their elements of the step that raised it (just read: L2)
+     and take the first column equal to it. The chunk's partial state (raw max, s1, s2, t2,
+     first argmax) is stored. Ignored rows read nothing.
+  2. `_fwd_merge_kernel`, grid (cdiv(N, BLOCK_R)): per row, the max and first argmax over its
+     chunks, then every chunk's sums rescaled to the row's reference and added in chunk order;
+     writes the seven outputs.
   When a row fits in one chunk (n_chunks == 1), kernel 1 finalizes the row itself (no kernel 2).
 
-  n_chunks, CHUNK, BLOCK_V and FOLD depend on V and the dtype only (`row_blocking`), never on N,
+  n_chunks, CHUNK and BLOCK_V depend on V and the dtype only (`_forward_blocking`), never on N,
   every reduction runs in a fixed order and each row's merge is elementwise: results are bitwise
   deterministic and batch invariant.
 
-Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): recomputes p_j = exp(z_j - L) from the
-saved L and writes dz_j / tau = p_j (a + b d_j + c p_j) / tau + g_l 1[j = c] / tau (no merge).
+Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): recomputes p_j = e^(z_j - L) from the
+saved L (split in fp64 into L2_hi + L2_lo, the low part folded into per-row coefficients) and
+writes dz_j / tau = e (a + b d2 + q e) with e = 2^(x c - L2_hi); the label's entry is rewritten
+after the loop by the program that holds it (no per-element compare).
 
 Passes over V: forward 1 (read), backward 1 (read + write).
 Bytes per row of V elements of s bytes (the minimum is the logits once, the gradient once):
   forward   V s read (0 for an ignored row) + label, temperature and the label's logit
             + 20 n_chunks bytes of partial state written and read back (36 for fp64; none when
-            n_chunks == 1) + 6 * 4 + 8 bytes of outputs. V = 151936 bf16: 303872 B of logits,
-            10 chunks, 400 B of partial-state traffic (0.13 %).
+            n_chunks == 1) + 6 * 4 + 8 bytes of outputs, + the argmax re-read (one lane's share
+            of one step per chunk, from L2). V = 151936 bf16: 303872 B of logits, 5 chunks,
+            200 B of partial-state traffic (0.07 %).
   backward  V s read (0 for an ignored row) + V s written + ~40 B of per-row scalars.
 
-GPU design (H100 target: bf16, N = 16384, V = 151936; not timed here, no GPU was available):
-  - A step is 8 KiB of logits (BLOCK_V = 4096 bf16 / 2048 fp32 / 1024 fp64) at 8 warps: 32 bytes
-    per thread, i.e. two (bf16) or more 16-byte vector loads, unmasked except on the last step of
-    a row (V % 16 == 0 and 16-element aligned row strides keep them vectorized). A program runs
-    4 steps (CHUNK = 16384 bf16): V = 151936 gives 10 programs per row, 163840 at N = 16384 and
-    already 160 at N = 16, so small batches fill the GPU too.
-  - The forward prefetches block i + 1 into registers before reducing block i, and folds FOLD = 4
-    neighbouring elements (inside one thread's vector) onto one accumulator lane. Compiled offline
-    for sm_90 with triton 3.6 (ptxas from its wheel): the bf16 chunk kernel uses ~80 registers,
-    no spills, LDG.128 (3 programs = 24 warps per SM, ~24 KiB of loads in flight per SM); fp32
-    ~50 registers; the backward 32 registers with LDG.128 / STG.128; the merge kernel 32.
-  - Per element the forward is one convert, one fma (d), one mul (log2 e), one MUFU.EX2, one max
-    (clamp), one add and two fmas, plus the block max: ~9 instructions, below the ~19 fp32
-    instructions per element that 3 TB/s of bf16 leaves an H100 SM. The backward is ~11.
+GPU design (H200 target: bf16, N = 16384, V = 151936; not timed yet: no GPU was available):
+  - Forward step: 32 KiB of logits (BLOCK_V = 16384 bf16 / 8192 fp32 / 4096 fp64) at 8 warps,
+    U = 8 16-byte vectors per thread, unmasked except on a row's last step; bf16 rows at even
+    element offsets load int32 pairs and convert each half by one shift or mask (PAIRS). Two
+    steps per program (CHUNK = 32768 bf16): V = 151936 gives 5 programs per row. The next step
+    is prefetched into registers while the current one is reduced.
+  - Static SASS of the hot loops (.ci/check_triton_sm90.py, triton 3.6, sm_90): forward 9.5
+    instructions per element bf16 (pairs), 9.8 fp16, 9.7 fp32 (budget 10 per 16-bit element),
+    no BAR/SHFL in the loop, 128 registers (bf16/fp16; 2 programs = 16 warps and 64 KiB of loads
+    in flight per SM), 64 fp32. Backward 10.0 bf16, 9.5 fp16, 10.0 fp32 (budget 12), 32
+    registers, LDG.128 / STG.128. Before this design: forward 23.4 (a block max with barriers
+    every step and an argmax branch), backward 15.9 (a per-element label compare).
   - Knobs to tune on a GPU (one config, no autotune): `_common.STEP_BYTES`, `STEPS_PER_CHUNK`,
     `BYTES_PER_THREAD_STEP` (num_warps), or per call `_block_v` / `_chunk`.
 """
@@ -61,13 +70,10 @@ from pg_kernels.triton._common import (
     acc_dtype_of,
     div_acc,
     exp2_acc,
-    exp_acc,
-    inv_temperature,
     max_nan,
     round_to,
     row_blocking,
     row_offset,
-    scalar_inv_temperature_bits,
     scalar_log2_scale_bits,
     valid_inv_temperature,
 )
@@ -380,50 +386,41 @@ def _fwd_merge_kernel(
 
 
 @triton.jit
-def _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label_col,
-              MASKED: tl.constexpr):  # fmt: skip
-    """dz_j / tau for one block, with the coefficients a, b, c, g_label already divided by tau.
-
-    d_j = z_j - L = log p_j, p_j = e^{d_j}:
-      g_l (1[j=c] - p_j)          -> -g_l p_j in a, g_l 1[j=c] added below
-      g_H (-p_j (d_j + H))        -> -g_H H p_j in a, -g_H p_j d_j = p_j (b d_j)
-      g_C (2 p_j (p_j - C))       -> -2 g_C C p_j in a, 2 g_C p_j^2 = p_j (c p_j)
-      g_L p_j                     -> g_L p_j in a
-    """
-    if MASKED:
-        in_row = cols < V
-        x = tl.load(x_row + cols, mask=in_row & keep, other=float("-inf"))
-    else:
-        # A uniform mask (one flag for the whole block) keeps the loads vectorized.
-        x = tl.load(x_row + cols, mask=keep, other=float("-inf"))
-    x = x.to(lse.dtype)
-    d = tl.fma(x, inv_tau, -lse)
-    p = exp_acc(d)
-    # d clamped to a finite floor: a -inf logit has p = 0, and p * (b d) must be 0, not 0 * inf.
-    dz = p * tl.fma(c, p, tl.fma(b, tl.maximum(d, D_MIN), a))
-    dz = tl.where(cols == label_col, dz + g_label, dz)
-    dz = round_to(dz, g_row.dtype.element_ty)
-    if MASKED:
-        tl.store(g_row + cols, dz, mask=in_row)
-    else:
-        tl.store(g_row + cols, dz)
+def _bwd_values(x, c, l2_hi, a, b, q):
+    """dz / tau of logits x (ACC) without the label term, in base 2 (see _bwd_kernel):
+    e = 2^d2, d2 = x c - L2_hi, dz = e (a + b d2 + q e). d2 is clamped to a finite floor: a -inf
+    logit has e = 0 and e (b d2) must be 0, not 0 * inf."""
+    d2 = tl.maximum(tl.fma(x, c, -l2_hi), D_MIN)
+    e = exp2_acc(d2)
+    return e * tl.fma(q, e, tl.fma(b, d2, a))
 
 
-@triton.jit(do_not_specialize=["inv_tau_bits", "ignore_index"])
+@triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _bwd_kernel(
-    x_ptr, labels_ptr, temp_ptr, inv_tau_bits, ignore_index, V,
+    x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V,
     n_inner, stride_outer, stride_inner,
     g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, lse_ptr, entropy_ptr, collision_ptr,
     grad_ptr,
     HAS_TEMP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Program (row, chunk): the gradient of one chunk of one row, written once (rounded once)."""
+    """Program (row, chunk): the gradient of one chunk of one row, written once (rounded once).
+
+    SPEC section 3 with p_j = e^(z_j - L) recomputed from the saved L, in base 2: L2 = L log2(e)
+    is split (in fp64, once per row) into L2_hi + L2_lo, d2 = x c - L2_hi (c = log2(e) / tau, one
+    fma per element), p_j = k 2^d2 with k = 2^-L2_lo, log p_j = ln2 (d2 - L2_lo). Then
+        dz_j = p_j (A + B log p_j + C p_j) + g_l 1[j = c]
+             = e (a + b d2 + q e) + g_l 1[j = c],     e = 2^d2,
+    A = g_L - g_l - g_H H - 2 g_C C, B = -g_H, C = 2 g_C (token_stats_grad_coef), and
+    a = k (A - B ln2 L2_lo), b = k B ln2, q = k^2 C, all divided by tau: every correction lives
+    in per-row coefficients. The label's entry is rewritten after the loop (by the program that
+    holds it, after a barrier), so the loop has no per-element compare.
+    """
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
-    inv_tau = inv_temperature(temp_ptr, row, True, inv_tau_bits, HAS_TEMP, ACC)
+    c = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP, ACC)
     lse = tl.load(lse_ptr + row)
     entropy = tl.load(entropy_ptr + row)
     collision = tl.load(collision_ptr + row)
@@ -431,25 +428,22 @@ def _bwd_kernel(
     g_h = tl.load(g_entropy_ptr + row)
     g_c = tl.load(g_collision_ptr + row)
     g_big_l = tl.load(g_lse_ptr + row)
-    # token_stats_grad_coef: dz_j = p_j (a + b d_j + c p_j) + g_l 1[j=c].
-    a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
-    b = -g_h
-    c = 2.0 * g_c
     # A NaN row (bad label, bad temperature, or a forward NaN: L not finite) gets NaN everywhere,
-    # through L. Ignored rows read nothing (x = -inf gives p = 0) and get exactly 0: coefficients 0
-    # and a finite L and 1 / tau whatever their saved values.
-    ok = (label >= 0) & (label < V) & valid_inv_temperature(inv_tau)
+    # through L. Ignored rows read nothing (x = -inf gives e = 0) and get exactly 0: coefficients
+    # 0 and a finite L2 and c whatever their saved values.
+    ok = (label >= 0) & (label < V) & valid_inv_temperature(c)
     ok = ok & (lse > float("-inf")) & (lse < float("inf"))
     lse = tl.where(keep, tl.where(ok, lse, float("nan")), 0.0)
-    scale = tl.where(keep, inv_tau, 0.0)
-    inv_tau = tl.where(keep, inv_tau, 1.0)
-    a = a * scale
-    b = b * scale
-    c = c * scale
-    g_label = g_l * scale
-    # The label's column as int32 (-1: none, also for an ignore_index inside [0, V)), so that the
-    # per-element test is a 32-bit compare.
-    label_col = tl.where(keep & ok, label, -1).to(tl.int32)
+    l2 = lse.to(tl.float64) * LOG2E_F64
+    l2_hi = l2.to(ACC)
+    l2_lo = (l2 - l2_hi.to(tl.float64)).to(ACC)
+    k = exp2_acc(-l2_lo)
+    inv_tau = tl.where(keep, c * LN2, 0.0)  # 1 / tau, or 0: an ignored row's coefficients
+    c = tl.where(keep, c, 1.0)
+    big_a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
+    a = inv_tau * k * (big_a + g_h * LN2 * l2_lo)
+    b = inv_tau * k * (-g_h * LN2)
+    q = inv_tau * (k * k) * (2.0 * g_c)
 
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     g_row = grad_ptr + row.to(tl.int64) * V  # the gradient is a fresh contiguous tensor
@@ -459,10 +453,23 @@ def _bwd_kernel(
     lanes = tl.arange(0, BLOCK_V)
     for i in range(0, n_full):
         cols = start + i * BLOCK_V + lanes
-        _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label_col, False)
+        # A uniform mask (one flag for the whole block) keeps the loads vectorized.
+        x = tl.load(x_row + cols, mask=keep, other=float("-inf")).to(ACC)
+        dz = _bwd_values(x, c, l2_hi, a, b, q)
+        tl.store(g_row + cols, round_to(dz, g_row.dtype.element_ty))
     if n_full * BLOCK_V < n_valid:
         cols = start + n_full * BLOCK_V + lanes
-        _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label_col, True)
+        in_row = cols < V
+        x = tl.load(x_row + cols, mask=in_row & keep, other=float("-inf")).to(ACC)
+        dz = _bwd_values(x, c, l2_hi, a, b, q)
+        tl.store(g_row + cols, round_to(dz, g_row.dtype.element_ty), mask=in_row)
+    # The label's entry: dz + g_l / tau, rounded once. The barrier orders it after the block
+    # store of the same address (by another thread of this program).
+    if keep & ok & (label >= start) & (label < start + n_valid):
+        tl.debug_barrier()
+        x_c = tl.load(x_row + label).to(ACC)
+        dz_c = _bwd_values(x_c, c, l2_hi, a, b, q) + g_l * inv_tau
+        tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -635,9 +642,9 @@ def token_stats_backward(
     blk = row_blocking(V, logits.dtype, _block_v, _chunk)
     has_temp = temperature is not None
     temp = temperature if has_temp else labels
-    inv_bits = 0 if has_temp else scalar_inv_temperature_bits(temperature_scalar, acc)
+    scale_bits = 0 if has_temp else scalar_log2_scale_bits(temperature_scalar, acc)
     _bwd_kernel[(N, blk.n_chunks)](
-        logits, labels, temp, inv_bits, ignore_index, V,
+        logits, labels, temp, scale_bits, ignore_index, V,
         n_inner, stride_outer, stride_inner,
         *upstream, *saved, grad,
         HAS_TEMP=has_temp, CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
