@@ -48,9 +48,13 @@ GPU design (H200 target: bf16, N = 16384, V = 151936; not timed yet: no GPU was 
   - Static SASS of the hot loops (.ci/check_triton_sm90.py, triton 3.6, sm_90): forward 9.5
     instructions per element bf16 (pairs), 9.8 fp16, 9.7 fp32 (budget 10 per 16-bit element),
     no BAR/SHFL in the loop, 128 registers (bf16/fp16; 2 programs = 16 warps and 64 KiB of loads
-    in flight per SM), 64 fp32. Backward 10.0 bf16, 9.5 fp16, 10.0 fp32 (budget 12), 32
+    in flight per SM), 64 fp32. Backward 11.0 bf16, 10.5 fp16, 11.0 fp32 (budget 12), 32
     registers, LDG.128 / STG.128. Before this design: forward 23.4 (a block max with barriers
     every step and an argmax branch), backward 15.9 (a per-element label compare).
+  - Accuracy (fp32 [16, 4099], randn * 4 with a +40..50 spike, float64 truth, interpreter): at
+    tau = 1 logprob 1.2e-6, lse 1.9e-9, gradient 1.9e-9 (plain fp32 PyTorch: 1.2e-6, -, 1.9e-9);
+    at tau = 0.7 logprob 1.7e-6 (PyTorch 3.3e-6), gradient 4.8e-6 (PyTorch 3.4e-8: the saved L is
+    rounded to fp32, ulp(86) / 2 = 3.8e-6; the C++ kernel 3.9e-6).
   - Knobs to tune on a GPU (one config, no autotune): `_common.STEP_BYTES`, `STEPS_PER_CHUNK`,
     `BYTES_PER_THREAD_STEP` (num_warps), or per call `_block_v` / `_chunk`.
 """
@@ -68,7 +72,6 @@ from pg_kernels.triton._common import (
     LN2,
     LOG2E_F64,
     acc_dtype_of,
-    div_acc,
     exp2_acc,
     max_nan,
     round_to,
@@ -84,15 +87,16 @@ MERGE_BLOCK_R = 128
 
 
 @triton.jit
-def _log2_scale(temp_ptr, rows, mask, scale_bits, HAS_TEMP: tl.constexpr, ACC: tl.constexpr):
-    """c = log2(e) / tau in ACC, rounded once: from the per-row tensor (a float64 quotient per
-    row), or the launcher's scalar (float64 bits, `scalar_log2_scale_bits`). Anything but a finite
-    positive c (tau <= 0, inf, NaN) makes the row NaN."""
+def _log2_scale(temp_ptr, rows, mask, scale_bits, HAS_TEMP: tl.constexpr):
+    """c = log2(e) / tau in float64: from the per-row tensor (a float64 quotient per row), or the
+    launcher's scalar (float64 bits, `scalar_log2_scale_bits`). The hot loops use it rounded
+    once to ACC; the per-row finalize uses it whole. Anything but a finite positive c (tau <= 0,
+    inf, NaN) makes the row NaN."""
     if HAS_TEMP:
         tau = tl.load(temp_ptr + rows, mask=mask, other=1.0).to(tl.float64)
-        return (tl.full([], LOG2E_F64, tl.float64) / tau).to(ACC)
+        return tl.full([], LOG2E_F64, tl.float64) / tau
     else:
-        return scale_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+        return scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -165,33 +169,44 @@ def _accumulate(x, c, r2, s1, s2, t2):
 
 
 @triton.jit
-def _finalize(mx, s1, s2, t2, am, x_label, c, keep, ok):
+def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
     """SPEC section 2 from a row's merged base-2 state (softmax_stats.h's finalize_token_stats).
 
-    mx: the row's raw max; s1, s2, t2 relative to r2 = reference(mx) * c. Log-probabilities are
-    taken relative to that reference with the same fma the sums used (d2 = x c - r2), so p_c and
-    the sums agree to the last bit and log p_c stays exact as p_c -> 1 (no z_c - L cancellation).
-    keep: not an ignored row (else every output 0, argmax 0). ok: the label is in range and c is
-    finite and positive (else NaN). A row whose max is not finite (all -inf, a NaN, a +inf) is NaN
-    with argmax -1.
+    mx: the row's raw max; s1, s2, t2 relative to r2 = reference(mx) * c (c = c64 rounded to ACC,
+    as the sums used it), so the max itself entered the sums as 2^eps, eps = fma(mx, c, -r2) (its
+    rounding residual; 0 under the interpreter, whose fma rounds twice). Per row, in float64,
+    with the logits relative to the max through the exact scale c64:
+        lse      = ln2 (mx c64 + log2 s1 - eps)
+        logprob  = ln2 ((x_c - mx) c64 + eps - log2 s1)
+    round once: log p_c stays exact as p_c -> 1 (no z_c - L cancellation) and large |log p|
+    carry no base-2 rounding. keep: not an ignored row (else every output 0, argmax 0). ok: the
+    label is in range and c is finite and positive (else NaN). A row whose max is not finite
+    (all -inf, a NaN, a +inf) is NaN with argmax -1.
     """
+    ACC: tl.constexpr = s1.dtype
     valid = ok & (mx > float("-inf")) & (mx < float("inf"))
     # Rows that end up 0 or NaN anyway compute on a dummy state: no log(0) or 0 / 0 (numpy
     # warnings under the interpreter), same results.
-    s1 = tl.where(valid, s1, 1.0)
+    s1 = tl.where(valid, s1, 1.0).to(tl.float64)
     mx = tl.where(valid, mx, 0.0)
-    x_label = tl.where(valid, x_label, 0.0)
-    r2 = mx * c
+    x_label = tl.where(valid, x_label, 0.0).to(tl.float64)
+    # The max's own exponent as the loop formed it (the same fma, bitwise): the rounding of r2.
+    c = c64.to(ACC)
+    eps = tl.fma(mx, c, -(mx * c)).to(tl.float64)
+    mx = mx.to(tl.float64)
     log2_s1 = tl.log2(s1)
-    lse = (r2 + log2_s1) * LN2
-    logprob = (tl.fma(x_label, c, -r2) - log2_s1) * LN2
-    collision = div_acc(s2, s1 * s1)
-    p_c = exp2_acc(tl.fma(x_label, c, -r2) - log2_s1)
+    ln2 = tl.full([], LN2, tl.float64)
+    lse = (ln2 * (mx * c64 + log2_s1 - eps)).to(ACC)
+    log2_p_c = (x_label - mx) * c64 + eps - log2_s1
+    logprob = (ln2 * log2_p_c).to(ACC)
+    p_c = tl.exp(ln2 * log2_p_c)
+    collision = s2.to(tl.float64) / (s1 * s1)
     # Two non-negative terms instead of 1 - 2 p_c + C: no cancellation when p_c -> 1.
     lgp = (1.0 - p_c) * (1.0 - p_c) + (collision - p_c * p_c)
-    lgp = tl.where(lgp > 0.0, lgp, 0.0)
-    entropy = (log2_s1 - div_acc(t2, s1)) * LN2
-    max_prob = exp2_acc(tl.fma(mx, c, -r2) - log2_s1)
+    lgp = tl.where(lgp > 0.0, lgp, 0.0).to(ACC)
+    collision = collision.to(ACC)
+    entropy = (ln2 * (log2_s1 - t2.to(tl.float64) / s1)).to(ACC)
+    max_prob = tl.exp(ln2 * (eps - log2_s1)).to(ACC)
     nan = float("nan")
     logprob = tl.where(keep, tl.where(valid, logprob, nan), 0.0)
     entropy = tl.where(keep, tl.where(valid, entropy, nan), 0.0)
@@ -240,7 +255,8 @@ def _fwd_chunk_kernel(
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
-    c = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP, ACC)
+    c64 = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP)
+    c = c64.to(ACC)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
 
     start = chunk * CHUNK
@@ -315,7 +331,7 @@ def _fwd_chunk_kernel(
     if FINALIZE:
         ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
         x_label = tl.load(x_row + tl.where(ok, label, 0), mask=ok, other=0.0).to(ACC)
-        vals = _finalize(cmax, s1_sum, s2_sum, t2_sum, am, x_label, c, keep, ok)
+        vals = _finalize(cmax, s1_sum, s2_sum, t2_sum, am, x_label, c64, keep, ok)
         _store_outputs(
             row, True, vals, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr,
             max_prob_ptr, argmax_ptr,
@@ -345,8 +361,9 @@ def _fwd_merge_kernel(
     rmask = rows < N
     label = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64)
     keep = label != ignore_index
-    c = _log2_scale(temp_ptr, rows, rmask, scale_bits, HAS_TEMP, ACC)
-    c = tl.zeros([BLOCK_R], ACC) + c  # a scalar temperature: broadcast to the rows
+    c64 = _log2_scale(temp_ptr, rows, rmask, scale_bits, HAS_TEMP)
+    c64 = tl.zeros([BLOCK_R], tl.float64) + c64  # a scalar temperature: broadcast to the rows
+    c = c64.to(ACC)
 
     plane = n_chunks.to(tl.int64) * N
     # First the row's max and first argmax (strictly greater: among equal maxima the earliest
@@ -378,7 +395,7 @@ def _fwd_merge_kernel(
     ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
     x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
     x_label = tl.load(x_row + tl.where(ok, label, 0), mask=ok & rmask, other=0.0).to(ACC)
-    vals = _finalize(mx, s1, s2, t2, am, x_label, c, keep, ok)
+    vals = _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok)
     _store_outputs(
         rows, rmask, vals, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr,
         max_prob_ptr, argmax_ptr,
@@ -386,11 +403,11 @@ def _fwd_merge_kernel(
 
 
 @triton.jit
-def _bwd_values(x, c, l2_hi, a, b, q):
+def _bwd_values(x, m, c, rho_hi, a, b, q):
     """dz / tau of logits x (ACC) without the label term, in base 2 (see _bwd_kernel):
-    e = 2^d2, d2 = x c - L2_hi, dz = e (a + b d2 + q e). d2 is clamped to a finite floor: a -inf
-    logit has e = 0 and e (b d2) must be 0, not 0 * inf."""
-    d2 = tl.maximum(tl.fma(x, c, -l2_hi), D_MIN)
+    e = 2^d2, d2 = (x - m) c - rho_hi, dz = e (a + b d2 + q e). d2 is clamped to a finite floor:
+    a -inf logit has e = 0 and e (b d2) must be 0, not 0 * inf."""
+    d2 = tl.maximum(tl.fma(x - m, c, -rho_hi), D_MIN)
     e = exp2_acc(d2)
     return e * tl.fma(q, e, tl.fma(b, d2, a))
 
@@ -405,13 +422,15 @@ def _bwd_kernel(
 ):  # fmt: skip
     """Program (row, chunk): the gradient of one chunk of one row, written once (rounded once).
 
-    SPEC section 3 with p_j = e^(z_j - L) recomputed from the saved L, in base 2: L2 = L log2(e)
-    is split (in fp64, once per row) into L2_hi + L2_lo, d2 = x c - L2_hi (c = log2(e) / tau, one
-    fma per element), p_j = k 2^d2 with k = 2^-L2_lo, log p_j = ln2 (d2 - L2_lo). Then
+    SPEC section 3 with p_j = e^(z_j - L) recomputed from the saved L, in base 2, relative to a
+    raw reference m = L tau (the logits near the max enter as small differences x - m, so the
+    scale's rounding barely touches the large p_j): with rho = L log2(e) - m c64 split (in fp64,
+    once per row) into rho_hi + rho_lo, d2 = (x - m) c - rho_hi (c = log2(e) / tau rounded),
+    p_j = k 2^d2 with k = 2^-rho_lo and log p_j = ln2 (d2 - rho_lo). Then
         dz_j = p_j (A + B log p_j + C p_j) + g_l 1[j = c]
              = e (a + b d2 + q e) + g_l 1[j = c],     e = 2^d2,
     A = g_L - g_l - g_H H - 2 g_C C, B = -g_H, C = 2 g_C (token_stats_grad_coef), and
-    a = k (A - B ln2 L2_lo), b = k B ln2, q = k^2 C, all divided by tau: every correction lives
+    a = k (A - B ln2 rho_lo), b = k B ln2, q = k^2 C, all divided by tau: every correction lives
     in per-row coefficients. The label's entry is rewritten after the loop (by the program that
     holds it, after a barrier), so the loop has no per-element compare.
     """
@@ -420,7 +439,8 @@ def _bwd_kernel(
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
-    c = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP, ACC)
+    c64 = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP)
+    c = c64.to(ACC)
     lse = tl.load(lse_ptr + row)
     entropy = tl.load(entropy_ptr + row)
     collision = tl.load(collision_ptr + row)
@@ -434,14 +454,17 @@ def _bwd_kernel(
     ok = (label >= 0) & (label < V) & valid_inv_temperature(c)
     ok = ok & (lse > float("-inf")) & (lse < float("inf"))
     lse = tl.where(keep, tl.where(ok, lse, float("nan")), 0.0)
-    l2 = lse.to(tl.float64) * LOG2E_F64
-    l2_hi = l2.to(ACC)
-    l2_lo = (l2 - l2_hi.to(tl.float64)).to(ACC)
-    k = exp2_acc(-l2_lo)
+    c64 = tl.where(keep & (c64 > 0.0) & (c64 < float("inf")), c64, 1.0)
+    l2 = lse.to(tl.float64) * tl.full([], LOG2E_F64, tl.float64)
+    m = (l2 / c64).to(ACC)
+    rho = l2 - m.to(tl.float64) * c64
+    rho_hi = rho.to(ACC)
+    rho_lo = (rho - rho_hi.to(tl.float64)).to(ACC)
+    k = exp2_acc(-rho_lo)
     inv_tau = tl.where(keep, c * LN2, 0.0)  # 1 / tau, or 0: an ignored row's coefficients
     c = tl.where(keep, c, 1.0)
     big_a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
-    a = inv_tau * k * (big_a + g_h * LN2 * l2_lo)
+    a = inv_tau * k * (big_a + g_h * LN2 * rho_lo)
     b = inv_tau * k * (-g_h * LN2)
     q = inv_tau * (k * k) * (2.0 * g_c)
 
@@ -455,20 +478,20 @@ def _bwd_kernel(
         cols = start + i * BLOCK_V + lanes
         # A uniform mask (one flag for the whole block) keeps the loads vectorized.
         x = tl.load(x_row + cols, mask=keep, other=float("-inf")).to(ACC)
-        dz = _bwd_values(x, c, l2_hi, a, b, q)
+        dz = _bwd_values(x, m, c, rho_hi, a, b, q)
         tl.store(g_row + cols, round_to(dz, g_row.dtype.element_ty))
     if n_full * BLOCK_V < n_valid:
         cols = start + n_full * BLOCK_V + lanes
         in_row = cols < V
         x = tl.load(x_row + cols, mask=in_row & keep, other=float("-inf")).to(ACC)
-        dz = _bwd_values(x, c, l2_hi, a, b, q)
+        dz = _bwd_values(x, m, c, rho_hi, a, b, q)
         tl.store(g_row + cols, round_to(dz, g_row.dtype.element_ty), mask=in_row)
     # The label's entry: dz + g_l / tau, rounded once. The barrier orders it after the block
     # store of the same address (by another thread of this program).
     if keep & ok & (label >= start) & (label < start + n_valid):
         tl.debug_barrier()
         x_c = tl.load(x_row + label).to(ACC)
-        dz_c = _bwd_values(x_c, c, l2_hi, a, b, q) + g_l * inv_tau
+        dz_c = _bwd_values(x_c, m, c, rho_hi, a, b, q) + g_l * inv_tau
         tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))
 
 
