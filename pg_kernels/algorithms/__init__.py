@@ -1,1 +1,35 @@
-"""Sequence-level methods built on per-token tensors (baselines, masks, policy losses)."""
+"""Sequence-level methods built on per-token tensors (baselines, masks, policy losses).
+
+Plain PyTorch on padded [B, T] tensors with a mask (or packed rows, see `packing`): advantages,
+sequence masks, policy losses, a response-length lr schedule and mismatch metrics (SPEC
+section 7). No host syncs, no Python loops over rows, groups, steps or turns.
+"""
+
+from pg_kernels.algorithms.advantages import (
+    empg_advantages,
+    group_advantages,
+    otb_advantages,
+    trloo_advantages,
+    turns_to_tokens,
+)
+from pg_kernels.algorithms.losses import hybrid_il_rl_loss, policy_loss
+from pg_kernels.algorithms.masks import geometric_rejection, trm_mask
+from pg_kernels.algorithms.metrics import mismatch_metrics
+from pg_kernels.algorithms.packing import packed_to_padded, padded_to_packed
+from pg_kernels.algorithms.schedules import ResponseLengthLRScheduler
+
+__all__ = [
+    "ResponseLengthLRScheduler",
+    "empg_advantages",
+    "geometric_rejection",
+    "group_advantages",
+    "hybrid_il_rl_loss",
+    "mismatch_metrics",
+    "otb_advantages",
+    "packed_to_padded",
+    "padded_to_packed",
+    "policy_loss",
+    "trloo_advantages",
+    "trm_mask",
+    "turns_to_tokens",
+]
