@@ -75,7 +75,7 @@ def group_advantages(
     centred = rewards - mean
     sq = segment_sum(centred * centred, gid, B)[gid]
     std = torch.sqrt(sq / torch.where(count > 1, count - 1, 1))
-    return centred / (std + eps)
+    return torch.where(count > 1, centred / (std + eps), 0)
 
 
 def otb_advantages(
