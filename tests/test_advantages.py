@@ -172,7 +172,13 @@ def test_otb_errors():
     with pytest.raises(ValueError, match="mask"):
         otb_advantages(torch.zeros(2), torch.zeros(2, 3), m[:, :2], ids)
     with pytest.raises(TypeError, match="mask"):
-        otb_advantages(torch.zeros(2), torch.zeros(2, 3), m.long(), ids)
+        otb_advantages(torch.zeros(2), torch.zeros(2, 3), m.to(torch.complex64), ids)
+    # an int64 mask (as HF attention masks) is accepted and equals the bool one
+    lgp = torch.rand(2, 3)
+    torch.testing.assert_close(
+        otb_advantages(torch.ones(2), lgp, m.long(), ids),
+        otb_advantages(torch.ones(2), lgp, m, ids),
+    )
     with pytest.raises(ValueError, match="is_weights"):
         otb_advantages(torch.zeros(2), torch.zeros(2, 3), m, ids, is_weights=torch.ones(2, 2))
 

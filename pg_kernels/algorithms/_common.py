@@ -32,11 +32,11 @@ def check_int(name: str, t: torch.Tensor, ndim: int) -> None:
 
 
 def check_mask(name: str, mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> None:
-    """`mask` must be bool or floating with exactly `shape`."""
+    """`mask` must be bool, integer (e.g. an int64 attention mask) or floating, of `shape`."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"{name} must be bool or floating, got {mask.dtype}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool, integer or floating, got {mask.dtype}")
     check_shape(name, mask, shape)
 
 

@@ -106,7 +106,7 @@ def otb_advantages(
     Args:
         returns: [B] or [B, T] float.
         lgp: [B, T] float, the per-token logit-gradient proxy.
-        mask: [B, T] bool or float (1 = a model token that counts).
+        mask: [B, T] bool, int or float (1 = a model token that counts).
         group_ids: [B] int64 / int32.
         is_weights: optional [B, T] float, truncated IS weights (default 1).
         handle_zero_tail: see above.
@@ -185,7 +185,7 @@ def trloo_advantages(
 
     Args:
         turn_rewards: [B, K] float, the reward of each turn.
-        turn_mask: [B, K] bool or float (nonzero = a valid turn).
+        turn_mask: [B, K] bool, int or float (nonzero = a valid turn).
         group_ids: [B] int64 / int32.
         gamma: discount per valid turn.
 
@@ -268,7 +268,7 @@ def empg_advantages(
     Args:
         advantages: [B] float, the outcome advantage of each row.
         token_entropy: [B, T] float (`token_stats(...).entropy`).
-        mask: [B, T] bool or float.
+        mask: [B, T] bool, int or float.
         step_ids: [B, T] int64 / int32, values in [-1, T) (not checked: that would sync).
         k, k_f, zeta: the EMPG constants.
 

@@ -108,12 +108,12 @@ def policy_loss(
         logprob: [B, T] float, log pi_theta of the sampled tokens (differentiable).
         old_logprob: [B, T] float, log-probs of the policy that the ratio is taken against.
         advantages: [B] (one per row) or [B, T] float.
-        mask: [B, T] bool or float.
+        mask: [B, T] bool, int or float.
         loss_type: "ppo", "gspo" or "cispo".
         clip_low, clip_high: the clip range (asymmetric, DAPO's clip-higher by default).
         dual_clip: None or c > 1 (ppo and gspo).
         agg: one of the four aggregations above.
-        seq_mask: optional [B] bool or float, True / nonzero = keep the row.
+        seq_mask: optional [B] bool, int or float, True / nonzero = keep the row.
         rollout_logprob: [B, T] float, needed with rollout_correction.
         rollout_correction: None, "tis" or "icepop".
         tis_cap, icepop_low, icepop_high: the correction's constants.
@@ -255,7 +255,7 @@ def hybrid_il_rl_loss(
         logprob: [B, T] float, log pi_theta of the sampled tokens (differentiable).
         advantages: [B] or [B, T] float, the task advantage A.
         token_kl: [B, T] float, per-token reverse KL to the teacher (differentiable).
-        mask: [B, T] bool or float.
+        mask: [B, T] bool, int or float.
         beta: the KL weight.
         agg: "token-mean", "seq-mean-token-sum", "seq-mean-token-mean" or
             "seq-mean-token-sum-norm".

@@ -41,7 +41,7 @@ def trm_mask(
     violate). Values on masked tokens are ignored, NaN included.
 
     Args:
-        mask: [B, T] bool or float (nonzero = a valid token).
+        mask: [B, T] bool, int or float (nonzero = a valid token).
         token_kl: [B, T] float, exact mode. Give either token_kl or both k2 and k3.
         k2, k3: [B, T] float, sampled mode.
         max_threshold, avg_threshold: the trust-region radii (the paper's defaults).
@@ -90,7 +90,7 @@ def geometric_rejection(
 
     Args:
         log_ratio: [B, T] float.
-        mask: [B, T] bool or float.
+        mask: [B, T] bool, int or float.
         low, high: the band for the geometric-mean ratio.
         veto: a token ratio below this rejects its row.
         clamp: |log_ratio| bound before exp (as verl's SAFETY_BOUND).

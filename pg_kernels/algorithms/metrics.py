@@ -54,7 +54,7 @@ def mismatch_metrics(
     Args:
         logprob: [B, T] float, training log-probs of the sampled tokens.
         rollout_logprob: [B, T] float, the rollout engine's log-probs of the same tokens.
-        mask: [B, T] bool or float (nonzero = valid).
+        mask: [B, T] bool, int or float (nonzero = valid).
         token_kl: optional [B, T] float, exact per-token KL(pi_roll || pi_theta)
             (`mismatch_stats(..., rollout_logits=...).token_kl`).
 

@@ -71,7 +71,7 @@ def padded_to_packed(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 
     Args:
         x: [B, T, ...] any dtype.
-        mask: [B, T] bool or float (nonzero = keep).
+        mask: [B, T] bool, int or float (nonzero = keep).
 
     Returns:
         (packed [N, ...] differentiable w.r.t. x; cu_seqlens int32 [B + 1]).
