@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--var-batches", type=int, default=None, help="batches per variance estimate")
     args = ap.parse_args(argv)
-    steps = args.steps or (15 if args.quick else 300)
+    steps = args.steps or (15 if args.quick else 400)
     seeds = args.seeds or (1 if args.quick else 5)
     args.var_batches = args.var_batches or (4 if args.quick else 64)
     torch.set_num_threads(args.threads)

@@ -202,3 +202,44 @@ def test_policy_loss_compiles_with_inductor_and_backward():
     f(x1).backward()
     torch.compile(f, fullgraph=True)(x2).backward()
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- no host reads
+
+
+def test_no_host_reads_meta_tensors():
+    """Every function runs on meta tensors (shapes only, no data): a .item(), bool() or
+    data-dependent branch would raise here, so none of them can sync a GPU with the host."""
+    d = "meta"
+    B, T = 6, 5
+    ids = torch.zeros(B, dtype=torch.int64, device=d)
+    mask = torch.ones(B, T, dtype=torch.bool, device=d)
+    x = torch.zeros(B, T, device=d)
+    r = torch.zeros(B, device=d)
+    steps = torch.zeros(B, T, dtype=torch.int64, device=d)
+    for m in ("grpo", "dr_grpo", "rloo"):
+        assert alg.group_advantages(r, ids, method=m).shape == (B,)
+    assert alg.otb_advantages(r, x, mask, ids, is_weights=x, handle_zero_tail=True).shape == (B, T)
+    assert alg.trloo_advantages(x, mask, ids).shape == (B, T)
+    assert alg.turns_to_tokens(x, steps).shape == (B, T)
+    assert alg.empg_advantages(r, x, mask, steps).shape == (B, T)
+    assert alg.trm_mask(mask, k2=x, k3=x).shape == (B,)
+    assert alg.trm_mask(mask, token_kl=x).shape == (B,)
+    assert alg.geometric_rejection(x, mask).shape == (B,)
+    combos = (
+        ("ppo", "token-mean"),
+        ("gspo", "seq-mean-token-mean"),
+        ("cispo", "seq-mean-token-sum"),
+    )
+    for loss_type, agg in combos:
+        loss, metrics = alg.policy_loss(
+            x, x, r, mask, loss_type=loss_type, agg=agg, seq_mask=mask[:, 0],
+            rollout_logprob=x, rollout_correction="icepop", entropy=x, entropy_coef=0.1,
+            kl=x, kl_coef=0.1, dual_clip=None if loss_type == "cispo" else 3.0,
+        )  # fmt: skip
+        assert loss.shape == () and all(v.shape == () for v in metrics.values())
+    assert alg.hybrid_il_rl_loss(x, r, x, mask, beta=0.1).shape == ()
+    assert all(v.shape == () for v in alg.mismatch_metrics(x, x, mask, token_kl=x).values())
+    cu = torch.zeros(B + 1, dtype=torch.int64, device=d)
+    padded, pmask = alg.packed_to_padded(torch.zeros(30, device=d), cu, max_seqlen=T)
+    assert padded.shape == (B, T) and pmask.shape == (B, T)
