@@ -5,7 +5,7 @@ Task ("digit sum"): the prompt is one token naming a target s in [TARGET_LO, TAR
 policy writes up to MAX_LEN digits 0-9 and may stop early with EOS. Reward 1 if the digits sum
 to s exactly, else 0 (checked by a program: verifiable). Responses have variable lengths.
 
-Policy: a 2-layer causal transformer in plain torch (~30k parameters). Each step samples N
+Policy: a 2-layer causal transformer in plain torch (40k parameters). Each step samples N
 responses for each of P prompts, computes log-prob / entropy / logit-gradient proxy of the
 sampled tokens in one pass with `pg_kernels.token_stats` (the C++ kernel on CPU), the
 advantages with `group_advantages` (mean baseline, "dr_grpo") or `otb_advantages`, and takes one
@@ -98,6 +98,7 @@ class RunResult:
     grad_norm: list
     greedy_acc: float
     seconds: float
+    cpu_seconds: float
 
 
 def batch_loss(policy, method, n, prompts_per_step, entropy_coef):
@@ -130,7 +131,7 @@ def run(method, n, seed, steps, prompts_per_step, lr, entropy_coef, desc, keep_a
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     rewards, proxy, gnorm = [], [], []
     snapshot = None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in tqdm(range(steps), desc=desc, leave=False, mininterval=1.0):
         if step == keep_at:
             snapshot = copy.deepcopy(policy)
@@ -142,15 +143,15 @@ def run(method, n, seed, steps, prompts_per_step, lr, entropy_coef, desc, keep_a
         proxy.append(prox)
         rewards.append(float(R.mean()))
         gnorm.append(float(norm))
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     prompts = torch.arange(11, 11 + N_TARGETS)
     acc = float(reward(prompts, sample(policy, prompts, greedy=True)).mean())
-    return RunResult(rewards, proxy, gnorm, acc, seconds), snapshot
+    return RunResult(rewards, proxy, gnorm, acc, seconds, cpu_seconds), snapshot
 
 
 def gradient_variance(policy, method, n, prompts_per_step, batches, seed):
     """Spread of the policy-gradient estimate at a fixed policy over independent batches:
-    mean ||g_k - g_bar||^2 and ||g_bar||^2 (no entropy term: the plain estimator)."""
+    unbiased estimates of E||g - E g||^2 and ||E g||^2 (no entropy term: the plain estimator)."""
     torch.manual_seed(seed)
     grads = []
     for _ in range(batches):
@@ -159,7 +160,9 @@ def gradient_variance(policy, method, n, prompts_per_step, batches, seed):
         grads.append(torch.cat([g.reshape(-1) for g in gs]).double())
     G = torch.stack(grads)
     mean = G.mean(0)
-    return float(((G - mean) ** 2).sum(1).mean()), float(mean.pow(2).sum())
+    var = float(((G - mean) ** 2).sum(1).sum() / (batches - 1))  # unbiased, summed over params
+    # ||mean||^2 overestimates ||E g||^2 by var / batches: subtract it (unbiased)
+    return var, float(mean.pow(2).sum()) - var / batches
 
 
 def smooth(xs: list, k: int) -> list:
@@ -178,6 +181,21 @@ def mean_sd(xs: list) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def command_args(argv: list[str] | None) -> list[str]:
+    """The command-line arguments, without --out and its value (for the results file)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few seconds (CI)")
@@ -190,14 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--var-batches", type=int, default=None, help="batches per variance estimate")
     args = ap.parse_args(argv)
+    args.cmd_args = command_args(argv)
     steps = args.steps or (15 if args.quick else 400)
     seeds = args.seeds or (1 if args.quick else 5)
-    args.var_batches = args.var_batches or (4 if args.quick else 64)
+    args.var_batches = args.var_batches or (4 if args.quick else 96)
     torch.set_num_threads(args.threads)
     configs = [("mean", 4), ("mean", 16), ("otb", 4)]
     results: dict[tuple[str, int], list[RunResult]] = {}
     snapshots = {}
-    t_all = time.perf_counter()
+    t_all, c_all = time.perf_counter(), time.process_time()
     for method, n in configs:
         for seed in range(seeds):
             desc = f"{method} N={n} seed={seed}"
@@ -222,12 +241,15 @@ def main(argv: list[str] | None = None) -> int:
                 policy, method, n, args.prompts, args.var_batches, seed=1234
             )
     total = time.perf_counter() - t_all
+    total_cpu = time.process_time() - c_all
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     os.makedirs(args.out, exist_ok=True)
-    write_outputs(args, results, variance, steps, seeds, total)
+    write_outputs(args, results, variance, steps, seeds, (total, total_cpu, load))
     return 0
 
 
-def write_outputs(args, results, variance, steps: int, seeds: int, total: float) -> None:
+def write_outputs(args, results, variance, steps: int, seeds: int, times: tuple) -> None:
+    total, total_cpu, load = times
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,12 +282,12 @@ def write_outputs(args, results, variance, steps: int, seeds: int, total: float)
     png = os.path.join(args.out, "grpo_toy.png")
     fig.savefig(png, dpi=110)
 
-    cmd = "python examples/grpo_toy.py" + (" --quick" if args.quick else "")
+    cmd = " ".join(["python examples/grpo_toy.py", *args.cmd_args])
     rows = [
         "| config | N | seeds | reward, first 50 steps | reward, last 50 steps | "
         "greedy accuracy (all targets) | grad-variance proxy (mean) | grad norm (mean) | "
-        "responses sampled | s / run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "responses sampled | wall s / run | CPU s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (method, n), runs in results.items():
         name = "OTB" if method == "otb" else "mean baseline"
@@ -277,14 +299,16 @@ def write_outputs(args, results, variance, steps: int, seeds: int, total: float)
             f"| {mean_sd([statistics.mean(r.proxy) for r in runs])} "
             f"| {mean_sd([statistics.mean(r.grad_norm) for r in runs])} "
             f"| {args.prompts * n * steps} "
-            f"| {statistics.mean(r.seconds for r in runs):.1f} |"
+            f"| {statistics.mean(r.seconds for r in runs):.1f} "
+            f"| {statistics.mean(r.cpu_seconds for r in runs):.1f} |"
         )
     md = "\n".join(
         [
             "# GRPO toy: mean baseline vs Optimal Token Baseline",
             "",
             f"Command: `{cmd}` ({steps} steps, {args.prompts} prompts per step, lr {args.lr}, "
-            f"{args.threads} thread(s)); total {total:.0f} s.",
+            f"{args.threads} thread(s)); total {total:.0f} s wall, {total_cpu:.0f} s CPU "
+            f"(1-minute load average at the end: {load:.1f}).",
             f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, torch "
             f"{torch.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}.",
             "Values: mean ± sd over seeds. Reward: fraction of sampled responses whose digits "
@@ -294,9 +318,11 @@ def write_outputs(args, results, variance, steps: int, seeds: int, total: float)
             "",
             "Gradient spread at a fixed policy (the same number of prompts per batch; "
             f"{args.var_batches} independent batches per cell; plain estimator, no entropy "
-            "term): E||g - E g||^2 and ||E g||^2 of the parameter gradient.",
+            "term): unbiased estimates of E‖g − Eg‖² and ‖Eg‖² of the parameter gradient "
+            "from the batch gradients g_k; ratio = E‖g − Eg‖² / ‖Eg‖² (noise-to-signal of one "
+            "batch; lower is better, and it is what Adam's update direction feels).",
             "",
-            "| policy | config | N | E‖g − ḡ‖² | ‖ḡ‖² | ratio |",
+            "| policy | config | N | E‖g − Eg‖² | ‖Eg‖² | ratio |",
             "|---|---|---|---|---|---|",
             *[
                 f"| {w} | {'OTB' if m == 'otb' else 'mean baseline'} | {n} | {v:.3e} | "

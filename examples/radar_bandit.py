@@ -109,6 +109,21 @@ def simulate(method: str, K: int, T: int, seeds: int, J: float, noise: float, lr
     return regret, proxy_err
 
 
+def command_args(argv: list[str] | None) -> list[str]:
+    """The command-line arguments, without --out and its value (for the results file)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few seconds (CI)")
@@ -182,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     png = os.path.join(args.out, "radar_bandit.png")
     fig.savefig(png, dpi=110)
 
-    cmd = "python examples/radar_bandit.py" + (" --quick" if args.quick else "")
+    cmd = " ".join(["python examples/radar_bandit.py", *command_args(argv)])
 
     def row(m: str) -> str:
         final = curves[m][:, -1]
