@@ -3,6 +3,11 @@
 Plain PyTorch on padded [B, T] tensors with a mask (or packed rows, see `packing`): advantages,
 sequence masks, policy losses, a response-length lr schedule and mismatch metrics (SPEC
 section 7). No host syncs, no Python loops over rows, groups, steps or turns.
+
+Group and step statistics are segment sums (`index_add`) over dense ids: on CPU they are
+deterministic; on CUDA `index_add` adds with atomics, so float sums may differ in the last bits
+from run to run unless `torch.use_deterministic_algorithms(True)` is set (torch then takes its
+deterministic index_add path).
 """
 
 from pg_kernels.algorithms.advantages import (
