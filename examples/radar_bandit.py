@@ -16,8 +16,9 @@ the loss of the band it used (bandit feedback). Compared:
     radar knows which band it used last round), only the interference is estimated:
     l^(a) = J 1[a = a_{t-1}] + (l_t(a_t) - J 1[a_t = a_{t-1}]) 1[a = a_t] / x_t(a_t).
     Still unbiased, with less variance: the structure of the jammer is used.
-  - Softmax policy gradient (REINFORCE on the logits theta): theta <- theta - lr g with
-    g = l_t(a_t) (e_{a_t} - x_t), the score-function estimate of grad E[l].
+  - Softmax policy gradient (REINFORCE on the logits theta, x_t = softmax(theta)):
+    theta <- theta - lr g with g = l_t(a_t) (e_{a_t} - x_t), the score-function estimate of
+    grad_theta E[l].
 
 Regret: sum_t <x_t, l_t> - min_a sum_t l_t(a) (against the best fixed band in hindsight on
 the realised loss sequence), averaged over seeds.
@@ -63,8 +64,8 @@ def simulate(method: str, K: int, T: int, seeds: int, J: float, noise: float, lr
     c = 0.05 + 0.4 * torch.rand(seeds, K, generator=g, dtype=torch.float64)  # interference
     eta_full = math.sqrt(8 * math.log(K) / T)
     eta_bandit = math.sqrt(2 * math.log(K) / (T * K))
-    L = torch.zeros(seeds, K, dtype=torch.float64)  # cumulative loss estimates / logits
-    theta = torch.zeros(seeds, K, dtype=torch.float64)
+    L = torch.zeros(seeds, K, dtype=torch.float64)  # Hedge: cumulative loss estimates
+    theta = torch.zeros(seeds, K, dtype=torch.float64)  # softmax PG: the logits
     prev = torch.randint(0, K, (seeds,), generator=g)  # the band the jammer heard last
     rows = torch.arange(seeds)
     exp_loss = torch.zeros(seeds, dtype=torch.float64)
@@ -76,11 +77,8 @@ def simulate(method: str, K: int, T: int, seeds: int, J: float, noise: float, lr
         jam[rows, prev] = J
         eps = noise * (2 * torch.rand(seeds, K, generator=g, dtype=torch.float64) - 1)
         loss = (c + eps + jam).clamp(0, 1)  # [seeds, K]
-        logits = (
-            -theta
-            if method == "softmax_pg"
-            else -((eta_full if method == "hedge_full" else eta_bandit) * L)
-        )
+        eta = eta_full if method == "hedge_full" else eta_bandit
+        logits = theta if method == "softmax_pg" else -eta * L
         x = torch.softmax(logits, -1)
         a = torch.multinomial(x, 1, generator=g)[:, 0]
         la = loss[rows, a]
@@ -93,7 +91,7 @@ def simulate(method: str, K: int, T: int, seeds: int, J: float, noise: float, lr
             L += jam
             L[rows, a] += (la - known) / x[rows, a]
         else:
-            # g = l(a) grad_theta log x_a of the loss E[l] (descent on theta = -logits)
+            # g = l(a) grad_theta log x_a, the score-function estimate of grad E[l]
             z = logits.clone().requires_grad_(True)
             logp = torch.log_softmax(z, -1)[rows, a]
             (grad,) = torch.autograd.grad((la * logp).sum(), z)
@@ -101,7 +99,7 @@ def simulate(method: str, K: int, T: int, seeds: int, J: float, noise: float, lr
             stats = pg_kernels.token_stats(logits, a)  # lgp = 1 - 2 x_a + sum x^2
             proxy = la.abs() * stats.lgp_norm
             proxy_err.append((proxy, measured, x[rows, a]))
-            theta -= lr_pg * grad  # grad w.r.t. -theta: theta moves against l(a)(e_a - x)
+            theta -= lr_pg * grad  # descent on E[l]
         exp_loss += (x * loss).sum(-1)
         cum += loss
         regret[:, t] = exp_loss - cum.min(-1).values
