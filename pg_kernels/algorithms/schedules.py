@@ -22,7 +22,8 @@ class ResponseLengthLRScheduler:
                            ema <- ema_coef * ema + (1 - ema_coef) * x     (after the check)
 
     `step` takes a Python float or a 0-d tensor; a tensor is read with `float()`, a host sync
-    (the scheduler runs on the host between optimizer steps, like torch's schedulers).
+    (the scheduler is host-side Python between optimizer steps, like torch's schedulers, and
+    is not meant to be traced by torch.compile).
 
     Args:
         optimizer: a torch.optim.Optimizer.
