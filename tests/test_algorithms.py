@@ -143,6 +143,46 @@ def test_packing_round_trip_and_grad():
         padded_to_packed(padded, mask[:, :2])
 
 
+def test_compact_rows_hand_case_and_round_trip():
+    m = torch.tensor([[True, False, True, False], [False, False, False, False], [1, 1, 0, 1]])
+    m = m.to(torch.bool)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])
+    xc, mc = alg.compact_rows(x.requires_grad_(True), m)
+    assert xc.tolist() == [[1.0, 3.0, 0.0, 0.0], [0.0] * 4, [9.0, 10.0, 12.0, 0.0]]
+    assert mc.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]]
+    back = alg.uncompact_rows(xc, m)
+    torch.testing.assert_close(back, torch.where(m, x, 0))
+    back.sum().backward()
+    torch.testing.assert_close(x.grad, m.to(x.dtype))
+    # trailing dims ride along; a float mask works as its nonzero pattern
+    y = torch.arange(24.0).view(3, 4, 2)
+    yc, _ = alg.compact_rows(y, m.to(torch.float32))
+    assert yc[2, 2].tolist() == [22.0, 23.0] and yc[0, 1].tolist() == [4.0, 5.0]
+    torch.testing.assert_close(alg.uncompact_rows(yc, m), torch.where(m[..., None], y, 0))
+
+
+def test_multi_turn_otb_via_compact_rows():
+    # the t-th model token of each row shares one baseline position, whatever tool tokens sit
+    # between: OTB on the compacted rows equals OTB on rows that never had the holes
+    g = torch.Generator().manual_seed(3)
+    dense_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    lgp_dense = torch.rand(3, 4, generator=g, dtype=f64)
+    R = torch.tensor([1.0, 0.0, 0.5], dtype=f64)
+    ids = torch.tensor([0, 0, 0])
+    want = alg.otb_advantages(R, lgp_dense, dense_mask, ids)
+    # spread the same tokens out with tool-token holes (mask 0) in between
+    holes = torch.tensor(
+        [[1, 0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0, 0], [1, 1, 0, 1, 0, 0, 1]], dtype=torch.bool
+    )
+    lgp = torch.zeros(3, 7, dtype=f64)
+    lgp[holes] = lgp_dense[dense_mask]
+    lgp[~holes] = 5.0  # tool tokens: ignored
+    lc, mc = alg.compact_rows(lgp, holes)
+    got = alg.uncompact_rows(alg.otb_advantages(R, lc, mc, ids), holes)
+    torch.testing.assert_close(got[holes], want[dense_mask], rtol=1e-12, atol=1e-12)
+    assert float(got[~holes].abs().sum()) == 0.0
+
+
 # ----------------------------------------------------------------------------- compile
 
 
@@ -169,6 +209,7 @@ def _compile_cases():
             )
         ),
         "mismatch_metrics": (lambda: alg.mismatch_metrics(lp, old, mask)),
+        "compact_rows": (lambda: alg.uncompact_rows(alg.compact_rows(lp, mask)[0] * 2, mask)),
         "packed_to_padded": (
             lambda: alg.packed_to_padded(lp.reshape(-1), torch.arange(0, 31, 5), max_seqlen=5)
         ),
@@ -245,5 +286,6 @@ def test_no_host_reads_meta_tensors():
     assert alg.hybrid_il_rl_loss(x, r, x, mask, beta=0.1).shape == ()
     assert all(v.shape == () for v in alg.mismatch_metrics(x, x, mask, token_kl=x).values())
     cu = torch.zeros(B + 1, dtype=torch.int64, device=d)
+    assert alg.uncompact_rows(alg.compact_rows(x, mask)[0], mask).shape == (B, T)
     padded, pmask = alg.packed_to_padded(torch.zeros(30, device=d), cu, max_seqlen=T)
     assert padded.shape == (B, T) and pmask.shape == (B, T)

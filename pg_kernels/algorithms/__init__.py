@@ -20,11 +20,17 @@ from pg_kernels.algorithms.advantages import (
 from pg_kernels.algorithms.losses import hybrid_il_rl_loss, policy_loss
 from pg_kernels.algorithms.masks import geometric_rejection, trm_mask
 from pg_kernels.algorithms.metrics import mismatch_metrics
-from pg_kernels.algorithms.packing import packed_to_padded, padded_to_packed
+from pg_kernels.algorithms.packing import (
+    compact_rows,
+    packed_to_padded,
+    padded_to_packed,
+    uncompact_rows,
+)
 from pg_kernels.algorithms.schedules import ResponseLengthLRScheduler
 
 __all__ = [
     "ResponseLengthLRScheduler",
+    "compact_rows",
     "empg_advantages",
     "geometric_rejection",
     "group_advantages",
@@ -37,4 +43,5 @@ __all__ = [
     "trloo_advantages",
     "trm_mask",
     "turns_to_tokens",
+    "uncompact_rows",
 ]

@@ -114,8 +114,8 @@ def otb_advantages(
 
     Returns:
         [B, T] advantages, dtype of `lgp` (promoted with `returns`); 0 where mask is 0.
-        Multi-turn rows: compact the model tokens first (`padded_to_packed` +
-        `packed_to_padded`) so that position t is the t-th model token.
+        Multi-turn rows: compact the model tokens first (`compact_rows`, then
+        `uncompact_rows` on the result) so that position t is the t-th model token.
     """
     check_float("lgp", lgp, 2)
     B, T = lgp.shape

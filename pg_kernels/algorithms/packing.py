@@ -85,3 +85,60 @@ def padded_to_packed(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     cu = torch.zeros(x.shape[0] + 1, dtype=torch.int32, device=x.device)
     cu[1:] = torch.cumsum(lens, 0).to(torch.int32)
     return x[keep], cu
+
+
+def compact_rows(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's valid tokens to the front, in order, without leaving [B, T] and without
+    a host sync (unlike `padded_to_packed`).
+
+        out[i, k] = x[i, t_k]   with t_k the k-th valid position of row i, k < n_i = sum_t m
+        out[i, k] = 0           for k >= n_i
+
+    Multi-turn rows interleave model tokens with tool / user tokens: compacting them makes
+    position t the t-th model token, which is what OTB's multi-turn variant indexes by
+    (`otb_advantages(R, compact_rows(lgp, m)[0], compact_mask, ids)`, then `uncompact_rows`).
+
+    Args:
+        x: [B, T] or [B, T, ...] any dtype.
+        mask: [B, T] bool, int or float (nonzero = keep).
+
+    Returns:
+        (compacted [B, T, ...] like x, differentiable w.r.t. x; its mask, bool [B, T], True on
+        the first n_i positions of each row).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError("x must be a tensor with at least 2 dims [B, T, ...]")
+    check_mask("mask", mask, x.shape[:2])
+    check_same_device(x=x, mask=mask)
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    B, T = keep.shape
+    # target column of each token: its rank among the row's valid tokens; others go to a spare
+    # column T that is dropped at the end
+    dest = torch.where(keep, torch.cumsum(keep.to(torch.int64), 1) - 1, T)
+    dest = dest.view(B, T, *([1] * (x.dim() - 2))).expand(x.shape)
+    out = x.new_zeros((B, T + 1, *x.shape[2:])).scatter(1, dest, x)[:, :T]
+    n = keep.sum(1, keepdim=True)
+    return out, torch.arange(T, device=x.device)[None, :] < n
+
+
+def uncompact_rows(x_compact: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Inverse of `compact_rows`: out[i, t_k] = x_compact[i, k] on the valid positions of `mask`
+    (the original mask), 0 elsewhere. No host sync.
+
+    Args:
+        x_compact: [B, T] or [B, T, ...], e.g. advantages computed on compacted rows.
+        mask: [B, T], the mask given to `compact_rows`.
+
+    Returns:
+        [B, T, ...] like x_compact, differentiable w.r.t. it.
+    """
+    if not isinstance(x_compact, torch.Tensor) or x_compact.dim() < 2:
+        raise ValueError("x_compact must be a tensor with at least 2 dims [B, T, ...]")
+    check_mask("mask", mask, x_compact.shape[:2])
+    check_same_device(x_compact=x_compact, mask=mask)
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    B, T = keep.shape
+    src = (torch.cumsum(keep.to(torch.int64), 1) - 1).clamp(min=0)
+    shape = (B, T, *([1] * (x_compact.dim() - 2)))
+    out = x_compact.gather(1, src.view(shape).expand(x_compact.shape))
+    return torch.where(keep.view(shape), out, 0)
