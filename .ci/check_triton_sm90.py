@@ -12,7 +12,13 @@ the launch variants that change a kernel's constexprs, with two patches:
 Each compiled kernel's cubin is then read with cuobjdump (from the Triton wheel): registers,
 spills (LOCAL) and the call stack. Any local memory fails the check.
 
-Run: .venv/bin/python .ci/check_triton_sm90.py   (~1-2 min; prints one line per kernel)
+Then the static instruction budgets: for every streaming kernel (one that loops over a row), the
+SASS instructions of its hot loop (`sass_loops.hot_loop`, rare branches included) per element
+each thread handles per trip (per element pair for the kernels that read two logit tensors), and
+its registers, against BUDGETS below. A kernel over its budget fails the check.
+
+Run: .venv/bin/python .ci/check_triton_sm90.py [OP ...]   (~1 min; one line per kernel; with op
+names, only those ops' kernels: a quick loop while tuning one kernel)
 """
 
 from __future__ import annotations
@@ -31,7 +37,38 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sass_loops import functions, hot_loop  # noqa: E402
+
 TARGET = GPUTarget("cuda", 90, 32)
+# SASS instructions per 16-bit element (per element pair for the two-tensor kernels) in each
+# streaming kernel's hot loop. The H200 issues ~16 thread-instructions per bf16 element it can
+# read at full bandwidth (sass_loops); these leave headroom for stalls and the per-program
+# epilogue. fp32 elements arrive at half the rate: their budget is the same per byte (2x per
+# element). fp64 has no bandwidth target (half-rate fp64 units, a software exp): not budgeted.
+# Logit-sized tensors each hot loop streams per element (read or written), for unroll detection.
+STREAMS = {
+    "token_stats._bwd_kernel": 2,
+    "_pair.pair_chunk_kernel": 2,
+    "mismatch_stats._tv_chunk_kernel": 2,
+    "kl_divergence._bwd_kernel": 3,
+    "mismatch_stats._bwd_kernel": 2,
+    "topk_kl._bwd_kernel": 2,
+    "pruned_logprob._bwd_kernel": 2,
+}
+BUDGETS = {
+    "token_stats._fwd_chunk_kernel": 10,
+    "token_stats._bwd_kernel": 12,
+    "_pair.pair_chunk_kernel": 20,
+    "mismatch_stats._tv_chunk_kernel": 20,
+    "kl_divergence._bwd_kernel": 20,
+    "mismatch_stats._bwd_kernel": 12,
+    "topk_kl._tail_chunk_kernel": 12,
+    "topk_kl._bwd_kernel": 12,
+    "pruned_logprob._max_chunk_kernel": 12,
+    "pruned_logprob._sum_chunk_kernel": 12,
+    "pruned_logprob._bwd_kernel": 12,
+}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -65,8 +102,9 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
     return kernel
 
 
-def exercise() -> None:
-    """Every op, forward and backward, in the variants that change a kernel's constexprs."""
+def exercise(only: list[str]) -> None:
+    """Every op (or those named in `only`), forward and backward, in the variants that change a
+    kernel's constexprs."""
     import pg_kernels
     from pg_kernels import _backend
 
@@ -84,15 +122,21 @@ def exercise() -> None:
         id_lp = torch.log_softmax(torch.randn(2, 4, generator=gen), -1) - 1.0
         for temperature in (1.0, per_row):
             t = dict(temperature=temperature, backend="triton")
-            s = pg_kernels.token_stats(x, y, **t)
-            (s.logprob + s.entropy + s.collision + s.lse).sum().backward()
-            for direction in ("reverse", "forward"):
-                pg_kernels.kl_divergence(x, xr, direction=direction, labels=y, **t).sum().backward()
-            pg_kernels.kl_divergence(x, xr.detach(), **t).sum().backward()  # one side only
-            m = pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr.detach(), **t)
-            m.logprob.sum().backward()
-            pg_kernels.topk_kl(x, ids, id_lp, labels=y, **t).sum().backward()
-            pg_kernels.pruned_logprob(x, y, alpha=1e-3, **t).logprob.sum().backward()
+            if not only or "token_stats" in only:
+                s = pg_kernels.token_stats(x, y, **t)
+                (s.logprob + s.entropy + s.collision + s.lse).sum().backward()
+            if not only or "kl_divergence" in only:
+                for direction in ("reverse", "forward"):
+                    kl = pg_kernels.kl_divergence(x, xr, direction=direction, labels=y, **t)
+                    kl.sum().backward()
+                pg_kernels.kl_divergence(x, xr.detach(), **t).sum().backward()  # one side only
+            if not only or "mismatch_stats" in only:
+                m = pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr.detach(), **t)
+                m.logprob.sum().backward()
+            if not only or "topk_kl" in only:
+                pg_kernels.topk_kl(x, ids, id_lp, labels=y, **t).sum().backward()
+            if not only or "pruned_logprob" in only:
+                pg_kernels.pruned_logprob(x, y, alpha=1e-3, **t).logprob.sum().backward()
 
 
 def resources(kernel) -> dict[str, int]:
@@ -108,10 +152,73 @@ def resources(kernel) -> dict[str, int]:
     return dict(zip(("regs", "stack", "shared", "local"), map(int, found.groups())))
 
 
+def sass(kernel) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run(
+            [CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+
+
+# Kernels still over their budget: (kernel, dtype) -> the worst count measured. The check fails
+# when one of these gets worse, and when one comes under its budget (so the list stays true).
+OWED: dict[tuple[str, str], float] = {
+    ("_pair.pair_chunk_kernel", "bf16"): 74.8,
+    ("_pair.pair_chunk_kernel", "fp16"): 73.8,
+    ("_pair.pair_chunk_kernel", "fp32"): 90.5,
+    ("kl_divergence._bwd_kernel", "bf16"): 64.5,
+    ("kl_divergence._bwd_kernel", "fp16"): 63.3,
+    ("kl_divergence._bwd_kernel", "fp32"): 62.4,
+    ("mismatch_stats._bwd_kernel", "bf16"): 30.9,
+    ("mismatch_stats._bwd_kernel", "fp16"): 30.4,
+    ("mismatch_stats._bwd_kernel", "fp32"): 34.0,
+    ("mismatch_stats._tv_chunk_kernel", "bf16"): 47.6,
+    ("mismatch_stats._tv_chunk_kernel", "fp16"): 46.6,
+    ("mismatch_stats._tv_chunk_kernel", "fp32"): 49.1,
+    ("pruned_logprob._bwd_kernel", "bf16"): 18.8,
+    ("pruned_logprob._bwd_kernel", "fp16"): 18.6,
+    ("pruned_logprob._sum_chunk_kernel", "bf16"): 17.6,
+    ("pruned_logprob._sum_chunk_kernel", "fp16"): 16.9,
+    ("topk_kl._bwd_kernel", "bf16"): 19.8,
+    ("topk_kl._bwd_kernel", "fp16"): 19.2,
+    ("topk_kl._tail_chunk_kernel", "bf16"): 15.2,
+    ("topk_kl._tail_chunk_kernel", "fp16"): 15.0,
+}
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+
+
+def logits_dtype(kernel) -> str:
+    """The element type of the kernel's (first) logits argument, x_ptr or xw_ptr."""
+    sig = kernel.src.signature
+    return str(next(sig[a] for a in ("x_ptr", "xw_ptr") if a in sig))[1:]
+
+
+def per_element(name: str, kernel) -> tuple[float, str]:
+    """Hot-loop SASS instructions per element (pair) and a description of the count."""
+    names = list(kernel.src.signature)
+    const = {names[k[0]]: v for k, v in kernel.src.constants.items() if isinstance(k, tuple)}
+    threads = 32 * kernel.metadata.num_warps
+    insns = next(iter(functions(sass(kernel)).values()))
+    loop = hot_loop(insns)
+    if loop is None:
+        raise RuntimeError(f"{name}: no loop that moves global memory")
+    per_trip = const["BLOCK_V"] / threads
+    # The compiler may unroll the step loop: count trips by the global bytes a step moves.
+    itemsize = ITEMSIZE[logits_dtype(kernel)]
+    unroll = max(1, round(loop.global_bytes() / (per_trip * itemsize * STREAMS.get(name, 1))))
+    n = per_trip * unroll
+    return loop.count / n, (
+        f"loop {loop.count} insns / {n:g} elements (fast path {loop.fast_path() / n:.1f}, "
+        f"{len(loop.ops('MUFU'))} MUFU, {len(loop.ops('BAR'))} BAR, {len(loop.ops('SHFL'))} SHFL)"
+    )
+
+
 def main() -> int:
     driver.set_active(OfflineDriver())
     JITFunction.run = _compile_only
-    exercise()
+    only = sys.argv[1:]  # op names: check only their kernels (while iterating on a kernel)
+    exercise(only)
     JITFunction.run = _run
     failed = []
     for name, kernel in sorted(COMPILED.values(), key=lambda item: item[0]):
@@ -132,11 +239,36 @@ def main() -> int:
         )
         if spills:
             failed.append(name)
-    print(f"check_triton_sm90: {len(COMPILED)} kernel variants compiled for sm_90")
     if failed:
         print(f"check_triton_sm90: FAIL: local memory (spills) in {sorted(set(failed))}")
-        return 1
-    return 0
+    print(f"check_triton_sm90: {len(COMPILED)} kernel variants compiled for sm_90")
+    print("\nhot-loop SASS instructions per element (pair), sm_90, against the budget:")
+    over = []
+    worst: dict[tuple[str, str], float] = {}
+    for name, kernel in sorted(COMPILED.values(), key=lambda item: item[0]):
+        if name not in BUDGETS:
+            continue
+        dtype = logits_dtype(kernel)
+        if dtype == "fp64":
+            continue
+        count, how = per_element(name, kernel)
+        budget = BUDGETS[name] * ITEMSIZE[dtype] // 2
+        owed = OWED.get((name, dtype))
+        verdict = "ok" if count <= budget else "OWED" if owed and count <= owed + 0.05 else "OVER"
+        print(f"  {name:34s} {dtype:6s} {count:5.1f} <= {budget:2d} {verdict:4s} {how}")
+        worst[(name, dtype)] = max(worst.get((name, dtype), 0.0), count)
+        if verdict == "OVER":
+            over.append(f"{name} ({dtype}: {count:.1f} > {budget})")
+    stale = [k for k in OWED if k in worst and worst[k] <= BUDGETS[k[0]] * ITEMSIZE[k[1]] // 2]
+    if over or stale:
+        print(
+            f"check_triton_sm90: FAIL: over the instruction budget: {over}; "
+            f"under budget now, remove from OWED: {stale}"
+        )
+        failed.extend(over + stale)
+    owed_now = {k: round(v, 1) for k, v in worst.items() if v > BUDGETS[k[0]] * ITEMSIZE[k[1]] // 2}
+    print(f"check_triton_sm90: {len(owed_now)} (kernel, dtype) pairs over budget: {owed_now}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -7,20 +7,26 @@ from typing import NamedTuple
 import torch
 
 
+def _document_fields(cls: type, **docs: str) -> None:
+    """Each field's docstring (help() and IDEs show it instead of "Alias for field number N")."""
+    for name, doc in docs.items():
+        getattr(cls, name).__doc__ = doc
+
+
 class TokenStats(NamedTuple):
-    """Per-token statistics of p = softmax(logits / temperature) (SPEC section 2).
+    """Per-token statistics of p = softmax(logits / temperature) (docs/math.md section 2).
 
     Float fields are fp32 (fp64 for fp64 logits); 0 where labels == ignore_index and NaN on
     rows whose logits hold a NaN or +inf or are all -inf.
     """
 
-    logprob: torch.Tensor  # log p_c; differentiable
-    entropy: torch.Tensor  # Shannon entropy H(p), nats; differentiable
-    collision: torch.Tensor  # C = sum p^2; differentiable
-    lgp: torch.Tensor  # logit-gradient proxy 1 - 2 p_c + C = |d log p_c / dz|^2; not differentiable
-    lse: torch.Tensor  # logsumexp(logits / temperature); differentiable
-    max_prob: torch.Tensor  # max_j p_j; not differentiable
-    argmax: torch.Tensor  # int64, first index of the max logit (-1 on NaN rows)
+    logprob: torch.Tensor
+    entropy: torch.Tensor
+    collision: torch.Tensor
+    lgp: torch.Tensor
+    lse: torch.Tensor
+    max_prob: torch.Tensor
+    argmax: torch.Tensor
 
     @property
     def lgp_norm(self) -> torch.Tensor:
@@ -33,26 +39,65 @@ class TokenStats(NamedTuple):
         return -self.collision.log()
 
 
-class MismatchStats(NamedTuple):
-    """Training-vs-rollout mismatch per token (SPEC section 5), with delta = logprob - rollout."""
+_document_fields(
+    TokenStats,
+    logprob="log p_c; differentiable",
+    entropy="Shannon entropy H(p), nats; differentiable",
+    collision="C = sum p^2; differentiable",
+    lgp="logit-gradient proxy 1 - 2 p_c + C = |d log p_c / dz|^2; not differentiable",
+    lse="logsumexp(logits / temperature); differentiable",
+    max_prob="max_j p_j; not differentiable",
+    argmax="int64, first index of the max logit (-1 on NaN rows)",
+)
 
-    logprob: torch.Tensor  # log pi_theta(c); differentiable
-    log_ratio: torch.Tensor  # delta
-    ratio: torch.Tensor  # rho = exp(clamp(delta, -20, 20))
-    k1: torch.Tensor  # -delta
-    k2: torch.Tensor  # delta^2 / 2
-    k3: torch.Tensor  # rho - 1 - delta; E_roll[k3] = KL(pi_roll || pi_theta)
-    abs_log_ratio: torch.Tensor  # |delta|
-    chi2: torch.Tensor  # (rho - 1)^2
-    tis_weight: torch.Tensor  # min(rho, tis_cap)
-    icepop_weight: torch.Tensor  # rho * 1[icepop_low <= rho <= icepop_high]
-    token_kl: torch.Tensor | None  # exact KL(pi_roll || pi_theta), when rollout logits are given
-    token_tv: torch.Tensor | None  # exact total variation, when rollout logits are given
+
+class MismatchStats(NamedTuple):
+    """Training-vs-rollout mismatch per token (docs/math.md section 5), with
+    delta = logprob - rollout_logprobs."""
+
+    logprob: torch.Tensor
+    log_ratio: torch.Tensor
+    ratio: torch.Tensor
+    k1: torch.Tensor
+    k2: torch.Tensor
+    k3: torch.Tensor
+    abs_log_ratio: torch.Tensor
+    chi2: torch.Tensor
+    tis_weight: torch.Tensor
+    icepop_weight: torch.Tensor
+    token_kl: torch.Tensor | None
+    token_tv: torch.Tensor | None
+
+
+_document_fields(
+    MismatchStats,
+    logprob="log pi_theta(c); differentiable",
+    log_ratio="delta",
+    ratio="rho = exp(clamp(delta, -20, 20))",
+    k1="-delta",
+    k2="delta^2 / 2",
+    k3="rho - 1 - delta; E_roll[k3] = KL(pi_roll || pi_theta)",
+    abs_log_ratio="|delta|",
+    chi2="(rho - 1)^2",
+    tis_weight="min(rho, tis_cap)",
+    icepop_weight="rho * 1[icepop_low <= rho <= icepop_high]",
+    token_kl="exact KL(pi_roll || pi_theta), when rollout logits are given",
+    token_tv="exact total variation, when rollout logits are given",
+)
 
 
 class PrunedLogprob(NamedTuple):
-    """Log-prob on the safe vocabulary S = {v: p_v >= alpha max p} plus the label (SPEC 6)."""
+    """Log-prob on the safe vocabulary S = {v: p_v >= alpha max p} plus the label
+    (docs/math.md section 6)."""
 
-    logprob: torch.Tensor  # z_c - logsumexp_S z; differentiable
-    in_safe: torch.Tensor  # bool: the label met the threshold on its own
-    tail_mass: torch.Tensor  # 1 - p(S)
+    logprob: torch.Tensor
+    in_safe: torch.Tensor
+    tail_mass: torch.Tensor
+
+
+_document_fields(
+    PrunedLogprob,
+    logprob="z_c - logsumexp_S z; differentiable",
+    in_safe="bool: the label met the threshold on its own",
+    tail_mass="1 - p(S)",
+)

@@ -246,3 +246,31 @@ def per_row_temperature(
     if t is not None:
         return t.contiguous()
     return torch.full((n,), scalar, dtype=acc, device=device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Base-2 accumulation: exponents in log2 units, so that log2(e) / tau folds into the one fma that
+# forms each exponent (x * c - reference) and the exp is a bare MUFU.EX2.
+
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E_F64 = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def exp2_acc(x):
+    """2^x in x's dtype: one MUFU.EX2 in fp32; fp64 goes through the full-precision exp."""
+    if x.dtype == tl.float64:
+        return tl.exp(x * LN2)
+    else:
+        return tl.exp2(x)
+
+
+def scalar_log2_scale_bits(temperature: float, acc: torch.dtype) -> int:
+    """The int64 bit pattern of the float64 log2(e) / temperature, the temperature first rounded
+    to acc as the per-row path would hold it; the kernel rounds it to acc once. An invalid
+    temperature (<= 0, inf, NaN) maps to NaN: a NaN row."""
+    t = float(temperature)
+    if acc == torch.float32:
+        t = _round_to_f32(t)
+    scale = 1.4426950408889634 / t if 0.0 < t < math.inf else math.nan
+    return struct.unpack("<q", struct.pack("<d", scale))[0]

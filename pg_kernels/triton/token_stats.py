@@ -1,47 +1,60 @@
 """token_stats in Triton: SPEC sections 1-3 over [..., V] logits, with the C++ launchers' interface.
 
+Everything is accumulated in base 2: c = log2(e) / tau (rounded once), d2 = x c - r2 (one fma per
+element, r2 = a max times c), 2^d2 = e^(z - m). Log-probabilities are taken relative to the row
+max with that same fma, so p_c and the sums agree to the last bit (no z_c - L cancellation).
+
 Forward, two kernels:
   1. `_fwd_chunk_kernel`, grid (N, n_chunks): program (r, k) reads elements [k CHUNK, (k+1) CHUNK)
-     of row r once, BLOCK_V per loop step. Per step: the block max (one reduction); when it rises
-     (rare after the first steps), rescale the running state and take the block's first argmax;
-     then one exp2 per element feeding the three sums of the accumulator, kept per lane
-     (BLOCK_V / FOLD lanes, no reduction inside the loop):
-         s1 += e,  s2 += e * e,  t += e * d,   d = z - m,  e = exp(d),  z = x / tau.
-     After the last step the lanes are summed (a fixed tree) and the chunk's partial state
-     (max of x, s1, s2, t, first argmax) is stored. Ignored rows read nothing.
-  2. `_fwd_merge_kernel`, grid (cdiv(N, BLOCK_R)): merges each row's n_chunks partial states in
-     chunk order with the SPEC section 1 rule and writes the seven outputs.
+     of row r once, BLOCK_V per loop step, viewed as [U, LANES, VEC]: each thread is one lane and
+     holds U 16-byte vectors per step. Each lane keeps its own state (raw max, s1, s2, t2, the
+     step that raised its max); per step: the lane's max (in-thread), a branchless rescale (one
+     exp2 per lane), then one exp2 per element feeding
+         s1 += e,  s2 += e * e,  t2 += e * d2,   e = 2^d2.
+     No block-wide reduction, shuffle or barrier inside the loop. After the loop: the chunk max
+     (one reduction), every lane rescaled to it, three sums, and the first argmax: the lanes
+     holding the chunk max re-read their elements of the step that raised it (just read: L2)
+     and take the first column equal to it. The chunk's partial state (raw max, s1, s2, t2,
+     first argmax) is stored. Ignored rows read nothing.
+  2. `_fwd_merge_kernel`, grid (cdiv(N, BLOCK_R)): per row, the max and first argmax over its
+     chunks, then every chunk's sums rescaled to the row's reference and added in chunk order;
+     writes the seven outputs.
   When a row fits in one chunk (n_chunks == 1), kernel 1 finalizes the row itself (no kernel 2).
 
-  n_chunks, CHUNK, BLOCK_V and FOLD depend on V and the dtype only (`row_blocking`), never on N,
+  n_chunks, CHUNK and BLOCK_V depend on V and the dtype only (`_forward_blocking`), never on N,
   every reduction runs in a fixed order and each row's merge is elementwise: results are bitwise
   deterministic and batch invariant.
 
-Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): recomputes p_j = exp(z_j - L) from the
-saved L and writes dz_j / tau = p_j (a + b d_j + c p_j) / tau + g_l 1[j = c] / tau (no merge).
+Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): recomputes p_j = e^(z_j - L) from the
+saved L (split in fp64 into L2_hi + L2_lo, the low part folded into per-row coefficients) and
+writes dz_j / tau = e (a + b d2 + q e) with e = 2^(x c - L2_hi); the label's entry is rewritten
+after the loop by the program that holds it (no per-element compare).
 
 Passes over V: forward 1 (read), backward 1 (read + write).
 Bytes per row of V elements of s bytes (the minimum is the logits once, the gradient once):
   forward   V s read (0 for an ignored row) + label, temperature and the label's logit
             + 20 n_chunks bytes of partial state written and read back (36 for fp64; none when
-            n_chunks == 1) + 6 * 4 + 8 bytes of outputs. V = 151936 bf16: 303872 B of logits,
-            10 chunks, 400 B of partial-state traffic (0.13 %).
+            n_chunks == 1) + 6 * 4 + 8 bytes of outputs, + the argmax re-read (one lane's share
+            of one step per chunk, from L2). V = 151936 bf16: 303872 B of logits, 5 chunks,
+            200 B of partial-state traffic (0.07 %).
   backward  V s read (0 for an ignored row) + V s written + ~40 B of per-row scalars.
 
-GPU design (H100 target: bf16, N = 16384, V = 151936; not timed here, no GPU was available):
-  - A step is 8 KiB of logits (BLOCK_V = 4096 bf16 / 2048 fp32 / 1024 fp64) at 8 warps: 32 bytes
-    per thread, i.e. two (bf16) or more 16-byte vector loads, unmasked except on the last step of
-    a row (V % 16 == 0 and 16-element aligned row strides keep them vectorized). A program runs
-    4 steps (CHUNK = 16384 bf16): V = 151936 gives 10 programs per row, 163840 at N = 16384 and
-    already 160 at N = 16, so small batches fill the GPU too.
-  - The forward prefetches block i + 1 into registers before reducing block i, and folds FOLD = 4
-    neighbouring elements (inside one thread's vector) onto one accumulator lane. Compiled offline
-    for sm_90 with triton 3.6 (ptxas from its wheel): the bf16 chunk kernel uses ~80 registers,
-    no spills, LDG.128 (3 programs = 24 warps per SM, ~24 KiB of loads in flight per SM); fp32
-    ~50 registers; the backward 32 registers with LDG.128 / STG.128; the merge kernel 32.
-  - Per element the forward is one convert, one fma (d), one mul (log2 e), one MUFU.EX2, one max
-    (clamp), one add and two fmas, plus the block max: ~9 instructions, below the ~19 fp32
-    instructions per element that 3 TB/s of bf16 leaves an H100 SM. The backward is ~11.
+GPU design (H200 target: bf16, N = 16384, V = 151936; not timed yet: no GPU was available):
+  - Forward step: 32 KiB of logits (BLOCK_V = 16384 bf16 / 8192 fp32 / 4096 fp64) at 8 warps,
+    U = 8 16-byte vectors per thread, unmasked except on a row's last step; bf16 rows at even
+    element offsets load int32 pairs and convert each half by one shift or mask (PAIRS). Two
+    steps per program (CHUNK = 32768 bf16): V = 151936 gives 5 programs per row. The next step
+    is prefetched into registers while the current one is reduced.
+  - Static SASS of the hot loops (.ci/check_triton_sm90.py, triton 3.6, sm_90): forward 9.5
+    instructions per element bf16 (pairs), 9.8 fp16, 9.7 fp32 (budget 10 per 16-bit element),
+    no BAR/SHFL in the loop, 128 registers (bf16/fp16; 2 programs = 16 warps and 64 KiB of loads
+    in flight per SM), 64 fp32. Backward 11.0 bf16, 10.5 fp16, 11.0 fp32 (budget 12), 32
+    registers, LDG.128 / STG.128. Before this design: forward 23.4 (a block max with barriers
+    every step and an argmax branch), backward 15.9 (a per-element label compare).
+  - Accuracy (fp32 [16, 4099], randn * 4 with a +40..50 spike, float64 truth, interpreter): at
+    tau = 1 logprob 1.2e-6, lse 1.9e-9, gradient 1.9e-9 (plain fp32 PyTorch: 1.2e-6, -, 1.9e-9);
+    at tau = 0.7 logprob 1.7e-6 (PyTorch 3.3e-6), gradient 4.8e-6 (PyTorch 3.4e-8: the saved L is
+    rounded to fp32, ulp(86) / 2 = 3.8e-6; the C++ kernel 3.9e-6).
   - Knobs to tune on a GPU (one config, no autotune): `_common.STEP_BYTES`, `STEPS_PER_CHUNK`,
     `BYTES_PER_THREAD_STEP` (num_warps), or per call `_block_v` / `_chunk`.
 """
@@ -53,18 +66,18 @@ import triton
 import triton.language as tl
 
 from pg_kernels.ops._common import check_labels
+from pg_kernels.triton import _common
 from pg_kernels.triton._common import (
     D_MIN,
+    LN2,
+    LOG2E_F64,
     acc_dtype_of,
-    div_acc,
-    exp_acc,
-    inv_temperature,
+    exp2_acc,
     max_nan,
-    merge_states,
     round_to,
     row_blocking,
     row_offset,
-    scalar_inv_temperature_bits,
+    scalar_log2_scale_bits,
     valid_inv_temperature,
 )
 
@@ -74,90 +87,126 @@ MERGE_BLOCK_R = 128
 
 
 @triton.jit
-def _fwd_step(x, col0, inv_tau, mx, m, am, s1, s2, t, FOLD: tl.constexpr):
-    """One BLOCK_V step of the online accumulator over the logits x of columns col0 + lanes
-    (-inf where masked off).
-
-    State: mx = max of the raw logits so far (-inf: nothing finite yet), m = mx / tau (0 while
-    empty: a finite reference keeps z - m finite for -inf logits), am = first index of mx, and the
-    per-lane sums s1, s2, t relative to m. The max is tracked on raw x because x -> x / tau is
-    monotone: comparing raw values keeps argmax the first index of the max even when two logits
-    round to the same z.
-    """
-    x = x.to(s1.dtype)
-    bmax = tl.max(x, axis=0)
-    if bmax > mx:
-        # Rescale to the new max: s1 <- f s1, s2 <- f^2 s2, t <- f (t + delta s1), f = e^delta.
-        # delta <= 0; clamped to [D_MIN, 0] so that an empty state (m = 0, sums 0) stays 0 and a
-        # huge drop gives f = 0 exactly rather than 0 * inf.
-        m_new = bmax * inv_tau
-        delta = tl.minimum(tl.maximum(m - m_new, D_MIN), 0.0)
-        f = exp_acc(delta)
-        t = f * (t + delta * s1)
-        s1 = f * s1
-        s2 = (f * f) * s2
-        # Strictly above every earlier max: its first index in this block is the first argmax.
-        am = col0 + tl.argmax(x, axis=0)
-        mx = bmax
-        m = m_new
-    # The block folds onto BLOCK_V / FOLD accumulator lanes: FOLD neighbours (inside one
-    # thread's 16-byte vector, so no data moves) add into one lane in turn. Same one add or fma
-    # per element and sum, 1 / FOLD of the accumulator registers: bf16 at 8 warps needs ~80
-    # registers instead of ~124, so 3 programs fit per SM instead of 2 (more loads in flight).
-    if FOLD == 4:
-        x0, x1 = tl.split(tl.reshape(x, [x.shape[0] // 4, 2, 2]))
-        x00, x01 = tl.split(x0)
-        x10, x11 = tl.split(x1)
-        s1, s2, t = _accumulate(x00, inv_tau, m, s1, s2, t)
-        s1, s2, t = _accumulate(x01, inv_tau, m, s1, s2, t)
-        s1, s2, t = _accumulate(x10, inv_tau, m, s1, s2, t)
-        s1, s2, t = _accumulate(x11, inv_tau, m, s1, s2, t)
-    elif FOLD == 2:
-        x0, x1 = tl.split(tl.reshape(x, [x.shape[0] // 2, 2]))
-        s1, s2, t = _accumulate(x0, inv_tau, m, s1, s2, t)
-        s1, s2, t = _accumulate(x1, inv_tau, m, s1, s2, t)
+def _log2_scale(temp_ptr, rows, mask, scale_bits, HAS_TEMP: tl.constexpr):
+    """c = log2(e) / tau in float64: from the per-row tensor (a float64 quotient per row), or the
+    launcher's scalar (float64 bits, `scalar_log2_scale_bits`). The hot loops use it rounded
+    once to ACC; the per-row finalize uses it whole. Anything but a finite positive c (tau <= 0,
+    inf, NaN) makes the row NaN."""
+    if HAS_TEMP:
+        tau = tl.load(temp_ptr + rows, mask=mask, other=1.0).to(tl.float64)
+        return tl.full([], LOG2E_F64, tl.float64) / tau
     else:
-        s1, s2, t = _accumulate(x, inv_tau, m, s1, s2, t)
-    return mx, m, am, s1, s2, t
+        return scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
 @triton.jit
-def _accumulate(x, inv_tau, m, s1, s2, t):
-    # d = z - m in one rounding (fma); e = e^d is the one exp per element. NaN logits make e NaN,
-    # which the caller turns into a NaN row; d = -inf (a -inf logit) gives e = 0 and, clamped,
-    # e * d = 0 instead of 0 * -inf.
-    d = tl.fma(x, inv_tau, -m)
-    e = exp_acc(d)
-    s1 = s1 + e
-    s2 = tl.fma(e, e, s2)  # exp(2 d) as the square of the exp we have
-    t = tl.fma(e, tl.maximum(d, D_MIN), t)
-    return s1, s2, t
+def _reference(mx):
+    """The finite reference a state's sums are taken against: its max, or 0 while empty (-inf),
+    so that x - reference stays -inf (not NaN) for -inf logits."""
+    return tl.where(mx == float("-inf"), 0.0, mx)
 
 
 @triton.jit
-def _finalize(m, s1, s2, t, am, z_label, keep, ok):
-    """SPEC section 2 from a row's merged state (finalize_token_stats in softmax_stats.h).
+def _lanes(x, ACC: tl.constexpr, VEC: tl.constexpr):
+    """A loaded [U, LANES * VEC] block of logits (coalesced: each thread one 16-byte vector per
+    row u) seen as [U, LANES, VEC] in ACC: the same registers, no data moves."""
+    return tl.reshape(x.to(ACC), [x.shape[0], x.shape[1] // VEC, VEC])
 
-    m is in z units. keep: not an ignored row (else every output 0, argmax 0). ok: the label is
-    in range and 1 / tau is finite and positive (else NaN). A row whose max is not finite
+
+@triton.jit
+def _bf16_pair_halves(w):
+    """bf16 logits loaded as int32 pairs [U, LANES * VEC // 2] -> the two [U, LANES, VEC // 2]
+    fp32 halves: a bf16 is the upper 16 bits of its fp32, so each element is one shift or one
+    mask of the pair (the generic conversion spends ~2 instructions per element)."""
+    w = tl.reshape(w, [w.shape[0], w.shape[1] // 4, 4])
+    lo = (w << 16).to(tl.float32, bitcast=True)
+    hi = (w & -65536).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _fwd_step(xa, xb, i, c, mx, r2, s1, s2, t2, st):
+    """One loop step over a block of raw logits in ACC, [U, LANES, H] (-inf where masked off),
+    whole in xa or as two halves xa, xb (bf16 pairs). Each lane is one thread's share of the step
+    (U 16-byte vectors).
+
+    Each lane keeps its own state: mx = max of its raw logits so far, r2 = reference(mx) * c (log2
+    units), and
+        s1 = sum 2^d2,  s2 = sum 2^(2 d2),  t2 = sum 2^d2 d2,   d2 = x c - r2 (one fma),
+    i.e. the SPEC section 1 sums in base 2 (2^d2 = e^(z - m), d2 = (z - m) log2 e). st = the last
+    step whose block raised the lane's max (where the lane's first argmax lies). The rescale to
+    a new max is per lane and branchless: one exp2 per lane per step, not per element.
+    """
+    bmax = tl.max(tl.max(xa, axis=2), axis=0)
+    if xb is not None:
+        bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
+    st = tl.where(bmax > mx, i, st)
+    mx = tl.maximum(mx, bmax)
+    r2_new = _reference(mx) * c
+    # f = 2^(r2 - r2_new) <= 1; clamped to <= 0 in the exponent: an empty lane (r2 = 0, sums 0)
+    # whose first max is negative would otherwise scale zeros by a large factor.
+    delta = tl.minimum(r2 - r2_new, 0.0)
+    f = exp2_acc(delta)
+    t2 = f * tl.fma(delta, s1, t2)  # t relative to the new max: f (t + delta s1)
+    s1 = f * s1
+    s2 = (f * f) * s2
+    s1, s2, t2 = _accumulate(xa, c, r2_new, s1, s2, t2)
+    if xb is not None:
+        s1, s2, t2 = _accumulate(xb, c, r2_new, s1, s2, t2)
+    return mx, r2_new, s1, s2, t2, st
+
+
+@triton.jit
+def _accumulate(x, c, r2, s1, s2, t2):
+    # The one exp per element. d2 clamped to a finite floor: a -inf logit has e = 0 and must add
+    # e * d2 = 0, not 0 * -inf.
+    d2 = tl.maximum(tl.fma(x, c, -r2[None, :, None]), D_MIN)
+    e = exp2_acc(d2)
+    s1 += tl.sum(tl.sum(e, axis=2), axis=0)
+    s2 += tl.sum(tl.sum(e * e, axis=2), axis=0)  # 2^(2 d2) as the square of the exp we have
+    t2 += tl.sum(tl.sum(e * d2, axis=2), axis=0)
+    return s1, s2, t2
+
+
+@triton.jit
+def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
+    """SPEC section 2 from a row's merged base-2 state (softmax_stats.h's finalize_token_stats).
+
+    mx: the row's raw max; s1, s2, t2 relative to r2 = reference(mx) * c (c = c64 rounded to ACC,
+    as the sums used it), so the max itself entered the sums as 2^eps, eps = fma(mx, c, -r2) (its
+    rounding residual; 0 under the interpreter, whose fma rounds twice). Per row, in float64,
+    with the logits relative to the max through the exact scale c64:
+        lse      = ln2 (mx c64 + log2 s1 - eps)
+        logprob  = ln2 ((x_c - mx) c64 + eps - log2 s1)
+    round once: log p_c stays exact as p_c -> 1 (no z_c - L cancellation) and large |log p|
+    carry no base-2 rounding. keep: not an ignored row (else every output 0, argmax 0). ok: the
+    label is in range and c is finite and positive (else NaN). A row whose max is not finite
     (all -inf, a NaN, a +inf) is NaN with argmax -1.
     """
-    valid = ok & (m > float("-inf")) & (m < float("inf"))
-    # Rows that end up 0 or NaN anyway (ignored, padding, invalid) compute on a dummy state:
-    # no log(0) or 0 / 0 (numpy warnings under the interpreter), same results.
-    s1 = tl.where(valid, s1, 1.0)
-    m = tl.where(valid, m, 0.0)
-    z_label = tl.where(valid, z_label, 0.0)
-    log_s1 = tl.log(s1)
-    lse = m + log_s1
-    logprob = z_label - lse
-    collision = div_acc(s2, s1 * s1)
-    p_c = exp_acc(logprob)
+    ACC: tl.constexpr = s1.dtype
+    valid = ok & (mx > float("-inf")) & (mx < float("inf"))
+    # Rows that end up 0 or NaN anyway compute on a dummy state: no log(0) or 0 / 0 (numpy
+    # warnings under the interpreter), same results.
+    s1 = tl.where(valid, s1, 1.0).to(tl.float64)
+    mx = tl.where(valid, mx, 0.0)
+    x_label = tl.where(valid, x_label, 0.0).to(tl.float64)
+    # The max's own exponent as the loop formed it (the same fma, bitwise): the rounding of r2.
+    c = c64.to(ACC)
+    eps = tl.fma(mx, c, -(mx * c)).to(tl.float64)
+    mx = mx.to(tl.float64)
+    log2_s1 = tl.log2(s1)
+    ln2 = tl.full([], LN2, tl.float64)
+    lse = (ln2 * (mx * c64 + log2_s1 - eps)).to(ACC)
+    log2_p_c = (x_label - mx) * c64 + eps - log2_s1
+    logprob = (ln2 * log2_p_c).to(ACC)
+    p_c = tl.exp(ln2 * log2_p_c)
+    collision = s2.to(tl.float64) / (s1 * s1)
     # Two non-negative terms instead of 1 - 2 p_c + C: no cancellation when p_c -> 1.
     lgp = (1.0 - p_c) * (1.0 - p_c) + (collision - p_c * p_c)
-    lgp = tl.where(lgp > 0.0, lgp, 0.0)
-    entropy = log_s1 - div_acc(t, s1)
-    max_prob = div_acc(tl.full(s1.shape, 1.0, s1.dtype), s1)
+    lgp = tl.where(lgp > 0.0, lgp, 0.0).to(ACC)
+    collision = collision.to(ACC)
+    entropy = (ln2 * (log2_s1 - t2.to(tl.float64) / s1)).to(ACC)
+    max_prob = tl.exp(ln2 * (eps - log2_s1)).to(ACC)
     nan = float("nan")
     logprob = tl.where(keep, tl.where(valid, logprob, nan), 0.0)
     entropy = tl.where(keep, tl.where(valid, entropy, nan), 0.0)
@@ -184,65 +233,105 @@ def _store_outputs(
     tl.store(argmax_ptr + rows, argmax, mask=mask)
 
 
-@triton.jit(do_not_specialize=["inv_tau_bits", "ignore_index"])
+@triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _fwd_chunk_kernel(
-    x_ptr, labels_ptr, temp_ptr, inv_tau_bits, ignore_index, V, N,
+    x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V, N,
     n_inner, stride_outer, stride_inner,
     part_ptr, part_idx_ptr,
     logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr, argmax_ptr,
     HAS_TEMP: tl.constexpr, FINALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
-    FOLD: tl.constexpr,
+    U: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the partial state of one chunk of one row.
 
-    part_ptr: [4, n_chunks, N] (max of x, s1, s2, t), part_idx_ptr: [n_chunks, N] int32 argmax;
-    chunk-major so that the merge kernel's loads are contiguous over rows. With FINALIZE (one
-    chunk per row) the row's outputs are written directly instead.
+    part_ptr: [4, n_chunks, N] (raw max, s1, s2, t2; base 2, relative to reference(max) * c),
+    part_idx_ptr: [n_chunks, N] int32 first argmax; chunk-major so that the merge kernel's loads
+    are contiguous over rows. With FINALIZE (one chunk per row) the row's outputs are written
+    directly instead.
     """
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    LANES: tl.constexpr = BLOCK_V // (U * VEC)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
-    inv_tau = inv_temperature(temp_ptr, row, True, inv_tau_bits, HAS_TEMP, ACC)
+    c64 = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP)
+    c = c64.to(ACC)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
 
     start = chunk * CHUNK
     # Ignored rows: no step runs, nothing is read, the state stays empty.
     n_valid = tl.where(keep, tl.minimum(V - start, CHUNK), 0)
     n_full = n_valid // BLOCK_V
-    lanes = tl.arange(0, BLOCK_V)
-    mx = tl.full([], float("-inf"), ACC)
-    m = tl.zeros([], ACC)
-    am = tl.zeros([], tl.int32)
-    s1 = tl.zeros([BLOCK_V // FOLD], ACC)
-    s2 = tl.zeros([BLOCK_V // FOLD], ACC)
-    t = tl.zeros([BLOCK_V // FOLD], ACC)
+    # Element (u, lane, k) of a step: u * LANES * VEC + lane * VEC + k. A thread holds one lane:
+    # U 16-byte vectors, LANES * VEC elements apart (coalesced across the warp).
+    block = tl.arange(0, U)[:, None] * (LANES * VEC) + tl.arange(0, LANES * VEC)[None, :]
+    mx = tl.full([LANES], float("-inf"), ACC)
+    r2 = tl.zeros([LANES], ACC)
+    s1 = tl.zeros([LANES], ACC)
+    s2 = tl.zeros([LANES], ACC)
+    t2 = tl.zeros([LANES], ACC)
+    st = tl.zeros([LANES], tl.int32)
     # Software pipelining by hand: block i + 1 is loaded (into registers, as raw logits) before
-    # block i is reduced, so a program always has a block in flight, not only between steps.
-    # Full blocks need no bounds mask; the mask here is one uniform flag (the last prefetch
-    # loads nothing), which keeps the loads vectorized.
-    x_next = tl.load(x_row + start + lanes, mask=n_full > 0, other=float("-inf"))
+    # block i is reduced. Full blocks need no bounds mask; the mask is one uniform flag (the last
+    # prefetch loads nothing), which keeps the loads vectorized.
+    if PAIRS:
+        # bf16 rows at even offsets: full steps load int32 pairs (same bytes, same LDG.128).
+        w_row = x_row.to(tl.pointer_type(tl.int32))
+        w_block = tl.arange(0, U)[:, None] * (LANES * VEC // 2) + tl.arange(0, LANES * VEC // 2)
+        x_next = tl.load(w_row + start // 2 + w_block, mask=n_full > 0, other=-8388608)
+    else:
+        x_next = tl.load(x_row + start + block, mask=n_full > 0, other=float("-inf"))
     for i in range(0, n_full):
-        x = x_next
-        col0 = start + i * BLOCK_V
-        x_next = tl.load(x_row + (col0 + BLOCK_V) + lanes, mask=i + 1 < n_full, other=float("-inf"))
-        mx, m, am, s1, s2, t = _fwd_step(x, col0, inv_tau, mx, m, am, s1, s2, t, FOLD)
+        # Converted first: the raw registers are then free for the prefetch to land in (no
+        # register copies to carry the prefetched block into the next trip).
+        if PAIRS:
+            xa, xb = _bf16_pair_halves(x_next)
+            col0 = start + i * BLOCK_V
+            x_next = tl.load(
+                w_row + (col0 + BLOCK_V) // 2 + w_block, mask=i + 1 < n_full, other=-8388608
+            )
+        else:
+            xa, xb = _lanes(x_next, ACC, VEC), None
+            col0 = start + i * BLOCK_V
+            x_next = tl.load(
+                x_row + (col0 + BLOCK_V) + block, mask=i + 1 < n_full, other=float("-inf")
+            )
+        mx, r2, s1, s2, t2, st = _fwd_step(xa, xb, i, c, mx, r2, s1, s2, t2, st)
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         col0 = start + n_full * BLOCK_V
-        x = tl.load(x_row + col0 + lanes, mask=col0 + lanes < V, other=float("-inf"))
-        mx, m, am, s1, s2, t = _fwd_step(x, col0, inv_tau, mx, m, am, s1, s2, t, FOLD)
-    s1_sum = tl.sum(s1, axis=0)
-    s2_sum = tl.sum(s2, axis=0)
-    t_sum = tl.sum(t, axis=0)
+        x = tl.load(x_row + col0 + block, mask=col0 + block < V, other=float("-inf"))
+        xa, xb = _lanes(x, ACC, VEC), None
+        mx, r2, s1, s2, t2, st = _fwd_step(xa, xb, n_full, c, mx, r2, s1, s2, t2, st)
+
+    # The chunk: every lane rescaled to the chunk's max, then plain sums (one reduction each).
+    cmax = tl.max(mx, axis=0)
+    r2_chunk = _reference(cmax) * c
+    delta = tl.minimum(r2 - r2_chunk, 0.0)
+    f = exp2_acc(delta)
+    s1_sum = tl.sum(f * s1, axis=0)
+    s2_sum = tl.sum((f * f) * s2, axis=0)
+    t2_sum = tl.sum(f * tl.fma(delta, s1, t2), axis=0)
+    # The first argmax: the lanes holding the chunk max re-read their elements of the step that
+    # raised it (from L2: just read) and take the first column equal to it.
+    # (An empty chunk, e.g. an ignored row, re-reads nothing: its bound is 0.)
+    lane_hit = mx == cmax
+    cols = start + st[None, :, None] * BLOCK_V + tl.reshape(block, [U, LANES, VEC])
+    bound = tl.where(cmax > float("-inf"), V, 0)
+    again = tl.load(
+        x_row + cols, mask=lane_hit[None, :, None] & (cols < bound), other=float("-inf")
+    )
+    hit = again.to(ACC) == cmax
+    am = tl.min(tl.min(tl.min(tl.where(hit, cols, 2147483647), axis=2), axis=0), axis=0)
+    am = tl.where(cmax > float("-inf"), am, 0).to(tl.int32)
     # A NaN logit (or +inf - +inf) shows up as a NaN sum: carry it in the max, which the merge
-    # and the finalize check (the block max itself may have dropped the NaN).
-    mx = tl.where(s1_sum != s1_sum, float("nan"), mx)
+    # and the finalize check (the max itself may have dropped the NaN).
+    cmax = tl.where(s1_sum != s1_sum, float("nan"), cmax)
 
     if FINALIZE:
-        ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(inv_tau)
+        ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
         x_label = tl.load(x_row + tl.where(ok, label, 0), mask=ok, other=0.0).to(ACC)
-        vals = _finalize(mx * inv_tau, s1_sum, s2_sum, t_sum, am, x_label * inv_tau, keep, ok)
+        vals = _finalize(cmax, s1_sum, s2_sum, t2_sum, am, x_label, c64, keep, ok)
         _store_outputs(
             row, True, vals, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr,
             max_prob_ptr, argmax_ptr,
@@ -250,16 +339,16 @@ def _fwd_chunk_kernel(
     else:
         idx = chunk.to(tl.int64) * N + row
         plane = tl.num_programs(1).to(tl.int64) * N
-        tl.store(part_ptr + idx, mx)
+        tl.store(part_ptr + idx, cmax)
         tl.store(part_ptr + plane + idx, s1_sum)
         tl.store(part_ptr + 2 * plane + idx, s2_sum)
-        tl.store(part_ptr + 3 * plane + idx, t_sum)
+        tl.store(part_ptr + 3 * plane + idx, t2_sum)
         tl.store(part_idx_ptr + idx, am)
 
 
-@triton.jit(do_not_specialize=["inv_tau_bits", "ignore_index"])
+@triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _fwd_merge_kernel(
-    x_ptr, labels_ptr, temp_ptr, inv_tau_bits, ignore_index, V, N, n_chunks,
+    x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V, N, n_chunks,
     n_inner, stride_outer, stride_inner,
     part_ptr, part_idx_ptr,
     logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr, argmax_ptr,
@@ -272,35 +361,41 @@ def _fwd_merge_kernel(
     rmask = rows < N
     label = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64)
     keep = label != ignore_index
-    inv_tau = inv_temperature(temp_ptr, rows, rmask, inv_tau_bits, HAS_TEMP, ACC)
-    inv_tau = tl.zeros([BLOCK_R], ACC) + inv_tau  # a scalar temperature: broadcast to the rows
+    c64 = _log2_scale(temp_ptr, rows, rmask, scale_bits, HAS_TEMP)
+    c64 = tl.zeros([BLOCK_R], tl.float64) + c64  # a scalar temperature: broadcast to the rows
+    c = c64.to(ACC)
 
-    m = tl.full([BLOCK_R], float("-inf"), ACC)
-    s1 = tl.zeros([BLOCK_R], ACC)
-    s2 = tl.zeros([BLOCK_R], ACC)
-    t = tl.zeros([BLOCK_R], ACC)
+    plane = n_chunks.to(tl.int64) * N
+    # First the row's max and first argmax (strictly greater: among equal maxima the earliest
+    # chunk, i.e. the first index, wins), then every chunk's sums rescaled straight to the row's
+    # reference, added in chunk order: a fixed order, so bitwise deterministic.
     mx = tl.full([BLOCK_R], float("-inf"), ACC)
     am = tl.zeros([BLOCK_R], tl.int32)
-    plane = n_chunks.to(tl.int64) * N
-    chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
+    idx = rows
     for _ in range(0, n_chunks):
-        idx = chunk_off + rows
-        chunk_off += N
         mx_k = tl.load(part_ptr + idx, mask=rmask, other=float("-inf"))
-        s1_k = tl.load(part_ptr + plane + idx, mask=rmask, other=0.0)
-        s2_k = tl.load(part_ptr + 2 * plane + idx, mask=rmask, other=0.0)
-        t_k = tl.load(part_ptr + 3 * plane + idx, mask=rmask, other=0.0)
-        am_k = tl.load(part_idx_ptr + idx, mask=rmask, other=0)
-        # The chunk kernel's m was mx_k * inv_tau, rounded the same way: same reference max.
-        m, s1, s2, t = merge_states(m, s1, s2, t, mx_k * inv_tau, s1_k, s2_k, t_k)
-        # Strictly greater: among equal maxima the earliest chunk (the first index) wins.
-        am = tl.where(mx_k > mx, am_k, am)
+        am = tl.where(mx_k > mx, tl.load(part_idx_ptr + idx, mask=rmask, other=0), am)
         mx = max_nan(mx, mx_k)
+        idx += N
+    r2 = _reference(mx) * c
+    s1 = tl.zeros([BLOCK_R], ACC)
+    s2 = tl.zeros([BLOCK_R], ACC)
+    t2 = tl.zeros([BLOCK_R], ACC)
+    idx = rows
+    for _ in range(0, n_chunks):
+        # The chunk kernel's reference, rounded the same way (same c, same product).
+        delta = tl.minimum(_reference(tl.load(part_ptr + idx, mask=rmask, other=0.0)) * c - r2, 0.0)
+        f = exp2_acc(delta)
+        s1_k = tl.load(part_ptr + plane + idx, mask=rmask, other=0.0)
+        s1 += f * s1_k
+        s2 += (f * f) * tl.load(part_ptr + 2 * plane + idx, mask=rmask, other=0.0)
+        t2 += f * tl.fma(delta, s1_k, tl.load(part_ptr + 3 * plane + idx, mask=rmask, other=0.0))
+        idx += N
 
-    ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(inv_tau)
+    ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
     x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
     x_label = tl.load(x_row + tl.where(ok, label, 0), mask=ok & rmask, other=0.0).to(ACC)
-    vals = _finalize(m, s1, s2, t, am, x_label * inv_tau, keep, ok)
+    vals = _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok)
     _store_outputs(
         rows, rmask, vals, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr,
         max_prob_ptr, argmax_ptr,
@@ -308,50 +403,44 @@ def _fwd_merge_kernel(
 
 
 @triton.jit
-def _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label_col,
-              MASKED: tl.constexpr):  # fmt: skip
-    """dz_j / tau for one block, with the coefficients a, b, c, g_label already divided by tau.
-
-    d_j = z_j - L = log p_j, p_j = e^{d_j}:
-      g_l (1[j=c] - p_j)          -> -g_l p_j in a, g_l 1[j=c] added below
-      g_H (-p_j (d_j + H))        -> -g_H H p_j in a, -g_H p_j d_j = p_j (b d_j)
-      g_C (2 p_j (p_j - C))       -> -2 g_C C p_j in a, 2 g_C p_j^2 = p_j (c p_j)
-      g_L p_j                     -> g_L p_j in a
-    """
-    if MASKED:
-        in_row = cols < V
-        x = tl.load(x_row + cols, mask=in_row & keep, other=float("-inf"))
-    else:
-        # A uniform mask (one flag for the whole block) keeps the loads vectorized.
-        x = tl.load(x_row + cols, mask=keep, other=float("-inf"))
-    x = x.to(lse.dtype)
-    d = tl.fma(x, inv_tau, -lse)
-    p = exp_acc(d)
-    # d clamped to a finite floor: a -inf logit has p = 0, and p * (b d) must be 0, not 0 * inf.
-    dz = p * tl.fma(c, p, tl.fma(b, tl.maximum(d, D_MIN), a))
-    dz = tl.where(cols == label_col, dz + g_label, dz)
-    dz = round_to(dz, g_row.dtype.element_ty)
-    if MASKED:
-        tl.store(g_row + cols, dz, mask=in_row)
-    else:
-        tl.store(g_row + cols, dz)
+def _bwd_values(x, m, c, rho_hi, a, b, q):
+    """dz / tau of logits x (ACC) without the label term, in base 2 (see _bwd_kernel):
+    e = 2^d2, d2 = (x - m) c - rho_hi, dz = e (a + b d2 + q e). d2 is clamped to a finite floor:
+    a -inf logit has e = 0 and e (b d2) must be 0, not 0 * inf."""
+    d2 = tl.maximum(tl.fma(x - m, c, -rho_hi), D_MIN)
+    e = exp2_acc(d2)
+    return e * tl.fma(q, e, tl.fma(b, d2, a))
 
 
-@triton.jit(do_not_specialize=["inv_tau_bits", "ignore_index"])
+@triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _bwd_kernel(
-    x_ptr, labels_ptr, temp_ptr, inv_tau_bits, ignore_index, V,
+    x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V,
     n_inner, stride_outer, stride_inner,
     g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, lse_ptr, entropy_ptr, collision_ptr,
     grad_ptr,
     HAS_TEMP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Program (row, chunk): the gradient of one chunk of one row, written once (rounded once)."""
+    """Program (row, chunk): the gradient of one chunk of one row, written once (rounded once).
+
+    SPEC section 3 with p_j = e^(z_j - L) recomputed from the saved L, in base 2, relative to a
+    raw reference m = L tau (the logits near the max enter as small differences x - m, so the
+    scale's rounding barely touches the large p_j): with rho = L log2(e) - m c64 split (in fp64,
+    once per row) into rho_hi + rho_lo, d2 = (x - m) c - rho_hi (c = log2(e) / tau rounded),
+    p_j = k 2^d2 with k = 2^-rho_lo and log p_j = ln2 (d2 - rho_lo). Then
+        dz_j = p_j (A + B log p_j + C p_j) + g_l 1[j = c]
+             = e (a + b d2 + q e) + g_l 1[j = c],     e = 2^d2,
+    A = g_L - g_l - g_H H - 2 g_C C, B = -g_H, C = 2 g_C (token_stats_grad_coef), and
+    a = k (A - B ln2 rho_lo), b = k B ln2, q = k^2 C, all divided by tau: every correction lives
+    in per-row coefficients. The label's entry is rewritten after the loop (by the program that
+    holds it, after a barrier), so the loop has no per-element compare.
+    """
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
-    inv_tau = inv_temperature(temp_ptr, row, True, inv_tau_bits, HAS_TEMP, ACC)
+    c64 = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP)
+    c = c64.to(ACC)
     lse = tl.load(lse_ptr + row)
     entropy = tl.load(entropy_ptr + row)
     collision = tl.load(collision_ptr + row)
@@ -359,25 +448,25 @@ def _bwd_kernel(
     g_h = tl.load(g_entropy_ptr + row)
     g_c = tl.load(g_collision_ptr + row)
     g_big_l = tl.load(g_lse_ptr + row)
-    # token_stats_grad_coef: dz_j = p_j (a + b d_j + c p_j) + g_l 1[j=c].
-    a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
-    b = -g_h
-    c = 2.0 * g_c
     # A NaN row (bad label, bad temperature, or a forward NaN: L not finite) gets NaN everywhere,
-    # through L. Ignored rows read nothing (x = -inf gives p = 0) and get exactly 0: coefficients 0
-    # and a finite L and 1 / tau whatever their saved values.
-    ok = (label >= 0) & (label < V) & valid_inv_temperature(inv_tau)
+    # through L. Ignored rows read nothing (x = -inf gives e = 0) and get exactly 0: coefficients
+    # 0 and a finite L2 and c whatever their saved values.
+    ok = (label >= 0) & (label < V) & valid_inv_temperature(c)
     ok = ok & (lse > float("-inf")) & (lse < float("inf"))
     lse = tl.where(keep, tl.where(ok, lse, float("nan")), 0.0)
-    scale = tl.where(keep, inv_tau, 0.0)
-    inv_tau = tl.where(keep, inv_tau, 1.0)
-    a = a * scale
-    b = b * scale
-    c = c * scale
-    g_label = g_l * scale
-    # The label's column as int32 (-1: none, also for an ignore_index inside [0, V)), so that the
-    # per-element test is a 32-bit compare.
-    label_col = tl.where(keep & ok, label, -1).to(tl.int32)
+    c64 = tl.where(keep & (c64 > 0.0) & (c64 < float("inf")), c64, 1.0)
+    l2 = lse.to(tl.float64) * tl.full([], LOG2E_F64, tl.float64)
+    m = (l2 / c64).to(ACC)
+    rho = l2 - m.to(tl.float64) * c64
+    rho_hi = rho.to(ACC)
+    rho_lo = (rho - rho_hi.to(tl.float64)).to(ACC)
+    k = exp2_acc(-rho_lo)
+    inv_tau = tl.where(keep, c * LN2, 0.0)  # 1 / tau, or 0: an ignored row's coefficients
+    c = tl.where(keep, c, 1.0)
+    big_a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
+    a = inv_tau * k * (big_a + g_h * LN2 * rho_lo)
+    b = inv_tau * k * (-g_h * LN2)
+    q = inv_tau * (k * k) * (2.0 * g_c)
 
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     g_row = grad_ptr + row.to(tl.int64) * V  # the gradient is a fresh contiguous tensor
@@ -387,14 +476,44 @@ def _bwd_kernel(
     lanes = tl.arange(0, BLOCK_V)
     for i in range(0, n_full):
         cols = start + i * BLOCK_V + lanes
-        _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label_col, False)
+        # A uniform mask (one flag for the whole block) keeps the loads vectorized.
+        x = tl.load(x_row + cols, mask=keep, other=float("-inf")).to(ACC)
+        dz = _bwd_values(x, m, c, rho_hi, a, b, q)
+        tl.store(g_row + cols, round_to(dz, g_row.dtype.element_ty))
     if n_full * BLOCK_V < n_valid:
         cols = start + n_full * BLOCK_V + lanes
-        _bwd_step(x_row, g_row, cols, V, keep, inv_tau, lse, a, b, c, g_label, label_col, True)
+        in_row = cols < V
+        x = tl.load(x_row + cols, mask=in_row & keep, other=float("-inf")).to(ACC)
+        dz = _bwd_values(x, m, c, rho_hi, a, b, q)
+        tl.store(g_row + cols, round_to(dz, g_row.dtype.element_ty), mask=in_row)
+    # The label's entry: dz + g_l / tau, rounded once. The barrier orders it after the block
+    # store of the same address (by another thread of this program).
+    if keep & ok & (label >= start) & (label < start + n_valid):
+        tl.debug_barrier()
+        x_c = tl.load(x_row + label).to(ACC)
+        dz_c = _bwd_values(x_c, m, c, rho_hi, a, b, q) + g_l * inv_tau
+        tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------
 # Launchers: the interface of the C++ kernels (pg_kernels/_C token_stats_forward / _backward).
+
+
+def _forward_blocking(V: int, dtype: torch.dtype, block_v: int | None, chunk: int | None):
+    """The forward's steps are four common steps (32 KiB: eight 16-byte vectors per thread at 8
+    warps), so each lane's rescale and the loop overhead spread over 64 bf16 elements; a chunk
+    is two such steps (64 KiB)."""
+    if block_v is None:
+        block_v = 4 * _common.STEP_BYTES // dtype.itemsize
+        if chunk is None:
+            chunk = max(1, _common.STEPS_PER_CHUNK // 2) * block_v
+    return row_blocking(V, dtype, block_v, chunk)
+
+
+def _bf16_pairs(logits: torch.Tensor, n_inner: int, stride_outer: int, stride_inner: int) -> bool:
+    """Whether every row of bf16 logits starts 4-byte aligned, so full steps can load pairs."""
+    even_rows = stride_outer % 2 == 0 and (n_inner == 1 or stride_inner % 2 == 0)
+    return logits.dtype == torch.bfloat16 and logits.data_ptr() % 4 == 0 and even_rows
 
 
 def _check_inputs(
@@ -465,10 +584,12 @@ def token_stats_forward(
     argmax = torch.empty(N, dtype=torch.int64, device=logits.device)
     if N == 0:
         return [*outs, argmax]
-    blk = row_blocking(V, logits.dtype, _block_v, _chunk)
+    blk = _forward_blocking(V, logits.dtype, _block_v, _chunk)
+    vec = min(16 // logits.dtype.itemsize, blk.block_v)
+    u = max(1, min(8, blk.block_v // (vec * 32 * blk.num_warps)))
     has_temp = temperature is not None
     temp = temperature if has_temp else labels  # never read without HAS_TEMP
-    inv_bits = 0 if has_temp else scalar_inv_temperature_bits(temperature_scalar, acc)
+    scale_bits = 0 if has_temp else scalar_log2_scale_bits(temperature_scalar, acc)
     single = blk.n_chunks == 1
     if single:
         part = outs[0]  # unused
@@ -477,15 +598,16 @@ def token_stats_forward(
         part = torch.empty((4, blk.n_chunks, N), dtype=acc, device=logits.device)
         part_idx = torch.empty((blk.n_chunks, N), dtype=torch.int32, device=logits.device)
     _fwd_chunk_kernel[(N, blk.n_chunks)](
-        logits, labels, temp, inv_bits, ignore_index, V, N,
+        logits, labels, temp, scale_bits, ignore_index, V, N,
         n_inner, stride_outer, stride_inner,
         part, part_idx, *outs, argmax,
         HAS_TEMP=has_temp, FINALIZE=single, CHUNK=blk.chunk, BLOCK_V=blk.block_v,
-        FOLD=blk.fold, num_warps=blk.num_warps,
+        U=u, VEC=vec, PAIRS=_bf16_pairs(logits, n_inner, stride_outer, stride_inner),
+        num_warps=blk.num_warps,
     )  # fmt: skip
     if not single:
         _fwd_merge_kernel[(triton.cdiv(N, MERGE_BLOCK_R),)](
-            logits, labels, temp, inv_bits, ignore_index, V, N, blk.n_chunks,
+            logits, labels, temp, scale_bits, ignore_index, V, N, blk.n_chunks,
             n_inner, stride_outer, stride_inner,
             part, part_idx, *outs, argmax,
             HAS_TEMP=has_temp, BLOCK_R=MERGE_BLOCK_R, num_warps=4,
@@ -543,9 +665,9 @@ def token_stats_backward(
     blk = row_blocking(V, logits.dtype, _block_v, _chunk)
     has_temp = temperature is not None
     temp = temperature if has_temp else labels
-    inv_bits = 0 if has_temp else scalar_inv_temperature_bits(temperature_scalar, acc)
+    scale_bits = 0 if has_temp else scalar_log2_scale_bits(temperature_scalar, acc)
     _bwd_kernel[(N, blk.n_chunks)](
-        logits, labels, temp, inv_bits, ignore_index, V,
+        logits, labels, temp, scale_bits, ignore_index, V,
         n_inner, stride_outer, stride_inner,
         *upstream, *saved, grad,
         HAS_TEMP=has_temp, CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,

@@ -1,0 +1,303 @@
+"""pg_kernels.algorithms advantages: against loop references in float64, hand cases, properties."""
+
+import math
+
+import pytest
+import torch
+
+from pg_kernels.algorithms import (
+    empg_advantages,
+    group_advantages,
+    otb_advantages,
+    trloo_advantages,
+    turns_to_tokens,
+)
+
+f64 = torch.float64
+
+
+def _groups(ids):
+    out = {}
+    for i, g in enumerate(ids.tolist()):
+        out.setdefault(g, []).append(i)
+    return out
+
+
+def ref_group(r, ids, method, eps=1e-6):
+    r = r.tolist()
+    out = [0.0] * len(r)
+    for members in _groups(ids).values():
+        n = len(members)
+        mean = sum(r[i] for i in members) / n
+        std = math.sqrt(sum((r[i] - mean) ** 2 for i in members) / (n - 1)) if n > 1 else 0.0
+        for i in members:
+            if method == "grpo":
+                out[i] = (r[i] - mean) / (std + eps)
+            elif method == "dr_grpo":
+                out[i] = r[i] - mean
+            else:
+                others = [r[j] for j in members if j != i]
+                out[i] = r[i] - sum(others) / len(others) if others else r[i]
+    return torch.tensor(out, dtype=f64)
+
+
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "rloo"])
+def test_group_advantages_vs_loop(method):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([7, -3, 7, 100, -3, 7, 5, 100, 7])  # arbitrary values, one singleton
+    r = torch.randn(9, generator=g, dtype=f64)
+    got = group_advantages(r, ids, method=method)
+    assert got.dtype == f64
+    torch.testing.assert_close(got, ref_group(r, ids, method), rtol=1e-12, atol=1e-12)
+
+
+def test_group_advantages_hand_case():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=f64)
+    ids = torch.tensor([0, 0, 0, 0])
+    # mean 0.5, unbiased std sqrt(1/3)
+    s = math.sqrt(1 / 3)
+    torch.testing.assert_close(
+        group_advantages(r, ids, eps=0.0), torch.tensor([0.5, -0.5, -0.5, 0.5], dtype=f64) / s
+    )
+    # rloo: 1 - 1/3 = 2/3, 0 - 2/3
+    torch.testing.assert_close(
+        group_advantages(r, ids, method="rloo"),
+        torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3], dtype=f64),
+    )
+
+
+def test_group_advantages_properties():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 5, (40,), generator=g)
+    ids[0], ids[1] = 11, 12  # two singletons
+    r = torch.randn(40, generator=g, dtype=f64)
+    rloo = group_advantages(r, ids, method="rloo")
+    for members in _groups(ids).values():
+        if len(members) > 1:
+            assert abs(float(rloo[members].sum())) < 1e-12
+    assert rloo[0] == r[0] and rloo[1] == r[1]
+    grpo = group_advantages(r, ids, eps=0.0)
+    torch.testing.assert_close(group_advantages(3.0 * r - 7.0, ids, eps=0.0), grpo)
+    assert grpo[0] == 0 and grpo[1] == 0  # singleton: 0, not NaN
+
+
+def test_group_advantages_errors():
+    r = torch.zeros(4)
+    with pytest.raises(ValueError, match="group_ids"):
+        group_advantages(r, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="group_ids"):
+        group_advantages(r, torch.zeros(4))
+    with pytest.raises(TypeError, match="rewards"):
+        group_advantages(torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="method"):
+        group_advantages(r, torch.zeros(4, dtype=torch.int64), method="ppo")
+
+
+def ref_otb(G, lgp, mask, ids, isw=None, zero_tail=False, eps=1e-8):
+    B, T = lgp.shape
+    if G.dim() == 1:
+        G = G[:, None].expand(B, T)
+    w = lgp * mask * (isw**2 if isw is not None else 1)
+    W = torch.zeros(B, T, dtype=f64)
+    for i in range(B):
+        acc = 0.0
+        for t in range(T):
+            acc += float(w[i, t])
+            W[i, t] = acc
+    adv = torch.zeros(B, T, dtype=f64)
+    for members in _groups(ids).values():
+        lens = {i: float(mask[i].sum()) for i in members}
+        for t in range(T):
+            num = sum(float(G[i, t] * W[i, t] * mask[i, t]) for i in members)
+            den = sum(float(W[i, t] * mask[i, t]) for i in members)
+            b = num / (den + eps) if len(members) > 1 else 0.0
+            for i in members:
+                bi = b
+                if zero_tail and len(members) > 1:
+                    srt = sorted(lens.values())
+                    if lens[i] == srt[-1] and srt[-1] > srt[-2] and t >= srt[-2]:
+                        bi = 0.0
+                adv[i, t] = (G[i, t] - bi) * mask[i, t]
+    return adv
+
+
+@pytest.mark.parametrize("zero_tail", [False, True])
+@pytest.mark.parametrize("token_returns", [False, True])
+def test_otb_vs_loop(zero_tail, token_returns):
+    g = torch.Generator().manual_seed(2)
+    B, T = 9, 7
+    ids = torch.tensor([3, 3, 3, 9, 9, 4, 4, 4, 8])
+    lens = torch.tensor([7, 4, 2, 5, 5, 3, 6, 1, 4])
+    mask = torch.arange(T)[None, :] < lens[:, None]
+    lgp = torch.rand(B, T, generator=g, dtype=f64)
+    G = torch.randn(B, T, generator=g, dtype=f64) if token_returns else torch.randn(B, dtype=f64)
+    isw = torch.rand(B, T, generator=g, dtype=f64) + 0.5
+    got = otb_advantages(G, lgp, mask, ids, is_weights=isw, handle_zero_tail=zero_tail)
+    want = ref_otb(G, lgp, mask.to(f64), ids, isw, zero_tail)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_otb_constant_lgp_is_mean_baseline_per_position():
+    # Equal lengths and constant lgp: W_t equal within the group, so B_t = mean_g G_t.
+    g = torch.Generator().manual_seed(3)
+    B, T = 8, 5
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    R = torch.randn(B, generator=g, dtype=f64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    got = otb_advantages(R, torch.full((B, T), 0.3, dtype=f64), mask, ids, eps=0.0)
+    want = group_advantages(R, ids, method="dr_grpo")[:, None].expand(B, T)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_otb_singleton_and_hand_zero_tail():
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=f64)
+    lgp = torch.ones(3, 4, dtype=f64)
+    R = torch.tensor([1.0, 0.0, 5.0], dtype=f64)
+    ids = torch.tensor([0, 0, 1])
+    # group 0: W = t+1 for both while valid; at t = 0,1 B = (1*W + 0*W) / 2W = 0.5; t >= 2
+    # only row 0 left: B = 1 (no tail handling) or 0 (zero tail: second-longest length is 2).
+    a = otb_advantages(R, lgp, mask, ids, eps=0.0)
+    torch.testing.assert_close(a[0], torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=f64))
+    torch.testing.assert_close(a[1], torch.tensor([-0.5, -0.5, 0.0, 0.0], dtype=f64))
+    torch.testing.assert_close(a[2], torch.tensor([5.0, 5.0, 5.0, 0.0], dtype=f64))  # singleton
+    z = otb_advantages(R, lgp, mask, ids, eps=0.0, handle_zero_tail=True)
+    torch.testing.assert_close(z[0], torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=f64))
+
+
+def test_otb_errors():
+    m = torch.ones(2, 3, dtype=torch.bool)
+    ids = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="returns"):
+        otb_advantages(torch.zeros(3), torch.zeros(2, 3), m, ids)
+    with pytest.raises(ValueError, match="mask"):
+        otb_advantages(torch.zeros(2), torch.zeros(2, 3), m[:, :2], ids)
+    with pytest.raises(TypeError, match="mask"):
+        otb_advantages(torch.zeros(2), torch.zeros(2, 3), m.to(torch.complex64), ids)
+    # an int64 mask (as HF attention masks) is accepted and equals the bool one
+    lgp = torch.rand(2, 3)
+    torch.testing.assert_close(
+        otb_advantages(torch.ones(2), lgp, m.long(), ids),
+        otb_advantages(torch.ones(2), lgp, m, ids),
+    )
+    with pytest.raises(ValueError, match="is_weights"):
+        otb_advantages(torch.zeros(2), torch.zeros(2, 3), m, ids, is_weights=torch.ones(2, 2))
+
+
+def ref_trloo(r, tm, ids, gamma):
+    B, K = r.shape
+    G = torch.zeros(B, K, dtype=f64)
+    for i in range(B):
+        acc = 0.0
+        for t in reversed(range(K)):
+            if tm[i, t]:
+                acc = float(r[i, t]) + gamma * acc
+                G[i, t] = acc
+    A = torch.zeros(B, K, dtype=f64)
+    for members in _groups(ids).values():
+        for t in range(K):
+            for i in members:
+                if not tm[i, t]:
+                    continue
+                others = [float(G[j, t]) for j in members if j != i and tm[j, t]]
+                A[i, t] = G[i, t] - (sum(others) / len(others) if others else 0.0)
+    return A
+
+
+def test_trloo_vs_loop_and_hand():
+    g = torch.Generator().manual_seed(4)
+    B, K = 7, 4
+    ids = torch.tensor([1, 1, 1, 2, 2, 3, 1])
+    tm = torch.rand(B, K, generator=g) > 0.3  # holes included
+    r = torch.randn(B, K, generator=g, dtype=f64)
+    for gamma in (1.0, 0.7):
+        got = trloo_advantages(r, tm, ids, gamma=gamma)
+        torch.testing.assert_close(got, ref_trloo(r, tm, ids, gamma), rtol=1e-12, atol=1e-12)
+    # hand case, gamma 0.5: G = [1 + 0.5 * 2, 2] = [2, 2] and [0 + 0.5 * 4, 4] = [2, 4]
+    r2 = torch.tensor([[1.0, 2.0], [0.0, 4.0]], dtype=f64)
+    a = trloo_advantages(r2, torch.ones(2, 2), torch.tensor([0, 0]), gamma=0.5)
+    torch.testing.assert_close(a, torch.tensor([[0.0, -2.0], [0.0, 2.0]], dtype=f64))
+    # a hole: row 0's turn 1 invalid, so turn 0 discounts turn 2 by one step; at turn 1 row 1
+    # has no other member: A = its own return
+    r3 = torch.tensor([[1.0, 9.0, 2.0], [1.0, 3.0, 0.0]], dtype=f64)
+    tm3 = torch.tensor([[1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    a3 = trloo_advantages(r3, tm3, torch.tensor([5, 5]), gamma=0.5)
+    # G0 = [1 + 0.5 * 2, -, 2] = [2, -, 2]; G1 = [1 + 0.5 * 3, 3, 0] = [2.5, 3, 0]
+    torch.testing.assert_close(a3, torch.tensor([[-0.5, 0.0, 2.0], [0.5, 3.0, -2.0]], dtype=f64))
+
+
+def test_turns_to_tokens():
+    v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=f64)
+    ids = torch.tensor([[-1, 0, 0, 1, -1, 2], [2, 2, -1, -1, 0, 1]])
+    want = torch.tensor([[0, 1, 1, 2, 0, 3], [6, 6, 0, 0, 4, 5]], dtype=f64)
+    torch.testing.assert_close(turns_to_tokens(v, ids), want)
+    with pytest.raises(ValueError, match="turn_ids"):
+        turns_to_tokens(v, ids[:1])
+
+
+def ref_empg(A, H, mask, sid, k, kf, zeta):
+    B, T = H.shape
+    steps = {}  # (i, s) -> list of token entropies
+    for i in range(B):
+        for t in range(T):
+            if mask[i, t] and sid[i, t] >= 0:
+                steps.setdefault((i, int(sid[i, t])), []).append(float(H[i, t]))
+    Hs = {key: sum(v) / len(v) for key, v in steps.items()}
+    lo, hi = min(Hs.values()), max(Hs.values())
+    Hn = {key: (h - lo) / (hi - lo + 1e-8) for key, h in Hs.items()}
+    mean_e = sum(math.exp(-k * h) for h in Hn.values()) / len(Hn)
+    a = {}
+    for (i, s), h in Hn.items():
+        bonus = zeta * math.exp(-kf * Hn[(i, s + 1)]) if (i, s + 1) in Hn else 0.0
+        a[(i, s)] = math.exp(-k * h) / mean_e * float(A[i]) + bonus
+    mean_a = sum(a.values()) / len(a)
+    out = torch.zeros(B, T, dtype=f64)
+    for i in range(B):
+        for t in range(T):
+            if mask[i, t] and sid[i, t] >= 0:
+                out[i, t] = a[(i, int(sid[i, t]))] - mean_a
+    return out
+
+
+def test_empg_vs_loop():
+    g = torch.Generator().manual_seed(5)
+    B, T = 4, 9
+    sid = torch.tensor(
+        [
+            [0, 0, 1, 1, 1, 2, -1, -1, -1],
+            [-1, 0, 0, -1, 1, 1, 1, 2, 3],
+            [0, 1, 2, 3, 4, 5, 6, 7, 8],
+            [0, 0, 0, 0, 0, -1, -1, -1, -1],
+        ]
+    )
+    mask = torch.rand(B, T, generator=g) > 0.15
+    H = torch.rand(B, T, generator=g, dtype=f64) * 3
+    A = torch.randn(B, generator=g, dtype=f64)
+    got = empg_advantages(A, H, mask, sid, k=1.3, k_f=0.7, zeta=0.2)
+    torch.testing.assert_close(
+        got, ref_empg(A, H, mask, sid, 1.3, 0.7, 0.2), rtol=1e-10, atol=1e-12
+    )
+    # the step advantages (one per existing step) are centred
+    steps = {
+        (i, int(sid[i, t])): float(got[i, t])
+        for i in range(B)
+        for t in range(T)
+        if mask[i, t] and sid[i, t] >= 0
+    }
+    assert abs(sum(steps.values())) < 1e-10
+
+
+def test_empg_errors():
+    with pytest.raises(ValueError, match="step_ids"):
+        empg_advantages(
+            torch.zeros(2),
+            torch.zeros(2, 3),
+            torch.ones(2, 3),
+            torch.zeros(2, 2, dtype=torch.int64),
+        )
+    with pytest.raises(ValueError, match="advantages"):
+        empg_advantages(
+            torch.zeros(3),
+            torch.zeros(2, 3),
+            torch.ones(2, 3),
+            torch.zeros(2, 3, dtype=torch.int64),
+        )

@@ -1,0 +1,350 @@
+"""pg_kernels.algorithms masks and losses: loop references in float64, gradients, properties."""
+
+import math
+
+import pytest
+import torch
+
+from pg_kernels.algorithms import (
+    geometric_rejection,
+    hybrid_il_rl_loss,
+    policy_loss,
+    trm_mask,
+)
+
+f64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def test_trm_exact_and_sampled_modes():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]])
+    kl = torch.tensor(
+        [
+            [0.0, 0.001, 0.0005, 9.0],  # under both thresholds (9.0 is masked)
+            [0.06, 0.0, 0.0, 0.0],  # max 0.06 > 0.05
+            [0.002, 0.002, 0.0, 0.0],  # mean 0.001 == avg threshold: kept (<=)
+            [1.0, 1.0, 1.0, 1.0],  # no valid token: kept
+            [0.0, float("nan"), 0.0, 0.0],  # NaN on a valid token: rejected
+        ],
+        dtype=f64,
+    )
+    got = trm_mask(mask, token_kl=kl)
+    assert got.dtype == torch.bool
+    assert got.tolist() == [True, False, True, True, False]
+    # sampled mode: k2 drives the max rule, k3 the mean rule
+    k2 = torch.zeros(2, 3, dtype=f64)
+    k3 = torch.zeros(2, 3, dtype=f64)
+    k2[0, 1] = 0.051
+    k3[1, 2] = 0.0031  # mean over 3 tokens 0.00103 > 0.001
+    assert trm_mask(torch.ones(2, 3), k2=k2, k3=k3).tolist() == [False, False]
+    assert trm_mask(torch.ones(2, 3), k2=k3, k3=k2 * 0).tolist() == [True, True]
+    nan_masked = torch.tensor([[0.0, float("nan")]], dtype=f64)
+    assert trm_mask(torch.tensor([[True, False]]), token_kl=nan_masked).tolist() == [True]
+
+
+def test_trm_errors():
+    m = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="token_kl"):
+        trm_mask(m)
+    with pytest.raises(ValueError, match="token_kl"):
+        trm_mask(m, token_kl=torch.zeros(2, 3), k2=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="k2 and k3"):
+        trm_mask(m, k2=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="k3"):
+        trm_mask(m, k2=torch.zeros(2, 3), k3=torch.zeros(2, 4))
+
+
+def test_geometric_rejection_hand_cases():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    lr = torch.tensor(
+        [
+            [0.0005, -0.0005, 50.0],  # geo mean 1, the 50 is masked: keep
+            [0.003, 0.0, 0.0],  # exp(0.001) = 1.0010005 > 1.001: reject
+            [10.0, -10.0, 0.0],  # mean 0 but exp(-10) < 1e-4: vetoed
+            [5.0, 5.0, 5.0],  # no valid token: keep
+            [float("nan"), 0.0, 0.0],  # NaN: reject
+        ],
+        dtype=f64,
+    )
+    assert geometric_rejection(lr, mask).tolist() == [True, False, False, True, False]
+    # clamp: +-30 clamped to +-20 averages to 0; with veto off the row is kept
+    lr2 = torch.tensor([[30.0, -30.0]], dtype=f64)
+    assert geometric_rejection(lr2, torch.ones(1, 2), veto=0.0).tolist() == [True]
+    assert geometric_rejection(lr2, torch.ones(1, 2), veto=0.0, clamp=40.0).tolist() == [True]
+    assert geometric_rejection(lr2, torch.ones(1, 2)).tolist() == [False]
+
+
+# ----------------------------------------------------------------------------- policy_loss
+
+
+def _inputs(B=5, T=6, seed=0, dtype=f64):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, T, generator=g, dtype=dtype) * 2
+    old = lp + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)
+    roll = old + 0.4 * torch.randn(B, T, generator=g, dtype=dtype)
+    old[:, 0] = lp[:, 0] - 1.5  # ratio 4.5: rows with A < 0 reach the dual clip
+    adv = torch.randn(B, generator=g, dtype=dtype)
+    lens = torch.tensor([6, 3, 1, 0, 5])[:B]
+    mask = torch.arange(T)[None, :] < lens[:, None]
+    return lp, old, roll, adv, mask
+
+
+def ref_policy_loss(lp, old, adv, mask, *, loss_type="ppo", clip_low=0.2, clip_high=0.28,
+                    dual_clip=None, agg="token-mean", seq_mask=None, roll=None,
+                    correction=None, tis_cap=2.0, ic_lo=0.5, ic_hi=2.0):  # fmt: skip
+    """Straightforward per-token loops (autograd flows through lp)."""
+    B, T = lp.shape
+    if adv.dim() == 1:
+        adv = adv[:, None].expand(B, T)
+    rows = []
+    for i in range(B):
+        n = int(mask[i].sum())
+        seq_log = sum(lp[i, t] - old[i, t] for t in range(T) if mask[i, t]) / max(n, 1)
+        toks = []
+        for t in range(T):
+            if not mask[i, t]:
+                toks.append(None)
+                continue
+            a = adv[i, t]
+            if loss_type == "gspo":
+                r = torch.exp(seq_log.detach() + lp[i, t] - lp[i, t].detach())
+            else:
+                r = torch.exp(lp[i, t] - old[i, t])
+            rc = torch.clamp(r, 1 - clip_low, 1 + clip_high)
+            if loss_type == "cispo":
+                loss_t = -rc.detach() * a * lp[i, t]
+            else:
+                loss_t = torch.maximum(-a * r, -a * rc)
+                if dual_clip is not None and a < 0:
+                    loss_t = torch.minimum(loss_t, -dual_clip * a)
+            if correction is not None:
+                rho = math.exp(float(old[i, t] - roll[i, t]))
+                wt = (
+                    min(rho, tis_cap)
+                    if correction == "tis"
+                    else (rho if ic_lo <= rho <= ic_hi else 0.0)
+                )
+                loss_t = loss_t * wt
+            if seq_mask is not None and not seq_mask[i]:
+                loss_t = loss_t * 0.0
+            toks.append(loss_t)
+        rows.append(toks)
+    flat = [x for row in rows for x in row if x is not None]
+    zero = lp.sum() * 0
+    if agg == "token-mean":
+        return sum(flat, zero) / max(len(flat), 1)
+    if agg == "seq-mean-token-sum":
+        return sum((sum([x for x in row if x is not None], zero) for row in rows), zero) / B
+    if agg == "seq-mean-token-mean":
+        per = []
+        for row in rows:
+            toks = [x for x in row if x is not None]
+            per.append(sum(toks, zero) / len(toks) if toks else zero)
+        return sum(per, zero) / B
+    return sum(flat, zero) / (B * T)
+
+
+CASES = [
+    dict(loss_type="ppo"),
+    dict(loss_type="ppo", dual_clip=3.0),
+    dict(loss_type="ppo", agg="seq-mean-token-sum"),
+    dict(loss_type="ppo", agg="seq-mean-token-mean", correction="tis"),
+    dict(loss_type="ppo", agg="seq-mean-token-sum-norm", correction="icepop"),
+    dict(loss_type="gspo", agg="seq-mean-token-mean", clip_low=0.05, clip_high=0.05),
+    dict(loss_type="gspo", dual_clip=2.0),
+    dict(loss_type="cispo", clip_low=0.1, clip_high=0.1),
+    dict(loss_type="cispo", agg="seq-mean-token-mean", correction="tis"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+@pytest.mark.parametrize("token_adv", [False, True])
+def test_policy_loss_value_and_grad_vs_loop(case, token_adv):
+    lp, old, roll, adv, mask = _inputs()
+    if token_adv:
+        adv = adv[:, None] + 0.5 * torch.randn(
+            lp.shape, dtype=f64, generator=torch.Generator().manual_seed(9)
+        )
+    seq_mask = torch.tensor([True, False, True, True, True])
+    kw = {k: v for k, v in case.items() if k != "correction"}
+    lp1 = lp.clone().requires_grad_(True)
+    got, metrics = policy_loss(
+        lp1, old, adv, mask, seq_mask=seq_mask, rollout_logprob=roll,
+        rollout_correction=case.get("correction"), **kw,
+    )  # fmt: skip
+    got.backward()
+    lp2 = lp.clone().requires_grad_(True)
+    want = ref_policy_loss(
+        lp2, old, adv, mask, seq_mask=seq_mask, roll=roll, correction=case.get("correction"),
+        **{k: v for k, v in kw.items()},
+    )  # fmt: skip
+    want.backward()
+    assert got.dtype == f64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lp1.grad, lp2.grad, rtol=1e-12, atol=1e-14)
+    assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
+    assert float(metrics["kept_fraction"]) == 0.8
+    if case.get("dual_clip") and case["loss_type"] == "ppo" and not token_adv:
+        assert float(metrics["dual_clip_fraction"]) > 0  # the dual clip was exercised
+
+
+def test_policy_loss_ppo_hand_case():
+    # one token, A = 1, ratio 1.5 > 1 + 0.28: clipped, loss -1.28, zero gradient
+    lp = torch.tensor([[math.log(1.5)]], dtype=f64, requires_grad=True)
+    old = torch.zeros(1, 1, dtype=f64)
+    loss, m = policy_loss(lp, old, torch.ones(1, dtype=f64), torch.ones(1, 1))
+    loss.backward()
+    assert abs(float(loss.detach()) + 1.28) < 1e-12 and float(lp.grad) == 0.0
+    assert float(m["clip_fraction"]) == 1.0 and abs(float(m["ratio_max"]) - 1.5) < 1e-12
+    # A = -1, ratio 5: ppo loss max(5, 1.28) = 5; dual clip c = 3 caps it at 3 (zero grad)
+    lp = torch.tensor([[math.log(5.0)]], dtype=f64, requires_grad=True)
+    loss, _ = policy_loss(lp, old, -torch.ones(1, dtype=f64), torch.ones(1, 1))
+    assert abs(float(loss.detach()) - 5.0) < 1e-12
+    loss, m = policy_loss(lp, old, -torch.ones(1, dtype=f64), torch.ones(1, 1), dual_clip=3.0)
+    loss.backward()
+    assert abs(float(loss.detach()) - 3.0) < 1e-12 and float(lp.grad) == 0.0
+    assert float(m["dual_clip_fraction"]) == 1.0
+
+
+def test_gspo_gradient_formula():
+    # unclipped GSPO with seq-mean-token-mean: grad of l_{i,t} = -A_i s_i / (|y_i| B)
+    lp, old, _, adv, mask = _inputs(seed=3)
+    old = lp + 0.01 * torch.randn(lp.shape, dtype=f64, generator=torch.Generator().manual_seed(1))
+    lp = lp.clone().requires_grad_(True)
+    loss, _ = policy_loss(
+        lp,
+        old,
+        adv,
+        mask,
+        loss_type="gspo",
+        clip_low=10.0,
+        clip_high=10.0,
+        agg="seq-mean-token-mean",
+    )
+    loss.backward()
+    B = lp.shape[0]
+    n = mask.sum(1).clamp(min=1).to(f64)
+    s = torch.exp(((lp.detach() - old) * mask).sum(1) / n)
+    want = torch.where(mask, (-adv * s / (n * B))[:, None].expand_as(lp), 0)
+    torch.testing.assert_close(lp.grad, want, rtol=1e-12, atol=1e-15)
+    # the loss value is -mean_i s_i A_i (rows without tokens add 0)
+    torch.testing.assert_close(loss, -(torch.where(mask.any(1), s * adv, 0)).sum() / B)
+
+
+def test_seq_mask_normalisers_count_rejected_rows():
+    lp, old, _, adv, mask = _inputs(seed=4)
+    keep = torch.tensor([True, False, True, True, True])
+    for agg in (
+        "token-mean",
+        "seq-mean-token-sum",
+        "seq-mean-token-mean",
+        "seq-mean-token-sum-norm",
+    ):
+        full, _ = policy_loss(lp, old, adv, mask, agg=agg)
+        # zero the rejected row's advantage instead: the same tokens contribute nothing, and
+        # every normaliser is unchanged, so the two losses must agree
+        adv0 = torch.where(keep, adv, 0)
+        want, _ = policy_loss(lp, old, adv0, mask, agg=agg)
+        got, _ = policy_loss(lp, old, adv, mask, agg=agg, seq_mask=keep)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+        assert not torch.allclose(got, full)
+    # token-mean divides by all valid tokens (15), not by the kept ones (12)
+    ones = torch.zeros_like(lp)
+    got, _ = policy_loss(
+        ones, ones, torch.ones(5, dtype=f64), mask, seq_mask=keep, clip_low=0.0, clip_high=0.0
+    )
+    assert abs(float(got) - (-(6 + 1 + 0 + 5) / 15)) < 1e-12
+
+
+def test_rollout_correction_weights_are_detached():
+    lp, old, roll, adv, mask = _inputs(seed=5)
+    old = old.clone().requires_grad_(True)
+    roll = roll.clone().requires_grad_(True)
+    lp = lp.clone().requires_grad_(True)
+    loss, _ = policy_loss(
+        lp, old, adv, mask, loss_type="cispo", rollout_logprob=roll, rollout_correction="tis"
+    )
+    loss.backward()
+    assert roll.grad is None or torch.count_nonzero(roll.grad) == 0
+    assert old.grad is None or torch.count_nonzero(old.grad) == 0  # cispo's IS weight is sg too
+    assert torch.count_nonzero(lp.grad) > 0
+
+
+def test_policy_loss_entropy_kl_terms_and_metrics():
+    lp, old, _, adv, mask = _inputs(seed=6)
+    ent = torch.rand(lp.shape, dtype=f64)
+    kl = torch.rand(lp.shape, dtype=f64)
+    base, m = policy_loss(lp, old, adv, mask)
+    got, _ = policy_loss(lp, old, adv, mask, entropy=ent, entropy_coef=0.1, kl=kl, kl_coef=0.2)
+    n = mask.sum()
+    want = base - 0.1 * (ent * mask).sum() / n + 0.2 * (kl * mask).sum() / n
+    torch.testing.assert_close(got, want)
+    r = torch.exp(lp - old)[mask]
+    torch.testing.assert_close(m["ppo_kl"], (old - lp)[mask].mean())
+    torch.testing.assert_close(m["ratio_mean"], r.mean())
+    torch.testing.assert_close(m["ratio_min"], r.min())
+    torch.testing.assert_close(m["ratio_max"], r.max())
+
+
+def test_policy_loss_errors():
+    lp, old, roll, adv, mask = _inputs()
+    with pytest.raises(ValueError, match="old_logprob"):
+        policy_loss(lp, old[:, :2], adv, mask)
+    with pytest.raises(ValueError, match="advantages"):
+        policy_loss(lp, old, adv[:2], mask)
+    with pytest.raises(ValueError, match="loss_type"):
+        policy_loss(lp, old, adv, mask, loss_type="dpo")
+    with pytest.raises(ValueError, match="agg"):
+        policy_loss(lp, old, adv, mask, agg="sum")
+    with pytest.raises(ValueError, match="rollout_logprob"):
+        policy_loss(lp, old, adv, mask, rollout_correction="tis")
+    with pytest.raises(ValueError, match="entropy"):
+        policy_loss(lp, old, adv, mask, entropy_coef=0.1)
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(lp, old, adv, mask, dual_clip=0.5)
+    with pytest.raises(ValueError, match="seq_mask"):
+        policy_loss(lp, old, adv, mask, seq_mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="logprob"):
+        policy_loss(lp.long(), old, adv, mask)
+
+
+def test_policy_loss_float32():
+    lp, old, _, adv, mask = _inputs()
+    got, _ = policy_loss(lp.float(), old.float(), adv.float(), mask)
+    want, _ = policy_loss(lp, old, adv, mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- hybrid IL + RL
+
+
+def test_hybrid_il_rl_loss_vs_loop():
+    lp, _, _, adv, mask = _inputs(seed=7)
+    kl = torch.rand(lp.shape, dtype=f64)
+    beta = 0.3
+    lp1, kl1 = lp.clone().requires_grad_(True), kl.clone().requires_grad_(True)
+    got = hybrid_il_rl_loss(lp1, adv, kl1, mask, beta=beta)
+    got.backward()
+    lp2, kl2 = lp.clone().requires_grad_(True), kl.clone().requires_grad_(True)
+    B, T = lp.shape
+    total, n = 0.0, 0
+    for i in range(B):
+        for t in range(T):
+            if not mask[i, t]:
+                continue
+            suffix = sum(float(kl[i, s]) for s in range(t + 1, T) if mask[i, s])
+            total = total - (float(adv[i]) - beta * suffix) * lp2[i, t] + beta * kl2[i, t]
+            n += 1
+    want = total / n
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lp1.grad, lp2.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kl1.grad, kl2.grad, rtol=1e-12, atol=1e-14)
+    # both terms present: the score term reacts to beta through the suffix sums
+    g0 = torch.autograd.grad(hybrid_il_rl_loss(lp1, adv, kl, mask, beta=0.0), lp1)[0]
+    assert not torch.allclose(g0, lp1.grad)
+    with pytest.raises(ValueError, match="token_kl"):
+        hybrid_il_rl_loss(lp, adv, kl[:, :2], mask, beta=0.1)
