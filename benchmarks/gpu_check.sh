@@ -38,8 +38,9 @@
 #   PGK_STEPS         the steps to run (default all: "preflight build tests sanitize graph bench")
 #   PGK_TEST_JOBS     pytest-xdist workers (default 8)
 #   PGK_BENCH_OPS     ops to benchmark (default all five)
-#   PGK_BENCH_COMPILE ops whose N=16384, T=1 run also times torch.compile (default token_stats;
-#                     each compile costs 30-60 s per shape and mode)
+#   PGK_BENCH_COMPILE ops whose N=16384, T=1 run also times torch.compile of the reference
+#                     (default none: each compile costs 30-60 s per shape and mode; e.g.
+#                     PGK_STEPS=bench PGK_BENCH_COMPILE=token_stats in a second call)
 # shellcheck disable=SC2329  # the step functions are invoked through run_step
 set -uo pipefail
 
@@ -58,7 +59,7 @@ BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 300 || echo 540)}"
 STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph bench} "
 JOBS="${PGK_TEST_JOBS:-8}"
 BENCH_OPS="${PGK_BENCH_OPS:-token_stats kl_divergence mismatch_stats pruned_logprob topk_kl}"
-BENCH_COMPILE=" ${PGK_BENCH_COMPILE:-token_stats} "
+BENCH_COMPILE=" ${PGK_BENCH_COMPILE:-} "
 RESERVE=12  # seconds kept for the summary and the archives
 MIN_START=$([[ $DRY == 1 ]] && echo 15 || echo 30)  # fewer seconds left than this: not started
 T0=$SECONDS
