@@ -365,9 +365,10 @@ def test_non_default_stream(op_backend_device):
     ad = ADAPTERS[op]
     d = ad.make(8, _small_v(device), torch.bfloat16, device, seed=6)
     want_outs, want_grads = _forward_backward(ad, backend, d)
-    # The inputs hold NaN (or -1) until the side stream overwrites them after its spin.
+    # The inputs hold NaN (ids and labels 0: in bounds, but other rows) until the side stream
+    # overwrites them after its spin.
     late = {
-        k: torch.full_like(v, float("nan") if v.is_floating_point() else -1)
+        k: torch.full_like(v, float("nan") if v.is_floating_point() else 0)
         for k, v in d.items()
         if isinstance(v, torch.Tensor)
     }
