@@ -7,8 +7,9 @@ capture and replay of forward + backward, tensors on a GPU that is not the curre
 host sync inside forward + backward. Cases come from conftest (`op_backend_device`): the CUDA
 ones carry the `gpu` mark and skip without a GPU ("no GPU") or without the CUDA extension; the
 device-guard test skips with "needs 2 GPUs" on a one-GPU machine. Tests whose logic can run on
-CPU tensors also run there with the C++ kernels (`cpu_backends("cpu")`), at small shapes, so CPU
-CI exercises the adapters and checks below.
+CPU tensors also run there at small shapes (the C++ kernels; opcheck and compile also the
+interpreted Triton ones, through the same guarded launchers), so CPU CI exercises the adapters
+and checks below.
 
 Each op enters through a small adapter (`ADAPTERS`): inputs as a dict of tensors whose leading
 dim is the row (so any subset of rows is a valid smaller call), the public call, the outputs
@@ -275,7 +276,7 @@ def _small_v(device: str) -> int:
 # --- the op contract ----------------------------------------------------------------------
 
 
-@pytest.mark.cpu_backends("cpu")
+@pytest.mark.cpu_backends("cpu", "triton")
 def test_opcheck(op_backend_device):
     op, backend, device = op_backend_device
     ad = ADAPTERS[op]
@@ -285,7 +286,7 @@ def test_opcheck(op_backend_device):
             torch.library.opcheck(custom_op, args)
 
 
-@pytest.mark.cpu_backends("cpu")
+@pytest.mark.cpu_backends("cpu")  # interpreted Triton: ~2 min of CPU for little news
 def test_gradcheck_float64(op_backend_device):
     op, backend, device = op_backend_device
     ad = ADAPTERS[op]
@@ -298,7 +299,7 @@ def test_gradcheck_float64(op_backend_device):
     assert torch.autograd.gradcheck(f, leaves)
 
 
-@pytest.mark.cpu_backends("cpu")
+@pytest.mark.cpu_backends("cpu", "triton")
 def test_compile_fullgraph_matches_eager(op_backend_device):
     op, backend, device = op_backend_device
     ad = ADAPTERS[op]
