@@ -6,13 +6,15 @@ Backends:
   "triton"     Triton kernels, CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
   "cuda"       the CUDA C++ extension pg_kernels._C_cuda, CUDA tensors.
 
-Availability is data: `unavailable_reason(backend, device)` says why a backend cannot take
-inputs on a device (None when it can); `resolve` uses it both for "auto" and for the error
-raised when a user forces a backend.
+Availability is data: `KERNELS` says which backends have a kernel for each op,
+`unavailable_reason(backend, device)` why a backend cannot take inputs on a device (None when
+it can); `resolve` uses both for "auto" and for the error raised when a user forces a backend.
+The tests generate their (op, backend, device) cases from the same data.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -24,6 +26,19 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 # What "auto" tries, per device type, in order.
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+
+# The kernel backends of each op ("reference" serves every op on any device).
+KERNELS = {
+    "token_stats": ("cpu", "triton", "cuda"),
+    "kl_divergence": ("cpu", "triton"),
+    "mismatch_stats": ("cpu", "triton"),
+    "pruned_logprob": ("cpu", "triton"),
+    "topk_kl": ("cpu", "triton"),
+}
+
+# The device types each kernel backend takes tensors of (when it is available at all; Triton
+# takes CPU tensors only under its interpreter, see `unavailable_reason`).
+DEVICE_TYPES = {"cpu": ("cpu",), "triton": ("cpu", "cuda"), "cuda": ("cuda",)}
 
 
 def _load(module: str):
@@ -72,17 +87,49 @@ def launchers(op: str, backend: str):
 
     Every backend names them alike: `<op>_forward` / `<op>_backward` in pg_kernels._C ("cpu"),
     pg_kernels._C_cuda ("cuda") or the module pg_kernels.triton.<op> ("triton"), all with the
-    same signature (flat labels, per-row temperature, row layout ints).
+    same signature (flat labels, per-row temperature, row layout ints). GPU launchers come
+    wrapped in a device guard (`_on_inputs_device`).
     """
-    if backend == "cpu":
-        module = _CPU_EXT
-    elif backend == "cuda":
-        module = _CUDA_EXT
-    elif backend == "triton":
-        module = importlib.import_module(f"pg_kernels.triton.{op}")
-    else:
-        raise RuntimeError(f"{op}: no kernel for backend {backend!r}")
-    return getattr(module, f"{op}_forward"), getattr(module, f"{op}_backward")
+    found = _LAUNCHERS.get((op, backend))
+    if found is None:
+        if backend == "cpu":
+            module = _CPU_EXT
+        elif backend == "cuda":
+            module = _CUDA_EXT
+        elif backend == "triton":
+            module = importlib.import_module(f"pg_kernels.triton.{op}")
+        else:
+            raise RuntimeError(f"{op}: no kernel for backend {backend!r}")
+        found = tuple(getattr(module, f"{op}_{step}") for step in ("forward", "backward"))
+        if backend in ("triton", "cuda"):
+            found = tuple(_on_inputs_device(f) for f in found)
+        _LAUNCHERS[(op, backend)] = found
+    return found
+
+
+_LAUNCHERS: dict = {}  # (op, backend) -> (forward, backward), filled by `launchers`
+
+
+def _on_inputs_device(launch):
+    """`launch` run with its tensors' CUDA device as the current device.
+
+    A Triton launch compiles for, and enqueues on the current stream of, the *current* device,
+    whatever device its tensors are on; so does a raw CUDA launch. With tensors on cuda:1 while
+    cuda:0 is current, the kernels would run on the wrong GPU (an illegal address at best). All
+    tensors of one call share a device (the ops check it), so the first one decides. Entering
+    the guard costs a device query, and nothing when the device is already current; the ops are
+    custom ops, so torch.compile runs this inside their opaque kernels, never traces it.
+    """
+
+    @functools.wraps(launch)
+    def guarded(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if device.type != "cuda":
+            return launch(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launch(*args, **kwargs)
+
+    return guarded
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -118,9 +165,11 @@ def resolve(
 ) -> str:
     """The backend that serves `op` for tensors on `device`; raises if a forced one cannot.
 
-    `kernels` lists the backends that have a kernel for `op` (default: all); "reference" always
-    serves.
+    `kernels` lists the backends that have a kernel for `op` (default: `KERNELS[op]`, or all
+    for a name not in it); "reference" always serves.
     """
+    if kernels is None:
+        kernels = KERNELS.get(op)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
 

@@ -1,8 +1,20 @@
-"""Test configuration: Triton runs under its interpreter on CPU-only machines.
+"""Test configuration: which kernel cases exist, and the Triton interpreter on CPU-only machines.
 
 TRITON_INTERPRET must be set before triton (or pg_kernels' Triton modules) is imported.
 Without a CUDA build of torch there is no GPU, so the interpreter is the only way to run the
 Triton kernels: on CPU tensors.
+
+Kernel cases. A test that takes `backend_device` runs once per (backend, device) pair that has
+a kernel for its op (`pg_kernels._backend.KERNELS` and `DEVICE_TYPES`); one that takes
+`op_backend_device` once per (op, backend, device) triple over every op. The op is the
+closest `@pytest.mark.op(name)` (a test module sets it in `pytestmark`). Narrowing markers:
+  @pytest.mark.gpu                    the test needs a GPU: CUDA-device cases only.
+  @pytest.mark.backends(*names)       only these backends.
+  @pytest.mark.cpu_backends(*names)   on CPU tensors, only these backends.
+Every CUDA-device case carries the `gpu` mark. A case that cannot run here is skipped with a
+reason that starts with one of the SKIP_* phrases below, so that a script can tell them apart:
+on a GPU machine with the extensions built, no CUDA case may skip (but for SKIP_TWO_GPUS on a
+one-GPU machine).
 """
 
 import os
@@ -22,34 +34,94 @@ import pytest  # noqa: E402
 
 from pg_kernels import _backend  # noqa: E402
 
+SKIP_NO_GPU = "no GPU"
+SKIP_NO_CUDA_EXT = "CUDA extension not importable"
+SKIP_NO_CPU_EXT = "C++ extension unavailable"
+SKIP_NO_TRITON = "Triton unavailable"
+SKIP_TWO_GPUS = "needs 2 GPUs"  # the only skip expected on a one-GPU machine
 
-def _kernel_backends() -> list:
-    """(backend, device) pairs to test, each skipped with the reason it cannot run here."""
-    pairs = [("cpu", "cpu"), ("triton", "cpu"), ("triton", "cuda"), ("cuda", "cuda")]
-    params = []
-    for backend, device in pairs:
-        gpu_missing = device == "cuda" and not torch.cuda.is_available()
-        why = (
-            "no GPU" if gpu_missing else _backend.unavailable_reason(backend, torch.device(device))
+
+def skip_reason(backend: str, device: str) -> str | None:
+    """Why a kernel case (backend on tensors of `device`) cannot run here; None when it can.
+
+    Only asks torch.cuda.is_available(), which creates no CUDA context.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        return SKIP_NO_GPU
+    why = _backend.unavailable_reason(backend, torch.device(device))
+    if why is None:
+        return None
+    prefix = {"cuda": SKIP_NO_CUDA_EXT, "cpu": SKIP_NO_CPU_EXT, "triton": SKIP_NO_TRITON}
+    return f"{prefix[backend]}: {why}"
+
+
+def kernel_cases(ops, *, devices=("cpu", "cuda"), backends=None, cpu_backends=None):
+    """[(op, backend, device)] for every kernel of `ops` on `devices`, in table order."""
+    cases = []
+    for op in ops:
+        for backend in _backend.KERNELS[op]:
+            if backends is not None and backend not in backends:
+                continue
+            for device in _backend.DEVICE_TYPES[backend]:
+                if device not in devices:
+                    continue
+                if device == "cpu" and cpu_backends is not None and backend not in cpu_backends:
+                    continue
+                cases.append((op, backend, device))
+    return cases
+
+
+def _param(value, op, backend, device, with_op):
+    marks = []
+    why = skip_reason(backend, device)
+    if why is not None:
+        marks.append(pytest.mark.skip(reason=f"{why} ({op}, {backend} on {device})"))
+    if device == "cuda":
+        marks.append(pytest.mark.gpu)
+    ident = f"{op}-{backend}-{device}" if with_op else f"{backend}-{device}"
+    return pytest.param(value, id=ident, marks=marks)
+
+
+def pytest_generate_tests(metafunc):
+    wants_pair = "backend_device" in metafunc.fixturenames
+    wants_triple = "op_backend_device" in metafunc.fixturenames
+    if not (wants_pair or wants_triple):
+        return
+    node = metafunc.definition
+    op_mark = node.get_closest_marker("op")
+    if op_mark is not None:
+        ops = op_mark.args
+    elif wants_triple:
+        ops = tuple(_backend.KERNELS)
+    else:
+        raise pytest.UsageError(
+            f"{node.nodeid}: backend_device needs @pytest.mark.op(<op>) on the test or module"
         )
-        marks = [pytest.mark.skip(reason=f"{backend} on {device}: {why}")] if why else []
-        if device == "cuda":
-            marks.append(pytest.mark.gpu)
-        params.append(pytest.param((backend, device), id=f"{backend}-{device}", marks=marks))
-    return params
 
+    def narrowed(name):
+        mark = node.get_closest_marker(name)
+        return None if mark is None else mark.args
 
-KERNEL_BACKENDS = _kernel_backends()
+    cases = kernel_cases(
+        ops,
+        devices=("cuda",) if node.get_closest_marker("gpu") else ("cpu", "cuda"),
+        backends=narrowed("backends"),
+        cpu_backends=narrowed("cpu_backends"),
+    )
+    if wants_pair:
+        params = [_param((b, d), o, b, d, len(ops) > 1) for o, b, d in cases]
+        metafunc.parametrize("backend_device", params)
+    else:
+        params = [_param((o, b, d), o, b, d, True) for o, b, d in cases]
+        metafunc.parametrize("op_backend_device", params)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (CUDA-device cases only)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
-
-
-@pytest.fixture(params=KERNEL_BACKENDS)
-def backend_device(request):
-    return request.param
+    config.addinivalue_line("markers", "op(*names): the ops whose kernels parametrize the test")
+    config.addinivalue_line("markers", "backends(*names): only these kernel backends")
+    config.addinivalue_line("markers", "cpu_backends(*names): on CPU, only these backends")
 
 
 @pytest.fixture

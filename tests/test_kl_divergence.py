@@ -7,7 +7,6 @@ import torch
 
 import pg_kernels
 from pg_kernels import reference
-from pg_kernels.ops.kl_divergence import KERNELS
 from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -15,12 +14,12 @@ DIRECTIONS = ["reverse", "forward"]
 INF = float("inf")
 
 
+pytestmark = pytest.mark.op("kl_divergence")
+
+
 @pytest.fixture
 def bd(backend_device):
-    """backend_device, skipping backends that have no kl_divergence kernel."""
-    backend, _ = backend_device
-    if backend not in KERNELS:
-        pytest.skip(f"kl_divergence has no {backend} kernel")
+    """(backend, device) of a kl_divergence kernel (conftest generates only pairs that exist)."""
     return backend_device
 
 
@@ -114,12 +113,11 @@ def test_temperature(bd, dtype, direction):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.backends("triton")
 def test_many_chunks_per_row(bd, direction, small_triton_blocks):
     """Rows cut into many chunk programs (Triton; small blocks): the fixed-order merge of chunk
     states, with -inf runs covering whole chunks and a one-hot row, matches the reference."""
     backend, device = bd
-    if backend != "triton":
-        pytest.skip("only the Triton kernels cut rows across programs")
     for dtype in (torch.float32, torch.bfloat16):
         x, xr = _pair(4, 1000, dtype, device, seed=21)
         # Shared -inf runs (one-sided ones give KL = +inf: test_one_sided_neg_inf).
@@ -459,8 +457,6 @@ def test_bad_input_raises_clear_error(case):
 def test_gpu_more_than_2_31_elements(bd):
     """bf16 [16384, 151936] on both sides: row offsets past 2^31 (int64 indexing)."""
     backend, device = bd
-    if device != "cuda":
-        pytest.skip("a GPU-sized test")
     n, v = 16384, 151936
     g = torch.Generator(device=device).manual_seed(31)
     x = (torch.randn(n, v, generator=g, device=device, dtype=torch.bfloat16) * 3).requires_grad_()
@@ -479,8 +475,6 @@ def test_gpu_more_than_2_31_elements(bd):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_gpu_largest_vocab(bd, direction):
     backend, device = bd
-    if device != "cuda":
-        pytest.skip("a GPU-sized test")
     for n in (1, 37):
         x, xr = _pair(n, 262144, torch.bfloat16, device, seed=32)
         _check(backend, x, xr, direction=direction)

@@ -10,7 +10,6 @@ import torch
 
 import pg_kernels
 from pg_kernels import reference
-from pg_kernels.ops.mismatch_stats import KERNELS
 from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -19,12 +18,12 @@ SAMPLED = ("log_ratio", "ratio", "k1", "k2", "k3", "abs_log_ratio", "chi2", "tis
 INF = float("inf")
 
 
+pytestmark = pytest.mark.op("mismatch_stats")
+
+
 @pytest.fixture
 def bd(backend_device):
-    """backend_device, skipping backends without a fused mismatch_stats kernel."""
-    backend, _ = backend_device
-    if backend not in KERNELS:
-        pytest.skip(f"mismatch_stats has no {backend} kernel")
+    """(backend, device) of a mismatch_stats kernel (conftest generates only pairs that exist)."""
     return backend_device
 
 
@@ -77,6 +76,7 @@ def test_matches_reference(bd, dtype):
         assert {"token_kl", "token_tv", "k3", "grad0"} <= set(errors)
 
 
+@pytest.mark.op("token_stats")  # without rollout logits, only token_stats' kernel runs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_without_rollout_logits(backend_device, dtype):
     """Sampled estimators only: any backend token_stats runs on; token_kl, token_tv are None."""
@@ -125,12 +125,11 @@ def test_neg_inf_entries(bd):
     torch.testing.assert_close(out.token_tv.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.backends("triton")
 def test_many_chunks_per_row(bd, small_triton_blocks):
     """Rows cut into many chunk programs (Triton; small blocks): the merges of the pair pass and
     of the TV sums, with -inf runs covering whole chunks, match the reference."""
     backend, device = bd
-    if backend != "triton":
-        pytest.skip("only the Triton kernels cut rows across programs")
     for dtype in (torch.float32, torch.bfloat16):
         x, xr, y, lp = _inputs(5, 1000, dtype, device, seed=22)
         x[1, 100:300] = -INF
@@ -439,8 +438,6 @@ def test_bad_input_raises_clear_error(case):
 def test_gpu_more_than_2_31_elements(bd):
     """bf16 [16384, 151936] logits and rollout logits: row offsets past 2^31."""
     backend, device = bd
-    if device != "cuda":
-        pytest.skip("a GPU-sized test")
     n, v = 16384, 151936
     g = torch.Generator(device=device).manual_seed(33)
     x = torch.randn(n, v, generator=g, device=device, dtype=torch.bfloat16) * 3
@@ -462,8 +459,6 @@ def test_gpu_more_than_2_31_elements(bd):
 @pytest.mark.gpu
 def test_gpu_largest_vocab(bd):
     backend, device = bd
-    if device != "cuda":
-        pytest.skip("a GPU-sized test")
     for n in (1, 37):
         x, xr, y, lp = _inputs(n, 262144, torch.bfloat16, device, seed=34)
         _check(backend, x, y, lp, rollout_logits=xr)

@@ -11,7 +11,6 @@ import torch
 
 import pg_kernels
 from pg_kernels import reference
-from pg_kernels.ops import pruned_logprob as pruned_op
 from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -19,13 +18,13 @@ DIFF = ("logprob",)
 INF = float("inf")
 
 
+pytestmark = pytest.mark.op("pruned_logprob")
+
+
 @pytest.fixture
 def bd(backend_device):
-    """(backend, device) pairs of the conftest whose backend has a pruned_logprob kernel."""
-    backend, device = backend_device
-    if backend not in pruned_op.KERNELS:
-        pytest.skip(f"pruned_logprob has no {backend} kernel")
-    return backend, device
+    """(backend, device) of a pruned_logprob kernel (conftest generates only pairs that exist)."""
+    return backend_device
 
 
 def _op(backend, alpha):
@@ -73,13 +72,12 @@ def test_temperature(bd, dtype):
         )  # fmt: skip
 
 
+@pytest.mark.backends("triton")
 def test_many_chunks_per_row(bd, small_triton_blocks):
     """Rows cut into many chunk programs (Triton; small blocks): the row max from the chunk
     maxes and the fixed-order sums of s_in / s_out match the reference, with the max in the
     last chunk and -inf runs covering whole chunks."""
     backend, device = bd
-    if backend != "triton":
-        pytest.skip("only the Triton kernels cut rows across programs")
     for dtype in (torch.float32, torch.bfloat16):
         x = make_logits(4, 1000, dtype, device=device, seed=23)
         x[0, 990] = x[0].max() + 5.0  # the max in the last chunk: the threshold moves late

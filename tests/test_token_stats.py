@@ -9,6 +9,8 @@ import pg_kernels
 from pg_kernels import reference
 from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
 
+pytestmark = pytest.mark.op("token_stats")
+
 DIFF = ("logprob", "entropy", "collision", "lse")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -57,12 +59,11 @@ def test_temperature(backend_device, dtype):
     assert n == x[..., 0].numel()
 
 
+@pytest.mark.backends("triton")
 def test_many_chunks_per_row(backend_device, small_triton_blocks):
     """Rows cut into many chunk programs (Triton; small blocks): the merge kernel, with the max
     and the argmax in late chunks, ties across chunks and -inf runs covering whole chunks."""
     backend, device = backend_device
-    if backend != "triton":
-        pytest.skip("only the Triton kernels cut rows across programs")
     for dtype in (torch.float32, torch.bfloat16):
         x = make_logits(5, 1000, dtype, device=device, seed=25)
         x[0, 990] = x[0].max() + 4.0  # the argmax in the last chunk
@@ -419,16 +420,10 @@ def test_import_without_compiled_extensions():
 # --- GPU only: sizes CPU CI cannot afford -------------------------------------------------
 
 
-def _gpu_only(device: str) -> None:
-    if device != "cuda":
-        pytest.skip("a GPU-sized test")
-
-
 @pytest.mark.gpu
 def test_gpu_more_than_2_31_elements(backend_device):
     """bf16 [16384, 151936]: 2.49e9 elements, row offsets past 2^31 (int64 indexing)."""
     backend, device = backend_device
-    _gpu_only(device)
     n, v = 16384, 151936
     g = torch.Generator(device=device).manual_seed(17)
     x = (torch.randn(n, v, generator=g, device=device, dtype=torch.bfloat16) * 3).requires_grad_()
@@ -451,7 +446,6 @@ def test_gpu_more_than_2_31_elements(backend_device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_gpu_largest_vocab(backend_device, dtype):
     backend, device = backend_device
-    _gpu_only(device)
     for n in (1, 37):
         x = make_logits(n, 262144, dtype, device=device, seed=18)
         y = make_labels((n,), 262144, device=device, seed=18)

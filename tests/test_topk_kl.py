@@ -7,20 +7,19 @@ import torch
 
 import pg_kernels
 from pg_kernels import reference
-from pg_kernels.ops import topk_kl as topk_kl_op
 from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 INF = float("inf")
 
 
+pytestmark = pytest.mark.op("topk_kl")
+
+
 @pytest.fixture
 def bd(backend_device):
-    """(backend, device) pairs of the conftest whose backend has a topk_kl kernel."""
-    backend, device = backend_device
-    if backend not in topk_kl_op.KERNELS:
-        pytest.skip(f"topk_kl has no {backend} kernel")
-    return backend, device
+    """(backend, device) of a topk_kl kernel (conftest generates only pairs that exist)."""
+    return backend_device
 
 
 def _op(backend):
@@ -129,12 +128,11 @@ def test_ids_at_edges_and_chunk_boundaries(bd):
     )
 
 
+@pytest.mark.backends("triton")
 def test_many_chunks_per_row(bd, small_triton_blocks):
     """Rows cut into many chunk programs (Triton; small blocks): ids masked inside chunks and on
     their edges, tail states merged in chunk order, a -inf run covering whole chunks."""
     backend, device = bd
-    if backend != "triton":
-        pytest.skip("only the Triton kernels cut rows across programs")
     v = 1000  # fp32: 16-element blocks, 32-element chunks: 32 chunk programs per row
     x = make_logits(3, v, torch.float32, device=device, seed=24)
     ids, lp, _ = make_topk(x, 12, seed=24)

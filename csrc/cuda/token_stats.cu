@@ -137,7 +137,10 @@ std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::
   constexpr const char* op = "token_stats";
   check_row_inputs(op, logits, labels, temperature, temperature_scalar, n_inner, stride_outer,
                    stride_inner);
+  // The logits' device is current while the kernels launch (allocations follow the tensors'
+  // options anyway), on that device's current stream, whatever device the caller had current.
   const c10::cuda::CUDAGuard guard(logits.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.get_device());
   const int64_t N = labels.numel();
   const auto opts = logits.options().dtype(acc_type_of(logits.scalar_type()));
   at::Tensor logprob = at::empty({N}, opts), entropy = at::empty({N}, opts),
@@ -175,8 +178,7 @@ std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::
         p.argmax = argmax.data_ptr<int64_t>();
         const bool aligned = rows_are_16b_aligned(p.in.logits, logits.element_size(), N,
                                                   p.in.layout);
-        C10_CUDA_CHECK(launch_token_stats_forward<Tag>(p, aligned, logits.get_device(),
-                                                       c10::cuda::getCurrentCUDAStream()));
+        C10_CUDA_CHECK(launch_token_stats_forward<Tag>(p, aligned, logits.get_device(), stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return {logprob, entropy, collision, lgp, lse, max_prob, argmax};
@@ -201,7 +203,10 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
   check_per_row(op, "lse", lse, logits, N);
   check_per_row(op, "entropy", entropy, logits, N);
   check_per_row(op, "collision", collision, logits, N);
+  // The logits' device is current while the kernels launch (allocations follow the tensors'
+  // options anyway), on that device's current stream, whatever device the caller had current.
   const c10::cuda::CUDAGuard guard(logits.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.get_device());
   // The gradient is a fresh contiguous tensor: row r starts at r * V.
   at::Tensor grad =
       at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
@@ -228,8 +233,7 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
         const bool aligned =
             rows_are_16b_aligned(p.in.logits, logits.element_size(), N, p.in.layout) &&
             rows_are_16b_aligned(p.grad, grad.element_size(), N, dense);
-        C10_CUDA_CHECK(launch_token_stats_backward<Tag>(p, aligned, logits.get_device(),
-                                                        c10::cuda::getCurrentCUDAStream()));
+        C10_CUDA_CHECK(launch_token_stats_backward<Tag>(p, aligned, logits.get_device(), stream));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return grad;

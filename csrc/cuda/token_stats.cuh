@@ -1088,42 +1088,53 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
 // Host-side launchers (no torch). They size the grid from the device and launch on `stream`;
 // they return the first launch error (the caller turns it into an exception).
 
+// `slot` once it holds a value, else `query()` (a count >= 1, or < 1 when the query failed),
+// stored in `slot` only on success. A failed query falls back to 1 and is asked again on the next
+// call, so a transient failure (a CUDA error left pending by other code, a device not yet set up)
+// cannot pin a launch configuration for the life of the process. `slot` may be null (no cache).
+template <typename Query>
+inline int cached_count(std::atomic<int>* slot, Query query) {
+  if (slot != nullptr) {
+    const int hit = slot->load(std::memory_order_relaxed);
+    if (hit > 0) return hit;
+  }
+  const int n = query();
+  if (n < 1) return 1;
+  if (slot != nullptr) slot->store(n, std::memory_order_relaxed);
+  return n;
+}
+
+constexpr int kMaxDevices = 64;  // devices with a cache slot; others query every time
+
 // Resident CTAs per SM of `kernel` at `threads`, cached per (kernel, device, warps). The kernel
 // is a template argument so that every kernel instantiation gets its own cache (several share
 // one function-pointer type but not one register count).
 template <auto kernel>
 inline int resident_ctas_per_sm(int device, int threads) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices][kMaxWarps + 1];  // 0 = unknown
+  static std::atomic<int> cache[kMaxDevices][kMaxWarps + 1];  // 0 = not known yet
   const int w = threads / 32;
   const bool cacheable = device >= 0 && device < kMaxDevices && w >= 1 && w <= kMaxWarps;
-  if (cacheable) {
-    const int hit = cache[device][w].load(std::memory_order_relaxed);
-    if (hit > 0) return hit;
-  }
-  int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess || n < 1) {
-    (void)cudaGetLastError();  // a failed query is not fatal: fall back to 1 CTA per SM
-    n = 1;
-  }
-  if (cacheable) cache[device][w].store(n, std::memory_order_relaxed);
-  return n;
+  return cached_count(cacheable ? &cache[device][w] : nullptr, [&] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess) {
+      (void)cudaGetLastError();  // not fatal: this launch takes 1 CTA per SM, the next asks again
+      return 0;
+    }
+    return n;
+  });
 }
 
 inline int sm_count(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];
-  if (device >= 0 && device < kMaxDevices) {
-    const int hit = cache[device].load(std::memory_order_relaxed);
-    if (hit > 0) return hit;
-  }
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n < 1) {
-    (void)cudaGetLastError();
-    n = 1;
-  }
-  if (device >= 0 && device < kMaxDevices) cache[device].store(n, std::memory_order_relaxed);
-  return n;
+  static std::atomic<int> cache[kMaxDevices];  // 0 = not known yet
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  return cached_count(cacheable ? &cache[device] : nullptr, [&] {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return n;
+  });
 }
 
 // Persistent grid: every item gets a CTA when there are few; otherwise SMs x resident CTAs.

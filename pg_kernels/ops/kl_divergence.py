@@ -39,7 +39,7 @@ from pg_kernels.ops._common import (
 )
 
 OP = "kl_divergence"
-KERNELS = ("cpu", "triton")  # backends with a kernel for this op; "reference" always serves
+KERNELS = _backend.KERNELS[OP]  # backends with a kernel for this op; "reference" always serves
 DIRECTIONS = ("reverse", "forward")
 ROW_STATE = 5  # per-row numbers saved for the backward (see _library.py)
 

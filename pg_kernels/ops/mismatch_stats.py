@@ -42,7 +42,7 @@ from pg_kernels.ops.token_stats import token_stats
 from pg_kernels.outputs import MismatchStats
 
 OP = "mismatch_stats"
-KERNELS = ("cpu", "triton")  # backends with a fused kernel for the rollout-logits case
+KERNELS = _backend.KERNELS[OP]  # backends with a fused kernel for the rollout-logits case
 RATIO_CLAMP = 20.0  # rho = exp(clamp(delta, -20, 20)): no overflow on wild tokens
 
 

@@ -37,7 +37,7 @@ from pg_kernels.ops._common import (
 from pg_kernels.outputs import PrunedLogprob
 
 OP = "pruned_logprob"
-KERNELS = ("cpu", "triton")  # backends with a kernel; the reference serves the others
+KERNELS = _backend.KERNELS[OP]  # backends with a kernel; the reference serves the others
 
 
 @torch.library.register_kernel("pg_kernels::pruned_logprob", ("cpu", "cuda"))

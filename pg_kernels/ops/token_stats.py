@@ -24,6 +24,7 @@ from pg_kernels.ops._common import (
 from pg_kernels.outputs import TokenStats
 
 OP = "token_stats"
+KERNELS = _backend.KERNELS[OP]  # backends with a kernel for this op; "reference" always serves
 
 
 @torch.library.register_kernel("pg_kernels::token_stats", ("cpu", "cuda"))
@@ -131,7 +132,7 @@ def token_stats(
     check_labels_arg(OP, logits, labels)
     ignore_index = check_ignore_index(OP, ignore_index)
     temp = make_temperature(OP, temperature, logits)
-    backend = _backend.resolve(OP, backend, logits.device)
+    backend = _backend.resolve(OP, backend, logits.device, kernels=KERNELS)
     check_labels_on_cpu(OP, labels, logits.shape[-1], ignore_index)
     if backend == "reference":
         out = reference.token_stats(

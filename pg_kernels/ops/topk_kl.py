@@ -35,7 +35,7 @@ from pg_kernels.ops._common import (
 )
 
 OP = "topk_kl"
-KERNELS = ("cpu", "triton")  # backends with a kernel; the reference serves the others
+KERNELS = _backend.KERNELS[OP]  # backends with a kernel; the reference serves the others
 
 
 def _flat(topk_ids, topk_logprobs, labels):

@@ -8,6 +8,10 @@
 //   3. finalize_row: folding per-chunk partial states (computed here in double straight from the
 //      definitions of SPEC section 1) gives the one-pass row statistics, the first argmax across
 //      chunk boundaries, and NaN / -1 for NaN, +inf and all -inf rows.
+//   4. cached_count (the occupancy and SM-count caches of the launchers): a failed query falls
+//      back to 1 and is asked again next time; a successful one is cached and asked once.
+//      Without a GPU the real occupancy query fails: that fallback is checked too.
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -187,10 +191,41 @@ static void test_finalize() {
   }
 }
 
+static void test_cached_count() {
+  std::atomic<int> slot{0};
+  int calls = 0;
+  int answer = 0;  // what the query returns: < 1 = failed
+  auto query = [&] {
+    ++calls;
+    return answer;
+  };
+  CHECK(cached_count(&slot, query) == 1 && calls == 1, "a failed query falls back to 1");
+  CHECK(slot.load() == 0, "a failed query must not be cached");
+  CHECK(cached_count(&slot, query) == 1 && calls == 2, "a failed query is asked again");
+  answer = 4;
+  CHECK(cached_count(&slot, query) == 4 && calls == 3, "a later success is used");
+  answer = 7;
+  CHECK(cached_count(&slot, query) == 4 && calls == 3, "a success is cached, not asked again");
+  CHECK(cached_count(nullptr, query) == 7 && calls == 4, "no slot: asked every time");
+  answer = -1;
+  CHECK(cached_count(nullptr, query) == 1 && calls == 5, "no slot, failed: 1");
+  // The real launchers' queries without a usable GPU: 1 (and not cached: the next call asks
+  // again, which a machine with a GPU passes; here it just must not crash or throw).
+  int n_devices = 0;
+  if (cudaGetDeviceCount(&n_devices) != cudaSuccess || n_devices == 0) {
+    (void)cudaGetLastError();
+    constexpr auto k = token_stats_partial_kernel<F32, true>;
+    CHECK(resident_ctas_per_sm<k>(0, 256) == 1, "no GPU: 1 CTA per SM");
+    CHECK(resident_ctas_per_sm<k>(0, 256) == 1, "no GPU, asked again: 1 CTA per SM");
+    CHECK(sm_count(0) == 1, "no GPU: 1 SM");
+  }
+}
+
 int main() {
   test_plan();
   test_walk();
   test_finalize();
+  test_cached_count();
   std::printf("host_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

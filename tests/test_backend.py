@@ -1,0 +1,101 @@
+"""The backend table (`_backend.KERNELS`), the launchers' device guard, and the kernel cases
+conftest generates from that table."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import conftest
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from pg_kernels import _backend
+
+OPS = ("token_stats", "kl_divergence", "mismatch_stats", "pruned_logprob", "topk_kl")
+
+
+def _exported_ops(module) -> set[str]:
+    return {name.removesuffix("_forward") for name in dir(module) if name.endswith("_forward")}
+
+
+def test_kernel_table_matches_the_kernels():
+    """Every op is in the table; each compiled module exports exactly the ops the table gives it,
+    and every Triton op has its module."""
+    assert set(_backend.KERNELS) == set(OPS)
+    for op, backends in _backend.KERNELS.items():
+        assert set(backends) <= {"cpu", "triton", "cuda"}, op
+        has_triton = importlib.util.find_spec(f"pg_kernels.triton.{op}") is not None
+        assert has_triton == ("triton" in backends), op
+    for backend, ext in (("cpu", _backend.cpu_extension()), ("cuda", _backend.cuda_extension())):
+        if ext is None:
+            continue  # not built here (the CUDA extension needs a CUDA build of torch)
+        want = {op for op, backends in _backend.KERNELS.items() if backend in backends}
+        assert _exported_ops(ext) == want, backend
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_forcing_a_backend_without_a_kernel_names_it(backend):
+    for op, backends in _backend.KERNELS.items():
+        if backend not in backends:
+            with pytest.raises(RuntimeError, match=f"{op} has no {backend} kernel"):
+                _backend.resolve(op, backend, torch.device("cpu"))
+
+
+def test_gpu_launchers_run_on_their_tensors_device(monkeypatch):
+    """The launchers of the GPU backends make the tensors' device current around the launch
+    (cuda:1 tensors while cuda:0 is current); CPU tensors pass straight through."""
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(torch.device(d))
+        yield
+        entered.append(None)
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    calls = []
+
+    def launch(*args, **kwargs):
+        calls.append((list(entered), args, kwargs))  # the guard state at launch time
+        return "out"
+
+    guarded = _backend._on_inputs_device(launch)
+    with FakeTensorMode():  # CUDA tensors without a GPU: the guard reads only `.device`
+        x = torch.empty(2, 3, device="cuda:1")
+    assert guarded(None, x, 1.5, flag=True) == "out"
+    assert calls[-1] == ([torch.device("cuda:1")], (None, x, 1.5), {"flag": True})
+    assert entered == [torch.device("cuda:1"), None]  # entered for the launch, then left
+    entered.clear()
+    y = torch.empty(2, 3)
+    assert guarded(y) == "out" and calls[-1][0] == [] and entered == []
+    # The table's GPU backends come guarded; the C++ CPU kernels do not.
+    forward, backward = _backend.launchers("token_stats", "triton")
+    assert forward.__wrapped__.__module__ == "pg_kernels.triton.token_stats"
+    assert backward.__name__ == "token_stats_backward"
+    if _backend.cpu_extension() is not None:
+        assert not hasattr(_backend.launchers("token_stats", "cpu")[0], "__wrapped__")
+
+
+def test_kernel_cases_are_the_table():
+    """conftest's cases: every kernel of every op on each device type it takes, nothing else;
+    CUDA cases skip with exactly "no GPU" when there is none."""
+    want = {
+        (op, backend, device)
+        for op, backends in _backend.KERNELS.items()
+        for backend in backends
+        for device in _backend.DEVICE_TYPES[backend]
+    }
+    assert set(conftest.kernel_cases(OPS)) == want
+    assert ("kl_divergence", "cuda", "cuda") not in want  # no such kernel: no such case
+    assert set(conftest.kernel_cases(OPS, devices=("cuda",))) == {c for c in want if c[2] == "cuda"}
+    assert conftest.kernel_cases(["topk_kl"], cpu_backends=("cpu",)) == [
+        ("topk_kl", "cpu", "cpu"),
+        ("topk_kl", "triton", "cuda"),
+    ]
+    if not torch.cuda.is_available():
+        for backend in ("triton", "cuda"):
+            assert conftest.skip_reason(backend, "cuda") == conftest.SKIP_NO_GPU
+    if _backend.cpu_extension() is not None:
+        assert conftest.skip_reason("cpu", "cpu") is None
