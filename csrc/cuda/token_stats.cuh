@@ -478,6 +478,30 @@ __device__ __forceinline__ uint4 pack_vector(const typename DTypeTraits<Tag>::ac
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// One acc_t value rounded (to nearest even, once) to the logits' dtype: the element pack_vector
+// would produce.
+template <typename Tag>
+__device__ __forceinline__ typename DTypeTraits<Tag>::bits_t acc_to_bits(
+    typename DTypeTraits<Tag>::acc_t g) {
+  if constexpr (std::is_same_v<Tag, BF16>) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    uint16_t b;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(g));
+    return b;
+#else
+    return static_cast<uint16_t>(f32_to_bf16_bits(g));
+#endif
+  } else if constexpr (std::is_same_v<Tag, F16>) {
+    uint16_t b;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(g));
+    return b;
+  } else if constexpr (std::is_same_v<Tag, F32>) {
+    return __float_as_uint(g);
+  } else {
+    return static_cast<unsigned long long>(__double_as_longlong(g));
+  }
+}
+
 // A vector whose every element has the given bits.
 template <typename Tag>
 __device__ __forceinline__ uint4 splat_bits(typename DTypeTraits<Tag>::bits_t b) {
@@ -493,16 +517,15 @@ __device__ __forceinline__ uint4 splat_bits(typename DTypeTraits<Tag>::bits_t b)
   }
 }
 
-// Vector g of a row (elements [g * kVec, g * kVec + kVec)), elements at or past V read as -inf.
-// Aligned: one 16-byte load when the whole vector is inside the row. Otherwise (unaligned rows,
-// or the partial last vector) element-wise loads that build the same bits in the same registers.
-template <typename Tag, bool kAligned>
+// Vector g of a row (elements [g * kVec, g * kVec + kVec)), elements at or past V read as -inf,
+// by element-wise loads (rows that are not 16-byte aligned or not whole vectors): the same bits in
+// the same registers as one 16-byte load of an aligned row.
+template <typename Tag>
 __device__ __forceinline__ uint4 load_vector(const typename DTypeTraits<Tag>::bits_t* row,
                                              int g, int V) {
   using Tr = DTypeTraits<Tag>;
   using bits_t = typename Tr::bits_t;
   const int e0 = g * Tr::kVec;
-  if (kAligned && e0 + Tr::kVec <= V) return __ldg(reinterpret_cast<const uint4*>(row + e0));
   bits_t b[Tr::kVec];
 #pragma unroll
   for (int j = 0; j < Tr::kVec; ++j) b[j] = e0 + j < V ? __ldg(row + e0 + j) : Tr::kNegInfBits;
@@ -520,17 +543,14 @@ __device__ __forceinline__ uint4 load_vector(const typename DTypeTraits<Tag>::bi
   }
 }
 
-// Store vector g of a gradient row; only elements < V are written.
-template <typename Tag, bool kAligned>
+// Store vector g of a gradient row element-wise (the counterpart of load_vector); only elements
+// < V are written.
+template <typename Tag>
 __device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* row, int g, int V,
                                              const uint4& v) {
   using Tr = DTypeTraits<Tag>;
   using bits_t = typename Tr::bits_t;
   const int e0 = g * Tr::kVec;
-  if (kAligned && e0 + Tr::kVec <= V) {
-    *reinterpret_cast<uint4*>(row + e0) = v;
-    return;
-  }
   const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int j = 0; j < Tr::kVec; ++j) {
@@ -549,29 +569,24 @@ __device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* 
 
 // All kUnroll vectors of a thread for one item: vector v = u * T + tid of the chunk, i.e. the
 // warp's 32 lanes read 512 contiguous bytes per u. Slots past the chunk read as -inf.
-// Fast path (item-uniform): 16-byte aligned rows and no partial vector in the chunk: one base
-// pointer, no per-vector bounds test except on the slot that straddles the chunk's end.
+// kAligned: 16-byte aligned rows made of whole vectors (the launchers choose this kernel only
+// when V % kVec == 0), so every vector of the chunk is one 16-byte load from one base pointer.
+// Otherwise element-wise loads (load_vector) that build the same bits in the same registers.
 template <typename Tag, bool kAligned>
 __device__ __forceinline__ void load_item(uint4 (&raw)[kUnroll],
                                           const typename DTypeTraits<Tag>::bits_t* x, int vec0,
                                           int n_here, int V, int T, int tid) {
   using Tr = DTypeTraits<Tag>;
   const uint4 fill = splat_bits<Tag>(Tr::kNegInfBits);
-  if (kAligned && (vec0 + n_here) * Tr::kVec <= V) {
+  if constexpr (kAligned) {
     const uint4* src = reinterpret_cast<const uint4*>(x) + vec0 + tid;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if ((u + 1) * T <= n_here) {
-        raw[u] = __ldg(src + u * T);
-      } else {
-        raw[u] = u * T + tid < n_here ? __ldg(src + u * T) : fill;
-      }
-    }
+    for (int u = 0; u < kUnroll; ++u) raw[u] = u * T + tid < n_here ? __ldg(src + u * T) : fill;
   } else {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int v = u * T + tid;
-      raw[u] = v < n_here ? load_vector<Tag, kAligned>(x, vec0 + v, V) : fill;
+      raw[u] = v < n_here ? load_vector<Tag>(x, vec0 + v, V) : fill;
     }
   }
 }
@@ -744,6 +759,8 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
   next.init(blockIdx.x, C, in.layout.n_inner);
   RowScalars<acc_t> next_rs{};
   if (next.row < in.N) next_rs = load_row_scalars(in, next.row);
+  // One item per trip, never unrolled (.ci/check_cuda_budgets.py counts per trip).
+#pragma unroll 1
   while (next.row < in.N) {
     const int64_t row = next.row;
     const int chunk = next.chunk;
@@ -784,18 +801,22 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     t = term.finish_t(t);
 
     // First index of the max of z (as the CPU: compare scaled values). Only threads whose own
-    // max scales to m can hold it; rarely more than one per chunk.
+    // max scales to m can hold it; rarely more than one per chunk. A loop over the vectors that
+    // is not unrolled (a few dozen instructions instead of kUnroll * kVec compares): vector u is
+    // always raw[0], the array shifting down by one per trip (raw is not read after this).
     int idx = INT_MAX;
     if (mul_rn(lm, cur.inv_tau) == m) {
+      int v = tid;
+#pragma unroll 1
+      for (int u = 0; u < kUnroll && v < n_here; ++u, v += T) {
+        const int e0 = (vec0 + v) * Tr::kVec;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int v = u * T + tid;
+        for (int j = Tr::kVec - 1; j >= 0; --j)  // descending: the first match is written last
+          if ((kAligned || e0 + j < V) && mul_rn(element<Tag>(raw[0], j), cur.inv_tau) == m)
+            idx = e0 + j;
+        if (idx != INT_MAX) break;
 #pragma unroll
-        for (int j = 0; j < Tr::kVec; ++j) {
-          const int e = (vec0 + v) * Tr::kVec + j;
-          if (idx == INT_MAX && v < n_here && e < V && mul_rn(element<Tag>(raw[u], j), cur.inv_tau) == m)
-            idx = e;
-        }
+        for (int k = 0; k + 1 < kUnroll; ++k) raw[k] = raw[k + 1];
       }
     }
 
@@ -1006,6 +1027,8 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
   next.init(blockIdx.x, C, in.layout.n_inner);
   RowScalars<acc_t> next_rs{};
   if (next.row < in.N) next_rs = load_row_scalars(in, next.row);
+  // One item per trip, never unrolled (.ci/check_cuda_budgets.py counts per trip).
+#pragma unroll 1
   while (next.row < in.N) {
     const int64_t row = next.row;
     const int chunk = next.chunk;
@@ -1036,9 +1059,8 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
       // A row whose forward was NaN (NaN / +inf logits, all -inf) has a non-finite L.
       if (!(fabs(lse) < -neg_inf<acc_t>())) kind = RowKind::kInvalid;
     }
-    // Stores mirror load_item: 16-byte stores from one base pointer when the chunk is aligned and
-    // has no partial vector (the gradient rows are aligned whenever kAligned is set).
-    const bool fast = kAligned && (vec0 + n_here) * Tr::kVec <= V;
+    // Stores mirror load_item: kAligned (the gradient rows are then aligned too): one 16-byte
+    // store per vector from one base pointer; otherwise element-wise.
     uint4* dst = reinterpret_cast<uint4*>(g_row) + vec0 + tid;
     if (kind != RowKind::kValid) {  // ignore_index: 0; invalid: NaN; no logit is needed
       const uint4 fill = splat_bits<Tag>(kind == RowKind::kIgnored ? bits_t(0) : Tr::kNaNBits);
@@ -1046,10 +1068,10 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
       for (int u = 0; u < kUnroll; ++u) {
         const int v = u * T + tid;
         if (v < n_here) {
-          if (fast) {
+          if constexpr (kAligned) {
             dst[u * T] = fill;
           } else {
-            store_vector<Tag, kAligned>(g_row, vec0 + v, V, fill);
+            store_vector<Tag>(g_row, vec0 + v, V, fill);
           }
         }
       }
@@ -1059,27 +1081,28 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     const TokenStatsGradCoef<acc_t> coef =
         token_stats_grad_coef(g_logprob, g_entropy, g_collision, g_lse, entropy, collision);
     const BackwardTerm<Tag> term(cur.inv_tau, lse, coef);
-    const int label = cur.label;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int v = u * T + tid;
       if (v < n_here) {
-        const int e0 = (vec0 + v) * Tr::kVec;
         acc_t gv[Tr::kVec];
 #pragma unroll
         for (int j = 0; j < Tr::kVec; ++j) gv[j] = term.grad(element<Tag>(raw[u], j));
-        if (label >= e0 && label < e0 + Tr::kVec) {  // the label's vector: add g_l there
-#pragma unroll
-          for (int j = 0; j < Tr::kVec; ++j)
-            if (e0 + j == label)
-              gv[j] = label_grad(element<Tag>(raw[u], j), cur.inv_tau, lse, coef, g_logprob);
-        }
-        if (fast) {
+        if constexpr (kAligned) {
           dst[u * T] = pack_vector<Tag>(gv);
         } else {
-          store_vector<Tag, kAligned>(g_row, vec0 + v, V, pack_vector<Tag>(gv));
+          store_vector<Tag>(g_row, vec0 + v, V, pack_vector<Tag>(gv));
         }
       }
+    }
+    // The label's entry gets g_l too: the thread that stored the label's vector (vector lv of the
+    // chunk, lv = u * T + tid) overwrites that one element, after its own store of the vector
+    // (program order), with the label's gradient computed once (label_grad), rounded once.
+    const int lv = cur.label / Tr::kVec - vec0;
+    if (lv >= tid && lv < n_here && (lv - tid) % T == 0) {
+      const bits_t x_c = __ldg(logits + row_offset + cur.label);
+      g_row[cur.label] = acc_to_bits<Tag>(
+          label_grad(bits_to_acc<Tag>(x_c), cur.inv_tau, lse, coef, g_logprob));
     }
   }
 }
@@ -1142,7 +1165,8 @@ cudaError_t launch_token_stats_forward(const ForwardParams<typename DTypeTraits<
   const int threads = in.plan.threads;
   const int64_t n_items = in.N * in.plan.n_chunks;
   ForwardParams<typename DTypeTraits<Tag>::acc_t> q = p;
-  if (aligned) {
+  // The vector kernel needs whole vectors too (no partial last vector): V % kVec == 0.
+  if (aligned && in.V % DTypeTraits<Tag>::kVec == 0) {
     constexpr auto k = token_stats_partial_kernel<Tag, true>;
     const unsigned int grid = persistent_grid<k>(device, threads, n_items);
     q.in.walk = make_grid_walk(grid, in.plan.n_chunks, in.layout.n_inner);
@@ -1170,7 +1194,8 @@ cudaError_t launch_token_stats_backward(const BackwardParams<typename DTypeTrait
   const int threads = in.plan.threads;
   const int64_t n_items = in.N * in.plan.n_chunks;
   BackwardParams<typename DTypeTraits<Tag>::acc_t> q = p;
-  if (aligned) {
+  // The vector kernel needs whole vectors too (no partial last vector): V % kVec == 0.
+  if (aligned && in.V % DTypeTraits<Tag>::kVec == 0) {
     constexpr auto k = token_stats_backward_kernel<Tag, true>;
     const unsigned int grid = persistent_grid<k>(device, threads, n_items);
     q.in.walk = make_grid_walk(grid, in.plan.n_chunks, in.layout.n_inner);
