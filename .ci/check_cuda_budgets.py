@@ -50,9 +50,9 @@ OWED: dict[tuple[str, str], float] = {
     ("backward", "BF16"): 16.4,
     ("backward", "F16"): 16.4,
     ("backward", "F32"): 29.2,
-    ("partial", "BF16"): 15.6,
-    ("partial", "F16"): 15.6,
-    ("partial", "F32"): 29.0,
+    ("partial", "BF16"): 14.8,
+    ("partial", "F16"): 14.8,
+    ("partial", "F32"): 27.5,
 }
 _NAME = re.compile(r"token_stats_(partial|backward)_kernelINS0_\d+(BF16|F16|F32|F64)ELb([01])E")
 

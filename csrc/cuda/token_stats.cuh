@@ -18,7 +18,8 @@
 //        c) accumulates s1 = sum e, s2 = sum e^2 (square of the e already computed), t = sum e d
 //           with e = exp(d), d = z - m, one exp per element, in a fixed per-thread order;
 //        d) reduces (s1, s2, t, first argmax) over the CTA in a fixed order (xor-butterfly in
-//           each warp, lane 0's value, then warp partials folded 0..W-1 by thread 0) and writes
+//           each warp, lane 0's value, then the warp partials by an xor-butterfly over 8 lanes
+//           of warp 0, absent warps adding 0) and writes
 //           the chunk's partial state (m, s1, s2, t, argmax) to a [C][N] workspace.
 //   2. token_stats_finalize_kernel: one thread per row folds its C partial states left to right
 //      (chunk 0, 1, ..., C-1) with the SPEC section 1 merge, in double precision, reads the label
@@ -26,10 +27,14 @@
 //   Every reduction order is fixed by (V, dtype): results are bitwise deterministic and do not
 //   depend on N (batch invariance), on the grid size, or on which CTA ran an item. The aligned
 //   (16-byte vector) and unaligned (scalar) load paths fill the same registers with the same bits
-//   for the same thread, so they give bitwise the same results too.
+//   for the same thread, so they give bitwise the same results too. The vector kernels
+//   (kAligned) run when the rows are 16-byte aligned and made of whole vectors (V % kVec == 0),
+//   so they carry no partial-vector code; other rows take the element-wise kernels.
 // Backward, one launch (token_stats_backward_kernel): same chunking and grid; per element
 //   p = exp(z - L) from the saved L, dz = p (a + b d + c p) (+ g_l at the label), divided by tau
-//   (folded into a, b, c), rounded once to the logits' dtype and stored as 16-byte vectors.
+//   (folded into a, b, c), rounded once to the logits' dtype and stored as 16-byte vectors. The
+//   label's entry (which adds g_l, with the accurate exp of label_grad) is computed once per item
+//   by the thread that stored the label's vector, which then overwrites that one element.
 //
 // ---- Bytes moved per row (S = sizeof(logit), A = sizeof(acc) = 4, 8 for fp64) ----------------
 //   forward:  reads V*S (each logit once) + label + tau + the label logit (one 32 B sector);
@@ -48,11 +53,30 @@
 //     SM, i.e. up to 128 KiB of loads in flight per SM while Little's law asks for roughly
 //     bandwidth/SM x latency = 22.7 B/ns x ~1 us ~= 23 KiB: with 4 CTAs per SM alternating between
 //     their load phase and their compute/reduce phase, the memory system stays saturated.
-//   * Issue budget (bf16, H100, 3 TB/s): 6.5 logits per clock per SM must be consumed. In the
-//     sm_90 SASS the exp loop is 7 instructions per logit (unpack, FFMA, clamp FMNMX, MUFU.EX2,
-//     FADD, 2 FFMA), the max 0.25 (3-input VHMNMX.BF16_V2.NAN), and loads, reductions and loop
-//     control bring the item to ~11 per logit: ~60 % of the 128 issue slots per clock.
-//     fp32 logits take the more accurate exp (below) at half the logits per clock.
+//   * Issue budget: .ci/check_cuda_budgets.py counts the SASS instructions of each hot loop (the
+//     item loop, every instruction in its address range, rare branches included) per element a
+//     thread handles per item (kUnroll x kVec), sm_90, against <= 10 (partial) and <= 12
+//     (backward) per 16-bit element, 20 / 24 per fp32 element (the same per byte). Temperature is a
+//     runtime value (inv_tau), so one kernel covers tau = 1 and tau != 1. Vector kernels
+//     (kAligned), nvcc 13.0, per element (registers):
+//                         before               after
+//       partial  bf16     31.2 (64)            14.8 (64)
+//       partial  fp16     31.2 (64)            14.8 (64)
+//       partial  fp32     47.7 (64)            27.5 (64)
+//       backward bf16     58.1 (64)            16.4 (64)
+//       backward fp16     58.1 (64)            16.4 (64)
+//       backward fp32     64.8 (59)            29.2 (64)
+//     "before" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
+//     inlined copies of the label's accurate gradient (backward) and of the argmax compare
+//     (forward). Still over budget (listed as owed in the check): the per-element work is ~7
+//     instructions for 16-bit logits (unpack, FFMA, clamp FMNMX, MUFU.EX2, FADD, 2 FFMA; backward
+//     FFMA, FMNMX, MUFU, 2 FFMA, FMUL, half a pack), ~12 for fp32 (the two-part exp), and an item
+//     carries ~400-500 instructions of fixed cost (cursor walk and row-scalar prefetch, the 8
+//     predicated loads, the CTA max with its barrier, the warp and CTA sums, the argmax loop, the
+//     workspace writes; backward: the ignore / NaN fill path, the label entry) spread over only 64
+//     (32 fp32) elements per thread. Reaching the budget needs more elements per item (kUnroll 16
+//     needs ~128 registers, i.e. 2 CTAs per SM) and a cheaper per-element clamp (a packed one per
+//     16-bit pair); not measured on a GPU yet.
 //   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
 //     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item.
 //   * Row scalars (label, tau; in backward also L, H, C and the four upstream grads) of the next
@@ -788,16 +812,14 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     // Reference max of the chunk in z units, rounded as the CPU rounds z = x / tau.
     const acc_t m = mul_rn(M, cur.inv_tau);
 
-    // c) one exp per element; fixed order: vector u, then element j.
+    // c) one exp per element; fixed order: vector u, then element j. Slots past the chunk hold
+    // -inf: they add exactly +0 to each sum (no branch around them).
     const ForwardTerm<Tag> term(cur.inv_tau, m);
     acc_t s1 = 0, s2 = 0, t = 0;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (u * T < n_here) {  // uniform: skip vector slots no thread of the CTA has
+    for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-        for (int j = 0; j < Tr::kVec; ++j) term.add(element<Tag>(raw[u], j), s1, s2, t);
-      }
-    }
+      for (int j = 0; j < Tr::kVec; ++j) term.add(element<Tag>(raw[u], j), s1, s2, t);
     t = term.finish_t(t);
 
     // First index of the max of z (as the CPU: compare scaled values). Only threads whose own
@@ -830,27 +852,29 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
       sh_idx[warp] = wi;
     }
     __syncthreads();
-    if (tid == 0) {
-      acc_t a1 = sh_s1[0], a2 = sh_s2[0], at = sh_t[0];
-      int ai = sh_idx[0];
+    if (warp == 0) {  // warp partials folded by an xor butterfly over kMaxWarps lanes
+      const bool has = lane < n_warps;
+      acc_t a1 = has ? sh_s1[lane] : acc_t(0), a2 = has ? sh_s2[lane] : acc_t(0);
+      acc_t at = has ? sh_t[lane] : acc_t(0);
+      int ai = has ? sh_idx[lane] : INT_MAX;
 #pragma unroll
-      for (int w = 1; w < kMaxWarps; ++w) {
-        if (w < n_warps) {
-          a1 += sh_s1[w];
-          a2 += sh_s2[w];
-          at += sh_t[w];
-          ai = min(ai, sh_idx[w]);
-        }
+      for (int o = kMaxWarps / 2; o > 0; o >>= 1) {
+        a1 = a1 + __shfl_xor_sync(0xFFFFFFFFu, a1, o);
+        a2 = a2 + __shfl_xor_sync(0xFFFFFFFFu, a2, o);
+        at = at + __shfl_xor_sync(0xFFFFFFFFu, at, o);
+        ai = min(ai, __shfl_xor_sync(0xFFFFFFFFu, ai, o));
       }
-      const int64_t o = int64_t(chunk) * in.N + row;
-      p.ws_m[o] = m;
-      p.ws_s1[o] = a1;
-      p.ws_s2[o] = a2;
-      p.ws_t[o] = at;
-      p.ws_idx[o] = ai;
+      if (lane == 0) {
+        const int64_t o = int64_t(chunk) * in.N + row;
+        p.ws_m[o] = m;
+        p.ws_s1[o] = a1;
+        p.ws_s2[o] = a2;
+        p.ws_t[o] = at;
+        p.ws_idx[o] = ai;
+      }
     }
     // The next item's writes to sh_max happen after this item's second barrier, and its writes to
-    // sh_s1.. after its own first barrier, which thread 0 reaches only after the reads above.
+    // sh_s1.. after its own first barrier, which warp 0 reaches only after the reads above.
   }
 }
 
