@@ -63,9 +63,9 @@
 //       partial  bf16     31.2 (64)            14.8 (64)
 //       partial  fp16     31.2 (64)            14.8 (64)
 //       partial  fp32     47.7 (64)            27.5 (64)
-//       backward bf16     58.1 (64)            16.4 (64)
-//       backward fp16     58.1 (64)            16.4 (64)
-//       backward fp32     64.8 (59)            29.2 (64)
+//       backward bf16     58.1 (64)            15.2 (64)
+//       backward fp16     58.1 (64)            15.2 (64)
+//       backward fp32     64.8 (59)            27.5 (64)
 //     "before" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
 //     inlined copies of the label's accurate gradient (backward) and of the argmax compare
 //     (forward). Still over budget (listed as owed in the check): the per-element work is ~7
@@ -73,7 +73,7 @@
 //     FFMA, FMNMX, MUFU, 2 FFMA, FMUL, half a pack), ~12 for fp32 (the two-part exp), and an item
 //     carries ~400-500 instructions of fixed cost (cursor walk and row-scalar prefetch, the 8
 //     predicated loads, the CTA max with its barrier, the warp and CTA sums, the argmax loop, the
-//     workspace writes; backward: the ignore / NaN fill path, the label entry) spread over only 64
+//     workspace writes; backward: the fill select, the label entry) spread over only 64
 //     (32 fp32) elements per thread. Reaching the budget needs more elements per item (kUnroll 16
 //     needs ~128 registers, i.e. 2 CTAs per SM) and a cheaper per-element clamp (a packed one per
 //     16-bit pair); not measured on a GPU yet.
@@ -1069,10 +1069,12 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
           g_lse = 0;
     uint4 raw[kUnroll];
     RowKind kind = cur.kind;
+    // The logit loads and the row's saved statistics / upstream grads go out together: the
+    // scalars' latency hides behind the vectors'. Ignored and invalid rows read no logit (their
+    // slots hold -inf).
+    load_item<Tag, kAligned>(raw, logits + row_offset, vec0, kind == RowKind::kValid ? n_here : 0,
+                             V, T, tid);
     if (kind == RowKind::kValid) {
-      // The logit loads and the row's saved statistics / upstream grads go out together: the
-      // scalars' latency hides behind the vectors'.
-      load_item<Tag, kAligned>(raw, logits + row_offset, vec0, n_here, V, T, tid);
       lse = __ldg(p.lse + row);
       entropy = __ldg(p.entropy + row);
       collision = __ldg(p.collision + row);
@@ -1083,28 +1085,16 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
       // A row whose forward was NaN (NaN / +inf logits, all -inf) has a non-finite L.
       if (!(fabs(lse) < -neg_inf<acc_t>())) kind = RowKind::kInvalid;
     }
-    // Stores mirror load_item: kAligned (the gradient rows are then aligned too): one 16-byte
-    // store per vector from one base pointer; otherwise element-wise.
-    uint4* dst = reinterpret_cast<uint4*>(g_row) + vec0 + tid;
-    if (kind != RowKind::kValid) {  // ignore_index: 0; invalid: NaN; no logit is needed
-      const uint4 fill = splat_bits<Tag>(kind == RowKind::kIgnored ? bits_t(0) : Tr::kNaNBits);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int v = u * T + tid;
-        if (v < n_here) {
-          if constexpr (kAligned) {
-            dst[u * T] = fill;
-          } else {
-            store_vector<Tag>(g_row, vec0 + v, V, fill);
-          }
-        }
-      }
-      continue;
-    }
-
     const TokenStatsGradCoef<acc_t> coef =
         token_stats_grad_coef(g_logprob, g_entropy, g_collision, g_lse, entropy, collision);
     const BackwardTerm<Tag> term(cur.inv_tau, lse, coef);
+    // One store loop for every row kind: the gradient of a valid row, or the fill of an ignored
+    // (0) or invalid (NaN) row, selected per vector (the gradient computed there is discarded).
+    // Stores mirror load_item: kAligned (the gradient rows are then aligned too): one 16-byte
+    // store per vector from one base pointer; otherwise element-wise.
+    const bool valid = kind == RowKind::kValid;
+    const uint4 fill = splat_bits<Tag>(kind == RowKind::kIgnored ? bits_t(0) : Tr::kNaNBits);
+    uint4* dst = reinterpret_cast<uint4*>(g_row) + vec0 + tid;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int v = u * T + tid;
@@ -1112,13 +1102,15 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
         acc_t gv[Tr::kVec];
 #pragma unroll
         for (int j = 0; j < Tr::kVec; ++j) gv[j] = term.grad(element<Tag>(raw[u], j));
+        const uint4 out = valid ? pack_vector<Tag>(gv) : fill;
         if constexpr (kAligned) {
-          dst[u * T] = pack_vector<Tag>(gv);
+          dst[u * T] = out;
         } else {
-          store_vector<Tag>(g_row, vec0 + v, V, pack_vector<Tag>(gv));
+          store_vector<Tag>(g_row, vec0 + v, V, out);
         }
       }
     }
+    if (!valid) continue;
     // The label's entry gets g_l too: the thread that stored the label's vector (vector lv of the
     // chunk, lv = u * T + tid) overwrites that one element, after its own store of the vector
     // (program order), with the label's gradient computed once (label_grad), rounded once.
