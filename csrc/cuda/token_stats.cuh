@@ -74,9 +74,12 @@
 //     carries ~400-500 instructions of fixed cost (cursor walk and row-scalar prefetch, the 8
 //     predicated loads, the CTA max with its barrier, the warp and CTA sums, the argmax loop, the
 //     workspace writes; backward: the fill select, the label entry) spread over only 64
-//     (32 fp32) elements per thread. Reaching the budget needs more elements per item (kUnroll 16
-//     needs ~128 registers, i.e. 2 CTAs per SM) and a cheaper per-element clamp (a packed one per
-//     16-bit pair); not measured on a GPU yet.
+//     (32 fp32) elements per thread. Reaching the budget needs that fixed cost spread over more
+//     elements (several load steps per item with a per-thread running max and one rescale per
+//     step, the reductions once per item; or kUnroll 16 at ~128 registers, 2 CTAs per SM) and a
+//     cheaper per-element clamp (one packed max per 16-bit pair). The element-wise kernels
+//     (kAligned = false: rows not 16-byte aligned or V % kVec != 0) are printed by the check, not
+//     budgeted (bf16: partial 21.1, backward 26.7). None of this is measured on a GPU yet.
 //   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
 //     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item.
 //   * Row scalars (label, tau; in backward also L, H, C and the four upstream grads) of the next
