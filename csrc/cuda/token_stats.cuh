@@ -18,7 +18,8 @@
 //        c) accumulates s1 = sum e, s2 = sum e^2 (square of the e already computed), t = sum e d
 //           with e = exp(d), d = z - m, one exp per element, in a fixed per-thread order;
 //        d) reduces (s1, s2, t, first argmax) over the CTA in a fixed order (xor-butterfly in
-//           each warp, lane 0's value, then warp partials folded 0..W-1 by thread 0) and writes
+//           each warp, lane 0's value, then the warp partials by an xor-butterfly over 8 lanes
+//           of warp 0, absent warps adding 0) and writes
 //           the chunk's partial state (m, s1, s2, t, argmax) to a [C][N] workspace.
 //   2. token_stats_finalize_kernel: one thread per row folds its C partial states left to right
 //      (chunk 0, 1, ..., C-1) with the SPEC section 1 merge, in double precision, reads the label
@@ -26,10 +27,14 @@
 //   Every reduction order is fixed by (V, dtype): results are bitwise deterministic and do not
 //   depend on N (batch invariance), on the grid size, or on which CTA ran an item. The aligned
 //   (16-byte vector) and unaligned (scalar) load paths fill the same registers with the same bits
-//   for the same thread, so they give bitwise the same results too.
+//   for the same thread, so they give bitwise the same results too. The vector kernels
+//   (kAligned) run when the rows are 16-byte aligned and made of whole vectors (V % kVec == 0),
+//   so they carry no partial-vector code; other rows take the element-wise kernels.
 // Backward, one launch (token_stats_backward_kernel): same chunking and grid; per element
 //   p = exp(z - L) from the saved L, dz = p (a + b d + c p) (+ g_l at the label), divided by tau
-//   (folded into a, b, c), rounded once to the logits' dtype and stored as 16-byte vectors.
+//   (folded into a, b, c), rounded once to the logits' dtype and stored as 16-byte vectors. The
+//   label's entry (which adds g_l, with the accurate exp of label_grad) is computed once per item
+//   by the thread that stored the label's vector, which then overwrites that one element.
 //
 // ---- Bytes moved per row (S = sizeof(logit), A = sizeof(acc) = 4, 8 for fp64) ----------------
 //   forward:  reads V*S (each logit once) + label + tau + the label logit (one 32 B sector);
@@ -48,11 +53,33 @@
 //     SM, i.e. up to 128 KiB of loads in flight per SM while Little's law asks for roughly
 //     bandwidth/SM x latency = 22.7 B/ns x ~1 us ~= 23 KiB: with 4 CTAs per SM alternating between
 //     their load phase and their compute/reduce phase, the memory system stays saturated.
-//   * Issue budget (bf16, H100, 3 TB/s): 6.5 logits per clock per SM must be consumed. In the
-//     sm_90 SASS the exp loop is 7 instructions per logit (unpack, FFMA, clamp FMNMX, MUFU.EX2,
-//     FADD, 2 FFMA), the max 0.25 (3-input VHMNMX.BF16_V2.NAN), and loads, reductions and loop
-//     control bring the item to ~11 per logit: ~60 % of the 128 issue slots per clock.
-//     fp32 logits take the more accurate exp (below) at half the logits per clock.
+//   * Issue budget: .ci/check_cuda_budgets.py counts the SASS instructions of each hot loop (the
+//     item loop, every instruction in its address range, rare branches included) per element a
+//     thread handles per item (kUnroll x kVec), sm_90, against <= 10 (partial) and <= 12
+//     (backward) per 16-bit element, 20 / 24 per fp32 element (the same per byte). Temperature is a
+//     runtime value (inv_tau), so one kernel covers tau = 1 and tau != 1. Vector kernels
+//     (kAligned), nvcc 13.0, per element (registers):
+//                         before               after
+//       partial  bf16     31.2 (64)            14.8 (64)
+//       partial  fp16     31.2 (64)            14.8 (64)
+//       partial  fp32     47.7 (64)            27.5 (64)
+//       backward bf16     58.1 (64)            15.2 (64)
+//       backward fp16     58.1 (64)            15.2 (64)
+//       backward fp32     64.8 (59)            27.5 (64)
+//     "before" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
+//     inlined copies of the label's accurate gradient (backward) and of the argmax compare
+//     (forward). Still over budget (listed as owed in the check): the per-element work is ~7
+//     instructions for 16-bit logits (unpack, FFMA, clamp FMNMX, MUFU.EX2, FADD, 2 FFMA; backward
+//     FFMA, FMNMX, MUFU, 2 FFMA, FMUL, half a pack), ~12 for fp32 (the two-part exp), and an item
+//     carries ~400-500 instructions of fixed cost (cursor walk and row-scalar prefetch, the 8
+//     predicated loads, the CTA max with its barrier, the warp and CTA sums, the argmax loop, the
+//     workspace writes; backward: the fill select, the label entry) spread over only 64
+//     (32 fp32) elements per thread. Reaching the budget needs that fixed cost spread over more
+//     elements (several load steps per item with a per-thread running max and one rescale per
+//     step, the reductions once per item; or kUnroll 16 at ~128 registers, 2 CTAs per SM) and a
+//     cheaper per-element clamp (one packed max per 16-bit pair). The element-wise kernels
+//     (kAligned = false: rows not 16-byte aligned or V % kVec != 0) are printed by the check, not
+//     budgeted (bf16: partial 21.1, backward 26.7). None of this is measured on a GPU yet.
 //   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
 //     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item.
 //   * Row scalars (label, tau; in backward also L, H, C and the four upstream grads) of the next
@@ -478,6 +505,30 @@ __device__ __forceinline__ uint4 pack_vector(const typename DTypeTraits<Tag>::ac
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// One acc_t value rounded (to nearest even, once) to the logits' dtype: the element pack_vector
+// would produce.
+template <typename Tag>
+__device__ __forceinline__ typename DTypeTraits<Tag>::bits_t acc_to_bits(
+    typename DTypeTraits<Tag>::acc_t g) {
+  if constexpr (std::is_same_v<Tag, BF16>) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    uint16_t b;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(g));
+    return b;
+#else
+    return static_cast<uint16_t>(f32_to_bf16_bits(g));
+#endif
+  } else if constexpr (std::is_same_v<Tag, F16>) {
+    uint16_t b;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(g));
+    return b;
+  } else if constexpr (std::is_same_v<Tag, F32>) {
+    return __float_as_uint(g);
+  } else {
+    return static_cast<unsigned long long>(__double_as_longlong(g));
+  }
+}
+
 // A vector whose every element has the given bits.
 template <typename Tag>
 __device__ __forceinline__ uint4 splat_bits(typename DTypeTraits<Tag>::bits_t b) {
@@ -493,16 +544,15 @@ __device__ __forceinline__ uint4 splat_bits(typename DTypeTraits<Tag>::bits_t b)
   }
 }
 
-// Vector g of a row (elements [g * kVec, g * kVec + kVec)), elements at or past V read as -inf.
-// Aligned: one 16-byte load when the whole vector is inside the row. Otherwise (unaligned rows,
-// or the partial last vector) element-wise loads that build the same bits in the same registers.
-template <typename Tag, bool kAligned>
+// Vector g of a row (elements [g * kVec, g * kVec + kVec)), elements at or past V read as -inf,
+// by element-wise loads (rows that are not 16-byte aligned or not whole vectors): the same bits in
+// the same registers as one 16-byte load of an aligned row.
+template <typename Tag>
 __device__ __forceinline__ uint4 load_vector(const typename DTypeTraits<Tag>::bits_t* row,
                                              int g, int V) {
   using Tr = DTypeTraits<Tag>;
   using bits_t = typename Tr::bits_t;
   const int e0 = g * Tr::kVec;
-  if (kAligned && e0 + Tr::kVec <= V) return __ldg(reinterpret_cast<const uint4*>(row + e0));
   bits_t b[Tr::kVec];
 #pragma unroll
   for (int j = 0; j < Tr::kVec; ++j) b[j] = e0 + j < V ? __ldg(row + e0 + j) : Tr::kNegInfBits;
@@ -520,17 +570,14 @@ __device__ __forceinline__ uint4 load_vector(const typename DTypeTraits<Tag>::bi
   }
 }
 
-// Store vector g of a gradient row; only elements < V are written.
-template <typename Tag, bool kAligned>
+// Store vector g of a gradient row element-wise (the counterpart of load_vector); only elements
+// < V are written.
+template <typename Tag>
 __device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* row, int g, int V,
                                              const uint4& v) {
   using Tr = DTypeTraits<Tag>;
   using bits_t = typename Tr::bits_t;
   const int e0 = g * Tr::kVec;
-  if (kAligned && e0 + Tr::kVec <= V) {
-    *reinterpret_cast<uint4*>(row + e0) = v;
-    return;
-  }
   const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int j = 0; j < Tr::kVec; ++j) {
@@ -549,29 +596,24 @@ __device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* 
 
 // All kUnroll vectors of a thread for one item: vector v = u * T + tid of the chunk, i.e. the
 // warp's 32 lanes read 512 contiguous bytes per u. Slots past the chunk read as -inf.
-// Fast path (item-uniform): 16-byte aligned rows and no partial vector in the chunk: one base
-// pointer, no per-vector bounds test except on the slot that straddles the chunk's end.
+// kAligned: 16-byte aligned rows made of whole vectors (the launchers choose this kernel only
+// when V % kVec == 0), so every vector of the chunk is one 16-byte load from one base pointer.
+// Otherwise element-wise loads (load_vector) that build the same bits in the same registers.
 template <typename Tag, bool kAligned>
 __device__ __forceinline__ void load_item(uint4 (&raw)[kUnroll],
                                           const typename DTypeTraits<Tag>::bits_t* x, int vec0,
                                           int n_here, int V, int T, int tid) {
   using Tr = DTypeTraits<Tag>;
   const uint4 fill = splat_bits<Tag>(Tr::kNegInfBits);
-  if (kAligned && (vec0 + n_here) * Tr::kVec <= V) {
+  if constexpr (kAligned) {
     const uint4* src = reinterpret_cast<const uint4*>(x) + vec0 + tid;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if ((u + 1) * T <= n_here) {
-        raw[u] = __ldg(src + u * T);
-      } else {
-        raw[u] = u * T + tid < n_here ? __ldg(src + u * T) : fill;
-      }
-    }
+    for (int u = 0; u < kUnroll; ++u) raw[u] = u * T + tid < n_here ? __ldg(src + u * T) : fill;
   } else {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int v = u * T + tid;
-      raw[u] = v < n_here ? load_vector<Tag, kAligned>(x, vec0 + v, V) : fill;
+      raw[u] = v < n_here ? load_vector<Tag>(x, vec0 + v, V) : fill;
     }
   }
 }
@@ -744,6 +786,8 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
   next.init(blockIdx.x, C, in.layout.n_inner);
   RowScalars<acc_t> next_rs{};
   if (next.row < in.N) next_rs = load_row_scalars(in, next.row);
+  // One item per trip, never unrolled (.ci/check_cuda_budgets.py counts per trip).
+#pragma unroll 1
   while (next.row < in.N) {
     const int64_t row = next.row;
     const int chunk = next.chunk;
@@ -771,31 +815,33 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     // Reference max of the chunk in z units, rounded as the CPU rounds z = x / tau.
     const acc_t m = mul_rn(M, cur.inv_tau);
 
-    // c) one exp per element; fixed order: vector u, then element j.
+    // c) one exp per element; fixed order: vector u, then element j. Slots past the chunk hold
+    // -inf: they add exactly +0 to each sum (no branch around them).
     const ForwardTerm<Tag> term(cur.inv_tau, m);
     acc_t s1 = 0, s2 = 0, t = 0;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (u * T < n_here) {  // uniform: skip vector slots no thread of the CTA has
+    for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-        for (int j = 0; j < Tr::kVec; ++j) term.add(element<Tag>(raw[u], j), s1, s2, t);
-      }
-    }
+      for (int j = 0; j < Tr::kVec; ++j) term.add(element<Tag>(raw[u], j), s1, s2, t);
     t = term.finish_t(t);
 
     // First index of the max of z (as the CPU: compare scaled values). Only threads whose own
-    // max scales to m can hold it; rarely more than one per chunk.
+    // max scales to m can hold it; rarely more than one per chunk. A loop over the vectors that
+    // is not unrolled (a few dozen instructions instead of kUnroll * kVec compares): vector u is
+    // always raw[0], the array shifting down by one per trip (raw is not read after this).
     int idx = INT_MAX;
     if (mul_rn(lm, cur.inv_tau) == m) {
+      int v = tid;
+#pragma unroll 1
+      for (int u = 0; u < kUnroll && v < n_here; ++u, v += T) {
+        const int e0 = (vec0 + v) * Tr::kVec;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int v = u * T + tid;
+        for (int j = Tr::kVec - 1; j >= 0; --j)  // descending: the first match is written last
+          if ((kAligned || e0 + j < V) && mul_rn(element<Tag>(raw[0], j), cur.inv_tau) == m)
+            idx = e0 + j;
+        if (idx != INT_MAX) break;
 #pragma unroll
-        for (int j = 0; j < Tr::kVec; ++j) {
-          const int e = (vec0 + v) * Tr::kVec + j;
-          if (idx == INT_MAX && v < n_here && e < V && mul_rn(element<Tag>(raw[u], j), cur.inv_tau) == m)
-            idx = e;
-        }
+        for (int k = 0; k + 1 < kUnroll; ++k) raw[k] = raw[k + 1];
       }
     }
 
@@ -809,27 +855,29 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
       sh_idx[warp] = wi;
     }
     __syncthreads();
-    if (tid == 0) {
-      acc_t a1 = sh_s1[0], a2 = sh_s2[0], at = sh_t[0];
-      int ai = sh_idx[0];
+    if (warp == 0) {  // warp partials folded by an xor butterfly over kMaxWarps lanes
+      const bool has = lane < n_warps;
+      acc_t a1 = has ? sh_s1[lane] : acc_t(0), a2 = has ? sh_s2[lane] : acc_t(0);
+      acc_t at = has ? sh_t[lane] : acc_t(0);
+      int ai = has ? sh_idx[lane] : INT_MAX;
 #pragma unroll
-      for (int w = 1; w < kMaxWarps; ++w) {
-        if (w < n_warps) {
-          a1 += sh_s1[w];
-          a2 += sh_s2[w];
-          at += sh_t[w];
-          ai = min(ai, sh_idx[w]);
-        }
+      for (int o = kMaxWarps / 2; o > 0; o >>= 1) {
+        a1 = a1 + __shfl_xor_sync(0xFFFFFFFFu, a1, o);
+        a2 = a2 + __shfl_xor_sync(0xFFFFFFFFu, a2, o);
+        at = at + __shfl_xor_sync(0xFFFFFFFFu, at, o);
+        ai = min(ai, __shfl_xor_sync(0xFFFFFFFFu, ai, o));
       }
-      const int64_t o = int64_t(chunk) * in.N + row;
-      p.ws_m[o] = m;
-      p.ws_s1[o] = a1;
-      p.ws_s2[o] = a2;
-      p.ws_t[o] = at;
-      p.ws_idx[o] = ai;
+      if (lane == 0) {
+        const int64_t o = int64_t(chunk) * in.N + row;
+        p.ws_m[o] = m;
+        p.ws_s1[o] = a1;
+        p.ws_s2[o] = a2;
+        p.ws_t[o] = at;
+        p.ws_idx[o] = ai;
+      }
     }
     // The next item's writes to sh_max happen after this item's second barrier, and its writes to
-    // sh_s1.. after its own first barrier, which thread 0 reaches only after the reads above.
+    // sh_s1.. after its own first barrier, which warp 0 reaches only after the reads above.
   }
 }
 
@@ -1006,6 +1054,8 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
   next.init(blockIdx.x, C, in.layout.n_inner);
   RowScalars<acc_t> next_rs{};
   if (next.row < in.N) next_rs = load_row_scalars(in, next.row);
+  // One item per trip, never unrolled (.ci/check_cuda_budgets.py counts per trip).
+#pragma unroll 1
   while (next.row < in.N) {
     const int64_t row = next.row;
     const int chunk = next.chunk;
@@ -1022,10 +1072,12 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
           g_lse = 0;
     uint4 raw[kUnroll];
     RowKind kind = cur.kind;
+    // The logit loads and the row's saved statistics / upstream grads go out together: the
+    // scalars' latency hides behind the vectors'. Ignored and invalid rows read no logit (their
+    // slots hold -inf).
+    load_item<Tag, kAligned>(raw, logits + row_offset, vec0, kind == RowKind::kValid ? n_here : 0,
+                             V, T, tid);
     if (kind == RowKind::kValid) {
-      // The logit loads and the row's saved statistics / upstream grads go out together: the
-      // scalars' latency hides behind the vectors'.
-      load_item<Tag, kAligned>(raw, logits + row_offset, vec0, n_here, V, T, tid);
       lse = __ldg(p.lse + row);
       entropy = __ldg(p.entropy + row);
       collision = __ldg(p.collision + row);
@@ -1036,50 +1088,40 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
       // A row whose forward was NaN (NaN / +inf logits, all -inf) has a non-finite L.
       if (!(fabs(lse) < -neg_inf<acc_t>())) kind = RowKind::kInvalid;
     }
-    // Stores mirror load_item: 16-byte stores from one base pointer when the chunk is aligned and
-    // has no partial vector (the gradient rows are aligned whenever kAligned is set).
-    const bool fast = kAligned && (vec0 + n_here) * Tr::kVec <= V;
-    uint4* dst = reinterpret_cast<uint4*>(g_row) + vec0 + tid;
-    if (kind != RowKind::kValid) {  // ignore_index: 0; invalid: NaN; no logit is needed
-      const uint4 fill = splat_bits<Tag>(kind == RowKind::kIgnored ? bits_t(0) : Tr::kNaNBits);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int v = u * T + tid;
-        if (v < n_here) {
-          if (fast) {
-            dst[u * T] = fill;
-          } else {
-            store_vector<Tag, kAligned>(g_row, vec0 + v, V, fill);
-          }
-        }
-      }
-      continue;
-    }
-
     const TokenStatsGradCoef<acc_t> coef =
         token_stats_grad_coef(g_logprob, g_entropy, g_collision, g_lse, entropy, collision);
     const BackwardTerm<Tag> term(cur.inv_tau, lse, coef);
-    const int label = cur.label;
+    // One store loop for every row kind: the gradient of a valid row, or the fill of an ignored
+    // (0) or invalid (NaN) row, selected per vector (the gradient computed there is discarded).
+    // Stores mirror load_item: kAligned (the gradient rows are then aligned too): one 16-byte
+    // store per vector from one base pointer; otherwise element-wise.
+    const bool valid = kind == RowKind::kValid;
+    const uint4 fill = splat_bits<Tag>(kind == RowKind::kIgnored ? bits_t(0) : Tr::kNaNBits);
+    uint4* dst = reinterpret_cast<uint4*>(g_row) + vec0 + tid;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int v = u * T + tid;
       if (v < n_here) {
-        const int e0 = (vec0 + v) * Tr::kVec;
         acc_t gv[Tr::kVec];
 #pragma unroll
         for (int j = 0; j < Tr::kVec; ++j) gv[j] = term.grad(element<Tag>(raw[u], j));
-        if (label >= e0 && label < e0 + Tr::kVec) {  // the label's vector: add g_l there
-#pragma unroll
-          for (int j = 0; j < Tr::kVec; ++j)
-            if (e0 + j == label)
-              gv[j] = label_grad(element<Tag>(raw[u], j), cur.inv_tau, lse, coef, g_logprob);
-        }
-        if (fast) {
-          dst[u * T] = pack_vector<Tag>(gv);
+        const uint4 out = valid ? pack_vector<Tag>(gv) : fill;
+        if constexpr (kAligned) {
+          dst[u * T] = out;
         } else {
-          store_vector<Tag, kAligned>(g_row, vec0 + v, V, pack_vector<Tag>(gv));
+          store_vector<Tag>(g_row, vec0 + v, V, out);
         }
       }
+    }
+    if (!valid) continue;
+    // The label's entry gets g_l too: the thread that stored the label's vector (vector lv of the
+    // chunk, lv = u * T + tid) overwrites that one element, after its own store of the vector
+    // (program order), with the label's gradient computed once (label_grad), rounded once.
+    const int lv = cur.label / Tr::kVec - vec0;
+    if (lv >= tid && lv < n_here && (lv - tid) % T == 0) {
+      const bits_t x_c = __ldg(logits + row_offset + cur.label);
+      g_row[cur.label] = acc_to_bits<Tag>(
+          label_grad(bits_to_acc<Tag>(x_c), cur.inv_tau, lse, coef, g_logprob));
     }
   }
 }
@@ -1153,7 +1195,8 @@ cudaError_t launch_token_stats_forward(const ForwardParams<typename DTypeTraits<
   const int threads = in.plan.threads;
   const int64_t n_items = in.N * in.plan.n_chunks;
   ForwardParams<typename DTypeTraits<Tag>::acc_t> q = p;
-  if (aligned) {
+  // The vector kernel needs whole vectors too (no partial last vector): V % kVec == 0.
+  if (aligned && in.V % DTypeTraits<Tag>::kVec == 0) {
     constexpr auto k = token_stats_partial_kernel<Tag, true>;
     const unsigned int grid = persistent_grid<k>(device, threads, n_items);
     q.in.walk = make_grid_walk(grid, in.plan.n_chunks, in.layout.n_inner);
@@ -1181,7 +1224,8 @@ cudaError_t launch_token_stats_backward(const BackwardParams<typename DTypeTrait
   const int threads = in.plan.threads;
   const int64_t n_items = in.N * in.plan.n_chunks;
   BackwardParams<typename DTypeTraits<Tag>::acc_t> q = p;
-  if (aligned) {
+  // The vector kernel needs whole vectors too (no partial last vector): V % kVec == 0.
+  if (aligned && in.V % DTypeTraits<Tag>::kVec == 0) {
     constexpr auto k = token_stats_backward_kernel<Tag, true>;
     const unsigned int grid = persistent_grid<k>(device, threads, n_items);
     q.in.walk = make_grid_walk(grid, in.plan.n_chunks, in.layout.n_inner);
