@@ -36,7 +36,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+# This checkout's pg_kernels, not the editable install's (a script's sys.path starts at .ci/).
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 from sass_loops import functions, hot_loop  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)

@@ -246,3 +246,13 @@ def per_row_temperature(
     if t is not None:
         return t.contiguous()
     return torch.full((n,), scalar, dtype=acc, device=device)
+
+
+@triton.jit
+def lowest_finite(dtype: tl.constexpr):
+    """The lowest finite value of fp32 or fp64, as a scalar of that dtype: a reference max that
+    keeps z - m finite (-inf - m = -inf, never -inf - -inf = NaN)."""
+    if dtype == tl.float64:
+        return tl.full([], -1.7976931348623157e308, tl.float64)
+    else:
+        return tl.full([], -3.4028234663852886e38, tl.float32)

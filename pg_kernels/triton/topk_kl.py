@@ -34,6 +34,7 @@ import triton.language as tl
 from pg_kernels.triton._common import (
     acc_dtype_of,
     exp_acc,
+    lowest_finite,
     merge_states,
     per_row_inv_temperature,
     round_to,
@@ -58,47 +59,140 @@ def _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD):
     return keep, ok, idv
 
 
+@triton.jit
+def _chunk_id_bits(ids_row, lo, hi, start, LANES: tl.constexpr, FOLD: tl.constexpr,
+                   BLOCK_V: tl.constexpr):  # fmt: skip
+    """Where the ids idv[lo:hi] (all in [start, start + CHUNK)) sit in a chunk's loop: one int32
+    per accumulator lane, bit step * FOLD + k set when element k of the lane's group in step
+    `step` (column start + step * BLOCK_V + lane * FOLD + k) is an id. A few instructions per
+    id, once per program, so the step loop tests membership with one AND per element."""
+    lane = tl.arange(0, LANES)
+    bits = tl.zeros([LANES], tl.int32)
+    for j in range(lo, hi):
+        rel = (tl.load(ids_row + j) - start).to(tl.int32)
+        pos = rel % BLOCK_V
+        bit = (rel // BLOCK_V) * FOLD + pos % FOLD
+        bits = bits | tl.where(lane == pos // FOLD, tl.full([LANES], 1, tl.int32) << bit, 0)
+    return bits
+
+
+@triton.jit
+def _drop_id(x, cur, k: tl.constexpr):
+    """x, -inf where bit k of the lane's id bits is set."""
+    return tl.where((cur & (1 << k)) != 0, float("-inf"), x)
+
+
+@triton.jit
+def _e(x, inv_tau, m):
+    """exp(z - m), z = x / tau, in one rounding before the exp (fma): 0 for x = -inf."""
+    return exp_acc(tl.fma(x, inv_tau, -m))
+
+
+@triton.jit
+def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
+    """One BLOCK_V step of the per-lane online tail sum, the ids dropped by their bits `cur`.
+
+    A lane is FOLD neighbouring elements inside one thread's 16-byte vector (split out of the
+    block without moving data). Lane state: r = max of its raw logits (-inf: none yet),
+    mref = max(r / tau, low), low the lowest finite float (a finite reference while the lane is
+    empty: exp(-inf - mref) = 0, never NaN), s = sum exp(z - mref). The rescale to a risen max
+    is one exp per lane per step, without a branch: exp(mref_old - mref_new) <= 1, and an empty
+    lane's s is 0 whatever it gives."""
+    x = x.to(s.dtype)
+    if FOLD == 8:
+        y0, y1 = tl.split(tl.reshape(x, [x.shape[0] // 8, 2, 2, 2]))  # element offset 4a + 2b + c
+        y00, y01 = tl.split(y0)
+        y10, y11 = tl.split(y1)
+        x0, x4 = tl.split(y00)
+        x2, x6 = tl.split(y01)
+        x1, x5 = tl.split(y10)
+        x3, x7 = tl.split(y11)
+        x0 = _drop_id(x0, cur, 0)
+        x1 = _drop_id(x1, cur, 1)
+        x2 = _drop_id(x2, cur, 2)
+        x3 = _drop_id(x3, cur, 3)
+        x4 = _drop_id(x4, cur, 4)
+        x5 = _drop_id(x5, cur, 5)
+        x6 = _drop_id(x6, cur, 6)
+        x7 = _drop_id(x7, cur, 7)
+        hi = tl.maximum(tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)),
+                        tl.maximum(tl.maximum(x4, x5), tl.maximum(x6, x7)))  # fmt: skip
+        r = tl.maximum(r, hi)
+        m = tl.maximum(r * inv_tau, low)
+        t = (_e(x0, inv_tau, m) + _e(x1, inv_tau, m)) + (_e(x2, inv_tau, m) + _e(x3, inv_tau, m))
+        t += (_e(x4, inv_tau, m) + _e(x5, inv_tau, m)) + (_e(x6, inv_tau, m) + _e(x7, inv_tau, m))
+    elif FOLD == 4:
+        y0, y1 = tl.split(tl.reshape(x, [x.shape[0] // 4, 2, 2]))  # element offset 2a + b
+        x0, x2 = tl.split(y0)
+        x1, x3 = tl.split(y1)
+        x0 = _drop_id(x0, cur, 0)
+        x1 = _drop_id(x1, cur, 1)
+        x2 = _drop_id(x2, cur, 2)
+        x3 = _drop_id(x3, cur, 3)
+        r = tl.maximum(r, tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)))
+        m = tl.maximum(r * inv_tau, low)
+        t = (_e(x0, inv_tau, m) + _e(x1, inv_tau, m)) + (_e(x2, inv_tau, m) + _e(x3, inv_tau, m))
+    elif FOLD == 2:
+        x0, x1 = tl.split(tl.reshape(x, [x.shape[0] // 2, 2]))
+        x0 = _drop_id(x0, cur, 0)
+        x1 = _drop_id(x1, cur, 1)
+        r = tl.maximum(r, tl.maximum(x0, x1))
+        m = tl.maximum(r * inv_tau, low)
+        t = _e(x0, inv_tau, m) + _e(x1, inv_tau, m)
+    else:
+        x = _drop_id(x, cur, 0)
+        r = tl.maximum(r, x)
+        m = tl.maximum(r * inv_tau, low)
+        t = _e(x, inv_tau, m)
+    s = tl.fma(s, exp_acc(mref - m), t)
+    return r, m, s
+
+
 @triton.jit(do_not_specialize=["ignore_index"])
 def _tail_chunk_kernel(
     x_ptr, ids_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K, N,
     n_inner, stride_outer, stride_inner, part_ptr,
     HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    FOLD: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the tail state (m_tail, s_tail) of one chunk, into part_ptr
     [2, n_chunks, N]; m_tail is NaN when the chunk holds a NaN or +inf."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
+    LANES: tl.constexpr = BLOCK_V // FOLD
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     keep, ok, idv = _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD)
     inv_tau = tl.load(inv_tau_ptr + row)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    ids_row = ids_ptr + row.to(tl.int64) * K
+    start = chunk * CHUNK
+    # Ignored rows (and rows with bad ids) read nothing and have no ids to place.
+    n_valid = tl.where(ok, tl.minimum(V - start, CHUNK), 0)
+    n_full = n_valid // BLOCK_V
+    # The chunk's ids: a contiguous run [lo, hi) of the sorted list (the padding V never counts).
+    lo = tl.sum((idv < start).to(tl.int32), axis=0)
+    hi = tl.sum((idv < start + n_valid).to(tl.int32), axis=0)
+    bits = _chunk_id_bits(ids_ptr + row.to(tl.int64) * K, lo, hi, start, LANES, FOLD, BLOCK_V)
     lanes = tl.arange(0, BLOCK_V)
-    s = tl.zeros([BLOCK_V], ACC)
-    m_tail = tl.full([], float("-inf"), ACC)
-    bad = tl.zeros([BLOCK_V], tl.int32)
-    end = tl.where(ok, V, 0)  # ignored rows (and rows with bad ids) read nothing
-    for off in range(0, tl.minimum(end - chunk * CHUNK, CHUNK), BLOCK_V):
-        start = chunk * CHUNK + off
-        cols = start + lanes
-        z = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC) * inv_tau
-        bad = bad | ((z != z) | (z == float("inf"))).to(tl.int32)
-        # The block's ids: a contiguous run [lo, hi) of the sorted list (the padding, V, never
-        # counts: the bounds stay below V).
-        lo = tl.sum((idv < start).to(tl.int32), axis=0)
-        hi = tl.sum((idv < tl.minimum(start + BLOCK_V, end)).to(tl.int32), axis=0)
-        for j in range(lo, hi):
-            z = tl.where(cols == tl.load(ids_row + j), float("-inf"), z)
-        bmax = tl.max(z, axis=0)
-        if bmax > m_tail:
-            # exp(-inf) = 0: an empty state (s = 0) stays 0
-            s = s * exp_acc(m_tail - bmax)
-            m_tail = bmax
-        m_ref = tl.where(m_tail == float("-inf"), 0.0, m_tail)  # exp(-inf - m_ref) = 0, never NaN
-        s += exp_acc(z - m_ref)
+    r = tl.full([LANES], float("-inf"), ACC)
+    low = lowest_finite(ACC)
+    m = tl.zeros([LANES], ACC) + low
+    s = tl.zeros([LANES], ACC)
+    for i in range(0, n_full):  # full blocks: unmasked vector loads
+        x = tl.load(x_row + (start + i * BLOCK_V) + lanes)
+        r, m, s = _tail_step(x, bits, inv_tau, low, r, m, s, FOLD)
+        bits = bits >> FOLD  # the next step's bits
+    if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
+        cols = start + n_full * BLOCK_V + lanes
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf"))
+        r, m, s = _tail_step(x, bits, inv_tau, low, r, m, s, FOLD)
+    # One cross-lane merge per chunk: the chunk max, each lane rescaled to it, then the sum.
+    # A NaN or +inf logit left a NaN sum (+inf - +inf in its exp), which marks the chunk.
+    m_chunk = tl.maximum(tl.max(r, axis=0) * inv_tau, low)
+    s_chunk = tl.sum(s * exp_acc(m - m_chunk), axis=0)
+    m_chunk = tl.where(s_chunk == 0.0, float("-inf"), m_chunk)  # no finite tail logit
     idx = chunk.to(tl.int64) * N + row
-    tl.store(part_ptr + idx, tl.where(tl.max(bad, axis=0) > 0, float("nan"), m_tail))
-    tl.store(part_ptr + tl.num_programs(1).to(tl.int64) * N + idx, tl.sum(s, axis=0))
+    tl.store(part_ptr + idx, tl.where(s_chunk != s_chunk, float("nan"), m_chunk))
+    tl.store(part_ptr + tl.num_programs(1).to(tl.int64) * N + idx, s_chunk)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -249,8 +343,19 @@ def _sorted(topk_ids, topk_logprobs, labels, V, ignore_index):
     return ids.contiguous(), lq
 
 
+def _lane_fold(blk, dtype):
+    """Elements per accumulator lane of the tail kernel: one thread's 16-byte vector (so the
+    lanes keep the layout of a plain [BLOCK_V // FOLD] tensor: no data moves between threads)."""
+    return max(1, min(16 // dtype.itemsize, blk.block_v // 2))
+
+
 def _launch_args(topk_ids, labels, V, dtype, block_v, chunk):
     blk = row_blocking(V, dtype, block_v, chunk)
+    # A chunk's id bits (one int32 per lane, FOLD bits per step) cover at most 32 // FOLD steps:
+    # longer chunks are cut (still a function of V and the dtype only).
+    max_chunk = (32 // _lane_fold(blk, dtype)) * blk.block_v
+    if blk.chunk > max_chunk:
+        blk = blk._replace(chunk=max_chunk, n_chunks=triton.cdiv(V, max_chunk))
     meta = dict(
         HAS_LABELS=labels is not None,
         K_PAD=max(16, triton.next_power_of_2(topk_ids.shape[1])),
@@ -277,7 +382,7 @@ def topk_kl_forward(
         part = torch.empty((2, blk.n_chunks, N), dtype=acc, device=logits.device)
         _tail_chunk_kernel[(N, blk.n_chunks)](
             logits, ids, labels_arg, inv_tau, ignore_index, V, K, N, n_inner, stride_outer,
-            stride_inner, part, **meta,
+            stride_inner, part, FOLD=_lane_fold(blk, logits.dtype), **meta,
         )  # fmt: skip
         _fwd_finish_kernel[(N,)](
             logits, ids, lq, labels_arg, inv_tau, ignore_index, V, K, N, blk.n_chunks, n_inner,
