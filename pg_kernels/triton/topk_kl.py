@@ -269,7 +269,6 @@ def _bwd_kernel(
     inv_tau = tl.load(inv_tau_ptr + row)
     g_tau = tl.load(g_ptr + row).to(ACC) * inv_tau
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    ids_row = ids_ptr + row.to(tl.int64) * K
     lq_row = lq_ptr + row.to(tl.int64) * K
     grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
 
@@ -294,27 +293,35 @@ def _bwd_kernel(
     tail_log = tl.where(q_tail == 0.0, log_q, tl.where(tail_empty, float("-inf"), tail_log))
     sign = tl.where(q_tail == 0.0, tl.where(q_all > 0.0, 1.0, 0.0), sign)
     sign = tl.where((q_tail != 0.0) & tail_empty, 0.0, sign)
-    off = tl.where(valid, lse - tail_log, 0.0)  # +inf when the tail factor is 0
-    scale = sign * g_tau
+    # Off the ids, one fma, one exp and one multiply per element: g_j = scale exp(z_j - off).
+    # Ignored rows read nothing and get 0 (scale 0, off 0); other invalid rows NaN (off NaN).
+    off = tl.where(keep, tl.where(valid, lse - tail_log, float("nan")), 0.0)  # +inf: factor 0
+    scale = tl.where(keep, sign * g_tau, 0.0)
 
     lanes = tl.arange(0, BLOCK_V)
-    n_read = tl.where(valid, V, 0)
-    for step in range(0, tl.minimum(V - chunk * CHUNK, CHUNK), BLOCK_V):  # the last can end early
-        start = chunk * CHUNK + step
-        cols = start + lanes
-        z = tl.load(x_row + cols, mask=cols < n_read, other=float("-inf")).to(ACC) * inv_tau
-        # off the ids: dKL/dz_j = sign exp(z_j - L + tail_log) = p_j (Q - q_tail / p_tail)
-        g = scale * exp_acc(z - off)
-        lo = tl.sum((idv < start).to(tl.int32), axis=0)
-        hi = tl.sum((idv < tl.where(valid, tl.minimum(start + BLOCK_V, V), 0)).to(tl.int32), axis=0)
-        for j in range(lo, hi):
-            idj = tl.load(ids_row + j)
-            # on the ids: dKL/dz_j = Q p_j - q_j
-            p_j = exp_acc(tl.load(x_row + idj).to(ACC) * inv_tau - lse)
-            head = g_tau * (q_all * p_j - exp_acc(tl.load(lq_row + j).to(ACC)))
-            g = tl.where(cols == idj, head, g)
-        g = tl.where(keep, tl.where(valid, g, float("nan")), 0.0)
+    start = chunk * CHUNK
+    n_valid = tl.minimum(V - start, CHUNK)
+    n_full = n_valid // BLOCK_V
+    for i in range(0, n_full):  # full blocks: vector loads and stores (a uniform load mask)
+        cols = start + i * BLOCK_V + lanes
+        x = tl.load(x_row + cols, mask=valid, other=float("-inf")).to(ACC)
+        g = scale * exp_acc(tl.fma(x, inv_tau, -off))
+        tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty))
+    if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
+        cols = start + n_full * BLOCK_V + lanes
+        x = tl.load(x_row + cols, mask=cols < tl.where(valid, V, 0), other=float("-inf")).to(ACC)
+        g = scale * exp_acc(tl.fma(x, inv_tau, -off))
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty), mask=cols < V)
+
+    # On the chunk's ids: dKL/dz_j = Q p_j - q_j, written over the values above once every
+    # thread's stores are done (the barrier orders them within the program). Rows that are
+    # ignored or invalid keep the 0 or NaN written above (their ids may be junk).
+    on = (idv >= start) & (idv < tl.where(valid, start + n_valid, 0))
+    z_h = tl.load(x_row + tl.where(on, idv, 0), mask=on, other=0.0).to(ACC) * inv_tau
+    lq_h = tl.load(lq_row + kk, mask=on, other=0.0).to(ACC)
+    head = g_tau * (q_all * exp_acc(z_h - lse) - exp_acc(lq_h))
+    tl.debug_barrier()
+    tl.store(grad_row + idv, round_to(head, grad_ptr.dtype.element_ty), mask=on)
 
 
 # ------------------------------------------------------------------------------------------------
