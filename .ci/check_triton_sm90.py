@@ -204,9 +204,17 @@ def per_element(name: str, kernel) -> tuple[float, str]:
     if loop is None:
         raise RuntimeError(f"{name}: no loop that moves global memory")
     per_trip = const["BLOCK_V"] / threads
-    # The compiler may unroll the step loop: count trips by the global bytes a step moves.
+    # The compiler may unroll the step loop: count trips by the stream bytes a step moves (the
+    # widest accesses only: a scalar load of an id or a label in the loop is no extra trip).
     itemsize = ITEMSIZE[logits_dtype(kernel)]
-    unroll = max(1, round(loop.global_bytes() / (per_trip * itemsize * STREAMS.get(name, 1))))
+    step_bytes = per_trip * itemsize * STREAMS.get(name, 1)
+    unroll = loop.stream_bytes() / step_bytes
+    if unroll < 1 or unroll != round(unroll):
+        raise RuntimeError(
+            f"{name}: the hot loop moves {loop.stream_bytes()} stream bytes per thread and trip, "
+            f"not a multiple of one step's {step_bytes:g} (STREAMS out of date?)"
+        )
+    unroll = round(unroll)
     n = per_trip * unroll
     return loop.count / n, (
         f"loop {loop.count} insns / {n:g} elements (fast path {loop.fast_path() / n:.1f}, "

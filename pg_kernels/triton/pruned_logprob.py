@@ -87,14 +87,42 @@ def _row_validity(label, V, keep, inv_tau, m):
     return valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
 
 
+@triton.jit
+def _fold(v, FOLD: tl.constexpr):
+    """[BLOCK_V] -> [BLOCK_V // FOLD]: each FOLD neighbours (inside one thread's 16-byte vector)
+    summed in registers, in a fixed order: no data moves between threads."""
+    if FOLD == 1:
+        return v
+    else:
+        return tl.sum(tl.reshape(v, [v.shape[0] // FOLD, FOLD]), axis=1)
+
+
+@triton.jit
+def _e_chunk(x_ptr, cols, V, inv_tau, m, threshold, s_in, s_out, FOLD: tl.constexpr,
+             MASKED: tl.constexpr):  # fmt: skip
+    """One step of the sums: e = exp(z - m) into s_in where z >= threshold, s_out elsewhere."""
+    if MASKED:
+        x = tl.load(x_ptr + cols, mask=cols < V, other=float("-inf"))
+    else:
+        x = tl.load(x_ptr + cols)
+    x = x.to(s_in.dtype)
+    z = x * inv_tau
+    e = exp_acc(z - m)
+    safe = z >= threshold
+    s_in = tl.where(safe, s_in + e, s_in)
+    s_out = tl.where(safe, s_out, s_out + e)
+    return s_in, s_out
+
+
 @triton.jit(do_not_specialize=["ignore_index"])
 def _sum_chunk_kernel(
     x_ptr, labels_ptr, inv_tau_ptr, log_alpha_ptr, ignore_index, V, N, n_chunks,
     n_inner, stride_outer, stride_inner, max_ptr, part_ptr,
-    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, FOLD: tl.constexpr,
 ):  # fmt: skip
-    """Program (row, chunk): the chunk's s_in and s_out (label masked) into part_ptr
-    [2, n_chunks, N], relative to the row's max."""
+    """Program (row, chunk): the chunk's s_in and s_out into part_ptr [2, n_chunks, N],
+    relative to the row's max. The label is not masked here: the finish kernel moves its e_c
+    (computed the same way, so bitwise the same term) out of s_out when it fell there."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -105,18 +133,18 @@ def _sum_chunk_kernel(
     threshold = m + tl.load(log_alpha_ptr)
     m_ref = tl.where(valid, m, 0.0)  # a finite reference: exp(-inf - m_ref) = 0, never NaN
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    end = tl.where(valid, V, 0)
     s_in = tl.zeros([BLOCK_V], ACC)
     s_out = tl.zeros([BLOCK_V], ACC)
     start = chunk * CHUNK
-    for off in range(0, tl.where(valid, tl.minimum(V - start, CHUNK), 0), BLOCK_V):
-        cols = start + off + tl.arange(0, BLOCK_V)
-        z = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC) * inv_tau
-        e = exp_acc(z - m_ref)
-        e = tl.where(cols == label, 0.0, e)
-        safe = z >= threshold
-        s_in += tl.where(safe, e, 0.0)
-        s_out += tl.where(safe, 0.0, e)
+    lanes = tl.arange(0, BLOCK_V)
+    n_valid = tl.where(valid, tl.minimum(V - start, CHUNK), 0)  # invalid rows read nothing
+    n_full = n_valid // BLOCK_V
+    for i in range(0, n_full):  # full blocks: unmasked vector loads
+        cols = start + i * BLOCK_V + lanes
+        s_in, s_out = _e_chunk(x_row, cols, V, inv_tau, m_ref, threshold, s_in, s_out, FOLD, False)
+    if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
+        cols = start + n_full * BLOCK_V + lanes
+        s_in, s_out = _e_chunk(x_row, cols, V, inv_tau, m_ref, threshold, s_in, s_out, FOLD, True)
     idx = chunk.to(tl.int64) * N + row
     tl.store(part_ptr + idx, tl.sum(s_in, axis=0))
     tl.store(part_ptr + tl.num_programs(1).to(tl.int64) * N + idx, tl.sum(s_out, axis=0))
@@ -152,12 +180,16 @@ def _fwd_finish_kernel(
     x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
     z_c = tl.load(x_row + tl.where(valid, label, 0), mask=valid & rmask, other=0.0).to(ACC)
     z_c = z_c * inv_tau
-    e_c = exp_acc(z_c - m_ref)
-    s_safe = tl.where(valid, s_in + e_c, 1.0)  # invalid rows: a dummy state, no log(0)
+    e_c = exp_acc(z_c - m_ref)  # the chunk kernel's term for the label, bit for bit
+    in_safe = valid & (z_c >= threshold)
+    # The chunk sums hold the label's term on its side of the threshold: in S it stays in s_in;
+    # below the threshold it joins S (s_in + e_c) and leaves s_out (exactly: the same e_c was
+    # added there; the difference is the rounding of the other terms' sum, clamped at 0).
+    s_safe = tl.where(valid, s_in + tl.where(in_safe, 0.0, e_c), 1.0)  # invalid: a dummy state
+    s_out = tl.where(in_safe, s_out, tl.maximum(s_out - e_c, 0.0))
     lse_safe = m_ref + tl.log(s_safe)
     logprob = z_c - lse_safe
     tail_mass = s_out / (s_safe + s_out)
-    in_safe = valid & (z_c >= threshold)
     nan = float("nan")
     tl.store(logprob_ptr + rows, tl.where(keep, tl.where(valid, logprob, nan), 0.0), mask=rmask)
     tl.store(tail_mass_ptr + rows, tl.where(keep, tl.where(valid, tail_mass, nan), 0.0), mask=rmask)
@@ -166,12 +198,31 @@ def _fwd_finish_kernel(
     tl.store(in_safe_ptr + rows, (keep & in_safe).to(tl.int8), mask=rmask)
 
 
+@triton.jit
+def _bwd_step(x_ptr, grad_ptr, cols, V, read, inv_tau, threshold, lse, neg_g,
+              MASKED: tl.constexpr):  # fmt: skip
+    """d logprob / dz_j = -p~_j on S (z_j >= threshold), 0 off S; the label is written after."""
+    if MASKED:
+        x = tl.load(x_ptr + cols, mask=cols < tl.where(read, V, 0), other=float("-inf"))
+    else:
+        x = tl.load(x_ptr + cols)
+    z = x.to(lse.dtype) * inv_tau
+    g = tl.where(z >= threshold, neg_g * exp_acc(z - lse), 0.0)
+    g = round_to(g, grad_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(grad_ptr + cols, g, mask=cols < V)
+    else:
+        tl.store(grad_ptr + cols, g)
+
+
 @triton.jit(do_not_specialize=["ignore_index"])
 def _bwd_kernel(
     g_ptr, x_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, n_inner, stride_outer, stride_inner,
     lse_safe_ptr, threshold_ptr, grad_ptr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Program (row, chunk): the gradient of one chunk of one row, written once."""
+    """Program (row, chunk): the gradient of one chunk of one row: -p~_j g / tau on S, 0 off S,
+    then the label's (1 - p~_c) g / tau written over its entry (the label is in S whatever its
+    logit; a barrier orders the two stores)."""
     ACC: tl.constexpr = lse_safe_ptr.dtype.element_ty
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -182,19 +233,33 @@ def _bwd_kernel(
     inv_tau = tl.load(inv_tau_ptr + row)
     g_tau = tl.load(g_ptr + row).to(ACC) * inv_tau
     valid = (lse_safe > float("-inf")) & (lse_safe < float("inf"))  # NaN rows stay NaN
+    read = keep & valid  # ignored and NaN rows read no logits
+    # Ignored rows: z = -inf is below any threshold -> 0. NaN rows: a NaN threshold puts nothing
+    # in S, so the NaN goes in through the scale.
+    neg_g = tl.where(keep, tl.where(valid, -g_tau, float("nan")), 0.0)
+    threshold = tl.where(read, threshold, float("-inf"))
+    lse = tl.where(read, lse_safe, 0.0)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
-    n_read = tl.where(keep & valid, V, 0)  # ignored and NaN rows read no logits
     start = chunk * CHUNK
-    for off in range(0, tl.minimum(V - start, CHUNK), BLOCK_V):  # the last chunk can end early
-        cols = start + off + tl.arange(0, BLOCK_V)
-        z = tl.load(x_row + cols, mask=cols < n_read, other=float("-inf")).to(ACC) * inv_tau
-        is_label = cols == label
-        # d logprob / dz_j = 1[j = c] - p~_j on S (the label is in S whatever its logit), 0 off S
-        p = tl.where((z >= threshold) | is_label, exp_acc(z - tl.where(valid, lse_safe, 0.0)), 0.0)
-        g = g_tau * (tl.where(is_label, 1.0, 0.0) - p)
-        g = tl.where(keep, tl.where(valid, g, float("nan")), 0.0)
-        tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty), mask=cols < V)
+    lanes = tl.arange(0, BLOCK_V)
+    n_valid = tl.minimum(V - start, CHUNK)
+    n_full = n_valid // BLOCK_V
+    n_read = tl.where(read, n_full, 0)
+    for i in range(0, n_read):  # full blocks: unmasked vector loads and stores
+        cols = start + i * BLOCK_V + lanes
+        _bwd_step(x_row, grad_row, cols, V, read, inv_tau, threshold, lse, neg_g, False)
+    fill = round_to(tl.zeros([BLOCK_V], ACC) + neg_g * 0.0, grad_ptr.dtype.element_ty)
+    for i in range(n_read, n_full):  # ignored rows: 0, NaN rows: NaN, nothing read
+        tl.store(grad_row + start + i * BLOCK_V + lanes, fill)
+    if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
+        cols = start + n_full * BLOCK_V + lanes
+        _bwd_step(x_row, grad_row, cols, V, read, inv_tau, threshold, lse, neg_g, True)
+    # The label: d logprob / dz_c = 1 - p~_c, by the program whose chunk holds it.
+    if read & (label >= start) & (label < start + n_valid):
+        p_c = exp_acc(tl.load(x_row + label).to(ACC) * inv_tau - lse)
+        tl.debug_barrier()
+        tl.store(grad_row + label, round_to((1.0 - p_c) * g_tau, grad_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,9 +289,11 @@ def pruned_logprob_forward(
         _max_chunk_kernel[(N, blk.n_chunks)](
             logits, labels, inv_tau, ignore_index, V, N, *layout, maxes, **step
         )
+        # Lanes of the sums: one thread's 16-byte vector (folded in registers).
+        fold = max(1, min(16 // logits.dtype.itemsize, blk.block_v // 2))
         _sum_chunk_kernel[(N, blk.n_chunks)](
             logits, labels, inv_tau, log_alpha, ignore_index, V, N, blk.n_chunks, *layout,
-            maxes, sums, **step,
+            maxes, sums, FOLD=fold, **step,
         )  # fmt: skip
         _fwd_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
             logits, labels, inv_tau, log_alpha, ignore_index, V, N, blk.n_chunks, *layout,
