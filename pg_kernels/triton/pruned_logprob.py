@@ -7,18 +7,42 @@ Forward, two sweeps over the row (one exp per element in all), three kernels:
      the chunk holds a NaN or +inf;
   2. `_sum_chunk_kernel`, grid (N, n_chunks): the row's max m from the chunk maxes (n_chunks
      loads), then e = exp(z - m) per element, into s_in where z >= m + log alpha and into s_out
-     elsewhere, the label masked out of both (added back as e_c; finalize_pruned in
-     softmax_stats.h);
+     elsewhere (per-element accumulators, one predicated add per element, summed once per
+     chunk). The label is not masked in the loop: `_fwd_finish_kernel` recomputes its term e_c
+     the same way (the same bits) and moves it where finalize_pruned (softmax_stats.h) puts it:
+     in S it is already in s_in; below the threshold it joins S (s_in + e_c) and leaves s_out
+     (s_out - e_c, clamped at 0; the difference from the C++ masked sum is the rounding of the
+     other terms, below 1e-7 of the row's total mass in tail_mass);
   3. `_fwd_finish_kernel`: sums each row's chunk sums in chunk order and finalizes.
   The set S depends on the final max, so a one-sweep online sum cannot drop the elements that
   fall below a risen threshold exactly (csrc/cpu/pruned_logprob.cpp says more).
-Backward, `_bwd_kernel`, grid (N, n_chunks): d logprob / dz_j = 1[j = c] - p~_j on S, 0 off S,
-divided by tau.
+Backward, `_bwd_kernel`, grid (N, n_chunks): d logprob / dz_j = -p~_j on S, 0 off S, divided by
+tau, for every element of the chunk; then the label's 1 - p~_c written over its entry by the
+program whose chunk holds it, after a barrier that orders it after the loop's stores (as the
+C++ kernel writes it last). Ignored and NaN rows read nothing: a store-only loop fills them.
 
 Bytes per row of V elements of s bytes: forward 2 V s read + 12 n_chunks bytes of partials
-(fp32) + ~24 B of per-row values; backward V s read + V s written.
+(fp32) + ~24 B of per-row values; backward V s read + V s written (+ the label's entry twice).
 Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
 (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
+
+GPU design (sm_90, triton 3.6, offline compile; hot-loop SASS instructions per element, the
+budget 12 for 16-bit logits, 24 for fp32; the same kernels serve temperature 1 and != 1: 1 / tau
+is a per-row tensor either way):
+  kernel              dtype  before (registers)  after (registers)
+  _max_chunk_kernel   bf16    8.1 (47)            8.1 (47)   unchanged
+  _sum_chunk_kernel   bf16   17.6 (78)            9.5 (48)
+                      fp16   16.9 (78)            9.0 (48)
+                      fp32   17.1 (39)            9.0 (32)
+  _bwd_kernel         bf16   18.8 (71)           10.5 (32)
+                      fp16   18.6 (64)           10.0 (32)
+                      fp32   20.0 (40)           10.0 (30)
+  Per element the sum loop is: convert, fma (z - m), mul (log2 e), ex2, mul (z for the
+  threshold), compare, two predicated adds; the backward: convert, fma, mul, ex2, mul, compare,
+  select, mul (the scale), pack and store. Removed: the label compare and select per element,
+  the select + add pairs of the two sums (now predicated adds), the load mask's -inf moves.
+  A lead left: comparing raw x with a precomputed raw threshold (the smallest x whose
+  x * (1 / tau) rounds to >= the threshold) would save the mul for z in both loops.
 """
 
 from __future__ import annotations

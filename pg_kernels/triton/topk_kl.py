@@ -4,24 +4,46 @@ softmax_stats.h (topk_normalizer, topk_q_tail, topk_kl_grad_coef).
 
 Rows are cut as `row_blocking` cuts them (a function of V and the dtype only) and every
 reduction runs in a fixed order: results are bitwise deterministic and batch invariant. The
-launcher sorts each row's K ids (a [N, K] sort, K << V) so that the ids falling in a block are a
-contiguous run of the sorted list: a program finds the run with two K-wide compares per block
-and masks those ids with one `where(cols == id)` each (K extra compares per BLOCK_V elements).
+launcher sorts each row's K ids (a [N, K] sort, K << V), so the ids falling in a chunk are a
+contiguous run [lo, hi) of the sorted list, found once per program.
 Forward, one sweep, two kernels:
-  1. `_tail_chunk_kernel`, grid (N, n_chunks): per block, z = x * (1 / tau), the
-     block's ids set to -inf, then the tail's online sum s_tail = sum exp(z - m_tail) (rescaled
-     when the tail max rises; one exp per element); the chunk's (m_tail, s_tail) is stored, m_tail
-     NaN when the chunk holds a NaN or +inf;
+  1. `_tail_chunk_kernel`, grid (N, n_chunks): the tail's online sum over one chunk, per LANE:
+     a lane is the FOLD neighbours one thread holds in one 16-byte vector (8 bf16/fp16, 4 fp32),
+     with its own running max r of the raw logits, reference m = max(r / tau, lowest finite) and
+     sum s = sum exp(z - m); a risen max rescales s by one exp per lane, without a branch. Before
+     the loop the chunk's ids become per-lane bits (`_chunk_id_bits`: bit step * FOLD + k marks
+     element k of the lane in that step; a few instructions per id, once per program); in the
+     loop one AND + select per element drops them (x -> -inf). After the loop, one cross-lane
+     merge: the chunk max, each lane rescaled to it, one sum. The chunk's (m_tail, s_tail) is
+     stored, m_tail NaN when the chunk holds a NaN or +inf (a NaN sum: +inf - +inf in its exp);
   2. `_fwd_finish_kernel`, grid (N,): merges the chunk states in chunk order, gathers the K head
      logits and joins them with the tail for L, so log p_tail = m_tail + log s_tail - L needs no
      1 - sum_K p_v; then the KL of SPEC section 4.
-Backward, `_bwd_kernel`, grid (N, n_chunks): dKL/dz_j = sign exp(z_j - L + tail_log) off the
-ids, Q p_j - q_j on them.
+Backward, `_bwd_kernel`, grid (N, n_chunks): dKL/dz_j = sign exp(z_j - L + tail_log) for every
+element of the chunk (one fma, one exp, one multiply), then Q p_j - q_j over the chunk's ids
+(a K-wide gather and a masked scatter store after a barrier, which orders it after the loop's
+stores to the same entries). Ignored rows and rows with bad ids write 0 / NaN and read nothing.
 
 Bytes per row of V elements of s bytes: forward V s read + 16 K (ids and log-probs, sorted
 copies) + 8 n_chunks bytes of partial states + ~12 B written; backward V s read + V s written
-+ 16 K. Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
++ ~(16 + 2 s) K (ids, log-probs, the head logits, the head entries written a second time).
+Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
 (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
+
+GPU design (sm_90, triton 3.6, offline compile; hot-loop SASS instructions per element, the
+budget 12 for 16-bit logits, 24 for fp32; the same kernels serve temperature 1 and != 1: 1 / tau
+is a per-row tensor either way):
+  kernel               dtype  before (registers)          after (registers)
+  _tail_chunk_kernel   bf16   45.6 (124), 3 BAR 16 SHFL   10.2 (40), no BAR/SHFL
+                       fp16   45.1 (124)                   9.8 (40)
+                       fp32   53.4 (80)                   10.5 (37)
+  _bwd_kernel          bf16   19.8 (64)                    8.0 (32)
+                       fp16   19.2 (64)                    7.5 (32)
+                       fp32   58.9 (60)                    8.0 (32)
+  "before" counts the old per-block id loop (a dependent scalar load per id) with the step loop
+  it sits in; the check's old unroll detection divided them by 3 (15.2, 15.0, 17.8; fp32
+  backward 19.6). Per element the tail loop is now: convert, AND + select (ids), max, fma,
+  mul (log2 e), ex2, add; per lane and step: mul, max, sub, mul, ex2, fma, shift.
 Duplicate ids are a user error: undefined here (the CPU paths raise).
 """
 
