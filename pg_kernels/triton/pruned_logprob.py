@@ -112,17 +112,7 @@ def _row_validity(label, V, keep, inv_tau, m):
 
 
 @triton.jit
-def _fold(v, FOLD: tl.constexpr):
-    """[BLOCK_V] -> [BLOCK_V // FOLD]: each FOLD neighbours (inside one thread's 16-byte vector)
-    summed in registers, in a fixed order: no data moves between threads."""
-    if FOLD == 1:
-        return v
-    else:
-        return tl.sum(tl.reshape(v, [v.shape[0] // FOLD, FOLD]), axis=1)
-
-
-@triton.jit
-def _e_chunk(x_ptr, cols, V, inv_tau, m, threshold, s_in, s_out, FOLD: tl.constexpr,
+def _e_chunk(x_ptr, cols, V, inv_tau, m, threshold, s_in, s_out,
              MASKED: tl.constexpr):  # fmt: skip
     """One step of the sums: e = exp(z - m) into s_in where z >= threshold, s_out elsewhere."""
     if MASKED:
@@ -130,9 +120,8 @@ def _e_chunk(x_ptr, cols, V, inv_tau, m, threshold, s_in, s_out, FOLD: tl.conste
     else:
         x = tl.load(x_ptr + cols)
     x = x.to(s_in.dtype)
-    z = x * inv_tau
-    e = exp_acc(z - m)
-    safe = z >= threshold
+    e = exp_acc(tl.fma(x, inv_tau, -m))  # written as an fma: the finish kernel's e_c is the same
+    safe = x * inv_tau >= threshold
     s_in = tl.where(safe, s_in + e, s_in)
     s_out = tl.where(safe, s_out, s_out + e)
     return s_in, s_out
@@ -142,7 +131,7 @@ def _e_chunk(x_ptr, cols, V, inv_tau, m, threshold, s_in, s_out, FOLD: tl.conste
 def _sum_chunk_kernel(
     x_ptr, labels_ptr, inv_tau_ptr, log_alpha_ptr, ignore_index, V, N, n_chunks,
     n_inner, stride_outer, stride_inner, max_ptr, part_ptr,
-    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, FOLD: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the chunk's s_in and s_out into part_ptr [2, n_chunks, N],
     relative to the row's max. The label is not masked here: the finish kernel moves its e_c
@@ -165,10 +154,10 @@ def _sum_chunk_kernel(
     n_full = n_valid // BLOCK_V
     for i in range(0, n_full):  # full blocks: unmasked vector loads
         cols = start + i * BLOCK_V + lanes
-        s_in, s_out = _e_chunk(x_row, cols, V, inv_tau, m_ref, threshold, s_in, s_out, FOLD, False)
+        s_in, s_out = _e_chunk(x_row, cols, V, inv_tau, m_ref, threshold, s_in, s_out, False)
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + lanes
-        s_in, s_out = _e_chunk(x_row, cols, V, inv_tau, m_ref, threshold, s_in, s_out, FOLD, True)
+        s_in, s_out = _e_chunk(x_row, cols, V, inv_tau, m_ref, threshold, s_in, s_out, True)
     idx = chunk.to(tl.int64) * N + row
     tl.store(part_ptr + idx, tl.sum(s_in, axis=0))
     tl.store(part_ptr + tl.num_programs(1).to(tl.int64) * N + idx, tl.sum(s_out, axis=0))
@@ -202,9 +191,9 @@ def _fwd_finish_kernel(
     threshold = m + tl.load(log_alpha_ptr)
     m_ref = tl.where(valid, m, 0.0)
     x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
-    z_c = tl.load(x_row + tl.where(valid, label, 0), mask=valid & rmask, other=0.0).to(ACC)
-    z_c = z_c * inv_tau
-    e_c = exp_acc(z_c - m_ref)  # the chunk kernel's term for the label, bit for bit
+    x_c = tl.load(x_row + tl.where(valid, label, 0), mask=valid & rmask, other=0.0).to(ACC)
+    z_c = x_c * inv_tau
+    e_c = exp_acc(tl.fma(x_c, inv_tau, -m_ref))  # the chunk kernel's label term, bit for bit
     in_safe = valid & (z_c >= threshold)
     # The chunk sums hold the label's term on its side of the threshold: in S it stays in s_in;
     # below the threshold it joins S (s_in + e_c) and leaves s_out (exactly: the same e_c was
@@ -313,11 +302,9 @@ def pruned_logprob_forward(
         _max_chunk_kernel[(N, blk.n_chunks)](
             logits, labels, inv_tau, ignore_index, V, N, *layout, maxes, **step
         )
-        # Lanes of the sums: one thread's 16-byte vector (folded in registers).
-        fold = max(1, min(16 // logits.dtype.itemsize, blk.block_v // 2))
         _sum_chunk_kernel[(N, blk.n_chunks)](
             logits, labels, inv_tau, log_alpha, ignore_index, V, N, blk.n_chunks, *layout,
-            maxes, sums, FOLD=fold, **step,
+            maxes, sums, **step,
         )  # fmt: skip
         _fwd_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
             logits, labels, inv_tau, log_alpha, ignore_index, V, N, blk.n_chunks, *layout,
