@@ -7,10 +7,11 @@ The budgets of `.ci/check_triton_sm90.py` and `.ci/check_cuda.sh` are set below 
 headroom for stalls.
 
 `hot_loop(sass)` finds the loops of one function (a backward branch closes each) and returns the
-one that reads the most global memory per trip, with its instruction count. Everything inside the
-loop's address range counts, including branches that are rarely taken: a budget that holds on the
-static count holds on every input. `fast_path` also reports the count without the forward-branch
-skipped ranges, for reading, never for checking.
+one that streams the logits in (the widest loads, then the most bytes read per trip), with its
+instruction count. Everything inside the loop's address range counts, including branches that
+are rarely taken: a budget that holds on the static count holds on every input. `fast_path`
+also reports the count without the forward-branch skipped ranges, for reading, never for
+checking.
 """
 
 from __future__ import annotations
@@ -106,11 +107,17 @@ def loops(insns: list[Insn]) -> list[Loop]:
 
 
 def hot_loop(insns: list[Insn]) -> Loop | None:
-    """The loop that reads the most global memory per trip (ties: the most global memory moved,
-    then the larger one). Every budgeted kernel streams its logits in by loads: a loop that only
-    stores (filling the gradient of an ignored row, which reads nothing) is not its hot loop,
+    """The loop that streams the logits in: the one with the widest loads (vector loads beat a
+    prologue's scalar loads, however unrolled), then the most bytes read per trip, then the most
+    moved, then the larger one. Every budgeted kernel reads its logits in its hot loop: a loop
+    that only stores (filling the gradient of an ignored row, which reads nothing) is not it,
     however much it writes per trip."""
     candidates = [lp for lp in loops(insns) if lp.global_bytes() > 0]
     if not candidates:
         return None
-    return max(candidates, key=lambda lp: (lp.global_bytes(("LDG",)), lp.global_bytes(), lp.count))
+
+    def key(lp: Loop) -> tuple[int, int, int, int]:
+        widest_load = max((_width(i) for i in lp.ops("LDG")), default=0)
+        return (widest_load, lp.global_bytes(("LDG",)), lp.global_bytes(), lp.count)
+
+    return max(candidates, key=key)
