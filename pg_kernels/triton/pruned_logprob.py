@@ -11,8 +11,8 @@ Forward, two sweeps over the row (one exp per element in all), three kernels:
      chunk). The label is not masked in the loop: `_fwd_finish_kernel` recomputes its term e_c
      the same way (the same bits) and moves it where finalize_pruned (softmax_stats.h) puts it:
      in S it is already in s_in; below the threshold it joins S (s_in + e_c) and leaves s_out
-     (s_out - e_c, clamped at 0; the difference from the C++ masked sum is the rounding of the
-     other terms, below 1e-7 of the row's total mass in tail_mass);
+     (s_out - e_c, clamped at 0: it differs from the C++ kernel's masked sum by the fp32
+     rounding of s_out, an absolute error in tail_mass of order 1e-7 s_out / (s_safe + s_out));
   3. `_fwd_finish_kernel`: sums each row's chunk sums in chunk order and finalizes.
   The set S depends on the final max, so a one-sweep online sum cannot drop the elements that
   fall below a risen threshold exactly (csrc/cpu/pruned_logprob.cpp says more).
