@@ -7,10 +7,11 @@ The budgets of `.ci/check_triton_sm90.py` and `.ci/check_cuda.sh` are set below 
 headroom for stalls.
 
 `hot_loop(sass)` finds the loops of one function (a backward branch closes each) and returns the
-one that moves the most global memory per trip, with its instruction count. Everything inside the
-loop's address range counts, including branches that are rarely taken: a budget that holds on the
-static count holds on every input. `fast_path` also reports the count without the forward-branch
-skipped ranges, for reading, never for checking.
+one that streams the logits in (the widest loads, then the most bytes read per trip), with its
+instruction count. Everything inside the loop's address range counts, including branches that
+are rarely taken: a budget that holds on the static count holds on every input. `fast_path`
+also reports the count without the forward-branch skipped ranges, for reading, never for
+checking.
 """
 
 from __future__ import annotations
@@ -43,15 +44,17 @@ class Loop:
     def ops(self, prefix: str) -> list[Insn]:
         return [i for i in self.insns if i.op.startswith(prefix)]
 
-    def global_bytes(self) -> int:
-        """Bytes per thread that the loop's LDG/STG move per trip (vector width from the op)."""
-        total = 0
-        for i in self.insns:
-            if i.op.startswith(("LDG", "STG")):
-                width = re.search(r"\.(128|64|U16|S16|U8|S8|16|8)\b", i.op)
-                bits = {"128": 128, "64": 64, "U16": 16, "S16": 16, "16": 16, "U8": 8, "S8": 8}
-                total += (bits.get(width.group(1), 32) if width else 32) // 8
-        return total
+    def global_bytes(self, ops: tuple[str, ...] = ("LDG", "STG")) -> int:
+        """Bytes per thread that the loop's global accesses (LDG and STG by default) move per
+        trip."""
+        return sum(_width(i) for i in self.insns if i.op.startswith(ops))
+
+    def stream_bytes(self) -> int:
+        """Bytes per thread per trip of the loop's widest global accesses only: the vector loads
+        and stores of the streamed tensors. Narrower accesses in the same loop (a scalar id or
+        label read per step) move no stream and must not count as extra unrolled trips."""
+        widths = [_width(i) for i in self.insns if i.op.startswith(("LDG", "STG"))]
+        return sum(w for w in widths if w == max(widths)) if widths else 0
 
     def fast_path(self) -> int:
         """Instructions left when every forward branch inside the loop is taken (skipped code)."""
@@ -62,6 +65,13 @@ class Loop:
                 if target and i.addr < int(target.group(1), 16) <= self.end:
                     skipped.update(range(i.addr + 16, int(target.group(1), 16), 16))
         return sum(1 for i in self.insns if i.addr not in skipped)
+
+
+def _width(i: Insn) -> int:
+    """Bytes per thread of one LDG/STG (vector width from the op; 32 bits when unmarked)."""
+    width = re.search(r"\.(128|64|U16|S16|U8|S8|16|8)\b", i.op)
+    bits = {"128": 128, "64": 64, "U16": 16, "S16": 16, "16": 16, "U8": 8, "S8": 8, "8": 8}
+    return (bits.get(width.group(1), 32) if width else 32) // 8
 
 
 def functions(sass: str) -> dict[str, list[Insn]]:
@@ -97,8 +107,17 @@ def loops(insns: list[Insn]) -> list[Loop]:
 
 
 def hot_loop(insns: list[Insn]) -> Loop | None:
-    """The loop that moves the most global memory per trip (ties: the larger one)."""
+    """The loop that streams the logits in: the one with the widest loads (vector loads beat a
+    prologue's scalar loads, however unrolled), then the most bytes read per trip, then the most
+    moved, then the larger one. Every budgeted kernel reads its logits in its hot loop: a loop
+    that only stores (filling the gradient of an ignored row, which reads nothing) is not it,
+    however much it writes per trip."""
     candidates = [lp for lp in loops(insns) if lp.global_bytes() > 0]
     if not candidates:
         return None
-    return max(candidates, key=lambda lp: (lp.global_bytes(), lp.count))
+
+    def key(lp: Loop) -> tuple[int, int, int, int]:
+        widest_load = max((_width(i) for i in lp.ops("LDG")), default=0)
+        return (widest_load, lp.global_bytes(("LDG",)), lp.global_bytes(), lp.count)
+
+    return max(candidates, key=key)

@@ -144,6 +144,28 @@ def test_many_chunks_per_row(bd, small_triton_blocks):
     )
 
 
+def test_ids_on_every_lane_bit(bd):
+    """Ids on chosen elements of 16-byte vectors (8 bf16) at the first and the last step of a
+    Triton chunk (4096-element steps, 4 per chunk: bits 0-31 of a lane's id bits), next to
+    elements that are not ids, and across a step boundary. Row 0's ids lie 30 above the rest:
+    one counted in the tail would dominate p_tail."""
+    backend, device = bd
+    v = 20000
+    x = make_logits(2, v, torch.bfloat16, device=device, seed=25)
+    last = 3 * 4096
+    picked = [1, 3, 5, 7, 14, last + 15, last + 16, last + 18, 4094, 4095, 4096, 4097]
+    rest = 13000 + torch.randperm(7000, generator=torch.Generator().manual_seed(25))[:24]
+    ids = torch.stack([torch.cat([torch.tensor(picked), rest[:12]]), rest]).to(device)
+    x[0, ids[0]] += 30.0
+    lp = torch.randn(2, 24, generator=torch.Generator().manual_seed(25)).log_softmax(-1) - 0.05
+    lp = lp.to(device)
+    out = _op(backend)(x, ids, lp, temperature=0.9)
+    # fp32 sums of the rounded logits: the fp32 tolerance against the float64 truth (the bf16
+    # rule's plain-PyTorch term would hide an id counted in the tail)
+    truth = reference.topk_kl(x.double(), ids, lp.double(), temperature=0.9)
+    torch.testing.assert_close(out.double(), truth, rtol=2e-5, atol=1e-6)
+
+
 def test_neg_inf_entries(bd):
     """-inf logits add 0; q_v > 0 on a -inf logit, or q_tail > 0 against an all -inf tail, give
     +inf with the finite limit gradient (Q p_j - q_j on the ids, 0 on -inf logits)."""

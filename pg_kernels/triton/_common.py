@@ -274,3 +274,13 @@ def scalar_log2_scale_bits(temperature: float, acc: torch.dtype) -> int:
         t = _round_to_f32(t)
     scale = 1.4426950408889634 / t if 0.0 < t < math.inf else math.nan
     return struct.unpack("<q", struct.pack("<d", scale))[0]
+
+
+@triton.jit
+def lowest_finite(dtype: tl.constexpr):
+    """The lowest finite value of fp32 or fp64, as a scalar of that dtype: a reference max that
+    keeps z - m finite (-inf - m = -inf, never -inf - -inf = NaN)."""
+    if dtype == tl.float64:
+        return tl.full([], -1.7976931348623157e308, tl.float64)
+    else:
+        return tl.full([], -3.4028234663852886e38, tl.float32)

@@ -7,18 +7,42 @@ Forward, two sweeps over the row (one exp per element in all), three kernels:
      the chunk holds a NaN or +inf;
   2. `_sum_chunk_kernel`, grid (N, n_chunks): the row's max m from the chunk maxes (n_chunks
      loads), then e = exp(z - m) per element, into s_in where z >= m + log alpha and into s_out
-     elsewhere, the label masked out of both (added back as e_c; finalize_pruned in
-     softmax_stats.h);
+     elsewhere (per-element accumulators, one predicated add per element, summed once per
+     chunk). The label is not masked in the loop: `_fwd_finish_kernel` recomputes its term e_c
+     the same way (the same bits) and moves it where finalize_pruned (softmax_stats.h) puts it:
+     in S it is already in s_in; below the threshold it joins S (s_in + e_c) and leaves s_out
+     (s_out - e_c, clamped at 0: it differs from the C++ kernel's masked sum by the fp32
+     rounding of s_out, an absolute error in tail_mass of order 1e-7 s_out / (s_safe + s_out));
   3. `_fwd_finish_kernel`: sums each row's chunk sums in chunk order and finalizes.
   The set S depends on the final max, so a one-sweep online sum cannot drop the elements that
   fall below a risen threshold exactly (csrc/cpu/pruned_logprob.cpp says more).
-Backward, `_bwd_kernel`, grid (N, n_chunks): d logprob / dz_j = 1[j = c] - p~_j on S, 0 off S,
-divided by tau.
+Backward, `_bwd_kernel`, grid (N, n_chunks): d logprob / dz_j = -p~_j on S, 0 off S, divided by
+tau, for every element of the chunk; then the label's 1 - p~_c written over its entry by the
+program whose chunk holds it, after a barrier that orders it after the loop's stores (as the
+C++ kernel writes it last). Ignored and NaN rows read nothing: a store-only loop fills them.
 
 Bytes per row of V elements of s bytes: forward 2 V s read + 12 n_chunks bytes of partials
-(fp32) + ~24 B of per-row values; backward V s read + V s written.
+(fp32) + ~24 B of per-row values; backward V s read + V s written (+ the label's entry twice).
 Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
 (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
+
+GPU design (sm_90, triton 3.6, offline compile; hot-loop SASS instructions per element, the
+budget 12 for 16-bit logits, 24 for fp32; the same kernels serve temperature 1 and != 1: 1 / tau
+is a per-row tensor either way):
+  kernel              dtype  before (registers)  after (registers)
+  _max_chunk_kernel   bf16    8.1 (47)            8.1 (47)   unchanged
+  _sum_chunk_kernel   bf16   17.6 (78)            9.5 (48)
+                      fp16   16.9 (78)            9.0 (48)
+                      fp32   17.1 (39)            9.0 (32)
+  _bwd_kernel         bf16   18.8 (71)           10.5 (32)
+                      fp16   18.6 (64)           10.0 (32)
+                      fp32   20.0 (40)           10.0 (30)
+  Per element the sum loop is: convert, fma (z - m), mul (log2 e), ex2, mul (z for the
+  threshold), compare, two predicated adds; the backward: convert, fma, mul, ex2, mul, compare,
+  select, mul (the scale), pack and store. Removed: the label compare and select per element,
+  the select + add pairs of the two sums (now predicated adds), the load mask's -inf moves.
+  A lead left: comparing raw x with a precomputed raw threshold (the smallest x whose
+  x * (1 / tau) rounds to >= the threshold) would save the mul for z in both loops.
 """
 
 from __future__ import annotations
@@ -87,14 +111,31 @@ def _row_validity(label, V, keep, inv_tau, m):
     return valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
 
 
+@triton.jit
+def _e_chunk(x_ptr, cols, V, inv_tau, m, threshold, s_in, s_out,
+             MASKED: tl.constexpr):  # fmt: skip
+    """One step of the sums: e = exp(z - m) into s_in where z >= threshold, s_out elsewhere."""
+    if MASKED:
+        x = tl.load(x_ptr + cols, mask=cols < V, other=float("-inf"))
+    else:
+        x = tl.load(x_ptr + cols)
+    x = x.to(s_in.dtype)
+    e = exp_acc(tl.fma(x, inv_tau, -m))  # written as an fma: the finish kernel's e_c is the same
+    safe = x * inv_tau >= threshold
+    s_in = tl.where(safe, s_in + e, s_in)
+    s_out = tl.where(safe, s_out, s_out + e)
+    return s_in, s_out
+
+
 @triton.jit(do_not_specialize=["ignore_index"])
 def _sum_chunk_kernel(
     x_ptr, labels_ptr, inv_tau_ptr, log_alpha_ptr, ignore_index, V, N, n_chunks,
     n_inner, stride_outer, stride_inner, max_ptr, part_ptr,
     CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Program (row, chunk): the chunk's s_in and s_out (label masked) into part_ptr
-    [2, n_chunks, N], relative to the row's max."""
+    """Program (row, chunk): the chunk's s_in and s_out into part_ptr [2, n_chunks, N],
+    relative to the row's max. The label is not masked here: the finish kernel moves its e_c
+    (computed the same way, so bitwise the same term) out of s_out when it fell there."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -105,18 +146,18 @@ def _sum_chunk_kernel(
     threshold = m + tl.load(log_alpha_ptr)
     m_ref = tl.where(valid, m, 0.0)  # a finite reference: exp(-inf - m_ref) = 0, never NaN
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    end = tl.where(valid, V, 0)
     s_in = tl.zeros([BLOCK_V], ACC)
     s_out = tl.zeros([BLOCK_V], ACC)
     start = chunk * CHUNK
-    for off in range(0, tl.where(valid, tl.minimum(V - start, CHUNK), 0), BLOCK_V):
-        cols = start + off + tl.arange(0, BLOCK_V)
-        z = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC) * inv_tau
-        e = exp_acc(z - m_ref)
-        e = tl.where(cols == label, 0.0, e)
-        safe = z >= threshold
-        s_in += tl.where(safe, e, 0.0)
-        s_out += tl.where(safe, 0.0, e)
+    lanes = tl.arange(0, BLOCK_V)
+    n_valid = tl.where(valid, tl.minimum(V - start, CHUNK), 0)  # invalid rows read nothing
+    n_full = n_valid // BLOCK_V
+    for i in range(0, n_full):  # full blocks: unmasked vector loads
+        cols = start + i * BLOCK_V + lanes
+        s_in, s_out = _e_chunk(x_row, cols, V, inv_tau, m_ref, threshold, s_in, s_out, False)
+    if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
+        cols = start + n_full * BLOCK_V + lanes
+        s_in, s_out = _e_chunk(x_row, cols, V, inv_tau, m_ref, threshold, s_in, s_out, True)
     idx = chunk.to(tl.int64) * N + row
     tl.store(part_ptr + idx, tl.sum(s_in, axis=0))
     tl.store(part_ptr + tl.num_programs(1).to(tl.int64) * N + idx, tl.sum(s_out, axis=0))
@@ -150,14 +191,18 @@ def _fwd_finish_kernel(
     threshold = m + tl.load(log_alpha_ptr)
     m_ref = tl.where(valid, m, 0.0)
     x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
-    z_c = tl.load(x_row + tl.where(valid, label, 0), mask=valid & rmask, other=0.0).to(ACC)
-    z_c = z_c * inv_tau
-    e_c = exp_acc(z_c - m_ref)
-    s_safe = tl.where(valid, s_in + e_c, 1.0)  # invalid rows: a dummy state, no log(0)
+    x_c = tl.load(x_row + tl.where(valid, label, 0), mask=valid & rmask, other=0.0).to(ACC)
+    z_c = x_c * inv_tau
+    e_c = exp_acc(tl.fma(x_c, inv_tau, -m_ref))  # the chunk kernel's label term, bit for bit
+    in_safe = valid & (z_c >= threshold)
+    # The chunk sums hold the label's term on its side of the threshold: in S it stays in s_in;
+    # below the threshold it joins S (s_in + e_c) and leaves s_out (exactly: the same e_c was
+    # added there; the difference is the rounding of the other terms' sum, clamped at 0).
+    s_safe = tl.where(valid, s_in + tl.where(in_safe, 0.0, e_c), 1.0)  # invalid: a dummy state
+    s_out = tl.where(in_safe, s_out, tl.maximum(s_out - e_c, 0.0))
     lse_safe = m_ref + tl.log(s_safe)
     logprob = z_c - lse_safe
     tail_mass = s_out / (s_safe + s_out)
-    in_safe = valid & (z_c >= threshold)
     nan = float("nan")
     tl.store(logprob_ptr + rows, tl.where(keep, tl.where(valid, logprob, nan), 0.0), mask=rmask)
     tl.store(tail_mass_ptr + rows, tl.where(keep, tl.where(valid, tail_mass, nan), 0.0), mask=rmask)
@@ -166,12 +211,31 @@ def _fwd_finish_kernel(
     tl.store(in_safe_ptr + rows, (keep & in_safe).to(tl.int8), mask=rmask)
 
 
+@triton.jit
+def _bwd_step(x_ptr, grad_ptr, cols, V, read, inv_tau, threshold, lse, neg_g,
+              MASKED: tl.constexpr):  # fmt: skip
+    """d logprob / dz_j = -p~_j on S (z_j >= threshold), 0 off S; the label is written after."""
+    if MASKED:
+        x = tl.load(x_ptr + cols, mask=cols < tl.where(read, V, 0), other=float("-inf"))
+    else:
+        x = tl.load(x_ptr + cols)
+    z = x.to(lse.dtype) * inv_tau
+    g = tl.where(z >= threshold, neg_g * exp_acc(z - lse), 0.0)
+    g = round_to(g, grad_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(grad_ptr + cols, g, mask=cols < V)
+    else:
+        tl.store(grad_ptr + cols, g)
+
+
 @triton.jit(do_not_specialize=["ignore_index"])
 def _bwd_kernel(
     g_ptr, x_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, n_inner, stride_outer, stride_inner,
     lse_safe_ptr, threshold_ptr, grad_ptr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Program (row, chunk): the gradient of one chunk of one row, written once."""
+    """Program (row, chunk): the gradient of one chunk of one row: -p~_j g / tau on S, 0 off S,
+    then the label's (1 - p~_c) g / tau written over its entry (the label is in S whatever its
+    logit; a barrier orders the two stores)."""
     ACC: tl.constexpr = lse_safe_ptr.dtype.element_ty
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -182,19 +246,33 @@ def _bwd_kernel(
     inv_tau = tl.load(inv_tau_ptr + row)
     g_tau = tl.load(g_ptr + row).to(ACC) * inv_tau
     valid = (lse_safe > float("-inf")) & (lse_safe < float("inf"))  # NaN rows stay NaN
+    read = keep & valid  # ignored and NaN rows read no logits
+    # Ignored rows: z = -inf is below any threshold -> 0. NaN rows: a NaN threshold puts nothing
+    # in S, so the NaN goes in through the scale.
+    neg_g = tl.where(keep, tl.where(valid, -g_tau, float("nan")), 0.0)
+    threshold = tl.where(read, threshold, float("-inf"))
+    lse = tl.where(read, lse_safe, 0.0)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
-    n_read = tl.where(keep & valid, V, 0)  # ignored and NaN rows read no logits
     start = chunk * CHUNK
-    for off in range(0, tl.minimum(V - start, CHUNK), BLOCK_V):  # the last chunk can end early
-        cols = start + off + tl.arange(0, BLOCK_V)
-        z = tl.load(x_row + cols, mask=cols < n_read, other=float("-inf")).to(ACC) * inv_tau
-        is_label = cols == label
-        # d logprob / dz_j = 1[j = c] - p~_j on S (the label is in S whatever its logit), 0 off S
-        p = tl.where((z >= threshold) | is_label, exp_acc(z - tl.where(valid, lse_safe, 0.0)), 0.0)
-        g = g_tau * (tl.where(is_label, 1.0, 0.0) - p)
-        g = tl.where(keep, tl.where(valid, g, float("nan")), 0.0)
-        tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty), mask=cols < V)
+    lanes = tl.arange(0, BLOCK_V)
+    n_valid = tl.minimum(V - start, CHUNK)
+    n_full = n_valid // BLOCK_V
+    n_read = tl.where(read, n_full, 0)
+    for i in range(0, n_read):  # full blocks: unmasked vector loads and stores
+        cols = start + i * BLOCK_V + lanes
+        _bwd_step(x_row, grad_row, cols, V, read, inv_tau, threshold, lse, neg_g, False)
+    fill = round_to(tl.zeros([BLOCK_V], ACC) + neg_g * 0.0, grad_ptr.dtype.element_ty)
+    for i in range(n_read, n_full):  # ignored rows: 0, NaN rows: NaN, nothing read
+        tl.store(grad_row + start + i * BLOCK_V + lanes, fill)
+    if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
+        cols = start + n_full * BLOCK_V + lanes
+        _bwd_step(x_row, grad_row, cols, V, read, inv_tau, threshold, lse, neg_g, True)
+    # The label: d logprob / dz_c = 1 - p~_c, by the program whose chunk holds it.
+    if read & (label >= start) & (label < start + n_valid):
+        p_c = exp_acc(tl.load(x_row + label).to(ACC) * inv_tau - lse)
+        tl.debug_barrier()
+        tl.store(grad_row + label, round_to((1.0 - p_c) * g_tau, grad_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------

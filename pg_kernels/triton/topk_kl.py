@@ -4,24 +4,46 @@ softmax_stats.h (topk_normalizer, topk_q_tail, topk_kl_grad_coef).
 
 Rows are cut as `row_blocking` cuts them (a function of V and the dtype only) and every
 reduction runs in a fixed order: results are bitwise deterministic and batch invariant. The
-launcher sorts each row's K ids (a [N, K] sort, K << V) so that the ids falling in a block are a
-contiguous run of the sorted list: a program finds the run with two K-wide compares per block
-and masks those ids with one `where(cols == id)` each (K extra compares per BLOCK_V elements).
+launcher sorts each row's K ids (a [N, K] sort, K << V), so the ids falling in a chunk are a
+contiguous run [lo, hi) of the sorted list, found once per program.
 Forward, one sweep, two kernels:
-  1. `_tail_chunk_kernel`, grid (N, n_chunks): per block, z = x * (1 / tau), the
-     block's ids set to -inf, then the tail's online sum s_tail = sum exp(z - m_tail) (rescaled
-     when the tail max rises; one exp per element); the chunk's (m_tail, s_tail) is stored, m_tail
-     NaN when the chunk holds a NaN or +inf;
+  1. `_tail_chunk_kernel`, grid (N, n_chunks): the tail's online sum over one chunk, per LANE:
+     a lane is the FOLD neighbours one thread holds in one 16-byte vector (8 bf16/fp16, 4 fp32),
+     with its own running max r of the raw logits, reference m = max(r / tau, lowest finite) and
+     sum s = sum exp(z - m); a risen max rescales s by one exp per lane, without a branch. Before
+     the loop the chunk's ids become per-lane bits (`_chunk_id_bits`: bit step * FOLD + k marks
+     element k of the lane in that step; a few instructions per id, once per program); in the
+     loop one AND + select per element drops them (x -> -inf). After the loop, one cross-lane
+     merge: the chunk max, each lane rescaled to it, one sum. The chunk's (m_tail, s_tail) is
+     stored, m_tail NaN when the chunk holds a NaN or +inf (a NaN sum: +inf - +inf in its exp);
   2. `_fwd_finish_kernel`, grid (N,): merges the chunk states in chunk order, gathers the K head
      logits and joins them with the tail for L, so log p_tail = m_tail + log s_tail - L needs no
      1 - sum_K p_v; then the KL of SPEC section 4.
-Backward, `_bwd_kernel`, grid (N, n_chunks): dKL/dz_j = sign exp(z_j - L + tail_log) off the
-ids, Q p_j - q_j on them.
+Backward, `_bwd_kernel`, grid (N, n_chunks): dKL/dz_j = sign exp(z_j - L + tail_log) for every
+element of the chunk (one fma, one exp, one multiply), then Q p_j - q_j over the chunk's ids
+(a K-wide gather and a masked scatter store after a barrier, which orders it after the loop's
+stores to the same entries). Ignored rows and rows with bad ids write 0 / NaN and read nothing.
 
 Bytes per row of V elements of s bytes: forward V s read + 16 K (ids and log-probs, sorted
 copies) + 8 n_chunks bytes of partial states + ~12 B written; backward V s read + V s written
-+ 16 K. Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
++ ~(16 + 2 s) K (ids, log-probs, the head logits, the head entries written a second time).
+Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
 (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
+
+GPU design (sm_90, triton 3.6, offline compile; hot-loop SASS instructions per element, the
+budget 12 for 16-bit logits, 24 for fp32; the same kernels serve temperature 1 and != 1: 1 / tau
+is a per-row tensor either way):
+  kernel               dtype  before (registers)          after (registers)
+  _tail_chunk_kernel   bf16   45.6 (124), 3 BAR 16 SHFL   10.2 (40), no BAR/SHFL
+                       fp16   45.1 (124)                   9.8 (40)
+                       fp32   53.4 (80)                   10.5 (37)
+  _bwd_kernel          bf16   19.8 (64)                    8.0 (32)
+                       fp16   19.2 (64)                    7.5 (32)
+                       fp32   58.9 (60)                    8.0 (32)
+  "before" counts the old per-block id loop (a dependent scalar load per id) with the step loop
+  it sits in; the check's old unroll detection divided them by 3 (15.2, 15.0, 17.8; fp32
+  backward 19.6). Per element the tail loop is now: convert, AND + select (ids), max, fma,
+  mul (log2 e), ex2, add; per lane and step: mul, max, sub, mul, ex2, fma, shift.
 Duplicate ids are a user error: undefined here (the CPU paths raise).
 """
 
@@ -34,6 +56,7 @@ import triton.language as tl
 from pg_kernels.triton._common import (
     acc_dtype_of,
     exp_acc,
+    lowest_finite,
     merge_states,
     per_row_inv_temperature,
     round_to,
@@ -58,47 +81,140 @@ def _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD):
     return keep, ok, idv
 
 
+@triton.jit
+def _chunk_id_bits(ids_row, lo, hi, start, LANES: tl.constexpr, FOLD: tl.constexpr,
+                   BLOCK_V: tl.constexpr):  # fmt: skip
+    """Where the ids idv[lo:hi] (all in [start, start + CHUNK)) sit in a chunk's loop: one int32
+    per accumulator lane, bit step * FOLD + k set when element k of the lane's group in step
+    `step` (column start + step * BLOCK_V + lane * FOLD + k) is an id. A few instructions per
+    id, once per program, so the step loop tests membership with one AND per element."""
+    lane = tl.arange(0, LANES)
+    bits = tl.zeros([LANES], tl.int32)
+    for j in range(lo, hi):
+        rel = (tl.load(ids_row + j) - start).to(tl.int32)
+        pos = rel % BLOCK_V
+        bit = (rel // BLOCK_V) * FOLD + pos % FOLD
+        bits = bits | tl.where(lane == pos // FOLD, tl.full([LANES], 1, tl.int32) << bit, 0)
+    return bits
+
+
+@triton.jit
+def _drop_id(x, cur, k: tl.constexpr):
+    """x, -inf where bit k of the lane's id bits is set."""
+    return tl.where((cur & (1 << k)) != 0, float("-inf"), x)
+
+
+@triton.jit
+def _e(x, inv_tau, m):
+    """exp(z - m), z = x / tau, in one rounding before the exp (fma): 0 for x = -inf."""
+    return exp_acc(tl.fma(x, inv_tau, -m))
+
+
+@triton.jit
+def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
+    """One BLOCK_V step of the per-lane online tail sum, the ids dropped by their bits `cur`.
+
+    A lane is FOLD neighbouring elements inside one thread's 16-byte vector (split out of the
+    block without moving data). Lane state: r = max of its raw logits (-inf: none yet),
+    mref = max(r / tau, low), low the lowest finite float (a finite reference while the lane is
+    empty: exp(-inf - mref) = 0, never NaN), s = sum exp(z - mref). The rescale to a risen max
+    is one exp per lane per step, without a branch: exp(mref_old - mref_new) <= 1, and an empty
+    lane's s is 0 whatever it gives."""
+    x = x.to(s.dtype)
+    if FOLD == 8:
+        y0, y1 = tl.split(tl.reshape(x, [x.shape[0] // 8, 2, 2, 2]))  # element offset 4a + 2b + c
+        y00, y01 = tl.split(y0)
+        y10, y11 = tl.split(y1)
+        x0, x4 = tl.split(y00)
+        x2, x6 = tl.split(y01)
+        x1, x5 = tl.split(y10)
+        x3, x7 = tl.split(y11)
+        x0 = _drop_id(x0, cur, 0)
+        x1 = _drop_id(x1, cur, 1)
+        x2 = _drop_id(x2, cur, 2)
+        x3 = _drop_id(x3, cur, 3)
+        x4 = _drop_id(x4, cur, 4)
+        x5 = _drop_id(x5, cur, 5)
+        x6 = _drop_id(x6, cur, 6)
+        x7 = _drop_id(x7, cur, 7)
+        hi = tl.maximum(tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)),
+                        tl.maximum(tl.maximum(x4, x5), tl.maximum(x6, x7)))  # fmt: skip
+        r = tl.maximum(r, hi)
+        m = tl.maximum(r * inv_tau, low)
+        t = (_e(x0, inv_tau, m) + _e(x1, inv_tau, m)) + (_e(x2, inv_tau, m) + _e(x3, inv_tau, m))
+        t += (_e(x4, inv_tau, m) + _e(x5, inv_tau, m)) + (_e(x6, inv_tau, m) + _e(x7, inv_tau, m))
+    elif FOLD == 4:
+        y0, y1 = tl.split(tl.reshape(x, [x.shape[0] // 4, 2, 2]))  # element offset 2a + b
+        x0, x2 = tl.split(y0)
+        x1, x3 = tl.split(y1)
+        x0 = _drop_id(x0, cur, 0)
+        x1 = _drop_id(x1, cur, 1)
+        x2 = _drop_id(x2, cur, 2)
+        x3 = _drop_id(x3, cur, 3)
+        r = tl.maximum(r, tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)))
+        m = tl.maximum(r * inv_tau, low)
+        t = (_e(x0, inv_tau, m) + _e(x1, inv_tau, m)) + (_e(x2, inv_tau, m) + _e(x3, inv_tau, m))
+    elif FOLD == 2:
+        x0, x1 = tl.split(tl.reshape(x, [x.shape[0] // 2, 2]))
+        x0 = _drop_id(x0, cur, 0)
+        x1 = _drop_id(x1, cur, 1)
+        r = tl.maximum(r, tl.maximum(x0, x1))
+        m = tl.maximum(r * inv_tau, low)
+        t = _e(x0, inv_tau, m) + _e(x1, inv_tau, m)
+    else:
+        x = _drop_id(x, cur, 0)
+        r = tl.maximum(r, x)
+        m = tl.maximum(r * inv_tau, low)
+        t = _e(x, inv_tau, m)
+    s = tl.fma(s, exp_acc(mref - m), t)
+    return r, m, s
+
+
 @triton.jit(do_not_specialize=["ignore_index"])
 def _tail_chunk_kernel(
     x_ptr, ids_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K, N,
     n_inner, stride_outer, stride_inner, part_ptr,
     HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    FOLD: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the tail state (m_tail, s_tail) of one chunk, into part_ptr
     [2, n_chunks, N]; m_tail is NaN when the chunk holds a NaN or +inf."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
+    LANES: tl.constexpr = BLOCK_V // FOLD
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     keep, ok, idv = _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD)
     inv_tau = tl.load(inv_tau_ptr + row)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    ids_row = ids_ptr + row.to(tl.int64) * K
+    start = chunk * CHUNK
+    # Ignored rows (and rows with bad ids) read nothing and have no ids to place.
+    n_valid = tl.where(ok, tl.minimum(V - start, CHUNK), 0)
+    n_full = n_valid // BLOCK_V
+    # The chunk's ids: a contiguous run [lo, hi) of the sorted list (the padding V never counts).
+    lo = tl.sum((idv < start).to(tl.int32), axis=0)
+    hi = tl.sum((idv < start + n_valid).to(tl.int32), axis=0)
+    bits = _chunk_id_bits(ids_ptr + row.to(tl.int64) * K, lo, hi, start, LANES, FOLD, BLOCK_V)
     lanes = tl.arange(0, BLOCK_V)
-    s = tl.zeros([BLOCK_V], ACC)
-    m_tail = tl.full([], float("-inf"), ACC)
-    bad = tl.zeros([BLOCK_V], tl.int32)
-    end = tl.where(ok, V, 0)  # ignored rows (and rows with bad ids) read nothing
-    for off in range(0, tl.minimum(end - chunk * CHUNK, CHUNK), BLOCK_V):
-        start = chunk * CHUNK + off
-        cols = start + lanes
-        z = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC) * inv_tau
-        bad = bad | ((z != z) | (z == float("inf"))).to(tl.int32)
-        # The block's ids: a contiguous run [lo, hi) of the sorted list (the padding, V, never
-        # counts: the bounds stay below V).
-        lo = tl.sum((idv < start).to(tl.int32), axis=0)
-        hi = tl.sum((idv < tl.minimum(start + BLOCK_V, end)).to(tl.int32), axis=0)
-        for j in range(lo, hi):
-            z = tl.where(cols == tl.load(ids_row + j), float("-inf"), z)
-        bmax = tl.max(z, axis=0)
-        if bmax > m_tail:
-            # exp(-inf) = 0: an empty state (s = 0) stays 0
-            s = s * exp_acc(m_tail - bmax)
-            m_tail = bmax
-        m_ref = tl.where(m_tail == float("-inf"), 0.0, m_tail)  # exp(-inf - m_ref) = 0, never NaN
-        s += exp_acc(z - m_ref)
+    r = tl.full([LANES], float("-inf"), ACC)
+    low = lowest_finite(ACC)
+    m = tl.zeros([LANES], ACC) + low
+    s = tl.zeros([LANES], ACC)
+    for i in range(0, n_full):  # full blocks: unmasked vector loads
+        x = tl.load(x_row + (start + i * BLOCK_V) + lanes)
+        r, m, s = _tail_step(x, bits, inv_tau, low, r, m, s, FOLD)
+        bits = bits >> FOLD  # the next step's bits
+    if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
+        cols = start + n_full * BLOCK_V + lanes
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf"))
+        r, m, s = _tail_step(x, bits, inv_tau, low, r, m, s, FOLD)
+    # One cross-lane merge per chunk: the chunk max, each lane rescaled to it, then the sum.
+    # A NaN or +inf logit left a NaN sum (+inf - +inf in its exp), which marks the chunk.
+    m_chunk = tl.maximum(tl.max(r, axis=0) * inv_tau, low)
+    s_chunk = tl.sum(s * exp_acc(m - m_chunk), axis=0)
+    m_chunk = tl.where(s_chunk == 0.0, float("-inf"), m_chunk)  # no finite tail logit
     idx = chunk.to(tl.int64) * N + row
-    tl.store(part_ptr + idx, tl.where(tl.max(bad, axis=0) > 0, float("nan"), m_tail))
-    tl.store(part_ptr + tl.num_programs(1).to(tl.int64) * N + idx, tl.sum(s, axis=0))
+    tl.store(part_ptr + idx, tl.where(s_chunk != s_chunk, float("nan"), m_chunk))
+    tl.store(part_ptr + tl.num_programs(1).to(tl.int64) * N + idx, s_chunk)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -175,7 +291,6 @@ def _bwd_kernel(
     inv_tau = tl.load(inv_tau_ptr + row)
     g_tau = tl.load(g_ptr + row).to(ACC) * inv_tau
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    ids_row = ids_ptr + row.to(tl.int64) * K
     lq_row = lq_ptr + row.to(tl.int64) * K
     grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
 
@@ -200,27 +315,35 @@ def _bwd_kernel(
     tail_log = tl.where(q_tail == 0.0, log_q, tl.where(tail_empty, float("-inf"), tail_log))
     sign = tl.where(q_tail == 0.0, tl.where(q_all > 0.0, 1.0, 0.0), sign)
     sign = tl.where((q_tail != 0.0) & tail_empty, 0.0, sign)
-    off = tl.where(valid, lse - tail_log, 0.0)  # +inf when the tail factor is 0
-    scale = sign * g_tau
+    # Off the ids, one fma, one exp and one multiply per element: g_j = scale exp(z_j - off).
+    # Ignored rows read nothing and get 0 (scale 0, off 0); other invalid rows NaN (off NaN).
+    off = tl.where(keep, tl.where(valid, lse - tail_log, float("nan")), 0.0)  # +inf: factor 0
+    scale = tl.where(keep, sign * g_tau, 0.0)
 
     lanes = tl.arange(0, BLOCK_V)
-    n_read = tl.where(valid, V, 0)
-    for step in range(0, tl.minimum(V - chunk * CHUNK, CHUNK), BLOCK_V):  # the last can end early
-        start = chunk * CHUNK + step
-        cols = start + lanes
-        z = tl.load(x_row + cols, mask=cols < n_read, other=float("-inf")).to(ACC) * inv_tau
-        # off the ids: dKL/dz_j = sign exp(z_j - L + tail_log) = p_j (Q - q_tail / p_tail)
-        g = scale * exp_acc(z - off)
-        lo = tl.sum((idv < start).to(tl.int32), axis=0)
-        hi = tl.sum((idv < tl.where(valid, tl.minimum(start + BLOCK_V, V), 0)).to(tl.int32), axis=0)
-        for j in range(lo, hi):
-            idj = tl.load(ids_row + j)
-            # on the ids: dKL/dz_j = Q p_j - q_j
-            p_j = exp_acc(tl.load(x_row + idj).to(ACC) * inv_tau - lse)
-            head = g_tau * (q_all * p_j - exp_acc(tl.load(lq_row + j).to(ACC)))
-            g = tl.where(cols == idj, head, g)
-        g = tl.where(keep, tl.where(valid, g, float("nan")), 0.0)
+    start = chunk * CHUNK
+    n_valid = tl.minimum(V - start, CHUNK)
+    n_full = n_valid // BLOCK_V
+    for i in range(0, n_full):  # full blocks: vector loads and stores (a uniform load mask)
+        cols = start + i * BLOCK_V + lanes
+        x = tl.load(x_row + cols, mask=valid, other=float("-inf")).to(ACC)
+        g = scale * exp_acc(tl.fma(x, inv_tau, -off))
+        tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty))
+    if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
+        cols = start + n_full * BLOCK_V + lanes
+        x = tl.load(x_row + cols, mask=cols < tl.where(valid, V, 0), other=float("-inf")).to(ACC)
+        g = scale * exp_acc(tl.fma(x, inv_tau, -off))
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty), mask=cols < V)
+
+    # On the chunk's ids: dKL/dz_j = Q p_j - q_j, written over the values above once every
+    # thread's stores are done (the barrier orders them within the program). Rows that are
+    # ignored or invalid keep the 0 or NaN written above (their ids may be junk).
+    on = (idv >= start) & (idv < tl.where(valid, start + n_valid, 0))
+    z_h = tl.load(x_row + tl.where(on, idv, 0), mask=on, other=0.0).to(ACC) * inv_tau
+    lq_h = tl.load(lq_row + kk, mask=on, other=0.0).to(ACC)
+    head = g_tau * (q_all * exp_acc(z_h - lse) - exp_acc(lq_h))
+    tl.debug_barrier()
+    tl.store(grad_row + idv, round_to(head, grad_ptr.dtype.element_ty), mask=on)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,8 +372,19 @@ def _sorted(topk_ids, topk_logprobs, labels, V, ignore_index):
     return ids.contiguous(), lq
 
 
+def _lane_fold(blk, dtype):
+    """Elements per accumulator lane of the tail kernel: one thread's 16-byte vector (so the
+    lanes keep the layout of a plain [BLOCK_V // FOLD] tensor: no data moves between threads)."""
+    return max(1, min(16 // dtype.itemsize, blk.block_v // 2))
+
+
 def _launch_args(topk_ids, labels, V, dtype, block_v, chunk):
     blk = row_blocking(V, dtype, block_v, chunk)
+    # A chunk's id bits (one int32 per lane, FOLD bits per step) cover at most 32 // FOLD steps:
+    # longer chunks are cut (still a function of V and the dtype only).
+    max_chunk = (32 // _lane_fold(blk, dtype)) * blk.block_v
+    if blk.chunk > max_chunk:
+        blk = blk._replace(chunk=max_chunk, n_chunks=triton.cdiv(V, max_chunk))
     meta = dict(
         HAS_LABELS=labels is not None,
         K_PAD=max(16, triton.next_power_of_2(topk_ids.shape[1])),
@@ -277,7 +411,7 @@ def topk_kl_forward(
         part = torch.empty((2, blk.n_chunks, N), dtype=acc, device=logits.device)
         _tail_chunk_kernel[(N, blk.n_chunks)](
             logits, ids, labels_arg, inv_tau, ignore_index, V, K, N, n_inner, stride_outer,
-            stride_inner, part, **meta,
+            stride_inner, part, FOLD=_lane_fold(blk, logits.dtype), **meta,
         )  # fmt: skip
         _fwd_finish_kernel[(N,)](
             logits, ids, lq, labels_arg, inv_tau, ignore_index, V, K, N, blk.n_chunks, n_inner,
