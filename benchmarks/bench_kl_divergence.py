@@ -1,7 +1,7 @@
 """Benchmark of pg_kernels.kl_divergence: shapes, providers, bytes moved. No timing code here.
 
     python benchmarks/bench_kl_divergence.py [--device cpu|cuda] [--quick] [--shapes NxV ...]
-        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/results]
+        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/out]
 
 Direction "reverse" (KL(p || q), on-policy imitation against a frozen teacher): the backward
 modes differentiate loss = sum(w * kl) with random per-row weights w.r.t. the logits only.
@@ -144,14 +144,14 @@ def _compile(case: Case, temperature: float):
 def targets(
     device: torch.device, backends: tuple[str, ...], other: str = "ref_logits", note: str = ""
 ) -> list:
-    """Issue 4's targets, for kl_divergence and (other="rollout_logits") mismatch_stats: CPU
+    """The targets, for kl_divergence and (other="rollout_logits") mismatch_stats: CPU
     forward at [1024, 32000] >= 8x eager and >= 1.3x compile; GPU forward <= 1.1 x two pure
     reads (amax over logits and over `other`), fwd+bwd <= 1.15 x (those reads + one copy)."""
     reads = f"ceiling:amax:logits+amax:{other}"
     if device.type == "cpu":
         return [
             harness.targets_summary(
-                f"Targets (issue 4): CPU forward at 1024×32000{note}",
+                f"Targets: CPU forward at 1024×32000{note}",
                 "pg_kernels:cpu",
                 {"N": 1024, "V": 32000},
                 [
@@ -168,7 +168,7 @@ def targets(
         ]
     return [
         harness.targets_summary(
-            f"Targets (issue 4): {backend} at 16384×151936{note}",
+            f"Targets: {backend} at 16384×151936{note}",
             f"pg_kernels:{backend}",
             {"N": 16384, "V": 151936},
             [
@@ -201,7 +201,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         "fwd": [CeilingRow(both)],
         "bwd": [CeilingRow((*both, "copy"))],
         # The minimum of a forward and a backward (both tensors read twice, the gradient written
-        # once: 4 reads + 1 write), then issue 4's target denominator, two reads + one copy.
+        # once: 4 reads + 1 write), then the target's denominator, two reads + one copy.
         "fwd+bwd": [
             CeilingRow((*both, "amax:ref_logits", "copy")),
             CeilingRow((*both, "copy")),

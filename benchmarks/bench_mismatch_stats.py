@@ -1,7 +1,7 @@
 """Benchmark of pg_kernels.mismatch_stats with rollout logits (exact token KL and TV).
 
     python benchmarks/bench_mismatch_stats.py [--device cpu|cuda] [--quick] [--shapes NxV ...]
-        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/results]
+        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/out]
 
 Every field of MismatchStats is computed: logprob, the sampled estimators against the rollout
 engine's log-probs, and token_kl = KL(pi_roll || pi_theta), token_tv = 1/2 sum |p - q| from the
@@ -176,7 +176,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         "fwd": [CeilingRow(both)],
         "bwd": [CeilingRow(("amax:logits", "copy"))],
         # Both tensors read once, then the logits read and the gradient written: 3 reads +
-        # 1 write, exactly issue 4's two reads + one copy.
+        # 1 write, exactly the target's two reads + one copy.
         "fwd+bwd": [CeilingRow((*both, "copy"))],
     }
     if device.type == "cpu":

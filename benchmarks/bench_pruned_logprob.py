@@ -1,7 +1,7 @@
 """Benchmark of pg_kernels.pruned_logprob: shapes, providers, bytes moved. No timing code here.
 
     python benchmarks/bench_pruned_logprob.py [--device cpu|cuda] [--quick] [--shapes NxV ...]
-        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/results]
+        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/out]
 
 alpha = 1e-3 (tokens at least 1/1000 as likely as the top one are safe: ~15% of a 152k
 vocabulary at the benchmark's logit spread). The backward modes differentiate

@@ -1,7 +1,7 @@
 """Benchmark of pg_kernels.token_stats: shapes, providers, bytes moved. No timing code here.
 
     python benchmarks/bench_token_stats.py [--device cpu|cuda] [--quick] [--shapes NxV ...]
-        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/results]
+        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/out]
 
 Providers: pg_kernels on every backend this device can run (cpu; triton and cuda on a GPU),
 the eager reference (`reference.token_stats(..., upcast=False)`, what a plain PyTorch trainer
@@ -229,9 +229,9 @@ def _amax() -> Ceiling:
 
 
 CPU_SHAPE = {"N": 1024, "V": 32000}
-# Issue 2's CPU forward targets, and issue 3's GPU ones (bf16 at [16384, 151936]).
+# The CPU forward targets, and the GPU ones (bf16 at [16384, 151936]).
 CPU_TARGETS = harness.targets_summary(
-    "Targets (issue 2): CPU forward at 1024×32000",
+    "Targets: CPU forward at 1024×32000",
     "pg_kernels:cpu",
     CPU_SHAPE,
     [
@@ -245,7 +245,7 @@ CPU_TARGETS = harness.targets_summary(
 
 def gpu_targets(backend: str):
     return harness.targets_summary(
-        f"Targets (issue 3): {backend} at 16384×151936",
+        f"Targets: {backend} at 16384×151936",
         f"pg_kernels:{backend}",
         {"N": 16384, "V": 151936},
         [

@@ -1,7 +1,7 @@
 """Benchmark of pg_kernels.topk_kl: shapes, providers, bytes moved. No timing code here.
 
     python benchmarks/bench_topk_kl.py [--device cpu|cuda] [--quick] [--shapes NxV ...]
-        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/results]
+        [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--temperature T] [--out benchmarks/out]
 
 Distillation from an engine's top-K log-probs (K = 20, what inference engines return): the
 teacher q is the top 20 of softmax(noisy copy of the logits), given as ids and log-probs; the

@@ -272,7 +272,7 @@ class Timing:
             return Timing(0.05, 5, 0.1 if quick else 0.4, 10, 100 if quick else 300)
         return Timing(
             0.1, 2, 0.3 if quick else 1.0, 3 if quick else 5, 20 if quick else 50,
-            quiet_wait_s=30.0, retries=2, quiet_budget_s=60.0 if quick else 900.0,
+            quiet_wait_s=30.0, retries=2, quiet_budget_s=60.0 if quick else 180.0,
         )  # fmt: skip
 
 
@@ -1143,7 +1143,11 @@ def main(
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--providers", nargs="+", default=None, help="only these (and ceilings)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--out", default=str(REPO_ROOT / "benchmarks" / "out"),
+        help="where the JSON, markdown and PNG go (default benchmarks/out, which git ignores; "
+        "the committed reference runs live in benchmarks/results/<machine>/)",
+    )  # fmt: skip
     parser.add_argument(
         "--tag", default=None, help="file name suffix (default: 'quick' with --quick)"
     )
@@ -1156,7 +1160,7 @@ def main(
     parser.add_argument(
         "--max-wait", type=float, default=None, metavar="S",
         help="CPU: seconds a sweep may spend waiting for a quiet machine and re-timing "
-        "(default 900, 60 with --quick; 0 times at once)",
+        "(default 180, 60 with --quick; 0 times at once; rows timed under load are marked *)",
     )  # fmt: skip
     args = parser.parse_args(argv)
 
@@ -1181,6 +1185,13 @@ def main(
     if args.max_wait is not None:
         timing.quiet_budget_s = max(0.0, args.max_wait)
     policy = dataclasses.asdict(timing)  # before the sweep spends the waiting budget
+    if timing.quiet_budget_s > 0:
+        print(
+            f"timing on a shared CPU: other processes skew the numbers, so the sweep waits for "
+            f"a quiet machine and re-times busy rows, up to {timing.quiet_budget_s:.0f} s in all "
+            f"(--max-wait S; 0 times at once); rows still timed under load are marked *",
+            file=sys.stderr,
+        )
     t0 = time.perf_counter()
     records, notes, env = run_sweep(bench, cases, timing, args.providers, not args.no_progress)
     runtime = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 # Set up .venv (pinned deps + build), then benchmark token_stats on this machine's device (the
 # GPU when torch sees one, else the CPU) at one default size: [1024, 32000] on CPU,
 # [16384, 151936] on GPU. Prints the comparison table and writes JSON, markdown and a PNG plot
-# to benchmarks/results/token_stats_<device>_default.*. With arguments, they go to the
+# to benchmarks/out/token_stats_<device>_default.* (git-ignored). With arguments, they go to the
 # benchmark script instead (e.g. no --shapes for the full sweep; see benchmarks/README.md).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../.ci/setup.sh"
