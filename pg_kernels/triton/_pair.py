@@ -132,6 +132,29 @@ def lane_floor(k):
 
 
 @triton.jit
+def row_exponent(m, log_s1, tau, DIVIDE: tl.constexpr):
+    """(a, k, b) with (x - a) * k - b = (x / tau - m - log_s1) * base, the exponent of a
+    probability e^{z - m - log s1} from a raw logit x (base = log2 e in fp32, 1 in fp64), with no
+    division per element: a = m tau rounded (a is the row's max logit up to that rounding, so
+    x - a is exact or rounded relative to itself), k = base / tau, and b carries log s1 and the
+    rounding of a (m - a / tau = fma(m, tau, -a) / tau, exactly computed). The errors are
+    relative to |z - m| and |log s1|, never to |z|. Without DIVIDE: a = m, k = base and
+    b = log s1 base."""
+    k = lane_scale(tau, DIVIDE)
+    if DIVIDE:
+        a = m * tau
+        e = div_acc(fma_acc(m, tau, -a), tau)
+        if m.dtype == tl.float64:
+            b = log_s1 + e
+        else:
+            b = (log_s1 + e) * LOG2E
+    else:
+        a = m
+        b = log_s1 * k
+    return a, k, b
+
+
+@triton.jit
 def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE: tl.constexpr):
     """One block of [LANES, FOLD] logits of each side (raw, in the accumulation dtype, -inf where
     masked) into the per-lane state; FOLD neighbours of one 16-byte vector share a lane, so
