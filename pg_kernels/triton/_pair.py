@@ -28,7 +28,7 @@ hot loop's SASS instructions per element pair, before (one block max, three bloc
 merge per step: 8 block reductions, 24 BAR + 54 SHFL per step) -> after (no BAR, no SHFL):
     bf16  43.8 -> 19.1 at tau = 1,  74.8 -> 17.4 with a temperature;  74 / 64 registers
     fp16  42.8 -> 18.3,             73.8 -> 17.2;                      64 registers
-    fp32  59.6 -> 18.0,             90.5 -> 18.0 (budget 40 per fp32 pair); 48 registers
+    fp32  59.6 -> 18.0,             90.5 -> 15.8 (budget 40 per fp32 pair); 48 registers
 Full blocks are loaded unmasked (block i + 1 before block i is reduced; the last step reloads
 its own block rather than masking, whose fill values cost an instruction per element).
 """

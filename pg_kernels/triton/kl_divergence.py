@@ -112,7 +112,7 @@ def _bwd_block(xw, xv, a_w, k_w, b_w, a_v, k_v, b_v, c_shift, s_w, s_v, DIVIDE: 
         if ACC == tl.float64:
             shifted = (tw - tv) - c_shift
         else:
-            shifted = fma_acc(tw - tv, LN2, -c_shift)
+            shifted = fma_acc(tw - tv, c_shift * 0 + LN2, -c_shift)
     else:
         shifted = (dxw - dxv) - c_shift
     # d/dz_w of sum w (log w - log v) = w_j ((d_w - d_v) - c). Where w_j = 0 (x_w = -inf) the
