@@ -1,14 +1,20 @@
 """The pair pass of kl_divergence and mismatch_stats in Triton (PairState in softmax_stats.h).
 
-A row of a weight side z_w and of another side z_v (z = x / tau, one IEEE division, like the
-reference and the C++ kernels) are read together. The row is cut as `row_blocking` cuts it
-(a function of V and the dtype only) and `pair_chunk_kernel`, grid (N, n_chunks), reduces one
-chunk per program, BLOCK_V entries per loop step. Per step: each side's block max, one exp per
-element of each side, and three block sums
-    s1_w = sum e^{d_w},  s1_v = sum e^{d_v},  u = sum e^{d_w} (d_w - d_v),   d = z - max,
-relative to the block's maxes, merged into the chunk's running state (`merge_pair`: the SPEC
-section 1 rule). A term with v_j = 0 < w_j sets the `inf` flag instead of entering u. A side
-holding a NaN or +inf is marked by a NaN max (counted explicitly: a GPU max may drop NaN); the
+A row of a weight side z_w and of another side z_v (z = x / tau) are read together. The row is
+cut as `row_blocking` cuts it (a function of V and the dtype only) and `pair_chunk_kernel`, grid
+(N, n_chunks), reduces one chunk per program, BLOCK_V entries per loop step, into the chunk's
+    m_w, s1_w = sum e^{d_w},  m_v, s1_v = sum e^{d_v},  u = sum e^{d_w} (d_w - d_v),  inf
+(d = z - m, m = the chunk's max of z). The state is kept per accumulator lane (`_pair_lanes`:
+FOLD neighbours of one 16-byte vector share a lane, so nothing leaves a thread inside the loop):
+each lane has its own running max per side and rescales itself when it rises (branchless, one
+exp per lane and side per step). After the loop one cross-lane merge (`_side_total`: the chunk
+max, each lane moved to it, plain sums) gives the chunk state. No division per element: the
+exponent of an entry is one fma x k - r with k = log2(e) / tau and r = (lane max) k, whose
+rounding r cancels exactly in the merge, so the error is relative to z - m, not to z.
+u takes d_w - d_v from exact differences of the logits at temperature 1, from the exponents
+otherwise (each rounded relative to z - m, as z = x / tau itself would be relative to z).
+A term with v_j = 0 (x_v = -inf) under x_w > -inf makes u infinite or NaN: the chunk's `inf`
+flag (its u is stored as 0). A side holding a NaN or +inf has a NaN sum, hence a NaN max; the
 two sides stay independent, so a broken rollout row leaves the logits' normalizer intact.
 
 The chunk's state goes to `partials` [PARTIAL, n_chunks, N] (chunk-major: the merge reads
@@ -16,6 +22,15 @@ consecutive rows), and the op's finish kernel merges each row's chunks in chunk 
 `merge_row`: a fixed order, elementwise over rows, so results are deterministic and batch
 invariant. Partial-state traffic is 24 (fp32) or 48 (fp64) bytes per chunk and row: V = 151936
 bf16 has 10 chunks per row, 240 B against 608 KiB of logits read.
+
+GPU design (sm_90, compiled offline by .ci/check_triton_sm90.py; not yet timed on a GPU): the
+hot loop's SASS instructions per element pair, before (one block max, three block sums and a
+merge per step: 8 block reductions, 24 BAR + 54 SHFL per step) -> after (no BAR, no SHFL):
+    bf16  43.8 -> 19.1 at tau = 1,  74.8 -> 17.4 with a temperature;  74 / 64 registers
+    fp16  42.8 -> 18.3,             73.8 -> 17.2;                      64 registers
+    fp32  59.6 -> 18.0,             90.5 -> 15.8 (budget 40 per fp32 pair); 48 registers
+Full blocks are loaded unmasked (block i + 1 before block i is reduced; the last step reloads
+its own block rather than masking, whose fill values cost an instruction per element).
 """
 
 from __future__ import annotations
@@ -24,7 +39,17 @@ import torch
 import triton
 import triton.language as tl
 
-from pg_kernels.triton._common import D_MIN, div_acc, exp_acc, max_nan, row_offset
+from pg_kernels.triton._common import (
+    D_MIN,
+    INTERPRETED,
+    LOG2E,
+    div_acc,
+    exp_acc,
+    max_nan,
+    row_offset,
+)
+
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Fields of a chunk's partial state: m_w, s1_w, m_v, s1_v, u, inf (0 or 1).
 PARTIAL = 6
@@ -72,14 +97,146 @@ def merge_pair(m_w, s_w, m_v, s_v, u, inf, bm_w, bs_w, bm_v, bs_v, bu, binf):
     return new_w, s_w, new_v, s_v, u, tl.maximum(inf, binf)
 
 
+@triton.jit
+def fma_acc(a, b, c):
+    """a * b + c rounded once, as the GPU's fma. The interpreter rounds the product first (an
+    error of ulp(a * b), not of the result): there, fp32 operands are multiplied in fp64 (exact)
+    and added in fp64, so that CPU tests see the GPU's rounding."""
+    if INTERPRETED and a.dtype == tl.float32:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
+def exp_base(t):
+    """The exponential of the lane arithmetic: 2^t in fp32 (t carries log2(e), one MUFU.EX2),
+    e^t in fp64 (t in natural units: Triton has no fast fp64 exp2)."""
+    if t.dtype == tl.float64:
+        return tl.exp(t)
+    else:
+        return tl.exp2(t)
+
+
+@triton.jit
+def lane_scale(tau, DIVIDE: tl.constexpr):
+    """K: the factor from a raw logit difference to the exponent's units, log2(e) / tau (fp32)
+    or 1 / tau (fp64), rounded once. NaN for a temperature that is not finite and > 0 (a NaN
+    row, as x / tau would give; the ops reject such temperatures on the host)."""
+    if tau.dtype == tl.float64:
+        base = tau * 0 + 1.0
+    else:
+        base = tau * 0 + LOG2E
+    if DIVIDE:
+        k = div_acc(base, tau)
+        return tl.where((tau > 0) & (tau < float("inf")), k, float("nan"))
+    else:
+        return base
+
+
+@triton.jit
+def lane_floor(k):
+    """The lanes' starting max: finite (an all -inf lane computes no -inf - -inf), below every
+    logit that can matter, and (floor - x) * k stays finite. A lane whose logits all lie below
+    it (|x| > 1e38 / k in fp32) counts as empty."""
+    if k.dtype == tl.float64:
+        big = -1e300
+    else:
+        big = -1e38
+    return big / tl.maximum(k, 1.0)
+
+
+@triton.jit
+def row_exponent(m, log_s1, tau, DIVIDE: tl.constexpr):
+    """(a, k, b) with (x - a) * k - b = (x / tau - m - log_s1) * base, the exponent of a
+    probability e^{z - m - log s1} from a raw logit x (base = log2 e in fp32, 1 in fp64), with no
+    division per element: a = m tau rounded (a is the row's max logit up to that rounding, so
+    x - a is exact or rounded relative to itself), k = base / tau, and b carries log s1 and the
+    rounding of a (m - a / tau = fma(m, tau, -a) / tau, exactly computed). The errors are
+    relative to |z - m| and |log s1|, never to |z|. Without DIVIDE: a = m, k = base and
+    b = log s1 base."""
+    k = lane_scale(tau, DIVIDE)
+    if DIVIDE:
+        a = m * tau
+        e = div_acc(fma_acc(m, tau, -a), tau)
+        if m.dtype == tl.float64:
+            b = log_s1 + e
+        else:
+            b = (log_s1 + e) * LOG2E
+    else:
+        a = m
+        b = log_s1 * k
+    return a, k, b
+
+
+@triton.jit
+def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE: tl.constexpr):
+    """One block of [LANES, FOLD] logits of each side (raw, in the accumulation dtype, -inf where
+    masked) into the per-lane state; FOLD neighbours of one 16-byte vector share a lane, so
+    every reduction here stays inside a thread.
+
+    Lane state: mw, mv = running max of the raw logits (monotone in z = x / tau, tau > 0);
+    rw, rv = their exponents m * k (k = log2(e) / tau, rounded: every exponent below is
+    relative to this r, and r cancels exactly in the chunk merge); sw, sv = sums of 2^t with
+    t = x k - r (one fma, its rounding relative to t); u = sum 2^{t_w} (d_w - d_v), in nats
+    (without DIVIDE: d_w - d_v = (x_w - x_v) - (m_w - m_v), exact differences of 16-bit logits,
+    rounded once relative to the result) or in exponent units (DIVIDE: t_w - t_v, each t
+    rounded relative to itself, i.e. to z - m, not z). A term with x_w finite and x_v = -inf
+    (w_j > 0 = v_j) makes u +inf or NaN: the chunk's `inf` flag. Rescaling a lane to a higher
+    max is branchless: 2^{delta}, delta = 0 once the lane's max has settled.
+    """
+    mw_new = tl.maximum(mw, tl.max(xw, 1))
+    mv_new = tl.maximum(mv, tl.max(xv, 1))
+    rw_new = mw_new * kw
+    rv_new = mv_new * kv
+    dw = rw - rw_new
+    dv = rv - rv_new
+    aw = exp_base(dw)
+    av = exp_base(dv)
+    ew = exp_base(fma_acc(xw, kw, -rw_new[:, None]))
+    tv = fma_acc(xv, kv, -rv_new[:, None])
+    ev = exp_base(tv)
+    if DIVIDE:
+        diff = fma_acc(xw, kw, -rw_new[:, None]) - tv
+        shift = dw - dv
+    else:
+        diff = (xw - xv) - (mw_new - mv_new)[:, None]
+        shift = (mw - mw_new) - (mv - mv_new)
+    # x_w = -inf: diff = -inf (or NaN with x_v = -inf too) meets e_w = 0; the floor makes the
+    # term 0. Written as a select, which drops NaN on the GPU and in the interpreter alike.
+    diff = tl.where(diff > D_MIN, diff, D_MIN)
+    u = aw * (u + shift * sw) + tl.sum(ew * diff, 1)
+    sw = aw * sw + tl.sum(ew, 1)
+    sv = av * sv + tl.sum(ev, 1)
+    return mw_new, mv_new, rw_new, rv_new, sw, sv, u
+
+
+@triton.jit
+def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr):
+    """One side of a chunk from its lanes: (max in z units, raw max, lane -> chunk exponent,
+    2^exponent, sum)."""
+    mc = tl.max(m, 0)
+    c = fma_acc(-mc, k, r)  # r - mc k in one rounding: the lane's r cancels exactly
+    # An empty lane (still at the floor) adds nothing; its r is ~1e38, rounded by ~1e31.
+    f = tl.where(m == floor, 0.0, exp_base(c))
+    total = tl.sum(f * s, 0)
+    if DIVIDE:
+        mz = div_acc(mc, tau)
+    else:
+        mz = mc
+    return mz, mc, c, f, total
+
+
 @triton.jit(do_not_specialize=["ignore_index"])
 def pair_chunk_kernel(
     xw_ptr, xv_ptr, labels_ptr, tw_ptr, tv_ptr, part_ptr, V, N, ignore_index,
     w_n_inner, w_s_outer, w_s_inner, v_n_inner, v_s_outer, v_s_inner,
     HAS_LABELS: tl.constexpr, DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    FOLD: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the pair state of one chunk of one row, into part_ptr
     [PARTIAL, n_chunks, N]. Ignored rows read nothing and store the empty state."""
+    LANES: tl.constexpr = BLOCK_V // FOLD
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     keep = row >= 0
@@ -87,41 +244,67 @@ def pair_chunk_kernel(
         keep = tl.load(labels_ptr + row).to(tl.int64) != ignore_index
     tau_w = tl.load(tw_ptr + row)
     tau_v = tl.load(tv_ptr + row)
+    ACC: tl.constexpr = tau_w.dtype
+    kw = lane_scale(tau_w, DIVIDE)
+    kv = lane_scale(tau_v, DIVIDE)
     w_row = xw_ptr + row_offset(row, w_n_inner, w_s_outer, w_s_inner)
     v_row = xv_ptr + row_offset(row, v_n_inner, v_s_outer, v_s_inner)
-    zero = tau_w * 0
-    m_w, s_w, m_v, s_v, u, inf = zero - float("inf"), zero, zero - float("inf"), zero, zero, zero
-    bad_w = 0  # NaN / +inf entries of each side: that side is NaN
-    bad_v = 0
+    floor_w = lane_floor(kw)
+    floor_v = lane_floor(kv)
+    mw = tl.zeros([LANES], ACC) + floor_w
+    mv = tl.zeros([LANES], ACC) + floor_v
+    rw = mw * kw
+    rv = mv * kv
+    sw = tl.zeros([LANES], ACC)
+    sv = tl.zeros([LANES], ACC)
+    u = tl.zeros([LANES], ACC)
     start = chunk * CHUNK
     # Only the steps inside the row run (the last chunk can end early); none for ignored rows.
-    n_cols = tl.where(keep, tl.minimum(V - start, CHUNK), 0)
-    for off in range(0, n_cols, BLOCK_V):
-        cols = start + off + tl.arange(0, BLOCK_V)
-        mask = (cols < V) & keep
-        zw = load_divided(w_row, cols, mask, tau_w, DIVIDE)
-        zv = load_divided(v_row, cols, mask, tau_v, DIVIDE)
-        bad_w += tl.sum(((zw != zw) | (zw == float("inf"))).to(tl.int32), 0)
-        bad_v += tl.sum(((zv != zv) | (zv == float("inf"))).to(tl.int32), 0)
-        bm_w = tl.max(zw, 0)
-        bm_v = tl.max(zv, 0)
-        # An all -inf block side subtracts 0 instead of -inf (keeps d = -inf, e = 0, no NaN).
-        dw = tl.maximum(zw - tl.where(bm_w == float("-inf"), 0.0, bm_w), D_MIN)
-        dv = zv - tl.where(bm_v == float("-inf"), 0.0, bm_v)  # not clamped: real log-ratios
-        ew = exp_acc(dw)
-        ev = exp_acc(tl.maximum(dv, D_MIN))
-        v_zero = dv == float("-inf")
-        b_inf = tl.max((v_zero & (ew > 0)).to(tau_w.dtype), 0)
-        b_u = tl.sum(ew * tl.where(v_zero, 0.0, dw - dv), 0)
-        m_w, s_w, m_v, s_v, u, inf = merge_pair(
-            m_w, s_w, m_v, s_v, u, inf, bm_w, tl.sum(ew, 0), bm_v, tl.sum(ev, 0), b_u, b_inf
-        )
-    nan = zero + float("nan")
+    n_valid = tl.where(keep, tl.minimum(V - start, CHUNK), 0)
+    n_full = n_valid // BLOCK_V
+    offs = tl.arange(0, LANES)[:, None] * FOLD + tl.arange(0, FOLD)[None, :]
+    # Block i + 1 is loaded before block i is reduced (a block always in flight). Full blocks
+    # need no bounds mask; the uniform flag (the last prefetch loads nothing) keeps the loads
+    # vectorized.
+    nxt_w = tl.load(w_row + start + offs, mask=n_full > 0, other=float("-inf"))
+    nxt_v = tl.load(v_row + start + offs, mask=n_full > 0, other=float("-inf"))
+    last = start + (n_full - 1) * BLOCK_V
+    for i in range(0, n_full):
+        xw = nxt_w.to(ACC)
+        xv = nxt_v.to(ACC)
+        # The last step prefetches its own block again: always in bounds, so no mask (whose
+        # fill values cost an instruction per element).
+        col = tl.minimum(start + (i + 1) * BLOCK_V, last)
+        nxt_w = tl.load(w_row + col + offs)
+        nxt_v = tl.load(v_row + col + offs)
+        mw, mv, rw, rv, sw, sv, u = _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE)
+    if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
+        cols = start + n_full * BLOCK_V + offs
+        xw = tl.load(w_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
+        xv = tl.load(v_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
+        mw, mv, rw, rv, sw, sv, u = _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE)
+    # One cross-lane merge per chunk: each lane moved to the chunk's max (merge_pair per lane).
+    m_w, mc_w, cw, fw, s_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE)
+    m_v, mc_v, cv, fv, s_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE)
+    if DIVIDE:
+        u = tl.sum(fw * (u + (cw - cv) * sw), 0)
+        if ACC != tl.float64:
+            u = u * LN2  # exponent units (log2) -> nats
+    else:
+        u = tl.sum(fw * (u + ((mw - mc_w) - (mv - mc_v)) * sw), 0)
+    # u is +inf or NaN iff some x_w > -inf has x_v = -inf (or a side is NaN, which wins).
+    inf = tl.where((u == u) & (tl.abs(u) < float("inf")), 0.0, 1.0).to(ACC)
+    u = tl.where(inf > 0, 0.0, u)
+    nan = float("nan")
+    # A NaN or +inf logit makes that side's sum NaN (a NaN max or inf - inf): the side is NaN.
+    # A side with no logit above the floor (all -inf) is empty: max -inf, sums 0.
+    m_w = tl.where(s_w != s_w, nan, tl.where(mc_w == floor_w, float("-inf"), m_w))
+    m_v = tl.where(s_v != s_v, nan, tl.where(mc_v == floor_v, float("-inf"), m_v))
     idx = chunk.to(tl.int64) * N + row
     plane = tl.num_programs(1).to(tl.int64) * N
-    tl.store(part_ptr + idx, tl.where(bad_w > 0, nan, m_w))
+    tl.store(part_ptr + idx, m_w)
     tl.store(part_ptr + plane + idx, s_w)
-    tl.store(part_ptr + 2 * plane + idx, tl.where(bad_v > 0, nan, m_v))
+    tl.store(part_ptr + 2 * plane + idx, m_v)
     tl.store(part_ptr + 3 * plane + idx, s_v)
     tl.store(part_ptr + 4 * plane + idx, u)
     tl.store(part_ptr + 5 * plane + idx, inf)
@@ -190,9 +373,15 @@ def pair_partials(
         xw, xv, labels if labels is not None else tau_w, tau_w, tau_v, part, V, N, ignore_index,
         *w_layout, *v_layout,
         HAS_LABELS=labels is not None, DIVIDE=divide, CHUNK=blocking.chunk,
-        BLOCK_V=blocking.block_v, num_warps=blocking.num_warps,
+        BLOCK_V=blocking.block_v, FOLD=lane_fold(xw.dtype, blocking.block_v),
+        num_warps=blocking.num_warps,
     )  # fmt: skip
     return part
+
+
+def lane_fold(dtype: torch.dtype, block_v: int) -> int:
+    """Elements per accumulator lane: one 16-byte vector (8 bf16 / fp16, 4 fp32, 2 fp64)."""
+    return max(1, min(16 // dtype.itemsize, block_v))
 
 
 def needs_division(temperature, temperature_scalar, other_temperature, other_scalar) -> bool:
