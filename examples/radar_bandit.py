@@ -24,7 +24,7 @@ Regret: sum_t <x_t, l_t> - min_a sum_t l_t(a) (against the best fixed band in hi
 the realised loss sequence), averaged over seeds.
 
 The policy-gradient estimate has norm |l(a)| sqrt(1 - 2 x_a + sum x^2): the logit-gradient
-proxy of `pg_kernels.token_stats` (SPEC sections 2 and 7). The script checks it against the
+proxy of `pg_kernels.token_stats` (docs/math.md §§2 and 7). The script checks it against the
 gradient norm autograd measures, every round of the policy-gradient run.
 
     python examples/radar_bandit.py            # default size

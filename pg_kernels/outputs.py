@@ -14,7 +14,7 @@ def _document_fields(cls: type, **docs: str) -> None:
 
 
 class TokenStats(NamedTuple):
-    """Per-token statistics of p = softmax(logits / temperature) (docs/math.md section 2).
+    """Per-token statistics of p = softmax(logits / temperature) (docs/math.md §2).
 
     Float fields are fp32 (fp64 for fp64 logits); 0 where labels == ignore_index and NaN on
     rows whose logits hold a NaN or +inf or are all -inf.
@@ -52,7 +52,7 @@ _document_fields(
 
 
 class MismatchStats(NamedTuple):
-    """Training-vs-rollout mismatch per token (docs/math.md section 5), with
+    """Training-vs-rollout mismatch per token (docs/math.md §5), with
     delta = logprob - rollout_logprobs."""
 
     logprob: torch.Tensor
@@ -88,7 +88,7 @@ _document_fields(
 
 class PrunedLogprob(NamedTuple):
     """Log-prob on the safe vocabulary S = {v: p_v >= alpha max p} plus the label
-    (docs/math.md section 6)."""
+    (docs/math.md §6)."""
 
     logprob: torch.Tensor
     in_safe: torch.Tensor

@@ -1,5 +1,5 @@
 """mismatch_stats against the float64 reference on every backend with a kernel, the op contract,
-and the properties of SPEC section 5 (E_roll[k3] = KL, the first-order log-prob bound)."""
+and the properties of docs/math.md §5 (E_roll[k3] = KL, the first-order log-prob bound)."""
 
 from __future__ import annotations
 
@@ -254,8 +254,8 @@ def _one_row(v, seed, device="cpu"):
 
 
 def test_k3_is_unbiased_for_token_kl(bd):
-    """E_{c ~ pi_roll}[k3] = KL(pi_roll || pi_theta) (SPEC 5): exactly as a q-weighted sum over
-    every label, and within Monte-Carlo error when sampling labels from the rollout."""
+    """E_{c ~ pi_roll}[k3] = KL(pi_roll || pi_theta) (docs/math.md §5): exactly as a q-weighted
+    sum over every label, and within Monte-Carlo error when sampling labels from the rollout."""
     backend, device = bd
     v = 200
     x, xr = _one_row(v, seed=10, device=device)
@@ -282,7 +282,7 @@ def test_k3_is_unbiased_for_token_kl(bd):
 
 
 def test_first_order_logprob_bound(bd):
-    """|delta log p_c| <= 2 eps (1 - p_c) to first order for |delta z| <= eps (SPEC 5): the
+    """|delta log p_c| <= 2 eps (1 - p_c) to first order for |delta z| <= eps (docs/math.md §5): the
     high-probability tokens barely move. The second-order rest is at most eps^2 / 2."""
     backend, device = bd
     v, eps = 500, 1e-3

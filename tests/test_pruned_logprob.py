@@ -1,5 +1,5 @@
 """pruned_logprob against the float64 reference on every backend with a kernel, plus the op
-contract and the properties of SPEC section 6."""
+contract and the properties of docs/math.md §6."""
 
 from __future__ import annotations
 

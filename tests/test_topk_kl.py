@@ -206,7 +206,7 @@ def test_equals_full_kl_at_k_equals_v(bd):
         full = reference.kl_divergence(x, ref_logits.to(device), direction="forward")
         torch.testing.assert_close(out, full, rtol=1e-12, atol=1e-13)
         out.sum().backward()
-        grad = x.softmax(-1) - ref_logits.to(device).softmax(-1)  # SPEC 4: p - q
+        grad = x.softmax(-1) - ref_logits.to(device).softmax(-1)  # docs/math.md §4: p - q
         torch.testing.assert_close(xk.grad, grad, rtol=0, atol=1e-13)
         # fp32 log-probs (sum q != 1 by rounding): still finite and close
         out32 = _op(backend)(x.float(), ids, lp.float())

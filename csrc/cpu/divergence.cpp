@@ -1,5 +1,5 @@
 // Divergences between two logit tensors on the CPU: kl_divergence and the exact part of
-// mismatch_stats (SPEC sections 4 and 5). One kernel family, one pair pass.
+// mismatch_stats (docs/math.md §§4 and 5). One kernel family, one pair pass.
 //
 // Pair pass (softmax_stats.h, PairState): a row of a weight side z_w and an other side z_v is
 // read once, chunk by chunk (each chunk loaded, converted and divided by tau into an
@@ -38,7 +38,7 @@ namespace {
 
 // buf[0, n) = src[0, n) / tau in acc_t, padded with -inf to a multiple of kStep; returns the
 // chunk's max (NaN if it holds a NaN). Divides where token_stats' loader multiplies by 1 / tau:
-// z = x / tau is rounded once, like SPEC's and PyTorch's z, instead of twice. It matters where
+// z = x / tau is rounded once, like docs/math.md's and PyTorch's z, instead of twice. It matters where
 // a small difference of large log-probs is the output: log_ratio = logprob - rollout_logprobs
 // at logprob ~ -100 (tau 0.5 on a peaked row) had 5x plain PyTorch's error with 1 / tau.
 template <typename scalar_t, typename acc_t>
@@ -170,7 +170,7 @@ struct RowSum {
 
   void merge(const PairState<acc_t>& chunk) {
     const acc_t m_w = max_nan(hi.m_w, chunk.m_w), m_v = max_nan(hi.m_v, chunk.m_v);
-    // The low parts rescale like the sums they belong to (rescale_pair, SPEC section 1).
+    // The low parts rescale like the sums they belong to (rescale_pair, docs/math.md §1).
     const PairState<acc_t> lo =
         rescale_pair(PairState<acc_t>{hi.m_w, lo_s1w, hi.m_v, lo_s1v, lo_u, false}, m_w, m_v);
     const PairState<acc_t> a = rescale_pair(hi, m_w, m_v), b = rescale_pair(chunk, m_w, m_v);
@@ -254,7 +254,7 @@ SideState<acc_t> side_state(acc_t m, acc_t s1) {
   return {m, std::log(s1)};
 }
 
-// Gradients of KL(w || v) for one row, times the upstream gradient g (SPEC section 4), from
+// Gradients of KL(w || v) for one row, times the upstream gradient g (docs/math.md §4), from
 // d = z - m and l = log s1 of each side and c = E_w[d_w - d_v] (softmax_stats.h):
 //   grad_w,j = g / tau_w * w_j ((d_w,j - d_v,j) - c),  w_j = e^{d_w,j - l_w},  0 where w_j = 0
 //   grad_v,j = g / tau_v * (v_j - w_j),                 v_j = e^{d_v,j - l_v}

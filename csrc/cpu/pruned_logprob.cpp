@@ -1,5 +1,5 @@
 // pruned_logprob on the CPU: the log-prob of the label on the safe vocabulary
-// S = {v : z_v >= m + log alpha} plus the label (SPEC section 6); math in softmax_stats.h.
+// S = {v : z_v >= m + log alpha} plus the label (docs/math.md §6); math in softmax_stats.h.
 //
 // Forward: two sweeps over each row, one exp per element in all.
 //   1. max only: load + scale + max per chunk (no exp). The threshold m + log alpha is then

@@ -1,4 +1,4 @@
-// token_stats on the CPU: SPEC sections 1-3.
+// token_stats on the CPU: docs/math.md §§1-3.
 //
 // Forward: one pass over each row. Per chunk of the row (vec_rows.h): load + scale + max,
 // then one exp per element feeding the three sums of the accumulator, kept per vector lane and
@@ -23,7 +23,7 @@ template <typename acc_t>
 struct LaneSums {
   Vec<acc_t> s1{acc_t(0)}, s2{acc_t(0)}, t{acc_t(0)};
 
-  // Move the lanes' reference max from m_old to m_new (SPEC section 1 rescale).
+  // Move the lanes' reference max from m_old to m_new (docs/math.md §1 rescale).
   void rescale(acc_t m_old, acc_t m_new) {
     if (m_old == neg_inf<acc_t>()) return;  // nothing accumulated yet
     const acc_t delta = m_old - m_new;

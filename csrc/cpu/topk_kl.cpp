@@ -1,5 +1,5 @@
 // topk_kl on the CPU: KL(q || p) coarse-grained to q's top-k ids plus one tail bucket
-// (SPEC section 4), with the derivation and edge cases in softmax_stats.h.
+// (docs/math.md §4), with the derivation and edge cases in softmax_stats.h.
 //
 // Forward: one pass over each row. The row's K ids are sorted once (a private copy; this also
 // finds duplicates), then per chunk (vec_rows.h): load + scale + max, overwrite the chunk's ids

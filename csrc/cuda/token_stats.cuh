@@ -1,4 +1,4 @@
-// token_stats on CUDA: SPEC sections 1-3. Torch-free (CUDA runtime + the shared math header), so
+// token_stats on CUDA: docs/math.md §§1-3. Torch-free (CUDA runtime + the shared math header), so
 // nvcc can compile-check it on a machine with no GPU and no CUDA build of torch; the torch glue
 // (checks, allocation, dtype dispatch, stream) lives in token_stats.cu.
 //
@@ -22,7 +22,7 @@
 //           of warp 0, absent warps adding 0) and writes
 //           the chunk's partial state (m, s1, s2, t, argmax) to a [C][N] workspace.
 //   2. token_stats_finalize_kernel: one thread per row folds its C partial states left to right
-//      (chunk 0, 1, ..., C-1) with the SPEC section 1 merge, in double precision, reads the label
+//      (chunk 0, 1, ..., C-1) with the docs/math.md §1 merge, in double precision, reads the label
 //      logit, and writes the seven outputs (finalize_token_stats of softmax_stats.h).
 //   Every reduction order is fixed by (V, dtype): results are bitwise deterministic and do not
 //   depend on N (batch invariance), on the grid size, or on which CTA ran an item. The aligned
@@ -325,7 +325,7 @@ struct BackwardParams {
 // ---------------------------------------------------------------------------------------------
 // Scalar helpers (device).
 
-// NaN-propagating max (SPEC: a NaN row must stay NaN; fmaxf would drop it). max.NaN is sm_80+.
+// NaN-propagating max (docs/math.md: a NaN row must stay NaN; fmaxf would drop it). max.NaN is sm_80+.
 __device__ __forceinline__ float max_nan_f32(float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   float r;

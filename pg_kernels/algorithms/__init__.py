@@ -1,7 +1,7 @@
 """Sequence-level methods built on per-token tensors (baselines, masks, policy losses).
 
 Plain PyTorch on padded [B, T] tensors with a mask (or packed rows, see `packing`): advantages,
-sequence masks, policy losses, a response-length lr schedule and mismatch metrics (SPEC
+sequence masks, policy losses, a response-length lr schedule and mismatch metrics (docs/math.md
 section 7). No host syncs, no Python loops over rows, groups, steps or turns.
 
 Group and step statistics are segment sums (`index_add`) over dense ids: on CPU they are

@@ -1,4 +1,4 @@
-"""Advantage estimators on per-sequence / per-token tensors (SPEC section 7).
+"""Advantage estimators on per-sequence / per-token tensors (docs/math.md §7).
 
 Prompt groups are given by `group_ids [B]` (any integer values; rows with equal ids share a
 prompt). Group statistics are segment sums over dense group ids (`_common.dense_group_ids`: a

@@ -1,4 +1,4 @@
-"""Policy-gradient losses on per-token log-probs (SPEC section 7).
+"""Policy-gradient losses on per-token log-probs (docs/math.md §7).
 
 Token losses are aggregated over `[B, T]` with a mask; a sequence mask (TRM, geometric
 rejection) zeroes whole rows while every normaliser still counts them. Everything is

@@ -1,4 +1,4 @@
-"""Sequence masks: which rows of a batch may enter the loss (SPEC section 7).
+"""Sequence masks: which rows of a batch may enter the loss (docs/math.md §7).
 
 Both return `bool [B]` (True = keep) for `policy_loss(..., seq_mask=...)`, whose normalisers keep
 counting the rejected rows. Vectorized row reductions; no host sync; fullgraph-compilable.

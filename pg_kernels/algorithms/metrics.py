@@ -1,4 +1,4 @@
-"""Training-vs-rollout health metrics (SPEC sections 5 and 7)."""
+"""Training-vs-rollout health metrics (docs/math.md §§5 and 7)."""
 
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ def mismatch_metrics(
     | rollout_ppl        | row mean of exp(-mean_t l_roll)                 | rollout_ppl      |
     | abs_log_ratio_mean | token mean of |delta|                           | (none)           |
     | abs_log_ratio_max  | token max of |delta|                            | (none)           |
-    | chi2_mean          | token mean of (rho - 1)^2 (SPEC 5's chi2 term)  | (none)           |
+    | chi2_mean          | token mean of (rho - 1)^2 (docs/math.md §5)     | (none)           |
     | token_kl_mean      | token mean of exact KL(pi_roll||pi_theta)       | (none)           |
     | token_kl_max       | token max of exact KL (both with token_kl)      | (none)           |
 
     verl logs these under the `rollout_corr/` prefix (its `compute_offpolicy_metrics`, from
     the training log-probs vs the rollout log-probs); its chi2_token is E[rho^2] - 1, which is
-    not SPEC 5's E[(rho - 1)^2] (here `chi2_mean`). verl averages rows without a valid token
-    as 0 where this function leaves them out.
+    not docs/math.md §5's E[(rho - 1)^2] (here `chi2_mean`). verl averages rows without a
+    valid token as 0 where this function leaves them out.
 
     Args:
         logprob: [B, T] float, training log-probs of the sampled tokens.

@@ -1,4 +1,4 @@
-"""Learning-rate schedules driven by rollout statistics (SPEC section 7)."""
+"""Learning-rate schedules driven by rollout statistics (docs/math.md §7)."""
 
 from __future__ import annotations
 

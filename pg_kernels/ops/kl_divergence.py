@@ -1,5 +1,5 @@
 """kl_divergence: per-row KL between p = softmax(logits / T) and q = softmax(ref_logits / T_ref),
-in one pass over both tensors (SPEC section 4).
+in one pass over both tensors (docs/math.md §4).
 
 direction "reverse" is KL(p || q), the dense per-token gradient of on-policy imitation (the
 student samples, the teacher q scores); "forward" is KL(q || p), distillation.

@@ -1,4 +1,4 @@
-"""mismatch_stats: training-vs-rollout mismatch per token (SPEC sections 4 and 5).
+"""mismatch_stats: training-vs-rollout mismatch per token (docs/math.md §§4 and 5).
 
 Two parts:
   * Row reductions over the logits: the label's log-prob log pi_theta(c) (differentiable) and,
@@ -136,7 +136,7 @@ def sampled_estimators(
     icepop_low: float,
     icepop_high: float,
 ) -> dict[str, torch.Tensor]:
-    """SPEC section 5 from [...] log-probs, 0 where `keep` is False. Elementwise, no grad.
+    """docs/math.md §5 from [...] log-probs, 0 where `keep` is False. Elementwise, no grad.
 
     k3 = rho - 1 - delta and chi2 = (rho - 1)^2 use expm1: rho - 1 in float32 loses all
     digits of a small delta (k3 ~ delta^2 / 2 would be pure rounding below |delta| ~ 1e-3).

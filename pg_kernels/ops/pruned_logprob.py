@@ -1,5 +1,5 @@
 """pruned_logprob: the label's log-prob on a "safe" vocabulary that drops the extreme tail
-(SPEC section 6), for RL objectives that ignore tokens whose rollout/training mismatch is
+(docs/math.md §6), for RL objectives that ignore tokens whose rollout/training mismatch is
 large and biased:
 
     S = {v : z_v >= m + log alpha} plus the label c       (m = max_j z_j, z = logits / tau)

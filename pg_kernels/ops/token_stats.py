@@ -1,5 +1,5 @@
 """token_stats: per-token log-prob, entropy, collision probability, logit-gradient proxy and
-logsumexp of softmax(logits / temperature), in one pass over the logits (SPEC sections 1-3).
+logsumexp of softmax(logits / temperature), in one pass over the logits (docs/math.md §§1-3).
 
 Layers: public function `token_stats` -> op `pg_kernels::token_stats` (schema in _library.py)
 -> kernel chosen by `backend`: C++ (`pg_kernels._C`), Triton (`pg_kernels.triton`) or CUDA C++

@@ -1,6 +1,6 @@
 """topk_kl: KL(q || p) against a distribution q known only on its top-k ids (what inference
 engines return: ids [..., K] and log-probs [..., K]), coarse-grained to those ids plus one tail
-bucket (SPEC section 4), in one pass over the logits:
+bucket (docs/math.md §4), in one pass over the logits:
 
     KL_k = sum_{v in K} q_v (log q_v - log p_v) + q_tail (log q_tail - log p_tail)
     q_tail = 1 - sum_K q_v (clamped >= 0; 0 when k = V),  p_tail = 1 - sum_K p_v

@@ -1,4 +1,4 @@
-"""Reference divergences between two logit tensors (SPEC section 4).
+"""Reference divergences between two logit tensors (docs/math.md §4).
 
 A term with zero weight contributes exactly 0, even against -inf log-probs of the other side;
 a positive weight against a zero probability of the other side gives +inf.

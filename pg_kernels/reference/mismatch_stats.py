@@ -1,4 +1,4 @@
-"""Reference training-vs-rollout mismatch (SPEC sections 4 and 5)."""
+"""Reference training-vs-rollout mismatch (docs/math.md §§4 and 5)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def sampled_mismatch(
     icepop_low: float = 0.5,
     icepop_high: float = 2.0,
 ) -> dict[str, torch.Tensor]:
-    """The sampled-token estimators of SPEC section 5 from per-token log-probs."""
+    """The sampled-token estimators of docs/math.md §5 from per-token log-probs."""
     delta = logprob - rollout_logprobs.to(logprob.dtype)
     rho = delta.clamp(-RATIO_CLAMP, RATIO_CLAMP).exp()
     # A NaN ratio stays NaN (NaN rows are NaN in every field); out of the band is 0.

@@ -1,4 +1,4 @@
-"""Reference safe-vocabulary log-prob (SPEC section 6)."""
+"""Reference safe-vocabulary log-prob (docs/math.md §6)."""
 
 from __future__ import annotations
 

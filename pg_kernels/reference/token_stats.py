@@ -1,4 +1,4 @@
-"""Reference token_stats: SPEC section 2 in plain PyTorch over a materialized [N, V] softmax."""
+"""Reference token_stats: docs/math.md §2 in plain PyTorch over a materialized [N, V] softmax."""
 
 from __future__ import annotations
 

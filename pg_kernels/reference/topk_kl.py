@@ -1,4 +1,4 @@
-"""Reference top-k KL (SPEC section 4): KL(q || p) on the k ids plus one tail bucket."""
+"""Reference top-k KL (docs/math.md §4): KL(q || p) on the k ids plus one tail bucket."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Device helpers (`@triton.jit`, inlined into the kernels that call them):
   exp_acc, div_acc    exp and IEEE division in the accumulation dtype (fp32 or fp64)
   expm1_acc           e^x - 1, accurate near 0
   max_nan             max that keeps a NaN (a NaN row must stay NaN)
-  merge_states        the merge rule of SPEC section 1 for (m, s1, s2, t) partial states
+  merge_states        the merge rule of docs/math.md §1 for (m, s1, s2, t) partial states
   inv_temperature     1 / tau per row (tensor) or from the launcher's scalar
   round_to            the one rounding of a result to the output dtype (nearest even)
 
@@ -104,7 +104,7 @@ def max_nan(a, b):
 
 @triton.jit
 def merge_states(m_a, s1_a, s2_a, t_a, m_b, s1_b, s2_b, t_b):
-    """SPEC section 1 merge of two (m, s1, s2, t) states, elementwise over rows.
+    """docs/math.md §1 merge of two (m, s1, s2, t) states, elementwise over rows.
 
         m = max(m_a, m_b);  a = e^{m_a - m};  b = e^{m_b - m}
         s1 = a s1_a + b s1_b;  s2 = a^2 s2_a + b^2 s2_b

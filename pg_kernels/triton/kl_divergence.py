@@ -1,4 +1,4 @@
-"""kl_divergence in Triton (SPEC section 4), with the C++ launchers' interface.
+"""kl_divergence in Triton (docs/math.md §4), with the C++ launchers' interface.
 
 Forward, two kernels: the pair pass (`_pair.pair_chunk_kernel`, grid (N, n_chunks); weight
 side w = p for reverse KL(p || q), w = q for forward KL(q || p)), then `_fwd_finish_kernel`,

@@ -1,4 +1,4 @@
-"""mismatch_stats with rollout_logits in Triton (SPEC sections 4 and 5), with the C++ launchers'
+"""mismatch_stats with rollout_logits in Triton (docs/math.md §§4 and 5), with the C++ launchers'
 interface: the label's log-prob under the logits, the exact KL(pi_roll || pi_theta) and the total
 variation 1/2 sum |pi_theta - pi_roll|.
 

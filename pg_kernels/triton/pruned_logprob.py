@@ -1,4 +1,4 @@
-"""pruned_logprob in Triton: SPEC section 6, with the C++ launchers' interface.
+"""pruned_logprob in Triton: docs/math.md §6, with the C++ launchers' interface.
 
 Rows are cut as `row_blocking` cuts them (a function of V and the dtype only) and every
 reduction runs in a fixed order: results are bitwise deterministic and batch invariant.

@@ -1,4 +1,5 @@
-"""token_stats in Triton: SPEC sections 1-3 over [..., V] logits, with the C++ launchers' interface.
+"""token_stats in Triton: docs/math.md §§1-3 over [..., V] logits, behind the C++ launchers'
+interface.
 
 Everything is accumulated in base 2: c = log2(e) / tau (rounded once), d2 = x c - r2 (one fma per
 element, r2 = a max times c), 2^d2 = e^(z - m). Log-probabilities are taken relative to the row
@@ -133,7 +134,7 @@ def _fwd_step(xa, xb, i, c, mx, r2, s1, s2, t2, st):
     Each lane keeps its own state: mx = max of its raw logits so far, r2 = reference(mx) * c (log2
     units), and
         s1 = sum 2^d2,  s2 = sum 2^(2 d2),  t2 = sum 2^d2 d2,   d2 = x c - r2 (one fma),
-    i.e. the SPEC section 1 sums in base 2 (2^d2 = e^(z - m), d2 = (z - m) log2 e). st = the last
+    i.e. the docs/math.md §1 sums in base 2 (2^d2 = e^(z - m), d2 = (z - m) log2 e). st = the last
     step whose block raised the lane's max (where the lane's first argmax lies). The rescale to
     a new max is per lane and branchless: one exp2 per lane per step, not per element.
     """
@@ -170,7 +171,7 @@ def _accumulate(x, c, r2, s1, s2, t2):
 
 @triton.jit
 def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
-    """SPEC section 2 from a row's merged base-2 state (softmax_stats.h's finalize_token_stats).
+    """docs/math.md §2 from a row's merged base-2 state (softmax_stats.h's finalize_token_stats).
 
     mx: the row's raw max; s1, s2, t2 relative to r2 = reference(mx) * c (c = c64 rounded to ACC,
     as the sums used it), so the max itself entered the sums as 2^eps, eps = fma(mx, c, -r2) (its
@@ -422,7 +423,7 @@ def _bwd_kernel(
 ):  # fmt: skip
     """Program (row, chunk): the gradient of one chunk of one row, written once (rounded once).
 
-    SPEC section 3 with p_j = e^(z_j - L) recomputed from the saved L, in base 2, relative to a
+    docs/math.md §3 with p_j = e^(z_j - L) recomputed from the saved L, in base 2, relative to a
     raw reference m = L tau (the logits near the max enter as small differences x - m, so the
     scale's rounding barely touches the large p_j): with rho = L log2(e) - m c64 split (in fp64,
     once per row) into rho_hi + rho_lo, d2 = (x - m) c - rho_hi (c = log2(e) / tau rounded),
@@ -636,7 +637,7 @@ def token_stats_backward(
     _chunk: int | None = None,
 ) -> torch.Tensor:
     """Gradient of sum(g_logprob logprob + g_entropy entropy + g_collision collision + g_lse lse)
-    w.r.t. logits (SPEC section 3).
+    w.r.t. logits (docs/math.md §3).
 
     Args:
         g_*: [N] upstream gradients, fp32 (fp64 for fp64 logits).

@@ -1,4 +1,4 @@
-"""topk_kl in Triton: KL(q || p) on q's top-k ids plus one tail bucket (SPEC section 4), with the
+"""topk_kl in Triton: KL(q || p) on q's top-k ids plus one tail bucket (docs/math.md §4), with the
 C++ launchers' interface. Formulas, derivation and edge cases: csrc/include/pg_kernels/
 softmax_stats.h (topk_normalizer, topk_q_tail, topk_kl_grad_coef).
 
@@ -18,7 +18,7 @@ Forward, one sweep, two kernels:
      stored, m_tail NaN when the chunk holds a NaN or +inf (a NaN sum: +inf - +inf in its exp);
   2. `_fwd_finish_kernel`, grid (N,): merges the chunk states in chunk order, gathers the K head
      logits and joins them with the tail for L, so log p_tail = m_tail + log s_tail - L needs no
-     1 - sum_K p_v; then the KL of SPEC section 4.
+     1 - sum_K p_v; then the KL of docs/math.md §4.
 Backward, `_bwd_kernel`, grid (N, n_chunks): dKL/dz_j = sign exp(z_j - L + tail_log) for every
 element of the chunk (one fma, one exp, one multiply), then Q p_j - q_j over the chunk's ids
 (a K-wide gather and a masked scatter store after a barrier, which orders it after the loop's

@@ -6,7 +6,7 @@
 //   2. ItemCursor + make_grid_walk: the division-free walk visits exactly the items
 //      blockIdx.x + k * gridDim.x with the right (row, chunk, row offset).
 //   3. finalize_row: folding per-chunk partial states (computed here in double straight from the
-//      definitions of SPEC section 1) gives the one-pass row statistics, the first argmax across
+//      definitions of docs/math.md §1) gives the one-pass row statistics, the first argmax across
 //      chunk boundaries, and NaN / -1 for NaN, +inf and all -inf rows.
 //   4. cached_count (the occupancy and SM-count caches of the launchers): a failed query falls
 //      back to 1 and is asked again next time; a successful one is cached and asked once.
@@ -95,7 +95,7 @@ static void test_walk() {
   }
 }
 
-// Partial state of elements [lo, hi) of a row of z, straight from SPEC section 1, in double.
+// Partial state of elements [lo, hi) of a row of z, straight from docs/math.md §1, in double.
 struct Partial {
   double m, s1, s2, t;
   int idx;

@@ -1,6 +1,6 @@
 // Per-row softmax statistics shared by the CPU (C++) and CUDA kernels.
 //
-// The accumulator of SPEC section 1: over a row of z = x / tau, keep
+// The accumulator of docs/math.md §1: over a row of z = x / tau, keep
 //   m  = max_j z_j
 //   s1 = sum_j exp(z_j - m)
 //   s2 = sum_j exp(2 (z_j - m))
@@ -71,7 +71,7 @@ PGK_HD SoftmaxState<T> rescale(const SoftmaxState<T>& s, T m_new) {
   return {m_new, a * s.s1, a * a * s.s2, a * (s.t + delta * s.s1)};
 }
 
-// The merge rule of SPEC section 1. Deterministic: merge(a, b) is a fixed function of (a, b).
+// The merge rule of docs/math.md §1. Deterministic: merge(a, b) is a fixed function of (a, b).
 template <typename T>
 PGK_HD SoftmaxState<T> merge(const SoftmaxState<T>& a, const SoftmaxState<T>& b) {
   if (b.m == neg_inf<T>()) return a;
@@ -98,7 +98,7 @@ struct TokenStatsRow {
   T max_prob;   // e^{m - L} = 1 / s1
 };
 
-// SPEC section 2 from a finished row state and the label's scaled logit z_c.
+// docs/math.md §2 from a finished row state and the label's scaled logit z_c.
 template <typename T>
 PGK_HD TokenStatsRow<T> finalize_token_stats(const SoftmaxState<T>& s, T z_label) {
   if (!state_is_valid(s)) {
@@ -116,7 +116,7 @@ PGK_HD TokenStatsRow<T> finalize_token_stats(const SoftmaxState<T>& s, T z_label
   return {logprob, log_s1 - s.t / s.s1, collision, lgp, lse, T(1) / s.s1};
 }
 
-// Backward of SPEC section 3. With d_j = z_j - L = log p_j:
+// Backward of docs/math.md §3. With d_j = z_j - L = log p_j:
 //   dz_j = g_l (1[j=c] - p_j) + g_H (-p_j (d_j + H)) + g_C (2 p_j (p_j - C)) + g_L p_j
 //        = p_j (a + b d_j + c p_j) + g_l 1[j=c]
 // so one exp and three FMAs per element. Multiply by 1 / tau for the gradient w.r.t. x.
@@ -135,7 +135,7 @@ PGK_HD TokenStatsGradCoef<T> token_stats_grad_coef(T g_logprob, T g_entropy, T g
 }
 
 
-// ---- topk_kl (SPEC section 4, top-k rollout / teacher) ------------------------------------
+// ---- topk_kl (docs/math.md §4, top-k rollout / teacher) ------------------------------------
 // q is known on K distinct ids (log q_v given) plus one tail bucket of mass
 // q_tail = 1 - sum_K q_v; p's tail P_tail is the mass of p off the K ids.
 //   KL_k = sum_K q_v (log q_v - log p_v) + q_tail (log q_tail - log P_tail)
@@ -208,7 +208,7 @@ PGK_HD TopkKLGradCoef<T> topk_kl_grad_coef(T q_head_sum, T q_tail, T logp_tail) 
   return {q_all, log_q + std::log1p(-std::exp(log_ratio - log_q)), T(1)};
 }
 
-// ---- pruned_logprob (SPEC section 6, safe vocabulary) -------------------------------------
+// ---- pruned_logprob (docs/math.md §6, safe vocabulary) -------------------------------------
 // S = {v : z_v >= m + log alpha} plus the label c. With every sum relative to the row max m,
 // the label masked out of both (it is added back through e_c = exp(z_c - m)):
 //   s_in  = sum_{v in S, v != c} exp(z_v - m),   s_out = sum_{v not in S, v != c} exp(z_v - m)
@@ -236,7 +236,7 @@ PGK_HD PrunedRow<T> finalize_pruned(T m, T threshold, T s_in, T s_out, T z_label
 }
 
 // ---------------------------------------------------------------------------------------------
-// Divergences between two distributions over the same vocabulary (SPEC section 4).
+// Divergences between two distributions over the same vocabulary (docs/math.md §4).
 //
 // A "pair" pass reads a weight side w = softmax(z_w) and an other side v = softmax(z_v) and
 // keeps, besides each side's max and sum of exps,
