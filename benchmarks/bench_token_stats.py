@@ -33,7 +33,6 @@ from benchmarks import harness
 from benchmarks.harness import (
     Case,
     Ceiling,
-    CeilingRow,
     Inputs,
     OpBench,
     Outputs,
@@ -278,19 +277,8 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         Provider("liger", functools.partial(_liger, temperature=temperature), mutates_inputs=True),
         Provider("flash_attn", functools.partial(_flash, temperature=temperature)),
     ]
-    ceilings = {"amax": _amax(), "copy": harness.copy_ceiling()}
-    rows: dict[str, list[CeilingRow]] = {
-        "fwd": [CeilingRow(("amax",))],
-        "bwd": [CeilingRow(("copy",))],
-        "fwd+bwd": [CeilingRow(("amax", "copy"))],
-    }
-    if device.type == "cpu":
-        # On a CPU the floor is one exp per element (BUILD_NOTES), not memory bandwidth: the
-        # forward needs one exp pass, the backward one more (it recomputes p from the saved L).
-        ceilings["exp"] = harness.exp_ceiling(name="exp")
-        rows["fwd"].append(CeilingRow(("exp",), "floor"))
-        rows["bwd"].append(CeilingRow(("exp",), "floor"))
-        rows["fwd+bwd"].append(CeilingRow(("exp", "exp"), "floor"))
+    # amax / copy rows; on a CPU the floor is one exp per element per pass.
+    ceilings, rows = harness.one_read_ceilings(device, _amax())
     extra = {}
     for mod, key in (("liger_kernel", "liger_kernel"), ("flash_attn", "flash_attn")):
         if device.type == "cuda":

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `pg_kern
 
 import pg_kernels
 from benchmarks import harness
-from benchmarks.harness import Case, CeilingRow, Inputs, OpBench, Outputs, Provider, Skip, Target
+from benchmarks.harness import Case, Inputs, OpBench, Outputs, Provider, Skip, Target
 from pg_kernels import _backend, reference
 from pg_kernels.ops.topk_kl import KERNELS
 
@@ -174,18 +174,8 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         Provider("eager", functools.partial(_eager, temperature=temperature)),
         Provider("compile", functools.partial(_compile, temperature=temperature)),
     ]
-    ceilings = {"amax": harness.amax_ceiling("logits", "amax"), "copy": harness.copy_ceiling()}
-    rows: dict[str, list[CeilingRow]] = {
-        "fwd": [CeilingRow(("amax",))],
-        "bwd": [CeilingRow(("copy",))],
-        "fwd+bwd": [CeilingRow(("amax", "copy"))],
-    }
-    if device.type == "cpu":
-        # The CPU floor: one exp per element forward (the normalizer), one more backward (p_j).
-        ceilings["exp"] = harness.exp_ceiling(name="exp")
-        rows["fwd"].append(CeilingRow(("exp",), "floor"))
-        rows["bwd"].append(CeilingRow(("exp",), "floor"))
-        rows["fwd+bwd"].append(CeilingRow(("exp", "exp"), "floor"))
+    # amax / copy rows; on a CPU the floor is one exp per element per pass.
+    ceilings, rows = harness.one_read_ceilings(device)
     return OpBench(
         op=OP,
         shape_dims=DIMS,

@@ -166,6 +166,26 @@ class CeilingRow:
         return "ceiling:" + "+".join(self.parts)
 
 
+def one_read_ceilings(
+    device: torch.device, amax: Ceiling | None = None
+) -> tuple[dict[str, Ceiling], dict[str, list[CeilingRow]]]:
+    """Ceilings and ceiling rows of an op that reads the logits once forward and reads them and
+    writes a gradient once backward: amax (fwd), copy (bwd), amax + copy (fwd+bwd); on a CPU also
+    the floor of one exp per element forward (the normalizer) and one more backward (p_j)."""
+    ceilings = {"amax": amax or amax_ceiling("logits", "amax"), "copy": copy_ceiling()}
+    rows: dict[str, list[CeilingRow]] = {
+        "fwd": [CeilingRow(("amax",))],
+        "bwd": [CeilingRow(("copy",))],
+        "fwd+bwd": [CeilingRow(("amax", "copy"))],
+    }
+    if device.type == "cpu":
+        ceilings["exp"] = exp_ceiling(name="exp")
+        rows["fwd"].append(CeilingRow(("exp",), "floor"))
+        rows["bwd"].append(CeilingRow(("exp",), "floor"))
+        rows["fwd+bwd"].append(CeilingRow(("exp", "exp"), "floor"))
+    return ceilings, rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """One target of an issue, read off a record's ratios: `speedup_vs[against]` of the
