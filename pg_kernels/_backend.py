@@ -150,7 +150,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return (
                 None
                 if triton_interpreted()
-                else "CPU tensors need TRITON_INTERPRET=1 (set before importing pg_kernels)"
+                else "CPU tensors only under TRITON_INTERPRET=1 (see the note below)"
             )
         return f"no Triton kernels for {kind} tensors"
     if backend == "cuda":
@@ -190,7 +190,12 @@ def resolve(
 
 
 def env_report() -> str:
-    """A human-readable account of what pg_kernels can use on this machine, and why not."""
+    """What pg_kernels can use on this machine, and why not, in one screen.
+
+    One line per (device, backend): "ok" or the reason it cannot run, then the backend that
+    `backend="auto"` picks on that device, then what to do about what does not run. Also
+    `python -m pg_kernels`. Nothing here touches a GPU beyond asking whether one is visible.
+    """
     lines = [
         f"pg_kernels on {platform.machine()} / Python {platform.python_version()}",
         f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, "
@@ -211,4 +216,24 @@ def env_report() -> str:
             why = unavailable_reason(backend, device)
             lines.append(f"  {device.type:4s} {backend:9s} {'ok' if why is None else why}")
         lines.append(f"  {device.type:4s} auto ->   {resolve('env_report', 'auto', device)}")
+    hints = []
+    if _CPU_REASON is not None:
+        hints.append(
+            "the C++ kernels: build them with `bash .ci/build_ext.sh python` (or pip "
+            "install --no-build-isolation .); until then the reference serves CPU tensors"
+        )
+    if torch.version.cuda is None:
+        hints.append("GPU kernels need a CUDA build of torch and a visible GPU")
+    elif torch.cuda.is_available() and _CUDA_REASON is not None:
+        hints.append(
+            "the CUDA kernels: rebuild with the CUDA toolkit (CUDA_HOME) present; the "
+            "Triton kernels serve CUDA tensors meanwhile"
+        )
+    if _TRITON_REASON is None and not triton_interpreted():
+        hints.append(
+            "the Triton kernels take CPU tensors only under the interpreter "
+            "(TRITON_INTERPRET=1 before import; the test suite sets it): a correctness "
+            "path, not a fast one"
+        )
+    lines += [f"note: {h}" for h in hints]
     return "\n".join(lines)
