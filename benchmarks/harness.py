@@ -22,6 +22,7 @@ Conventions every OpBench follows:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import gc
@@ -525,6 +526,21 @@ def _wait_until_quiet(max_wait_s: float, window_s: float = 0.5) -> None:
             return
 
 
+@contextlib.contextmanager
+def _native_stderr_muted():
+    """Process-level stderr (fd 2) to /dev/null: torch's profiler prints two "USDT: ...
+    profiler_start/stop" lines from C++ on every use, into the middle of the progress bar."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> int | None:
     """Peak bytes held by torch's CPU allocator during fn() above the level at its start.
 
@@ -536,7 +552,10 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int | None:
     try:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with (
+            _native_stderr_muted(),
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+        ):
             result = fn()
             del result
         events = [
