@@ -1013,6 +1013,24 @@ def markdown(bench: OpBench, records: list[dict], notes: list[str], meta: dict) 
         ),
         "",
     ]
+    # A backward alone timed slower than forward + backward of the same case cannot both be
+    # right: say so instead of printing the two as if they were.
+    ms = {
+        (r["provider"], r["dtype"], tuple(r["shape"].values()), r["mode"]): r["ms"]
+        for r in records
+        if r["status"] == "ok"
+    }
+    odd = sorted(
+        f"{p} {dt} {'×'.join(map(str, sh))}"
+        for (p, dt, sh, mode), t in ms.items()
+        if mode == "bwd" and t > ms.get((p, dt, sh, "fwd+bwd"), math.inf)
+    )
+    if odd:
+        notes = [
+            *notes,
+            f"bwd alone timed slower than fwd+bwd for {', '.join(odd)}: the two rows disagree "
+            "(noise or load); re-run with the machine quiet before reading either",
+        ]
     busy = [r for r in records if (r.get("other_load") or 0) > LOAD_WARN]
     if busy:
         worst = max(r["other_load"] for r in busy)
@@ -1110,12 +1128,12 @@ def plot(bench: OpBench, records: list[dict], path: Path, title: str) -> None:
             bar_w = 0.8 / max(len(present), 1)
             for k, p in enumerate(present):
                 points = [
-                    (s_idx, r["gbps"])
+                    (s_idx, r["gbps"], (r.get("other_load") or 0) > LOAD_WARN)
                     for s_idx, s in enumerate(shapes)
                     for r in rows
                     if r["provider"] == p and tuple(r["shape"].values()) == s
                 ]
-                xs, ys = [x for x, _ in points], [y for _, y in points]
+                xs, ys = [x for x, _, _ in points], [y for _, y, _ in points]
                 is_ceil = p.startswith("ceiling:")
                 if as_bars:
                     xs = [x - 0.4 + bar_w * (k + 0.5) for x in xs]
@@ -1129,6 +1147,9 @@ def plot(bench: OpBench, records: list[dict], path: Path, title: str) -> None:
                         xs, ys, color=color[p], label=p, marker="o", markersize=3,
                         linestyle="--" if is_ceil else "-", linewidth=1.2,
                     )  # fmt: skip
+                for x, y, busy in zip(xs, ys, (b for _, _, b in points)):
+                    if busy:  # timed under load, as the table's *
+                        ax.annotate("*", (x, y), ha="center", va="bottom", fontsize=11)
             ax.set_title(f"{bench.op} {mode}, {dt}", fontsize=10)
             ax.set_xticks(range(len(shapes)))
             ax.set_xticklabels(
