@@ -22,7 +22,9 @@ stamp() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
 reqs="$(stamp requirements-dev.txt)"
 if [ "$(cat .venv/.pgk-requirements 2>/dev/null)" != "$reqs" ]; then
     echo "pg_kernels: installing the pinned dependencies (first run: about a minute)"
-    python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+    # (This machine's pip config names local indexes that may be absent: pip warns about each.)
+    python -m pip install -q --disable-pip-version-check -r requirements-dev.txt \
+        2> >(grep -v "^WARNING: Location" >&2)
     echo "$reqs" > .venv/.pgk-requirements
 fi
 # One interpreter start (importing torch takes seconds): fails early if the install did not
