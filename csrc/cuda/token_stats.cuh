@@ -4,19 +4,22 @@
 //
 // ---- Algorithm -------------------------------------------------------------------------------
 // Forward, two launches:
-//   1. token_stats_partial_kernel: each row is cut into C chunks of at most kChunkBytes (32 KiB)
+//   1. token_stats_partial_kernel: each row is cut into C chunks of at most 128 KiB
 //      where C depends on V and the dtype only (never on N, never on alignment). A work item is
 //      one (row, chunk); a persistent grid (SMs x resident CTAs) walks the items in a grid-stride
 //      loop. Per item a CTA
-//        a) issues all of its loads at once: each thread holds kUnroll = 8 vectors of 16 bytes
-//           (8 bf16/fp16, 4 fp32, 2 fp64 logits per vector), i.e. 8 independent 16-byte loads
-//           in flight per thread and 32 KiB per CTA;
-//        b) takes the chunk's max M (NaN-propagating, on packed bf16x2/f16x2 words for 16-bit
-//           logits) with warp shuffles + shared memory, so every thread then uses the same
-//           reference max m = M / tau and the block reduction of the sums is a plain sum (no
-//           exp rescaling inside the CTA);
-//        c) accumulates s1 = sum e, s2 = sum e^2 (square of the e already computed), t = sum e d
-//           with e = exp(d), d = z - m, one exp per element, in a fixed per-thread order;
+//        a) walks kSteps = 4 load steps (unrolled); per step each thread loads kUnroll = 8
+//           vectors of 16 bytes (8 bf16/fp16, 4 fp32, 2 fp64 logits per vector), i.e. 8
+//           independent 16-byte loads in flight per thread and 32 KiB per CTA per step;
+//        b) per step: the thread's running max (NaN-propagating, on packed bf16x2/f16x2 words
+//           for 16-bit logits), one branchless rescale of its sums to the new reference (one
+//           exp per thread per step; ThreadRun / run_step / run_rescale, host-tested), then
+//           s1 = sum e, s2 = sum e^2, t = sum e d with e = exp(d), d = z - ref, one exp per
+//           element, in a fixed per-thread order; the step where the thread's scaled max last
+//           rose is kept for the argmax;
+//        c) after the steps, ONE CTA max M (warp shuffles + shared memory), every thread
+//           rescales its sums to m = M / tau (one exp), and the threads whose scaled max is m
+//           re-read their recorded step's vectors to find their first index of m;
 //        d) reduces (s1, s2, t, first argmax) over the CTA in a fixed order (xor-butterfly in
 //           each warp, lane 0's value, then the warp partials by an xor-butterfly over 8 lanes
 //           of warp 0, absent warps adding 0) and writes
@@ -45,28 +48,32 @@
 // ---- Launch configuration ---------------------------------------------------------------------
 //   * CTA: up to 256 threads (8 warps), fewer when V is small (threads = 32 * ceil(vectors per
 //     chunk / (8 * 32)), a function of V only) so that small vocabularies do not run idle warps.
-//   * Chunk: at most 256 threads x 8 vectors x 16 B = 32 KiB; C = ceil(vectors / 2048), and the
-//     vectors are spread evenly over the C chunks (chunk boundaries stay multiples of 16 B).
-//     Qwen bf16 (V = 151936): 18992 vectors -> C = 10 chunks of 1900 vectors (7.4 per thread).
-//   * Grid: min(items, SMs x resident CTAs per SM from the occupancy calculator). At <= 64
-//     registers per thread (__launch_bounds__(256, 4)) an H100 holds 4 CTAs = 1024 threads per
-//     SM, i.e. up to 128 KiB of loads in flight per SM while Little's law asks for roughly
-//     bandwidth/SM x latency = 22.7 B/ns x ~1 us ~= 23 KiB: with 4 CTAs per SM alternating between
-//     their load phase and their compute/reduce phase, the memory system stays saturated.
+//   * Chunk: at most 256 threads x 4 steps x 8 vectors x 16 B = 128 KiB; C = ceil(vectors /
+//     8192), and the vectors are spread evenly over the C chunks (chunk boundaries stay
+//     multiples of 16 B). Qwen bf16 (V = 151936): 18992 vectors -> C = 3 chunks of 6331 vectors
+//     (224 threads, 28.3 vectors per thread).
+//   * Grid: min(items, SMs x resident CTAs per SM from the occupancy calculator). At <= 80
+//     registers per thread (__launch_bounds__(256, 3); fp32 (256, 2), fp64 (256, 1)) an H100
+//     holds 3 CTAs = 768 threads per SM, i.e. up to 96 KiB of loads in flight per SM per step
+//     while Little's law asks for roughly bandwidth/SM x latency = 22.7 B/ns x ~1 us ~= 23 KiB.
+//     (Not measured on a GPU: fewer resident CTAs overlap less of the reduce phase, which now
+//     comes once per 4 load steps.)
 //   * Issue budget: .ci/check_cuda_budgets.py counts the SASS instructions of each hot loop (the
 //     item loop, every instruction in its address range, rare branches included) per element a
 //     thread handles per item (kUnroll x kVec), sm_90, against <= 10 (partial) and <= 12
 //     (backward) per 16-bit element, 20 / 24 per fp32 element (the same per byte). Temperature is a
 //     runtime value (inv_tau), so one kernel covers tau = 1 and tau != 1. Vector kernels
 //     (kAligned), nvcc 13.0, per element (registers):
-//                         before               after
-//       partial  bf16     31.2 (64)            14.8 (64)
-//       partial  fp16     31.2 (64)            14.8 (64)
-//       partial  fp32     47.7 (64)            27.5 (64)
-//       backward bf16     58.1 (64)            15.2 (64)
-//       backward fp16     58.1 (64)            15.2 (64)
-//       backward fp32     64.8 (59)            27.5 (64)
-//     "before" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
+//                         first      one step per item    4 steps per item (now)
+//       partial  bf16     31.2 (64)  14.8 (64)            10.4 (80)  owed (budget 10)
+//       partial  fp16     31.2 (64)  14.8 (64)            10.4 (80)  owed (budget 10)
+//       partial  fp32     47.7 (64)  27.5 (64)            19.0 (128)
+//       backward bf16     58.1 (64)  15.2 (64)            12.0 (80)
+//       backward fp16     58.1 (64)  15.2 (64)            12.0 (80)
+//       backward fp32     64.8 (59)  27.5 (64)            21.0 (128)
+//     With 4 steps the 16-bit forward costs ~9 per element per step (~7.5 per element + the
+//     step's loads, predicates, packed max and rescale) plus ~370 fixed per item; what is left
+//     to reach 10 is in the per-element work (the clamp, the unpack). "first" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
 //     inlined copies of the label's accurate gradient (backward) and of the argmax compare
 //     (forward). Still over budget (listed as owed in the check): the per-element work is ~7
 //     instructions for 16-bit logits (unpack, FFMA, clamp FMNMX, MUFU.EX2, FADD, 2 FFMA; backward
@@ -74,14 +81,12 @@
 //     carries ~400-500 instructions of fixed cost (cursor walk and row-scalar prefetch, the 8
 //     predicated loads, the CTA max with its barrier, the warp and CTA sums, the argmax loop, the
 //     workspace writes; backward: the fill select, the label entry) spread over only 64
-//     (32 fp32) elements per thread. Reaching the budget needs that fixed cost spread over more
-//     elements (several load steps per item with a per-thread running max and one rescale per
-//     step, the reductions once per item; or kUnroll 16 at ~128 registers, 2 CTAs per SM) and a
-//     cheaper per-element clamp (one packed max per 16-bit pair). The element-wise kernels
-//     (kAligned = false: rows not 16-byte aligned or V % kVec != 0) are printed by the check, not
-//     budgeted (bf16: partial 21.1, backward 26.7). None of this is measured on a GPU yet.
+//     (32 fp32) elements per thread; 4 load steps per item spread it over 256 (128). The
+//     element-wise kernels (kAligned = false: rows not 16-byte aligned or V % kVec != 0) are
+//     printed by the check, not budgeted (bf16: partial 19.0, backward 24.9). None of this is
+//     measured on a GPU yet.
 //   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
-//     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item.
+//     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item (4 steps).
 //   * Row scalars (label, tau; in backward also L, H, C and the four upstream grads) of the next
 //     item are loaded one iteration ahead, so their latency hides behind the current item.
 //
