@@ -11,8 +11,8 @@ temperature 1 and != 1.
 
 Elements per trip: the hot loop is the CTA's walk over (row, chunk) items; per item each thread
 handles kSteps (unrolled) load steps of kUnroll 16-byte vectors of kVec elements (token_stats.cuh's
-constants, read from the header). The item loops carry `#pragma unroll 1` (checked here: without it the compiler could
-unroll them, and one pass of the loop would hold several items).
+constants, read from the header). The item loops carry `#pragma unroll 1` (checked here: without
+it the compiler could unroll them, and one pass of the loop would hold several items).
 
 Budgeted: the kAligned = true kernels (16-byte aligned rows whose length is a whole number of
 vectors: every contiguous row of a vocabulary divisible by 8). The kAligned = false kernels are the
