@@ -2,7 +2,7 @@
 // Built and run by .ci/check_cuda.sh. It does not emulate the kernels: it checks the pieces of
 // their contract that are plain arithmetic shared with the host:
 //   1. plan_chunks: chunks cover each row exactly, depend on (V, dtype) only, stay within the
-//      32 KiB / 256-thread budget, no chunk is empty and no warp of a CTA is idle.
+//      128 KiB / 256-thread budget, no chunk is empty and no warp of a CTA is idle.
 //   2. ItemCursor + make_grid_walk: the division-free walk visits exactly the items
 //      blockIdx.x + k * gridDim.x with the right (row, chunk, row offset).
 //   3. finalize_row: folding per-chunk partial states (computed here in double straight from the
