@@ -73,7 +73,12 @@
 //       backward fp32     64.8 (59)  27.5 (64)            21.0 (128)
 //     With 4 steps the 16-bit forward costs ~9 per element per step (~7.5 per element + the
 //     step's loads, predicates, packed max and rescale) plus ~370 fixed per item; what is left
-//     to reach 10 is in the per-element work (the clamp, the unpack). "first" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
+//     to reach 10 is in the per-element work (the clamp, the unpack) or the per-load cost (4
+//     moves of the -inf fill per predicated 16-byte load, ~4 address instructions). Tried: 5
+//     steps reach 10.1; 5 steps with the tail slots loading a -inf vector from device memory
+//     (address select instead of the fill moves) reach 9.9 on sm_90, but the bf16 vector kernel
+//     then spills on sm_80 (around the CALL of __frcp_rn's slow path in load_row_scalars), at 80
+//     and at 128 registers alike. "first" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
 //     inlined copies of the label's accurate gradient (backward) and of the argmax compare
 //     (forward). Still over budget (listed as owed in the check): the per-element work is ~7
 //     instructions for 16-bit logits (unpack, FFMA, clamp FMNMX, MUFU.EX2, FADD, 2 FFMA; backward
