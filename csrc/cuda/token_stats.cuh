@@ -4,19 +4,22 @@
 //
 // ---- Algorithm -------------------------------------------------------------------------------
 // Forward, two launches:
-//   1. token_stats_partial_kernel: each row is cut into C chunks of at most kChunkBytes (32 KiB)
+//   1. token_stats_partial_kernel: each row is cut into C chunks of at most 128 KiB
 //      where C depends on V and the dtype only (never on N, never on alignment). A work item is
 //      one (row, chunk); a persistent grid (SMs x resident CTAs) walks the items in a grid-stride
 //      loop. Per item a CTA
-//        a) issues all of its loads at once: each thread holds kUnroll = 8 vectors of 16 bytes
-//           (8 bf16/fp16, 4 fp32, 2 fp64 logits per vector), i.e. 8 independent 16-byte loads
-//           in flight per thread and 32 KiB per CTA;
-//        b) takes the chunk's max M (NaN-propagating, on packed bf16x2/f16x2 words for 16-bit
-//           logits) with warp shuffles + shared memory, so every thread then uses the same
-//           reference max m = M / tau and the block reduction of the sums is a plain sum (no
-//           exp rescaling inside the CTA);
-//        c) accumulates s1 = sum e, s2 = sum e^2 (square of the e already computed), t = sum e d
-//           with e = exp(d), d = z - m, one exp per element, in a fixed per-thread order;
+//        a) walks kSteps = 4 load steps (unrolled); per step each thread loads kUnroll = 8
+//           vectors of 16 bytes (8 bf16/fp16, 4 fp32, 2 fp64 logits per vector), i.e. 8
+//           independent 16-byte loads in flight per thread and 32 KiB per CTA per step;
+//        b) per step: the thread's running max (NaN-propagating, on packed bf16x2/f16x2 words
+//           for 16-bit logits), one branchless rescale of its sums to the new reference (one
+//           exp per thread per step; ThreadRun / run_step / run_rescale, host-tested), then
+//           s1 = sum e, s2 = sum e^2, t = sum e d with e = exp(d), d = z - ref, one exp per
+//           element, in a fixed per-thread order; the step where the thread's scaled max last
+//           rose is kept for the argmax;
+//        c) after the steps, ONE CTA max M (warp shuffles + shared memory), every thread
+//           rescales its sums to m = M / tau (one exp), and the threads whose scaled max is m
+//           re-read their recorded step's vectors to find their first index of m;
 //        d) reduces (s1, s2, t, first argmax) over the CTA in a fixed order (xor-butterfly in
 //           each warp, lane 0's value, then the warp partials by an xor-butterfly over 8 lanes
 //           of warp 0, absent warps adding 0) and writes
@@ -45,28 +48,37 @@
 // ---- Launch configuration ---------------------------------------------------------------------
 //   * CTA: up to 256 threads (8 warps), fewer when V is small (threads = 32 * ceil(vectors per
 //     chunk / (8 * 32)), a function of V only) so that small vocabularies do not run idle warps.
-//   * Chunk: at most 256 threads x 8 vectors x 16 B = 32 KiB; C = ceil(vectors / 2048), and the
-//     vectors are spread evenly over the C chunks (chunk boundaries stay multiples of 16 B).
-//     Qwen bf16 (V = 151936): 18992 vectors -> C = 10 chunks of 1900 vectors (7.4 per thread).
-//   * Grid: min(items, SMs x resident CTAs per SM from the occupancy calculator). At <= 64
-//     registers per thread (__launch_bounds__(256, 4)) an H100 holds 4 CTAs = 1024 threads per
-//     SM, i.e. up to 128 KiB of loads in flight per SM while Little's law asks for roughly
-//     bandwidth/SM x latency = 22.7 B/ns x ~1 us ~= 23 KiB: with 4 CTAs per SM alternating between
-//     their load phase and their compute/reduce phase, the memory system stays saturated.
+//   * Chunk: at most 256 threads x 4 steps x 8 vectors x 16 B = 128 KiB; C = ceil(vectors /
+//     8192), and the vectors are spread evenly over the C chunks (chunk boundaries stay
+//     multiples of 16 B). Qwen bf16 (V = 151936): 18992 vectors -> C = 3 chunks of 6331 vectors
+//     (224 threads, 28.3 vectors per thread).
+//   * Grid: min(items, SMs x resident CTAs per SM from the occupancy calculator). At <= 80
+//     registers per thread (__launch_bounds__(256, 3); fp32 (256, 2), fp64 (256, 1)) an H100
+//     holds 3 CTAs = 768 threads per SM, i.e. up to 96 KiB of loads in flight per SM per step
+//     while Little's law asks for roughly bandwidth/SM x latency = 22.7 B/ns x ~1 us ~= 23 KiB.
+//     (Not measured on a GPU: fewer resident CTAs overlap less of the reduce phase, which now
+//     comes once per 4 load steps.)
 //   * Issue budget: .ci/check_cuda_budgets.py counts the SASS instructions of each hot loop (the
 //     item loop, every instruction in its address range, rare branches included) per element a
 //     thread handles per item (kUnroll x kVec), sm_90, against <= 10 (partial) and <= 12
 //     (backward) per 16-bit element, 20 / 24 per fp32 element (the same per byte). Temperature is a
 //     runtime value (inv_tau), so one kernel covers tau = 1 and tau != 1. Vector kernels
 //     (kAligned), nvcc 13.0, per element (registers):
-//                         before               after
-//       partial  bf16     31.2 (64)            14.8 (64)
-//       partial  fp16     31.2 (64)            14.8 (64)
-//       partial  fp32     47.7 (64)            27.5 (64)
-//       backward bf16     58.1 (64)            15.2 (64)
-//       backward fp16     58.1 (64)            15.2 (64)
-//       backward fp32     64.8 (59)            27.5 (64)
-//     "before" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
+//                         first      one step per item    4 steps per item (now)
+//       partial  bf16     31.2 (64)  14.8 (64)            10.4 (80)  owed (budget 10)
+//       partial  fp16     31.2 (64)  14.8 (64)            10.4 (80)  owed (budget 10)
+//       partial  fp32     47.7 (64)  27.5 (64)            19.0 (128)
+//       backward bf16     58.1 (64)  15.2 (64)            12.0 (80)
+//       backward fp16     58.1 (64)  15.2 (64)            12.0 (80)
+//       backward fp32     64.8 (59)  27.5 (64)            21.0 (128)
+//     With 4 steps the 16-bit forward costs ~9 per element per step (~7.5 per element + the
+//     step's loads, predicates, packed max and rescale) plus ~370 fixed per item; what is left
+//     to reach 10 is in the per-element work (the clamp, the unpack) or the per-load cost (4
+//     moves of the -inf fill per predicated 16-byte load, ~4 address instructions). Tried: 5
+//     steps reach 10.1; 5 steps with the tail slots loading a -inf vector from device memory
+//     (address select instead of the fill moves) reach 9.9 on sm_90, but the bf16 vector kernel
+//     then spills on sm_80 (around the CALL of __frcp_rn's slow path in load_row_scalars), at 80
+//     and at 128 registers alike. "first" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
 //     inlined copies of the label's accurate gradient (backward) and of the argmax compare
 //     (forward). Still over budget (listed as owed in the check): the per-element work is ~7
 //     instructions for 16-bit logits (unpack, FFMA, clamp FMNMX, MUFU.EX2, FADD, 2 FFMA; backward
@@ -74,14 +86,12 @@
 //     carries ~400-500 instructions of fixed cost (cursor walk and row-scalar prefetch, the 8
 //     predicated loads, the CTA max with its barrier, the warp and CTA sums, the argmax loop, the
 //     workspace writes; backward: the fill select, the label entry) spread over only 64
-//     (32 fp32) elements per thread. Reaching the budget needs that fixed cost spread over more
-//     elements (several load steps per item with a per-thread running max and one rescale per
-//     step, the reductions once per item; or kUnroll 16 at ~128 registers, 2 CTAs per SM) and a
-//     cheaper per-element clamp (one packed max per 16-bit pair). The element-wise kernels
-//     (kAligned = false: rows not 16-byte aligned or V % kVec != 0) are printed by the check, not
-//     budgeted (bf16: partial 21.1, backward 26.7). None of this is measured on a GPU yet.
+//     (32 fp32) elements per thread; 4 load steps per item spread it over 256 (128). The
+//     element-wise kernels (kAligned = false: rows not 16-byte aligned or V % kVec != 0) are
+//     printed by the check, not budgeted (bf16: partial 19.0, backward 24.9). None of this is
+//     measured on a GPU yet.
 //   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
-//     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item.
+//     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item (4 steps).
 //   * Row scalars (label, tau; in backward also L, H, C and the four upstream grads) of the next
 //     item are loaded one iteration ahead, so their latency hides behind the current item.
 //
@@ -115,9 +125,15 @@ namespace gpu {
 // Tuning constants (see "Launch configuration" above).
 constexpr int kMaxThreads = 256;              // threads per CTA at most (8 warps)
 constexpr int kMaxWarps = kMaxThreads / 32;
-constexpr int kUnroll = 8;                    // 16-byte vectors per thread per item
-constexpr int kMinBlocksPerSM = 4;            // register cap: 65536 / (4 * 256) = 64 per thread
-constexpr int64_t kVectorsPerChunk = int64_t(kMaxThreads) * kUnroll;  // 2048 x 16 B = 32 KiB
+constexpr int kUnroll = 8;                    // 16-byte vectors per thread per load step
+constexpr int kSteps = 4;                     // load steps per item (unrolled)
+// Register cap: 65536 / (3 * 256) = 80 per thread (kSteps load steps per item spill at 64: the
+// compiler issues the next step's loads while the current step computes). fp32: 2 CTAs (128
+// registers; it spills at 80). Either way >= 512 threads x 128 B = 64 KiB of loads in flight
+// per SM, well above the ~23 KiB Little's law asks for.
+constexpr int kMinBlocksPerSM = 3;
+// 256 threads x 8 vectors x 4 steps = 8192 x 16 B = 128 KiB per chunk.
+constexpr int64_t kVectorsPerChunk = int64_t(kMaxThreads) * kUnroll * kSteps;
 constexpr int kFinalizeThreads = 128;
 
 // ---------------------------------------------------------------------------------------------
@@ -140,6 +156,7 @@ struct DTypeTraits<BF16> {
   static constexpr uint16_t kNegInfBits = 0xFF80;
   static constexpr uint16_t kNaNBits = 0x7FC0;
   static constexpr int kMinBlocks = kMinBlocksPerSM;
+  static constexpr int kMinBlocksFwd = kMinBlocksPerSM;
 };
 template <>
 struct DTypeTraits<F16> {
@@ -150,6 +167,7 @@ struct DTypeTraits<F16> {
   static constexpr uint16_t kNegInfBits = 0xFC00;
   static constexpr uint16_t kNaNBits = 0x7E00;
   static constexpr int kMinBlocks = kMinBlocksPerSM;
+  static constexpr int kMinBlocksFwd = kMinBlocksPerSM;
 };
 template <>
 struct DTypeTraits<F32> {
@@ -159,7 +177,8 @@ struct DTypeTraits<F32> {
   static constexpr bool kPacked16 = false;
   static constexpr uint32_t kNegInfBits = 0xFF800000u;
   static constexpr uint32_t kNaNBits = 0x7FC00000u;
-  static constexpr int kMinBlocks = kMinBlocksPerSM;
+  static constexpr int kMinBlocks = 2;
+  static constexpr int kMinBlocksFwd = 2;
 };
 template <>
 struct DTypeTraits<F64> {
@@ -169,9 +188,10 @@ struct DTypeTraits<F64> {
   static constexpr bool kPacked16 = false;
   static constexpr unsigned long long kNegInfBits = 0xFFF0000000000000ull;
   static constexpr unsigned long long kNaNBits = 0x7FF8000000000000ull;
-  // fp64 is not a performance target and double exp needs many registers: 2 CTAs per SM
-  // (128 registers) instead of spilling.
-  static constexpr int kMinBlocks = 2;
+  // fp64 is not a performance target and double exp needs many registers: 1 CTA per SM (up to
+  // 255 registers; kSteps steps spill at 128) instead of spilling.
+  static constexpr int kMinBlocks = 1;
+  static constexpr int kMinBlocksFwd = 1;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -184,7 +204,8 @@ struct ChunkPlan {
   int n_vecs;           // 16-byte vectors per row, ceil(V / kVec) (the last may be partial)
   int n_chunks;         // C >= 1
   int vecs_per_chunk;   // chunk k covers vectors [k * vecs_per_chunk, (k + 1) * vecs_per_chunk)
-  int threads;          // CTA size: multiple of 32, <= kMaxThreads, threads * kUnroll >= vecs_per_chunk
+  int threads;          // CTA size: multiple of 32, <= kMaxThreads,
+                        // threads * kUnroll * kSteps >= vecs_per_chunk
 };
 
 PGK_HD ChunkPlan plan_chunks(int64_t V, int vec) {
@@ -192,7 +213,7 @@ PGK_HD ChunkPlan plan_chunks(int64_t V, int vec) {
   const int64_t n_vecs = V > 0 ? (V + vec - 1) / vec : 0;
   const int64_t n_chunks = n_vecs > 0 ? (n_vecs + kVectorsPerChunk - 1) / kVectorsPerChunk : 1;
   const int64_t per_chunk = n_vecs > 0 ? (n_vecs + n_chunks - 1) / n_chunks : 1;
-  const int64_t per_thread_rows = (per_chunk + kUnroll - 1) / kUnroll;
+  const int64_t per_thread_rows = (per_chunk + kUnroll * kSteps - 1) / (kUnroll * kSteps);
   const int64_t warps = (per_thread_rows + 31) / 32;
   p.n_vecs = static_cast<int>(n_vecs);
   p.n_chunks = static_cast<int>(n_chunks);
@@ -594,25 +615,27 @@ __device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* 
   }
 }
 
-// All kUnroll vectors of a thread for one item: vector v = u * T + tid of the chunk, i.e. the
-// warp's 32 lanes read 512 contiguous bytes per u. Slots past the chunk read as -inf.
+// The kUnroll vectors of a thread for one load step of an item: vector v = first + u * T + tid
+// of the chunk (first = step * kUnroll * T), i.e. the warp's 32 lanes read 512 contiguous bytes
+// per u. Slots past the chunk read as -inf.
 // kAligned: 16-byte aligned rows made of whole vectors (the launchers choose this kernel only
 // when V % kVec == 0), so every vector of the chunk is one 16-byte load from one base pointer.
 // Otherwise element-wise loads (load_vector) that build the same bits in the same registers.
 template <typename Tag, bool kAligned>
 __device__ __forceinline__ void load_item(uint4 (&raw)[kUnroll],
                                           const typename DTypeTraits<Tag>::bits_t* x, int vec0,
-                                          int n_here, int V, int T, int tid) {
+                                          int first, int n_here, int V, int T, int tid) {
   using Tr = DTypeTraits<Tag>;
   const uint4 fill = splat_bits<Tag>(Tr::kNegInfBits);
   if constexpr (kAligned) {
-    const uint4* src = reinterpret_cast<const uint4*>(x) + vec0 + tid;
+    const uint4* src = reinterpret_cast<const uint4*>(x) + vec0 + first + tid;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) raw[u] = u * T + tid < n_here ? __ldg(src + u * T) : fill;
+    for (int u = 0; u < kUnroll; ++u)
+      raw[u] = first + u * T + tid < n_here ? __ldg(src + u * T) : fill;
   } else {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int v = u * T + tid;
+      const int v = first + u * T + tid;
       raw[u] = v < n_here ? load_vector<Tag>(x, vec0 + v, V) : fill;
     }
   }
@@ -648,68 +671,172 @@ __device__ __forceinline__ typename DTypeTraits<Tag>::acc_t thread_max(const uin
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-element accumulation of the forward pass: s1 += e, s2 += e^2, t += e d, e = exp(d).
-// All three specializations share the reference max m of the chunk (already scaled by 1/tau).
+// Host/device scalar primitives of the forward's per-thread state, so that the host test
+// (check/host_test.cu) runs the very update the kernel runs. On the host, ex2.approx is std::exp2
+// with subnormal results flushed to 0 (the device's approximation error, <= 2 ulp, is not
+// emulated) and the rounded products are plain products (no FMA contraction on the host build).
+PGK_HD float hd_ex2(float x) {
+#if defined(__CUDA_ARCH__)
+  return ex2_approx(x);
+#else
+  const float y = std::exp2(x);
+  return y < std::numeric_limits<float>::min() ? 0.0f : y;
+#endif
+}
+PGK_HD float hd_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+PGK_HD double hd_mul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+PGK_HD float hd_max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return max_nan_f32(a, b);
+#else
+  return max_nan(a, b);
+#endif
+}
+PGK_HD double hd_max_nan(double a, double b) { return max_nan(a, b); }
+// exp_accurate (fp32, ~2-3 ulp) with hd_ex2.
+PGK_HD float hd_exp_accurate(float d) {
+  const float h = hd_mul(d, kLog2e);
+  float l = fmaf(d, kLog2e, -h);
+  l = fmaf(d, kLog2eLo, l);
+  const float e = hd_ex2(h);
+  return fmaf(e, hd_mul(l, kLn2), e);
+}
+
+PGK_HD float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+PGK_HD double fma_acc(double a, double b, double c) { return fma(a, b, c); }
+
+// ---------------------------------------------------------------------------------------------
+// Forward: per-thread running state over the load steps of an item.
+//   mx:   the thread's running max of the raw logits x (NaN-propagating)
+//   mz:   mx scaled, z = x / tau rounded as the CPU rounds it (monotone in x)
+//   ref:  the reference the sums are relative to: term.ref_of(mz) (z units, or z log2e)
+//   s1, s2, t: sum e, sum e^2, sum e d with d = (z or z log2e) - ref, e = exp(z - mz)
+//   step: the last step at which mz rose strictly, i.e. the first step that holds an element
+//         whose scaled value equals the thread's final mz (the argmax is searched there only).
+// Each step: mx takes the step's max (one packed max per 16-bit pair), then the sums are
+// rescaled to the new ref branchlessly (one exp per thread per step; a zero factor when the
+// thread had no finite entry yet: the difference is clamped, never -inf - -inf = NaN), then each
+// element adds its terms. After the loop every thread rescales to the chunk's ref and the CTA
+// adds the sums in a fixed order.
+template <typename acc_t>
+struct ThreadRun {
+  acc_t mx, mz, ref, s1, s2, t;
+  int step;
+};
+
+template <typename acc_t>
+PGK_HD ThreadRun<acc_t> empty_run() {
+  return {neg_inf<acc_t>(), neg_inf<acc_t>(), neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), 0};
+}
+
+// Rescale the sums to a new (not smaller) reference:
+//   s1 <- a s1,  s2 <- a^2 s2,  t <- a (t + delta s1),  a = exp(delta), delta = ref - ref_new
+// delta is clamped to the exp-underflow bound: a = 0 exactly when the old reference is -inf (the
+// sums are then 0 and stay 0) or far below, and NaN never arises from -inf - -inf.
+template <typename Term, typename acc_t>
+PGK_HD void run_rescale(ThreadRun<acc_t>& r, acc_t ref_new, const Term& term) {
+  const acc_t delta = term.clamp(r.ref - ref_new);
+  const acc_t a = term.exp(delta);
+  r.t = a * fma_acc(delta, r.s1, r.t);
+  r.s1 = a * r.s1;
+  r.s2 = (a * a) * r.s2;
+  r.ref = ref_new;
+}
+
+// One load step's max joins the running state (s: the step's index).
+template <typename Term, typename acc_t>
+PGK_HD void run_step(ThreadRun<acc_t>& r, acc_t step_max, int s, const Term& term) {
+  const acc_t mx = hd_max_nan(r.mx, step_max);
+  const acc_t mz = term.scale(mx);
+  r.step = mz > r.mz ? s : r.step;
+  r.mx = mx;
+  r.mz = mz;
+  run_rescale(r, term.ref_of(mz), term);
+}
+
+// Per-element accumulation: s1 += e, s2 += e^2, t += e d, relative to r.ref.
 template <typename Tag>
 struct ForwardTerm;
 
-// 16-bit logits: base-2 exponent from one FFMA; t is kept in base-2 units (times ln 2 at the end).
-template <typename Tag>
+// 16-bit logits: base-2 units (ref = z log2e), exponent from one FFMA; t is kept in base-2 units
+// (times ln 2 at the end).
 struct ForwardTermFast {
-  float c;    // log2e / tau
-  float bm;   // m log2e
-  // (Initialized in the body: nvcc keeps mem-initializers of device constructors in the host
-  // pass, where device intrinsics are not declared.)
-  __device__ __forceinline__ ForwardTermFast(float inv_tau, float m) {
-    c = __fmul_rn(inv_tau, kLog2e);
-    bm = __fmul_rn(m, kLog2e);
+  float inv_tau;
+  float c;  // log2e / tau
+  PGK_HD explicit ForwardTermFast(float inv_tau_) {
+    inv_tau = inv_tau_;
+    c = hd_mul(inv_tau_, kLog2e);
   }
-  __device__ __forceinline__ void add(float x, float& s1, float& s2, float& t) const {
-    // d2 = (z - m) log2e, clamped so -inf logits give e = 0 and e * d2 = 0.
-    const float d2 = fmaxf(fmaf(x, c, -bm), min_d2_fast());
-    const float e = ex2_approx(d2);
-    s1 = __fadd_rn(s1, e);
-    s2 = fmaf(e, e, s2);
-    t = fmaf(e, d2, t);
+  PGK_HD float scale(float x) const { return hd_mul(x, inv_tau); }
+  PGK_HD float ref_of(float mz) const { return hd_mul(mz, kLog2e); }
+  PGK_HD float clamp(float d2) const { return fmaxf(d2, exp_zero_below<float>() * kLog2e); }
+  PGK_HD float exp(float d2) const { return hd_ex2(d2); }
+  PGK_HD void add(float x, ThreadRun<float>& r) const {
+    // d2 = (z - ref) log2e, clamped so -inf logits give e = 0 and e * d2 = 0.
+    const float d2 = clamp(fmaf(x, c, -r.ref));
+    const float e = hd_ex2(d2);
+    r.s1 = r.s1 + e;
+    r.s2 = fmaf(e, e, r.s2);
+    r.t = fmaf(e, d2, r.t);
   }
-  __device__ __forceinline__ float finish_t(float t) const { return __fmul_rn(t, kLn2); }
+  PGK_HD float finish_t(float t) const { return hd_mul(t, kLn2); }
 };
 template <>
-struct ForwardTerm<BF16> : ForwardTermFast<BF16> {
-  using ForwardTermFast<BF16>::ForwardTermFast;
+struct ForwardTerm<BF16> : ForwardTermFast {
+  using ForwardTermFast::ForwardTermFast;
 };
 template <>
-struct ForwardTerm<F16> : ForwardTermFast<F16> {
-  using ForwardTermFast<F16>::ForwardTermFast;
+struct ForwardTerm<F16> : ForwardTermFast {
+  using ForwardTermFast::ForwardTermFast;
 };
 
 // fp32 logits: z and d rounded as on the CPU, accurate exp.
 template <>
 struct ForwardTerm<F32> {
-  float inv_tau, m;
-  __device__ __forceinline__ ForwardTerm(float inv_tau_, float m_) : inv_tau(inv_tau_), m(m_) {}
-  __device__ __forceinline__ void add(float x, float& s1, float& s2, float& t) const {
-    const float d = fmaxf(__fsub_rn(__fmul_rn(x, inv_tau), m), min_d32());
-    const float e = exp_accurate(d);
-    s1 = __fadd_rn(s1, e);
-    s2 = fmaf(e, e, s2);
-    t = fmaf(e, d, t);
+  float inv_tau;
+  PGK_HD explicit ForwardTerm(float inv_tau_) { inv_tau = inv_tau_; }
+  PGK_HD float scale(float x) const { return hd_mul(x, inv_tau); }
+  PGK_HD float ref_of(float mz) const { return mz; }
+  PGK_HD float clamp(float d) const { return fmaxf(d, exp_zero_below<float>()); }
+  PGK_HD float exp(float d) const { return hd_exp_accurate(d); }
+  PGK_HD void add(float x, ThreadRun<float>& r) const {
+    const float d = clamp(hd_mul(x, inv_tau) - r.ref);
+    const float e = hd_exp_accurate(d);
+    r.s1 = r.s1 + e;
+    r.s2 = fmaf(e, e, r.s2);
+    r.t = fmaf(e, d, r.t);
   }
-  __device__ __forceinline__ float finish_t(float t) const { return t; }
+  PGK_HD float finish_t(float t) const { return t; }
 };
 
 template <>
 struct ForwardTerm<F64> {
-  double inv_tau, m;
-  __device__ __forceinline__ ForwardTerm(double inv_tau_, double m_) : inv_tau(inv_tau_), m(m_) {}
-  __device__ __forceinline__ void add(double x, double& s1, double& s2, double& t) const {
-    const double d = fmax(__dsub_rn(__dmul_rn(x, inv_tau), m), min_d64());
+  double inv_tau;
+  PGK_HD explicit ForwardTerm(double inv_tau_) { inv_tau = inv_tau_; }
+  PGK_HD double scale(double x) const { return hd_mul(x, inv_tau); }
+  PGK_HD double ref_of(double mz) const { return mz; }
+  PGK_HD double clamp(double d) const { return fmax(d, exp_zero_below<double>()); }
+  PGK_HD double exp(double d) const { return ::exp(d); }
+  PGK_HD void add(double x, ThreadRun<double>& r) const {
+    const double d = clamp(hd_mul(x, inv_tau) - r.ref);
     const double e = ::exp(d);
-    s1 = __dadd_rn(s1, e);
-    s2 = fma(e, e, s2);
-    t = fma(e, d, t);
+    r.s1 = r.s1 + e;
+    r.s2 = fma(e, e, r.s2);
+    r.t = fma(e, d, r.t);
   }
-  __device__ __forceinline__ double finish_t(double t) const { return t; }
+  PGK_HD double finish_t(double t) const { return t; }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -764,7 +891,7 @@ __device__ __forceinline__ RowScalars<acc_t> load_row_scalars(const RowInputs<ac
 // ---------------------------------------------------------------------------------------------
 // Forward, launch 1: partial state of every (row, chunk).
 template <typename Tag, bool kAligned>
-__global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
+__global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
     token_stats_partial_kernel(const ForwardParams<typename DTypeTraits<Tag>::acc_t> p) {
   using Tr = DTypeTraits<Tag>;
   using acc_t = typename Tr::acc_t;
@@ -797,15 +924,28 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     if (next.row < in.N) next_rs = load_row_scalars(in, next.row);  // prefetch
     if (cur.kind != RowKind::kValid) continue;  // uniform over the CTA; finalize fills the row
 
-    // a) all loads of the item in flight at once.
+    // a) kSteps load steps of kUnroll 16-byte vectors each (8 loads in flight per thread per
+    // step); per step the thread's running max (one packed max per 16-bit pair), one rescale of
+    // its sums, then one exp per element relative to the thread's reference, in a fixed order
+    // (step, vector u, element j). Slots past the chunk hold -inf: they add exactly +0.
     const int vec0 = chunk * in.plan.vecs_per_chunk;
     const int n_here = min(in.plan.vecs_per_chunk, in.plan.n_vecs - vec0);
-    uint4 raw[kUnroll];
-    load_item<Tag, kAligned>(raw, logits + row_offset, vec0, n_here, V, T, tid);
+    const bits_t* x = logits + row_offset;
+    const ForwardTerm<Tag> term(cur.inv_tau);
+    ThreadRun<acc_t> run = empty_run<acc_t>();
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      uint4 raw[kUnroll];
+      load_item<Tag, kAligned>(raw, x, vec0, s * kUnroll * T, n_here, V, T, tid);
+      run_step(run, thread_max<Tag>(raw), s, term);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int j = 0; j < Tr::kVec; ++j) term.add(element<Tag>(raw[u], j), run);
+    }
 
     // b) the chunk's max, NaN-propagating, in logit units (the scaling by 1/tau > 0 is monotone).
-    const acc_t lm = thread_max<Tag>(raw);
-    const acc_t wm = warp_max_nan(lm);
+    const acc_t wm = warp_max_nan(run.mx);
     if (lane == 0) sh_max[warp] = wm;
     __syncthreads();
     acc_t M = sh_max[0];
@@ -813,35 +953,34 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     for (int w = 1; w < kMaxWarps; ++w)  // bounded by a constant: no runtime-trip-count loop
       if (w < n_warps) M = max_nan_acc(M, sh_max[w]);
     // Reference max of the chunk in z units, rounded as the CPU rounds z = x / tau.
-    const acc_t m = mul_rn(M, cur.inv_tau);
+    const acc_t m = term.scale(M);
 
-    // c) one exp per element; fixed order: vector u, then element j. Slots past the chunk hold
-    // -inf: they add exactly +0 to each sum (no branch around them).
-    const ForwardTerm<Tag> term(cur.inv_tau, m);
-    acc_t s1 = 0, s2 = 0, t = 0;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-      for (int j = 0; j < Tr::kVec; ++j) term.add(element<Tag>(raw[u], j), s1, s2, t);
-    t = term.finish_t(t);
+    // c) every thread's sums relative to the chunk's reference (one exp per thread).
+    run_rescale(run, term.ref_of(m), term);
+    const acc_t s1 = run.s1, s2 = run.s2, t = term.finish_t(run.t);
 
     // First index of the max of z (as the CPU: compare scaled values). Only threads whose own
-    // max scales to m can hold it; rarely more than one per chunk. A loop over the vectors that
-    // is not unrolled (a few dozen instructions instead of kUnroll * kVec compares): vector u is
-    // always raw[0], the array shifting down by one per trip (raw is not read after this).
+    // scaled max equals m can hold it (rarely more than one per chunk), and only in the step
+    // where that max was first reached (run.step): they read that step's vectors again (L1/L2
+    // hits) in a loop that is not unrolled, element by element in index order.
     int idx = INT_MAX;
-    if (mul_rn(lm, cur.inv_tau) == m) {
-      int v = tid;
+    if (run.mz == m) {
+      const int first = run.step * kUnroll * T + tid;
 #pragma unroll 1
-      for (int u = 0; u < kUnroll && v < n_here; ++u, v += T) {
+      for (int u = 0; u < kUnroll; ++u) {
+        const int v = first + u * T;
+        if (v >= n_here) break;
+        uint4 w;
+        if constexpr (kAligned) {
+          w = __ldg(reinterpret_cast<const uint4*>(x) + vec0 + v);
+        } else {
+          w = load_vector<Tag>(x, vec0 + v, V);
+        }
         const int e0 = (vec0 + v) * Tr::kVec;
 #pragma unroll
         for (int j = Tr::kVec - 1; j >= 0; --j)  // descending: the first match is written last
-          if ((kAligned || e0 + j < V) && mul_rn(element<Tag>(raw[0], j), cur.inv_tau) == m)
-            idx = e0 + j;
+          if ((kAligned || e0 + j < V) && term.scale(element<Tag>(w, j)) == m) idx = e0 + j;
         if (idx != INT_MAX) break;
-#pragma unroll
-        for (int k = 0; k + 1 < kUnroll; ++k) raw[k] = raw[k + 1];
       }
     }
 
@@ -1072,11 +1211,11 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
           g_lse = 0;
     uint4 raw[kUnroll];
     RowKind kind = cur.kind;
-    // The logit loads and the row's saved statistics / upstream grads go out together: the
-    // scalars' latency hides behind the vectors'. Ignored and invalid rows read no logit (their
-    // slots hold -inf).
-    load_item<Tag, kAligned>(raw, logits + row_offset, vec0, kind == RowKind::kValid ? n_here : 0,
-                             V, T, tid);
+    // The first step's logit loads and the row's saved statistics / upstream grads go out
+    // together: the scalars' latency hides behind the vectors'. Ignored and invalid rows read no
+    // logit (their slots hold -inf).
+    const int n_read = kind == RowKind::kValid ? n_here : 0;
+    load_item<Tag, kAligned>(raw, logits + row_offset, vec0, 0, n_read, V, T, tid);
     if (kind == RowKind::kValid) {
       lse = __ldg(p.lse + row);
       entropy = __ldg(p.entropy + row);
@@ -1098,18 +1237,25 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     const bool valid = kind == RowKind::kValid;
     const uint4 fill = splat_bits<Tag>(kind == RowKind::kIgnored ? bits_t(0) : Tr::kNaNBits);
     uint4* dst = reinterpret_cast<uint4*>(g_row) + vec0 + tid;
+    // kSteps steps of kUnroll vectors (unrolled): step s covers vectors s * kUnroll * T + u * T +
+    // tid of the chunk; the next step's loads are issued after this step's stores.
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int v = u * T + tid;
-      if (v < n_here) {
-        acc_t gv[Tr::kVec];
+    for (int s = 0; s < kSteps; ++s) {
+      const int first = s * kUnroll * T;
+      if (s > 0) load_item<Tag, kAligned>(raw, logits + row_offset, vec0, first, n_read, V, T, tid);
 #pragma unroll
-        for (int j = 0; j < Tr::kVec; ++j) gv[j] = term.grad(element<Tag>(raw[u], j));
-        const uint4 out = valid ? pack_vector<Tag>(gv) : fill;
-        if constexpr (kAligned) {
-          dst[u * T] = out;
-        } else {
-          store_vector<Tag>(g_row, vec0 + v, V, out);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int v = first + u * T + tid;
+        if (v < n_here) {
+          acc_t gv[Tr::kVec];
+#pragma unroll
+          for (int j = 0; j < Tr::kVec; ++j) gv[j] = term.grad(element<Tag>(raw[u], j));
+          const uint4 out = valid ? pack_vector<Tag>(gv) : fill;
+          if constexpr (kAligned) {
+            dst[first + u * T] = out;
+          } else {
+            store_vector<Tag>(g_row, vec0 + v, V, out);
+          }
         }
       }
     }
@@ -1117,6 +1263,7 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     // The label's entry gets g_l too: the thread that stored the label's vector (vector lv of the
     // chunk, lv = u * T + tid) overwrites that one element, after its own store of the vector
     // (program order), with the label's gradient computed once (label_grad), rounded once.
+    // (lv = (s * kUnroll + u) * T + tid for some step s and slot u.)
     const int lv = cur.label / Tr::kVec - vec0;
     if (lv >= tid && lv < n_here && (lv - tid) % T == 0) {
       const bits_t x_c = __ldg(logits + row_offset + cur.label);

@@ -2,21 +2,29 @@
 // Built and run by .ci/check_cuda.sh. It does not emulate the kernels: it checks the pieces of
 // their contract that are plain arithmetic shared with the host:
 //   1. plan_chunks: chunks cover each row exactly, depend on (V, dtype) only, stay within the
-//      32 KiB / 256-thread budget, no chunk is empty and no warp of a CTA is idle.
+//      128 KiB / 256-thread budget, no chunk is empty and no warp of a CTA is idle.
 //   2. ItemCursor + make_grid_walk: the division-free walk visits exactly the items
 //      blockIdx.x + k * gridDim.x with the right (row, chunk, row offset).
 //   3. finalize_row: folding per-chunk partial states (computed here in double straight from the
 //      definitions of docs/math.md §1) gives the one-pass row statistics, the first argmax across
 //      chunk boundaries, and NaN / -1 for NaN, +inf and all -inf rows.
-//   4. cached_count (the occupancy and SM-count caches of the launchers): a failed query falls
+//   4. The forward partial kernel's per-thread math (ThreadRun, run_step, run_rescale,
+//      ForwardTerm<BF16 / F32>::add, the same functions the kernel calls, with exact exp2 for
+//      ex2.approx): random chunks (-inf runs, ties, the max in a late step, NaN, +inf) fed through
+//      the kernel's thread / step / slot layout and the CTA merge (max, rescale to the chunk's
+//      reference, fixed-order sums, first-argmax search in the recorded step only) against a
+//      double reference of lse, entropy, collision and the exact first argmax.
+//   5. cached_count (the occupancy and SM-count caches of the launchers): a failed query falls
 //      back to 1 and is asked again next time; a successful one is cached and asked once.
 //      Without a GPU the real occupancy query fails: that fallback is checked too.
 #include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "../token_stats.cuh"
@@ -54,18 +62,19 @@ static void test_plan() {
       CHECK(int64_t(p.n_chunks) * p.vecs_per_chunk >= n_vecs, "chunks must cover the row");
       CHECK(int64_t(p.n_chunks - 1) * p.vecs_per_chunk < n_vecs, "last chunk empty V=%lld vec=%d",
             (long long)V, vec);
-      CHECK(p.vecs_per_chunk <= kVectorsPerChunk, "chunk above 32 KiB");
+      CHECK(p.vecs_per_chunk <= kVectorsPerChunk, "chunk above 128 KiB");
       CHECK(p.threads % 32 == 0 && p.threads >= 32 && p.threads <= kMaxThreads, "threads %d",
             p.threads);
-      CHECK(int64_t(p.threads) * kUnroll >= p.vecs_per_chunk, "a chunk must fit one CTA pass");
-      CHECK(int64_t(p.threads - 32) * kUnroll < p.vecs_per_chunk || p.threads == 32,
+      CHECK(int64_t(p.threads) * kUnroll * kSteps >= p.vecs_per_chunk,
+            "a chunk must fit one CTA pass");
+      CHECK(int64_t(p.threads - 32) * kUnroll * kSteps < p.vecs_per_chunk || p.threads == 32,
             "no idle warp: V=%lld threads=%d", (long long)V, p.threads);
     }
   }
   // Batch invariance starts here: the plan is a function of (V, vec) only.
   const ChunkPlan a = plan_chunks(151936, 8), b = plan_chunks(151936, 8);
   CHECK(a.n_chunks == b.n_chunks && a.vecs_per_chunk == b.vecs_per_chunk, "deterministic plan");
-  CHECK(a.n_chunks == 10 && a.vecs_per_chunk == 1900 && a.threads == 256,
+  CHECK(a.n_chunks == 3 && a.vecs_per_chunk == 6331 && a.threads == 224,
         "Qwen bf16 plan: C=%d per=%d T=%d", a.n_chunks, a.vecs_per_chunk, a.threads);
 }
 
@@ -191,6 +200,142 @@ static void test_finalize() {
   }
 }
 
+
+// Emulates token_stats_partial_kernel's item for one chunk of n_vecs vectors of kVec values (x,
+// -inf past the chunk) with T threads, calling the kernel's per-thread functions.
+template <typename Tag>
+static void check_forward_chunk(const std::vector<float>& x, int T, float inv_tau, int trial) {
+  using Tr = DTypeTraits<Tag>;
+  const int n_elem = int(x.size());
+  const int n_vecs = (n_elem + Tr::kVec - 1) / Tr::kVec;
+  const ForwardTerm<Tag> term(inv_tau);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  auto elem = [&](int v, int j) {
+    const int e = v * Tr::kVec + j;
+    return v < n_vecs && e < n_elem ? x[e] : ninf;
+  };
+  std::vector<ThreadRun<float>> runs(T);
+  for (int tid = 0; tid < T; ++tid) {
+    ThreadRun<float> r = empty_run<float>();
+    for (int s = 0; s < kSteps; ++s) {
+      float sm = ninf;
+      for (int u = 0; u < kUnroll; ++u)
+        for (int j = 0; j < Tr::kVec; ++j) sm = max_nan(sm, elem(s * kUnroll * T + u * T + tid, j));
+      run_step(r, sm, s, term);
+      for (int u = 0; u < kUnroll; ++u)
+        for (int j = 0; j < Tr::kVec; ++j) term.add(elem(s * kUnroll * T + u * T + tid, j), r);
+    }
+    runs[tid] = r;
+  }
+  float M = runs[0].mx;
+  for (int tid = 1; tid < T; ++tid) M = max_nan(M, runs[tid].mx);
+  const float m = term.scale(M);
+  double s1 = 0, s2 = 0, t = 0;
+  int idx = INT_MAX;
+  for (int tid = 0; tid < T; ++tid) {
+    ThreadRun<float> r = runs[tid];
+    run_rescale(r, term.ref_of(m), term);
+    s1 += r.s1;
+    s2 += r.s2;
+    t += term.finish_t(r.t);
+    if (r.mz == m) {  // search the recorded step only, as the kernel
+      int found = INT_MAX;
+      for (int u = 0; u < kUnroll && found == INT_MAX; ++u) {
+        const int v = r.step * kUnroll * T + u * T + tid;
+        if (v >= n_vecs) break;
+        for (int j = 0; j < Tr::kVec && found == INT_MAX; ++j)
+          if (v * Tr::kVec + j < n_elem && term.scale(elem(v, j)) == m) found = v * Tr::kVec + j;
+      }
+      CHECK(found != INT_MAX || m == -INFINITY, "thread %d with the max found no match (trial %d)", tid, trial);
+      idx = std::min(idx, found);
+    }
+  }
+  // Reference in double from the same rounded z = fl(x * inv_tau).
+  double zm = -INFINITY;
+  bool bad = false;
+  int ref_idx = -1;
+  for (int e = 0; e < n_elem; ++e) {
+    const float z = term.scale(x[e]);
+    if (std::isnan(z) || z == INFINITY) bad = true;
+    if (ref_idx < 0 || double(z) > zm) {
+      if (ref_idx < 0 || double(z) > zm) ref_idx = e;
+      zm = std::max(zm, double(z));
+    }
+  }
+  if (bad) {
+    CHECK(std::isnan(M) || M == INFINITY, "NaN / +inf must reach the chunk max (trial %d)", trial);
+    return;
+  }
+  if (zm == -INFINITY) return;  // all -inf: finalize makes the row invalid
+  double r1 = 0, r2 = 0, rt = 0;
+  for (int e = 0; e < n_elem; ++e) {
+    const double d = double(term.scale(x[e])) - zm;
+    if (d == -INFINITY) continue;
+    const double ex = std::exp(d);
+    r1 += ex;
+    r2 += ex * ex;
+    rt += ex * d;
+  }
+  CHECK(double(m) == zm, "chunk max %.9g vs %.9g (trial %d)", double(m), zm, trial);
+  const double lse = zm + std::log(s1), rlse = zm + std::log(r1);
+  const double H = std::log(s1) - t / s1, rH = std::log(r1) - rt / r1;
+  const double Cc = s2 / (s1 * s1), rC = r2 / (r1 * r1);
+  // 16-bit path: the base-2 exponent fma(x, fl(log2e / tau), -ref) has an absolute error of
+  // ~|z| 2^-23 (the header's accuracy notes), so the tolerance grows with the chunk max.
+  const double tol = 1e-5 + (std::is_same_v<Tag, F32> ? 0.0 : 8.0 * std::fabs(zm) * 0x1p-23);
+  CHECK(std::fabs(lse - rlse) <= tol * (1 + std::fabs(rlse)), "lse %.9g vs %.9g (trial %d)", lse,
+        rlse, trial);
+  CHECK(std::fabs(H - rH) <= tol * (1 + std::fabs(rH)), "entropy %.9g vs %.9g (trial %d)", H, rH,
+        trial);
+  CHECK(std::fabs(Cc - rC) <= tol * rC, "collision %.9g vs %.9g (trial %d)", Cc, rC, trial);
+  CHECK(idx == ref_idx, "argmax %d vs %d (trial %d)", idx, ref_idx, trial);
+}
+
+static float to_bf16(float f) {  // round to nearest even (finite inputs)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static void test_forward_thread_math() {
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int trial = 0; trial < 600; ++trial) {
+    const int T = 32 * (1 + int(rng() % 4));
+    const bool bf16 = trial % 2 == 0;
+    const int cap = T * kUnroll * kSteps * (bf16 ? 8 : 4);  // one chunk's elements at most
+    const int n = 1 + int(rng() % cap);
+    const float inv_tau = (trial % 3 == 0) ? 1.0f : 1.0f / (0.3f + float(rng() % 100) / 50.0f);
+    std::vector<float> x(n);
+    for (auto& v : x) v = bf16 ? to_bf16(normal(rng)) : normal(rng);
+    const int kind = (trial / 2) % 8;
+    if (kind == 1) {  // ties: the same max in several places, the first must win
+      for (int k = 0; k < 5; ++k) x[rng() % n] = 20.0f;
+    }
+    if (kind == 2) {  // -inf runs, including a whole first part of the chunk
+      for (int e = 0; e < n; ++e)
+        if (e < n / 2 || rng() % 3 == 0) x[e] = -inf;
+    }
+    if (kind == 3) x[n - 1 - int(rng() % std::min(n, 64))] = 30.0f;  // max in a late step
+    if (kind == 4) x[rng() % n] = std::numeric_limits<float>::quiet_NaN();
+    if (kind == 5) x[rng() % n] = inf;
+    if (kind == 6)
+      for (auto& v : x) v = -inf;
+    if (kind == 7) {  // values that round to the same z after scaling, and a large offset
+      for (auto& v : x) v = bf16 ? to_bf16(v + 500.0f) : v + 500.0f;
+    }
+    if (bf16) {
+      check_forward_chunk<BF16>(x, T, inv_tau, trial);
+    } else {
+      check_forward_chunk<F32>(x, T, inv_tau, trial);
+    }
+    if (g_failures) return;
+  }
+}
+
 static void test_cached_count() {
   std::atomic<int> slot{0};
   int calls = 0;
@@ -225,6 +370,7 @@ int main() {
   test_plan();
   test_walk();
   test_finalize();
+  test_forward_thread_math();
   test_cached_count();
   std::printf("host_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
