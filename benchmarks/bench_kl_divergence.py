@@ -39,7 +39,6 @@ from benchmarks.harness import (
     Target,
 )
 from pg_kernels import _backend, reference
-from pg_kernels.ops.kl_divergence import KERNELS
 
 OP = "kl_divergence"
 DIMS = ("N", "V")
@@ -113,9 +112,7 @@ def _ref_fn(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) 
 
 def _pg_provider(backend: str, temperature: float) -> Provider:
     def build(case: Case):
-        why = _backend.unavailable_reason(backend, case.device)
-        if why is None and backend not in KERNELS:
-            why = f"{OP} has no {backend} kernel"
+        why = _backend.op_unavailable_reason(OP, backend, case.device)
         if why is not None:
             raise Skip(why)
 

@@ -38,7 +38,6 @@ from benchmarks.harness import (
     Skip,
 )
 from pg_kernels import _backend, reference
-from pg_kernels.ops.mismatch_stats import KERNELS
 
 OP = "mismatch_stats"
 DIMS = ("N", "V")
@@ -130,9 +129,7 @@ def _args(inputs: Inputs):
 
 def _pg_provider(backend: str, temperature: float) -> Provider:
     def build(case: Case):
-        why = _backend.unavailable_reason(backend, case.device)
-        if why is None and backend not in KERNELS:
-            why = f"{OP} has no {backend} kernel"
+        why = _backend.op_unavailable_reason(OP, backend, case.device)
         if why is not None:
             raise Skip(why)
 

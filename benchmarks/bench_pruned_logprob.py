@@ -30,7 +30,6 @@ import pg_kernels
 from benchmarks import bench_topk_kl, harness
 from benchmarks.harness import Case, Inputs, OpBench, Outputs, Provider, Skip
 from pg_kernels import _backend, reference
-from pg_kernels.ops.pruned_logprob import KERNELS
 
 OP = "pruned_logprob"
 DIMS = ("N", "V")
@@ -98,9 +97,7 @@ def _ref_fn(logits, labels, temperature):
 
 def _pg_provider(backend: str, temperature: float) -> Provider:
     def build(case: Case):
-        why = _backend.unavailable_reason(backend, case.device)
-        if why is None and backend not in KERNELS:
-            why = f"{OP} has no {backend} kernel"
+        why = _backend.op_unavailable_reason(OP, backend, case.device)
         if why is not None:
             raise Skip(why)
 

@@ -139,7 +139,7 @@ def _ref_fn(
 
 def _pg_provider(backend: str, temperature: float) -> Provider:
     def build(case: Case) -> Callable[[Inputs], Outputs]:
-        why = _backend.unavailable_reason(backend, case.device)
+        why = _backend.op_unavailable_reason(OP, backend, case.device)
         if why is not None:
             raise Skip(why)
 

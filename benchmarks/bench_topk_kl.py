@@ -30,7 +30,6 @@ import pg_kernels
 from benchmarks import harness
 from benchmarks.harness import Case, Inputs, OpBench, Outputs, Provider, Skip, Target
 from pg_kernels import _backend, reference
-from pg_kernels.ops.topk_kl import KERNELS
 
 OP = "topk_kl"
 DIMS = ("N", "V")
@@ -110,9 +109,7 @@ def _ref_fn(logits, topk_ids, topk_logprobs, temperature):
 
 def _pg_provider(backend: str, temperature: float) -> Provider:
     def build(case: Case):
-        why = _backend.unavailable_reason(backend, case.device)
-        if why is None and backend not in KERNELS:
-            why = f"{OP} has no {backend} kernel"
+        why = _backend.op_unavailable_reason(OP, backend, case.device)
         if why is not None:
             raise Skip(why)
 

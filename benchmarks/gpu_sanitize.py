@@ -49,15 +49,9 @@ K = 5  # topk_kl ids per row
 def kernel_backends(op: str, device: torch.device, wanted=None) -> list[str]:
     """The kernel backends of `op` (of `wanted`, default: the GPU ones on CUDA, "cpu" on CPU)
     that can take tensors of `device` here."""
-    table = getattr(_backend, "KERNELS", None)
-    if isinstance(table, dict):
-        kernels = table[op]
-    else:  # per-op tables (token_stats has every backend)
-        module = __import__(f"pg_kernels.ops.{op}", fromlist=["KERNELS"])
-        kernels = getattr(module, "KERNELS", ("cpu", "triton", "cuda"))
     if wanted is None:
         wanted = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-    return [b for b in kernels if b in wanted and _backend.unavailable_reason(b, device) is None]
+    return [b for b in wanted if _backend.op_unavailable_reason(op, b, device) is None]
 
 
 def missing_backends(device: torch.device) -> list[str]:

@@ -44,6 +44,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
+from _cli import command_args  # noqa: E402  (this folder, first on sys.path)
 from tqdm import tqdm  # noqa: E402
 
 import pg_kernels  # noqa: E402
@@ -105,21 +106,6 @@ def simulate(method: str, K: int, T: int, seeds: int, J: float, noise: float, lr
         regret[:, t] = exp_loss - cum.min(-1).values
         prev = a
     return regret, proxy_err
-
-
-def command_args(argv: list[str] | None) -> list[str]:
-    """The command-line arguments, without --out and its value (for the results file)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    out = []
-    skip = False
-    for a in args:
-        if skip:
-            skip = False
-        elif a == "--out":
-            skip = True
-        elif not a.startswith("--out="):
-            out.append(a)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

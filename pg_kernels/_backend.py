@@ -160,6 +160,19 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return f"unknown backend; choose one of {BACKENDS}"
 
 
+def op_unavailable_reason(
+    op: str, backend: str, device: torch.device, kernels: tuple[str, ...] | None = None
+) -> str | None:
+    """Why `backend` cannot serve `op` for tensors on `device` (None: it can): no kernel for the
+    op (`kernels`, default `KERNELS[op]`, or all for a name not in it), or `unavailable_reason`.
+    "reference" always has one."""
+    if kernels is None:
+        kernels = KERNELS.get(op)
+    if kernels is not None and backend != "reference" and backend not in kernels:
+        return f"{op} has no {backend} kernel"
+    return unavailable_reason(backend, device)
+
+
 def resolve(
     op: str, backend: str, device: torch.device, kernels: tuple[str, ...] | None = None
 ) -> str:
@@ -168,15 +181,11 @@ def resolve(
     `kernels` lists the backends that have a kernel for `op` (default: `KERNELS[op]`, or all
     for a name not in it); "reference" always serves.
     """
-    if kernels is None:
-        kernels = KERNELS.get(op)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
 
     def reason(candidate: str) -> str | None:
-        if kernels is not None and candidate != "reference" and candidate not in kernels:
-            return f"{op} has no {candidate} kernel"
-        return unavailable_reason(candidate, device)
+        return op_unavailable_reason(op, candidate, device, kernels)
 
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
