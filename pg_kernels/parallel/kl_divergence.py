@@ -1,0 +1,262 @@
+"""Vocab-parallel kl_divergence: KL between p = softmax(logits / T) and q = softmax(ref_logits /
+T_ref) of the full rows, from each rank's shard of both (docs/math.md §§4, 8).
+
+Forward: the single-device op runs on the local shards, giving the shard's KL_r between the
+shard-renormalized p^(r), q^(r) and each side's shard logsumexp Lp_r, Lq_r. One all-gather of
+3 numbers per row ([world, N, 3], fp32; fp64 for fp64 logits) carries them to every rank,
+which merges in fixed rank order. With W_r = exp(Lp_r - Lp) and V_r = exp(Lq_r - Lq) the
+shard masses of p and q (Lp, Lq the logsumexps over ranks):
+
+    reverse  KL(p || q) = sum_r W_r (KL_r + log W_r - log V_r)
+    forward  KL(q || p) = sum_r V_r (KL_r + log V_r - log W_r)
+
+A shard with no weight (the weighting side all -inf there) adds exactly 0; weight on a shard
+where the other side is all -inf gives +inf, as on one device. The kernels report a shard row
+that is all -inf on either side as NaN, so each rank also reads its rows' max of both tensors
+(one extra read of each).
+
+Backward: no collective. Each rank runs the single-device backward kernel on its shards with
+the merged row state: each side's max m and log s1 shifted by -log (shard mass), so that
+(z - m) - log s1 is the global log-probability, and c = E_w[d_w - d_v] shifted to the global
+KL (c' = c_r + (KL - KL_r) - log W_w + log W_v, w the weighting side).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pg_kernels import _backend, reference
+from pg_kernels.ops._common import (
+    acc_dtype,
+    check_ignore_index,
+    check_labels_arg,
+    check_logits,
+    check_logits_pair,
+    make_temperature,
+)
+from pg_kernels.ops.kl_divergence import DIRECTIONS
+from pg_kernels.parallel._shard import (
+    gather_rows,
+    logsumexp_ranks,
+    neg_inf_rows,
+    resolve_shard,
+)
+
+OP = "parallel.kl_divergence"
+KERNELS = _backend.KERNELS["kl_divergence"]
+LSE_P, LSE_Q, KL = range(3)  # columns of the gathered [world, N, 3] tensor
+
+
+def _tau(temp):
+    return temp.scalar if temp.tensor is None else temp.tensor.unsqueeze(-1)
+
+
+def _local_forward(logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend):
+    """(kl_r, row_state [N, 5] or None, Lp_r, Lq_r) of the shards, flat [N]."""
+    if backend == "reference":
+        acc = acc_dtype(logits.dtype)
+        v = logits.shape[-1]
+        z = logits.reshape(-1, v).to(acc) / _tau(temp)
+        zr = ref_logits.reshape(-1, v).to(acc) / _tau(ref_temp)
+        kl = reference.kl_divergence(
+            z, zr, direction=direction, labels=None if labels is None else labels.reshape(-1),
+            ignore_index=ignore_index, upcast=False,
+        )  # fmt: skip
+        return kl, None, torch.logsumexp(z, -1), torch.logsumexp(zr, -1)
+    kl, state = torch.ops.pg_kernels.kl_divergence(
+        logits, ref_logits, labels, temp.tensor, temp.scalar, ref_temp.tensor, ref_temp.scalar,
+        ignore_index, direction, backend,
+    )  # fmt: skip
+    kl, state = kl.reshape(-1), state.reshape(-1, 5)
+    return kl, state, state[:, 0] + state[:, 1], state[:, 2] + state[:, 3]
+
+
+def _merge(gathered: torch.Tensor, reverse: bool):
+    """Merge [world, N, 3] partial rows in rank order -> KL [N], the global (Lp, Lq) [N, 2] and
+    the shard masses log W_r, log V_r [world, N]."""
+    lse_p, lse_q = logsumexp_ranks(gathered[..., LSE_P]), logsumexp_ranks(gathered[..., LSE_Q])
+    log_wp = gathered[..., LSE_P] - lse_p
+    log_wq = gathered[..., LSE_Q] - lse_q
+    log_w, log_v = (log_wp, log_wq) if reverse else (log_wq, log_wp)
+    weight = torch.exp(log_w)
+    kl = torch.zeros_like(lse_p)
+    for r in range(gathered.shape[0]):
+        term = weight[r] * (gathered[r, :, KL] + log_w[r] - log_v[r])
+        kl = kl + torch.where(weight[r] > 0, term, torch.zeros_like(term))
+    invalid = ~(torch.isfinite(lse_p) & torch.isfinite(lse_q))
+    kl = torch.where(invalid, torch.full_like(kl, float("nan")), kl.clamp_min(0))
+    return kl, torch.stack([lse_p, lse_q], dim=1), log_wp, log_wq
+
+
+class _KLFn(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, shard, backend
+    ):
+        reverse = direction == "reverse"
+        acc = acc_dtype(logits.dtype)
+        kl_r, state, lse_p_r, lse_q_r = _local_forward(
+            logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend
+        )
+        empty_p = neg_inf_rows(logits, acc) == float("-inf")
+        empty_q = neg_inf_rows(ref_logits, acc) == float("-inf")
+        neg_inf = torch.full_like(kl_r, float("-inf"))
+        zero = torch.zeros_like(kl_r)
+        rows = torch.stack(
+            [
+                torch.where(empty_p, neg_inf, lse_p_r),
+                torch.where(empty_q, neg_inf, lse_q_r),
+                torch.where(empty_p | empty_q, zero, kl_r),
+            ],
+            dim=1,
+        )
+        gathered, layout = gather_rows(OP, shard, rows)
+        kl, lse, log_wp, log_wq = _merge(gathered, reverse)
+        if layout.ok is not None:
+            kl = torch.where(layout.ok, kl, torch.full_like(kl, float("nan")))
+        keep = None if labels is None else labels.reshape(-1) != ignore_index
+        if keep is not None:
+            kl = torch.where(keep, kl, zero)
+        # This rank's row state for the backward kernel (module docstring).
+        own_wp, own_wq = log_wp[shard.rank], log_wq[shard.rank]
+        if state is None:
+            row_state = lse
+        else:
+            log_w, log_v = (own_wp, own_wq) if reverse else (own_wq, own_wp)
+            c = state[:, 4] + (kl - kl_r) - log_w + log_v
+            shifted = [state[:, 0], state[:, 1] - own_wp, state[:, 2], state[:, 3] - own_wq, c]
+            empty = [empty_p, empty_p, empty_q, empty_q, empty_p | empty_q]
+            # An all -inf side: any finite (m, log s1) gives its zero probabilities.
+            row_state = torch.stack(
+                [torch.where(e | ~torch.isfinite(t), zero, t) for t, e in zip(shifted, empty)],
+                dim=1,
+            )
+        ctx.save_for_backward(
+            logits, ref_logits, labels, temp.tensor, ref_temp.tensor, kl, row_state
+        )
+        ctx.scalars = (temp.scalar, ref_temp.scalar, ignore_index, direction, backend)
+        return kl.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, g_kl):
+        logits, ref_logits, labels, tau_t, ref_tau_t, kl, row_state = ctx.saved_tensors
+        tau_s, ref_tau_s, ignore_index, direction, backend = ctx.scalars
+        need_logits, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_logits or need_ref):
+            return (None,) * 9
+        g = g_kl.reshape(-1).to(kl.dtype).contiguous()
+        if backend == "reference":
+            grad, grad_ref = _reference_grad(
+                logits, ref_logits, labels, tau_s if tau_t is None else tau_t.unsqueeze(-1),
+                ref_tau_s if ref_tau_t is None else ref_tau_t.unsqueeze(-1), ignore_index,
+                direction, kl, row_state, g,
+            )  # fmt: skip
+        else:
+            grad, grad_ref = torch.ops.pg_kernels.kl_divergence_backward(
+                g, logits, ref_logits, labels, tau_t, tau_s, ref_tau_t, ref_tau_s, ignore_index,
+                direction, kl, row_state.contiguous(), need_logits, need_ref, backend,
+            )  # fmt: skip
+        return (
+            grad if need_logits else None,
+            grad_ref if need_ref else None,
+            *(None,) * 7,
+        )
+
+
+def _reference_grad(logits, ref_logits, labels, tau, ref_tau, ignore_index, direction, kl, lse, g):
+    """docs/math.md §4's gradients in plain PyTorch over the shards, from the global logsumexps
+    lse [N, 2] = (Lp, Lq)."""
+    v = logits.shape[-1]
+    logp = logits.reshape(-1, v).to(kl.dtype) / tau - lse[:, :1]
+    logq = ref_logits.reshape(-1, v).to(kl.dtype) / ref_tau - lse[:, 1:]
+    p, q = torch.exp(logp), torch.exp(logq)
+    k = kl.unsqueeze(-1)
+
+    def weighted(w, logw, logv):  # w (log w - log v - KL), 0 where w = 0
+        return torch.where(w > 0, w * (logw - logv - k), torch.zeros_like(w))
+
+    if direction == "reverse":
+        dz, dzr = weighted(p, logp, logq), q - p
+        inf_side = "p"
+    else:
+        dz, dzr = p - q, weighted(q, logq, logp)
+        inf_side = "q"
+    gg = g.unsqueeze(-1)
+    nan_row = torch.isnan(k)
+    inf_row = k == float("inf")
+    out = []
+    for grad, t, side in ((dz, tau, "p"), (dzr, ref_tau, "q")):
+        grad = torch.where(gg == 0, torch.zeros_like(grad), grad * gg / t)
+        bad = nan_row | (inf_row & (gg != 0)) if side == inf_side else nan_row
+        grad = torch.where(bad, torch.full_like(grad, float("nan")), grad)
+        if labels is not None:
+            keep = (labels.reshape(-1) != ignore_index).unsqueeze(-1)
+            grad = torch.where(keep, grad, torch.zeros_like(grad))
+        out.append(grad)
+    return out[0].to(logits.dtype).view(logits.shape), out[1].to(ref_logits.dtype).view(
+        ref_logits.shape
+    )
+
+
+def kl_divergence(
+    local_logits: torch.Tensor,
+    local_ref_logits: torch.Tensor,
+    *,
+    group=None,
+    vocab_start_index: int | None = None,
+    direction: str = "reverse",
+    temperature: float | torch.Tensor = 1.0,
+    ref_temperature: float | torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`pg_kernels.kl_divergence` of the full rows, from this rank's shard of both tensors.
+
+    Call it on every rank of `group` with each rank's own shards (the same vocab columns of
+    both tensors) and the same other arguments. Values equal the single-device op on the
+    concatenated logits, bitwise the same on every rank; gradients flow to each rank's
+    `local_logits` (and `local_ref_logits` when it requires grad).
+
+    Args:
+        local_logits: [..., V_local] bf16, fp16, fp32 or fp64, global ids
+            [vocab_start_index, vocab_start_index + V_local); only the last dim must be
+            contiguous. The same leading shape on every rank.
+        local_ref_logits: [..., V_local] the reference / teacher shard, same shape and dtype.
+        group: the torch.distributed process group (default: the world); gloo for CPU
+            tensors, nccl for CUDA tensors.
+        vocab_start_index: this shard's first global id; default rank x V_local (equal
+            shards). Uneven shards: each rank passes its own. The shards must tile [0, V).
+        direction: "reverse" for KL(p || q), "forward" for KL(q || p).
+        temperature, ref_temperature: floats or [...] tensors (per row), as
+            `pg_kernels.kl_divergence`; the same on every rank.
+        labels: optional [...] int64/int32; only rows equal to ignore_index are read.
+        ignore_index: label value of rows to skip.
+        backend: the local kernels: "auto", "reference", "cpu" or "triton".
+
+    Returns:
+        [...] fp32 (fp64 for fp64 logits) KL per row, as `pg_kernels.kl_divergence`.
+
+    One all-gather of 3 numbers per row (12 bytes in fp32) per call; the backward needs no
+    collective. A bad shard layout raises on CPU (on every rank) and gives NaN rows on CUDA.
+    Not supported under torch.compile (the collective runs in an autograd.Function).
+    """
+    check_logits(OP, "local_logits", local_logits)
+    check_logits_pair(OP, local_logits, local_ref_logits, "local_ref_logits")
+    if not isinstance(direction, str) or direction not in DIRECTIONS:
+        raise ValueError(f"{OP}: direction must be one of {DIRECTIONS}, got {direction!r}")
+    if labels is not None:
+        check_labels_arg(OP, local_logits, labels)
+    ignore_index = check_ignore_index(OP, ignore_index)
+    temp = make_temperature(OP, temperature, local_logits)
+    ref_temp = (
+        temp
+        if ref_temperature is None
+        else make_temperature(OP, ref_temperature, local_logits, "ref_temperature")
+    )
+    backend = _backend.resolve(OP, backend, local_logits.device, kernels=KERNELS)
+    shard = resolve_shard(OP, group, vocab_start_index, local_logits)
+    return _KLFn.apply(
+        local_logits, local_ref_logits, labels, temp, ref_temp, ignore_index, direction, shard,
+        backend,
+    )  # fmt: skip

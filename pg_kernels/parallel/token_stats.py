@@ -1,0 +1,256 @@
+"""Vocab-parallel token_stats: the statistics of the full row from each rank's logit shard
+(docs/math.md §§1, 2, 3, 8).
+
+Forward: the single-device op runs on the local shard (labels off the shard become a dummy
+local id), giving the shard's lse_r, entropy H_r, collision C_r, its max and argmax, and the
+label's local log-prob on the rank that owns the label. One all-gather of 9 numbers per row
+([world, N, 9], fp32; fp64 for fp64 logits) carries them to every rank, which merges in fixed
+rank order (w_r = exp(lse_r - L), the shard's probability mass):
+
+    L = logsumexp_r lse_r            H = sum_r w_r (H_r - log w_r)        C = sum_r w_r^2 C_r
+    logprob = logprob_r + log w_r    (r the rank owning the label)
+    max_prob, argmax from the rank with the largest max logit (ties: the smallest global id)
+    lgp = (1 - p_c)^2 + (C - p_c^2), clamped >= 0
+
+A shard whose row is all -inf is an empty partial (w_r = 0); the kernels report it as NaN,
+so each rank also reads its rows' max (one extra read of the local logits).
+
+Backward: no collective. Each rank's gradient shard is the single-device backward kernel fed
+the merged L, H, C (p_j = exp(z_j - L) is the global probability). A label owned by another
+rank contributes -g_logprob p_j on this shard, the lse term's shape: the kernel gets
+g_lse - g_logprob and g_logprob = 0 there, with a dummy local label.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pg_kernels import _backend, reference
+from pg_kernels.ops._common import (
+    acc_dtype,
+    check_ignore_index,
+    check_labels,
+    check_labels_arg,
+    check_logits,
+    make_temperature,
+)
+from pg_kernels.outputs import TokenStats
+from pg_kernels.parallel._shard import (
+    gather_rows,
+    logsumexp_ranks,
+    neg_inf_rows,
+    resolve_shard,
+)
+
+OP = "parallel.token_stats"
+KERNELS = _backend.KERNELS["token_stats"]
+LOCAL_IGNORE = -1  # ignore_index of the local calls: local labels are >= 0 otherwise
+# Columns of the gathered [world, N, K] tensor.
+LSE, ENTROPY, COLLISION, LOGPROB, OWNS, MAX, ARG_HI, ARG_LO, MAX_PROB = range(9)
+K = 9
+_DIGIT = 4096
+
+
+def _local_forward(logits, local_labels, temp, temperature, backend):
+    """(logprob, entropy, collision, lse, max_prob, argmax) of the shard, flat [N]."""
+    if backend == "reference":
+        out = reference.token_stats(
+            logits, local_labels, temperature=temperature, ignore_index=LOCAL_IGNORE,
+            upcast=False,
+        )  # fmt: skip
+    else:
+        out = TokenStats(
+            *torch.ops.pg_kernels.token_stats(
+                logits, local_labels, temp.tensor, temp.scalar, LOCAL_IGNORE, backend
+            )
+        )
+    return tuple(
+        t.reshape(-1)
+        for t in (out.logprob, out.entropy, out.collision, out.lse, out.max_prob, out.argmax)
+    )
+
+
+def _merge(gathered: torch.Tensor):
+    """Merge [world, N, K] partial rows in rank order -> per-row global statistics."""
+    lse_r = gathered[..., LSE]
+    lse = logsumexp_ranks(lse_r)
+    log_w = lse_r - lse
+    w = torch.exp(log_w)
+    zero = torch.zeros_like(lse)
+    entropy, collision, logprob, owners = zero, zero, zero, zero
+    best_max = torch.full_like(lse, float("-inf"))
+    best_idx = torch.full_like(lse, float("inf"))
+    max_prob = zero
+    for r in range(gathered.shape[0]):
+        g = gathered[r]
+        # w_r = 0 (an empty shard): its terms are exactly 0, never 0 * inf.
+        entropy = entropy + torch.where(w[r] > 0, w[r] * (g[:, ENTROPY] - log_w[r]), zero)
+        collision = collision + w[r] * w[r] * g[:, COLLISION]
+        owns = g[:, OWNS] > 0
+        logprob = logprob + torch.where(owns, g[:, LOGPROB] + log_w[r], zero)
+        owners = owners + g[:, OWNS]
+        idx = g[:, ARG_HI] * _DIGIT + g[:, ARG_LO]
+        take = (g[:, MAX] > best_max) | ((g[:, MAX] == best_max) & (idx < best_idx))
+        best_max = torch.where(take, g[:, MAX], best_max)
+        best_idx = torch.where(take, idx, best_idx)
+        max_prob = torch.where(take, g[:, MAX_PROB] * w[r], max_prob)
+    # No owner: the label is outside the global vocabulary (possible only on CUDA, unchecked).
+    logprob = torch.where(owners == 1, logprob, torch.full_like(logprob, float("nan")))
+    return lse, entropy, collision, logprob, max_prob, best_idx
+
+
+class _TokenStatsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, temp, temperature, ignore_index, shard, backend):
+        acc = acc_dtype(logits.dtype)
+        flat_labels = labels.reshape(-1)
+        keep = flat_labels != ignore_index
+        local = flat_labels.to(torch.int64) - shard.start
+        owns = keep & (local >= 0) & (local < shard.size)
+        # Off-shard labels read local id 0 (any valid id: their logprob is not used).
+        local_labels = torch.where(owns, local, torch.zeros_like(local))
+        local_labels = torch.where(keep, local_labels, torch.full_like(local, LOCAL_IGNORE))
+        logprob_r, entropy_r, collision_r, lse_r, max_prob_r, argmax_r = _local_forward(
+            logits, local_labels.view(labels.shape), temp, temperature, backend
+        )
+        row_max = neg_inf_rows(logits, acc)
+        empty = row_max == float("-inf")
+        zero = torch.zeros_like(lse_r)
+        neg_inf = torch.full_like(lse_r, float("-inf"))
+        # A label on an all -inf shard has logprob -inf; the kernel reports NaN for the shard.
+        logprob_r = torch.where(empty, neg_inf, logprob_r)
+        arg = (argmax_r + shard.start).clamp_min(0)
+        rows = torch.stack(
+            [
+                torch.where(empty, neg_inf, lse_r),
+                torch.where(empty, zero, entropy_r),
+                torch.where(empty, zero, collision_r),
+                torch.where(owns, logprob_r, zero),
+                owns.to(acc),
+                row_max,
+                torch.div(arg, _DIGIT, rounding_mode="floor").to(acc),
+                torch.remainder(arg, _DIGIT).to(acc),
+                torch.where(empty, zero, max_prob_r),
+            ],
+            dim=1,
+        )
+        gathered, layout = gather_rows(OP, shard, rows)
+        if layout.vocab_size is not None:  # CPU: checked here, on every rank alike
+            try:
+                check_labels(flat_labels, layout.vocab_size, ignore_index)
+            except ValueError as e:
+                raise ValueError(f"{OP}: {e}") from None
+        lse, entropy, collision, logprob, max_prob, argmax = _merge(gathered)
+        p_c = torch.exp(logprob)
+        lgp = ((1 - p_c) ** 2 + (collision - p_c * p_c)).clamp_min(0)
+        nan = torch.full_like(lse, float("nan"))
+        invalid = ~torch.isfinite(lse)
+        if layout.ok is not None:
+            invalid = invalid | ~layout.ok
+        floats = [torch.where(invalid, nan, t) for t in (logprob, entropy, collision, lgp)]
+        floats += [torch.where(invalid, nan, t) for t in (lse, max_prob)]
+        floats = [torch.where(keep, t, zero) for t in floats]
+        argmax = torch.where(invalid, torch.full_like(argmax, -1.0), argmax).to(torch.int64)
+        argmax = torch.where(keep, argmax, torch.zeros_like(argmax))
+        logprob, entropy, collision, lgp, lse, max_prob = floats
+        ctx.save_for_backward(logits, local_labels, owns, temp.tensor, lse, entropy, collision)
+        ctx.scalars = (temp.scalar, backend, labels.shape)
+        ctx.mark_non_differentiable(lgp, max_prob, argmax)
+        shape = labels.shape
+        return tuple(t.view(shape) for t in (*floats, argmax))
+
+    @staticmethod
+    def backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, g_argmax):
+        logits, local_labels, owns, temp_tensor, lse, entropy, collision = ctx.saved_tensors
+        temp_scalar, backend, shape = ctx.scalars
+        acc = lse.dtype
+        g_lp, g_h, g_c, g_l = (
+            t.reshape(-1).to(acc).contiguous() for t in (g_logprob, g_entropy, g_collision, g_lse)
+        )
+        zero = torch.zeros_like(g_lp)
+        # An off-shard label: d logprob / dz_j = -p_j here, the d lse / dz_j term with a minus.
+        g_l = torch.where(owns, g_l, g_l - g_lp).contiguous()
+        g_lp = torch.where(owns, g_lp, zero).contiguous()
+        if backend == "reference":
+            tau = temp_scalar if temp_tensor is None else temp_tensor.unsqueeze(-1)
+            grad = _reference_grad(
+                logits, local_labels, owns, tau, lse, entropy, collision, g_lp, g_h, g_c, g_l
+            )
+        else:
+            grad = torch.ops.pg_kernels.token_stats_backward(
+                g_lp, g_h, g_c, g_l, logits, local_labels.view(shape), temp_tensor, temp_scalar,
+                LOCAL_IGNORE, lse, entropy, collision, backend,
+            )  # fmt: skip
+        return grad, None, None, None, None, None, None
+
+
+def _reference_grad(logits, local_labels, owns, tau, lse, entropy, collision, *g):
+    """docs/math.md §3 in plain PyTorch over the shard, with the global L, H, C.
+
+    tau: a float or [N, 1] per-row temperatures."""
+    g_lp, g_h, g_c, g_l = (t.unsqueeze(-1) for t in g)
+    z = logits.reshape(-1, logits.shape[-1]).to(lse.dtype) / tau
+    logp = z - lse.unsqueeze(-1)
+    p = torch.exp(logp)
+    ent_term = torch.where(p > 0, -p * (logp + entropy.unsqueeze(-1)), torch.zeros_like(p))
+    grad = -g_lp * p + g_h * ent_term + g_c * 2 * p * (p - collision.unsqueeze(-1)) + g_l * p
+    onehot = torch.zeros_like(grad)
+    onehot.scatter_(1, local_labels.clamp_min(0).unsqueeze(-1), 1.0)
+    grad = grad + g_lp * onehot * owns.unsqueeze(-1)
+    grad = grad / tau
+    keep = (local_labels != LOCAL_IGNORE).unsqueeze(-1)
+    grad = torch.where(torch.isfinite(lse).unsqueeze(-1), grad, torch.full_like(grad, float("nan")))
+    grad = torch.where(keep, grad, torch.zeros_like(grad))
+    return grad.to(logits.dtype).view(logits.shape)
+
+
+def token_stats(
+    local_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    group=None,
+    vocab_start_index: int | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> TokenStats:
+    """`pg_kernels.token_stats` of the full row, from this rank's shard of the vocabulary.
+
+    Call it on every rank of `group` with the same labels and temperature and each rank's own
+    shard. Values equal the single-device op on the concatenated logits, bitwise the same on
+    every rank; gradients flow to each rank's `local_logits` shard.
+
+    Args:
+        local_logits: [..., V_local] bf16, fp16, fp32 or fp64, global ids
+            [vocab_start_index, vocab_start_index + V_local); only the last dim must be
+            contiguous. The same leading shape on every rank.
+        labels: [...] int64 or int32 GLOBAL ids (or ignore_index), the same on every rank.
+        group: the torch.distributed process group (default: the world); gloo for CPU
+            tensors, nccl for CUDA tensors.
+        vocab_start_index: this shard's first global id; default rank x V_local (equal
+            shards). Uneven shards: each rank passes its own. The shards must tile [0, V).
+        temperature: a float or a [...] tensor (per row), finite and > 0, the same on every
+            rank. Not differentiable.
+        ignore_index: label value of rows to skip (0 outputs, 0 gradient).
+        backend: the local kernels: "auto", "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        TokenStats of [...] tensors (fp32; fp64 for fp64 logits), as `pg_kernels.token_stats`;
+        argmax is a global id.
+
+    One all-gather of 9 numbers per row (36 bytes in fp32) per call; the backward needs no
+    collective. Bad shard layouts and out-of-range labels raise on CPU (on every rank); on
+    CUDA they give NaN rows (reading them would sync the host). Not supported under
+    torch.compile (the collective and the layout check run in an autograd.Function).
+    """
+    check_logits(OP, "local_logits", local_logits)
+    check_labels_arg(OP, local_logits, labels)
+    ignore_index = check_ignore_index(OP, ignore_index)
+    temp = make_temperature(OP, temperature, local_logits)
+    backend = _backend.resolve(OP, backend, local_logits.device, kernels=KERNELS)
+    shard = resolve_shard(OP, group, vocab_start_index, local_logits)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.detach()
+    return TokenStats(
+        *_TokenStatsFn.apply(local_logits, labels, temp, temperature, ignore_index, shard, backend)
+    )
