@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 _DIGIT = 4096  # base of the exact split of an int into two floats
+# One tensor in, [world * rows, ...] out; torch 2.13 renamed all_gather_into_tensor.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class Shard(NamedTuple):
@@ -95,8 +97,9 @@ def gather_rows(op: str, shard: Shard, rows: torch.Tensor) -> tuple[torch.Tensor
     meta = rows.new_zeros(extra * k)
     meta[:4] = torch.tensor(_split_int(shard.start) + _split_int(shard.size), dtype=rows.dtype)
     payload = torch.cat([rows, meta.view(extra, k)]).contiguous()
-    out = payload.new_empty((shard.world, n + extra, k))
-    dist.all_gather_into_tensor(out, payload, group=shard.group)
+    out = payload.new_empty((shard.world * (n + extra), k))
+    _all_gather(out, payload, group=shard.group)
+    out = out.view(shard.world, n + extra, k)
     meta_all = out[:, n:].reshape(shard.world, -1)[:, :4].to(torch.int64)
     starts = meta_all[:, 0] * _DIGIT + meta_all[:, 1]
     sizes = meta_all[:, 2] * _DIGIT + meta_all[:, 3]

@@ -1,0 +1,298 @@
+"""pg_kernels.parallel: vocab-parallel ops on real gloo process groups (2 and 3 ranks).
+
+Each world size is spawned once (module fixture `worlds`); the workers run every case of that
+world and save their forward outputs and gradients to a file. The tests then check, per case:
+values and gradient shards against the single-device op on the concatenated logits and
+against the float64 reference (the tolerance rule of pg_kernels.testing), bitwise equality of
+the outputs across ranks and between two calls, and the errors of bad layouts and labels.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pg_kernels
+from pg_kernels import _backend, parallel, reference
+from pg_kernels.testing import FORWARD_TOL, GRAD_TOL, assert_close_to_truth, make_logits
+
+IGNORE = -100
+N = 9
+TS_FIELDS = ("logprob", "entropy", "collision", "lgp", "lse", "max_prob", "argmax")
+TS_DIFF = ("logprob", "entropy", "collision", "lse")
+
+# Each rank's shard as (start, size); the shards tile [0, V). World 3 holds them out of rank
+# order, with a one-column shard.
+LAYOUTS = {
+    "even2": [(0, 6), (6, 6)],
+    "uneven2": [(0, 5), (5, 8)],
+    "permuted3": [(8, 4), (12, 1), (0, 8)],
+}
+BACKENDS = ["cpu", "reference"]
+if _backend.unavailable_reason("triton", torch.device("cpu")) is None:
+    BACKENDS.append("triton")
+
+
+def _cases() -> list[dict]:
+    cases = []
+    for layout in LAYOUTS:
+        for backend in BACKENDS:
+            if backend == "triton" and layout == "uneven2":
+                continue  # interpreted Triton costs ~1 s per call: two layouts are enough
+            dtypes = [torch.float32]
+            if backend == "cpu" and layout != "even2":
+                dtypes.append(torch.bfloat16)
+            for dtype in dtypes:
+                for op in ("token_stats", "kl_reverse", "kl_forward"):
+                    cases.append(
+                        {"layout": layout, "backend": backend, "dtype": dtype, "op": op,
+                         "per_row_temperature": layout != "uneven2"}  # fmt: skip
+                    )
+    for i, case in enumerate(cases):
+        case["name"] = f"{case['op']}-{case['layout']}-{case['backend']}-{str(case['dtype'])[6:]}"
+        case["seed"] = i
+    return cases
+
+
+CASES = _cases()
+
+
+def _vocab(layout: str) -> int:
+    return sum(size for _, size in LAYOUTS[layout])
+
+
+def _inputs(case: dict) -> dict:
+    """Full-vocabulary inputs of a case; rows cover every special case of docs/math.md §8."""
+    layout, seed = LAYOUTS[case["layout"]], case["seed"]
+    v = _vocab(case["layout"])
+    g = torch.Generator().manual_seed(seed)
+    x = make_logits(N, v, torch.float64, seed=seed)
+    xr = x + make_logits(N, v, torch.float64, scale=1.0, seed=seed + 1000)
+    first = layout[0]  # rank 0's columns
+    # labels on every rank: each rank's first column in rows 0..world-1
+    labels = torch.randint(0, v, (N,), generator=g)
+    for r, (start, _) in enumerate(layout):
+        labels[r] = start
+    labels[3] = v - 1
+    labels[4] = IGNORE
+    inf = float("-inf")
+    # row 5: rank 0's shard all -inf in both tensors (an empty partial), label elsewhere
+    x[5, first[0] : first[0] + first[1]] = inf
+    xr[5, first[0] : first[0] + first[1]] = inf
+    labels[5] = layout[1][0]
+    # row 6: rank 0's shard all -inf in the logits only (forward KL +inf, reverse finite);
+    # row 7: in the reference only (reverse KL +inf). token_stats sees an empty shard in row 6.
+    x[6, first[0] : first[0] + first[1]] = inf
+    xr[7, first[0] : first[0] + first[1]] = inf
+    labels[6] = layout[1][0]
+    # row 8: a NaN on the last rank's shard: NaN outputs on every rank
+    x[8, layout[-1][0]] = float("nan")
+    xr[8, layout[-1][0]] = float("nan")
+    # row 2: near one-hot on the middle of the vocabulary
+    x[2, v // 2] = x[2].amax() + 30
+    temperature = (
+        torch.rand(N, generator=g, dtype=torch.float64) * 1.2 + 0.4
+        if case["per_row_temperature"]
+        else 0.7
+    )
+    ref_temperature = temperature * 1.3 if case["per_row_temperature"] else None
+    dtype = case["dtype"]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(acc)
+        ref_temperature = ref_temperature.to(acc)
+    return {
+        "logits": x.to(dtype),
+        "ref_logits": xr.to(dtype),
+        "labels": labels,
+        "temperature": temperature,
+        "ref_temperature": ref_temperature,
+        "weights": torch.randn(4, N, generator=g, dtype=torch.float64).to(acc),
+    }
+
+
+def _shard(t: torch.Tensor, layout: list, rank: int) -> torch.Tensor:
+    start, size = layout[rank]
+    return t[..., start : start + size]
+
+
+def _run(op: str, logits, ref_logits, inputs: dict, **kw):
+    """Forward + backward of one case on (local or full) logits: (outputs, grads)."""
+    logits = logits.detach().clone().requires_grad_()
+    ref_logits = ref_logits.detach().clone().requires_grad_()
+    w = inputs["weights"]
+    if op == "token_stats":
+        fn = kw.pop("fn")
+        out = fn(logits, inputs["labels"], temperature=inputs["temperature"], **kw)
+        loss = sum((w[i] * getattr(out, f)).nansum() for i, f in enumerate(TS_DIFF))
+        (grad,) = torch.autograd.grad(loss, [logits])
+        return {f: getattr(out, f) for f in TS_FIELDS}, {"logits": grad}
+    fn = kw.pop("fn")
+    kl = fn(
+        logits, ref_logits, direction=op[3:], temperature=inputs["temperature"],
+        ref_temperature=inputs["ref_temperature"], labels=inputs["labels"], **kw,
+    )  # fmt: skip
+    loss = (w[0] * kl).nansum()
+    grad, grad_ref = torch.autograd.grad(loss, [logits, ref_logits])
+    return {"kl": kl}, {"logits": grad, "ref_logits": grad_ref}
+
+
+def _errors(rank: int, world: int) -> dict[str, str]:
+    """The messages of bad calls, on every rank (each must raise, none may hang)."""
+    x = torch.randn(2, 4 + rank)  # uneven shards: 4 and 5 columns
+    labels = torch.tensor([0, 3])
+    got = {}
+    calls = {
+        "overlap": lambda: parallel.token_stats(x, labels, vocab_start_index=0),
+        # default start rank * V_local = 5 for rank 1 leaves a gap at 4
+        "gap": lambda: parallel.token_stats(x, labels),
+        "label": lambda: parallel.token_stats(
+            x, torch.tensor([0, 9]), vocab_start_index=4 * rank
+        ),
+        "start_type": lambda: parallel.token_stats(x, labels, vocab_start_index=1.0),
+        "start_negative": lambda: parallel.kl_divergence(x, x, vocab_start_index=-1),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            got[name] = "no error"
+        except (ValueError, TypeError) as e:
+            got[name] = f"{type(e).__name__}: {e}"
+    return got
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        results = {}
+        for case in torch.load(Path(folder) / "cases.pt", weights_only=False):
+            inputs, layout = case["inputs"], LAYOUTS[case["layout"]]
+            fn = parallel.token_stats if case["op"] == "token_stats" else parallel.kl_divergence
+            local = _shard(inputs["logits"], layout, rank)
+            local_ref = _shard(inputs["ref_logits"], layout, rank)
+            kw = {"fn": fn, "backend": case["backend"], "vocab_start_index": layout[rank][0]}
+            out, grads = _run(case["op"], local, local_ref, inputs, **kw)
+            again, _ = _run(case["op"], local, local_ref, inputs, **kw)
+            results[case["name"]] = {"out": out, "grads": grads, "again": again}
+        if world == 2:
+            results["errors"] = _errors(rank, world)
+        torch.save(results, Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def worlds():
+    """{world size: [rank 0 results, rank 1 results, ...]} from one spawn per world size."""
+    out = {}
+    for world in (2, 3):
+        with tempfile.TemporaryDirectory(prefix="pgk-parallel-") as folder:
+            cases = [
+                {**c, "inputs": _inputs(c)} for c in CASES if len(LAYOUTS[c["layout"]]) == world
+            ]
+            torch.save(cases, Path(folder) / "cases.pt")
+            mp.spawn(_worker, args=(world, _free_port(), folder), nprocs=world, join=True)
+            out[world] = [
+                torch.load(Path(folder) / f"rank{r}.pt", weights_only=False) for r in range(world)
+            ]
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _single_and_truth(case: dict, inputs: dict):
+    """(single-device op, plain reference at input precision, float64 reference): each
+    (outputs, grads) on the full logits."""
+    op, backend = case["op"], case["backend"]
+    if op == "token_stats":
+        fns = (
+            lambda *a, **k: pg_kernels.token_stats(*a, backend=backend, **k),
+            lambda *a, **k: reference.token_stats(*a, upcast=False, **k),
+            lambda *a, **k: reference.token_stats(*a, upcast=True, **k),
+        )
+    else:
+        fns = (
+            lambda *a, **k: pg_kernels.kl_divergence(*a, backend=backend, **k),
+            lambda *a, **k: reference.kl_divergence(*a, upcast=False, **k),
+            lambda *a, **k: reference.kl_divergence(*a, upcast=True, **k),
+        )
+    return [_run(op, inputs["logits"], inputs["ref_logits"], inputs, fn=fn) for fn in fns]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_matches_single_device_and_reference(worlds, case):
+    layout = LAYOUTS[case["layout"]]
+    world = len(layout)
+    results = [worlds[world][r][case["name"]] for r in range(world)]
+    inputs = _inputs(case)
+    (single_out, single_grads), (plain_out, plain_grads), (truth_out, truth_grads) = (
+        _single_and_truth(case, inputs)
+    )
+    tol = FORWARD_TOL[case["dtype"]]
+    # Forward: every rank's outputs, bitwise equal across ranks and between two calls.
+    for name, value in results[0]["out"].items():
+        for r in range(world):
+            assert torch.equal(_bits(results[r]["out"][name]), _bits(value)), (name, r)
+            assert torch.equal(_bits(results[r]["again"][name]), _bits(value)), (name, r)
+        if value.dtype == torch.int64:  # argmax, a global id
+            assert torch.equal(value, single_out[name]), (name, value, single_out[name])
+            continue
+        assert_close_to_truth(f"{name} vs single device", value, single_out[name], plain_out[name], tol)
+        assert_close_to_truth(f"{name} vs float64", value, truth_out[name], plain_out[name], tol)
+    # Backward: each rank's gradient is its shard of the single-device gradient.
+    finite_rows = torch.isfinite(single_out["kl" if "kl" in single_out else "lse"])
+    for side, single_grad in single_grads.items():
+        got = torch.cat([results[r]["grads"][side] for r in range(world)], dim=-1)
+        order = [c for start, size in layout for c in range(start, start + size)]
+        full = torch.empty_like(got)
+        full[:, order] = got
+        gtol = GRAD_TOL[case["dtype"]]
+        assert_close_to_truth(
+            f"grad {side} vs single device", full, single_grad, plain_grads[side], gtol
+        )
+        # float64 truth: rows whose KL is finite (on +inf rows the reference's autograd gives
+        # NaN where the op's contract keeps the non-weighting side finite)
+        rows = finite_rows
+        assert_close_to_truth(
+            f"grad {side} vs float64",
+            full[rows],
+            truth_grads[side][rows],
+            plain_grads[side][rows],
+            gtol,
+        )
+
+
+def test_errors_name_the_argument(worlds):
+    for got in (worlds[2][0]["errors"], worlds[2][1]["errors"]):
+        assert got["overlap"].startswith("ValueError") and "vocab_start_index" in got["overlap"]
+        assert "an overlap" in got["overlap"], got["overlap"]
+        assert got["gap"].startswith("ValueError") and "a gap at global id 4" in got["gap"]
+        assert got["label"].startswith("ValueError") and "labels[1] = 9" in got["label"]
+        assert got["start_type"].startswith("TypeError") and "vocab_start_index" in got["start_type"]
+        assert got["start_negative"].startswith("ValueError")
+        assert "vocab_start_index" in got["start_negative"]
+
+
+def test_needs_an_initialized_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        parallel.token_stats(torch.randn(2, 3), torch.tensor([0, 1]))
+
