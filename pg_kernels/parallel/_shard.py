@@ -133,17 +133,24 @@ def _check_tiling(op: str, starts: torch.Tensor, sizes: torch.Tensor) -> int:
     return end
 
 
-def logsumexp_ranks(values: torch.Tensor) -> torch.Tensor:
-    """logsumexp over dim 0 ([world, N] -> [N]) in fixed rank order.
+def merge_lse(m: torch.Tensor, log_s1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-rank (max m_r, log s1_r) rows [world, N] in fixed rank order (docs/math.md §1).
 
-    -inf entries (empty shards) add nothing; all -inf gives -inf; NaN propagates.
+    Returns (M, log S) [N], the global max and log sum_r s1_r e^{m_r - M} (logsumexp M + log S),
+    and log_mass [world, N] = (m_r - M) + log s1_r - log S, the log of each shard's share of
+    the probability. Kept relative to the maxes, as the kernels do: L_r - L would lose ulp(L).
+    Empty shards (m_r = -inf) add nothing and get log_mass -inf; all empty, or a NaN, gives NaN.
     """
-    m = values.amax(0)
-    finite_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    total = torch.zeros_like(m)
-    for r in range(values.shape[0]):
-        total = total + torch.exp(values[r] - finite_m)
-    return torch.where(torch.isfinite(m), finite_m + torch.log(total), m + total)
+    big = m.amax(0)
+    rel = [(m[r] - big) + log_s1[r] for r in range(m.shape[0])]
+    total = torch.zeros_like(big)
+    for r in range(m.shape[0]):
+        total = total + torch.exp(rel[r])
+    log_total = torch.log(total)
+    bad = ~torch.isfinite(big)
+    nan = torch.full_like(big, float("nan"))
+    big, log_total = torch.where(bad, nan, big), torch.where(bad, nan, log_total)
+    return big, log_total, torch.stack(rel) - log_total
 
 
 def neg_inf_rows(logits: torch.Tensor, acc: torch.dtype) -> torch.Tensor:

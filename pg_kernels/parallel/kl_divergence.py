@@ -37,22 +37,28 @@ from pg_kernels.ops._common import (
 from pg_kernels.ops.kl_divergence import DIRECTIONS
 from pg_kernels.parallel._shard import (
     gather_rows,
-    logsumexp_ranks,
+    merge_lse,
     neg_inf_rows,
     resolve_shard,
 )
 
 OP = "parallel.kl_divergence"
 KERNELS = _backend.KERNELS["kl_divergence"]
-LSE_P, LSE_Q, KL = range(3)  # columns of the gathered [world, N, 3] tensor
+M_P, LS_P, M_Q, LS_Q, KL = range(5)  # columns of the gathered [world, N, 5] tensor
 
 
 def _tau(temp):
     return temp.scalar if temp.tensor is None else temp.tensor.unsqueeze(-1)
 
 
+def _max_log_s1(z):
+    m = z.amax(-1)
+    return m, torch.logsumexp(z - m.unsqueeze(-1), -1)
+
+
 def _local_forward(logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend):
-    """(kl_r, row_state [N, 5] or None, Lp_r, Lq_r) of the shards, flat [N]."""
+    """The shards' KL_r [N] and row state [N, 5]: (max, log s1) of each side, then
+    c = E_w[d_w - d_v] (NaN for the reference backend, whose backward does not use it)."""
     if backend == "reference":
         acc = acc_dtype(logits.dtype)
         v = logits.shape[-1]
@@ -62,30 +68,29 @@ def _local_forward(logits, ref_logits, labels, temp, ref_temp, ignore_index, dir
             z, zr, direction=direction, labels=None if labels is None else labels.reshape(-1),
             ignore_index=ignore_index, upcast=False,
         )  # fmt: skip
-        return kl, None, torch.logsumexp(z, -1), torch.logsumexp(zr, -1)
+        nan = torch.full_like(kl, float("nan"))
+        return kl, torch.stack([*_max_log_s1(z), *_max_log_s1(zr), nan], dim=1)
     kl, state = torch.ops.pg_kernels.kl_divergence(
         logits, ref_logits, labels, temp.tensor, temp.scalar, ref_temp.tensor, ref_temp.scalar,
         ignore_index, direction, backend,
     )  # fmt: skip
-    kl, state = kl.reshape(-1), state.reshape(-1, 5)
-    return kl, state, state[:, 0] + state[:, 1], state[:, 2] + state[:, 3]
+    return kl.reshape(-1), state.reshape(-1, 5)
 
 
 def _merge(gathered: torch.Tensor, reverse: bool):
-    """Merge [world, N, 3] partial rows in rank order -> KL [N], the global (Lp, Lq) [N, 2] and
-    the shard masses log W_r, log V_r [world, N]."""
-    lse_p, lse_q = logsumexp_ranks(gathered[..., LSE_P]), logsumexp_ranks(gathered[..., LSE_Q])
-    log_wp = gathered[..., LSE_P] - lse_p
-    log_wq = gathered[..., LSE_Q] - lse_q
+    """Merge [world, N, 5] partial rows in rank order -> KL [N], each side's global (M, log S)
+    and the shard masses log W_r (of p) and log V_r (of q), [world, N]."""
+    m_p, ls_p, log_wp = merge_lse(gathered[..., M_P], gathered[..., LS_P])
+    m_q, ls_q, log_wq = merge_lse(gathered[..., M_Q], gathered[..., LS_Q])
     log_w, log_v = (log_wp, log_wq) if reverse else (log_wq, log_wp)
     weight = torch.exp(log_w)
-    kl = torch.zeros_like(lse_p)
+    kl = torch.zeros_like(m_p)
     for r in range(gathered.shape[0]):
         term = weight[r] * (gathered[r, :, KL] + log_w[r] - log_v[r])
         kl = kl + torch.where(weight[r] > 0, term, torch.zeros_like(term))
-    invalid = ~(torch.isfinite(lse_p) & torch.isfinite(lse_q))
+    invalid = torch.isnan(m_p) | torch.isnan(m_q)
     kl = torch.where(invalid, torch.full_like(kl, float("nan")), kl.clamp_min(0))
-    return kl, torch.stack([lse_p, lse_q], dim=1), log_wp, log_wq
+    return kl, (m_p, ls_p, m_q, ls_q), log_wp, log_wq
 
 
 class _KLFn(torch.autograd.Function):
@@ -95,7 +100,7 @@ class _KLFn(torch.autograd.Function):
     ):
         reverse = direction == "reverse"
         acc = acc_dtype(logits.dtype)
-        kl_r, state, lse_p_r, lse_q_r = _local_forward(
+        kl_r, state = _local_forward(
             logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend
         )
         empty_p = neg_inf_rows(logits, acc) == float("-inf")
@@ -104,27 +109,31 @@ class _KLFn(torch.autograd.Function):
         zero = torch.zeros_like(kl_r)
         rows = torch.stack(
             [
-                torch.where(empty_p, neg_inf, lse_p_r),
-                torch.where(empty_q, neg_inf, lse_q_r),
+                torch.where(empty_p, neg_inf, state[:, 0]),
+                torch.where(empty_p, zero, state[:, 1]),
+                torch.where(empty_q, neg_inf, state[:, 2]),
+                torch.where(empty_q, zero, state[:, 3]),
                 torch.where(empty_p | empty_q, zero, kl_r),
             ],
             dim=1,
         )
         gathered, layout = gather_rows(OP, shard, rows)
-        kl, lse, log_wp, log_wq = _merge(gathered, reverse)
+        kl, merged, log_wp, log_wq = _merge(gathered, reverse)
         if layout.ok is not None:
             kl = torch.where(layout.ok, kl, torch.full_like(kl, float("nan")))
         keep = None if labels is None else labels.reshape(-1) != ignore_index
         if keep is not None:
             kl = torch.where(keep, kl, zero)
-        # This rank's row state for the backward kernel (module docstring).
-        own_wp, own_wq = log_wp[shard.rank], log_wq[shard.rank]
-        if state is None:
-            row_state = lse
-        else:
+        if backend == "reference":  # both sides' global (max M, log S)
+            row_state = torch.stack(merged, dim=1)
+        else:  # this rank's row state for the backward kernel (module docstring)
+            own_wp, own_wq = log_wp[shard.rank], log_wq[shard.rank]
             log_w, log_v = (own_wp, own_wq) if reverse else (own_wq, own_wp)
             c = state[:, 4] + (kl - kl_r) - log_w + log_v
-            shifted = [state[:, 0], state[:, 1] - own_wp, state[:, 2], state[:, 3] - own_wq, c]
+            # log s1 of the whole row relative to this shard's max: (M - m_r) + log S
+            ls_p = (merged[0] - state[:, 0]) + merged[1]
+            ls_q = (merged[2] - state[:, 2]) + merged[3]
+            shifted = [state[:, 0], ls_p, state[:, 2], ls_q, c]
             empty = [empty_p, empty_p, empty_q, empty_q, empty_p | empty_q]
             # An all -inf side: any finite (m, log s1) gives its zero probabilities.
             row_state = torch.stack(
@@ -163,12 +172,14 @@ class _KLFn(torch.autograd.Function):
         )
 
 
-def _reference_grad(logits, ref_logits, labels, tau, ref_tau, ignore_index, direction, kl, lse, g):
-    """docs/math.md §4's gradients in plain PyTorch over the shards, from the global logsumexps
-    lse [N, 2] = (Lp, Lq)."""
+def _reference_grad(
+    logits, ref_logits, labels, tau, ref_tau, ignore_index, direction, kl, state, g
+):
+    """docs/math.md §4's gradients in plain PyTorch over the shards, from both sides' global
+    max and log S, state [N, 4]."""
     v = logits.shape[-1]
-    logp = logits.reshape(-1, v).to(kl.dtype) / tau - lse[:, :1]
-    logq = ref_logits.reshape(-1, v).to(kl.dtype) / ref_tau - lse[:, 1:]
+    logp = (logits.reshape(-1, v).to(kl.dtype) / tau - state[:, :1]) - state[:, 1:2]
+    logq = (ref_logits.reshape(-1, v).to(kl.dtype) / ref_tau - state[:, 2:3]) - state[:, 3:]
     p, q = torch.exp(logp), torch.exp(logq)
     k = kl.unsqueeze(-1)
 

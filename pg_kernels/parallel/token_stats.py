@@ -37,7 +37,7 @@ from pg_kernels.ops._common import (
 from pg_kernels.outputs import TokenStats
 from pg_kernels.parallel._shard import (
     gather_rows,
-    logsumexp_ranks,
+    merge_lse,
     neg_inf_rows,
     resolve_shard,
 )
@@ -73,8 +73,8 @@ def _local_forward(logits, local_labels, temp, temperature, backend):
 def _merge(gathered: torch.Tensor):
     """Merge [world, N, K] partial rows in rank order -> per-row global statistics."""
     lse_r = gathered[..., LSE]
-    lse = logsumexp_ranks(lse_r)
-    log_w = lse_r - lse
+    big, log_total, log_w = merge_lse(lse_r, torch.zeros_like(lse_r))
+    lse = big + log_total
     w = torch.exp(log_w)
     zero = torch.zeros_like(lse)
     entropy, collision, logprob, owners = zero, zero, zero, zero
