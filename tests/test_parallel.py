@@ -170,6 +170,30 @@ def _errors(rank: int, world: int) -> dict[str, str]:
     return got
 
 
+SUBGROUP = {0: (0, 4), 2: (4, 5)}  # world rank -> (start, size) in a group of ranks 0 and 2
+
+
+def _subgroup_inputs():
+    x = make_logits(4, 9, seed=7)
+    xr = make_logits(4, 9, seed=8)
+    return x, xr, torch.tensor([0, 8, 4, IGNORE])
+
+
+def _subgroup(rank: int):
+    """token_stats and kl_divergence over a group that leaves out rank 1."""
+    group = dist.new_group([0, 2])  # every rank of the world takes part in creating it
+    if rank not in SUBGROUP:
+        return None
+    x, xr, labels = _subgroup_inputs()
+    start, size = SUBGROUP[rank]
+    cols = slice(start, start + size)
+    stats = parallel.token_stats(x[:, cols], labels, group=group, vocab_start_index=start)
+    kl = parallel.kl_divergence(
+        x[:, cols], xr[:, cols], group=group, vocab_start_index=start, labels=labels
+    )
+    return {"lse": stats.lse, "logprob": stats.logprob, "argmax": stats.argmax, "kl": kl}
+
+
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -188,6 +212,8 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             results[case["name"]] = {"out": out, "grads": grads, "again": again}
         if world == 2:
             results["errors"] = _errors(rank, world)
+        if world == 3:
+            results["subgroup"] = _subgroup(rank)
         torch.save(results, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -317,6 +343,19 @@ def _kl_grad_floor(case: dict, inputs: dict, side: str) -> torch.Tensor | None:
         size[:, cols] += log_mass_w.abs() + log_mass_v.abs() + kl_r.abs()
     g = inputs["weights"][0].double().abs().unsqueeze(-1)
     return (4 * 2.0**-23 * g * lw.exp() * size.nan_to_num(posinf=0.0)).nan_to_num()
+
+
+def test_subgroup(worlds):
+    x, xr, labels = _subgroup_inputs()
+    stats = pg_kernels.token_stats(x, labels)
+    kl = pg_kernels.kl_divergence(x, xr, labels=labels)
+    assert worlds[3][1]["subgroup"] is None
+    for rank in SUBGROUP:
+        got = worlds[3][rank]["subgroup"]
+        for name in ("lse", "logprob"):
+            torch.testing.assert_close(got[name], getattr(stats, name), rtol=2e-6, atol=1e-6)
+        assert torch.equal(got["argmax"], stats.argmax)
+        torch.testing.assert_close(got["kl"], kl, rtol=2e-6, atol=1e-6)
 
 
 def test_errors_name_the_argument(worlds):

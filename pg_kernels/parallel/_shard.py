@@ -95,7 +95,8 @@ def gather_rows(op: str, shard: Shard, rows: torch.Tensor) -> tuple[torch.Tensor
     n, k = rows.shape
     extra = -(-4 // k)
     meta = rows.new_zeros(extra * k)
-    meta[:4] = torch.tensor(_split_int(shard.start) + _split_int(shard.size), dtype=rows.dtype)
+    for i, v in enumerate(_split_int(shard.start) + _split_int(shard.size)):
+        meta[i] = v  # a fill on the device: no host-to-device copy that could sync
     payload = torch.cat([rows, meta.view(extra, k)]).contiguous()
     out = payload.new_empty((shard.world * (n + extra), k))
     _all_gather(out, payload, group=shard.group)
