@@ -1,5 +1,6 @@
 """pg_kernels: fused one-pass kernels for policy-gradient RL over vocabulary-sized logits."""
 
+from pg_kernels import parallel
 from pg_kernels._backend import env_report
 from pg_kernels.ops._common import check_labels
 from pg_kernels.ops.kl_divergence import kl_divergence
@@ -19,6 +20,7 @@ __all__ = [
     "env_report",
     "kl_divergence",
     "mismatch_stats",
+    "parallel",
     "pruned_logprob",
     "token_stats",
     "topk_kl",
