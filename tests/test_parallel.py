@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 import pg_kernels
 from pg_kernels import _backend, parallel, reference
+from pg_kernels.parallel._shard import tiling_ok
 from pg_kernels.testing import FORWARD_TOL, GRAD_TOL, assert_close_to_truth, make_logits
 
 IGNORE = -100
@@ -48,6 +49,8 @@ def _cases() -> list[dict]:
             dtypes = [torch.float32]
             if backend == "cpu" and layout != "even2":
                 dtypes.append(torch.bfloat16)
+            if backend == "cpu" and layout == "uneven2":
+                dtypes.append(torch.float64)
             for dtype in dtypes:
                 for op in ("token_stats", "kl_reverse", "kl_forward"):
                     cases.append(
@@ -187,10 +190,10 @@ def _subgroup(rank: int):
     x, xr, labels = _subgroup_inputs()
     start, size = SUBGROUP[rank]
     cols = slice(start, start + size)
-    stats = parallel.token_stats(x[:, cols], labels, group=group, vocab_start_index=start)
-    kl = parallel.kl_divergence(
-        x[:, cols], xr[:, cols], group=group, vocab_start_index=start, labels=labels
-    )
+    # leading dims [2, 2]; the column slice is a strided view, read in place
+    x, xr, labels = x.view(2, 2, 9)[..., cols], xr.view(2, 2, 9)[..., cols], labels.view(2, 2)
+    stats = parallel.token_stats(x, labels, group=group, vocab_start_index=start)
+    kl = parallel.kl_divergence(x, xr, group=group, vocab_start_index=start, labels=labels)
     return {"lse": stats.lse, "logprob": stats.logprob, "argmax": stats.argmax, "kl": kl}
 
 
@@ -318,7 +321,8 @@ def _kl_grad_floor(case: dict, inputs: dict, side: str) -> torch.Tensor | None:
     As on one device (tests/test_kl_divergence.py::_kl_grad_floor: ~ulp(|log w_j - log v_j| +
     KL) per unit weight), plus the terms the shard merge adds to c': c' = c_r + (KL - KL_r) -
     log W_r + log V_r, each right to an ulp of its size (W_r, V_r the shard's masses of w, v).
-    Bound: 4 fp32 epsilons of the sum of those sizes, per entry. None off the weighting side.
+    Bound: 4 epsilons of the accumulation dtype times the sum of those sizes, per entry. None
+    off the weighting side.
     """
     op = case["op"]
     if op == "token_stats" or (side == "logits") != (op == "kl_reverse"):
@@ -342,7 +346,8 @@ def _kl_grad_floor(case: dict, inputs: dict, side: str) -> torch.Tensor | None:
         kl_r = (lw_r.exp() * (lw_r - lv_r)).nan_to_num().sum(-1, keepdim=True)
         size[:, cols] += log_mass_w.abs() + log_mass_v.abs() + kl_r.abs()
     g = inputs["weights"][0].double().abs().unsqueeze(-1)
-    return (4 * 2.0**-23 * g * lw.exp() * size.nan_to_num(posinf=0.0)).nan_to_num()
+    eps = torch.finfo(torch.float64 if case["dtype"] == torch.float64 else torch.float32).eps
+    return (4 * eps * g * lw.exp() * size.nan_to_num(posinf=0.0)).nan_to_num()
 
 
 def test_subgroup(worlds):
@@ -353,9 +358,10 @@ def test_subgroup(worlds):
     for rank in SUBGROUP:
         got = worlds[3][rank]["subgroup"]
         for name in ("lse", "logprob"):
-            torch.testing.assert_close(got[name], getattr(stats, name), rtol=2e-6, atol=1e-6)
-        assert torch.equal(got["argmax"], stats.argmax)
-        torch.testing.assert_close(got["kl"], kl, rtol=2e-6, atol=1e-6)
+            want = getattr(stats, name).view(2, 2)
+            torch.testing.assert_close(got[name], want, rtol=2e-6, atol=1e-6)
+        assert torch.equal(got["argmax"], stats.argmax.view(2, 2))
+        torch.testing.assert_close(got["kl"], kl.view(2, 2), rtol=2e-6, atol=1e-6)
 
 
 def test_errors_name_the_argument(worlds):
@@ -369,6 +375,20 @@ def test_errors_name_the_argument(worlds):
         )
         assert got["start_negative"].startswith("ValueError")
         assert "vocab_start_index" in got["start_negative"]
+
+
+def test_tiling_verdict():
+    """The device-side layout check of CUDA tensors (CPU tensors raise instead)."""
+
+    def ok(layout):
+        starts, sizes = (torch.tensor(t) for t in zip(*layout))
+        return bool(tiling_ok(starts, sizes))
+
+    assert ok([(0, 6), (6, 6)]) and ok([(8, 4), (12, 1), (0, 8)]) and ok([(0, 3)])
+    assert not ok([(0, 6), (7, 6)])  # gap
+    assert not ok([(0, 6), (5, 6)])  # overlap
+    assert not ok([(1, 6), (7, 6)])  # does not start at 0
+    assert not ok([(0, 6), (0, 6)])  # two ranks on the same shard
 
 
 def test_needs_an_initialized_group():

@@ -107,10 +107,14 @@ def gather_rows(op: str, shard: Shard, rows: torch.Tensor) -> tuple[torch.Tensor
     gathered = out[:, :n]
     if rows.device.type == "cpu":
         return gathered, Layout(starts, sizes, _check_tiling(op, starts, sizes), None)
-    order = torch.argsort(starts)
+    return gathered, Layout(starts, sizes, None, tiling_ok(starts, sizes))
+
+
+def tiling_ok(starts: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: the shards tile [0, V) without gap or overlap (read on the device)."""
+    order = torch.argsort(starts, stable=True)
     s, e = starts[order], (starts + sizes)[order]
-    ok = (s[0] == 0) & (s[1:] == e[:-1]).all()
-    return gathered, Layout(starts, sizes, None, ok)
+    return (s[0] == 0) & (s[1:] == e[:-1]).all()
 
 
 def _check_tiling(op: str, starts: torch.Tensor, sizes: torch.Tensor) -> int:

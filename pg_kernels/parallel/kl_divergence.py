@@ -24,6 +24,7 @@ KL (c' = c_r + (KL - KL_r) - log W_w + log W_v, w the weighting side).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from pg_kernels import _backend, reference
 from pg_kernels.ops._common import (
@@ -147,6 +148,7 @@ class _KLFn(torch.autograd.Function):
         return kl.view(logits.shape[:-1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_kl):
         logits, ref_logits, labels, tau_t, ref_tau_t, kl, row_state = ctx.saved_tensors
         tau_s, ref_tau_s, ignore_index, direction, backend = ctx.scalars

@@ -24,6 +24,7 @@ g_lse - g_logprob and g_logprob = 0 there, with a dummy local label.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from pg_kernels import _backend, reference
 from pg_kernels.ops._common import (
@@ -160,6 +161,7 @@ class _TokenStatsFn(torch.autograd.Function):
         return tuple(t.view(shape) for t in (*floats, argmax))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, g_argmax):
         logits, local_labels, owns, temp_tensor, lse, entropy, collision = ctx.saved_tensors
         temp_scalar, backend, shape = ctx.scalars
