@@ -90,10 +90,14 @@ def _inputs(case: dict) -> dict:
     labels[3] = v - 1
     labels[4] = IGNORE
     inf = float("-inf")
-    # row 5: rank 0's shard all -inf in both tensors (an empty partial), label elsewhere
+    # row 5: rank 0's shard all -inf in both tensors (an empty partial), the label on it
+    # (logprob -inf)
     x[5, first[0] : first[0] + first[1]] = inf
     xr[5, first[0] : first[0] + first[1]] = inf
-    labels[5] = layout[1][0]
+    labels[5] = first[0]
+    # row 1: the max tied between the first and the last rank's shards: argmax is the
+    # smaller global id, whichever rank holds it
+    x[1, [first[0], layout[-1][0]]] = x[1].amax() + 5
     # row 6: rank 0's shard all -inf in the logits only (forward KL +inf, reverse finite);
     # row 7: in the reference only (reverse KL +inf). token_stats sees an empty shard in row 6.
     x[6, first[0] : first[0] + first[1]] = inf
