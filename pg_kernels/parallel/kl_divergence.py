@@ -1,11 +1,13 @@
 """Vocab-parallel kl_divergence: KL between p = softmax(logits / T) and q = softmax(ref_logits /
-T_ref) of the full rows, from each rank's shard of both (docs/math.md §§4, 8).
+T_ref) of the full rows, from each rank's shard of both (docs/math.md §§1, 4, 8).
 
-Forward: the single-device op runs on the local shards, giving the shard's KL_r between the
-shard-renormalized p^(r), q^(r) and each side's shard logsumexp Lp_r, Lq_r. One all-gather of
-3 numbers per row ([world, N, 3], fp32; fp64 for fp64 logits) carries them to every rank,
-which merges in fixed rank order. With W_r = exp(Lp_r - Lp) and V_r = exp(Lq_r - Lq) the
-shard masses of p and q (Lp, Lq the logsumexps over ranks):
+Forward: the single-device op runs on the local shards, giving the KL_r between the
+shard-renormalized p^(r), q^(r) and each side's shard max m and log s1 (its row state). One
+all-gather of 5 numbers per row ([world, N, 5], fp32; fp64 for fp64 logits: m and log s1 of
+each side, KL_r) carries them to every rank, which merges in fixed rank order. The shard
+masses W_r of p and V_r of q are kept relative to the maxes, as the kernels keep log-probs
+(log W_r = (m_r - M) + log s1_r - log S, with M the max over ranks and S = sum_r s1_r
+e^{m_r - M}; L_r - L would lose ulp(L)). Then
 
     reverse  KL(p || q) = sum_r W_r (KL_r + log W_r - log V_r)
     forward  KL(q || p) = sum_r V_r (KL_r + log V_r - log W_r)
@@ -16,9 +18,9 @@ that is all -inf on either side as NaN, so each rank also reads its rows' max of
 (one extra read of each).
 
 Backward: no collective. Each rank runs the single-device backward kernel on its shards with
-the merged row state: each side's max m and log s1 shifted by -log (shard mass), so that
-(z - m) - log s1 is the global log-probability, and c = E_w[d_w - d_v] shifted to the global
-KL (c' = c_r + (KL - KL_r) - log W_w + log W_v, w the weighting side).
+the merged row state: each side's shard max m_r and log s1' = (M - m_r) + log S, so that
+(z - m_r) - log s1' is the global log-probability, and c = E_w[d_w - d_v] shifted to the
+global KL (c' = c_r + (KL - KL_r) - log W_w + log W_v, w the weighting side).
 """
 
 from __future__ import annotations
@@ -250,7 +252,7 @@ def kl_divergence(
     Returns:
         [...] fp32 (fp64 for fp64 logits) KL per row, as `pg_kernels.kl_divergence`.
 
-    One all-gather of 3 numbers per row (12 bytes in fp32) per call; the backward needs no
+    One all-gather of 5 numbers per row (20 bytes in fp32) per call; the backward needs no
     collective. A bad shard layout raises on CPU (on every rank) and gives NaN rows on CUDA.
     Not supported under torch.compile (the collective runs in an autograd.Function).
     """
