@@ -287,6 +287,7 @@ def test_matches_single_device_and_reference(worlds, case):
         for r in range(world):
             assert torch.equal(_bits(results[r]["out"][name]), _bits(value)), (name, r)
             assert torch.equal(_bits(results[r]["again"][name]), _bits(value)), (name, r)
+        assert value.requires_grad == single_out[name].requires_grad, name
         if value.dtype == torch.int64:  # argmax, a global id
             assert torch.equal(value, single_out[name]), (name, value, single_out[name])
             continue

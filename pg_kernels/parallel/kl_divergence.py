@@ -253,8 +253,11 @@ def kl_divergence(
         [...] fp32 (fp64 for fp64 logits) KL per row, as `pg_kernels.kl_divergence`.
 
     One all-gather of 5 numbers per row (20 bytes in fp32) per call; the backward needs no
-    collective. A bad shard layout raises on CPU (on every rank) and gives NaN rows on CUDA.
-    Not supported under torch.compile (the collective runs in an autograd.Function).
+    collective. Argument errors found before the all-gather (types, shapes,
+    vocab_start_index < 0) raise on the calling rank alone: a rank that calls with different
+    arguments leaves the others waiting in the collective. A bad shard layout raises on CPU
+    (on every rank) and gives NaN rows on CUDA. Not supported under torch.compile (the
+    collective runs in an autograd.Function).
     """
     check_logits(OP, "local_logits", local_logits)
     check_logits_pair(OP, local_logits, local_ref_logits, "local_ref_logits")

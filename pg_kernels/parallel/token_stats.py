@@ -156,9 +156,9 @@ class _TokenStatsFn(torch.autograd.Function):
         logprob, entropy, collision, lgp, lse, max_prob = floats
         ctx.save_for_backward(logits, local_labels, owns, temp.tensor, lse, entropy, collision)
         ctx.scalars = (temp.scalar, backend, labels.shape)
-        ctx.mark_non_differentiable(lgp, max_prob, argmax)
-        shape = labels.shape
-        return tuple(t.view(shape) for t in (*floats, argmax))
+        outs = tuple(t.view(labels.shape) for t in (*floats, argmax))
+        ctx.mark_non_differentiable(*outs[3:4], *outs[5:])  # lgp, max_prob, argmax
+        return outs
 
     @staticmethod
     @once_differentiable
@@ -241,9 +241,12 @@ def token_stats(
         argmax is a global id.
 
     One all-gather of 9 numbers per row (36 bytes in fp32) per call; the backward needs no
-    collective. Bad shard layouts and out-of-range labels raise on CPU (on every rank); on
-    CUDA they give NaN rows (reading them would sync the host). Not supported under
-    torch.compile (the collective and the layout check run in an autograd.Function).
+    collective. Argument errors found before the all-gather (types, shapes,
+    vocab_start_index < 0) raise on the calling rank alone: a rank that calls with different
+    arguments leaves the others waiting in the collective. Bad shard layouts and
+    out-of-range labels raise on CPU (on every rank); on CUDA they give NaN rows (reading them
+    would sync the host). Not supported under torch.compile (the collective and the layout
+    check run in an autograd.Function).
     """
     check_logits(OP, "local_logits", local_logits)
     check_labels_arg(OP, local_logits, labels)
