@@ -1,26 +1,26 @@
 """Vocab-parallel kl_divergence: KL between p = softmax(logits / T) and q = softmax(ref_logits /
 T_ref) of the full rows, from each rank's shard of both (docs/math.md §§1, 4, 8).
 
-Forward: the single-device op runs on the local shards, giving the KL_r between the
-shard-renormalized p^(r), q^(r) and each side's shard max m and log s1 (its row state). One
-all-gather of 5 numbers per row ([world, N, 5], fp32; fp64 for fp64 logits: m and log s1 of
-each side, KL_r) carries them to every rank, which merges in fixed rank order. The shard
-masses W_r of p and V_r of q are kept relative to the maxes, as the kernels keep log-probs
-(log W_r = (m_r - M) + log s1_r - log S, with M the max over ranks and S = sum_r s1_r
-e^{m_r - M}; L_r - L would lose ulp(L)). Then
+Forward: the single-device op runs on the local shards, giving its row state: each side's
+shard max m_r and log s1_r, and c_r = E_w[d_w - d_v] over the shard-renormalized weighting
+distribution w (p for reverse KL(p || q), q for forward KL(q || p); d = z - m_r). One
+all-gather of these 5 numbers per row ([world, N, 5], fp32; fp64 for fp64 logits) carries
+them to every rank, which merges in fixed rank order, in fp64, as the kernels finish a row:
 
-    reverse  KL(p || q) = sum_r W_r (KL_r + log W_r - log V_r)
-    forward  KL(q || p) = sum_r V_r (KL_r + log V_r - log W_r)
+    M = max_r m_r,  S = sum_r s1_r e^{m_r - M},  log W_r = (m_r - M) + log s1_r - log S
+    c  = sum_r W_r (c_r - (M_w - m_w,r) + (M_v - m_v,r))      (W_r: w's shard masses)
+    KL = c - log S_w + log S_v
 
-A shard with no weight (the weighting side all -inf there) adds exactly 0; weight on a shard
-where the other side is all -inf gives +inf, as on one device. The kernels report a shard row
-that is all -inf on either side as NaN, so each rank also reads its rows' max of both tensors
-(one extra read of each).
+Everything stays relative to the maxes (L_r - L would lose ulp(L)) and c_r, not the shard's
+KL, enters the sum, so the backward's c' below matches (d_w - d_v) as on one device. A shard
+where w is all -inf adds exactly 0; w's mass on a shard where the other side is all -inf
+gives +inf, as on one device. The kernels report a shard row that is all -inf on either side
+as NaN, so each rank also reads its rows' max of both tensors (one extra read of each).
 
 Backward: no collective. Each rank runs the single-device backward kernel on its shards with
-the merged row state: each side's shard max m_r and log s1' = (M - m_r) + log S, so that
-(z - m_r) - log s1' is the global log-probability, and c = E_w[d_w - d_v] shifted to the
-global KL (c' = c_r + (KL - KL_r) - log W_w + log W_v, w the weighting side).
+the merged row state relative to its shard's maxes: log s1' = (M - m_r) + log S per side, so
+that (z - m_r) - log s1' is the global log-probability, and c' = c + (M_w - m_w,r) -
+(M_v - m_v,r), rounded once from fp64.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from pg_kernels import _backend, reference
+from pg_kernels import _backend
 from pg_kernels.ops._common import (
     acc_dtype,
     check_ignore_index,
@@ -47,32 +47,35 @@ from pg_kernels.parallel._shard import (
 
 OP = "parallel.kl_divergence"
 KERNELS = _backend.KERNELS["kl_divergence"]
-M_P, LS_P, M_Q, LS_Q, KL = range(5)  # columns of the gathered [world, N, 5] tensor
+M_P, LS_P, M_Q, LS_Q, C = range(5)  # columns of the gathered [world, N, 5] tensor
 
 
 def _tau(temp):
     return temp.scalar if temp.tensor is None else temp.tensor.unsqueeze(-1)
 
 
-def _max_log_s1(z):
-    m = z.amax(-1)
-    return m, torch.logsumexp(z - m.unsqueeze(-1), -1)
+def _reference_state(z: torch.Tensor, zr: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """The kernels' row state [N, 5] in plain PyTorch: (max, log s1) of z, of zr, then
+    c = E_w[d_w - d_v] with d = z - max (0 where w = 0, +inf where w > 0 meets v = 0)."""
+    m, mr = z.amax(-1, keepdim=True), zr.amax(-1, keepdim=True)
+    d, dr = z - m, zr - mr
+    dw, dv = (d, dr) if reverse else (dr, d)
+    w = dw.softmax(-1)
+    c = torch.where(w > 0, w * (dw - dv), torch.zeros_like(w)).sum(-1)
+    ls, lsr = torch.logsumexp(d, -1), torch.logsumexp(dr, -1)
+    return torch.stack([m.squeeze(-1), ls, mr.squeeze(-1), lsr, c], dim=1)
 
 
 def _local_forward(logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend):
-    """The shards' KL_r [N] and row state [N, 5]: (max, log s1) of each side, then
-    c = E_w[d_w - d_v] (NaN for the reference backend, whose backward does not use it)."""
+    """The shards' KL_r [N] (+inf marks weight on a token of zero probability on the other
+    side) and row state [N, 5]: (max, log s1) of each side, then c = E_w[d_w - d_v]."""
     if backend == "reference":
         acc = acc_dtype(logits.dtype)
         v = logits.shape[-1]
         z = logits.reshape(-1, v).to(acc) / _tau(temp)
         zr = ref_logits.reshape(-1, v).to(acc) / _tau(ref_temp)
-        kl = reference.kl_divergence(
-            z, zr, direction=direction, labels=None if labels is None else labels.reshape(-1),
-            ignore_index=ignore_index, upcast=False,
-        )  # fmt: skip
-        nan = torch.full_like(kl, float("nan"))
-        return kl, torch.stack([*_max_log_s1(z), *_max_log_s1(zr), nan], dim=1)
+        state = _reference_state(z, zr, direction == "reverse")
+        return state[:, 4], state
     kl, state = torch.ops.pg_kernels.kl_divergence(
         logits, ref_logits, labels, temp.tensor, temp.scalar, ref_temp.tensor, ref_temp.scalar,
         ignore_index, direction, backend,
@@ -81,19 +84,27 @@ def _local_forward(logits, ref_logits, labels, temp, ref_temp, ignore_index, dir
 
 
 def _merge(gathered: torch.Tensor, reverse: bool):
-    """Merge [world, N, 5] partial rows in rank order -> KL [N], each side's global (M, log S)
-    and the shard masses log W_r (of p) and log V_r (of q), [world, N]."""
+    """Merge [world, N, 5] partial rows in rank order.
+
+    Returns the KL [N], c = E_w[d_w - d_v] relative to the global maxes [N], and each side's
+    global (M, log S) [N]. As in the kernels, KL = c - log S_w + log S_v, with
+    c = sum_r W_r (c_r - (M_w - m_w,r) + (M_v - m_v,r)) (W_r the weighting side's shard mass).
+    """
     m_p, ls_p, log_wp = merge_lse(gathered[..., M_P], gathered[..., LS_P])
     m_q, ls_q, log_wq = merge_lse(gathered[..., M_Q], gathered[..., LS_Q])
-    log_w, log_v = (log_wp, log_wq) if reverse else (log_wq, log_wp)
+    mw, lw, log_w, mw_col = (m_p, ls_p, log_wp, M_P) if reverse else (m_q, ls_q, log_wq, M_Q)
+    mv, lv, mv_col = (m_q, ls_q, M_Q) if reverse else (m_p, ls_p, M_P)
     weight = torch.exp(log_w)
-    kl = torch.zeros_like(m_p)
+    c = torch.zeros_like(m_p)
     for r in range(gathered.shape[0]):
-        term = weight[r] * (gathered[r, :, KL] + log_w[r] - log_v[r])
-        kl = kl + torch.where(weight[r] > 0, term, torch.zeros_like(term))
+        g = gathered[r]
+        # (M_v - m_v,r) = +inf where the other side is all -inf on this shard: KL = +inf
+        term = weight[r] * (g[:, C] - (mw - g[:, mw_col]) + (mv - g[:, mv_col]))
+        c = c + torch.where(weight[r] > 0, term, torch.zeros_like(term))
+    kl = (c - lw + lv).clamp_min(0)
     invalid = torch.isnan(m_p) | torch.isnan(m_q)
-    kl = torch.where(invalid, torch.full_like(kl, float("nan")), kl.clamp_min(0))
-    return kl, (m_p, ls_p, m_q, ls_q), log_wp, log_wq
+    kl = torch.where(invalid, torch.full_like(kl, float("nan")), kl)
+    return kl, c, (m_p, ls_p, m_q, ls_q)
 
 
 class _KLFn(torch.autograd.Function):
@@ -110,33 +121,41 @@ class _KLFn(torch.autograd.Function):
         empty_q = neg_inf_rows(ref_logits, acc) == float("-inf")
         neg_inf = torch.full_like(kl_r, float("-inf"))
         zero = torch.zeros_like(kl_r)
+        # c_r of a shard whose KL_r is +inf (weight meets a -inf logit of the other side)
+        c_r = torch.where(kl_r == float("inf"), kl_r, state[:, 4])
         rows = torch.stack(
             [
                 torch.where(empty_p, neg_inf, state[:, 0]),
                 torch.where(empty_p, zero, state[:, 1]),
                 torch.where(empty_q, neg_inf, state[:, 2]),
                 torch.where(empty_q, zero, state[:, 3]),
-                torch.where(empty_p | empty_q, zero, kl_r),
+                torch.where(empty_p | empty_q, zero, c_r),
             ],
             dim=1,
         )
         gathered, layout = gather_rows(OP, shard, rows)
-        kl, merged, log_wp, log_wq = _merge(gathered, reverse)
+        # In fp64, rounded once: the merge adds and cancels terms of size |log W_r| (up to
+        # ~100); N x 5 numbers, free next to the kernels.
+        kl64, c64, merged = _merge(gathered.double(), reverse)
+        kl = kl64.to(acc)
         if layout.ok is not None:
             kl = torch.where(layout.ok, kl, torch.full_like(kl, float("nan")))
         keep = None if labels is None else labels.reshape(-1) != ignore_index
         if keep is not None:
             kl = torch.where(keep, kl, zero)
         if backend == "reference":  # both sides' global (max M, log S)
-            row_state = torch.stack(merged, dim=1)
+            row_state = torch.stack(merged, dim=1).to(acc)
         else:  # this rank's row state for the backward kernel (module docstring)
-            own_wp, own_wq = log_wp[shard.rank], log_wq[shard.rank]
-            log_w, log_v = (own_wp, own_wq) if reverse else (own_wq, own_wp)
-            c = state[:, 4] + (kl - kl_r) - log_w + log_v
-            # log s1 of the whole row relative to this shard's max: (M - m_r) + log S
-            ls_p = (merged[0] - state[:, 0]) + merged[1]
-            ls_q = (merged[2] - state[:, 2]) + merged[3]
-            shifted = [state[:, 0], ls_p, state[:, 2], ls_q, c]
+            m_p, ls_p, m_q, ls_q = merged
+            st = state.double()
+            # relative to this shard's maxes: log s1' = (M - m_r) + log S and
+            # c' = c + (M_w - m_w,r) - (M_v - m_v,r)
+            shift_p, shift_q = m_p - st[:, 0], m_q - st[:, 2]
+            shift_w, shift_v = (shift_p, shift_q) if reverse else (shift_q, shift_p)
+            shifted = [
+                state[:, 0], (shift_p + ls_p).to(acc), state[:, 2], (shift_q + ls_q).to(acc),
+                (c64 + shift_w - shift_v).to(acc),
+            ]  # fmt: skip
             empty = [empty_p, empty_p, empty_q, empty_q, empty_p | empty_q]
             # An all -inf side: any finite (m, log s1) gives its zero probabilities.
             row_state = torch.stack(
