@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-_DIGIT = 4096  # base of the exact split of an int into two floats
+DIGIT = 4096  # base of the exact split of an int into two floats
 # One tensor in, [world * rows, ...] out; torch 2.13 renamed all_gather_into_tensor.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -82,7 +82,7 @@ def resolve_shard(
 
 
 def _split_int(v: int) -> list[int]:
-    return [v // _DIGIT, v % _DIGIT]
+    return [v // DIGIT, v % DIGIT]
 
 
 def gather_rows(op: str, shard: Shard, rows: torch.Tensor) -> tuple[torch.Tensor, Layout]:
@@ -102,8 +102,8 @@ def gather_rows(op: str, shard: Shard, rows: torch.Tensor) -> tuple[torch.Tensor
     _all_gather(out, payload, group=shard.group)
     out = out.view(shard.world, n + extra, k)
     meta_all = out[:, n:].reshape(shard.world, -1)[:, :4].to(torch.int64)
-    starts = meta_all[:, 0] * _DIGIT + meta_all[:, 1]
-    sizes = meta_all[:, 2] * _DIGIT + meta_all[:, 3]
+    starts = meta_all[:, 0] * DIGIT + meta_all[:, 1]
+    sizes = meta_all[:, 2] * DIGIT + meta_all[:, 3]
     gathered = out[:, :n]
     if rows.device.type == "cpu":
         return gathered, Layout(starts, sizes, _check_tiling(op, starts, sizes), None)

@@ -37,6 +37,7 @@ from pg_kernels.ops._common import (
 )
 from pg_kernels.outputs import TokenStats
 from pg_kernels.parallel._shard import (
+    DIGIT,
     gather_rows,
     merge_lse,
     neg_inf_rows,
@@ -46,10 +47,8 @@ from pg_kernels.parallel._shard import (
 OP = "parallel.token_stats"
 KERNELS = _backend.KERNELS["token_stats"]
 LOCAL_IGNORE = -1  # ignore_index of the local calls: local labels are >= 0 otherwise
-# Columns of the gathered [world, N, K] tensor.
+# Columns of the gathered [world, N, 9] tensor.
 LSE, ENTROPY, COLLISION, LOGPROB, OWNS, MAX, ARG_HI, ARG_LO, MAX_PROB = range(9)
-K = 9
-_DIGIT = 4096
 
 
 def _local_forward(logits, local_labels, temp, temperature, backend):
@@ -72,7 +71,7 @@ def _local_forward(logits, local_labels, temp, temperature, backend):
 
 
 def _merge(gathered: torch.Tensor):
-    """Merge [world, N, K] partial rows in rank order -> per-row global statistics."""
+    """Merge [world, N, 9] partial rows in rank order -> per-row global statistics."""
     lse_r = gathered[..., LSE]
     big, log_total, log_w = merge_lse(lse_r, torch.zeros_like(lse_r))
     lse = big + log_total
@@ -90,7 +89,7 @@ def _merge(gathered: torch.Tensor):
         owns = g[:, OWNS] > 0
         logprob = logprob + torch.where(owns, g[:, LOGPROB] + log_w[r], zero)
         owners = owners + g[:, OWNS]
-        idx = g[:, ARG_HI] * _DIGIT + g[:, ARG_LO]
+        idx = g[:, ARG_HI] * DIGIT + g[:, ARG_LO]
         take = (g[:, MAX] > best_max) | ((g[:, MAX] == best_max) & (idx < best_idx))
         best_max = torch.where(take, g[:, MAX], best_max)
         best_idx = torch.where(take, idx, best_idx)
@@ -129,8 +128,8 @@ class _TokenStatsFn(torch.autograd.Function):
                 torch.where(owns, logprob_r, zero),
                 owns.to(acc),
                 row_max,
-                torch.div(arg, _DIGIT, rounding_mode="floor").to(acc),
-                torch.remainder(arg, _DIGIT).to(acc),
+                torch.div(arg, DIGIT, rounding_mode="floor").to(acc),
+                torch.remainder(arg, DIGIT).to(acc),
                 torch.where(empty, zero, max_prob_r),
             ],
             dim=1,
