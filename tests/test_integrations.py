@@ -75,10 +75,13 @@ def verl():
 
 @pytest.fixture(scope="module")
 def trl():
-    src, (utils, consumer) = _sources(
-        "trl", "trl.trainer.utils", "trl.experimental.sdpo.loss_utils"
+    src, (utils, consumer, kernels) = _sources(
+        "trl",
+        "trl.trainer.utils",
+        "trl.experimental.sdpo.loss_utils",
+        "trl.kernels.logprob_entropy",
     )
-    yield types.SimpleNamespace(utils=utils, consumer=consumer)
+    yield types.SimpleNamespace(utils=utils, consumer=consumer, kernels=kernels)
     pgk_trl.unpatch()
     src.close()
 
@@ -123,9 +126,11 @@ def _run(fn, x, *args, **kwargs):
     return tuple(o.detach() for o in outs), grad
 
 
-def _compare(name, theirs, ours, x, *args, **kwargs):
-    """ours vs theirs: values and gradients against theirs in float64. Returns the errors."""
-    truth, truth_grad = _run(theirs, x.double(), *args, **kwargs)
+def _compare(name, theirs, ours, x, *args, truth_fn=None, **kwargs):
+    """ours vs theirs: values and gradients against `truth_fn` (default: theirs) in float64.
+
+    Returns ours, theirs and the max errors of each output and of the gradient."""
+    truth, truth_grad = _run(truth_fn or theirs, x.double(), *args, **kwargs)
     plain, plain_grad = _run(theirs, x, *args, **kwargs)
     got, grad = _run(ours, x, *args, **kwargs)
     errs = []
@@ -322,6 +327,41 @@ def test_trl_selective_log_softmax(trl, dtype, temperature):
         _compare("entropy", trl.utils.entropy_from_logits, pgk_trl.entropy_from_logits, x)
 
 
+def _trl_fallback(trl):
+    """TRL's torch path with the kernel's positional signature (the float64 truth)."""
+
+    def fn(logits, index, temperature, row_mask):
+        return trl.utils.selective_log_softmax_and_entropy(
+            logits, index, temperature=temperature, row_mask=row_mask
+        )
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_trl_triton_kernel(trl, dtype):
+    """TRL's CUDA path (`trl.kernels`, a Triton kernel; interpreted on CPU here)."""
+    kernel = trl.kernels.selective_log_softmax_and_entropy
+    _same_signature(kernel, pgk_trl.fused_selective_log_softmax_and_entropy)
+    x = _logits((3, 4), dtype, seed=13)
+    index = _labels((3, 4), seed=13)
+    row_mask = torch.ones(3, 4, dtype=torch.bool)
+    row_mask[1, 2] = False
+    got, plain, _ = _compare(
+        "trl.kernels",
+        kernel,
+        pgk_trl.fused_selective_log_softmax_and_entropy,
+        x,
+        index,
+        0.7,
+        row_mask,
+        truth_fn=_trl_fallback(trl),
+    )
+    assert got[0].dtype == plain[0].dtype == torch.float32
+    assert got[1].dtype == plain[1].dtype == torch.float32
+    assert got[0][1, 2] == got[1][1, 2] == 0
+
+
 def test_trl_signatures_and_no_grad_entropy(trl):
     for name in (
         "selective_log_softmax",
@@ -329,11 +369,6 @@ def test_trl_signatures_and_no_grad_entropy(trl):
         "selective_log_softmax_and_entropy",
     ):
         _same_signature(getattr(trl.utils, name), getattr(pgk_trl, name))
-    kernels = (
-        trl.utils._fused_logprob_entropy if hasattr(trl.utils, "_fused_logprob_entropy") else None
-    )
-    if kernels is not None:
-        _same_signature(kernels, pgk_trl.fused_selective_log_softmax_and_entropy)
     x = _logits((5,), torch.float32, seed=9).requires_grad_()
     _, ent = pgk_trl.selective_log_softmax_and_entropy(x, _labels((5,), 9), False)
     assert not ent.requires_grad
