@@ -87,3 +87,17 @@ def test_bad_arguments():
         sampled_kl(a, b[:4])
     with pytest.raises(TypeError, match="sample_logprob"):
         sampled_kl(a.long(), b)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_fullgraph_compile_and_no_host_reads(kind):
+    """Traces under torch.compile(fullgraph=True) and runs on meta tensors (no host sync)."""
+    torch._dynamo.reset()
+    a, b = _pair(16)
+    eager = sampled_kl(a, b, kind, clamp=True)
+    compiled = torch.compile(
+        lambda x, y: sampled_kl(x, y, kind, clamp=True), fullgraph=True, backend="aot_eager"
+    )(a, b)
+    torch.testing.assert_close(compiled, eager)
+    meta = torch.zeros(4, 5, device="meta")
+    assert sampled_kl(meta, meta, kind, clamp=True).shape == (4, 5)
