@@ -6,7 +6,7 @@ nucleus) the log-prob is renormalized over the kept tokens plus the target itsel
 entropy stays the full-vocabulary one. Here:
 
 - no mask: one `token_stats` pass gives both;
-- with a mask: the log-prob comes from `token_stats` on `where(keep | target, logits, -inf)`
+- with a mask: the log-prob comes from `token_stats` on `logits` with -inf outside keep | target
   (one masked [T, V] copy; `pruned_logprob`'s threshold set cannot express an arbitrary
   nucleus chosen by the rollout engine), the entropy from a pass over the unmasked logits.
 
@@ -85,7 +85,7 @@ def calculate_log_probs_and_entropy(
                 f"got {tuple(log_prob_keep_mask.shape)}"
             )
         keep = log_prob_keep_mask.to(torch.bool).scatter(-1, tokens.unsqueeze(-1), True)
-        masked = torch.where(keep, logits, torch.full_like(logits, -torch.inf))
+        masked = logits.masked_fill(~keep, -torch.inf)
         log_prob = token_stats(masked, tokens).logprob
         if with_entropy:
             entropy = row_stats(logits).entropy
