@@ -491,3 +491,45 @@ def test_slime_options():
 
     with pytest.raises(NotImplementedError, match="pg_kernels.parallel"):
         pgk_slime.calculate_log_probs_and_entropy(x, tokens, Group())
+
+
+# --- torch.compile ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        pgk_verl.entropy_from_logits,  # verl's engine compiles it with dynamic=True
+        pgk_verl.logprobs_from_logits,
+        pgk_trl.selective_log_softmax,
+        pgk_openrlhf.compute_entropy,
+    ],
+    ids=lambda f: f"{f.__module__.rsplit('.', 1)[-1]}.{f.__name__}",
+)
+def test_drop_ins_compile(fn):
+    """The drop-ins trace under torch.compile(fullgraph=True), values and gradients as eager."""
+    torch._dynamo.reset()
+    x = _logits((2, 3), torch.float32, seed=14)
+    args = () if "entropy" in fn.__name__ else (_labels((2, 3), seed=14),)
+    eager, eager_grad = _run(fn, x, *args)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    got, grad = _run(compiled, x, *args)
+    torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(grad, eager_grad)
+
+
+def test_fused_linear_for_ppo_saves_no_logits():
+    """Like verl's, the forward keeps no [chunk, V] logits for the backward (recomputed)."""
+    h = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(V, 16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp, ent = pgk_verl.FusedLinearForPPO(chunk_size=8)(h, w, torch.randint(0, V, (64,)))
+    assert saved and all(s[-1] != V for s in saved), saved
+    (lp.sum() + ent.sum()).backward()
+    assert h.grad is not None and w.grad is not None
