@@ -16,8 +16,8 @@ Importing those packages the normal way pulls in ray, transformers, tensordict, 
   while the files load only; a function that imports a missing module lazily (OpenRLHF's
   flash-attn path) therefore takes its fallback.
 
-`TrainerSources.load` returns the modules; `close` removes every module it added to
-sys.modules, stubs included.
+`TrainerSources.load` returns the modules; `close` removes the trainer's modules and the stubs
+from sys.modules.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ class TrainerSources:
                 modules.append(importlib.import_module(name))
         finally:
             sys.meta_path.remove(finder)
-        for name in list(sys.modules):
-            if name.split(".")[0] in self.keep_missing and name not in self._before:
+        for name, module in list(sys.modules.items()):
+            if isinstance(module, _StubModule) and name.split(".")[0] in self.keep_missing:
                 del sys.modules[name]
         return modules
 
@@ -156,6 +156,10 @@ class TrainerSources:
         return {n: namespace[n] for n in names}
 
     def close(self) -> None:
-        for name in list(sys.modules):
-            if name not in self._before:
+        """Remove the trainer's modules and the stubs (never other modules imported meanwhile:
+        re-importing e.g. a torch module that registers ops would fail)."""
+        for name, module in list(sys.modules.items()):
+            if name in self._before:
+                continue
+            if name.split(".")[0] == self.package or isinstance(module, _StubModule):
                 del sys.modules[name]
