@@ -14,9 +14,8 @@ engine: verl's FSDP engine stores `entropy_from_logits` on itself at constructio
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from pg_kernels import token_stats
+from pg_kernels import token_stats, token_stats_from_hidden
 from pg_kernels.algorithms.estimators import sampled_kl
 from pg_kernels.integrations._common import row_stats
 from pg_kernels.integrations._patching import Patcher
@@ -64,20 +63,13 @@ def calculate_sum_pi_squared_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return row_stats(logits).collision.to(logits.dtype)
 
 
-def _project_stats(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out = token_stats(hidden @ weight.t(), labels, temperature=temperature)
-    return out.logprob, out.entropy
-
-
 class FusedLinearForPPO(torch.nn.Module):
     """verl's `FusedLinearForPPO` (lm head + log-prob + entropy, chunked over tokens).
 
-    Each chunk of `chunk_size` tokens computes its logits, runs `token_stats` on them and is
-    recomputed in the backward (activation checkpointing), so at most one chunk's [C, V]
-    logits is alive at a time, as in verl. `impl_backend` is accepted for verl's signature;
-    every backend runs `token_stats`.
+    `token_stats_from_hidden` with `chunk_size` rows per chunk: each chunk's logits are
+    computed, reduced and recomputed in the backward, so at most one chunk's [C, V] logits is
+    alive at a time, as in verl. `impl_backend` is accepted for verl's signature; every backend
+    runs the same fused op.
     """
 
     def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
@@ -107,27 +99,11 @@ class FusedLinearForPPO(torch.nn.Module):
                 f"input_ids shape {tuple(input_ids.shape)} must match hidden_states shape "
                 f"{tuple(hidden_states.shape[:-1])}"
             )
-        shape = input_ids.shape
-        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-        labels = input_ids.reshape(-1).to(torch.int64)
-        need_grad = torch.is_grad_enabled() and (
-            hidden.requires_grad or vocab_weights.requires_grad
-        )
-        log_probs, entropy = [], []
-        for start in range(0, hidden.shape[0], self.chunk_size):
-            args = (hidden[start : start + self.chunk_size], vocab_weights)
-            args += (labels[start : start + self.chunk_size], temperature)
-            if need_grad:
-                lp, ent = checkpoint(_project_stats, *args, use_reentrant=False)
-            else:
-                lp, ent = _project_stats(*args)
-            log_probs.append(lp)
-            entropy.append(ent)
-        if not log_probs:  # no tokens
-            empty = hidden.new_zeros(shape, dtype=torch.float32)
-            return empty, empty.to(hidden_states.dtype)
-        log_prob = torch.cat(log_probs).float().view(shape)
-        return log_prob, torch.cat(entropy).to(hidden_states.dtype).view(shape)
+        stats = token_stats_from_hidden(
+            hidden_states, vocab_weights, input_ids.to(torch.int64), temperature=temperature,
+            chunk_size=self.chunk_size,
+        )  # fmt: skip
+        return stats.logprob, stats.entropy.to(hidden_states.dtype)
 
 
 _MODES = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
