@@ -4,6 +4,8 @@
         [--shapes NxVxD ...] [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--out ...]
 
 Providers: pg_kernels on every backend this device can run (chunked: [N, V] never exists);
+on GPU, Liger-Kernel's fused linear cross entropy (`liger_flce`) and Cut-Cross-Entropy (`cce`),
+which give the log-prob only (their wheels: benchmarks/fetch_peers.sh);
 `unfused`, the same statistics from materialized logits (`hidden @ weight.T`, then
 pg_kernels.token_stats on the same backend), the time baseline of the fused path; `eager`,
 the plain PyTorch trainer path (the matmul, then reference.token_stats in the input precision).
@@ -37,12 +39,13 @@ from pg_kernels import _backend, reference
 
 OP = "token_stats_from_hidden"
 DIMS = ("N", "V", "D")
-TARGET_SHAPE = {"N": 16384, "V": 32000, "D": 1024}
+TARGET_SHAPE = {"N": 16384, "V": 32000, "D": 1024}  # CPU
+GPU_SHAPE = {"N": 16384, "V": 151936, "D": 4096}
 
 
 def default_shapes(device: torch.device, quick: bool) -> list[dict[str, int]]:
     if device.type == "cuda":
-        return [{"N": 16384, "V": 151936, "D": 4096}] + ([] if quick else [TARGET_SHAPE])
+        return [GPU_SHAPE] + ([] if quick else [TARGET_SHAPE])
     return [{"N": 1024, "V": 32000, "D": 1024}] if quick else [TARGET_SHAPE]
 
 
@@ -114,21 +117,21 @@ def _eager(case: Case) -> Callable[[Inputs], Outputs]:
     )._asdict()
 
 
-def memory_summary(provider: str, records: list[dict]) -> list[str]:
-    """Peak extra memory of fwd+bwd per provider at the target shape, as a share of N·V·4."""
-    logits_mb = TARGET_SHAPE["N"] * TARGET_SHAPE["V"] * 4 / 2**20
+def memory_summary(provider: str, shape: dict[str, int], records: list[dict]) -> list[str]:
+    """Peak extra memory of fwd+bwd per provider at `shape`, as a share of N·V·4."""
+    logits_mb = shape["N"] * shape["V"] * 4 / 2**20
     rows = [
         r
         for r in records
-        if r["mode"] == "fwd+bwd" and r["shape"] == TARGET_SHAPE and r["peak_mem_mb"] is not None
+        if r["mode"] == "fwd+bwd" and r["shape"] == shape and r["peak_mem_mb"] is not None
     ]
     if not rows:
         return []
     lines = [
-        f"## Peak extra memory, fwd+bwd at {'x'.join(map(str, TARGET_SHAPE.values()))}",
+        f"## Peak extra memory, fwd+bwd at {'x'.join(map(str, shape.values()))}",
         "",
-        f"Share of N·V·4 = {logits_mb:.0f} MB (the fp32 logits alone); target for {provider}: "
-        "≤ 20 %.",
+        f"Share of N·V·4 = {logits_mb:.0f} MB (the fp32 logits alone); CPU target for "
+        f"{provider}: ≤ 20 %; GPU: no more than cce.",
         "",
         "| provider | dtype | peak MB | % of N·V·4 |",
         "|---|---|---|---|",
@@ -142,25 +145,67 @@ def memory_summary(provider: str, records: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _liger_flce(case: Case) -> Callable[[Inputs], Outputs]:
+    """Liger-Kernel's fused linear cross entropy, per token (log-prob only)."""
+    if case.device.type != "cuda":
+        raise Skip("Liger-Kernel needs CUDA tensors")
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError as e:
+        raise Skip(f"Liger-Kernel not installed ({e.name})") from None
+
+    def fn(x: Inputs) -> Outputs:
+        nll = liger_fused_linear_cross_entropy(
+            x["hidden"], x["weight"], x["labels"], ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        return {"logprob": -nll}
+
+    return fn
+
+
+def _cce(case: Case) -> Callable[[Inputs], Outputs]:
+    """Cut-Cross-Entropy (its Triton "cce" implementation), per token (log-prob only)."""
+    if case.device.type != "cuda":
+        raise Skip("Cut-Cross-Entropy needs CUDA tensors")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as e:
+        raise Skip(f"Cut-Cross-Entropy not installed ({e.name})") from None
+
+    def fn(x: Inputs) -> Outputs:
+        nll = linear_cross_entropy(
+            x["hidden"], x["weight"], x["labels"], ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        return {"logprob": -nll}
+
+    return fn
+
+
 def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     if temperature != 1.0:
         raise SystemExit(f"{OP}: --temperature is not supported by this benchmark")
     backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
     providers = [_fused(b) for b in backends] + [_unfused(b) for b in backends]
     providers.append(Provider("eager", _eager))
+    providers += [Provider("liger_flce", _liger_flce), Provider("cce", _cce)]
     main = f"pg_kernels:{backends[0]}"
-    summary = harness.targets_summary(
-        f"Targets at {'x'.join(map(str, TARGET_SHAPE.values()))}",
-        main,
-        TARGET_SHAPE,
-        [
-            Target(
-                f"fwd+bwd / unfused:{backends[0]} ≤ 1.3", "fwd+bwd", f"unfused:{backends[0]}",
-                at_most=1.3,
-            ),
+    unfused = f"unfused:{backends[0]}"
+    if device.type == "cpu":
+        shape = TARGET_SHAPE
+        targets = [
+            Target(f"fwd+bwd / {unfused} ≤ 1.3", "fwd+bwd", unfused, at_most=1.3),
             Target("fwd+bwd ×eager", "fwd+bwd", "eager"),
-        ],
-    )  # fmt: skip
+        ]
+    else:  # no more memory than Cut-Cross-Entropy, within 1.1x its time, ahead of Liger's
+        shape = GPU_SHAPE
+        targets = [
+            Target("fwd+bwd / cce ≤ 1.1", "fwd+bwd", "cce", at_most=1.1),
+            Target("fwd+bwd ×liger_flce ≥ 1", "fwd+bwd", "liger_flce", at_least=1.0),
+            Target(f"fwd+bwd / {unfused}", "fwd+bwd", unfused, time_ratio=True),
+        ]
+    summary = harness.targets_summary(
+        f"Targets at {'x'.join(map(str, shape.values()))}", main, shape, targets
+    )
     return OpBench(
         op=OP,
         shape_dims=DIMS,
@@ -176,12 +221,12 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         providers=providers,
         ceilings={},
         ceiling_rows={},
-        baselines=(f"unfused:{backends[0]}", "eager"),
+        baselines=(unfused, "eager", "liger_flce", "cce"),
         notes=[
             "matmul-bound: GB/s counts only hidden, weight and per-row tensors; compare times "
             "and peak memory",
         ],
-        summaries=[summary, functools.partial(memory_summary, main)],
+        summaries=[summary, functools.partial(memory_summary, main, shape)],
     )
 
 
