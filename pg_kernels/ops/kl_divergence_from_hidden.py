@@ -212,7 +212,7 @@ def kl_divergence_from_hidden(
                 f"{hidden.device}, got {tuple(labels.shape)} on {labels.device}"
             )
     ignore_index = check_ignore_index(OP, ignore_index)
-    chunk_size = check_chunk_size(OP, chunk_size, weight.shape[0], hidden.dtype)
+    chunk_size = check_chunk_size(OP, chunk_size, weight.shape[0], hidden)
     rows = hidden[..., :1]  # a [..., 1] stand-in for the logits in the temperature checks
     temp = make_temperature(OP, temperature, rows)
     ref_temp = (
