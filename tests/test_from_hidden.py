@@ -317,3 +317,22 @@ def test_bad_input_names_the_argument(call, exc, match):
     y = _labels((6,), 50, seed=17)
     with pytest.raises(exc, match=re.escape(match)):
         call(h, w, y)
+
+
+def test_weight_gradient_in_vocab_blocks(monkeypatch):
+    """The 16-bit weight-gradient product formed in vocab blocks (PRODUCT_BYTES) sums to the
+    same bits as in one block: each entry is the same dot product, rounded once, added once."""
+    from pg_kernels.ops import _linear
+
+    h, w, b = _projection(21, 16, 300, torch.bfloat16, seed=18)
+    y = _labels((21,), 300, seed=18)
+
+    def weight_grad():
+        ww = w.clone().requires_grad_()
+        out = pg_kernels.token_stats_from_hidden(h, ww, y, bias=b, chunk_size=8)
+        (out.logprob + out.entropy).sum().backward()
+        return ww.grad
+
+    whole = weight_grad()
+    monkeypatch.setattr(_linear, "PRODUCT_BYTES", 37 * 16 * 2)  # 37-row blocks, a ragged last
+    assert torch.equal(weight_grad(), whole)

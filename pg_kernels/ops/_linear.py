@@ -6,7 +6,8 @@ cuBLAS matmul, into one reused buffer), then the op's fused row kernel, and in t
 projection again (recomputed, never kept) followed by the gradient matmuls. Extra memory: one
 chunk's logits, one chunk's logit gradient and, for 16-bit weights, an fp32 [V, D] accumulator
 for the weight gradient (summing per-chunk contributions in bf16 would round the running sum
-once per chunk; fp32 keeps the unfused path's one rounding at the end).
+once per chunk; fp32 keeps the unfused path's one rounding at the end) plus at most
+PRODUCT_BYTES of a chunk's 16-bit product on its way into it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from pg_kernels.ops._common import FLOAT_DTYPES
 # CUDA: 64 MiB, 192 rows of V = 151936 bf16: the caching allocator reuses blocks of any size,
 # and a taller chunk keeps the matmul's tiles full (M = 192 against D = 4096, V = 151936).
 CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 64 << 20}
+
+
+# The 16-bit weight-gradient product of one chunk is formed this many bytes at a time (a block
+# of vocabulary rows) before its fp32 accumulation: 32768 rows of D = 4096 bf16, not all
+# 151936 (1.2 GB).
+PRODUCT_BYTES = 256 << 20
 
 
 def default_chunk_size(vocab_size: int, dtype: torch.dtype, device_type: str = "cuda") -> int:
@@ -107,8 +114,13 @@ class ChunkedProjection:
             h = self.hidden[start:stop]
             if self.grad_weight.dtype == grad_logits.dtype:
                 self.grad_weight.addmm_(grad_logits.t(), h)
-            else:  # one 16-bit rounding per chunk's product, summed in fp32
-                self.grad_weight.add_(grad_logits.t() @ h)
+            else:  # one 16-bit rounding per chunk's product, summed in fp32, in vocab blocks
+                # so that the 16-bit product never takes more than PRODUCT_BYTES
+                v, d = self.grad_weight.shape
+                block = max(1, PRODUCT_BYTES // (d * h.dtype.itemsize))
+                for v0 in range(0, v, block):
+                    g = grad_logits[:, v0 : v0 + block]
+                    self.grad_weight[v0 : v0 + block].add_(g.t() @ h)
         if self.grad_bias is not None:
             self.grad_bias.add_(grad_logits.sum(0, dtype=self.grad_bias.dtype))
 
