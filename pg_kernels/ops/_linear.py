@@ -80,6 +80,11 @@ def chunks(n: int, chunk_size: int):
     return ((s, min(s + chunk_size, n)) for s in range(0, n, chunk_size))
 
 
+def rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    """Rows start:stop of an optional per-row tensor (labels, a per-row temperature)."""
+    return None if t is None else t[start:stop]
+
+
 class ChunkedProjection:
     """hidden [N, D] @ weight.T + bias a chunk of rows at a time, and its inputs' gradients.
 

@@ -14,20 +14,22 @@ import torch
 
 from pg_kernels import _backend, _library, reference  # noqa: F401  (_library defines the schemas)
 from pg_kernels.ops import kl_divergence as _kl
-from pg_kernels.ops._common import acc_dtype, check_ignore_index, make_temperature
+from pg_kernels.ops._common import (
+    acc_dtype,
+    check_ignore_index,
+    check_labels_arg,
+    make_temperature,
+)
 from pg_kernels.ops._linear import (
     ChunkedProjection,
     check_chunk_size,
     check_projection,
     chunks,
     empty_gradients,
+    rows,
 )
 
 OP = "kl_divergence_from_hidden"
-
-
-def _rows(t, start, stop):
-    return None if t is None else t[start:stop]
 
 
 def _forward(
@@ -44,8 +46,8 @@ def _forward(
     )  # fmt: skip
     for s, e in chunks(hidden.shape[0], chunk_size):
         kl[s:e], row_state[s:e] = _kl._kl_divergence(
-            proj.logits(s, e), ref_proj.logits(s, e), _rows(labels, s, e),
-            _rows(temperature, s, e), temperature_scalar, _rows(ref_temperature, s, e),
+            proj.logits(s, e), ref_proj.logits(s, e), rows(labels, s, e),
+            rows(temperature, s, e), temperature_scalar, rows(ref_temperature, s, e),
             ref_temperature_scalar, ignore_index, direction, backend,
         )  # fmt: skip
     return kl, row_state
@@ -74,8 +76,8 @@ def _backward_impl(
     ref_proj = ChunkedProjection(ref_hidden, ref_weight, ref_bias, chunk_size, ref_wanted)
     for s, e in chunks(hidden.shape[0], chunk_size):
         grad, ref_grad = _kl._kl_divergence_backward(
-            grad_kl[s:e], proj.logits(s, e), ref_proj.logits(s, e), _rows(labels, s, e),
-            _rows(temperature, s, e), temperature_scalar, _rows(ref_temperature, s, e),
+            grad_kl[s:e], proj.logits(s, e), ref_proj.logits(s, e), rows(labels, s, e),
+            rows(temperature, s, e), temperature_scalar, rows(ref_temperature, s, e),
             ref_temperature_scalar, ignore_index, direction, kl[s:e], row_state[s:e],
             any(wanted), any(ref_wanted), backend,
         )  # fmt: skip
@@ -204,13 +206,7 @@ def kl_divergence_from_hidden(
         raise ValueError(f"{OP}: direction must be one of {_kl.DIRECTIONS}, got {direction!r}")
     lead = tuple(hidden.shape[:-1])
     if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{OP}: labels must be an int64 or int32 tensor or None")
-        if tuple(labels.shape) != lead or labels.device != hidden.device:
-            raise ValueError(
-                f"{OP}: labels must have hidden's leading shape {lead} and device "
-                f"{hidden.device}, got {tuple(labels.shape)} on {labels.device}"
-            )
+        check_labels_arg(OP, hidden, labels, of="hidden")
     ignore_index = check_ignore_index(OP, ignore_index)
     chunk_size = check_chunk_size(OP, chunk_size, weight.shape[0], hidden)
     rows = hidden[..., :1]  # a [..., 1] stand-in for the logits in the temperature checks

@@ -19,6 +19,7 @@ from pg_kernels.ops import token_stats as _ts
 from pg_kernels.ops._common import (
     acc_dtype,
     check_ignore_index,
+    check_labels_arg,
     check_labels_on_cpu,
     make_temperature,
 )
@@ -28,14 +29,11 @@ from pg_kernels.ops._linear import (
     check_projection,
     chunks,
     empty_gradients,
+    rows,
 )
 from pg_kernels.outputs import TokenStats
 
 OP = "token_stats_from_hidden"
-
-
-def _rows(t, start, stop):
-    return None if t is None else t[start:stop]
 
 
 def _forward(
@@ -49,7 +47,7 @@ def _forward(
     )  # fmt: skip
     for s, e in chunks(hidden.shape[0], chunk_size):
         stats = _ts._token_stats(
-            proj.logits(s, e), labels[s:e], _rows(temperature, s, e), temperature_scalar,
+            proj.logits(s, e), labels[s:e], rows(temperature, s, e), temperature_scalar,
             ignore_index, backend,
         )  # fmt: skip
         for out, stat in zip(outs, stats):
@@ -80,7 +78,7 @@ def _backward_impl(
     for s, e in chunks(hidden.shape[0], chunk_size):
         grad_logits = _ts._token_stats_backward(
             g_logprob[s:e], g_entropy[s:e], g_collision[s:e], g_lse[s:e], proj.logits(s, e),
-            labels[s:e], _rows(temperature, s, e), temperature_scalar, ignore_index, lse[s:e],
+            labels[s:e], rows(temperature, s, e), temperature_scalar, ignore_index, lse[s:e],
             entropy[s:e], collision[s:e], backend,
         )  # fmt: skip
         proj.accumulate(grad_logits, s, e)
@@ -163,16 +161,7 @@ def token_stats_from_hidden(
         the last bits (as a different batch size would).
     """
     check_projection(OP, "", hidden, weight, bias)
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-        what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise TypeError(f"{OP}: labels must be an int64 or int32 tensor, got {what}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"{OP}: labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
-            f"got {tuple(labels.shape)}"
-        )
-    if labels.device != hidden.device:
-        raise ValueError(f"{OP}: labels is on {labels.device} but hidden on {hidden.device}")
+    check_labels_arg(OP, hidden, labels, of="hidden")
     ignore_index = check_ignore_index(OP, ignore_index)
     vocab = weight.shape[0]
     chunk_size = check_chunk_size(OP, chunk_size, vocab, hidden)
