@@ -27,6 +27,20 @@ if [ "$(cat .venv/.pgk-requirements 2>/dev/null)" != "$reqs" ]; then
         2> >(grep -v "^WARNING: Location" >&2)
     echo "$reqs" > .venv/.pgk-requirements
 fi
+# The RL trainers tests/test_integrations.py compares with: without their dependencies, into a
+# folder off sys.path (tests/trainer_sources.py says why). ~6 s, 25 MB. A failure (no network,
+# no wheel for this Python) only makes those tests skip with the reason.
+trainers="$(stamp requirements-trainers.txt)"
+if [ "$(cat .venv/.pgk-trainers 2>/dev/null)" != "$trainers" ]; then
+    echo "pg_kernels: installing the pinned RL trainers (no dependencies) into .venv/trainers"
+    rm -rf .venv/trainers
+    if python -m pip install -q --disable-pip-version-check --no-deps --target .venv/trainers \
+        -r requirements-trainers.txt 2> >(grep -v "^WARNING: Location" >&2); then
+        echo "$trainers" > .venv/.pgk-trainers
+    else
+        echo "pg_kernels: could not install the RL trainers; tests/test_integrations.py will skip" >&2
+    fi
+fi
 # One interpreter start (importing torch takes seconds): fails early if the install did not
 # work, and gives the venv's site-packages and the torch version.
 read -r site torch_version < <(python -c '

@@ -18,7 +18,10 @@
 #   racecheck       compute-sanitizer --tool racecheck benchmarks/gpu_sanitize.py  } tests_cuda
 #   graph           benchmarks/gpu_graph_check.py: token_stats fwd+bwd CUDA-graph replay == eager
 #   bench:<op>:...  every bench_<op>.py, bf16: N=16384 V=151936 at T=1, then at T=0.7, then
-#                   N in {512, 1}; alone on the GPU, in that order, while time is left
+#                   N in {512, 1}; alone on the GPU, in that order, while time is left;
+#                   then (step "hidden") token_stats_from_hidden at 16384x151936x4096 against
+#                   the unfused path, Liger's fused linear cross entropy and Cut-Cross-Entropy
+#                   (their wheels: benchmarks/fetch_peers.sh, carried in benchmarks/peers/)
 # OUT (created; at most 6 files, none deeper than OUT/):
 #   run.log         every step's output as it runs, each line prefixed with [step]
 #   summary.tsv     step, status, seconds, note: a line per finished step, written as they finish
@@ -35,7 +38,8 @@
 #   PYTHON            interpreter (default: python3 on a GPU; .venv/bin/python for --dry-run)
 #   PGK_BUDGET_S      seconds for the whole run (default 540; dry run 300, ~100 s used on an
 #                     idle 2-core machine)
-#   PGK_STEPS         the steps to run (default all: "preflight build tests sanitize graph bench")
+#   PGK_STEPS         the steps to run (default all: "preflight build tests sanitize graph bench
+#                     hidden"; hidden = the token_stats_from_hidden benchmark, after the others)
 #   PGK_TEST_JOBS     pytest-xdist workers (default 8)
 #   PGK_BENCH_OPS     ops to benchmark (default all five)
 #   PGK_BENCH_COMPILE ops whose N=16384, T=1 run also times torch.compile of the reference
@@ -56,7 +60,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ $DRY == 1 && -x .venv/bin/python ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 300 || echo 540)}"
-STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph bench} "
+STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph bench hidden} "
 JOBS="${PGK_TEST_JOBS:-8}"
 BENCH_OPS="${PGK_BENCH_OPS:-token_stats kl_divergence mismatch_stats pruned_logprob topk_kl}"
 BENCH_COMPILE=" ${PGK_BENCH_COMPILE:-} "
@@ -74,6 +78,14 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg
 : > "$OUT/run.log"
 printf 'step\tstatus\tseconds\tnote\n' > "$OUT/summary.tsv"
 ORDER=()  # steps in the order they were started, for the table
+# Peers the benchmarks compare with (Liger-Kernel, Cut-Cross-Entropy): pure Python + Triton
+# wheels carried in benchmarks/peers/ (benchmarks/fetch_peers.sh), installed without network or
+# dependencies into the run's own folder. Without them their providers skip with the reason.
+if compgen -G "benchmarks/peers/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps --no-index \
+    --target "$WORK/peers" benchmarks/peers/*.whl >> "$OUT/run.log" 2>&1 &&
+    export PYTHONPATH="$WORK/peers${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 say() { echo "[gpu_check] $*" | tee -a "$OUT/run.log"; }
 left() { echo $((BUDGET - (SECONDS - T0) - RESERVE)); }
@@ -272,7 +284,9 @@ bench() {
   local op="$1" temp="$2" tag="$3" providers="$4" rc
   shift 4
   if [[ $DRY == 1 ]]; then
-    "$PYTHON" benchmarks/bench_"$op".py --device cpu --shapes 16x1000 --dtypes bf16 --modes fwd \
+    local small=16x1000
+    [[ $op == token_stats_from_hidden ]] && small=16x1000x32
+    "$PYTHON" benchmarks/bench_"$op".py --device cpu --shapes "$small" --dtypes bf16 --modes fwd \
       --providers pg_kernels:cpu eager --max-wait 0 --temperature "$temp" --tag "$tag" \
       --out "$WORK/bench" --no-progress
   else
@@ -354,6 +368,8 @@ if wants bench; then
   if [[ $DRY == 1 ]]; then
     # eager sets the check's tolerance (twice its own error): it runs beside the kernel.
     for op in $BENCH_OPS; do start_step "bench_${op}_t0.7" 60 bench "$op" 0.7 dry x; done
+    wants hidden && start_step bench_token_stats_from_hidden 60 bench token_stats_from_hidden 1 \
+      dry x
   else
     BIG=16384x151936
     for temp in 1 0.7; do
@@ -367,6 +383,10 @@ if wants bench; then
       start_step "bench_${op}_t1_n512_n1" 60 bench "$op" 1 small \
         "pg_kernels:triton pg_kernels:cuda eager" 512x151936 1x151936
     done
+    if wants hidden; then  # the fused lm_head path at a real model's shape (bf16, D = 4096)
+      start_step bench_token_stats_from_hidden 120 bench token_stats_from_hidden 1 hidden \
+        "pg_kernels:triton pg_kernels:cuda unfused:triton liger_flce cce" 16384x151936x4096
+    fi
   fi
 else
   skip_step bench "not in PGK_STEPS"

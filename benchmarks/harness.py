@@ -11,7 +11,7 @@ Conventions every OpBench follows:
   * Inputs and outputs are dicts of tensors whose first dim is the row dim N; rows are
     independent, so the check may compare the first `check_rows` rows of a full-size run with
     the float64 truth computed on those rows only (a float64 copy of a GPU-sized tensor would
-    not fit).
+    not fit). `shared_inputs` (an lm_head weight) have no row dim and are never sliced.
   * Modes: "fwd" runs the provider with no input requiring grad; "bwd" runs forward + loss
     outside the timed region, then times `torch.autograd.grad(loss, grad_inputs)`; "fwd+bwd"
     times all three. `autograd.grad` (not `.backward()`) so that no `.grad` accumulation adds
@@ -261,6 +261,9 @@ class OpBench:
     providers: list[Provider]
     ceilings: dict[str, Ceiling]
     ceiling_rows: dict[str, list[CeilingRow]]  # mode -> rows
+    # Inputs shared by every row (an lm_head weight): never sliced for the truth, and their
+    # gradients (sums over all rows) are checked only when check_rows covers every row.
+    shared_inputs: tuple[str, ...] = ()
     precision_baseline: str = "eager"  # the plain implementation whose error sets tolerances
     baselines: tuple[str, ...] = ("eager", "compile")  # speedup columns of the markdown table
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -632,13 +635,19 @@ def _slice_for_truth(bench: OpBench, inputs: Inputs, k: int) -> Inputs:
     """The first k rows of every input, floats upcast to float64 (exact for bf16/fp32)."""
     out = {}
     for name, t in inputs.items():
-        s = t.detach()[:k] if t.dim() >= 1 else t.detach()
+        s = t.detach()[:k] if t.dim() >= 1 and name not in bench.shared_inputs else t.detach()
         if s.is_floating_point():
             s = s.double()
         if name in bench.grad_inputs:
             s = s.clone().requires_grad_(True)
         out[name] = s
     return out
+
+
+def _checked_grads(bench: OpBench, case: Case) -> list[str]:
+    """Inputs whose gradient the check compares: shared ones only when every row is checked."""
+    all_rows = bench.check_rows(case) >= case.shape[bench.shape_dims[0]]
+    return [n for n in bench.grad_inputs if all_rows or n not in bench.shared_inputs]
 
 
 def _truth(
@@ -653,7 +662,7 @@ def _truth(
             grads: dict[str, torch.Tensor] = {}
             if grad:
                 loss = bench.loss({f: out[f] for f in fields}, sl)
-                names = list(bench.grad_inputs)
+                names = _checked_grads(bench, case)
                 gs = torch.autograd.grad(loss, [sl[n] for n in names])
                 grads = {f"grad:{n}": gr.detach() for n, gr in zip(names, gs)}
         g.truth[key] = ({f: v.detach() for f, v in out.items()}, grads)
@@ -684,7 +693,9 @@ def _check(
     truth_out, truth_grads = _truth(bench, g, case, fields, grad)
     k = bench.check_rows(case)
     errs = {f: _rel_err(out[f][:k], truth_out[f]) for f in fields}
-    errs.update({n: _rel_err(gr[:k], truth_grads[n]) for n, gr in grads.items()})
+    errs.update(
+        {n: _rel_err(gr[:k], truth_grads[n]) for n, gr in grads.items() if n in truth_grads}
+    )
     kind = "grad" if grad else "fwd"
     if prov.name == bench.precision_baseline:
         g.baseline_err[kind] = errs

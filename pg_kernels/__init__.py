@@ -4,9 +4,11 @@ from pg_kernels import parallel
 from pg_kernels._backend import env_report
 from pg_kernels.ops._common import check_labels
 from pg_kernels.ops.kl_divergence import kl_divergence
+from pg_kernels.ops.kl_divergence_from_hidden import kl_divergence_from_hidden
 from pg_kernels.ops.mismatch_stats import mismatch_stats
 from pg_kernels.ops.pruned_logprob import pruned_logprob
 from pg_kernels.ops.token_stats import token_stats
+from pg_kernels.ops.token_stats_from_hidden import token_stats_from_hidden
 from pg_kernels.ops.topk_kl import topk_kl
 from pg_kernels.outputs import MismatchStats, PrunedLogprob, TokenStats
 
@@ -19,9 +21,11 @@ __all__ = [
     "check_labels",
     "env_report",
     "kl_divergence",
+    "kl_divergence_from_hidden",
     "mismatch_stats",
     "parallel",
     "pruned_logprob",
     "token_stats",
+    "token_stats_from_hidden",
     "topk_kl",
 ]

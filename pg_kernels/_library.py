@@ -72,3 +72,35 @@ LIB.define(
     "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor row_state, "
     "str backend) -> Tensor"
 )
+# From hidden states: the op of the same name on logits = hidden @ weight.T + bias ([N, D] and
+# [V, D]), computed `chunk_size` rows at a time so [N, V] never exists. The backward recomputes
+# each chunk's logits and returns an empty tensor in place of a gradient that was not asked for.
+LIB.define(
+    "token_stats_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
+    "Tensor? temperature, float temperature_scalar, int ignore_index, int chunk_size, "
+    "str backend) -> (Tensor logprob, Tensor entropy, Tensor collision, Tensor lgp, Tensor lse, "
+    "Tensor max_prob, Tensor argmax)"
+)
+LIB.define(
+    "token_stats_from_hidden_backward(Tensor grad_logprob, Tensor grad_entropy, "
+    "Tensor grad_collision, Tensor grad_lse, Tensor hidden, Tensor weight, Tensor? bias, "
+    "Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, "
+    "int chunk_size, Tensor lse, Tensor entropy, Tensor collision, bool[3] output_mask, "
+    "str backend) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
+)
+LIB.define(
+    "kl_divergence_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, "
+    "Tensor ref_weight, Tensor? ref_bias, Tensor? labels, Tensor? temperature, "
+    "float temperature_scalar, Tensor? ref_temperature, float ref_temperature_scalar, "
+    "int ignore_index, str direction, int chunk_size, str backend) "
+    "-> (Tensor kl, Tensor row_state)"
+)
+LIB.define(
+    "kl_divergence_from_hidden_backward(Tensor grad_kl, Tensor hidden, Tensor weight, "
+    "Tensor? bias, Tensor ref_hidden, Tensor ref_weight, Tensor? ref_bias, Tensor? labels, "
+    "Tensor? temperature, float temperature_scalar, Tensor? ref_temperature, "
+    "float ref_temperature_scalar, int ignore_index, str direction, int chunk_size, Tensor kl, "
+    "Tensor row_state, bool[6] output_mask, str backend) -> (Tensor grad_hidden, "
+    "Tensor grad_weight, Tensor grad_bias, Tensor grad_ref_hidden, Tensor grad_ref_weight, "
+    "Tensor grad_ref_bias)"
+)

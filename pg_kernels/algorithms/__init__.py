@@ -17,6 +17,7 @@ from pg_kernels.algorithms.advantages import (
     trloo_advantages,
     turns_to_tokens,
 )
+from pg_kernels.algorithms.estimators import sampled_kl
 from pg_kernels.algorithms.losses import hybrid_il_rl_loss, policy_loss
 from pg_kernels.algorithms.masks import geometric_rejection, trm_mask
 from pg_kernels.algorithms.metrics import mismatch_metrics
@@ -40,6 +41,7 @@ __all__ = [
     "packed_to_padded",
     "padded_to_packed",
     "policy_loss",
+    "sampled_kl",
     "trloo_advantages",
     "trm_mask",
     "turns_to_tokens",

@@ -86,18 +86,21 @@ def check_labels(
         )
 
 
-def check_labels_arg(op: str, logits: torch.Tensor, labels: torch.Tensor, name: str = "labels"):
+def check_labels_arg(
+    op: str, logits: torch.Tensor, labels: torch.Tensor, name: str = "labels", of: str = "logits"
+):
+    """labels [...] int64/int32 on the device of `logits` [..., V] (named `of` in errors)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"{op}: {name} must be int64 or int32, got {labels.dtype}")
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
-            f"{op}: {name} must have the logits' leading shape {tuple(logits.shape[:-1])}, "
+            f"{op}: {name} must have the leading shape {tuple(logits.shape[:-1])} of {of}, "
             f"got {tuple(labels.shape)}"
         )
     if labels.device != logits.device:
-        raise ValueError(f"{op}: {name} is on {labels.device} but logits on {logits.device}")
+        raise ValueError(f"{op}: {name} is on {labels.device} but {of} on {logits.device}")
 
 
 class Temperature(NamedTuple):

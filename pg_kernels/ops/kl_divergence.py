@@ -53,7 +53,6 @@ def _flat(labels):
     return None if labels is None else labels.reshape(-1).contiguous()
 
 
-@torch.library.register_kernel("pg_kernels::kl_divergence", ("cpu", "cuda"))
 def _kl_divergence(
     logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
     ref_temperature_scalar, ignore_index, direction, backend,
@@ -65,6 +64,9 @@ def _kl_divergence(
     )  # fmt: skip
     kl, row_state = outs
     return kl.view(logits.shape[:-1]), row_state.view(*logits.shape[:-1], ROW_STATE)
+
+
+torch.library.register_kernel("pg_kernels::kl_divergence", ("cpu", "cuda"), _kl_divergence)
 
 
 @torch.library.register_fake("pg_kernels::kl_divergence")
@@ -80,7 +82,6 @@ def _kl_divergence_fake(
     return logits.new_empty(lead, dtype=acc), logits.new_empty((*lead, ROW_STATE), dtype=acc)
 
 
-@torch.library.register_kernel("pg_kernels::kl_divergence_backward", ("cpu", "cuda"))
 def _kl_divergence_backward(
     grad_kl, logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
     ref_temperature_scalar, ignore_index, direction, kl, row_state, logits_grad, ref_grad,
@@ -95,6 +96,11 @@ def _kl_divergence_backward(
         row_state, logits_grad, ref_grad, *_layouts(logits, ref_logits),
     )  # fmt: skip
     return tuple(grads)
+
+
+torch.library.register_kernel(
+    "pg_kernels::kl_divergence_backward", ("cpu", "cuda"), _kl_divergence_backward
+)
 
 
 @torch.library.register_fake("pg_kernels::kl_divergence_backward")

@@ -27,7 +27,6 @@ OP = "token_stats"
 KERNELS = _backend.KERNELS[OP]  # backends with a kernel for this op; "reference" always serves
 
 
-@torch.library.register_kernel("pg_kernels::token_stats", ("cpu", "cuda"))
 def _token_stats(logits, labels, temperature, temperature_scalar, ignore_index, backend):
     forward, _ = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
@@ -42,6 +41,9 @@ def _token_stats(logits, labels, temperature, temperature_scalar, ignore_index, 
     return tuple(o.view(labels.shape) for o in outs)
 
 
+torch.library.register_kernel("pg_kernels::token_stats", ("cpu", "cuda"), _token_stats)
+
+
 @torch.library.register_fake("pg_kernels::token_stats")
 def _token_stats_fake(logits, labels, temperature, temperature_scalar, ignore_index, backend):
     stat = labels.new_empty(labels.shape, dtype=acc_dtype(logits.dtype))
@@ -51,7 +53,6 @@ def _token_stats_fake(logits, labels, temperature, temperature_scalar, ignore_in
     )
 
 
-@torch.library.register_kernel("pg_kernels::token_stats_backward", ("cpu", "cuda"))
 def _token_stats_backward(
     g_logprob, g_entropy, g_collision, g_lse, logits, labels, temperature, temperature_scalar,
     ignore_index, lse, entropy, collision, backend,
@@ -70,6 +71,11 @@ def _token_stats_backward(
         *saved,
         *layout,
     )
+
+
+torch.library.register_kernel(
+    "pg_kernels::token_stats_backward", ("cpu", "cuda"), _token_stats_backward
+)
 
 
 @torch.library.register_fake("pg_kernels::token_stats_backward")

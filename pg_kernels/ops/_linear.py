@@ -1,0 +1,150 @@
+"""The lm_head projection done a chunk of rows at a time, for the `*_from_hidden` ops.
+
+logits = hidden @ weight.T + bias is [N, V]: at N = 16384, V = 151936 that is 5 GB in bf16. The
+`*_from_hidden` ops instead run, per chunk of `chunk_size` rows, the projection (the BLAS /
+cuBLAS matmul, into one reused buffer), then the op's fused row kernel, and in the backward the
+projection again (recomputed, never kept) followed by the gradient matmuls. Extra memory: one
+chunk's logits, one chunk's logit gradient and, for 16-bit weights, an fp32 [V, D] accumulator
+for the weight gradient (summing per-chunk contributions in bf16 would round the running sum
+once per chunk; fp32 keeps the unfused path's one rounding at the end) plus at most
+PRODUCT_BYTES of a chunk's 16-bit product on its way into it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pg_kernels.ops._common import FLOAT_DTYPES
+
+# Default chunk: this many bytes of logits (in the hidden states' dtype) per chunk.
+# CPU: 16 MiB, 128 rows of V = 32000 fp32. Below glibc's largest mmap threshold (32 MiB), the
+# chunk buffer and the per-chunk logit gradient come from the heap and are reused; at 32 MiB
+# and above every allocation is a fresh mmap whose pages fault in again (measured: 64 MiB
+# allocate + fill 44 ms and 16k page faults per call against 14 ms for 31 MiB).
+# CUDA: 64 MiB, 192 rows of V = 151936 bf16: the caching allocator reuses blocks of any size,
+# and a taller chunk keeps the matmul's tiles full (M = 192 against D = 4096, V = 151936).
+CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 64 << 20}
+
+
+# The 16-bit weight-gradient product of one chunk is formed this many bytes at a time (a block
+# of vocabulary rows) before its fp32 accumulation: 32768 rows of D = 4096 bf16, not all
+# 151936 (1.2 GB).
+PRODUCT_BYTES = 256 << 20
+
+
+def default_chunk_size(vocab_size: int, dtype: torch.dtype, device_type: str = "cuda") -> int:
+    """Rows per chunk: CHUNK_BYTES of logits, rounded down to a multiple of 64 rows."""
+    rows = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"]) // (vocab_size * dtype.itemsize)
+    return max(1, rows - rows % 64 if rows >= 64 else rows)
+
+
+def check_projection(op: str, prefix: str, hidden, weight, bias) -> None:
+    """hidden [..., D], weight [V, D], bias [V] or None: same dtype and device."""
+    names = (f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias")
+    for name, t in zip(names, (hidden, weight, bias)):
+        if t is None and name.endswith("bias"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be bf16, fp16, fp32 or fp64, got {t.dtype}")
+        if t.dtype != hidden.dtype:
+            raise TypeError(
+                f"{op}: {name} must have {names[0]}'s dtype {hidden.dtype}, got {t.dtype}"
+            )
+        if t.device != hidden.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {names[0]} on {hidden.device}")
+    if hidden.dim() < 1:
+        raise ValueError(f"{op}: {names[0]} must have shape [..., D], got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"{op}: {names[1]} must have shape [V, D] with V > 0 and D = {names[0]}.shape[-1] = "
+            f"{hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"{op}: {names[2]} must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}"
+        )
+
+
+def check_chunk_size(op: str, chunk_size, vocab_size: int, hidden: torch.Tensor) -> int:
+    if chunk_size is None:
+        return default_chunk_size(vocab_size, hidden.dtype, hidden.device.type)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def chunks(n: int, chunk_size: int):
+    """(start, stop) of each chunk of rows, in order; the last may be ragged."""
+    return ((s, min(s + chunk_size, n)) for s in range(0, n, chunk_size))
+
+
+def rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    """Rows start:stop of an optional per-row tensor (labels, a per-row temperature)."""
+    return None if t is None else t[start:stop]
+
+
+class ChunkedProjection:
+    """hidden [N, D] @ weight.T + bias a chunk of rows at a time, and its inputs' gradients.
+
+    `logits(s, e)` returns rows s:e of the logits in a buffer reused by every chunk (valid until
+    the next call); `accumulate(grad_logits, s, e)` adds that chunk's contribution to the
+    gradients asked for by `wanted` = (hidden, weight, bias); `gradients()` returns them in the
+    inputs' dtypes, an empty tensor for each one not asked for.
+    """
+
+    def __init__(self, hidden, weight, bias, chunk_size: int, wanted=(False, False, False)):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        n, v = hidden.shape[0], weight.shape[0]
+        self.buffer = hidden.new_empty((min(chunk_size, n), v))
+        self.wanted = wanted
+        # fp32 accumulators for 16-bit weights (see the module docstring); fp32/fp64 add in place.
+        acc = torch.float32 if weight.dtype.itemsize < 4 else weight.dtype
+        self.grad_hidden = torch.empty_like(hidden) if wanted[0] else None
+        self.grad_weight = weight.new_zeros(weight.shape, dtype=acc) if wanted[1] else None
+        self.grad_bias = weight.new_zeros((v,), dtype=acc) if wanted[2] else None
+
+    def logits(self, start: int, stop: int) -> torch.Tensor:
+        out = self.buffer[: stop - start]
+        h = self.hidden[start:stop]
+        if self.bias is None:
+            return torch.mm(h, self.weight.t(), out=out)
+        return torch.addmm(self.bias, h, self.weight.t(), out=out)
+
+    def accumulate(self, grad_logits: torch.Tensor, start: int, stop: int) -> None:
+        if self.grad_hidden is not None:
+            torch.mm(grad_logits, self.weight, out=self.grad_hidden[start:stop])
+        if self.grad_weight is not None:
+            h = self.hidden[start:stop]
+            if self.grad_weight.dtype == grad_logits.dtype:
+                self.grad_weight.addmm_(grad_logits.t(), h)
+            else:  # one 16-bit rounding per chunk's product, summed in fp32, in vocab blocks
+                # so that the 16-bit product never takes more than PRODUCT_BYTES
+                v, d = self.grad_weight.shape
+                block = max(1, PRODUCT_BYTES // (d * h.dtype.itemsize))
+                for v0 in range(0, v, block):
+                    g = grad_logits[:, v0 : v0 + block]
+                    self.grad_weight[v0 : v0 + block].add_(g.t() @ h)
+        if self.grad_bias is not None:
+            self.grad_bias.add_(grad_logits.sum(0, dtype=self.grad_bias.dtype))
+
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def finish(grad, like):
+            return like.new_empty((0,)) if grad is None else grad.to(like.dtype)
+
+        bias_like = self.weight if self.bias is None else self.bias
+        return (
+            finish(self.grad_hidden, self.hidden),
+            finish(self.grad_weight, self.weight),
+            finish(self.grad_bias, bias_like),
+        )
+
+
+def empty_gradients(hidden, weight, bias, wanted) -> tuple[torch.Tensor, ...]:
+    """What the fake (meta) backward returns: gradients' shapes, empty where not asked for."""
+    bias_like = weight.new_empty((weight.shape[0],)) if bias is None else bias
+    return tuple(
+        torch.empty(t.shape if w else (0,), dtype=t.dtype, device=t.device)
+        for t, w in zip((hidden, weight, bias_like), wanted)
+    )

@@ -1,0 +1,182 @@
+"""token_stats_from_hidden: `token_stats` of hidden @ weight.T + bias without ever holding the
+[N, V] logits (docs/math.md §§1-3 per row; the chunking is in `_linear.py`).
+
+Forward: per chunk of rows, the matmul into a reused buffer, then the token_stats kernel. Only
+the per-row outputs survive. Backward: per chunk, the matmul again, the token_stats backward
+kernel (one pass, gradient of the chunk's logits), then grad_hidden = g @ W and
+grad_weight += g.T @ h. The logits are recomputed rather than kept: the upstream gradients of
+logprob / entropy / collision / lse are unknown until the loss is built (the statistics feed
+arbitrary losses, advantages and metrics), so the gradient cannot be formed in the forward the
+way a fused cross-entropy does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pg_kernels import _backend, _library, reference  # noqa: F401  (_library defines the schemas)
+from pg_kernels.ops import token_stats as _ts
+from pg_kernels.ops._common import (
+    acc_dtype,
+    check_ignore_index,
+    check_labels_arg,
+    check_labels_on_cpu,
+    make_temperature,
+)
+from pg_kernels.ops._linear import (
+    ChunkedProjection,
+    check_chunk_size,
+    check_projection,
+    chunks,
+    empty_gradients,
+    rows,
+)
+from pg_kernels.outputs import TokenStats
+
+OP = "token_stats_from_hidden"
+
+
+def _forward(
+    hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
+    backend,
+):  # fmt: skip
+    proj = ChunkedProjection(hidden, weight, bias, chunk_size)
+    outs = _forward_fake(
+        hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
+        backend,
+    )  # fmt: skip
+    for s, e in chunks(hidden.shape[0], chunk_size):
+        stats = _ts._token_stats(
+            proj.logits(s, e), labels[s:e], rows(temperature, s, e), temperature_scalar,
+            ignore_index, backend,
+        )  # fmt: skip
+        for out, stat in zip(outs, stats):
+            out[s:e] = stat
+    return outs
+
+
+def _forward_fake(
+    hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
+    backend,
+):  # fmt: skip
+    stat = labels.new_empty(labels.shape, dtype=acc_dtype(hidden.dtype))
+    return (
+        *(torch.empty_like(stat) for _ in range(6)),
+        labels.new_empty(labels.shape, dtype=torch.int64),
+    )
+
+
+torch.library.register_kernel("pg_kernels::token_stats_from_hidden", ("cpu", "cuda"), _forward)
+torch.library.register_fake("pg_kernels::token_stats_from_hidden", _forward_fake)
+
+
+def _backward_impl(
+    g_logprob, g_entropy, g_collision, g_lse, hidden, weight, bias, labels, temperature,
+    temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, output_mask, backend,
+):  # fmt: skip
+    proj = ChunkedProjection(hidden, weight, bias, chunk_size, tuple(output_mask))
+    for s, e in chunks(hidden.shape[0], chunk_size):
+        grad_logits = _ts._token_stats_backward(
+            g_logprob[s:e], g_entropy[s:e], g_collision[s:e], g_lse[s:e], proj.logits(s, e),
+            labels[s:e], rows(temperature, s, e), temperature_scalar, ignore_index, lse[s:e],
+            entropy[s:e], collision[s:e], backend,
+        )  # fmt: skip
+        proj.accumulate(grad_logits, s, e)
+    return proj.gradients()
+
+
+def _backward_fake(
+    g_logprob, g_entropy, g_collision, g_lse, hidden, weight, bias, labels, temperature,
+    temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, output_mask, backend,
+):  # fmt: skip
+    return empty_gradients(hidden, weight, bias, output_mask)
+
+
+torch.library.register_kernel(
+    "pg_kernels::token_stats_from_hidden_backward", ("cpu", "cuda"), _backward_impl
+)
+torch.library.register_fake("pg_kernels::token_stats_from_hidden_backward", _backward_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
+     backend) = inputs  # fmt: skip
+    _, entropy, collision, lgp, lse, max_prob, argmax = output
+    ctx.save_for_backward(hidden, weight, bias, labels, temperature, lse, entropy, collision)
+    ctx.scalars = (temperature_scalar, ignore_index, chunk_size, backend)
+    ctx.mark_non_differentiable(lgp, max_prob, argmax)
+
+
+def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, g_argmax):
+    hidden, weight, bias, labels, temperature, lse, entropy, collision = ctx.saved_tensors
+    temperature_scalar, ignore_index, chunk_size, backend = ctx.scalars
+    wanted = list(ctx.needs_input_grad[:3])
+    if not any(wanted):
+        return (None,) * 9
+    grads = torch.ops.pg_kernels.token_stats_from_hidden_backward(
+        g_logprob, g_entropy, g_collision, g_lse, hidden, weight, bias, labels, temperature,
+        temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, wanted, backend,
+    )  # fmt: skip
+    return (*(g if w else None for g, w in zip(grads, wanted)), *(None,) * 6)
+
+
+torch.library.register_autograd(
+    "pg_kernels::token_stats_from_hidden", _backward, setup_context=_setup_context
+)
+_library.LIB.impl("token_stats_from_hidden_backward", torch.library.fallthrough_kernel, "Autograd")
+
+
+def token_stats_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> TokenStats:
+    """`token_stats(hidden @ weight.T + bias, labels, ...)` without materializing the logits.
+
+    Args:
+        hidden: [..., D] last hidden states, bf16, fp16, fp32 or fp64.
+        weight: [V, D] lm_head weight, hidden's dtype and device.
+        labels: [...] int64 or int32, the chosen tokens; ignore_index rows give 0 everywhere.
+        bias: optional [V] lm_head bias.
+        temperature: a float or a [...] tensor (per row), finite and > 0. Not differentiable.
+        ignore_index: label value of rows to skip.
+        chunk_size: rows per chunk; default: 16 MiB (CPU) or 64 MiB (CUDA) of logits in
+            hidden's dtype, rounded down to a multiple of 64 rows (128 rows at V = 32000 fp32
+            on CPU, 192 at V = 151936 bf16 on CUDA); see ops/_linear.py for why.
+            Peak extra memory is about 2 x chunk_size x V elements (the chunk's logits and
+            their gradient), plus an fp32 [V, D] weight-gradient accumulator for 16-bit weights.
+        backend: the token_stats kernel: "auto", "reference", "cpu", "triton" or "cuda".
+            "reference" materializes the logits and runs the float reference (for testing).
+
+    Returns:
+        TokenStats of [...] tensors, as `token_stats`. Gradients flow to hidden, weight and bias
+        through logprob, entropy, collision and lse, and come back in their dtypes. Each row's
+        logits come from a matmul over its chunk, so they can differ from one [N, V] matmul in
+        the last bits (as a different batch size would).
+    """
+    check_projection(OP, "", hidden, weight, bias)
+    check_labels_arg(OP, hidden, labels, of="hidden")
+    ignore_index = check_ignore_index(OP, ignore_index)
+    vocab = weight.shape[0]
+    chunk_size = check_chunk_size(OP, chunk_size, vocab, hidden)
+    # The temperature's shape check wants [..., V]-shaped logits; a [..., 1] view stands in.
+    temp = make_temperature(OP, temperature, hidden[..., :1])
+    backend = _backend.resolve("token_stats", backend, hidden.device, kernels=_ts.KERNELS)
+    check_labels_on_cpu(OP, labels, vocab, ignore_index)
+    if backend == "reference":
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        return reference.token_stats(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=False
+        )
+    lead = labels.shape
+    outs = torch.ops.pg_kernels.token_stats_from_hidden(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), temp.tensor,
+        temp.scalar, ignore_index, chunk_size, backend,
+    )  # fmt: skip
+    return TokenStats(*(o.view(lead) for o in outs))

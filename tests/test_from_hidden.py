@@ -1,0 +1,338 @@
+"""token_stats_from_hidden and kl_divergence_from_hidden: the fused lm_head path.
+
+Truth: the float64 op on float64 logits from float64 hidden states and weights. Plain: what a
+trainer computes today, F.linear in the input dtype then the reference op at that precision.
+The rule is the ops' own (testing.check_against_reference): at most twice plain's error plus
+the tables' floors, for every output and for the gradients of hidden, weight and bias.
+Cases come from conftest: every backend with a token_stats / kl_divergence kernel.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pg_kernels
+from pg_kernels import reference
+from pg_kernels.ops._linear import default_chunk_size
+from pg_kernels.testing import check_against_reference, make_labels
+
+IGNORE = -100
+# argmax is compared in the fp64 test below: from 16-bit logits it may pick the other of two
+# tokens whose float64 logits differ by less than the rounding.
+FLOAT_FIELDS = ("logprob", "entropy", "collision", "lgp", "lse", "max_prob")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _projection(n, d, v, dtype, seed, *, bias=True, lead=None):
+    """hidden [*lead or n, D] ~ N(0, 1); weight scaled so logits have std ~3; a near one-hot row
+    (row 0 aligned with one weight row, logit gap ~40); bias with a masked (-inf) token."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * (3 / d**0.5)
+    h[0] = w[v // 2] / w[v // 2].norm() ** 2 * 40  # logit of token v // 2 is 40 in row 0
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    if b is not None:
+        b[1] = -float("inf")
+    h = h.view(*lead, d) if lead is not None else h
+    return h.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+
+
+def _labels(shape, v, seed):
+    y = make_labels(shape, v, seed=seed).view(shape)
+    flat = y.view(-1)
+    flat[1] = IGNORE
+    flat[0] = v // 2
+    return y
+
+
+def _ts_op(backend, chunk_size):
+    def op(hidden, weight, bias, labels, **kw):
+        return pg_kernels.token_stats_from_hidden(
+            hidden, weight, labels, bias=bias, chunk_size=chunk_size, backend=backend, **kw
+        )
+
+    return op
+
+
+def _ts_ref(hidden, weight, bias, labels, *, upcast, **kw):
+    if upcast:
+        hidden, weight = hidden.double(), weight.double()
+        bias = None if bias is None else bias.double()
+    logits = F.linear(hidden, weight, bias)
+    return reference.token_stats(logits, labels, upcast=upcast, **kw)
+
+
+@pytest.mark.op("token_stats")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_row", [False, True], ids=["T0.7", "per-row-T"])
+def test_token_stats_from_hidden_matches_float64(backend_device, dtype, per_row):
+    backend, device = backend_device
+    n, d, v = 37, 24, 1003
+    h, w, b = (t.to(device) for t in _projection(n, d, v, dtype, seed=1))
+    y = _labels((n,), v, seed=1).to(device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    t = torch.rand(n, generator=torch.Generator().manual_seed(2), dtype=acc) + 0.4
+    temperature = t.to(device) if per_row else 0.7
+    # chunk_size 8: four full chunks and a ragged one of 5 rows
+    check_against_reference(
+        _ts_op(backend, 8), _ts_ref, (h, w, b, y), {"temperature": temperature},
+        diff_fields=("logprob", "entropy", "collision", "lse"), grad_args=(0, 1, 2),
+        check_fields=FLOAT_FIELDS,
+    )  # fmt: skip
+
+
+@pytest.mark.op("token_stats")
+def test_token_stats_from_hidden_leading_dims_strided_no_bias(backend_device):
+    """[B, T, D] hidden read through a strided view (every other position), no bias."""
+    backend, device = backend_device
+    h, w, _ = _projection(2 * 2 * 9, 16, 257, torch.float32, seed=3, bias=False, lead=(2, 18))
+    h, w = h.to(device)[:, ::2], w.to(device)
+    assert not h.is_contiguous()
+    y = _labels((2, 9), 257, seed=3).to(device)
+    check_against_reference(
+        _ts_op(backend, 4), _ts_ref, (h, w, None, y), {},
+        diff_fields=("logprob", "entropy", "collision", "lse"), grad_args=(0, 1),
+        check_fields=FLOAT_FIELDS,
+    )  # fmt: skip
+
+
+@pytest.mark.op("token_stats")
+def test_token_stats_from_hidden_equals_token_stats_of_the_logits(backend_device):
+    """Same rows, same kernel: only the matmul's chunking differs (fp64: to the last bits)."""
+    backend, device = backend_device
+    h, w, b = (t.to(device) for t in _projection(19, 8, 300, torch.float64, seed=4))
+    y = _labels((19,), 300, seed=4).to(device)
+    fused = pg_kernels.token_stats_from_hidden(h, w, y, bias=b, chunk_size=5, backend=backend)
+    plain = pg_kernels.token_stats(F.linear(h, w, b), y, backend=backend)
+    for name, a, c in zip(fused._fields, fused, plain):
+        if name == "argmax":
+            assert torch.equal(a, c)
+        else:
+            torch.testing.assert_close(a, c, rtol=1e-13, atol=1e-13, msg=name)
+
+
+def _kl_op(backend, chunk_size):
+    def op(hidden, weight, bias, ref_hidden, ref_weight, **kw):
+        return pg_kernels.kl_divergence_from_hidden(
+            hidden, weight, ref_hidden, ref_weight, bias=bias, chunk_size=chunk_size,
+            backend=backend, **kw,
+        )  # fmt: skip
+
+    return op
+
+
+def _kl_ref(hidden, weight, bias, ref_hidden, ref_weight, *, upcast, **kw):
+    if upcast:
+        hidden, weight, ref_hidden, ref_weight = (
+            t.double() for t in (hidden, weight, ref_hidden, ref_weight)
+        )
+        bias = None if bias is None else bias.double()
+    return reference.kl_divergence(
+        F.linear(hidden, weight, bias), F.linear(ref_hidden, ref_weight), upcast=upcast, **kw
+    )
+
+
+@pytest.mark.op("kl_divergence")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_kl_divergence_from_hidden_matches_float64(backend_device, dtype, direction):
+    """A teacher with its own width (D_ref = 40 vs D = 24) and no bias; gradients to all five."""
+    backend, device = backend_device
+    n, v = 29, 1001
+    h, w, b = (t.to(device) for t in _projection(n, 24, v, dtype, seed=5))
+    b[1] = 0.0  # a -inf student logit under a finite teacher one makes KL infinite
+    rh, rw, _ = (t.to(device) if t is not None else t for t in
+                 _projection(n, 40, v, dtype, seed=6, bias=False))  # fmt: skip
+    y = _labels((n,), v, seed=5).to(device)
+    t = (torch.rand(n, generator=torch.Generator().manual_seed(7)) + 0.5).to(device)
+    kw = {"direction": direction, "labels": y, "temperature": 0.8, "ref_temperature": t}
+    if dtype == torch.float64:
+        kw["ref_temperature"] = t.double()
+    check_against_reference(
+        _kl_op(backend, 6), _kl_ref, (h, w, b, rh, rw), kw, diff_fields=("out",),
+        grad_args=(0, 1, 2, 3, 4),
+    )  # fmt: skip
+
+
+@pytest.mark.op("kl_divergence")
+def test_kl_divergence_from_hidden_student_only_gradients(backend_device):
+    """A frozen teacher (no grad) gets no gradient work; the student's grads match both-sided."""
+    backend, device = backend_device
+    h, w, b = (t.to(device) for t in _projection(11, 8, 97, torch.float64, seed=8))
+    rh, rw, rb = (t.to(device) for t in _projection(11, 8, 97, torch.float64, seed=9))
+    b[1] = rb[1] = 0.0
+    hs = [h.clone().requires_grad_(), h.clone().requires_grad_()]
+    rws = [rw.clone(), rw.clone().requires_grad_()]
+    grads = []
+    for hh, rww in zip(hs, rws):
+        kl = pg_kernels.kl_divergence_from_hidden(
+            hh, w, rh, rww, bias=b, ref_bias=rb, chunk_size=4, backend=backend
+        )
+        kl.sum().backward()
+        grads.append(hh.grad)
+    assert rws[0].grad is None and rws[1].grad is not None
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+# --- the contract: chunking, memory, compile, opcheck, inputs ----------------------------
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(32000, torch.float32, "cpu") == 128
+    assert default_chunk_size(32000, torch.float32, "cuda") == 512
+    assert default_chunk_size(151936, torch.bfloat16, "cuda") == 192
+    assert default_chunk_size(262144, torch.float32, "cuda") == 64
+    assert default_chunk_size(1 << 20, torch.float64, "cuda") == 8  # huge vocab: a few rows
+    assert default_chunk_size(1 << 30, torch.float64, "cpu") == 1  # never 0
+
+
+def test_results_do_not_depend_on_chunk_size():
+    """Each row's statistics come from its own logits whatever the chunking (fp64: exact up to
+    the matmul's summation order); weight gradients sum the same rows in another grouping."""
+    h, w, b = _projection(23, 8, 211, torch.float64, seed=10)
+    y = _labels((23,), 211, seed=10)
+    results = []
+    for chunk in (1, 5, 23, None):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = pg_kernels.token_stats_from_hidden(hh, ww, y, bias=b, chunk_size=chunk)
+        (out.logprob + out.entropy).sum().backward()
+        results.append((out.logprob, out.entropy, hh.grad, ww.grad))
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            torch.testing.assert_close(a, c, rtol=1e-13, atol=1e-14)
+
+
+def test_peak_memory_is_one_chunk_not_n_by_v():
+    """The forward allocates one chunk of logits, not [N, V] (profiler allocation events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, v, d, chunk = 512, 4096, 16, 32
+    h, w, _ = _projection(n, d, v, torch.float32, seed=11, bias=False)
+    y = _labels((n,), v, seed=11)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        pg_kernels.token_stats_from_hidden(h, w, y, chunk_size=chunk, backend="cpu")
+    sizes = [
+        e.nbytes()
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.nbytes() > 0
+    ]
+    assert sizes, "the profiler recorded no allocation"
+    assert max(sizes) <= chunk * v * 4, f"largest allocation {max(sizes)} B > one chunk"
+
+
+def test_inputs_not_mutated():
+    h, w, b = _projection(9, 8, 50, torch.float32, seed=12)
+    y = _labels((9,), 50, seed=12)
+    copies = [t.clone() for t in (h, w, b, y)]
+    hh = h.requires_grad_()
+    out = pg_kernels.token_stats_from_hidden(hh, w, y, bias=b, chunk_size=4)
+    out.entropy.sum().backward()
+    for a, c in zip((h, w, b, y), copies):
+        assert torch.equal(a.detach(), c)
+
+
+def test_compile_fullgraph_matches_eager():
+    h, w, b = _projection(13, 8, 301, torch.float32, seed=13)
+    rh, rw, _ = _projection(13, 12, 301, torch.float32, seed=14, bias=False)
+    b[1] = 0.0
+    y = _labels((13,), 301, seed=13)
+
+    def step(h, w, b):
+        s = pg_kernels.token_stats_from_hidden(h, w, y, bias=b, temperature=0.9, chunk_size=4)
+        kl = pg_kernels.kl_divergence_from_hidden(h, w, rh, rw, bias=b, chunk_size=4)
+        return (s.logprob + s.entropy - s.collision + kl).sum(), (s.logprob, s.entropy, s.lgp, kl)
+
+    torch.compiler.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+        loss, outs = fn(*leaves)
+        loss.backward()  # (the sum itself may be fused in another order: not compared)
+        results.append([*(o.detach() for o in outs), *(t.grad for t in leaves)])
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.op("token_stats")
+@pytest.mark.cpu_backends("cpu", "triton")
+def test_opcheck(backend_device):
+    backend, device = backend_device
+    h, w, b = (t.to(device) for t in _projection(7, 8, 33, torch.float32, seed=15))
+    rh, rw, _ = (t.to(device) if t is not None else t for t in
+                 _projection(7, 8, 33, torch.float32, seed=16, bias=False))  # fmt: skip
+    b[1] = 0.0
+    y = _labels((7,), 33, seed=15).to(device)
+    t = torch.rand(7, device=device) + 0.5
+    ops = torch.ops.pg_kernels
+    torch.library.opcheck(
+        ops.token_stats_from_hidden.default,
+        (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), y, t, 1.0, IGNORE, 3,
+         backend),
+    )  # fmt: skip
+    kl_backend = backend if backend in pg_kernels.ops.kl_divergence.KERNELS else "cpu"
+    if device == "cpu" or kl_backend != "cpu":
+        torch.library.opcheck(
+            ops.kl_divergence_from_hidden.default,
+            (h, w, b, rh.requires_grad_(), rw, None, y, None, 0.9, t, 1.0, IGNORE, "forward",
+             3, kl_backend),
+        )  # fmt: skip
+
+
+BAD = [
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h, w.t(), y), ValueError,
+     "weight must have shape [V, D]"),
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h, w.double(), y), TypeError,
+     "weight must have hidden's dtype"),
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h, w, y, bias=w[:, 0][:-1]), ValueError,
+     "bias must have shape [V]"),
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h, w, y[:-1]), ValueError,
+     "labels must have the leading shape (6,) of hidden"),
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h, w, y.float()), TypeError,
+     "labels must be int64 or int32"),
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h, w, y, chunk_size=0), ValueError,
+     "chunk_size must be a positive int"),
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h, w, y + 1000), ValueError,
+     "is outside [0, 50)"),
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h, w, y, temperature=0.0), ValueError,
+     "temperature must be finite and > 0"),
+    (lambda h, w, y: pg_kernels.kl_divergence_from_hidden(h, w, h, w[:-1]), ValueError,
+     "ref_weight must have weight's vocabulary size"),
+    (lambda h, w, y: pg_kernels.kl_divergence_from_hidden(h, w, h[:-1], w), ValueError,
+     "ref_hidden must have hidden's leading shape"),
+    (lambda h, w, y: pg_kernels.kl_divergence_from_hidden(h, w, h.double(), w.double()),
+     TypeError, "ref_hidden must have hidden's dtype"),
+    (lambda h, w, y: pg_kernels.kl_divergence_from_hidden(h, w, h, w, direction="up"),
+     ValueError, "direction must be one of"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call,exc,match", BAD)
+def test_bad_input_names_the_argument(call, exc, match):
+    h, w, _ = _projection(6, 8, 50, torch.float32, seed=17, bias=False)
+    y = _labels((6,), 50, seed=17)
+    with pytest.raises(exc, match=re.escape(match)):
+        call(h, w, y)
+
+
+def test_weight_gradient_in_vocab_blocks(monkeypatch):
+    """The 16-bit weight-gradient product formed in vocab blocks (PRODUCT_BYTES) sums to the
+    same bits as in one block: each entry is the same dot product, rounded once, added once."""
+    from pg_kernels.ops import _linear
+
+    h, w, b = _projection(21, 16, 300, torch.bfloat16, seed=18)
+    y = _labels((21,), 300, seed=18)
+
+    def weight_grad():
+        ww = w.clone().requires_grad_()
+        out = pg_kernels.token_stats_from_hidden(h, ww, y, bias=b, chunk_size=8)
+        (out.logprob + out.entropy).sum().backward()
+        return ww.grad
+
+    whole = weight_grad()
+    monkeypatch.setattr(_linear, "PRODUCT_BYTES", 37 * 16 * 2)  # 37-row blocks, a ragged last
+    assert torch.equal(weight_grad(), whole)
