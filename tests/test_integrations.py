@@ -484,13 +484,7 @@ def test_slime_options():
     assert not ent.requires_grad
     lp, _ = pgk_slime.calculate_log_probs_and_entropy(x[:0], tokens[:0], None)
     assert lp.shape == (0,)
-
-    class Group:
-        def size(self):
-            return 2
-
-    with pytest.raises(NotImplementedError, match="pg_kernels.parallel"):
-        pgk_slime.calculate_log_probs_and_entropy(x, tokens, Group())
+    # a tensor-parallel group: tests/test_parallel.py::test_slime_tensor_parallel
 
 
 # --- torch.compile ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 import pg_kernels
 from pg_kernels import _backend, parallel, reference
+from pg_kernels.integrations import slime
 from pg_kernels.parallel._shard import tiling_ok
 from pg_kernels.testing import FORWARD_TOL, GRAD_TOL, assert_close_to_truth, make_logits
 
@@ -206,6 +207,28 @@ def _subgroup(rank: int):
     return {"lse": stats.lse, "logprob": stats.logprob, "argmax": stats.argmax, "kl": kl}
 
 
+def _slime_inputs():
+    g = torch.Generator().manual_seed(9)
+    x = make_logits(5, 12, seed=9)
+    tokens = torch.tensor([0, 11, 5, 6, 3])
+    return x, tokens, torch.rand(5, 12, generator=g) < 0.4
+
+
+def _slime(rank: int):
+    """slime's drop-in with a 2-rank tensor-parallel group: equal shards of 6 columns."""
+    x, tokens, keep = _slime_inputs()
+    cols = slice(6 * rank, 6 * rank + 6)
+    out = {}
+    for name, mask in (("plain", None), ("masked", keep[:, cols])):
+        local = x[:, cols].clone().requires_grad_()
+        lp, ent = slime.calculate_log_probs_and_entropy(
+            local, tokens, dist.group.WORLD, with_entropy=True, log_prob_keep_mask=mask
+        )
+        (lp.sum() + 0.5 * ent.sum()).backward()
+        out[name] = {"logprob": lp.detach(), "entropy": ent.detach(), "grad": local.grad}
+    return out
+
+
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -224,6 +247,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             results[case["name"]] = {"out": out, "grads": grads, "again": again}
         if world == 2:
             results["errors"] = _errors(rank, world)
+            results["slime"] = _slime(rank)
         if world == 3:
             results["subgroup"] = _subgroup(rank)
         torch.save(results, Path(folder) / f"rank{rank}.pt")
@@ -364,6 +388,24 @@ def test_subgroup(worlds):
             torch.testing.assert_close(got[name], want, rtol=2e-6, atol=1e-6)
         assert torch.equal(got["argmax"], stats.argmax.view(2, 2))
         torch.testing.assert_close(got["kl"], kl.view(2, 2), rtol=2e-6, atol=1e-6)
+
+
+def test_slime_tensor_parallel(worlds):
+    """slime's call with a tp group: each rank's log-prob, entropy and gradient shard equal the
+    single-device drop-in's, with and without a top-p keep-mask (its shard per rank)."""
+    x, tokens, keep = _slime_inputs()
+    for name, mask in (("plain", None), ("masked", keep)):
+        full = x.clone().requires_grad_()
+        lp, ent = slime.calculate_log_probs_and_entropy(
+            full, tokens, None, with_entropy=True, log_prob_keep_mask=mask
+        )
+        (lp.sum() + 0.5 * ent.sum()).backward()
+        for rank in (0, 1):
+            got = worlds[2][rank]["slime"][name]
+            torch.testing.assert_close(got["logprob"], lp.detach(), rtol=2e-6, atol=2e-6)
+            torch.testing.assert_close(got["entropy"], ent.detach(), rtol=2e-6, atol=2e-6)
+            cols = slice(6 * rank, 6 * rank + 6)
+            torch.testing.assert_close(got["grad"], full.grad[:, cols], rtol=2e-6, atol=2e-6)
 
 
 def test_errors_name_the_argument(worlds):

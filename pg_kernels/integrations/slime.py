@@ -10,8 +10,10 @@ entropy stays the full-vocabulary one. Here:
   (one masked [T, V] copy; `pruned_logprob`'s threshold set cannot express an arbitrary
   nucleus chosen by the rollout engine), the entropy from a pass over the unmasked logits.
 
-Vocabulary-parallel logits (a tensor-parallel group of more than one rank) raise
-NotImplementedError until `pg_kernels.parallel` provides the sharded reduction.
+Vocabulary-parallel logits (`tp_group` of more than one rank: each rank holds its equal shard
+[T, V / tp] of the vocabulary, Megatron's layout, and the global target ids) go through
+`pg_kernels.parallel.token_stats`: one all-gather of a few numbers per row, no [T, V] gather;
+the keep-mask is then each rank's [T, V / tp] shard of it.
 slime's DPPO directional moment (`with_dppo_directional_moment`) is not offered.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels import token_stats
+from pg_kernels import parallel, token_stats
 from pg_kernels.integrations._common import row_stats
 
 __all__ = ["calculate_log_probs_and_entropy"]
@@ -47,7 +49,8 @@ def calculate_log_probs_and_entropy(
     Args:
         logits: [T, V] float (slime passes fp32 logits already divided by the temperature).
         tokens: [T] int, the targets.
-        tp_group: tensor-parallel process group; only a group of one rank (or None) works.
+        tp_group: tensor-parallel process group; with more than one rank, `logits` (and the
+            keep-mask) are this rank's equal shard of the vocabulary and `tokens` global ids.
         with_entropy: also return the entropy.
         chunk_size: accepted for slime's signature; one pass needs no chunking.
         log_prob_keep_mask: optional [T, V] bool, True = token kept for the log-prob.
@@ -57,12 +60,7 @@ def calculate_log_probs_and_entropy(
         (log_prob [T, 1] fp32, entropy [T] fp32 or None); for T = 0, a [0] log_prob.
     """
     del chunk_size
-    if _group_size(tp_group) > 1:
-        raise NotImplementedError(
-            "slime.calculate_log_probs_and_entropy: vocabulary-parallel logits (tp_group of "
-            f"{_group_size(tp_group)} ranks) need pg_kernels.parallel, which is not available "
-            "yet; run with tensor parallelism 1 or keep slime's own function"
-        )
+    tp = _group_size(tp_group) > 1
     if logits.dim() != 2 or tokens.dim() != 1 or tokens.shape[0] != logits.shape[0]:
         raise ValueError(
             f"logits must be [T, V] and tokens [T], got {tuple(logits.shape)} and "
@@ -72,9 +70,13 @@ def calculate_log_probs_and_entropy(
         log_prob = logits.new_zeros((0,))
         return log_prob, (logits.new_zeros((0,)) if with_entropy else None)
     tokens = tokens.to(torch.int64)
+
+    def stats(x):
+        return parallel.token_stats(x, tokens, group=tp_group) if tp else token_stats(x, tokens)
+
     entropy = None
     if log_prob_keep_mask is None:
-        out = token_stats(logits, tokens)
+        out = stats(logits)
         log_prob = out.logprob
         if with_entropy:
             entropy = out.entropy
@@ -84,11 +86,17 @@ def calculate_log_probs_and_entropy(
                 f"log_prob_keep_mask must have the logits' shape {tuple(logits.shape)}, "
                 f"got {tuple(log_prob_keep_mask.shape)}"
             )
-        keep = log_prob_keep_mask.to(torch.bool).scatter(-1, tokens.unsqueeze(-1), True)
+        # The target is always kept: on the shard that holds it (every row's, without tp).
+        v_local = logits.shape[-1]
+        local = tokens - (tp_group.rank() * v_local if tp else 0)
+        owned = (local >= 0) & (local < v_local)
+        keep = log_prob_keep_mask.to(torch.bool).clone()
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        keep[rows[owned], local[owned]] = True
         masked = logits.masked_fill(~keep, -torch.inf)
-        log_prob = token_stats(masked, tokens).logprob
+        log_prob = stats(masked).logprob
         if with_entropy:
-            entropy = row_stats(logits).entropy
+            entropy = stats(logits).entropy if tp else row_stats(logits).entropy
     if entropy is not None and not with_entropy_grad:
         entropy = entropy.detach()
     return log_prob.float().unsqueeze(-1), None if entropy is None else entropy.float()
