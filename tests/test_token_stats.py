@@ -320,15 +320,19 @@ def test_compile_fullgraph_matches_eager():
 
     def loss(x, y):
         out = pg_kernels.token_stats(x, y, temperature=0.9)
-        return (out.logprob - 0.1 * out.entropy + out.collision).sum(), out.lgp
+        return (out.logprob - 0.1 * out.entropy + out.collision).sum(), out
 
     compiled = torch.compile(loss, fullgraph=True)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    la, ga = loss(xa, y)
-    lb, gb = compiled(xb, y)
+    la, oa = loss(xa, y)
+    lb, ob = compiled(xb, y)
     la.backward()
     lb.backward()
-    assert torch.equal(la, lb) and torch.equal(ga, gb) and torch.equal(xa.grad, xb.grad)
+    # The op's outputs and gradient bitwise; the loss to rounding (Inductor fuses the elementwise
+    # combination and the sum, and may contract them differently from eager: 1 ulp seen).
+    assert all(torch.equal(a, b) for a, b in zip(oa, ob))
+    assert torch.equal(xa.grad, xb.grad)
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
 
 
 @pytest.mark.slow
