@@ -184,7 +184,9 @@ def measure(n: int, v: int, backend: str) -> list[dict]:
                 }
                 # fp32 logits: PyTorch at the input precision is the fp32 upcast itself.
                 same = dtype == torch.float32
-                res["torch"] = res["torch fp32"] if same else run_impl(op, "torch", d, tau, "", weights)
+                res["torch"] = (
+                    res["torch fp32"] if same else run_impl(op, "torch", d, tau, "", weights)
+                )
                 truth = res["float64"]
                 for key in truth:
                     rec = {"op": op, "dtype": dname, "temperature": tau, "quantity": key}
