@@ -72,7 +72,8 @@
 //       partial  fp32     47.7 (64)  27.5 (64)            19.0 (128)
 //       backward bf16     58.1 (64)  15.2 (64)            12.0 (80)
 //       backward fp16     58.1 (64)  15.2 (64)            12.0 (80)
-//       backward fp32     64.8 (59)  27.5 (64)            21.0 (128)
+//       backward fp32     64.8 (59)  27.5 (64)            21.0 (128); 21.8 relative to the row
+//                                                           max (argmax, max_prob: per-item loads)
 //     With 4 steps the 16-bit forward costs ~9 per element per step (~7.5 per element + the
 //     step's loads, predicates, packed max and rescale) plus ~370 fixed per item; what is left
 //     to reach 10 is in the per-element work (the clamp, the unpack) or the per-load cost (4

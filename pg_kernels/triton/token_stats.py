@@ -26,10 +26,11 @@ Forward, two kernels:
   every reduction runs in a fixed order and each row's merge is elementwise: results are bitwise
   deterministic and batch invariant.
 
-Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): recomputes p_j = e^(z_j - L) from the
-saved L (split in fp64 into L2_hi + L2_lo, the low part folded into per-row coefficients) and
-writes dz_j / tau = e (a + b d2 + q e) with e = 2^(x c - L2_hi); the label's entry is rewritten
-after the loop by the program that holds it (no per-element compare).
+Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): recomputes p_j = e^((z_j - m) - log s1)
+relative to the row max, from the forward's saved argmax (m: the raw logit there) and max_prob
+(log2 s1 = -log2 max_prob, split in fp64 into hi + lo, the low part folded into per-row
+coefficients), and writes dz_j / tau = e (a + b d2 + q e) with e = 2^((x - m) c - hi); the
+label's entry is rewritten after the loop by the program that holds it (no per-element compare).
 
 Passes over V: forward 1 (read), backward 1 (read + write).
 Bytes per row of V elements of s bytes (the minimum is the logits once, the gradient once):
@@ -54,8 +55,11 @@ GPU design (H200 target: bf16, N = 16384, V = 151936; not timed yet: no GPU was 
     every step and an argmax branch), backward 15.9 (a per-element label compare).
   - Accuracy (fp32 [16, 4099], randn * 4 with a +40..50 spike, float64 truth, interpreter): at
     tau = 1 logprob 1.2e-6, lse 1.9e-9, gradient 1.9e-9 (plain fp32 PyTorch: 1.2e-6, -, 1.9e-9);
-    at tau = 0.7 logprob 1.7e-6 (PyTorch 3.3e-6), gradient 4.8e-6 (PyTorch 3.4e-8: the saved L is
-    rounded to fp32, ulp(86) / 2 = 3.8e-6; the C++ kernel 3.9e-6).
+    at tau = 0.7 logprob 1.7e-6 (PyTorch 3.3e-6), gradient 4.8e-6 (PyTorch 3.4e-8) when the
+    backward took p_j = e^(z_j - L) from the saved fp32 L (ulp(86) / 2 = 3.8e-6). Relative to the
+    row max (saved argmax and max_prob), on peaked fp32 rows at tau 0.7 (L = 40, p 0.996-0.99996,
+    [16, 4000]; tests/test_token_stats.py::test_peaked_rows_logprob_gradient): log-prob gradient
+    2.7e-6 -> 2.4e-7 (PyTorch 3.5e-7).
   - Knobs to tune on a GPU (one config, no autotune): `_common.STEP_BYTES`, `STEPS_PER_CHUNK`,
     `BYTES_PER_THREAD_STEP` (num_warps), or per call `_block_v` / `_chunk`.
 """
