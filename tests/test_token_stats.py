@@ -132,6 +132,27 @@ def test_peaked_rows_logprob_gradient(backend_device):
     assert err_lp <= 2 * err_lp_torch, (err_lp, err_lp_torch)
 
 
+def test_backward_rejects_a_foreign_saved_state(backend_device):
+    """The backward reads the row max at the saved argmax: an argmax out of [0, V) or a max_prob
+    outside (0, 1] (not a forward's) makes that row NaN, reads nothing out of the row, and leaves
+    the other rows as they were."""
+    backend, device = backend_device
+    x = make_logits(4, 50, torch.float32, device=device, seed=41)
+    y = make_labels((4,), 50, device=device, seed=41)
+    out = pg_kernels.token_stats(x, y, backend=backend)
+    argmax, max_prob = out.argmax.clone(), out.max_prob.clone()
+    argmax[1] = 50
+    max_prob[2] = 0.0
+    max_prob[3] = float("nan")
+    g = [torch.ones(4, device=device)] + [torch.zeros(4, device=device)] * 3
+    saved = (out.lse, out.entropy, out.collision)
+    bwd = torch.ops.pg_kernels.token_stats_backward
+    good = bwd(*g, x, y, None, 1.0, -100, *saved, out.max_prob, out.argmax, backend)
+    bad = bwd(*g, x, y, None, 1.0, -100, *saved, max_prob, argmax, backend)
+    assert torch.equal(bad[0], good[0]) and good.isfinite().all()
+    assert bad[1:].isnan().all()
+
+
 def test_neg_inf_entries(backend_device):
     """-inf logits add exactly 0; a label on a -inf logit has logprob -inf and p_c = 0."""
     backend, device = backend_device
