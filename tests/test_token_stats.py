@@ -101,10 +101,10 @@ def test_peaked_rows_logprob_gradient(backend_device):
     """fp32 at tau 0.7 on very peaked rows (lse 40): the log-prob gradient is as accurate as plain
     fp32 PyTorch's (log_softmax(x / tau) gathered, autograd), against float64. A backward from
     p_j = e^(z_j - L) with the saved fp32 L had 8-14x PyTorch's error there (ulp(40) / 2 on p ~ 1).
-    The C++ and CUDA kernels get 2x: their p at the argmax is the forward's max_prob = 1 / s1, and
-    s1 is an fp32 per-thread (per-lane) sum in which the lane holding the max (e = 1) rounds each
-    later term to ulp(1) / 2 (measured 3.0e-7 relative on max_prob, PyTorch's sum 1.8e-7), so the
-    C++ backend measures 4.3e-7 against PyTorch's 3.5e-7 (Triton: 2.4e-7)."""
+    Measured: C++ 1.7e-7, Triton 2.4e-7, PyTorch 3.5e-7. CUDA (not measured yet) gets 2x: its p at
+    the argmax is the forward's max_prob = 1 / s1, and s1 is an fp32 per-thread sum in which the
+    thread holding the max (e = 1) rounds each later term to ulp(1) / 2; the C++ kernel had 4.3e-7
+    that way (3.0e-7 relative on max_prob, PyTorch's sum 1.8e-7) before it summed s1 in double."""
     backend, device = backend_device
     tau = 0.7
     x, y = _peaked_rows(16, 4000, tau, seed=31)
@@ -123,7 +123,7 @@ def test_peaked_rows_logprob_gradient(backend_device):
         lambda z: pg_kernels.token_stats(z, y, temperature=tau, backend=backend).logprob,
         x, truth,
     )  # fmt: skip
-    factor = 1.0 if backend == "triton" else 2.0
+    factor = 2.0 if backend == "cuda" else 1.0
     assert err_ours <= factor * err_torch, (err_ours, err_torch)
     # The forward's log-prob against float64 too (relative to the max, no z_c - L cancellation).
     lp = pg_kernels.token_stats(x, y, temperature=tau, backend=backend).logprob

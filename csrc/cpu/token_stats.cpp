@@ -13,8 +13,10 @@
 // ~1e-7 absolute.
 // Accuracy (fp32 [16, 4000], tau 0.7, peaked rows p 0.996-0.99996, lse 40, float64 truth;
 // tests/test_token_stats.py::test_peaked_rows_logprob_gradient): log-prob gradient max error
-// 4.9e-6 with x (1 / tau) and z - L, 4.3e-7 now (plain fp32 PyTorch: 3.5e-7; the rest is the
-// forward's fp32 s1, see that test); logprob 3.5e-6 -> 2.6e-6 (PyTorch 2.6e-6).
+// 4.9e-6 with x (1 / tau) and z - L, 4.3e-7 relative to the max with s1 summed in fp32, 1.7e-7
+// with s1 in double lanes (S1Lanes; plain fp32 PyTorch: 3.5e-7); logprob 3.5e-6 -> 2.6e-6
+// (PyTorch 2.6e-6). Forward time at [512, 32000] fp32 unchanged within this 2-core box's noise
+// (12-28 ms before and after).
 // Rows are independent and each is computed by one thread in a fixed order, so results are
 // deterministic and do not depend on the batch.
 #include <ATen/Dispatch.h>
@@ -28,25 +30,71 @@
 namespace pg_kernels::cpu {
 namespace {
 
+// s1 = sum e per vector lane, in acc_t.
+template <typename acc_t>
+struct S1Lanes {
+  Vec<acc_t> v{acc_t(0)};
+  void add(const Vec<acc_t>& e) { v = v + e; }
+  void scale(acc_t a) { v = Vec<acc_t>(a) * v; }
+  void add(const S1Lanes& a, const S1Lanes& b) { v = v + (a.v + b.v); }
+  Vec<acc_t> lanes() const { return v; }
+  acc_t total() const { return sum_lanes(v); }
+};
+
+#if defined(CPU_CAPABILITY_AVX2)
+// fp32 rows keep s1 in double lanes (two __m256d per float vector): in fp32 the lane holding
+// the max (e = 1) rounds each later term to ulp(1) / 2, and p at the argmax = 1 / s1 (max_prob,
+// which the backward uses for log s1) had 3.0e-7 relative error on peaked rows where PyTorch's
+// cascade sum has 1.8e-7. Rounded once to fp32 at the row's end.
+template <>
+struct S1Lanes<float> {
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();  // float lanes 0-3, 4-7
+  void add(const Vec<float>& e) {
+    const __m256 v = e;
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+  void scale(float a) {
+    const __m256d va = _mm256_set1_pd(a);
+    lo = _mm256_mul_pd(va, lo);
+    hi = _mm256_mul_pd(va, hi);
+  }
+  void add(const S1Lanes& a, const S1Lanes& b) {
+    lo = _mm256_add_pd(lo, _mm256_add_pd(a.lo, b.lo));
+    hi = _mm256_add_pd(hi, _mm256_add_pd(a.hi, b.hi));
+  }
+  Vec<float> lanes() const { return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)); }
+  float total() const {
+    alignas(32) double l[8];
+    _mm256_store_pd(l, lo);
+    _mm256_store_pd(l + 4, hi);
+    double s = 0;
+    for (int i = 0; i < 8; ++i) s += l[i];
+    return float(s);
+  }
+};
+#endif
+
 template <typename acc_t>
 struct LaneSums {
-  Vec<acc_t> s1{acc_t(0)}, s2{acc_t(0)}, t{acc_t(0)};
+  S1Lanes<acc_t> s1;
+  Vec<acc_t> s2{acc_t(0)}, t{acc_t(0)};
 
   // Move the lanes' reference max from m_old to m_new (docs/math.md §1 rescale).
   void rescale(acc_t m_old, acc_t m_new) {
     if (m_old == neg_inf<acc_t>()) return;  // nothing accumulated yet
     const acc_t delta = m_old - m_new;
-    const Vec<acc_t> a(std::exp(delta));
-    t = a * at::vec::fmadd(Vec<acc_t>(delta), s1, t);
-    s1 = a * s1;
-    s2 = a * a * s2;
+    const acc_t a = std::exp(delta);
+    t = Vec<acc_t>(a) * at::vec::fmadd(Vec<acc_t>(delta), s1.lanes(), t);
+    s1.scale(a);
+    s2 = Vec<acc_t>(a * a) * s2;
   }
 
   // d = z - m <= 0, clamped where exp is already 0 so that -inf logits give e * d = 0.
   void add(const Vec<acc_t>& z, const Vec<acc_t>& m) {
     const Vec<acc_t> d = at::vec::clamp_min(z - m, Vec<acc_t>(exp_zero_below<acc_t>()));
     const Vec<acc_t> e = vexp(d);
-    s1 = s1 + e;
+    s1.add(e);
     s2 = at::vec::fmadd(e, e, s2);
     t = at::vec::fmadd(e, d, t);
   }
@@ -98,11 +146,11 @@ void forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t l
       lo.add(Vec<acc_t>::loadu(buf + i), vm);
       hi.add(Vec<acc_t>::loadu(buf + i + W), vm);
     }
-    row.s1 = row.s1 + (lo.s1 + hi.s1);
+    row.s1.add(lo.s1, hi.s1);
     row.s2 = row.s2 + (lo.s2 + hi.s2);
     row.t = row.t + (lo.t + hi.t);
   }
-  const SoftmaxState<acc_t> state{m, sum_lanes(row.s1), sum_lanes(row.s2), sum_lanes(row.t)};
+  const SoftmaxState<acc_t> state{m, row.s1.total(), sum_lanes(row.s2), sum_lanes(row.t)};
   out = finalize_token_stats(state, tau.divide(acc_t(x[label])));
   if (!state_is_valid(state)) argmax = -1;
 }
