@@ -19,7 +19,7 @@ LIB.define(
     "token_stats_backward(Tensor grad_logprob, Tensor grad_entropy, Tensor grad_collision, "
     "Tensor grad_lse, Tensor logits, Tensor labels, Tensor? temperature, "
     "float temperature_scalar, int ignore_index, Tensor lse, Tensor entropy, Tensor collision, "
-    "str backend) -> Tensor"
+    "Tensor max_prob, Tensor argmax, str backend) -> Tensor"
 )
 LIB.define(
     "topk_kl(Tensor logits, Tensor topk_ids, Tensor topk_logprobs, Tensor? labels, "

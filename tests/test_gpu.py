@@ -94,7 +94,7 @@ def _token_stats_op_calls(backend, d):
     fwd = torch.ops.pg_kernels.token_stats.default
     out = fwd(x.detach(), y, tt, ts, IGNORE, backend)
     g = [d["up"][:, j].contiguous() for j in range(4)]
-    bwd_args = (*g, x.detach(), y, tt, ts, IGNORE, out[4], out[1], out[2], backend)
+    bwd_args = (*g, x.detach(), y, tt, ts, IGNORE, out[4], out[1], out[2], out[5], out[6], backend)
     return [
         (fwd, (x.detach().requires_grad_(), y, tt, ts, IGNORE, backend)),
         (torch.ops.pg_kernels.token_stats_backward.default, bwd_args),

@@ -1,11 +1,22 @@
 // token_stats on the CPU: docs/math.md §§1-3.
 //
-// Forward: one pass over each row. Per chunk of the row (vec_rows.h): load + scale + max,
-// then one exp per element feeding the three sums of the accumulator, kept per vector lane and
-// rescaled once per chunk when the max rises. Lanes merge in a fixed order at the row's end.
+// Forward: one pass over each row. Per chunk of the row (vec_rows.h): load + z = x / tau (rounded
+// once, like PyTorch's z: quotient_rn, no division) + max, then one exp per element feeding the
+// three sums of the accumulator, kept per vector lane and rescaled once per chunk when the max
+// rises. Lanes merge in a fixed order at the row's end. log p_c = (z_c - m) - log s1.
 // Reads N*V logits once, writes 7 numbers per row.
-// Backward: one pass; recomputes p_j = exp(z_j - L) from the saved L and writes the gradient
-// once (reads N*V, writes N*V).
+// Backward: one pass; recomputes log p_j = (z_j - m) - log s1 relative to the row max, with m =
+// z at the saved argmax and log s1 = -log(max_prob) (both saved by the forward), and writes the
+// gradient once (reads N*V, writes N*V). Not z_j - L: the saved fp32 L carries ulp(L) / 2
+// (1.9e-6 at L ~ 40), i.e. that relative error on every p_j, 1.9e-6 on p ~ 1 where PyTorch's
+// error is ~1e-7; z_j - m is exact near the max, and log s1 = -log(1 / s1) is accurate to
+// ~1e-7 absolute.
+// Accuracy (fp32 [16, 4000], tau 0.7, peaked rows p 0.996-0.99996, lse 40, float64 truth;
+// tests/test_token_stats.py::test_peaked_rows_logprob_gradient): log-prob gradient max error
+// 4.9e-6 with x (1 / tau) and z - L, 4.3e-7 relative to the max with s1 summed in fp32, 1.7e-7
+// with s1 in double lanes (S1Lanes; plain fp32 PyTorch: 3.5e-7); logprob 3.5e-6 -> 2.6e-6
+// (PyTorch 2.6e-6). Forward time at [512, 32000] fp32 unchanged within this 2-core box's noise
+// (12-28 ms before and after).
 // Rows are independent and each is computed by one thread in a fixed order, so results are
 // deterministic and do not depend on the batch.
 #include <ATen/Dispatch.h>
@@ -19,32 +30,96 @@
 namespace pg_kernels::cpu {
 namespace {
 
+// s1 = sum e per vector lane, in acc_t.
+template <typename acc_t>
+struct S1Lanes {
+  Vec<acc_t> v{acc_t(0)};
+  void add(const Vec<acc_t>& e) { v = v + e; }
+  void scale(acc_t a) { v = Vec<acc_t>(a) * v; }
+  void add(const S1Lanes& a, const S1Lanes& b) { v = v + (a.v + b.v); }
+  Vec<acc_t> lanes() const { return v; }
+  acc_t total() const { return sum_lanes(v); }
+};
+
+#if defined(CPU_CAPABILITY_AVX2)
+// fp32 rows keep s1 in double lanes (two __m256d per float vector): in fp32 the lane holding
+// the max (e = 1) rounds each later term to ulp(1) / 2, and p at the argmax = 1 / s1 (max_prob,
+// which the backward uses for log s1) had 3.0e-7 relative error on peaked rows where PyTorch's
+// cascade sum has 1.8e-7. Rounded once to fp32 at the row's end.
+template <>
+struct S1Lanes<float> {
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();  // float lanes 0-3, 4-7
+  void add(const Vec<float>& e) {
+    const __m256 v = e;
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+  void scale(float a) {
+    const __m256d va = _mm256_set1_pd(a);
+    lo = _mm256_mul_pd(va, lo);
+    hi = _mm256_mul_pd(va, hi);
+  }
+  void add(const S1Lanes& a, const S1Lanes& b) {
+    lo = _mm256_add_pd(lo, _mm256_add_pd(a.lo, b.lo));
+    hi = _mm256_add_pd(hi, _mm256_add_pd(a.hi, b.hi));
+  }
+  Vec<float> lanes() const { return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)); }
+  float total() const {
+    alignas(32) double l[8];
+    _mm256_store_pd(l, lo);
+    _mm256_store_pd(l + 4, hi);
+    double s = 0;
+    for (int i = 0; i < 8; ++i) s += l[i];
+    return float(s);
+  }
+};
+#endif
+
 template <typename acc_t>
 struct LaneSums {
-  Vec<acc_t> s1{acc_t(0)}, s2{acc_t(0)}, t{acc_t(0)};
+  S1Lanes<acc_t> s1;
+  Vec<acc_t> s2{acc_t(0)}, t{acc_t(0)};
 
   // Move the lanes' reference max from m_old to m_new (docs/math.md §1 rescale).
   void rescale(acc_t m_old, acc_t m_new) {
     if (m_old == neg_inf<acc_t>()) return;  // nothing accumulated yet
     const acc_t delta = m_old - m_new;
-    const Vec<acc_t> a(std::exp(delta));
-    t = a * at::vec::fmadd(Vec<acc_t>(delta), s1, t);
-    s1 = a * s1;
-    s2 = a * a * s2;
+    const acc_t a = std::exp(delta);
+    t = Vec<acc_t>(a) * at::vec::fmadd(Vec<acc_t>(delta), s1.lanes(), t);
+    s1.scale(a);
+    s2 = Vec<acc_t>(a * a) * s2;
   }
 
   // d = z - m <= 0, clamped where exp is already 0 so that -inf logits give e * d = 0.
   void add(const Vec<acc_t>& z, const Vec<acc_t>& m) {
     const Vec<acc_t> d = at::vec::clamp_min(z - m, Vec<acc_t>(exp_zero_below<acc_t>()));
     const Vec<acc_t> e = vexp(d);
-    s1 = s1 + e;
+    s1.add(e);
     s2 = at::vec::fmadd(e, e, s2);
     t = at::vec::fmadd(e, d, t);
   }
 };
 
+// A row's temperature and its reciprocal rounded once (quotient_rn's r).
+template <typename acc_t>
+struct Temperature {
+  acc_t tau, r;
+  acc_t divide(acc_t x) const { return quotient_rn(x, tau, r); }  // == load_quotient_chunk's z
+};
+
+// Per-row temperature: a per-row tensor when given, else the scalar (rounded to acc_t).
+template <typename acc_t>
+struct RowTemperature {
+  const acc_t* per_row;  // nullptr when the temperature is a scalar
+  acc_t scalar;
+  Temperature<acc_t> operator()(int64_t r) const {
+    const acc_t t = per_row ? per_row[r] : scalar;
+    return {t, acc_t(1) / t};
+  }
+};
+
 template <typename scalar_t, typename acc_t>
-void forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, int64_t label, acc_t* buf,
+void forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t label, acc_t* buf,
                  TokenStatsRow<acc_t>& out, int64_t& argmax) {
   constexpr int64_t W = Vec<acc_t>::size();
   // Sums run in two levels: per chunk (two independent chains of at most kChunk / (2 W)
@@ -55,7 +130,7 @@ void forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, int64_t label, acc
   argmax = 0;
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
-    const acc_t chunk_max = load_scaled_chunk(x + begin, n, inv_tau, buf);
+    const acc_t chunk_max = load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf);
     if (!(chunk_max <= m)) {  // a new max, or a NaN
       row.rescale(m, chunk_max);
       m = chunk_max;
@@ -71,27 +146,36 @@ void forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, int64_t label, acc
       lo.add(Vec<acc_t>::loadu(buf + i), vm);
       hi.add(Vec<acc_t>::loadu(buf + i + W), vm);
     }
-    row.s1 = row.s1 + (lo.s1 + hi.s1);
+    row.s1.add(lo.s1, hi.s1);
     row.s2 = row.s2 + (lo.s2 + hi.s2);
     row.t = row.t + (lo.t + hi.t);
   }
-  const SoftmaxState<acc_t> state{m, sum_lanes(row.s1), sum_lanes(row.s2), sum_lanes(row.t)};
-  out = finalize_token_stats(state, acc_t(x[label]) * inv_tau);
+  const SoftmaxState<acc_t> state{m, row.s1.total(), sum_lanes(row.s2), sum_lanes(row.t)};
+  out = finalize_token_stats(state, tau.divide(acc_t(x[label])));
   if (!state_is_valid(state)) argmax = -1;
 }
 
+// The backward's per-row numbers: the row max m and log s1 from the forward's saved argmax and
+// max_prob, and the gradient coefficients divided by tau (in double, rounded once to acc_t).
+template <typename acc_t>
+struct BackwardRow {
+  acc_t m, log_s1;
+  acc_t a, b, c;           // TokenStatsGradCoef / tau, for the vector loop
+  double a_d, b_d, c_d, g_l;  // the same unrounded, and g_l / tau: the label's entry
+};
+
 template <typename scalar_t, typename acc_t>
-void backward_row(const scalar_t* x, int64_t V, acc_t inv_tau, int64_t label, acc_t lse,
-                  const TokenStatsGradCoef<acc_t>& coef, acc_t g_logprob, acc_t* buf,
-                  scalar_t* grad) {
+void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t label,
+                  const BackwardRow<acc_t>& row, acc_t* buf, scalar_t* grad) {
   constexpr int64_t W = Vec<acc_t>::size();
-  const Vec<acc_t> vl(lse), va(coef.a * inv_tau), vb(coef.b * inv_tau), vc(coef.c * inv_tau);
+  const Vec<acc_t> vm(row.m), vls(row.log_s1), va(row.a), vb(row.b), vc(row.c);
   const Vec<acc_t> lowest(exp_zero_below<acc_t>());
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
-    load_scaled_chunk(x + begin, n, inv_tau, buf);
+    load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf);
     for (int64_t i = 0; i < n; i += W) {
-      const Vec<acc_t> d = at::vec::clamp_min(Vec<acc_t>::loadu(buf + i) - vl, lowest);
+      // d = log p_j = (z_j - m) - log s1: z_j - m is exact near the max.
+      const Vec<acc_t> d = at::vec::clamp_min((Vec<acc_t>::loadu(buf + i) - vm) - vls, lowest);
       const Vec<acc_t> p = vexp(d);
       // dz/tau = p (a + b d + c p) / tau
       (p * at::vec::fmadd(vc, p, at::vec::fmadd(vb, d, va))).store(buf + i);
@@ -102,15 +186,28 @@ void backward_row(const scalar_t* x, int64_t V, acc_t inv_tau, int64_t label, ac
       at::vec::convert(buf, grad + begin, n);
     }
   }
-  // The label's entry gets + g_l / tau, added in acc_t before the one rounding to scalar_t.
-  const acc_t d_c = std::max(acc_t(x[label]) * inv_tau - lse, exp_zero_below<acc_t>());
-  const acc_t p_c = std::exp(d_c);
-  grad[label] = scalar_t((p_c * (coef.a + coef.b * d_c + coef.c * p_c) + g_logprob) * inv_tau);
+  // The label's entry gets + g_l / tau, added in double before the one rounding to scalar_t
+  // (on a peaked row g_l - p_c g_l is then exact: no cancellation beyond p_c's own rounding).
+  const acc_t d_c =
+      std::max((tau.divide(acc_t(x[label])) - row.m) - row.log_s1, exp_zero_below<acc_t>());
+  const double p_c = std::exp(d_c);
+  grad[label] = scalar_t(p_c * (row.a_d + row.b_d * d_c + row.c_d * p_c) + row.g_l);
 }
 
-template <typename acc_t>
-acc_t scalar_inv(double temperature) {
-  return acc_t(1) / acc_t(temperature);
+// The backward row's numbers; false when the saved state is not a finished forward row's
+// (argmax out of range, max_prob not in (0, 1]): the row is then NaN, like a NaN forward row.
+template <typename scalar_t, typename acc_t>
+bool backward_row_state(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t argmax,
+                        acc_t max_prob, double g_logprob, double g_entropy, double g_collision,
+                        double g_lse, double entropy, double collision, BackwardRow<acc_t>& out) {
+  if (!(argmax >= 0 && argmax < V && max_prob > acc_t(0) && max_prob <= acc_t(1))) return false;
+  const auto k =
+      token_stats_grad_coef<double>(g_logprob, g_entropy, g_collision, g_lse, entropy, collision);
+  const double t = double(tau.tau);
+  const double a = k.a / t, b = k.b / t, c = k.c / t;
+  out = {tau.divide(acc_t(x[argmax])), -std::log(max_prob), acc_t(a), acc_t(b), acc_t(c),
+         a, b, c, g_logprob / t};
+  return true;
 }
 
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
@@ -136,8 +233,8 @@ std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_stats_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    const InvTemperature<acc_t> inv_tau{
-        temperature ? temperature->const_data_ptr<acc_t>() : nullptr, scalar_inv<acc_t>(temperature_scalar)};
+    const RowTemperature<acc_t> tau{temperature ? temperature->const_data_ptr<acc_t>() : nullptr,
+                                    acc_t(temperature_scalar)};
     acc_t *o_lp = logprob.data_ptr<acc_t>(), *o_h = entropy.data_ptr<acc_t>(),
           *o_c = collision.data_ptr<acc_t>(), *o_w = lgp.data_ptr<acc_t>(),
           *o_l = lse.data_ptr<acc_t>(), *o_mp = max_prob.data_ptr<acc_t>();
@@ -153,7 +250,7 @@ std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::
           continue;
         }
         TokenStatsRow<acc_t> row;
-        forward_row(x + layout.offset(r), V, inv_tau(r), c, buf, row, o_am[r]);
+        forward_row(x + layout.offset(r), V, tau(r), c, buf, row, o_am[r]);
         o_lp[r] = row.logprob;
         o_h[r] = row.entropy;
         o_c[r] = row.collision;
@@ -172,20 +269,24 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
                                 const std::optional<at::Tensor>& temperature,
                                 double temperature_scalar, int64_t ignore_index,
                                 const at::Tensor& lse, const at::Tensor& entropy,
-                                const at::Tensor& collision, int64_t n_inner,
-                                int64_t stride_outer, int64_t stride_inner) {
+                                const at::Tensor& collision, const at::Tensor& max_prob,
+                                const at::Tensor& argmax, int64_t n_inner, int64_t stride_outer,
+                                int64_t stride_inner) {
   const int64_t N = labels.numel();
   const int64_t V = logits.size(-1);
   check_row_inputs("token_stats_backward", logits, labels, temperature);
   check_labels_in_range("token_stats_backward", labels, V, ignore_index);
   for (const at::Tensor* t : {&grad_logprob, &grad_entropy, &grad_collision, &grad_lse, &lse,
-                              &entropy, &collision}) {
+                              &entropy, &collision, &max_prob}) {
     TORCH_CHECK(t->is_contiguous() && t->numel() == N && t->scalar_type() == lse.scalar_type(),
                 "token_stats_backward: per-row tensors must be contiguous with ", N,
                 " elements of one dtype");
   }
   TORCH_CHECK(lse.scalar_type() == (logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
               "token_stats_backward: per-row tensors must be fp32 (fp64 for fp64 logits)");
+  TORCH_CHECK(argmax.is_contiguous() && argmax.numel() == N && argmax.scalar_type() == at::kLong,
+              "token_stats_backward: argmax must be a contiguous int64 tensor of ", N,
+              " elements");
   // The gradient is a fresh contiguous tensor: row r starts at r * V.
   at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   const RowLayout layout{n_inner, stride_outer, stride_inner};
@@ -193,21 +294,28 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    const InvTemperature<acc_t> inv_tau{
-        temperature ? temperature->const_data_ptr<acc_t>() : nullptr, scalar_inv<acc_t>(temperature_scalar)};
+    const RowTemperature<acc_t> tau{temperature ? temperature->const_data_ptr<acc_t>() : nullptr,
+                                    acc_t(temperature_scalar)};
     const acc_t *g_lp = grad_logprob.const_data_ptr<acc_t>(), *g_h = grad_entropy.const_data_ptr<acc_t>(),
                 *g_c = grad_collision.const_data_ptr<acc_t>(), *g_l = grad_lse.const_data_ptr<acc_t>(),
                 *s_l = lse.const_data_ptr<acc_t>(), *s_h = entropy.const_data_ptr<acc_t>(),
-                *s_c = collision.const_data_ptr<acc_t>();
+                *s_c = collision.const_data_ptr<acc_t>(), *s_mp = max_prob.const_data_ptr<acc_t>();
+    const int64_t* s_am = argmax.const_data_ptr<int64_t>();
     const LabelReader read_label(labels);
     at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kBufferSize<acc_t>];
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* grad_row = g + r * V;
         const int64_t c = read_label(r);
-        if (fill_skipped_row(grad_row, V, c == ignore_index, !is_finite(s_l[r]))) continue;
-        const auto coef = token_stats_grad_coef(g_lp[r], g_h[r], g_c[r], g_l[r], s_h[r], s_c[r]);
-        backward_row(x + layout.offset(r), V, inv_tau(r), c, s_l[r], coef, g_lp[r], buf, grad_row);
+        const scalar_t* x_row = x + layout.offset(r);
+        const Temperature<acc_t> t = tau(r);
+        BackwardRow<acc_t> row;
+        const bool ignored = c == ignore_index;
+        const bool valid = !ignored && is_finite(s_l[r]) &&
+                           backward_row_state(x_row, V, t, s_am[r], s_mp[r], g_lp[r], g_h[r],
+                                              g_c[r], g_l[r], s_h[r], s_c[r], row);
+        if (fill_skipped_row(grad_row, V, ignored, !valid)) continue;
+        backward_row(x_row, V, t, c, row, buf, grad_row);
       }
     });
   });

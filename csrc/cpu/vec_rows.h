@@ -141,4 +141,44 @@ inline bool fill_skipped_row(scalar_t* grad_row, int64_t V, bool ignored, bool n
   return true;
 }
 
+// buf[0, n) = src[0, n) / tau in acc_t, each quotient rounded once (quotient_rn: three vector
+// FMA-class instructions per element with r = RN(1 / tau), no division),
+// buf[n, round_up(n, kStep)) = -inf. Returns the chunk's max (NaN if the chunk holds a NaN).
+// z = x (1 / tau) rounds twice: up to ~|z| 2^-23 more error, which z - m near the max keeps.
+template <typename scalar_t, typename acc_t>
+inline acc_t load_quotient_chunk(const scalar_t* src, int64_t n, acc_t tau, acc_t r, acc_t* buf) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::copy(src, src + n, buf);
+  } else {
+    at::vec::convert(src, buf, n);
+  }
+  const int64_t n_pad = round_up(n, kStep<acc_t>);
+  std::fill(buf + n, buf + n_pad, neg_inf<acc_t>());
+  Vec<acc_t> vmax(neg_inf<acc_t>());
+  if (tau == acc_t(1)) {  // nothing to scale
+    for (int64_t i = 0; i < n_pad; i += W) vmax = at::vec::maximum(vmax, Vec<acc_t>::loadu(buf + i));
+  } else {
+    [[maybe_unused]] const Vec<acc_t> vtau(tau), vr(r), zero(acc_t(0));
+    for (int64_t i = 0; i < n_pad; i += W) {
+      const Vec<acc_t> x = Vec<acc_t>::loadu(buf + i);
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+      const Vec<acc_t> q = x * vr;
+      const Vec<acc_t> rem = at::vec::fmadd(q.neg(), vtau, x);
+      // q itself where it is not finite (x = -inf, NaN, overflow): its residual is not finite.
+      const Vec<acc_t> z = Vec<acc_t>::blendv(q, at::vec::fmadd(rem, vr, q), (q - q) == zero);
+#else
+      const Vec<acc_t> z = x / vtau;  // the generic Vectorized fmadd is not fused
+#endif
+      z.store(buf + i);
+      vmax = at::vec::maximum(vmax, z);  // propagates NaN
+    }
+  }
+  acc_t lanes[W];
+  vmax.store(lanes);
+  acc_t m = lanes[0];
+  for (int64_t i = 1; i < W; ++i) m = max_nan(m, lanes[i]);
+  return m;
+}
+
 }  // namespace pg_kernels::cpu

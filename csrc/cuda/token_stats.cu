@@ -190,8 +190,9 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
                                 const std::optional<at::Tensor>& temperature,
                                 double temperature_scalar, int64_t ignore_index,
                                 const at::Tensor& lse, const at::Tensor& entropy,
-                                const at::Tensor& collision, int64_t n_inner,
-                                int64_t stride_outer, int64_t stride_inner) {
+                                const at::Tensor& collision, const at::Tensor& max_prob,
+                                const at::Tensor& argmax, int64_t n_inner, int64_t stride_outer,
+                                int64_t stride_inner) {
   constexpr const char* op = "token_stats_backward";
   check_row_inputs(op, logits, labels, temperature, temperature_scalar, n_inner, stride_outer,
                    stride_inner);
@@ -203,6 +204,12 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
   check_per_row(op, "lse", lse, logits, N);
   check_per_row(op, "entropy", entropy, logits, N);
   check_per_row(op, "collision", collision, logits, N);
+  check_per_row(op, "max_prob", max_prob, logits, N);
+  TORCH_CHECK(argmax.device() == logits.device(), op, ": argmax is on ", argmax.device(),
+              " but logits on ", logits.device());
+  TORCH_CHECK(argmax.scalar_type() == at::kLong && argmax.is_contiguous() && argmax.numel() == N,
+              op, ": argmax must be a contiguous int64 tensor of ", N, " elements, got ",
+              argmax.scalar_type(), " with ", argmax.numel(), " elements");
   // The logits' device is current while the kernels launch (allocations follow the tensors'
   // options anyway), on that device's current stream, whatever device the caller had current.
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -227,6 +234,8 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
         p.lse = lse.const_data_ptr<acc_t>();
         p.entropy = entropy.const_data_ptr<acc_t>();
         p.collision = collision.const_data_ptr<acc_t>();
+        p.max_prob = max_prob.const_data_ptr<acc_t>();
+        p.argmax = argmax.const_data_ptr<int64_t>();
         p.grad = grad.data_ptr();
         // Vector loads need aligned logit rows, vector stores aligned gradient rows (r * V).
         const RowLayout dense{N, 0, p.in.V};

@@ -34,7 +34,9 @@
 //   (kAligned) run when the rows are 16-byte aligned and made of whole vectors (V % kVec == 0),
 //   so they carry no partial-vector code; other rows take the element-wise kernels.
 // Backward, one launch (token_stats_backward_kernel): same chunking and grid; per element
-//   p = exp(z - L) from the saved L, dz = p (a + b d + c p) (+ g_l at the label), divided by tau
+//   p = exp(d), d = (x - x_max) / tau - log s1 relative to the row max from the saved argmax and
+//   max_prob (fp32 / fp64; 16-bit logits: d = z - L from the saved L, one FFMA, the label's
+//   entry included), dz = p (a + b d + c p) (+ g_l at the label), divided by tau
 //   (folded into a, b, c), rounded once to the logits' dtype and stored as 16-byte vectors. The
 //   label's entry (which adds g_l, with the accurate exp of label_grad) is computed once per item
 //   by the thread that stored the label's vector, which then overwrites that one element.
@@ -70,7 +72,8 @@
 //       partial  fp32     47.7 (64)  27.5 (64)            19.0 (128)
 //       backward bf16     58.1 (64)  15.2 (64)            12.0 (80)
 //       backward fp16     58.1 (64)  15.2 (64)            12.0 (80)
-//       backward fp32     64.8 (59)  27.5 (64)            21.0 (128)
+//       backward fp32     64.8 (59)  27.5 (64)            21.0 (128); 21.8 relative to the row
+//                                                           max (argmax, max_prob: per-item loads)
 //     With 4 steps the 16-bit forward costs ~9 per element per step (~7.5 per element + the
 //     step's loads, predicates, packed max and rescale) plus ~370 fixed per item; what is left
 //     to reach 10 is in the per-element work (the clamp, the unpack) or the per-load cost (4
@@ -340,6 +343,8 @@ struct BackwardParams {
   const acc_t* lse;        // saved by forward
   const acc_t* entropy;
   const acc_t* collision;
+  const acc_t* max_prob;   // saved by forward: 1 / s1 = p at the argmax
+  const int64_t* argmax;   // saved by forward: the row max m is z there
   void* grad;              // [N, V] contiguous, logits' dtype
 };
 
@@ -1107,7 +1112,9 @@ struct BackwardTerm;
 template <typename Tag>
 struct BackwardTermFast {
   float c2, bl, a, b, c;  // log2e / tau, L log2e, a / tau, b ln2 / tau, c / tau
-  __device__ __forceinline__ BackwardTermFast(float inv_tau, float lse,
+  // From the saved L: its rounding (ulp(L) / 2 relative on p) is far below the 16-bit gradient's.
+  __device__ __forceinline__ BackwardTermFast(float inv_tau, float lse, float /*x_max*/,
+                                              float /*log_s1*/,
                                               const TokenStatsGradCoef<float>& k) {
     c2 = __fmul_rn(inv_tau, kLog2e);
     bl = __fmul_rn(lse, kLog2e);
@@ -1129,50 +1136,66 @@ template <>
 struct BackwardTerm<F16> : BackwardTermFast<F16> {
   using BackwardTermFast<F16>::BackwardTermFast;
 };
+// fp32 / fp64: log p_j relative to the row max, d = (x - x_max) / tau - log s1 as one FADD and
+// one FFMA (x_max = the raw logit at the saved argmax, log s1 = -log(max_prob)): the rounding is
+// relative to |x - x_max| and |d|, so p ~ 1 is exact to ~1e-7. Not z - L: the saved L carries
+// ulp(L) / 2 (1.9e-6 in fp32 at L ~ 40), that relative error on every p_j.
 template <>
 struct BackwardTerm<F32> {
-  float inv_tau, lse, a, b, c;
-  __device__ __forceinline__ BackwardTerm(float inv_tau_, float lse_,
-                                          const TokenStatsGradCoef<float>& k) {
+  float inv_tau, x_max, log_s1, a, b, c;
+  __device__ __forceinline__ BackwardTerm(float inv_tau_, float /*lse*/, float x_max_,
+                                          float log_s1_, const TokenStatsGradCoef<float>& k) {
     inv_tau = inv_tau_;
-    lse = lse_;
+    x_max = x_max_;
+    log_s1 = log_s1_;
     a = __fmul_rn(k.a, inv_tau_);
     b = __fmul_rn(k.b, inv_tau_);
     c = __fmul_rn(k.c, inv_tau_);
   }
   __device__ __forceinline__ float grad(float x) const {
-    const float d = fmaxf(__fsub_rn(__fmul_rn(x, inv_tau), lse), min_d32());
+    const float d = fmaxf(fmaf(__fsub_rn(x, x_max), inv_tau, -log_s1), min_d32());
     const float pj = exp_accurate(d);
     return __fmul_rn(pj, fmaf(c, pj, fmaf(b, d, a)));
   }
 };
 template <>
 struct BackwardTerm<F64> {
-  double inv_tau, lse, a, b, c;
-  __device__ __forceinline__ BackwardTerm(double inv_tau_, double lse_,
-                                          const TokenStatsGradCoef<double>& k)
-      : inv_tau(inv_tau_), lse(lse_), a(k.a * inv_tau_), b(k.b * inv_tau_), c(k.c * inv_tau_) {}
+  double inv_tau, x_max, log_s1, a, b, c;
+  __device__ __forceinline__ BackwardTerm(double inv_tau_, double /*lse*/, double x_max_,
+                                          double log_s1_, const TokenStatsGradCoef<double>& k)
+      : inv_tau(inv_tau_), x_max(x_max_), log_s1(log_s1_), a(k.a * inv_tau_), b(k.b * inv_tau_),
+        c(k.c * inv_tau_) {}
   __device__ __forceinline__ double grad(double x) const {
-    const double d = fmax(__dsub_rn(__dmul_rn(x, inv_tau), lse), min_d64());
+    const double d = fmax(fma(__dsub_rn(x, x_max), inv_tau, -log_s1), min_d64());
     const double pj = ::exp(d);
     return __dmul_rn(pj, fma(c, pj, fma(b, d, a)));
   }
 };
 
-// The label's entry, as the CPU computes it: (p_c (a + b d_c + c p_c) + g_l) / tau, in acc_t and
-// with an accurate exp, then rounded once. Runs for one element per row.
+// The label's entry: (p_c (a + b d_c + c p_c) + g_l) / tau with d_c relative to the row max (as
+// BackwardTerm<F32>), in acc_t and with an accurate exp, then rounded once. Runs for one element
+// per row.
 template <typename acc_t>
-__device__ __forceinline__ acc_t label_grad(acc_t x_c, acc_t inv_tau, acc_t lse,
+__device__ __forceinline__ acc_t label_grad(acc_t x_c, acc_t inv_tau, acc_t x_max, acc_t log_s1,
                                             const TokenStatsGradCoef<acc_t>& k, acc_t g_logprob) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    const float d = fmaxf(__fsub_rn(__fmul_rn(x_c, inv_tau), lse), min_d32());
+    const float d = fmaxf(fmaf(__fsub_rn(x_c, x_max), inv_tau, -log_s1), min_d32());
     const float pc = exp_accurate(d);
     return __fmul_rn(fmaf(pc, fmaf(k.c, pc, fmaf(k.b, d, k.a)), g_logprob), inv_tau);
   } else {
-    const double d = fmax(__dsub_rn(__dmul_rn(x_c, inv_tau), lse), min_d64());
+    const double d = fmax(fma(__dsub_rn(x_c, x_max), inv_tau, -log_s1), min_d64());
     const double pc = ::exp(d);
     return __dmul_rn(fma(pc, fma(k.c, pc, fma(k.b, d, k.a)), g_logprob), inv_tau);
   }
+}
+
+// The label's entry of 16-bit logits, from the saved L (fp32: d_c = z_c - L).
+__device__ __forceinline__ float label_grad_from_lse(float x_c, float inv_tau, float lse,
+                                                     const TokenStatsGradCoef<float>& k,
+                                                     float g_logprob) {
+  const float d = fmaxf(__fsub_rn(__fmul_rn(x_c, inv_tau), lse), min_d32());
+  const float pc = exp_accurate(d);
+  return __fmul_rn(fmaf(pc, fmaf(k.c, pc, fmaf(k.b, d, k.a)), g_logprob), inv_tau);
 }
 
 template <typename Tag, bool kAligned>
@@ -1208,7 +1231,7 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     const int n_here = min(in.plan.vecs_per_chunk, in.plan.n_vecs - vec0);
 
     acc_t lse = 0, entropy = 0, collision = 0, g_logprob = 0, g_entropy = 0, g_collision = 0,
-          g_lse = 0;
+          g_lse = 0, x_max = 0, log_s1 = 0;
     uint4 raw[kUnroll];
     RowKind kind = cur.kind;
     // The first step's logit loads and the row's saved statistics / upstream grads go out
@@ -1226,10 +1249,25 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
       g_lse = __ldg(p.g_lse + row);
       // A row whose forward was NaN (NaN / +inf logits, all -inf) has a non-finite L.
       if (!(fabs(lse) < -neg_inf<acc_t>())) kind = RowKind::kInvalid;
+      if constexpr (!Tr::kPacked16) {
+        // fp32 / fp64 work relative to the row max (BackwardTerm): m from the saved argmax,
+        // log s1 from max_prob. A saved state that is not a finished forward row's (argmax out
+        // of range, max_prob not in (0, 1]) makes the row NaN, and nothing out of it is read.
+        // (16-bit logits keep to L: these loads and the log cost 0.4 instructions per element,
+        // over the backward's budget, for an error far below the 16-bit gradient's rounding.)
+        const int64_t am = __ldg(p.argmax + row);
+        const acc_t max_prob = __ldg(p.max_prob + row);
+        if (!(am >= 0 && am < in.V) || !(max_prob > acc_t(0) && max_prob <= acc_t(1))) {
+          kind = RowKind::kInvalid;
+        } else {
+          x_max = bits_to_acc<Tag>(__ldg(logits + row_offset + am));
+          log_s1 = acc_t(-::log(double(max_prob)));  // double: no fast-math logf
+        }
+      }
     }
     const TokenStatsGradCoef<acc_t> coef =
         token_stats_grad_coef(g_logprob, g_entropy, g_collision, g_lse, entropy, collision);
-    const BackwardTerm<Tag> term(cur.inv_tau, lse, coef);
+    const BackwardTerm<Tag> term(cur.inv_tau, lse, x_max, log_s1, coef);
     // One store loop for every row kind: the gradient of a valid row, or the fill of an ignored
     // (0) or invalid (NaN) row, selected per vector (the gradient computed there is discarded).
     // Stores mirror load_item: kAligned (the gradient rows are then aligned too): one 16-byte
@@ -1266,9 +1304,14 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
     // (lv = (s * kUnroll + u) * T + tid for some step s and slot u.)
     const int lv = cur.label / Tr::kVec - vec0;
     if (lv >= tid && lv < n_here && (lv - tid) % T == 0) {
-      const bits_t x_c = __ldg(logits + row_offset + cur.label);
-      g_row[cur.label] = acc_to_bits<Tag>(
-          label_grad(bits_to_acc<Tag>(x_c), cur.inv_tau, lse, coef, g_logprob));
+      const acc_t x_c = bits_to_acc<Tag>(__ldg(logits + row_offset + cur.label));
+      acc_t dz_c;
+      if constexpr (Tr::kPacked16) {
+        dz_c = label_grad_from_lse(x_c, cur.inv_tau, lse, coef, g_logprob);
+      } else {
+        dz_c = label_grad(x_c, cur.inv_tau, x_max, log_s1, coef, g_logprob);
+      }
+      g_row[cur.label] = acc_to_bits<Tag>(dz_c);
     }
   }
 }

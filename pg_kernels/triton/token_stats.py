@@ -26,10 +26,11 @@ Forward, two kernels:
   every reduction runs in a fixed order and each row's merge is elementwise: results are bitwise
   deterministic and batch invariant.
 
-Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): recomputes p_j = e^(z_j - L) from the
-saved L (split in fp64 into L2_hi + L2_lo, the low part folded into per-row coefficients) and
-writes dz_j / tau = e (a + b d2 + q e) with e = 2^(x c - L2_hi); the label's entry is rewritten
-after the loop by the program that holds it (no per-element compare).
+Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): recomputes p_j = e^((z_j - m) - log s1)
+relative to the row max, from the forward's saved argmax (m: the raw logit there) and max_prob
+(log2 s1 = -log2 max_prob, split in fp64 into hi + lo, the low part folded into per-row
+coefficients), and writes dz_j / tau = e (a + b d2 + q e) with e = 2^((x - m) c - hi); the
+label's entry is rewritten after the loop by the program that holds it (no per-element compare).
 
 Passes over V: forward 1 (read), backward 1 (read + write).
 Bytes per row of V elements of s bytes (the minimum is the logits once, the gradient once):
@@ -54,8 +55,11 @@ GPU design (H200 target: bf16, N = 16384, V = 151936; not timed yet: no GPU was 
     every step and an argmax branch), backward 15.9 (a per-element label compare).
   - Accuracy (fp32 [16, 4099], randn * 4 with a +40..50 spike, float64 truth, interpreter): at
     tau = 1 logprob 1.2e-6, lse 1.9e-9, gradient 1.9e-9 (plain fp32 PyTorch: 1.2e-6, -, 1.9e-9);
-    at tau = 0.7 logprob 1.7e-6 (PyTorch 3.3e-6), gradient 4.8e-6 (PyTorch 3.4e-8: the saved L is
-    rounded to fp32, ulp(86) / 2 = 3.8e-6; the C++ kernel 3.9e-6).
+    at tau = 0.7 logprob 1.7e-6 (PyTorch 3.3e-6), gradient 4.8e-6 (PyTorch 3.4e-8) when the
+    backward took p_j = e^(z_j - L) from the saved fp32 L (ulp(86) / 2 = 3.8e-6). Relative to the
+    row max (saved argmax and max_prob), on peaked fp32 rows at tau 0.7 (L = 40, p 0.996-0.99996,
+    [16, 4000]; tests/test_token_stats.py::test_peaked_rows_logprob_gradient): log-prob gradient
+    2.7e-6 -> 2.4e-7 (PyTorch 3.5e-7).
   - Knobs to tune on a GPU (one config, no autotune): `_common.STEP_BYTES`, `STEPS_PER_CHUNK`,
     `BYTES_PER_THREAD_STEP` (num_warps), or per call `_block_v` / `_chunk`.
 """
@@ -418,16 +422,18 @@ def _bwd_kernel(
     x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V,
     n_inner, stride_outer, stride_inner,
     g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, lse_ptr, entropy_ptr, collision_ptr,
-    grad_ptr,
+    max_prob_ptr, argmax_ptr, grad_ptr,
     HAS_TEMP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the gradient of one chunk of one row, written once (rounded once).
 
-    docs/math.md §3 with p_j = e^(z_j - L) recomputed from the saved L, in base 2, relative to a
-    raw reference m = L tau (the logits near the max enter as small differences x - m, so the
-    scale's rounding barely touches the large p_j): with rho = L log2(e) - m c64 split (in fp64,
-    once per row) into rho_hi + rho_lo, d2 = (x - m) c - rho_hi (c = log2(e) / tau rounded),
-    p_j = k 2^d2 with k = 2^-rho_lo and log p_j = ln2 (d2 - rho_lo). Then
+    docs/math.md §3 with p_j = e^((z_j - m_z) - log s1) recomputed relative to the row max, in
+    base 2: m = the raw logit at the saved argmax (exact; the logits near the max enter as small
+    differences x - m, so the scale's rounding barely touches the large p_j) and rho = log2 s1 =
+    -log2(max_prob) (both saved by the forward), split in fp64 once per row into rho_hi + rho_lo;
+    d2 = (x - m) c - rho_hi (c = log2(e) / tau rounded), p_j = k 2^d2 with k = 2^-rho_lo and
+    log p_j = ln2 (d2 - rho_lo). (Not p_j = e^(z_j - L) from the saved L: fp32 L carries
+    ulp(L) / 2 = 1.9e-6 at L ~ 40, i.e. that absolute error on p ~ 1.) Then
         dz_j = p_j (A + B log p_j + C p_j) + g_l 1[j = c]
              = e (a + b d2 + q e) + g_l 1[j = c],     e = 2^d2,
     A = g_L - g_l - g_H H - 2 g_C C, B = -g_H, C = 2 g_C (token_stats_grad_coef), and
@@ -452,13 +458,17 @@ def _bwd_kernel(
     # A NaN row (bad label, bad temperature, or a forward NaN: L not finite) gets NaN everywhere,
     # through L. Ignored rows read nothing (x = -inf gives e = 0) and get exactly 0: coefficients
     # 0 and a finite L2 and c whatever their saved values.
+    # A saved state that is not a finished forward row's (argmax out of range, max_prob not in
+    # (0, 1]) also gives a NaN row, and nothing out of the row is read.
+    am = tl.load(argmax_ptr + row)
+    max_prob = tl.load(max_prob_ptr + row)
     ok = (label >= 0) & (label < V) & valid_inv_temperature(c)
     ok = ok & (lse > float("-inf")) & (lse < float("inf"))
-    lse = tl.where(keep, tl.where(ok, lse, float("nan")), 0.0)
-    c64 = tl.where(keep & (c64 > 0.0) & (c64 < float("inf")), c64, 1.0)
-    l2 = lse.to(tl.float64) * tl.full([], LOG2E_F64, tl.float64)
-    m = (l2 / c64).to(ACC)
-    rho = l2 - m.to(tl.float64) * c64
+    ok = ok & (am >= 0) & (am < V) & (max_prob > 0.0) & (max_prob <= 1.0)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    m = tl.load(x_row + tl.where(keep & ok, am, 0), mask=keep & ok, other=0.0).to(ACC)
+    log2_mp = tl.log2(tl.where(keep & ok, max_prob, 1.0).to(tl.float64))
+    rho = tl.where(keep, tl.where(ok, -log2_mp, float("nan")), 0.0)
     rho_hi = rho.to(ACC)
     rho_lo = (rho - rho_hi.to(tl.float64)).to(ACC)
     k = exp2_acc(-rho_lo)
@@ -469,7 +479,6 @@ def _bwd_kernel(
     b = inv_tau * k * (-g_h * LN2)
     q = inv_tau * (k * k) * (2.0 * g_c)
 
-    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     g_row = grad_ptr + row.to(tl.int64) * V  # the gradient is a fresh contiguous tensor
     start = chunk * CHUNK
     n_valid = tl.minimum(V - start, CHUNK)
@@ -629,6 +638,8 @@ def token_stats_backward(
     lse: torch.Tensor,
     entropy: torch.Tensor,
     collision: torch.Tensor,
+    max_prob: torch.Tensor,
+    argmax: torch.Tensor,
     n_inner: int,
     stride_outer: int,
     stride_inner: int,
@@ -642,7 +653,7 @@ def token_stats_backward(
     Args:
         g_*: [N] upstream gradients, fp32 (fp64 for fp64 logits).
         logits, labels, temperature, ignore_index, layout: as in `token_stats_forward`.
-        lse, entropy, collision: [N] as saved by the forward.
+        lse, entropy, collision, max_prob, argmax: [N] as saved by the forward.
 
     Returns:
         A new contiguous tensor of logits' shape and dtype (computed in fp32/fp64, rounded once).
@@ -656,13 +667,15 @@ def token_stats_backward(
         return grad
     per_row = {"g_logprob": g_logprob, "g_entropy": g_entropy, "g_collision": g_collision}
     per_row |= {"g_lse": g_lse, "lse": lse, "entropy": entropy, "collision": collision}
+    per_row |= {"max_prob": max_prob, "argmax": argmax}
     for name, t in per_row.items():
         if t.numel() != N:
             raise ValueError(f"{OP}_backward: {name} has {t.numel()} elements, expected {N}")
     # No-ops (no copy) for what the op layer passes: flat, contiguous, acc dtype.
     upstream = [t.reshape(-1).to(acc).contiguous() for t in (g_logprob, g_entropy, g_collision)]
     upstream.append(g_lse.reshape(-1).to(acc).contiguous())
-    saved = [t.reshape(-1).to(acc).contiguous() for t in (lse, entropy, collision)]
+    saved = [t.reshape(-1).to(acc).contiguous() for t in (lse, entropy, collision, max_prob)]
+    saved.append(argmax.reshape(-1).to(torch.int64).contiguous())
     blk = row_blocking(V, logits.dtype, _block_v, _chunk)
     has_temp = temperature is not None
     temp = temperature if has_temp else labels

@@ -38,6 +38,19 @@ PGK_HD T max_nan(T a, T b) {
   return (a > b || a != a) ? a : b;
 }
 
+// x / tau rounded once (IEEE division's result) without a division, given r = RN(1 / tau) (one
+// division per row): q = RN(x r) is within an ulp of x / tau, its residual x - q tau is exact
+// in one fma, and q + rem r rounds to RN(x / tau) (Markstein; checked bitwise against x / tau
+// for fp32 over every significand at several exponents and temperatures; only quotients near
+// the subnormal range, whose residual underflows, or within an ulp of overflow can differ). A q that is not finite (x =
+// +-inf or NaN, or x r overflowed) is the quotient itself.
+template <typename T>
+PGK_HD T quotient_rn(T x, T tau, T r) {
+  const T q = x * r;
+  const T rem = std::fma(-q, tau, x);
+  return q - q == T(0) ? std::fma(rem, r, q) : q;
+}
+
 // Below this, exp(x) rounds to exactly 0 in T (fp32: e^-128 < 2^-150; fp64: e^-1024 < 2^-1075).
 // Clamping log-domain differences z - m or z - L to it keeps -inf logits from producing
 // 0 * inf = NaN in terms like p d, and changes no result. Do not clamp to the lowest finite
@@ -90,7 +103,7 @@ PGK_HD bool state_is_valid(const SoftmaxState<T>& s) {
 
 template <typename T>
 struct TokenStatsRow {
-  T logprob;    // z_c - L
+  T logprob;    // (z_c - m) - log s1 = z_c - L
   T entropy;    // log s1 - t / s1
   T collision;  // s2 / s1^2
   T lgp;        // 1 - 2 p_c + C, as (1 - p_c)^2 + (C - p_c^2), clamped >= 0
@@ -107,7 +120,9 @@ PGK_HD TokenStatsRow<T> finalize_token_stats(const SoftmaxState<T>& s, T z_label
   }
   const T log_s1 = std::log(s.s1);
   const T lse = s.m + log_s1;
-  const T logprob = z_label - lse;
+  // Relative to the max, not z_c - L: L carries ulp(L) (~4e-6 at L ~ 40), which would swamp
+  // log p_c ~ -1e-4 on a peaked row; z_c - m is exact near the max.
+  const T logprob = (z_label - s.m) - log_s1;
   const T collision = s.s2 / (s.s1 * s.s1);
   const T p_c = std::exp(logprob);
   // Two non-negative terms instead of 1 - 2 p_c + C: no cancellation when p_c -> 1.
