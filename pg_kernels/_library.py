@@ -85,8 +85,9 @@ LIB.define(
     "token_stats_from_hidden_backward(Tensor grad_logprob, Tensor grad_entropy, "
     "Tensor grad_collision, Tensor grad_lse, Tensor hidden, Tensor weight, Tensor? bias, "
     "Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, "
-    "int chunk_size, Tensor lse, Tensor entropy, Tensor collision, bool[3] output_mask, "
-    "str backend) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
+    "int chunk_size, Tensor lse, Tensor entropy, Tensor collision, Tensor max_prob, "
+    "Tensor argmax, bool[3] output_mask, str backend) "
+    "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
 )
 LIB.define(
     "kl_divergence_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, "

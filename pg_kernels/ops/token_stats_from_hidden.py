@@ -72,14 +72,15 @@ torch.library.register_fake("pg_kernels::token_stats_from_hidden", _forward_fake
 
 def _backward_impl(
     g_logprob, g_entropy, g_collision, g_lse, hidden, weight, bias, labels, temperature,
-    temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, output_mask, backend,
+    temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, max_prob, argmax,
+    output_mask, backend,
 ):  # fmt: skip
     proj = ChunkedProjection(hidden, weight, bias, chunk_size, tuple(output_mask))
     for s, e in chunks(hidden.shape[0], chunk_size):
         grad_logits = _ts._token_stats_backward(
             g_logprob[s:e], g_entropy[s:e], g_collision[s:e], g_lse[s:e], proj.logits(s, e),
             labels[s:e], rows(temperature, s, e), temperature_scalar, ignore_index, lse[s:e],
-            entropy[s:e], collision[s:e], backend,
+            entropy[s:e], collision[s:e], max_prob[s:e], argmax[s:e], backend,
         )  # fmt: skip
         proj.accumulate(grad_logits, s, e)
     return proj.gradients()
@@ -87,7 +88,8 @@ def _backward_impl(
 
 def _backward_fake(
     g_logprob, g_entropy, g_collision, g_lse, hidden, weight, bias, labels, temperature,
-    temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, output_mask, backend,
+    temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, max_prob, argmax,
+    output_mask, backend,
 ):  # fmt: skip
     return empty_gradients(hidden, weight, bias, output_mask)
 
@@ -102,20 +104,24 @@ def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
      backend) = inputs  # fmt: skip
     _, entropy, collision, lgp, lse, max_prob, argmax = output
-    ctx.save_for_backward(hidden, weight, bias, labels, temperature, lse, entropy, collision)
+    ctx.save_for_backward(
+        hidden, weight, bias, labels, temperature, lse, entropy, collision, max_prob, argmax
+    )
     ctx.scalars = (temperature_scalar, ignore_index, chunk_size, backend)
     ctx.mark_non_differentiable(lgp, max_prob, argmax)
 
 
 def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, g_argmax):
-    hidden, weight, bias, labels, temperature, lse, entropy, collision = ctx.saved_tensors
+    (hidden, weight, bias, labels, temperature, lse, entropy, collision, max_prob,
+     argmax) = ctx.saved_tensors  # fmt: skip
     temperature_scalar, ignore_index, chunk_size, backend = ctx.scalars
     wanted = list(ctx.needs_input_grad[:3])
     if not any(wanted):
         return (None,) * 9
     grads = torch.ops.pg_kernels.token_stats_from_hidden_backward(
         g_logprob, g_entropy, g_collision, g_lse, hidden, weight, bias, labels, temperature,
-        temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, wanted, backend,
+        temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, max_prob, argmax,
+        wanted, backend,
     )  # fmt: skip
     return (*(g if w else None for g, w in zip(grads, wanted)), *(None,) * 6)
 

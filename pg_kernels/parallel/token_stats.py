@@ -2,23 +2,25 @@
 (docs/math.md §§1, 2, 3, 8).
 
 Forward: the single-device op runs on the local shard (labels off the shard become a dummy
-local id), giving the shard's lse_r, entropy H_r, collision C_r, its max and argmax, and the
-label's local log-prob on the rank that owns the label. One all-gather of 9 numbers per row
-([world, N, 9], fp32; fp64 for fp64 logits) carries them to every rank, which merges in fixed
-rank order (w_r = exp(lse_r - L), the shard's probability mass):
+local id), giving the shard's lse_r, entropy H_r, collision C_r, max_prob_r, argmax and the
+label's local log-prob on the rank that owns it; each rank also reads its rows' max logit.
+One all-gather of 9 numbers per row ([world, N, 9], fp32; fp64 for fp64 logits) carries them
+to every rank, which merges in fixed rank order. The shard masses w_r come from each shard's
+max z_r and log s1_r = -log max_prob_r relative to the maxes (merge_lse), not from the rounded
+lse_r, whose ulp(L) / 2 the single-device kernels avoid:
 
-    L = logsumexp_r lse_r            H = sum_r w_r (H_r - log w_r)        C = sum_r w_r^2 C_r
+    L = logsumexp_r (z_r + log s1_r)   H = sum_r w_r (H_r - log w_r)   C = sum_r w_r^2 C_r
     logprob = logprob_r + log w_r    (r the rank owning the label)
     max_prob, argmax from the rank with the largest max logit (ties: the smallest global id)
     lgp = (1 - p_c)^2 + (C - p_c^2), clamped >= 0
 
-A shard whose row is all -inf is an empty partial (w_r = 0); the kernels report it as NaN,
-so each rank also reads its rows' max (one extra read of the local logits).
+A shard whose row is all -inf is an empty partial (w_r = 0); the kernels report it as NaN, and
+the row max tells the two apart (it also settles argmax ties between shards exactly).
 
-Backward: no collective. Each rank's gradient shard is the single-device backward kernel fed
-the merged L, H, C (p_j = exp(z_j - L) is the global probability). A label owned by another
-rank contributes -g_logprob p_j on this shard, the lse term's shape: the kernel gets
-g_lse - g_logprob and g_logprob = 0 there, with a dummy local label.
+Backward: no collective. Each rank runs the single-device backward kernel on its shard with the
+shard's own saved state (its softmax q_j) and coefficients that turn q into the global
+p_j = w_r q_j (see `backward`): the global H, C and this shard's log w_r are enough. A label
+owned by another rank contributes only -g_logprob p_j here.
 """
 
 from __future__ import annotations
@@ -70,10 +72,18 @@ def _local_forward(logits, local_labels, temp, temperature, backend):
     )
 
 
-def _merge(gathered: torch.Tensor):
-    """Merge [world, N, 9] partial rows in rank order -> per-row global statistics."""
-    lse_r = gathered[..., LSE]
-    big, log_total, log_w = merge_lse(lse_r, torch.zeros_like(lse_r))
+def _merge(gathered: torch.Tensor, tau):
+    """Merge [world, N, 9] partial rows in rank order -> per-row global statistics and the log
+    of each shard's probability mass [world, N].
+
+    The masses come from each shard's (max z_r, log s1_r = -log max_prob_r), relative to the
+    maxes (merge_lse): from the rounded lse_r they would carry ulp(L) / 2, the error the
+    single-device kernels avoid. tau: a float or [N] per-row temperatures.
+    """
+    z_max = gathered[..., MAX] / tau
+    mp = gathered[..., MAX_PROB]
+    log_s1 = torch.where(mp > 0, -torch.log(mp), torch.zeros_like(mp))  # 0 on empty shards
+    big, log_total, log_w = merge_lse(z_max, log_s1)
     lse = big + log_total
     w = torch.exp(log_w)
     zero = torch.zeros_like(lse)
@@ -96,7 +106,7 @@ def _merge(gathered: torch.Tensor):
         max_prob = torch.where(take, g[:, MAX_PROB] * w[r], max_prob)
     # No owner: the label is outside the global vocabulary (possible only on CUDA, unchecked).
     logprob = torch.where(owners == 1, logprob, torch.full_like(logprob, float("nan")))
-    return lse, entropy, collision, logprob, max_prob, best_idx
+    return lse, entropy, collision, logprob, max_prob, best_idx, log_w
 
 
 class _TokenStatsFn(torch.autograd.Function):
@@ -140,7 +150,8 @@ class _TokenStatsFn(torch.autograd.Function):
                 check_labels(flat_labels, layout.vocab_size, ignore_index)
             except ValueError as e:
                 raise ValueError(f"{OP}: {e}") from None
-        lse, entropy, collision, logprob, max_prob, argmax = _merge(gathered)
+        tau = temp.scalar if temp.tensor is None else temp.tensor
+        lse, entropy, collision, logprob, max_prob, argmax, log_w = _merge(gathered, tau)
         p_c = torch.exp(logprob)
         lgp = ((1 - p_c) ** 2 + (collision - p_c * p_c)).clamp_min(0)
         nan = torch.full_like(lse, float("nan"))
@@ -153,7 +164,12 @@ class _TokenStatsFn(torch.autograd.Function):
         argmax = torch.where(invalid, torch.full_like(argmax, -1.0), argmax).to(torch.int64)
         argmax = torch.where(keep, argmax, torch.zeros_like(argmax))
         logprob, entropy, collision, lgp, lse, max_prob = floats
-        ctx.save_for_backward(logits, local_labels, owns, temp.tensor, lse, entropy, collision)
+        # The backward runs the local kernel on the shard's own state (its softmax q) and turns
+        # q into the global p = w q through its coefficients (see backward).
+        local_state = (lse_r, max_prob_r, argmax_r, log_w[shard.rank], empty)
+        ctx.save_for_backward(
+            logits, local_labels, owns, temp.tensor, lse, entropy, collision, *local_state
+        )
         ctx.scalars = (temp.scalar, backend, labels.shape)
         outs = tuple(t.view(labels.shape) for t in (*floats, argmax))
         ctx.mark_non_differentiable(*outs[3:4], *outs[5:])  # lgp, max_prob, argmax
@@ -162,26 +178,49 @@ class _TokenStatsFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, g_argmax):
-        logits, local_labels, owns, temp_tensor, lse, entropy, collision = ctx.saved_tensors
+        (logits, local_labels, owns, temp_tensor, lse, entropy, collision, lse_r, max_prob_r,
+         argmax_r, log_w, empty) = ctx.saved_tensors  # fmt: skip
         temp_scalar, backend, shape = ctx.scalars
         acc = lse.dtype
         g_lp, g_h, g_c, g_l = (
             t.reshape(-1).to(acc).contiguous() for t in (g_logprob, g_entropy, g_collision, g_lse)
         )
         zero = torch.zeros_like(g_lp)
-        # An off-shard label: d logprob / dz_j = -p_j here, the d lse / dz_j term with a minus.
-        g_l = torch.where(owns, g_l, g_l - g_lp).contiguous()
-        g_lp = torch.where(owns, g_lp, zero).contiguous()
         if backend == "reference":
             tau = temp_scalar if temp_tensor is None else temp_tensor.unsqueeze(-1)
+            # An off-shard label: d logprob / dz_j = -p_j here, the d lse / dz_j term.
+            g_l = torch.where(owns, g_l, g_l - g_lp)
+            g_lp = torch.where(owns, g_lp, zero)
             grad = _reference_grad(
                 logits, local_labels, owns, tau, lse, entropy, collision, g_lp, g_h, g_c, g_l
             )
-        else:
-            grad = torch.ops.pg_kernels.token_stats_backward(
-                g_lp, g_h, g_c, g_l, logits, local_labels.view(shape), temp_tensor, temp_scalar,
-                LOCAL_IGNORE, lse, entropy, collision, backend,
-            )  # fmt: skip
+            return grad, None, None, None, None, None, None
+        # docs/math.md §3: dz_j = p_j (a + b log p_j + c p_j) + g_lp [j = label], with
+        # a = g_l - g_lp - g_h H - 2 g_c C, b = -g_h, c = 2 g_c (global H, C). The kernel
+        # computes q_j from the shard's own state, and p_j = w q_j (w = e^{log_w}, this shard's
+        # mass) gives q_j (a' + b' log q_j + c' q_j) with a' = w (a + b log w), b' = w b,
+        # c' = w^2 c: the kernel's coefficients for g_h' = w g_h, g_c' = w^2 g_c, saved H = C =
+        # 0 and g_l' = a' + g_lp'. w -> 0 sends the shard's gradient to 0, the label term aside.
+        w = torch.exp(log_w)
+        w_log_w = torch.where(w > 0, w * log_w, zero)
+        a = g_l - g_lp - g_h * entropy - 2 * g_c * collision
+        g_lp_local = torch.where(owns, g_lp, zero)
+        g_l_local = w * a - g_h * w_log_w + g_lp_local
+        # A row that is NaN globally (a NaN or +inf on some shard) is NaN here too.
+        g_l_local = torch.where(torch.isfinite(lse), g_l_local, torch.full_like(zero, torch.nan))
+        # An all -inf shard has no state of its own: skipped (0), its label term added below.
+        labels = torch.where(empty, torch.full_like(local_labels, LOCAL_IGNORE), local_labels)
+        grad = torch.ops.pg_kernels.token_stats_backward(
+            g_lp_local.contiguous(), (w * g_h).contiguous(), (w * w * g_c).contiguous(),
+            g_l_local.contiguous(), logits, labels.view(shape), temp_tensor, temp_scalar,
+            LOCAL_IGNORE, lse_r, zero, zero, max_prob_r, argmax_r, backend,
+        )  # fmt: skip
+        # The label on an all -inf shard: dz_c = g_lp (p_c = 0), as the single-device op gives.
+        tau = temp_scalar if temp_tensor is None else temp_tensor
+        label_term = torch.where(empty & owns, g_lp / tau, zero).to(grad.dtype)
+        flat = grad.view(-1, grad.shape[-1])
+        rows = torch.arange(flat.shape[0], device=flat.device)
+        flat.index_put_((rows, local_labels.clamp_min(0)), label_term, accumulate=True)
         return grad, None, None, None, None, None, None
 
 
