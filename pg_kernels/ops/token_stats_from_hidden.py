@@ -152,9 +152,9 @@ def token_stats_from_hidden(
         bias: optional [V] lm_head bias.
         temperature: a float or a [...] tensor (per row), finite and > 0. Not differentiable.
         ignore_index: label value of rows to skip.
-        chunk_size: rows per chunk; default: 16 MiB (CPU) or 64 MiB (CUDA) of logits in
-            hidden's dtype, rounded down to a multiple of 64 rows (128 rows at V = 32000 fp32
-            on CPU, 192 at V = 151936 bf16 on CUDA); see ops/_linear.py for why.
+        chunk_size: rows per chunk; default: 64 MiB of logits in hidden's dtype, rounded down
+            to a multiple of 64 rows (512 rows at V = 32000 fp32, 192 at V = 151936 bf16); see
+            ops/_linear.py for why.
             Peak extra memory is about 2 x chunk_size x V elements (the chunk's logits and
             their gradient), plus an fp32 [V, D] weight-gradient accumulator for 16-bit weights.
         backend: the token_stats kernel: "auto", "reference", "cpu", "triton" or "cuda".
