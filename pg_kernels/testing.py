@@ -32,7 +32,15 @@ FORWARD_TOL = {
     ),
     torch.bfloat16: Tol(2e-5, 1e-6, "outputs are fp32 sums of the same rounded logits"),
     torch.float16: Tol(2e-5, 1e-6, "outputs are fp32 sums of the same rounded logits"),
-    torch.float64: Tol(1e-12, 1e-13, "fp64 accumulation over <= 2^18 terms"),
+    torch.float64: Tol(
+        1e-12,
+        1e-13,
+        "fp64 accumulation over <= 2^18 terms; the 5e-14 absolute floor: one-pass outputs that "
+        "cancel O(1..40) terms (KL or TV of near-equal rows, a log-prob near 0 from a "
+        "log-sum-exp of ~10) carry a few ulps of those terms whatever the output's own size, "
+        "where the fp64 baseline is the truth itself (fuzzer: <= 3e-14 seen)",
+        floor=5e-14,
+    ),
 }
 
 # Gradients are rounded once to the logits' dtype: elementwise rtol is that rounding (2 ulp of
@@ -153,13 +161,16 @@ def check_against_reference(
     check_fields: Sequence[str] | None = None,
     seed: int = 0,
     grad_floor: Callable[[int, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    forward_floor: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Run op, ref in float64 (truth) and ref at input precision (plain); check outputs + grads.
 
     `op` and `ref` return NamedTuples (or a tensor, then diff_fields=("out",)). Upstream grads are
     random on every differentiable field. `grad_floor(i, upstream)`, if given, is an elementwise
     error bound added to argument i's gradient tolerance (an op's own rounding analysis, from the
-    upstream gradients keyed by field). Returns the max errors, keyed by field / grad name.
+    upstream gradients keyed by field). `forward_floor[field]`, if given, is an absolute error
+    bound added to that output's tolerance (the op's own rounding analysis). Returns the max
+    errors, keyed by field / grad name.
     """
 
     def run(fn, upcast):
@@ -182,7 +193,9 @@ def check_against_reference(
             continue
         expected = torch.float64 if dtype == torch.float64 else torch.float32
         assert k.dtype == expected, f"{name}: dtype {k.dtype}, expected {expected}"
-        errors[name] = assert_close_to_truth(name, k, t, p, FORWARD_TOL[dtype])
+        floor = (forward_floor or {}).get(name)
+        floor = None if floor is None else torch.tensor(floor, dtype=torch.float64)
+        errors[name] = assert_close_to_truth(name, k, t, p, FORWARD_TOL[dtype], floor)
     if not diff_fields:
         return errors
     g = torch.Generator().manual_seed(seed)

@@ -119,7 +119,7 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const 
     const acc_t lq = log_q[ids[k].second];
     const acc_t q = std::exp(lq);
     q_head += q;
-    kl += kl_term(q, lq, acc_t(x[ids[k].first]) * inv_tau - norm.lse);
+    kl += kl_term(q, lq, (acc_t(x[ids[k].first]) * inv_tau - norm.m) - norm.log_s);
   }
   const acc_t q_tail = topk_q_tail(q_head, K < V);
   kl += kl_term(q_tail, std::log(q_tail), norm.logp_tail);

@@ -33,7 +33,9 @@ def pruned_logprob(
     lse_safe = torch.logsumexp(z.masked_fill(~safe, float("-inf")), -1)
     lse = torch.logsumexp(z, -1)
     logprob = z_c.squeeze(-1) - lse_safe
-    tail_mass = -torch.expm1(lse_safe - lse)
+    # The excluded tokens' probability summed directly: -expm1(lse_safe - lse) rounds a tail
+    # below ulp(lse) to exactly 0 (fuzzer: 2.9e-29 in the kernel read as an error there).
+    tail_mass = torch.exp(torch.logsumexp(z.masked_fill(safe, float("-inf")), -1) - lse)
     return PrunedLogprob(
         logprob=finish(logprob, invalid, keep),
         in_safe=in_safe & keep & ~invalid,

@@ -175,6 +175,9 @@ template <typename T>
 struct TopkNormalizer {
   T lse;        // L = logsumexp of the whole row
   T logp_tail;  // log P_tail = LSE_tail - L; -inf when the tail has no finite logit
+  T m;          // the row's max z, and
+  T log_s;      // log sum_v exp(z_v - m) = L - m: log p_v = (z_v - m) - log_s, exact as
+                // p_v -> 1 where z_v - L would lose ulp(L) (|z| ~ 1e4 at a small temperature)
 };
 
 // The tail is summed separately, relative to its own max (s_tail = sum_{v not in K}
@@ -186,8 +189,9 @@ PGK_HD TopkNormalizer<T> topk_normalizer(T m_tail, T s_tail, T m_head, T s_head)
   const T m = m_tail > m_head ? m_tail : m_head;  // finite for a valid row
   const T tail = m_tail == neg_inf<T>() ? T(0) : s_tail * std::exp(m_tail - m);
   const T head = m_head == neg_inf<T>() ? T(0) : s_head * std::exp(m_head - m);
-  const T lse = m + std::log(tail + head);
-  return {lse, m_tail == neg_inf<T>() ? neg_inf<T>() : m_tail + std::log(s_tail) - lse};
+  const T log_s = std::log(tail + head);
+  const T logp_tail = m_tail == neg_inf<T>() ? neg_inf<T>() : (m_tail - m) + std::log(s_tail) - log_s;
+  return {m + log_s, logp_tail, m, log_s};
 }
 
 // Gradient of KL_k w.r.t. z (derivation: d log p_v = e_v - p, d log P_tail = 1[j not in K]
