@@ -37,36 +37,14 @@ namespace pg_kernels::cpu {
 namespace {
 
 // buf[0, n) = src[0, n) / tau in acc_t, padded with -inf to a multiple of kStep; returns the
-// chunk's max (NaN if it holds a NaN). Divides where token_stats' loader multiplies by 1 / tau:
-// z = x / tau is rounded once, like docs/math.md's and PyTorch's z, instead of twice. It matters where
-// a small difference of large log-probs is the output: log_ratio = logprob - rollout_logprobs
-// at logprob ~ -100 (tau 0.5 on a peaked row) had 5x plain PyTorch's error with 1 / tau.
+// chunk's max (NaN if it holds a NaN). z = x / tau is rounded once, like docs/math.md's and
+// PyTorch's z (vec_rows.h's load_quotient_chunk, no division per element), not twice as
+// x * (1 / tau) would: it matters where a small difference of large log-probs is the output
+// (log_ratio = logprob - rollout_logprobs at logprob ~ -100, tau 0.5 on a peaked row, had 5x
+// plain PyTorch's error with 1 / tau).
 template <typename scalar_t, typename acc_t>
 acc_t load_divided_chunk(const scalar_t* src, int64_t n, acc_t tau, acc_t* buf) {
-  constexpr int64_t W = Vec<acc_t>::size();
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::copy(src, src + n, buf);
-  } else {
-    at::vec::convert(src, buf, n);
-  }
-  const int64_t n_pad = round_up(n, kStep<acc_t>);
-  std::fill(buf + n, buf + n_pad, neg_inf<acc_t>());
-  Vec<acc_t> vmax(neg_inf<acc_t>());
-  if (tau == acc_t(1)) {  // the common case: nothing to scale
-    for (int64_t i = 0; i < n_pad; i += W) vmax = at::vec::maximum(vmax, Vec<acc_t>::loadu(buf + i));
-  } else {
-    const Vec<acc_t> vtau(tau);
-    for (int64_t i = 0; i < n_pad; i += W) {
-      const Vec<acc_t> z = Vec<acc_t>::loadu(buf + i) / vtau;
-      z.store(buf + i);
-      vmax = at::vec::maximum(vmax, z);  // propagates NaN
-    }
-  }
-  acc_t lanes[W];
-  vmax.store(lanes);
-  acc_t m = lanes[0];
-  for (int64_t i = 1; i < W; ++i) m = max_nan(m, lanes[i]);
-  return m;
+  return load_quotient_chunk(src, n, tau, acc_t(1) / tau, buf);
 }
 
 // Per-row temperature: a per-row tensor when given, else the scalar.
