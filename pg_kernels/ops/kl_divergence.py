@@ -150,6 +150,27 @@ torch.library.register_autograd(
 _library.LIB.impl("kl_divergence_backward", torch.library.fallthrough_kernel, "Autograd")
 
 
+def check_kl_args(
+    op, logits, direction, labels, ignore_index, temperature, ref_temperature, of="logits"
+):
+    """The checks every kl_divergence entry point shares, past the logits' own: direction,
+    labels against the rows of `logits` (named `of` in errors), ignore_index and both
+    temperatures (ref defaults to temperature). Returns (ignore_index, temperature,
+    ref_temperature) as the op takes them."""
+    if not isinstance(direction, str) or direction not in DIRECTIONS:
+        raise ValueError(f"{op}: direction must be one of {DIRECTIONS}, got {direction!r}")
+    if labels is not None:
+        check_labels_arg(op, logits, labels, of=of)
+    ignore_index = check_ignore_index(op, ignore_index)
+    temp = make_temperature(op, temperature, logits)
+    ref_temp = (
+        temp
+        if ref_temperature is None
+        else make_temperature(op, ref_temperature, logits, "ref_temperature")
+    )
+    return ignore_index, temp, ref_temp
+
+
 def kl_divergence(
     logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -189,16 +210,8 @@ def kl_divergence(
     """
     check_logits(OP, "logits", logits)
     check_logits_pair(OP, logits, ref_logits, "ref_logits")
-    if not isinstance(direction, str) or direction not in DIRECTIONS:
-        raise ValueError(f"{OP}: direction must be one of {DIRECTIONS}, got {direction!r}")
-    if labels is not None:
-        check_labels_arg(OP, logits, labels)
-    ignore_index = check_ignore_index(OP, ignore_index)
-    temp = make_temperature(OP, temperature, logits)
-    ref_temp = (
-        temp
-        if ref_temperature is None
-        else make_temperature(OP, ref_temperature, logits, "ref_temperature")
+    ignore_index, temp, ref_temp = check_kl_args(
+        OP, logits, direction, labels, ignore_index, temperature, ref_temperature
     )
     backend = _backend.resolve(OP, backend, logits.device, kernels=KERNELS)
     if backend == "reference":

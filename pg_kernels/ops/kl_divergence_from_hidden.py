@@ -16,9 +16,6 @@ from pg_kernels import _backend, _library, reference  # noqa: F401  (_library de
 from pg_kernels.ops import kl_divergence as _kl
 from pg_kernels.ops._common import (
     acc_dtype,
-    check_ignore_index,
-    check_labels_arg,
-    make_temperature,
 )
 from pg_kernels.ops._linear import (
     ChunkedProjection,
@@ -202,20 +199,13 @@ def kl_divergence_from_hidden(
         raise ValueError(
             f"{OP}: ref_hidden is on {ref_hidden.device} but hidden on {hidden.device}"
         )
-    if not isinstance(direction, str) or direction not in _kl.DIRECTIONS:
-        raise ValueError(f"{OP}: direction must be one of {_kl.DIRECTIONS}, got {direction!r}")
     lead = tuple(hidden.shape[:-1])
-    if labels is not None:
-        check_labels_arg(OP, hidden, labels, of="hidden")
-    ignore_index = check_ignore_index(OP, ignore_index)
     chunk_size = check_chunk_size(OP, chunk_size, weight.shape[0], hidden)
-    rows = hidden[..., :1]  # a [..., 1] stand-in for the logits in the temperature checks
-    temp = make_temperature(OP, temperature, rows)
-    ref_temp = (
-        temp
-        if ref_temperature is None
-        else make_temperature(OP, ref_temperature, rows, "ref_temperature")
-    )
+    # hidden[..., :1] stands in for the logits: the checks read only their leading shape
+    ignore_index, temp, ref_temp = _kl.check_kl_args(
+        OP, hidden[..., :1], direction, labels, ignore_index, temperature, ref_temperature,
+        of="hidden",
+    )  # fmt: skip
     backend = _backend.resolve("kl_divergence", backend, hidden.device, kernels=_kl.KERNELS)
     if backend == "reference":
         return reference.kl_divergence(

@@ -31,13 +31,10 @@ from torch.autograd.function import once_differentiable
 from pg_kernels import _backend
 from pg_kernels.ops._common import (
     acc_dtype,
-    check_ignore_index,
-    check_labels_arg,
     check_logits,
     check_logits_pair,
-    make_temperature,
 )
-from pg_kernels.ops.kl_divergence import DIRECTIONS
+from pg_kernels.ops.kl_divergence import check_kl_args
 from pg_kernels.parallel._shard import (
     gather_rows,
     merge_lse,
@@ -280,16 +277,8 @@ def kl_divergence(
     """
     check_logits(OP, "local_logits", local_logits)
     check_logits_pair(OP, local_logits, local_ref_logits, "local_ref_logits")
-    if not isinstance(direction, str) or direction not in DIRECTIONS:
-        raise ValueError(f"{OP}: direction must be one of {DIRECTIONS}, got {direction!r}")
-    if labels is not None:
-        check_labels_arg(OP, local_logits, labels)
-    ignore_index = check_ignore_index(OP, ignore_index)
-    temp = make_temperature(OP, temperature, local_logits)
-    ref_temp = (
-        temp
-        if ref_temperature is None
-        else make_temperature(OP, ref_temperature, local_logits, "ref_temperature")
+    ignore_index, temp, ref_temp = check_kl_args(
+        OP, local_logits, direction, labels, ignore_index, temperature, ref_temperature
     )
     backend = _backend.resolve(OP, backend, local_logits.device, kernels=KERNELS)
     shard = resolve_shard(OP, group, vocab_start_index, local_logits)
