@@ -256,9 +256,14 @@ def _fwd_finish_kernel(
     s_head = tl.sum(exp_acc(zh - m), axis=0)  # relative to the row max directly: head terms <= 1
     tail_empty = m_tail == float("-inf")
     tail_part = tl.where(tail_empty, 0.0, s_tail * exp_acc(m_tail - m))
-    lse = m + tl.log(tail_part + s_head)
+    # log p_v = (z_v - m) - log_s, relative to the row max (topk_normalizer): z_v - L would
+    # carry ulp(L), 1e-3 at |z| ~ 1e4 (a small temperature), on the log-probs near 0.
+    log_s = tl.log(tail_part + s_head)
+    lse = m + log_s
     logp_tail = tl.where(
-        tail_empty, float("-inf"), m_tail + tl.log(tl.where(tail_empty, 1.0, s_tail)) - lse
+        tail_empty,
+        float("-inf"),
+        (m_tail - m) + tl.log(tl.where(tail_empty, 1.0, s_tail)) - log_s,
     )
     lq = tl.load(lq_ptr + row.to(tl.int64) * K + kk, mask=hm, other=float("-inf")).to(ACC)
     q = exp_acc(lq)
@@ -266,7 +271,7 @@ def _fwd_finish_kernel(
     rest = 1.0 - q_head
     q_tail = tl.where((K < V) & (rest > 0.0), rest, 0.0)
     # q (log q - log p), exactly 0 where q = 0
-    head = tl.sum(tl.where(q == 0.0, 0.0, q * (lq - (zh - lse))), axis=0)
+    head = tl.sum(tl.where(q == 0.0, 0.0, q * (lq - ((zh - m) - log_s))), axis=0)
     tail = tl.where(q_tail == 0.0, 0.0, q_tail * (tl.log(q_tail) - logp_tail))
     nan = float("nan")
     tl.store(kl_ptr + row, tl.where(keep, tl.where(valid, head + tail, nan), 0.0))
