@@ -390,7 +390,9 @@ def test_compile_fullgraph_matches_eager():
     lb, fb = compiled(xb, xrb, y)
     la.backward()
     lb.backward()
-    assert torch.equal(la, lb) and torch.equal(fa, fb)
+    # The op's outputs and gradients bitwise; the loss's own sum may be fused in another order.
+    assert torch.equal(fa, fb)
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
     assert torch.equal(xa.grad, xb.grad) and torch.equal(xra.grad, xrb.grad)
 
 

@@ -401,7 +401,9 @@ def test_compile_fullgraph_matches_eager():
     lb, kb = compiled(xb, ids, lp, y)
     la.backward()
     lb.backward()
-    assert torch.equal(la, lb) and torch.equal(ka, kb) and torch.equal(xa.grad, xb.grad)
+    # The op's outputs and gradient bitwise; the loss's own sum may be fused in another order.
+    assert torch.equal(ka, kb) and torch.equal(xa.grad, xb.grad)
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
 
 
 @needs_cpu_ext
