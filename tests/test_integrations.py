@@ -12,8 +12,11 @@ drop-in is checked against a float64 transcription of slime's contract.
 from __future__ import annotations
 
 import inspect
+import sys
 import types
+from collections import defaultdict
 
+import numpy as np
 import pytest
 import torch
 from trainer_sources import TrainerSources, missing_reason
@@ -66,8 +69,15 @@ def verl():
         "verl.trainer.ppo.prefix_grouper_utils",
     )
     algos = src.functions(
-        "trainer/ppo/core_algos.py", ("kl_penalty", "kl_penalty_forward"), {"torch": torch}
-    )
+        "trainer/ppo/core_algos.py",
+        ("kl_penalty", "kl_penalty_forward", "compute_optimal_token_baseline_advantage"),
+        {
+            "torch": torch, "np": np, "defaultdict": defaultdict,
+            # the estimator's registration decorator, a no-op here
+            "register_adv_est": lambda name: (lambda fn: fn),
+            "AdvantageEstimator": types.SimpleNamespace(OPTIMAL_TOKEN_BASELINE="otb"),
+        },
+    )  # fmt: skip
     yield types.SimpleNamespace(tf=tf, exp=exp, consumer=consumer, **algos)
     pgk_verl.unpatch()
     src.close()
@@ -250,6 +260,56 @@ def test_verl_kl_penalty(verl, mode):
     ours, grad = run(pgk_verl.kl_penalty, logprob, ref)
     assert_close_to_truth(mode, ours, truth, plain, FORWARD_TOL[torch.float32])
     assert_close_to_truth(mode + " grad", grad, truth_grad, plain_grad, GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("zero_tail", [True, False])
+@pytest.mark.parametrize("with_is", [False, True])
+def test_verl_optimal_token_baseline(verl, zero_tail, with_is):
+    """verl's OTB estimator and ours on the same batch: 4 prompts (string ids, one with a single
+    response, one whose longest response is unique), ragged lengths, dense token rewards."""
+    g = torch.Generator().manual_seed(12)
+    B, T = 11, 9
+    index = np.array(["a", "b", "a", "c", "b", "a", "d", "c", "b", "a", "c"], dtype=object)
+    lengths = torch.tensor([9, 4, 6, 7, 4, 2, 5, 7, 3, 6, 1])
+    mask = (torch.arange(T) < lengths[:, None]).float()
+    rewards = torch.randn(B, T, generator=g) * mask
+    old_lp = -torch.rand(B, T, generator=g) * 3
+    sum_pi2 = torch.exp(old_lp) ** 2 + torch.rand(B, T, generator=g) * 0.2
+    is_w = torch.rand(B, T, generator=g) + 0.5 if with_is else None
+    _same_signature(
+        verl.compute_optimal_token_baseline_advantage,
+        pgk_verl.compute_optimal_token_baseline_advantage,
+    )
+    args = (rewards, mask, index, old_lp, sum_pi2, is_w, zero_tail)
+    theirs = verl.compute_optimal_token_baseline_advantage(*args)
+    ours = pgk_verl.compute_optimal_token_baseline_advantage(*args, config=None)
+    for name, a, b in zip(("advantages", "returns"), ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert bool(theirs[0].abs().sum() > 0)
+
+
+def test_patch_swaps_registry_entries():
+    """A trainer module's dict of functions (verl's estimator registry) gets our function for
+    the original's entries, and unpatch puts them back."""
+    from pg_kernels.integrations._patching import Patcher
+
+    def original():
+        return "theirs"
+
+    def replacement():
+        return "ours"
+
+    pkg, mod = types.ModuleType("pgk_fake_trainer"), types.ModuleType("pgk_fake_trainer.algos")
+    mod.estimate, mod.REGISTRY = original, {"est": original, "other": len}
+    sys.modules.update({pkg.__name__: pkg, mod.__name__: mod})
+    try:
+        patcher = Patcher(pkg.__name__, {mod.__name__: {"estimate": replacement}})
+        patcher.patch()
+        assert mod.estimate is replacement and mod.REGISTRY == {"est": replacement, "other": len}
+        patcher.unpatch()
+        assert mod.estimate is original and mod.REGISTRY == {"est": original, "other": len}
+    finally:
+        del sys.modules[pkg.__name__], sys.modules[mod.__name__]
 
 
 def test_verl_patch_unpatch(verl):

@@ -4,8 +4,10 @@ A trainer module that did `from pkg.utils import f` holds its own reference to `
 `pkg.utils.f` alone does not reach it. `Patcher.patch` therefore replaces the attribute in the
 defining modules, then every attribute of every already-imported module of the trainer's
 package that *is* one of the originals (by identity). Modules imported later read the patched
-defining module. Objects built before the patch (e.g. an engine that stored the function on
-`self`) keep the original: patch before building the trainer.
+defining module. Function registries (a dict attribute of such a module, e.g. verl's
+advantage estimators) have their entries swapped the same way. Objects built before the patch
+(e.g. an engine that stored the function on `self`) keep the original: patch before building
+the trainer.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ class Patcher:
                 ours = swap.get(id(value))
                 if ours is not None and value is not ours:
                     self._set(module, attr, ours)
+                elif isinstance(value, dict):  # a registry of functions (verl's estimators)
+                    for key, entry in list(value.items()):
+                        ours = swap.get(id(entry))
+                        if ours is not None and entry is not ours:
+                            self._saved.append((value, key, entry))
+                            value[key] = ours
         return self.replaced()
 
     def _set(self, module: object, attr: str, value: object) -> None:
@@ -64,10 +72,17 @@ class Patcher:
         setattr(module, attr, value)
 
     def replaced(self) -> list[str]:
-        return [f"{getattr(m, '__name__', m)}.{a}" for m, a, _ in self._saved]
+        return [
+            f"{m.__name__}.{a}" if not isinstance(m, dict) else f"[{a!r}] of a registry"
+            for m, a, _ in self._saved
+        ]
 
     def unpatch(self) -> None:
-        """Put every replaced attribute back (in reverse order). A no-op when not patched."""
+        """Put every replaced attribute and registry entry back (in reverse order). A no-op when
+        not patched."""
         while self._saved:
-            module, attr, original = self._saved.pop()
-            setattr(module, attr, original)
+            holder, key, original = self._saved.pop()
+            if isinstance(holder, dict):
+                holder[key] = original
+            else:
+                setattr(holder, key, original)
