@@ -335,3 +335,20 @@ def test_weight_gradient_in_vocab_blocks(monkeypatch):
     whole = weight_grad()
     monkeypatch.setattr(_linear, "PRODUCT_BYTES", 37 * 16 * 2)  # 37-row blocks, a ragged last
     assert torch.equal(weight_grad(), whole)
+
+
+def test_gradcheck_float64():
+    """Finite differences against autograd through both fused ops: hidden, weight and bias of
+    the policy, and the teacher's hidden (tiny fp64 shapes, ragged chunks)."""
+    h, w, b = _projection(5, 3, 7, torch.float64, seed=19)
+    rh, rw, _ = _projection(5, 4, 7, torch.float64, seed=20, bias=False)
+    b[1] = 0.0  # finite everywhere: gradcheck perturbs every entry
+    y = _labels((5,), 7, seed=19)
+
+    def f(h, w, b, rh):
+        s = pg_kernels.token_stats_from_hidden(h, w, y, bias=b, temperature=0.8, chunk_size=2)
+        kl = pg_kernels.kl_divergence_from_hidden(h, w, rh, rw, bias=b, chunk_size=2)
+        return s.logprob, s.entropy, s.collision, s.lse, kl
+
+    leaves = [t.clone().requires_grad_() for t in (h, w, b, rh)]
+    assert torch.autograd.gradcheck(f, leaves)
