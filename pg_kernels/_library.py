@@ -72,6 +72,27 @@ LIB.define(
     "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor row_state, "
     "str backend) -> Tensor"
 )
+# step_stats: token_stats of the logits, plus the exact mismatch against rollout_logits and the
+# KL to ref_logits when given (an absent tensor's outputs are empty: token_kl and token_tv [0],
+# kl [0], kl_state [0, 3]). kl_state [..., 3] = the reference's (max, log sum exp(z - max)) and
+# E_w[(z_w - max_w) - (z_v - max_v)] (as kl_divergence's row_state), saved for the backward.
+LIB.define(
+    "step_stats(Tensor logits, Tensor? rollout_logits, Tensor? ref_logits, Tensor labels, "
+    "Tensor? temperature, float temperature_scalar, Tensor? rollout_temperature, "
+    "float rollout_temperature_scalar, Tensor? ref_temperature, float ref_temperature_scalar, "
+    "str direction, int ignore_index, str backend) -> (Tensor logprob, Tensor entropy, "
+    "Tensor collision, Tensor lgp, Tensor lse, Tensor max_prob, Tensor argmax, "
+    "Tensor token_kl, Tensor token_tv, Tensor kl, Tensor kl_state)"
+)
+LIB.define(
+    "step_stats_backward(Tensor grad_logprob, Tensor grad_entropy, Tensor grad_collision, "
+    "Tensor grad_lse, Tensor? grad_kl, Tensor logits, Tensor? ref_logits, Tensor labels, "
+    "Tensor? temperature, float temperature_scalar, Tensor? ref_temperature, "
+    "float ref_temperature_scalar, str direction, int ignore_index, Tensor lse, Tensor entropy, "
+    "Tensor collision, Tensor max_prob, Tensor argmax, Tensor? kl, Tensor? kl_state, "
+    "bool logits_grad, bool ref_grad, str backend) -> (Tensor grad_logits, "
+    "Tensor grad_ref_logits)"
+)
 # From hidden states: the op of the same name on logits = hidden @ weight.T + bias ([N, D] and
 # [V, D]), computed `chunk_size` rows at a time so [N, V] never exists. The backward recomputes
 # each chunk's logits and returns an empty tensor in place of a gradient that was not asked for.

@@ -101,3 +101,21 @@ _document_fields(
     in_safe="bool: the label met the threshold on its own",
     tail_mass="1 - p(S)",
 )
+
+
+class StepStats(NamedTuple):
+    """Every per-token statistic of a training step from one read of each logits tensor
+    (`pg_kernels.step_stats`, docs/math.md §9)."""
+
+    token: TokenStats
+    mismatch: MismatchStats | None
+    kl: torch.Tensor | None
+
+
+_document_fields(
+    StepStats,
+    token="token_stats of the logits; logprob, entropy, collision and lse differentiable",
+    mismatch="mismatch_stats against the rollout (when rollout_logprobs is given); token_kl and "
+    "token_tv when rollout_logits is given",
+    kl="KL to the reference logits (when given), direction as asked; differentiable",
+)

@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pg_kernels import _backend
 
-OPS = ("token_stats", "kl_divergence", "mismatch_stats", "pruned_logprob", "topk_kl")
+OPS = ("token_stats", "kl_divergence", "mismatch_stats", "pruned_logprob", "topk_kl", "step_stats")
 
 
 def _exported_ops(module) -> set[str]:

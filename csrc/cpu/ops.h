@@ -164,4 +164,31 @@ at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Ten
                                    const at::Tensor& row_state, int64_t n_inner,
                                    int64_t stride_outer, int64_t stride_inner);
 
+// step_stats (step_stats.cpp). Layout ints describe the logits' rows, then the rollout
+// logits', then the reference logits'.
+std::vector<at::Tensor> step_stats_forward(
+    const at::Tensor& logits, const std::optional<at::Tensor>& rollout_logits,
+    const std::optional<at::Tensor>& ref_logits, const at::Tensor& labels,
+    const std::optional<at::Tensor>& temperature, double temperature_scalar,
+    const std::optional<at::Tensor>& rollout_temperature, double rollout_temperature_scalar,
+    const std::optional<at::Tensor>& ref_temperature, double ref_temperature_scalar,
+    bool reverse, int64_t ignore_index, int64_t n_inner, int64_t stride_outer,
+    int64_t stride_inner, int64_t rollout_n_inner, int64_t rollout_stride_outer,
+    int64_t rollout_stride_inner, int64_t ref_n_inner, int64_t ref_stride_outer,
+    int64_t ref_stride_inner);
+
+std::vector<at::Tensor> step_stats_backward(
+    const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
+    const at::Tensor& grad_collision, const at::Tensor& grad_lse,
+    const std::optional<at::Tensor>& grad_kl, const at::Tensor& logits,
+    const std::optional<at::Tensor>& ref_logits, const at::Tensor& labels,
+    const std::optional<at::Tensor>& temperature, double temperature_scalar,
+    const std::optional<at::Tensor>& ref_temperature, double ref_temperature_scalar,
+    bool reverse, int64_t ignore_index, const at::Tensor& lse, const at::Tensor& entropy,
+    const at::Tensor& collision, const at::Tensor& max_prob, const at::Tensor& argmax,
+    const std::optional<at::Tensor>& kl, const std::optional<at::Tensor>& kl_state,
+    bool need_logits_grad, bool need_ref_grad, int64_t n_inner, int64_t stride_outer,
+    int64_t stride_inner, int64_t ref_n_inner, int64_t ref_stride_outer,
+    int64_t ref_stride_inner);
+
 }  // namespace pg_kernels::cpu

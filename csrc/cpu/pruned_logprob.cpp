@@ -107,10 +107,6 @@ void backward_row(const scalar_t* x, int64_t V, acc_t inv_tau, int64_t label, ac
   grad[label] = scalar_t((acc_t(1) - p_c) * g_tau);
 }
 
-int64_t grain_rows(int64_t V) {
-  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
-}
-
 }  // namespace
 
 std::vector<at::Tensor> pruned_logprob_forward(const at::Tensor& logits, const at::Tensor& labels,

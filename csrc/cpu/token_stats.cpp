@@ -25,98 +25,10 @@
 #include <torch/extension.h>
 
 #include "ops.h"
-#include "vec_rows.h"
+#include "token_rows.h"
 
 namespace pg_kernels::cpu {
 namespace {
-
-// s1 = sum e per vector lane, in acc_t.
-template <typename acc_t>
-struct S1Lanes {
-  Vec<acc_t> v{acc_t(0)};
-  void add(const Vec<acc_t>& e) { v = v + e; }
-  void scale(acc_t a) { v = Vec<acc_t>(a) * v; }
-  void add(const S1Lanes& a, const S1Lanes& b) { v = v + (a.v + b.v); }
-  Vec<acc_t> lanes() const { return v; }
-  acc_t total() const { return sum_lanes(v); }
-};
-
-#if defined(CPU_CAPABILITY_AVX2)
-// fp32 rows keep s1 in double lanes (two __m256d per float vector): in fp32 the lane holding
-// the max (e = 1) rounds each later term to ulp(1) / 2, and p at the argmax = 1 / s1 (max_prob,
-// which the backward uses for log s1) had 3.0e-7 relative error on peaked rows where PyTorch's
-// cascade sum has 1.8e-7. Rounded once to fp32 at the row's end.
-template <>
-struct S1Lanes<float> {
-  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();  // float lanes 0-3, 4-7
-  void add(const Vec<float>& e) {
-    const __m256 v = e;
-    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-  }
-  void scale(float a) {
-    const __m256d va = _mm256_set1_pd(a);
-    lo = _mm256_mul_pd(va, lo);
-    hi = _mm256_mul_pd(va, hi);
-  }
-  void add(const S1Lanes& a, const S1Lanes& b) {
-    lo = _mm256_add_pd(lo, _mm256_add_pd(a.lo, b.lo));
-    hi = _mm256_add_pd(hi, _mm256_add_pd(a.hi, b.hi));
-  }
-  Vec<float> lanes() const { return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)); }
-  float total() const {
-    alignas(32) double l[8];
-    _mm256_store_pd(l, lo);
-    _mm256_store_pd(l + 4, hi);
-    double s = 0;
-    for (int i = 0; i < 8; ++i) s += l[i];
-    return float(s);
-  }
-};
-#endif
-
-template <typename acc_t>
-struct LaneSums {
-  S1Lanes<acc_t> s1;
-  Vec<acc_t> s2{acc_t(0)}, t{acc_t(0)};
-
-  // Move the lanes' reference max from m_old to m_new (docs/math.md §1 rescale).
-  void rescale(acc_t m_old, acc_t m_new) {
-    if (m_old == neg_inf<acc_t>()) return;  // nothing accumulated yet
-    const acc_t delta = m_old - m_new;
-    const acc_t a = std::exp(delta);
-    t = Vec<acc_t>(a) * at::vec::fmadd(Vec<acc_t>(delta), s1.lanes(), t);
-    s1.scale(a);
-    s2 = Vec<acc_t>(a * a) * s2;
-  }
-
-  // d = z - m <= 0, clamped where exp is already 0 so that -inf logits give e * d = 0.
-  void add(const Vec<acc_t>& z, const Vec<acc_t>& m) {
-    const Vec<acc_t> d = at::vec::clamp_min(z - m, Vec<acc_t>(exp_zero_below<acc_t>()));
-    const Vec<acc_t> e = vexp(d);
-    s1.add(e);
-    s2 = at::vec::fmadd(e, e, s2);
-    t = at::vec::fmadd(e, d, t);
-  }
-};
-
-// A row's temperature and its reciprocal rounded once (quotient_rn's r).
-template <typename acc_t>
-struct Temperature {
-  acc_t tau, r;
-  acc_t divide(acc_t x) const { return quotient_rn(x, tau, r); }  // == load_quotient_chunk's z
-};
-
-// Per-row temperature: a per-row tensor when given, else the scalar (rounded to acc_t).
-template <typename acc_t>
-struct RowTemperature {
-  const acc_t* per_row;  // nullptr when the temperature is a scalar
-  acc_t scalar;
-  Temperature<acc_t> operator()(int64_t r) const {
-    const acc_t t = per_row ? per_row[r] : scalar;
-    return {t, acc_t(1) / t};
-  }
-};
 
 template <typename scalar_t, typename acc_t>
 void forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t label, acc_t* buf,
@@ -146,23 +58,12 @@ void forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t l
       lo.add(Vec<acc_t>::loadu(buf + i), vm);
       hi.add(Vec<acc_t>::loadu(buf + i + W), vm);
     }
-    row.s1.add(lo.s1, hi.s1);
-    row.s2 = row.s2 + (lo.s2 + hi.s2);
-    row.t = row.t + (lo.t + hi.t);
+    row.add(lo, hi);
   }
-  const SoftmaxState<acc_t> state{m, row.s1.total(), sum_lanes(row.s2), sum_lanes(row.t)};
+  const SoftmaxState<acc_t> state = row.state(m);
   out = finalize_token_stats(state, tau.divide(acc_t(x[label])));
   if (!state_is_valid(state)) argmax = -1;
 }
-
-// The backward's per-row numbers: the row max m and log s1 from the forward's saved argmax and
-// max_prob, and the gradient coefficients divided by tau (in double, rounded once to acc_t).
-template <typename acc_t>
-struct BackwardRow {
-  acc_t m, log_s1;
-  acc_t a, b, c;           // TokenStatsGradCoef / tau, for the vector loop
-  double a_d, b_d, c_d, g_l;  // the same unrounded, and g_l / tau: the label's entry
-};
 
 template <typename scalar_t, typename acc_t>
 void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t label,
@@ -193,24 +94,6 @@ void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t 
   const double p_c = std::exp(d_c);
   grad[label] = scalar_t(p_c * (row.a_d + row.b_d * d_c + row.c_d * p_c) + row.g_l);
 }
-
-// The backward row's numbers; false when the saved state is not a finished forward row's
-// (argmax out of range, max_prob not in (0, 1]): the row is then NaN, like a NaN forward row.
-template <typename scalar_t, typename acc_t>
-bool backward_row_state(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t argmax,
-                        acc_t max_prob, double g_logprob, double g_entropy, double g_collision,
-                        double g_lse, double entropy, double collision, BackwardRow<acc_t>& out) {
-  if (!(argmax >= 0 && argmax < V && max_prob > acc_t(0) && max_prob <= acc_t(1))) return false;
-  const auto k =
-      token_stats_grad_coef<double>(g_logprob, g_entropy, g_collision, g_lse, entropy, collision);
-  const double t = double(tau.tau);
-  const double a = k.a / t, b = k.b / t, c = k.c / t;
-  out = {tau.divide(acc_t(x[argmax])), -std::log(max_prob), acc_t(a), acc_t(b), acc_t(c),
-         a, b, c, g_logprob / t};
-  return true;
-}
-
-int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1)); }
 
 }  // namespace
 

@@ -159,10 +159,6 @@ void backward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const IdSlot* ids
   }
 }
 
-int64_t grain_rows(int64_t V) {
-  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
-}
-
 void check_topk_inputs(const char* op, const at::Tensor& logits, const at::Tensor& topk_ids,
                        const at::Tensor& topk_logprobs, const std::optional<at::Tensor>& labels,
                        const std::optional<at::Tensor>& temperature) {

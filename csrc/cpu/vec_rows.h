@@ -181,4 +181,27 @@ inline acc_t load_quotient_chunk(const scalar_t* src, int64_t n, acc_t tau, acc_
   return m;
 }
 
+// A row's temperature and its reciprocal rounded once (quotient_rn's r).
+template <typename acc_t>
+struct Temperature {
+  acc_t tau, r;
+  acc_t divide(acc_t x) const { return quotient_rn(x, tau, r); }  // == load_quotient_chunk's z
+};
+
+// Per-row temperature: a per-row tensor when given, else the scalar (rounded to acc_t).
+template <typename acc_t>
+struct RowTemperature {
+  const acc_t* per_row;  // nullptr when the temperature is a scalar
+  acc_t scalar;
+  Temperature<acc_t> operator()(int64_t r) const {
+    const acc_t t = per_row ? per_row[r] : scalar;
+    return {t, acc_t(1) / t};
+  }
+};
+
+// Rows per parallel task: about 32 Ki elements, so small vocabularies do not pay a task per row.
+inline int64_t grain_rows(int64_t V) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(V, 1));
+}
+
 }  // namespace pg_kernels::cpu

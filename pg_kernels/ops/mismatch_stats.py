@@ -127,6 +127,30 @@ torch.library.register_autograd(
 _library.LIB.impl("mismatch_stats_backward", torch.library.fallthrough_kernel, "Autograd")
 
 
+def check_estimator_args(op, logits, labels, rollout_logprobs, tis_cap, icepop_low, icepop_high):
+    """The checks of the sampled estimators' inputs, shared with step_stats; returns the
+    keyword arguments of `sampled_estimators` (tis_cap, icepop_low, icepop_high) as floats."""
+    if not isinstance(rollout_logprobs, torch.Tensor) or not rollout_logprobs.is_floating_point():
+        raise TypeError(f"{op}: rollout_logprobs must be a floating tensor of log-probs")
+    if tuple(rollout_logprobs.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"{op}: rollout_logprobs must have the labels' shape {tuple(labels.shape)}, "
+            f"got {tuple(rollout_logprobs.shape)}"
+        )
+    if rollout_logprobs.device != logits.device:
+        raise ValueError(
+            f"{op}: rollout_logprobs is on {rollout_logprobs.device} but logits on {logits.device}"
+        )
+    tis_cap = check_float_arg(op, "tis_cap", tis_cap, low=0.0)
+    icepop_low = check_float_arg(op, "icepop_low", icepop_low)
+    icepop_high = check_float_arg(op, "icepop_high", icepop_high)
+    if not 0 <= icepop_low <= icepop_high:
+        raise ValueError(
+            f"{op}: need 0 <= icepop_low <= icepop_high, got {icepop_low} and {icepop_high}"
+        )
+    return {"tis_cap": tis_cap, "icepop_low": icepop_low, "icepop_high": icepop_high}
+
+
 def sampled_estimators(
     logprob: torch.Tensor,
     rollout_logprobs: torch.Tensor,
@@ -206,25 +230,10 @@ def mismatch_stats(
     """
     check_logits(OP, "logits", logits)
     check_labels_arg(OP, logits, labels)
-    if not isinstance(rollout_logprobs, torch.Tensor) or not rollout_logprobs.is_floating_point():
-        raise TypeError(f"{OP}: rollout_logprobs must be a floating tensor of log-probs")
-    if tuple(rollout_logprobs.shape) != tuple(labels.shape):
-        raise ValueError(
-            f"{OP}: rollout_logprobs must have the labels' shape {tuple(labels.shape)}, "
-            f"got {tuple(rollout_logprobs.shape)}"
-        )
-    if rollout_logprobs.device != logits.device:
-        raise ValueError(
-            f"{OP}: rollout_logprobs is on {rollout_logprobs.device} but logits on {logits.device}"
-        )
     ignore_index = check_ignore_index(OP, ignore_index)
-    tis_cap = check_float_arg(OP, "tis_cap", tis_cap, low=0.0)
-    icepop_low = check_float_arg(OP, "icepop_low", icepop_low)
-    icepop_high = check_float_arg(OP, "icepop_high", icepop_high)
-    if not 0 <= icepop_low <= icepop_high:
-        raise ValueError(
-            f"{OP}: need 0 <= icepop_low <= icepop_high, got {icepop_low} and {icepop_high}"
-        )
+    bands = check_estimator_args(
+        OP, logits, labels, rollout_logprobs, tis_cap, icepop_low, icepop_high
+    )
     token_kl = token_tv = None
     if rollout_logits is None:
         logprob = token_stats(
@@ -259,12 +268,5 @@ def mismatch_stats(
                 logits, rollout_logits, labels, temp.tensor, temp.scalar, roll_temp.tensor,
                 roll_temp.scalar, ignore_index, backend,
             )  # fmt: skip
-    sampled = sampled_estimators(
-        logprob,
-        rollout_logprobs,
-        labels != ignore_index,
-        tis_cap=tis_cap,
-        icepop_low=icepop_low,
-        icepop_high=icepop_high,
-    )
+    sampled = sampled_estimators(logprob, rollout_logprobs, labels != ignore_index, **bands)
     return MismatchStats(logprob=logprob, **sampled, token_kl=token_kl, token_tv=token_tv)

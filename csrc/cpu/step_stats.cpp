@@ -1,0 +1,480 @@
+// step_stats on the CPU: every per-token statistic of a training step from one read of each
+// logits tensor (docs/math.md §9): token_stats of the policy logits, the exact mismatch
+// KL(pi_roll || pi_theta) and TV against the rollout engine's logits, and the dense KL to a
+// reference / teacher (reverse or forward), each of the other two optional.
+//
+// Forward: one pass over a row of every tensor given, chunk by chunk (vec_rows.h): each chunk of
+// each tensor is loaded once as z = x / tau into an L1-resident buffer; then one exp per element
+// of each tensor. The logits' exp, relative to their running row max exactly as in token_stats,
+// feeds token_stats' lanes (token_rows.h) and both pair sums (pair_rows.h: PairLanes::add_exps),
+// so a row costs three exps per vocabulary entry with both other tensors given, against five
+// for token_stats + mismatch_stats + kl_divergence (and three reads of the logits instead of
+// one). The token_stats fields are bitwise those of token_stats (same loads, same order of
+// operations); token_kl and kl are those of the pair pass with the logits' side referred to
+// the running row max instead of each chunk's max (equal up to rounding). TV needs both
+// normalizers: as in mismatch_stats the pass keeps the logits' and the rollout logits' exps in
+// a row-sized scratch (in L2 for V = 32k) and sweeps it once at the row's end (no exp).
+// Backward: one pass over the logits (and over the reference logits only in rows whose KL
+// upstream gradient is not 0) writes each requested gradient once. With log p_j = (z_j - m) -
+// log s1 recomputed as token_stats' backward does (m and log s1 from the saved argmax and
+// max_prob):
+//   grad_j = [p_j (a + b log p_j + c p_j) + g_l 1[j = c] + g_kl K_j] / tau
+//   reverse KL(p || q):  K_j = p_j ((d_p,j - d_q,j) - E_p[d_p - d_q])   (0 where p_j = 0)
+//   forward KL(q || p):  K_j = p_j - q_j
+// with d = z - (that side's row max), and the reference's gradient that of kl_divergence.
+// Rows are independent, each computed by one thread in a fixed order: deterministic and
+// batch invariant.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "ops.h"
+#include "pair_rows.h"
+#include "token_rows.h"
+
+namespace pg_kernels::cpu {
+namespace {
+
+// Per-row numbers the backward needs from the KL part: the reference's (max, log s1) and the
+// shift c = E_w[d_w - d_v] (softmax_stats.h, kl_grad_shift).
+constexpr int64_t kKLState = 3;
+
+// One row's results.
+template <typename acc_t>
+struct StepRow {
+  TokenStatsRow<acc_t> token;
+  int64_t argmax;
+  acc_t token_kl, token_tv;  // against the rollout logits
+  acc_t kl;                  // to the reference
+  acc_t kl_state[kKLState];
+};
+
+// Row buffers of one thread: the logits' and rollout's chunks (row-sized when the rollout is
+// given: they keep the exps for TV) and the reference's chunk.
+template <typename acc_t>
+struct StepScratch {
+  ExpScratch<acc_t> exps;  // ew: rollout, ev: logits, chunk_m: their references per chunk
+  alignas(64) acc_t logits[kBufferSize<acc_t>];
+  alignas(64) acc_t ref[kBufferSize<acc_t>];
+  explicit StepScratch(int64_t V_kept) : exps(V_kept) {}
+};
+
+// kRoll / kRef: whether the rollout / reference logits are given.
+template <typename scalar_t, typename acc_t, bool kRoll, bool kRef>
+void forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t* xr, acc_t tr,
+                 const scalar_t* xq, acc_t tq, bool reverse, int64_t V, int64_t label,
+                 StepScratch<acc_t>& scratch, StepRow<acc_t>& out) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const Vec<acc_t> lowest(exp_zero_below<acc_t>());
+  LaneSums<acc_t> row;  // token_stats' lanes, relative to the running max m
+  RowSum<acc_t> roll, kl;
+  acc_t m = neg_inf<acc_t>();
+  int64_t argmax = 0;
+  for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
+    const int64_t n = std::min(kChunk, V - begin);
+    acc_t* cp = kRoll ? scratch.exps.ev() + begin : scratch.logits;
+    acc_t* cr = kRoll ? scratch.exps.ew() + begin : nullptr;
+    const acc_t chunk_max = load_quotient_chunk(xp + begin, n, tp.tau, tp.r, cp);
+    if (!(chunk_max <= m)) {  // a new max, or a NaN (as token_stats' forward_row)
+      row.rescale(m, chunk_max);
+      m = chunk_max;
+      argmax = begin + (std::find(cp, cp + n, chunk_max) - cp);
+    }
+    if (!(m < -neg_inf<acc_t>())) break;  // NaN or +inf logits: every field of the row is NaN
+    const acc_t mr = kRoll ? load_divided_chunk(xr + begin, n, tr, cr) : acc_t(0);
+    const acc_t mq = kRef ? load_divided_chunk(xq + begin, n, tq, scratch.ref) : acc_t(0);
+    if constexpr (kRoll) {
+      scratch.exps.chunk_m()[2 * k] = mr;
+      scratch.exps.chunk_m()[2 * k + 1] = m;  // the logits' exps of this chunk are e^{z - m}
+    }
+    // A side with no finite entry yet is referred to 0 (its d = -inf, e = 0), as in pair_chunk.
+    const auto ref_of = [](acc_t mx) { return Vec<acc_t>(mx == neg_inf<acc_t>() ? acc_t(0) : mx); };
+    const Vec<acc_t> vm = ref_of(m), vmr = ref_of(mr), vmq = ref_of(mq);
+    LaneSums<acc_t> lo, hi;
+    PairLanes<acc_t> rlo, rhi, qlo, qhi;
+    const auto step = [&](int64_t i, LaneSums<acc_t>& t, PairLanes<acc_t>& pr, PairLanes<acc_t>& pq) {
+      const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(cp + i) - vm;  // unclamped: a log-ratio term
+      const Vec<acc_t> dp = at::vec::clamp_min(dp_raw, lowest);
+      const Vec<acc_t> ep = vexp(dp);
+      t.add_exp(dp, ep);
+      if constexpr (kRoll) {  // KL(pi_roll || pi_theta): w = rollout, v = logits
+        const Vec<acc_t> dr = at::vec::clamp_min(Vec<acc_t>::loadu(cr + i) - vmr, lowest);
+        const Vec<acc_t> er = vexp(dr);
+        pr.add_exps(dr, er, dp_raw, ep);
+        er.store(cr + i);
+        ep.store(cp + i);
+      }
+      if constexpr (kRef) {
+        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(scratch.ref + i) - vmq;
+        if (reverse) {  // KL(p || q): w = logits, v = reference
+          pq.add_exps(dp, ep, dq_raw, vexp(at::vec::clamp_min(dq_raw, lowest)));
+        } else {  // KL(q || p): w = reference, v = logits
+          const Vec<acc_t> dq = at::vec::clamp_min(dq_raw, lowest);
+          pq.add_exps(dq, vexp(dq), dp_raw, ep);
+        }
+      }
+    };
+    const int64_t n_pad = round_up(n, kStep<acc_t>);
+    for (int64_t i = 0; i < n_pad; i += 2 * W) {
+      step(i, lo, rlo, qlo);
+      step(i + W, hi, rhi, qhi);
+    }
+    row.add(lo, hi);
+    if constexpr (kRoll) roll.merge(PairLanes<acc_t>::join(rlo, rhi, mr, m));
+    if constexpr (kRef) {
+      kl.merge(reverse ? PairLanes<acc_t>::join(qlo, qhi, m, mq)
+                       : PairLanes<acc_t>::join(qlo, qhi, mq, m));
+    }
+  }
+  const SoftmaxState<acc_t> state = row.state(m);
+  const bool valid = state_is_valid(state);
+  out.token = finalize_token_stats(state, tp.divide(acc_t(xp[label])));
+  out.argmax = valid ? argmax : -1;
+  const acc_t nan = quiet_nan<acc_t>();
+  if constexpr (kRoll) {
+    const PairState<acc_t> s = roll.total();
+    out.token_kl = valid ? finalize_kl(s) : nan;
+    out.token_tv = nan;
+    if (valid && side_is_valid(s.m_w)) {
+      const SideState<acc_t> q = side_state(s.m_w, s.s1_w);
+      out.token_tv = total_variation(scratch.exps.ew(), scratch.exps.ev(), scratch.exps.chunk_m(),
+                                     V, q.m, q.log_s1, m, std::log(state.s1));
+    }
+  }
+  if constexpr (kRef) {
+    const PairState<acc_t> s = kl.total();
+    out.kl = valid ? finalize_kl(s) : nan;
+    const SideState<acc_t> q = reverse ? side_state(s.m_v, s.s1_v) : side_state(s.m_w, s.s1_w);
+    out.kl_state[0] = q.m;
+    out.kl_state[1] = q.log_s1;
+    out.kl_state[2] = kl_grad_shift(s);
+  }
+}
+
+// The KL part of a backward row: the reference's (m, log s1), the shift c, and the upstream
+// gradient divided by each side's temperature.
+template <typename acc_t>
+struct KLBackward {
+  acc_t m, log_s1, c, g_p, g_q;
+};
+
+// One backward row. kKL: 0 no KL term, 1 reverse, 2 forward. kP / kQ: write the logits' /
+// the reference's gradient.
+template <typename scalar_t, typename acc_t, int kKL, bool kP, bool kQ>
+void backward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t* xq, acc_t tq,
+                  int64_t V, int64_t label, const BackwardRow<acc_t>& row,
+                  const KLBackward<acc_t>& kl, acc_t* bp, acc_t* bq, scalar_t* grad,
+                  scalar_t* grad_ref) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const Vec<acc_t> vm(row.m), vls(row.log_s1), va(row.a), vb(row.b), vc(row.c), zero(acc_t(0)),
+      lowest(exp_zero_below<acc_t>());
+  const Vec<acc_t> vmq(kl.m), vlq(kl.log_s1), vshift(kl.c), vgp(kl.g_p), vgq(kl.g_q);
+  for (int64_t begin = 0; begin < V; begin += kChunk) {
+    const int64_t n = std::min(kChunk, V - begin);
+    load_quotient_chunk(xp + begin, n, tp.tau, tp.r, bp);
+    if constexpr (kKL != 0) load_divided_chunk(xq + begin, n, tq, bq);
+    for (int64_t i = 0; i < n; i += W) {
+      const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(bp + i) - vm;
+      const Vec<acc_t> d = at::vec::clamp_min(dp_raw - vls, lowest);  // log p_j
+      const Vec<acc_t> p = vexp(d);
+      Vec<acc_t> g = zero, gq = zero;
+      if constexpr (kP) g = p * at::vec::fmadd(vc, p, at::vec::fmadd(vb, d, va));
+      if constexpr (kKL == 1) {  // reverse: w = p, v = q
+        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(bq + i) - vmq;
+        if constexpr (kP) {
+          const Vec<acc_t> term = p * ((dp_raw - dq_raw) - vshift) * vgp;
+          g = g + Vec<acc_t>::blendv(term, zero, p == zero);
+        }
+        if constexpr (kQ) {
+          const Vec<acc_t> q = vexp(at::vec::clamp_min(dq_raw - vlq, lowest));
+          gq = (q - p) * vgq;
+        }
+      } else if constexpr (kKL == 2) {  // forward: w = q, v = p
+        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(bq + i) - vmq;
+        const Vec<acc_t> q = vexp(at::vec::clamp_min(dq_raw - vlq, lowest));
+        if constexpr (kP) g = at::vec::fmadd(p - q, vgp, g);
+        if constexpr (kQ) {
+          const Vec<acc_t> term = q * ((dq_raw - dp_raw) - vshift) * vgq;
+          gq = Vec<acc_t>::blendv(term, zero, q == zero);
+        }
+      }
+      if constexpr (kP) g.store(bp + i);
+      if constexpr (kQ) gq.store(bq + i);
+    }
+    if constexpr (kP) store_row(bp, grad + begin, n);
+    if constexpr (kQ) store_row(bq, grad_ref + begin, n);
+  }
+  if constexpr (kP) {
+    // The label's entry gets + g_l / tau, added in double before the one rounding (as in
+    // token_stats' backward), its KL term recomputed in double too.
+    const acc_t dp_c = tp.divide(acc_t(xp[label])) - row.m;
+    const acc_t d_c = std::max(dp_c - row.log_s1, exp_zero_below<acc_t>());
+    const double p_c = std::exp(double(d_c));
+    double value = p_c * (row.a_d + row.b_d * d_c + row.c_d * p_c) + row.g_l;
+    if constexpr (kKL == 1) {
+      const double dq_c = double(acc_t(xq[label]) / tq) - double(kl.m);
+      if (p_c > 0) value += double(kl.g_p) * p_c * ((double(dp_c) - dq_c) - double(kl.c));
+    } else if constexpr (kKL == 2) {
+      const acc_t dq_c = acc_t(xq[label]) / tq - kl.m;
+      const double q_c = std::exp(double(std::max(dq_c - kl.log_s1, exp_zero_below<acc_t>())));
+      value += double(kl.g_p) * (p_c - q_c);
+    }
+    grad[label] = scalar_t(value);
+  }
+}
+
+// backward_row with its compile-time flags picked at run time.
+template <typename scalar_t, typename acc_t>
+void dispatch_backward_row(int kl_mode, bool do_p, bool do_q, const scalar_t* xp,
+                           Temperature<acc_t> tp, const scalar_t* xq, acc_t tq, int64_t V,
+                           int64_t label, const BackwardRow<acc_t>& row,
+                           const KLBackward<acc_t>& kl, acc_t* bp, acc_t* bq, scalar_t* grad,
+                           scalar_t* grad_ref) {
+#define PGK_ROW(K, P, Q) \
+  backward_row<scalar_t, acc_t, K, P, Q>(xp, tp, xq, tq, V, label, row, kl, bp, bq, grad, grad_ref)
+  if (kl_mode == 0) {
+    if (do_p) PGK_ROW(0, true, false);
+  } else if (kl_mode == 1) {
+    if (do_p && do_q) PGK_ROW(1, true, true);
+    else if (do_p) PGK_ROW(1, true, false);
+    else if (do_q) PGK_ROW(1, false, true);
+  } else {
+    if (do_p && do_q) PGK_ROW(2, true, true);
+    else if (do_p) PGK_ROW(2, true, false);
+    else if (do_q) PGK_ROW(2, false, true);
+  }
+#undef PGK_ROW
+}
+
+}  // namespace
+
+std::vector<at::Tensor> step_stats_forward(
+    const at::Tensor& logits, const std::optional<at::Tensor>& rollout_logits,
+    const std::optional<at::Tensor>& ref_logits, const at::Tensor& labels,
+    const std::optional<at::Tensor>& temperature, double temperature_scalar,
+    const std::optional<at::Tensor>& rollout_temperature, double rollout_temperature_scalar,
+    const std::optional<at::Tensor>& ref_temperature, double ref_temperature_scalar,
+    bool reverse, int64_t ignore_index, int64_t n_inner, int64_t stride_outer,
+    int64_t stride_inner, int64_t rollout_n_inner, int64_t rollout_stride_outer,
+    int64_t rollout_stride_inner, int64_t ref_n_inner, int64_t ref_stride_outer,
+    int64_t ref_stride_inner) {
+  const int64_t N = labels.numel();
+  const int64_t V = logits.size(-1);
+  check_row_inputs("step_stats", logits, labels, temperature);
+  if (rollout_logits) {
+    check_pair_inputs("step_stats", logits, *rollout_logits, labels, temperature,
+                      rollout_temperature);
+  }
+  if (ref_logits) {
+    check_pair_inputs("step_stats", logits, *ref_logits, labels, temperature, ref_temperature);
+  }
+  check_labels_in_range("step_stats", labels, V, ignore_index);
+  const bool has_roll = rollout_logits.has_value(), has_ref = ref_logits.has_value();
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = labels.options().dtype(acc_dtype);
+  const auto rows = [&](bool given) { return at::empty({given ? N : 0}, opts); };
+  at::Tensor logprob = rows(true), entropy = rows(true), collision = rows(true), lgp = rows(true),
+             lse = rows(true), max_prob = rows(true),
+             argmax = at::empty({N}, opts.dtype(at::kLong)), token_kl = rows(has_roll),
+             token_tv = rows(has_roll), kl = rows(has_ref),
+             kl_state = at::empty({has_ref ? N : 0, kKLState}, opts);
+  const RowLayout layout{n_inner, stride_outer, stride_inner};
+  const RowLayout roll_layout{rollout_n_inner, rollout_stride_outer, rollout_stride_inner};
+  const RowLayout ref_layout{ref_n_inner, ref_stride_outer, ref_stride_inner};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "step_stats_forward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* x = logits.const_data_ptr<scalar_t>();
+        const scalar_t* xr = has_roll ? rollout_logits->const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* xq = has_ref ? ref_logits->const_data_ptr<scalar_t>() : nullptr;
+        const RowTemperature<acc_t> tau{optional_data<acc_t>(temperature),
+                                        acc_t(temperature_scalar)};
+        const RowTemperature<acc_t> tau_r{optional_data<acc_t>(rollout_temperature),
+                                          acc_t(rollout_temperature_scalar)};
+        const RowTemperature<acc_t> tau_q{optional_data<acc_t>(ref_temperature),
+                                          acc_t(ref_temperature_scalar)};
+        acc_t *o_lp = logprob.data_ptr<acc_t>(), *o_h = entropy.data_ptr<acc_t>(),
+              *o_c = collision.data_ptr<acc_t>(), *o_w = lgp.data_ptr<acc_t>(),
+              *o_l = lse.data_ptr<acc_t>(), *o_mp = max_prob.data_ptr<acc_t>(),
+              *o_rkl = token_kl.data_ptr<acc_t>(), *o_tv = token_tv.data_ptr<acc_t>(),
+              *o_kl = kl.data_ptr<acc_t>(), *o_st = kl_state.data_ptr<acc_t>();
+        int64_t* o_am = argmax.data_ptr<int64_t>();
+        const LabelReader read_label(labels);
+        at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+          StepScratch<acc_t> scratch(has_roll ? V : 0);
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t c = read_label(r);
+            StepRow<acc_t> out{};
+            if (c != ignore_index) {
+              const scalar_t* xp = x + layout.offset(r);
+              const scalar_t* xr_row = has_roll ? xr + roll_layout.offset(r) : nullptr;
+              const scalar_t* xq_row = has_ref ? xq + ref_layout.offset(r) : nullptr;
+              const acc_t tr = has_roll ? tau_r(r).tau : acc_t(1);
+              const acc_t tq = has_ref ? tau_q(r).tau : acc_t(1);
+              const auto run = [&](auto roll, auto ref) {
+                forward_row<scalar_t, acc_t, decltype(roll)::value, decltype(ref)::value>(
+                    xp, tau(r), xr_row, tr, xq_row, tq, reverse, V, c, scratch, out);
+              };
+              using Yes = std::true_type;
+              using No = std::false_type;
+              if (has_roll && has_ref) run(Yes{}, Yes{});
+              else if (has_roll) run(Yes{}, No{});
+              else if (has_ref) run(No{}, Yes{});
+              else run(No{}, No{});
+            }  // an ignored row is all 0 (argmax 0, as token_stats)
+            o_lp[r] = out.token.logprob;
+            o_h[r] = out.token.entropy;
+            o_c[r] = out.token.collision;
+            o_w[r] = out.token.lgp;
+            o_l[r] = out.token.lse;
+            o_mp[r] = out.token.max_prob;
+            o_am[r] = out.argmax;
+            if (has_roll) {
+              o_rkl[r] = out.token_kl;
+              o_tv[r] = out.token_tv;
+            }
+            if (has_ref) {
+              o_kl[r] = out.kl;
+              std::copy(out.kl_state, out.kl_state + kKLState, o_st + kKLState * r);
+            }
+          }
+        });
+      });
+  return {logprob, entropy, collision, lgp, lse, max_prob, argmax, token_kl, token_tv, kl,
+          kl_state};
+}
+
+std::vector<at::Tensor> step_stats_backward(
+    const at::Tensor& grad_logprob, const at::Tensor& grad_entropy,
+    const at::Tensor& grad_collision, const at::Tensor& grad_lse,
+    const std::optional<at::Tensor>& grad_kl, const at::Tensor& logits,
+    const std::optional<at::Tensor>& ref_logits, const at::Tensor& labels,
+    const std::optional<at::Tensor>& temperature, double temperature_scalar,
+    const std::optional<at::Tensor>& ref_temperature, double ref_temperature_scalar,
+    bool reverse, int64_t ignore_index, const at::Tensor& lse, const at::Tensor& entropy,
+    const at::Tensor& collision, const at::Tensor& max_prob, const at::Tensor& argmax,
+    const std::optional<at::Tensor>& kl, const std::optional<at::Tensor>& kl_state,
+    bool need_logits_grad, bool need_ref_grad, int64_t n_inner, int64_t stride_outer,
+    int64_t stride_inner, int64_t ref_n_inner, int64_t ref_stride_outer,
+    int64_t ref_stride_inner) {
+  const int64_t N = labels.numel();
+  const int64_t V = logits.size(-1);
+  const char* op = "step_stats_backward";
+  check_row_inputs(op, logits, labels, temperature);
+  check_labels_in_range(op, labels, V, ignore_index);
+  const bool has_ref = ref_logits.has_value();
+  if (has_ref) {
+    check_pair_inputs(op, logits, *ref_logits, labels, temperature, ref_temperature);
+    TORCH_CHECK(grad_kl && kl && kl_state, op, ": ref_logits needs grad_kl, kl and kl_state");
+  }
+  TORCH_CHECK(!need_ref_grad || has_ref, op, ": need_ref_grad without ref_logits");
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  std::vector<const at::Tensor*> per_row{&grad_logprob, &grad_entropy, &grad_collision,
+                                         &grad_lse,     &lse,          &entropy,
+                                         &collision,    &max_prob};
+  if (has_ref) {
+    per_row.push_back(&*grad_kl);
+    per_row.push_back(&*kl);
+  }
+  for (const at::Tensor* t : per_row) {
+    TORCH_CHECK(t->is_contiguous() && t->numel() == N && t->scalar_type() == acc_dtype, op,
+                ": per-row tensors must be contiguous ", acc_dtype, " with ", N, " elements");
+  }
+  TORCH_CHECK(argmax.is_contiguous() && argmax.numel() == N && argmax.scalar_type() == at::kLong,
+              op, ": argmax must be a contiguous int64 tensor of ", N, " elements");
+  if (has_ref) {
+    TORCH_CHECK(kl_state->is_contiguous() && kl_state->numel() == kKLState * N &&
+                    kl_state->scalar_type() == acc_dtype,
+                op, ": kl_state must be a contiguous ", acc_dtype, " tensor of ", N, " x ",
+                kKLState);
+  }
+  const auto contiguous = at::MemoryFormat::Contiguous;
+  at::Tensor grad = need_logits_grad
+                        ? at::empty(logits.sizes(), logits.options().memory_format(contiguous))
+                        : at::empty({0}, logits.options());
+  at::Tensor grad_ref =
+      need_ref_grad ? at::empty(ref_logits->sizes(), ref_logits->options().memory_format(contiguous))
+                    : at::empty({0}, logits.options());
+  const RowLayout layout{n_inner, stride_outer, stride_inner};
+  const RowLayout ref_layout{ref_n_inner, ref_stride_outer, ref_stride_inner};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "step_stats_backward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* x = logits.const_data_ptr<scalar_t>();
+        const scalar_t* xq = has_ref ? ref_logits->const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* g = need_logits_grad ? grad.data_ptr<scalar_t>() : nullptr;
+        scalar_t* gr = need_ref_grad ? grad_ref.data_ptr<scalar_t>() : nullptr;
+        const RowTemperature<acc_t> tau{optional_data<acc_t>(temperature),
+                                        acc_t(temperature_scalar)};
+        const RowTemperature<acc_t> tau_q{optional_data<acc_t>(ref_temperature),
+                                          acc_t(ref_temperature_scalar)};
+        const acc_t *g_lp = grad_logprob.const_data_ptr<acc_t>(),
+                    *g_h = grad_entropy.const_data_ptr<acc_t>(),
+                    *g_c = grad_collision.const_data_ptr<acc_t>(),
+                    *g_l = grad_lse.const_data_ptr<acc_t>(), *s_l = lse.const_data_ptr<acc_t>(),
+                    *s_h = entropy.const_data_ptr<acc_t>(),
+                    *s_c = collision.const_data_ptr<acc_t>(),
+                    *s_mp = max_prob.const_data_ptr<acc_t>();
+        const acc_t* g_kl = has_ref ? grad_kl->const_data_ptr<acc_t>() : nullptr;
+        const acc_t* s_kl = has_ref ? kl->const_data_ptr<acc_t>() : nullptr;
+        const acc_t* s_st = has_ref ? kl_state->const_data_ptr<acc_t>() : nullptr;
+        const int64_t* s_am = argmax.const_data_ptr<int64_t>();
+        const LabelReader read_label(labels);
+        at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+          alignas(64) acc_t bp[kBufferSize<acc_t>];
+          alignas(64) acc_t bq[kBufferSize<acc_t>];
+          const acc_t nan = quiet_nan<acc_t>();
+          for (int64_t r = begin; r < end; ++r) {
+            scalar_t* gp = g ? g + r * V : nullptr;
+            scalar_t* gq = gr ? gr + r * V : nullptr;
+            const auto fill = [V](scalar_t* row, acc_t value) {
+              if (row) std::fill(row, row + V, scalar_t(value));
+            };
+            const int64_t c = read_label(r);
+            if (c == ignore_index) {
+              fill(gp, 0);
+              fill(gq, 0);
+              continue;
+            }
+            const scalar_t* xp = x + layout.offset(r);
+            const Temperature<acc_t> tp = tau(r);
+            BackwardRow<acc_t> row;
+            const bool valid = is_finite(s_l[r]) &&
+                               backward_row_state(xp, V, tp, s_am[r], s_mp[r], g_lp[r], g_h[r],
+                                                  g_c[r], g_l[r], s_h[r], s_c[r], row);
+            // The KL term joins only where its upstream gradient is not 0 (so a KL that is not
+            // in the loss never reads the reference, nor turns a row NaN).
+            const acc_t up = has_ref ? g_kl[r] : acc_t(0);
+            int kl_mode = up != acc_t(0) ? (reverse ? 1 : 2) : 0;
+            const acc_t* st = has_ref ? s_st + kKLState * r : nullptr;
+            bool do_p = gp != nullptr, do_q = gq != nullptr && kl_mode != 0;
+            if (!do_q) fill(gq, 0);
+            if (!valid || (kl_mode != 0 && (s_kl[r] != s_kl[r] || !is_finite(st[0]) ||
+                                            !is_finite(st[1])))) {
+              fill(gp, nan);  // a NaN row stays NaN
+              if (do_q) fill(gq, nan);
+              continue;
+            }
+            if (kl_mode != 0 && !(s_kl[r] < -neg_inf<acc_t>())) {
+              // KL = +inf (some w_j > 0 has v_j = 0): the weight side's gradient is undefined
+              // (NaN), the other side's finite (as kl_divergence).
+              scalar_t*& weight = reverse ? gp : gq;
+              bool& do_weight = reverse ? do_p : do_q;
+              if (do_weight) fill(weight, nan);
+              do_weight = false;
+            }
+            const scalar_t* xq_row = has_ref ? xq + ref_layout.offset(r) : nullptr;
+            const acc_t tq = has_ref ? tau_q(r).tau : acc_t(1);
+            const KLBackward<acc_t> klb =
+                kl_mode == 0 ? KLBackward<acc_t>{0, 0, 0, 0, 0}
+                             : KLBackward<acc_t>{st[0], st[1], st[2], up / tp.tau, up / tq};
+            dispatch_backward_row<scalar_t, acc_t>(kl_mode, do_p, do_q, xp, tp, xq_row, tq, V,
+                                                   c, row, klb, bp, bq, gp, gq);
+          }
+        });
+      });
+  return {grad, grad_ref};
+}
+
+}  // namespace pg_kernels::cpu

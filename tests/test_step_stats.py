@@ -1,0 +1,380 @@
+"""step_stats against the float64 references on every backend with a kernel, against the single
+ops it bundles (token_stats bitwise, mismatch_stats and kl_divergence to rounding), and the op
+contract (opcheck, fullgraph compile, gradients only where asked, bad input)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+from test_kl_divergence import _kl_grad_floor
+
+import pg_kernels
+from pg_kernels import reference
+from pg_kernels.reference._util import compute_dtype
+from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+DIRECTIONS = ("reverse", "forward")
+INF = float("inf")
+
+pytestmark = pytest.mark.op("step_stats")
+
+
+@pytest.fixture
+def bd(backend_device):
+    """(backend, device) of a step_stats kernel (conftest generates only pairs that exist)."""
+    return backend_device
+
+
+class Flat(NamedTuple):
+    """The bundle's float fields, flat, for check_against_reference (absent parts are empty)."""
+
+    logprob: torch.Tensor
+    entropy: torch.Tensor
+    collision: torch.Tensor
+    lgp: torch.Tensor
+    lse: torch.Tensor
+    max_prob: torch.Tensor
+    token_kl: torch.Tensor
+    token_tv: torch.Tensor
+    k3: torch.Tensor
+    kl: torch.Tensor
+
+
+def _flat(token, token_kl, token_tv, k3, kl):
+    empty = token.logprob.new_zeros(0)
+    return Flat(
+        token.logprob, token.entropy, token.collision, token.lgp, token.lse, token.max_prob,
+        empty if token_kl is None else token_kl, empty if token_tv is None else token_tv,
+        empty if k3 is None else k3, empty if kl is None else kl,
+    )  # fmt: skip
+
+
+def _op(backend):
+    def op(x, y, xr, lp, xq, **kw):
+        out = pg_kernels.step_stats(
+            x, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xq, backend=backend, **kw
+        )
+        m = out.mismatch
+        return _flat(out.token, *(None,) * 3 if m is None else (m.token_kl, m.token_tv, m.k3),
+                     out.kl)  # fmt: skip
+
+    return op
+
+
+def _ref(x, y, xr, lp, xq, *, upcast, kl_direction="reverse", temperature=1.0,
+         rollout_temperature=None, ref_temperature=None, ignore_index=-100):  # fmt: skip
+    """The single ops' float64 references (upcast) or plain PyTorch at the input precision.
+
+    The logits are converted once, up front: each reference converting them itself would make
+    the gradient of a 16-bit leaf the sum of the ops' gradients each rounded to 16 bits (two
+    terms of ~0.1 that cancel to ~0.004 then carry ulp(0.1) = 5e-4 of error).
+    """
+    work = compute_dtype(x.dtype, upcast)
+    x, xq = x.to(work), None if xq is None else xq.to(work)
+    shared = dict(temperature=temperature, labels=y, ignore_index=ignore_index, upcast=upcast)
+    token = reference.token_stats(
+        x, y, temperature=temperature, ignore_index=ignore_index, upcast=upcast
+    )
+    token_kl = token_tv = k3 = kl = None
+    if lp is not None:
+        rt = temperature if rollout_temperature is None else rollout_temperature
+        m = reference.mismatch_stats(x, y, lp, rollout_logits=xr, rollout_temperature=rt,
+                                     temperature=temperature, ignore_index=ignore_index,
+                                     upcast=upcast)  # fmt: skip
+        token_kl, token_tv, k3 = m.token_kl, m.token_tv, m.k3
+    if xq is not None:
+        kl = reference.kl_divergence(x, xq, direction=kl_direction, ref_temperature=ref_temperature,
+                                     **shared)  # fmt: skip
+    return _flat(token, token_kl, token_tv, k3, kl)
+
+
+def _inputs(n, v, dtype, device, seed):
+    """Policy logits (row 0 near one-hot), rollout logits (a perturbation), a teacher (another
+    draw, row 1 equal to the policy's), labels and the rollout's log-probs of them."""
+    x = make_logits(n, v, dtype, device=device, seed=seed)
+    near_one_hot(x, slice(0, 1))
+    noise = make_logits(n, v, torch.float64, scale=0.1, seed=seed + 100).to(device)
+    xr = (x.double() + noise - 2.0).to(dtype)
+    xq = make_logits(n, v, dtype, device=device, scale=2.0, seed=seed + 200)
+    if n > 1:
+        xq[1] = x[1]
+    y = make_labels((n,), v, device=device, seed=seed)
+    lp = reference.token_stats(xr, y).logprob.float()
+    return x, y, xr, lp, xq
+
+
+def _check(backend, x, y, xr, lp, xq, **kw):
+    diff = ["logprob", "entropy", "collision", "lse"] + (["kl"] if xq is not None else [])
+    kl_floor = None if xq is None else _kl_grad_floor(
+        x, xq, {"direction": kw.get("kl_direction", "reverse"), **{
+            k: kw[k] for k in ("temperature", "ref_temperature") if k in kw}})  # fmt: skip
+
+    def floor(i, ups):
+        return None if kl_floor is None else kl_floor(i, {"out": ups["kl"]})
+
+    return check_against_reference(
+        _op(backend), _ref, (x, y, xr, lp, xq), kw, diff_fields=diff,
+        grad_args=(0,) if xq is None else (0, 4), grad_floor=floor,
+    )  # fmt: skip
+
+
+def _shapes(backend, device):
+    if backend == "triton" and device == "cpu":
+        return [(3, 7), (4, 1000), (2, 5003)]
+    return [(3, 7), (16, 1000), (4, 32003), (2, 151936)]
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(bd, dtype, direction):
+    backend, device = bd
+    for i, (n, v) in enumerate(_shapes(backend, device)):
+        x, y, xr, lp, xq = _inputs(n, v, dtype, device, seed=i)
+        errors = _check(backend, x, y, xr, lp, xq, kl_direction=direction)
+        assert {"token_tv", "kl", "grad0", "grad4"} <= set(errors)
+
+
+@pytest.mark.parametrize("parts", ["none", "rollout", "ref", "logprobs only"])
+def test_any_subset_of_the_other_tensors(bd, parts):
+    backend, device = bd
+    x, y, xr, lp, xq = _inputs(8, 3001, torch.float32, device, seed=5)
+    xr = xr if parts == "rollout" else None
+    lp = lp if parts in ("rollout", "logprobs only") else None
+    xq = xq if parts == "ref" else None
+    _check(backend, x, y, xr, lp, xq, temperature=0.7)
+    out = pg_kernels.step_stats(x, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xq,
+                                backend=backend)  # fmt: skip
+    assert (out.mismatch is None) == (lp is None) and (out.kl is None) == (xq is None)
+    if out.mismatch is not None:
+        assert (out.mismatch.token_kl is None) == (xr is None)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_equals_the_single_ops(bd, direction):
+    """token_stats' fields bitwise (the same loads and order of operations), the mismatch and KL
+    fields and the summed gradients of the three ops to rounding."""
+    backend, device = bd
+    x, y, xr, lp, xq = _inputs(6, 5003, torch.float32, device, seed=7)
+    y[2] = -100
+    kw = dict(temperature=0.7, backend=backend)
+    xa, qa = x.clone().requires_grad_(), xq.clone().requires_grad_()
+    out = pg_kernels.step_stats(xa, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=qa,
+                                kl_direction=direction, **kw)  # fmt: skip
+    xb, xc, qc = (t.clone().requires_grad_() for t in (x, x, xq))
+    ts = pg_kernels.token_stats(xb, y, **kw)
+    ms = pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr, **kw)
+    kl = pg_kernels.kl_divergence(xc, qc, direction=direction, labels=y, **kw)
+    for f in ts._fields:
+        assert torch.equal(getattr(out.token, f), getattr(ts, f)), f
+    for f in ms._fields:
+        torch.testing.assert_close(getattr(out.mismatch, f), getattr(ms, f), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.kl, kl, rtol=1e-5, atol=1e-6)
+    g = torch.randn(5, 6, generator=torch.Generator().manual_seed(0)).to(device)
+    t = out.token
+    (g[0] * t.logprob + g[1] * t.entropy + g[2] * t.collision + g[3] * t.lse + g[4] * out.kl
+     ).sum().backward()  # fmt: skip
+    (g[0] * ts.logprob + g[1] * ts.entropy + g[2] * ts.collision + g[3] * ts.lse
+     ).sum().backward()  # fmt: skip
+    (g[4] * kl).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad + xc.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(qa.grad, qc.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_temperature(bd):
+    backend, device = bd
+    gen = torch.Generator().manual_seed(2)
+    per_row = (torch.rand(4, generator=gen, dtype=torch.float64) * 2 + 0.25).to(device)
+    per_row_q = (torch.rand(4, generator=gen, dtype=torch.float64) * 2 + 0.25).to(device)
+    x, y, xr, lp, xq = _inputs(4, 1000, torch.float32, device, seed=2)
+    for t, tr, tq in ((0.7, None, None), (per_row, 1.3, per_row_q), (0.5, per_row, 2.0)):
+        lp = reference.token_stats(xr, y, temperature=t if tr is None else tr).logprob.float()
+        _check(backend, x, y, xr, lp, xq, temperature=t, rollout_temperature=tr,
+               ref_temperature=tq)  # fmt: skip
+
+
+def test_ignore_rows_and_strided_inputs(bd):
+    """[B, T + 1, V] views shifted by one token, read in place; ignored rows are 0 with a zero
+    gradient."""
+    backend, device = bd
+    b, t, v = 2, 4, 777
+    x, xr, xq = (make_logits((b, t + 1), v, torch.bfloat16, device=device, seed=s)
+                 for s in (1, 2, 3))  # fmt: skip
+    y = make_labels((b, t), v, device=device, seed=4)
+    y[0, 1] = y[1, 3] = -100
+    lp = reference.token_stats(xr[:, 1:], y).logprob.float()
+    _check(backend, x[:, :-1], y, xr[:, 1:], lp, xq[:, :-1], kl_direction="forward")
+    out = pg_kernels.step_stats(x[:, :-1], y, rollout_logprobs=lp, rollout_logits=xr[:, 1:],
+                                ref_logits=xq[:, :-1], backend=backend)  # fmt: skip
+    ignored = y == -100
+    for f in (*out.token[:6], out.mismatch.token_kl, out.mismatch.token_tv, out.kl):
+        assert bool((f[ignored] == 0).all())
+
+
+def test_neg_inf_entries(bd):
+    """A token only the rollout can sample makes token_kl = +inf; a teacher that gives 0 where the
+    policy does not makes reverse KL +inf (its logits' gradient NaN, the teacher's finite)."""
+    backend, device = bd
+    x, y, xr, lp, xq = _inputs(4, 4099, torch.float32, device, seed=9)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    mask[:, y] = False
+    x[mask], xr[mask], xq[mask] = -INF, -INF, -INF  # shared -inf: padded vocabulary
+    x[1, (y[1] + 1) % 4099] = xq[1, (y[1] + 1) % 4099] = -INF  # rollout-only token:
+    xr[1, (y[1] + 1) % 4099] = 5.0  # token_kl = +inf
+    xq[2, (y[2] + 1) % 4099] = -INF  # teacher-only zero under a finite policy entry
+    # Forward KL(q || p) is finite here (the teacher-only zero has weight 0); an infinite KL
+    # gets no float64 gradient to compare with (the reference's is NaN even where the loss
+    # does not use it).
+    _check(backend, x, y, xr, lp, xq, kl_direction="forward")
+    out = pg_kernels.step_stats(x, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xq,
+                                backend=backend)  # fmt: skip
+    assert out.mismatch.token_kl[1] == INF and out.kl[2] == INF
+    xa, qa = x.clone().requires_grad_(), xq.clone().requires_grad_()
+    out = pg_kernels.step_stats(xa, y, ref_logits=qa, backend=backend)
+    (out.kl + out.token.logprob).sum().backward()  # an infinite loss; its gradient per row
+    assert bool(xa.grad[2].isnan().all()) and bool(xa.grad[[0, 1, 3]].isfinite().all())
+    assert bool(qa.grad.isfinite().all())
+
+
+def test_nan_rows_stay_local(bd):
+    """A NaN policy row is NaN everywhere; a NaN rollout or teacher row spoils only its own
+    statistic, and a teacher whose KL is not in the loss is never read by the backward."""
+    backend, device = bd
+    x, y, xr, lp, xq = _inputs(4, 1000, torch.float32, device, seed=11)
+    x[0, 3] = float("nan")
+    xr[1, 5] = float("nan")
+    xq[2, 7] = float("nan")
+    xa = x.clone().requires_grad_()
+    out = pg_kernels.step_stats(xa, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xq,
+                                backend=backend)  # fmt: skip
+    assert bool(out.token.logprob[0].isnan()) and bool(out.kl[0].isnan())
+    assert bool(out.mismatch.token_kl[1].isnan()) and bool(out.token.logprob[1].isfinite())
+    assert bool(out.kl[2].isnan()) and bool(out.mismatch.token_tv[2].isfinite())
+    out.token.entropy.sum().backward()  # the KL is not in the loss: row 2 is finite
+    assert bool(xa.grad[0].isnan().all()) and bool(xa.grad[1:].isfinite().all())
+    xb = x.clone().requires_grad_()
+    pg_kernels.step_stats(xb, y, ref_logits=xq, backend=backend).kl[1:].sum().backward()
+    assert bool(xb.grad[2].isnan().all()) and bool(xb.grad[[1, 3]].isfinite().all())
+
+
+def test_gradients_only_where_asked(bd):
+    backend, device = bd
+    x, y, xr, lp, xq = _inputs(3, 500, torch.float32, device, seed=13)
+    qa = xq.clone().requires_grad_()  # a trained teacher, a frozen policy
+    out = pg_kernels.step_stats(x, y, ref_logits=qa, kl_direction="forward", backend=backend)
+    out.kl.sum().backward()
+    qb = xq.clone().requires_grad_()
+    pg_kernels.kl_divergence(x, qb, direction="forward", backend=backend).sum().backward()
+    torch.testing.assert_close(qa.grad, qb.grad, rtol=1e-5, atol=1e-7)
+    xa = x.clone().requires_grad_()
+    out = pg_kernels.step_stats(xa, y, rollout_logprobs=lp, rollout_logits=xr, backend=backend)
+    assert not out.mismatch.token_kl.requires_grad and not out.mismatch.k3.requires_grad
+    out.mismatch.logprob.sum().backward()
+    assert xa.grad is not None
+
+
+def test_deterministic_and_batch_invariant(bd):
+    backend, device = bd
+    x, y, xr, lp, xq = _inputs(8, 2500, torch.bfloat16, device, seed=15)
+
+    def run(rows):
+        out = pg_kernels.step_stats(x[rows], y[rows], rollout_logprobs=lp[rows],
+                                    rollout_logits=xr[rows], ref_logits=xq[rows],
+                                    backend=backend)  # fmt: skip
+        return torch.stack([*out.token[:6], out.mismatch.token_kl, out.mismatch.token_tv, out.kl])
+
+    full = run(slice(None))
+    assert torch.equal(full, run(slice(None)))
+    assert torch.equal(full[:, 3:5], run(slice(3, 5)))
+
+
+def test_empty_batch(bd):
+    backend, device = bd
+    x, y, xr, lp, xq = _inputs(2, 50, torch.float32, device, seed=1)
+    xa = x[:0].clone().requires_grad_()
+    out = pg_kernels.step_stats(xa, y[:0], rollout_logprobs=lp[:0], rollout_logits=xr[:0],
+                                ref_logits=xq[:0], backend=backend)  # fmt: skip
+    assert out.kl.shape == (0,) and out.mismatch.token_tv.shape == (0,)
+    (out.token.logprob.sum() + out.kl.sum()).backward()
+    assert xa.grad.shape == (0, 50)
+
+
+needs_cpu_ext = pytest.mark.skipif(
+    "cpu" not in pg_kernels._backend.KERNELS["step_stats"]
+    or pg_kernels._backend.unavailable_reason("cpu", torch.device("cpu")) is not None,
+    reason="C++ extension unavailable",
+)
+
+
+@needs_cpu_ext
+def test_opcheck():
+    x, y, xr, lp, xq = _inputs(4, 33, torch.float32, "cpu", seed=17)
+    t = torch.rand(4) + 0.5
+    op = torch.ops.pg_kernels.step_stats.default
+    for roll, ref, temp in ((None, None, None), (xr, None, t), (None, xq, None), (xr, xq, t)):
+        for direction in DIRECTIONS:
+            args = (x.clone().requires_grad_(), roll, None if ref is None else
+                    ref.clone().requires_grad_(), y, temp, 1.3, None, 0.8, t, 1.0, direction,
+                    -100, "cpu")  # fmt: skip
+            torch.library.opcheck(op, args)
+    outs = op(x, xr, xq, y, None, 1.0, None, 1.0, None, 1.0, "reverse", -100, "cpu")
+    _, entropy, collision, _, lse, max_prob, argmax, _, _, kl, kl_state = outs
+    bwd = torch.ops.pg_kernels.step_stats_backward.default
+    g = [torch.randn(4) for _ in range(5)]
+    for need in ((True, True), (True, False), (False, True)):
+        args = (*g, x, xq, y, None, 1.0, t, 1.0, "reverse", -100, lse, entropy, collision,
+                max_prob, argmax, kl, kl_state, *need, "cpu")  # fmt: skip
+        torch.library.opcheck(bwd, args)
+
+
+@needs_cpu_ext
+def test_compile_fullgraph_matches_eager():
+    x, y, xr, lp, xq = _inputs(6, 500, torch.float32, "cpu", seed=19)
+    x, xr, xq, y, lp = (
+        x.view(2, 3, 500),
+        xr.view(2, 3, 500),
+        xq.view(2, 3, 500),
+        y.view(2, 3),
+        lp.view(2, 3),
+    )
+
+    def loss(x, xq):
+        out = pg_kernels.step_stats(x, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xq,
+                                    temperature=0.9)  # fmt: skip
+        t = out.token
+        total = (t.logprob * out.mismatch.tis_weight + 0.1 * t.entropy + out.kl).sum()
+        return total, torch.stack([t.logprob, out.mismatch.token_tv, out.kl])
+
+    compiled = torch.compile(loss, fullgraph=True)
+    xa, xb, qa, qb = (t.clone().requires_grad_() for t in (x, x, xq, xq))
+    la, fa = loss(xa, qa)
+    lb, fb = compiled(xb, qb)
+    la.backward()
+    lb.backward()
+    assert torch.equal(fa, fb)
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
+    assert torch.equal(xa.grad, xb.grad) and torch.equal(qa.grad, qb.grad)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def test_bad_input_names_the_argument():
+    x, y, xr, lp, xq = _inputs(3, 10, torch.float32, "cpu", seed=1)
+    S = pg_kernels.step_stats
+    with pytest.raises(ValueError, match="rollout_logits needs rollout_logprobs"):
+        S(x, y, rollout_logits=xr)
+    with pytest.raises(ValueError, match="kl_direction"):
+        S(x, y, ref_logits=xq, kl_direction="backward")
+    with pytest.raises(ValueError, match="ref_logits"):
+        S(x, y, ref_logits=xq[:, :9])
+    with pytest.raises(ValueError, match="rollout_logprobs"):
+        S(x, y, rollout_logprobs=lp[:2])
+    with pytest.raises(ValueError, match="tis_cap"):
+        S(x, y, rollout_logprobs=lp, tis_cap=-1.0)
+    with pytest.raises(ValueError, match="ref_temperature"):
+        S(x, y, ref_logits=xq, ref_temperature=0.0)
+    with pytest.raises(ValueError, match="labels"):
+        S(x, y[:2])
