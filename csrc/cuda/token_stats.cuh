@@ -633,10 +633,12 @@ __device__ __forceinline__ void load_item(uint4 (&raw)[kUnroll],
   using Tr = DTypeTraits<Tag>;
   const uint4 fill = splat_bits<Tag>(Tr::kNegInfBits);
   if constexpr (kAligned) {
-    const uint4* src = reinterpret_cast<const uint4*>(x) + vec0 + first + tid;
+    const uint4* src = reinterpret_cast<const uint4*>(x);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      raw[u] = first + u * T + tid < n_here ? __ldg(src + u * T) : fill;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int v = vec0 + first + u * T + tid;
+      raw[u] = v < vec0 + n_here ? __ldg(src + static_cast<uint32_t>(v)) : fill;
+    }
   } else {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -977,7 +979,7 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
         if (v >= n_here) break;
         uint4 w;
         if constexpr (kAligned) {
-          w = __ldg(reinterpret_cast<const uint4*>(x) + vec0 + v);
+          w = __ldg(reinterpret_cast<const uint4*>(x) + static_cast<uint32_t>(vec0 + v));
         } else {
           w = load_vector<Tag>(x, vec0 + v, V);
         }
