@@ -37,7 +37,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sass_loops import functions, hot_loop  # noqa: E402
+from sass_loops import Loop, functions, hot_loop  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(REPO, "csrc", "cuda", "token_stats.cuh")
@@ -112,7 +112,7 @@ def registers(cuobjdump: str, cubin: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"Function (\S+):\s*REG:(\d+)", out)}
 
 
-def dump(loop) -> None:
+def dump(loop: Loop) -> None:
     """The hot loop's SASS, one instruction a line."""
     for i in loop.insns:
         print(f"    /*{i.addr:05x}*/ {i.pred:6s} {i.op}{i.args}")
@@ -121,8 +121,8 @@ def dump(loop) -> None:
 def main(argv: list[str]) -> int:
     want = None
     if argv[:1] == ["--dump"]:
-        if len(argv) != 3 or argv[1] not in BUDGETS or argv[2] not in ITEMSIZE:
-            print(f"usage: check_cuda_budgets.py [--dump {{{','.join(BUDGETS)}}} DTYPE]")
+        if len(argv) != 3 or argv[1] not in BUDGETS or argv[2] not in ("BF16", "F16", "F32"):
+            print(f"usage: check_cuda_budgets.py [--dump {{{','.join(BUDGETS)}}} {{BF16,F16,F32}}]")
             return 2
         want = (argv[1], argv[2])
     elif argv:
