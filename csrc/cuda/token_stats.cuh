@@ -13,7 +13,8 @@
 //           independent 16-byte loads in flight per thread and 32 KiB per CTA per step;
 //        b) per step: the thread's running max (NaN-propagating, on packed bf16x2/f16x2 words
 //           for 16-bit logits), one branchless rescale of its sums to the new reference (one
-//           exp per thread per step; ThreadRun / run_step / run_rescale, host-tested), then
+//           exp per thread per step after the first, which starts the sums at its max;
+//           ThreadRun / run_step / run_rescale, host-tested), then
 //           s1 = sum e, s2 = sum e^2, t = sum e d with e = exp(d), d = z - ref, one exp per
 //           element, in a fixed per-thread order; the step where the thread's scaled max last
 //           rose is kept for the argmax;
@@ -66,11 +67,11 @@
 //     (backward) per 16-bit element, 20 / 24 per fp32 element (the same per byte). Temperature is a
 //     runtime value (inv_tau), so one kernel covers tau = 1 and tau != 1. Vector kernels
 //     (kAligned), nvcc 13.0, per element (registers):
-//                         first      one step   4 steps    4 steps, 32-bit
-//                                    per item   per item   vector index (now)
-//       partial  bf16     31.2 (64)  14.8 (64)  10.4 (80)  9.9 (80)    2547 per item
-//       partial  fp16     31.2 (64)  14.8 (64)  10.4 (80)  9.9 (80)    2547
-//       partial  fp32     47.7 (64)  27.5 (64)  19.0 (128) 18.3 (128)
+//                         first      one step   4 steps    now (4 steps, 32-bit
+//                                    per item   per item   vector index, plain step 0)
+//       partial  bf16     31.2 (64)  14.8 (64)  10.4 (80)  9.9 (80)    2539 per item
+//       partial  fp16     31.2 (64)  14.8 (64)  10.4 (80)  9.9 (80)    2539
+//       partial  fp32     47.7 (64)  27.5 (64)  19.0 (128) 18.2 (128)
 //       backward bf16     58.1 (64)  15.2 (64)  12.0 (80)  11.5 (80)
 //       backward fp16     58.1 (64)  15.2 (64)  12.0 (80)  11.5 (80)
 //       backward fp32     64.8 (59)  27.5 (64)  21.8 (128) 21.2 (128)  relative to the row max
@@ -78,17 +79,19 @@
 //     "first" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
 //     inlined copies of the label's accurate gradient (backward) and of the argmax compare
 //     (forward). "4 steps" spread an item's fixed cost over 256 (fp32 128) elements per thread
-//     instead of 64. "32-bit vector index": load_item addresses vector v of the row as
-//     x + 16 v with v = vec0 + s kUnroll T + u T + tid a 32-bit index (one IMAD.WIDE.U32 per
-//     16-byte load, the chunk base folded into v) instead of a 64-bit pointer add per load
-//     (IADD3 + LEA.HI.X.SX32 + LEA + LEA.HI.X and a multiply of T).
-//     Where the 2547 instructions of a 16-bit forward item go (sm_90 SASS, read with
+//     instead of 64. "now": load_item addresses vector v of the row as x + 16 v with
+//     v = vec0 + s kUnroll T + u T + tid a 32-bit index (one IMAD.WIDE.U32 per 16-byte load, the
+//     chunk base folded into v) instead of a 64-bit pointer add per load (IADD3 + LEA.HI.X.SX32 +
+//     LEA + LEA.HI.X and a multiply of T): 10.4 -> 9.9 (2667 -> 2547 per item); and run_step's
+//     step 0 sets the state from the step's max instead of rescaling the empty run (same bits):
+//     2547 -> 2539.
+//     Where the 2539 instructions of a 16-bit forward item go (sm_90 SASS, read with
 //     `check_cuda_budgets.py --dump partial BF16`): 1792 = 7 per element (unpack: bf16 LOP3 or
 //     SHF, fp16 HADD2.F32; FFMA, clamp FMNMX, MUFU.EX2, FADD, 2 FFMA); 256 = 8 per 16-byte load
-//     (IADD3 of the index, ISETP, IMAD.WIDE.U32, 4 moves of the -inf fill, LDG); ~135 for the 4
-//     steps' packed maxes (16 VHMNMX / HMNMX2 each) and rescales; ~365 fixed per item (cursor
-//     walk and row-scalar prefetch, the CTA max with its barrier, the final rescale, the argmax
-//     loop, the warp and CTA sums, the workspace writes). The budget (2560) leaves 13.
+//     (IADD3 of the index, ISETP, IMAD.WIDE.U32, 4 moves of the -inf fill, LDG); 126 for the 4
+//     steps' packed maxes (16 VHMNMX / HMNMX2 each) and the rescales of steps 1-3; 365 fixed per
+//     item (cursor walk and row-scalar prefetch, the CTA max with its barrier, the final rescale,
+//     the argmax loop, the warp and CTA sums, the workspace writes). The budget (2560) leaves 21.
 //     Tried before: 5 steps reach 10.1; 5 steps with the tail slots loading a -inf vector from
 //     device memory (address select instead of the fill moves) reach 9.9 on sm_90, but the bf16
 //     vector kernel then spills on sm_80 (around the CALL of __frcp_rn's slow path in
@@ -739,8 +742,8 @@ PGK_HD double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 //         whose scaled value equals the thread's final mz (the argmax is searched there only).
 // Each step: mx takes the step's max (one packed max per 16-bit pair), then the sums are
 // rescaled to the new ref branchlessly (one exp per thread per step; a zero factor when the
-// thread had no finite entry yet: the difference is clamped, never -inf - -inf = NaN), then each
-// element adds its terms. After the loop every thread rescales to the chunk's ref and the CTA
+// thread had no finite entry yet: the difference is clamped, never -inf - -inf = NaN; step 0
+// only sets the reference), then each element adds its terms. After the loop every thread rescales to the chunk's ref and the CTA
 // adds the sums in a fixed order.
 template <typename acc_t>
 struct ThreadRun {
@@ -767,9 +770,18 @@ PGK_HD void run_rescale(ThreadRun<acc_t>& r, acc_t ref_new, const Term& term) {
   r.ref = ref_new;
 }
 
-// One load step's max joins the running state (s: the step's index).
+// One load step's max joins the running state (s: the step's index; step 0 on empty_run()).
+// Step 0 sets the state from the step's max alone: from empty_run() the general update gives the
+// same bits (max_nan(-inf, x) = x, step 0, and a rescale factor exp(clamp) = 0 that maps the zero
+// sums to +0), which the compiler cannot fold (0 * x is not 0 for every float x).
 template <typename Term, typename acc_t>
 PGK_HD void run_step(ThreadRun<acc_t>& r, acc_t step_max, int s, const Term& term) {
+  if (s == 0) {
+    r.mx = step_max;
+    r.mz = term.scale(step_max);
+    r.ref = term.ref_of(r.mz);
+    return;
+  }
   const acc_t mx = hd_max_nan(r.mx, step_max);
   const acc_t mz = term.scale(mx);
   r.step = mz > r.mz ? s : r.step;
