@@ -23,6 +23,8 @@ worse, when a kernel not in OWED goes over, and when an OWED kernel comes under 
 its entry). It fails too when a budgeted kernel is missing from the SASS.
 
 Run: .venv/bin/python .ci/check_cuda_budgets.py   (~30 s of nvcc; skips, exit 0, without nvcc)
+     .venv/bin/python .ci/check_cuda_budgets.py --dump partial BF16   also prints that aligned
+     kernel's hot loop (address, predicate, opcode, operands), for reading where the count goes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sass_loops import functions, hot_loop  # noqa: E402
+from sass_loops import Loop, functions, hot_loop  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(REPO, "csrc", "cuda", "token_stats.cuh")
@@ -46,10 +48,7 @@ ARCH = "sm_90"
 BUDGETS = {"partial": 10, "backward": 12}
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 # (kernel, dtype) -> worst count measured, for kernels still over budget.
-OWED: dict[tuple[str, str], float] = {
-    ("partial", "BF16"): 10.4,
-    ("partial", "F16"): 10.4,
-}
+OWED: dict[tuple[str, str], float] = {}
 _NAME = re.compile(r"token_stats_(partial|backward)_kernelINS0_\d+(BF16|F16|F32|F64)ELb([01])E")
 
 
@@ -113,7 +112,22 @@ def registers(cuobjdump: str, cubin: str) -> dict[str, int]:
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"Function (\S+):\s*REG:(\d+)", out)}
 
 
-def main() -> int:
+def dump(loop: Loop) -> None:
+    """The hot loop's SASS, one instruction a line."""
+    for i in loop.insns:
+        print(f"    /*{i.addr:05x}*/ {i.pred:6s} {i.op}{i.args}")
+
+
+def main(argv: list[str]) -> int:
+    want = None
+    if argv[:1] == ["--dump"]:
+        if len(argv) != 3 or argv[1] not in BUDGETS or argv[2] not in ("BF16", "F16", "F32"):
+            print(f"usage: check_cuda_budgets.py [--dump {{{','.join(BUDGETS)}}} {{BF16,F16,F32}}]")
+            return 2
+        want = (argv[1], argv[2])
+    elif argv:
+        print(f"check_cuda_budgets: unknown arguments {argv} (only --dump KERNEL DTYPE)")
+        return 2
     nvcc = find_tool("nvcc")
     if nvcc is None:
         print("check_cuda_budgets: SKIPPED: nvcc not found (CI has it; install the CUDA toolkit)")
@@ -160,6 +174,8 @@ def main() -> int:
             f"regs={regs.get(mangled, -1)} ({len(loop.ops('MUFU'))} MUFU, "
             f"{len(loop.ops('BAR'))} BAR, {len(loop.ops('SHFL'))} SHFL, {vectors} LDG.128)"
         )
+        if want == (kernel, dtype) and aligned:
+            dump(loop)
         if not aligned:
             continue
         seen.add((kernel, dtype))
@@ -180,4 +196,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

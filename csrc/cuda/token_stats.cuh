@@ -13,7 +13,8 @@
 //           independent 16-byte loads in flight per thread and 32 KiB per CTA per step;
 //        b) per step: the thread's running max (NaN-propagating, on packed bf16x2/f16x2 words
 //           for 16-bit logits), one branchless rescale of its sums to the new reference (one
-//           exp per thread per step; ThreadRun / run_step / run_rescale, host-tested), then
+//           exp per thread per step after the first, which starts the sums at its max;
+//           ThreadRun / run_step / run_rescale, host-tested), then
 //           s1 = sum e, s2 = sum e^2, t = sum e d with e = exp(d), d = z - ref, one exp per
 //           element, in a fixed per-thread order; the step where the thread's scaled max last
 //           rose is kept for the argmax;
@@ -66,33 +67,38 @@
 //     (backward) per 16-bit element, 20 / 24 per fp32 element (the same per byte). Temperature is a
 //     runtime value (inv_tau), so one kernel covers tau = 1 and tau != 1. Vector kernels
 //     (kAligned), nvcc 13.0, per element (registers):
-//                         first      one step per item    4 steps per item (now)
-//       partial  bf16     31.2 (64)  14.8 (64)            10.4 (80)  owed (budget 10)
-//       partial  fp16     31.2 (64)  14.8 (64)            10.4 (80)  owed (budget 10)
-//       partial  fp32     47.7 (64)  27.5 (64)            19.0 (128)
-//       backward bf16     58.1 (64)  15.2 (64)            12.0 (80)
-//       backward fp16     58.1 (64)  15.2 (64)            12.0 (80)
-//       backward fp32     64.8 (59)  27.5 (64)            21.0 (128); 21.8 relative to the row
-//                                                           max (argmax, max_prob: per-item loads)
-//     With 4 steps the 16-bit forward costs ~9 per element per step (~7.5 per element + the
-//     step's loads, predicates, packed max and rescale) plus ~370 fixed per item; what is left
-//     to reach 10 is in the per-element work (the clamp, the unpack) or the per-load cost (4
-//     moves of the -inf fill per predicated 16-byte load, ~4 address instructions). Tried: 5
-//     steps reach 10.1; 5 steps with the tail slots loading a -inf vector from device memory
-//     (address select instead of the fill moves) reach 9.9 on sm_90, but the bf16 vector kernel
-//     then spills on sm_80 (around the CALL of __frcp_rn's slow path in load_row_scalars), at 80
-//     and at 128 registers alike. "first" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
+//                         first      one step   4 steps    now (4 steps, 32-bit
+//                                    per item   per item   vector index, plain step 0)
+//       partial  bf16     31.2 (64)  14.8 (64)  10.4 (80)  9.9 (80)    2539 per item
+//       partial  fp16     31.2 (64)  14.8 (64)  10.4 (80)  9.9 (80)    2539
+//       partial  fp32     47.7 (64)  27.5 (64)  19.0 (128) 18.2 (128)
+//       backward bf16     58.1 (64)  15.2 (64)  12.0 (80)  11.5 (80)
+//       backward fp16     58.1 (64)  15.2 (64)  12.0 (80)  11.5 (80)
+//       backward fp32     64.8 (59)  27.5 (64)  21.8 (128) 21.2 (128)  relative to the row max
+//                                                                      (per-item loads)
+//     "first" held the partial-vector load/store code in the vector kernels, kUnroll x kVec
 //     inlined copies of the label's accurate gradient (backward) and of the argmax compare
-//     (forward). Still over budget (listed as owed in the check): the per-element work is ~7
-//     instructions for 16-bit logits (unpack, FFMA, clamp FMNMX, MUFU.EX2, FADD, 2 FFMA; backward
-//     FFMA, FMNMX, MUFU, 2 FFMA, FMUL, half a pack), ~12 for fp32 (the two-part exp), and an item
-//     carries ~400-500 instructions of fixed cost (cursor walk and row-scalar prefetch, the 8
-//     predicated loads, the CTA max with its barrier, the warp and CTA sums, the argmax loop, the
-//     workspace writes; backward: the fill select, the label entry) spread over only 64
-//     (32 fp32) elements per thread; 4 load steps per item spread it over 256 (128). The
-//     element-wise kernels (kAligned = false: rows not 16-byte aligned or V % kVec != 0) are
-//     printed by the check, not budgeted (bf16: partial 19.0, backward 24.9). None of this is
-//     measured on a GPU yet.
+//     (forward). "4 steps" spread an item's fixed cost over 256 (fp32 128) elements per thread
+//     instead of 64. "now": load_item addresses vector v of the row as x + 16 v with
+//     v = vec0 + s kUnroll T + u T + tid a 32-bit index (one IMAD.WIDE.U32 per 16-byte load, the
+//     chunk base folded into v) instead of a 64-bit pointer add per load (IADD3 + LEA.HI.X.SX32 +
+//     LEA + LEA.HI.X and a multiply of T): 10.4 -> 9.9 (2667 -> 2547 per item); and run_step's
+//     step 0 sets the state from the step's max instead of rescaling the empty run (same bits):
+//     2547 -> 2539.
+//     Where the 2539 instructions of a 16-bit forward item go (sm_90 SASS, read with
+//     `check_cuda_budgets.py --dump partial BF16`): 1792 = 7 per element (unpack: bf16 LOP3 or
+//     SHF, fp16 HADD2.F32; FFMA, clamp FMNMX, MUFU.EX2, FADD, 2 FFMA); 256 = 8 per 16-byte load
+//     (IADD3 of the index, ISETP, IMAD.WIDE.U32, 4 moves of the -inf fill, LDG); 126 for the 4
+//     steps' packed maxes (16 VHMNMX / HMNMX2 each) and the rescales of steps 1-3; 365 fixed per
+//     item (cursor walk and row-scalar prefetch, the CTA max with its barrier, the final rescale,
+//     the argmax loop, the warp and CTA sums, the workspace writes). The budget (2560) leaves 21.
+//     Tried before: 5 steps reach 10.1; 5 steps with the tail slots loading a -inf vector from
+//     device memory (address select instead of the fill moves) reach 9.9 on sm_90, but the bf16
+//     vector kernel then spills on sm_80 (around the CALL of __frcp_rn's slow path in
+//     load_row_scalars), at 80 and at 128 registers alike. Left for more headroom: the -inf fill
+//     (0.5 per element) and the per-element clamp (1 per element). The element-wise kernels
+//     (kAligned = false: rows not 16-byte aligned or V % kVec != 0) are printed by the check,
+//     not budgeted (bf16: partial 19.0, backward 24.9). None of this is measured on a GPU yet.
 //   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
 //     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item (4 steps).
 //   * Row scalars (label, tau; in backward also L, H, C and the four upstream grads) of the next
@@ -624,7 +630,9 @@ __device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* 
 // of the chunk (first = step * kUnroll * T), i.e. the warp's 32 lanes read 512 contiguous bytes
 // per u. Slots past the chunk read as -inf.
 // kAligned: 16-byte aligned rows made of whole vectors (the launchers choose this kernel only
-// when V % kVec == 0), so every vector of the chunk is one 16-byte load from one base pointer.
+// when V % kVec == 0), so every vector of the chunk is one 16-byte load from the row's base
+// pointer, addressed by the vector's 32-bit index in the row (one IMAD.WIDE.U32 per load; a
+// 64-bit pointer add per load costs 4 more instructions: see "Issue budget").
 // Otherwise element-wise loads (load_vector) that build the same bits in the same registers.
 template <typename Tag, bool kAligned>
 __device__ __forceinline__ void load_item(uint4 (&raw)[kUnroll],
@@ -633,10 +641,12 @@ __device__ __forceinline__ void load_item(uint4 (&raw)[kUnroll],
   using Tr = DTypeTraits<Tag>;
   const uint4 fill = splat_bits<Tag>(Tr::kNegInfBits);
   if constexpr (kAligned) {
-    const uint4* src = reinterpret_cast<const uint4*>(x) + vec0 + first + tid;
+    const uint4* src = reinterpret_cast<const uint4*>(x);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      raw[u] = first + u * T + tid < n_here ? __ldg(src + u * T) : fill;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int v = vec0 + first + u * T + tid;
+      raw[u] = v < vec0 + n_here ? __ldg(src + static_cast<uint32_t>(v)) : fill;
+    }
   } else {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -732,8 +742,8 @@ PGK_HD double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 //         whose scaled value equals the thread's final mz (the argmax is searched there only).
 // Each step: mx takes the step's max (one packed max per 16-bit pair), then the sums are
 // rescaled to the new ref branchlessly (one exp per thread per step; a zero factor when the
-// thread had no finite entry yet: the difference is clamped, never -inf - -inf = NaN), then each
-// element adds its terms. After the loop every thread rescales to the chunk's ref and the CTA
+// thread had no finite entry yet: the difference is clamped, never -inf - -inf = NaN; step 0
+// only sets the reference), then each element adds its terms. After the loop every thread rescales to the chunk's ref and the CTA
 // adds the sums in a fixed order.
 template <typename acc_t>
 struct ThreadRun {
@@ -760,9 +770,18 @@ PGK_HD void run_rescale(ThreadRun<acc_t>& r, acc_t ref_new, const Term& term) {
   r.ref = ref_new;
 }
 
-// One load step's max joins the running state (s: the step's index).
+// One load step's max joins the running state (s: the step's index; step 0 on empty_run()).
+// Step 0 sets the state from the step's max alone: from empty_run() the general update gives the
+// same bits (max_nan(-inf, x) = x, step 0, and a rescale factor exp(clamp) = 0 that maps the zero
+// sums to +0), which the compiler cannot fold (0 * x is not 0 for every float x).
 template <typename Term, typename acc_t>
 PGK_HD void run_step(ThreadRun<acc_t>& r, acc_t step_max, int s, const Term& term) {
+  if (s == 0) {
+    r.mx = step_max;
+    r.mz = term.scale(step_max);
+    r.ref = term.ref_of(r.mz);
+    return;
+  }
   const acc_t mx = hd_max_nan(r.mx, step_max);
   const acc_t mz = term.scale(mx);
   r.step = mz > r.mz ? s : r.step;
@@ -977,7 +996,7 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
         if (v >= n_here) break;
         uint4 w;
         if constexpr (kAligned) {
-          w = __ldg(reinterpret_cast<const uint4*>(x) + vec0 + v);
+          w = __ldg(reinterpret_cast<const uint4*>(x) + static_cast<uint32_t>(vec0 + v));
         } else {
           w = load_vector<Tag>(x, vec0 + v, V);
         }
