@@ -226,6 +226,45 @@ def _topk_op_calls(backend, d):
     ]
 
 
+def _step_make(n, v, dtype, device, seed, per_row=True):
+    d = _mismatch_make(n, v, dtype, device, seed, per_row)
+    g = _generator(device, seed + 1)
+    d["ref_logits"] = _logits(n, v, dtype, device, g)
+    acc = d["up"].dtype
+    d["up"] = torch.randn(n, 5, generator=g, device=device, dtype=acc)
+    return d
+
+
+def _step_call(backend, d):
+    out = pg_kernels.step_stats(
+        d["logits"], d["labels"], rollout_logprobs=d["rollout_logprobs"],
+        rollout_logits=d["rollout_logits"], ref_logits=d["ref_logits"],
+        temperature=d["temperature"], ref_temperature=1.3, backend=backend,
+    )  # fmt: skip
+    t, m = out.token, out.mismatch
+    return (t.logprob, t.entropy, t.collision, t.lse, out.kl, m.token_kl, m.token_tv, t.lgp,
+            t.max_prob, t.argmax)  # fmt: skip
+
+
+def _step_op_calls(backend, d):
+    x, xr, xq, y = d["logits"].detach(), d["rollout_logits"], d["ref_logits"].detach(), d["labels"]
+    tt, ts = _temp_args(d, x.dtype)
+    fwd = torch.ops.pg_kernels.step_stats.default
+    bwd = torch.ops.pg_kernels.step_stats_backward.default
+    g = [d["up"][:, j].contiguous() for j in range(5)]
+    calls = []
+    for direction in ("reverse", "forward"):
+        args = (x, xr, xq, y, tt, ts, None, 0.9, None, 1.3, direction, IGNORE, backend)
+        calls.append((fwd, (x.clone().requires_grad_(), xr, xq.clone().requires_grad_(),
+                            *args[3:])))  # fmt: skip
+        _, entropy, collision, _, lse, max_prob, argmax, _, _, kl, kl_state = fwd(*args)
+        for need in ((True, True), (True, False), (False, True)):
+            saved = (lse, entropy, collision, max_prob, argmax, kl, kl_state)
+            bwd_args = (*g, x, xq, y, tt, ts, None, 1.3, direction, IGNORE, *saved, *need, backend)
+            calls.append((bwd, bwd_args))
+    return calls
+
+
 ADAPTERS = {
     "token_stats": Adapter(
         _token_stats_make, _token_stats_call, 4, ("logits",), _token_stats_op_calls
@@ -234,6 +273,7 @@ ADAPTERS = {
     "mismatch_stats": Adapter(_mismatch_make, _mismatch_call, 1, ("logits",), _mismatch_op_calls),
     "pruned_logprob": Adapter(_pruned_make, _pruned_call, 1, ("logits",), _pruned_op_calls),
     "topk_kl": Adapter(_topk_make, _topk_call, 1, ("logits",), _topk_op_calls),
+    "step_stats": Adapter(_step_make, _step_call, 5, ("logits", "ref_logits"), _step_op_calls),
 }
 
 

@@ -17,6 +17,8 @@
 // with s1 in double lanes (S1Lanes; plain fp32 PyTorch: 3.5e-7); logprob 3.5e-6 -> 2.6e-6
 // (PyTorch 2.6e-6). Forward time at [512, 32000] fp32 unchanged within this 2-core box's noise
 // (12-28 ms before and after).
+// The row functions are step_stats' (step_rows.h) run without the rollout and the reference
+// logits, so the bundle's token fields are token_stats' by construction.
 // Rows are independent and each is computed by one thread in a fixed order, so results are
 // deterministic and do not depend on the batch.
 #include <ATen/Dispatch.h>
@@ -25,77 +27,9 @@
 #include <torch/extension.h>
 
 #include "ops.h"
-#include "token_rows.h"
+#include "step_rows.h"
 
 namespace pg_kernels::cpu {
-namespace {
-
-template <typename scalar_t, typename acc_t>
-void forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t label, acc_t* buf,
-                 TokenStatsRow<acc_t>& out, int64_t& argmax) {
-  constexpr int64_t W = Vec<acc_t>::size();
-  // Sums run in two levels: per chunk (two independent chains of at most kChunk / (2 W)
-  // terms per lane), then chunk totals into the row total. Summation error then grows with
-  // kChunk / (2 W) + V / kChunk terms instead of V / (2 W), close to PyTorch's cascade sum.
-  LaneSums<acc_t> row;
-  acc_t m = neg_inf<acc_t>();
-  argmax = 0;
-  for (int64_t begin = 0; begin < V; begin += kChunk) {
-    const int64_t n = std::min(kChunk, V - begin);
-    const acc_t chunk_max = load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf);
-    if (!(chunk_max <= m)) {  // a new max, or a NaN
-      row.rescale(m, chunk_max);
-      m = chunk_max;
-      // Strictly greater than every earlier max: its first index here is the row's first argmax.
-      argmax = begin + (std::find(buf, buf + n, chunk_max) - buf);
-    }
-    if (!(m < -neg_inf<acc_t>())) break;  // NaN or +inf: the row is NaN, stop early
-    if (m == neg_inf<acc_t>()) continue;  // nothing but -inf so far
-    const Vec<acc_t> vm(m);
-    LaneSums<acc_t> lo, hi;
-    const int64_t n_pad = round_up(n, kStep<acc_t>);
-    for (int64_t i = 0; i < n_pad; i += 2 * W) {
-      lo.add(Vec<acc_t>::loadu(buf + i), vm);
-      hi.add(Vec<acc_t>::loadu(buf + i + W), vm);
-    }
-    row.add(lo, hi);
-  }
-  const SoftmaxState<acc_t> state = row.state(m);
-  out = finalize_token_stats(state, tau.divide(acc_t(x[label])));
-  if (!state_is_valid(state)) argmax = -1;
-}
-
-template <typename scalar_t, typename acc_t>
-void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t label,
-                  const BackwardRow<acc_t>& row, acc_t* buf, scalar_t* grad) {
-  constexpr int64_t W = Vec<acc_t>::size();
-  const Vec<acc_t> vm(row.m), vls(row.log_s1), va(row.a), vb(row.b), vc(row.c);
-  const Vec<acc_t> lowest(exp_zero_below<acc_t>());
-  for (int64_t begin = 0; begin < V; begin += kChunk) {
-    const int64_t n = std::min(kChunk, V - begin);
-    load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf);
-    for (int64_t i = 0; i < n; i += W) {
-      // d = log p_j = (z_j - m) - log s1: z_j - m is exact near the max.
-      const Vec<acc_t> d = at::vec::clamp_min((Vec<acc_t>::loadu(buf + i) - vm) - vls, lowest);
-      const Vec<acc_t> p = vexp(d);
-      // dz/tau = p (a + b d + c p) / tau
-      (p * at::vec::fmadd(vc, p, at::vec::fmadd(vb, d, va))).store(buf + i);
-    }
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      std::copy(buf, buf + n, grad + begin);
-    } else {
-      at::vec::convert(buf, grad + begin, n);
-    }
-  }
-  // The label's entry gets + g_l / tau, added in double before the one rounding to scalar_t
-  // (on a peaked row g_l - p_c g_l is then exact: no cancellation beyond p_c's own rounding).
-  const acc_t d_c =
-      std::max((tau.divide(acc_t(x[label])) - row.m) - row.log_s1, exp_zero_below<acc_t>());
-  const double p_c = std::exp(d_c);
-  grad[label] = scalar_t(p_c * (row.a_d + row.b_d * d_c + row.c_d * p_c) + row.g_l);
-}
-
-}  // namespace
 
 std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::Tensor& labels,
                                             const std::optional<at::Tensor>& temperature,
@@ -124,7 +58,7 @@ std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::
     int64_t* o_am = argmax.data_ptr<int64_t>();
     const LabelReader read_label(labels);
     at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
-      alignas(64) acc_t buf[kBufferSize<acc_t>];
+      StepScratch<acc_t> scratch(0);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t c = read_label(r);
         if (c == ignore_index) {
@@ -132,8 +66,13 @@ std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::
           o_am[r] = 0;
           continue;
         }
-        TokenStatsRow<acc_t> row;
-        forward_row(x + layout.offset(r), V, tau(r), c, buf, row, o_am[r]);
+        // step_stats' row without the rollout and the reference logits.
+        StepRow<acc_t> out;
+        step_forward_row<scalar_t, acc_t, false, false>(x + layout.offset(r), tau(r), nullptr,
+                                                        acc_t(1), nullptr, acc_t(1), true, V, c,
+                                                        scratch, out);
+        const TokenStatsRow<acc_t>& row = out.token;
+        o_am[r] = out.argmax;
         o_lp[r] = row.logprob;
         o_h[r] = row.entropy;
         o_c[r] = row.collision;
@@ -198,7 +137,8 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
                            backward_row_state(x_row, V, t, s_am[r], s_mp[r], g_lp[r], g_h[r],
                                               g_c[r], g_l[r], s_h[r], s_c[r], row);
         if (fill_skipped_row(grad_row, V, ignored, !valid)) continue;
-        backward_row(x_row, V, t, c, row, buf, grad_row);
+        step_backward_row<scalar_t, acc_t>(0, true, false, x_row, t, nullptr, acc_t(1), V, c, row,
+                                           KLBackward<acc_t>{}, buf, nullptr, grad_row, nullptr);
       }
     });
   });

@@ -1,0 +1,229 @@
+// The row kernels of step_stats (docs/math.md §9) on the CPU: the forward pass over a row of the
+// logits and, when given, of the rollout and the reference logits together, and the backward
+// row writing the logits' (and the reference's) gradient once. token_stats runs the same rows
+// without the other tensors: its outputs are the bundle's token fields by construction.
+// See step_stats.cpp's header for the design.
+#pragma once
+
+#include "pair_rows.h"
+#include "token_rows.h"
+
+namespace pg_kernels::cpu {
+
+// Per-row numbers the backward needs from the KL part: the reference's (max, log s1) and the
+// shift c = E_w[d_w - d_v] (softmax_stats.h, kl_grad_shift).
+constexpr int64_t kKLState = 3;
+
+// One row's results.
+template <typename acc_t>
+struct StepRow {
+  TokenStatsRow<acc_t> token;
+  int64_t argmax;
+  acc_t token_kl, token_tv;  // against the rollout logits
+  acc_t kl;                  // to the reference
+  acc_t kl_state[kKLState];
+};
+
+// Row buffers of one thread: the logits' and rollout's chunks (row-sized when the rollout is
+// given: they keep the exps for TV) and the reference's chunk.
+template <typename acc_t>
+struct StepScratch {
+  ExpScratch<acc_t> exps;  // ew: rollout, ev: logits, chunk_m: their references per chunk
+  alignas(64) acc_t logits[kBufferSize<acc_t>];
+  alignas(64) acc_t ref[kBufferSize<acc_t>];
+  explicit StepScratch(int64_t V_kept) : exps(V_kept) {}
+};
+
+// kRoll / kRef: whether the rollout / reference logits are given.
+template <typename scalar_t, typename acc_t, bool kRoll, bool kRef>
+void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t* xr, acc_t tr,
+                 const scalar_t* xq, acc_t tq, bool reverse, int64_t V, int64_t label,
+                 StepScratch<acc_t>& scratch, StepRow<acc_t>& out) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const Vec<acc_t> lowest(exp_zero_below<acc_t>());
+  // token_stats' lanes, relative to the running max m. Sums run in two levels: per chunk (two
+  // independent chains of at most kChunk / (2 W) terms per lane), then chunk totals into the
+  // row total. Summation error then grows with kChunk / (2 W) + V / kChunk terms instead of
+  // V / (2 W), close to PyTorch's cascade sum.
+  LaneSums<acc_t> row;
+  RowSum<acc_t> roll, kl;
+  acc_t m = neg_inf<acc_t>();
+  int64_t argmax = 0;
+  for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
+    const int64_t n = std::min(kChunk, V - begin);
+    acc_t* cp = kRoll ? scratch.exps.ev() + begin : scratch.logits;
+    acc_t* cr = kRoll ? scratch.exps.ew() + begin : nullptr;
+    const acc_t chunk_max = load_quotient_chunk(xp + begin, n, tp.tau, tp.r, cp);
+    if (!(chunk_max <= m)) {  // a new max, or a NaN (as token_stats' forward_row)
+      row.rescale(m, chunk_max);
+      m = chunk_max;
+      // Strictly greater than every earlier max: its first index here is the row's first argmax.
+      argmax = begin + (std::find(cp, cp + n, chunk_max) - cp);
+    }
+    if (!(m < -neg_inf<acc_t>())) break;  // NaN or +inf logits: every field of the row is NaN
+    const acc_t mr = kRoll ? load_divided_chunk(xr + begin, n, tr, cr) : acc_t(0);
+    const acc_t mq = kRef ? load_divided_chunk(xq + begin, n, tq, scratch.ref) : acc_t(0);
+    if constexpr (kRoll) {
+      scratch.exps.chunk_m()[2 * k] = mr;
+      scratch.exps.chunk_m()[2 * k + 1] = m;  // the logits' exps of this chunk are e^{z - m}
+    }
+    // A side with no finite entry yet is referred to 0 (its d = -inf, e = 0), as in pair_chunk.
+    const auto ref_of = [](acc_t mx) { return Vec<acc_t>(mx == neg_inf<acc_t>() ? acc_t(0) : mx); };
+    const Vec<acc_t> vm = ref_of(m), vmr = ref_of(mr), vmq = ref_of(mq);
+    LaneSums<acc_t> lo, hi;
+    PairLanes<acc_t> rlo, rhi, qlo, qhi;
+    const auto step = [&](int64_t i, LaneSums<acc_t>& t, PairLanes<acc_t>& pr, PairLanes<acc_t>& pq) {
+      const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(cp + i) - vm;  // unclamped: a log-ratio term
+      const Vec<acc_t> dp = at::vec::clamp_min(dp_raw, lowest);
+      const Vec<acc_t> ep = vexp(dp);
+      t.add_exp(dp, ep);
+      if constexpr (kRoll) {  // KL(pi_roll || pi_theta): w = rollout, v = logits
+        const Vec<acc_t> dr = at::vec::clamp_min(Vec<acc_t>::loadu(cr + i) - vmr, lowest);
+        const Vec<acc_t> er = vexp(dr);
+        pr.add_exps(dr, er, dp_raw, ep);
+        er.store(cr + i);
+        ep.store(cp + i);
+      }
+      if constexpr (kRef) {
+        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(scratch.ref + i) - vmq;
+        if (reverse) {  // KL(p || q): w = logits, v = reference
+          pq.add_exps(dp, ep, dq_raw, vexp(at::vec::clamp_min(dq_raw, lowest)));
+        } else {  // KL(q || p): w = reference, v = logits
+          const Vec<acc_t> dq = at::vec::clamp_min(dq_raw, lowest);
+          pq.add_exps(dq, vexp(dq), dp_raw, ep);
+        }
+      }
+    };
+    const int64_t n_pad = round_up(n, kStep<acc_t>);
+    for (int64_t i = 0; i < n_pad; i += 2 * W) {
+      step(i, lo, rlo, qlo);
+      step(i + W, hi, rhi, qhi);
+    }
+    row.add(lo, hi);
+    if constexpr (kRoll) roll.merge(PairLanes<acc_t>::join(rlo, rhi, mr, m));
+    if constexpr (kRef) {
+      kl.merge(reverse ? PairLanes<acc_t>::join(qlo, qhi, m, mq)
+                       : PairLanes<acc_t>::join(qlo, qhi, mq, m));
+    }
+  }
+  const SoftmaxState<acc_t> state = row.state(m);
+  const bool valid = state_is_valid(state);
+  out.token = finalize_token_stats(state, tp.divide(acc_t(xp[label])));
+  out.argmax = valid ? argmax : -1;
+  const acc_t nan = quiet_nan<acc_t>();
+  if constexpr (kRoll) {
+    const PairState<acc_t> s = roll.total();
+    out.token_kl = valid ? finalize_kl(s) : nan;
+    out.token_tv = nan;
+    if (valid && side_is_valid(s.m_w)) {
+      const SideState<acc_t> q = side_state(s.m_w, s.s1_w);
+      out.token_tv = total_variation(scratch.exps.ew(), scratch.exps.ev(), scratch.exps.chunk_m(),
+                                     V, q.m, q.log_s1, m, std::log(state.s1));
+    }
+  }
+  if constexpr (kRef) {
+    const PairState<acc_t> s = kl.total();
+    out.kl = valid ? finalize_kl(s) : nan;
+    const SideState<acc_t> q = reverse ? side_state(s.m_v, s.s1_v) : side_state(s.m_w, s.s1_w);
+    out.kl_state[0] = q.m;
+    out.kl_state[1] = q.log_s1;
+    out.kl_state[2] = kl_grad_shift(s);
+  }
+}
+
+// The KL part of a backward row: the reference's (m, log s1), the shift c, and the upstream
+// gradient divided by each side's temperature.
+template <typename acc_t>
+struct KLBackward {
+  acc_t m, log_s1, c, g_p, g_q;
+};
+
+// One backward row. kKL: 0 no KL term, 1 reverse, 2 forward. kP / kQ: write the logits' /
+// the reference's gradient.
+template <typename scalar_t, typename acc_t, int kKL, bool kP, bool kQ>
+void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t* xq, acc_t tq,
+                  int64_t V, int64_t label, const BackwardRow<acc_t>& row,
+                  const KLBackward<acc_t>& kl, acc_t* bp, acc_t* bq, scalar_t* grad,
+                  scalar_t* grad_ref) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const Vec<acc_t> vm(row.m), vls(row.log_s1), va(row.a), vb(row.b), vc(row.c), zero(acc_t(0)),
+      lowest(exp_zero_below<acc_t>());
+  const Vec<acc_t> vmq(kl.m), vlq(kl.log_s1), vshift(kl.c), vgp(kl.g_p), vgq(kl.g_q);
+  for (int64_t begin = 0; begin < V; begin += kChunk) {
+    const int64_t n = std::min(kChunk, V - begin);
+    load_quotient_chunk(xp + begin, n, tp.tau, tp.r, bp);
+    if constexpr (kKL != 0) load_divided_chunk(xq + begin, n, tq, bq);
+    for (int64_t i = 0; i < n; i += W) {
+      const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(bp + i) - vm;
+      const Vec<acc_t> d = at::vec::clamp_min(dp_raw - vls, lowest);  // log p_j
+      const Vec<acc_t> p = vexp(d);
+      Vec<acc_t> g = zero, gq = zero;
+      if constexpr (kP) g = p * at::vec::fmadd(vc, p, at::vec::fmadd(vb, d, va));
+      if constexpr (kKL == 1) {  // reverse: w = p, v = q
+        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(bq + i) - vmq;
+        if constexpr (kP) {
+          const Vec<acc_t> term = p * ((dp_raw - dq_raw) - vshift) * vgp;
+          g = g + Vec<acc_t>::blendv(term, zero, p == zero);
+        }
+        if constexpr (kQ) {
+          const Vec<acc_t> q = vexp(at::vec::clamp_min(dq_raw - vlq, lowest));
+          gq = (q - p) * vgq;
+        }
+      } else if constexpr (kKL == 2) {  // forward: w = q, v = p
+        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(bq + i) - vmq;
+        const Vec<acc_t> q = vexp(at::vec::clamp_min(dq_raw - vlq, lowest));
+        if constexpr (kP) g = at::vec::fmadd(p - q, vgp, g);
+        if constexpr (kQ) {
+          const Vec<acc_t> term = q * ((dq_raw - dp_raw) - vshift) * vgq;
+          gq = Vec<acc_t>::blendv(term, zero, q == zero);
+        }
+      }
+      if constexpr (kP) g.store(bp + i);
+      if constexpr (kQ) gq.store(bq + i);
+    }
+    if constexpr (kP) store_row(bp, grad + begin, n);
+    if constexpr (kQ) store_row(bq, grad_ref + begin, n);
+  }
+  if constexpr (kP) {
+    // The label's entry gets + g_l / tau, added in double before the one rounding (as in
+    // token_stats' backward), its KL term recomputed in double too.
+    const acc_t dp_c = tp.divide(acc_t(xp[label])) - row.m;
+    const acc_t d_c = std::max(dp_c - row.log_s1, exp_zero_below<acc_t>());
+    const double p_c = std::exp(double(d_c));
+    double value = p_c * (row.a_d + row.b_d * d_c + row.c_d * p_c) + row.g_l;
+    if constexpr (kKL == 1) {
+      const double dq_c = double(acc_t(xq[label]) / tq) - double(kl.m);
+      if (p_c > 0) value += double(kl.g_p) * p_c * ((double(dp_c) - dq_c) - double(kl.c));
+    } else if constexpr (kKL == 2) {
+      const acc_t dq_c = acc_t(xq[label]) / tq - kl.m;
+      const double q_c = std::exp(double(std::max(dq_c - kl.log_s1, exp_zero_below<acc_t>())));
+      value += double(kl.g_p) * (p_c - q_c);
+    }
+    grad[label] = scalar_t(value);
+  }
+}
+
+// step_backward_row_impl with its compile-time flags picked at run time.
+template <typename scalar_t, typename acc_t>
+void step_backward_row(int kl_mode, bool do_p, bool do_q, const scalar_t* xp,
+                           Temperature<acc_t> tp, const scalar_t* xq, acc_t tq, int64_t V,
+                           int64_t label, const BackwardRow<acc_t>& row,
+                           const KLBackward<acc_t>& kl, acc_t* bp, acc_t* bq, scalar_t* grad,
+                           scalar_t* grad_ref) {
+#define PGK_ROW(K, P, Q) \
+  step_backward_row_impl<scalar_t, acc_t, K, P, Q>(xp, tp, xq, tq, V, label, row, kl, bp, bq, grad, grad_ref)
+  if (kl_mode == 0) {
+    if (do_p) PGK_ROW(0, true, false);
+  } else if (kl_mode == 1) {
+    if (do_p && do_q) PGK_ROW(1, true, true);
+    else if (do_p) PGK_ROW(1, true, false);
+    else if (do_q) PGK_ROW(1, false, true);
+  } else {
+    if (do_p && do_q) PGK_ROW(2, true, true);
+    else if (do_p) PGK_ROW(2, true, false);
+    else if (do_q) PGK_ROW(2, false, true);
+  }
+#undef PGK_ROW
+}
+
+}  // namespace pg_kernels::cpu
