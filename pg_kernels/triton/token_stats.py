@@ -463,12 +463,65 @@ def merge_rows(
 
 
 @triton.jit
+def bwd_row(
+    x_row, row, label, keep, c, V, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr,
+    lse_ptr, entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr,
+):  # fmt: skip
+    """The per-row numbers of the backward (see `_bwd_kernel`): (m, c, rho_hi, a, b, q, 1 / tau
+    (0 for an ignored row), g_l, ok: the saved state is a finished forward row's, k = 2^-rho_lo
+    (p_j = k 2^d2))."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    lse = tl.load(lse_ptr + row)
+    entropy = tl.load(entropy_ptr + row)
+    collision = tl.load(collision_ptr + row)
+    g_l = tl.load(g_logprob_ptr + row)
+    g_h = tl.load(g_entropy_ptr + row)
+    g_c = tl.load(g_collision_ptr + row)
+    g_big_l = tl.load(g_lse_ptr + row)
+    # A NaN row (bad label, bad temperature, or a forward NaN: L not finite) gets NaN everywhere,
+    # through L. Ignored rows read nothing (x = -inf gives e = 0) and get exactly 0: coefficients
+    # 0 and a finite L2 and c whatever their saved values.
+    # A saved state that is not a finished forward row's (argmax out of range, max_prob not in
+    # (0, 1]) also gives a NaN row, and nothing out of the row is read.
+    am = tl.load(argmax_ptr + row)
+    max_prob = tl.load(max_prob_ptr + row)
+    ok = (label >= 0) & (label < V) & valid_inv_temperature(c)
+    ok = ok & (lse > float("-inf")) & (lse < float("inf"))
+    ok = ok & (am >= 0) & (am < V) & (max_prob > 0.0) & (max_prob <= 1.0)
+    m = tl.load(x_row + tl.where(keep & ok, am, 0), mask=keep & ok, other=0.0).to(ACC)
+    log2_mp = tl.log2(tl.where(keep & ok, max_prob, 1.0).to(tl.float64))
+    rho = tl.where(keep, tl.where(ok, -log2_mp, float("nan")), 0.0)
+    rho_hi = rho.to(ACC)
+    rho_lo = (rho - rho_hi.to(tl.float64)).to(ACC)
+    k = exp2_acc(-rho_lo)
+    inv_tau = tl.where(keep, c * LN2, 0.0)  # 1 / tau, or 0: an ignored row's coefficients
+    c = tl.where(keep, c, 1.0)
+    big_a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
+    a = inv_tau * k * (big_a + g_h * LN2 * rho_lo)
+    b = inv_tau * k * (-g_h * LN2)
+    q = inv_tau * (k * k) * (2.0 * g_c)
+    return m, c, rho_hi, a, b, q, inv_tau, g_l, ok, k
+
+
+@triton.jit
 def _bwd_values(x, m, c, rho_hi, a, b, q):
     """dz / tau of logits x (ACC) without the label term, in base 2 (see _bwd_kernel):
     e = 2^d2, d2 = (x - m) c - rho_hi, dz = e (a + b d2 + q e). d2 is clamped to a finite floor:
     a -inf logit has e = 0 and e (b d2) must be 0, not 0 * inf."""
+    d2, e = bwd_exps(x, m, c, rho_hi)
+    return bwd_dz(d2, e, a, b, q)
+
+
+@triton.jit
+def bwd_exps(x, m, c, rho_hi):
+    """(d2, e = 2^d2) of logits x: e = p_j / k (see `_bwd_values`)."""
     d2 = tl.maximum(tl.fma(x - m, c, -rho_hi), D_MIN)
-    e = exp2_acc(d2)
+    return d2, exp2_acc(d2)
+
+
+@triton.jit
+def bwd_dz(d2, e, a, b, q):
+    """dz / tau without the label term: e (a + b d2 + q e)."""
     return e * tl.fma(q, e, tl.fma(b, d2, a))
 
 
@@ -503,36 +556,11 @@ def _bwd_kernel(
     keep = label != ignore_index
     c64 = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP)
     c = c64.to(ACC)
-    lse = tl.load(lse_ptr + row)
-    entropy = tl.load(entropy_ptr + row)
-    collision = tl.load(collision_ptr + row)
-    g_l = tl.load(g_logprob_ptr + row)
-    g_h = tl.load(g_entropy_ptr + row)
-    g_c = tl.load(g_collision_ptr + row)
-    g_big_l = tl.load(g_lse_ptr + row)
-    # A NaN row (bad label, bad temperature, or a forward NaN: L not finite) gets NaN everywhere,
-    # through L. Ignored rows read nothing (x = -inf gives e = 0) and get exactly 0: coefficients
-    # 0 and a finite L2 and c whatever their saved values.
-    # A saved state that is not a finished forward row's (argmax out of range, max_prob not in
-    # (0, 1]) also gives a NaN row, and nothing out of the row is read.
-    am = tl.load(argmax_ptr + row)
-    max_prob = tl.load(max_prob_ptr + row)
-    ok = (label >= 0) & (label < V) & valid_inv_temperature(c)
-    ok = ok & (lse > float("-inf")) & (lse < float("inf"))
-    ok = ok & (am >= 0) & (am < V) & (max_prob > 0.0) & (max_prob <= 1.0)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    m = tl.load(x_row + tl.where(keep & ok, am, 0), mask=keep & ok, other=0.0).to(ACC)
-    log2_mp = tl.log2(tl.where(keep & ok, max_prob, 1.0).to(tl.float64))
-    rho = tl.where(keep, tl.where(ok, -log2_mp, float("nan")), 0.0)
-    rho_hi = rho.to(ACC)
-    rho_lo = (rho - rho_hi.to(tl.float64)).to(ACC)
-    k = exp2_acc(-rho_lo)
-    inv_tau = tl.where(keep, c * LN2, 0.0)  # 1 / tau, or 0: an ignored row's coefficients
-    c = tl.where(keep, c, 1.0)
-    big_a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
-    a = inv_tau * k * (big_a + g_h * LN2 * rho_lo)
-    b = inv_tau * k * (-g_h * LN2)
-    q = inv_tau * (k * k) * (2.0 * g_c)
+    m, c, rho_hi, a, b, q, inv_tau, g_l, ok, _ = bwd_row(
+        x_row, row, label, keep, c, V, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr,
+        lse_ptr, entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr,
+    )  # fmt: skip
 
     g_row = grad_ptr + row.to(tl.int64) * V  # the gradient is a fresh contiguous tensor
     start = chunk * CHUNK
