@@ -89,7 +89,15 @@ from pg_kernels.triton.token_stats import (
 )
 
 OP = "step_stats"
+_DEBUG = []
+SEPARATE = tl.constexpr(False)
 KL_STATE = 3  # the reference's (m, log s1) and c = E_w[d_w - d_v] per row
+
+
+@triton.jit
+def _ln2(x):
+    """ln 2 in x's dtype (a bare Python float constant would be an fp32 one: 3e-9 off in fp64)."""
+    return tl.full([], LN2, tl.float64).to(x.dtype)
 
 
 @triton.jit
@@ -109,50 +117,104 @@ def _side_rescale(xa, xb, i, k, m, r, s):
 
 
 @triton.jit
-def _add_half(x, xr, xq, c, r2, kr, rr, kq, rq, s1, s2, t2, sr, ur, sq, uq,
-              HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
-    """One block (or bf16 half-block) of each tensor into the lanes' sums: one exp per element
-    per tensor, the logits' e shared by token_stats' sums and both pairs (log2 units)."""
-    d2_raw, d2, e = lane_exps(x, c, r2)
-    s1, s2, t2 = add_exps(d2, e, s1, s2, t2)
-    if HAS_ROLL:  # KL(pi_roll || pi_theta): w = rollout, v = logits
-        t_r = tl.fma(xr, kr, -rr[None, :, None])
-        e_r = exp2_acc(t_r)
-        sr += tl.sum(tl.sum(e_r, axis=2), axis=0)
-        ur += tl.sum(tl.sum(e_r * _floor(t_r - d2_raw), axis=2), axis=0)
-    if HAS_REF:
-        t_q = tl.fma(xq, kq, -rq[None, :, None])
-        e_q = exp2_acc(t_q)
-        sq += tl.sum(tl.sum(e_q, axis=2), axis=0)
-        if REVERSE:  # KL(p || q): w = logits, v = reference
-            uq += tl.sum(tl.sum(e * _floor(d2_raw - t_q), axis=2), axis=0)
-        else:  # KL(q || p): w = reference, v = logits
-            uq += tl.sum(tl.sum(e_q * _floor(t_q - d2_raw), axis=2), axis=0)
-    return s1, s2, t2, sr, ur, sq, uq
+def _ratio(xw, xv, tw, tv, mw, mv, DIVIDE: tl.constexpr):
+    """d_w - d_v of a block, floored (`_floor`): from the exponents (log2 units) with DIVIDE,
+    else (both temperatures exactly 1) from exact differences of the raw logits relative to the
+    lanes' raw maxes (nats), as `_pair`'s u."""
+    if DIVIDE:
+        return _floor(tw - tv)
+    else:
+        return _floor((xw - xv) - (_reference(mw) - _reference(mv))[None, :, None])
 
 
 @triton.jit
-def _step(xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq,
-          sq, uq, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
+def _ratio_shift(dw, dv, mw_old, mw, mv_old, mv, DIVIDE: tl.constexpr):
+    """delta_w - delta_v of a lane move (old -> new maxes), in `_ratio`'s units."""
+    if DIVIDE:
+        return dw - dv
+    else:
+        return (_reference(mw_old) - _reference(mw)) - (_reference(mv_old) - _reference(mv))
+
+
+@triton.jit
+def _add_half(x, xr, xq, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+              HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
+              DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
+    """One block (or bf16 half-block) of each tensor into the lanes' sums: one exp per element
+    per tensor, the logits' e shared by token_stats' sums and both pairs (log2 units)."""
+    _, d2, e = lane_exps(x, c, r2)
+    s1, s2, t2 = add_exps(d2, e, s1, s2, t2)
+    if HAS_ROLL or HAS_REF:
+        # The logits' exponent for the log-ratio terms, rounded once (fma_acc): on a GPU the
+        # same fma as d2_raw (one instruction after CSE); under the interpreter, whose fma
+        # rounds x c first (an error of ulp(x c), not of d2), the GPU's rounding.
+        d2_u = fma_acc(x, c, -r2[None, :, None])
+        if SEPARATE:
+            # ... and the pairs' logits side summed from those exps (`_pair_side`).
+            e = exp2_acc(d2_u)
+            sp += tl.sum(tl.sum(e, axis=2), axis=0)
+    if HAS_ROLL:  # KL(pi_roll || pi_theta): w = rollout, v = logits
+        t_r = fma_acc(xr, kr, -rr[None, :, None])
+        e_r = exp2_acc(t_r)
+        sr += tl.sum(tl.sum(e_r, axis=2), axis=0)
+        ur += tl.sum(tl.sum(e_r * _ratio(xr, x, t_r, d2_u, mr, mx, DIV_R), axis=2), axis=0)
+    if HAS_REF:
+        t_q = fma_acc(xq, kq, -rq[None, :, None])
+        e_q = exp2_acc(t_q)
+        sq += tl.sum(tl.sum(e_q, axis=2), axis=0)
+        if REVERSE:  # KL(p || q): w = logits, v = reference
+            uq += tl.sum(tl.sum(e * _ratio(x, xq, d2_u, t_q, mx, mq, DIV_Q), axis=2), axis=0)
+        else:  # KL(q || p): w = reference, v = logits
+            uq += tl.sum(tl.sum(e_q * _ratio(xq, x, t_q, d2_u, mq, mx, DIV_Q), axis=2), axis=0)
+    return s1, s2, t2, sp, sr, ur, sq, uq
+
+
+@triton.jit
+def _step(xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq,
+          rq, sq, uq, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
+          DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
     """One loop step: every side's lanes moved to their new max (u moved with them), then the
     block's exps added. xb / rb / qb: the second bf16 halves, or None."""
+    mx_old = mx
     mx, r2, s1, s2, t2, st, dp, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
+    sp = fp * sp
     if HAS_ROLL:
+        mr_old = mr
         mr, rr, sr, dr = _side_rescale(ra, rb, i, kr, mr, rr, sr)
         # u <- f_w (u + (delta_w - delta_v) s_w) = f_w u + (delta_w - delta_v) (f_w s_w)
-        ur = tl.fma(dr - dp, sr, exp2_acc(dr) * ur)
+        ur = tl.fma(_ratio_shift(dr, dp, mr_old, mr, mx_old, mx, DIV_R), sr, exp2_acc(dr) * ur)
     if HAS_REF:
+        mq_old = mq
         mq, rq, sq, dq = _side_rescale(qa, qb, i, kq, mq, rq, sq)
         if REVERSE:
-            uq = tl.fma(dp - dq, s1, fp * uq)
+            shift = _ratio_shift(dp, dq, mx_old, mx, mq_old, mq, DIV_Q)
+            uq = tl.fma(shift, _pair_side(s1, sp), fp * uq)
         else:
-            uq = tl.fma(dq - dp, sq, exp2_acc(dq) * uq)
-    s1, s2, t2, sr, ur, sq, uq = _add_half(xa, ra, qa, c, r2, kr, rr, kq, rq, s1, s2, t2, sr, ur,
-                                           sq, uq, HAS_ROLL, HAS_REF, REVERSE)  # fmt: skip
+            shift = _ratio_shift(dq, dp, mq_old, mq, mx_old, mx, DIV_Q)
+            uq = tl.fma(shift, sq, exp2_acc(dq) * uq)
+    s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
+        xa, ra, qa, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+        HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+    )  # fmt: skip
     if xb is not None:
-        s1, s2, t2, sr, ur, sq, uq = _add_half(xb, rb, qb, c, r2, kr, rr, kq, rq, s1, s2, t2, sr,
-                                               ur, sq, uq, HAS_ROLL, HAS_REF, REVERSE)  # fmt: skip
-    return mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq
+        s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
+            xb, rb, qb, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+            HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+        )  # fmt: skip
+    return mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq
+
+
+@triton.jit
+def _pair_side(s1, sp):
+    """The logits' sum as the pairs see it: token_stats' s1 (the shared exps). Under the
+    interpreter, whose fma rounds x c before subtracting (an error of ulp(x c) in every
+    exponent, 5e-7 relative at |x| ~ 10, which token_stats' fields tolerate but a KL near 0
+    does not), the pairs take the sum of the exps of fma_acc's exponents instead (sp): what a
+    GPU's single-rounding fma gives the shared s1."""
+    if SEPARATE:
+        return sp
+    else:
+        return s1
 
 
 @triton.jit
@@ -165,17 +227,54 @@ def _side_total(m, r, s, k):
 
 
 @triton.jit
-def _side_z(mc, s, tau):
-    """A side's chunk max in z = x / tau units as `_pair` stores it: -inf while empty, NaN when
-    its sum is (a NaN or +inf logit)."""
-    return tl.where(s != s, float("nan"), tl.where(mc == float("-inf"), mc, div_acc(mc, tau)))
+def _side_z(mc, s, eps, tau):
+    """A side's chunk as `_pair` stores it: (m, s, rem) with m = mc / tau rounded (-inf while
+    empty, NaN when its sum is: a NaN or +inf logit) and s moved to exactly that m.
+
+    The lanes' sums are relative to fl(mc k) (k = log2(e) / tau rounded), i.e. 2^eps times sums
+    relative to mc k, eps = mc k - fl(mc k) as the lanes' fma formed it (`_eps`); and m = mc / tau rounds
+    by rem = mc / tau - m (in nats). Both are folded into s (one exp per chunk): the sum is then
+    exactly relative to the stored m, so a consumer of (m, log s) (the TV pass, the backward)
+    sees no ulp(m) error. Returns (m, s, h = rem - eps ln 2, the shift of every d = z - m, and
+    the factor e^h)."""
+    ok = (mc > float("-inf")) & (mc < float("inf"))
+    m = div_acc(mc, tau)
+    mc0 = tl.where(ok, mc, 0.0)
+    m0 = tl.where(ok, m, 0.0)
+    ln2 = _ln2(s)
+    shift = div_acc(fma_acc(-m0, tau, mc0), tau) - tl.where(ok, eps, 0.0) * ln2  # exact rem
+    g = tl.exp(shift)
+    m = tl.where(s != s, float("nan"), tl.where(mc == float("-inf"), mc, m))
+    return m, g * s, shift, g
+
+
+@triton.jit
+def _chunk_u(u, s_w, dh, DIVIDE: tl.constexpr):
+    """A chunk's u in nats relative to the sides' stored maxes, before the weight side's factor
+    e^h_w: with DIVIDE u is in log2 units relative to fl(mc k) (u ln2 + s_w (h_w - h_v)); without,
+    it is already exact nats relative to the raw maxes, which are the stored ones."""
+    if DIVIDE:
+        return tl.fma(u, _ln2(u), s_w * dh)
+    else:
+        return u
+
+
+@triton.jit
+def _eps(mc, k, EXACT: tl.constexpr):
+    """mc k - fl(mc k): the rounding of a side's reference, as its lanes' exponents saw it (the
+    logits' lanes use tl.fma, whose interpreter rounds twice: eps = 0 there, as `_finalize`;
+    the other sides use fma_acc: exact everywhere)."""
+    mc0 = tl.where((mc > float("-inf")) & (mc < float("inf")), mc, 0.0)
+    if EXACT:
+        return fma_acc(mc0, k, -(mc0 * k))
+    else:
+        return tl.fma(mc0, k, -(mc0 * k))
 
 
 @triton.jit
 def _store_pair(part_ptr, chunk, row, N, m_w, s_w, m_v, s_v, u):
     """A pair chunk state into part_ptr [PARTIAL, n_chunks, N] (`_pair.pair_chunk_kernel`'s
-    layout); u from log2 to nats, an infinite or NaN u as the `inf` flag."""
-    u = u * LN2
+    layout); an infinite or NaN u (nats) as the `inf` flag."""
     inf = tl.where((u == u) & (tl.abs(u) < float("inf")), 0.0, 1.0).to(u.dtype)
     idx = chunk.to(tl.int64) * N + row
     plane = tl.num_programs(1).to(tl.int64) * N
@@ -212,8 +311,8 @@ def _fwd_chunk_kernel(
     ignore_index, V, N, n_inner, stride_outer, stride_inner, r_n_inner, r_s_outer, r_s_inner,
     q_n_inner, q_s_outer, q_s_inner, part_ptr, part_idx_ptr, part_r_ptr, part_q_ptr,
     HAS_TEMP: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
-    REVERSE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, U: tl.constexpr,
-    VEC: tl.constexpr, PAIRS: tl.constexpr,
+    REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_V: tl.constexpr, U: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): token_stats' partial state of one chunk of one row (part_ptr
     [4, n_chunks, N], part_idx_ptr [n_chunks, N]) and the pair states against the rollout
@@ -246,6 +345,7 @@ def _fwd_chunk_kernel(
     s2 = tl.zeros([LANES], ACC)
     t2 = tl.zeros([LANES], ACC)
     st = tl.zeros([LANES], tl.int32)
+    sp = tl.zeros([LANES], ACC)  # the pairs' logits sum under the interpreter (`_pair_side`)
     mr = tl.full([LANES], float("-inf"), ACC)
     rr = tl.zeros([LANES], ACC)
     sr = tl.zeros([LANES], ACC)
@@ -264,9 +364,9 @@ def _fwd_chunk_kernel(
             ra, rb = _split(_load_pair_block(xr_row, w_block, col0, keep, PAIRS), ACC, VEC, PAIRS)
         if HAS_REF:
             qa, qb = _split(_load_pair_block(xq_row, w_block, col0, keep, PAIRS), ACC, VEC, PAIRS)
-        mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq = _step(
-            xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq,
-            sq, uq, HAS_ROLL, HAS_REF, REVERSE,
+        mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+            xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq,
+            rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         col0 = start + n_full * BLOCK_V
@@ -277,31 +377,46 @@ def _fwd_chunk_kernel(
             ra = _lanes(tl.load(xr_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
         if HAS_REF:
             qa = _lanes(tl.load(xq_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
-        mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq = _step(
-            xa, None, ra, None, qa, None, n_full, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr,
-            ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE,
+        mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+            xa, None, ra, None, qa, None, n_full, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr,
+            sr, ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
 
     cmax, s1_sum, s2_sum, t2_sum, am, dp, fp = chunk_total(
         mx, r2, s1, s2, t2, st, c, x_row, start, block, V, U, LANES, VEC, BLOCK_V
     )
     store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
+    # The pairs' chunk states: u (log2 units, relative to each side's fl(mc k)) moved with the
+    # sides' sums to their stored maxes: u' = f_w (u ln2 + s_w (shift_w - shift_v)) in nats.
     if HAS_ROLL or HAS_REF:
-        m_p = _side_z(cmax, s1_sum, tl.load(t_ptr + row))
+        s1_lanes = _pair_side(s1, sp)
+        s1_sum = _pair_side(s1_sum, tl.sum(fp * sp, axis=0))
+        eps_p = _eps(cmax, c, SEPARATE)
+        m_p, s_p, h_p, g_p = _side_z(cmax, s1_sum, eps_p, tl.load(t_ptr + row))
+        # u's log-ratios took the logits' exponent from fma_acc: its own eps (the same on a GPU).
+        h_p_u = h_p + (eps_p - _eps(cmax, c, True)) * _ln2(s1_sum)
     if HAS_ROLL:
         mcr, sr_sum, dr = _side_total(mr, rr, sr, kr)
-        u = tl.sum(exp2_acc(dr) * (ur + (dr - dp) * sr), axis=0)
-        m_r = _side_z(mcr, sr_sum, tl.load(tr_ptr + row))
-        _store_pair(part_r_ptr, chunk, row, N, m_r, sr_sum, m_p, s1_sum, u)
+        sh = _ratio_shift(dr, dp, mr, tl.max(mr, axis=0), mx, tl.max(mx, axis=0), DIV_R)
+        u = tl.sum(exp2_acc(dr) * (ur + sh * sr), axis=0)
+        m_r, s_r, h_r, g_r = _side_z(mcr, sr_sum, _eps(mcr, kr, True), tl.load(tr_ptr + row))
+        u = g_r * _chunk_u(u, sr_sum, h_r - h_p_u, DIV_R)
+        _store_pair(part_r_ptr, chunk, row, N, m_r, s_r, m_p, s_p, u)
     if HAS_REF:
         mcq, sq_sum, dq = _side_total(mq, rq, sq, kq)
-        m_q = _side_z(mcq, sq_sum, tl.load(tq_ptr + row))
+        m_q, s_q, h_q, g_q = _side_z(mcq, sq_sum, _eps(mcq, kq, True), tl.load(tq_ptr + row))
+        mq_c = tl.max(mq, axis=0)
+        mx_c = tl.max(mx, axis=0)
         if REVERSE:
-            u = tl.sum(fp * (uq + (dp - dq) * s1), axis=0)
-            _store_pair(part_q_ptr, chunk, row, N, m_p, s1_sum, m_q, sq_sum, u)
+            sh = _ratio_shift(dp, dq, mx, mx_c, mq, mq_c, DIV_Q)
+            u = tl.sum(fp * (uq + sh * s1_lanes), axis=0)
+            u = g_p * _chunk_u(u, s1_sum, h_p_u - h_q, DIV_Q)
+            _store_pair(part_q_ptr, chunk, row, N, m_p, s_p, m_q, s_q, u)
         else:
-            u = tl.sum(exp2_acc(dq) * (uq + (dq - dp) * sq), axis=0)
-            _store_pair(part_q_ptr, chunk, row, N, m_q, sq_sum, m_p, s1_sum, u)
+            sh = _ratio_shift(dq, dp, mq, mq_c, mx, mx_c, DIV_Q)
+            u = tl.sum(exp2_acc(dq) * (uq + sh * sq), axis=0)
+            u = g_q * _chunk_u(u, sq_sum, h_q - h_p_u, DIV_Q)
+            _store_pair(part_q_ptr, chunk, row, N, m_q, s_q, m_p, s_p, u)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -358,39 +473,36 @@ def _fwd_finish_kernel(
 
 
 @triton.jit
-def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_tau, a_q, k_q, b_q, c_q, g_p, g_q,
-                HAS_KL: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
+def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q, shift, g_p,
+                g_q, HAS_KL: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
     """(dz_p, dz_q) / tau of one block of logits x and reference logits xq (ACC), without the
-    label term. p_j = kp e, e = 2^d2 (token_stats' backward); log q_j = t_q (ln 2 in fp32: base
-    2) with t_q = (x_q - a_q) k_q - b_q (`row_exponent`: no division per element); d_p = z - m
-    = (x - m) / tau. c_q: l_q + c (reverse) or l_q - c (forward), so that
-    d_p - d_q - c = d_p - log q_j - c_q and d_q - d_p - c = log q_j + c_q - d_p."""
+    label term. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
+    (x_q - a_q) k_q - b_q (`row_exponent`: no division per element). The log-ratio takes
+    d_p = z - m = (x - m) / tau and d_q = (x_q - a_q) / tau_q - e_q from differences of the raw
+    logits (exact at temperature 1, as kl_divergence's): rounded relative to d, not to z."""
     d2, e = bwd_exps(x, m, c, rho_hi)
     dz = bwd_dz(d2, e, a, b, q)
     dq = dz
     if HAS_KL:
-        t_q = fma_acc(xq - a_q, k_q, -b_q)
-        if t_q.dtype == tl.float64:
-            log_q = t_q
-        else:
-            log_q = t_q * LN2
-        q_j = exp_base(t_q)
+        dxq = xq - a_q
+        q_j = exp_base(fma_acc(dxq, k_q, -b_q))
         p = kp * e
-        d_p = (x - m) * inv_tau
+        d_p = (x - m) * inv_p
+        d_q = dxq * inv_q - e_q
         if REVERSE:
             # d/dz_j KL(p || q) = p_j ((d_p - d_q) - c); d/dz_q,j = q_j - p_j
-            dz += (p * g_p) * _floor(d_p - (log_q + c_q))
+            dz += (p * g_p) * _floor((d_p - d_q) - shift)
             dq = (q_j - p) * g_q
         else:
             # d/dz_j KL(q || p) = p_j - q_j; d/dz_q,j = q_j ((d_q - d_p) - c)
             dz += (p - q_j) * g_p
-            dq = (q_j * g_q) * _floor((log_q + c_q) - d_p)
+            dq = (q_j * g_q) * _floor((d_q - d_p) - shift)
     return dz, dq
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _bwd_kernel(
-    x_ptr, xq_ptr, labels_ptr, temp_ptr, scale_bits, tq_ptr, ignore_index, V,
+    x_ptr, xq_ptr, labels_ptr, temp_ptr, scale_bits, t_ptr, tq_ptr, ignore_index, V,
     n_inner, stride_outer, stride_inner, q_n_inner, q_s_outer, q_s_inner,
     g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, g_kl_ptr, lse_ptr, entropy_ptr,
     collision_ptr, max_prob_ptr, argmax_ptr, kl_ptr, kl_state_ptr, grad_ptr, grad_q_ptr,
@@ -420,7 +532,10 @@ def _bwd_kernel(
     a_q = tl.zeros([], ACC)
     k_q = tl.zeros([], ACC)
     b_q = tl.zeros([], ACC)
-    c_q = tl.zeros([], ACC)
+    inv_q = tl.zeros([], ACC)
+    e_q = tl.zeros([], ACC)
+    shift = tl.zeros([], ACC)
+    inv_p = tl.zeros([], ACC)
     g_p = tl.zeros([], ACC)
     g_q = tl.zeros([], ACC)
     read_q = keep & (row < 0)
@@ -437,15 +552,18 @@ def _bwd_kernel(
         m_q, l_q = tl.where(read_q, m_q, 0.0), tl.where(read_q, l_q, 0.0)
         shift = tl.where(read_q & (kl < big), shift, 0.0)
         a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, DIVIDE_Q)
+        one = tl.full([], 1.0, ACC)
+        inv_q = div_acc(one, tau_q)
+        # m_q - a_q / tau_q, exactly: d_q = (x_q - a_q) / tau_q - e_q (0 without division)
+        e_q = div_acc(fma_acc(m_q, tau_q, -a_q), tau_q)
+        inv_p = div_acc(one, tl.load(t_ptr + row))
         if REVERSE:
-            c_q = l_q + shift
             p_nan = kl_on & ((~kl_ok) | (kl == big))  # the weight side of an infinite KL
             q_nan = kl_on & ((~kl_ok) | (~ok))
         else:
-            c_q = l_q - shift
             p_nan = kl_on & (~kl_ok)
             q_nan = kl_on & ((~kl_ok) | (~ok) | (kl == big))
-        g_p = tl.where(kl_on, tl.where(p_nan, nan, up * inv_tau), 0.0)  # d/dx = d/dz / tau
+        g_p = tl.where(kl_on, tl.where(p_nan, nan, up * inv_p), 0.0)  # d/dx = d/dz / tau
         g_q = tl.where(kl_on, tl.where(q_nan, nan, div_acc(up, tau_q)), 0.0)
 
     xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
@@ -462,8 +580,8 @@ def _bwd_kernel(
         xq = x
         if HAS_REF:
             xq = tl.load(xq_row + cols, mask=read_q, other=0.0).to(ACC)
-        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_tau, a_q, k_q, b_q, c_q, g_p,
-                             g_q, HAS_REF, REVERSE)  # fmt: skip
+        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q,
+                             shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
         if NEED_X:
             tl.store(grad_ptr + out + cols, round_to(dz, OUT))
         if NEED_Q:
@@ -475,8 +593,8 @@ def _bwd_kernel(
         xq = x
         if HAS_REF:
             xq = tl.load(xq_row + cols, mask=in_row & read_q, other=0.0).to(ACC)
-        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_tau, a_q, k_q, b_q, c_q, g_p,
-                             g_q, HAS_REF, REVERSE)  # fmt: skip
+        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q,
+                             shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
         if NEED_X:
             tl.store(grad_ptr + out + cols, round_to(dz, OUT), mask=in_row)
         if NEED_Q:
@@ -490,8 +608,8 @@ def _bwd_kernel(
             xq_c = x_c
             if HAS_REF:
                 xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
-            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a, b, q, kp, inv_tau, a_q, k_q, b_q,
-                                  c_q, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
+            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q,
+                                  inv_q, e_q, shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
             tl.store(grad_ptr + out + label, round_to(dz_c + g_l * inv_tau, OUT))
 
 
@@ -557,7 +675,9 @@ def step_stats_forward(
         temp if has_temp else labels, scale_bits, t, tr, tq, ignore_index, V, N, *layout,
         *roll_layout, *ref_layout, part, part_idx, part_r if has_roll else part,
         part_q if has_ref else part, **flags, CHUNK=blk.chunk, BLOCK_V=blk.block_v, U=u,
-        VEC=vec, PAIRS=pairs, num_warps=blk.num_warps,
+        VEC=vec, PAIRS=pairs, DIV_R=needs_division(temperature, temperature_scalar,
+        rollout_temperature, rollout_temperature_scalar), DIV_Q=needs_division(temperature,
+        temperature_scalar, ref_temperature, ref_temperature_scalar), num_warps=blk.num_warps,
     )  # fmt: skip
     p_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
     r_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
@@ -568,6 +688,7 @@ def step_stats_forward(
         kl if has_ref else part, kl_state if has_ref else part, p_norm if has_roll else part,
         r_norm if has_roll else part, **flags, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
     )  # fmt: skip
+    _DEBUG[:] = [p_norm, r_norm]
     if has_roll:
         # TV needs both normalizers: mismatch_stats' second pass over the logits and the rollout.
         tv_blk = row_blocking(V, logits.dtype, _block_v, _chunk)
@@ -631,13 +752,14 @@ def step_stats_backward(
         raise ValueError(f"{OP}_backward: kl_state must hold {N} x {KL_STATE} numbers")
     st = kl_state.reshape(-1).to(acc).contiguous() if has_ref else flat["lse"]
     has_temp, temp, scale_bits = _temperatures(temperature, temperature_scalar, N, acc, dev)
+    t = per_row_temperature(temperature, temperature_scalar, N, acc, dev)
     tq = per_row_temperature(ref_temperature, ref_temperature_scalar, N, acc, dev)
     blk = row_blocking(V, logits.dtype, _block_v, _chunk)
     g_kl = flat["grad_kl"] if has_ref else flat["lse"]
     kl_rows = flat["kl"] if has_ref else flat["lse"]
     _bwd_kernel[(N, blk.n_chunks)](
         logits, ref_logits if has_ref else logits, labels, temp if has_temp else labels,
-        scale_bits, tq, ignore_index, V, n_inner, stride_outer, stride_inner, ref_n_inner,
+        scale_bits, t, tq, ignore_index, V, n_inner, stride_outer, stride_inner, ref_n_inner,
         ref_stride_outer, ref_stride_inner, flat["grad_logprob"], flat["grad_entropy"],
         flat["grad_collision"], flat["grad_lse"], g_kl, flat["lse"], flat["entropy"],
         flat["collision"], flat["max_prob"], am, kl_rows, st,
