@@ -296,15 +296,6 @@ def _load_pair_block(row_ptr, w_block, col0, mask, PAIRS: tl.constexpr):
         return tl.load(row_ptr + col0 + w_block, mask=mask, other=float("-inf"))
 
 
-@triton.jit
-def _split(w, ACC: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr):
-    """A loaded block as [U, LANES, H] in ACC: two bf16 halves (PAIRS) or one block and None."""
-    if PAIRS:
-        return _bf16_pair_halves(w)
-    else:
-        return _lanes(w, ACC, VEC), None
-
-
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _fwd_chunk_kernel(
     x_ptr, xr_ptr, xq_ptr, labels_ptr, temp_ptr, scale_bits, t_ptr, tr_ptr, tq_ptr,
@@ -358,12 +349,22 @@ def _fwd_chunk_kernel(
     # registers; the other tensors' loads of a step overlap each other instead.
     for i in range(0, n_full):
         col0 = start + i * BLOCK_V
-        xa, xb = _split(_load_pair_block(x_row, w_block, col0, keep, PAIRS), ACC, VEC, PAIRS)
-        ra, rb, qa, qb = xa, xb, xa, xb  # placeholders for absent tensors (never read)
-        if HAS_ROLL:
-            ra, rb = _split(_load_pair_block(xr_row, w_block, col0, keep, PAIRS), ACC, VEC, PAIRS)
-        if HAS_REF:
-            qa, qb = _split(_load_pair_block(xq_row, w_block, col0, keep, PAIRS), ACC, VEC, PAIRS)
+        # (Absent tensors take the logits' block as a placeholder, never read.)
+        if PAIRS:
+            xa, xb = _bf16_pair_halves(_load_pair_block(x_row, w_block, col0, keep, PAIRS))
+            ra, rb, qa, qb = xa, xb, xa, xb
+            if HAS_ROLL:
+                ra, rb = _bf16_pair_halves(_load_pair_block(xr_row, w_block, col0, keep, PAIRS))
+            if HAS_REF:
+                qa, qb = _bf16_pair_halves(_load_pair_block(xq_row, w_block, col0, keep, PAIRS))
+        else:
+            xa = _lanes(_load_pair_block(x_row, w_block, col0, keep, PAIRS), ACC, VEC)
+            xb, rb, qb = None, None, None
+            ra, qa = xa, xa
+            if HAS_ROLL:
+                ra = _lanes(_load_pair_block(xr_row, w_block, col0, keep, PAIRS), ACC, VEC)
+            if HAS_REF:
+                qa = _lanes(_load_pair_block(xq_row, w_block, col0, keep, PAIRS), ACC, VEC)
         mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
             xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq,
             rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
