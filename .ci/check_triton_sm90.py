@@ -151,8 +151,13 @@ def exercise(only: list[str]) -> None:
                 # Every tensor given (the 3-tensor pass), both gradients.
                 for direction in ("reverse", "forward"):
                     out = pg_kernels.step_stats(
-                        x, y, rollout_logprobs=lp, rollout_logits=xr.detach(), ref_logits=xr,
-                        kl_direction=direction, **t,
+                        x,
+                        y,
+                        rollout_logprobs=lp,
+                        rollout_logits=xr.detach(),
+                        ref_logits=xr,
+                        kl_direction=direction,
+                        **t,
                     )
                     (out.token.logprob + out.token.entropy + out.kl).sum().backward()
             if not only or "pruned_logprob" in only:

@@ -228,15 +228,15 @@ def _side_total(m, r, s, k):
 
 @triton.jit
 def _side_z(mc, s, eps, tau):
-    """A side's chunk as `_pair` stores it: (m, s, rem) with m = mc / tau rounded (-inf while
-    empty, NaN when its sum is: a NaN or +inf logit) and s moved to exactly that m.
+    """A side's chunk as `_pair` stores it, m = mc / tau rounded (-inf while empty, NaN when its
+    sum is: a NaN or +inf logit), with s moved to exactly that m.
 
     The lanes' sums are relative to fl(mc k) (k = log2(e) / tau rounded), i.e. 2^eps times sums
-    relative to mc k, eps = mc k - fl(mc k) as the lanes' fma formed it (`_eps`); and m = mc / tau rounds
-    by rem = mc / tau - m (in nats). Both are folded into s (one exp per chunk): the sum is then
-    exactly relative to the stored m, so a consumer of (m, log s) (the TV pass, the backward)
-    sees no ulp(m) error. Returns (m, s, h = rem - eps ln 2, the shift of every d = z - m, and
-    the factor e^h)."""
+    relative to mc k, eps = mc k - fl(mc k) as the lanes' fma formed it (`_eps`); and m rounds
+    mc / tau by rem = mc / tau - m (nats). Both are folded into s (one exp per chunk): the sum is
+    then exactly relative to the stored m, so a consumer of (m, log s) (the TV pass, the
+    backward) sees no ulp(m) error. Returns (m, s, h = rem - eps ln 2, the shift of every
+    d = z - m, and the factor e^h)."""
     ok = (mc > float("-inf")) & (mc < float("inf"))
     m = div_acc(mc, tau)
     mc0 = tl.where(ok, mc, 0.0)
