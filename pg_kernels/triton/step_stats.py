@@ -47,9 +47,11 @@ tensors holds 255 registers in bf16 / fp16 (the three blocks of a step live toge
 prefetch, unlike token_stats), 128-196 in fp32. Hot-loop SASS instructions per element triple
 (forward) / pair (backward, both gradients): bf16 33.8 / 28.1, fp16 33.4 / 27.1, fp32 (per
 16-bit-equivalent budget x2) within budget; budgets 30 / 20 (.ci/check_triton_sm90.py OWED).
-Accuracy under the interpreter: its fma rounds the product first (an error of ulp(x c) in each
-of the logits' shared exponents, absent on a GPU), which token_stats' fields tolerate; a KL of
-1e-3 between near rows then carries ~1e-7 (bf16, V = 7: 9.1e-8 against the tests' 8.7e-8).
+Accuracy: a KL of 1e-3 between near rows carries the fp32 roundings of both sums through
+log s_w - log s_v: on a bf16 V = 7 row under the interpreter s_w and s_v were off by +4.7e-8 and
+-4.2e-8 (relative), the KL by 9.1e-8, over tests/test_step_stats.py's 8.7e-8 (the C++ kernel:
+6e-9 there). The interpreter's fma also rounds the product first (an error of ulp(x c) in each
+of the logits' shared exponents, absent on a GPU).
 """
 
 from __future__ import annotations
