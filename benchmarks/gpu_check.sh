@@ -17,6 +17,8 @@
 #   memcheck        compute-sanitizer --tool memcheck  benchmarks/gpu_sanitize.py  } beside
 #   racecheck       compute-sanitizer --tool racecheck benchmarks/gpu_sanitize.py  } tests_cuda
 #   graph           benchmarks/gpu_graph_check.py: token_stats fwd+bwd CUDA-graph replay == eager
+#   step_stats      bench_step_stats.py, bf16, N=16384 V=151936, T=1: the bundle (Triton) against
+#                   the three single ops (Triton) and eager, first of the benchmarks
 #   bench:<op>:...  every bench_<op>.py, bf16: N=16384 V=151936 at T=1, then at T=0.7, then
 #                   N in {512, 1}; alone on the GPU, in that order, while time is left;
 #                   then (step "hidden") token_stats_from_hidden at 16384x151936x4096 against
@@ -38,8 +40,9 @@
 #   PYTHON            interpreter (default: python3 on a GPU; .venv/bin/python for --dry-run)
 #   PGK_BUDGET_S      seconds for the whole run (default 540; dry run 300, ~100 s used on an
 #                     idle 2-core machine)
-#   PGK_STEPS         the steps to run (default all: "preflight build tests sanitize graph bench
-#                     hidden"; hidden = the token_stats_from_hidden benchmark, after the others)
+#   PGK_STEPS         the steps to run (default all: "preflight build tests sanitize graph
+#                     step_stats bench hidden"; hidden = the token_stats_from_hidden benchmark,
+#                     after the others)
 #   PGK_TEST_JOBS     pytest-xdist workers (default 8)
 #   PGK_BENCH_OPS     ops to benchmark (default all five)
 #   PGK_BENCH_COMPILE ops whose N=16384, T=1 run also times torch.compile of the reference
@@ -60,7 +63,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ $DRY == 1 && -x .venv/bin/python ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 300 || echo 540)}"
-STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph bench hidden} "
+STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph step_stats bench hidden} "
 JOBS="${PGK_TEST_JOBS:-8}"
 BENCH_OPS="${PGK_BENCH_OPS:-token_stats kl_divergence mismatch_stats pruned_logprob topk_kl}"
 BENCH_COMPILE=" ${PGK_BENCH_COMPILE:-} "
@@ -364,6 +367,17 @@ fi
 if wants graph; then start_step graph 60 graph; else skip_step graph "not in PGK_STEPS"; fi
 
 # Benchmarks, alone on the GPU, most wanted first; each run has its own timeout.
+# Step step_stats: the bundle (one read of each logits tensor) against the three single ops.
+if wants step_stats; then
+  if [[ $DRY == 1 ]]; then
+    start_step bench_step_stats_t0.7 60 bench step_stats 0.7 dry x
+  else
+    start_step bench_step_stats_t1_n16384 150 bench step_stats 1 n16384 \
+      "pg_kernels:triton separate:triton eager" 16384x151936
+  fi
+else
+  skip_step bench_step_stats "not in PGK_STEPS"
+fi
 if wants bench; then
   if [[ $DRY == 1 ]]; then
     # eager sets the check's tolerance (twice its own error): it runs beside the kernel.

@@ -34,7 +34,7 @@ KERNELS = {
     "mismatch_stats": ("cpu", "triton"),
     "pruned_logprob": ("cpu", "triton"),
     "topk_kl": ("cpu", "triton"),
-    "step_stats": ("cpu",),
+    "step_stats": ("cpu", "triton"),
 }
 
 # The device types each kernel backend takes tensors of (when it is available at all; Triton

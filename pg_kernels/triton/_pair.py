@@ -217,13 +217,20 @@ def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr):
     2^exponent, sum)."""
     mc = tl.max(m, 0)
     c = fma_acc(-mc, k, r)  # r - mc k in one rounding: the lane's r cancels exactly
+    if DIVIDE:
+        mz = div_acc(mc, tau)
+        # The stored max mz = mc / tau rounds by rem = mc / tau - mz: folded into the lanes'
+        # exponent so that the sum is exactly relative to mz (a consumer of (mz, log s), e.g.
+        # the TV pass, would otherwise see ulp(mz) / 2 ~ 2e-6 at mz ~ 40 in every probability).
+        ok = mc != floor
+        mz0 = tl.where(ok, mz, 0.0)
+        rem = div_acc(fma_acc(-mz0, tau, tl.where(ok, mc, 0.0)), tau)
+        c = c + rem * (k * 0 + LOG2E if k.dtype == tl.float32 else 1.0)
+    else:
+        mz = mc
     # An empty lane (still at the floor) adds nothing; its r is ~1e38, rounded by ~1e31.
     f = tl.where(m == floor, 0.0, exp_base(c))
     total = tl.sum(f * s, 0)
-    if DIVIDE:
-        mz = div_acc(mc, tau)
-    else:
-        mz = mc
     return mz, mc, c, f, total
 
 

@@ -131,9 +131,20 @@ def _bf16_pair_halves(w):
 
 @triton.jit
 def _fwd_step(xa, xb, i, c, mx, r2, s1, s2, t2, st):
-    """One loop step over a block of raw logits in ACC, [U, LANES, H] (-inf where masked off),
-    whole in xa or as two halves xa, xb (bf16 pairs). Each lane is one thread's share of the step
-    (U 16-byte vectors).
+    """One loop step (see `rescale_lanes`): the lanes moved to their new max, then the block's
+    exps added."""
+    mx, r2_new, s1, s2, t2, st, _, _ = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
+    s1, s2, t2 = _accumulate(xa, c, r2_new, s1, s2, t2)
+    if xb is not None:
+        s1, s2, t2 = _accumulate(xb, c, r2_new, s1, s2, t2)
+    return mx, r2_new, s1, s2, t2, st
+
+
+@triton.jit
+def rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st):
+    """The lanes' part of one loop step over a block of raw logits in ACC, [U, LANES, H] (-inf
+    where masked off), whole in xa or as two halves xa, xb (bf16 pairs). Each lane is one
+    thread's share of the step (U 16-byte vectors).
 
     Each lane keeps its own state: mx = max of its raw logits so far, r2 = reference(mx) * c (log2
     units), and
@@ -141,6 +152,8 @@ def _fwd_step(xa, xb, i, c, mx, r2, s1, s2, t2, st):
     i.e. the docs/math.md §1 sums in base 2 (2^d2 = e^(z - m), d2 = (z - m) log2 e). st = the last
     step whose block raised the lane's max (where the lane's first argmax lies). The rescale to
     a new max is per lane and branchless: one exp2 per lane per step, not per element.
+    Returns the state moved to the block's max (its sums not yet holding the block) and the
+    lanes' (delta, f = 2^delta) of that move.
     """
     bmax = tl.max(tl.max(xa, axis=2), axis=0)
     if xb is not None:
@@ -155,18 +168,27 @@ def _fwd_step(xa, xb, i, c, mx, r2, s1, s2, t2, st):
     t2 = f * tl.fma(delta, s1, t2)  # t relative to the new max: f (t + delta s1)
     s1 = f * s1
     s2 = (f * f) * s2
-    s1, s2, t2 = _accumulate(xa, c, r2_new, s1, s2, t2)
-    if xb is not None:
-        s1, s2, t2 = _accumulate(xb, c, r2_new, s1, s2, t2)
-    return mx, r2_new, s1, s2, t2, st
+    return mx, r2_new, s1, s2, t2, st, delta, f
 
 
 @triton.jit
 def _accumulate(x, c, r2, s1, s2, t2):
-    # The one exp per element. d2 clamped to a finite floor: a -inf logit has e = 0 and must add
-    # e * d2 = 0, not 0 * -inf.
-    d2 = tl.maximum(tl.fma(x, c, -r2[None, :, None]), D_MIN)
-    e = exp2_acc(d2)
+    _, d2, e = lane_exps(x, c, r2)
+    return add_exps(d2, e, s1, s2, t2)
+
+
+@triton.jit
+def lane_exps(x, c, r2):
+    """The one exp per element of a [U, LANES, H] block: (d2 unclamped, d2, e = 2^d2). d2 is
+    clamped to a finite floor: a -inf logit has e = 0 and must add e * d2 = 0, not 0 * -inf."""
+    d2_raw = tl.fma(x, c, -r2[None, :, None])
+    d2 = tl.maximum(d2_raw, D_MIN)
+    return d2_raw, d2, exp2_acc(d2)
+
+
+@triton.jit
+def add_exps(d2, e, s1, s2, t2):
+    """The block's exps into the lanes' sums."""
     s1 += tl.sum(tl.sum(e, axis=2), axis=0)
     s2 += tl.sum(tl.sum(e * e, axis=2), axis=0)  # 2^(2 d2) as the square of the exp we have
     t2 += tl.sum(tl.sum(e * d2, axis=2), axis=0)
@@ -236,6 +258,51 @@ def _store_outputs(
     tl.store(lse_ptr + rows, lse, mask=mask)
     tl.store(max_prob_ptr + rows, max_prob, mask=mask)
     tl.store(argmax_ptr + rows, argmax, mask=mask)
+
+
+@triton.jit
+def chunk_total(
+    mx, r2, s1, s2, t2, st, c, x_row, start, block, V,
+    U: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """A chunk's state from its lanes: (raw max, NaN if a sum is; s1, s2, t2 relative to
+    reference(max) * c; first argmax as int32; the lanes' (delta, f = 2^delta) to the chunk)."""
+    # The chunk: every lane rescaled to the chunk's max, then plain sums (one reduction each).
+    cmax = tl.max(mx, axis=0)
+    r2_chunk = _reference(cmax) * c
+    delta = tl.minimum(r2 - r2_chunk, 0.0)
+    f = exp2_acc(delta)
+    s1_sum = tl.sum(f * s1, axis=0)
+    s2_sum = tl.sum((f * f) * s2, axis=0)
+    t2_sum = tl.sum(f * tl.fma(delta, s1, t2), axis=0)
+    # The first argmax: the lanes holding the chunk max re-read their elements of the step that
+    # raised it (from L2: just read) and take the first column equal to it.
+    # (An empty chunk, e.g. an ignored row, re-reads nothing: its bound is 0.)
+    lane_hit = mx == cmax
+    cols = start + st[None, :, None] * BLOCK_V + tl.reshape(block, [U, LANES, VEC])
+    bound = tl.where(cmax > float("-inf"), V, 0)
+    again = tl.load(
+        x_row + cols, mask=lane_hit[None, :, None] & (cols < bound), other=float("-inf")
+    )
+    hit = again.to(s1.dtype) == cmax
+    am = tl.min(tl.min(tl.min(tl.where(hit, cols, 2147483647), axis=2), axis=0), axis=0)
+    am = tl.where(cmax > float("-inf"), am, 0).to(tl.int32)
+    # A NaN logit (or +inf - +inf) shows up as a NaN sum: carry it in the max, which the merge
+    # and the finalize check (the max itself may have dropped the NaN).
+    cmax = tl.where(s1_sum != s1_sum, float("nan"), cmax)
+    return cmax, s1_sum, s2_sum, t2_sum, am, delta, f
+
+
+@triton.jit
+def store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1, s2, t2, am):
+    """A chunk's state into part_ptr [4, n_chunks, N] and part_idx_ptr [n_chunks, N]."""
+    idx = chunk.to(tl.int64) * N + row
+    plane = tl.num_programs(1).to(tl.int64) * N
+    tl.store(part_ptr + idx, cmax)
+    tl.store(part_ptr + plane + idx, s1)
+    tl.store(part_ptr + 2 * plane + idx, s2)
+    tl.store(part_ptr + 3 * plane + idx, t2)
+    tl.store(part_idx_ptr + idx, am)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -309,29 +376,9 @@ def _fwd_chunk_kernel(
         xa, xb = _lanes(x, ACC, VEC), None
         mx, r2, s1, s2, t2, st = _fwd_step(xa, xb, n_full, c, mx, r2, s1, s2, t2, st)
 
-    # The chunk: every lane rescaled to the chunk's max, then plain sums (one reduction each).
-    cmax = tl.max(mx, axis=0)
-    r2_chunk = _reference(cmax) * c
-    delta = tl.minimum(r2 - r2_chunk, 0.0)
-    f = exp2_acc(delta)
-    s1_sum = tl.sum(f * s1, axis=0)
-    s2_sum = tl.sum((f * f) * s2, axis=0)
-    t2_sum = tl.sum(f * tl.fma(delta, s1, t2), axis=0)
-    # The first argmax: the lanes holding the chunk max re-read their elements of the step that
-    # raised it (from L2: just read) and take the first column equal to it.
-    # (An empty chunk, e.g. an ignored row, re-reads nothing: its bound is 0.)
-    lane_hit = mx == cmax
-    cols = start + st[None, :, None] * BLOCK_V + tl.reshape(block, [U, LANES, VEC])
-    bound = tl.where(cmax > float("-inf"), V, 0)
-    again = tl.load(
-        x_row + cols, mask=lane_hit[None, :, None] & (cols < bound), other=float("-inf")
+    cmax, s1_sum, s2_sum, t2_sum, am, _, _ = chunk_total(
+        mx, r2, s1, s2, t2, st, c, x_row, start, block, V, U, LANES, VEC, BLOCK_V
     )
-    hit = again.to(ACC) == cmax
-    am = tl.min(tl.min(tl.min(tl.where(hit, cols, 2147483647), axis=2), axis=0), axis=0)
-    am = tl.where(cmax > float("-inf"), am, 0).to(tl.int32)
-    # A NaN logit (or +inf - +inf) shows up as a NaN sum: carry it in the max, which the merge
-    # and the finalize check (the max itself may have dropped the NaN).
-    cmax = tl.where(s1_sum != s1_sum, float("nan"), cmax)
 
     if FINALIZE:
         ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
@@ -342,13 +389,7 @@ def _fwd_chunk_kernel(
             max_prob_ptr, argmax_ptr,
         )  # fmt: skip
     else:
-        idx = chunk.to(tl.int64) * N + row
-        plane = tl.num_programs(1).to(tl.int64) * N
-        tl.store(part_ptr + idx, cmax)
-        tl.store(part_ptr + plane + idx, s1_sum)
-        tl.store(part_ptr + 2 * plane + idx, s2_sum)
-        tl.store(part_ptr + 3 * plane + idx, t2_sum)
-        tl.store(part_idx_ptr + idx, am)
+        store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -361,21 +402,39 @@ def _fwd_merge_kernel(
 ):  # fmt: skip
     """BLOCK_R rows per program: merge the n_chunks partial states of each row in chunk order
     (a fixed order, elementwise over rows: each row's result is independent of the others)."""
-    ACC: tl.constexpr = lse_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
+    vals, _ = merge_rows(
+        x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V, N, n_chunks,
+        n_inner, stride_outer, stride_inner, part_ptr, part_idx_ptr, rows, rmask, HAS_TEMP,
+    )  # fmt: skip
+    _store_outputs(
+        rows, rmask, vals, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr,
+        max_prob_ptr, argmax_ptr,
+    )  # fmt: skip
+
+
+@triton.jit
+def merge_rows(
+    x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V, N, n_chunks,
+    n_inner, stride_outer, stride_inner, part_ptr, part_idx_ptr, rows, rmask,
+    HAS_TEMP: tl.constexpr,
+):  # fmt: skip
+    """The seven outputs of `rows` (see `_finalize`) from their n_chunks partial states, merged
+    in chunk order, and the rows' merged raw max (NaN for a NaN row)."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
     label = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64)
     keep = label != ignore_index
     c64 = _log2_scale(temp_ptr, rows, rmask, scale_bits, HAS_TEMP)
-    c64 = tl.zeros([BLOCK_R], tl.float64) + c64  # a scalar temperature: broadcast to the rows
+    c64 = tl.zeros(rows.shape, tl.float64) + c64  # a scalar temperature: broadcast to the rows
     c = c64.to(ACC)
 
     plane = n_chunks.to(tl.int64) * N
     # First the row's max and first argmax (strictly greater: among equal maxima the earliest
     # chunk, i.e. the first index, wins), then every chunk's sums rescaled straight to the row's
     # reference, added in chunk order: a fixed order, so bitwise deterministic.
-    mx = tl.full([BLOCK_R], float("-inf"), ACC)
-    am = tl.zeros([BLOCK_R], tl.int32)
+    mx = tl.full(rows.shape, float("-inf"), ACC)
+    am = tl.zeros(rows.shape, tl.int32)
     idx = rows
     for _ in range(0, n_chunks):
         mx_k = tl.load(part_ptr + idx, mask=rmask, other=float("-inf"))
@@ -383,9 +442,9 @@ def _fwd_merge_kernel(
         mx = max_nan(mx, mx_k)
         idx += N
     r2 = _reference(mx) * c
-    s1 = tl.zeros([BLOCK_R], ACC)
-    s2 = tl.zeros([BLOCK_R], ACC)
-    t2 = tl.zeros([BLOCK_R], ACC)
+    s1 = tl.zeros(rows.shape, ACC)
+    s2 = tl.zeros(rows.shape, ACC)
+    t2 = tl.zeros(rows.shape, ACC)
     idx = rows
     for _ in range(0, n_chunks):
         # The chunk kernel's reference, rounded the same way (same c, same product).
@@ -400,11 +459,48 @@ def _fwd_merge_kernel(
     ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
     x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
     x_label = tl.load(x_row + tl.where(ok, label, 0), mask=ok & rmask, other=0.0).to(ACC)
-    vals = _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok)
-    _store_outputs(
-        rows, rmask, vals, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr,
-        max_prob_ptr, argmax_ptr,
-    )  # fmt: skip
+    return _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok), mx
+
+
+@triton.jit
+def bwd_row(
+    x_row, row, label, keep, c, V, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr,
+    lse_ptr, entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr,
+):  # fmt: skip
+    """The per-row numbers of the backward (see `_bwd_kernel`): (m, c, rho_hi, a, b, q, 1 / tau
+    (0 for an ignored row), g_l, ok: the saved state is a finished forward row's, k = 2^-rho_lo
+    (p_j = k 2^d2))."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    lse = tl.load(lse_ptr + row)
+    entropy = tl.load(entropy_ptr + row)
+    collision = tl.load(collision_ptr + row)
+    g_l = tl.load(g_logprob_ptr + row)
+    g_h = tl.load(g_entropy_ptr + row)
+    g_c = tl.load(g_collision_ptr + row)
+    g_big_l = tl.load(g_lse_ptr + row)
+    # A NaN row (bad label, bad temperature, or a forward NaN: L not finite) gets NaN everywhere,
+    # through L. Ignored rows read nothing (x = -inf gives e = 0) and get exactly 0: coefficients
+    # 0 and a finite L2 and c whatever their saved values.
+    # A saved state that is not a finished forward row's (argmax out of range, max_prob not in
+    # (0, 1]) also gives a NaN row, and nothing out of the row is read.
+    am = tl.load(argmax_ptr + row)
+    max_prob = tl.load(max_prob_ptr + row)
+    ok = (label >= 0) & (label < V) & valid_inv_temperature(c)
+    ok = ok & (lse > float("-inf")) & (lse < float("inf"))
+    ok = ok & (am >= 0) & (am < V) & (max_prob > 0.0) & (max_prob <= 1.0)
+    m = tl.load(x_row + tl.where(keep & ok, am, 0), mask=keep & ok, other=0.0).to(ACC)
+    log2_mp = tl.log2(tl.where(keep & ok, max_prob, 1.0).to(tl.float64))
+    rho = tl.where(keep, tl.where(ok, -log2_mp, float("nan")), 0.0)
+    rho_hi = rho.to(ACC)
+    rho_lo = (rho - rho_hi.to(tl.float64)).to(ACC)
+    k = exp2_acc(-rho_lo)
+    inv_tau = tl.where(keep, c * LN2, 0.0)  # 1 / tau, or 0: an ignored row's coefficients
+    c = tl.where(keep, c, 1.0)
+    big_a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
+    a = inv_tau * k * (big_a + g_h * LN2 * rho_lo)
+    b = inv_tau * k * (-g_h * LN2)
+    q = inv_tau * (k * k) * (2.0 * g_c)
+    return m, c, rho_hi, a, b, q, inv_tau, g_l, ok, k
 
 
 @triton.jit
@@ -412,8 +508,20 @@ def _bwd_values(x, m, c, rho_hi, a, b, q):
     """dz / tau of logits x (ACC) without the label term, in base 2 (see _bwd_kernel):
     e = 2^d2, d2 = (x - m) c - rho_hi, dz = e (a + b d2 + q e). d2 is clamped to a finite floor:
     a -inf logit has e = 0 and e (b d2) must be 0, not 0 * inf."""
+    d2, e = bwd_exps(x, m, c, rho_hi)
+    return bwd_dz(d2, e, a, b, q)
+
+
+@triton.jit
+def bwd_exps(x, m, c, rho_hi):
+    """(d2, e = 2^d2) of logits x: e = p_j / k (see `_bwd_values`)."""
     d2 = tl.maximum(tl.fma(x - m, c, -rho_hi), D_MIN)
-    e = exp2_acc(d2)
+    return d2, exp2_acc(d2)
+
+
+@triton.jit
+def bwd_dz(d2, e, a, b, q):
+    """dz / tau without the label term: e (a + b d2 + q e)."""
     return e * tl.fma(q, e, tl.fma(b, d2, a))
 
 
@@ -448,36 +556,11 @@ def _bwd_kernel(
     keep = label != ignore_index
     c64 = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP)
     c = c64.to(ACC)
-    lse = tl.load(lse_ptr + row)
-    entropy = tl.load(entropy_ptr + row)
-    collision = tl.load(collision_ptr + row)
-    g_l = tl.load(g_logprob_ptr + row)
-    g_h = tl.load(g_entropy_ptr + row)
-    g_c = tl.load(g_collision_ptr + row)
-    g_big_l = tl.load(g_lse_ptr + row)
-    # A NaN row (bad label, bad temperature, or a forward NaN: L not finite) gets NaN everywhere,
-    # through L. Ignored rows read nothing (x = -inf gives e = 0) and get exactly 0: coefficients
-    # 0 and a finite L2 and c whatever their saved values.
-    # A saved state that is not a finished forward row's (argmax out of range, max_prob not in
-    # (0, 1]) also gives a NaN row, and nothing out of the row is read.
-    am = tl.load(argmax_ptr + row)
-    max_prob = tl.load(max_prob_ptr + row)
-    ok = (label >= 0) & (label < V) & valid_inv_temperature(c)
-    ok = ok & (lse > float("-inf")) & (lse < float("inf"))
-    ok = ok & (am >= 0) & (am < V) & (max_prob > 0.0) & (max_prob <= 1.0)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    m = tl.load(x_row + tl.where(keep & ok, am, 0), mask=keep & ok, other=0.0).to(ACC)
-    log2_mp = tl.log2(tl.where(keep & ok, max_prob, 1.0).to(tl.float64))
-    rho = tl.where(keep, tl.where(ok, -log2_mp, float("nan")), 0.0)
-    rho_hi = rho.to(ACC)
-    rho_lo = (rho - rho_hi.to(tl.float64)).to(ACC)
-    k = exp2_acc(-rho_lo)
-    inv_tau = tl.where(keep, c * LN2, 0.0)  # 1 / tau, or 0: an ignored row's coefficients
-    c = tl.where(keep, c, 1.0)
-    big_a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
-    a = inv_tau * k * (big_a + g_h * LN2 * rho_lo)
-    b = inv_tau * k * (-g_h * LN2)
-    q = inv_tau * (k * k) * (2.0 * g_c)
+    m, c, rho_hi, a, b, q, inv_tau, g_l, ok, _ = bwd_row(
+        x_row, row, label, keep, c, V, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr,
+        lse_ptr, entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr,
+    )  # fmt: skip
 
     g_row = grad_ptr + row.to(tl.int64) * V  # the gradient is a fresh contiguous tensor
     start = chunk * CHUNK

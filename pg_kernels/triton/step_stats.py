@@ -1,0 +1,799 @@
+"""step_stats in Triton (docs/math.md §9), with the C++ launchers' interface: token_stats of the
+logits, the exact mismatch KL(pi_roll || pi_theta) and TV against the rollout logits, and the KL
+to a reference (reverse or forward), from one read of each logits tensor.
+
+Forward:
+  1. `_fwd_chunk_kernel`, grid (N, n_chunks), the blocking and lane layout of token_stats'
+     forward (`token_stats._forward_blocking`, [U, LANES, VEC] per step, bf16 pairs): program
+     (r, k) reads chunk k of row r of the logits and, when given (constexpr flags), of the
+     rollout and the reference logits, each element once. Per element one exp per tensor; the
+     logits' e = 2^d2 (token_stats' `lane_exps`, relative to each lane's running max) feeds
+     token_stats' sums (`add_exps`) and both pair sums:
+         rollout pair (w = roll, v = logits):   s_r += e_r,  u_r += e_r (t_r - d2)
+         reference, reverse (w = logits, v = q): s_q += e_q,  u_q += e (d2 - t_q)
+                    forward (w = q, v = logits): s_q += e_q,  u_q += e_q (t_q - d2)
+     (exponents t = x k - r in log2 units, one fma; the logits' side of each pair is token_stats'
+     s1; with both temperatures exactly 1 the log-ratios are exact differences of the raw
+     logits, in nats, as `_pair`'s). Each side's lanes rescale themselves when their max rises
+     (token_stats' `rescale_lanes`; a pair's u moves by f_w (u + (delta_w - delta_v) s_w),
+     docs/math.md §4). After the loop: the token_stats chunk state (`chunk_total`,
+     `store_partial`), bitwise the one token_stats' chunk kernel stores, and each pair's chunk
+     state in `_pair`'s layout [PARTIAL, n_chunks, N], its sums moved exactly to the stored max
+     m = mc / tau (`_side_z`: the rounding of m and of the lanes' reference folded in).
+  2. `_fwd_finish_kernel`: token_stats' merge (`merge_rows`, so the token fields are bitwise
+     those of token_stats), each pair merged with `_pair.merge_row` and finished with
+     `finalize_kl` in fp64: token_kl, kl, kl_state = the reference's (m, log s1) and
+     c = E_w[d_w - d_v].
+  3. TV needs both normalizers, known only now: mismatch_stats' second pass over the logits and
+     the rollout logits (`_tv_chunk_kernel`, `_tv_finish_kernel`), only with rollout logits.
+Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): token_stats' coefficients (`bwd_row`)
+plus the KL term, written once per element:
+    dz_j = p_j (a + b log p_j + c p_j) + g_l [j = c] + g_kl K_j
+    reverse K_j = p_j ((d_j - d_q,j) - c),   forward K_j = p_j - q_j
+and the reference's gradient (kl_divergence's) when asked. A row whose g_kl is 0 (or with no
+reference) skips the K term and never reads the reference: a NaN teacher row whose KL is not in
+the loss leaves the policy's gradient finite.
+
+Bytes per row of V elements of s bytes (minimum: each tensor read once, each gradient written
+once): forward (1 + [rollout] + [ref]) V s read, + 2 V s more for TV with rollout logits (the
+second pass), + (20 + 24 [rollout] + 24 [ref]) n_chunks bytes of partial state written and
+read back; backward V s (+ V s of the reference in rows with g_kl != 0) read, V s per requested
+gradient written. Every reduction runs in a fixed order and the blocking depends on V and the
+dtype only: deterministic and batch invariant. Checked under TRITON_INTERPRET=1 on CPU tensors
+and compiled for sm_90 offline (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
+
+GPU design, first version (sm_90 offline, not tuned): no spills; the forward with all three
+tensors holds 255 registers in bf16 / fp16 (the three blocks of a step live together; no
+prefetch, unlike token_stats), 128-196 in fp32. Hot-loop SASS instructions per element triple
+(forward) / pair (backward, both gradients): bf16 33.8 / 28.1, fp16 33.4 / 27.1, fp32 (per
+16-bit-equivalent budget x2) within budget; budgets 30 / 20 (.ci/check_triton_sm90.py OWED).
+Accuracy: a KL of 1e-3 between near rows carries the fp32 roundings of both sums through
+log s_w - log s_v: on a bf16 V = 7 row under the interpreter s_w and s_v were off by +4.7e-8 and
+-4.2e-8 (relative), the KL by 9.1e-8, over tests/test_step_stats.py's 8.7e-8 (the C++ kernel:
+6e-9 there). The interpreter's fma also rounds the product first (an error of ulp(x c) in each
+of the logits' shared exponents, absent on a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pg_kernels.triton import mismatch_stats as _mismatch
+from pg_kernels.triton import token_stats as _token
+from pg_kernels.triton._common import (
+    D_MIN,
+    LN2,
+    acc_dtype_of,
+    div_acc,
+    exp2_acc,
+    per_row_temperature,
+    round_to,
+    row_blocking,
+    row_offset,
+    scalar_log2_scale_bits,
+)
+from pg_kernels.triton._pair import (
+    FINISH_BLOCK_R,
+    PARTIAL,
+    exp_base,
+    finalize_kl,
+    fma_acc,
+    merge_row,
+    needs_division,
+    row_exponent,
+    side_is_valid,
+)
+from pg_kernels.triton.token_stats import (
+    _bf16_pair_halves,
+    _lanes,
+    _log2_scale,
+    _reference,
+    _store_outputs,
+    add_exps,
+    bwd_dz,
+    bwd_exps,
+    bwd_row,
+    chunk_total,
+    lane_exps,
+    merge_rows,
+    rescale_lanes,
+    store_partial,
+)
+
+OP = "step_stats"
+_DEBUG = []
+SEPARATE = tl.constexpr(False)
+KL_STATE = 3  # the reference's (m, log s1) and c = E_w[d_w - d_v] per row
+
+
+@triton.jit
+def _ln2(x):
+    """ln 2 in x's dtype (a bare Python float constant would be an fp32 one: 3e-9 off in fp64)."""
+    return tl.full([], LN2, tl.float64).to(x.dtype)
+
+
+@triton.jit
+def _floor(d):
+    """A log-ratio term floored to a finite value: where its weight is 0 (a -inf logit) the
+    difference is -inf or NaN and the product must be 0. A select: NaN-free on the GPU too."""
+    return tl.where(d > D_MIN, d, D_MIN)
+
+
+@triton.jit
+def _side_rescale(xa, xb, i, k, m, r, s):
+    """A pair side's lanes moved to the block's max: token_stats' `rescale_lanes` on the side's
+    (max, exponent reference, sum) (its other sums and its argmax step are dead code).
+    Returns (m, r, s, delta)."""
+    m, r, s, _, _, _, delta, _ = rescale_lanes(xa, xb, i, k, m, r, s, s, s, m.to(tl.int32))
+    return m, r, s, delta
+
+
+@triton.jit
+def _ratio(xw, xv, tw, tv, mw, mv, DIVIDE: tl.constexpr):
+    """d_w - d_v of a block, floored (`_floor`): from the exponents (log2 units) with DIVIDE,
+    else (both temperatures exactly 1) from exact differences of the raw logits relative to the
+    lanes' raw maxes (nats), as `_pair`'s u."""
+    if DIVIDE:
+        return _floor(tw - tv)
+    else:
+        return _floor((xw - xv) - (_reference(mw) - _reference(mv))[None, :, None])
+
+
+@triton.jit
+def _ratio_shift(dw, dv, mw_old, mw, mv_old, mv, DIVIDE: tl.constexpr):
+    """delta_w - delta_v of a lane move (old -> new maxes), in `_ratio`'s units."""
+    if DIVIDE:
+        return dw - dv
+    else:
+        return (_reference(mw_old) - _reference(mw)) - (_reference(mv_old) - _reference(mv))
+
+
+@triton.jit
+def _add_half(x, xr, xq, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+              HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
+              DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
+    """One block (or bf16 half-block) of each tensor into the lanes' sums: one exp per element
+    per tensor, the logits' e shared by token_stats' sums and both pairs (log2 units)."""
+    _, d2, e = lane_exps(x, c, r2)
+    s1, s2, t2 = add_exps(d2, e, s1, s2, t2)
+    if HAS_ROLL or HAS_REF:
+        # The logits' exponent for the log-ratio terms, rounded once (fma_acc): on a GPU the
+        # same fma as d2_raw (one instruction after CSE); under the interpreter, whose fma
+        # rounds x c first (an error of ulp(x c), not of d2), the GPU's rounding.
+        d2_u = fma_acc(x, c, -r2[None, :, None])
+        if SEPARATE:
+            # ... and the pairs' logits side summed from those exps (`_pair_side`).
+            e = exp2_acc(d2_u)
+            sp += tl.sum(tl.sum(e, axis=2), axis=0)
+    if HAS_ROLL:  # KL(pi_roll || pi_theta): w = rollout, v = logits
+        t_r = fma_acc(xr, kr, -rr[None, :, None])
+        e_r = exp2_acc(t_r)
+        sr += tl.sum(tl.sum(e_r, axis=2), axis=0)
+        ur += tl.sum(tl.sum(e_r * _ratio(xr, x, t_r, d2_u, mr, mx, DIV_R), axis=2), axis=0)
+    if HAS_REF:
+        t_q = fma_acc(xq, kq, -rq[None, :, None])
+        e_q = exp2_acc(t_q)
+        sq += tl.sum(tl.sum(e_q, axis=2), axis=0)
+        if REVERSE:  # KL(p || q): w = logits, v = reference
+            uq += tl.sum(tl.sum(e * _ratio(x, xq, d2_u, t_q, mx, mq, DIV_Q), axis=2), axis=0)
+        else:  # KL(q || p): w = reference, v = logits
+            uq += tl.sum(tl.sum(e_q * _ratio(xq, x, t_q, d2_u, mq, mx, DIV_Q), axis=2), axis=0)
+    return s1, s2, t2, sp, sr, ur, sq, uq
+
+
+@triton.jit
+def _step(xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq,
+          rq, sq, uq, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
+          DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
+    """One loop step: every side's lanes moved to their new max (u moved with them), then the
+    block's exps added. xb / rb / qb: the second bf16 halves, or None."""
+    mx_old = mx
+    mx, r2, s1, s2, t2, st, dp, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
+    sp = fp * sp
+    if HAS_ROLL:
+        mr_old = mr
+        mr, rr, sr, dr = _side_rescale(ra, rb, i, kr, mr, rr, sr)
+        # u <- f_w (u + (delta_w - delta_v) s_w) = f_w u + (delta_w - delta_v) (f_w s_w)
+        ur = tl.fma(_ratio_shift(dr, dp, mr_old, mr, mx_old, mx, DIV_R), sr, exp2_acc(dr) * ur)
+    if HAS_REF:
+        mq_old = mq
+        mq, rq, sq, dq = _side_rescale(qa, qb, i, kq, mq, rq, sq)
+        if REVERSE:
+            shift = _ratio_shift(dp, dq, mx_old, mx, mq_old, mq, DIV_Q)
+            uq = tl.fma(shift, _pair_side(s1, sp), fp * uq)
+        else:
+            shift = _ratio_shift(dq, dp, mq_old, mq, mx_old, mx, DIV_Q)
+            uq = tl.fma(shift, sq, exp2_acc(dq) * uq)
+    s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
+        xa, ra, qa, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+        HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+    )  # fmt: skip
+    if xb is not None:
+        s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
+            xb, rb, qb, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+            HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+        )  # fmt: skip
+    return mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq
+
+
+@triton.jit
+def _pair_side(s1, sp):
+    """The logits' sum as the pairs see it: token_stats' s1 (the shared exps). Under the
+    interpreter, whose fma rounds x c before subtracting (an error of ulp(x c) in every
+    exponent, 5e-7 relative at |x| ~ 10, which token_stats' fields tolerate but a KL near 0
+    does not), the pairs take the sum of the exps of fma_acc's exponents instead (sp): what a
+    GPU's single-rounding fma gives the shared s1."""
+    if SEPARATE:
+        return sp
+    else:
+        return s1
+
+
+@triton.jit
+def _side_total(m, r, s, k):
+    """A pair side's chunk from its lanes: (raw max, sum relative to reference(max) * k, the
+    lanes' delta to it), as `chunk_total` does for the logits."""
+    mc = tl.max(m, axis=0)
+    delta = tl.minimum(r - _reference(mc) * k, 0.0)
+    return mc, tl.sum(exp2_acc(delta) * s, axis=0), delta
+
+
+@triton.jit
+def _side_z(mc, s, eps, tau):
+    """A side's chunk as `_pair` stores it, m = mc / tau rounded (-inf while empty, NaN when its
+    sum is: a NaN or +inf logit), with s moved to exactly that m.
+
+    The lanes' sums are relative to fl(mc k) (k = log2(e) / tau rounded), i.e. 2^eps times sums
+    relative to mc k, eps = mc k - fl(mc k) as the lanes' fma formed it (`_eps`); and m rounds
+    mc / tau by rem = mc / tau - m (nats). Both are folded into s (one exp per chunk): the sum is
+    then exactly relative to the stored m, so a consumer of (m, log s) (the TV pass, the
+    backward) sees no ulp(m) error. Returns (m, s, h = rem - eps ln 2, the shift of every
+    d = z - m, and the factor e^h)."""
+    ok = (mc > float("-inf")) & (mc < float("inf"))
+    m = div_acc(mc, tau)
+    mc0 = tl.where(ok, mc, 0.0)
+    m0 = tl.where(ok, m, 0.0)
+    ln2 = _ln2(s)
+    shift = div_acc(fma_acc(-m0, tau, mc0), tau) - tl.where(ok, eps, 0.0) * ln2  # exact rem
+    g = tl.exp(shift)
+    m = tl.where(s != s, float("nan"), tl.where(mc == float("-inf"), mc, m))
+    return m, g * s, shift, g
+
+
+@triton.jit
+def _chunk_u(u, s_w, dh, DIVIDE: tl.constexpr):
+    """A chunk's u in nats relative to the sides' stored maxes, before the weight side's factor
+    e^h_w: with DIVIDE u is in log2 units relative to fl(mc k) (u ln2 + s_w (h_w - h_v)); without,
+    it is already exact nats relative to the raw maxes, which are the stored ones."""
+    if DIVIDE:
+        return tl.fma(u, _ln2(u), s_w * dh)
+    else:
+        return u
+
+
+@triton.jit
+def _eps(mc, k, EXACT: tl.constexpr):
+    """mc k - fl(mc k): the rounding of a side's reference, as its lanes' exponents saw it (the
+    logits' lanes use tl.fma, whose interpreter rounds twice: eps = 0 there, as `_finalize`;
+    the other sides use fma_acc: exact everywhere)."""
+    mc0 = tl.where((mc > float("-inf")) & (mc < float("inf")), mc, 0.0)
+    if EXACT:
+        return fma_acc(mc0, k, -(mc0 * k))
+    else:
+        return tl.fma(mc0, k, -(mc0 * k))
+
+
+@triton.jit
+def _store_pair(part_ptr, chunk, row, N, m_w, s_w, m_v, s_v, u):
+    """A pair chunk state into part_ptr [PARTIAL, n_chunks, N] (`_pair.pair_chunk_kernel`'s
+    layout); an infinite or NaN u (nats) as the `inf` flag."""
+    inf = tl.where((u == u) & (tl.abs(u) < float("inf")), 0.0, 1.0).to(u.dtype)
+    idx = chunk.to(tl.int64) * N + row
+    plane = tl.num_programs(1).to(tl.int64) * N
+    tl.store(part_ptr + idx, m_w)
+    tl.store(part_ptr + plane + idx, s_w)
+    tl.store(part_ptr + 2 * plane + idx, m_v)
+    tl.store(part_ptr + 3 * plane + idx, s_v)
+    tl.store(part_ptr + 4 * plane + idx, tl.where(inf > 0, 0.0, u))
+    tl.store(part_ptr + 5 * plane + idx, inf)
+
+
+@triton.jit
+def _load_pair_block(row_ptr, w_block, col0, mask, PAIRS: tl.constexpr):
+    """A step's raw block, as int32 bf16 pairs (PAIRS) or elements."""
+    if PAIRS:
+        return tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + col0 // 2 + w_block, mask=mask,
+                       other=-8388608)  # fmt: skip
+    else:
+        return tl.load(row_ptr + col0 + w_block, mask=mask, other=float("-inf"))
+
+
+@triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
+def _fwd_chunk_kernel(
+    x_ptr, xr_ptr, xq_ptr, labels_ptr, temp_ptr, scale_bits, t_ptr, tr_ptr, tq_ptr,
+    ignore_index, V, N, n_inner, stride_outer, stride_inner, r_n_inner, r_s_outer, r_s_inner,
+    q_n_inner, q_s_outer, q_s_inner, part_ptr, part_idx_ptr, part_r_ptr, part_q_ptr,
+    HAS_TEMP: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
+    REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_V: tl.constexpr, U: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
+):  # fmt: skip
+    """Program (row, chunk): token_stats' partial state of one chunk of one row (part_ptr
+    [4, n_chunks, N], part_idx_ptr [n_chunks, N]) and the pair states against the rollout
+    (part_r_ptr) and the reference (part_q_ptr), each [PARTIAL, n_chunks, N]. Ignored rows read
+    nothing and store empty states."""
+    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    LANES: tl.constexpr = BLOCK_V // (U * VEC)
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    keep = label != ignore_index
+    c = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP).to(ACC)
+    kr = _log2_scale(tr_ptr, row, True, 0, True).to(ACC)
+    kq = _log2_scale(tq_ptr, row, True, 0, True).to(ACC)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
+    xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
+
+    start = chunk * CHUNK
+    n_valid = tl.where(keep, tl.minimum(V - start, CHUNK), 0)
+    n_full = n_valid // BLOCK_V
+    block = tl.arange(0, U)[:, None] * (LANES * VEC) + tl.arange(0, LANES * VEC)[None, :]
+    if PAIRS:
+        w_block = tl.arange(0, U)[:, None] * (LANES * VEC // 2) + tl.arange(0, LANES * VEC // 2)
+    else:
+        w_block = block
+    mx = tl.full([LANES], float("-inf"), ACC)
+    r2 = tl.zeros([LANES], ACC)
+    s1 = tl.zeros([LANES], ACC)
+    s2 = tl.zeros([LANES], ACC)
+    t2 = tl.zeros([LANES], ACC)
+    st = tl.zeros([LANES], tl.int32)
+    sp = tl.zeros([LANES], ACC)  # the pairs' logits sum under the interpreter (`_pair_side`)
+    mr = tl.full([LANES], float("-inf"), ACC)
+    rr = tl.zeros([LANES], ACC)
+    sr = tl.zeros([LANES], ACC)
+    ur = tl.zeros([LANES], ACC)
+    mq = tl.full([LANES], float("-inf"), ACC)
+    rq = tl.zeros([LANES], ACC)
+    sq = tl.zeros([LANES], ACC)
+    uq = tl.zeros([LANES], ACC)
+    # No prefetch (unlike token_stats): three tensors' blocks in flight would not fit in
+    # registers; the other tensors' loads of a step overlap each other instead.
+    for i in range(0, n_full):
+        col0 = start + i * BLOCK_V
+        # (Absent tensors take the logits' block as a placeholder, never read.)
+        if PAIRS:
+            xa, xb = _bf16_pair_halves(_load_pair_block(x_row, w_block, col0, keep, PAIRS))
+            ra, rb, qa, qb = xa, xb, xa, xb
+            if HAS_ROLL:
+                ra, rb = _bf16_pair_halves(_load_pair_block(xr_row, w_block, col0, keep, PAIRS))
+            if HAS_REF:
+                qa, qb = _bf16_pair_halves(_load_pair_block(xq_row, w_block, col0, keep, PAIRS))
+        else:
+            xa = _lanes(_load_pair_block(x_row, w_block, col0, keep, PAIRS), ACC, VEC)
+            xb, rb, qb = None, None, None
+            ra, qa = xa, xa
+            if HAS_ROLL:
+                ra = _lanes(_load_pair_block(xr_row, w_block, col0, keep, PAIRS), ACC, VEC)
+            if HAS_REF:
+                qa = _lanes(_load_pair_block(xq_row, w_block, col0, keep, PAIRS), ACC, VEC)
+        mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+            xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq,
+            rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+        )  # fmt: skip
+    if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
+        col0 = start + n_full * BLOCK_V
+        in_row = col0 + block < V
+        xa = _lanes(tl.load(x_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
+        ra, qa = xa, xa
+        if HAS_ROLL:
+            ra = _lanes(tl.load(xr_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
+        if HAS_REF:
+            qa = _lanes(tl.load(xq_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
+        mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+            xa, None, ra, None, qa, None, n_full, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr,
+            sr, ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+        )  # fmt: skip
+
+    cmax, s1_sum, s2_sum, t2_sum, am, dp, fp = chunk_total(
+        mx, r2, s1, s2, t2, st, c, x_row, start, block, V, U, LANES, VEC, BLOCK_V
+    )
+    store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
+    # The pairs' chunk states: u (log2 units, relative to each side's fl(mc k)) moved with the
+    # sides' sums to their stored maxes: u' = f_w (u ln2 + s_w (shift_w - shift_v)) in nats.
+    if HAS_ROLL or HAS_REF:
+        s1_lanes = _pair_side(s1, sp)
+        s1_sum = _pair_side(s1_sum, tl.sum(fp * sp, axis=0))
+        eps_p = _eps(cmax, c, SEPARATE)
+        m_p, s_p, h_p, g_p = _side_z(cmax, s1_sum, eps_p, tl.load(t_ptr + row))
+        # u's log-ratios took the logits' exponent from fma_acc: its own eps (the same on a GPU).
+        h_p_u = h_p + (eps_p - _eps(cmax, c, True)) * _ln2(s1_sum)
+    if HAS_ROLL:
+        mcr, sr_sum, dr = _side_total(mr, rr, sr, kr)
+        sh = _ratio_shift(dr, dp, mr, tl.max(mr, axis=0), mx, tl.max(mx, axis=0), DIV_R)
+        u = tl.sum(exp2_acc(dr) * (ur + sh * sr), axis=0)
+        m_r, s_r, h_r, g_r = _side_z(mcr, sr_sum, _eps(mcr, kr, True), tl.load(tr_ptr + row))
+        u = g_r * _chunk_u(u, sr_sum, h_r - h_p_u, DIV_R)
+        _store_pair(part_r_ptr, chunk, row, N, m_r, s_r, m_p, s_p, u)
+    if HAS_REF:
+        mcq, sq_sum, dq = _side_total(mq, rq, sq, kq)
+        m_q, s_q, h_q, g_q = _side_z(mcq, sq_sum, _eps(mcq, kq, True), tl.load(tq_ptr + row))
+        mq_c = tl.max(mq, axis=0)
+        mx_c = tl.max(mx, axis=0)
+        if REVERSE:
+            sh = _ratio_shift(dp, dq, mx, mx_c, mq, mq_c, DIV_Q)
+            u = tl.sum(fp * (uq + sh * s1_lanes), axis=0)
+            u = g_p * _chunk_u(u, s1_sum, h_p_u - h_q, DIV_Q)
+            _store_pair(part_q_ptr, chunk, row, N, m_p, s_p, m_q, s_q, u)
+        else:
+            sh = _ratio_shift(dq, dp, mq, mq_c, mx, mx_c, DIV_Q)
+            u = tl.sum(exp2_acc(dq) * (uq + sh * sq), axis=0)
+            u = g_q * _chunk_u(u, sq_sum, h_q - h_p_u, DIV_Q)
+            _store_pair(part_q_ptr, chunk, row, N, m_q, s_q, m_p, s_p, u)
+
+
+@triton.jit
+def _finalize_kl(m_w, s_w, m_v, s_v, u, inf):
+    """`_pair.finalize_kl` evaluated in fp64, each result rounded once: KL = u / s_w - log s_w +
+    log s_v cancels O(1) terms to a small number, whose three fp32 roundings would otherwise
+    be ~1e-7 absolute (a KL of 1e-3 to 5e-5 relative)."""
+    ACC: tl.constexpr = s_w.dtype
+    f64 = tl.float64
+    kl, l_w, l_v, c = finalize_kl(m_w.to(f64), s_w.to(f64), m_v.to(f64), s_v.to(f64), u.to(f64),
+                                  inf.to(f64))  # fmt: skip
+    return kl.to(ACC), l_w.to(ACC), l_v.to(ACC), c.to(ACC)
+
+
+@triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
+def _fwd_finish_kernel(
+    x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V, N, n_chunks,
+    n_inner, stride_outer, stride_inner, part_ptr, part_idx_ptr, part_r_ptr, part_q_ptr,
+    logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr, argmax_ptr,
+    token_kl_ptr, kl_ptr, kl_state_ptr, p_norm_ptr, r_norm_ptr,
+    HAS_TEMP: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
+    REVERSE: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_R rows per program: token_stats' outputs (its merge), token_kl and the (m, log s1)
+    of the logits and of the rollout (p_norm_ptr, r_norm_ptr [N, 2], for the TV pass), kl and
+    kl_state [N, 3]. A row whose logits' state is invalid has NaN KLs; ignored rows are 0."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    vals, mx = merge_rows(
+        x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V, N, n_chunks,
+        n_inner, stride_outer, stride_inner, part_ptr, part_idx_ptr, rows, rmask, HAS_TEMP,
+    )  # fmt: skip
+    _store_outputs(
+        rows, rmask, vals, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr,
+        max_prob_ptr, argmax_ptr,
+    )  # fmt: skip
+    keep = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64) != ignore_index
+    valid = side_is_valid(mx)  # the logits' state (softmax_stats.h state_is_valid)
+    nan = float("nan")
+    if HAS_ROLL:
+        m_r, s_r, m_p, s_p, u, inf = merge_row(part_r_ptr, rows, rmask, N, n_chunks)
+        kl, l_r, l_p, _ = _finalize_kl(m_r, s_r, m_p, s_p, u, inf)
+        tl.store(token_kl_ptr + rows, tl.where(keep, tl.where(valid, kl, nan), 0.0), mask=rmask)
+        ok_p = valid & side_is_valid(m_p)
+        ok_r = side_is_valid(m_r)
+        # mismatch_stats' TV pass reads these: NaN marks an invalid side, 0 an ignored row.
+        tl.store(p_norm_ptr + 2 * rows, tl.where(keep, tl.where(ok_p, m_p, nan), 0.0), mask=rmask)
+        tl.store(
+            p_norm_ptr + 2 * rows + 1, tl.where(keep, tl.where(ok_p, l_p, nan), 0.0), mask=rmask
+        )
+        tl.store(r_norm_ptr + 2 * rows, tl.where(ok_r, m_r, nan), mask=rmask)
+        tl.store(r_norm_ptr + 2 * rows + 1, tl.where(ok_r, l_r, nan), mask=rmask)
+    if HAS_REF:
+        m_w, s_w, m_v, s_v, u, inf = merge_row(part_q_ptr, rows, rmask, N, n_chunks)
+        kl, l_w, l_v, c = _finalize_kl(m_w, s_w, m_v, s_v, u, inf)
+        if REVERSE:
+            m_q, l_q = m_v, l_v
+        else:
+            m_q, l_q = m_w, l_w
+        ok_q = side_is_valid(m_q)
+        st = kl_state_ptr + rows * 3
+        tl.store(kl_ptr + rows, tl.where(keep, tl.where(valid, kl, nan), 0.0), mask=rmask)
+        tl.store(st, tl.where(keep, tl.where(ok_q, m_q, nan), 0.0), mask=rmask)
+        tl.store(st + 1, tl.where(keep, tl.where(ok_q, l_q, nan), 0.0), mask=rmask)
+        tl.store(st + 2, tl.where(keep, c, 0.0), mask=rmask)
+
+
+@triton.jit
+def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q, shift, g_p,
+                g_q, HAS_KL: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
+    """(dz_p, dz_q) / tau of one block of logits x and reference logits xq (ACC), without the
+    label term. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
+    (x_q - a_q) k_q - b_q (`row_exponent`: no division per element). The log-ratio takes
+    d_p = z - m = (x - m) / tau and d_q = (x_q - a_q) / tau_q - e_q from differences of the raw
+    logits (exact at temperature 1, as kl_divergence's): rounded relative to d, not to z."""
+    d2, e = bwd_exps(x, m, c, rho_hi)
+    dz = bwd_dz(d2, e, a, b, q)
+    dq = dz
+    if HAS_KL:
+        dxq = xq - a_q
+        q_j = exp_base(fma_acc(dxq, k_q, -b_q))
+        p = kp * e
+        d_p = (x - m) * inv_p
+        d_q = dxq * inv_q - e_q
+        if REVERSE:
+            # d/dz_j KL(p || q) = p_j ((d_p - d_q) - c); d/dz_q,j = q_j - p_j
+            dz += (p * g_p) * _floor((d_p - d_q) - shift)
+            dq = (q_j - p) * g_q
+        else:
+            # d/dz_j KL(q || p) = p_j - q_j; d/dz_q,j = q_j ((d_q - d_p) - c)
+            dz += (p - q_j) * g_p
+            dq = (q_j * g_q) * _floor((d_q - d_p) - shift)
+    return dz, dq
+
+
+@triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
+def _bwd_kernel(
+    x_ptr, xq_ptr, labels_ptr, temp_ptr, scale_bits, t_ptr, tq_ptr, ignore_index, V,
+    n_inner, stride_outer, stride_inner, q_n_inner, q_s_outer, q_s_inner,
+    g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, g_kl_ptr, lse_ptr, entropy_ptr,
+    collision_ptr, max_prob_ptr, argmax_ptr, kl_ptr, kl_state_ptr, grad_ptr, grad_q_ptr,
+    HAS_TEMP: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_Q: tl.constexpr, DIVIDE_Q: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Program (row, chunk): the requested gradients of one chunk of one row, written once.
+
+    Row cases (as the C++ kernel): ignored rows 0; a NaN token row NaN (and its reference
+    gradient NaN when the KL is in the loss); with the KL in the loss (g_kl != 0): a NaN KL or
+    reference state makes both NaN, KL = +inf the weight side NaN. g_kl = 0: no K term, the
+    reference is not read, its gradient 0."""
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    keep = label != ignore_index
+    c = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP).to(ACC)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    m, c, rho_hi, a, b, q, inv_tau, g_l, ok, kp = bwd_row(
+        x_row, row, label, keep, c, V, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr,
+        lse_ptr, entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr,
+    )  # fmt: skip
+    nan = float("nan")
+    big = float("inf")
+    a_q = tl.zeros([], ACC)
+    k_q = tl.zeros([], ACC)
+    b_q = tl.zeros([], ACC)
+    inv_q = tl.zeros([], ACC)
+    e_q = tl.zeros([], ACC)
+    shift = tl.zeros([], ACC)
+    inv_p = tl.zeros([], ACC)
+    g_p = tl.zeros([], ACC)
+    g_q = tl.zeros([], ACC)
+    read_q = keep & (row < 0)
+    kl_on = read_q
+    if HAS_REF:
+        up = tl.load(g_kl_ptr + row)
+        kl = tl.load(kl_ptr + row)
+        st = kl_state_ptr + row.to(tl.int64) * 3
+        m_q, l_q, shift = tl.load(st), tl.load(st + 1), tl.load(st + 2)
+        kl_on = keep & (up != 0)
+        kl_ok = (kl == kl) & (tl.abs(m_q) < big) & (tl.abs(l_q) < big)
+        read_q = kl_on & kl_ok & ok
+        tau_q = tl.load(tq_ptr + row)
+        m_q, l_q = tl.where(read_q, m_q, 0.0), tl.where(read_q, l_q, 0.0)
+        shift = tl.where(read_q & (kl < big), shift, 0.0)
+        a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, DIVIDE_Q)
+        one = tl.full([], 1.0, ACC)
+        inv_q = div_acc(one, tau_q)
+        # m_q - a_q / tau_q, exactly: d_q = (x_q - a_q) / tau_q - e_q (0 without division)
+        e_q = div_acc(fma_acc(m_q, tau_q, -a_q), tau_q)
+        inv_p = div_acc(one, tl.load(t_ptr + row))
+        if REVERSE:
+            p_nan = kl_on & ((~kl_ok) | (kl == big))  # the weight side of an infinite KL
+            q_nan = kl_on & ((~kl_ok) | (~ok))
+        else:
+            p_nan = kl_on & (~kl_ok)
+            q_nan = kl_on & ((~kl_ok) | (~ok) | (kl == big))
+        g_p = tl.where(kl_on, tl.where(p_nan, nan, up * inv_p), 0.0)  # d/dx = d/dz / tau
+        g_q = tl.where(kl_on, tl.where(q_nan, nan, div_acc(up, tau_q)), 0.0)
+
+    xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
+    out = row.to(tl.int64) * V  # the gradients are fresh contiguous tensors
+    start = chunk * CHUNK
+    n_valid = tl.minimum(V - start, CHUNK)
+    n_full = n_valid // BLOCK_V
+    lanes = tl.arange(0, BLOCK_V)
+    OUT: tl.constexpr = grad_ptr.dtype.element_ty
+    for i in range(0, n_full):
+        cols = start + i * BLOCK_V + lanes
+        # Uniform masks (one flag per row) keep the loads vectorized.
+        x = tl.load(x_row + cols, mask=keep, other=float("-inf")).to(ACC)
+        xq = x
+        if HAS_REF:
+            xq = tl.load(xq_row + cols, mask=read_q, other=0.0).to(ACC)
+        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q,
+                             shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
+        if NEED_X:
+            tl.store(grad_ptr + out + cols, round_to(dz, OUT))
+        if NEED_Q:
+            tl.store(grad_q_ptr + out + cols, round_to(tl.where(kl_on, dq, 0.0), OUT))
+    if n_full * BLOCK_V < n_valid:
+        cols = start + n_full * BLOCK_V + lanes
+        in_row = cols < V
+        x = tl.load(x_row + cols, mask=in_row & keep, other=float("-inf")).to(ACC)
+        xq = x
+        if HAS_REF:
+            xq = tl.load(xq_row + cols, mask=in_row & read_q, other=0.0).to(ACC)
+        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q,
+                             shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
+        if NEED_X:
+            tl.store(grad_ptr + out + cols, round_to(dz, OUT), mask=in_row)
+        if NEED_Q:
+            tl.store(grad_q_ptr + out + cols, round_to(tl.where(kl_on, dq, 0.0), OUT), mask=in_row)
+    # The label's entry: dz + g_l / tau, rounded once, by the program holding it (the barrier
+    # orders it after the block store of the same address by another thread).
+    if NEED_X:
+        if keep & ok & (label >= start) & (label < start + n_valid):
+            tl.debug_barrier()
+            x_c = tl.load(x_row + label).to(ACC)
+            xq_c = x_c
+            if HAS_REF:
+                xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
+            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q,
+                                  inv_q, e_q, shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
+            tl.store(grad_ptr + out + label, round_to(dz_c + g_l * inv_tau, OUT))
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers: the interface of pg_kernels._C step_stats_forward / step_stats_backward.
+
+
+def _temperatures(t, scalar, n, acc, device):
+    """(HAS_TEMP, the tensor passed as temp_ptr, scale_bits) as token_stats' kernels take them."""
+    if t is not None:
+        return True, t.contiguous(), 0
+    return False, None, scalar_log2_scale_bits(scalar, acc)
+
+
+def step_stats_forward(
+    logits, rollout_logits, ref_logits, labels, temperature, temperature_scalar,
+    rollout_temperature, rollout_temperature_scalar, ref_temperature, ref_temperature_scalar,
+    reverse, ignore_index, n_inner, stride_outer, stride_inner, rollout_n_inner,
+    rollout_stride_outer, rollout_stride_inner, ref_n_inner, ref_stride_outer, ref_stride_inner,
+    *, _block_v=None, _chunk=None,
+):  # fmt: skip
+    """[logprob, entropy, collision, lgp, lse, max_prob, argmax, token_kl, token_tv, kl,
+    kl_state]: as pg_kernels._C.step_stats_forward (an absent tensor's outputs are empty:
+    token_kl / token_tv / kl [0], kl_state [0, 3]). _block_v, _chunk: private overrides of the
+    row blocking (tests and tuning only)."""
+    _token._check_inputs(logits, labels, temperature, ignore_index)
+    N, V = labels.numel(), logits.shape[-1]
+    acc = acc_dtype_of(logits.dtype)
+    dev = logits.device
+    has_roll, has_ref = rollout_logits is not None, ref_logits is not None
+
+    def rows(given):
+        return torch.empty(N if given else 0, dtype=acc, device=dev)
+
+    token = [rows(True) for _ in range(6)] + [torch.empty(N, dtype=torch.int64, device=dev)]
+    token_kl, token_tv, kl = rows(has_roll), rows(has_roll), rows(has_ref)
+    kl_state = torch.empty((N if has_ref else 0, KL_STATE), dtype=acc, device=dev)
+    outs = [*token, token_kl, token_tv, kl, kl_state]
+    if N == 0:
+        return outs
+    blk = _token._forward_blocking(V, logits.dtype, _block_v, _chunk)
+    vec = min(16 // logits.dtype.itemsize, blk.block_v)
+    u = max(1, min(8, blk.block_v // (vec * 32 * blk.num_warps)))
+    layout = (n_inner, stride_outer, stride_inner)
+    roll_layout = (rollout_n_inner, rollout_stride_outer, rollout_stride_inner)
+    ref_layout = (ref_n_inner, ref_stride_outer, ref_stride_inner)
+    pairs = _token._bf16_pairs(logits, *layout)
+    if has_roll:
+        pairs = pairs and _token._bf16_pairs(rollout_logits, *roll_layout)
+    if has_ref:
+        pairs = pairs and _token._bf16_pairs(ref_logits, *ref_layout)
+    has_temp, temp, scale_bits = _temperatures(temperature, temperature_scalar, N, acc, dev)
+    t = per_row_temperature(temperature, temperature_scalar, N, acc, dev)
+    tr = per_row_temperature(rollout_temperature, rollout_temperature_scalar, N, acc, dev)
+    tq = per_row_temperature(ref_temperature, ref_temperature_scalar, N, acc, dev)
+    part = torch.empty((4, blk.n_chunks, N), dtype=acc, device=dev)
+    part_idx = torch.empty((blk.n_chunks, N), dtype=torch.int32, device=dev)
+    part_r = torch.empty((PARTIAL, blk.n_chunks, N) if has_roll else (0,), dtype=acc, device=dev)
+    part_q = torch.empty((PARTIAL, blk.n_chunks, N) if has_ref else (0,), dtype=acc, device=dev)
+    flags = dict(HAS_TEMP=has_temp, HAS_ROLL=has_roll, HAS_REF=has_ref, REVERSE=bool(reverse))
+    _fwd_chunk_kernel[(N, blk.n_chunks)](
+        logits, rollout_logits if has_roll else logits, ref_logits if has_ref else logits, labels,
+        temp if has_temp else labels, scale_bits, t, tr, tq, ignore_index, V, N, *layout,
+        *roll_layout, *ref_layout, part, part_idx, part_r if has_roll else part,
+        part_q if has_ref else part, **flags, CHUNK=blk.chunk, BLOCK_V=blk.block_v, U=u,
+        VEC=vec, PAIRS=pairs, DIV_R=needs_division(temperature, temperature_scalar,
+        rollout_temperature, rollout_temperature_scalar), DIV_Q=needs_division(temperature,
+        temperature_scalar, ref_temperature, ref_temperature_scalar), num_warps=blk.num_warps,
+    )  # fmt: skip
+    p_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
+    r_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
+    _fwd_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
+        logits, labels, temp if has_temp else labels, scale_bits, ignore_index, V, N,
+        blk.n_chunks, *layout, part, part_idx, part_r if has_roll else part,
+        part_q if has_ref else part, *token, token_kl if has_roll else part,
+        kl if has_ref else part, kl_state if has_ref else part, p_norm if has_roll else part,
+        r_norm if has_roll else part, **flags, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
+    )  # fmt: skip
+    _DEBUG[:] = [p_norm, r_norm]
+    if has_roll:
+        # TV needs both normalizers: mismatch_stats' second pass over the logits and the rollout.
+        tv_blk = row_blocking(V, logits.dtype, _block_v, _chunk)
+        tv_part = torch.empty((tv_blk.n_chunks, N), dtype=acc, device=dev)
+        divide = needs_division(
+            temperature, temperature_scalar, rollout_temperature, rollout_temperature_scalar
+        )
+        _mismatch._tv_chunk_kernel[(N, tv_blk.n_chunks)](
+            logits, rollout_logits, labels, t, tr, p_norm, r_norm, tv_part, V, N, ignore_index,
+            *layout, *roll_layout, DIVIDE=divide, CHUNK=tv_blk.chunk, BLOCK_V=tv_blk.block_v,
+            num_warps=tv_blk.num_warps,
+        )  # fmt: skip
+        _mismatch._tv_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
+            tv_part, labels, p_norm, r_norm, token_tv, N, tv_blk.n_chunks, ignore_index,
+            BLOCK_R=FINISH_BLOCK_R, num_warps=4,
+        )  # fmt: skip
+    return outs
+
+
+def step_stats_backward(
+    grad_logprob, grad_entropy, grad_collision, grad_lse, grad_kl, logits, ref_logits, labels,
+    temperature, temperature_scalar, ref_temperature, ref_temperature_scalar, reverse,
+    ignore_index, lse, entropy, collision, max_prob, argmax, kl, kl_state, need_logits_grad,
+    need_ref_grad, n_inner, stride_outer, stride_inner, ref_n_inner, ref_stride_outer,
+    ref_stride_inner, *, _block_v=None, _chunk=None,
+):  # fmt: skip
+    """[grad_logits, grad_ref_logits]: new contiguous tensors of the logits' (reference's) shape
+    and dtype, or empty where not requested; as pg_kernels._C.step_stats_backward."""
+    _token._check_inputs(logits, labels, temperature, ignore_index)
+    N, V = labels.numel(), logits.shape[-1]
+    has_ref = ref_logits is not None
+    if has_ref and (grad_kl is None or kl is None or kl_state is None):
+        raise ValueError(f"{OP}_backward: ref_logits needs grad_kl, kl and kl_state")
+    if need_ref_grad and not has_ref:
+        raise ValueError(f"{OP}_backward: need_ref_grad without ref_logits")
+    dev = logits.device
+    grad = (
+        torch.empty(logits.shape, dtype=logits.dtype, device=dev)
+        if need_logits_grad
+        else logits.new_empty(0)
+    )
+    grad_ref = (
+        torch.empty(ref_logits.shape, dtype=ref_logits.dtype, device=dev)
+        if need_ref_grad
+        else logits.new_empty(0)
+    )
+    if N == 0 or not (need_logits_grad or need_ref_grad):
+        return [grad, grad_ref]
+    acc = acc_dtype_of(logits.dtype)
+    per_row = dict(grad_logprob=grad_logprob, grad_entropy=grad_entropy,
+                   grad_collision=grad_collision, grad_lse=grad_lse, lse=lse, entropy=entropy,
+                   collision=collision, max_prob=max_prob)  # fmt: skip
+    if has_ref:
+        per_row |= dict(grad_kl=grad_kl, kl=kl)
+    for name, t in per_row.items():
+        if t.numel() != N:
+            raise ValueError(f"{OP}_backward: {name} has {t.numel()} elements, expected {N}")
+    flat = {k: t.reshape(-1).to(acc).contiguous() for k, t in per_row.items()}
+    am = argmax.reshape(-1).to(torch.int64).contiguous()
+    if has_ref and kl_state.numel() != KL_STATE * N:
+        raise ValueError(f"{OP}_backward: kl_state must hold {N} x {KL_STATE} numbers")
+    st = kl_state.reshape(-1).to(acc).contiguous() if has_ref else flat["lse"]
+    has_temp, temp, scale_bits = _temperatures(temperature, temperature_scalar, N, acc, dev)
+    t = per_row_temperature(temperature, temperature_scalar, N, acc, dev)
+    tq = per_row_temperature(ref_temperature, ref_temperature_scalar, N, acc, dev)
+    blk = row_blocking(V, logits.dtype, _block_v, _chunk)
+    g_kl = flat["grad_kl"] if has_ref else flat["lse"]
+    kl_rows = flat["kl"] if has_ref else flat["lse"]
+    _bwd_kernel[(N, blk.n_chunks)](
+        logits, ref_logits if has_ref else logits, labels, temp if has_temp else labels,
+        scale_bits, t, tq, ignore_index, V, n_inner, stride_outer, stride_inner, ref_n_inner,
+        ref_stride_outer, ref_stride_inner, flat["grad_logprob"], flat["grad_entropy"],
+        flat["grad_collision"], flat["grad_lse"], g_kl, flat["lse"], flat["entropy"],
+        flat["collision"], flat["max_prob"], am, kl_rows, st,
+        grad if need_logits_grad else grad_ref, grad_ref if need_ref_grad else grad,
+        HAS_TEMP=has_temp, HAS_REF=has_ref, REVERSE=bool(reverse),
+        NEED_X=bool(need_logits_grad), NEED_Q=bool(need_ref_grad),
+        DIVIDE_Q=needs_division(ref_temperature, ref_temperature_scalar, None, 1.0),
+        CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
+    )  # fmt: skip
+    return [grad, grad_ref]
