@@ -51,8 +51,8 @@ from pg_kernels.triton._common import (
 
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Fields of a chunk's partial state: m_w, s1_w, m_v, s1_v, u, inf (0 or 1).
-PARTIAL = 6
+# Fields of a chunk's partial state: m_w, s1_w, m_v, s1_v, u, inf (0 or 1), eps_w, eps_v.
+PARTIAL = 8
 # Rows per program of the finish kernels: they move ~24 bytes per (row, chunk).
 FINISH_BLOCK_R = 128
 
@@ -69,32 +69,40 @@ def load_divided(row_ptr, cols, mask, tau, DIVIDE: tl.constexpr):
 
 
 @triton.jit
-def _rescale_factor(m_old, m_new):
+def _rescale_factor(m_old, e_old, m_new, e_new):
     """(shift, factor) moving a side's sums from max m_old to m_new >= m_old: (m_old - m_new,
-    e^{shift}); (0, 0) for an empty side (m_old = -inf has zero sums and nothing to shift)."""
+    e^{shift}); (0, 0) for an empty side (m_old = -inf has zero sums and nothing to shift).
+    The sums are relative to m + e (`_side_total`), so the shift carries e_old - e_new (0 for
+    the state holding the joint max)."""
     has = m_old != float("-inf")
     # Both operands replaced where empty: -inf - -inf would be NaN (and a numpy warning).
-    shift = tl.where(has, m_old, 0.0) - tl.where(has, m_new, 0.0)
+    shift = (tl.where(has, m_old, 0.0) - tl.where(has, m_new, 0.0)) + tl.where(
+        has, e_old - e_new, 0.0
+    )
     return shift, tl.where(has, exp_acc(shift), 0.0)
 
 
 @triton.jit
-def merge_pair(m_w, s_w, m_v, s_v, u, inf, bm_w, bs_w, bm_v, bs_v, bu, binf):
+def merge_pair(m_w, s_w, m_v, s_v, u, inf, e_w, e_v, bm_w, bs_w, bm_v, bs_v, bu, binf, be_w,
+               be_v):  # fmt: skip
     """merge_pair of softmax_stats.h, elementwise: both states rescaled to the joint maxes.
 
         u <- e^{D_w} (u + (D_w - D_v) s1_w)   per state, D = m_state - m_joint
     A NaN max (a broken side) makes that side's sums and u NaN, never the other side's sums.
+    e_w, e_v: each side's sums are relative to m + e (`_side_total`); e goes with its max.
     """
     new_w = max_nan(m_w, bm_w)
     new_v = max_nan(m_v, bm_v)
-    dw_a, aw = _rescale_factor(m_w, new_w)
-    dv_a, av = _rescale_factor(m_v, new_v)
-    dw_b, bw = _rescale_factor(bm_w, new_w)
-    dv_b, bv = _rescale_factor(bm_v, new_v)
+    ne_w = tl.where(bm_w > m_w, be_w, e_w)
+    ne_v = tl.where(bm_v > m_v, be_v, e_v)
+    dw_a, aw = _rescale_factor(m_w, e_w, new_w, ne_w)
+    dv_a, av = _rescale_factor(m_v, e_v, new_v, ne_v)
+    dw_b, bw = _rescale_factor(bm_w, be_w, new_w, ne_w)
+    dv_b, bv = _rescale_factor(bm_v, be_v, new_v, ne_v)
     u = aw * (u + (dw_a - dv_a) * s_w) + bw * (bu + (dw_b - dv_b) * bs_w)
     s_w = aw * s_w + bw * bs_w
     s_v = av * s_v + bv * bs_v
-    return new_w, s_w, new_v, s_v, u, tl.maximum(inf, binf)
+    return new_w, s_w, new_v, s_v, u, tl.maximum(inf, binf), ne_w, ne_v
 
 
 @triton.jit
@@ -148,21 +156,20 @@ def lane_floor(k):
 
 @triton.jit
 def row_exponent(m, log_s1, tau, DIVIDE: tl.constexpr):
-    """(a, k, b) with (x - a) * k - b = (x / tau - m - log_s1) * base, the exponent of a
-    probability e^{z - m - log s1} from a raw logit x (base = log2 e in fp32, 1 in fp64), with no
-    division per element: a = m tau rounded (a is the row's max logit up to that rounding, so
-    x - a is exact or rounded relative to itself), k = base / tau, and b carries log s1 and the
-    rounding of a (m - a / tau = fma(m, tau, -a) / tau, exactly computed). The errors are
-    relative to |z - m| and |log s1|, never to |z|. Without DIVIDE: a = m, k = base and
-    b = log s1 base."""
+    """(a, k, b) with (x - a) * k - b = (x / tau - a / tau - log_s1) * base, the exponent of a
+    probability e^{z - a / tau - log s1} from a raw logit x (base = log2 e in fp32, 1 in fp64),
+    with no division per element: a = m tau rounded, the row's max logit (or within an ulp of
+    it), so x - a is exact or rounded relative to itself, k = base / tau and b = log s1 base.
+    The pair pass sums relative to this same a / tau (`_side_total`), not to the rounded m: an
+    entry at the max gets exponent -log s1 exactly, and the errors are relative to |z - m| and
+    |log s1|, never to |z|. Without DIVIDE: a = m."""
     k = lane_scale(tau, DIVIDE)
     if DIVIDE:
         a = m * tau
-        e = div_acc(fma_acc(m, tau, -a), tau)
         if m.dtype == tl.float64:
-            b = log_s1 + e
+            b = log_s1
         else:
-            b = (log_s1 + e) * LOG2E
+            b = log_s1 * LOG2E
     else:
         a = m
         b = log_s1 * k
@@ -189,15 +196,23 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE: tl.constexpr)
     mv_new = tl.maximum(mv, tl.max(xv, 1))
     rw_new = mw_new * kw
     rv_new = mv_new * kv
-    dw = rw - rw_new
-    dv = rv - rv_new
+    # The lane's reference exponent is the exact m k = r + rho (rho = fma(m, k, -r), exact):
+    # an entry at the lane's max gets exponent 0 and e = 1 exactly, so a one-hot row sums to
+    # exactly 1 (with r alone its term was 2^rho, and 2^-rho 2^rho rounded to 1 - 2^-24 in the
+    # chunk merge: KL = 6e-8 of two equal one-hot rows, where the truth and plain PyTorch
+    # have 0).
+    hw = fma_acc(mw_new, kw, -rw_new)
+    hv = fma_acc(mv_new, kv, -rv_new)
+    dw = (rw - rw_new) + (fma_acc(mw, kw, -rw) - hw)
+    dv = (rv - rv_new) + (fma_acc(mv, kv, -rv) - hv)
     aw = exp_base(dw)
     av = exp_base(dv)
-    ew = exp_base(fma_acc(xw, kw, -rw_new[:, None]))
-    tv = fma_acc(xv, kv, -rv_new[:, None])
+    tw = fma_acc(xw, kw, -rw_new[:, None]) - hw[:, None]
+    tv = fma_acc(xv, kv, -rv_new[:, None]) - hv[:, None]
+    ew = exp_base(tw)
     ev = exp_base(tv)
     if DIVIDE:
-        diff = fma_acc(xw, kw, -rw_new[:, None]) - tv
+        diff = tw - tv
         shift = dw - dv
     else:
         diff = (xw - xv) - (mw_new - mv_new)[:, None]
@@ -214,17 +229,26 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE: tl.constexpr)
 @triton.jit
 def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr):
     """One side of a chunk from its lanes: (max in z units, raw max, lane -> chunk exponent,
-    2^exponent, sum)."""
+    2^exponent, sum, e: the sums are relative to mz + e, e = 0 without DIVIDE)."""
     mc = tl.max(m, 0)
-    c = fma_acc(-mc, k, r)  # r - mc k in one rounding: the lane's r cancels exactly
+    if DIVIDE:
+        mz = div_acc(mc, tau)
+        # The chunk's sums are relative to a / tau, a = mz tau rounded: the raw logit the
+        # backward rebuilds from the saved mz (row_exponent), usually x_max itself. e = a / tau
+        # - mz, the shift from mz to that reference, goes with mz into the merges.
+        a = mz * tau
+        e = div_acc(-fma_acc(mz, tau, -a), tau)
+    else:
+        mz = mc
+        a = mc
+        e = mc * 0
+    # (m - a) k: r - a k in one rounding (the lane's r cancels exactly) plus the lane's rho;
+    # exactly 0 for the lane holding the chunk max when a = x_max.
+    c = fma_acc(-a, k, r) + fma_acc(m, k, -r)
     # An empty lane (still at the floor) adds nothing; its r is ~1e38, rounded by ~1e31.
     f = tl.where(m == floor, 0.0, exp_base(c))
     total = tl.sum(f * s, 0)
-    if DIVIDE:
-        mz = div_acc(mc, tau)
-    else:
-        mz = mc
-    return mz, mc, c, f, total
+    return mz, mc, c, f, total, e
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -284,8 +308,8 @@ def pair_chunk_kernel(
         xv = tl.load(v_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
         mw, mv, rw, rv, sw, sv, u = _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE)
     # One cross-lane merge per chunk: each lane moved to the chunk's max (merge_pair per lane).
-    m_w, mc_w, cw, fw, s_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE)
-    m_v, mc_v, cv, fv, s_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE)
+    m_w, mc_w, cw, fw, s_w, e_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE)
+    m_v, mc_v, cv, fv, s_v, e_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE)
     if DIVIDE:
         u = tl.sum(fw * (u + (cw - cv) * sw), 0)
         if ACC != tl.float64:
@@ -308,11 +332,15 @@ def pair_chunk_kernel(
     tl.store(part_ptr + 3 * plane + idx, s_v)
     tl.store(part_ptr + 4 * plane + idx, u)
     tl.store(part_ptr + 5 * plane + idx, inf)
+    # A side that is empty or NaN has no residual to carry (and e would be NaN).
+    tl.store(part_ptr + 6 * plane + idx, tl.where(side_is_valid(m_w), e_w, 0.0))
+    tl.store(part_ptr + 7 * plane + idx, tl.where(side_is_valid(m_v), e_v, 0.0))
 
 
 @triton.jit
 def merge_row(part_ptr, rows, rmask, N, n_chunks):
-    """The merged pair state of `rows` from their n_chunks partial states, in chunk order."""
+    """The merged pair state of `rows` from their n_chunks partial states, in chunk order (its
+    sums relative to (m tau rounded) / tau: what `row_exponent` rebuilds from m)."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     m_w = tl.full(rows.shape, float("-inf"), ACC)
     m_v = tl.full(rows.shape, float("-inf"), ACC)
@@ -320,19 +348,23 @@ def merge_row(part_ptr, rows, rmask, N, n_chunks):
     s_v = tl.zeros(rows.shape, ACC)
     u = tl.zeros(rows.shape, ACC)
     inf = tl.zeros(rows.shape, ACC)
+    e_w = tl.zeros(rows.shape, ACC)
+    e_v = tl.zeros(rows.shape, ACC)
     plane = n_chunks.to(tl.int64) * N
     chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
     for _ in range(0, n_chunks):
         idx = chunk_off + rows
         chunk_off += N
-        m_w, s_w, m_v, s_v, u, inf = merge_pair(
-            m_w, s_w, m_v, s_v, u, inf,
+        m_w, s_w, m_v, s_v, u, inf, e_w, e_v = merge_pair(
+            m_w, s_w, m_v, s_v, u, inf, e_w, e_v,
             tl.load(part_ptr + idx, mask=rmask, other=float("-inf")),
             tl.load(part_ptr + plane + idx, mask=rmask, other=0.0),
             tl.load(part_ptr + 2 * plane + idx, mask=rmask, other=float("-inf")),
             tl.load(part_ptr + 3 * plane + idx, mask=rmask, other=0.0),
             tl.load(part_ptr + 4 * plane + idx, mask=rmask, other=0.0),
             tl.load(part_ptr + 5 * plane + idx, mask=rmask, other=0.0),
+            tl.load(part_ptr + 6 * plane + idx, mask=rmask, other=0.0),
+            tl.load(part_ptr + 7 * plane + idx, mask=rmask, other=0.0),
         )  # fmt: skip
     return m_w, s_w, m_v, s_v, u, inf
 
