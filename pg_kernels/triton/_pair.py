@@ -196,23 +196,15 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE: tl.constexpr)
     mv_new = tl.maximum(mv, tl.max(xv, 1))
     rw_new = mw_new * kw
     rv_new = mv_new * kv
-    # The lane's reference exponent is the exact m k = r + rho (rho = fma(m, k, -r), exact):
-    # an entry at the lane's max gets exponent 0 and e = 1 exactly, so a one-hot row sums to
-    # exactly 1 (with r alone its term was 2^rho, and 2^-rho 2^rho rounded to 1 - 2^-24 in the
-    # chunk merge: KL = 6e-8 of two equal one-hot rows, where the truth and plain PyTorch
-    # have 0).
-    hw = fma_acc(mw_new, kw, -rw_new)
-    hv = fma_acc(mv_new, kv, -rv_new)
-    dw = (rw - rw_new) + (fma_acc(mw, kw, -rw) - hw)
-    dv = (rv - rv_new) + (fma_acc(mv, kv, -rv) - hv)
+    dw = rw - rw_new
+    dv = rv - rv_new
     aw = exp_base(dw)
     av = exp_base(dv)
-    tw = fma_acc(xw, kw, -rw_new[:, None]) - hw[:, None]
-    tv = fma_acc(xv, kv, -rv_new[:, None]) - hv[:, None]
-    ew = exp_base(tw)
+    ew = exp_base(fma_acc(xw, kw, -rw_new[:, None]))
+    tv = fma_acc(xv, kv, -rv_new[:, None])
     ev = exp_base(tv)
     if DIVIDE:
-        diff = tw - tv
+        diff = fma_acc(xw, kw, -rw_new[:, None]) - tv
         shift = dw - dv
     else:
         diff = (xw - xv) - (mw_new - mv_new)[:, None]
@@ -242,12 +234,17 @@ def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr):
         mz = mc
         a = mc
         e = mc * 0
-    # (m - a) k: r - a k in one rounding (the lane's r cancels exactly) plus the lane's rho;
-    # exactly 0 for the lane holding the chunk max when a = x_max.
-    c = fma_acc(-a, k, r) + fma_acc(m, k, -r)
+    c = fma_acc(-a, k, r)  # r - a k in one rounding: the lane's r cancels exactly
     # An empty lane (still at the floor) adds nothing; its r is ~1e38, rounded by ~1e31.
     f = tl.where(m == floor, 0.0, exp_base(c))
-    total = tl.sum(f * s, 0)
+    # A lane holding the chunk max summed that entry as E = 2^rho (rho = m k - r, the rounding
+    # of r) and f E, 2^-rho 2^rho rounded, is 1 - 2^-24 as often as 1: a one-hot row's KL came
+    # out 6e-8 where the truth and plain PyTorch have 0. Its term is taken out of the lane sum
+    # (the loop's own E, bitwise) and added back as 2^{(m - a) k}, exactly 1 when a = x_max.
+    top = (m == mc) & (m != floor)
+    e_top = exp_base(fma_acc(m, k, -tl.where(top, r, m * k)))
+    one = exp_base(tl.where(top, m - a, 0.0) * k)
+    total = tl.sum(tl.where(top, (s - e_top) * f + one, f * s), 0)
     return mz, mc, c, f, total, e
 
 
