@@ -13,6 +13,13 @@ exponent of an entry is one fma x k - r with k = log2(e) / tau and r = (lane max
 rounding r cancels exactly in the merge, so the error is relative to z - m, not to z.
 u takes d_w - d_v from exact differences of the logits at temperature 1, from the exponents
 otherwise (each rounded relative to z - m, as z = x / tau itself would be relative to z).
+A chunk's sums are relative to a / tau, a = (x_max / tau rounded) * tau rounded: the raw logit
+the backward rebuilds from the saved max (`row_exponent`), usually x_max itself, so that the
+backward's d_w - d_v and the forward's c = E_w[d_w - d_v] cancel exactly at a shared max
+(relative to the rounded max instead, they were ulp(z) / 2 apart: a gradient of -2.0e-3 where
+the truth is 0, two one-hot rows at tau 0.07). The lane holding a chunk's max adds that entry
+back as exactly 2^{(x_max - a) k} (1 when a = x_max), not as 2^-rho 2^rho rounded: a one-hot
+row sums to exactly 1 (its KL was 6e-8 where the truth is 0).
 A term with v_j = 0 (x_v = -inf) under x_w > -inf makes u infinite or NaN: the chunk's `inf`
 flag (its u is stored as 0). A side holding a NaN or +inf has a NaN sum, hence a NaN max; the
 two sides stay independent, so a broken rollout row leaves the logits' normalizer intact.
@@ -20,8 +27,9 @@ two sides stay independent, so a broken rollout row leaves the logits' normalize
 The chunk's state goes to `partials` [PARTIAL, n_chunks, N] (chunk-major: the merge reads
 consecutive rows), and the op's finish kernel merges each row's chunks in chunk order with
 `merge_row`: a fixed order, elementwise over rows, so results are deterministic and batch
-invariant. Partial-state traffic is 24 (fp32) or 48 (fp64) bytes per chunk and row: V = 151936
-bf16 has 10 chunks per row, 240 B against 608 KiB of logits read.
+invariant. Partial-state traffic is 32 (fp32) or 64 (fp64) bytes per chunk and row (each side's max
+carries its e = a / tau - max into the merges): V = 151936 bf16 has 10 chunks per row, 320 B
+against 608 KiB of logits read.
 
 GPU design (sm_90, compiled offline by .ci/check_triton_sm90.py; not yet timed on a GPU): the
 hot loop's SASS instructions per element pair, before (one block max, three block sums and a
@@ -53,7 +61,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 # Fields of a chunk's partial state: m_w, s1_w, m_v, s1_v, u, inf (0 or 1), eps_w, eps_v.
 PARTIAL = 8
-# Rows per program of the finish kernels: they move ~24 bytes per (row, chunk).
+# Rows per program of the finish kernels: they move ~32 bytes per (row, chunk).
 FINISH_BLOCK_R = 128
 
 

@@ -12,7 +12,7 @@ The blocking depends on V and the dtype only and every reduction runs in a fixed
 deterministic and batch invariant.
 
 Bytes per row of V elements of s bytes (the minimum: both rows read once; the gradient written):
-  forward   2 V s read (0 for an ignored row) + 24 n_chunks bytes of partial state written and
+  forward   2 V s read (0 for an ignored row) + 32 n_chunks bytes of partial state written and
             read back + 6 numbers out.
   backward  2 V s read + V s per requested gradient written.
 Checked under TRITON_INTERPRET=1 on CPU tensors (the test suite); not yet run or timed on a GPU.

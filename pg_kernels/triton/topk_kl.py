@@ -28,7 +28,7 @@ p_j = exp((z_j - m) - log s) over the chunk's ids
 stores to the same entries). Ignored rows and rows with bad ids write 0 / NaN and read nothing.
 
 Bytes per row of V elements of s bytes: forward V s read + 16 K (ids and log-probs, sorted
-copies) + 8 n_chunks bytes of partial states + ~12 B written; backward V s read + V s written
+copies) + 8 n_chunks bytes of partial states + ~16 B written; backward V s read + V s written
 + ~(16 + 2 s) K (ids, log-probs, the head logits, the head entries written a second time).
 Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
 (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
@@ -40,13 +40,15 @@ is a per-row tensor either way):
   _tail_chunk_kernel   bf16   45.6 (124), 3 BAR 16 SHFL   10.2 (40), no BAR/SHFL
                        fp16   45.1 (124)                   9.8 (40)
                        fp32   53.4 (80)                   10.5 (37)
-  _bwd_kernel          bf16   19.8 (64)                    8.0 (32)
-                       fp16   19.2 (64)                    7.5 (32)
-                       fp32   58.9 (60)                    8.0 (32)
+  _bwd_kernel          bf16   19.8 (64)                    9.0 (32)
+                       fp16   19.2 (64)                    8.5 (32)
+                       fp32   58.9 (60)                    9.0 (32)
   "before" counts the old per-block id loop (a dependent scalar load per id) with the step loop
   it sits in; the check's old unroll detection divided them by 3 (15.2, 15.0, 17.8; fp32
-  backward 19.6). Per element the tail loop is now: convert, AND + select (ids), max, fma,
-  mul (log2 e), ex2, add; per lane and step: mul, max, sub, mul, ex2, fma, shift.
+  backward 19.6). The backward's "after" includes the subtraction that keeps it relative to the
+  row max (one instruction more than from a saved L). Per element the tail loop is now:
+  convert, AND + select (ids), max, fma, mul (log2 e), ex2, add; per lane and step: mul, max,
+  sub, mul, ex2, fma, shift.
 Duplicate ids are a user error: undefined here (the CPU paths raise).
 """
 
