@@ -326,9 +326,13 @@ std::vector<at::Tensor> kl_divergence_forward(
         // KL of near-equal rows, c - log s1_w + log s1_v, cancels O(1) terms each carrying the
         // fp32 rounding of its sum (s1 = 1 + small rounds at ulp(1) / 2, 6e-8): a KL of 1.6e-6
         // (tau 16.7, V = 3) was off by 5.1e-9 where plain fp32 PyTorch happened to be off by
-        // 2.0e-9; in double 2e-14 (tests/test_kl_divergence.py::test_near_equal_rows_fp32).
-        // The backward keeps fp32: it needs no sum. 16-bit rows stay in fp32 (plain PyTorch at
-        // their precision is far coarser).
+        // 2.0e-9; in double 2.0e-13, the rounding of the result to fp32
+        // (tests/test_kl_divergence.py::test_near_equal_rows_fp32). The backward keeps fp32:
+        // it needs no sum. 16-bit rows stay in fp32 (plain PyTorch at their precision is far
+        // coarser). Cost: the double exps; at [256, 32000] fp32, tau 0.7, one thread, 53-55 ms
+        // against 22-23 ms for the fp32 pass (2.4x). Summing fp32 exps into double lanes
+        // (token_stats' S1Lanes) would keep most of that speed, but needs a pair pass whose
+        // chunk state is double while its elements stay fp32.
         using pass_t = std::conditional_t<std::is_same_v<scalar_t, float>, double, acc_t>;
         at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
           alignas(64) pass_t bw[kBufferSize<pass_t>];
