@@ -216,9 +216,9 @@ def _check(c, backend: str, *args, hint: str | None = None, **kwargs):
 # the rest of the fuzzer guards; remove an entry once its case passes.
 OPEN = {
     ("test_kl_divergence", "triton"): "first ci failure: V = 1, bf16 [1, 1] at a per-row "
-    "temperature, KL 1.4e-8 where the truth and plain PyTorch have 0 (the chunk's reference a / "
-    "tau is not x_max / tau when m tau does not round back to x_max, and the KL's terms then "
-    "cancel only to rounding). Further: the one-pass sums are fp32, and the KL of near-equal "
+    "temperature, KL 1.4e-8 where the truth and plain PyTorch have 0 (not yet explained; "
+    "unchecked guess: m tau does not round back to x_max, so the chunk's terms cancel only to "
+    "rounding). Further: the one-pass sums are fp32, and the KL of near-equal "
     "rows, c - log s1_w + log s1_v, cancels O(1) terms that each carry their sum's rounding "
     "(~1e-7; the C++ kernel sums fp32 rows in double), where plain PyTorch can be luckier on the "
     "batch: fp32 [2, 1, 2] at per-row temperatures, the reference side's gradient off by "
