@@ -24,12 +24,12 @@ LIB.define(
 LIB.define(
     "topk_kl(Tensor logits, Tensor topk_ids, Tensor topk_logprobs, Tensor? labels, "
     "Tensor? temperature, float temperature_scalar, int ignore_index, str backend) "
-    "-> (Tensor kl, Tensor lse, Tensor logp_tail)"
+    "-> (Tensor kl, Tensor row_max, Tensor log_s, Tensor logp_tail)"
 )
 LIB.define(
     "topk_kl_backward(Tensor grad_kl, Tensor logits, Tensor topk_ids, Tensor topk_logprobs, "
     "Tensor? labels, Tensor? temperature, float temperature_scalar, int ignore_index, "
-    "Tensor lse, Tensor logp_tail, str backend) -> Tensor"
+    "Tensor row_max, Tensor log_s, Tensor logp_tail, str backend) -> Tensor"
 )
 LIB.define(
     "pruned_logprob(Tensor logits, Tensor labels, Tensor? temperature, float temperature_scalar, "

@@ -6,12 +6,16 @@ ties, -inf runs; fp32, bf16, fp16, fp64) and `check_against_reference` applies t
 other tests use: every output and gradient within 2x plain PyTorch's own error at the input
 precision, plus the floors of `pg_kernels.testing`.
 
-Profiles (env PGK_FUZZ): "ci" (derandomized, a few examples per case) and "long" (randomized,
-PGK_FUZZ_EXAMPLES examples per case, default 2000). Triton runs under its interpreter on CPU
-(ms per program step), so its shapes stay small. Not part of the default test run yet: it still
-finds open failures (README, Testing), and two runs of the "ci" profile on two checkouts drew
-different examples (one failed on pruned_logprob's fp16 tail_mass 9.5e-26 where the truth is
--0.0), so it would make CI flaky. Run it with PGK_FUZZ=ci or PGK_FUZZ=long.
+Profiles (env PGK_FUZZ): "ci", the default (part of every test run: derandomized, 20 examples
+per case, ~35 s on 2 cores) and "long" (randomized, PGK_FUZZ_EXAMPLES examples per case, default
+2000). Triton runs under its interpreter on CPU (ms per program step), so its shapes stay small.
+
+The "ci" examples are a function of the test function and the hypothesis version only, not of
+test order or checkout: hypothesis also mixes constants from the source of every local module
+loaded so far into its draws (`_get_local_constants`), a pool that grew with whichever
+pg_kernels modules earlier cases had imported and with each edit of their source (topk_kl on
+Triton drew a failing example alone and none in the whole file; two checkouts drew different
+examples). Under "ci" that pool is empty (`_fixed_draws`); "long" keeps it.
 """
 
 from __future__ import annotations
@@ -24,8 +28,7 @@ import re
 import pytest
 import torch
 
-if "PGK_FUZZ" not in os.environ:
-    pytest.skip("the fuzzer runs with PGK_FUZZ=ci or PGK_FUZZ=long", allow_module_level=True)
+PROFILE = os.environ.get("PGK_FUZZ", "ci")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -53,7 +56,7 @@ settings.register_profile(
     "long", max_examples=int(os.environ.get("PGK_FUZZ_EXAMPLES", "2000")), deadline=None,
     suppress_health_check=_SLOW, print_blob=True,
 )  # fmt: skip
-settings.load_profile(os.environ["PGK_FUZZ"])
+settings.load_profile(PROFILE)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 PRIMES = [2, 3, 5, 7, 11, 13, 31, 61, 127, 257, 509, 1009, 4099]
@@ -152,65 +155,56 @@ def _show(c, **kw):
             f"-inf={n_inf} ignore={n_ignored} {temps}")  # fmt: skip
 
 
-# Failure classes the fuzzer has found and that are open: an example failing only this way is
-# counted (hypothesis event "known: <key>") and discarded, so the fuzzer keeps looking for new
-# ones; run with --hypothesis-show-statistics to see the counts.
+# Failure classes the fuzzer has found that are the reference's or the rule's, not a kernel's:
+# an example failing only this way is counted (hypothesis event "known: <key>") and discarded,
+# so the fuzzer keeps looking for new ones; run with --hypothesis-show-statistics to see the
+# counts. Kernel findings that are still open are listed in README (Testing) and, where the
+# "ci" examples meet them, in OPEN.
 KNOWN = {
-    "V=1": "V = 1: log p is exactly 0 (plain PyTorch gets 0), the kernels leave ~1.5e-10, "
-    "ulp(x/tau) from rounding the temperature apart from the row max (token_stats' x*(1/tau) "
-    "and z - L; also topk_kl, kl_divergence's gradient); the rule allows 0 there",
     "fp64 ~0": "fp64 output whose truth is ~0 (KL or TV of near-equal rows, tail mass below "
     "ulp(lse)): the rule's atol scales with the largest |truth| of the tensor, so a batch whose "
     "every row is ~0 gets no floor; seen: <= 3e-14 absolute, a few ulps of the O(1..100) terms "
     "that cancel (for pruned_logprob's tail_mass the fp64 reference's -expm1(lse_in - lse) is "
     "the inexact side)",
-    "triton fp64 entropy": "Triton, fp64, entropy off by ~3e-9 (fp32-sized), per-row "
-    "temperature, -inf run, V=254: not yet explained",
     "k3 ~0": "mismatch_stats' k3 = e^d - 1 - d of a tiny mismatch d ~ 1e-6: an ulp of the "
     "kernel's fp32 log-prob (within its own tolerance) moves d, so k3 ~ d^2/2 moves by d ulp(lp) "
     "~ 6e-12, more than 2x plain PyTorch's error on the batch",
-    "triton bf16 kl grad": "Triton kl_divergence, bf16, per-row temperature, strided [2, 2, 64]:"
-    " a gradient entry -3.0e-5 against -1.4e-5 (allowed 5.3e-6): not yet explained",
-    "triton low-precision token_tv": "Triton mismatch_stats, bf16/fp16, token_tv of a row "
-    "with p ~ q off by 1.3e-6 against 9.5e-8 allowed: not yet explained",
+    "q_tail rounding": "topk_kl, fp32 log-probs whose sum falls short of 1 by less than their "
+    "own rounding (1 - sum q = 1.3e-8 <= K ulp(1)) on ids that cover every finite logit (an "
+    "empty tail): the float64 truth reads the shortfall as tail mass against P_tail = 0 and "
+    "gives +inf; the kernels and plain PyTorch sum q in fp32, get q_tail = 0 and a finite KL. "
+    "The reference's reading of rounding noise in its fp32 input (the op's contract: q_tail "
+    "is 1 - sum q clamped, engines round log-probs)",
 }
+# Message fragments a test's hint can vouch for -> the KNOWN key.
+KNOWN_HINTS = {"out: infinities differ": "q_tail rounding"}
 _MSG = re.compile(
     r"^(?P<name>[^:]+): max error (?P<err>\S+) .*got (?P<got>\S+), truth (?P<truth>[^,]+),"
 )
 
 
-def _known(c, backend: str, message: str) -> str | None:
-    """The KNOWN key a failure belongs to, or None."""
+def _known(c, backend: str, message: str, hint: str | None = None) -> str | None:
+    """The KNOWN key a failure belongs to, or None. `hint`: a KNOWN key the test found its
+    inputs to be a case of (failures whose message alone does not tell)."""
+    if hint is not None and hint in message:
+        return KNOWN_HINTS[hint]
     m = _MSG.match(message)
     if m is None:
         return None
     name, err, truth = m["name"], float(m["err"]), abs(float(m["truth"]))
-    if c["v"] == 1 and c["dtype"] != torch.float64 and err < 1e-5:
-        return "V=1"
     if c["dtype"] == torch.float64 and truth < 1e-6 and err < 1e-13:
         return "fp64 ~0"
-    if backend == "triton" and c["dtype"] == torch.float64 and name == "entropy" and err < 1e-8:
-        return "triton fp64 entropy"
     if name == "k3" and truth < 1e-9 and err < 1e-10:
         return "k3 ~0"
-    if (
-        backend == "triton"
-        and c["dtype"] == torch.bfloat16
-        and name.startswith("grad")
-        and (err < 1e-4)
-    ):
-        return "triton bf16 kl grad"
-    if backend == "triton" and c["dtype"] in (torch.bfloat16, torch.float16) and name == "token_tv":
-        return "triton low-precision token_tv"
     return None
 
 
-def _check(c, backend: str, *args, **kwargs):
+def _check(c, backend: str, *args, hint: str | None = None, **kwargs):
     """check_against_reference; an example that fails only in a KNOWN way is counted, dropped."""
     try:
         check_against_reference(*args, seed=c["seed"], **kwargs)
     except AssertionError as e:
-        key = _known(c, backend, str(e))
+        key = _known(c, backend, str(e), hint)
         if key is None:
             raise
         hypothesis.event(f"known: {key}")
@@ -221,19 +215,18 @@ def _check(c, backend: str, *args, **kwargs):
 # found by this fuzzer and open (README, Testing): xfail (not strict), so CI stays green while
 # the rest of the fuzzer guards; remove an entry once its case passes.
 OPEN = {
-    ("test_kl_divergence", "cpu"): "fp32 KL of 1.6e-6 off by 5.1e-9 against 4.1e-9 allowed "
-    "(plain 2.0e-9): the one-pass u / s1 - log s1_w + log s1_v cancels O(1) terms",
-    ("test_kl_divergence", "triton"): "fp16, the reference side's gradient v_j - w_j is "
-    "9.5e-7 where the truth is 0 (plain PyTorch gets exactly 0 on equal rows): the two sides' "
-    "exponents are rounded apart",
-    ("test_mismatch_stats", "triton"): "token_kl 6.0e-8 where the truth is ~0 (plain 4e-27), "
-    "fp32 [4, 64] with -inf entries",
-    ("test_topk_kl", "cpu"): "fp32 gradient 2.2e-3 where the truth is 0 at a small per-row "
-    "temperature (|z| ~ 1e4): the backward's p_j = exp(z_j - L) from the saved L carries "
-    "ulp(L); needs the row max saved, as token_stats now does",
-    ("test_topk_kl", "triton"): "(drawn when run alone, -k 'topk and triton') a q tail of "
-    "rounding size (1 - sum_K q) against an all -inf tail: finite where the float64 truth is "
-    "+inf",
+    ("test_kl_divergence", "triton"): "first ci failure: V = 1, bf16 [1, 1] at a per-row "
+    "temperature, KL 1.4e-8 where the truth and plain PyTorch have 0 (not yet explained; "
+    "unchecked guess: m tau does not round back to x_max, so the chunk's terms cancel only to "
+    "rounding). Further: the one-pass sums are fp32, and the KL of near-equal "
+    "rows, c - log s1_w + log s1_v, cancels O(1) terms that each carry their sum's rounding "
+    "(~1e-7; the C++ kernel sums fp32 rows in double), where plain PyTorch can be luckier on the "
+    "batch: fp32 [2, 1, 2] at per-row temperatures, the reference side's gradient off by "
+    "3.4e-8 against 3.2e-8 allowed (plain 1.6e-8); bf16 [2, 1, 300], a KL whose truth is 1e-27 "
+    "came out 1.2e-8 against 2.8e-9 allowed (plain 1.4e-9)",
+    ("test_mismatch_stats", "triton"): "token_kl, the same cancellation: bf16 [3, 261] at tau "
+    "0.16, near-uniform rows (log s1 ~ 5.6): 0.0012841 where the truth is 0.0012838 (error "
+    "3.2e-7, allowed 3.0e-7, plain PyTorch 1.4e-7)",
 }
 
 
@@ -378,7 +371,20 @@ def test_topk_kl(backend_device, data):
         c, backend,
         op, reference.topk_kl, (c["x"], ids.to(device), lp.to(device)),
         {"temperature": t, "labels": c["y"]}, diff_fields=("out",),
+        hint="out: infinities differ" if _rounding_tail(c, ids, lp) else None,
     )  # fmt: skip
+
+
+def _rounding_tail(c, ids, lp) -> bool:
+    """Some kept row's ids cover every finite logit (an empty tail) while its log-probs sum
+    short of 1 by no more than their own rounding (K ulp(1) of their dtype): KNOWN "q_tail
+    rounding"."""
+    v, k = c["v"], ids.shape[-1]
+    covered = c["neg_inf"].clone().scatter_(-1, ids, True)
+    empty_tail = covered.all(-1) & (k < v)
+    short = 1.0 - lp.double().exp().sum(-1)
+    tiny = (short > 0) & (short <= k * torch.finfo(lp.dtype).eps)
+    return bool((empty_tail & tiny & (c["y"] != -100)).any())
 
 
 @pytest.mark.op("pruned_logprob")

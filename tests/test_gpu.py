@@ -218,8 +218,9 @@ def _topk_op_calls(backend, d):
     x, ids, lp, y = d["logits"].detach(), d["topk_ids"], d["topk_logprobs"], d["labels"]
     tt, ts = _temp_args(d, x.dtype)
     fwd = torch.ops.pg_kernels.topk_kl.default
-    _, lse, logp_tail = fwd(x, ids, lp, y, tt, ts, IGNORE, backend)
-    bwd_args = (d["up"][:, 0].contiguous(), x, ids, lp, y, tt, ts, IGNORE, lse, logp_tail, backend)
+    _, row_max, log_s, logp_tail = fwd(x, ids, lp, y, tt, ts, IGNORE, backend)
+    bwd_args = (d["up"][:, 0].contiguous(), x, ids, lp, y, tt, ts, IGNORE, row_max, log_s,
+                logp_tail, backend)  # fmt: skip
     return [
         (fwd, (x.clone().requires_grad_(), ids, lp, y, tt, ts, IGNORE, backend)),
         (torch.ops.pg_kernels.topk_kl_backward.default, bwd_args),

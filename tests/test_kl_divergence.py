@@ -112,6 +112,55 @@ def test_temperature(bd, dtype, direction):
         _check(backend, x, xr, direction=direction, temperature=t, ref_temperature=t_ref)
 
 
+@pytest.mark.backends("cpu")
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_near_equal_rows_fp32(bd, direction):
+    """KL of near-equal fp32 rows (1e-9 .. 1e-3) to 1e-6 relative of the float64 truth.
+
+    c - log s1_w + log s1_v cancels O(1) terms; summed in fp32 each carried its sum's rounding
+    (s1 = 1 + small rounds at 6e-8), and a KL of 1.6e-6 (row 0, found by the fuzzer: V = 3,
+    tau 16.7) was off by 5.1e-9 where plain fp32 PyTorch happened to be off by 2.0e-9. The C++
+    kernel runs the pair pass of fp32 rows in double; the rest of its error is the final
+    rounding to fp32.
+    """
+    backend, device = bd
+    x0 = torch.tensor([[10.529375076293945, 185.82240295410156, 104.75357818603516]])
+    xr0 = torch.tensor([[13.613734245300293, 189.49644470214844, 108.76631164550781]])
+    g = torch.Generator().manual_seed(7)
+    rows = [(x0, xr0, torch.tensor([16.714989565055827], dtype=torch.float64))]
+    for v, scale in ((3, 1e-2), (1000, 1e-3), (5003, 1e-4)):
+        x = make_logits(4, v, torch.float32, seed=v)
+        noise = torch.randn(4, v, generator=g, dtype=torch.float64) * scale
+        tau = torch.tensor([0.3, 1.0, 2.5, 16.7], dtype=torch.float64)
+        rows.append((x, (x.double() + noise + 3.0).float(), tau))
+    for x, xr, tau in rows:
+        kw = dict(direction=direction, temperature=tau.to(device))
+        got = _op(backend)(x.to(device), xr.to(device), **kw).double().cpu()
+        truth = reference.kl_divergence(x.double(), xr.double(), **dict(kw, temperature=tau))
+        assert bool((truth > 1e-12).all())
+        err = (got - truth).abs()
+        assert bool((err <= 1e-6 * truth + 1e-13).all()), (err / truth).max()
+        _check(backend, x.to(device), xr.to(device), **kw)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_one_hot_rows_small_temperature(bd, direction):
+    """Both sides one-hot at the same id, |z| ~ 1e4 (tau 0.07): the gradient is 0 to rounding.
+
+    (d_w - d_v) - c cancels exactly at the max only if c and the backward's d are relative to
+    the same maxes. The Triton pass summed relative to the exact x_max / tau while the backward
+    works relative to the saved, rounded m: at |z| ~ 1.3e4 they are ulp(z) / 2 ~ 5e-4 apart,
+    and the gradient at the max was -2.0e-3 where the truth is 0 (plain PyTorch: 2e-8).
+    """
+    backend, device = bd
+    x = make_logits(3, 256, torch.float32, scale=300.0, seed=11)
+    near_one_hot(x, slice(0, 3), gap=30.0)
+    noise = torch.randn(3, 256, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    xr = (x.double() + noise + 3.0).float()
+    tau = torch.tensor([0.0733, 0.1, 0.25], dtype=torch.float64)
+    _check(backend, x.to(device), xr.to(device), direction=direction, temperature=tau.to(device))
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.backends("triton")
 def test_many_chunks_per_row(bd, direction, small_triton_blocks):

@@ -125,6 +125,29 @@ def test_neg_inf_entries(bd):
     torch.testing.assert_close(out.token_tv.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.1], ids=["tau1", "tau0.1"])
+def test_one_hot_rows_token_kl_is_zero(bd, temperature):
+    """Rollout and training rows one-hot on the same token (the rest below e^-100): token_kl is
+    0 to fp32 underflow, as the float64 truth (~1e-50) and plain PyTorch (exactly 0) have it.
+
+    The Triton pass summed each lane relative to r = m k rounded, so the max's own term was
+    2^rho (rho = m k - r, up to ulp(m k) / 2) and the chunk merge's 2^-rho 2^rho rounded to
+    1 - 2^-24: token_kl = 6.0e-8 (fp32 [4, 64] at tau 1, x ~ 900). The lanes now sum relative to
+    the exact m k, so an entry at a lane's max contributes exactly 1.
+    """
+    backend, device = bd
+    x = make_logits(4, 64, torch.float32, scale=300.0, seed=31)
+    near_one_hot(x, slice(0, 4), gap=120.0)
+    noise = make_logits(4, 64, torch.float64, scale=1.0, seed=32)
+    xr = (x.double() + noise - 2.0).float()
+    y = torch.tensor([0, 5, 63, 21])
+    lp = reference.token_stats(xr, y, temperature=temperature).logprob.float()
+    kw = dict(rollout_logits=xr.to(device), temperature=temperature)
+    out = _op(backend)(x.to(device), y.to(device), lp.to(device), **kw)
+    assert out.token_kl.tolist() == [0.0] * 4
+    _check(backend, x.to(device), y.to(device), lp.to(device), **kw)
+
+
 @pytest.mark.backends("triton")
 def test_many_chunks_per_row(bd, small_triton_blocks):
     """Rows cut into many chunk programs (Triton; small blocks): the merges of the pair pass and

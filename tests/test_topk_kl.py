@@ -82,6 +82,21 @@ def test_temperature(bd, dtype):
         )  # fmt: skip
 
 
+def test_small_temperature_peaked_rows(bd):
+    """p and q one-hot on the same id at |z| ~ 1e4 (tau 0.07): the gradient there, Q p - q, is 0
+    to rounding. From a saved L the backward's p = exp(z - L) carried ulp(L) / 2 ~ 4.9e-4 and
+    the C++ kernel's gradient entry was 2.2e-3 where the truth is 0 (plain PyTorch: 2.7e-7);
+    the backward now works relative to the saved row max, p = exp((z - m) - log s)."""
+    backend, device = bd
+    x = make_logits(3, 383, torch.float32, device=device, scale=600.0, seed=21)
+    near_one_hot(x, slice(0, 3), gap=60.0)
+    ids, lp, _ = make_topk(x, 24, seed=21, noise=0.0)
+    tau = torch.tensor([0.0736, 0.12, 0.3], dtype=torch.float64, device=device)
+    check_against_reference(
+        _op(backend), reference.topk_kl, (x, ids, lp), {"temperature": tau}, diff_fields=("out",)
+    )
+
+
 def test_q_tail_edge_cases(bd):
     """q_tail = 0 (top-k holding all of q), sum q_v > 1 (clamped), a q_v = 0 on a -inf logit."""
     backend, device = bd
@@ -378,10 +393,11 @@ def test_opcheck():
             torch.ops.pg_kernels.topk_kl.default,
             (x.requires_grad_(), ids, lp, labels, temp, 1.3, -100, "cpu"),
         )
-    kl, lse, logp_tail = torch.ops.pg_kernels.topk_kl(
+    kl, row_max, log_s, logp_tail = torch.ops.pg_kernels.topk_kl(
         x.detach(), ids, lp, y, None, 1.0, -100, "cpu"
     )
-    args = (torch.randn(4), x.detach(), ids, lp, y, None, 1.0, -100, lse, logp_tail, "cpu")
+    args = (torch.randn(4), x.detach(), ids, lp, y, None, 1.0, -100, row_max, log_s, logp_tail,
+            "cpu")  # fmt: skip
     torch.library.opcheck(torch.ops.pg_kernels.topk_kl_backward.default, args)
 
 

@@ -117,8 +117,9 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
                             const std::optional<at::Tensor>& labels,
                             const std::optional<at::Tensor>& temperature,
                             double temperature_scalar, int64_t ignore_index,
-                            const at::Tensor& lse, const at::Tensor& logp_tail, int64_t n_inner,
-                            int64_t stride_outer, int64_t stride_inner);
+                            const at::Tensor& row_max, const at::Tensor& log_s,
+                            const at::Tensor& logp_tail, int64_t n_inner, int64_t stride_outer,
+                            int64_t stride_inner);
 
 std::vector<at::Tensor> pruned_logprob_forward(const at::Tensor& logits, const at::Tensor& labels,
                                                const std::optional<at::Tensor>& temperature,

@@ -7,10 +7,16 @@
 // its own running max (rescaled when it rises). One exp per element. The K head logits are then
 // read directly (K scattered loads) and joined with the tail for the full normalizer L, so
 // log P_tail = m_tail + log s_tail - L needs no 1 - sum_K p_v (which cancels when the tail is
-// tiny). Reads V logits + K ids + K log-probs, writes 3 numbers per row (kl, L, log P_tail).
-// Backward: one pass; recomputes p_j = exp(z_j - L) from the saved L, log P_tail and the K
-// log-probs, writes the tail formula for every element of a chunk, overwrites the chunk's ids
-// with the head formula in the buffer, and rounds to the logits' dtype once (reads V, writes V).
+// tiny). Reads V logits + K ids + K log-probs, writes 4 numbers per row (kl; the row max m and
+// log s = L - m; log P_tail).
+// Backward: one pass; recomputes p_j = exp((z_j - m) - log s) relative to the saved row max, as
+// token_stats does (not exp(z_j - L): a saved L carries ulp(L) / 2, 4.9e-4 at |z| ~ 1e4 under a
+// small temperature, which becomes the relative error of every p_j; measured on a one-hot row
+// at tau 0.07: a gradient entry 2.2e-3 where the truth is 0 and plain PyTorch's error 2.7e-7),
+// from the saved m, log s, log P_tail and the K log-probs, writes the tail formula for every
+// element of a chunk, overwrites the chunk's ids with the head formula in the buffer, and
+// rounds to the logits' dtype once (reads V, writes V). z is x (1 / tau) in both passes, so z_j
+// - m is exactly 0 at the row's max.
 // Rows are independent and each is computed by one thread in a fixed order, so results are
 // deterministic and do not depend on the batch.
 #include <ATen/Dispatch.h>
@@ -62,12 +68,16 @@ acc_t buffer_max(const acc_t* buf, int64_t n_pad) {
 
 template <typename acc_t>
 struct TopkKLRow {
-  acc_t kl, lse, logp_tail;
+  acc_t kl, m, log_s, logp_tail;  // L = m + log_s
 };
 
+// The head's z are read from the chunk buffer (z = x (1 / tau), rounded once by the vector
+// multiply), not recomputed as x[id] * inv_tau: the compiler contracts x * inv_tau - m into an
+// fma, whose exact product leaves z - m = ulp(z) / 2 at the max instead of 0 (4.9e-4 at
+// |z| ~ 1e4), and the KL of one-hot p = q came out 1.9e-8 where the truth is 1e-24.
 template <typename scalar_t, typename acc_t>
 TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const IdSlot* ids,
-                             int64_t K, const acc_t* log_q, acc_t* buf) {
+                             int64_t K, const acc_t* log_q, acc_t* buf, acc_t* zh) {
   constexpr int64_t W = Vec<acc_t>::size();
   // Two-level sums as in token_stats.cpp: two chains per lane inside a chunk, then chunk
   // totals into the row's lanes.
@@ -83,6 +93,7 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const 
     if (!(m_row < -neg_inf<acc_t>())) break;  // NaN or +inf anywhere: the row is NaN
     bool masked = false;
     for (; next < K && ids[next].first < begin + n; ++next) {
+      zh[next] = buf[ids[next].first - begin];
       buf[ids[next].first - begin] = neg_inf<acc_t>();
       masked = true;
     }
@@ -103,14 +114,14 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const 
   }
   if (!(m_row > neg_inf<acc_t>() && m_row < -neg_inf<acc_t>())) {
     const acc_t nan = quiet_nan<acc_t>();
-    return {nan, nan, nan};
+    return {nan, nan, nan, nan};
   }
-  // The head: K scattered reads, in the caller's order (ids[] is sorted, so go by slot).
+  // The head, in sorted id order, from the z the chunks held.
   acc_t m_head = neg_inf<acc_t>();
-  for (int64_t k = 0; k < K; ++k) m_head = std::max(m_head, acc_t(x[ids[k].first]) * inv_tau);
+  for (int64_t k = 0; k < K; ++k) m_head = std::max(m_head, zh[k]);
   acc_t s_head = 0;
   if (m_head != neg_inf<acc_t>()) {
-    for (int64_t k = 0; k < K; ++k) s_head += std::exp(acc_t(x[ids[k].first]) * inv_tau - m_head);
+    for (int64_t k = 0; k < K; ++k) s_head += std::exp(zh[k] - m_head);
   }
   const TopkNormalizer<acc_t> norm = topk_normalizer(m_tail, sum_lanes(s_tail), m_head, s_head);
   // Head terms in a fixed order (sorted by id); q_v from the given log-probs.
@@ -119,36 +130,39 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const 
     const acc_t lq = log_q[ids[k].second];
     const acc_t q = std::exp(lq);
     q_head += q;
-    kl += kl_term(q, lq, (acc_t(x[ids[k].first]) * inv_tau - norm.m) - norm.log_s);
+    kl += kl_term(q, lq, (zh[k] - norm.m) - norm.log_s);
   }
   const acc_t q_tail = topk_q_tail(q_head, K < V);
   kl += kl_term(q_tail, std::log(q_tail), norm.logp_tail);
-  return {kl, norm.lse, norm.logp_tail};
+  return {kl, norm.m, norm.log_s, norm.logp_tail};
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const IdSlot* ids, int64_t K,
-                  const acc_t* log_q, acc_t lse, acc_t logp_tail, acc_t g, acc_t* buf,
-                  scalar_t* grad) {
+                  const acc_t* log_q, acc_t m, acc_t log_s, acc_t logp_tail, acc_t g, acc_t* buf,
+                  acc_t* zh, scalar_t* grad) {
   constexpr int64_t W = Vec<acc_t>::size();
   acc_t q_head = 0;
   for (int64_t k = 0; k < K; ++k) q_head += std::exp(log_q[ids[k].second]);
   const acc_t q_tail = topk_q_tail(q_head, K < V);
   const TopkKLGradCoef<acc_t> coef = topk_kl_grad_coef(q_head, q_tail, logp_tail);
   const acc_t g_tau = g * inv_tau;
-  // Off the ids: dKL/dz_j = sign exp(z_j - (L - tail_log)); an offset of +inf gives 0.
-  const Vec<acc_t> v_off(lse - coef.tail_log), v_scale(coef.tail_sign * g_tau);
+  // Off the ids: dKL/dz_j = sign exp((z_j - m) - (log s - tail_log)); an offset of +inf
+  // gives 0.
+  const Vec<acc_t> v_m(m), v_off(log_s - coef.tail_log), v_scale(coef.tail_sign * g_tau);
   int64_t next = 0;
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
     load_scaled_chunk(x + begin, n, inv_tau, buf);
+    // The chunk's head z, as the forward read them, before the tail formula overwrites them.
+    for (int64_t j = next; j < K && ids[j].first < begin + n; ++j) zh[j] = buf[ids[j].first - begin];
     for (int64_t i = 0; i < n; i += W) {
-      (vexp(Vec<acc_t>::loadu(buf + i) - v_off) * v_scale).store(buf + i);
+      (vexp((Vec<acc_t>::loadu(buf + i) - v_m) - v_off) * v_scale).store(buf + i);
     }
     // On the ids: dKL/dz_j = Q p_j - q_j.
     for (; next < K && ids[next].first < begin + n; ++next) {
       const int64_t id = ids[next].first;
-      const acc_t p = std::exp(acc_t(x[id]) * inv_tau - lse);
+      const acc_t p = std::exp((zh[next] - m) - log_s);
       buf[id - begin] = (coef.head * p - std::exp(log_q[ids[next].second])) * g_tau;
     }
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -193,7 +207,8 @@ std::vector<at::Tensor> topk_kl_forward(const at::Tensor& logits, const at::Tens
   const int64_t N = topk_ids.size(0), K = topk_ids.size(1), V = logits.size(-1);
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = logits.options().dtype(acc_dtype);
-  at::Tensor kl = at::empty({N}, opts), lse = at::empty({N}, opts), logp_tail = at::empty({N}, opts);
+  at::Tensor kl = at::empty({N}, opts), row_max = at::empty({N}, opts),
+             log_s = at::empty({N}, opts), logp_tail = at::empty({N}, opts);
   const RowLayout layout{n_inner, stride_outer, stride_inner};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -201,29 +216,32 @@ std::vector<at::Tensor> topk_kl_forward(const at::Tensor& logits, const at::Tens
     const InvTemperature<acc_t> inv_tau{temperature ? temperature->const_data_ptr<acc_t>() : nullptr,
                                         acc_t(1) / acc_t(temperature_scalar)};
     const acc_t* log_q = topk_logprobs.const_data_ptr<acc_t>();
-    acc_t *o_kl = kl.data_ptr<acc_t>(), *o_lse = lse.data_ptr<acc_t>(),
-          *o_tail = logp_tail.data_ptr<acc_t>();
+    acc_t *o_kl = kl.data_ptr<acc_t>(), *o_m = row_max.data_ptr<acc_t>(),
+          *o_ls = log_s.data_ptr<acc_t>(), *o_tail = logp_tail.data_ptr<acc_t>();
     const LabelReader read_ids(topk_ids);
     const std::optional<LabelReader> read_label =
         labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
     at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kBufferSize<acc_t>];
       std::vector<IdSlot> ids;
+      std::vector<acc_t> zh(K);
       for (int64_t r = begin; r < end; ++r) {
         if (read_label && (*read_label)(r) == ignore_index) {
-          o_kl[r] = o_lse[r] = o_tail[r] = acc_t(0);
+          o_kl[r] = o_m[r] = o_ls[r] = o_tail[r] = acc_t(0);
           continue;
         }
         sorted_row_ids(read_ids, r, K, V, ids);
         const TopkKLRow<acc_t> row =
-            forward_row(x + layout.offset(r), V, inv_tau(r), ids.data(), K, log_q + r * K, buf);
+            forward_row(x + layout.offset(r), V, inv_tau(r), ids.data(), K, log_q + r * K, buf,
+                        zh.data());
         o_kl[r] = row.kl;
-        o_lse[r] = row.lse;
+        o_m[r] = row.m;
+        o_ls[r] = row.log_s;
         o_tail[r] = row.logp_tail;
       }
     });
   });
-  return {kl, lse, logp_tail};
+  return {kl, row_max, log_s, logp_tail};
 }
 
 at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
@@ -231,12 +249,13 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
                             const std::optional<at::Tensor>& labels,
                             const std::optional<at::Tensor>& temperature,
                             double temperature_scalar, int64_t ignore_index,
-                            const at::Tensor& lse, const at::Tensor& logp_tail, int64_t n_inner,
+                            const at::Tensor& row_max, const at::Tensor& log_s,
+                            const at::Tensor& logp_tail, int64_t n_inner,
                             int64_t stride_outer, int64_t stride_inner) {
   check_topk_inputs("topk_kl_backward", logits, topk_ids, topk_logprobs, labels, temperature);
   const int64_t N = topk_ids.size(0), K = topk_ids.size(1), V = logits.size(-1);
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (const at::Tensor* t : {&grad_kl, &lse, &logp_tail}) {
+  for (const at::Tensor* t : {&grad_kl, &row_max, &log_s, &logp_tail}) {
     TORCH_CHECK(t->dim() == 1 && t->numel() == N && t->is_contiguous() &&
                     t->scalar_type() == acc_dtype,
                 "topk_kl_backward: per-row tensors must be contiguous ", acc_dtype, " [", N, "]");
@@ -252,20 +271,23 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
     const InvTemperature<acc_t> inv_tau{temperature ? temperature->const_data_ptr<acc_t>() : nullptr,
                                         acc_t(1) / acc_t(temperature_scalar)};
     const acc_t *log_q = topk_logprobs.const_data_ptr<acc_t>(), *g_kl = grad_kl.const_data_ptr<acc_t>(),
-                *s_lse = lse.const_data_ptr<acc_t>(), *s_tail = logp_tail.const_data_ptr<acc_t>();
+                *s_m = row_max.const_data_ptr<acc_t>(), *s_ls = log_s.const_data_ptr<acc_t>(),
+                *s_tail = logp_tail.const_data_ptr<acc_t>();
     const LabelReader read_ids(topk_ids);
     const std::optional<LabelReader> read_label =
         labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
     at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kBufferSize<acc_t>];
       std::vector<IdSlot> ids;
+      std::vector<acc_t> zh(K);
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* grad_row = g + r * V;
         const bool ignored = read_label && (*read_label)(r) == ignore_index;
-        if (fill_skipped_row(grad_row, V, ignored, !is_finite(s_lse[r]))) continue;
+        const bool nan_row = !(is_finite(s_m[r]) && is_finite(s_ls[r]));
+        if (fill_skipped_row(grad_row, V, ignored, nan_row)) continue;
         sorted_row_ids(read_ids, r, K, V, ids);
-        backward_row(x + layout.offset(r), V, inv_tau(r), ids.data(), K, log_q + r * K, s_lse[r],
-                     s_tail[r], g_kl[r], buf, grad_row);
+        backward_row(x + layout.offset(r), V, inv_tau(r), ids.data(), K, log_q + r * K, s_m[r],
+                     s_ls[r], s_tail[r], g_kl[r], buf, zh.data(), grad_row);
       }
     });
   });

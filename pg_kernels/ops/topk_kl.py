@@ -16,7 +16,9 @@ Q = sum_K q_v + q_tail (1 unless the given q_v sum past 1):
 Layers: public function `topk_kl` -> op `pg_kernels::topk_kl` (schema in _library.py) -> kernel
 chosen by `backend`: C++ (`pg_kernels._C`) or Triton (`pg_kernels.triton`); "cuda" has no kernel
 yet ("auto" takes Triton on GPUs). Autograd
-saves only per-row L and log p_tail (plus the inputs); the backward op recomputes p_j in one pass.
+saves only per-row scalars, the row max m, log s = L - m and log p_tail (plus the inputs); the
+backward op recomputes p_j = exp((z_j - m) - log s) in one pass (docs/math.md §3: not z_j - L,
+whose rounding of L is the relative error of every p_j, 4.9e-4 at |z| ~ 1e4).
 """
 
 from __future__ import annotations
@@ -73,13 +75,13 @@ def _topk_kl_fake(
         lambda: f"{OP}: topk_ids must have the logits' leading shape",
     )
     stat = logits.new_empty(logits.shape[:-1], dtype=acc_dtype(logits.dtype))
-    return stat, torch.empty_like(stat), torch.empty_like(stat)
+    return stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(stat)
 
 
 @torch.library.register_kernel("pg_kernels::topk_kl_backward", ("cpu", "cuda"))
 def _topk_kl_backward(
     grad_kl, logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar,
-    ignore_index, lse, logp_tail, backend,
+    ignore_index, row_max, log_s, logp_tail, backend,
 ):  # fmt: skip
     _, backward = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
@@ -90,7 +92,8 @@ def _topk_kl_backward(
         temperature,
         temperature_scalar,
         ignore_index,
-        lse.reshape(-1).contiguous(),
+        row_max.reshape(-1).contiguous(),
+        log_s.reshape(-1).contiguous(),
         logp_tail.reshape(-1).contiguous(),
         *layout,
     )
@@ -99,7 +102,7 @@ def _topk_kl_backward(
 @torch.library.register_fake("pg_kernels::topk_kl_backward")
 def _topk_kl_backward_fake(
     grad_kl, logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar,
-    ignore_index, lse, logp_tail, backend,
+    ignore_index, row_max, log_s, logp_tail, backend,
 ):  # fmt: skip
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
@@ -107,18 +110,21 @@ def _topk_kl_backward_fake(
 def _setup_context(ctx, inputs, output):
     (logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar, ignore_index,
      backend) = inputs  # fmt: skip
-    _, lse, logp_tail = output
-    ctx.save_for_backward(logits, topk_ids, topk_logprobs, labels, temperature, lse, logp_tail)
+    _, row_max, log_s, logp_tail = output
+    ctx.save_for_backward(
+        logits, topk_ids, topk_logprobs, labels, temperature, row_max, log_s, logp_tail
+    )
     ctx.scalars = (temperature_scalar, ignore_index, backend)
-    ctx.mark_non_differentiable(lse, logp_tail)
+    ctx.mark_non_differentiable(row_max, log_s, logp_tail)
 
 
-def _backward(ctx, g_kl, g_lse, g_logp_tail):
-    logits, topk_ids, topk_logprobs, labels, temperature, lse, logp_tail = ctx.saved_tensors
+def _backward(ctx, g_kl, g_row_max, g_log_s, g_logp_tail):
+    (logits, topk_ids, topk_logprobs, labels, temperature, row_max, log_s,
+     logp_tail) = ctx.saved_tensors  # fmt: skip
     temperature_scalar, ignore_index, backend = ctx.scalars
     grad = torch.ops.pg_kernels.topk_kl_backward(
         g_kl, logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar,
-        ignore_index, lse, logp_tail, backend,
+        ignore_index, row_max, log_s, logp_tail, backend,
     )  # fmt: skip
     return grad, None, None, None, None, None, None, None
 
@@ -241,7 +247,7 @@ def topk_kl(
             ignore_index=ignore_index,
             upcast=False,
         )
-    kl, _, _ = torch.ops.pg_kernels.topk_kl(
+    kl, _, _, _ = torch.ops.pg_kernels.topk_kl(
         logits,
         topk_ids,
         topk_logprobs.to(acc_dtype(logits.dtype)),

@@ -13,6 +13,13 @@ exponent of an entry is one fma x k - r with k = log2(e) / tau and r = (lane max
 rounding r cancels exactly in the merge, so the error is relative to z - m, not to z.
 u takes d_w - d_v from exact differences of the logits at temperature 1, from the exponents
 otherwise (each rounded relative to z - m, as z = x / tau itself would be relative to z).
+A chunk's sums are relative to a / tau, a = (x_max / tau rounded) * tau rounded: the raw logit
+the backward rebuilds from the saved max (`row_exponent`), usually x_max itself, so that the
+backward's d_w - d_v and the forward's c = E_w[d_w - d_v] cancel exactly at a shared max
+(relative to the rounded max instead, they were ulp(z) / 2 apart: a gradient of -2.0e-3 where
+the truth is 0, two one-hot rows at tau 0.07). The lane holding a chunk's max adds that entry
+back as exactly 2^{(x_max - a) k} (1 when a = x_max), not as 2^-rho 2^rho rounded: a one-hot
+row sums to exactly 1 (its KL was 6e-8 where the truth is 0).
 A term with v_j = 0 (x_v = -inf) under x_w > -inf makes u infinite or NaN: the chunk's `inf`
 flag (its u is stored as 0). A side holding a NaN or +inf has a NaN sum, hence a NaN max; the
 two sides stay independent, so a broken rollout row leaves the logits' normalizer intact.
@@ -20,8 +27,9 @@ two sides stay independent, so a broken rollout row leaves the logits' normalize
 The chunk's state goes to `partials` [PARTIAL, n_chunks, N] (chunk-major: the merge reads
 consecutive rows), and the op's finish kernel merges each row's chunks in chunk order with
 `merge_row`: a fixed order, elementwise over rows, so results are deterministic and batch
-invariant. Partial-state traffic is 24 (fp32) or 48 (fp64) bytes per chunk and row: V = 151936
-bf16 has 10 chunks per row, 240 B against 608 KiB of logits read.
+invariant. Partial-state traffic is 32 (fp32) or 64 (fp64) bytes per chunk and row (each side's max
+carries its e = a / tau - max into the merges): V = 151936 bf16 has 10 chunks per row, 320 B
+against 608 KiB of logits read.
 
 GPU design (sm_90, compiled offline by .ci/check_triton_sm90.py; not yet timed on a GPU): the
 hot loop's SASS instructions per element pair, before (one block max, three block sums and a
@@ -51,9 +59,9 @@ from pg_kernels.triton._common import (
 
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Fields of a chunk's partial state: m_w, s1_w, m_v, s1_v, u, inf (0 or 1).
-PARTIAL = 6
-# Rows per program of the finish kernels: they move ~24 bytes per (row, chunk).
+# Fields of a chunk's partial state: m_w, s1_w, m_v, s1_v, u, inf (0 or 1), eps_w, eps_v.
+PARTIAL = 8
+# Rows per program of the finish kernels: they move ~32 bytes per (row, chunk).
 FINISH_BLOCK_R = 128
 
 
@@ -69,32 +77,40 @@ def load_divided(row_ptr, cols, mask, tau, DIVIDE: tl.constexpr):
 
 
 @triton.jit
-def _rescale_factor(m_old, m_new):
+def _rescale_factor(m_old, e_old, m_new, e_new):
     """(shift, factor) moving a side's sums from max m_old to m_new >= m_old: (m_old - m_new,
-    e^{shift}); (0, 0) for an empty side (m_old = -inf has zero sums and nothing to shift)."""
+    e^{shift}); (0, 0) for an empty side (m_old = -inf has zero sums and nothing to shift).
+    The sums are relative to m + e (`_side_total`), so the shift carries e_old - e_new (0 for
+    the state holding the joint max)."""
     has = m_old != float("-inf")
     # Both operands replaced where empty: -inf - -inf would be NaN (and a numpy warning).
-    shift = tl.where(has, m_old, 0.0) - tl.where(has, m_new, 0.0)
+    shift = (tl.where(has, m_old, 0.0) - tl.where(has, m_new, 0.0)) + tl.where(
+        has, e_old - e_new, 0.0
+    )
     return shift, tl.where(has, exp_acc(shift), 0.0)
 
 
 @triton.jit
-def merge_pair(m_w, s_w, m_v, s_v, u, inf, bm_w, bs_w, bm_v, bs_v, bu, binf):
+def merge_pair(m_w, s_w, m_v, s_v, u, inf, e_w, e_v, bm_w, bs_w, bm_v, bs_v, bu, binf, be_w,
+               be_v):  # fmt: skip
     """merge_pair of softmax_stats.h, elementwise: both states rescaled to the joint maxes.
 
         u <- e^{D_w} (u + (D_w - D_v) s1_w)   per state, D = m_state - m_joint
     A NaN max (a broken side) makes that side's sums and u NaN, never the other side's sums.
+    e_w, e_v: each side's sums are relative to m + e (`_side_total`); e goes with its max.
     """
     new_w = max_nan(m_w, bm_w)
     new_v = max_nan(m_v, bm_v)
-    dw_a, aw = _rescale_factor(m_w, new_w)
-    dv_a, av = _rescale_factor(m_v, new_v)
-    dw_b, bw = _rescale_factor(bm_w, new_w)
-    dv_b, bv = _rescale_factor(bm_v, new_v)
+    ne_w = tl.where(bm_w > m_w, be_w, e_w)
+    ne_v = tl.where(bm_v > m_v, be_v, e_v)
+    dw_a, aw = _rescale_factor(m_w, e_w, new_w, ne_w)
+    dv_a, av = _rescale_factor(m_v, e_v, new_v, ne_v)
+    dw_b, bw = _rescale_factor(bm_w, be_w, new_w, ne_w)
+    dv_b, bv = _rescale_factor(bm_v, be_v, new_v, ne_v)
     u = aw * (u + (dw_a - dv_a) * s_w) + bw * (bu + (dw_b - dv_b) * bs_w)
     s_w = aw * s_w + bw * bs_w
     s_v = av * s_v + bv * bs_v
-    return new_w, s_w, new_v, s_v, u, tl.maximum(inf, binf)
+    return new_w, s_w, new_v, s_v, u, tl.maximum(inf, binf), ne_w, ne_v
 
 
 @triton.jit
@@ -148,21 +164,20 @@ def lane_floor(k):
 
 @triton.jit
 def row_exponent(m, log_s1, tau, DIVIDE: tl.constexpr):
-    """(a, k, b) with (x - a) * k - b = (x / tau - m - log_s1) * base, the exponent of a
-    probability e^{z - m - log s1} from a raw logit x (base = log2 e in fp32, 1 in fp64), with no
-    division per element: a = m tau rounded (a is the row's max logit up to that rounding, so
-    x - a is exact or rounded relative to itself), k = base / tau, and b carries log s1 and the
-    rounding of a (m - a / tau = fma(m, tau, -a) / tau, exactly computed). The errors are
-    relative to |z - m| and |log s1|, never to |z|. Without DIVIDE: a = m, k = base and
-    b = log s1 base."""
+    """(a, k, b) with (x - a) * k - b = (x / tau - a / tau - log_s1) * base, the exponent of a
+    probability e^{z - a / tau - log s1} from a raw logit x (base = log2 e in fp32, 1 in fp64),
+    with no division per element: a = m tau rounded, the row's max logit (or within an ulp of
+    it), so x - a is exact or rounded relative to itself, k = base / tau and b = log s1 base.
+    The pair pass sums relative to this same a / tau (`_side_total`), not to the rounded m: an
+    entry at the max gets exponent -log s1 exactly, and the errors are relative to |z - m| and
+    |log s1|, never to |z|. Without DIVIDE: a = m."""
     k = lane_scale(tau, DIVIDE)
     if DIVIDE:
         a = m * tau
-        e = div_acc(fma_acc(m, tau, -a), tau)
         if m.dtype == tl.float64:
-            b = log_s1 + e
+            b = log_s1
         else:
-            b = (log_s1 + e) * LOG2E
+            b = log_s1 * LOG2E
     else:
         a = m
         b = log_s1 * k
@@ -214,24 +229,31 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE: tl.constexpr)
 @triton.jit
 def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr):
     """One side of a chunk from its lanes: (max in z units, raw max, lane -> chunk exponent,
-    2^exponent, sum)."""
+    2^exponent, sum, e: the sums are relative to mz + e, e = 0 without DIVIDE)."""
     mc = tl.max(m, 0)
-    c = fma_acc(-mc, k, r)  # r - mc k in one rounding: the lane's r cancels exactly
     if DIVIDE:
         mz = div_acc(mc, tau)
-        # The stored max mz = mc / tau rounds by rem = mc / tau - mz: folded into the lanes'
-        # exponent so that the sum is exactly relative to mz (a consumer of (mz, log s), e.g.
-        # the TV pass, would otherwise see ulp(mz) / 2 ~ 2e-6 at mz ~ 40 in every probability).
-        ok = mc != floor
-        mz0 = tl.where(ok, mz, 0.0)
-        rem = div_acc(fma_acc(-mz0, tau, tl.where(ok, mc, 0.0)), tau)
-        c = c + rem * (k * 0 + LOG2E if k.dtype == tl.float32 else 1.0)
+        # The chunk's sums are relative to a / tau, a = mz tau rounded: the raw logit the
+        # backward rebuilds from the saved mz (row_exponent), usually x_max itself. e = a / tau
+        # - mz, the shift from mz to that reference, goes with mz into the merges.
+        a = mz * tau
+        e = div_acc(-fma_acc(mz, tau, -a), tau)
     else:
         mz = mc
+        a = mc
+        e = mc * 0
+    c = fma_acc(-a, k, r)  # r - a k in one rounding: the lane's r cancels exactly
     # An empty lane (still at the floor) adds nothing; its r is ~1e38, rounded by ~1e31.
     f = tl.where(m == floor, 0.0, exp_base(c))
-    total = tl.sum(f * s, 0)
-    return mz, mc, c, f, total
+    # A lane holding the chunk max summed that entry as E = 2^rho (rho = m k - r, the rounding
+    # of r) and f E, 2^-rho 2^rho rounded, is 1 - 2^-24 as often as 1: a one-hot row's KL came
+    # out 6e-8 where the truth and plain PyTorch have 0. Its term is taken out of the lane sum
+    # (the loop's own E, bitwise) and added back as 2^{(m - a) k}, exactly 1 when a = x_max.
+    top = (m == mc) & (m != floor)
+    e_top = exp_base(fma_acc(m, k, -tl.where(top, r, m * k)))
+    one = exp_base(tl.where(top, m - a, 0.0) * k)
+    total = tl.sum(tl.where(top, (s - e_top) * f + one, f * s), 0)
+    return mz, mc, c, f, total, e
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -291,8 +313,8 @@ def pair_chunk_kernel(
         xv = tl.load(v_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
         mw, mv, rw, rv, sw, sv, u = _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE)
     # One cross-lane merge per chunk: each lane moved to the chunk's max (merge_pair per lane).
-    m_w, mc_w, cw, fw, s_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE)
-    m_v, mc_v, cv, fv, s_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE)
+    m_w, mc_w, cw, fw, s_w, e_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE)
+    m_v, mc_v, cv, fv, s_v, e_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE)
     if DIVIDE:
         u = tl.sum(fw * (u + (cw - cv) * sw), 0)
         if ACC != tl.float64:
@@ -315,11 +337,15 @@ def pair_chunk_kernel(
     tl.store(part_ptr + 3 * plane + idx, s_v)
     tl.store(part_ptr + 4 * plane + idx, u)
     tl.store(part_ptr + 5 * plane + idx, inf)
+    # A side that is empty or NaN has no residual to carry (and e would be NaN).
+    tl.store(part_ptr + 6 * plane + idx, tl.where(side_is_valid(m_w), e_w, 0.0))
+    tl.store(part_ptr + 7 * plane + idx, tl.where(side_is_valid(m_v), e_v, 0.0))
 
 
 @triton.jit
 def merge_row(part_ptr, rows, rmask, N, n_chunks):
-    """The merged pair state of `rows` from their n_chunks partial states, in chunk order."""
+    """The merged pair state of `rows` from their n_chunks partial states, in chunk order (its
+    sums relative to (m tau rounded) / tau: what `row_exponent` rebuilds from m)."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     m_w = tl.full(rows.shape, float("-inf"), ACC)
     m_v = tl.full(rows.shape, float("-inf"), ACC)
@@ -327,19 +353,23 @@ def merge_row(part_ptr, rows, rmask, N, n_chunks):
     s_v = tl.zeros(rows.shape, ACC)
     u = tl.zeros(rows.shape, ACC)
     inf = tl.zeros(rows.shape, ACC)
+    e_w = tl.zeros(rows.shape, ACC)
+    e_v = tl.zeros(rows.shape, ACC)
     plane = n_chunks.to(tl.int64) * N
     chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
     for _ in range(0, n_chunks):
         idx = chunk_off + rows
         chunk_off += N
-        m_w, s_w, m_v, s_v, u, inf = merge_pair(
-            m_w, s_w, m_v, s_v, u, inf,
+        m_w, s_w, m_v, s_v, u, inf, e_w, e_v = merge_pair(
+            m_w, s_w, m_v, s_v, u, inf, e_w, e_v,
             tl.load(part_ptr + idx, mask=rmask, other=float("-inf")),
             tl.load(part_ptr + plane + idx, mask=rmask, other=0.0),
             tl.load(part_ptr + 2 * plane + idx, mask=rmask, other=float("-inf")),
             tl.load(part_ptr + 3 * plane + idx, mask=rmask, other=0.0),
             tl.load(part_ptr + 4 * plane + idx, mask=rmask, other=0.0),
             tl.load(part_ptr + 5 * plane + idx, mask=rmask, other=0.0),
+            tl.load(part_ptr + 6 * plane + idx, mask=rmask, other=0.0),
+            tl.load(part_ptr + 7 * plane + idx, mask=rmask, other=0.0),
         )  # fmt: skip
     return m_w, s_w, m_v, s_v, u, inf
 

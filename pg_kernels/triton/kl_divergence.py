@@ -12,7 +12,7 @@ The blocking depends on V and the dtype only and every reduction runs in a fixed
 deterministic and batch invariant.
 
 Bytes per row of V elements of s bytes (the minimum: both rows read once; the gradient written):
-  forward   2 V s read (0 for an ignored row) + 24 n_chunks bytes of partial state written and
+  forward   2 V s read (0 for an ignored row) + 32 n_chunks bytes of partial state written and
             read back + 6 numbers out.
   backward  2 V s read + V s per requested gradient written.
 Checked under TRITON_INTERPRET=1 on CPU tensors (the test suite); not yet run or timed on a GPU.
@@ -175,8 +175,8 @@ def _bwd_kernel(
     k_w, b_w = tl.where(compute, k_w, 0.0), tl.where(compute, b_w, 0.0)
     k_v, b_v = tl.where(compute, k_v, 0.0), tl.where(compute, b_v, 0.0)
     if DIVIDE:
-        # t_w - t_v = ((d_w - d_v) - l_w + l_v) log2 e, d = z - m (a / tau = m exactly here:
-        # row_exponent folds the rounding of a into b).
+        # t_w - t_v = ((d_w - d_v) - l_w + l_v) log2 e, d = z - a / tau: the reference the
+        # pair pass summed relative to (row_exponent), so c cancels exactly at a shared max.
         c_shift = c - l_w + l_v
     else:
         c_shift = c

@@ -17,7 +17,7 @@ p_j = e^{(z_j - m) - l} from the saved row state; the label's entry is -expm1(lo
 
 Bytes per row of V elements of s bytes: forward 4 V s read (both rows twice: the C++ kernel keeps
 the row's exps in cache for the TV sweep, a GPU chunk program cannot hold them until the row's
-normalizers exist) + 24 n_chunks + 4 n_chunks bytes of partial states; backward V s read + V s
+normalizers exist) + 32 n_chunks + 4 n_chunks bytes of partial states; backward V s read + V s
 written. Expected on a GPU: forward ~2x the "two reads" target, set by the second read.
 The way down, once a GPU can measure it: the last chunk program of a row to finish (an
 acq_rel counter per row) merges the row and re-reads it for TV while the row is still in L2 (it

@@ -65,6 +65,7 @@ from pg_kernels.triton import token_stats as _token
 from pg_kernels.triton._common import (
     D_MIN,
     LN2,
+    LOG2E,
     acc_dtype_of,
     div_acc,
     exp2_acc,
@@ -103,7 +104,6 @@ from pg_kernels.triton.token_stats import (
 )
 
 OP = "step_stats"
-_DEBUG = []
 SEPARATE = tl.constexpr(False)
 KL_STATE = 3  # the reference's (m, log s1) and c = E_w[d_w - d_v] per row
 
@@ -298,6 +298,10 @@ def _store_pair(part_ptr, chunk, row, N, m_w, s_w, m_v, s_v, u):
     tl.store(part_ptr + 3 * plane + idx, s_v)
     tl.store(part_ptr + 4 * plane + idx, tl.where(inf > 0, 0.0, u))
     tl.store(part_ptr + 5 * plane + idx, inf)
+    # Each side's e (its sums' reference minus its stored max): 0, the sums are moved exactly
+    # to the stored maxes (`_side_z`).
+    tl.store(part_ptr + 6 * plane + idx, tl.zeros_like(u))
+    tl.store(part_ptr + 7 * plane + idx, tl.zeros_like(u))
 
 
 @triton.jit
@@ -446,9 +450,16 @@ def _finalize_kl(m_w, s_w, m_v, s_v, u, inf):
     return kl.to(ACC), l_w.to(ACC), l_v.to(ACC), c.to(ACC)
 
 
+@triton.jit
+def _reference_shift(m, tau):
+    """m - a / tau, exactly, with a = m tau rounded: the gap between a state's stored max and
+    the reference `row_exponent` rebuilds from it (0 at tau = 1)."""
+    return div_acc(fma_acc(m, tau, -(m * tau)), tau)
+
+
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _fwd_finish_kernel(
-    x_ptr, labels_ptr, temp_ptr, scale_bits, ignore_index, V, N, n_chunks,
+    x_ptr, labels_ptr, temp_ptr, t_ptr, tr_ptr, scale_bits, ignore_index, V, N, n_chunks,
     n_inner, stride_outer, stride_inner, part_ptr, part_idx_ptr, part_r_ptr, part_q_ptr,
     logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr, argmax_ptr,
     token_kl_ptr, kl_ptr, kl_state_ptr, p_norm_ptr, r_norm_ptr,
@@ -477,6 +488,14 @@ def _fwd_finish_kernel(
         tl.store(token_kl_ptr + rows, tl.where(keep, tl.where(valid, kl, nan), 0.0), mask=rmask)
         ok_p = valid & side_is_valid(m_p)
         ok_r = side_is_valid(m_r)
+        # The TV pass rebuilds each probability with `row_exponent`, relative to a / tau
+        # (a = m tau rounded); these sums are relative to m itself: log s moves by m - a / tau.
+        l_p = l_p + _reference_shift(
+            tl.where(ok_p, m_p, 0.0), tl.load(t_ptr + rows, mask=rmask, other=1.0)
+        )
+        l_r = l_r + _reference_shift(
+            tl.where(ok_r, m_r, 0.0), tl.load(tr_ptr + rows, mask=rmask, other=1.0)
+        )
         # mismatch_stats' TV pass reads these: NaN marks an invalid side, 0 an ignored row.
         tl.store(p_norm_ptr + 2 * rows, tl.where(keep, tl.where(ok_p, m_p, nan), 0.0), mask=rmask)
         tl.store(
@@ -582,7 +601,9 @@ def _bwd_kernel(
         one = tl.full([], 1.0, ACC)
         inv_q = div_acc(one, tau_q)
         # m_q - a_q / tau_q, exactly: d_q = (x_q - a_q) / tau_q - e_q (0 without division)
-        e_q = div_acc(fma_acc(m_q, tau_q, -a_q), tau_q)
+        e_q = _reference_shift(m_q, tau_q)
+        # row_exponent's b is relative to a_q / tau_q; the saved l_q to m_q itself.
+        b_q += e_q if ACC == tl.float64 else e_q * LOG2E
         inv_p = div_acc(one, tl.load(t_ptr + row))
         if REVERSE:
             p_nan = kl_on & ((~kl_ok) | (kl == big))  # the weight side of an infinite KL
@@ -709,13 +730,12 @@ def step_stats_forward(
     p_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
     r_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
     _fwd_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
-        logits, labels, temp if has_temp else labels, scale_bits, ignore_index, V, N,
+        logits, labels, temp if has_temp else labels, t, tr, scale_bits, ignore_index, V, N,
         blk.n_chunks, *layout, part, part_idx, part_r if has_roll else part,
         part_q if has_ref else part, *token, token_kl if has_roll else part,
         kl if has_ref else part, kl_state if has_ref else part, p_norm if has_roll else part,
         r_norm if has_roll else part, **flags, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
     )  # fmt: skip
-    _DEBUG[:] = [p_norm, r_norm]
     if has_roll:
         # TV needs both normalizers: mismatch_stats' second pass over the logits and the rollout.
         tv_blk = row_blocking(V, logits.dtype, _block_v, _chunk)

@@ -19,13 +19,16 @@ Forward, one sweep, two kernels:
   2. `_fwd_finish_kernel`, grid (N,): merges the chunk states in chunk order, gathers the K head
      logits and joins them with the tail for L, so log p_tail = m_tail + log s_tail - L needs no
      1 - sum_K p_v; then the KL of docs/math.md §4.
-Backward, `_bwd_kernel`, grid (N, n_chunks): dKL/dz_j = sign exp(z_j - L + tail_log) for every
-element of the chunk (one fma, one exp, one multiply), then Q p_j - q_j over the chunk's ids
+Backward, `_bwd_kernel`, grid (N, n_chunks): dKL/dz_j = sign exp((z_j - m) - (log s - tail_log))
+for every element of the chunk (one fma, one subtraction, one exp, one multiply), relative to the
+saved row max m and log s = L - m (not z_j - L: a saved L carries ulp(L) / 2, 4.9e-4 at
+|z| ~ 1e4 under a small temperature, the relative error of every p_j), then Q p_j - q_j with
+p_j = exp((z_j - m) - log s) over the chunk's ids
 (a K-wide gather and a masked scatter store after a barrier, which orders it after the loop's
 stores to the same entries). Ignored rows and rows with bad ids write 0 / NaN and read nothing.
 
 Bytes per row of V elements of s bytes: forward V s read + 16 K (ids and log-probs, sorted
-copies) + 8 n_chunks bytes of partial states + ~12 B written; backward V s read + V s written
+copies) + 8 n_chunks bytes of partial states + ~16 B written; backward V s read + V s written
 + ~(16 + 2 s) K (ids, log-probs, the head logits, the head entries written a second time).
 Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
 (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
@@ -37,13 +40,15 @@ is a per-row tensor either way):
   _tail_chunk_kernel   bf16   45.6 (124), 3 BAR 16 SHFL   10.2 (40), no BAR/SHFL
                        fp16   45.1 (124)                   9.8 (40)
                        fp32   53.4 (80)                   10.5 (37)
-  _bwd_kernel          bf16   19.8 (64)                    8.0 (32)
-                       fp16   19.2 (64)                    7.5 (32)
-                       fp32   58.9 (60)                    8.0 (32)
+  _bwd_kernel          bf16   19.8 (64)                    9.0 (32)
+                       fp16   19.2 (64)                    8.5 (32)
+                       fp32   58.9 (60)                    9.0 (32)
   "before" counts the old per-block id loop (a dependent scalar load per id) with the step loop
   it sits in; the check's old unroll detection divided them by 3 (15.2, 15.0, 17.8; fp32
-  backward 19.6). Per element the tail loop is now: convert, AND + select (ids), max, fma,
-  mul (log2 e), ex2, add; per lane and step: mul, max, sub, mul, ex2, fma, shift.
+  backward 19.6). The backward's "after" includes the subtraction that keeps it relative to the
+  row max (one instruction more than from a saved L). Per element the tail loop is now:
+  convert, AND + select (ids), max, fma, mul (log2 e), ex2, add; per lane and step: mul, max,
+  sub, mul, ex2, fma, shift.
 Duplicate ids are a user error: undefined here (the CPU paths raise).
 """
 
@@ -221,11 +226,12 @@ def _tail_chunk_kernel(
 def _fwd_finish_kernel(
     x_ptr, ids_ptr, lq_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K, N, n_chunks,
     n_inner, stride_outer, stride_inner, part_ptr,
-    kl_ptr, lse_ptr, logp_tail_ptr,
+    kl_ptr, m_ptr, log_s_ptr, logp_tail_ptr,
     HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr,
 ):  # fmt: skip
-    """Program row: the row's tail state from its chunks (in chunk order), the head, the KL."""
-    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    """Program row: the row's tail state from its chunks (in chunk order), the head, the KL;
+    the row max m and log s = L - m, saved for the backward."""
+    ACC: tl.constexpr = m_ptr.dtype.element_ty
     row = tl.program_id(0)
     keep, ok, idv = _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD)
     inv_tau = tl.load(inv_tau_ptr + row)
@@ -259,7 +265,6 @@ def _fwd_finish_kernel(
     # log p_v = (z_v - m) - log_s, relative to the row max (topk_normalizer): z_v - L would
     # carry ulp(L), 1e-3 at |z| ~ 1e4 (a small temperature), on the log-probs near 0.
     log_s = tl.log(tail_part + s_head)
-    lse = m + log_s
     logp_tail = tl.where(
         tail_empty,
         float("-inf"),
@@ -275,24 +280,26 @@ def _fwd_finish_kernel(
     tail = tl.where(q_tail == 0.0, 0.0, q_tail * (tl.log(q_tail) - logp_tail))
     nan = float("nan")
     tl.store(kl_ptr + row, tl.where(keep, tl.where(valid, head + tail, nan), 0.0))
-    tl.store(lse_ptr + row, tl.where(keep, tl.where(valid, lse, nan), 0.0))
+    tl.store(m_ptr + row, tl.where(keep, tl.where(valid, m, nan), 0.0))
+    tl.store(log_s_ptr + row, tl.where(keep, tl.where(valid, log_s, nan), 0.0))
     tl.store(logp_tail_ptr + row, tl.where(keep, tl.where(valid, logp_tail, nan), 0.0))
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _bwd_kernel(
     g_ptr, x_ptr, ids_ptr, lq_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K,
-    n_inner, stride_outer, stride_inner, lse_ptr, logp_tail_ptr, grad_ptr,
+    n_inner, stride_outer, stride_inner, m_ptr, log_s_ptr, logp_tail_ptr, grad_ptr,
     HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the gradient of one chunk of one row, written once."""
-    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    ACC: tl.constexpr = m_ptr.dtype.element_ty
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     keep, ok, idv = _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(m_ptr + row)
+    log_s = tl.load(log_s_ptr + row)
     logp_tail = tl.load(logp_tail_ptr + row)
-    valid = ok & (lse > float("-inf")) & (lse < float("inf"))  # NaN rows stay NaN
+    valid = ok & (tl.abs(m) < float("inf")) & (tl.abs(log_s) < float("inf"))  # NaN rows: NaN
     inv_tau = tl.load(inv_tau_ptr + row)
     g_tau = tl.load(g_ptr + row).to(ACC) * inv_tau
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
@@ -320,9 +327,11 @@ def _bwd_kernel(
     tail_log = tl.where(q_tail == 0.0, log_q, tl.where(tail_empty, float("-inf"), tail_log))
     sign = tl.where(q_tail == 0.0, tl.where(q_all > 0.0, 1.0, 0.0), sign)
     sign = tl.where((q_tail != 0.0) & tail_empty, 0.0, sign)
-    # Off the ids, one fma, one exp and one multiply per element: g_j = scale exp(z_j - off).
-    # Ignored rows read nothing and get 0 (scale 0, off 0); other invalid rows NaN (off NaN).
-    off = tl.where(keep, tl.where(valid, lse - tail_log, float("nan")), 0.0)  # +inf: factor 0
+    # Off the ids, one fma, one subtraction, one exp and one multiply per element:
+    # g_j = scale exp((z_j - m) - off). Ignored rows read nothing and get 0 (scale 0, off 0);
+    # other invalid rows NaN (off NaN).
+    off = tl.where(keep, tl.where(valid, log_s - tail_log, float("nan")), 0.0)  # +inf: factor 0
+    m = tl.where(valid, m, 0.0)
     scale = tl.where(keep, sign * g_tau, 0.0)
 
     lanes = tl.arange(0, BLOCK_V)
@@ -332,12 +341,12 @@ def _bwd_kernel(
     for i in range(0, n_full):  # full blocks: vector loads and stores (a uniform load mask)
         cols = start + i * BLOCK_V + lanes
         x = tl.load(x_row + cols, mask=valid, other=float("-inf")).to(ACC)
-        g = scale * exp_acc(tl.fma(x, inv_tau, -off))
+        g = scale * exp_acc(tl.fma(x, inv_tau, -m) - off)
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty))
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + lanes
         x = tl.load(x_row + cols, mask=cols < tl.where(valid, V, 0), other=float("-inf")).to(ACC)
-        g = scale * exp_acc(tl.fma(x, inv_tau, -off))
+        g = scale * exp_acc(tl.fma(x, inv_tau, -m) - off)
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty), mask=cols < V)
 
     # On the chunk's ids: dKL/dz_j = Q p_j - q_j, written over the values above once every
@@ -346,7 +355,8 @@ def _bwd_kernel(
     on = (idv >= start) & (idv < tl.where(valid, start + n_valid, 0))
     z_h = tl.load(x_row + tl.where(on, idv, 0), mask=on, other=0.0).to(ACC) * inv_tau
     lq_h = tl.load(lq_row + kk, mask=on, other=0.0).to(ACC)
-    head = g_tau * (q_all * exp_acc(z_h - lse) - exp_acc(lq_h))
+    # p_j relative to the row max, z_h rounded as the forward's head (exactly m at the max)
+    head = g_tau * (q_all * exp_acc((z_h - m) - log_s) - exp_acc(lq_h))
     tl.debug_barrier()
     tl.store(grad_row + idv, round_to(head, grad_ptr.dtype.element_ty), mask=on)
 
@@ -404,11 +414,12 @@ def topk_kl_forward(
     logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar, ignore_index,
     n_inner, stride_outer, stride_inner, *, _block_v=None, _chunk=None,
 ):  # fmt: skip
-    """topk_ids, topk_logprobs: [N, K]; labels: flat [N] or None. Returns flat [N] kl, lse and
-    log p_tail. _block_v, _chunk: private overrides of the row blocking (tests, tuning)."""
+    """topk_ids, topk_logprobs: [N, K]; labels: flat [N] or None. Returns flat [N] kl, the row
+    max m, log s = L - m and log p_tail. _block_v, _chunk: private overrides of the row
+    blocking (tests, tuning)."""
     (N, K), V = topk_ids.shape, logits.shape[-1]
     acc = acc_dtype_of(logits.dtype)
-    outs = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(3)]
+    outs = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(4)]
     if N > 0:
         ids, lq = _sorted(topk_ids, topk_logprobs, labels, V, ignore_index)
         inv_tau = per_row_inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
@@ -428,18 +439,18 @@ def topk_kl_forward(
 
 def topk_kl_backward(
     grad_kl, logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar,
-    ignore_index, lse, logp_tail, n_inner, stride_outer, stride_inner, *, _block_v=None,
-    _chunk=None,
+    ignore_index, row_max, log_s, logp_tail, n_inner, stride_outer, stride_inner, *,
+    _block_v=None, _chunk=None,
 ):  # fmt: skip
     (N, K), V = topk_ids.shape, logits.shape[-1]
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if N > 0:
-        acc = lse.dtype
+        acc = row_max.dtype
         ids, lq = _sorted(topk_ids, topk_logprobs, labels, V, ignore_index)
         inv_tau = per_row_inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
         labels_arg, blk, meta = _launch_args(topk_ids, labels, V, logits.dtype, _block_v, _chunk)
         _bwd_kernel[(N, blk.n_chunks)](
             grad_kl.to(acc), logits, ids, lq, labels_arg, inv_tau, ignore_index, V, K, n_inner,
-            stride_outer, stride_inner, lse, logp_tail, grad, **meta,
+            stride_outer, stride_inner, row_max, log_s, logp_tail, grad, **meta,
         )  # fmt: skip
     return grad
