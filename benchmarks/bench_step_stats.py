@@ -88,14 +88,14 @@ def make_inputs(case: Case, seed: int) -> Inputs:
         ref[r : r + rows] = (chunk + noise(TEACHER_NOISE)).to(case.dtype)
         lp = noisy.log_softmax(-1).gather(-1, labels[r : r + rows, None])[:, 0]
         rollout_lp[r : r + rows] = lp
-    w = torch.randn(3, n, generator=gen, device=case.device)
+    w = torch.randn(n, 3, generator=gen, device=case.device)  # row-leading: sliced with the rows
     return {"logits": logits, "rollout_logits": rollout, "ref_logits": ref, "labels": labels,
             "rollout_logprobs": rollout_lp, "w": w}  # fmt: skip
 
 
 def loss(out: Outputs, inputs: Inputs) -> torch.Tensor:
     w = inputs["w"]
-    return (w[0] * out["logprob"] + w[1] * out["entropy"] + w[2] * out["kl"]).sum()
+    return (w[:, 0] * out["logprob"] + w[:, 1] * out["entropy"] + w[:, 2] * out["kl"]).sum()
 
 
 def bytes_moved(case: Case) -> int:

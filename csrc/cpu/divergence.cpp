@@ -62,21 +62,40 @@ std::vector<at::Tensor> kl_divergence_forward(
         acc_t *o_kl = kl.data_ptr<acc_t>(), *o_st = row_state.data_ptr<acc_t>();
         const std::optional<LabelReader> read_label =
             labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
-        // fp32 rows run the pair pass in double (pass_t), rounded once at the end. In fp32 the
-        // KL of near-equal rows, c - log s1_w + log s1_v, cancels O(1) terms each carrying the
-        // fp32 rounding of its sum (s1 = 1 + small rounds at ulp(1) / 2, 6e-8): a KL of 1.6e-6
-        // (tau 16.7, V = 3) was off by 5.1e-9 where plain fp32 PyTorch happened to be off by
-        // 2.0e-9; in double 2.0e-13, the rounding of the result to fp32
-        // (tests/test_kl_divergence.py::test_near_equal_rows_fp32). The backward keeps fp32:
-        // it needs no sum. 16-bit rows stay in fp32 (plain PyTorch at their precision is far
-        // coarser). Cost: the double exps; at [256, 32000] fp32, tau 0.7, one thread, 53-55 ms
-        // against 22-23 ms for the fp32 pass (2.4x). Summing fp32 exps into double lanes
-        // (token_stats' S1Lanes) would keep most of that speed, but needs a pair pass whose
-        // chunk state is double while its elements stay fp32.
-        using pass_t = std::conditional_t<std::is_same_v<scalar_t, float>, double, acc_t>;
+        // A small KL of fp32 rows is recomputed in double. In fp32 the KL of near-equal rows,
+        // c - log s1_w + log s1_v, cancels O(1) terms each carrying the fp32 rounding of its sum
+        // (s1 = 1 + small rounds at ulp(1) / 2, 6e-8): a KL of 1.6e-6 (tau 16.7, V = 3) was off
+        // by 5.1e-9 where plain fp32 PyTorch happened to be off by 2.0e-9; in double 2.0e-13,
+        // the rounding of the result to fp32 (tests/test_kl_divergence.py::
+        // test_near_equal_rows_fp32). That error is absolute, a few ulps of 1 + |log s1_w| +
+        // |log s1_v|, so only a KL below kRefine times that bound loses relative digits: those
+        // rows (and only those) run the pass again in double. Cost at [256, 32000] fp32, tau 0.7,
+        // one thread: 22-23 ms (fp32 pass), 53-55 ms (double pass, every row refined). The
+        // backward keeps fp32: it needs no sum. 16-bit rows stay in fp32 (plain PyTorch at
+        // their precision is far coarser).
+        constexpr double kRefine = 0x1p-10;
+        const auto row_pass = [&](auto* bw, auto* bv, const scalar_t* xp, const scalar_t* xq,
+                                  acc_t tp, acc_t tq) {
+          using T = std::remove_pointer_t<decltype(bw)>;
+          // reverse KL(p || q): weight side p; forward KL(q || p): weight side q.
+          return reverse ? pair_row<scalar_t, T, false>(xp, T(tp), xq, T(tq), V, true, bw, bv,
+                                                        nullptr)
+                         : pair_row<scalar_t, T, false>(xq, T(tq), xp, T(tp), V, true, bw, bv,
+                                                        nullptr);
+        };
+        const auto store = [&](const auto& s, acc_t* st, int64_t r) {
+          const auto w = side_state(s.m_w, s.s1_w), v = side_state(s.m_v, s.s1_v);
+          const auto &p = reverse ? w : v, &q = reverse ? v : w;
+          o_kl[r] = acc_t(finalize_kl(s));
+          st[0] = acc_t(p.m);
+          st[1] = acc_t(p.log_s1);
+          st[2] = acc_t(q.m);
+          st[3] = acc_t(q.log_s1);
+          st[4] = acc_t(kl_grad_shift(s));
+        };
         at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
-          alignas(64) pass_t bw[kBufferSize<pass_t>];
-          alignas(64) pass_t bv[kBufferSize<pass_t>];
+          alignas(64) acc_t bw[kBufferSize<acc_t>];
+          alignas(64) acc_t bv[kBufferSize<acc_t>];
           for (int64_t r = begin; r < end; ++r) {
             acc_t* st = o_st + kRowState * r;
             if (read_label && (*read_label)(r) == ignore_index) {
@@ -85,19 +104,20 @@ std::vector<at::Tensor> kl_divergence_forward(
               continue;
             }
             const scalar_t *xp = x + layout.offset(r), *xq = xr + ref_layout.offset(r);
-            const pass_t tp = tau(r).tau, tq = tau_r(r).tau;
-            // reverse KL(p || q): weight side p; forward KL(q || p): weight side q.
-            const PairState<pass_t> s =
-                reverse ? pair_row<scalar_t, pass_t, false>(xp, tp, xq, tq, V, true, bw, bv, nullptr)
-                        : pair_row<scalar_t, pass_t, false>(xq, tq, xp, tp, V, true, bw, bv, nullptr);
-            const SideState<pass_t> w = side_state(s.m_w, s.s1_w), v = side_state(s.m_v, s.s1_v);
-            const SideState<pass_t>&p = reverse ? w : v, &q = reverse ? v : w;
-            o_kl[r] = acc_t(finalize_kl(s));
-            st[0] = acc_t(p.m);
-            st[1] = acc_t(p.log_s1);
-            st[2] = acc_t(q.m);
-            st[3] = acc_t(q.log_s1);
-            st[4] = acc_t(kl_grad_shift(s));
+            const acc_t tp = tau(r).tau, tq = tau_r(r).tau;
+            const PairState<acc_t> s = row_pass(bw, bv, xp, xq, tp, tq);
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              const double kl_r = finalize_kl(s);
+              const double bound = 1.0 + std::abs(std::log(double(s.s1_w))) +
+                                   std::abs(std::log(double(s.s1_v)));
+              if (kl_r < kRefine * bound) {  // false for NaN and +inf: nothing to refine
+                alignas(64) double dw[kBufferSize<double>];
+                alignas(64) double dv[kBufferSize<double>];
+                store(row_pass(dw, dv, xp, xq, tp, tq), st, r);
+                continue;
+              }
+            }
+            store(s, st, r);
           }
         });
       });
