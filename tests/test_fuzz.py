@@ -231,6 +231,22 @@ OPEN = {
 
 
 @pytest.fixture(autouse=True)
+def _fixed_draws(monkeypatch):
+    """Hypothesis mixes constants of the local modules loaded so far into its draws; under the
+    derandomized "ci" profile that pool must not depend on which modules earlier tests (or
+    earlier test files of the same run) imported."""
+    if PROFILE != "ci":
+        yield
+        return
+    from hypothesis.internal.conjecture import providers
+
+    monkeypatch.setattr(providers, "_get_local_constants", lambda: providers.Constants())
+    providers.CONSTANTS_CACHE.cache.clear()
+    yield
+    providers.CONSTANTS_CACHE.cache.clear()
+
+
+@pytest.fixture(autouse=True)
 def _open_findings(request):
     backend = request.node.callspec.params["backend_device"][0]
     why = OPEN.get((request.node.originalname, backend))
