@@ -117,11 +117,9 @@ def _args(inputs: Inputs):
 
 
 def _reference(x, y, lp, xr, xq, temperature, upcast):
-    token = reference.token_stats(x, y, temperature=temperature, upcast=upcast)
-    mismatch = reference.mismatch_stats(x, y, lp, rollout_logits=xr, temperature=temperature,
-                                        upcast=upcast)  # fmt: skip
-    kl = reference.kl_divergence(x, xq, temperature=temperature, upcast=upcast)
-    return _fields(token, mismatch, kl)
+    out = reference.step_stats(x, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xq,
+                               temperature=temperature, upcast=upcast)  # fmt: skip
+    return _fields(out.token, out.mismatch, out.kl)
 
 
 def truth(inputs: Inputs, temperature: float = 1.0) -> Outputs:

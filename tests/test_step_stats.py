@@ -4,6 +4,7 @@ contract (opcheck, fullgraph compile, gradients only where asked, bad input)."""
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import pytest
@@ -12,7 +13,6 @@ from test_kl_divergence import _kl_grad_floor
 
 import pg_kernels
 from pg_kernels import reference
-from pg_kernels.reference._util import compute_dtype
 from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -66,29 +66,14 @@ def _op(backend):
 
 def _ref(x, y, xr, lp, xq, *, upcast, kl_direction="reverse", temperature=1.0,
          rollout_temperature=None, ref_temperature=None, ignore_index=-100):  # fmt: skip
-    """The single ops' float64 references (upcast) or plain PyTorch at the input precision.
-
-    The logits are converted once, up front: each reference converting them itself would make
-    the gradient of a 16-bit leaf the sum of the ops' gradients each rounded to 16 bits (two
-    terms of ~0.1 that cancel to ~0.004 then carry ulp(0.1) = 5e-4 of error).
-    """
-    work = compute_dtype(x.dtype, upcast)
-    x, xq = x.to(work), None if xq is None else xq.to(work)
-    shared = dict(temperature=temperature, labels=y, ignore_index=ignore_index, upcast=upcast)
-    token = reference.token_stats(
-        x, y, temperature=temperature, ignore_index=ignore_index, upcast=upcast
-    )
-    token_kl = token_tv = k3 = kl = None
-    if lp is not None:
-        rt = temperature if rollout_temperature is None else rollout_temperature
-        m = reference.mismatch_stats(x, y, lp, rollout_logits=xr, rollout_temperature=rt,
-                                     temperature=temperature, ignore_index=ignore_index,
-                                     upcast=upcast)  # fmt: skip
-        token_kl, token_tv, k3 = m.token_kl, m.token_tv, m.k3
-    if xq is not None:
-        kl = reference.kl_divergence(x, xq, direction=kl_direction, ref_temperature=ref_temperature,
-                                     **shared)  # fmt: skip
-    return _flat(token, token_kl, token_tv, k3, kl)
+    """The float64 reference bundle (upcast) or plain PyTorch at the input precision."""
+    out = reference.step_stats(
+        x, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xq, kl_direction=kl_direction,
+        temperature=temperature, rollout_temperature=rollout_temperature,
+        ref_temperature=ref_temperature, ignore_index=ignore_index, upcast=upcast,
+    )  # fmt: skip
+    m = out.mismatch
+    return _flat(out.token, *((None,) * 3 if m is None else (m.token_kl, m.token_tv, m.k3)), out.kl)
 
 
 def _inputs(n, v, dtype, device, seed):
@@ -306,6 +291,18 @@ def test_gradients_only_where_asked(bd):
     assert not out.mismatch.token_kl.requires_grad and not out.mismatch.k3.requires_grad
     out.mismatch.logprob.sum().backward()
     assert xa.grad is not None
+
+
+def test_reference_backend_rounds_a_16bit_gradient_once():
+    """backend="reference" converts 16-bit logits once, so their gradient is the fp32 one rounded
+    to bf16 once, not the sum of three ops' gradients each rounded to bf16."""
+    x, y, xr, lp, xq = _inputs(4, 300, torch.bfloat16, "cpu", seed=21)
+    xa, xf = x.clone().requires_grad_(), x.float().requires_grad_()
+    for leaf, op in ((xa, functools.partial(pg_kernels.step_stats, backend="reference")),
+                     (xf, functools.partial(reference.step_stats, upcast=False))):  # fmt: skip
+        out = op(leaf, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xq)
+        (out.token.logprob + out.token.entropy + out.mismatch.logprob + out.kl).sum().backward()
+    assert torch.equal(xa.grad, xf.grad.to(torch.bfloat16))
 
 
 def test_deterministic_and_batch_invariant(bd):

@@ -161,29 +161,6 @@ torch.library.register_autograd("pg_kernels::step_stats", _backward, setup_conte
 _library.LIB.impl("step_stats_backward", torch.library.fallthrough_kernel, "Autograd")
 
 
-def _reference(logits, labels, rollout_logits, ref_logits, direction, temperature,
-               rollout_temperature, ref_temperature, ignore_index):  # fmt: skip
-    """The bundle from the PyTorch references (backend="reference"), in the logits' precision."""
-    shared = dict(temperature=temperature, labels=labels, ignore_index=ignore_index, upcast=False)
-    token = reference.token_stats(
-        logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=False
-    )
-    token_kl = token_tv = kl = None
-    if rollout_logits is not None:
-        rt = temperature if rollout_temperature is None else rollout_temperature
-        token_kl = reference.kl_divergence(
-            logits, rollout_logits, direction="forward", ref_temperature=rt, **shared
-        ).detach()
-        token_tv = reference.rollout_tv(
-            logits, rollout_logits, rollout_temperature=rt, **shared
-        ).detach()
-    if ref_logits is not None:
-        kl = reference.kl_divergence(
-            logits, ref_logits, direction=direction, ref_temperature=ref_temperature, **shared
-        )
-    return token, token_kl, token_tv, kl
-
-
 def step_stats(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -253,10 +230,15 @@ def step_stats(
     backend = _backend.resolve(OP, backend, logits.device, kernels=KERNELS)
     check_labels_on_cpu(OP, labels, logits.shape[-1], ignore_index)
     if backend == "reference":
-        token, token_kl, token_tv, kl = _reference(
-            logits, labels, rollout_logits, ref_logits, kl_direction, temperature,
-            rollout_temperature, ref_temperature, ignore_index,
+        out = reference.step_stats(
+            logits, labels, rollout_logprobs=rollout_logprobs, rollout_logits=rollout_logits,
+            ref_logits=ref_logits, kl_direction=kl_direction, temperature=temperature,
+            rollout_temperature=rollout_temperature, ref_temperature=ref_temperature,
+            ignore_index=ignore_index, upcast=False,
         )  # fmt: skip
+        token, kl, token_kl, token_tv = out.token, out.kl, None, None
+        if rollout_logits is not None:  # not differentiable, as the kernels' outputs
+            token_kl, token_tv = out.mismatch.token_kl.detach(), out.mismatch.token_tv.detach()
     else:
         *fields, token_kl, token_tv, kl, _ = torch.ops.pg_kernels.step_stats(
             logits, rollout_logits, ref_logits, labels, temp.tensor, temp.scalar,

@@ -8,6 +8,7 @@ the precision a plain PyTorch trainer would use (fp32, fp64 for fp64 logits). Th
 from pg_kernels.reference.kl_divergence import kl_divergence, rollout_tv
 from pg_kernels.reference.mismatch_stats import mismatch_stats, sampled_mismatch
 from pg_kernels.reference.pruned_logprob import pruned_logprob
+from pg_kernels.reference.step_stats import step_stats
 from pg_kernels.reference.token_stats import token_stats
 from pg_kernels.reference.topk_kl import topk_kl
 
@@ -17,6 +18,7 @@ __all__ = [
     "pruned_logprob",
     "rollout_tv",
     "sampled_mismatch",
+    "step_stats",
     "token_stats",
     "topk_kl",
 ]
