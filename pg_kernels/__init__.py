@@ -8,10 +8,11 @@ from pg_kernels.ops.kl_divergence_from_hidden import kl_divergence_from_hidden
 from pg_kernels.ops.mismatch_stats import mismatch_stats
 from pg_kernels.ops.pruned_logprob import pruned_logprob
 from pg_kernels.ops.step_stats import step_stats
+from pg_kernels.ops.token_loss_from_hidden import token_loss_from_hidden
 from pg_kernels.ops.token_stats import token_stats
 from pg_kernels.ops.token_stats_from_hidden import token_stats_from_hidden
 from pg_kernels.ops.topk_kl import topk_kl
-from pg_kernels.outputs import MismatchStats, PrunedLogprob, StepStats, TokenStats
+from pg_kernels.outputs import MismatchStats, PrunedLogprob, StepStats, TokenLoss, TokenStats
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "MismatchStats",
     "PrunedLogprob",
     "StepStats",
+    "TokenLoss",
     "TokenStats",
     "check_labels",
     "env_report",
@@ -28,6 +30,7 @@ __all__ = [
     "parallel",
     "pruned_logprob",
     "step_stats",
+    "token_loss_from_hidden",
     "token_stats",
     "token_stats_from_hidden",
     "topk_kl",

@@ -119,3 +119,18 @@ _document_fields(
     "token_tv when rollout_logits is given",
     kl="KL to the reference logits (when given), direction as asked; differentiable",
 )
+
+
+class TokenLoss(NamedTuple):
+    """A per-token loss over token_stats from hidden states, its gradients formed in the
+    forward (`pg_kernels.token_loss_from_hidden`)."""
+
+    loss: torch.Tensor
+    stats: TokenStats
+
+
+_document_fields(
+    TokenLoss,
+    loss="0-d: the sum of loss_fn over the chunks; differentiable w.r.t. hidden, weight, bias",
+    stats="TokenStats of every row, detached (for metrics; the loss carries the gradients)",
+)

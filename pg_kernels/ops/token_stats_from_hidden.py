@@ -132,6 +132,21 @@ torch.library.register_autograd(
 _library.LIB.impl("token_stats_from_hidden_backward", torch.library.fallthrough_kernel, "Autograd")
 
 
+def check_args(op, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, backend):
+    """The shared argument checks of the token_stats-from-hidden ops: (ignore_index, chunk_size,
+    temperature, backend), each validated and resolved."""
+    check_projection(op, "", hidden, weight, bias)
+    check_labels_arg(op, hidden, labels, of="hidden")
+    ignore_index = check_ignore_index(op, ignore_index)
+    vocab = weight.shape[0]
+    chunk_size = check_chunk_size(op, chunk_size, vocab, hidden)
+    # The temperature's shape check wants [..., V]-shaped logits; a [..., 1] view stands in.
+    temp = make_temperature(op, temperature, hidden[..., :1])
+    backend = _backend.resolve("token_stats", backend, hidden.device, kernels=_ts.KERNELS)
+    check_labels_on_cpu(op, labels, vocab, ignore_index)
+    return ignore_index, chunk_size, temp, backend
+
+
 def token_stats_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -166,15 +181,9 @@ def token_stats_from_hidden(
         logits come from a matmul over its chunk, so they can differ from one [N, V] matmul in
         the last bits (as a different batch size would).
     """
-    check_projection(OP, "", hidden, weight, bias)
-    check_labels_arg(OP, hidden, labels, of="hidden")
-    ignore_index = check_ignore_index(OP, ignore_index)
-    vocab = weight.shape[0]
-    chunk_size = check_chunk_size(OP, chunk_size, vocab, hidden)
-    # The temperature's shape check wants [..., V]-shaped logits; a [..., 1] view stands in.
-    temp = make_temperature(OP, temperature, hidden[..., :1])
-    backend = _backend.resolve("token_stats", backend, hidden.device, kernels=_ts.KERNELS)
-    check_labels_on_cpu(OP, labels, vocab, ignore_index)
+    ignore_index, chunk_size, temp, backend = check_args(
+        OP, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, backend
+    )
     if backend == "reference":
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return reference.token_stats(

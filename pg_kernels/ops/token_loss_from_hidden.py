@@ -1,0 +1,151 @@
+"""token_loss_from_hidden: a per-token loss of `token_stats(hidden @ weight.T + bias)` whose
+gradients are formed in the forward, chunk by chunk, so the lm_head matmul runs 3 times, not 4.
+
+`token_stats_from_hidden` cannot know the upstream gradients of its statistics in the forward,
+so its backward recomputes each chunk's logits: 4 matmuls of 2·N·V·D flops against the unfused
+path's 3, a floor of 4/3 of the unfused time wherever the matmuls dominate (a CPU). Given the
+loss itself, as a function of each chunk's statistics, the gradients are known while a chunk's
+logits are still in the buffer: per chunk, the matmul, the token_stats kernel, `loss_fn` on the
+chunk's statistics and its gradients w.r.t. them (autograd on per-row numbers), the token_stats
+backward kernel, then grad_hidden = g @ W and grad_weight += g.T @ h. The backward only scales
+the saved gradients by the loss's upstream gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pg_kernels import reference
+from pg_kernels.ops._common import acc_dtype
+from pg_kernels.ops._linear import ChunkedProjection, chunks, rows
+from pg_kernels.ops.token_stats_from_hidden import check_args
+from pg_kernels.outputs import TokenLoss, TokenStats
+
+OP = "token_loss_from_hidden"
+DIFFERENTIABLE = ("logprob", "entropy", "collision", "lse")  # token_stats' backward inputs
+
+
+def _chunk_loss(loss_fn, stats, start: int, stop: int):
+    """loss_fn on one chunk's statistics; returns (loss, its gradients w.r.t. DIFFERENTIABLE)."""
+    fields = TokenStats(*stats)._asdict()
+    leaves = [fields[name].detach().requires_grad_() for name in DIFFERENTIABLE]
+    fields.update(zip(DIFFERENTIABLE, leaves))
+    with torch.enable_grad():
+        loss = loss_fn(TokenStats(**fields), slice(start, stop))
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+            got = type(loss).__name__ if not isinstance(loss, torch.Tensor) else (
+                f"a {loss.dtype} tensor of shape {tuple(loss.shape)}"
+            )  # fmt: skip
+            raise TypeError(f"{OP}: loss_fn must return a 0-d floating tensor, got {got}")
+        if not loss.requires_grad:  # a loss that ignores the statistics: zero gradients
+            return loss, [torch.zeros_like(leaf) for leaf in leaves]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
+
+# torch.compile runs it eagerly (a graph break): loss_fn is differentiated inside the forward.
+@torch.compiler.disable
+def _apply(*args):
+    return _TokenLoss.apply(*args)
+
+
+class _TokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index,
+                chunk_size, backend, loss_fn, wanted):  # fmt: skip
+        n = hidden.shape[0]
+        proj = ChunkedProjection(hidden, weight, bias, chunk_size, wanted)
+        stat = labels.new_empty((n,), dtype=acc_dtype(hidden.dtype))
+        outs = [torch.empty_like(stat) for _ in range(6)] + [labels.new_empty((n,))]
+        loss = None
+        for s, e in chunks(n, chunk_size):
+            logits, t = proj.logits(s, e), rows(temperature, s, e)
+            stats = torch.ops.pg_kernels.token_stats(
+                logits, labels[s:e], t, temperature_scalar, ignore_index, backend
+            )
+            for out, value in zip(outs, stats):
+                out[s:e] = value
+            part, grads = _chunk_loss(loss_fn, stats, s, e)
+            loss = part if loss is None else loss + part
+            if any(wanted):
+                lse, entropy, collision, max_prob, argmax = stats[4], *stats[1:3], *stats[5:]
+                grad_logits = torch.ops.pg_kernels.token_stats_backward(
+                    *grads, logits, labels[s:e], t, temperature_scalar, ignore_index, lse,
+                    entropy, collision, max_prob, argmax, backend,
+                )  # fmt: skip
+                proj.accumulate(grad_logits, s, e)
+        if loss is None:  # no rows: the sum over no chunks
+            loss = stat.new_zeros(())
+        ctx.save_for_backward(*proj.gradients())
+        ctx.wanted = wanted
+        ctx.mark_non_differentiable(*outs)
+        return loss, *outs
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grads = [g * grad_loss if w else None for g, w in zip(ctx.saved_tensors, ctx.wanted)]
+        return *grads, *(None,) * 8
+
+
+def token_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> TokenLoss:
+    """`loss_fn` of `token_stats(hidden @ weight.T + bias, labels, ...)`, with the gradients
+    w.r.t. hidden, weight and bias formed in the forward: 3 lm_head matmuls, never [N, V].
+
+    Args:
+        hidden, weight, labels, bias, temperature, ignore_index, chunk_size, backend: as
+            `token_stats_from_hidden`.
+        loss_fn: `loss_fn(stats: TokenStats, rows: slice) -> 0-d tensor`, called once per chunk
+            with that chunk's statistics (rows `rows` of the flattened [N] tokens, i.e. of
+            `labels.reshape(-1)`); the loss is the sum of its values. It must be separable over
+            rows: a chunk's value depends on that chunk's statistics only (global constants such
+            as a token-mean's denominator are fine). Gradients flow through logprob, entropy,
+            collision and lse; every other tensor it uses is a constant (no gradient reaches
+            it).
+
+    Returns:
+        TokenLoss(loss, stats): the 0-d loss, differentiable w.r.t. hidden, weight and bias
+        (its backward only scales the gradients the forward saved: they cost memory the size
+        of hidden, weight and bias from the forward on), and the TokenStats of every row,
+        detached.
+
+    Example, a GRPO step with an entropy bonus (adv, old_lp, mask of [B, T]):
+        adv, old, m = adv.reshape(-1), old_lp.reshape(-1), mask.reshape(-1).float()
+        def loss_fn(s, rows):
+            ratio = torch.exp(s.logprob - old[rows])
+            pg = -torch.min(ratio * adv[rows], ratio.clamp(0.8, 1.28) * adv[rows])
+            return ((pg - 0.001 * s.entropy) * m[rows]).sum() / m.sum().clamp(min=1)
+        loss, stats = pg_kernels.token_loss_from_hidden(hidden, lm_head.weight, labels, loss_fn)
+        loss.backward()
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"{OP}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    ignore_index, chunk_size, temp, backend = check_args(
+        OP, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, backend
+    )
+    if backend == "reference":
+        logits = torch.nn.functional.linear(hidden, weight, bias).reshape(-1, weight.shape[0])
+        flat_temp = temp.scalar if temp.tensor is None else temp.tensor
+        stats = reference.token_stats(logits, labels.reshape(-1), temperature=flat_temp,
+                                      ignore_index=ignore_index, upcast=False)  # fmt: skip
+        loss = loss_fn(stats, slice(0, labels.numel()))
+        detached = TokenStats(*(t.detach().view(labels.shape) for t in stats))
+        return TokenLoss(loss, detached)
+    wanted = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not torch.is_grad_enabled():
+        wanted = (False, False, False)
+    loss, *outs = _apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), temp.tensor,
+        temp.scalar, ignore_index, chunk_size, backend, loss_fn, wanted,
+    )  # fmt: skip
+    return TokenLoss(loss, TokenStats(*(o.view(labels.shape) for o in outs)))

@@ -1,0 +1,162 @@
+"""token_loss_from_hidden: a per-token loss whose gradients are formed in the forward.
+
+Its statistics come from the same chunked matmuls and token_stats kernels as
+token_stats_from_hidden, and the gradient of each chunk's logits from the same backward kernel
+with the same upstream gradients, so outputs and gradients equal token_stats_from_hidden's
+followed by the loss, bitwise (that op is checked against float64 in test_from_hidden.py);
+the loss itself is checked against float64 here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_from_hidden import _labels, _projection
+
+import pg_kernels
+from pg_kernels import reference
+
+pytestmark = pytest.mark.op("token_stats")
+
+
+def _grpo_loss(n, seed, device="cpu"):
+    """A PPO-clip loss with entropy, collision and lse terms, token-mean over a mask: separable
+    over rows (the denominator is a constant)."""
+    g = torch.Generator().manual_seed(seed)
+    adv = torch.randn(n, generator=g, dtype=torch.float64).to(device)
+    old = (torch.randn(n, generator=g, dtype=torch.float64) - 6).to(device)
+    mask = (torch.rand(n, generator=g) < 0.8).to(device)
+
+    def loss_fn(s, rows):
+        a, o, m = (t[rows].to(s.logprob.dtype) for t in (adv, old, mask))
+        ratio = torch.exp(s.logprob - o)
+        pg = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a)
+        token = pg - 0.01 * s.entropy + 0.1 * s.collision + 1e-3 * s.lse**2
+        return (token * m).sum() / mask.sum()
+
+    return loss_fn
+
+
+def _stats_then_loss(h, w, b, y, loss_fn, **kw):
+    """token_stats_from_hidden, then loss_fn on all (flattened) rows at once."""
+    stats = pg_kernels.token_stats_from_hidden(h, w, y, bias=b, **kw)
+    flat = type(stats)(*(t.reshape(-1) for t in stats))
+    return loss_fn(flat, slice(0, y.numel())), stats
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("per_row", [False, True], ids=["T0.7", "per-row-T"])
+def test_equals_token_stats_from_hidden_then_the_loss(backend_device, dtype, per_row):
+    """[2, 19] leading dims, chunks of 8 (a ragged last one), an ignored row, a -inf bias entry,
+    a near one-hot row."""
+    backend, device = backend_device
+    h, w, b = (t.to(device) for t in _projection(38, 24, 1003, dtype, seed=3, lead=(2, 19)))
+    y = _labels((2, 19), 1003, seed=3).to(device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    t = torch.rand(2, 19, generator=torch.Generator().manual_seed(4), dtype=acc) + 0.4
+    kw = dict(temperature=t.to(device) if per_row else 0.7, chunk_size=8, backend=backend)
+    loss_fn = _grpo_loss(38, seed=3, device=device)
+    grads = []
+    for fused in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+        if fused:
+            loss, stats = pg_kernels.token_loss_from_hidden(*leaves[:2], y, loss_fn,
+                                                            bias=leaves[2], **kw)  # fmt: skip
+        else:
+            loss, stats = _stats_then_loss(*leaves, y, loss_fn, **kw)
+        loss.backward()
+        grads.append([loss.detach(), *(s.detach() for s in stats), *(x.grad for x in leaves)])
+    unfused, fused = grads
+    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-6, atol=0)  # summed in chunks
+    for a, c in zip(fused[1:], unfused[1:]):
+        assert torch.equal(a, c)
+    assert not fused[1].requires_grad
+    # The backward scales the saved gradients by the loss's upstream gradient (2: exact).
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    loss, _ = pg_kernels.token_loss_from_hidden(*leaves[:2], y, loss_fn, bias=leaves[2], **kw)
+    (2 * loss).backward()
+    for x, g in zip(leaves, fused[-3:]):
+        assert torch.equal(x.grad, 2 * g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_loss_matches_float64(dtype):
+    """The loss against float64 end to end (the matmul included), within the ops' rule: at most
+    twice the error of plain PyTorch (F.linear in the input dtype, then the statistics in fp32)
+    plus a floor of 1e-7 (a few fp32 roundings of a loss of ~0.3, summed over chunks)."""
+    h, w, b = _projection(41, 16, 777, dtype, seed=5)
+    y = _labels((41,), 777, seed=5)
+    loss_fn = _grpo_loss(41, seed=5)
+    loss = pg_kernels.token_loss_from_hidden(h, w, y, loss_fn, bias=b, chunk_size=16).loss
+    logits = F.linear(h.double(), w.double(), b.double())
+    truth = float(loss_fn(reference.token_stats(logits, y), slice(0, 41)))
+    logits = F.linear(h, w, b)
+    plain = float(loss_fn(reference.token_stats(logits, y, upcast=False), slice(0, 41)))
+    assert abs(float(loss) - truth) <= 2 * abs(plain - truth) + 1e-7
+
+
+def test_only_the_inputs_that_require_grad():
+    h, w, b = _projection(20, 8, 300, torch.float32, seed=6)
+    y = _labels((20,), 300, seed=6)
+    loss_fn = _grpo_loss(20, seed=6)
+    ww = w.clone().requires_grad_()  # a trained lm_head over frozen hidden states
+    loss, _ = pg_kernels.token_loss_from_hidden(h, ww, y, loss_fn, bias=b, chunk_size=7)
+    loss.backward()
+    w2 = w.clone().requires_grad_()
+    _stats_then_loss(h, w2, b, y, loss_fn, chunk_size=7)[0].backward()
+    assert torch.equal(ww.grad, w2.grad)
+    hh = h.clone().requires_grad_()
+    with torch.no_grad():  # no gradient work: the loss and statistics only
+        loss, stats = pg_kernels.token_loss_from_hidden(hh, w, y, loss_fn, chunk_size=7)
+    assert not loss.requires_grad and stats.logprob.shape == (20,)
+
+
+def test_empty_batch_loss_is_zero():
+    h, w, _ = _projection(4, 8, 30, torch.float32, seed=7, bias=False)
+    hh = h[:0].clone().requires_grad_()
+    loss, stats = pg_kernels.token_loss_from_hidden(hh, w, torch.zeros(0, dtype=torch.long),
+                                                    lambda s, rows: -s.logprob.sum())  # fmt: skip
+    loss.backward()
+    assert float(loss) == 0.0 and stats.entropy.shape == (0,) and hh.grad.shape == (0, 8)
+
+
+def test_reference_backend_and_compile_agree():
+    h, w, b = _projection(13, 8, 301, torch.float32, seed=8)
+    y = _labels((13,), 301, seed=8)
+    loss_fn = _grpo_loss(13, seed=8)
+
+    def step(h, w, backend):
+        return pg_kernels.token_loss_from_hidden(h, w, y, loss_fn, bias=b, chunk_size=4,
+                                                 backend=backend).loss  # fmt: skip
+
+    results = []
+    for fn, backend in ((step, "cpu"), (torch.compile(step), "cpu"), (step, "reference")):
+        leaves = [t.clone().requires_grad_() for t in (h, w)]
+        fn(*leaves, backend).backward()
+        results.append([t.grad for t in leaves])
+    assert all(torch.equal(a, c) for a, c in zip(results[0], results[1]))  # graph break: eager
+    for a, c in zip(results[0], results[2]):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+def test_inputs_not_mutated():
+    h, w, b = _projection(9, 8, 50, torch.float32, seed=9)
+    y = _labels((9,), 50, seed=9)
+    copies = [t.clone() for t in (h, w, b, y)]
+    hh = h.requires_grad_()
+    pg_kernels.token_loss_from_hidden(hh, w, y, lambda s, r: s.entropy.sum(), bias=b,
+                                      chunk_size=4).loss.backward()  # fmt: skip
+    for a, c in zip((h, w, b, y), copies):
+        assert torch.equal(a.detach(), c)
+
+
+def test_bad_loss_fn_is_named():
+    h, w, _ = _projection(6, 8, 50, torch.float32, seed=10, bias=False)
+    y = _labels((6,), 50, seed=10)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        pg_kernels.token_loss_from_hidden(h, w, y, "ppo")
+    with pytest.raises(TypeError, match=r"loss_fn must return a 0-d floating tensor, got .*\(6,\)"):
+        pg_kernels.token_loss_from_hidden(h, w, y, lambda s, rows: s.logprob)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        pg_kernels.token_loss_from_hidden(h, w[:, :4], y, lambda s, rows: s.logprob.sum())
