@@ -33,7 +33,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `pg_kern
 
 import pg_kernels
 from benchmarks import harness
-from benchmarks.bench_token_stats import CHECK_FIELDS, IGNORE_INDEX, LOSS_FIELDS, loss
+from benchmarks.bench_token_stats import CHECK_FIELDS, IGNORE_INDEX, LOSS_FIELDS
+from benchmarks.bench_token_stats import loss as stats_loss
 from benchmarks.harness import Case, Inputs, OpBench, Outputs, Provider, Skip, Target
 from pg_kernels import _backend, reference
 
@@ -96,6 +97,35 @@ def _fused(backend: str) -> Provider:
         )._asdict()
 
     return Provider(f"pg_kernels:{backend}", build)
+
+
+def loss(out: Outputs, inputs: Inputs) -> torch.Tensor:
+    """bench_token_stats' loss of the statistics, or the loss a provider fused (out["loss"])."""
+    return out["loss"] if "loss" in out else stats_loss(out, inputs)
+
+
+def _token_loss(backend: str) -> Provider:
+    """token_loss_from_hidden with this benchmark's loss: the gradients formed in the forward
+    (3 matmuls). Its backward alone only scales them, so it has no "bwd" row."""
+
+    def build(case: Case) -> Callable[[Inputs], Outputs]:
+        why = _backend.op_unavailable_reason("token_stats", backend, case.device)
+        if why is not None or case.mode == "bwd":
+            raise Skip(why or "its gradients are formed in the forward: see fwd+bwd")
+
+        def fn(x: Inputs) -> Outputs:
+            def loss_fn(s, rows):
+                return sum((x[f"w_{f}"][rows] * getattr(s, f)).sum() for f in LOSS_FIELDS)
+
+            out = pg_kernels.token_loss_from_hidden(
+                x["hidden"], x["weight"], x["labels"], loss_fn, ignore_index=IGNORE_INDEX,
+                backend=backend,
+            )  # fmt: skip
+            return {**out.stats._asdict(), "loss": out.loss}
+
+        return fn
+
+    return Provider(f"token_loss:{backend}", build)
 
 
 def _unfused(backend: str) -> Provider:
@@ -185,7 +215,8 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     if temperature != 1.0:
         raise SystemExit(f"{OP}: --temperature is not supported by this benchmark")
     backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
-    providers = [_fused(b) for b in backends] + [_unfused(b) for b in backends]
+    providers = [_fused(b) for b in backends] + [_token_loss(b) for b in backends]
+    providers += [_unfused(b) for b in backends]
     providers.append(Provider("eager", _eager))
     providers += [Provider("liger_flce", _liger_flce), Provider("cce", _cce)]
     main = f"pg_kernels:{backends[0]}"
@@ -203,9 +234,13 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
             Target("fwd+bwd ×liger_flce ≥ 1", "fwd+bwd", "liger_flce", at_least=1.0),
             Target(f"fwd+bwd / {unfused}", "fwd+bwd", unfused, time_ratio=True),
         ]
-    summary = harness.targets_summary(
-        f"Targets at {'x'.join(map(str, shape.values()))}", main, shape, targets
-    )
+    at = "x".join(map(str, shape.values()))
+    summary = harness.targets_summary(f"Targets at {at}", main, shape, targets)
+    fused_loss = f"token_loss:{backends[0]}"
+    loss_summary = harness.targets_summary(
+        f"{fused_loss} (the loss fused: gradients formed in the forward) at {at}", fused_loss,
+        shape, [Target(f"fwd+bwd / {unfused} ≤ 1.3", "fwd+bwd", unfused, at_most=1.3)],
+    )  # fmt: skip
     return OpBench(
         op=OP,
         shape_dims=DIMS,
@@ -226,7 +261,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
             "matmul-bound: GB/s counts only hidden, weight and per-row tensors; compare times "
             "and peak memory",
         ],
-        summaries=[summary, functools.partial(memory_summary, main, shape)],
+        summaries=[summary, loss_summary, functools.partial(memory_summary, main, shape)],
     )
 
 
