@@ -153,6 +153,28 @@ def test_backward_rejects_a_foreign_saved_state(backend_device):
     assert bad[1:].isnan().all()
 
 
+def test_backward_writes_into_out(backend_device):
+    """The backward launcher's `out` (a reused buffer for chunked callers) gets exactly the fresh
+    gradient; a wrong shape or a buffer sharing the logits' memory is refused by name."""
+    from pg_kernels.ops.token_stats import _token_stats_backward
+
+    backend, device = backend_device
+    x = make_logits(6, 300, torch.bfloat16, device=device, seed=43)
+    y = make_labels((6,), 300, device=device, seed=43)
+    out = pg_kernels.token_stats(x, y, backend=backend)
+    g = [torch.randn(6, generator=torch.Generator().manual_seed(i)).to(device) for i in range(4)]
+    args = (*g, x, y, None, 1.0, -100, out.lse, out.entropy, out.collision, out.max_prob,
+            out.argmax, backend)  # fmt: skip
+    fresh = _token_stats_backward(*args)
+    buffer = torch.full_like(x, float("nan"))
+    assert _token_stats_backward(*args, out=buffer) is not None
+    assert torch.equal(buffer, fresh)
+    with pytest.raises((RuntimeError, ValueError), match="out must be a contiguous tensor"):
+        _token_stats_backward(*args, out=buffer[:5])
+    with pytest.raises((RuntimeError, ValueError), match="out must not share|single memory location"):
+        _token_stats_backward(*args, out=x)
+
+
 def test_neg_inf_entries(backend_device):
     """-inf logits add exactly 0; a label on a -inf logit has logprob -inf and p_c = 0."""
     backend, device = backend_device

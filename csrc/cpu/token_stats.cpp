@@ -27,6 +27,7 @@
 #include <torch/extension.h>
 
 #include "ops.h"
+#include "pg_kernels/gradient_output.h"
 #include "step_rows.h"
 
 namespace pg_kernels::cpu {
@@ -93,7 +94,7 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
                                 const at::Tensor& lse, const at::Tensor& entropy,
                                 const at::Tensor& collision, const at::Tensor& max_prob,
                                 const at::Tensor& argmax, int64_t n_inner, int64_t stride_outer,
-                                int64_t stride_inner) {
+                                int64_t stride_inner, const std::optional<at::Tensor>& out) {
   const int64_t N = labels.numel();
   const int64_t V = logits.size(-1);
   check_row_inputs("token_stats_backward", logits, labels, temperature);
@@ -109,8 +110,7 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
   TORCH_CHECK(argmax.is_contiguous() && argmax.numel() == N && argmax.scalar_type() == at::kLong,
               "token_stats_backward: argmax must be a contiguous int64 tensor of ", N,
               " elements");
-  // The gradient is a fresh contiguous tensor: row r starts at r * V.
-  at::Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = gradient_output("token_stats_backward", logits, out);
   const RowLayout layout{n_inner, stride_outer, stride_inner};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_stats_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -19,6 +19,7 @@
 #include <optional>
 #include <vector>
 
+#include "pg_kernels/gradient_output.h"
 #include "token_stats.cuh"
 
 namespace pg_kernels {
@@ -192,7 +193,7 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
                                 const at::Tensor& lse, const at::Tensor& entropy,
                                 const at::Tensor& collision, const at::Tensor& max_prob,
                                 const at::Tensor& argmax, int64_t n_inner, int64_t stride_outer,
-                                int64_t stride_inner) {
+                                int64_t stride_inner, const std::optional<at::Tensor>& out) {
   constexpr const char* op = "token_stats_backward";
   check_row_inputs(op, logits, labels, temperature, temperature_scalar, n_inner, stride_outer,
                    stride_inner);
@@ -214,9 +215,7 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
   // options anyway), on that device's current stream, whatever device the caller had current.
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.get_device());
-  // The gradient is a fresh contiguous tensor: row r starts at r * V.
-  at::Tensor grad =
-      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = gradient_output(op, logits, out);
   if (grad.numel() == 0) return grad;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(

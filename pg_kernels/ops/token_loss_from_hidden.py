@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from pg_kernels import reference
+from pg_kernels.ops import token_stats as _ts
 from pg_kernels.ops._common import acc_dtype
 from pg_kernels.ops._linear import ChunkedProjection, chunks, rows
 from pg_kernels.ops.token_stats_from_hidden import check_args
@@ -60,7 +61,7 @@ class _TokenLoss(torch.autograd.Function):
         loss = None
         for s, e in chunks(n, chunk_size):
             logits, t = proj.logits(s, e), rows(temperature, s, e)
-            stats = torch.ops.pg_kernels.token_stats(
+            stats = _ts._token_stats(
                 logits, labels[s:e], t, temperature_scalar, ignore_index, backend
             )
             for out, value in zip(outs, stats):
@@ -69,9 +70,9 @@ class _TokenLoss(torch.autograd.Function):
             loss = part if loss is None else loss + part
             if any(wanted):
                 lse, entropy, collision, max_prob, argmax = stats[4], *stats[1:3], *stats[5:]
-                grad_logits = torch.ops.pg_kernels.token_stats_backward(
+                grad_logits = _ts._token_stats_backward(
                     *grads, logits, labels[s:e], t, temperature_scalar, ignore_index, lse,
-                    entropy, collision, max_prob, argmax, backend,
+                    entropy, collision, max_prob, argmax, backend, out=proj.grad_buffer(s, e),
                 )  # fmt: skip
                 proj.accumulate(grad_logits, s, e)
         if loss is None:  # no rows: the sum over no chunks

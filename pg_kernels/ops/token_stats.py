@@ -58,8 +58,10 @@ def _token_stats_fake(logits, labels, temperature, temperature_scalar, ignore_in
 
 def _token_stats_backward(
     g_logprob, g_entropy, g_collision, g_lse, logits, labels, temperature, temperature_scalar,
-    ignore_index, lse, entropy, collision, max_prob, argmax, backend,
+    ignore_index, lse, entropy, collision, max_prob, argmax, backend, out=None,
 ):  # fmt: skip
+    """The backward launcher; `out` (not in the op's schema: for callers looping over chunks,
+    e.g. token_stats_from_hidden) is a reused buffer to write the gradient into."""
     _, backward = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
     flat = [t.reshape(-1).contiguous() for t in (g_logprob, g_entropy, g_collision, g_lse)]
@@ -73,6 +75,7 @@ def _token_stats_backward(
         ignore_index,
         *saved,
         *layout,
+        out,
     )
 
 

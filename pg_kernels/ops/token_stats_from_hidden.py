@@ -81,6 +81,7 @@ def _backward_impl(
             g_logprob[s:e], g_entropy[s:e], g_collision[s:e], g_lse[s:e], proj.logits(s, e),
             labels[s:e], rows(temperature, s, e), temperature_scalar, ignore_index, lse[s:e],
             entropy[s:e], collision[s:e], max_prob[s:e], argmax[s:e], backend,
+            out=proj.grad_buffer(s, e),
         )  # fmt: skip
         proj.accumulate(grad_logits, s, e)
     return proj.gradients()

@@ -708,6 +708,23 @@ def token_stats_forward(
     return [*outs, argmax]
 
 
+def gradient_output(logits: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`out` when given (checked as the compiled backends check it), else a fresh contiguous
+    tensor of logits' shape and dtype."""
+    if out is None:
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device
+            or not out.is_contiguous()):  # fmt: skip
+        raise ValueError(
+            f"{OP}_backward: out must be a contiguous tensor of logits' shape {tuple(logits.shape)}"
+            f", dtype {logits.dtype} and device {logits.device}, got {tuple(out.shape)} "
+            f"{out.dtype} on {out.device}"
+        )
+    if out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+        raise ValueError(f"{OP}_backward: out must not share memory with logits")
+    return out
+
+
 def token_stats_backward(
     g_logprob: torch.Tensor,
     g_entropy: torch.Tensor,
@@ -726,6 +743,7 @@ def token_stats_backward(
     n_inner: int,
     stride_outer: int,
     stride_inner: int,
+    out: torch.Tensor | None = None,
     *,
     _block_v: int | None = None,
     _chunk: int | None = None,
@@ -738,14 +756,18 @@ def token_stats_backward(
         logits, labels, temperature, ignore_index, layout: as in `token_stats_forward`.
         lse, entropy, collision, max_prob, argmax: [N] as saved by the forward.
 
+        out: optional contiguous tensor of logits' shape, dtype and device (not overlapping them)
+            to write the gradient into.
+
     Returns:
-        A new contiguous tensor of logits' shape and dtype (computed in fp32/fp64, rounded once).
-        Ignored rows are 0; NaN rows (L not finite, bad label or temperature) are NaN.
+        The gradient, in `out` or a new contiguous tensor of logits' shape and dtype (computed
+        in fp32/fp64, rounded once). Ignored rows are 0; NaN rows (L not finite, bad label or
+        temperature) are NaN.
     """
     _check_inputs(logits, labels, temperature, ignore_index)
     N, V = labels.numel(), logits.shape[-1]
     acc = acc_dtype_of(logits.dtype)
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = gradient_output(logits, out)
     if N == 0:
         return grad
     per_row = {"g_logprob": g_logprob, "g_entropy": g_entropy, "g_collision": g_collision}
