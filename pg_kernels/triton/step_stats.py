@@ -65,7 +65,6 @@ from pg_kernels.triton import token_stats as _token
 from pg_kernels.triton._common import (
     D_MIN,
     LN2,
-    LOG2E,
     acc_dtype_of,
     div_acc,
     exp2_acc,
@@ -104,7 +103,6 @@ from pg_kernels.triton.token_stats import (
 )
 
 OP = "step_stats"
-SEPARATE = tl.constexpr(False)
 KL_STATE = 3  # the reference's (m, log s1) and c = E_w[d_w - d_v] per row
 
 
@@ -151,7 +149,7 @@ def _ratio_shift(dw, dv, mw_old, mw, mv_old, mv, DIVIDE: tl.constexpr):
 
 
 @triton.jit
-def _add_half(x, xr, xq, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+def _add_half(x, xr, xq, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sr, ur, sq, uq,
               HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
               DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
     """One block (or bf16 half-block) of each tensor into the lanes' sums: one exp per element
@@ -163,10 +161,6 @@ def _add_half(x, xr, xq, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, 
         # same fma as d2_raw (one instruction after CSE); under the interpreter, whose fma
         # rounds x c first (an error of ulp(x c), not of d2), the GPU's rounding.
         d2_u = fma_acc(x, c, -r2[None, :, None])
-        if SEPARATE:
-            # ... and the pairs' logits side summed from those exps (`_pair_side`).
-            e = exp2_acc(d2_u)
-            sp += tl.sum(tl.sum(e, axis=2), axis=0)
     if HAS_ROLL:  # KL(pi_roll || pi_theta): w = rollout, v = logits
         t_r = fma_acc(xr, kr, -rr[None, :, None])
         e_r = exp2_acc(t_r)
@@ -180,18 +174,17 @@ def _add_half(x, xr, xq, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, 
             uq += tl.sum(tl.sum(e * _ratio(x, xq, d2_u, t_q, mx, mq, DIV_Q), axis=2), axis=0)
         else:  # KL(q || p): w = reference, v = logits
             uq += tl.sum(tl.sum(e_q * _ratio(xq, x, t_q, d2_u, mq, mx, DIV_Q), axis=2), axis=0)
-    return s1, s2, t2, sp, sr, ur, sq, uq
+    return s1, s2, t2, sr, ur, sq, uq
 
 
 @triton.jit
-def _step(xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq,
+def _step(xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq,
           rq, sq, uq, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
           DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
     """One loop step: every side's lanes moved to their new max (u moved with them), then the
     block's exps added. xb / rb / qb: the second bf16 halves, or None."""
     mx_old = mx
     mx, r2, s1, s2, t2, st, dp, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
-    sp = fp * sp
     if HAS_ROLL:
         mr_old = mr
         mr, rr, sr, dr = _side_rescale(ra, rb, i, kr, mr, rr, sr)
@@ -202,33 +195,20 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, 
         mq, rq, sq, dq = _side_rescale(qa, qb, i, kq, mq, rq, sq)
         if REVERSE:
             shift = _ratio_shift(dp, dq, mx_old, mx, mq_old, mq, DIV_Q)
-            uq = tl.fma(shift, _pair_side(s1, sp), fp * uq)
+            uq = tl.fma(shift, s1, fp * uq)
         else:
             shift = _ratio_shift(dq, dp, mq_old, mq, mx_old, mx, DIV_Q)
             uq = tl.fma(shift, sq, exp2_acc(dq) * uq)
-    s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
-        xa, ra, qa, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+    s1, s2, t2, sr, ur, sq, uq = _add_half(
+        xa, ra, qa, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sr, ur, sq, uq,
         HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
     )  # fmt: skip
     if xb is not None:
-        s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
-            xb, rb, qb, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+        s1, s2, t2, sr, ur, sq, uq = _add_half(
+            xb, rb, qb, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sr, ur, sq, uq,
             HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
-    return mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq
-
-
-@triton.jit
-def _pair_side(s1, sp):
-    """The logits' sum as the pairs see it: token_stats' s1 (the shared exps). Under the
-    interpreter, whose fma rounds x c before subtracting (an error of ulp(x c) in every
-    exponent, 5e-7 relative at |x| ~ 10, which token_stats' fields tolerate but a KL near 0
-    does not), the pairs take the sum of the exps of fma_acc's exponents instead (sp): what a
-    GPU's single-rounding fma gives the shared s1."""
-    if SEPARATE:
-        return sp
-    else:
-        return s1
+    return mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq
 
 
 @triton.jit
@@ -241,52 +221,49 @@ def _side_total(m, r, s, k):
 
 
 @triton.jit
-def _side_z(mc, s, eps, tau):
-    """A side's chunk as `_pair` stores it, m = mc / tau rounded (-inf while empty, NaN when its
-    sum is: a NaN or +inf logit), with s moved to exactly that m.
-
-    The lanes' sums are relative to fl(mc k) (k = log2(e) / tau rounded), i.e. 2^eps times sums
-    relative to mc k, eps = mc k - fl(mc k) as the lanes' fma formed it (`_eps`); and m rounds
-    mc / tau by rem = mc / tau - m (nats). Both are folded into s (one exp per chunk): the sum is
-    then exactly relative to the stored m, so a consumer of (m, log s) (the TV pass, the
-    backward) sees no ulp(m) error. Returns (m, s, h = rem - eps ln 2, the shift of every
-    d = z - m, and the factor e^h)."""
+def _side_z(mc, s, tau):
+    """A side's chunk in `_pair`'s convention (`_pair._side_total`): (m, a, e) with m = mc / tau
+    rounded, the stored max (-inf while empty, NaN when the side's sum is: a NaN or +inf
+    logit), a = m tau rounded, the raw logit `row_exponent` rebuilds from m (usually mc
+    itself), and e = a / tau - m: the chunk's sums are relative to a / tau, and e goes with m
+    into the merges (`merge_row`)."""
     ok = (mc > float("-inf")) & (mc < float("inf"))
-    m = div_acc(mc, tau)
-    mc0 = tl.where(ok, mc, 0.0)
-    m0 = tl.where(ok, m, 0.0)
-    ln2 = _ln2(s)
-    shift = div_acc(fma_acc(-m0, tau, mc0), tau) - tl.where(ok, eps, 0.0) * ln2  # exact rem
-    g = tl.exp(shift)
+    m = div_acc(tl.where(ok, mc, 0.0), tau)
+    a = m * tau
+    e = div_acc(-fma_acc(m, tau, -a), tau)
     m = tl.where(s != s, float("nan"), tl.where(mc == float("-inf"), mc, m))
-    return m, g * s, shift, g
+    return m, a, e
 
 
 @triton.jit
-def _chunk_u(u, s_w, dh, DIVIDE: tl.constexpr):
-    """A chunk's u in nats relative to the sides' stored maxes, before the weight side's factor
-    e^h_w: with DIVIDE u is in log2 units relative to fl(mc k) (u ln2 + s_w (h_w - h_v)); without,
-    it is already exact nats relative to the raw maxes, which are the stored ones."""
-    if DIVIDE:
-        return tl.fma(u, _ln2(u), s_w * dh)
-    else:
-        return u
-
-
-@triton.jit
-def _eps(mc, k, EXACT: tl.constexpr):
-    """mc k - fl(mc k): the rounding of a side's reference, as its lanes' exponents saw it (the
-    logits' lanes use tl.fma, whose interpreter rounds twice: eps = 0 there, as `_finalize`;
-    the other sides use fma_acc: exact everywhere)."""
+def _move(mc, a, k, EXACT: tl.constexpr):
+    """g = fl(mc k) - a k (log2 units): the move of a side's exponents from the lanes' chunk
+    reference fl(mc k) (`chunk_total`, `_side_total`) to a k, so that its sums become 2^g s.
+    Rounded once (fma_acc) with EXACT, as the rollout's and the reference's lanes and u's
+    logits exponent formed theirs; else by tl.fma, as the logits' lanes (`lane_exps`: the
+    interpreter rounds the product first, the max's own exponent is then 0, and so is g at
+    a = mc)."""
     mc0 = tl.where((mc > float("-inf")) & (mc < float("inf")), mc, 0.0)
     if EXACT:
-        return fma_acc(mc0, k, -(mc0 * k))
+        return fma_acc(-a, k, mc0 * k)
     else:
-        return tl.fma(mc0, k, -(mc0 * k))
+        return tl.fma(-a, k, mc0 * k)
 
 
 @triton.jit
-def _store_pair(part_ptr, chunk, row, N, m_w, s_w, m_v, s_v, u):
+def _chunk_u(u, s_w, f_w, dg, DIVIDE: tl.constexpr):
+    """A chunk's u in nats relative to the sides' a / tau (`_side_z`), from u relative to the
+    lanes' chunk references, the weight side's sum s_w there, its factor f_w = 2^g_w and
+    dg = g_w - g_v (`_move`): with DIVIDE u is in log2 units, f_w (u + dg s_w) ln 2; without,
+    it is already in nats relative to the raw maxes, which are the a's: f_w u."""
+    if DIVIDE:
+        return f_w * (tl.fma(dg, s_w, u) * _ln2(u))
+    else:
+        return f_w * u
+
+
+@triton.jit
+def _store_pair(part_ptr, chunk, row, N, m_w, s_w, e_w, m_v, s_v, e_v, u):
     """A pair chunk state into part_ptr [PARTIAL, n_chunks, N] (`_pair.pair_chunk_kernel`'s
     layout); an infinite or NaN u (nats) as the `inf` flag."""
     inf = tl.where((u == u) & (tl.abs(u) < float("inf")), 0.0, 1.0).to(u.dtype)
@@ -298,10 +275,9 @@ def _store_pair(part_ptr, chunk, row, N, m_w, s_w, m_v, s_v, u):
     tl.store(part_ptr + 3 * plane + idx, s_v)
     tl.store(part_ptr + 4 * plane + idx, tl.where(inf > 0, 0.0, u))
     tl.store(part_ptr + 5 * plane + idx, inf)
-    # Each side's e (its sums' reference minus its stored max): 0, the sums are moved exactly
-    # to the stored maxes (`_side_z`).
-    tl.store(part_ptr + 6 * plane + idx, tl.zeros_like(u))
-    tl.store(part_ptr + 7 * plane + idx, tl.zeros_like(u))
+    # Each side's e (`_side_z`); a side that is empty or NaN has none to carry.
+    tl.store(part_ptr + 6 * plane + idx, tl.where(side_is_valid(m_w), e_w, 0.0))
+    tl.store(part_ptr + 7 * plane + idx, tl.where(side_is_valid(m_v), e_v, 0.0))
 
 
 @triton.jit
@@ -354,7 +330,6 @@ def _fwd_chunk_kernel(
     s2 = tl.zeros([LANES], ACC)
     t2 = tl.zeros([LANES], ACC)
     st = tl.zeros([LANES], tl.int32)
-    sp = tl.zeros([LANES], ACC)  # the pairs' logits sum under the interpreter (`_pair_side`)
     mr = tl.full([LANES], float("-inf"), ACC)
     rr = tl.zeros([LANES], ACC)
     sr = tl.zeros([LANES], ACC)
@@ -383,8 +358,8 @@ def _fwd_chunk_kernel(
                 ra = _lanes(_load_pair_block(xr_row, w_block, col0, keep, PAIRS), ACC, VEC)
             if HAS_REF:
                 qa = _lanes(_load_pair_block(xq_row, w_block, col0, keep, PAIRS), ACC, VEC)
-        mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
-            xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq,
+        mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+            xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq,
             rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
@@ -396,46 +371,52 @@ def _fwd_chunk_kernel(
             ra = _lanes(tl.load(xr_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
         if HAS_REF:
             qa = _lanes(tl.load(xq_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
-        mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
-            xa, None, ra, None, qa, None, n_full, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr,
-            sr, ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+        mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+            xa, None, ra, None, qa, None, n_full, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr,
+            ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
 
     cmax, s1_sum, s2_sum, t2_sum, am, dp, fp = chunk_total(
         mx, r2, s1, s2, t2, st, c, x_row, start, block, V, U, LANES, VEC, BLOCK_V
     )
     store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
-    # The pairs' chunk states: u (log2 units, relative to each side's fl(mc k)) moved with the
-    # sides' sums to their stored maxes: u' = f_w (u ln2 + s_w (shift_w - shift_v)) in nats.
+    # The pairs' chunk states in `_pair`'s convention: each side's sums moved from its lanes'
+    # chunk reference to a / tau (`_side_z`, `_move`), u (log2 units without) with them.
     if HAS_ROLL or HAS_REF:
-        s1_lanes = _pair_side(s1, sp)
-        s1_sum = _pair_side(s1_sum, tl.sum(fp * sp, axis=0))
-        eps_p = _eps(cmax, c, SEPARATE)
-        m_p, s_p, h_p, g_p = _side_z(cmax, s1_sum, eps_p, tl.load(t_ptr + row))
-        # u's log-ratios took the logits' exponent from fma_acc: its own eps (the same on a GPU).
-        h_p_u = h_p + (eps_p - _eps(cmax, c, True)) * _ln2(s1_sum)
+        m_p, a_p, e_p = _side_z(cmax, s1_sum, tl.load(t_ptr + row))
+        g_p = _move(cmax, a_p, c, False)
+        g_p_u = _move(cmax, a_p, c, True)  # u's log-ratios took the logits' exponent from fma_acc
+        f_p = exp2_acc(g_p)
+        s_p = f_p * s1_sum
     if HAS_ROLL:
         mcr, sr_sum, dr = _side_total(mr, rr, sr, kr)
         sh = _ratio_shift(dr, dp, mr, tl.max(mr, axis=0), mx, tl.max(mx, axis=0), DIV_R)
         u = tl.sum(exp2_acc(dr) * (ur + sh * sr), axis=0)
-        m_r, s_r, h_r, g_r = _side_z(mcr, sr_sum, _eps(mcr, kr, True), tl.load(tr_ptr + row))
-        u = g_r * _chunk_u(u, sr_sum, h_r - h_p_u, DIV_R)
-        _store_pair(part_r_ptr, chunk, row, N, m_r, s_r, m_p, s_p, u)
+        m_r, a_r, e_r = _side_z(mcr, sr_sum, tl.load(tr_ptr + row))
+        g_r = _move(mcr, a_r, kr, True)
+        f_r = exp2_acc(g_r)
+        u = _chunk_u(u, sr_sum, f_r, g_r - g_p_u, DIV_R)
+        _store_pair(part_r_ptr, chunk, row, N, m_r, f_r * sr_sum, e_r, m_p, s_p, e_p, u)
     if HAS_REF:
         mcq, sq_sum, dq = _side_total(mq, rq, sq, kq)
-        m_q, s_q, h_q, g_q = _side_z(mcq, sq_sum, _eps(mcq, kq, True), tl.load(tq_ptr + row))
+        m_q, a_q, e_q = _side_z(mcq, sq_sum, tl.load(tq_ptr + row))
+        g_q = _move(mcq, a_q, kq, True)
+        f_q = exp2_acc(g_q)
+        s_q = f_q * sq_sum
         mq_c = tl.max(mq, axis=0)
         mx_c = tl.max(mx, axis=0)
         if REVERSE:
             sh = _ratio_shift(dp, dq, mx, mx_c, mq, mq_c, DIV_Q)
-            u = tl.sum(fp * (uq + sh * s1_lanes), axis=0)
-            u = g_p * _chunk_u(u, s1_sum, h_p_u - h_q, DIV_Q)
-            _store_pair(part_q_ptr, chunk, row, N, m_p, s_p, m_q, s_q, u)
+            u = tl.sum(fp * (uq + sh * s1), axis=0)
+            # The weights are the logits' lanes' e (moved by g_p), the log-ratios' logits
+            # exponents fma_acc's (moved by g_p_u).
+            u = _chunk_u(u, s1_sum, f_p, g_p_u - g_q, DIV_Q)
+            _store_pair(part_q_ptr, chunk, row, N, m_p, s_p, e_p, m_q, s_q, e_q, u)
         else:
             sh = _ratio_shift(dq, dp, mq, mq_c, mx, mx_c, DIV_Q)
             u = tl.sum(exp2_acc(dq) * (uq + sh * sq), axis=0)
-            u = g_q * _chunk_u(u, sq_sum, h_q - h_p_u, DIV_Q)
-            _store_pair(part_q_ptr, chunk, row, N, m_q, s_q, m_p, s_p, u)
+            u = _chunk_u(u, sq_sum, f_q, g_q - g_p_u, DIV_Q)
+            _store_pair(part_q_ptr, chunk, row, N, m_q, s_q, e_q, m_p, s_p, e_p, u)
 
 
 @triton.jit
@@ -448,13 +429,6 @@ def _finalize_kl(m_w, s_w, m_v, s_v, u, inf):
     kl, l_w, l_v, c = finalize_kl(m_w.to(f64), s_w.to(f64), m_v.to(f64), s_v.to(f64), u.to(f64),
                                   inf.to(f64))  # fmt: skip
     return kl.to(ACC), l_w.to(ACC), l_v.to(ACC), c.to(ACC)
-
-
-@triton.jit
-def _reference_shift(m, tau):
-    """m - a / tau, exactly, with a = m tau rounded: the gap between a state's stored max and
-    the reference `row_exponent` rebuilds from it (0 at tau = 1)."""
-    return div_acc(fma_acc(m, tau, -(m * tau)), tau)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -486,16 +460,10 @@ def _fwd_finish_kernel(
         m_r, s_r, m_p, s_p, u, inf = merge_row(part_r_ptr, rows, rmask, N, n_chunks)
         kl, l_r, l_p, _ = _finalize_kl(m_r, s_r, m_p, s_p, u, inf)
         tl.store(token_kl_ptr + rows, tl.where(keep, tl.where(valid, kl, nan), 0.0), mask=rmask)
+        # The TV pass rebuilds each probability with `row_exponent`, relative to a / tau
+        # (a = m tau rounded): the reference these sums are relative to.
         ok_p = valid & side_is_valid(m_p)
         ok_r = side_is_valid(m_r)
-        # The TV pass rebuilds each probability with `row_exponent`, relative to a / tau
-        # (a = m tau rounded); these sums are relative to m itself: log s moves by m - a / tau.
-        l_p = l_p + _reference_shift(
-            tl.where(ok_p, m_p, 0.0), tl.load(t_ptr + rows, mask=rmask, other=1.0)
-        )
-        l_r = l_r + _reference_shift(
-            tl.where(ok_r, m_r, 0.0), tl.load(tr_ptr + rows, mask=rmask, other=1.0)
-        )
         # mismatch_stats' TV pass reads these: NaN marks an invalid side, 0 an ignored row.
         tl.store(p_norm_ptr + 2 * rows, tl.where(keep, tl.where(ok_p, m_p, nan), 0.0), mask=rmask)
         tl.store(
@@ -519,13 +487,14 @@ def _fwd_finish_kernel(
 
 
 @triton.jit
-def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q, shift, g_p,
+def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, shift, g_p,
                 g_q, HAS_KL: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
     """(dz_p, dz_q) / tau of one block of logits x and reference logits xq (ACC), without the
     label term. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
     (x_q - a_q) k_q - b_q (`row_exponent`: no division per element). The log-ratio takes
-    d_p = z - m = (x - m) / tau and d_q = (x_q - a_q) / tau_q - e_q from differences of the raw
-    logits (exact at temperature 1, as kl_divergence's): rounded relative to d, not to z."""
+    d_p = (x - m) / tau and d_q = (x_q - a_q) / tau_q from differences of the raw logits (exact
+    at temperature 1, as kl_divergence's): rounded relative to d, not to z. The forward's c is
+    relative to a_p / tau, not m / tau: `shift` carries the difference."""
     d2, e = bwd_exps(x, m, c, rho_hi)
     dz = bwd_dz(d2, e, a, b, q)
     dq = dz
@@ -534,7 +503,7 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e
         q_j = exp_base(fma_acc(dxq, k_q, -b_q))
         p = kp * e
         d_p = (x - m) * inv_p
-        d_q = dxq * inv_q - e_q
+        d_q = dxq * inv_q
         if REVERSE:
             # d/dz_j KL(p || q) = p_j ((d_p - d_q) - c); d/dz_q,j = q_j - p_j
             dz += (p * g_p) * _floor((d_p - d_q) - shift)
@@ -579,7 +548,6 @@ def _bwd_kernel(
     k_q = tl.zeros([], ACC)
     b_q = tl.zeros([], ACC)
     inv_q = tl.zeros([], ACC)
-    e_q = tl.zeros([], ACC)
     shift = tl.zeros([], ACC)
     inv_p = tl.zeros([], ACC)
     g_p = tl.zeros([], ACC)
@@ -600,17 +568,21 @@ def _bwd_kernel(
         a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, DIVIDE_Q)
         one = tl.full([], 1.0, ACC)
         inv_q = div_acc(one, tau_q)
-        # m_q - a_q / tau_q, exactly: d_q = (x_q - a_q) / tau_q - e_q (0 without division)
-        e_q = _reference_shift(m_q, tau_q)
-        # row_exponent's b is relative to a_q / tau_q; the saved l_q to m_q itself.
-        b_q += e_q if ACC == tl.float64 else e_q * LOG2E
-        inv_p = div_acc(one, tl.load(t_ptr + row))
+        tau_p = tl.load(t_ptr + row)
+        inv_p = div_acc(one, tau_p)
+        # The forward's c is relative to each side's a / tau (`_side_z`): the reference's a_q
+        # (`row_exponent`, as l_q) and the logits' a_p = (m / tau) tau rounded (m / tau rounded
+        # is the forward's stored max), usually m itself. d_p here is relative to m: the
+        # difference (m - a_p) / tau goes into the shift, once per row.
+        d_ref = (m - div_acc(m, tau_p) * tau_p) * inv_p
         if REVERSE:
+            shift -= d_ref
             p_nan = kl_on & ((~kl_ok) | (kl == big))  # the weight side of an infinite KL
             q_nan = kl_on & ((~kl_ok) | (~ok))
         else:
             p_nan = kl_on & (~kl_ok)
             q_nan = kl_on & ((~kl_ok) | (~ok) | (kl == big))
+            shift += d_ref
         g_p = tl.where(kl_on, tl.where(p_nan, nan, up * inv_p), 0.0)  # d/dx = d/dz / tau
         g_q = tl.where(kl_on, tl.where(q_nan, nan, div_acc(up, tau_q)), 0.0)
 
@@ -628,7 +600,7 @@ def _bwd_kernel(
         xq = x
         if HAS_REF:
             xq = tl.load(xq_row + cols, mask=read_q, other=0.0).to(ACC)
-        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q,
+        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q,
                              shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
         if NEED_X:
             tl.store(grad_ptr + out + cols, round_to(dz, OUT))
@@ -641,7 +613,7 @@ def _bwd_kernel(
         xq = x
         if HAS_REF:
             xq = tl.load(xq_row + cols, mask=in_row & read_q, other=0.0).to(ACC)
-        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q,
+        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q,
                              shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
         if NEED_X:
             tl.store(grad_ptr + out + cols, round_to(dz, OUT), mask=in_row)
@@ -656,8 +628,8 @@ def _bwd_kernel(
             xq_c = x_c
             if HAS_REF:
                 xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
-            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q,
-                                  inv_q, e_q, shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
+            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q,
+                                  b_q, inv_q, shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
             tl.store(grad_ptr + out + label, round_to(dz_c + g_l * inv_tau, OUT))
 
 
