@@ -18,12 +18,15 @@ Forward:
      (token_stats' `rescale_lanes`; a pair's u moves by f_w (u + (delta_w - delta_v) s_w),
      docs/math.md §4). After the loop: the token_stats chunk state (`chunk_total`,
      `store_partial`), bitwise the one token_stats' chunk kernel stores, and each pair's chunk
-     state in `_pair`'s layout [PARTIAL, n_chunks, N], its sums moved exactly to the stored max
-     m = mc / tau (`_side_z`: the rounding of m and of the lanes' reference folded in).
+     state in `_pair`'s layout and convention [PARTIAL, n_chunks, N]: the stored max
+     m = mc / tau rounded, the sums (and u) relative to a / tau, a = m tau rounded (the raw
+     logit `row_exponent` rebuilds from m), and e = a / tau - m, which goes with m into the
+     merges (`_side_z`, `_move`).
   2. `_fwd_finish_kernel`: token_stats' merge (`merge_rows`, so the token fields are bitwise
      those of token_stats), each pair merged with `_pair.merge_row` and finished with
      `finalize_kl` in fp64: token_kl, kl, kl_state = the reference's (m, log s1) and
-     c = E_w[d_w - d_v].
+     c = E_w[d_w - d_v], log s1 and c relative to each side's a / tau, as the TV pass and the
+     backward rebuild their probabilities.
   3. TV needs both normalizers, known only now: mismatch_stats' second pass over the logits and
      the rollout logits (`_tv_chunk_kernel`, `_tv_finish_kernel`), only with rollout logits.
 Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): token_stats' coefficients (`bwd_row`)
@@ -32,21 +35,29 @@ plus the KL term, written once per element:
     reverse K_j = p_j ((d_j - d_q,j) - c),   forward K_j = p_j - q_j
 and the reference's gradient (kl_divergence's) when asked. A row whose g_kl is 0 (or with no
 reference) skips the K term and never reads the reference: a NaN teacher row whose KL is not in
-the loss leaves the policy's gradient finite.
+the loss leaves the policy's gradient finite. Each row case (ignored, without the K term, with
+it) runs its own loop, so no loop carries a per-element select or a masked load.
 
 Bytes per row of V elements of s bytes (minimum: each tensor read once, each gradient written
 once): forward (1 + [rollout] + [ref]) V s read, + 2 V s more for TV with rollout logits (the
-second pass), + (20 + 24 [rollout] + 24 [ref]) n_chunks bytes of partial state written and
+second pass), + (20 + 32 [rollout] + 32 [ref]) n_chunks bytes of partial state written and
 read back; backward V s (+ V s of the reference in rows with g_kl != 0) read, V s per requested
 gradient written. Every reduction runs in a fixed order and the blocking depends on V and the
 dtype only: deterministic and batch invariant. Checked under TRITON_INTERPRET=1 on CPU tensors
 and compiled for sm_90 offline (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
 
-GPU design, first version (sm_90 offline, not tuned): no spills; the forward with all three
-tensors holds 255 registers in bf16 / fp16 (the three blocks of a step live together; no
-prefetch, unlike token_stats), 128-196 in fp32. Hot-loop SASS instructions per element triple
-(forward) / pair (backward, both gradients): bf16 33.8 / 28.1, fp16 33.4 / 27.1, fp32 (per
-16-bit-equivalent budget x2) within budget; budgets 30 / 20 (.ci/check_triton_sm90.py OWED).
+GPU design (sm_90 offline, not timed on a GPU): no spills. Hot-loop SASS instructions per
+element triple (forward, budget 30) / pair (backward with the KL term, both gradients, budget
+20), worst variant, first version -> now (.ci/check_triton_sm90.py):
+    forward  bf16 33.8 -> 28.4, fp16 33.4 -> 28.0, fp32 33.3 -> 28.1 (budget 60)
+    backward bf16 28.1 -> 21.9, fp16 27.1 -> 20.9, fp32 26.0 -> 20.5 (budget 40); the 16-bit
+             backward is still owed (OWED there)
+Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
+and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
+into integers and back: ~4 per floor). Registers: bf16 255 (reverse) / 180-200 (forward KL),
+fp16 192-255, fp32 128-182 (were 255, 255, 128-196); the three blocks of a step live together
+(no prefetch, unlike token_stats). Backward: the K term folded into token_stats' coefficients,
+a loop per row case, block addresses from a scalar pointer; 44-53 registers (were 53-62).
 Accuracy: a KL of 1e-3 between near rows carries the fp32 roundings of both sums through
 log s_w - log s_v: on a bf16 V = 7 row under the interpreter s_w and s_v were off by +4.7e-8 and
 -4.2e-8 (relative), the KL by 9.1e-8, over tests/test_step_stats.py's 8.7e-8 (the C++ kernel:
@@ -64,6 +75,7 @@ from pg_kernels.triton import mismatch_stats as _mismatch
 from pg_kernels.triton import token_stats as _token
 from pg_kernels.triton._common import (
     D_MIN,
+    INTERPRETED,
     LN2,
     acc_dtype_of,
     div_acc,
@@ -92,7 +104,6 @@ from pg_kernels.triton.token_stats import (
     _reference,
     _store_outputs,
     add_exps,
-    bwd_dz,
     bwd_exps,
     bwd_row,
     chunk_total,
@@ -115,8 +126,14 @@ def _ln2(x):
 @triton.jit
 def _floor(d):
     """A log-ratio term floored to a finite value: where its weight is 0 (a -inf logit) the
-    difference is -inf or NaN and the product must be 0. A select: NaN-free on the GPU too."""
-    return tl.where(d > D_MIN, d, D_MIN)
+    difference is -inf or NaN and the product must be 0. On a GPU tl.maximum (one FMNMX,
+    which returns the other operand for a NaN); the interpreter's maximum keeps NaN, so a
+    select there. (A select compiled to a compare whose predicates the register allocator
+    packed into integers and unpacked again: ~4 instructions per element instead of 1.)"""
+    if INTERPRETED:
+        return tl.where(d > D_MIN, d, D_MIN)
+    else:
+        return tl.maximum(d, D_MIN)
 
 
 @triton.jit
@@ -281,13 +298,14 @@ def _store_pair(part_ptr, chunk, row, N, m_w, s_w, e_w, m_v, s_v, e_v, u):
 
 
 @triton.jit
-def _load_pair_block(row_ptr, w_block, col0, mask, PAIRS: tl.constexpr):
-    """A step's raw block, as int32 bf16 pairs (PAIRS) or elements."""
+def _load_pair_block(row_ptr, w_block, col0, PAIRS: tl.constexpr):
+    """A full step's raw block, as int32 bf16 pairs (PAIRS) or elements. Unmasked: full steps
+    lie inside the row, and an ignored row runs none (a masked load's fill values cost an
+    instruction per 16-bit pair)."""
     if PAIRS:
-        return tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + col0 // 2 + w_block, mask=mask,
-                       other=-8388608)  # fmt: skip
+        return tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + col0 // 2 + w_block)
     else:
-        return tl.load(row_ptr + col0 + w_block, mask=mask, other=float("-inf"))
+        return tl.load(row_ptr + col0 + w_block)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -344,20 +362,20 @@ def _fwd_chunk_kernel(
         col0 = start + i * BLOCK_V
         # (Absent tensors take the logits' block as a placeholder, never read.)
         if PAIRS:
-            xa, xb = _bf16_pair_halves(_load_pair_block(x_row, w_block, col0, keep, PAIRS))
+            xa, xb = _bf16_pair_halves(_load_pair_block(x_row, w_block, col0, PAIRS))
             ra, rb, qa, qb = xa, xb, xa, xb
             if HAS_ROLL:
-                ra, rb = _bf16_pair_halves(_load_pair_block(xr_row, w_block, col0, keep, PAIRS))
+                ra, rb = _bf16_pair_halves(_load_pair_block(xr_row, w_block, col0, PAIRS))
             if HAS_REF:
-                qa, qb = _bf16_pair_halves(_load_pair_block(xq_row, w_block, col0, keep, PAIRS))
+                qa, qb = _bf16_pair_halves(_load_pair_block(xq_row, w_block, col0, PAIRS))
         else:
-            xa = _lanes(_load_pair_block(x_row, w_block, col0, keep, PAIRS), ACC, VEC)
+            xa = _lanes(_load_pair_block(x_row, w_block, col0, PAIRS), ACC, VEC)
             xb, rb, qb = None, None, None
             ra, qa = xa, xa
             if HAS_ROLL:
-                ra = _lanes(_load_pair_block(xr_row, w_block, col0, keep, PAIRS), ACC, VEC)
+                ra = _lanes(_load_pair_block(xr_row, w_block, col0, PAIRS), ACC, VEC)
             if HAS_REF:
-                qa = _lanes(_load_pair_block(xq_row, w_block, col0, keep, PAIRS), ACC, VEC)
+                qa = _lanes(_load_pair_block(xq_row, w_block, col0, PAIRS), ACC, VEC)
         mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq = _step(
             xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq,
             rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
@@ -487,32 +505,89 @@ def _fwd_finish_kernel(
 
 
 @triton.jit
-def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, shift, g_p,
-                g_q, HAS_KL: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
+def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, shift, g_p, g_q,
+                KL: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
     """(dz_p, dz_q) / tau of one block of logits x and reference logits xq (ACC), without the
-    label term. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
+    label term; with KL the K term and the reference's gradient (a, g_p, g_q: `_kl_coefficients`),
+    else dz_q = 0. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
     (x_q - a_q) k_q - b_q (`row_exponent`: no division per element). The log-ratio takes
     d_p = (x - m) / tau and d_q = (x_q - a_q) / tau_q from differences of the raw logits (exact
-    at temperature 1, as kl_divergence's): rounded relative to d, not to z. The forward's c is
-    relative to a_p / tau, not m / tau: `shift` carries the difference."""
+    at temperature 1, as kl_divergence's): rounded relative to d, not to z. Reverse KL's
+    p_j g_kl ((d_p - d_q) - c) joins token_stats' coefficients, e (a + b d2 + q e + g_p fl);
+    forward KL's p_j g_kl is in a (g_p = g_kl / tau there), its q_j g_kl subtracted."""
     d2, e = bwd_exps(x, m, c, rho_hi)
-    dz = bwd_dz(d2, e, a, b, q)
-    dq = dz
-    if HAS_KL:
+    xm = x - m  # (bwd_exps' own difference on a GPU)
+    coef = tl.fma(q, e, tl.fma(b, d2, a))
+    dq = tl.zeros_like(e)
+    if KL:
         dxq = xq - a_q
         q_j = exp_base(fma_acc(dxq, k_q, -b_q))
-        p = kp * e
-        d_p = (x - m) * inv_p
-        d_q = dxq * inv_q
         if REVERSE:
             # d/dz_j KL(p || q) = p_j ((d_p - d_q) - c); d/dz_q,j = q_j - p_j
-            dz += (p * g_p) * _floor((d_p - d_q) - shift)
-            dq = (q_j - p) * g_q
+            coef = tl.fma(g_p, _floor(tl.fma(xm, inv_p, tl.fma(dxq, -inv_q, -shift))), coef)
+            dz = e * coef
+            dq = tl.fma(e, -kp, q_j) * g_q
         else:
             # d/dz_j KL(q || p) = p_j - q_j; d/dz_q,j = q_j ((d_q - d_p) - c)
-            dz += (p - q_j) * g_p
-            dq = (q_j * g_q) * _floor((d_q - d_p) - shift)
+            dz = tl.fma(q_j, -g_p, e * coef)
+            dq = (q_j * g_q) * _floor(tl.fma(dxq, inv_q, tl.fma(xm, -inv_p, -shift)))
+    else:
+        dz = e * coef
     return dz, dq
+
+
+@triton.jit
+def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp, inv_p,
+               a_q, k_q, b_q, inv_q, shift, g_p, g_q, READ: tl.constexpr, KL: tl.constexpr,
+               REVERSE: tl.constexpr, NEED_X: tl.constexpr, NEED_Q: tl.constexpr,
+               BLOCK_V: tl.constexpr):  # fmt: skip
+    """One chunk's requested gradients, block by block: READ (not an ignored row) reads the
+    logits (and with KL the reference) and writes `_bwd_values`; else zeros. One such loop per
+    row case, so that none carries a per-element select or a masked load's fill values."""
+    ACC: tl.constexpr = m.dtype
+    OUT: tl.constexpr = g_row.dtype.element_ty
+    n_full = n_valid // BLOCK_V
+    lanes = tl.arange(0, BLOCK_V)
+    zero = tl.zeros([BLOCK_V], OUT)
+    for i in range(0, n_full):
+        # Each block's address: a per-block scalar pointer plus the loop-invariant lanes (the
+        # vectors of a thread then sit at immediate offsets from one address per tensor).
+        col0 = start + i * BLOCK_V
+        if READ:
+            x = tl.load((x_row + col0) + lanes).to(ACC)
+            xq = x
+            if KL:
+                xq = tl.load((xq_row + col0) + lanes).to(ACC)
+            dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q,
+                                 shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+            if NEED_X:
+                tl.store((g_row + col0) + lanes, round_to(dz, OUT))
+            if NEED_Q:
+                tl.store((gq_row + col0) + lanes, round_to(dq, OUT))
+        else:
+            if NEED_X:
+                tl.store((g_row + col0) + lanes, zero)
+            if NEED_Q:
+                tl.store((gq_row + col0) + lanes, zero)
+    if n_full * BLOCK_V < n_valid:
+        cols = start + n_full * BLOCK_V + lanes
+        in_row = cols < V
+        if READ:
+            x = tl.load(x_row + cols, mask=in_row, other=float("-inf")).to(ACC)
+            xq = x
+            if KL:
+                xq = tl.load(xq_row + cols, mask=in_row, other=0.0).to(ACC)
+            dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q,
+                                 shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+            if NEED_X:
+                tl.store(g_row + cols, round_to(dz, OUT), mask=in_row)
+            if NEED_Q:
+                tl.store(gq_row + cols, round_to(dq, OUT), mask=in_row)
+        else:
+            if NEED_X:
+                tl.store(g_row + cols, zero, mask=in_row)
+            if NEED_Q:
+                tl.store(gq_row + cols, zero, mask=in_row)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -530,7 +605,8 @@ def _bwd_kernel(
     Row cases (as the C++ kernel): ignored rows 0; a NaN token row NaN (and its reference
     gradient NaN when the KL is in the loss); with the KL in the loss (g_kl != 0): a NaN KL or
     reference state makes both NaN, KL = +inf the weight side NaN. g_kl = 0: no K term, the
-    reference is not read, its gradient 0."""
+    reference is not read, its gradient 0. Each case runs its own loop (`_bwd_chunk`); a NaN
+    row's NaN comes from its per-row factors."""
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -552,6 +628,7 @@ def _bwd_kernel(
     inv_p = tl.zeros([], ACC)
     g_p = tl.zeros([], ACC)
     g_q = tl.zeros([], ACC)
+    a_kl = a
     read_q = keep & (row < 0)
     kl_on = read_q
     if HAS_REF:
@@ -585,42 +662,35 @@ def _bwd_kernel(
             shift += d_ref
         g_p = tl.where(kl_on, tl.where(p_nan, nan, up * inv_p), 0.0)  # d/dx = d/dz / tau
         g_q = tl.where(kl_on, tl.where(q_nan, nan, div_acc(up, tau_q)), 0.0)
+        # Per-element p_j g_kl = e (kp g_p): reverse KL's factor of its floored log-ratio,
+        # forward KL's term of a.
+        if REVERSE:
+            g_p = kp * g_p
+        else:
+            a_kl = tl.fma(kp, g_p, a)
 
     xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
     out = row.to(tl.int64) * V  # the gradients are fresh contiguous tensors
+    g_row = grad_ptr + out
+    gq_row = grad_q_ptr + out
     start = chunk * CHUNK
     n_valid = tl.minimum(V - start, CHUNK)
-    n_full = n_valid // BLOCK_V
-    lanes = tl.arange(0, BLOCK_V)
-    OUT: tl.constexpr = grad_ptr.dtype.element_ty
-    for i in range(0, n_full):
-        cols = start + i * BLOCK_V + lanes
-        # Uniform masks (one flag per row) keep the loads vectorized.
-        x = tl.load(x_row + cols, mask=keep, other=float("-inf")).to(ACC)
-        xq = x
-        if HAS_REF:
-            xq = tl.load(xq_row + cols, mask=read_q, other=0.0).to(ACC)
-        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q,
-                             shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
-        if NEED_X:
-            tl.store(grad_ptr + out + cols, round_to(dz, OUT))
-        if NEED_Q:
-            tl.store(grad_q_ptr + out + cols, round_to(tl.where(kl_on, dq, 0.0), OUT))
-    if n_full * BLOCK_V < n_valid:
-        cols = start + n_full * BLOCK_V + lanes
-        in_row = cols < V
-        x = tl.load(x_row + cols, mask=in_row & keep, other=float("-inf")).to(ACC)
-        xq = x
-        if HAS_REF:
-            xq = tl.load(xq_row + cols, mask=in_row & read_q, other=0.0).to(ACC)
-        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q,
-                             shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
-        if NEED_X:
-            tl.store(grad_ptr + out + cols, round_to(dz, OUT), mask=in_row)
-        if NEED_Q:
-            tl.store(grad_q_ptr + out + cols, round_to(tl.where(kl_on, dq, 0.0), OUT), mask=in_row)
+    if keep:
+        if kl_on:
+            _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a_kl, b, q,
+                       kp, inv_p, a_q, k_q, b_q, inv_q, shift, g_p, g_q, True, HAS_REF, REVERSE,
+                       NEED_X, NEED_Q, BLOCK_V)  # fmt: skip
+        else:
+            _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q,
+                       kp, inv_p, a_q, k_q, b_q, inv_q, shift, g_p, g_q, True, False, REVERSE,
+                       NEED_X, NEED_Q, BLOCK_V)  # fmt: skip
+    else:
+        _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp,
+                   inv_p, a_q, k_q, b_q, inv_q, shift, g_p, g_q, False, False, REVERSE, NEED_X,
+                   NEED_Q, BLOCK_V)  # fmt: skip
     # The label's entry: dz + g_l / tau, rounded once, by the program holding it (the barrier
-    # orders it after the block store of the same address by another thread).
+    # orders it after the block store of the same address by another thread). Without the KL
+    # in the loss the K term's factors are 0 and the reference is not read (q_j = 1).
     if NEED_X:
         if keep & ok & (label >= start) & (label < start + n_valid):
             tl.debug_barrier()
@@ -628,9 +698,9 @@ def _bwd_kernel(
             xq_c = x_c
             if HAS_REF:
                 xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
-            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q,
-                                  b_q, inv_q, shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
-            tl.store(grad_ptr + out + label, round_to(dz_c + g_l * inv_tau, OUT))
+            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b, q, kp, inv_p, a_q, k_q, b_q,
+                                  inv_q, shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
+            tl.store(g_row + label, round_to(dz_c + g_l * inv_tau, g_row.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------
