@@ -50,14 +50,15 @@ GPU design (sm_90 offline, not timed on a GPU): no spills. Hot-loop SASS instruc
 element triple (forward, budget 30) / pair (backward with the KL term, both gradients, budget
 20), worst variant, first version -> now (.ci/check_triton_sm90.py):
     forward  bf16 33.8 -> 28.4, fp16 33.4 -> 28.0, fp32 33.3 -> 28.1 (budget 60)
-    backward bf16 28.1 -> 21.9, fp16 27.1 -> 20.9, fp32 26.0 -> 20.5 (budget 40); the 16-bit
-             backward is still owed (OWED there)
+    backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 (budget 40)
 Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
 and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
 into integers and back: ~4 per floor). Registers: bf16 255 (reverse) / 180-200 (forward KL),
-fp16 192-255, fp32 128-182 (were 255, 255, 128-196); the three blocks of a step live together
-(no prefetch, unlike token_stats). Backward: the K term folded into token_stats' coefficients,
-a loop per row case, block addresses from a scalar pointer; 44-53 registers (were 53-62).
+fp16 192-255, fp32 128-182 (were 255, 193-255, 128-196); the three blocks of a step live
+together (no prefetch, unlike token_stats). Backward: the log-ratio's d_p folded into
+token_stats' coefficients (reverse: 14 arithmetic instructions per pair instead of 16), the
+reference's upstream factor into its log-ratio (forward: 15), one loop per row case, block
+addresses from a scalar pointer, bf16 pairs loaded as int32; 45-64 registers (were 53-62).
 Accuracy: a KL of 1e-3 between near rows carries the fp32 roundings of both sums through
 log s_w - log s_v: on a bf16 V = 7 row under the interpreter s_w and s_v were off by +4.7e-8 and
 -4.2e-8 (relative), the KL by 9.1e-8, over tests/test_step_stats.py's 8.7e-8 (the C++ kernel:
@@ -115,6 +116,9 @@ from pg_kernels.triton.token_stats import (
 
 OP = "step_stats"
 KL_STATE = 3  # the reference's (m, log s1) and c = E_w[d_w - d_v] per row
+# The backward's floor of a reference logit's difference to its max (-inf there: 0 weight):
+# below any real logit difference, and its product with a gradient factor stays finite.
+XQ_FLOOR = tl.constexpr(-1e30)
 
 
 @triton.jit
@@ -134,6 +138,15 @@ def _floor(d):
         return tl.where(d > D_MIN, d, D_MIN)
     else:
         return tl.maximum(d, D_MIN)
+
+
+@triton.jit
+def _floor_at(d, lo):
+    """max(d, lo), NaN -> lo, as `_floor`."""
+    if INTERPRETED:
+        return tl.where(d > lo, d, lo)
+    else:
+        return tl.maximum(d, lo)
 
 
 @triton.jit
@@ -505,45 +518,61 @@ def _fwd_finish_kernel(
 
 
 @triton.jit
-def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, shift, g_p, g_q,
+def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q,
                 KL: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
     """(dz_p, dz_q) / tau of one block of logits x and reference logits xq (ACC), without the
-    label term; with KL the K term and the reference's gradient (a, g_p, g_q: `_kl_coefficients`),
-    else dz_q = 0. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
-    (x_q - a_q) k_q - b_q (`row_exponent`: no division per element). The log-ratio takes
-    d_p = (x - m) / tau and d_q = (x_q - a_q) / tau_q from differences of the raw logits (exact
-    at temperature 1, as kl_divergence's): rounded relative to d, not to z. Reverse KL's
-    p_j g_kl ((d_p - d_q) - c) joins token_stats' coefficients, e (a + b d2 + q e + g_p fl);
-    forward KL's p_j g_kl is in a (g_p = g_kl / tau there), its q_j g_kl subtracted."""
+    label term; with KL the K term and the reference's gradient (per-row factors set up by
+    `_bwd_kernel`), else dz_q = 0. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
+    (x_q - a_q) k_q - b_q (`row_exponent`: no division per element), d_q = (x_q - a_q) / tau_q
+    from a difference of the raw logits.
+    Reverse KL: p_j g ((d_p - d_q) - c) with d_p = z - m = ln2 (d2 + rho_hi) joins token_stats'
+    coefficients: its d_p part is b's (b += G ln2, G = kp g / tau) and a's, so per element only
+    -G d_q is added: e (a + b d2 + q e + g_p max(x_q - a_q, floor)), g_p = -G / tau_q.
+    Forward KL: p_j g / tau is in a, q_j g / tau subtracted (g_p = g / tau); the reference's
+    gradient q_j g_q ((d_q - d_p) - c) = q_j (f_q (x_q - a_q) - k_d d2 + shift), f_q =
+    g_q / tau_q, k_d = g_q ln2, shift = -g_q (ln2 rho_hi + c) (per-row factors)."""
     d2, e = bwd_exps(x, m, c, rho_hi)
-    xm = x - m  # (bwd_exps' own difference on a GPU)
     coef = tl.fma(q, e, tl.fma(b, d2, a))
     dq = tl.zeros_like(e)
     if KL:
         dxq = xq - a_q
         q_j = exp_base(fma_acc(dxq, k_q, -b_q))
         if REVERSE:
-            # d/dz_j KL(p || q) = p_j ((d_p - d_q) - c); d/dz_q,j = q_j - p_j
-            coef = tl.fma(g_p, _floor(tl.fma(xm, inv_p, tl.fma(dxq, -inv_q, -shift))), coef)
+            # d/dz_j KL(p || q) = p_j ((d_p - d_q) - c); d/dz_q,j = q_j - p_j. A -inf reference
+            # logit under a -inf logit (e = 0) must add 0: its difference floored, far below
+            # any logit (not D_MIN: x_q - a_q is not a log-ratio and may be < -1024).
+            coef = tl.fma(g_p, _floor_at(dxq, XQ_FLOOR), coef)
             dz = e * coef
             dq = tl.fma(e, -kp, q_j) * g_q
         else:
-            # d/dz_j KL(q || p) = p_j - q_j; d/dz_q,j = q_j ((d_q - d_p) - c)
+            # d/dz_j KL(q || p) = p_j - q_j; d/dz_q,j = q_j ((d_q - d_p) - c) with
+            # d_p = ln2 (d2 + rho_hi), g_q folded into the factors: finite by the floors of d2
+            # and x_q - a_q, so no floor (which would drop a NaN factor) after it.
             dz = tl.fma(q_j, -g_p, e * coef)
-            dq = (q_j * g_q) * _floor(tl.fma(dxq, inv_q, tl.fma(xm, -inv_p, -shift)))
+            dxq = _floor_at(dxq, XQ_FLOOR)
+            dq = q_j * tl.fma(dxq, f_q, tl.fma(d2, -k_d, shift))
     else:
         dz = e * coef
     return dz, dq
 
 
 @triton.jit
-def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp, inv_p,
-               a_q, k_q, b_q, inv_q, shift, g_p, g_q, READ: tl.constexpr, KL: tl.constexpr,
+def _load_halves(row_ptr, col0, BLOCK_V: tl.constexpr):
+    """A full block of bf16 logits as int32 pairs -> (even, odd) elements in fp32: a bf16 is
+    the upper half of its fp32, so each is one shift or one mask (token_stats' PAIRS)."""
+    w = tl.load((row_ptr.to(tl.pointer_type(tl.int32)) + col0 // 2) + tl.arange(0, BLOCK_V // 2))
+    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp, a_q,
+               k_q, b_q, f_q, k_d, shift, g_p, g_q, READ: tl.constexpr, KL: tl.constexpr,
                REVERSE: tl.constexpr, NEED_X: tl.constexpr, NEED_Q: tl.constexpr,
-               BLOCK_V: tl.constexpr):  # fmt: skip
+               PAIRS: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     """One chunk's requested gradients, block by block: READ (not an ignored row) reads the
     logits (and with KL the reference) and writes `_bwd_values`; else zeros. One such loop per
-    row case, so that none carries a per-element select or a masked load's fill values."""
+    row case, so that none carries a per-element select or a masked load's fill values.
+    PAIRS: bf16 rows at even offsets, full blocks loaded as int32 pairs (`_load_halves`)."""
     ACC: tl.constexpr = m.dtype
     OUT: tl.constexpr = g_row.dtype.element_ty
     n_full = n_valid // BLOCK_V
@@ -554,12 +583,24 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
         # vectors of a thread then sit at immediate offsets from one address per tensor).
         col0 = start + i * BLOCK_V
         if READ:
-            x = tl.load((x_row + col0) + lanes).to(ACC)
-            xq = x
-            if KL:
-                xq = tl.load((xq_row + col0) + lanes).to(ACC)
-            dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q,
-                                 shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+            if PAIRS:
+                x_lo, x_hi = _load_halves(x_row, col0, BLOCK_V)
+                xq_lo, xq_hi = x_lo, x_hi
+                if KL:
+                    xq_lo, xq_hi = _load_halves(xq_row, col0, BLOCK_V)
+                dz_lo, dq_lo = _bwd_values(x_lo, xq_lo, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q,
+                                           f_q, k_d, shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+                dz_hi, dq_hi = _bwd_values(x_hi, xq_hi, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q,
+                                           f_q, k_d, shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+                dz = tl.reshape(tl.join(dz_lo, dz_hi), [BLOCK_V])
+                dq = tl.reshape(tl.join(dq_lo, dq_hi), [BLOCK_V])
+            else:
+                x = tl.load((x_row + col0) + lanes).to(ACC)
+                xq = x
+                if KL:
+                    xq = tl.load((xq_row + col0) + lanes).to(ACC)
+                dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
+                                     shift, g_p, g_q, KL, REVERSE)  # fmt: skip
             if NEED_X:
                 tl.store((g_row + col0) + lanes, round_to(dz, OUT))
             if NEED_Q:
@@ -577,7 +618,7 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
             xq = x
             if KL:
                 xq = tl.load(xq_row + cols, mask=in_row, other=0.0).to(ACC)
-            dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q,
+            dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
                                  shift, g_p, g_q, KL, REVERSE)  # fmt: skip
             if NEED_X:
                 tl.store(g_row + cols, round_to(dz, OUT), mask=in_row)
@@ -597,8 +638,8 @@ def _bwd_kernel(
     g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, g_kl_ptr, lse_ptr, entropy_ptr,
     collision_ptr, max_prob_ptr, argmax_ptr, kl_ptr, kl_state_ptr, grad_ptr, grad_q_ptr,
     HAS_TEMP: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
-    NEED_X: tl.constexpr, NEED_Q: tl.constexpr, DIVIDE_Q: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_Q: tl.constexpr, DIVIDE_Q: tl.constexpr, PAIRS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the requested gradients of one chunk of one row, written once.
 
@@ -620,28 +661,30 @@ def _bwd_kernel(
     )  # fmt: skip
     nan = float("nan")
     big = float("inf")
+    # The K term's per-row factors (`_bwd_values`), 0 without a reference.
     a_q = tl.zeros([], ACC)
     k_q = tl.zeros([], ACC)
     b_q = tl.zeros([], ACC)
-    inv_q = tl.zeros([], ACC)
+    f_q = tl.zeros([], ACC)
+    k_d = tl.zeros([], ACC)
     shift = tl.zeros([], ACC)
-    inv_p = tl.zeros([], ACC)
     g_p = tl.zeros([], ACC)
     g_q = tl.zeros([], ACC)
     a_kl = a
+    b_kl = b
     read_q = keep & (row < 0)
     kl_on = read_q
     if HAS_REF:
         up = tl.load(g_kl_ptr + row)
         kl = tl.load(kl_ptr + row)
         st = kl_state_ptr + row.to(tl.int64) * 3
-        m_q, l_q, shift = tl.load(st), tl.load(st + 1), tl.load(st + 2)
+        m_q, l_q, c_kl = tl.load(st), tl.load(st + 1), tl.load(st + 2)
         kl_on = keep & (up != 0)
         kl_ok = (kl == kl) & (tl.abs(m_q) < big) & (tl.abs(l_q) < big)
         read_q = kl_on & kl_ok & ok
         tau_q = tl.load(tq_ptr + row)
         m_q, l_q = tl.where(read_q, m_q, 0.0), tl.where(read_q, l_q, 0.0)
-        shift = tl.where(read_q & (kl < big), shift, 0.0)
+        c_kl = tl.where(read_q & (kl < big), c_kl, 0.0)
         a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, DIVIDE_Q)
         one = tl.full([], 1.0, ACC)
         inv_q = div_acc(one, tau_q)
@@ -650,24 +693,36 @@ def _bwd_kernel(
         # The forward's c is relative to each side's a / tau (`_side_z`): the reference's a_q
         # (`row_exponent`, as l_q) and the logits' a_p = (m / tau) tau rounded (m / tau rounded
         # is the forward's stored max), usually m itself. d_p here is relative to m: the
-        # difference (m - a_p) / tau goes into the shift, once per row.
+        # difference (m - a_p) / tau moves c, once per row.
         d_ref = (m - div_acc(m, tau_p) * tau_p) * inv_p
         if REVERSE:
-            shift -= d_ref
+            c_kl -= d_ref
             p_nan = kl_on & ((~kl_ok) | (kl == big))  # the weight side of an infinite KL
             q_nan = kl_on & ((~kl_ok) | (~ok))
         else:
             p_nan = kl_on & (~kl_ok)
             q_nan = kl_on & ((~kl_ok) | (~ok) | (kl == big))
-            shift += d_ref
+            c_kl += d_ref
         g_p = tl.where(kl_on, tl.where(p_nan, nan, up * inv_p), 0.0)  # d/dx = d/dz / tau
         g_q = tl.where(kl_on, tl.where(q_nan, nan, div_acc(up, tau_q)), 0.0)
-        # Per-element p_j g_kl = e (kp g_p): reverse KL's factor of its floored log-ratio,
-        # forward KL's term of a.
+        # The log-ratio's d_p = z - m = ln2 (d2 + rho_hi) (`bwd_exps`: d2 = (x - m) c - rho_hi)
+        # goes into per-row factors, its constant part computed in fp64 and rounded once.
+        f64 = tl.float64
+        ln2 = _ln2(g_p)
+        ln2_rho = _ln2(rho_hi.to(f64)) * rho_hi.to(f64)
         if REVERSE:
-            g_p = kp * g_p
+            # p_j g_p ((d_p - d_q) - c) = e G (ln2 d2 + ln2 rho_hi - c - d_q), G = kp g_p:
+            # G ln2 on b, G (ln2 rho_hi - c) on a, -G / tau_q on x_q - a_q (as g_p).
+            big_g = kp * g_p
+            b_kl = tl.fma(big_g, ln2, b)
+            a_kl = (a.to(f64) + big_g.to(f64) * (ln2_rho - c_kl.to(f64))).to(ACC)
+            g_p = -big_g * inv_q
         else:
+            # p_j g_p on a; g_q ((d_q - d_p) - c) = f_q (x_q - a_q) - k_d d2 + shift.
             a_kl = tl.fma(kp, g_p, a)
+            f_q = g_q * inv_q
+            k_d = g_q * ln2
+            shift = (-g_q.to(f64) * (ln2_rho + c_kl.to(f64))).to(ACC)
 
     xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
     out = row.to(tl.int64) * V  # the gradients are fresh contiguous tensors
@@ -677,17 +732,17 @@ def _bwd_kernel(
     n_valid = tl.minimum(V - start, CHUNK)
     if keep:
         if kl_on:
-            _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a_kl, b, q,
-                       kp, inv_p, a_q, k_q, b_q, inv_q, shift, g_p, g_q, True, HAS_REF, REVERSE,
-                       NEED_X, NEED_Q, BLOCK_V)  # fmt: skip
+            _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a_kl, b_kl,
+                       q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, True, HAS_REF,
+                       REVERSE, NEED_X, NEED_Q, PAIRS, BLOCK_V)  # fmt: skip
         else:
             _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q,
-                       kp, inv_p, a_q, k_q, b_q, inv_q, shift, g_p, g_q, True, False, REVERSE,
-                       NEED_X, NEED_Q, BLOCK_V)  # fmt: skip
+                       kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, True, False, REVERSE,
+                       NEED_X, NEED_Q, PAIRS, BLOCK_V)  # fmt: skip
     else:
         _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp,
-                   inv_p, a_q, k_q, b_q, inv_q, shift, g_p, g_q, False, False, REVERSE, NEED_X,
-                   NEED_Q, BLOCK_V)  # fmt: skip
+                   a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, False, False, REVERSE, NEED_X,
+                   NEED_Q, PAIRS, BLOCK_V)  # fmt: skip
     # The label's entry: dz + g_l / tau, rounded once, by the program holding it (the barrier
     # orders it after the block store of the same address by another thread). Without the KL
     # in the loss the K term's factors are 0 and the reference is not read (q_j = 1).
@@ -698,8 +753,8 @@ def _bwd_kernel(
             xq_c = x_c
             if HAS_REF:
                 xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
-            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b, q, kp, inv_p, a_q, k_q, b_q,
-                                  inv_q, shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
+            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b_kl, q, kp, a_q, k_q, b_q, f_q,
+                                  k_d, shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
             tl.store(g_row + label, round_to(dz_c + g_l * inv_tau, g_row.dtype.element_ty))
 
 
@@ -844,6 +899,11 @@ def step_stats_backward(
     t = per_row_temperature(temperature, temperature_scalar, N, acc, dev)
     tq = per_row_temperature(ref_temperature, ref_temperature_scalar, N, acc, dev)
     blk = row_blocking(V, logits.dtype, _block_v, _chunk)
+    layout = (n_inner, stride_outer, stride_inner)
+    pairs = _token._bf16_pairs(logits, *layout) and blk.block_v % 2 == 0
+    if has_ref:
+        pairs = pairs and _token._bf16_pairs(ref_logits, ref_n_inner, ref_stride_outer,
+                                             ref_stride_inner)  # fmt: skip
     g_kl = flat["grad_kl"] if has_ref else flat["lse"]
     kl_rows = flat["kl"] if has_ref else flat["lse"]
     _bwd_kernel[(N, blk.n_chunks)](
@@ -856,6 +916,6 @@ def step_stats_backward(
         HAS_TEMP=has_temp, HAS_REF=has_ref, REVERSE=bool(reverse),
         NEED_X=bool(need_logits_grad), NEED_Q=bool(need_ref_grad),
         DIVIDE_Q=needs_division(ref_temperature, ref_temperature_scalar, None, 1.0),
-        CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
+        PAIRS=pairs, CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
     )  # fmt: skip
     return [grad, grad_ref]
