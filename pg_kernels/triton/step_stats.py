@@ -18,12 +18,15 @@ Forward:
      (token_stats' `rescale_lanes`; a pair's u moves by f_w (u + (delta_w - delta_v) s_w),
      docs/math.md §4). After the loop: the token_stats chunk state (`chunk_total`,
      `store_partial`), bitwise the one token_stats' chunk kernel stores, and each pair's chunk
-     state in `_pair`'s layout [PARTIAL, n_chunks, N], its sums moved exactly to the stored max
-     m = mc / tau (`_side_z`: the rounding of m and of the lanes' reference folded in).
+     state in `_pair`'s layout and convention [PARTIAL, n_chunks, N]: the stored max
+     m = mc / tau rounded, the sums (and u) relative to a / tau, a = m tau rounded (the raw
+     logit `row_exponent` rebuilds from m), and e = a / tau - m, which goes with m into the
+     merges (`_side_z`, `_move`).
   2. `_fwd_finish_kernel`: token_stats' merge (`merge_rows`, so the token fields are bitwise
      those of token_stats), each pair merged with `_pair.merge_row` and finished with
      `finalize_kl` in fp64: token_kl, kl, kl_state = the reference's (m, log s1) and
-     c = E_w[d_w - d_v].
+     c = E_w[d_w - d_v], log s1 and c relative to each side's a / tau, as the TV pass and the
+     backward rebuild their probabilities.
   3. TV needs both normalizers, known only now: mismatch_stats' second pass over the logits and
      the rollout logits (`_tv_chunk_kernel`, `_tv_finish_kernel`), only with rollout logits.
 Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): token_stats' coefficients (`bwd_row`)
@@ -32,26 +35,38 @@ plus the KL term, written once per element:
     reverse K_j = p_j ((d_j - d_q,j) - c),   forward K_j = p_j - q_j
 and the reference's gradient (kl_divergence's) when asked. A row whose g_kl is 0 (or with no
 reference) skips the K term and never reads the reference: a NaN teacher row whose KL is not in
-the loss leaves the policy's gradient finite.
+the loss leaves the policy's gradient finite. Each row case (ignored, without the K term, with
+it) runs its own loop, so no loop carries a per-element select or a masked load.
 
 Bytes per row of V elements of s bytes (minimum: each tensor read once, each gradient written
 once): forward (1 + [rollout] + [ref]) V s read, + 2 V s more for TV with rollout logits (the
-second pass), + (20 + 24 [rollout] + 24 [ref]) n_chunks bytes of partial state written and
+second pass), + (20 + 32 [rollout] + 32 [ref]) n_chunks bytes of partial state written and
 read back; backward V s (+ V s of the reference in rows with g_kl != 0) read, V s per requested
 gradient written. Every reduction runs in a fixed order and the blocking depends on V and the
 dtype only: deterministic and batch invariant. Checked under TRITON_INTERPRET=1 on CPU tensors
 and compiled for sm_90 offline (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
 
-GPU design, first version (sm_90 offline, not tuned): no spills; the forward with all three
-tensors holds 255 registers in bf16 / fp16 (the three blocks of a step live together; no
-prefetch, unlike token_stats), 128-196 in fp32. Hot-loop SASS instructions per element triple
-(forward) / pair (backward, both gradients): bf16 33.8 / 28.1, fp16 33.4 / 27.1, fp32 (per
-16-bit-equivalent budget x2) within budget; budgets 30 / 20 (.ci/check_triton_sm90.py OWED).
+GPU design (sm_90 offline, not timed on a GPU): no spills. Hot-loop SASS instructions per
+element triple (forward, budget 30) / pair (backward with the KL term, both gradients, budget
+20), worst variant, first version -> now (.ci/check_triton_sm90.py):
+    forward  bf16 33.8 -> 28.4, fp16 33.4 -> 28.0, fp32 33.3 -> 28.1 (budget 60)
+    backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 (budget 40)
+Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
+and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
+into integers and back: ~4 per floor). Registers: bf16 255 (reverse) / 180-200 (forward KL),
+fp16 192-255, fp32 128-182 (were 255, 193-255, 128-196); the three blocks of a step live
+together (no prefetch, unlike token_stats). Backward: the log-ratio's d_p folded into
+token_stats' coefficients (reverse: 14 arithmetic instructions per pair instead of 16), the
+reference's upstream factor into its log-ratio (forward: 15), one loop per row case, block
+addresses from a scalar pointer, bf16 pairs loaded as int32; 45-64 registers (were 53-62).
 Accuracy: a KL of 1e-3 between near rows carries the fp32 roundings of both sums through
 log s_w - log s_v: on a bf16 V = 7 row under the interpreter s_w and s_v were off by +4.7e-8 and
 -4.2e-8 (relative), the KL by 9.1e-8, over tests/test_step_stats.py's 8.7e-8 (the C++ kernel:
 6e-9 there). The interpreter's fma also rounds the product first (an error of ulp(x c) in each
-of the logits' shared exponents, absent on a GPU).
+of the logits' shared exponents, absent on a GPU). The backward takes d_p from token_stats' d2,
+rounded relative to |log p_j| as plain PyTorch's log_softmax (not to |d_p - d_q|): on near
+rows (fp32 [8, 3000], q = p + 0.01 noise, tau 1, interpreter) the weight side's gradient error
+was 2.8e-8 reverse / 2.4e-8 forward (5.2e-9 before; plain fp32 PyTorch 1.1e-7 / 4.7e-8).
 """
 
 from __future__ import annotations
@@ -64,8 +79,8 @@ from pg_kernels.triton import mismatch_stats as _mismatch
 from pg_kernels.triton import token_stats as _token
 from pg_kernels.triton._common import (
     D_MIN,
+    INTERPRETED,
     LN2,
-    LOG2E,
     acc_dtype_of,
     div_acc,
     exp2_acc,
@@ -93,7 +108,6 @@ from pg_kernels.triton.token_stats import (
     _reference,
     _store_outputs,
     add_exps,
-    bwd_dz,
     bwd_exps,
     bwd_row,
     chunk_total,
@@ -104,8 +118,10 @@ from pg_kernels.triton.token_stats import (
 )
 
 OP = "step_stats"
-SEPARATE = tl.constexpr(False)
 KL_STATE = 3  # the reference's (m, log s1) and c = E_w[d_w - d_v] per row
+# The backward's floor of a reference logit's difference to its max (-inf there: 0 weight):
+# below any real logit difference, and its product with a gradient factor stays finite.
+XQ_FLOOR = tl.constexpr(-1e30)
 
 
 @triton.jit
@@ -117,8 +133,23 @@ def _ln2(x):
 @triton.jit
 def _floor(d):
     """A log-ratio term floored to a finite value: where its weight is 0 (a -inf logit) the
-    difference is -inf or NaN and the product must be 0. A select: NaN-free on the GPU too."""
-    return tl.where(d > D_MIN, d, D_MIN)
+    difference is -inf or NaN and the product must be 0. On a GPU tl.maximum (one FMNMX,
+    which returns the other operand for a NaN); the interpreter's maximum keeps NaN, so a
+    select there. (A select compiled to a compare whose predicates the register allocator
+    packed into integers and unpacked again: ~4 instructions per element instead of 1.)"""
+    if INTERPRETED:
+        return tl.where(d > D_MIN, d, D_MIN)
+    else:
+        return tl.maximum(d, D_MIN)
+
+
+@triton.jit
+def _floor_at(d, lo):
+    """max(d, lo), NaN -> lo, as `_floor`."""
+    if INTERPRETED:
+        return tl.where(d > lo, d, lo)
+    else:
+        return tl.maximum(d, lo)
 
 
 @triton.jit
@@ -151,7 +182,7 @@ def _ratio_shift(dw, dv, mw_old, mw, mv_old, mv, DIVIDE: tl.constexpr):
 
 
 @triton.jit
-def _add_half(x, xr, xq, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+def _add_half(x, xr, xq, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sr, ur, sq, uq,
               HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
               DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
     """One block (or bf16 half-block) of each tensor into the lanes' sums: one exp per element
@@ -163,10 +194,6 @@ def _add_half(x, xr, xq, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, 
         # same fma as d2_raw (one instruction after CSE); under the interpreter, whose fma
         # rounds x c first (an error of ulp(x c), not of d2), the GPU's rounding.
         d2_u = fma_acc(x, c, -r2[None, :, None])
-        if SEPARATE:
-            # ... and the pairs' logits side summed from those exps (`_pair_side`).
-            e = exp2_acc(d2_u)
-            sp += tl.sum(tl.sum(e, axis=2), axis=0)
     if HAS_ROLL:  # KL(pi_roll || pi_theta): w = rollout, v = logits
         t_r = fma_acc(xr, kr, -rr[None, :, None])
         e_r = exp2_acc(t_r)
@@ -180,18 +207,17 @@ def _add_half(x, xr, xq, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, 
             uq += tl.sum(tl.sum(e * _ratio(x, xq, d2_u, t_q, mx, mq, DIV_Q), axis=2), axis=0)
         else:  # KL(q || p): w = reference, v = logits
             uq += tl.sum(tl.sum(e_q * _ratio(xq, x, t_q, d2_u, mq, mx, DIV_Q), axis=2), axis=0)
-    return s1, s2, t2, sp, sr, ur, sq, uq
+    return s1, s2, t2, sr, ur, sq, uq
 
 
 @triton.jit
-def _step(xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq,
+def _step(xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq,
           rq, sq, uq, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
           DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
     """One loop step: every side's lanes moved to their new max (u moved with them), then the
     block's exps added. xb / rb / qb: the second bf16 halves, or None."""
     mx_old = mx
     mx, r2, s1, s2, t2, st, dp, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
-    sp = fp * sp
     if HAS_ROLL:
         mr_old = mr
         mr, rr, sr, dr = _side_rescale(ra, rb, i, kr, mr, rr, sr)
@@ -202,33 +228,20 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, 
         mq, rq, sq, dq = _side_rescale(qa, qb, i, kq, mq, rq, sq)
         if REVERSE:
             shift = _ratio_shift(dp, dq, mx_old, mx, mq_old, mq, DIV_Q)
-            uq = tl.fma(shift, _pair_side(s1, sp), fp * uq)
+            uq = tl.fma(shift, s1, fp * uq)
         else:
             shift = _ratio_shift(dq, dp, mq_old, mq, mx_old, mx, DIV_Q)
             uq = tl.fma(shift, sq, exp2_acc(dq) * uq)
-    s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
-        xa, ra, qa, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+    s1, s2, t2, sr, ur, sq, uq = _add_half(
+        xa, ra, qa, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sr, ur, sq, uq,
         HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
     )  # fmt: skip
     if xb is not None:
-        s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
-            xb, rb, qb, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+        s1, s2, t2, sr, ur, sq, uq = _add_half(
+            xb, rb, qb, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sr, ur, sq, uq,
             HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
-    return mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq
-
-
-@triton.jit
-def _pair_side(s1, sp):
-    """The logits' sum as the pairs see it: token_stats' s1 (the shared exps). Under the
-    interpreter, whose fma rounds x c before subtracting (an error of ulp(x c) in every
-    exponent, 5e-7 relative at |x| ~ 10, which token_stats' fields tolerate but a KL near 0
-    does not), the pairs take the sum of the exps of fma_acc's exponents instead (sp): what a
-    GPU's single-rounding fma gives the shared s1."""
-    if SEPARATE:
-        return sp
-    else:
-        return s1
+    return mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq
 
 
 @triton.jit
@@ -241,52 +254,49 @@ def _side_total(m, r, s, k):
 
 
 @triton.jit
-def _side_z(mc, s, eps, tau):
-    """A side's chunk as `_pair` stores it, m = mc / tau rounded (-inf while empty, NaN when its
-    sum is: a NaN or +inf logit), with s moved to exactly that m.
-
-    The lanes' sums are relative to fl(mc k) (k = log2(e) / tau rounded), i.e. 2^eps times sums
-    relative to mc k, eps = mc k - fl(mc k) as the lanes' fma formed it (`_eps`); and m rounds
-    mc / tau by rem = mc / tau - m (nats). Both are folded into s (one exp per chunk): the sum is
-    then exactly relative to the stored m, so a consumer of (m, log s) (the TV pass, the
-    backward) sees no ulp(m) error. Returns (m, s, h = rem - eps ln 2, the shift of every
-    d = z - m, and the factor e^h)."""
+def _side_z(mc, s, tau):
+    """A side's chunk in `_pair`'s convention (`_pair._side_total`): (m, a, e) with m = mc / tau
+    rounded, the stored max (-inf while empty, NaN when the side's sum is: a NaN or +inf
+    logit), a = m tau rounded, the raw logit `row_exponent` rebuilds from m (usually mc
+    itself), and e = a / tau - m: the chunk's sums are relative to a / tau, and e goes with m
+    into the merges (`merge_row`)."""
     ok = (mc > float("-inf")) & (mc < float("inf"))
-    m = div_acc(mc, tau)
-    mc0 = tl.where(ok, mc, 0.0)
-    m0 = tl.where(ok, m, 0.0)
-    ln2 = _ln2(s)
-    shift = div_acc(fma_acc(-m0, tau, mc0), tau) - tl.where(ok, eps, 0.0) * ln2  # exact rem
-    g = tl.exp(shift)
+    m = div_acc(tl.where(ok, mc, 0.0), tau)
+    a = m * tau
+    e = div_acc(-fma_acc(m, tau, -a), tau)
     m = tl.where(s != s, float("nan"), tl.where(mc == float("-inf"), mc, m))
-    return m, g * s, shift, g
+    return m, a, e
 
 
 @triton.jit
-def _chunk_u(u, s_w, dh, DIVIDE: tl.constexpr):
-    """A chunk's u in nats relative to the sides' stored maxes, before the weight side's factor
-    e^h_w: with DIVIDE u is in log2 units relative to fl(mc k) (u ln2 + s_w (h_w - h_v)); without,
-    it is already exact nats relative to the raw maxes, which are the stored ones."""
-    if DIVIDE:
-        return tl.fma(u, _ln2(u), s_w * dh)
-    else:
-        return u
-
-
-@triton.jit
-def _eps(mc, k, EXACT: tl.constexpr):
-    """mc k - fl(mc k): the rounding of a side's reference, as its lanes' exponents saw it (the
-    logits' lanes use tl.fma, whose interpreter rounds twice: eps = 0 there, as `_finalize`;
-    the other sides use fma_acc: exact everywhere)."""
+def _move(mc, a, k, EXACT: tl.constexpr):
+    """g = fl(mc k) - a k (log2 units): the move of a side's exponents from the lanes' chunk
+    reference fl(mc k) (`chunk_total`, `_side_total`) to a k, so that its sums become 2^g s.
+    Rounded once (fma_acc) with EXACT, as the rollout's and the reference's lanes and u's
+    logits exponent formed theirs; else by tl.fma, as the logits' lanes (`lane_exps`: the
+    interpreter rounds the product first, the max's own exponent is then 0, and so is g at
+    a = mc)."""
     mc0 = tl.where((mc > float("-inf")) & (mc < float("inf")), mc, 0.0)
     if EXACT:
-        return fma_acc(mc0, k, -(mc0 * k))
+        return fma_acc(-a, k, mc0 * k)
     else:
-        return tl.fma(mc0, k, -(mc0 * k))
+        return tl.fma(-a, k, mc0 * k)
 
 
 @triton.jit
-def _store_pair(part_ptr, chunk, row, N, m_w, s_w, m_v, s_v, u):
+def _chunk_u(u, s_w, f_w, dg, DIVIDE: tl.constexpr):
+    """A chunk's u in nats relative to the sides' a / tau (`_side_z`), from u relative to the
+    lanes' chunk references, the weight side's sum s_w there, its factor f_w = 2^g_w and
+    dg = g_w - g_v (`_move`): with DIVIDE u is in log2 units, f_w (u + dg s_w) ln 2; without,
+    it is already in nats relative to the raw maxes, which are the a's: f_w u."""
+    if DIVIDE:
+        return f_w * (tl.fma(dg, s_w, u) * _ln2(u))
+    else:
+        return f_w * u
+
+
+@triton.jit
+def _store_pair(part_ptr, chunk, row, N, m_w, s_w, e_w, m_v, s_v, e_v, u):
     """A pair chunk state into part_ptr [PARTIAL, n_chunks, N] (`_pair.pair_chunk_kernel`'s
     layout); an infinite or NaN u (nats) as the `inf` flag."""
     inf = tl.where((u == u) & (tl.abs(u) < float("inf")), 0.0, 1.0).to(u.dtype)
@@ -298,20 +308,20 @@ def _store_pair(part_ptr, chunk, row, N, m_w, s_w, m_v, s_v, u):
     tl.store(part_ptr + 3 * plane + idx, s_v)
     tl.store(part_ptr + 4 * plane + idx, tl.where(inf > 0, 0.0, u))
     tl.store(part_ptr + 5 * plane + idx, inf)
-    # Each side's e (its sums' reference minus its stored max): 0, the sums are moved exactly
-    # to the stored maxes (`_side_z`).
-    tl.store(part_ptr + 6 * plane + idx, tl.zeros_like(u))
-    tl.store(part_ptr + 7 * plane + idx, tl.zeros_like(u))
+    # Each side's e (`_side_z`); a side that is empty or NaN has none to carry.
+    tl.store(part_ptr + 6 * plane + idx, tl.where(side_is_valid(m_w), e_w, 0.0))
+    tl.store(part_ptr + 7 * plane + idx, tl.where(side_is_valid(m_v), e_v, 0.0))
 
 
 @triton.jit
-def _load_pair_block(row_ptr, w_block, col0, mask, PAIRS: tl.constexpr):
-    """A step's raw block, as int32 bf16 pairs (PAIRS) or elements."""
+def _load_pair_block(row_ptr, w_block, col0, PAIRS: tl.constexpr):
+    """A full step's raw block, as int32 bf16 pairs (PAIRS) or elements. Unmasked: full steps
+    lie inside the row, and an ignored row runs none (a masked load's fill values cost an
+    instruction per 16-bit pair)."""
     if PAIRS:
-        return tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + col0 // 2 + w_block, mask=mask,
-                       other=-8388608)  # fmt: skip
+        return tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + col0 // 2 + w_block)
     else:
-        return tl.load(row_ptr + col0 + w_block, mask=mask, other=float("-inf"))
+        return tl.load(row_ptr + col0 + w_block)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -354,7 +364,6 @@ def _fwd_chunk_kernel(
     s2 = tl.zeros([LANES], ACC)
     t2 = tl.zeros([LANES], ACC)
     st = tl.zeros([LANES], tl.int32)
-    sp = tl.zeros([LANES], ACC)  # the pairs' logits sum under the interpreter (`_pair_side`)
     mr = tl.full([LANES], float("-inf"), ACC)
     rr = tl.zeros([LANES], ACC)
     sr = tl.zeros([LANES], ACC)
@@ -369,22 +378,22 @@ def _fwd_chunk_kernel(
         col0 = start + i * BLOCK_V
         # (Absent tensors take the logits' block as a placeholder, never read.)
         if PAIRS:
-            xa, xb = _bf16_pair_halves(_load_pair_block(x_row, w_block, col0, keep, PAIRS))
+            xa, xb = _bf16_pair_halves(_load_pair_block(x_row, w_block, col0, PAIRS))
             ra, rb, qa, qb = xa, xb, xa, xb
             if HAS_ROLL:
-                ra, rb = _bf16_pair_halves(_load_pair_block(xr_row, w_block, col0, keep, PAIRS))
+                ra, rb = _bf16_pair_halves(_load_pair_block(xr_row, w_block, col0, PAIRS))
             if HAS_REF:
-                qa, qb = _bf16_pair_halves(_load_pair_block(xq_row, w_block, col0, keep, PAIRS))
+                qa, qb = _bf16_pair_halves(_load_pair_block(xq_row, w_block, col0, PAIRS))
         else:
-            xa = _lanes(_load_pair_block(x_row, w_block, col0, keep, PAIRS), ACC, VEC)
+            xa = _lanes(_load_pair_block(x_row, w_block, col0, PAIRS), ACC, VEC)
             xb, rb, qb = None, None, None
             ra, qa = xa, xa
             if HAS_ROLL:
-                ra = _lanes(_load_pair_block(xr_row, w_block, col0, keep, PAIRS), ACC, VEC)
+                ra = _lanes(_load_pair_block(xr_row, w_block, col0, PAIRS), ACC, VEC)
             if HAS_REF:
-                qa = _lanes(_load_pair_block(xq_row, w_block, col0, keep, PAIRS), ACC, VEC)
-        mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
-            xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq,
+                qa = _lanes(_load_pair_block(xq_row, w_block, col0, PAIRS), ACC, VEC)
+        mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+            xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq,
             rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
@@ -396,46 +405,52 @@ def _fwd_chunk_kernel(
             ra = _lanes(tl.load(xr_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
         if HAS_REF:
             qa = _lanes(tl.load(xq_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
-        mx, r2, s1, s2, t2, st, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
-            xa, None, ra, None, qa, None, n_full, c, kr, kq, mx, r2, s1, s2, t2, st, sp, mr, rr,
-            sr, ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+        mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+            xa, None, ra, None, qa, None, n_full, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr,
+            ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
 
     cmax, s1_sum, s2_sum, t2_sum, am, dp, fp = chunk_total(
         mx, r2, s1, s2, t2, st, c, x_row, start, block, V, U, LANES, VEC, BLOCK_V
     )
     store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
-    # The pairs' chunk states: u (log2 units, relative to each side's fl(mc k)) moved with the
-    # sides' sums to their stored maxes: u' = f_w (u ln2 + s_w (shift_w - shift_v)) in nats.
+    # The pairs' chunk states in `_pair`'s convention: each side's sums moved from its lanes'
+    # chunk reference to a / tau (`_side_z`, `_move`), u (log2 units without) with them.
     if HAS_ROLL or HAS_REF:
-        s1_lanes = _pair_side(s1, sp)
-        s1_sum = _pair_side(s1_sum, tl.sum(fp * sp, axis=0))
-        eps_p = _eps(cmax, c, SEPARATE)
-        m_p, s_p, h_p, g_p = _side_z(cmax, s1_sum, eps_p, tl.load(t_ptr + row))
-        # u's log-ratios took the logits' exponent from fma_acc: its own eps (the same on a GPU).
-        h_p_u = h_p + (eps_p - _eps(cmax, c, True)) * _ln2(s1_sum)
+        m_p, a_p, e_p = _side_z(cmax, s1_sum, tl.load(t_ptr + row))
+        g_p = _move(cmax, a_p, c, False)
+        g_p_u = _move(cmax, a_p, c, True)  # u's log-ratios took the logits' exponent from fma_acc
+        f_p = exp2_acc(g_p)
+        s_p = f_p * s1_sum
     if HAS_ROLL:
         mcr, sr_sum, dr = _side_total(mr, rr, sr, kr)
         sh = _ratio_shift(dr, dp, mr, tl.max(mr, axis=0), mx, tl.max(mx, axis=0), DIV_R)
         u = tl.sum(exp2_acc(dr) * (ur + sh * sr), axis=0)
-        m_r, s_r, h_r, g_r = _side_z(mcr, sr_sum, _eps(mcr, kr, True), tl.load(tr_ptr + row))
-        u = g_r * _chunk_u(u, sr_sum, h_r - h_p_u, DIV_R)
-        _store_pair(part_r_ptr, chunk, row, N, m_r, s_r, m_p, s_p, u)
+        m_r, a_r, e_r = _side_z(mcr, sr_sum, tl.load(tr_ptr + row))
+        g_r = _move(mcr, a_r, kr, True)
+        f_r = exp2_acc(g_r)
+        u = _chunk_u(u, sr_sum, f_r, g_r - g_p_u, DIV_R)
+        _store_pair(part_r_ptr, chunk, row, N, m_r, f_r * sr_sum, e_r, m_p, s_p, e_p, u)
     if HAS_REF:
         mcq, sq_sum, dq = _side_total(mq, rq, sq, kq)
-        m_q, s_q, h_q, g_q = _side_z(mcq, sq_sum, _eps(mcq, kq, True), tl.load(tq_ptr + row))
+        m_q, a_q, e_q = _side_z(mcq, sq_sum, tl.load(tq_ptr + row))
+        g_q = _move(mcq, a_q, kq, True)
+        f_q = exp2_acc(g_q)
+        s_q = f_q * sq_sum
         mq_c = tl.max(mq, axis=0)
         mx_c = tl.max(mx, axis=0)
         if REVERSE:
             sh = _ratio_shift(dp, dq, mx, mx_c, mq, mq_c, DIV_Q)
-            u = tl.sum(fp * (uq + sh * s1_lanes), axis=0)
-            u = g_p * _chunk_u(u, s1_sum, h_p_u - h_q, DIV_Q)
-            _store_pair(part_q_ptr, chunk, row, N, m_p, s_p, m_q, s_q, u)
+            u = tl.sum(fp * (uq + sh * s1), axis=0)
+            # The weights are the logits' lanes' e (moved by g_p), the log-ratios' logits
+            # exponents fma_acc's (moved by g_p_u).
+            u = _chunk_u(u, s1_sum, f_p, g_p_u - g_q, DIV_Q)
+            _store_pair(part_q_ptr, chunk, row, N, m_p, s_p, e_p, m_q, s_q, e_q, u)
         else:
             sh = _ratio_shift(dq, dp, mq, mq_c, mx, mx_c, DIV_Q)
             u = tl.sum(exp2_acc(dq) * (uq + sh * sq), axis=0)
-            u = g_q * _chunk_u(u, sq_sum, h_q - h_p_u, DIV_Q)
-            _store_pair(part_q_ptr, chunk, row, N, m_q, s_q, m_p, s_p, u)
+            u = _chunk_u(u, sq_sum, f_q, g_q - g_p_u, DIV_Q)
+            _store_pair(part_q_ptr, chunk, row, N, m_q, s_q, e_q, m_p, s_p, e_p, u)
 
 
 @triton.jit
@@ -448,13 +463,6 @@ def _finalize_kl(m_w, s_w, m_v, s_v, u, inf):
     kl, l_w, l_v, c = finalize_kl(m_w.to(f64), s_w.to(f64), m_v.to(f64), s_v.to(f64), u.to(f64),
                                   inf.to(f64))  # fmt: skip
     return kl.to(ACC), l_w.to(ACC), l_v.to(ACC), c.to(ACC)
-
-
-@triton.jit
-def _reference_shift(m, tau):
-    """m - a / tau, exactly, with a = m tau rounded: the gap between a state's stored max and
-    the reference `row_exponent` rebuilds from it (0 at tau = 1)."""
-    return div_acc(fma_acc(m, tau, -(m * tau)), tau)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -486,16 +494,10 @@ def _fwd_finish_kernel(
         m_r, s_r, m_p, s_p, u, inf = merge_row(part_r_ptr, rows, rmask, N, n_chunks)
         kl, l_r, l_p, _ = _finalize_kl(m_r, s_r, m_p, s_p, u, inf)
         tl.store(token_kl_ptr + rows, tl.where(keep, tl.where(valid, kl, nan), 0.0), mask=rmask)
+        # The TV pass rebuilds each probability with `row_exponent`, relative to a / tau
+        # (a = m tau rounded): the reference these sums are relative to.
         ok_p = valid & side_is_valid(m_p)
         ok_r = side_is_valid(m_r)
-        # The TV pass rebuilds each probability with `row_exponent`, relative to a / tau
-        # (a = m tau rounded); these sums are relative to m itself: log s moves by m - a / tau.
-        l_p = l_p + _reference_shift(
-            tl.where(ok_p, m_p, 0.0), tl.load(t_ptr + rows, mask=rmask, other=1.0)
-        )
-        l_r = l_r + _reference_shift(
-            tl.where(ok_r, m_r, 0.0), tl.load(tr_ptr + rows, mask=rmask, other=1.0)
-        )
         # mismatch_stats' TV pass reads these: NaN marks an invalid side, 0 an ignored row.
         tl.store(p_norm_ptr + 2 * rows, tl.where(keep, tl.where(ok_p, m_p, nan), 0.0), mask=rmask)
         tl.store(
@@ -519,31 +521,117 @@ def _fwd_finish_kernel(
 
 
 @triton.jit
-def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q, shift, g_p,
-                g_q, HAS_KL: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
+def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q,
+                KL: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
     """(dz_p, dz_q) / tau of one block of logits x and reference logits xq (ACC), without the
-    label term. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
-    (x_q - a_q) k_q - b_q (`row_exponent`: no division per element). The log-ratio takes
-    d_p = z - m = (x - m) / tau and d_q = (x_q - a_q) / tau_q - e_q from differences of the raw
-    logits (exact at temperature 1, as kl_divergence's): rounded relative to d, not to z."""
+    label term; with KL the K term and the reference's gradient (per-row factors set up by
+    `_bwd_kernel`), else dz_q = 0. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
+    (x_q - a_q) k_q - b_q (`row_exponent`: no division per element), d_q = (x_q - a_q) / tau_q
+    from a difference of the raw logits.
+    Reverse KL: p_j g ((d_p - d_q) - c) with d_p = z - m = ln2 (d2 + rho_hi) joins token_stats'
+    coefficients: its d_p part is b's (b += G ln2, G = kp g / tau) and a's, so per element only
+    -G d_q is added: e (a + b d2 + q e + g_p max(x_q - a_q, floor)), g_p = -G / tau_q.
+    Forward KL: p_j g / tau is in a, q_j g / tau subtracted (g_p = g / tau); the reference's
+    gradient q_j g_q ((d_q - d_p) - c) = q_j (f_q (x_q - a_q) - k_d d2 + shift), f_q =
+    g_q / tau_q, k_d = g_q ln2, shift = -g_q (ln2 rho_hi + c) (per-row factors)."""
     d2, e = bwd_exps(x, m, c, rho_hi)
-    dz = bwd_dz(d2, e, a, b, q)
-    dq = dz
-    if HAS_KL:
+    coef = tl.fma(q, e, tl.fma(b, d2, a))
+    dq = tl.zeros_like(e)
+    if KL:
         dxq = xq - a_q
         q_j = exp_base(fma_acc(dxq, k_q, -b_q))
-        p = kp * e
-        d_p = (x - m) * inv_p
-        d_q = dxq * inv_q - e_q
         if REVERSE:
-            # d/dz_j KL(p || q) = p_j ((d_p - d_q) - c); d/dz_q,j = q_j - p_j
-            dz += (p * g_p) * _floor((d_p - d_q) - shift)
-            dq = (q_j - p) * g_q
+            # d/dz_j KL(p || q) = p_j ((d_p - d_q) - c); d/dz_q,j = q_j - p_j. A -inf reference
+            # logit under a -inf logit (e = 0) must add 0: its difference floored, far below
+            # any logit (not D_MIN: x_q - a_q is not a log-ratio and may be < -1024).
+            coef = tl.fma(g_p, _floor_at(dxq, XQ_FLOOR), coef)
+            dz = e * coef
+            dq = tl.fma(e, -kp, q_j) * g_q
         else:
-            # d/dz_j KL(q || p) = p_j - q_j; d/dz_q,j = q_j ((d_q - d_p) - c)
-            dz += (p - q_j) * g_p
-            dq = (q_j * g_q) * _floor((d_q - d_p) - shift)
+            # d/dz_j KL(q || p) = p_j - q_j; d/dz_q,j = q_j ((d_q - d_p) - c) with
+            # d_p = ln2 (d2 + rho_hi), g_q folded into the factors: finite by the floors of d2
+            # and x_q - a_q, so no floor (which would drop a NaN factor) after it.
+            dz = tl.fma(q_j, -g_p, e * coef)
+            dxq = _floor_at(dxq, XQ_FLOOR)
+            dq = q_j * tl.fma(dxq, f_q, tl.fma(d2, -k_d, shift))
+    else:
+        dz = e * coef
     return dz, dq
+
+
+@triton.jit
+def _load_halves(row_ptr, col0, BLOCK_V: tl.constexpr):
+    """A full block of bf16 logits as int32 pairs -> (even, odd) elements in fp32: a bf16 is
+    the upper half of its fp32, so each is one shift or one mask (token_stats' PAIRS)."""
+    w = tl.load((row_ptr.to(tl.pointer_type(tl.int32)) + col0 // 2) + tl.arange(0, BLOCK_V // 2))
+    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp, a_q,
+               k_q, b_q, f_q, k_d, shift, g_p, g_q, READ: tl.constexpr, KL: tl.constexpr,
+               REVERSE: tl.constexpr, NEED_X: tl.constexpr, NEED_Q: tl.constexpr,
+               PAIRS: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """One chunk's requested gradients, block by block: READ (not an ignored row) reads the
+    logits (and with KL the reference) and writes `_bwd_values`; else zeros. One such loop per
+    row case, so that none carries a per-element select or a masked load's fill values.
+    PAIRS: bf16 rows at even offsets, full blocks loaded as int32 pairs (`_load_halves`)."""
+    ACC: tl.constexpr = m.dtype
+    OUT: tl.constexpr = g_row.dtype.element_ty
+    n_full = n_valid // BLOCK_V
+    lanes = tl.arange(0, BLOCK_V)
+    zero = tl.zeros([BLOCK_V], OUT)
+    for i in range(0, n_full):
+        # Each block's address: a per-block scalar pointer plus the loop-invariant lanes (the
+        # vectors of a thread then sit at immediate offsets from one address per tensor).
+        col0 = start + i * BLOCK_V
+        if READ:
+            if PAIRS:
+                x_lo, x_hi = _load_halves(x_row, col0, BLOCK_V)
+                xq_lo, xq_hi = x_lo, x_hi
+                if KL:
+                    xq_lo, xq_hi = _load_halves(xq_row, col0, BLOCK_V)
+                dz_lo, dq_lo = _bwd_values(x_lo, xq_lo, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q,
+                                           f_q, k_d, shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+                dz_hi, dq_hi = _bwd_values(x_hi, xq_hi, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q,
+                                           f_q, k_d, shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+                dz = tl.reshape(tl.join(dz_lo, dz_hi), [BLOCK_V])
+                dq = tl.reshape(tl.join(dq_lo, dq_hi), [BLOCK_V])
+            else:
+                x = tl.load((x_row + col0) + lanes).to(ACC)
+                xq = x
+                if KL:
+                    xq = tl.load((xq_row + col0) + lanes).to(ACC)
+                dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
+                                     shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+            if NEED_X:
+                tl.store((g_row + col0) + lanes, round_to(dz, OUT))
+            if NEED_Q:
+                tl.store((gq_row + col0) + lanes, round_to(dq, OUT))
+        else:
+            if NEED_X:
+                tl.store((g_row + col0) + lanes, zero)
+            if NEED_Q:
+                tl.store((gq_row + col0) + lanes, zero)
+    if n_full * BLOCK_V < n_valid:
+        cols = start + n_full * BLOCK_V + lanes
+        in_row = cols < V
+        if READ:
+            x = tl.load(x_row + cols, mask=in_row, other=float("-inf")).to(ACC)
+            xq = x
+            if KL:
+                xq = tl.load(xq_row + cols, mask=in_row, other=0.0).to(ACC)
+            dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
+                                 shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+            if NEED_X:
+                tl.store(g_row + cols, round_to(dz, OUT), mask=in_row)
+            if NEED_Q:
+                tl.store(gq_row + cols, round_to(dq, OUT), mask=in_row)
+        else:
+            if NEED_X:
+                tl.store(g_row + cols, zero, mask=in_row)
+            if NEED_Q:
+                tl.store(gq_row + cols, zero, mask=in_row)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -553,15 +641,16 @@ def _bwd_kernel(
     g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, g_kl_ptr, lse_ptr, entropy_ptr,
     collision_ptr, max_prob_ptr, argmax_ptr, kl_ptr, kl_state_ptr, grad_ptr, grad_q_ptr,
     HAS_TEMP: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
-    NEED_X: tl.constexpr, NEED_Q: tl.constexpr, DIVIDE_Q: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_Q: tl.constexpr, DIVIDE_Q: tl.constexpr, PAIRS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the requested gradients of one chunk of one row, written once.
 
     Row cases (as the C++ kernel): ignored rows 0; a NaN token row NaN (and its reference
     gradient NaN when the KL is in the loss); with the KL in the loss (g_kl != 0): a NaN KL or
     reference state makes both NaN, KL = +inf the weight side NaN. g_kl = 0: no K term, the
-    reference is not read, its gradient 0."""
+    reference is not read, its gradient 0. Each case runs its own loop (`_bwd_chunk`); a NaN
+    row's NaN comes from its per-row factors."""
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -575,80 +664,91 @@ def _bwd_kernel(
     )  # fmt: skip
     nan = float("nan")
     big = float("inf")
+    # The K term's per-row factors (`_bwd_values`), 0 without a reference.
     a_q = tl.zeros([], ACC)
     k_q = tl.zeros([], ACC)
     b_q = tl.zeros([], ACC)
-    inv_q = tl.zeros([], ACC)
-    e_q = tl.zeros([], ACC)
+    f_q = tl.zeros([], ACC)
+    k_d = tl.zeros([], ACC)
     shift = tl.zeros([], ACC)
-    inv_p = tl.zeros([], ACC)
     g_p = tl.zeros([], ACC)
     g_q = tl.zeros([], ACC)
+    a_kl = a
+    b_kl = b
     read_q = keep & (row < 0)
     kl_on = read_q
     if HAS_REF:
         up = tl.load(g_kl_ptr + row)
         kl = tl.load(kl_ptr + row)
         st = kl_state_ptr + row.to(tl.int64) * 3
-        m_q, l_q, shift = tl.load(st), tl.load(st + 1), tl.load(st + 2)
+        m_q, l_q, c_kl = tl.load(st), tl.load(st + 1), tl.load(st + 2)
         kl_on = keep & (up != 0)
         kl_ok = (kl == kl) & (tl.abs(m_q) < big) & (tl.abs(l_q) < big)
         read_q = kl_on & kl_ok & ok
         tau_q = tl.load(tq_ptr + row)
         m_q, l_q = tl.where(read_q, m_q, 0.0), tl.where(read_q, l_q, 0.0)
-        shift = tl.where(read_q & (kl < big), shift, 0.0)
+        c_kl = tl.where(read_q & (kl < big), c_kl, 0.0)
         a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, DIVIDE_Q)
         one = tl.full([], 1.0, ACC)
         inv_q = div_acc(one, tau_q)
-        # m_q - a_q / tau_q, exactly: d_q = (x_q - a_q) / tau_q - e_q (0 without division)
-        e_q = _reference_shift(m_q, tau_q)
-        # row_exponent's b is relative to a_q / tau_q; the saved l_q to m_q itself.
-        b_q += e_q if ACC == tl.float64 else e_q * LOG2E
-        inv_p = div_acc(one, tl.load(t_ptr + row))
+        tau_p = tl.load(t_ptr + row)
+        inv_p = div_acc(one, tau_p)
+        # The forward's c is relative to each side's a / tau (`_side_z`): the reference's a_q
+        # (`row_exponent`, as l_q) and the logits' a_p = (m / tau) tau rounded (m / tau rounded
+        # is the forward's stored max), usually m itself. d_p here is relative to m: the
+        # difference (m - a_p) / tau moves c, once per row.
+        d_ref = (m - div_acc(m, tau_p) * tau_p) * inv_p
         if REVERSE:
+            c_kl -= d_ref
             p_nan = kl_on & ((~kl_ok) | (kl == big))  # the weight side of an infinite KL
             q_nan = kl_on & ((~kl_ok) | (~ok))
         else:
             p_nan = kl_on & (~kl_ok)
             q_nan = kl_on & ((~kl_ok) | (~ok) | (kl == big))
+            c_kl += d_ref
         g_p = tl.where(kl_on, tl.where(p_nan, nan, up * inv_p), 0.0)  # d/dx = d/dz / tau
         g_q = tl.where(kl_on, tl.where(q_nan, nan, div_acc(up, tau_q)), 0.0)
+        # The log-ratio's d_p = z - m = ln2 (d2 + rho_hi) (`bwd_exps`: d2 = (x - m) c - rho_hi)
+        # goes into per-row factors, its constant part computed in fp64 and rounded once.
+        f64 = tl.float64
+        ln2 = _ln2(g_p)
+        ln2_rho = _ln2(rho_hi.to(f64)) * rho_hi.to(f64)
+        if REVERSE:
+            # p_j g_p ((d_p - d_q) - c) = e G (ln2 d2 + ln2 rho_hi - c - d_q), G = kp g_p:
+            # G ln2 on b, G (ln2 rho_hi - c) on a, -G / tau_q on x_q - a_q (as g_p).
+            big_g = kp * g_p
+            b_kl = tl.fma(big_g, ln2, b)
+            a_kl = (a.to(f64) + big_g.to(f64) * (ln2_rho - c_kl.to(f64))).to(ACC)
+            g_p = -big_g * inv_q
+        else:
+            # p_j g_p on a; g_q ((d_q - d_p) - c) = f_q (x_q - a_q) - k_d d2 + shift.
+            a_kl = tl.fma(kp, g_p, a)
+            f_q = g_q * inv_q
+            k_d = g_q * ln2
+            shift = (-g_q.to(f64) * (ln2_rho + c_kl.to(f64))).to(ACC)
 
     xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
     out = row.to(tl.int64) * V  # the gradients are fresh contiguous tensors
+    g_row = grad_ptr + out
+    gq_row = grad_q_ptr + out
     start = chunk * CHUNK
     n_valid = tl.minimum(V - start, CHUNK)
-    n_full = n_valid // BLOCK_V
-    lanes = tl.arange(0, BLOCK_V)
-    OUT: tl.constexpr = grad_ptr.dtype.element_ty
-    for i in range(0, n_full):
-        cols = start + i * BLOCK_V + lanes
-        # Uniform masks (one flag per row) keep the loads vectorized.
-        x = tl.load(x_row + cols, mask=keep, other=float("-inf")).to(ACC)
-        xq = x
-        if HAS_REF:
-            xq = tl.load(xq_row + cols, mask=read_q, other=0.0).to(ACC)
-        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q,
-                             shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
-        if NEED_X:
-            tl.store(grad_ptr + out + cols, round_to(dz, OUT))
-        if NEED_Q:
-            tl.store(grad_q_ptr + out + cols, round_to(tl.where(kl_on, dq, 0.0), OUT))
-    if n_full * BLOCK_V < n_valid:
-        cols = start + n_full * BLOCK_V + lanes
-        in_row = cols < V
-        x = tl.load(x_row + cols, mask=in_row & keep, other=float("-inf")).to(ACC)
-        xq = x
-        if HAS_REF:
-            xq = tl.load(xq_row + cols, mask=in_row & read_q, other=0.0).to(ACC)
-        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q, inv_q, e_q,
-                             shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
-        if NEED_X:
-            tl.store(grad_ptr + out + cols, round_to(dz, OUT), mask=in_row)
-        if NEED_Q:
-            tl.store(grad_q_ptr + out + cols, round_to(tl.where(kl_on, dq, 0.0), OUT), mask=in_row)
+    if keep:
+        if kl_on:
+            _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a_kl, b_kl,
+                       q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, True, HAS_REF,
+                       REVERSE, NEED_X, NEED_Q, PAIRS, BLOCK_V)  # fmt: skip
+        else:
+            _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q,
+                       kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, True, False, REVERSE,
+                       NEED_X, NEED_Q, PAIRS, BLOCK_V)  # fmt: skip
+    else:
+        _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp,
+                   a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, False, False, REVERSE, NEED_X,
+                   NEED_Q, PAIRS, BLOCK_V)  # fmt: skip
     # The label's entry: dz + g_l / tau, rounded once, by the program holding it (the barrier
-    # orders it after the block store of the same address by another thread).
+    # orders it after the block store of the same address by another thread). Without the KL
+    # in the loss the K term's factors are 0 and the reference is not read (q_j = 1).
     if NEED_X:
         if keep & ok & (label >= start) & (label < start + n_valid):
             tl.debug_barrier()
@@ -656,9 +756,9 @@ def _bwd_kernel(
             xq_c = x_c
             if HAS_REF:
                 xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
-            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a, b, q, kp, inv_p, a_q, k_q, b_q,
-                                  inv_q, e_q, shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
-            tl.store(grad_ptr + out + label, round_to(dz_c + g_l * inv_tau, OUT))
+            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b_kl, q, kp, a_q, k_q, b_q, f_q,
+                                  k_d, shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
+            tl.store(g_row + label, round_to(dz_c + g_l * inv_tau, g_row.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -802,6 +902,11 @@ def step_stats_backward(
     t = per_row_temperature(temperature, temperature_scalar, N, acc, dev)
     tq = per_row_temperature(ref_temperature, ref_temperature_scalar, N, acc, dev)
     blk = row_blocking(V, logits.dtype, _block_v, _chunk)
+    layout = (n_inner, stride_outer, stride_inner)
+    pairs = _token._bf16_pairs(logits, *layout) and blk.block_v % 2 == 0
+    if has_ref:
+        pairs = pairs and _token._bf16_pairs(ref_logits, ref_n_inner, ref_stride_outer,
+                                             ref_stride_inner)  # fmt: skip
     g_kl = flat["grad_kl"] if has_ref else flat["lse"]
     kl_rows = flat["kl"] if has_ref else flat["lse"]
     _bwd_kernel[(N, blk.n_chunks)](
@@ -814,6 +919,6 @@ def step_stats_backward(
         HAS_TEMP=has_temp, HAS_REF=has_ref, REVERSE=bool(reverse),
         NEED_X=bool(need_logits_grad), NEED_Q=bool(need_ref_grad),
         DIVIDE_Q=needs_division(ref_temperature, ref_temperature_scalar, None, 1.0),
-        CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
+        PAIRS=pairs, CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
     )  # fmt: skip
     return [grad, grad_ref]
