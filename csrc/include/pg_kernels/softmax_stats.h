@@ -190,7 +190,15 @@ PGK_HD TopkNormalizer<T> topk_normalizer(T m_tail, T s_tail, T m_head, T s_head)
   const T tail = m_tail == neg_inf<T>() ? T(0) : s_tail * std::exp(m_tail - m);
   const T head = m_head == neg_inf<T>() ? T(0) : s_head * std::exp(m_head - m);
   const T log_s = std::log(tail + head);
-  const T logp_tail = m_tail == neg_inf<T>() ? neg_inf<T>() : (m_tail - m) + std::log(s_tail) - log_s;
+  // A tail that holds most of the mass (log P_tail near 0) as -log1p(head / tail): the
+  // difference of log s_tail and log s, two O(log V) numbers each rounded once, cancelled to
+  // their roundings (fp32 [1, 321], k = 2, near-uniform rows: KL error 4.8e-7 where plain
+  // PyTorch's was 2.3e-10). A far tail (head / tail > 1e30, log P_tail < -69) from the logs.
+  T logp_tail = neg_inf<T>();
+  if (m_tail != neg_inf<T>()) {
+    logp_tail = head <= tail * T(1e30) ? -std::log1p(head / tail)
+                                       : (m_tail - m) + std::log(s_tail) - log_s;
+  }
   return {m + log_s, logp_tail, m, log_s};
 }
 
