@@ -53,7 +53,8 @@ PrunedRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> ta
   constexpr int64_t W = Vec<acc_t>::size();
   acc_t m = neg_inf<acc_t>();
   for (int64_t begin = 0; begin < V && m < -neg_inf<acc_t>(); begin += kChunk) {
-    m = max_nan(m, load_quotient_chunk(x + begin, std::min(kChunk, V - begin), tau.tau, tau.r, buf));
+    const int64_t n = std::min(kChunk, V - begin);
+    m = max_nan(m, load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf));
   }
   // z_c as the chunk buffer holds it (tau.divide == load_quotient_chunk's z): at V = 1 it is m
   // itself, e_c = 1 and the log-prob 0. A recomputed x (1 / tau) - m contracted into an fma
@@ -86,8 +87,8 @@ PrunedRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> ta
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t label, acc_t lse_safe,
-                  acc_t threshold, acc_t g, acc_t* buf, scalar_t* grad) {
+void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, int64_t label,
+                  acc_t lse_safe, acc_t threshold, acc_t g, acc_t* buf, scalar_t* grad) {
   constexpr int64_t W = Vec<acc_t>::size();
   const acc_t g_tau = g / tau.tau;
   const Vec<acc_t> vl(lse_safe), vt(threshold), v_neg_g(-g_tau), zero(acc_t(0));

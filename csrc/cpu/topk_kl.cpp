@@ -79,8 +79,9 @@ struct TopkKLRow {
 // z - m = ulp(z) / 2 at the max instead of 0 (4.9e-4 at |z| ~ 1e4), and the KL of one-hot
 // p = q came out 1.9e-8 where the truth is 1e-24.
 template <typename scalar_t, typename acc_t>
-TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, const IdSlot* ids,
-                             int64_t K, const acc_t* log_q, acc_t* buf, acc_t* zh) {
+TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau,
+                             const IdSlot* ids, int64_t K, const acc_t* log_q, acc_t* buf,
+                             acc_t* zh) {
   constexpr int64_t W = Vec<acc_t>::size();
   // Two-level sums as in token_stats.cpp: two chains per lane inside a chunk, then chunk
   // totals into the row's lanes.
@@ -141,9 +142,9 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> ta
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, const IdSlot* ids, int64_t K,
-                  const acc_t* log_q, acc_t m, acc_t log_s, acc_t logp_tail, acc_t g, acc_t* buf,
-                  acc_t* zh, scalar_t* grad) {
+void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, const IdSlot* ids,
+                  int64_t K, const acc_t* log_q, acc_t m, acc_t log_s, acc_t logp_tail, acc_t g,
+                  acc_t* buf, acc_t* zh, scalar_t* grad) {
   constexpr int64_t W = Vec<acc_t>::size();
   acc_t q_head = 0;
   for (int64_t k = 0; k < K; ++k) q_head += std::exp(log_q[ids[k].second]);
