@@ -174,6 +174,29 @@ def test_near_equal_rows_fp32_other_side_gradient(bd):
         _check(backend, x, xr, direction=direction, temperature=t)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_tiny_kl_beside_equal_normalizers(bd, dtype):
+    """Both rows hold the max and an equal second entry (e^-29.875 ~ 1e-13), and differ only in
+    a third, far entry: KL = e^-67 * 7.5 = 6.0e-29, and s1 = 1 + 1.06e-13 on both sides.
+
+    In double (the fp64 kernel, and the pass that refines a small fp32 KL),
+    u / s1_w - log s1_w + log s1_v rounded u / s1_w to the grid of log s1 = 1.06e-13 (2^-95 =
+    2.5e-29) before the logs cancelled: 5.0e-29 where the truth is 5.4e-29 (fuzzer, bf16
+    [10, 127], per-row tau); the logs now cancel first. In fp32 sums s1 rounds to 1 and the
+    logs vanish, so the fp32 pass never showed it.
+    """
+    backend, device = bd
+    far, near = [0.0, -29.875, -67.0, -200.0], [0.0, -29.875, -74.5, -200.0]
+    for direction in DIRECTIONS:  # the weight side holds the heavier far entry
+        x, xr = (near, far) if direction == "forward" else (far, near)
+        x, xr = (torch.tensor([r], dtype=dtype, device=device) for r in (x, xr))
+        out = _op(backend)(x, xr, direction=direction).double().cpu()
+        truth = reference.kl_divergence(x.double(), xr.double(), direction=direction).cpu()
+        assert 5e-29 < float(truth) < 7e-29  # the case this test is about
+        assert float((out - truth).abs()) <= 1e-6 * float(truth), (float(out), float(truth))
+        _check(backend, x, xr, direction=direction)
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_one_hot_rows_small_temperature(bd, direction):
     """Both sides one-hot at the same id, |z| ~ 1e4 (tau 0.07): the gradient is 0 to rounding.

@@ -327,7 +327,11 @@ template <typename T>
 PGK_HD T finalize_kl(const PairState<T>& s) {
   if (!side_is_valid(s.m_w) || !side_is_valid(s.m_v)) return quiet_nan<T>();
   if (s.inf) return -neg_inf<T>();
-  const T kl = s.u / s.s1_w - std::log(s.s1_w) + std::log(s.s1_v);
+  // The two logs first: when the normalizers agree they cancel exactly, and u / s1_w, which can
+  // be far below either log, is added to their difference, not rounded to ulp(log s1) (a
+  // double pass, fp64 or a refined fp32 row, with s1 = 1 + 1.1e-13 on both sides: u rounded to
+  // the grid of 1.1e-13, 2^-94 = 5.0e-29 where the truth is 5.4e-29).
+  const T kl = s.u / s.s1_w + (std::log(s.s1_v) - std::log(s.s1_w));
   return kl > T(0) ? kl : T(0);
 }
 
