@@ -143,6 +143,61 @@ def test_near_equal_rows_fp32(bd, direction):
         _check(backend, x.to(device), xr.to(device), **kw)
 
 
+@pytest.mark.backends("cpu")
+def test_near_equal_rows_fp32_other_side_gradient(bd):
+    """fp32 rows of V = 2 whose reference is the logits + 3 (+ noise of 1e-3 or 0): the other
+    side's gradient g / tau (v_j - w_j) cancels two probabilities of ~0.5 to a difference of
+    1e-8..1e-5 (one row per call: the rule's 2x plain PyTorch is per batch).
+
+    From v_j and w_j each rounded once, the difference carried their roundings (~3e-8 at 0.5):
+    1.4e-8 against 9.7e-9 allowed (plain PyTorch 4.7e-9), 2.0e-8 against 4.0e-9 (plain 2.0e-9),
+    3.6e-8 against 1.9e-8, 1.2e-10 against 1.0e-10 (fuzzer, fp32 [1, 2]: -9.5e-10 where the truth
+    is -1.5e-10, allowed 1.4e-10). The C++ backward takes v_j - w_j = w_j expm1(log v_j -
+    log w_j) where the two are close, with log s1_v - log s1_w = KL - c from the forward.
+    """
+    backend, device = bd
+    rows = (  # x, reference logits, temperature, direction
+        ([10.206921577453613, 1.499557375907898], [13.208863258361816, 4.4982147216796875],
+         6.6694696436085, "reverse"),
+        ([2.4858953952789307, 1.1541692018508911], [5.48589563369751, 4.154169082641602],
+         0.8640160615257461, "reverse"),
+        ([14.842753410339355, 7.64012336730957], [17.844406127929688, 10.638812065124512],
+         0.78819768216398, "forward"),
+        ([-10.568194389343262, -7.338265895843506], [-7.568619251251221, -4.3375115394592285],
+         0.8186324972588436, "forward"),
+        ([2.2599658966064453, 2.250913619995117], [5.259232521057129, 5.250739574432373],
+         13.918428697665204, "forward"),
+    )  # fmt: skip
+    for x, xr, tau, direction in rows:
+        t = torch.tensor([tau], dtype=torch.float64, device=device)
+        x, xr = (torch.tensor([r], device=device) for r in (x, xr))
+        _check(backend, x, xr, direction=direction, temperature=t)
+
+
+@pytest.mark.backends("cpu")  # Triton's fp64 finalize still rounds u / s_w first
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_tiny_kl_beside_equal_normalizers(bd, dtype):
+    """Both rows hold the max and an equal second entry (e^-29.875 ~ 1e-13), and differ only in
+    a third, far entry: KL = e^-67 * 7.5 = 6.0e-29, and s1 = 1 + 1.06e-13 on both sides.
+
+    In double (the fp64 kernel, and the pass that refines a small fp32 KL),
+    u / s1_w - log s1_w + log s1_v rounded u / s1_w to the grid of log s1 = 1.06e-13 (2^-95 =
+    2.5e-29) before the logs cancelled: 5.0e-29 where the truth is 5.4e-29 (fuzzer, bf16
+    [10, 127], per-row tau); the logs now cancel first. In fp32 sums s1 rounds to 1 and the
+    logs vanish, so the fp32 pass never showed it.
+    """
+    backend, device = bd
+    far, near = [0.0, -29.875, -67.0, -200.0], [0.0, -29.875, -74.5, -200.0]
+    for direction in DIRECTIONS:  # the weight side holds the heavier far entry
+        x, xr = (near, far) if direction == "forward" else (far, near)
+        x, xr = (torch.tensor([r], dtype=dtype, device=device) for r in (x, xr))
+        out = _op(backend)(x, xr, direction=direction).double().cpu()
+        truth = reference.kl_divergence(x.double(), xr.double(), direction=direction).cpu()
+        assert 5e-29 < float(truth) < 7e-29  # the case this test is about
+        assert float((out - truth).abs()) <= 1e-6 * float(truth), (float(out), float(truth))
+        _check(backend, x, xr, direction=direction)
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_one_hot_rows_small_temperature(bd, direction):
     """Both sides one-hot at the same id, |z| ~ 1e4 (tau 0.07): the gradient is 0 to rounding.

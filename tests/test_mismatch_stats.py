@@ -148,6 +148,34 @@ def test_one_hot_rows_token_kl_is_zero(bd, temperature):
     _check(backend, x.to(device), y.to(device), lp.to(device), **kw)
 
 
+@pytest.mark.backends("cpu")
+def test_near_equal_rows_fp32_token_kl(bd):
+    """token_kl of fp32 rows whose rollout logits differ by noise of 1e-3 or 0.1 (V = 257, one
+    row per call: the rule's 2x plain PyTorch is per batch), held to the rule.
+
+    KL = u / s1_q - log s1_q + log s1_p cancels O(1) terms. With the pair pass's s1 summed in
+    fp32 the lane holding the max (e = 1) rounded each later term at ulp(1) / 2, and log s1
+    carried ~1e-7 (fuzzer, fp32 [2, 257]: token_kl 4.8e-7 where the truth is ~0, plain fp32
+    PyTorch's error 3.7e-8). Here: 1.8e-7 and 3.9e-7 on KLs of ~5e-7 (allowed 2.9e-8 and
+    4.1e-8), 1.1e-7 and 2.4e-7 on KLs of ~1e-3 (allowed 7.5e-8 and 1.6e-7). The C++ pass sums
+    fp32 rows in double lanes and finishes them in double.
+    """
+    backend, device = bd
+    for seed, scale, noise, tau in ((2, 0.7, 1e-3, 0.9), (2, 0.02, 1e-3, 0.9),
+                                    (4, 2.0, 0.1, 1.5), (7, 2.0, 0.1, 2.4)):  # fmt: skip
+        x64 = make_logits(1, 257, torch.float64, scale=scale, seed=seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        xr = (x64 + torch.randn(x64.shape, generator=g, dtype=torch.float64) * noise - 2.0).float()
+        t = torch.tensor([tau], dtype=torch.float64)
+        y = torch.tensor([seed])
+        lp = reference.token_stats(xr, y, temperature=t).logprob.float()
+        kw = dict(rollout_logits=xr.to(device), temperature=t.to(device))
+        check_against_reference(
+            _op(backend), reference.mismatch_stats, (x64.float().to(device), y.to(device),
+            lp.to(device)), kw, diff_fields=("logprob",), check_fields=("logprob", "token_kl"),
+        )  # fmt: skip
+
+
 @pytest.mark.backends("triton")
 def test_many_chunks_per_row(bd, small_triton_blocks):
     """Rows cut into many chunk programs (Triton; small blocks): the merges of the pair pass and

@@ -89,6 +89,31 @@ def test_many_chunks_per_row(bd, small_triton_blocks):
         )
 
 
+def test_one_entry_rows_have_zero_gradient(bd):
+    """V = 1: p = 1 on the label, so the log-prob and its gradient are exactly 0 (the float64
+    truth and plain PyTorch have 0 too).
+
+    The C++ backward recomputed z_c as x (1 / tau) - lse, which the compiler contracted into an
+    fma: the exact product left z_c - lse at the rounding residual of z, p_c = 1 - ulp(z) / 2,
+    and a gradient of -1.6e-5 at tau 0.135 (fuzzer; here up to 3e-5 at x = -161, tau 0.28).
+    """
+    backend, device = bd
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 1, generator=g, dtype=torch.float64) * 100).float().to(device)
+    tau = torch.tensor([0.05, 0.135, 0.28, 0.7, 1.0, 1.26, 3.0, 20.0], dtype=torch.float64)
+    y = torch.zeros(8, dtype=torch.long, device=device)
+    for alpha in (1e-3, 0.2):
+        xg = x.clone().requires_grad_()
+        out = _op(backend, alpha)(xg, y, temperature=tau.to(device))
+        (grad,) = torch.autograd.grad(out.logprob.sum(), xg)
+        assert out.logprob.tolist() == [0.0] * 8
+        assert grad.flatten().tolist() == [0.0] * 8
+        check_against_reference(
+            _op(backend, alpha), _ref(alpha), (x, y), {"temperature": tau.to(device)},
+            diff_fields=("logprob",),
+        )  # fmt: skip
+
+
 def test_neg_inf_entries(bd):
     """-inf logits add 0; a label on a -inf logit has logprob -inf, is not in_safe, and its
     gradient is 1 at the label (p~_c = 0) minus p~ on S."""

@@ -97,6 +97,45 @@ def _logprob_grad_error(fn, x, truth):
     return (x.grad.double() - truth).abs().max().item()
 
 
+def test_fp64_entropy_of_peaked_rows_against_50_digits(backend_device):
+    """fp64 rows of two entries at |L| ~ 35..65 (per-row temperatures), entropies 1e-13..1e-9.
+
+    The reference's truth was L - sum p z, which cancels |L| to a few ulp(L): -4.3e-14 where a
+    50-digit evaluation (of the same rounded z) gives 1.0752e-13, and 2.2e-13 off at L ~ 65,
+    while the kernels' log s1 - t / s1 is right to ~1e-16 (ulp(1) of s1). Against that truth the
+    kernels failed the rule (fuzzer: 1.4130e-12 against 1.5490e-12, allowed 1.2e-13, plain 0:
+    for fp64 logits the plain baseline is the same formula). The float64 truth is now taken
+    relative to the row max (reference.token_stats, upcast=True).
+    """
+    mpmath = pytest.importorskip("mpmath")
+    backend, device = backend_device
+    x = torch.tensor([[2.2027762948564207, 3.571048974572289],
+                      [51.240421944169334, 14.54892414143496],
+                      [15.968515642506631, 48.215908157865954],
+                      [80.16423424754242, 11.773906793929136]], dtype=torch.float64)  # fmt: skip
+    tau = torch.tensor([0.055361502877653436, 1.0985749074664062, 1.3488161351389838,
+                        2.3902677375045873], dtype=torch.float64)  # fmt: skip
+    z = x / tau[:, None]  # rounded once, as every backend and the reference have it
+    with mpmath.workdps(50):
+
+        def entropy(row):
+            e = [mpmath.exp(mpmath.mpf(v) - mpmath.mpf(max(row))) for v in row]
+            s = mpmath.fsum(e)
+            return float(-mpmath.fsum(w / s * mpmath.log(w / s) for w in e))
+
+        exact = torch.tensor([entropy(row.tolist()) for row in z], dtype=torch.float64)
+    y = torch.zeros(4, dtype=torch.long)
+    kw = {"temperature": tau.to(device)}
+    truth = reference.token_stats(x, y, temperature=tau).entropy
+    got = _op(backend)(x.to(device), y.to(device), **kw).entropy.cpu()
+    assert bool((exact > 1e-14).all() and (exact < 1e-8).all())  # the case this test is about
+    assert (truth - exact).abs().max() <= 1e-15, (truth - exact).abs().max()
+    assert (got - exact).abs().max() <= 1e-15, (got - exact).abs().max()
+    check_against_reference(
+        _op(backend), reference.token_stats, (x.to(device), y.to(device)), kw, diff_fields=DIFF
+    )
+
+
 def test_peaked_rows_logprob_gradient(backend_device):
     """fp32 at tau 0.7 on very peaked rows (lse 40): the log-prob gradient is as accurate as plain
     fp32 PyTorch's (log_softmax(x / tau) gathered, autograd), against float64. A backward from

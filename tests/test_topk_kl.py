@@ -97,6 +97,25 @@ def test_small_temperature_peaked_rows(bd):
     )
 
 
+@pytest.mark.backends("cpu")
+def test_tail_holding_most_of_the_mass(bd):
+    """Near-uniform rows, k = 2 of V = 321, q = p on the ids (one row per call: the rule's 2x
+    plain PyTorch is per batch): log P_tail ~ -0.006 is a small difference of log s_tail and
+    log s (~5.8). As that difference of two fp32 logs, each rounded once, the KL was off by
+    2.6e-7 and 3.3e-7 where the truth is ~1e-16 (plain PyTorch 2.3e-8 and 1.5e-7), 1.8e-7 and
+    2.6e-7 on KLs of ~1e-5 (plain 5.2e-8, 2.4e-8); the C++ kernel now takes
+    log P_tail = -log1p(head / tail) when the tail holds most of the mass."""
+    backend, device = bd
+    for seed, scale, tau in ((0, 0.5, 1.0), (3, 0.5, 1.0), (8, 0.05, 2.0), (9, 0.05, 2.0)):
+        x = make_logits(1, 321, torch.float64, scale=scale, seed=seed)
+        ids, lp, _ = make_topk(x, 2, seed=seed, noise=0.0)
+        t = torch.tensor([tau], dtype=torch.float64, device=device)
+        args = (x.float().to(device), ids.to(device), lp.float().to(device))
+        check_against_reference(
+            _op(backend), reference.topk_kl, args, {"temperature": t}, diff_fields=("out",)
+        )
+
+
 def test_q_tail_edge_cases(bd):
     """q_tail = 0 (top-k holding all of q), sum q_v > 1 (clamped), a q_v = 0 on a -inf logit."""
     backend, device = bd

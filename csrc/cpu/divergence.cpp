@@ -62,31 +62,12 @@ std::vector<at::Tensor> kl_divergence_forward(
         acc_t *o_kl = kl.data_ptr<acc_t>(), *o_st = row_state.data_ptr<acc_t>();
         const std::optional<LabelReader> read_label =
             labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
-        // A small KL of fp32 rows is recomputed in double. In fp32 the KL of near-equal rows,
-        // c - log s1_w + log s1_v, cancels O(1) terms each carrying the fp32 rounding of its sum
-        // (s1 = 1 + small rounds at ulp(1) / 2, 6e-8): a KL of 1.6e-6 (tau 16.7, V = 3) was off
-        // by 5.1e-9 where plain fp32 PyTorch happened to be off by 2.0e-9; in double 2.0e-13,
-        // the rounding of the result to fp32 (tests/test_kl_divergence.py::
-        // test_near_equal_rows_fp32). That error is absolute, a few ulps of 1 + |log s1_w| +
-        // |log s1_v|, so only a KL below kRefine times that bound loses relative digits: those
-        // rows (and only those) run the pass again in double. Cost at [256, 32000] fp32, tau 0.7,
-        // one thread: 22-23 ms (fp32 pass), 53-55 ms (double pass, every row refined). The
-        // backward keeps fp32: it needs no sum. 16-bit rows stay in fp32 (plain PyTorch at
-        // their precision is far coarser).
-        constexpr double kRefine = 0x1p-10;
-        const auto row_pass = [&](auto* bw, auto* bv, const scalar_t* xp, const scalar_t* xq,
-                                  acc_t tp, acc_t tq) {
-          using T = std::remove_pointer_t<decltype(bw)>;
-          // reverse KL(p || q): weight side p; forward KL(q || p): weight side q.
-          return reverse ? pair_row<scalar_t, T, false>(xp, T(tp), xq, T(tq), V, true, bw, bv,
-                                                        nullptr)
-                         : pair_row<scalar_t, T, false>(xq, T(tq), xp, T(tp), V, true, bw, bv,
-                                                        nullptr);
-        };
-        const auto store = [&](const auto& s, acc_t* st, int64_t r) {
+        // reverse KL(p || q): weight side p; forward KL(q || p): weight side q.
+        const auto store = [&](const auto& s, const scalar_t* xw, acc_t tw, const scalar_t* xv,
+                               acc_t tv, acc_t* st, int64_t r) {
           const auto w = side_state(s.m_w, s.s1_w), v = side_state(s.m_v, s.s1_v);
           const auto &p = reverse ? w : v, &q = reverse ? v : w;
-          o_kl[r] = acc_t(finalize_kl(s));
+          o_kl[r] = pair_kl(s, xw, tw, xv, tv, V);
           st[0] = acc_t(p.m);
           st[1] = acc_t(p.log_s1);
           st[2] = acc_t(q.m);
@@ -105,19 +86,10 @@ std::vector<at::Tensor> kl_divergence_forward(
             }
             const scalar_t *xp = x + layout.offset(r), *xq = xr + ref_layout.offset(r);
             const acc_t tp = tau(r).tau, tq = tau_r(r).tau;
-            const PairState<acc_t> s = row_pass(bw, bv, xp, xq, tp, tq);
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              const double kl_r = finalize_kl(s);
-              const double bound = 1.0 + std::abs(std::log(double(s.s1_w))) +
-                                   std::abs(std::log(double(s.s1_v)));
-              if (kl_r < kRefine * bound) {  // false for NaN and +inf: nothing to refine
-                alignas(64) double dw[kBufferSize<double>];
-                alignas(64) double dv[kBufferSize<double>];
-                store(row_pass(dw, dv, xp, xq, tp, tq), st, r);
-                continue;
-              }
-            }
-            store(s, st, r);
+            const scalar_t *xw = reverse ? xp : xq, *xv = reverse ? xq : xp;
+            const acc_t tw = reverse ? tp : tq, tv = reverse ? tq : tp;
+            store(pair_row<scalar_t, acc_t, false>(xw, tw, xv, tv, V, true, bw, bv, nullptr), xw,
+                  tw, xv, tv, st, r);
           }
         });
       });
@@ -209,15 +181,16 @@ std::vector<at::Tensor> kl_divergence_backward(
               const acc_t tw = reverse ? tp : tq, tv = reverse ? tq : tp;
               const SideState<acc_t> sw = reverse ? p : q, sv = reverse ? q : p;
               const acc_t c = st[4];
+              const acc_t dl = kl_r - c;  // log s1_v - log s1_w, since KL = c - l_w + l_v
               const acc_t gw = up[r] / tw, gv = up[r] / tv;  // d/dx = d/dz / tau
               if (do_w && need_v) {
-                kl_backward_row<scalar_t, acc_t, true, true>(xw, tw, xv, tv, V, sw, sv, c, gw,
+                kl_backward_row<scalar_t, acc_t, true, true>(xw, tw, xv, tv, V, sw, sv, c, dl, gw,
                                                              gv, bw, bv, grad_w, grad_v);
               } else if (do_w) {
-                kl_backward_row<scalar_t, acc_t, true, false>(xw, tw, xv, tv, V, sw, sv, c, gw,
+                kl_backward_row<scalar_t, acc_t, true, false>(xw, tw, xv, tv, V, sw, sv, c, dl, gw,
                                                               gv, bw, bv, grad_w, grad_v);
               } else if (need_v) {
-                kl_backward_row<scalar_t, acc_t, false, true>(xw, tw, xv, tv, V, sw, sv, c, gw,
+                kl_backward_row<scalar_t, acc_t, false, true>(xw, tw, xv, tv, V, sw, sv, c, dl, gw,
                                                               gv, bw, bv, grad_w, grad_v);
               }
             }
@@ -268,14 +241,15 @@ std::vector<at::Tensor> mismatch_stats_forward(
             const scalar_t *xp = x + layout.offset(r), *xq = xr + roll_layout.offset(r);
             const acc_t tp = tau(r).tau;
             // KL(pi_roll || pi_theta): the weight side is the rollout distribution q.
-            const PairState<acc_t> s = pair_row<scalar_t, acc_t, true>(
-                xq, tau_r(r).tau, xp, tp, V, false, scratch.ew(), scratch.ev(),
-                scratch.chunk_m());
-            const SideState<acc_t> q = side_state(s.m_w, s.s1_w), p = side_state(s.m_v, s.s1_v);
+            const auto s = pair_row<scalar_t, acc_t, true>(xq, tau_r(r).tau, xp, tp, V, false,
+                                                           scratch.ew(), scratch.ev(),
+                                                           scratch.chunk_m());
+            const SideState<acc_t> q = rounded<acc_t>(side_state(s.m_w, s.s1_w)),
+                                   p = rounded<acc_t>(side_state(s.m_v, s.s1_v));
             o_st[2 * r] = p.m;
             o_st[2 * r + 1] = p.log_s1;
             o_lp[r] = (acc_t(xp[c]) / tp - p.m) - p.log_s1;  // NaN when the logits row is
-            o_kl[r] = finalize_kl(s);
+            o_kl[r] = pair_kl(s, xq, tau_r(r).tau, xp, tp, V);
             o_tv[r] = (side_is_valid(s.m_w) && side_is_valid(s.m_v))
                           ? total_variation(scratch.ew(), scratch.ev(), scratch.chunk_m(), V,
                                             q.m, q.log_s1, p.m, p.log_s1)

@@ -36,41 +36,13 @@ void store_row(const acc_t* buf, scalar_t* dst, int64_t n) {
   }
 }
 
-// Per-lane sums of one chunk of a pair pass.
+// The type a pair pass sums and finishes a row in: double for fp32 rows, else acc_t. The KL
+// of near-equal rows, u / s1_w - log s1_w + log s1_v, cancels O(1) terms; with s1 summed in
+// fp32 the lane holding the max (e = 1) rounds every later term at ulp(1) / 2 and each log s1
+// carried ~1e-7 (fp32 [2, 257], per-row tau: token_kl 4.8e-7 where the truth is ~0 and plain
+// PyTorch's error 3.7e-8). The exps themselves stay fp32 (one exp per element and side).
 template <typename acc_t>
-struct PairLanes {
-  Vec<acc_t> s1w{acc_t(0)}, s1v{acc_t(0)}, u{acc_t(0)}, inf{acc_t(0)};
-
-  // zw, zv: scaled logits; mw, mv: the chunk maxes (0 in place of -inf, see pair_chunk).
-  // Returns e_w, e_v through ew, ev (kept by mismatch_stats for its TV sweep).
-  void add(const Vec<acc_t>& zw, const Vec<acc_t>& zv, const Vec<acc_t>& mw,
-           const Vec<acc_t>& mv, Vec<acc_t>& ew, Vec<acc_t>& ev) {
-    const Vec<acc_t> lowest(exp_zero_below<acc_t>());
-    // d_w clamped where exp is already 0: -inf weights give e_w = 0 and finite e_w * (...).
-    const Vec<acc_t> dw = at::vec::clamp_min(zw - mw, lowest);
-    const Vec<acc_t> dv = zv - mv;  // not clamped: a tiny v_j is a large, real log-ratio
-    ew = vexp(dw);
-    ev = vexp(at::vec::clamp_min(dv, lowest));
-    add_exps(dw, ew, dv, ev);
-  }
-
-  // The same from exps computed elsewhere (step_stats shares the logits' exp between its
-  // sums): dw clamped as above, dv not, ew = e^{dw}, ev = e^{max(dv, lowest)}.
-  void add_exps(const Vec<acc_t>& dw, const Vec<acc_t>& ew, const Vec<acc_t>& dv,
-                const Vec<acc_t>& ev) {
-    const Vec<acc_t> zero(acc_t(0)), ninf(neg_inf<acc_t>());
-    s1w = s1w + ew;
-    s1v = s1v + ev;
-    // v_j = 0: the term is +inf when w_j > 0 (recorded in `inf`), and it is kept out of u by
-    // taking d_v = d_w there (a zero difference). Elsewhere e_w = 0 makes the term 0.
-    const Vec<acc_t> v_zero = dv == ninf;
-    inf = inf | (v_zero & (ew > zero));
-    u = at::vec::fmadd(ew, dw - Vec<acc_t>::blendv(dv, dw, v_zero), u);
-  }
-
-  // The chunk's pair state from its two chains of lanes; mw, mv: the references of d_w, d_v.
-  static PairState<acc_t> join(const PairLanes& lo, const PairLanes& hi, acc_t mw, acc_t mv);
-};
+using pair_sum_t = std::conditional_t<std::is_same_v<acc_t, float>, double, acc_t>;
 
 template <typename acc_t>
 bool any_lane_set(const Vec<acc_t>& mask) {
@@ -83,17 +55,109 @@ bool any_lane_set(const Vec<acc_t>& mask) {
   return false;
 }
 
+// d_w and e_w of one vector of a pair pass, with the v side's d_v kept out of u where v_j = 0:
+// the term is +inf when w_j > 0 (recorded in `inf`), and taking d_v = d_w there makes its
+// difference 0. Elsewhere e_w = 0 makes the term 0. Returns d_w - d_v so adjusted.
 template <typename acc_t>
-PairState<acc_t> PairLanes<acc_t>::join(const PairLanes& lo, const PairLanes& hi, acc_t mw,
-                                        acc_t mv) {
-  return {mw, sum_lanes(lo.s1w + hi.s1w), mv, sum_lanes(lo.s1v + hi.s1v),
-          sum_lanes(lo.u + hi.u), any_lane_set(lo.inf | hi.inf)};
+Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc_t>& ew, const Vec<acc_t>& dv,
+                           Vec<acc_t>& inf) {
+  const Vec<acc_t> zero(acc_t(0)), ninf(neg_inf<acc_t>());
+  const Vec<acc_t> v_zero = dv == ninf;
+  inf = inf | (v_zero & (ew > zero));
+  return dw - Vec<acc_t>::blendv(dv, dw, v_zero);
+}
+
+// Per-lane sums of one chunk of a pair pass, in pair_sum_t<acc_t> (the generic lanes below sum
+// in acc_t; AVX2 builds sum fp32 rows in double lanes, the specialization after it).
+template <typename acc_t>
+struct PairLanes {
+  using sum_t = pair_sum_t<acc_t>;
+  Vec<acc_t> s1w{acc_t(0)}, s1v{acc_t(0)}, u{acc_t(0)}, inf{acc_t(0)};
+
+  // The same from exps computed elsewhere (step_stats shares the logits' exp between its
+  // sums): dw clamped where exp is already 0, dv not (a tiny v_j is a large, real log-ratio),
+  // ew = e^{dw}, ev = e^{max(dv, lowest)}.
+  void add_exps(const Vec<acc_t>& dw, const Vec<acc_t>& ew, const Vec<acc_t>& dv,
+                const Vec<acc_t>& ev) {
+    s1w = s1w + ew;
+    s1v = s1v + ev;
+    u = at::vec::fmadd(ew, pair_difference(dw, ew, dv, inf), u);
+  }
+
+  // The chunk's pair state from its two chains of lanes; mw, mv: the references of d_w, d_v.
+  static PairState<sum_t> join(const PairLanes& lo, const PairLanes& hi, acc_t mw, acc_t mv) {
+    return {sum_t(mw), sum_t(sum_lanes(lo.s1w + hi.s1w)), sum_t(mv),
+            sum_t(sum_lanes(lo.s1v + hi.s1v)), sum_t(sum_lanes(lo.u + hi.u)),
+            any_lane_set(lo.inf | hi.inf)};
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX2)
+// fp32 rows: each fp32 vector's sums in two __m256d (float lanes 0-3 and 4-7), as token_stats'
+// S1Lanes<float>. u stays in fp32 lanes: its terms e_w (d_w - d_v) are small where the KL
+// cancels (near-equal rows), and summing it in double too cost ~10 % more of the forward
+// (kl_divergence fp32 at 1024x32000: 68-70 against 62-64 ms) for no measured gain.
+template <>
+struct PairLanes<float> {
+  using sum_t = double;
+  struct Wide {
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  };
+  Wide s1w, s1v;
+  Vec<float> u{0.0f}, inf{0.0f};
+
+  static __m256d low_half(const Vec<float>& v) {
+    return _mm256_cvtps_pd(_mm256_castps256_ps128(__m256(v)));
+  }
+  static __m256d high_half(const Vec<float>& v) {
+    return _mm256_cvtps_pd(_mm256_extractf128_ps(__m256(v), 1));
+  }
+
+  void add_exps(const Vec<float>& dw, const Vec<float>& ew, const Vec<float>& dv,
+                const Vec<float>& ev) {
+    s1w.lo = _mm256_add_pd(s1w.lo, low_half(ew));
+    s1w.hi = _mm256_add_pd(s1w.hi, high_half(ew));
+    s1v.lo = _mm256_add_pd(s1v.lo, low_half(ev));
+    s1v.hi = _mm256_add_pd(s1v.hi, high_half(ev));
+    u = at::vec::fmadd(ew, pair_difference(dw, ew, dv, inf), u);
+  }
+
+  // Lanes 0-7 of a and then of b, in a fixed order (deterministic).
+  static double total(const Wide& a, const Wide& b) {
+    alignas(32) double l[8];
+    _mm256_store_pd(l, _mm256_add_pd(a.lo, b.lo));
+    _mm256_store_pd(l + 4, _mm256_add_pd(a.hi, b.hi));
+    double s = 0;
+    for (int i = 0; i < 8; ++i) s += l[i];
+    return s;
+  }
+
+  static PairState<double> join(const PairLanes& lo, const PairLanes& hi, float mw, float mv) {
+    return {double(mw), total(lo.s1w, hi.s1w), double(mv), total(lo.s1v, hi.s1v),
+            double(sum_lanes(lo.u + hi.u)), any_lane_set(lo.inf | hi.inf)};
+  }
+};
+#endif
+
+// One vector of a pair pass from scaled logits zw, zv and their chunk maxes mw, mv (0 in place
+// of -inf, see pair_chunk). Returns e_w, e_v through ew, ev (kept by mismatch_stats for its TV
+// sweep).
+template <typename acc_t>
+void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& zw, const Vec<acc_t>& zv,
+              const Vec<acc_t>& mw, const Vec<acc_t>& mv, Vec<acc_t>& ew, Vec<acc_t>& ev) {
+  const Vec<acc_t> lowest(exp_zero_below<acc_t>());
+  // d_w clamped where exp is already 0: -inf weights give e_w = 0 and finite e_w * (...).
+  const Vec<acc_t> dw = at::vec::clamp_min(zw - mw, lowest);
+  const Vec<acc_t> dv = zv - mv;  // not clamped: a tiny v_j is a large, real log-ratio
+  ew = vexp(dw);
+  ev = vexp(at::vec::clamp_min(dv, lowest));
+  lanes.add_exps(dw, ew, dv, ev);
 }
 
 // One chunk of a pair pass. bw, bv hold the scaled chunk (padded with -inf to a multiple of
 // kStep); mw, mv are its maxes. kKeepExps: overwrite bw, bv with e^{z - m} of the chunk.
 template <typename acc_t, bool kKeepExps>
-PairState<acc_t> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, acc_t mw, acc_t mv) {
+PairState<pair_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, acc_t mw, acc_t mv) {
   constexpr int64_t W = Vec<acc_t>::size();
   // A side with no finite entry yet has m = -inf; subtracting 0 instead keeps its d = -inf
   // (e = 0) rather than -inf - (-inf) = NaN. NaN / +inf maxes pass through: the row is NaN.
@@ -103,12 +167,12 @@ PairState<acc_t> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, acc_t mw, acc_t mv)
   Vec<acc_t> ew, ev;
   const int64_t n_pad = round_up(n, kStep<acc_t>);
   for (int64_t i = 0; i < n_pad; i += 2 * W) {
-    lo.add(Vec<acc_t>::loadu(bw + i), Vec<acc_t>::loadu(bv + i), vmw, vmv, ew, ev);
+    add_pair(lo, Vec<acc_t>::loadu(bw + i), Vec<acc_t>::loadu(bv + i), vmw, vmv, ew, ev);
     if constexpr (kKeepExps) {
       ew.store(bw + i);
       ev.store(bv + i);
     }
-    hi.add(Vec<acc_t>::loadu(bw + i + W), Vec<acc_t>::loadu(bv + i + W), vmw, vmv, ew, ev);
+    add_pair(hi, Vec<acc_t>::loadu(bw + i + W), Vec<acc_t>::loadu(bv + i + W), vmw, vmv, ew, ev);
     if constexpr (kKeepExps) {
       ew.store(bw + i + W);
       ev.store(bv + i + W);
@@ -152,15 +216,17 @@ struct RowSum {
   }
 };
 
-// The pair pass over one row. Stops early once the v side is NaN / +inf (and the w side too
-// when stop_on_w_invalid; mismatch_stats keeps going so that the logits' logsumexp survives a
-// broken rollout row). kKeepExps: bw, bv are row-sized scratch that end up holding every
-// e^{z - m_chunk}, and chunk_m[2k], chunk_m[2k + 1] the maxes of chunk k.
+// The pair pass over one row, summed and finished in pair_sum_t<acc_t>. Stops early once the
+// v side is NaN / +inf (and the w side too when stop_on_w_invalid; mismatch_stats keeps going so
+// that the logits' logsumexp survives a broken rollout row). kKeepExps: bw, bv are row-sized
+// scratch that end up holding every e^{z - m_chunk}, and chunk_m[2k], chunk_m[2k + 1] the maxes
+// of chunk k.
 template <typename scalar_t, typename acc_t, bool kKeepExps>
-PairState<acc_t> pair_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv, acc_t tau_v,
-                          int64_t V, bool stop_on_w_invalid, acc_t* bw, acc_t* bv,
-                          acc_t* chunk_m) {
-  RowSum<acc_t> row;
+PairState<pair_sum_t<acc_t>> pair_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv,
+                                      acc_t tau_v, int64_t V, bool stop_on_w_invalid, acc_t* bw,
+                                      acc_t* bv, acc_t* chunk_m) {
+  using sum_t = pair_sum_t<acc_t>;
+  RowSum<sum_t> row;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
     acc_t* cw = kKeepExps ? bw + begin : bw;
@@ -172,10 +238,40 @@ PairState<acc_t> pair_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv, a
       chunk_m[2 * k + 1] = mv;
     }
     row.merge(pair_chunk<acc_t, kKeepExps>(cw, cv, n, mw, mv));
-    if (!(row.hi.m_v < -neg_inf<acc_t>())) break;  // NaN or +inf: the row is NaN, stop early
-    if (stop_on_w_invalid && !(row.hi.m_w < -neg_inf<acc_t>())) break;
+    if (!(row.hi.m_v < -neg_inf<sum_t>())) break;  // NaN or +inf: the row is NaN, stop early
+    if (stop_on_w_invalid && !(row.hi.m_w < -neg_inf<sum_t>())) break;
   }
   return row.total();
+}
+
+// The KL of a finished pair state, with a small KL of fp32 rows recomputed in double: every
+// op's KL of a pair (kl_divergence, mismatch_stats' token_kl, step_stats' kl and token_kl)
+// comes from here, so the three agree. The pass above sums fp32 rows in double, but its exps
+// are fp32 and each term keeps up to an ulp of its rounding: the KL, u / s1_w - log s1_w +
+// log s1_v with sums of weight 1, is right to ~2^-22 absolute whatever its size (V = 3, tau
+// 16.7: 1.2e-10 on a KL of 1.6e-6, where plain fp32 PyTorch was off by 2.0e-9; with fp32 sums
+// 5.1e-9). A row whose KL is below kRefineKL (up to 2^-12 relative error at worst) runs the
+// pass again in double, exps included: 2.0e-13 there, the final rounding to fp32
+// (tests/test_kl_divergence.py::test_near_equal_rows_fp32). Only the KL is taken from it:
+// the state the backward saves (maxes, log s1, c) stays the fp32 pass's, whose z the backward
+// recomputes. A refined row costs ~2.4x its pass ([256, 32000] fp32, tau 0.7, one thread, every
+// row refined: 53-55 ms against 22-23 ms). 16-bit rows stay in fp32 (plain PyTorch at their
+// precision is far coarser).
+constexpr double kRefineKL = 0x1p-10;
+
+template <typename scalar_t, typename acc_t>
+acc_t pair_kl(const PairState<pair_sum_t<acc_t>>& s, const scalar_t* xw, acc_t tau_w,
+              const scalar_t* xv, acc_t tau_v, int64_t V) {
+  const auto kl = finalize_kl(s);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (kl < kRefineKL) {  // false for NaN and +inf: nothing to refine
+      alignas(64) double bw[kBufferSize<double>];
+      alignas(64) double bv[kBufferSize<double>];
+      return acc_t(finalize_kl(pair_row<scalar_t, double, false>(
+          xw, double(tau_w), xv, double(tau_v), V, true, bw, bv, nullptr)));
+    }
+  }
+  return acc_t(kl);
 }
 
 // 1/2 sum |w_j - v_j| from the exps a pair_row<kKeepExps> pass left in ew, ev:
@@ -220,18 +316,30 @@ SideState<acc_t> side_state(acc_t m, acc_t s1) {
   return {m, std::log(s1)};
 }
 
+// A side state finished in a pair pass's sum type, rounded once to acc_t.
+template <typename acc_t, typename sum_t>
+SideState<acc_t> rounded(const SideState<sum_t>& s) {
+  return {acc_t(s.m), acc_t(s.log_s1)};
+}
+
 // Gradients of KL(w || v) for one row, times the upstream gradient g (docs/math.md §4), from
 // d = z - m and l = log s1 of each side and c = E_w[d_w - d_v] (softmax_stats.h):
 //   grad_w,j = g / tau_w * w_j ((d_w,j - d_v,j) - c),  w_j = e^{d_w,j - l_w},  0 where w_j = 0
 //   grad_v,j = g / tau_v * (v_j - w_j),                 v_j = e^{d_v,j - l_v}
+// v_j - w_j of near-equal rows cancels two probabilities each rounded once (~3e-8 at 0.5, where
+// the truth can be 1e-8): where |log v_j - log w_j| < 1/4 it is w_j expm1(delta_j) instead,
+// delta_j = (d_v,j - d_w,j) - dl with dl = l_v - l_w = KL - c from the forward (two small
+// numbers when the rows are near-equal, not the difference of two rounded log s1). dl NaN or
+// infinite (KL = +inf) keeps v_j - w_j everywhere.
 // kW / kV: which gradients to write; only grad_v needs v_j's exp.
 template <typename scalar_t, typename acc_t, bool kW, bool kV>
 void kl_backward_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv, acc_t tau_v,
-                     int64_t V, SideState<acc_t> sw, SideState<acc_t> sv, acc_t c, acc_t gw,
-                     acc_t gv, acc_t* bw, acc_t* bv, scalar_t* grad_w, scalar_t* grad_v) {
+                     int64_t V, SideState<acc_t> sw, SideState<acc_t> sv, acc_t c, acc_t dl,
+                     acc_t gw, acc_t gv, acc_t* bw, acc_t* bv, scalar_t* grad_w,
+                     scalar_t* grad_v) {
   constexpr int64_t W = Vec<acc_t>::size();
   const Vec<acc_t> vmw(sw.m), vlw(sw.log_s1), vmv(sv.m), vlv(sv.log_s1), vc(c), vgw(gw),
-      vgv(gv), zero(acc_t(0)), lowest(exp_zero_below<acc_t>());
+      vgv(gv), zero(acc_t(0)), lowest(exp_zero_below<acc_t>()), vdl(dl), near(acc_t(0.25));
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
     load_divided_chunk(xw + begin, n, tau_w, bw);
@@ -249,7 +357,10 @@ void kl_backward_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv, acc_t 
       if constexpr (kV) {
         // d/dz_v of -sum w log v = v_j sum w - w_j = v_j - w_j
         const Vec<acc_t> v = vexp(at::vec::clamp_min(dv - vlv, lowest));
-        ((v - w) * vgv).store(bv + i);
+        const Vec<acc_t> delta = (dv - dw) - vdl;  // log v_j - log w_j; NaN / inf: not near
+        const Vec<acc_t> close = delta.abs() < near;
+        const Vec<acc_t> diff = Vec<acc_t>::blendv(v - w, w * delta.expm1(), close);
+        (diff * vgv).store(bv + i);
       }
     }
     if constexpr (kW) store_row(bw, grad_w + begin, n);

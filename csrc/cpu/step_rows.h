@@ -46,7 +46,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   // row total. Summation error then grows with kChunk / (2 W) + V / kChunk terms instead of
   // V / (2 W), close to PyTorch's cascade sum.
   LaneSums<acc_t> row;
-  RowSum<acc_t> roll, kl;
+  RowSum<pair_sum_t<acc_t>> roll, kl;
   acc_t m = neg_inf<acc_t>();
   int64_t argmax = 0;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
@@ -112,22 +112,24 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   out.argmax = valid ? argmax : -1;
   const acc_t nan = quiet_nan<acc_t>();
   if constexpr (kRoll) {
-    const PairState<acc_t> s = roll.total();
-    out.token_kl = valid ? finalize_kl(s) : nan;
+    const auto s = roll.total();
+    out.token_kl = valid ? pair_kl(s, xr, tr, xp, tp.tau, V) : nan;
     out.token_tv = nan;
     if (valid && side_is_valid(s.m_w)) {
-      const SideState<acc_t> q = side_state(s.m_w, s.s1_w);
+      const SideState<acc_t> q = rounded<acc_t>(side_state(s.m_w, s.s1_w));
       out.token_tv = total_variation(scratch.exps.ew(), scratch.exps.ev(), scratch.exps.chunk_m(),
                                      V, q.m, q.log_s1, m, std::log(state.s1));
     }
   }
   if constexpr (kRef) {
-    const PairState<acc_t> s = kl.total();
-    out.kl = valid ? finalize_kl(s) : nan;
-    const SideState<acc_t> q = reverse ? side_state(s.m_v, s.s1_v) : side_state(s.m_w, s.s1_w);
+    const auto s = kl.total();
+    out.kl = !valid ? nan : reverse ? pair_kl(s, xp, tp.tau, xq, tq, V)
+                                    : pair_kl(s, xq, tq, xp, tp.tau, V);
+    const SideState<acc_t> q =
+        rounded<acc_t>(reverse ? side_state(s.m_v, s.s1_v) : side_state(s.m_w, s.s1_w));
     out.kl_state[0] = q.m;
     out.kl_state[1] = q.log_s1;
-    out.kl_state[2] = kl_grad_shift(s);
+    out.kl_state[2] = acc_t(kl_grad_shift(s));
   }
 }
 

@@ -15,8 +15,11 @@
 // at tau 0.07: a gradient entry 2.2e-3 where the truth is 0 and plain PyTorch's error 2.7e-7),
 // from the saved m, log s, log P_tail and the K log-probs, writes the tail formula for every
 // element of a chunk, overwrites the chunk's ids with the head formula in the buffer, and
-// rounds to the logits' dtype once (reads V, writes V). z is x (1 / tau) in both passes, so z_j
-// - m is exactly 0 at the row's max.
+// rounds to the logits' dtype once (reads V, writes V). z = x / tau is rounded once
+// (vec_rows.h's load_quotient_chunk), as PyTorch's and the reference's z, the same way in both
+// passes, so z_j - m is exactly 0 at the row's max. x (1 / tau) rounds twice: on a row with
+// |z| ~ 1e2..1e4 (per-row tau 0.05) that is up to 1.5 ulp(z) in every log p_v, 3.8x plain
+// PyTorch's KL error.
 // Rows are independent and each is computed by one thread in a fixed order, so results are
 // deterministic and do not depend on the batch.
 #include <ATen/Dispatch.h>
@@ -71,13 +74,14 @@ struct TopkKLRow {
   acc_t kl, m, log_s, logp_tail;  // L = m + log_s
 };
 
-// The head's z are read from the chunk buffer (z = x (1 / tau), rounded once by the vector
-// multiply), not recomputed as x[id] * inv_tau: the compiler contracts x * inv_tau - m into an
-// fma, whose exact product leaves z - m = ulp(z) / 2 at the max instead of 0 (4.9e-4 at
-// |z| ~ 1e4), and the KL of one-hot p = q came out 1.9e-8 where the truth is 1e-24.
+// The head's z are read from the chunk buffer (z = x / tau, the buffer's), not recomputed from
+// x[id]: a recomputed x (1 / tau) - m contracts into an fma, whose exact product leaves
+// z - m = ulp(z) / 2 at the max instead of 0 (4.9e-4 at |z| ~ 1e4), and the KL of one-hot
+// p = q came out 1.9e-8 where the truth is 1e-24.
 template <typename scalar_t, typename acc_t>
-TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const IdSlot* ids,
-                             int64_t K, const acc_t* log_q, acc_t* buf, acc_t* zh) {
+TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau,
+                             const IdSlot* ids, int64_t K, const acc_t* log_q, acc_t* buf,
+                             acc_t* zh) {
   constexpr int64_t W = Vec<acc_t>::size();
   // Two-level sums as in token_stats.cpp: two chains per lane inside a chunk, then chunk
   // totals into the row's lanes.
@@ -88,7 +92,7 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const 
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
     const int64_t n_pad = round_up(n, kStep<acc_t>);
-    acc_t chunk_max = load_scaled_chunk(x + begin, n, inv_tau, buf);
+    acc_t chunk_max = load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf);
     m_row = max_nan(m_row, chunk_max);
     if (!(m_row < -neg_inf<acc_t>())) break;  // NaN or +inf anywhere: the row is NaN
     bool masked = false;
@@ -138,22 +142,22 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const 
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_row(const scalar_t* x, int64_t V, acc_t inv_tau, const IdSlot* ids, int64_t K,
-                  const acc_t* log_q, acc_t m, acc_t log_s, acc_t logp_tail, acc_t g, acc_t* buf,
-                  acc_t* zh, scalar_t* grad) {
+void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, const IdSlot* ids,
+                  int64_t K, const acc_t* log_q, acc_t m, acc_t log_s, acc_t logp_tail, acc_t g,
+                  acc_t* buf, acc_t* zh, scalar_t* grad) {
   constexpr int64_t W = Vec<acc_t>::size();
   acc_t q_head = 0;
   for (int64_t k = 0; k < K; ++k) q_head += std::exp(log_q[ids[k].second]);
   const acc_t q_tail = topk_q_tail(q_head, K < V);
   const TopkKLGradCoef<acc_t> coef = topk_kl_grad_coef(q_head, q_tail, logp_tail);
-  const acc_t g_tau = g * inv_tau;
+  const acc_t g_tau = g / tau.tau;
   // Off the ids: dKL/dz_j = sign exp((z_j - m) - (log s - tail_log)); an offset of +inf
   // gives 0.
   const Vec<acc_t> v_m(m), v_off(log_s - coef.tail_log), v_scale(coef.tail_sign * g_tau);
   int64_t next = 0;
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
-    load_scaled_chunk(x + begin, n, inv_tau, buf);
+    load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf);
     // The chunk's head z, as the forward read them, before the tail formula overwrites them.
     for (int64_t j = next; j < K && ids[j].first < begin + n; ++j) zh[j] = buf[ids[j].first - begin];
     for (int64_t i = 0; i < n; i += W) {
@@ -213,8 +217,8 @@ std::vector<at::Tensor> topk_kl_forward(const at::Tensor& logits, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    const InvTemperature<acc_t> inv_tau{temperature ? temperature->const_data_ptr<acc_t>() : nullptr,
-                                        acc_t(1) / acc_t(temperature_scalar)};
+    const RowTemperature<acc_t> tau{temperature ? temperature->const_data_ptr<acc_t>() : nullptr,
+                                    acc_t(temperature_scalar)};
     const acc_t* log_q = topk_logprobs.const_data_ptr<acc_t>();
     acc_t *o_kl = kl.data_ptr<acc_t>(), *o_m = row_max.data_ptr<acc_t>(),
           *o_ls = log_s.data_ptr<acc_t>(), *o_tail = logp_tail.data_ptr<acc_t>();
@@ -232,7 +236,7 @@ std::vector<at::Tensor> topk_kl_forward(const at::Tensor& logits, const at::Tens
         }
         sorted_row_ids(read_ids, r, K, V, ids);
         const TopkKLRow<acc_t> row =
-            forward_row(x + layout.offset(r), V, inv_tau(r), ids.data(), K, log_q + r * K, buf,
+            forward_row(x + layout.offset(r), V, tau(r), ids.data(), K, log_q + r * K, buf,
                         zh.data());
         o_kl[r] = row.kl;
         o_m[r] = row.m;
@@ -268,8 +272,8 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    const InvTemperature<acc_t> inv_tau{temperature ? temperature->const_data_ptr<acc_t>() : nullptr,
-                                        acc_t(1) / acc_t(temperature_scalar)};
+    const RowTemperature<acc_t> tau{temperature ? temperature->const_data_ptr<acc_t>() : nullptr,
+                                    acc_t(temperature_scalar)};
     const acc_t *log_q = topk_logprobs.const_data_ptr<acc_t>(), *g_kl = grad_kl.const_data_ptr<acc_t>(),
                 *s_m = row_max.const_data_ptr<acc_t>(), *s_ls = log_s.const_data_ptr<acc_t>(),
                 *s_tail = logp_tail.const_data_ptr<acc_t>();
@@ -286,7 +290,7 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
         const bool nan_row = !(is_finite(s_m[r]) && is_finite(s_ls[r]));
         if (fill_skipped_row(grad_row, V, ignored, nan_row)) continue;
         sorted_row_ids(read_ids, r, K, V, ids);
-        backward_row(x + layout.offset(r), V, inv_tau(r), ids.data(), K, log_q + r * K, s_m[r],
+        backward_row(x + layout.offset(r), V, tau(r), ids.data(), K, log_q + r * K, s_m[r],
                      s_ls[r], s_tail[r], g_kl[r], buf, zh.data(), grad_row);
       }
     });

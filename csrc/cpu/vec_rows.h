@@ -80,32 +80,6 @@ inline Vec<acc_t> vexp(const Vec<acc_t>& x) {
   return x.exp();
 }
 
-// buf[0, n) = src[0, n) * scale in acc_t, buf[n, round_up(n, kStep)) = -inf.
-// Returns the chunk's max (NaN if the chunk holds a NaN).
-template <typename scalar_t, typename acc_t>
-inline acc_t load_scaled_chunk(const scalar_t* src, int64_t n, acc_t scale, acc_t* buf) {
-  constexpr int64_t W = Vec<acc_t>::size();
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::copy(src, src + n, buf);
-  } else {
-    at::vec::convert(src, buf, n);
-  }
-  const int64_t n_pad = round_up(n, kStep<acc_t>);
-  std::fill(buf + n, buf + n_pad, neg_inf<acc_t>());
-  const Vec<acc_t> vscale(scale);
-  Vec<acc_t> vmax(neg_inf<acc_t>());
-  for (int64_t i = 0; i < n_pad; i += W) {
-    const Vec<acc_t> z = Vec<acc_t>::loadu(buf + i) * vscale;
-    z.store(buf + i);
-    vmax = at::vec::maximum(vmax, z);  // propagates NaN
-  }
-  acc_t lanes[W];
-  vmax.store(lanes);
-  acc_t m = lanes[0];
-  for (int64_t i = 1; i < W; ++i) m = max_nan(m, lanes[i]);
-  return m;
-}
-
 // Sum of a vector's lanes in a fixed order (deterministic).
 template <typename acc_t>
 inline acc_t sum_lanes(const Vec<acc_t>& v) {
@@ -116,14 +90,6 @@ inline acc_t sum_lanes(const Vec<acc_t>& v) {
   for (int64_t i = 0; i < W; ++i) s += lanes[i];
   return s;
 }
-
-// Per-row inverse temperature: a per-row tensor when given, else the scalar.
-template <typename acc_t>
-struct InvTemperature {
-  const acc_t* per_row;  // nullptr when the temperature is a scalar
-  acc_t scalar_inv;
-  acc_t operator()(int64_t r) const { return per_row ? acc_t(1) / per_row[r] : scalar_inv; }
-};
 
 template <typename acc_t>
 inline bool is_finite(acc_t x) {

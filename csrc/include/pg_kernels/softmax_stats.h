@@ -190,7 +190,15 @@ PGK_HD TopkNormalizer<T> topk_normalizer(T m_tail, T s_tail, T m_head, T s_head)
   const T tail = m_tail == neg_inf<T>() ? T(0) : s_tail * std::exp(m_tail - m);
   const T head = m_head == neg_inf<T>() ? T(0) : s_head * std::exp(m_head - m);
   const T log_s = std::log(tail + head);
-  const T logp_tail = m_tail == neg_inf<T>() ? neg_inf<T>() : (m_tail - m) + std::log(s_tail) - log_s;
+  // A tail that holds most of the mass (log P_tail near 0) as -log1p(head / tail): the
+  // difference of log s_tail and log s, two O(log V) numbers each rounded once, cancelled to
+  // their roundings (fp32 [1, 321], k = 2, near-uniform rows: KL error 4.8e-7 where plain
+  // PyTorch's was 2.3e-10). A far tail (head / tail > 1e30, log P_tail < -69) from the logs.
+  T logp_tail = neg_inf<T>();
+  if (m_tail != neg_inf<T>()) {
+    logp_tail = head <= tail * T(1e30) ? -std::log1p(head / tail)
+                                       : (m_tail - m) + std::log(s_tail) - log_s;
+  }
   return {m + log_s, logp_tail, m, log_s};
 }
 
@@ -319,7 +327,11 @@ template <typename T>
 PGK_HD T finalize_kl(const PairState<T>& s) {
   if (!side_is_valid(s.m_w) || !side_is_valid(s.m_v)) return quiet_nan<T>();
   if (s.inf) return -neg_inf<T>();
-  const T kl = s.u / s.s1_w - std::log(s.s1_w) + std::log(s.s1_v);
+  // The two logs first: when the normalizers agree they cancel exactly, and u / s1_w, which can
+  // be far below either log, is added to their difference, not rounded to ulp(log s1) (a
+  // double pass, fp64 or a refined fp32 row, with s1 = 1 + 1.1e-13 on both sides: u rounded to
+  // the grid of 1.1e-13, 2^-94 = 5.0e-29 where the truth is 5.4e-29).
+  const T kl = s.u / s.s1_w + (std::log(s.s1_v) - std::log(s.s1_w));
   return kl > T(0) ? kl : T(0);
 }
 
