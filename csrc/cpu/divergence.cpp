@@ -63,11 +63,10 @@ std::vector<at::Tensor> kl_divergence_forward(
         const std::optional<LabelReader> read_label =
             labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
         // reverse KL(p || q): weight side p; forward KL(q || p): weight side q.
-        const auto store = [&](const auto& s, const scalar_t* xw, acc_t tw, const scalar_t* xv,
-                               acc_t tv, acc_t* st, int64_t r) {
+        const auto store = [&](const auto& s, acc_t* st, int64_t r) {
           const auto w = side_state(s.m_w, s.s1_w), v = side_state(s.m_v, s.s1_v);
           const auto &p = reverse ? w : v, &q = reverse ? v : w;
-          o_kl[r] = pair_kl(s, xw, tw, xv, tv, V);
+          o_kl[r] = acc_t(finalize_kl(s));
           st[0] = acc_t(p.m);
           st[1] = acc_t(p.log_s1);
           st[2] = acc_t(q.m);
@@ -88,8 +87,7 @@ std::vector<at::Tensor> kl_divergence_forward(
             const acc_t tp = tau(r).tau, tq = tau_r(r).tau;
             const scalar_t *xw = reverse ? xp : xq, *xv = reverse ? xq : xp;
             const acc_t tw = reverse ? tp : tq, tv = reverse ? tq : tp;
-            store(pair_row<scalar_t, acc_t, false>(xw, tw, xv, tv, V, true, bw, bv, nullptr), xw,
-                  tw, xv, tv, st, r);
+            store(pair_row<scalar_t, acc_t, false>(xw, tw, xv, tv, V, true, bw, bv, nullptr), st, r);
           }
         });
       });
@@ -249,7 +247,7 @@ std::vector<at::Tensor> mismatch_stats_forward(
             o_st[2 * r] = p.m;
             o_st[2 * r + 1] = p.log_s1;
             o_lp[r] = (acc_t(xp[c]) / tp - p.m) - p.log_s1;  // NaN when the logits row is
-            o_kl[r] = pair_kl(s, xq, tau_r(r).tau, xp, tp, V);
+            o_kl[r] = acc_t(finalize_kl(s));
             o_tv[r] = (side_is_valid(s.m_w) && side_is_valid(s.m_v))
                           ? total_variation(scratch.ew(), scratch.ev(), scratch.chunk_m(), V,
                                             q.m, q.log_s1, p.m, p.log_s1)

@@ -244,35 +244,15 @@ PairState<pair_sum_t<acc_t>> pair_row(const scalar_t* xw, acc_t tau_w, const sca
   return row.total();
 }
 
-// The KL of a finished pair state, with a small KL of fp32 rows recomputed in double: every
-// op's KL of a pair (kl_divergence, mismatch_stats' token_kl, step_stats' kl and token_kl)
-// comes from here, so the three agree. The pass above sums fp32 rows in double, but its exps
-// are fp32 and each term keeps up to an ulp of its rounding: the KL, u / s1_w - log s1_w +
-// log s1_v with sums of weight 1, is right to ~2^-22 absolute whatever its size (V = 3, tau
-// 16.7: 1.2e-10 on a KL of 1.6e-6, where plain fp32 PyTorch was off by 2.0e-9; with fp32 sums
-// 5.1e-9). A row whose KL is below kRefineKL (up to 2^-12 relative error at worst) runs the
-// pass again in double, exps included: 2.0e-13 there, the final rounding to fp32
-// (tests/test_kl_divergence.py::test_near_equal_rows_fp32). Only the KL is taken from it:
-// the state the backward saves (maxes, log s1, c) stays the fp32 pass's, whose z the backward
-// recomputes. A refined row costs ~2.4x its pass ([256, 32000] fp32, tau 0.7, one thread, every
-// row refined: 53-55 ms against 22-23 ms). 16-bit rows stay in fp32 (plain PyTorch at their
-// precision is far coarser).
-constexpr double kRefineKL = 0x1p-10;
-
-template <typename scalar_t, typename acc_t>
-acc_t pair_kl(const PairState<pair_sum_t<acc_t>>& s, const scalar_t* xw, acc_t tau_w,
-              const scalar_t* xv, acc_t tau_v, int64_t V) {
-  const auto kl = finalize_kl(s);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (kl < kRefineKL) {  // false for NaN and +inf: nothing to refine
-      alignas(64) double bw[kBufferSize<double>];
-      alignas(64) double bv[kBufferSize<double>];
-      return acc_t(finalize_kl(pair_row<scalar_t, double, false>(
-          xw, double(tau_w), xv, double(tau_v), V, true, bw, bv, nullptr)));
-    }
-  }
-  return acc_t(kl);
-}
+// The KL of a pair state is finalize_kl's, in kl_divergence, mismatch_stats' token_kl and
+// step_stats' kl and token_kl alike. The pass above
+// sums fp32 rows in double, but its exps are fp32 and each term keeps up to an ulp of its
+// rounding: the KL, u / s1_w - log s1_w + log s1_v with sums of weight 1, is right to ~2^-22
+// absolute at worst whatever its size, and far better in practice (V = 3, tau 16.7: 1.2e-10 on
+// a KL of 1.6e-6, where plain fp32 PyTorch was off by 2.0e-9; with fp32 sums 5.1e-9). Small
+// KLs are the common case (a rollout engine's mismatch is ~1e-4..1e-3 per token): recomputing
+// them in double, exps included, made those rows 2.4-3.3x slower for an accuracy already 10x
+// plain PyTorch's, so no row is recomputed.
 
 // 1/2 sum |w_j - v_j| from the exps a pair_row<kKeepExps> pass left in ew, ev:
 // w_j = ew_j e^{(m_w,k - m_w) - l_w} with m_w,k the max of the chunk k that holds j (m_w the

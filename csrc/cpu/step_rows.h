@@ -113,7 +113,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   const acc_t nan = quiet_nan<acc_t>();
   if constexpr (kRoll) {
     const auto s = roll.total();
-    out.token_kl = valid ? pair_kl(s, xr, tr, xp, tp.tau, V) : nan;
+    out.token_kl = valid ? acc_t(finalize_kl(s)) : nan;
     out.token_tv = nan;
     if (valid && side_is_valid(s.m_w)) {
       const SideState<acc_t> q = rounded<acc_t>(side_state(s.m_w, s.s1_w));
@@ -123,8 +123,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   }
   if constexpr (kRef) {
     const auto s = kl.total();
-    out.kl = !valid ? nan : reverse ? pair_kl(s, xp, tp.tau, xq, tq, V)
-                                    : pair_kl(s, xq, tq, xp, tp.tau, V);
+    out.kl = valid ? acc_t(finalize_kl(s)) : nan;
     const SideState<acc_t> q =
         rounded<acc_t>(reverse ? side_state(s.m_v, s.s1_v) : side_state(s.m_w, s.s1_w));
     out.kl_state[0] = q.m;
