@@ -28,7 +28,7 @@ DIFFERENTIABLE = ("logprob", "entropy", "collision", "lse")  # token_stats' back
 
 def _chunk_loss(loss_fn, stats, start: int, stop: int):
     """loss_fn on one chunk's statistics; returns (loss, its gradients w.r.t. DIFFERENTIABLE)."""
-    fields = TokenStats(*stats)._asdict()
+    fields = stats._asdict()
     leaves = [fields[name].detach().requires_grad_() for name in DIFFERENTIABLE]
     fields.update(zip(DIFFERENTIABLE, leaves))
     with torch.enable_grad():
@@ -61,18 +61,18 @@ class _TokenLoss(torch.autograd.Function):
         loss = None
         for s, e in chunks(n, chunk_size):
             logits, t = proj.logits(s, e), rows(temperature, s, e)
-            stats = _ts._token_stats(
+            stats = TokenStats(*_ts._token_stats(
                 logits, labels[s:e], t, temperature_scalar, ignore_index, backend
-            )
+            ))  # fmt: skip
             for out, value in zip(outs, stats):
                 out[s:e] = value
             part, grads = _chunk_loss(loss_fn, stats, s, e)
             loss = part if loss is None else loss + part
             if any(wanted):
-                lse, entropy, collision, max_prob, argmax = stats[4], *stats[1:3], *stats[5:]
                 grad_logits = _ts._token_stats_backward(
-                    *grads, logits, labels[s:e], t, temperature_scalar, ignore_index, lse,
-                    entropy, collision, max_prob, argmax, backend, out=proj.grad_buffer(s, e),
+                    *grads, logits, labels[s:e], t, temperature_scalar, ignore_index, stats.lse,
+                    stats.entropy, stats.collision, stats.max_prob, stats.argmax, backend,
+                    out=proj.grad_buffer(s, e),
                 )  # fmt: skip
                 proj.accumulate(grad_logits, s, e)
         if loss is None:  # no rows: the sum over no chunks
