@@ -214,20 +214,7 @@ def _check(c, backend: str, *args, hint: str | None = None, **kwargs):
 # (test, backend) cases on which the CI profile's examples still find failures outside KNOWN,
 # found by this fuzzer and open (README, Testing): xfail (not strict), so CI stays green while
 # the rest of the fuzzer guards; remove an entry once its case passes.
-OPEN = {
-    ("test_kl_divergence", "triton"): "first ci failure: V = 1, bf16 [1, 1] at a per-row "
-    "temperature, KL 1.4e-8 where the truth and plain PyTorch have 0 (not yet explained; "
-    "unchecked guess: m tau does not round back to x_max, so the chunk's terms cancel only to "
-    "rounding). Further: the one-pass sums are fp32, and the KL of near-equal "
-    "rows, c - log s1_w + log s1_v, cancels O(1) terms that each carry their sum's rounding "
-    "(~1e-7; the C++ kernel sums fp32 rows in double), where plain PyTorch can be luckier on the "
-    "batch: fp32 [2, 1, 2] at per-row temperatures, the reference side's gradient off by "
-    "3.4e-8 against 3.2e-8 allowed (plain 1.6e-8); bf16 [2, 1, 300], a KL whose truth is 1e-27 "
-    "came out 1.2e-8 against 2.8e-9 allowed (plain 1.4e-9)",
-    ("test_mismatch_stats", "triton"): "token_kl, the same cancellation: bf16 [3, 261] at tau "
-    "0.16, near-uniform rows (log s1 ~ 5.6): 0.0012841 where the truth is 0.0012838 (error "
-    "3.2e-7, allowed 3.0e-7, plain PyTorch 1.4e-7)",
-}
+OPEN: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(autouse=True)

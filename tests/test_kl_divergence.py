@@ -177,28 +177,60 @@ def test_near_equal_rows_fp32_other_side_gradient(bd):
         _check(backend, x, xr, direction=direction, temperature=t)
 
 
-@pytest.mark.backends("cpu")  # Triton's fp64 finalize still rounds u / s_w first
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_tiny_kl_beside_equal_normalizers(bd, dtype):
     """Both rows hold the max and an equal second entry (e^-29.875 ~ 1e-13), and differ only in
-    a third, far entry: KL = e^-67 * 7.5 = 6.0e-29, and s1 = 1 + 1.06e-13 on both sides.
+    a third, far entry: KL = 5.19e-29 (60 digits), s1 = 1 + 1.06e-13 on both sides.
 
-    In double (the fp64 kernel, and the double sums of fp32 and 16-bit rows),
-    u / s1_w - log s1_w + log s1_v rounded u / s1_w to the grid of log s1 = 1.06e-13 (2^-95 =
-    2.5e-29) before the logs cancelled: 5.0e-29 where the truth is 5.4e-29 (fuzzer, bf16
-    [10, 127], per-row tau); the logs now cancel first. In fp32 sums s1 rounded to 1 and the
-    logs vanished, so fp32 sums never showed it.
+    In double, u / s1_w - log s1_w + log s1_v rounded u / s1_w to the grid of log s1 = 1.06e-13
+    (2^-95 = 2.5e-29) before the logs cancelled (fuzzer, bf16 [10, 127], per-row tau); the
+    logs now cancel first. What is left is below float64 itself: the two normalizers differ by
+    e^-67 - e^-74.5 = 8.2e-30, under ulp(s1) in a double s1 (the C++ kernel, plain PyTorch:
+    5.99e-29) and under ulp(1.06e-13) = 1.3e-29 in a double s1 - 1 (the float64 truth, which
+    keeps the rest: 4.73e-29; Triton's fp64 rows: 3.46e-29), so the rule is what holds here.
     """
     backend, device = bd
     far, near = [0.0, -29.875, -67.0, -200.0], [0.0, -29.875, -74.5, -200.0]
     for direction in DIRECTIONS:  # the weight side holds the heavier far entry
         x, xr = (near, far) if direction == "forward" else (far, near)
         x, xr = (torch.tensor([r], dtype=dtype, device=device) for r in (x, xr))
-        out = _op(backend)(x, xr, direction=direction).double().cpu()
         truth = reference.kl_divergence(x.double(), xr.double(), direction=direction).cpu()
-        assert 5e-29 < float(truth) < 7e-29  # the case this test is about
-        assert float((out - truth).abs()) <= 1e-6 * float(truth), (float(out), float(truth))
+        assert 4e-29 < float(truth) < 7e-29  # the case this test is about
         _check(backend, x, xr, direction=direction)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_single_entry_rows_are_exactly_zero(bd, dtype):
+    """V = 1: both distributions are [1] and KL = 0 exactly, as plain PyTorch gives. Found by the
+    fuzzer (bf16 [1, 1], per-row tau 16.7): Triton gave 1.4e-8, its sums then relative to
+    a / tau with a = (x / tau rounded) tau rounded, an ulp from x, so s1 = 2^{(x - a) k} != 1.
+    The pair pass now sums relative to the max logit itself."""
+    backend, device = bd
+    x = torch.tensor([[0.0737], [3.0781], [-41.5]], dtype=dtype, device=device)
+    xr = torch.tensor([[3.0781], [0.0737], [7.25]], dtype=dtype, device=device)
+    for t in (torch.tensor([16.714989565055827, 0.07, 1.3], dtype=torch.float64), 0.7, 1.0):
+        for direction in DIRECTIONS:
+            t_dev = t.to(device) if isinstance(t, torch.Tensor) else t
+            out = _op(backend)(x, xr, direction=direction, temperature=t_dev, ref_temperature=3.1)
+            assert torch.equal(out.cpu(), torch.zeros(3)), (t, direction, out)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_peaked_rows_at_temperatures(bd, direction):
+    """A spike of 17..22 over ~5.4 +- 0.8 at tau 0.78: p is one-hot but for 1e-7..1e-5, so s1 =
+    1 + small, and the KL to the same row + 3 at a per-row tau of 0.3..0.6 is 1e-5..1e-4.
+    Triton summed s1 in fp32, where the rest kept ulp(1) = 1.2e-7 of itself: 1.7e-7 off,
+    allowed 1.1e-7 (plain PyTorch 5.5e-8; the fuzzer's bf16 [2, 64]: 1.6e-7, plain 3.9e-8). Its
+    pair pass now keeps s1 - 1 apart: 8.6e-8."""
+    backend, device = bd
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 64, generator=g, dtype=torch.float64) * 0.8 + 5.4
+    x[:, 21] = torch.tensor([17.0, 18.0, 19.0, 20.0, 21.0, 22.0], dtype=torch.float64)
+    x = x.to(torch.bfloat16)
+    xr = (x.double() + 3.0).to(torch.bfloat16)
+    tr = torch.tensor([0.3857, 0.5, 0.45, 0.3, 0.6, 0.35], dtype=torch.float64)
+    _check(backend, x.to(device), xr.to(device), direction=direction, temperature=0.78,
+           ref_temperature=tr.to(device))  # fmt: skip
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

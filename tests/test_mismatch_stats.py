@@ -148,6 +148,23 @@ def test_one_hot_rows_token_kl_is_zero(bd, temperature):
     _check(backend, x.to(device), y.to(device), lp.to(device), **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_single_entry_rows_are_exact(bd, dtype):
+    """V = 1: logprob and token_kl are exactly 0, as plain PyTorch gives, at any temperatures.
+    Found by the fuzzer (fp16 [1, 1], per-row tau): Triton's token_kl was 4.5e-10, its sums
+    then relative to (x / tau rounded) tau rounded, an ulp from x."""
+    backend, device = bd
+    x = torch.tensor([[0.0739], [3.0781], [-41.5]], dtype=dtype, device=device)
+    xr = torch.tensor([[1.5], [0.0737], [7.25]], dtype=dtype, device=device)
+    y = torch.zeros(3, dtype=torch.long, device=device)
+    lp = torch.full((3,), -0.25, device=device)
+    t = torch.tensor([16.714989565055827, 0.07, 1.3], dtype=torch.float64, device=device)
+    for kw in (dict(temperature=t), dict(temperature=0.7, rollout_temperature=t), {}):
+        out = _op(backend)(x, y, lp, rollout_logits=xr, **kw)
+        assert torch.equal(out.logprob.cpu(), torch.zeros(3)), (kw, out.logprob)
+        assert torch.equal(out.token_kl.cpu(), torch.zeros(3)), (kw, out.token_kl)
+
+
 @pytest.mark.backends("cpu")
 def test_near_equal_rows_fp32_token_kl(bd):
     """token_kl of fp32 rows whose rollout logits differ by noise of 1e-3 or 0.1 (V = 257, one

@@ -265,6 +265,24 @@ def test_ignore_index_rows(backend_device):
     assert (xg.grad[[1, 3]] == 0).all() and (xg.grad[[0, 2]] != 0).any()
 
 
+@pytest.mark.parametrize("upstream", [float("inf"), float("nan")])
+def test_ignored_rows_ignore_a_non_finite_upstream_gradient(backend_device, upstream):
+    """An ignored row's gradient is 0 whatever its upstream gradient: sqrt(collision) has an
+    infinite derivative at an ignored row's collision = 0. Triton gave NaN there, its
+    coefficients formed as 0 (1 / tau of an ignored row) times inf."""
+    backend, device = backend_device
+    x = make_logits(3, 7, torch.float32, device=device, seed=6).requires_grad_()
+    y = torch.tensor([2, -100, 5], device=device)
+    out = _op(backend)(x, y)
+    g = torch.ones(3, device=device)
+    g[1] = upstream
+    for field in ("logprob", "entropy", "collision", "lse"):
+        x.grad = None
+        (getattr(out, field) * g).sum().backward(retain_graph=True)
+        assert bool((x.grad[1] == 0).all()), (field, x.grad[1])
+        assert bool(x.grad[[0, 2]].isfinite().all()), field
+
+
 def test_strided_input_is_read_in_place(backend_device):
     """logits[:, :-1] of [B, T+1, V] (the shifted view trainers use) and a row slice."""
     backend, device = backend_device

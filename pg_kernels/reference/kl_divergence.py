@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels.reference._util import compute_dtype, finish, invalid_rows, label_mask, scaled
+from pg_kernels.reference._util import (
+    compute_dtype,
+    finish,
+    invalid_rows,
+    label_mask,
+    log_softmax_keeping_rest,
+    scaled,
+)
 
 DIRECTIONS = ("reverse", "forward")
 
@@ -47,7 +54,11 @@ def kl_divergence(
     dtype = compute_dtype(logits.dtype, upcast)
     z = scaled(logits, temperature, dtype)
     zr = scaled(ref_logits, temperature if ref_temperature is None else ref_temperature, dtype)
-    logp, logq = z.log_softmax(-1), zr.log_softmax(-1)
+    # The truth keeps each normalizer's s1 - 1; plain PyTorch (upcast=False) is log_softmax.
+    if upcast:
+        logp, logq = log_softmax_keeping_rest(z), log_softmax_keeping_rest(zr)
+    else:
+        logp, logq = z.log_softmax(-1), zr.log_softmax(-1)
     kl = _kl(logp, logq) if direction == "reverse" else _kl(logq, logp)
     keep, _ = label_mask(labels, ignore_index)
     return finish(kl, invalid_rows(z) | invalid_rows(zr), keep)

@@ -13,13 +13,18 @@ exponent of an entry is one fma x k - r with k = log2(e) / tau and r = (lane max
 rounding r cancels exactly in the merge, so the error is relative to z - m, not to z.
 u takes d_w - d_v from exact differences of the logits at temperature 1, from the exponents
 otherwise (each rounded relative to z - m, as z = x / tau itself would be relative to z).
-A chunk's sums are relative to a / tau, a = (x_max / tau rounded) * tau rounded: the raw logit
-the backward rebuilds from the saved max (`row_exponent`), usually x_max itself, so that the
-backward's d_w - d_v and the forward's c = E_w[d_w - d_v] cancel exactly at a shared max
-(relative to the rounded max instead, they were ulp(z) / 2 apart: a gradient of -2.0e-3 where
-the truth is 0, two one-hot rows at tau 0.07). The lane holding a chunk's max adds that entry
-back as exactly 2^{(x_max - a) k} (1 when a = x_max), not as 2^-rho 2^rho rounded: a one-hot
-row sums to exactly 1 (its KL was 6e-8 where the truth is 0).
+A chunk's sums are relative to its max logit's own z, x_max / tau unrounded (e = x_max / tau -
+m, the exact residual of the division rounded once, goes with m into the merges). The lane
+holding the max counts that entry as exactly 1, not as 2^-rho 2^rho rounded, and each side's
+sum is kept as r = s1 - 1 (the rest; `PARTIAL`): a one-hot or single-entry row sums to exactly
+1 (its KL was 6e-8, then 1.4e-8 at V = 1 under a temperature, where the truth is 0), and a
+peaked row's rest keeps its own 24 bits instead of ulp(1). The finish kernels evaluate the KL
+in fp64 (`finalize_kl`: log1p of the rests, the logs cancelled first) and hand the backward
+log s1 and c = E_w[d_w - d_v] moved to a / tau, a = (x_max / tau rounded) * tau rounded, the
+raw logit it rebuilds from the saved max (`row_exponent`, `reference_shift`: a shift of 0 when
+a = x_max, as usual), so that the backward's d_w - d_v and the forward's c cancel exactly at a
+shared max (relative to the rounded max instead, they were ulp(z) / 2 apart: a gradient of
+-2.0e-3 where the truth is 0, two one-hot rows at tau 0.07).
 A term with v_j = 0 (x_v = -inf) under x_w > -inf makes u infinite or NaN: the chunk's `inf`
 flag (its u is stored as 0). A side holding a NaN or +inf has a NaN sum, hence a NaN max; the
 two sides stay independent, so a broken rollout row leaves the logits' normalizer intact.
@@ -28,7 +33,7 @@ The chunk's state goes to `partials` [PARTIAL, n_chunks, N] (chunk-major: the me
 consecutive rows), and the op's finish kernel merges each row's chunks in chunk order with
 `merge_row`: a fixed order, elementwise over rows, so results are deterministic and batch
 invariant. Partial-state traffic is 32 (fp32) or 64 (fp64) bytes per chunk and row (each side's max
-carries its e = a / tau - max into the merges): V = 151936 bf16 has 10 chunks per row, 320 B
+carries its e into the merges): V = 151936 bf16 has 10 chunks per row, 320 B
 against 608 KiB of logits read.
 
 GPU design (sm_90, compiled offline by .ci/check_triton_sm90.py; not yet timed on a GPU): the
@@ -48,18 +53,23 @@ import triton
 import triton.language as tl
 
 from pg_kernels.triton._common import (
-    D_MIN,
     INTERPRETED,
     LOG2E,
     div_acc,
     exp_acc,
+    floor_log_ratio,
+    log1p_acc,
     max_nan,
+    round_to,
     row_offset,
 )
 
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Fields of a chunk's partial state: m_w, s1_w, m_v, s1_v, u, inf (0 or 1), eps_w, eps_v.
+# Fields of a chunk's partial state: m_w, s1_w - 1, m_v, s1_v - 1, u, inf (0 or 1), e_w, e_v.
+# Each side's sum is kept as r = s1 - 1, the sum without its max entry (exactly 1): a peaked
+# row's s1 = 1 + 2.6e-6 rounded to fp32 lost ulp(1) = 1.2e-7 of a log s1 ~ 2.6e-6 (a KL of
+# 4.1e-5 off by 1.6e-7, plain PyTorch 3.9e-8); r keeps its own 24 bits (log1p in the finish).
 PARTIAL = 8
 # Rows per program of the finish kernels: they move ~32 bytes per (row, chunk).
 FINISH_BLOCK_R = 128
@@ -91,13 +101,14 @@ def _rescale_factor(m_old, e_old, m_new, e_new):
 
 
 @triton.jit
-def merge_pair(m_w, s_w, m_v, s_v, u, inf, e_w, e_v, bm_w, bs_w, bm_v, bs_v, bu, binf, be_w,
+def merge_pair(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, bm_w, br_w, bm_v, br_v, bu, binf, be_w,
                be_v):  # fmt: skip
     """merge_pair of softmax_stats.h, elementwise: both states rescaled to the joint maxes.
 
         u <- e^{D_w} (u + (D_w - D_v) s1_w)   per state, D = m_state - m_joint
     A NaN max (a broken side) makes that side's sums and u NaN, never the other side's sums.
     e_w, e_v: each side's sums are relative to m + e (`_side_total`); e goes with its max.
+    r_w, r_v: each side's s1 - 1 (`PARTIAL`).
     """
     new_w = max_nan(m_w, bm_w)
     new_v = max_nan(m_v, bm_v)
@@ -107,10 +118,17 @@ def merge_pair(m_w, s_w, m_v, s_v, u, inf, e_w, e_v, bm_w, bs_w, bm_v, bs_v, bu,
     dv_a, av = _rescale_factor(m_v, e_v, new_v, ne_v)
     dw_b, bw = _rescale_factor(bm_w, be_w, new_w, ne_w)
     dv_b, bv = _rescale_factor(bm_v, be_v, new_v, ne_v)
-    u = aw * (u + (dw_a - dv_a) * s_w) + bw * (bu + (dw_b - dv_b) * bs_w)
-    s_w = aw * s_w + bw * bs_w
-    s_v = av * s_v + bv * bs_v
-    return new_w, s_w, new_v, s_v, u, tl.maximum(inf, binf), ne_w, ne_v
+    u = aw * (u + (dw_a - dv_a) * (1.0 + r_w)) + bw * (bu + (dw_b - dv_b) * (1.0 + br_w))
+    return (new_w, _merge_rest(aw, r_w, bw, br_w), new_v, _merge_rest(av, r_v, bv, br_v), u,
+            tl.maximum(inf, binf), ne_w, ne_v)  # fmt: skip
+
+
+@triton.jit
+def _merge_rest(fa, ra, fb, rb):
+    """s1 - 1 of fa (1 + ra) + fb (1 + rb) without forming either sum: fa ra + fb rb + (fa + fb
+    - 1), the last as (max - 1) + min, exact where the larger factor is 1 (the state holding
+    the joint max; 0 for two empty states, whose s1 - 1 is -1)."""
+    return fa * ra + fb * rb + ((tl.maximum(fa, fb) - 1.0) + tl.minimum(fa, fb))
 
 
 @triton.jit
@@ -163,17 +181,30 @@ def lane_floor(k):
 
 
 @triton.jit
-def row_exponent(m, log_s1, tau, DIVIDE: tl.constexpr):
+def max_logit(m, tau, XDT: tl.constexpr):
+    """The raw logit whose z is m: m tau rounded, and rounded once more to the logits' dtype XDT
+    when that is 16-bit, where it is then the max logit itself (m tau is within 2^-23 of it,
+    far inside half a 16-bit ulp): a single-entry or one-hot row's max then has exponent
+    exactly 0 in the backward, as in the forward's sums (`_side_total`). fp32 and fp64 logits
+    keep m tau, usually the max logit, else an ulp from it (`reference_shift`)."""
+    a = m * tau
+    if XDT.primitive_bitwidth == 16:
+        a = round_to(a, XDT).to(m.dtype)
+    return a
+
+
+@triton.jit
+def row_exponent(m, log_s1, tau, DIVIDE: tl.constexpr, XDT: tl.constexpr):
     """(a, k, b) with (x - a) * k - b = (x / tau - a / tau - log_s1) * base, the exponent of a
     probability e^{z - a / tau - log s1} from a raw logit x (base = log2 e in fp32, 1 in fp64),
     with no division per element: a = m tau rounded, the row's max logit (or within an ulp of
     it), so x - a is exact or rounded relative to itself, k = base / tau and b = log s1 base.
-    The pair pass sums relative to this same a / tau (`_side_total`), not to the rounded m: an
-    entry at the max gets exponent -log s1 exactly, and the errors are relative to |z - m| and
-    |log s1|, never to |z|. Without DIVIDE: a = m."""
+    The finish kernels hand over log s1 relative to this same a / tau (`reference_shift`), not
+    to the rounded m: an entry at the max gets exponent -log s1 exactly, and the errors are
+    relative to |z - m| and |log s1|, never to |z|. Without DIVIDE: a = m."""
     k = lane_scale(tau, DIVIDE)
     if DIVIDE:
-        a = m * tau
+        a = max_logit(m, tau, XDT)
         if m.dtype == tl.float64:
             b = log_s1
         else:
@@ -204,22 +235,32 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE: tl.constexpr)
     mv_new = tl.maximum(mv, tl.max(xv, 1))
     rw_new = mw_new * kw
     rv_new = mv_new * kv
-    dw = rw - rw_new
-    dv = rv - rv_new
-    aw = exp_base(dw)
-    av = exp_base(dv)
-    ew = exp_base(fma_acc(xw, kw, -rw_new[:, None]))
-    tv = fma_acc(xv, kv, -rv_new[:, None])
-    ev = exp_base(tv)
     if DIVIDE:
+        dw = rw - rw_new
+        dv = rv - rv_new
+        ew = exp_base(fma_acc(xw, kw, -rw_new[:, None]))
+        tv = fma_acc(xv, kv, -rv_new[:, None])
+        ev = exp_base(tv)
         diff = fma_acc(xw, kw, -rw_new[:, None]) - tv
         shift = dw - dv
     else:
-        diff = (xw - xv) - (mw_new - mv_new)[:, None]
+        # At temperature 1 the exponents are (x - m) k, relative to the lane max itself: exact
+        # differences of 16-bit logits, so two rows that differ by a constant get the same
+        # exps bitwise and a KL of exactly 0 (one fma x k - fl(m k) rounded each row
+        # differently: 3.9e-8 where plain PyTorch has 0).
+        dxw = xw - mw_new[:, None]
+        dxv = xv - mv_new[:, None]
+        dw = (mw - mw_new) * kw
+        dv = (mv - mv_new) * kv
+        ew = exp_base(dxw * kw)
+        ev = exp_base(dxv * kv)
+        diff = dxw - dxv
         shift = (mw - mw_new) - (mv - mv_new)
+    aw = exp_base(dw)
+    av = exp_base(dv)
     # x_w = -inf: diff = -inf (or NaN with x_v = -inf too) meets e_w = 0; the floor makes the
-    # term 0. Written as a select, which drops NaN on the GPU and in the interpreter alike.
-    diff = tl.where(diff > D_MIN, diff, D_MIN)
+    # term 0.
+    diff = floor_log_ratio(diff)
     u = aw * (u + shift * sw) + tl.sum(ew * diff, 1)
     sw = aw * sw + tl.sum(ew, 1)
     sv = av * sv + tl.sum(ev, 1)
@@ -229,31 +270,38 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE: tl.constexpr)
 @triton.jit
 def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr):
     """One side of a chunk from its lanes: (max in z units, raw max, lane -> chunk exponent,
-    2^exponent, sum, e: the sums are relative to mz + e, e = 0 without DIVIDE)."""
+    2^exponent, the sum less its max entry's 1, e: the sums are relative to mz + e, e = 0
+    without DIVIDE)."""
     mc = tl.max(m, 0)
+    mz = div_acc(mc, tau) if DIVIDE else mc
+    # The chunk's sums are relative to the raw max itself, mc / tau unrounded: its entry is
+    # exactly 1, so a single-entry (or one-hot) row sums to exactly 1 on each side and its KL
+    # is exactly 0 (relative to a = mz tau rounded, which can differ from mc by an ulp, it was
+    # 1.4e-8, V = 1 at tau 16.7). e = mc / tau - mz, the exact residual of the division
+    # rounded once, goes with mz into the merges; `reference_shift` moves the row's sums to
+    # the a / tau the backward rebuilds from mz.
+    # c: each lane's exponents moved to the chunk's reference.
     if DIVIDE:
-        mz = div_acc(mc, tau)
-        # The chunk's sums are relative to a / tau, a = mz tau rounded: the raw logit the
-        # backward rebuilds from the saved mz (row_exponent), usually x_max itself. e = a / tau
-        # - mz, the shift from mz to that reference, goes with mz into the merges.
-        a = mz * tau
-        e = div_acc(-fma_acc(mz, tau, -a), tau)
+        e = div_acc(-fma_acc(mz, tau, -mc), tau)
+        c = fma_acc(-mc, k, r)  # r - mc k in one rounding: the lane's r cancels exactly
     else:
-        mz = mc
-        a = mc
         e = mc * 0
-    c = fma_acc(-a, k, r)  # r - a k in one rounding: the lane's r cancels exactly
+        c = (m - mc) * k  # the lanes' exponents are relative to their max itself
     # An empty lane (still at the floor) adds nothing; its r is ~1e38, rounded by ~1e31.
     f = tl.where(m == floor, 0.0, exp_base(c))
     # A lane holding the chunk max summed that entry as E = 2^rho (rho = m k - r, the rounding
     # of r) and f E, 2^-rho 2^rho rounded, is 1 - 2^-24 as often as 1: a one-hot row's KL came
     # out 6e-8 where the truth and plain PyTorch have 0. Its term is taken out of the lane sum
-    # (the loop's own E, bitwise) and added back as 2^{(m - a) k}, exactly 1 when a = x_max.
+    # (the loop's own E, bitwise) and counted as exactly 1: the chunk's r = s1 - 1 is the rest,
+    # plus 1 for each further lane that holds the max too (a tie).
     top = (m == mc) & (m != floor)
-    e_top = exp_base(fma_acc(m, k, -tl.where(top, r, m * k)))
-    one = exp_base(tl.where(top, m - a, 0.0) * k)
-    total = tl.sum(tl.where(top, (s - e_top) * f + one, f * s), 0)
-    return mz, mc, c, f, total, e
+    if DIVIDE:
+        e_top = exp_base(fma_acc(m, k, -tl.where(top, r, m * k)))
+    else:
+        e_top = exp_base((m - m) * k)  # 1 (0 * k), as the loop formed it
+    ties = tl.maximum(tl.sum(top.to(s.dtype), 0) - 1.0, 0.0)
+    rest = tl.sum(tl.where(top, (s - e_top) * f, f * s), 0) + ties
+    return mz, mc, c, f, rest, e
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -313,8 +361,8 @@ def pair_chunk_kernel(
         xv = tl.load(v_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
         mw, mv, rw, rv, sw, sv, u = _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE)
     # One cross-lane merge per chunk: each lane moved to the chunk's max (merge_pair per lane).
-    m_w, mc_w, cw, fw, s_w, e_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE)
-    m_v, mc_v, cv, fv, s_v, e_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE)
+    m_w, mc_w, cw, fw, r_w, e_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE)
+    m_v, mc_v, cv, fv, r_v, e_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE)
     if DIVIDE:
         u = tl.sum(fw * (u + (cw - cv) * sw), 0)
         if ACC != tl.float64:
@@ -327,14 +375,14 @@ def pair_chunk_kernel(
     nan = float("nan")
     # A NaN or +inf logit makes that side's sum NaN (a NaN max or inf - inf): the side is NaN.
     # A side with no logit above the floor (all -inf) is empty: max -inf, sums 0.
-    m_w = tl.where(s_w != s_w, nan, tl.where(mc_w == floor_w, float("-inf"), m_w))
-    m_v = tl.where(s_v != s_v, nan, tl.where(mc_v == floor_v, float("-inf"), m_v))
+    m_w = tl.where(r_w != r_w, nan, tl.where(mc_w == floor_w, float("-inf"), m_w))
+    m_v = tl.where(r_v != r_v, nan, tl.where(mc_v == floor_v, float("-inf"), m_v))
     idx = chunk.to(tl.int64) * N + row
     plane = tl.num_programs(1).to(tl.int64) * N
     tl.store(part_ptr + idx, m_w)
-    tl.store(part_ptr + plane + idx, s_w)
+    tl.store(part_ptr + plane + idx, r_w)
     tl.store(part_ptr + 2 * plane + idx, m_v)
-    tl.store(part_ptr + 3 * plane + idx, s_v)
+    tl.store(part_ptr + 3 * plane + idx, r_v)
     tl.store(part_ptr + 4 * plane + idx, u)
     tl.store(part_ptr + 5 * plane + idx, inf)
     # A side that is empty or NaN has no residual to carry (and e would be NaN).
@@ -344,13 +392,14 @@ def pair_chunk_kernel(
 
 @triton.jit
 def merge_row(part_ptr, rows, rmask, N, n_chunks):
-    """The merged pair state of `rows` from their n_chunks partial states, in chunk order (its
-    sums relative to (m tau rounded) / tau: what `row_exponent` rebuilds from m)."""
+    """The merged pair state of `rows` from their n_chunks partial states, in chunk order: each
+    side's s1 - 1 (`PARTIAL`), relative to m + e (`_side_total`: the row's max logit / tau,
+    unrounded; `reference_shift` moves them to what `row_exponent` rebuilds from m)."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     m_w = tl.full(rows.shape, float("-inf"), ACC)
     m_v = tl.full(rows.shape, float("-inf"), ACC)
-    s_w = tl.zeros(rows.shape, ACC)
-    s_v = tl.zeros(rows.shape, ACC)
+    r_w = tl.zeros(rows.shape, ACC) - 1.0  # s1 - 1 of the empty state
+    r_v = tl.zeros(rows.shape, ACC) - 1.0
     u = tl.zeros(rows.shape, ACC)
     inf = tl.zeros(rows.shape, ACC)
     e_w = tl.zeros(rows.shape, ACC)
@@ -360,8 +409,8 @@ def merge_row(part_ptr, rows, rmask, N, n_chunks):
     for _ in range(0, n_chunks):
         idx = chunk_off + rows
         chunk_off += N
-        m_w, s_w, m_v, s_v, u, inf, e_w, e_v = merge_pair(
-            m_w, s_w, m_v, s_v, u, inf, e_w, e_v,
+        m_w, r_w, m_v, r_v, u, inf, e_w, e_v = merge_pair(
+            m_w, r_w, m_v, r_v, u, inf, e_w, e_v,
             tl.load(part_ptr + idx, mask=rmask, other=float("-inf")),
             tl.load(part_ptr + plane + idx, mask=rmask, other=0.0),
             tl.load(part_ptr + 2 * plane + idx, mask=rmask, other=float("-inf")),
@@ -371,7 +420,7 @@ def merge_row(part_ptr, rows, rmask, N, n_chunks):
             tl.load(part_ptr + 6 * plane + idx, mask=rmask, other=0.0),
             tl.load(part_ptr + 7 * plane + idx, mask=rmask, other=0.0),
         )  # fmt: skip
-    return m_w, s_w, m_v, s_v, u, inf
+    return m_w, r_w, m_v, r_v, u, inf, e_w, e_v
 
 
 @triton.jit
@@ -380,23 +429,57 @@ def side_is_valid(m):
 
 
 @triton.jit
-def finalize_kl(m_w, s_w, m_v, s_v, u, inf):
-    """KL(w || v) of a merged state (finalize_kl in softmax_stats.h): NaN if a side is invalid
-    (all -inf, NaN or +inf), +inf if some w_j > 0 has v_j = 0, else u / s1_w - log s1_w +
-    log s1_v clamped at 0. Also returns log s1 of each side and c = u / s1_w (the backward's
-    shift; kl_grad_shift), from a dummy state for an invalid side (no log(0) or 0 / 0)."""
+def reference_shift(m, e, tau, DIVIDE: tl.constexpr, XDT: tl.constexpr):
+    """delta = e - e_a, both in z units: from a merged side's reference m + e (its max logit /
+    tau, `_side_total`) to a / tau, a = `max_logit`, the reference `row_exponent` rebuilds
+    from m (e_a = a / tau - m, formed as `_side_total` forms e, so delta is exactly 0 when
+    a is the max logit: always for 16-bit logits, usually for fp32). 0 without DIVIDE and for
+    an invalid side."""
+    if DIVIDE:
+        ok = side_is_valid(m)
+        m0 = tl.where(ok, m, 0.0)
+        e_a = div_acc(-fma_acc(m0, tau, -max_logit(m0, tau, XDT)), tau)
+        return tl.where(ok, e - e_a, 0.0)
+    else:
+        return tl.zeros(m.shape, m.dtype)
+
+
+@triton.jit
+def _finalize_kl_f64(m_w, r_w, m_v, r_v, u, inf, dw, dv):
+    """finalize_kl's arithmetic (finalize_kl in softmax_stats.h) in fp64: NaN if a side is
+    invalid (all -inf, NaN or +inf), +inf if some w_j > 0 has v_j = 0, else u / s1_w +
+    (log s1_v - log s1_w) clamped at 0 (the two logs first: equal normalizers cancel exactly).
+    Also each side's log s1 + delta and c + dw - dv, c = u / s1_w (the backward's shift,
+    kl_grad_shift), both moved to `row_exponent`'s references by `reference_shift`'s deltas,
+    from a dummy state for an invalid side (no log(0) or 0 / 0)."""
     ok_w = side_is_valid(m_w)
     ok_v = side_is_valid(m_v)
     valid = ok_w & ok_v
     # Each side is replaced on its own: a broken rollout row keeps the logits' log s1 exact.
-    s_w = tl.where(ok_w, s_w, 1.0)
-    s_v = tl.where(ok_v, s_v, 1.0)
-    l_w = tl.log(s_w)
-    l_v = tl.log(s_v)
-    c = div_acc(u, s_w)
-    kl = tl.maximum(c - l_w + l_v, 0.0)
+    r_w = tl.where(ok_w, r_w, 0.0)
+    r_v = tl.where(ok_v, r_v, 0.0)
+    l_w = log1p_acc(r_w)
+    l_v = log1p_acc(r_v)
+    c = u / (1.0 + r_w)
+    kl = tl.maximum(c + (l_v - l_w), 0.0)
     kl = tl.where(inf > 0, float("inf"), kl)
-    return tl.where(valid, kl, float("nan")), l_w, l_v, c
+    return tl.where(valid, kl, float("nan")), l_w + dw, l_v + dv, c + (dw - dv)
+
+
+@triton.jit
+def finalize_kl(m_w, r_w, m_v, r_v, u, inf, dw, dv):
+    """(KL(w || v), log s1_w, log s1_v, c) of a merged state (r = s1 - 1), the last three
+    relative to `row_exponent`'s references (dw, dv: `reference_shift`), each evaluated in fp64 and
+    rounded once to the state's dtype (per row, so free): KL cancels O(1) terms to a small
+    number, and three fp32 roundings of log s1 ~ 5 would be ~1e-7 absolute (3.2e-7 against
+    plain PyTorch's 1.4e-7 on near-uniform bf16 rows of 261 at tau 0.16, a fuzzer find)."""
+    ACC: tl.constexpr = r_w.dtype
+    f64 = tl.float64
+    kl, l_w, l_v, c = _finalize_kl_f64(
+        m_w.to(f64), r_w.to(f64), m_v.to(f64), r_v.to(f64), u.to(f64), inf.to(f64), dw.to(f64),
+        dv.to(f64),
+    )  # fmt: skip
+    return kl.to(ACC), l_w.to(ACC), l_v.to(ACC), c.to(ACC)
 
 
 def pair_partials(

@@ -35,9 +35,11 @@ import triton
 import triton.language as tl
 
 from pg_kernels.triton._common import (
-    D_MIN,
     acc_dtype_of,
     div_acc,
+    exp_acc,
+    expm1_acc,
+    floor_log_ratio,
     per_row_temperature,
     round_to,
     row_blocking,
@@ -52,6 +54,7 @@ from pg_kernels.triton._pair import (
     merge_row,
     needs_division,
     pair_partials,
+    reference_shift,
     row_exponent,
     side_is_valid,
 )
@@ -62,17 +65,23 @@ ROW_STATE = 5  # (m, log s1) of the logits, of the reference, then c = E_w[d_w -
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _fwd_finish_kernel(
-    part_ptr, labels_ptr, kl_ptr, st_ptr, N, n_chunks, ignore_index,
-    HAS_LABELS: tl.constexpr, REVERSE: tl.constexpr, BLOCK_R: tl.constexpr,
+    part_ptr, x_ptr, labels_ptr, tw_ptr, tv_ptr, kl_ptr, st_ptr, N, n_chunks, ignore_index,
+    HAS_LABELS: tl.constexpr, REVERSE: tl.constexpr, DIVIDE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_R rows per program: merge each row's chunk states, write kl and the row state."""
+    """BLOCK_R rows per program: merge each row's chunk states, write kl and the row state
+    (tw_ptr, tv_ptr: the weight and the other side's temperatures; x_ptr: the logits, for their
+    dtype)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     keep = rmask
     if HAS_LABELS:
         keep = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64) != ignore_index
-    m_w, s_w, m_v, s_v, u, inf = merge_row(part_ptr, rows, rmask, N, n_chunks)
-    kl, l_w, l_v, c = finalize_kl(m_w, s_w, m_v, s_v, u, inf)
+    m_w, s_w, m_v, s_v, u, inf, e_w, e_v = merge_row(part_ptr, rows, rmask, N, n_chunks)
+    XDT: tl.constexpr = x_ptr.dtype.element_ty
+    dw = reference_shift(m_w, e_w, tl.load(tw_ptr + rows, mask=rmask, other=1.0), DIVIDE, XDT)
+    dv = reference_shift(m_v, e_v, tl.load(tv_ptr + rows, mask=rmask, other=1.0), DIVIDE, XDT)
+    kl, l_w, l_v, c = finalize_kl(m_w, s_w, m_v, s_v, u, inf, dw, dv)
     nan = float("nan")
     # SideState: (m, log s1) of a side, NaN when that side is invalid.
     ok_w = side_is_valid(m_w)
@@ -93,36 +102,54 @@ def _fwd_finish_kernel(
 
 
 @triton.jit
-def _bwd_block(xw, xv, a_w, k_w, b_w, a_v, k_v, b_v, c_shift, s_w, s_v, DIVIDE: tl.constexpr):
+def _bwd_block(xw, xv, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, DIVIDE: tl.constexpr):
     """Both gradients of one block from the raw logits of each side.
 
-    w_j = 2^{t_w}, t_w = (x_w - a_w) k_w - b_w (`row_exponent`), and likewise v_j. The weight
-    side needs (d_w - d_v) - c: without DIVIDE (x_w - m_w) - (x_v - m_v) - c, exact differences
-    of the logits rounded relative to the result (the one-pass bound of the tests); with DIVIDE
-    (t_w - t_v) ln 2 - (c - l_w + l_v), each t rounded relative to log w_j, not to z.
+    e_w = 2^{p_w}, p_w = (x_w - a_w) k_w: e^{d_w} relative to the row max (`row_exponent`'s a),
+    rounded relative to d_w, not to log w_j = d_w - log s1_w; likewise e_v. The row's 1 / s1, c
+    and g / tau are folded into the factors (`_bwd_factors`):
+        w_j s_w ((d_w - d_v) - c) = e_w (r f_wr - f_wc),  r = d_w - d_v in the exponents' units
+        (v_j - w_j) s_v = (e_v - e_w) f_vv - e_w f_d
+    each probability then carries plain softmax's rounding, eps (|d| + 1), not eps |log p|
+    (fp32 [2, 40]: 7.5e-8 off where plain PyTorch was 3.1e-8), and the normalizers never cancel
+    (f_d). r: without DIVIDE (x_w - a_w) - (x_v - a_v), exact differences of the logits rounded
+    relative to the result (the one-pass bound of the tests); with DIVIDE p_w - p_v, each p
+    rounded relative to d, not to z.
     """
-    ACC: tl.constexpr = s_w.dtype
+    ACC: tl.constexpr = f_vv.dtype
     dxw = xw.to(ACC) - a_w
     dxv = xv.to(ACC) - a_v
-    tw = fma_acc(dxw, k_w, -b_w)
-    tv = fma_acc(dxv, k_v, -b_v)
-    w = exp_base(tw)
-    v = exp_base(tv)
+    pw = dxw * k_w
+    pv = dxv * k_v
+    ew = exp_base(pw)
+    ev = exp_base(pv)
     if DIVIDE:
-        if ACC == tl.float64:
-            shifted = (tw - tv) - c_shift
-        else:
-            shifted = fma_acc(tw - tv, c_shift * 0 + LN2, -c_shift)
+        r = pw - pv
     else:
-        shifted = (dxw - dxv) - c_shift
-    # d/dz_w of sum w (log w - log v) = w_j ((d_w - d_v) - c). Where w_j = 0 (x_w = -inf) the
-    # difference is -inf or NaN: floored (a select, NaN-free on the GPU and the interpreter).
-    # x_v = -inf under w_j > 0 is a KL = +inf row, NaN through s_w.
-    shifted = tl.where(shifted > D_MIN, shifted, D_MIN)
-    grad_w = (w * s_w) * shifted
-    # d/dz_v of -sum w log v = v_j - w_j
-    grad_v = (v - w) * s_v
+        r = dxw - dxv
+    # Where w_j = 0 (x_w = -inf) r is -inf or NaN: floored, so the product is 0 (r > -150 log2
+    # units wherever e_w > 0, far above the floor). x_v = -inf under w_j > 0 is a KL = +inf
+    # row, NaN through f_wr.
+    grad_w = ew * fma_acc(floor_log_ratio(r), f_wr, -f_wc)
+    grad_v = fma_acc(ev - ew, f_vv, -(ew * f_d))
     return grad_w, grad_v
+
+
+@triton.jit
+def _bwd_factors(l_w, l_v, dl, c, s_w, s_v, DIVIDE: tl.constexpr):
+    """(f_wr, f_wc, f_vv, f_d) of `_bwd_block`, s = g / tau of a gradient's side: f_ww =
+    s_w / s1_w, f_wr = f_ww in r's units (ln 2 per log2 unit with DIVIDE in fp32), f_wc = c f_ww,
+    f_vv = s_v / s1_v and f_d = s_v / s1_w - f_vv = f_vv expm1(dl), dl = log s1_v - log s1_w,
+    so that the other side's v_j - w_j never cancels the two normalizers (at a shared max
+    e_v = e_w = 1 and v_j - w_j = -f_d alone: a near one-hot row's s1 = 1 + 1e-5 left that
+    difference to the rounding of e^{dl} = 1 + 1e-5, 5 % off)."""
+    f_ww = s_w * exp_acc(-l_w)
+    f_vv = s_v * exp_acc(-l_v)
+    f_wr = f_ww
+    if DIVIDE:
+        if f_ww.dtype != tl.float64:
+            f_wr = f_ww * LN2
+    return f_wr, c * f_ww, f_vv, f_vv * expm1_acc(dl)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -170,16 +197,17 @@ def _bwd_kernel(
     m_w, l_w = tl.where(compute, m_w, 0.0), tl.where(compute, l_w, 0.0)
     m_v, l_v = tl.where(compute, m_v, 0.0), tl.where(compute, l_v, 0.0)
     c = tl.where(compute & (kl < big), c, 0.0)
-    a_w, k_w, b_w = row_exponent(m_w, l_w, t_w, DIVIDE)
-    a_v, k_v, b_v = row_exponent(m_v, l_v, t_v, DIVIDE)
-    k_w, b_w = tl.where(compute, k_w, 0.0), tl.where(compute, b_w, 0.0)
-    k_v, b_v = tl.where(compute, k_v, 0.0), tl.where(compute, b_v, 0.0)
-    if DIVIDE:
-        # t_w - t_v = ((d_w - d_v) - l_w + l_v) log2 e, d = z - a / tau: the reference the
-        # pair pass summed relative to (row_exponent), so c cancels exactly at a shared max.
-        c_shift = c - l_w + l_v
-    else:
-        c_shift = c
+    XDT: tl.constexpr = x_ptr.dtype.element_ty
+    a_w, k_w, _ = row_exponent(m_w, l_w, t_w, DIVIDE, XDT)
+    a_v, k_v, _ = row_exponent(m_v, l_v, t_v, DIVIDE, XDT)
+    k_w = tl.where(compute, k_w, 0.0)
+    k_v = tl.where(compute, k_v, 0.0)
+    # c is relative to the a / tau `row_exponent` rebuilds (`reference_shift`): at a shared max
+    # p_w - p_v and c cancel exactly.
+    # log s1_v - log s1_w as KL - c, two small numbers where the rows are near-equal (the C++
+    # kernel's dl); from the logs on a KL = +inf row, whose other side is still exact.
+    dl = tl.where(kl < big, kl - c, l_v - l_w)
+    f_wr, f_wc, f_vv, f_d = _bwd_factors(l_w, l_v, tl.where(compute, dl, 0.0), c, s_w, s_v, DIVIDE)
     x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
     xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
     out = row.to(tl.int64) * V  # gradients are fresh contiguous tensors
@@ -187,31 +215,40 @@ def _bwd_kernel(
     n_valid = tl.minimum(V - start, CHUNK)  # the last chunk can end early
     n_full = n_valid // BLOCK_V
     lanes = tl.arange(0, BLOCK_V)
-    for i in range(0, n_full):
+    # Full blocks of computed rows: no masks (a masked load's fill values and predicates cost
+    # ~0.6 instructions per element pair here). Other rows read nothing: their gradient is a
+    # constant, 0 or NaN, stored by the second loop.
+    for i in range(0, tl.where(compute, n_full, 0)):
         cols = start + i * BLOCK_V + lanes
-        # A uniform mask: the loads stay vectorized.
-        xp = tl.load(x_row + cols, mask=compute, other=0.0)
-        xq = tl.load(xr_row + cols, mask=compute, other=0.0)
-        _bwd_store(xp, xq, gx_ptr + out + cols, gxr_ptr + out + cols, a_w, k_w, b_w, a_v, k_v,
-                   b_v, c_shift, s_w, s_v, cols >= 0, REVERSE, NEED_X, NEED_XR, DIVIDE)  # fmt: skip
+        xp = tl.load(x_row + cols)
+        xq = tl.load(xr_row + cols)
+        _bwd_store(xp, xq, gx_ptr + out + cols, gxr_ptr + out + cols, a_w, k_w, a_v, k_v, f_wr,
+                   f_wc, f_vv, f_d, None, REVERSE, NEED_X, NEED_XR, DIVIDE)  # fmt: skip
+    constant = tl.zeros([BLOCK_V], f_vv.dtype) + tl.where(nan_row, nan, 0.0)
+    for i in range(0, tl.where(compute, 0, n_full)):
+        cols = start + i * BLOCK_V + lanes
+        if NEED_X:
+            tl.store(gx_ptr + out + cols, round_to(constant, gx_ptr.dtype.element_ty))
+        if NEED_XR:
+            tl.store(gxr_ptr + out + cols, round_to(constant, gxr_ptr.dtype.element_ty))
     if n_full * BLOCK_V < n_valid:
         cols = start + n_full * BLOCK_V + lanes
         in_row = cols < V
         xp = tl.load(x_row + cols, mask=in_row & compute, other=0.0)
         xq = tl.load(xr_row + cols, mask=in_row & compute, other=0.0)
-        _bwd_store(xp, xq, gx_ptr + out + cols, gxr_ptr + out + cols, a_w, k_w, b_w, a_v, k_v,
-                   b_v, c_shift, s_w, s_v, in_row, REVERSE, NEED_X, NEED_XR, DIVIDE)  # fmt: skip
+        _bwd_store(xp, xq, gx_ptr + out + cols, gxr_ptr + out + cols, a_w, k_w, a_v, k_v, f_wr,
+                   f_wc, f_vv, f_d, in_row, REVERSE, NEED_X, NEED_XR, DIVIDE)  # fmt: skip
 
 
 @triton.jit
-def _bwd_store(xp, xq, gx, gxr, a_w, k_w, b_w, a_v, k_v, b_v, c_shift, s_w, s_v, mask,
+def _bwd_store(xp, xq, gx, gxr, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, mask,
                REVERSE: tl.constexpr, NEED_X: tl.constexpr, NEED_XR: tl.constexpr,
                DIVIDE: tl.constexpr):  # fmt: skip
     if REVERSE:
-        grad_w, grad_v = _bwd_block(xp, xq, a_w, k_w, b_w, a_v, k_v, b_v, c_shift, s_w, s_v, DIVIDE)
+        grad_w, grad_v = _bwd_block(xp, xq, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, DIVIDE)
         grad_x, grad_xr = grad_w, grad_v
     else:
-        grad_w, grad_v = _bwd_block(xq, xp, a_w, k_w, b_w, a_v, k_v, b_v, c_shift, s_w, s_v, DIVIDE)
+        grad_w, grad_v = _bwd_block(xq, xp, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, DIVIDE)
         grad_x, grad_xr = grad_v, grad_w
     if NEED_X:
         tl.store(gx, round_to(grad_x, gx.dtype.element_ty), mask=mask)
@@ -250,9 +287,10 @@ def kl_divergence_forward(
             ref_logits, logits, labels, tr, t, ignore_index, ref_layout, layout, blk, divide
         )
     _fwd_finish_kernel[(triton.cdiv(n, FINISH_BLOCK_R),)](
-        part, labels if labels is not None else kl, kl, state, n, blk.n_chunks, ignore_index,
-        HAS_LABELS=labels is not None, REVERSE=bool(reverse), BLOCK_R=FINISH_BLOCK_R,
-        num_warps=4,
+        part, logits, labels if labels is not None else kl, t if reverse else tr,
+        tr if reverse else t, kl, state, n, blk.n_chunks, ignore_index,
+        HAS_LABELS=labels is not None,
+        REVERSE=bool(reverse), DIVIDE=divide, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
     )  # fmt: skip
     return kl, state
 

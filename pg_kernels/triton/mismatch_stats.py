@@ -57,6 +57,7 @@ from pg_kernels.triton._pair import (
     merge_row,
     needs_division,
     pair_partials,
+    reference_shift,
     row_exponent,
     side_is_valid,
 )
@@ -66,8 +67,8 @@ OP = "mismatch_stats"
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _fwd_finish_kernel(
-    part_ptr, x_ptr, labels_ptr, t_ptr, logprob_ptr, kl_ptr, st_ptr, q_norm_ptr, V, N, n_chunks,
-    ignore_index, n_inner, s_outer, s_inner,
+    part_ptr, x_ptr, labels_ptr, t_ptr, tr_ptr, logprob_ptr, kl_ptr, st_ptr, q_norm_ptr, V, N,
+    n_chunks, ignore_index, n_inner, s_outer, s_inner,
     DIVIDE: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_R rows per program: logprob, token_kl, the row state (m_p, log s1_p), and the
@@ -76,16 +77,22 @@ def _fwd_finish_kernel(
     rmask = rows < N
     label = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64)
     keep = label != ignore_index
-    m_q, s_q, m_p, s_p, u, inf = merge_row(part_ptr, rows, rmask, N, n_chunks)
-    kl, l_q, l_p, _ = finalize_kl(m_q, s_q, m_p, s_p, u, inf)
+    m_q, s_q, m_p, s_p, u, inf, e_q, e_p = merge_row(part_ptr, rows, rmask, N, n_chunks)
+    tau = tl.load(t_ptr + rows, mask=rmask, other=1.0)
+    XDT: tl.constexpr = x_ptr.dtype.element_ty
+    d_q = reference_shift(m_q, e_q, tl.load(tr_ptr + rows, mask=rmask, other=1.0), DIVIDE, XDT)
+    d_p = reference_shift(m_p, e_p, tau, DIVIDE, XDT)
+    kl, l_q, l_p, _ = finalize_kl(m_q, s_q, m_p, s_p, u, inf, d_q, d_p)
     ok_p = side_is_valid(m_p)
     ok_q = side_is_valid(m_q)
     in_range = (label >= 0) & (label < V)
-    tau = tl.load(t_ptr + rows, mask=rmask, other=1.0)
     x_row = x_ptr + row_offset(rows, n_inner, s_outer, s_inner)
     read = rmask & keep & in_range & ok_p
     z_c = load_divided(x_row, tl.where(read, label, 0), read, tau, DIVIDE)
-    logprob = (tl.where(read, z_c, 0.0) - tl.where(ok_p, m_p, 0.0)) - l_p
+    # log s1 relative to the max logit's own z (l_p - d_p; the state's l_p is relative to
+    # a / tau), whose rounding m shares with z_c at the max entry: there z_c - m is exactly 0,
+    # and a single-entry row's log-prob is exactly 0.
+    logprob = (tl.where(read, z_c, 0.0) - tl.where(ok_p, m_p, 0.0)) - (l_p - d_p)
     nan = float("nan")
     logprob = tl.where(keep, tl.where(read, logprob, nan), 0.0)
     tl.store(logprob_ptr + rows, logprob, mask=rmask)
@@ -108,11 +115,13 @@ def _tv_block(x_p, x_q, a_p, k_p, b_p, a_q, k_q, b_q, acc):
 def _tv_chunk_kernel(
     x_ptr, xr_ptr, labels_ptr, t_ptr, tr_ptr, st_ptr, q_norm_ptr, part_ptr, V, N, ignore_index,
     n_inner, s_outer, s_inner, r_n_inner, r_s_outer, r_s_inner,
-    DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVIDE: tl.constexpr, A_IN_XDT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): sum |q_j - p_j| over one chunk, into part_ptr [n_chunks, N]. Rows
     that are ignored or invalid on either side read nothing (their TV is 0 or NaN anyway).
-    p_j = 2^{(x_j - a) k - b} (`row_exponent`: no division per element)."""
+    p_j = 2^{(x_j - a) k - b} (`row_exponent`: no division per element). A_IN_XDT: the row
+    states are relative to `max_logit` in the logits' dtype (this op's finish), else to m tau
+    as is (step_stats' `_side_z`)."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     keep = tl.load(labels_ptr + row).to(tl.int64) != ignore_index
@@ -121,8 +130,9 @@ def _tv_chunk_kernel(
     read = keep & (m_p == m_p) & (m_q == m_q)  # the finish kernel wrote NaN for invalid sides
     m_p, l_p = tl.where(read, m_p, 0.0), tl.where(read, l_p, 0.0)
     m_q, l_q = tl.where(read, m_q, 0.0), tl.where(read, l_q, 0.0)
-    a_p, k_p, b_p = row_exponent(m_p, l_p, tl.load(t_ptr + row), DIVIDE)
-    a_q, k_q, b_q = row_exponent(m_q, l_q, tl.load(tr_ptr + row), DIVIDE)
+    XDT: tl.constexpr = x_ptr.dtype.element_ty if A_IN_XDT else tl.float32
+    a_p, k_p, b_p = row_exponent(m_p, l_p, tl.load(t_ptr + row), DIVIDE, XDT)
+    a_q, k_q, b_q = row_exponent(m_q, l_q, tl.load(tr_ptr + row), DIVIDE, XDT)
     x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
     xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
     acc = tl.zeros([BLOCK_V], m_p.dtype)
@@ -191,7 +201,7 @@ def _bwd_kernel(
     gt = div_acc(tl.load(g_ptr + row), tau)  # d/dx = d/dz / tau
     compute = keep & ok
     m, log_s1 = tl.where(compute, m, 0.0), tl.where(compute, log_s1, 0.0)
-    a, k, b = row_exponent(m, log_s1, tau, DIVIDE)
+    a, k, b = row_exponent(m, log_s1, tau, DIVIDE, x_ptr.dtype.element_ty)
     k, b = tl.where(compute, k, 0.0), tl.where(compute, b, 0.0)  # p = 1 on rows not computed
     x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
     # d/dz_c of z_c - L = 1 - p_c = -expm1(log p_c): the label's entry, rounded once.
@@ -260,14 +270,14 @@ def mismatch_stats_forward(
     q_norm = torch.empty(n, 2, dtype=acc, device=logits.device)
     finish_grid = (triton.cdiv(n, FINISH_BLOCK_R),)
     _fwd_finish_kernel[finish_grid](
-        part, logits, labels, t, logprob, token_kl, row_state, q_norm, V, n, blk.n_chunks,
+        part, logits, labels, t, tr, logprob, token_kl, row_state, q_norm, V, n, blk.n_chunks,
         ignore_index, *layout, DIVIDE=divide, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
     )  # fmt: skip
     tv_part = part[0]  # reused: the pair partials are spent; [n_chunks, N] of the same dtype
     _tv_chunk_kernel[(n, blk.n_chunks)](
         logits, rollout_logits, labels, t, tr, row_state, q_norm, tv_part, V, n, ignore_index,
-        *layout, *roll_layout, DIVIDE=divide, CHUNK=blk.chunk, BLOCK_V=blk.block_v,
-        num_warps=blk.num_warps,
+        *layout, *roll_layout, DIVIDE=divide, A_IN_XDT=True, CHUNK=blk.chunk,
+        BLOCK_V=blk.block_v, num_warps=blk.num_warps,
     )  # fmt: skip
     _tv_finish_kernel[finish_grid](
         tv_part, labels, row_state, q_norm, token_tv, n, blk.n_chunks, ignore_index,

@@ -78,12 +78,12 @@ import triton.language as tl
 from pg_kernels.triton import mismatch_stats as _mismatch
 from pg_kernels.triton import token_stats as _token
 from pg_kernels.triton._common import (
-    D_MIN,
     INTERPRETED,
     LN2,
     acc_dtype_of,
     div_acc,
     exp2_acc,
+    floor_log_ratio,
     per_row_temperature,
     round_to,
     row_blocking,
@@ -131,19 +131,6 @@ def _ln2(x):
 
 
 @triton.jit
-def _floor(d):
-    """A log-ratio term floored to a finite value: where its weight is 0 (a -inf logit) the
-    difference is -inf or NaN and the product must be 0. On a GPU tl.maximum (one FMNMX,
-    which returns the other operand for a NaN); the interpreter's maximum keeps NaN, so a
-    select there. (A select compiled to a compare whose predicates the register allocator
-    packed into integers and unpacked again: ~4 instructions per element instead of 1.)"""
-    if INTERPRETED:
-        return tl.where(d > D_MIN, d, D_MIN)
-    else:
-        return tl.maximum(d, D_MIN)
-
-
-@triton.jit
 def _floor_at(d, lo):
     """max(d, lo), NaN -> lo, as `_floor`."""
     if INTERPRETED:
@@ -167,9 +154,9 @@ def _ratio(xw, xv, tw, tv, mw, mv, DIVIDE: tl.constexpr):
     else (both temperatures exactly 1) from exact differences of the raw logits relative to the
     lanes' raw maxes (nats), as `_pair`'s u."""
     if DIVIDE:
-        return _floor(tw - tv)
+        return floor_log_ratio(tw - tv)
     else:
-        return _floor((xw - xv) - (_reference(mw) - _reference(mv))[None, :, None])
+        return floor_log_ratio((xw - xv) - (_reference(mw) - _reference(mv))[None, :, None])
 
 
 @triton.jit
@@ -303,9 +290,10 @@ def _store_pair(part_ptr, chunk, row, N, m_w, s_w, e_w, m_v, s_v, e_v, u):
     idx = chunk.to(tl.int64) * N + row
     plane = tl.num_programs(1).to(tl.int64) * N
     tl.store(part_ptr + idx, m_w)
-    tl.store(part_ptr + plane + idx, s_w)
+    # Each side's sum as s1 - 1 (`_pair.PARTIAL`; here formed from s1, not kept apart).
+    tl.store(part_ptr + plane + idx, s_w - 1.0)
     tl.store(part_ptr + 2 * plane + idx, m_v)
-    tl.store(part_ptr + 3 * plane + idx, s_v)
+    tl.store(part_ptr + 3 * plane + idx, s_v - 1.0)
     tl.store(part_ptr + 4 * plane + idx, tl.where(inf > 0, 0.0, u))
     tl.store(part_ptr + 5 * plane + idx, inf)
     # Each side's e (`_side_z`); a side that is empty or NaN has none to carry.
@@ -453,18 +441,6 @@ def _fwd_chunk_kernel(
             _store_pair(part_q_ptr, chunk, row, N, m_q, s_q, e_q, m_p, s_p, e_p, u)
 
 
-@triton.jit
-def _finalize_kl(m_w, s_w, m_v, s_v, u, inf):
-    """`_pair.finalize_kl` evaluated in fp64, each result rounded once: KL = u / s_w - log s_w +
-    log s_v cancels O(1) terms to a small number, whose three fp32 roundings would otherwise
-    be ~1e-7 absolute (a KL of 1e-3 to 5e-5 relative)."""
-    ACC: tl.constexpr = s_w.dtype
-    f64 = tl.float64
-    kl, l_w, l_v, c = finalize_kl(m_w.to(f64), s_w.to(f64), m_v.to(f64), s_v.to(f64), u.to(f64),
-                                  inf.to(f64))  # fmt: skip
-    return kl.to(ACC), l_w.to(ACC), l_v.to(ACC), c.to(ACC)
-
-
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _fwd_finish_kernel(
     x_ptr, labels_ptr, temp_ptr, t_ptr, tr_ptr, scale_bits, ignore_index, V, N, n_chunks,
@@ -490,9 +466,12 @@ def _fwd_finish_kernel(
     keep = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64) != ignore_index
     valid = side_is_valid(mx)  # the logits' state (softmax_stats.h state_is_valid)
     nan = float("nan")
+    # The chunk states' sums are relative to a / tau already (`_side_z`), what `row_exponent`
+    # rebuilds: no `reference_shift`.
+    no_shift = tl.zeros(rows.shape, mx.dtype)
     if HAS_ROLL:
-        m_r, s_r, m_p, s_p, u, inf = merge_row(part_r_ptr, rows, rmask, N, n_chunks)
-        kl, l_r, l_p, _ = _finalize_kl(m_r, s_r, m_p, s_p, u, inf)
+        m_r, s_r, m_p, s_p, u, inf, _, _ = merge_row(part_r_ptr, rows, rmask, N, n_chunks)
+        kl, l_r, l_p, _ = finalize_kl(m_r, s_r, m_p, s_p, u, inf, no_shift, no_shift)
         tl.store(token_kl_ptr + rows, tl.where(keep, tl.where(valid, kl, nan), 0.0), mask=rmask)
         # The TV pass rebuilds each probability with `row_exponent`, relative to a / tau
         # (a = m tau rounded): the reference these sums are relative to.
@@ -506,8 +485,8 @@ def _fwd_finish_kernel(
         tl.store(r_norm_ptr + 2 * rows, tl.where(ok_r, m_r, nan), mask=rmask)
         tl.store(r_norm_ptr + 2 * rows + 1, tl.where(ok_r, l_r, nan), mask=rmask)
     if HAS_REF:
-        m_w, s_w, m_v, s_v, u, inf = merge_row(part_q_ptr, rows, rmask, N, n_chunks)
-        kl, l_w, l_v, c = _finalize_kl(m_w, s_w, m_v, s_v, u, inf)
+        m_w, s_w, m_v, s_v, u, inf, _, _ = merge_row(part_q_ptr, rows, rmask, N, n_chunks)
+        kl, l_w, l_v, c = finalize_kl(m_w, s_w, m_v, s_v, u, inf, no_shift, no_shift)
         if REVERSE:
             m_q, l_q = m_v, l_v
         else:
@@ -688,7 +667,8 @@ def _bwd_kernel(
         tau_q = tl.load(tq_ptr + row)
         m_q, l_q = tl.where(read_q, m_q, 0.0), tl.where(read_q, l_q, 0.0)
         c_kl = tl.where(read_q & (kl < big), c_kl, 0.0)
-        a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, DIVIDE_Q)
+        # tl.float32: a = m tau as is, the reference its forward summed relative to (`_side_z`).
+        a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, DIVIDE_Q, tl.float32)
         one = tl.full([], 1.0, ACC)
         inv_q = div_acc(one, tau_q)
         tau_p = tl.load(t_ptr + row)
@@ -845,8 +825,8 @@ def step_stats_forward(
         )
         _mismatch._tv_chunk_kernel[(N, tv_blk.n_chunks)](
             logits, rollout_logits, labels, t, tr, p_norm, r_norm, tv_part, V, N, ignore_index,
-            *layout, *roll_layout, DIVIDE=divide, CHUNK=tv_blk.chunk, BLOCK_V=tv_blk.block_v,
-            num_warps=tv_blk.num_warps,
+            *layout, *roll_layout, DIVIDE=divide, A_IN_XDT=False, CHUNK=tv_blk.chunk,
+            BLOCK_V=tv_blk.block_v, num_warps=tv_blk.num_warps,
         )  # fmt: skip
         _mismatch._tv_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
             tv_part, labels, p_norm, r_norm, token_tv, N, tv_blk.n_chunks, ignore_index,

@@ -497,9 +497,12 @@ def bwd_row(
     inv_tau = tl.where(keep, c * LN2, 0.0)  # 1 / tau, or 0: an ignored row's coefficients
     c = tl.where(keep, c, 1.0)
     big_a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
-    a = inv_tau * k * (big_a + g_h * LN2 * rho_lo)
-    b = inv_tau * k * (-g_h * LN2)
-    q = inv_tau * (k * k) * (2.0 * g_c)
+    # Selected, not multiplied by inv_tau = 0: an ignored row's upstream gradient may be
+    # infinite or NaN (sqrt(collision) at an ignored row's 0), and 0 * inf is NaN.
+    a = tl.where(keep, inv_tau * k * (big_a + g_h * LN2 * rho_lo), 0.0)
+    b = tl.where(keep, inv_tau * k * (-g_h * LN2), 0.0)
+    q = tl.where(keep, inv_tau * (k * k) * (2.0 * g_c), 0.0)
+    g_l = tl.where(keep, g_l, 0.0)
     return m, c, rho_hi, a, b, q, inv_tau, g_l, ok, k
 
 
