@@ -191,3 +191,15 @@ def test_gradcheck_float64(backend_device):
     # Interpreted Triton: the full Jacobian (two forwards per input entry) took ~18 s here; fast
     # mode checks a random projection of each input's gradient (~1.5 s).
     assert torch.autograd.gradcheck(f, leaves, fast_mode=backend == "triton")
+
+
+def test_int32_labels_same_stats_as_token_stats_from_hidden():
+    """Both ops allocate their outputs with one helper: the same dtypes (argmax int64) whatever
+    the labels' integer dtype."""
+    h, w, b = _projection(9, 8, 50, torch.float32, seed=11)
+    y = _labels((9,), 50, seed=11).to(torch.int32)
+    got = pg_kernels.token_loss_from_hidden(h, w, y, lambda s, r: s.entropy.sum(), bias=b,
+                                            chunk_size=4).stats  # fmt: skip
+    want = pg_kernels.token_stats_from_hidden(h, w, y, bias=b, chunk_size=4)
+    for a, c in zip(got, want):
+        assert a.dtype == c.dtype and torch.equal(a, c)
