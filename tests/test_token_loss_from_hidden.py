@@ -160,3 +160,46 @@ def test_bad_loss_fn_is_named():
         pg_kernels.token_loss_from_hidden(h, w, y, lambda s, rows: s.logprob)
     with pytest.raises(ValueError, match="weight must have shape"):
         pg_kernels.token_loss_from_hidden(h, w[:, :4], y, lambda s, rows: s.logprob.sum())
+
+
+def test_gradcheck_float64(backend_device):
+    """Finite differences against the gradients formed in the forward, w.r.t. hidden, weight
+    and bias together: per-row temperatures, an ignored row (its statistics still get upstream
+    gradients from loss_fn, which must not reach hidden), chunks of 2 over 5 rows (a ragged
+    last one), a loss non-linear in logprob, entropy, collision and lse with per-row weights,
+    and an upstream gradient other than 1 (the backward's scaling)."""
+    backend, device = backend_device
+    h, w, b = (t.to(device) for t in _projection(5, 3, 7, torch.float64, seed=21))
+    b[1] = 0.0  # finite everywhere: gradcheck perturbs every entry
+    y = _labels((5,), 7, seed=21).to(device)
+    g = torch.Generator().manual_seed(22)
+    t = (torch.rand(5, generator=g, dtype=torch.float64) + 0.5).to(device)
+    c = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device)
+
+    def loss_fn(s, rows):
+        lp, ent, col, lse = s.logprob, s.entropy, s.collision, s.lse
+        terms = (lp.exp(), ent**2, col**2, torch.sin(lse))
+        return sum((ci[rows] * x).sum() for ci, x in zip(c, terms))
+
+    def f(h, w, b):
+        loss = pg_kernels.token_loss_from_hidden(
+            h, w, y, loss_fn, bias=b, temperature=t, chunk_size=2, backend=backend
+        ).loss
+        return 1.5 * loss
+
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    # Interpreted Triton: the full Jacobian (two forwards per input entry) took ~18 s here; fast
+    # mode checks a random projection of each input's gradient (~1.5 s).
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=backend == "triton")
+
+
+def test_int32_labels_same_stats_as_token_stats_from_hidden():
+    """Both ops allocate their outputs with one helper: the same dtypes (argmax int64) whatever
+    the labels' integer dtype."""
+    h, w, b = _projection(9, 8, 50, torch.float32, seed=11)
+    y = _labels((9,), 50, seed=11).to(torch.int32)
+    got = pg_kernels.token_loss_from_hidden(h, w, y, lambda s, r: s.entropy.sum(), bias=b,
+                                            chunk_size=4).stats  # fmt: skip
+    want = pg_kernels.token_stats_from_hidden(h, w, y, bias=b, chunk_size=4)
+    for a, c in zip(got, want):
+        assert a.dtype == c.dtype and torch.equal(a, c)

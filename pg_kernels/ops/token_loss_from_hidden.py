@@ -17,9 +17,8 @@ import torch
 
 from pg_kernels import reference
 from pg_kernels.ops import token_stats as _ts
-from pg_kernels.ops._common import acc_dtype
 from pg_kernels.ops._linear import ChunkedProjection, chunks, rows
-from pg_kernels.ops.token_stats_from_hidden import check_args
+from pg_kernels.ops.token_stats_from_hidden import check_args, empty_stats
 from pg_kernels.outputs import TokenLoss, TokenStats
 
 OP = "token_loss_from_hidden"
@@ -56,8 +55,7 @@ class _TokenLoss(torch.autograd.Function):
                 chunk_size, backend, loss_fn, wanted):  # fmt: skip
         n = hidden.shape[0]
         proj = ChunkedProjection(hidden, weight, bias, chunk_size, wanted)
-        stat = labels.new_empty((n,), dtype=acc_dtype(hidden.dtype))
-        outs = [torch.empty_like(stat) for _ in range(6)] + [labels.new_empty((n,))]
+        outs = empty_stats(hidden, labels)
         loss = None
         for s, e in chunks(n, chunk_size):
             logits, t = proj.logits(s, e), rows(temperature, s, e)
@@ -76,7 +74,7 @@ class _TokenLoss(torch.autograd.Function):
                 )  # fmt: skip
                 proj.accumulate(grad_logits, s, e)
         if loss is None:  # no rows: the sum over no chunks
-            loss = stat.new_zeros(())
+            loss = outs[0].new_zeros(())
         ctx.save_for_backward(*proj.gradients())
         ctx.wanted = wanted
         ctx.mark_non_differentiable(*outs)

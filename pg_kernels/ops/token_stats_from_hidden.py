@@ -41,10 +41,7 @@ def _forward(
     backend,
 ):  # fmt: skip
     proj = ChunkedProjection(hidden, weight, bias, chunk_size)
-    outs = _forward_fake(
-        hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
-        backend,
-    )  # fmt: skip
+    outs = empty_stats(hidden, labels)
     for s, e in chunks(hidden.shape[0], chunk_size):
         stats = _ts._token_stats(
             proj.logits(s, e), labels[s:e], rows(temperature, s, e), temperature_scalar,
@@ -55,15 +52,23 @@ def _forward(
     return outs
 
 
-def _forward_fake(
-    hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
-    backend,
-):  # fmt: skip
+def empty_stats(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The per-row outputs of the token_stats-from-hidden ops, uninitialized, for the kernels
+    to fill chunk by chunk and for the fake to return: six [N] tensors in hidden's accumulation
+    dtype (logprob, entropy, collision, lgp, lse, max_prob) and the int64 [N] argmax, N =
+    labels' (flat) length, on labels' device."""
     stat = labels.new_empty(labels.shape, dtype=acc_dtype(hidden.dtype))
     return (
         *(torch.empty_like(stat) for _ in range(6)),
         labels.new_empty(labels.shape, dtype=torch.int64),
     )
+
+
+def _forward_fake(
+    hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
+    backend,
+):  # fmt: skip
+    return empty_stats(hidden, labels)
 
 
 torch.library.register_kernel("pg_kernels::token_stats_from_hidden", ("cpu", "cuda"), _forward)
