@@ -474,10 +474,12 @@ def bwd_row(
     lse = tl.load(lse_ptr + row)
     entropy = tl.load(entropy_ptr + row)
     collision = tl.load(collision_ptr + row)
-    g_l = tl.load(g_logprob_ptr + row)
-    g_h = tl.load(g_entropy_ptr + row)
-    g_c = tl.load(g_collision_ptr + row)
-    g_big_l = tl.load(g_lse_ptr + row)
+    # An ignored row's upstream gradients are dropped here, not zeroed by inv_tau = 0 below: they
+    # may be infinite or NaN (sqrt(collision) at an ignored row's 0), and 0 * inf is NaN.
+    g_l = tl.where(keep, tl.load(g_logprob_ptr + row), 0.0)
+    g_h = tl.where(keep, tl.load(g_entropy_ptr + row), 0.0)
+    g_c = tl.where(keep, tl.load(g_collision_ptr + row), 0.0)
+    g_big_l = tl.where(keep, tl.load(g_lse_ptr + row), 0.0)
     # A NaN row (bad label, bad temperature, or a forward NaN: L not finite) gets NaN everywhere,
     # through L. Ignored rows read nothing (x = -inf gives e = 0) and get exactly 0: coefficients
     # 0 and a finite L2 and c whatever their saved values.
@@ -497,12 +499,9 @@ def bwd_row(
     inv_tau = tl.where(keep, c * LN2, 0.0)  # 1 / tau, or 0: an ignored row's coefficients
     c = tl.where(keep, c, 1.0)
     big_a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
-    # Selected, not multiplied by inv_tau = 0: an ignored row's upstream gradient may be
-    # infinite or NaN (sqrt(collision) at an ignored row's 0), and 0 * inf is NaN.
-    a = tl.where(keep, inv_tau * k * (big_a + g_h * LN2 * rho_lo), 0.0)
-    b = tl.where(keep, inv_tau * k * (-g_h * LN2), 0.0)
-    q = tl.where(keep, inv_tau * (k * k) * (2.0 * g_c), 0.0)
-    g_l = tl.where(keep, g_l, 0.0)
+    a = inv_tau * k * (big_a + g_h * LN2 * rho_lo)
+    b = inv_tau * k * (-g_h * LN2)
+    q = inv_tau * (k * k) * (2.0 * g_c)
     return m, c, rho_hi, a, b, q, inv_tau, g_l, ok, k
 
 
