@@ -179,9 +179,9 @@ def _grid_rows(dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_equal_and_shifted_rows_are_exact(bd, dtype):
     """Rollout logits equal to the logits, or the logits minus 2 (exact on the grid): token_kl
-    and token_tv are exactly 0, as the truth and plain PyTorch give. The C++ TV sweep's
-    ew_j a - ev_j b was compiled into fnmadd(ev_j, b, RN(ew_j a)): the product's rounding error,
-    ~1e-9 per token in fp32 and bf16, ~1e-17 in fp64."""
+    and token_tv are exactly 0, as the truth and plain PyTorch give. A C++ TV sweep computing
+    ew_j a - ev_j b, which GCC fuses into fnmadd(ev_j, b, RN(ew_j a)), keeps the product's
+    rounding error: ~1e-9 per token in fp32 and bf16, ~1e-17 in fp64."""
     backend, device = bd
     x = _grid_rows(dtype, device)
     y = torch.tensor([3, 2100, 1], device=device)
