@@ -165,6 +165,37 @@ def test_single_entry_rows_are_exact(bd, dtype):
         assert torch.equal(out.token_kl.cpu(), torch.zeros(3)), (kw, out.token_kl)
 
 
+def _grid_rows(dtype, device):
+    """Logits on a 1/16 grid in [-7, 7] (V = 2600: two chunks of the C++ pass; row 1's second
+    chunk has a lower max than its first), on which x - 2 is exact in every dtype."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 2600, generator=g) * 32).round().div(16).clamp(-7.0, 7.0)
+    x[1, 2048:] = x[1, 2048:].clamp(max=1.0)
+    x[2, 2:] = -INF  # V = 2 in effect: the reported [0, 1]-like row
+    x[2, :2] = torch.tensor([0.0, 1.0])
+    return x.to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_equal_and_shifted_rows_are_exact(bd, dtype):
+    """Rollout logits equal to the logits, or the logits minus 2 (exact on the grid): token_kl
+    and token_tv are exactly 0, as the truth and plain PyTorch give. A C++ TV sweep computing
+    ew_j a - ev_j b, which GCC fuses into fnmadd(ev_j, b, RN(ew_j a)), keeps the product's
+    rounding error: ~1e-9 per token in fp32 and bf16, ~1e-17 in fp64."""
+    backend, device = bd
+    x = _grid_rows(dtype, device)
+    y = torch.tensor([3, 2100, 1], device=device)
+    lp = torch.zeros(3, device=device)
+    for xr in (x.clone(), x - 2):
+        out = _op(backend)(x, y, lp, rollout_logits=xr)
+        assert torch.equal(out.token_kl.cpu(), torch.zeros(3, dtype=out.token_kl.dtype)), (
+            out.token_kl
+        )
+        assert torch.equal(out.token_tv.cpu(), torch.zeros(3, dtype=out.token_tv.dtype)), (
+            out.token_tv
+        )
+
+
 @pytest.mark.backends("cpu")
 def test_near_equal_rows_fp32_token_kl(bd):
     """token_kl of fp32 rows whose rollout logits differ by noise of 1e-3 or 0.1 (V = 257, one

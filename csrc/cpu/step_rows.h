@@ -48,6 +48,9 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   LaneSums<acc_t> row;
   RowSum<pair_sum_t<acc_t>> roll, kl;
   acc_t m = neg_inf<acc_t>();
+  // The rollout's running max: its exps are e^{z - mr} like the logits' e^{z - m}, so that
+  // equal (or constant-shifted) rows keep equal exps and token_tv is exactly 0 for them.
+  acc_t mr = neg_inf<acc_t>();
   int64_t argmax = 0;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
@@ -61,7 +64,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       argmax = begin + (std::find(cp, cp + n, chunk_max) - cp);
     }
     if (!(m < -neg_inf<acc_t>())) break;  // NaN or +inf logits: every field of the row is NaN
-    const acc_t mr = kRoll ? load_divided_chunk(xr + begin, n, tr, cr) : acc_t(0);
+    if constexpr (kRoll) mr = max_nan(mr, load_divided_chunk(xr + begin, n, tr, cr));
     const acc_t mq = kRef ? load_divided_chunk(xq + begin, n, tq, scratch.ref) : acc_t(0);
     if constexpr (kRoll) {
       scratch.exps.chunk_m()[2 * k] = mr;
@@ -116,9 +119,12 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     out.token_kl = valid ? acc_t(finalize_kl(s)) : nan;
     out.token_tv = nan;
     if (valid && side_is_valid(s.m_w)) {
-      const SideState<acc_t> q = rounded<acc_t>(side_state(s.m_w, s.s1_w));
+      // Both sides' (m, log s1) from the same pair sums (not the logits' from token_stats'
+      // lanes, summed in another order): equal rows get equal scales.
+      const SideState<acc_t> q = rounded<acc_t>(side_state(s.m_w, s.s1_w)),
+                             p = rounded<acc_t>(side_state(s.m_v, s.s1_v));
       out.token_tv = total_variation(scratch.exps.ew(), scratch.exps.ev(), scratch.exps.chunk_m(),
-                                     V, q.m, q.log_s1, m, std::log(state.s1));
+                                     V, q.m, q.log_s1, p.m, p.log_s1);
     }
   }
   if constexpr (kRef) {
