@@ -8,9 +8,11 @@ cut as `row_blocking` cuts it (a function of V and the dtype only) and `pair_chu
 FOLD neighbours of one 16-byte vector share a lane, so nothing leaves a thread inside the loop):
 each lane has its own running max per side and rescales itself when it rises (branchless, one
 exp per lane and side per step). After the loop one cross-lane merge (`_side_total`: the chunk
-max, each lane moved to it, plain sums) gives the chunk state. No division per element: the
-exponent of an entry is one fma x k - r with k = log2(e) / tau and r = (lane max) k, whose
-rounding r cancels exactly in the merge, so the error is relative to z - m, not to z.
+max, each lane moved to it, plain sums) gives the chunk state. No division per element: under
+a temperature the exponent of an entry is one fma x k - r with k = log2(e) / tau and r = (lane
+max) k, whose rounding r cancels exactly in the merge, so the error is relative to z - m, not
+to z; at temperature 1 it is (x - m) k, exact differences of 16-bit logits, so two rows that
+differ by a constant get the same exps bitwise.
 u takes d_w - d_v from exact differences of the logits at temperature 1, from the exponents
 otherwise (each rounded relative to z - m, as z = x / tau itself would be relative to z).
 A chunk's sums are relative to its max logit's own z, x_max / tau unrounded (e = x_max / tau -
@@ -39,9 +41,9 @@ against 608 KiB of logits read.
 GPU design (sm_90, compiled offline by .ci/check_triton_sm90.py; not yet timed on a GPU): the
 hot loop's SASS instructions per element pair, before (one block max, three block sums and a
 merge per step: 8 block reductions, 24 BAR + 54 SHFL per step) -> after (no BAR, no SHFL):
-    bf16  43.8 -> 19.1 at tau = 1,  74.8 -> 17.4 with a temperature;  74 / 64 registers
-    fp16  42.8 -> 18.3,             73.8 -> 17.2;                      64 registers
-    fp32  59.6 -> 18.0,             90.5 -> 15.8 (budget 40 per fp32 pair); 48 registers
+    bf16  43.8 -> 19.2 at tau = 1,  74.8 -> 17.4 with a temperature;  74 / 64 registers
+    fp16  42.8 -> 18.5,             73.8 -> 16.4;                      64 registers
+    fp32  59.6 -> 17.8,             90.5 -> 15.8 (budget 40 per fp32 pair); 48 registers
 Full blocks are loaded unmasked (block i + 1 before block i is reduced; the last step reloads
 its own block rather than masking, whose fill values cost an instruction per element).
 """

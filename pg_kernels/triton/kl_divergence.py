@@ -19,13 +19,13 @@ Checked under TRITON_INTERPRET=1 on CPU tensors (the test suite); not yet run or
 
 GPU design (sm_90, compiled offline by .ci/check_triton_sm90.py): the forward's pair pass keeps
 per-lane state with one merge per chunk (see triton/_pair.py for its counts). The backward
-divides nothing per element (`_pair.row_exponent`: w_j = 2^{(x - a) k - b} relative to the row
-max) and folds the row cases into two factors (no selects per element). Hot-loop SASS
-instructions per element pair, both gradients (one gradient), before -> after:
-    bf16  33.9 (24.2) -> 19.9 (15.0) at tau = 1,  64.5 (55.2) -> 19.9 (16.0) with a temperature
-    fp16  32.9 (23.0) -> 18.9 (14.0),             63.3 (54.2) -> 18.9 (15.0)
-    fp32  35.0 (22.9) -> 18.9 (14.0),             62.4 (54.8) -> 18.9 (14.6)
-with 40-56 registers (32 for one gradient).
+divides nothing per element (`_bwd_block`: e^{d} = 2^{(x - a) k} relative to the row max, with
+1 / s1, c and g / tau folded into per-row factors, no selects per element), loads the full
+blocks of computed rows without masks and stores the other rows' constant in a second loop.
+Hot-loop SASS instructions per element pair, both gradients (one gradient), at tau = 1 and
+with a temperature alike:
+    bf16  19.3 (13.4)    fp16  18.3 (12.4)    fp32  17.6 (11.8)
+(first version 33.9 (24.2) bf16 at tau = 1, 64.5 (55.2) with a temperature).
 """
 
 from __future__ import annotations
@@ -77,11 +77,11 @@ def _fwd_finish_kernel(
     keep = rmask
     if HAS_LABELS:
         keep = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64) != ignore_index
-    m_w, s_w, m_v, s_v, u, inf, e_w, e_v = merge_row(part_ptr, rows, rmask, N, n_chunks)
+    m_w, r_w, m_v, r_v, u, inf, e_w, e_v = merge_row(part_ptr, rows, rmask, N, n_chunks)
     XDT: tl.constexpr = x_ptr.dtype.element_ty
     dw = reference_shift(m_w, e_w, tl.load(tw_ptr + rows, mask=rmask, other=1.0), DIVIDE, XDT)
     dv = reference_shift(m_v, e_v, tl.load(tv_ptr + rows, mask=rmask, other=1.0), DIVIDE, XDT)
-    kl, l_w, l_v, c = finalize_kl(m_w, s_w, m_v, s_v, u, inf, dw, dv)
+    kl, l_w, l_v, c = finalize_kl(m_w, r_w, m_v, r_v, u, inf, dw, dv)
     nan = float("nan")
     # SideState: (m, log s1) of a side, NaN when that side is invalid.
     ok_w = side_is_valid(m_w)
@@ -203,9 +203,9 @@ def _bwd_kernel(
     k_w = tl.where(compute, k_w, 0.0)
     k_v = tl.where(compute, k_v, 0.0)
     # c is relative to the a / tau `row_exponent` rebuilds (`reference_shift`): at a shared max
-    # p_w - p_v and c cancel exactly.
-    # log s1_v - log s1_w as KL - c, two small numbers where the rows are near-equal (the C++
-    # kernel's dl); from the logs on a KL = +inf row, whose other side is still exact.
+    # p_w - p_v and c cancel exactly. log s1_v - log s1_w as KL - c, two small numbers where
+    # the rows are near-equal (the C++ kernel's dl); from the logs on a KL = +inf row, whose
+    # other side is still exact.
     dl = tl.where(kl < big, kl - c, l_v - l_w)
     f_wr, f_wc, f_vv, f_d = _bwd_factors(l_w, l_v, tl.where(compute, dl, 0.0), c, s_w, s_v, DIVIDE)
     x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)

@@ -132,7 +132,7 @@ def _ln2(x):
 
 @triton.jit
 def _floor_at(d, lo):
-    """max(d, lo), NaN -> lo, as `_floor`."""
+    """max(d, lo), NaN -> lo, as `floor_log_ratio`."""
     if INTERPRETED:
         return tl.where(d > lo, d, lo)
     else:
@@ -150,9 +150,9 @@ def _side_rescale(xa, xb, i, k, m, r, s):
 
 @triton.jit
 def _ratio(xw, xv, tw, tv, mw, mv, DIVIDE: tl.constexpr):
-    """d_w - d_v of a block, floored (`_floor`): from the exponents (log2 units) with DIVIDE,
-    else (both temperatures exactly 1) from exact differences of the raw logits relative to the
-    lanes' raw maxes (nats), as `_pair`'s u."""
+    """d_w - d_v of a block, floored (`floor_log_ratio`): from the exponents (log2 units) with
+    DIVIDE, else (both temperatures exactly 1) from exact differences of the raw logits relative
+    to the lanes' raw maxes (nats), as `_pair`'s u."""
     if DIVIDE:
         return floor_log_ratio(tw - tv)
     else:
@@ -470,8 +470,8 @@ def _fwd_finish_kernel(
     # rebuilds: no `reference_shift`.
     no_shift = tl.zeros(rows.shape, mx.dtype)
     if HAS_ROLL:
-        m_r, s_r, m_p, s_p, u, inf, _, _ = merge_row(part_r_ptr, rows, rmask, N, n_chunks)
-        kl, l_r, l_p, _ = finalize_kl(m_r, s_r, m_p, s_p, u, inf, no_shift, no_shift)
+        m_r, r_r, m_p, r_p, u, inf, _, _ = merge_row(part_r_ptr, rows, rmask, N, n_chunks)
+        kl, l_r, l_p, _ = finalize_kl(m_r, r_r, m_p, r_p, u, inf, no_shift, no_shift)
         tl.store(token_kl_ptr + rows, tl.where(keep, tl.where(valid, kl, nan), 0.0), mask=rmask)
         # The TV pass rebuilds each probability with `row_exponent`, relative to a / tau
         # (a = m tau rounded): the reference these sums are relative to.
@@ -485,8 +485,8 @@ def _fwd_finish_kernel(
         tl.store(r_norm_ptr + 2 * rows, tl.where(ok_r, m_r, nan), mask=rmask)
         tl.store(r_norm_ptr + 2 * rows + 1, tl.where(ok_r, l_r, nan), mask=rmask)
     if HAS_REF:
-        m_w, s_w, m_v, s_v, u, inf, _, _ = merge_row(part_q_ptr, rows, rmask, N, n_chunks)
-        kl, l_w, l_v, c = finalize_kl(m_w, s_w, m_v, s_v, u, inf, no_shift, no_shift)
+        m_w, r_w, m_v, r_v, u, inf, _, _ = merge_row(part_q_ptr, rows, rmask, N, n_chunks)
+        kl, l_w, l_v, c = finalize_kl(m_w, r_w, m_v, r_v, u, inf, no_shift, no_shift)
         if REVERSE:
             m_q, l_q = m_v, l_v
         else:
