@@ -412,17 +412,19 @@ def test_bad_input_names_the_argument():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_equal_and_shifted_rollout_rows_are_exact(bd, dtype):
-    """Rollout logits equal to the logits, or the logits minus 2 (exact on a 1/16 grid in
-    [-7, 7]): token_kl and token_tv are exactly 0, as the truth and the single mismatch_stats
-    give. V = 2600 spans two chunks of the C++ pass and row 1's second chunk has a lower max
-    than its first (both sides' exps are relative to their running max).
-    Equal rows at any temperature: the Triton bundle took the logits' pair sums from
-    token_stats' exps (tl.fma, which the interpreter rounds in two steps) and the rollout's from
-    `fma_acc`, and the chunk references each side its own way: token_kl up to 4.0e-7 and
-    token_tv up to 2.3e-7 in fp32 (bf16 3.0e-7 / 1.7e-7). Rows shifted by a constant at
-    temperature 1: the Triton bundle's logits exponents are token_stats' x c - fl(m c), not
-    (x - m) c, so a shifted row rounds differently (fp32 row 1: token_kl 7.6e-8); only the C++
-    pass is held to them here."""
+    """Rollout (and teacher) logits equal to the logits at any temperature, or the logits minus 2
+    (exact on a 1/16 grid in [-7, 7]) at temperature 1: token_kl, token_tv and the KL to the
+    teacher are exactly 0, as the truth and the single ops give. V = 2600 spans two chunks of
+    the C++ pass and row 1's second chunk has a lower max than its first (both sides' exps are
+    relative to their running max).
+    The Triton bundle took the logits' pair sums from token_stats' exps (tl.fma, which the
+    interpreter rounds in two steps) and the rollout's from `fma_acc`, and each side's
+    exponents x k - fl(m k) relative to its own lane max, which a shifted row rounds
+    differently: token_kl up to 4.0e-7 and token_tv up to 2.3e-7 on these rows in fp32 (bf16
+    3.0e-7 / 1.7e-7). Every pair side now forms its exponents one way, and at temperature 1 the
+    other side's relative to the logits' lanes (`step_stats._framed_exps`). The C++ bundle's
+    forward KL to such a teacher is not held to 0 here: 2.1e-9 on fp32 row 1 shifted, 1.7e-17
+    on fp64 equal rows at 0.7."""
     backend, device = bd
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(3, 2600, generator=g) * 32).round().div(16).clamp(-7.0, 7.0)
@@ -433,15 +435,19 @@ def test_equal_and_shifted_rollout_rows_are_exact(bd, dtype):
     y = torch.tensor([3, 2100, 1], device=device)
     lp = torch.zeros(3, device=device)
     per_row = torch.tensor([0.7, 1.3, 0.35], dtype=torch.float64, device=device)
-    cases = [(x.clone(), 1.0), (x.clone(), 0.7), (x.clone(), per_row)]
-    if backend != "triton":
-        cases.append((x - 2, 1.0))
-    for xr, t in cases:
-        m = pg_kernels.step_stats(x, y, rollout_logprobs=lp, rollout_logits=xr, temperature=t,
-                                  backend=backend)  # fmt: skip
-        zeros = torch.zeros(3, dtype=m.mismatch.token_tv.dtype)
-        assert torch.equal(m.mismatch.token_kl.cpu(), zeros), (t, m.mismatch.token_kl)
-        assert torch.equal(m.mismatch.token_tv.cpu(), zeros), (t, m.mismatch.token_tv)
+    for xr, t, direction in ((x.clone(), 1.0, "reverse"), (x - 2, 1.0, "forward"),
+                             (x - 2, 1.0, "reverse"), (x.clone(), 0.7, "forward"),
+                             (x.clone(), per_row, "reverse")):  # fmt: skip
+        out = pg_kernels.step_stats(
+            x, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xr, kl_direction=direction,
+            temperature=t, backend=backend,
+        )  # fmt: skip
+        m = out.mismatch
+        zeros = torch.zeros(3, dtype=m.token_tv.dtype)
+        assert torch.equal(m.token_kl.cpu(), zeros), (t, m.token_kl)
+        assert torch.equal(m.token_tv.cpu(), zeros), (t, m.token_tv)
+        if backend == "triton":
+            assert torch.equal(out.kl.cpu(), zeros), (t, direction, out.kl)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -170,36 +170,46 @@ def _side_rescale(xa, xb, k, m, r, s):
 
 
 @triton.jit
-def _ratio(xw, xv, tw, tv, mw, mv, DIVIDE: tl.constexpr):
-    """d_w - d_v of a block, floored (`floor_log_ratio`): from the exponents (`_pair`'s units)
-    with DIVIDE, else (both temperatures exactly 1) from exact differences of the raw logits
-    relative to the lanes' raw maxes (nats), as `_pair`'s u."""
-    if DIVIDE:
-        return floor_log_ratio(tw - tv)
-    else:
-        return floor_log_ratio((xw - xv) - (_reference(mw) - _reference(mv))[None, :, None])
+def _framed_rescale(xa, xb, k, m, d, s, mx, rp_old, rp):
+    """A side framed on the logits' lanes (both temperatures exactly 1; `_framed_exps`) moved
+    with them to the block's max: its exps e^{(x + d) k - rp} are relative to R = rp - d k,
+    d = the logits' lane max - this side's. Returns (m, d, s, f = e^{R_old - R_new}, the move
+    of its exponents relative to the logits' pair exponents, d_new - d_old times k)."""
+    bmax = tl.max(tl.max(xa, axis=2), axis=0)
+    if xb is not None:
+        bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
+    m_new = tl.maximum(m, bmax)
+    d_new = _reference(mx) - _reference(m_new)
+    dd = d_new - d
+    # R_old - R_new in one rounding; a lane that was empty has zero sums (any factor would do).
+    delta = tl.where(m == float("-inf"), 0.0, fma_acc(dd, k, rp_old - rp))
+    f = exp_base(delta)
+    return m_new, d_new, f * s, f, dd * k
 
 
 @triton.jit
-def _ratio_shift(dw, dv, mw_old, mw, mv_old, mv, DIVIDE: tl.constexpr):
-    """delta_w - delta_v of a lane move (old -> new maxes), in `_ratio`'s units."""
-    if DIVIDE:
-        return dw - dv
-    else:
-        return (_reference(mw_old) - _reference(mw)) - (_reference(mv_old) - _reference(mv))
+def _framed_exps(x, d, k, r):
+    """The exponents of a side framed on the logits' lanes (`_framed_rescale`): (x + d) k - r
+    with the logits' pair lane reference r, one rounding (`fma_acc`). With d = m_logits -
+    m_side exact, a row that differs from the logits' by a constant gets their exponents
+    bitwise (x + d is the logit itself), so its sums, KL and TV are exactly theirs."""
+    return fma_acc(x + d[None, :, None], k, -r[None, :, None])
 
 
 @triton.jit
-def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur,
-              sq, uq, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
+def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, sq, uq,
+              HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
               DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
     """One block (or bf16 half-block) of each tensor into the lanes' sums. Every pair side forms
     its exponents t = x k - r as `_pair`'s lanes do (one rounding, `fma_acc`; exps `exp_base`),
-    so that equal rows at equal temperatures get equal exps bitwise on both sides of a pair.
+    so that equal rows at equal temperatures get equal exps bitwise on both sides of a pair;
+    without a division (DIV_R / DIV_Q False) the other side is framed on the logits' lanes
+    (`_framed_exps`, rr / rq its shift d) and rows that differ by a constant match too.
     The logits' pair side (kp, rp, sums sp): in fp32 on a GPU the same fma and exp as
     token_stats' d2 and e (one instruction each after CSE: one exp per element per tensor);
     under the interpreter, whose tl.fma rounds x c first, the GPU's rounding (`fma_acc`), and
-    in fp64 natural units (e^t, its own frame rp)."""
+    in fp64 natural units (e^t, its own frame rp). Log-ratios are differences of exponents,
+    floored (`floor_log_ratio`), in `_pair`'s units."""
     _, d2, e = lane_exps(x, c, r2)
     s1, s2, t2 = add_exps(d2, e, s1, s2, t2)
     if HAS_ROLL or HAS_REF:
@@ -207,19 +217,39 @@ def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, mr, kq, rq, mq, s1, s2, t2, 
         e_p = exp_base(tl.maximum(t_p, D_MIN))  # as `lane_exps`' e
         sp += tl.sum(tl.sum(e_p, axis=2), axis=0)
     if HAS_ROLL:  # KL(pi_roll || pi_theta): w = rollout, v = logits
-        t_r = fma_acc(xr, kr, -rr[None, :, None])
+        if DIV_R:
+            t_r = fma_acc(xr, kr, -rr[None, :, None])
+        else:
+            t_r = _framed_exps(xr, rr, kp, rp)
         e_r = exp_base(t_r)
         sr += tl.sum(tl.sum(e_r, axis=2), axis=0)
-        ur += tl.sum(tl.sum(e_r * _ratio(xr, x, t_r, t_p, mr, mx, DIV_R), axis=2), axis=0)
+        ur += tl.sum(tl.sum(e_r * floor_log_ratio(t_r - t_p), axis=2), axis=0)
     if HAS_REF:
-        t_q = fma_acc(xq, kq, -rq[None, :, None])
+        if DIV_Q:
+            t_q = fma_acc(xq, kq, -rq[None, :, None])
+        else:
+            t_q = _framed_exps(xq, rq, kp, rp)
         e_q = exp_base(t_q)
         sq += tl.sum(tl.sum(e_q, axis=2), axis=0)
         if REVERSE:  # KL(p || q): w = logits, v = reference
-            uq += tl.sum(tl.sum(e_p * _ratio(x, xq, t_p, t_q, mx, mq, DIV_Q), axis=2), axis=0)
+            uq += tl.sum(tl.sum(e_p * floor_log_ratio(t_p - t_q), axis=2), axis=0)
         else:  # KL(q || p): w = reference, v = logits
-            uq += tl.sum(tl.sum(e_q * _ratio(xq, x, t_q, t_p, mq, mx, DIV_Q), axis=2), axis=0)
+            uq += tl.sum(tl.sum(e_q * floor_log_ratio(t_q - t_p), axis=2), axis=0)
     return s1, s2, t2, sp, sr, ur, sq, uq
+
+
+@triton.jit
+def _other_rescale(xa, xb, k, m, r, s, dp, mx, rp_old, rp, DIVIDE: tl.constexpr):
+    """The rollout's or the reference's lanes moved to the block's max: in their own frame
+    (`_side_rescale`) with DIVIDE, else framed on the logits' lanes (`_framed_rescale`, r
+    holding d). Returns (m, r, s, f, the move of its exponents relative to the logits' pair
+    exponents, dp = the latter's move)."""
+    if DIVIDE:
+        m, r, s, delta, f = _side_rescale(xa, xb, k, m, r, s)
+        shift = delta - dp
+    else:
+        m, r, s, f, shift = _framed_rescale(xa, xb, k, m, r, s, mx, rp_old, rp)
+    return m, r, s, f, shift
 
 
 @triton.jit
@@ -228,37 +258,34 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, 
           REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
     """One loop step: every side's lanes moved to their new max (u moved with them), then the
     block's exps added. xb / rb / qb: the second bf16 halves, or None."""
-    mx_old = mx
+    rp_old = rp
     mx, r2, s1, s2, t2, st, dp, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
     # The logits' pair side: token_stats' frame and move in fp32, its own in fp64 (e^t).
     if mx.dtype == tl.float64:
-        rp_new = _reference(mx) * kp
-        dp = tl.minimum(rp - rp_new, 0.0)
+        rp = _reference(mx) * kp
+        dp = tl.minimum(rp_old - rp, 0.0)
         fp = exp_base(dp)
-        rp = rp_new
     else:
         rp = r2
     sp = fp * sp
+    # u <- f_w (u + shift s_w) = f_w u + shift (f_w s_w), shift = the move of t_w - t_v.
     if HAS_ROLL:
-        mr_old = mr
-        mr, rr, sr, dr, fr = _side_rescale(ra, rb, kr, mr, rr, sr)
-        # u <- f_w (u + (delta_w - delta_v) s_w) = f_w u + (delta_w - delta_v) (f_w s_w)
-        ur = tl.fma(_ratio_shift(dr, dp, mr_old, mr, mx_old, mx, DIV_R), sr, fr * ur)
+        mr, rr, sr, fr, shift = _other_rescale(ra, rb, kr, mr, rr, sr, dp, mx, rp_old, rp, DIV_R)
+        ur = tl.fma(shift, sr, fr * ur)
     if HAS_REF:
-        mq_old = mq
-        mq, rq, sq, dq, fq = _side_rescale(qa, qb, kq, mq, rq, sq)
+        mq, rq, sq, fq, shift = _other_rescale(qa, qb, kq, mq, rq, sq, dp, mx, rp_old, rp, DIV_Q)
         if REVERSE:
-            uq = tl.fma(_ratio_shift(dp, dq, mx_old, mx, mq_old, mq, DIV_Q), sp, fp * uq)
+            uq = tl.fma(-shift, sp, fp * uq)
         else:
-            uq = tl.fma(_ratio_shift(dq, dp, mq_old, mq, mx_old, mx, DIV_Q), sq, fq * uq)
+            uq = tl.fma(shift, sq, fq * uq)
     s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
-        xa, ra, qa, c, r2, mx, kp, rp, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq, uq,
+        xa, ra, qa, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, sq, uq,
         HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
     )  # fmt: skip
     if xb is not None:
         s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
-            xb, rb, qb, c, r2, mx, kp, rp, kr, rr, mr, kq, rq, mq, s1, s2, t2, sp, sr, ur, sq,
-            uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+            xb, rb, qb, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, sq, uq,
+            HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
     return mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, mq, rq, sq, uq
 
@@ -276,18 +303,32 @@ def _chunk_side(m, r, s, k, tau):
 
 
 @triton.jit
-def _chunk_u(u, m_w, s_w, f_w, g_w, mc_w, m_v, g_v, mc_v, DIVIDE: tl.constexpr):
+def _framed_chunk_side(m, d, r, s, k):
+    """`_chunk_side` of a side framed on the logits' lanes (`_framed_rescale`; temperature 1, so
+    z = x and e = 0): `_pair._side_total`'s arithmetic on the lanes' logits shifted by d, the
+    lane frames R = r - d k moved to the chunk's max by g = r - (mc + d) k, the top entry's
+    own exp (the loop's x + d, bitwise) taken out and counted as exactly 1. A row that differs
+    from the logits' by a constant has mc + d = the logits' mc and their g and rest bitwise."""
+    mc = tl.max(m, axis=0)
+    xt = m + d  # the loop's x + d at the lane's max
+    g = fma_acc(-(mc + d), k, r)
+    f = tl.where(m == float("-inf"), 0.0, exp_base(g))
+    top = (m == mc) & (m != float("-inf"))
+    e_top = exp_base(fma_acc(xt, k, -tl.where(top, r, xt * k)))
+    ties = tl.maximum(tl.sum(top.to(s.dtype), 0) - 1.0, 0.0)
+    rest = tl.sum(tl.where(top, (s - e_top) * f, f * s), 0) + ties
+    mz = tl.where(rest != rest, float("nan"), mc)
+    return mz, mc, g, f, rest, mc * 0
+
+
+@triton.jit
+def _chunk_u(u, m_w, s_w, f_w, g_w, g_v):
     """A pair's chunk u in nats relative to both sides' chunk references (`_chunk_side`) from
-    the lanes' u: the sum of f_w (u + (D_w - D_v) s_w), D = a lane's move to its chunk's
-    reference: g with DIVIDE (`_pair`'s units, as `_pair.pair_chunk_kernel`), else the
-    difference of the raw maxes (nats, as `_ratio`). An empty weight lane adds 0."""
-    if DIVIDE:
-        shift = g_w - g_v
-    else:
-        shift = (_reference(m_w) - _reference(mc_w)) - (_reference(m_v) - _reference(mc_v))
-    shift = tl.where(m_w == float("-inf"), 0.0, shift)
+    the lanes' u (in `_pair`'s units): the sum of f_w (u + (g_w - g_v) s_w), g = a lane's move
+    to its chunk's reference, as `_pair.pair_chunk_kernel`. An empty weight lane adds 0."""
+    shift = tl.where(m_w == float("-inf"), 0.0, g_w - g_v)
     u = tl.sum(f_w * (u + shift * s_w), axis=0)
-    if DIVIDE and u.dtype != tl.float64:
+    if u.dtype != tl.float64:
         u = u * _ln2(u)  # log2 units -> nats
     return u
 
@@ -420,18 +461,24 @@ def _fwd_chunk_kernel(
     store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
     # The pairs' chunk states in `_pair`'s convention (`_chunk_side`), u moved with them.
     if HAS_ROLL or HAS_REF:
-        m_p, mc_p, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p)
+        m_p, _, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p)
     if HAS_ROLL:
-        m_r, mc_r, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r)
-        u = _chunk_u(ur, mr, sr, f_r, g_r, mc_r, mx, g_p, mc_p, DIV_R)
+        if DIV_R:
+            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r)
+        else:
+            m_r, _, g_r, f_r, r_r, e_r = _framed_chunk_side(mr, rr, rp, sr, kp)
+        u = _chunk_u(ur, mr, sr, f_r, g_r, g_p)
         _store_pair(part_r_ptr, chunk, row, N, m_r, r_r, e_r, m_p, r_p, e_p, u)
     if HAS_REF:
-        m_q, mc_q, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q)
+        if DIV_Q:
+            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q)
+        else:
+            m_q, _, g_q, f_q, r_q, e_q = _framed_chunk_side(mq, rq, rp, sq, kp)
         if REVERSE:
-            u = _chunk_u(uq, mx, sp, f_p, g_p, mc_p, mq, g_q, mc_q, DIV_Q)
+            u = _chunk_u(uq, mx, sp, f_p, g_p, g_q)
             _store_pair(part_q_ptr, chunk, row, N, m_p, r_p, e_p, m_q, r_q, e_q, u)
         else:
-            u = _chunk_u(uq, mq, sq, f_q, g_q, mc_q, mx, g_p, mc_p, DIV_Q)
+            u = _chunk_u(uq, mq, sq, f_q, g_q, g_p)
             _store_pair(part_q_ptr, chunk, row, N, m_q, r_q, e_q, m_p, r_p, e_p, u)
 
 
