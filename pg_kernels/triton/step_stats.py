@@ -8,25 +8,29 @@ Forward:
      (r, k) reads chunk k of row r of the logits and, when given (constexpr flags), of the
      rollout and the reference logits, each element once. Per element one exp per tensor; the
      logits' e = 2^d2 (token_stats' `lane_exps`, relative to each lane's running max) feeds
-     token_stats' sums (`add_exps`) and both pair sums:
-         rollout pair (w = roll, v = logits):   s_r += e_r,  u_r += e_r (t_r - d2)
-         reference, reverse (w = logits, v = q): s_q += e_q,  u_q += e (d2 - t_q)
-                    forward (w = q, v = logits): s_q += e_q,  u_q += e_q (t_q - d2)
-     (exponents t = x k - r in log2 units, one fma; the logits' side of each pair is token_stats'
-     s1; with both temperatures exactly 1 the log-ratios are exact differences of the raw
-     logits, in nats, as `_pair`'s). Each side's lanes rescale themselves when their max rises
-     (token_stats' `rescale_lanes`; a pair's u moves by f_w (u + (delta_w - delta_v) s_w),
+     token_stats' sums (`add_exps`) and the logits' side of both pairs:
+         rollout pair (w = roll, v = logits):   s_r += e_r,  u_r += e_r (t_r - t_p)
+         reference, reverse (w = logits, v = q): s_q += e_q,  u_q += e_p (t_p - t_q)
+                    forward (w = q, v = logits): s_q += e_q,  u_q += e_q (t_q - t_p)
+     Every pair side forms its exponents as `_pair`'s lanes, t = x k - r in one rounding
+     (`fma_acc`; `_pair`'s units: log2 in fp32, natural in fp64, `exp_base`), so equal rows at
+     equal temperatures get equal exps bitwise. The logits' side (t_p, e_p, sums s_p) is
+     token_stats' d2 and e in fp32 on a GPU (the same fma and exp after CSE); under the
+     interpreter, whose tl.fma rounds x c first, and in fp64 it is formed on its own. With both
+     temperatures of a pair exactly 1 (no division) the other side is framed on the logits'
+     lanes: t = (x + d) k - r_p, d = the lanes' max difference (`_framed_exps`), so a row that
+     differs from the logits by a constant gets their exponents bitwise. Each side's lanes
+     rescale themselves when their max rises (a pair's u moves by f_w (u + shift s_w),
      docs/math.md §4). After the loop: the token_stats chunk state (`chunk_total`,
      `store_partial`), bitwise the one token_stats' chunk kernel stores, and each pair's chunk
-     state in `_pair`'s layout and convention [PARTIAL, n_chunks, N]: the stored max
-     m = mc / tau rounded, the sums (and u) relative to a / tau, a = m tau rounded (the raw
-     logit `row_exponent` rebuilds from m), and e = a / tau - m, which goes with m into the
-     merges (`_side_z`, `_move`).
+     state in `_pair`'s layout and convention [PARTIAL, n_chunks, N] (`_chunk_side`: sums
+     relative to the max logit's own z, that entry exactly 1, each side's s1 - 1 kept apart,
+     e = x_max / tau - m carried into the merges; `_framed_chunk_side` for a framed side).
   2. `_fwd_finish_kernel`: token_stats' merge (`merge_rows`, so the token fields are bitwise
      those of token_stats), each pair merged with `_pair.merge_row` and finished with
-     `finalize_kl` in fp64: token_kl, kl, kl_state = the reference's (m, log s1) and
-     c = E_w[d_w - d_v], log s1 and c relative to each side's a / tau, as the TV pass and the
-     backward rebuild their probabilities.
+     `finalize_kl` in fp64, log s1 and c moved to `row_exponent`'s a / tau
+     (`reference_shift`): token_kl, kl, kl_state = the reference's (m, log s1) and
+     c = E_w[d_w - d_v], as the TV pass and the backward rebuild their probabilities.
   3. TV needs both normalizers, known only now: mismatch_stats' second pass over the logits and
      the rollout logits (`_tv_chunk_kernel`, `_tv_finish_kernel`), only with rollout logits.
 Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): token_stats' coefficients (`bwd_row`)
@@ -49,21 +53,30 @@ and compiled for sm_90 offline (.ci/check_triton_sm90.py); not yet run or timed 
 GPU design (sm_90 offline, not timed on a GPU): no spills. Hot-loop SASS instructions per
 element triple (forward, budget 30) / pair (backward with the KL term, both gradients, budget
 20), worst variant, first version -> now (.ci/check_triton_sm90.py):
-    forward  bf16 33.8 -> 28.4, fp16 33.4 -> 28.0, fp32 33.3 -> 28.1 (budget 60)
+    forward  bf16 33.8 -> 28.3, fp16 33.4 -> 27.8, fp32 33.3 -> 27.7 (budget 60)
     backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 (budget 40)
 Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
 and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
-into integers and back: ~4 per floor). Registers: bf16 255 (reverse) / 180-200 (forward KL),
-fp16 192-255, fp32 128-182 (were 255, 193-255, 128-196); the three blocks of a step live
-together (no prefetch, unlike token_stats). Backward: the log-ratio's d_p folded into
+into integers and back: ~4 per floor). The pair sides in `_pair`'s convention (the top entry
+taken out per chunk, the framed sides' shift d per lane) cost nothing per element (bf16 28.4 ->
+28.3 at temperature 1, where the log-ratios are now one difference of exponents instead of
+two of raw logits). Registers: bf16 255 / 182-254, fp16 192-255, fp32 128-204 (the forward KL
+variants at temperature 1 rose from ~200 to 254: the framed sides' d per lane; were 255,
+193-255, 128-196 in the first version); the three blocks of a step live together (no
+prefetch, unlike token_stats). Backward: the log-ratio's d_p folded into
 token_stats' coefficients (reverse: 14 arithmetic instructions per pair instead of 16), the
 reference's upstream factor into its log-ratio (forward: 15), one loop per row case, block
 addresses from a scalar pointer, bf16 pairs loaded as int32; 45-64 registers (were 53-62).
 Accuracy: a KL of 1e-3 between near rows carries the fp32 roundings of both sums through
 log s_w - log s_v: on a bf16 V = 7 row under the interpreter s_w and s_v were off by +4.7e-8 and
 -4.2e-8 (relative), the KL by 9.1e-8, over tests/test_step_stats.py's 8.7e-8 (the C++ kernel:
-6e-9 there). The interpreter's fma also rounds the product first (an error of ulp(x c) in each
-of the logits' shared exponents, absent on a GPU). The backward takes d_p from token_stats' d2,
+6e-9 there); with the pair sides in `_pair`'s convention that row's token_kl is 3.5e-8 off
+(plain fp32 PyTorch 2.3e-8), and single-entry rows, rows equal to the rollout (any
+temperature) or shifted from it (temperature 1) are exact (tests/test_step_stats.py). Near
+rows at |x| ~ 12 (fp32 [8, 3000], rollout noise 0.05, interpreter): token_kl 1.2e-6 -> 8.8e-8
+off at tau 1, 1.2e-6 -> 2.2e-7 at 0.7 (plain PyTorch 5.1e-7 / 5.9e-7). A framed side's x + d
+is exact for 16-bit logits at usual ranges; for fp32 it rounds at ulp(x) / 2, the KL then being
+the exact KL of logits that far off. The backward takes d_p from token_stats' d2,
 rounded relative to |log p_j| as plain PyTorch's log_softmax (not to |d_p - d_q|): on near
 rows (fp32 [8, 3000], q = p + 0.01 noise, tau 1, interpreter) the weight side's gradient error
 was 2.8e-8 reverse / 2.4e-8 forward (5.2e-9 before; plain fp32 PyTorch 1.1e-7 / 4.7e-8).
