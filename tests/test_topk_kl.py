@@ -97,14 +97,13 @@ def test_small_temperature_peaked_rows(bd):
     )
 
 
-@pytest.mark.backends("cpu")
 def test_tail_holding_most_of_the_mass(bd):
     """Near-uniform rows, k = 2 of V = 321, q = p on the ids (one row per call: the rule's 2x
     plain PyTorch is per batch): log P_tail ~ -0.006 is a small difference of log s_tail and
     log s (~5.8). As that difference of two fp32 logs, each rounded once, the KL was off by
     2.6e-7 and 3.3e-7 where the truth is ~1e-16 (plain PyTorch 2.3e-8 and 1.5e-7), 1.8e-7 and
-    2.6e-7 on KLs of ~1e-5 (plain 5.2e-8, 2.4e-8); the C++ kernel now takes
-    log P_tail = -log1p(head / tail) when the tail holds most of the mass."""
+    2.6e-7 on KLs of ~1e-5 (plain 5.2e-8, 2.4e-8); both kernels now take
+    log P_tail = -log1p(head / tail) when the tail holds most of the mass (Triton: <= 8e-12)."""
     backend, device = bd
     for seed, scale, tau in ((0, 0.5, 1.0), (3, 0.5, 1.0), (8, 0.05, 2.0), (9, 0.05, 2.0)):
         x = make_logits(1, 321, torch.float64, scale=scale, seed=seed)
@@ -114,6 +113,21 @@ def test_tail_holding_most_of_the_mass(bd):
         check_against_reference(
             _op(backend), reference.topk_kl, args, {"temperature": t}, diff_fields=("out",)
         )
+
+
+def test_small_kl_of_two_entries(bd):
+    """bf16 [1, 2], k = 1 at tau 0.645, a KL of 1.9e-6 (a fuzzer find): the Triton finish in
+    fp32 took log s = log(tail + head) (ulp(log s) / 2 in every log-prob) and log P_tail as
+    (m_tail - m) + log s_tail - log s, and was off by 4.7e-8 (allowed 2.6e-8, plain PyTorch
+    1.3e-8); in fp64 with log P_tail = -log1p(head / tail) it is 3.4e-12 off (C++: 1.7e-8)."""
+    backend, device = bd
+    x = torch.tensor([[-1.2578125, -1.25]], dtype=torch.bfloat16, device=device)
+    ids = torch.tensor([[1]], device=device)
+    lp = torch.tensor([[-0.6890532374382019]], dtype=torch.float32, device=device)
+    check_against_reference(
+        _op(backend), reference.topk_kl, (x, ids, lp), {"temperature": 0.644772645674319},
+        diff_fields=("out",),
+    )  # fmt: skip
 
 
 def test_q_tail_edge_cases(bd):

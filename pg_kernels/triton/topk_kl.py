@@ -61,6 +61,7 @@ import triton.language as tl
 from pg_kernels.triton._common import (
     acc_dtype_of,
     exp_acc,
+    log1p_acc,
     lowest_finite,
     merge_states,
     per_row_inv_temperature,
@@ -175,6 +176,55 @@ def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
     return r, m, s
 
 
+@triton.jit
+def _q_tail(q_head, has_tail):
+    """q's tail mass from q_head = sum_K q_v (topk_q_tail in softmax_stats.h): 1 - q_head
+    clamped at 0, exactly 0 when the ids cover the vocabulary."""
+    rest = 1.0 - q_head
+    return tl.where(has_tail & (rest > 0.0), rest, 0.0)
+
+
+@triton.jit
+def _finish_f64(m_tail, s_tail, zh, m, lq, q_tail):
+    """(KL, log s, log P_tail) of a row (topk_normalizer and the KL terms of softmax_stats.h),
+    evaluated in fp64 from the merged tail state, the head z, the row max m and the given
+    log-probs, each rounded once to m's dtype (per row, so free). In fp32, log s = log(tail +
+    head) carried ulp(log s) / 2 into every log p_v and log P_tail, and in log P_tail =
+    (m_tail - m) + log s_tail - log s the two logs cancel (bf16 [1, 2], k = 1: a KL of 1.9e-6
+    off by 4.7e-8, plain PyTorch 1.3e-8). Here log P_tail = -log1p(head / tail) unless the
+    tail is far below the head (head / tail > 1e30), and the KL's q_v are exp(lq) in fp64 with
+    q_tail = 1 - sum_K q_v in fp64 wherever the fp32 q_tail (the contract's, shared with the
+    backward) is positive: the q's then sum to 1, so an error in one is not left uncancelled
+    against the others (q_tail from fp32 q's beside fp64 head q's was off by ~ulp(1))."""
+    ACC: tl.constexpr = m.dtype
+    f64: tl.constexpr = tl.float64
+    tail_empty = m_tail == float("-inf")
+    m_tail = tl.where(tail_empty, m, m_tail).to(f64)  # finite operands: no -inf - -inf
+    s_tail = tl.where(tail_empty, 1.0, s_tail).to(f64)
+    m = m.to(f64)
+    zh = zh.to(f64)
+    lq = lq.to(f64)
+    s_head = tl.sum(tl.exp(zh - m), axis=0)  # relative to the row max: head terms <= 1
+    tail = tl.where(tail_empty, 0.0, s_tail * tl.exp(m_tail - m))
+    log_s = tl.log(tail + s_head)
+    near = s_head <= tail * 1e30  # false for an empty (or underflowed) tail
+    logp_tail = tl.where(
+        near,
+        -log1p_acc(s_head / tl.where(near, tail, 1.0)),
+        (m_tail - m) + tl.log(s_tail) - log_s,
+    )
+    logp_tail = tl.where(tail_empty, float("-inf"), logp_tail)
+    q = tl.exp(lq)
+    q_tail = tl.where(q_tail > 0.0, tl.maximum(1.0 - tl.sum(q, axis=0), 0.0), 0.0)
+    # q (log q - log p), exactly 0 where q = 0; log p_v = (z_v - m) - log s, relative to the
+    # row max (topk_normalizer): z_v - L would carry ulp(L) on log-probs near 0.
+    head = tl.sum(tl.where(q == 0.0, 0.0, q * (lq - ((zh - m) - log_s))), axis=0)
+    tail_kl = tl.where(
+        q_tail == 0.0, 0.0, q_tail * (tl.log(tl.where(q_tail == 0.0, 1.0, q_tail)) - logp_tail)
+    )
+    return (head + tail_kl).to(ACC), log_s.to(ACC), logp_tail.to(ACC)
+
+
 @triton.jit(do_not_specialize=["ignore_index"])
 def _tail_chunk_kernel(
     x_ptr, ids_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K, N,
@@ -259,27 +309,12 @@ def _fwd_finish_kernel(
     valid = valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
     m = tl.where(valid, m_all, 0.0)
     m_tail = tl.where(tail_ok, m_tail, float("-inf"))
-    s_head = tl.sum(exp_acc(zh - m), axis=0)  # relative to the row max directly: head terms <= 1
-    tail_empty = m_tail == float("-inf")
-    tail_part = tl.where(tail_empty, 0.0, s_tail * exp_acc(m_tail - m))
-    # log p_v = (z_v - m) - log_s, relative to the row max (topk_normalizer): z_v - L would
-    # carry ulp(L), 1e-3 at |z| ~ 1e4 (a small temperature), on the log-probs near 0.
-    log_s = tl.log(tail_part + s_head)
-    logp_tail = tl.where(
-        tail_empty,
-        float("-inf"),
-        (m_tail - m) + tl.log(tl.where(tail_empty, 1.0, s_tail)) - log_s,
-    )
     lq = tl.load(lq_ptr + row.to(tl.int64) * K + kk, mask=hm, other=float("-inf")).to(ACC)
     q = exp_acc(lq)
-    q_head = tl.sum(q, axis=0)
-    rest = 1.0 - q_head
-    q_tail = tl.where((K < V) & (rest > 0.0), rest, 0.0)
-    # q (log q - log p), exactly 0 where q = 0
-    head = tl.sum(tl.where(q == 0.0, 0.0, q * (lq - ((zh - m) - log_s))), axis=0)
-    tail = tl.where(q_tail == 0.0, 0.0, q_tail * (tl.log(q_tail) - logp_tail))
+    q_tail = _q_tail(tl.sum(q, axis=0), K < V)
+    kl, log_s, logp_tail = _finish_f64(m_tail, s_tail, zh, m, lq, q_tail)
     nan = float("nan")
-    tl.store(kl_ptr + row, tl.where(keep, tl.where(valid, head + tail, nan), 0.0))
+    tl.store(kl_ptr + row, tl.where(keep, tl.where(valid, kl, nan), 0.0))
     tl.store(m_ptr + row, tl.where(keep, tl.where(valid, m, nan), 0.0))
     tl.store(log_s_ptr + row, tl.where(keep, tl.where(valid, log_s, nan), 0.0))
     tl.store(logp_tail_ptr + row, tl.where(keep, tl.where(valid, logp_tail, nan), 0.0))
@@ -311,8 +346,7 @@ def _bwd_kernel(
     kk = tl.arange(0, K_PAD)
     hm = kk < tl.where(valid, K, 0)
     q_head = tl.sum(exp_acc(tl.load(lq_row + kk, mask=hm, other=float("-inf")).to(ACC)), axis=0)
-    rest = 1.0 - q_head
-    q_tail = tl.where((K < V) & (rest > 0.0), rest, 0.0)
+    q_tail = _q_tail(q_head, K < V)
     q_all = q_head + q_tail
     log_q = tl.log(q_all)
     tail_empty = logp_tail == float("-inf")
