@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -128,6 +130,57 @@ def test_small_kl_of_two_entries(bd):
         _op(backend), reference.topk_kl, (x, ids, lp), {"temperature": 0.644772645674319},
         diff_fields=("out",),
     )  # fmt: skip
+
+
+def test_peaked_row_at_large_logits(bd):
+    """x = [1800, 1770], q one-hot on the max: KL = -log p_0 = log1p(e^-30) = 9.36e-14. The
+    float64 truth took z - L, with L = 1800 + 9.4e-14 rounded at ulp(1800) / 2 = 1.1e-13, and
+    said 0 (a fuzzer find: fp16 [1, 127] at |z| ~ 1800, a kernel's 1.1339e-13 failed against a
+    truth of -7e-17; 60 digits: 1.1348e-13); the truth now keeps the normalizer's rest."""
+    backend, device = bd
+    x = torch.tensor([[1800.0, 1770.0]], device=device)
+    ids = torch.tensor([[0]], device=device)
+    lp = torch.zeros(1, 1, device=device)
+    truth = float(reference.topk_kl(x, ids, lp))
+    assert abs(truth - math.log1p(math.exp(-30.0))) <= 1e-28
+    check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), {}, diff_fields=("out",))
+
+
+def _fuzz_row(seed, v, k, dtype, scale, tau, noise, device):
+    """One fuzzer-style row: logits ~ N(0, scale^2), q from them plus noise, a per-row tau."""
+    x = make_logits(1, v, torch.float64, scale=scale, seed=seed)
+    ids, lp, _ = make_topk(x, k, seed=seed, noise=noise)
+    t = torch.tensor([tau], dtype=torch.float64, device=device)
+    return (x.to(dtype).to(device), ids.to(device), lp.float().to(device)), {"temperature": t}
+
+
+@pytest.mark.backends("triton")
+def test_head_gradient_of_a_peaked_row(bd):
+    """fp32 [1, 127], k = 11, |z| ~ 3300 (a fuzzer find): the max's gradient entry Q p - q
+    cancels two numbers near 1, and from fp32 exps it was 4.3490e-5 where the truth is
+    4.3289e-5 (plain PyTorch the same; with the drawn upstream gradient plain PyTorch was
+    luckier by 2.06x). The Triton backward forms the ids' entries in fp64: 4.3289e-5. (The
+    C++ backward forms them in fp32 and fails here as Triton did.)"""
+    backend, device = bd
+    args, kw = _fuzz_row(563425873, 127, 11, torch.float32, 121.68676789654674,
+                         0.08634184900768847, 4.0, device)  # fmt: skip
+    check_against_reference(
+        _op(backend), reference.topk_kl, args, kw, diff_fields=("out",), seed=563425873
+    )
+
+
+def test_q_tail_of_rounding_size_beside_a_far_tail(bd):
+    """fp32 [1, 127], k = 20, |z| ~ 5000 (a fuzzer find): the K log-probs sum past 1 in float64
+    (by 4.4e-11), so q_tail = 0, but short of it in an fp32 tree sum (by 6e-8). The Triton
+    backward took that 6e-8 as q_tail against a tail 5400 below the head: a gradient of 1.1e-6
+    on the tail's max logit where the truth is 0. q_tail now comes from the float64 sum
+    (wherever the fp32 sum leaves one at all), forward and backward alike."""
+    backend, device = bd
+    args, kw = _fuzz_row(896655678, 127, 20, torch.float32, 269.55535238759956,
+                         0.05191488612268159, 4.0, device)  # fmt: skip
+    check_against_reference(
+        _op(backend), reference.topk_kl, args, kw, diff_fields=("out",), seed=896655678
+    )
 
 
 def test_q_tail_edge_cases(bd):

@@ -69,6 +69,7 @@ from pg_kernels.triton._common import (
     row_blocking,
     row_offset,
 )
+from pg_kernels.triton._pair import fma_acc
 
 
 @triton.jit
@@ -112,8 +113,9 @@ def _drop_id(x, cur, k: tl.constexpr):
 
 @triton.jit
 def _e(x, inv_tau, m):
-    """exp(z - m), z = x / tau, in one rounding before the exp (fma): 0 for x = -inf."""
-    return exp_acc(tl.fma(x, inv_tau, -m))
+    """exp(z - m), z = x / tau, in one rounding before the exp (fma: the exact product, so the
+    error is relative to z - m, not to z): 0 for x = -inf."""
+    return exp_acc(fma_acc(x, inv_tau, -m))
 
 
 @triton.jit
@@ -177,52 +179,67 @@ def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
 
 
 @triton.jit
-def _q_tail(q_head, has_tail):
-    """q's tail mass from q_head = sum_K q_v (topk_q_tail in softmax_stats.h): 1 - q_head
-    clamped at 0, exactly 0 when the ids cover the vocabulary."""
-    rest = 1.0 - q_head
-    return tl.where(has_tail & (rest > 0.0), rest, 0.0)
+def _q_masses(lq, has_tail):
+    """(q_v, q_tail) in fp64 from the log-probs lq (-inf where masked): q_tail = 1 - sum_K q_v
+    clamped at 0 (topk_q_tail in softmax_stats.h), exactly 0 when the ids cover the
+    vocabulary. Whether there is a tail bucket at all is decided by the sum in lq's dtype, as
+    the C++ kernel and plain PyTorch decide it (log-probs summing to 1 within their own
+    rounding leave none); its mass is taken from the fp64 sum. From fp32 q's it was rounding
+    noise where the fp64 sum passes 1: 6e-8 against a tail 5400 below the head, a gradient
+    of 1.1e-6 on the tail's max logit where the truth is 0."""
+    has_tail = has_tail & (1.0 - tl.sum(exp_acc(lq), axis=0) > 0.0)
+    q = tl.exp(lq.to(tl.float64))
+    return q, tl.where(has_tail, tl.maximum(1.0 - tl.sum(q, axis=0), 0.0), 0.0)
 
 
 @triton.jit
-def _finish_f64(m_tail, s_tail, zh, m, lq, q_tail):
-    """(KL, log s, log P_tail) of a row (topk_normalizer and the KL terms of softmax_stats.h),
-    evaluated in fp64 from the merged tail state, the head z, the row max m and the given
-    log-probs, each rounded once to m's dtype (per row, so free). In fp32, log s = log(tail +
-    head) carried ulp(log s) / 2 into every log p_v and log P_tail, and in log P_tail =
-    (m_tail - m) + log s_tail - log s the two logs cancel (bf16 [1, 2], k = 1: a KL of 1.9e-6
-    off by 4.7e-8, plain PyTorch 1.3e-8). Here log P_tail = -log1p(head / tail) unless the
-    tail is far below the head (head / tail > 1e30), and the KL's q_v are exp(lq) in fp64 with
-    q_tail = 1 - sum_K q_v in fp64 wherever the fp32 q_tail (the contract's, shared with the
-    backward) is positive: the q's then sum to 1, so an error in one is not left uncancelled
-    against the others (q_tail from fp32 q's beside fp64 head q's was off by ~ulp(1))."""
-    ACC: tl.constexpr = m.dtype
+def _finish_f64(m_tail, s_tail, zx, lq, q, q_tail, valid):
+    """(KL, m, log s, log P_tail) of a row (topk_normalizer and the KL terms of
+    softmax_stats.h), evaluated in fp64 from the merged tail state (m_tail, s_tail), the head's
+    z as exact products zx and the given log-probs; each output rounded once to m_tail's dtype
+    (per row, so free). m is the row max rounded; the saved log s is relative to it, so it
+    holds the residual of the max's own product (the backward's fma exponents see the same).
+
+    In fp32, log s = log(tail + head) carried ulp(log s) / 2 into every log p_v and log P_tail,
+    and log P_tail = (m_tail - m) + log s_tail - log s cancelled the two logs (bf16 [1, 2],
+    k = 1: a KL of 1.9e-6 off by 4.7e-8, plain PyTorch 1.3e-8). Here log s = log1p(rest),
+    rest = the sum without the max's own entry (exactly 1 when the head holds the max), and
+    log P_tail = -log1p(head / tail) unless the tail is far below the head (head / tail >
+    1e30); q and q_tail are `_q_masses`', which sum to 1 in fp64."""
+    ACC: tl.constexpr = m_tail.dtype
     f64: tl.constexpr = tl.float64
+    kk = tl.arange(0, zx.shape[0])
     tail_empty = m_tail == float("-inf")
-    m_tail = tl.where(tail_empty, m, m_tail).to(f64)  # finite operands: no -inf - -inf
-    s_tail = tl.where(tail_empty, 1.0, s_tail).to(f64)
-    m = m.to(f64)
-    zh = zh.to(f64)
-    lq = lq.to(f64)
-    s_head = tl.sum(tl.exp(zh - m), axis=0)  # relative to the row max: head terms <= 1
-    tail = tl.where(tail_empty, 0.0, s_tail * tl.exp(m_tail - m))
-    log_s = tl.log(tail + s_head)
+    m_head = tl.max(zx, axis=0)
+    head_max = m_head >= m_tail.to(f64)  # the head holds the row max (an empty tail: always)
+    m = tl.where(valid, tl.where(head_max, m_head, m_tail.to(f64)), 0.0)
+    mt = tl.where(tail_empty, m, m_tail.to(f64))  # finite operands: no -inf - -inf
+    st = tl.where(tail_empty, 1.0, s_tail).to(f64)
+    e = tl.exp(zx - m)  # relative to the row max: head terms <= 1
+    s_head = tl.sum(e, axis=0)
+    tail = tl.where(tail_empty, 0.0, st * tl.exp(mt - m))
+    first = tl.min(tl.where(zx == m, kk, zx.shape[0]), axis=0)  # the max's entry in the head
+    rest = tl.where(
+        head_max, tl.sum(tl.where(kk == first, 0.0, e), axis=0) + tail, (st - 1.0) + s_head
+    )
+    log_s = log1p_acc(rest)
     near = s_head <= tail * 1e30  # false for an empty (or underflowed) tail
     logp_tail = tl.where(
         near,
         -log1p_acc(s_head / tl.where(near, tail, 1.0)),
-        (m_tail - m) + tl.log(s_tail) - log_s,
+        (mt - m) + tl.log(st) - log_s,
     )
     logp_tail = tl.where(tail_empty, float("-inf"), logp_tail)
-    q = tl.exp(lq)
-    q_tail = tl.where(q_tail > 0.0, tl.maximum(1.0 - tl.sum(q, axis=0), 0.0), 0.0)
     # q (log q - log p), exactly 0 where q = 0; log p_v = (z_v - m) - log s, relative to the
     # row max (topk_normalizer): z_v - L would carry ulp(L) on log-probs near 0.
-    head = tl.sum(tl.where(q == 0.0, 0.0, q * (lq - ((zh - m) - log_s))), axis=0)
+    lq = lq.to(f64)
+    head = tl.sum(tl.where(q == 0.0, 0.0, q * (lq - ((zx - m) - log_s))), axis=0)
     tail_kl = tl.where(
         q_tail == 0.0, 0.0, q_tail * (tl.log(tl.where(q_tail == 0.0, 1.0, q_tail)) - logp_tail)
     )
-    return (head + tail_kl).to(ACC), log_s.to(ACC), logp_tail.to(ACC)
+    m_acc = m.to(ACC)
+    log_s_acc = ((m - m_acc.to(f64)) + log_s).to(ACC)
+    return (head + tail_kl).to(ACC), m_acc, log_s_acc, logp_tail.to(ACC)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -301,18 +318,21 @@ def _fwd_finish_kernel(
     # The head: K gathered logits, and q from the given log-probs.
     kk = tl.arange(0, K_PAD)
     hm = kk < tl.where(ok, K, 0)
-    zh = tl.load(x_row + tl.where(hm, idv, 0), mask=hm, other=float("-inf")).to(ACC) * inv_tau
+    xh = tl.load(x_row + tl.where(hm, idv, 0), mask=hm, other=float("-inf")).to(ACC)
+    zh = xh * inv_tau
     bad_h = tl.max(((zh != zh) | (zh == float("inf"))).to(tl.int32), axis=0)
     m_head = tl.max(zh, axis=0)
     m_all = tl.maximum(tl.where(tail_ok, m_tail, float("-inf")), m_head)
     valid = ok & tail_ok & (bad_h == 0) & (m_all > float("-inf"))
     valid = valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
-    m = tl.where(valid, m_all, 0.0)
     m_tail = tl.where(tail_ok, m_tail, float("-inf"))
     lq = tl.load(lq_ptr + row.to(tl.int64) * K + kk, mask=hm, other=float("-inf")).to(ACC)
-    q = exp_acc(lq)
-    q_tail = _q_tail(tl.sum(q, axis=0), K < V)
-    kl, log_s, logp_tail = _finish_f64(m_tail, s_tail, zh, m, lq, q_tail)
+    q, q_tail = _q_masses(lq, K < V)
+    # The head's z as the exact products (fp32 operands: exact in fp64), as the tail's fma
+    # exponents take them: rounded to fp32 they carried ulp(z) / 2 each, not an error relative
+    # to z - m (fp32 [1, 127] at |z| ~ 3300: the max's gradient entry 4.7e-3 off, relative).
+    zx = xh.to(tl.float64) * inv_tau.to(tl.float64)
+    kl, m, log_s, logp_tail = _finish_f64(m_tail, s_tail, zx, lq, q, q_tail, valid)
     nan = float("nan")
     tl.store(kl_ptr + row, tl.where(keep, tl.where(valid, kl, nan), 0.0))
     tl.store(m_ptr + row, tl.where(keep, tl.where(valid, m, nan), 0.0))
@@ -341,32 +361,36 @@ def _bwd_kernel(
     lq_row = lq_ptr + row.to(tl.int64) * K
     grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
 
-    # topk_kl_grad_coef (softmax_stats.h), with log(1 - y) for log1p(-y): the same absolute
-    # error in tail_log, i.e. the same relative error of the gradient.
+    # topk_kl_grad_coef (softmax_stats.h) in fp64 (per program, so free), with log(1 - y) for
+    # log1p(-y): the same absolute error in tail_log, i.e. the same relative error of the
+    # gradient.
     kk = tl.arange(0, K_PAD)
     hm = kk < tl.where(valid, K, 0)
-    q_head = tl.sum(exp_acc(tl.load(lq_row + kk, mask=hm, other=float("-inf")).to(ACC)), axis=0)
-    q_tail = _q_tail(q_head, K < V)
-    q_all = q_head + q_tail
+    f64: tl.constexpr = tl.float64
+    q, q_tail = _q_masses(tl.load(lq_row + kk, mask=hm, other=float("-inf")).to(ACC), K < V)
+    q_all = tl.sum(q, axis=0) + q_tail
     log_q = tl.log(q_all)
     tail_empty = logp_tail == float("-inf")
-    log_ratio = tl.where(tail_empty | (q_tail == 0.0), 0.0, tl.log(q_tail) - logp_tail)
+    lpt = tl.where(tail_empty, 0.0, logp_tail).to(f64)
+    log_ratio = tl.where(tail_empty | (q_tail == 0.0), 0.0, tl.log(q_tail) - lpt)
     above = log_ratio > log_q
     tail_log = tl.where(
         above,
-        log_ratio + tl.log(1.0 - exp_acc(log_q - log_ratio)),
-        log_q + tl.log(1.0 - exp_acc(log_ratio - log_q)),
+        log_ratio + tl.log(1.0 - tl.exp(log_q - log_ratio)),
+        log_q + tl.log(1.0 - tl.exp(log_ratio - log_q)),
     )
     sign = tl.where(above, -1.0, 1.0)
     tail_log = tl.where(q_tail == 0.0, log_q, tl.where(tail_empty, float("-inf"), tail_log))
     sign = tl.where(q_tail == 0.0, tl.where(q_all > 0.0, 1.0, 0.0), sign)
     sign = tl.where((q_tail != 0.0) & tail_empty, 0.0, sign)
+    q_all64 = q_all
+    off = (log_s.to(f64) - tail_log).to(ACC)  # the offset below, rounded once
     # Off the ids, one fma, one subtraction, one exp and one multiply per element:
     # g_j = scale exp((z_j - m) - off). Ignored rows read nothing and get 0 (scale 0, off 0);
     # other invalid rows NaN (off NaN).
-    off = tl.where(keep, tl.where(valid, log_s - tail_log, float("nan")), 0.0)  # +inf: factor 0
+    off = tl.where(keep, tl.where(valid, off, float("nan")), 0.0)  # +inf: factor 0
     m = tl.where(valid, m, 0.0)
-    scale = tl.where(keep, sign * g_tau, 0.0)
+    scale = tl.where(keep, sign.to(ACC) * g_tau, 0.0)
 
     lanes = tl.arange(0, BLOCK_V)
     start = chunk * CHUNK
@@ -375,22 +399,27 @@ def _bwd_kernel(
     for i in range(0, n_full):  # full blocks: vector loads and stores (a uniform load mask)
         cols = start + i * BLOCK_V + lanes
         x = tl.load(x_row + cols, mask=valid, other=float("-inf")).to(ACC)
-        g = scale * exp_acc(tl.fma(x, inv_tau, -m) - off)
+        g = scale * exp_acc(fma_acc(x, inv_tau, -m) - off)
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty))
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + lanes
         x = tl.load(x_row + cols, mask=cols < tl.where(valid, V, 0), other=float("-inf")).to(ACC)
-        g = scale * exp_acc(tl.fma(x, inv_tau, -m) - off)
+        g = scale * exp_acc(fma_acc(x, inv_tau, -m) - off)
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty), mask=cols < V)
 
     # On the chunk's ids: dKL/dz_j = Q p_j - q_j, written over the values above once every
     # thread's stores are done (the barrier orders them within the program). Rows that are
     # ignored or invalid keep the 0 or NaN written above (their ids may be junk).
     on = (idv >= start) & (idv < tl.where(valid, start + n_valid, 0))
-    z_h = tl.load(x_row + tl.where(on, idv, 0), mask=on, other=0.0).to(ACC) * inv_tau
-    lq_h = tl.load(lq_row + kk, mask=on, other=0.0).to(ACC)
-    # p_j relative to the row max, z_h rounded as the forward's head (exactly m at the max)
-    head = g_tau * (q_all * exp_acc((z_h - m) - log_s) - exp_acc(lq_h))
+    x_h = tl.load(x_row + tl.where(on, idv, 0), mask=on, other=0.0).to(ACC)
+    lq_h = tl.load(lq_row + kk, mask=on, other=0.0).to(f64)
+    # In fp64 (K entries per program): Q p_j - q_j cancels two numbers near 1 on a peaked row,
+    # where fp32 exps carried ulp(1) / 2 each (fp32 [1, 127] at |z| ~ 3300: the max's entry
+    # 4.3490e-5 where the truth is 4.3289e-5, plain PyTorch the same). p_j relative to the row
+    # max from the exact product x_j / tau, as the forward's head (log s holds the max's own
+    # residual).
+    p_h = tl.exp((x_h.to(f64) * inv_tau.to(f64) - m.to(f64)) - log_s.to(f64))
+    head = (g_tau.to(f64) * (q_all64 * p_h - tl.exp(lq_h))).to(ACC)
     tl.debug_barrier()
     tl.store(grad_row + idv, round_to(head, grad_ptr.dtype.element_ty), mask=on)
 
