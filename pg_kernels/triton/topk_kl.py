@@ -17,15 +17,20 @@ Forward, one sweep, two kernels:
      merge: the chunk max, each lane rescaled to it, one sum. The chunk's (m_tail, s_tail) is
      stored, m_tail NaN when the chunk holds a NaN or +inf (a NaN sum: +inf - +inf in its exp);
   2. `_fwd_finish_kernel`, grid (N,): merges the chunk states in chunk order, gathers the K head
-     logits and joins them with the tail for L, so log p_tail = m_tail + log s_tail - L needs no
-     1 - sum_K p_v; then the KL of docs/math.md §4.
+     logits and joins them with the tail for L, so log p_tail needs no 1 - sum_K p_v; then the
+     KL of docs/math.md §4, all in fp64 (`_finish_f64`, per row, so free): the head's z as
+     exact products x (1 / tau), as the tail's fma exponents take them, log s = log1p(rest)
+     relative to the exact max, log p_tail = -log1p(head / tail), q and q_tail from fp64 sums
+     (`_q_masses`), each output rounded once.
 Backward, `_bwd_kernel`, grid (N, n_chunks): dKL/dz_j = sign exp((z_j - m) - (log s - tail_log))
 for every element of the chunk (one fma, one subtraction, one exp, one multiply), relative to the
 saved row max m and log s = L - m (not z_j - L: a saved L carries ulp(L) / 2, 4.9e-4 at
-|z| ~ 1e4 under a small temperature, the relative error of every p_j), then Q p_j - q_j with
-p_j = exp((z_j - m) - log s) over the chunk's ids
-(a K-wide gather and a masked scatter store after a barrier, which orders it after the loop's
-stores to the same entries). Ignored rows and rows with bad ids write 0 / NaN and read nothing.
+|z| ~ 1e4 under a small temperature, the relative error of every p_j); sign and tail_log come
+from fp64 once per program. Then Q p_j - q_j in fp64 over the chunk's ids (p_j and q_j near 1
+cancel on peaked rows) (a K-wide gather and a masked scatter store after a barrier, which orders
+it after the loop's stores to the same entries). Ignored rows and rows with bad ids write 0 /
+NaN and read nothing. Under the interpreter the fma exponents are emulated in fp64
+(`_pair.fma_acc`): its tl.fma rounds the product first, a GPU does not.
 
 Bytes per row of V elements of s bytes: forward V s read + 16 K (ids and log-probs, sorted
 copies) + 8 n_chunks bytes of partial states + ~16 B written; backward V s read + V s written
@@ -42,7 +47,9 @@ is a per-row tensor either way):
                        fp32   53.4 (80)                   10.5 (37)
   _bwd_kernel          bf16   19.8 (64)                    9.0 (32)
                        fp16   19.2 (64)                    8.5 (32)
-                       fp32   58.9 (60)                    9.0 (32)
+                       fp32   58.9 (60)                    8.9 (32)
+  (the backward's fp64 prologue and id entries took its registers from 32-36 to 38-40, and
+  the finish kernel's from 47 to 58; the loops' counts are unchanged)
   "before" counts the old per-block id loop (a dependent scalar load per id) with the step loop
   it sits in; the check's old unroll detection divided them by 3 (15.2, 15.0, 17.8; fp32
   backward 19.6). The backward's "after" includes the subtraction that keeps it relative to the
