@@ -213,6 +213,26 @@ def test_fp16_subnormal_gradients(bd):
         assert torch.equal(got[sub], want[sub]), (got[sub] - want[sub]).abs().max()
 
 
+@pytest.mark.backends("triton")
+def test_q_tail_short_by_rounding_beside_a_far_tail(bd):
+    """fp32 [1, 7], k = 3 (a fuzzer find): three tied maxima with q = 1/3 each as fp32
+    log-probs, which sum short of 1 by 2e-8 in float64, and a tail e^-64 below. Triton's fp32
+    sum of the q's reached 1 and dropped the tail bucket: KL -2.0e-8 where the truth is 9.0e-7
+    (plain PyTorch 4.6e-7). q_tail comes from the float64 sum unless the tail is empty. (The
+    C++ kernel takes its fp32 q_tail, 6.0e-8, and gives 2.8e-6.)"""
+    backend, device = bd
+    x = torch.tensor(
+        [[68.73112487792969] * 3 + [4.758563041687012, 3.10560941696167, 2.791536331176758,
+                                    4.593478679656982]], device=device,
+    )  # fmt: skip
+    ids = torch.tensor([[1, 2, 0]], device=device)
+    lp = torch.full((1, 3), -1.0986123085021973, device=device)
+    check_against_reference(
+        _op(backend), reference.topk_kl, (x, ids, lp), {"labels": torch.tensor([4], device=device)},
+        diff_fields=("out",),
+    )  # fmt: skip
+
+
 def test_q_tail_edge_cases(bd):
     """q_tail = 0 (top-k holding all of q), sum q_v > 1 (clamped), a q_v = 0 on a -inf logit."""
     backend, device = bd
