@@ -47,7 +47,7 @@ is a per-row tensor either way):
                        fp32   53.4 (80)                   10.5 (37)
   _bwd_kernel          bf16   19.8 (64)                    9.0 (32)
                        fp16   19.2 (64)                    8.5 (32)
-                       fp32   58.9 (60)                    8.9 (32)
+                       fp32   58.9 (60)                    9.0 (32)
   (the backward's fp64 prologue and id entries took its registers from 32-36 to 38-40, and
   the finish kernel's from 47 to 58; the loops' counts are unchanged)
   "before" counts the old per-block id loop (a dependent scalar load per id) with the step loop
