@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -97,14 +99,13 @@ def test_small_temperature_peaked_rows(bd):
     )
 
 
-@pytest.mark.backends("cpu")
 def test_tail_holding_most_of_the_mass(bd):
     """Near-uniform rows, k = 2 of V = 321, q = p on the ids (one row per call: the rule's 2x
     plain PyTorch is per batch): log P_tail ~ -0.006 is a small difference of log s_tail and
     log s (~5.8). As that difference of two fp32 logs, each rounded once, the KL was off by
     2.6e-7 and 3.3e-7 where the truth is ~1e-16 (plain PyTorch 2.3e-8 and 1.5e-7), 1.8e-7 and
-    2.6e-7 on KLs of ~1e-5 (plain 5.2e-8, 2.4e-8); the C++ kernel now takes
-    log P_tail = -log1p(head / tail) when the tail holds most of the mass."""
+    2.6e-7 on KLs of ~1e-5 (plain 5.2e-8, 2.4e-8); both kernels now take
+    log P_tail = -log1p(head / tail) when the tail holds most of the mass (Triton: <= 8e-12)."""
     backend, device = bd
     for seed, scale, tau in ((0, 0.5, 1.0), (3, 0.5, 1.0), (8, 0.05, 2.0), (9, 0.05, 2.0)):
         x = make_logits(1, 321, torch.float64, scale=scale, seed=seed)
@@ -114,6 +115,122 @@ def test_tail_holding_most_of_the_mass(bd):
         check_against_reference(
             _op(backend), reference.topk_kl, args, {"temperature": t}, diff_fields=("out",)
         )
+
+
+def test_small_kl_of_two_entries(bd):
+    """bf16 [1, 2], k = 1 at tau 0.645, a KL of 1.9e-6 (a fuzzer find): the Triton finish in
+    fp32 took log s = log(tail + head) (ulp(log s) / 2 in every log-prob) and log P_tail as
+    (m_tail - m) + log s_tail - log s, and was off by 4.7e-8 (allowed 2.6e-8, plain PyTorch
+    1.3e-8); in fp64 with log P_tail = -log1p(head / tail) it is 3.4e-12 off (C++: 1.7e-8)."""
+    backend, device = bd
+    x = torch.tensor([[-1.2578125, -1.25]], dtype=torch.bfloat16, device=device)
+    ids = torch.tensor([[1]], device=device)
+    lp = torch.tensor([[-0.6890532374382019]], dtype=torch.float32, device=device)
+    check_against_reference(
+        _op(backend), reference.topk_kl, (x, ids, lp), {"temperature": 0.644772645674319},
+        diff_fields=("out",),
+    )  # fmt: skip
+
+
+def test_peaked_row_at_large_logits(bd):
+    """x = [1800, 1770], q one-hot on the max: KL = -log p_0 = log1p(e^-30) = 9.36e-14. The
+    float64 truth took z - L, with L = 1800 + 9.4e-14 rounded at ulp(1800) / 2 = 1.1e-13, and
+    said 0 (a fuzzer find: fp16 [1, 127] at |z| ~ 1800, a kernel's 1.1339e-13 failed against a
+    truth of -7e-17; 60 digits: 1.1348e-13); the truth now keeps the normalizer's rest."""
+    backend, device = bd
+    x = torch.tensor([[1800.0, 1770.0]], device=device)
+    ids = torch.tensor([[0]], device=device)
+    lp = torch.zeros(1, 1, device=device)
+    truth = float(reference.topk_kl(x, ids, lp))
+    assert abs(truth - math.log1p(math.exp(-30.0))) <= 1e-28
+    check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), {}, diff_fields=("out",))
+
+
+def _fuzz_row(seed, v, k, dtype, scale, tau, noise, device):
+    """One fuzzer-style row: logits ~ N(0, scale^2), q from them plus noise, a per-row tau."""
+    x = make_logits(1, v, torch.float64, scale=scale, seed=seed)
+    ids, lp, _ = make_topk(x, k, seed=seed, noise=noise)
+    t = torch.tensor([tau], dtype=torch.float64, device=device)
+    return (x.to(dtype).to(device), ids.to(device), lp.float().to(device)), {"temperature": t}
+
+
+@pytest.mark.backends("triton")
+def test_head_gradient_of_a_peaked_row(bd):
+    """fp32 [1, 127], k = 11, |z| ~ 3300 (a fuzzer find): the max's gradient entry Q p - q
+    cancels two numbers near 1, and from fp32 exps it was 4.3490e-5 where the truth is
+    4.3289e-5 (plain PyTorch the same; with the drawn upstream gradient plain PyTorch was
+    luckier by 2.06x). The Triton backward forms the ids' entries in fp64: 4.3289e-5. (The
+    C++ backward forms them in fp32 and fails here as Triton did.)"""
+    backend, device = bd
+    args, kw = _fuzz_row(563425873, 127, 11, torch.float32, 121.68676789654674,
+                         0.08634184900768847, 4.0, device)  # fmt: skip
+    check_against_reference(
+        _op(backend), reference.topk_kl, args, kw, diff_fields=("out",), seed=563425873
+    )
+
+
+def test_q_tail_of_rounding_size_beside_a_far_tail(bd):
+    """fp32 [1, 127], k = 20, |z| ~ 5000 (a fuzzer find): the K log-probs sum past 1 in float64
+    (by 4.4e-11), so q_tail = 0, but short of it in an fp32 tree sum (by 6e-8). The Triton
+    backward took that 6e-8 as q_tail against a tail 5400 below the head: a gradient of 1.1e-6
+    on the tail's max logit where the truth is 0. q_tail now comes from the float64 sum
+    (wherever the fp32 sum leaves one at all), forward and backward alike."""
+    backend, device = bd
+    args, kw = _fuzz_row(896655678, 127, 20, torch.float32, 269.55535238759956,
+                         0.05191488612268159, 4.0, device)  # fmt: skip
+    check_against_reference(
+        _op(backend), reference.topk_kl, args, kw, diff_fields=("out",), seed=896655678
+    )
+
+
+@pytest.mark.backends("triton")
+def test_fp16_subnormal_gradients(bd):
+    """fp16 rows whose gradient entries fall below fp16's normal range (6.1e-5) by the
+    thousand: each must be the float64 gradient rounded once, subnormals kept. From fp32
+    coefficients (log s, q_tail, the tail factor) the Triton kernel was 1-2 subnormal ulps off
+    on 33 of 9827 such entries and flushed one to 0 (the C++ kernel: 27 off, plain PyTorch
+    24); the fp64 finish and coefficients leave none. The first case's KL was also 1.7e-6 off
+    (plain PyTorch 6.8e-7)."""
+    backend, device = bd
+    for seed, scale, tau, noise, gap in ((1, 3.0, 0.3, 0.5, 12.0), (3, 4.0, 1.0, 0.1, 9.0)):
+        x64 = make_logits(2, 300, torch.float64, scale=scale, seed=seed)
+        near_one_hot(x64, [0, 1], gap=gap)
+        ids, lp, _ = make_topk(x64, 8, seed=seed, noise=noise)
+        x = x64.half().to(device)
+        ids, lp = ids.to(device), lp.float().to(device)
+        check_against_reference(
+            _op(backend), reference.topk_kl, (x, ids, lp), {"temperature": tau},
+            diff_fields=("out",), seed=seed,
+        )  # fmt: skip
+        grads = []
+        for fn in (_op(backend), reference.topk_kl):
+            xx = x.clone().requires_grad_()
+            (g,) = torch.autograd.grad(fn(xx, ids, lp, temperature=tau).double().sum(), xx)
+            grads.append(g)  # the reference's: float64, rounded once to fp16 by autograd
+        got, want = grads
+        sub = (want != 0) & (want.abs() < 6.1e-5)
+        assert int(sub.sum()) > 50
+        assert torch.equal(got[sub], want[sub]), (got[sub] - want[sub]).abs().max()
+
+
+@pytest.mark.backends("triton")
+def test_q_tail_short_by_rounding_beside_a_far_tail(bd):
+    """fp32 [1, 7], k = 3 (a fuzzer find): three tied maxima with q = 1/3 each as fp32
+    log-probs, which sum short of 1 by 2e-8 in float64, and a tail e^-64 below. Triton's fp32
+    sum of the q's reached 1 and dropped the tail bucket: KL -2.0e-8 where the truth is 9.0e-7
+    (plain PyTorch 4.6e-7). q_tail comes from the float64 sum unless the tail is empty. (The
+    C++ kernel takes its fp32 q_tail, 6.0e-8, and gives 2.8e-6.)"""
+    backend, device = bd
+    x = torch.tensor(
+        [[68.73112487792969] * 3 + [4.758563041687012, 3.10560941696167, 2.791536331176758,
+                                    4.593478679656982]], device=device,
+    )  # fmt: skip
+    ids = torch.tensor([[1, 2, 0]], device=device)
+    lp = torch.full((1, 3), -1.0986123085021973, device=device)
+    check_against_reference(
+        _op(backend), reference.topk_kl, (x, ids, lp), {"labels": torch.tensor([4], device=device)},
+        diff_fields=("out",),
+    )  # fmt: skip
 
 
 def test_q_tail_edge_cases(bd):

@@ -46,13 +46,20 @@ def zero_where_neginf(z: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return torch.where(where, torch.zeros_like(z), z)
 
 
+def relative_to_max(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, log s) with log softmax(z) = d - log s over the last dim: d = z - z_i, i the argmax,
+    and log s = log1p(sum over j != i of e^{d_j}) (keepdim), the normalizer's s1 - 1 kept."""
+    i = z.argmax(-1, keepdim=True)
+    d = z - z.gather(-1, i)
+    rest = d.exp().scatter(-1, i, 0.0).sum(-1, keepdim=True)
+    return d, rest.log1p()
+
+
 def log_softmax_keeping_rest(z: torch.Tensor) -> torch.Tensor:
     """log softmax(z) over the last dim, with the normalizer's s1 - 1 kept: (z - z_i) -
     log1p(sum over j != i of e^{z_j - z_i}), i the argmax. torch's log_softmax rounds s1 to
     1 + ulp, which drops s1 - 1 below 1.1e-16 in float64: a near one-hot fp32 row pair (rests
     3.22e-17 and 3.18e-17) had a KL of 2.7e-21 whose float64 truth came out 4.2e-19. The same
     function of z for any choice of i, so autograd's gradient is log_softmax's."""
-    i = z.argmax(-1, keepdim=True)
-    d = z - z.gather(-1, i)
-    rest = d.exp().scatter(-1, i, 0.0).sum(-1, keepdim=True)
-    return d - rest.log1p()
+    d, log_s = relative_to_max(z)
+    return d - log_s

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels.reference._util import compute_dtype, finish, invalid_rows, label_mask, scaled
+from pg_kernels.reference._util import (
+    compute_dtype,
+    finish,
+    invalid_rows,
+    label_mask,
+    relative_to_max,
+    scaled,
+)
 
 
 def _xlogy_ratio(w: torch.Tensor, logw: torch.Tensor, logv: torch.Tensor) -> torch.Tensor:
@@ -37,22 +44,34 @@ def topk_kl(
     """
     dtype = compute_dtype(logits.dtype, upcast)
     z = scaled(logits, temperature, dtype)
-    lse = torch.logsumexp(z, -1, keepdim=True)
+    # log p = base - lse. The truth's are relative to the row max with the normalizer's
+    # s1 - 1 kept (z - L rounds L at ulp(L) / 2: at |z| ~ 1800 a head log-prob of -1.1e-13
+    # came out 0 and a KL of 1.1e-13 as -7e-17); plain PyTorch (upcast=False) takes
+    # z - logsumexp(z).
+    if upcast:
+        base, lse = relative_to_max(z)
+    else:
+        base, lse = z, torch.logsumexp(z, -1, keepdim=True)
     keep, _ = label_mask(labels, ignore_index)
     ids = topk_ids.long()
     if keep is not None:  # ignored rows may hold padding ids: read distinct in-range ones instead
         spare = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
         ids = torch.where(keep.unsqueeze(-1), ids, spare)
-    logp_k = z.gather(-1, ids) - lse
+    logp_k = base.gather(-1, ids) - lse
     logq_k = topk_logprobs.to(dtype)
     head = _xlogy_ratio(logq_k.exp(), logq_k, logp_k).sum(-1)
-    # p's tail mass from the logits off the k ids (no 1 - sum cancellation). A tail with no
+    # p's tail mass from the entries off the k ids (no 1 - sum cancellation). A tail with no
     # finite logit (k = V, or only -inf left) has log mass -inf; the double `where` keeps
     # logsumexp's backward off that all -inf row (it would give 0 * nan).
-    z_tail = z.scatter(-1, ids, float("-inf"))
+    z_tail = base.scatter(-1, ids, float("-inf"))
     tail_empty = torch.isneginf(z_tail).all(-1)
     lse_tail = torch.logsumexp(torch.where(tail_empty.unsqueeze(-1), 0.0, z_tail), -1)
     logp_tail = torch.where(tail_empty, float("-inf"), lse_tail) - lse.squeeze(-1)
+    if upcast:
+        # An empty tail's log P_tail = -inf keeps the gradient of -L = -(z_i + lse), the
+        # limit convention of the kernels (Q p_j - q_j on the ids); lse alone lacks z_i's.
+        z_i = z.gather(-1, z.argmax(-1, keepdim=True)).squeeze(-1)
+        logp_tail = logp_tail - torch.where(tail_empty, z_i - z_i.detach(), 0.0)
     # k = V: there is no tail bucket, so q_tail = 0 exactly (1 - sum q_v is rounding noise that
     # would otherwise meet p_tail = 0 and give +inf).
     q_tail = (1 - logq_k.exp().sum(-1)).clamp_min(0)

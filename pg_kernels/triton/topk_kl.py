@@ -17,15 +17,20 @@ Forward, one sweep, two kernels:
      merge: the chunk max, each lane rescaled to it, one sum. The chunk's (m_tail, s_tail) is
      stored, m_tail NaN when the chunk holds a NaN or +inf (a NaN sum: +inf - +inf in its exp);
   2. `_fwd_finish_kernel`, grid (N,): merges the chunk states in chunk order, gathers the K head
-     logits and joins them with the tail for L, so log p_tail = m_tail + log s_tail - L needs no
-     1 - sum_K p_v; then the KL of docs/math.md §4.
+     logits and joins them with the tail for L, so log p_tail needs no 1 - sum_K p_v; then the
+     KL of docs/math.md §4, all in fp64 (`_finish_f64`, per row, so free): the head's z as
+     exact products x (1 / tau), as the tail's fma exponents take them, log s = log1p(rest)
+     relative to the exact max, log p_tail = -log1p(head / tail), q and q_tail from fp64 sums
+     (`_q_masses`), each output rounded once.
 Backward, `_bwd_kernel`, grid (N, n_chunks): dKL/dz_j = sign exp((z_j - m) - (log s - tail_log))
 for every element of the chunk (one fma, one subtraction, one exp, one multiply), relative to the
 saved row max m and log s = L - m (not z_j - L: a saved L carries ulp(L) / 2, 4.9e-4 at
-|z| ~ 1e4 under a small temperature, the relative error of every p_j), then Q p_j - q_j with
-p_j = exp((z_j - m) - log s) over the chunk's ids
-(a K-wide gather and a masked scatter store after a barrier, which orders it after the loop's
-stores to the same entries). Ignored rows and rows with bad ids write 0 / NaN and read nothing.
+|z| ~ 1e4 under a small temperature, the relative error of every p_j); sign and tail_log come
+from fp64 once per program. Then Q p_j - q_j in fp64 over the chunk's ids (p_j and q_j near 1
+cancel on peaked rows) (a K-wide gather and a masked scatter store after a barrier, which orders
+it after the loop's stores to the same entries). Ignored rows and rows with bad ids write 0 /
+NaN and read nothing. Under the interpreter the fma exponents are emulated in fp64
+(`_pair.fma_acc`): its tl.fma rounds the product first, a GPU does not.
 
 Bytes per row of V elements of s bytes: forward V s read + 16 K (ids and log-probs, sorted
 copies) + 8 n_chunks bytes of partial states + ~16 B written; backward V s read + V s written
@@ -43,6 +48,8 @@ is a per-row tensor either way):
   _bwd_kernel          bf16   19.8 (64)                    9.0 (32)
                        fp16   19.2 (64)                    8.5 (32)
                        fp32   58.9 (60)                    9.0 (32)
+  (the backward's fp64 prologue and id entries took its registers from 32-36 to 38-40, and
+  the finish kernel's from 47 to 58; the loops' counts are unchanged)
   "before" counts the old per-block id loop (a dependent scalar load per id) with the step loop
   it sits in; the check's old unroll detection divided them by 3 (15.2, 15.0, 17.8; fp32
   backward 19.6). The backward's "after" includes the subtraction that keeps it relative to the
@@ -61,6 +68,7 @@ import triton.language as tl
 from pg_kernels.triton._common import (
     acc_dtype_of,
     exp_acc,
+    log1p_acc,
     lowest_finite,
     merge_states,
     per_row_inv_temperature,
@@ -68,6 +76,7 @@ from pg_kernels.triton._common import (
     row_blocking,
     row_offset,
 )
+from pg_kernels.triton._pair import fma_acc
 
 
 @triton.jit
@@ -111,8 +120,9 @@ def _drop_id(x, cur, k: tl.constexpr):
 
 @triton.jit
 def _e(x, inv_tau, m):
-    """exp(z - m), z = x / tau, in one rounding before the exp (fma): 0 for x = -inf."""
-    return exp_acc(tl.fma(x, inv_tau, -m))
+    """exp(z - m), z = x / tau, in one rounding before the exp (fma: the exact product, so the
+    error is relative to z - m, not to z): 0 for x = -inf."""
+    return exp_acc(fma_acc(x, inv_tau, -m))
 
 
 @triton.jit
@@ -173,6 +183,73 @@ def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
         t = _e(x, inv_tau, m)
     s = tl.fma(s, exp_acc(mref - m), t)
     return r, m, s
+
+
+@triton.jit
+def _q_masses(lq, has_tail, tail_empty):
+    """(q_v, q_tail) in fp64 from the log-probs lq (-inf where masked): q_tail = 1 - sum_K q_v
+    clamped at 0 (topk_q_tail in softmax_stats.h), exactly 0 when the ids cover the
+    vocabulary. From fp32 q's, q_tail was rounding noise where the fp64 sum passes 1 (6e-8
+    against a tail 5400 below the head: a gradient of 1.1e-6 on the tail's max logit where
+    the truth is 0) or where it falls short (three tied maxima, q = 1/3 each as fp32 log-probs:
+    the fp32 sum reached 1 and dropped a q_tail of 2e-8 against a tail e^-64 below, a KL of
+    9.0e-7 read as 0). Only against a tail with no finite logit (`tail_empty`), where any
+    q_tail > 0 makes the KL +inf, is the bucket's existence decided by the sum in lq's dtype,
+    as the C++ kernel and plain PyTorch decide it (log-probs summing to 1 within their own
+    rounding leave none)."""
+    has_tail = has_tail & ((tail_empty == 0) | (1.0 - tl.sum(exp_acc(lq), axis=0) > 0.0))
+    q = tl.exp(lq.to(tl.float64))
+    return q, tl.where(has_tail, tl.maximum(1.0 - tl.sum(q, axis=0), 0.0), 0.0)
+
+
+@triton.jit
+def _finish_f64(m_tail, s_tail, zx, lq, q, q_tail, valid):
+    """(KL, m, log s, log P_tail) of a row (topk_normalizer and the KL terms of
+    softmax_stats.h), evaluated in fp64 from the merged tail state (m_tail, s_tail), the head's
+    z as exact products zx and the given log-probs; each output rounded once to m_tail's dtype
+    (per row, so free). m is the row max rounded; the saved log s is relative to it, so it
+    holds the residual of the max's own product (the backward's fma exponents see the same).
+
+    In fp32, log s = log(tail + head) carried ulp(log s) / 2 into every log p_v and log P_tail,
+    and log P_tail = (m_tail - m) + log s_tail - log s cancelled the two logs (bf16 [1, 2],
+    k = 1: a KL of 1.9e-6 off by 4.7e-8, plain PyTorch 1.3e-8). Here log s = log1p(rest),
+    rest = the sum without the max's own entry (exactly 1 when the head holds the max), and
+    log P_tail = -log1p(head / tail) unless the tail is far below the head (head / tail >
+    1e30); q and q_tail are `_q_masses`', which sum to 1 in fp64."""
+    ACC: tl.constexpr = m_tail.dtype
+    f64: tl.constexpr = tl.float64
+    kk = tl.arange(0, zx.shape[0])
+    tail_empty = m_tail == float("-inf")
+    m_head = tl.max(zx, axis=0)
+    head_max = m_head >= m_tail.to(f64)  # the head holds the row max (an empty tail: always)
+    m = tl.where(valid, tl.where(head_max, m_head, m_tail.to(f64)), 0.0)
+    mt = tl.where(tail_empty, m, m_tail.to(f64))  # finite operands: no -inf - -inf
+    st = tl.where(tail_empty, 1.0, s_tail).to(f64)
+    e = tl.exp(zx - m)  # relative to the row max: head terms <= 1
+    s_head = tl.sum(e, axis=0)
+    tail = tl.where(tail_empty, 0.0, st * tl.exp(mt - m))
+    first = tl.min(tl.where(zx == m, kk, zx.shape[0]), axis=0)  # the max's entry in the head
+    rest = tl.where(
+        head_max, tl.sum(tl.where(kk == first, 0.0, e), axis=0) + tail, (st - 1.0) + s_head
+    )
+    log_s = log1p_acc(rest)
+    near = s_head <= tail * 1e30  # false for an empty (or underflowed) tail
+    logp_tail = tl.where(
+        near,
+        -log1p_acc(s_head / tl.where(near, tail, 1.0)),
+        (mt - m) + tl.log(st) - log_s,
+    )
+    logp_tail = tl.where(tail_empty, float("-inf"), logp_tail)
+    # q (log q - log p), exactly 0 where q = 0; log p_v = (z_v - m) - log s, relative to the
+    # row max (topk_normalizer): z_v - L would carry ulp(L) on log-probs near 0.
+    lq = lq.to(f64)
+    head = tl.sum(tl.where(q == 0.0, 0.0, q * (lq - ((zx - m) - log_s))), axis=0)
+    tail_kl = tl.where(
+        q_tail == 0.0, 0.0, q_tail * (tl.log(tl.where(q_tail == 0.0, 1.0, q_tail)) - logp_tail)
+    )
+    m_acc = m.to(ACC)
+    log_s_acc = ((m - m_acc.to(f64)) + log_s).to(ACC)
+    return (head + tail_kl).to(ACC), m_acc, log_s_acc, logp_tail.to(ACC)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -251,35 +328,23 @@ def _fwd_finish_kernel(
     # The head: K gathered logits, and q from the given log-probs.
     kk = tl.arange(0, K_PAD)
     hm = kk < tl.where(ok, K, 0)
-    zh = tl.load(x_row + tl.where(hm, idv, 0), mask=hm, other=float("-inf")).to(ACC) * inv_tau
+    xh = tl.load(x_row + tl.where(hm, idv, 0), mask=hm, other=float("-inf")).to(ACC)
+    zh = xh * inv_tau
     bad_h = tl.max(((zh != zh) | (zh == float("inf"))).to(tl.int32), axis=0)
     m_head = tl.max(zh, axis=0)
     m_all = tl.maximum(tl.where(tail_ok, m_tail, float("-inf")), m_head)
     valid = ok & tail_ok & (bad_h == 0) & (m_all > float("-inf"))
     valid = valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
-    m = tl.where(valid, m_all, 0.0)
     m_tail = tl.where(tail_ok, m_tail, float("-inf"))
-    s_head = tl.sum(exp_acc(zh - m), axis=0)  # relative to the row max directly: head terms <= 1
-    tail_empty = m_tail == float("-inf")
-    tail_part = tl.where(tail_empty, 0.0, s_tail * exp_acc(m_tail - m))
-    # log p_v = (z_v - m) - log_s, relative to the row max (topk_normalizer): z_v - L would
-    # carry ulp(L), 1e-3 at |z| ~ 1e4 (a small temperature), on the log-probs near 0.
-    log_s = tl.log(tail_part + s_head)
-    logp_tail = tl.where(
-        tail_empty,
-        float("-inf"),
-        (m_tail - m) + tl.log(tl.where(tail_empty, 1.0, s_tail)) - log_s,
-    )
     lq = tl.load(lq_ptr + row.to(tl.int64) * K + kk, mask=hm, other=float("-inf")).to(ACC)
-    q = exp_acc(lq)
-    q_head = tl.sum(q, axis=0)
-    rest = 1.0 - q_head
-    q_tail = tl.where((K < V) & (rest > 0.0), rest, 0.0)
-    # q (log q - log p), exactly 0 where q = 0
-    head = tl.sum(tl.where(q == 0.0, 0.0, q * (lq - ((zh - m) - log_s))), axis=0)
-    tail = tl.where(q_tail == 0.0, 0.0, q_tail * (tl.log(q_tail) - logp_tail))
+    q, q_tail = _q_masses(lq, K < V, m_tail == float("-inf"))
+    # The head's z as the exact products (fp32 operands: exact in fp64), as the tail's fma
+    # exponents take them: rounded to fp32 they carried ulp(z) / 2 each, not an error relative
+    # to z - m (fp32 [1, 127] at |z| ~ 3300: the max's gradient entry 4.7e-3 off, relative).
+    zx = xh.to(tl.float64) * inv_tau.to(tl.float64)
+    kl, m, log_s, logp_tail = _finish_f64(m_tail, s_tail, zx, lq, q, q_tail, valid)
     nan = float("nan")
-    tl.store(kl_ptr + row, tl.where(keep, tl.where(valid, head + tail, nan), 0.0))
+    tl.store(kl_ptr + row, tl.where(keep, tl.where(valid, kl, nan), 0.0))
     tl.store(m_ptr + row, tl.where(keep, tl.where(valid, m, nan), 0.0))
     tl.store(log_s_ptr + row, tl.where(keep, tl.where(valid, log_s, nan), 0.0))
     tl.store(logp_tail_ptr + row, tl.where(keep, tl.where(valid, logp_tail, nan), 0.0))
@@ -306,33 +371,37 @@ def _bwd_kernel(
     lq_row = lq_ptr + row.to(tl.int64) * K
     grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
 
-    # topk_kl_grad_coef (softmax_stats.h), with log(1 - y) for log1p(-y): the same absolute
-    # error in tail_log, i.e. the same relative error of the gradient.
+    # topk_kl_grad_coef (softmax_stats.h) in fp64 (per program, so free), with log(1 - y) for
+    # log1p(-y): the same absolute error in tail_log, i.e. the same relative error of the
+    # gradient.
     kk = tl.arange(0, K_PAD)
     hm = kk < tl.where(valid, K, 0)
-    q_head = tl.sum(exp_acc(tl.load(lq_row + kk, mask=hm, other=float("-inf")).to(ACC)), axis=0)
-    rest = 1.0 - q_head
-    q_tail = tl.where((K < V) & (rest > 0.0), rest, 0.0)
-    q_all = q_head + q_tail
-    log_q = tl.log(q_all)
+    f64: tl.constexpr = tl.float64
     tail_empty = logp_tail == float("-inf")
-    log_ratio = tl.where(tail_empty | (q_tail == 0.0), 0.0, tl.log(q_tail) - logp_tail)
+    lq = tl.load(lq_row + kk, mask=hm, other=float("-inf")).to(ACC)
+    q, q_tail = _q_masses(lq, K < V, tail_empty)
+    q_all = tl.sum(q, axis=0) + q_tail
+    log_q = tl.log(q_all)
+    lpt = tl.where(tail_empty, 0.0, logp_tail).to(f64)
+    log_ratio = tl.where(tail_empty | (q_tail == 0.0), 0.0, tl.log(q_tail) - lpt)
     above = log_ratio > log_q
     tail_log = tl.where(
         above,
-        log_ratio + tl.log(1.0 - exp_acc(log_q - log_ratio)),
-        log_q + tl.log(1.0 - exp_acc(log_ratio - log_q)),
+        log_ratio + tl.log(1.0 - tl.exp(log_q - log_ratio)),
+        log_q + tl.log(1.0 - tl.exp(log_ratio - log_q)),
     )
     sign = tl.where(above, -1.0, 1.0)
     tail_log = tl.where(q_tail == 0.0, log_q, tl.where(tail_empty, float("-inf"), tail_log))
     sign = tl.where(q_tail == 0.0, tl.where(q_all > 0.0, 1.0, 0.0), sign)
     sign = tl.where((q_tail != 0.0) & tail_empty, 0.0, sign)
+    q_all64 = q_all
+    off = (log_s.to(f64) - tail_log).to(ACC)  # the offset below, rounded once
     # Off the ids, one fma, one subtraction, one exp and one multiply per element:
     # g_j = scale exp((z_j - m) - off). Ignored rows read nothing and get 0 (scale 0, off 0);
     # other invalid rows NaN (off NaN).
-    off = tl.where(keep, tl.where(valid, log_s - tail_log, float("nan")), 0.0)  # +inf: factor 0
+    off = tl.where(keep, tl.where(valid, off, float("nan")), 0.0)  # +inf: factor 0
     m = tl.where(valid, m, 0.0)
-    scale = tl.where(keep, sign * g_tau, 0.0)
+    scale = tl.where(keep, sign.to(ACC) * g_tau, 0.0)
 
     lanes = tl.arange(0, BLOCK_V)
     start = chunk * CHUNK
@@ -341,22 +410,27 @@ def _bwd_kernel(
     for i in range(0, n_full):  # full blocks: vector loads and stores (a uniform load mask)
         cols = start + i * BLOCK_V + lanes
         x = tl.load(x_row + cols, mask=valid, other=float("-inf")).to(ACC)
-        g = scale * exp_acc(tl.fma(x, inv_tau, -m) - off)
+        g = scale * exp_acc(fma_acc(x, inv_tau, -m) - off)
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty))
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + lanes
         x = tl.load(x_row + cols, mask=cols < tl.where(valid, V, 0), other=float("-inf")).to(ACC)
-        g = scale * exp_acc(tl.fma(x, inv_tau, -m) - off)
+        g = scale * exp_acc(fma_acc(x, inv_tau, -m) - off)
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty), mask=cols < V)
 
     # On the chunk's ids: dKL/dz_j = Q p_j - q_j, written over the values above once every
     # thread's stores are done (the barrier orders them within the program). Rows that are
     # ignored or invalid keep the 0 or NaN written above (their ids may be junk).
     on = (idv >= start) & (idv < tl.where(valid, start + n_valid, 0))
-    z_h = tl.load(x_row + tl.where(on, idv, 0), mask=on, other=0.0).to(ACC) * inv_tau
-    lq_h = tl.load(lq_row + kk, mask=on, other=0.0).to(ACC)
-    # p_j relative to the row max, z_h rounded as the forward's head (exactly m at the max)
-    head = g_tau * (q_all * exp_acc((z_h - m) - log_s) - exp_acc(lq_h))
+    x_h = tl.load(x_row + tl.where(on, idv, 0), mask=on, other=0.0).to(ACC)
+    lq_h = tl.load(lq_row + kk, mask=on, other=0.0).to(f64)
+    # In fp64 (K entries per program): Q p_j - q_j cancels two numbers near 1 on a peaked row,
+    # where fp32 exps carried ulp(1) / 2 each (fp32 [1, 127] at |z| ~ 3300: the max's entry
+    # 4.3490e-5 where the truth is 4.3289e-5, plain PyTorch the same). p_j relative to the row
+    # max from the exact product x_j / tau, as the forward's head (log s holds the max's own
+    # residual).
+    p_h = tl.exp((x_h.to(f64) * inv_tau.to(f64) - m.to(f64)) - log_s.to(f64))
+    head = (g_tau.to(f64) * (q_all64 * p_h - tl.exp(lq_h))).to(ACC)
     tl.debug_barrier()
     tl.store(grad_row + idv, round_to(head, grad_ptr.dtype.element_ty), mask=on)
 
