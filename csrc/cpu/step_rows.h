@@ -46,7 +46,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   // row total. Summation error then grows with kChunk / (2 W) + V / kChunk terms instead of
   // V / (2 W), close to PyTorch's cascade sum.
   LaneSums<acc_t> row;
-  RowSum<pair_sum_t<acc_t>> roll, kl;
+  RowSum<row_sum_t<acc_t>> roll, kl;
   acc_t m = neg_inf<acc_t>();
   // The rollout's running max: its exps are e^{z - mr} like the logits' e^{z - m}, so that
   // equal (or constant-shifted) rows keep equal exps and token_tv is exactly 0 for them.
@@ -109,9 +109,10 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
                        : PairLanes<acc_t>::join(qlo, qhi, mq, m));
     }
   }
-  const SoftmaxState<acc_t> state = row.state(m);
+  const auto state = row.state(m);
   const bool valid = state_is_valid(state);
-  out.token = finalize_token_stats(state, tp.divide(acc_t(xp[label])));
+  using sum_t = row_sum_t<acc_t>;
+  out.token = rounded_row<acc_t>(finalize_token_stats(state, sum_t(tp.divide(acc_t(xp[label])))));
   out.argmax = valid ? argmax : -1;
   const acc_t nan = quiet_nan<acc_t>();
   if constexpr (kRoll) {
