@@ -410,15 +410,21 @@ def test_bad_input_names_the_argument():
         S(x, y[:2])
 
 
-@pytest.mark.backends("cpu")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
-                         ids=str)  # fmt: skip
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_equal_and_shifted_rollout_rows_are_exact(bd, dtype):
-    """Rollout logits equal to the logits, or the logits minus 2 (exact on a 1/16 grid in
-    [-7, 7]): token_kl and token_tv are exactly 0 on the C++ pass. V = 2600 spans two of its
-    chunks and row 1's second chunk has a lower max than its first (both sides' exps are
-    relative to their running max). The Triton kernel's token_kl of such rows is not exactly 0
-    (~1e-7 in fp32), so it is not held to this here."""
+    """Rollout (and teacher) logits equal to the logits at any temperature, or the logits minus 2
+    (exact on a 1/16 grid in [-7, 7]) at temperature 1: token_kl, token_tv and the KL to the
+    teacher are exactly 0, as the truth and the single ops give. V = 2600 spans two chunks of
+    the C++ pass and row 1's second chunk has a lower max than its first (both sides' exps are
+    relative to their running max).
+    The Triton bundle took the logits' pair sums from token_stats' exps (tl.fma, which the
+    interpreter rounds in two steps) and the rollout's from `fma_acc`, and each side's
+    exponents x k - fl(m k) relative to its own lane max, which a shifted row rounds
+    differently: token_kl up to 4.0e-7 and token_tv up to 2.3e-7 on these rows in fp32 (bf16
+    3.0e-7 / 1.7e-7). Every pair side now forms its exponents one way, and at temperature 1 the
+    other side's relative to the logits' lanes (`step_stats._framed_exps`). The C++ bundle's
+    forward KL to such a teacher is not held to 0 here: 2.1e-9 on fp32 row 1 shifted, 1.7e-17
+    on fp64 equal rows at 0.7."""
     backend, device = bd
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(3, 2600, generator=g) * 32).round().div(16).clamp(-7.0, 7.0)
@@ -428,8 +434,51 @@ def test_equal_and_shifted_rollout_rows_are_exact(bd, dtype):
     x = x.to(dtype=dtype, device=device)
     y = torch.tensor([3, 2100, 1], device=device)
     lp = torch.zeros(3, device=device)
-    for xr in (x.clone(), x - 2):
-        m = pg_kernels.step_stats(x, y, rollout_logprobs=lp, rollout_logits=xr, backend=backend)
-        zeros = torch.zeros(3, dtype=m.mismatch.token_tv.dtype)
-        assert torch.equal(m.mismatch.token_kl.cpu(), zeros), m.mismatch.token_kl
-        assert torch.equal(m.mismatch.token_tv.cpu(), zeros), m.mismatch.token_tv
+    per_row = torch.tensor([0.7, 1.3, 0.35], dtype=torch.float64, device=device)
+    for xr, t, direction in ((x.clone(), 1.0, "reverse"), (x - 2, 1.0, "forward"),
+                             (x - 2, 1.0, "reverse"), (x.clone(), 0.7, "forward"),
+                             (x.clone(), per_row, "reverse")):  # fmt: skip
+        out = pg_kernels.step_stats(
+            x, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xr, kl_direction=direction,
+            temperature=t, backend=backend,
+        )  # fmt: skip
+        m = out.mismatch
+        zeros = torch.zeros(3, dtype=m.token_tv.dtype)
+        assert torch.equal(m.token_kl.cpu(), zeros), (t, m.token_kl)
+        assert torch.equal(m.token_tv.cpu(), zeros), (t, m.token_tv)
+        if backend == "triton":
+            assert torch.equal(out.kl.cpu(), zeros), (t, direction, out.kl)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_single_entry_rows_are_exact(bd, dtype):
+    """V = 1: every distribution is [1]: logprob, token_kl, token_tv and the KL to the teacher
+    are exactly 0 at any temperatures, as plain PyTorch gives, and the KL's gradients are 0 to
+    the fp32 rounding of the saved state. The Triton bundle summed each side relative to
+    (x / tau rounded) tau rounded, an ulp from x, and formed s1 - 1 from s1: KL up to 7.8e-7,
+    token_kl 6e-8 and token_tv 4.2e-7 (fp32), KL gradient 1.2e-7 (bf16). Its pair sides now
+    sum relative to the max logit itself with that entry exactly 1 (`_pair`'s convention); the
+    fp32 gradients keep ~1e-14 (the backward rebuilds a = (x / tau rounded) tau rounded, and
+    the forward's c carries (x - a) / tau rounded once to fp32)."""
+    backend, device = bd
+    x = torch.tensor([[0.0737], [3.0781], [-41.5]], dtype=dtype, device=device)
+    xr = torch.tensor([[1.5], [0.0737], [7.25]], dtype=dtype, device=device)
+    xq = torch.tensor([[3.0781], [0.0737], [7.25]], dtype=dtype, device=device)
+    y = torch.zeros(3, dtype=torch.long, device=device)
+    lp = torch.full((3,), -0.25, device=device)
+    per_row = torch.tensor([16.714989565055827, 0.07, 1.3], dtype=torch.float64, device=device)
+    zeros = torch.zeros(3, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for t in (per_row, 0.7, 1.0):
+        for direction in DIRECTIONS:
+            xa, qa = x.clone().requires_grad_(), xq.clone().requires_grad_()
+            out = pg_kernels.step_stats(
+                xa, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=qa,
+                kl_direction=direction, temperature=t, ref_temperature=3.1, backend=backend,
+            )  # fmt: skip
+            m = out.mismatch
+            for name, v in (("kl", out.kl), ("logprob", out.token.logprob),
+                            ("token_kl", m.token_kl), ("token_tv", m.token_tv)):  # fmt: skip
+                assert torch.equal(v.detach().cpu(), zeros), (name, t, direction, v)
+            out.kl.sum().backward()
+            for name, grad in (("logits", xa.grad), ("ref_logits", qa.grad)):
+                assert float(grad.abs().max()) <= 1e-12, (name, t, direction, grad)

@@ -8,25 +8,29 @@ Forward:
      (r, k) reads chunk k of row r of the logits and, when given (constexpr flags), of the
      rollout and the reference logits, each element once. Per element one exp per tensor; the
      logits' e = 2^d2 (token_stats' `lane_exps`, relative to each lane's running max) feeds
-     token_stats' sums (`add_exps`) and both pair sums:
-         rollout pair (w = roll, v = logits):   s_r += e_r,  u_r += e_r (t_r - d2)
-         reference, reverse (w = logits, v = q): s_q += e_q,  u_q += e (d2 - t_q)
-                    forward (w = q, v = logits): s_q += e_q,  u_q += e_q (t_q - d2)
-     (exponents t = x k - r in log2 units, one fma; the logits' side of each pair is token_stats'
-     s1; with both temperatures exactly 1 the log-ratios are exact differences of the raw
-     logits, in nats, as `_pair`'s). Each side's lanes rescale themselves when their max rises
-     (token_stats' `rescale_lanes`; a pair's u moves by f_w (u + (delta_w - delta_v) s_w),
+     token_stats' sums (`add_exps`) and the logits' side of both pairs:
+         rollout pair (w = roll, v = logits):   s_r += e_r,  u_r += e_r (t_r - t_p)
+         reference, reverse (w = logits, v = q): s_q += e_q,  u_q += e_p (t_p - t_q)
+                    forward (w = q, v = logits): s_q += e_q,  u_q += e_q (t_q - t_p)
+     Every pair side forms its exponents as `_pair`'s lanes, t = x k - r in one rounding
+     (`fma_acc`; `_pair`'s units: log2 in fp32, natural in fp64, `exp_base`), so equal rows at
+     equal temperatures get equal exps bitwise. The logits' side (t_p, e_p, sums s_p) is
+     token_stats' d2 and e in fp32 on a GPU (the same fma and exp after CSE); under the
+     interpreter, whose tl.fma rounds x c first, and in fp64 it is formed on its own. With both
+     temperatures of a pair exactly 1 (no division) the other side is framed on the logits'
+     lanes: t = (x + d) k - r_p, d = the lanes' max difference (`_framed_exps`), so a row that
+     differs from the logits by a constant gets their exponents bitwise. Each side's lanes
+     rescale themselves when their max rises (a pair's u moves by f_w (u + shift s_w),
      docs/math.md §4). After the loop: the token_stats chunk state (`chunk_total`,
      `store_partial`), bitwise the one token_stats' chunk kernel stores, and each pair's chunk
-     state in `_pair`'s layout and convention [PARTIAL, n_chunks, N]: the stored max
-     m = mc / tau rounded, the sums (and u) relative to a / tau, a = m tau rounded (the raw
-     logit `row_exponent` rebuilds from m), and e = a / tau - m, which goes with m into the
-     merges (`_side_z`, `_move`).
+     state in `_pair`'s layout and convention [PARTIAL, n_chunks, N] (`_chunk_side`: sums
+     relative to the max logit's own z, that entry exactly 1, each side's s1 - 1 kept apart,
+     e = x_max / tau - m carried into the merges; `_framed_chunk_side` for a framed side).
   2. `_fwd_finish_kernel`: token_stats' merge (`merge_rows`, so the token fields are bitwise
      those of token_stats), each pair merged with `_pair.merge_row` and finished with
-     `finalize_kl` in fp64: token_kl, kl, kl_state = the reference's (m, log s1) and
-     c = E_w[d_w - d_v], log s1 and c relative to each side's a / tau, as the TV pass and the
-     backward rebuild their probabilities.
+     `finalize_kl` in fp64, log s1 and c moved to `row_exponent`'s a / tau
+     (`reference_shift`): token_kl, kl, kl_state = the reference's (m, log s1) and
+     c = E_w[d_w - d_v], as the TV pass and the backward rebuild their probabilities.
   3. TV needs both normalizers, known only now: mismatch_stats' second pass over the logits and
      the rollout logits (`_tv_chunk_kernel`, `_tv_finish_kernel`), only with rollout logits.
 Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): token_stats' coefficients (`bwd_row`)
@@ -49,21 +53,30 @@ and compiled for sm_90 offline (.ci/check_triton_sm90.py); not yet run or timed 
 GPU design (sm_90 offline, not timed on a GPU): no spills. Hot-loop SASS instructions per
 element triple (forward, budget 30) / pair (backward with the KL term, both gradients, budget
 20), worst variant, first version -> now (.ci/check_triton_sm90.py):
-    forward  bf16 33.8 -> 28.4, fp16 33.4 -> 28.0, fp32 33.3 -> 28.1 (budget 60)
+    forward  bf16 33.8 -> 28.3, fp16 33.4 -> 27.8, fp32 33.3 -> 27.7 (budget 60)
     backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 (budget 40)
 Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
 and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
-into integers and back: ~4 per floor). Registers: bf16 255 (reverse) / 180-200 (forward KL),
-fp16 192-255, fp32 128-182 (were 255, 193-255, 128-196); the three blocks of a step live
-together (no prefetch, unlike token_stats). Backward: the log-ratio's d_p folded into
+into integers and back: ~4 per floor). The pair sides in `_pair`'s convention (the top entry
+taken out per chunk, the framed sides' shift d per lane) cost nothing per element (bf16 28.4 ->
+28.3 at temperature 1, where the log-ratios are now one difference of exponents instead of
+two of raw logits). Registers: bf16 255 / 182-254, fp16 192-255, fp32 128-204 (the forward KL
+variants at temperature 1 rose from ~200 to 254: the framed sides' d per lane; were 255,
+193-255, 128-196 in the first version); the three blocks of a step live together (no
+prefetch, unlike token_stats). Backward: the log-ratio's d_p folded into
 token_stats' coefficients (reverse: 14 arithmetic instructions per pair instead of 16), the
 reference's upstream factor into its log-ratio (forward: 15), one loop per row case, block
 addresses from a scalar pointer, bf16 pairs loaded as int32; 45-64 registers (were 53-62).
 Accuracy: a KL of 1e-3 between near rows carries the fp32 roundings of both sums through
 log s_w - log s_v: on a bf16 V = 7 row under the interpreter s_w and s_v were off by +4.7e-8 and
 -4.2e-8 (relative), the KL by 9.1e-8, over tests/test_step_stats.py's 8.7e-8 (the C++ kernel:
-6e-9 there). The interpreter's fma also rounds the product first (an error of ulp(x c) in each
-of the logits' shared exponents, absent on a GPU). The backward takes d_p from token_stats' d2,
+6e-9 there); with the pair sides in `_pair`'s convention that row's token_kl is 3.5e-8 off
+(plain fp32 PyTorch 2.3e-8), and single-entry rows, rows equal to the rollout (any
+temperature) or shifted from it (temperature 1) are exact (tests/test_step_stats.py). Near
+rows at |x| ~ 12 (fp32 [8, 3000], rollout noise 0.05, interpreter): token_kl 1.2e-6 -> 8.8e-8
+off at tau 1, 1.2e-6 -> 2.2e-7 at 0.7 (plain PyTorch 5.1e-7 / 5.9e-7). A framed side's x + d
+is exact for 16-bit logits at usual ranges; for fp32 it rounds at ulp(x) / 2, the KL then being
+the exact KL of logits that far off. The backward takes d_p from token_stats' d2,
 rounded relative to |log p_j| as plain PyTorch's log_softmax (not to |d_p - d_q|): on near
 rows (fp32 [8, 3000], q = p + 0.01 noise, tau 1, interpreter) the weight side's gradient error
 was 2.8e-8 reverse / 2.4e-8 forward (5.2e-9 before; plain fp32 PyTorch 1.1e-7 / 4.7e-8).
@@ -78,11 +91,11 @@ import triton.language as tl
 from pg_kernels.triton import mismatch_stats as _mismatch
 from pg_kernels.triton import token_stats as _token
 from pg_kernels.triton._common import (
+    D_MIN,
     INTERPRETED,
     LN2,
     acc_dtype_of,
     div_acc,
-    exp2_acc,
     floor_log_ratio,
     per_row_temperature,
     round_to,
@@ -96,11 +109,15 @@ from pg_kernels.triton._pair import (
     exp_base,
     finalize_kl,
     fma_acc,
+    lane_scale,
+    max_logit,
     merge_row,
     needs_division,
+    reference_shift,
     row_exponent,
     side_is_valid,
 )
+from pg_kernels.triton._pair import _side_total as pair_side_total
 from pg_kernels.triton.token_stats import (
     _bf16_pair_halves,
     _lanes,
@@ -140,163 +157,210 @@ def _floor_at(d, lo):
 
 
 @triton.jit
-def _side_rescale(xa, xb, i, k, m, r, s):
-    """A pair side's lanes moved to the block's max: token_stats' `rescale_lanes` on the side's
-    (max, exponent reference, sum) (its other sums and its argmax step are dead code).
-    Returns (m, r, s, delta)."""
-    m, r, s, _, _, _, delta, _ = rescale_lanes(xa, xb, i, k, m, r, s, s, s, m.to(tl.int32))
-    return m, r, s, delta
-
-
-@triton.jit
-def _ratio(xw, xv, tw, tv, mw, mv, DIVIDE: tl.constexpr):
-    """d_w - d_v of a block, floored (`floor_log_ratio`): from the exponents (log2 units) with
-    DIVIDE, else (both temperatures exactly 1) from exact differences of the raw logits relative
-    to the lanes' raw maxes (nats), as `_pair`'s u."""
-    if DIVIDE:
-        return floor_log_ratio(tw - tv)
+def _pair_scale(c, tau):
+    """A pair side's exponent scale, in `_pair`'s lane units: log2(e) / tau in fp32 (token_stats'
+    `_log2_scale`, the logits' c bitwise at the same temperature, so that equal rows form equal
+    exponents on every side), 1 / tau in fp64 (`lane_scale`: exps e^t, `exp_base`)."""
+    if c.dtype == tl.float64:
+        return lane_scale(tau, True)
     else:
-        return floor_log_ratio((xw - xv) - (_reference(mw) - _reference(mv))[None, :, None])
+        return c
 
 
 @triton.jit
-def _ratio_shift(dw, dv, mw_old, mw, mv_old, mv, DIVIDE: tl.constexpr):
-    """delta_w - delta_v of a lane move (old -> new maxes), in `_ratio`'s units."""
-    if DIVIDE:
-        return dw - dv
-    else:
-        return (_reference(mw_old) - _reference(mw)) - (_reference(mv_old) - _reference(mv))
+def _side_rescale(xa, xb, k, m, r, s):
+    """A pair side's lanes moved to the block's max, as token_stats' `rescale_lanes` moves the
+    logits' (in `_pair`'s units, `exp_base`). Returns (m, r, s, delta, f = e^delta)."""
+    bmax = tl.max(tl.max(xa, axis=2), axis=0)
+    if xb is not None:
+        bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
+    m = tl.maximum(m, bmax)
+    r_new = _reference(m) * k
+    # <= 0: an empty lane (r = 0, sums 0) whose first max is negative adds nothing.
+    delta = tl.minimum(r - r_new, 0.0)
+    f = exp_base(delta)
+    return m, r_new, f * s, delta, f
 
 
 @triton.jit
-def _add_half(x, xr, xq, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sr, ur, sq, uq,
+def _framed_rescale(xa, xb, k, m, d, s, mx, rp_old, rp):
+    """A side framed on the logits' lanes (both temperatures exactly 1; `_framed_exps`) moved
+    with them to the block's max: its exps e^{(x + d) k - rp} are relative to R = rp - d k,
+    d = the logits' lane max - this side's. Returns (m, d, s, f = e^{R_old - R_new}, the move
+    of its exponents relative to the logits' pair exponents, d_new - d_old times k)."""
+    bmax = tl.max(tl.max(xa, axis=2), axis=0)
+    if xb is not None:
+        bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
+    m_new = tl.maximum(m, bmax)
+    d_new = _reference(mx) - _reference(m_new)
+    dd = d_new - d
+    # R_old - R_new in one rounding; a lane that was empty has zero sums (any factor would do).
+    delta = tl.where(m == float("-inf"), 0.0, fma_acc(dd, k, rp_old - rp))
+    f = exp_base(delta)
+    return m_new, d_new, f * s, f, dd * k
+
+
+@triton.jit
+def _framed_exps(x, d, k, r):
+    """The exponents of a side framed on the logits' lanes (`_framed_rescale`): (x + d) k - r
+    with the logits' pair lane reference r, one rounding (`fma_acc`). With d = m_logits -
+    m_side exact, a row that differs from the logits' by a constant gets their exponents
+    bitwise (x + d is the logit itself), so its sums, KL and TV are exactly theirs."""
+    return fma_acc(x + d[None, :, None], k, -r[None, :, None])
+
+
+@triton.jit
+def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, sq, uq,
               HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
               DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
-    """One block (or bf16 half-block) of each tensor into the lanes' sums: one exp per element
-    per tensor, the logits' e shared by token_stats' sums and both pairs (log2 units)."""
+    """One block (or bf16 half-block) of each tensor into the lanes' sums. Every pair side forms
+    its exponents t = x k - r as `_pair`'s lanes do (one rounding, `fma_acc`; exps `exp_base`),
+    so that equal rows at equal temperatures get equal exps bitwise on both sides of a pair;
+    without a division (DIV_R / DIV_Q False) the other side is framed on the logits' lanes
+    (`_framed_exps`, rr / rq its shift d) and rows that differ by a constant match too.
+    The logits' pair side (kp, rp, sums sp): in fp32 on a GPU the same fma and exp as
+    token_stats' d2 and e (one instruction each after CSE: one exp per element per tensor);
+    under the interpreter, whose tl.fma rounds x c first, the GPU's rounding (`fma_acc`), and
+    in fp64 natural units (e^t, its own frame rp). Log-ratios are differences of exponents,
+    floored (`floor_log_ratio`), in `_pair`'s units."""
     _, d2, e = lane_exps(x, c, r2)
     s1, s2, t2 = add_exps(d2, e, s1, s2, t2)
     if HAS_ROLL or HAS_REF:
-        # The logits' exponent for the log-ratio terms, rounded once (fma_acc): on a GPU the
-        # same fma as d2_raw (one instruction after CSE); under the interpreter, whose fma
-        # rounds x c first (an error of ulp(x c), not of d2), the GPU's rounding.
-        d2_u = fma_acc(x, c, -r2[None, :, None])
+        t_p = fma_acc(x, kp, -rp[None, :, None])
+        e_p = exp_base(tl.maximum(t_p, D_MIN))  # as `lane_exps`' e
+        sp += tl.sum(tl.sum(e_p, axis=2), axis=0)
     if HAS_ROLL:  # KL(pi_roll || pi_theta): w = rollout, v = logits
-        t_r = fma_acc(xr, kr, -rr[None, :, None])
-        e_r = exp2_acc(t_r)
+        if DIV_R:
+            t_r = fma_acc(xr, kr, -rr[None, :, None])
+        else:
+            t_r = _framed_exps(xr, rr, kp, rp)
+        e_r = exp_base(t_r)
         sr += tl.sum(tl.sum(e_r, axis=2), axis=0)
-        ur += tl.sum(tl.sum(e_r * _ratio(xr, x, t_r, d2_u, mr, mx, DIV_R), axis=2), axis=0)
+        ur += tl.sum(tl.sum(e_r * floor_log_ratio(t_r - t_p), axis=2), axis=0)
     if HAS_REF:
-        t_q = fma_acc(xq, kq, -rq[None, :, None])
-        e_q = exp2_acc(t_q)
+        if DIV_Q:
+            t_q = fma_acc(xq, kq, -rq[None, :, None])
+        else:
+            t_q = _framed_exps(xq, rq, kp, rp)
+        e_q = exp_base(t_q)
         sq += tl.sum(tl.sum(e_q, axis=2), axis=0)
         if REVERSE:  # KL(p || q): w = logits, v = reference
-            uq += tl.sum(tl.sum(e * _ratio(x, xq, d2_u, t_q, mx, mq, DIV_Q), axis=2), axis=0)
+            uq += tl.sum(tl.sum(e_p * floor_log_ratio(t_p - t_q), axis=2), axis=0)
         else:  # KL(q || p): w = reference, v = logits
-            uq += tl.sum(tl.sum(e_q * _ratio(xq, x, t_q, d2_u, mq, mx, DIV_Q), axis=2), axis=0)
-    return s1, s2, t2, sr, ur, sq, uq
+            uq += tl.sum(tl.sum(e_q * floor_log_ratio(t_q - t_p), axis=2), axis=0)
+    return s1, s2, t2, sp, sr, ur, sq, uq
 
 
 @triton.jit
-def _step(xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq,
-          rq, sq, uq, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
-          DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
+def _other_rescale(xa, xb, k, m, r, s, dp, mx, rp_old, rp, DIVIDE: tl.constexpr):
+    """The rollout's or the reference's lanes moved to the block's max: in their own frame
+    (`_side_rescale`) with DIVIDE, else framed on the logits' lanes (`_framed_rescale`, r
+    holding d). Returns (m, r, s, f, the move of its exponents relative to the logits' pair
+    exponents, dp = the latter's move)."""
+    if DIVIDE:
+        m, r, s, delta, f = _side_rescale(xa, xb, k, m, r, s)
+        shift = delta - dp
+    else:
+        m, r, s, f, shift = _framed_rescale(xa, xb, k, m, r, s, mx, rp_old, rp)
+    return m, r, s, f, shift
+
+
+@triton.jit
+def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr,
+          ur, mq, rq, sq, uq, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
+          REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
     """One loop step: every side's lanes moved to their new max (u moved with them), then the
     block's exps added. xb / rb / qb: the second bf16 halves, or None."""
-    mx_old = mx
+    rp_old = rp
     mx, r2, s1, s2, t2, st, dp, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
+    # The logits' pair side: token_stats' frame and move in fp32, its own in fp64 (e^t).
+    if mx.dtype == tl.float64:
+        rp = _reference(mx) * kp
+        dp = tl.minimum(rp_old - rp, 0.0)
+        fp = exp_base(dp)
+    else:
+        rp = r2
+    sp = fp * sp
+    # u <- f_w (u + shift s_w) = f_w u + shift (f_w s_w), shift = the move of t_w - t_v.
     if HAS_ROLL:
-        mr_old = mr
-        mr, rr, sr, dr = _side_rescale(ra, rb, i, kr, mr, rr, sr)
-        # u <- f_w (u + (delta_w - delta_v) s_w) = f_w u + (delta_w - delta_v) (f_w s_w)
-        ur = tl.fma(_ratio_shift(dr, dp, mr_old, mr, mx_old, mx, DIV_R), sr, exp2_acc(dr) * ur)
+        mr, rr, sr, fr, shift = _other_rescale(ra, rb, kr, mr, rr, sr, dp, mx, rp_old, rp, DIV_R)
+        ur = tl.fma(shift, sr, fr * ur)
     if HAS_REF:
-        mq_old = mq
-        mq, rq, sq, dq = _side_rescale(qa, qb, i, kq, mq, rq, sq)
+        mq, rq, sq, fq, shift = _other_rescale(qa, qb, kq, mq, rq, sq, dp, mx, rp_old, rp, DIV_Q)
         if REVERSE:
-            shift = _ratio_shift(dp, dq, mx_old, mx, mq_old, mq, DIV_Q)
-            uq = tl.fma(shift, s1, fp * uq)
+            uq = tl.fma(-shift, sp, fp * uq)
         else:
-            shift = _ratio_shift(dq, dp, mq_old, mq, mx_old, mx, DIV_Q)
-            uq = tl.fma(shift, sq, exp2_acc(dq) * uq)
-    s1, s2, t2, sr, ur, sq, uq = _add_half(
-        xa, ra, qa, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sr, ur, sq, uq,
+            uq = tl.fma(shift, sq, fq * uq)
+    s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
+        xa, ra, qa, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, sq, uq,
         HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
     )  # fmt: skip
     if xb is not None:
-        s1, s2, t2, sr, ur, sq, uq = _add_half(
-            xb, rb, qb, c, r2, mx, kr, rr, mr, kq, rq, mq, s1, s2, t2, sr, ur, sq, uq,
+        s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
+            xb, rb, qb, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, sq, uq,
             HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
-    return mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq
+    return mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, mq, rq, sq, uq
 
 
 @triton.jit
-def _side_total(m, r, s, k):
-    """A pair side's chunk from its lanes: (raw max, sum relative to reference(max) * k, the
-    lanes' delta to it), as `chunk_total` does for the logits."""
+def _chunk_side(m, r, s, k, tau):
+    """A pair side's chunk from its lanes, in `_pair`'s convention (`_pair._side_total`: sums
+    relative to the max logit's own z, x_max / tau unrounded, that entry exactly 1, kept as
+    s1 - 1): (m, the chunk's raw max, each lane's move g to the chunk's reference and
+    f = e^g, the rest, e). m = x_max / tau rounded, -inf while empty, NaN when the rest is (a
+    NaN or +inf logit)."""
+    mz, mc, g, f, rest, e = pair_side_total(m, r, s, k, tau, float("-inf"), True)
+    mz = tl.where(rest != rest, float("nan"), tl.where(mc == float("-inf"), mc, mz))
+    return mz, mc, g, f, rest, e
+
+
+@triton.jit
+def _framed_chunk_side(m, d, r, s, k):
+    """`_chunk_side` of a side framed on the logits' lanes (`_framed_rescale`; temperature 1, so
+    z = x and e = 0): `_pair._side_total`'s arithmetic on the lanes' logits shifted by d, the
+    lane frames R = r - d k moved to the chunk's max by g = r - (mc + d) k, the top entry's
+    own exp (the loop's x + d, bitwise) taken out and counted as exactly 1. A row that differs
+    from the logits' by a constant has mc + d = the logits' mc and their g and rest bitwise."""
     mc = tl.max(m, axis=0)
-    delta = tl.minimum(r - _reference(mc) * k, 0.0)
-    return mc, tl.sum(exp2_acc(delta) * s, axis=0), delta
+    xt = m + d  # the loop's x + d at the lane's max
+    g = fma_acc(-(mc + d), k, r)
+    f = tl.where(m == float("-inf"), 0.0, exp_base(g))
+    top = (m == mc) & (m != float("-inf"))
+    e_top = exp_base(fma_acc(xt, k, -tl.where(top, r, xt * k)))
+    ties = tl.maximum(tl.sum(top.to(s.dtype), 0) - 1.0, 0.0)
+    rest = tl.sum(tl.where(top, (s - e_top) * f, f * s), 0) + ties
+    mz = tl.where(rest != rest, float("nan"), mc)
+    return mz, mc, g, f, rest, mc * 0
 
 
 @triton.jit
-def _side_z(mc, s, tau):
-    """A side's chunk in `_pair`'s convention (`_pair._side_total`): (m, a, e) with m = mc / tau
-    rounded, the stored max (-inf while empty, NaN when the side's sum is: a NaN or +inf
-    logit), a = m tau rounded, the raw logit `row_exponent` rebuilds from m (usually mc
-    itself), and e = a / tau - m: the chunk's sums are relative to a / tau, and e goes with m
-    into the merges (`merge_row`)."""
-    ok = (mc > float("-inf")) & (mc < float("inf"))
-    m = div_acc(tl.where(ok, mc, 0.0), tau)
-    a = m * tau
-    e = div_acc(-fma_acc(m, tau, -a), tau)
-    m = tl.where(s != s, float("nan"), tl.where(mc == float("-inf"), mc, m))
-    return m, a, e
+def _chunk_u(u, m_w, s_w, f_w, g_w, g_v):
+    """A pair's chunk u in nats relative to both sides' chunk references (`_chunk_side`) from
+    the lanes' u (in `_pair`'s units): the sum of f_w (u + (g_w - g_v) s_w), g = a lane's move
+    to its chunk's reference, as `_pair.pair_chunk_kernel`. An empty weight lane adds 0."""
+    shift = tl.where(m_w == float("-inf"), 0.0, g_w - g_v)
+    u = tl.sum(f_w * (u + shift * s_w), axis=0)
+    if u.dtype != tl.float64:
+        u = u * _ln2(u)  # log2 units -> nats
+    return u
 
 
 @triton.jit
-def _move(mc, a, k, EXACT: tl.constexpr):
-    """g = fl(mc k) - a k (log2 units): the move of a side's exponents from the lanes' chunk
-    reference fl(mc k) (`chunk_total`, `_side_total`) to a k, so that its sums become 2^g s.
-    Rounded once (fma_acc) with EXACT, as the rollout's and the reference's lanes and u's
-    logits exponent formed theirs; else by tl.fma, as the logits' lanes (`lane_exps`: the
-    interpreter rounds the product first, the max's own exponent is then 0, and so is g at
-    a = mc)."""
-    mc0 = tl.where((mc > float("-inf")) & (mc < float("inf")), mc, 0.0)
-    if EXACT:
-        return fma_acc(-a, k, mc0 * k)
-    else:
-        return tl.fma(-a, k, mc0 * k)
-
-
-@triton.jit
-def _chunk_u(u, s_w, f_w, dg, DIVIDE: tl.constexpr):
-    """A chunk's u in nats relative to the sides' a / tau (`_side_z`), from u relative to the
-    lanes' chunk references, the weight side's sum s_w there, its factor f_w = 2^g_w and
-    dg = g_w - g_v (`_move`): with DIVIDE u is in log2 units, f_w (u + dg s_w) ln 2; without,
-    it is already in nats relative to the raw maxes, which are the a's: f_w u."""
-    if DIVIDE:
-        return f_w * (tl.fma(dg, s_w, u) * _ln2(u))
-    else:
-        return f_w * u
-
-
-@triton.jit
-def _store_pair(part_ptr, chunk, row, N, m_w, s_w, e_w, m_v, s_v, e_v, u):
+def _store_pair(part_ptr, chunk, row, N, m_w, r_w, e_w, m_v, r_v, e_v, u):
     """A pair chunk state into part_ptr [PARTIAL, n_chunks, N] (`_pair.pair_chunk_kernel`'s
-    layout); an infinite or NaN u (nats) as the `inf` flag."""
+    layout: each side's s1 - 1 and e, `_chunk_side`); an infinite or NaN u (nats) as the `inf`
+    flag."""
     inf = tl.where((u == u) & (tl.abs(u) < float("inf")), 0.0, 1.0).to(u.dtype)
     idx = chunk.to(tl.int64) * N + row
     plane = tl.num_programs(1).to(tl.int64) * N
     tl.store(part_ptr + idx, m_w)
-    # Each side's sum as s1 - 1 (`_pair.PARTIAL`; here formed from s1, not kept apart).
-    tl.store(part_ptr + plane + idx, s_w - 1.0)
+    tl.store(part_ptr + plane + idx, r_w)
     tl.store(part_ptr + 2 * plane + idx, m_v)
-    tl.store(part_ptr + 3 * plane + idx, s_v - 1.0)
+    tl.store(part_ptr + 3 * plane + idx, r_v)
     tl.store(part_ptr + 4 * plane + idx, tl.where(inf > 0, 0.0, u))
     tl.store(part_ptr + 5 * plane + idx, inf)
-    # Each side's e (`_side_z`); a side that is empty or NaN has none to carry.
+    # A side that is empty or NaN has no residual to carry (and e would be NaN).
     tl.store(part_ptr + 6 * plane + idx, tl.where(side_is_valid(m_w), e_w, 0.0))
     tl.store(part_ptr + 7 * plane + idx, tl.where(side_is_valid(m_v), e_v, 0.0))
 
@@ -332,8 +396,12 @@ def _fwd_chunk_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
     c = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP).to(ACC)
-    kr = _log2_scale(tr_ptr, row, True, 0, True).to(ACC)
-    kq = _log2_scale(tq_ptr, row, True, 0, True).to(ACC)
+    tau_p = tl.load(t_ptr + row)
+    tau_r = tl.load(tr_ptr + row)
+    tau_q = tl.load(tq_ptr + row)
+    kp = _pair_scale(c, tau_p)
+    kr = _pair_scale(_log2_scale(tr_ptr, row, True, 0, True).to(ACC), tau_r)
+    kq = _pair_scale(_log2_scale(tq_ptr, row, True, 0, True).to(ACC), tau_q)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
     xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
@@ -352,6 +420,8 @@ def _fwd_chunk_kernel(
     s2 = tl.zeros([LANES], ACC)
     t2 = tl.zeros([LANES], ACC)
     st = tl.zeros([LANES], tl.int32)
+    rp = tl.zeros([LANES], ACC)
+    sp = tl.zeros([LANES], ACC)
     mr = tl.full([LANES], float("-inf"), ACC)
     rr = tl.zeros([LANES], ACC)
     sr = tl.zeros([LANES], ACC)
@@ -380,9 +450,9 @@ def _fwd_chunk_kernel(
                 ra = _lanes(_load_pair_block(xr_row, w_block, col0, PAIRS), ACC, VEC)
             if HAS_REF:
                 qa = _lanes(_load_pair_block(xq_row, w_block, col0, PAIRS), ACC, VEC)
-        mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq = _step(
-            xa, xb, ra, rb, qa, qb, i, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq,
-            rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+        mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+            xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp, mr, rr,
+            sr, ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         col0 = start + n_full * BLOCK_V
@@ -393,62 +463,46 @@ def _fwd_chunk_kernel(
             ra = _lanes(tl.load(xr_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
         if HAS_REF:
             qa = _lanes(tl.load(xq_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
-        mx, r2, s1, s2, t2, st, mr, rr, sr, ur, mq, rq, sq, uq = _step(
-            xa, None, ra, None, qa, None, n_full, c, kr, kq, mx, r2, s1, s2, t2, st, mr, rr, sr,
-            ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+        mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+            xa, None, ra, None, qa, None, n_full, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp,
+            mr, rr, sr, ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
         )  # fmt: skip
 
-    cmax, s1_sum, s2_sum, t2_sum, am, dp, fp = chunk_total(
+    cmax, s1_sum, s2_sum, t2_sum, am, _, _ = chunk_total(
         mx, r2, s1, s2, t2, st, c, x_row, start, block, V, U, LANES, VEC, BLOCK_V
     )
     store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
-    # The pairs' chunk states in `_pair`'s convention: each side's sums moved from its lanes'
-    # chunk reference to a / tau (`_side_z`, `_move`), u (log2 units without) with them.
+    # The pairs' chunk states in `_pair`'s convention (`_chunk_side`), u moved with them.
     if HAS_ROLL or HAS_REF:
-        m_p, a_p, e_p = _side_z(cmax, s1_sum, tl.load(t_ptr + row))
-        g_p = _move(cmax, a_p, c, False)
-        g_p_u = _move(cmax, a_p, c, True)  # u's log-ratios took the logits' exponent from fma_acc
-        f_p = exp2_acc(g_p)
-        s_p = f_p * s1_sum
+        m_p, _, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p)
     if HAS_ROLL:
-        mcr, sr_sum, dr = _side_total(mr, rr, sr, kr)
-        sh = _ratio_shift(dr, dp, mr, tl.max(mr, axis=0), mx, tl.max(mx, axis=0), DIV_R)
-        u = tl.sum(exp2_acc(dr) * (ur + sh * sr), axis=0)
-        m_r, a_r, e_r = _side_z(mcr, sr_sum, tl.load(tr_ptr + row))
-        g_r = _move(mcr, a_r, kr, True)
-        f_r = exp2_acc(g_r)
-        u = _chunk_u(u, sr_sum, f_r, g_r - g_p_u, DIV_R)
-        _store_pair(part_r_ptr, chunk, row, N, m_r, f_r * sr_sum, e_r, m_p, s_p, e_p, u)
-    if HAS_REF:
-        mcq, sq_sum, dq = _side_total(mq, rq, sq, kq)
-        m_q, a_q, e_q = _side_z(mcq, sq_sum, tl.load(tq_ptr + row))
-        g_q = _move(mcq, a_q, kq, True)
-        f_q = exp2_acc(g_q)
-        s_q = f_q * sq_sum
-        mq_c = tl.max(mq, axis=0)
-        mx_c = tl.max(mx, axis=0)
-        if REVERSE:
-            sh = _ratio_shift(dp, dq, mx, mx_c, mq, mq_c, DIV_Q)
-            u = tl.sum(fp * (uq + sh * s1), axis=0)
-            # The weights are the logits' lanes' e (moved by g_p), the log-ratios' logits
-            # exponents fma_acc's (moved by g_p_u).
-            u = _chunk_u(u, s1_sum, f_p, g_p_u - g_q, DIV_Q)
-            _store_pair(part_q_ptr, chunk, row, N, m_p, s_p, e_p, m_q, s_q, e_q, u)
+        if DIV_R:
+            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r)
         else:
-            sh = _ratio_shift(dq, dp, mq, mq_c, mx, mx_c, DIV_Q)
-            u = tl.sum(exp2_acc(dq) * (uq + sh * sq), axis=0)
-            u = _chunk_u(u, sq_sum, f_q, g_q - g_p_u, DIV_Q)
-            _store_pair(part_q_ptr, chunk, row, N, m_q, s_q, e_q, m_p, s_p, e_p, u)
+            m_r, _, g_r, f_r, r_r, e_r = _framed_chunk_side(mr, rr, rp, sr, kp)
+        u = _chunk_u(ur, mr, sr, f_r, g_r, g_p)
+        _store_pair(part_r_ptr, chunk, row, N, m_r, r_r, e_r, m_p, r_p, e_p, u)
+    if HAS_REF:
+        if DIV_Q:
+            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q)
+        else:
+            m_q, _, g_q, f_q, r_q, e_q = _framed_chunk_side(mq, rq, rp, sq, kp)
+        if REVERSE:
+            u = _chunk_u(uq, mx, sp, f_p, g_p, g_q)
+            _store_pair(part_q_ptr, chunk, row, N, m_p, r_p, e_p, m_q, r_q, e_q, u)
+        else:
+            u = _chunk_u(uq, mq, sq, f_q, g_q, g_p)
+            _store_pair(part_q_ptr, chunk, row, N, m_q, r_q, e_q, m_p, r_p, e_p, u)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _fwd_finish_kernel(
-    x_ptr, labels_ptr, temp_ptr, t_ptr, tr_ptr, scale_bits, ignore_index, V, N, n_chunks,
-    n_inner, stride_outer, stride_inner, part_ptr, part_idx_ptr, part_r_ptr, part_q_ptr,
-    logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr, argmax_ptr,
-    token_kl_ptr, kl_ptr, kl_state_ptr, p_norm_ptr, r_norm_ptr,
+    x_ptr, labels_ptr, temp_ptr, t_ptr, tr_ptr, tq_ptr, scale_bits, ignore_index, V, N,
+    n_chunks, n_inner, stride_outer, stride_inner, part_ptr, part_idx_ptr, part_r_ptr,
+    part_q_ptr, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr,
+    argmax_ptr, token_kl_ptr, kl_ptr, kl_state_ptr, p_norm_ptr, r_norm_ptr,
     HAS_TEMP: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
-    REVERSE: tl.constexpr, BLOCK_R: tl.constexpr,
+    REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_R rows per program: token_stats' outputs (its merge), token_kl and the (m, log s1)
     of the logits and of the rollout (p_norm_ptr, r_norm_ptr [N, 2], for the TV pass), kl and
@@ -466,15 +520,18 @@ def _fwd_finish_kernel(
     keep = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64) != ignore_index
     valid = side_is_valid(mx)  # the logits' state (softmax_stats.h state_is_valid)
     nan = float("nan")
-    # The chunk states' sums are relative to a / tau already (`_side_z`), what `row_exponent`
-    # rebuilds: no `reference_shift`.
-    no_shift = tl.zeros(rows.shape, mx.dtype)
+    # Each side's sums are relative to its max logit's own z (`_chunk_side`); log s1 and c are
+    # handed on relative to a / tau (`reference_shift`), the raw logit `row_exponent` rebuilds
+    # from m in the TV pass and the backward, as mismatch_stats' and kl_divergence's finish.
+    XDT: tl.constexpr = x_ptr.dtype.element_ty
+    tau_p = tl.load(t_ptr + rows, mask=rmask, other=1.0)
     if HAS_ROLL:
-        m_r, r_r, m_p, r_p, u, inf, _, _ = merge_row(part_r_ptr, rows, rmask, N, n_chunks)
-        kl, l_r, l_p, _ = finalize_kl(m_r, r_r, m_p, r_p, u, inf, no_shift, no_shift)
+        m_r, r_r, m_p, r_p, u, inf, e_r, e_p = merge_row(part_r_ptr, rows, rmask, N, n_chunks)
+        tau_r = tl.load(tr_ptr + rows, mask=rmask, other=1.0)
+        d_r = reference_shift(m_r, e_r, tau_r, DIV_R, XDT)
+        d_p = reference_shift(m_p, e_p, tau_p, DIV_R, XDT)
+        kl, l_r, l_p, _ = finalize_kl(m_r, r_r, m_p, r_p, u, inf, d_r, d_p)
         tl.store(token_kl_ptr + rows, tl.where(keep, tl.where(valid, kl, nan), 0.0), mask=rmask)
-        # The TV pass rebuilds each probability with `row_exponent`, relative to a / tau
-        # (a = m tau rounded): the reference these sums are relative to.
         ok_p = valid & side_is_valid(m_p)
         ok_r = side_is_valid(m_r)
         # mismatch_stats' TV pass reads these: NaN marks an invalid side, 0 an ignored row.
@@ -485,8 +542,15 @@ def _fwd_finish_kernel(
         tl.store(r_norm_ptr + 2 * rows, tl.where(ok_r, m_r, nan), mask=rmask)
         tl.store(r_norm_ptr + 2 * rows + 1, tl.where(ok_r, l_r, nan), mask=rmask)
     if HAS_REF:
-        m_w, r_w, m_v, r_v, u, inf, _, _ = merge_row(part_q_ptr, rows, rmask, N, n_chunks)
-        kl, l_w, l_v, c = finalize_kl(m_w, r_w, m_v, r_v, u, inf, no_shift, no_shift)
+        m_w, r_w, m_v, r_v, u, inf, e_w, e_v = merge_row(part_q_ptr, rows, rmask, N, n_chunks)
+        tau_q = tl.load(tq_ptr + rows, mask=rmask, other=1.0)
+        if REVERSE:
+            tau_w, tau_v = tau_p, tau_q
+        else:
+            tau_w, tau_v = tau_q, tau_p
+        d_w = reference_shift(m_w, e_w, tau_w, DIV_Q, XDT)
+        d_v = reference_shift(m_v, e_v, tau_v, DIV_Q, XDT)
+        kl, l_w, l_v, c = finalize_kl(m_w, r_w, m_v, r_v, u, inf, d_w, d_v)
         if REVERSE:
             m_q, l_q = m_v, l_v
         else:
@@ -667,17 +731,18 @@ def _bwd_kernel(
         tau_q = tl.load(tq_ptr + row)
         m_q, l_q = tl.where(read_q, m_q, 0.0), tl.where(read_q, l_q, 0.0)
         c_kl = tl.where(read_q & (kl < big), c_kl, 0.0)
-        # tl.float32: a = m tau as is, the reference its forward summed relative to (`_side_z`).
-        a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, DIVIDE_Q, tl.float32)
+        # The forward's l_q and c are relative to a_q / tau_q, a_q = `max_logit` (its finish's
+        # `reference_shift`), what `row_exponent` rebuilds here.
+        a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, DIVIDE_Q, xq_ptr.dtype.element_ty)
         one = tl.full([], 1.0, ACC)
         inv_q = div_acc(one, tau_q)
         tau_p = tl.load(t_ptr + row)
         inv_p = div_acc(one, tau_p)
-        # The forward's c is relative to each side's a / tau (`_side_z`): the reference's a_q
-        # (`row_exponent`, as l_q) and the logits' a_p = (m / tau) tau rounded (m / tau rounded
-        # is the forward's stored max), usually m itself. d_p here is relative to m: the
-        # difference (m - a_p) / tau moves c, once per row.
-        d_ref = (m - div_acc(m, tau_p) * tau_p) * inv_p
+        # The forward's c is relative to each side's a / tau: the reference's a_q and the
+        # logits' a_p = `max_logit` of the forward's stored max m / tau rounded (m itself for
+        # 16-bit logits, else usually). d_p here is relative to m: the difference
+        # (m - a_p) / tau moves c, once per row.
+        d_ref = (m - max_logit(div_acc(m, tau_p), tau_p, x_ptr.dtype.element_ty)) * inv_p
         if REVERSE:
             c_kl -= d_ref
             p_nan = kl_on & ((~kl_ok) | (kl == big))  # the weight side of an infinite KL
@@ -797,35 +862,35 @@ def step_stats_forward(
     part_idx = torch.empty((blk.n_chunks, N), dtype=torch.int32, device=dev)
     part_r = torch.empty((PARTIAL, blk.n_chunks, N) if has_roll else (0,), dtype=acc, device=dev)
     part_q = torch.empty((PARTIAL, blk.n_chunks, N) if has_ref else (0,), dtype=acc, device=dev)
+    div_r = needs_division(
+        temperature, temperature_scalar, rollout_temperature, rollout_temperature_scalar
+    )
+    div_q = needs_division(temperature, temperature_scalar, ref_temperature, ref_temperature_scalar)
     flags = dict(HAS_TEMP=has_temp, HAS_ROLL=has_roll, HAS_REF=has_ref, REVERSE=bool(reverse))
     _fwd_chunk_kernel[(N, blk.n_chunks)](
         logits, rollout_logits if has_roll else logits, ref_logits if has_ref else logits, labels,
         temp if has_temp else labels, scale_bits, t, tr, tq, ignore_index, V, N, *layout,
         *roll_layout, *ref_layout, part, part_idx, part_r if has_roll else part,
         part_q if has_ref else part, **flags, CHUNK=blk.chunk, BLOCK_V=blk.block_v, U=u,
-        VEC=vec, PAIRS=pairs, DIV_R=needs_division(temperature, temperature_scalar,
-        rollout_temperature, rollout_temperature_scalar), DIV_Q=needs_division(temperature,
-        temperature_scalar, ref_temperature, ref_temperature_scalar), num_warps=blk.num_warps,
+        VEC=vec, PAIRS=pairs, DIV_R=div_r, DIV_Q=div_q, num_warps=blk.num_warps,
     )  # fmt: skip
     p_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
     r_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
     _fwd_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
-        logits, labels, temp if has_temp else labels, t, tr, scale_bits, ignore_index, V, N,
+        logits, labels, temp if has_temp else labels, t, tr, tq, scale_bits, ignore_index, V, N,
         blk.n_chunks, *layout, part, part_idx, part_r if has_roll else part,
         part_q if has_ref else part, *token, token_kl if has_roll else part,
         kl if has_ref else part, kl_state if has_ref else part, p_norm if has_roll else part,
-        r_norm if has_roll else part, **flags, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
+        r_norm if has_roll else part, **flags, DIV_R=div_r, DIV_Q=div_q, BLOCK_R=FINISH_BLOCK_R,
+        num_warps=4,
     )  # fmt: skip
     if has_roll:
         # TV needs both normalizers: mismatch_stats' second pass over the logits and the rollout.
         tv_blk = row_blocking(V, logits.dtype, _block_v, _chunk)
         tv_part = torch.empty((tv_blk.n_chunks, N), dtype=acc, device=dev)
-        divide = needs_division(
-            temperature, temperature_scalar, rollout_temperature, rollout_temperature_scalar
-        )
         _mismatch._tv_chunk_kernel[(N, tv_blk.n_chunks)](
             logits, rollout_logits, labels, t, tr, p_norm, r_norm, tv_part, V, N, ignore_index,
-            *layout, *roll_layout, DIVIDE=divide, A_IN_XDT=False, CHUNK=tv_blk.chunk,
+            *layout, *roll_layout, DIVIDE=div_r, A_IN_XDT=True, CHUNK=tv_blk.chunk,
             BLOCK_V=tv_blk.block_v, num_warps=tv_blk.num_warps,
         )  # fmt: skip
         _mismatch._tv_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
