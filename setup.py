@@ -60,12 +60,20 @@ def _cuda_decision() -> tuple[bool, str]:
     )
 
 
+def _headers(*patterns: str) -> list[str]:
+    """Headers an extension's sources include: setuptools compares only `sources` + `depends`
+    with the built library, so without them a header-only change relinks the old objects."""
+    return sorted(f for p in patterns for f in glob.glob(p, recursive=True))
+
+
 def _extensions():
     cxx = ["-O3", "-fopenmp", *_cpu_capability_flags()]
+    shared = ("csrc/include/**/*.h", "csrc/include/**/*.inc")
     ext = [
         cpp_extension.CppExtension(
             "pg_kernels._C",
             sorted(glob.glob("csrc/cpu/*.cpp")),
+            depends=_headers("csrc/cpu/*.h", *shared),
             include_dirs=INCLUDE,
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
@@ -82,6 +90,7 @@ def _extensions():
             cpp_extension.CUDAExtension(
                 "pg_kernels._C_cuda",
                 cuda_sources,
+                depends=_headers("csrc/cuda/*.cuh", "csrc/cuda/*.h", *shared),
                 include_dirs=INCLUDE,
                 extra_compile_args={
                     "cxx": ["-O3"],

@@ -33,6 +33,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_kl_divergence import _kl_grad_floor  # noqa: E402
+from test_step_stats import _op as _step_op  # noqa: E402
+from test_step_stats import _ref as _step_ref  # noqa: E402
 from test_topk_kl import make_topk  # noqa: E402
 
 import pg_kernels  # noqa: E402
@@ -135,10 +137,10 @@ def logit_cases(draw, backend: str):
                 dtype=dtype, seed=seed)  # fmt: skip
 
 
-def _perturbed(draw, c, shift: float):
+def _perturbed(draw, c, shift: float, salt: int = 1):
     """A second set of logits: c's plus noise of a drawn size (same -inf entries), in c's dtype
-    and layout; the noise is 0 on some draws (p == q)."""
-    g = torch.Generator().manual_seed(c["seed"] + 1)
+    and layout; the noise is 0 on some draws (p == q). `salt` tells two such sets apart."""
+    g = torch.Generator().manual_seed(c["seed"] + salt)
     noise_scale = draw(st.sampled_from([0.0, 1e-3, 0.1, 1.0, 5.0]))
     noise = torch.randn(c["x64"].shape, generator=g, dtype=torch.float64) * noise_scale
     return (c["x64"] + noise + shift).to(c["dtype"])
@@ -280,16 +282,30 @@ def test_kl_divergence(backend_device, data):
     )  # fmt: skip
 
 
+def _rollout_logprobs(data, c, xr, t, rt):
+    """The rollout engine's log-probs of the labels: from xr, maybe off by a drawn amount (the
+    ratio clamps), NaN on ignore rows (never read)."""
+    lp = reference.token_stats(xr, c["y"], temperature=t if rt is None else rt).logprob.float()
+    if data.draw(st.booleans()):
+        lp = lp + data.draw(st.sampled_from([1e-6, -0.5, 30.0, -30.0]))
+    lp[c["y"] == -100] = float("nan")
+    return lp
+
+
+def _tv_floor(c) -> dict[str, float]:
+    """TV = 1/2 sum |p_j - q_j| from separately rounded p_j and q_j: each term carries their
+    roundings, eps (p_j + q_j) at most, 2 eps over the row, however small TV itself is."""
+    eps = torch.finfo(torch.float64 if c["dtype"] == torch.float64 else torch.float32).eps
+    return {"token_tv": 2 * eps}
+
+
 def _mismatch(backend_device, data, with_rollout_logits):
     backend, _ = backend_device
     c = data.draw(logit_cases(backend))
     t = _temperature(data.draw, c["shape"])
     rt = _temperature(data.draw, c["shape"]) if data.draw(st.booleans()) else None
     xr = _perturbed(data.draw, c, shift=-2.0)
-    lp = reference.token_stats(xr, c["y"], temperature=t if rt is None else rt).logprob.float()
-    if data.draw(st.booleans()):  # the engine's log-prob off by a drawn amount (ratio clamps)
-        lp = lp + data.draw(st.sampled_from([1e-6, -0.5, 30.0, -30.0]))
-    lp[c["y"] == -100] = float("nan")  # never read
+    lp = _rollout_logprobs(data, c, xr, t, rt)
     kw = {
         "temperature": t, "rollout_temperature": rt,
         "tis_cap": data.draw(st.sampled_from([1.5, 2.0, 10.0])),
@@ -305,13 +321,10 @@ def _mismatch(backend_device, data, with_rollout_logits):
     # log_ratio = logprob - lp would get a tolerance scaled by |log_ratio| ~ 0 for an error that
     # is logprob's own, ~ulp(|logprob|).
     fields = ("logprob", "token_kl", "token_tv") if with_rollout_logits else ("logprob",)
-    # TV = 1/2 sum |p_j - q_j| from separately rounded p_j and q_j: each term carries their
-    # roundings, eps (p_j + q_j) at most, 2 eps over the row, however small TV itself is.
-    eps = torch.finfo(torch.float64 if c["dtype"] == torch.float64 else torch.float32).eps
     _check(
         c, backend,
         op, reference.mismatch_stats, (c["x"], c["y"], lp), kw, diff_fields=("logprob",),
-        check_fields=fields, forward_floor={"token_tv": 2 * eps},
+        check_fields=fields, forward_floor=_tv_floor(c),
     )  # fmt: skip
     _check_estimators(op(c["x"], c["y"], lp, **kw), lp, c["y"], kw)
 
@@ -354,6 +367,42 @@ def test_mismatch_stats(backend_device, data):
 @given(data=st.data())
 def test_mismatch_stats_without_rollout_logits(backend_device, data):
     _mismatch(backend_device, data, with_rollout_logits=False)
+
+
+@pytest.mark.op("step_stats")
+@given(data=st.data())
+def test_step_stats(backend_device, data):
+    """The bundle with a drawn subset of rollout log-probs, rollout logits and teacher logits,
+    each side at its own temperature: every field held to the rule (the sampled estimators
+    are the single op's, checked there), the gradients of logprob, entropy, collision, lse
+    and the KL to both logits tensors that require them."""
+    backend, _ = backend_device
+    c = data.draw(logit_cases(backend))
+    t = _temperature(data.draw, c["shape"])
+    rt = _temperature(data.draw, c["shape"]) if data.draw(st.booleans()) else None
+    qt = _temperature(data.draw, c["shape"]) if data.draw(st.booleans()) else None
+    xr = _perturbed(data.draw, c, shift=-2.0) if data.draw(st.booleans()) else None
+    lp = None
+    if xr is not None or data.draw(st.booleans()):
+        lp = _rollout_logprobs(data, c, c["x"] if xr is None else xr, t, rt)
+    xq = _perturbed(data.draw, c, shift=3.0, salt=2) if data.draw(st.booleans()) else None
+    kw = {"kl_direction": data.draw(st.sampled_from(["reverse", "forward"])),
+          "temperature": t, "rollout_temperature": rt, "ref_temperature": qt}  # fmt: skip
+    hypothesis.note(_show(c, temperature=t, rollout=rt, ref=qt) + f" rollout_logits="
+                    f"{xr is not None} logprobs={lp is not None} ref={xq is not None}")  # fmt: skip
+    diff = ("logprob", "entropy", "collision", "lse") + (("kl",) if xq is not None else ())
+    kl_floor = None if xq is None else _kl_grad_floor(c["x"], xq, {
+        "direction": kw["kl_direction"], "temperature": t, "ref_temperature": qt})  # fmt: skip
+
+    def grad_floor(i, ups):
+        return None if kl_floor is None else kl_floor(i, {"out": ups["kl"]})
+
+    _check(
+        c, backend,
+        _step_op(backend), _step_ref, (c["x"], c["y"], xr, lp, xq), kw, diff_fields=diff,
+        grad_args=(0,) if xq is None else (0, 4), grad_floor=grad_floor,
+        forward_floor=_tv_floor(c),
+    )  # fmt: skip
 
 
 @pytest.mark.op("topk_kl")

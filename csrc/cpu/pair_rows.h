@@ -36,13 +36,10 @@ void store_row(const acc_t* buf, scalar_t* dst, int64_t n) {
   }
 }
 
-// The type a pair pass sums and finishes a row in: double for fp32 rows, else acc_t. The KL
-// of near-equal rows, u / s1_w - log s1_w + log s1_v, cancels O(1) terms; with s1 summed in
-// fp32 the lane holding the max (e = 1) rounds every later term at ulp(1) / 2 and each log s1
+// A pair pass sums and finishes a row in row_sum_t<acc_t> (vec_rows.h). The KL of near-equal
+// rows, u / s1_w - log s1_w + log s1_v, cancels O(1) terms; with s1 summed in fp32 each log s1
 // carried ~1e-7 (fp32 [2, 257], per-row tau: token_kl 4.8e-7 where the truth is ~0 and plain
-// PyTorch's error 3.7e-8). The exps themselves stay fp32 (one exp per element and side).
-template <typename acc_t>
-using pair_sum_t = std::conditional_t<std::is_same_v<acc_t, float>, double, acc_t>;
+// PyTorch's error 3.7e-8).
 
 template <typename acc_t>
 bool any_lane_set(const Vec<acc_t>& mask) {
@@ -67,11 +64,11 @@ Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc_t>& ew, const Vec
   return dw - Vec<acc_t>::blendv(dv, dw, v_zero);
 }
 
-// Per-lane sums of one chunk of a pair pass, in pair_sum_t<acc_t> (the generic lanes below sum
+// Per-lane sums of one chunk of a pair pass, in row_sum_t<acc_t> (the generic lanes below sum
 // in acc_t; AVX2 builds sum fp32 rows in double lanes, the specialization after it).
 template <typename acc_t>
 struct PairLanes {
-  using sum_t = pair_sum_t<acc_t>;
+  using sum_t = row_sum_t<acc_t>;
   Vec<acc_t> s1w{acc_t(0)}, s1v{acc_t(0)}, u{acc_t(0)}, inf{acc_t(0)};
 
   // The same from exps computed elsewhere (step_stats shares the logits' exp between its
@@ -94,7 +91,7 @@ struct PairLanes {
 
 #if defined(CPU_CAPABILITY_AVX2)
 // fp32 rows: each fp32 vector's sums in two __m256d (float lanes 0-3 and 4-7), as token_stats'
-// S1Lanes<float>. u stays in fp32 lanes: its terms e_w (d_w - d_v) are small where the KL
+// ExpLanes<float>. u stays in fp32 lanes: its terms e_w (d_w - d_v) are small where the KL
 // cancels (near-equal rows), and summing it in double too cost ~10 % more of the forward
 // (kl_divergence fp32 at 1024x32000: 68-70 against 62-64 ms) for no measured gain.
 template <>
@@ -157,7 +154,7 @@ void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& zw, const Vec<acc_t>& z
 // One chunk of a pair pass. bw, bv hold the scaled chunk (padded with -inf to a multiple of
 // kStep); mw, mv are its maxes. kKeepExps: overwrite bw, bv with e^{z - m} of the chunk.
 template <typename acc_t, bool kKeepExps>
-PairState<pair_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, acc_t mw, acc_t mv) {
+PairState<row_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, acc_t mw, acc_t mv) {
   constexpr int64_t W = Vec<acc_t>::size();
   // A side with no finite entry yet has m = -inf; subtracting 0 instead keeps its d = -inf
   // (e = 0) rather than -inf - (-inf) = NaN. NaN / +inf maxes pass through: the row is NaN.
@@ -216,16 +213,16 @@ struct RowSum {
   }
 };
 
-// The pair pass over one row, summed and finished in pair_sum_t<acc_t>. Stops early once the
+// The pair pass over one row, summed and finished in row_sum_t<acc_t>. Stops early once the
 // v side is NaN / +inf (and the w side too when stop_on_w_invalid; mismatch_stats keeps going so
 // that the logits' logsumexp survives a broken rollout row). kKeepExps: bw, bv are row-sized
 // scratch that end up holding every e^{z - m_chunk}, and chunk_m[2k], chunk_m[2k + 1] the maxes
 // of chunk k.
 template <typename scalar_t, typename acc_t, bool kKeepExps>
-PairState<pair_sum_t<acc_t>> pair_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv,
+PairState<row_sum_t<acc_t>> pair_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv,
                                       acc_t tau_v, int64_t V, bool stop_on_w_invalid, acc_t* bw,
                                       acc_t* bv, acc_t* chunk_m) {
-  using sum_t = pair_sum_t<acc_t>;
+  using sum_t = row_sum_t<acc_t>;
   RowSum<sum_t> row;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);

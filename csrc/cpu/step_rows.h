@@ -46,11 +46,13 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   // row total. Summation error then grows with kChunk / (2 W) + V / kChunk terms instead of
   // V / (2 W), close to PyTorch's cascade sum.
   LaneSums<acc_t> row;
-  RowSum<pair_sum_t<acc_t>> roll, kl;
+  RowSum<row_sum_t<acc_t>> roll, kl;
   acc_t m = neg_inf<acc_t>();
-  // The rollout's running max: its exps are e^{z - mr} like the logits' e^{z - m}, so that
-  // equal (or constant-shifted) rows keep equal exps and token_tv is exactly 0 for them.
-  acc_t mr = neg_inf<acc_t>();
+  // The rollout's and the reference's running maxes: their exps are e^{z - mr}, e^{z - mq}
+  // like the logits' e^{z - m}, so that equal (or constant-shifted) rows keep equal exps and
+  // token_tv, token_kl and the KL are exactly 0 for them (relative to each chunk's own max,
+  // the reference's KL was 2.1e-9 on a shifted fp32 row whose second chunk has a lower max).
+  acc_t mr = neg_inf<acc_t>(), mq = neg_inf<acc_t>();
   int64_t argmax = 0;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
@@ -65,7 +67,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     }
     if (!(m < -neg_inf<acc_t>())) break;  // NaN or +inf logits: every field of the row is NaN
     if constexpr (kRoll) mr = max_nan(mr, load_divided_chunk(xr + begin, n, tr, cr));
-    const acc_t mq = kRef ? load_divided_chunk(xq + begin, n, tq, scratch.ref) : acc_t(0);
+    if constexpr (kRef) mq = max_nan(mq, load_divided_chunk(xq + begin, n, tq, scratch.ref));
     if constexpr (kRoll) {
       scratch.exps.chunk_m()[2 * k] = mr;
       scratch.exps.chunk_m()[2 * k + 1] = m;  // the logits' exps of this chunk are e^{z - m}
@@ -109,9 +111,10 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
                        : PairLanes<acc_t>::join(qlo, qhi, mq, m));
     }
   }
-  const SoftmaxState<acc_t> state = row.state(m);
+  const auto state = row.state(m);
   const bool valid = state_is_valid(state);
-  out.token = finalize_token_stats(state, tp.divide(acc_t(xp[label])));
+  using sum_t = row_sum_t<acc_t>;
+  out.token = rounded_row<acc_t>(finalize_token_stats(state, sum_t(tp.divide(acc_t(xp[label])))));
   out.argmax = valid ? argmax : -1;
   const acc_t nan = quiet_nan<acc_t>();
   if constexpr (kRoll) {

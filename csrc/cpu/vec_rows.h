@@ -24,6 +24,13 @@ constexpr int64_t kChunk = 2048;
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
 
+// The type a row's sums of exps are kept and finished in: double for fp32 rows, else acc_t.
+// In fp32 the lane holding the max (e = 1) rounds every later term to ulp(1) / 2, so sums
+// whose rest beside that 1 matters (log s1 of a peaked row, s2 - 1 in the logit-gradient
+// proxy, the KL of near-equal rows) would carry ~1e-7 absolute. The exps stay fp32.
+template <typename acc_t>
+using row_sum_t = std::conditional_t<std::is_same_v<acc_t, float>, double, acc_t>;
+
 // Loops below step two vectors at a time; buffers are padded with -inf up to this multiple.
 template <typename acc_t>
 constexpr int64_t kStep = 2 * Vec<acc_t>::size();
