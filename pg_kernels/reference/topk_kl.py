@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels.reference._util import compute_dtype, finish, invalid_rows, label_mask, scaled
+from pg_kernels.reference._util import (
+    compute_dtype,
+    finish,
+    invalid_rows,
+    label_mask,
+    scaled,
+)
 
 
 def _xlogy_ratio(w: torch.Tensor, logw: torch.Tensor, logv: torch.Tensor) -> torch.Tensor:
@@ -37,6 +43,13 @@ def topk_kl(
     """
     dtype = compute_dtype(logits.dtype, upcast)
     z = scaled(logits, temperature, dtype)
+    invalid = invalid_rows(z)
+    if upcast:
+        # The truth works relative to the row max (a constant to autograd): z - L rounds at
+        # ulp(L) / 2, 4.5e-13 in float64 at |z| ~ 5e3 (tau 0.125), which a KL of ~1e-33 (two
+        # tied maxima, q = p) read as 1.7e-13; z - m is exact near the max. Plain PyTorch keeps
+        # z - L.
+        z = z - z.amax(-1, keepdim=True).detach()
     lse = torch.logsumexp(z, -1, keepdim=True)
     keep, _ = label_mask(labels, ignore_index)
     ids = topk_ids.long()
@@ -59,4 +72,4 @@ def topk_kl(
     if ids.shape[-1] >= z.shape[-1]:
         q_tail = torch.zeros_like(q_tail)
     tail = _xlogy_ratio(q_tail, q_tail.log(), logp_tail)
-    return finish(head + tail, invalid_rows(z), keep)
+    return finish(head + tail, invalid, keep)
