@@ -67,22 +67,54 @@ Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc_t>& ew, const Vec
   return dw - Vec<acc_t>::blendv(dv, dw, v_zero);
 }
 
-// The excess terms e_w,j f(delta_j) of one vector (softmax_stats.h, PairState::k), f(x) =
-// e^x - 1 - x, delta = d_v - d_w = -diff (diff from pair_difference: 0 where v_j = 0, a term
-// that went to inf). Where |delta_j| < 1/4, e_w x^2 P(x) with P the Taylor polynomial of
-// expm1_excess (accurate relative to the term, ~delta^2 / 2); elsewhere e_v - e_w - e_w delta
-// from the exps (the term is then >= 0.028 e_w, their roundings a few ulps of it), which also
-// gives e_v for w_j = 0. No exp: ~10 vector instructions.
+// f(delta) = e^delta - 1 - delta (softmax_stats.h, expm1_excess) of each lane, delta = -diff,
+// from its series: diff^2 P(-diff) with P(x) = sum_n x^n / (n + 2)! (excess_coef), accurate
+// relative to f where |diff| < 1/4 (garbage elsewhere).
 template <typename acc_t>
-Vec<acc_t> excess_terms(const Vec<acc_t>& ew, const Vec<acc_t>& ev, const Vec<acc_t>& diff) {
-  // P(x) = sum_n x^n / (n + 2)! (softmax_stats.h, excess_coef) in x = -diff.
+Vec<acc_t> excess_series(const Vec<acc_t>& diff) {
   const auto coef = [](int n) { return Vec<acc_t>(acc_t(n % 2 ? -excess_coef(n) : excess_coef(n))); };
   Vec<acc_t> p = coef(kExcessTerms<acc_t> - 1);
   for (int n = kExcessTerms<acc_t> - 2; n >= 0; --n) p = at::vec::fmadd(p, diff, coef(n));
-  const Vec<acc_t> near = ew * (diff * diff) * p;
-  const Vec<acc_t> far = at::vec::fmadd(ew, diff, ev - ew);
-  return Vec<acc_t>::blendv(far, near, diff.abs() < Vec<acc_t>(acc_t(0.25)));
+  return diff * diff * p;
 }
+
+template <typename acc_t>
+Vec<acc_t> near_lanes(const Vec<acc_t>& diff) {
+  return diff.abs() < Vec<acc_t>(acc_t(0.25));  // NaN / inf: not near
+}
+
+// The excess terms e_w,j f(delta_j) of one vector (softmax_stats.h, PairState::k), delta =
+// d_v - d_w = -diff (diff from pair_difference: 0 where v_j = 0, a term that went to inf).
+// Where |delta_j| < 1/4, e_w f from the series (accurate relative to the term, ~delta^2 / 2);
+// elsewhere e_v - e_w - e_w delta from the exps (the term is then >= 0.028 e_w, their roundings
+// a few ulps of it), which also gives e_v for w_j = 0. No exp.
+template <typename acc_t>
+Vec<acc_t> excess_terms(const Vec<acc_t>& ew, const Vec<acc_t>& ev, const Vec<acc_t>& diff) {
+  const Vec<acc_t> far = at::vec::fmadd(ew, diff, ev - ew);
+  return Vec<acc_t>::blendv(far, ew * excess_series(diff), near_lanes(diff));
+}
+
+template <typename acc_t>
+bool all_lanes_set(const Vec<acc_t>& mask) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  acc_t lanes[W];
+  mask.store(lanes);
+  for (int64_t i = 0; i < W; ++i) {
+    if (!(lanes[i] != acc_t(0))) return false;  // an all-ones lane reads as NaN, != 0
+  }
+  return true;
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline bool all_lanes_set(const Vec<float>& mask) {
+  return _mm256_movemask_ps(__m256(mask)) == 0xff;
+}
+template <>
+inline bool all_lanes_set(const Vec<double>& mask) {
+  return _mm256_movemask_pd(__m256d(mask)) == 0xf;
+}
+#endif
 
 // Per-lane sums of one chunk of a pair pass, in pair_sum_t<acc_t> (the generic lanes below sum
 // in acc_t; AVX2 builds sum fp32 rows in double lanes, the specialization after it).
@@ -101,6 +133,17 @@ struct PairLanes {
     const Vec<acc_t> diff = pair_difference(dw, ew, dv, inf);
     u = at::vec::fmadd(ew, diff, u);
     k = k + excess_terms(ew, ev, diff);
+  }
+
+  // The same where every lane is near (|diff| < 1/4, diff = d_w - d_v unclamped, so v_j > 0):
+  // e_v = e_w (1 + expm1(delta)) from the excess series instead of an exp (returned in ev).
+  void add_near(const Vec<acc_t>& ew, const Vec<acc_t>& diff, Vec<acc_t>& ev) {
+    const Vec<acc_t> f = excess_series(diff);
+    ev = at::vec::fmadd(ew, f - diff, ew);
+    s1w = s1w + ew;
+    s1v = s1v + ev;
+    u = at::vec::fmadd(ew, diff, u);
+    k = at::vec::fmadd(ew, f, k);
   }
 
   // The chunk's pair state from its two chains of lanes; mw, mv: the references of d_w, d_v.
@@ -143,6 +186,17 @@ struct PairLanes<float> {
     k = k + excess_terms(ew, ev, diff);
   }
 
+  void add_near(const Vec<float>& ew, const Vec<float>& diff, Vec<float>& ev) {
+    const Vec<float> f = excess_series(diff);
+    ev = at::vec::fmadd(ew, f - diff, ew);
+    s1w.lo = _mm256_add_pd(s1w.lo, low_half(ew));
+    s1w.hi = _mm256_add_pd(s1w.hi, high_half(ew));
+    s1v.lo = _mm256_add_pd(s1v.lo, low_half(ev));
+    s1v.hi = _mm256_add_pd(s1v.hi, high_half(ev));
+    u = at::vec::fmadd(ew, diff, u);
+    k = at::vec::fmadd(ew, f, k);
+  }
+
   // Lanes 0-7 of a and then of b, in a fixed order (deterministic).
   static double total(const Wide& a, const Wide& b) {
     alignas(32) double l[8];
@@ -172,6 +226,13 @@ void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& zw, const Vec<acc_t>& z
   const Vec<acc_t> dw = at::vec::clamp_min(zw - mw, lowest);
   const Vec<acc_t> dv = zv - mv;  // not clamped: a tiny v_j is a large, real log-ratio
   ew = vexp(dw);
+  // Near-equal rows (mismatch_stats' rollout, a student near its teacher): every lane of most
+  // vectors is near, and e_v comes from the excess series that k needs anyway, not an exp.
+  const Vec<acc_t> diff = dw - dv;
+  if (all_lanes_set(near_lanes(diff))) {
+    lanes.add_near(ew, diff, ev);
+    return;
+  }
   ev = vexp(at::vec::clamp_min(dv, lowest));
   lanes.add_exps(dw, ew, dv, ev);
 }
