@@ -72,7 +72,9 @@ Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc_t>& ew, const Vec
 // relative to f where |diff| < 1/4 (garbage elsewhere).
 template <typename acc_t>
 Vec<acc_t> excess_series(const Vec<acc_t>& diff) {
-  const auto coef = [](int n) { return Vec<acc_t>(acc_t(n % 2 ? -excess_coef(n) : excess_coef(n))); };
+  const auto coef = [](int n) {
+    return Vec<acc_t>(acc_t(n % 2 ? -excess_coef(n) : excess_coef(n)));
+  };
   Vec<acc_t> p = coef(kExcessTerms<acc_t> - 1);
   for (int n = kExcessTerms<acc_t> - 2; n >= 0; --n) p = at::vec::fmadd(p, diff, coef(n));
   return diff * diff * p;

@@ -181,7 +181,9 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
       } else if constexpr (kKL == 2) {  // forward: w = q, v = p
         const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(bq + i) - vmq;
         const Vec<acc_t> q = vexp(at::vec::clamp_min(dq_raw - vlq, lowest));
-        if constexpr (kP) g = at::vec::fmadd(other_side_difference(q, p, dq_raw, dp_raw, vdl), vgp, g);
+        if constexpr (kP) {
+          g = at::vec::fmadd(other_side_difference(q, p, dq_raw, dp_raw, vdl), vgp, g);
+        }
         if constexpr (kQ) {
           const Vec<acc_t> term = q * ((dq_raw - dp_raw) - vshift) * vgq;
           gq = Vec<acc_t>::blendv(term, zero, q == zero);

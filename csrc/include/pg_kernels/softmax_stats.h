@@ -332,9 +332,10 @@ PGK_HD T expm1_excess(T x) {
 // f(delta + D) = e^D f(delta) + expm1(D) delta + f(D)); for |D| >= 1/4 as
 // e^{D_v} k - (e^{D_v} - e^{D_w}) u + (e^{D_v} - e^{D_w} (1 + D)) s1_w, the same without e^D
 // (which overflows where both maxes jump far). Term by term this holds for any term, also
-// those of w_j = 0 (k_j = e_v,j: the pass's terms are e_v - e_w - e_w delta). An empty side (m = -inf) has
-// nothing to rescale: its sums are 0, and an empty v side means every w-weighted term so far
-// went to `inf`, so u and k hold no term to shift (the KL is +inf or s1_w = 0).
+// those of w_j = 0 (k_j = e_v,j: the pass's terms are e_v - e_w - e_w delta). An empty side
+// (m = -inf) has nothing to rescale: its sums are 0, and an empty v side means every
+// w-weighted term so far went to `inf`, so u and k hold no term to shift (the KL is +inf or
+// s1_w = 0).
 template <typename T>
 PGK_HD PairState<T> rescale_pair(const PairState<T>& s, T m_w_new, T m_v_new) {
   const bool has_w = s.m_w != neg_inf<T>(), has_v = s.m_v != neg_inf<T>();
