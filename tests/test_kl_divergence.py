@@ -120,9 +120,10 @@ def test_near_equal_rows_fp32(bd, direction):
     c - log s1_w + log s1_v cancels O(1) terms; summed in fp32 each carried its sum's rounding
     (s1 = 1 + small rounds at 6e-8), and a KL of 1.6e-6 (row 0, found by the fuzzer: V = 3,
     tau 16.7) was off by 5.1e-9 where plain fp32 PyTorch happened to be off by 2.0e-9. The C++
-    kernel sums fp32 rows in double lanes: 1.3e-10 there. What is left is the fp32 exps' own
-    rounding: measured at most 1.0e-8 over these rows (plain PyTorch: up to 5.3e-7 at V = 5003,
-    its own sums in fp32; at V = 3 it can be luckier on a row, 2.0e-9 against 4.8e-9).
+    kernel sums fp32 rows in double lanes (1.3e-10 there); the fp32 exps' own rounding then left
+    up to 1.0e-8 over these rows, which its near-equal form k / s1_w - (r - log1p r) takes out
+    (test_near_equal_bf16_row): 2.9e-10 at most, 6.9e-11 on row 0 (plain PyTorch: up to 5.3e-7
+    at V = 5003, its own sums in fp32).
     """
     backend, device = bd
     x0 = torch.tensor([[10.529375076293945, 185.82240295410156, 104.75357818603516]])
@@ -147,6 +148,42 @@ def test_near_equal_rows_fp32(bd, direction):
 
 
 @pytest.mark.backends("cpu")
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_near_equal_bf16_row(bd, direction):
+    """The fuzzer's bf16 [1, 2] row pair at tau 16.7 (reference = logits + 3, rounded to bf16):
+    KL 9.49e-8. u / s1_w - log s1_w + log s1_v cancels two O(1) logs, so each fp32 exp's
+    rounding (~6e-8 relative) showed up absolutely: 6.5e-9 off, against 4.6e-10 allowed (plain
+    PyTorch 2.3e-10). The C++ pass keeps k = sum e_w f(delta_j), f(x) = e^x - 1 - x from its
+    series, and finishes as k / s1_w - (r - log1p r): 1.0e-11, the size of z = x / tau's own
+    fp32 rounding there."""
+    backend, device = bd
+    x = torch.tensor([[16.625, 3.953125]], dtype=torch.bfloat16, device=device)
+    xr = torch.tensor([[19.625, 6.96875]], dtype=torch.bfloat16, device=device)
+    kw = dict(direction=direction, temperature=torch.tensor([16.714989565055827], device=device))
+    got = _op(backend)(x, xr, **kw).double().cpu()
+    truth = reference.kl_divergence(x.double(), xr.double(), **kw).cpu()
+    assert float((got - truth).abs()) < 1e-10  # z = x / tau's own fp32 rounding: ~1e-11
+    _check(backend, x, xr, **kw)
+
+
+# fp32 rows of V = 2 and their reference (the logits + 3, + noise of 1e-3 or 0): x, reference
+# logits, temperature, direction (test_near_equal_rows_fp32_other_side_gradient; step_stats'
+# test of the same term).
+NEAR_EQUAL_V2_ROWS = (
+    ([10.206921577453613, 1.499557375907898], [13.208863258361816, 4.4982147216796875],
+     6.6694696436085, "reverse"),
+    ([2.4858953952789307, 1.1541692018508911], [5.48589563369751, 4.154169082641602],
+     0.8640160615257461, "reverse"),
+    ([14.842753410339355, 7.64012336730957], [17.844406127929688, 10.638812065124512],
+     0.78819768216398, "forward"),
+    ([-10.568194389343262, -7.338265895843506], [-7.568619251251221, -4.3375115394592285],
+     0.8186324972588436, "forward"),
+    ([2.2599658966064453, 2.250913619995117], [5.259232521057129, 5.250739574432373],
+     13.918428697665204, "forward"),
+)  # fmt: skip
+
+
+@pytest.mark.backends("cpu")
 def test_near_equal_rows_fp32_other_side_gradient(bd):
     """fp32 rows of V = 2 whose reference is the logits + 3 (+ noise of 1e-3 or 0): the other
     side's gradient g / tau (v_j - w_j) cancels two probabilities of ~0.5 to a difference of
@@ -159,19 +196,7 @@ def test_near_equal_rows_fp32_other_side_gradient(bd):
     log w_j) where the two are close, with log s1_v - log s1_w = KL - c from the forward.
     """
     backend, device = bd
-    rows = (  # x, reference logits, temperature, direction
-        ([10.206921577453613, 1.499557375907898], [13.208863258361816, 4.4982147216796875],
-         6.6694696436085, "reverse"),
-        ([2.4858953952789307, 1.1541692018508911], [5.48589563369751, 4.154169082641602],
-         0.8640160615257461, "reverse"),
-        ([14.842753410339355, 7.64012336730957], [17.844406127929688, 10.638812065124512],
-         0.78819768216398, "forward"),
-        ([-10.568194389343262, -7.338265895843506], [-7.568619251251221, -4.3375115394592285],
-         0.8186324972588436, "forward"),
-        ([2.2599658966064453, 2.250913619995117], [5.259232521057129, 5.250739574432373],
-         13.918428697665204, "forward"),
-    )  # fmt: skip
-    for x, xr, tau, direction in rows:
+    for x, xr, tau, direction in NEAR_EQUAL_V2_ROWS:
         t = torch.tensor([tau], dtype=torch.float64, device=device)
         x, xr = (torch.tensor([r], device=device) for r in (x, xr))
         _check(backend, x, xr, direction=direction, temperature=t)

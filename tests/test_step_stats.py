@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from test_kl_divergence import _kl_grad_floor
+from test_kl_divergence import NEAR_EQUAL_V2_ROWS, _kl_grad_floor
 
 import pg_kernels
 from pg_kernels import reference
@@ -482,3 +482,34 @@ def test_single_entry_rows_are_exact(bd, dtype):
             out.kl.sum().backward()
             for name, grad in (("logits", xa.grad), ("ref_logits", qa.grad)):
                 assert float(grad.abs().max()) <= 1e-12, (name, t, direction, grad)
+
+
+@pytest.mark.backends("cpu")
+@pytest.mark.parametrize("reverse_rows", [True, False], ids=["reverse", "forward"])
+def test_near_equal_teacher_rows_other_side_gradient(bd, reverse_rows):
+    """The KL's gradient w.r.t. its other side (the teacher's for reverse KL(p || q), the
+    logits' for forward KL(q || p)), g / tau (v_j - w_j), on kl_divergence's near-equal fp32
+    V = 2 rows, each label: it cancels two probabilities of ~0.5 to 1e-8..1e-5. From v_j and w_j
+    each rounded once the C++ bundle carried their roundings: the teacher's gradient (reverse)
+    1.1e-7 off against 8.2e-8 allowed (plain PyTorch 4.1e-8), the logits' (forward) 5.2e-8
+    against 3.6e-8 (plain 1.8e-8). It takes kl_divergence's w_j expm1(log v_j - log w_j) where
+    the two are close, with log s1_v - log s1_w = KL - c from the saved kl and shift (the
+    label's entry, in double, too): 4.7e-8 and 1.8e-9. Only the KL is in the loss, so the
+    tolerance is the KL term's own."""
+    backend, device = bd
+    for x, xq, tau, direction in NEAR_EQUAL_V2_ROWS:
+        if (direction == "reverse") != reverse_rows:
+            continue
+        kw = {"kl_direction": direction, "temperature": torch.tensor([tau], device=device)}
+        x, xq = (torch.tensor([r], device=device) for r in (x, xq))
+        kl_floor = _kl_grad_floor(x, xq, {"direction": direction, **kw})
+
+        def floor(i, ups, kl_floor=kl_floor):
+            return kl_floor(i, {"out": ups["kl"]})
+
+        for label in (0, 1):
+            y = torch.tensor([label], device=device)
+            check_against_reference(
+                _op(backend), _ref, (x, y, None, None, xq), kw, diff_fields=("kl",),
+                check_fields=("kl",), grad_args=(0, 4), grad_floor=floor,
+            )  # fmt: skip

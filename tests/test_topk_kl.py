@@ -99,6 +99,22 @@ def test_small_temperature_peaked_rows(bd):
     )
 
 
+def test_tied_maxima_at_large_z_fp64(bd):
+    """Two tied maxima at |z| ~ 4927 (tau 0.125), k = 1, q = p = 1/2 on the id (fuzzer, fp64
+    [1, 7]): KL 2.7e-34 (50-digit mpmath), which the kernels give as 0. The float64 truth
+    formed log p = z - L and read ulp(L) / 2 as 1.7e-13 (the rule then allowed 5e-14); it now
+    forms log p relative to the row max, as the kernels do. Plain PyTorch keeps z - L and its
+    1.7e-13."""
+    backend, device = bd
+    x = torch.tensor([[0.0, 0.0, 616.9736177414154, 616.9736177414154, -INF, -616.9736177414154,
+                       308.4868088707077]], dtype=torch.float64, device=device)  # fmt: skip
+    ids = torch.tensor([[3]], device=device)
+    lp = torch.tensor([[-0.6931471805599453]], dtype=torch.float64, device=device)
+    kw = {"temperature": torch.tensor([0.12523144392154753], dtype=torch.float64, device=device)}
+    assert float(reference.topk_kl(x, ids, lp, **kw).abs()) < 1e-30
+    check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), kw, diff_fields=("out",))
+
+
 def test_tail_holding_most_of_the_mass(bd):
     """Near-uniform rows, k = 2 of V = 321, q = p on the ids (one row per call: the rule's 2x
     plain PyTorch is per batch): log P_tail ~ -0.006 is a small difference of log s_tail and

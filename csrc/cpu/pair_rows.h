@@ -64,12 +64,63 @@ Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc_t>& ew, const Vec
   return dw - Vec<acc_t>::blendv(dv, dw, v_zero);
 }
 
+// f(delta) = e^delta - 1 - delta (softmax_stats.h, expm1_excess) of each lane, delta = -diff,
+// from its series: diff^2 P(-diff) with P(x) = sum_n x^n / (n + 2)! (excess_coef), accurate
+// relative to f where |diff| < 1/4 (garbage elsewhere).
+template <typename acc_t>
+Vec<acc_t> excess_series(const Vec<acc_t>& diff) {
+  const auto coef = [](int n) {
+    return Vec<acc_t>(acc_t(n % 2 ? -excess_coef(n) : excess_coef(n)));
+  };
+  Vec<acc_t> p = coef(kExcessTerms<acc_t> - 1);
+  for (int n = kExcessTerms<acc_t> - 2; n >= 0; --n) p = at::vec::fmadd(p, diff, coef(n));
+  return diff * diff * p;
+}
+
+template <typename acc_t>
+Vec<acc_t> near_lanes(const Vec<acc_t>& diff) {
+  return diff.abs() < Vec<acc_t>(acc_t(0.25));  // NaN / inf: not near
+}
+
+// The excess terms e_w,j f(delta_j) of one vector (softmax_stats.h, PairState::k), delta =
+// d_v - d_w = -diff (diff from pair_difference: 0 where v_j = 0, a term that went to inf).
+// Where |delta_j| < 1/4, e_w f from the series (accurate relative to the term, ~delta^2 / 2);
+// elsewhere e_v - e_w - e_w delta from the exps (the term is then >= 0.028 e_w, their roundings
+// a few ulps of it), which also gives e_v for w_j = 0. No exp.
+template <typename acc_t>
+Vec<acc_t> excess_terms(const Vec<acc_t>& ew, const Vec<acc_t>& ev, const Vec<acc_t>& diff) {
+  const Vec<acc_t> far = at::vec::fmadd(ew, diff, ev - ew);
+  return Vec<acc_t>::blendv(far, ew * excess_series(diff), near_lanes(diff));
+}
+
+template <typename acc_t>
+bool all_lanes_set(const Vec<acc_t>& mask) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  acc_t lanes[W];
+  mask.store(lanes);
+  for (int64_t i = 0; i < W; ++i) {
+    if (!(lanes[i] != acc_t(0))) return false;  // an all-ones lane reads as NaN, != 0
+  }
+  return true;
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline bool all_lanes_set(const Vec<float>& mask) {
+  return _mm256_movemask_ps(__m256(mask)) == 0xff;
+}
+template <>
+inline bool all_lanes_set(const Vec<double>& mask) {
+  return _mm256_movemask_pd(__m256d(mask)) == 0xf;
+}
+#endif
+
 // Per-lane sums of one chunk of a pair pass, in row_sum_t<acc_t> (the generic lanes below sum
 // in acc_t; AVX2 builds sum fp32 rows in double lanes, the specialization after it).
 template <typename acc_t>
 struct PairLanes {
   using sum_t = row_sum_t<acc_t>;
-  Vec<acc_t> s1w{acc_t(0)}, s1v{acc_t(0)}, u{acc_t(0)}, inf{acc_t(0)};
+  Vec<acc_t> s1w{acc_t(0)}, s1v{acc_t(0)}, u{acc_t(0)}, k{acc_t(0)}, inf{acc_t(0)};
 
   // The same from exps computed elsewhere (step_stats shares the logits' exp between its
   // sums): dw clamped where exp is already 0, dv not (a tiny v_j is a large, real log-ratio),
@@ -78,14 +129,27 @@ struct PairLanes {
                 const Vec<acc_t>& ev) {
     s1w = s1w + ew;
     s1v = s1v + ev;
-    u = at::vec::fmadd(ew, pair_difference(dw, ew, dv, inf), u);
+    const Vec<acc_t> diff = pair_difference(dw, ew, dv, inf);
+    u = at::vec::fmadd(ew, diff, u);
+    k = k + excess_terms(ew, ev, diff);
+  }
+
+  // The same where every lane is near (|diff| < 1/4, diff = d_w - d_v unclamped, so v_j > 0):
+  // e_v = e_w (1 + expm1(delta)) from the excess series instead of an exp (returned in ev).
+  void add_near(const Vec<acc_t>& ew, const Vec<acc_t>& diff, Vec<acc_t>& ev) {
+    const Vec<acc_t> f = excess_series(diff);
+    ev = at::vec::fmadd(ew, f - diff, ew);
+    s1w = s1w + ew;
+    s1v = s1v + ev;
+    u = at::vec::fmadd(ew, diff, u);
+    k = at::vec::fmadd(ew, f, k);
   }
 
   // The chunk's pair state from its two chains of lanes; mw, mv: the references of d_w, d_v.
   static PairState<sum_t> join(const PairLanes& lo, const PairLanes& hi, acc_t mw, acc_t mv) {
     return {sum_t(mw), sum_t(sum_lanes(lo.s1w + hi.s1w)), sum_t(mv),
             sum_t(sum_lanes(lo.s1v + hi.s1v)), sum_t(sum_lanes(lo.u + hi.u)),
-            any_lane_set(lo.inf | hi.inf)};
+            sum_t(sum_lanes(lo.k + hi.k)), any_lane_set(lo.inf | hi.inf)};
   }
 };
 
@@ -101,7 +165,7 @@ struct PairLanes<float> {
     __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
   };
   Wide s1w, s1v;
-  Vec<float> u{0.0f}, inf{0.0f};
+  Vec<float> u{0.0f}, k{0.0f}, inf{0.0f};
 
   static __m256d low_half(const Vec<float>& v) {
     return _mm256_cvtps_pd(_mm256_castps256_ps128(__m256(v)));
@@ -116,7 +180,20 @@ struct PairLanes<float> {
     s1w.hi = _mm256_add_pd(s1w.hi, high_half(ew));
     s1v.lo = _mm256_add_pd(s1v.lo, low_half(ev));
     s1v.hi = _mm256_add_pd(s1v.hi, high_half(ev));
-    u = at::vec::fmadd(ew, pair_difference(dw, ew, dv, inf), u);
+    const Vec<float> diff = pair_difference(dw, ew, dv, inf);
+    u = at::vec::fmadd(ew, diff, u);
+    k = k + excess_terms(ew, ev, diff);
+  }
+
+  void add_near(const Vec<float>& ew, const Vec<float>& diff, Vec<float>& ev) {
+    const Vec<float> f = excess_series(diff);
+    ev = at::vec::fmadd(ew, f - diff, ew);
+    s1w.lo = _mm256_add_pd(s1w.lo, low_half(ew));
+    s1w.hi = _mm256_add_pd(s1w.hi, high_half(ew));
+    s1v.lo = _mm256_add_pd(s1v.lo, low_half(ev));
+    s1v.hi = _mm256_add_pd(s1v.hi, high_half(ev));
+    u = at::vec::fmadd(ew, diff, u);
+    k = at::vec::fmadd(ew, f, k);
   }
 
   // Lanes 0-7 of a and then of b, in a fixed order (deterministic).
@@ -131,7 +208,8 @@ struct PairLanes<float> {
 
   static PairState<double> join(const PairLanes& lo, const PairLanes& hi, float mw, float mv) {
     return {double(mw), total(lo.s1w, hi.s1w), double(mv), total(lo.s1v, hi.s1v),
-            double(sum_lanes(lo.u + hi.u)), any_lane_set(lo.inf | hi.inf)};
+            double(sum_lanes(lo.u + hi.u)), double(sum_lanes(lo.k + hi.k)),
+            any_lane_set(lo.inf | hi.inf)};
   }
 };
 #endif
@@ -147,6 +225,13 @@ void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& zw, const Vec<acc_t>& z
   const Vec<acc_t> dw = at::vec::clamp_min(zw - mw, lowest);
   const Vec<acc_t> dv = zv - mv;  // not clamped: a tiny v_j is a large, real log-ratio
   ew = vexp(dw);
+  // Near-equal rows (mismatch_stats' rollout, a student near its teacher): every lane of most
+  // vectors is near, and e_v comes from the excess series that k needs anyway, not an exp.
+  const Vec<acc_t> diff = dw - dv;
+  if (all_lanes_set(near_lanes(diff))) {
+    lanes.add_near(ew, diff, ev);
+    return;
+  }
   ev = vexp(at::vec::clamp_min(dv, lowest));
   lanes.add_exps(dw, ew, dv, ev);
 }
@@ -186,7 +271,7 @@ PairState<row_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, acc_t mw
 template <typename acc_t>
 struct RowSum {
   PairState<acc_t> hi = empty_pair<acc_t>();
-  acc_t lo_s1w = 0, lo_s1v = 0, lo_u = 0;
+  acc_t lo_s1w = 0, lo_s1v = 0, lo_u = 0, lo_k = 0;
 
   static acc_t add(acc_t& sum, acc_t x) {  // sum += x, returns the rounding error
     const acc_t s = sum + x;
@@ -199,17 +284,20 @@ struct RowSum {
     const acc_t m_w = max_nan(hi.m_w, chunk.m_w), m_v = max_nan(hi.m_v, chunk.m_v);
     // The low parts rescale like the sums they belong to (rescale_pair, docs/math.md §1).
     const PairState<acc_t> lo =
-        rescale_pair(PairState<acc_t>{hi.m_w, lo_s1w, hi.m_v, lo_s1v, lo_u, false}, m_w, m_v);
+        rescale_pair(PairState<acc_t>{hi.m_w, lo_s1w, hi.m_v, lo_s1v, lo_u, lo_k, false}, m_w,
+                     m_v);
     const PairState<acc_t> a = rescale_pair(hi, m_w, m_v), b = rescale_pair(chunk, m_w, m_v);
     hi = a;
     hi.inf = hi.inf || chunk.inf;
     lo_s1w = lo.s1_w + add(hi.s1_w, b.s1_w);
     lo_s1v = lo.s1_v + add(hi.s1_v, b.s1_v);
     lo_u = lo.u + add(hi.u, b.u);
+    lo_k = lo.k + add(hi.k, b.k);
   }
 
   PairState<acc_t> total() const {
-    return {hi.m_w, hi.s1_w + lo_s1w, hi.m_v, hi.s1_v + lo_s1v, hi.u + lo_u, hi.inf};
+    return {hi.m_w, hi.s1_w + lo_s1w, hi.m_v, hi.s1_v + lo_s1v, hi.u + lo_u, hi.k + lo_k,
+            hi.inf};
   }
 };
 
@@ -242,14 +330,13 @@ PairState<row_sum_t<acc_t>> pair_row(const scalar_t* xw, acc_t tau_w, const scal
 }
 
 // The KL of a pair state is finalize_kl's, in kl_divergence, mismatch_stats' token_kl and
-// step_stats' kl and token_kl alike. The pass above
-// sums fp32 rows in double, but its exps are fp32 and each term keeps up to an ulp of its
-// rounding: the KL, u / s1_w - log s1_w + log s1_v with sums of weight 1, is right to ~2^-22
-// absolute at worst whatever its size, and far better in practice (V = 3, tau 16.7: 1.2e-10 on
-// a KL of 1.6e-6, where plain fp32 PyTorch was off by 2.0e-9; with fp32 sums 5.1e-9). Small
-// KLs are the common case (a rollout engine's mismatch is ~1e-4..1e-3 per token): recomputing
-// them in double, exps included, made those rows 2.4-3.3x slower for an accuracy already 10x
-// plain PyTorch's, so no row is recomputed.
+// step_stats' kl and token_kl alike. The pass above sums fp32 rows in double, but its exps are
+// fp32 and each term keeps up to an ulp of its rounding: u / s1_w - log s1_w + log s1_v with
+// sums of weight 1 is right to ~2^-22 absolute whatever the KL's size (bf16 V = 2, tau 16.7: a
+// KL of 9.5e-8 off by 6.5e-9, plain PyTorch 2.3e-10). Near-equal rows finish from the excess
+// k instead (excess_terms, softmax_stats.h's finalize_kl), whose terms are relative to
+// themselves: 1.0e-11 there. Recomputing small KLs in double, exps included, had made those
+// rows 2.4-3.3x slower; the series costs no exp.
 
 // 1/2 sum |w_j - v_j| from the exps a pair_row<kKeepExps> pass left in ew, ev:
 // w_j = ew_j a_k with a_k = e^{(m_w,k - m_w) - l_w}, m_w,k the max of the chunk k that holds j
@@ -311,15 +398,32 @@ SideState<acc_t> rounded(const SideState<sum_t>& s) {
   return {acc_t(s.m), acc_t(s.log_s1)};
 }
 
+// v_j - w_j, the KL's gradient w.r.t. the other side's z (docs/math.md §4), from the two
+// probabilities w_j = e^{d_w,j - l_w}, v_j = e^{d_v,j - l_v}, their d = z - m (unclamped) and
+// dl = l_v - l_w = KL - c from the forward. Of near-equal rows v_j - w_j cancels two
+// probabilities each rounded once (~3e-8 at 0.5, where the truth can be 1e-8): where
+// |log v_j - log w_j| < 1/4 it is w_j expm1(delta_j) instead, delta_j = (d_v,j - d_w,j) - dl (dl:
+// two small numbers when the rows are near-equal, not the difference of two rounded log s1).
+// delta NaN or infinite (a -inf logit, KL = +inf) keeps v_j - w_j. kl_divergence's and
+// step_stats' backwards both take it from here.
+template <typename acc_t>
+Vec<acc_t> other_side_difference(const Vec<acc_t>& w, const Vec<acc_t>& v, const Vec<acc_t>& dw,
+                                 const Vec<acc_t>& dv, const Vec<acc_t>& dl) {
+  const Vec<acc_t> delta = (dv - dw) - dl;  // log v_j - log w_j
+  const Vec<acc_t> close = delta.abs() < Vec<acc_t>(acc_t(0.25));
+  return Vec<acc_t>::blendv(v - w, w * delta.expm1(), close);
+}
+
+// The same for one entry (step_stats' label entry, in double): delta = log v - log w.
+inline double other_side_difference(double w, double v, double delta) {
+  return std::abs(delta) < 0.25 ? w * std::expm1(delta) : v - w;
+}
+
 // Gradients of KL(w || v) for one row, times the upstream gradient g (docs/math.md §4), from
 // d = z - m and l = log s1 of each side and c = E_w[d_w - d_v] (softmax_stats.h):
 //   grad_w,j = g / tau_w * w_j ((d_w,j - d_v,j) - c),  w_j = e^{d_w,j - l_w},  0 where w_j = 0
 //   grad_v,j = g / tau_v * (v_j - w_j),                 v_j = e^{d_v,j - l_v}
-// v_j - w_j of near-equal rows cancels two probabilities each rounded once (~3e-8 at 0.5, where
-// the truth can be 1e-8): where |log v_j - log w_j| < 1/4 it is w_j expm1(delta_j) instead,
-// delta_j = (d_v,j - d_w,j) - dl with dl = l_v - l_w = KL - c from the forward (two small
-// numbers when the rows are near-equal, not the difference of two rounded log s1). dl NaN or
-// infinite (KL = +inf) keeps v_j - w_j everywhere.
+// with v_j - w_j from other_side_difference (dl = KL - c).
 // kW / kV: which gradients to write; only grad_v needs v_j's exp.
 template <typename scalar_t, typename acc_t, bool kW, bool kV>
 void kl_backward_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv, acc_t tau_v,
@@ -328,7 +432,7 @@ void kl_backward_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv, acc_t 
                      scalar_t* grad_v) {
   constexpr int64_t W = Vec<acc_t>::size();
   const Vec<acc_t> vmw(sw.m), vlw(sw.log_s1), vmv(sv.m), vlv(sv.log_s1), vc(c), vgw(gw),
-      vgv(gv), zero(acc_t(0)), lowest(exp_zero_below<acc_t>()), vdl(dl), near(acc_t(0.25));
+      vgv(gv), zero(acc_t(0)), lowest(exp_zero_below<acc_t>()), vdl(dl);
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
     load_divided_chunk(xw + begin, n, tau_w, bw);
@@ -346,10 +450,7 @@ void kl_backward_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv, acc_t 
       if constexpr (kV) {
         // d/dz_v of -sum w log v = v_j sum w - w_j = v_j - w_j
         const Vec<acc_t> v = vexp(at::vec::clamp_min(dv - vlv, lowest));
-        const Vec<acc_t> delta = (dv - dw) - vdl;  // log v_j - log w_j; NaN / inf: not near
-        const Vec<acc_t> close = delta.abs() < near;
-        const Vec<acc_t> diff = Vec<acc_t>::blendv(v - w, w * delta.expm1(), close);
-        (diff * vgv).store(bv + i);
+        (other_side_difference(w, v, dw, dv, vdl) * vgv).store(bv + i);
       }
     }
     if constexpr (kW) store_row(bw, grad_w + begin, n);

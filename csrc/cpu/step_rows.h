@@ -141,11 +141,12 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   }
 }
 
-// The KL part of a backward row: the reference's (m, log s1), the shift c, and the upstream
+// The KL part of a backward row: the reference's (m, log s1), the shift c, dl = l_v - l_w =
+// KL - c (the other side's gradient, pair_rows.h's other_side_difference) and the upstream
 // gradient divided by each side's temperature.
 template <typename acc_t>
 struct KLBackward {
-  acc_t m, log_s1, c, g_p, g_q;
+  acc_t m, log_s1, c, dl, g_p, g_q;
 };
 
 // One backward row. kKL: 0 no KL term, 1 reverse, 2 forward. kP / kQ: write the logits' /
@@ -158,7 +159,8 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
   constexpr int64_t W = Vec<acc_t>::size();
   const Vec<acc_t> vm(row.m), vls(row.log_s1), va(row.a), vb(row.b), vc(row.c), zero(acc_t(0)),
       lowest(exp_zero_below<acc_t>());
-  const Vec<acc_t> vmq(kl.m), vlq(kl.log_s1), vshift(kl.c), vgp(kl.g_p), vgq(kl.g_q);
+  const Vec<acc_t> vmq(kl.m), vlq(kl.log_s1), vshift(kl.c), vdl(kl.dl), vgp(kl.g_p),
+      vgq(kl.g_q);
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
     load_quotient_chunk(xp + begin, n, tp.tau, tp.r, bp);
@@ -177,12 +179,14 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
         }
         if constexpr (kQ) {
           const Vec<acc_t> q = vexp(at::vec::clamp_min(dq_raw - vlq, lowest));
-          gq = (q - p) * vgq;
+          gq = other_side_difference(p, q, dp_raw, dq_raw, vdl) * vgq;  // q_j - p_j
         }
       } else if constexpr (kKL == 2) {  // forward: w = q, v = p
         const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(bq + i) - vmq;
         const Vec<acc_t> q = vexp(at::vec::clamp_min(dq_raw - vlq, lowest));
-        if constexpr (kP) g = at::vec::fmadd(p - q, vgp, g);
+        if constexpr (kP) {
+          g = at::vec::fmadd(other_side_difference(q, p, dq_raw, dp_raw, vdl), vgp, g);
+        }
         if constexpr (kQ) {
           const Vec<acc_t> term = q * ((dq_raw - dp_raw) - vshift) * vgq;
           gq = Vec<acc_t>::blendv(term, zero, q == zero);
@@ -207,7 +211,8 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
     } else if constexpr (kKL == 2) {
       const acc_t dq_c = acc_t(xq[label]) / tq - kl.m;
       const double q_c = std::exp(double(std::max(dq_c - kl.log_s1, exp_zero_below<acc_t>())));
-      value += double(kl.g_p) * (p_c - q_c);
+      const double delta = (double(dp_c) - double(dq_c)) - double(kl.dl);  // log p_c - log q_c
+      value += double(kl.g_p) * other_side_difference(q_c, p_c, delta);
     }
     grad[label] = scalar_t(value);
   }

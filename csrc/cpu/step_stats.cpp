@@ -21,7 +21,10 @@
 //   grad_j = [p_j (a + b log p_j + c p_j) + g_l 1[j = c] + g_kl K_j] / tau
 //   reverse KL(p || q):  K_j = p_j ((d_p,j - d_q,j) - E_p[d_p - d_q])   (0 where p_j = 0)
 //   forward KL(q || p):  K_j = p_j - q_j
-// with d = z - (that side's row max), and the reference's gradient that of kl_divergence.
+// with d = z - (that side's row max), and the reference's gradient that of kl_divergence. The
+// other side's p_j - q_j (forward) or q_j - p_j (reverse) is kl_divergence's too
+// (pair_rows.h, other_side_difference: w_j expm1(log v_j - log w_j) where the two are close,
+// with log s1_v - log s1_w = KL - c from the saved kl and shift).
 // Rows are independent, each computed by one thread in a fixed order: deterministic and
 // batch invariant.
 #include <ATen/Dispatch.h>
@@ -252,8 +255,9 @@ std::vector<at::Tensor> step_stats_backward(
             const scalar_t* xq_row = has_ref ? xq + ref_layout.offset(r) : nullptr;
             const acc_t tq = has_ref ? tau_q(r).tau : acc_t(1);
             const KLBackward<acc_t> klb =
-                kl_mode == 0 ? KLBackward<acc_t>{0, 0, 0, 0, 0}
-                             : KLBackward<acc_t>{st[0], st[1], st[2], up / tp.tau, up / tq};
+                kl_mode == 0
+                    ? KLBackward<acc_t>{0, 0, 0, 0, 0, 0}
+                    : KLBackward<acc_t>{st[0], st[1], st[2], s_kl[r] - st[2], up / tp.tau, up / tq};
             step_backward_row<scalar_t, acc_t>(kl_mode, do_p, do_q, xp, tp, xq_row, tq, V,
                                                    c, row, klb, bp, bq, gp, gq);
           }

@@ -271,6 +271,14 @@ PGK_HD PrunedRow<T> finalize_pruned(T m, T threshold, T s_in, T s_out, T z_label
 // so that KL(w || v) = sum w (log w - log v) = u / s1_w - log s1_w + log s1_v.
 // Keeping u relative to both maxes (instead of sum e^{d_w} (z_w - z_v)) makes the result
 // invariant to constant shifts of either side: no cancellation of m_w - m_v at the end.
+// Of near-equal rows that form cancels O(1) logs to a KL of O(delta^2) (delta_j = d_v,j - d_w,j,
+// the per-entry log-ratio up to a constant), and each exp's rounding (~1e-7 in fp32) shows up
+// absolutely. So the pass also keeps the excess
+//   k = sum_j e^{d_w,j} f(delta_j),  f(x) = e^x - 1 - x >= 0
+// (each term O(delta^2), accurate relative to itself: f from its Taylor series where
+// |delta_j| < 1/4), and with r = s1_v / s1_w - 1 = (k - u) / s1_w,
+//   KL = u / s1_w + log1p(r) = k / s1_w - (r - log1p(r)),
+// whose error scales with the KL where r is small (finalize_kl).
 // Reverse KL(p || q) is the pair (w = p, v = q); forward KL(q || p) the pair (w = q, v = p).
 //
 // A term with w_j = 0 is exactly 0, whatever v_j. A term with w_j > 0 and v_j = 0 (z_v = -inf)
@@ -283,19 +291,51 @@ struct PairState {
   T m_v;   // max of z_v
   T s1_v;  // sum exp(z_v - m_v)
   T u;     // sum exp(z_w - m_w) ((z_w - m_w) - (z_v - m_v)) over terms with z_v > -inf
+  T k;     // sum exp(z_w - m_w) f((z_v - m_v) - (z_w - m_w)), f(x) = e^x - 1 - x (0 where the
+           // term went to inf)
   bool inf;  // some term has w_j > 0 and v_j = 0
 };
 
 template <typename T>
 PGK_HD PairState<T> empty_pair() {
-  return {neg_inf<T>(), T(0), neg_inf<T>(), T(0), T(0), false};
+  return {neg_inf<T>(), T(0), neg_inf<T>(), T(0), T(0), T(0), false};
+}
+
+// f(x) = e^x - 1 - x = x^2 sum_n x^n / (n + 2)!: its Taylor coefficients 1 / (n + 2)!, and how
+// many of them a type needs for |x| < 1/4 (the first one left out is below half an ulp of f
+// there): fp32 6 (to x^5), fp64 12 (to x^11).
+PGK_HD constexpr double excess_coef(int n) {
+  constexpr double c[12] = {0.5, 1.6666666666666666e-01, 4.1666666666666664e-02,
+                            8.333333333333333e-03, 1.3888888888888889e-03, 1.984126984126984e-04,
+                            2.48015873015873e-05, 2.7557319223985893e-06, 2.755731922398589e-07,
+                            2.505210838544172e-08, 2.08767569878681e-09, 1.6059043836821613e-10};
+  return c[n];
+}
+
+template <typename T>
+constexpr int kExcessTerms = sizeof(T) == 8 ? 12 : 6;
+
+// f(x) = e^x - 1 - x accurate relative to itself: the series where |x| < 1/4, expm1(x) - x
+// elsewhere (which cancels at most ~8x there).
+template <typename T>
+PGK_HD T expm1_excess(T x) {
+  if (!(x < T(0.25) && x > T(-0.25))) return std::expm1(x) - x;
+  T p = T(excess_coef(kExcessTerms<T> - 1));
+  for (int n = kExcessTerms<T> - 2; n >= 0; --n) p = p * x + T(excess_coef(n));
+  return x * x * p;
 }
 
 // Rescale a pair state to new (not smaller) maxes. With D_w = m_w - m_w', D_v = m_v - m_v':
 //   s1_w <- e^{D_w} s1_w,  s1_v <- e^{D_v} s1_v,  u <- e^{D_w} (u + (D_w - D_v) s1_w)
-// since every term's d_w moves by D_w and its d_v by D_v. An empty side (m = -inf) has
-// nothing to rescale: its sums are 0, and an empty v side means every w-weighted term so far
-// went to `inf`, so u holds no term to shift.
+//   k <- e^{D_v} k - e^{D_w} (expm1(D) u - f(D) s1_w),  D = D_v - D_w
+// since every term's d_w moves by D_w and its d_v by D_v (delta_j by D, and
+// f(delta + D) = e^D f(delta) + expm1(D) delta + f(D)); for |D| >= 1/4 as
+// e^{D_v} k - (e^{D_v} - e^{D_w}) u + (e^{D_v} - e^{D_w} (1 + D)) s1_w, the same without e^D
+// (which overflows where both maxes jump far). Term by term this holds for any term, also
+// those of w_j = 0 (k_j = e_v,j: the pass's terms are e_v - e_w - e_w delta). An empty side
+// (m = -inf) has nothing to rescale: its sums are 0, and an empty v side means every
+// w-weighted term so far went to `inf`, so u and k hold no term to shift (the KL is +inf or
+// s1_w = 0).
 template <typename T>
 PGK_HD PairState<T> rescale_pair(const PairState<T>& s, T m_w_new, T m_v_new) {
   const bool has_w = s.m_w != neg_inf<T>(), has_v = s.m_v != neg_inf<T>();
@@ -303,7 +343,14 @@ PGK_HD PairState<T> rescale_pair(const PairState<T>& s, T m_w_new, T m_v_new) {
   const T dv = has_v ? s.m_v - m_v_new : T(0);
   const T a_w = has_w ? std::exp(dw) : T(0);
   const T a_v = has_v ? std::exp(dv) : T(0);
-  return {m_w_new, a_w * s.s1_w, m_v_new, a_v * s.s1_v, a_w * (s.u + (dw - dv) * s.s1_w),
+  const T d = dv - dw;
+  T k = a_v * s.k;
+  if (d != T(0)) {
+    k = (d < T(0.25) && d > T(-0.25))
+            ? k - a_w * (std::expm1(d) * s.u - expm1_excess(d) * s.s1_w)
+            : k - (a_v - a_w) * s.u + (a_v - a_w * (T(1) + d)) * s.s1_w;
+  }
+  return {m_w_new, a_w * s.s1_w, m_v_new, a_v * s.s1_v, a_w * (s.u + (dw - dv) * s.s1_w), k,
           s.inf};
 }
 
@@ -312,7 +359,8 @@ template <typename T>
 PGK_HD PairState<T> merge_pair(const PairState<T>& a, const PairState<T>& b) {
   const T m_w = max_nan(a.m_w, b.m_w), m_v = max_nan(a.m_v, b.m_v);
   const PairState<T> ra = rescale_pair(a, m_w, m_v), rb = rescale_pair(b, m_w, m_v);
-  return {m_w, ra.s1_w + rb.s1_w, m_v, ra.s1_v + rb.s1_v, ra.u + rb.u, a.inf || b.inf};
+  return {m_w, ra.s1_w + rb.s1_w, m_v, ra.s1_v + rb.s1_v, ra.u + rb.u, ra.k + rb.k,
+          a.inf || b.inf};
 }
 
 template <typename T>
@@ -322,11 +370,19 @@ PGK_HD bool side_is_valid(T m) {
 
 // KL(w || v) from a finished pair state: NaN if either side is invalid, +inf if some w_j > 0
 // has v_j = 0, else u / s1_w - log s1_w + log s1_v clamped at 0 (the exact value is >= 0;
-// rounding can leave -1e-8 when w = v).
+// rounding can leave -1e-8 when w = v). Where the normalizers are near-equal
+// (|r| < 1/2, r = s1_v / s1_w - 1 = (k - u) / s1_w) it is k / s1_w - (r - log1p(r)) instead:
+// no O(1) term cancels, and the exps' roundings enter relative to the KL (k) or damped by r
+// (u). Far from it k / s1_w and r would cancel (k ~ s1_v); the logs do not.
 template <typename T>
 PGK_HD T finalize_kl(const PairState<T>& s) {
   if (!side_is_valid(s.m_w) || !side_is_valid(s.m_v)) return quiet_nan<T>();
   if (s.inf) return -neg_inf<T>();
+  const T r = (s.k - s.u) / s.s1_w;
+  if (r < T(0.5) && r > T(-0.5)) {
+    const T kl = s.k / s.s1_w - (r - std::log1p(r));
+    return kl > T(0) ? kl : T(0);
+  }
   // The two logs first: when the normalizers agree they cancel exactly, and u / s1_w, which can
   // be far below either log, is added to their difference, not rounded to ulp(log s1) (a
   // double pass, fp64 or a refined fp32 row, with s1 = 1 + 1.1e-13 on both sides: u rounded to
