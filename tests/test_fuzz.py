@@ -33,6 +33,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_kl_divergence import _kl_grad_floor  # noqa: E402
+from test_step_stats import Flat as _StepFlat  # noqa: E402
 from test_step_stats import _op as _step_op  # noqa: E402
 from test_step_stats import _ref as _step_ref  # noqa: E402
 from test_topk_kl import make_topk  # noqa: E402
@@ -373,9 +374,10 @@ def test_mismatch_stats_without_rollout_logits(backend_device, data):
 @given(data=st.data())
 def test_step_stats(backend_device, data):
     """The bundle with a drawn subset of rollout log-probs, rollout logits and teacher logits,
-    each side at its own temperature: every field held to the rule (the sampled estimators
-    are the single op's, checked there), the gradients of logprob, entropy, collision, lse
-    and the KL to both logits tensors that require them."""
+    each side at its own temperature: every field held to the rule but the sampled estimators
+    (k3 in the bundle's flat view), which are held to their float64 formulas on the op's own
+    logprob as in `_mismatch`; the gradients of logprob, entropy, collision, lse and the KL to
+    both logits tensors that require them."""
     backend, _ = backend_device
     c = data.draw(logit_cases(backend))
     t = _temperature(data.draw, c["shape"])
@@ -401,8 +403,13 @@ def test_step_stats(backend_device, data):
         c, backend,
         _step_op(backend), _step_ref, (c["x"], c["y"], xr, lp, xq), kw, diff_fields=diff,
         grad_args=(0,) if xq is None else (0, 4), grad_floor=grad_floor,
-        forward_floor=_tv_floor(c),
+        check_fields=[f for f in _StepFlat._fields if f != "k3"], forward_floor=_tv_floor(c),
     )  # fmt: skip
+    if lp is not None:
+        est = {"tis_cap": 2.0, "icepop_low": 0.5, "icepop_high": 2.0}  # step_stats' defaults
+        out = pg_kernels.step_stats(c["x"], c["y"], rollout_logprobs=lp, rollout_logits=xr,
+                                    ref_logits=xq, backend=backend, **kw)  # fmt: skip
+        _check_estimators(out.mismatch, lp, c["y"], est)
 
 
 @pytest.mark.op("topk_kl")
