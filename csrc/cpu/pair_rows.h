@@ -115,20 +115,23 @@ inline bool all_lanes_set(const Vec<double>& mask) {
 }
 #endif
 
-// Per-lane sums of one chunk of a pair pass, in row_sum_t<acc_t> (the generic lanes below sum
-// in acc_t; AVX2 builds sum fp32 rows in double lanes, the specialization after it).
+// Per-lane sums of one chunk of a pair pass: s1_w, s1_v in WideLanes (double lanes for fp32
+// rows). u stays in acc_t lanes: its terms e_w (d_w - d_v) are small where the KL cancels
+// (near-equal rows), and summing it in double too cost ~10 % more of the fp32 forward
+// (kl_divergence at 1024x32000: 68-70 against 62-64 ms) for no measured gain. k, the excess
+// sum, stays in acc_t lanes too: its terms are O(e_w delta^2), small beside its total.
 template <typename acc_t>
 struct PairLanes {
-  using sum_t = row_sum_t<acc_t>;
-  Vec<acc_t> s1w{acc_t(0)}, s1v{acc_t(0)}, u{acc_t(0)}, k{acc_t(0)}, inf{acc_t(0)};
+  WideLanes<acc_t> s1w, s1v;
+  Vec<acc_t> u{acc_t(0)}, k{acc_t(0)}, inf{acc_t(0)};
 
   // The same from exps computed elsewhere (step_stats shares the logits' exp between its
   // sums): dw clamped where exp is already 0, dv not (a tiny v_j is a large, real log-ratio),
   // ew = e^{dw}, ev = e^{max(dv, lowest)}.
   void add_exps(const Vec<acc_t>& dw, const Vec<acc_t>& ew, const Vec<acc_t>& dv,
                 const Vec<acc_t>& ev) {
-    s1w = s1w + ew;
-    s1v = s1v + ev;
+    s1w.add(ew);
+    s1v.add(ev);
     const Vec<acc_t> diff = pair_difference(dw, ew, dv, inf);
     u = at::vec::fmadd(ew, diff, u);
     k = k + excess_terms(ew, ev, diff);
@@ -139,80 +142,25 @@ struct PairLanes {
   void add_near(const Vec<acc_t>& ew, const Vec<acc_t>& diff, Vec<acc_t>& ev) {
     const Vec<acc_t> f = excess_series(diff);
     ev = at::vec::fmadd(ew, f - diff, ew);
-    s1w = s1w + ew;
-    s1v = s1v + ev;
+    s1w.add(ew);
+    s1v.add(ev);
     u = at::vec::fmadd(ew, diff, u);
     k = at::vec::fmadd(ew, f, k);
   }
 
   // The chunk's pair state from its two chains of lanes; mw, mv: the references of d_w, d_v.
-  static PairState<sum_t> join(const PairLanes& lo, const PairLanes& hi, acc_t mw, acc_t mv) {
-    return {sum_t(mw), sum_t(sum_lanes(lo.s1w + hi.s1w)), sum_t(mv),
-            sum_t(sum_lanes(lo.s1v + hi.s1v)), sum_t(sum_lanes(lo.u + hi.u)),
-            sum_t(sum_lanes(lo.k + hi.k)), any_lane_set(lo.inf | hi.inf)};
-  }
-};
-
-#if defined(CPU_CAPABILITY_AVX2)
-// fp32 rows: each fp32 vector's sums in two __m256d (float lanes 0-3 and 4-7), as token_stats'
-// ExpLanes<float>. u stays in fp32 lanes: its terms e_w (d_w - d_v) are small where the KL
-// cancels (near-equal rows), and summing it in double too cost ~10 % more of the forward
-// (kl_divergence fp32 at 1024x32000: 68-70 against 62-64 ms) for no measured gain.
-template <>
-struct PairLanes<float> {
-  using sum_t = double;
-  struct Wide {
-    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-  };
-  Wide s1w, s1v;
-  Vec<float> u{0.0f}, k{0.0f}, inf{0.0f};
-
-  static __m256d low_half(const Vec<float>& v) {
-    return _mm256_cvtps_pd(_mm256_castps256_ps128(__m256(v)));
-  }
-  static __m256d high_half(const Vec<float>& v) {
-    return _mm256_cvtps_pd(_mm256_extractf128_ps(__m256(v), 1));
-  }
-
-  void add_exps(const Vec<float>& dw, const Vec<float>& ew, const Vec<float>& dv,
-                const Vec<float>& ev) {
-    s1w.lo = _mm256_add_pd(s1w.lo, low_half(ew));
-    s1w.hi = _mm256_add_pd(s1w.hi, high_half(ew));
-    s1v.lo = _mm256_add_pd(s1v.lo, low_half(ev));
-    s1v.hi = _mm256_add_pd(s1v.hi, high_half(ev));
-    const Vec<float> diff = pair_difference(dw, ew, dv, inf);
-    u = at::vec::fmadd(ew, diff, u);
-    k = k + excess_terms(ew, ev, diff);
-  }
-
-  void add_near(const Vec<float>& ew, const Vec<float>& diff, Vec<float>& ev) {
-    const Vec<float> f = excess_series(diff);
-    ev = at::vec::fmadd(ew, f - diff, ew);
-    s1w.lo = _mm256_add_pd(s1w.lo, low_half(ew));
-    s1w.hi = _mm256_add_pd(s1w.hi, high_half(ew));
-    s1v.lo = _mm256_add_pd(s1v.lo, low_half(ev));
-    s1v.hi = _mm256_add_pd(s1v.hi, high_half(ev));
-    u = at::vec::fmadd(ew, diff, u);
-    k = at::vec::fmadd(ew, f, k);
-  }
-
-  // Lanes 0-7 of a and then of b, in a fixed order (deterministic).
-  static double total(const Wide& a, const Wide& b) {
-    alignas(32) double l[8];
-    _mm256_store_pd(l, _mm256_add_pd(a.lo, b.lo));
-    _mm256_store_pd(l + 4, _mm256_add_pd(a.hi, b.hi));
-    double s = 0;
-    for (int i = 0; i < 8; ++i) s += l[i];
-    return s;
-  }
-
-  static PairState<double> join(const PairLanes& lo, const PairLanes& hi, float mw, float mv) {
-    return {double(mw), total(lo.s1w, hi.s1w), double(mv), total(lo.s1v, hi.s1v),
-            double(sum_lanes(lo.u + hi.u)), double(sum_lanes(lo.k + hi.k)),
+  static PairState<row_sum_t<acc_t>> join(const PairLanes& lo, const PairLanes& hi, acc_t mw,
+                                          acc_t mv) {
+    using sum_t = row_sum_t<acc_t>;
+    return {sum_t(mw),
+            (lo.s1w + hi.s1w).total(),
+            sum_t(mv),
+            (lo.s1v + hi.s1v).total(),
+            sum_t(sum_lanes(lo.u + hi.u)),
+            sum_t(sum_lanes(lo.k + hi.k)),
             any_lane_set(lo.inf | hi.inf)};
   }
 };
-#endif
 
 // One vector of a pair pass from scaled logits zw, zv and their chunk maxes mw, mv (0 in place
 // of -inf, see pair_chunk). Returns e_w, e_v through ew, ev (kept by mismatch_stats for its TV

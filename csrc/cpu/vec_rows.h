@@ -98,6 +98,67 @@ inline acc_t sum_lanes(const Vec<acc_t>& v) {
   return s;
 }
 
+// Per-lane sums of acc_t vectors, kept in row_sum_t<acc_t>: plain acc_t lanes, except fp32 rows
+// on AVX2, which sum each float vector in two __m256d (float lanes 0-3 and 4-7, each element
+// converted once). In fp32 the lane holding the max (e = 1) rounds each later term to
+// ulp(1) / 2; the sums whose rest beside that 1 matters are kept this way:
+//   - token_stats' s1: p at the argmax = 1 / s1 (max_prob, which the backward uses for log s1)
+//     had 3.0e-7 relative error on peaked rows where PyTorch's cascade sum has 1.8e-7;
+//   - its s2: the logit-gradient proxy (1 - p_c)^2 + (C - p_c^2) takes s2 - 1, the rest's sum of
+//     e^2; on peaked rows (lgp 5e-9 .. 3e-6) it was up to 3x off, now 8e-8 relative at tau = 1
+//     (plain fp32 PyTorch: 0.5 relative);
+//   - the pair passes' s1_w, s1_v: the KL of near-equal rows.
+template <typename acc_t>
+struct WideLanes {
+  Vec<acc_t> v{acc_t(0)};
+  void add(const Vec<acc_t>& e) { v = v + e; }
+  void add_square(const Vec<acc_t>& e) { v = at::vec::fmadd(e, e, v); }
+  void scale(row_sum_t<acc_t> a) { v = Vec<acc_t>(acc_t(a)) * v; }
+  WideLanes operator+(const WideLanes& o) const { return {v + o.v}; }
+  Vec<acc_t> lanes() const { return v; }  // rounded to acc_t
+  row_sum_t<acc_t> total() const { return sum_lanes(v); }
+};
+
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+struct WideLanes<float> {
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  static __m256d low_half(const Vec<float>& e) {
+    return _mm256_cvtps_pd(_mm256_castps256_ps128(__m256(e)));
+  }
+  static __m256d high_half(const Vec<float>& e) {
+    return _mm256_cvtps_pd(_mm256_extractf128_ps(__m256(e), 1));
+  }
+  void add(const Vec<float>& e) {
+    lo = _mm256_add_pd(lo, low_half(e));
+    hi = _mm256_add_pd(hi, high_half(e));
+  }
+  void add_square(const Vec<float>& e) {  // e^2 formed in double
+    const __m256d l = low_half(e), h = high_half(e);
+    lo = _mm256_fmadd_pd(l, l, lo);
+    hi = _mm256_fmadd_pd(h, h, hi);
+  }
+  void scale(double a) {
+    const __m256d va = _mm256_set1_pd(a);
+    lo = _mm256_mul_pd(va, lo);
+    hi = _mm256_mul_pd(va, hi);
+  }
+  WideLanes operator+(const WideLanes& o) const {
+    return {_mm256_add_pd(lo, o.lo), _mm256_add_pd(hi, o.hi)};
+  }
+  Vec<float> lanes() const { return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)); }
+  // Lanes 0-7 in a fixed order (deterministic).
+  double total() const {
+    alignas(32) double l[8];
+    _mm256_store_pd(l, lo);
+    _mm256_store_pd(l + 4, hi);
+    double s = 0;
+    for (int i = 0; i < 8; ++i) s += l[i];
+    return s;
+  }
+};
+#endif
+
 template <typename acc_t>
 inline bool is_finite(acc_t x) {
   return std::abs(x) < -neg_inf<acc_t>();
