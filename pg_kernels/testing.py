@@ -169,8 +169,9 @@ def check_against_reference(
     random on every differentiable field. `grad_floor(i, upstream)`, if given, is an elementwise
     error bound added to argument i's gradient tolerance (an op's own rounding analysis, from the
     upstream gradients keyed by field). `forward_floor[field]`, if given, is an absolute error
-    bound added to that output's tolerance (the op's own rounding analysis). Returns the max
-    errors, keyed by field / grad name.
+    bound added to that output's tolerance (the op's own rounding analysis): a float, or a
+    tensor that broadcasts to the output (per row). Returns the max errors, keyed by field /
+    grad name.
     """
 
     def run(fn, upcast):
@@ -194,7 +195,7 @@ def check_against_reference(
         expected = torch.float64 if dtype == torch.float64 else torch.float32
         assert k.dtype == expected, f"{name}: dtype {k.dtype}, expected {expected}"
         floor = (forward_floor or {}).get(name)
-        floor = None if floor is None else torch.tensor(floor, dtype=torch.float64)
+        floor = None if floor is None else torch.as_tensor(floor, dtype=torch.float64)
         errors[name] = assert_close_to_truth(name, k, t, p, FORWARD_TOL[dtype], floor)
     if not diff_fields:
         return errors

@@ -280,6 +280,7 @@ def test_kl_divergence(backend_device, data):
         c, backend,
         op, reference.kl_divergence, (c["x"], xr), kw, diff_fields=("out",), grad_args=(0, 1),
         grad_floor=_kl_grad_floor(c["x"], xr, kw),
+        forward_floor={"out": _z_rounding_floor(c, xr, kw["temperature"], kw["ref_temperature"])},
     )  # fmt: skip
 
 
@@ -298,6 +299,28 @@ def _tv_floor(c) -> dict[str, float]:
     roundings, eps (p_j + q_j) at most, 2 eps over the row, however small TV itself is."""
     eps = torch.finfo(torch.float64 if c["dtype"] == torch.float64 else torch.float32).eps
     return {"token_tv": 2 * eps}
+
+
+def _z_rounding_floor(c, x_other, t, t_other) -> torch.Tensor:
+    """Per row: the KL that rounding z = x / tau to fp32 gives two rows the float64 truth sees as
+    shifted copies (KL ~0). Each z_j moves by <= u |z_j| (u = 2^-24), so the log-ratio's
+    deviations |eta_j - E_w eta| reach 2 u zmax and KL ~ Var_w(eta) / 2 <= 2 u^2 zmax^2 =
+    (eps zmax)^2 / 2. Plain PyTorch rounds z alike, then loses that KL in its own fp32 rounding
+    of the two log-softmaxes on some rows: there its error is ~0 by luck. The kernels keep it:
+    e.g. [-5, -7, -9, -6, -8] and the same - 2 at tau = 1.5 give z whose exact KL is 1.06e-14
+    (the C++ kernel: 1.04e-14; the truth ~0; plain 0 on one draw, 1.5e-7 off on the next).
+    0 for fp64 logits (their own floor)."""
+    if c["dtype"] == torch.float64:
+        return torch.zeros(())
+
+    def zmax(x, tau):
+        tau = tau.unsqueeze(-1) if isinstance(tau, torch.Tensor) else tau
+        z = (x.double() / tau).abs()
+        return z.masked_fill(~torch.isfinite(z), 0.0).amax(-1)
+
+    t_other = t if t_other is None else t_other
+    top = torch.maximum(zmax(c["x"], t), zmax(x_other, t_other))
+    return 0.5 * (torch.finfo(torch.float32).eps * top) ** 2
 
 
 def _mismatch(backend_device, data, with_rollout_logits):
@@ -322,10 +345,11 @@ def _mismatch(backend_device, data, with_rollout_logits):
     # log_ratio = logprob - lp would get a tolerance scaled by |log_ratio| ~ 0 for an error that
     # is logprob's own, ~ulp(|logprob|).
     fields = ("logprob", "token_kl", "token_tv") if with_rollout_logits else ("logprob",)
+    z_floor = _z_rounding_floor(c, xr, t, rt)
     _check(
         c, backend,
         op, reference.mismatch_stats, (c["x"], c["y"], lp), kw, diff_fields=("logprob",),
-        check_fields=fields, forward_floor=_tv_floor(c),
+        check_fields=fields, forward_floor=_tv_floor(c) | {"token_kl": z_floor},
     )  # fmt: skip
     _check_estimators(op(c["x"], c["y"], lp, **kw), lp, c["y"], kw)
 
@@ -399,11 +423,17 @@ def test_step_stats(backend_device, data):
     def grad_floor(i, ups):
         return None if kl_floor is None else kl_floor(i, {"out": ups["kl"]})
 
+    floors = _tv_floor(c)  # the KL fields are empty where their input is absent
+    if xr is not None:
+        floors["token_kl"] = _z_rounding_floor(c, xr, t, rt)
+    if xq is not None:
+        floors["kl"] = _z_rounding_floor(c, xq, t, qt)
+
     _check(
         c, backend,
         _step_op(backend), _step_ref, (c["x"], c["y"], xr, lp, xq), kw, diff_fields=diff,
         grad_args=(0,) if xq is None else (0, 4), grad_floor=grad_floor,
-        check_fields=[f for f in _StepFlat._fields if f != "k3"], forward_floor=_tv_floor(c),
+        check_fields=[f for f in _StepFlat._fields if f != "k3"], forward_floor=floors,
     )  # fmt: skip
     if lp is not None:
         est = {"tis_cap": 2.0, "icepop_low": 0.5, "icepop_high": 2.0}  # step_stats' defaults

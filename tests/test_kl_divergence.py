@@ -72,7 +72,8 @@ def _kl_grad_floor(x, xr, kw):
 
         lp, lq = log_softmax(x, t), log_softmax(xr, t_ref)
         lw, lv = (lp, lq) if kw.get("direction", "reverse") == "reverse" else (lq, lp)
-        kl = (lw.exp() * (lw - lv)).nan_to_num().sum(-1, keepdim=True)
+        # |KL|: the float64 sum of equal rows can come out a hair below 0
+        kl = (lw.exp() * (lw - lv)).nan_to_num().sum(-1, keepdim=True).abs()
         size = ((lw - lv).abs() + kl).nan_to_num(posinf=0.0)
         g = ups["out"].to(x.device).abs().unsqueeze(-1)
         return (4 * 2.0**-23 * g * lw.exp() * size).nan_to_num()
