@@ -192,8 +192,8 @@ def test_head_gradient_of_a_peaked_row(bd):
     """fp32 [1, 127], k = 11, |z| ~ 3300 (a fuzzer find): the max's gradient entry Q p - q
     cancels two numbers near 1, and from fp32 exps it was 4.3490e-5 where the truth is
     4.3289e-5 (plain PyTorch the same; with the drawn upstream gradient plain PyTorch was
-    luckier by 2.06x). The Triton backward forms the ids' entries in fp64: 4.3289e-5. (The
-    C++ backward forms them in fp32 and fails here as Triton did.)"""
+    luckier by 2.06x). Both backwards form the ids' entries in fp64 / double: 4.3289e-5 (the
+    C++ one's fp32 entries were 3.1e-9 off, plain PyTorch 1.5e-9; now 0)."""
     backend, device = bd
     args, kw = _fuzz_row(563425873, 127, 11, torch.float32, 121.68676789654674,
                          0.08634184900768847, 4.0, device)  # fmt: skip
@@ -221,8 +221,9 @@ def test_fp16_subnormal_gradients(bd):
     thousand: each must be the float64 gradient rounded once, subnormals kept. From fp32
     coefficients (log s, q_tail, the tail factor) the Triton kernel was 1-2 subnormal ulps off
     on 33 of 9827 such entries and flushed one to 0 (the C++ kernel: 27 off, plain PyTorch
-    24); the fp64 finish and coefficients leave none. The first case's KL was also 1.7e-6 off
-    (plain PyTorch 6.8e-7)."""
+    24); the fp64 finish and coefficients leave none (C++, double: 3 of the first case's 56
+    entries off before, none now). The first case's KL was also 1.7e-6 off (plain PyTorch
+    6.8e-7)."""
     backend, device = bd
     for seed, scale, tau, noise, gap in ((1, 3.0, 0.3, 0.5, 12.0), (3, 4.0, 1.0, 0.1, 9.0)):
         x64 = make_logits(2, 300, torch.float64, scale=scale, seed=seed)
@@ -250,7 +251,7 @@ def test_q_tail_short_by_rounding_beside_a_far_tail(bd):
     log-probs, which sum short of 1 by 2e-8 in float64, and a tail e^-64 below. Triton's fp32
     sum of the q's reached 1 and dropped the tail bucket: KL -2.0e-8 where the truth is 9.0e-7
     (plain PyTorch 4.6e-7). q_tail comes from the float64 sum unless the tail is empty. (The
-    C++ kernel takes its fp32 q_tail, 6.0e-8, and gives 2.8e-6.)"""
+    C++ kernel's fp32 q_tail, 6.0e-8, gave 2.8e-6; from double q's 9.0e-7, 6e-15 off.)"""
     backend, device = bd
     x = torch.tensor(
         [[68.73112487792969] * 3 + [4.758563041687012, 3.10560941696167, 2.791536331176758,
