@@ -180,6 +180,26 @@ def test_q_tail_of_a_peaked_row_at_a_small_temperature(bd):
     )
 
 
+def test_q_tail_below_ulp_of_one_fp64(bd):
+    """fp64, q_tail = 6.4e-17 (60-digit mpmath) against log P_tail = -972.6 (the fuzzer's
+    class: fp64 [1, 1282] at tau 0.135, the same log-probs): 1 - sum q_v rounds at
+    ulp(1) / 2 even in float64 (exp(log q_max) alone rounds at 5.5e-17), times ~990. The
+    float64 truth gave q_tail = 0 and a KL 6.0e-14 off, the C++ kernel 1.1e-16 and 4.4e-14
+    off (the fuzzer's failure was their 1.0e-13 difference, allowed 5e-14); both now take
+    -expm1(log q_max) - the other q's: 7e-21 and 3e-20 off. Triton's 1 - sum q_v in fp64
+    keeps plain PyTorch's rounding, which the rule allows."""
+    backend, device = bd
+    x = torch.tensor([[0.0, -115.8, -113.3, -972.6]], dtype=torch.float64, device=device)
+    ids = torch.tensor([[2, 1, 0]], device=device)
+    lp = torch.tensor([[-15.332642365996401, -15.675443181180038, -3.750232849378334e-07]],
+                      dtype=torch.float64, device=device)  # fmt: skip
+    exact = 3.6700849795252624e-05  # 60-digit mpmath
+    assert abs(float(reference.topk_kl(x, ids, lp)) - exact) < 1e-18
+    check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), {}, diff_fields=("out",))
+    if backend == "cpu":  # Triton's fp64 1 - sum q_v: within the rule (plain PyTorch's rounding)
+        assert abs(float(_op(backend)(x, ids, lp)) - exact) < 1e-18
+
+
 def _fuzz_row(seed, v, k, dtype, scale, tau, noise, device):
     """One fuzzer-style row: logits ~ N(0, scale^2), q from them plus noise, a per-row tau."""
     x = make_logits(1, v, torch.float64, scale=scale, seed=seed)

@@ -76,11 +76,14 @@ acc_t buffer_max(const acc_t* buf, int64_t n_pad) {
 // q's masses in row_sum_t (double for fp32 rows): sum_K q_v and q_tail = 1 - sum_K q_v
 // (topk_q_tail). From fp32 q's, 1 - sum_K q_v is off by ~ulp(1) / 2 per term, and q_tail
 // multiplies log q_tail - log P_tail, ~150 on a peaked row at a small temperature (fp32
-// [2, 63], tau 0.072: a KL of 0.043 off by 1.05e-5, plain PyTorch 1.6e-6). Only against a
-// tail with no finite logit (`tail_empty`), where any q_tail > 0 makes the KL +inf, is the
-// bucket's existence decided by the sum in the log-probs' own type, as plain PyTorch decides
-// it (log-probs summing to 1 within their own rounding leave none). The sums run in sorted id
-// order, as every loop over the head.
+// [2, 63], tau 0.072: a KL of 0.043 off by 1.05e-5, plain PyTorch 1.6e-6). 1 - sum_K q_v is
+// taken as -expm1(log q_max) - the other q's: 1 - (a sum near 1) rounds at ulp(1) / 2 even in
+// double, and log q_tail - log P_tail reaches ~1e3 (fp64 [1, 1282] at tau 0.135: q_tail
+// 6.4e-17 against log P_tail = -973 read as 1.1e-16, a KL of 3.7e-5 off by 4.4e-14). Only
+// against a tail with no finite logit (`tail_empty`), where any q_tail > 0 makes the KL +inf,
+// is the bucket's existence decided by the sum in the log-probs' own type, as plain PyTorch
+// decides it (log-probs summing to 1 within their own rounding leave none). The sums run in
+// sorted id order, as every loop over the head.
 template <typename T>
 struct QMasses {
   T head, tail;
@@ -90,15 +93,22 @@ template <typename acc_t>
 QMasses<row_sum_t<acc_t>> q_masses(const acc_t* log_q, const IdSlot* ids, int64_t K,
                                    bool has_tail, bool tail_empty) {
   using fin_t = row_sum_t<acc_t>;
-  fin_t head = 0;
+  int64_t i_max = 0;  // the first largest log-prob (the first entry when one is NaN there)
+  for (int64_t k = 1; k < K; ++k) {
+    if (log_q[ids[k].second] > log_q[ids[i_max].second]) i_max = k;
+  }
+  const fin_t lq_max = log_q[ids[i_max].second];
+  fin_t head = 0, rest = -std::expm1(lq_max);
   acc_t head_acc = 0;
   for (int64_t k = 0; k < K; ++k) {
     const acc_t lq = log_q[ids[k].second];
-    head += std::exp(fin_t(lq));
+    const fin_t q = std::exp(fin_t(lq));
+    head += q;
     head_acc += std::exp(lq);
+    if (k != i_max) rest -= q;
   }
   if (tail_empty) has_tail = has_tail && acc_t(1) - head_acc > acc_t(0);
-  return {head, topk_q_tail(head, has_tail)};
+  return {head, topk_q_tail(rest, has_tail)};
 }
 
 template <typename acc_t>

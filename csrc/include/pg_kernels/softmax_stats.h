@@ -162,12 +162,12 @@ PGK_HD T kl_term(T q, T log_q, T log_p) {
   return q == T(0) ? T(0) : q * (log_q - log_p);
 }
 
-// q's tail mass from Q_K = sum_K q_v: 1 - Q_K clamped >= 0 (engines round log-probs, so Q_K
+// q's tail mass from rest = 1 - Q_K, Q_K = sum_K q_v (taken by the caller as accurately as it
+// can: -expm1(log q_max) - the other q's): rest clamped >= 0 (engines round log-probs, so Q_K
 // can exceed 1 slightly), and exactly 0 when the K ids cover the vocabulary (no tail bucket:
 // 1 - Q_K is then rounding noise that would meet P_tail = 0 and give +inf).
 template <typename T>
-PGK_HD T topk_q_tail(T q_head_sum, bool has_tail) {
-  const T rest = T(1) - q_head_sum;
+PGK_HD T topk_q_tail(T rest, bool has_tail) {
   return (has_tail && rest > T(0)) ? rest : T(0);
 }
 
