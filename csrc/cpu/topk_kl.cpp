@@ -83,7 +83,7 @@ acc_t buffer_max(const acc_t* buf, int64_t n_pad) {
 // against a tail with no finite logit (`tail_empty`), where any q_tail > 0 makes the KL +inf,
 // is the bucket's existence decided by the sum in the log-probs' own type, as plain PyTorch
 // decides it (log-probs summing to 1 within their own rounding leave none). The sums run in
-// sorted id order, as every loop over the head.
+// sorted id order, as every loop over the head; q[k] = q_v of the k-th sorted id.
 template <typename T>
 struct QMasses {
   T head, tail;
@@ -91,7 +91,7 @@ struct QMasses {
 
 template <typename acc_t>
 QMasses<row_sum_t<acc_t>> q_masses(const acc_t* log_q, const IdSlot* ids, int64_t K,
-                                   bool has_tail, bool tail_empty) {
+                                   bool has_tail, bool tail_empty, row_sum_t<acc_t>* q) {
   using fin_t = row_sum_t<acc_t>;
   int64_t i_max = 0;  // the first largest log-prob (the first entry when one is NaN there)
   for (int64_t k = 1; k < K; ++k) {
@@ -99,15 +99,16 @@ QMasses<row_sum_t<acc_t>> q_masses(const acc_t* log_q, const IdSlot* ids, int64_
   }
   const fin_t lq_max = log_q[ids[i_max].second];
   fin_t head = 0, rest = -std::expm1(lq_max);
-  acc_t head_acc = 0;
   for (int64_t k = 0; k < K; ++k) {
-    const acc_t lq = log_q[ids[k].second];
-    const fin_t q = std::exp(fin_t(lq));
-    head += q;
-    head_acc += std::exp(lq);
-    if (k != i_max) rest -= q;
+    q[k] = std::exp(fin_t(log_q[ids[k].second]));
+    head += q[k];
+    if (k != i_max) rest -= q[k];
   }
-  if (tail_empty) has_tail = has_tail && acc_t(1) - head_acc > acc_t(0);
+  if (tail_empty && has_tail) {
+    acc_t head_acc = 0;
+    for (int64_t k = 0; k < K; ++k) head_acc += std::exp(log_q[ids[k].second]);
+    has_tail = acc_t(1) - head_acc > acc_t(0);
+  }
   return {head, topk_q_tail(rest, has_tail)};
 }
 
@@ -123,7 +124,7 @@ struct TopkKLRow {
 template <typename scalar_t, typename acc_t>
 TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau,
                              const IdSlot* ids, int64_t K, const acc_t* log_q, acc_t* buf,
-                             acc_t* zh) {
+                             acc_t* zh, row_sum_t<acc_t>* q_head) {
   using fin_t = row_sum_t<acc_t>;
   constexpr int64_t W = Vec<acc_t>::size();
   // Two-level sums as in token_stats.cpp: two chains per lane inside a chunk, then chunk
@@ -182,12 +183,12 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> ta
   fin_t tail_sum = 0;
   for (int64_t i = 0; i < W; ++i) tail_sum += lanes[i];
   const TopkNormalizer<fin_t> norm = topk_normalizer<fin_t>(m_tail, tail_sum, m_head, head_rest);
-  const QMasses<fin_t> q = q_masses(log_q, ids, K, K < V, m_tail == neg_inf<acc_t>());
+  const QMasses<fin_t> q =
+      q_masses(log_q, ids, K, K < V, m_tail == neg_inf<acc_t>(), q_head);
   // Head terms in a fixed order (sorted by id); q_v from the given log-probs.
   fin_t kl = 0;
   for (int64_t k = 0; k < K; ++k) {
-    const fin_t lq = log_q[ids[k].second];
-    kl += kl_term(std::exp(lq), lq, (fin_t(zh[k]) - norm.m) - norm.log_s);
+    kl += kl_term(q_head[k], fin_t(log_q[ids[k].second]), (fin_t(zh[k]) - norm.m) - norm.log_s);
   }
   kl += kl_term(q.tail, std::log(q.tail), norm.logp_tail);
   return {acc_t(kl), acc_t(norm.m), acc_t(norm.log_s), acc_t(norm.logp_tail)};
@@ -196,12 +197,13 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> ta
 template <typename scalar_t, typename acc_t>
 void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, const IdSlot* ids,
                   int64_t K, const acc_t* log_q, acc_t m, acc_t log_s, acc_t logp_tail, acc_t g,
-                  acc_t* buf, acc_t* zh, scalar_t* grad) {
+                  acc_t* buf, acc_t* zh, row_sum_t<acc_t>* q_head, scalar_t* grad) {
   using fin_t = row_sum_t<acc_t>;
   constexpr int64_t W = Vec<acc_t>::size();
   // The row's coefficients in row_sum_t (double), as the forward's finish: q's masses (the
   // forward's), then the tail factor; the offset below is rounded once.
-  const QMasses<fin_t> q = q_masses(log_q, ids, K, K < V, logp_tail == neg_inf<acc_t>());
+  const QMasses<fin_t> q =
+      q_masses(log_q, ids, K, K < V, logp_tail == neg_inf<acc_t>(), q_head);
   const TopkKLGradCoef<fin_t> coef = topk_kl_grad_coef<fin_t>(q.head, q.tail, logp_tail);
   const acc_t g_tau = g / tau.tau;
   const fin_t g_tau_fin = fin_t(g) / fin_t(tau.tau);
@@ -226,8 +228,7 @@ void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, const Id
     for (; next < K && ids[next].first < begin + n; ++next) {
       const int64_t id = ids[next].first;
       const fin_t p = std::exp((fin_t(zh[next]) - fin_t(m)) - fin_t(log_s));
-      const fin_t q_j = std::exp(fin_t(log_q[ids[next].second]));
-      buf[id - begin] = acc_t((coef.head * p - q_j) * g_tau_fin);
+      buf[id - begin] = acc_t((coef.head * p - q_head[next]) * g_tau_fin);
     }
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       std::copy(buf, buf + n, grad + begin);
@@ -289,6 +290,7 @@ std::vector<at::Tensor> topk_kl_forward(const at::Tensor& logits, const at::Tens
       alignas(64) acc_t buf[kBufferSize<acc_t>];
       std::vector<IdSlot> ids;
       std::vector<acc_t> zh(K);
+      std::vector<row_sum_t<acc_t>> q_head(K);
       for (int64_t r = begin; r < end; ++r) {
         if (read_label && (*read_label)(r) == ignore_index) {
           o_kl[r] = o_m[r] = o_ls[r] = o_tail[r] = acc_t(0);
@@ -297,7 +299,7 @@ std::vector<at::Tensor> topk_kl_forward(const at::Tensor& logits, const at::Tens
         sorted_row_ids(read_ids, r, K, V, ids);
         const TopkKLRow<acc_t> row =
             forward_row(x + layout.offset(r), V, tau(r), ids.data(), K, log_q + r * K, buf,
-                        zh.data());
+                        zh.data(), q_head.data());
         o_kl[r] = row.kl;
         o_m[r] = row.m;
         o_ls[r] = row.log_s;
@@ -344,6 +346,7 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
       alignas(64) acc_t buf[kBufferSize<acc_t>];
       std::vector<IdSlot> ids;
       std::vector<acc_t> zh(K);
+      std::vector<row_sum_t<acc_t>> q_head(K);
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* grad_row = g + r * V;
         const bool ignored = read_label && (*read_label)(r) == ignore_index;
@@ -351,7 +354,7 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
         if (fill_skipped_row(grad_row, V, ignored, nan_row)) continue;
         sorted_row_ids(read_ids, r, K, V, ids);
         backward_row(x + layout.offset(r), V, tau(r), ids.data(), K, log_q + r * K, s_m[r],
-                     s_ls[r], s_tail[r], g_kl[r], buf, zh.data(), grad_row);
+                     s_ls[r], s_tail[r], g_kl[r], buf, zh.data(), q_head.data(), grad_row);
       }
     });
   });
