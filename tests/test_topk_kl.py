@@ -200,6 +200,21 @@ def test_q_tail_below_ulp_of_one_fp64(bd):
         assert abs(float(_op(backend)(x, ids, lp)) - exact) < 1e-18
 
 
+def test_empty_tail_and_fp64_log_probs_short_by_rounding(bd):
+    """fp64 log-probs whose exps sum to 1 in float64 but fall short of it by 5.6e-17 in the
+    -expm1 form, on ids that cover every finite logit (a fuzzer find against the truth's
+    -expm1 q_tail): against an empty tail only whether q_tail > 0 matters, and the truth,
+    the kernels and plain PyTorch all take 1 - sum q_v there: a finite KL, not +inf."""
+    backend, device = bd
+    x = torch.tensor([[-INF] * 11 + [6.0, 5.0]], dtype=torch.float64, device=device)
+    ids = torch.tensor([[11, 12]], device=device)
+    lp = torch.tensor([[-0.31326168751822286, -1.3132616875182228]], dtype=torch.float64,
+                      device=device)  # fmt: skip
+    kw = {"temperature": 16.715}
+    assert math.isfinite(float(reference.topk_kl(x, ids, lp, **kw)))
+    check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), kw, diff_fields=("out",))
+
+
 def _fuzz_row(seed, v, k, dtype, scale, tau, noise, device):
     """One fuzzer-style row: logits ~ N(0, scale^2), q from them plus noise, a per-row tau."""
     x = make_logits(1, v, torch.float64, scale=scale, seed=seed)

@@ -9,7 +9,8 @@
 // log P_tail needs no 1 - sum_K p_v (which cancels when the tail is tiny). The row's finish
 // (normalizer, q's masses, the KL terms) runs in double for fp32 rows (row_sum_t; per row, so
 // the loop's cost does not move): log s = log1p(rest), log P_tail = -log1p(head / tail) when
-// the tail holds most of p, q_tail = 1 - sum_K q_v from double q's, each output rounded once.
+// the tail holds most of p, q_tail = -expm1(log q_max) - the other q's (q_masses), each output
+// rounded once.
 // Reads V logits + K ids + K log-probs, writes 4 numbers per row (kl; the row max m and
 // log s = L - m; log P_tail).
 // Backward: one pass; recomputes p_j = exp((z_j - m) - log s) relative to the saved row max, as
