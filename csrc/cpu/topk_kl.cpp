@@ -105,10 +105,11 @@ QMasses<row_sum_t<acc_t>> q_masses(const acc_t* log_q, const IdSlot* ids, int64_
     head += q[k];
     if (k != i_max) rest -= q[k];
   }
-  if (tail_empty && has_tail) {
+  if (tail_empty && has_tail) {  // only q_tail > 0 matters here: 1 - sum, as the truth takes it
     acc_t head_acc = 0;
     for (int64_t k = 0; k < K; ++k) head_acc += std::exp(log_q[ids[k].second]);
     has_tail = acc_t(1) - head_acc > acc_t(0);
+    rest = fin_t(1) - head;
   }
   return {head, topk_q_tail(rest, has_tail)};
 }
