@@ -162,6 +162,59 @@ def test_peaked_row_at_large_logits(bd):
     check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), {}, diff_fields=("out",))
 
 
+def test_q_tail_of_a_peaked_row_at_a_small_temperature(bd):
+    """fp32 [1, 63], k = 6 at tau 0.07 (the fuzzer's class: fp32 [2, 63] at tau 0.072, a KL of
+    0.043 off by 1.05e-5, plain PyTorch 1.6e-6): p one-hot at |z| ~ 150, q's tail 1e-4 against
+    log P_tail ~ -150. The KL's tail term q_tail (log q_tail - log P_tail) multiplies q_tail's
+    error by ~150, and 1 - sum_K q_v from fp32 q's (q_max ~ 0.9997) carried 1-2 ulp(1) / 2:
+    the C++ KL was 1.05e-5 off (plain PyTorch 7.9e-7, allowed 2.3e-6). q_tail now comes from
+    double q's (Triton: fp64)."""
+    backend, device = bd
+    x = make_logits(1, 63, torch.float64, scale=1.0, seed=3)
+    near_one_hot(x, [0], gap=10.0)
+    ids, lp, _ = make_topk(x, 6, seed=3, noise=0.1)
+    t = torch.tensor([0.07], dtype=torch.float64, device=device)
+    args = (x.float().to(device), ids.to(device), lp.float().to(device))
+    check_against_reference(
+        _op(backend), reference.topk_kl, args, {"temperature": t}, diff_fields=("out",), seed=3
+    )
+
+
+def test_q_tail_below_ulp_of_one_fp64(bd):
+    """fp64, q_tail = 6.4e-17 (60-digit mpmath) against log P_tail = -972.6 (the fuzzer's
+    class: fp64 [1, 1282] at tau 0.135, the same log-probs): 1 - sum q_v rounds at
+    ulp(1) / 2 even in float64 (exp(log q_max) alone rounds at 5.5e-17), times ~990. The
+    float64 truth gave q_tail = 0 and a KL 6.0e-14 off, the C++ kernel 1.1e-16 and 4.4e-14
+    off (the fuzzer's failure was their 1.0e-13 difference, allowed 5e-14); both now take
+    -expm1(log q_max) - the other q's: 7e-21 and 3e-20 off. Triton's 1 - sum q_v in fp64
+    keeps plain PyTorch's rounding, which the rule allows."""
+    backend, device = bd
+    x = torch.tensor([[0.0, -115.8, -113.3, -972.6]], dtype=torch.float64, device=device)
+    ids = torch.tensor([[2, 1, 0]], device=device)
+    lp = torch.tensor([[-15.332642365996401, -15.675443181180038, -3.750232849378334e-07]],
+                      dtype=torch.float64, device=device)  # fmt: skip
+    exact = 3.6700849795252624e-05  # 60-digit mpmath
+    assert abs(float(reference.topk_kl(x, ids, lp)) - exact) < 1e-18
+    check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), {}, diff_fields=("out",))
+    if backend == "cpu":  # Triton's fp64 1 - sum q_v: within the rule (plain PyTorch's rounding)
+        assert abs(float(_op(backend)(x, ids, lp)) - exact) < 1e-18
+
+
+def test_empty_tail_and_fp64_log_probs_short_by_rounding(bd):
+    """fp64 log-probs whose exps sum to 1 in float64 but fall short of it by 5.6e-17 in the
+    -expm1 form, on ids that cover every finite logit (a fuzzer find against the truth's
+    -expm1 q_tail): against an empty tail only whether q_tail > 0 matters, and the truth,
+    the kernels and plain PyTorch all take 1 - sum q_v there: a finite KL, not +inf."""
+    backend, device = bd
+    x = torch.tensor([[-INF] * 11 + [6.0, 5.0]], dtype=torch.float64, device=device)
+    ids = torch.tensor([[11, 12]], device=device)
+    lp = torch.tensor([[-0.31326168751822286, -1.3132616875182228]], dtype=torch.float64,
+                      device=device)  # fmt: skip
+    kw = {"temperature": 16.715}
+    assert math.isfinite(float(reference.topk_kl(x, ids, lp, **kw)))
+    check_against_reference(_op(backend), reference.topk_kl, (x, ids, lp), kw, diff_fields=("out",))
+
+
 def _fuzz_row(seed, v, k, dtype, scale, tau, noise, device):
     """One fuzzer-style row: logits ~ N(0, scale^2), q from them plus noise, a per-row tau."""
     x = make_logits(1, v, torch.float64, scale=scale, seed=seed)
@@ -170,13 +223,12 @@ def _fuzz_row(seed, v, k, dtype, scale, tau, noise, device):
     return (x.to(dtype).to(device), ids.to(device), lp.float().to(device)), {"temperature": t}
 
 
-@pytest.mark.backends("triton")
 def test_head_gradient_of_a_peaked_row(bd):
     """fp32 [1, 127], k = 11, |z| ~ 3300 (a fuzzer find): the max's gradient entry Q p - q
     cancels two numbers near 1, and from fp32 exps it was 4.3490e-5 where the truth is
     4.3289e-5 (plain PyTorch the same; with the drawn upstream gradient plain PyTorch was
-    luckier by 2.06x). The Triton backward forms the ids' entries in fp64: 4.3289e-5. (The
-    C++ backward forms them in fp32 and fails here as Triton did.)"""
+    luckier by 2.06x). Both backwards form the ids' entries in fp64 / double: 4.3289e-5 (the
+    C++ one's fp32 entries were 3.1e-9 off, plain PyTorch 1.5e-9; now 0)."""
     backend, device = bd
     args, kw = _fuzz_row(563425873, 127, 11, torch.float32, 121.68676789654674,
                          0.08634184900768847, 4.0, device)  # fmt: skip
@@ -199,14 +251,14 @@ def test_q_tail_of_rounding_size_beside_a_far_tail(bd):
     )
 
 
-@pytest.mark.backends("triton")
 def test_fp16_subnormal_gradients(bd):
     """fp16 rows whose gradient entries fall below fp16's normal range (6.1e-5) by the
     thousand: each must be the float64 gradient rounded once, subnormals kept. From fp32
     coefficients (log s, q_tail, the tail factor) the Triton kernel was 1-2 subnormal ulps off
     on 33 of 9827 such entries and flushed one to 0 (the C++ kernel: 27 off, plain PyTorch
-    24); the fp64 finish and coefficients leave none. The first case's KL was also 1.7e-6 off
-    (plain PyTorch 6.8e-7)."""
+    24); the fp64 finish and coefficients leave none (C++, double: 3 of the first case's 56
+    entries off before, none now). The first case's KL was also 1.7e-6 off (plain PyTorch
+    6.8e-7)."""
     backend, device = bd
     for seed, scale, tau, noise, gap in ((1, 3.0, 0.3, 0.5, 12.0), (3, 4.0, 1.0, 0.1, 9.0)):
         x64 = make_logits(2, 300, torch.float64, scale=scale, seed=seed)
@@ -229,13 +281,12 @@ def test_fp16_subnormal_gradients(bd):
         assert torch.equal(got[sub], want[sub]), (got[sub] - want[sub]).abs().max()
 
 
-@pytest.mark.backends("triton")
 def test_q_tail_short_by_rounding_beside_a_far_tail(bd):
     """fp32 [1, 7], k = 3 (a fuzzer find): three tied maxima with q = 1/3 each as fp32
     log-probs, which sum short of 1 by 2e-8 in float64, and a tail e^-64 below. Triton's fp32
     sum of the q's reached 1 and dropped the tail bucket: KL -2.0e-8 where the truth is 9.0e-7
     (plain PyTorch 4.6e-7). q_tail comes from the float64 sum unless the tail is empty. (The
-    C++ kernel takes its fp32 q_tail, 6.0e-8, and gives 2.8e-6.)"""
+    C++ kernel's fp32 q_tail, 6.0e-8, gave 2.8e-6; from double q's 9.0e-7, 1.1e-14 off.)"""
     backend, device = bd
     x = torch.tensor(
         [[68.73112487792969] * 3 + [4.758563041687012, 3.10560941696167, 2.791536331176758,

@@ -5,17 +5,22 @@
 // finds duplicates), then per chunk (vec_rows.h): load + scale + max, overwrite the chunk's ids
 // with -inf in the L1 buffer, and sum exp(z - m_tail) over what is left: the tail, relative to
 // its own running max (rescaled when it rises). One exp per element. The K head logits are then
-// read directly (K scattered loads) and joined with the tail for the full normalizer L, so
-// log P_tail = m_tail + log s_tail - L needs no 1 - sum_K p_v (which cancels when the tail is
-// tiny). Reads V logits + K ids + K log-probs, writes 4 numbers per row (kl; the row max m and
+// taken from the chunk buffer and joined with the tail for the full normalizer L, so
+// log P_tail needs no 1 - sum_K p_v (which cancels when the tail is tiny). The row's finish
+// (normalizer, q's masses, the KL terms) runs in double for fp32 rows (row_sum_t; per row, so
+// the loop's cost does not move): log s = log1p(rest), log P_tail = -log1p(head / tail) when
+// the tail holds most of p, q_tail = -expm1(log q_max) - the other q's (q_masses), each output
+// rounded once.
+// Reads V logits + K ids + K log-probs, writes 4 numbers per row (kl; the row max m and
 // log s = L - m; log P_tail).
 // Backward: one pass; recomputes p_j = exp((z_j - m) - log s) relative to the saved row max, as
 // token_stats does (not exp(z_j - L): a saved L carries ulp(L) / 2, 4.9e-4 at |z| ~ 1e4 under a
 // small temperature, which becomes the relative error of every p_j; measured on a one-hot row
 // at tau 0.07: a gradient entry 2.2e-3 where the truth is 0 and plain PyTorch's error 2.7e-7),
 // from the saved m, log s, log P_tail and the K log-probs, writes the tail formula for every
-// element of a chunk, overwrites the chunk's ids with the head formula in the buffer, and
-// rounds to the logits' dtype once (reads V, writes V). z = x / tau is rounded once
+// element of a chunk, overwrites the chunk's ids with the head formula (formed in double) in
+// the buffer, and rounds to the logits' dtype (reads V, writes V). The tail factor comes from
+// double coefficients, its offset rounded once. z = x / tau is rounded once
 // (vec_rows.h's load_quotient_chunk), as PyTorch's and the reference's z, the same way in both
 // passes, so z_j - m is exactly 0 at the row's max. x (1 / tau) rounds twice: on a row with
 // |z| ~ 1e2..1e4 (per-row tau 0.05) that is up to 1.5 ulp(z) in every log p_v, 3.8x plain
@@ -69,6 +74,46 @@ acc_t buffer_max(const acc_t* buf, int64_t n_pad) {
   return m;
 }
 
+// q's masses in row_sum_t (double for fp32 rows): sum_K q_v and q_tail = 1 - sum_K q_v
+// (topk_q_tail). From fp32 q's, 1 - sum_K q_v is off by ~ulp(1) / 2 per term, and q_tail
+// multiplies log q_tail - log P_tail, ~150 on a peaked row at a small temperature (fp32
+// [2, 63], tau 0.072: a KL of 0.043 off by 1.05e-5, plain PyTorch 1.6e-6). 1 - sum_K q_v is
+// taken as -expm1(log q_max) - the other q's: 1 - (a sum near 1) rounds at ulp(1) / 2 even in
+// double, and log q_tail - log P_tail reaches ~1e3 (fp64 [1, 1282] at tau 0.135: q_tail
+// 6.4e-17 against log P_tail = -973 read as 1.1e-16, a KL of 3.7e-5 off by 4.4e-14). Only
+// against a tail with no finite logit (`tail_empty`), where any q_tail > 0 makes the KL +inf,
+// is the bucket's existence decided by the sum in the log-probs' own type, as plain PyTorch
+// decides it (log-probs summing to 1 within their own rounding leave none). The sums run in
+// sorted id order, as every loop over the head; q[k] = q_v of the k-th sorted id.
+template <typename T>
+struct QMasses {
+  T head, tail;
+};
+
+template <typename acc_t>
+QMasses<row_sum_t<acc_t>> q_masses(const acc_t* log_q, const IdSlot* ids, int64_t K,
+                                   bool has_tail, bool tail_empty, row_sum_t<acc_t>* q) {
+  using fin_t = row_sum_t<acc_t>;
+  int64_t i_max = 0;  // the first largest log-prob (the first entry when one is NaN there)
+  for (int64_t k = 1; k < K; ++k) {
+    if (log_q[ids[k].second] > log_q[ids[i_max].second]) i_max = k;
+  }
+  const fin_t lq_max = log_q[ids[i_max].second];
+  fin_t head = 0, rest = -std::expm1(lq_max);
+  for (int64_t k = 0; k < K; ++k) {
+    q[k] = std::exp(fin_t(log_q[ids[k].second]));
+    head += q[k];
+    if (k != i_max) rest -= q[k];
+  }
+  if (tail_empty && has_tail) {  // only q_tail > 0 matters here: 1 - sum, as the truth takes it
+    acc_t head_acc = 0;
+    for (int64_t k = 0; k < K; ++k) head_acc += std::exp(log_q[ids[k].second]);
+    has_tail = acc_t(1) - head_acc > acc_t(0);
+    rest = fin_t(1) - head;
+  }
+  return {head, topk_q_tail(rest, has_tail)};
+}
+
 template <typename acc_t>
 struct TopkKLRow {
   acc_t kl, m, log_s, logp_tail;  // L = m + log_s
@@ -81,7 +126,8 @@ struct TopkKLRow {
 template <typename scalar_t, typename acc_t>
 TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau,
                              const IdSlot* ids, int64_t K, const acc_t* log_q, acc_t* buf,
-                             acc_t* zh) {
+                             acc_t* zh, row_sum_t<acc_t>* q_head) {
+  using fin_t = row_sum_t<acc_t>;
   constexpr int64_t W = Vec<acc_t>::size();
   // Two-level sums as in token_stats.cpp: two chains per lane inside a chunk, then chunk
   // totals into the row's lanes.
@@ -120,40 +166,53 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> ta
     const acc_t nan = quiet_nan<acc_t>();
     return {nan, nan, nan, nan};
   }
-  // The head, in sorted id order, from the z the chunks held.
-  acc_t m_head = neg_inf<acc_t>();
-  for (int64_t k = 0; k < K; ++k) m_head = std::max(m_head, zh[k]);
-  acc_t s_head = 0;
+  // The finish, per row, in row_sum_t (double): the head's z are fp32 numbers (exact in
+  // double), so only exp, log1p and the sums round, each at ~1e-16.
+  const acc_t m_head = *std::max_element(zh, zh + K);
+  fin_t head_rest = 0;  // the head's sum relative to its max, without one entry at the max
   if (m_head != neg_inf<acc_t>()) {
-    for (int64_t k = 0; k < K; ++k) s_head += std::exp(zh[k] - m_head);
+    bool skipped = false;
+    for (int64_t k = 0; k < K; ++k) {
+      if (!skipped && zh[k] == m_head) {
+        skipped = true;
+        continue;
+      }
+      head_rest += std::exp(fin_t(zh[k]) - fin_t(m_head));
+    }
   }
-  const TopkNormalizer<acc_t> norm = topk_normalizer(m_tail, sum_lanes(s_tail), m_head, s_head);
+  acc_t lanes[W];
+  s_tail.store(lanes);
+  fin_t tail_sum = 0;
+  for (int64_t i = 0; i < W; ++i) tail_sum += lanes[i];
+  const TopkNormalizer<fin_t> norm = topk_normalizer<fin_t>(m_tail, tail_sum, m_head, head_rest);
+  const QMasses<fin_t> q =
+      q_masses(log_q, ids, K, K < V, m_tail == neg_inf<acc_t>(), q_head);
   // Head terms in a fixed order (sorted by id); q_v from the given log-probs.
-  acc_t kl = 0, q_head = 0;
+  fin_t kl = 0;
   for (int64_t k = 0; k < K; ++k) {
-    const acc_t lq = log_q[ids[k].second];
-    const acc_t q = std::exp(lq);
-    q_head += q;
-    kl += kl_term(q, lq, (zh[k] - norm.m) - norm.log_s);
+    kl += kl_term(q_head[k], fin_t(log_q[ids[k].second]), (fin_t(zh[k]) - norm.m) - norm.log_s);
   }
-  const acc_t q_tail = topk_q_tail(q_head, K < V);
-  kl += kl_term(q_tail, std::log(q_tail), norm.logp_tail);
-  return {kl, norm.m, norm.log_s, norm.logp_tail};
+  kl += kl_term(q.tail, std::log(q.tail), norm.logp_tail);
+  return {acc_t(kl), acc_t(norm.m), acc_t(norm.log_s), acc_t(norm.logp_tail)};
 }
 
 template <typename scalar_t, typename acc_t>
 void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, const IdSlot* ids,
                   int64_t K, const acc_t* log_q, acc_t m, acc_t log_s, acc_t logp_tail, acc_t g,
-                  acc_t* buf, acc_t* zh, scalar_t* grad) {
+                  acc_t* buf, acc_t* zh, row_sum_t<acc_t>* q_head, scalar_t* grad) {
+  using fin_t = row_sum_t<acc_t>;
   constexpr int64_t W = Vec<acc_t>::size();
-  acc_t q_head = 0;
-  for (int64_t k = 0; k < K; ++k) q_head += std::exp(log_q[ids[k].second]);
-  const acc_t q_tail = topk_q_tail(q_head, K < V);
-  const TopkKLGradCoef<acc_t> coef = topk_kl_grad_coef(q_head, q_tail, logp_tail);
+  // The row's coefficients in row_sum_t (double), as the forward's finish: q's masses (the
+  // forward's), then the tail factor; the offset below is rounded once.
+  const QMasses<fin_t> q =
+      q_masses(log_q, ids, K, K < V, logp_tail == neg_inf<acc_t>(), q_head);
+  const TopkKLGradCoef<fin_t> coef = topk_kl_grad_coef<fin_t>(q.head, q.tail, logp_tail);
   const acc_t g_tau = g / tau.tau;
+  const fin_t g_tau_fin = fin_t(g) / fin_t(tau.tau);
   // Off the ids: dKL/dz_j = sign exp((z_j - m) - (log s - tail_log)); an offset of +inf
   // gives 0.
-  const Vec<acc_t> v_m(m), v_off(log_s - coef.tail_log), v_scale(coef.tail_sign * g_tau);
+  const Vec<acc_t> v_m(m), v_off(acc_t(fin_t(log_s) - coef.tail_log)),
+      v_scale(acc_t(coef.tail_sign) * g_tau);
   int64_t next = 0;
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
@@ -163,11 +222,15 @@ void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, const Id
     for (int64_t i = 0; i < n; i += W) {
       (vexp((Vec<acc_t>::loadu(buf + i) - v_m) - v_off) * v_scale).store(buf + i);
     }
-    // On the ids: dKL/dz_j = Q p_j - q_j.
+    // On the ids: dKL/dz_j = Q p_j - q_j, in row_sum_t (K entries per row): on a peaked row
+    // Q p_j and q_j are both near 1, and from fp32 exps the difference carried ulp(1) / 2 of
+    // each (fp32 [1, 127] at |z| ~ 3300: the max's entry 4.3490e-5 where the truth is
+    // 4.3289e-5). p_j relative to the saved row max, from the z the chunk held (exact in
+    // double).
     for (; next < K && ids[next].first < begin + n; ++next) {
       const int64_t id = ids[next].first;
-      const acc_t p = std::exp((zh[next] - m) - log_s);
-      buf[id - begin] = (coef.head * p - std::exp(log_q[ids[next].second])) * g_tau;
+      const fin_t p = std::exp((fin_t(zh[next]) - fin_t(m)) - fin_t(log_s));
+      buf[id - begin] = acc_t((coef.head * p - q_head[next]) * g_tau_fin);
     }
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       std::copy(buf, buf + n, grad + begin);
@@ -229,6 +292,7 @@ std::vector<at::Tensor> topk_kl_forward(const at::Tensor& logits, const at::Tens
       alignas(64) acc_t buf[kBufferSize<acc_t>];
       std::vector<IdSlot> ids;
       std::vector<acc_t> zh(K);
+      std::vector<row_sum_t<acc_t>> q_head(K);
       for (int64_t r = begin; r < end; ++r) {
         if (read_label && (*read_label)(r) == ignore_index) {
           o_kl[r] = o_m[r] = o_ls[r] = o_tail[r] = acc_t(0);
@@ -237,7 +301,7 @@ std::vector<at::Tensor> topk_kl_forward(const at::Tensor& logits, const at::Tens
         sorted_row_ids(read_ids, r, K, V, ids);
         const TopkKLRow<acc_t> row =
             forward_row(x + layout.offset(r), V, tau(r), ids.data(), K, log_q + r * K, buf,
-                        zh.data());
+                        zh.data(), q_head.data());
         o_kl[r] = row.kl;
         o_m[r] = row.m;
         o_ls[r] = row.log_s;
@@ -284,6 +348,7 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
       alignas(64) acc_t buf[kBufferSize<acc_t>];
       std::vector<IdSlot> ids;
       std::vector<acc_t> zh(K);
+      std::vector<row_sum_t<acc_t>> q_head(K);
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* grad_row = g + r * V;
         const bool ignored = read_label && (*read_label)(r) == ignore_index;
@@ -291,7 +356,7 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
         if (fill_skipped_row(grad_row, V, ignored, nan_row)) continue;
         sorted_row_ids(read_ids, r, K, V, ids);
         backward_row(x + layout.offset(r), V, tau(r), ids.data(), K, log_q + r * K, s_m[r],
-                     s_ls[r], s_tail[r], g_kl[r], buf, zh.data(), grad_row);
+                     s_ls[r], s_tail[r], g_kl[r], buf, zh.data(), q_head.data(), grad_row);
       }
     });
   });

@@ -59,7 +59,8 @@ def topk_kl(
         ids = torch.where(keep.unsqueeze(-1), ids, spare)
     logp_k = base.gather(-1, ids) - lse
     logq_k = topk_logprobs.to(dtype)
-    head = _xlogy_ratio(logq_k.exp(), logq_k, logp_k).sum(-1)
+    q_k = logq_k.exp()
+    head = _xlogy_ratio(q_k, logq_k, logp_k).sum(-1)
     # p's tail mass from the entries off the k ids (no 1 - sum cancellation). A tail with no
     # finite logit (k = V, or only -inf left) has log mass -inf; the double `where` keeps
     # logsumexp's backward off that all -inf row (it would give 0 * nan).
@@ -74,7 +75,19 @@ def topk_kl(
         logp_tail = logp_tail - torch.where(tail_empty, z_i - z_i.detach(), 0.0)
     # k = V: there is no tail bucket, so q_tail = 0 exactly (1 - sum q_v is rounding noise that
     # would otherwise meet p_tail = 0 and give +inf).
-    q_tail = (1 - logq_k.exp().sum(-1)).clamp_min(0)
+    # The truth takes 1 - sum q_v as -expm1(log q_max) - the other q's: 1 - (a sum near 1)
+    # rounds at ulp(1) / 2 = 1.1e-16 even in float64, and log q_tail - log P_tail reaches ~1e3
+    # at a small temperature (fp64 [1, 1282] at tau 0.135: a q_tail of 6.4e-17 (60-digit
+    # mpmath) came out 0, and a KL of 3.7e-5 6.0e-14 off). Plain PyTorch takes 1 - sum q_v,
+    # and so does the truth against an empty tail, where only whether q_tail > 0 matters (the
+    # KL is +inf or not): float64 log-probs whose sum falls short of 1 by their rounding
+    # (5.6e-17) leave no tail bucket there, as in the kernels.
+    rest = 1 - q_k.sum(-1)
+    if upcast:
+        i = logq_k.argmax(-1, keepdim=True)
+        exact = -torch.expm1(logq_k.gather(-1, i)).squeeze(-1) - q_k.scatter(-1, i, 0.0).sum(-1)
+        rest = torch.where(tail_empty, rest, exact)
+    q_tail = rest.clamp_min(0)
     if ids.shape[-1] >= z.shape[-1]:
         q_tail = torch.zeros_like(q_tail)
     tail = _xlogy_ratio(q_tail, q_tail.log(), logp_tail)

@@ -162,12 +162,12 @@ PGK_HD T kl_term(T q, T log_q, T log_p) {
   return q == T(0) ? T(0) : q * (log_q - log_p);
 }
 
-// q's tail mass from Q_K = sum_K q_v: 1 - Q_K clamped >= 0 (engines round log-probs, so Q_K
+// q's tail mass from rest = 1 - Q_K, Q_K = sum_K q_v (taken by the caller as accurately as it
+// can: -expm1(log q_max) - the other q's): rest clamped >= 0 (engines round log-probs, so Q_K
 // can exceed 1 slightly), and exactly 0 when the K ids cover the vocabulary (no tail bucket:
 // 1 - Q_K is then rounding noise that would meet P_tail = 0 and give +inf).
 template <typename T>
-PGK_HD T topk_q_tail(T q_head_sum, bool has_tail) {
-  const T rest = T(1) - q_head_sum;
+PGK_HD T topk_q_tail(T rest, bool has_tail) {
   return (has_tail && rest > T(0)) ? rest : T(0);
 }
 
@@ -181,21 +181,36 @@ struct TopkNormalizer {
 };
 
 // The tail is summed separately, relative to its own max (s_tail = sum_{v not in K}
-// exp(z_v - m_tail)), so log P_tail = m_tail + log s_tail - L has no 1 - sum_K p_v
-// cancellation and no underflow however far the tail lies below the head. The head sum
-// s_head = sum_K exp(z_v - m_head) joins it for the full normalizer L.
+// exp(z_v - m_tail), which holds the tail max's own term 1), so log P_tail has no
+// 1 - sum_K p_v cancellation and no underflow however far the tail lies below the head. The
+// head enters as its max m_head and head_rest = sum_K exp(z_v - m_head) without one entry at
+// m_head (the head's sum is 1 + head_rest). log s = log1p(rest), rest = the row's sum
+// relative to its max without the max's own 1: log(1 + rest) rounds away a rest below ulp(1)
+// (a near one-hot row's log p at the max, hence its KL). Meant for T = double (the CPU kernel
+// finishes fp32 rows in double: in fp32, log s = log(tail + head) put ulp(log s) / 2 into
+// every log-prob).
 template <typename T>
-PGK_HD TopkNormalizer<T> topk_normalizer(T m_tail, T s_tail, T m_head, T s_head) {
-  const T m = m_tail > m_head ? m_tail : m_head;  // finite for a valid row
-  const T tail = m_tail == neg_inf<T>() ? T(0) : s_tail * std::exp(m_tail - m);
-  const T head = m_head == neg_inf<T>() ? T(0) : s_head * std::exp(m_head - m);
-  const T log_s = std::log(tail + head);
+PGK_HD TopkNormalizer<T> topk_normalizer(T m_tail, T s_tail, T m_head, T head_rest) {
+  const bool tail_empty = m_tail == neg_inf<T>(), head_empty = m_head == neg_inf<T>();
+  T m, head, tail, rest;
+  if (!head_empty && (tail_empty || m_head >= m_tail)) {  // the head holds the row max
+    m = m_head;
+    head = T(1) + head_rest;
+    tail = tail_empty ? T(0) : s_tail * std::exp(m_tail - m);
+    rest = head_rest + tail;
+  } else {  // the tail does (finite for a valid row)
+    m = m_tail;
+    head = head_empty ? T(0) : (T(1) + head_rest) * std::exp(m_head - m);
+    tail = s_tail;
+    rest = (s_tail - T(1)) + head;
+  }
+  const T log_s = std::log1p(rest);
   // A tail that holds most of the mass (log P_tail near 0) as -log1p(head / tail): the
   // difference of log s_tail and log s, two O(log V) numbers each rounded once, cancelled to
   // their roundings (fp32 [1, 321], k = 2, near-uniform rows: KL error 4.8e-7 where plain
   // PyTorch's was 2.3e-10). A far tail (head / tail > 1e30, log P_tail < -69) from the logs.
   T logp_tail = neg_inf<T>();
-  if (m_tail != neg_inf<T>()) {
+  if (!tail_empty) {
     logp_tail = head <= tail * T(1e30) ? -std::log1p(head / tail)
                                        : (m_tail - m) + std::log(s_tail) - log_s;
   }
