@@ -399,11 +399,14 @@ def nats_per_unit(x, DIVIDE: tl.constexpr):
 
 
 @triton.jit
-def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexpr):
+def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexpr, d):
     """One side of a chunk from its lanes: (max in z units, raw max, lane -> chunk exponent,
     2^exponent, the sum less its max entry's 1, e: the sums are relative to mz + e, e = 0
     without DIVIDE). EXACT: the lanes' exponents are (x - m) k (`_pair_lanes`), else
-    x k - r."""
+    x k - r. d: None, or a per-lane shift of the logits whose exponents the lanes summed,
+    (x + d) k - r (step_stats' sides framed on its logits' lanes, temperature 1; EXACT False):
+    the lane maxes m are of x, the exponents of x + d, so a lane moves to the chunk's
+    reference by r - (mc + d) k and its top entry is m + d."""
     mc = tl.max(m, 0)
     mz = div_acc(mc, tau) if DIVIDE else mc
     # The chunk's sums are relative to the raw max itself, mc / tau unrounded: its entry is
@@ -417,10 +420,15 @@ def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexp
         e = div_acc(-fma_acc(mz, tau, -mc), tau)
     else:
         e = mc * 0
+    xt = m  # each lane's max and the chunk's, as the lanes' exponents saw them
+    mt = mc
+    if d is not None:
+        xt = m + d
+        mt = mc + d
     if EXACT:
         c = (m - mc) * k  # the lanes' exponents are relative to their max itself
     else:
-        c = fma_acc(-mc, k, r)  # r - mc k in one rounding: the lane's r cancels exactly
+        c = fma_acc(-mt, k, r)  # r - mc k in one rounding: the lane's r cancels exactly
     # An empty lane (still at the floor) adds nothing; its r is ~1e38, rounded by ~1e31.
     f = tl.where(m == floor, 0.0, exp_base(c))
     # A lane holding the chunk max summed that entry as E = 2^rho (rho = m k - r, the rounding
@@ -432,7 +440,7 @@ def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexp
     if EXACT:
         e_top = exp_base((m - m) * k)  # 1 (0 * k), as the loop formed it
     else:
-        e_top = exp_base(fma_acc(m, k, -tl.where(top, r, m * k)))
+        e_top = exp_base(fma_acc(xt, k, -tl.where(top, r, xt * k)))
     ties = tl.maximum(tl.sum(top.to(s.dtype), 0) - 1.0, 0.0)
     rest = tl.sum(tl.where(top, (s - e_top) * f, f * s), 0) + ties
     return mz, mc, c, f, rest, e
@@ -504,8 +512,8 @@ def pair_chunk_kernel(
         )
     # One cross-lane merge per chunk: each lane moved to the chunk's max (merge_pair per lane).
     EXACT: tl.constexpr = (not DIVIDE) or EXCESS  # `_pair_lanes`' frame
-    m_w, mc_w, cw, fw, r_w, e_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE, EXACT)
-    m_v, mc_v, cv, fv, r_v, e_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE, EXACT)
+    m_w, mc_w, cw, fw, r_w, e_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE, EXACT, None)
+    m_v, mc_v, cv, fv, r_v, e_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE, EXACT, None)
     if DIVIDE:
         shift = cw - cv
     else:

@@ -25,7 +25,7 @@ Forward:
      `store_partial`), bitwise the one token_stats' chunk kernel stores, and each pair's chunk
      state in `_pair`'s layout and convention [PARTIAL, n_chunks, N] (`_chunk_side`: sums
      relative to the max logit's own z, that entry exactly 1, each side's s1 - 1 kept apart,
-     e = x_max / tau - m carried into the merges; `_framed_chunk_side` for a framed side).
+     e = x_max / tau - m carried into the merges; a framed side with its shift d).
   2. `_fwd_finish_kernel`: token_stats' merge (`merge_rows`, so the token fields are bitwise
      those of token_stats), each pair merged with `_pair.merge_row` and finished with
      `finalize_kl` in fp64, log s1 and c moved to `row_exponent`'s a / tau
@@ -349,34 +349,18 @@ def _move_excess(kx, u, s_w, f_w, f_v, shift):
 
 
 @triton.jit
-def _chunk_side(m, r, s, k, tau):
+def _chunk_side(m, r, s, k, tau, d, DIVIDE: tl.constexpr):
     """A pair side's chunk from its lanes, in `_pair`'s convention (`_pair._side_total`: sums
     relative to the max logit's own z, x_max / tau unrounded, that entry exactly 1, kept as
     s1 - 1): (m, the chunk's raw max, each lane's move g to the chunk's reference and
     f = e^g, the rest, e). m = x_max / tau rounded, -inf while empty, NaN when the rest is (a
-    NaN or +inf logit)."""
-    mz, mc, g, f, rest, e = pair_side_total(m, r, s, k, tau, float("-inf"), True, False)
+    NaN or +inf logit). d: the shift of a side framed on the logits' lanes
+    (`_framed_rescale`; temperature 1, no DIVIDE: z = x and e = 0), whose exponents are of
+    x + d against the logits' pair references r, else None: a row that differs from the
+    logits' by a constant has mc + d = the logits' mc and their g and rest bitwise."""
+    mz, mc, g, f, rest, e = pair_side_total(m, r, s, k, tau, float("-inf"), DIVIDE, False, d)
     mz = tl.where(rest != rest, float("nan"), tl.where(mc == float("-inf"), mc, mz))
     return mz, mc, g, f, rest, e
-
-
-@triton.jit
-def _framed_chunk_side(m, d, r, s, k):
-    """`_chunk_side` of a side framed on the logits' lanes (`_framed_rescale`; temperature 1, so
-    z = x and e = 0): `_pair._side_total`'s arithmetic on the lanes' logits shifted by d, the
-    lane frames R = r - d k moved to the chunk's max by g = r - (mc + d) k, the top entry's
-    own exp (the loop's x + d, bitwise) taken out and counted as exactly 1. A row that differs
-    from the logits' by a constant has mc + d = the logits' mc and their g and rest bitwise."""
-    mc = tl.max(m, axis=0)
-    xt = m + d  # the loop's x + d at the lane's max
-    g = fma_acc(-(mc + d), k, r)
-    f = tl.where(m == float("-inf"), 0.0, exp_base(g))
-    top = (m == mc) & (m != float("-inf"))
-    e_top = exp_base(fma_acc(xt, k, -tl.where(top, r, xt * k)))
-    ties = tl.maximum(tl.sum(top.to(s.dtype), 0) - 1.0, 0.0)
-    rest = tl.sum(tl.where(top, (s - e_top) * f, f * s), 0) + ties
-    mz = tl.where(rest != rest, float("nan"), mc)
-    return mz, mc, g, f, rest, mc * 0
 
 
 @triton.jit
@@ -536,12 +520,12 @@ def _fwd_chunk_kernel(
     store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
     # The pairs' chunk states in `_pair`'s convention (`_chunk_side`), u moved with them.
     if HAS_ROLL or HAS_REF:
-        m_p, _, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p)
+        m_p, _, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p, None, True)
     if HAS_ROLL:
         if DIV_R:
-            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r)
+            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r, None, True)
         else:
-            m_r, _, g_r, f_r, r_r, e_r = _framed_chunk_side(mr, rr, rp, sr, kp)
+            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rp, sr, kp, tau_r, rr, False)
         kx = kx_r
         if EXCESS:
             kx = _chunk_excess(kx_r, ur, mr, sr, f_r, f_p, g_r, g_p)
@@ -549,9 +533,9 @@ def _fwd_chunk_kernel(
         _store_pair(part_r_ptr, chunk, row, N, m_r, r_r, e_r, m_p, r_p, e_p, u, kx, EXCESS)
     if HAS_REF:
         if DIV_Q:
-            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q)
+            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q, None, True)
         else:
-            m_q, _, g_q, f_q, r_q, e_q = _framed_chunk_side(mq, rq, rp, sq, kp)
+            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rp, sq, kp, tau_q, rq, False)
         kx = kx_q
         if REVERSE:
             if EXCESS:
