@@ -167,6 +167,26 @@ def test_near_equal_bf16_row(bd, direction):
     _check(backend, x, xr, **kw)
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_near_equal_fp32_row_at_small_temperature(bd, direction):
+    """The fuzzer's fp32 [1, 9] row pair (reference = logits + 3, each rounded to fp32 from
+    float64) at a per-row tau of 0.072:
+    KL 4.6e-17. The Triton pass summed each side in fp32 lanes and took the KL as u / s1_w plus
+    a difference of two rounded normalizers: 6.0e-8 off where plain PyTorch's identical
+    rounding of the two rows cancels (2.7e-13). Its fp32 lanes now also sum the excess
+    k = sum e_w f(delta) (`_pair.excess_terms`) and finish as k / s1_w - (r - log1p r), as the
+    C++ pass does: 5e-18."""
+    backend, device = bd
+    x64 = make_logits(1, 9, torch.float64, scale=1.0, seed=0)
+    x, xr = x64.float().to(device), (x64 + 3.0).float().to(device)
+    kw = dict(direction=direction, temperature=torch.tensor([0.07208323812945885], device=device))
+    got = _op(backend)(x, xr, **kw).double().cpu()
+    truth = reference.kl_divergence(x.double(), xr.double(), **kw).cpu()
+    assert 1e-17 < float(truth) < 1e-16  # the case this test is about
+    assert float((got - truth).abs()) < 1e-15
+    _check(backend, x, xr, **kw)
+
+
 # fp32 rows of V = 2 and their reference (the logits + 3, + noise of 1e-3 or 0): x, reference
 # logits, temperature, direction (test_near_equal_rows_fp32_other_side_gradient; step_stats'
 # test of the same term).

@@ -224,6 +224,32 @@ def test_near_equal_rows_fp32_token_kl(bd):
         )  # fmt: skip
 
 
+def test_near_equal_fp32_row_token_kl(bd):
+    """token_kl of an fp32 [1, 9] row whose rollout logits are the logits - 2 (each rounded to
+    fp32 from float64; kl_divergence's fuzzer row), at tau 0.072 and 0.7: KLs of 6.1e-18 and
+    5.7e-15. The Triton pair pass took the KL as u / s1_q plus a difference of two rounded
+    fp32 normalizers: 6.0e-8 and 1.1e-7 off (allowed 1.1e-12 and 1.1e-7; plain PyTorch 5.4e-13
+    and 5.7e-8). Its fp32 lanes now sum the excess too (`_pair.excess_terms`): 2.4e-17 and
+    1.1e-15."""
+    backend, device = bd
+    x64 = make_logits(1, 9, torch.float64, scale=1.0, seed=0)
+    x, xr = x64.float(), (x64 - 2.0).float()
+    y = torch.tensor([3])
+    for tau in (torch.tensor([0.07208323812945885], dtype=torch.float64), 0.7):
+        lp = reference.token_stats(xr, y, temperature=tau).logprob.float()
+        t = tau.to(device) if isinstance(tau, torch.Tensor) else tau
+        kw = dict(rollout_logits=xr.to(device), temperature=t)
+        got = _op(backend)(x.to(device), y.to(device), lp.to(device), **kw).token_kl.cpu()
+        truth = reference.mismatch_stats(
+            x.double(), y, lp.double(), temperature=tau, rollout_logits=xr.double()
+        ).token_kl
+        assert float((got.double() - truth).abs()) < 1e-13  # C++: 2.0e-14
+        check_against_reference(
+            _op(backend), reference.mismatch_stats, (x.to(device), y.to(device), lp.to(device)),
+            kw, diff_fields=("logprob",), check_fields=("logprob", "token_kl"),
+        )  # fmt: skip
+
+
 @pytest.mark.backends("triton")
 def test_many_chunks_per_row(bd, small_triton_blocks):
     """Rows cut into many chunk programs (Triton; small blocks): the merges of the pair pass and

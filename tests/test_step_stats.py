@@ -484,6 +484,25 @@ def test_single_entry_rows_are_exact(bd, dtype):
                 assert float(grad.abs().max()) <= 1e-12, (name, t, direction, grad)
 
 
+def test_near_equal_teacher_rows_kl(bd):
+    """The KL to a near-equal fp32 teacher (kl_divergence's reverse V = 2 rows: reference =
+    logits + 3, + noise of 1e-3 or 0), with its gradients, one row per call. The Triton
+    bundle's fp32 lanes took it as u / s1_w plus a difference of two rounded normalizers:
+    3.0e-8 off where 2.0e-8 is allowed (a KL of 2.0e-8, plain PyTorch 9.8e-9) and 1.4e-8 where
+    3.7e-9 is (a KL of 1.2e-14). Its pair sides now sum the excess too (`_pair.excess_terms`):
+    1.1e-12 and 3.1e-15."""
+    backend, device = bd
+    for x, xq, tau, direction in NEAR_EQUAL_V2_ROWS[:2]:
+        kw = {"kl_direction": direction, "temperature": torch.tensor([tau], device=device)}
+        x, xq = (torch.tensor([r], device=device) for r in (x, xq))
+        kl_floor = _kl_grad_floor(x, xq, {"direction": direction, **kw})
+        check_against_reference(
+            _op(backend), _ref, (x, torch.tensor([0], device=device), None, None, xq), kw,
+            diff_fields=("kl",), check_fields=("kl",), grad_args=(0, 4),
+            grad_floor=lambda i, ups, f=kl_floor: f(i, {"out": ups["kl"]}),
+        )  # fmt: skip
+
+
 @pytest.mark.backends("cpu")
 @pytest.mark.parametrize("reverse_rows", [True, False], ids=["reverse", "forward"])
 def test_near_equal_teacher_rows_other_side_gradient(bd, reverse_rows):

@@ -27,8 +27,15 @@ raw logit it rebuilds from the saved max (`row_exponent`, `reference_shift`: a s
 a = x_max, as usual), so that the backward's d_w - d_v and the forward's c cancel exactly at a
 shared max (relative to the rounded max instead, they were ulp(z) / 2 apart: a gradient of
 -2.0e-3 where the truth is 0, two one-hot rows at tau 0.07).
+Near-equal rows: u / s1_w + log s1_v - log s1_w cancels O(1) terms to a KL of O(delta^2), and
+fp32 lanes left each normalizer's rounding in it, a few ulp(1) absolute (an fp32 [1, 9] row at
+tau 0.072: 6.0e-8 where the truth is 4.6e-17 and plain PyTorch, which rounds both rows alike,
+2.7e-13). The lanes of fp32 logits (`has_excess`) also sum the excess k = sum e^{d_w} f(delta),
+f(x) = e^x - 1 - x, delta = d_v - d_w (`excess_terms`: a series where |delta| < 1/4), moved
+with the maxes by `rescale_excess` (lanes, chunk, `merge_pair`), and the finish takes
+k / s1_w - (r - log1p r), r = (k - u) / s1_w (docs/math.md §4, as the C++ pass): 5e-18 there.
 A term with v_j = 0 (x_v = -inf) under x_w > -inf makes u infinite or NaN: the chunk's `inf`
-flag (its u is stored as 0). A side holding a NaN or +inf has a NaN sum, hence a NaN max; the
+flag (its u and k are stored as 0). A side holding a NaN or +inf has a NaN sum, hence a NaN max; the
 two sides stay independent, so a broken rollout row leaves the logits' normalizer intact.
 
 The chunk's state goes to `partials` [PARTIAL, n_chunks, N] (chunk-major: the merge reads
@@ -44,11 +51,15 @@ merge per step: 8 block reductions, 24 BAR + 54 SHFL per step) -> after (no BAR,
     bf16  43.8 -> 19.2 at tau = 1,  74.8 -> 17.4 with a temperature;  74 / 64 registers
     fp16  42.8 -> 18.5,             73.8 -> 16.4;                      64 registers
     fp32  59.6 -> 17.8,             90.5 -> 15.8 (budget 40 per fp32 pair); 48 registers
+    fp32 with the excess k: 35.1 at tau = 1, 35.9 with a temperature ((x - m) k there too);
+          48-80 registers
 Full blocks are loaded unmasked (block i + 1 before block i is reduced; the last step reloads
 its own block rather than masking, whose fill values cost an instruction per element).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -68,11 +79,12 @@ from pg_kernels.triton._common import (
 
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Fields of a chunk's partial state: m_w, s1_w - 1, m_v, s1_v - 1, u, inf (0 or 1), e_w, e_v.
+# Fields of a chunk's partial state: m_w, s1_w - 1, m_v, s1_v - 1, u, inf (0 or 1), e_w, e_v,
+# and the excess k (`excess_terms`; 0 where the logits are not fp32, `has_excess`).
 # Each side's sum is kept as r = s1 - 1, the sum without its max entry (exactly 1): a peaked
 # row's s1 = 1 + 2.6e-6 rounded to fp32 lost ulp(1) = 1.2e-7 of a log s1 ~ 2.6e-6 (a KL of
 # 4.1e-5 off by 1.6e-7, plain PyTorch 3.9e-8); r keeps its own 24 bits (log1p in the finish).
-PARTIAL = 8
+PARTIAL = 9
 # Rows per program of the finish kernels: they move ~32 bytes per (row, chunk).
 FINISH_BLOCK_R = 128
 
@@ -103,14 +115,14 @@ def _rescale_factor(m_old, e_old, m_new, e_new):
 
 
 @triton.jit
-def merge_pair(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, bm_w, br_w, bm_v, br_v, bu, binf, be_w,
-               be_v):  # fmt: skip
+def merge_pair(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, bm_w, br_w, bm_v, br_v, bu, binf, be_w,
+               be_v, bk, EXCESS: tl.constexpr):  # fmt: skip
     """merge_pair of softmax_stats.h, elementwise: both states rescaled to the joint maxes.
 
         u <- e^{D_w} (u + (D_w - D_v) s1_w)   per state, D = m_state - m_joint
     A NaN max (a broken side) makes that side's sums and u NaN, never the other side's sums.
     e_w, e_v: each side's sums are relative to m + e (`_side_total`); e goes with its max.
-    r_w, r_v: each side's s1 - 1 (`PARTIAL`).
+    r_w, r_v: each side's s1 - 1 (`PARTIAL`). EXCESS: k too (`rescale_excess`).
     """
     new_w = max_nan(m_w, bm_w)
     new_v = max_nan(m_v, bm_v)
@@ -120,9 +132,16 @@ def merge_pair(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, bm_w, br_w, bm_v, br_v, bu,
     dv_a, av = _rescale_factor(m_v, e_v, new_v, ne_v)
     dw_b, bw = _rescale_factor(bm_w, be_w, new_w, ne_w)
     dv_b, bv = _rescale_factor(bm_v, be_v, new_v, ne_v)
+    if EXCESS:
+        # An empty w side (m = -inf) sums to 0, whatever its r (the chunk kernel stores 0).
+        s_a = tl.where(m_w == float("-inf"), 0.0, 1.0 + r_w)
+        s_b = tl.where(bm_w == float("-inf"), 0.0, 1.0 + br_w)
+        k = rescale_excess(k, u, s_a, aw, av, dv_a - dw_a) + rescale_excess(
+            bk, bu, s_b, bw, bv, dv_b - dw_b
+        )
     u = aw * (u + (dw_a - dv_a) * (1.0 + r_w)) + bw * (bu + (dw_b - dv_b) * (1.0 + br_w))
     return (new_w, _merge_rest(aw, r_w, bw, br_w), new_v, _merge_rest(av, r_v, bv, br_v), u,
-            tl.maximum(inf, binf), ne_w, ne_v)  # fmt: skip
+            tl.maximum(inf, binf), ne_w, ne_v, k)  # fmt: skip
 
 
 @triton.jit
@@ -142,6 +161,81 @@ def fma_acc(a, b, c):
         return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
     else:
         return tl.fma(a, b, c)
+
+
+# f(x) = e^x - 1 - x = x^2 sum_n x^n / (n + 2)!: the coefficients 1 / (n + 2)! (softmax_stats.h
+# excess_coef), 6 of them for fp32 (the first left out is below half an ulp of f where
+# |x| < 1/4), 12 for fp64; and that bound, below which f comes from the series (above it from
+# the exps, whose difference then cancels ~30x at most).
+EXCESS_COEF = tl.constexpr(tuple(1.0 / math.factorial(n + 2) for n in range(12)))
+NEAR = tl.constexpr(0.25)
+
+
+@triton.jit
+def excess_series(y):
+    """f(y) = e^y - 1 - y from its Taylor series (softmax_stats.h `expm1_excess`), accurate
+    relative to f where |y| < 1/4 (garbage elsewhere)."""
+    if y.dtype == tl.float64:
+        p = y * 0 + EXCESS_COEF[11]
+        for n in tl.static_range(10, -1, -1):
+            p = p * y + EXCESS_COEF[n]
+    else:
+        p = y * 0 + EXCESS_COEF[5]
+        for n in tl.static_range(4, -1, -1):
+            p = p * y + EXCESS_COEF[n]
+    return y * y * p
+
+
+# f(-u x) = x^2 sum_n c_n (-u)^n u^2 x^n: the series of f at delta = -u x for the fp32 lanes'
+# terms, the unit u folded into the coefficients, for x = d_w - d_v in nats (u = 1) or log2
+# units (u = ln 2). 5 terms: the first left out is <= 3.9e-7 of f at |delta| = 1/4, a tenth of
+# the far side's cancellation there (e_v - e_w (1 + delta): ~70 fp32 ulps of f), and the loop
+# of step_stats' forward, with two pairs per element, has no room for a sixth (60.0 of 60
+# SASS instructions per fp32 element triple with it).
+EXCESS_NATS = tl.constexpr(tuple(c * (-1.0) ** n for n, c in enumerate(EXCESS_COEF.value[:5])))
+EXCESS_LOG2 = tl.constexpr(
+    tuple(c * (-LN2.value) ** n * LN2.value**2 for n, c in enumerate(EXCESS_COEF.value[:5]))
+)
+
+
+@triton.jit
+def excess_terms(ew, ev, diff, LOG2: tl.constexpr):
+    """The excess terms e_w f(delta) of a pair in fp32 lanes (docs/math.md §4; pair_rows.h
+    `excess_terms`), delta = -diff u, diff = d_w - d_v in log2 units (LOG2, u = ln 2) or nats:
+    from the series where |delta| < 1/4 (relative to the term, ~e_w delta^2 / 2); elsewhere
+    e_v - e_w (1 + delta) from the exps (the term is then >= 0.028 e_w, their roundings a few
+    ulps of it), which also gives e_v where e_w = 0 (diff floored, finite) and +inf where
+    e_v = 0 < e_w (a KL = +inf row, flagged with u)."""
+    tl.static_assert(ew.dtype == tl.float32)
+    if LOG2:
+        far = tl.fma(-ew, tl.fma(diff, -LN2, 1.0), ev)
+        p = diff * 0 + EXCESS_LOG2[4]
+        for n in tl.static_range(3, -1, -1):
+            p = p * diff + EXCESS_LOG2[n]
+        near = tl.abs(diff) < NEAR / LN2
+    else:
+        far = tl.fma(-ew, 1.0 - diff, ev)
+        p = diff * 0 + EXCESS_NATS[4]
+        for n in tl.static_range(3, -1, -1):
+            p = p * diff + EXCESS_NATS[n]
+        near = tl.abs(diff) < NEAR
+    return tl.where(near, (ew * diff) * (diff * p), far)
+
+
+@triton.jit
+def rescale_excess(k, u, s_w, a_w, a_v, dd):
+    """k of a pair whose w side's sums move by a_w = e^{D_w} and v side's by a_v = e^{D_v}, every
+    delta by dd = D_v - D_w (nats), u (nats) and s_w taken before the move (softmax_stats.h
+    `rescale_pair`): f(delta + D) = e^D f(delta) + expm1(D) delta + f(D), so
+        k <- a_v k - a_w expm1(dd) u + a_w f(dd) s_w
+    with f(dd) from the series where |dd| < 1/4 (an exact move where dd = 0, as at a settled
+    lane max), else from a_v - a_w (1 + dd) (a_w = e^{-dd} a_v, also where a_w underflows).
+    An empty w side must come with s_w = u = 0."""
+    near = tl.abs(dd) < NEAR
+    fd = a_w * excess_series(tl.where(near, dd, 0.0))
+    b = tl.where(near, fd, (a_v - a_w) - a_w * dd)  # a_w f(dd)
+    a = tl.where(near, fd + a_w * dd, a_v - a_w)  # a_w expm1(dd)
+    return a_v * k - a * u + b * s_w
 
 
 @triton.jit
@@ -217,8 +311,17 @@ def row_exponent(m, log_s1, tau, DIVIDE: tl.constexpr, XDT: tl.constexpr):
     return a, k, b
 
 
+@triton.constexpr_function
+def has_excess(XDT):
+    """Whether the pair states of logits of dtype XDT carry the excess k (`excess_terms`): fp32
+    only. It costs ~N SASS instructions per pair where the 16-bit pair loops sit at 17.4-19.2 of
+    their budget of 20; fp64 lanes cancel at ~1e-16 (the rule's fp64 floor)."""
+    return XDT == tl.float32
+
+
 @triton.jit
-def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE: tl.constexpr):
+def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, k, DIVIDE: tl.constexpr,
+                EXCESS: tl.constexpr):  # fmt: skip
     """One block of [LANES, FOLD] logits of each side (raw, in the accumulation dtype, -inf where
     masked) into the per-lane state; FOLD neighbours of one 16-byte vector share a lane, so
     every reduction here stays inside a thread.
@@ -232,12 +335,14 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE: tl.constexpr)
     rounded relative to itself, i.e. to z - m, not z). A term with x_w finite and x_v = -inf
     (w_j > 0 = v_j) makes u +inf or NaN: the chunk's `inf` flag. Rescaling a lane to a higher
     max is branchless: 2^{delta}, delta = 0 once the lane's max has settled.
+    EXCESS: k = sum e_w f(delta) too (`excess_terms`, delta = -(d_w - d_v) in nats), moved with
+    the lane's maxes by `rescale_excess`.
     """
     mw_new = tl.maximum(mw, tl.max(xw, 1))
     mv_new = tl.maximum(mv, tl.max(xv, 1))
     rw_new = mw_new * kw
     rv_new = mv_new * kv
-    if DIVIDE:
+    if DIVIDE and not EXCESS:
         dw = rw - rw_new
         dv = rv - rv_new
         ew = exp_base(fma_acc(xw, kw, -rw_new[:, None]))
@@ -249,31 +354,59 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE: tl.constexpr)
         # At temperature 1 the exponents are (x - m) k, relative to the lane max itself: exact
         # differences of 16-bit logits, so two rows that differ by a constant get the same
         # exps bitwise and a KL of exactly 0 (one fma x k - fl(m k) rounded each row
-        # differently: 3.9e-8 where plain PyTorch has 0).
+        # differently: 3.9e-8 where plain PyTorch has 0). With EXCESS under a temperature too
+        # (`_side_total`'s EXACT): in the frame x k - fl(m k) every delta of a lane is off by
+        # the two references' roundings, which k's moves take out only to ~ulp of f of them
+        # (rows shifted by a constant: KLs of 1e-21..4e-16 where the truth is exactly 0).
         dxw = xw - mw_new[:, None]
         dxv = xv - mv_new[:, None]
         dw = (mw - mw_new) * kw
         dv = (mv - mv_new) * kv
-        ew = exp_base(dxw * kw)
-        ev = exp_base(dxv * kv)
-        diff = dxw - dxv
-        shift = (mw - mw_new) - (mv - mv_new)
+        tw = dxw * kw
+        tv = dxv * kv
+        ew = exp_base(tw)
+        ev = exp_base(tv)
+        if DIVIDE:
+            diff = tw - tv
+            shift = dw - dv
+        else:
+            diff = dxw - dxv
+            shift = (mw - mw_new) - (mv - mv_new)
     aw = exp_base(dw)
     av = exp_base(dv)
     # x_w = -inf: diff = -inf (or NaN with x_v = -inf too) meets e_w = 0; the floor makes the
     # term 0.
     diff = floor_log_ratio(diff)
+    if EXCESS:
+        # u's units (log2 with DIVIDE in fp32, else nats) -> nats; delta = -diff.
+        unit = nats_per_unit(xw, DIVIDE)
+        k = rescale_excess(k, u * unit, sw, aw, av, shift * -unit)
+        k += tl.sum(excess_terms(ew, ev, diff, DIVIDE), 1)
     u = aw * (u + shift * sw) + tl.sum(ew * diff, 1)
     sw = aw * sw + tl.sum(ew, 1)
     sv = av * sv + tl.sum(ev, 1)
-    return mw_new, mv_new, rw_new, rv_new, sw, sv, u
+    return mw_new, mv_new, rw_new, rv_new, sw, sv, u, k
 
 
 @triton.jit
-def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr):
+def nats_per_unit(x, DIVIDE: tl.constexpr):
+    """Nats per unit of the pair lanes' exponents and u: ln 2 with DIVIDE in fp32 (log2 units),
+    else 1 (natural units: fp64, or temperature 1, where u takes raw logit differences)."""
+    if DIVIDE and x.dtype != tl.float64:
+        return LN2
+    else:
+        return 1.0
+
+
+@triton.jit
+def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexpr, d):
     """One side of a chunk from its lanes: (max in z units, raw max, lane -> chunk exponent,
     2^exponent, the sum less its max entry's 1, e: the sums are relative to mz + e, e = 0
-    without DIVIDE)."""
+    without DIVIDE). EXACT: the lanes' exponents are (x - m) k (`_pair_lanes`), else
+    x k - r. d: None, or a per-lane shift of the logits whose exponents the lanes summed,
+    (x + d) k - r (step_stats' sides framed on its logits' lanes, temperature 1; EXACT False):
+    the lane maxes m are of x, the exponents of x + d, so a lane moves to the chunk's
+    reference by r - (mc + d) k and its top entry is m + d."""
     mc = tl.max(m, 0)
     mz = div_acc(mc, tau) if DIVIDE else mc
     # The chunk's sums are relative to the raw max itself, mc / tau unrounded: its entry is
@@ -285,10 +418,17 @@ def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr):
     # c: each lane's exponents moved to the chunk's reference.
     if DIVIDE:
         e = div_acc(-fma_acc(mz, tau, -mc), tau)
-        c = fma_acc(-mc, k, r)  # r - mc k in one rounding: the lane's r cancels exactly
     else:
         e = mc * 0
+    xt = m  # each lane's max and the chunk's, as the lanes' exponents saw them
+    mt = mc
+    if d is not None:
+        xt = m + d
+        mt = mc + d
+    if EXACT:
         c = (m - mc) * k  # the lanes' exponents are relative to their max itself
+    else:
+        c = fma_acc(-mt, k, r)  # r - mc k in one rounding: the lane's r cancels exactly
     # An empty lane (still at the floor) adds nothing; its r is ~1e38, rounded by ~1e31.
     f = tl.where(m == floor, 0.0, exp_base(c))
     # A lane holding the chunk max summed that entry as E = 2^rho (rho = m k - r, the rounding
@@ -297,10 +437,10 @@ def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr):
     # (the loop's own E, bitwise) and counted as exactly 1: the chunk's r = s1 - 1 is the rest,
     # plus 1 for each further lane that holds the max too (a tie).
     top = (m == mc) & (m != floor)
-    if DIVIDE:
-        e_top = exp_base(fma_acc(m, k, -tl.where(top, r, m * k)))
-    else:
+    if EXACT:
         e_top = exp_base((m - m) * k)  # 1 (0 * k), as the loop formed it
+    else:
+        e_top = exp_base(fma_acc(xt, k, -tl.where(top, r, xt * k)))
     ties = tl.maximum(tl.sum(top.to(s.dtype), 0) - 1.0, 0.0)
     rest = tl.sum(tl.where(top, (s - e_top) * f, f * s), 0) + ties
     return mz, mc, c, f, rest, e
@@ -337,6 +477,10 @@ def pair_chunk_kernel(
     sw = tl.zeros([LANES], ACC)
     sv = tl.zeros([LANES], ACC)
     u = tl.zeros([LANES], ACC)
+    k = tl.zeros([LANES], ACC)
+    # The excess k (`excess_terms`) for fp32 logits only: the 16-bit loops have no room for it
+    # in their budget of 20 SASS instructions per pair, fp64 no need (`has_excess`).
+    EXCESS: tl.constexpr = has_excess(xw_ptr.dtype.element_ty)
     start = chunk * CHUNK
     # Only the steps inside the row run (the last chunk can end early); none for ignored rows.
     n_valid = tl.where(keep, tl.minimum(V - start, CHUNK), 0)
@@ -356,24 +500,37 @@ def pair_chunk_kernel(
         col = tl.minimum(start + (i + 1) * BLOCK_V, last)
         nxt_w = tl.load(w_row + col + offs)
         nxt_v = tl.load(v_row + col + offs)
-        mw, mv, rw, rv, sw, sv, u = _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE)
+        mw, mv, rw, rv, sw, sv, u, k = _pair_lanes(
+            xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, k, DIVIDE, EXCESS
+        )
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + offs
         xw = tl.load(w_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
         xv = tl.load(v_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
-        mw, mv, rw, rv, sw, sv, u = _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, DIVIDE)
+        mw, mv, rw, rv, sw, sv, u, k = _pair_lanes(
+            xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, k, DIVIDE, EXCESS
+        )
     # One cross-lane merge per chunk: each lane moved to the chunk's max (merge_pair per lane).
-    m_w, mc_w, cw, fw, r_w, e_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE)
-    m_v, mc_v, cv, fv, r_v, e_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE)
+    EXACT: tl.constexpr = (not DIVIDE) or EXCESS  # `_pair_lanes`' frame
+    m_w, mc_w, cw, fw, r_w, e_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE, EXACT, None)
+    m_v, mc_v, cv, fv, r_v, e_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE, EXACT, None)
     if DIVIDE:
-        u = tl.sum(fw * (u + (cw - cv) * sw), 0)
+        shift = cw - cv
+    else:
+        shift = (mw - mc_w) - (mv - mc_v)
+    if EXCESS:
+        unit = nats_per_unit(u, DIVIDE)
+        # An empty w lane (f_w = 0) has no terms but the v side's e_v, in k: moved by f_v alone.
+        dd = tl.where(fw == 0, 0.0, shift * -unit)
+        k = tl.sum(rescale_excess(k, u * unit, sw, fw, fv, dd), 0)
+    u = tl.sum(fw * (u + shift * sw), 0)
+    if DIVIDE:
         if ACC != tl.float64:
             u = u * LN2  # exponent units (log2) -> nats
-    else:
-        u = tl.sum(fw * (u + ((mw - mc_w) - (mv - mc_v)) * sw), 0)
     # u is +inf or NaN iff some x_w > -inf has x_v = -inf (or a side is NaN, which wins).
     inf = tl.where((u == u) & (tl.abs(u) < float("inf")), 0.0, 1.0).to(ACC)
     u = tl.where(inf > 0, 0.0, u)
+    k = tl.where(inf > 0, 0.0, k)
     nan = float("nan")
     # A NaN or +inf logit makes that side's sum NaN (a NaN max or inf - inf): the side is NaN.
     # A side with no logit above the floor (all -inf) is empty: max -inf, sums 0.
@@ -390,13 +547,16 @@ def pair_chunk_kernel(
     # A side that is empty or NaN has no residual to carry (and e would be NaN).
     tl.store(part_ptr + 6 * plane + idx, tl.where(side_is_valid(m_w), e_w, 0.0))
     tl.store(part_ptr + 7 * plane + idx, tl.where(side_is_valid(m_v), e_v, 0.0))
+    if EXCESS:
+        tl.store(part_ptr + 8 * plane + idx, k)
 
 
 @triton.jit
-def merge_row(part_ptr, rows, rmask, N, n_chunks):
+def merge_row(part_ptr, rows, rmask, N, n_chunks, EXCESS: tl.constexpr):
     """The merged pair state of `rows` from their n_chunks partial states, in chunk order: each
     side's s1 - 1 (`PARTIAL`), relative to m + e (`_side_total`: the row's max logit / tau,
-    unrounded; `reference_shift` moves them to what `row_exponent` rebuilds from m)."""
+    unrounded; `reference_shift` moves them to what `row_exponent` rebuilds from m), and with
+    EXCESS (`has_excess`) the excess k, else 0."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     m_w = tl.full(rows.shape, float("-inf"), ACC)
     m_v = tl.full(rows.shape, float("-inf"), ACC)
@@ -406,13 +566,14 @@ def merge_row(part_ptr, rows, rmask, N, n_chunks):
     inf = tl.zeros(rows.shape, ACC)
     e_w = tl.zeros(rows.shape, ACC)
     e_v = tl.zeros(rows.shape, ACC)
+    k = tl.zeros(rows.shape, ACC)
     plane = n_chunks.to(tl.int64) * N
     chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
     for _ in range(0, n_chunks):
         idx = chunk_off + rows
         chunk_off += N
-        m_w, r_w, m_v, r_v, u, inf, e_w, e_v = merge_pair(
-            m_w, r_w, m_v, r_v, u, inf, e_w, e_v,
+        m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = merge_pair(
+            m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k,
             tl.load(part_ptr + idx, mask=rmask, other=float("-inf")),
             tl.load(part_ptr + plane + idx, mask=rmask, other=0.0),
             tl.load(part_ptr + 2 * plane + idx, mask=rmask, other=float("-inf")),
@@ -421,8 +582,19 @@ def merge_row(part_ptr, rows, rmask, N, n_chunks):
             tl.load(part_ptr + 5 * plane + idx, mask=rmask, other=0.0),
             tl.load(part_ptr + 6 * plane + idx, mask=rmask, other=0.0),
             tl.load(part_ptr + 7 * plane + idx, mask=rmask, other=0.0),
+            _load_excess(part_ptr + 8 * plane + idx, rmask, EXCESS),
+            EXCESS,
         )  # fmt: skip
-    return m_w, r_w, m_v, r_v, u, inf, e_w, e_v
+    return m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k
+
+
+@triton.jit
+def _load_excess(ptr, mask, EXCESS: tl.constexpr):
+    """A chunk's k (`PARTIAL`), or 0 without EXCESS (the plane is not written then)."""
+    if EXCESS:
+        return tl.load(ptr, mask=mask, other=0.0)
+    else:
+        return tl.zeros(mask.shape, ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -447,10 +619,13 @@ def reference_shift(m, e, tau, DIVIDE: tl.constexpr, XDT: tl.constexpr):
 
 
 @triton.jit
-def _finalize_kl_f64(m_w, r_w, m_v, r_v, u, inf, dw, dv):
+def _finalize_kl_f64(m_w, r_w, m_v, r_v, u, inf, dw, dv, k, EXCESS: tl.constexpr):
     """finalize_kl's arithmetic (finalize_kl in softmax_stats.h) in fp64: NaN if a side is
     invalid (all -inf, NaN or +inf), +inf if some w_j > 0 has v_j = 0, else u / s1_w +
-    (log s1_v - log s1_w) clamped at 0 (the two logs first: equal normalizers cancel exactly).
+    (log s1_v - log s1_w) clamped at 0 (the two logs first: equal normalizers cancel exactly);
+    with EXCESS, where |r| < 1/2, r = (k - u) / s1_w = s1_v / s1_w - 1, k / s1_w - (r - log1p r)
+    instead (docs/math.md §4: no O(1) term cancels, the exps' roundings enter relative to the
+    KL through k or damped by r through u).
     Also each side's log s1 + delta and c + dw - dv, c = u / s1_w (the backward's shift,
     kl_grad_shift), both moved to `row_exponent`'s references by `reference_shift`'s deltas,
     from a dummy state for an invalid side (no log(0) or 0 / 0)."""
@@ -463,13 +638,33 @@ def _finalize_kl_f64(m_w, r_w, m_v, r_v, u, inf, dw, dv):
     l_w = log1p_acc(r_w)
     l_v = log1p_acc(r_v)
     c = u / (1.0 + r_w)
-    kl = tl.maximum(c + (l_v - l_w), 0.0)
+    kl = c + (l_v - l_w)
+    if EXCESS:
+        # A w side of one entry (r_w = 0: s1_w is exactly 1, its log exactly 0) has no O(1) term
+        # to cancel: u + log1p r_v as is. Its excess would carry only the lane frames' own
+        # roundings (f of ~ulp(z k) on each side: 3.4e-21 on a V = 1 row whose KL is 0).
+        r = (k - u) / (1.0 + r_w)
+        near = (tl.abs(r) < 0.5) & (r_w != 0)
+        kl = tl.where(near, k / (1.0 + r_w) - _log1p_excess(tl.where(near, r, 0.0)), kl)
+    kl = tl.maximum(kl, 0.0)
     kl = tl.where(inf > 0, float("inf"), kl)
     return tl.where(valid, kl, float("nan")), l_w + dw, l_v + dv, c + (dw - dv)
 
 
 @triton.jit
-def finalize_kl(m_w, r_w, m_v, r_v, u, inf, dw, dv):
+def _log1p_excess(r):
+    """r - log1p(r) (fp64, |r| < 1/2), relative to itself: r^2 sum_n (-r)^n / (n + 2) to r^11
+    where |r| < 1/100 (the difference would keep ulp(r), 2e-7 of r^2 / 2 at r = 1e-9)."""
+    small = tl.abs(r) < 0.01
+    x = tl.where(small, r, 0.0)
+    p = x * 0 + (1.0 / 11.0)
+    for n in tl.static_range(10, 1, -1):
+        p = (1.0 / n) - x * p
+    return tl.where(small, x * x * p, r - log1p_acc(r))
+
+
+@triton.jit
+def finalize_kl(m_w, r_w, m_v, r_v, u, inf, dw, dv, k, EXCESS: tl.constexpr):
     """(KL(w || v), log s1_w, log s1_v, c) of a merged state (r = s1 - 1), the last three
     relative to `row_exponent`'s references (dw, dv: `reference_shift`), each evaluated in fp64 and
     rounded once to the state's dtype (per row, so free): KL cancels O(1) terms to a small
@@ -479,7 +674,7 @@ def finalize_kl(m_w, r_w, m_v, r_v, u, inf, dw, dv):
     f64 = tl.float64
     kl, l_w, l_v, c = _finalize_kl_f64(
         m_w.to(f64), r_w.to(f64), m_v.to(f64), r_v.to(f64), u.to(f64), inf.to(f64), dw.to(f64),
-        dv.to(f64),
+        dv.to(f64), k.to(f64), EXCESS,
     )  # fmt: skip
     return kl.to(ACC), l_w.to(ACC), l_v.to(ACC), c.to(ACC)
 

@@ -51,6 +51,7 @@ from pg_kernels.triton._pair import (
     exp_base,
     finalize_kl,
     fma_acc,
+    has_excess,
     merge_row,
     needs_division,
     pair_partials,
@@ -77,11 +78,12 @@ def _fwd_finish_kernel(
     keep = rmask
     if HAS_LABELS:
         keep = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64) != ignore_index
-    m_w, r_w, m_v, r_v, u, inf, e_w, e_v = merge_row(part_ptr, rows, rmask, N, n_chunks)
     XDT: tl.constexpr = x_ptr.dtype.element_ty
+    EXCESS: tl.constexpr = has_excess(XDT)
+    m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = merge_row(part_ptr, rows, rmask, N, n_chunks, EXCESS)
     dw = reference_shift(m_w, e_w, tl.load(tw_ptr + rows, mask=rmask, other=1.0), DIVIDE, XDT)
     dv = reference_shift(m_v, e_v, tl.load(tv_ptr + rows, mask=rmask, other=1.0), DIVIDE, XDT)
-    kl, l_w, l_v, c = finalize_kl(m_w, r_w, m_v, r_v, u, inf, dw, dv)
+    kl, l_w, l_v, c = finalize_kl(m_w, r_w, m_v, r_v, u, inf, dw, dv, k, EXCESS)
     nan = float("nan")
     # SideState: (m, log s1) of a side, NaN when that side is invalid.
     ok_w = side_is_valid(m_w)

@@ -53,6 +53,7 @@ from pg_kernels.triton._pair import (
     exp_base,
     finalize_kl,
     fma_acc,
+    has_excess,
     load_divided,
     merge_row,
     needs_division,
@@ -77,12 +78,13 @@ def _fwd_finish_kernel(
     rmask = rows < N
     label = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64)
     keep = label != ignore_index
-    m_q, r_q, m_p, r_p, u, inf, e_q, e_p = merge_row(part_ptr, rows, rmask, N, n_chunks)
-    tau = tl.load(t_ptr + rows, mask=rmask, other=1.0)
     XDT: tl.constexpr = x_ptr.dtype.element_ty
+    EXCESS: tl.constexpr = has_excess(XDT)
+    m_q, r_q, m_p, r_p, u, inf, e_q, e_p, k = merge_row(part_ptr, rows, rmask, N, n_chunks, EXCESS)
+    tau = tl.load(t_ptr + rows, mask=rmask, other=1.0)
     d_q = reference_shift(m_q, e_q, tl.load(tr_ptr + rows, mask=rmask, other=1.0), DIVIDE, XDT)
     d_p = reference_shift(m_p, e_p, tau, DIVIDE, XDT)
-    kl, l_q, l_p, _ = finalize_kl(m_q, r_q, m_p, r_p, u, inf, d_q, d_p)
+    kl, l_q, l_p, _ = finalize_kl(m_q, r_q, m_p, r_p, u, inf, d_q, d_p, k, EXCESS)
     ok_p = side_is_valid(m_p)
     ok_q = side_is_valid(m_q)
     in_range = (label >= 0) & (label < V)

@@ -25,7 +25,7 @@ Forward:
      `store_partial`), bitwise the one token_stats' chunk kernel stores, and each pair's chunk
      state in `_pair`'s layout and convention [PARTIAL, n_chunks, N] (`_chunk_side`: sums
      relative to the max logit's own z, that entry exactly 1, each side's s1 - 1 kept apart,
-     e = x_max / tau - m carried into the merges; `_framed_chunk_side` for a framed side).
+     e = x_max / tau - m carried into the merges; a framed side with its shift d).
   2. `_fwd_finish_kernel`: token_stats' merge (`merge_rows`, so the token fields are bitwise
      those of token_stats), each pair merged with `_pair.merge_row` and finished with
      `finalize_kl` in fp64, log s1 and c moved to `row_exponent`'s a / tau
@@ -53,21 +53,26 @@ and compiled for sm_90 offline (.ci/check_triton_sm90.py); not yet run or timed 
 GPU design (sm_90 offline, not timed on a GPU): no spills. Hot-loop SASS instructions per
 element triple (forward, budget 30) / pair (backward with the KL term, both gradients, budget
 20), worst variant, first version -> now (.ci/check_triton_sm90.py):
-    forward  bf16 33.8 -> 28.3, fp16 33.4 -> 27.8, fp32 33.3 -> 27.7 (budget 60)
+    forward  bf16 33.8 -> 28.3, fp16 33.4 -> 27.8, fp32 33.3 -> 27.7 -> 58.0 with the excess
+             (fp32 only, below; budget 60)
     backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 (budget 40)
 Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
 and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
 into integers and back: ~4 per floor). The pair sides in `_pair`'s convention (the top entry
 taken out per chunk, the framed sides' shift d per lane) cost nothing per element (bf16 28.4 ->
 28.3 at temperature 1, where the log-ratios are now one difference of exponents instead of
-two of raw logits). Registers: bf16 255 / 182-254, fp16 192-255, fp32 128-204 (the forward KL
+two of raw logits). Registers: bf16 255 / 182-254, fp16 192-255, fp32 187-245 with the excess
+(128-204 without; the forward KL
 variants at temperature 1 rose from ~200 to 254: the framed sides' d per lane; were 255,
 193-255, 128-196 in the first version); the three blocks of a step live together (no
 prefetch, unlike token_stats). Backward: the log-ratio's d_p folded into
 token_stats' coefficients (reverse: 14 arithmetic instructions per pair instead of 16), the
 reference's upstream factor into its log-ratio (forward: 15), one loop per row case, block
 addresses from a scalar pointer, bf16 pairs loaded as int32; 45-64 registers (were 53-62).
-Accuracy: a KL of 1e-3 between near rows carries the fp32 roundings of both sums through
+Accuracy: fp32 logits sum each pair's excess kx = sum e_w f(delta) too (`_pair.excess_terms`,
+moved with the lanes by `_pair.rescale_excess`) and finish near-equal rows from it (a KL of 2e-8
+to a near-equal V = 2 teacher: 3.0e-8 -> 1.1e-12 off); what follows is of 16-bit logits, and
+was of fp32 before. A KL of 1e-3 between near rows carries the fp32 roundings of both sums through
 log s_w - log s_v: on a bf16 V = 7 row under the interpreter s_w and s_v were off by +4.7e-8 and
 -4.2e-8 (relative), the KL by 9.1e-8, over tests/test_step_stats.py's 8.7e-8 (the C++ kernel:
 6e-9 there); with the pair sides in `_pair`'s convention that row's token_kl is 3.5e-8 off
@@ -106,14 +111,18 @@ from pg_kernels.triton._common import (
 from pg_kernels.triton._pair import (
     FINISH_BLOCK_R,
     PARTIAL,
+    excess_terms,
     exp_base,
     finalize_kl,
     fma_acc,
+    has_excess,
     lane_scale,
     max_logit,
     merge_row,
+    nats_per_unit,
     needs_division,
     reference_shift,
+    rescale_excess,
     row_exponent,
     side_is_valid,
 )
@@ -210,9 +219,9 @@ def _framed_exps(x, d, k, r):
 
 
 @triton.jit
-def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, sq, uq,
-              HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
-              DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
+def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, kx_r, sq, uq,
+              kx_q, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
+              DIV_R: tl.constexpr, DIV_Q: tl.constexpr, EXCESS: tl.constexpr):  # fmt: skip
     """One block (or bf16 half-block) of each tensor into the lanes' sums. Every pair side forms
     its exponents t = x k - r as `_pair`'s lanes do (one rounding, `fma_acc`; exps `exp_base`),
     so that equal rows at equal temperatures get equal exps bitwise on both sides of a pair;
@@ -222,7 +231,8 @@ def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, 
     token_stats' d2 and e (one instruction each after CSE: one exp per element per tensor);
     under the interpreter, whose tl.fma rounds x c first, the GPU's rounding (`fma_acc`), and
     in fp64 natural units (e^t, its own frame rp). Log-ratios are differences of exponents,
-    floored (`floor_log_ratio`), in `_pair`'s units."""
+    floored (`floor_log_ratio`), in `_pair`'s units. EXCESS: each pair's excess kx too
+    (`_pair.excess_terms`, delta = -(t_w - t_v) in nats)."""
     _, d2, e = lane_exps(x, c, r2)
     s1, s2, t2 = add_exps(d2, e, s1, s2, t2)
     if HAS_ROLL or HAS_REF:
@@ -236,7 +246,10 @@ def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, 
             t_r = _framed_exps(xr, rr, kp, rp)
         e_r = exp_base(t_r)
         sr += tl.sum(tl.sum(e_r, axis=2), axis=0)
-        ur += tl.sum(tl.sum(e_r * floor_log_ratio(t_r - t_p), axis=2), axis=0)
+        diff = floor_log_ratio(t_r - t_p)
+        ur += tl.sum(tl.sum(e_r * diff, axis=2), axis=0)
+        if EXCESS:
+            kx_r += _excess_sum(e_r, e_p, diff)
     if HAS_REF:
         if DIV_Q:
             t_q = fma_acc(xq, kq, -rq[None, :, None])
@@ -245,10 +258,23 @@ def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, 
         e_q = exp_base(t_q)
         sq += tl.sum(tl.sum(e_q, axis=2), axis=0)
         if REVERSE:  # KL(p || q): w = logits, v = reference
-            uq += tl.sum(tl.sum(e_p * floor_log_ratio(t_p - t_q), axis=2), axis=0)
+            diff = floor_log_ratio(t_p - t_q)
+            uq += tl.sum(tl.sum(e_p * diff, axis=2), axis=0)
+            if EXCESS:
+                kx_q += _excess_sum(e_p, e_q, diff)
         else:  # KL(q || p): w = reference, v = logits
-            uq += tl.sum(tl.sum(e_q * floor_log_ratio(t_q - t_p), axis=2), axis=0)
-    return s1, s2, t2, sp, sr, ur, sq, uq
+            diff = floor_log_ratio(t_q - t_p)
+            uq += tl.sum(tl.sum(e_q * diff, axis=2), axis=0)
+            if EXCESS:
+                kx_q += _excess_sum(e_q, e_p, diff)
+    return s1, s2, t2, sp, sr, ur, kx_r, sq, uq, kx_q
+
+
+@triton.jit
+def _excess_sum(e_w, e_v, diff):
+    """A block's excess terms per lane (`_pair.excess_terms`), diff = t_w - t_v floored."""
+    terms = excess_terms(e_w, e_v, diff, True)  # fp32 lanes: log2 units
+    return tl.sum(tl.sum(terms, axis=2), axis=0)
 
 
 @triton.jit
@@ -267,10 +293,12 @@ def _other_rescale(xa, xb, k, m, r, s, dp, mx, rp_old, rp, DIVIDE: tl.constexpr)
 
 @triton.jit
 def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr,
-          ur, mq, rq, sq, uq, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
-          REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr):  # fmt: skip
-    """One loop step: every side's lanes moved to their new max (u moved with them), then the
-    block's exps added. xb / rb / qb: the second bf16 halves, or None."""
+          ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
+          REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr,
+          EXCESS: tl.constexpr):  # fmt: skip
+    """One loop step: every side's lanes moved to their new max (u and the excess kx moved with
+    them, `_pair.rescale_excess`), then the block's exps added. xb / rb / qb: the second bf16
+    halves, or None."""
     rp_old = rp
     mx, r2, s1, s2, t2, st, dp, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
     # The logits' pair side: token_stats' frame and move in fp32, its own in fp64 (e^t).
@@ -280,58 +308,59 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, 
         fp = exp_base(dp)
     else:
         rp = r2
+    sp_old = sp
     sp = fp * sp
     # u <- f_w (u + shift s_w) = f_w u + shift (f_w s_w), shift = the move of t_w - t_v.
     if HAS_ROLL:
+        sr_old = sr
         mr, rr, sr, fr, shift = _other_rescale(ra, rb, kr, mr, rr, sr, dp, mx, rp_old, rp, DIV_R)
+        if EXCESS:
+            kx_r = _move_excess(kx_r, ur, sr_old, fr, fp, shift)
         ur = tl.fma(shift, sr, fr * ur)
     if HAS_REF:
+        sq_old = sq
         mq, rq, sq, fq, shift = _other_rescale(qa, qb, kq, mq, rq, sq, dp, mx, rp_old, rp, DIV_Q)
         if REVERSE:
+            if EXCESS:
+                kx_q = _move_excess(kx_q, uq, sp_old, fp, fq, -shift)
             uq = tl.fma(-shift, sp, fp * uq)
         else:
+            if EXCESS:
+                kx_q = _move_excess(kx_q, uq, sq_old, fq, fp, shift)
             uq = tl.fma(shift, sq, fq * uq)
-    s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
-        xa, ra, qa, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, sq, uq,
-        HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+    s1, s2, t2, sp, sr, ur, kx_r, sq, uq, kx_q = _add_half(
+        xa, ra, qa, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, kx_r, sq, uq, kx_q,
+        HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q, EXCESS,
     )  # fmt: skip
     if xb is not None:
-        s1, s2, t2, sp, sr, ur, sq, uq = _add_half(
-            xb, rb, qb, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, sq, uq,
-            HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+        s1, s2, t2, sp, sr, ur, kx_r, sq, uq, kx_q = _add_half(
+            xb, rb, qb, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, kx_r, sq, uq,
+            kx_q, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q, EXCESS,
         )  # fmt: skip
-    return mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, mq, rq, sq, uq
+    return mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q
 
 
 @triton.jit
-def _chunk_side(m, r, s, k, tau):
+def _move_excess(kx, u, s_w, f_w, f_v, shift):
+    """A pair's excess moved with its lanes (`_pair.rescale_excess`): s_w and u (in `_pair`'s
+    units) before the move, f_w, f_v each side's factor, shift the move of t_w - t_v."""
+    unit = nats_per_unit(u, True)
+    return rescale_excess(kx, u * unit, s_w, f_w, f_v, shift * -unit)
+
+
+@triton.jit
+def _chunk_side(m, r, s, k, tau, d, DIVIDE: tl.constexpr):
     """A pair side's chunk from its lanes, in `_pair`'s convention (`_pair._side_total`: sums
     relative to the max logit's own z, x_max / tau unrounded, that entry exactly 1, kept as
     s1 - 1): (m, the chunk's raw max, each lane's move g to the chunk's reference and
     f = e^g, the rest, e). m = x_max / tau rounded, -inf while empty, NaN when the rest is (a
-    NaN or +inf logit)."""
-    mz, mc, g, f, rest, e = pair_side_total(m, r, s, k, tau, float("-inf"), True)
+    NaN or +inf logit). d: the shift of a side framed on the logits' lanes
+    (`_framed_rescale`; temperature 1, no DIVIDE: z = x and e = 0), whose exponents are of
+    x + d against the logits' pair references r, else None: a row that differs from the
+    logits' by a constant has mc + d = the logits' mc and their g and rest bitwise."""
+    mz, mc, g, f, rest, e = pair_side_total(m, r, s, k, tau, float("-inf"), DIVIDE, False, d)
     mz = tl.where(rest != rest, float("nan"), tl.where(mc == float("-inf"), mc, mz))
     return mz, mc, g, f, rest, e
-
-
-@triton.jit
-def _framed_chunk_side(m, d, r, s, k):
-    """`_chunk_side` of a side framed on the logits' lanes (`_framed_rescale`; temperature 1, so
-    z = x and e = 0): `_pair._side_total`'s arithmetic on the lanes' logits shifted by d, the
-    lane frames R = r - d k moved to the chunk's max by g = r - (mc + d) k, the top entry's
-    own exp (the loop's x + d, bitwise) taken out and counted as exactly 1. A row that differs
-    from the logits' by a constant has mc + d = the logits' mc and their g and rest bitwise."""
-    mc = tl.max(m, axis=0)
-    xt = m + d  # the loop's x + d at the lane's max
-    g = fma_acc(-(mc + d), k, r)
-    f = tl.where(m == float("-inf"), 0.0, exp_base(g))
-    top = (m == mc) & (m != float("-inf"))
-    e_top = exp_base(fma_acc(xt, k, -tl.where(top, r, xt * k)))
-    ties = tl.maximum(tl.sum(top.to(s.dtype), 0) - 1.0, 0.0)
-    rest = tl.sum(tl.where(top, (s - e_top) * f, f * s), 0) + ties
-    mz = tl.where(rest != rest, float("nan"), mc)
-    return mz, mc, g, f, rest, mc * 0
 
 
 @triton.jit
@@ -347,10 +376,21 @@ def _chunk_u(u, m_w, s_w, f_w, g_w, g_v):
 
 
 @triton.jit
-def _store_pair(part_ptr, chunk, row, N, m_w, r_w, e_w, m_v, r_v, e_v, u):
+def _chunk_excess(kx, u, m_w, s_w, f_w, f_v, g_w, g_v):
+    """A pair's chunk excess relative to both sides' chunk references, as `_chunk_u` moves u
+    (`_pair.pair_chunk_kernel`): each lane's kx moved by `_pair.rescale_excess` (u in `_pair`'s
+    units, before the move). An empty weight lane adds its v terms, moved by f_v."""
+    unit = nats_per_unit(u, True)
+    dd = tl.where(m_w == float("-inf"), 0.0, (g_v - g_w) * unit)
+    return tl.sum(rescale_excess(kx, u * unit, s_w, f_w, f_v, dd), axis=0)
+
+
+@triton.jit
+def _store_pair(part_ptr, chunk, row, N, m_w, r_w, e_w, m_v, r_v, e_v, u, kx,
+                EXCESS: tl.constexpr):  # fmt: skip
     """A pair chunk state into part_ptr [PARTIAL, n_chunks, N] (`_pair.pair_chunk_kernel`'s
-    layout: each side's s1 - 1 and e, `_chunk_side`); an infinite or NaN u (nats) as the `inf`
-    flag."""
+    layout: each side's s1 - 1 and e, `_chunk_side`; with EXCESS the excess kx); an infinite or
+    NaN u (nats) as the `inf` flag."""
     inf = tl.where((u == u) & (tl.abs(u) < float("inf")), 0.0, 1.0).to(u.dtype)
     idx = chunk.to(tl.int64) * N + row
     plane = tl.num_programs(1).to(tl.int64) * N
@@ -363,6 +403,8 @@ def _store_pair(part_ptr, chunk, row, N, m_w, r_w, e_w, m_v, r_v, e_v, u):
     # A side that is empty or NaN has no residual to carry (and e would be NaN).
     tl.store(part_ptr + 6 * plane + idx, tl.where(side_is_valid(m_w), e_w, 0.0))
     tl.store(part_ptr + 7 * plane + idx, tl.where(side_is_valid(m_v), e_v, 0.0))
+    if EXCESS:
+        tl.store(part_ptr + 8 * plane + idx, tl.where(inf > 0, 0.0, kx))
 
 
 @triton.jit
@@ -430,6 +472,9 @@ def _fwd_chunk_kernel(
     rq = tl.zeros([LANES], ACC)
     sq = tl.zeros([LANES], ACC)
     uq = tl.zeros([LANES], ACC)
+    kx_r = tl.zeros([LANES], ACC)
+    kx_q = tl.zeros([LANES], ACC)
+    EXCESS: tl.constexpr = has_excess(x_ptr.dtype.element_ty)
     # No prefetch (unlike token_stats): three tensors' blocks in flight would not fit in
     # registers; the other tensors' loads of a step overlap each other instead.
     for i in range(0, n_full):
@@ -450,9 +495,9 @@ def _fwd_chunk_kernel(
                 ra = _lanes(_load_pair_block(xr_row, w_block, col0, PAIRS), ACC, VEC)
             if HAS_REF:
                 qa = _lanes(_load_pair_block(xq_row, w_block, col0, PAIRS), ACC, VEC)
-        mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+        mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q = _step(
             xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp, mr, rr,
-            sr, ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+            sr, ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q, EXCESS,
         )  # fmt: skip
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         col0 = start + n_full * BLOCK_V
@@ -463,9 +508,10 @@ def _fwd_chunk_kernel(
             ra = _lanes(tl.load(xr_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
         if HAS_REF:
             qa = _lanes(tl.load(xq_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
-        mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, mq, rq, sq, uq = _step(
+        mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q = _step(
             xa, None, ra, None, qa, None, n_full, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp,
-            mr, rr, sr, ur, mq, rq, sq, uq, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+            mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+            EXCESS,
         )  # fmt: skip
 
     cmax, s1_sum, s2_sum, t2_sum, am, _, _ = chunk_total(
@@ -474,25 +520,33 @@ def _fwd_chunk_kernel(
     store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
     # The pairs' chunk states in `_pair`'s convention (`_chunk_side`), u moved with them.
     if HAS_ROLL or HAS_REF:
-        m_p, _, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p)
+        m_p, _, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p, None, True)
     if HAS_ROLL:
         if DIV_R:
-            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r)
+            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r, None, True)
         else:
-            m_r, _, g_r, f_r, r_r, e_r = _framed_chunk_side(mr, rr, rp, sr, kp)
+            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rp, sr, kp, tau_r, rr, False)
+        kx = kx_r
+        if EXCESS:
+            kx = _chunk_excess(kx_r, ur, mr, sr, f_r, f_p, g_r, g_p)
         u = _chunk_u(ur, mr, sr, f_r, g_r, g_p)
-        _store_pair(part_r_ptr, chunk, row, N, m_r, r_r, e_r, m_p, r_p, e_p, u)
+        _store_pair(part_r_ptr, chunk, row, N, m_r, r_r, e_r, m_p, r_p, e_p, u, kx, EXCESS)
     if HAS_REF:
         if DIV_Q:
-            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q)
+            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q, None, True)
         else:
-            m_q, _, g_q, f_q, r_q, e_q = _framed_chunk_side(mq, rq, rp, sq, kp)
+            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rp, sq, kp, tau_q, rq, False)
+        kx = kx_q
         if REVERSE:
+            if EXCESS:
+                kx = _chunk_excess(kx_q, uq, mx, sp, f_p, f_q, g_p, g_q)
             u = _chunk_u(uq, mx, sp, f_p, g_p, g_q)
-            _store_pair(part_q_ptr, chunk, row, N, m_p, r_p, e_p, m_q, r_q, e_q, u)
+            _store_pair(part_q_ptr, chunk, row, N, m_p, r_p, e_p, m_q, r_q, e_q, u, kx, EXCESS)
         else:
+            if EXCESS:
+                kx = _chunk_excess(kx_q, uq, mq, sq, f_q, f_p, g_q, g_p)
             u = _chunk_u(uq, mq, sq, f_q, g_q, g_p)
-            _store_pair(part_q_ptr, chunk, row, N, m_q, r_q, e_q, m_p, r_p, e_p, u)
+            _store_pair(part_q_ptr, chunk, row, N, m_q, r_q, e_q, m_p, r_p, e_p, u, kx, EXCESS)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -524,13 +578,16 @@ def _fwd_finish_kernel(
     # handed on relative to a / tau (`reference_shift`), the raw logit `row_exponent` rebuilds
     # from m in the TV pass and the backward, as mismatch_stats' and kl_divergence's finish.
     XDT: tl.constexpr = x_ptr.dtype.element_ty
+    EXCESS: tl.constexpr = has_excess(XDT)
     tau_p = tl.load(t_ptr + rows, mask=rmask, other=1.0)
     if HAS_ROLL:
-        m_r, r_r, m_p, r_p, u, inf, e_r, e_p = merge_row(part_r_ptr, rows, rmask, N, n_chunks)
+        m_r, r_r, m_p, r_p, u, inf, e_r, e_p, k = merge_row(
+            part_r_ptr, rows, rmask, N, n_chunks, EXCESS
+        )
         tau_r = tl.load(tr_ptr + rows, mask=rmask, other=1.0)
         d_r = reference_shift(m_r, e_r, tau_r, DIV_R, XDT)
         d_p = reference_shift(m_p, e_p, tau_p, DIV_R, XDT)
-        kl, l_r, l_p, _ = finalize_kl(m_r, r_r, m_p, r_p, u, inf, d_r, d_p)
+        kl, l_r, l_p, _ = finalize_kl(m_r, r_r, m_p, r_p, u, inf, d_r, d_p, k, EXCESS)
         tl.store(token_kl_ptr + rows, tl.where(keep, tl.where(valid, kl, nan), 0.0), mask=rmask)
         ok_p = valid & side_is_valid(m_p)
         ok_r = side_is_valid(m_r)
@@ -542,7 +599,9 @@ def _fwd_finish_kernel(
         tl.store(r_norm_ptr + 2 * rows, tl.where(ok_r, m_r, nan), mask=rmask)
         tl.store(r_norm_ptr + 2 * rows + 1, tl.where(ok_r, l_r, nan), mask=rmask)
     if HAS_REF:
-        m_w, r_w, m_v, r_v, u, inf, e_w, e_v = merge_row(part_q_ptr, rows, rmask, N, n_chunks)
+        m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = merge_row(
+            part_q_ptr, rows, rmask, N, n_chunks, EXCESS
+        )
         tau_q = tl.load(tq_ptr + rows, mask=rmask, other=1.0)
         if REVERSE:
             tau_w, tau_v = tau_p, tau_q
@@ -550,7 +609,7 @@ def _fwd_finish_kernel(
             tau_w, tau_v = tau_q, tau_p
         d_w = reference_shift(m_w, e_w, tau_w, DIV_Q, XDT)
         d_v = reference_shift(m_v, e_v, tau_v, DIV_Q, XDT)
-        kl, l_w, l_v, c = finalize_kl(m_w, r_w, m_v, r_v, u, inf, d_w, d_v)
+        kl, l_w, l_v, c = finalize_kl(m_w, r_w, m_v, r_v, u, inf, d_w, d_v, k, EXCESS)
         if REVERSE:
             m_q, l_q = m_v, l_v
         else:
