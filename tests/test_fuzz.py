@@ -33,6 +33,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_kl_divergence import _kl_grad_floor  # noqa: E402
+from test_step_stats import TRITON_KL_FLOOR as _STEP_TRITON_KL_FLOOR  # noqa: E402
 from test_step_stats import Flat as _StepFlat  # noqa: E402
 from test_step_stats import _op as _step_op  # noqa: E402
 from test_step_stats import _ref as _step_ref  # noqa: E402
@@ -217,7 +218,11 @@ def _check(c, backend: str, *args, hint: str | None = None, **kwargs):
 # (test, backend) cases on which the CI profile's examples still find failures outside KNOWN,
 # found by this fuzzer and open (README, Testing): xfail (not strict), so CI stays green while
 # the rest of the fuzzer guards; remove an entry once its case passes.
-OPEN: dict[tuple[str, str], str] = {}
+OPEN: dict[tuple[str, str], str] = {
+    ("test_kl_divergence", "cpu"): "fp32 [1, 4, 4096], tau 5.26, reverse, reference = logits + 3 "
+    "rounded to fp32: a logits-gradient entry 1.6e-8 where the truth is 7.1e-11 (allowed 6.0e-9, "
+    "plain 3.0e-9); the kernel's since before the z-rounding floor changed this case's draws",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -424,10 +429,14 @@ def test_step_stats(backend_device, data):
         return None if kl_floor is None else kl_floor(i, {"out": ups["kl"]})
 
     floors = _tv_floor(c)  # the KL fields are empty where their input is absent
+    # The Triton bundle's 16-bit pair loops have no room for the excess sum (README, Testing):
+    # their KLs keep test_step_stats' TRITON_KL_FLOOR, two fp32 ulps of an O(1) logarithm.
+    lanes = _STEP_TRITON_KL_FLOOR["kl"] if backend == "triton" and c["dtype"] in (
+        torch.bfloat16, torch.float16) else 0.0  # fmt: skip
     if xr is not None:
-        floors["token_kl"] = _z_rounding_floor(c, xr, t, rt)
+        floors["token_kl"] = _z_rounding_floor(c, xr, t, rt) + lanes
     if xq is not None:
-        floors["kl"] = _z_rounding_floor(c, xq, t, qt)
+        floors["kl"] = _z_rounding_floor(c, xq, t, qt) + lanes
 
     _check(
         c, backend,
