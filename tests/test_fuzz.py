@@ -41,6 +41,7 @@ from test_topk_kl import make_topk  # noqa: E402
 
 import pg_kernels  # noqa: E402
 from pg_kernels import reference  # noqa: E402
+from pg_kernels.reference._util import scaled  # noqa: E402
 from pg_kernels.testing import (  # noqa: E402
     check_against_reference,
     make_labels,
@@ -319,8 +320,7 @@ def _z_rounding_floor(c, x_other, t, t_other) -> torch.Tensor:
         return torch.zeros(())
 
     def zmax(x, tau):
-        tau = tau.unsqueeze(-1) if isinstance(tau, torch.Tensor) else tau
-        z = (x.double() / tau).abs()
+        z = scaled(x, tau, torch.float64).abs()
         return z.masked_fill(~torch.isfinite(z), 0.0).amax(-1)
 
     t_other = t if t_other is None else t_other

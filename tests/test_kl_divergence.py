@@ -7,6 +7,7 @@ import torch
 
 import pg_kernels
 from pg_kernels import reference
+from pg_kernels.reference._util import scaled
 from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -66,11 +67,8 @@ def _kl_grad_floor(x, xr, kw):
         t_ref = kw.get("ref_temperature")
         t_ref = t if t_ref is None else t_ref
 
-        def log_softmax(z, tau):
-            tau = tau.double().unsqueeze(-1) if isinstance(tau, torch.Tensor) else tau
-            return (z.double() / tau).log_softmax(-1)
-
-        lp, lq = log_softmax(x, t), log_softmax(xr, t_ref)
+        lp = scaled(x, t, torch.float64).log_softmax(-1)
+        lq = scaled(xr, t_ref, torch.float64).log_softmax(-1)
         lw, lv = (lp, lq) if kw.get("direction", "reverse") == "reverse" else (lq, lp)
         # |KL|: the float64 sum of equal rows can come out a hair below 0
         kl = (lw.exp() * (lw - lv)).nan_to_num().sum(-1, keepdim=True).abs()

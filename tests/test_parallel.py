@@ -22,6 +22,7 @@ import pg_kernels
 from pg_kernels import _backend, parallel, reference
 from pg_kernels.integrations import slime
 from pg_kernels.parallel._shard import tiling_ok
+from pg_kernels.reference._util import scaled
 from pg_kernels.testing import FORWARD_TOL, GRAD_TOL, assert_close_to_truth, make_logits
 
 IGNORE = -100
@@ -363,10 +364,8 @@ def _kl_grad_floor(case: dict, inputs: dict, side: str) -> torch.Tensor | None:
     tau = inputs["temperature"]
     tau_ref = inputs["ref_temperature"] if inputs["ref_temperature"] is not None else tau
 
-    def z(x, t):
-        return x.double() / (t.double().unsqueeze(-1) if isinstance(t, torch.Tensor) else t)
-
-    zp, zq = z(inputs["logits"], tau), z(inputs["ref_logits"], tau_ref)
+    zp = scaled(inputs["logits"], tau, torch.float64)
+    zq = scaled(inputs["ref_logits"], tau_ref, torch.float64)
     zw, zv = (zp, zq) if op == "kl_reverse" else (zq, zp)
     lw, lv = zw.log_softmax(-1), zv.log_softmax(-1)
     kl = (lw.exp() * (lw - lv)).nan_to_num().sum(-1, keepdim=True)
