@@ -51,30 +51,50 @@ def _pair(n, v, dtype, device, seed):
     return x, xr
 
 
-def _kl_grad_floor(x, xr, kw):
-    """The fp32 rounding bound of the weight side's gradient g w_j ((d_w,j - d_v,j) - c).
+def finite_abs_max(z: torch.Tensor) -> torch.Tensor:
+    """max |z_j| over each row's finite entries (0 where there are none), keepdim."""
+    z = z.abs()
+    return z.masked_fill(~torch.isfinite(z), 0.0).amax(-1, keepdim=True)
 
-    c = E_w[d_w - d_v] comes from the one-pass forward, (d_w,j - d_v,j) from the backward: both
-    are right to an ulp or two of their size, but they are not rounded alike (the forward shifts
-    block-relative d's to the row's maxes), so the difference, exactly 0 on a one-hot w, is off
-    by ~ulp(|log w_j - log v_j| + KL) times w_j. Measured: 9.5e-7 on a one-hot row with KL = 9.5
-    (|g| = 1), on the C++ and the Triton kernel alike; plain PyTorch's log_softmax happens to
-    cancel exactly there. Bound: 4 fp32 epsilons of that size, per entry.
+
+def _kl_grad_floor(x, xr, kw):
+    """The rounding bound of both gradients, per entry, the sum of two terms.
+
+    1. The weight side's g w_j ((d_w,j - d_v,j) - c): c = E_w[d_w - d_v] comes from the one-pass
+    forward, (d_w,j - d_v,j) from the backward: both are right to an ulp or two of their size,
+    but they are not rounded alike (the forward shifts block-relative d's to the row's maxes),
+    so the difference, exactly 0 on a one-hot w, is off by ~ulp(|log w_j - log v_j| + KL) times
+    w_j. Measured: 9.5e-7 on a one-hot row with KL = 9.5 (|g| = 1), on the C++ and the Triton
+    kernel alike; plain PyTorch's log_softmax happens to cancel exactly there. Bound: 4 fp32
+    epsilons of that size.
+
+    2. The rounding of z = x / tau itself (the forward's `_z_rounding_floor` in test_fuzz.py):
+    each z_j moves by <= u |z_j| (u = eps / 2), so (log w_j - log v_j) - KL moves by <= 6 u zmax
+    (u zmax for each z_j, each side's normalizer and the KL) and v_j - w_j = w_j expm1(log v_j -
+    log w_j) by <= 4 u zmax max(w_j, v_j). Both gradients are then off by <= 3 eps zmax max(w_j,
+    v_j) g / tau of their side, the exact gradient of the kernel's own z. Measured: fp32 [1, 4,
+    4096], tau 5.26, the reference = logits + 3 rounded to fp32: C++ 1.4e-8 where the truth is
+    6.3e-11, 1.6e-10 from the exact gradient of the fp32 z; plain PyTorch rounds z alike and
+    loses it in its log-softmax (3.0e-9 off). 0 for fp64 logits.
     """
+    t = kw.get("temperature", 1.0)
+    t_ref = kw.get("ref_temperature")
+    t_ref = t if t_ref is None else t_ref
+    zp, zq = scaled(x, t, torch.float64), scaled(xr, t_ref, torch.float64)
+    lp, lq = zp.log_softmax(-1), zq.log_softmax(-1)
+    lw, lv = (lp, lq) if kw.get("direction", "reverse") == "reverse" else (lq, lp)
+    # |KL|: the float64 sum of equal rows can come out a hair below 0
+    kl = (lw.exp() * (lw - lv)).nan_to_num().sum(-1, keepdim=True).abs()
+    size = ((lw - lv).abs() + kl).nan_to_num(posinf=0.0)
+    z_eps = 0.0 if x.dtype == torch.float64 else torch.finfo(torch.float32).eps
+    zmax = torch.maximum(finite_abs_max(zp), finite_abs_max(zq))
+    z_size = 3 * z_eps * zmax * torch.maximum(lw.exp(), lv.exp())
 
     def floor(i, ups):
-        t = kw.get("temperature", 1.0)
-        t_ref = kw.get("ref_temperature")
-        t_ref = t if t_ref is None else t_ref
-
-        lp = scaled(x, t, torch.float64).log_softmax(-1)
-        lq = scaled(xr, t_ref, torch.float64).log_softmax(-1)
-        lw, lv = (lp, lq) if kw.get("direction", "reverse") == "reverse" else (lq, lp)
-        # |KL|: the float64 sum of equal rows can come out a hair below 0
-        kl = (lw.exp() * (lw - lv)).nan_to_num().sum(-1, keepdim=True).abs()
-        size = ((lw - lv).abs() + kl).nan_to_num(posinf=0.0)
+        tau = t if i == 0 else t_ref  # argument 0: the logits; else the reference's
+        tau = tau.double().unsqueeze(-1) if isinstance(tau, torch.Tensor) else tau
         g = ups["out"].to(x.device).abs().unsqueeze(-1)
-        return (4 * 2.0**-23 * g * lw.exp() * size).nan_to_num()
+        return (4 * 2.0**-23 * g * lw.exp() * size + g * z_size / tau).nan_to_num()
 
     return floor
 
