@@ -395,11 +395,12 @@ def test_k3_is_unbiased_for_token_kl(bd):
     assert kl > 0.01 and torch.equal(every.token_kl, kl.expand(v))
     torch.testing.assert_close((log_q.exp() * every.k3).sum(), kl, rtol=1e-10, atol=0)
     gen = torch.Generator().manual_seed(11)
-    # Fewer samples under the Triton interpreter (~30 ms per row): a 5 sigma test either way; the
-    # labels only enter through logprob, which the exact check above covers for every label.
-    n = 500 if (backend, device) == ("triton", "cpu") else 200_000
-    sampled = torch.multinomial(log_q.exp().cpu(), n, replacement=True, generator=gen)
-    k3 = stats(sampled.to(device)).k3
+    n = 200_000
+    sampled = torch.multinomial(log_q.exp().cpu(), n, replacement=True, generator=gen).to(device)
+    # Under the Triton interpreter (~30 ms per row) the samples' k3 are gathered from the rows
+    # above: a row's outputs depend on its label alone (batch invariance has its own test).
+    interpreted = (backend, device) == ("triton", "cpu")
+    k3 = every.k3[sampled] if interpreted else stats(sampled).k3
     stderr = float(k3.std()) / math.sqrt(n)
     assert abs(float(k3.mean()) - float(kl)) < 5 * stderr, (float(k3.mean()), float(kl), stderr)
     # Pinsker: TV <= sqrt(KL / 2).
