@@ -133,6 +133,26 @@ def test_tail_holding_most_of_the_mass(bd):
         )
 
 
+def test_tail_sum_of_many_tied_logits(bd, request):
+    """fp32 [1, 4096] of integer logits in [-4, 2], k = 18 with q = p rounded (a fuzzer find):
+    fp32 lanes summed the ~4078 tail terms ~1e-6 short, and an id's gradient entry came out
+    1.0e-6 off relative to p_j (plain PyTorch: 2e-8); the C++ pass now sums in double lanes
+    (5.9e-8: ulp(log s) / 2 of the saved normalizer). The Triton tail lanes are still fp32
+    (a gradient entry 8.3e-10 off where the truth is ~0, plain 7.3e-12): open, strict xfail."""
+    backend, device = bd
+    if backend == "triton":  # strict where measured: the interpreter
+        why = "Triton topk_kl's fp32 tail lanes"
+        request.applymarker(pytest.mark.xfail(reason=why, strict=device == "cpu"))
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(-4, 3, (1, 4096), generator=g).double()
+        ids, lp, _ = make_topk(x, 18, seed=seed, noise=0.0)
+        args = (x.float().to(device), ids.to(device), lp.to(device))
+        check_against_reference(
+            _op(backend), reference.topk_kl, args, {}, diff_fields=("out",), seed=seed
+        )
+
+
 def test_small_kl_of_two_entries(bd):
     """bf16 [1, 2], k = 1 at tau 0.645, a KL of 1.9e-6 (a fuzzer find): the Triton finish in
     fp32 took log s = log(tail + head) (ulp(log s) / 2 in every log-prob) and log P_tail as

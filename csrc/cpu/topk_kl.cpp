@@ -130,8 +130,10 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> ta
   using fin_t = row_sum_t<acc_t>;
   constexpr int64_t W = Vec<acc_t>::size();
   // Two-level sums as in token_stats.cpp: two chains per lane inside a chunk, then chunk
-  // totals into the row's lanes.
-  Vec<acc_t> s_tail(acc_t(0));
+  // totals into the row's lanes, all in WideLanes (double lanes for fp32 rows): fp32 lanes
+  // put ~1e-6 into the tail sum of a row of 4096 tied logits (an id's gradient entry 1.0e-6
+  // off relative to p_j where plain PyTorch's logsumexp was 2e-8 off).
+  WideLanes<acc_t> s_tail;
   acc_t m_tail = neg_inf<acc_t>();  // running max over the tail (ids masked out)
   acc_t m_row = neg_inf<acc_t>();   // running max over everything: NaN / +inf detection
   int64_t next = 0;                 // first sorted id not yet reached
@@ -149,16 +151,18 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> ta
     }
     if (masked) chunk_max = buffer_max(buf, n_pad);
     if (chunk_max > m_tail) {
-      if (m_tail != neg_inf<acc_t>()) s_tail = s_tail * Vec<acc_t>(std::exp(m_tail - chunk_max));
+      if (m_tail != neg_inf<acc_t>()) {
+        s_tail.scale(std::exp(row_sum_t<acc_t>(m_tail) - row_sum_t<acc_t>(chunk_max)));
+      }
       m_tail = chunk_max;
     }
     if (m_tail == neg_inf<acc_t>()) continue;  // nothing finite in the tail so far
     const Vec<acc_t> vm(m_tail);
-    Vec<acc_t> lo(acc_t(0)), hi(acc_t(0));
+    WideLanes<acc_t> lo, hi;
     for (int64_t i = 0; i < n_pad; i += 2 * W) {
       // exp(-inf - m) = 0: masked ids, -inf logits and the padding add nothing.
-      lo = lo + vexp(Vec<acc_t>::loadu(buf + i) - vm);
-      hi = hi + vexp(Vec<acc_t>::loadu(buf + i + W) - vm);
+      lo.add(vexp(Vec<acc_t>::loadu(buf + i) - vm));
+      hi.add(vexp(Vec<acc_t>::loadu(buf + i + W) - vm));
     }
     s_tail = s_tail + (lo + hi);
   }
@@ -180,10 +184,7 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> ta
       head_rest += std::exp(fin_t(zh[k]) - fin_t(m_head));
     }
   }
-  acc_t lanes[W];
-  s_tail.store(lanes);
-  fin_t tail_sum = 0;
-  for (int64_t i = 0; i < W; ++i) tail_sum += lanes[i];
+  const fin_t tail_sum = s_tail.total();
   const TopkNormalizer<fin_t> norm = topk_normalizer<fin_t>(m_tail, tail_sum, m_head, head_rest);
   const QMasses<fin_t> q =
       q_masses(log_q, ids, K, K < V, m_tail == neg_inf<acc_t>(), q_head);
