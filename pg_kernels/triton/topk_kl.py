@@ -10,7 +10,8 @@ Forward, one sweep, two kernels:
   1. `_tail_chunk_kernel`, grid (N, n_chunks): the tail's online sum over one chunk, per LANE:
      a lane is the FOLD neighbours one thread holds in one 16-byte vector (8 bf16/fp16, 4 fp32),
      with its own running max r of the raw logits, reference m = max(r / tau, lowest finite) and
-     sum s = sum exp(z - m); a risen max rescales s by one exp per lane, without a branch. Before
+     sum s = sum exp(z - m) in fp64 (one fp64 fma per lane per step: fp32 lanes lost ~1e-6 of
+     4078 tied tail terms); a risen max rescales s by one exp per lane, without a branch. Before
      the loop the chunk's ids become per-lane bits (`_chunk_id_bits`: bit step * FOLD + k marks
      element k of the lane in that step; a few instructions per id, once per program); in the
      loop one AND + select per element drops them (x -> -inf). After the loop, one cross-lane
@@ -33,8 +34,9 @@ NaN and read nothing. Under the interpreter the fma exponents are emulated in fp
 (`_pair.fma_acc`): its tl.fma rounds the product first, a GPU does not.
 
 Bytes per row of V elements of s bytes: forward V s read + 16 K (ids and log-probs, sorted
-copies) + 8 n_chunks bytes of partial states + ~16 B written; backward V s read + V s written
-+ ~(16 + 2 s) K (ids, log-probs, the head logits, the head entries written a second time).
+copies) + 16 n_chunks bytes of partial states (fp64) + ~16 B written; backward V s read +
+V s written + ~(16 + 2 s) K (ids, log-probs, the head logits, the head entries written a
+second time).
 Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
 (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
 
@@ -134,8 +136,9 @@ def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
     mref = max(r / tau, low), low the lowest finite float (a finite reference while the lane is
     empty: exp(-inf - mref) = 0, never NaN), s = sum exp(z - mref). The rescale to a risen max
     is one exp per lane per step, without a branch: exp(mref_old - mref_new) <= 1, and an empty
-    lane's s is 0 whatever it gives."""
-    x = x.to(s.dtype)
+    lane's s is 0 whatever it gives. s is fp64 (one conversion and one fp64 fma per lane per
+    step, FOLD elements): fp32 lanes lost ~1e-6 of a tail of 4078 tied logits."""
+    x = x.to(r.dtype)
     if FOLD == 8:
         y0, y1 = tl.split(tl.reshape(x, [x.shape[0] // 8, 2, 2, 2]))  # element offset 4a + 2b + c
         y00, y01 = tl.split(y0)
@@ -181,7 +184,7 @@ def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
         r = tl.maximum(r, x)
         m = tl.maximum(r * inv_tau, low)
         t = _e(x, inv_tau, m)
-    s = tl.fma(s, exp_acc(mref - m), t)
+    s = tl.fma(s, exp_acc(mref - m).to(s.dtype), t.to(s.dtype))
     return r, m, s
 
 
@@ -260,8 +263,9 @@ def _tail_chunk_kernel(
     FOLD: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the tail state (m_tail, s_tail) of one chunk, into part_ptr
-    [2, n_chunks, N]; m_tail is NaN when the chunk holds a NaN or +inf."""
-    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    [2, n_chunks, N] (fp64: s_tail's lanes are summed in fp64); m_tail is NaN when the chunk
+    holds a NaN or +inf."""
+    ACC: tl.constexpr = inv_tau_ptr.dtype.element_ty
     LANES: tl.constexpr = BLOCK_V // FOLD
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -280,7 +284,7 @@ def _tail_chunk_kernel(
     r = tl.full([LANES], float("-inf"), ACC)
     low = lowest_finite(ACC)
     m = tl.zeros([LANES], ACC) + low
-    s = tl.zeros([LANES], ACC)
+    s = tl.zeros([LANES], tl.float64)
     for i in range(0, n_full):  # full blocks: unmasked vector loads
         x = tl.load(x_row + (start + i * BLOCK_V) + lanes)
         r, m, s = _tail_step(x, bits, inv_tau, low, r, m, s, FOLD)
@@ -292,7 +296,7 @@ def _tail_chunk_kernel(
     # One cross-lane merge per chunk: the chunk max, each lane rescaled to it, then the sum.
     # A NaN or +inf logit left a NaN sum (+inf - +inf in its exp), which marks the chunk.
     m_chunk = tl.maximum(tl.max(r, axis=0) * inv_tau, low)
-    s_chunk = tl.sum(s * exp_acc(m - m_chunk), axis=0)
+    s_chunk = tl.sum(s * exp_acc(m.to(tl.float64) - m_chunk.to(tl.float64)), axis=0)
     m_chunk = tl.where(s_chunk == 0.0, float("-inf"), m_chunk)  # no finite tail logit
     idx = chunk.to(tl.int64) * N + row
     tl.store(part_ptr + idx, tl.where(s_chunk != s_chunk, float("nan"), m_chunk))
@@ -313,7 +317,7 @@ def _fwd_finish_kernel(
     keep, ok, idv = _row_setup(ids_ptr, labels_ptr, ignore_index, row, V, K, HAS_LABELS, K_PAD)
     inv_tau = tl.load(inv_tau_ptr + row)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    zero = tl.zeros([], ACC)
+    zero = tl.zeros([], tl.float64)  # the chunk states are fp64
     m_tail = zero - float("inf")
     s_tail = zero
     plane = n_chunks.to(tl.int64) * N
@@ -324,6 +328,7 @@ def _fwd_finish_kernel(
         m_tail, s_tail, _, _ = merge_states(m_tail, s_tail, zero, zero, m_k, s_k, zero, zero)
         chunk_off += N
     tail_ok = m_tail == m_tail  # a NaN chunk max: the row held a NaN or +inf
+    m_tail = m_tail.to(ACC)  # an ACC value (a chunk's m), exact
 
     # The head: K gathered logits, and q from the given log-probs.
     kk = tl.arange(0, K_PAD)
@@ -498,7 +503,7 @@ def topk_kl_forward(
         ids, lq = _sorted(topk_ids, topk_logprobs, labels, V, ignore_index)
         inv_tau = per_row_inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
         labels_arg, blk, meta = _launch_args(topk_ids, labels, V, logits.dtype, _block_v, _chunk)
-        part = torch.empty((2, blk.n_chunks, N), dtype=acc, device=logits.device)
+        part = torch.empty((2, blk.n_chunks, N), dtype=torch.float64, device=logits.device)
         _tail_chunk_kernel[(N, blk.n_chunks)](
             logits, ids, labels_arg, inv_tau, ignore_index, V, K, N, n_inner, stride_outer,
             stride_inner, part, FOLD=_lane_fold(blk, logits.dtype), **meta,
