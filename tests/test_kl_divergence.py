@@ -241,6 +241,32 @@ def test_near_equal_rows_fp32_other_side_gradient(bd):
         _check(backend, x, xr, direction=direction, temperature=t)
 
 
+# fp32 rows of V = 2 within 1e-4 of their reference (no shift: a reference model near the
+# policy) at a temperature of 9.5 / 5.9, small logits: x, reference logits, temperature,
+# direction (test_near_equal_small_rows_fp32_other_side_gradient; step_stats' test of the same).
+NEAR_EQUAL_SMALL_V2_ROWS = (
+    ([-0.002194691449403763, 0.03713809698820114],
+     [-0.002120445016771555, 0.03703950345516205], 9.459184514061594, "reverse"),
+    ([-0.00030062711448408663, -0.001372454920783639],
+     [-0.0003207905392628163, -0.0012660989305004478], 5.89158350105119, "forward"),
+)  # fmt: skip
+
+
+def test_near_equal_small_rows_fp32_other_side_gradient(bd):
+    """The other side's gradient g / tau (v_j - w_j) of rows within 1e-4 of their reference at
+    |z| < 0.01, where neither z's rounding nor plain PyTorch's (which rounds both rows alike)
+    hides an error: v_j - w_j ~ 1e-6 from two probabilities of ~0.5. Triton's fp32 backward
+    took it as the difference of the two exps, (e_v - e_w) f_vv - e_w f_d: 3.5e-9 off against
+    7.1e-10 allowed (plain PyTorch 2.9e-10; the reference's gradient, reverse) and 1.7e-9
+    against 4.1e-10 (the logits', forward). Where the two are close it now takes w_j
+    expm1(delta) (`_pair.other_side_difference`, as pair_rows.h): 3.0e-12 and 1.1e-13."""
+    backend, device = bd
+    for x, xr, tau, direction in NEAR_EQUAL_SMALL_V2_ROWS:
+        t = torch.tensor([tau], dtype=torch.float64, device=device)
+        x, xr = (torch.tensor([r], device=device) for r in (x, xr))
+        _check(backend, x, xr, direction=direction, temperature=t)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_tiny_kl_beside_equal_normalizers(bd, dtype):
     """Both rows hold the max and an equal second entry (e^-29.875 ~ 1e-13), and differ only in

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from test_kl_divergence import NEAR_EQUAL_V2_ROWS, _kl_grad_floor
+from test_kl_divergence import NEAR_EQUAL_SMALL_V2_ROWS, NEAR_EQUAL_V2_ROWS, _kl_grad_floor
 
 import pg_kernels
 from pg_kernels import reference
@@ -532,3 +532,22 @@ def test_near_equal_teacher_rows_other_side_gradient(bd, reverse_rows):
                 _op(backend), _ref, (x, y, None, None, xq), kw, diff_fields=("kl",),
                 check_fields=("kl",), grad_args=(0, 4), grad_floor=floor,
             )  # fmt: skip
+
+
+def test_near_equal_small_teacher_rows_other_side_gradient(bd):
+    """The KL's other side (the teacher's gradient for reverse KL, the logits' for forward) on
+    kl_divergence's fp32 V = 2 rows within 1e-4 of their teacher at |z| < 0.01, the KL alone in
+    the loss: q_j - p_j ~ 1e-6 from two probabilities of ~0.5 rounded apart (token_stats' p_j,
+    the pair pass's q_j). Triton's fp32 bundle took their difference: 6.2e-9 off against 7.1e-10
+    allowed (reverse; plain PyTorch 2.9e-10), 3.5e-9 against 4.1e-10 (forward). It now takes
+    p_j expm1(delta) where the two are close (`_pair.other_side_difference`): 1.1e-12, 2.3e-12."""
+    backend, device = bd
+    for x, xq, tau, direction in NEAR_EQUAL_SMALL_V2_ROWS:
+        kw = {"kl_direction": direction, "temperature": torch.tensor([tau], device=device)}
+        x, xq = (torch.tensor([r], device=device) for r in (x, xq))
+        kl_floor = _kl_grad_floor(x, xq, {"direction": direction, **kw})
+        check_against_reference(
+            _op(backend), _ref, (x, torch.tensor([0], device=device), None, None, xq), kw,
+            diff_fields=("kl",), check_fields=("kl",), grad_args=(0, 4),
+            grad_floor=lambda i, ups, f=kl_floor: f(i, {"out": ups["kl"]}),
+        )  # fmt: skip

@@ -238,6 +238,45 @@ def rescale_excess(k, u, s_w, a_w, a_v, dd):
     return a_v * k - a * u + b * s_w
 
 
+# expm1(-u y) = sum_n (-u y)^n / n!, n = 1..6, as y sum_n c_n y^(n - 1): the coefficients of
+# `other_side_difference` for y in nats (u = 1) or log2 units (u = ln 2). 6 terms: the first
+# left out, delta^7 / 7!, is 4.8e-8 of delta at |delta| = 1/4, below half an fp32 ulp.
+EXPM1_NATS = tl.constexpr(tuple((-1.0) ** n / math.factorial(n) for n in range(1, 7)))
+EXPM1_LOG2 = tl.constexpr(tuple((-LN2.value) ** n / math.factorial(n) for n in range(1, 7)))
+
+
+@triton.jit
+def other_side_difference(w, y, far, LOG2: tl.constexpr):
+    """The backward's other side of KL(w || v), v_j - w_j times a factor s, in fp32 (pair_rows.h
+    `other_side_difference`): where |delta| < 1/4, delta = log v_j - log w_j = -y u (y in log2
+    units with LOG2, u = ln 2, else nats), w_j s expm1(delta) from its series, w = w_j s (no
+    two probabilities cancel: the error is relative to the result, plus delta's own); elsewhere
+    `far`, the difference of the two exps. y = (d_w - d_v) + dl / u with dl = log s1_v -
+    log s1_w taken as KL - c (two small numbers on near-equal rows). A NaN or infinite y (a -inf
+    logit, a KL = +inf row's NaN dl) takes `far`."""
+    tl.static_assert(w.dtype == tl.float32)
+    if LOG2:
+        p = y * 0 + EXPM1_LOG2[5]
+        for n in tl.static_range(4, -1, -1):
+            p = p * y + EXPM1_LOG2[n]
+        near = tl.abs(y) < NEAR / LN2
+    else:
+        p = y * 0 + EXPM1_NATS[5]
+        for n in tl.static_range(4, -1, -1):
+            p = p * y + EXPM1_NATS[n]
+        near = tl.abs(y) < NEAR
+    return tl.where(near, w * (y * p), far)
+
+
+@triton.constexpr_function
+def has_other_series(XDT):
+    """Whether the backward of logits of dtype XDT takes the other side's v_j - w_j from
+    `other_side_difference`: fp32 only. Its ~12 SASS instructions per element pair fit fp32's
+    budget of 40 (17.6-19.1 without it), not the 16-bit loops' 20 (18.3-19.9); fp64's plain
+    difference cancels at ~1e-16 (the rule's fp64 floor)."""
+    return XDT == tl.float32
+
+
 @triton.jit
 def exp_base(t):
     """The exponential of the lane arithmetic: 2^t in fp32 (t carries log2(e), one MUFU.EX2),

@@ -7,7 +7,7 @@ of each side plus c = E_w[d_w - d_v] (SideState / kl_grad_shift of the C++ kerne
 Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): recomputes w_j and v_j from the saved
 row state and writes each requested gradient once:
     grad_w = g / tau_w * w_j ((d_w - d_v) - c),  0 where w_j = 0
-    grad_v = g / tau_v * (v_j - w_j)
+    grad_v = g / tau_v * (v_j - w_j)   (fp32 logits: w_j expm1(delta) where the two are close)
 The blocking depends on V and the dtype only and every reduction runs in a fixed order:
 deterministic and batch invariant.
 
@@ -24,8 +24,9 @@ divides nothing per element (`_bwd_block`: e^{d} = 2^{(x - a) k} relative to the
 blocks of computed rows without masks and stores the other rows' constant in a second loop.
 Hot-loop SASS instructions per element pair, both gradients (one gradient), at tau = 1 and
 with a temperature alike:
-    bf16  19.3 (13.4)    fp16  18.3 (12.4)    fp32  17.6 (11.8)
-(first version 33.9 (24.2) bf16 at tau = 1, 64.5 (55.2) with a temperature).
+    bf16  19.3 (13.4)    fp16  18.3 (12.4)    fp32  28.6 (11.8)
+(first version 33.9 (24.2) bf16 at tau = 1, 64.5 (55.2) with a temperature; fp32 17.6 before
+the other side's series, `_bwd_block`'s SERIES, 32-40 registers, no spills).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import triton
 import triton.language as tl
 
 from pg_kernels.triton._common import (
+    LOG2E,
     acc_dtype_of,
     div_acc,
     exp_acc,
@@ -52,8 +54,10 @@ from pg_kernels.triton._pair import (
     finalize_kl,
     fma_acc,
     has_excess,
+    has_other_series,
     merge_row,
     needs_division,
+    other_side_difference,
     pair_partials,
     reference_shift,
     row_exponent,
@@ -104,7 +108,8 @@ def _fwd_finish_kernel(
 
 
 @triton.jit
-def _bwd_block(xw, xv, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, DIVIDE: tl.constexpr):
+def _bwd_block(xw, xv, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u,
+               DIVIDE: tl.constexpr, SERIES: tl.constexpr):  # fmt: skip
     """Both gradients of one block from the raw logits of each side.
 
     e_w = 2^{p_w}, p_w = (x_w - a_w) k_w: e^{d_w} relative to the row max (`row_exponent`'s a),
@@ -117,6 +122,10 @@ def _bwd_block(xw, xv, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, DIVIDE: tl.con
     (f_d). r: without DIVIDE (x_w - a_w) - (x_v - a_v), exact differences of the logits rounded
     relative to the result (the one-pass bound of the tests); with DIVIDE p_w - p_v, each p
     rounded relative to d, not to z.
+    SERIES (fp32 logits, `has_other_series`): where the two sides are close, (v_j - w_j) s_v =
+    e_w f_vw expm1(delta) instead (`other_side_difference`, y = r + dl_u, f_vw = s_v / s1_w,
+    dl_u = log s1_v - log s1_w in r's units): the difference of the two exps carried each one's
+    rounding, a few ulps of w_j, into a result that near-equal rows cancel to ~w_j |delta|.
     """
     ACC: tl.constexpr = f_vv.dtype
     dxw = xw.to(ACC) - a_w
@@ -134,24 +143,27 @@ def _bwd_block(xw, xv, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, DIVIDE: tl.con
     # row, NaN through f_wr.
     grad_w = ew * fma_acc(floor_log_ratio(r), f_wr, -f_wc)
     grad_v = fma_acc(ev - ew, f_vv, -(ew * f_d))
+    if SERIES:
+        grad_v = other_side_difference(ew * f_vw, r + dl_u, grad_v, DIVIDE)
     return grad_w, grad_v
 
 
 @triton.jit
 def _bwd_factors(l_w, l_v, dl, c, s_w, s_v, DIVIDE: tl.constexpr):
-    """(f_wr, f_wc, f_vv, f_d) of `_bwd_block`, s = g / tau of a gradient's side: f_ww =
+    """(f_wr, f_wc, f_vv, f_d, f_vw) of `_bwd_block`, s = g / tau of a gradient's side: f_ww =
     s_w / s1_w, f_wr = f_ww in r's units (ln 2 per log2 unit with DIVIDE in fp32), f_wc = c f_ww,
     f_vv = s_v / s1_v and f_d = s_v / s1_w - f_vv = f_vv expm1(dl), dl = log s1_v - log s1_w,
     so that the other side's v_j - w_j never cancels the two normalizers (at a shared max
     e_v = e_w = 1 and v_j - w_j = -f_d alone: a near one-hot row's s1 = 1 + 1e-5 left that
-    difference to the rounding of e^{dl} = 1 + 1e-5, 5 % off)."""
+    difference to the rounding of e^{dl} = 1 + 1e-5, 5 % off); f_vw = s_v / s1_w = f_vv + f_d."""
     f_ww = s_w * exp_acc(-l_w)
     f_vv = s_v * exp_acc(-l_v)
     f_wr = f_ww
     if DIVIDE:
         if f_ww.dtype != tl.float64:
             f_wr = f_ww * LN2
-    return f_wr, c * f_ww, f_vv, f_vv * expm1_acc(dl)
+    f_d = f_vv * expm1_acc(dl)
+    return f_wr, c * f_ww, f_vv, f_d, f_vv + f_d
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -208,8 +220,12 @@ def _bwd_kernel(
     # p_w - p_v and c cancel exactly. log s1_v - log s1_w as KL - c, two small numbers where
     # the rows are near-equal (the C++ kernel's dl); from the logs on a KL = +inf row, whose
     # other side is still exact.
-    dl = tl.where(kl < big, kl - c, l_v - l_w)
-    f_wr, f_wc, f_vv, f_d = _bwd_factors(l_w, l_v, tl.where(compute, dl, 0.0), c, s_w, s_v, DIVIDE)
+    dl = tl.where(compute, tl.where(kl < big, kl - c, l_v - l_w), 0.0)
+    f_wr, f_wc, f_vv, f_d, f_vw = _bwd_factors(l_w, l_v, dl, c, s_w, s_v, DIVIDE)
+    SERIES: tl.constexpr = has_other_series(XDT)
+    dl_u = dl  # in `_bwd_block`'s r units: log2 with DIVIDE in fp32, else nats
+    if SERIES and DIVIDE:
+        dl_u = dl * LOG2E
     x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
     xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
     out = row.to(tl.int64) * V  # gradients are fresh contiguous tensors
@@ -225,7 +241,8 @@ def _bwd_kernel(
         xp = tl.load(x_row + cols)
         xq = tl.load(xr_row + cols)
         _bwd_store(xp, xq, gx_ptr + out + cols, gxr_ptr + out + cols, a_w, k_w, a_v, k_v, f_wr,
-                   f_wc, f_vv, f_d, None, REVERSE, NEED_X, NEED_XR, DIVIDE)  # fmt: skip
+                   f_wc, f_vv, f_d, f_vw, dl_u, None, REVERSE, NEED_X, NEED_XR, DIVIDE,
+                   SERIES)  # fmt: skip
     constant = tl.zeros([BLOCK_V], f_vv.dtype) + tl.where(nan_row, nan, 0.0)
     for i in range(0, tl.where(compute, 0, n_full)):
         cols = start + i * BLOCK_V + lanes
@@ -239,18 +256,23 @@ def _bwd_kernel(
         xp = tl.load(x_row + cols, mask=in_row & compute, other=0.0)
         xq = tl.load(xr_row + cols, mask=in_row & compute, other=0.0)
         _bwd_store(xp, xq, gx_ptr + out + cols, gxr_ptr + out + cols, a_w, k_w, a_v, k_v, f_wr,
-                   f_wc, f_vv, f_d, in_row, REVERSE, NEED_X, NEED_XR, DIVIDE)  # fmt: skip
+                   f_wc, f_vv, f_d, f_vw, dl_u, in_row, REVERSE, NEED_X, NEED_XR, DIVIDE,
+                   SERIES)  # fmt: skip
 
 
 @triton.jit
-def _bwd_store(xp, xq, gx, gxr, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, mask,
+def _bwd_store(xp, xq, gx, gxr, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, mask,
                REVERSE: tl.constexpr, NEED_X: tl.constexpr, NEED_XR: tl.constexpr,
-               DIVIDE: tl.constexpr):  # fmt: skip
+               DIVIDE: tl.constexpr, SERIES: tl.constexpr):  # fmt: skip
     if REVERSE:
-        grad_w, grad_v = _bwd_block(xp, xq, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, DIVIDE)
+        grad_w, grad_v = _bwd_block(
+            xp, xq, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, DIVIDE, SERIES
+        )
         grad_x, grad_xr = grad_w, grad_v
     else:
-        grad_w, grad_v = _bwd_block(xq, xp, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, DIVIDE)
+        grad_w, grad_v = _bwd_block(
+            xq, xp, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, DIVIDE, SERIES
+        )
         grad_x, grad_xr = grad_v, grad_w
     if NEED_X:
         tl.store(gx, round_to(grad_x, gx.dtype.element_ty), mask=mask)

@@ -55,7 +55,8 @@ element triple (forward, budget 30) / pair (backward with the KL term, both grad
 20), worst variant, first version -> now (.ci/check_triton_sm90.py):
     forward  bf16 33.8 -> 28.3, fp16 33.4 -> 27.8, fp32 33.3 -> 27.7 -> 58.0 with the excess
              (fp32 only, below; budget 60)
-    backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 (budget 40)
+    backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 -> 32.2 with the other
+             side's series (fp32 only, `_bwd_values`' SERIES; budget 40)
 Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
 and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
 into integers and back: ~4 per floor). The pair sides in `_pair`'s convention (the top entry
@@ -68,7 +69,8 @@ variants at temperature 1 rose from ~200 to 254: the framed sides' d per lane; w
 prefetch, unlike token_stats). Backward: the log-ratio's d_p folded into
 token_stats' coefficients (reverse: 14 arithmetic instructions per pair instead of 16), the
 reference's upstream factor into its log-ratio (forward: 15), one loop per row case, block
-addresses from a scalar pointer, bf16 pairs loaded as int32; 45-64 registers (were 53-62).
+addresses from a scalar pointer, bf16 pairs loaded as int32; 45-64 registers (were 53-62;
+fp32 40-59 with the series, 32-40 without).
 Accuracy: fp32 logits sum each pair's excess kx = sum e_w f(delta) too (`_pair.excess_terms`,
 moved with the lanes by `_pair.rescale_excess`) and finish near-equal rows from it (a KL of 2e-8
 to a near-equal V = 2 teacher: 3.0e-8 -> 1.1e-12 off); what follows is of 16-bit logits, and
@@ -99,6 +101,7 @@ from pg_kernels.triton._common import (
     D_MIN,
     INTERPRETED,
     LN2,
+    LOG2E_F64,
     acc_dtype_of,
     div_acc,
     floor_log_ratio,
@@ -116,11 +119,13 @@ from pg_kernels.triton._pair import (
     finalize_kl,
     fma_acc,
     has_excess,
+    has_other_series,
     lane_scale,
     max_logit,
     merge_row,
     nats_per_unit,
     needs_division,
+    other_side_difference,
     reference_shift,
     rescale_excess,
     row_exponent,
@@ -623,8 +628,8 @@ def _fwd_finish_kernel(
 
 
 @triton.jit
-def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q,
-                KL: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
+def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o,
+                dl_u, KL: tl.constexpr, REVERSE: tl.constexpr, SERIES: tl.constexpr):  # fmt: skip
     """(dz_p, dz_q) / tau of one block of logits x and reference logits xq (ACC), without the
     label term; with KL the K term and the reference's gradient (per-row factors set up by
     `_bwd_kernel`), else dz_q = 0. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
@@ -635,7 +640,13 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
     -G d_q is added: e (a + b d2 + q e + g_p max(x_q - a_q, floor)), g_p = -G / tau_q.
     Forward KL: p_j g / tau is in a, q_j g / tau subtracted (g_p = g / tau); the reference's
     gradient q_j g_q ((d_q - d_p) - c) = q_j (f_q (x_q - a_q) - k_d d2 + shift), f_q =
-    g_q / tau_q, k_d = g_q ln2, shift = -g_q (ln2 rho_hi + c) (per-row factors)."""
+    g_q / tau_q, k_d = g_q ln2, shift = -g_q (ln2 rho_hi + c) (per-row factors).
+    SERIES (fp32 logits, `_pair.has_other_series`): the other side's difference (reverse: the
+    reference's q_j - p_j, f_o = kp g_q; forward: the logits' p_j - q_j, f_o = kp g_p, then not
+    in a) from `_pair.other_side_difference` where the two are close, y = (d_w - d_v) + dl_u in
+    log2 units, d_p = (x - m) c, d_q = (x_q - a_q) k_q, dl_u = (KL - c) log2(e): p_j and q_j
+    carry different roundings (token_stats' normalizer and the pair pass's), a few ulps of
+    either that near-equal rows left in their difference."""
     d2, e = bwd_exps(x, m, c, rho_hi)
     coef = tl.fma(q, e, tl.fma(b, d2, a))
     dq = tl.zeros_like(e)
@@ -649,11 +660,19 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
             coef = tl.fma(g_p, _floor_at(dxq, XQ_FLOOR), coef)
             dz = e * coef
             dq = tl.fma(e, -kp, q_j) * g_q
+            if SERIES:
+                y = fma_acc(x - m, c, -(dxq * k_q)) + dl_u
+                dq = other_side_difference(e * f_o, y, dq, True)
         else:
             # d/dz_j KL(q || p) = p_j - q_j; d/dz_q,j = q_j ((d_q - d_p) - c) with
             # d_p = ln2 (d2 + rho_hi), g_q folded into the factors: finite by the floors of d2
             # and x_q - a_q, so no floor (which would drop a NaN factor) after it.
-            dz = tl.fma(q_j, -g_p, e * coef)
+            if SERIES:
+                qg = q_j * g_p
+                y = fma_acc(dxq, k_q, -((x - m) * c)) + dl_u
+                dz = tl.fma(e, coef, other_side_difference(qg, y, tl.fma(e, f_o, -qg), True))
+            else:
+                dz = tl.fma(q_j, -g_p, e * coef)
             dxq = _floor_at(dxq, XQ_FLOOR)
             dq = q_j * tl.fma(dxq, f_q, tl.fma(d2, -k_d, shift))
     else:
@@ -671,9 +690,10 @@ def _load_halves(row_ptr, col0, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp, a_q,
-               k_q, b_q, f_q, k_d, shift, g_p, g_q, READ: tl.constexpr, KL: tl.constexpr,
-               REVERSE: tl.constexpr, NEED_X: tl.constexpr, NEED_Q: tl.constexpr,
-               PAIRS: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+               k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, READ: tl.constexpr,
+               KL: tl.constexpr, REVERSE: tl.constexpr, NEED_X: tl.constexpr,
+               NEED_Q: tl.constexpr, PAIRS: tl.constexpr, SERIES: tl.constexpr,
+               BLOCK_V: tl.constexpr):  # fmt: skip
     """One chunk's requested gradients, block by block: READ (not an ignored row) reads the
     logits (and with KL the reference) and writes `_bwd_values`; else zeros. One such loop per
     row case, so that none carries a per-element select or a masked load's fill values.
@@ -694,9 +714,11 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
                 if KL:
                     xq_lo, xq_hi = _load_halves(xq_row, col0, BLOCK_V)
                 dz_lo, dq_lo = _bwd_values(x_lo, xq_lo, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q,
-                                           f_q, k_d, shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+                                           f_q, k_d, shift, g_p, g_q, f_o, dl_u, KL, REVERSE,
+                                           SERIES)  # fmt: skip
                 dz_hi, dq_hi = _bwd_values(x_hi, xq_hi, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q,
-                                           f_q, k_d, shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+                                           f_q, k_d, shift, g_p, g_q, f_o, dl_u, KL, REVERSE,
+                                           SERIES)  # fmt: skip
                 dz = tl.reshape(tl.join(dz_lo, dz_hi), [BLOCK_V])
                 dq = tl.reshape(tl.join(dq_lo, dq_hi), [BLOCK_V])
             else:
@@ -705,7 +727,7 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
                 if KL:
                     xq = tl.load((xq_row + col0) + lanes).to(ACC)
                 dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
-                                     shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+                                     shift, g_p, g_q, f_o, dl_u, KL, REVERSE, SERIES)  # fmt: skip
             if NEED_X:
                 tl.store((g_row + col0) + lanes, round_to(dz, OUT))
             if NEED_Q:
@@ -724,7 +746,7 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
             if KL:
                 xq = tl.load(xq_row + cols, mask=in_row, other=0.0).to(ACC)
             dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
-                                 shift, g_p, g_q, KL, REVERSE)  # fmt: skip
+                                 shift, g_p, g_q, f_o, dl_u, KL, REVERSE, SERIES)  # fmt: skip
             if NEED_X:
                 tl.store(g_row + cols, round_to(dz, OUT), mask=in_row)
             if NEED_Q:
@@ -775,6 +797,9 @@ def _bwd_kernel(
     shift = tl.zeros([], ACC)
     g_p = tl.zeros([], ACC)
     g_q = tl.zeros([], ACC)
+    f_o = tl.zeros([], ACC)
+    dl_u = tl.zeros([], ACC)
+    SERIES: tl.constexpr = has_other_series(x_ptr.dtype.element_ty)
     a_kl = a
     b_kl = b
     read_q = keep & (row < 0)
@@ -812,6 +837,10 @@ def _bwd_kernel(
             c_kl += d_ref
         g_p = tl.where(kl_on, tl.where(p_nan, nan, up * inv_p), 0.0)  # d/dx = d/dz / tau
         g_q = tl.where(kl_on, tl.where(q_nan, nan, div_acc(up, tau_q)), 0.0)
+        # The other side's log s1_v - log s1_w = KL - c (c now relative to m), in log2 units,
+        # for `_bwd_values`' SERIES; NaN (so never near) on a KL = +inf or unread row.
+        dl = (kl.to(tl.float64) - c_kl.to(tl.float64)) * LOG2E_F64
+        dl_u = tl.where(read_q & (kl < big), dl.to(ACC), nan)
         # The log-ratio's d_p = z - m = ln2 (d2 + rho_hi) (`bwd_exps`: d2 = (x - m) c - rho_hi)
         # goes into per-row factors, its constant part computed in fp64 and rounded once.
         f64 = tl.float64
@@ -824,9 +853,12 @@ def _bwd_kernel(
             b_kl = tl.fma(big_g, ln2, b)
             a_kl = (a.to(f64) + big_g.to(f64) * (ln2_rho - c_kl.to(f64))).to(ACC)
             g_p = -big_g * inv_q
+            f_o = kp * g_q
         else:
             # p_j g_p on a; g_q ((d_q - d_p) - c) = f_q (x_q - a_q) - k_d d2 + shift.
-            a_kl = tl.fma(kp, g_p, a)
+            f_o = kp * g_p
+            if not SERIES:  # else p_j g_p joins the other side's difference
+                a_kl = tl.fma(kp, g_p, a)
             f_q = g_q * inv_q
             k_d = g_q * ln2
             shift = (-g_q.to(f64) * (ln2_rho + c_kl.to(f64))).to(ACC)
@@ -840,16 +872,16 @@ def _bwd_kernel(
     if keep:
         if kl_on:
             _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a_kl, b_kl,
-                       q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, True, HAS_REF,
-                       REVERSE, NEED_X, NEED_Q, PAIRS, BLOCK_V)  # fmt: skip
+                       q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, True, HAS_REF,
+                       REVERSE, NEED_X, NEED_Q, PAIRS, SERIES, BLOCK_V)  # fmt: skip
         else:
             _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q,
-                       kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, True, False, REVERSE,
-                       NEED_X, NEED_Q, PAIRS, BLOCK_V)  # fmt: skip
+                       kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, True, False,
+                       REVERSE, NEED_X, NEED_Q, PAIRS, SERIES, BLOCK_V)  # fmt: skip
     else:
         _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp,
-                   a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, False, False, REVERSE, NEED_X,
-                   NEED_Q, PAIRS, BLOCK_V)  # fmt: skip
+                   a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, False, False, REVERSE,
+                   NEED_X, NEED_Q, PAIRS, SERIES, BLOCK_V)  # fmt: skip
     # The label's entry: dz + g_l / tau, rounded once, by the program holding it (the barrier
     # orders it after the block store of the same address by another thread). Without the KL
     # in the loss the K term's factors are 0 and the reference is not read (q_j = 1).
@@ -861,7 +893,8 @@ def _bwd_kernel(
             if HAS_REF:
                 xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
             dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b_kl, q, kp, a_q, k_q, b_q, f_q,
-                                  k_d, shift, g_p, g_q, HAS_REF, REVERSE)  # fmt: skip
+                                  k_d, shift, g_p, g_q, f_o, dl_u, HAS_REF, REVERSE,
+                                  SERIES)  # fmt: skip
             tl.store(g_row + label, round_to(dz_c + g_l * inv_tau, g_row.dtype.element_ty))
 
 
