@@ -657,24 +657,30 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
             # d/dz_j KL(p || q) = p_j ((d_p - d_q) - c); d/dz_q,j = q_j - p_j. A -inf reference
             # logit under a -inf logit (e = 0) must add 0: its difference floored, far below
             # any logit (not D_MIN: x_q - a_q is not a log-ratio and may be < -1024).
-            coef = tl.fma(g_p, _floor_at(dxq, XQ_FLOOR), coef)
-            dz = e * coef
             dq = tl.fma(e, -kp, q_j) * g_q
             if SERIES:
-                y = fma_acc(x - m, c, -(dxq * k_q)) + dl_u
-                dq = other_side_difference(e * f_o, y, dq, True)
+                # r = (d_p - d_q) / ln2, one small difference (near-equal rows: ~|d_p - d_q|,
+                # not the O(1) coefficients' ulps); g_p = G ln2, -G c in a. r is -inf or NaN
+                # only where e = 0 (a -inf logit): floored, the product 0.
+                r = fma_acc(x - m, c, -(dxq * k_q))
+                dz = e * tl.fma(floor_log_ratio(r), g_p, coef)
+                dq = other_side_difference(e * f_o, r + dl_u, dq, True)
+            else:
+                dz = e * tl.fma(g_p, _floor_at(dxq, XQ_FLOOR), coef)
         else:
             # d/dz_j KL(q || p) = p_j - q_j; d/dz_q,j = q_j ((d_q - d_p) - c) with
             # d_p = ln2 (d2 + rho_hi), g_q folded into the factors: finite by the floors of d2
             # and x_q - a_q, so no floor (which would drop a NaN factor) after it.
             if SERIES:
                 qg = q_j * g_p
-                y = fma_acc(dxq, k_q, -((x - m) * c)) + dl_u
-                dz = tl.fma(e, coef, other_side_difference(qg, y, tl.fma(e, f_o, -qg), True))
+                # r = (d_q - d_p) / ln2 (as reverse); k_d = g_q ln2, shift = -g_q c.
+                r = fma_acc(dxq, k_q, -((x - m) * c))
+                dz = tl.fma(e, coef, other_side_difference(qg, r + dl_u, tl.fma(e, f_o, -qg), True))
+                dq = q_j * tl.fma(floor_log_ratio(r), k_d, shift)
             else:
                 dz = tl.fma(q_j, -g_p, e * coef)
-            dxq = _floor_at(dxq, XQ_FLOOR)
-            dq = q_j * tl.fma(dxq, f_q, tl.fma(d2, -k_d, shift))
+                dxq = _floor_at(dxq, XQ_FLOOR)
+                dq = q_j * tl.fma(dxq, f_q, tl.fma(d2, -k_d, shift))
     else:
         dz = e * coef
     return dz, dq
@@ -847,21 +853,32 @@ def _bwd_kernel(
         ln2 = _ln2(g_p)
         ln2_rho = _ln2(rho_hi.to(f64)) * rho_hi.to(f64)
         if REVERSE:
-            # p_j g_p ((d_p - d_q) - c) = e G (ln2 d2 + ln2 rho_hi - c - d_q), G = kp g_p:
-            # G ln2 on b, G (ln2 rho_hi - c) on a, -G / tau_q on x_q - a_q (as g_p).
             big_g = kp * g_p
-            b_kl = tl.fma(big_g, ln2, b)
-            a_kl = (a.to(f64) + big_g.to(f64) * (ln2_rho - c_kl.to(f64))).to(ACC)
-            g_p = -big_g * inv_q
+            if SERIES:
+                # p_j g_p ((d_p - d_q) - c) = e (G ln2 r - G c), G = kp g_p, r = (d_p - d_q) /
+                # ln2 from one small difference per element (`_bwd_values`): G ln2 as g_p, -G c
+                # on a; token_stats' b as it is.
+                a_kl = (a.to(f64) - big_g.to(f64) * c_kl.to(f64)).to(ACC)
+                g_p = big_g * ln2
+            else:
+                # = e G (ln2 d2 + ln2 rho_hi - c - d_q): G ln2 on b, G (ln2 rho_hi - c) on a,
+                # -G / tau_q on x_q - a_q (as g_p).
+                b_kl = tl.fma(big_g, ln2, b)
+                a_kl = (a.to(f64) + big_g.to(f64) * (ln2_rho - c_kl.to(f64))).to(ACC)
+                g_p = -big_g * inv_q
             f_o = kp * g_q
         else:
-            # p_j g_p on a; g_q ((d_q - d_p) - c) = f_q (x_q - a_q) - k_d d2 + shift.
             f_o = kp * g_p
-            if not SERIES:  # else p_j g_p joins the other side's difference
-                a_kl = tl.fma(kp, g_p, a)
-            f_q = g_q * inv_q
             k_d = g_q * ln2
-            shift = (-g_q.to(f64) * (ln2_rho + c_kl.to(f64))).to(ACC)
+            if SERIES:
+                # p_j g_p joins the other side's difference; g_q ((d_q - d_p) - c) = g_q ln2 r -
+                # g_q c, r = (d_q - d_p) / ln2 from one small difference per element.
+                shift = -g_q * c_kl
+            else:
+                # p_j g_p on a; g_q ((d_q - d_p) - c) = f_q (x_q - a_q) - k_d d2 + shift.
+                a_kl = tl.fma(kp, g_p, a)
+                f_q = g_q * inv_q
+                shift = (-g_q.to(f64) * (ln2_rho + c_kl.to(f64))).to(ACC)
 
     xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
     out = row.to(tl.int64) * V  # the gradients are fresh contiguous tensors
