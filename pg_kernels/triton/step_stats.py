@@ -56,7 +56,8 @@ element triple (forward, budget 30) / pair (backward with the KL term, both grad
     forward  bf16 33.8 -> 28.3, fp16 33.4 -> 27.8, fp32 33.3 -> 27.7 -> 58.0 with the excess
              (fp32 only, below; budget 60)
     backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 -> 32.2 with the other
-             side's series (fp32 only, `_bwd_values`' SERIES; budget 40)
+             side's series (fp32 only, `_bwd_values`' SERIES; budget 40) -> 31.2 with the
+             weight side's d_p - d_q as one difference (SERIES)
 Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
 and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
 into integers and back: ~4 per floor). The pair sides in `_pair`'s convention (the top entry
@@ -70,7 +71,8 @@ prefetch, unlike token_stats). Backward: the log-ratio's d_p folded into
 token_stats' coefficients (reverse: 14 arithmetic instructions per pair instead of 16), the
 reference's upstream factor into its log-ratio (forward: 15), one loop per row case, block
 addresses from a scalar pointer, bf16 pairs loaded as int32; 45-64 registers (were 53-62;
-fp32 40-59 with the series, 32-40 without).
+fp32 48-64 with the series and the weight side's one difference, 40-59 before it, 32-40
+without).
 Accuracy: fp32 logits sum each pair's excess kx = sum e_w f(delta) too (`_pair.excess_terms`,
 moved with the lanes by `_pair.rescale_excess`) and finish near-equal rows from it (a KL of 2e-8
 to a near-equal V = 2 teacher: 3.0e-8 -> 1.1e-12 off); what follows is of 16-bit logits, and
@@ -87,6 +89,11 @@ the exact KL of logits that far off. The backward takes d_p from token_stats' d2
 rounded relative to |log p_j| as plain PyTorch's log_softmax (not to |d_p - d_q|): on near
 rows (fp32 [8, 3000], q = p + 0.01 noise, tau 1, interpreter) the weight side's gradient error
 was 2.8e-8 reverse / 2.4e-8 forward (5.2e-9 before; plain fp32 PyTorch 1.1e-7 / 4.7e-8).
+For fp32 logits (SERIES) the weight side now takes r = (x - m) c - (x_q - a_q) k_q, one
+difference per element (kl_divergence's `_bwd_block` with a division), -c on token_stats' a:
+on near-equal small rows (|z| < 0.03, teacher noise 1e-4, tau 2-20, V 2-5, interpreter) the
+folded d_p failed 8 + 8 of 150 draws with the KL alone (reverse 2.8e-9 off where plain PyTorch
+was 1.0e-10 on a V = 2 row), 0 + 8 beside token_stats' fields; now 0 of both.
 """
 
 from __future__ import annotations
