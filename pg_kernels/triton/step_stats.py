@@ -653,7 +653,10 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
     in a) from `_pair.other_side_difference` where the two are close, y = (d_w - d_v) + dl_u in
     log2 units, d_p = (x - m) c, d_q = (x_q - a_q) k_q, dl_u = (KL - c) log2(e): p_j and q_j
     carry different roundings (token_stats' normalizer and the pair pass's), a few ulps of
-    either that near-equal rows left in their difference."""
+    either that near-equal rows left in their difference. SERIES also forms the weight side
+    from r = (d_p - d_q) / ln2 (reverse; forward (d_q - d_p) / ln2) in one difference per
+    element, not from d_p folded into O(1) coefficients: reverse e fma(r, G ln2, coef), -G c in
+    a and b as token_stats' (g_p = G ln2); forward q_j fma(r, k_d, shift), shift = -g_q c."""
     d2, e = bwd_exps(x, m, c, rho_hi)
     coef = tl.fma(q, e, tl.fma(b, d2, a))
     dq = tl.zeros_like(e)
