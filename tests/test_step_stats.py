@@ -551,3 +551,38 @@ def test_near_equal_small_teacher_rows_other_side_gradient(bd):
             diff_fields=("kl",), check_fields=("kl",), grad_args=(0, 4),
             grad_floor=lambda i, ups, f=kl_floor: f(i, {"out": ups["kl"]}),
         )  # fmt: skip
+
+
+# fp32 V = 2 rows within 1e-4 of their teacher (no shift) at |z| < 0.03: x, teacher logits,
+# temperature, direction, the upstream fields of each check
+# (test_near_equal_small_teacher_rows_weight_side_gradient).
+NEAR_EQUAL_SMALL_WEIGHT_ROWS = (
+    ([0.02658946067094803, 0.029899148270487785], [0.02651354670524597, 0.0298389233648777],
+     13.18372917175293, "reverse", [("kl",)]),
+    ([0.010983196087181568, -0.016174787655472755], [0.010999211110174656, -0.016147330403327942],
+     14.936689376831055, "forward", [("kl",), ("logprob", "entropy", "kl")]),
+)  # fmt: skip
+
+
+def test_near_equal_small_teacher_rows_weight_side_gradient(bd):
+    """The KL's weight side (the logits' gradient p_j ((d_p - d_q) - c) for reverse KL, the
+    teacher's q_j ((d_q - d_p) - c) for forward) on near-equal fp32 rows, the KL alone in the
+    loss (forward: also beside token_stats' fields, whose gradient the teacher's does not
+    carry): (d_p - d_q) - c ~ 1e-6 against O(1) parts. Triton's fp32 bundle folded d_p into
+    token_stats' coefficients (ln 2 (d2 + rho_hi), each O(1)), so the small difference carried
+    their roundings, a few ulps of O(1) in a result of ~1e-8 (interpreter): reverse 2.8e-9 off
+    against 2.5e-10 allowed (plain PyTorch 1.0e-10); forward 4.8e-9 against 5.1e-10 (2.5e-10),
+    2.1e-9 against 7.4e-10 (3.6e-10) beside token_stats' fields. It now forms d_p - d_q as one
+    difference per element (`_bwd_values`' SERIES), as kl_divergence: 3.9e-13, 1.1e-11,
+    1.6e-11 (the C++ kernel: 1.0e-12, 9.2e-13, 1.3e-12)."""
+    backend, device = bd
+    for x, xq, tau, direction, field_sets in NEAR_EQUAL_SMALL_WEIGHT_ROWS:
+        kw = {"kl_direction": direction, "temperature": torch.tensor([tau], device=device)}
+        x, xq = (torch.tensor([r], device=device) for r in (x, xq))
+        kl_floor = _kl_grad_floor(x, xq, {"direction": direction, **kw})
+        for fields in field_sets:
+            check_against_reference(
+                _op(backend), _ref, (x, torch.tensor([0], device=device), None, None, xq), kw,
+                diff_fields=fields, check_fields=("kl",), grad_args=(0, 4),
+                grad_floor=lambda i, ups, f=kl_floor: f(i, {"out": ups["kl"]}),
+            )  # fmt: skip

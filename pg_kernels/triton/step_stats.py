@@ -56,7 +56,8 @@ element triple (forward, budget 30) / pair (backward with the KL term, both grad
     forward  bf16 33.8 -> 28.3, fp16 33.4 -> 27.8, fp32 33.3 -> 27.7 -> 58.0 with the excess
              (fp32 only, below; budget 60)
     backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 -> 32.2 with the other
-             side's series (fp32 only, `_bwd_values`' SERIES; budget 40)
+             side's series (fp32 only, `_bwd_values`' SERIES; budget 40) -> 31.2 with the
+             weight side's d_p - d_q as one difference (SERIES)
 Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
 and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
 into integers and back: ~4 per floor). The pair sides in `_pair`'s convention (the top entry
@@ -70,7 +71,8 @@ prefetch, unlike token_stats). Backward: the log-ratio's d_p folded into
 token_stats' coefficients (reverse: 14 arithmetic instructions per pair instead of 16), the
 reference's upstream factor into its log-ratio (forward: 15), one loop per row case, block
 addresses from a scalar pointer, bf16 pairs loaded as int32; 45-64 registers (were 53-62;
-fp32 40-59 with the series, 32-40 without).
+fp32 48-64 with the series and the weight side's one difference, 40-59 before it, 32-40
+without).
 Accuracy: fp32 logits sum each pair's excess kx = sum e_w f(delta) too (`_pair.excess_terms`,
 moved with the lanes by `_pair.rescale_excess`) and finish near-equal rows from it (a KL of 2e-8
 to a near-equal V = 2 teacher: 3.0e-8 -> 1.1e-12 off); what follows is of 16-bit logits, and
@@ -87,6 +89,11 @@ the exact KL of logits that far off. The backward takes d_p from token_stats' d2
 rounded relative to |log p_j| as plain PyTorch's log_softmax (not to |d_p - d_q|): on near
 rows (fp32 [8, 3000], q = p + 0.01 noise, tau 1, interpreter) the weight side's gradient error
 was 2.8e-8 reverse / 2.4e-8 forward (5.2e-9 before; plain fp32 PyTorch 1.1e-7 / 4.7e-8).
+For fp32 logits (SERIES) the weight side now takes r = (x - m) c - (x_q - a_q) k_q, one
+difference per element (kl_divergence's `_bwd_block` with a division), -c on token_stats' a:
+on near-equal small rows (|z| < 0.03, teacher noise 1e-4, tau 2-20, V 2-5, interpreter) the
+folded d_p failed 8 + 8 of 150 draws with the KL alone (reverse 2.8e-9 off where plain PyTorch
+was 1.0e-10 on a V = 2 row), 0 + 8 beside token_stats' fields; now 0 of both.
 """
 
 from __future__ import annotations
@@ -646,7 +653,10 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
     in a) from `_pair.other_side_difference` where the two are close, y = (d_w - d_v) + dl_u in
     log2 units, d_p = (x - m) c, d_q = (x_q - a_q) k_q, dl_u = (KL - c) log2(e): p_j and q_j
     carry different roundings (token_stats' normalizer and the pair pass's), a few ulps of
-    either that near-equal rows left in their difference."""
+    either that near-equal rows left in their difference. SERIES also forms the weight side
+    from r = (d_p - d_q) / ln2 (reverse; forward (d_q - d_p) / ln2) in one difference per
+    element, not from d_p folded into O(1) coefficients: reverse e fma(r, G ln2, coef), -G c in
+    a and b as token_stats' (g_p = G ln2); forward q_j fma(r, k_d, shift), shift = -g_q c."""
     d2, e = bwd_exps(x, m, c, rho_hi)
     coef = tl.fma(q, e, tl.fma(b, d2, a))
     dq = tl.zeros_like(e)
@@ -657,24 +667,30 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
             # d/dz_j KL(p || q) = p_j ((d_p - d_q) - c); d/dz_q,j = q_j - p_j. A -inf reference
             # logit under a -inf logit (e = 0) must add 0: its difference floored, far below
             # any logit (not D_MIN: x_q - a_q is not a log-ratio and may be < -1024).
-            coef = tl.fma(g_p, _floor_at(dxq, XQ_FLOOR), coef)
-            dz = e * coef
             dq = tl.fma(e, -kp, q_j) * g_q
             if SERIES:
-                y = fma_acc(x - m, c, -(dxq * k_q)) + dl_u
-                dq = other_side_difference(e * f_o, y, dq, True)
+                # r = (d_p - d_q) / ln2, one small difference (near-equal rows: ~|d_p - d_q|,
+                # not the O(1) coefficients' ulps); g_p = G ln2, -G c in a. r is -inf or NaN
+                # only where e = 0 (a -inf logit): floored, the product 0.
+                r = fma_acc(x - m, c, -(dxq * k_q))
+                dz = e * tl.fma(floor_log_ratio(r), g_p, coef)
+                dq = other_side_difference(e * f_o, r + dl_u, dq, True)
+            else:
+                dz = e * tl.fma(g_p, _floor_at(dxq, XQ_FLOOR), coef)
         else:
             # d/dz_j KL(q || p) = p_j - q_j; d/dz_q,j = q_j ((d_q - d_p) - c) with
             # d_p = ln2 (d2 + rho_hi), g_q folded into the factors: finite by the floors of d2
             # and x_q - a_q, so no floor (which would drop a NaN factor) after it.
             if SERIES:
                 qg = q_j * g_p
-                y = fma_acc(dxq, k_q, -((x - m) * c)) + dl_u
-                dz = tl.fma(e, coef, other_side_difference(qg, y, tl.fma(e, f_o, -qg), True))
+                # r = (d_q - d_p) / ln2 (as reverse); k_d = g_q ln2, shift = -g_q c.
+                r = fma_acc(dxq, k_q, -((x - m) * c))
+                dz = tl.fma(e, coef, other_side_difference(qg, r + dl_u, tl.fma(e, f_o, -qg), True))
+                dq = q_j * tl.fma(floor_log_ratio(r), k_d, shift)
             else:
                 dz = tl.fma(q_j, -g_p, e * coef)
-            dxq = _floor_at(dxq, XQ_FLOOR)
-            dq = q_j * tl.fma(dxq, f_q, tl.fma(d2, -k_d, shift))
+                dxq = _floor_at(dxq, XQ_FLOOR)
+                dq = q_j * tl.fma(dxq, f_q, tl.fma(d2, -k_d, shift))
     else:
         dz = e * coef
     return dz, dq
@@ -847,21 +863,32 @@ def _bwd_kernel(
         ln2 = _ln2(g_p)
         ln2_rho = _ln2(rho_hi.to(f64)) * rho_hi.to(f64)
         if REVERSE:
-            # p_j g_p ((d_p - d_q) - c) = e G (ln2 d2 + ln2 rho_hi - c - d_q), G = kp g_p:
-            # G ln2 on b, G (ln2 rho_hi - c) on a, -G / tau_q on x_q - a_q (as g_p).
             big_g = kp * g_p
-            b_kl = tl.fma(big_g, ln2, b)
-            a_kl = (a.to(f64) + big_g.to(f64) * (ln2_rho - c_kl.to(f64))).to(ACC)
-            g_p = -big_g * inv_q
+            if SERIES:
+                # p_j g_p ((d_p - d_q) - c) = e (G ln2 r - G c), G = kp g_p, r = (d_p - d_q) /
+                # ln2 from one small difference per element (`_bwd_values`): G ln2 as g_p, -G c
+                # on a; token_stats' b as it is.
+                a_kl = (a.to(f64) - big_g.to(f64) * c_kl.to(f64)).to(ACC)
+                g_p = big_g * ln2
+            else:
+                # = e G (ln2 d2 + ln2 rho_hi - c - d_q): G ln2 on b, G (ln2 rho_hi - c) on a,
+                # -G / tau_q on x_q - a_q (as g_p).
+                b_kl = tl.fma(big_g, ln2, b)
+                a_kl = (a.to(f64) + big_g.to(f64) * (ln2_rho - c_kl.to(f64))).to(ACC)
+                g_p = -big_g * inv_q
             f_o = kp * g_q
         else:
-            # p_j g_p on a; g_q ((d_q - d_p) - c) = f_q (x_q - a_q) - k_d d2 + shift.
             f_o = kp * g_p
-            if not SERIES:  # else p_j g_p joins the other side's difference
-                a_kl = tl.fma(kp, g_p, a)
-            f_q = g_q * inv_q
             k_d = g_q * ln2
-            shift = (-g_q.to(f64) * (ln2_rho + c_kl.to(f64))).to(ACC)
+            if SERIES:
+                # p_j g_p joins the other side's difference; g_q ((d_q - d_p) - c) = g_q ln2 r -
+                # g_q c, r = (d_q - d_p) / ln2 from one small difference per element.
+                shift = -g_q * c_kl
+            else:
+                # p_j g_p on a; g_q ((d_q - d_p) - c) = f_q (x_q - a_q) - k_d d2 + shift.
+                a_kl = tl.fma(kp, g_p, a)
+                f_q = g_q * inv_q
+                shift = (-g_q.to(f64) * (ln2_rho + c_kl.to(f64))).to(ACC)
 
     xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
     out = row.to(tl.int64) * V  # the gradients are fresh contiguous tensors
