@@ -491,8 +491,14 @@ def test_near_equal_teacher_rows_kl(bd):
     3.0e-8 off where 2.0e-8 is allowed (a KL of 2.0e-8, plain PyTorch 9.8e-9) and 1.4e-8 where
     3.7e-9 is (a KL of 1.2e-14). Its pair sides now sum the excess too (`_pair.excess_terms`):
     1.1e-12 and 3.1e-15."""
+    _check_kl_alone(bd, NEAR_EQUAL_V2_ROWS[:2])
+
+
+def _check_kl_alone(bd, rows):
+    """The bundle's KL and both its gradients with the KL alone in the loss, one row per call
+    (the rule's 2x plain PyTorch is per batch); rows of (x, teacher logits, tau, direction)."""
     backend, device = bd
-    for x, xq, tau, direction in NEAR_EQUAL_V2_ROWS[:2]:
+    for x, xq, tau, direction in rows:
         kw = {"kl_direction": direction, "temperature": torch.tensor([tau], device=device)}
         x, xq = (torch.tensor([r], device=device) for r in (x, xq))
         kl_floor = _kl_grad_floor(x, xq, {"direction": direction, **kw})
@@ -541,16 +547,7 @@ def test_near_equal_small_teacher_rows_other_side_gradient(bd):
     the pair pass's q_j). Triton's fp32 bundle took their difference: 6.2e-9 off against 7.1e-10
     allowed (reverse; plain PyTorch 2.9e-10), 3.5e-9 against 4.1e-10 (forward). It now takes
     p_j expm1(delta) where the two are close (`_pair.other_side_difference`): 1.1e-12, 2.3e-12."""
-    backend, device = bd
-    for x, xq, tau, direction in NEAR_EQUAL_SMALL_V2_ROWS:
-        kw = {"kl_direction": direction, "temperature": torch.tensor([tau], device=device)}
-        x, xq = (torch.tensor([r], device=device) for r in (x, xq))
-        kl_floor = _kl_grad_floor(x, xq, {"direction": direction, **kw})
-        check_against_reference(
-            _op(backend), _ref, (x, torch.tensor([0], device=device), None, None, xq), kw,
-            diff_fields=("kl",), check_fields=("kl",), grad_args=(0, 4),
-            grad_floor=lambda i, ups, f=kl_floor: f(i, {"out": ups["kl"]}),
-        )  # fmt: skip
+    _check_kl_alone(bd, NEAR_EQUAL_SMALL_V2_ROWS)
 
 
 # fp32 V = 2 rows within 1e-4 of their teacher (no shift) at |z| < 0.03: x, teacher logits,
