@@ -149,12 +149,12 @@ struct PairLanes {
   }
 
   // The chunk's pair state from its two chains of lanes; mw, mv: the references of d_w, d_v.
-  static PairState<row_sum_t<acc_t>> join(const PairLanes& lo, const PairLanes& hi, acc_t mw,
-                                          acc_t mv) {
+  static PairState<row_sum_t<acc_t>> join(const PairLanes& lo, const PairLanes& hi,
+                                          row_sum_t<acc_t> mw, row_sum_t<acc_t> mv) {
     using sum_t = row_sum_t<acc_t>;
-    return {sum_t(mw),
+    return {mw,
             (lo.s1w + hi.s1w).total(),
-            sum_t(mv),
+            mv,
             (lo.s1v + hi.s1v).total(),
             sum_t(sum_lanes(lo.u + hi.u)),
             sum_t(sum_lanes(lo.k + hi.k)),

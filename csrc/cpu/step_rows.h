@@ -47,50 +47,60 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   // V / (2 W), close to PyTorch's cascade sum.
   LaneSums<acc_t> row;
   RowSum<row_sum_t<acc_t>> roll, kl;
-  acc_t m = neg_inf<acc_t>();
-  // The rollout's and the reference's running maxes: their exps are e^{z - mr}, e^{z - mq}
-  // like the logits' e^{z - m}, so that equal (or constant-shifted) rows keep equal exps and
-  // token_tv, token_kl and the KL are exactly 0 for them (relative to each chunk's own max,
-  // the reference's KL was 2.1e-9 on a shifted fp32 row whose second chunk has a lower max).
-  acc_t mr = neg_inf<acc_t>(), mq = neg_inf<acc_t>();
+  // Each side's chunks are loaded as d = (x - xm) / tau relative to its running max xm of the
+  // raw logits (shift_divide_chunk: d near the max is nearly exact, where z - m from z = x / tau
+  // rounded carried ulp(z) / 2 of z and of m: fp32 logprob at tau 0.7 on peaked rows, rms error
+  // 4.5e-7 -> 1.0e-7, plain PyTorch 7.3e-7), and referred to xm / tau in row_sum_t
+  // (Temperature::reference), so that rescaling a sum from one max to the next is accurate too.
+  // The rollout's and the reference's running maxes are kept the same way, so that equal (or
+  // constant-shifted) rows keep equal exps and token_tv, token_kl and the KL are exactly 0 for
+  // them (relative to each chunk's own max, the reference's KL was 2.1e-9 on a shifted fp32 row
+  // whose second chunk has a lower max).
+  acc_t xm = neg_inf<acc_t>(), xmr = neg_inf<acc_t>(), xmq = neg_inf<acc_t>();
+  const Temperature<acc_t> tpr = temperature(tr), tpq = temperature(tq);
+  // A side with no finite entry yet is referred to 0 (its d = -inf, e = 0), as in pair_chunk.
+  const auto shift = [](acc_t mx) { return mx == neg_inf<acc_t>() ? acc_t(0) : mx; };
   int64_t argmax = 0;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
     acc_t* cp = kRoll ? scratch.exps.ev() + begin : scratch.logits;
     acc_t* cr = kRoll ? scratch.exps.ew() + begin : nullptr;
-    const acc_t chunk_max = load_quotient_chunk(xp + begin, n, tp.tau, tp.r, cp);
-    if (!(chunk_max <= m)) {  // a new max, or a NaN (as token_stats' forward_row)
-      row.rescale(m, chunk_max);
-      m = chunk_max;
+    const acc_t chunk_max = load_chunk(xp + begin, n, cp);
+    if (!(chunk_max <= xm)) {  // a new max, or a NaN (as token_stats' forward_row)
+      if (xm != neg_inf<acc_t>()) row.rescale(acc_t(tp.reference(xm) - tp.reference(chunk_max)));
+      xm = chunk_max;
       // Strictly greater than every earlier max: its first index here is the row's first argmax.
       argmax = begin + (std::find(cp, cp + n, chunk_max) - cp);
     }
-    if (!(m < -neg_inf<acc_t>())) break;  // NaN or +inf logits: every field of the row is NaN
-    if constexpr (kRoll) mr = max_nan(mr, load_divided_chunk(xr + begin, n, tr, cr));
-    if constexpr (kRef) mq = max_nan(mq, load_divided_chunk(xq + begin, n, tq, scratch.ref));
+    if (!(xm < -neg_inf<acc_t>())) break;  // NaN or +inf logits: every field of the row is NaN
+    shift_divide_chunk(cp, n, tp, shift(xm));
     if constexpr (kRoll) {
-      scratch.exps.chunk_m()[2 * k] = mr;
-      scratch.exps.chunk_m()[2 * k + 1] = m;  // the logits' exps of this chunk are e^{z - m}
+      xmr = max_nan(xmr, load_chunk(xr + begin, n, cr));
+      shift_divide_chunk(cr, n, tpr, shift(xmr));
+      // the exps of this chunk are e^{d}, relative to these references
+      scratch.exps.chunk_m()[2 * k] = acc_t(tpr.reference(xmr));
+      scratch.exps.chunk_m()[2 * k + 1] = acc_t(tp.reference(xm));
     }
-    // A side with no finite entry yet is referred to 0 (its d = -inf, e = 0), as in pair_chunk.
-    const auto ref_of = [](acc_t mx) { return Vec<acc_t>(mx == neg_inf<acc_t>() ? acc_t(0) : mx); };
-    const Vec<acc_t> vm = ref_of(m), vmr = ref_of(mr), vmq = ref_of(mq);
+    if constexpr (kRef) {
+      xmq = max_nan(xmq, load_chunk(xq + begin, n, scratch.ref));
+      shift_divide_chunk(scratch.ref, n, tpq, shift(xmq));
+    }
     LaneSums<acc_t> lo, hi;
     PairLanes<acc_t> rlo, rhi, qlo, qhi;
     const auto step = [&](int64_t i, LaneSums<acc_t>& t, PairLanes<acc_t>& pr, PairLanes<acc_t>& pq) {
-      const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(cp + i) - vm;  // unclamped: a log-ratio term
+      const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(cp + i);  // unclamped: a log-ratio term
       const Vec<acc_t> dp = at::vec::clamp_min(dp_raw, lowest);
       const Vec<acc_t> ep = vexp(dp);
       t.add_exp(dp, ep);
       if constexpr (kRoll) {  // KL(pi_roll || pi_theta): w = rollout, v = logits
-        const Vec<acc_t> dr = at::vec::clamp_min(Vec<acc_t>::loadu(cr + i) - vmr, lowest);
+        const Vec<acc_t> dr = at::vec::clamp_min(Vec<acc_t>::loadu(cr + i), lowest);
         const Vec<acc_t> er = vexp(dr);
         pr.add_exps(dr, er, dp_raw, ep);
         er.store(cr + i);
         ep.store(cp + i);
       }
       if constexpr (kRef) {
-        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(scratch.ref + i) - vmq;
+        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(scratch.ref + i);
         if (reverse) {  // KL(p || q): w = logits, v = reference
           pq.add_exps(dp, ep, dq_raw, vexp(at::vec::clamp_min(dq_raw, lowest)));
         } else {  // KL(q || p): w = reference, v = logits
@@ -105,16 +115,20 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       step(i + W, hi, rhi, qhi);
     }
     row.add(lo, hi);
-    if constexpr (kRoll) roll.merge(PairLanes<acc_t>::join(rlo, rhi, mr, m));
+    const auto m = tp.reference(xm);
+    if constexpr (kRoll) roll.merge(PairLanes<acc_t>::join(rlo, rhi, tpr.reference(xmr), m));
     if constexpr (kRef) {
+      const auto mq = tpq.reference(xmq);
       kl.merge(reverse ? PairLanes<acc_t>::join(qlo, qhi, m, mq)
                        : PairLanes<acc_t>::join(qlo, qhi, mq, m));
     }
   }
-  const auto state = row.state(m);
+  const auto state = row.state(tp.reference(xm));
   const bool valid = state_is_valid(state);
   using sum_t = row_sum_t<acc_t>;
-  out.token = rounded_row<acc_t>(finalize_token_stats(state, sum_t(tp.divide(acc_t(xp[label])))));
+  // d_c as the chunk buffer held it (at V = 1 exactly 0: logprob 0).
+  const acc_t d_label = tp.divide(acc_t(xp[label]) - shift(xm));
+  out.token = rounded_row<acc_t>(finalize_token_stats_relative(state, sum_t(d_label)));
   out.argmax = valid ? argmax : -1;
   const acc_t nan = quiet_nan<acc_t>();
   if constexpr (kRoll) {
@@ -135,18 +149,19 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     out.kl = valid ? acc_t(finalize_kl(s)) : nan;
     const SideState<acc_t> q =
         rounded<acc_t>(reverse ? side_state(s.m_v, s.s1_v) : side_state(s.m_w, s.s1_w));
-    out.kl_state[0] = q.m;
+    // The reference's raw max (its backward loads d as the forward did), NaN when invalid.
+    out.kl_state[0] = is_finite(q.m) ? xmq : nan;
     out.kl_state[1] = q.log_s1;
     out.kl_state[2] = acc_t(kl_grad_shift(s));
   }
 }
 
-// The KL part of a backward row: the reference's (m, log s1), the shift c, dl = l_v - l_w =
+// The KL part of a backward row: the reference's raw max xm and log s1, the shift c, dl = l_v - l_w =
 // KL - c (the other side's gradient, pair_rows.h's other_side_difference) and the upstream
 // gradient divided by each side's temperature.
 template <typename acc_t>
 struct KLBackward {
-  acc_t m, log_s1, c, dl, g_p, g_q;
+  acc_t xm, log_s1, c, dl, g_p, g_q;
 };
 
 // One backward row. kKL: 0 no KL term, 1 reverse, 2 forward. kP / kQ: write the logits' /
@@ -157,22 +172,27 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
                   const KLBackward<acc_t>& kl, acc_t* bp, acc_t* bq, scalar_t* grad,
                   scalar_t* grad_ref) {
   constexpr int64_t W = Vec<acc_t>::size();
-  const Vec<acc_t> vm(row.m), vls(row.log_s1), va(row.a), vb(row.b), vc(row.c), zero(acc_t(0)),
+  const Vec<acc_t> vls(row.log_s1), va(row.a), vb(row.b), vc(row.c), zero(acc_t(0)),
       lowest(exp_zero_below<acc_t>());
-  const Vec<acc_t> vmq(kl.m), vlq(kl.log_s1), vshift(kl.c), vdl(kl.dl), vgp(kl.g_p),
-      vgq(kl.g_q);
+  const Vec<acc_t> vlq(kl.log_s1), vshift(kl.c), vdl(kl.dl), vgp(kl.g_p), vgq(kl.g_q);
+  const Temperature<acc_t> tpq = temperature(tq);
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
-    load_quotient_chunk(xp + begin, n, tp.tau, tp.r, bp);
-    if constexpr (kKL != 0) load_divided_chunk(xq + begin, n, tq, bq);
+    // d relative to each side's max as the forward loaded it (shift_divide_chunk).
+    load_chunk(xp + begin, n, bp);
+    shift_divide_chunk(bp, n, tp, row.xm);
+    if constexpr (kKL != 0) {
+      load_chunk(xq + begin, n, bq);
+      shift_divide_chunk(bq, n, tpq, kl.xm);
+    }
     for (int64_t i = 0; i < n; i += W) {
-      const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(bp + i) - vm;
+      const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(bp + i);
       const Vec<acc_t> d = at::vec::clamp_min(dp_raw - vls, lowest);  // log p_j
       const Vec<acc_t> p = vexp(d);
       Vec<acc_t> g = zero, gq = zero;
       if constexpr (kP) g = p * at::vec::fmadd(vc, p, at::vec::fmadd(vb, d, va));
       if constexpr (kKL == 1) {  // reverse: w = p, v = q
-        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(bq + i) - vmq;
+        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(bq + i);
         if constexpr (kP) {
           const Vec<acc_t> term = p * ((dp_raw - dq_raw) - vshift) * vgp;
           g = g + Vec<acc_t>::blendv(term, zero, p == zero);
@@ -182,7 +202,7 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
           gq = other_side_difference(p, q, dp_raw, dq_raw, vdl) * vgq;  // q_j - p_j
         }
       } else if constexpr (kKL == 2) {  // forward: w = q, v = p
-        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(bq + i) - vmq;
+        const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(bq + i);
         const Vec<acc_t> q = vexp(at::vec::clamp_min(dq_raw - vlq, lowest));
         if constexpr (kP) {
           g = at::vec::fmadd(other_side_difference(q, p, dq_raw, dp_raw, vdl), vgp, g);
@@ -201,15 +221,15 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
   if constexpr (kP) {
     // The label's entry gets + g_l / tau, added in double before the one rounding (as in
     // token_stats' backward), its KL term recomputed in double too.
-    const acc_t dp_c = tp.divide(acc_t(xp[label])) - row.m;
+    const acc_t dp_c = tp.divide(acc_t(xp[label]) - row.xm);
     const acc_t d_c = std::max(dp_c - row.log_s1, exp_zero_below<acc_t>());
     const double p_c = std::exp(double(d_c));
     double value = p_c * (row.a_d + row.b_d * d_c + row.c_d * p_c) + row.g_l;
     if constexpr (kKL == 1) {
-      const double dq_c = double(acc_t(xq[label]) / tq) - double(kl.m);
+      const double dq_c = tpq.divide(acc_t(xq[label]) - kl.xm);
       if (p_c > 0) value += double(kl.g_p) * p_c * ((double(dp_c) - dq_c) - double(kl.c));
     } else if constexpr (kKL == 2) {
-      const acc_t dq_c = acc_t(xq[label]) / tq - kl.m;
+      const acc_t dq_c = tpq.divide(acc_t(xq[label]) - kl.xm);
       const double q_c = std::exp(double(std::max(dq_c - kl.log_s1, exp_zero_below<acc_t>())));
       const double delta = (double(dp_c) - double(dq_c)) - double(kl.dl);  // log p_c - log q_c
       value += double(kl.g_p) * other_side_difference(q_c, p_c, delta);

@@ -4,7 +4,8 @@
 // reference / teacher (reverse or forward), each of the other two optional.
 //
 // Forward: one pass over a row of every tensor given, chunk by chunk (vec_rows.h): each chunk of
-// each tensor is loaded once as z = x / tau into an L1-resident buffer; then one exp per element
+// each tensor is loaded once into an L1-resident buffer as d = (x - x_max) / tau relative to that
+// tensor's running max (vec_rows.h, shift_divide_chunk); then one exp per element
 // of each tensor. The logits' exp, relative to their running row max exactly as in token_stats,
 // feeds token_stats' lanes (token_rows.h) and both pair sums (pair_rows.h: PairLanes::add_exps),
 // so a row costs three exps per vocabulary entry with both other tensors given, against five
@@ -15,13 +16,13 @@
 // normalizers: as in mismatch_stats the pass keeps the logits' and the rollout logits' exps in
 // a row-sized scratch (in L2 for V = 32k) and sweeps it once at the row's end (no exp).
 // Backward: one pass over the logits (and over the reference logits only in rows whose KL
-// upstream gradient is not 0) writes each requested gradient once. With log p_j = (z_j - m) -
-// log s1 recomputed as token_stats' backward does (m and log s1 from the saved argmax and
-// max_prob):
+// upstream gradient is not 0) writes each requested gradient once. With log p_j = d_j - log s1
+// recomputed as token_stats' backward does (x_max and log s1 from the saved argmax and
+// max_prob; the reference's raw max is saved in kl_state):
 //   grad_j = [p_j (a + b log p_j + c p_j) + g_l 1[j = c] + g_kl K_j] / tau
 //   reverse KL(p || q):  K_j = p_j ((d_p,j - d_q,j) - E_p[d_p - d_q])   (0 where p_j = 0)
 //   forward KL(q || p):  K_j = p_j - q_j
-// with d = z - (that side's row max), and the reference's gradient that of kl_divergence. The
+// with d = (x - x_max) / tau of that side, and the reference's gradient that of kl_divergence. The
 // other side's p_j - q_j (forward) or q_j - p_j (reverse) is kl_divergence's too
 // (pair_rows.h, other_side_difference: w_j expm1(log v_j - log w_j) where the two are close,
 // with log s1_v - log s1_w = KL - c from the saved kl and shift).

@@ -17,10 +17,9 @@ struct LaneSums {
   WideLanes<acc_t> s1, s2;
   Vec<acc_t> t{acc_t(0)};
 
-  // Move the lanes' reference max from m_old to m_new (docs/math.md §1 rescale).
-  void rescale(acc_t m_old, acc_t m_new) {
-    if (m_old == neg_inf<acc_t>()) return;  // nothing accumulated yet
-    const acc_t delta = m_old - m_new;
+  // Move the lanes' reference max down by delta = m_old - m_new <= 0 (docs/math.md §1
+  // rescale); the caller skips it while nothing is accumulated (m_old = -inf).
+  void rescale(acc_t delta) {
     const acc_t a = std::exp(delta);
     t = Vec<acc_t>(a) * at::vec::fmadd(Vec<acc_t>(delta), s1.lanes(), t);
     s1.scale(a);
@@ -48,7 +47,7 @@ struct LaneSums {
   }
 
   // The row's accumulator state relative to its max m, in row_sum_t<acc_t>.
-  SoftmaxState<row_sum_t<acc_t>> state(acc_t m) const {
+  SoftmaxState<row_sum_t<acc_t>> state(row_sum_t<acc_t> m) const {
     return {m, s1.total(), s2.total(), sum_lanes(t)};
   }
 };
@@ -60,11 +59,11 @@ TokenStatsRow<acc_t> rounded_row(const TokenStatsRow<T>& r) {
           acc_t(r.lgp),     acc_t(r.lse),     acc_t(r.max_prob)};
 }
 
-// The backward's per-row numbers: the row max m and log s1 from the forward's saved argmax and
-// max_prob, and the gradient coefficients divided by tau (in double, rounded once to acc_t).
+// The backward's per-row numbers: the row's raw max xm and log s1 from the forward's saved
+// argmax and max_prob, and the gradient coefficients divided by tau (in double, rounded once to acc_t).
 template <typename acc_t>
 struct BackwardRow {
-  acc_t m, log_s1;
+  acc_t xm, log_s1;
   acc_t a, b, c;           // TokenStatsGradCoef / tau, for the vector loop
   double a_d, b_d, c_d, g_l;  // the same unrounded, and g_l / tau: the label's entry
 };
@@ -80,7 +79,7 @@ bool backward_row_state(const scalar_t* x, int64_t V, Temperature<acc_t> tau, in
       token_stats_grad_coef<double>(g_logprob, g_entropy, g_collision, g_lse, entropy, collision);
   const double t = double(tau.tau);
   const double a = k.a / t, b = k.b / t, c = k.c / t;
-  out = {tau.divide(acc_t(x[argmax])), -std::log(max_prob), acc_t(a), acc_t(b), acc_t(c),
+  out = {acc_t(x[argmax]), -std::log(max_prob), acc_t(a), acc_t(b), acc_t(c),
          a, b, c, g_logprob / t};
   return true;
 }

@@ -1,16 +1,22 @@
 // token_stats on the CPU: docs/math.md §§1-3.
 //
-// Forward: one pass over each row. Per chunk of the row (vec_rows.h): load + z = x / tau (rounded
-// once, like PyTorch's z: quotient_rn, no division) + max, then one exp per element feeding the
+// Forward: one pass over each row. Per chunk of the row (vec_rows.h): load + the raw max, then
+// d = (x - x_max) / tau relative to the running max (shift_divide_chunk: the difference and the
+// quotient each rounded once, quotient_rn, no division), then one exp per element feeding the
 // three sums of the accumulator, kept per vector lane and rescaled once per chunk when the max
-// rises. Lanes merge in a fixed order at the row's end. log p_c = (z_c - m) - log s1.
-// Reads N*V logits once, writes 7 numbers per row.
-// Backward: one pass; recomputes log p_j = (z_j - m) - log s1 relative to the row max, with m =
-// z at the saved argmax and log s1 = -log(max_prob) (both saved by the forward), and writes the
-// gradient once (reads N*V, writes N*V). Not z_j - L: the saved fp32 L carries ulp(L) / 2
+// rises (by (x_max_old - x_max_new) / tau, from references in double). Lanes merge in a fixed
+// order at the row's end. log p_c = d_c - log s1. Reads N*V logits once, writes 7 numbers per
+// row.
+// Backward: one pass; recomputes log p_j = d_j - log s1 relative to the row max, with x_max the
+// logit at the saved argmax and log s1 = -log(max_prob) (both saved by the forward), and writes
+// the gradient once (reads N*V, writes N*V). Not z_j - L: the saved fp32 L carries ulp(L) / 2
 // (1.9e-6 at L ~ 40), i.e. that relative error on every p_j, 1.9e-6 on p ~ 1 where PyTorch's
-// error is ~1e-7; z_j - m is exact near the max, and log s1 = -log(1 / s1) is accurate to
+// error is ~1e-7; d_j is nearly exact near the max, and log s1 = -log(1 / s1) is accurate to
 // ~1e-7 absolute.
+// Not z = x / tau rounded, then z - m: z and m each carry ulp(z) / 2 (~1e-6 at |z| ~ 20), the
+// largest error of log p at tau != 1 (benchmarks/fidelity.py's peaked fp32 rows at tau 0.7,
+// 1024 x 32000: logprob rms error 4.5e-7 -> 1.0e-7, max 1.9e-6 -> 6.5e-7-1.5e-6; plain PyTorch
+// rms 7.3e-7, max 2.2e-6-2.4e-6).
 // Accuracy (fp32 [16, 4000], tau 0.7, peaked rows p 0.996-0.99996, lse 40, float64 truth;
 // tests/test_token_stats.py::test_peaked_rows_logprob_gradient): log-prob gradient max error
 // 4.9e-6 with x (1 / tau) and z - L, 4.3e-7 relative to the max with s1 summed in fp32, 1.7e-7

@@ -1,8 +1,9 @@
 // CPU building blocks for one-pass row kernels over [N, V] logits.
 //
 // A row is processed in chunks of kChunk elements: a chunk is loaded once from memory,
-// converted to the accumulation type and scaled by 1/tau into a small L1-resident buffer, and
-// every later step of the chunk (max, exp, sums) reads that buffer. So each logit is read from
+// converted to the accumulation type and scaled by 1/tau (z = x / tau, or d = (x - x_max) / tau
+// relative to a max) into a small L1-resident buffer, and every later step of the chunk (max,
+// exp, sums) reads that buffer. So each logit is read from
 // memory exactly once per pass, whatever its dtype.
 #pragma once
 
@@ -175,12 +176,36 @@ inline bool fill_skipped_row(scalar_t* grad_row, int64_t V, bool ignored, bool n
   return true;
 }
 
-// buf[0, n) = src[0, n) / tau in acc_t, each quotient rounded once (quotient_rn: three vector
-// FMA-class instructions per element with r = RN(1 / tau), no division),
-// buf[n, round_up(n, kStep)) = -inf. Returns the chunk's max (NaN if the chunk holds a NaN).
-// z = x (1 / tau) rounds twice: up to ~|z| 2^-23 more error, which z - m near the max keeps.
+// x / tau of one vector, rounded once (quotient_rn: three FMA-class instructions with
+// r = RN(1 / tau), no division); z = x (1 / tau) would round twice: up to ~|z| 2^-23 more error,
+// which z - m near the max keeps.
+template <typename acc_t>
+inline Vec<acc_t> vquotient(const Vec<acc_t>& x, const Vec<acc_t>& vtau, const Vec<acc_t>& vr) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  const Vec<acc_t> q = x * vr;
+  const Vec<acc_t> rem = at::vec::fmadd(q.neg(), vtau, x);
+  // q itself where it is not finite (x = -inf, NaN, overflow): its residual is not finite.
+  return Vec<acc_t>::blendv(q, at::vec::fmadd(rem, vr, q), (q - q) == Vec<acc_t>(acc_t(0)));
+#else
+  return x / vtau;  // the generic Vectorized fmadd is not fused
+#endif
+}
+
+// The max over a vector's lanes (NaN if one is NaN).
+template <typename acc_t>
+inline acc_t lanes_max(const Vec<acc_t>& vmax) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  acc_t lanes[W];
+  vmax.store(lanes);
+  acc_t m = lanes[0];
+  for (int64_t i = 1; i < W; ++i) m = max_nan(m, lanes[i]);
+  return m;
+}
+
+// buf[0, n) = src[0, n) in acc_t, buf[n, round_up(n, kStep)) = -inf. Returns the chunk's max
+// (NaN if the chunk holds a NaN).
 template <typename scalar_t, typename acc_t>
-inline acc_t load_quotient_chunk(const scalar_t* src, int64_t n, acc_t tau, acc_t r, acc_t* buf) {
+inline acc_t load_chunk(const scalar_t* src, int64_t n, acc_t* buf) {
   constexpr int64_t W = Vec<acc_t>::size();
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::copy(src, src + n, buf);
@@ -190,47 +215,78 @@ inline acc_t load_quotient_chunk(const scalar_t* src, int64_t n, acc_t tau, acc_
   const int64_t n_pad = round_up(n, kStep<acc_t>);
   std::fill(buf + n, buf + n_pad, neg_inf<acc_t>());
   Vec<acc_t> vmax(neg_inf<acc_t>());
-  if (tau == acc_t(1)) {  // nothing to scale
-    for (int64_t i = 0; i < n_pad; i += W) vmax = at::vec::maximum(vmax, Vec<acc_t>::loadu(buf + i));
+  for (int64_t i = 0; i < n_pad; i += W) vmax = at::vec::maximum(vmax, Vec<acc_t>::loadu(buf + i));
+  return lanes_max(vmax);  // propagates NaN
+}
+
+// buf[0, n) = src[0, n) / tau in acc_t, each quotient rounded once (vquotient),
+// buf[n, round_up(n, kStep)) = -inf. Returns the chunk's max (NaN if the chunk holds a NaN).
+template <typename scalar_t, typename acc_t>
+inline acc_t load_quotient_chunk(const scalar_t* src, int64_t n, acc_t tau, acc_t r, acc_t* buf) {
+  if (tau == acc_t(1)) return load_chunk(src, n, buf);  // nothing to scale
+  constexpr int64_t W = Vec<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::copy(src, src + n, buf);
   } else {
-    [[maybe_unused]] const Vec<acc_t> vtau(tau), vr(r), zero(acc_t(0));
-    for (int64_t i = 0; i < n_pad; i += W) {
-      const Vec<acc_t> x = Vec<acc_t>::loadu(buf + i);
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-      const Vec<acc_t> q = x * vr;
-      const Vec<acc_t> rem = at::vec::fmadd(q.neg(), vtau, x);
-      // q itself where it is not finite (x = -inf, NaN, overflow): its residual is not finite.
-      const Vec<acc_t> z = Vec<acc_t>::blendv(q, at::vec::fmadd(rem, vr, q), (q - q) == zero);
-#else
-      const Vec<acc_t> z = x / vtau;  // the generic Vectorized fmadd is not fused
-#endif
-      z.store(buf + i);
-      vmax = at::vec::maximum(vmax, z);  // propagates NaN
-    }
+    at::vec::convert(src, buf, n);
   }
-  acc_t lanes[W];
-  vmax.store(lanes);
-  acc_t m = lanes[0];
-  for (int64_t i = 1; i < W; ++i) m = max_nan(m, lanes[i]);
-  return m;
+  const int64_t n_pad = round_up(n, kStep<acc_t>);
+  std::fill(buf + n, buf + n_pad, neg_inf<acc_t>());
+  const Vec<acc_t> vtau(tau), vr(r);
+  Vec<acc_t> vmax(neg_inf<acc_t>());
+  for (int64_t i = 0; i < n_pad; i += W) {
+    const Vec<acc_t> z = vquotient(Vec<acc_t>::loadu(buf + i), vtau, vr);
+    z.store(buf + i);
+    vmax = at::vec::maximum(vmax, z);  // propagates NaN
+  }
+  return lanes_max(vmax);
 }
 
 // A row's temperature and its reciprocal rounded once (quotient_rn's r).
 template <typename acc_t>
 struct Temperature {
   acc_t tau, r;
-  acc_t divide(acc_t x) const { return quotient_rn(x, tau, r); }  // == load_quotient_chunk's z
+  acc_t divide(acc_t x) const { return quotient_rn(x, tau, r); }  // == vquotient
+  // The scaled logit of a raw max xm, xm / tau, in row_sum_t (double for fp32 rows): the
+  // reference of d = (x - xm) / tau (shift_divide_chunk) in the row's sums, accurate enough
+  // that a difference of two references is (xm_old - xm_new) / tau to ~1e-16 relative.
+  row_sum_t<acc_t> reference(acc_t xm) const {
+    return row_sum_t<acc_t>(xm) / row_sum_t<acc_t>(tau);
+  }
 };
+
+template <typename acc_t>
+Temperature<acc_t> temperature(acc_t tau) {
+  return {tau, acc_t(1) / tau};
+}
+
+// buf[0, round_up(n, kStep)) = (buf - shift) / tau in place: the scaled logits relative to a
+// raw max `shift`, d = z - m without forming z. The difference rounds once (exactly, for
+// entries within a factor of 2 of the shift: Sterbenz) and the quotient once, so d carries
+// ulp(d) / 2 where z - m from z = x / tau rounded carries ulp(z) / 2 from each of z and m
+// (~1e-6 at |z| ~ 20 for fp32): near the max, where the probability mass is, d is then nearly
+// exact. A -inf entry stays -inf; `shift` must be finite (0 for a side with no finite entry).
+template <typename acc_t>
+inline void shift_divide_chunk(acc_t* buf, int64_t n, const Temperature<acc_t>& tau, acc_t shift) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const int64_t n_pad = round_up(n, kStep<acc_t>);
+  const Vec<acc_t> vs(shift), vtau(tau.tau), vr(tau.r);
+  if (tau.tau == acc_t(1)) {
+    if (shift == acc_t(0)) return;
+    for (int64_t i = 0; i < n_pad; i += W) (Vec<acc_t>::loadu(buf + i) - vs).store(buf + i);
+    return;
+  }
+  for (int64_t i = 0; i < n_pad; i += W) {
+    vquotient(Vec<acc_t>::loadu(buf + i) - vs, vtau, vr).store(buf + i);
+  }
+}
 
 // Per-row temperature: a per-row tensor when given, else the scalar (rounded to acc_t).
 template <typename acc_t>
 struct RowTemperature {
   const acc_t* per_row;  // nullptr when the temperature is a scalar
   acc_t scalar;
-  Temperature<acc_t> operator()(int64_t r) const {
-    const acc_t t = per_row ? per_row[r] : scalar;
-    return {t, acc_t(1) / t};
-  }
+  Temperature<acc_t> operator()(int64_t r) const { return temperature(per_row ? per_row[r] : scalar); }
 };
 
 // Rows per parallel task: about 32 Ki elements, so small vocabularies do not pay a task per row.

@@ -111,9 +111,10 @@ struct TokenStatsRow {
   T max_prob;   // e^{m - L} = 1 / s1
 };
 
-// docs/math.md §2 from a finished row state and the label's scaled logit z_c.
+// docs/math.md §2 from a finished row state and the label's scaled logit relative to the
+// row max, d_c = z_c - m.
 template <typename T>
-PGK_HD TokenStatsRow<T> finalize_token_stats(const SoftmaxState<T>& s, T z_label) {
+PGK_HD TokenStatsRow<T> finalize_token_stats_relative(const SoftmaxState<T>& s, T d_label) {
   if (!state_is_valid(s)) {
     const T nan = quiet_nan<T>();
     return {nan, nan, nan, nan, nan, nan};
@@ -122,13 +123,19 @@ PGK_HD TokenStatsRow<T> finalize_token_stats(const SoftmaxState<T>& s, T z_label
   const T lse = s.m + log_s1;
   // Relative to the max, not z_c - L: L carries ulp(L) (~4e-6 at L ~ 40), which would swamp
   // log p_c ~ -1e-4 on a peaked row; z_c - m is exact near the max.
-  const T logprob = (z_label - s.m) - log_s1;
+  const T logprob = d_label - log_s1;
   const T collision = s.s2 / (s.s1 * s.s1);
   const T p_c = std::exp(logprob);
   // Two non-negative terms instead of 1 - 2 p_c + C: no cancellation when p_c -> 1.
   T lgp = (T(1) - p_c) * (T(1) - p_c) + (collision - p_c * p_c);
   lgp = lgp > T(0) ? lgp : T(0);
   return {logprob, log_s1 - s.t / s.s1, collision, lgp, lse, T(1) / s.s1};
+}
+
+// The same from the label's scaled logit z_c.
+template <typename T>
+PGK_HD TokenStatsRow<T> finalize_token_stats(const SoftmaxState<T>& s, T z_label) {
+  return finalize_token_stats_relative(s, z_label - s.m);
 }
 
 // Backward of docs/math.md §3. With d_j = z_j - L = log p_j:
