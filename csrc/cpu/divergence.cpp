@@ -2,9 +2,8 @@
 // mismatch_stats (docs/math.md §§4 and 5). One kernel family, one pair pass.
 //
 // Pair pass (softmax_stats.h, PairState): a row of a weight side z_w and an other side z_v is
-// read once, chunk by chunk (each chunk loaded, converted and, relative to its raw max, divided
-// by tau into an L1-resident buffer: d = (x - x_max) / tau, vec_rows.h's shift_divide_chunk, as
-// for token_stats). Per chunk: both chunk maxes, then one exp per element of each side
+// read once, chunk by chunk (each chunk loaded, converted and divided by tau into an
+// L1-resident buffer, as vec_rows.h does for token_stats). Per chunk: both chunk maxes, then one exp per element of each side
 // feeding s1_w, s1_v and u = sum e^{d_w} (d_w - d_v), kept per vector lane in two independent
 // chains; the chunk's lanes sum to a chunk state that merges into the row state (two-level
 // summation, like token_stats). Two exps per vocabulary entry: the floor of a forward KL.
@@ -21,8 +20,6 @@
 //                           L2 for V = 32k) and the chunk maxes they are relative to; a second
 //                           sweep over that scratch, with no exp and no read of the logits,
 //                           sums |e_w a_k - e_v b_k| with per-chunk scales a_k = e^{m_w,k - L_w}.
-// The backwards recompute z = x / tau (rounded once) and d = z - m from the saved m: the
-// vocab-parallel merge (pg_kernels/parallel) takes every backend's saved maxes as z.
 //   mismatch_stats backward of logprob only: g (1[j = c] - p_j) / tau in one pass.
 // Rows are independent, each computed by one thread in a fixed order: deterministic and
 // batch invariant.
@@ -66,17 +63,13 @@ std::vector<at::Tensor> kl_divergence_forward(
         const std::optional<LabelReader> read_label =
             labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
         // reverse KL(p || q): weight side p; forward KL(q || p): weight side q.
-        // The saved maxes are z = x / tau rounded once at the raw max, the backward's z there.
-        const auto store = [&](const auto& s, const RawMax<acc_t>& raw, Temperature<acc_t> tw,
-                               Temperature<acc_t> tv, acc_t* st, int64_t r) {
+        const auto store = [&](const auto& s, acc_t* st, int64_t r) {
           const auto w = side_state(s.m_w, s.s1_w), v = side_state(s.m_v, s.s1_v);
           const auto &p = reverse ? w : v, &q = reverse ? v : w;
-          const acc_t zw = side_is_valid(s.m_w) ? tw.divide(raw.w) : acc_t(w.m),
-                      zv = side_is_valid(s.m_v) ? tv.divide(raw.v) : acc_t(v.m);
           o_kl[r] = acc_t(finalize_kl(s));
-          st[0] = reverse ? zw : zv;
+          st[0] = acc_t(p.m);
           st[1] = acc_t(p.log_s1);
-          st[2] = reverse ? zv : zw;
+          st[2] = acc_t(q.m);
           st[3] = acc_t(q.log_s1);
           st[4] = acc_t(kl_grad_shift(s));
         };
@@ -94,10 +87,7 @@ std::vector<at::Tensor> kl_divergence_forward(
             const acc_t tp = tau(r).tau, tq = tau_r(r).tau;
             const scalar_t *xw = reverse ? xp : xq, *xv = reverse ? xq : xp;
             const acc_t tw = reverse ? tp : tq, tv = reverse ? tq : tp;
-            RawMax<acc_t> raw;
-            const auto s = pair_row<scalar_t, acc_t, false>(xw, tw, xv, tv, V, true, bw, bv,
-                                                            nullptr, raw);
-            store(s, raw, cpu::temperature(tw), cpu::temperature(tv), st, r);
+            store(pair_row<scalar_t, acc_t, false>(xw, tw, xv, tv, V, true, bw, bv, nullptr), st, r);
           }
         });
       });
@@ -247,25 +237,20 @@ std::vector<at::Tensor> mismatch_stats_forward(
               continue;
             }
             const scalar_t *xp = x + layout.offset(r), *xq = xr + roll_layout.offset(r);
-            const Temperature<acc_t> tp = tau(r), tq = tau_r(r);
+            const acc_t tp = tau(r).tau;
             // KL(pi_roll || pi_theta): the weight side is the rollout distribution q.
-            RawMax<acc_t> raw;
-            const auto s = pair_row<scalar_t, acc_t, true>(xq, tq.tau, xp, tp.tau, V, false,
+            const auto s = pair_row<scalar_t, acc_t, true>(xq, tau_r(r).tau, xp, tp, V, false,
                                                            scratch.ew(), scratch.ev(),
-                                                           scratch.chunk_m(), raw);
-            const auto p_sum = side_state(s.m_v, s.s1_v);
+                                                           scratch.chunk_m());
             const SideState<acc_t> q = rounded<acc_t>(side_state(s.m_w, s.s1_w)),
-                                   p = rounded<acc_t>(p_sum);
-            // The backward's (m, log s1): m is z = x / tau rounded once at the raw max.
-            o_st[2 * r] = side_is_valid(s.m_v) ? tp.divide(raw.v) : p.m;
+                                   p = rounded<acc_t>(side_state(s.m_v, s.s1_v));
+            o_st[2 * r] = p.m;
             o_st[2 * r + 1] = p.log_s1;
-            // d_c - log s1 rounded once; NaN when the logits row is.
-            const acc_t d_c = tp.divide(acc_t(xp[c]) - finite_shift(raw.v));
-            o_lp[r] = acc_t(row_sum_t<acc_t>(d_c) - p_sum.log_s1);
+            o_lp[r] = (acc_t(xp[c]) / tp - p.m) - p.log_s1;  // NaN when the logits row is
             o_kl[r] = acc_t(finalize_kl(s));
             o_tv[r] = (side_is_valid(s.m_w) && side_is_valid(s.m_v))
                           ? total_variation(scratch.ew(), scratch.ev(), scratch.chunk_m(), V,
-                                            tq, raw.w, q.log_s1, tp, raw.v, p.log_s1)
+                                            q.m, q.log_s1, p.m, p.log_s1)
                           : quiet_nan<acc_t>();
           }
         });

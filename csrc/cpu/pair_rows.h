@@ -162,16 +162,16 @@ struct PairLanes {
   }
 };
 
-// One vector of a pair pass from dw, dv: each side's scaled logits relative to its chunk max
-// (shift_divide_chunk). Returns e_w, e_v through ew, ev (kept by mismatch_stats for its TV
+// One vector of a pair pass from scaled logits zw, zv and their chunk maxes mw, mv (0 in place
+// of -inf, see pair_chunk). Returns e_w, e_v through ew, ev (kept by mismatch_stats for its TV
 // sweep).
 template <typename acc_t>
-void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& dw_raw, const Vec<acc_t>& dv,
-              Vec<acc_t>& ew, Vec<acc_t>& ev) {
+void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& zw, const Vec<acc_t>& zv,
+              const Vec<acc_t>& mw, const Vec<acc_t>& mv, Vec<acc_t>& ew, Vec<acc_t>& ev) {
   const Vec<acc_t> lowest(exp_zero_below<acc_t>());
   // d_w clamped where exp is already 0: -inf weights give e_w = 0 and finite e_w * (...).
-  // d_v is not clamped: a tiny v_j is a large, real log-ratio.
-  const Vec<acc_t> dw = at::vec::clamp_min(dw_raw, lowest);
+  const Vec<acc_t> dw = at::vec::clamp_min(zw - mw, lowest);
+  const Vec<acc_t> dv = zv - mv;  // not clamped: a tiny v_j is a large, real log-ratio
   ew = vexp(dw);
   // Near-equal rows (mismatch_stats' rollout, a student near its teacher): every lane of most
   // vectors is near, and e_v comes from the excess series that k needs anyway, not an exp.
@@ -184,23 +184,25 @@ void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& dw_raw, const Vec<acc_t
   lanes.add_exps(dw, ew, dv, ev);
 }
 
-// One chunk of a pair pass. bw, bv hold the chunk as d relative to each side's chunk max
-// (shift_divide_chunk; padded with -inf to a multiple of kStep); mw, mv are those maxes'
-// references (Temperature::reference). kKeepExps: overwrite bw, bv with e^d of the chunk.
+// One chunk of a pair pass. bw, bv hold the scaled chunk (padded with -inf to a multiple of
+// kStep); mw, mv are its maxes. kKeepExps: overwrite bw, bv with e^{z - m} of the chunk.
 template <typename acc_t, bool kKeepExps>
-PairState<row_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, row_sum_t<acc_t> mw,
-                                       row_sum_t<acc_t> mv) {
+PairState<row_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, acc_t mw, acc_t mv) {
   constexpr int64_t W = Vec<acc_t>::size();
+  // A side with no finite entry yet has m = -inf; subtracting 0 instead keeps its d = -inf
+  // (e = 0) rather than -inf - (-inf) = NaN. NaN / +inf maxes pass through: the row is NaN.
+  const Vec<acc_t> vmw(mw == neg_inf<acc_t>() ? acc_t(0) : mw);
+  const Vec<acc_t> vmv(mv == neg_inf<acc_t>() ? acc_t(0) : mv);
   PairLanes<acc_t> lo, hi;
   Vec<acc_t> ew, ev;
   const int64_t n_pad = round_up(n, kStep<acc_t>);
   for (int64_t i = 0; i < n_pad; i += 2 * W) {
-    add_pair(lo, Vec<acc_t>::loadu(bw + i), Vec<acc_t>::loadu(bv + i), ew, ev);
+    add_pair(lo, Vec<acc_t>::loadu(bw + i), Vec<acc_t>::loadu(bv + i), vmw, vmv, ew, ev);
     if constexpr (kKeepExps) {
       ew.store(bw + i);
       ev.store(bv + i);
     }
-    add_pair(hi, Vec<acc_t>::loadu(bw + i + W), Vec<acc_t>::loadu(bv + i + W), ew, ev);
+    add_pair(hi, Vec<acc_t>::loadu(bw + i + W), Vec<acc_t>::loadu(bv + i + W), vmw, vmv, ew, ev);
     if constexpr (kKeepExps) {
       ew.store(bw + i + W);
       ev.store(bv + i + W);
@@ -247,43 +249,28 @@ struct RowSum {
   }
 };
 
-// The raw logits' maxes of a pair pass's two rows (NaN if a row holds a NaN).
-template <typename acc_t>
-struct RawMax {
-  acc_t w = neg_inf<acc_t>(), v = neg_inf<acc_t>();
-};
-
-// The pair pass over one row, summed and finished in row_sum_t<acc_t>. Each chunk of each side
-// is loaded as d = (x - x_max) / tau relative to that chunk's raw max (shift_divide_chunk: d
-// near the max nearly exact, not off by ulp(z) / 2 of z = x / tau and of its max: fp32 KL
-// 2.0e-4 at tau 0.25 with |z| ~ 60 was 3.9e-8 off, plain PyTorch 3.5e-9 by luck), and the
-// chunks merge relative to their references x_max / tau in row_sum_t. Stops early once the
-// v side is NaN / +inf (and the w side too when stop_on_w_invalid; mismatch_stats keeps going
-// so that the logits' logsumexp survives a broken rollout row). kKeepExps: bw, bv are
-// row-sized scratch that end up holding every e^d, and chunk_m[2k], chunk_m[2k + 1] the raw
-// maxes of chunk k. `raw`: the rows' raw maxes.
+// The pair pass over one row, summed and finished in row_sum_t<acc_t>. Stops early once the
+// v side is NaN / +inf (and the w side too when stop_on_w_invalid; mismatch_stats keeps going so
+// that the logits' logsumexp survives a broken rollout row). kKeepExps: bw, bv are row-sized
+// scratch that end up holding every e^{z - m_chunk}, and chunk_m[2k], chunk_m[2k + 1] the maxes
+// of chunk k.
 template <typename scalar_t, typename acc_t, bool kKeepExps>
 PairState<row_sum_t<acc_t>> pair_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv,
                                       acc_t tau_v, int64_t V, bool stop_on_w_invalid, acc_t* bw,
-                                      acc_t* bv, acc_t* chunk_m, RawMax<acc_t>& raw) {
+                                      acc_t* bv, acc_t* chunk_m) {
   using sum_t = row_sum_t<acc_t>;
-  const Temperature<acc_t> tw = temperature(tau_w), tv = temperature(tau_v);
   RowSum<sum_t> row;
-  raw = RawMax<acc_t>{};
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
     acc_t* cw = kKeepExps ? bw + begin : bw;
     acc_t* cv = kKeepExps ? bv + begin : bv;
-    const acc_t mw = load_chunk(xw + begin, n, cw), mv = load_chunk(xv + begin, n, cv);
-    shift_divide_chunk(cw, n, tw, finite_shift(mw));
-    shift_divide_chunk(cv, n, tv, finite_shift(mv));
-    raw.w = max_nan(raw.w, mw);
-    raw.v = max_nan(raw.v, mv);
+    const acc_t mw = load_divided_chunk(xw + begin, n, tau_w, cw);
+    const acc_t mv = load_divided_chunk(xv + begin, n, tau_v, cv);
     if constexpr (kKeepExps) {
       chunk_m[2 * k] = mw;
       chunk_m[2 * k + 1] = mv;
     }
-    row.merge(pair_chunk<acc_t, kKeepExps>(cw, cv, n, tw.reference(mw), tv.reference(mv)));
+    row.merge(pair_chunk<acc_t, kKeepExps>(cw, cv, n, mw, mv));
     if (!(row.hi.m_v < -neg_inf<sum_t>())) break;  // NaN or +inf: the row is NaN, stop early
     if (stop_on_w_invalid && !(row.hi.m_w < -neg_inf<sum_t>())) break;
   }
@@ -300,10 +287,9 @@ PairState<row_sum_t<acc_t>> pair_row(const scalar_t* xw, acc_t tau_w, const scal
 // rows 2.4-3.3x slower; the series costs no exp.
 
 // 1/2 sum |w_j - v_j| from the exps a pair_row<kKeepExps> pass left in ew, ev:
-// w_j = ew_j a_k with a_k = e^{(x_w,k - x_w) / tau_w - l_w}, x_w,k the raw max of the chunk k
-// that holds j (x_w the row's, l_w = log s1_w; the difference of references in row_sum_t, exactly
-// 0 for the chunk holding the max), v_j = ev_j b_k likewise. No exp per element. Each chunk
-// sums |x_j - y_j r| times s, with
+// w_j = ew_j a_k with a_k = e^{(m_w,k - m_w) - l_w}, m_w,k the max of the chunk k that holds j
+// (m_w the row's max, l_w = log s1_w; shifting by m_w first is exact for the chunk holding the
+// max), v_j = ev_j b_k likewise. No exp per element. Each chunk sums |x_j - y_j r| times s, with
 // s = max(a_k, b_k) the larger side's scale, x_j its exps, y_j the other side's and r = min / max
 // (exactly 1 when a_k = b_k): one product per element, so whether or not the compiler fuses
 // it with the subtraction, equal exps on equal scales give exactly 0 (identical rows, rows
@@ -312,19 +298,15 @@ PairState<row_sum_t<acc_t>> pair_row(const scalar_t* xw, acc_t tau_w, const scal
 // where the rows are equal. One product fewer per element, too.
 template <typename acc_t>
 acc_t total_variation(const acc_t* ew, const acc_t* ev, const acc_t* chunk_m, int64_t V,
-                      Temperature<acc_t> tau_w, acc_t x_w, acc_t log_s1_w,
-                      Temperature<acc_t> tau_v, acc_t x_v, acc_t log_s1_v) {
+                      acc_t m_w, acc_t log_s1_w, acc_t m_v, acc_t log_s1_v) {
   constexpr int64_t W = Vec<acc_t>::size();
   acc_t total = 0;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n_pad = round_up(std::min(kChunk, V - begin), kStep<acc_t>);
     const acc_t mw = chunk_m[2 * k], mv = chunk_m[2 * k + 1];
     // A chunk whose side was all -inf holds e = 0 there; its scale is irrelevant (use 0).
-    const auto scale = [](Temperature<acc_t> tau, acc_t xk, acc_t x, acc_t log_s1) {
-      return xk == neg_inf<acc_t>() ? acc_t(0)
-                                    : std::exp(acc_t(tau.reference(xk) - tau.reference(x)) - log_s1);
-    };
-    const acc_t a = scale(tau_w, mw, x_w, log_s1_w), b = scale(tau_v, mv, x_v, log_s1_v);
+    const acc_t a = mw == neg_inf<acc_t>() ? acc_t(0) : std::exp((mw - m_w) - log_s1_w);
+    const acc_t b = mv == neg_inf<acc_t>() ? acc_t(0) : std::exp((mv - m_v) - log_s1_v);
     const bool w_larger = !(a < b);  // NaN scales: r below is NaN, and so is the row
     const acc_t s = w_larger ? a : b;
     if (s == acc_t(0)) continue;  // both sides' exps are 0 here

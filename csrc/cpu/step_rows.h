@@ -58,6 +58,8 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   // whose second chunk has a lower max).
   acc_t xm = neg_inf<acc_t>(), xmr = neg_inf<acc_t>(), xmq = neg_inf<acc_t>();
   const Temperature<acc_t> tpr = temperature(tr), tpq = temperature(tq);
+  // A side with no finite entry yet is referred to 0 (its d = -inf, e = 0), as in pair_chunk.
+  const auto shift = [](acc_t mx) { return mx == neg_inf<acc_t>() ? acc_t(0) : mx; };
   int64_t argmax = 0;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
@@ -71,17 +73,17 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       argmax = begin + (std::find(cp, cp + n, chunk_max) - cp);
     }
     if (!(xm < -neg_inf<acc_t>())) break;  // NaN or +inf logits: every field of the row is NaN
-    shift_divide_chunk(cp, n, tp, finite_shift(xm));
+    shift_divide_chunk(cp, n, tp, shift(xm));
     if constexpr (kRoll) {
       xmr = max_nan(xmr, load_chunk(xr + begin, n, cr));
-      shift_divide_chunk(cr, n, tpr, finite_shift(xmr));
-      // the exps of this chunk are e^d, relative to these raw maxes
-      scratch.exps.chunk_m()[2 * k] = xmr;
-      scratch.exps.chunk_m()[2 * k + 1] = xm;
+      shift_divide_chunk(cr, n, tpr, shift(xmr));
+      // the exps of this chunk are e^{d}, relative to these references
+      scratch.exps.chunk_m()[2 * k] = acc_t(tpr.reference(xmr));
+      scratch.exps.chunk_m()[2 * k + 1] = acc_t(tp.reference(xm));
     }
     if constexpr (kRef) {
       xmq = max_nan(xmq, load_chunk(xq + begin, n, scratch.ref));
-      shift_divide_chunk(scratch.ref, n, tpq, finite_shift(xmq));
+      shift_divide_chunk(scratch.ref, n, tpq, shift(xmq));
     }
     LaneSums<acc_t> lo, hi;
     PairLanes<acc_t> rlo, rhi, qlo, qhi;
@@ -125,7 +127,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   const bool valid = state_is_valid(state);
   using sum_t = row_sum_t<acc_t>;
   // d_c as the chunk buffer held it (at V = 1 exactly 0: logprob 0).
-  const acc_t d_label = tp.divide(acc_t(xp[label]) - finite_shift(xm));
+  const acc_t d_label = tp.divide(acc_t(xp[label]) - shift(xm));
   out.token = rounded_row<acc_t>(finalize_token_stats_relative(state, sum_t(d_label)));
   out.argmax = valid ? argmax : -1;
   const acc_t nan = quiet_nan<acc_t>();
@@ -139,7 +141,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       const SideState<acc_t> q = rounded<acc_t>(side_state(s.m_w, s.s1_w)),
                              p = rounded<acc_t>(side_state(s.m_v, s.s1_v));
       out.token_tv = total_variation(scratch.exps.ew(), scratch.exps.ev(), scratch.exps.chunk_m(),
-                                     V, tpr, xmr, q.log_s1, tp, xm, p.log_s1);
+                                     V, q.m, q.log_s1, p.m, p.log_s1);
     }
   }
   if constexpr (kRef) {

@@ -260,20 +260,12 @@ Temperature<acc_t> temperature(acc_t tau) {
   return {tau, acc_t(1) / tau};
 }
 
-// The shift of shift_divide_chunk for a side whose raw max so far is xm: 0 while it has no
-// finite entry (its d stays -inf, e = 0, rather than -inf - (-inf) = NaN). NaN / +inf pass
-// through: the row is NaN.
-template <typename acc_t>
-inline acc_t finite_shift(acc_t xm) {
-  return xm == neg_inf<acc_t>() ? acc_t(0) : xm;
-}
-
 // buf[0, round_up(n, kStep)) = (buf - shift) / tau in place: the scaled logits relative to a
 // raw max `shift`, d = z - m without forming z. The difference rounds once (exactly, for
 // entries within a factor of 2 of the shift: Sterbenz) and the quotient once, so d carries
 // ulp(d) / 2 where z - m from z = x / tau rounded carries ulp(z) / 2 from each of z and m
 // (~1e-6 at |z| ~ 20 for fp32): near the max, where the probability mass is, d is then nearly
-// exact. A -inf entry stays -inf (`shift`: finite_shift).
+// exact. A -inf entry stays -inf; `shift` must be finite (0 for a side with no finite entry).
 template <typename acc_t>
 inline void shift_divide_chunk(acc_t* buf, int64_t n, const Temperature<acc_t>& tau, acc_t shift) {
   constexpr int64_t W = Vec<acc_t>::size();
