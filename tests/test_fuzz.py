@@ -290,7 +290,8 @@ def test_kl_divergence(backend_device, data):
         c, backend,
         op, reference.kl_divergence, (c["x"], xr), kw, diff_fields=("out",), grad_args=(0, 1),
         grad_floor=_kl_grad_floor(c["x"], xr, kw),
-        forward_floor={"out": _z_rounding_floor(c, xr, kw["temperature"], kw["ref_temperature"])},
+        forward_floor={"out": _z_rounding_floor(
+            c, xr, kw["temperature"], kw["ref_temperature"], kw["direction"])},
     )  # fmt: skip
 
 
@@ -311,24 +312,38 @@ def _tv_floor(c) -> dict[str, float]:
     return {"token_tv": 2 * eps}
 
 
-def _z_rounding_floor(c, x_other, t, t_other) -> torch.Tensor:
-    """Per row: the KL that rounding z = x / tau to fp32 gives two rows the float64 truth sees as
-    shifted copies (KL ~0). Each z_j moves by <= u |z_j| (u = 2^-24), so the log-ratio's
+def _z_rounding_floor(c, x_other, t, t_other, direction) -> torch.Tensor:
+    """Per row: what rounding z = x / tau to fp32 moves the KL of the two rows (c["x"] at t and
+    x_other at t_other; `direction` "reverse": KL(p || other), "forward": KL(other || p)).
+
+    Each z_j moves by <= u |z_j| (u = 2^-24). To first order the KL moves by
+    sum_j |dKL / dz_j| |dz_j| <= u (sum_j |z_w,j| w_j |eta_j - KL| + sum_j |z_v,j| |v_j - w_j|)
+    (w the weight side, eta = log w - log v). Plain PyTorch rounds z alike, then can lose that
+    in its own rounding of the two log-softmaxes by luck: C++ kl_divergence, fp32 [1, 2] at tau
+    0.252 (|z| ~ 50-64, seed 20261201): a KL of 2.0e-4 off by 3.9e-8 (the exact KL of the
+    kernel's own z is 3.9e-8 from the truth, the kernel 3e-11 from it), plain 3.5e-9; this
+    term: 8.5e-8.
+    Rows the truth sees as shifted copies (KL ~0) keep the second-order part: the log-ratio's
     deviations |eta_j - E_w eta| reach 2 u zmax and KL ~ Var_w(eta) / 2 <= 2 u^2 zmax^2 =
-    (eps zmax)^2 / 2. Plain PyTorch rounds z alike, then loses that KL in its own fp32 rounding
-    of the two log-softmaxes on some rows: there its error is ~0 by luck. The kernels keep it:
-    e.g. [-5, -7, -9, -6, -8] and the same - 2 at tau = 1.5 give z whose exact KL is 1.06e-14
-    (the C++ kernel: 1.04e-14; the truth ~0; plain 0 on one draw, 1.5e-7 off on the next).
-    0 for fp64 logits (their own floor)."""
+    (eps zmax)^2 / 2 (e.g. [-5, -7, -9, -6, -8] and the same - 2 at tau = 1.5 give z whose exact
+    KL is 1.06e-14; the C++ kernel: 1.04e-14; the truth ~0; plain 0 on one draw, 1.5e-7 off on
+    the next). 0 for fp64 logits (their own floor)."""
     if c["dtype"] == torch.float64:
         return torch.zeros(())
-
-    def zmax(x, tau):
-        return finite_abs_max(scaled(x, tau, torch.float64)).squeeze(-1)
-
     t_other = t if t_other is None else t_other
-    top = torch.maximum(zmax(c["x"], t), zmax(x_other, t_other))
-    return 0.5 * (torch.finfo(torch.float32).eps * top) ** 2
+    z_p = scaled(c["x"], t, torch.float64)
+    z_o = scaled(x_other, t_other, torch.float64)
+    z_w, z_v = (z_p, z_o) if direction == "reverse" else (z_o, z_p)
+    lw, lv = torch.log_softmax(z_w, -1), torch.log_softmax(z_v, -1)
+    w, v = lw.exp(), lv.exp()
+    eta = torch.where(w > 0, lw - lv, torch.zeros_like(lw))
+    kl = (w * eta).sum(-1, keepdim=True)
+    u = torch.finfo(torch.float32).eps / 2
+    az_w, az_v = (z.abs().masked_fill(~torch.isfinite(z), 0.0) for z in (z_w, z_v))
+    first = (az_w * w * (eta - kl).abs()).nan_to_num(0.0).sum(-1)
+    first = first + (az_v * (v - w).abs()).nan_to_num(0.0).sum(-1)
+    top = torch.maximum(finite_abs_max(z_p).squeeze(-1), finite_abs_max(z_o).squeeze(-1))
+    return u * first + 0.5 * (2 * u * top) ** 2
 
 
 def _mismatch(backend_device, data, with_rollout_logits):
@@ -353,7 +368,7 @@ def _mismatch(backend_device, data, with_rollout_logits):
     # log_ratio = logprob - lp would get a tolerance scaled by |log_ratio| ~ 0 for an error that
     # is logprob's own, ~ulp(|logprob|).
     fields = ("logprob", "token_kl", "token_tv") if with_rollout_logits else ("logprob",)
-    z_floor = _z_rounding_floor(c, xr, t, rt)
+    z_floor = _z_rounding_floor(c, xr, t, rt, "forward")  # KL(pi_roll || pi_theta)
     _check(
         c, backend,
         op, reference.mismatch_stats, (c["x"], c["y"], lp), kw, diff_fields=("logprob",),
@@ -437,9 +452,9 @@ def test_step_stats(backend_device, data):
     lanes = _STEP_TRITON_KL_FLOOR["kl"] if backend == "triton" and c["dtype"] in (
         torch.bfloat16, torch.float16) else 0.0  # fmt: skip
     if xr is not None:
-        floors["token_kl"] = _z_rounding_floor(c, xr, t, rt) + lanes
+        floors["token_kl"] = _z_rounding_floor(c, xr, t, rt, "forward") + lanes
     if xq is not None:
-        floors["kl"] = _z_rounding_floor(c, xq, t, qt) + lanes
+        floors["kl"] = _z_rounding_floor(c, xq, t, qt, kw["kl_direction"]) + lanes
 
     _check(
         c, backend,
