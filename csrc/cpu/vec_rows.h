@@ -202,11 +202,9 @@ inline acc_t lanes_max(const Vec<acc_t>& vmax) {
   return m;
 }
 
-// buf[0, n) = src[0, n) in acc_t, buf[n, round_up(n, kStep)) = -inf. Returns the chunk's max
-// (NaN if the chunk holds a NaN).
+// buf[0, n) = src[0, n) in acc_t, buf[n, round_up(n, kStep)) = -inf. Returns the padded size.
 template <typename scalar_t, typename acc_t>
-inline acc_t load_chunk(const scalar_t* src, int64_t n, acc_t* buf) {
-  constexpr int64_t W = Vec<acc_t>::size();
+inline int64_t copy_padded(const scalar_t* src, int64_t n, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::copy(src, src + n, buf);
   } else {
@@ -214,6 +212,14 @@ inline acc_t load_chunk(const scalar_t* src, int64_t n, acc_t* buf) {
   }
   const int64_t n_pad = round_up(n, kStep<acc_t>);
   std::fill(buf + n, buf + n_pad, neg_inf<acc_t>());
+  return n_pad;
+}
+
+// buf as copy_padded leaves it. Returns the chunk's max (NaN if the chunk holds a NaN).
+template <typename scalar_t, typename acc_t>
+inline acc_t load_chunk(const scalar_t* src, int64_t n, acc_t* buf) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const int64_t n_pad = copy_padded(src, n, buf);
   Vec<acc_t> vmax(neg_inf<acc_t>());
   for (int64_t i = 0; i < n_pad; i += W) vmax = at::vec::maximum(vmax, Vec<acc_t>::loadu(buf + i));
   return lanes_max(vmax);  // propagates NaN
@@ -225,13 +231,7 @@ template <typename scalar_t, typename acc_t>
 inline acc_t load_quotient_chunk(const scalar_t* src, int64_t n, acc_t tau, acc_t r, acc_t* buf) {
   if (tau == acc_t(1)) return load_chunk(src, n, buf);  // nothing to scale
   constexpr int64_t W = Vec<acc_t>::size();
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::copy(src, src + n, buf);
-  } else {
-    at::vec::convert(src, buf, n);
-  }
-  const int64_t n_pad = round_up(n, kStep<acc_t>);
-  std::fill(buf + n, buf + n_pad, neg_inf<acc_t>());
+  const int64_t n_pad = copy_padded(src, n, buf);
   const Vec<acc_t> vtau(tau), vr(r);
   Vec<acc_t> vmax(neg_inf<acc_t>());
   for (int64_t i = 0; i < n_pad; i += W) {
