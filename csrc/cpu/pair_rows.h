@@ -189,10 +189,7 @@ void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& zw, const Vec<acc_t>& z
 template <typename acc_t, bool kKeepExps>
 PairState<row_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, acc_t mw, acc_t mv) {
   constexpr int64_t W = Vec<acc_t>::size();
-  // A side with no finite entry yet has m = -inf; subtracting 0 instead keeps its d = -inf
-  // (e = 0) rather than -inf - (-inf) = NaN. NaN / +inf maxes pass through: the row is NaN.
-  const Vec<acc_t> vmw(mw == neg_inf<acc_t>() ? acc_t(0) : mw);
-  const Vec<acc_t> vmv(mv == neg_inf<acc_t>() ? acc_t(0) : mv);
+  const Vec<acc_t> vmw(finite_shift(mw)), vmv(finite_shift(mv));
   PairLanes<acc_t> lo, hi;
   Vec<acc_t> ew, ev;
   const int64_t n_pad = round_up(n, kStep<acc_t>);

@@ -58,8 +58,6 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   // whose second chunk has a lower max).
   acc_t xm = neg_inf<acc_t>(), xmr = neg_inf<acc_t>(), xmq = neg_inf<acc_t>();
   const Temperature<acc_t> tpr = temperature(tr), tpq = temperature(tq);
-  // A side with no finite entry yet is referred to 0 (its d = -inf, e = 0), as in pair_chunk.
-  const auto shift = [](acc_t mx) { return mx == neg_inf<acc_t>() ? acc_t(0) : mx; };
   int64_t argmax = 0;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
@@ -73,17 +71,17 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       argmax = begin + (std::find(cp, cp + n, chunk_max) - cp);
     }
     if (!(xm < -neg_inf<acc_t>())) break;  // NaN or +inf logits: every field of the row is NaN
-    shift_divide_chunk(cp, n, tp, shift(xm));
+    shift_divide_chunk(cp, n, tp, finite_shift(xm));
     if constexpr (kRoll) {
       xmr = max_nan(xmr, load_chunk(xr + begin, n, cr));
-      shift_divide_chunk(cr, n, tpr, shift(xmr));
+      shift_divide_chunk(cr, n, tpr, finite_shift(xmr));
       // the exps of this chunk are e^{d}, relative to these references
       scratch.exps.chunk_m()[2 * k] = acc_t(tpr.reference(xmr));
       scratch.exps.chunk_m()[2 * k + 1] = acc_t(tp.reference(xm));
     }
     if constexpr (kRef) {
       xmq = max_nan(xmq, load_chunk(xq + begin, n, scratch.ref));
-      shift_divide_chunk(scratch.ref, n, tpq, shift(xmq));
+      shift_divide_chunk(scratch.ref, n, tpq, finite_shift(xmq));
     }
     LaneSums<acc_t> lo, hi;
     PairLanes<acc_t> rlo, rhi, qlo, qhi;
@@ -127,7 +125,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   const bool valid = state_is_valid(state);
   using sum_t = row_sum_t<acc_t>;
   // d_c as the chunk buffer held it (at V = 1 exactly 0: logprob 0).
-  const acc_t d_label = tp.divide(acc_t(xp[label]) - shift(xm));
+  const acc_t d_label = tp.divide(acc_t(xp[label]) - finite_shift(xm));
   out.token = rounded_row<acc_t>(finalize_token_stats_relative(state, sum_t(d_label)));
   out.argmax = valid ? argmax : -1;
   const acc_t nan = quiet_nan<acc_t>();
@@ -156,9 +154,9 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   }
 }
 
-// The KL part of a backward row: the reference's raw max xm and log s1, the shift c, dl = l_v - l_w =
-// KL - c (the other side's gradient, pair_rows.h's other_side_difference) and the upstream
-// gradient divided by each side's temperature.
+// The KL part of a backward row: the reference's raw max xm and log s1, the shift c,
+// dl = l_v - l_w = KL - c (the other side's gradient, pair_rows.h's other_side_difference) and
+// the upstream gradient divided by each side's temperature.
 template <typename acc_t>
 struct KLBackward {
   acc_t xm, log_s1, c, dl, g_p, g_q;

@@ -60,7 +60,8 @@ TokenStatsRow<acc_t> rounded_row(const TokenStatsRow<T>& r) {
 }
 
 // The backward's per-row numbers: the row's raw max xm and log s1 from the forward's saved
-// argmax and max_prob, and the gradient coefficients divided by tau (in double, rounded once to acc_t).
+// argmax and max_prob, and the gradient coefficients divided by tau (in double, rounded once to
+// acc_t).
 template <typename acc_t>
 struct BackwardRow {
   acc_t xm, log_s1;

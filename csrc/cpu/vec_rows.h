@@ -260,12 +260,20 @@ Temperature<acc_t> temperature(acc_t tau) {
   return {tau, acc_t(1) / tau};
 }
 
+// The shift of shift_divide_chunk (and the reference of pair_rows.h's d = z - m) for a side
+// whose max so far is m: 0 while it has no finite entry, so that its d stays -inf (e = 0) rather
+// than -inf - (-inf) = NaN. NaN / +inf pass through: the row is NaN.
+template <typename acc_t>
+inline acc_t finite_shift(acc_t m) {
+  return m == neg_inf<acc_t>() ? acc_t(0) : m;
+}
+
 // buf[0, round_up(n, kStep)) = (buf - shift) / tau in place: the scaled logits relative to a
 // raw max `shift`, d = z - m without forming z. The difference rounds once (exactly, for
 // entries within a factor of 2 of the shift: Sterbenz) and the quotient once, so d carries
 // ulp(d) / 2 where z - m from z = x / tau rounded carries ulp(z) / 2 from each of z and m
 // (~1e-6 at |z| ~ 20 for fp32): near the max, where the probability mass is, d is then nearly
-// exact. A -inf entry stays -inf; `shift` must be finite (0 for a side with no finite entry).
+// exact. A -inf entry stays -inf (`shift`: finite_shift).
 template <typename acc_t>
 inline void shift_divide_chunk(acc_t* buf, int64_t n, const Temperature<acc_t>& tau, acc_t shift) {
   constexpr int64_t W = Vec<acc_t>::size();
@@ -286,7 +294,9 @@ template <typename acc_t>
 struct RowTemperature {
   const acc_t* per_row;  // nullptr when the temperature is a scalar
   acc_t scalar;
-  Temperature<acc_t> operator()(int64_t r) const { return temperature(per_row ? per_row[r] : scalar); }
+  Temperature<acc_t> operator()(int64_t r) const {
+    return temperature(per_row ? per_row[r] : scalar);
+  }
 };
 
 // Rows per parallel task: about 32 Ki elements, so small vocabularies do not pay a task per row.
