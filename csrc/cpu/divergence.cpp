@@ -2,8 +2,9 @@
 // mismatch_stats (docs/math.md §§4 and 5). One kernel family, one pair pass.
 //
 // Pair pass (softmax_stats.h, PairState): a row of a weight side z_w and an other side z_v is
-// read once, chunk by chunk (each chunk loaded, converted and divided by tau into an
-// L1-resident buffer, as vec_rows.h does for token_stats). Per chunk: both chunk maxes, then one exp per element of each side
+// read once, chunk by chunk (each chunk loaded and converted into an L1-resident buffer, its
+// max found, then d = (x - max) / tau formed in place, as vec_rows.h does for token_stats).
+// Per chunk: both chunk maxes, then one exp per element of each side
 // feeding s1_w, s1_v and u = sum e^{d_w} (d_w - d_v), kept per vector lane in two independent
 // chains; the chunk's lanes sum to a chunk state that merges into the row state (two-level
 // summation, like token_stats). Two exps per vocabulary entry: the floor of a forward KL.
@@ -63,15 +64,19 @@ std::vector<at::Tensor> kl_divergence_forward(
         const std::optional<LabelReader> read_label =
             labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
         // reverse KL(p || q): weight side p; forward KL(q || p): weight side q.
-        const auto store = [&](const auto& s, acc_t* st, int64_t r) {
-          const auto w = side_state(s.m_w, s.s1_w), v = side_state(s.m_v, s.s1_v);
+        const auto store = [&](const PairRow<acc_t>& row, acc_t* st, int64_t r) {
+          const auto& s = row.sums;
+          row_sum_t<acc_t> moved_w, moved_v;
+          const auto w = saved_side<acc_t>(s.m_w, s.s1_w, moved_w),
+                     v = saved_side<acc_t>(s.m_v, s.s1_v, moved_v);
           const auto &p = reverse ? w : v, &q = reverse ? v : w;
           o_kl[r] = acc_t(finalize_kl(s));
-          st[0] = acc_t(p.m);
-          st[1] = acc_t(p.log_s1);
-          st[2] = acc_t(q.m);
-          st[3] = acc_t(q.log_s1);
-          st[4] = acc_t(kl_grad_shift(s));
+          st[0] = p.m;
+          st[1] = p.log_s1;
+          st[2] = q.m;
+          st[3] = q.log_s1;
+          // c relative to the saved maxes, as the log s1 are
+          st[4] = acc_t(kl_grad_shift(s) + moved_w - moved_v);
         };
         at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
           alignas(64) acc_t bw[kBufferSize<acc_t>];
@@ -84,9 +89,9 @@ std::vector<at::Tensor> kl_divergence_forward(
               continue;
             }
             const scalar_t *xp = x + layout.offset(r), *xq = xr + ref_layout.offset(r);
-            const acc_t tp = tau(r).tau, tq = tau_r(r).tau;
+            const Temperature<acc_t> tp = tau(r), tq = tau_r(r);
             const scalar_t *xw = reverse ? xp : xq, *xv = reverse ? xq : xp;
-            const acc_t tw = reverse ? tp : tq, tv = reverse ? tq : tp;
+            const Temperature<acc_t> tw = reverse ? tp : tq, tv = reverse ? tq : tp;
             store(pair_row<scalar_t, acc_t, false>(xw, tw, xv, tv, V, true, bw, bv, nullptr), st, r);
           }
         });
@@ -174,13 +179,15 @@ std::vector<at::Tensor> kl_divergence_backward(
               const bool do_w = need_w && !w_inf;
               if (need_w && w_inf) fill(grad_w, quiet_nan<acc_t>());
               const scalar_t *xp = x + layout.offset(r), *xq = xr + ref_layout.offset(r);
-              const acc_t tp = tau(r).tau, tq = tau_r(r).tau;
+              const Temperature<acc_t> tp = tau(r), tq = tau_r(r);
               const scalar_t *xw = reverse ? xp : xq, *xv = reverse ? xq : xp;
-              const acc_t tw = reverse ? tp : tq, tv = reverse ? tq : tp;
-              const SideState<acc_t> sw = reverse ? p : q, sv = reverse ? q : p;
-              const acc_t c = st[4];
+              const Temperature<acc_t> tw = reverse ? tp : tq, tv = reverse ? tq : tp;
+              // Each side relative to its raw max, as the forward loaded it; c moved with them.
+              const RawSide<acc_t> sw = raw_side<scalar_t>(reverse ? p : q, tw.tau),
+                                   sv = raw_side<scalar_t>(reverse ? q : p, tv.tau);
+              const acc_t c = acc_t(row_sum_t<acc_t>(st[4]) - sw.moved + sv.moved);
               const acc_t dl = kl_r - c;  // log s1_v - log s1_w, since KL = c - l_w + l_v
-              const acc_t gw = up[r] / tw, gv = up[r] / tv;  // d/dx = d/dz / tau
+              const acc_t gw = up[r] / tw.tau, gv = up[r] / tv.tau;  // d/dx = d/dz / tau
               if (do_w && need_v) {
                 kl_backward_row<scalar_t, acc_t, true, true>(xw, tw, xv, tv, V, sw, sv, c, dl, gw,
                                                              gv, bw, bv, grad_w, grad_v);
@@ -237,20 +244,24 @@ std::vector<at::Tensor> mismatch_stats_forward(
               continue;
             }
             const scalar_t *xp = x + layout.offset(r), *xq = xr + roll_layout.offset(r);
-            const acc_t tp = tau(r).tau;
+            const Temperature<acc_t> tp = tau(r), tq = tau_r(r);
             // KL(pi_roll || pi_theta): the weight side is the rollout distribution q.
-            const auto s = pair_row<scalar_t, acc_t, true>(xq, tau_r(r).tau, xp, tp, V, false,
-                                                           scratch.ew(), scratch.ev(),
-                                                           scratch.chunk_m());
-            const SideState<acc_t> q = rounded<acc_t>(side_state(s.m_w, s.s1_w)),
-                                   p = rounded<acc_t>(side_state(s.m_v, s.s1_v));
+            const PairRow<acc_t> row = pair_row<scalar_t, acc_t, true>(
+                xq, tq, xp, tp, V, false, scratch.ew(), scratch.ev(), scratch.chunk_xm());
+            const auto& s = row.sums;
+            row_sum_t<acc_t> moved;
+            const SideState<acc_t> p = saved_side<acc_t>(s.m_v, s.s1_v, moved);
             o_st[2 * r] = p.m;
             o_st[2 * r + 1] = p.log_s1;
-            o_lp[r] = (acc_t(xp[c]) / tp - p.m) - p.log_s1;  // NaN when the logits row is
+            // d_c - log s1, both relative to the logits' raw max; NaN when the row is
+            o_lp[r] = is_finite(p.m) ? acc_t(row_sum_t<acc_t>(tp.divide(acc_t(xp[c]) - row.xm_v)) -
+                                             std::log(s.s1_v))
+                                     : quiet_nan<acc_t>();
             o_kl[r] = acc_t(finalize_kl(s));
             o_tv[r] = (side_is_valid(s.m_w) && side_is_valid(s.m_v))
-                          ? total_variation(scratch.ew(), scratch.ev(), scratch.chunk_m(), V,
-                                            q.m, q.log_s1, p.m, p.log_s1)
+                          ? total_variation(scratch.ew(), scratch.ev(), scratch.chunk_xm(), V,
+                                            ExpScale<acc_t>{row.xm_w, tq.tau, std::log(s.s1_w)},
+                                            ExpScale<acc_t>{row.xm_v, tp.tau, std::log(s.s1_v)})
                           : quiet_nan<acc_t>();
           }
         });
@@ -258,7 +269,8 @@ std::vector<at::Tensor> mismatch_stats_forward(
   return {logprob, token_kl, token_tv, row_state};
 }
 
-// d logprob / dx_j = g (1[j = c] - p_j) / tau, p_j = e^{(z_j - m) - l} from the saved (m, l).
+// d logprob / dx_j = g (1[j = c] - p_j) / tau, p_j = e^{d_j - l} from the saved (m, l), d loaded
+// relative to the raw max as the forward loaded it (raw_side).
 // The label's entry is g (-expm1(log p_c)) / tau: no cancellation of 1 - p_c when p_c -> 1.
 // Reads N V logits, writes N V gradient (fresh, contiguous).
 at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Tensor& logits,
@@ -301,20 +313,23 @@ at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Ten
             const bool nan_row = !(is_finite(m) && is_finite(l));
             if (fill_skipped_row(grad_row, V, c == ignore_index, nan_row)) continue;
             const scalar_t* xr = x + layout.offset(r);
-            const acc_t t = tau(r).tau, gt = up[r] / t;
-            const Vec<acc_t> vm(m), vl(l), vneg(-gt), lowest(exp_zero_below<acc_t>());
+            const Temperature<acc_t> t = tau(r);
+            const acc_t gt = up[r] / t.tau;
+            const RawSide<acc_t> side = raw_side<scalar_t>(SideState<acc_t>{m, l}, t.tau);
+            const Vec<acc_t> vl(side.log_s1), vneg(-gt), lowest(exp_zero_below<acc_t>());
             for (int64_t b = 0; b < V; b += kChunk) {
               const int64_t n = std::min(kChunk, V - b);
-              load_divided_chunk(xr + b, n, t, buf);
+              copy_padded(xr + b, n, buf);
+              shift_divide_chunk(buf, n, t, side.xm);
               for (int64_t i = 0; i < n; i += W) {
                 // d/dz_j of -(L) = -p_j
-                const Vec<acc_t> d = at::vec::clamp_min(Vec<acc_t>::loadu(buf + i) - vm - vl, lowest);
+                const Vec<acc_t> d = at::vec::clamp_min(Vec<acc_t>::loadu(buf + i) - vl, lowest);
                 (vneg * vexp(d)).store(buf + i);
               }
               store_row(buf, grad_row + b, n);
             }
             // d/dz_c of z_c - L = 1 - p_c = -expm1(log p_c), added before the one rounding.
-            const acc_t log_pc = (acc_t(xr[c]) / t - m) - l;
+            const acc_t log_pc = t.divide(acc_t(xr[c]) - side.xm) - side.log_s1;
             grad_row[c] = scalar_t(-std::expm1(log_pc) * gt);
           }
         });

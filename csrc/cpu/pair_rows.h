@@ -1,8 +1,14 @@
 // The pair pass of two logit tensors on the CPU (docs/math.md §§4 and 5), shared by
-// divergence.cpp (kl_divergence, mismatch_stats) and step_stats.cpp: loading a chunk as
-// z = x / tau, the per-lane pair sums (PairLanes), a chunk's pair state, the row's Neumaier
-// sum of chunk states, the pass over a row, total variation from kept exps, and the KL
-// gradient row. See divergence.cpp's header for the design.
+// divergence.cpp (kl_divergence, mismatch_stats) and step_stats.cpp: the per-lane pair sums
+// (PairLanes), a chunk's pair state, the row's Neumaier sum of chunk states, the pass over a
+// row, total variation from kept exps, the saved row state and the KL gradient row. See
+// divergence.cpp's header for the design.
+//
+// Every chunk is loaded as d = (x - xm) / tau relative to its side's raw max xm
+// (vec_rows.h's shift_divide_chunk), as token_stats' rows are, not as z - m from z = x / tau
+// rounded: near the max, where the mass is, d is then nearly exact (z - m carried ulp(z) / 2 of
+// z and of m; an fp32 KL of 2.0e-4 at tau 0.252, |z| ~ 50-64, was off by 3.9e-8 where plain
+// PyTorch was 3.5e-9). The sums refer to xm / tau in row_sum_t (Temperature::reference).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -14,17 +20,6 @@
 #include "vec_rows.h"
 
 namespace pg_kernels::cpu {
-
-// buf[0, n) = src[0, n) / tau in acc_t, padded with -inf to a multiple of kStep; returns the
-// chunk's max (NaN if it holds a NaN). z = x / tau is rounded once, like docs/math.md's and
-// PyTorch's z (vec_rows.h's load_quotient_chunk, no division per element), not twice as
-// x * (1 / tau) would: it matters where a small difference of large log-probs is the output
-// (log_ratio = logprob - rollout_logprobs at logprob ~ -100, tau 0.5 on a peaked row, had 5x
-// plain PyTorch's error with 1 / tau).
-template <typename scalar_t, typename acc_t>
-acc_t load_divided_chunk(const scalar_t* src, int64_t n, acc_t tau, acc_t* buf) {
-  return load_quotient_chunk(src, n, tau, acc_t(1) / tau, buf);
-}
 
 // dst[0, n) = buf[0, n), rounded once to the output dtype.
 template <typename acc_t, typename scalar_t>
@@ -162,16 +157,16 @@ struct PairLanes {
   }
 };
 
-// One vector of a pair pass from scaled logits zw, zv and their chunk maxes mw, mv (0 in place
-// of -inf, see pair_chunk). Returns e_w, e_v through ew, ev (kept by mismatch_stats for its TV
-// sweep).
+// One vector of a pair pass from d_w, d_v, each side's scaled logits relative to its chunk's
+// reference (shift_divide_chunk). Returns e_w, e_v through ew, ev (kept by mismatch_stats for
+// its TV sweep).
 template <typename acc_t>
-void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& zw, const Vec<acc_t>& zv,
-              const Vec<acc_t>& mw, const Vec<acc_t>& mv, Vec<acc_t>& ew, Vec<acc_t>& ev) {
+void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& dw_raw, const Vec<acc_t>& dv,
+              Vec<acc_t>& ew, Vec<acc_t>& ev) {
   const Vec<acc_t> lowest(exp_zero_below<acc_t>());
   // d_w clamped where exp is already 0: -inf weights give e_w = 0 and finite e_w * (...).
-  const Vec<acc_t> dw = at::vec::clamp_min(zw - mw, lowest);
-  const Vec<acc_t> dv = zv - mv;  // not clamped: a tiny v_j is a large, real log-ratio
+  // d_v is not clamped: a tiny v_j is a large, real log-ratio.
+  const Vec<acc_t> dw = at::vec::clamp_min(dw_raw, lowest);
   ew = vexp(dw);
   // Near-equal rows (mismatch_stats' rollout, a student near its teacher): every lane of most
   // vectors is near, and e_v comes from the excess series that k needs anyway, not an exp.
@@ -184,28 +179,28 @@ void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& zw, const Vec<acc_t>& z
   lanes.add_exps(dw, ew, dv, ev);
 }
 
-// One chunk of a pair pass. bw, bv hold the scaled chunk (padded with -inf to a multiple of
-// kStep); mw, mv are its maxes. kKeepExps: overwrite bw, bv with e^{z - m} of the chunk.
+// One chunk of a pair pass. bw, bv hold the chunk as d = (x - xm) / tau (padded with -inf to a
+// multiple of kStep); rw, rv are its references xm / tau. kKeepExps: overwrite bw, bv with e^d.
 template <typename acc_t, bool kKeepExps>
-PairState<row_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, acc_t mw, acc_t mv) {
+PairState<row_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, row_sum_t<acc_t> rw,
+                                       row_sum_t<acc_t> rv) {
   constexpr int64_t W = Vec<acc_t>::size();
-  const Vec<acc_t> vmw(finite_shift(mw)), vmv(finite_shift(mv));
   PairLanes<acc_t> lo, hi;
   Vec<acc_t> ew, ev;
   const int64_t n_pad = round_up(n, kStep<acc_t>);
   for (int64_t i = 0; i < n_pad; i += 2 * W) {
-    add_pair(lo, Vec<acc_t>::loadu(bw + i), Vec<acc_t>::loadu(bv + i), vmw, vmv, ew, ev);
+    add_pair(lo, Vec<acc_t>::loadu(bw + i), Vec<acc_t>::loadu(bv + i), ew, ev);
     if constexpr (kKeepExps) {
       ew.store(bw + i);
       ev.store(bv + i);
     }
-    add_pair(hi, Vec<acc_t>::loadu(bw + i + W), Vec<acc_t>::loadu(bv + i + W), vmw, vmv, ew, ev);
+    add_pair(hi, Vec<acc_t>::loadu(bw + i + W), Vec<acc_t>::loadu(bv + i + W), ew, ev);
     if constexpr (kKeepExps) {
       ew.store(bw + i + W);
       ev.store(bv + i + W);
     }
   }
-  return PairLanes<acc_t>::join(lo, hi, mw, mv);
+  return PairLanes<acc_t>::join(lo, hi, rw, rv);
 }
 
 // Neumaier summation of chunk totals into the row total: on a peaked row one chunk holds an
@@ -246,32 +241,45 @@ struct RowSum {
   }
 };
 
+// A pair pass's row: its sums, relative to each side's reference xm / tau, and each side's raw
+// max xm (-inf: no finite entry; NaN: the side holds a NaN).
+template <typename acc_t>
+struct PairRow {
+  PairState<row_sum_t<acc_t>> sums;
+  acc_t xm_w, xm_v;
+};
+
 // The pair pass over one row, summed and finished in row_sum_t<acc_t>. Stops early once the
 // v side is NaN / +inf (and the w side too when stop_on_w_invalid; mismatch_stats keeps going so
 // that the logits' logsumexp survives a broken rollout row). kKeepExps: bw, bv are row-sized
-// scratch that end up holding every e^{z - m_chunk}, and chunk_m[2k], chunk_m[2k + 1] the maxes
-// of chunk k.
+// scratch that end up holding every e^d, and chunk_xm[2k], chunk_xm[2k + 1] the raw maxes of
+// chunk k that those d are relative to (total_variation).
 template <typename scalar_t, typename acc_t, bool kKeepExps>
-PairState<row_sum_t<acc_t>> pair_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv,
-                                      acc_t tau_v, int64_t V, bool stop_on_w_invalid, acc_t* bw,
-                                      acc_t* bv, acc_t* chunk_m) {
+PairRow<acc_t> pair_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_t* xv,
+                        Temperature<acc_t> tau_v, int64_t V, bool stop_on_w_invalid, acc_t* bw,
+                        acc_t* bv, acc_t* chunk_xm) {
   using sum_t = row_sum_t<acc_t>;
   RowSum<sum_t> row;
+  acc_t xm_w = neg_inf<acc_t>(), xm_v = neg_inf<acc_t>();
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
     acc_t* cw = kKeepExps ? bw + begin : bw;
     acc_t* cv = kKeepExps ? bv + begin : bv;
-    const acc_t mw = load_divided_chunk(xw + begin, n, tau_w, cw);
-    const acc_t mv = load_divided_chunk(xv + begin, n, tau_v, cv);
+    const acc_t mw = load_chunk(xw + begin, n, cw);
+    const acc_t mv = load_chunk(xv + begin, n, cv);
+    shift_divide_chunk(cw, n, tau_w, finite_shift(mw));
+    shift_divide_chunk(cv, n, tau_v, finite_shift(mv));
+    xm_w = max_nan(xm_w, mw);
+    xm_v = max_nan(xm_v, mv);
     if constexpr (kKeepExps) {
-      chunk_m[2 * k] = mw;
-      chunk_m[2 * k + 1] = mv;
+      chunk_xm[2 * k] = mw;
+      chunk_xm[2 * k + 1] = mv;
     }
-    row.merge(pair_chunk<acc_t, kKeepExps>(cw, cv, n, mw, mv));
+    row.merge(pair_chunk<acc_t, kKeepExps>(cw, cv, n, tau_w.reference(mw), tau_v.reference(mv)));
     if (!(row.hi.m_v < -neg_inf<sum_t>())) break;  // NaN or +inf: the row is NaN, stop early
     if (stop_on_w_invalid && !(row.hi.m_w < -neg_inf<sum_t>())) break;
   }
-  return row.total();
+  return {row.total(), xm_w, xm_v};
 }
 
 // The KL of a pair state is finalize_kl's, in kl_divergence, mismatch_stats' token_kl and
@@ -283,27 +291,39 @@ PairState<row_sum_t<acc_t>> pair_row(const scalar_t* xw, acc_t tau_w, const scal
 // themselves: 1.0e-11 there. Recomputing small KLs in double, exps included, had made those
 // rows 2.4-3.3x slower; the series costs no exp.
 
-// 1/2 sum |w_j - v_j| from the exps a pair_row<kKeepExps> pass left in ew, ev:
-// w_j = ew_j a_k with a_k = e^{(m_w,k - m_w) - l_w}, m_w,k the max of the chunk k that holds j
-// (m_w the row's max, l_w = log s1_w; shifting by m_w first is exact for the chunk holding the
-// max), v_j = ev_j b_k likewise. No exp per element. Each chunk sums |x_j - y_j r| times s, with
-// s = max(a_k, b_k) the larger side's scale, x_j its exps, y_j the other side's and r = min / max
-// (exactly 1 when a_k = b_k): one product per element, so whether or not the compiler fuses
-// it with the subtraction, equal exps on equal scales give exactly 0 (identical rows, rows
-// shifted by a constant). With two products, ew_j a_k - ev_j b_k, GCC (-O3 -mfma) fuses one:
-// fnmadd(ev_j, b_k, RN(ew_j a_k)) leaves the other's rounding error, ~1e-9 per token in fp32
-// where the rows are equal. One product fewer per element, too.
+// A side of a pair pass as total_variation scales its kept exps: the row's raw max xm, its
+// temperature and log s1 relative to xm / tau. The e^d of chunk k, relative to that chunk's raw
+// max xm_k, times scale(xm_k) is the probability: e^{(xm_k - xm) / tau - log s1}, the exponent
+// from the exact difference of two logits, in row_sum_t.
 template <typename acc_t>
-acc_t total_variation(const acc_t* ew, const acc_t* ev, const acc_t* chunk_m, int64_t V,
-                      acc_t m_w, acc_t log_s1_w, acc_t m_v, acc_t log_s1_v) {
+struct ExpScale {
+  acc_t xm, tau;
+  row_sum_t<acc_t> log_s1;
+  acc_t operator()(acc_t xm_k) const {
+    using sum_t = row_sum_t<acc_t>;
+    if (xm_k == neg_inf<acc_t>()) return acc_t(0);  // the side is all -inf here: e = 0
+    return acc_t(std::exp((sum_t(xm_k) - sum_t(xm)) / sum_t(tau) - log_s1));
+  }
+};
+
+// 1/2 sum |w_j - v_j| from the exps a pair_row<kKeepExps> pass left in ew, ev (and step_stats'
+// row likewise): w_j = ew_j a_k with a_k = w_scale(xm_w,k), xm_w,k the raw max of the w side in
+// the chunk k that holds j (chunk_xm[2k]), v_j = ev_j b_k likewise (chunk_xm[2k + 1]). No exp
+// per element. Each chunk sums |x_j - y_j r| times s, with s = max(a_k, b_k) the larger side's
+// scale, x_j its exps, y_j the other side's and r = min / max (exactly 1 when a_k = b_k): one
+// product per element, so whether or not the compiler fuses it with the subtraction, equal exps
+// on equal scales give exactly 0 (identical rows, rows shifted by a constant). With two
+// products, ew_j a_k - ev_j b_k, GCC (-O3 -mfma) fuses one: fnmadd(ev_j, b_k, RN(ew_j a_k))
+// leaves the other's rounding error, ~1e-9 per token in fp32 where the rows are equal. One
+// product fewer per element, too.
+template <typename acc_t>
+acc_t total_variation(const acc_t* ew, const acc_t* ev, const acc_t* chunk_xm, int64_t V,
+                      const ExpScale<acc_t>& w_scale, const ExpScale<acc_t>& v_scale) {
   constexpr int64_t W = Vec<acc_t>::size();
   acc_t total = 0;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n_pad = round_up(std::min(kChunk, V - begin), kStep<acc_t>);
-    const acc_t mw = chunk_m[2 * k], mv = chunk_m[2 * k + 1];
-    // A chunk whose side was all -inf holds e = 0 there; its scale is irrelevant (use 0).
-    const acc_t a = mw == neg_inf<acc_t>() ? acc_t(0) : std::exp((mw - m_w) - log_s1_w);
-    const acc_t b = mv == neg_inf<acc_t>() ? acc_t(0) : std::exp((mv - m_v) - log_s1_v);
+    const acc_t a = w_scale(chunk_xm[2 * k]), b = v_scale(chunk_xm[2 * k + 1]);
     const bool w_larger = !(a < b);  // NaN scales: r below is NaN, and so is the row
     const acc_t s = w_larger ? a : b;
     if (s == acc_t(0)) continue;  // both sides' exps are 0 here
@@ -343,8 +363,43 @@ SideState<acc_t> rounded(const SideState<sum_t>& s) {
   return {acc_t(s.m), acc_t(s.log_s1)};
 }
 
+// One side of a finished pair pass (reference ref = xm / tau in row_sum_t, s1 relative to it) as
+// kl_divergence and mismatch_stats save it for their backwards, and pg_kernels/parallel merges
+// it across shards: m = ref rounded to acc_t, the z-unit max, and log s1 relative to that m,
+// log s1 + moved with moved = ref - m. NaN when the side is invalid (moved = 0 then).
+template <typename acc_t>
+SideState<acc_t> saved_side(row_sum_t<acc_t> ref, row_sum_t<acc_t> s1, row_sum_t<acc_t>& moved) {
+  using sum_t = row_sum_t<acc_t>;
+  moved = sum_t(0);
+  const acc_t m = acc_t(ref);
+  if (!side_is_valid(ref) || !is_finite(m)) return {quiet_nan<acc_t>(), quiet_nan<acc_t>()};
+  moved = ref - sum_t(m);
+  return {m, acc_t(std::log(s1) + moved)};
+}
+
+// A saved side (saved_side) as a backward loads its row: the raw max xm = m tau, rounded to the
+// logits' dtype when that is 16-bit (where it is then the max logit itself: m tau is within
+// 2^-23 of it); for fp32 / fp64 logits the max logit or an ulp from it, either way a shift that
+// leaves x - xm exact near the max. log s1 is relative to xm / tau, and moved = xm / tau - m
+// (from one fma's residual, exact but for the quotient's rounding), so that d = (x - xm) / tau
+// is loaded as the forward loaded it and the saved numbers refer to the same point.
+template <typename acc_t>
+struct RawSide {
+  acc_t xm, log_s1;
+  row_sum_t<acc_t> moved;
+};
+
+template <typename scalar_t, typename acc_t>
+RawSide<acc_t> raw_side(const SideState<acc_t>& s, acc_t tau) {
+  using sum_t = row_sum_t<acc_t>;
+  acc_t xm = s.m * tau;
+  if constexpr (sizeof(scalar_t) == 2) xm = acc_t(scalar_t(xm));
+  const sum_t moved = -std::fma(sum_t(s.m), sum_t(tau), -sum_t(xm)) / sum_t(tau);
+  return {xm, acc_t(sum_t(s.log_s1) - moved), moved};
+}
+
 // v_j - w_j, the KL's gradient w.r.t. the other side's z (docs/math.md §4), from the two
-// probabilities w_j = e^{d_w,j - l_w}, v_j = e^{d_v,j - l_v}, their d = z - m (unclamped) and
+// probabilities w_j = e^{d_w,j - l_w}, v_j = e^{d_v,j - l_v}, their d (unclamped) and
 // dl = l_v - l_w = KL - c from the forward. Of near-equal rows v_j - w_j cancels two
 // probabilities each rounded once (~3e-8 at 0.5, where the truth can be 1e-8): where
 // |log v_j - log w_j| < 1/4 it is w_j expm1(delta_j) instead, delta_j = (d_v,j - d_w,j) - dl (dl:
@@ -365,26 +420,29 @@ inline double other_side_difference(double w, double v, double delta) {
 }
 
 // Gradients of KL(w || v) for one row, times the upstream gradient g (docs/math.md §4), from
-// d = z - m and l = log s1 of each side and c = E_w[d_w - d_v] (softmax_stats.h):
+// each side's raw max xm and l = log s1 relative to xm / tau (raw_side), d = (x - xm) / tau
+// loaded as the forward loaded it, and c = E_w[d_w - d_v] relative to the same points:
 //   grad_w,j = g / tau_w * w_j ((d_w,j - d_v,j) - c),  w_j = e^{d_w,j - l_w},  0 where w_j = 0
 //   grad_v,j = g / tau_v * (v_j - w_j),                 v_j = e^{d_v,j - l_v}
 // with v_j - w_j from other_side_difference (dl = KL - c).
 // kW / kV: which gradients to write; only grad_v needs v_j's exp.
 template <typename scalar_t, typename acc_t, bool kW, bool kV>
-void kl_backward_row(const scalar_t* xw, acc_t tau_w, const scalar_t* xv, acc_t tau_v,
-                     int64_t V, SideState<acc_t> sw, SideState<acc_t> sv, acc_t c, acc_t dl,
-                     acc_t gw, acc_t gv, acc_t* bw, acc_t* bv, scalar_t* grad_w,
-                     scalar_t* grad_v) {
+void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_t* xv,
+                     Temperature<acc_t> tau_v, int64_t V, RawSide<acc_t> sw, RawSide<acc_t> sv,
+                     acc_t c, acc_t dl, acc_t gw, acc_t gv, acc_t* bw, acc_t* bv,
+                     scalar_t* grad_w, scalar_t* grad_v) {
   constexpr int64_t W = Vec<acc_t>::size();
-  const Vec<acc_t> vmw(sw.m), vlw(sw.log_s1), vmv(sv.m), vlv(sv.log_s1), vc(c), vgw(gw),
-      vgv(gv), zero(acc_t(0)), lowest(exp_zero_below<acc_t>()), vdl(dl);
+  const Vec<acc_t> vlw(sw.log_s1), vlv(sv.log_s1), vc(c), vgw(gw), vgv(gv), zero(acc_t(0)),
+      lowest(exp_zero_below<acc_t>()), vdl(dl);
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
-    load_divided_chunk(xw + begin, n, tau_w, bw);
-    load_divided_chunk(xv + begin, n, tau_v, bv);
+    copy_padded(xw + begin, n, bw);
+    shift_divide_chunk(bw, n, tau_w, sw.xm);
+    copy_padded(xv + begin, n, bv);
+    shift_divide_chunk(bv, n, tau_v, sv.xm);
     for (int64_t i = 0; i < n; i += W) {
-      const Vec<acc_t> dw = Vec<acc_t>::loadu(bw + i) - vmw;
-      const Vec<acc_t> dv = Vec<acc_t>::loadu(bv + i) - vmv;
+      const Vec<acc_t> dw = Vec<acc_t>::loadu(bw + i);
+      const Vec<acc_t> dv = Vec<acc_t>::loadu(bv + i);
       const Vec<acc_t> w = vexp(at::vec::clamp_min(dw - vlw, lowest));
       if constexpr (kW) {
         // d/dz_w of sum w (log w - log v) = w_j (log w_j - log v_j - KL); the blend keeps
@@ -408,7 +466,8 @@ const acc_t* optional_data(const std::optional<at::Tensor>& t) {
   return t ? t->const_data_ptr<acc_t>() : nullptr;
 }
 
-// Row-sized scratch of one thread for mismatch_stats' TV sweep: e_w, e_v and chunk maxes.
+// Row-sized scratch of one thread for mismatch_stats' TV sweep: e_w, e_v and the raw chunk maxes
+// they are relative to.
 template <typename acc_t>
 struct ExpScratch {
   int64_t padded;
@@ -418,7 +477,7 @@ struct ExpScratch {
         data(new acc_t[2 * padded + 2 * ((V + kChunk - 1) / kChunk)]) {}
   acc_t* ew() { return data.get(); }
   acc_t* ev() { return data.get() + padded; }
-  acc_t* chunk_m() { return data.get() + 2 * padded; }
+  acc_t* chunk_xm() { return data.get() + 2 * padded; }
 };
 
 }  // namespace pg_kernels::cpu

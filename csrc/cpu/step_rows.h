@@ -28,7 +28,7 @@ struct StepRow {
 // given: they keep the exps for TV) and the reference's chunk.
 template <typename acc_t>
 struct StepScratch {
-  ExpScratch<acc_t> exps;  // ew: rollout, ev: logits, chunk_m: their references per chunk
+  ExpScratch<acc_t> exps;  // ew: rollout, ev: logits, chunk_xm: their raw maxes per chunk
   alignas(64) acc_t logits[kBufferSize<acc_t>];
   alignas(64) acc_t ref[kBufferSize<acc_t>];
   explicit StepScratch(int64_t V_kept) : exps(V_kept) {}
@@ -75,9 +75,9 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     if constexpr (kRoll) {
       xmr = max_nan(xmr, load_chunk(xr + begin, n, cr));
       shift_divide_chunk(cr, n, tpr, finite_shift(xmr));
-      // the exps of this chunk are e^{d}, relative to these references
-      scratch.exps.chunk_m()[2 * k] = acc_t(tpr.reference(xmr));
-      scratch.exps.chunk_m()[2 * k + 1] = acc_t(tp.reference(xm));
+      // the exps of this chunk are e^{d}, relative to these raw maxes (total_variation)
+      scratch.exps.chunk_xm()[2 * k] = xmr;
+      scratch.exps.chunk_xm()[2 * k + 1] = xm;
     }
     if constexpr (kRef) {
       xmq = max_nan(xmq, load_chunk(xq + begin, n, scratch.ref));
@@ -134,12 +134,11 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     out.token_kl = valid ? acc_t(finalize_kl(s)) : nan;
     out.token_tv = nan;
     if (valid && side_is_valid(s.m_w)) {
-      // Both sides' (m, log s1) from the same pair sums (not the logits' from token_stats'
-      // lanes, summed in another order): equal rows get equal scales.
-      const SideState<acc_t> q = rounded<acc_t>(side_state(s.m_w, s.s1_w)),
-                             p = rounded<acc_t>(side_state(s.m_v, s.s1_v));
-      out.token_tv = total_variation(scratch.exps.ew(), scratch.exps.ev(), scratch.exps.chunk_m(),
-                                     V, q.m, q.log_s1, p.m, p.log_s1);
+      // Both sides' log s1 from the same pair sums (not the logits' from token_stats' lanes,
+      // summed in another order): equal rows get equal scales.
+      out.token_tv = total_variation(scratch.exps.ew(), scratch.exps.ev(), scratch.exps.chunk_xm(),
+                                     V, ExpScale<acc_t>{xmr, tr, std::log(s.s1_w)},
+                                     ExpScale<acc_t>{xm, tp.tau, std::log(s.s1_v)});
     }
   }
   if constexpr (kRef) {
