@@ -64,11 +64,12 @@ std::vector<at::Tensor> kl_divergence_forward(
         const std::optional<LabelReader> read_label =
             labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
         // reverse KL(p || q): weight side p; forward KL(q || p): weight side q.
-        const auto store = [&](const PairRow<acc_t>& row, acc_t* st, int64_t r) {
+        const auto store = [&](const PairRow<acc_t>& row, acc_t tw, acc_t tv, acc_t* st,
+                               int64_t r) {
           const auto& s = row.sums;
           row_sum_t<acc_t> moved_w, moved_v;
-          const auto w = saved_side<acc_t>(s.m_w, s.s1_w, moved_w),
-                     v = saved_side<acc_t>(s.m_v, s.s1_v, moved_v);
+          const auto w = saved_side<acc_t>(row.xm_w, tw, s.m_w, s.s1_w, moved_w),
+                     v = saved_side<acc_t>(row.xm_v, tv, s.m_v, s.s1_v, moved_v);
           const auto &p = reverse ? w : v, &q = reverse ? v : w;
           o_kl[r] = acc_t(finalize_kl(s));
           st[0] = p.m;
@@ -92,7 +93,8 @@ std::vector<at::Tensor> kl_divergence_forward(
             const Temperature<acc_t> tp = tau(r), tq = tau_r(r);
             const scalar_t *xw = reverse ? xp : xq, *xv = reverse ? xq : xp;
             const Temperature<acc_t> tw = reverse ? tp : tq, tv = reverse ? tq : tp;
-            store(pair_row<scalar_t, acc_t, false>(xw, tw, xv, tv, V, true, bw, bv, nullptr), st, r);
+            store(pair_row<scalar_t, acc_t, false>(xw, tw, xv, tv, V, true, bw, bv, nullptr),
+                  tw.tau, tv.tau, st, r);
           }
         });
       });
@@ -250,7 +252,7 @@ std::vector<at::Tensor> mismatch_stats_forward(
                 xq, tq, xp, tp, V, false, scratch.ew(), scratch.ev(), scratch.chunk_xm());
             const auto& s = row.sums;
             row_sum_t<acc_t> moved;
-            const SideState<acc_t> p = saved_side<acc_t>(s.m_v, s.s1_v, moved);
+            const SideState<acc_t> p = saved_side<acc_t>(row.xm_v, tp.tau, s.m_v, s.s1_v, moved);
             o_st[2 * r] = p.m;
             o_st[2 * r + 1] = p.log_s1;
             // d_c - log s1, both relative to the logits' raw max; NaN when the row is

@@ -363,17 +363,21 @@ SideState<acc_t> rounded(const SideState<sum_t>& s) {
   return {acc_t(s.m), acc_t(s.log_s1)};
 }
 
-// One side of a finished pair pass (reference ref = xm / tau in row_sum_t, s1 relative to it) as
-// kl_divergence and mismatch_stats save it for their backwards, and pg_kernels/parallel merges
-// it across shards: m = ref rounded to acc_t, the z-unit max, and log s1 relative to that m,
-// log s1 + moved with moved = ref - m. NaN when the side is invalid (moved = 0 then).
+// One side of a finished pair pass (raw max xm, temperature tau, its reference ref = xm / tau in
+// row_sum_t, s1 relative to xm / tau) as kl_divergence and mismatch_stats save it for their
+// backwards, and pg_kernels/parallel merges it across shards: m = ref rounded to acc_t, the
+// z-unit max, and log s1 relative to that m, log s1 + moved with moved = xm / tau - m. moved is
+// one fma's residual over tau, not ref - m: for fp64 rows ref is xm / tau rounded to the same
+// type as m, and ref - m = 0 dropped up to ulp(z) / 2 (a V = 1 fp64 row at |z| ~ 1e3 got a
+// gradient of 1.0e-13 where the truth is 0). NaN when the side is invalid (moved = 0 then).
 template <typename acc_t>
-SideState<acc_t> saved_side(row_sum_t<acc_t> ref, row_sum_t<acc_t> s1, row_sum_t<acc_t>& moved) {
+SideState<acc_t> saved_side(acc_t xm, acc_t tau, row_sum_t<acc_t> ref, row_sum_t<acc_t> s1,
+                            row_sum_t<acc_t>& moved) {
   using sum_t = row_sum_t<acc_t>;
   moved = sum_t(0);
   const acc_t m = acc_t(ref);
   if (!side_is_valid(ref) || !is_finite(m)) return {quiet_nan<acc_t>(), quiet_nan<acc_t>()};
-  moved = ref - sum_t(m);
+  moved = -std::fma(sum_t(m), sum_t(tau), -sum_t(xm)) / sum_t(tau);
   return {m, acc_t(std::log(s1) + moved)};
 }
 
