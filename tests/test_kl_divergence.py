@@ -308,14 +308,14 @@ def test_single_entry_rows_are_exactly_zero(bd, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_single_entry_rows_gradients(bd, dtype):
     """V = 1 rows at |x| up to ~900 under per-row temperatures 0.05..5 on both sides: the KL and
-    both gradients are exactly 0 in exact arithmetic. The kernels load d relative to the raw max
-    and save their row state in z units (m = x_max / tau rounded, log s1 and c moved to it); the
-    backward moves them back to the raw max it rebuilds from m. What remains is those moves'
-    rounding, ~2^-48 |z| for fp32 state (measured: C++ fp32 / bf16 3e-11 at |z| ~ 6000, Triton
-    fp32 1.7e-10, bf16 0; bound 2^-40 |z|) and for fp64 C++ 5e-29, Triton 3.9e-16 (its state
-    refers to the rebuilt max; bound 2^-50, a few ulp(1)). Found by the fuzzer (fp64 [6, 1],
-    seed 20261202): the C++ forward had moved fp64's log s1 by xm / tau rounded - m = 0, dropping
-    up to ulp(z) / 2, and a gradient was 1.0e-13 where the truth is 0."""
+    both gradients are exactly 0 in exact arithmetic. The row state keeps the z-unit max
+    m = x_max / tau rounded and log s1 and c relative to a / tau, a = m tau rounded (the max
+    logit or an ulp from it), which the backward rebuilds and loads d = (x - a) / tau from.
+    Measured: C++ exactly 0 in fp64, fp32 and bf16; Triton fp32 up to 1.7e-10 at |z| ~ 6000
+    (bound 2^-40 |z|), fp64 3.9e-16 (bound 2^-50, a few ulp(1)), bf16 0. Found by the fuzzer
+    (seed 20261202, fp64 [6, 1]: 1.0e-13 where the truth is 0; seeds 20261201 / 20261203,
+    mismatch_stats' fp32 V = 1 logprob gradient 4e-15 / 2.5e-13), when the C++ state moved
+    log s1 from x_max / tau to m and back."""
     backend, device = bd
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 1, generator=g, dtype=torch.float64) * 300

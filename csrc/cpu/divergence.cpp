@@ -64,19 +64,19 @@ std::vector<at::Tensor> kl_divergence_forward(
         const std::optional<LabelReader> read_label =
             labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
         // reverse KL(p || q): weight side p; forward KL(q || p): weight side q.
-        const auto store = [&](const PairRow<acc_t>& row, acc_t tw, acc_t tv, acc_t* st,
-                               int64_t r) {
+        const auto store = [&](const PairRow<acc_t>& row, Temperature<acc_t> tw,
+                               Temperature<acc_t> tv, acc_t* st, int64_t r) {
           const auto& s = row.sums;
           row_sum_t<acc_t> moved_w, moved_v;
-          const auto w = saved_side<acc_t>(row.xm_w, tw, s.m_w, s.s1_w, moved_w),
-                     v = saved_side<acc_t>(row.xm_v, tv, s.m_v, s.s1_v, moved_v);
+          const auto w = saved_side<scalar_t>(row.xm_w, tw, s.m_w, s.s1_w, moved_w),
+                     v = saved_side<scalar_t>(row.xm_v, tv, s.m_v, s.s1_v, moved_v);
           const auto &p = reverse ? w : v, &q = reverse ? v : w;
           o_kl[r] = acc_t(finalize_kl(s));
           st[0] = p.m;
           st[1] = p.log_s1;
           st[2] = q.m;
           st[3] = q.log_s1;
-          // c relative to the saved maxes, as the log s1 are
+          // c relative to the same points as the log s1
           st[4] = acc_t(kl_grad_shift(s) + moved_w - moved_v);
         };
         at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
@@ -94,7 +94,7 @@ std::vector<at::Tensor> kl_divergence_forward(
             const scalar_t *xw = reverse ? xp : xq, *xv = reverse ? xq : xp;
             const Temperature<acc_t> tw = reverse ? tp : tq, tv = reverse ? tq : tp;
             store(pair_row<scalar_t, acc_t, false>(xw, tw, xv, tv, V, true, bw, bv, nullptr),
-                  tw.tau, tv.tau, st, r);
+                  tw, tv, st, r);
           }
         });
       });
@@ -184,10 +184,13 @@ std::vector<at::Tensor> kl_divergence_backward(
               const Temperature<acc_t> tp = tau(r), tq = tau_r(r);
               const scalar_t *xw = reverse ? xp : xq, *xv = reverse ? xq : xp;
               const Temperature<acc_t> tw = reverse ? tp : tq, tv = reverse ? tq : tp;
-              // Each side relative to its raw max, as the forward loaded it; c moved with them.
-              const RawSide<acc_t> sw = raw_side<scalar_t>(reverse ? p : q, tw.tau),
-                                   sv = raw_side<scalar_t>(reverse ? q : p, tv.tau);
-              const acc_t c = acc_t(row_sum_t<acc_t>(st[4]) - sw.moved + sv.moved);
+              // Each side from the raw max rebuilt from its saved m, with the saved log s1
+              // (relative to that max, saved_side): {a, log s1}.
+              const SideState<acc_t> pw = reverse ? p : q, pv = reverse ? q : p;
+              const SideState<acc_t> sw{rebuilt_max<scalar_t>(pw.m, PairFrame(tw).tau.tau),
+                                        pw.log_s1},
+                  sv{rebuilt_max<scalar_t>(pv.m, PairFrame(tv).tau.tau), pv.log_s1};
+              const acc_t c = st[4];
               const acc_t dl = kl_r - c;  // log s1_v - log s1_w, since KL = c - l_w + l_v
               const acc_t gw = up[r] / tw.tau, gv = up[r] / tv.tau;  // d/dx = d/dz / tau
               if (do_w && need_v) {
@@ -252,18 +255,21 @@ std::vector<at::Tensor> mismatch_stats_forward(
                 xq, tq, xp, tp, V, false, scratch.ew(), scratch.ev(), scratch.chunk_xm());
             const auto& s = row.sums;
             row_sum_t<acc_t> moved;
-            const SideState<acc_t> p = saved_side<acc_t>(row.xm_v, tp.tau, s.m_v, s.s1_v, moved);
+            const SideState<acc_t> p = saved_side<scalar_t>(row.xm_v, tp, s.m_v, s.s1_v, moved);
             o_st[2 * r] = p.m;
             o_st[2 * r + 1] = p.log_s1;
             // d_c - log s1, both relative to the logits' raw max; NaN when the row is
-            o_lp[r] = is_finite(p.m) ? acc_t(row_sum_t<acc_t>(tp.divide(acc_t(xp[c]) - row.xm_v)) -
-                                             std::log(s.s1_v))
+            const PairFrame<acc_t> fp(tp);
+            const acc_t d_c = fp.tau.divide(fp.value(acc_t(xp[c])) - row.xm_v);
+            o_lp[r] = is_finite(p.m) ? acc_t(row_sum_t<acc_t>(d_c) - std::log(s.s1_v))
                                      : quiet_nan<acc_t>();
             o_kl[r] = acc_t(finalize_kl(s));
             o_tv[r] = (side_is_valid(s.m_w) && side_is_valid(s.m_v))
                           ? total_variation(scratch.ew(), scratch.ev(), scratch.chunk_xm(), V,
-                                            ExpScale<acc_t>{row.xm_w, tq.tau, std::log(s.s1_w)},
-                                            ExpScale<acc_t>{row.xm_v, tp.tau, std::log(s.s1_v)})
+                                            ExpScale<acc_t>{row.xm_w, PairFrame(tq).tau.tau,
+                                                            std::log(s.s1_w)},
+                                            ExpScale<acc_t>{row.xm_v, PairFrame(tp).tau.tau,
+                                                            std::log(s.s1_v)})
                           : quiet_nan<acc_t>();
           }
         });
@@ -272,7 +278,7 @@ std::vector<at::Tensor> mismatch_stats_forward(
 }
 
 // d logprob / dx_j = g (1[j = c] - p_j) / tau, p_j = e^{d_j - l} from the saved (m, l), d loaded
-// relative to the raw max as the forward loaded it (raw_side).
+// relative to the rebuilt raw max as the forward loaded it (saved_side).
 // The label's entry is g (-expm1(log p_c)) / tau: no cancellation of 1 - p_c when p_c -> 1.
 // Reads N V logits, writes N V gradient (fresh, contiguous).
 at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Tensor& logits,
@@ -317,12 +323,13 @@ at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Ten
             const scalar_t* xr = x + layout.offset(r);
             const Temperature<acc_t> t = tau(r);
             const acc_t gt = up[r] / t.tau;
-            const RawSide<acc_t> side = raw_side<scalar_t>(SideState<acc_t>{m, l}, t.tau);
-            const Vec<acc_t> vl(side.log_s1), vneg(-gt), lowest(exp_zero_below<acc_t>());
+            const PairFrame<acc_t> frame(t);
+            const acc_t a = rebuilt_max<scalar_t>(m, frame.tau.tau);
+            const Vec<acc_t> vl(l), vneg(-gt), lowest(exp_zero_below<acc_t>());
             for (int64_t b = 0; b < V; b += kChunk) {
               const int64_t n = std::min(kChunk, V - b);
-              copy_padded(xr + b, n, buf);
-              shift_divide_chunk(buf, n, t, side.xm);
+              frame.load(xr + b, n, buf);
+              shift_divide_chunk(buf, n, frame.tau, a);
               for (int64_t i = 0; i < n; i += W) {
                 // d/dz_j of -(L) = -p_j
                 const Vec<acc_t> d = at::vec::clamp_min(Vec<acc_t>::loadu(buf + i) - vl, lowest);
@@ -331,7 +338,7 @@ at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Ten
               store_row(buf, grad_row + b, n);
             }
             // d/dz_c of z_c - L = 1 - p_c = -expm1(log p_c), added before the one rounding.
-            const acc_t log_pc = t.divide(acc_t(xr[c]) - side.xm) - side.log_s1;
+            const acc_t log_pc = frame.tau.divide(frame.value(acc_t(xr[c])) - a) - l;
             grad_row[c] = scalar_t(-std::expm1(log_pc) * gt);
           }
         });

@@ -9,6 +9,10 @@
 // rounded: near the max, where the mass is, d is then nearly exact (z - m carried ulp(z) / 2 of
 // z and of m; an fp32 KL of 2.0e-4 at tau 0.252, |z| ~ 50-64, was off by 3.9e-8 where plain
 // PyTorch was 3.5e-9). The sums refer to xm / tau in row_sum_t (Temperature::reference).
+// fp64 logits keep z = x / tau, divided first, then d = z - max z (PairFrame): the float64
+// reference rounds z alike, and against a 50-digit truth the difference form measured 3.9e-12
+// relative gradient error where z = x / tau and plain fp64 PyTorch have 1.1e-12 (fp64 [1, 3] at
+// |z| ~ 1e4; the fuzzer, seed 20261201).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -30,6 +34,24 @@ void store_row(const acc_t* buf, scalar_t* dst, int64_t n) {
     at::vec::convert(buf, dst, n);
   }
 }
+
+// How a pair pass loads a side's logits: as x, with d = (x - xm) / tau formed per chunk under
+// the row's temperature (fp32 and 16-bit logits), or, for fp64 logits, as z = x / tau rounded,
+// with d = z - max z under unit temperature (see the header). `tau`: the temperature d is formed
+// under; xm, the maxes and the references are in the loaded values' units.
+template <typename acc_t>
+struct PairFrame {
+  static constexpr bool kDivideFirst = std::is_same_v<acc_t, double>;
+  Temperature<acc_t> row_tau, tau;
+  explicit PairFrame(Temperature<acc_t> t)
+      : row_tau(t), tau(kDivideFirst ? temperature(acc_t(1)) : t) {}
+  template <typename scalar_t>
+  acc_t load(const scalar_t* src, int64_t n, acc_t* buf) const {  // returns the chunk's max
+    if constexpr (kDivideFirst) return load_quotient_chunk(src, n, row_tau.tau, row_tau.r, buf);
+    return load_chunk(src, n, buf);
+  }
+  acc_t value(acc_t x) const { return kDivideFirst ? row_tau.divide(x) : x; }  // one entry
+};
 
 // A pair pass sums and finishes a row in row_sum_t<acc_t> (vec_rows.h). The KL of near-equal
 // rows, u / s1_w - log s1_w + log s1_v, cancels O(1) terms; with s1 summed in fp32 each log s1
@@ -241,8 +263,8 @@ struct RowSum {
   }
 };
 
-// A pair pass's row: its sums, relative to each side's reference xm / tau, and each side's raw
-// max xm (-inf: no finite entry; NaN: the side holds a NaN).
+// A pair pass's row: its sums, relative to each side's reference xm / tau, and each side's max
+// xm in PairFrame's units (-inf: no finite entry; NaN: the side holds a NaN).
 template <typename acc_t>
 struct PairRow {
   PairState<row_sum_t<acc_t>> sums;
@@ -259,23 +281,24 @@ PairRow<acc_t> pair_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scal
                         Temperature<acc_t> tau_v, int64_t V, bool stop_on_w_invalid, acc_t* bw,
                         acc_t* bv, acc_t* chunk_xm) {
   using sum_t = row_sum_t<acc_t>;
+  const PairFrame<acc_t> fw(tau_w), fv(tau_v);
   RowSum<sum_t> row;
   acc_t xm_w = neg_inf<acc_t>(), xm_v = neg_inf<acc_t>();
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
     acc_t* cw = kKeepExps ? bw + begin : bw;
     acc_t* cv = kKeepExps ? bv + begin : bv;
-    const acc_t mw = load_chunk(xw + begin, n, cw);
-    const acc_t mv = load_chunk(xv + begin, n, cv);
-    shift_divide_chunk(cw, n, tau_w, finite_shift(mw));
-    shift_divide_chunk(cv, n, tau_v, finite_shift(mv));
+    const acc_t mw = fw.load(xw + begin, n, cw);
+    const acc_t mv = fv.load(xv + begin, n, cv);
+    shift_divide_chunk(cw, n, fw.tau, finite_shift(mw));
+    shift_divide_chunk(cv, n, fv.tau, finite_shift(mv));
     xm_w = max_nan(xm_w, mw);
     xm_v = max_nan(xm_v, mv);
     if constexpr (kKeepExps) {
       chunk_xm[2 * k] = mw;
       chunk_xm[2 * k + 1] = mv;
     }
-    row.merge(pair_chunk<acc_t, kKeepExps>(cw, cv, n, tau_w.reference(mw), tau_v.reference(mv)));
+    row.merge(pair_chunk<acc_t, kKeepExps>(cw, cv, n, fw.tau.reference(mw), fv.tau.reference(mv)));
     if (!(row.hi.m_v < -neg_inf<sum_t>())) break;  // NaN or +inf: the row is NaN, stop early
     if (stop_on_w_invalid && !(row.hi.m_w < -neg_inf<sum_t>())) break;
   }
@@ -363,43 +386,39 @@ SideState<acc_t> rounded(const SideState<sum_t>& s) {
   return {acc_t(s.m), acc_t(s.log_s1)};
 }
 
-// One side of a finished pair pass (raw max xm, temperature tau, its reference ref = xm / tau in
-// row_sum_t, s1 relative to xm / tau) as kl_divergence and mismatch_stats save it for their
-// backwards, and pg_kernels/parallel merges it across shards: m = ref rounded to acc_t, the
-// z-unit max, and log s1 relative to that m, log s1 + moved with moved = xm / tau - m. moved is
-// one fma's residual over tau, not ref - m: for fp64 rows ref is xm / tau rounded to the same
-// type as m, and ref - m = 0 dropped up to ulp(z) / 2 (a V = 1 fp64 row at |z| ~ 1e3 got a
-// gradient of 1.0e-13 where the truth is 0). NaN when the side is invalid (moved = 0 then).
-template <typename acc_t>
-SideState<acc_t> saved_side(acc_t xm, acc_t tau, row_sum_t<acc_t> ref, row_sum_t<acc_t> s1,
-                            row_sum_t<acc_t>& moved) {
+// The raw max a backward loads a saved side's row relative to (the state keeps the z-unit max
+// m = x_max / tau rounded, which pg_kernels/parallel merges across shards): a = m tau, rounded to
+// the logits' dtype when that is 16-bit, where it is then the max logit itself (m tau is within
+// 2^-23 of it); for fp32 / fp64 logits the max logit or an ulp from it. Either way x - a is
+// exact near the max. The Triton kernels rebuild the same a (triton/_pair.py, max_logit).
+template <typename scalar_t, typename acc_t>
+acc_t rebuilt_max(acc_t m, acc_t tau) {
+  // m tau rounded, as an fma with 0 so that GCC (-ffp-contract=fast) cannot fuse the product
+  // into a caller's xm - a: that gave the exact residual, not the rounded a's difference, and
+  // a V = 1 fp32 row a saved log s1 of 1.3e-5 where the backward's d is 0.
+  const acc_t a = std::fma(m, tau, acc_t(0));
+  if constexpr (sizeof(scalar_t) == 2) return acc_t(scalar_t(a));
+  return a;
+}
+
+// One side of a finished pair pass (raw max xm, its reference ref = xm / tau in row_sum_t, s1
+// relative to xm / tau) as kl_divergence and mismatch_stats save it for their backwards: the
+// z-unit max m = ref rounded, and log s1 relative to a / tau (a = rebuilt_max(m)), the point the
+// backward loads d = (x - a) / tau from: log s1 + d_max with d_max = (xm - a) / tau rounded as
+// the backward rounds it, exactly 0 when a = xm (16-bit logits, most fp32 rows). So a V = 1 row
+// gets log s1 = d_max and a gradient of exactly 0. (Moving log s1 to m instead, by xm / tau - m,
+// and back in the backward left that move's rounding, ~2^-48 |z|: 4e-15 where the fuzzer's
+// truth is 0.) moved = d_max: c moves with the log s1. NaN when the side is invalid (moved 0).
+template <typename scalar_t, typename acc_t>
+SideState<acc_t> saved_side(acc_t xm, Temperature<acc_t> tau, row_sum_t<acc_t> ref,
+                            row_sum_t<acc_t> s1, row_sum_t<acc_t>& moved) {
   using sum_t = row_sum_t<acc_t>;
+  const Temperature<acc_t> t = PairFrame<acc_t>(tau).tau;
   moved = sum_t(0);
   const acc_t m = acc_t(ref);
   if (!side_is_valid(ref) || !is_finite(m)) return {quiet_nan<acc_t>(), quiet_nan<acc_t>()};
-  moved = -std::fma(sum_t(m), sum_t(tau), -sum_t(xm)) / sum_t(tau);
+  moved = sum_t(t.divide(xm - rebuilt_max<scalar_t>(m, t.tau)));
   return {m, acc_t(std::log(s1) + moved)};
-}
-
-// A saved side (saved_side) as a backward loads its row: the raw max xm = m tau, rounded to the
-// logits' dtype when that is 16-bit (where it is then the max logit itself: m tau is within
-// 2^-23 of it); for fp32 / fp64 logits the max logit or an ulp from it, either way a shift that
-// leaves x - xm exact near the max. log s1 is relative to xm / tau, and moved = xm / tau - m
-// (from one fma's residual, exact but for the quotient's rounding), so that d = (x - xm) / tau
-// is loaded as the forward loaded it and the saved numbers refer to the same point.
-template <typename acc_t>
-struct RawSide {
-  acc_t xm, log_s1;
-  row_sum_t<acc_t> moved;
-};
-
-template <typename scalar_t, typename acc_t>
-RawSide<acc_t> raw_side(const SideState<acc_t>& s, acc_t tau) {
-  using sum_t = row_sum_t<acc_t>;
-  acc_t xm = s.m * tau;
-  if constexpr (sizeof(scalar_t) == 2) xm = acc_t(scalar_t(xm));
-  const sum_t moved = -std::fma(sum_t(s.m), sum_t(tau), -sum_t(xm)) / sum_t(tau);
-  return {xm, acc_t(sum_t(s.log_s1) - moved), moved};
 }
 
 // v_j - w_j, the KL's gradient w.r.t. the other side's z (docs/math.md §4), from the two
@@ -424,7 +443,7 @@ inline double other_side_difference(double w, double v, double delta) {
 }
 
 // Gradients of KL(w || v) for one row, times the upstream gradient g (docs/math.md §4), from
-// each side's raw max xm and l = log s1 relative to xm / tau (raw_side), d = (x - xm) / tau
+// each side's rebuilt raw max a and l = log s1 relative to a / tau (saved_side), d = (x - a) / tau
 // loaded as the forward loaded it, and c = E_w[d_w - d_v] relative to the same points:
 //   grad_w,j = g / tau_w * w_j ((d_w,j - d_v,j) - c),  w_j = e^{d_w,j - l_w},  0 where w_j = 0
 //   grad_v,j = g / tau_v * (v_j - w_j),                 v_j = e^{d_v,j - l_v}
@@ -432,18 +451,19 @@ inline double other_side_difference(double w, double v, double delta) {
 // kW / kV: which gradients to write; only grad_v needs v_j's exp.
 template <typename scalar_t, typename acc_t, bool kW, bool kV>
 void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_t* xv,
-                     Temperature<acc_t> tau_v, int64_t V, RawSide<acc_t> sw, RawSide<acc_t> sv,
-                     acc_t c, acc_t dl, acc_t gw, acc_t gv, acc_t* bw, acc_t* bv,
+                     Temperature<acc_t> tau_v, int64_t V, SideState<acc_t> sw,
+                     SideState<acc_t> sv, acc_t c, acc_t dl, acc_t gw, acc_t gv, acc_t* bw, acc_t* bv,
                      scalar_t* grad_w, scalar_t* grad_v) {
   constexpr int64_t W = Vec<acc_t>::size();
   const Vec<acc_t> vlw(sw.log_s1), vlv(sv.log_s1), vc(c), vgw(gw), vgv(gv), zero(acc_t(0)),
       lowest(exp_zero_below<acc_t>()), vdl(dl);
+  const PairFrame<acc_t> fw(tau_w), fv(tau_v);
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
-    copy_padded(xw + begin, n, bw);
-    shift_divide_chunk(bw, n, tau_w, sw.xm);
-    copy_padded(xv + begin, n, bv);
-    shift_divide_chunk(bv, n, tau_v, sv.xm);
+    fw.load(xw + begin, n, bw);
+    shift_divide_chunk(bw, n, fw.tau, sw.m);
+    fv.load(xv + begin, n, bv);
+    shift_divide_chunk(bv, n, fv.tau, sv.m);
     for (int64_t i = 0; i < n; i += W) {
       const Vec<acc_t> dw = Vec<acc_t>::loadu(bw + i);
       const Vec<acc_t> dv = Vec<acc_t>::loadu(bv + i);
