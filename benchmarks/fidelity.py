@@ -41,6 +41,7 @@ import torch  # noqa: E402
 import pg_kernels  # noqa: E402
 from benchmarks.harness import device_name, git_state, versions  # noqa: E402
 from pg_kernels import reference  # noqa: E402
+from pg_kernels.testing import peaked_logits  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEMPERATURES = (1.0, 0.7)
@@ -76,10 +77,7 @@ def input_precision():
 
 def make_inputs(n: int, v: int, dtype: torch.dtype, tau: float, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, v, generator=g, dtype=torch.float64) * 4
-    rows = torch.arange(n)[torch.rand(n, generator=g) < 0.5]
-    cols = torch.randint(0, v, (rows.numel(),), generator=g)
-    x[rows, cols] += torch.rand(rows.numel(), generator=g, dtype=torch.float64) * 10 + 5
+    x = peaked_logits(n, v, g)
     logits = x.to(dtype)
     z = logits.double() / tau
     labels = torch.multinomial(torch.softmax(z, -1), 1, generator=g).squeeze(1)

@@ -81,6 +81,16 @@ def make_logits(
     return x.to(dtype=dtype, device=device)
 
 
+def peaked_logits(n: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Realistic peaked float64 logits [n, vocab]: randn * 4 with a spike of +5..15 at a random
+    column of about half of the rows (benchmarks/fidelity.py's inputs, the fidelity tests')."""
+    x = torch.randn(n, vocab, generator=generator, dtype=torch.float64) * 4
+    rows = torch.arange(n)[torch.rand(n, generator=generator) < 0.5]
+    cols = torch.randint(0, vocab, (rows.numel(),), generator=generator)
+    x[rows, cols] += torch.rand(rows.numel(), generator=generator, dtype=torch.float64) * 10 + 5
+    return x
+
+
 def make_labels(
     shape: Sequence[int], vocab: int, *, device="cpu", seed: int | None = None, ignore_index=-100
 ) -> torch.Tensor:

@@ -8,7 +8,13 @@ import torch
 import pg_kernels
 from pg_kernels import reference
 from pg_kernels.reference._util import scaled
-from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
+from pg_kernels.testing import (
+    check_against_reference,
+    make_labels,
+    make_logits,
+    near_one_hot,
+    peaked_logits,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 DIRECTIONS = ["reverse", "forward"]
@@ -366,10 +372,7 @@ def test_temperature_below_plain_error(bd, direction):
     backend, device = bd
     tau = 0.7
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 4000, generator=g, dtype=torch.float64) * 4
-    rows = torch.arange(32)[torch.rand(32, generator=g) < 0.5]
-    cols = torch.randint(0, 4000, (rows.numel(),), generator=g)
-    x[rows, cols] += torch.rand(rows.numel(), generator=g, dtype=torch.float64) * 10 + 5
+    x = peaked_logits(32, 4000, g)
     xr = (x + 0.3 * torch.randn(32, 4000, generator=g, dtype=torch.float64)).float()
     x = x.float()
 

@@ -7,7 +7,13 @@ import torch
 
 import pg_kernels
 from pg_kernels import reference
-from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
+from pg_kernels.testing import (
+    check_against_reference,
+    make_labels,
+    make_logits,
+    near_one_hot,
+    peaked_logits,
+)
 
 pytestmark = pytest.mark.op("token_stats")
 
@@ -184,11 +190,7 @@ def test_logprob_at_temperature_below_plain_error(backend_device):
     backend, device = backend_device
     tau = 0.7
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 4000, generator=g, dtype=torch.float64) * 4
-    rows = torch.arange(32)[torch.rand(32, generator=g) < 0.5]
-    cols = torch.randint(0, 4000, (rows.numel(),), generator=g)
-    x[rows, cols] += torch.rand(rows.numel(), generator=g, dtype=torch.float64) * 10 + 5
-    x = x.float()
+    x = peaked_logits(32, 4000, g).float()
     y = torch.multinomial(torch.softmax(x.double() / tau, -1), 1, generator=g).squeeze(1)
     truth = torch.log_softmax(x.double() / tau, -1).gather(1, y[:, None]).squeeze(1)
     plain = torch.log_softmax(x / tau, -1).gather(1, y[:, None]).squeeze(1).double() - truth
