@@ -67,17 +67,16 @@ std::vector<at::Tensor> kl_divergence_forward(
         const auto store = [&](const PairRow<acc_t>& row, Temperature<acc_t> tw,
                                Temperature<acc_t> tv, acc_t* st, int64_t r) {
           const auto& s = row.sums;
-          row_sum_t<acc_t> moved_w, moved_v;
-          const auto w = saved_side<scalar_t>(row.xm_w, tw, s.m_w, s.s1_w, moved_w),
-                     v = saved_side<scalar_t>(row.xm_v, tv, s.m_v, s.s1_v, moved_v);
-          const auto &p = reverse ? w : v, &q = reverse ? v : w;
+          const auto w = saved_side<scalar_t>(row.xm_w, tw, s.m_w, s.s1_w),
+                     v = saved_side<scalar_t>(row.xm_v, tv, s.m_v, s.s1_v);
+          const auto &p = reverse ? w.side : v.side, &q = reverse ? v.side : w.side;
           o_kl[r] = acc_t(finalize_kl(s));
           st[0] = p.m;
           st[1] = p.log_s1;
           st[2] = q.m;
           st[3] = q.log_s1;
           // c relative to the same points as the log s1
-          st[4] = acc_t(kl_grad_shift(s) + moved_w - moved_v);
+          st[4] = acc_t(kl_grad_shift(s) + w.moved - v.moved);
         };
         at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
           alignas(64) acc_t bw[kBufferSize<acc_t>];
@@ -187,9 +186,8 @@ std::vector<at::Tensor> kl_divergence_backward(
               // Each side from the raw max rebuilt from its saved m, with the saved log s1
               // (relative to that max, saved_side): {a, log s1}.
               const SideState<acc_t> pw = reverse ? p : q, pv = reverse ? q : p;
-              const SideState<acc_t> sw{rebuilt_max<scalar_t>(pw.m, PairFrame(tw).tau.tau),
-                                        pw.log_s1},
-                  sv{rebuilt_max<scalar_t>(pv.m, PairFrame(tv).tau.tau), pv.log_s1};
+              const SideState<acc_t> sw{rebuilt_max<scalar_t>(pw.m, tw), pw.log_s1},
+                  sv{rebuilt_max<scalar_t>(pv.m, tv), pv.log_s1};
               const acc_t c = st[4];
               const acc_t dl = kl_r - c;  // log s1_v - log s1_w, since KL = c - l_w + l_v
               const acc_t gw = up[r] / tw.tau, gv = up[r] / tv.tau;  // d/dx = d/dz / tau
@@ -254,8 +252,7 @@ std::vector<at::Tensor> mismatch_stats_forward(
             const PairRow<acc_t> row = pair_row<scalar_t, acc_t, true>(
                 xq, tq, xp, tp, V, false, scratch.ew(), scratch.ev(), scratch.chunk_xm());
             const auto& s = row.sums;
-            row_sum_t<acc_t> moved;
-            const SideState<acc_t> p = saved_side<scalar_t>(row.xm_v, tp, s.m_v, s.s1_v, moved);
+            const SideState<acc_t> p = saved_side<scalar_t>(row.xm_v, tp, s.m_v, s.s1_v).side;
             o_st[2 * r] = p.m;
             o_st[2 * r + 1] = p.log_s1;
             // d_c - log s1, both relative to the logits' raw max; NaN when the row is
@@ -266,10 +263,7 @@ std::vector<at::Tensor> mismatch_stats_forward(
             o_kl[r] = acc_t(finalize_kl(s));
             o_tv[r] = (side_is_valid(s.m_w) && side_is_valid(s.m_v))
                           ? total_variation(scratch.ew(), scratch.ev(), scratch.chunk_xm(), V,
-                                            ExpScale<acc_t>{row.xm_w, PairFrame(tq).tau.tau,
-                                                            std::log(s.s1_w)},
-                                            ExpScale<acc_t>{row.xm_v, PairFrame(tp).tau.tau,
-                                                            std::log(s.s1_v)})
+                                            row.w_scale(), row.v_scale())
                           : quiet_nan<acc_t>();
           }
         });
@@ -324,7 +318,7 @@ at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Ten
             const Temperature<acc_t> t = tau(r);
             const acc_t gt = up[r] / t.tau;
             const PairFrame<acc_t> frame(t);
-            const acc_t a = rebuilt_max<scalar_t>(m, frame.tau.tau);
+            const acc_t a = rebuilt_max<scalar_t>(m, t);
             const Vec<acc_t> vl(l), vneg(-gt), lowest(exp_zero_below<acc_t>());
             for (int64_t b = 0; b < V; b += kChunk) {
               const int64_t n = std::min(kChunk, V - b);

@@ -263,12 +263,30 @@ struct RowSum {
   }
 };
 
-// A pair pass's row: its sums, relative to each side's reference xm / tau, and each side's max
-// xm in PairFrame's units (-inf: no finite entry; NaN: the side holds a NaN).
+// A side of a pair pass as total_variation scales its kept exps: the row's raw max xm, its
+// temperature and log s1 relative to xm / tau. The e^d of chunk k, relative to that chunk's raw
+// max xm_k, times scale(xm_k) is the probability: e^{(xm_k - xm) / tau - log s1}, the exponent
+// from the exact difference of two logits, in row_sum_t.
+template <typename acc_t>
+struct ExpScale {
+  acc_t xm, tau;
+  row_sum_t<acc_t> log_s1;
+  acc_t operator()(acc_t xm_k) const {
+    using sum_t = row_sum_t<acc_t>;
+    if (xm_k == neg_inf<acc_t>()) return acc_t(0);  // the side is all -inf here: e = 0
+    return acc_t(std::exp((sum_t(xm_k) - sum_t(xm)) / sum_t(tau) - log_s1));
+  }
+};
+
+// A pair pass's row: its sums, relative to each side's reference xm / tau, each side's max xm
+// in PairFrame's units (-inf: no finite entry; NaN: the side holds a NaN) and the temperature
+// its d were formed under (PairFrame::tau).
 template <typename acc_t>
 struct PairRow {
   PairState<row_sum_t<acc_t>> sums;
-  acc_t xm_w, xm_v;
+  acc_t xm_w, xm_v, tau_w, tau_v;
+  ExpScale<acc_t> w_scale() const { return {xm_w, tau_w, std::log(sums.s1_w)}; }
+  ExpScale<acc_t> v_scale() const { return {xm_v, tau_v, std::log(sums.s1_v)}; }
 };
 
 // The pair pass over one row, summed and finished in row_sum_t<acc_t>. Stops early once the
@@ -302,7 +320,7 @@ PairRow<acc_t> pair_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scal
     if (!(row.hi.m_v < -neg_inf<sum_t>())) break;  // NaN or +inf: the row is NaN, stop early
     if (stop_on_w_invalid && !(row.hi.m_w < -neg_inf<sum_t>())) break;
   }
-  return {row.total(), xm_w, xm_v};
+  return {row.total(), xm_w, xm_v, fw.tau.tau, fv.tau.tau};
 }
 
 // The KL of a pair state is finalize_kl's, in kl_divergence, mismatch_stats' token_kl and
@@ -313,21 +331,6 @@ PairRow<acc_t> pair_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scal
 // k instead (excess_terms, softmax_stats.h's finalize_kl), whose terms are relative to
 // themselves: 1.0e-11 there. Recomputing small KLs in double, exps included, had made those
 // rows 2.4-3.3x slower; the series costs no exp.
-
-// A side of a pair pass as total_variation scales its kept exps: the row's raw max xm, its
-// temperature and log s1 relative to xm / tau. The e^d of chunk k, relative to that chunk's raw
-// max xm_k, times scale(xm_k) is the probability: e^{(xm_k - xm) / tau - log s1}, the exponent
-// from the exact difference of two logits, in row_sum_t.
-template <typename acc_t>
-struct ExpScale {
-  acc_t xm, tau;
-  row_sum_t<acc_t> log_s1;
-  acc_t operator()(acc_t xm_k) const {
-    using sum_t = row_sum_t<acc_t>;
-    if (xm_k == neg_inf<acc_t>()) return acc_t(0);  // the side is all -inf here: e = 0
-    return acc_t(std::exp((sum_t(xm_k) - sum_t(xm)) / sum_t(tau) - log_s1));
-  }
-};
 
 // 1/2 sum |w_j - v_j| from the exps a pair_row<kKeepExps> pass left in ew, ev (and step_stats'
 // row likewise): w_j = ew_j a_k with a_k = w_scale(xm_w,k), xm_w,k the raw max of the w side in
@@ -391,12 +394,13 @@ SideState<acc_t> rounded(const SideState<sum_t>& s) {
 // the logits' dtype when that is 16-bit, where it is then the max logit itself (m tau is within
 // 2^-23 of it); for fp32 / fp64 logits the max logit or an ulp from it. Either way x - a is
 // exact near the max. The Triton kernels rebuild the same a (triton/_pair.py, max_logit).
+// m and a are in PairFrame's units (for fp64 logits z = x / tau: tau 1, a = m).
 template <typename scalar_t, typename acc_t>
-acc_t rebuilt_max(acc_t m, acc_t tau) {
+acc_t rebuilt_max(acc_t m, Temperature<acc_t> row_tau) {
   // m tau rounded, as an fma with 0 so that GCC (-ffp-contract=fast) cannot fuse the product
   // into a caller's xm - a: that gave the exact residual, not the rounded a's difference, and
   // a V = 1 fp32 row a saved log s1 of 1.3e-5 where the backward's d is 0.
-  const acc_t a = std::fma(m, tau, acc_t(0));
+  const acc_t a = std::fma(m, PairFrame<acc_t>(row_tau).tau.tau, acc_t(0));
   if constexpr (sizeof(scalar_t) == 2) return acc_t(scalar_t(a));
   return a;
 }
@@ -409,16 +413,22 @@ acc_t rebuilt_max(acc_t m, acc_t tau) {
 // gets log s1 = d_max and a gradient of exactly 0. (Moving log s1 to m instead, by xm / tau - m,
 // and back in the backward left that move's rounding, ~2^-48 |z|: 4e-15 where the fuzzer's
 // truth is 0.) moved = d_max: c moves with the log s1. NaN when the side is invalid (moved 0).
+template <typename acc_t>
+struct SavedSide {
+  SideState<acc_t> side;
+  row_sum_t<acc_t> moved;
+};
+
 template <typename scalar_t, typename acc_t>
-SideState<acc_t> saved_side(acc_t xm, Temperature<acc_t> tau, row_sum_t<acc_t> ref,
-                            row_sum_t<acc_t> s1, row_sum_t<acc_t>& moved) {
+SavedSide<acc_t> saved_side(acc_t xm, Temperature<acc_t> tau, row_sum_t<acc_t> ref,
+                            row_sum_t<acc_t> s1) {
   using sum_t = row_sum_t<acc_t>;
-  const Temperature<acc_t> t = PairFrame<acc_t>(tau).tau;
-  moved = sum_t(0);
   const acc_t m = acc_t(ref);
-  if (!side_is_valid(ref) || !is_finite(m)) return {quiet_nan<acc_t>(), quiet_nan<acc_t>()};
-  moved = sum_t(t.divide(xm - rebuilt_max<scalar_t>(m, t.tau)));
-  return {m, acc_t(std::log(s1) + moved)};
+  if (!side_is_valid(ref) || !is_finite(m)) {
+    return {{quiet_nan<acc_t>(), quiet_nan<acc_t>()}, sum_t(0)};
+  }
+  const sum_t moved(PairFrame<acc_t>(tau).tau.divide(xm - rebuilt_max<scalar_t>(m, tau)));
+  return {{m, acc_t(std::log(s1) + moved)}, moved};
 }
 
 // v_j - w_j, the KL's gradient w.r.t. the other side's z (docs/math.md §4), from the two
