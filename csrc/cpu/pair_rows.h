@@ -73,8 +73,8 @@ bool any_lane_set(const Vec<acc_t>& mask) {
 // the term is +inf when w_j > 0 (recorded in `inf`), and taking d_v = d_w there makes its
 // difference 0. Elsewhere e_w = 0 makes the term 0. Returns d_w - d_v so adjusted.
 template <typename acc_t>
-Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc_t>& ew, const Vec<acc_t>& dv,
-                           Vec<acc_t>& inf) {
+PGK_VECTOR_INLINE Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc_t>& ew,
+                                             const Vec<acc_t>& dv, Vec<acc_t>& inf) {
   const Vec<acc_t> zero(acc_t(0)), ninf(neg_inf<acc_t>());
   const Vec<acc_t> v_zero = dv == ninf;
   inf = inf | (v_zero & (ew > zero));
@@ -85,7 +85,7 @@ Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc_t>& ew, const Vec
 // from its series: diff^2 P(-diff) with P(x) = sum_n x^n / (n + 2)! (excess_coef), accurate
 // relative to f where |diff| < 1/4 (garbage elsewhere).
 template <typename acc_t>
-Vec<acc_t> excess_series(const Vec<acc_t>& diff) {
+PGK_VECTOR_INLINE Vec<acc_t> excess_series(const Vec<acc_t>& diff) {
   const auto coef = [](int n) {
     return Vec<acc_t>(acc_t(n % 2 ? -excess_coef(n) : excess_coef(n)));
   };
@@ -95,7 +95,7 @@ Vec<acc_t> excess_series(const Vec<acc_t>& diff) {
 }
 
 template <typename acc_t>
-Vec<acc_t> near_lanes(const Vec<acc_t>& diff) {
+PGK_VECTOR_INLINE Vec<acc_t> near_lanes(const Vec<acc_t>& diff) {
   return diff.abs() < Vec<acc_t>(acc_t(0.25));  // NaN / inf: not near
 }
 
@@ -105,7 +105,8 @@ Vec<acc_t> near_lanes(const Vec<acc_t>& diff) {
 // elsewhere e_v - e_w - e_w delta from the exps (the term is then >= 0.028 e_w, their roundings
 // a few ulps of it), which also gives e_v for w_j = 0. No exp.
 template <typename acc_t>
-Vec<acc_t> excess_terms(const Vec<acc_t>& ew, const Vec<acc_t>& ev, const Vec<acc_t>& diff) {
+PGK_VECTOR_INLINE Vec<acc_t> excess_terms(const Vec<acc_t>& ew, const Vec<acc_t>& ev,
+                                          const Vec<acc_t>& diff) {
   const Vec<acc_t> far = at::vec::fmadd(ew, diff, ev - ew);
   return Vec<acc_t>::blendv(far, ew * excess_series(diff), near_lanes(diff));
 }
@@ -145,8 +146,8 @@ struct PairLanes {
   // The same from exps computed elsewhere (step_stats shares the logits' exp between its
   // sums): dw clamped where exp is already 0, dv not (a tiny v_j is a large, real log-ratio),
   // ew = e^{dw}, ev = e^{max(dv, lowest)}.
-  void add_exps(const Vec<acc_t>& dw, const Vec<acc_t>& ew, const Vec<acc_t>& dv,
-                const Vec<acc_t>& ev) {
+  PGK_VECTOR_INLINE void add_exps(const Vec<acc_t>& dw, const Vec<acc_t>& ew,
+                                  const Vec<acc_t>& dv, const Vec<acc_t>& ev) {
     s1w.add(ew);
     s1v.add(ev);
     const Vec<acc_t> diff = pair_difference(dw, ew, dv, inf);
@@ -156,7 +157,7 @@ struct PairLanes {
 
   // The same where every lane is near (|diff| < 1/4, diff = d_w - d_v unclamped, so v_j > 0):
   // e_v = e_w (1 + expm1(delta)) from the excess series instead of an exp (returned in ev).
-  void add_near(const Vec<acc_t>& ew, const Vec<acc_t>& diff, Vec<acc_t>& ev) {
+  PGK_VECTOR_INLINE void add_near(const Vec<acc_t>& ew, const Vec<acc_t>& diff, Vec<acc_t>& ev) {
     const Vec<acc_t> f = excess_series(diff);
     ev = at::vec::fmadd(ew, f - diff, ew);
     s1w.add(ew);
@@ -183,8 +184,8 @@ struct PairLanes {
 // reference (shift_divide_chunk). Returns e_w, e_v through ew, ev (kept by mismatch_stats for
 // its TV sweep).
 template <typename acc_t>
-void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& dw_raw, const Vec<acc_t>& dv,
-              Vec<acc_t>& ew, Vec<acc_t>& ev) {
+PGK_VECTOR_INLINE void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& dw_raw,
+                                const Vec<acc_t>& dv, Vec<acc_t>& ew, Vec<acc_t>& ev) {
   const Vec<acc_t> lowest(exp_zero_below<acc_t>());
   // d_w clamped where exp is already 0: -inf weights give e_w = 0 and finite e_w * (...).
   // d_v is not clamped: a tiny v_j is a large, real log-ratio.
@@ -440,8 +441,9 @@ SavedSide<acc_t> saved_side(acc_t xm, Temperature<acc_t> tau, row_sum_t<acc_t> r
 // delta NaN or infinite (a -inf logit, KL = +inf) keeps v_j - w_j. kl_divergence's and
 // step_stats' backwards both take it from here.
 template <typename acc_t>
-Vec<acc_t> other_side_difference(const Vec<acc_t>& w, const Vec<acc_t>& v, const Vec<acc_t>& dw,
-                                 const Vec<acc_t>& dv, const Vec<acc_t>& dl) {
+PGK_VECTOR_INLINE Vec<acc_t> other_side_difference(const Vec<acc_t>& w, const Vec<acc_t>& v,
+                                                   const Vec<acc_t>& dw, const Vec<acc_t>& dv,
+                                                   const Vec<acc_t>& dl) {
   const Vec<acc_t> delta = (dv - dw) - dl;  // log v_j - log w_j
   const Vec<acc_t> close = delta.abs() < Vec<acc_t>(acc_t(0.25));
   return Vec<acc_t>::blendv(v - w, w * delta.expm1(), close);

@@ -85,7 +85,9 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     }
     LaneSums<acc_t> lo, hi;
     PairLanes<acc_t> rlo, rhi, qlo, qhi;
-    const auto step = [&](int64_t i, LaneSums<acc_t>& t, PairLanes<acc_t>& pr, PairLanes<acc_t>& pq) {
+    // Forced inline (PGK_VECTOR_INLINE): out of line, every lane sum went through memory.
+    const auto step = [&](int64_t i, LaneSums<acc_t>& t, PairLanes<acc_t>& pr,
+                          PairLanes<acc_t>& pq) __attribute__((always_inline)) {
       const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(cp + i);  // unclamped: a log-ratio term
       const Vec<acc_t> dp = at::vec::clamp_min(dp_raw, lowest);
       const Vec<acc_t> ep = vexp(dp);

@@ -27,13 +27,13 @@ struct LaneSums {
   }
 
   // d = z - m <= 0, clamped where exp is already 0 so that -inf logits give e * d = 0.
-  void add(const Vec<acc_t>& z, const Vec<acc_t>& m) {
+  PGK_VECTOR_INLINE void add(const Vec<acc_t>& z, const Vec<acc_t>& m) {
     const Vec<acc_t> d = at::vec::clamp_min(z - m, Vec<acc_t>(exp_zero_below<acc_t>()));
     add_exp(d, vexp(d));
   }
 
   // The same from d (clamped as above) and e = e^d computed by the caller.
-  void add_exp(const Vec<acc_t>& d, const Vec<acc_t>& e) {
+  PGK_VECTOR_INLINE void add_exp(const Vec<acc_t>& d, const Vec<acc_t>& e) {
     s1.add(e);
     s2.add_square(e);
     t = at::vec::fmadd(e, d, t);

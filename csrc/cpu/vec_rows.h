@@ -22,6 +22,11 @@ namespace pg_kernels::cpu {
 
 constexpr int64_t kChunk = 2048;
 
+// For the helpers called once per vector in the row loops. Past GCC's function-growth limits
+// (the row lambdas inline whole kernels) they were left as out-of-line calls through the PLT,
+// and every lane accumulator of the caller was spilled to the stack around each call.
+#define PGK_VECTOR_INLINE inline __attribute__((always_inline))
+
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
 
@@ -57,7 +62,7 @@ struct RowLayout {
 // reduction x = n ln2 + r with a two-part ln2, then Cephes' degree-6 polynomial for e^r.
 // ATen's exp_u20 is as fast but ~15 ulp, which showed up as 3x the error of plain PyTorch in
 // the gradients; Sleef's 1-ulp exp is ~1.6x slower. Results below ln(FLT_MIN) flush to 0.
-inline Vec<float> exp_1ulp(const Vec<float>& v) {
+PGK_VECTOR_INLINE Vec<float> exp_1ulp(const Vec<float>& v) {
   const __m256 lo = _mm256_set1_ps(-87.33654475f), hi = _mm256_set1_ps(88.72283905f);
   const __m256 underflow = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
   const __m256 x = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
@@ -81,7 +86,7 @@ inline Vec<float> exp_1ulp(const Vec<float>& v) {
 
 // exp on a vector of the accumulation type: the CPU floor of these kernels is one exp per element.
 template <typename acc_t>
-inline Vec<acc_t> vexp(const Vec<acc_t>& x) {
+PGK_VECTOR_INLINE Vec<acc_t> vexp(const Vec<acc_t>& x) {
 #if defined(CPU_CAPABILITY_AVX2) && !defined(PGK_EXP_U20)
   if constexpr (std::is_same_v<acc_t, float>) return exp_1ulp(x);
 #endif
