@@ -166,6 +166,19 @@ struct PairLanes {
     k = at::vec::fmadd(ew, f, k);
   }
 
+  // The same from the other end, e_v given (step_stats: the logits' exp, shared with the token
+  // lanes, is the v side of its rollout pair): e_w = e_v e^{diff} = e_v (1 + diff + f(diff)),
+  // f(diff) from a second series, instead of an exp (returned in ew). Equal d give e_w = e_v.
+  PGK_VECTOR_INLINE void add_near_from_v(const Vec<acc_t>& ev, const Vec<acc_t>& diff,
+                                         Vec<acc_t>& ew) {
+    const Vec<acc_t> f = excess_series(diff);  // f(delta), delta = -diff
+    ew = at::vec::fmadd(ev, diff + excess_series(Vec<acc_t>(acc_t(0)) - diff), ev);
+    s1w.add(ew);
+    s1v.add(ev);
+    u = at::vec::fmadd(ew, diff, u);
+    k = at::vec::fmadd(ew, f, k);
+  }
+
   // The chunk's pair state from its two chains of lanes; mw, mv: the references of d_w, d_v.
   static PairState<row_sum_t<acc_t>> join(const PairLanes& lo, const PairLanes& hi,
                                           row_sum_t<acc_t> mw, row_sum_t<acc_t> mv) {

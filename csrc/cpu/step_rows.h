@@ -94,8 +94,16 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       t.add_exp(dp, ep);
       if constexpr (kRoll) {  // KL(pi_roll || pi_theta): w = rollout, v = logits
         const Vec<acc_t> dr = at::vec::clamp_min(Vec<acc_t>::loadu(cr + i), lowest);
-        const Vec<acc_t> er = vexp(dr);
-        pr.add_exps(dr, er, dp_raw, ep);
+        // The rollout engine runs the same model: where every lane is near the logits, e_r
+        // comes from e_p and the excess series, not from an exp (add_pair's near path, mirrored).
+        const Vec<acc_t> diff = dr - dp_raw;
+        Vec<acc_t> er;
+        if (all_lanes_set(near_lanes(diff))) {
+          pr.add_near_from_v(ep, diff, er);
+        } else {
+          er = vexp(dr);
+          pr.add_exps(dr, er, dp_raw, ep);
+        }
         er.store(cr + i);
         ep.store(cp + i);
       }
