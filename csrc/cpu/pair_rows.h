@@ -81,6 +81,34 @@ PGK_VECTOR_INLINE Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc
   return dw - Vec<acc_t>::blendv(dv, dw, v_zero);
 }
 
+// Whether d[0, n) holds no -inf (v_j = 0 nowhere; NaN counts as -inf): then the chunk's full
+// vectors need none of pair_difference's masking, d_w - d_v is the difference (PairLanes::
+// add_terms). One min per vector over the L1-resident chunk, against five operations per vector
+// and pair saved. The -inf padding past n is left to the masked path.
+template <typename acc_t>
+bool no_neg_inf(const acc_t* d, int64_t n) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  Vec<acc_t> lo(-neg_inf<acc_t>()), hi(-neg_inf<acc_t>());
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    lo = at::vec::minimum(lo, Vec<acc_t>::loadu(d + i));
+    hi = at::vec::minimum(hi, Vec<acc_t>::loadu(d + i + W));
+  }
+  acc_t lanes[W];
+  at::vec::minimum(lo, hi).store(lanes);  // minimum propagates NaN
+  bool ok = true;
+  for (int64_t j = 0; j < W; ++j) ok = ok && lanes[j] > neg_inf<acc_t>();  // false for NaN
+  for (; i < n; ++i) ok = ok && d[i] > neg_inf<acc_t>();
+  return ok;
+}
+
+// The end of a chunk's run of full two-vector steps that may take the unmasked pair path.
+template <typename acc_t>
+int64_t unmasked_end(bool v_has_no_neg_inf, int64_t n) {
+  constexpr int64_t step = 2 * Vec<acc_t>::size();
+  return v_has_no_neg_inf ? n / step * step : 0;
+}
+
 // f(delta) = e^delta - 1 - delta (softmax_stats.h, expm1_excess) of each lane, delta = -diff,
 // from its series: diff^2 P(-diff) with P(x) = sum_n x^n / (n + 2)! (excess_coef), accurate
 // relative to f where |diff| < 1/4 (garbage elsewhere).
@@ -148,9 +176,14 @@ struct PairLanes {
   // ew = e^{dw}, ev = e^{max(dv, lowest)}.
   PGK_VECTOR_INLINE void add_exps(const Vec<acc_t>& dw, const Vec<acc_t>& ew,
                                   const Vec<acc_t>& dv, const Vec<acc_t>& ev) {
+    add_terms(ew, ev, pair_difference(dw, ew, dv, inf));
+  }
+
+  // The same from diff = d_w - d_v where no d_v is -inf (no_neg_inf): nothing to mask.
+  PGK_VECTOR_INLINE void add_terms(const Vec<acc_t>& ew, const Vec<acc_t>& ev,
+                                   const Vec<acc_t>& diff) {
     s1w.add(ew);
     s1v.add(ev);
-    const Vec<acc_t> diff = pair_difference(dw, ew, dv, inf);
     u = at::vec::fmadd(ew, diff, u);
     k = k + excess_terms(ew, ev, diff);
   }
@@ -195,8 +228,8 @@ struct PairLanes {
 
 // One vector of a pair pass from d_w, d_v, each side's scaled logits relative to its chunk's
 // reference (shift_divide_chunk). Returns e_w, e_v through ew, ev (kept by mismatch_stats for
-// its TV sweep).
-template <typename acc_t>
+// its TV sweep). kUnmasked: no d_v of the vector is -inf (no_neg_inf).
+template <bool kUnmasked, typename acc_t>
 PGK_VECTOR_INLINE void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& dw_raw,
                                 const Vec<acc_t>& dv, Vec<acc_t>& ew, Vec<acc_t>& ev) {
   const Vec<acc_t> lowest(exp_zero_below<acc_t>());
@@ -212,7 +245,11 @@ PGK_VECTOR_INLINE void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& dw_ra
     return;
   }
   ev = vexp(at::vec::clamp_min(dv, lowest));
-  lanes.add_exps(dw, ew, dv, ev);
+  if constexpr (kUnmasked) {
+    lanes.add_terms(ew, ev, diff);
+  } else {
+    lanes.add_exps(dw, ew, dv, ev);
+  }
 }
 
 // One chunk of a pair pass. bw, bv hold the chunk as d = (x - xm) / tau (padded with -inf to a
@@ -223,19 +260,24 @@ PairState<row_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, row_sum_
   constexpr int64_t W = Vec<acc_t>::size();
   PairLanes<acc_t> lo, hi;
   Vec<acc_t> ew, ev;
-  const int64_t n_pad = round_up(n, kStep<acc_t>);
-  for (int64_t i = 0; i < n_pad; i += 2 * W) {
-    add_pair(lo, Vec<acc_t>::loadu(bw + i), Vec<acc_t>::loadu(bv + i), ew, ev);
+  const auto step = [&](auto unmasked, int64_t i) __attribute__((always_inline)) {
+    constexpr bool kUnmasked = decltype(unmasked)::value;
+    add_pair<kUnmasked>(lo, Vec<acc_t>::loadu(bw + i), Vec<acc_t>::loadu(bv + i), ew, ev);
     if constexpr (kKeepExps) {
       ew.store(bw + i);
       ev.store(bv + i);
     }
-    add_pair(hi, Vec<acc_t>::loadu(bw + i + W), Vec<acc_t>::loadu(bv + i + W), ew, ev);
+    add_pair<kUnmasked>(hi, Vec<acc_t>::loadu(bw + i + W), Vec<acc_t>::loadu(bv + i + W), ew, ev);
     if constexpr (kKeepExps) {
       ew.store(bw + i + W);
       ev.store(bv + i + W);
     }
-  }
+  };
+  const int64_t n_pad = round_up(n, kStep<acc_t>);
+  const int64_t n_unmasked = unmasked_end<acc_t>(no_neg_inf(bv, n), n);
+  int64_t i = 0;
+  for (; i < n_unmasked; i += 2 * W) step(std::true_type{}, i);
+  for (; i < n_pad; i += 2 * W) step(std::false_type{}, i);
   return PairLanes<acc_t>::join(lo, hi, rw, rv);
 }
 

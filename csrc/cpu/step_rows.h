@@ -86,8 +86,10 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     LaneSums<acc_t> lo, hi;
     PairLanes<acc_t> rlo, rhi, qlo, qhi;
     // Forced inline (PGK_VECTOR_INLINE): out of line, every lane sum went through memory.
-    const auto step = [&](int64_t i, LaneSums<acc_t>& t, PairLanes<acc_t>& pr,
+    // kUnmasked: no d_v of either pair is -inf here (pair_rows.h, no_neg_inf).
+    const auto step = [&](auto unmasked, int64_t i, LaneSums<acc_t>& t, PairLanes<acc_t>& pr,
                           PairLanes<acc_t>& pq) __attribute__((always_inline)) {
+      constexpr bool kUnmasked = decltype(unmasked)::value;
       const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(cp + i);  // unclamped: a log-ratio term
       const Vec<acc_t> dp = at::vec::clamp_min(dp_raw, lowest);
       const Vec<acc_t> ep = vexp(dp);
@@ -102,7 +104,11 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
           pr.add_near_from_v(ep, diff, er);
         } else {
           er = vexp(dr);
-          pr.add_exps(dr, er, dp_raw, ep);
+          if constexpr (kUnmasked) {
+            pr.add_terms(er, ep, diff);
+          } else {
+            pr.add_exps(dr, er, dp_raw, ep);
+          }
         }
         er.store(cr + i);
         ep.store(cp + i);
@@ -110,17 +116,39 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       if constexpr (kRef) {
         const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(scratch.ref + i);
         if (reverse) {  // KL(p || q): w = logits, v = reference
-          pq.add_exps(dp, ep, dq_raw, vexp(at::vec::clamp_min(dq_raw, lowest)));
+          const Vec<acc_t> eq = vexp(at::vec::clamp_min(dq_raw, lowest));
+          if constexpr (kUnmasked) {
+            pq.add_terms(ep, eq, dp - dq_raw);
+          } else {
+            pq.add_exps(dp, ep, dq_raw, eq);
+          }
         } else {  // KL(q || p): w = reference, v = logits
           const Vec<acc_t> dq = at::vec::clamp_min(dq_raw, lowest);
-          pq.add_exps(dq, vexp(dq), dp_raw, ep);
+          const Vec<acc_t> eq = vexp(dq);
+          if constexpr (kUnmasked) {
+            pq.add_terms(eq, ep, dq - dp_raw);
+          } else {
+            pq.add_exps(dq, eq, dp_raw, ep);
+          }
         }
       }
     };
+    // The v sides: the logits (rollout pair, forward KL), the reference (reverse KL).
+    bool v_no_neg_inf = true;
+    if constexpr (kRoll || kRef) {
+      if (kRoll || !reverse) v_no_neg_inf = no_neg_inf(cp, n);
+      if (kRef && reverse) v_no_neg_inf = v_no_neg_inf && no_neg_inf(scratch.ref, n);
+    }
     const int64_t n_pad = round_up(n, kStep<acc_t>);
-    for (int64_t i = 0; i < n_pad; i += 2 * W) {
-      step(i, lo, rlo, qlo);
-      step(i + W, hi, rhi, qhi);
+    const int64_t n_unmasked = unmasked_end<acc_t>(v_no_neg_inf, n);
+    int64_t i = 0;
+    for (; i < n_unmasked; i += 2 * W) {
+      step(std::true_type{}, i, lo, rlo, qlo);
+      step(std::true_type{}, i + W, hi, rhi, qhi);
+    }
+    for (; i < n_pad; i += 2 * W) {
+      step(std::false_type{}, i, lo, rlo, qlo);
+      step(std::false_type{}, i + W, hi, rhi, qhi);
     }
     row.add(lo, hi);
     const auto m = tp.reference(xm);
