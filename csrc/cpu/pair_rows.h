@@ -83,7 +83,7 @@ PGK_VECTOR_INLINE Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc
 
 // Whether d[0, n) holds no -inf (v_j = 0 nowhere; NaN counts as -inf): then the chunk's full
 // vectors need none of pair_difference's masking, d_w - d_v is the difference (PairLanes::
-// add_terms). One min per vector over the L1-resident chunk, against five operations per vector
+// add_exps). One min per vector over the L1-resident chunk, against five operations per vector
 // and pair saved. The -inf padding past n is left to the masked path.
 template <typename acc_t>
 bool no_neg_inf(const acc_t* d, int64_t n) {
@@ -171,17 +171,19 @@ struct PairLanes {
   WideLanes<acc_t> s1w, s1v;
   Vec<acc_t> u{acc_t(0)}, k{acc_t(0)}, inf{acc_t(0)};
 
-  // The same from exps computed elsewhere (step_stats shares the logits' exp between its
+  // One vector from exps computed elsewhere (step_stats shares the logits' exp between its
   // sums): dw clamped where exp is already 0, dv not (a tiny v_j is a large, real log-ratio),
-  // ew = e^{dw}, ev = e^{max(dv, lowest)}.
-  PGK_VECTOR_INLINE void add_exps(const Vec<acc_t>& dw, const Vec<acc_t>& ew,
+  // ew = e^{dw}, ev = e^{max(dv, lowest)}. unmasked (std::true_type): no d_v of the vector is
+  // -inf (no_neg_inf), so d_w - d_v needs none of pair_difference's masking.
+  template <typename Unmasked>
+  PGK_VECTOR_INLINE void add_exps(Unmasked, const Vec<acc_t>& dw, const Vec<acc_t>& ew,
                                   const Vec<acc_t>& dv, const Vec<acc_t>& ev) {
-    add_terms(ew, ev, pair_difference(dw, ew, dv, inf));
-  }
-
-  // The same from diff = d_w - d_v where no d_v is -inf (no_neg_inf): nothing to mask.
-  PGK_VECTOR_INLINE void add_terms(const Vec<acc_t>& ew, const Vec<acc_t>& ev,
-                                   const Vec<acc_t>& diff) {
+    Vec<acc_t> diff;
+    if constexpr (Unmasked::value) {
+      diff = dw - dv;
+    } else {
+      diff = pair_difference(dw, ew, dv, inf);
+    }
     s1w.add(ew);
     s1v.add(ev);
     u = at::vec::fmadd(ew, diff, u);
@@ -228,10 +230,11 @@ struct PairLanes {
 
 // One vector of a pair pass from d_w, d_v, each side's scaled logits relative to its chunk's
 // reference (shift_divide_chunk). Returns e_w, e_v through ew, ev (kept by mismatch_stats for
-// its TV sweep). kUnmasked: no d_v of the vector is -inf (no_neg_inf).
-template <bool kUnmasked, typename acc_t>
-PGK_VECTOR_INLINE void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& dw_raw,
-                                const Vec<acc_t>& dv, Vec<acc_t>& ew, Vec<acc_t>& ev) {
+// its TV sweep). unmasked: as PairLanes::add_exps.
+template <typename Unmasked, typename acc_t>
+PGK_VECTOR_INLINE void add_pair(Unmasked unmasked, PairLanes<acc_t>& lanes,
+                                const Vec<acc_t>& dw_raw, const Vec<acc_t>& dv, Vec<acc_t>& ew,
+                                Vec<acc_t>& ev) {
   const Vec<acc_t> lowest(exp_zero_below<acc_t>());
   // d_w clamped where exp is already 0: -inf weights give e_w = 0 and finite e_w * (...).
   // d_v is not clamped: a tiny v_j is a large, real log-ratio.
@@ -245,11 +248,7 @@ PGK_VECTOR_INLINE void add_pair(PairLanes<acc_t>& lanes, const Vec<acc_t>& dw_ra
     return;
   }
   ev = vexp(at::vec::clamp_min(dv, lowest));
-  if constexpr (kUnmasked) {
-    lanes.add_terms(ew, ev, diff);
-  } else {
-    lanes.add_exps(dw, ew, dv, ev);
-  }
+  lanes.add_exps(unmasked, dw, ew, dv, ev);
 }
 
 // One chunk of a pair pass. bw, bv hold the chunk as d = (x - xm) / tau (padded with -inf to a
@@ -261,13 +260,12 @@ PairState<row_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, row_sum_
   PairLanes<acc_t> lo, hi;
   Vec<acc_t> ew, ev;
   const auto step = [&](auto unmasked, int64_t i) __attribute__((always_inline)) {
-    constexpr bool kUnmasked = decltype(unmasked)::value;
-    add_pair<kUnmasked>(lo, Vec<acc_t>::loadu(bw + i), Vec<acc_t>::loadu(bv + i), ew, ev);
+    add_pair(unmasked, lo, Vec<acc_t>::loadu(bw + i), Vec<acc_t>::loadu(bv + i), ew, ev);
     if constexpr (kKeepExps) {
       ew.store(bw + i);
       ev.store(bv + i);
     }
-    add_pair<kUnmasked>(hi, Vec<acc_t>::loadu(bw + i + W), Vec<acc_t>::loadu(bv + i + W), ew, ev);
+    add_pair(unmasked, hi, Vec<acc_t>::loadu(bw + i + W), Vec<acc_t>::loadu(bv + i + W), ew, ev);
     if constexpr (kKeepExps) {
       ew.store(bw + i + W);
       ev.store(bv + i + W);

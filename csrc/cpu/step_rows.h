@@ -86,10 +86,9 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     LaneSums<acc_t> lo, hi;
     PairLanes<acc_t> rlo, rhi, qlo, qhi;
     // Forced inline (PGK_VECTOR_INLINE): out of line, every lane sum went through memory.
-    // kUnmasked: no d_v of either pair is -inf here (pair_rows.h, no_neg_inf).
+    // unmasked (std::true_type): no d_v of either pair is -inf here (pair_rows.h, no_neg_inf).
     const auto step = [&](auto unmasked, int64_t i, LaneSums<acc_t>& t, PairLanes<acc_t>& pr,
                           PairLanes<acc_t>& pq) __attribute__((always_inline)) {
-      constexpr bool kUnmasked = decltype(unmasked)::value;
       const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(cp + i);  // unclamped: a log-ratio term
       const Vec<acc_t> dp = at::vec::clamp_min(dp_raw, lowest);
       const Vec<acc_t> ep = vexp(dp);
@@ -104,11 +103,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
           pr.add_near_from_v(ep, diff, er);
         } else {
           er = vexp(dr);
-          if constexpr (kUnmasked) {
-            pr.add_terms(er, ep, diff);
-          } else {
-            pr.add_exps(dr, er, dp_raw, ep);
-          }
+          pr.add_exps(unmasked, dr, er, dp_raw, ep);
         }
         er.store(cr + i);
         ep.store(cp + i);
@@ -117,19 +112,11 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
         const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(scratch.ref + i);
         if (reverse) {  // KL(p || q): w = logits, v = reference
           const Vec<acc_t> eq = vexp(at::vec::clamp_min(dq_raw, lowest));
-          if constexpr (kUnmasked) {
-            pq.add_terms(ep, eq, dp - dq_raw);
-          } else {
-            pq.add_exps(dp, ep, dq_raw, eq);
-          }
+          pq.add_exps(unmasked, dp, ep, dq_raw, eq);
         } else {  // KL(q || p): w = reference, v = logits
           const Vec<acc_t> dq = at::vec::clamp_min(dq_raw, lowest);
           const Vec<acc_t> eq = vexp(dq);
-          if constexpr (kUnmasked) {
-            pq.add_terms(eq, ep, dq - dp_raw);
-          } else {
-            pq.add_exps(dq, eq, dp_raw, ep);
-          }
+          pq.add_exps(unmasked, dq, eq, dp_raw, ep);
         }
       }
     };
