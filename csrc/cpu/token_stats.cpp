@@ -20,7 +20,7 @@
 // Accuracy (fp32 [16, 4000], tau 0.7, peaked rows p 0.996-0.99996, lse 40, float64 truth;
 // tests/test_token_stats.py::test_peaked_rows_logprob_gradient): log-prob gradient max error
 // 4.9e-6 with x (1 / tau) and z - L, 4.3e-7 relative to the max with s1 summed in fp32, 1.7e-7
-// with s1 in double lanes (ExpLanes; plain fp32 PyTorch: 3.5e-7); logprob 3.5e-6 -> 2.6e-6
+// with s1 in double lanes (WideLanes; plain fp32 PyTorch: 3.5e-7); logprob 3.5e-6 -> 2.6e-6
 // (PyTorch 2.6e-6). Forward time at [512, 32000] fp32 unchanged within this 2-core box's noise
 // (12-28 ms before and after).
 // The row functions are step_stats' (step_rows.h) run without the rollout and the reference

@@ -25,6 +25,7 @@ from pg_kernels.integrations._patching import Patcher
 __all__ = [
     "FusedLinearForPPO",
     "calculate_sum_pi_squared_from_logits",
+    "compute_optimal_token_baseline_advantage",
     "entropy_from_logits",
     "entropy_from_logits_with_chunking",
     "kl_penalty",
