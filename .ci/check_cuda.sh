@@ -63,11 +63,17 @@ trap 'rm -rf "$WORK"' EXIT
 NVCC_FLAGS=(-std=c++17 -O3 --use_fast_math -lineinfo --expt-relaxed-constexpr
             -I"$REPO/csrc/include" -Werror all-warnings
             -Xcompiler=-Wall,-Wextra,-Werror -Xptxas=-v,-Werror)
+# The architectures compile side by side (nvcc and ptxas are single-threaded; CI has 2 cores),
+# each into its own log; then each log is checked in turn.
+t0=$(now)
 for arch in "${ARCHS[@]}"; do
-  t0=$(now)
-  "$NVCC" "${NVCC_FLAGS[@]}" -gencode "arch=compute_${arch},code=sm_${arch}" \
-    -c "$REPO/csrc/cuda/check/compile_check.cu" -o "$WORK/compile_check_sm${arch}.o" \
-    > "$WORK/ptxas_sm${arch}.log" 2>&1 || { cat "$WORK/ptxas_sm${arch}.log"; die "nvcc sm_${arch}"; }
+  { if "$NVCC" "${NVCC_FLAGS[@]}" -gencode "arch=compute_${arch},code=sm_${arch}" \
+         -c "$REPO/csrc/cuda/check/compile_check.cu" -o "$WORK/compile_check_sm${arch}.o" \
+         > "$WORK/ptxas_sm${arch}.log" 2>&1; then echo 0; else echo 1; fi > "$WORK/rc_sm${arch}"; } &
+done
+wait
+for arch in "${ARCHS[@]}"; do
+  [[ "$(cat "$WORK/rc_sm${arch}")" == 0 ]] || { cat "$WORK/ptxas_sm${arch}.log"; die "nvcc sm_${arch}"; }
   # Registers, spills and shared memory of every kernel; spills in the hot kernels fail.
   "$PYTHON" - "$WORK/ptxas_sm${arch}.log" "$arch" <<'EOF'
 import re, sys
@@ -84,8 +90,9 @@ for m in re.finditer(r"Compiling entry function '(\S+)' for 'sm_\d+'\n(?:.*\n)*?
 if bad:
     sys.exit(f"register spills in hot kernels: {bad}")
 EOF
-  log "nvcc -c compile_check.cu sm_${arch}: OK in $(elapsed "$t0")"
+  log "nvcc -c compile_check.cu sm_${arch}: OK"
 done
+log "nvcc -c compile_check.cu, ${#ARCHS[@]} architectures side by side: $(elapsed "$t0")"
 t0=$(now)
 "$NVCC" -std=c++17 -O2 --expt-relaxed-constexpr -I"$REPO/csrc/include" -Werror all-warnings \
   -Xcompiler=-Wall,-Wextra,-Werror -arch=sm_90 "$REPO/csrc/cuda/check/host_test.cu" \

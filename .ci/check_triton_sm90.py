@@ -17,17 +17,21 @@ SASS instructions of its hot loop (`sass_loops.hot_loop`, rare branches included
 each thread handles per trip (per element pair for the kernels that read two logit tensors), and
 its registers, against BUDGETS below. A kernel over its budget fails the check.
 
-Run: .venv/bin/python .ci/check_triton_sm90.py [OP ...]   (~1 min; one line per kernel; with op
-names, only those ops' kernels: a quick loop while tuning one kernel)
+Run: .venv/bin/python .ci/check_triton_sm90.py [OP ...]   (one line per kernel; with op names,
+only those ops' kernels, in this process: a quick loop while tuning one kernel). Without, the
+ops are compiled in WORKERS processes (Triton's compile and ptxas are single-threaded; CI has
+2 cores), the step_stats bundle's many variants apart from the rest.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 
@@ -114,9 +118,16 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
     return kernel
 
 
-def exercise(only: list[str]) -> None:
-    """Every op (or those named in `only`), forward and backward, in the variants that change a
-    kernel's constexprs."""
+OPS = ("token_stats", "kl_divergence", "mismatch_stats", "topk_kl", "step_stats", "pruned_logprob")
+# The ops of each worker process: step_stats (~half of the compile time: three tensors, both
+# directions, every dtype) and the rest. kl_divergence and mismatch_stats share the pair
+# kernel: one worker compiles it.
+WORKERS = (("step_stats",), tuple(op for op in OPS if op != "step_stats"))
+
+
+def exercise(only: tuple[str, ...]) -> None:
+    """The ops named in `only`, forward and backward, in the variants that change a kernel's
+    constexprs."""
     import pg_kernels
     from pg_kernels import _backend
 
@@ -134,20 +145,20 @@ def exercise(only: list[str]) -> None:
         id_lp = torch.log_softmax(torch.randn(2, 4, generator=gen), -1) - 1.0
         for temperature in (1.0, per_row):
             t = dict(temperature=temperature, backend="triton")
-            if not only or "token_stats" in only:
+            if "token_stats" in only:
                 s = pg_kernels.token_stats(x, y, **t)
                 (s.logprob + s.entropy + s.collision + s.lse).sum().backward()
-            if not only or "kl_divergence" in only:
+            if "kl_divergence" in only:
                 for direction in ("reverse", "forward"):
                     kl = pg_kernels.kl_divergence(x, xr, direction=direction, labels=y, **t)
                     kl.sum().backward()
                 pg_kernels.kl_divergence(x, xr.detach(), **t).sum().backward()  # one side only
-            if not only or "mismatch_stats" in only:
+            if "mismatch_stats" in only:
                 m = pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr.detach(), **t)
                 m.logprob.sum().backward()
-            if not only or "topk_kl" in only:
+            if "topk_kl" in only:
                 pg_kernels.topk_kl(x, ids, id_lp, labels=y, **t).sum().backward()
-            if not only or "step_stats" in only:
+            if "step_stats" in only:
                 # Every tensor given (the 3-tensor pass), both gradients.
                 for direction in ("reverse", "forward"):
                     out = pg_kernels.step_stats(
@@ -160,7 +171,7 @@ def exercise(only: list[str]) -> None:
                         **t,
                     )
                     (out.token.logprob + out.token.entropy + out.kl).sum().backward()
-            if not only or "pruned_logprob" in only:
+            if "pruned_logprob" in only:
                 pg_kernels.pruned_logprob(x, y, alpha=1e-3, **t).logprob.sum().backward()
 
 
@@ -219,44 +230,79 @@ def per_element(name: str, kernel) -> tuple[float, str]:
     )
 
 
-def main() -> int:
+def compile_and_measure(ops: tuple[str, ...]) -> list[dict]:
+    """Compile the kernels of `ops` for TARGET; a record per kernel variant: its resources and,
+    for a budgeted streaming kernel, its hot loop's instructions per element (pair)."""
     driver.set_active(OfflineDriver())
     JITFunction.run = _compile_only
-    only = sys.argv[1:]  # op names: check only their kernels (while iterating on a kernel)
-    exercise(only)
-    JITFunction.run = _run
-    failed = []
-    for name, kernel in sorted(COMPILED.values(), key=lambda item: item[0]):
-        use = resources(kernel)
-        widest = max(
-            (int(w) for w in re.findall(r"ld\.global(?:\.\w+)*\.v(\d)", kernel.asm["ptx"])),
-            default=1,
+    try:
+        exercise(ops)
+    finally:
+        JITFunction.run = _run
+    records = []
+    for name, kernel in COMPILED.values():
+        src, warps = kernel.src, kernel.metadata.num_warps
+        pointers = [t for t in src.signature.values() if str(t).startswith("*")]
+        record = dict(
+            # Triton's kernel hash (and the cubin) depends on what the process compiled before:
+            # the same kernel had other hashes in the two workers. The launch's signature,
+            # constexprs, argument specializations and warps identify a variant.
+            key=(name, *map(repr, (src.signature, src.constants, src.attrs)), warps),
+            name=name,
+            pointer=str(pointers[0]) if pointers else "",
+            warps=warps,
+            widest=max(
+                (int(w) for w in re.findall(r"ld\.global(?:\.\w+)*\.v(\d)", kernel.asm["ptx"])),
+                default=1,
+            ),
+            **resources(kernel),
         )
+        # fp64 has no bandwidth target (BUDGETS).
+        if name in BUDGETS and logits_dtype(kernel) != "fp64":
+            record["dtype"] = logits_dtype(kernel)
+            record["count"], record["how"] = per_element(name, kernel)
+        records.append(record)
+    return records
+
+
+def main() -> int:
+    only = tuple(sys.argv[1:])  # op names: check only their kernels (while iterating on a kernel)
+    unknown = [op for op in only if op not in OPS]
+    if unknown:
+        print(f"check_triton_sm90: unknown op(s) {unknown}; the ops are {list(OPS)}")
+        return 2
+    if only:
+        records = compile_and_measure(only)
+    else:
+        spawn = multiprocessing.get_context("spawn")  # fresh processes: no forked torch state
+        with ProcessPoolExecutor(len(WORKERS), mp_context=spawn) as pool:
+            records = [r for part in pool.map(compile_and_measure, WORKERS) for r in part]
+    # A kernel two workers compiled (the same machine code) counts once.
+    records = sorted(
+        {r["key"]: r for r in records}.values(), key=lambda r: (r["name"], r["pointer"], r["key"])
+    )
+    failed = []
+    for r in records:
         # LOCAL is spill memory. STACK alone is an ABI call frame (an fp64 libdevice call that
         # ptxas did not inline, 16 bytes in topk_kl's fp64 backward): reported, not failed.
-        spills = use["local"] > 0
-        pointers = [t for t in kernel.src.signature.values() if str(t).startswith("*")]
+        spills = r["local"] > 0
         print(
-            f"{name:38s} {pointers[0] if pointers else '':6s} "
-            f"warps={kernel.metadata.num_warps} regs={use['regs']:3d} "
-            f"local={use['local']} stack={use['stack']} widest-load=v{widest}"
+            f"{r['name']:38s} {r['pointer']:6s} warps={r['warps']} regs={r['regs']:3d} "
+            f"local={r['local']} stack={r['stack']} widest-load=v{r['widest']}"
             + ("  SPILLS" if spills else "")
         )
         if spills:
-            failed.append(name)
+            failed.append(r["name"])
     if failed:
         print(f"check_triton_sm90: FAIL: local memory (spills) in {sorted(set(failed))}")
-    print(f"check_triton_sm90: {len(COMPILED)} kernel variants compiled for sm_90")
+    print(f"check_triton_sm90: {len(records)} kernel variants compiled for sm_90")
     print("\nhot-loop SASS instructions per element (pair), sm_90, against the budget:")
     over = []
     worst: dict[tuple[str, str], float] = {}
-    for name, kernel in sorted(COMPILED.values(), key=lambda item: item[0]):
-        if name not in BUDGETS:
+    for r in records:
+        if "count" not in r:
             continue
-        dtype = logits_dtype(kernel)
-        if dtype == "fp64":
-            continue
-        count, how = per_element(name, kernel)
+        name, dtype, count, how = r["name"], r["dtype"], r["count"], r["how"]
         budget = BUDGETS[name] * ITEMSIZE[dtype] // 2
         owed = OWED.get((name, dtype))
         verdict = "ok" if count <= budget else "OWED" if owed and count <= owed + 0.05 else "OVER"
