@@ -277,7 +277,7 @@ def main() -> int:
         spawn = multiprocessing.get_context("spawn")  # fresh processes: no forked torch state
         with ProcessPoolExecutor(len(WORKERS), mp_context=spawn) as pool:
             records = [r for part in pool.map(compile_and_measure, WORKERS) for r in part]
-    # A kernel two workers compiled (the same machine code) counts once.
+    # A variant both workers compiled (`key`) counts once.
     records = sorted(
         {r["key"]: r for r in records}.values(), key=lambda r: (r["name"], r["pointer"], r["key"])
     )

@@ -7,7 +7,7 @@ other tests use: every output and gradient within 2x plain PyTorch's own error a
 precision, plus the floors of `pg_kernels.testing`.
 
 Profiles (env PGK_FUZZ): "ci", the default (part of every test run: derandomized, 20 examples
-per case, ~35 s on 2 cores) and "long" (randomized, PGK_FUZZ_EXAMPLES examples per case, default
+per case, ~1 min on 2 cores) and "long" (randomized, PGK_FUZZ_EXAMPLES examples per case, default
 2000). Triton runs under its interpreter on CPU (ms per program step), so its shapes stay small.
 
 The "ci" examples are a function of the test function and the hypothesis version only, not of

@@ -2,7 +2,7 @@
 // Signatures follow the op schemas in pg_kernels/_library.py (float -> double, int -> int64_t).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <optional>
 #include <vector>

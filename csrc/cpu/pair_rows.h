@@ -16,7 +16,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <memory>
 #include <optional>
