@@ -81,6 +81,55 @@ def test_group_advantages_properties():
     assert grpo[0] == 0 and grpo[1] == 0  # singleton: 0, not NaN
 
 
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "rloo"])
+def test_group_advantages_equal_rewards_are_exactly_zero(method):
+    # 16 fp32 rewards of 0.7: the fp32 mean is not 0.7, and grpo divided that rounding by a
+    # std of the same size (|A| = 0.106); all-correct / all-wrong groups carry no signal.
+    for dtype in (torch.float32, torch.bfloat16, f64):
+        r = torch.tensor([0.7] * 16 + [0.3] * 5 + [1.0, 0.0], dtype=dtype)
+        ids = torch.tensor([0] * 16 + [1] * 5 + [2, 2])
+        got = group_advantages(r, ids, method=method)
+        assert got.dtype == dtype
+        assert torch.equal(got[:21], torch.zeros(21, dtype=dtype)), (dtype, got)
+        assert torch.all(got[21:] != 0)
+
+
+def test_group_advantages_sum_in_float64():
+    # bf16 rewards of a group of 300: summed in bf16 the advantages were off by up to 0.43
+    # (bias -0.26); now the float64 computation rounded once, for every method.
+    g = torch.Generator().manual_seed(3)
+    r = torch.rand(300, generator=g).to(torch.bfloat16)
+    ids = torch.zeros(300, dtype=torch.int64)
+    for method in ("grpo", "dr_grpo", "rloo"):
+        want = ref_group(r.double(), ids, method).to(torch.bfloat16)
+        assert torch.equal(group_advantages(r, ids, method=method), want), method
+
+
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "rloo"])
+def test_group_advantages_gradient_is_finite(method):
+    # One-member and equal-reward groups: sqrt's derivative at a zero variance was inf, and the
+    # gradient NaN; their advantages are constants (0, or r under rloo's singleton).
+    r = torch.tensor([1.0, 2.0, 0.5, 0.5, 3.0], dtype=f64, requires_grad=True)
+    ids = torch.tensor([0, 0, 1, 1, 2])
+    w = torch.tensor([0.3, -1.2, 0.5, 0.7, 2.0], dtype=f64)
+    (w * group_advantages(r, ids, method=method)).sum().backward()
+    assert torch.isfinite(r.grad).all(), r.grad
+    assert r.grad[4] == (2.0 if method == "rloo" else 0.0)
+    # the two-member groups from the formula by autograd; grpo's equal pair has none (std 0)
+    r2 = r.detach()[:4].clone().view(2, 2).requires_grad_(True)
+    if method == "grpo":
+        a = (r2 - r2.mean(1, keepdim=True)) / (r2.std(1, keepdim=True) + 1e-6)
+    elif method == "dr_grpo":
+        a = r2 - r2.mean(1, keepdim=True)
+    else:
+        a = r2 - r2.flip(1)
+    (w[:4].view(2, 2) * a).sum().backward()
+    want = r2.grad.flatten()
+    if method == "grpo":
+        want[2:] = 0
+    torch.testing.assert_close(r.grad[:4], want, rtol=1e-12, atol=1e-12)
+
+
 def test_group_advantages_errors():
     r = torch.zeros(4)
     with pytest.raises(ValueError, match="group_ids"):
@@ -284,6 +333,20 @@ def test_empg_vs_loop():
         if mask[i, t] and sid[i, t] >= 0
     }
     assert abs(sum(steps.values())) < 1e-10
+
+
+def test_empg_takes_the_entropy_detached():
+    # token_stats' entropy is differentiable; the advantage it modulates is a constant of the
+    # policy loss, so no gradient reaches the entropy (it bent a PPO gradient by ~6 %).
+    g = torch.Generator().manual_seed(6)
+    H = (torch.rand(2, 5, generator=g, dtype=f64) * 3).requires_grad_(True)
+    A = torch.randn(2, generator=g, dtype=f64, requires_grad=True)
+    sid = torch.tensor([[0, 0, 1, 1, 2], [0, 1, 1, 2, 2]])
+    got = empg_advantages(A, H, torch.ones(2, 5, dtype=torch.bool), sid)
+    assert got.requires_grad  # through A: advantages stay differentiable w.r.t. their input
+    got.sum().backward()
+    assert H.grad is None
+    assert torch.isfinite(A.grad).all()
 
 
 def test_empg_errors():

@@ -272,6 +272,59 @@ def test_rollout_correction_weights_are_detached():
     assert torch.count_nonzero(lp.grad) > 0
 
 
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo", "cispo"])
+def test_policy_loss_takes_advantages_and_old_logprob_as_constants(loss_type):
+    # An advantage built from a differentiable statistic (empg_advantages of token_stats'
+    # entropy) and old_logprob passed without .detach() sent gradient back through them.
+    lp, old, _, adv, mask = _inputs(seed=8)
+    lp1 = lp.clone().requires_grad_(True)
+    src = adv.clone().requires_grad_(True)
+    old1 = old.clone().requires_grad_(True)
+    loss, _ = policy_loss(lp1, old1, src * 1.0, mask, loss_type=loss_type, dual_clip=None)
+    loss.backward()
+    assert src.grad is None and old1.grad is None
+    lp2 = lp.clone().requires_grad_(True)
+    want, _ = policy_loss(lp2, old, adv, mask, loss_type=loss_type)
+    want.backward()
+    torch.testing.assert_close(lp1.grad, lp2.grad, rtol=0, atol=0)
+    # old_logprob = logprob itself (on-policy, not detached): the ratio's gradient is lp's
+    lp3 = lp.clone().requires_grad_(True)
+    on, _ = policy_loss(lp3, lp3, adv, mask, loss_type=loss_type)
+    on.backward()
+    lp4 = lp.clone().requires_grad_(True)
+    on_ref, _ = policy_loss(lp4, lp.clone(), adv, mask, loss_type=loss_type)
+    on_ref.backward()
+    torch.testing.assert_close(lp3.grad, lp4.grad, rtol=0, atol=0)
+    assert torch.count_nonzero(lp3.grad) > 0
+
+
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo", "cispo", "hybrid"])
+def test_masked_garbage_stays_out_of_the_gradient(loss_type):
+    # NaN advantages and -inf log-probs on masked tokens (padding): 0 * NaN was a NaN gradient
+    # for gspo, cispo and the hybrid loss. The gradient equals that of clean inputs.
+    lp, old, _, _, mask = _inputs(seed=9)
+    g = torch.Generator().manual_seed(9)
+    adv = torch.randn(lp.shape, generator=g, dtype=f64)
+    dirty_adv = torch.where(mask, adv, torch.nan)
+    dirty_lp = torch.where(mask, lp, -torch.inf)
+    kl = torch.rand(lp.shape, generator=g, dtype=f64)
+
+    def grad(x, a):
+        x = x.clone().requires_grad_(True)
+        if loss_type == "hybrid":
+            loss = hybrid_il_rl_loss(x, a, kl, mask, beta=0.2)
+        else:
+            loss, _ = policy_loss(x, old, a, mask, loss_type=loss_type)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    loss_d, g_d = grad(dirty_lp, dirty_adv)
+    loss_c, g_c = grad(lp, adv)
+    assert torch.isfinite(g_d).all(), g_d
+    assert torch.equal(g_d, g_c) and torch.equal(loss_d, loss_c)
+    assert torch.equal(g_d[~mask], torch.zeros_like(g_d[~mask]))
+
+
 def test_policy_loss_entropy_kl_terms_and_metrics():
     lp, old, _, adv, mask = _inputs(seed=6)
     ent = torch.rand(lp.shape, dtype=f64)

@@ -45,11 +45,13 @@ def group_advantages(
                  A_i = r_i when n_g = 1
 
     A one-member group gets 0 under grpo and dr_grpo (r_i - mean_g = 0; its std is taken as 0,
-    not torch.std's NaN; verl instead returns r_i there) and r_i under rloo. rloo advantages of
-    a group with n_g > 1 sum to 0.
+    not torch.std's NaN; verl instead returns r_i there) and r_i under rloo. A group of n_g > 1
+    equal rewards gets exactly 0 under all three (under grpo with no gradient: its std has
+    none). rloo advantages of a group with n_g > 1 sum to 0. The group sums run in float64 and
+    the result is rounded once to the rewards' dtype.
 
     Args:
-        rewards: [B] float (any float dtype; float64 is computed in float64).
+        rewards: [B] float (any float dtype).
         group_ids: [B] int64 / int32, any values.
         method: "grpo", "dr_grpo" or "rloo".
         eps: added to std_g under grpo.
@@ -64,18 +66,33 @@ def group_advantages(
     check_choice("method", method, GROUP_METHODS)
     B = rewards.shape[0]
     gid = dense_group_ids(group_ids)
-    count = segment_sum(torch.ones_like(rewards), gid, B)[gid]
-    total = segment_sum(rewards, gid, B)[gid]
+    # Group sums in float64 whatever the rewards' dtype ([B] numbers), the result rounded once:
+    # bf16 sums rounded at every add (a bf16 group of 300 was off by up to 0.43).
+    r = rewards.to(torch.float64)
+    count = segment_sum(torch.ones_like(r), gid, B)[gid]
+    total = segment_sum(r, gid, B)[gid]
     mean = total / count
+    # A group whose rewards are all equal (all correct, all wrong) carries no signal: exactly 0,
+    # not its mean's rounding over std + eps (16 fp32 rewards of 0.7: |A| = 0.106 under grpo).
+    with torch.no_grad():
+        lo = r.new_zeros(B).scatter_reduce(0, gid, r, "amin", include_self=False)[gid]
+        hi = r.new_zeros(B).scatter_reduce(0, gid, r, "amax", include_self=False)[gid]
+        flat = (count > 1) & (lo == hi)
+    if method == "grpo":
+        centred = r - mean
+        var = segment_sum(centred * centred, gid, B)[gid] / torch.where(count > 1, count - 1, 1)
+        # sqrt's derivative at 0 is inf, and inf * 0 a NaN gradient: no 0 under the root. A
+        # group without spread has no gradient either (its std has none at 0).
+        std = torch.sqrt(torch.where(var > 0, var, 1))
+        ok = (count > 1) & ~flat
+        return torch.where(ok, centred / (torch.where(var > 0, std, 0) + eps), 0).to(rewards.dtype)
     if method == "dr_grpo":
-        return rewards - mean
-    if method == "rloo":
-        others = (total - rewards) / torch.where(count > 1, count - 1, 1)
-        return torch.where(count > 1, rewards - others, rewards)
-    centred = rewards - mean
-    sq = segment_sum(centred * centred, gid, B)[gid]
-    std = torch.sqrt(sq / torch.where(count > 1, count - 1, 1))
-    return torch.where(count > 1, centred / (std + eps), 0)
+        adv = r - mean
+    else:
+        others = (total - r) / torch.where(count > 1, count - 1, 1)
+        adv = torch.where(count > 1, r - others, r)
+    # Linear in r: a flat group's value is exactly 0 (x - x), its gradient kept.
+    return torch.where(flat, adv - adv.detach(), adv).to(rewards.dtype)
 
 
 def otb_advantages(
@@ -273,7 +290,8 @@ def empg_advantages(
         k, k_f, zeta: the EMPG constants.
 
     Returns:
-        [B, T], dtype of token_entropy (promoted with advantages).
+        [B, T], dtype of token_entropy (promoted with advantages); token_entropy is taken
+        detached (no gradient flows back through the modulation).
     """
     check_float("token_entropy", token_entropy, 2)
     B, T = token_entropy.shape
@@ -290,7 +308,9 @@ def empg_advantages(
     tok = valid(mask) & (ids >= 0)
     # Steps live in a [B, T] buffer (a row has at most T steps): slot (i, s) = step s of row i.
     flat = (torch.arange(B, device=ids.device)[:, None] * T + ids.clamp(min=0)).reshape(-1)
-    ent = torch.where(tok, token_entropy.to(dtype), 0).reshape(-1)
+    # The entropy weighs the advantage; no gradient flows back through it (an advantage is a
+    # constant of the policy loss, and `token_stats(...).entropy` is differentiable).
+    ent = torch.where(tok, token_entropy.detach().to(dtype), 0).reshape(-1)
     cnt = tok.to(dtype).reshape(-1)
     ent_sum = ent.new_zeros(B * T).index_add(0, flat, ent).view(B, T)
     n_tok = cnt.new_zeros(B * T).index_add(0, flat, cnt).view(B, T)

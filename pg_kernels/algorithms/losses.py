@@ -106,7 +106,8 @@ def policy_loss(
 
     Args:
         logprob: [B, T] float, log pi_theta of the sampled tokens (differentiable).
-        old_logprob: [B, T] float, log-probs of the policy that the ratio is taken against.
+        old_logprob: [B, T] float, log-probs of the policy that the ratio is taken against
+            (a constant: taken detached, as are advantages and rollout_logprob).
         advantages: [B] (one per row) or [B, T] float.
         mask: [B, T] bool, int or float.
         loss_type: "ppo", "gspo" or "cispo".
@@ -163,16 +164,20 @@ def policy_loss(
     ok = valid(mask)
     m = weights(mask, dtype)
     w = m if seq_mask is None else m * weights(seq_mask, dtype)[:, None]
-    adv = adv.to(dtype)
+    # Advantages and the old log-probs are constants of the loss: no gradient flows back through
+    # them (an advantage built from a differentiable statistic, or old_logprob passed without
+    # .detach(), would bend the policy gradient). A masked token's values stay out of every
+    # gradient too: its NaN advantage or -inf log-prob times a zero upstream gradient is NaN.
+    adv = torch.where(ok, adv.to(dtype), 0).detach()
+    old = old_logprob.detach().to(dtype)
+    lp = torch.where(ok, logprob, 0)
     lo, hi = 1.0 - clip_low, 1.0 + clip_high
-    log_ratio = torch.where(ok, logprob - old_logprob.to(dtype), 0).clamp(
-        -LOG_RATIO_BOUND, LOG_RATIO_BOUND
-    )
+    log_ratio = torch.where(ok, lp - old, 0).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
 
     dual_active = torch.zeros_like(ok)
     if loss_type == "cispo":
         ratio = torch.exp(log_ratio)
-        token_loss = -ratio.clamp(lo, hi).detach() * adv * logprob
+        token_loss = -ratio.clamp(lo, hi).detach() * adv * lp
         clipped = (ratio < lo) | (ratio > hi)
         ratio_stat = ratio
     else:
@@ -180,7 +185,7 @@ def policy_loss(
             n = m.sum(1, keepdim=True)
             seq_log = (log_ratio * m).sum(1, keepdim=True) / torch.where(n != 0, n, 1)
             seq_log = seq_log.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
-            ratio = torch.exp(seq_log.detach() + logprob - logprob.detach())
+            ratio = torch.exp(seq_log.detach() + lp - lp.detach())
             ratio_stat = torch.exp(seq_log).expand(shape)
         else:
             ratio = torch.exp(log_ratio)
@@ -195,9 +200,7 @@ def policy_loss(
             token_loss = torch.where(adv < 0, torch.minimum(token_loss, cap), token_loss)
 
     if rollout_correction is not None:
-        delta = (old_logprob.to(dtype) - rollout_logprob.to(dtype)).clamp(
-            -LOG_RATIO_BOUND, LOG_RATIO_BOUND
-        )
+        delta = (old - rollout_logprob.detach().to(dtype)).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         rho = torch.exp(delta).detach()
         if rollout_correction == "tis":
             corr = rho.clamp(max=tis_cap)
@@ -272,10 +275,12 @@ def hybrid_il_rl_loss(
     check_choice("agg", agg, AGGREGATIONS)
     check_same_device(logprob=logprob, advantages=advantages, token_kl=token_kl, mask=mask)
     dtype = logprob.dtype
+    ok = valid(mask)
     m = weights(mask, dtype)
-    kl = torch.where(m != 0, token_kl.to(dtype), 0)
+    kl = torch.where(ok, token_kl.to(dtype), 0)
     km = (kl * m).detach()
     suffix_after = km.flip(1).cumsum(1).flip(1) - km  # sum over t' > t
-    shaped = (adv.to(dtype) - beta * suffix_after).detach()
-    token_loss = -shaped * logprob + beta * kl
+    # Masked tokens' advantages and log-probs stay out of the gradient (as in policy_loss).
+    shaped = torch.where(ok, adv.to(dtype) - beta * suffix_after, 0).detach()
+    token_loss = -shaped * torch.where(ok, logprob, 0) + beta * kl
     return _aggregate(token_loss, m, m, agg)
