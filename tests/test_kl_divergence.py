@@ -359,6 +359,30 @@ def test_peaked_rows_at_temperatures(bd, direction):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
+def test_peaked_side_at_low_temperature(bd, direction):
+    """A weight side one-hot at tau 0.2 (a spike of 18 over ~-8: every other entry ~e^-130 below
+    it, far below fp32's range) against a flat other side at tau 3.2 (the fuzzer's mismatch_stats
+    row, fp32 [1, 3, 264]: token_kl 0.0413 where the truth is 0.0680). The Triton pair pass took
+    a lane whose weight entries underflow against the chunk's max (its factor 0) for an empty
+    lane and left its excess in the lane's frame: KLs of 0.0909 / 0.0500 / 0.335 came out 0.0659 /
+    0.0477 / 0.245 here."""
+    backend, device = bd
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 264, generator=g, dtype=torch.float64) * 1.3 - 8.0
+    x[:, 88] = 18.0
+    x[:, 113] = -2.7  # e^-101 below the spike at tau 0.2: a subnormal rest, not 0
+    other = torch.randn(3, 264, generator=g, dtype=torch.float64) * 1.5 - 6.0
+    other[:, 88] = 20.0  # peaked at the same id: s1 - 1 < 1/2, the excess finishes the KL
+    x, other = x.float(), other.float()
+    tw = torch.tensor([0.2047, 0.25, 0.22], dtype=torch.float64)
+    tv = torch.tensor([3.2123, 3.0, 4.0], dtype=torch.float64)
+    w, v = (x, other) if direction == "reverse" else (other, x)
+    tau_w, tau_v = (tw, tv) if direction == "reverse" else (tv, tw)
+    _check(backend, w.to(device), v.to(device), direction=direction,
+           temperature=tau_w.to(device), ref_temperature=tau_v.to(device))  # fmt: skip
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_temperature_below_plain_error(bd, direction):
     """fp32 KL and its gradient at tau 0.7 on realistic peaked rows (randn * 4, a +5..15 spike
     on half of them; the reference = logits + 0.3 randn) against float64: well below plain fp32

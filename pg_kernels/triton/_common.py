@@ -42,6 +42,26 @@ D_MIN = tl.constexpr(-1024.0)
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+# Under the interpreter with PGK_EMULATE_GPU_EX2=1, `ex2` carries an error like the GPU's
+# ex2.approx.f32 (tests/README: a check of the suite's margins before a GPU runs it).
+EMULATE_EX2 = tl.constexpr(INTERPRETED and os.environ.get("PGK_EMULATE_GPU_EX2", "0") == "1")
+
+
+@triton.jit
+def ex2(x):
+    """2^x of fp32 x: one MUFU.EX2 on a GPU (ex2.approx.f32, within ~2 ulp), numpy's exp2 under
+    the interpreter. With EMULATE_EX2 the interpreter's result is moved by up to 2^-22 of itself,
+    a function of x's bits alone (equal exponents keep equal exps, as MUFU's do) that leaves
+    integer exponents exact (2^0 is exactly 1, which the kernels rely on)."""
+    y = tl.exp2(x)
+    if EMULATE_EX2:
+        bits = x.to(tl.uint32, bitcast=True)
+        h = ((bits * tl.full(x.shape, 0x9E3779B1, tl.uint32)) >> 8).to(tl.float32)  # 24 bits
+        e = (h * (1.0 / 8388608.0) - 1.0) * 2.384185791015625e-07  # uniform in +-2^-22
+        y = tl.where(x == tl.floor(x), y, tl.fma(y, e, y))
+    return y
+
+
 @triton.jit
 def round_to(x, dtype: tl.constexpr):
     """x (fp32/fp64) rounded once to `dtype`, to nearest even."""
@@ -71,7 +91,7 @@ def exp_acc(x):
     if x.dtype == tl.float64:
         return tl.exp(x)
     else:
-        return tl.exp2(x * LOG2E)
+        return ex2(x * LOG2E)
 
 
 @triton.jit
@@ -285,7 +305,7 @@ def exp2_acc(x):
     if x.dtype == tl.float64:
         return tl.exp(x * LN2)
     else:
-        return tl.exp2(x)
+        return ex2(x)
 
 
 def scalar_log2_scale_bits(temperature: float, acc: torch.dtype) -> int:

@@ -469,7 +469,7 @@ def bwd_row(
 ):  # fmt: skip
     """The per-row numbers of the backward (see `_bwd_kernel`): (m, c, rho_hi, a, b, q, 1 / tau
     (0 for an ignored row), g_l, ok: the saved state is a finished forward row's, k = 2^-rho_lo
-    (p_j = k 2^d2))."""
+    (p_j = k 2^d2), and in fp64 for single entries (`_bwd_value64`): (rho_lo, A, g_h, g_c))."""
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     lse = tl.load(lse_ptr + row)
     entropy = tl.load(entropy_ptr + row)
@@ -494,15 +494,20 @@ def bwd_row(
     log2_mp = tl.log2(tl.where(keep & ok, max_prob, 1.0).to(tl.float64))
     rho = tl.where(keep, tl.where(ok, -log2_mp, float("nan")), 0.0)
     rho_hi = rho.to(ACC)
-    rho_lo = (rho - rho_hi.to(tl.float64)).to(ACC)
-    k = exp2_acc(-rho_lo)
+    rho_lo64 = rho - rho_hi.to(tl.float64)
+    rho_lo = rho_lo64.to(ACC)
+    # k in fp64, rounded once: an fp32 2^-rho_lo is a GPU's MUFU.EX2, within ~2 ulp of 1, and
+    # k scales every p_j of the row.
+    k = tl.exp(-rho_lo64 * LN2).to(ACC)
     inv_tau = tl.where(keep, c * LN2, 0.0)  # 1 / tau, or 0: an ignored row's coefficients
     c = tl.where(keep, c, 1.0)
-    big_a = g_big_l - g_l - g_h * entropy - 2.0 * g_c * collision
+    f64: tl.constexpr = tl.float64
+    big_a64 = g_big_l.to(f64) - g_l.to(f64) - g_h.to(f64) * entropy - 2.0 * g_c.to(f64) * collision
+    big_a = big_a64.to(ACC)
     a = inv_tau * k * (big_a + g_h * LN2 * rho_lo)
     b = inv_tau * k * (-g_h * LN2)
     q = inv_tau * (k * k) * (2.0 * g_c)
-    return m, c, rho_hi, a, b, q, inv_tau, g_l, ok, k
+    return m, c, rho_hi, a, b, q, inv_tau, g_l, ok, k, (rho_lo64, big_a64, g_h, g_c)
 
 
 @triton.jit
@@ -559,7 +564,7 @@ def _bwd_kernel(
     c64 = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP)
     c = c64.to(ACC)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    m, c, rho_hi, a, b, q, inv_tau, g_l, ok, _ = bwd_row(
+    m, c, rho_hi, a, b, q, inv_tau, g_l, ok, _, row64 = bwd_row(
         x_row, row, label, keep, c, V, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr,
         lse_ptr, entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr,
     )  # fmt: skip
@@ -581,13 +586,41 @@ def _bwd_kernel(
         x = tl.load(x_row + cols, mask=in_row & keep, other=float("-inf")).to(ACC)
         dz = _bwd_values(x, m, c, rho_hi, a, b, q)
         tl.store(g_row + cols, round_to(dz, g_row.dtype.element_ty), mask=in_row)
-    # The label's entry: dz + g_l / tau, rounded once. The barrier orders it after the block
-    # store of the same address (by another thread of this program).
-    if keep & ok & (label >= start) & (label < start + n_valid):
-        tl.debug_barrier()
-        x_c = tl.load(x_row + label).to(ACC)
-        dz_c = _bwd_values(x_c, m, c, rho_hi, a, b, q) + g_l * inv_tau
-        tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))
+    # The label's and the argmax's entries again, in fp64 from fp64 coefficients and rounded
+    # once (as the C++ rows do the label's): the row's largest p_j sit there, whose fp32 2^d2
+    # is within ~2 ulp on a GPU (MUFU.EX2), ~2 ulp(1) of their gradient, and the label's
+    # g_l (1 - p_c) cancels on a peaked row (fp32 at tau 0.7, with the interpreter's exp2 given
+    # the GPU's error, PGK_EMULATE_GPU_EX2: 6.1e-7 off where plain PyTorch has 3.5e-7; now
+    # 2.9e-7). The barrier orders them after the block stores of the same addresses (by other
+    # threads of this program).
+    if keep & ok:
+        am = tl.load(argmax_ptr + row).to(tl.int64)
+        label_here = (label >= start) & (label < start + n_valid)
+        am_here = (am >= start) & (am < start + n_valid) & (am != label)
+        if label_here | am_here:
+            tl.debug_barrier()
+            if am_here:
+                x_am = tl.load(x_row + am).to(ACC)
+                dz_am = _bwd_value64(x_am, m, c, rho_hi, row64, 0.0)
+                tl.store(g_row + am, round_to(dz_am, g_row.dtype.element_ty))
+            if label_here:
+                x_c = tl.load(x_row + label).to(ACC)
+                dz_c = _bwd_value64(x_c, m, c, rho_hi, row64, g_l)
+                tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_value64(x, m, c, rho_hi, row64, g_l):
+    """dz of one logit x in fp64 (docs/math.md §3): p (A + B log p + C p) + g_l, over tau, with
+    log p = ln2 (d2 - rho_lo) from the loop's own d2 and the row's fp64 numbers row64 =
+    (rho_lo, A, g_h, g_c) of `bwd_row` (B = -g_h, C = 2 g_c); g_l: the label's term, or 0."""
+    f64: tl.constexpr = tl.float64
+    rho_lo, big_a, g_h, g_c = row64
+    d2 = tl.maximum(tl.fma(x - m, c, -rho_hi), D_MIN).to(f64)  # as bwd_exps
+    log_p = LN2 * (d2 - rho_lo)
+    p = tl.exp(log_p)
+    inv_tau = c.to(f64) * LN2
+    return inv_tau * (p * (big_a - g_h.to(f64) * log_p + 2.0 * g_c.to(f64) * p) + g_l)
 
 
 # ------------------------------------------------------------------------------------------------
