@@ -798,7 +798,7 @@ def _bwd_kernel(
     keep = label != ignore_index
     c = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP).to(ACC)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    m, c, rho_hi, a, b, q, inv_tau, g_l, ok, kp, _ = bwd_row(
+    m, c, rho_hi, a, b, q, inv_tau, g_l, ok, kp, _row64 = bwd_row(
         x_row, row, label, keep, c, V, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr,
         lse_ptr, entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr,
     )  # fmt: skip
