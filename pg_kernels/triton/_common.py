@@ -43,7 +43,7 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 # Under the interpreter with PGK_EMULATE_GPU_EX2=1, `ex2` carries an error like the GPU's
-# ex2.approx.f32 (tests/README: a check of the suite's margins before a GPU runs it).
+# ex2.approx.f32 (CONTRIBUTING.md: a check of the suite's margins before a GPU runs it).
 EMULATE_EX2 = tl.constexpr(INTERPRETED and os.environ.get("PGK_EMULATE_GPU_EX2", "0") == "1")
 
 

@@ -522,8 +522,14 @@ def _bwd_values(x, m, c, rho_hi, a, b, q):
 @triton.jit
 def bwd_exps(x, m, c, rho_hi):
     """(d2, e = 2^d2) of logits x: e = p_j / k (see `_bwd_values`)."""
-    d2 = tl.maximum(tl.fma(x - m, c, -rho_hi), D_MIN)
+    d2 = bwd_exponent(x, m, c, rho_hi)
     return d2, exp2_acc(d2)
+
+
+@triton.jit
+def bwd_exponent(x, m, c, rho_hi):
+    """d2 = (x - m) c - rho_hi of logits x, floored at D_MIN (see `_bwd_values`)."""
+    return tl.maximum(tl.fma(x - m, c, -rho_hi), D_MIN)
 
 
 @triton.jit
@@ -616,7 +622,7 @@ def _bwd_value64(x, m, c, rho_hi, row64, g_l):
     (rho_lo, A, g_h, g_c) of `bwd_row` (B = -g_h, C = 2 g_c); g_l: the label's term, or 0."""
     f64: tl.constexpr = tl.float64
     rho_lo, big_a, g_h, g_c = row64
-    d2 = tl.maximum(tl.fma(x - m, c, -rho_hi), D_MIN).to(f64)  # as bwd_exps
+    d2 = bwd_exponent(x, m, c, rho_hi).to(f64)  # the loop's own d2
     log_p = LN2 * (d2 - rho_lo)
     p = tl.exp(log_p)
     inv_tau = c.to(f64) * LN2
