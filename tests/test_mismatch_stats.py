@@ -101,6 +101,9 @@ def test_temperature(bd):
         _check(backend, x, y, lp, rollout_logits=xr, temperature=t, rollout_temperature=tr)
 
 
+# Open under a GPU's arithmetic (PGK_EMULATE_GPU, CONTRIBUTING.md):
+# token_tv of rows within rounding of each other.
+@pytest.mark.usefixtures("numpy_arithmetic")
 def test_neg_inf_entries(bd):
     """Shared -inf (padded vocab) adds 0; a token the rollout could sample but the policy cannot
     (-inf in logits only) makes token_kl = KL(pi_roll || pi_theta) = +inf; -inf in the rollout

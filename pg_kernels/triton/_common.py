@@ -42,19 +42,54 @@ D_MIN = tl.constexpr(-1024.0)
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-# Under the interpreter with PGK_EMULATE_GPU_EX2=1, `ex2` carries an error like the GPU's
-# ex2.approx.f32 (CONTRIBUTING.md: a check of the suite's margins before a GPU runs it).
-EMULATE_EX2 = tl.constexpr(INTERPRETED and os.environ.get("PGK_EMULATE_GPU_EX2", "0") == "1")
+# Under the interpreter with PGK_EMULATE_GPU=1, the two GPU behaviours numpy does not have
+# (CONTRIBUTING.md: a check of the suite's margins before a GPU runs it): `ex2` carries an error
+# like ex2.approx.f32's, and `tl.fma` rounds once (the interpreter's x * y + z rounds twice, so
+# that fma(x, c, -(x * c)) is 0 there where a GPU returns the product's rounding residual).
+EMULATE_GPU = tl.constexpr(INTERPRETED and os.environ.get("PGK_EMULATE_GPU", "0") == "1")
+
+
+def _fused_multiply_add(self, x, y, z):
+    """The interpreter's `create_fma` rounded once: fp32 (and 16-bit) through the exact fp64
+    product (one fp64 rounding of the sum, then fp32's: a double rounding only on near-ties),
+    fp64 through Dekker's exact product and an exact sum (rounded once but for the last
+    addition's rare ties)."""
+    import numpy as np
+    from triton.runtime.interpreter import TensorHandle
+
+    a, b, c = x.data, y.data, z.data
+    with np.errstate(all="ignore"):  # inf / NaN operands as the plain expression gives them
+        if c.dtype != np.float64:  # fp32 (and 16-bit): the fp64 product is exact
+            out = (a.astype(np.float64) * b + c).astype(c.dtype)
+        else:
+            p = a * b
+            split = 134217729.0  # 2^27 + 1: Veltkamp's split into two 26-bit halves
+            ah = a * split - (a * split - a)
+            bh = b * split - (b * split - b)
+            p_err = ((ah * bh - p) + ah * (b - bh) + (a - ah) * bh) + (a - ah) * (b - bh)
+            s = p + c
+            bv = s - p
+            s_err = (p - (s - bv)) + (c - bv)
+            out = np.where(np.isfinite(s), s + (s_err + p_err), s)
+    return TensorHandle(np.asarray(out, dtype=c.dtype), z.dtype.scalar)
+
+
+if INTERPRETED:
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    NUMPY_FMA = InterpreterBuilder.create_fma  # tests/conftest.py's numpy_arithmetic
+    if EMULATE_GPU:
+        InterpreterBuilder.create_fma = _fused_multiply_add
 
 
 @triton.jit
 def ex2(x):
     """2^x of fp32 x: one MUFU.EX2 on a GPU (ex2.approx.f32, within ~2 ulp), numpy's exp2 under
-    the interpreter. With EMULATE_EX2 the interpreter's result is moved by up to 2^-22 of itself,
+    the interpreter. With EMULATE_GPU the interpreter's result is moved by up to 2^-22 of itself,
     a function of x's bits alone (equal exponents keep equal exps, as MUFU's do) that leaves
     integer exponents exact (2^0 is exactly 1, which the kernels rely on)."""
     y = tl.exp2(x)
-    if EMULATE_EX2:
+    if EMULATE_GPU:
         bits = x.to(tl.uint32, bitcast=True)
         h = ((bits * tl.full(x.shape, 0x9E3779B1, tl.uint32)) >> 8).to(tl.float32)  # 24 bits
         e = (h * (1.0 / 8388608.0) - 1.0) * 2.384185791015625e-07  # uniform in +-2^-22
@@ -200,6 +235,12 @@ def valid_inv_temperature(inv_tau):
 def acc_dtype_of(dtype: torch.dtype) -> torch.dtype:
     """Accumulation (and per-token output) dtype: fp64 for fp64 logits, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@triton.constexpr_function
+def acc_of(XDT):
+    """`acc_dtype_of` inside a kernel, from the logits' element type."""
+    return tl.float64 if XDT == tl.float64 else tl.float32
 
 
 def _round_to_f32(x: float) -> float:

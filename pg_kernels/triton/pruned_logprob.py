@@ -3,17 +3,22 @@
 Rows are cut as `row_blocking` cuts them (a function of V and the dtype only) and every
 reduction runs in a fixed order: results are bitwise deterministic and batch invariant.
 Forward, two sweeps over the row (one exp per element in all), three kernels:
-  1. `_max_chunk_kernel`, grid (N, n_chunks): each chunk's max of z = x / tau (no exp), NaN when
-     the chunk holds a NaN or +inf;
-  2. `_sum_chunk_kernel`, grid (N, n_chunks): the row's max m from the chunk maxes (n_chunks
-     loads), then e = exp(z - m) per element, into s_in where z >= m + log alpha and into s_out
-     elsewhere (per-element accumulators, one predicated add per element, summed once per
-     chunk). The label is not masked in the loop: `_fwd_finish_kernel` recomputes its term e_c
-     the same way (the same bits) and moves it where finalize_pruned (softmax_stats.h) puts it:
-     in S it is already in s_in; below the threshold it joins S (s_in + e_c) and leaves s_out
-     (s_out - e_c, clamped at 0: it differs from the C++ kernel's masked sum by the fp32
-     rounding of s_out, an absolute error in tail_mass of order 1e-7 s_out / (s_safe + s_out));
-  3. `_fwd_finish_kernel`: sums each row's chunk sums in chunk order and finalizes.
+  1. `_max_chunk_kernel`, grid (N, n_chunks): each chunk's max raw logit x_m (no exp), NaN when
+     the chunk holds a NaN or a z = x / tau of +inf;
+  2. `_sum_chunk_kernel`, grid (N, n_chunks): the row's max m = x_m / tau from the chunk maxes
+     (n_chunks loads), then e = exp(z - m) per element, into s_in where z >= m + log alpha and
+     into s_out elsewhere (per-element accumulators, one predicated add per element, summed
+     once per chunk). The label is not masked in the loop: `_fwd_finish_kernel` recomputes its
+     term e_c the same way (the same bits) and moves it where finalize_pruned (softmax_stats.h)
+     puts it: in S it is already in s_in; below the threshold it joins S (s_in + e_c) and
+     leaves s_out (s_out - e_c, clamped at 0: it differs from the C++ kernel's masked sum by
+     the fp32 rounding of s_out, an absolute error in tail_mass of order 1e-7 s_out / (s_safe +
+     s_out));
+  3. `_fwd_finish_kernel`: sums each row's chunk sums in chunk order and finalizes, relative to
+     the max's own term e_m = exp(d_m), d_m = fma(x_m, 1 / tau, -m) (the rounding residual of m,
+     not 0 on a GPU, whose fma rounds once; e_m carries the GPU ex2's ~2 ulp): with d_c the
+     label's exponent, logprob = (d_c - d_m) - (log s_safe - log e_m), exactly 0 for a row of
+     one entry (e_m / s_safe = 1) and free of e_m's error on peaked rows.
   The set S depends on the final max, so a one-sweep online sum cannot drop the elements that
   fall below a risen threshold exactly (csrc/cpu/pruned_logprob.cpp says more).
 Backward, `_bwd_kernel`, grid (N, n_chunks): d logprob / dz_j = -p~_j on S, 0 off S, divided by
@@ -70,7 +75,8 @@ FINISH_BLOCK_R = 128
 
 @triton.jit
 def _row_max(part_ptr, row, N, n_chunks):
-    """The row's max from its chunk maxes (part_ptr [n_chunks, N]); NaN if one chunk is bad."""
+    """The row's max raw logit from its chunk maxes (part_ptr [n_chunks, N]); NaN if one chunk
+    is bad."""
     m = tl.full([], float("-inf"), part_ptr.dtype.element_ty)
     chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
     for _ in range(0, n_chunks):
@@ -84,7 +90,8 @@ def _max_chunk_kernel(
     x_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, N, n_inner, stride_outer, stride_inner,
     part_ptr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Program (row, chunk): the chunk's max of z, NaN if it holds a NaN or +inf."""
+    """Program (row, chunk): the chunk's max raw logit, NaN if it holds a NaN or a z of +inf (z
+    = x / tau rounds monotonically, so m = x_m / tau is the max z)."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -97,8 +104,9 @@ def _max_chunk_kernel(
     start = chunk * CHUNK
     for off in range(0, tl.where(keep, tl.minimum(V - start, CHUNK), 0), BLOCK_V):
         cols = start + off + tl.arange(0, BLOCK_V)
-        z = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC) * inv_tau
-        mvec = tl.maximum(mvec, z)
+        x = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC)
+        z = x * inv_tau
+        mvec = tl.maximum(mvec, x)
         bad = bad | ((z != z) | (z == float("inf"))).to(tl.int32)
     m = tl.where(tl.max(bad, axis=0) > 0, float("nan"), tl.max(mvec, axis=0))
     tl.store(part_ptr + chunk.to(tl.int64) * N + row, m)
@@ -141,7 +149,7 @@ def _sum_chunk_kernel(
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
     inv_tau = tl.load(inv_tau_ptr + row)
-    m = _row_max(max_ptr, row, N, n_chunks)
+    m = _row_max(max_ptr, row, N, n_chunks) * inv_tau
     valid = _row_validity(label, V, label != ignore_index, inv_tau, m)
     threshold = m + tl.load(log_alpha_ptr)
     m_ref = tl.where(valid, m, 0.0)  # a finite reference: exp(-inf - m_ref) = 0, never NaN
@@ -177,31 +185,36 @@ def _fwd_finish_kernel(
     label = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index).to(tl.int64)
     keep = label != ignore_index
     inv_tau = tl.load(inv_tau_ptr + rows, mask=rmask, other=1.0)
-    m = tl.full([BLOCK_R], float("-inf"), ACC)
+    x_m = tl.full([BLOCK_R], float("-inf"), ACC)
     s_in = tl.zeros([BLOCK_R], ACC)
     s_out = tl.zeros([BLOCK_R], ACC)
     plane = n_chunks.to(tl.int64) * N
     chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
     for _ in range(0, n_chunks):
-        m = max_nan(m, tl.load(max_ptr + chunk_off + rows, mask=rmask, other=0.0))
+        x_m = max_nan(x_m, tl.load(max_ptr + chunk_off + rows, mask=rmask, other=0.0))
         s_in += tl.load(part_ptr + chunk_off + rows, mask=rmask, other=0.0)
         s_out += tl.load(part_ptr + plane + chunk_off + rows, mask=rmask, other=0.0)
         chunk_off += N
+    m = x_m * inv_tau
     valid = _row_validity(label, V, keep, inv_tau, m)
     threshold = m + tl.load(log_alpha_ptr)
     m_ref = tl.where(valid, m, 0.0)
     x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
     x_c = tl.load(x_row + tl.where(valid, label, 0), mask=valid & rmask, other=0.0).to(ACC)
     z_c = x_c * inv_tau
-    e_c = exp_acc(tl.fma(x_c, inv_tau, -m_ref))  # the chunk kernel's label term, bit for bit
+    d_c = tl.fma(x_c, inv_tau, -m_ref)
+    e_c = exp_acc(d_c)  # the chunk kernel's label term, bit for bit
+    d_m = tl.fma(tl.where(valid, x_m, 0.0), inv_tau, -m_ref)
+    log_e_m = tl.log(exp_acc(d_m))  # of the chunk kernel's term of the max, bit for bit
     in_safe = valid & (z_c >= threshold)
     # The chunk sums hold the label's term on its side of the threshold: in S it stays in s_in;
     # below the threshold it joins S (s_in + e_c) and leaves s_out (exactly: the same e_c was
     # added there; the difference is the rounding of the other terms' sum, clamped at 0).
     s_safe = tl.where(valid, s_in + tl.where(in_safe, 0.0, e_c), 1.0)  # invalid: a dummy state
     s_out = tl.where(in_safe, s_out, tl.maximum(s_out - e_c, 0.0))
-    lse_safe = m_ref + tl.log(s_safe)
-    logprob = z_c - lse_safe
+    log_s = tl.log(s_safe) - log_e_m  # log(s_safe / e_m): 0 for a row of one entry
+    lse_safe = m_ref + (d_m + log_s)
+    logprob = (d_c - d_m) - log_s
     tail_mass = s_out / (s_safe + s_out)
     nan = float("nan")
     tl.store(logprob_ptr + rows, tl.where(keep, tl.where(valid, logprob, nan), 0.0), mask=rmask)

@@ -54,10 +54,14 @@ GPU design (sm_90 offline, not timed on a GPU): no spills. Hot-loop SASS instruc
 element triple (forward, budget 30) / pair (backward with the KL term, both gradients, budget
 20), worst variant, first version -> now (.ci/check_triton_sm90.py):
     forward  bf16 33.8 -> 28.3, fp16 33.4 -> 27.8, fp32 33.3 -> 27.7 -> 58.0 with the excess
-             (fp32 only, below; budget 60)
+             (fp32 only, below; budget 60) -> 56.2-60.3 with token_stats' s1, s2 in fp64
+             (`token_stats.sum_dtype`; the pair's s_p no longer shares s1's adds; owed,
+             .ci/check_triton_sm90.py)
     backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 -> 32.2 with the other
              side's series (fp32 only, `_bwd_values`' SERIES; budget 40) -> 31.2 with the
-             weight side's d_p - d_q as one difference (SERIES)
+             weight side's d_p - d_q as one difference (SERIES); fp16 20.0 and fp32 31.6 with
+             the fp64 label / argmax entries after the loop (their row numbers recomputed
+             there, not kept live through it: kept, one variant read 20.1 and 80 registers)
 Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
 and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
 into integers and back: ~4 per floor). The pair sides in `_pair`'s convention (the top entry
@@ -70,7 +74,7 @@ variants at temperature 1 rose from ~200 to 254: the framed sides' d per lane; w
 prefetch, unlike token_stats). Backward: the log-ratio's d_p folded into
 token_stats' coefficients (reverse: 14 arithmetic instructions per pair instead of 16), the
 reference's upstream factor into its log-ratio (forward: 15), one loop per row case, block
-addresses from a scalar pointer, bf16 pairs loaded as int32; 45-64 registers (were 53-62;
+addresses from a scalar pointer, bf16 pairs loaded as int32; 48-64 registers (were 53-62;
 fp32 48-64 with the series and the weight side's one difference, 40-59 before it, 32-40
 without).
 Accuracy: fp32 logits sum each pair's excess kx = sum e_w f(delta) too (`_pair.excess_terms`,
@@ -110,6 +114,7 @@ from pg_kernels.triton._common import (
     LN2,
     LOG2E_F64,
     acc_dtype_of,
+    acc_of,
     div_acc,
     floor_log_ratio,
     per_row_temperature,
@@ -148,11 +153,13 @@ from pg_kernels.triton.token_stats import (
     add_exps,
     bwd_exps,
     bwd_row,
+    bwd_value64,
     chunk_total,
     lane_exps,
     merge_rows,
     rescale_lanes,
     store_partial,
+    sum_dtype,
 )
 
 OP = "step_stats"
@@ -443,7 +450,7 @@ def _fwd_chunk_kernel(
     [4, n_chunks, N], part_idx_ptr [n_chunks, N]) and the pair states against the rollout
     (part_r_ptr) and the reference (part_q_ptr), each [PARTIAL, n_chunks, N]. Ignored rows read
     nothing and store empty states."""
-    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    ACC: tl.constexpr = acc_of(x_ptr.dtype.element_ty)
     LANES: tl.constexpr = BLOCK_V // (U * VEC)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -470,8 +477,8 @@ def _fwd_chunk_kernel(
         w_block = block
     mx = tl.full([LANES], float("-inf"), ACC)
     r2 = tl.zeros([LANES], ACC)
-    s1 = tl.zeros([LANES], ACC)
-    s2 = tl.zeros([LANES], ACC)
+    s1 = tl.zeros([LANES], sum_dtype(x_ptr.dtype.element_ty))
+    s2 = tl.zeros([LANES], sum_dtype(x_ptr.dtype.element_ty))
     t2 = tl.zeros([LANES], ACC)
     st = tl.zeros([LANES], tl.int32)
     rp = tl.zeros([LANES], ACC)
@@ -911,18 +918,39 @@ def _bwd_kernel(
                    NEED_X, NEED_Q, PAIRS, SERIES, BLOCK_V)  # fmt: skip
     # The label's entry: dz + g_l / tau, rounded once, by the program holding it (the barrier
     # orders it after the block store of the same address by another thread). Without the KL
-    # in the loss the K term's factors are 0 and the reference is not read (q_j = 1).
+    # term in the row (no reference, or its upstream gradient 0) the label's and the argmax's
+    # entries are token_stats' own, from fp64 (`bwd_value64`: the row's largest p_j, whose
+    # fp32 2^d2 is within ~2 ulp on a GPU; peaked fp32 rows at tau 0.7, under a GPU's
+    # arithmetic: 3.3e-7 off, plain PyTorch 3.5e-7, now 1.1e-7); with it, the label's entry
+    # adds the K term in fp32 (the reference is not read otherwise: q_j = 1).
     if NEED_X:
-        if keep & ok & (label >= start) & (label < start + n_valid):
-            tl.debug_barrier()
-            x_c = tl.load(x_row + label).to(ACC)
-            xq_c = x_c
-            if HAS_REF:
-                xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
-            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b_kl, q, kp, a_q, k_q, b_q, f_q,
-                                  k_d, shift, g_p, g_q, f_o, dl_u, HAS_REF, REVERSE,
-                                  SERIES)  # fmt: skip
-            tl.store(g_row + label, round_to(dz_c + g_l * inv_tau, g_row.dtype.element_ty))
+        if keep & ok:
+            am = tl.load(argmax_ptr + row).to(tl.int64)
+            label_here = (label >= start) & (label < start + n_valid)
+            am_here = (am >= start) & (am < start + n_valid) & (am != label) & (~kl_on)
+            if label_here | am_here:
+                tl.debug_barrier()
+                # The row's fp64 numbers again, not kept live through the loop (registers).
+                row64 = bwd_row(
+                    x_row, row, label, keep, c, V, g_logprob_ptr, g_entropy_ptr,
+                    g_collision_ptr, g_lse_ptr, lse_ptr, entropy_ptr, collision_ptr,
+                    max_prob_ptr, argmax_ptr,
+                )[10]  # fmt: skip
+                if am_here:
+                    x_am = tl.load(x_row + am).to(ACC)
+                    dz_am = bwd_value64(x_am, m, c, rho_hi, row64, 0.0)
+                    tl.store(g_row + am, round_to(dz_am, g_row.dtype.element_ty))
+                if label_here:
+                    x_c = tl.load(x_row + label).to(ACC)
+                    if kl_on:
+                        xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
+                        dz_k, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b_kl, q, kp, a_q,
+                                              k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u,
+                                              HAS_REF, REVERSE, SERIES)  # fmt: skip
+                        dz_c = (dz_k + g_l * inv_tau).to(tl.float64)
+                    else:
+                        dz_c = bwd_value64(x_c, m, c, rho_hi, row64, g_l)
+                    tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -977,7 +1005,8 @@ def step_stats_forward(
     t = per_row_temperature(temperature, temperature_scalar, N, acc, dev)
     tr = per_row_temperature(rollout_temperature, rollout_temperature_scalar, N, acc, dev)
     tq = per_row_temperature(ref_temperature, ref_temperature_scalar, N, acc, dev)
-    part = torch.empty((4, blk.n_chunks, N), dtype=acc, device=dev)
+    part = torch.empty((4, blk.n_chunks, N), dtype=_token.part_dtype(logits.dtype), device=dev)
+    unused = rows(False)  # the pointer of an absent tensor's arguments, never read
     part_idx = torch.empty((blk.n_chunks, N), dtype=torch.int32, device=dev)
     part_r = torch.empty((PARTIAL, blk.n_chunks, N) if has_roll else (0,), dtype=acc, device=dev)
     part_q = torch.empty((PARTIAL, blk.n_chunks, N) if has_ref else (0,), dtype=acc, device=dev)
@@ -989,18 +1018,18 @@ def step_stats_forward(
     _fwd_chunk_kernel[(N, blk.n_chunks)](
         logits, rollout_logits if has_roll else logits, ref_logits if has_ref else logits, labels,
         temp if has_temp else labels, scale_bits, t, tr, tq, ignore_index, V, N, *layout,
-        *roll_layout, *ref_layout, part, part_idx, part_r if has_roll else part,
-        part_q if has_ref else part, **flags, CHUNK=blk.chunk, BLOCK_V=blk.block_v, U=u,
+        *roll_layout, *ref_layout, part, part_idx, part_r if has_roll else unused,
+        part_q if has_ref else unused, **flags, CHUNK=blk.chunk, BLOCK_V=blk.block_v, U=u,
         VEC=vec, PAIRS=pairs, DIV_R=div_r, DIV_Q=div_q, num_warps=blk.num_warps,
     )  # fmt: skip
     p_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
     r_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
     _fwd_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
         logits, labels, temp if has_temp else labels, t, tr, tq, scale_bits, ignore_index, V, N,
-        blk.n_chunks, *layout, part, part_idx, part_r if has_roll else part,
-        part_q if has_ref else part, *token, token_kl if has_roll else part,
-        kl if has_ref else part, kl_state if has_ref else part, p_norm if has_roll else part,
-        r_norm if has_roll else part, **flags, DIV_R=div_r, DIV_Q=div_q, BLOCK_R=FINISH_BLOCK_R,
+        blk.n_chunks, *layout, part, part_idx, part_r if has_roll else unused,
+        part_q if has_ref else unused, *token, token_kl if has_roll else unused,
+        kl if has_ref else unused, kl_state if has_ref else unused, p_norm if has_roll else unused,
+        r_norm if has_roll else unused, **flags, DIV_R=div_r, DIV_Q=div_q, BLOCK_R=FINISH_BLOCK_R,
         num_warps=4,
     )  # fmt: skip
     if has_roll:

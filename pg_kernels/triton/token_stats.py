@@ -11,9 +11,10 @@ Forward, two kernels:
      holds U 16-byte vectors per step. Each lane keeps its own state (raw max, s1, s2, t2, the
      step that raised its max); per step: the lane's max (in-thread), a branchless rescale (one
      exp2 per lane), then one exp2 per element feeding
-         s1 += e,  s2 += e * e,  t2 += e * d2,   e = 2^d2.
-     No block-wide reduction, shuffle or barrier inside the loop. After the loop: the chunk max
-     (one reduction), every lane rescaled to it, three sums, and the first argmax: the lanes
+         s1 += e,  s2 += e * e,  t2 += e * d2,   e = 2^d2,
+     s1 and s2 in fp64 for fp32 logits (`sum_dtype`: e converted once). No block-wide
+     reduction, shuffle or barrier inside the loop. After the loop: the chunk max (one
+     reduction), every lane rescaled to it, three sums, and the first argmax: the lanes
      holding the chunk max re-read their elements of the step that raised it (just read: L2)
      and take the first column equal to it. The chunk's partial state (raw max, s1, s2, t2,
      first argmax) is stored. Ignored rows read nothing.
@@ -48,11 +49,12 @@ GPU design (H200 target: bf16, N = 16384, V = 151936; not timed yet: no GPU was 
     steps per program (CHUNK = 32768 bf16): V = 151936 gives 5 programs per row. The next step
     is prefetched into registers while the current one is reduced.
   - Static SASS of the hot loops (.ci/check_triton_sm90.py, triton 3.6, sm_90): forward 9.5
-    instructions per element bf16 (pairs), 9.8 fp16, 9.7 fp32 (budget 10 per 16-bit element),
-    no BAR/SHFL in the loop, 128 registers (bf16/fp16; 2 programs = 16 warps and 64 KiB of loads
-    in flight per SM), 64 fp32. Backward 11.0 bf16, 10.5 fp16, 11.0 fp32 (budget 12), 32
-    registers, LDG.128 / STG.128. Before this design: forward 23.4 (a block max with barriers
-    every step and an argmax branch), backward 15.9 (a per-element label compare).
+    instructions per element bf16 (pairs), 9.8 fp16, 10.7 fp32 (budget 10 per 16-bit element;
+    fp32 9.7 before its s1, s2 moved to fp64), no BAR/SHFL in the loop, 128 registers
+    (bf16/fp16; 2 programs = 16 warps and 64 KiB of loads in flight per SM), 80 fp32.
+    Backward 11.0 bf16, 10.5 fp16, 11.0 fp32 (budget 12), 32 registers, LDG.128 / STG.128.
+    Before this design: forward 23.4 (a block max with barriers every step and an argmax
+    branch), backward 15.9 (a per-element label compare).
   - Accuracy (fp32 [16, 4099], randn * 4 with a +40..50 spike, float64 truth, interpreter): at
     tau = 1 logprob 1.2e-6, lse 1.9e-9, gradient 1.9e-9 (plain fp32 PyTorch: 1.2e-6, -, 1.9e-9);
     at tau = 0.7 logprob 1.7e-6 (PyTorch 3.3e-6), gradient 4.8e-6 (PyTorch 3.4e-8) when the
@@ -77,6 +79,7 @@ from pg_kernels.triton._common import (
     LN2,
     LOG2E_F64,
     acc_dtype_of,
+    acc_of,
     exp2_acc,
     max_nan,
     round_to,
@@ -109,6 +112,24 @@ def _reference(mx):
     """The finite reference a state's sums are taken against: its max, or 0 while empty (-inf),
     so that x - reference stays -inf (not NaN) for -inf logits."""
     return tl.where(mx == float("-inf"), 0.0, mx)
+
+
+@triton.constexpr_function
+def sum_dtype(XDT):
+    """The dtype of the s1 and s2 sums (lanes, chunk states, merge) of logits of dtype XDT: fp64
+    for fp32 and fp64 logits, fp32 for 16-bit ones (the 16-bit loops have no room for it).
+    In fp32 the term of the row's max (e ~ 1) rounds every later term to ulp(1) / 2, and the
+    rests beside it are what a peaked row's outputs are made of: the logit-gradient proxy's
+    s2 - e_c^2 (lgp 4e-9 .. 3e-6 on rows at p_c 0.996 - 0.99996 was up to 10x off, plain fp32
+    PyTorch 0.5) and log s1 (the log-prob of p_c -> 1). As the C++ rows (vec_rows.h, WideLanes):
+    the exps stay fp32, each is converted once and added in fp64."""
+    return tl.float64 if XDT == tl.float32 or XDT == tl.float64 else tl.float32
+
+
+def part_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the chunk states [4, n_chunks, N] of logits of `dtype`: `sum_dtype`'s (the
+    raw max and t2 travel in it exactly)."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 @triton.jit
@@ -165,7 +186,8 @@ def rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st):
     # whose first max is negative would otherwise scale zeros by a large factor.
     delta = tl.minimum(r2 - r2_new, 0.0)
     f = exp2_acc(delta)
-    t2 = f * tl.fma(delta, s1, t2)  # t relative to the new max: f (t + delta s1)
+    t2 = f * tl.fma(delta, s1.to(t2.dtype), t2)  # t relative to the new max: f (t + delta s1)
+    # The old terms are all below the new max: the fp32 factors' rounding is relative to them.
     s1 = f * s1
     s2 = (f * f) * s2
     return mx, r2_new, s1, s2, t2, st, delta, f
@@ -188,9 +210,11 @@ def lane_exps(x, c, r2):
 
 @triton.jit
 def add_exps(d2, e, s1, s2, t2):
-    """The block's exps into the lanes' sums."""
-    s1 += tl.sum(tl.sum(e, axis=2), axis=0)
-    s2 += tl.sum(tl.sum(e * e, axis=2), axis=0)  # 2^(2 d2) as the square of the exp we have
+    """The block's exps into the lanes' sums (s1, s2 in `sum_dtype`: e converted once, e^2
+    formed in it)."""
+    ew = e.to(s1.dtype)
+    s1 += tl.sum(tl.sum(ew, axis=2), axis=0)
+    s2 += tl.sum(tl.sum(ew * ew, axis=2), axis=0)  # 2^(2 d2) as the square of the exp we have
     t2 += tl.sum(tl.sum(e * d2, axis=2), axis=0)
     return s1, s2, t2
 
@@ -200,40 +224,58 @@ def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
     """docs/math.md §2 from a row's merged base-2 state (softmax_stats.h's finalize_token_stats).
 
     mx: the row's raw max; s1, s2, t2 relative to r2 = reference(mx) * c (c = c64 rounded to ACC,
-    as the sums used it), so the max itself entered the sums as 2^eps, eps = fma(mx, c, -r2) (its
-    rounding residual; 0 under the interpreter, whose fma rounds twice). Per row, in float64,
-    with the logits relative to the max through the exact scale c64:
-        lse      = ln2 (mx c64 + log2 s1 - eps)
-        logprob  = ln2 ((x_c - mx) c64 + eps - log2 s1)
-    round once: log p_c stays exact as p_c -> 1 (no z_c - L cancellation) and large |log p|
-    carry no base-2 rounding. keep: not an ignored row (else every output 0, argmax 0). ok: the
-    label is in range and c is finite and positive (else NaN). A row whose max is not finite
-    (all -inf, a NaN, a +inf) is NaN with argmax -1.
+    as the sums used it), so the max itself entered the sums as e_m = 2^eps, eps = fma(mx, c,
+    -r2) (its rounding residual), as the loop computed it: an fp32 ex2, within ~2 ulp on a GPU.
+    The row's numbers are taken relative to that term, log2 of the very e_m in the sums, not
+    eps: on a peaked row s1 = e_m + (the rest), and log p_c, max_prob = e_m / s1 and the rests
+    s1 - e_m, s2 - e_m^2 then carry no ex2 error of e_m (it was ~2 ulp(1) absolute in each,
+    10x the logit-gradient proxy of rows at p_c 0.99996). Per row, in float64, with the logits
+    relative to the max through the exact scale c64 (l_m = log2 e_m):
+        lse      = ln2 (mx c64 + log2 s1 - l_m)
+        logprob  = ln2 ((x_c - mx) c64 + l_m - log2 s1)
+        lgp      = ((s1 - e_c)^2 + (s2 - e_c^2)) / s1^2,   e_c = e_m 2^((x_c - mx) c64)
+        entropy  = ln2 (log2 s1 - t2 / s1),  t2's max term e_m eps taken as e_m l_m
+    round once: log p_c stays exact as p_c -> 1 (no z_c - L cancellation), large |log p| carry
+    no base-2 rounding, and lgp = (1 - p_c)^2 + sum_{j != c} p_j^2 cancels nothing (at the
+    label = argmax, e_c is the sums' own term). keep: not an ignored row (else every output 0,
+    argmax 0). ok: the label is in range and c is finite and positive (else NaN). A row whose
+    max is not finite (all -inf, a NaN, a +inf) is NaN with argmax -1.
     """
-    ACC: tl.constexpr = s1.dtype
+    ACC: tl.constexpr = t2.dtype
+    f64: tl.constexpr = tl.float64
     valid = ok & (mx > float("-inf")) & (mx < float("inf"))
     # Rows that end up 0 or NaN anyway compute on a dummy state: no log(0) or 0 / 0 (numpy
     # warnings under the interpreter), same results.
-    s1 = tl.where(valid, s1, 1.0).to(tl.float64)
+    s1 = tl.where(valid, s1, 1.0).to(f64)
+    s2 = s2.to(f64)
     mx = tl.where(valid, mx, 0.0)
-    x_label = tl.where(valid, x_label, 0.0).to(tl.float64)
-    # The max's own exponent as the loop formed it (the same fma, bitwise): the rounding of r2.
+    x_label = tl.where(valid, x_label, 0.0).to(f64)
+    # The max's own term as the loop formed it (the same fma and exp, bitwise).
     c = c64.to(ACC)
-    eps = tl.fma(mx, c, -(mx * c)).to(tl.float64)
-    mx = mx.to(tl.float64)
+    eps = tl.fma(mx, c, -(mx * c))
+    e_m = exp2_acc(eps).to(f64)
+    log2_e_m = tl.log2(e_m)
+    mx = mx.to(f64)
     log2_s1 = tl.log2(s1)
-    ln2 = tl.full([], LN2, tl.float64)
-    lse = (ln2 * (mx * c64 + log2_s1 - eps)).to(ACC)
-    log2_p_c = (x_label - mx) * c64 + eps - log2_s1
+    ln2 = tl.full([], LN2, f64)
+    lse = (ln2 * (mx * c64 + log2_s1 - log2_e_m)).to(ACC)
+    log2_p_c = (x_label - mx) * c64 + log2_e_m - log2_s1
     logprob = (ln2 * log2_p_c).to(ACC)
-    p_c = tl.exp(ln2 * log2_p_c)
-    collision = s2.to(tl.float64) / (s1 * s1)
-    # Two non-negative terms instead of 1 - 2 p_c + C: no cancellation when p_c -> 1.
-    lgp = (1.0 - p_c) * (1.0 - p_c) + (collision - p_c * p_c)
+    e_c = e_m * tl.exp(ln2 * ((x_label - mx) * c64))  # e_m itself at the max (exp(0) = 1)
+    lgp = ((s1 - e_c) * (s1 - e_c) + (s2 - e_c * e_c)) / (s1 * s1)
     lgp = tl.where(lgp > 0.0, lgp, 0.0).to(ACC)
-    collision = collision.to(ACC)
-    entropy = (ln2 * (log2_s1 - t2.to(tl.float64) / s1)).to(ACC)
-    max_prob = tl.exp(ln2 * (eps - log2_s1)).to(ACC)
+    collision = (s2 / (s1 * s1)).to(ACC)
+    # t2 holds the max's term as e_m eps (fp32-rounded): entropy is taken relative to the
+    # sums' own term, log2 e_m, as log2(s1 / e_m) + log2 e_m (s1 - e_m) / s1 - rest / s1 with
+    # rest = t2 - e_m eps, and a rest within that term's rounding is none: a row whose mass is
+    # its max alone (one entry, -inf elsewhere) has entropy exactly 0.
+    eps = eps.to(f64)
+    rest = t2.to(f64) - e_m * eps
+    one_rounding = tl.abs(e_m * eps) * 1.1920928955078125e-07  # 2^-23 of the max's term
+    rest = tl.where(tl.abs(rest) <= one_rounding, 0.0, rest)
+    entropy = (log2_s1 - log2_e_m) + (log2_e_m * (s1 - e_m) - rest) / s1
+    entropy = tl.where(entropy > 0.0, ln2 * entropy, 0.0).to(ACC)
+    max_prob = (e_m / s1).to(ACC)
     nan = float("nan")
     logprob = tl.where(keep, tl.where(valid, logprob, nan), 0.0)
     entropy = tl.where(keep, tl.where(valid, entropy, nan), 0.0)
@@ -274,7 +316,7 @@ def chunk_total(
     f = exp2_acc(delta)
     s1_sum = tl.sum(f * s1, axis=0)
     s2_sum = tl.sum((f * f) * s2, axis=0)
-    t2_sum = tl.sum(f * tl.fma(delta, s1, t2), axis=0)
+    t2_sum = tl.sum(f * tl.fma(delta, s1.to(t2.dtype), t2), axis=0)
     # The first argmax: the lanes holding the chunk max re-read their elements of the step that
     # raised it (from L2: just read) and take the first column equal to it.
     # (An empty chunk, e.g. an ignored row, re-reads nothing: its bound is 0.)
@@ -340,8 +382,8 @@ def _fwd_chunk_kernel(
     block = tl.arange(0, U)[:, None] * (LANES * VEC) + tl.arange(0, LANES * VEC)[None, :]
     mx = tl.full([LANES], float("-inf"), ACC)
     r2 = tl.zeros([LANES], ACC)
-    s1 = tl.zeros([LANES], ACC)
-    s2 = tl.zeros([LANES], ACC)
+    s1 = tl.zeros([LANES], sum_dtype(x_ptr.dtype.element_ty))
+    s2 = tl.zeros([LANES], sum_dtype(x_ptr.dtype.element_ty))
     t2 = tl.zeros([LANES], ACC)
     st = tl.zeros([LANES], tl.int32)
     # Software pipelining by hand: block i + 1 is loaded (into registers, as raw logits) before
@@ -422,7 +464,7 @@ def merge_rows(
 ):  # fmt: skip
     """The seven outputs of `rows` (see `_finalize`) from their n_chunks partial states, merged
     in chunk order, and the rows' merged raw max (NaN for a NaN row)."""
-    ACC: tl.constexpr = part_ptr.dtype.element_ty
+    ACC: tl.constexpr = acc_of(x_ptr.dtype.element_ty)
     label = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64)
     keep = label != ignore_index
     c64 = _log2_scale(temp_ptr, rows, rmask, scale_bits, HAS_TEMP)
@@ -437,23 +479,25 @@ def merge_rows(
     am = tl.zeros(rows.shape, tl.int32)
     idx = rows
     for _ in range(0, n_chunks):
-        mx_k = tl.load(part_ptr + idx, mask=rmask, other=float("-inf"))
+        mx_k = tl.load(part_ptr + idx, mask=rmask, other=float("-inf")).to(ACC)
         am = tl.where(mx_k > mx, tl.load(part_idx_ptr + idx, mask=rmask, other=0), am)
         mx = max_nan(mx, mx_k)
         idx += N
     r2 = _reference(mx) * c
-    s1 = tl.zeros(rows.shape, ACC)
-    s2 = tl.zeros(rows.shape, ACC)
+    s1 = tl.zeros(rows.shape, part_ptr.dtype.element_ty)  # sum_dtype
+    s2 = tl.zeros(rows.shape, part_ptr.dtype.element_ty)
     t2 = tl.zeros(rows.shape, ACC)
     idx = rows
     for _ in range(0, n_chunks):
         # The chunk kernel's reference, rounded the same way (same c, same product).
-        delta = tl.minimum(_reference(tl.load(part_ptr + idx, mask=rmask, other=0.0)) * c - r2, 0.0)
+        mx_k = tl.load(part_ptr + idx, mask=rmask, other=0.0).to(ACC)
+        delta = tl.minimum(_reference(mx_k) * c - r2, 0.0)
         f = exp2_acc(delta)
         s1_k = tl.load(part_ptr + plane + idx, mask=rmask, other=0.0)
         s1 += f * s1_k
         s2 += (f * f) * tl.load(part_ptr + 2 * plane + idx, mask=rmask, other=0.0)
-        t2 += f * tl.fma(delta, s1_k, tl.load(part_ptr + 3 * plane + idx, mask=rmask, other=0.0))
+        t2_k = tl.load(part_ptr + 3 * plane + idx, mask=rmask, other=0.0).to(ACC)
+        t2 += f * tl.fma(delta, s1_k.to(ACC), t2_k)
         idx += N
 
     ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
@@ -469,7 +513,7 @@ def bwd_row(
 ):  # fmt: skip
     """The per-row numbers of the backward (see `_bwd_kernel`): (m, c, rho_hi, a, b, q, 1 / tau
     (0 for an ignored row), g_l, ok: the saved state is a finished forward row's, k = 2^-rho_lo
-    (p_j = k 2^d2), and in fp64 for single entries (`_bwd_value64`): (rho_lo, A, g_h, g_c))."""
+    (p_j = k 2^d2), and in fp64 for single entries (`bwd_value64`): (rho_lo, A, g_h, g_c))."""
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     lse = tl.load(lse_ptr + row)
     entropy = tl.load(entropy_ptr + row)
@@ -607,16 +651,16 @@ def _bwd_kernel(
             tl.debug_barrier()
             if am_here:
                 x_am = tl.load(x_row + am).to(ACC)
-                dz_am = _bwd_value64(x_am, m, c, rho_hi, row64, 0.0)
+                dz_am = bwd_value64(x_am, m, c, rho_hi, row64, 0.0)
                 tl.store(g_row + am, round_to(dz_am, g_row.dtype.element_ty))
             if label_here:
                 x_c = tl.load(x_row + label).to(ACC)
-                dz_c = _bwd_value64(x_c, m, c, rho_hi, row64, g_l)
+                dz_c = bwd_value64(x_c, m, c, rho_hi, row64, g_l)
                 tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))
 
 
 @triton.jit
-def _bwd_value64(x, m, c, rho_hi, row64, g_l):
+def bwd_value64(x, m, c, rho_hi, row64, g_l):
     """dz of one logit x in fp64 (docs/math.md §3): p (A + B log p + C p) + g_l, over tau, with
     log p = ln2 (d2 - rho_lo) from the loop's own d2 and the row's fp64 numbers row64 =
     (rho_lo, A, g_h, g_c) of `bwd_row` (B = -g_h, C = 2 g_c); g_l: the label's term, or 0."""
@@ -729,7 +773,8 @@ def token_stats_forward(
         part = outs[0]  # unused
         part_idx = argmax
     else:
-        part = torch.empty((4, blk.n_chunks, N), dtype=acc, device=logits.device)
+        dt = part_dtype(logits.dtype)
+        part = torch.empty((4, blk.n_chunks, N), dtype=dt, device=logits.device)
         part_idx = torch.empty((blk.n_chunks, N), dtype=torch.int32, device=logits.device)
     _fwd_chunk_kernel[(N, blk.n_chunks)](
         logits, labels, temp, scale_bits, ignore_index, V, N,
