@@ -153,11 +153,11 @@ from pg_kernels.triton.token_stats import (
     add_exps,
     bwd_exps,
     bwd_row,
-    bwd_value64,
     chunk_total,
     lane_exps,
     merge_rows,
     rescale_lanes,
+    store_entry64,
     store_partial,
     sum_dtype,
 )
@@ -937,20 +937,18 @@ def _bwd_kernel(
                     max_prob_ptr, argmax_ptr,
                 )[10]  # fmt: skip
                 if am_here:
-                    x_am = tl.load(x_row + am).to(ACC)
-                    dz_am = bwd_value64(x_am, m, c, rho_hi, row64, 0.0)
-                    tl.store(g_row + am, round_to(dz_am, g_row.dtype.element_ty))
+                    store_entry64(x_row, g_row, am, m, c, rho_hi, row64, 0.0)
                 if label_here:
-                    x_c = tl.load(x_row + label).to(ACC)
                     if kl_on:
+                        x_c = tl.load(x_row + label).to(ACC)
                         xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
-                        dz_k, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b_kl, q, kp, a_q,
+                        dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b_kl, q, kp, a_q,
                                               k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u,
                                               HAS_REF, REVERSE, SERIES)  # fmt: skip
-                        dz_c = (dz_k + g_l * inv_tau).to(tl.float64)
+                        dz_c += g_l * inv_tau
+                        tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))
                     else:
-                        dz_c = bwd_value64(x_c, m, c, rho_hi, row64, g_l)
-                    tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))
+                        store_entry64(x_row, g_row, label, m, c, rho_hi, row64, g_l)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -640,7 +640,7 @@ def _bwd_kernel(
     # once (as the C++ rows do the label's): the row's largest p_j sit there, whose fp32 2^d2
     # is within ~2 ulp on a GPU (MUFU.EX2), ~2 ulp(1) of their gradient, and the label's
     # g_l (1 - p_c) cancels on a peaked row (fp32 at tau 0.7, with the interpreter's exp2 given
-    # the GPU's error, PGK_EMULATE_GPU_EX2: 6.1e-7 off where plain PyTorch has 3.5e-7; now
+    # the GPU's error, PGK_EMULATE_GPU: 6.1e-7 off where plain PyTorch has 3.5e-7; now
     # 2.9e-7). The barrier orders them after the block stores of the same addresses (by other
     # threads of this program).
     if keep & ok:
@@ -650,13 +650,16 @@ def _bwd_kernel(
         if label_here | am_here:
             tl.debug_barrier()
             if am_here:
-                x_am = tl.load(x_row + am).to(ACC)
-                dz_am = bwd_value64(x_am, m, c, rho_hi, row64, 0.0)
-                tl.store(g_row + am, round_to(dz_am, g_row.dtype.element_ty))
+                store_entry64(x_row, g_row, am, m, c, rho_hi, row64, 0.0)
             if label_here:
-                x_c = tl.load(x_row + label).to(ACC)
-                dz_c = bwd_value64(x_c, m, c, rho_hi, row64, g_l)
-                tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))
+                store_entry64(x_row, g_row, label, m, c, rho_hi, row64, g_l)
+
+
+@triton.jit
+def store_entry64(x_row, g_row, j, m, c, rho_hi, row64, g_l):
+    """Entry j of the gradient row rewritten from fp64 (`bwd_value64`), rounded once."""
+    x = tl.load(x_row + j).to(m.dtype)
+    tl.store(g_row + j, round_to(bwd_value64(x, m, c, rho_hi, row64, g_l), g_row.dtype.element_ty))
 
 
 @triton.jit
