@@ -219,6 +219,12 @@ def add_exps(d2, e, s1, s2, t2):
     return s1, s2, t2
 
 
+@triton.constexpr_function
+def _ulp_of_one(DT):
+    """ulp(1) of fp32 or fp64: 2^-23 or 2^-52."""
+    return 2.220446049250313e-16 if DT == tl.float64 else 1.1920928955078125e-07
+
+
 @triton.jit
 def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
     """docs/math.md §2 from a row's merged base-2 state (softmax_stats.h's finalize_token_stats).
@@ -265,14 +271,14 @@ def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
     lgp = ((s1 - e_c) * (s1 - e_c) + (s2 - e_c * e_c)) / (s1 * s1)
     lgp = tl.where(lgp > 0.0, lgp, 0.0).to(ACC)
     collision = (s2 / (s1 * s1)).to(ACC)
-    # t2 holds the max's term as e_m eps (fp32-rounded): entropy is taken relative to the
+    # t2 holds the max's term as e_m eps (rounded in ACC): entropy is taken relative to the
     # sums' own term, log2 e_m, as log2(s1 / e_m) + log2 e_m (s1 - e_m) / s1 - rest / s1 with
-    # rest = t2 - e_m eps, and a rest within that term's rounding is none: a row whose mass is
-    # its max alone (one entry, -inf elsewhere) has entropy exactly 0.
+    # rest = t2 - e_m eps, and a rest within that term's rounding in t2 is none (t2 cannot
+    # resolve it): a row whose mass is its max alone (one entry, -inf elsewhere) has entropy
+    # exactly 0. (Under numpy's fma eps = 0, and every rest is kept.)
     eps = eps.to(f64)
     rest = t2.to(f64) - e_m * eps
-    one_rounding = tl.abs(e_m * eps) * 1.1920928955078125e-07  # 2^-23 of the max's term
-    rest = tl.where(tl.abs(rest) <= one_rounding, 0.0, rest)
+    rest = tl.where(tl.abs(rest) <= tl.abs(e_m * eps) * _ulp_of_one(ACC), 0.0, rest)
     entropy = (log2_s1 - log2_e_m) + (log2_e_m * (s1 - e_m) - rest) / s1
     entropy = tl.where(entropy > 0.0, ln2 * entropy, 0.0).to(ACC)
     max_prob = (e_m / s1).to(ACC)
