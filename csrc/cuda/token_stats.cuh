@@ -16,8 +16,8 @@
 //           exp per thread per step after the first, which starts the sums at its max;
 //           ThreadRun / run_step / run_rescale, host-tested), then
 //           s1 = sum e, s2 = sum e^2, t = sum e d with e = exp(d), d = z - ref, one exp per
-//           element, in a fixed per-thread order; the step where the thread's scaled max last
-//           rose is kept for the argmax;
+//           element, in a fixed per-thread order (s1 adds each step's pairwise sum: run_add);
+//           the step where the thread's scaled max last rose is kept for the argmax;
 //        c) after the steps, ONE CTA max M (warp shuffles + shared memory), every thread
 //           rescales its sums to m = M / tau (one exp), and the threads whose scaled max is m
 //           re-read their recorded step's vectors to find their first index of m;
@@ -27,7 +27,8 @@
 //           the chunk's partial state (m, s1, s2, t, argmax) to a [C][N] workspace.
 //   2. token_stats_finalize_kernel: one thread per row folds its C partial states left to right
 //      (chunk 0, 1, ..., C-1) with the docs/math.md §1 merge, in double precision, reads the label
-//      logit, and writes the seven outputs (finalize_token_stats of softmax_stats.h).
+//      logit (16-bit logits: and the max logit, at the argmax), and writes the seven outputs
+//      (finalize_token_stats of softmax_stats.h; fold_row, finalize_row_fast).
 //   Every reduction order is fixed by (V, dtype): results are bitwise deterministic and do not
 //   depend on N (batch invariance), on the grid size, or on which CTA ran an item. The aligned
 //   (16-byte vector) and unaligned (scalar) load paths fill the same registers with the same bits
@@ -105,9 +106,14 @@
 //     item are loaded one iteration ahead, so their latency hides behind the current item.
 //
 // ---- Accuracy ---------------------------------------------------------------------------------
-//   * 16-bit logits: e = 2^(x (log2e / tau) - m log2e) with one FFMA and ex2.approx (2 ulp). The
-//     absolute error of the exponent is ~|z| 2^-23, so ~1e-6 relative for |z| < 10: far below the
-//     bf16/fp16 rounding of the gradient and of any 16-bit reference.
+//   * 16-bit logits: e = 2^(x c - ref) with one FFMA and ex2.approx (2 ulp), c = fl(log2e / tau),
+//     ref = fl(m log2e). The exponent's offset from (z - m) log2e, the rounding of ref (up to
+//     2^-24 |z| log2e: 3e-5 at |z| ~ 1000), is common to a chunk's terms: finalize merges the
+//     chunks relative to their refs and finishes relative to the max's own term e_m = ex2(eps)
+//     (fold_row, finalize_row_fast), so it cancels; what stays is the exponent's rounding
+//     relative to |d| and the fp32 sums (host_test's 16-bit rows: lse, log p, entropy and lgp
+//     within 7.2e-7 beyond their fp32 rounding, against 5e-5 when finished in z units; s1 adds
+//     pairwise sums of 16 values, run_add).
 //   * fp32 logits: z = x / tau and d = z - m are rounded exactly as on the CPU and in PyTorch, and
 //     exp(d) is ex2.approx of a two-part d log2e (~2-3 ulp), since fp32 gradients keep fp32
 //     precision. Compiler flags (--use_fast_math) do not change either path: both use explicit
@@ -410,6 +416,7 @@ __device__ __forceinline__ float ex2_approx(float x) {
 constexpr float kLog2e = 1.44269502162933349609375f;     // float(log2 e)
 constexpr float kLog2eLo = 1.925963033500011079e-8f;     // log2 e - kLog2e
 constexpr float kLn2 = 0.693147182464599609375f;         // float(ln 2)
+constexpr double kLn2Double = 0.69314718055994530942;
 
 // exp(d) for fp32 to ~2-3 ulp: 2^(d log2e) with d log2e split into h + l, h = fl(d kLog2e) and
 // l = the product's exact rounding error (FMA) + d (log2e - kLog2e); then 2^l ~= 1 + l ln2
@@ -790,7 +797,34 @@ PGK_HD void run_step(ThreadRun<acc_t>& r, acc_t step_max, int s, const Term& ter
   run_rescale(r, term.ref_of(mz), term);
 }
 
-// Per-element accumulation: s1 += e, s2 += e^2, t += e d, relative to r.ref.
+// Values per pairwise sum of run_add, in the kernel's (vector, element) order: two vectors for
+// 16-bit logits; one value for fp32 and fp64 (s1 += e; their max's term is exactly 1). Larger
+// groups spilled: a whole 16-bit step (64) the element-wise kernels on sm_90, 32 them too, and
+// one fp32 vector the fp32 vector kernel on sm_80 (128 registers).
+template <typename Tag>
+constexpr int sum_group() {
+  return DTypeTraits<Tag>::kPacked16 ? 2 * DTypeTraits<Tag>::kVec : 1;
+}
+
+// Values x[0, kN) (sum_group) into the thread's sums, relative to r.ref: s2 and t element by
+// element (Term::add, which returns e), s1 as the group's own pairwise sum first and then one
+// add. The thread holding the row max carries its e ~ 1 in s1, and each add to it rounds at
+// ulp(1) / 2: element by element that was 256 such roundings per bf16 chunk, now 16
+// (host_test's 16-bit rows, max over them beyond the outputs' rounding: log p 7.5e-7 -> 3.4e-7,
+// entropy 1.2e-6 -> 7.2e-7, lse 4.8e-7 -> 1.3e-7). The same adds (9.9 instructions per bf16
+// element on sm_90, .ci/check_cuda_budgets.py).
+template <typename Term, typename acc_t, int kN>
+PGK_HD void run_add(const Term& term, const acc_t (&x)[kN], ThreadRun<acc_t>& r) {
+  // Constant trip counts: nvcc unrolls these (a rolled loop would put e in local memory, which
+  // .ci/check_cuda.sh fails); host code has no #pragma unroll.
+  acc_t e[kN];
+  for (int j = 0; j < kN; ++j) e[j] = term.add(x[j], r);
+  for (int w = 1; w < kN; w *= 2)
+    for (int j = 0; j + w < kN; j += 2 * w) e[j] = e[j] + e[j + w];
+  r.s1 = r.s1 + e[0];
+}
+
+// Per-element terms: s2 += e^2, t += e d relative to r.ref; each add returns e (run_add sums s1).
 template <typename Tag>
 struct ForwardTerm;
 
@@ -807,13 +841,13 @@ struct ForwardTermFast {
   PGK_HD float ref_of(float mz) const { return hd_mul(mz, kLog2e); }
   PGK_HD float clamp(float d2) const { return fmaxf(d2, exp_zero_below<float>() * kLog2e); }
   PGK_HD float exp(float d2) const { return hd_ex2(d2); }
-  PGK_HD void add(float x, ThreadRun<float>& r) const {
+  PGK_HD float add(float x, ThreadRun<float>& r) const {
     // d2 = (z - ref) log2e, clamped so -inf logits give e = 0 and e * d2 = 0.
     const float d2 = clamp(fmaf(x, c, -r.ref));
     const float e = hd_ex2(d2);
-    r.s1 = r.s1 + e;
     r.s2 = fmaf(e, e, r.s2);
     r.t = fmaf(e, d2, r.t);
+    return e;
   }
   PGK_HD float finish_t(float t) const { return hd_mul(t, kLn2); }
 };
@@ -835,12 +869,12 @@ struct ForwardTerm<F32> {
   PGK_HD float ref_of(float mz) const { return mz; }
   PGK_HD float clamp(float d) const { return fmaxf(d, exp_zero_below<float>()); }
   PGK_HD float exp(float d) const { return hd_exp_accurate(d); }
-  PGK_HD void add(float x, ThreadRun<float>& r) const {
+  PGK_HD float add(float x, ThreadRun<float>& r) const {
     const float d = clamp(hd_mul(x, inv_tau) - r.ref);
     const float e = hd_exp_accurate(d);
-    r.s1 = r.s1 + e;
     r.s2 = fmaf(e, e, r.s2);
     r.t = fmaf(e, d, r.t);
+    return e;
   }
   PGK_HD float finish_t(float t) const { return t; }
 };
@@ -853,12 +887,12 @@ struct ForwardTerm<F64> {
   PGK_HD double ref_of(double mz) const { return mz; }
   PGK_HD double clamp(double d) const { return fmax(d, exp_zero_below<double>()); }
   PGK_HD double exp(double d) const { return ::exp(d); }
-  PGK_HD void add(double x, ThreadRun<double>& r) const {
+  PGK_HD double add(double x, ThreadRun<double>& r) const {
     const double d = clamp(hd_mul(x, inv_tau) - r.ref);
     const double e = ::exp(d);
-    r.s1 = r.s1 + e;
     r.s2 = fma(e, e, r.s2);
     r.t = fma(e, d, r.t);
+    return e;
   }
   PGK_HD double finish_t(double t) const { return t; }
 };
@@ -962,10 +996,15 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
       uint4 raw[kUnroll];
       load_item<Tag, kAligned>(raw, x, vec0, s * kUnroll * T, n_here, V, T, tid);
       run_step(run, thread_max<Tag>(raw), s, term);
+      constexpr int kGroup = sum_group<Tag>();
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
+      for (int i0 = 0; i0 < kUnroll * Tr::kVec; i0 += kGroup) {
+        acc_t xs[kGroup];
 #pragma unroll
-        for (int j = 0; j < Tr::kVec; ++j) term.add(element<Tag>(raw[u], j), run);
+        for (int i = 0; i < kGroup; ++i)
+          xs[i] = element<Tag>(raw[(i0 + i) / Tr::kVec], (i0 + i) % Tr::kVec);
+        run_add(term, xs, run);
+      }
     }
 
     // b) the chunk's max, NaN-propagating, in logit units (the scaling by 1/tau > 0 is monotone).
@@ -1053,31 +1092,76 @@ struct FinalRow {
   int64_t argmax;
 };
 
+// A row's partial states merged in double (the approximate fp32 exp/log of --use_fast_math never
+// touch an output), in a fixed order (chunk 0 first), so the result is deterministic. Chunk k's
+// sums are relative to its reference: m_k itself (fp32, fp64 logits), or for 16-bit logits
+// (kBase2) the base-2 reference the kernel rounded from it, ref_k = fl(m_k log2e)
+// (ForwardTermFast::ref_of), taken exactly as ref_k ln 2 (relative to m_k, chunk k's sums were off
+// by 2^(m_k log2e - ref_k), up to 2^-24 |ref_k| in the exponent: ~7e-7 relative at |z| ~ 20,
+// a different factor per chunk). m_max: the max of z (ws_m) of the chunk holding the argmax.
+struct FoldedRow {
+  SoftmaxState<double> s;
+  int64_t argmax;
+  double m_max;
+};
+
+template <bool kBase2, typename acc_t>
+PGK_HD FoldedRow fold_row(const acc_t* ws_m, const acc_t* ws_s1, const acc_t* ws_s2,
+                          const acc_t* ws_t, const int32_t* ws_idx, int64_t C, int64_t N,
+                          int64_t r) {
+  FoldedRow f{empty_state<double>(), 0, neg_inf<double>()};
+  for (int64_t k = 0; k < C; ++k) {
+    const int64_t o = k * N + r;
+    double ref = double(ws_m[o]);
+    if constexpr (kBase2) ref = double(hd_mul(float(ws_m[o]), kLog2e)) * kLn2Double;
+    const SoftmaxState<double> part{ref, double(ws_s1[o]), double(ws_s2[o]), double(ws_t[o])};
+    if (double(ws_m[o]) > f.m_max) {  // strictly greater: the first chunk holding the max wins
+      f.m_max = double(ws_m[o]);
+      f.argmax = ws_idx[o];
+    }
+    f.s = merge(f.s, part);
+  }
+  if (!state_is_valid(f.s)) f.argmax = -1;
+  return f;
+}
+
+template <typename acc_t>
+PGK_HD FinalRow<acc_t> rounded_final(const TokenStatsRow<double>& d, int64_t argmax) {
+  FinalRow<acc_t> out;
+  out.stats = {acc_t(d.logprob), acc_t(d.entropy), acc_t(d.collision), acc_t(d.lgp),
+               acc_t(d.lse),     acc_t(d.max_prob)};
+  out.argmax = argmax;
+  return out;
+}
+
+// fp32 / fp64 logits: z_label = the label's scaled logit.
 template <typename acc_t>
 PGK_HD FinalRow<acc_t> finalize_row(const acc_t* ws_m, const acc_t* ws_s1, const acc_t* ws_s2,
                                     const acc_t* ws_t, const int32_t* ws_idx, int64_t C,
                                     int64_t N, int64_t r, acc_t z_label) {
-  // Merge in double: the approximate fp32 exp/log of --use_fast_math never touch an output, and
-  // the fold order is fixed (chunk 0 first), so the result is deterministic.
-  SoftmaxState<double> s = empty_state<double>();
-  double best = neg_inf<double>();
-  int64_t argmax = 0;
-  for (int64_t k = 0; k < C; ++k) {
-    const int64_t o = k * N + r;
-    const SoftmaxState<double> part{double(ws_m[o]), double(ws_s1[o]), double(ws_s2[o]),
-                                    double(ws_t[o])};
-    if (part.m > best) {  // strictly greater: the first chunk holding the max wins
-      best = part.m;
-      argmax = ws_idx[o];
-    }
-    s = merge(s, part);
+  const FoldedRow f = fold_row<false>(ws_m, ws_s1, ws_s2, ws_t, ws_idx, C, N, r);
+  return rounded_final<acc_t>(finalize_token_stats(f.s, double(z_label)), f.argmax);
+}
+
+// 16-bit logits, from fold_row<true> and the raw logits at the argmax (x_max) and the label.
+// The max entered the sums as e_m = ex2(eps), eps = fma(x_max, c, -ref) the rounding residual of
+// its base-2 exponent (ForwardTermFast::add, the same instructions, so the same bits), not as 1:
+// the row is finished relative to that term (MaxTerm), so max_prob = e_m / s1 <= 1 and the
+// residual cancels in lse and log p_c (taken as l_m); the label's z relative to the max's from
+// the raw logits' exact difference, (x_c - x_max) times the row's 1 / tau in double.
+PGK_HD FinalRow<float> finalize_row_fast(const FoldedRow& f, const ForwardTermFast& term,
+                                         float x_max, float x_label) {
+  SoftmaxState<double> s = f.s;
+  MaxTerm<double> max{1.0, 0.0, 0.0};
+  double d_label = 0.0;
+  if (state_is_valid(s)) {
+    const float eps = fmaf(x_max, term.c, -hd_mul(float(f.m_max), kLog2e));
+    const double e_m = double(term.exp(term.clamp(eps)));
+    max = {e_m, std::log(e_m), double(eps) * double(kLn2)};  // t holds e_m eps in units of kLn2
+    s.m = double(x_max) * double(term.inv_tau);
+    d_label = (double(x_label) - double(x_max)) * double(term.inv_tau);
   }
-  const TokenStatsRow<double> d = finalize_token_stats(s, double(z_label));
-  FinalRow<acc_t> out;
-  out.stats = {acc_t(d.logprob), acc_t(d.entropy), acc_t(d.collision), acc_t(d.lgp),
-               acc_t(d.lse),     acc_t(d.max_prob)};
-  out.argmax = state_is_valid(s) ? argmax : -1;
-  return out;
+  return rounded_final<float>(finalize_token_stats_relative(s, d_label, max), f.argmax);
 }
 
 template <typename Tag>
@@ -1100,9 +1184,17 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       f.argmax = -1;
     } else {
       const bits_t* x = static_cast<const bits_t*>(in.logits) + in.layout.offset(r);
-      const acc_t z_label = mul_rn(bits_to_acc<Tag>(__ldg(x + rs.label)), rs.inv_tau);
-      f = finalize_row(p.ws_m, p.ws_s1, p.ws_s2, p.ws_t, p.ws_idx, in.plan.n_chunks, in.N, r,
-                       z_label);
+      const acc_t x_label = bits_to_acc<Tag>(__ldg(x + rs.label));
+      if constexpr (Tr::kPacked16) {
+        const FoldedRow folded =
+            fold_row<true>(p.ws_m, p.ws_s1, p.ws_s2, p.ws_t, p.ws_idx, in.plan.n_chunks, in.N, r);
+        // The raw max (one more read per row; an invalid row reads none).
+        const acc_t x_max = folded.argmax >= 0 ? bits_to_acc<Tag>(__ldg(x + folded.argmax)) : 0;
+        f = finalize_row_fast(folded, ForwardTerm<Tag>(rs.inv_tau), x_max, x_label);
+      } else {
+        f = finalize_row(p.ws_m, p.ws_s1, p.ws_s2, p.ws_t, p.ws_idx, in.plan.n_chunks, in.N, r,
+                         mul_rn(x_label, rs.inv_tau));
+      }
     }
     p.logprob[r] = f.stats.logprob;
     p.entropy[r] = f.stats.entropy;

@@ -14,7 +14,10 @@
 //      the kernel's thread / step / slot layout and the CTA merge (max, rescale to the chunk's
 //      reference, fixed-order sums, first-argmax search in the recorded step only) against a
 //      double reference of lse, entropy, collision and the exact first argmax.
-//   5. cached_count (the occupancy and SM-count caches of the launchers): a failed query falls
+//   5. 16-bit rows end to end: every chunk through the kernel's per-thread functions and CTA
+//      sums, then fold_row<true> / finalize_row_fast, against float64 from the raw logits
+//      (random, shifted to |z| ~ 1000, peaked, near one-hot, ties, -inf runs; 1-3 chunks).
+//   6. cached_count (the occupancy and SM-count caches of the launchers): a failed query falls
 //      back to 1 and is asked again next time; a successful one is cached and asked once.
 //      Without a GPU the real occupancy query fails: that fallback is checked too.
 #include <atomic>
@@ -201,12 +204,28 @@ static void test_finalize() {
 }
 
 
-// Emulates token_stats_partial_kernel's item for one chunk of n_vecs vectors of kVec values (x,
-// -inf past the chunk) with T threads, calling the kernel's per-thread functions.
+// A warp's xor-butterfly sum as the kernel's warp_sum leaves it in lane 0 (fp32, fixed order).
+static float butterfly_sum(std::vector<float> v) {
+  for (size_t o = v.size() / 2; o > 0; o >>= 1) {
+    std::vector<float> next(v.size());
+    for (size_t l = 0; l < v.size(); ++l) next[l] = v[l] + v[l ^ o];
+    v = next;
+  }
+  return v[0];
+}
+
+// token_stats_partial_kernel's item for one chunk of x (-inf past its end) with T threads, from
+// the kernel's per-thread functions: the partial state it writes (m, s1, s2, t, first argmax),
+// its raw max M, and whether every thread holding the max found it in its recorded step.
+struct ChunkOut {
+  float M, m, s1, s2, t;
+  int idx;
+  bool found_ok;
+};
+
 template <typename Tag>
-static void check_forward_chunk(const std::vector<float>& x, int T, float inv_tau, int trial) {
+static ChunkOut emulate_chunk(const float* x, int n_elem, int T, float inv_tau) {
   using Tr = DTypeTraits<Tag>;
-  const int n_elem = int(x.size());
   const int n_vecs = (n_elem + Tr::kVec - 1) / Tr::kVec;
   const ForwardTerm<Tag> term(inv_tau);
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -222,34 +241,66 @@ static void check_forward_chunk(const std::vector<float>& x, int T, float inv_ta
       for (int u = 0; u < kUnroll; ++u)
         for (int j = 0; j < Tr::kVec; ++j) sm = max_nan(sm, elem(s * kUnroll * T + u * T + tid, j));
       run_step(r, sm, s, term);
-      for (int u = 0; u < kUnroll; ++u)
-        for (int j = 0; j < Tr::kVec; ++j) term.add(elem(s * kUnroll * T + u * T + tid, j), r);
+      constexpr int kGroup = sum_group<Tag>();
+      for (int i0 = 0; i0 < kUnroll * Tr::kVec; i0 += kGroup) {
+        float xs[kGroup];
+        for (int i = 0; i < kGroup; ++i)
+          xs[i] = elem(s * kUnroll * T + (i0 + i) / Tr::kVec * T + tid, (i0 + i) % Tr::kVec);
+        run_add(term, xs, r);
+      }
     }
     runs[tid] = r;
   }
-  float M = runs[0].mx;
-  for (int tid = 1; tid < T; ++tid) M = max_nan(M, runs[tid].mx);
-  const float m = term.scale(M);
-  double s1 = 0, s2 = 0, t = 0;
-  int idx = INT_MAX;
+  ChunkOut out{runs[0].mx, 0, 0, 0, 0, INT_MAX, true};
+  for (int tid = 1; tid < T; ++tid) out.M = max_nan(out.M, runs[tid].mx);
+  out.m = term.scale(out.M);
+  // Each thread rescaled to the chunk's reference, then the CTA's fixed-order sums: a butterfly
+  // per warp, then one over the warps' lane-0 values (absent warps add 0).
+  std::vector<float> t1(T), t2(T), tt(T), w1(kMaxWarps, 0.0f), w2(kMaxWarps, 0.0f),
+      wt(kMaxWarps, 0.0f);
   for (int tid = 0; tid < T; ++tid) {
     ThreadRun<float> r = runs[tid];
-    run_rescale(r, term.ref_of(m), term);
-    s1 += r.s1;
-    s2 += r.s2;
-    t += term.finish_t(r.t);
-    if (r.mz == m) {  // search the recorded step only, as the kernel
+    run_rescale(r, term.ref_of(out.m), term);
+    t1[tid] = r.s1;
+    t2[tid] = r.s2;
+    tt[tid] = term.finish_t(r.t);
+    if (r.mz == out.m) {  // search the recorded step only, as the kernel
       int found = INT_MAX;
       for (int u = 0; u < kUnroll && found == INT_MAX; ++u) {
         const int v = r.step * kUnroll * T + u * T + tid;
         if (v >= n_vecs) break;
         for (int j = 0; j < Tr::kVec && found == INT_MAX; ++j)
-          if (v * Tr::kVec + j < n_elem && term.scale(elem(v, j)) == m) found = v * Tr::kVec + j;
+          if (v * Tr::kVec + j < n_elem && term.scale(elem(v, j)) == out.m) found = v * Tr::kVec + j;
       }
-      CHECK(found != INT_MAX || m == -INFINITY, "thread %d with the max found no match (trial %d)", tid, trial);
-      idx = std::min(idx, found);
+      out.found_ok = out.found_ok && (found != INT_MAX || out.m == -INFINITY);
+      out.idx = std::min(out.idx, found);
     }
   }
+  for (int w = 0; w < T / 32; ++w) {
+    const auto lanes = [&](const std::vector<float>& v) {
+      return std::vector<float>(v.begin() + 32 * w, v.begin() + 32 * (w + 1));
+    };
+    w1[w] = butterfly_sum(lanes(t1));
+    w2[w] = butterfly_sum(lanes(t2));
+    wt[w] = butterfly_sum(lanes(tt));
+  }
+  out.s1 = butterfly_sum(w1);
+  out.s2 = butterfly_sum(w2);
+  out.t = butterfly_sum(wt);
+  return out;
+}
+
+// Emulates token_stats_partial_kernel's item for one chunk of n_vecs vectors of kVec values (x,
+// -inf past the chunk) with T threads, calling the kernel's per-thread functions.
+template <typename Tag>
+static void check_forward_chunk(const std::vector<float>& x, int T, float inv_tau, int trial) {
+  const int n_elem = int(x.size());
+  const ForwardTerm<Tag> term(inv_tau);
+  const ChunkOut c = emulate_chunk<Tag>(x.data(), n_elem, T, inv_tau);
+  CHECK(c.found_ok, "a thread with the max found no match (trial %d)", trial);
+  const float M = c.M, m = c.m;
+  const double s1 = c.s1, s2 = c.s2, t = c.t;
+  const int idx = c.idx;
   // Reference in double from the same rounded z = fl(x * inv_tau).
   double zm = -INFINITY;
   bool bad = false;
@@ -336,6 +387,109 @@ static void test_forward_thread_math() {
   }
 }
 
+// 16-bit rows through the forward as the kernels run it: every chunk emulated (emulate_chunk,
+// the kernel's thread layout and fp32 CTA sums; exp2 exact, as the header says), folded and
+// finished as token_stats_finalize_kernel does (fold_row<true>, finalize_row_fast), against
+// float64 from the raw logits (z = x inv_tau with the kernel's fp32 1 / tau: its rounding is the
+// temperature's, not the kernel's). Rows: random, shifted (|z| up to ~400), peaked and near
+// one-hot (the label often at the max), ties of the max across chunks, -inf runs; 1 to 3 chunks.
+static void test_row_16bit() {
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const float inv_taus[] = {1.0f, 1.0f / 0.7f, 1.0f / 0.05f, 0.5f};
+  const float offsets[] = {0.0f, 20.0f, -15.0f, 40.0f};
+  double worst_new[4] = {0, 0, 0, 0}, worst_old[4] = {0, 0, 0, 0};  // lse, logprob, H, lgp rel
+  for (int trial = 0; trial < 240; ++trial) {
+    const int64_t V = trial % 6 == 0 ? 1 + int64_t(rng() % 9) : 1 + int64_t(rng() % 140000);
+    const float inv_tau = inv_taus[trial % 4];
+    const float offset = offsets[(trial / 4) % 4];
+    std::vector<float> x(V);
+    for (auto& v : x) v = to_bf16(normal(rng) + offset);
+    const int kind = (trial / 16) % 5;
+    int64_t top = int64_t(rng() % V);
+    if (kind == 1) x[top] = to_bf16(offset + 40.0f);  // near one-hot
+    if (kind == 2) x[top] = to_bf16(offset + 16.0f);  // peaked
+    if (kind == 3) {  // the max tied, the later copy in another chunk when there are several
+      x[top] = to_bf16(offset + 30.0f);
+      x[V - 1] = x[top];
+      top = std::min<int64_t>(top, V - 1);
+    }
+    if (kind == 4)
+      for (int64_t j = 0; j < V; ++j)
+        if (j != top && rng() % 3 == 0) x[j] = ninf;
+    const int64_t label = (kind == 1 || kind == 2) && trial % 2 ? top : int64_t(rng() % V);
+
+    const ChunkPlan plan = plan_chunks(V, DTypeTraits<BF16>::kVec);
+    const int64_t C = plan.n_chunks, per = int64_t(plan.vecs_per_chunk) * DTypeTraits<BF16>::kVec;
+    std::vector<float> wm(C), ws1(C), ws2(C), wt(C);
+    std::vector<int32_t> widx(C);
+    for (int64_t k = 0; k < C; ++k) {
+      const int64_t lo = k * per, n = std::min<int64_t>(V, lo + per) - lo;
+      const ChunkOut c = emulate_chunk<BF16>(x.data() + lo, int(n), plan.threads, inv_tau);
+      wm[k] = c.m;
+      ws1[k] = c.s1;
+      ws2[k] = c.s2;
+      wt[k] = c.t;
+      widx[k] = c.idx == INT_MAX ? INT_MAX : int32_t(lo + c.idx);
+    }
+    const FoldedRow folded =
+        fold_row<true>(wm.data(), ws1.data(), ws2.data(), wt.data(), widx.data(), C, 1, 0);
+    const ForwardTermFast term(inv_tau);
+    const FinalRow<float> got = finalize_row_fast(folded, term, x[folded.argmax], x[label]);
+    // For comparison, the fp32 path's finish (z units, the max's term taken as 1).
+    const FinalRow<float> old = finalize_row(wm.data(), ws1.data(), ws2.data(), wt.data(),
+                                             widx.data(), C, 1, 0, term.scale(x[label]));
+
+    double zm = -INFINITY;
+    int64_t first = -1;
+    for (int64_t j = 0; j < V; ++j)
+      if (double(x[j]) * inv_tau > zm) zm = double(x[j]) * inv_tau, first = j;
+    double r1 = 0, r2 = 0, rt = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      const double d = double(x[j]) * inv_tau - zm;
+      if (d == -INFINITY) continue;
+      r1 += std::exp(d);
+      r2 += std::exp(2 * d);
+      rt += std::exp(d) * d;
+    }
+    const double lse = zm + std::log(r1), logprob = double(x[label]) * inv_tau - lse;
+    const double H = std::log(r1) - rt / r1, Cc = r2 / (r1 * r1), p_c = std::exp(logprob);
+    const double lgp = (1 - p_c) * (1 - p_c) + (Cc - p_c * p_c);
+    CHECK(got.argmax == first, "argmax %lld vs %lld (trial %d)", (long long)got.argmax,
+          (long long)first, trial);
+    CHECK(got.stats.max_prob <= 1.0f && std::fabs(got.stats.max_prob - 1 / r1) <= 4e-7 / r1,
+          "max_prob %.9g vs %.9g (trial %d)", got.stats.max_prob, 1 / r1, trial);
+    // Error beyond the fp32 output's own rounding (half an ulp of the true value).
+    const auto excess = [](float got_v, double truth) {
+      const float a = float(std::fabs(truth));
+      const double half_ulp = 0.5 * (double(std::nextafter(a, INFINITY)) - double(a));
+      return std::max(0.0, std::fabs(double(got_v) - truth) - half_ulp);
+    };
+    const double e_new[4] = {excess(got.stats.lse, lse), excess(got.stats.logprob, logprob),
+                             excess(got.stats.entropy, H), excess(got.stats.lgp, lgp)};
+    const double e_old[4] = {excess(old.stats.lse, lse), excess(old.stats.logprob, logprob),
+                             excess(old.stats.entropy, H), excess(old.stats.lgp, lgp)};
+    // Measured (these 240 rows): up to 7.2e-7 beyond the outputs' rounding (entropy; lse 1.3e-7,
+    // log p 3.4e-7, lgp 2.0e-7), from the fp32 sums (the per-thread chains of s2 and t, and of
+    // s1 one add per pairwise sum of sum_group values); the z-units finish was up to 5e-5 off
+    // (|z| ~ 1000 at tau 0.05: the chunk's base-2 reference rounded).
+    const char* names[4] = {"lse", "logprob", "entropy", "lgp"};
+    for (int i = 0; i < 4; ++i)
+      CHECK(e_new[i] <= 1e-6, "%s off by %.3g beyond its rounding (trial %d, V %lld, kind %d)",
+            names[i], e_new[i], trial, (long long)V, kind);
+    for (int i = 0; i < 4; ++i) {
+      worst_new[i] = std::max(worst_new[i], e_new[i]);
+      worst_old[i] = std::max(worst_old[i], e_old[i]);
+    }
+  }
+  std::printf("test_row_16bit: max error beyond the fp32 rounding, finish relative to the max's "
+              "term / in z units: lse %.3g / %.3g, logprob %.3g / %.3g, entropy %.3g / %.3g, "
+              "lgp %.3g / %.3g\n",
+              worst_new[0], worst_old[0], worst_new[1], worst_old[1], worst_new[2], worst_old[2],
+              worst_new[3], worst_old[3]);
+}
+
 static void test_cached_count() {
   std::atomic<int> slot{0};
   int calls = 0;
@@ -371,6 +525,7 @@ int main() {
   test_walk();
   test_finalize();
   test_forward_thread_math();
+  test_row_16bit();
   test_cached_count();
   std::printf("host_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -111,15 +111,26 @@ struct TokenStatsRow {
   T max_prob;   // e^{m - L} = 1 / s1
 };
 
-// docs/math.md §2 from a finished row state and the label's scaled logit relative to the
-// row max, d_c = z_c - m.
+// The row max's own term in a row state's sums, where it did not enter as exactly 1 (CUDA's
+// 16-bit forward: e = 2^eps, eps the rounding residual of its base-2 exponent): e as summed,
+// log_e = log e, and d the exponent it was summed with (t holds e d). {1, 0, 0} elsewhere.
 template <typename T>
-PGK_HD TokenStatsRow<T> finalize_token_stats_relative(const SoftmaxState<T>& s, T d_label) {
+struct MaxTerm {
+  T e, log_e, d;
+};
+
+// docs/math.md §2 from a finished row state and the label's scaled logit relative to the
+// row max, d_c = z_c - m. With a max term e != 1 the sums are relative to m - log e: every
+// output is taken relative to that very term (log s1 - log e, max_prob = e / s1 <= 1, its t
+// term as e log e), so the max's own rounding cancels instead of shifting lse and log p_c.
+template <typename T>
+PGK_HD TokenStatsRow<T> finalize_token_stats_relative(const SoftmaxState<T>& s, T d_label,
+                                                      MaxTerm<T> max = {T(1), T(0), T(0)}) {
   if (!state_is_valid(s)) {
     const T nan = quiet_nan<T>();
     return {nan, nan, nan, nan, nan, nan};
   }
-  const T log_s1 = std::log(s.s1);
+  const T log_s1 = std::log(s.s1) - max.log_e;
   const T lse = s.m + log_s1;
   // Relative to the max, not z_c - L: L carries ulp(L) (~4e-6 at L ~ 40), which would swamp
   // log p_c ~ -1e-4 on a peaked row; z_c - m is exact near the max.
@@ -129,7 +140,8 @@ PGK_HD TokenStatsRow<T> finalize_token_stats_relative(const SoftmaxState<T>& s, 
   // Two non-negative terms instead of 1 - 2 p_c + C: no cancellation when p_c -> 1.
   T lgp = (T(1) - p_c) * (T(1) - p_c) + (collision - p_c * p_c);
   lgp = lgp > T(0) ? lgp : T(0);
-  return {logprob, log_s1 - s.t / s.s1, collision, lgp, lse, T(1) / s.s1};
+  const T t = s.t + max.e * (max.log_e - max.d);
+  return {logprob, std::log(s.s1) - t / s.s1, collision, lgp, lse, max.e / s.s1};
 }
 
 // The same from the label's scaled logit z_c.
