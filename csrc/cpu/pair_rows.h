@@ -122,6 +122,23 @@ PGK_VECTOR_INLINE Vec<acc_t> excess_series(const Vec<acc_t>& diff) {
   return diff * diff * p;
 }
 
+// f(-diff) and f(diff) together (add_near_from_v needs both): with y = diff^2 and the series
+// split by parity, S(x) = E(y) + x O(y), f(+-diff) = y E +- y diff O, one shared evaluation
+// (fp32: 9 operations against 15 for two excess_series). Returns f(-diff); f(diff) in f_plus.
+template <typename acc_t>
+PGK_VECTOR_INLINE Vec<acc_t> excess_series_both(const Vec<acc_t>& diff, Vec<acc_t>& f_plus) {
+  constexpr int n = kExcessTerms<acc_t>;
+  const auto coef = [](int k) { return Vec<acc_t>(acc_t(excess_coef(k))); };
+  const Vec<acc_t> y = diff * diff;
+  int top_even = (n - 1) % 2 == 0 ? n - 1 : n - 2, top_odd = (n - 1) % 2 ? n - 1 : n - 2;
+  Vec<acc_t> even = coef(top_even), odd = coef(top_odd);
+  for (int k = top_even - 2; k >= 0; k -= 2) even = at::vec::fmadd(even, y, coef(k));
+  for (int k = top_odd - 2; k >= 1; k -= 2) odd = at::vec::fmadd(odd, y, coef(k));
+  const Vec<acc_t> ye = y * even, yd = y * diff;
+  f_plus = at::vec::fmadd(yd, odd, ye);
+  return at::vec::fnmadd(yd, odd, ye);
+}
+
 template <typename acc_t>
 PGK_VECTOR_INLINE Vec<acc_t> near_lanes(const Vec<acc_t>& diff) {
   return diff.abs() < Vec<acc_t>(acc_t(0.25));  // NaN / inf: not near
@@ -174,8 +191,10 @@ struct PairLanes {
   // One vector from exps computed elsewhere (step_stats shares the logits' exp between its
   // sums): dw clamped where exp is already 0, dv not (a tiny v_j is a large, real log-ratio),
   // ew = e^{dw}, ev = e^{max(dv, lowest)}. unmasked (std::true_type): no d_v of the vector is
-  // -inf (no_neg_inf), so d_w - d_v needs none of pair_difference's masking.
-  template <typename Unmasked>
+  // -inf (no_neg_inf), so d_w - d_v needs none of pair_difference's masking. kSumW / kSumV
+  // false: that side's s1 lanes are the caller's (step_stats sums the logits' once, in its
+  // token lanes, and hands them to both pairs: the same sum bitwise).
+  template <bool kSumW = true, bool kSumV = true, typename Unmasked>
   PGK_VECTOR_INLINE void add_exps(Unmasked, const Vec<acc_t>& dw, const Vec<acc_t>& ew,
                                   const Vec<acc_t>& dv, const Vec<acc_t>& ev) {
     Vec<acc_t> diff;
@@ -184,8 +203,8 @@ struct PairLanes {
     } else {
       diff = pair_difference(dw, ew, dv, inf);
     }
-    s1w.add(ew);
-    s1v.add(ev);
+    if constexpr (kSumW) s1w.add(ew);
+    if constexpr (kSumV) s1v.add(ev);
     u = at::vec::fmadd(ew, diff, u);
     k = k + excess_terms(ew, ev, diff);
   }
@@ -203,13 +222,14 @@ struct PairLanes {
 
   // The same from the other end, e_v given (step_stats: the logits' exp, shared with the token
   // lanes, is the v side of its rollout pair): e_w = e_v e^{diff} = e_v (1 + diff + f(diff)),
-  // f(diff) from a second series, instead of an exp (returned in ew). Equal d give e_w = e_v.
+  // f(diff) from the same series, instead of an exp (returned in ew). Equal d give e_w = e_v.
+  // s1_v is the caller's (add_exps<true, false>).
   PGK_VECTOR_INLINE void add_near_from_v(const Vec<acc_t>& ev, const Vec<acc_t>& diff,
                                          Vec<acc_t>& ew) {
-    const Vec<acc_t> f = excess_series(diff);  // f(delta), delta = -diff
-    ew = at::vec::fmadd(ev, diff + excess_series(Vec<acc_t>(acc_t(0)) - diff), ev);
+    Vec<acc_t> f_diff;
+    const Vec<acc_t> f = excess_series_both(diff, f_diff);  // f(delta), delta = -diff
+    ew = at::vec::fmadd(ev, diff + f_diff, ev);
     s1w.add(ew);
-    s1v.add(ev);
     u = at::vec::fmadd(ew, diff, u);
     k = at::vec::fmadd(ew, f, k);
   }

@@ -103,7 +103,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
           pr.add_near_from_v(ep, diff, er);
         } else {
           er = vexp(dr);
-          pr.add_exps(unmasked, dr, er, dp_raw, ep);
+          pr.template add_exps<true, false>(unmasked, dr, er, dp_raw, ep);
         }
         er.store(cr + i);
         ep.store(cp + i);
@@ -112,11 +112,11 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
         const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(scratch.ref + i);
         if (reverse) {  // KL(p || q): w = logits, v = reference
           const Vec<acc_t> eq = vexp(at::vec::clamp_min(dq_raw, lowest));
-          pq.add_exps(unmasked, dp, ep, dq_raw, eq);
+          pq.template add_exps<false, true>(unmasked, dp, ep, dq_raw, eq);
         } else {  // KL(q || p): w = reference, v = logits
           const Vec<acc_t> dq = at::vec::clamp_min(dq_raw, lowest);
           const Vec<acc_t> eq = vexp(dq);
-          pq.add_exps(unmasked, dq, eq, dp_raw, ep);
+          pq.template add_exps<true, false>(unmasked, dq, eq, dp_raw, ep);
         }
       }
     };
@@ -139,8 +139,15 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     }
     row.add(lo, hi);
     const auto m = tp.reference(xm);
-    if constexpr (kRoll) roll.merge(PairLanes<acc_t>::join(rlo, rhi, tpr.reference(xmr), m));
+    // The logits' s1 lanes, summed once (the token lanes), are both pairs' logits side.
+    if constexpr (kRoll) {
+      rlo.s1v = lo.s1;
+      rhi.s1v = hi.s1;
+      roll.merge(PairLanes<acc_t>::join(rlo, rhi, tpr.reference(xmr), m));
+    }
     if constexpr (kRef) {
+      (reverse ? qlo.s1w : qlo.s1v) = lo.s1;
+      (reverse ? qhi.s1w : qhi.s1v) = hi.s1;
       const auto mq = tpq.reference(xmq);
       kl.merge(reverse ? PairLanes<acc_t>::join(qlo, qhi, m, mq)
                        : PairLanes<acc_t>::join(qlo, qhi, mq, m));
