@@ -81,27 +81,6 @@ PGK_VECTOR_INLINE Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc
   return dw - Vec<acc_t>::blendv(dv, dw, v_zero);
 }
 
-// Whether d[0, n) holds no -inf (v_j = 0 nowhere; NaN counts as -inf): then the chunk's full
-// vectors need none of pair_difference's masking, d_w - d_v is the difference (PairLanes::
-// add_exps). One min per vector over the L1-resident chunk, against five operations per vector
-// and pair saved. The -inf padding past n is left to the masked path.
-template <typename acc_t>
-bool no_neg_inf(const acc_t* d, int64_t n) {
-  constexpr int64_t W = Vec<acc_t>::size();
-  Vec<acc_t> lo(-neg_inf<acc_t>()), hi(-neg_inf<acc_t>());
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    lo = at::vec::minimum(lo, Vec<acc_t>::loadu(d + i));
-    hi = at::vec::minimum(hi, Vec<acc_t>::loadu(d + i + W));
-  }
-  acc_t lanes[W];
-  at::vec::minimum(lo, hi).store(lanes);  // minimum propagates NaN
-  bool ok = true;
-  for (int64_t j = 0; j < W; ++j) ok = ok && lanes[j] > neg_inf<acc_t>();  // false for NaN
-  for (; i < n; ++i) ok = ok && d[i] > neg_inf<acc_t>();
-  return ok;
-}
-
 // The end of a chunk's run of full two-vector steps that may take the unmasked pair path.
 template <typename acc_t>
 int64_t unmasked_end(bool v_has_no_neg_inf, int64_t n) {
@@ -272,10 +251,11 @@ PGK_VECTOR_INLINE void add_pair(Unmasked unmasked, PairLanes<acc_t>& lanes,
 }
 
 // One chunk of a pair pass. bw, bv hold the chunk as d = (x - xm) / tau (padded with -inf to a
-// multiple of kStep); rw, rv are its references xm / tau. kKeepExps: overwrite bw, bv with e^d.
+// multiple of kStep); rw, rv are its references xm / tau; v_no_neg_inf: no_neg_inf(bv, n), as
+// shift_divide_chunk<true> found it. kKeepExps: overwrite bw, bv with e^d.
 template <typename acc_t, bool kKeepExps>
 PairState<row_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, row_sum_t<acc_t> rw,
-                                       row_sum_t<acc_t> rv) {
+                                       row_sum_t<acc_t> rv, bool v_no_neg_inf) {
   constexpr int64_t W = Vec<acc_t>::size();
   PairLanes<acc_t> lo, hi;
   Vec<acc_t> ew, ev;
@@ -292,7 +272,7 @@ PairState<row_sum_t<acc_t>> pair_chunk(acc_t* bw, acc_t* bv, int64_t n, row_sum_
     }
   };
   const int64_t n_pad = round_up(n, kStep<acc_t>);
-  const int64_t n_unmasked = unmasked_end<acc_t>(no_neg_inf(bv, n), n);
+  const int64_t n_unmasked = unmasked_end<acc_t>(v_no_neg_inf, n);
   int64_t i = 0;
   for (; i < n_unmasked; i += 2 * W) step(std::true_type{}, i);
   for (; i < n_pad; i += 2 * W) step(std::false_type{}, i);
@@ -383,14 +363,15 @@ PairRow<acc_t> pair_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scal
     const acc_t mw = fw.load(xw + begin, n, cw);
     const acc_t mv = fv.load(xv + begin, n, cv);
     shift_divide_chunk(cw, n, fw.tau, finite_shift(mw));
-    shift_divide_chunk(cv, n, fv.tau, finite_shift(mv));
+    const bool v_no_neg_inf = shift_divide_chunk<true>(cv, n, fv.tau, finite_shift(mv));
     xm_w = max_nan(xm_w, mw);
     xm_v = max_nan(xm_v, mv);
     if constexpr (kKeepExps) {
       chunk_xm[2 * k] = mw;
       chunk_xm[2 * k + 1] = mv;
     }
-    row.merge(pair_chunk<acc_t, kKeepExps>(cw, cv, n, fw.tau.reference(mw), fv.tau.reference(mv)));
+    row.merge(pair_chunk<acc_t, kKeepExps>(cw, cv, n, fw.tau.reference(mw), fv.tau.reference(mv),
+                                           v_no_neg_inf));
     if (!(row.hi.m_v < -neg_inf<sum_t>())) break;  // NaN or +inf: the row is NaN, stop early
     if (stop_on_w_invalid && !(row.hi.m_w < -neg_inf<sum_t>())) break;
   }

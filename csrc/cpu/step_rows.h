@@ -71,7 +71,12 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       argmax = begin + (std::find(cp, cp + n, chunk_max) - cp);
     }
     if (!(xm < -neg_inf<acc_t>())) break;  // NaN or +inf logits: every field of the row is NaN
-    shift_divide_chunk(cp, n, tp, finite_shift(xm));
+    // Whether each v side (the logits: rollout pair, forward KL; the reference: reverse KL) is
+    // free of -inf here, from the pass that forms its d.
+    const bool p_is_v = kRoll || (kRef && !reverse), q_is_v = kRef && reverse;
+    const bool p_no_neg_inf = p_is_v ? shift_divide_chunk<true>(cp, n, tp, finite_shift(xm))
+                                     : shift_divide_chunk(cp, n, tp, finite_shift(xm));
+    bool q_no_neg_inf = true;
     if constexpr (kRoll) {
       xmr = max_nan(xmr, load_chunk(xr + begin, n, cr));
       shift_divide_chunk(cr, n, tpr, finite_shift(xmr));
@@ -81,7 +86,8 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     }
     if constexpr (kRef) {
       xmq = max_nan(xmq, load_chunk(xq + begin, n, scratch.ref));
-      shift_divide_chunk(scratch.ref, n, tpq, finite_shift(xmq));
+      q_no_neg_inf = q_is_v ? shift_divide_chunk<true>(scratch.ref, n, tpq, finite_shift(xmq))
+                            : shift_divide_chunk(scratch.ref, n, tpq, finite_shift(xmq));
     }
     LaneSums<acc_t> lo, hi;
     PairLanes<acc_t> rlo, rhi, qlo, qhi;
@@ -120,12 +126,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
         }
       }
     };
-    // The v sides: the logits (rollout pair, forward KL), the reference (reverse KL).
-    bool v_no_neg_inf = true;
-    if constexpr (kRoll || kRef) {
-      if (kRoll || !reverse) v_no_neg_inf = no_neg_inf(cp, n);
-      if (kRef && reverse) v_no_neg_inf = v_no_neg_inf && no_neg_inf(scratch.ref, n);
-    }
+    const bool v_no_neg_inf = (!p_is_v || p_no_neg_inf) && (!q_is_v || q_no_neg_inf);
     const int64_t n_pad = round_up(n, kStep<acc_t>);
     const int64_t n_unmasked = unmasked_end<acc_t>(v_no_neg_inf, n);
     int64_t i = 0;

@@ -296,25 +296,71 @@ inline acc_t finite_shift(acc_t m) {
   return m == neg_inf<acc_t>() ? acc_t(0) : m;
 }
 
+// Whether d[0, n) holds no -inf (NaN counts as -inf). For a pair pass's v side (v_j = 0 nowhere):
+// then the chunk's full vectors need none of pair_rows.h's pair_difference masking, d_w - d_v
+// is the difference (PairLanes::add_exps). One min per vector over the L1-resident chunk, against
+// five operations per vector and pair saved (or none: shift_divide_chunk<true>). The -inf
+// padding past n is left to the masked path.
+template <typename acc_t>
+bool no_neg_inf(const acc_t* d, int64_t n) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  Vec<acc_t> lo(-neg_inf<acc_t>()), hi(-neg_inf<acc_t>());
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    lo = at::vec::minimum(lo, Vec<acc_t>::loadu(d + i));
+    hi = at::vec::minimum(hi, Vec<acc_t>::loadu(d + i + W));
+  }
+  acc_t lanes[W];
+  at::vec::minimum(lo, hi).store(lanes);  // minimum propagates NaN
+  bool ok = true;
+  for (int64_t j = 0; j < W; ++j) ok = ok && lanes[j] > neg_inf<acc_t>();  // false for NaN
+  for (; i < n; ++i) ok = ok && d[i] > neg_inf<acc_t>();
+  return ok;
+}
+
 // buf[0, round_up(n, kStep)) = (buf - shift) / tau in place: the scaled logits relative to a
 // raw max `shift`, d = z - m without forming z. The difference rounds once (exactly, for
 // entries within a factor of 2 of the shift: Sterbenz) and the quotient once, so d carries
 // ulp(d) / 2 where z - m from z = x / tau rounded carries ulp(z) / 2 from each of z and m
 // (~1e-6 at |z| ~ 20 for fp32): near the max, where the probability mass is, d is then nearly
-// exact. A -inf entry stays -inf (`shift`: finite_shift).
-template <typename acc_t>
-inline void shift_divide_chunk(acc_t* buf, int64_t n, const Temperature<acc_t>& tau, acc_t shift) {
+// exact. A -inf entry stays -inf (`shift`: finite_shift). kNoNegInf: also returns
+// no_neg_inf(buf, n), its min taken in this pass (a second sweep of the chunk was ~5 % of
+// step_stats' forward); else true.
+template <bool kNoNegInf = false, typename acc_t>
+inline bool shift_divide_chunk(acc_t* buf, int64_t n, const Temperature<acc_t>& tau, acc_t shift) {
   constexpr int64_t W = Vec<acc_t>::size();
   const int64_t n_pad = round_up(n, kStep<acc_t>);
-  const Vec<acc_t> vs(shift), vtau(tau.tau), vr(tau.r);
+  const int64_t n_full = kNoNegInf ? n / W * W : 0;  // whole vectors inside [0, n)
+  const Vec<acc_t> vs(shift), vtau(tau.tau), vr(tau.r), ninf(neg_inf<acc_t>());
+  // All-ones lanes while every d seen is > -inf (false for NaN): one compare per vector off the
+  // chain and a one-cycle AND on it (a NaN-propagating min chain is ~3 dependent operations per
+  // vector: kl_divergence / token_stats 2.0 -> 2.9).
+  Vec<acc_t> ok(acc_t(0));
+  ok = ok == ok;  // all ones
+  int64_t i = 0;
   if (tau.tau == acc_t(1)) {
-    if (shift == acc_t(0)) return;
-    for (int64_t i = 0; i < n_pad; i += W) (Vec<acc_t>::loadu(buf + i) - vs).store(buf + i);
-    return;
+    if (shift == acc_t(0)) return !kNoNegInf || no_neg_inf(buf, n);  // nothing to shift
+    for (; i < n_full; i += W) {
+      const Vec<acc_t> d = Vec<acc_t>::loadu(buf + i) - vs;
+      d.store(buf + i);
+      ok = ok & (d > ninf);
+    }
+    for (; i < n_pad; i += W) (Vec<acc_t>::loadu(buf + i) - vs).store(buf + i);
+  } else {
+    for (; i < n_full; i += W) {
+      const Vec<acc_t> d = vquotient(Vec<acc_t>::loadu(buf + i) - vs, vtau, vr);
+      d.store(buf + i);
+      ok = ok & (d > ninf);
+    }
+    for (; i < n_pad; i += W) vquotient(Vec<acc_t>::loadu(buf + i) - vs, vtau, vr).store(buf + i);
   }
-  for (int64_t i = 0; i < n_pad; i += W) {
-    vquotient(Vec<acc_t>::loadu(buf + i) - vs, vtau, vr).store(buf + i);
-  }
+  if constexpr (!kNoNegInf) return true;
+  acc_t lanes[W];
+  ok.store(lanes);
+  bool all = true;
+  for (int64_t j = 0; j < W; ++j) all = all && lanes[j] != acc_t(0);  // all-ones reads as NaN
+  for (int64_t j = n_full; j < n; ++j) all = all && buf[j] > neg_inf<acc_t>();
+  return all;
 }
 
 // Per-row temperature: a per-row tensor when given, else the scalar (rounded to acc_t).
