@@ -201,6 +201,9 @@ class Target:
 
     def cell(self, record: dict | None) -> str:
         speedup = None if record is None else record["speedup_vs"].get(self.against)
+        paired = None if record is None else record.get("paired_vs", {}).get(self.against)
+        if paired is not None:  # measured back to back: the steadier ratio
+            speedup = 1 / paired["ratio"]
         if speedup is None:
             return "—"
         value = 1 / speedup if (self.time_ratio or self.at_most is not None) else speedup
@@ -208,7 +211,13 @@ class Target:
             self.at_most is None or value <= self.at_most
         )
         bound = self.at_least is not None or self.at_most is not None
-        return f"{value:.2f}" + (f" {'✅' if ok else '❌'}" if bound else "")
+        mark = ""
+        if paired is not None:  # the spread of the per-pair ratios, as time ratios
+            lo, hi = paired["q1"], paired["q3"]
+            if not (self.time_ratio or self.at_most is not None):
+                lo, hi = 1 / hi, 1 / lo
+            mark = f" (paired: {paired['pairs']} pairs, IQR {lo:.2f}–{hi:.2f})"
+        return f"{value:.2f}" + (f" {'✅' if ok else '❌'}" if bound else "") + mark
 
 
 def targets_summary(
@@ -270,6 +279,9 @@ class OpBench:
     extra_versions: dict[str, str] = dataclasses.field(default_factory=dict)
     # Markdown sections after the tables, e.g. an issue's targets (`targets_summary`).
     summaries: list[Callable[[list[dict]], list[str]]] = dataclasses.field(default_factory=list)
+    # (provider, ceiling row) pairs whose time ratio a CPU target reads: also timed back to back
+    # (`_paired_ratio`), since separately timed rows drift apart on a shared CPU.
+    paired: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass
@@ -799,6 +811,7 @@ def run_sweep(
                     if rec is not None:
                         done[prov.name] = rec
                     bar.update(1)
+                built = {name: rec.pop("_fn") for name, rec in done.items() if "_fn" in rec}
                 # Report in the declared order, whatever order the check needed.
                 records += [done.pop(p.name) for p in selected if p.name in done]
                 for row in bench.ceiling_rows.get(case.mode, []):
@@ -807,12 +820,25 @@ def run_sweep(
                     )
                     records.append(_time_ceiling_row(bench, g, case, row, timing, flush, env))
                     bar.update(1)
+                mine = {r["provider"]: r for r in records if r.get("_case") is case}
+                for prov_name, row_name in bench.paired if device.type == "cpu" else ():
+                    rec, fn = mine.get(prov_name), built.get(prov_name)
+                    row = next((r for r in bench.ceiling_rows.get(case.mode, [])
+                                if r.name == row_name), None)  # fmt: skip
+                    if rec is None or fn is None or row is None or rec["status"] != "ok":
+                        continue
+                    rec.setdefault("paired_vs", {})[row_name] = _paired_ratio(
+                        bench, g, case, fn, row, timing
+                    )
+                del built
             del g
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
         bar.close()
+    for r in records:
+        r.pop("_case", None)
     _fill_ratios(bench, records)
     return records, notes, env
 
@@ -856,6 +882,7 @@ def _time_provider(
             rec["error"] = "check against float64 truth failed: " + ", ".join(bad or ["no fields"])
             return rec
         setup, timed = _mode_fns(bench, case, fn, sets)
+        rec["_fn"], rec["_case"] = fn, case  # for _paired_ratio; run_sweep drops both
         times, rec["other_load"] = _measure(setup, timed, case.device, timing, flush)
         _fill_time(rec, times, bench.bytes_moved(case))
         peak = _peak_bytes(lambda: setup(0), timed, case.device)
@@ -870,6 +897,45 @@ def _time_provider(
         if case.device.type == "cuda":
             torch.cuda.empty_cache()
     return rec
+
+
+def _paired_ratio(
+    bench: OpBench, g: _GroupState, case: Case, fn: Callable, row: CeilingRow, timing: Timing
+) -> dict:
+    """The provider's time over the ceiling row's (its parts run back to back), measured as
+    pairs: each repetition times one provider call, then one call of every part, on the same
+    input set, and the ratio is the median of the per-pair ratios. On a shared CPU, rows timed
+    minutes apart see different neighbours (2x swings on the 2-core VMs); a pair sees the same.
+    CPU only (synchronous calls). About 2 x target_s of calls, at least 31 pairs."""
+    setup, timed = _mode_fns(bench, case, fn, g.sets)
+    plain = [{k: v.detach() for k, v in s.items()} for s in g.sets]
+    parts = [bench.ceilings[p] for p in row.parts]
+    states = [[c.prepare(s) for c in parts] for s in plain]
+
+    def against(i: int) -> None:
+        with torch.no_grad():
+            for c, st in zip(parts, states[i % len(states)]):
+                c.run(st)
+
+    gc.collect()
+    gc.disable()
+    try:
+        ratios: list[float] = []
+        t_end = time.perf_counter() + 2 * timing.target_s
+        i = 0
+        while len(ratios) < 31 or (time.perf_counter() < t_end and len(ratios) < timing.max_reps):
+            state = setup(i)
+            t0 = time.perf_counter()
+            timed(state)
+            t1 = time.perf_counter()
+            against(i)
+            ratios.append((t1 - t0) / (time.perf_counter() - t1))
+            del state
+            i += 1
+    finally:
+        gc.enable()
+    q = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"ratio": statistics.median(ratios), "q1": q[0], "q3": q[2], "pairs": len(ratios)}
 
 
 def _mode_fns(
@@ -914,6 +980,7 @@ def _time_ceiling_row(
     """Time the row's ceilings (each once per group, reused across modes) and sum them."""
     rec = _base_record(case, row.name, env)
     rec["role"] = row.role
+    rec["_case"] = case
     try:
         for part in row.parts:
             if part in g.ceiling_ms:
