@@ -229,6 +229,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         ceiling_rows=rows,
         notes=[f"direction={DIRECTION}; backward w.r.t. logits only (frozen reference)"],
         summaries=targets(device, backends),
+        paired=(("pg_kernels:cpu", "ceiling:exp:logits+exp:ref_logits"),),
     )
 
 

@@ -201,6 +201,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         summaries=bench_kl_divergence.targets(
             device, backends, other="rollout_logits", note=" (with rollout logits)"
         ),
+        paired=(("pg_kernels:cpu", "ceiling:exp:logits+exp:rollout_logits"),),
     )
 
 

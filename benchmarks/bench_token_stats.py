@@ -303,6 +303,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         notes=notes,
         extra_versions=extra,
         summaries=[CPU_TARGETS] if device.type == "cpu" else [gpu_targets(b) for b in backends],
+        paired=(("pg_kernels:cpu", "ceiling:exp"),),  # the CPU target's ratio, back to back
     )
 
 
