@@ -813,14 +813,14 @@ def run_sweep(
                     bar.update(1)
                 built = {name: rec.pop("_fn") for name, rec in done.items() if "_fn" in rec}
                 # Report in the declared order, whatever order the check needed.
-                records += [done.pop(p.name) for p in selected if p.name in done]
+                mine = {p.name: done.pop(p.name) for p in selected if p.name in done}
                 for row in bench.ceiling_rows.get(case.mode, []):
                     bar.set_postfix_str(
                         f"{case.mode} {case.dtype_name} {case.shape_str} {row.name}"
                     )
-                    records.append(_time_ceiling_row(bench, g, case, row, timing, flush, env))
+                    mine[row.name] = _time_ceiling_row(bench, g, case, row, timing, flush, env)
                     bar.update(1)
-                mine = {r["provider"]: r for r in records if r.get("_case") is case}
+                records += mine.values()
                 for prov_name, row_name in bench.paired if device.type == "cpu" else ():
                     rec, fn = mine.get(prov_name), built.get(prov_name)
                     row = next((r for r in bench.ceiling_rows.get(case.mode, [])
@@ -837,8 +837,6 @@ def run_sweep(
                 torch.cuda.empty_cache()
     finally:
         bar.close()
-    for r in records:
-        r.pop("_case", None)
     _fill_ratios(bench, records)
     return records, notes, env
 
@@ -882,7 +880,7 @@ def _time_provider(
             rec["error"] = "check against float64 truth failed: " + ", ".join(bad or ["no fields"])
             return rec
         setup, timed = _mode_fns(bench, case, fn, sets)
-        rec["_fn"], rec["_case"] = fn, case  # for _paired_ratio; run_sweep drops both
+        rec["_fn"] = fn  # for _paired_ratio; run_sweep drops it
         times, rec["other_load"] = _measure(setup, timed, case.device, timing, flush)
         _fill_time(rec, times, bench.bytes_moved(case))
         peak = _peak_bytes(lambda: setup(0), timed, case.device)
@@ -980,7 +978,6 @@ def _time_ceiling_row(
     """Time the row's ceilings (each once per group, reused across modes) and sum them."""
     rec = _base_record(case, row.name, env)
     rec["role"] = row.role
-    rec["_case"] = case
     try:
         for part in row.parts:
             if part in g.ceiling_ms:

@@ -135,27 +135,6 @@ PGK_VECTOR_INLINE Vec<acc_t> excess_terms(const Vec<acc_t>& ew, const Vec<acc_t>
   return Vec<acc_t>::blendv(far, ew * excess_series(diff), near_lanes(diff));
 }
 
-template <typename acc_t>
-bool all_lanes_set(const Vec<acc_t>& mask) {
-  constexpr int64_t W = Vec<acc_t>::size();
-  acc_t lanes[W];
-  mask.store(lanes);
-  for (int64_t i = 0; i < W; ++i) {
-    if (!(lanes[i] != acc_t(0))) return false;  // an all-ones lane reads as NaN, != 0
-  }
-  return true;
-}
-
-#if defined(CPU_CAPABILITY_AVX2)
-template <>
-inline bool all_lanes_set(const Vec<float>& mask) {
-  return _mm256_movemask_ps(__m256(mask)) == 0xff;
-}
-template <>
-inline bool all_lanes_set(const Vec<double>& mask) {
-  return _mm256_movemask_pd(__m256d(mask)) == 0xf;
-}
-#endif
 
 // Per-lane sums of one chunk of a pair pass: s1_w, s1_v in WideLanes (double lanes for fp32
 // rows). u stays in acc_t lanes: its terms e_w (d_w - d_v) are small where the KL cancels

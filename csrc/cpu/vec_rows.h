@@ -296,6 +296,29 @@ inline acc_t finite_shift(acc_t m) {
   return m == neg_inf<acc_t>() ? acc_t(0) : m;
 }
 
+// Whether every lane of a comparison mask is set (all-ones lanes).
+template <typename acc_t>
+bool all_lanes_set(const Vec<acc_t>& mask) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  acc_t lanes[W];
+  mask.store(lanes);
+  for (int64_t i = 0; i < W; ++i) {
+    if (!(lanes[i] != acc_t(0))) return false;  // an all-ones lane reads as NaN, != 0
+  }
+  return true;
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline bool all_lanes_set(const Vec<float>& mask) {
+  return _mm256_movemask_ps(__m256(mask)) == 0xff;
+}
+template <>
+inline bool all_lanes_set(const Vec<double>& mask) {
+  return _mm256_movemask_pd(__m256d(mask)) == 0xf;
+}
+#endif
+
 // Whether d[0, n) holds no -inf (NaN counts as -inf). For a pair pass's v side (v_j = 0 nowhere):
 // then the chunk's full vectors need none of pair_rows.h's pair_difference masking, d_w - d_v
 // is the difference (PairLanes::add_exps). One min per vector over the L1-resident chunk, against
@@ -324,7 +347,7 @@ bool no_neg_inf(const acc_t* d, int64_t n) {
 // ulp(d) / 2 where z - m from z = x / tau rounded carries ulp(z) / 2 from each of z and m
 // (~1e-6 at |z| ~ 20 for fp32): near the max, where the probability mass is, d is then nearly
 // exact. A -inf entry stays -inf (`shift`: finite_shift). kNoNegInf: also returns
-// no_neg_inf(buf, n), its min taken in this pass (a second sweep of the chunk was ~5 % of
+// no_neg_inf(buf, n), checked in this pass (a second sweep of the chunk was ~5 % of
 // step_stats' forward); else true.
 template <bool kNoNegInf = false, typename acc_t>
 inline bool shift_divide_chunk(acc_t* buf, int64_t n, const Temperature<acc_t>& tau, acc_t shift) {
@@ -355,10 +378,7 @@ inline bool shift_divide_chunk(acc_t* buf, int64_t n, const Temperature<acc_t>& 
     for (; i < n_pad; i += W) vquotient(Vec<acc_t>::loadu(buf + i) - vs, vtau, vr).store(buf + i);
   }
   if constexpr (!kNoNegInf) return true;
-  acc_t lanes[W];
-  ok.store(lanes);
-  bool all = true;
-  for (int64_t j = 0; j < W; ++j) all = all && lanes[j] != acc_t(0);  // all-ones reads as NaN
+  bool all = all_lanes_set(ok);
   for (int64_t j = n_full; j < n; ++j) all = all && buf[j] > neg_inf<acc_t>();
   return all;
 }
