@@ -15,11 +15,13 @@
 //           for 16-bit logits), one branchless rescale of its sums to the new reference (one
 //           exp per thread per step after the first, which starts the sums at its max;
 //           ThreadRun / run_step / run_rescale, host-tested), then
-//           s1 = sum e, s2 = sum e^2, t = sum e d with e = exp(d), d = z - ref, one exp per
+//           s1 = sum e, s2 = sum e^2, t = sum e d with e = exp(d), d relative to the
+//           reference (fp32 / fp64: (x - x_ref) / tau; 16-bit: z log2e - ref), one exp per
 //           element, in a fixed per-thread order (s1 adds each step's pairwise sum: run_add);
 //           the step where the thread's scaled max last rose is kept for the argmax;
 //        c) after the steps, ONE CTA max M (warp shuffles + shared memory), every thread
-//           rescales its sums to m = M / tau (one exp), and the threads whose scaled max is m
+//           rescales its sums to the chunk's reference (one exp), and the threads whose scaled
+//           max is m (fp32 / fp64: the raw max M itself; 16-bit: M / tau)
 //           re-read their recorded step's vectors to find their first index of m;
 //        d) reduces (s1, s2, t, first argmax) over the CTA in a fixed order (xor-butterfly in
 //           each warp, lane 0's value, then the warp partials by an xor-butterfly over 8 lanes
@@ -114,9 +116,12 @@
 //     relative to |d| and the fp32 sums (host_test's 16-bit rows: lse, log p, entropy and lgp
 //     within 7.2e-7 beyond their fp32 rounding, against 5e-5 when finished in z units; s1 adds
 //     pairwise sums of 16 values, run_add).
-//   * fp32 logits: z = x / tau and d = z - m are rounded exactly as on the CPU and in PyTorch, and
-//     exp(d) is ex2.approx of a two-part d log2e (~2-3 ulp), since fp32 gradients keep fp32
-//     precision. Compiler flags (--use_fast_math) do not change either path: both use explicit
+//   * fp32 logits: relative to the raw max, as the CPU rows: d = (x - x_ref) / tau as the
+//     difference rounded once times 1 / tau, an error relative to |d| (z = x / tau rounded, then
+//     z - m, carried ulp(z) / 2 of each: plain PyTorch's error, host_test's fp32 rows up to 3.9e-5
+//     in log p at |z| ~ 800, against 4.8e-7 now), the max's own term exactly 1, and the label's d
+//     in double from the raw logits in finalize_row; exp(d) is ex2.approx of a two-part d log2e
+//     (~2-3 ulp), since fp32 gradients keep fp32 precision. Compiler flags (--use_fast_math) do not change either path: both use explicit
 //     PTX / intrinsics.
 //   * fp64 logits: plain double arithmetic.
 //   * Partial states are merged and finalized in double (also for fp32 accumulation), so the
@@ -443,11 +448,6 @@ __device__ __forceinline__ float min_d2_fast() { return exp_zero_below<float>() 
 __device__ __forceinline__ float reciprocal(float t) { return __frcp_rn(t); }  // == 1.0f / t
 __device__ __forceinline__ double reciprocal(double t) { return 1.0 / t; }
 
-// z = x / tau rounded once, never fused into a neighbouring add (--fmad would be free to): these
-// values are compared for the argmax and stored, so they must match the CPU's rounding exactly.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-
 template <typename acc_t>
 __device__ __forceinline__ bool is_finite_positive(acc_t t) {
   return t > acc_t(0) && t < -neg_inf<acc_t>();
@@ -736,13 +736,18 @@ PGK_HD float hd_exp_accurate(float d) {
   return fmaf(e, hd_mul(l, kLn2), e);
 }
 
+PGK_HD double hd_exp_accurate(double d) { return ::exp(d); }
+PGK_HD float hd_fmax(float a, float b) { return fmaxf(a, b); }
+PGK_HD double hd_fmax(double a, double b) { return fmax(a, b); }
+
 PGK_HD float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
 PGK_HD double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 
 // ---------------------------------------------------------------------------------------------
 // Forward: per-thread running state over the load steps of an item.
 //   mx:   the thread's running max of the raw logits x (NaN-propagating)
-//   mz:   mx scaled, z = x / tau rounded as the CPU rounds it (monotone in x)
+//   mz:   term.scale(mx), monotone in x: the raw max itself (fp32 / fp64), or z = fl(x / tau)
+//         (16-bit logits)
 //   ref:  the reference the sums are relative to: term.ref_of(mz) (z units, or z log2e)
 //   s1, s2, t: sum e, sum e^2, sum e d with d = (z or z log2e) - ref, e = exp(z - mz)
 //   step: the last step at which mz rose strictly, i.e. the first step that holds an element
@@ -769,7 +774,7 @@ PGK_HD ThreadRun<acc_t> empty_run() {
 // sums are then 0 and stay 0) or far below, and NaN never arises from -inf - -inf.
 template <typename Term, typename acc_t>
 PGK_HD void run_rescale(ThreadRun<acc_t>& r, acc_t ref_new, const Term& term) {
-  const acc_t delta = term.clamp(r.ref - ref_new);
+  const acc_t delta = term.clamp(term.delta(r.ref, ref_new));
   const acc_t a = term.exp(delta);
   r.t = a * fma_acc(delta, r.s1, r.t);
   r.s1 = a * r.s1;
@@ -839,6 +844,8 @@ struct ForwardTermFast {
   }
   PGK_HD float scale(float x) const { return hd_mul(x, inv_tau); }
   PGK_HD float ref_of(float mz) const { return hd_mul(mz, kLog2e); }
+  PGK_HD float delta(float ref, float ref_new) const { return ref - ref_new; }
+  PGK_HD double chunk_ref(float mz) const { return double(ref_of(mz)) * kLn2Double; }
   PGK_HD float clamp(float d2) const { return fmaxf(d2, exp_zero_below<float>() * kLog2e); }
   PGK_HD float exp(float d2) const { return hd_ex2(d2); }
   PGK_HD float add(float x, ThreadRun<float>& r) const {
@@ -860,41 +867,40 @@ struct ForwardTerm<F16> : ForwardTermFast {
   using ForwardTermFast::ForwardTermFast;
 };
 
-// fp32 logits: z and d rounded as on the CPU, accurate exp.
-template <>
-struct ForwardTerm<F32> {
-  float inv_tau;
-  PGK_HD explicit ForwardTerm(float inv_tau_) { inv_tau = inv_tau_; }
-  PGK_HD float scale(float x) const { return hd_mul(x, inv_tau); }
-  PGK_HD float ref_of(float mz) const { return mz; }
-  PGK_HD float clamp(float d) const { return fmaxf(d, exp_zero_below<float>()); }
-  PGK_HD float exp(float d) const { return hd_exp_accurate(d); }
-  PGK_HD float add(float x, ThreadRun<float>& r) const {
-    const float d = clamp(hd_mul(x, inv_tau) - r.ref);
-    const float e = hd_exp_accurate(d);
-    r.s2 = fmaf(e, e, r.s2);
-    r.t = fmaf(e, d, r.t);
+// fp32 / fp64 logits: relative to the raw max, as the CPU rows (token_stats.cpp): the thread's
+// "scaled" max is the raw logit itself (scale is the identity, so the argmax is the first index
+// of the raw max), the reference is that raw logit, and d = (x - ref) / tau as the difference
+// rounded once and times 1 / tau (FADD + FMUL, as many as z - m from z = x / tau): its error is
+// relative to |d|, where z - m carried ulp(z) / 2 of each of z and m (~1e-6 at |z| ~ 20, plain
+// PyTorch's error) on the terms near the max that decide log p, lse and the entropy. The max's
+// own term is exactly e^0 = 1. fp32: accurate exp (~2-3 ulp), since fp32 gradients keep fp32
+// precision.
+template <typename acc_t>
+struct ForwardTermRaw {
+  acc_t inv_tau;
+  PGK_HD explicit ForwardTermRaw(acc_t inv_tau_) { inv_tau = inv_tau_; }
+  PGK_HD acc_t scale(acc_t x) const { return x; }
+  PGK_HD acc_t ref_of(acc_t mx) const { return mx; }
+  PGK_HD acc_t delta(acc_t ref, acc_t ref_new) const { return hd_mul(ref - ref_new, inv_tau); }
+  PGK_HD double chunk_ref(acc_t mx) const { return double(mx) * double(inv_tau); }
+  PGK_HD acc_t clamp(acc_t d) const { return hd_fmax(d, exp_zero_below<acc_t>()); }
+  PGK_HD acc_t exp(acc_t d) const { return hd_exp_accurate(d); }
+  PGK_HD acc_t add(acc_t x, ThreadRun<acc_t>& r) const {
+    const acc_t d = clamp(hd_mul(x - r.ref, inv_tau));
+    const acc_t e = hd_exp_accurate(d);
+    r.s2 = fma_acc(e, e, r.s2);
+    r.t = fma_acc(e, d, r.t);
     return e;
   }
-  PGK_HD float finish_t(float t) const { return t; }
+  PGK_HD acc_t finish_t(acc_t t) const { return t; }
 };
-
 template <>
-struct ForwardTerm<F64> {
-  double inv_tau;
-  PGK_HD explicit ForwardTerm(double inv_tau_) { inv_tau = inv_tau_; }
-  PGK_HD double scale(double x) const { return hd_mul(x, inv_tau); }
-  PGK_HD double ref_of(double mz) const { return mz; }
-  PGK_HD double clamp(double d) const { return fmax(d, exp_zero_below<double>()); }
-  PGK_HD double exp(double d) const { return ::exp(d); }
-  PGK_HD double add(double x, ThreadRun<double>& r) const {
-    const double d = clamp(hd_mul(x, inv_tau) - r.ref);
-    const double e = ::exp(d);
-    r.s2 = fma(e, e, r.s2);
-    r.t = fma(e, d, r.t);
-    return e;
-  }
-  PGK_HD double finish_t(double t) const { return t; }
+struct ForwardTerm<F32> : ForwardTermRaw<float> {
+  using ForwardTermRaw<float>::ForwardTermRaw;
+};
+template <>
+struct ForwardTerm<F64> : ForwardTermRaw<double> {
+  using ForwardTermRaw<double>::ForwardTermRaw;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1015,15 +1021,15 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
 #pragma unroll
     for (int w = 1; w < kMaxWarps; ++w)  // bounded by a constant: no runtime-trip-count loop
       if (w < n_warps) M = max_nan_acc(M, sh_max[w]);
-    // Reference max of the chunk in z units, rounded as the CPU rounds z = x / tau.
+    // The chunk's max as the threads' mz (term.scale: the raw max, or its z for 16-bit logits).
     const acc_t m = term.scale(M);
 
     // c) every thread's sums relative to the chunk's reference (one exp per thread).
     run_rescale(run, term.ref_of(m), term);
     const acc_t s1 = run.s1, s2 = run.s2, t = term.finish_t(run.t);
 
-    // First index of the max of z (as the CPU: compare scaled values). Only threads whose own
-    // scaled max equals m can hold it (rarely more than one per chunk), and only in the step
+    // First index of the max, as the CPU (the raw logits; 16-bit logits compare their z, equal
+    // only for equal logits). Only threads whose own max equals m can hold it (rarely more than one per chunk), and only in the step
     // where that max was first reached (run.step): they read that step's vectors again (L1/L2
     // hits) in a loop that is not unrolled, element by element in index order.
     int idx = INT_MAX;
@@ -1094,27 +1100,28 @@ struct FinalRow {
 
 // A row's partial states merged in double (the approximate fp32 exp/log of --use_fast_math never
 // touch an output), in a fixed order (chunk 0 first), so the result is deterministic. Chunk k's
-// sums are relative to its reference: m_k itself (fp32, fp64 logits), or for 16-bit logits
-// (kBase2) the base-2 reference the kernel rounded from it, ref_k = fl(m_k log2e)
+// sums are relative to its reference in z units, term.chunk_ref(m_k) of the chunk's ws_m: for
+// fp32 / fp64 logits the raw max times 1 / tau (ForwardTermRaw), exact in double for fp32; for
+// 16-bit logits the base-2 reference the kernel rounded, ref_k = fl(m_k log2e)
 // (ForwardTermFast::ref_of), taken exactly as ref_k ln 2 (relative to m_k, chunk k's sums were off
 // by 2^(m_k log2e - ref_k), up to 2^-24 |ref_k| in the exponent: ~7e-7 relative at |z| ~ 20,
-// a different factor per chunk). m_max: the max of z (ws_m) of the chunk holding the argmax.
+// a different factor per chunk). m_max: the largest ws_m, that of the chunk holding the argmax
+// (the raw max logit for fp32 / fp64, its z for 16-bit logits).
 struct FoldedRow {
   SoftmaxState<double> s;
   int64_t argmax;
   double m_max;
 };
 
-template <bool kBase2, typename acc_t>
-PGK_HD FoldedRow fold_row(const acc_t* ws_m, const acc_t* ws_s1, const acc_t* ws_s2,
-                          const acc_t* ws_t, const int32_t* ws_idx, int64_t C, int64_t N,
-                          int64_t r) {
+template <typename Term, typename acc_t>
+PGK_HD FoldedRow fold_row(const Term& term, const acc_t* ws_m, const acc_t* ws_s1,
+                          const acc_t* ws_s2, const acc_t* ws_t, const int32_t* ws_idx, int64_t C,
+                          int64_t N, int64_t r) {
   FoldedRow f{empty_state<double>(), 0, neg_inf<double>()};
   for (int64_t k = 0; k < C; ++k) {
     const int64_t o = k * N + r;
-    double ref = double(ws_m[o]);
-    if constexpr (kBase2) ref = double(hd_mul(float(ws_m[o]), kLog2e)) * kLn2Double;
-    const SoftmaxState<double> part{ref, double(ws_s1[o]), double(ws_s2[o]), double(ws_t[o])};
+    const SoftmaxState<double> part{term.chunk_ref(ws_m[o]), double(ws_s1[o]), double(ws_s2[o]),
+                                    double(ws_t[o])};
     if (double(ws_m[o]) > f.m_max) {  // strictly greater: the first chunk holding the max wins
       f.m_max = double(ws_m[o]);
       f.argmax = ws_idx[o];
@@ -1134,13 +1141,15 @@ PGK_HD FinalRow<acc_t> rounded_final(const TokenStatsRow<double>& d, int64_t arg
   return out;
 }
 
-// fp32 / fp64 logits: z_label = the label's scaled logit.
+// fp32 / fp64 logits, from fold_row and the label's raw logit: the max's term is exactly 1, and
+// the label's d relative to the max is the raw logits' difference (exact in double for fp32)
+// times 1 / tau, so log p_c is off the truth by the sums' rounding only.
 template <typename acc_t>
-PGK_HD FinalRow<acc_t> finalize_row(const acc_t* ws_m, const acc_t* ws_s1, const acc_t* ws_s2,
-                                    const acc_t* ws_t, const int32_t* ws_idx, int64_t C,
-                                    int64_t N, int64_t r, acc_t z_label) {
-  const FoldedRow f = fold_row<false>(ws_m, ws_s1, ws_s2, ws_t, ws_idx, C, N, r);
-  return rounded_final<acc_t>(finalize_token_stats(f.s, double(z_label)), f.argmax);
+PGK_HD FinalRow<acc_t> finalize_row(const FoldedRow& f, const ForwardTermRaw<acc_t>& term,
+                                    acc_t x_label) {
+  const double d_label =
+      state_is_valid(f.s) ? (double(x_label) - f.m_max) * double(term.inv_tau) : 0.0;
+  return rounded_final<acc_t>(finalize_token_stats_relative(f.s, d_label), f.argmax);
 }
 
 // 16-bit logits, from fold_row<true> and the raw logits at the argmax (x_max) and the label.
@@ -1185,15 +1194,15 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     } else {
       const bits_t* x = static_cast<const bits_t*>(in.logits) + in.layout.offset(r);
       const acc_t x_label = bits_to_acc<Tag>(__ldg(x + rs.label));
+      const ForwardTerm<Tag> term(rs.inv_tau);
+      const FoldedRow folded =
+          fold_row(term, p.ws_m, p.ws_s1, p.ws_s2, p.ws_t, p.ws_idx, in.plan.n_chunks, in.N, r);
       if constexpr (Tr::kPacked16) {
-        const FoldedRow folded =
-            fold_row<true>(p.ws_m, p.ws_s1, p.ws_s2, p.ws_t, p.ws_idx, in.plan.n_chunks, in.N, r);
         // The raw max (one more read per row; an invalid row reads none).
         const acc_t x_max = folded.argmax >= 0 ? bits_to_acc<Tag>(__ldg(x + folded.argmax)) : 0;
-        f = finalize_row_fast(folded, ForwardTerm<Tag>(rs.inv_tau), x_max, x_label);
+        f = finalize_row_fast(folded, term, x_max, x_label);
       } else {
-        f = finalize_row(p.ws_m, p.ws_s1, p.ws_s2, p.ws_t, p.ws_idx, in.plan.n_chunks, in.N, r,
-                         mul_rn(x_label, rs.inv_tau));
+        f = finalize_row(folded, term, x_label);
       }
     }
     p.logprob[r] = f.stats.logprob;

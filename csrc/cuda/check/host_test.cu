@@ -173,8 +173,12 @@ static void test_finalize() {
       widx[k] = p.idx;
     }
     const int64_t label = int64_t(rng() % V);
-    const FinalRow<double> f =
-        finalize_row(wm.data(), ws1.data(), ws2.data(), wt.data(), widx.data(), C, 1, 0, z[label]);
+    // At 1 / tau = 1 the raw logits are z (the fp32 / fp64 path's partials: raw max, sums
+    // relative to it).
+    const ForwardTermRaw<double> term(1.0);
+    const FinalRow<double> f = finalize_row(
+        fold_row(term, wm.data(), ws1.data(), ws2.data(), wt.data(), widx.data(), C, 1, 0), term,
+        z[label]);
 
     // One-pass reference over the whole row.
     const Partial all = chunk_state(z, 0, V);
@@ -298,37 +302,35 @@ static void check_forward_chunk(const std::vector<float>& x, int T, float inv_ta
   const ForwardTerm<Tag> term(inv_tau);
   const ChunkOut c = emulate_chunk<Tag>(x.data(), n_elem, T, inv_tau);
   CHECK(c.found_ok, "a thread with the max found no match (trial %d)", trial);
-  const float M = c.M, m = c.m;
+  const float M = c.M;
   const double s1 = c.s1, s2 = c.s2, t = c.t;
-  const int idx = c.idx;
-  // Reference in double from the same rounded z = fl(x * inv_tau).
-  double zm = -INFINITY;
+  // Reference in double from the raw logits: the first index of the raw max, d = (x - xm) / tau
+  // with the kernel's fp32 1 / tau (its rounding is the temperature's).
+  float xm = -INFINITY;
   bool bad = false;
   int ref_idx = -1;
   for (int e = 0; e < n_elem; ++e) {
-    const float z = term.scale(x[e]);
-    if (std::isnan(z) || z == INFINITY) bad = true;
-    if (ref_idx < 0 || double(z) > zm) {
-      if (ref_idx < 0 || double(z) > zm) ref_idx = e;
-      zm = std::max(zm, double(z));
-    }
+    if (std::isnan(x[e]) || x[e] == INFINITY) bad = true;
+    if (ref_idx < 0 || x[e] > xm) ref_idx = e, xm = std::max(xm, x[e]);
   }
   if (bad) {
     CHECK(std::isnan(M) || M == INFINITY, "NaN / +inf must reach the chunk max (trial %d)", trial);
     return;
   }
-  if (zm == -INFINITY) return;  // all -inf: finalize makes the row invalid
+  if (xm == -INFINITY) return;  // all -inf: finalize makes the row invalid
   double r1 = 0, r2 = 0, rt = 0;
   for (int e = 0; e < n_elem; ++e) {
-    const double d = double(term.scale(x[e])) - zm;
+    const double d = (double(x[e]) - double(xm)) * double(inv_tau);
     if (d == -INFINITY) continue;
     const double ex = std::exp(d);
     r1 += ex;
     r2 += ex * ex;
     rt += ex * d;
   }
-  CHECK(double(m) == zm, "chunk max %.9g vs %.9g (trial %d)", double(m), zm, trial);
-  const double lse = zm + std::log(s1), rlse = zm + std::log(r1);
+  const double zm = double(xm) * double(inv_tau);
+  CHECK(M == xm, "chunk max %.9g vs %.9g (trial %d)", double(M), double(xm), trial);
+  // The chunk's sums are relative to term.chunk_ref(m) (fold_row's reference).
+  const double lse = term.chunk_ref(c.m) + std::log(s1), rlse = zm + std::log(r1);
   const double H = std::log(s1) - t / s1, rH = std::log(r1) - rt / r1;
   const double Cc = s2 / (s1 * s1), rC = r2 / (r1 * r1);
   // 16-bit path: the base-2 exponent fma(x, fl(log2e / tau), -ref) has an absolute error of
@@ -339,7 +341,7 @@ static void check_forward_chunk(const std::vector<float>& x, int T, float inv_ta
   CHECK(std::fabs(H - rH) <= tol * (1 + std::fabs(rH)), "entropy %.9g vs %.9g (trial %d)", H, rH,
         trial);
   CHECK(std::fabs(Cc - rC) <= tol * rC, "collision %.9g vs %.9g (trial %d)", Cc, rC, trial);
-  CHECK(idx == ref_idx, "argmax %d vs %d (trial %d)", idx, ref_idx, trial);
+  CHECK(c.idx == ref_idx, "argmax %d vs %d (trial %d)", c.idx, ref_idx, trial);
 }
 
 static float to_bf16(float f) {  // round to nearest even (finite inputs)
@@ -387,31 +389,38 @@ static void test_forward_thread_math() {
   }
 }
 
-// 16-bit rows through the forward as the kernels run it: every chunk emulated (emulate_chunk,
-// the kernel's thread layout and fp32 CTA sums; exp2 exact, as the header says), folded and
-// finished as token_stats_finalize_kernel does (fold_row<true>, finalize_row_fast), against
-// float64 from the raw logits (z = x inv_tau with the kernel's fp32 1 / tau: its rounding is the
-// temperature's, not the kernel's). Rows: random, shifted (|z| up to ~400), peaked and near
-// one-hot (the label often at the max), ties of the max across chunks, -inf runs; 1 to 3 chunks.
-static void test_row_16bit() {
+// Rows through the forward as the kernels run it: every chunk emulated (emulate_chunk, the
+// kernel's thread layout and fp32 CTA sums; exp2 exact, as the header says), folded and finished
+// as token_stats_finalize_kernel does (fold_row, then finalize_row_fast for 16-bit logits,
+// finalize_row for fp32), against float64 from the raw logits (z = x inv_tau with the kernel's
+// fp32 1 / tau: its rounding is the temperature's, not the kernel's). Rows: random, shifted (|z|
+// up to ~800), peaked and near one-hot (the label often at the max), ties of the max across
+// chunks, -inf runs; 1 to 3 chunks (fp32: up to 5). Beside the kernel's error, the error of
+// rounding z = x / tau alone (the rest exact), which plain fp32 PyTorch and every z - m method
+// carry.
+template <typename Tag>
+static void test_rows(const char* name) {
+  using Tr = DTypeTraits<Tag>;
   std::mt19937_64 rng(7);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   const float ninf = -std::numeric_limits<float>::infinity();
+  const auto round_in = [](float v) { return Tr::kPacked16 ? to_bf16(v) : v; };
   const float inv_taus[] = {1.0f, 1.0f / 0.7f, 1.0f / 0.05f, 0.5f};
   const float offsets[] = {0.0f, 20.0f, -15.0f, 40.0f};
-  double worst_new[4] = {0, 0, 0, 0}, worst_old[4] = {0, 0, 0, 0};  // lse, logprob, H, lgp rel
+  double worst[4] = {0, 0, 0, 0}, worst_z[4] = {0, 0, 0, 0};  // lse, logprob, H, lgp
+  double worst_max_prob = 0;  // relative
   for (int trial = 0; trial < 240; ++trial) {
     const int64_t V = trial % 6 == 0 ? 1 + int64_t(rng() % 9) : 1 + int64_t(rng() % 140000);
     const float inv_tau = inv_taus[trial % 4];
     const float offset = offsets[(trial / 4) % 4];
     std::vector<float> x(V);
-    for (auto& v : x) v = to_bf16(normal(rng) + offset);
+    for (auto& v : x) v = round_in(normal(rng) + offset);
     const int kind = (trial / 16) % 5;
     int64_t top = int64_t(rng() % V);
-    if (kind == 1) x[top] = to_bf16(offset + 40.0f);  // near one-hot
-    if (kind == 2) x[top] = to_bf16(offset + 16.0f);  // peaked
+    if (kind == 1) x[top] = round_in(offset + 40.0f);  // near one-hot
+    if (kind == 2) x[top] = round_in(offset + 16.0f);  // peaked
     if (kind == 3) {  // the max tied, the later copy in another chunk when there are several
-      x[top] = to_bf16(offset + 30.0f);
+      x[top] = round_in(offset + 30.0f);
       x[V - 1] = x[top];
       top = std::min<int64_t>(top, V - 1);
     }
@@ -420,74 +429,95 @@ static void test_row_16bit() {
         if (j != top && rng() % 3 == 0) x[j] = ninf;
     const int64_t label = (kind == 1 || kind == 2) && trial % 2 ? top : int64_t(rng() % V);
 
-    const ChunkPlan plan = plan_chunks(V, DTypeTraits<BF16>::kVec);
-    const int64_t C = plan.n_chunks, per = int64_t(plan.vecs_per_chunk) * DTypeTraits<BF16>::kVec;
+    const ChunkPlan plan = plan_chunks(V, Tr::kVec);
+    const int64_t C = plan.n_chunks, per = int64_t(plan.vecs_per_chunk) * Tr::kVec;
     std::vector<float> wm(C), ws1(C), ws2(C), wt(C);
     std::vector<int32_t> widx(C);
     for (int64_t k = 0; k < C; ++k) {
       const int64_t lo = k * per, n = std::min<int64_t>(V, lo + per) - lo;
-      const ChunkOut c = emulate_chunk<BF16>(x.data() + lo, int(n), plan.threads, inv_tau);
+      const ChunkOut c = emulate_chunk<Tag>(x.data() + lo, int(n), plan.threads, inv_tau);
       wm[k] = c.m;
       ws1[k] = c.s1;
       ws2[k] = c.s2;
       wt[k] = c.t;
       widx[k] = c.idx == INT_MAX ? INT_MAX : int32_t(lo + c.idx);
     }
+    const ForwardTerm<Tag> term(inv_tau);
     const FoldedRow folded =
-        fold_row<true>(wm.data(), ws1.data(), ws2.data(), wt.data(), widx.data(), C, 1, 0);
-    const ForwardTermFast term(inv_tau);
-    const FinalRow<float> got = finalize_row_fast(folded, term, x[folded.argmax], x[label]);
-    // For comparison, the fp32 path's finish (z units, the max's term taken as 1).
-    const FinalRow<float> old = finalize_row(wm.data(), ws1.data(), ws2.data(), wt.data(),
-                                             widx.data(), C, 1, 0, term.scale(x[label]));
-
-    double zm = -INFINITY;
-    int64_t first = -1;
-    for (int64_t j = 0; j < V; ++j)
-      if (double(x[j]) * inv_tau > zm) zm = double(x[j]) * inv_tau, first = j;
-    double r1 = 0, r2 = 0, rt = 0;
-    for (int64_t j = 0; j < V; ++j) {
-      const double d = double(x[j]) * inv_tau - zm;
-      if (d == -INFINITY) continue;
-      r1 += std::exp(d);
-      r2 += std::exp(2 * d);
-      rt += std::exp(d) * d;
+        fold_row(term, wm.data(), ws1.data(), ws2.data(), wt.data(), widx.data(), C, 1, 0);
+    FinalRow<float> got;
+    if constexpr (Tr::kPacked16) {
+      got = finalize_row_fast(folded, term, x[folded.argmax], x[label]);
+    } else {
+      got = finalize_row(folded, term, x[label]);
     }
-    const double lse = zm + std::log(r1), logprob = double(x[label]) * inv_tau - lse;
-    const double H = std::log(r1) - rt / r1, Cc = r2 / (r1 * r1), p_c = std::exp(logprob);
-    const double lgp = (1 - p_c) * (1 - p_c) + (Cc - p_c * p_c);
-    CHECK(got.argmax == first, "argmax %lld vs %lld (trial %d)", (long long)got.argmax,
-          (long long)first, trial);
-    CHECK(got.stats.max_prob <= 1.0f && std::fabs(got.stats.max_prob - 1 / r1) <= 4e-7 / r1,
-          "max_prob %.9g vs %.9g (trial %d)", got.stats.max_prob, 1 / r1, trial);
-    // Error beyond the fp32 output's own rounding (half an ulp of the true value).
-    const auto excess = [](float got_v, double truth) {
-      const float a = float(std::fabs(truth));
-      const double half_ulp = 0.5 * (double(std::nextafter(a, INFINITY)) - double(a));
-      return std::max(0.0, std::fabs(double(got_v) - truth) - half_ulp);
+
+    // The truth from the raw logits, and the same from z = fl(x inv_tau) (zr).
+    struct Row {
+      double lse, logprob, H, lgp, max_prob;
     };
-    const double e_new[4] = {excess(got.stats.lse, lse), excess(got.stats.logprob, logprob),
-                             excess(got.stats.entropy, H), excess(got.stats.lgp, lgp)};
-    const double e_old[4] = {excess(old.stats.lse, lse), excess(old.stats.logprob, logprob),
-                             excess(old.stats.entropy, H), excess(old.stats.lgp, lgp)};
-    // Measured (these 240 rows): up to 7.2e-7 beyond the outputs' rounding (entropy; lse 1.3e-7,
-    // log p 3.4e-7, lgp 2.0e-7), from the fp32 sums (the per-thread chains of s2 and t, and of
-    // s1 one add per pairwise sum of sum_group values); the z-units finish was up to 5e-5 off
-    // (|z| ~ 1000 at tau 0.05: the chunk's base-2 reference rounded).
+    const auto row_of = [&](auto z_of) {
+      double zm = -INFINITY;
+      for (int64_t j = 0; j < V; ++j) zm = std::max(zm, z_of(j));
+      double r1 = 0, r2 = 0, rt = 0;
+      for (int64_t j = 0; j < V; ++j) {
+        const double d = z_of(j) - zm;
+        if (d == -INFINITY) continue;
+        r1 += std::exp(d);
+        r2 += std::exp(2 * d);
+        rt += std::exp(d) * d;
+      }
+      const double lse = zm + std::log(r1), logprob = z_of(label) - lse;
+      const double Cc = r2 / (r1 * r1), p_c = std::exp(logprob);
+      return Row{lse, logprob, std::log(r1) - rt / r1, (1 - p_c) * (1 - p_c) + (Cc - p_c * p_c),
+                 1 / r1};
+    };
+    const Row truth = row_of([&](int64_t j) { return double(x[j]) * inv_tau; });
+    const Row zr = row_of([&](int64_t j) { return double(x[j] * inv_tau); });
+    int64_t first = 0;
+    for (int64_t j = 1; j < V; ++j)
+      if (x[j] > x[first]) first = j;
+    CHECK(got.argmax == first, "%s argmax %lld vs %lld (trial %d)", name,
+          (long long)got.argmax, (long long)first, trial);
+    // max_prob = 1 / s1 relative to the max's term: off by s1's fp32 rounding, the thread that
+    // holds the max adding each e to its own 1 at ulp(1) / 2 (fp32 adds them one by one: up to
+    // 4.6e-7 relative on these rows; bf16 3.5e-7 in pairwise groups). Plain fp32's
+    // exp(z_m - lse) carries ulp(lse) / 2 relative: 1.9e-6 at lse ~ 40.
+    const double max_prob_err = std::fabs(got.stats.max_prob - truth.max_prob) / truth.max_prob;
+    CHECK(got.stats.max_prob <= 1.0f && max_prob_err <= 6e-7,
+          "%s max_prob %.9g vs %.9g (trial %d)", name, got.stats.max_prob, truth.max_prob, trial);
+    worst_max_prob = std::max(worst_max_prob, max_prob_err);
+    // Error beyond the fp32 output's own rounding (half an ulp of the true value).
+    const auto excess = [](double got_v, double truth_v) {
+      const float a = float(std::fabs(truth_v));
+      const double half_ulp = 0.5 * (double(std::nextafter(a, INFINITY)) - double(a));
+      return std::max(0.0, std::fabs(got_v - truth_v) - half_ulp);
+    };
+    const double e[4] = {excess(got.stats.lse, truth.lse), excess(got.stats.logprob, truth.logprob),
+                         excess(got.stats.entropy, truth.H), excess(got.stats.lgp, truth.lgp)};
+    const double e_z[4] = {excess(zr.lse, truth.lse), excess(zr.logprob, truth.logprob),
+                           excess(zr.H, truth.H), excess(zr.lgp, truth.lgp)};
+    // Measured (these 240 rows), beyond the outputs' rounding: bf16 up to 7.2e-7 (entropy; lse
+    // 1.3e-7, log p 3.4e-7, lgp 2.0e-7), from the fp32 sums (the per-thread chains of s2 and t,
+    // and of s1 one add per pairwise sum of sum_group values); the z-units finish was up to 5e-5
+    // off (|z| ~ 1000 at tau 0.05: the chunk's base-2 reference rounded). fp32, relative to the
+    // raw max: lse 2.9e-7, log p 4.8e-7, entropy 4.8e-7, lgp 3.1e-7, where rounding z = x / tau
+    // alone (the z - m form of the earlier fp32 kernel and of plain PyTorch) is off by 3.9e-5,
+    // 1.0e-5 and 1.9e-5 in log p, entropy and lgp (|z| ~ 800).
     const char* names[4] = {"lse", "logprob", "entropy", "lgp"};
     for (int i = 0; i < 4; ++i)
-      CHECK(e_new[i] <= 1e-6, "%s off by %.3g beyond its rounding (trial %d, V %lld, kind %d)",
-            names[i], e_new[i], trial, (long long)V, kind);
+      CHECK(e[i] <= 1e-6, "%s %s off by %.3g beyond its rounding (trial %d, V %lld, kind %d)",
+            name, names[i], e[i], trial, (long long)V, kind);
     for (int i = 0; i < 4; ++i) {
-      worst_new[i] = std::max(worst_new[i], e_new[i]);
-      worst_old[i] = std::max(worst_old[i], e_old[i]);
+      worst[i] = std::max(worst[i], e[i]);
+      worst_z[i] = std::max(worst_z[i], e_z[i]);
     }
   }
-  std::printf("test_row_16bit: max error beyond the fp32 rounding, finish relative to the max's "
-              "term / in z units: lse %.3g / %.3g, logprob %.3g / %.3g, entropy %.3g / %.3g, "
-              "lgp %.3g / %.3g\n",
-              worst_new[0], worst_old[0], worst_new[1], worst_old[1], worst_new[2], worst_old[2],
-              worst_new[3], worst_old[3]);
+  std::printf("test_rows<%s>: max error beyond the fp32 rounding, the kernel / z = x / tau "
+              "rounded alone: lse %.3g / %.3g, logprob %.3g / %.3g, entropy %.3g / %.3g, "
+              "lgp %.3g / %.3g; max_prob %.3g relative\n",
+              name, worst[0], worst_z[0], worst[1], worst_z[1], worst[2], worst_z[2], worst[3],
+              worst_z[3], worst_max_prob);
 }
 
 static void test_cached_count() {
@@ -525,7 +555,8 @@ int main() {
   test_walk();
   test_finalize();
   test_forward_thread_math();
-  test_row_16bit();
+  test_rows<BF16>("bf16");
+  test_rows<F32>("fp32");
   test_cached_count();
   std::printf("host_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
