@@ -74,7 +74,7 @@
 //                                    per item   per item   vector index, plain step 0)
 //       partial  bf16     31.2 (64)  14.8 (64)  10.4 (80)  9.9 (80)    2539 per item
 //       partial  fp16     31.2 (64)  14.8 (64)  10.4 (80)  9.9 (80)    2539
-//       partial  fp32     47.7 (64)  27.5 (64)  19.0 (128) 18.2 (128)
+//       partial  fp32     47.7 (64)  27.5 (64)  19.0 (128) 18.1 (128)  relative to the raw max
 //       backward bf16     58.1 (64)  15.2 (64)  12.0 (80)  11.5 (80)
 //       backward fp16     58.1 (64)  15.2 (64)  12.0 (80)  11.5 (80)
 //       backward fp32     64.8 (59)  27.5 (64)  21.8 (128) 21.2 (128)  relative to the row max
