@@ -227,7 +227,7 @@ def check_against_reference(
         assert gk is not None, f"no gradient for argument {i}"
         assert gk.dtype == args[i].dtype, f"grad {i}: dtype {gk.dtype} != {args[i].dtype}"
         assert gk.is_contiguous() and gk.shape == args[i].shape
-        floor = grad_floor(i, ups) if grad_floor is not None and dtype != torch.float64 else None
+        floor = grad_floor(i, ups) if grad_floor is not None else None
         errors[f"grad{i}"] = assert_close_to_truth(
             f"grad of argument {i}", gk, gt, gp, GRAD_TOL[dtype], floor
         )

@@ -71,8 +71,8 @@ def _kl_grad_floor(x, xr, kw):
     but they are not rounded alike (the forward shifts block-relative d's to the row's maxes),
     so the difference, exactly 0 on a one-hot w, is off by ~ulp(|log w_j - log v_j| + KL) times
     w_j. Measured: 9.5e-7 on a one-hot row with KL = 9.5 (|g| = 1), on the C++ and the Triton
-    kernel alike; plain PyTorch's log_softmax happens to cancel exactly there. Bound: 4 fp32
-    epsilons of that size.
+    kernel alike; plain PyTorch's log_softmax happens to cancel exactly there. Bound: 4
+    epsilons of that size (fp32's; fp64's for fp64 logits).
 
     2. The rounding of z = x / tau itself (the forward's `_z_rounding_floor` in test_fuzz.py):
     each z_j moves by <= u |z_j| (u = eps / 2), so (log w_j - log v_j) - KL moves by <= 6 u zmax
@@ -81,7 +81,12 @@ def _kl_grad_floor(x, xr, kw):
     v_j) g / tau of their side, the exact gradient of the kernel's own z. Measured: fp32 [1, 4,
     4096], tau 5.26, the reference = logits + 3 rounded to fp32: C++ 1.4e-8 where the truth is
     6.3e-11, 1.6e-10 from the exact gradient of the fp32 z; plain PyTorch rounds z alike and
-    loses it in its log-softmax (3.0e-9 off). 0 for fp64 logits.
+    loses it in its log-softmax (3.0e-9 off). For fp64 logits the float64 truth is the side that
+    rounds z (step_stats' C++ rows form (x - x_max) / tau and round no z), by the same bound at
+    fp64's epsilon. Measured: fp64 [1, 7, 1957], the reference = logits + 3 rounded to fp64, tau
+    0.056 (|z| ~ 150): a reference-gradient entry the truth puts at -1.2e-13 where a 40-digit
+    mpmath gradient of the same inputs is 1.3e-23 and the C++ step_stats kernel 1.5e-23 (the
+    fuzzer, seed 20261205).
     """
     t = kw.get("temperature", 1.0)
     t_ref = kw.get("ref_temperature")
@@ -92,15 +97,15 @@ def _kl_grad_floor(x, xr, kw):
     # |KL|: the float64 sum of equal rows can come out a hair below 0
     kl = (lw.exp() * (lw - lv)).nan_to_num().sum(-1, keepdim=True).abs()
     size = ((lw - lv).abs() + kl).nan_to_num(posinf=0.0)
-    z_eps = 0.0 if x.dtype == torch.float64 else torch.finfo(torch.float32).eps
+    eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     zmax = torch.maximum(finite_abs_max(zp), finite_abs_max(zq))
-    z_size = 3 * z_eps * zmax * torch.maximum(lw.exp(), lv.exp())
+    z_size = 3 * eps * zmax * torch.maximum(lw.exp(), lv.exp())
 
     def floor(i, ups):
         tau = t if i == 0 else t_ref  # argument 0: the logits; else the reference's
         tau = tau.double().unsqueeze(-1) if isinstance(tau, torch.Tensor) else tau
         g = ups["out"].to(x.device).abs().unsqueeze(-1)
-        return (4 * 2.0**-23 * g * lw.exp() * size + g * z_size / tau).nan_to_num()
+        return (4 * eps * g * lw.exp() * size + g * z_size / tau).nan_to_num()
 
     return floor
 
