@@ -121,8 +121,8 @@
 //     z - m, carried ulp(z) / 2 of each: plain PyTorch's error, host_test's fp32 rows up to 3.9e-5
 //     in log p at |z| ~ 800, against 4.8e-7 now), the max's own term exactly 1, and the label's d
 //     in double from the raw logits in finalize_row; exp(d) is ex2.approx of a two-part d log2e
-//     (~2-3 ulp), since fp32 gradients keep fp32 precision. Compiler flags (--use_fast_math) do not change either path: both use explicit
-//     PTX / intrinsics.
+//     (~2-3 ulp), since fp32 gradients keep fp32 precision. Compiler flags (--use_fast_math) do
+//     not change either path: both use explicit PTX / intrinsics.
 //   * fp64 logits: plain double arithmetic.
 //   * Partial states are merged and finalized in double (also for fp32 accumulation), so the
 //     approximate single-precision log/exp/division of --use_fast_math never reach an output.
@@ -748,8 +748,9 @@ PGK_HD double fma_acc(double a, double b, double c) { return fma(a, b, c); }
 //   mx:   the thread's running max of the raw logits x (NaN-propagating)
 //   mz:   term.scale(mx), monotone in x: the raw max itself (fp32 / fp64), or z = fl(x / tau)
 //         (16-bit logits)
-//   ref:  the reference the sums are relative to: term.ref_of(mz) (z units, or z log2e)
-//   s1, s2, t: sum e, sum e^2, sum e d with d = (z or z log2e) - ref, e = exp(z - mz)
+//   ref:  the reference the sums are relative to: term.ref_of(mz) (the raw max, or z log2e)
+//   s1, s2, t: sum e, sum e^2, sum e d with d = term's exponent relative to ref ((x - ref) / tau,
+//         or z log2e - ref) and e = exp(d) (exp2 for 16-bit logits)
 //   step: the last step at which mz rose strictly, i.e. the first step that holds an element
 //         whose scaled value equals the thread's final mz (the argmax is searched there only).
 // Each step: mx takes the step's max (one packed max per 16-bit pair), then the sums are
@@ -1029,9 +1030,10 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
     const acc_t s1 = run.s1, s2 = run.s2, t = term.finish_t(run.t);
 
     // First index of the max, as the CPU (the raw logits; 16-bit logits compare their z, equal
-    // only for equal logits). Only threads whose own max equals m can hold it (rarely more than one per chunk), and only in the step
-    // where that max was first reached (run.step): they read that step's vectors again (L1/L2
-    // hits) in a loop that is not unrolled, element by element in index order.
+    // only for equal logits). Only threads whose own max equals m can hold it (rarely more than
+    // one per chunk), and only in the step where that max was first reached (run.step): they
+    // read that step's vectors again (L1/L2 hits) in a loop that is not unrolled, element by
+    // element in index order.
     int idx = INT_MAX;
     if (run.mz == m) {
       const int first = run.step * kUnroll * T + tid;
@@ -1152,7 +1154,7 @@ PGK_HD FinalRow<acc_t> finalize_row(const FoldedRow& f, const ForwardTermRaw<acc
   return rounded_final<acc_t>(finalize_token_stats_relative(f.s, d_label), f.argmax);
 }
 
-// 16-bit logits, from fold_row<true> and the raw logits at the argmax (x_max) and the label.
+// 16-bit logits, from fold_row and the raw logits at the argmax (x_max) and the label.
 // The max entered the sums as e_m = ex2(eps), eps = fma(x_max, c, -ref) the rounding residual of
 // its base-2 exponent (ForwardTermFast::add, the same instructions, so the same bits), not as 1:
 // the row is finished relative to that term (MaxTerm), so max_prob = e_m / s1 <= 1 and the
