@@ -10,6 +10,7 @@ from pg_kernels.reference._util import (
     finish,
     invalid_rows,
     label_mask,
+    relative_to_max,
     scaled,
     zero_where_neginf,
 )
@@ -31,22 +32,24 @@ def token_stats(
     keep, c = label_mask(labels, ignore_index)
     invalid = invalid_rows(z)
     lse = torch.logsumexp(z, -1)
-    logp = z - lse.unsqueeze(-1)
-    p = logp.exp()
     neginf = torch.isneginf(z)
     if upcast:
-        # The float64 truth relative to the row max m: H = log s1 - sum p (z - m), p from z - m.
-        # L - sum p z cancels |L| to a few ulp(L), and for float64 logits that form would be the
-        # truth itself: fp64 V = 2, L ~ 47, entropy -4.3e-14 where a 50-digit evaluation gives
-        # 1.0752e-13 (2.2e-13 off at L ~ 65), where this form and the kernels' log s1 - t / s1
-        # are off by ~1e-16 (ulp(1) of s1).
-        m = z.detach().amax(-1, keepdim=True)
-        d = z - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        log_s1 = torch.logsumexp(d, -1, keepdim=True)
-        p_d = ((d - log_s1).exp() * zero_where_neginf(d, neginf)).sum(-1)
-        entropy = log_s1.squeeze(-1) - p_d
+        # The float64 truth relative to the row max: log p = d - log s1 with d = z - z_max and
+        # log s1 = log1p(the rest), s1 - 1 kept (relative_to_max). z - L rounds L at ulp(L) / 2:
+        # an fp32 row whose rest is 7.6e-15 at |z| ~ 197 (tau 16.7) had the truth log p_c = 0
+        # where a 50-digit evaluation gives -7.598e-15 and the C++ kernel -7.550e-15.
+        # H = log s1 - sum p d likewise: L - sum p z cancels |L| to a few ulp(L), and for float64
+        # logits that form would be the truth itself: fp64 V = 2, L ~ 47, entropy -4.3e-14 where
+        # a 50-digit evaluation gives 1.0752e-13 (2.2e-13 off at L ~ 65), where this form and
+        # the kernels' log s1 - t / s1 are off by ~1e-16 (ulp(1) of s1).
+        d, log_s1 = relative_to_max(z)
+        logp = d - log_s1
+        p = logp.exp()
+        entropy = log_s1.squeeze(-1) - (p * zero_where_neginf(d, neginf)).sum(-1)
     else:
         # H = L - sum p z, the form trainers use; -inf logits have p = 0 and add nothing.
+        logp = z - lse.unsqueeze(-1)
+        p = logp.exp()
         entropy = lse - (p * zero_where_neginf(z, neginf)).sum(-1)
     collision = (p * p).sum(-1)
     logprob = logp.gather(-1, c.unsqueeze(-1)).squeeze(-1)
