@@ -19,7 +19,10 @@ sampled from the float64 softmax at the temperature (as a rollout samples them).
     python benchmarks/fidelity.py [--rows 256] [--vocab 32000] [--backend cpu] [--save]
 
 Prints a markdown table; writes benchmarks/out/fidelity.{json,md} (and with --save
-benchmarks/results/<machine>/fidelity.{json,md}).
+benchmarks/results/<machine>/fidelity.{json,md}); another backend's files are named
+fidelity_<backend>. Without a GPU, `--backend triton` runs the Triton kernels under the
+interpreter (TRITON_INTERPRET=1) with a GPU's arithmetic (PGK_EMULATE_GPU=1, as the tests do):
+    TRITON_INTERPRET=1 PGK_EMULATE_GPU=1 python benchmarks/fidelity.py --backend triton --rows 64
 """
 
 from __future__ import annotations
@@ -237,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
         "rows": args.rows,
         "vocab": args.vocab,
         "backend": args.backend,
+        "environment": {
+            k: os.environ[k] for k in ("TRITON_INTERPRET", "PGK_EMULATE_GPU") if k in os.environ
+        },
         "device": device_name(torch.device("cpu")),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": round(seconds, 1),
@@ -247,7 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"Max error against float64 ({args.rows} x {args.vocab} peaked logits; relative error "
         f"over rows with |truth| > {REL_FLOOR:g}; {meta['device']}; "
-        f"{meta['date']}; commit {commit}{' (dirty)' if dirty else ''}; {seconds:.0f} s).\n\n"
+        f"{meta['date']}; commit {commit}{' (dirty)' if dirty else ''}; {seconds:.0f} s"
+        + "".join(f"; {k}={v}" for k, v in meta["environment"].items())
+        + ").\n\n"
     )
     md = header + markdown(records, args.backend)
     print(md)
@@ -256,9 +264,10 @@ def main(argv: list[str] | None = None) -> None:
         dirs.append(ROOT / "benchmarks" / "results" / (args.machine or _machine_tag()))
     for out in dirs:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "fidelity.md").write_text(md)
-        (out / "fidelity.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-        print(f"wrote {out / 'fidelity.md'} and fidelity.json")
+        name = "fidelity" if args.backend == "cpu" else f"fidelity_{args.backend}"
+        (out / f"{name}.md").write_text(md)
+        (out / f"{name}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        print(f"wrote {out / name}.md and {name}.json")
 
 
 def _machine_tag() -> str:
