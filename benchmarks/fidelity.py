@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--save", action="store_true", help="also write benchmarks/results/<machine>/")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), help="the output folder")
     ap.add_argument("--machine", default=None, help="results folder name (default: from the CPU)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     md = header + markdown(records, args.backend)
     print(md)
-    dirs = [ROOT / "benchmarks" / "out"]
+    dirs = [Path(args.out)]
     if args.save:
         dirs.append(ROOT / "benchmarks" / "results" / (args.machine or _machine_tag()))
     for out in dirs:
