@@ -615,3 +615,26 @@ def test_near_equal_small_teacher_rows_weight_side_gradient(bd):
                 diff_fields=fields, check_fields=("kl",), grad_args=(0, 4),
                 grad_floor=lambda i, ups, f=kl_floor: f(i, {"out": ups["kl"]}),
             )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_kl_teacher_gradient_far_below_the_policy_max(bd, dtype):
+    """Forward KL(q || p) to a flat teacher (tau_q 14.3) from a sharp policy (tau 0.095): the
+    policy's log p_j reaches -852 nats, below the exponent floor that zeroes p_j (2^-1024) but
+    not the teacher's gradient q_j ((d_q - d_p) - c), whose d_p must stay exact there. Triton's
+    16-bit bundle took d_p from token_stats' floored exponent: a teacher-gradient entry 0.00479
+    where the truth is 0.00650 (bf16 [2, 2, 257], the fuzzer, seed 20261205)."""
+    backend, device = bd
+    g = torch.Generator().manual_seed(20261205)
+    x = (torch.rand(3, 257, generator=g, dtype=torch.float64) * 81 - 40).to(dtype)
+    x[:, 0] = -40.0  # the row's floor: d_p = -81 / 0.095 = -852 nats
+    xq = (x.double() + 3.0).to(dtype)
+    kw = {"kl_direction": "forward", "temperature": torch.full((3,), 0.095, device=device),
+          "ref_temperature": 14.3}  # fmt: skip
+    x, xq = x.to(device), xq.to(device)
+    kl_floor = _kl_grad_floor(x, xq, kw | {"direction": "forward"})
+    y = torch.tensor([5, 100, 256], device=device)
+    check_against_reference(
+        _op(backend), _ref, (x, y, None, None, xq), kw, diff_fields=("kl",), check_fields=("kl",),
+        grad_args=(0, 4), grad_floor=lambda i, ups, f=kl_floor: f(i, {"out": ups["kl"]}),
+    )  # fmt: skip

@@ -167,6 +167,12 @@ KL_STATE = 3  # the reference's (m, log s1) and c = E_w[d_w - d_v] per row
 # The backward's floor of a reference logit's difference to its max (-inf there: 0 weight):
 # below any real logit difference, and its product with a gradient factor stays finite.
 XQ_FLOOR = tl.constexpr(-1e30)
+# The floor of the logits' exponent d2 (base 2) where forward KL's teacher gradient
+# q_j ((d_q - d_p) - c) weighs it: token_stats' D_MIN (-1024) zeroes p_j but cut a sharp
+# policy's d_p (-852 nats, tau 0.095, against a teacher at tau 14.3: a teacher-gradient entry
+# 26 % off). Finite, so that a -inf logit keeps e (b d2) = 0 and q_j d2 finite, and small enough
+# that b d2 and k_d d2 stay finite for any per-row factor below 1e26.
+D2_FAR = tl.constexpr(-(2.0**40))
 
 
 @triton.jit
@@ -654,7 +660,8 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
     -G d_q is added: e (a + b d2 + q e + g_p max(x_q - a_q, floor)), g_p = -G / tau_q.
     Forward KL: p_j g / tau is in a, q_j g / tau subtracted (g_p = g / tau); the reference's
     gradient q_j g_q ((d_q - d_p) - c) = q_j (f_q (x_q - a_q) - k_d d2 + shift), f_q =
-    g_q / tau_q, k_d = g_q ln2, shift = -g_q (ln2 rho_hi + c) (per-row factors).
+    g_q / tau_q, k_d = g_q ln2, shift = -g_q (ln2 rho_hi + c) (per-row factors), d2 here
+    floored at D2_FAR, not D_MIN (a p_j of 0 may face a q_j that is not).
     SERIES (fp32 logits, `_pair.has_other_series`): the other side's difference (reverse: the
     reference's q_j - p_j, f_o = kp g_q; forward: the logits' p_j - q_j, f_o = kp g_p, then not
     in a) from `_pair.other_side_difference` where the two are close, y = (d_w - d_v) + dl_u in
@@ -664,7 +671,8 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
     from r = (d_p - d_q) / ln2 (reverse; forward (d_q - d_p) / ln2) in one difference per
     element, not from d_p folded into O(1) coefficients: reverse e fma(r, G ln2, coef), -G c in
     a and b as token_stats' (g_p = G ln2); forward q_j fma(r, k_d, shift), shift = -g_q c."""
-    d2, e = bwd_exps(x, m, c, rho_hi)
+    # Forward KL weighs d_p by q_j, which is not 0 where p_j is: d2 floored far lower there.
+    d2, e = bwd_exps(x, m, c, rho_hi, D2_FAR if KL and not REVERSE else D_MIN)
     coef = tl.fma(q, e, tl.fma(b, d2, a))
     dq = tl.zeros_like(e)
     if KL:

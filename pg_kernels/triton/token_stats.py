@@ -565,21 +565,23 @@ def _bwd_values(x, m, c, rho_hi, a, b, q):
     """dz / tau of logits x (ACC) without the label term, in base 2 (see _bwd_kernel):
     e = 2^d2, d2 = (x - m) c - rho_hi, dz = e (a + b d2 + q e). d2 is clamped to a finite floor:
     a -inf logit has e = 0 and e (b d2) must be 0, not 0 * inf."""
-    d2, e = bwd_exps(x, m, c, rho_hi)
+    d2, e = bwd_exps(x, m, c, rho_hi, D_MIN)
     return bwd_dz(d2, e, a, b, q)
 
 
 @triton.jit
-def bwd_exps(x, m, c, rho_hi):
+def bwd_exps(x, m, c, rho_hi, FLOOR: tl.constexpr):
     """(d2, e = 2^d2) of logits x: e = p_j / k (see `_bwd_values`)."""
-    d2 = bwd_exponent(x, m, c, rho_hi)
+    d2 = bwd_exponent(x, m, c, rho_hi, FLOOR)
     return d2, exp2_acc(d2)
 
 
 @triton.jit
-def bwd_exponent(x, m, c, rho_hi):
-    """d2 = (x - m) c - rho_hi of logits x, floored at D_MIN (see `_bwd_values`)."""
-    return tl.maximum(tl.fma(x - m, c, -rho_hi), D_MIN)
+def bwd_exponent(x, m, c, rho_hi, FLOOR: tl.constexpr):
+    """d2 = (x - m) c - rho_hi of logits x, floored at FLOOR (D_MIN, or lower where d2 itself
+    is weighed by another side's probability; see `_bwd_values`): any floor at which 2^d2 is 0
+    gives the same e, and a finite one keeps e (b d2) = 0 for a -inf logit."""
+    return tl.maximum(tl.fma(x - m, c, -rho_hi), FLOOR)
 
 
 @triton.jit
@@ -675,7 +677,7 @@ def bwd_value64(x, m, c, rho_hi, row64, g_l):
     (rho_lo, A, g_h, g_c) of `bwd_row` (B = -g_h, C = 2 g_c); g_l: the label's term, or 0."""
     f64: tl.constexpr = tl.float64
     rho_lo, big_a, g_h, g_c = row64
-    d2 = bwd_exponent(x, m, c, rho_hi).to(f64)  # the loop's own d2
+    d2 = bwd_exponent(x, m, c, rho_hi, D_MIN).to(f64)  # the loop's own d2
     log_p = LN2 * (d2 - rho_lo)
     p = tl.exp(log_p)
     inv_tau = c.to(f64) * LN2
