@@ -23,6 +23,7 @@ benchmarks/results/<machine>/fidelity.{json,md}); another backend's files are na
 fidelity_<backend>. Without a GPU, `--backend triton` runs the Triton kernels under the
 interpreter (TRITON_INTERPRET=1) with a GPU's arithmetic (PGK_EMULATE_GPU=1, as the tests do):
     TRITON_INTERPRET=1 PGK_EMULATE_GPU=1 python benchmarks/fidelity.py --backend triton --rows 64
+On a GPU: `--backend triton --device cuda`, and `--backend cuda --device cuda --ops token_stats`.
 """
 
 from __future__ import annotations
@@ -172,16 +173,23 @@ def errors(out: torch.Tensor, truth: torch.Tensor, relative: bool) -> tuple[floa
     return abs_err, rel
 
 
-def measure(n: int, v: int, backend: str) -> list[dict]:
+def measure(n: int, v: int, backend: str, ops=tuple(OPS), device: str = "cpu") -> list[dict]:
+    """Every record of `ops`; the inputs drawn on the CPU (the same on every device), then moved
+    to `device`, where all three implementations and the float64 truth run."""
     records = []
     seed = 0
     for op in OPS:
         for dname, dtype in DTYPES.items():
             for tau in TEMPERATURES:
-                seed += 1
-                d = make_inputs(n, v, dtype, tau, seed=seed)
+                seed += 1  # per (op, dtype, T) whatever `ops` holds: the same inputs
+                if op not in ops:
+                    continue
+                d = {k: t.to(device) for k, t in make_inputs(n, v, dtype, tau, seed=seed).items()}
                 g = torch.Generator().manual_seed(7)
-                weights = {k: torch.randn(n, generator=g, dtype=torch.float64) for k in OPS[op][1]}
+                weights = {
+                    k: torch.randn(n, generator=g, dtype=torch.float64).to(device)
+                    for k in OPS[op][1]
+                }
                 res = {
                     impl: run_impl(op, impl, d, tau, backend, weights)
                     for impl in ("float64", "pg_kernels", "torch fp32")
@@ -225,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (a GPU backend's tensors)")
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS),
+                    help="the ops to measure (CUDA has token_stats only)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--save", action="store_true", help="also write benchmarks/results/<machine>/")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), help="the output folder")
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    records = measure(args.rows, args.vocab, args.backend)
+    records = measure(args.rows, args.vocab, args.backend, tuple(args.ops), args.device)
     seconds = time.perf_counter() - t0
     commit, dirty = git_state()
     meta = {
@@ -244,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         "environment": {
             k: os.environ[k] for k in ("TRITON_INTERPRET", "PGK_EMULATE_GPU") if k in os.environ
         },
-        "device": device_name(torch.device("cpu")),
+        "device": device_name(torch.device(args.device)),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": round(seconds, 1),
         "commit": commit,
@@ -262,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     print(md)
     dirs = [Path(args.out)]
     if args.save:
-        dirs.append(ROOT / "benchmarks" / "results" / (args.machine or _machine_tag()))
+        dirs.append(ROOT / "benchmarks" / "results" / (args.machine or _machine_tag(args.device)))
     for out in dirs:
         out.mkdir(parents=True, exist_ok=True)
         name = "fidelity" if args.backend == "cpu" else f"fidelity_{args.backend}"
@@ -271,8 +282,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {out / name}.md and {name}.json")
 
 
-def _machine_tag() -> str:
-    """A results folder name from the CPU model and core count, e.g. cpu-intel-xeon-2core."""
+def _machine_tag(device: str) -> str:
+    """A results folder name: from the CPU model and core count, e.g. cpu-intel-xeon-2core, or
+    the GPU's name, e.g. nvidia-h200."""
+    if device != "cpu":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     model = device_name(torch.device("cpu")).rsplit(",", 1)[0].lower()
     words = re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*", " ", model).split()
     slug = "-".join(re.sub(r"[^a-z0-9]+", "", w) for w in words[:3])
