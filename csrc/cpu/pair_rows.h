@@ -58,17 +58,6 @@ struct PairFrame {
 // carried ~1e-7 (fp32 [2, 257], per-row tau: token_kl 4.8e-7 where the truth is ~0 and plain
 // PyTorch's error 3.7e-8).
 
-template <typename acc_t>
-bool any_lane_set(const Vec<acc_t>& mask) {
-  constexpr int64_t W = Vec<acc_t>::size();
-  acc_t lanes[W];
-  mask.store(lanes);
-  for (int64_t i = 0; i < W; ++i) {
-    if (lanes[i] != acc_t(0)) return true;  // an all-ones lane reads as NaN, != 0
-  }
-  return false;
-}
-
 // d_w and e_w of one vector of a pair pass, with the v side's d_v kept out of u where v_j = 0:
 // the term is +inf when w_j > 0 (recorded in `inf`), and taking d_v = d_w there makes its
 // difference 0. Elsewhere e_w = 0 makes the term 0. Returns d_w - d_v so adjusted.

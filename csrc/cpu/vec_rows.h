@@ -296,28 +296,41 @@ inline acc_t finite_shift(acc_t m) {
   return m == neg_inf<acc_t>() ? acc_t(0) : m;
 }
 
-// Whether every lane of a comparison mask is set (all-ones lanes).
+// The lanes of a comparison mask (all-ones or all-zeros lanes) as bits, lane i in bit i.
 template <typename acc_t>
-bool all_lanes_set(const Vec<acc_t>& mask) {
+uint32_t lane_bits(const Vec<acc_t>& mask) {
   constexpr int64_t W = Vec<acc_t>::size();
+  static_assert(W <= 32, "a mask's lanes must fit in 32 bits");
   acc_t lanes[W];
   mask.store(lanes);
+  uint32_t bits = 0;
   for (int64_t i = 0; i < W; ++i) {
-    if (!(lanes[i] != acc_t(0))) return false;  // an all-ones lane reads as NaN, != 0
+    bits |= uint32_t(lanes[i] != acc_t(0)) << i;  // an all-ones lane reads as NaN, != 0
   }
-  return true;
+  return bits;
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
 template <>
-inline bool all_lanes_set(const Vec<float>& mask) {
-  return _mm256_movemask_ps(__m256(mask)) == 0xff;
+inline uint32_t lane_bits(const Vec<float>& mask) {
+  return uint32_t(_mm256_movemask_ps(__m256(mask)));
 }
 template <>
-inline bool all_lanes_set(const Vec<double>& mask) {
-  return _mm256_movemask_pd(__m256d(mask)) == 0xf;
+inline uint32_t lane_bits(const Vec<double>& mask) {
+  return uint32_t(_mm256_movemask_pd(__m256d(mask)));
 }
 #endif
+
+template <typename acc_t>
+bool all_lanes_set(const Vec<acc_t>& mask) {
+  constexpr uint32_t kAll = uint32_t((uint64_t(1) << Vec<acc_t>::size()) - 1);
+  return lane_bits(mask) == kAll;
+}
+
+template <typename acc_t>
+bool any_lane_set(const Vec<acc_t>& mask) {
+  return lane_bits(mask) != 0;
+}
 
 // Whether d[0, n) holds no -inf (NaN counts as -inf). For a pair pass's v side (v_j = 0 nowhere):
 // then the chunk's full vectors need none of pair_rows.h's pair_difference masking, d_w - d_v
