@@ -17,6 +17,9 @@
 #   memcheck        compute-sanitizer --tool memcheck  benchmarks/gpu_sanitize.py  } beside
 #   racecheck       compute-sanitizer --tool racecheck benchmarks/gpu_sanitize.py  } tests_cuda
 #   graph           benchmarks/gpu_graph_check.py: token_stats fwd+bwd CUDA-graph replay == eager
+#   fidelity        benchmarks/fidelity.py on the GPU (64 x 32000, fp32 and bf16, T = 1 and 0.7):
+#                   every op's Triton kernel, then CUDA's token_stats, against float64 beside plain
+#                   PyTorch; fidelity_triton.* and fidelity_cuda.* in bench.tar.gz
 #   step_stats      bench_step_stats.py, bf16, N=16384 V=151936, T=1: the bundle (Triton) against
 #                   the three single ops (Triton) and eager, first of the benchmarks
 #   bench:<op>:...  every bench_<op>.py, bf16: N=16384 V=151936 at T=1, then at T=0.7, then
@@ -41,8 +44,8 @@
 #   PGK_BUDGET_S      seconds for the whole run (default 540; dry run 300, ~100 s used on an
 #                     idle 2-core machine)
 #   PGK_STEPS         the steps to run (default all: "preflight build tests sanitize graph
-#                     step_stats bench hidden"; hidden = the token_stats_from_hidden benchmark,
-#                     after the others)
+#                     fidelity step_stats bench hidden"; hidden = the token_stats_from_hidden
+#                     benchmark, after the others)
 #   PGK_TEST_JOBS     pytest-xdist workers (default 8)
 #   PGK_BENCH_OPS     ops to benchmark (default all five)
 #   PGK_BENCH_COMPILE ops whose N=16384, T=1 run also times torch.compile of the reference
@@ -63,7 +66,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ $DRY == 1 && -x .venv/bin/python ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 300 || echo 540)}"
-STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph step_stats bench hidden} "
+STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph fidelity step_stats bench hidden} "
 JOBS="${PGK_TEST_JOBS:-8}"
 BENCH_OPS="${PGK_BENCH_OPS:-token_stats kl_divergence mismatch_stats pruned_logprob topk_kl}"
 BENCH_COMPILE=" ${PGK_BENCH_COMPILE:-} "
@@ -282,6 +285,20 @@ graph() {
   fi
 }
 
+# Every op against float64 on the GPU, beside plain PyTorch (the dry run: the C++ kernels, small).
+fidelity() {
+  local rc=0
+  if [[ $DRY == 1 ]]; then
+    "$PYTHON" benchmarks/fidelity.py --backend cpu --rows 8 --vocab 1000 --out "$WORK/bench" || rc=1
+  else
+    "$PYTHON" benchmarks/fidelity.py --backend triton --device cuda --out "$WORK/bench" || rc=1
+    "$PYTHON" benchmarks/fidelity.py --backend cuda --device cuda --ops token_stats \
+      --out "$WORK/bench" || rc=1
+  fi
+  archive_bench
+  return "$rc"
+}
+
 # bench OP TEMPERATURE TAG PROVIDERS SHAPES...
 bench() {
   local op="$1" temp="$2" tag="$3" providers="$4" rc
@@ -304,7 +321,8 @@ bench() {
 }
 
 # The steps run in `bash -c` under timeout: they see these functions and variables.
-export -f preflight build pytest_args tests sanitizer sanitize graph bench archive archive_bench
+export -f preflight build pytest_args tests sanitizer sanitize graph fidelity bench archive \
+  archive_bench
 export DRY PYTHON WORK OUT JOBS REPO BUDGET
 
 # ---------------------------------------------------------------------------- schedule
@@ -365,6 +383,7 @@ fi
 (( ${#pids[@]} )) && wait "${pids[@]}"
 
 if wants graph; then start_step graph 60 graph; else skip_step graph "not in PGK_STEPS"; fi
+if wants fidelity; then start_step fidelity 90 fidelity; else skip_step fidelity "not in PGK_STEPS"; fi
 
 # Benchmarks, alone on the GPU, most wanted first; each run has its own timeout.
 # Step step_stats: the bundle (one read of each logits tensor) against the three single ops.
