@@ -24,12 +24,16 @@ struct StepRow {
   acc_t kl_state[kKLState];
 };
 
-// Row buffers of one thread: the logits' and rollout's chunks (row-sized when the rollout is
-// given: they keep the exps for TV) and the reference's chunk.
+// Buffers of one thread: each tensor's chunk, and when the rollout is given the row's exps of
+// it and of the logits for TV. The chunks are loaded into the L1-resident chunk buffers and
+// only the exps go to the row-sized ones (256 KiB at V = 32000, in L2): loaded straight into
+// the row buffers, every chunk's load first read their lines from L2 (a write-allocate) in
+// the memory-bound load pass.
 template <typename acc_t>
 struct StepScratch {
   ExpScratch<acc_t> exps;  // ew: rollout, ev: logits, chunk_xm: their raw maxes per chunk
   alignas(64) acc_t logits[kBufferSize<acc_t>];
+  alignas(64) acc_t roll[kBufferSize<acc_t>];
   alignas(64) acc_t ref[kBufferSize<acc_t>];
   explicit StepScratch(int64_t V_kept) : exps(V_kept) {}
 };
@@ -61,8 +65,10 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   int64_t argmax = 0;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
-    acc_t* cp = kRoll ? scratch.exps.ev() + begin : scratch.logits;
-    acc_t* cr = kRoll ? scratch.exps.ew() + begin : nullptr;
+    acc_t* cp = scratch.logits;
+    acc_t* cr = scratch.roll;
+    acc_t* ep_row = kRoll ? scratch.exps.ev() + begin : nullptr;  // the exps kept for TV
+    acc_t* er_row = kRoll ? scratch.exps.ew() + begin : nullptr;
     const acc_t chunk_max = load_chunk(xp + begin, n, cp);
     if (!(chunk_max <= xm)) {  // a new max, or a NaN (as token_stats' forward_row)
       if (xm != neg_inf<acc_t>()) row.rescale(acc_t(tp.reference(xm) - tp.reference(chunk_max)));
@@ -111,8 +117,8 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
           er = vexp(dr);
           pr.template add_exps<true, false>(unmasked, dr, er, dp_raw, ep);
         }
-        er.store(cr + i);
-        ep.store(cp + i);
+        er.store(er_row + i);
+        ep.store(ep_row + i);
       }
       if constexpr (kRef) {
         const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(scratch.ref + i);
