@@ -240,6 +240,8 @@ std::vector<at::Tensor> mismatch_stats_forward(
         const LabelReader read_label(labels);
         at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
           ExpScratch<acc_t> scratch(V);
+          alignas(64) acc_t bw[kBufferSize<acc_t>];
+          alignas(64) acc_t bv[kBufferSize<acc_t>];
           for (int64_t r = begin; r < end; ++r) {
             const int64_t c = read_label(r);
             if (c == ignore_index) {
@@ -250,7 +252,7 @@ std::vector<at::Tensor> mismatch_stats_forward(
             const Temperature<acc_t> tp = tau(r), tq = tau_r(r);
             // KL(pi_roll || pi_theta): the weight side is the rollout distribution q.
             const PairRow<acc_t> row = pair_row<scalar_t, acc_t, true>(
-                xq, tq, xp, tp, V, false, scratch.ew(), scratch.ev(), scratch.chunk_xm());
+                xq, tq, xp, tp, V, false, bw, bv, &scratch);
             const auto& s = row.sums;
             const SideState<acc_t> p = saved_side<scalar_t>(row.xm_v, tp, s.m_v, s.s1_v).side;
             o_st[2 * r] = p.m;

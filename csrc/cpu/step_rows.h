@@ -25,10 +25,7 @@ struct StepRow {
 };
 
 // Buffers of one thread: each tensor's chunk, and when the rollout is given the row's exps of
-// it and of the logits for TV. The chunks are loaded into the L1-resident chunk buffers and
-// only the exps go to the row-sized ones (256 KiB at V = 32000, in L2): loaded straight into
-// the row buffers, every chunk's load first read their lines from L2 (a write-allocate) in
-// the memory-bound load pass.
+// it and of the logits for TV (ExpScratch: only the exps are stored there).
 template <typename acc_t>
 struct StepScratch {
   ExpScratch<acc_t> exps;  // ew: rollout, ev: logits, chunk_xm: their raw maxes per chunk

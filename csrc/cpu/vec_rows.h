@@ -244,8 +244,7 @@ inline acc_t load_chunk(const scalar_t* src, int64_t n, acc_t* buf) {
       vmax = at::vec::maximum(vmax, at::vec::maximum(lo, hi));
     }
   }
-  // The rest one by one, then the padding (up to round_up(n, kStep) exactly: row-sized buffers
-  // of pair_row<kKeepExps> hold one chunk after another).
+  // The rest one by one, then the padding, up to round_up(n, kStep) exactly.
   for (int64_t j = i; j < n; ++j) buf[j] = acc_t(src[j]);
   const int64_t n_pad = round_up(n, kStep<acc_t>);
   std::fill(buf + n, buf + n_pad, neg_inf<acc_t>());
