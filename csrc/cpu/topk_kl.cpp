@@ -67,11 +67,7 @@ acc_t buffer_max(const acc_t* buf, int64_t n_pad) {
   constexpr int64_t W = Vec<acc_t>::size();
   Vec<acc_t> vmax(neg_inf<acc_t>());
   for (int64_t i = 0; i < n_pad; i += W) vmax = at::vec::maximum(vmax, Vec<acc_t>::loadu(buf + i));
-  acc_t lanes[W];
-  vmax.store(lanes);
-  acc_t m = lanes[0];
-  for (int64_t i = 1; i < W; ++i) m = max_nan(m, lanes[i]);
-  return m;
+  return lanes_max(vmax);
 }
 
 // q's masses in row_sum_t (double for fp32 rows): sum_K q_v and q_tail = 1 - sum_K q_v
