@@ -173,26 +173,33 @@ NEAR = tl.constexpr(0.25)
 
 
 @triton.jit
+def horner(y, COEF: tl.constexpr, TOP: tl.constexpr):
+    """sum_{n <= TOP} COEF[n] y^n by Horner's rule: one FFMA per coefficient after the first.
+    It starts at y COEF[TOP] + COEF[TOP - 1]; a start at p = y * 0 + COEF[TOP] (to take y's
+    shape) cost an FFMA per element, y * 0 not being 0 for an infinite y."""
+    p = y * COEF[TOP] + COEF[TOP - 1]
+    for n in tl.static_range(TOP - 2, -1, -1):
+        p = p * y + COEF[n]
+    return p
+
+
+@triton.jit
 def excess_series(y):
     """f(y) = e^y - 1 - y from its Taylor series (softmax_stats.h `expm1_excess`), accurate
     relative to f where |y| < 1/4 (garbage elsewhere)."""
     if y.dtype == tl.float64:
-        p = y * 0 + EXCESS_COEF[11]
-        for n in tl.static_range(10, -1, -1):
-            p = p * y + EXCESS_COEF[n]
+        p = horner(y, EXCESS_COEF, 11)
     else:
-        p = y * 0 + EXCESS_COEF[5]
-        for n in tl.static_range(4, -1, -1):
-            p = p * y + EXCESS_COEF[n]
+        p = horner(y, EXCESS_COEF, 5)
     return y * y * p
 
 
 # f(-u x) = x^2 sum_n c_n (-u)^n u^2 x^n: the series of f at delta = -u x for the fp32 lanes'
 # terms, the unit u folded into the coefficients, for x = d_w - d_v in nats (u = 1) or log2
 # units (u = ln 2). 5 terms: the first left out is <= 3.9e-7 of f at |delta| = 1/4, a tenth of
-# the far side's cancellation there (e_v - e_w (1 + delta): ~70 fp32 ulps of f), and the loop
-# of step_stats' forward, with two pairs per element, has no room for a sixth (60.0 of 60
-# SASS instructions per fp32 element triple with it).
+# the far side's cancellation there (e_v - e_w (1 + delta): ~70 fp32 ulps of f), so a sixth
+# would cost step_stats' forward, with two pairs per element, 2 SASS instructions per fp32
+# element triple (56.1 of 60 now) for no accuracy.
 EXCESS_NATS = tl.constexpr(tuple(c * (-1.0) ** n for n, c in enumerate(EXCESS_COEF.value[:5])))
 EXCESS_LOG2 = tl.constexpr(
     tuple(c * (-LN2.value) ** n * LN2.value**2 for n, c in enumerate(EXCESS_COEF.value[:5]))
@@ -208,17 +215,15 @@ def excess_terms(ew, ev, diff, LOG2: tl.constexpr):
     ulps of it), which also gives e_v where e_w = 0 (diff floored, finite) and +inf where
     e_v = 0 < e_w (a KL = +inf row, flagged with u)."""
     tl.static_assert(ew.dtype == tl.float32)
+    # far = e_v - e_w (1 + delta) as fma(e_w, delta - 1, e_v): bitwise the same, and no
+    # unary minus (Triton's -x is 0 - x, one FADD per element that ptxas cannot fold).
     if LOG2:
-        far = tl.fma(-ew, tl.fma(diff, -LN2, 1.0), ev)
-        p = diff * 0 + EXCESS_LOG2[4]
-        for n in tl.static_range(3, -1, -1):
-            p = p * diff + EXCESS_LOG2[n]
+        far = tl.fma(ew, tl.fma(diff, LN2, -1.0), ev)
+        p = horner(diff, EXCESS_LOG2, 4)
         near = tl.abs(diff) < NEAR / LN2
     else:
-        far = tl.fma(-ew, 1.0 - diff, ev)
-        p = diff * 0 + EXCESS_NATS[4]
-        for n in tl.static_range(3, -1, -1):
-            p = p * diff + EXCESS_NATS[n]
+        far = tl.fma(ew, diff - 1.0, ev)
+        p = horner(diff, EXCESS_NATS, 4)
         near = tl.abs(diff) < NEAR
     return tl.where(near, (ew * diff) * (diff * p), far)
 
@@ -257,14 +262,10 @@ def other_side_difference(w, y, far, LOG2: tl.constexpr):
     logit, a KL = +inf row's NaN dl) takes `far`."""
     tl.static_assert(w.dtype == tl.float32)
     if LOG2:
-        p = y * 0 + EXPM1_LOG2[5]
-        for n in tl.static_range(4, -1, -1):
-            p = p * y + EXPM1_LOG2[n]
+        p = horner(y, EXPM1_LOG2, 5)
         near = tl.abs(y) < NEAR / LN2
     else:
-        p = y * 0 + EXPM1_NATS[5]
-        for n in tl.static_range(4, -1, -1):
-            p = p * y + EXPM1_NATS[n]
+        p = horner(y, EXPM1_NATS, 5)
         near = tl.abs(y) < NEAR
     return tl.where(near, w * (y * p), far)
 

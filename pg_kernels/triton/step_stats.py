@@ -55,13 +55,16 @@ element triple (forward, budget 30) / pair (backward with the KL term, both grad
 20), worst variant, first version -> now (.ci/check_triton_sm90.py):
     forward  bf16 33.8 -> 28.3, fp16 33.4 -> 27.8, fp32 33.3 -> 27.7 -> 58.0 with the excess
              (fp32 only, below; budget 60) -> 56.2-60.3 with token_stats' s1, s2 in fp64
-             (`token_stats.sum_dtype`; the pair's s_p no longer shares s1's adds; owed,
-             .ci/check_triton_sm90.py)
+             (`token_stats.sum_dtype`; the pair's s_p no longer shares s1's adds) -> 52.2-56.1
+             with the excess terms' series started at its top coefficient (`_pair.horner`)
+             and their far side without a unary minus (4 instructions per triple: Triton's
+             -x is 0 - x, an FADD that ptxas cannot fold into the FFMA)
     backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 -> 32.2 with the other
              side's series (fp32 only, `_bwd_values`' SERIES; budget 40) -> 31.2 with the
              weight side's d_p - d_q as one difference (SERIES); fp16 20.0 and fp32 31.6 with
              the fp64 label / argmax entries after the loop (their row numbers recomputed
-             there, not kept live through it: kept, one variant read 20.1 and 80 registers)
+             there, not kept live through it: kept, one variant read 20.1 and 80 registers);
+             fp32 30.8 with the series' Horner start (`_pair.horner`)
 Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
 and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
 into integers and back: ~4 per floor). The pair sides in `_pair`'s convention (the top entry
