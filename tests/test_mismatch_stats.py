@@ -445,6 +445,31 @@ def test_tv_properties(bd):
     assert (same.token_kl == 0).all() and (same.token_tv.abs() < 1e-6).all()
 
 
+def test_fp64_tv_of_split_tied_maxima_at_large_z(bd):
+    """fp64 logits at |z| ~ 2500 (T = 0.1372): two tied maxima, and a rollout that splits them
+    by 5e-4 (the rest ~e^-1278, 0 in fp64). Then TV = tanh(delta / 2) / 2 = 9.1e-4 with
+    delta = 5e-4 / T from the exact difference of the two rollout logits. z = x / T rounded
+    carries ulp(z) / 2 per entry: plain fp64 PyTorch is 9.8e-14 off. The float64 truth must not
+    be (`reference._util.scaled_from_max`; the fuzzer found it 9.3e-14 off where the C++
+    step_stats kernel was 8e-20 from a 50-digit truth), and the kernel is held to the rule
+    against the exact value: 2x plain's error plus the TV floor (2 eps)."""
+    backend, device = bd
+    t = 0.1372
+    x = torch.tensor([[338.9941, 163.6319, 338.9941]], dtype=torch.float64, device=device)
+    xr = x - 2.0
+    xr[0, 2] += 5e-4
+    delta = float((xr[0, 2] - xr[0, 0]).cpu()) / t  # the difference is exact (Sterbenz)
+    exact = 0.5 * math.tanh(delta / 2)
+    eps = torch.finfo(torch.float64).eps
+    truth = float(reference.rollout_tv(x, xr, temperature=t)[0])
+    # The truth's own rounding: |p_j - q_j| of two probabilities of 0.5, ~eps / 2 absolute.
+    assert abs(truth - exact) <= eps, (truth, exact)
+    plain = float(reference.rollout_tv(x, xr, temperature=t, upcast=False)[0])
+    y, lp = torch.tensor([0], device=device), torch.zeros(1, device=device)
+    out = float(_op(backend)(x, y, lp, rollout_logits=xr, temperature=t).token_tv[0].cpu())
+    assert abs(out - exact) <= 2 * abs(plain - exact) + 2 * eps, (out, exact, plain)
+
+
 def test_sampled_estimator_values():
     """The elementwise definitions, including the clamp and the IcePop band edges."""
     x = make_logits(6, 50, torch.float64, seed=15)

@@ -15,6 +15,7 @@ from pg_kernels.reference._util import (
     label_mask,
     log_softmax_keeping_rest,
     scaled,
+    scaled_from_max,
 )
 
 DIRECTIONS = ("reverse", "forward")
@@ -52,9 +53,11 @@ def kl_divergence(
     if direction not in DIRECTIONS:
         raise ValueError(f"kl_divergence: direction must be one of {DIRECTIONS}, got {direction!r}")
     dtype = compute_dtype(logits.dtype, upcast)
-    z = scaled(logits, temperature, dtype)
-    zr = scaled(ref_logits, temperature if ref_temperature is None else ref_temperature, dtype)
-    # The truth keeps each normalizer's s1 - 1; plain PyTorch (upcast=False) is log_softmax.
+    # The truth shifts each side by its max before the division (`scaled_from_max`) and keeps
+    # each normalizer's s1 - 1; plain PyTorch (upcast=False) is log_softmax of x / T.
+    scale = scaled_from_max if upcast else scaled
+    z = scale(logits, temperature, dtype)
+    zr = scale(ref_logits, temperature if ref_temperature is None else ref_temperature, dtype)
     if upcast:
         logp, logq = log_softmax_keeping_rest(z), log_softmax_keeping_rest(zr)
     else:
@@ -76,8 +79,9 @@ def rollout_tv(
 ) -> torch.Tensor:
     """Total variation 1/2 sum |p - q| per row [...]."""
     dtype = compute_dtype(logits.dtype, upcast)
-    z = scaled(logits, temperature, dtype)
-    zr = scaled(
+    scale = scaled_from_max if upcast else scaled  # as kl_divergence
+    z = scale(logits, temperature, dtype)
+    zr = scale(
         rollout_logits, temperature if rollout_temperature is None else rollout_temperature, dtype
     )
     tv = 0.5 * (z.softmax(-1) - zr.softmax(-1)).abs().sum(-1)
