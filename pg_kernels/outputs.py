@@ -35,8 +35,10 @@ class TokenStats(NamedTuple):
 
     @property
     def renyi2(self) -> torch.Tensor:
-        """Renyi-2 entropy -log C."""
-        return -self.collision.log()
+        """Renyi-2 entropy -log C; not differentiable, 0 where labels == ignore_index (C = 0
+        there; a kept row has C >= 1 / V) and NaN on NaN rows, as the fields."""
+        c = self.collision.detach()
+        return -torch.where(c == 0, torch.ones_like(c), c).log()
 
 
 _document_fields(

@@ -365,6 +365,42 @@ def test_compile_fullgraph_matches_eager(op_backend_device):
     _assert_bitwise(grads_compiled, grads_eager, f"{op} compiled gradients")
 
 
+@pytest.mark.cpu_backends("cpu", "triton")
+def test_invalid_per_row_temperature_gives_nan_rows(op_backend_device):
+    """A per-row temperature that is not finite and > 0 makes its row NaN (argmax -1, a NaN
+    gradient row), other rows untouched. Python checks the tensor only on CPU outside
+    torch.compile, so under compile (and on every GPU call) the kernels meet it."""
+    op, backend, device = op_backend_device
+    ad = ADAPTERS[op]
+    d = ad.make(8, 33, torch.float32, device, seed=5)  # row 1 is ignored: 0 whatever tau
+    bad = [3, 4, 5, 6]
+    d["temperature"][bad] = torch.tensor([0.0, -1.0, float("inf"), float("nan")], device=device)
+    fixed = {**d, "temperature": d["temperature"].clone()}
+    fixed["temperature"][bad] = 1.0
+
+    def step(d):
+        outs = ad.call(backend, d)
+        return outs, _loss(ad, outs, d["up"])
+
+    torch.compiler.reset()  # one code object per case: see test_compile_fullgraph_matches_eager
+    leaves = _leaves(ad, d)
+    outs, loss = torch.compile(step, fullgraph=True, backend="aot_eager")(leaves)
+    loss.backward()
+    want_outs, want_grads = _forward_backward(ad, backend, fixed)
+    good = [0, 1, 2, 7]
+    for i, (o, w) in enumerate(zip(outs, want_outs, strict=True)):
+        o = o.detach()
+        torch.testing.assert_close(o[good], w[good], rtol=0, atol=0, msg=f"{op} output [{i}]")
+        if o.dtype == torch.int64:
+            assert (o[bad] == -1).all(), (op, i, o[bad])
+        elif o.is_floating_point():
+            assert o[bad].isnan().all(), (op, i, o[bad])
+    for k, w in zip(ad.grad_keys, want_grads, strict=True):
+        g = leaves[k].grad
+        torch.testing.assert_close(g[good], w[good], rtol=0, atol=0, msg=f"{op} grad {k}")
+        assert g[bad].isnan().all(1).all(), (op, k)
+
+
 @pytest.mark.cpu_backends("cpu")
 def test_deterministic(op_backend_device):
     """Two runs of forward + backward give the same bits (no atomics in any reduction)."""

@@ -304,7 +304,7 @@ def test_invalid_rows_stay_local(backend_device):
     x[2, 999] = float("inf")
     x[3] = float("-inf")
     out = _op(backend)(x, y)
-    for name in ("logprob", "entropy", "collision", "lgp", "lse", "max_prob"):
+    for name in ("logprob", "entropy", "collision", "lgp", "lse", "max_prob", "renyi2"):
         got = getattr(out, name)
         assert torch.isnan(got[1:4]).all(), name
         assert torch.equal(got[[0, 4]], getattr(clean, name)[[0, 4]]), name
@@ -320,8 +320,9 @@ def test_ignore_index_rows(backend_device):
     y = torch.tensor([3, -1, 999, -1], device=device)
     xg = x.clone().requires_grad_()
     out = _op(backend)(xg, y, ignore_index=-1)
-    for name in out._fields:
+    for name in (*out._fields, "lgp_norm", "renyi2"):  # renyi2 = -log C, C = 0 there: not inf
         assert (getattr(out, name)[[1, 3]] == 0).all(), name
+    assert not out.renyi2.requires_grad and bool(out.renyi2[[0, 2]].isfinite().all())
     (out.logprob + out.entropy + out.collision + out.lse).sum().backward()
     assert (xg.grad[[1, 3]] == 0).all() and (xg.grad[[0, 2]] != 0).any()
 

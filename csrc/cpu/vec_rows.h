@@ -395,13 +395,16 @@ inline bool shift_divide_chunk(acc_t* buf, int64_t n, const Temperature<acc_t>& 
   return all;
 }
 
-// Per-row temperature: a per-row tensor when given, else the scalar (rounded to acc_t).
+// Per-row temperature: a per-row tensor when given, else the scalar (rounded to acc_t). A
+// per-row value that is not finite and > 0 (Python checks the tensor only outside
+// torch.compile) maps to NaN: a NaN row, as the Triton and CUDA kernels give.
 template <typename acc_t>
 struct RowTemperature {
   const acc_t* per_row;  // nullptr when the temperature is a scalar
   acc_t scalar;
   Temperature<acc_t> operator()(int64_t r) const {
-    return temperature(per_row ? per_row[r] : scalar);
+    const acc_t t = per_row ? per_row[r] : scalar;
+    return temperature(t > acc_t(0) && t < -neg_inf<acc_t>() ? t : quiet_nan<acc_t>());
   }
 };
 
