@@ -151,7 +151,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return (
                 None
                 if triton_interpreted()
-                else "CPU tensors only under TRITON_INTERPRET=1 (see the note below)"
+                else "CPU tensors only under its interpreter (TRITON_INTERPRET=1 set before "
+                "triton is imported): a correctness path, not a fast one"
             )
         return f"no Triton kernels for {kind} tensors"
     if backend == "cuda":

@@ -338,7 +338,8 @@ def test_gradient_flows_through_logprob_only(bd):
     backend, device = bd
     x, xr, y, lp = _inputs(4, 1000, torch.float32, device, seed=8)
     xg = x.clone().requires_grad_()
-    out = _op(backend)(xg, y, lp, rollout_logits=xr)
+    # rollout_logprobs that require grad (an engine's log-probs from a live graph) stay out too
+    out = _op(backend)(xg, y, lp.clone().requires_grad_(), rollout_logits=xr)
     assert out.logprob.requires_grad
     for name in (*SAMPLED, "token_kl", "token_tv"):
         assert not getattr(out, name).requires_grad, name
@@ -572,6 +573,12 @@ BAD_INPUTS = [
      "mismatch_stats has no cuda kernel"),
     (lambda x, xr, y, lp: MS(x, y.index_fill(1, torch.tensor([2]), 50), lp, rollout_logits=xr),
      ValueError, "labels[0, 2] = 50 is outside [0, 50)"),
+    # without rollout_logits too: named by this op (not the token_stats it calls), and the
+    # rollout temperature checked though unused
+    (lambda x, xr, y, lp: MS(x, y.index_fill(1, torch.tensor([2]), 50), lp), ValueError,
+     "mismatch_stats: labels[0, 2] = 50"),
+    (lambda x, xr, y, lp: MS(x, y, lp, rollout_temperature=-1.0), ValueError,
+     "rollout_temperature must be finite and > 0"),
 ]  # fmt: skip
 
 

@@ -440,6 +440,8 @@ def test_bad_input_names_the_argument():
         S(x, y, ref_logits=xq, ref_temperature=0.0)
     with pytest.raises(ValueError, match="labels"):
         S(x, y[:2])
+    with pytest.raises(TypeError, match="step_stats: labels must be a torch.Tensor"):
+        S(x, None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

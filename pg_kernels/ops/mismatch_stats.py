@@ -165,7 +165,7 @@ def sampled_estimators(
     k3 = rho - 1 - delta and chi2 = (rho - 1)^2 use expm1: rho - 1 in float32 loses all
     digits of a small delta (k3 ~ delta^2 / 2 would be pure rounding below |delta| ~ 1e-3).
     """
-    delta = logprob.detach() - rollout_logprobs.to(logprob.dtype)
+    delta = logprob.detach() - rollout_logprobs.detach().to(logprob.dtype)
     clamped = delta.clamp(-RATIO_CLAMP, RATIO_CLAMP)
     rho = clamped.exp()
     rho_m1 = clamped.expm1()
@@ -234,6 +234,13 @@ def mismatch_stats(
     bands = check_estimator_args(
         OP, logits, labels, rollout_logprobs, tis_cap, icepop_low, icepop_high
     )
+    temp = make_temperature(OP, temperature, logits)
+    roll_temp = (  # checked here whether or not rollout_logits use it
+        temp
+        if rollout_temperature is None
+        else make_temperature(OP, rollout_temperature, logits, "rollout_temperature")
+    )
+    check_labels_on_cpu(OP, labels, logits.shape[-1], ignore_index)  # errors name this op
     token_kl = token_tv = None
     if rollout_logits is None:
         logprob = token_stats(
@@ -241,14 +248,7 @@ def mismatch_stats(
         ).logprob
     else:
         check_logits_pair(OP, logits, rollout_logits, "rollout_logits")
-        temp = make_temperature(OP, temperature, logits)
-        roll_temp = (
-            temp
-            if rollout_temperature is None
-            else make_temperature(OP, rollout_temperature, logits, "rollout_temperature")
-        )
         backend = _backend.resolve(OP, backend, logits.device, kernels=KERNELS)
-        check_labels_on_cpu(OP, labels, logits.shape[-1], ignore_index)
         if backend == "reference":
             rt = temperature if rollout_temperature is None else rollout_temperature
             shared = dict(

@@ -24,6 +24,7 @@ from pg_kernels import _backend, _library, reference  # noqa: F401  (_library de
 from pg_kernels.ops._common import (
     RowLayout,
     acc_dtype,
+    check_labels_arg,
     check_labels_on_cpu,
     check_logits,
     check_logits_pair,
@@ -206,6 +207,7 @@ def step_stats(
         field as the single op computes it (fp32 for 16-bit and fp32 logits, fp64 for fp64).
     """
     check_logits(OP, "logits", logits)
+    check_labels_arg(OP, logits, labels)  # required here (kl_divergence's are optional)
     if not isinstance(kl_direction, str) or kl_direction not in DIRECTIONS:
         raise ValueError(f"{OP}: kl_direction must be one of {DIRECTIONS}, got {kl_direction!r}")
     ignore_index, temp, ref_temp = check_kl_args(
