@@ -417,6 +417,20 @@ def test_empty_batch(backend_device):
     assert x.grad.shape == x.shape
 
 
+def test_rows_of_one_entry_at_any_stride(backend_device):
+    """V = 1 has no last-dim stride to respect: a transposed [N, 1] view (stride (1, N)) and an
+    empty [0, 1] tensor with stride (1, 0) are read as they are."""
+    backend, device = backend_device
+    x = (torch.randn(1, 7, device=device) * 3).t()
+    assert x.stride() == (1, 7)
+    y = torch.zeros(7, dtype=torch.long, device=device)
+    got, want = _op(backend)(x, y), _op(backend)(x.contiguous(), y)
+    for name in got._fields:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    empty = torch.empty(0, 1, device=device).as_strided((0, 1), (1, 0))
+    assert _op(backend)(empty, y[:0]).logprob.shape == (0,)
+
+
 def test_inputs_not_mutated(backend_device):
     backend, device = backend_device
     x = make_logits(4, 1000, torch.bfloat16, device=device, seed=9)

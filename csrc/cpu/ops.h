@@ -11,11 +11,17 @@ namespace pg_kernels::cpu {
 
 // The Python layer validates user input with friendly messages; these checks guard the
 // invariants the kernels rely on, so a direct call cannot read out of bounds.
+
+// The kernels read a row's V entries at unit stride; a row of one entry (or no rows) has no
+// stride to get wrong: torch.randn(1, N).t() is [N, 1] with stride (1, N).
+inline bool last_dim_contiguous(const at::Tensor& t) {
+  return t.dim() >= 1 && (t.stride(-1) == 1 || t.size(-1) == 1 || t.numel() == 0);
+}
+
 inline void check_row_inputs(const char* op, const at::Tensor& logits, const at::Tensor& labels,
                              const std::optional<at::Tensor>& temperature) {
   TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), op, ": expected CPU tensors");
-  TORCH_CHECK(logits.dim() >= 1 && logits.stride(-1) == 1, op,
-              ": logits must have a contiguous last dim");
+  TORCH_CHECK(last_dim_contiguous(logits), op, ": logits must have a contiguous last dim");
   TORCH_CHECK(labels.dim() == 1 && labels.is_contiguous(), op, ": labels must be flat and contiguous");
   TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
               ": labels must be int64 or int32, got ", labels.scalar_type());
@@ -36,8 +42,7 @@ inline void check_row_inputs(const char* op, const at::Tensor& logits, const at:
 inline void check_rows(const char* op, const at::Tensor& logits, int64_t n_rows,
                        const std::optional<at::Tensor>& temperature) {
   TORCH_CHECK(logits.device().is_cpu(), op, ": expected CPU tensors");
-  TORCH_CHECK(logits.dim() >= 1 && logits.stride(-1) == 1, op,
-              ": logits must have a contiguous last dim");
+  TORCH_CHECK(last_dim_contiguous(logits), op, ": logits must have a contiguous last dim");
   TORCH_CHECK(logits.numel() == n_rows * logits.size(-1), op, ": logits has ",
               logits.numel() / std::max<int64_t>(logits.size(-1), 1), " rows, expected ", n_rows);
   if (temperature) {
@@ -56,7 +61,7 @@ inline void check_pair_inputs(const char* op, const at::Tensor& logits, const at
                               const std::optional<at::Tensor>& temperature,
                               const std::optional<at::Tensor>& other_temperature) {
   TORCH_CHECK(logits.device().is_cpu() && other.device().is_cpu(), op, ": expected CPU tensors");
-  TORCH_CHECK(logits.dim() >= 1 && logits.stride(-1) == 1 && other.stride(-1) == 1, op,
+  TORCH_CHECK(last_dim_contiguous(logits) && last_dim_contiguous(other), op,
               ": logits must have a contiguous last dim");
   TORCH_CHECK(logits.sizes() == other.sizes() && logits.scalar_type() == other.scalar_type(),
               op, ": the two logit tensors must have the same shape and dtype");

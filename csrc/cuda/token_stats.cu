@@ -59,7 +59,7 @@ void check_row_inputs(const char* op, const at::Tensor& logits, const at::Tensor
   TORCH_CHECK(labels.device() == logits.device(), op, ": labels is on ", labels.device(),
               " but logits on ", logits.device());
   TORCH_CHECK(logits.dim() >= 1, op, ": logits must have shape [..., V]");
-  TORCH_CHECK(logits.numel() == 0 || logits.stride(-1) == 1, op,
+  TORCH_CHECK(logits.numel() == 0 || logits.size(-1) == 1 || logits.stride(-1) == 1, op,
               ": logits must have a contiguous last dim, got stride ", logits.stride(-1));
   TORCH_CHECK(labels.dim() == 1 && labels.is_contiguous(), op,
               ": labels must be flat and contiguous");

@@ -30,7 +30,7 @@ def check_logits(op: str, name: str, logits: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} must have shape [..., V], got a 0-d tensor")
     if logits.shape[-1] == 0:
         raise ValueError(f"{op}: {name} has an empty vocabulary (V == 0)")
-    if logits.stride(-1) != 1 and logits.numel() > 0:
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1 and logits.numel() > 0:
         raise ValueError(
             f"{op}: {name} must be contiguous in its last (vocab) dim, "
             f"got stride {logits.stride(-1)}"
