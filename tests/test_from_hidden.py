@@ -307,6 +307,12 @@ BAD = [
      TypeError, "ref_hidden must have hidden's dtype"),
     (lambda h, w, y: pg_kernels.kl_divergence_from_hidden(h, w, h, w, direction="up"),
      ValueError, "direction must be one of"),
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h[:, :0], w[:, :0], y), ValueError,
+     "hidden has no features (D == 0)"),
+    (lambda h, w, y: pg_kernels.token_loss_from_hidden(h[:, :0], w[:, :0], y, lambda s, r: s.lse),
+     ValueError, "hidden has no features (D == 0)"),
+    (lambda h, w, y: pg_kernels.kl_divergence_from_hidden(h, w, h[:, :0], w[:, :0]), ValueError,
+     "ref_hidden has no features (D == 0)"),
 ]  # fmt: skip
 
 

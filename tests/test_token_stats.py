@@ -589,6 +589,11 @@ BAD_INPUTS = [
         TypeError,
         "ignore_index must be an int",
     ),
+    (  # torch would wrap 2**32 to 0 in labels != ignore_index; the kernels would not
+        lambda x, y: pg_kernels.token_stats(x, y.int(), ignore_index=2**32),
+        ValueError,
+        "ignore_index = 4294967296 does not fit the labels' torch.int32",
+    ),
     (
         lambda x, y: pg_kernels.token_stats(x.to("meta"), y),
         ValueError,

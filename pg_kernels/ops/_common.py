@@ -77,6 +77,7 @@ def check_labels(
     Reads the labels' values: on a GPU this syncs the host. The ops themselves never call it on
     CUDA tensors (out-of-range labels give NaN rows there); call it when you want the error.
     """
+    check_ignore_index("check_labels", ignore_index, labels)
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         pos = tuple(int(i) for i in bad.nonzero()[0])
@@ -152,9 +153,17 @@ def make_temperature(
     return Temperature(None, t)
 
 
-def check_ignore_index(op: str, ignore_index) -> int:
+def check_ignore_index(op: str, ignore_index, labels: torch.Tensor | None = None) -> int:
+    """An int that the labels' dtype can hold: torch compares `labels != 2**32` on int32 labels
+    with the scalar wrapped to 0, where the kernels compare in int64."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels is not None:
+        info = torch.iinfo(labels.dtype)
+        if not info.min <= ignore_index <= info.max:
+            raise ValueError(
+                f"{op}: ignore_index = {ignore_index} does not fit the labels' {labels.dtype}"
+            )
     return ignore_index
 
 

@@ -56,6 +56,8 @@ def check_projection(op: str, prefix: str, hidden, weight, bias) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but {names[0]} on {hidden.device}")
     if hidden.dim() < 1:
         raise ValueError(f"{op}: {names[0]} must have shape [..., D], got a 0-d tensor")
+    if hidden.shape[-1] == 0:  # logits = bias for every row: no projection to fuse
+        raise ValueError(f"{op}: {names[0]} has no features (D == 0)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(
             f"{op}: {names[1]} must have shape [V, D] with V > 0 and D = {names[0]}.shape[-1] = "

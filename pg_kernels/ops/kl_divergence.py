@@ -161,7 +161,7 @@ def check_kl_args(
         raise ValueError(f"{op}: direction must be one of {DIRECTIONS}, got {direction!r}")
     if labels is not None:
         check_labels_arg(op, logits, labels, of=of)
-    ignore_index = check_ignore_index(op, ignore_index)
+    ignore_index = check_ignore_index(op, ignore_index, labels)
     temp = make_temperature(op, temperature, logits)
     ref_temp = (
         temp

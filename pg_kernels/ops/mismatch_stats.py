@@ -230,7 +230,7 @@ def mismatch_stats(
     """
     check_logits(OP, "logits", logits)
     check_labels_arg(OP, logits, labels)
-    ignore_index = check_ignore_index(OP, ignore_index)
+    ignore_index = check_ignore_index(OP, ignore_index, labels)
     bands = check_estimator_args(
         OP, logits, labels, rollout_logprobs, tis_cap, icepop_low, icepop_high
     )

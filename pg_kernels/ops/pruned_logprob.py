@@ -160,7 +160,7 @@ def pruned_logprob(
     check_logits(OP, "logits", logits)
     check_labels_arg(OP, logits, labels)
     alpha = _check_alpha(alpha)
-    ignore_index = check_ignore_index(OP, ignore_index)
+    ignore_index = check_ignore_index(OP, ignore_index, labels)
     temp = make_temperature(OP, temperature, logits)
     backend = _backend.resolve(OP, backend, logits.device, kernels=KERNELS)
     check_labels_on_cpu(OP, labels, logits.shape[-1], ignore_index)

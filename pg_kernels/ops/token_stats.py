@@ -142,7 +142,7 @@ def token_stats(
     """
     check_logits(OP, "logits", logits)
     check_labels_arg(OP, logits, labels)
-    ignore_index = check_ignore_index(OP, ignore_index)
+    ignore_index = check_ignore_index(OP, ignore_index, labels)
     temp = make_temperature(OP, temperature, logits)
     backend = _backend.resolve(OP, backend, logits.device, kernels=KERNELS)
     check_labels_on_cpu(OP, labels, logits.shape[-1], ignore_index)

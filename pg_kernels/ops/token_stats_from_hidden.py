@@ -143,7 +143,7 @@ def check_args(op, hidden, weight, bias, labels, temperature, ignore_index, chun
     temperature, backend), each validated and resolved."""
     check_projection(op, "", hidden, weight, bias)
     check_labels_arg(op, hidden, labels, of="hidden")
-    ignore_index = check_ignore_index(op, ignore_index)
+    ignore_index = check_ignore_index(op, ignore_index, labels)
     vocab = weight.shape[0]
     chunk_size = check_chunk_size(op, chunk_size, vocab, hidden)
     # The temperature's shape check wants [..., V]-shaped logits; a [..., 1] view stands in.

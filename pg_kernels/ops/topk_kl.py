@@ -232,7 +232,7 @@ def topk_kl(
     _check_topk_args(logits, topk_ids, topk_logprobs)
     if labels is not None:
         check_labels_arg(OP, logits, labels)
-    ignore_index = check_ignore_index(OP, ignore_index)
+    ignore_index = check_ignore_index(OP, ignore_index, labels)
     temp = make_temperature(OP, temperature, logits)
     backend = _backend.resolve(OP, backend, logits.device, kernels=KERNELS)
     keep = None if labels is None else labels != ignore_index

@@ -288,7 +288,7 @@ def token_stats(
     """
     check_logits(OP, "local_logits", local_logits)
     check_labels_arg(OP, local_logits, labels)
-    ignore_index = check_ignore_index(OP, ignore_index)
+    ignore_index = check_ignore_index(OP, ignore_index, labels)
     temp = make_temperature(OP, temperature, local_logits)
     backend = _backend.resolve(OP, backend, local_logits.device, kernels=KERNELS)
     shard = resolve_shard(OP, group, vocab_start_index, local_logits)
