@@ -709,8 +709,10 @@ def _check_inputs(
     logits: torch.Tensor, labels: torch.Tensor, temperature: torch.Tensor | None, ignore_index: int
 ) -> None:
     """Guards the invariants the kernels rely on (the public op validates user input first)."""
-    if logits.dim() < 1 or logits.shape[-1] < 1 or (
-        logits.stride(-1) != 1 and logits.shape[-1] > 1 and logits.numel() > 0
+    if (
+        logits.dim() < 1
+        or logits.shape[-1] < 1
+        or (logits.stride(-1) != 1 and logits.shape[-1] > 1 and logits.numel() > 0)
     ):
         raise ValueError(f"{OP}: logits must be [..., V] with V >= 1 and a contiguous last dim")
     if labels.dim() != 1 or not labels.is_contiguous():
