@@ -213,6 +213,30 @@ def test_otb_singleton_and_hand_zero_tail():
     torch.testing.assert_close(z[0], torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=f64))
 
 
+def test_otb_ignores_padding_is_weights_and_counts_float_mask_lengths():
+    """IS weights exp(old - rollout) are NaN / inf on padding whose log-probs are -inf: they
+    must not reach the other rows of the group (NaN * 0 is NaN in the cumsum and group sums).
+    A float mask weighs tokens but the zero-tail lengths count them."""
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    lgp, R, ids = (
+        torch.ones(2, 3, dtype=f64),
+        torch.tensor([1.0, 0.0], dtype=f64),
+        torch.tensor([0, 0]),
+    )
+    clean = otb_advantages(R, lgp, mask, ids, is_weights=torch.ones(2, 3, dtype=f64))
+    for junk in (float("nan"), float("inf")):
+        isw = torch.ones(2, 3, dtype=f64)
+        isw[1, 1:] = junk
+        torch.testing.assert_close(otb_advantages(R, lgp, mask, ids, is_weights=isw), clean)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=f64)
+    R3, ids3 = torch.tensor([1.0, 0.0, 5.0], dtype=f64), torch.tensor([0, 0, 1])
+    lgp3 = torch.ones(3, 4, dtype=f64)
+    hard = otb_advantages(R3, lgp3, mask, ids3, handle_zero_tail=True)
+    soft = otb_advantages(R3, lgp3, mask * 0.5, ids3, handle_zero_tail=True)
+    # the rows' baselines are alike (each group's weights scale together): zero at t >= 2 both
+    torch.testing.assert_close(soft, hard * 0.5)
+
+
 def test_otb_errors():
     m = torch.ones(2, 3, dtype=torch.bool)
     ids = torch.zeros(2, dtype=torch.int64)

@@ -94,6 +94,11 @@ def test_response_length_scheduler_rules():
     assert s.step(10_000.0) is True
     assert s.get_last_lr() == [0.25, 0.2]  # floored at min_lr
     assert s.step(1.0) is False  # below the ema: nothing
+    # every group at min_lr: a trigger decays nothing, counts no decay, starts no cooldown
+    s.optimizer.param_groups[0]["lr"] = 0.2
+    assert s.step(1.0) is False  # past the cooldown
+    n = s.num_decays
+    assert s.step(1e6) is False and s.get_last_lr() == [0.2, 0.2] and s.num_decays == n
     # state_dict round trip
     state = s.state_dict()
     assert "optimizer" not in state

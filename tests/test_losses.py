@@ -325,6 +325,85 @@ def test_masked_garbage_stays_out_of_the_gradient(loss_type):
     assert torch.equal(g_d[~mask], torch.zeros_like(g_d[~mask]))
 
 
+@pytest.mark.parametrize("junk", ["rollout", "advantage", "old"])
+def test_rejected_rows_take_no_gradient_whatever_their_values(junk):
+    # trm_mask rejects a row whose valid token holds a NaN; its NaN then met a zero upstream
+    # gradient through the TIS weight (or the advantage, the ratio) and made lp.grad NaN.
+    lp, old, roll, adv, _ = _inputs(seed=10)
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    keep = torch.tensor([True, False, True, True, True])
+    dirty = {"rollout": roll.clone(), "advantage": adv.clone(), "old": old.clone()}
+    if junk == "advantage":
+        dirty[junk][1] = torch.nan
+    else:
+        dirty[junk][1, 2] = torch.nan
+
+    def grad(r, a, o):
+        x = lp.clone().requires_grad_(True)
+        loss, metrics = policy_loss(
+            x, o, a, mask, seq_mask=keep, rollout_logprob=r, rollout_correction="tis"
+        )
+        loss.backward()
+        return loss.detach(), x.grad
+
+    loss_d, g_d = grad(dirty["rollout"], dirty["advantage"], dirty["old"])
+    loss_c, g_c = grad(roll, adv, old)
+    assert torch.equal(g_d, g_c) and torch.equal(loss_d, loss_c), g_d
+    assert torch.equal(g_d[1], torch.zeros_like(g_d[1]))
+
+
+def test_seq_mask_is_a_flag_not_a_weight():
+    lp, old, _, adv, mask = _inputs(seed=11)
+    flag = torch.tensor([True, False, True, True, True])
+    soft = torch.tensor([0.5, 0.0, 2.0, 1.0, 1.0], dtype=f64)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        want, mw = policy_loss(lp, old, adv, mask, agg=agg, seq_mask=flag)
+        got, mg = policy_loss(lp, old, adv, mask, agg=agg, seq_mask=soft)
+        assert torch.equal(got, want) and torch.equal(mg["kept_fraction"], mw["kept_fraction"])
+
+
+def test_gspo_clamps_the_sequence_mean_not_each_token():
+    # s_i = exp(clamp(mean_t(l - l_old), +-20)): a token at -30 and one at 0 give exp(-15);
+    # clamping each token first gave exp(-10).
+    lp = torch.tensor([[-31.0, -1.0]], dtype=f64)
+    old = torch.tensor([[-1.0, -1.0]], dtype=f64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    _, m = policy_loss(lp, old, torch.ones(1, dtype=f64), mask, loss_type="gspo")
+    torch.testing.assert_close(m["ratio_min"], torch.tensor(math.exp(-15.0), dtype=f64))
+
+
+def test_dr_grpo_norm_length_is_a_constant_normaliser():
+    lp, old, _, adv, mask = _inputs(seed=12)
+    T = lp.shape[1]
+    base, _ = policy_loss(lp, old, adv, mask, agg="seq-mean-token-sum-norm")
+    got, _ = policy_loss(lp, old, adv, mask, agg="seq-mean-token-sum-norm", norm_length=4 * T)
+    torch.testing.assert_close(got, base / 4, rtol=1e-14, atol=0)
+    # padding the batch further does not change it with a fixed norm_length
+    pad = (0, 3)
+    padded, _ = policy_loss(
+        torch.nn.functional.pad(lp, pad), torch.nn.functional.pad(old, pad), adv,
+        torch.nn.functional.pad(mask, pad), agg="seq-mean-token-sum-norm", norm_length=4 * T,
+    )  # fmt: skip
+    torch.testing.assert_close(padded, got, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="norm_length"):
+        policy_loss(lp, old, adv, mask, norm_length=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 4)], ids=["T=0", "B=0"])
+def test_empty_batches_give_zero_loss(shape):
+    z = torch.zeros(shape, dtype=f64, requires_grad=True)
+    mask = torch.ones(shape, dtype=torch.bool)
+    adv = torch.zeros(shape[0], dtype=f64)
+    for agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                "seq-mean-token-sum-norm"):  # fmt: skip
+        loss, metrics = policy_loss(z, z.detach(), adv, mask, agg=agg)
+        assert float(loss.detach()) == 0.0, agg
+        assert float(metrics["ratio_min"]) == math.inf and float(metrics["ratio_max"]) == -math.inf
+        loss.backward()
+        assert float(hybrid_il_rl_loss(z, adv, z, mask, beta=0.1, agg=agg)) == 0.0, agg
+    assert trm_mask(mask, token_kl=z.detach()).shape == (shape[0],)
+
+
 def test_policy_loss_entropy_kl_terms_and_metrics():
     lp, old, _, adv, mask = _inputs(seed=6)
     ent = torch.rand(lp.shape, dtype=f64)

@@ -66,6 +66,21 @@ def valid(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
+def masked_amax(x: torch.Tensor, ok: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """max of x where ok (over `dim`, or all of x), -inf where nothing is: also over an empty x
+    or dim, where torch's amax raises."""
+    x = torch.where(ok, x, -torch.inf)
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    pad = x.new_full((*x.shape[:dim], 1, *x.shape[dim + 1 :]), -torch.inf)
+    return torch.cat([x, pad], dim).amax(dim)
+
+
+def masked_amin(x: torch.Tensor, ok: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """min of x where ok, +inf where nothing is (as masked_amax)."""
+    return -masked_amax(-x, ok, dim)
+
+
 def dense_group_ids(group_ids: torch.Tensor) -> torch.Tensor:
     """Map arbitrary group ids [B] to dense ids in [0, B) without a host sync.
 

@@ -19,6 +19,8 @@ from pg_kernels.algorithms._common import (
     check_same_device,
     check_shape,
     dense_group_ids,
+    masked_amax,
+    masked_amin,
     segment_sum,
     valid,
     weights,
@@ -116,9 +118,9 @@ def otb_advantages(
         A_t^i = (G_t^i - B_t^g) m_t^i
 
     per prompt group g and position t. A one-member group has baseline 0 (A = G m).
-    `handle_zero_tail`: in a group whose longest row (length = sum_t m, as verl counts it) is
-    unique, that row's baseline is 0 at positions t >= the second-longest length, where it is
-    the only member left and B_t would equal its own return.
+    `handle_zero_tail`: in a group whose longest row (length = its count of mask != 0 tokens,
+    as verl counts a 0/1 mask) is unique, that row's baseline is 0 at positions t >= the
+    second-longest length, where it is the only member left and B_t would equal its own return.
 
     Args:
         returns: [B] or [B, T] float.
@@ -152,8 +154,8 @@ def otb_advantages(
     ok = valid(mask)
     G = (returns[:, None] if returns.dim() == 1 else returns).to(dtype).expand(B, T)
     w = torch.where(ok, lgp.to(dtype), 0) * m
-    if is_weights is not None:
-        w = w * is_weights.to(dtype) ** 2
+    if is_weights is not None:  # masked: exp(old - rollout) is NaN on -inf padding log-probs
+        w = w * torch.where(ok, is_weights.to(dtype), 0) ** 2
     W = torch.cumsum(w, dim=1)
     gid = dense_group_ids(group_ids)
     Wm = W * m
@@ -163,7 +165,7 @@ def otb_advantages(
     count = segment_sum(torch.ones_like(gid), gid, B)[gid]
     zero = (count == 1)[:, None].expand(B, T)
     if handle_zero_tail:
-        length = m.sum(1)
+        length = ok.sum(1).to(dtype)  # tokens, whatever a float mask weighs them
         longest = length.new_full((B,), -1.0).scatter_reduce(0, gid, length, "amax")[gid]
         is_longest = length == longest
         n_longest = segment_sum(is_longest.to(torch.int64), gid, B)[gid]
@@ -316,8 +318,7 @@ def empg_advantages(
     n_tok = cnt.new_zeros(B * T).index_add(0, flat, cnt).view(B, T)
     exists = n_tok > 0
     H = ent_sum / torch.where(exists, n_tok, 1)
-    h_min = torch.where(exists, H, torch.inf).amin()
-    h_max = torch.where(exists, H, -torch.inf).amax()
+    h_min, h_max = masked_amin(H, exists), masked_amax(H, exists)
     Hn = (H - h_min) / (h_max - h_min + 1e-8)
     n_steps = exists.to(dtype).sum().clamp(min=1)
     e = torch.where(exists, torch.exp(-k * Hn), 0)

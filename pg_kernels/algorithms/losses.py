@@ -16,6 +16,8 @@ from pg_kernels.algorithms._common import (
     check_mask,
     check_same_device,
     check_shape,
+    masked_amax,
+    masked_amin,
     valid,
     weights,
 )
@@ -31,20 +33,31 @@ ROLLOUT_CORRECTIONS = (None, "tis", "icepop")
 LOG_RATIO_BOUND = 20.0  # |log ratio| bound before exp, as verl's SAFETY_BOUND
 
 
-def _aggregate(loss: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor, agg: str) -> torch.Tensor:
+def _aggregate(
+    loss: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor, agg: str, norm_length: int | None
+) -> torch.Tensor:
     """Aggregate token values `loss` [B, T] with weights `w` (the seq mask applied) and
-    normaliser weights `norm_w` (the seq mask not applied: rejected rows still count)."""
+    normaliser weights `norm_w` (the seq mask not applied: rejected rows still count). An empty
+    batch (B = 0 or T = 0) aggregates to 0."""
     B, T = loss.shape
     lw = torch.where(w != 0, loss, 0) * w  # a NaN / inf on a masked token stays out
     if agg == "token-mean":
         den = norm_w.sum()
         return lw.sum() / torch.where(den != 0, den, 1)
     if agg == "seq-mean-token-sum":
-        return lw.sum(1).sum() / B
+        return lw.sum(1).sum() / max(B, 1)
     if agg == "seq-mean-token-mean":
         den = norm_w.sum(1)
-        return (lw.sum(1) / torch.where(den != 0, den, 1)).sum() / B
-    return lw.sum() / (B * T)  # seq-mean-token-sum-norm (Dr. GRPO): constant normaliser
+        return (lw.sum(1) / torch.where(den != 0, den, 1)).sum() / max(B, 1)
+    # seq-mean-token-sum-norm (Dr. GRPO): a constant normaliser, B x the generation budget
+    return lw.sum() / max(B * (T if norm_length is None else norm_length), 1)
+
+
+def _check_norm_length(norm_length) -> None:
+    if norm_length is not None and (
+        isinstance(norm_length, bool) or not isinstance(norm_length, int) or norm_length < 1
+    ):
+        raise ValueError(f"norm_length must be a positive int or None, got {norm_length!r}")
 
 
 def _as_token_adv(advantages: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
@@ -65,6 +78,7 @@ def policy_loss(
     clip_high: float = 0.28,
     dual_clip: float | None = None,
     agg: str = "token-mean",
+    norm_length: int | None = None,
     seq_mask: torch.Tensor | None = None,
     rollout_logprob: torch.Tensor | None = None,
     rollout_correction: str | None = None,
@@ -85,21 +99,29 @@ def policy_loss(
         ppo    r_t = exp(l_t - l_old_t)
                L_t = max(-A r_t, -A clip(r_t))
                dual_clip = c (> 1): where A < 0, L_t = min(L_t, -c A)
-        gspo   s_i = exp(mean_{t valid} (l_t - l_old_t))                (sequence ratio)
+        gspo   s_i = exp(mean_{t valid} (l_t - l_old_t))      (sequence ratio; the mean clamped)
                r_t = sg(s_i) exp(l_t - sg(l_t))       (value s_i, gradient s_i dl_t: GSPO-token)
                then L_t as ppo (dual clip included)
         cispo  L_t = -sg(clip(r_t)) A l_t          (r_t as ppo; the clipped IS weight is detached)
 
-    Log ratios are clamped to +-20 before exp. Rollout correction multiplies L_t by a detached
+    Log ratios (gspo: the sequence mean) are clamped to +-20 before exp. Rollout correction
+    multiplies L_t by a detached
     weight from rho_t = exp(clamp(old_logprob - rollout_logprob, +-20)):
     tis: min(rho_t, tis_cap); icepop: rho_t if icepop_low <= rho_t <= icepop_high else 0.
-    `seq_mask` zeroes the tokens of rejected rows; the normalisers below keep counting them.
-    With m the mask (a float mask acts as token weights) and m' = m * seq_mask:
+    `seq_mask` zeroes the tokens of rejected rows (no gradient reaches them, whatever NaN their
+    values hold); the normalisers below keep counting them. With m the mask (a float mask acts
+    as token weights) and m' = m * 1[seq_mask != 0]:
 
         token-mean               sum L m' / sum m
         seq-mean-token-sum       (1/B) sum_i sum_t L m'
         seq-mean-token-mean      (1/B) sum_i (sum_t L m' / sum_t m)   (a row with sum_t m = 0: 0)
-        seq-mean-token-sum-norm  sum L m' / (B T),  T = mask.shape[1]  (Dr. GRPO)
+        seq-mean-token-sum-norm  sum L m' / (B T'),  T' = norm_length or mask.shape[1]  (Dr. GRPO)
+
+    The papers' choices: GRPO seq-mean-token-mean, DAPO token-mean, Dr. GRPO
+    seq-mean-token-sum-norm with norm_length the generation budget (a constant across batches;
+    mask.shape[1] varies when batches are padded to their own longest row), GSPO
+    seq-mean-token-mean (s_i is a sequence quantity; token-mean weighs rows by length).
+    An empty batch (B = 0 or T = 0) gives loss 0.
 
     loss = agg(L) - entropy_coef agg(entropy) + kl_coef agg(kl), each with the same m', m
     (rollout-correction weights apply to L only).
@@ -114,7 +136,9 @@ def policy_loss(
         clip_low, clip_high: the clip range (asymmetric, DAPO's clip-higher by default).
         dual_clip: None or c > 1 (ppo and gspo).
         agg: one of the four aggregations above.
-        seq_mask: optional [B] bool, int or float, True / nonzero = keep the row.
+        norm_length: seq-mean-token-sum-norm's T' (default mask.shape[1]), a positive int.
+        seq_mask: optional [B] bool, int or float, True / nonzero = keep the row (a flag, not
+            a weight).
         rollout_logprob: [B, T] float, needed with rollout_correction.
         rollout_correction: None, "tis" or "icepop".
         tis_cap, icepop_low, icepop_high: the correction's constants.
@@ -135,6 +159,7 @@ def policy_loss(
     check_mask("mask", mask, shape)
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("agg", agg, AGGREGATIONS)
+    _check_norm_length(norm_length)
     check_choice("rollout_correction", rollout_correction, ROLLOUT_CORRECTIONS)
     if dual_clip is not None:
         if loss_type == "cispo":
@@ -163,7 +188,7 @@ def policy_loss(
     dtype = logprob.dtype
     ok = valid(mask)
     m = weights(mask, dtype)
-    w = m if seq_mask is None else m * weights(seq_mask, dtype)[:, None]
+    w = m if seq_mask is None else m * weights(valid(seq_mask), dtype)[:, None]
     # Advantages and the old log-probs are constants of the loss: no gradient flows back through
     # them (an advantage built from a differentiable statistic, or old_logprob passed without
     # .detach(), would bend the policy gradient). A masked token's values stay out of every
@@ -171,8 +196,13 @@ def policy_loss(
     adv = torch.where(ok, adv.to(dtype), 0).detach()
     old = old_logprob.detach().to(dtype)
     lp = torch.where(ok, logprob, 0)
+    # A rejected row's tokens take no gradient, cut here where it enters (torch.where passes 0,
+    # not 0 times a NaN): a NaN correction weight or advantage of theirs times the zero upstream
+    # gradient would be NaN. The values, and so the metrics, are unchanged.
+    lp = torch.where(w != 0, lp, lp.detach())
     lo, hi = 1.0 - clip_low, 1.0 + clip_high
-    log_ratio = torch.where(ok, lp - old, 0).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    raw_log_ratio = torch.where(ok, lp - old, 0)
+    log_ratio = raw_log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
 
     dual_active = torch.zeros_like(ok)
     if loss_type == "cispo":
@@ -183,7 +213,7 @@ def policy_loss(
     else:
         if loss_type == "gspo":
             n = m.sum(1, keepdim=True)
-            seq_log = (log_ratio * m).sum(1, keepdim=True) / torch.where(n != 0, n, 1)
+            seq_log = (raw_log_ratio * m).sum(1, keepdim=True) / torch.where(n != 0, n, 1)
             seq_log = seq_log.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
             ratio = torch.exp(seq_log.detach() + lp - lp.detach())
             ratio_stat = torch.exp(seq_log).expand(shape)
@@ -208,11 +238,11 @@ def policy_loss(
             corr = torch.where((rho >= icepop_low) & (rho <= icepop_high), rho, 0)
         token_loss = token_loss * corr
 
-    loss = _aggregate(token_loss, w, m, agg)
+    loss = _aggregate(token_loss, w, m, agg, norm_length)
     if entropy is not None:
-        loss = loss - entropy_coef * _aggregate(entropy.to(dtype), w, m, agg)
+        loss = loss - entropy_coef * _aggregate(entropy.to(dtype), w, m, agg, norm_length)
     if kl is not None:
-        loss = loss + kl_coef * _aggregate(kl.to(dtype), w, m, agg)
+        loss = loss + kl_coef * _aggregate(kl.to(dtype), w, m, agg, norm_length)
 
     with torch.no_grad():
         okf = ok.to(dtype)
@@ -222,8 +252,8 @@ def policy_loss(
             "dual_clip_fraction": (dual_active & ok).to(dtype).sum() / n_tok,
             "ppo_kl": torch.where(ok, -log_ratio, 0).sum() / n_tok,
             "ratio_mean": torch.where(ok, ratio_stat, 0).sum() / n_tok,
-            "ratio_min": torch.where(ok, ratio_stat, torch.inf).amin(),
-            "ratio_max": torch.where(ok, ratio_stat, -torch.inf).amax(),
+            "ratio_min": masked_amin(ratio_stat, ok),
+            "ratio_max": masked_amax(ratio_stat, ok),
             "kept_fraction": (
                 torch.ones((), dtype=dtype, device=logprob.device)
                 if seq_mask is None
@@ -241,6 +271,7 @@ def hybrid_il_rl_loss(
     *,
     beta: float,
     agg: str = "token-mean",
+    norm_length: int | None = None,
 ) -> torch.Tensor:
     """Hybrid imitation + RL loss: the dense reverse-KL gradient plus the sparse score term.
 
@@ -262,6 +293,7 @@ def hybrid_il_rl_loss(
         beta: the KL weight.
         agg: "token-mean", "seq-mean-token-sum", "seq-mean-token-mean" or
             "seq-mean-token-sum-norm".
+        norm_length: as policy_loss.
 
     Returns:
         0-d loss in logprob's dtype.
@@ -273,6 +305,7 @@ def hybrid_il_rl_loss(
     check_shape("token_kl", token_kl, shape)
     check_mask("mask", mask, shape)
     check_choice("agg", agg, AGGREGATIONS)
+    _check_norm_length(norm_length)
     check_same_device(logprob=logprob, advantages=advantages, token_kl=token_kl, mask=mask)
     dtype = logprob.dtype
     ok = valid(mask)
@@ -283,4 +316,4 @@ def hybrid_il_rl_loss(
     # Masked tokens' advantages and log-probs stay out of the gradient (as in policy_loss).
     shaped = torch.where(ok, adv.to(dtype) - beta * suffix_after, 0).detach()
     token_loss = -shaped * torch.where(ok, logprob, 0) + beta * kl
-    return _aggregate(token_loss, m, m, agg)
+    return _aggregate(token_loss, m, m, agg, norm_length)

@@ -13,6 +13,7 @@ from pg_kernels.algorithms._common import (
     check_mask,
     check_same_device,
     check_shape,
+    masked_amax,
     masked_row_mean,
     valid,
 )
@@ -63,7 +64,7 @@ def trm_mask(
     d_max, d_avg = (token_kl, token_kl) if exact else (k2, k3)
     ok = valid(mask)
     nan_row = ((torch.isnan(d_max) | torch.isnan(d_avg)) & ok).any(1)
-    row_max = torch.where(ok, d_max, -torch.inf).amax(1)
+    row_max = masked_amax(d_max, ok, dim=1)
     row_mean = masked_row_mean(d_avg, ok.to(d_avg.dtype))
     return (row_max <= max_threshold) & (row_mean <= avg_threshold) & ~nan_row
 

@@ -9,6 +9,7 @@ from pg_kernels.algorithms._common import (
     check_mask,
     check_same_device,
     check_shape,
+    masked_amax,
     masked_row_mean,
     valid,
 )
@@ -83,8 +84,8 @@ def mismatch_metrics(
     def tmean(x: torch.Tensor) -> torch.Tensor:
         return torch.where(ok, x, 0).sum() / n_tok
 
-    def tmax(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(ok, x, -torch.inf).amax()
+    def tmax(x: torch.Tensor) -> torch.Tensor:  # NaN without a valid token, as tmean
+        return torch.where(n_tok > 0, masked_amax(x, ok), torch.nan)
 
     has = ok.any(1)
     n_rows = has.to(dtype).sum()

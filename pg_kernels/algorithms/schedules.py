@@ -79,14 +79,17 @@ class ResponseLengthLRScheduler:
             and self.step_count - self.last_decay_step <= self.cooldown
         )
         triggered = x > (1.0 + self.trigger_ratio) * self.ema and not cooling
+        decayed = False
         if triggered:
             for group in self.optimizer.param_groups:
                 if group["lr"] > self.min_lr:
                     group["lr"] = max(group["lr"] * self.gamma, self.min_lr)
+                    decayed = True
+        if decayed:  # every group already at min_lr: no decay, no cooldown
             self.last_decay_step = self.step_count
             self.num_decays += 1
         self.ema = self.ema_coef * self.ema + (1.0 - self.ema_coef) * x
-        return triggered
+        return decayed
 
     def get_last_lr(self) -> list[float]:
         """The current lr of each param group."""
