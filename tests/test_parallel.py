@@ -9,6 +9,7 @@ the outputs across ranks and between two calls, and the errors of bad layouts an
 
 from __future__ import annotations
 
+import importlib
 import socket
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ from pg_kernels.reference._util import scaled
 from pg_kernels.testing import FORWARD_TOL, GRAD_TOL, assert_close_to_truth, make_logits
 
 IGNORE = -100
-N = 9
+N = 10
 TS_FIELDS = ("logprob", "entropy", "collision", "lgp", "lse", "max_prob", "argmax")
 TS_DIFF = ("logprob", "entropy", "collision", "lse")
 
@@ -113,6 +114,9 @@ def _inputs(case: dict) -> dict:
     # row 8: a NaN on the last rank's shard: NaN outputs on every rank
     x[8, layout[-1][0]] = float("nan")
     xr[8, layout[-1][0]] = float("nan")
+    # row 9: all -inf on every shard in both tensors: NaN outputs and gradient rows
+    x[9], xr[9] = inf, inf
+    labels[9] = layout[-1][0]
     # row 2: near one-hot on the middle of the vocabulary
     x[2, v // 2] = x[2].amax() + 30
     temperature = (
@@ -418,6 +422,25 @@ def test_errors_name_the_argument(worlds):
         )
         assert got["start_negative"].startswith("ValueError")
         assert "vocab_start_index" in got["start_negative"]
+
+
+def test_argmax_beyond_2_24_ids_is_exact():
+    """The merge rebuilds a global id from its two fp32 digits in int64: in fp32, 2^24 + 1
+    rounded to 2^24 (the tie-break compared the rounded ids too)."""
+    # the module, not the function of the same name that pg_kernels.parallel exports
+    pts = importlib.import_module("pg_kernels.parallel.token_stats")
+    big = 2**24 + 1
+    gathered = torch.zeros(2, 1, 9)
+    gathered[..., pts.MAX_PROB] = 0.5
+    gathered[0, 0, pts.MAX] = 1.0  # rank 0: id 7
+    gathered[0, 0, pts.ARG_LO] = 7
+    gathered[1, 0, pts.MAX] = 5.0  # rank 1: the max, at id 2^24 + 1
+    gathered[1, 0, pts.ARG_HI], gathered[1, 0, pts.ARG_LO] = divmod(big, pts.DIGIT)
+    argmax = pts._merge(gathered, 1.0)[5]
+    assert argmax.dtype == torch.int64 and argmax.tolist() == [big]
+    gathered[0, 0, pts.MAX] = 5.0  # a tie: the smaller id wins, rank order aside
+    gathered[0, 0, pts.ARG_HI], gathered[0, 0, pts.ARG_LO] = divmod(big + 2, pts.DIGIT)
+    assert pts._merge(gathered, 1.0)[5].tolist() == [big]
 
 
 def test_tiling_verdict():

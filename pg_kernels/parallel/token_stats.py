@@ -89,7 +89,9 @@ def _merge(gathered: torch.Tensor, tau):
     zero = torch.zeros_like(lse)
     entropy, collision, logprob, owners = zero, zero, zero, zero
     best_max = torch.full_like(lse, float("-inf"))
-    best_idx = torch.full_like(lse, float("inf"))
+    # Global ids in int64: a float holds every integer only up to 2^24 (fp32), below the
+    # largest vocabularies' ids; the two digits are exact in any float.
+    best_idx = torch.full(lse.shape, torch.iinfo(torch.int64).max, device=lse.device)
     max_prob = zero
     for r in range(gathered.shape[0]):
         g = gathered[r]
@@ -99,7 +101,7 @@ def _merge(gathered: torch.Tensor, tau):
         owns = g[:, OWNS] > 0
         logprob = logprob + torch.where(owns, g[:, LOGPROB] + log_w[r], zero)
         owners = owners + g[:, OWNS]
-        idx = g[:, ARG_HI] * DIGIT + g[:, ARG_LO]
+        idx = g[:, ARG_HI].to(torch.int64) * DIGIT + g[:, ARG_LO].to(torch.int64)
         take = (g[:, MAX] > best_max) | ((g[:, MAX] == best_max) & (idx < best_idx))
         best_max = torch.where(take, g[:, MAX], best_max)
         best_idx = torch.where(take, idx, best_idx)
@@ -161,7 +163,7 @@ class _TokenStatsFn(torch.autograd.Function):
         floats = [torch.where(invalid, nan, t) for t in (logprob, entropy, collision, lgp)]
         floats += [torch.where(invalid, nan, t) for t in (lse, max_prob)]
         floats = [torch.where(keep, t, zero) for t in floats]
-        argmax = torch.where(invalid, torch.full_like(argmax, -1.0), argmax).to(torch.int64)
+        argmax = torch.where(invalid, torch.full_like(argmax, -1), argmax)
         argmax = torch.where(keep, argmax, torch.zeros_like(argmax))
         logprob, entropy, collision, lgp, lse, max_prob = floats
         # The backward runs the local kernel on the shard's own state (its softmax q) and turns
@@ -208,8 +210,11 @@ class _TokenStatsFn(torch.autograd.Function):
         g_l_local = w * a - g_h * w_log_w + g_lp_local
         # A row that is NaN globally (a NaN or +inf on some shard) is NaN here too.
         g_l_local = torch.where(torch.isfinite(lse), g_l_local, torch.full_like(zero, torch.nan))
-        # An all -inf shard has no state of its own: skipped (0), its label term added below.
-        labels = torch.where(empty, torch.full_like(local_labels, LOCAL_IGNORE), local_labels)
+        # An all -inf shard of a valid row has no state of its own: skipped (0), its label term
+        # added below. Of a NaN row (all -inf on every shard too) it is not skipped: its saved
+        # state is the kernel's NaN row, so its gradient is NaN as the single-device op's.
+        skip = empty & torch.isfinite(lse)
+        labels = torch.where(skip, torch.full_like(local_labels, LOCAL_IGNORE), local_labels)
         grad = torch.ops.pg_kernels.token_stats_backward(
             g_lp_local.contiguous(), (w * g_h).contiguous(), (w * w * g_c).contiguous(),
             g_l_local.contiguous(), logits, labels.view(shape), temp_tensor, temp_scalar,
