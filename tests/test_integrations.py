@@ -312,6 +312,38 @@ def test_patch_swaps_registry_entries():
         del sys.modules[pkg.__name__], sys.modules[mod.__name__]
 
 
+def test_unpatch_reaches_modules_imported_while_patched():
+    """A trainer module imported after patch() binds ours through `from <defining module>
+    import name` (TRL's grpo_trainer, verl's engines do); unpatch restores it too, and its
+    registries."""
+    from pg_kernels.integrations._patching import Patcher
+
+    def original():
+        return "theirs"
+
+    def replacement():
+        return "ours"
+
+    pkg, utils = types.ModuleType("pgk_fake_trainer2"), types.ModuleType("pgk_fake_trainer2.utils")
+    utils.f = original
+    sys.modules.update({pkg.__name__: pkg, utils.__name__: utils})
+    late = types.ModuleType("pgk_fake_trainer2.late")
+    try:
+        patcher = Patcher(pkg.__name__, {utils.__name__: {"f": replacement}})
+        patcher.patch()
+        late.f, late.TABLE = utils.f, {"k": utils.f}  # what `from .utils import f` does
+        sys.modules[late.__name__] = late
+        patcher.unpatch()
+        assert utils.f is original and late.f is original and late.TABLE["k"] is original
+        patcher.patch()  # and again: the late module is swapped like any other now
+        assert late.f is replacement
+        patcher.unpatch()
+        assert late.f is original
+    finally:
+        for m in (pkg, utils, late):
+            sys.modules.pop(m.__name__, None)
+
+
 def test_verl_patch_unpatch(verl):
     originals = {
         name: getattr(verl.tf, name)

@@ -4,10 +4,11 @@ A trainer module that did `from pkg.utils import f` holds its own reference to `
 `pkg.utils.f` alone does not reach it. `Patcher.patch` therefore replaces the attribute in the
 defining modules, then every attribute of every already-imported module of the trainer's
 package that *is* one of the originals (by identity). Modules imported later read the patched
-defining module. Function registries (a dict attribute of such a module, e.g. verl's
-advantage estimators) have their entries swapped the same way. Objects built before the patch
-(e.g. an engine that stored the function on `self`) keep the original: patch before building
-the trainer.
+defining module, and so bind ours: `unpatch` sweeps the package's modules again and puts the
+original back wherever one of ours is bound. Function registries (a dict attribute of such a
+module, e.g. verl's advantage estimators) have their entries swapped the same way. Objects built
+before the patch (e.g. an engine that stored the function on `self`) keep the original: patch
+before building the trainer.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Patcher:
         self.package = package
         self.targets = targets
         self._saved: list[tuple[object, str, object]] = []
+        self._originals: dict[int, tuple[Callable, object]] = {}  # id(ours) -> (ours, original)
 
     @property
     def patched(self) -> bool:
@@ -50,11 +52,9 @@ class Patcher:
                     continue
                 original = getattr(module, attr)
                 swap[id(original)] = ours
+                self._originals[id(ours)] = (ours, original)
                 self._set(module, attr, ours)
-        prefix = self.package + "."
-        for name, module in list(sys.modules.items()):
-            if module is None or not (name == self.package or name.startswith(prefix)):
-                continue
+        for module in self._modules():
             for attr, value in list(vars(module).items()):
                 ours = swap.get(id(value))
                 if ours is not None and value is not ours:
@@ -67,6 +67,15 @@ class Patcher:
                             value[key] = ours
         return self.replaced()
 
+    def _modules(self) -> list[object]:
+        """The imported modules of the trainer's package."""
+        prefix = self.package + "."
+        return [
+            module
+            for name, module in list(sys.modules.items())
+            if module is not None and (name == self.package or name.startswith(prefix))
+        ]
+
     def _set(self, module: object, attr: str, value: object) -> None:
         self._saved.append((module, attr, getattr(module, attr)))
         setattr(module, attr, value)
@@ -78,11 +87,28 @@ class Patcher:
         ]
 
     def unpatch(self) -> None:
-        """Put every replaced attribute and registry entry back (in reverse order). A no-op when
-        not patched."""
+        """Put every replaced attribute and registry entry back (in reverse order), then every
+        binding of ours made since (a module imported while patched). A no-op when not
+        patched."""
         while self._saved:
             holder, key, original = self._saved.pop()
             if isinstance(holder, dict):
                 holder[key] = original
             else:
                 setattr(holder, key, original)
+
+        def original_of(value):
+            entry = self._originals.get(id(value))
+            return entry[1] if entry is not None and entry[0] is value else None
+
+        for module in self._modules():
+            for attr, value in list(vars(module).items()):
+                original = original_of(value)
+                if original is not None:
+                    setattr(module, attr, original)
+                elif isinstance(value, dict):
+                    for key, entry in list(value.items()):
+                        original = original_of(entry)
+                        if original is not None:
+                            value[key] = original
+        self._originals.clear()

@@ -271,7 +271,8 @@ def kl_divergence(
     One all-gather of 5 numbers per row (20 bytes in fp32) per call; the backward needs no
     collective. Argument errors found before the all-gather (types, shapes,
     vocab_start_index < 0) raise on the calling rank alone: a rank that calls with different
-    arguments leaves the others waiting in the collective. A bad shard layout raises on CPU
+    arguments (a different number of rows or dtype) breaks the collective: NCCL leaves the
+    others waiting, gloo aborts the processes. A bad shard layout raises on CPU
     (on every rank) and gives NaN rows on CUDA. Not supported under torch.compile (the
     collective runs in an autograd.Function).
     """

@@ -286,7 +286,8 @@ def token_stats(
     One all-gather of 9 numbers per row (36 bytes in fp32) per call; the backward needs no
     collective. Argument errors found before the all-gather (types, shapes,
     vocab_start_index < 0) raise on the calling rank alone: a rank that calls with different
-    arguments leaves the others waiting in the collective. Bad shard layouts and
+    arguments (a different number of rows or dtype) breaks the collective: NCCL leaves the
+    others waiting, gloo aborts the processes. Bad shard layouts and
     out-of-range labels raise on CPU (on every rank); on CUDA they give NaN rows (reading them
     would sync the host). Not supported under torch.compile (the collective and the layout
     check run in an autograd.Function).
