@@ -10,6 +10,26 @@ import torch
 
 LIB = torch.library.Library("pg_kernels", "DEF")
 
+
+def differentiable_once(backward_op: str) -> None:
+    """Make the gradient that the backward op `backward_op` writes non-differentiable, loudly.
+
+    Its output requires grad under `create_graph=True`, and differentiating it (a gradient
+    penalty, a Hessian-vector product) raises here; with no autograd kernel it would come
+    back as a constant, and a loss built on it would silently miss that term.
+    """
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"pg_kernels::{backward_op}: the pg_kernels ops are differentiable once; a gradient "
+            "taken with create_graph=True cannot be differentiated again"
+        )
+
+    torch.library.register_autograd(
+        f"pg_kernels::{backward_op}", backward, setup_context=lambda ctx, inputs, output: None
+    )
+
+
 LIB.define(
     "token_stats(Tensor logits, Tensor labels, Tensor? temperature, float temperature_scalar, "
     "int ignore_index, str backend) -> (Tensor logprob, Tensor entropy, Tensor collision, "

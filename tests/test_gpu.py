@@ -366,6 +366,20 @@ def test_compile_fullgraph_matches_eager(op_backend_device):
 
 
 @pytest.mark.cpu_backends("cpu", "triton")
+def test_second_derivative_raises(op_backend_device):
+    """The ops are differentiable once: a gradient taken with create_graph=True requires grad,
+    and differentiating it raises (a constant there would silently drop a gradient penalty)."""
+    op, backend, device = op_backend_device
+    ad = ADAPTERS[op]
+    d = _leaves(ad, ad.make(4, 33, torch.float64, device, seed=6))
+    leaves = [d[k] for k in ad.grad_keys]
+    grads = torch.autograd.grad(_loss(ad, ad.call(backend, d), d["up"]), leaves, create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+
+
+@pytest.mark.cpu_backends("cpu", "triton")
 def test_invalid_per_row_temperature_gives_nan_rows(op_backend_device):
     """A per-row temperature that is not finite and > 0 makes its row NaN (argmax -1, a NaN
     gradient row), other rows untouched. Python checks the tensor only on CPU outside

@@ -146,8 +146,7 @@ def _backward(ctx, g_kl, g_row_state):
 torch.library.register_autograd(
     "pg_kernels::kl_divergence", _backward, setup_context=_setup_context
 )
-# The backward is not differentiable again: its outputs simply do not require grad.
-_library.LIB.impl("kl_divergence_backward", torch.library.fallthrough_kernel, "Autograd")
+_library.differentiable_once("kl_divergence_backward")
 
 
 def check_kl_args(

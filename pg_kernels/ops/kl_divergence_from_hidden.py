@@ -137,9 +137,7 @@ def _backward(ctx, g_kl, g_row_state):
 torch.library.register_autograd(
     "pg_kernels::kl_divergence_from_hidden", _backward, setup_context=_setup_context
 )
-_library.LIB.impl(
-    "kl_divergence_from_hidden_backward", torch.library.fallthrough_kernel, "Autograd"
-)
+_library.differentiable_once("kl_divergence_from_hidden_backward")
 
 
 def kl_divergence_from_hidden(

@@ -123,8 +123,7 @@ def _backward(ctx, g_logprob, g_kl, g_tv, g_row_state):
 torch.library.register_autograd(
     "pg_kernels::mismatch_stats", _backward, setup_context=_setup_context
 )
-# The backward is not differentiable again: its output simply does not require grad.
-_library.LIB.impl("mismatch_stats_backward", torch.library.fallthrough_kernel, "Autograd")
+_library.differentiable_once("mismatch_stats_backward")
 
 
 def check_estimator_args(op, logits, labels, rollout_logprobs, tis_cap, icepop_low, icepop_high):

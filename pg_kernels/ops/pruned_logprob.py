@@ -117,8 +117,7 @@ def _backward(ctx, g_logprob, g_in_safe, g_tail_mass, g_lse_safe, g_threshold):
 torch.library.register_autograd(
     "pg_kernels::pruned_logprob", _backward, setup_context=_setup_context
 )
-# The backward is not differentiable again: its output simply does not require grad.
-_library.LIB.impl("pruned_logprob_backward", torch.library.fallthrough_kernel, "Autograd")
+_library.differentiable_once("pruned_logprob_backward")
 
 
 def _check_alpha(alpha) -> float:

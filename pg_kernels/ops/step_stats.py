@@ -158,8 +158,7 @@ def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, 
 
 
 torch.library.register_autograd("pg_kernels::step_stats", _backward, setup_context=_setup_context)
-# The backward is not differentiable again: its outputs simply do not require grad.
-_library.LIB.impl("step_stats_backward", torch.library.fallthrough_kernel, "Autograd")
+_library.differentiable_once("step_stats_backward")
 
 
 def step_stats(

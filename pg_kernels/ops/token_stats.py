@@ -111,8 +111,7 @@ def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, 
 
 
 torch.library.register_autograd("pg_kernels::token_stats", _backward, setup_context=_setup_context)
-# The backward is not differentiable again: its output simply does not require grad.
-_library.LIB.impl("token_stats_backward", torch.library.fallthrough_kernel, "Autograd")
+_library.differentiable_once("token_stats_backward")
 
 
 def token_stats(

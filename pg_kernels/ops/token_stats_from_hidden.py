@@ -135,7 +135,7 @@ def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, 
 torch.library.register_autograd(
     "pg_kernels::token_stats_from_hidden", _backward, setup_context=_setup_context
 )
-_library.LIB.impl("token_stats_from_hidden_backward", torch.library.fallthrough_kernel, "Autograd")
+_library.differentiable_once("token_stats_from_hidden_backward")
 
 
 def check_args(op, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, backend):

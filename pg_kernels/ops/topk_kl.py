@@ -130,8 +130,7 @@ def _backward(ctx, g_kl, g_row_max, g_log_s, g_logp_tail):
 
 
 torch.library.register_autograd("pg_kernels::topk_kl", _backward, setup_context=_setup_context)
-# The backward is not differentiable again: its output simply does not require grad.
-_library.LIB.impl("topk_kl_backward", torch.library.fallthrough_kernel, "Autograd")
+_library.differentiable_once("topk_kl_backward")
 
 
 def _check_topk_args(logits: torch.Tensor, topk_ids, topk_logprobs) -> None:
