@@ -140,6 +140,25 @@ def test_reference_backend_and_compile_agree():
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_tensors_captured_by_loss_fn_are_constants(backend):
+    """Only the statistics carry gradient out of loss_fn, on every backend: the reference path
+    differentiated loss_fn's whole graph (a captured coefficient got a gradient there)."""
+    h, w, _ = _projection(6, 8, 50, torch.float64, seed=11, bias=False)
+    y = _labels((6,), 50, seed=11)
+    coef = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    hh = h.clone().requires_grad_()
+    loss, _ = pg_kernels.token_loss_from_hidden(
+        hh, w, y, lambda s, rows: coef * s.entropy.sum() - s.logprob.sum(), backend=backend
+    )
+    loss.backward()
+    assert coef.grad is None
+    h2 = h.clone().requires_grad_()
+    st = pg_kernels.token_stats_from_hidden(h2, w, y, backend="reference")
+    (0.5 * st.entropy.sum() - st.logprob.sum()).backward()
+    torch.testing.assert_close(hh.grad, h2.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_inputs_not_mutated():
     h, w, b = _projection(9, 8, 50, torch.float32, seed=9)
     y = _labels((9,), 50, seed=9)

@@ -86,6 +86,20 @@ class _TokenLoss(torch.autograd.Function):
         return *grads, *(None,) * 8
 
 
+class _ThroughStats(torch.autograd.Function):
+    """The reference path's loss: `value`, whose gradient w.r.t. the live statistics is
+    `grads` (loss_fn's, taken on detached leaves by _chunk_loss)."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *stats):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return None, None, *(g * grad_loss for g in ctx.grads)
+
+
 def token_loss_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -137,7 +151,10 @@ def token_loss_from_hidden(
         flat_temp = temp.scalar if temp.tensor is None else temp.tensor
         stats = reference.token_stats(logits, labels.reshape(-1), temperature=flat_temp,
                                       ignore_index=ignore_index, upcast=False)  # fmt: skip
-        loss = loss_fn(stats, slice(0, labels.numel()))
+        # loss_fn as the kernels' path calls it (one chunk): its gradient reaches hidden,
+        # weight and bias through the statistics only, every other tensor a constant.
+        value, grads = _chunk_loss(loss_fn, stats, 0, labels.numel())
+        loss = _ThroughStats.apply(value, grads, *(getattr(stats, f) for f in DIFFERENTIABLE))
         detached = TokenStats(*(t.detach().view(labels.shape) for t in stats))
         return TokenLoss(loss, detached)
     wanted = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
