@@ -400,7 +400,7 @@ def test_empty_batches_give_zero_loss(shape):
         assert float(loss.detach()) == 0.0, agg
         assert float(metrics["ratio_min"]) == math.inf and float(metrics["ratio_max"]) == -math.inf
         loss.backward()
-        assert float(hybrid_il_rl_loss(z, adv, z, mask, beta=0.1, agg=agg)) == 0.0, agg
+        assert float(hybrid_il_rl_loss(z, adv, z, mask, beta=0.1, agg=agg).detach()) == 0.0, agg
     assert trm_mask(mask, token_kl=z.detach()).shape == (shape[0],)
 
 

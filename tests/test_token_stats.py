@@ -485,8 +485,9 @@ def test_opcheck():
         )
     out = pg_kernels.token_stats(x, y, backend="cpu")
     g = [torch.randn(4) for _ in range(4)]
-    saved = (out.lse, out.entropy, out.collision, out.max_prob, out.argmax)
-    args = (*g, x.detach(), y, None, 1.0, -100, *saved, "cpu")
+    # detached, as autograd hands them to the backward (differentiating it again raises)
+    saved = tuple(t.detach() for t in (out.lse, out.entropy, out.collision, out.max_prob))
+    args = (*g, x.detach(), y, None, 1.0, -100, *saved, out.argmax, "cpu")
     torch.library.opcheck(torch.ops.pg_kernels.token_stats_backward.default, args)
 
 
