@@ -171,27 +171,29 @@ struct PairLanes {
   // lanes, is the v side of its rollout pair): e_w = e_v e^{diff} = e_v (1 + diff + f(diff)),
   // f(diff) from the same series, instead of an exp (returned in ew). Equal d give e_w = e_v.
   // s1_v is the caller's (add_exps<true, false>).
+  template <bool kSumW = true>
   PGK_VECTOR_INLINE void add_near_from_v(const Vec<acc_t>& ev, const Vec<acc_t>& diff,
                                          Vec<acc_t>& ew) {
     Vec<acc_t> f_diff;
     const Vec<acc_t> f = excess_series_both(diff, f_diff);  // f(delta), delta = -diff
     ew = at::vec::fmadd(ev, diff + f_diff, ev);
-    s1w.add(ew);
+    if constexpr (kSumW) s1w.add(ew);
     u = at::vec::fmadd(ew, diff, u);
     k = at::vec::fmadd(ew, f, k);
   }
 
-  // The chunk's pair state from its two chains of lanes; mw, mv: the references of d_w, d_v.
+  // The chunk's pair state from its lanes; mw, mv: the references of d_w, d_v.
+  PairState<row_sum_t<acc_t>> state(row_sum_t<acc_t> mw, row_sum_t<acc_t> mv) const {
+    using sum_t = row_sum_t<acc_t>;
+    return {mw, s1w.total(), mv, s1v.total(), sum_t(sum_lanes(u)), sum_t(sum_lanes(k)),
+            any_lane_set(inf)};
+  }
+
+  // The same from two chains of lanes.
   static PairState<row_sum_t<acc_t>> join(const PairLanes& lo, const PairLanes& hi,
                                           row_sum_t<acc_t> mw, row_sum_t<acc_t> mv) {
-    using sum_t = row_sum_t<acc_t>;
-    return {mw,
-            (lo.s1w + hi.s1w).total(),
-            mv,
-            (lo.s1v + hi.s1v).total(),
-            sum_t(sum_lanes(lo.u + hi.u)),
-            sum_t(sum_lanes(lo.k + hi.k)),
-            any_lane_set(lo.inf | hi.inf)};
+    return PairLanes{lo.s1w + hi.s1w, lo.s1v + hi.s1v, lo.u + hi.u, lo.k + hi.k, lo.inf | hi.inf}
+        .state(mw, mv);
   }
 };
 

@@ -93,11 +93,15 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
                             : shift_divide_chunk(scratch.ref, n, tpq, finite_shift(xmq));
     }
     LaneSums<acc_t> lo, hi;
-    PairLanes<acc_t> rlo, rhi, qlo, qhi;
+    // Each pair's u, k and inf lanes run one chain; its other side's s1 two, in the token
+    // lanes' order (equal rows keep equal sums: token_tv and the KL exactly 0). Two chains of
+    // everything held ~28 vector accumulators against AVX2's 16 registers.
+    PairLanes<acc_t> pr, pq;
+    WideLanes<acc_t> s1r_lo, s1r_hi, s1q_lo, s1q_hi;
     // Forced inline (PGK_VECTOR_INLINE): out of line, every lane sum went through memory.
     // unmasked (std::true_type): no d_v of either pair is -inf here (pair_rows.h, no_neg_inf).
-    const auto step = [&](auto unmasked, int64_t i, LaneSums<acc_t>& t, PairLanes<acc_t>& pr,
-                          PairLanes<acc_t>& pq) __attribute__((always_inline)) {
+    const auto step = [&](auto unmasked, int64_t i, LaneSums<acc_t>& t, WideLanes<acc_t>& s1r,
+                          WideLanes<acc_t>& s1q) __attribute__((always_inline)) {
       const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(cp + i);  // unclamped: a log-ratio term
       const Vec<acc_t> dp = at::vec::clamp_min(dp_raw, lowest);
       const Vec<acc_t> ep = vexp(dp);
@@ -109,11 +113,12 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
         const Vec<acc_t> diff = dr - dp_raw;
         Vec<acc_t> er;
         if (all_lanes_set(near_lanes(diff))) {
-          pr.add_near_from_v(ep, diff, er);
+          pr.template add_near_from_v<false>(ep, diff, er);
         } else {
           er = vexp(dr);
-          pr.template add_exps<true, false>(unmasked, dr, er, dp_raw, ep);
+          pr.template add_exps<false, false>(unmasked, dr, er, dp_raw, ep);
         }
+        s1r.add(er);
         er.store(er_row + i);
         ep.store(ep_row + i);
       }
@@ -121,11 +126,13 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
         const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(scratch.ref + i);
         if (reverse) {  // KL(p || q): w = logits, v = reference
           const Vec<acc_t> eq = vexp(at::vec::clamp_min(dq_raw, lowest));
-          pq.template add_exps<false, true>(unmasked, dp, ep, dq_raw, eq);
+          pq.template add_exps<false, false>(unmasked, dp, ep, dq_raw, eq);
+          s1q.add(eq);
         } else {  // KL(q || p): w = reference, v = logits
           const Vec<acc_t> dq = at::vec::clamp_min(dq_raw, lowest);
           const Vec<acc_t> eq = vexp(dq);
-          pq.template add_exps<true, false>(unmasked, dq, eq, dp_raw, ep);
+          pq.template add_exps<false, false>(unmasked, dq, eq, dp_raw, ep);
+          s1q.add(eq);
         }
       }
     };
@@ -134,27 +141,26 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     const int64_t n_unmasked = unmasked_end<acc_t>(v_no_neg_inf, n);
     int64_t i = 0;
     for (; i < n_unmasked; i += 2 * W) {
-      step(std::true_type{}, i, lo, rlo, qlo);
-      step(std::true_type{}, i + W, hi, rhi, qhi);
+      step(std::true_type{}, i, lo, s1r_lo, s1q_lo);
+      step(std::true_type{}, i + W, hi, s1r_hi, s1q_hi);
     }
     for (; i < n_pad; i += 2 * W) {
-      step(std::false_type{}, i, lo, rlo, qlo);
-      step(std::false_type{}, i + W, hi, rhi, qhi);
+      step(std::false_type{}, i, lo, s1r_lo, s1q_lo);
+      step(std::false_type{}, i + W, hi, s1r_hi, s1q_hi);
     }
     row.add(lo, hi);
     const auto m = tp.reference(xm);
     // The logits' s1 lanes, summed once (the token lanes), are both pairs' logits side.
     if constexpr (kRoll) {
-      rlo.s1v = lo.s1;
-      rhi.s1v = hi.s1;
-      roll.merge(PairLanes<acc_t>::join(rlo, rhi, tpr.reference(xmr), m));
+      pr.s1w = s1r_lo + s1r_hi;
+      pr.s1v = lo.s1 + hi.s1;
+      roll.merge(pr.state(tpr.reference(xmr), m));
     }
     if constexpr (kRef) {
-      (reverse ? qlo.s1w : qlo.s1v) = lo.s1;
-      (reverse ? qhi.s1w : qhi.s1v) = hi.s1;
+      (reverse ? pq.s1w : pq.s1v) = lo.s1 + hi.s1;
+      (reverse ? pq.s1v : pq.s1w) = s1q_lo + s1q_hi;
       const auto mq = tpq.reference(xmq);
-      kl.merge(reverse ? PairLanes<acc_t>::join(qlo, qhi, m, mq)
-                       : PairLanes<acc_t>::join(qlo, qhi, mq, m));
+      kl.merge(reverse ? pq.state(m, mq) : pq.state(mq, m));
     }
   }
   const auto state = row.state(tp.reference(xm));
