@@ -170,14 +170,13 @@ struct PairLanes {
   // The same from the other end, e_v given (step_stats: the logits' exp, shared with the token
   // lanes, is the v side of its rollout pair): e_w = e_v e^{diff} = e_v (1 + diff + f(diff)),
   // f(diff) from the same series, instead of an exp (returned in ew). Equal d give e_w = e_v.
-  // s1_v is the caller's (add_exps<true, false>).
-  template <bool kSumW = true>
+  // Both sides' s1 are the caller's (as add_exps<false, false>: step_stats sums them in its
+  // token lanes' two chains).
   PGK_VECTOR_INLINE void add_near_from_v(const Vec<acc_t>& ev, const Vec<acc_t>& diff,
                                          Vec<acc_t>& ew) {
     Vec<acc_t> f_diff;
     const Vec<acc_t> f = excess_series_both(diff, f_diff);  // f(delta), delta = -diff
     ew = at::vec::fmadd(ev, diff + f_diff, ev);
-    if constexpr (kSumW) s1w.add(ew);
     u = at::vec::fmadd(ew, diff, u);
     k = at::vec::fmadd(ew, f, k);
   }

@@ -113,7 +113,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
         const Vec<acc_t> diff = dr - dp_raw;
         Vec<acc_t> er;
         if (all_lanes_set(near_lanes(diff))) {
-          pr.template add_near_from_v<false>(ep, diff, er);
+          pr.add_near_from_v(ep, diff, er);
         } else {
           er = vexp(dr);
           pr.template add_exps<false, false>(unmasked, dr, er, dp_raw, ep);

@@ -10,9 +10,11 @@
 // feeds token_stats' lanes (token_rows.h) and both pair sums (pair_rows.h: PairLanes::add_exps),
 // so a row costs at most three exps per vocabulary entry with both other tensors given, against
 // five for token_stats + mismatch_stats + kl_divergence (and three reads of the logits instead
-// of one); two where the rollout's vector is near the logits' (PairLanes::add_near_from_v). The token_stats fields are bitwise those of token_stats (same loads, same order of
+// of one); two where the rollout's vector is near the logits' (PairLanes::add_near_from_v).
+// The token_stats fields are bitwise those of token_stats (same loads, same order of
 // operations); token_kl and kl are those of the pair pass with the logits' side referred to
-// the running row max instead of each chunk's max (equal up to rounding). TV needs both
+// the running row max instead of each chunk's max, and the u and k lanes in one chain instead
+// of two (AVX2's 16 registers; equal up to rounding). TV needs both
 // normalizers: as in mismatch_stats the pass keeps the logits' and the rollout logits' exps in
 // a row-sized scratch (in L2 for V = 32k) and sweeps it once at the row's end (no exp).
 // Backward: one pass over the logits (and over the reference logits only in rows whose KL
