@@ -105,9 +105,8 @@ def policy_loss(
         cispo  L_t = -sg(clip(r_t)) A l_t          (r_t as ppo; the clipped IS weight is detached)
 
     Log ratios (gspo: the sequence mean) are clamped to +-20 before exp. Rollout correction
-    multiplies L_t by a detached
-    weight from rho_t = exp(clamp(old_logprob - rollout_logprob, +-20)):
-    tis: min(rho_t, tis_cap); icepop: rho_t if icepop_low <= rho_t <= icepop_high else 0.
+    multiplies L_t by a detached weight from rho_t = exp(clamp(old_logprob - rollout_logprob,
+    +-20)): tis: min(rho_t, tis_cap); icepop: rho_t if icepop_low <= rho_t <= icepop_high else 0.
     `seq_mask` zeroes the tokens of rejected rows (no gradient reaches them, whatever NaN their
     values hold); the normalisers below keep counting them. With m the mask (a float mask acts
     as token weights) and m' = m * 1[seq_mask != 0]:
