@@ -54,31 +54,37 @@ class Patcher:
                 swap[id(original)] = ours
                 self._originals[id(ours)] = (ours, original)
                 self._set(module, attr, ours)
-        for module in self._modules():
-            for attr, value in list(vars(module).items()):
-                ours = swap.get(id(value))
-                if ours is not None and value is not ours:
-                    self._set(module, attr, ours)
-                elif isinstance(value, dict):  # a registry of functions (verl's estimators)
-                    for key, entry in list(value.items()):
-                        ours = swap.get(id(entry))
-                        if ours is not None and entry is not ours:
-                            self._saved.append((value, key, entry))
-                            value[key] = ours
+        for holder, key, value in self._bindings():
+            ours = swap.get(id(value))
+            if ours is not None and value is not ours:
+                self._set(holder, key, ours)
         return self.replaced()
 
-    def _modules(self) -> list[object]:
-        """The imported modules of the trainer's package."""
+    def _bindings(self):
+        """(holder, key, value) of every attribute of the imported modules of the trainer's
+        package, and of every entry of their dict attributes (registries of functions, e.g.
+        verl's estimators)."""
         prefix = self.package + "."
-        return [
-            module
-            for name, module in list(sys.modules.items())
-            if module is not None and (name == self.package or name.startswith(prefix))
-        ]
+        for name, module in list(sys.modules.items()):
+            if module is None or not (name == self.package or name.startswith(prefix)):
+                continue
+            for attr, value in list(vars(module).items()):
+                yield module, attr, value
+                if isinstance(value, dict):
+                    for key, entry in list(value.items()):
+                        yield value, key, entry
 
-    def _set(self, module: object, attr: str, value: object) -> None:
-        self._saved.append((module, attr, getattr(module, attr)))
-        setattr(module, attr, value)
+    @staticmethod
+    def _put(holder: object, key: str, value: object) -> None:
+        if isinstance(holder, dict):
+            holder[key] = value
+        else:
+            setattr(holder, key, value)
+
+    def _set(self, holder: object, key: str, value: object) -> None:
+        current = holder[key] if isinstance(holder, dict) else getattr(holder, key)
+        self._saved.append((holder, key, current))
+        self._put(holder, key, value)
 
     def replaced(self) -> list[str]:
         return [
@@ -91,24 +97,9 @@ class Patcher:
         binding of ours made since (a module imported while patched). A no-op when not
         patched."""
         while self._saved:
-            holder, key, original = self._saved.pop()
-            if isinstance(holder, dict):
-                holder[key] = original
-            else:
-                setattr(holder, key, original)
-
-        def original_of(value):
+            self._put(*self._saved.pop())
+        for holder, key, value in self._bindings():
             entry = self._originals.get(id(value))
-            return entry[1] if entry is not None and entry[0] is value else None
-
-        for module in self._modules():
-            for attr, value in list(vars(module).items()):
-                original = original_of(value)
-                if original is not None:
-                    setattr(module, attr, original)
-                elif isinstance(value, dict):
-                    for key, entry in list(value.items()):
-                        original = original_of(entry)
-                        if original is not None:
-                            value[key] = original
+            if entry is not None and entry[0] is value:  # one of ours, not a reused id
+                self._put(holder, key, entry[1])
         self._originals.clear()
