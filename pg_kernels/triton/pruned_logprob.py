@@ -260,7 +260,6 @@ def _bwd_kernel(
     valid = (lse_safe > float("-inf")) & (lse_safe < float("inf"))  # NaN rows stay NaN
     read = keep & valid  # ignored and NaN rows read no logits: 0 or NaN from `fill` below
     neg_g = tl.where(keep, tl.where(valid, -g_tau, float("nan")), 0.0)
-    lse = lse_safe
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
     start = chunk * CHUNK
@@ -270,19 +269,19 @@ def _bwd_kernel(
     n_read = tl.where(read, n_full, 0)
     for i in range(0, n_read):  # full blocks: unmasked vector loads and stores
         cols = start + i * BLOCK_V + lanes
-        _bwd_step(x_row, grad_row, cols, V, inv_tau, threshold, lse, neg_g, False)
+        _bwd_step(x_row, grad_row, cols, V, inv_tau, threshold, lse_safe, neg_g, False)
     fill = round_to(tl.zeros([BLOCK_V], ACC) + neg_g * 0.0, grad_ptr.dtype.element_ty)
     for i in range(n_read, n_full):  # ignored rows: 0, NaN rows: NaN, nothing read
         tl.store(grad_row + start + i * BLOCK_V + lanes, fill)
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + lanes
         if read:
-            _bwd_step(x_row, grad_row, cols, V, inv_tau, threshold, lse, neg_g, True)
+            _bwd_step(x_row, grad_row, cols, V, inv_tau, threshold, lse_safe, neg_g, True)
         else:  # the fill: a z of an unread row is no test (1 / tau of a NaN row may be 0 or NaN)
             tl.store(grad_row + cols, fill, mask=cols < V)
     # The label: d logprob / dz_c = 1 - p~_c, by the program whose chunk holds it.
     if read & (label >= start) & (label < start + n_valid):
-        p_c = exp_acc(tl.load(x_row + label).to(ACC) * inv_tau - lse)
+        p_c = exp_acc(tl.load(x_row + label).to(ACC) * inv_tau - lse_safe)
         tl.debug_barrier()
         tl.store(grad_row + label, round_to((1.0 - p_c) * g_tau, grad_ptr.dtype.element_ty))
 
