@@ -11,6 +11,14 @@ import torch
 LIB = torch.library.Library("pg_kernels", "DEF")
 
 
+def not_twice(op: str) -> RuntimeError:
+    """The error of differentiating a pg_kernels gradient again."""
+    return RuntimeError(
+        f"pg_kernels::{op}: the pg_kernels ops are differentiable once; a gradient taken with "
+        "create_graph=True cannot be differentiated again"
+    )
+
+
 def differentiable_once(backward_op: str) -> None:
     """Make the gradient that the backward op `backward_op` writes non-differentiable, loudly.
 
@@ -20,10 +28,7 @@ def differentiable_once(backward_op: str) -> None:
     """
 
     def backward(ctx, *grads):
-        raise RuntimeError(
-            f"pg_kernels::{backward_op}: the pg_kernels ops are differentiable once; a gradient "
-            "taken with create_graph=True cannot be differentiated again"
-        )
+        raise not_twice(backward_op)
 
     torch.library.register_autograd(
         f"pg_kernels::{backward_op}", backward, setup_context=lambda ctx, inputs, output: None

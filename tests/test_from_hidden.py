@@ -100,6 +100,71 @@ def test_token_stats_from_hidden_leading_dims_strided_no_bias(backend_device):
     )  # fmt: skip
 
 
+def _storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def test_shifted_hidden_is_read_in_place():
+    """last_hidden_state[:, :-1] (two strided levels): no copy of it is saved for the backward
+    (every saved tensor of its size lives in the caller's storage), and chunks that
+    straddle two sequences give the values of the contiguous copy bitwise."""
+    base, w, b = _projection(3 * 8, 16, 300, torch.float32, seed=9, lead=(3, 8))
+    y, w_ref = _labels((3, 7), 300, seed=9), w * 0.5
+    calls = {
+        "token_stats": lambda h, w: pg_kernels.token_stats_from_hidden(
+            h, w, y, bias=b, chunk_size=5).logprob,
+        "kl_divergence": lambda h, w: pg_kernels.kl_divergence_from_hidden(
+            h, w, h.detach(), w_ref, chunk_size=5),
+        "token_loss": lambda h, w: pg_kernels.token_loss_from_hidden(
+            h, w, y, lambda s, r: s.logprob.sum(), bias=b, chunk_size=5).loss,
+    }  # fmt: skip
+    for name, call in calls.items():
+        leaf = base.clone().requires_grad_()
+        h = leaf[:, :-1]
+        assert not h.is_contiguous()
+        saved: list[torch.Tensor] = []
+
+        def pack(t, saved=saved):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = call(h, w)
+        if name != "token_loss":  # which saves its gradients, not its inputs
+            big = [t for t in saved if t.numel() >= h.numel() and t.shape[-1] == h.shape[-1]]
+            assert big and _storages(big) <= _storages([leaf, w, w_ref]), name
+        (grad,) = torch.autograd.grad(out.sum(), leaf)
+        dense = leaf.detach()[:, :-1].contiguous().requires_grad_()
+        expected = call(dense, w)
+        assert torch.equal(out, expected), name
+        (grad_dense,) = torch.autograd.grad(expected.sum(), dense)
+        assert torch.equal(grad[:, :-1], grad_dense) and not grad[:, -1].any(), name
+
+
+@pytest.mark.op("token_stats")
+def test_no_features_gives_the_bias_logits(backend_device):
+    """D == 0: logits = bias on every row (a [N, 0] @ [0, V] product is 0); the gradients are the
+    bias's, and empty ones for hidden and weight."""
+    backend, device = backend_device
+    h, w, b = (t.to(device) for t in _projection(5, 4, 40, torch.float32, seed=10))
+    h, w = h[:, :0].requires_grad_(), w[:, :0].requires_grad_()
+    b.requires_grad_()
+    y = _labels((5,), 40, seed=10).to(device)
+    fused = _ts_op(backend, 2)(h, w, b, y, temperature=0.7)
+    plain = pg_kernels.token_stats(b.expand(5, 40), y, temperature=0.7, backend=backend)
+    for name, a, c in zip(fused._fields, fused, plain):
+        assert torch.equal(a, c), name
+    grads = torch.autograd.grad((fused.logprob + fused.entropy).sum(), (h, w, b))
+    expected = torch.autograd.grad((plain.logprob + plain.entropy).sum(), b)[0]
+    assert grads[0].shape == (5, 0) and grads[1].shape == (40, 0)
+    torch.testing.assert_close(grads[2], expected, rtol=1e-6, atol=1e-6)
+    kl = pg_kernels.kl_divergence_from_hidden(h, w, h, w, bias=b, ref_bias=b.detach() * 0.5,
+                                              chunk_size=2, backend=backend)  # fmt: skip
+    plain_kl = pg_kernels.kl_divergence(b.expand(5, 40), b.detach().expand(5, 40) * 0.5,
+                                        backend=backend)  # fmt: skip
+    assert torch.equal(kl, plain_kl)
+
+
 @pytest.mark.op("token_stats")
 def test_token_stats_from_hidden_equals_token_stats_of_the_logits(backend_device):
     """Same rows, same kernel: only the matmul's chunking differs (fp64: to the last bits)."""
@@ -307,12 +372,15 @@ BAD = [
      TypeError, "ref_hidden must have hidden's dtype"),
     (lambda h, w, y: pg_kernels.kl_divergence_from_hidden(h, w, h, w, direction="up"),
      ValueError, "direction must be one of"),
-    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h[:, :0], w[:, :0], y), ValueError,
-     "hidden has no features (D == 0)"),
-    (lambda h, w, y: pg_kernels.token_loss_from_hidden(h[:, :0], w[:, :0], y, lambda s, r: s.lse),
-     ValueError, "hidden has no features (D == 0)"),
-    (lambda h, w, y: pg_kernels.kl_divergence_from_hidden(h, w, h[:, :0], w[:, :0]), ValueError,
-     "ref_hidden has no features (D == 0)"),
+    # rows in three strided levels: reading them without a copy is not possible
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(
+        h.repeat(3, 1).view(2, 3, 3, 8)[:, :2, :2], w, y.repeat(2)[:8].view(2, 2, 2)), ValueError,
+     "hidden with shape (2, 2, 2, 8) and strides (72, 24, 8, 1) cannot be read as rows"),
+    (lambda h, w, y: pg_kernels.kl_divergence_from_hidden(
+        h.repeat(2, 1)[:8].view(2, 2, 2, 8), w, h.repeat(3, 1).view(2, 3, 3, 8)[:, :2, :2], w),
+     ValueError, "ref_hidden with shape (2, 2, 2, 8)"),
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h, w, y, temperature=torch.ones(5)),
+     ValueError, "(the leading shape of hidden)"),
 ]  # fmt: skip
 
 

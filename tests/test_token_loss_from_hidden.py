@@ -3,7 +3,8 @@
 Its statistics come from the same chunked matmuls and token_stats kernels as
 token_stats_from_hidden, and the gradient of each chunk's logits from the same backward kernel
 with the same upstream gradients, so outputs and gradients equal token_stats_from_hidden's
-followed by the loss, bitwise (that op is checked against float64 in test_from_hidden.py);
+followed by the loss, bitwise for a unit upstream gradient (that op is checked against float64
+in test_from_hidden.py);
 the loss itself is checked against float64 here.
 """
 
@@ -110,6 +111,20 @@ def test_only_the_inputs_that_require_grad():
     with torch.no_grad():  # no gradient work: the loss and statistics only
         loss, stats = pg_kernels.token_loss_from_hidden(hh, w, y, loss_fn, chunk_size=7)
     assert not loss.requires_grad and stats.logprob.shape == (20,)
+
+
+def test_second_derivative_raises():
+    """The saved gradients are constants: a gradient penalty built on them would silently miss
+    their dependence on hidden and weight, so create_graph=True raises, as for the other ops."""
+    h, w, b = _projection(9, 8, 100, torch.float32, seed=11)
+    h.requires_grad_()
+    y = _labels((9,), 100, seed=11)
+    loss, _ = pg_kernels.token_loss_from_hidden(h, w, y, _grpo_loss(9, seed=11), bias=b,
+                                                chunk_size=4)  # fmt: skip
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    (grad,) = torch.autograd.grad(loss, h)  # a first-order gradient still works
+    assert grad.abs().sum() > 0
 
 
 def test_empty_batch_loss_is_zero():

@@ -112,9 +112,10 @@ class Temperature(NamedTuple):
 
 
 def make_temperature(
-    op: str, temperature, logits: torch.Tensor, name: str = "temperature"
+    op: str, temperature, logits: torch.Tensor, name: str = "temperature", *, of: str = "logits"
 ) -> Temperature:
-    """Validate a float or per-row tensor temperature ([...] = logits' leading shape)."""
+    """Validate a float or per-row tensor temperature ([...] = logits' leading shape; `of`:
+    the argument errors call logits, e.g. hidden for the from-hidden ops)."""
     if isinstance(temperature, torch.Tensor):
         if not temperature.is_floating_point():
             raise TypeError(
@@ -122,14 +123,14 @@ def make_temperature(
             )
         if temperature.device != logits.device:
             raise ValueError(
-                f"{op}: {name} is on {temperature.device} but logits on {logits.device}"
+                f"{op}: {name} is on {temperature.device} but {of} on {logits.device}"
             )
         lead = tuple(logits.shape[:-1])
         if temperature.dim() == 0:
             temperature = temperature.expand(lead)
         if tuple(temperature.shape) != lead:
             raise ValueError(
-                f"{op}: per-row {name} must have shape {lead} (the logits' leading shape), "
+                f"{op}: per-row {name} must have shape {lead} (the leading shape of {of}), "
                 f"got {tuple(temperature.shape)}"
             )
         if temperature.requires_grad:

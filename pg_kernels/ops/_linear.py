@@ -5,16 +5,23 @@ logits = hidden @ weight.T + bias is [N, V]: at N = 16384, V = 151936 that is 5 
 cuBLAS matmul, into one reused buffer), then the op's fused row kernel, and in the backward the
 projection again (recomputed, never kept) followed by the gradient matmuls. Extra memory: one
 chunk's logits, one chunk's logit gradient and, for 16-bit weights, an fp32 [V, D] accumulator
-for the weight gradient (summing per-chunk contributions in bf16 would round the running sum
-once per chunk; fp32 keeps the unfused path's one rounding at the end) plus at most
-PRODUCT_BYTES of a chunk's 16-bit product on its way into it.
+for the weight gradient plus at most PRODUCT_BYTES of a chunk's 16-bit product on its way into
+it. Each chunk's product g.T @ h is rounded to 16 bits once (the BLAS has no fp32 output for
+16-bit operands on every device) and the products are summed in fp32: one rounding per chunk's
+contribution, where a 16-bit running sum would also round the sum once per chunk.
+
+hidden is read in place, whatever its leading strides (`row_layout`: e.g. the shifted
+`last_hidden_state[:, :-1]` of a [B, T, D] tensor): a chunk's rows are a view of it, or, where
+they straddle the outer level, a copy of that chunk's rows only.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from pg_kernels.ops._common import FLOAT_DTYPES
+from pg_kernels.ops._common import FLOAT_DTYPES, row_layout
 
 # Default chunk: this many bytes of logits (in the hidden states' dtype) per chunk, e.g. 512
 # rows of V = 32000 fp32, 192 rows of V = 151936 bf16. The fused path runs 4 matmuls of N·V·D
@@ -56,8 +63,7 @@ def check_projection(op: str, prefix: str, hidden, weight, bias) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but {names[0]} on {hidden.device}")
     if hidden.dim() < 1:
         raise ValueError(f"{op}: {names[0]} must have shape [..., D], got a 0-d tensor")
-    if hidden.shape[-1] == 0:  # logits = bias for every row: no projection to fuse
-        raise ValueError(f"{op}: {names[0]} has no features (D == 0)")
+    row_layout(op, names[0], hidden)  # read without a copy (ChunkedProjection), or raise
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(
             f"{op}: {names[1]} must have shape [V, D] with V > 0 and D = {names[0]}.shape[-1] = "
@@ -87,8 +93,24 @@ def rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     return None if t is None else t[start:stop]
 
 
+def num_rows(hidden: torch.Tensor) -> int:
+    """N of hidden [..., D]: the product of its leading dims (also when D == 0)."""
+    return math.prod(hidden.shape[:-1])
+
+
+def _row_levels(hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [..., D] as a [n_outer, n_inner, D] view of its storage (row_layout's two levels;
+    check_projection has ruled out layouts that need more)."""
+    n, d = num_rows(hidden), hidden.shape[-1]
+    layout = row_layout("", "hidden", hidden)
+    n_inner = max(1, min(layout.n_inner, n))
+    return hidden.as_strided(
+        (n // n_inner, n_inner, d), (layout.stride_outer, layout.stride_inner, hidden.stride(-1))
+    )
+
+
 class ChunkedProjection:
-    """hidden [N, D] @ weight.T + bias a chunk of rows at a time, and its inputs' gradients.
+    """hidden [..., D] @ weight.T + bias a chunk of rows at a time, and its inputs' gradients.
 
     `logits(s, e)` returns rows s:e of the logits in a buffer reused by every chunk (valid until
     the next call), `grad_buffer(s, e)` the same for their gradient; `accumulate(grad_logits, s,
@@ -99,19 +121,36 @@ class ChunkedProjection:
 
     def __init__(self, hidden, weight, bias, chunk_size: int, wanted=(False, False, False)):
         self.hidden, self.weight, self.bias = hidden, weight, bias
-        n, v = hidden.shape[0], weight.shape[0]
-        self.buffer = hidden.new_empty((min(chunk_size, n), v))
+        self.n, v, d = num_rows(hidden), weight.shape[0], hidden.shape[-1]
+        self._levels = _row_levels(hidden)
+        self._last_rows = (0, 0, None)  # (start, stop, rows): the chunk hidden_rows gave last
+        self.buffer = hidden.new_empty((min(chunk_size, self.n), v))
         self._grad_buffer = None
         self.wanted = wanted
         # fp32 accumulators for 16-bit weights (see the module docstring); fp32/fp64 add in place.
         acc = torch.float32 if weight.dtype.itemsize < 4 else weight.dtype
-        self.grad_hidden = torch.empty_like(hidden) if wanted[0] else None
+        self.grad_hidden = hidden.new_empty((self.n, d)) if wanted[0] else None
         self.grad_weight = weight.new_zeros(weight.shape, dtype=acc) if wanted[1] else None
         self.grad_bias = weight.new_zeros((v,), dtype=acc) if wanted[2] else None
 
+    def hidden_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of hidden as [stop - start, D]: a view within one outer index, else a
+        copy of these rows only (kept for the chunk's next call, the weight gradient's)."""
+        if self._last_rows[:2] == (start, stop):
+            return self._last_rows[2]
+        levels = self._levels
+        n_inner = levels.shape[1]
+        (o0, i0), (o1, i1) = divmod(start, n_inner), divmod(stop - 1, n_inner)
+        if o0 == o1:
+            h = levels[o0, i0 : i1 + 1]
+        else:
+            h = torch.cat([levels[o0, i0:], *levels[o0 + 1 : o1].unbind(0), levels[o1, : i1 + 1]])
+        self._last_rows = (start, stop, h)
+        return h
+
     def logits(self, start: int, stop: int) -> torch.Tensor:
         out = self.buffer[: stop - start]
-        h = self.hidden[start:stop]
+        h = self.hidden_rows(start, stop)
         if self.bias is None:
             return torch.mm(h, self.weight.t(), out=out)
         return torch.addmm(self.bias, h, self.weight.t(), out=out)
@@ -128,7 +167,7 @@ class ChunkedProjection:
         if self.grad_hidden is not None:
             torch.mm(grad_logits, self.weight, out=self.grad_hidden[start:stop])
         if self.grad_weight is not None:
-            h = self.hidden[start:stop]
+            h = self.hidden_rows(start, stop)
             if self.grad_weight.dtype == grad_logits.dtype:
                 self.grad_weight.addmm_(grad_logits.t(), h)
             else:  # one 16-bit rounding per chunk's product, summed in fp32, in vocab blocks
@@ -146,8 +185,9 @@ class ChunkedProjection:
             return like.new_empty((0,)) if grad is None else grad.to(like.dtype)
 
         bias_like = self.weight if self.bias is None else self.bias
+        grad_hidden = None if self.grad_hidden is None else self.grad_hidden.view(self.hidden.shape)
         return (
-            finish(self.grad_hidden, self.hidden),
+            finish(grad_hidden, self.hidden),
             finish(self.grad_weight, self.weight),
             finish(self.grad_bias, bias_like),
         )

@@ -161,11 +161,11 @@ def check_kl_args(
     if labels is not None:
         check_labels_arg(op, logits, labels, of=of)
     ignore_index = check_ignore_index(op, ignore_index, labels)
-    temp = make_temperature(op, temperature, logits)
+    temp = make_temperature(op, temperature, logits, of=of)
     ref_temp = (
         temp
         if ref_temperature is None
-        else make_temperature(op, ref_temperature, logits, "ref_temperature")
+        else make_temperature(op, ref_temperature, logits, "ref_temperature", of=of)
     )
     return ignore_index, temp, ref_temp
 

@@ -23,6 +23,7 @@ from pg_kernels.ops._linear import (
     check_projection,
     chunks,
     empty_gradients,
+    num_rows,
     rows,
 )
 
@@ -41,7 +42,7 @@ def _forward(
         temperature_scalar, ref_temperature, ref_temperature_scalar, ignore_index, direction,
         chunk_size, backend,
     )  # fmt: skip
-    for s, e in chunks(hidden.shape[0], chunk_size):
+    for s, e in chunks(proj.n, chunk_size):
         kl[s:e], row_state[s:e] = _kl._kl_divergence(
             proj.logits(s, e), ref_proj.logits(s, e), rows(labels, s, e),
             rows(temperature, s, e), temperature_scalar, rows(ref_temperature, s, e),
@@ -55,7 +56,7 @@ def _forward_fake(
     temperature_scalar, ref_temperature, ref_temperature_scalar, ignore_index, direction,
     chunk_size, backend,
 ):  # fmt: skip
-    n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
+    n, acc = num_rows(hidden), acc_dtype(hidden.dtype)
     return hidden.new_empty((n,), dtype=acc), hidden.new_empty((n, _kl.ROW_STATE), dtype=acc)
 
 
@@ -71,7 +72,7 @@ def _backward_impl(
     wanted, ref_wanted = tuple(output_mask[:3]), tuple(output_mask[3:])
     proj = ChunkedProjection(hidden, weight, bias, chunk_size, wanted)
     ref_proj = ChunkedProjection(ref_hidden, ref_weight, ref_bias, chunk_size, ref_wanted)
-    for s, e in chunks(hidden.shape[0], chunk_size):
+    for s, e in chunks(proj.n, chunk_size):
         grad, ref_grad = _kl._kl_divergence_backward(
             grad_kl[s:e], proj.logits(s, e), ref_proj.logits(s, e), rows(labels, s, e),
             rows(temperature, s, e), temperature_scalar, rows(ref_temperature, s, e),
@@ -213,8 +214,8 @@ def kl_divergence_from_hidden(
             labels=labels, ignore_index=ignore_index, upcast=False,
         )  # fmt: skip
     kl, _ = torch.ops.pg_kernels.kl_divergence_from_hidden(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-        ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref_weight, ref_bias,
+        hidden, weight, bias,
+        ref_hidden, ref_weight, ref_bias,
         None if labels is None else labels.reshape(-1), temp.tensor, temp.scalar,
         ref_temp.tensor, ref_temp.scalar, ignore_index, direction, chunk_size, backend,
     )  # fmt: skip

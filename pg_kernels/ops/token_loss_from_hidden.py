@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels import reference
+from pg_kernels import _library, reference
 from pg_kernels.ops import token_stats as _ts
 from pg_kernels.ops._linear import ChunkedProjection, chunks, rows
 from pg_kernels.ops.token_stats_from_hidden import check_args, empty_stats
@@ -53,11 +53,10 @@ class _TokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index,
                 chunk_size, backend, loss_fn, wanted):  # fmt: skip
-        n = hidden.shape[0]
         proj = ChunkedProjection(hidden, weight, bias, chunk_size, wanted)
         outs = empty_stats(hidden, labels)
         loss = None
-        for s, e in chunks(n, chunk_size):
+        for s, e in chunks(proj.n, chunk_size):
             logits, t = proj.logits(s, e), rows(temperature, s, e)
             stats = TokenStats(*_ts._token_stats(
                 logits, labels[s:e], t, temperature_scalar, ignore_index, backend
@@ -82,6 +81,8 @@ class _TokenLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants
+            raise _library.not_twice(OP)
         grads = [g * grad_loss if w else None for g, w in zip(ctx.saved_tensors, ctx.wanted)]
         return *grads, *(None,) * 8
 
@@ -128,8 +129,10 @@ def token_loss_from_hidden(
 
     Returns:
         TokenLoss(loss, stats): the 0-d loss, differentiable w.r.t. hidden, weight and bias
-        (its backward only scales the gradients the forward saved: they cost memory the size
-        of hidden, weight and bias from the forward on), and the TokenStats of every row,
+        (its backward only scales the gradients the forward saved, rounded to the inputs'
+        dtypes: they cost memory the size of hidden, weight and bias from the forward on; an
+        upstream gradient other than 1 rounds them again, so scale inside loss_fn; not
+        differentiable twice: create_graph=True raises), and the TokenStats of every row,
         detached.
 
     Example, a GRPO step with an entropy bonus (adv, old_lp, mask of [B, T]):
@@ -161,7 +164,7 @@ def token_loss_from_hidden(
     if not torch.is_grad_enabled():
         wanted = (False, False, False)
     loss, *outs = _apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), temp.tensor,
-        temp.scalar, ignore_index, chunk_size, backend, loss_fn, wanted,
+        hidden, weight, bias, labels.reshape(-1), temp.tensor, temp.scalar, ignore_index,
+        chunk_size, backend, loss_fn, wanted,
     )  # fmt: skip
     return TokenLoss(loss, TokenStats(*(o.view(labels.shape) for o in outs)))

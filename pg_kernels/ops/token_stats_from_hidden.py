@@ -42,7 +42,7 @@ def _forward(
 ):  # fmt: skip
     proj = ChunkedProjection(hidden, weight, bias, chunk_size)
     outs = empty_stats(hidden, labels)
-    for s, e in chunks(hidden.shape[0], chunk_size):
+    for s, e in chunks(proj.n, chunk_size):
         stats = _ts._token_stats(
             proj.logits(s, e), labels[s:e], rows(temperature, s, e), temperature_scalar,
             ignore_index, backend,
@@ -81,7 +81,7 @@ def _backward_impl(
     output_mask, backend,
 ):  # fmt: skip
     proj = ChunkedProjection(hidden, weight, bias, chunk_size, tuple(output_mask))
-    for s, e in chunks(hidden.shape[0], chunk_size):
+    for s, e in chunks(proj.n, chunk_size):
         grad_logits = _ts._token_stats_backward(
             g_logprob[s:e], g_entropy[s:e], g_collision[s:e], g_lse[s:e], proj.logits(s, e),
             labels[s:e], rows(temperature, s, e), temperature_scalar, ignore_index, lse[s:e],
@@ -147,7 +147,7 @@ def check_args(op, hidden, weight, bias, labels, temperature, ignore_index, chun
     vocab = weight.shape[0]
     chunk_size = check_chunk_size(op, chunk_size, vocab, hidden)
     # The temperature's shape check wants [..., V]-shaped logits; a [..., 1] view stands in.
-    temp = make_temperature(op, temperature, hidden[..., :1])
+    temp = make_temperature(op, temperature, hidden[..., :1], of="hidden")
     backend = _backend.resolve("token_stats", backend, hidden.device, kernels=_ts.KERNELS)
     check_labels_on_cpu(op, labels, vocab, ignore_index)
     return ignore_index, chunk_size, temp, backend
@@ -197,7 +197,7 @@ def token_stats_from_hidden(
         )
     lead = labels.shape
     outs = torch.ops.pg_kernels.token_stats_from_hidden(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), temp.tensor,
-        temp.scalar, ignore_index, chunk_size, backend,
+        hidden, weight, bias, labels.reshape(-1), temp.tensor, temp.scalar, ignore_index,
+        chunk_size, backend,
     )  # fmt: skip
     return TokenStats(*(o.view(lead) for o in outs))
