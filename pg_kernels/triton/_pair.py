@@ -612,7 +612,8 @@ def merge_row(part_ptr, rows, rmask, N, n_chunks, EXCESS: tl.constexpr):
     e_w = tl.zeros(rows.shape, ACC)
     e_v = tl.zeros(rows.shape, ACC)
     k = tl.zeros(rows.shape, ACC)
-    plane = n_chunks.to(tl.int64) * N
+    # tl.cast: an n_chunks of 1 arrives as a Python int (Triton specializes 1)
+    plane = tl.cast(n_chunks, tl.int64) * N
     chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
     for _ in range(0, n_chunks):
         idx = chunk_off + rows

@@ -188,7 +188,8 @@ def _fwd_finish_kernel(
     x_m = tl.full([BLOCK_R], float("-inf"), ACC)
     s_in = tl.zeros([BLOCK_R], ACC)
     s_out = tl.zeros([BLOCK_R], ACC)
-    plane = n_chunks.to(tl.int64) * N
+    # tl.cast: an n_chunks of 1 arrives as a Python int (Triton specializes 1)
+    plane = tl.cast(n_chunks, tl.int64) * N
     chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
     for _ in range(0, n_chunks):
         x_m = max_nan(x_m, tl.load(max_ptr + chunk_off + rows, mask=rmask, other=0.0))

@@ -477,7 +477,8 @@ def merge_rows(
     c64 = tl.zeros(rows.shape, tl.float64) + c64  # a scalar temperature: broadcast to the rows
     c = c64.to(ACC)
 
-    plane = n_chunks.to(tl.int64) * N
+    # tl.cast: an n_chunks of 1 arrives as a Python int (Triton specializes 1)
+    plane = tl.cast(n_chunks, tl.int64) * N
     # First the row's max and first argmax (strictly greater: among equal maxima the earliest
     # chunk, i.e. the first index, wins), then every chunk's sums rescaled straight to the row's
     # reference, added in chunk order: a fixed order, so bitwise deterministic.

@@ -320,7 +320,8 @@ def _fwd_finish_kernel(
     zero = tl.zeros([], tl.float64)  # the chunk states are fp64
     m_tail = zero - float("inf")
     s_tail = zero
-    plane = n_chunks.to(tl.int64) * N
+    # tl.cast: an n_chunks of 1 arrives as a Python int (Triton specializes 1)
+    plane = tl.cast(n_chunks, tl.int64) * N
     chunk_off = tl.zeros([], tl.int64)  # k * N, in int64
     for _ in range(0, n_chunks):
         m_k = tl.load(part_ptr + chunk_off + row)
