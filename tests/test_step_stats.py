@@ -282,6 +282,26 @@ def test_neg_inf_entries(bd):
     assert bool(qa.grad.isfinite().all())
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_neg_inf_label_logit_kl_gradient(bd, direction):
+    """A label whose logit is -inf (logprob -inf) has p_c = 0: with the KL alone in the loss its
+    gradient entry is kl_divergence's (0 for the reverse KL, -q_c / tau for the forward), not
+    p_c (log p_c - ...) = -inf through a floored p_c (the C++ label entry, recomputed in
+    double)."""
+    backend, device = bd
+    x, y, _, _, xq = _inputs(3, 257, torch.float32, device, seed=12)
+    x[1, y[1]] = -INF
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    kl = pg_kernels.step_stats(xa, y, ref_logits=xq, kl_direction=direction, temperature=0.8,
+                               backend=backend).kl  # fmt: skip
+    kl.sum().backward()
+    pg_kernels.kl_divergence(xb, xq, direction=direction, temperature=0.8,
+                             backend=backend).sum().backward()  # fmt: skip
+    assert bool(xa.grad.isfinite().all())
+    assert direction == "forward" or float(xa.grad[1, y[1]]) == 0.0
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_nan_rows_stay_local(bd):
     """A NaN policy row is NaN everywhere; a NaN rollout or teacher row spoils only its own
     statistic, and a teacher whose KL is not in the loss is never read by the backward."""

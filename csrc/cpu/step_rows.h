@@ -266,7 +266,11 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
     double value = p_c * (row.a_d + row.b_d * d_c + row.c_d * p_c) + row.g_l;
     if constexpr (kKL == 1) {
       const double dq_c = tpq.divide(acc_t(xq[label]) - kl.xm);
-      if (p_c > 0) value += double(kl.g_p) * p_c * ((double(dp_c) - dq_c) - double(kl.c));
+      // Where p_c is 0 in acc_t (d_c at the floor: the vector path's blend), no KL term: a
+      // -inf label logit would otherwise add p_c (dp_c - ...) = -inf through the floor's p_c.
+      if (d_c > exp_zero_below<acc_t>()) {
+        value += double(kl.g_p) * p_c * ((double(dp_c) - dq_c) - double(kl.c));
+      }
     } else if constexpr (kKL == 2) {
       const acc_t dq_c = tpq.divide(acc_t(xq[label]) - kl.xm);
       const double q_c = std::exp(double(std::max(dq_c - kl.log_s1, exp_zero_below<acc_t>())));

@@ -79,7 +79,14 @@ if INTERPRETED:
 
     NUMPY_FMA = InterpreterBuilder.create_fma  # tests/conftest.py's numpy_arithmetic
     if EMULATE_GPU:
+        import numpy as np
+
         InterpreterBuilder.create_fma = _fused_multiply_add
+        # tl.maximum / tl.minimum (propagate_nan NONE) lower to PTX max.f32 / min.f32, which
+        # return the other operand for a NaN (np.fmax); the interpreter's np.maximum keeps the
+        # NaN, which hid NaN rows lost on a GPU. PropagateNan.ALL (np.maximum) is unchanged.
+        InterpreterBuilder.create_maxnumf = lambda self, a, b: self.binary_op(a, b, np.fmax)
+        InterpreterBuilder.create_minnumf = lambda self, a, b: self.binary_op(a, b, np.fmin)
 
 
 @triton.jit

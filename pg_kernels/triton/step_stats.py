@@ -265,7 +265,7 @@ def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, 
     s1, s2, t2 = add_exps(d2, e, s1, s2, t2)
     if HAS_ROLL or HAS_REF:
         t_p = fma_acc(x, kp, -rp[None, :, None])
-        e_p = exp_base(tl.maximum(t_p, D_MIN))  # as `lane_exps`' e
+        e_p = exp_base(tl.maximum(t_p, D_MIN, propagate_nan=tl.PropagateNan.ALL))  # lane_exps' e
         sp += tl.sum(tl.sum(e_p, axis=2), axis=0)
     if HAS_ROLL:  # KL(pi_roll || pi_theta): w = rollout, v = logits
         if DIV_R:

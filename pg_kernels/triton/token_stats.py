@@ -202,9 +202,11 @@ def _accumulate(x, c, r2, s1, s2, t2):
 @triton.jit
 def lane_exps(x, c, r2):
     """The one exp per element of a [U, LANES, H] block: (d2 unclamped, d2, e = 2^d2). d2 is
-    clamped to a finite floor: a -inf logit has e = 0 and must add e * d2 = 0, not 0 * -inf."""
+    clamped to a finite floor: a -inf logit has e = 0 and must add e * d2 = 0, not 0 * -inf.
+    A NaN stays NaN (PropagateNan.ALL, one FMNMX.NAN): the plain max returns D_MIN for it on a
+    GPU, and the row's only NaN check is its sums'."""
     d2_raw = tl.fma(x, c, -r2[None, :, None])
-    d2 = tl.maximum(d2_raw, D_MIN)
+    d2 = tl.maximum(d2_raw, D_MIN, propagate_nan=tl.PropagateNan.ALL)
     return d2_raw, d2, exp2_acc(d2)
 
 
