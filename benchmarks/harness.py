@@ -604,6 +604,13 @@ def _peak_bytes(
     return _cpu_peak_bytes(lambda: timed(state))
 
 
+# The precision baseline (plain PyTorch at the input precision) is checked against this
+# relative error instead of against itself: 8 bf16 ulps (2^-5), far above what a correct plain
+# implementation errs by on the benchmarks' data (~2^-8 for bf16 gradients), far below a
+# wrong one, whose error would otherwise widen every provider's tolerance.
+BASELINE_MAX_ERR = 2.0**-5
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; inf for any NaN / inf or a shape mismatch."""
     if out.shape != ref.shape:
@@ -709,13 +716,17 @@ def _check(
         {n: _rel_err(gr[:k], truth_grads[n]) for n, gr in grads.items() if n in truth_grads}
     )
     kind = "grad" if grad else "fwd"
-    if prov.name == bench.precision_baseline:
+    if prov.name == bench.precision_baseline and all(e <= BASELINE_MAX_ERR for e in errs.values()):
         g.baseline_err[kind] = errs
-    base = g.baseline_err.get(kind, {})
     # flash-attention's rule: at most twice the error of the plain implementation at the input
-    # precision (measured on the same data), plus a small floor.
+    # precision (measured on the same data), plus a small floor. A baseline over
+    # BASELINE_MAX_ERR (or NaN) is not recorded: the floor alone then bounds the others. No
+    # provider passes with a non-finite error of its own.
+    base = g.baseline_err.get(kind, {})
     tols = {f: 2 * base.get(f, 0.0) + bench.tolerance_floor(case, f) for f in errs}
-    ok = bool(errs) and all(errs[f] <= tols[f] for f in errs)
+    if prov.name == bench.precision_baseline:  # its own bound is no check: a sanity ceiling
+        tols = {f: BASELINE_MAX_ERR for f in errs}
+    ok = bool(errs) and all(math.isfinite(errs[f]) and errs[f] <= tols[f] for f in errs)
     return ok, errs, tols
 
 
