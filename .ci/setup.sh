@@ -38,7 +38,8 @@ if [ "$(cat .venv/.pgk-trainers 2>/dev/null)" != "$trainers" ]; then
         -r requirements-trainers.txt 2> >(grep -v "^WARNING: Location" >&2); then
         echo "$trainers" > .venv/.pgk-trainers
     else
-        echo "pg_kernels: could not install the RL trainers; tests/test_integrations.py will skip" >&2
+        echo "pg_kernels: could not install the RL trainers; tests/test_integrations.py will skip" \
+            "(fail under .ci/run, PGK_REQUIRE_TRAINERS=1)" >&2
     fi
 fi
 # One interpreter start (importing torch takes seconds): fails early if the install did not

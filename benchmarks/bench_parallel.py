@@ -72,6 +72,19 @@ def _step(op: str, mode: str, x, xr, labels, w, **kw):
         torch.autograd.grad(loss, [x])
 
 
+def _check(op: str, fn, lx, lxr, x, xr, labels, start: int) -> None:
+    """The parallel op's forward on this rank's shard against the single-device op on the whole
+    rows, before anything is timed (test_parallel checks it against float64, gradients too)."""
+    kw = {"vocab_start_index": start, "backend": "cpu"}
+    if op == "token_stats":
+        got, want = fn(lx, labels, **kw), pg_kernels.token_stats(x, labels, backend="cpu")
+        pairs = [(getattr(got, f), getattr(want, f)) for f in ("logprob", "entropy", "collision")]
+    else:
+        pairs = [(fn(lx, lxr, **kw), pg_kernels.kl_divergence(x, xr, backend="cpu"))]
+    for got_f, want_f in pairs:
+        torch.testing.assert_close(got_f, want_f, rtol=1e-5, atol=1e-6, msg=lambda m: f"{op}: {m}")
+
+
 def _time(fn, reps: int, barrier=None) -> list[float]:
     times = []
     for i in range(WARMUP + reps):
@@ -106,6 +119,7 @@ def _worker(rank: int, world: int, port: int, args: dict, folder: str) -> None:
         out = {}
         for op in ("token_stats", "kl_divergence"):
             fn = parallel.token_stats if op == "token_stats" else parallel.kl_divergence
+            _check(op, fn, lx, lxr, x, xr, labels, start)
             for mode in ("fwd", "fwd+bwd"):
                 sent.clear()
                 _step(op, mode, lx, lxr, labels, w, fn=fn, vocab_start_index=start, backend="cpu")

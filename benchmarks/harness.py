@@ -363,7 +363,8 @@ def versions(extra: Mapping[str, str] | None = None) -> dict[str, str | None]:
 
 
 def git_state() -> tuple[str | None, bool | None]:
-    """(HEAD sha, whether tracked files outside benchmarks/ differ from it)."""
+    """(HEAD sha, whether tracked files other than benchmark results differ from it: the
+    harness and bench scripts count, benchmarks/results and benchmarks/out do not)."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -372,7 +373,10 @@ def git_state() -> tuple[str | None, bool | None]:
 
     try:
         sha = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks")
+        changed = git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results",
+            ":!benchmarks/out",
+        )  # fmt: skip
         return sha, bool(changed)
     except (OSError, subprocess.CalledProcessError):
         return None, None
@@ -1084,7 +1088,7 @@ def markdown(bench: OpBench, records: list[dict], notes: list[str], meta: dict) 
         "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']} · runtime {meta['runtime_s']:.0f} s · git {meta['git_sha']}"
-        + (" (tracked files outside benchmarks/ modified)" if meta.get("git_dirty") else ""),
+        + (" (tracked files modified, results aside)" if meta.get("git_dirty") else ""),
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
         f"- temperature: {meta.get('temperature', 1.0):g}",
     ]
