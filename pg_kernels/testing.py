@@ -166,6 +166,16 @@ def assert_close_to_truth(
     return float(err.max())
 
 
+def _leaf_like(a: torch.Tensor) -> torch.Tensor:
+    """A leaf copy of `a` that requires grad, with a's strides: clone() makes a non-dense view
+    (rows with gaps, the shifted [:, :-1] of [B, T+1, V]) contiguous, and the op would never
+    see the layout under test. The gaps hold whatever the allocation held."""
+    if 0 in a.stride():  # an expanded view: its copy cannot keep overlapping strides
+        return a.detach().clone().requires_grad_()
+    leaf = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+    return leaf.copy_(a.detach()).requires_grad_()
+
+
 def check_against_reference(
     op: Callable,
     ref: Callable,
@@ -191,8 +201,8 @@ def check_against_reference(
     """
 
     def run(fn, upcast):
-        leaves = [a.detach().clone().requires_grad_(i in grad_args) if isinstance(a, torch.Tensor)
-                  and i in grad_args else a for i, a in enumerate(args)]  # fmt: skip
+        leaves = [_leaf_like(a) if isinstance(a, torch.Tensor) and i in grad_args else a
+                  for i, a in enumerate(args)]  # fmt: skip
         extra = {} if upcast is None else {"upcast": upcast}
         out = fn(*leaves, **kwargs, **extra)
         fields = out._asdict() if hasattr(out, "_asdict") else {"out": out}

@@ -90,16 +90,18 @@ def _temperature(draw, shape, allow_tensor=True):
 
 @st.composite
 def logit_cases(draw, backend: str):
-    """Logits (maybe a strided [B, T+1, V][:, :-1] view), labels with ignore rows, the float64
-    master copy (the edits are made there, then cast once) and the -inf mask."""
+    """Logits, labels with ignore rows, the float64 master copy (the edits are made there, then
+    cast once) and the -inf mask. Layouts: contiguous; "shifted", the [2, T+1, V][:, :-1] view
+    (two strided levels of rows); "padded", rows of V inside rows of V + pad whose padding is
+    NaN (a kernel that reads past V gives a NaN row)."""
     dtype = draw(st.sampled_from(DTYPES))
     v = draw(_vocab(backend))
     max_rows = 4 if backend == "triton" else 12
-    strided = draw(st.booleans())
+    layout = draw(st.sampled_from(["contiguous", "shifted", "padded"]))
+    strided = layout == "shifted"
     if strided:
-        b = draw(st.integers(1, 2))
-        t = draw(st.integers(1, max(1, max_rows // b)))
-        full_shape, shape = (b, t + 1), (b, t)
+        t = draw(st.integers(1, max(1, max_rows // 2)))
+        full_shape, shape = (2, t + 1), (2, t)
     else:
         n = draw(st.integers(1, max_rows))
         full_shape = shape = (n,)
@@ -136,6 +138,10 @@ def logit_cases(draw, backend: str):
     x = x64.to(dtype)
     if strided:
         x, y, x64, neg_inf = x[:, :-1], y[:, :-1], x64[:, :-1], neg_inf.view(*full_shape, v)[:, :-1]
+    elif layout == "padded":
+        wide = torch.full((*shape, v + draw(st.integers(1, 9))), float("nan"), dtype=dtype)
+        wide[..., :v] = x
+        x = wide[..., :v]
     return dict(x=x, y=y, x64=x64, neg_inf=neg_inf.reshape(x.shape), shape=shape, v=v,
                 dtype=dtype, seed=seed)  # fmt: skip
 
@@ -227,7 +233,11 @@ def _check(c, backend: str, *args, hint: str | None = None, **kwargs):
 # (test, backend) cases on which the CI profile's examples still find failures outside KNOWN,
 # found by this fuzzer and open (README, Testing): xfail (not strict), so CI stays green while
 # the rest of the fuzzer guards; remove an entry once its case passes.
-OPEN: dict[tuple[str, str], str] = {}
+OPEN: dict[tuple[str, str], str] = {
+    ("test_kl_divergence", "triton"): "open class (1) (README, Testing): the 16-bit Triton pair "
+    "lanes take a near-equal pair's KL as a difference of rounded normalizers; a CI example, "
+    "fp16 [3, 2] at tau 8.8, a KL of 9.9e-8 computed 0 (allowed 3.3e-8, plain 1.6e-8)",
+}
 
 # (test, backend) cases whose CI examples meet a class that only a GPU's arithmetic shows
 # (tests/conftest.py, PGK_EMULATE_GPU) and that is open: they run on the interpreter's numpy
