@@ -775,7 +775,17 @@ BAD_INPUTS = [
     ),
     (lambda x, xr, y: KL(x, xr, ignore_index=None), TypeError, "ignore_index must be an int"),
     (lambda x, xr, y: KL(x, xr.to("meta")), ValueError, "ref_logits is on meta but logits on cpu"),
-]
+    # the op called directly skips kl_divergence()'s checks: its kernels check the pair again
+    (lambda x, xr, y: torch.ops.pg_kernels.kl_divergence(
+        x, xr.bfloat16(), None, None, 1.0, None, 1.0, -100, "forward", "cpu"), TypeError,
+     "ref_logits must have the logits' dtype"),
+    (lambda x, xr, y: torch.ops.pg_kernels.mismatch_stats(
+        x, xr[..., :-1], y, None, 1.0, None, 1.0, -100, "cpu"), ValueError,
+     "rollout_logits must have the logits' shape"),
+    (lambda x, xr, y: torch.ops.pg_kernels.step_stats(
+        x, None, xr.double(), y, None, 1.0, None, 1.0, None, 1.0, "reverse", -100, "cpu"),
+     TypeError, "ref_logits must have the logits' dtype"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUTS)))

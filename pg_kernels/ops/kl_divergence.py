@@ -57,6 +57,9 @@ def _kl_divergence(
     logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
     ref_temperature_scalar, ignore_index, direction, backend,
 ):  # fmt: skip
+    # Also here: a direct torch.ops call skips kl_divergence()'s checks, and the Triton kernels
+    # would read one side in the other's dtype.
+    check_logits_pair(OP, logits, ref_logits, "ref_logits")
     forward, _ = _backend.launchers(OP, backend)
     outs = forward(
         logits, ref_logits, _flat(labels), temperature, temperature_scalar, ref_temperature,

@@ -56,6 +56,7 @@ def _mismatch_stats(
     logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
     rollout_temperature_scalar, ignore_index, backend,
 ):  # fmt: skip
+    check_logits_pair(OP, logits, rollout_logits, "rollout_logits")  # direct torch.ops calls too
     forward, _ = _backend.launchers(OP, backend)
     logprob, token_kl, token_tv, row_state = forward(
         logits, rollout_logits, _flat(labels), temperature, temperature_scalar,

@@ -68,6 +68,9 @@ def _step_stats(
     rollout_temperature, rollout_temperature_scalar, ref_temperature, ref_temperature_scalar,
     direction, ignore_index, backend,
 ):  # fmt: skip
+    for name, other in (("rollout_logits", rollout_logits), ("ref_logits", ref_logits)):
+        if other is not None:  # direct torch.ops calls too (step_stats() checks them first)
+            check_logits_pair(OP, logits, other, name)
     forward, _ = _backend.launchers(OP, backend)
     outs = forward(
         logits, rollout_logits, ref_logits, _flat(labels), temperature, temperature_scalar,
