@@ -6,27 +6,28 @@
 #   bash benchmarks/gpu_check.sh OUT              on the GPU machine, with its python3
 #   bash benchmarks/gpu_check.sh --dry-run OUT    here, on CPU: every step in a CPU-sized mode
 #
-# Steps (each under its own `timeout`; a later step runs when an earlier one failed):
-#   preflight       nvidia-smi, versions, torch.cuda.is_available(), tools; private Triton and
-#                   inductor caches under /tmp
+# Steps (each under its own `timeout`; a later step runs when an earlier one failed), in the
+# order of what issue 9 needs most, since a budget of ~9 minutes does not fit them all:
+#   preflight       nvidia-smi, versions, torch.cuda.is_available() (none: summary, exit), tools;
+#                   private Triton and inductor caches under /tmp
 #   build           .ci/build_ext.sh with this machine's python3 (both extensions, sm_90 only),
-#                   in the background while tests_triton runs (Triton needs no build)
-#   tests_triton    pytest -m gpu -k triton (xdist workers), then the skip check
-#   tests_cuda      pytest -m gpu -k "not triton" after the build, then the skip check: any skip
-#                   that says a GPU or an extension is missing, or of a CUDA case, fails the step
-#   memcheck        compute-sanitizer --tool memcheck  benchmarks/gpu_sanitize.py  } beside
-#   racecheck       compute-sanitizer --tool racecheck benchmarks/gpu_sanitize.py  } tests_cuda
+#                   in the background (CPU only) while the first benchmarks run
+#   bench ... t1    the five ops' Triton kernels against eager (token_stats also against
+#                   Liger-Kernel), bf16, N=16384, V=151936 and 128256, T=1: the headline targets
+#   bench cuda      after the build: token_stats' CUDA kernel beside Triton at N=16384, 512, 1
+#                   (what "auto" picks per shape class)
+#   tests_triton    pytest -m gpu -k triton (xdist workers), then the skip check     } side by
+#   tests_cuda      pytest -m gpu -k "not triton", then the skip check: any skip      } side
+#   memcheck        compute-sanitizer memcheck, benchmarks/gpu_sanitize.py bf16/fp32 }
+#   racecheck       compute-sanitizer racecheck, token_stats bf16/fp32                }
 #   graph           benchmarks/gpu_graph_check.py: token_stats fwd+bwd CUDA-graph replay == eager
-#   step_stats      bench_step_stats.py, bf16, N=16384 V=151936, T=1: the bundle (Triton) against
-#                   the three single ops (Triton) and eager, first of the benchmarks
-#   bench:<op>:...  every bench_<op>.py, bf16: N=16384 V=151936 at T=1, then at T=0.7, then
-#                   N in {512, 1}; alone on the GPU, in that order, while time is left;
-#                   then (step "hidden") token_stats_from_hidden at 16384x151936x4096 against
-#                   the unfused path, Liger's fused linear cross entropy and Cut-Cross-Entropy
-#                   (their wheels: benchmarks/fetch_peers.sh, carried in benchmarks/peers/)
-#   fidelity        last: benchmarks/fidelity.py on the GPU (256 x 32000, fp32 and bf16, T = 1
-#                   and 0.7): every op's Triton kernel, then CUDA's token_stats, against float64
-#                   beside plain PyTorch; fidelity_triton.* and fidelity_cuda.* in bench.tar.gz
+#   then, while time is left: every op at T=0.7 and at N in {512, 1}; step_stats (the bundle
+#   against the three single ops); token_stats_from_hidden at 16384x151936x4096 against the
+#   unfused path, Liger's fused linear cross entropy and Cut-Cross-Entropy (their wheels:
+#   benchmarks/fetch_peers.sh, carried in benchmarks/peers/); fidelity (every op against
+#   float64 on the GPU, 256 x 32000).
+# A benchmark step whose results are already in /tmp/pgk-gpucheck-bench (an earlier call on a
+# still-warm machine) is not run again; its files are in bench.tar.gz with the new ones.
 # OUT (created; at most 6 files, none deeper than OUT/):
 #   run.log         every step's output as it runs, each line prefixed with [step]
 #   summary.tsv     step, status, seconds, note: a line per finished step, written as they finish
@@ -41,11 +42,13 @@
 #
 # Environment:
 #   PYTHON            interpreter (default: python3 on a GPU; .venv/bin/python for --dry-run)
-#   PGK_BUDGET_S      seconds for the whole run (default 540; dry run 300, ~100 s used on an
+#   PGK_BUDGET_S      seconds for the whole run (default 540; dry run 420, ~250 s used on an
 #                     idle 2-core machine)
 #   PGK_STEPS         the steps to run (default all: "preflight build tests sanitize graph
 #                     fidelity step_stats bench hidden"; hidden = the token_stats_from_hidden
 #                     benchmark, after the others)
+#   PGK_GIT_SHA       the commit this copy is (the device's copy has no .git): recorded in the
+#                     results; PGK_GIT_DIRTY=1 if the tree differed from it
 #   PGK_TEST_JOBS     pytest-xdist workers (default 8)
 #   PGK_BENCH_OPS     ops to benchmark (default all five)
 #   PGK_BENCH_COMPILE ops whose N=16384, T=1 run also times torch.compile of the reference
@@ -65,7 +68,7 @@ cd "$REPO" || exit 2
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ $DRY == 1 && -x .venv/bin/python ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
-BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 300 || echo 540)}"
+BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 420 || echo 540)}"
 STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph fidelity step_stats bench hidden} "
 JOBS="${PGK_TEST_JOBS:-8}"
 BENCH_OPS="${PGK_BENCH_OPS:-token_stats kl_divergence mismatch_stats pruned_logprob topk_kl}"
@@ -75,7 +78,11 @@ MIN_START=$([[ $DRY == 1 ]] && echo 15 || echo 30)  # fewer seconds left than th
 T0=$SECONDS
 
 WORK="$(mktemp -d /tmp/pgk-gpucheck.XXXXXX)"
-mkdir -p "$WORK/logs" "$WORK/bench" "$WORK/status"
+# Benchmark results outlive the run (a second call on a still-warm machine keeps the first's
+# and skips the steps it finished); a dry run keeps its own.
+BENCH_DIR="$([[ $DRY == 1 ]] && echo "$WORK/bench" || echo /tmp/pgk-gpucheck-bench)"
+mkdir -p "$WORK/logs" "$WORK/status" "$BENCH_DIR/.done"
+[[ "$BENCH_DIR" == "$WORK/bench" ]] || ln -s "$BENCH_DIR" "$WORK/bench"
 # Triton's cache outlives the run (a second call on a still-warm machine reuses the kernels
 # compiled by the first); inductor's is per run (it does not key on our ops' fakes).
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/pgk-gpucheck-triton-cache}"
@@ -101,7 +108,8 @@ wants() { [[ "$STEPS" == *" $1 "* ]]; }
 # a log still being written is archived as it stands).
 archive() {
   local tmp="$WORK/$1.$BASHPID.tgz"
-  tar -C "$WORK" --warning=no-file-changed -czf "$tmp" "$1" 2>/dev/null
+  tar -C "$WORK" --dereference --exclude=.done --warning=no-file-changed -czf "$tmp" "$1" \
+    2>/dev/null
   mv -f "$tmp" "$OUT/$1.tar.gz"
 }
 archive_logs() { archive logs; }
@@ -120,13 +128,16 @@ skip_step() {  # NAME NOTE
 # run_step NAME MAX_SECONDS CMD...: runs CMD under `timeout` (at most MAX_SECONDS, at most what
 # the budget has left), output to $WORK/logs/NAME.log and, prefixed, to OUT/run.log. A step may
 # set its status through $WORK/status/NAME.override ("STATUS note") before returning.
+# MIN_LEFT (env, default MIN_START): fewer seconds left than this and the step is skipped (a
+# benchmark writes its files at its end: cut short, it leaves nothing).
 run_step() {
-  local name="$1" max="$2" t rc start status note=""
+  local name="$1" max="$2" t rc start status note="" min="${MIN_LEFT:-$MIN_START}"
   shift 2
   t=$(left)
   (( t > max )) && t=$max
+  (( min > max )) && min=$max
   # A step cut much shorter than its own limit would only time out: skip it instead.
-  if (( t < max && t < MIN_START )); then record "$name" SKIP 0 "no time left (${t}s)"; return 0; fi
+  if (( t < max && t < min )); then record "$name" SKIP 0 "no time left (${t}s)"; return 0; fi
   start=$SECONDS
   say "$name: start (timeout ${t}s): $*"
   # timeout signals its whole process group: pytest workers and sanitized programs too.
@@ -206,7 +217,9 @@ build() {
     "$PYTHON" -c 'import pg_kernels._C as m; print("pg_kernels._C imports:", m.__file__)'
     return
   fi
-  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" bash .ci/build_ext.sh "$PYTHON"
+  # Two cores left to the benchmarks that run beside it (their launches, the timing loop).
+  local jobs=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$jobs" bash .ci/build_ext.sh "$PYTHON"
 }
 
 pytest_args() {  # the plugin options this interpreter has
@@ -241,7 +254,11 @@ tests() {
 sanitizer() {
   local s
   s="$(command -v compute-sanitizer || true)"
-  for c in "${CUDA_HOME:-}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
+  local nvcc_root=""
+  command -v nvcc >/dev/null && nvcc_root="$(dirname "$(dirname "$(command -v nvcc)")")"
+  for c in "${CUDA_HOME:-}/bin/compute-sanitizer" "${CUDA_HOME:-}/compute-sanitizer/compute-sanitizer" \
+      "$nvcc_root/bin/compute-sanitizer" "$nvcc_root/compute-sanitizer/compute-sanitizer" \
+      /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
     [[ -z "$s" && -x "$c" ]] && s="$c"
   done
   echo "$s"
@@ -263,9 +280,13 @@ sanitize() {
     echo "N/A compute-sanitizer not found" > "$WORK/status/$tool.override"
     return 1
   fi
-  # Each tensor its own cudaMalloc, so that memcheck sees reads past a tensor's end.
+  # Each tensor its own cudaMalloc, so that memcheck sees reads past a tensor's end. bf16 and
+  # fp32 (each launch instrumented: all four dtypes did not fit the step's time); racecheck
+  # the CUDA token_stats, the kernels with hand-written shared memory.
+  local cases=(--dtypes bf16 fp32)
+  [[ $tool == racecheck ]] && cases+=(--ops token_stats)
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$s" --tool "$tool" --target-processes all --print-limit 50 \
-    --error-exitcode 3 --report-api-errors no "$PYTHON" benchmarks/gpu_sanitize.py
+    --error-exitcode 3 --report-api-errors no "$PYTHON" benchmarks/gpu_sanitize.py "${cases[@]}"
   rc=$?
   sleep 0.5  # the log's tee catches up
   if grep -qE "Device not supported|Unable to find injection library|error 999" "$WORK/logs/$tool.log"; then
@@ -329,104 +350,143 @@ export DRY PYTHON WORK OUT JOBS REPO BUDGET
 
 say "start: $([[ $DRY == 1 ]] && echo dry run || echo GPU run), budget ${BUDGET}s, work dir $WORK"
 if wants preflight; then start_step preflight 45 preflight; else skip_step preflight "not in PGK_STEPS"; fi
+NO_GPU=0
+if [[ $DRY == 0 ]] && ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  say "torch sees no GPU: nothing else can run"
+  NO_GPU=1
+fi
 
 build_pid=""
-if wants build; then
+if (( ! NO_GPU )) && wants build; then
   ORDER+=(build)
   run_step build 300 build &
   build_pid=$!
 else
-  skip_step build "not in PGK_STEPS"
+  skip_step build "$( (( NO_GPU )) && echo 'no GPU' || echo 'not in PGK_STEPS')"
 fi
 
-GPU_TESTS=(tests)
-[[ $DRY == 1 ]] && GPU_TESTS=(tests/test_token_stats.py)
-if wants tests; then
-  start_step tests_triton 200 tests tests_triton "${GPU_TESTS[@]}" -m gpu -k triton
+# bench_step NAME MAX OP TEMP TAG PROVIDERS SHAPES...: a benchmark, skipped when an earlier call
+# on this machine finished it (its files are in $BENCH_DIR already).
+bench_step() {
+  local name="$1"
+  if [[ -f "$BENCH_DIR/.done/$name" ]]; then skip_step "$name" "done by an earlier call"; return; fi
+  ORDER+=("$name")
+  MIN_LEFT=$([[ $DRY == 1 ]] && echo 15 || echo 60) run_step "$1" "$2" bench "${@:3}"
+  [[ "$(cut -f2 "$WORK/status/$name" 2>/dev/null)" == PASS ]] && : > "$BENCH_DIR/.done/$name"
+  return 0
+}
+BIG=(16384x151936 16384x128256)
+if (( NO_GPU )); then
+  :
+elif ! wants bench; then
+  skip_step bench "not in PGK_STEPS"
+elif [[ $DRY == 1 ]]; then
+  # eager sets the check's tolerance: it runs beside the kernel.
+  for op in $BENCH_OPS; do bench_step "bench_${op}_t0.7" 60 "$op" 0.7 dry x; done
 else
-  skip_step tests_triton "not in PGK_STEPS"
+  # The headline targets first, beside the build (Triton needs none; GPU time is measured
+  # with events, the build takes CPU cores only).
+  for op in $BENCH_OPS; do
+    providers="pg_kernels:triton eager"
+    [[ $op == token_stats ]] && providers+=" liger"
+    [[ "$BENCH_COMPILE" == *" $op "* ]] && providers+=" compile"
+    bench_step "bench_${op}_t1_n16384" 150 "$op" 1 n16384 "$providers" "${BIG[@]}"
+  done
 fi
 if [[ -n "$build_pid" ]]; then
   say "waiting for the build"
   wait "$build_pid"
 fi
+if (( ! NO_GPU )) && wants bench && [[ $DRY == 0 ]]; then
+  # The CUDA kernel beside Triton on the same shapes: "auto"'s order per shape class.
+  bench_step bench_token_stats_cuda_t1 150 token_stats 1 cuda \
+    "pg_kernels:cuda pg_kernels:triton" 16384x151936 512x151936 1x151936
+fi
 
-# The CUDA-extension tests and the sanitizer runs side by side (correctness only, no timing).
+# Correctness, side by side (no timing): both test runs and both sanitizers.
+GPU_TESTS=(tests)
+[[ $DRY == 1 ]] && GPU_TESTS=(tests/test_token_stats.py)
 pids=()
-if wants tests; then
+if (( NO_GPU )); then
+  :
+elif wants tests; then
+  # One inductor compile thread per test worker: 8 workers, each compiling, on 16 cores.
+  export TORCHINDUCTOR_COMPILE_THREADS=1
+  ORDER+=(tests_triton)
+  run_step tests_triton 150 tests tests_triton "${GPU_TESTS[@]}" -m gpu -k triton &
+  pids+=($!)
+  [[ $DRY == 1 ]] && { wait "${pids[@]}"; pids=(); }  # two cores: one at a time
+  ORDER+=(tests_cuda)
   if [[ $DRY == 1 ]]; then
-    ORDER+=(tests_cuda)
     run_step tests_cuda 120 tests tests_cuda tests/test_token_stats.py -k "cpu-cpu and ignore" &
   else
-    ORDER+=(tests_cuda)
-    run_step tests_cuda 200 tests tests_cuda tests -m gpu -k "not triton" &
+    run_step tests_cuda 150 tests tests_cuda tests -m gpu -k "not triton" &
   fi
   pids+=($!)
+  [[ $DRY == 1 ]] && { wait "${pids[@]}"; pids=(); }
 else
+  skip_step tests_triton "not in PGK_STEPS"
   skip_step tests_cuda "not in PGK_STEPS"
 fi
-if wants sanitize; then
-  ORDER+=(memcheck)
-  run_step memcheck 200 sanitize memcheck &
-  pids+=($!)
-  if [[ $DRY == 1 ]]; then
-    wait "${pids[@]}"  # two cores: one at a time
-    pids=()
-  fi
-  ORDER+=(racecheck)
-  run_step racecheck 200 sanitize racecheck &
-  pids+=($!)
+if (( NO_GPU )); then
+  :
+elif wants sanitize; then
+  for tool in memcheck racecheck; do
+    ORDER+=("$tool")
+    run_step "$tool" 150 sanitize "$tool" &
+    pids+=($!)
+    [[ $DRY == 1 ]] && { wait "${pids[@]}"; pids=(); }
+  done
 else
   skip_step memcheck "not in PGK_STEPS"
   skip_step racecheck "not in PGK_STEPS"
 fi
 (( ${#pids[@]} )) && wait "${pids[@]}"
 
-if wants graph; then start_step graph 60 graph; else skip_step graph "not in PGK_STEPS"; fi
+if (( NO_GPU )); then
+  :
+elif wants graph; then start_step graph 60 graph; else skip_step graph "not in PGK_STEPS"; fi
 
-# Benchmarks, alone on the GPU, most wanted first; each run has its own timeout.
-# Step step_stats: the bundle (one read of each logits tensor) against the three single ops.
-if wants step_stats; then
+# Then what time is left: T=0.7, the small batches, the bundle, the fused lm_head path.
+if (( ! NO_GPU )) && wants bench && [[ $DRY == 0 ]]; then
+  for op in $BENCH_OPS; do
+    bench_step "bench_${op}_t0.7_n16384" 150 "$op" 0.7 n16384 "pg_kernels:triton pg_kernels:cuda eager" \
+      16384x151936
+  done
+  for op in $BENCH_OPS; do
+    [[ $op == token_stats ]] && continue  # bench_token_stats_cuda_t1 has its small batches
+    bench_step "bench_${op}_t1_n512_n1" 60 "$op" 1 small "pg_kernels:triton eager" 512x151936 1x151936
+  done
+fi
+if (( NO_GPU )); then
+  :
+elif wants step_stats; then
+  # The bundle (one read of each logits tensor) against the three single ops.
   if [[ $DRY == 1 ]]; then
-    start_step bench_step_stats_t0.7 60 bench step_stats 0.7 dry x
+    bench_step bench_step_stats_t0.7 60 step_stats 0.7 dry x
   else
-    start_step bench_step_stats_t1_n16384 150 bench step_stats 1 n16384 \
+    bench_step bench_step_stats_t1_n16384 150 step_stats 1 n16384 \
       "pg_kernels:triton separate:triton eager" 16384x151936
   fi
 else
   skip_step bench_step_stats "not in PGK_STEPS"
 fi
-if wants bench; then
+if (( NO_GPU )); then
+  :
+elif wants hidden; then  # the fused lm_head path at a real model's shape (bf16, D = 4096)
   if [[ $DRY == 1 ]]; then
-    # eager sets the check's tolerance (twice its own error): it runs beside the kernel.
-    for op in $BENCH_OPS; do start_step "bench_${op}_t0.7" 60 bench "$op" 0.7 dry x; done
-    wants hidden && start_step bench_token_stats_from_hidden 60 bench token_stats_from_hidden 1 \
-      dry x
+    bench_step bench_token_stats_from_hidden 60 token_stats_from_hidden 1 dry x
   else
-    BIG=16384x151936
-    for temp in 1 0.7; do
-      for op in $BENCH_OPS; do
-        providers="pg_kernels:triton pg_kernels:cuda eager"
-        [[ $temp == 1 && "$BENCH_COMPILE" == *" $op "* ]] && providers+=" compile"
-        start_step "bench_${op}_t${temp}_n16384" 150 bench "$op" "$temp" n16384 "$providers" "$BIG"
-      done
-    done
-    for op in $BENCH_OPS; do
-      start_step "bench_${op}_t1_n512_n1" 60 bench "$op" 1 small \
-        "pg_kernels:triton pg_kernels:cuda eager" 512x151936 1x151936
-    done
-    if wants hidden; then  # the fused lm_head path at a real model's shape (bf16, D = 4096)
-      start_step bench_token_stats_from_hidden 120 bench token_stats_from_hidden 1 hidden \
-        "pg_kernels:triton pg_kernels:cuda unfused:triton liger_flce cce" 16384x151936x4096
-    fi
+    bench_step bench_token_stats_from_hidden 120 token_stats_from_hidden 1 hidden \
+      "pg_kernels:triton pg_kernels:cuda unfused:triton liger_flce cce" 16384x151936x4096
   fi
-else
-  skip_step bench "not in PGK_STEPS"
 fi
 
 # Last: it compiles every Triton kernel variant again at its shapes (~1 s each, tens of them),
 # so it runs on what time the benchmarks left (or alone: PGK_STEPS=fidelity).
-if wants fidelity; then start_step fidelity 120 fidelity; else skip_step fidelity "not in PGK_STEPS"; fi
+if (( NO_GPU )); then
+  :
+elif wants fidelity; then start_step fidelity 120 fidelity; else skip_step fidelity "not in PGK_STEPS"; fi
 
 # ---------------------------------------------------------------------------- summary
 
@@ -444,7 +504,14 @@ if wants fidelity; then start_step fidelity 120 fidelity; else skip_step fidelit
     fi
   done
   echo
-  echo "total $((SECONDS - T0)) s of a ${BUDGET} s budget"
+  echo "total $((SECONDS - T0)) s of a ${BUDGET} s budget; commit ${PGK_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+  for tool in memcheck racecheck; do
+    [[ -f "$WORK/logs/$tool.log" ]] || continue
+    echo
+    echo "## $tool"
+    grep -hE "(ERROR|RACECHECK) SUMMARY|gpu_sanitize: " "$WORK/logs/$tool.log" | sed 's/^/    /'
+    echo "    cases finished: $(grep -c ' ok$' "$WORK/logs/$tool.log")"
+  done
   if [[ -f "$OUT/test_skips.txt" ]]; then
     echo
     echo "## Tests"

@@ -371,6 +371,8 @@ def git_state() -> tuple[str | None, bool | None]:
             ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, check=True
         ).stdout.strip()
 
+    if os.environ.get("PGK_GIT_SHA"):  # a copy without .git (gpu_check.sh on a lent machine)
+        return os.environ["PGK_GIT_SHA"], os.environ.get("PGK_GIT_DIRTY") == "1"
     try:
         sha = git("rev-parse", "HEAD")
         changed = git(
