@@ -510,7 +510,7 @@ elif wants fidelity; then start_step fidelity 120 fidelity; else skip_step fidel
     echo
     echo "## $tool"
     grep -hE "(ERROR|RACECHECK) SUMMARY|gpu_sanitize: " "$WORK/logs/$tool.log" | sed 's/^/    /'
-    echo "    cases finished: $(grep -c ' ok$' "$WORK/logs/$tool.log")"
+    echo "    cases passed so far: $(grep -cE '[0-9] s  ok$' "$WORK/logs/$tool.log")"
   done
   if [[ -f "$OUT/test_skips.txt" ]]; then
     echo
