@@ -147,12 +147,25 @@ def logit_cases(draw, backend: str):
 
 
 def _perturbed(draw, c, shift: float, salt: int = 1):
-    """A second set of logits: c's plus noise of a drawn size (same -inf entries), in c's dtype
-    and layout; the noise is 0 on some draws (p == q). `salt` tells two such sets apart."""
+    """A second set of logits, contiguous: c's plus noise of a drawn size, in c's dtype; the
+    noise is 0 on some draws (p == q). `salt` tells two such sets apart. Its -inf entries are
+    c's, or on some draws one-sided: an extra -inf entry (a token one side cannot sample; a
+    row keeps a finite entry), or c's -inf entries made finite."""
     g = torch.Generator().manual_seed(c["seed"] + salt)
     noise_scale = draw(st.sampled_from([0.0, 1e-3, 0.1, 1.0, 5.0]))
     noise = torch.randn(c["x64"].shape, generator=g, dtype=torch.float64) * noise_scale
-    return (c["x64"] + noise + shift).to(c["dtype"])
+    out = (c["x64"] + noise + shift).contiguous()
+    flat, v = out.view(-1, c["v"]), c["v"]
+    sides = draw(st.sampled_from(["shared", "shared", "extra", "fewer"]))
+    if sides == "extra" and v >= 2:
+        r = draw(st.integers(0, flat.shape[0] - 1))
+        finite = torch.isfinite(flat[r]).nonzero().flatten()
+        if finite.numel() >= 2:
+            flat[r, int(finite[draw(st.integers(0, finite.numel() - 1))])] = float("-inf")
+    elif sides == "fewer":
+        gone = torch.isneginf(flat)
+        flat[gone] = torch.randn(int(gone.sum()), generator=g, dtype=torch.float64) + shift
+    return out.to(c["dtype"])
 
 
 def _show(c, **kw):
@@ -421,7 +434,9 @@ def _check_estimators(out, lp, labels, kw):
         got = getattr(out, name).double()
         rows = keep & ~edge if name == "icepop_weight" else keep
         bound = 8 * eps * ((ref.abs() + 1) * (1 + delta.abs()) + slack)
-        bad = rows & ~((got - ref).abs() <= bound) & ~(got.isnan() & ref.isnan())
+        # Equal infinities pass: a rollout label logit of -inf (an "extra" -inf) gives
+        # log_ratio = +inf.
+        bad = rows & ~((got - ref).abs() <= bound) & ~(got.isnan() & ref.isnan()) & (got != ref)
         assert not bool(bad.any()), (
             f"{name}: got {got[bad][:3].tolist()}, float64 formula {ref[bad][:3].tolist()}"
         )

@@ -498,6 +498,25 @@ def test_one_sided_neg_inf(bd):
     _check(backend, x[[0, 2, 3]], xr[[0, 2, 3]], direction="forward")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_one_sided_neg_inf_of_an_underflowing_weight(bd, dtype):
+    """A finite logit has mass however far its probability underflows: against -inf on the
+    other side the KL is +inf, in every dtype and at every temperature. The weighting side's
+    e^{z - m} is 0 in fp32 below -104 and in float64 below -745 (here -760 at tau 0.05), so a
+    rule read off the exps would give 0 on some backends and precisions and +inf on others."""
+    backend, device = bd
+    x = torch.tensor([[-INF, 15.0], [-INF, 15.0], [2.0, 15.0]], dtype=dtype, device=device)
+    xr = torch.tensor([[-20.0, 18.0], [-5.0, 18.0], [-INF, 18.0]], dtype=dtype, device=device)
+    for t in (0.05, 1.0):
+        fwd = _op(backend)(x, xr, direction="forward", temperature=t)  # rows 0, 1: q_0 > 0 = p_0
+        rev = _op(backend)(x, xr, direction="reverse", temperature=t)  # row 2: p_0 > 0 = q_0
+        assert fwd[:2].tolist() == [INF, INF] and torch.isfinite(fwd[2]), (t, fwd)
+        assert rev[2] == INF and torch.isfinite(rev[:2]).all(), (t, rev)
+        for direction, got in (("forward", fwd), ("reverse", rev)):
+            want = reference.kl_divergence(x, xr, direction=direction, temperature=t)
+            assert torch.equal(torch.isinf(got), torch.isinf(want)), (t, direction, got, want)
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_infinite_kl_gradients(bd, direction):
     """On a +inf row the weighting side's gradient is NaN, the other side's is exact (v - w);

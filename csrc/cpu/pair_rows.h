@@ -58,15 +58,17 @@ struct PairFrame {
 // carried ~1e-7 (fp32 [2, 257], per-row tau: token_kl 4.8e-7 where the truth is ~0 and plain
 // PyTorch's error 3.7e-8).
 
-// d_w and e_w of one vector of a pair pass, with the v side's d_v kept out of u where v_j = 0:
-// the term is +inf when w_j > 0 (recorded in `inf`), and taking d_v = d_w there makes its
-// difference 0. Elsewhere e_w = 0 makes the term 0. Returns d_w - d_v so adjusted.
+// d_w - d_v of one vector of a pair pass (dw clamped, dw_raw not), with the v side's d_v kept
+// out of u where v_j = 0: the term is +inf when w_j > 0 (recorded in `inf`), and taking
+// d_v = d_w there makes its difference 0. w_j > 0 is read off the logit (d_w > -inf), not off
+// e_w: a finite logit whose e_w underflows (d_w < -104 in fp32) still has mass, and the KL is
+// +inf at every precision, as the float64 reference and the Triton kernels give it.
 template <typename acc_t>
-PGK_VECTOR_INLINE Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc_t>& ew,
+PGK_VECTOR_INLINE Vec<acc_t> pair_difference(const Vec<acc_t>& dw, const Vec<acc_t>& dw_raw,
                                              const Vec<acc_t>& dv, Vec<acc_t>& inf) {
-  const Vec<acc_t> zero(acc_t(0)), ninf(neg_inf<acc_t>());
+  const Vec<acc_t> ninf(neg_inf<acc_t>());
   const Vec<acc_t> v_zero = dv == ninf;
-  inf = inf | (v_zero & (ew > zero));
+  inf = inf | (v_zero & (dw_raw > ninf));
   return dw - Vec<acc_t>::blendv(dv, dw, v_zero);
 }
 
@@ -136,19 +138,20 @@ struct PairLanes {
   Vec<acc_t> u{acc_t(0)}, k{acc_t(0)}, inf{acc_t(0)};
 
   // One vector from exps computed elsewhere (step_stats shares the logits' exp between its
-  // sums): dw clamped where exp is already 0, dv not (a tiny v_j is a large, real log-ratio),
-  // ew = e^{dw}, ev = e^{max(dv, lowest)}. unmasked (std::true_type): no d_v of the vector is
+  // sums): dw clamped where exp is already 0 (dw_raw: not clamped), dv not (a tiny v_j is a
+  // large, real log-ratio), ew = e^{dw}, ev = e^{max(dv, lowest)}. unmasked (std::true_type): no d_v of the vector is
   // -inf (no_neg_inf), so d_w - d_v needs none of pair_difference's masking. kSumW / kSumV
   // false: that side's s1 lanes are the caller's (step_stats sums the logits' once, in its
   // token lanes, and hands them to both pairs: the same sum bitwise).
   template <bool kSumW = true, bool kSumV = true, typename Unmasked>
-  PGK_VECTOR_INLINE void add_exps(Unmasked, const Vec<acc_t>& dw, const Vec<acc_t>& ew,
-                                  const Vec<acc_t>& dv, const Vec<acc_t>& ev) {
+  PGK_VECTOR_INLINE void add_exps(Unmasked, const Vec<acc_t>& dw, const Vec<acc_t>& dw_raw,
+                                  const Vec<acc_t>& ew, const Vec<acc_t>& dv,
+                                  const Vec<acc_t>& ev) {
     Vec<acc_t> diff;
     if constexpr (Unmasked::value) {
       diff = dw - dv;
     } else {
-      diff = pair_difference(dw, ew, dv, inf);
+      diff = pair_difference(dw, dw_raw, dv, inf);
     }
     if constexpr (kSumW) s1w.add(ew);
     if constexpr (kSumV) s1v.add(ev);
@@ -216,7 +219,7 @@ PGK_VECTOR_INLINE void add_pair(Unmasked unmasked, PairLanes<acc_t>& lanes,
     return;
   }
   ev = vexp(at::vec::clamp_min(dv, lowest));
-  lanes.add_exps(unmasked, dw, ew, dv, ev);
+  lanes.add_exps(unmasked, dw, dw_raw, ew, dv, ev);
 }
 
 // One chunk of a pair pass. bw, bv hold the chunk as d = (x - xm) / tau (padded with -inf to a

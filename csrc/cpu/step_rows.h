@@ -107,7 +107,8 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       const Vec<acc_t> ep = vexp(dp);
       t.add_exp(dp, ep);
       if constexpr (kRoll) {  // KL(pi_roll || pi_theta): w = rollout, v = logits
-        const Vec<acc_t> dr = at::vec::clamp_min(Vec<acc_t>::loadu(cr + i), lowest);
+        const Vec<acc_t> dr_raw = Vec<acc_t>::loadu(cr + i);
+        const Vec<acc_t> dr = at::vec::clamp_min(dr_raw, lowest);
         // The rollout engine runs the same model: where every lane is near the logits, e_r
         // comes from e_p and the excess series, not from an exp (add_pair's near path, mirrored).
         const Vec<acc_t> diff = dr - dp_raw;
@@ -116,7 +117,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
           pr.add_near_from_v(ep, diff, er);
         } else {
           er = vexp(dr);
-          pr.template add_exps<false, false>(unmasked, dr, er, dp_raw, ep);
+          pr.template add_exps<false, false>(unmasked, dr, dr_raw, er, dp_raw, ep);
         }
         s1r.add(er);
         er.store(er_row + i);
@@ -126,12 +127,12 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
         const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(scratch.ref + i);
         if (reverse) {  // KL(p || q): w = logits, v = reference
           const Vec<acc_t> eq = vexp(at::vec::clamp_min(dq_raw, lowest));
-          pq.template add_exps<false, false>(unmasked, dp, ep, dq_raw, eq);
+          pq.template add_exps<false, false>(unmasked, dp, dp_raw, ep, dq_raw, eq);
           s1q.add(eq);
         } else {  // KL(q || p): w = reference, v = logits
           const Vec<acc_t> dq = at::vec::clamp_min(dq_raw, lowest);
           const Vec<acc_t> eq = vexp(dq);
-          pq.template add_exps<false, false>(unmasked, dq, eq, dp_raw, ep);
+          pq.template add_exps<false, false>(unmasked, dq, dq_raw, eq, dp_raw, ep);
           s1q.add(eq);
         }
       }

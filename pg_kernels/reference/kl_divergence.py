@@ -1,7 +1,8 @@
 """Reference divergences between two logit tensors (docs/math.md §4).
 
-A term with zero weight contributes exactly 0, even against -inf log-probs of the other side;
-a positive weight against a zero probability of the other side gives +inf.
+A term with zero weight (a -inf logit) contributes exactly 0, even against -inf log-probs of the
+other side; a positive weight (a finite logit, however small its probability) against a zero
+probability of the other side gives +inf.
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ DIRECTIONS = ("reverse", "forward")
 
 
 def _kl(logw: torch.Tensor, logv: torch.Tensor) -> torch.Tensor:
-    """sum_j w_j (log w_j - log v_j) over the last dim, with 0 where w_j = 0.
+    """sum_j w_j (log w_j - log v_j) over the last dim: 0 where w_j = 0, +inf where
+    w_j > 0 = v_j (a token only w's side can produce).
 
-    w_j = 0 includes weights that underflow (log w_j < -745 in float64, < -104 in float32):
-    testing only log w_j == -inf left 0 * (finite - (-inf)) = NaN for those against v_j = 0.
+    Which terms those are is read off the logits (log w_j = -inf: a -inf logit), not off w_j's
+    value: a finite logit has w_j > 0 however far its float value underflows (log w_j < -745
+    in float64), so against v_j = 0 the KL is +inf at every precision and temperature.
     """
-    w = logw.exp()
-    zero_weight = w == 0
-    diff = torch.where(zero_weight, torch.zeros_like(logw), logw) - torch.where(
-        zero_weight, torch.zeros_like(logv), logv
-    )
-    return (w * diff).sum(-1)
+    w_zero, v_zero = torch.isneginf(logw), torch.isneginf(logv)
+    either = w_zero | v_zero
+    zero = torch.zeros_like(logw)
+    diff = torch.where(either, zero, logw) - torch.where(either, zero, logv)
+    terms = torch.where(v_zero & ~w_zero, torch.full_like(logw, float("inf")), logw.exp() * diff)
+    return terms.sum(-1)
 
 
 def kl_divergence(
