@@ -472,12 +472,14 @@ def test_fp64_tv_of_split_tied_maxima_at_large_z(bd):
 
 
 def test_sampled_estimator_values():
-    """The elementwise definitions, including the clamp and the IcePop band edges."""
-    x = make_logits(6, 50, torch.float64, seed=15)
-    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    """The elementwise definitions, including the clamp and the IcePop band edges. Past the
+    clamp k3 = rho - 1 - delta with rho = e^20 is negative for delta > e^20 - 1 (-inf for a
+    rollout log-prob of -inf), as SPEC's formula gives it."""
+    x = make_logits(8, 50, torch.float64, seed=15)
+    y = torch.arange(8)
     lp = pg_kernels.token_stats(x, y).logprob
     delta = torch.tensor(
-        [0.0, math.log(0.6), math.log(1.9), 25.0, -25.0, 1e-4], dtype=torch.float64
+        [0.0, math.log(0.6), math.log(1.9), 25.0, -25.0, 1e-4, 1e9, math.inf], dtype=torch.float64
     )
     out = pg_kernels.mismatch_stats(x, y, lp - delta, tis_cap=1.5, icepop_low=0.5, icepop_high=2.0)
     torch.testing.assert_close(out.log_ratio, delta, rtol=0, atol=1e-12)
@@ -485,6 +487,7 @@ def test_sampled_estimator_values():
     torch.testing.assert_close(out.ratio, rho, rtol=1e-12, atol=0)
     torch.testing.assert_close(out.k3, rho - 1 - delta, rtol=1e-6, atol=1e-12)
     assert abs(float(out.k3[5]) - 1e-8 / 2) < 1e-12
+    assert out.k3[6] < 0 and out.k3[7] == -math.inf
     assert out.icepop_weight.tolist()[:3] == pytest.approx([1.0, 0.6, 1.9])
     assert out.icepop_weight[3] == 0 and out.icepop_weight[4] == 0
     assert out.tis_weight.tolist()[:4] == pytest.approx([1.0, 0.6, 1.5, 1.5])

@@ -176,7 +176,11 @@ def sampled_estimators(
         "ratio": rho,
         "k1": -delta,
         "k2": 0.5 * delta * delta,
-        "k3": (rho_m1 - delta).clamp_min(0),  # >= 0 exactly; clamp the last rounding
+        # e^delta - 1 - delta >= 0 exactly: clamp the last rounding; past the ratio clamp,
+        # e^20 - 1 - delta as SPEC's formula gives it (negative beyond delta = e^20 - 1).
+        "k3": torch.where(
+            delta.abs() <= RATIO_CLAMP, (rho_m1 - delta).clamp_min(0), rho_m1 - delta
+        ),
         "abs_log_ratio": delta.abs(),
         "chi2": rho_m1 * rho_m1,
         "tis_weight": rho.clamp_max(tis_cap),
