@@ -197,27 +197,14 @@ KNOWN = {
     "near 1 (topk_kl's near one-hot max: p_max - q_max with both 1 - O(1e-16)) is exact to "
     "ulp(1) = 2.2e-16 only; seen: fp32 [1, 63], k = 1, the kernel's 1.516e-16 is the exact "
     "value (60-digit mpmath), the reference's 0: errors below 1e-15 where the truth is ~0",
-    "q_tail rounding": "topk_kl, fp32 log-probs whose sum falls short of 1 by less than their "
-    "own rounding (1 - sum q = 1.3e-8 <= K ulp(1)) on ids that cover every finite logit (an "
-    "empty tail): the float64 truth reads the shortfall as tail mass against P_tail = 0 and "
-    "gives +inf; the kernels and plain PyTorch sum q in fp32, get q_tail = 0 and a finite KL. "
-    "The reference's reading of rounding noise in its fp32 input (the op's contract: q_tail "
-    "is 1 - sum q clamped, engines round log-probs). The same with the roles swapped: fp64 "
-    "[2, 2, 13], k = 8 on a row of 8 finite logits: the reference's q_tail is 0, the C++ "
-    "kernel's (-expm1(log q_max) - the other q's, summed in another order) 1e-17, so +inf",
 }
-# Message fragments a test's hint can vouch for -> the KNOWN key.
-KNOWN_HINTS = {"out: infinities differ": "q_tail rounding"}
 _MSG = re.compile(
     r"^(?P<name>[^:]+): max error (?P<err>\S+) .*got (?P<got>\S+), truth (?P<truth>[^,]+),"
 )
 
 
-def _known(c, backend: str, message: str, hint: str | None = None) -> str | None:
-    """The KNOWN key a failure belongs to, or None. `hint`: a KNOWN key the test found its
-    inputs to be a case of (failures whose message alone does not tell)."""
-    if hint is not None and hint in message:
-        return KNOWN_HINTS[hint]
+def _known(c, backend: str, message: str) -> str | None:
+    """The KNOWN key a failure belongs to, or None."""
     m = _MSG.match(message)
     if m is None:
         return None
@@ -231,12 +218,12 @@ def _known(c, backend: str, message: str, hint: str | None = None) -> str | None
     return None
 
 
-def _check(c, backend: str, *args, hint: str | None = None, **kwargs):
+def _check(c, backend: str, *args, **kwargs):
     """check_against_reference; an example that fails only in a KNOWN way is counted, dropped."""
     try:
         check_against_reference(*args, seed=c["seed"], **kwargs)
     except AssertionError as e:
-        key = _known(c, backend, str(e), hint)
+        key = _known(c, backend, str(e))
         if key is None:
             raise
         hypothesis.event(f"known: {key}")
@@ -525,7 +512,6 @@ def test_topk_kl(backend_device, data):
         op, reference.topk_kl, (c["x"], ids.to(device), lp.to(device)),
         {"temperature": t, "labels": c["y"]}, diff_fields=("out",),
         forward_floor={"out": _topk_z_rounding_floor(c, ids, lp, t)},
-        hint="out: infinities differ" if _rounding_tail(c, ids, lp) else None,
     )  # fmt: skip
 
 
@@ -550,18 +536,6 @@ def _topk_z_rounding_floor(c, ids, lp, t) -> torch.Tensor:
     e_p = (z.softmax(-1) * az).nan_to_num().sum(-1)
     bound = (q * az.gather(-1, ids)).sum(-1) + q_tail * tail_max + e_p
     return (torch.finfo(torch.float32).eps * bound).nan_to_num()
-
-
-def _rounding_tail(c, ids, lp) -> bool:
-    """Some kept row's ids cover every finite logit (an empty tail) while its log-probs sum
-    to 1 within their own rounding (K ulp(1) of their dtype), short or not: KNOWN "q_tail
-    rounding"."""
-    v, k = c["v"], ids.shape[-1]
-    covered = c["neg_inf"].clone().scatter_(-1, ids, True)
-    empty_tail = covered.all(-1) & (k < v)
-    short = 1.0 - lp.double().exp().sum(-1)
-    tiny = short.abs() <= k * torch.finfo(lp.dtype).eps
-    return bool((empty_tail & tiny & (c["y"] != -100)).any())
 
 
 @pytest.mark.op("pruned_logprob")

@@ -434,6 +434,34 @@ def test_neg_inf_entries(bd):
     assert (xk.grad[4][~keep] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_ids_covering_every_finite_logit(bd, dtype):
+    """Top-k ids that cover every finite logit (a policy masked to the engine's top-p support):
+    log-probs summing to 1 within their own rounding leave no tail bucket, and the KL is finite
+    on every row, in every backend and in the reference, whichever side of 1 each row's sum
+    falls. A real tail mass (1e-3 here, beyond 2 K eps) against those -inf logits is +inf."""
+    backend, device = bd
+    n, v, k = 64, 50, 5
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    ids = torch.rand(n, v, generator=g).argsort(-1)[:, :k]
+    support = torch.zeros(n, v, dtype=torch.bool).scatter_(-1, ids, True)
+    x = x.masked_fill(~support, -INF)
+    # The engine's log-probs of the same support, rounded to the op's accumulation dtype.
+    lp = (x.gather(-1, ids) + torch.randn(n, k, generator=g, dtype=torch.float64) * 0.1)
+    lp = lp.log_softmax(-1).to(dtype)
+    x = x.to(dtype)
+    short = 1.0 - lp.double().exp().sum(-1)
+    assert (short > 0).any() and (short < 0).any()  # both sides of 1 are drawn
+    out = _op(backend)(x.to(device), ids.to(device), lp.to(device))
+    truth = reference.topk_kl(x, ids, lp)
+    assert torch.isfinite(out).all() and torch.isfinite(truth).all()
+    torch.testing.assert_close(out.double().cpu(), truth, rtol=2e-5, atol=1e-6)
+    leaky = lp + math.log1p(-1e-3)  # q_tail = 1e-3 against an all -inf tail
+    assert (_op(backend)(x.to(device), ids.to(device), leaky.to(device)) == INF).all()
+    assert (reference.topk_kl(x, ids, leaky) == INF).all()
+
+
 def test_equals_full_kl_at_k_equals_v(bd):
     backend, device = bd
     for v in (7, 200 if _interpreted(backend, device) else 1000):

@@ -78,9 +78,11 @@ acc_t buffer_max(const acc_t* buf, int64_t n_pad) {
 // double, and log q_tail - log P_tail reaches ~1e3 (fp64 [1, 1282] at tau 0.135: q_tail
 // 6.4e-17 against log P_tail = -973 read as 1.1e-16, a KL of 3.7e-5 off by 4.4e-14). Only
 // against a tail with no finite logit (`tail_empty`), where any q_tail > 0 makes the KL +inf,
-// is the bucket's existence decided by the sum in the log-probs' own type, as plain PyTorch
-// decides it (log-probs summing to 1 within their own rounding leave none). The sums run in
-// sorted id order, as every loop over the head; q[k] = q_v of the k-th sorted id.
+// is the bucket's existence a threshold: 1 - sum_K q_v <= 2 K eps(acc_t) (topk_tail_noise) is
+// the log-probs' own rounding and leaves none, as when an engine's top-k covers the policy's
+// whole support (the Triton kernels and the reference decide it alike; a sign test of the sum
+// in fp32 had the three disagree on ~40 % of such fp32 rows). The sums run in sorted id
+// order, as every loop over the head; q[k] = q_v of the k-th sorted id.
 template <typename T>
 struct QMasses {
   T head, tail;
@@ -102,10 +104,8 @@ QMasses<row_sum_t<acc_t>> q_masses(const acc_t* log_q, const IdSlot* ids, int64_
     if (k != i_max) rest -= q[k];
   }
   if (tail_empty && has_tail) {  // only q_tail > 0 matters here: 1 - sum, as the truth takes it
-    acc_t head_acc = 0;
-    for (int64_t k = 0; k < K; ++k) head_acc += std::exp(log_q[ids[k].second]);
-    has_tail = acc_t(1) - head_acc > acc_t(0);
     rest = fin_t(1) - head;
+    has_tail = rest > fin_t(topk_tail_noise<acc_t>(K));
   }
   return {head, topk_q_tail(rest, has_tail)};
 }

@@ -222,7 +222,10 @@ def topk_kl(
     Returns:
         [...] fp32 (fp64 for fp64 logits) KL_k, differentiable w.r.t. `logits` (gradient in the
         logits' dtype). Never above the full KL(q || p), equal to it at k = V. q_tail is
-        1 - sum q_v clamped at 0 (engines round log-probs), and 0 when k = V. A positive q_v on a
+        1 - sum q_v clamped at 0 (engines round log-probs), and 0 when k = V. Against a tail of
+        -inf logits only whether q_tail > 0 matters: there 1 - sum q_v <= 2 K eps (fp32's;
+        fp64's for fp64 logits) is the log-probs' rounding and no tail (top-k ids covering the
+        policy's whole support give a finite KL). A positive q_v on a
         -inf logit (or a positive q_tail against a tail of -inf logits) gives +inf; its gradient
         is the finite limit (Q p_j - q_j on the ids, 0 on -inf logits). Rows whose logits hold a
         NaN or +inf, or only -inf, give NaN.

@@ -80,13 +80,17 @@ def topk_kl(
     # at a small temperature (fp64 [1, 1282] at tau 0.135: a q_tail of 6.4e-17 (60-digit
     # mpmath) came out 0, and a KL of 3.7e-5 6.0e-14 off). Plain PyTorch takes 1 - sum q_v,
     # and so does the truth against an empty tail, where only whether q_tail > 0 matters (the
-    # KL is +inf or not): float64 log-probs whose sum falls short of 1 by their rounding
-    # (5.6e-17) leave no tail bucket there, as in the kernels.
+    # KL is +inf or not): there 1 - sum q_v at most 2 K eps of the op's accumulation dtype is
+    # the log-probs' own rounding and leaves no tail bucket (an engine's top-k covering the
+    # policy's whole support), as in the kernels (softmax_stats.h, topk_tail_noise).
     rest = 1 - q_k.sum(-1)
     if upcast:
         i = logq_k.argmax(-1, keepdim=True)
         exact = -torch.expm1(logq_k.gather(-1, i)).squeeze(-1) - q_k.scatter(-1, i, 0.0).sum(-1)
         rest = torch.where(tail_empty, rest, exact)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    noise = 2 * ids.shape[-1] * torch.finfo(acc).eps
+    rest = torch.where(tail_empty & (rest <= noise), 0.0, rest)
     q_tail = rest.clamp_min(0)
     if ids.shape[-1] >= z.shape[-1]:
         q_tail = torch.zeros_like(q_tail)

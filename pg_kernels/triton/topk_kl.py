@@ -189,7 +189,7 @@ def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
 
 
 @triton.jit
-def _q_masses(lq, has_tail, tail_empty):
+def _q_masses(lq, K, has_tail, tail_empty):
     """(q_v, q_tail) in fp64 from the log-probs lq (-inf where masked): q_tail = 1 - sum_K q_v
     clamped at 0 (topk_q_tail in softmax_stats.h), exactly 0 when the ids cover the
     vocabulary. From fp32 q's, q_tail was rounding noise where the fp64 sum passes 1 (6e-8
@@ -197,12 +197,17 @@ def _q_masses(lq, has_tail, tail_empty):
     the truth is 0) or where it falls short (three tied maxima, q = 1/3 each as fp32 log-probs:
     the fp32 sum reached 1 and dropped a q_tail of 2e-8 against a tail e^-64 below, a KL of
     9.0e-7 read as 0). Only against a tail with no finite logit (`tail_empty`), where any
-    q_tail > 0 makes the KL +inf, is the bucket's existence decided by the sum in lq's dtype,
-    as the C++ kernel and plain PyTorch decide it (log-probs summing to 1 within their own
-    rounding leave none)."""
-    has_tail = has_tail & ((tail_empty == 0) | (1.0 - tl.sum(exp_acc(lq), axis=0) > 0.0))
+    q_tail > 0 makes the KL +inf, is the bucket's existence a threshold: 1 - sum_K q_v at most
+    2 K eps of lq's dtype is the log-probs' own rounding and leaves none (topk_tail_noise in
+    softmax_stats.h; the C++ kernel and the reference decide it alike)."""
     q = tl.exp(lq.to(tl.float64))
-    return q, tl.where(has_tail, tl.maximum(1.0 - tl.sum(q, axis=0), 0.0), 0.0)
+    rest = 1.0 - tl.sum(q, axis=0)
+    if lq.dtype == tl.float64:
+        two_eps = 4.440892098500626e-16
+    else:
+        two_eps = 2.384185791015625e-07
+    has_tail = has_tail & ((tail_empty == 0) | (rest > tl.cast(K, tl.float64) * two_eps))
+    return q, tl.where(has_tail, tl.maximum(rest, 0.0), 0.0)
 
 
 @triton.jit
@@ -343,7 +348,7 @@ def _fwd_finish_kernel(
     valid = valid & (inv_tau > 0.0) & (inv_tau < float("inf"))  # bad GPU temperatures: NaN
     m_tail = tl.where(tail_ok, m_tail, float("-inf"))
     lq = tl.load(lq_ptr + row.to(tl.int64) * K + kk, mask=hm, other=float("-inf")).to(ACC)
-    q, q_tail = _q_masses(lq, K < V, m_tail == float("-inf"))
+    q, q_tail = _q_masses(lq, K, K < V, m_tail == float("-inf"))
     # The head's z as the exact products (fp32 operands: exact in fp64), as the tail's fma
     # exponents take them: rounded to fp32 they carried ulp(z) / 2 each, not an error relative
     # to z - m (fp32 [1, 127] at |z| ~ 3300: the max's gradient entry 4.7e-3 off, relative).
@@ -385,7 +390,7 @@ def _bwd_kernel(
     f64: tl.constexpr = tl.float64
     tail_empty = logp_tail == float("-inf")
     lq = tl.load(lq_row + kk, mask=hm, other=float("-inf")).to(ACC)
-    q, q_tail = _q_masses(lq, K < V, tail_empty)
+    q, q_tail = _q_masses(lq, K, K < V, tail_empty)
     q_all = tl.sum(q, axis=0) + q_tail
     log_q = tl.log(q_all)
     lpt = tl.where(tail_empty, 0.0, logp_tail).to(f64)

@@ -185,6 +185,14 @@ PGK_HD T kl_term(T q, T log_q, T log_p) {
 // can: -expm1(log q_max) - the other q's): rest clamped >= 0 (engines round log-probs, so Q_K
 // can exceed 1 slightly), and exactly 0 when the K ids cover the vocabulary (no tail bucket:
 // 1 - Q_K is then rounding noise that would meet P_tail = 0 and give +inf).
+// Against a tail with no finite logit, 1 - sum_K q_v at most this is the K log-probs' own
+// rounding (eps each, and the sum's), not a tail bucket: 2 K eps of the accumulation type
+// (pg_kernels.reference.topk_kl and the Triton kernels use the same bound).
+template <typename T>
+PGK_HD T topk_tail_noise(int64_t K) {
+  return T(2) * T(K) * std::numeric_limits<T>::epsilon();
+}
+
 template <typename T>
 PGK_HD T topk_q_tail(T rest, bool has_tail) {
   return (has_tail && rest > T(0)) ? rest : T(0);
