@@ -70,6 +70,25 @@ def test_mismatch_metrics_vs_loop():
         mismatch_metrics(lp, roll[:, :3], mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mismatch_metrics_low_precision_match_float64(dtype):
+    # In bf16, k3 = rho - 1 - delta cancelled (k3_kl 6.0e-4 for a true 5.0e-5): computed in fp32
+    # the metrics are the float64 ones of the same rounded inputs, to within fp32 rounding
+    # (k3, chi2_token: a few ulp of 1 per token, so an absolute 1e-6), and come out fp32.
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 256
+    lp = (-torch.rand(B, T, generator=g, dtype=f64) * 0.5).to(dtype)
+    roll = (lp.double() + 0.01 * torch.randn(B, T, generator=g, dtype=f64)).to(dtype)
+    kl = torch.rand(B, T, generator=g, dtype=f64).to(dtype) * 1e-3
+    mask = torch.arange(T)[None, :] < torch.tensor([256, 100, 0, 7])[:, None]
+    got = mismatch_metrics(lp, roll, mask, token_kl=kl)
+    want = mismatch_metrics(lp.double(), roll.double(), mask, token_kl=kl.double())
+    bad = {k: (float(got[k]), float(v)) for k, v in want.items()
+           if not abs(float(got[k]) - float(v)) <= 1e-6 + 1e-6 * abs(float(v))}  # fmt: skip
+    assert not bad, bad
+    assert all(v.dtype == f64 and got[k].dtype == torch.float32 for k, v in want.items())
+
+
 # ----------------------------------------------------------------------------- schedule
 
 

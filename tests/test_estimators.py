@@ -32,6 +32,26 @@ def test_matches_float64_formula(kind):
     assert bool((err <= bound).all()), float((err - bound).max())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_low_precision_inputs_compute_in_float32(kind, dtype):
+    # In bf16, expm1(-s) was rounded to bf16 before + s: k3 of s = 2^-8 came out 0 (true
+    # 7.6e-6). bf16 / fp16 inputs now give the float64 formula of the same rounded inputs to
+    # fp32 rounding (test_matches_float64_formula's bound), in fp32; gradients in the inputs'
+    # dtype.
+    a, b = _pair(dtype=dtype)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    s = a.detach().double() - b.detach().double()
+    truth = {"k1": s, "k2": s * s / 2, "k3": torch.expm1(-s) + s}[kind]
+    got = sampled_kl(a, b, kind)
+    err = (got.detach().double() - truth).abs()
+    bound = 4 * 2**-24 * (truth.abs() + 6 * (1 + s.abs()))
+    assert bool((err <= bound).all()), float((err - bound).max())
+    got.sum().backward()
+    assert got.dtype == torch.float32 and a.grad.dtype == dtype and b.grad.dtype == dtype
+
+
 def test_k3_small_ratio_keeps_digits():
     a = torch.tensor([-1.0], dtype=torch.float32)
     b = a + 1e-4

@@ -257,6 +257,8 @@ def test_verl_kl_penalty(verl, mode):
         (grad,) = torch.autograd.grad(out.sum(), lp)
         return out.detach(), grad
 
+    half = logprob.bfloat16(), ref.bfloat16()  # verl returns the inputs' dtype
+    assert pgk_verl.kl_penalty(*half, mode).dtype == verl.kl_penalty(*half, mode).dtype
     truth, truth_grad = run(verl.kl_penalty, logprob.double(), ref.double())
     plain, plain_grad = run(verl.kl_penalty, logprob, ref)
     ours, grad = run(pgk_verl.kl_penalty, logprob, ref)

@@ -76,6 +76,26 @@ def test_geometric_rejection_hand_cases():
     assert geometric_rejection(lr2, torch.ones(1, 2)).tolist() == [False]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masks_low_precision_decide_as_float64(dtype):
+    # Computed in the input dtype, bf16 rounded exp(mean 0.003) (and any mean in about
+    # [-0.0019, 0.0039]) to exactly 1.0 and kept the row; fp16 did so for 0.0012. TRM compared
+    # bf16(0.05) = 0.05005 with a threshold rounded to bf16 too: kept. Truth: the float64
+    # decision on the same rounded inputs.
+    ok8 = torch.ones(1, 8, dtype=torch.bool)
+    for v in (0.0012, 0.0014, 0.003, -0.0015, 0.0005, -0.0005):
+        x = torch.full((1, 8), v, dtype=dtype)
+        want = 0.999 <= math.exp(float(x.double().mean())) <= 1.001
+        assert geometric_rejection(x, ok8).tolist() == [want], (v, want)
+    # k2 / k3 at the thresholds' own roundings: above 0.05 / 0.001 in float64, so rejected
+    for k2, k3 in ((0.05, 0.0), (0.0, 0.001)):
+        d2, d3 = torch.full((1, 8), k2, dtype=dtype), torch.full((1, 8), k3, dtype=dtype)
+        want = float(d2[0, 0]) <= 0.05 and float(d3[0, 0]) <= 0.001
+        assert trm_mask(ok8, k2=d2, k3=d3).tolist() == [want], (k2, k3, want)
+        want = float(d3[0, 0]) <= 0.001  # exact mode: token_kl drives both rules
+        assert trm_mask(ok8, token_kl=d3).tolist() == [want], (k3, want)
+
+
 # ----------------------------------------------------------------------------- policy_loss
 
 
@@ -448,6 +468,49 @@ def test_policy_loss_float32():
     want, _ = policy_loss(lp, old, adv, mask)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_policy_loss_low_precision_computes_in_float32(dtype):
+    # In the input dtype: fp16 exp(12) = inf, and with A = 0 (a flat GRPO group) 0 * inf gave a
+    # NaN loss and gradient; bf16 losses were off by ~1e-3. Truth: the float64 loss of the same
+    # (rounded) inputs; the loss and metrics come out fp32, the gradient in logprob's dtype.
+    x = torch.tensor([[-1.0, -2.0]], dtype=dtype, requires_grad=True)
+    old = torch.tensor([[-13.0, -2.1]], dtype=dtype)
+    loss, metrics = policy_loss(x, old, torch.zeros(1, dtype=dtype), torch.ones(1, 2))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and x.grad.abs().sum().item() == 0.0
+    assert math.isfinite(float(metrics["ratio_max"]))
+    dtypes = (loss.dtype, x.grad.dtype)
+    g = torch.Generator().manual_seed(5)
+    B, T = 8, 256
+    lp = (-torch.rand(B, T, generator=g, dtype=f64) * 3).to(dtype)
+    old = (lp.double() + 0.05 * torch.randn(B, T, generator=g, dtype=f64)).to(dtype)
+    roll = (old.double() + 0.05 * torch.randn(B, T, generator=g, dtype=f64)).to(dtype)
+    adv = torch.randn(B, generator=g, dtype=f64).to(dtype)
+    mask = torch.arange(T)[None, :] < torch.randint(1, T + 1, (B, 1), generator=g)
+    for loss_type in ("ppo", "gspo", "cispo"):
+        kw = dict(loss_type=loss_type, rollout_correction="tis", agg="seq-mean-token-mean")
+        x64 = lp.double().requires_grad_(True)
+        want, want_m = policy_loss(
+            x64, old.double(), adv.double(), mask, rollout_logprob=roll.double(), **kw
+        )
+        want.backward()
+        x = lp.clone().requires_grad_(True)
+        got, got_m = policy_loss(x, old, adv, mask, rollout_logprob=roll, **kw)
+        got.backward()
+        want_m["loss"], got_m["loss"] = want.detach(), got.detach()
+        # fp32 roundings of ~10 operations per token, summed: far below bf16's 2^-8.
+        bad = {k: (float(got_m[k]), float(v)) for k, v in want_m.items()
+               if not abs(float(got_m[k]) - float(v)) <= 1e-5 * abs(float(v)) + 1e-7}  # fmt: skip
+        assert not bad, (loss_type, bad)
+        assert all(v.dtype == f64 and got_m[k].dtype == torch.float32 for k, v in want_m.items())
+        # the gradient is rounded once to the input dtype (fp16: subnormal below 6e-5)
+        fi = torch.finfo(dtype)
+        err = (x.grad.double() - x64.grad).abs()
+        assert bool((err <= fi.eps * (x64.grad.abs() + fi.tiny)).all()), loss_type
+        assert x.grad.dtype == dtype
+    assert dtypes == (torch.float32, dtype)
 
 
 # ----------------------------------------------------------------------------- hybrid IL + RL

@@ -2,7 +2,9 @@
 
 Plain PyTorch on padded [B, T] tensors with a mask (or packed rows, see `packing`): advantages,
 sequence masks, policy losses, a response-length lr schedule and mismatch metrics (docs/math.md
-section 7). No host syncs, no Python loops over rows, groups, steps or turns.
+section 7). No host syncs, no Python loops over rows, groups, steps or turns. Arithmetic runs
+in `_common.compute_dtype` (the inputs' promoted float dtype, at least float32), and float
+outputs come back in it: bf16 / fp16 in, float32 out; float64 in, float64 out (docs/math.md §0).
 
 Group and step statistics are segment sums (`index_add`) over dense ids: on CPU they are
 deterministic; on CUDA `index_add` adds with atomics, so float sums may differ in the last bits

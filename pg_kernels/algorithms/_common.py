@@ -56,6 +56,21 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype the algorithms compute in and return (docs/math.md §0): the promoted dtype of
+    the floating `tensors`, at least float32, so bf16 / fp16 / fp32 -> fp32 and fp64 -> fp64.
+    None and non-floating tensors (masks, ids) are skipped. Reads dtypes only (no sync).
+
+    bf16 arithmetic rounds away what these methods measure: exp(mean log-ratio) within 1e-3
+    of 1 (geometric rejection), exp(12) (fp16 overflow), a running count past 256, rho - 1 - delta.
+    """
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None and t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The mask as float weights in `dtype` (bool -> 0/1; a float mask is taken as given)."""
     return mask.to(dtype)

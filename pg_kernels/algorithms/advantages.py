@@ -4,7 +4,8 @@ Prompt groups are given by `group_ids [B]` (any integer values; rows with equal 
 prompt). Group statistics are segment sums over dense group ids (`_common.dense_group_ids`: a
 sort and a cumsum, no torch.unique), so nothing here syncs the host or loops over rows, groups,
 steps or turns in Python, and every function traces under `torch.compile(fullgraph=True)`.
-Outputs have the dtype of the float input (float64 in, float64 out).
+Arithmetic runs in, and outputs have, the compute dtype (`_common.compute_dtype`: the inputs'
+promoted float dtype, at least float32): bf16 / fp16 in, float32 out; float64 in, float64 out.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pg_kernels.algorithms._common import (
     check_mask,
     check_same_device,
     check_shape,
+    compute_dtype,
     dense_group_ids,
     masked_amax,
     masked_amin,
@@ -50,7 +52,7 @@ def group_advantages(
     not torch.std's NaN; verl instead returns r_i there) and r_i under rloo. A group of n_g > 1
     equal rewards gets exactly 0 under all three (under grpo with no gradient: its std has
     none). rloo advantages of a group with n_g > 1 sum to 0. The group sums run in float64 and
-    the result is rounded once to the rewards' dtype.
+    the result is rounded once to the compute dtype.
 
     Args:
         rewards: [B] float (any float dtype).
@@ -59,7 +61,7 @@ def group_advantages(
         eps: added to std_g under grpo.
 
     Returns:
-        [B] advantages, dtype of `rewards`; differentiable w.r.t. rewards.
+        [B] advantages, float32 (float64 for float64 rewards); differentiable w.r.t. rewards.
     """
     check_float("rewards", rewards, 1)
     check_int("group_ids", group_ids, 1)
@@ -67,6 +69,7 @@ def group_advantages(
     check_same_device(rewards=rewards, group_ids=group_ids)
     check_choice("method", method, GROUP_METHODS)
     B = rewards.shape[0]
+    out_dtype = compute_dtype(rewards)
     gid = dense_group_ids(group_ids)
     # Group sums in float64 whatever the rewards' dtype ([B] numbers), the result rounded once:
     # bf16 sums rounded at every add (a bf16 group of 300 was off by up to 0.43).
@@ -87,14 +90,14 @@ def group_advantages(
         # group without spread has no gradient either (its std has none at 0).
         std = torch.sqrt(torch.where(var > 0, var, 1))
         ok = (count > 1) & ~flat
-        return torch.where(ok, centred / (torch.where(var > 0, std, 0) + eps), 0).to(rewards.dtype)
+        return torch.where(ok, centred / (torch.where(var > 0, std, 0) + eps), 0).to(out_dtype)
     if method == "dr_grpo":
         adv = r - mean
     else:
         others = (total - r) / torch.where(count > 1, count - 1, 1)
         adv = torch.where(count > 1, r - others, r)
     # Linear in r: a flat group's value is exactly 0 (x - x), its gradient kept.
-    return torch.where(flat, adv - adv.detach(), adv).to(rewards.dtype)
+    return torch.where(flat, adv - adv.detach(), adv).to(out_dtype)
 
 
 def otb_advantages(
@@ -132,7 +135,8 @@ def otb_advantages(
         eps: added to the denominator.
 
     Returns:
-        [B, T] advantages, dtype of `lgp` (promoted with `returns`); 0 where mask is 0.
+        [B, T] advantages in the inputs' promoted float dtype, at least float32; 0 where mask
+        is 0.
         Multi-turn rows: compact the model tokens first (`compact_rows`, then
         `uncompact_rows` on the result) so that position t is the t-th model token.
     """
@@ -149,7 +153,7 @@ def otb_advantages(
     check_same_device(
         returns=returns, lgp=lgp, mask=mask, group_ids=group_ids, is_weights=is_weights
     )
-    dtype = torch.promote_types(lgp.dtype, returns.dtype)
+    dtype = compute_dtype(lgp, returns, is_weights)
     m = weights(mask, dtype)
     ok = valid(mask)
     G = (returns[:, None] if returns.dim() == 1 else returns).to(dtype).expand(B, T)
@@ -209,7 +213,8 @@ def trloo_advantages(
         gamma: discount per valid turn.
 
     Returns:
-        [B, K] advantages, dtype of turn_rewards. `turns_to_tokens` spreads them to tokens.
+        [B, K] advantages, float32 (float64 for float64 turn_rewards). `turns_to_tokens`
+        spreads them to tokens.
     """
     check_float("turn_rewards", turn_rewards, 2)
     B, K = turn_rewards.shape
@@ -217,9 +222,9 @@ def trloo_advantages(
     check_int("group_ids", group_ids, 1)
     check_shape("group_ids", group_ids, (B,))
     check_same_device(turn_rewards=turn_rewards, turn_mask=turn_mask, group_ids=group_ids)
-    dtype = turn_rewards.dtype
+    dtype = compute_dtype(turn_rewards)
     ok = valid(turn_mask)
-    r = torch.where(ok, turn_rewards, 0)
+    r = torch.where(ok, turn_rewards.to(dtype), 0)
     c = torch.cumsum(ok.to(dtype), dim=1)
     # [B, K, K] discount matrix D[t, s] = gamma^(c_s - c_t) for s >= t; K (turns) is small.
     upper = torch.ones(K, K, dtype=torch.bool, device=r.device).triu()
@@ -292,7 +297,7 @@ def empg_advantages(
         k, k_f, zeta: the EMPG constants.
 
     Returns:
-        [B, T], dtype of token_entropy (promoted with advantages); token_entropy is taken
+        [B, T], in the inputs' promoted float dtype, at least float32; token_entropy is taken
         detached (no gradient flows back through the modulation).
     """
     check_float("token_entropy", token_entropy, 2)
@@ -305,7 +310,7 @@ def empg_advantages(
     check_same_device(
         advantages=advantages, token_entropy=token_entropy, mask=mask, step_ids=step_ids
     )
-    dtype = torch.promote_types(token_entropy.dtype, advantages.dtype)
+    dtype = compute_dtype(token_entropy, advantages)
     ids = step_ids.to(torch.int64)
     tok = valid(mask) & (ids >= 0)
     # Steps live in a [B, T] buffer (a row has at most T steps): slot (i, s) = step s of row i.
@@ -322,7 +327,11 @@ def empg_advantages(
     Hn = (H - h_min) / (h_max - h_min + 1e-8)
     n_steps = exists.to(dtype).sum().clamp(min=1)
     e = torch.where(exists, torch.exp(-k * Hn), 0)
-    g = e / (e.sum() / n_steps)
+    # No step at all: e.sum() = 0, and 0/0 = NaN in g reached the advantages' gradient through
+    # g * A (the where() below hides it in the value only). With a step, e.sum() >= 1: the
+    # lowest-entropy step has H_n = 0, e = 1.
+    e_mean = e.sum() / n_steps
+    g = e / torch.where(e_mean != 0, e_mean, 1)
     f = torch.where(exists, torch.exp(-k_f * Hn), 0)
     f_next = torch.cat([f[:, 1:], f.new_zeros(B, 1)], dim=1)  # 0 after a row's last step
     a = torch.where(exists, g * advantages.to(dtype)[:, None] + zeta * f_next, 0)

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels.algorithms._common import check_choice, check_same_device, check_shape
+from pg_kernels.algorithms._common import (
+    check_choice,
+    check_same_device,
+    check_shape,
+    compute_dtype,
+)
 
 KINDS = ("k1", "k2", "k3")
 # verl's numerical guards on its k3 ("low_var_kl"): the log-ratio is clamped to +-20 before
@@ -46,7 +51,9 @@ def sampled_kl(
             estimate, whose k3 overflows to inf for s < -88 in float32.
 
     Returns:
-        [...] tensor in the promoted dtype of the inputs, differentiable in both.
+        [...] tensor in the promoted dtype of the inputs, at least float32 (bf16 in: float32,
+        where k3's expm1(-s) rounded to bf16 before + s lost its digits), differentiable in
+        both (gradients reach each input in its own dtype).
     """
     check_choice("kind", kind, KINDS)
     for name, t in (("sample_logprob", sample_logprob), ("other_logprob", other_logprob)):
@@ -54,7 +61,8 @@ def sampled_kl(
             raise TypeError(f"{name} must be a floating torch.Tensor")
     check_shape("other_logprob", other_logprob, sample_logprob.shape)
     check_same_device(sample_logprob=sample_logprob, other_logprob=other_logprob)
-    s = sample_logprob - other_logprob
+    dtype = compute_dtype(sample_logprob, other_logprob)
+    s = sample_logprob.to(dtype) - other_logprob.to(dtype)
     if kind == "k1":
         return s
     if kind == "k2":

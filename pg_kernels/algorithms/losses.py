@@ -3,7 +3,9 @@
 Token losses are aggregated over `[B, T]` with a mask; a sequence mask (TRM, geometric
 rejection) zeroes whole rows while every normaliser still counts them. Everything is
 differentiable w.r.t. `logprob`, free of host syncs and fullgraph-compilable; `metrics` are
-detached 0-d tensors (call `.item()` yourself when logging).
+detached 0-d tensors (call `.item()` yourself when logging). Everything is computed in, and
+returned in, the compute dtype (`_common.compute_dtype`: float32 for bf16 / fp16 / fp32 inputs,
+float64 for float64); gradients reach the inputs in their own dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pg_kernels.algorithms._common import (
     check_mask,
     check_same_device,
     check_shape,
+    compute_dtype,
     masked_amax,
     masked_amin,
     valid,
@@ -144,7 +147,8 @@ def policy_loss(
         entropy, kl: optional [B, T] float per-token terms (differentiable), with their coefs.
 
     Returns:
-        (loss, metrics): loss a 0-d tensor in logprob's dtype; metrics a dict of detached 0-d
+        (loss, metrics): loss a 0-d tensor in the inputs' promoted float dtype, at least
+        float32 (bf16 in: float32; float64 in: float64); metrics a dict of detached 0-d
         tensors over the valid tokens of `mask`: clip_fraction (tokens whose clipped branch is
         active: ppo/gspo where the clipped term is the larger, cispo where r_t is outside the
         range), dual_clip_fraction, ppo_kl = mean(l_old - l), ratio_mean / ratio_min /
@@ -184,7 +188,8 @@ def policy_loss(
         seq_mask=seq_mask, rollout_logprob=rollout_logprob, entropy=entropy, kl=kl,
     )  # fmt: skip
 
-    dtype = logprob.dtype
+    # fp16 overflowed exp(12) to inf (0 * inf: a NaN loss at A = 0), bf16 rounded the ratio.
+    dtype = compute_dtype(logprob, old_logprob, advantages, rollout_logprob, entropy, kl)
     ok = valid(mask)
     m = weights(mask, dtype)
     w = m if seq_mask is None else m * weights(valid(seq_mask), dtype)[:, None]
@@ -194,7 +199,7 @@ def policy_loss(
     # gradient too: its NaN advantage or -inf log-prob times a zero upstream gradient is NaN.
     adv = torch.where(ok, adv.to(dtype), 0).detach()
     old = old_logprob.detach().to(dtype)
-    lp = torch.where(ok, logprob, 0)
+    lp = torch.where(ok, logprob.to(dtype), 0)
     # A rejected row's tokens take no gradient, cut here where it enters (torch.where passes 0,
     # not 0 times a NaN): a NaN correction weight or advantage of theirs times the zero upstream
     # gradient would be NaN. The values, and so the metrics, are unchanged.
@@ -295,7 +300,7 @@ def hybrid_il_rl_loss(
         norm_length: as policy_loss.
 
     Returns:
-        0-d loss in logprob's dtype.
+        0-d loss in the inputs' promoted float dtype, at least float32.
     """
     check_float("logprob", logprob, 2)
     shape = logprob.shape
@@ -306,7 +311,7 @@ def hybrid_il_rl_loss(
     check_choice("agg", agg, AGGREGATIONS)
     _check_norm_length(norm_length)
     check_same_device(logprob=logprob, advantages=advantages, token_kl=token_kl, mask=mask)
-    dtype = logprob.dtype
+    dtype = compute_dtype(logprob, advantages, token_kl)
     ok = valid(mask)
     m = weights(mask, dtype)
     kl = torch.where(ok, token_kl.to(dtype), 0)
@@ -314,5 +319,5 @@ def hybrid_il_rl_loss(
     suffix_after = km.flip(1).cumsum(1).flip(1) - km  # sum over t' > t
     # Masked tokens' advantages and log-probs stay out of the gradient (as in policy_loss).
     shaped = torch.where(ok, adv.to(dtype) - beta * suffix_after, 0).detach()
-    token_loss = -shaped * torch.where(ok, logprob, 0) + beta * kl
+    token_loss = -shaped * torch.where(ok, logprob.to(dtype), 0) + beta * kl
     return _aggregate(token_loss, m, m, agg, norm_length)

@@ -2,6 +2,9 @@
 
 Both return `bool [B]` (True = keep) for `policy_loss(..., seq_mask=...)`, whose normalisers keep
 counting the rejected rows. Vectorized row reductions; no host sync; fullgraph-compilable.
+The divergences are compared in the compute dtype (`_common.compute_dtype`: float32 for bf16 /
+fp16 / fp32 inputs, float64 for float64): in bf16, exp(mean log-ratio) rounds to exactly 1 for
+any mean in about [-0.0019, 0.0039], and a threshold such as 0.05 is itself rounded.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pg_kernels.algorithms._common import (
     check_mask,
     check_same_device,
     check_shape,
+    compute_dtype,
     masked_amax,
     masked_row_mean,
     valid,
@@ -39,7 +43,8 @@ def trm_mask(
                  and [mean_{t in V_i} D_avg,t <= avg_threshold]
 
     A NaN on any valid token rejects the row; a row with no valid token is kept (nothing to
-    violate). Values on masked tokens are ignored, NaN included.
+    violate). Values on masked tokens are ignored, NaN included. bf16 / fp16 divergences are
+    compared in float32.
 
     Args:
         mask: [B, T] bool, int or float (nonzero = a valid token).
@@ -62,6 +67,7 @@ def trm_mask(
             check_shape(name, t, mask.shape)
     check_same_device(mask=mask, token_kl=token_kl, k2=k2, k3=k3)
     d_max, d_avg = (token_kl, token_kl) if exact else (k2, k3)
+    d_max, d_avg = d_max.to(compute_dtype(d_max)), d_avg.to(compute_dtype(d_avg))
     ok = valid(mask)
     nan_row = ((torch.isnan(d_max) | torch.isnan(d_avg)) & ok).any(1)
     row_max = masked_amax(d_max, ok, dim=1)
@@ -87,7 +93,7 @@ def geometric_rejection(
                  and [no t in V_i has exp(delta_t) < veto]
 
     A row with no valid token has mean 0 (ratio 1) and is kept when low <= 1 <= high. A NaN on a
-    valid token rejects the row.
+    valid token rejects the row. A bf16 / fp16 log_ratio is averaged and exponentiated in float32.
 
     Args:
         log_ratio: [B, T] float.
@@ -103,7 +109,7 @@ def geometric_rejection(
     check_mask("mask", mask, log_ratio.shape)
     check_same_device(log_ratio=log_ratio, mask=mask)
     ok = valid(mask)
-    delta = log_ratio.clamp(-clamp, clamp)
+    delta = log_ratio.to(compute_dtype(log_ratio)).clamp(-clamp, clamp)
     geo = torch.exp(masked_row_mean(delta, ok.to(delta.dtype)))
     nan_row = (torch.isnan(log_ratio) & ok).any(1)
     vetoed = ((torch.exp(delta) < veto) & ok).any(1)

@@ -9,6 +9,7 @@ from pg_kernels.algorithms._common import (
     check_mask,
     check_same_device,
     check_shape,
+    compute_dtype,
     masked_amax,
     masked_row_mean,
     valid,
@@ -60,7 +61,9 @@ def mismatch_metrics(
             (`mismatch_stats(..., rollout_logits=...).token_kl`).
 
     Returns:
-        dict of 0-d tensors in logprob's dtype (NaN means when no token is valid).
+        dict of 0-d tensors in the inputs' promoted float dtype, at least float32 (bf16 in:
+        float32, where k3's rho - 1 - delta would cancel; float64 in: float64); NaN means when
+        no token is valid.
     """
     check_float("logprob", logprob, 2)
     check_float("rollout_logprob", rollout_logprob, 2)
@@ -72,7 +75,7 @@ def mismatch_metrics(
     check_same_device(
         logprob=logprob, rollout_logprob=rollout_logprob, mask=mask, token_kl=token_kl
     )
-    dtype = torch.promote_types(logprob.dtype, rollout_logprob.dtype)
+    dtype = compute_dtype(logprob, rollout_logprob, token_kl)
     ok = valid(mask)
     okf = ok.to(dtype)
     lp = torch.where(ok, logprob.to(dtype), 0)

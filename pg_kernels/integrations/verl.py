@@ -128,7 +128,9 @@ def kl_penalty_forward(
         )
     if kl_penalty not in _MODES:
         raise NotImplementedError(f"kl_penalty: unknown mode {kl_penalty!r}")
-    return sampled_kl(logprob, ref_logprob, _MODES[kl_penalty], clamp=True)
+    # sampled_kl computes bf16 / fp16 in fp32; verl returns the inputs' dtype.
+    out = sampled_kl(logprob, ref_logprob, _MODES[kl_penalty], clamp=True)
+    return out.to(torch.promote_types(logprob.dtype, ref_logprob.dtype))
 
 
 def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
@@ -138,7 +140,7 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
     value = kl_penalty_forward(logprob, ref_logprob, base)
     if not kl_penalty.endswith("+") or kl_penalty in ("mse", "k2"):
         return value
-    k2 = sampled_kl(logprob, ref_logprob, "k2")
+    k2 = sampled_kl(logprob, ref_logprob, "k2").to(value.dtype)
     return k2 - k2.detach() + value.detach()
 
 
