@@ -1,26 +1,36 @@
 """Vocab-parallel kl_divergence: KL between p = softmax(logits / T) and q = softmax(ref_logits /
 T_ref) of the full rows, from each rank's shard of both (docs/math.md §§1, 4, 8).
 
-Forward: the single-device op runs on the local shards, giving its row state: each side's
-shard max m_r and log s1_r, and c_r = E_w[d_w - d_v] over the shard-renormalized weighting
-distribution w (p for reverse KL(p || q), q for forward KL(q || p); d = z - m_r). One
-all-gather of these 5 numbers per row ([world, N, 5], fp32; fp64 for fp64 logits) carries
-them to every rank, which merges in fixed rank order, in fp64, as the kernels finish a row:
+Forward: the single-device op runs on the local shards, giving the shard's KL_r, between the
+shard-renormalized distributions (finished in double by the kernels, so accurate relative to
+itself however small), and its row state: each side's shard max m_r and log s1_r, and
+c_r = E_w[d_w - d_v] with d = z - a / tau, a the raw max logit the kernels rebuild from m_r
+(`_frames`). One all-gather of these 6 numbers per row ([world, N, 6], fp32; fp64 for fp64
+logits) carries them to every rank, which merges in fixed rank order, in fp64, by the chain
+rule of the KL over the shards (w the weighting side: p for reverse KL(p || q), q for forward
+KL(q || p); W_r and V_r the two sides' probability masses on shard r):
 
-    M = max_r m_r,  S = sum_r s1_r e^{m_r - M},  log W_r = (m_r - M) + log s1_r - log S
-    c  = sum_r W_r (c_r - (M_w - m_w,r) + (M_v - m_v,r))      (W_r: w's shard masses)
-    KL = c - log S_w + log S_v
+    KL = sum_r W_r (KL_r + delta_r),   delta_r = log W_r - log V_r
 
-Everything stays relative to the maxes (L_r - L would lose ulp(L)) and c_r, not the shard's
-KL, enters the sum, so the backward's c' below matches (d_w - d_v) as on one device. A shard
-where w is all -inf adds exactly 0; w's mass on a shard where the other side is all -inf
-gives +inf, as on one device. The kernels report a shard row that is all -inf on either side
-as NaN, so each rank also reads its rows' max of both tensors (one extra read of each).
+sum_r W_r delta_r is the KL between the two sides' shard masses. The masses come from each
+side's (a_r / tau, log s1_r) relative to the maxes (merge_lse), never from a rounded L_r.
+delta_r is formed from small numbers only: D_r = L_w,r - L_v,r = (a_w,r / tau_w - a_v,r /
+tau_v) + (c_r - KL_r) (the kernels' l_w - l_v, not the difference of two rounded log s1),
+and delta_r = D_r - D with D = L_w - L_v = D* - log sum_r W_r e^{-(D_r - D*)} (D* = min_r
+D_r; the log as log1p of the sum of W_r expm1(-(D_r - D*)) when that is small). No O(1) term
+cancels: where the rows are near-equal every term is O(KL), and the fp32 roundings of the
+gathered log s1 enter only through the masses W_r, relative to the KL (the old merge,
+c - log S_w + log S_v, carried them absolutely: ~1e-7 on KLs of ~1e-4). A shard where w is
+all -inf adds exactly 0; w's mass on a shard where the other side is all -inf, or a shard's
+KL_r = +inf, gives +inf, as on one device. Rows with such shards take delta_r = log W_r -
+log V_r from the merged masses. The kernels report a shard row that is all -inf on either
+side as NaN, so each rank also reads its rows' max of both tensors (one extra read of each).
 
 Backward: no collective. Each rank runs the single-device backward kernel on its shards with
-the merged row state relative to its shard's maxes: log s1' = (M - m_r) + log S per side, so
-that (z - m_r) - log s1' is the global log-probability, and c' = c + (M_w - m_w,r) -
-(M_v - m_v,r), rounded once from fp64.
+the merged row state relative to its own frames: log s1' = log s1_r - log W_r (resp.
+- log V_r), so that d - log s1' is the global log-probability, and c' = KL + l'_w - l'_v =
+c_r + (KL - KL_r) - delta_r, again from small numbers only (the backward's KL - c' is the
+global l'_v - l'_w of near-equal rows), rounded once from fp64.
 """
 
 from __future__ import annotations
@@ -44,7 +54,8 @@ from pg_kernels.parallel._shard import (
 
 OP = "parallel.kl_divergence"
 KERNELS = _backend.KERNELS["kl_divergence"]
-M_P, LS_P, M_Q, LS_Q, C = range(5)  # columns of the gathered [world, N, 5] tensor
+M_P, LS_P, M_Q, LS_Q, C, KL = range(6)  # columns of the gathered [world, N, 6] tensor
+INF = float("inf")
 
 
 def _tau(temp):
@@ -52,56 +63,109 @@ def _tau(temp):
 
 
 def _reference_state(z: torch.Tensor, zr: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """The kernels' row state [N, 5] in plain PyTorch: (max, log s1) of z, of zr, then
-    c = E_w[d_w - d_v] with d = z - max (0 where w = 0, +inf where w > 0 meets v = 0)."""
+    """The kernels' row state [N, 5] in plain PyTorch, then the shard's KL: (max, log s1) of
+    z, of zr, c = E_w[d_w - d_v] with d = z - max, and sum w (log w - log v) (0 where w = 0,
+    +inf where w > 0 meets v = 0; w > 0 read off the logit, as the reference does)."""
     m, mr = z.amax(-1, keepdim=True), zr.amax(-1, keepdim=True)
     d, dr = z - m, zr - mr
-    dw, dv = (d, dr) if reverse else (dr, d)
-    w = dw.softmax(-1)
-    c = torch.where(w > 0, w * (dw - dv), torch.zeros_like(w)).sum(-1)
     ls, lsr = torch.logsumexp(d, -1), torch.logsumexp(dr, -1)
-    return torch.stack([m.squeeze(-1), ls, mr.squeeze(-1), lsr, c], dim=1)
+    dw, dv = (d, dr) if reverse else (dr, d)
+    lw, lv = (ls, lsr) if reverse else (lsr, ls)
+    w = dw.softmax(-1)
+    zero, inf = torch.zeros_like(w), torch.full_like(w, INF)
+    w_zero, v_zero = torch.isneginf(dw), torch.isneginf(dv)
+    c = torch.where(w_zero, zero, torch.where(v_zero, inf, w * (dw - dv))).sum(-1)
+    log_ratio = (dw - lw.unsqueeze(-1)) - (dv - lv.unsqueeze(-1))
+    kl = torch.where(w_zero, zero, torch.where(v_zero, inf, w * log_ratio)).sum(-1)
+    return torch.stack([m.squeeze(-1), ls, mr.squeeze(-1), lsr, c, kl], dim=1)
 
 
 def _local_forward(logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend):
-    """The shards' KL_r [N] (+inf marks weight on a token of zero probability on the other
-    side) and row state [N, 5]: (max, log s1) of each side, then c = E_w[d_w - d_v]."""
+    """The shards' row state [N, 6]: (max, log s1) of each side, c = E_w[d_w - d_v] and the
+    shard's KL_r (+inf marks weight on a token of zero probability on the other side)."""
     if backend == "reference":
         acc = acc_dtype(logits.dtype)
         v = logits.shape[-1]
         z = logits.reshape(-1, v).to(acc) / _tau(temp)
         zr = ref_logits.reshape(-1, v).to(acc) / _tau(ref_temp)
-        state = _reference_state(z, zr, direction == "reverse")
-        return state[:, 4], state
+        return _reference_state(z, zr, direction == "reverse")
     kl, state = torch.ops.pg_kernels.kl_divergence(
         logits, ref_logits, labels, temp.tensor, temp.scalar, ref_temp.tensor, ref_temp.scalar,
         ignore_index, direction, backend,
     )  # fmt: skip
-    return kl.reshape(-1), state.reshape(-1, 5)
+    return torch.cat([state.reshape(-1, 5), kl.reshape(-1, 1)], dim=1)
 
 
-def _merge(gathered: torch.Tensor, reverse: bool):
-    """Merge [world, N, 5] partial rows in rank order.
+def _frames(m: torch.Tensor, temp, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """The points a / tau, in fp64, that the gathered maxes' log s1 and c are relative to
+    (m [world, N] fp64 from the acc dtype; -inf and NaN pass through).
 
-    Returns the KL [N], c = E_w[d_w - d_v] relative to the global maxes [N], and each side's
-    global (M, log S) [N]. As in the kernels, KL = c - log S_w + log S_v, with
-    c = sum_r W_r (c_r - (M_w - m_w,r) + (M_v - m_v,r)) (W_r the weighting side's shard mass).
+    The kernels keep m = x_max / tau rounded but sum relative to a / tau, a = m tau rounded
+    to fp32 (and to the logits' dtype when that is 16-bit: then the max logit itself; fp32:
+    the max logit or an ulp from it); csrc/cpu/pair_rows.h rebuilt_max, triton/_pair.py
+    max_logit. a / tau differs from m by up to ulp(m) / 2 (1.9e-6 at m = 43), which would
+    land in every shard's mass and in the backward's log s1' and c'. fp64 rows (the C++
+    kernels divide first, tau 1) and the reference's plain PyTorch are relative to m itself.
     """
-    m_p, ls_p, log_wp = merge_lse(gathered[..., M_P], gathered[..., LS_P])
-    m_q, ls_q, log_wq = merge_lse(gathered[..., M_Q], gathered[..., LS_Q])
-    mw, lw, log_w, mw_col = (m_p, ls_p, log_wp, M_P) if reverse else (m_q, ls_q, log_wq, M_Q)
-    mv, lv, mv_col = (m_q, ls_q, M_Q) if reverse else (m_p, ls_p, M_P)
+    if backend == "reference" or dtype == torch.float64:
+        return m
+    if temp.tensor is None:
+        tau = torch.full(m.shape[1:], temp.scalar, dtype=torch.float32, device=m.device)
+    else:
+        tau = temp.tensor
+    tau = tau.double()
+    a = (m * tau).float()  # the fp32 product of two fp32 numbers, rounded once (fma(m, tau, 0))
+    if dtype.itemsize == 2:
+        a = a.to(dtype).float()
+    return a.double() / tau
+
+
+def _merge(gathered: torch.Tensor, ref_p: torch.Tensor, ref_q: torch.Tensor, reverse: bool):
+    """Merge [world, N, 6] fp64 partial rows in rank order (module docstring); ref_p, ref_q
+    [world, N]: each shard's frame a / tau of each side (`_frames`).
+
+    Returns the KL [N], delta_r = log W_r - log V_r [world, N], the log masses of p and q on
+    each shard [world, N] (log_mass of merge_lse), and each side's global (M, log S) [N]
+    relative to the frames.
+    """
+    m_p, ls_p, log_mp = merge_lse(ref_p, gathered[..., LS_P])
+    m_q, ls_q, log_mq = merge_lse(ref_q, gathered[..., LS_Q])
+    ref_w, ref_v = (ref_p, ref_q) if reverse else (ref_q, ref_p)
+    log_w, log_v = (log_mp, log_mq) if reverse else (log_mq, log_mp)
+    kl_r = gathered[..., KL]
+    world = gathered.shape[0]
+    has_w, has_v = ref_w > -INF, ref_v > -INF  # False for an all -inf shard (and NaN)
+    # D_r = L_w,r - L_v,r from the kernels' l_w - l_v = c_r - KL_r, both small where the rows
+    # are near-equal; only where both sides have mass and KL_r is finite.
+    d = (ref_w - ref_v) + (gathered[..., C] - kl_r)
+    both = has_w & has_v & torch.isfinite(d)
+    zero = torch.zeros_like(m_p)
+    near = torch.ones_like(m_p, dtype=torch.bool)  # every shard: both sides or neither
+    d_min = torch.full_like(m_p, INF)
+    for r in range(world):
+        near = near & (both[r] | ~(has_w[r] | has_v[r]))
+        d_min = torch.minimum(d_min, torch.where(both[r], d[r], d_min))
     weight = torch.exp(log_w)
-    c = torch.zeros_like(m_p)
-    for r in range(gathered.shape[0]):
-        g = gathered[r]
-        # (M_v - m_v,r) = +inf where the other side is all -inf on this shard: KL = +inf
-        term = weight[r] * (g[:, C] - (mw - g[:, mw_col]) + (mv - g[:, mv_col]))
-        c = c + torch.where(weight[r] > 0, term, torch.zeros_like(term))
-    kl = (c - lw + lv).clamp_min(0)
+    # log (V / W over the near shards) relative to D*: log sum_r W_r e^{-(D_r - D*)}, as
+    # log1p of sum_r W_r expm1(-(D_r - D*)) where that is small (sum_r W_r = 1 there)
+    small, total = zero, zero
+    for r in range(world):
+        e = torch.where(both[r], d_min - d[r], zero)  # <= 0
+        small = small + torch.where(both[r], weight[r] * torch.expm1(e), zero)
+        total = total + torch.where(both[r], weight[r] * torch.exp(e), zero)
+    log_ratio = torch.where(small.abs() < 0.5, torch.log1p(small), torch.log(total))
+    d_row = d_min - log_ratio  # L_w - L_v of the whole row
+    delta = torch.where(near, d - d_row, log_w - log_v)
+    kl = zero
+    for r in range(world):
+        term = weight[r] * (kl_r[r] + delta[r])
+        # a finite logit has mass, however far its weight underflows: never 0 * inf
+        term = torch.where((kl_r[r] == INF) | (delta[r] == INF), torch.full_like(kl, INF), term)
+        kl = kl + torch.where(has_w[r], term, zero)
+    kl = kl.clamp_min(0)
     invalid = torch.isnan(m_p) | torch.isnan(m_q)
     kl = torch.where(invalid, torch.full_like(kl, float("nan")), kl)
-    return kl, c, (m_p, ls_p, m_q, ls_q)
+    return kl, delta, (log_mp, log_mq), (m_p, ls_p, m_q, ls_q)
 
 
 class _KLFn(torch.autograd.Function):
@@ -111,29 +175,31 @@ class _KLFn(torch.autograd.Function):
     ):
         reverse = direction == "reverse"
         acc = acc_dtype(logits.dtype)
-        kl_r, state = _local_forward(
+        state = _local_forward(
             logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend
         )
         empty_p = neg_inf_rows(logits, acc) == float("-inf")
         empty_q = neg_inf_rows(ref_logits, acc) == float("-inf")
-        neg_inf = torch.full_like(kl_r, float("-inf"))
-        zero = torch.zeros_like(kl_r)
-        # c_r of a shard whose KL_r is +inf (weight meets a -inf logit of the other side)
-        c_r = torch.where(kl_r == float("inf"), kl_r, state[:, 4])
+        zero = torch.zeros_like(state[:, 0])
+        neg_inf = torch.full_like(zero, float("-inf"))
+        empty_pq = empty_p | empty_q  # the kernels' NaN KL_r and c_r: not used (0)
         rows = torch.stack(
             [
-                torch.where(empty_p, neg_inf, state[:, 0]),
-                torch.where(empty_p, zero, state[:, 1]),
-                torch.where(empty_q, neg_inf, state[:, 2]),
-                torch.where(empty_q, zero, state[:, 3]),
-                torch.where(empty_p | empty_q, zero, c_r),
+                torch.where(empty_p, neg_inf, state[:, M_P]),
+                torch.where(empty_p, zero, state[:, LS_P]),
+                torch.where(empty_q, neg_inf, state[:, M_Q]),
+                torch.where(empty_q, zero, state[:, LS_Q]),
+                torch.where(empty_pq, zero, state[:, C]),
+                torch.where(empty_pq, zero, state[:, KL]),
             ],
             dim=1,
         )
         gathered, layout = gather_rows(OP, shard, rows)
-        # In fp64, rounded once: the merge adds and cancels terms of size |log W_r| (up to
-        # ~100); N x 5 numbers, free next to the kernels.
-        kl64, c64, merged = _merge(gathered.double(), reverse)
+        # In fp64, rounded once: N x 6 numbers, free next to the kernels.
+        gathered = gathered.double()
+        ref_p = _frames(gathered[..., M_P], temp, logits.dtype, backend)
+        ref_q = _frames(gathered[..., M_Q], ref_temp, logits.dtype, backend)
+        kl64, delta, (log_mp, log_mq), merged = _merge(gathered, ref_p, ref_q, reverse)
         kl = kl64.to(acc)
         if layout.ok is not None:
             kl = torch.where(layout.ok, kl, torch.full_like(kl, float("nan")))
@@ -143,18 +209,17 @@ class _KLFn(torch.autograd.Function):
         if backend == "reference":  # both sides' global (max M, log S)
             row_state = torch.stack(merged, dim=1).to(acc)
         else:  # this rank's row state for the backward kernel (module docstring)
-            m_p, ls_p, m_q, ls_q = merged
-            st = state.double()
-            # relative to this shard's maxes: log s1' = (M - m_r) + log S and
-            # c' = c + (M_w - m_w,r) - (M_v - m_v,r)
-            shift_p, shift_q = m_p - st[:, 0], m_q - st[:, 2]
-            shift_w, shift_v = (shift_p, shift_q) if reverse else (shift_q, shift_p)
+            r = shard.rank
+            g = gathered[r]
+            # relative to this shard's own frames: log s1' = log s1_r - log (shard mass), and
+            # c' = c_r + (KL - KL_r) - delta_r (small terms only)
             shifted = [
-                state[:, 0], (shift_p + ls_p).to(acc), state[:, 2], (shift_q + ls_q).to(acc),
-                (c64 + shift_w - shift_v).to(acc),
+                state[:, M_P], (g[:, LS_P] - log_mp[r]).to(acc), state[:, M_Q],
+                (g[:, LS_Q] - log_mq[r]).to(acc), (g[:, C] + (kl64 - g[:, KL]) - delta[r]).to(acc),
             ]  # fmt: skip
-            empty = [empty_p, empty_p, empty_q, empty_q, empty_p | empty_q]
-            # An all -inf side: any finite (m, log s1) gives its zero probabilities.
+            empty = [empty_p, empty_p, empty_q, empty_q, empty_pq]
+            # An all -inf side: any finite (m, log s1) gives its zero probabilities. c' of a
+            # +inf row: 0 (the kernel reads the +inf off the KL).
             row_state = torch.stack(
                 [torch.where(e | ~torch.isfinite(t), zero, t) for t, e in zip(shifted, empty)],
                 dim=1,
@@ -268,7 +333,7 @@ def kl_divergence(
     Returns:
         [...] fp32 (fp64 for fp64 logits) KL per row, as `pg_kernels.kl_divergence`.
 
-    One all-gather of 5 numbers per row (20 bytes in fp32) per call; the backward needs no
+    One all-gather of 6 numbers per row (24 bytes in fp32) per call; the backward needs no
     collective. Argument errors found before the all-gather (types, shapes,
     vocab_start_index < 0) raise on the calling rank alone: a rank that calls with different
     arguments (a different number of rows or dtype) breaks the collective: NCCL leaves the

@@ -3,14 +3,16 @@
 
 Forward: the single-device op runs on the local shard (labels off the shard become a dummy
 local id), giving the shard's lse_r, entropy H_r, collision C_r, max_prob_r, argmax and the
-label's local log-prob on the rank that owns it; each rank also reads its rows' max logit.
+label's logit x_c on the rank that owns it; each rank also reads its rows' max logit.
 One all-gather of 9 numbers per row ([world, N, 9], fp32; fp64 for fp64 logits) carries them
 to every rank, which merges in fixed rank order. The shard masses w_r come from each shard's
 max z_r and log s1_r = -log max_prob_r relative to the maxes (merge_lse), not from the rounded
-lse_r, whose ulp(L) / 2 the single-device kernels avoid:
+lse_r, whose ulp(L) / 2 the single-device kernels avoid, and in fp64, each output rounded
+once (the label's log-prob from its raw logit, as the kernels form it, not the shard's rounded
+log-prob plus log w_r: that rounded twice, 1.9e-6 at log-probs of -16):
 
     L = logsumexp_r (z_r + log s1_r)   H = sum_r w_r (H_r - log w_r)   C = sum_r w_r^2 C_r
-    logprob = logprob_r + log w_r    (r the rank owning the label)
+    logprob = (x_c - max_r x_r) / T - log S    (S = sum_r e^{(x_r - max x) / T + log s1_r})
     max_prob, argmax from the rank with the largest max logit (ties: the smallest global id)
     lgp = (1 - p_c)^2 + (C - p_c^2), clamped >= 0
 
@@ -78,13 +80,19 @@ def _merge(gathered: torch.Tensor, tau):
 
     The masses come from each shard's (max z_r, log s1_r = -log max_prob_r), relative to the
     maxes (merge_lse): from the rounded lse_r they would carry ulp(L) / 2, the error the
-    single-device kernels avoid. tau: a float or [N] per-row temperatures.
+    single-device kernels avoid; likewise z_r - max z_r is formed from the raw maxes. tau: a
+    float or [N] per-row temperatures.
     """
-    z_max = gathered[..., MAX] / tau
+    # Each shard's max relative to the row's, (x_r - max_r x_r) / tau: the raw maxes'
+    # difference divided once, as the kernels form d = (x - x_max) / tau. z_r = x_r / tau
+    # rounded first carried ulp(z) / 2 into every shard's mass (logits ~30, tau 0.7: log-prob
+    # error 3.5e-6, single-device 7.7e-7). All -inf, +inf or NaN maxes give NaN (merge_lse).
+    x_max = gathered[..., MAX]
+    top = x_max.amax(0)
     mp = gathered[..., MAX_PROB]
     log_s1 = torch.where(mp > 0, -torch.log(mp), torch.zeros_like(mp))  # 0 on empty shards
-    big, log_total, log_w = merge_lse(z_max, log_s1)
-    lse = big + log_total
+    big, log_total, log_w = merge_lse((x_max - top) / tau, log_s1)
+    lse = (top / tau + big) + log_total  # big: 0 (NaN on an invalid row)
     w = torch.exp(log_w)
     zero = torch.zeros_like(lse)
     entropy, collision, logprob, owners = zero, zero, zero, zero
@@ -99,7 +107,7 @@ def _merge(gathered: torch.Tensor, tau):
         entropy = entropy + torch.where(w[r] > 0, w[r] * (g[:, ENTROPY] - log_w[r]), zero)
         collision = collision + w[r] * w[r] * g[:, COLLISION]
         owns = g[:, OWNS] > 0
-        logprob = logprob + torch.where(owns, g[:, LOGPROB] + log_w[r], zero)
+        logprob = logprob + torch.where(owns, (g[:, LOGPROB] - top) / tau, zero)
         owners = owners + g[:, OWNS]
         idx = g[:, ARG_HI].to(torch.int64) * DIGIT + g[:, ARG_LO].to(torch.int64)
         take = (g[:, MAX] > best_max) | ((g[:, MAX] == best_max) & (idx < best_idx))
@@ -107,7 +115,7 @@ def _merge(gathered: torch.Tensor, tau):
         best_idx = torch.where(take, idx, best_idx)
         max_prob = torch.where(take, g[:, MAX_PROB] * w[r], max_prob)
     # No owner: the label is outside the global vocabulary (possible only on CUDA, unchecked).
-    logprob = torch.where(owners == 1, logprob, torch.full_like(logprob, float("nan")))
+    logprob = torch.where(owners == 1, logprob - (big + log_total), torch.nan)
     return lse, entropy, collision, logprob, max_prob, best_idx, log_w
 
 
@@ -122,22 +130,23 @@ class _TokenStatsFn(torch.autograd.Function):
         # Off-shard labels read local id 0 (any valid id: their logprob is not used).
         local_labels = torch.where(owns, local, torch.zeros_like(local))
         local_labels = torch.where(keep, local_labels, torch.full_like(local, LOCAL_IGNORE))
-        logprob_r, entropy_r, collision_r, lse_r, max_prob_r, argmax_r = _local_forward(
+        _, entropy_r, collision_r, lse_r, max_prob_r, argmax_r = _local_forward(
             logits, local_labels.view(labels.shape), temp, temperature, backend
         )
         row_max = neg_inf_rows(logits, acc)
         empty = row_max == float("-inf")
         zero = torch.zeros_like(lse_r)
         neg_inf = torch.full_like(lse_r, float("-inf"))
-        # A label on an all -inf shard has logprob -inf; the kernel reports NaN for the shard.
-        logprob_r = torch.where(empty, neg_inf, logprob_r)
+        # The label's raw logit on its owner (N numbers read in place, any strides)
+        label_logit = logits.gather(-1, local_labels.clamp_min(0).view(*labels.shape, 1))
+        label_logit = label_logit.reshape(-1).to(acc)
         arg = (argmax_r + shard.start).clamp_min(0)
         rows = torch.stack(
             [
                 torch.where(empty, neg_inf, lse_r),
                 torch.where(empty, zero, entropy_r),
                 torch.where(empty, zero, collision_r),
-                torch.where(owns, logprob_r, zero),
+                torch.where(owns, label_logit, zero),
                 owns.to(acc),
                 row_max,
                 torch.div(arg, DIGIT, rounding_mode="floor").to(acc),
@@ -152,10 +161,13 @@ class _TokenStatsFn(torch.autograd.Function):
                 check_labels(flat_labels, layout.vocab_size, ignore_index)
             except ValueError as e:
                 raise ValueError(f"{OP}: {e}") from None
-        tau = temp.scalar if temp.tensor is None else temp.tensor
-        lse, entropy, collision, logprob, max_prob, argmax, log_w = _merge(gathered, tau)
-        p_c = torch.exp(logprob)
-        lgp = ((1 - p_c) ** 2 + (collision - p_c * p_c)).clamp_min(0)
+        # In fp64, each output rounded once (N x 9 numbers); tau as the kernels use it (acc)
+        tau = torch.full_like(zero, temp.scalar) if temp.tensor is None else temp.tensor
+        merged = _merge(gathered.double(), tau.double())
+        p_c = torch.exp(merged[3])
+        lgp = ((1 - p_c) ** 2 + (merged[2] - p_c * p_c)).clamp_min(0).to(acc)
+        lse, entropy, collision, logprob, max_prob = (t.to(acc) for t in merged[:5])
+        argmax, log_w = merged[5], merged[6].to(acc)
         nan = torch.full_like(lse, float("nan"))
         invalid = ~torch.isfinite(lse)
         if layout.ok is not None:
