@@ -381,6 +381,13 @@ BAD = [
      ValueError, "ref_hidden with shape (2, 2, 2, 8)"),
     (lambda h, w, y: pg_kernels.token_stats_from_hidden(h, w, y, temperature=torch.ones(5)),
      ValueError, "(the leading shape of hidden)"),
+    (lambda h, w, y: pg_kernels.token_stats_from_hidden(h, w, y, backend="tpu"), ValueError,
+     "token_stats_from_hidden: backend must be one of"),
+    (lambda h, w, y: pg_kernels.token_loss_from_hidden(h, w, y, lambda s, r: s.lse.sum(),
+                                                       backend="tpu"), ValueError,
+     "token_loss_from_hidden: backend must be one of"),
+    (lambda h, w, y: pg_kernels.kl_divergence_from_hidden(h, w, h, w, backend="tpu"), ValueError,
+     "kl_divergence_from_hidden: backend must be one of"),
 ]  # fmt: skip
 
 

@@ -755,6 +755,7 @@ def test_compile_fullgraph_matches_eager():
 
 KL = pg_kernels.kl_divergence
 BAD_INPUTS = [
+    (lambda x, xr, y: KL(x, xr, ignore_index=2**63), ValueError, "does not fit the labels"),
     (lambda x, xr, y: KL(x, xr[:, :2]), ValueError, "ref_logits must have the logits' shape"),
     (lambda x, xr, y: KL(x, xr[..., :-1]), ValueError, "ref_logits must have the logits' shape"),
     (lambda x, xr, y: KL(x, xr.double()), TypeError, "ref_logits must have the logits' dtype"),

@@ -582,6 +582,8 @@ BAD_INPUTS = [
      "mismatch_stats: labels[0, 2] = 50"),
     (lambda x, xr, y, lp: MS(x, y, lp, rollout_temperature=-1.0), ValueError,
      "rollout_temperature must be finite and > 0"),
+    (lambda x, xr, y, lp: MS(x, y, lp, backend="tpu"), ValueError,
+     "mismatch_stats: backend must be one of"),  # without rollout logits: token_stats' kernel
 ]  # fmt: skip
 
 

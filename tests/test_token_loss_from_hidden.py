@@ -113,14 +113,16 @@ def test_only_the_inputs_that_require_grad():
     assert not loss.requires_grad and stats.logprob.shape == (20,)
 
 
-def test_second_derivative_raises():
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_second_derivative_raises(backend):
     """The saved gradients are constants: a gradient penalty built on them would silently miss
-    their dependence on hidden and weight, so create_graph=True raises, as for the other ops."""
+    their dependence on hidden and weight, so create_graph=True raises, as for the other ops
+    (the reference path too: its loss_fn gradients are taken on detached statistics)."""
     h, w, b = _projection(9, 8, 100, torch.float32, seed=11)
     h.requires_grad_()
     y = _labels((9,), 100, seed=11)
     loss, _ = pg_kernels.token_loss_from_hidden(h, w, y, _grpo_loss(9, seed=11), bias=b,
-                                                chunk_size=4)  # fmt: skip
+                                                chunk_size=4, backend=backend)  # fmt: skip
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(loss, h, create_graph=True)
     (grad,) = torch.autograd.grad(loss, h)  # a first-order gradient still works

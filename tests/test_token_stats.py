@@ -562,6 +562,16 @@ BAD_INPUTS = [
         ValueError,
         "temperature must be finite and > 0",
     ),
+    (  # rounds to 0 in fp32, as the kernels take it
+        lambda x, y: pg_kernels.token_stats(x, y, temperature=1e-46),
+        ValueError,
+        "temperature must be finite and > 0 in float32",
+    ),
+    (  # rounds to inf in fp32
+        lambda x, y: pg_kernels.token_stats(x, y, temperature=4e38),
+        ValueError,
+        "temperature must be finite and > 0 in float32",
+    ),
     (
         lambda x, y: pg_kernels.token_stats(x, y, temperature=float("nan")),
         ValueError,

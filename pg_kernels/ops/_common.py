@@ -149,8 +149,14 @@ def make_temperature(
             f"{op}: {name} must be a float or a tensor, got {type(temperature).__name__}"
         )
     t = float(temperature)
-    if not (t > 0 and t < float("inf")):
-        raise ValueError(f"{op}: {name} must be finite and > 0, got {temperature}")
+    # As the kernels take it, rounded to the accumulation dtype (as a per-row tensor is checked):
+    # 1e-46 rounds to 0 in fp32 and 4e38 to inf, and gave NaN rows.
+    info = torch.finfo(acc_dtype(logits.dtype))
+    least = info.smallest_normal * info.eps  # the least subnormal; half of it rounds to 0
+    if not (t > least / 2 and t < info.max * (1 + info.eps / 2)):
+        raise ValueError(
+            f"{op}: {name} must be finite and > 0 in {info.dtype}, got {temperature}"
+        )
     return Temperature(None, t)
 
 
@@ -159,12 +165,10 @@ def check_ignore_index(op: str, ignore_index, labels: torch.Tensor | None = None
     with the scalar wrapped to 0, where the kernels compare in int64."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if labels is not None:
-        info = torch.iinfo(labels.dtype)
-        if not info.min <= ignore_index <= info.max:
-            raise ValueError(
-                f"{op}: ignore_index = {ignore_index} does not fit the labels' {labels.dtype}"
-            )
+    dtype = torch.int64 if labels is None else labels.dtype  # the ops' schemas take an int64
+    info = torch.iinfo(dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(f"{op}: ignore_index = {ignore_index} does not fit the labels' {dtype}")
     return ignore_index
 
 

@@ -205,7 +205,7 @@ def kl_divergence_from_hidden(
         OP, hidden[..., :1], direction, labels, ignore_index, temperature, ref_temperature,
         of="hidden",
     )  # fmt: skip
-    backend = _backend.resolve("kl_divergence", backend, hidden.device, kernels=_kl.KERNELS)
+    backend = _backend.resolve(OP, backend, hidden.device, kernels=_kl.KERNELS)
     if backend == "reference":
         return reference.kl_divergence(
             torch.nn.functional.linear(hidden, weight, bias),

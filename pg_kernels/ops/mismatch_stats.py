@@ -246,7 +246,9 @@ def mismatch_stats(
     )
     check_labels_on_cpu(OP, labels, logits.shape[-1], ignore_index)  # errors name this op
     token_kl = token_tv = None
-    if rollout_logits is None:
+    if rollout_logits is None:  # token_stats' kernel; errors name this op
+        kernels = _backend.KERNELS["token_stats"]
+        backend = _backend.resolve(OP, backend, logits.device, kernels=kernels)
         logprob = token_stats(
             logits, labels, temperature=temperature, ignore_index=ignore_index, backend=backend
         ).logprob

@@ -202,7 +202,7 @@ def step_stats(
         temperature: float or [...] tensor for the logits; rollout_temperature and
             ref_temperature (default: temperature) for the other two.
         ignore_index, tis_cap, icepop_low, icepop_high: as in token_stats / mismatch_stats.
-        backend: "auto", "reference" or "cpu".
+        backend: "auto", "reference", "cpu" or "triton".
 
     Returns:
         StepStats(token: TokenStats, mismatch: MismatchStats | None, kl: Tensor | None), every

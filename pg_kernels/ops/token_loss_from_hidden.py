@@ -98,6 +98,8 @@ class _ThroughStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants
+            raise _library.not_twice(OP)
         return None, None, *(g * grad_loss for g in ctx.grads)
 
 

@@ -148,7 +148,7 @@ def check_args(op, hidden, weight, bias, labels, temperature, ignore_index, chun
     chunk_size = check_chunk_size(op, chunk_size, vocab, hidden)
     # The temperature's shape check wants [..., V]-shaped logits; a [..., 1] view stands in.
     temp = make_temperature(op, temperature, hidden[..., :1], of="hidden")
-    backend = _backend.resolve("token_stats", backend, hidden.device, kernels=_ts.KERNELS)
+    backend = _backend.resolve(op, backend, hidden.device, kernels=_ts.KERNELS)
     check_labels_on_cpu(op, labels, vocab, ignore_index)
     return ignore_index, chunk_size, temp, backend
 
