@@ -89,6 +89,19 @@ def test_many_chunks_per_row(bd, small_triton_blocks):
         )
 
 
+def test_small_tail_beside_a_label_below_the_threshold(bd):
+    """A label below the threshold joins S: its term is never in the tail's sum, so a small
+    tail mass keeps its digits (Triton subtracted it from the tail's sum afterwards: 2.2e-9
+    read as 3.5e-9 beside a label term of 5e-2)."""
+    backend, device = bd
+    x = torch.tensor([[10.0, 7.0, -10.0, -12.0], [10.0, 7.0, -10.0, -12.0]], device=device)
+    y = torch.tensor([1, 0], device=device)
+    out = pg_kernels.pruned_logprob(x, y, alpha=0.1, backend=backend)
+    truth = reference.pruned_logprob(x.double(), y, alpha=0.1)
+    assert out.in_safe.tolist() == [False, True]
+    torch.testing.assert_close(out.tail_mass.double(), truth.tail_mass, rtol=1e-6, atol=0)
+
+
 def test_one_entry_rows_have_zero_gradient(bd):
     """V = 1: p = 1 on the label, so the log-prob and its gradient are exactly 0 (the float64
     truth and plain PyTorch have 0 too).

@@ -8,12 +8,9 @@ Forward, two sweeps over the row (one exp per element in all), three kernels:
   2. `_sum_chunk_kernel`, grid (N, n_chunks): the row's max m = x_m / tau from the chunk maxes
      (n_chunks loads), then e = exp(z - m) per element, into s_in where z >= m + log alpha and
      into s_out elsewhere (per-element accumulators, one predicated add per element, summed
-     once per chunk). The label is not masked in the loop: `_fwd_finish_kernel` recomputes its
-     term e_c the same way (the same bits) and moves it where finalize_pruned (softmax_stats.h)
-     puts it: in S it is already in s_in; below the threshold it joins S (s_in + e_c) and
-     leaves s_out (s_out - e_c, clamped at 0: it differs from the C++ kernel's masked sum by
-     the fp32 rounding of s_out, an absolute error in tail_mass of order 1e-7 s_out / (s_safe +
-     s_out));
+     once per chunk). The label's term goes to s_in wherever it lies (S always holds it, as in
+     finalize_pruned, softmax_stats.h): subtracting it from s_out afterwards left s_out's
+     rounding in a small tail mass;
   3. `_fwd_finish_kernel`: sums each row's chunk sums in chunk order and finalizes, relative to
      the max's own term e_m = exp(d_m), d_m = fma(x_m, 1 / tau, -m) (the rounding residual of m,
      not 0 on a GPU, whose fma rounds once; e_m carries the GPU ex2's ~2 ulp): with d_c the
@@ -120,9 +117,10 @@ def _row_validity(label, V, keep, inv_tau, m):
 
 
 @triton.jit
-def _e_chunk(x_ptr, cols, V, inv_tau, m, threshold, s_in, s_out,
-             MASKED: tl.constexpr):  # fmt: skip
-    """One step of the sums: e = exp(z - m) into s_in where z >= threshold, s_out elsewhere."""
+def _e_chunk(x_ptr, cols, V, inv_tau, m, threshold, label, s_in, s_out,
+             MASKED: tl.constexpr, LABEL: tl.constexpr):  # fmt: skip
+    """One step of the sums: e = exp(z - m) into s_in where z >= threshold or, with LABEL, at
+    the label (S holds it always), s_out elsewhere."""
     if MASKED:
         x = tl.load(x_ptr + cols, mask=cols < V, other=float("-inf"))
     else:
@@ -130,6 +128,8 @@ def _e_chunk(x_ptr, cols, V, inv_tau, m, threshold, s_in, s_out,
     x = x.to(s_in.dtype)
     e = exp_acc(tl.fma(x, inv_tau, -m))  # written as an fma: the finish kernel's e_c is the same
     safe = x * inv_tau >= threshold
+    if LABEL:
+        safe = safe | (cols == label)
     s_in = tl.where(safe, s_in + e, s_in)
     s_out = tl.where(safe, s_out, s_out + e)
     return s_in, s_out
@@ -142,8 +142,9 @@ def _sum_chunk_kernel(
     CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the chunk's s_in and s_out into part_ptr [2, n_chunks, N],
-    relative to the row's max. The label is not masked here: the finish kernel moves its e_c
-    (computed the same way, so bitwise the same term) out of s_out when it fell there."""
+    relative to the row's max. The label's term goes to s_in wherever it lies: subtracted from
+    s_out afterwards, it left the rounding of the sum (a tail mass of 2.2e-9 read as 3.5e-9
+    beside a label term of 5e-2)."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -153,6 +154,7 @@ def _sum_chunk_kernel(
     valid = _row_validity(label, V, label != ignore_index, inv_tau, m)
     threshold = m + tl.load(log_alpha_ptr)
     m_ref = tl.where(valid, m, 0.0)  # a finite reference: exp(-inf - m_ref) = 0, never NaN
+    label32 = tl.where(valid, label, -1).to(tl.int32)  # in [0, V) where a row is read
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     s_in = tl.zeros([BLOCK_V], ACC)
     s_out = tl.zeros([BLOCK_V], ACC)
@@ -160,12 +162,30 @@ def _sum_chunk_kernel(
     lanes = tl.arange(0, BLOCK_V)
     n_valid = tl.where(valid, tl.minimum(V - start, CHUNK), 0)  # invalid rows read nothing
     n_full = n_valid // BLOCK_V
-    for i in range(0, n_full):  # full blocks: unmasked vector loads
+    # Full blocks, unmasked vector loads; only the label's block compares ids (a compare per
+    # element in every block put the bf16 loop over its instruction budget).
+    at = label32 - start
+    lb = tl.where((at >= 0) & (at < n_full * BLOCK_V), at // BLOCK_V, n_full)
+    for i in range(0, lb):
         cols = start + i * BLOCK_V + lanes
-        s_in, s_out = _e_chunk(x_row, cols, V, inv_tau, m_ref, threshold, s_in, s_out, False)
+        s_in, s_out = _e_chunk(
+            x_row, cols, V, inv_tau, m_ref, threshold, label32, s_in, s_out, False, False
+        )
+    if lb < n_full:
+        cols = start + lb * BLOCK_V + lanes
+        s_in, s_out = _e_chunk(
+            x_row, cols, V, inv_tau, m_ref, threshold, label32, s_in, s_out, False, True
+        )
+    for i in range(lb + 1, n_full):
+        cols = start + i * BLOCK_V + lanes
+        s_in, s_out = _e_chunk(
+            x_row, cols, V, inv_tau, m_ref, threshold, label32, s_in, s_out, False, False
+        )
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + lanes
-        s_in, s_out = _e_chunk(x_row, cols, V, inv_tau, m_ref, threshold, s_in, s_out, True)
+        s_in, s_out = _e_chunk(
+            x_row, cols, V, inv_tau, m_ref, threshold, label32, s_in, s_out, True, True
+        )
     idx = chunk.to(tl.int64) * N + row
     tl.store(part_ptr + idx, tl.sum(s_in, axis=0))
     tl.store(part_ptr + tl.num_programs(1).to(tl.int64) * N + idx, tl.sum(s_out, axis=0))
@@ -204,15 +224,11 @@ def _fwd_finish_kernel(
     x_c = tl.load(x_row + tl.where(valid, label, 0), mask=valid & rmask, other=0.0).to(ACC)
     z_c = x_c * inv_tau
     d_c = tl.fma(x_c, inv_tau, -m_ref)
-    e_c = exp_acc(d_c)  # the chunk kernel's label term, bit for bit
     d_m = tl.fma(tl.where(valid, x_m, 0.0), inv_tau, -m_ref)
     log_e_m = tl.log(exp_acc(d_m))  # of the chunk kernel's term of the max, bit for bit
     in_safe = valid & (z_c >= threshold)
-    # The chunk sums hold the label's term on its side of the threshold: in S it stays in s_in;
-    # below the threshold it joins S (s_in + e_c) and leaves s_out (exactly: the same e_c was
-    # added there; the difference is the rounding of the other terms' sum, clamped at 0).
-    s_safe = tl.where(valid, s_in + tl.where(in_safe, 0.0, e_c), 1.0)  # invalid: a dummy state
-    s_out = tl.where(in_safe, s_out, tl.maximum(s_out - e_c, 0.0))
+    # The chunk sums hold the label's term in s_in, above the threshold or not.
+    s_safe = tl.where(valid, s_in, 1.0)  # invalid: a dummy state
     log_s = tl.log(s_safe) - log_e_m  # log(s_safe / e_m): 0 for a row of one entry
     lse_safe = m_ref + (d_m + log_s)
     logprob = (d_c - d_m) - log_s
