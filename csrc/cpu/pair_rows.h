@@ -139,8 +139,9 @@ struct PairLanes {
 
   // One vector from exps computed elsewhere (step_stats shares the logits' exp between its
   // sums): dw clamped where exp is already 0 (dw_raw: not clamped), dv not (a tiny v_j is a
-  // large, real log-ratio), ew = e^{dw}, ev = e^{max(dv, lowest)}. unmasked (std::true_type): no d_v of the vector is
-  // -inf (no_neg_inf), so d_w - d_v needs none of pair_difference's masking. kSumW / kSumV
+  // large, real log-ratio), ew = e^{dw}, ev = e^{max(dv, lowest)}. unmasked
+  // (std::true_type): no d_v of the vector is -inf (no_neg_inf), so d_w - d_v needs none of
+  // pair_difference's masking. kSumW / kSumV
   // false: that side's s1 lanes are the caller's (step_stats sums the logits' once, in its
   // token lanes, and hands them to both pairs: the same sum bitwise).
   template <bool kSumW = true, bool kSumV = true, typename Unmasked>

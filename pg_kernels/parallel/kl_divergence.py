@@ -51,6 +51,7 @@ from pg_kernels.parallel._shard import (
     neg_inf_rows,
     resolve_shard,
 )
+from pg_kernels.reference.kl_divergence import _kl as reference_kl
 
 OP = "parallel.kl_divergence"
 KERNELS = _backend.KERNELS["kl_divergence"]
@@ -71,12 +72,8 @@ def _reference_state(z: torch.Tensor, zr: torch.Tensor, reverse: bool) -> torch.
     ls, lsr = torch.logsumexp(d, -1), torch.logsumexp(dr, -1)
     dw, dv = (d, dr) if reverse else (dr, d)
     lw, lv = (ls, lsr) if reverse else (lsr, ls)
-    w = dw.softmax(-1)
-    zero, inf = torch.zeros_like(w), torch.full_like(w, INF)
-    w_zero, v_zero = torch.isneginf(dw), torch.isneginf(dv)
-    c = torch.where(w_zero, zero, torch.where(v_zero, inf, w * (dw - dv))).sum(-1)
-    log_ratio = (dw - lw.unsqueeze(-1)) - (dv - lv.unsqueeze(-1))
-    kl = torch.where(w_zero, zero, torch.where(v_zero, inf, w * log_ratio)).sum(-1)
+    kl = reference_kl(dw - lw.unsqueeze(-1), dv - lv.unsqueeze(-1))
+    c = kl + (lw - lv)  # E_w[(d_w - l_w) - (d_v - l_v)] + l_w - l_v
     return torch.stack([m.squeeze(-1), ls, mr.squeeze(-1), lsr, c, kl], dim=1)
 
 

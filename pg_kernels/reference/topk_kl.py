@@ -88,7 +88,7 @@ def topk_kl(
         i = logq_k.argmax(-1, keepdim=True)
         exact = -torch.expm1(logq_k.gather(-1, i)).squeeze(-1) - q_k.scatter(-1, i, 0.0).sum(-1)
         rest = torch.where(tail_empty, rest, exact)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(logits.dtype, upcast=False)  # the kernels' accumulation dtype
     noise = 2 * ids.shape[-1] * torch.finfo(acc).eps
     rest = torch.where(tail_empty & (rest <= noise), 0.0, rest)
     q_tail = rest.clamp_min(0)

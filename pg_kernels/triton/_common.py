@@ -250,6 +250,12 @@ def acc_of(XDT):
     return tl.float64 if XDT == tl.float64 else tl.float32
 
 
+@triton.constexpr_function
+def ulp_of_one(DT):
+    """ulp(1) of fp32 or fp64: 2^-23 or 2^-52."""
+    return 2.220446049250313e-16 if DT == tl.float64 else 1.1920928955078125e-07
+
+
 def _round_to_f32(x: float) -> float:
     try:
         return struct.unpack("<f", struct.pack("<f", x))[0]

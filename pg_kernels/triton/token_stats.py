@@ -86,6 +86,7 @@ from pg_kernels.triton._common import (
     row_blocking,
     row_offset,
     scalar_log2_scale_bits,
+    ulp_of_one,
     valid_inv_temperature,
 )
 
@@ -221,12 +222,6 @@ def add_exps(d2, e, s1, s2, t2):
     return s1, s2, t2
 
 
-@triton.constexpr_function
-def _ulp_of_one(DT):
-    """ulp(1) of fp32 or fp64: 2^-23 or 2^-52."""
-    return 2.220446049250313e-16 if DT == tl.float64 else 1.1920928955078125e-07
-
-
 @triton.jit
 def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
     """docs/math.md §2 from a row's merged base-2 state (softmax_stats.h's finalize_token_stats).
@@ -280,7 +275,7 @@ def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
     # exactly 0. (Under numpy's fma eps = 0, and every rest is kept.)
     eps = eps.to(f64)
     rest = t2.to(f64) - e_m * eps
-    rest = tl.where(tl.abs(rest) <= tl.abs(e_m * eps) * _ulp_of_one(ACC), 0.0, rest)
+    rest = tl.where(tl.abs(rest) <= tl.abs(e_m * eps) * ulp_of_one(ACC), 0.0, rest)
     entropy = (log2_s1 - log2_e_m) + (log2_e_m * (s1 - e_m) - rest) / s1
     entropy = tl.where(entropy > 0.0, ln2 * entropy, 0.0).to(ACC)
     max_prob = (e_m / s1).to(ACC)

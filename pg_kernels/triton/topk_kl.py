@@ -77,6 +77,7 @@ from pg_kernels.triton._common import (
     round_to,
     row_blocking,
     row_offset,
+    ulp_of_one,
 )
 from pg_kernels.triton._pair import fma_acc
 
@@ -202,11 +203,8 @@ def _q_masses(lq, K, has_tail, tail_empty):
     softmax_stats.h; the C++ kernel and the reference decide it alike)."""
     q = tl.exp(lq.to(tl.float64))
     rest = 1.0 - tl.sum(q, axis=0)
-    if lq.dtype == tl.float64:
-        two_eps = 4.440892098500626e-16
-    else:
-        two_eps = 2.384185791015625e-07
-    has_tail = has_tail & ((tail_empty == 0) | (rest > tl.cast(K, tl.float64) * two_eps))
+    noise = tl.cast(K, tl.float64) * (2.0 * ulp_of_one(lq.dtype))
+    has_tail = has_tail & ((tail_empty == 0) | (rest > noise))
     return q, tl.where(has_tail, tl.maximum(rest, 0.0), 0.0)
 
 
