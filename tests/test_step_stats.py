@@ -282,6 +282,30 @@ def test_neg_inf_entries(bd):
     assert bool(qa.grad.isfinite().all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_vocab_masked_with_a_huge_finite_fill(bd, dtype, temperature, small_triton_blocks):
+    """All three tensors masked alike with torch.finfo(dtype).min (finite, as Hugging Face
+    masks) instead of -inf: whole lanes and chunks of it (small Triton blocks), x / tau beyond
+    the float range at tau < 1. With the pairs: rows partly masked; the token fields alone: a
+    row masked whole too (uniform; to the Triton pairs such a row is a NaN row, README)."""
+    backend, device = bd
+    lo = torch.finfo(dtype).min
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 100, generator=g, dtype=torch.float64) * 2
+    xr = x + 0.1 * torch.randn(4, 100, generator=g, dtype=torch.float64)
+    xq = x + 0.5 * torch.randn(4, 100, generator=g, dtype=torch.float64)
+    mask = torch.zeros(4, 100, dtype=torch.bool)
+    mask[0, 40:] = mask[1, :50] = mask[1, 52:] = mask[2, 5:95] = mask[3] = True
+    x, xr, xq = (t.masked_fill(mask, lo).to(dtype).to(device) for t in (x, xr, xq))
+    y = torch.tensor([3, 50, 2, 7], device=device)
+    kw = {"temperature": temperature}
+    _check(backend, x, y, None, None, None, **kw)
+    lp = reference.token_stats(xr[:3], y[:3], **kw).logprob.float()
+    for direction in DIRECTIONS:
+        _check(backend, x[:3], y[:3], xr[:3], lp, xq[:3], kl_direction=direction, **kw)
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_neg_inf_label_logit_kl_gradient(bd, direction):
     """A label whose logit is -inf (logprob -inf) has p_c = 0: with the KL alone in the loss its

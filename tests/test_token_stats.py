@@ -65,20 +65,33 @@ def test_near_one_hot_rows_alone(backend_device, dtype, temperature):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_vocab_masked_with_the_lowest_finite_value(request, backend_device, dtype):
-    """Padded vocabulary masked with torch.finfo(dtype).min (finite, as Hugging Face masks)
-    instead of -inf: those entries have no mass. Open on Triton (README, Testing): a lane
-    holding only such entries forms its exponents from fl(m / tau) and its rounding residual
-    overflows (2^d = inf), so the row comes out NaN."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+@pytest.mark.parametrize("fill", ["finfo.min", -1e30, -1e9], ids=str)
+def test_vocab_masked_with_a_huge_finite_fill(
+    small_triton_blocks, backend_device, dtype, temperature, fill
+):
+    """Vocabulary masked with torch.finfo(dtype).min (finite, as Hugging Face masks), -1e30 or
+    -1e9 instead of -inf: those entries have no mass, and a row masked whole is uniform over its
+    V entries. x / tau of finfo.min is beyond the float range at tau <= 1, and every fill's
+    x / tau in base 2 lies past 2^29, where its fp32 rounding (the Triton lanes' exponent
+    offset) reaches 2^5: nothing may overflow into inf or NaN. Whole chunks and lanes of it (small Triton blocks), a label on
+    a masked entry (log-prob -inf when it overflows, as the truth's rounded to the output
+    dtype)."""
     backend, device = backend_device
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="open: finfo.min lanes"))
-    lo = torch.finfo(dtype).min
-    x = torch.tensor([[2.0, 1.0, 0.5, 0.0] + [lo] * 36] * 2, dtype=dtype)
-    y = torch.tensor([0, 2])
+    lo = torch.finfo(dtype).min if fill == "finfo.min" else fill
+    head = [2.0, 1.0, 0.5, 0.0]
+    rows = [
+        head + [lo] * 96,
+        [lo] * 50 + [3.0, -1.0] + [lo] * 48,
+        [lo] * 100,
+        [lo] * 99 + [-7.0],
+        head + [lo] * 96,
+    ]
+    x = torch.tensor(rows, dtype=dtype)
+    y = torch.tensor([0, 51, 5, 99, 10])
     check_against_reference(
-        _op(backend), reference.token_stats, (x.to(device), y.to(device)), {},
-        diff_fields=("logprob", "entropy", "collision", "lse"),
+        _op(backend), reference.token_stats, (x.to(device), y.to(device)),
+        {"temperature": temperature}, diff_fields=("logprob", "entropy", "collision", "lse"),
     )  # fmt: skip
 
 

@@ -231,7 +231,7 @@ std::vector<at::Tensor> step_stats_backward(
             const scalar_t* xp = x + layout.offset(r);
             const Temperature<acc_t> tp = tau(r);
             BackwardRow<acc_t> row;
-            const bool valid = is_finite(s_l[r]) &&
+            const bool valid = s_l[r] == s_l[r] &&  // not NaN (token_stats.cpp)
                                backward_row_state(xp, V, tp, s_am[r], s_mp[r], g_lp[r], g_h[r],
                                                   g_c[r], g_l[r], s_h[r], s_c[r], row);
             // The KL term joins only where its upstream gradient is not 0 (so a KL that is not

@@ -139,7 +139,9 @@ at::Tensor token_stats_backward(const at::Tensor& grad_logprob, const at::Tensor
         const Temperature<acc_t> t = tau(r);
         BackwardRow<acc_t> row;
         const bool ignored = c == ignore_index;
-        const bool valid = !ignored && is_finite(s_l[r]) &&
+        // A NaN L marks a NaN row; an infinite one is a max beyond the float range under the
+        // row's temperature (finfo.min logits at tau < 1), whose gradient is finite.
+        const bool valid = !ignored && s_l[r] == s_l[r] &&
                            backward_row_state(x_row, V, t, s_am[r], s_mp[r], g_lp[r], g_h[r],
                                               g_c[r], g_l[r], s_h[r], s_c[r], row);
         if (fill_skipped_row(grad_row, V, ignored, !valid)) continue;

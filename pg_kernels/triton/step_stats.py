@@ -148,6 +148,7 @@ from pg_kernels.triton._pair import (
 )
 from pg_kernels.triton._pair import _side_total as pair_side_total
 from pg_kernels.triton.token_stats import (
+    MOVE_MIN,
     _bf16_pair_halves,
     _lanes,
     _log2_scale,
@@ -157,6 +158,8 @@ from pg_kernels.triton.token_stats import (
     bwd_exps,
     bwd_row,
     chunk_total,
+    far_lane,
+    frame,
     lane_exps,
     merge_rows,
     rescale_lanes,
@@ -212,9 +215,9 @@ def _side_rescale(xa, xb, k, m, r, s):
     if xb is not None:
         bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
     m = tl.maximum(m, bmax)
-    r_new = _reference(m) * k
+    r_new = frame(m, k)  # token_stats' frame: far out (finfo.min lanes) it sums exactly 0
     # <= 0: an empty lane (r = 0, sums 0) whose first max is negative adds nothing.
-    delta = tl.minimum(r - r_new, 0.0)
+    delta = tl.maximum(tl.minimum(r - r_new, 0.0), MOVE_MIN)
     f = exp_base(delta)
     return m, r_new, f * s, delta, f
 
@@ -331,8 +334,8 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, 
     mx, r2, s1, s2, t2, st, dp, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
     # The logits' pair side: token_stats' frame and move in fp32, its own in fp64 (e^t).
     if mx.dtype == tl.float64:
-        rp = _reference(mx) * kp
-        dp = tl.minimum(rp_old - rp, 0.0)
+        rp = frame(mx, kp)
+        dp = tl.maximum(tl.minimum(rp_old - rp, 0.0), MOVE_MIN)
         fp = exp_base(dp)
     else:
         rp = r2
@@ -542,17 +545,24 @@ def _fwd_chunk_kernel(
             EXCESS,
         )  # fmt: skip
 
-    cmax, s1_sum, s2_sum, t2_sum, am, _, _ = chunk_total(
-        mx, r2, s1, s2, t2, st, c, x_row, start, block, V, U, LANES, VEC, BLOCK_V
+    cmax, s1_sum, s2_sum, t2_sum, am = chunk_total(
+        mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V, U, LANES, VEC, BLOCK_V
     )
     store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
-    # The pairs' chunk states in `_pair`'s convention (`_chunk_side`), u moved with them.
+    # The pairs' chunk states in `_pair`'s convention (`_chunk_side`), u moved with them. A lane
+    # whose frame lies far out (token_stats' `frame`: finfo.min logits) summed exactly 0: to
+    # the pairs it is an empty lane, as a lane below `_pair.lane_floor` (a row of nothing else
+    # is a NaN row there too).
     if HAS_ROLL or HAS_REF:
+        far = far_lane(mx, kp)
+        mx = tl.where(far, float("-inf"), mx)
         m_p, _, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p, None, True)
     if HAS_ROLL:
         if DIV_R:
+            mr = tl.where(far_lane(mr, kr), float("-inf"), mr)
             m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r, None, True)
         else:
+            mr = tl.where(far, float("-inf"), mr)
             m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rp, sr, kp, tau_r, rr, False)
         kx = kx_r
         if EXCESS:
@@ -561,8 +571,10 @@ def _fwd_chunk_kernel(
         _store_pair(part_r_ptr, chunk, row, N, m_r, r_r, e_r, m_p, r_p, e_p, u, kx, EXCESS)
     if HAS_REF:
         if DIV_Q:
+            mq = tl.where(far_lane(mq, kq), float("-inf"), mq)
             m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q, None, True)
         else:
+            mq = tl.where(far, float("-inf"), mq)
             m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rp, sq, kp, tau_q, rq, False)
         kx = kx_q
         if REVERSE:
@@ -689,8 +701,10 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
             if SERIES:
                 # r = (d_p - d_q) / ln2, one small difference (near-equal rows: ~|d_p - d_q|,
                 # not the O(1) coefficients' ulps); g_p = G ln2, -G c in a. r is -inf or NaN
-                # only where e = 0 (a -inf logit): floored, the product 0.
-                r = fma_acc(x - m, c, -(dxq * k_q))
+                # only where e = 0 (a -inf logit): floored, the product 0. (The weight's own
+                # product is the one rounded apart: where both overflow, finfo.min logits on
+                # both sides at tau < 1, r is then -inf, not +inf.)
+                r = fma_acc(dxq, -k_q, (x - m) * c)
                 dz = e * tl.fma(floor_log_ratio(r), g_p, coef)
                 dq = other_side_difference(e * f_o, r + dl_u, dq, True)
             else:
@@ -701,8 +715,9 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
             # and x_q - a_q, so no floor (which would drop a NaN factor) after it.
             if SERIES:
                 qg = q_j * g_p
-                # r = (d_q - d_p) / ln2 (as reverse); k_d = g_q ln2, shift = -g_q c.
-                r = fma_acc(dxq, k_q, -((x - m) * c))
+                # r = (d_q - d_p) / ln2 (as reverse, the weight's product rounded apart);
+                # k_d = g_q ln2, shift = -g_q c.
+                r = fma_acc(x - m, -c, dxq * k_q)
                 dz = tl.fma(e, coef, other_side_difference(qg, r + dl_u, tl.fma(e, f_o, -qg), True))
                 dq = q_j * tl.fma(floor_log_ratio(r), k_d, shift)
             else:

@@ -48,9 +48,9 @@ GPU design (H200 target: bf16, N = 16384, V = 151936; not timed yet: no GPU was 
     element offsets load int32 pairs and convert each half by one shift or mask (PAIRS). Two
     steps per program (CHUNK = 32768 bf16): V = 151936 gives 5 programs per row. The next step
     is prefetched into registers while the current one is reduced.
-  - Static SASS of the hot loops (.ci/check_triton_sm90.py, triton 3.6, sm_90): forward 9.5
-    instructions per element bf16 (pairs), 9.8 fp16, 10.7 fp32 (budget 10 per 16-bit element;
-    fp32 9.7 before its s1, s2 moved to fp64), no BAR/SHFL in the loop, 128 registers
+  - Static SASS of the hot loops (.ci/check_triton_sm90.py, triton 3.6, sm_90): forward 9.6
+    instructions per element bf16 (pairs), 9.8 fp16, 11.6 fp32 (budget 10 per 16-bit element;
+    fp32 9.7 before its s1, s2 moved to fp64, 10.7 before `frame`'s clamp of far lanes), no BAR/SHFL in the loop, 128 registers
     (bf16/fp16; 2 programs = 16 warps and 64 KiB of loads in flight per SM), 80 fp32.
     Backward 11.0 bf16, 10.5 fp16, 11.0 fp32 (budget 12), 32 registers, LDG.128 / STG.128.
     Before this design: forward 23.4 (a block max with barriers every step and an argmax
@@ -81,6 +81,7 @@ from pg_kernels.triton._common import (
     acc_dtype_of,
     acc_of,
     exp2_acc,
+    lowest_finite,
     max_nan,
     round_to,
     row_blocking,
@@ -113,6 +114,86 @@ def _reference(mx):
     """The finite reference a state's sums are taken against: its max, or 0 while empty (-inf),
     so that x - reference stays -inf (not NaN) for -inf logits."""
     return tl.where(mx == float("-inf"), 0.0, mx)
+
+
+# The floor of a state's move to a higher frame, 2^delta: 2^-2048 is exactly 0 in fp32 and fp64,
+# and a finite floor keeps delta * s1 finite (a lane of finfo.min logits moved to its row's
+# frame at tau = 2 is -2.5e38 log2 units below it: times its count -inf, and 0 * -inf a NaN t2).
+MOVE_MIN = tl.constexpr(-2048.0)
+
+
+@triton.jit
+def frame(mx, c):
+    """r2, the exponent offset of a lane whose raw max is mx: d2 = x c - r2 (one fma per
+    element), r2 = reference(mx) * c rounded. Its rounding residual eps = mx c - r2 is the max's
+    own exponent, |eps| <= ulp(r2) / 2: fine (e = 2^eps <= 2^16) while |r2| < 2^28 in fp32
+    (2^57 in fp64, `exact_frame`). Far beyond (a vocabulary masked with -1e30 or finfo.min,
+    |x| / tau up to inf), 2^eps would be inf: from 2^29 (2^58) on, the frame is moved 2^-20 of
+    itself up, so that every exp of the lane is exactly 0 (d2 <= -2^9 |r2| / 2^29), and held
+    within half the float range. Such a lane has no mass next to a max below 2^28 (2^57)
+    units (they lie 2^28 apart); a chunk whose max lies beyond that is summed again exactly
+    (`exact_sums`)."""
+    half = -0.5 * lowest_finite(c.dtype)
+    r2 = tl.minimum(tl.maximum(_reference(mx) * c, -half), half)
+    return tl.where(far_lane(mx, c), tl.fma(tl.abs(r2), 9.5367431640625e-07, r2), r2)  # 2^-20
+
+
+@triton.jit
+def far_lane(mx, c):
+    """Whether `frame` moved a lane of max mx far out, so that it summed exactly 0."""
+    return tl.abs(_reference(mx) * c) >= 64.0 / ulp_of_one(c.dtype)
+
+
+@triton.jit
+def exact_frame(mx, c):
+    """Whether the sums of a chunk or row of max mx are taken exactly relative to mx c
+    (`exact_sums`: its own exponent 0) rather than to `frame`'s rounded r2: |mx c| >= 2^28
+    in fp32, 2^57 in fp64 (inf included, NaN not)."""
+    return tl.abs(_reference(mx) * c) >= 32.0 / ulp_of_one(c.dtype)
+
+
+@triton.jit
+def max_exponent(mx, c):
+    """The exponent of the max itself in the sums of its chunk or row: `frame`'s rounding
+    residual eps = fma(mx, c, -mx c), or 0 in an exact frame (`exact_frame`)."""
+    ref = _reference(mx)
+    return tl.where(exact_frame(mx, c), 0.0, tl.fma(ref, c, -(ref * c)))
+
+
+@triton.jit
+def move(mx_a, mx_b, c):
+    """The exponent delta <= 0 (floored at MOVE_MIN) that moves a chunk's sums, max mx_a, into
+    the frame of max mx_b >= mx_a: 2^delta scales them. Between frames within the range,
+    r2_a - r2_b (as the lanes move); where either is exact, (mx_a - mx_b) c plus the two
+    residuals (`max_exponent`), in fp64."""
+    delta = tl.minimum(frame(mx_a, c) - frame(mx_b, c), 0.0)
+    f64: tl.constexpr = tl.float64
+    wide = (_reference(mx_a).to(f64) - _reference(mx_b).to(f64)) * c.to(f64)
+    wide += max_exponent(mx_b, c).to(f64) - max_exponent(mx_a, c).to(f64)
+    wide = tl.minimum(wide, 0.0).to(c.dtype)
+    delta = tl.where(exact_frame(mx_a, c) | exact_frame(mx_b, c), wide, delta)
+    return tl.maximum(delta, MOVE_MIN)
+
+
+@triton.jit
+def exact_sums(x_row, start, n_valid, cmax, c, s1, s2, t2, BLOCK_V: tl.constexpr):
+    """A chunk's sums relative to cmax c exactly, when its max lies far out (`exact_frame`; a
+    rare second pass over the chunk [start, start + n_valid), e.g. one masked whole with -1e30
+    or finfo.min): d2 = (x - cmax) c per element, e = 2^d2, summed as the loop sums (NaN for
+    a NaN logit). In the dtypes of s1, s2, t2."""
+    cols = tl.arange(0, BLOCK_V)
+    a1 = tl.zeros([BLOCK_V], s1.dtype)
+    a2 = tl.zeros([BLOCK_V], s2.dtype)
+    b2 = tl.zeros([BLOCK_V], t2.dtype)
+    for off in range(0, n_valid, BLOCK_V):
+        x = tl.load(x_row + start + off + cols, mask=off + cols < n_valid, other=float("-inf"))
+        d2 = tl.maximum((x.to(c.dtype) - cmax) * c, D_MIN, propagate_nan=tl.PropagateNan.ALL)
+        e = exp2_acc(d2)
+        ew = e.to(s1.dtype)
+        a1 += ew
+        a2 += ew * ew
+        b2 += e * d2
+    return tl.sum(a1, axis=0), tl.sum(a2, axis=0), tl.sum(b2, axis=0)
 
 
 @triton.constexpr_function
@@ -182,10 +263,11 @@ def rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st):
         bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
     st = tl.where(bmax > mx, i, st)
     mx = tl.maximum(mx, bmax)
-    r2_new = _reference(mx) * c
+    r2_new = frame(mx, c)
     # f = 2^(r2 - r2_new) <= 1; clamped to <= 0 in the exponent: an empty lane (r2 = 0, sums 0)
-    # whose first max is negative would otherwise scale zeros by a large factor.
-    delta = tl.minimum(r2 - r2_new, 0.0)
+    # whose first max is negative would otherwise scale zeros by a large factor (and floored,
+    # `MOVE_MIN`).
+    delta = tl.maximum(tl.minimum(r2 - r2_new, 0.0), MOVE_MIN)
     f = exp2_acc(delta)
     t2 = f * tl.fma(delta, s1.to(t2.dtype), t2)  # t relative to the new max: f (t + delta s1)
     # The old terms are all below the new max: the fp32 factors' rounding is relative to them.
@@ -228,7 +310,8 @@ def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
 
     mx: the row's raw max; s1, s2, t2 relative to r2 = reference(mx) * c (c = c64 rounded to ACC,
     as the sums used it), so the max itself entered the sums as e_m = 2^eps, eps = fma(mx, c,
-    -r2) (its rounding residual), as the loop computed it: an fp32 ex2, within ~2 ulp on a GPU.
+    -r2) (its rounding residual; 0 in an exact frame, `max_exponent`), as the loop computed it:
+    an fp32 ex2, within ~2 ulp on a GPU.
     The row's numbers are taken relative to that term, log2 of the very e_m in the sums, not
     eps: on a peaked row s1 = e_m + (the rest), and log p_c, max_prob = e_m / s1 and the rests
     s1 - e_m, s2 - e_m^2 then carry no ex2 error of e_m (it was ~2 ulp(1) absolute in each,
@@ -255,7 +338,7 @@ def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
     x_label = tl.where(valid, x_label, 0.0).to(f64)
     # The max's own term as the loop formed it (the same fma and exp, bitwise).
     c = c64.to(ACC)
-    eps = tl.fma(mx, c, -(mx * c))
+    eps = max_exponent(mx, c)
     e_m = exp2_acc(eps).to(f64)
     log2_e_m = tl.log2(e_m)
     mx = mx.to(f64)
@@ -307,19 +390,23 @@ def _store_outputs(
 
 @triton.jit
 def chunk_total(
-    mx, r2, s1, s2, t2, st, c, x_row, start, block, V,
+    mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V,
     U: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """A chunk's state from its lanes: (raw max, NaN if a sum is; s1, s2, t2 relative to
-    reference(max) * c; first argmax as int32; the lanes' (delta, f = 2^delta) to the chunk)."""
+    """A chunk's state from its lanes: (raw max, NaN if a sum is; s1, s2, t2 in the frame of
+    the max (`frame`; exactly relative to max * c when it lies far out, `exact_sums`); first
+    argmax as int32). The chunk is [start, start + n_valid) of the row x_row."""
     # The chunk: every lane rescaled to the chunk's max, then plain sums (one reduction each).
     cmax = tl.max(mx, axis=0)
-    r2_chunk = _reference(cmax) * c
-    delta = tl.minimum(r2 - r2_chunk, 0.0)
+    delta = tl.maximum(tl.minimum(r2 - frame(cmax, c), 0.0), MOVE_MIN)
     f = exp2_acc(delta)
     s1_sum = tl.sum(f * s1, axis=0)
     s2_sum = tl.sum((f * f) * s2, axis=0)
     t2_sum = tl.sum(f * tl.fma(delta, s1.to(t2.dtype), t2), axis=0)
+    if exact_frame(cmax, c):
+        s1_sum, s2_sum, t2_sum = exact_sums(
+            x_row, start, n_valid, cmax, c, s1_sum, s2_sum, t2_sum, BLOCK_V
+        )
     # The first argmax: the lanes holding the chunk max re-read their elements of the step that
     # raised it (from L2: just read) and take the first column equal to it.
     # (An empty chunk, e.g. an ignored row, re-reads nothing: its bound is 0.)
@@ -335,7 +422,7 @@ def chunk_total(
     # A NaN logit (or +inf - +inf) shows up as a NaN sum: carry it in the max, which the merge
     # and the finalize check (the max itself may have dropped the NaN).
     cmax = tl.where(s1_sum != s1_sum, float("nan"), cmax)
-    return cmax, s1_sum, s2_sum, t2_sum, am, delta, f
+    return cmax, s1_sum, s2_sum, t2_sum, am
 
 
 @triton.jit
@@ -421,8 +508,8 @@ def _fwd_chunk_kernel(
         xa, xb = _lanes(x, ACC, VEC), None
         mx, r2, s1, s2, t2, st = _fwd_step(xa, xb, n_full, c, mx, r2, s1, s2, t2, st)
 
-    cmax, s1_sum, s2_sum, t2_sum, am, _, _ = chunk_total(
-        mx, r2, s1, s2, t2, st, c, x_row, start, block, V, U, LANES, VEC, BLOCK_V
+    cmax, s1_sum, s2_sum, t2_sum, am = chunk_total(
+        mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V, U, LANES, VEC, BLOCK_V
     )
 
     if FINALIZE:
@@ -487,15 +574,14 @@ def merge_rows(
         am = tl.where(mx_k > mx, tl.load(part_idx_ptr + idx, mask=rmask, other=0), am)
         mx = max_nan(mx, mx_k)
         idx += N
-    r2 = _reference(mx) * c
     s1 = tl.zeros(rows.shape, part_ptr.dtype.element_ty)  # sum_dtype
     s2 = tl.zeros(rows.shape, part_ptr.dtype.element_ty)
     t2 = tl.zeros(rows.shape, ACC)
     idx = rows
     for _ in range(0, n_chunks):
-        # The chunk kernel's reference, rounded the same way (same c, same product).
+        # The chunk kernel's frame, rounded the same way (same c, same product).
         mx_k = tl.load(part_ptr + idx, mask=rmask, other=0.0).to(ACC)
-        delta = tl.minimum(_reference(mx_k) * c - r2, 0.0)
+        delta = move(mx_k, mx, c)
         f = exp2_acc(delta)
         s1_k = tl.load(part_ptr + plane + idx, mask=rmask, other=0.0)
         s1 += f * s1_k
@@ -528,15 +614,16 @@ def bwd_row(
     g_h = tl.where(keep, tl.load(g_entropy_ptr + row), 0.0)
     g_c = tl.where(keep, tl.load(g_collision_ptr + row), 0.0)
     g_big_l = tl.where(keep, tl.load(g_lse_ptr + row), 0.0)
-    # A NaN row (bad label, bad temperature, or a forward NaN: L not finite) gets NaN everywhere,
-    # through L. Ignored rows read nothing (x = -inf gives e = 0) and get exactly 0: coefficients
-    # 0 and a finite L2 and c whatever their saved values.
+    # A NaN row (bad label, bad temperature, or a forward NaN row: L NaN) gets NaN everywhere,
+    # through L; an infinite L is a row whose max / tau is beyond the float range (finfo.min
+    # masks at tau < 1), whose gradient is finite. Ignored rows read nothing (x = -inf gives
+    # e = 0) and get exactly 0: coefficients 0 and a finite L2 and c whatever their saved values.
     # A saved state that is not a finished forward row's (argmax out of range, max_prob not in
     # (0, 1]) also gives a NaN row, and nothing out of the row is read.
     am = tl.load(argmax_ptr + row)
     max_prob = tl.load(max_prob_ptr + row)
     ok = (label >= 0) & (label < V) & valid_inv_temperature(c)
-    ok = ok & (lse > float("-inf")) & (lse < float("inf"))
+    ok = ok & (lse == lse)
     ok = ok & (am >= 0) & (am < V) & (max_prob > 0.0) & (max_prob <= 1.0)
     m = tl.load(x_row + tl.where(keep & ok, am, 0), mask=keep & ok, other=0.0).to(ACC)
     log2_mp = tl.log2(tl.where(keep & ok, max_prob, 1.0).to(tl.float64))
