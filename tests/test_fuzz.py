@@ -128,7 +128,16 @@ def logit_cases(draw, backend: str):
         neg_inf[r, a:e] = True
         if bool(neg_inf[r].all()):
             neg_inf[r, draw(st.integers(0, v - 1))] = False
-    flat[neg_inf] = float("-inf")
+    # The run's fill: -inf, or a finite mask: -1e30 (fp16: its finfo.min), whose x / tau lies
+    # far beyond what an fp32 exponent offset rounds to within 1 (Triton's `frame`), but in
+    # the fp32 range at every drawn temperature. finfo(float32).min / tau overflows it, to
+    # -inf as in fp32 PyTorch, which under another temperature on a pair's other side is a
+    # KL of +inf against a finite truth: tests/test_token_stats.py and test_step_stats.py
+    # test it at one temperature. Not fp64: README, Testing (4).
+    fill = float("-inf")
+    if dtype != torch.float64 and draw(st.booleans()):
+        fill = torch.finfo(dtype).min if dtype == torch.float16 else -1e30
+    flat[neg_inf] = fill
     y = make_labels(full_shape, v, seed=seed)
     fy = y.view(-1)
     bad = (fy >= 0) & neg_inf.gather(1, fy.clamp_min(0)[:, None]).squeeze(1)
@@ -143,27 +152,31 @@ def logit_cases(draw, backend: str):
         wide[..., :v] = x
         x = wide[..., :v]
     return dict(x=x, y=y, x64=x64, neg_inf=neg_inf.reshape(x.shape), shape=shape, v=v,
-                dtype=dtype, seed=seed)  # fmt: skip
+                dtype=dtype, seed=seed, fill=fill)  # fmt: skip
 
 
 def _perturbed(draw, c, shift: float, salt: int = 1):
     """A second set of logits, contiguous: c's plus noise of a drawn size, in c's dtype; the
-    noise is 0 on some draws (p == q). `salt` tells two such sets apart. Its -inf entries are
-    c's, or on some draws one-sided: an extra -inf entry (a token one side cannot sample; a
-    row keeps a finite entry), or c's -inf entries made finite."""
+    noise is 0 on some draws (p == q). `salt` tells two such sets apart. Its masked entries
+    are c's, or on some draws one-sided: an extra -inf entry (a token one side cannot sample; a
+    row keeps an unmasked entry), or c's masked entries made ordinary."""
     g = torch.Generator().manual_seed(c["seed"] + salt)
     noise_scale = draw(st.sampled_from([0.0, 1e-3, 0.1, 1.0, 5.0]))
     noise = torch.randn(c["x64"].shape, generator=g, dtype=torch.float64) * noise_scale
     out = (c["x64"] + noise + shift).contiguous()
     flat, v = out.view(-1, c["v"]), c["v"]
-    sides = draw(st.sampled_from(["shared", "shared", "extra", "fewer"]))
+    masked = c["neg_inf"].reshape(flat.shape)  # c's -inf (or finfo.min) entries
+    # A finite mask is shared: unmasked on one side only it is a log-ratio of ~1e30 (a KL of
+    # that size, not +inf).
+    one_sided = ["extra", "fewer"] if c["fill"] == float("-inf") else ["extra"]
+    sides = draw(st.sampled_from(["shared", "shared", *one_sided]))
     if sides == "extra" and v >= 2:
         r = draw(st.integers(0, flat.shape[0] - 1))
-        finite = torch.isfinite(flat[r]).nonzero().flatten()
+        finite = (torch.isfinite(flat[r]) & ~masked[r]).nonzero().flatten()
         if finite.numel() >= 2:
             flat[r, int(finite[draw(st.integers(0, finite.numel() - 1))])] = float("-inf")
     elif sides == "fewer":
-        gone = torch.isneginf(flat)
+        gone = masked
         flat[gone] = torch.randn(int(gone.sum()), generator=g, dtype=torch.float64) + shift
     return out.to(c["dtype"])
 
@@ -176,7 +189,7 @@ def _show(c, **kw):
     }
     n_inf, n_ignored = int(c["neg_inf"].sum()), int((c["y"] == -100).sum())
     return (f"dtype={c['dtype']} shape={list(x.shape)} stride={x.stride()} seed={c['seed']} "
-            f"-inf={n_inf} ignore={n_ignored} {temps}")  # fmt: skip
+            f"masked={n_inf} fill={c['fill']} ignore={n_ignored} {temps}")  # fmt: skip
 
 
 # Failure classes the fuzzer has found that are the reference's or the rule's, not a kernel's:

@@ -64,7 +64,7 @@ def test_near_one_hot_rows_alone(backend_device, dtype, temperature):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
 @pytest.mark.parametrize("fill", ["finfo.min", -1e30, -1e9], ids=str)
 def test_vocab_masked_with_a_huge_finite_fill(
@@ -74,10 +74,13 @@ def test_vocab_masked_with_a_huge_finite_fill(
     -1e9 instead of -inf: those entries have no mass, and a row masked whole is uniform over its
     V entries. x / tau of finfo.min is beyond the float range at tau <= 1, and every fill's
     x / tau in base 2 lies past 2^29, where its fp32 rounding (the Triton lanes' exponent
-    offset) reaches 2^5: nothing may overflow into inf or NaN. Whole chunks and lanes of it (small Triton blocks), a label on
-    a masked entry (log-prob -inf when it overflows, as the truth's rounded to the output
-    dtype)."""
+    offset) reaches 2^5: nothing may overflow into inf or NaN. Whole chunks and lanes of it
+    (small Triton blocks), a label on a masked entry (log-prob -inf when it overflows, as the
+    truth's rounded to the output dtype). fp64 logits: -1e30 lies beyond its exponent offsets'
+    reach too (2^57); finfo(float64).min / tau is -inf in the float64 truth itself."""
     backend, device = backend_device
+    if dtype == torch.float64 and fill == "finfo.min":
+        pytest.skip("finfo(float64).min / tau overflows the float64 truth")
     lo = torch.finfo(dtype).min if fill == "finfo.min" else fill
     head = [2.0, 1.0, 0.5, 0.0]
     rows = [
@@ -93,6 +96,22 @@ def test_vocab_masked_with_a_huge_finite_fill(
         _op(backend), reference.token_stats, (x.to(device), y.to(device)),
         {"temperature": temperature}, diff_fields=("logprob", "entropy", "collision", "lse"),
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("fill", ["finfo.min", -1e30], ids=str)
+def test_masked_chunks_before_the_max(backend_device, fill):
+    """4096 masked entries (two of the C++ kernel's 2048-element chunks) before the row's real
+    logits: the masked chunks' state moves to the real max by e^-3.4e38, and t + delta s1 of
+    it overflowed (0 * -inf: a NaN entropy, then a NaN gradient row, from the C++ kernel)."""
+    backend, device = backend_device
+    lo = torch.finfo(torch.float32).min if fill == "finfo.min" else fill
+    x = torch.tensor([[lo] * 4096 + [-5.0, 1.0, 2.0, 0.5]] * 2)
+    y = torch.tensor([4097, 4099])
+    for temperature in (1.0, 16.7):
+        check_against_reference(
+            _op(backend), reference.token_stats, (x.to(device), y.to(device)),
+            {"temperature": temperature}, diff_fields=DIFF,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

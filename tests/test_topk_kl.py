@@ -84,6 +84,28 @@ def test_temperature(bd, dtype):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fill", ["finfo.min", -1e30], ids=str)
+def test_tail_masked_with_a_huge_finite_fill(bd, dtype, fill):
+    """Most of the tail masked with a finite fill (finfo.min, as Hugging Face masks, or -1e30)
+    instead of -inf: no mass. A Triton lane's reference r / tau rounds by up to e^(2^75) there
+    (the exponent of its own max: a NaN row before `_lane_reference`)."""
+    backend, device = bd
+    lo = torch.finfo(dtype).min if fill == "finfo.min" else fill
+    x = make_logits(3, 211, torch.float32, seed=5)
+    ids, lp, _ = make_topk(x, 3, seed=5, noise=0.3)
+    keep = torch.zeros(x.shape, dtype=torch.bool)
+    keep.scatter_(1, ids, True)
+    keep[:, 100:140] = True
+    x = x.masked_fill(~keep, lo).to(dtype).to(device)
+    ids, lp = ids.to(device), lp.to(device)
+    for temperature in (1.0, 0.33):
+        check_against_reference(
+            _op(backend), reference.topk_kl, (x, ids, lp), {"temperature": temperature},
+            diff_fields=("out",),
+        )  # fmt: skip
+
+
 def test_small_temperature_peaked_rows(bd):
     """p and q one-hot on the same id at |z| ~ 1e4 (tau 0.07): the gradient there, Q p - q, is 0
     to rounding. From a saved L the backward's p = exp(z - L) carried ulp(L) / 2 ~ 4.9e-4 and

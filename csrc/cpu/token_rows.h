@@ -18,8 +18,11 @@ struct LaneSums {
   Vec<acc_t> t{acc_t(0)};
 
   // Move the lanes' reference max down by delta = m_old - m_new <= 0 (docs/math.md §1
-  // rescale); the caller skips it while nothing is accumulated (m_old = -inf).
+  // rescale); the caller skips it while nothing is accumulated (m_old = -inf). delta is
+  // clamped where e^delta is already 0: a chunk of finfo.min logits moved to a real max is
+  // -3.4e38 below it, and delta s1 = -inf would make t 0 * -inf = NaN.
   void rescale(acc_t delta) {
+    delta = std::max(delta, exp_zero_below<acc_t>());
     const acc_t a = std::exp(delta);
     t = Vec<acc_t>(a) * at::vec::fmadd(Vec<acc_t>(delta), s1.lanes(), t);
     s1.scale(a);

@@ -309,12 +309,14 @@ def lane_scale(tau, DIVIDE: tl.constexpr):
 def lane_floor(k):
     """The lanes' starting max: finite (an all -inf lane computes no -inf - -inf), below every
     logit that can matter, and (floor - x) * k stays finite. A lane whose logits all lie below
-    it (|x| > 1e38 / k in fp32) counts as empty."""
+    it counts as empty: x k < -2^28 in fp32 (-2^50 in fp64), so that a lane's reference
+    r = fl(m k) rounds by 8 (1/8) at most, the exponent of its max within the range (masks of
+    `-1e30` or `finfo.min`, |x| k ~ 1e30: r rounded by ~2^75, and 2^(x k - r) was inf)."""
     if k.dtype == tl.float64:
-        big = -1e300
+        big = -(2.0**50)
     else:
-        big = -1e38
-    return big / tl.maximum(k, 1.0)
+        big = -(2.0**28)
+    return big / k
 
 
 @triton.jit
@@ -470,7 +472,7 @@ def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexp
         c = (m - mc) * k  # the lanes' exponents are relative to their max itself
     else:
         c = fma_acc(-mt, k, r)  # r - mc k in one rounding: the lane's r cancels exactly
-    # An empty lane (still at the floor) adds nothing; its r is ~1e38, rounded by ~1e31.
+    # An empty lane (still at the floor) adds nothing; its r is ~-2^28, rounded by 8 at most.
     f = tl.where(m == floor, 0.0, exp_base(c))
     # A lane holding the chunk max summed that entry as E = 2^rho (rho = m k - r, the rounding
     # of r) and f E, 2^-rho 2^rho rounded, is 1 - 2^-24 as often as 1: a one-hot row's KL came

@@ -50,8 +50,9 @@ GPU design (H200 target: bf16, N = 16384, V = 151936; not timed yet: no GPU was 
     is prefetched into registers while the current one is reduced.
   - Static SASS of the hot loops (.ci/check_triton_sm90.py, triton 3.6, sm_90): forward 9.6
     instructions per element bf16 (pairs), 9.8 fp16, 11.6 fp32 (budget 10 per 16-bit element;
-    fp32 9.7 before its s1, s2 moved to fp64, 10.7 before `frame`'s clamp of far lanes), no BAR/SHFL in the loop, 128 registers
-    (bf16/fp16; 2 programs = 16 warps and 64 KiB of loads in flight per SM), 80 fp32.
+    fp32 9.7 before its s1, s2 moved to fp64, 10.7 before `frame`'s clamp of far lanes), no
+    BAR/SHFL in the loop, 128 registers (bf16/fp16; 2 programs = 16 warps and 64 KiB of loads
+    in flight per SM), 80 fp32.
     Backward 11.0 bf16, 10.5 fp16, 11.0 fp32 (budget 12), 32 registers, LDG.128 / STG.128.
     Before this design: forward 23.4 (a block max with barriers every step and an argmax
     branch), backward 15.9 (a per-element label compare).
@@ -135,7 +136,7 @@ def frame(mx, c):
     (`exact_sums`)."""
     half = -0.5 * lowest_finite(c.dtype)
     r2 = tl.minimum(tl.maximum(_reference(mx) * c, -half), half)
-    return tl.where(far_lane(mx, c), tl.fma(tl.abs(r2), 9.5367431640625e-07, r2), r2)  # 2^-20
+    return tl.where(far_lane(mx, c), r2 + tl.abs(r2) * 9.5367431640625e-07, r2)  # 2^-20, exact
 
 
 @triton.jit
@@ -176,16 +177,18 @@ def move(mx_a, mx_b, c):
 
 
 @triton.jit
-def exact_sums(x_row, start, n_valid, cmax, c, s1, s2, t2, BLOCK_V: tl.constexpr):
+def exact_sums(x_row, start, n_valid, cmax, c, s1, s2, t2):
     """A chunk's sums relative to cmax c exactly, when its max lies far out (`exact_frame`; a
     rare second pass over the chunk [start, start + n_valid), e.g. one masked whole with -1e30
     or finfo.min): d2 = (x - cmax) c per element, e = 2^d2, summed as the loop sums (NaN for
-    a NaN logit). In the dtypes of s1, s2, t2."""
-    cols = tl.arange(0, BLOCK_V)
-    a1 = tl.zeros([BLOCK_V], s1.dtype)
-    a2 = tl.zeros([BLOCK_V], s2.dtype)
-    b2 = tl.zeros([BLOCK_V], t2.dtype)
-    for off in range(0, n_valid, BLOCK_V):
+    a NaN logit). In the dtypes of s1, s2, t2. 1024 elements a step: the kernel's registers
+    are its widest loop's, and this one at the hot loop's BLOCK_V took 241 of them (128)."""
+    EB: tl.constexpr = 1024
+    cols = tl.arange(0, EB)
+    a1 = tl.zeros([EB], s1.dtype)
+    a2 = tl.zeros([EB], s2.dtype)
+    b2 = tl.zeros([EB], t2.dtype)
+    for off in range(0, n_valid, EB):
         x = tl.load(x_row + start + off + cols, mask=off + cols < n_valid, other=float("-inf"))
         d2 = tl.maximum((x.to(c.dtype) - cmax) * c, D_MIN, propagate_nan=tl.PropagateNan.ALL)
         e = exp2_acc(d2)
@@ -405,7 +408,7 @@ def chunk_total(
     t2_sum = tl.sum(f * tl.fma(delta, s1.to(t2.dtype), t2), axis=0)
     if exact_frame(cmax, c):
         s1_sum, s2_sum, t2_sum = exact_sums(
-            x_row, start, n_valid, cmax, c, s1_sum, s2_sum, t2_sum, BLOCK_V
+            x_row, start, n_valid, cmax, c, s1_sum, s2_sum, t2_sum
         )
     # The first argmax: the lanes holding the chunk max re-read their elements of the step that
     # raised it (from L2: just read) and take the first column equal to it.

@@ -129,6 +129,21 @@ def _e(x, inv_tau, m):
 
 
 @triton.jit
+def _lane_reference(r, inv_tau, low):
+    """A lane's reference max(r / tau, low), r its raw max. Its rounding is the exponent of the
+    max's own term, up to ulp / 2: e^4 at 2^26, e^(2^75) at a mask of -1e30. From 2^26 (2^50
+    for fp64 logits) on it is moved 2^-17 (2^-40) of itself up, 512 (1024) or more above the
+    lane's logits: their exps are exactly 0, a tail of masked logits has no mass (they lie
+    2^25 below any reference under 2^25)."""
+    m = tl.maximum(r * inv_tau, low)
+    if m.dtype == tl.float64:
+        far, push = 2.0**50, 2.0**-40
+    else:
+        far, push = 2.0**26, 2.0**-17
+    return tl.where(tl.abs(m) >= far, m + tl.abs(m) * push, m)  # (the product is exact)
+
+
+@triton.jit
 def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
     """One BLOCK_V step of the per-lane online tail sum, the ids dropped by their bits `cur`.
 
@@ -159,7 +174,7 @@ def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
         hi = tl.maximum(tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)),
                         tl.maximum(tl.maximum(x4, x5), tl.maximum(x6, x7)))  # fmt: skip
         r = tl.maximum(r, hi)
-        m = tl.maximum(r * inv_tau, low)
+        m = _lane_reference(r, inv_tau, low)
         t = (_e(x0, inv_tau, m) + _e(x1, inv_tau, m)) + (_e(x2, inv_tau, m) + _e(x3, inv_tau, m))
         t += (_e(x4, inv_tau, m) + _e(x5, inv_tau, m)) + (_e(x6, inv_tau, m) + _e(x7, inv_tau, m))
     elif FOLD == 4:
@@ -171,21 +186,22 @@ def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
         x2 = _drop_id(x2, cur, 2)
         x3 = _drop_id(x3, cur, 3)
         r = tl.maximum(r, tl.maximum(tl.maximum(x0, x1), tl.maximum(x2, x3)))
-        m = tl.maximum(r * inv_tau, low)
+        m = _lane_reference(r, inv_tau, low)
         t = (_e(x0, inv_tau, m) + _e(x1, inv_tau, m)) + (_e(x2, inv_tau, m) + _e(x3, inv_tau, m))
     elif FOLD == 2:
         x0, x1 = tl.split(tl.reshape(x, [x.shape[0] // 2, 2]))
         x0 = _drop_id(x0, cur, 0)
         x1 = _drop_id(x1, cur, 1)
         r = tl.maximum(r, tl.maximum(x0, x1))
-        m = tl.maximum(r * inv_tau, low)
+        m = _lane_reference(r, inv_tau, low)
         t = _e(x0, inv_tau, m) + _e(x1, inv_tau, m)
     else:
         x = _drop_id(x, cur, 0)
         r = tl.maximum(r, x)
-        m = tl.maximum(r * inv_tau, low)
+        m = _lane_reference(r, inv_tau, low)
         t = _e(x, inv_tau, m)
-    s = tl.fma(s, exp_acc(mref - m).to(s.dtype), t.to(s.dtype))
+    # (<= 0 but across `_lane_reference`'s jump, whose lanes hold exactly 0.)
+    s = tl.fma(s, exp_acc(tl.minimum(mref - m, 0.0)).to(s.dtype), t.to(s.dtype))
     return r, m, s
 
 
@@ -299,7 +315,8 @@ def _tail_chunk_kernel(
     # One cross-lane merge per chunk: the chunk max, each lane rescaled to it, then the sum.
     # A NaN or +inf logit left a NaN sum (+inf - +inf in its exp), which marks the chunk.
     m_chunk = tl.maximum(tl.max(r, axis=0) * inv_tau, low)
-    s_chunk = tl.sum(s * exp_acc(m.to(tl.float64) - m_chunk.to(tl.float64)), axis=0)
+    move = tl.minimum(m.to(tl.float64) - m_chunk.to(tl.float64), 0.0)  # (see `_tail_step`)
+    s_chunk = tl.sum(s * exp_acc(move), axis=0)
     m_chunk = tl.where(s_chunk == 0.0, float("-inf"), m_chunk)  # no finite tail logit
     idx = chunk.to(tl.int64) * N + row
     tl.store(part_ptr + idx, tl.where(s_chunk != s_chunk, float("nan"), m_chunk))

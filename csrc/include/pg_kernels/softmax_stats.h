@@ -76,10 +76,13 @@ PGK_HD SoftmaxState<T> empty_state() {
 // Rescale a state to a new (not smaller) max.
 //   s1 <- s1 e^{m - m'},  s2 <- s2 e^{2(m - m')},  t <- e^{m - m'} (t + (m - m') s1)
 // An empty state (m = -inf) has nothing to rescale; computing it would give 0 * -inf = NaN.
+// m - m' is clamped where its exp is already 0: a state of finfo.min logits is -3.4e38 below
+// a real max, and (m - m') s1 would overflow into 0 * -inf = NaN as well.
 template <typename T>
 PGK_HD SoftmaxState<T> rescale(const SoftmaxState<T>& s, T m_new) {
   if (s.m == neg_inf<T>()) return {m_new, T(0), T(0), T(0)};
-  const T delta = s.m - m_new;  // <= 0, NaN when either max is NaN or both are +inf
+  T delta = s.m - m_new;  // <= 0, NaN when either max is NaN or both are +inf
+  if (delta < exp_zero_below<T>()) delta = exp_zero_below<T>();
   const T a = std::exp(delta);
   return {m_new, a * s.s1, a * a * s.s2, a * (s.t + delta * s.s1)};
 }
