@@ -63,10 +63,18 @@ def _fused_multiply_add(self, x, y, z):
             out = (a.astype(np.float64) * b + c).astype(c.dtype)
         else:
             p = a * b
+            # Operands beyond 2^900 (a mask of finfo(float64).min) are scaled into range first:
+            # Veltkamp's a * split overflowed there, and its inf - inf made the fma NaN.
+            sa = np.where(np.abs(a) > 2.0**900, 2.0**-200, 1.0)
+            sb = np.where(np.abs(b) > 2.0**900, 2.0**-200, 1.0)
+            a_s, b_s = a * sa, b * sb
             split = 134217729.0  # 2^27 + 1: Veltkamp's split into two 26-bit halves
-            ah = a * split - (a * split - a)
-            bh = b * split - (b * split - b)
-            p_err = ((ah * bh - p) + ah * (b - bh) + (a - ah) * bh) + (a - ah) * (b - bh)
+            ah = a_s * split - (a_s * split - a_s)
+            bh = b_s * split - (b_s * split - b_s)
+            p_err = ((ah * bh - a_s * b_s) + ah * (b_s - bh) + (a_s - ah) * bh) + (a_s - ah) * (
+                b_s - bh
+            )
+            p_err = p_err / (sa * sb)
             s = p + c
             bv = s - p
             s_err = (p - (s - bv)) + (c - bv)
