@@ -389,3 +389,15 @@ def lowest_finite(dtype: tl.constexpr):
         return tl.full([], -1.7976931348623157e308, tl.float64)
     else:
         return tl.full([], -3.4028234663852886e38, tl.float32)
+
+
+@triton.jit
+def push_far(ref, far, push):
+    """A lane's reference ref (the exponent offset its logits are summed against) moved up by
+    |ref| push where |ref| >= far: its own rounding there (ulp(ref) / 2) would be the exponent
+    of the lane's max, 2^eps or e^eps overflowing from ~2^31 on (masks of -1e30, finfo.min),
+    while every entry of a lane that far out lies |ref| push or more below the moved
+    reference, so its exps are exactly 0: such a lane has no mass. far push >= 2^9 keeps
+    that true; the product is exact (a power of two)."""
+    return tl.where(tl.abs(ref) >= far, ref + tl.abs(ref) * push, ref)
+

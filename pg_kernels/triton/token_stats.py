@@ -84,6 +84,7 @@ from pg_kernels.triton._common import (
     exp2_acc,
     lowest_finite,
     max_nan,
+    push_far,
     round_to,
     row_blocking,
     row_offset,
@@ -136,7 +137,7 @@ def frame(mx, c):
     (`exact_sums`)."""
     half = -0.5 * lowest_finite(c.dtype)
     r2 = tl.minimum(tl.maximum(_reference(mx) * c, -half), half)
-    return tl.where(far_lane(mx, c), r2 + tl.abs(r2) * 9.5367431640625e-07, r2)  # 2^-20, exact
+    return push_far(r2, 64.0 / ulp_of_one(c.dtype), 9.5367431640625e-07)  # 2^-20: `far_lane`
 
 
 @triton.jit

@@ -74,6 +74,7 @@ from pg_kernels.triton._common import (
     lowest_finite,
     merge_states,
     per_row_inv_temperature,
+    push_far,
     round_to,
     row_blocking,
     row_offset,
@@ -137,10 +138,9 @@ def _lane_reference(r, inv_tau, low):
     2^25 below any reference under 2^25)."""
     m = tl.maximum(r * inv_tau, low)
     if m.dtype == tl.float64:
-        far, push = 2.0**50, 2.0**-40
+        return push_far(m, 2.0**50, 2.0**-40)
     else:
-        far, push = 2.0**26, 2.0**-17
-    return tl.where(tl.abs(m) >= far, m + tl.abs(m) * push, m)  # (the product is exact)
+        return push_far(m, 2.0**26, 2.0**-17)
 
 
 @triton.jit
