@@ -87,8 +87,10 @@
 //     chunk base folded into v) instead of a 64-bit pointer add per load (IADD3 + LEA.HI.X.SX32 +
 //     LEA + LEA.HI.X and a multiply of T): 10.4 -> 9.9 (2667 -> 2547 per item); and run_step's
 //     step 0 sets the state from the step's max instead of rescaling the empty run (same bits):
-//     2547 -> 2539.
-//     Where the 2539 instructions of a 16-bit forward item go (sm_90 SASS, read with
+//     2547 -> 2539. Then the far references of ForwardTermFast::ref_of (a vocabulary masked with
+//     -1e30 or finfo.min gave NaN rows; 4 instructions per reference, 5 references per item):
+//     2539 -> 2558 (10.0 per element), the budget's last 19 but 2.
+//     Where the 2539 instructions of a 16-bit forward item went before that (sm_90 SASS, read with
 //     `check_cuda_budgets.py --dump partial BF16`): 1792 = 7 per element (unpack: bf16 LOP3 or
 //     SHF, fp16 HADD2.F32; FFMA, clamp FMNMX, MUFU.EX2, FADD, 2 FFMA); 256 = 8 per 16-byte load
 //     (IADD3 of the index, ISETP, IMAD.WIDE.U32, 4 moves of the -inf fill, LDG); 126 for the 4
@@ -844,7 +846,20 @@ struct ForwardTermFast {
     c = hd_mul(inv_tau_, kLog2e);
   }
   PGK_HD float scale(float x) const { return hd_mul(x, inv_tau); }
-  PGK_HD float ref_of(float mz) const { return hd_mul(mz, kLog2e); }
+  // The base-2 reference of a thread's or chunk's max mz, r = fl(mz log2e): the max's own
+  // exponent is the residual eps = x_max c - r of three roundings (c, mz, r), up to ~1.5 ulp(r):
+  // 2^48 at |r| = 2^28, an overflowing 2^(2^77) at a vocabulary masked with -1e30, and r is
+  // -inf once mz overflows (finfo.min at tau < 1). From 2^28 on (kFarRef) r is held inside the
+  // float range and moved 2^-19 of itself up, so that every exponent of that thread or chunk is
+  // <= -2^8 and its sums are exactly 0 (before, inf sums met a rescale factor of 0: NaN rows).
+  // Such a thread or chunk has no mass next to a max below 2^27 (they lie 2^27 apart); a row
+  // whose max lies that far out (masked whole) has no term left (README, Testing).
+  PGK_HD float ref_of(float mz) const {
+    const float r = hd_mul(mz, kLog2e);
+    const float held = fmaxf(r, -0x1p127f);
+    return fabsf(r) < kFarRef ? r : fmaf(fabsf(held), 0x1p-19f, held);
+  }
+  static constexpr float kFarRef = 0x1p28f;
   PGK_HD float delta(float ref, float ref_new) const { return ref - ref_new; }
   PGK_HD double chunk_ref(float mz) const { return double(ref_of(mz)) * kLn2Double; }
   PGK_HD float clamp(float d2) const { return fmaxf(d2, exp_zero_below<float>() * kLog2e); }
@@ -1166,7 +1181,7 @@ PGK_HD FinalRow<float> finalize_row_fast(const FoldedRow& f, const ForwardTermFa
   MaxTerm<double> max{1.0, 0.0, 0.0};
   double d_label = 0.0;
   if (state_is_valid(s)) {
-    const float eps = fmaf(x_max, term.c, -hd_mul(float(f.m_max), kLog2e));
+    const float eps = fmaf(x_max, term.c, -term.ref_of(float(f.m_max)));
     const double e_m = double(term.exp(term.clamp(eps)));
     max = {e_m, std::log(e_m), double(eps) * double(kLn2)};  // t holds e_m eps in units of kLn2
     s.m = double(x_max) * double(term.inv_tau);

@@ -395,7 +395,8 @@ static void test_forward_thread_math() {
 // finalize_row for fp32), against float64 from the raw logits (z = x inv_tau with the kernel's
 // fp32 1 / tau: its rounding is the temperature's, not the kernel's). Rows: random, shifted (|z|
 // up to ~800), peaked and near one-hot (the label often at the max), ties of the max across
-// chunks, -inf runs; 1 to 3 chunks (fp32: up to 5). Beside the kernel's error, the error of
+// chunks, -inf runs, vocabulary masked with a huge finite fill (finfo.min, -1e30: whole threads
+// and chunks of it, before the max too); 1 to 3 chunks (fp32: up to 5). Beside the kernel's error, the error of
 // rounding z = x / tau alone (the rest exact), which plain fp32 PyTorch and every z - m method
 // carry.
 template <typename Tag>
@@ -409,13 +410,16 @@ static void test_rows(const char* name) {
   const float offsets[] = {0.0f, 20.0f, -15.0f, 40.0f};
   double worst[4] = {0, 0, 0, 0}, worst_z[4] = {0, 0, 0, 0};  // lse, logprob, H, lgp
   double worst_max_prob = 0;  // relative
-  for (int trial = 0; trial < 240; ++trial) {
+  // The fills of kinds 5 and 6: the dtype's lowest finite value (Hugging Face's mask) and -1e30.
+  const float lowest = Tr::kPacked16 ? -0x1.fep127f : -std::numeric_limits<float>::max();
+  for (int trial = 0; trial < 336; ++trial) {
     const int64_t V = trial % 6 == 0 ? 1 + int64_t(rng() % 9) : 1 + int64_t(rng() % 140000);
     const float inv_tau = inv_taus[trial % 4];
     const float offset = offsets[(trial / 4) % 4];
     std::vector<float> x(V);
     for (auto& v : x) v = round_in(normal(rng) + offset);
-    const int kind = (trial / 16) % 5;
+    // Kinds 0-4 cycle through the first 240 trials, the masked kinds 5 and 6 through the rest.
+    const int kind = trial < 240 ? (trial / 16) % 5 : 5 + (trial / 16) % 2;
     int64_t top = int64_t(rng() % V);
     if (kind == 1) x[top] = round_in(offset + 40.0f);  // near one-hot
     if (kind == 2) x[top] = round_in(offset + 16.0f);  // peaked
@@ -427,7 +431,18 @@ static void test_rows(const char* name) {
     if (kind == 4)
       for (int64_t j = 0; j < V; ++j)
         if (j != top && rng() % 3 == 0) x[j] = ninf;
-    const int64_t label = (kind == 1 || kind == 2) && trial % 2 ? top : int64_t(rng() % V);
+    int64_t label = (kind == 1 || kind == 2) && trial % 2 ? top : int64_t(rng() % V);
+    if (kind == 5 || kind == 6) {
+      // Masked but for a run of up to 4 logits (the label among them): in the middle (kind 5,
+      // finfo.min) or at the end (kind 6, -1e30), so that whole threads and chunks hold only the
+      // fill (before the max too). Each such thread's base-2 reference lies beyond kFarRef: its
+      // rounding made 2^eps overflow (inf sums times a rescale factor of 0: NaN rows).
+      const float fill = kind == 5 ? lowest : round_in(-1e30f);
+      const int64_t run = std::min<int64_t>(V, 4), start = kind == 5 ? (V - run) / 2 : V - run;
+      for (int64_t j = 0; j < V; ++j)
+        if (j < start || j >= start + run) x[j] = fill;
+      label = start + int64_t(rng() % run);
+    }
 
     const ChunkPlan plan = plan_chunks(V, Tr::kVec);
     const int64_t C = plan.n_chunks, per = int64_t(plan.vecs_per_chunk) * Tr::kVec;
@@ -497,7 +512,7 @@ static void test_rows(const char* name) {
                          excess(got.stats.entropy, truth.H), excess(got.stats.lgp, truth.lgp)};
     const double e_z[4] = {excess(zr.lse, truth.lse), excess(zr.logprob, truth.logprob),
                            excess(zr.H, truth.H), excess(zr.lgp, truth.lgp)};
-    // Measured (these 240 rows), beyond the outputs' rounding: bf16 up to 7.2e-7 (entropy; lse
+    // Measured (these 336 rows), beyond the outputs' rounding: bf16 up to 7.2e-7 (entropy; lse
     // 1.3e-7, log p 3.4e-7, lgp 2.0e-7), from the fp32 sums (the per-thread chains of s2 and t,
     // and of s1 one add per pairwise sum of sum_group values); the z-units finish was up to 5e-5
     // off (|z| ~ 1000 at tau 0.05: the chunk's base-2 reference rounded). fp32, relative to the
