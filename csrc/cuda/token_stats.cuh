@@ -425,27 +425,13 @@ constexpr float kLog2eLo = 1.925963033500011079e-8f;     // log2 e - kLog2e
 constexpr float kLn2 = 0.693147182464599609375f;         // float(ln 2)
 constexpr double kLn2Double = 0.69314718055994530942;
 
-// exp(d) for fp32 to ~2-3 ulp: 2^(d log2e) with d log2e split into h + l, h = fl(d kLog2e) and
-// l = the product's exact rounding error (FMA) + d (log2e - kLog2e); then 2^l ~= 1 + l ln2
-// (|l| < 2^-16). Without the split, fl(d log2e) alone costs |d| 2^-24 relative. Emulated on the
-// host over d in [-88, 0] with a correctly rounded 2^h: split <= 1.0 ulp (mean 0.32), unsplit up
-// to 64 ulp (mean 7.5); ex2.approx adds its own <= 2 ulp.
-// d must be >= min_d32() = -128 (callers clamp): then h > -185, so no overflow in the error terms.
-__device__ __forceinline__ float exp_accurate(float d) {
-  const float h = __fmul_rn(d, kLog2e);
-  float l = fmaf(d, kLog2e, -h);
-  l = fmaf(d, kLog2eLo, l);
-  const float e = ex2_approx(h);
-  return fmaf(e, __fmul_rn(l, kLn2), e);
-}
-
 // Finite clamps for d = z - m (or z - L) so that -inf logits give e = 0 and e * d = 0, never
 // 0 * -inf: softmax_stats.h's exp_zero_below (exp underflows to exactly 0 below it, and b * d
 // cannot overflow), as the CPU kernel, and the same bound in base-2 units for the 16-bit path.
 // (Constants after inlining: fp32 -128, fp64 -1024.)
-__device__ __forceinline__ float min_d32() { return exp_zero_below<float>(); }
-__device__ __forceinline__ double min_d64() { return exp_zero_below<double>(); }
-__device__ __forceinline__ float min_d2_fast() { return exp_zero_below<float>() * kLog2e; }
+PGK_HD float min_d32() { return exp_zero_below<float>(); }
+PGK_HD double min_d64() { return exp_zero_below<double>(); }
+PGK_HD float min_d2_fast() { return exp_zero_below<float>() * kLog2e; }
 
 __device__ __forceinline__ float reciprocal(float t) { return __frcp_rn(t); }  // == 1.0f / t
 __device__ __forceinline__ double reciprocal(double t) { return 1.0 / t; }
@@ -695,8 +681,9 @@ __device__ __forceinline__ typename DTypeTraits<Tag>::acc_t thread_max(const uin
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host/device scalar primitives of the forward's per-thread state, so that the host test
-// (check/host_test.cu) runs the very update the kernel runs. On the host, ex2.approx is std::exp2
+// Host/device scalar primitives of the forward's per-thread state and of the backward's
+// per-element gradient, so that the host test (check/host_test.cu) runs the very arithmetic the
+// kernels run. On the host, ex2.approx is std::exp2
 // with subnormal results flushed to 0 (the device's approximation error, <= 2 ulp, is not
 // emulated) and the rounded products are plain products (no FMA contraction on the host build).
 PGK_HD float hd_ex2(float x) {
@@ -729,7 +716,26 @@ PGK_HD float hd_max_nan(float a, float b) {
 #endif
 }
 PGK_HD double hd_max_nan(double a, double b) { return max_nan(a, b); }
-// exp_accurate (fp32, ~2-3 ulp) with hd_ex2.
+PGK_HD float hd_sub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+PGK_HD double hd_sub(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+// exp(d) for fp32 to ~2-3 ulp: 2^(d log2e) with d log2e split into h + l, h = fl(d kLog2e) and
+// l = the product's exact rounding error (FMA) + d (log2e - kLog2e); then 2^l ~= 1 + l ln2
+// (|l| < 2^-16). Without the split, fl(d log2e) alone costs |d| 2^-24 relative. Emulated on the
+// host over d in [-88, 0] with a correctly rounded 2^h: split <= 1.0 ulp (mean 0.32), unsplit up
+// to 64 ulp (mean 7.5); ex2.approx adds its own <= 2 ulp.
+// d must be >= min_d32() = -128 (callers clamp): then h > -185, so no overflow in the error terms.
 PGK_HD float hd_exp_accurate(float d) {
   const float h = hd_mul(d, kLog2e);
   float l = fmaf(d, kLog2e, -h);
@@ -1250,19 +1256,18 @@ template <typename Tag>
 struct BackwardTermFast {
   float c2, bl, a, b, c;  // log2e / tau, L log2e, a / tau, b ln2 / tau, c / tau
   // From the saved L: its rounding (ulp(L) / 2 relative on p) is far below the 16-bit gradient's.
-  __device__ __forceinline__ BackwardTermFast(float inv_tau, float lse, float /*x_max*/,
-                                              float /*log_s1*/,
-                                              const TokenStatsGradCoef<float>& k) {
-    c2 = __fmul_rn(inv_tau, kLog2e);
-    bl = __fmul_rn(lse, kLog2e);
-    a = __fmul_rn(k.a, inv_tau);
-    b = __fmul_rn(__fmul_rn(k.b, inv_tau), kLn2);
-    c = __fmul_rn(k.c, inv_tau);
+  PGK_HD BackwardTermFast(float inv_tau, float lse, float /*x_max*/, float /*log_s1*/,
+                          const TokenStatsGradCoef<float>& k) {
+    c2 = hd_mul(inv_tau, kLog2e);
+    bl = hd_mul(lse, kLog2e);
+    a = hd_mul(k.a, inv_tau);
+    b = hd_mul(hd_mul(k.b, inv_tau), kLn2);
+    c = hd_mul(k.c, inv_tau);
   }
-  __device__ __forceinline__ float grad(float x) const {
+  PGK_HD float grad(float x) const {
     const float d2 = fmaxf(fmaf(x, c2, -bl), min_d2_fast());  // (z - L) log2e, finite
-    const float pj = ex2_approx(d2);
-    return __fmul_rn(pj, fmaf(c, pj, fmaf(b, d2, a)));  // p (a + b d + c p) / tau
+    const float pj = hd_ex2(d2);
+    return hd_mul(pj, fmaf(c, pj, fmaf(b, d2, a)));  // p (a + b d + c p) / tau
   }
 };
 template <>
@@ -1280,19 +1285,19 @@ struct BackwardTerm<F16> : BackwardTermFast<F16> {
 template <>
 struct BackwardTerm<F32> {
   float inv_tau, x_max, log_s1, a, b, c;
-  __device__ __forceinline__ BackwardTerm(float inv_tau_, float /*lse*/, float x_max_,
-                                          float log_s1_, const TokenStatsGradCoef<float>& k) {
+  PGK_HD BackwardTerm(float inv_tau_, float /*lse*/, float x_max_, float log_s1_,
+                      const TokenStatsGradCoef<float>& k) {
     inv_tau = inv_tau_;
     x_max = x_max_;
     log_s1 = log_s1_;
-    a = __fmul_rn(k.a, inv_tau_);
-    b = __fmul_rn(k.b, inv_tau_);
-    c = __fmul_rn(k.c, inv_tau_);
+    a = hd_mul(k.a, inv_tau_);
+    b = hd_mul(k.b, inv_tau_);
+    c = hd_mul(k.c, inv_tau_);
   }
-  __device__ __forceinline__ float grad(float x) const {
-    const float d = fmaxf(fmaf(__fsub_rn(x, x_max), inv_tau, -log_s1), min_d32());
-    const float pj = exp_accurate(d);
-    return __fmul_rn(pj, fmaf(c, pj, fmaf(b, d, a)));
+  PGK_HD float grad(float x) const {
+    const float d = fmaxf(fmaf(hd_sub(x, x_max), inv_tau, -log_s1), min_d32());
+    const float pj = hd_exp_accurate(d);
+    return hd_mul(pj, fmaf(c, pj, fmaf(b, d, a)));
   }
 };
 template <>
@@ -1313,26 +1318,25 @@ struct BackwardTerm<F64> {
 // BackwardTerm<F32>), in acc_t and with an accurate exp, then rounded once. Runs for one element
 // per row.
 template <typename acc_t>
-__device__ __forceinline__ acc_t label_grad(acc_t x_c, acc_t inv_tau, acc_t x_max, acc_t log_s1,
-                                            const TokenStatsGradCoef<acc_t>& k, acc_t g_logprob) {
+PGK_HD acc_t label_grad(acc_t x_c, acc_t inv_tau, acc_t x_max, acc_t log_s1,
+                        const TokenStatsGradCoef<acc_t>& k, acc_t g_logprob) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    const float d = fmaxf(fmaf(__fsub_rn(x_c, x_max), inv_tau, -log_s1), min_d32());
-    const float pc = exp_accurate(d);
-    return __fmul_rn(fmaf(pc, fmaf(k.c, pc, fmaf(k.b, d, k.a)), g_logprob), inv_tau);
+    const float d = fmaxf(fmaf(hd_sub(x_c, x_max), inv_tau, -log_s1), min_d32());
+    const float pc = hd_exp_accurate(d);
+    return hd_mul(fmaf(pc, fmaf(k.c, pc, fmaf(k.b, d, k.a)), g_logprob), inv_tau);
   } else {
-    const double d = fmax(fma(__dsub_rn(x_c, x_max), inv_tau, -log_s1), min_d64());
+    const double d = fmax(fma(hd_sub(x_c, x_max), inv_tau, -log_s1), min_d64());
     const double pc = ::exp(d);
-    return __dmul_rn(fma(pc, fma(k.c, pc, fma(k.b, d, k.a)), g_logprob), inv_tau);
+    return hd_mul(fma(pc, fma(k.c, pc, fma(k.b, d, k.a)), g_logprob), inv_tau);
   }
 }
 
 // The label's entry of 16-bit logits, from the saved L (fp32: d_c = z_c - L).
-__device__ __forceinline__ float label_grad_from_lse(float x_c, float inv_tau, float lse,
-                                                     const TokenStatsGradCoef<float>& k,
-                                                     float g_logprob) {
-  const float d = fmaxf(__fsub_rn(__fmul_rn(x_c, inv_tau), lse), min_d32());
-  const float pc = exp_accurate(d);
-  return __fmul_rn(fmaf(pc, fmaf(k.c, pc, fmaf(k.b, d, k.a)), g_logprob), inv_tau);
+PGK_HD float label_grad_from_lse(float x_c, float inv_tau, float lse,
+                                 const TokenStatsGradCoef<float>& k, float g_logprob) {
+  const float d = fmaxf(hd_sub(hd_mul(x_c, inv_tau), lse), min_d32());
+  const float pc = hd_exp_accurate(d);
+  return hd_mul(fmaf(pc, fmaf(k.c, pc, fmaf(k.b, d, k.a)), g_logprob), inv_tau);
 }
 
 template <typename Tag, bool kAligned>

@@ -14,9 +14,11 @@
 //      the kernel's thread / step / slot layout and the CTA merge (max, rescale to the chunk's
 //      reference, fixed-order sums, first-argmax search in the recorded step only) against a
 //      double reference of lse, entropy, collision and the exact first argmax.
-//   5. 16-bit rows end to end: every chunk through the kernel's per-thread functions and CTA
-//      sums, then fold_row<true> / finalize_row_fast, against float64 from the raw logits
-//      (random, shifted to |z| ~ 1000, peaked, near one-hot, ties, -inf runs; 1-3 chunks).
+//   5. 16-bit and fp32 rows end to end: every chunk through the kernel's per-thread functions and
+//      CTA sums, then fold_row<true> / finalize_row_fast, against float64 from the raw logits
+//      (random, shifted to |z| ~ 1000, peaked, near one-hot, ties, -inf runs, vocabulary masked
+//      with finfo.min or -1e30; 1-3 chunks); and each row's backward (BackwardTerm<Tag>::grad and
+//      the label's entry, from the forward's saved statistics, random upstream gradients).
 //   6. cached_count (the occupancy and SM-count caches of the launchers): a failed query falls
 //      back to 1 and is asked again next time; a successful one is cached and asked once.
 //      Without a GPU the real occupancy query fails: that fallback is checked too.
@@ -389,6 +391,75 @@ static void test_forward_thread_math() {
   }
 }
 
+// The backward of one row as token_stats_backward_kernel computes it (BackwardTerm<Tag>::grad per
+// element, the label's entry from label_grad_from_lse (16-bit) or label_grad (fp32), from the
+// forward's own saved lse, entropy, collision, max_prob and argmax), with random upstream
+// gradients, against float64 from the raw logits: dz_j = (p_j (A + B log p_j + C' p_j) + g_l
+// [j = c]) / tau. Entries with p_j = 0 in float64 (-inf, masked) must be exactly 0; the others
+// are bounded relative to their scale, (p_j (|A|_terms + |B log p_j| + |C'| p_j) + |g_l| [j = c])
+// / tau (|A|_terms: the sum of A's terms' sizes, each rounded), times (1 + |L| + |log p_j|) 2^-24:
+// the exponent's rounding moves p_j by ~|log p_j| 2^-24 relative in fp32, and the 16-bit form
+// takes p_j = 2^(x c - fl(L log2 e)), whose rounding adds ~|L| 2^-24 (fp32 works relative to the
+// max). Returns the largest error in units of that bound.
+template <typename Tag>
+static double check_backward_row(const char* name, const std::vector<float>& x, int64_t label,
+                                 float inv_tau, const FinalRow<float>& got, int trial) {
+  std::mt19937_64 rng(1000 + trial);  // its own stream: the forward rows stay those measured
+  std::normal_distribution<float> unit(0.0f, 1.0f);
+  const float g_l = unit(rng), g_H = unit(rng), g_C = unit(rng), g_L = unit(rng);
+  const int64_t V = int64_t(x.size());
+  const TokenStatsGradCoef<float> coef = token_stats_grad_coef(
+      g_l, g_H, g_C, g_L, got.stats.entropy, got.stats.collision);
+  const float x_max = x[got.argmax];
+  const float log_s1 = float(-std::log(double(got.stats.max_prob)));  // as the kernel loads it
+  const BackwardTerm<Tag> term(inv_tau, got.stats.lse, x_max, log_s1, coef);
+  const float x_c = x[label];
+  const float dz_c = DTypeTraits<Tag>::kPacked16
+                         ? label_grad_from_lse(x_c, inv_tau, got.stats.lse, coef, g_l)
+                         : label_grad(x_c, inv_tau, x_max, log_s1, coef, g_l);
+  // float64 truth from the raw logits.
+  double zm = -INFINITY;
+  for (int64_t j = 0; j < V; ++j) zm = std::max(zm, double(x[j]) * inv_tau);
+  double r1 = 0, r2 = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    const double d = double(x[j]) * inv_tau - zm;
+    r1 += std::exp(d);
+    r2 += std::exp(2 * d);
+  }
+  double H = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    const double lp = double(x[j]) * inv_tau - zm - std::log(r1);
+    if (std::exp(lp) > 0) H -= std::exp(lp) * lp;
+  }
+  const double C = r2 / (r1 * r1);
+  const double A = double(g_L) - g_l - g_H * H - 2 * g_C * C, B = -double(g_H), Cp = 2.0 * g_C;
+  // A's terms, each rounded (H and C are the forward's fp32 outputs): the scale of its error.
+  const double A_terms = std::fabs(g_L) + std::fabs(g_l) + std::fabs(g_H * H) + 2 * std::fabs(g_C * C);
+  double worst = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    const double lp = double(x[j]) * inv_tau - zm - std::log(r1);
+    const double p = std::exp(lp);
+    const double on = j == label ? 1.0 : 0.0;
+    const double want = p > 0 ? (p * (A + B * lp + Cp * p) + g_l * on) * inv_tau : g_l * on * inv_tau;
+    const double scale =
+        (p > 0 ? p * (A_terms + std::fabs(B * lp) + std::fabs(Cp) * p) : 0.0) +
+        std::fabs(g_l) * on;
+    const float g = j == label ? dz_c : term.grad(x[j]);
+    if (p == 0 && j != label) {
+      CHECK(g == 0.0f, "%s backward: entry %lld of p = 0 is %.3g, not 0 (trial %d)", name,
+            (long long)j, double(g), trial);
+      continue;
+    }
+    const double unit_err = (1 + std::fabs(double(got.stats.lse)) + std::fabs(lp)) * 0x1p-24;
+    const double err = std::fabs(double(g) - want) / (scale * inv_tau * unit_err + 1e-30);
+    CHECK(std::isfinite(g) && err <= 8.0,
+          "%s backward: entry %lld %.9g vs %.9g, %.3g units (trial %d, V %lld)", name,
+          (long long)j, double(g), want, err, trial, (long long)V);
+    worst = std::max(worst, err);
+  }
+  return worst;
+}
+
 // Rows through the forward as the kernels run it: every chunk emulated (emulate_chunk, the
 // kernel's thread layout and fp32 CTA sums; exp2 exact, as the header says), folded and finished
 // as token_stats_finalize_kernel does (fold_row, then finalize_row_fast for 16-bit logits,
@@ -410,6 +481,7 @@ static void test_rows(const char* name) {
   const float offsets[] = {0.0f, 20.0f, -15.0f, 40.0f};
   double worst[4] = {0, 0, 0, 0}, worst_z[4] = {0, 0, 0, 0};  // lse, logprob, H, lgp
   double worst_max_prob = 0;  // relative
+  double worst_grad = 0;      // check_backward_row's error over its scale
   // The fills of kinds 5 and 6: the dtype's lowest finite value (Hugging Face's mask) and -1e30.
   const float lowest = Tr::kPacked16 ? -0x1.fep127f : -std::numeric_limits<float>::max();
   for (int trial = 0; trial < 336; ++trial) {
@@ -502,6 +574,7 @@ static void test_rows(const char* name) {
     CHECK(got.stats.max_prob <= 1.0f && max_prob_err <= 6e-7,
           "%s max_prob %.9g vs %.9g (trial %d)", name, got.stats.max_prob, truth.max_prob, trial);
     worst_max_prob = std::max(worst_max_prob, max_prob_err);
+    worst_grad = std::max(worst_grad, check_backward_row<Tag>(name, x, label, inv_tau, got, trial));
     // Error beyond the fp32 output's own rounding (half an ulp of the true value).
     const auto excess = [](double got_v, double truth_v) {
       const float a = float(std::fabs(truth_v));
@@ -533,6 +606,8 @@ static void test_rows(const char* name) {
               "lgp %.3g / %.3g; max_prob %.3g relative\n",
               name, worst[0], worst_z[0], worst[1], worst_z[1], worst[2], worst_z[2], worst[3],
               worst_z[3], worst_max_prob);
+  std::printf("test_rows<%s>: backward, max error over (1 + |L| + |log p|) 2^-24 times each "
+              "entry's scale: %.3g\n", name, worst_grad);
 }
 
 static void test_cached_count() {
