@@ -860,14 +860,19 @@ struct ForwardTermFast {
   // <= -2^8 and its sums are exactly 0 (before, inf sums met a rescale factor of 0: NaN rows).
   // Such a thread or chunk has no mass next to a max below 2^27 (they lie 2^27 apart); a row
   // whose max lies that far out (masked whole) has no term left (README, Testing).
+  // A NaN mz (a NaN logit) keeps a NaN reference: the row's NaN travels in the chunks' states
+  // (the NaN entry's own term is clamped to 0). A chunk of -inf logits gets a finite reference
+  // (no term of it is kept either way), but its state stays empty in the fold (chunk_ref).
   PGK_HD float ref_of(float mz) const {
     const float r = hd_mul(mz, kLog2e);
     const float held = fmaxf(r, -0x1p127f);
-    return fabsf(r) < kFarRef ? r : fmaf(fabsf(held), 0x1p-19f, held);
+    return !(fabsf(r) >= kFarRef) ? r : fmaf(fabsf(held), 0x1p-19f, held);
   }
   static constexpr float kFarRef = 0x1p28f;
   PGK_HD float delta(float ref, float ref_new) const { return ref - ref_new; }
-  PGK_HD double chunk_ref(float mz) const { return double(ref_of(mz)) * kLn2Double; }
+  PGK_HD double chunk_ref(float mz) const {
+    return mz == neg_inf<float>() ? neg_inf<double>() : double(ref_of(mz)) * kLn2Double;
+  }
   PGK_HD float clamp(float d2) const { return fmaxf(d2, exp_zero_below<float>() * kLog2e); }
   PGK_HD float exp(float d2) const { return hd_ex2(d2); }
   PGK_HD float add(float x, ThreadRun<float>& r) const {
@@ -1196,6 +1201,65 @@ PGK_HD FinalRow<float> finalize_row_fast(const FoldedRow& f, const ForwardTermFa
   return rounded_final<float>(finalize_token_stats_relative(s, d_label, max), f.argmax);
 }
 
+// A row finished exactly from its raw logits in double: the first index of the max logit, then the
+// sums relative to it, d_j = (x_j - x_max) / tau. load(j) is the row's logit j. One thread reads
+// the row twice: only for the rare rows finish_row sends here. NaN, +inf and all -inf rows are
+// NaN / -1 as everywhere else.
+template <typename Load>
+PGK_HD FinalRow<float> exact_row(Load load, int64_t V, float inv_tau, int64_t label) {
+  double x_max = neg_inf<double>();
+  int64_t argmax = -1;
+  bool nan = false;
+  for (int64_t j = 0; j < V; ++j) {
+    const double v = load(j);
+    nan = nan || v != v;
+    if (v > x_max) {
+      x_max = v;
+      argmax = j;
+    }
+  }
+  SoftmaxState<double> s = empty_state<double>();
+  if (!nan && x_max > neg_inf<double>() && x_max < -neg_inf<double>()) {
+    s = {x_max * double(inv_tau), 0.0, 0.0, 0.0};
+    for (int64_t j = 0; j < V; ++j) {
+      const double d = (double(load(j)) - x_max) * double(inv_tau);
+      if (d == neg_inf<double>()) continue;
+      const double e = ::exp(d);
+      s.s1 += e;
+      s.s2 += e * e;
+      s.t += e * d;
+    }
+  }
+  if (!state_is_valid(s)) argmax = -1;
+  const double d_label = state_is_valid(s) ? (double(load(label)) - x_max) * double(inv_tau) : 0.0;
+  return rounded_final<float>(finalize_token_stats_relative(s, d_label), argmax);
+}
+
+// Whether a 16-bit row's saved L lies beyond ForwardTermFast::kFarRef (or is not finite): then
+// BackwardTermFast's exponent x c - fl(L log2e) would round by ~|L| 2^-24 itself, and the row's
+// gradient is taken relative to its raw max instead (token_stats_backward_far_kernel).
+PGK_HD bool far_lse(float lse) { return !(fabsf(hd_mul(lse, kLog2e)) < ForwardTermFast::kFarRef); }
+
+// A row's outputs from its folded partial states, as token_stats_finalize_kernel computes them.
+// load(j) gives the row's logit j (one more read per row for the label, and for 16-bit logits the
+// max at the argmax). A 16-bit row whose chunks kept no term (s1 = 0: every chunk lies beyond
+// kFarRef, a vocabulary masked whole with -1e30 or finfo.min, or no finite logit) is finished by
+// exact_row from the raw logits instead.
+template <typename Tag, typename Load>
+PGK_HD FinalRow<typename DTypeTraits<Tag>::acc_t> finish_row(const ForwardTerm<Tag>& term,
+                                                              const FoldedRow& folded, Load load,
+                                                              int64_t V, int64_t label) {
+  if constexpr (DTypeTraits<Tag>::kPacked16) {
+    if (!(folded.s.s1 > 0.0) && folded.s.m == folded.s.m) {
+      return exact_row(load, V, term.inv_tau, label);
+    }
+    const float x_max = folded.argmax >= 0 ? float(load(folded.argmax)) : 0.0f;
+    return finalize_row_fast(folded, term, x_max, float(load(label)));
+  } else {
+    return finalize_row(folded, term, load(label));
+  }
+}
+
 template <typename Tag>
 __global__ void __launch_bounds__(kFinalizeThreads)
     token_stats_finalize_kernel(const ForwardParams<typename DTypeTraits<Tag>::acc_t> p) {
@@ -1216,17 +1280,11 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       f.argmax = -1;
     } else {
       const bits_t* x = static_cast<const bits_t*>(in.logits) + in.layout.offset(r);
-      const acc_t x_label = bits_to_acc<Tag>(__ldg(x + rs.label));
       const ForwardTerm<Tag> term(rs.inv_tau);
       const FoldedRow folded =
           fold_row(term, p.ws_m, p.ws_s1, p.ws_s2, p.ws_t, p.ws_idx, in.plan.n_chunks, in.N, r);
-      if constexpr (Tr::kPacked16) {
-        // The raw max (one more read per row; an invalid row reads none).
-        const acc_t x_max = folded.argmax >= 0 ? bits_to_acc<Tag>(__ldg(x + folded.argmax)) : 0;
-        f = finalize_row_fast(folded, term, x_max, x_label);
-      } else {
-        f = finalize_row(folded, term, x_label);
-      }
+      f = finish_row(term, folded, [x](int64_t j) { return bits_to_acc<Tag>(__ldg(x + j)); },
+                     in.V, rs.label);
     }
     p.logprob[r] = f.stats.logprob;
     p.entropy[r] = f.stats.entropy;
@@ -1457,6 +1515,48 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
   }
 }
 
+// Backward, launch 2 (16-bit logits only): the rows whose saved L lies beyond kFarRef (far_lse;
+// rows finished by exact_row, a vocabulary masked whole with -1e30 or finfo.min), whose gradient
+// launch 1 cannot form from L (x c - fl(L log2e) rounds by ~|L| 2^-24: 2^77 at -1e30; an L that
+// rounded to -inf made the row NaN there). Each is written again, relative to its raw max as the
+// fp32 rows are (BackwardTerm<F32>, label_grad): x_max at the saved argmax, log s1 =
+// -log(max_prob). One CTA per row, grid-stride; every other row costs its label, temperature and
+// L loads. A row with no finished forward (argmax out of range, max_prob not in (0, 1]) keeps
+// launch 1's NaN fill.
+template <typename Tag>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    token_stats_backward_far_kernel(const BackwardParams<float> p) {
+  using bits_t = typename DTypeTraits<Tag>::bits_t;
+  const RowInputs<float>& in = p.in;
+  const bits_t* logits = static_cast<const bits_t*>(in.logits);
+  bits_t* grad = static_cast<bits_t*>(p.grad);
+  for (int64_t row = blockIdx.x; row < in.N; row += gridDim.x) {
+    const RowScalars<float> rs = load_row_scalars(in, row);
+    if (rs.kind != RowKind::kValid) continue;
+    const float lse = __ldg(p.lse + row);
+    if (!far_lse(lse)) continue;
+    const int64_t am = __ldg(p.argmax + row);
+    const float max_prob = __ldg(p.max_prob + row);
+    if (!(am >= 0 && am < in.V) || !(max_prob > 0.0f && max_prob <= 1.0f)) continue;
+    const bits_t* x = logits + in.layout.offset(row);
+    const float x_max = bits_to_acc<Tag>(__ldg(x + am));
+    const float log_s1 = float(-::log(double(max_prob)));  // double: no fast-math logf
+    const float g_logprob = __ldg(p.g_logprob + row);
+    const TokenStatsGradCoef<float> coef =
+        token_stats_grad_coef(g_logprob, __ldg(p.g_entropy + row), __ldg(p.g_collision + row),
+                              __ldg(p.g_lse + row), __ldg(p.entropy + row),
+                              __ldg(p.collision + row));
+    const BackwardTerm<F32> term(rs.inv_tau, lse, x_max, log_s1, coef);
+    bits_t* g_row = grad + row * in.V;
+    for (int64_t j = threadIdx.x; j < in.V; j += blockDim.x) {
+      const float xj = bits_to_acc<Tag>(__ldg(x + j));
+      const float g = j == rs.label ? label_grad(xj, rs.inv_tau, x_max, log_s1, coef, g_logprob)
+                                    : term.grad(xj);
+      g_row[j] = acc_to_bits<Tag>(g);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host-side launchers (no torch). They size the grid from the device and launch on `stream`;
 // they return the first launch error (the caller turns it into an exception).
@@ -1566,6 +1666,13 @@ cudaError_t launch_token_stats_backward(const BackwardParams<typename DTypeTrait
     const unsigned int grid = persistent_grid<k>(device, threads, n_items);
     q.in.walk = make_grid_walk(grid, in.plan.n_chunks, in.layout.n_inner);
     k<<<grid, threads, 0, stream>>>(q);
+  }
+  if constexpr (DTypeTraits<Tag>::kPacked16) {
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    const int64_t cap = int64_t(sm_count(device)) * 16;
+    token_stats_backward_far_kernel<Tag>
+        <<<static_cast<unsigned int>(in.N < cap ? in.N : cap), kFinalizeThreads, 0, stream>>>(q);
   }
   return cudaGetLastError();
 }

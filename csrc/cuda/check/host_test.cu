@@ -412,11 +412,13 @@ static double check_backward_row(const char* name, const std::vector<float>& x, 
       g_l, g_H, g_C, g_L, got.stats.entropy, got.stats.collision);
   const float x_max = x[got.argmax];
   const float log_s1 = float(-std::log(double(got.stats.max_prob)));  // as the kernel loads it
+  // 16-bit rows from L (launch 1), unless L lies far out (far_lse: launch 2, relative to the max).
+  const bool fast = DTypeTraits<Tag>::kPacked16 && !far_lse(got.stats.lse);
   const BackwardTerm<Tag> term(inv_tau, got.stats.lse, x_max, log_s1, coef);
+  const BackwardTerm<F32> relative(inv_tau, got.stats.lse, x_max, log_s1, coef);
   const float x_c = x[label];
-  const float dz_c = DTypeTraits<Tag>::kPacked16
-                         ? label_grad_from_lse(x_c, inv_tau, got.stats.lse, coef, g_l)
-                         : label_grad(x_c, inv_tau, x_max, log_s1, coef, g_l);
+  const float dz_c = fast ? label_grad_from_lse(x_c, inv_tau, got.stats.lse, coef, g_l)
+                          : label_grad(x_c, inv_tau, x_max, log_s1, coef, g_l);
   // float64 truth from the raw logits.
   double zm = -INFINITY;
   for (int64_t j = 0; j < V; ++j) zm = std::max(zm, double(x[j]) * inv_tau);
@@ -444,13 +446,14 @@ static double check_backward_row(const char* name, const std::vector<float>& x, 
     const double scale =
         (p > 0 ? p * (A_terms + std::fabs(B * lp) + std::fabs(Cp) * p) : 0.0) +
         std::fabs(g_l) * on;
-    const float g = j == label ? dz_c : term.grad(x[j]);
+    const float g = j == label ? dz_c : fast ? term.grad(x[j]) : relative.grad(x[j]);
     if (p == 0 && j != label) {
       CHECK(g == 0.0f, "%s backward: entry %lld of p = 0 is %.3g, not 0 (trial %d)", name,
             (long long)j, double(g), trial);
       continue;
     }
-    const double unit_err = (1 + std::fabs(double(got.stats.lse)) + std::fabs(lp)) * 0x1p-24;
+    const double unit_err =
+        (1 + (fast ? std::fabs(double(got.stats.lse)) : 0.0) + std::fabs(lp)) * 0x1p-24;
     const double err = std::fabs(double(g) - want) / (scale * inv_tau * unit_err + 1e-30);
     CHECK(std::isfinite(g) && err <= 8.0,
           "%s backward: entry %lld %.9g vs %.9g, %.3g units (trial %d, V %lld)", name,
@@ -484,14 +487,16 @@ static void test_rows(const char* name) {
   double worst_grad = 0;      // check_backward_row's error over its scale
   // The fills of kinds 5 and 6: the dtype's lowest finite value (Hugging Face's mask) and -1e30.
   const float lowest = Tr::kPacked16 ? -0x1.fep127f : -std::numeric_limits<float>::max();
-  for (int trial = 0; trial < 336; ++trial) {
+  for (int trial = 0; trial < 384; ++trial) {
     const int64_t V = trial % 6 == 0 ? 1 + int64_t(rng() % 9) : 1 + int64_t(rng() % 140000);
     const float inv_tau = inv_taus[trial % 4];
     const float offset = offsets[(trial / 4) % 4];
     std::vector<float> x(V);
     for (auto& v : x) v = round_in(normal(rng) + offset);
-    // Kinds 0-4 cycle through the first 240 trials, the masked kinds 5 and 6 through the rest.
-    const int kind = trial < 240 ? (trial / 16) % 5 : 5 + (trial / 16) % 2;
+    // Kinds 0-4 cycle through the first 240 trials, the masked kinds 5 and 6 through the next
+    // 96, then a row masked whole (7), all -inf (8) and one NaN (9) through 16 each.
+    const int kind = trial < 240 ? (trial / 16) % 5 : trial < 336 ? 5 + (trial / 16) % 2
+                                                                   : 7 + (trial - 336) / 16;
     int64_t top = int64_t(rng() % V);
     if (kind == 1) x[top] = round_in(offset + 40.0f);  // near one-hot
     if (kind == 2) x[top] = round_in(offset + 16.0f);  // peaked
@@ -515,6 +520,13 @@ static void test_rows(const char* name) {
         if (j < start || j >= start + run) x[j] = fill;
       label = start + int64_t(rng() % run);
     }
+    if (kind == 7) {  // masked whole: uniform over V (finished by exact_row, and launch 2)
+      const float fill = trial % 2 ? lowest : round_in(-1e30f);
+      for (auto& v : x) v = fill;
+    }
+    if (kind == 8)
+      for (auto& v : x) v = ninf;
+    if (kind == 9) x[rng() % V] = std::numeric_limits<float>::quiet_NaN();
 
     const ChunkPlan plan = plan_chunks(V, Tr::kVec);
     const int64_t C = plan.n_chunks, per = int64_t(plan.vecs_per_chunk) * Tr::kVec;
@@ -532,11 +544,12 @@ static void test_rows(const char* name) {
     const ForwardTerm<Tag> term(inv_tau);
     const FoldedRow folded =
         fold_row(term, wm.data(), ws1.data(), ws2.data(), wt.data(), widx.data(), C, 1, 0);
-    FinalRow<float> got;
-    if constexpr (Tr::kPacked16) {
-      got = finalize_row_fast(folded, term, x[folded.argmax], x[label]);
-    } else {
-      got = finalize_row(folded, term, x[label]);
+    const FinalRow<float> got = finish_row(term, folded, [&](int64_t j) { return x[j]; }, V, label);
+    if (kind >= 8) {  // all -inf, or a NaN: a NaN row (argmax -1)
+      CHECK(std::isnan(got.stats.lse) && std::isnan(got.stats.logprob) &&
+                std::isnan(got.stats.entropy) && std::isnan(got.stats.max_prob) && got.argmax == -1,
+            "%s invalid row must be NaN / -1 (trial %d, kind %d)", name, trial, kind);
+      continue;
     }
 
     // The truth from the raw logits, and the same from z = fl(x inv_tau) (zr).
@@ -554,7 +567,8 @@ static void test_rows(const char* name) {
         r2 += std::exp(2 * d);
         rt += std::exp(d) * d;
       }
-      const double lse = zm + std::log(r1), logprob = z_of(label) - lse;
+      // log p_c relative to the max: z_c - lse cancels to ulp(zm), 2^47 at a -1e30 mask.
+      const double lse = zm + std::log(r1), logprob = (z_of(label) - zm) - std::log(r1);
       const double Cc = r2 / (r1 * r1), p_c = std::exp(logprob);
       return Row{lse, logprob, std::log(r1) - rt / r1, (1 - p_c) * (1 - p_c) + (Cc - p_c * p_c),
                  1 / r1};
