@@ -44,6 +44,9 @@
 //   (folded into a, b, c), rounded once to the logits' dtype and stored as 16-byte vectors. The
 //   label's entry (which adds g_l, with the accurate exp of label_grad) is computed once per item
 //   by the thread that stored the label's vector, which then overwrites that one element.
+//   16-bit logits, a second launch (token_stats_backward_far_kernel): rows whose saved L lies
+//   beyond kFarRef (a vocabulary masked whole with -1e30 or finfo.min, finished by exact_row in
+//   the forward) are written again relative to their raw max; every other row reads 3 scalars.
 //
 // ---- Bytes moved per row (S = sizeof(logit), A = sizeof(acc) = 4, 8 for fp64) ----------------
 //   forward:  reads V*S (each logit once) + label + tau + the label logit (one 32 B sector);
