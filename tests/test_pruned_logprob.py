@@ -102,6 +102,24 @@ def test_small_tail_beside_a_label_below_the_threshold(bd):
     torch.testing.assert_close(out.tail_mass.double(), truth.tail_mass, rtol=1e-6, atol=0)
 
 
+def test_tail_mass_of_large_scaled_logits(bd):
+    """Logits of scale 150 at tau 0.07 and 0.19 (|z| up to ~6000): a tail mass of 2.9e-11
+    from terms ~25 nats below the max. Summed from z = x / tau rounded (ulp(z) / 2 of each
+    exponent, ~6e-5 at |z| ~ 1850), the C++ kernel's tail was 8.2e-5 off relative (the fuzzer:
+    8.1e-5, plain fp32 PyTorch 2.4e-5); relative to the raw max, d = (x - m) / tau carries
+    ulp(d) / 2: 4.8e-7 (C++), 1.1e-7 (Triton)."""
+    backend, device = bd
+    x = make_logits(2, 250, torch.float32, scale=150.0, seed=0)
+    y = make_labels((2,), 250, seed=0)
+    t = torch.tensor([0.0720832381, 0.1919880961], dtype=torch.float64)
+    args, kw = (x.to(device), y.to(device)), {"temperature": t.to(device)}
+    out = _op(backend, 1e-3)(*args, **kw)
+    truth = reference.pruned_logprob(x.double(), y, alpha=1e-3, temperature=t)
+    rel = float((out.tail_mass[1].double().cpu() - truth.tail_mass[1]) / truth.tail_mass[1])
+    assert abs(rel) <= 2e-6, rel
+    check_against_reference(_op(backend, 1e-3), _ref(1e-3), args, kw, diff_fields=DIFF)
+
+
 def test_one_entry_rows_have_zero_gradient(bd):
     """V = 1: p = 1 on the label, so the log-prob and its gradient are exactly 0 (the float64
     truth and plain PyTorch have 0 too).

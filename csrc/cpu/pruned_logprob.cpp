@@ -2,11 +2,17 @@
 // S = {v : z_v >= m + log alpha} plus the label (docs/math.md §6); math in softmax_stats.h.
 //
 // Forward: two sweeps over each row, one exp per element in all.
-//   1. max only: load + scale + max per chunk (no exp). The threshold m + log alpha is then
+//   1. max only: load + max of the raw logits per chunk (no exp, no division; x / tau rounded is
+//      monotone in x, so the max of z is m / tau). The threshold m / tau + log alpha is then
 //      fixed before anything is summed.
-//   2. one exp per element, e = exp(z - m), added to s_in where z >= threshold and to s_out
-//      elsewhere (a blend, no branch), with the label masked out of the chunk buffer (it is
-//      added back as e_c). No rescaling is needed: the max is known.
+//   2. one exp per element, e = exp(d) with d = (x - m) / tau relative to the raw max (the
+//      difference and the quotient rounded once each, as token_stats.cpp: d carries ulp(d) / 2
+//      where z - m from z = x / tau carried ulp(z) / 2, a tail mass 8.1e-5 off at |z| ~ 1850
+//      where plain PyTorch's was 2.4e-5, a fuzzer find), added to s_in where z >= threshold and
+//      to s_out elsewhere (a blend, no branch), with the label masked out of the chunk buffer
+//      (it is added back as e_c). Membership is decided on the raw logits, x >= x_thr with x_thr
+//      the smallest x whose z reaches the threshold (raw_threshold), bit for bit as the backward
+//      decides z >= threshold. No rescaling is needed: the max is known.
 // Why not one online pass: S depends on the final max, and when the running max rises, elements
 // already summed into S that fall below the new threshold would have to leave the sum. A per-lane
 // or per-chunk partial sum no longer knows which elements it holds, so removing them exactly means
@@ -37,53 +43,81 @@ template <typename acc_t>
 struct SafeSums {
   Vec<acc_t> in{acc_t(0)}, out{acc_t(0)};
 
-  // z: scaled logits, m: the row max, t: the threshold.
-  void add(const Vec<acc_t>& z, const Vec<acc_t>& m, const Vec<acc_t>& t) {
-    const Vec<acc_t> e = vexp(z - m);  // exp(-inf) = 0: -inf logits, the label, the padding
+  // x: raw logits (-inf: masked, the label, the padding), d = (x - m) / tau, x_thr: the raw
+  // threshold (raw_threshold).
+  void add(const Vec<acc_t>& x, const Vec<acc_t>& d, const Vec<acc_t>& x_thr) {
+    const Vec<acc_t> e = vexp(d);  // exp(-inf) = 0
     const Vec<acc_t> zero(acc_t(0));
-    const Vec<acc_t> safe = z >= t;
+    const Vec<acc_t> safe = x >= x_thr;
     in = in + Vec<acc_t>::blendv(zero, e, safe);
     out = out + Vec<acc_t>::blendv(e, zero, safe);
   }
 };
 
+// The smallest x whose z = x / tau (rounded, tau.divide) is >= t: the safe set decided on raw
+// logits, x >= x_thr, exactly as z >= t (quotient_rn is monotone in x). From fl(t tau), an ulp
+// or two away.
+template <typename acc_t>
+acc_t raw_threshold(acc_t t, const Temperature<acc_t>& tau) {
+  acc_t x = tau.tau == acc_t(1) ? t : t * tau.tau;
+  if (!(std::fabs(x) < -neg_inf<acc_t>())) return x;  // -inf (every entry is safe) or NaN
+  for (int i = 0; i < 64 && tau.divide(x) < t; ++i) x = std::nextafter(x, -neg_inf<acc_t>());
+  for (int i = 0; i < 64; ++i) {
+    const acc_t below = std::nextafter(x, neg_inf<acc_t>());
+    if (!(tau.divide(below) >= t)) break;
+    x = below;
+  }
+  return x;
+}
+
 template <typename scalar_t, typename acc_t>
 PrunedRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, acc_t log_alpha,
                              int64_t label, acc_t* buf, acc_t& threshold) {
   constexpr int64_t W = Vec<acc_t>::size();
-  acc_t m = neg_inf<acc_t>();
+  acc_t m = neg_inf<acc_t>();  // the raw max
   for (int64_t begin = 0; begin < V && m < -neg_inf<acc_t>(); begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
-    m = max_nan(m, load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf));
+    m = max_nan(m, load_chunk(x + begin, n, buf));
   }
-  // z_c as the chunk buffer holds it (tau.divide == load_quotient_chunk's z): at V = 1 it is m
-  // itself, e_c = 1 and the log-prob 0. A recomputed x (1 / tau) - m contracted into an fma
-  // (exact product) and left e_c = 1 - ulp(z) / 2 (V = 1, tau 0.135: gradient -1.6e-5 where the
-  // truth is 0).
-  const acc_t z_label = tau.divide(acc_t(x[label]));
-  threshold = m + log_alpha;
+  const acc_t m_z = tau.divide(m);  // the max of z (the backward's frame)
+  threshold = m_z + log_alpha;
   if (!(m > neg_inf<acc_t>() && m < -neg_inf<acc_t>())) {  // NaN, +inf or all -inf
     threshold = quiet_nan<acc_t>();
-    return finalize_pruned(m, threshold, acc_t(0), acc_t(0), z_label);
+    return finalize_pruned(m, threshold, acc_t(0), acc_t(0), m);
   }
+  const acc_t x_thr = raw_threshold(threshold, tau);
+  // d_c from the raw logits in double, rounded once (as token_stats.cpp's finalize): a label far
+  // below the max has |x_c - m| > |x_c|, and fl(fl(x_c - m) / tau) carried ~2 ulp(d_c), 2.3x the
+  // error of plain fp32's z_c - m there (|d_c| ~ 1e4). At V = 1 it is exactly 0 (e_c = 1, the
+  // log-prob 0).
+  const acc_t d_label = acc_t((double(x[label]) - double(m)) / double(tau.tau));
   // Two-level sums as in token_stats.cpp: two chains per lane inside a chunk, then chunk
   // totals into the row's lanes.
   SafeSums<acc_t> row;
-  const Vec<acc_t> vm(m), vt(threshold);
+  const Vec<acc_t> vm(m), vx(x_thr), vtau(tau.tau), vr(tau.r);
+  const auto d_of = [&](const Vec<acc_t>& v) {
+    return tau.tau == acc_t(1) ? v - vm : vquotient(v - vm, vtau, vr);
+  };
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
-    load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf);
+    const int64_t n_pad = copy_padded(x + begin, n, buf);
     if (label >= begin && label < begin + n) buf[label - begin] = neg_inf<acc_t>();
     SafeSums<acc_t> lo, hi;
-    const int64_t n_pad = round_up(n, kStep<acc_t>);
     for (int64_t i = 0; i < n_pad; i += 2 * W) {
-      lo.add(Vec<acc_t>::loadu(buf + i), vm, vt);
-      hi.add(Vec<acc_t>::loadu(buf + i + W), vm, vt);
+      const Vec<acc_t> a = Vec<acc_t>::loadu(buf + i), b = Vec<acc_t>::loadu(buf + i + W);
+      lo.add(a, d_of(a), vx);
+      hi.add(b, d_of(b), vx);
     }
     row.in = row.in + (lo.in + hi.in);
     row.out = row.out + (lo.out + hi.out);
   }
-  return finalize_pruned(m, threshold, sum_lanes(row.in), sum_lanes(row.out), z_label);
+  // Relative to the raw max (finalize_pruned at m = 0, the label's d and the threshold's log
+  // alpha), then LSE_S moved to z units for the backward.
+  PrunedRow<acc_t> out =
+      finalize_pruned(acc_t(0), log_alpha, sum_lanes(row.in), sum_lanes(row.out), d_label);
+  out.in_safe = acc_t(x[label]) >= x_thr;
+  out.lse_safe = m_z + out.lse_safe;
+  return out;
 }
 
 template <typename scalar_t, typename acc_t>
