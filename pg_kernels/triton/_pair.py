@@ -170,6 +170,8 @@ def fma_acc(a, b, c):
 # the exps, whose difference then cancels ~30x at most).
 EXCESS_COEF = tl.constexpr(tuple(1.0 / math.factorial(n + 2) for n in range(12)))
 NEAR = tl.constexpr(0.25)
+# finalize_kl's excess form only below this KL (softmax_stats.h's kNearKl).
+NEAR_KL = tl.constexpr(0.25)
 
 
 @triton.jit
@@ -671,9 +673,9 @@ def _finalize_kl_f64(m_w, r_w, m_v, r_v, u, inf, dw, dv, k, EXCESS: tl.constexpr
     """finalize_kl's arithmetic (finalize_kl in softmax_stats.h) in fp64: NaN if a side is
     invalid (all -inf, NaN or +inf), +inf if some w_j > 0 has v_j = 0, else u / s1_w +
     (log s1_v - log s1_w) clamped at 0 (the two logs first: equal normalizers cancel exactly);
-    with EXCESS, where |r| < 1/2, r = (k - u) / s1_w = s1_v / s1_w - 1, k / s1_w - (r - log1p r)
-    instead (docs/math.md §4: no O(1) term cancels, the exps' roundings enter relative to the
-    KL through k or damped by r through u).
+    with EXCESS, where |r| < 1/2 (r = (k - u) / s1_w = s1_v / s1_w - 1) and that KL < NEAR_KL,
+    k / s1_w - (r - log1p r) instead (docs/math.md §4: no O(1) term cancels, the exps'
+    roundings enter relative to the KL through k or damped by r through u).
     Also each side's log s1 + delta and c + dw - dv, c = u / s1_w (the backward's shift,
     kl_grad_shift), both moved to `row_exponent`'s references by `reference_shift`'s deltas,
     from a dummy state for an invalid side (no log(0) or 0 / 0)."""
@@ -691,8 +693,11 @@ def _finalize_kl_f64(m_w, r_w, m_v, r_v, u, inf, dw, dv, k, EXCESS: tl.constexpr
         # A w side of one entry (r_w = 0: s1_w is exactly 1, its log exactly 0) has no O(1) term
         # to cancel: u + log1p r_v as is. Its excess would carry only the lane frames' own
         # roundings (f of ~ulp(z k) on each side: 3.4e-21 on a V = 1 row whose KL is 0).
+        # Near-equal rows only (softmax_stats.h's kNearKl): where rows differ, k's moves to the
+        # row's maxes cancel terms of the chunk's own frame undamped (fp32 [1, 4095]: a KL of
+        # 3.76 came out 1.1e-4 off in C++ and 2.0e-6 here, with |r| = 0.4999 by chance).
         r = (k - u) / (1.0 + r_w)
-        near = (tl.abs(r) < 0.5) & (r_w != 0)
+        near = (tl.abs(r) < 0.5) & (r_w != 0) & (kl < NEAR_KL)
         kl = tl.where(near, k / (1.0 + r_w) - _log1p_excess(tl.where(near, r, 0.0)), kl)
     kl = tl.maximum(kl, 0.0)
     kl = tl.where(inf > 0, float("inf"), kl)

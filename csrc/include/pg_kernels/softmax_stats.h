@@ -413,26 +413,35 @@ PGK_HD bool side_is_valid(T m) {
   return m > neg_inf<T>() && m < -neg_inf<T>();
 }
 
+// finalize_kl takes the excess form below this KL: there the logs' form would lose digits
+// (~1e-7 absolute of log s1 against a small KL), above it the excess form may (its moves).
+constexpr double kNearKl = 0.25;
+
 // KL(w || v) from a finished pair state: NaN if either side is invalid, +inf if some w_j > 0
 // has v_j = 0, else u / s1_w - log s1_w + log s1_v clamped at 0 (the exact value is >= 0;
-// rounding can leave -1e-8 when w = v). Where the normalizers are near-equal
-// (|r| < 1/2, r = s1_v / s1_w - 1 = (k - u) / s1_w) it is k / s1_w - (r - log1p(r)) instead:
+// rounding can leave -1e-8 when w = v). Of near-equal rows (that KL below kNearKl and
+// |r| < 1/2, r = s1_v / s1_w - 1 = (k - u) / s1_w) it is k / s1_w - (r - log1p(r)) instead:
 // no O(1) term cancels, and the exps' roundings enter relative to the KL (k) or damped by r
-// (u). Far from it k / s1_w and r would cancel (k ~ s1_v); the logs do not.
+// (u). Far from it k / s1_w and r would cancel (k ~ s1_v); the logs do not. And k moves badly
+// where the rows differ: a chunk whose w max lies d below the row's, v's at the row's, reaches
+// the row's frame as k - (1 - e^-d) u + ... with k and u of its own frame (~1400 against a
+// moved k of ~3: fp32 [1, 4095] at tau 1, d = 6), and their roundings are not damped by e^-d
+// as u's move is: |r| was 0.4999 there by chance, and the KL of 3.76 came out 1.1e-4 off
+// (plain fp32 PyTorch 1e-6). Below kNearKl the rows are close in every chunk that carries mass.
 template <typename T>
 PGK_HD T finalize_kl(const PairState<T>& s) {
   if (!side_is_valid(s.m_w) || !side_is_valid(s.m_v)) return quiet_nan<T>();
   if (s.inf) return -neg_inf<T>();
-  const T r = (s.k - s.u) / s.s1_w;
-  if (r < T(0.5) && r > T(-0.5)) {
-    const T kl = s.k / s.s1_w - (r - std::log1p(r));
-    return kl > T(0) ? kl : T(0);
-  }
   // The two logs first: when the normalizers agree they cancel exactly, and u / s1_w, which can
   // be far below either log, is added to their difference, not rounded to ulp(log s1) (a
   // double pass, fp64 or a refined fp32 row, with s1 = 1 + 1.1e-13 on both sides: u rounded to
   // the grid of 1.1e-13, 2^-94 = 5.0e-29 where the truth is 5.4e-29).
   const T kl = s.u / s.s1_w + (std::log(s.s1_v) - std::log(s.s1_w));
+  const T r = (s.k - s.u) / s.s1_w;
+  if (r < T(0.5) && r > T(-0.5) && kl < T(kNearKl)) {
+    const T near = s.k / s.s1_w - (r - std::log1p(r));
+    return near > T(0) ? near : T(0);
+  }
   return kl > T(0) ? kl : T(0);
 }
 
