@@ -106,6 +106,24 @@ def test_tail_masked_with_a_huge_finite_fill(bd, dtype, fill):
         )  # fmt: skip
 
 
+@pytest.mark.backends("cpu")
+def test_tail_far_below_the_head_gradient(bd):
+    """The fuzzer's row (C++, seed 20261212): a tail of one -1e30 logit at tau 16.7, log P_tail
+    = -6e28, and q_tail = 1.4e-8 (the top-2 log-probs' own rounding): a KL of 8.6e20, and the
+    tail entry's gradient -q_tail / tau = -8.6e-10. The backward's single exponent (z_j - m) -
+    (log s - log(q_tail / P_tail - Q)) cancelled two terms of 6e28 (-0.06 there); beyond
+    kFarTailLog it takes the tail's own softmax. (Triton's tail takes logits that far out as
+    masked: README, Testing, open (4).)"""
+    backend, device = bd
+    x = torch.tensor([[-1e30, 3.0, 1.0]], device=device)
+    ids = torch.tensor([[1, 2]], device=device)
+    lp = torch.tensor([[-0.1269280165, -2.1269280910]], device=device)
+    tau = torch.tensor([16.714989565055827], dtype=torch.float64, device=device)
+    check_against_reference(
+        _op(backend), reference.topk_kl, (x, ids, lp), {"temperature": tau}, diff_fields=("out",)
+    )
+
+
 def test_small_temperature_peaked_rows(bd):
     """p and q one-hot on the same id at |z| ~ 1e4 (tau 0.07): the gradient there, Q p - q, is 0
     to rounding. From a saved L the backward's p = exp(z - L) carried ulp(L) / 2 ~ 4.9e-4 and

@@ -115,6 +115,49 @@ struct TopkKLRow {
   acc_t kl, m, log_s, logp_tail;  // L = m + log_s
 };
 
+// The tail's sum relative to its own running max (ids masked out of the chunk buffer), rescaled
+// when the max rises. Two-level sums as in token_stats.cpp: two chains per lane inside a chunk,
+// then chunk totals into the row's lanes, all in WideLanes (double lanes for fp32 rows): fp32
+// lanes put ~1e-6 into the tail sum of a row of 4096 tied logits (an id's gradient entry 1.0e-6
+// off relative to p_j where plain PyTorch's logsumexp was 2e-8 off).
+template <typename acc_t>
+struct TailSum {
+  WideLanes<acc_t> s;
+  acc_t m = neg_inf<acc_t>();
+
+  // One chunk's buffer (z, the ids already -inf) of padded size n_pad and max chunk_max.
+  void add_chunk(const acc_t* buf, int64_t n_pad, acc_t chunk_max) {
+    constexpr int64_t W = Vec<acc_t>::size();
+    if (chunk_max > m) {
+      if (m != neg_inf<acc_t>()) s.scale(std::exp(row_sum_t<acc_t>(m) - row_sum_t<acc_t>(chunk_max)));
+      m = chunk_max;
+    }
+    if (m == neg_inf<acc_t>()) return;  // nothing finite in the tail so far
+    const Vec<acc_t> vm(m);
+    WideLanes<acc_t> lo, hi;
+    for (int64_t i = 0; i < n_pad; i += 2 * W) {
+      // exp(-inf - m) = 0: masked ids, -inf logits and the padding add nothing.
+      lo.add(vexp(Vec<acc_t>::loadu(buf + i) - vm));
+      hi.add(vexp(Vec<acc_t>::loadu(buf + i + W) - vm));
+    }
+    s = s + (lo + hi);
+  }
+};
+
+// The chunk's ids (sorted, from `next` on) overwritten with -inf in the buffer, their z kept in
+// zh; returns the chunk's max over what is left (chunk_max if no id is in the chunk).
+template <typename acc_t>
+acc_t mask_ids(acc_t* buf, int64_t begin, int64_t n, const IdSlot* ids, int64_t K, int64_t& next,
+               acc_t* zh, acc_t chunk_max) {
+  bool masked = false;
+  for (; next < K && ids[next].first < begin + n; ++next) {
+    zh[next] = buf[ids[next].first - begin];
+    buf[ids[next].first - begin] = neg_inf<acc_t>();
+    masked = true;
+  }
+  return masked ? buffer_max(buf, round_up(n, kStep<acc_t>)) : chunk_max;
+}
+
 // The head's z are read from the chunk buffer (z = x / tau, the buffer's), not recomputed from
 // x[id]: a recomputed x (1 / tau) - m contracts into an fma, whose exact product leaves
 // z - m = ulp(z) / 2 at the max instead of 0 (4.9e-4 at |z| ~ 1e4), and the KL of one-hot
@@ -124,44 +167,18 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> ta
                              const IdSlot* ids, int64_t K, const acc_t* log_q, acc_t* buf,
                              acc_t* zh, row_sum_t<acc_t>* q_head) {
   using fin_t = row_sum_t<acc_t>;
-  constexpr int64_t W = Vec<acc_t>::size();
-  // Two-level sums as in token_stats.cpp: two chains per lane inside a chunk, then chunk
-  // totals into the row's lanes, all in WideLanes (double lanes for fp32 rows): fp32 lanes
-  // put ~1e-6 into the tail sum of a row of 4096 tied logits (an id's gradient entry 1.0e-6
-  // off relative to p_j where plain PyTorch's logsumexp was 2e-8 off).
-  WideLanes<acc_t> s_tail;
-  acc_t m_tail = neg_inf<acc_t>();  // running max over the tail (ids masked out)
-  acc_t m_row = neg_inf<acc_t>();   // running max over everything: NaN / +inf detection
-  int64_t next = 0;                 // first sorted id not yet reached
+  TailSum<acc_t> tail;
+  acc_t m_row = neg_inf<acc_t>();  // running max over everything: NaN / +inf detection
+  int64_t next = 0;                // first sorted id not yet reached
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
-    const int64_t n_pad = round_up(n, kStep<acc_t>);
-    acc_t chunk_max = load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf);
+    const acc_t chunk_max = load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf);
     m_row = max_nan(m_row, chunk_max);
     if (!(m_row < -neg_inf<acc_t>())) break;  // NaN or +inf anywhere: the row is NaN
-    bool masked = false;
-    for (; next < K && ids[next].first < begin + n; ++next) {
-      zh[next] = buf[ids[next].first - begin];
-      buf[ids[next].first - begin] = neg_inf<acc_t>();
-      masked = true;
-    }
-    if (masked) chunk_max = buffer_max(buf, n_pad);
-    if (chunk_max > m_tail) {
-      if (m_tail != neg_inf<acc_t>()) {
-        s_tail.scale(std::exp(row_sum_t<acc_t>(m_tail) - row_sum_t<acc_t>(chunk_max)));
-      }
-      m_tail = chunk_max;
-    }
-    if (m_tail == neg_inf<acc_t>()) continue;  // nothing finite in the tail so far
-    const Vec<acc_t> vm(m_tail);
-    WideLanes<acc_t> lo, hi;
-    for (int64_t i = 0; i < n_pad; i += 2 * W) {
-      // exp(-inf - m) = 0: masked ids, -inf logits and the padding add nothing.
-      lo.add(vexp(Vec<acc_t>::loadu(buf + i) - vm));
-      hi.add(vexp(Vec<acc_t>::loadu(buf + i + W) - vm));
-    }
-    s_tail = s_tail + (lo + hi);
+    tail.add_chunk(buf, round_up(n, kStep<acc_t>),
+                   mask_ids(buf, begin, n, ids, K, next, zh, chunk_max));
   }
+  const acc_t m_tail = tail.m;
   if (!(m_row > neg_inf<acc_t>() && m_row < -neg_inf<acc_t>())) {
     const acc_t nan = quiet_nan<acc_t>();
     return {nan, nan, nan, nan};
@@ -180,7 +197,7 @@ TopkKLRow<acc_t> forward_row(const scalar_t* x, int64_t V, Temperature<acc_t> ta
       head_rest += std::exp(fin_t(zh[k]) - fin_t(m_head));
     }
   }
-  const fin_t tail_sum = s_tail.total();
+  const fin_t tail_sum = tail.s.total();
   const TopkNormalizer<fin_t> norm = topk_normalizer<fin_t>(m_tail, tail_sum, m_head, head_rest);
   const QMasses<fin_t> q =
       q_masses(log_q, ids, K, K < V, m_tail == neg_inf<acc_t>(), q_head);
@@ -207,17 +224,41 @@ void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, const Id
   const acc_t g_tau = g / tau.tau;
   const fin_t g_tau_fin = fin_t(g) / fin_t(tau.tau);
   // Off the ids: dKL/dz_j = sign exp((z_j - m) - (log s - tail_log)); an offset of +inf
-  // gives 0.
+  // gives 0. Its two large terms cancel where q_tail / P_tail is large (tail_log ~ -log P_tail):
+  // each carries ulp of its size, and a tail masked with -1e30 (log P_tail = -6e28 at tau 16.7)
+  // gave a gradient entry of -0.06 where the truth is -8.6e-10. Beyond kFarTailLog the tail's
+  // term is taken from its own softmax instead, Q p_j - q_tail t_j with t_j = exp(z_j - m_t) /
+  // s_t (TailSum again: one more sweep over the row, for such rows only).
+  constexpr double kFarTailLog = 32.0;
+  const bool far = coef.tail_sign != fin_t(0) && !(std::abs(coef.tail_log) < kFarTailLog);
+  TailSum<acc_t> tail;
+  if (far) {
+    for (int64_t begin = 0, nx = 0; begin < V; begin += kChunk) {
+      const int64_t n = std::min(kChunk, V - begin);
+      const acc_t chunk_max = load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf);
+      tail.add_chunk(buf, round_up(n, kStep<acc_t>),
+                     mask_ids(buf, begin, n, ids, K, nx, zh, chunk_max));
+    }
+  }
   const Vec<acc_t> v_m(m), v_off(acc_t(fin_t(log_s) - coef.tail_log)),
-      v_scale(acc_t(coef.tail_sign) * g_tau);
+      v_scale(acc_t(coef.tail_sign) * g_tau), v_head(acc_t(coef.head * g_tau_fin)),
+      v_mt(tail.m), v_lt(acc_t(std::log(tail.s.total()))), v_qt(acc_t(q.tail * g_tau_fin));
   int64_t next = 0;
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
     load_quotient_chunk(x + begin, n, tau.tau, tau.r, buf);
     // The chunk's head z, as the forward read them, before the tail formula overwrites them.
     for (int64_t j = next; j < K && ids[j].first < begin + n; ++j) zh[j] = buf[ids[j].first - begin];
-    for (int64_t i = 0; i < n; i += W) {
-      (vexp((Vec<acc_t>::loadu(buf + i) - v_m) - v_off) * v_scale).store(buf + i);
+    if (far) {
+      for (int64_t i = 0; i < n; i += W) {
+        const Vec<acc_t> z = Vec<acc_t>::loadu(buf + i);
+        const Vec<acc_t> p = vexp((z - v_m) - Vec<acc_t>(log_s)), t = vexp((z - v_mt) - v_lt);
+        (p * v_head - t * v_qt).store(buf + i);
+      }
+    } else {
+      for (int64_t i = 0; i < n; i += W) {
+        (vexp((Vec<acc_t>::loadu(buf + i) - v_m) - v_off) * v_scale).store(buf + i);
+      }
     }
     // On the ids: dKL/dz_j = Q p_j - q_j, in row_sum_t (K entries per row): on a peaked row
     // Q p_j and q_j are both near 1, and from fp32 exps the difference carried ulp(1) / 2 of
