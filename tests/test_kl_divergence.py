@@ -522,8 +522,9 @@ def test_rows_far_apart_with_near_equal_normalizers(bd):
     - 1 of -0.44, -0.02, 0.37), the w max 4-6 above its other logits: the excess form, meant for
     near-equal rows, took k from moves to the row's maxes that cancel its chunks' own k and u
     (~1e3) undamped, 1.9e-5 off in C++ here (the fuzzer's fp32 [1, 4095]: a KL of 3.76 off by
-    1.1e-4, plain fp32 PyTorch 1e-6). The logs' form now takes every KL above 1/4: 3e-6 at
-    most here, a few fp32 ulps of c = u / s1_w ~ 12 (fp32 exps, double sums)."""
+    1.1e-4, plain fp32 PyTorch 1e-6). The logs' form now takes every KL above 1/4, and the C++
+    moves the form that rounds less: 3e-6 at most here, a few fp32 ulps of c = u / s1_w ~ 12
+    (fp32 exps, double sums)."""
     backend, device = bd
     g = torch.Generator().manual_seed(7)
     base = torch.randn(1, 4095, generator=g, dtype=torch.float64)

@@ -693,9 +693,11 @@ def _finalize_kl_f64(m_w, r_w, m_v, r_v, u, inf, dw, dv, k, EXCESS: tl.constexpr
         # A w side of one entry (r_w = 0: s1_w is exactly 1, its log exactly 0) has no O(1) term
         # to cancel: u + log1p r_v as is. Its excess would carry only the lane frames' own
         # roundings (f of ~ulp(z k) on each side: 3.4e-21 on a V = 1 row whose KL is 0).
-        # Near-equal rows only (softmax_stats.h's kNearKl): where rows differ, k's moves to the
-        # row's maxes cancel terms of the chunk's own frame undamped (fp32 [1, 4095]: a KL of
-        # 3.76 came out 1.1e-4 off in C++ and 2.0e-6 here, with |r| = 0.4999 by chance).
+        # Near-equal rows only (softmax_stats.h's kNearKl): rows far apart can have |r| < 1/2
+        # by chance (fp32 [1, 4095], |r| = 0.4999), and k's moves to the row's maxes cancel
+        # terms of a lane's or chunk's own frame undamped where its w side drops far below the
+        # row's (that KL of 3.76 came out 2.0e-6 off here; C++ 1.1e-4 before rescale_pair took
+        # the form that rounds less, which `rescale_excess` here does not yet).
         r = (k - u) / (1.0 + r_w)
         near = (tl.abs(r) < 0.5) & (r_w != 0) & (kl < NEAR_KL)
         kl = tl.where(near, k / (1.0 + r_w) - _log1p_excess(tl.where(near, r, 0.0)), kl)

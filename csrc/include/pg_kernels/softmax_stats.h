@@ -391,9 +391,22 @@ PGK_HD PairState<T> rescale_pair(const PairState<T>& s, T m_w_new, T m_v_new) {
   const T d = dv - dw;
   T k = a_v * s.k;
   if (d != T(0)) {
-    k = (d < T(0.25) && d > T(-0.25))
-            ? k - a_w * (std::expm1(d) * s.u - expm1_excess(d) * s.s1_w)
-            : k - (a_v - a_w) * s.u + (a_v - a_w * (T(1) + d)) * s.s1_w;
+    if (d < T(0.25) && d > T(-0.25)) {
+      k = k - a_w * (std::expm1(d) * s.u - expm1_excess(d) * s.s1_w);
+    } else {
+      // Or, since k = s1_v - s1_w + u term by term, a_v s1_v + a_w (u - (1 + D) s1_w), which
+      // takes no k: whichever rounds less. Where the state's own frames differ a lot (a chunk
+      // whose w entries sit far above its v entries relative to each side's chunk max: k and u
+      // ~1400 there) and its w side drops far below the row's (a_w = e^-6), the first form
+      // cancels those undamped to a moved k of ~3 (a KL of 3.76 came out 1.1e-4 off, plain
+      // 1e-6; another of 0.157 5.5e-6 off); the second adds a_w-damped terms to a_v s1_v.
+      const T first = k - (a_v - a_w) * s.u + (a_v - a_w * (T(1) + d)) * s.s1_w;
+      const T first_size = std::abs(k) + std::abs((a_v - a_w) * s.u) +
+                           std::abs((a_v - a_w * (T(1) + d)) * s.s1_w);
+      const T second = a_v * s.s1_v + a_w * (s.u - (T(1) + d) * s.s1_w);
+      const T second_size = a_v * s.s1_v + a_w * (std::abs(s.u) + std::abs((T(1) + d) * s.s1_w));
+      k = second_size < first_size ? second : first;
+    }
   }
   return {m_w_new, a_w * s.s1_w, m_v_new, a_v * s.s1_v, a_w * (s.u + (dw - dv) * s.s1_w), k,
           s.inf};
@@ -422,12 +435,10 @@ constexpr double kNearKl = 0.25;
 // rounding can leave -1e-8 when w = v). Of near-equal rows (that KL below kNearKl and
 // |r| < 1/2, r = s1_v / s1_w - 1 = (k - u) / s1_w) it is k / s1_w - (r - log1p(r)) instead:
 // no O(1) term cancels, and the exps' roundings enter relative to the KL (k) or damped by r
-// (u). Far from it k / s1_w and r would cancel (k ~ s1_v); the logs do not. And k moves badly
-// where the rows differ: a chunk whose w max lies d below the row's, v's at the row's, reaches
-// the row's frame as k - (1 - e^-d) u + ... with k and u of its own frame (~1400 against a
-// moved k of ~3: fp32 [1, 4095] at tau 1, d = 6), and their roundings are not damped by e^-d
-// as u's move is: |r| was 0.4999 there by chance, and the KL of 3.76 came out 1.1e-4 off
-// (plain fp32 PyTorch 1e-6). Below kNearKl the rows are close in every chunk that carries mass.
+// (u). Far from it k / s1_w and r would cancel (k ~ s1_v); the logs do not. Rows far apart
+// can have normalizers within 1/2 by chance (|r| = 0.4999 on the fuzzer's fp32 [1, 4095] row,
+// whose KL of 3.76 came out 1.1e-4 off through k's moves, now fixed in rescale_pair): above
+// kNearKl the logs' form is accurate and k is not needed.
 template <typename T>
 PGK_HD T finalize_kl(const PairState<T>& s) {
   if (!side_is_valid(s.m_w) || !side_is_valid(s.m_v)) return quiet_nan<T>();
