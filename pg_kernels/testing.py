@@ -114,6 +114,24 @@ def near_one_hot(logits: torch.Tensor, rows: slice | Sequence[int], gap: float =
     logits[rows] = sub
 
 
+def masked_with_a_huge_finite_fill(
+    dtype: torch.dtype, fill: float | str, noise: Sequence[float], *, whole: bool, seed: int
+) -> list[torch.Tensor]:
+    """[4, 100] logits (randn * 2) and, per noise scale, a copy plus noise * randn, all masked
+    alike with a huge finite fill ("finfo.min": the dtype's, as Hugging Face masks; or a number
+    such as -1e30) instead of -inf: row 0 a tail, row 1 all but two entries, row 2 all but
+    both ends (whole lanes and chunks of it under small Triton blocks), row 3 whole if `whole`.
+    Built in float64 on the CPU, then cast to `dtype`."""
+    lo = torch.finfo(dtype).min if fill == "finfo.min" else fill
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 100, generator=g, dtype=torch.float64) * 2
+    sides = [x] + [x + s * torch.randn(4, 100, generator=g, dtype=torch.float64) for s in noise]
+    mask = torch.zeros(4, 100, dtype=torch.bool)
+    mask[0, 40:] = mask[1, :50] = mask[1, 52:] = mask[2, 5:95] = True
+    mask[3] = whole
+    return [t.masked_fill(mask, lo).to(dtype) for t in sides]
+
+
 def _err(out: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (out.double() - truth.double()).abs()
 

@@ -12,6 +12,7 @@ from pg_kernels.testing import (
     check_against_reference,
     make_labels,
     make_logits,
+    masked_with_a_huge_finite_fill,
     near_one_hot,
     peaked_logits,
 )
@@ -476,20 +477,6 @@ def test_shared_neg_inf_entries(bd, direction):
     _check(backend, x, xr, direction=direction)
 
 
-def _masked_finite(dtype, fill, whole, seed):
-    """Logits and reference logits of V = 100 sharing a mask of a huge finite fill (finfo.min,
-    as Hugging Face masks, or -1e30): a tail, a run around two entries, a run inside (whole
-    lanes and chunks of it under small Triton blocks); with `whole`, a row masked whole too."""
-    lo = torch.finfo(dtype).min if fill == "finfo.min" else fill
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4, 100, generator=g, dtype=torch.float64) * 2
-    xr = x + 0.3 * torch.randn(4, 100, generator=g, dtype=torch.float64)
-    mask = torch.zeros(4, 100, dtype=torch.bool)
-    mask[0, 40:] = mask[1, :50] = mask[1, 52:] = mask[2, 5:95] = True
-    mask[3] = whole
-    return (t.masked_fill(mask, lo).to(dtype) for t in (x, xr))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("fill", ["finfo.min", -1e30], ids=str)
 def test_shared_huge_finite_mask(bd, dtype, fill, small_triton_blocks):
@@ -498,7 +485,7 @@ def test_shared_huge_finite_mask(bd, dtype, fill, small_triton_blocks):
     where it does not. fp64 rows masked with finfo(float64).min were NaN under the Triton
     interpreter at tau 2 (its emulated fp64 fma overflowed Veltkamp's split), not a kernel's."""
     backend, device = bd
-    x, xr = _masked_finite(dtype, fill, whole=False, seed=5)
+    x, xr = masked_with_a_huge_finite_fill(dtype, fill, [0.3], whole=False, seed=5)
     for t in (1.0, 0.7, 2.0):
         for direction in DIRECTIONS:
             _check(backend, x.to(device), xr.to(device), direction=direction, temperature=t)
@@ -512,7 +499,7 @@ def test_rows_masked_whole_with_a_finite_fill(request, bd, dtype, small_triton_b
     backend, device = bd
     if backend == "triton":
         request.node.add_marker(pytest.mark.xfail(strict=True, reason="open (4): NaN rows"))
-    x, xr = _masked_finite(dtype, -1e30, whole=True, seed=6)
+    x, xr = masked_with_a_huge_finite_fill(dtype, -1e30, [0.3], whole=True, seed=6)
     for t in (1.0, 0.7):
         _check(backend, x.to(device), xr.to(device), temperature=t)
 

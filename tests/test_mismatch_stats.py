@@ -10,7 +10,13 @@ import torch
 
 import pg_kernels
 from pg_kernels import reference
-from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
+from pg_kernels.testing import (
+    check_against_reference,
+    make_labels,
+    make_logits,
+    masked_with_a_huge_finite_fill,
+    near_one_hot,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SAMPLED = ("log_ratio", "ratio", "k1", "k2", "k3", "abs_log_ratio", "chi2", "tis_weight",
@@ -286,19 +292,10 @@ def test_many_chunks_per_row(bd, small_triton_blocks):
 
 
 def _masked_finite(dtype, fill, whole, device):
-    """Training and rollout logits of V = 100 sharing a mask of a huge finite fill (finfo.min, as
-    Hugging Face masks, or -1e30; whole lanes and chunks of it under small Triton blocks), with
-    a row masked whole if `whole`; labels on unmasked entries, and the rollout's log-probs."""
-    lo = torch.finfo(dtype).min if fill == "finfo.min" else fill
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(4, 100, generator=g, dtype=torch.float64) * 2
-    xr = x + 0.3 * torch.randn(4, 100, generator=g, dtype=torch.float64)
-    mask = torch.zeros(4, 100, dtype=torch.bool)
-    mask[0, 40:] = mask[1, :50] = mask[1, 52:] = mask[2, 5:95] = True
-    mask[3] = whole
-    x, xr = (t.masked_fill(mask, lo).to(dtype).to(device) for t in (x, xr))
-    y = torch.tensor([3, 51, 97, 7], device=device)
-    return x, xr, y
+    """Training and rollout logits masked alike with a huge finite fill
+    (`masked_with_a_huge_finite_fill`), labels on unmasked entries."""
+    x, xr = masked_with_a_huge_finite_fill(dtype, fill, [0.3], whole=whole, seed=7)
+    return x.to(device), xr.to(device), torch.tensor([3, 51, 97, 7], device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

@@ -14,7 +14,13 @@ from test_token_stats import _logprob_grad_error, _peaked_rows
 
 import pg_kernels
 from pg_kernels import reference
-from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
+from pg_kernels.testing import (
+    check_against_reference,
+    make_labels,
+    make_logits,
+    masked_with_a_huge_finite_fill,
+    near_one_hot,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 DIRECTIONS = ("reverse", "forward")
@@ -290,14 +296,10 @@ def test_vocab_masked_with_a_huge_finite_fill(bd, dtype, temperature, small_trit
     the float range at tau < 1. With the pairs: rows partly masked; the token fields alone: a
     row masked whole too (uniform; to the Triton pairs such a row is a NaN row, README)."""
     backend, device = bd
-    lo = torch.finfo(dtype).min
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 100, generator=g, dtype=torch.float64) * 2
-    xr = x + 0.1 * torch.randn(4, 100, generator=g, dtype=torch.float64)
-    xq = x + 0.5 * torch.randn(4, 100, generator=g, dtype=torch.float64)
-    mask = torch.zeros(4, 100, dtype=torch.bool)
-    mask[0, 40:] = mask[1, :50] = mask[1, 52:] = mask[2, 5:95] = mask[3] = True
-    x, xr, xq = (t.masked_fill(mask, lo).to(dtype).to(device) for t in (x, xr, xq))
+    x, xr, xq = (
+        t.to(device)
+        for t in masked_with_a_huge_finite_fill(dtype, "finfo.min", [0.1, 0.5], whole=True, seed=3)
+    )
     y = torch.tensor([3, 50, 2, 7], device=device)
     kw = {"temperature": temperature}
     _check(backend, x, y, None, None, None, **kw)

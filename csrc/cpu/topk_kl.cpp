@@ -240,7 +240,7 @@ void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, const Id
                      mask_ids(buf, begin, n, ids, K, nx, zh, chunk_max));
     }
   }
-  const Vec<acc_t> v_m(m), v_off(acc_t(fin_t(log_s) - coef.tail_log)),
+  const Vec<acc_t> v_m(m), v_ls(log_s), v_off(acc_t(fin_t(log_s) - coef.tail_log)),
       v_scale(acc_t(coef.tail_sign) * g_tau), v_head(acc_t(coef.head * g_tau_fin)),
       v_mt(tail.m), v_lt(acc_t(std::log(tail.s.total()))), v_qt(acc_t(q.tail * g_tau_fin));
   int64_t next = 0;
@@ -252,7 +252,7 @@ void backward_row(const scalar_t* x, int64_t V, Temperature<acc_t> tau, const Id
     if (far) {
       for (int64_t i = 0; i < n; i += W) {
         const Vec<acc_t> z = Vec<acc_t>::loadu(buf + i);
-        const Vec<acc_t> p = vexp((z - v_m) - Vec<acc_t>(log_s)), t = vexp((z - v_mt) - v_lt);
+        const Vec<acc_t> p = vexp((z - v_m) - v_ls), t = vexp((z - v_mt) - v_lt);
         (p * v_head - t * v_qt).store(buf + i);
       }
     } else {

@@ -400,11 +400,12 @@ PGK_HD PairState<T> rescale_pair(const PairState<T>& s, T m_w_new, T m_v_new) {
       // ~1400 there) and its w side drops far below the row's (a_w = e^-6), the first form
       // cancels those undamped to a moved k of ~3 (a KL of 3.76 came out 1.1e-4 off, plain
       // 1e-6; another of 0.157 5.5e-6 off); the second adds a_w-damped terms to a_v s1_v.
-      const T first = k - (a_v - a_w) * s.u + (a_v - a_w * (T(1) + d)) * s.s1_w;
-      const T first_size = std::abs(k) + std::abs((a_v - a_w) * s.u) +
-                           std::abs((a_v - a_w * (T(1) + d)) * s.s1_w);
-      const T second = a_v * s.s1_v + a_w * (s.u - (T(1) + d) * s.s1_w);
-      const T second_size = a_v * s.s1_v + a_w * (std::abs(s.u) + std::abs((T(1) + d) * s.s1_w));
+      const T by_u = (a_v - a_w) * s.u, by_s = (a_v - a_w * (T(1) + d)) * s.s1_w;
+      const T first = k - by_u + by_s;
+      const T first_size = std::abs(k) + std::abs(by_u) + std::abs(by_s);
+      const T from_v = a_v * s.s1_v, w_s = (T(1) + d) * s.s1_w;
+      const T second = from_v + a_w * (s.u - w_s);
+      const T second_size = from_v + a_w * (std::abs(s.u) + std::abs(w_s));
       k = second_size < first_size ? second : first;
     }
   }
