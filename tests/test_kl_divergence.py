@@ -99,7 +99,12 @@ def _kl_grad_floor(x, xr, kw):
     kl = (lw.exp() * (lw - lv)).nan_to_num().sum(-1, keepdim=True).abs()
     size = ((lw - lv).abs() + kl).nan_to_num(posinf=0.0)
     eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
-    zmax = torch.maximum(finite_abs_max(zp), finite_abs_max(zq))
+    # Only entries with mass move a normalizer or a gradient: a mask of -1e30 (|z| ~ 1e30, mass
+    # exactly 0) would make this floor vacuous on every row it touches.
+    mass = (lw.exp() > 0) | (lv.exp() > 0)
+    zmax = torch.maximum(
+        finite_abs_max(zp.where(mass, 0.0)), finite_abs_max(zq.where(mass, 0.0))
+    )
     z_size = 3 * eps * zmax * torch.maximum(lw.exp(), lv.exp())
 
     def floor(i, ups):
@@ -491,17 +496,59 @@ def test_shared_huge_finite_mask(bd, dtype, fill, small_triton_blocks):
             _check(backend, x.to(device), xr.to(device), direction=direction, temperature=t)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rows_masked_whole_with_a_finite_fill(request, bd, dtype, small_triton_blocks):
-    """A row masked whole with -1e30 on both sides is two uniform distributions: KL 0. The
-    Triton pair passes take logits below -2^28 / k as masked, so to them it is a row of -inf:
-    NaN (README, Testing, open (4))."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_rows_masked_whole_with_a_finite_fill(bd, dtype, small_triton_blocks):
+    """A row masked whole with -1e30 on both sides is two uniform distributions: KL 0 and
+    gradients 0, exactly (row 3; the other rows are masked in part). The Triton pair passes
+    took it for a row of -inf (every logit below their lanes' floor, -2^28 / k): NaN. A side
+    with nothing above the floor is now read again for its raw max and summed relative to it,
+    and a row that far out takes its backward exponents relative to that max read again (a =
+    m tau rounded misses -1e30 by an ulp of it, 7.6e22)."""
     backend, device = bd
-    if backend == "triton":
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason="open (4): NaN rows"))
     x, xr = masked_with_a_huge_finite_fill(dtype, -1e30, [0.3], whole=True, seed=6)
+    x, xr = x.to(device), xr.to(device)
     for t in (1.0, 0.7):
-        _check(backend, x.to(device), xr.to(device), temperature=t)
+        for direction in DIRECTIONS:
+            _check(backend, x, xr, temperature=t, direction=direction)
+            xa, xra = x.clone().requires_grad_(), xr.clone().requires_grad_()
+            kl = _op(backend)(xa, xra, temperature=t, direction=direction)
+            kl.sum().backward()
+            # The floor of `_check` is vacuous on that row (|z| ~ 1e30 entries with mass).
+            assert float(kl[3]) == 0.0
+            assert not xa.grad[3].any() and not xra.grad[3].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("fill", ["finfo.min", -1e30], ids=str)
+def test_one_side_masked_whole_is_uniform(bd, dtype, fill, small_triton_blocks):
+    """A side masked whole with a huge finite fill is the uniform distribution, whatever its
+    other side: the KL and both gradients are those with that side a row of zeros (the same
+    distribution; ordinary rows, checked against float64 by the tests above), in both
+    directions, on either side. Their floor against float64 would be vacuous with the fill
+    itself (|z| ~ 1e30 with mass).
+    finfo.min under tau < 1 is -inf in z = x / tau (a row of -inf, as fp32 PyTorch reads it):
+    tau 2 there."""
+    backend, device = bd
+    x, _ = _pair(2, 130, dtype, device, seed=8)
+    lo = torch.finfo(dtype).min if fill == "finfo.min" else fill
+    masked = torch.full_like(x, lo)
+    zeros = torch.zeros_like(x)
+    for t in (1.0, 2.0 if fill == "finfo.min" else 0.7):
+        for direction in DIRECTIONS:
+            for uniform_ref in (True, False):
+                pair = (x, masked) if uniform_ref else (masked, x)
+                same = (x, zeros) if uniform_ref else (zeros, x)
+                got = _kl_and_grads(backend, pair, temperature=t, direction=direction)
+                want = _kl_and_grads(backend, same, temperature=t, direction=direction)
+                for g, w in zip(got, want):
+                    torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def _kl_and_grads(backend, pair, **kw):
+    a, b = (t.clone().requires_grad_() for t in pair)
+    kl = _op(backend)(a, b, **kw)
+    (kl * torch.arange(1.0, 1.0 + len(kl), device=kl.device, dtype=kl.dtype)).sum().backward()
+    return kl.detach(), a.grad, b.grad
 
 
 def test_rows_far_apart_with_near_equal_normalizers(bd):

@@ -312,17 +312,25 @@ def test_shared_huge_finite_mask(bd, dtype, fill, small_triton_blocks):
         _check(backend, x, y, lp, rollout_logits=xr, temperature=t)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rows_masked_whole_with_a_finite_fill(request, bd, dtype, small_triton_blocks):
-    """A row masked whole with -1e30 on both sides: uniform, token_kl and token_tv 0. The
-    Triton pair pass takes it as a row of -inf: NaN (README, Testing, open (4))."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_rows_masked_whole_with_a_finite_fill(bd, dtype, small_triton_blocks):
+    """A row masked whole with -1e30 on both sides: uniform, token_kl and token_tv 0 (the
+    Triton pair pass took it for a row of -inf, NaN, until its sides with nothing above the
+    lane floor were read again for their raw max); and the rollout side alone masked whole:
+    the uniform distribution, every output and the gradient those of a rollout row of zeros."""
     backend, device = bd
-    if backend == "triton":
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason="open (4): NaN rows"))
     x, xr, y = _masked_finite(dtype, -1e30, whole=True, device=device)
     for t in (1.0, 0.7):
         lp = reference.token_stats(xr, y, temperature=t).logprob.float()
         _check(backend, x, y, lp, rollout_logits=xr, temperature=t)
+        uniform = []
+        for rollout in (torch.full_like(x, -1e30), torch.zeros_like(x)):
+            xa = x.clone().requires_grad_()
+            out = _op(backend)(xa, y, lp, rollout_logits=rollout, temperature=t)
+            out.logprob.sum().backward()
+            uniform.append((out.token_kl, out.token_tv, out.logprob, xa.grad))
+        for got, want in zip(*uniform):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_invalid_rows_stay_local(bd):

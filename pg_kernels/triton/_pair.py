@@ -313,7 +313,9 @@ def lane_floor(k):
     logit that can matter, and (floor - x) * k stays finite. A lane whose logits all lie below
     it counts as empty: x k < -2^28 in fp32 (-2^50 in fp64), so that a lane's reference
     r = fl(m k) rounds by 8 (1/8) at most, the exponent of its max within the range (masks of
-    `-1e30` or `finfo.min`, |x| k ~ 1e30: r rounded by ~2^75, and 2^(x k - r) was inf)."""
+    `-1e30` or `finfo.min`, |x| k ~ 1e30: r rounded by ~2^75, and 2^(x k - r) was inf). A
+    chunk side with no logit above it is summed again relative to its own raw max
+    (`pair_chunk_kernel`'s second pass), so a row masked whole is uniform, not empty."""
     if k.dtype == tl.float64:
         big = -(2.0**50)
     else:
@@ -334,18 +336,57 @@ def max_logit(m, tau, XDT: tl.constexpr):
     return a
 
 
+# |m| (z units) from which fp32 and fp64 sides under a temperature take their exponents relative
+# to the max logit read again (`reads_max`): there a = m tau rounded can miss it by 2^24 tau
+# ulp(1), an exponent of ~1 and more.
+FAR_Z = tl.constexpr(2.0**24)
+
+
 @triton.jit
-def row_exponent(m, log_s1, tau, DIVIDE: tl.constexpr, XDT: tl.constexpr):
+def reads_max(m, DIVIDE: tl.constexpr, XDT: tl.constexpr):
+    """Whether a valid side of max m (z units) takes its exponents relative to its max logit
+    itself, read again from the row (`row_exponent`), not to `max_logit`'s a = m tau rounded:
+    fp32 and fp64 logits under a temperature with |m| >= FAR_Z, such as a row masked whole
+    with a huge finite fill (-1e30 / tau), where a misses the max logit by an ulp of it
+    (7.6e22) and every exponent (x - a) k with it. `reference_shift` leaves such sides
+    relative to M / tau, as `pair_chunk_kernel` summed them. 16-bit logits need no read:
+    `max_logit` rounds back to the max logit itself."""
+    if DIVIDE and XDT.primitive_bitwidth > 16:
+        return side_is_valid(m) & (tl.abs(m) >= FAR_Z)
+    else:
+        return tl.abs(m) < 0  # false, NaN included
+
+
+@triton.jit
+def row_max(row_ptr, V, read, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """The max logit of the row [0, V) at row_ptr in ACC where `read` (a pass over the whole
+    row, for the rare rows `reads_max` picks), else -inf."""
+    top = tl.full([BLOCK], float("-inf"), ACC)
+    cols = tl.arange(0, BLOCK)
+    for i in range(0, tl.where(read, V, 0), BLOCK):
+        x = tl.load(row_ptr + i + cols, mask=cols + i < V, other=float("-inf"))
+        top = tl.maximum(top, x.to(ACC))
+    return tl.max(top, 0)
+
+
+@triton.jit
+def row_exponent(m, log_s1, tau, row_ptr, V, DIVIDE: tl.constexpr, XDT: tl.constexpr,
+                 BLOCK: tl.constexpr):  # fmt: skip
     """(a, k, b) with (x - a) * k - b = (x / tau - a / tau - log_s1) * base, the exponent of a
     probability e^{z - a / tau - log s1} from a raw logit x (base = log2 e in fp32, 1 in fp64),
     with no division per element: a = m tau rounded, the row's max logit (or within an ulp of
     it), so x - a is exact or rounded relative to itself, k = base / tau and b = log s1 base.
     The finish kernels hand over log s1 relative to this same a / tau (`reference_shift`), not
     to the rounded m: an entry at the max gets exponent -log s1 exactly, and the errors are
-    relative to |z - m| and |log s1|, never to |z|. Without DIVIDE: a = m."""
+    relative to |z - m| and |log s1|, never to |z|. Without DIVIDE: a = m. A side far out
+    (`reads_max`) takes a = its max logit itself, read again from row_ptr [0, V) in blocks of
+    BLOCK: its log s1 is relative to that (`reference_shift`)."""
     k = lane_scale(tau, DIVIDE)
     if DIVIDE:
         a = max_logit(m, tau, XDT)
+        if XDT.primitive_bitwidth > 16:
+            far = reads_max(m, DIVIDE, XDT)
+            a = tl.where(far, row_max(row_ptr, V, far, m.dtype, BLOCK), a)
         if m.dtype == tl.float64:
             b = log_s1
         else:
@@ -555,6 +596,45 @@ def pair_chunk_kernel(
         mw, mv, rw, rv, sw, sv, u, k = _pair_lanes(
             xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, k, DIVIDE, EXCESS
         )
+    m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _chunk_state(
+        mw, mv, rw, rv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
+    )
+    # A side with no entry above the lane floor is empty (all -inf) or far out: a chunk masked
+    # whole with a huge finite fill (-1e30, finfo.min), whose exps relative to the floor were
+    # all 0 (a row masked whole then read as a row of -inf: NaN). Such a chunk is read again
+    # (a rare second pass): the side's raw max M, and where it is finite the chunk summed again
+    # with that side's logits moved by -M (`_shifted_chunk`), its sums then relative to M / tau.
+    if (tl.max(mw, 0) == floor_w) | (tl.max(mv, 0) == floor_v):
+        top_w, top_v = _chunk_max(w_row, v_row, start, n_valid, tl.max(mw, 0) == floor_w,
+                                  tl.max(mv, 0) == floor_v, ACC, BLOCK_V)  # fmt: skip
+        shift_w = tl.where(side_is_valid(top_w), top_w, 0.0)
+        shift_v = tl.where(side_is_valid(top_v), top_v, 0.0)
+        if (shift_w != 0) | (shift_v != 0):
+            m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _shifted_chunk(
+                w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w, tau_v, floor_w,
+                floor_v, DIVIDE, EXCESS, LANES, FOLD,
+            )  # fmt: skip
+    idx = chunk.to(tl.int64) * N + row
+    plane = tl.num_programs(1).to(tl.int64) * N
+    tl.store(part_ptr + idx, m_w)
+    tl.store(part_ptr + plane + idx, r_w)
+    tl.store(part_ptr + 2 * plane + idx, m_v)
+    tl.store(part_ptr + 3 * plane + idx, r_v)
+    tl.store(part_ptr + 4 * plane + idx, u)
+    tl.store(part_ptr + 5 * plane + idx, inf)
+    # A side that is empty or NaN has no residual to carry (and e would be NaN).
+    tl.store(part_ptr + 6 * plane + idx, tl.where(side_is_valid(m_w), e_w, 0.0))
+    tl.store(part_ptr + 7 * plane + idx, tl.where(side_is_valid(m_v), e_v, 0.0))
+    if EXCESS:
+        tl.store(part_ptr + 8 * plane + idx, k)
+
+
+@triton.jit
+def _chunk_state(mw, mv, rw, rv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v,
+                 DIVIDE: tl.constexpr, EXCESS: tl.constexpr):  # fmt: skip
+    """A chunk's pair state (`PARTIAL`: m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k) from its lane
+    state (`_pair_lanes`)."""
+    ACC: tl.constexpr = kw.dtype
     # One cross-lane merge per chunk: each lane moved to the chunk's max (merge_pair per lane).
     EXACT: tl.constexpr = (not DIVIDE) or EXCESS  # `_pair_lanes`' frame
     m_w, mc_w, cw, fw, r_w, e_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE, EXACT, None)
@@ -572,6 +652,8 @@ def pair_chunk_kernel(
         # lane's frame: fp32 w at tau 0.2, KL 0.0413 where the truth is 0.0680).
         dd = tl.where(mw == floor_w, 0.0, shift * -unit)
         k = tl.sum(rescale_excess(k, u * unit, sw, fw, fv, dd), 0)
+    else:
+        k = tl.sum(k, 0)  # 0: one value per chunk, as with EXCESS
     u = tl.sum(fw * (u + shift * sw), 0)
     if DIVIDE:
         if ACC != tl.float64:
@@ -585,19 +667,75 @@ def pair_chunk_kernel(
     # A side with no logit above the floor (all -inf) is empty: max -inf, sums 0.
     m_w = tl.where(r_w != r_w, nan, tl.where(mc_w == floor_w, float("-inf"), m_w))
     m_v = tl.where(r_v != r_v, nan, tl.where(mc_v == floor_v, float("-inf"), m_v))
-    idx = chunk.to(tl.int64) * N + row
-    plane = tl.num_programs(1).to(tl.int64) * N
-    tl.store(part_ptr + idx, m_w)
-    tl.store(part_ptr + plane + idx, r_w)
-    tl.store(part_ptr + 2 * plane + idx, m_v)
-    tl.store(part_ptr + 3 * plane + idx, r_v)
-    tl.store(part_ptr + 4 * plane + idx, u)
-    tl.store(part_ptr + 5 * plane + idx, inf)
-    # A side that is empty or NaN has no residual to carry (and e would be NaN).
-    tl.store(part_ptr + 6 * plane + idx, tl.where(side_is_valid(m_w), e_w, 0.0))
-    tl.store(part_ptr + 7 * plane + idx, tl.where(side_is_valid(m_v), e_v, 0.0))
-    if EXCESS:
-        tl.store(part_ptr + 8 * plane + idx, k)
+    return m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k
+
+
+@triton.jit
+def _chunk_max(w_row, v_row, start, n_valid, read_w, read_v, ACC: tl.constexpr,
+               BLOCK: tl.constexpr):  # fmt: skip
+    """The raw max of each side of the chunk [start, start + n_valid) that is read (read_w,
+    read_v), in ACC; -inf for a side not read."""
+    top_w = tl.full([BLOCK], float("-inf"), ACC)
+    top_v = tl.full([BLOCK], float("-inf"), ACC)
+    cols = tl.arange(0, BLOCK)
+    n_w = tl.where(read_w, n_valid, 0)
+    n_v = tl.where(read_v, n_valid, 0)
+    for i in range(0, n_valid, BLOCK):
+        xw = tl.load(w_row + start + i + cols, mask=cols + i < n_w, other=float("-inf"))
+        xv = tl.load(v_row + start + i + cols, mask=cols + i < n_v, other=float("-inf"))
+        top_w = tl.maximum(top_w, xw.to(ACC))
+        top_v = tl.maximum(top_v, xv.to(ACC))
+    return tl.max(top_w, 0), tl.max(top_v, 0)
+
+
+@triton.jit
+def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w, tau_v, floor_w,
+                   floor_v, DIVIDE: tl.constexpr, EXCESS: tl.constexpr, LANES: tl.constexpr,
+                   FOLD: tl.constexpr):  # fmt: skip
+    """The pair state of a chunk (`_chunk_state`) whose logits are moved by -shift_w and
+    -shift_v, each side's raw max or 0: x - M is exact wherever it matters (from x >= 2 M;
+    below that e^{(x - M) / tau} is 0 anyway), and the side's max is then 0, inside the floor;
+    its sums are relative to 0, that is to M / tau: the state takes M's z and residual, as
+    `_side_total` forms them. The rare second pass of `pair_chunk_kernel`: masked loads, no
+    prefetch, half its lanes (so that the SASS checks see the main loop as the hot one)."""
+    ACC: tl.constexpr = kw.dtype
+    HALF: tl.constexpr = (LANES + 1) // 2
+    mw = tl.zeros([HALF], ACC) + floor_w
+    mv = tl.zeros([HALF], ACC) + floor_v
+    rw = mw * kw
+    rv = mv * kv
+    sw = tl.zeros([HALF], ACC)
+    sv = tl.zeros([HALF], ACC)
+    u = tl.zeros([HALF], ACC)
+    k = tl.zeros([HALF], ACC)
+    offs = tl.arange(0, HALF)[:, None] * FOLD + tl.arange(0, FOLD)[None, :]
+    for i in range(0, n_valid, HALF * FOLD):
+        valid = offs + i < n_valid
+        xw = tl.load(w_row + start + i + offs, mask=valid, other=float("-inf")).to(ACC)
+        xv = tl.load(v_row + start + i + offs, mask=valid, other=float("-inf")).to(ACC)
+        mw, mv, rw, rv, sw, sv, u, k = _pair_lanes(
+            xw - shift_w, xv - shift_v, kw, kv, mw, mv, rw, rv, sw, sv, u, k, DIVIDE, EXCESS
+        )
+    m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _chunk_state(
+        mw, mv, rw, rv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
+    )
+    m_w, e_w = _moved_max(m_w, e_w, shift_w, tau_w, DIVIDE)
+    m_v, e_v = _moved_max(m_v, e_v, shift_v, tau_v, DIVIDE)
+    return m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k
+
+
+@triton.jit
+def _moved_max(m, e, shift, tau, DIVIDE: tl.constexpr):
+    """(m, e) of a side summed relative to its max with its logits moved by -shift (0: kept):
+    the z of the max logit M = shift and its division's residual, as `_side_total` forms them."""
+    moved = shift != 0
+    if DIVIDE:
+        mz = div_acc(shift, tau)
+        e_moved = div_acc(-fma_acc(mz, tau, -shift), tau)
+    else:
+        mz = shift
+        e_moved = shift * 0
+    return tl.where(moved, mz, m), tl.where(moved, e_moved, e)
 
 
 @triton.jit
@@ -657,10 +795,10 @@ def reference_shift(m, e, tau, DIVIDE: tl.constexpr, XDT: tl.constexpr):
     """delta = e - e_a, both in z units: from a merged side's reference m + e (its max logit /
     tau, `_side_total`) to a / tau, a = `max_logit`, the reference `row_exponent` rebuilds
     from m (e_a = a / tau - m, formed as `_side_total` forms e, so delta is exactly 0 when
-    a is the max logit: always for 16-bit logits, usually for fp32). 0 without DIVIDE and for
-    an invalid side."""
+    a is the max logit: always for 16-bit logits, usually for fp32). 0 without DIVIDE, for
+    an invalid side and for one far out (`reads_max`: a is the max logit itself there)."""
     if DIVIDE:
-        ok = side_is_valid(m)
+        ok = side_is_valid(m) & ~reads_max(m, DIVIDE, XDT)
         m0 = tl.where(ok, m, 0.0)
         e_a = div_acc(-fma_acc(m0, tau, -max_logit(m0, tau, XDT)), tau)
         return tl.where(ok, e - e_a, 0.0)

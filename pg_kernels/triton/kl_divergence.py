@@ -212,8 +212,14 @@ def _bwd_kernel(
     m_v, l_v = tl.where(compute, m_v, 0.0), tl.where(compute, l_v, 0.0)
     c = tl.where(compute & (kl < big), c, 0.0)
     XDT: tl.constexpr = x_ptr.dtype.element_ty
-    a_w, k_w, _ = row_exponent(m_w, l_w, t_w, DIVIDE, XDT)
-    a_v, k_v, _ = row_exponent(m_v, l_v, t_v, DIVIDE, XDT)
+    x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
+    xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
+    if REVERSE:
+        w_row, v_row = x_row, xr_row
+    else:
+        w_row, v_row = xr_row, x_row
+    a_w, k_w, _ = row_exponent(m_w, l_w, t_w, w_row, V, DIVIDE, XDT, BLOCK_V)
+    a_v, k_v, _ = row_exponent(m_v, l_v, t_v, v_row, V, DIVIDE, XDT, BLOCK_V)
     k_w = tl.where(compute, k_w, 0.0)
     k_v = tl.where(compute, k_v, 0.0)
     # c is relative to the a / tau `row_exponent` rebuilds (`reference_shift`): at a shared max
@@ -226,8 +232,6 @@ def _bwd_kernel(
     dl_u = dl  # in `_bwd_block`'s r units: log2 with DIVIDE in fp32, else nats
     if SERIES and DIVIDE:
         dl_u = dl * LOG2E
-    x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
-    xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
     out = row.to(tl.int64) * V  # gradients are fresh contiguous tensors
     start = chunk * CHUNK
     n_valid = tl.minimum(V - start, CHUNK)  # the last chunk can end early

@@ -133,10 +133,11 @@ def _tv_chunk_kernel(
     m_p, l_p = tl.where(read, m_p, 0.0), tl.where(read, l_p, 0.0)
     m_q, l_q = tl.where(read, m_q, 0.0), tl.where(read, l_q, 0.0)
     XDT: tl.constexpr = x_ptr.dtype.element_ty if A_IN_XDT else tl.float32
-    a_p, k_p, b_p = row_exponent(m_p, l_p, tl.load(t_ptr + row), DIVIDE, XDT)
-    a_q, k_q, b_q = row_exponent(m_q, l_q, tl.load(tr_ptr + row), DIVIDE, XDT)
     x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
     xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
+    a_p, k_p, b_p = row_exponent(m_p, l_p, tl.load(t_ptr + row), x_row, V, DIVIDE, XDT, BLOCK_V)
+    a_q, k_q, b_q = row_exponent(m_q, l_q, tl.load(tr_ptr + row), xr_row, V, DIVIDE, XDT,
+                                 BLOCK_V)  # fmt: skip
     acc = tl.zeros([BLOCK_V], m_p.dtype)
     start = chunk * CHUNK
     n_valid = tl.where(read, tl.minimum(V - start, CHUNK), 0)
@@ -203,9 +204,9 @@ def _bwd_kernel(
     gt = div_acc(tl.load(g_ptr + row), tau)  # d/dx = d/dz / tau
     compute = keep & ok
     m, log_s1 = tl.where(compute, m, 0.0), tl.where(compute, log_s1, 0.0)
-    a, k, b = row_exponent(m, log_s1, tau, DIVIDE, x_ptr.dtype.element_ty)
-    k, b = tl.where(compute, k, 0.0), tl.where(compute, b, 0.0)  # p = 1 on rows not computed
     x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
+    a, k, b = row_exponent(m, log_s1, tau, x_row, V, DIVIDE, x_ptr.dtype.element_ty, BLOCK_V)
+    k, b = tl.where(compute, k, 0.0), tl.where(compute, b, 0.0)  # p = 1 on rows not computed
     # d/dz_c of z_c - L = 1 - p_c = -expm1(log p_c): the label's entry, rounded once. log p_c =
     # (x_c - a) / tau - log s1, relative to the same a / tau as log s1 (`row_exponent`): not
     # z_c - m, whose roundings of x_c / tau and of m are ulp(z) apart from that reference (a

@@ -866,7 +866,9 @@ def _bwd_kernel(
         c_kl = tl.where(read_q & (kl < big), c_kl, 0.0)
         # The forward's l_q and c are relative to a_q / tau_q, a_q = `max_logit` (its finish's
         # `reference_shift`), what `row_exponent` rebuilds here.
-        a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, DIVIDE_Q, xq_ptr.dtype.element_ty)
+        xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
+        a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, xq_row, V, DIVIDE_Q,
+                                     xq_ptr.dtype.element_ty, BLOCK_V)  # fmt: skip
         one = tl.full([], 1.0, ACC)
         inv_q = div_acc(one, tau_q)
         tau_p = tl.load(t_ptr + row)
