@@ -293,8 +293,9 @@ def test_neg_inf_entries(bd):
 def test_vocab_masked_with_a_huge_finite_fill(bd, dtype, temperature, small_triton_blocks):
     """All three tensors masked alike with torch.finfo(dtype).min (finite, as Hugging Face
     masks) instead of -inf: whole lanes and chunks of it (small Triton blocks), x / tau beyond
-    the float range at tau < 1. With the pairs: rows partly masked; the token fields alone: a
-    row masked whole too (uniform; to the Triton pairs such a row is a NaN row, README)."""
+    the float range at tau < 1. With the pairs: rows partly masked (a row masked whole reads
+    as a row of -inf at tau < 1 there, as in fp32 PyTorch: -1e30 in the test below); the token
+    fields alone: a row masked whole too (uniform)."""
     backend, device = bd
     x, xr, xq = (
         t.to(device)
@@ -306,6 +307,39 @@ def test_vocab_masked_with_a_huge_finite_fill(bd, dtype, temperature, small_trit
     lp = reference.token_stats(xr[:3], y[:3], **kw).logprob.float()
     for direction in DIRECTIONS:
         _check(backend, x[:3], y[:3], xr[:3], lp, xq[:3], kl_direction=direction, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_masked_whole_with_a_finite_fill(bd, dtype, small_triton_blocks):
+    """All three tensors masked alike with -1e30, row 3 whole: its three distributions are
+    uniform and equal, so its KLs and TV are exactly 0, and the KL's gradient on both tensors
+    0 to the rounding of 1 / V (the float64 floor of `_check` is vacuous on that row: |z| ~
+    1e30 with mass). The
+    Triton pairs took every lane of such a row for empty, a NaN row, until a chunk side with
+    nothing above the lanes' floor was summed again relative to its raw max."""
+    backend, device = bd
+    x, xr, xq = (
+        t.to(device)
+        for t in masked_with_a_huge_finite_fill(dtype, -1e30, [0.1, 0.5], whole=True, seed=3)
+    )
+    y = torch.tensor([3, 50, 2, 7], device=device)
+    for t in (1.0, 0.7):
+        lp = reference.token_stats(xr, y, temperature=t).logprob.float()
+        for direction in DIRECTIONS:
+            kw = {"temperature": t, "kl_direction": direction}
+            _check(backend, x, y, xr, lp, xq, **kw)
+            xa, qa = x.clone().requires_grad_(), xq.clone().requires_grad_()
+            out = pg_kernels.step_stats(xa, y, rollout_logprobs=lp, rollout_logits=xr,
+                                        ref_logits=qa, backend=backend, **kw)  # fmt: skip
+            out.kl.sum().backward()
+            assert float(out.kl[3]) == 0.0 and float(out.mismatch.token_kl[3]) == 0.0
+            assert float(out.mismatch.token_tv[3]) == 0.0
+            # The other side's q_j - p_j takes p_j and q_j from two normalizers (token_stats'
+            # and the pair pass's), each rounded: a few fp32 ulps of p_j = 1 / V, / tau
+            # (Triton bf16: 9.3e-10 at tau 1, 1.3e-9 at 0.7; the weight side exactly 0).
+            bound = 4 * torch.finfo(torch.float32).eps / x.shape[-1] / t
+            assert float(xa.grad[3].abs().max()) <= bound
+            assert float(qa.grad[3].abs().max()) <= bound
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

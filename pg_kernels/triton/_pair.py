@@ -599,21 +599,17 @@ def pair_chunk_kernel(
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _chunk_state(
         mw, mv, rw, rv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
     )
-    # A side with no entry above the lane floor is empty (all -inf) or far out: a chunk masked
-    # whole with a huge finite fill (-1e30, finfo.min), whose exps relative to the floor were
-    # all 0 (a row masked whole then read as a row of -inf: NaN). Such a chunk is read again
-    # (a rare second pass): the side's raw max M, and where it is finite the chunk summed again
-    # with that side's logits moved by -M (`_shifted_chunk`), its sums then relative to M / tau.
-    if (tl.max(mw, 0) == floor_w) | (tl.max(mv, 0) == floor_v):
-        top_w, top_v = _chunk_max(w_row, v_row, start, n_valid, tl.max(mw, 0) == floor_w,
-                                  tl.max(mv, 0) == floor_v, ACC, BLOCK_V)  # fmt: skip
-        shift_w = tl.where(side_is_valid(top_w), top_w, 0.0)
-        shift_v = tl.where(side_is_valid(top_v), top_v, 0.0)
-        if (shift_w != 0) | (shift_v != 0):
-            m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _shifted_chunk(
-                w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w, tau_v, floor_w,
-                floor_v, DIVIDE, EXCESS, LANES, FOLD,
-            )  # fmt: skip
+    m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = redo_far_chunk(
+        m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start, n_valid, tau_w, tau_v,
+        DIVIDE, EXCESS, LANES, FOLD, BLOCK_V,
+    )  # fmt: skip
+    store_chunk_state(part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, EXCESS)
+
+
+@triton.jit
+def store_chunk_state(part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k,
+                      EXCESS: tl.constexpr):  # fmt: skip
+    """A chunk's pair state into part_ptr [PARTIAL, n_chunks, N] (grid (N, n_chunks))."""
     idx = chunk.to(tl.int64) * N + row
     plane = tl.num_programs(1).to(tl.int64) * N
     tl.store(part_ptr + idx, m_w)
@@ -627,6 +623,35 @@ def pair_chunk_kernel(
     tl.store(part_ptr + 7 * plane + idx, tl.where(side_is_valid(m_v), e_v, 0.0))
     if EXCESS:
         tl.store(part_ptr + 8 * plane + idx, k)
+
+
+@triton.jit
+def redo_far_chunk(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start, n_valid, tau_w,
+                   tau_v, DIVIDE: tl.constexpr, EXCESS: tl.constexpr, LANES: tl.constexpr,
+                   FOLD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """A chunk's pair state as given (`PARTIAL`: m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k) or,
+    where a side of it came out empty (m = -inf) and yet holds a finite logit, the chunk summed
+    again relative to that side's raw max M (`_shifted_chunk`). Such a side had no logit above
+    the lanes' floor (`lane_floor`): a chunk masked whole with a huge finite fill (-1e30,
+    finfo.min), whose exps relative to the floor are all 0, so that a row masked whole read as
+    a row of -inf (NaN) where it is uniform. A rare second pass over the chunk (BLOCK elements
+    a step for the maxes; LANES lanes of FOLD for the sums, as the main loop's); a chunk of
+    -inf on one side costs the read for its max only."""
+    empty_w = m_w == float("-inf")
+    empty_v = m_v == float("-inf")
+    if empty_w | empty_v:
+        top_w, top_v = _chunk_max(w_row, v_row, start, n_valid, empty_w, empty_v, m_w.dtype,
+                                  BLOCK)  # fmt: skip
+        shift_w = tl.where(side_is_valid(top_w), top_w, 0.0)
+        shift_v = tl.where(side_is_valid(top_v), top_v, 0.0)
+        if (shift_w != 0) | (shift_v != 0):
+            kw = lane_scale(tau_w, DIVIDE)
+            kv = lane_scale(tau_v, DIVIDE)
+            m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _shifted_chunk(
+                w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w, tau_v,
+                lane_floor(kw), lane_floor(kv), DIVIDE, EXCESS, LANES, FOLD,
+            )  # fmt: skip
+    return m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k
 
 
 @triton.jit

@@ -141,10 +141,13 @@ from pg_kernels.triton._pair import (
     nats_per_unit,
     needs_division,
     other_side_difference,
+    reads_max,
+    redo_far_chunk,
     reference_shift,
     rescale_excess,
     row_exponent,
     side_is_valid,
+    store_chunk_state,
 )
 from pg_kernels.triton._pair import _side_total as pair_side_total
 from pg_kernels.triton.token_stats import (
@@ -417,25 +420,22 @@ def _chunk_excess(kx, u, m_w, s_w, f_w, f_v, g_w, g_v):
 
 
 @triton.jit
-def _store_pair(part_ptr, chunk, row, N, m_w, r_w, e_w, m_v, r_v, e_v, u, kx,
-                EXCESS: tl.constexpr):  # fmt: skip
-    """A pair chunk state into part_ptr [PARTIAL, n_chunks, N] (`_pair.pair_chunk_kernel`'s
-    layout: each side's s1 - 1 and e, `_chunk_side`; with EXCESS the excess kx); an infinite or
-    NaN u (nats) as the `inf` flag."""
+def _store_pair(part_ptr, chunk, row, N, m_w, r_w, e_w, m_v, r_v, e_v, u, kx, w_row, v_row,
+                start, n_valid, tau_w, tau_v, DIVIDE: tl.constexpr, EXCESS: tl.constexpr,
+                LANES: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """A pair chunk state into part_ptr [PARTIAL, n_chunks, N] (`_pair.store_chunk_state`;
+    each side's s1 - 1 and e, `_chunk_side`; with EXCESS the excess kx); an infinite or NaN u
+    (nats) as the `inf` flag. A side that came out empty though it holds finite logits (every
+    lane far out, `far_lane`: a chunk masked whole with a huge finite fill) is summed again
+    relative to its raw max (`_pair.redo_far_chunk`, rows w_row, v_row; LANES lanes of VEC)."""
     inf = tl.where((u == u) & (tl.abs(u) < float("inf")), 0.0, 1.0).to(u.dtype)
-    idx = chunk.to(tl.int64) * N + row
-    plane = tl.num_programs(1).to(tl.int64) * N
-    tl.store(part_ptr + idx, m_w)
-    tl.store(part_ptr + plane + idx, r_w)
-    tl.store(part_ptr + 2 * plane + idx, m_v)
-    tl.store(part_ptr + 3 * plane + idx, r_v)
-    tl.store(part_ptr + 4 * plane + idx, tl.where(inf > 0, 0.0, u))
-    tl.store(part_ptr + 5 * plane + idx, inf)
-    # A side that is empty or NaN has no residual to carry (and e would be NaN).
-    tl.store(part_ptr + 6 * plane + idx, tl.where(side_is_valid(m_w), e_w, 0.0))
-    tl.store(part_ptr + 7 * plane + idx, tl.where(side_is_valid(m_v), e_v, 0.0))
-    if EXCESS:
-        tl.store(part_ptr + 8 * plane + idx, tl.where(inf > 0, 0.0, kx))
+    u = tl.where(inf > 0, 0.0, u)
+    kx = tl.where(inf > 0, 0.0, kx)
+    m_w, r_w, m_v, r_v, u, inf, e_w, e_v, kx = redo_far_chunk(
+        m_w, r_w, m_v, r_v, u, inf, e_w, e_v, kx, w_row, v_row, start, n_valid, tau_w, tau_v,
+        DIVIDE, EXCESS, LANES, VEC, BLOCK_V,
+    )  # fmt: skip
+    store_chunk_state(part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, kx, EXCESS)
 
 
 @triton.jit
@@ -551,8 +551,8 @@ def _fwd_chunk_kernel(
     store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
     # The pairs' chunk states in `_pair`'s convention (`_chunk_side`), u moved with them. A lane
     # whose frame lies far out (token_stats' `frame`: finfo.min logits) summed exactly 0: to
-    # the pairs it is an empty lane, as a lane below `_pair.lane_floor` (a row of nothing else
-    # is a NaN row there too).
+    # the pairs it is an empty lane, as a lane below `_pair.lane_floor`; a chunk side of
+    # nothing else is summed again relative to its raw max (`_store_pair`).
     if HAS_ROLL or HAS_REF:
         far = far_lane(mx, kp)
         mx = tl.where(far, float("-inf"), mx)
@@ -564,11 +564,13 @@ def _fwd_chunk_kernel(
         else:
             mr = tl.where(far, float("-inf"), mr)
             m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rp, sr, kp, tau_r, rr, False)
-        kx = kx_r
+        kx = tl.sum(kx_r, 0)  # 0 without EXCESS
         if EXCESS:
             kx = _chunk_excess(kx_r, ur, mr, sr, f_r, f_p, g_r, g_p)
         u = _chunk_u(ur, mr, sr, f_r, g_r, g_p)
-        _store_pair(part_r_ptr, chunk, row, N, m_r, r_r, e_r, m_p, r_p, e_p, u, kx, EXCESS)
+        _store_pair(part_r_ptr, chunk, row, N, m_r, r_r, e_r, m_p, r_p, e_p, u, kx, xr_row, x_row,
+                    start, n_valid, tau_r, tau_p, DIV_R, EXCESS, U * LANES, VEC,
+                    BLOCK_V)  # fmt: skip
     if HAS_REF:
         if DIV_Q:
             mq = tl.where(far_lane(mq, kq), float("-inf"), mq)
@@ -576,17 +578,21 @@ def _fwd_chunk_kernel(
         else:
             mq = tl.where(far, float("-inf"), mq)
             m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rp, sq, kp, tau_q, rq, False)
-        kx = kx_q
+        kx = tl.sum(kx_q, 0)  # 0 without EXCESS
         if REVERSE:
             if EXCESS:
                 kx = _chunk_excess(kx_q, uq, mx, sp, f_p, f_q, g_p, g_q)
             u = _chunk_u(uq, mx, sp, f_p, g_p, g_q)
-            _store_pair(part_q_ptr, chunk, row, N, m_p, r_p, e_p, m_q, r_q, e_q, u, kx, EXCESS)
+            _store_pair(part_q_ptr, chunk, row, N, m_p, r_p, e_p, m_q, r_q, e_q, u, kx, x_row,
+                        xq_row, start, n_valid, tau_p, tau_q, DIV_Q, EXCESS, U * LANES, VEC,
+                        BLOCK_V)  # fmt: skip
         else:
             if EXCESS:
                 kx = _chunk_excess(kx_q, uq, mq, sq, f_q, f_p, g_q, g_p)
             u = _chunk_u(uq, mq, sq, f_q, g_q, g_p)
-            _store_pair(part_q_ptr, chunk, row, N, m_q, r_q, e_q, m_p, r_p, e_p, u, kx, EXCESS)
+            _store_pair(part_q_ptr, chunk, row, N, m_q, r_q, e_q, m_p, r_p, e_p, u, kx, xq_row,
+                        x_row, start, n_valid, tau_q, tau_p, DIV_Q, EXCESS, U * LANES, VEC,
+                        BLOCK_V)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -877,7 +883,11 @@ def _bwd_kernel(
         # logits' a_p = `max_logit` of the forward's stored max m / tau rounded (m itself for
         # 16-bit logits, else usually). d_p here is relative to m: the difference
         # (m - a_p) / tau moves c, once per row.
-        d_ref = (m - max_logit(div_acc(m, tau_p), tau_p, x_ptr.dtype.element_ty)) * inv_p
+        # A row far out (`_pair.reads_max`) is summed relative to its max logit itself: 0.
+        XDT: tl.constexpr = x_ptr.dtype.element_ty
+        m_z = div_acc(m, tau_p)
+        d_ref = (m - max_logit(m_z, tau_p, XDT)) * inv_p
+        d_ref = tl.where(reads_max(m_z, DIVIDE_Q, XDT), 0.0, d_ref)
         if REVERSE:
             c_kl -= d_ref
             p_nan = kl_on & ((~kl_ok) | (kl == big))  # the weight side of an infinite KL
