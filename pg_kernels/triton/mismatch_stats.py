@@ -117,13 +117,12 @@ def _tv_block(x_p, x_q, a_p, k_p, b_p, a_q, k_q, b_q, acc):
 def _tv_chunk_kernel(
     x_ptr, xr_ptr, labels_ptr, t_ptr, tr_ptr, st_ptr, q_norm_ptr, part_ptr, V, N, ignore_index,
     n_inner, s_outer, s_inner, r_n_inner, r_s_outer, r_s_inner,
-    DIVIDE: tl.constexpr, A_IN_XDT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): sum |q_j - p_j| over one chunk, into part_ptr [n_chunks, N]. Rows
     that are ignored or invalid on either side read nothing (their TV is 0 or NaN anyway).
-    p_j = 2^{(x_j - a) k - b} (`row_exponent`: no division per element). A_IN_XDT: the row
-    states are relative to `max_logit` in the logits' dtype (this op's finish), else to m tau
-    as is (step_stats' `_side_z`)."""
+    p_j = 2^{(x_j - a) k - b} (`row_exponent`: no division per element), relative to
+    `max_logit` in the logits' dtype, as this op's and step_stats' finish hand the states on."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     keep = tl.load(labels_ptr + row).to(tl.int64) != ignore_index
@@ -132,7 +131,7 @@ def _tv_chunk_kernel(
     read = keep & (m_p == m_p) & (m_q == m_q)  # the finish kernel wrote NaN for invalid sides
     m_p, l_p = tl.where(read, m_p, 0.0), tl.where(read, l_p, 0.0)
     m_q, l_q = tl.where(read, m_q, 0.0), tl.where(read, l_q, 0.0)
-    XDT: tl.constexpr = x_ptr.dtype.element_ty if A_IN_XDT else tl.float32
+    XDT: tl.constexpr = x_ptr.dtype.element_ty
     x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
     xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
     a_p, k_p, b_p = row_exponent(m_p, l_p, tl.load(t_ptr + row), x_row, V, DIVIDE, XDT, BLOCK_V)
@@ -287,7 +286,7 @@ def mismatch_stats_forward(
     tv_part = part[0]  # reused: the pair partials are spent; [n_chunks, N] of the same dtype
     _tv_chunk_kernel[(n, blk.n_chunks)](
         logits, rollout_logits, labels, t, tr, row_state, q_norm, tv_part, V, n, ignore_index,
-        *layout, *roll_layout, DIVIDE=divide, A_IN_XDT=True, CHUNK=blk.chunk,
+        *layout, *roll_layout, DIVIDE=divide, CHUNK=blk.chunk,
         BLOCK_V=blk.block_v, num_warps=blk.num_warps,
     )  # fmt: skip
     _tv_finish_kernel[finish_grid](

@@ -1074,7 +1074,7 @@ def step_stats_forward(
         tv_part = torch.empty((tv_blk.n_chunks, N), dtype=acc, device=dev)
         _mismatch._tv_chunk_kernel[(N, tv_blk.n_chunks)](
             logits, rollout_logits, labels, t, tr, p_norm, r_norm, tv_part, V, N, ignore_index,
-            *layout, *roll_layout, DIVIDE=div_r, A_IN_XDT=True, CHUNK=tv_blk.chunk,
+            *layout, *roll_layout, DIVIDE=div_r, CHUNK=tv_blk.chunk,
             BLOCK_V=tv_blk.block_v, num_warps=tv_blk.num_warps,
         )  # fmt: skip
         _mismatch._tv_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
