@@ -37,6 +37,10 @@ k / s1_w - (r - log1p r), r = (k - u) / s1_w (docs/math.md §4, as the C++ pass)
 A term with v_j = 0 (x_v = -inf) under x_w > -inf makes u infinite or NaN: the chunk's `inf`
 flag (its u and k are stored as 0). A side holding a NaN or +inf has a NaN sum, hence a NaN max; the
 two sides stay independent, so a broken rollout row leaves the logits' normalizer intact.
+A chunk side with no logit above the lanes' floor (`lane_floor`: -1e30 or finfo.min masks) is
+read again for its raw max M and the chunk summed relative to it (`redo_far_chunk`, rare), so
+a row masked whole is uniform; fp32 / fp64 rows that far out under a temperature take their
+later exponents relative to M read again (`reads_max`), not to m tau rounded.
 
 The chunk's state goes to `partials` [PARTIAL, n_chunks, N] (chunk-major: the merge reads
 consecutive rows), and the op's finish kernel merges each row's chunks in chunk order with
