@@ -560,14 +560,7 @@ def pair_chunk_kernel(
     v_row = xv_ptr + row_offset(row, v_n_inner, v_s_outer, v_s_inner)
     floor_w = lane_floor(kw)
     floor_v = lane_floor(kv)
-    mw = tl.zeros([LANES], ACC) + floor_w
-    mv = tl.zeros([LANES], ACC) + floor_v
-    rw = mw * kw
-    rv = mv * kv
-    sw = tl.zeros([LANES], ACC)
-    sv = tl.zeros([LANES], ACC)
-    u = tl.zeros([LANES], ACC)
-    k = tl.zeros([LANES], ACC)
+    mw, mv, rw, rv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, kw, kv, LANES)
     # The excess k (`excess_terms`) for fp32 logits only: the 16-bit loops have no room for it
     # in their budget of 20 SASS instructions per pair, fp64 no need (`has_excess`).
     EXCESS: tl.constexpr = has_excess(xw_ptr.dtype.element_ty)
@@ -603,17 +596,23 @@ def pair_chunk_kernel(
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _chunk_state(
         mw, mv, rw, rv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
     )
-    m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = redo_far_chunk(
-        m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start, n_valid, tau_w, tau_v,
-        DIVIDE, EXCESS, LANES, FOLD, BLOCK_V,
+    store_chunk_state(
+        part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
+        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V,
     )  # fmt: skip
-    store_chunk_state(part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, EXCESS)
 
 
 @triton.jit
-def store_chunk_state(part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k,
-                      EXCESS: tl.constexpr):  # fmt: skip
-    """A chunk's pair state into part_ptr [PARTIAL, n_chunks, N] (grid (N, n_chunks))."""
+def store_chunk_state(part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row,
+                      v_row, start, n_valid, tau_w, tau_v, DIVIDE: tl.constexpr,
+                      EXCESS: tl.constexpr, LANES: tl.constexpr, FOLD: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
+    """A chunk's pair state into part_ptr [PARTIAL, n_chunks, N] (grid (N, n_chunks)), after
+    `redo_far_chunk` (the rows w_row, v_row; the chunk [start, start + n_valid))."""
+    m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = redo_far_chunk(
+        m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start, n_valid, tau_w, tau_v,
+        DIVIDE, EXCESS, LANES, FOLD, BLOCK,
+    )  # fmt: skip
     idx = chunk.to(tl.int64) * N + row
     plane = tl.num_programs(1).to(tl.int64) * N
     tl.store(part_ptr + idx, m_w)
@@ -700,6 +699,20 @@ def _chunk_state(mw, mv, rw, rv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, fl
 
 
 @triton.jit
+def _empty_lanes(floor_w, floor_v, kw, kv, LANES: tl.constexpr):
+    """The lane state of `_pair_lanes` before any logit: (mw, mv, rw, rv, sw, sv, u, k), each
+    side's max at its floor (`lane_floor`), the sums 0."""
+    ACC: tl.constexpr = kw.dtype
+    mw = tl.zeros([LANES], ACC) + floor_w
+    mv = tl.zeros([LANES], ACC) + floor_v
+    sw = tl.zeros([LANES], ACC)
+    sv = tl.zeros([LANES], ACC)
+    u = tl.zeros([LANES], ACC)
+    k = tl.zeros([LANES], ACC)
+    return mw, mv, mw * kw, mv * kv, sw, sv, u, k
+
+
+@triton.jit
 def _chunk_max(w_row, v_row, start, n_valid, read_w, read_v, ACC: tl.constexpr,
                BLOCK: tl.constexpr):  # fmt: skip
     """The raw max of each side of the chunk [start, start + n_valid) that is read (read_w,
@@ -729,14 +742,7 @@ def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w
     prefetch, half its lanes (so that the SASS checks see the main loop as the hot one)."""
     ACC: tl.constexpr = kw.dtype
     HALF: tl.constexpr = (LANES + 1) // 2
-    mw = tl.zeros([HALF], ACC) + floor_w
-    mv = tl.zeros([HALF], ACC) + floor_v
-    rw = mw * kw
-    rv = mv * kv
-    sw = tl.zeros([HALF], ACC)
-    sv = tl.zeros([HALF], ACC)
-    u = tl.zeros([HALF], ACC)
-    k = tl.zeros([HALF], ACC)
+    mw, mv, rw, rv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, kw, kv, HALF)
     offs = tl.arange(0, HALF)[:, None] * FOLD + tl.arange(0, FOLD)[None, :]
     for i in range(0, n_valid, HALF * FOLD):
         valid = offs + i < n_valid

@@ -142,7 +142,6 @@ from pg_kernels.triton._pair import (
     needs_division,
     other_side_difference,
     reads_max,
-    redo_far_chunk,
     reference_shift,
     rescale_excess,
     row_exponent,
@@ -427,15 +426,14 @@ def _store_pair(part_ptr, chunk, row, N, m_w, r_w, e_w, m_v, r_v, e_v, u, kx, w_
     each side's s1 - 1 and e, `_chunk_side`; with EXCESS the excess kx); an infinite or NaN u
     (nats) as the `inf` flag. A side that came out empty though it holds finite logits (every
     lane far out, `far_lane`: a chunk masked whole with a huge finite fill) is summed again
-    relative to its raw max (`_pair.redo_far_chunk`, rows w_row, v_row; LANES lanes of VEC)."""
+    relative to its raw max (`_pair.store_chunk_state`, rows w_row, v_row; LANES lanes of VEC)."""
     inf = tl.where((u == u) & (tl.abs(u) < float("inf")), 0.0, 1.0).to(u.dtype)
     u = tl.where(inf > 0, 0.0, u)
     kx = tl.where(inf > 0, 0.0, kx)
-    m_w, r_w, m_v, r_v, u, inf, e_w, e_v, kx = redo_far_chunk(
-        m_w, r_w, m_v, r_v, u, inf, e_w, e_v, kx, w_row, v_row, start, n_valid, tau_w, tau_v,
-        DIVIDE, EXCESS, LANES, VEC, BLOCK_V,
+    store_chunk_state(
+        part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, kx, w_row, v_row, start,
+        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, VEC, BLOCK_V,
     )  # fmt: skip
-    store_chunk_state(part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, kx, EXCESS)
 
 
 @triton.jit
