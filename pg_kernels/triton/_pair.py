@@ -363,8 +363,8 @@ def reads_max(m, DIVIDE: tl.constexpr, XDT: tl.constexpr):
 
 @triton.jit
 def row_max(row_ptr, V, read, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """The max logit of the row [0, V) at row_ptr in ACC where `read` (a pass over the whole
-    row, for the rare rows `reads_max` picks), else -inf."""
+    """The max of the V logits at row_ptr in ACC where `read`, else -inf: a pass over a whole
+    row (the rare rows `reads_max` picks) or over one chunk (`redo_far_chunk`)."""
     top = tl.full([BLOCK], float("-inf"), ACC)
     cols = tl.arange(0, BLOCK)
     for i in range(0, tl.where(read, V, 0), BLOCK):
@@ -479,6 +479,14 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, k, DIVIDE: tl.constex
 
 
 @triton.jit
+def z_residual(mz, x, tau):
+    """x / tau - mz, the exact residual of mz = x / tau rounded once (fma's one rounding of
+    mz tau - x is exact there), divided by tau rounded: what a side's reference m + e carries
+    beyond its rounded z (`_side_total`, `_moved_max`, `reference_shift`)."""
+    return div_acc(-fma_acc(mz, tau, -x), tau)
+
+
+@triton.jit
 def nats_per_unit(x, DIVIDE: tl.constexpr):
     """Nats per unit of the pair lanes' exponents and u: ln 2 with DIVIDE in fp32 (log2 units),
     else 1 (natural units: fp64, or temperature 1, where u takes raw logit differences)."""
@@ -507,7 +515,7 @@ def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexp
     # the a / tau the backward rebuilds from mz.
     # c: each lane's exponents moved to the chunk's reference.
     if DIVIDE:
-        e = div_acc(-fma_acc(mz, tau, -mc), tau)
+        e = z_residual(mz, mc, tau)
     else:
         e = mc * 0
     xt = m  # each lane's max and the chunk's, as the lanes' exponents saw them
@@ -643,8 +651,8 @@ def redo_far_chunk(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
     empty_w = m_w == float("-inf")
     empty_v = m_v == float("-inf")
     if empty_w | empty_v:
-        top_w, top_v = _chunk_max(w_row, v_row, start, n_valid, empty_w, empty_v, m_w.dtype,
-                                  BLOCK)  # fmt: skip
+        top_w = row_max(w_row + start, n_valid, empty_w, m_w.dtype, BLOCK)
+        top_v = row_max(v_row + start, n_valid, empty_v, m_v.dtype, BLOCK)
         shift_w = tl.where(side_is_valid(top_w), top_w, 0.0)
         shift_v = tl.where(side_is_valid(top_v), top_v, 0.0)
         if (shift_w != 0) | (shift_v != 0):
@@ -713,24 +721,6 @@ def _empty_lanes(floor_w, floor_v, kw, kv, LANES: tl.constexpr):
 
 
 @triton.jit
-def _chunk_max(w_row, v_row, start, n_valid, read_w, read_v, ACC: tl.constexpr,
-               BLOCK: tl.constexpr):  # fmt: skip
-    """The raw max of each side of the chunk [start, start + n_valid) that is read (read_w,
-    read_v), in ACC; -inf for a side not read."""
-    top_w = tl.full([BLOCK], float("-inf"), ACC)
-    top_v = tl.full([BLOCK], float("-inf"), ACC)
-    cols = tl.arange(0, BLOCK)
-    n_w = tl.where(read_w, n_valid, 0)
-    n_v = tl.where(read_v, n_valid, 0)
-    for i in range(0, n_valid, BLOCK):
-        xw = tl.load(w_row + start + i + cols, mask=cols + i < n_w, other=float("-inf"))
-        xv = tl.load(v_row + start + i + cols, mask=cols + i < n_v, other=float("-inf"))
-        top_w = tl.maximum(top_w, xw.to(ACC))
-        top_v = tl.maximum(top_v, xv.to(ACC))
-    return tl.max(top_w, 0), tl.max(top_v, 0)
-
-
-@triton.jit
 def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w, tau_v, floor_w,
                    floor_v, DIVIDE: tl.constexpr, EXCESS: tl.constexpr, LANES: tl.constexpr,
                    FOLD: tl.constexpr):  # fmt: skip
@@ -766,7 +756,7 @@ def _moved_max(m, e, shift, tau, DIVIDE: tl.constexpr):
     moved = shift != 0
     if DIVIDE:
         mz = div_acc(shift, tau)
-        e_moved = div_acc(-fma_acc(mz, tau, -shift), tau)
+        e_moved = z_residual(mz, shift, tau)
     else:
         mz = shift
         e_moved = shift * 0
@@ -835,7 +825,7 @@ def reference_shift(m, e, tau, DIVIDE: tl.constexpr, XDT: tl.constexpr):
     if DIVIDE:
         ok = side_is_valid(m) & ~reads_max(m, DIVIDE, XDT)
         m0 = tl.where(ok, m, 0.0)
-        e_a = div_acc(-fma_acc(m0, tau, -max_logit(m0, tau, XDT)), tau)
+        e_a = z_residual(m0, max_logit(m0, tau, XDT), tau)
         return tl.where(ok, e - e_a, 0.0)
     else:
         return tl.zeros(m.shape, m.dtype)

@@ -835,6 +835,7 @@ def _bwd_kernel(
     keep = label != ignore_index
     c = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP).to(ACC)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
     m, c, rho_hi, a, b, q, inv_tau, g_l, ok, kp, _row64 = bwd_row(
         x_row, row, label, keep, c, V, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr,
         lse_ptr, entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr,
@@ -870,7 +871,6 @@ def _bwd_kernel(
         c_kl = tl.where(read_q & (kl < big), c_kl, 0.0)
         # The forward's l_q and c are relative to a_q / tau_q, a_q = `max_logit` (its finish's
         # `reference_shift`), what `row_exponent` rebuilds here.
-        xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
         a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, xq_row, V, DIVIDE_Q,
                                      xq_ptr.dtype.element_ty, BLOCK_V)  # fmt: skip
         one = tl.full([], 1.0, ACC)
@@ -933,7 +933,6 @@ def _bwd_kernel(
                 f_q = g_q * inv_q
                 shift = (-g_q.to(f64) * (ln2_rho + c_kl.to(f64))).to(ACC)
 
-    xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
     out = row.to(tl.int64) * V  # the gradients are fresh contiguous tensors
     g_row = grad_ptr + out
     gq_row = grad_q_ptr + out
