@@ -106,14 +106,39 @@ def test_tail_masked_with_a_huge_finite_fill(bd, dtype, fill):
         )  # fmt: skip
 
 
-@pytest.mark.backends("cpu")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "fill, temperature",
+    [(-1e30, 1.0), (-1e30, 0.33), (-1e30, 16.7), ("finfo.min", 1.0), ("finfo.min", 2.0)],
+    ids=str,
+)
+def test_rows_masked_whole_with_a_finite_fill(bd, dtype, fill, temperature):
+    """Row 0 masked whole with a huge finite fill, ids included: uniform, the KL of q against
+    1 / V. Row 1: the tail masked so, the head not: log P_tail ~ fill / tau, a KL of ~q_tail
+    |fill| / tau. Triton's lanes push logits that far out to no mass (`_lane_reference`): a
+    tail of them is read again (`_row_tail`), and a row whose max is that far out takes its
+    backward relative to its max logit read again (`_is_far`); both rows were +inf."""
+    backend, device = bd
+    lo = torch.finfo(dtype).min if fill == "finfo.min" else fill
+    x = make_logits(3, 151, torch.float32, seed=11)
+    ids, lp, _ = make_topk(x, 4, seed=11, noise=0.5)
+    tail = torch.ones(x.shape, dtype=torch.bool).scatter_(1, ids, False)
+    x[0] = lo
+    x[1] = x[1].masked_fill(tail[1], lo)
+    x = x.to(dtype).to(device)
+    ids, lp = ids.to(device), lp.to(device)
+    check_against_reference(
+        _op(backend), reference.topk_kl, (x, ids, lp), {"temperature": temperature},
+        diff_fields=("out",),
+    )  # fmt: skip
+
+
 def test_tail_far_below_the_head_gradient(bd):
     """The fuzzer's row (C++, seed 20261212): a tail of one -1e30 logit at tau 16.7, log P_tail
     = -6e28, and q_tail = 1.4e-8 (the top-2 log-probs' own rounding): a KL of 8.6e20, and the
     tail entry's gradient -q_tail / tau = -8.6e-10. The backward's single exponent (z_j - m) -
     (log s - log(q_tail / P_tail - Q)) cancelled two terms of 6e28 (-0.06 there); beyond
-    kFarTailLog it takes the tail's own softmax. (Triton's tail takes logits that far out as
-    masked: README, Testing, open (4).)"""
+    |tail_log| = 32 it takes the tail's own softmax (Triton: read again, `_row_tail`)."""
     backend, device = bd
     x = torch.tensor([[-1e30, 3.0, 1.0]], device=device)
     ids = torch.tensor([[1, 2]], device=device)

@@ -16,20 +16,26 @@ Forward, one sweep, two kernels:
      element k of the lane in that step; a few instructions per id, once per program); in the
      loop one AND + select per element drops them (x -> -inf). After the loop, one cross-lane
      merge: the chunk max, each lane rescaled to it, one sum. The chunk's (m_tail, s_tail) is
-     stored, m_tail NaN when the chunk holds a NaN or +inf (a NaN sum: +inf - +inf in its exp);
-  2. `_fwd_finish_kernel`, grid (N,): merges the chunk states in chunk order, gathers the K head
+     stored, m_tail NaN when the chunk holds a NaN or +inf (a NaN sum: +inf - +inf in its exp),
+     and for a chunk whose tail lies so far out that its lanes hold no mass (-1e30, finfo.min:
+     `_lane_reference`) its max z as an exact fp64 product with s_tail 0;
+  2. `_fwd_finish_kernel`, grid (N,): merges the chunk states in chunk order (a merged tail of
+     finite logits and no mass is read again, `_row_tail`: a rare sweep), gathers the K head
      logits and joins them with the tail for L, so log p_tail needs no 1 - sum_K p_v; then the
      KL of docs/math.md §4, all in fp64 (`_finish_f64`, per row, so free): the head's z as
      exact products x (1 / tau), as the tail's fma exponents take them, log s = log1p(rest)
      relative to the exact max, log p_tail = -log1p(head / tail), q and q_tail from fp64 sums
      (`_q_masses`), each output rounded once.
 Backward, `_bwd_kernel`, grid (N, n_chunks): dKL/dz_j = sign exp((z_j - m) - (log s - tail_log))
-for every element of the chunk (one fma, one subtraction, one exp, one multiply), relative to the
-saved row max m and log s = L - m (not z_j - L: a saved L carries ulp(L) / 2, 4.9e-4 at
-|z| ~ 1e4 under a small temperature, the relative error of every p_j); sign and tail_log come
-from fp64 once per program. Then Q p_j - q_j in fp64 over the chunk's ids (p_j and q_j near 1
-cancel on peaked rows) (a K-wide gather and a masked scatter store after a barrier, which orders
-it after the loop's stores to the same entries). Ignored rows and rows with bad ids write 0 /
+for every element of the chunk (a subtraction, an fma, a subtraction, an exp, a multiply),
+relative to the saved row max m and log s = L - m (not z_j - L: a saved L carries ulp(L) / 2,
+4.9e-4 at |z| ~ 1e4 under a small temperature, the relative error of every p_j); sign and
+tail_log come from fp64 once per program. Rare rows move the logits first: a row far out
+(`_is_far`) by its max logit read again, a tail far below the head by its own max (the tail's
+softmax, `_row_tail`); the first subtraction is that move (0 on other rows). Then Q p_j - q_j
+in fp64 over the chunk's ids (p_j and q_j near 1 cancel on peaked rows) (a K-wide gather and
+a masked scatter store after a barrier, which orders it after the loop's stores to the same
+entries). Ignored rows and rows with bad ids write 0 /
 NaN and read nothing. Under the interpreter the fma exponents are emulated in fp64
 (`_pair.fma_acc`): its tl.fma rounds the product first, a GPU does not.
 
@@ -44,20 +50,21 @@ GPU design (sm_90, triton 3.6, offline compile; hot-loop SASS instructions per e
 budget 12 for 16-bit logits, 24 for fp32; the same kernels serve temperature 1 and != 1: 1 / tau
 is a per-row tensor either way):
   kernel               dtype  before (registers)          after (registers)
-  _tail_chunk_kernel   bf16   45.6 (124), 3 BAR 16 SHFL   10.2 (40), no BAR/SHFL
-                       fp16   45.1 (124)                   9.8 (40)
-                       fp32   53.4 (80)                   10.5 (37)
-  _bwd_kernel          bf16   19.8 (64)                    9.0 (32)
-                       fp16   19.2 (64)                    8.5 (32)
-                       fp32   58.9 (60)                    9.0 (32)
+  _tail_chunk_kernel   bf16   45.6 (124), 3 BAR 16 SHFL   11.1 (40), no BAR/SHFL
+                       fp16   45.1 (124)                  10.6 (40)
+                       fp32   53.4 (80)                   12.2 (37)
+  _bwd_kernel          bf16   19.8 (64)                   10.1 (32)
+                       fp16   19.2 (64)                    9.6 (32)
+                       fp32   58.9 (60)                    9.9 (32)
   (the backward's fp64 prologue and id entries took its registers from 32-36 to 38-40, and
   the finish kernel's from 47 to 58; the loops' counts are unchanged)
   "before" counts the old per-block id loop (a dependent scalar load per id) with the step loop
   it sits in; the check's old unroll detection divided them by 3 (15.2, 15.0, 17.8; fp32
   backward 19.6). The backward's "after" includes the subtraction that keeps it relative to the
-  row max (one instruction more than from a saved L). Per element the tail loop is now:
-  convert, AND + select (ids), max, fma, mul (log2 e), ex2, add; per lane and step: mul, max,
-  sub, mul, ex2, fma, shift.
+  row max (one instruction more than from a saved L) and the rare rows' move (one more: 9.0
+  bf16 and 8.9 fp32 without it; the tail loop's counts re-measured 2026-12-03). Per element
+  the tail loop is now: convert, AND + select (ids), max, fma, mul (log2 e), ex2, add; per
+  lane and step: mul, max, sub, mul, ex2, fma, shift.
 Duplicate ids are a user error: undefined here (the CPU paths raise).
 """
 
@@ -80,7 +87,10 @@ from pg_kernels.triton._common import (
     row_offset,
     ulp_of_one,
 )
-from pg_kernels.triton._pair import fma_acc
+from pg_kernels.triton._pair import FAR_Z, fma_acc, row_max
+
+# The blocks of the rare sweeps over a whole row's tail (`_row_tail`): [SWEEP, K] id compares.
+SWEEP = tl.constexpr(128)
 
 
 @triton.jit
@@ -206,6 +216,54 @@ def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
 
 
 @triton.jit
+def _off_ids(cols, n, ids_row, K):
+    """cols < n and none of the K ids at ids_row: a scalar id load and a compare each, no
+    cross-thread reduction (a [cols, K] compare reduced over K left a warp-collective fallback
+    whose branch back spans the backward's main loop, which the SASS check took for its hot
+    loop)."""
+    keep = cols < n
+    for k in range(0, K):
+        keep = keep & (cols != tl.load(ids_row + k))
+    return keep
+
+
+@triton.jit
+def _row_tail(x_row, V, ids_row, K, inv_tau, read):
+    """(M, s) of a row's tail read again where `read` (else (-inf, 0)): M its max raw logit off
+    the K ids at ids_row, in inv_tau's dtype, and s = sum of e^{(x - M) / tau} over the tail,
+    summed in fp64, relative to the exact product M (1 / tau): x - M is exact wherever the
+    term is not 0 (from x >= 2 M on), the entry at M counts exactly 1, and each other term
+    rounds twice (the product, the exp), as C++'s z = x / tau and exp do. For the rare rows
+    whose tail the lanes cannot sum: lying so far out that every lane was pushed
+    (`_lane_reference`; a row masked whole with -1e30 or finfo.min), or so far below the head
+    that the backward takes the tail's own softmax."""
+    ACC: tl.constexpr = inv_tau.dtype
+    cols = tl.arange(0, SWEEP)
+    n = tl.where(read, V, 0)
+    top = tl.full([SWEEP], float("-inf"), ACC)
+    for i in range(0, n, SWEEP):
+        x = tl.load(x_row + i + cols, mask=_off_ids(cols + i, n, ids_row, K), other=float("-inf"))
+        top = tl.maximum(top, x.to(ACC))
+    M = tl.max(top, axis=0)
+    ref = tl.where(M > float("-inf"), M, 0.0)
+    s = tl.zeros([SWEEP], tl.float64)
+    for i in range(0, n, SWEEP):
+        x = tl.load(x_row + i + cols, mask=_off_ids(cols + i, n, ids_row, K), other=float("-inf"))
+        s += exp_acc((x.to(ACC) - ref) * inv_tau).to(tl.float64)
+    return M, tl.sum(s, axis=0)
+
+
+@triton.jit
+def _is_far(m, valid):
+    """Whether a valid row of saved max m takes its reference from its max logit read again
+    (`_fwd_finish_kernel`): |m| >= FAR_Z with fp32 accumulation. fp64 rows keep m."""
+    if m.dtype == tl.float32:
+        return valid & (tl.abs(m) >= FAR_Z) & (tl.abs(m) < float("inf"))
+    else:
+        return valid & (m != m)  # false
+
+
+@triton.jit
 def _q_masses(lq, K, has_tail, tail_empty):
     """(q_v, q_tail) in fp64 from the log-probs lq (-inf where masked): q_tail = 1 - sum_K q_v
     clamped at 0 (topk_q_tail in softmax_stats.h), exactly 0 when the ids cover the
@@ -228,9 +286,10 @@ def _q_masses(lq, K, has_tail, tail_empty):
 def _finish_f64(m_tail, s_tail, zx, lq, q, q_tail, valid):
     """(KL, m, log s, log P_tail) of a row (topk_normalizer and the KL terms of
     softmax_stats.h), evaluated in fp64 from the merged tail state (m_tail, s_tail), the head's
-    z as exact products zx and the given log-probs; each output rounded once to m_tail's dtype
-    (per row, so free). m is the row max rounded; the saved log s is relative to it, so it
-    holds the residual of the max's own product (the backward's fma exponents see the same).
+    z as exact products zx and the given log-probs (per row, so free): KL and log P_tail
+    rounded once to lq's dtype, m (the row max z, an exact product or a chunk's m) and log s
+    relative to it in fp64, for `_fwd_finish_kernel` to save relative to the reference the
+    backward rebuilds.
 
     In fp32, log s = log(tail + head) carried ulp(log s) / 2 into every log p_v and log P_tail,
     and log P_tail = (m_tail - m) + log s_tail - log s cancelled the two logs (bf16 [1, 2],
@@ -238,7 +297,7 @@ def _finish_f64(m_tail, s_tail, zx, lq, q, q_tail, valid):
     rest = the sum without the max's own entry (exactly 1 when the head holds the max), and
     log P_tail = -log1p(head / tail) unless the tail is far below the head (head / tail >
     1e30); q and q_tail are `_q_masses`', which sum to 1 in fp64."""
-    ACC: tl.constexpr = m_tail.dtype
+    ACC: tl.constexpr = lq.dtype
     f64: tl.constexpr = tl.float64
     kk = tl.arange(0, zx.shape[0])
     tail_empty = m_tail == float("-inf")
@@ -269,9 +328,7 @@ def _finish_f64(m_tail, s_tail, zx, lq, q, q_tail, valid):
     tail_kl = tl.where(
         q_tail == 0.0, 0.0, q_tail * (tl.log(tl.where(q_tail == 0.0, 1.0, q_tail)) - logp_tail)
     )
-    m_acc = m.to(ACC)
-    log_s_acc = ((m - m_acc.to(f64)) + log_s).to(ACC)
-    return (head + tail_kl).to(ACC), m_acc, log_s_acc, logp_tail.to(ACC)
+    return (head + tail_kl).to(ACC), m, log_s, logp_tail.to(ACC)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -317,7 +374,12 @@ def _tail_chunk_kernel(
     m_chunk = tl.maximum(tl.max(r, axis=0) * inv_tau, low)
     move = tl.minimum(m.to(tl.float64) - m_chunk.to(tl.float64), 0.0)  # (see `_tail_step`)
     s_chunk = tl.sum(s * exp_acc(move), axis=0)
-    m_chunk = tl.where(s_chunk == 0.0, float("-inf"), m_chunk)  # no finite tail logit
+    # No mass: no finite tail logit (m -inf), or logits so far out that every lane was pushed
+    # (`_lane_reference`), whose chunk keeps its max z, the exact product in fp64, with s 0:
+    # the finish reads such a tail again (`_row_tail`).
+    r_max = tl.max(r, axis=0)
+    z_max = tl.where(r_max > float("-inf"), r_max.to(tl.float64) * inv_tau.to(tl.float64), r_max)
+    m_chunk = tl.where(s_chunk == 0.0, z_max, m_chunk)
     idx = chunk.to(tl.int64) * N + row
     tl.store(part_ptr + idx, tl.where(s_chunk != s_chunk, float("nan"), m_chunk))
     tl.store(part_ptr + tl.num_programs(1).to(tl.int64) * N + idx, s_chunk)
@@ -349,7 +411,11 @@ def _fwd_finish_kernel(
         m_tail, s_tail, _, _ = merge_states(m_tail, s_tail, zero, zero, m_k, s_k, zero, zero)
         chunk_off += N
     tail_ok = m_tail == m_tail  # a NaN chunk max: the row held a NaN or +inf
-    m_tail = m_tail.to(ACC)  # an ACC value (a chunk's m), exact
+    # A tail of finite logits with no mass in the lanes (`_tail_chunk_kernel`), read again.
+    redo = ok & tail_ok & (s_tail == 0.0) & (m_tail > float("-inf"))
+    M_t, s_t = _row_tail(x_row, V, ids_ptr + row.to(tl.int64) * K, K, inv_tau, redo)
+    m_tail = tl.where(redo, M_t.to(tl.float64) * inv_tau.to(tl.float64), m_tail)
+    s_tail = tl.where(redo, s_t, s_tail)
 
     # The head: K gathered logits, and q from the given log-probs.
     kk = tl.arange(0, K_PAD)
@@ -368,7 +434,17 @@ def _fwd_finish_kernel(
     # exponents take them: rounded to fp32 they carried ulp(z) / 2 each, not an error relative
     # to z - m (fp32 [1, 127] at |z| ~ 3300: the max's gradient entry 4.7e-3 off, relative).
     zx = xh.to(tl.float64) * inv_tau.to(tl.float64)
-    kl, m, log_s, logp_tail = _finish_f64(m_tail, s_tail, zx, lq, q, q_tail, valid)
+    kl, m64, log_s, logp_tail = _finish_f64(m_tail, s_tail, zx, lq, q, q_tail, valid)
+    # log s is saved relative to the reference the backward rebuilds from the saved m: m
+    # itself (log s then holds the residual of m's rounding), or on a row far out (|m| >=
+    # FAR_Z, fp32 accumulation) its max logit M read again, as the exact product M (1 / tau):
+    # m rounded misses a -1e30 / tau by up to ulp / 2 (4e22), which log s would not hold.
+    m = m64.to(ACC)
+    far = _is_far(m, valid)
+    M = row_max(x_row, V, far, ACC, SWEEP)
+    ref = tl.where(far, M.to(tl.float64) * inv_tau.to(tl.float64), m.to(tl.float64))
+    log_s = ((m64 - ref) + log_s).to(ACC)
+    valid = valid & (tl.abs(m) < float("inf"))  # z = x / tau past the ACC range: as C++, NaN
     nan = float("nan")
     tl.store(kl_ptr + row, tl.where(keep, tl.where(valid, kl, nan), 0.0))
     tl.store(m_ptr + row, tl.where(keep, tl.where(valid, m, nan), 0.0))
@@ -421,12 +497,29 @@ def _bwd_kernel(
     sign = tl.where(q_tail == 0.0, tl.where(q_all > 0.0, 1.0, 0.0), sign)
     sign = tl.where((q_tail != 0.0) & tail_empty, 0.0, sign)
     q_all64 = q_all
-    off = (log_s.to(f64) - tail_log).to(ACC)  # the offset below, rounded once
-    # Off the ids, one fma, one subtraction, one exp and one multiply per element:
-    # g_j = scale exp((z_j - m) - off). Ignored rows read nothing and get 0 (scale 0, off 0);
-    # other invalid rows NaN (off NaN).
+    # Off the ids, one subtraction, one fma, one subtraction, one exp and one multiply per
+    # element: g_j = scale exp(((x_j - shift) / tau - m) - off), the offset rounded once.
+    # Usually shift = 0 and off = log s - tail_log, relative to the saved row max m. A row far
+    # out (`_is_far`) is relative to its max logit M read again (shift M, m 0), as its saved
+    # log s. A tail far below the head (|tail_log| >= 32: C++'s kFarTailLog) takes its own
+    # softmax t_j = p_j / P_tail (`_row_tail`, relative to its max logit M_t): the two large
+    # terms of (z_j - m) - (log s - tail_log) cancel there, each carrying ulp of its size (a
+    # tail masked with -1e30 at tau 16.7: log P_tail = -6e28), while (Q P_tail - q_tail) t_j
+    # has none: shift M_t, off = log s_t - log|q_tail - Q P_tail|.
+    far = _is_far(m, valid)
+    M = row_max(x_row, V, far, ACC, SWEEP)
+    far_tail = valid & ~tail_empty & (sign != 0.0) & ~(tl.abs(tail_log) < 32.0)
+    M_t, s_t = _row_tail(x_row, V, ids_ptr + row.to(tl.int64) * K, K, inv_tau, far_tail)
+    # (Operands of 1 on other rows: no log of 0, nor the interpreter's warnings.)
+    tail_gap = tl.where(far_tail, tl.abs(q_tail - q_all * tl.exp(lpt)), 1.0)
+    log_st = tl.log(tl.where(far_tail, s_t, 1.0))
+    off = tl.where(far_tail, log_st - tl.log(tail_gap), log_s.to(f64) - tail_log).to(ACC)
+    shift = tl.where(far_tail, M_t, tl.where(far, M, 0.0))
+    m_off = tl.where(far_tail | far, 0.0, m)
+    # Ignored rows read nothing and get 0 (scale 0, off 0); other invalid rows NaN (off NaN).
     off = tl.where(keep, tl.where(valid, off, float("nan")), 0.0)  # +inf: factor 0
-    m = tl.where(valid, m, 0.0)
+    m_off = tl.where(valid, m_off, 0.0)
+    shift = tl.where(valid, shift, 0.0)
     scale = tl.where(keep, sign.to(ACC) * g_tau, 0.0)
 
     lanes = tl.arange(0, BLOCK_V)
@@ -436,12 +529,12 @@ def _bwd_kernel(
     for i in range(0, n_full):  # full blocks: vector loads and stores (a uniform load mask)
         cols = start + i * BLOCK_V + lanes
         x = tl.load(x_row + cols, mask=valid, other=float("-inf")).to(ACC)
-        g = scale * exp_acc(fma_acc(x, inv_tau, -m) - off)
+        g = scale * exp_acc(fma_acc(x - shift, inv_tau, -m_off) - off)
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty))
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + lanes
         x = tl.load(x_row + cols, mask=cols < tl.where(valid, V, 0), other=float("-inf")).to(ACC)
-        g = scale * exp_acc(fma_acc(x, inv_tau, -m) - off)
+        g = scale * exp_acc(fma_acc(x - shift, inv_tau, -m_off) - off)
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty), mask=cols < V)
 
     # On the chunk's ids: dKL/dz_j = Q p_j - q_j, written over the values above once every
@@ -455,7 +548,10 @@ def _bwd_kernel(
     # 4.3490e-5 where the truth is 4.3289e-5, plain PyTorch the same). p_j relative to the row
     # max from the exact product x_j / tau, as the forward's head (log s holds the max's own
     # residual).
-    p_h = tl.exp((x_h.to(f64) * inv_tau.to(f64) - m.to(f64)) - log_s.to(f64))
+    # On a row far out, relative to its max logit M read again (x_h - M exact in fp64).
+    shift_h = tl.where(far, M, 0.0).to(f64)
+    m_h = tl.where(far | ~valid, 0.0, m).to(f64)
+    p_h = tl.exp(((x_h.to(f64) - shift_h) * inv_tau.to(f64) - m_h) - log_s.to(f64))
     head = (g_tau.to(f64) * (q_all64 * p_h - tl.exp(lq_h))).to(ACC)
     tl.debug_barrier()
     tl.store(grad_row + idv, round_to(head, grad_ptr.dtype.element_ty), mask=on)
