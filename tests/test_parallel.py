@@ -33,7 +33,7 @@ from pg_kernels.testing import (
 )
 
 IGNORE = -100
-N = 10
+N = 12
 TS_FIELDS = ("logprob", "entropy", "collision", "lgp", "lse", "max_prob", "argmax")
 TS_DIFF = ("logprob", "entropy", "collision", "lse")
 
@@ -177,6 +177,9 @@ def _inputs(case: dict) -> dict:
     labels[9] = layout[-1][0]
     # row 2: near one-hot on the middle of the vocabulary
     x[2, v // 2] = x[2].amax() + 30
+    # row 10: masked whole with a huge finite fill on every shard in both tensors (uniform: KLs
+    # 0); row 11: so in the logits only (a uniform p against a real q)
+    x[10], xr[10], x[11] = -1e30, -1e30, -1e30
     temperature = (
         torch.rand(N, generator=g, dtype=torch.float64) * 1.2 + 0.4
         if case["per_row_temperature"]

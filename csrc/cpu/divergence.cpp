@@ -183,11 +183,11 @@ std::vector<at::Tensor> kl_divergence_backward(
               const Temperature<acc_t> tp = tau(r), tq = tau_r(r);
               const scalar_t *xw = reverse ? xp : xq, *xv = reverse ? xq : xp;
               const Temperature<acc_t> tw = reverse ? tp : tq, tv = reverse ? tq : tp;
-              // Each side from the raw max rebuilt from its saved m, with the saved log s1
-              // (relative to that max, saved_side): {a, log s1}.
+              // Each side from the raw max rebuilt from its saved m (or read again:
+              // frame_max), with the saved log s1 (relative to that max, saved_side).
               const SideState<acc_t> pw = reverse ? p : q, pv = reverse ? q : p;
-              const SideState<acc_t> sw{rebuilt_max<scalar_t>(pw.m, tw), pw.log_s1},
-                  sv{rebuilt_max<scalar_t>(pv.m, tv), pv.log_s1};
+              const SideState<acc_t> sw{frame_max(pw.m, tw, xw, V), pw.log_s1},
+                  sv{frame_max(pv.m, tv, xv, V), pv.log_s1};
               const acc_t c = st[4];
               const acc_t dl = kl_r - c;  // log s1_v - log s1_w, since KL = c - l_w + l_v
               const acc_t gw = up[r] / tw.tau, gv = up[r] / tv.tau;  // d/dx = d/dz / tau
@@ -320,7 +320,7 @@ at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Ten
             const Temperature<acc_t> t = tau(r);
             const acc_t gt = up[r] / t.tau;
             const PairFrame<acc_t> frame(t);
-            const acc_t a = rebuilt_max<scalar_t>(m, t);
+            const acc_t a = frame_max(m, t, xr, V);
             const Vec<acc_t> vl(l), vneg(-gt), lowest(exp_zero_below<acc_t>());
             for (int64_t b = 0; b < V; b += kChunk) {
               const int64_t n = std::min(kChunk, V - b);

@@ -452,11 +452,35 @@ acc_t rebuilt_max(acc_t m, Temperature<acc_t> row_tau) {
   return a;
 }
 
+// Whether a side of z-unit max m takes its frame from its raw max xm itself rather than from
+// rebuilt_max(m): fp32 logits under a temperature with |m| >= 2^24, such as a row masked whole
+// with a huge finite fill. There m tau rounded misses xm by up to an ulp of it (7.6e22 at -1e30),
+// and log s1 relative to that a / tau, ~1e23 + log s1 in fp32, would lose log s1 (a side masked
+// whole with -1e30 got a gradient of 0 at tau 0.73, where it is 1/V-weighted). The backward
+// reads xm again (frame_max). 16-bit logits need none (rebuilt_max rounds back to xm), nor
+// fp64 ones (divided first: a = m). Triton's _pair.reads_max decides alike.
+template <typename scalar_t, typename acc_t>
+bool reads_max(acc_t m, Temperature<acc_t> row_tau) {
+  return std::is_same_v<scalar_t, float> && row_tau.tau != acc_t(1) && is_finite(m) &&
+         std::abs(m) >= acc_t(16777216);
+}
+
+// The raw max a backward loads a saved side's row x [0, V) relative to: rebuilt_max(m), or for
+// the rare rows reads_max picks the row's max logit read again.
+template <typename scalar_t, typename acc_t>
+acc_t frame_max(acc_t m, Temperature<acc_t> row_tau, const scalar_t* x, int64_t V) {
+  if (!reads_max<scalar_t>(m, row_tau)) return rebuilt_max<scalar_t>(m, row_tau);
+  acc_t xm = neg_inf<acc_t>();
+  for (int64_t j = 0; j < V; ++j) xm = std::max(xm, acc_t(x[j]));
+  return xm;
+}
+
 // One side of a finished pair pass (raw max xm, its reference ref = xm / tau in row_sum_t, s1
 // relative to xm / tau) as kl_divergence and mismatch_stats save it for their backwards: the
 // z-unit max m = ref rounded, and log s1 relative to a / tau (a = rebuilt_max(m)), the point the
 // backward loads d = (x - a) / tau from: log s1 + d_max with d_max = (xm - a) / tau rounded as
-// the backward rounds it, exactly 0 when a = xm (16-bit logits, most fp32 rows). So a V = 1 row
+// the backward rounds it, exactly 0 when a = xm (16-bit logits, most fp32 rows, and the rows
+// reads_max picks, whose backward loads d relative to xm itself). So a V = 1 row
 // gets log s1 = d_max and a gradient of exactly 0. (Moving log s1 to m instead, by xm / tau - m,
 // and back in the backward left that move's rounding, ~2^-48 |z|: 4e-15 where the fuzzer's
 // truth is 0.) moved = d_max: c moves with the log s1. NaN when the side is invalid (moved 0).
@@ -474,7 +498,9 @@ SavedSide<acc_t> saved_side(acc_t xm, Temperature<acc_t> tau, row_sum_t<acc_t> r
   if (!side_is_valid(ref) || !is_finite(m)) {
     return {{quiet_nan<acc_t>(), quiet_nan<acc_t>()}, sum_t(0)};
   }
-  const sum_t moved(PairFrame<acc_t>(tau).tau.divide(xm - rebuilt_max<scalar_t>(m, tau)));
+  const sum_t moved(reads_max<scalar_t>(m, tau)
+                        ? acc_t(0)
+                        : PairFrame<acc_t>(tau).tau.divide(xm - rebuilt_max<scalar_t>(m, tau)));
   return {{m, acc_t(std::log(s1) + moved)}, moved};
 }
 

@@ -15,7 +15,9 @@ KL(q || p); W_r and V_r the two sides' probability masses on shard r):
 sum_r W_r delta_r is the KL between the two sides' shard masses. The masses come from each
 side's (a_r / tau, log s1_r) relative to the maxes (merge_lse), never from a rounded L_r.
 delta_r is formed from small numbers only: D_r = L_w,r - L_v,r = (a_w,r / tau_w - a_v,r /
-tau_v) + (c_r - KL_r) (the kernels' l_w - l_v, not the difference of two rounded log s1),
+tau_v) + (c_r - KL_r) (the kernels' l_w - l_v, not the difference of two rounded log s1;
+each side's frames taken relative to their max over the shards, since only differences of
+the D_r count: a side masked whole with -1e30 has frames whose fp64 ulp is 2e14),
 and delta_r = D_r - D with D = L_w - L_v = D* - log sum_r W_r e^{-(D_r - D*)} (D* = min_r
 D_r; the log as log1p of the sum of W_r expm1(-(D_r - D*)) when that is small). No O(1) term
 cancels: where the rows are near-equal every term is O(KL), and the fp32 roundings of the
@@ -133,8 +135,11 @@ def _merge(gathered: torch.Tensor, ref_p: torch.Tensor, ref_q: torch.Tensor, rev
     world = gathered.shape[0]
     has_w, has_v = ref_w > -INF, ref_v > -INF  # False for an all -inf shard (and NaN)
     # D_r = L_w,r - L_v,r from the kernels' l_w - l_v = c_r - KL_r, both small where the rows
-    # are near-equal; only where both sides have mass and KL_r is finite.
-    d = (ref_w - ref_v) + (gathered[..., C] - kl_r)
+    # are near-equal; only where both sides have mass and KL_r is finite. Each side's frames are
+    # taken relative to their max over the shards first: delta_r depends on the D_r only
+    # through their differences, and a side masked whole with a huge finite fill (frames
+    # ~-1e30 / tau, an fp64 ulp of 2e14) would otherwise swallow every small term.
+    d = ((ref_w - ref_w.amax(0)) - (ref_v - ref_v.amax(0))) + (gathered[..., C] - kl_r)
     both = has_w & has_v & torch.isfinite(d)
     zero = torch.zeros_like(m_p)
     near = torch.ones_like(m_p, dtype=torch.bool)  # every shard: both sides or neither

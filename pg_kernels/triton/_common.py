@@ -62,6 +62,11 @@ def _fused_multiply_add(self, x, y, z):
         if c.dtype != np.float64:  # fp32 (and 16-bit): the fp64 product is exact
             out = (a.astype(np.float64) * b + c).astype(c.dtype)
         else:
+            # An fp64 product past the float range whose sum is not (m tau - x at a max of
+            # finfo(float64).min / tau, tau 1.3: a GPU's exact product gives the residual) is
+            # formed at 2^-200 of its size, and the sum scaled back (powers of two: exact).
+            back = np.where(np.isfinite(a) & np.isfinite(b) & ~np.isfinite(a * b), 2.0**200, 1.0)
+            a, c = a / back, c / back
             p = a * b
             # Operands beyond 2^900 (a mask of finfo(float64).min) are scaled into range first:
             # Veltkamp's a * split overflowed there, and its inf - inf made the fma NaN.
@@ -78,7 +83,7 @@ def _fused_multiply_add(self, x, y, z):
             s = p + c
             bv = s - p
             s_err = (p - (s - bv)) + (c - bv)
-            out = np.where(np.isfinite(s), s + (s_err + p_err), s)
+            out = np.where(np.isfinite(s), s + (s_err + p_err), s) * back
     return TensorHandle(np.asarray(out, dtype=c.dtype), z.dtype.scalar)
 
 
