@@ -323,7 +323,7 @@ def test_rows_masked_whole_with_a_finite_fill(bd, dtype, small_triton_blocks):
         for t in masked_with_a_huge_finite_fill(dtype, -1e30, [0.1, 0.5], whole=True, seed=3)
     )
     y = torch.tensor([3, 50, 2, 7], device=device)
-    for t in (1.0, 0.7):
+    for t in (1.0, 0.7, 0.6):  # 0.6: m tau rounded misses -1e30 (test_kl_divergence)
         lp = reference.token_stats(xr, y, temperature=t).logprob.float()
         for direction in DIRECTIONS:
             kw = {"temperature": t, "kl_direction": direction}
