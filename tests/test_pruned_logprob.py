@@ -144,6 +144,11 @@ def test_rows_masked_whole_with_a_finite_fill_forward(bd, dtype, fill, temperatu
     check_against_reference(
         _op(backend, 1e-3), _ref(1e-3), (x, y), {"temperature": temperature}, diff_fields=()
     )
+    # Plain fp32 loses row 0 as the old truth did, so the rule's bound is vacuous there: log(1/V)
+    # and a tail mass of 0 (every entry is in S), to fp32 rounding.
+    out = _op(backend, 1e-3)(x, y, temperature=temperature)
+    assert abs(float(out.logprob[0]) + math.log(300)) <= 1e-6
+    assert float(out.tail_mass[0]) == 0.0
 
 
 @pytest.mark.xfail(
@@ -155,11 +160,18 @@ def test_rows_masked_whole_with_a_finite_fill_forward(bd, dtype, fill, temperatu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fill, temperature", MASKED_CASES, ids=str)
 def test_rows_masked_whole_with_a_finite_fill(bd, dtype, fill, temperature):
+    """The gradient of row 0, masked whole (every entry in S): (1[j = c] - 1 / V) / tau, to
+    the rounding of the gradient's dtype (the rule's bound is vacuous there: plain fp32 loses
+    the row, `test_rows_masked_whole_with_a_finite_fill_forward`)."""
     backend, device = bd
     x, y = _masked_rows(dtype, fill, device)
-    check_against_reference(
-        _op(backend, 1e-3), _ref(1e-3), (x, y), {"temperature": temperature}, diff_fields=DIFF
-    )
+    xa = x.clone().requires_grad_()
+    out = _op(backend, 1e-3)(xa, y, temperature=temperature)
+    out.logprob[0].backward()
+    want = torch.full((300,), -1 / (300 * temperature), dtype=torch.float64)
+    want[5] += 1 / temperature
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(xa.grad[0].double().cpu(), want, rtol=2 * eps, atol=0.0)
 
 
 def test_one_entry_rows_have_zero_gradient(bd):

@@ -25,15 +25,16 @@ def pruned_logprob(
     z = scaled(logits, temperature, compute_dtype(logits.dtype, upcast))
     keep, c = label_mask(labels, ignore_index)
     invalid = invalid_rows(z)
-    # Relative to the row max (every result is shift-invariant, and the max is a constant for
-    # the gradient): a row masked whole with -1e30 has z ~ -1e30 / tau, where an fp64 ulp is
-    # ~1e14 and max z + log alpha, z_c - lse_safe would lose every O(1) term (a logprob of 0
-    # for log(1 / V)).
     top = z.amax(-1, keepdim=True).detach()
-    z = z - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    threshold = math.log(alpha)
+    safe = z >= top + math.log(alpha)  # SPEC's S, decided in z units as the kernels decide it
+    # The truth's values relative to the row max (every result is shift-invariant, and the max
+    # is a constant for the gradient): a row masked whole with -1e30 has z ~ -1e30 / tau, where
+    # an fp64 ulp is ~1e14, and z_c - lse_safe lost every O(1) term (a logprob of 0 for
+    # log(1/V)). Plain fp32 (upcast=False) stays the plain formula, z_c - logsumexp_S z, whose
+    # error is the rule's yardstick.
+    if z.dtype == torch.float64:
+        z = z - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     z_c = z.gather(-1, c.unsqueeze(-1))
-    safe = z >= threshold
     in_safe = safe.gather(-1, c.unsqueeze(-1)).squeeze(-1)
     safe = safe.scatter(-1, c.unsqueeze(-1), True)
     lse_safe = torch.logsumexp(z.masked_fill(~safe, float("-inf")), -1)
