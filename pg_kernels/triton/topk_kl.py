@@ -89,7 +89,8 @@ from pg_kernels.triton._common import (
 )
 from pg_kernels.triton._pair import FAR_Z, fma_acc, row_max
 
-# The blocks of the rare sweeps over a whole row's tail (`_row_tail`): [SWEEP, K] id compares.
+# The block of the rare sweeps over a whole row (`_row_tail`, the far rows' `row_max`): narrow
+# loads, which the SASS check never takes for the hot loop's.
 SWEEP = tl.constexpr(128)
 
 
