@@ -59,12 +59,12 @@ LIB.define(
 LIB.define(
     "pruned_logprob(Tensor logits, Tensor labels, Tensor? temperature, float temperature_scalar, "
     "float alpha, int ignore_index, str backend) -> (Tensor logprob, Tensor in_safe, "
-    "Tensor tail_mass, Tensor lse_safe, Tensor threshold)"
+    "Tensor tail_mass, Tensor lse_safe, Tensor threshold, Tensor row_max)"
 )
 LIB.define(
     "pruned_logprob_backward(Tensor grad_logprob, Tensor logits, Tensor labels, "
     "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor lse_safe, "
-    "Tensor threshold, str backend) -> Tensor"
+    "Tensor threshold, Tensor row_max, str backend) -> Tensor"
 )
 # kl_divergence: `direction` is "reverse" (KL(p || q)) or "forward" (KL(q || p)); `labels` only
 # masks ignore_index rows. row_state [..., 5] = (max, log sum exp(z - max)) of the logits, then of

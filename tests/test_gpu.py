@@ -187,8 +187,9 @@ def _pruned_op_calls(backend, d):
     x, y = d["logits"].detach(), d["labels"]
     tt, ts = _temp_args(d, x.dtype)
     fwd = torch.ops.pg_kernels.pruned_logprob.default
-    *_, lse_safe, threshold = fwd(x, y, tt, ts, ALPHA, IGNORE, backend)
-    bwd_args = (d["up"][:, 0].contiguous(), x, y, tt, ts, IGNORE, lse_safe, threshold, backend)
+    *_, lse_safe, threshold, row_max = fwd(x, y, tt, ts, ALPHA, IGNORE, backend)
+    up = d["up"][:, 0].contiguous()
+    bwd_args = (up, x, y, tt, ts, IGNORE, lse_safe, threshold, row_max, backend)
     return [
         (fwd, (x.clone().requires_grad_(), y, tt, ts, ALPHA, IGNORE, backend)),
         (torch.ops.pg_kernels.pruned_logprob_backward.default, bwd_args),

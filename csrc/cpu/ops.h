@@ -137,7 +137,8 @@ at::Tensor pruned_logprob_backward(const at::Tensor& grad_logprob, const at::Ten
                                    const std::optional<at::Tensor>& temperature,
                                    double temperature_scalar, int64_t ignore_index,
                                    const at::Tensor& lse_safe, const at::Tensor& threshold,
-                                   int64_t n_inner, int64_t stride_outer, int64_t stride_inner);
+                                   const at::Tensor& row_max, int64_t n_inner,
+                                   int64_t stride_outer, int64_t stride_inner);
 // Divergences (divergence.cpp). Layout ints describe the logits' rows, then the other tensor's.
 std::vector<at::Tensor> kl_divergence_forward(
     const at::Tensor& logits, const at::Tensor& ref_logits,

@@ -16,7 +16,9 @@ The threshold is treated as a constant for the gradient (it moves with m only on
 Layers: public function `pruned_logprob` -> op `pg_kernels::pruned_logprob` (schema in
 _library.py) -> kernel chosen by `backend`: C++ (`pg_kernels._C`) or Triton
 (`pg_kernels.triton`); "cuda" has no kernel yet ("auto" takes Triton on GPUs). Autograd saves
-only per-row LSE_S and the threshold; the backward op recomputes p~_j in one pass. `alpha` is a
+only three numbers per row, the raw max logit, LSE_S (in the kernel's frame: relative to that
+max on C++, so that it keeps its digits whatever |max / tau|) and the threshold; the backward op
+recomputes p~_j in one pass. `alpha` is a
 plain float argument of the op: any value, no recompilation.
 """
 
@@ -64,14 +66,14 @@ def _pruned_logprob_fake(
     return (
         torch.empty_like(stat),
         labels.new_empty(labels.shape, dtype=torch.bool),
-        *(torch.empty_like(stat) for _ in range(3)),
+        *(torch.empty_like(stat) for _ in range(4)),
     )
 
 
 @torch.library.register_kernel("pg_kernels::pruned_logprob_backward", ("cpu", "cuda"))
 def _pruned_logprob_backward(
     g_logprob, logits, labels, temperature, temperature_scalar, ignore_index, lse_safe,
-    threshold, backend,
+    threshold, row_max, backend,
 ):  # fmt: skip
     _, backward = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
@@ -84,6 +86,7 @@ def _pruned_logprob_backward(
         ignore_index,
         lse_safe.reshape(-1).contiguous(),
         threshold.reshape(-1).contiguous(),
+        row_max.reshape(-1).contiguous(),
         *layout,
     )
 
@@ -91,25 +94,25 @@ def _pruned_logprob_backward(
 @torch.library.register_fake("pg_kernels::pruned_logprob_backward")
 def _pruned_logprob_backward_fake(
     g_logprob, logits, labels, temperature, temperature_scalar, ignore_index, lse_safe,
-    threshold, backend,
+    threshold, row_max, backend,
 ):  # fmt: skip
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, temperature_scalar, alpha, ignore_index, backend = inputs
-    _, in_safe, tail_mass, lse_safe, threshold = output
-    ctx.save_for_backward(logits, labels, temperature, lse_safe, threshold)
+    _, in_safe, tail_mass, *row_state = output
+    ctx.save_for_backward(logits, labels, temperature, *row_state)
     ctx.scalars = (temperature_scalar, ignore_index, backend)
-    ctx.mark_non_differentiable(in_safe, tail_mass, lse_safe, threshold)
+    ctx.mark_non_differentiable(in_safe, tail_mass, *row_state)
 
 
-def _backward(ctx, g_logprob, g_in_safe, g_tail_mass, g_lse_safe, g_threshold):
-    logits, labels, temperature, lse_safe, threshold = ctx.saved_tensors
+def _backward(ctx, g_logprob, g_in_safe, g_tail_mass, g_lse_safe, g_threshold, g_row_max):
+    logits, labels, temperature, lse_safe, threshold, row_max = ctx.saved_tensors
     temperature_scalar, ignore_index, backend = ctx.scalars
     grad = torch.ops.pg_kernels.pruned_logprob_backward(
         g_logprob, logits, labels, temperature, temperature_scalar, ignore_index, lse_safe,
-        threshold, backend,
+        threshold, row_max, backend,
     )  # fmt: skip
     return grad, None, None, None, None, None, None
 
@@ -172,7 +175,7 @@ def pruned_logprob(
             ignore_index=ignore_index,
             upcast=False,
         )
-    logprob, in_safe, tail_mass, _, _ = torch.ops.pg_kernels.pruned_logprob(
+    logprob, in_safe, tail_mass, *_ = torch.ops.pg_kernels.pruned_logprob(
         logits, labels, temp.tensor, temp.scalar, alpha, ignore_index, backend
     )
     return PrunedLogprob(logprob, in_safe, tail_mass)

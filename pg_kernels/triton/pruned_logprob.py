@@ -5,12 +5,13 @@ reduction runs in a fixed order: results are bitwise deterministic and batch inv
 Forward, two sweeps over the row (one exp per element in all), three kernels:
   1. `_max_chunk_kernel`, grid (N, n_chunks): each chunk's max raw logit x_m (no exp), NaN when
      the chunk holds a NaN or a z = x / tau of +inf;
-  2. `_sum_chunk_kernel`, grid (N, n_chunks): the row's max m = x_m / tau from the chunk maxes
-     (n_chunks loads), then e = exp(z - m) per element, into s_in where z >= m + log alpha and
-     into s_out elsewhere (per-element accumulators, one predicated add per element, summed
-     once per chunk). The label's term goes to s_in wherever it lies (S always holds it, as in
-     finalize_pruned, softmax_stats.h): subtracting it from s_out afterwards left s_out's
-     rounding in a small tail mass;
+  2. `_sum_chunk_kernel`, grid (N, n_chunks): the row's max from the chunk maxes (n_chunks
+     loads) and its frame (`_frame`), then d = z - max z = fma(x, 1 / tau, -m) per element
+     (one rounding), e = exp(d) into s_in where d >= log alpha and into s_out elsewhere
+     (per-element accumulators, one predicated add per element, summed once per chunk). The
+     label's term goes to s_in wherever it lies (S always holds it, as in finalize_pruned,
+     softmax_stats.h): subtracting it from s_out afterwards left s_out's rounding in a small
+     tail mass;
   3. `_fwd_finish_kernel`: sums each row's chunk sums in chunk order and finalizes, relative to
      the max's own term e_m = exp(d_m), d_m = fma(x_m, 1 / tau, -m) (the rounding residual of m,
      not 0 on a GPU, whose fma rounds once; e_m carries the GPU ex2's ~2 ulp): with d_c the
@@ -18,33 +19,40 @@ Forward, two sweeps over the row (one exp per element in all), three kernels:
      one entry (e_m / s_safe = 1) and free of e_m's error on peaked rows.
   The set S depends on the final max, so a one-sweep online sum cannot drop the elements that
   fall below a risen threshold exactly (csrc/cpu/pruned_logprob.cpp says more).
-Backward, `_bwd_kernel`, grid (N, n_chunks): d logprob / dz_j = -p~_j on S, 0 off S, divided by
-tau, for every element of the chunk; then the label's 1 - p~_c written over its entry by the
-program whose chunk holds it, after a barrier that orders it after the loop's stores (as the
-C++ kernel writes it last). Ignored and NaN rows read nothing: a store-only loop fills them.
+Saved per row: the max raw logit x_m, LSE_S relative to the frame's m (d_m + log s_safe) and
+the bound log alpha. LSE_S in z units (m + ...) rounded to ulp(m) / 2: 9.1e-6 of the gradient
+at |z| ~ 1000 where relative it is 2.4e-7, and all of log s_safe on a row masked whole with a
+huge finite fill (whose exponents also took m's residual, ~4e22 there: NaN; `_frame` shifts such
+rows by x_m).
+Backward, `_bwd_kernel`, grid (N, n_chunks): the forward's frame from x_m and the same d, bit for
+bit (so the same S); d logprob / dz_j = -p~_j = -e^(d_j - LSE_S) on S, 0 off S, divided by tau,
+for every element of the chunk; then the label's 1 - p~_c written over its entry by the program
+whose chunk holds it, after a barrier that orders it after the loop's stores (as the C++ kernel
+writes it last). Ignored and NaN rows read nothing: a store-only loop fills them.
 
 Bytes per row of V elements of s bytes: forward 2 V s read + 12 n_chunks bytes of partials
-(fp32) + ~24 B of per-row values; backward V s read + V s written (+ the label's entry twice).
+(fp32) + ~28 B of per-row values; backward V s read + V s written (+ the label's entry twice).
 Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
 (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
 
 GPU design (sm_90, triton 3.6, offline compile; hot-loop SASS instructions per element, the
 budget 12 for 16-bit logits, 24 for fp32; the same kernels serve temperature 1 and != 1: 1 / tau
 is a per-row tensor either way):
-  kernel              dtype  before (registers)  after (registers)
-  _max_chunk_kernel   bf16    8.1 (47)            8.1 (47)   unchanged
-  _sum_chunk_kernel   bf16   17.6 (78)            9.5 (48)
-                      fp16   16.9 (78)            9.0 (48)
-                      fp32   17.1 (39)            9.0 (32)
-  _bwd_kernel         bf16   18.8 (71)           10.5 (32)
-                      fp16   18.6 (64)           10.0 (32)
-                      fp32   20.0 (40)           10.0 (30)
-  Per element the sum loop is: convert, fma (z - m), mul (log2 e), ex2, mul (z for the
-  threshold), compare, two predicated adds; the backward: convert, fma, mul, ex2, mul, compare,
-  select, mul (the scale), pack and store. Removed: the label compare and select per element,
-  the select + add pairs of the two sums (now predicated adds), the load mask's -inf moves.
-  A lead left: comparing raw x with a precomputed raw threshold (the smallest x whose
-  x * (1 / tau) rounds to >= the threshold) would save the mul for z in both loops.
+  kernel              dtype  first   now (registers, 8 warps)
+  _max_chunk_kernel   bf16    8.1     8.1 (47)
+  _sum_chunk_kernel   bf16   17.6     9.4 (79)
+                      fp16   16.9     8.9 (79)
+                      fp32   17.1     9.0 (40)
+  _bwd_kernel         bf16   18.8    10.6 (32)
+                      fp16   18.6    10.1 (32)
+                      fp32   20.0    10.1 (38)
+  Per element the sum loop is: convert, add (the frame's shift), fma (d), mul (log2 e), ex2,
+  compare (d >= log alpha), two predicated adds; the backward: convert, add, fma (d), compare,
+  fma ((d - LSE_S) log2 e), select (-inf off S), ex2, mul (the scale), pack and store. Removed
+  on the way: the label compare and select per element, the select + add pairs of the two sums
+  (now predicated adds), the load mask's -inf moves, the mul for z (the test is on d). A select
+  of the product instead of the exponent was moved past the bf16 rounding by the compiler: two
+  byte permutes more per element (11.8).
 """
 
 from __future__ import annotations
@@ -57,7 +65,9 @@ import triton.language as tl
 
 from pg_kernels.ops._common import check_labels
 from pg_kernels.triton._common import (
+    LOG2E,
     acc_dtype_of,
+    ex2,
     exp_acc,
     max_nan,
     per_row_inv_temperature,
@@ -65,6 +75,7 @@ from pg_kernels.triton._common import (
     row_blocking,
     row_offset,
 )
+from pg_kernels.triton._pair import FAR_Z, fma_acc
 
 # Rows per program of the finish kernel: it moves ~8 bytes per (row, chunk).
 FINISH_BLOCK_R = 128
@@ -117,17 +128,30 @@ def _row_validity(label, V, keep, inv_tau, m):
 
 
 @triton.jit
-def _e_chunk(x_ptr, cols, V, inv_tau, m, threshold, label, s_in, s_out,
+def _frame(x_m, inv_tau, valid):
+    """(shift, m) of a row of max raw logit x_m: its exponents are d = fma(x - shift, 1 / tau,
+    -m), z - max z rounded once, and S is d >= log alpha. Rows with |x_m / tau| < FAR_Z: shift
+    0 and m = x_m / tau rounded, whose residual the fma keeps exactly (e_m below). Rows far out
+    (a row masked whole with -1e30 / tau): shift x_m and m 0, as the residual of m (~ulp(m),
+    4e22 there) would be every exponent's. Invalid rows: 0 and 0 (a finite frame: exp(-inf) =
+    0, never NaN). The backward rebuilds the same frame from the saved x_m, bit for bit."""
+    m = x_m * inv_tau
+    far = valid & (tl.abs(m) >= FAR_Z)
+    return tl.where(far, x_m, 0.0), tl.where(valid & ~far, m, 0.0)
+
+
+@triton.jit
+def _e_chunk(x_ptr, cols, V, inv_tau, shift, m, log_alpha, label, s_in, s_out,
              MASKED: tl.constexpr, LABEL: tl.constexpr):  # fmt: skip
-    """One step of the sums: e = exp(z - m) into s_in where z >= threshold or, with LABEL, at
-    the label (S holds it always), s_out elsewhere."""
+    """One step of the sums: e = exp(d) into s_in where d >= log alpha or, with LABEL, at the
+    label (S holds it always), s_out elsewhere; d in the row's frame (`_frame`)."""
     if MASKED:
         x = tl.load(x_ptr + cols, mask=cols < V, other=float("-inf"))
     else:
         x = tl.load(x_ptr + cols)
-    x = x.to(s_in.dtype)
-    e = exp_acc(tl.fma(x, inv_tau, -m))  # written as an fma: the finish kernel's e_c is the same
-    safe = x * inv_tau >= threshold
+    d = fma_acc(x.to(s_in.dtype) - shift, inv_tau, -m)  # as the finish kernel's d_c and d_m
+    e = exp_acc(d)
+    safe = d >= log_alpha
     if LABEL:
         safe = safe | (cols == label)
     s_in = tl.where(safe, s_in + e, s_in)
@@ -150,10 +174,10 @@ def _sum_chunk_kernel(
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
     inv_tau = tl.load(inv_tau_ptr + row)
-    m = _row_max(max_ptr, row, N, n_chunks) * inv_tau
-    valid = _row_validity(label, V, label != ignore_index, inv_tau, m)
-    threshold = m + tl.load(log_alpha_ptr)
-    m_ref = tl.where(valid, m, 0.0)  # a finite reference: exp(-inf - m_ref) = 0, never NaN
+    x_m = _row_max(max_ptr, row, N, n_chunks)
+    valid = _row_validity(label, V, label != ignore_index, inv_tau, x_m * inv_tau)
+    shift, m_ref = _frame(x_m, inv_tau, valid)
+    log_alpha = tl.load(log_alpha_ptr)
     label32 = tl.where(valid, label, -1).to(tl.int32)  # in [0, V) where a row is read
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     s_in = tl.zeros([BLOCK_V], ACC)
@@ -169,22 +193,22 @@ def _sum_chunk_kernel(
     for i in range(0, lb):
         cols = start + i * BLOCK_V + lanes
         s_in, s_out = _e_chunk(
-            x_row, cols, V, inv_tau, m_ref, threshold, label32, s_in, s_out, False, False
+            x_row, cols, V, inv_tau, shift, m_ref, log_alpha, label32, s_in, s_out, False, False
         )
     if lb < n_full:
         cols = start + lb * BLOCK_V + lanes
         s_in, s_out = _e_chunk(
-            x_row, cols, V, inv_tau, m_ref, threshold, label32, s_in, s_out, False, True
+            x_row, cols, V, inv_tau, shift, m_ref, log_alpha, label32, s_in, s_out, False, True
         )
     for i in range(lb + 1, n_full):
         cols = start + i * BLOCK_V + lanes
         s_in, s_out = _e_chunk(
-            x_row, cols, V, inv_tau, m_ref, threshold, label32, s_in, s_out, False, False
+            x_row, cols, V, inv_tau, shift, m_ref, log_alpha, label32, s_in, s_out, False, False
         )
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + lanes
         s_in, s_out = _e_chunk(
-            x_row, cols, V, inv_tau, m_ref, threshold, label32, s_in, s_out, True, True
+            x_row, cols, V, inv_tau, shift, m_ref, log_alpha, label32, s_in, s_out, True, True
         )
     idx = chunk.to(tl.int64) * N + row
     tl.store(part_ptr + idx, tl.sum(s_in, axis=0))
@@ -195,10 +219,12 @@ def _sum_chunk_kernel(
 def _fwd_finish_kernel(
     x_ptr, labels_ptr, inv_tau_ptr, log_alpha_ptr, ignore_index, V, N, n_chunks,
     n_inner, stride_outer, stride_inner, max_ptr, part_ptr,
-    logprob_ptr, in_safe_ptr, tail_mass_ptr, lse_safe_ptr, threshold_ptr,
+    logprob_ptr, in_safe_ptr, tail_mass_ptr, lse_safe_ptr, threshold_ptr, row_max_ptr,
     BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_R rows per program: finalize_pruned (softmax_stats.h) from the chunk sums."""
+    """BLOCK_R rows per program: finalize_pruned (softmax_stats.h) from the chunk sums. Saves
+    the row's max raw logit x_m, LSE_S relative to its frame's m (`_frame`) and the bound of
+    the frame's membership test, log alpha."""
     ACC: tl.constexpr = part_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
@@ -216,40 +242,49 @@ def _fwd_finish_kernel(
         s_in += tl.load(part_ptr + chunk_off + rows, mask=rmask, other=0.0)
         s_out += tl.load(part_ptr + plane + chunk_off + rows, mask=rmask, other=0.0)
         chunk_off += N
-    m = x_m * inv_tau
-    valid = _row_validity(label, V, keep, inv_tau, m)
-    threshold = m + tl.load(log_alpha_ptr)
-    m_ref = tl.where(valid, m, 0.0)
+    valid = _row_validity(label, V, keep, inv_tau, x_m * inv_tau)
+    shift, m_ref = _frame(x_m, inv_tau, valid)
+    log_alpha = tl.load(log_alpha_ptr)
     x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
     x_c = tl.load(x_row + tl.where(valid, label, 0), mask=valid & rmask, other=0.0).to(ACC)
-    z_c = x_c * inv_tau
-    d_c = tl.fma(x_c, inv_tau, -m_ref)
-    d_m = tl.fma(tl.where(valid, x_m, 0.0), inv_tau, -m_ref)
+    d_c = fma_acc(x_c - shift, inv_tau, -m_ref)
+    d_m = fma_acc(tl.where(valid, x_m, 0.0) - shift, inv_tau, -m_ref)
     log_e_m = tl.log(exp_acc(d_m))  # of the chunk kernel's term of the max, bit for bit
-    in_safe = valid & (z_c >= threshold)
+    in_safe = valid & (d_c >= log_alpha)
     # The chunk sums hold the label's term in s_in, above the threshold or not.
     s_safe = tl.where(valid, s_in, 1.0)  # invalid: a dummy state
     log_s = tl.log(s_safe) - log_e_m  # log(s_safe / e_m): 0 for a row of one entry
-    lse_safe = m_ref + (d_m + log_s)
+    lse_safe = d_m + log_s  # relative to m_ref: it keeps its digits whatever |m_ref|
     logprob = (d_c - d_m) - log_s
     tail_mass = s_out / (s_safe + s_out)
     nan = float("nan")
     tl.store(logprob_ptr + rows, tl.where(keep, tl.where(valid, logprob, nan), 0.0), mask=rmask)
     tl.store(tail_mass_ptr + rows, tl.where(keep, tl.where(valid, tail_mass, nan), 0.0), mask=rmask)
     tl.store(lse_safe_ptr + rows, tl.where(keep, tl.where(valid, lse_safe, nan), 0.0), mask=rmask)
-    tl.store(threshold_ptr + rows, tl.where(keep, tl.where(valid, threshold, nan), 0.0), mask=rmask)
+    tl.store(threshold_ptr + rows, tl.where(keep, tl.where(valid, log_alpha, nan), 0.0), mask=rmask)
+    tl.store(row_max_ptr + rows, tl.where(keep, x_m, 0.0), mask=rmask)
     tl.store(in_safe_ptr + rows, (keep & in_safe).to(tl.int8), mask=rmask)
 
 
 @triton.jit
-def _bwd_step(x_ptr, grad_ptr, cols, V, inv_tau, threshold, lse, neg_g, MASKED: tl.constexpr):
-    """d logprob / dz_j = -p~_j on S (z_j >= threshold), 0 off S; the label is written after."""
+def _bwd_step(x_ptr, grad_ptr, cols, V, inv_tau, shift, m, threshold, lse, neg_g,
+              MASKED: tl.constexpr):  # fmt: skip
+    """d logprob / dz_j = -p~_j on S (d_j >= threshold), 0 off S; the label is written after.
+    d and lse relative to the forward's frame (`_frame`), d bit for bit the forward's."""
     if MASKED:
         x = tl.load(x_ptr + cols, mask=cols < V, other=float("-inf"))
     else:
         x = tl.load(x_ptr + cols)
-    z = x.to(lse.dtype) * inv_tau
-    g = tl.where(z >= threshold, neg_g * exp_acc(z - lse), 0.0)
+    d = fma_acc(x.to(lse.dtype) - shift, inv_tau, -m)
+    # p~ = e^(d - lse) on S, e^-inf = 0 off it: selected before the exp (a select of the product
+    # was moved past the bf16 rounding, two byte permutes more per element). fp32: one fma and
+    # an ex2, lse log2(e) a row constant.
+    if d.dtype == tl.float64:
+        p = tl.exp(tl.where(d >= threshold, d - lse, float("-inf")))
+    else:
+        log2e = tl.full([], LOG2E, tl.float32)
+        p = ex2(tl.where(d >= threshold, fma_acc(d, log2e, -(lse * log2e)), float("-inf")))
+    g = neg_g * p
     g = round_to(g, grad_ptr.dtype.element_ty)
     if MASKED:
         tl.store(grad_ptr + cols, g, mask=cols < V)
@@ -260,7 +295,8 @@ def _bwd_step(x_ptr, grad_ptr, cols, V, inv_tau, threshold, lse, neg_g, MASKED: 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _bwd_kernel(
     g_ptr, x_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, n_inner, stride_outer, stride_inner,
-    lse_safe_ptr, threshold_ptr, grad_ptr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    lse_safe_ptr, threshold_ptr, row_max_ptr, grad_ptr, CHUNK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the gradient of one chunk of one row: -p~_j g / tau on S, 0 off S,
     then the label's (1 - p~_c) g / tau written over its entry (the label is in S whatever its
@@ -275,6 +311,7 @@ def _bwd_kernel(
     inv_tau = tl.load(inv_tau_ptr + row)
     g_tau = tl.load(g_ptr + row).to(ACC) * inv_tau
     valid = (lse_safe > float("-inf")) & (lse_safe < float("inf"))  # NaN rows stay NaN
+    shift, m = _frame(tl.load(row_max_ptr + row), inv_tau, valid)  # the forward's, bit for bit
     read = keep & valid  # ignored and NaN rows read no logits: 0 or NaN from `fill` below
     neg_g = tl.where(keep, tl.where(valid, -g_tau, float("nan")), 0.0)
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
@@ -286,19 +323,20 @@ def _bwd_kernel(
     n_read = tl.where(read, n_full, 0)
     for i in range(0, n_read):  # full blocks: unmasked vector loads and stores
         cols = start + i * BLOCK_V + lanes
-        _bwd_step(x_row, grad_row, cols, V, inv_tau, threshold, lse_safe, neg_g, False)
+        _bwd_step(x_row, grad_row, cols, V, inv_tau, shift, m, threshold, lse_safe, neg_g, False)
     fill = round_to(tl.zeros([BLOCK_V], ACC) + neg_g * 0.0, grad_ptr.dtype.element_ty)
     for i in range(n_read, n_full):  # ignored rows: 0, NaN rows: NaN, nothing read
         tl.store(grad_row + start + i * BLOCK_V + lanes, fill)
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + lanes
         if read:
-            _bwd_step(x_row, grad_row, cols, V, inv_tau, threshold, lse_safe, neg_g, True)
+            _bwd_step(x_row, grad_row, cols, V, inv_tau, shift, m, threshold, lse_safe, neg_g, True)
         else:  # the fill: a z of an unread row is no test (1 / tau of a NaN row may be 0 or NaN)
             tl.store(grad_row + cols, fill, mask=cols < V)
     # The label: d logprob / dz_c = 1 - p~_c, by the program whose chunk holds it.
     if read & (label >= start) & (label < start + n_valid):
-        p_c = exp_acc(tl.load(x_row + label).to(ACC) * inv_tau - lse_safe)
+        d_c = fma_acc(tl.load(x_row + label).to(ACC) - shift, inv_tau, -m)
+        p_c = exp_acc(d_c - lse_safe)
         tl.debug_barrier()
         tl.store(grad_row + label, round_to((1.0 - p_c) * g_tau, grad_ptr.dtype.element_ty))
 
@@ -312,12 +350,12 @@ def pruned_logprob_forward(
     stride_inner, *, _block_v=None, _chunk=None,
 ):  # fmt: skip
     """labels: flat [N]. Returns flat [N] logprob, in_safe (bool), tail_mass, lse_safe,
-    threshold. _block_v, _chunk: private overrides of the row blocking (tests, tuning)."""
+    threshold, row_max. _block_v, _chunk: private overrides of the row blocking (tests, tuning)."""
     N, V = labels.numel(), logits.shape[-1]
     acc = acc_dtype_of(logits.dtype)
     if logits.device.type == "cpu":  # the interpreter: same error as the C++ kernel
         check_labels(labels, V, ignore_index)
-    outs = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(4)]
+    outs = [torch.empty(N, dtype=acc, device=logits.device) for _ in range(5)]
     in_safe = torch.empty(N, dtype=torch.int8, device=logits.device)
     if N > 0:
         inv_tau = per_row_inv_temperature(temperature, temperature_scalar, N, acc, logits.device)
@@ -336,15 +374,15 @@ def pruned_logprob_forward(
         )  # fmt: skip
         _fwd_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
             logits, labels, inv_tau, log_alpha, ignore_index, V, N, blk.n_chunks, *layout,
-            maxes, sums, outs[0], in_safe, outs[1], outs[2], outs[3],
+            maxes, sums, outs[0], in_safe, *outs[1:],
             BLOCK_R=FINISH_BLOCK_R, num_warps=4,
         )  # fmt: skip
-    return [outs[0], in_safe.bool(), outs[1], outs[2], outs[3]]
+    return [outs[0], in_safe.bool(), *outs[1:]]
 
 
 def pruned_logprob_backward(
     grad_logprob, logits, labels, temperature, temperature_scalar, ignore_index, lse_safe,
-    threshold, n_inner, stride_outer, stride_inner, *, _block_v=None, _chunk=None,
+    threshold, row_max, n_inner, stride_outer, stride_inner, *, _block_v=None, _chunk=None,
 ):  # fmt: skip
     N, V = labels.numel(), logits.shape[-1]
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -354,7 +392,7 @@ def pruned_logprob_backward(
         blk = row_blocking(V, logits.dtype, _block_v, _chunk)
         _bwd_kernel[(N, blk.n_chunks)](
             grad_logprob.to(acc), logits, labels, inv_tau, ignore_index, V, n_inner,
-            stride_outer, stride_inner, lse_safe, threshold, grad,
+            stride_outer, stride_inner, lse_safe, threshold, row_max, grad,
             CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
         )  # fmt: skip
     return grad
