@@ -226,14 +226,17 @@ PGK_VECTOR_INLINE void add_pair(Unmasked unmasked, PairLanes<acc_t>& lanes,
 // One chunk of a pair pass. bw, bv hold the chunk as d = (x - xm) / tau (padded with -inf to a
 // multiple of kStep); rw, rv are its references xm / tau; v_no_neg_inf: no_neg_inf(bv, n), as
 // shift_divide_chunk<true> found it. kKeepExps: e^d into ew_out, ev_out (to round_up(n, kStep)).
-template <typename acc_t, bool kKeepExps>
+// prefetch(i): called once per 2 W elements (the caller's prefetch_next_chunk).
+template <typename acc_t, bool kKeepExps, typename Prefetch>
 PairState<row_sum_t<acc_t>> pair_chunk(const acc_t* bw, const acc_t* bv, int64_t n,
                                        row_sum_t<acc_t> rw, row_sum_t<acc_t> rv,
-                                       bool v_no_neg_inf, acc_t* ew_out, acc_t* ev_out) {
+                                       bool v_no_neg_inf, acc_t* ew_out, acc_t* ev_out,
+                                       const Prefetch& prefetch) {
   constexpr int64_t W = Vec<acc_t>::size();
   PairLanes<acc_t> lo, hi;
   Vec<acc_t> ew, ev;
   const auto step = [&](auto unmasked, int64_t i) __attribute__((always_inline)) {
+    prefetch(i);
     add_pair(unmasked, lo, Vec<acc_t>::loadu(bw + i), Vec<acc_t>::loadu(bv + i), ew, ev);
     if constexpr (kKeepExps) {
       ew.store(ew_out + i);
@@ -362,8 +365,12 @@ PairRow<acc_t> pair_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scal
       ew = keep->ew() + begin;
       ev = keep->ev() + begin;
     }
+    const auto prefetch = [&](int64_t i) __attribute__((always_inline)) {
+      prefetch_next_chunk(xw, begin, V, i);
+      prefetch_next_chunk(xv, begin, V, i);
+    };
     row.merge(pair_chunk<acc_t, kKeepExps>(bw, bv, n, fw.tau.reference(mw), fv.tau.reference(mv),
-                                           v_no_neg_inf, ew, ev));
+                                           v_no_neg_inf, ew, ev, prefetch));
     if (!(row.hi.m_v < -neg_inf<sum_t>())) break;  // NaN or +inf: the row is NaN, stop early
     if (stop_on_w_invalid && !(row.hi.m_w < -neg_inf<sum_t>())) break;
   }
@@ -549,6 +556,8 @@ void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_
     fv.load(xv + begin, n, bv);
     shift_divide_chunk(bv, n, fv.tau, sv.m);
     for (int64_t i = 0; i < n; i += W) {
+      prefetch_next_chunk(xw, begin, V, i);
+      prefetch_next_chunk(xv, begin, V, i);
       const Vec<acc_t> dw = Vec<acc_t>::loadu(bw + i);
       const Vec<acc_t> dv = Vec<acc_t>::loadu(bv + i);
       const Vec<acc_t> w = vexp(at::vec::clamp_min(dw - vlw, lowest));

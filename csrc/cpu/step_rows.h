@@ -140,12 +140,19 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     const bool v_no_neg_inf = (!p_is_v || p_no_neg_inf) && (!q_is_v || q_no_neg_inf);
     const int64_t n_pad = round_up(n, kStep<acc_t>);
     const int64_t n_unmasked = unmasked_end<acc_t>(v_no_neg_inf, n);
+    const auto prefetch = [&](int64_t i) __attribute__((always_inline)) {
+      prefetch_next_chunk(xp, begin, V, i);
+      if constexpr (kRoll) prefetch_next_chunk(xr, begin, V, i);
+      if constexpr (kRef) prefetch_next_chunk(xq, begin, V, i);
+    };
     int64_t i = 0;
     for (; i < n_unmasked; i += 2 * W) {
+      prefetch(i);
       step(std::true_type{}, i, lo, s1r_lo, s1q_lo);
       step(std::true_type{}, i + W, hi, s1r_hi, s1q_hi);
     }
     for (; i < n_pad; i += 2 * W) {
+      prefetch(i);
       step(std::false_type{}, i, lo, s1r_lo, s1q_lo);
       step(std::false_type{}, i + W, hi, s1r_hi, s1q_hi);
     }
@@ -226,6 +233,8 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
       shift_divide_chunk(bq, n, tpq, kl.xm);
     }
     for (int64_t i = 0; i < n; i += W) {
+      prefetch_next_chunk(xp, begin, V, i);
+      if constexpr (kKL != 0) prefetch_next_chunk(xq, begin, V, i);
       const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(bp + i);
       const Vec<acc_t> d = at::vec::clamp_min(dp_raw - vls, lowest);  // log p_j
       const Vec<acc_t> p = vexp(d);
