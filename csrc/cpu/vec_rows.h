@@ -181,13 +181,14 @@ inline bool fill_skipped_row(scalar_t* grad_row, int64_t V, bool ignored, bool n
   return true;
 }
 
-// Prefetches the next chunk of a row while this one computes, one line per call from the compute
-// loop: x is the row (V elements), begin the current chunk's start, i the loop's element offset
-// in it. The compute loops read L1 chunk buffers only, so for the length of a chunk no load
-// reaches the input stream and the hardware prefetchers stop running ahead: each chunk's load
-// then waited on DRAM (load_chunk was 23 % of step_stats' forward at 256 x 32000 fp32 in perf).
-// Spread over the loop it took that forward from ~38 to ~29 ms; the whole next chunk
-// prefetched into L2 at once, right after the load, gained nothing measurable.
+// Prefetches the next chunk of a row while this one computes, one prefetch per call from the
+// compute loop (a line, or half of one, of new data per loop step): x is the row (V elements),
+// begin the current chunk's start, i the loop's element offset in it. The compute loops read L1
+// chunk buffers only, so for the length of a chunk no load reaches the input stream and the
+// hardware prefetchers stop running ahead: each chunk's load then waited on DRAM (load_chunk was
+// 23 % of step_stats' forward at 256 x 32000 fp32 in perf, 10 % after). Spread over the loop it
+// took that forward from 40-42 to 30-31.5 ms (one thread); the whole next chunk prefetched into
+// L2 at once, right after the load, gained nothing measurable.
 template <typename scalar_t>
 PGK_VECTOR_INLINE void prefetch_next_chunk(const scalar_t* x, int64_t begin, int64_t V,
                                            int64_t i) {
