@@ -16,10 +16,11 @@ The threshold is treated as a constant for the gradient (it moves with m only on
 Layers: public function `pruned_logprob` -> op `pg_kernels::pruned_logprob` (schema in
 _library.py) -> kernel chosen by `backend`: C++ (`pg_kernels._C`) or Triton
 (`pg_kernels.triton`); "cuda" has no kernel yet ("auto" takes Triton on GPUs). Autograd saves
-only three numbers per row, the raw max logit, LSE_S (in the kernel's frame: relative to that
-max on C++, so that it keeps its digits whatever |max / tau|) and the threshold; the backward op
-recomputes p~_j in one pass. `alpha` is a
-plain float argument of the op: any value, no recompilation.
+only three numbers per row: the raw max logit, LSE_S relative to it (C++) or to the row's frame
+(Triton `_frame`), so that it keeps its digits whatever |max / tau|, and the bound of the
+kernel's membership test (C++: the threshold in z units; Triton: log alpha, its test being on
+d = z - max z). The backward op recomputes p~_j in one pass. `alpha` is a plain float argument
+of the op: any value, no recompilation.
 """
 
 from __future__ import annotations

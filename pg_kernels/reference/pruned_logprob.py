@@ -26,7 +26,9 @@ def pruned_logprob(
     keep, c = label_mask(labels, ignore_index)
     invalid = invalid_rows(z)
     top = z.amax(-1, keepdim=True).detach()
-    safe = z >= top + math.log(alpha)  # SPEC's S, decided in z units as the kernels decide it
+    # SPEC's S, in z units as SPEC writes it and C++ decides it (Triton tests d = z - max z
+    # against log alpha: the two differ only for an entry within rounding of the threshold).
+    safe = z >= top + math.log(alpha)
     # The truth's values relative to the row max (every result is shift-invariant, and the max
     # is a constant for the gradient): a row masked whole with -1e30 has z ~ -1e30 / tau, where
     # an fp64 ulp is ~1e14, and z_c - lse_safe lost every O(1) term (a logprob of 0 for
