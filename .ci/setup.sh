@@ -50,7 +50,7 @@ print(sysconfig.get_paths()["purelib"], torch.__version__)')
 echo "$ROOT" > "$site/pg_kernels_dev.pth"
 sources="$( (echo "$torch_version"; cat setup.py; find csrc -type f | sort | xargs cat) | stamp)"
 if [ "$(cat .venv/.pgk-build 2>/dev/null)" != "$sources" ] || ! python -c "import pg_kernels._C" 2>/dev/null; then
-    echo "pg_kernels: building the C++ extension (first build: ~2.5 CPU-minutes; later builds recompile only changed files)"
+    echo "pg_kernels: building the C++ extension (first build: ~3.6 CPU-minutes; later builds recompile only changed files)"
     log="$(mktemp)"
     # One line per compiled file (ninja's [i/n] progress), the full log only on failure.
     if ! bash .ci/build_ext.sh python 2>&1 | tee "$log" |

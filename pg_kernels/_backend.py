@@ -2,7 +2,8 @@
 
 Backends:
   "reference"  plain PyTorch (pg_kernels.reference), any device; always available.
-  "cpu"        the C++ extension pg_kernels._C, CPU tensors.
+  "cpu"        the C++ extension pg_kernels._C (pg_kernels._C_avx512 on AVX-512 CPUs), CPU
+               tensors.
   "triton"     Triton kernels, CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
   "cuda"       the CUDA C++ extension pg_kernels._C_cuda, CUDA tensors.
 
@@ -51,6 +52,13 @@ def _load(module: str):
 
 
 def _cpu_status():
+    """The CPU kernels built for the vector ISA ATen itself runs here: pg_kernels._C_avx512 where
+    `torch.backends.cpu.get_cpu_capability()` is AVX512 (ATEN_CPU_CAPABILITY=avx2 selects the
+    AVX2 build on such a CPU), else pg_kernels._C (AVX2, or generic code)."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        ext, _ = _load("pg_kernels._C_avx512")
+        if ext is not None:
+            return ext, None
     ext, why = _load("pg_kernels._C")
     if ext is not None and ext.cpu_capability == "avx2":
         if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -213,6 +221,8 @@ def env_report() -> str:
         f"GPU available: {torch.cuda.is_available()}, CPU capability: "
         f"{torch.backends.cpu.get_cpu_capability()})",
     ]
+    if _CPU_EXT is not None:
+        lines.append(f"C++ kernels: {_CPU_EXT.__name__} ({_CPU_EXT.cpu_capability})")
     try:
         import triton
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 
 import conftest
 import pytest
@@ -33,6 +34,29 @@ def test_kernel_table_matches_the_kernels():
             continue  # not built here (the CUDA extension needs a CUDA build of torch)
         want = {op for op, backends in _backend.KERNELS.items() if backend in backends}
         assert _exported_ops(ext) == want, backend
+
+
+@pytest.mark.skipif(_backend.cpu_extension() is None, reason="C++ extension unavailable")
+def test_cpu_module_follows_atens_vector_isa():
+    """The AVX-512 build serves where ATen runs AVX-512 and it was built, the AVX2 one elsewhere
+    and under ATEN_CPU_CAPABILITY=avx2 (chosen at import: a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512" and (
+        importlib.util.find_spec("pg_kernels._C_avx512") is not None
+    )
+    ext = _backend.cpu_extension()
+    assert (ext.__name__, ext.cpu_capability) == (
+        ("pg_kernels._C_avx512", "avx512") if avx512 else ("pg_kernels._C", ext.cpu_capability)
+    )
+    assert f"C++ kernels: {ext.__name__}" in _backend.env_report()
+    code = "import pg_kernels._backend as b; print(b.cpu_extension().__name__)"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["pg_kernels._C"]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])

@@ -366,8 +366,8 @@ PairRow<acc_t> pair_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scal
       ev = keep->ev() + begin;
     }
     const auto prefetch = [&](int64_t i) __attribute__((always_inline)) {
-      prefetch_next_chunk(xw, begin, V, i);
-      prefetch_next_chunk(xv, begin, V, i);
+      prefetch_next_chunk<kStep<acc_t>>(xw, begin, V, i);
+      prefetch_next_chunk<kStep<acc_t>>(xv, begin, V, i);
     };
     row.merge(pair_chunk<acc_t, kKeepExps>(bw, bv, n, fw.tau.reference(mw), fv.tau.reference(mv),
                                            v_no_neg_inf, ew, ev, prefetch));
@@ -556,8 +556,8 @@ void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_
     fv.load(xv + begin, n, bv);
     shift_divide_chunk(bv, n, fv.tau, sv.m);
     for (int64_t i = 0; i < n; i += W) {
-      prefetch_next_chunk(xw, begin, V, i);
-      prefetch_next_chunk(xv, begin, V, i);
+      prefetch_next_chunk<W>(xw, begin, V, i);
+      prefetch_next_chunk<W>(xv, begin, V, i);
       const Vec<acc_t> dw = Vec<acc_t>::loadu(bw + i);
       const Vec<acc_t> dv = Vec<acc_t>::loadu(bv + i);
       const Vec<acc_t> w = vexp(at::vec::clamp_min(dw - vlw, lowest));

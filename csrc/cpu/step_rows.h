@@ -95,7 +95,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     LaneSums<acc_t> lo, hi;
     // Each pair's u, k and inf lanes run one chain; its other side's s1 two, in the token
     // lanes' order (equal rows keep equal sums: token_tv and the KL exactly 0). Two chains of
-    // everything held ~28 vector accumulators against AVX2's 16 registers.
+    // everything held ~28 vector accumulators against AVX2's 16 registers (AVX-512 has 32).
     PairLanes<acc_t> pr, pq;
     WideLanes<acc_t> s1r_lo, s1r_hi, s1q_lo, s1q_hi;
     // Forced inline (PGK_VECTOR_INLINE): out of line, every lane sum went through memory.
@@ -141,9 +141,9 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     const int64_t n_pad = round_up(n, kStep<acc_t>);
     const int64_t n_unmasked = unmasked_end<acc_t>(v_no_neg_inf, n);
     const auto prefetch = [&](int64_t i) __attribute__((always_inline)) {
-      prefetch_next_chunk(xp, begin, V, i);
-      if constexpr (kRoll) prefetch_next_chunk(xr, begin, V, i);
-      if constexpr (kRef) prefetch_next_chunk(xq, begin, V, i);
+      prefetch_next_chunk<kStep<acc_t>>(xp, begin, V, i);
+      if constexpr (kRoll) prefetch_next_chunk<kStep<acc_t>>(xr, begin, V, i);
+      if constexpr (kRef) prefetch_next_chunk<kStep<acc_t>>(xq, begin, V, i);
     };
     int64_t i = 0;
     for (; i < n_unmasked; i += 2 * W) {
@@ -233,8 +233,8 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
       shift_divide_chunk(bq, n, tpq, kl.xm);
     }
     for (int64_t i = 0; i < n; i += W) {
-      prefetch_next_chunk(xp, begin, V, i);
-      if constexpr (kKL != 0) prefetch_next_chunk(xq, begin, V, i);
+      prefetch_next_chunk<W>(xp, begin, V, i);
+      if constexpr (kKL != 0) prefetch_next_chunk<W>(xq, begin, V, i);
       const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(bp + i);
       const Vec<acc_t> d = at::vec::clamp_min(dp_raw - vls, lowest);  // log p_j
       const Vec<acc_t> p = vexp(d);

@@ -57,37 +57,46 @@ struct RowLayout {
   }
 };
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// y 2^n for integral n in [-126, 127] (exactly), 0 where v < lo.
+PGK_VECTOR_INLINE Vec<float> times_pow2_or_zero(const Vec<float>& y, const Vec<float>& n,
+                                                const Vec<float>& v, const Vec<float>& lo) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // One masked scalef; a blendv on a vector mask cost two more instructions per exp.
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(v, lo, _CMP_NLT_UQ), y, n);
+#else
+  const __m256i scale = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_blendv_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(scale)), _mm256_setzero_ps(),
+                          _mm256_cmp_ps(v, lo, _CMP_LT_OQ));
+#endif
+}
+
 // exp for fp32 lanes, ~1 ulp for the arguments these kernels use (x <= 0): Cody-Waite range
 // reduction x = n ln2 + r with a two-part ln2, then Cephes' degree-6 polynomial for e^r.
 // ATen's exp_u20 is as fast but ~15 ulp, which showed up as 3x the error of plain PyTorch in
-// the gradients; Sleef's 1-ulp exp is ~1.6x slower. Results below ln(FLT_MIN) flush to 0.
+// the gradients; Sleef's 1-ulp exp is ~1.6x slower. Results below ln(FLT_MIN) flush to 0; NaN
+// stays NaN. AVX2 and AVX-512 give the same e^x bit for bit (x < 88.3).
 PGK_VECTOR_INLINE Vec<float> exp_1ulp(const Vec<float>& v) {
-  const __m256 lo = _mm256_set1_ps(-87.33654475f), hi = _mm256_set1_ps(88.72283905f);
-  const __m256 underflow = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
-  const __m256 x = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  const __m256i scale = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
-  return _mm256_blendv_ps(y, _mm256_setzero_ps(), underflow);
+  const Vec<float> lo(-87.33654475f);
+  const Vec<float> x = at::vec::clamp(v, lo, Vec<float>(88.72283905f));
+  const Vec<float> n = (x * Vec<float>(1.44269504088896341f)).round();
+  Vec<float> r = at::vec::fnmadd(n, Vec<float>(0.693359375f), x);
+  r = at::vec::fnmadd(n, Vec<float>(-2.12194440e-4f), r);
+  Vec<float> p(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f}) {
+    p = at::vec::fmadd(p, r, Vec<float>(c));
+  }
+  const Vec<float> y = at::vec::fmadd(p, r * r, r) + Vec<float>(1.0f);
+  return times_pow2_or_zero(y, n, v, lo);
 }
 #endif
 
 // exp on a vector of the accumulation type: the CPU floor of these kernels is one exp per element.
 template <typename acc_t>
 PGK_VECTOR_INLINE Vec<acc_t> vexp(const Vec<acc_t>& x) {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(PGK_EXP_U20)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) return exp_1ulp(x);
 #endif
   return x.exp();
@@ -105,9 +114,9 @@ inline acc_t sum_lanes(const Vec<acc_t>& v) {
 }
 
 // Per-lane sums of acc_t vectors, kept in row_sum_t<acc_t>: plain acc_t lanes, except fp32 rows
-// on AVX2, which sum each float vector in two __m256d (float lanes 0-3 and 4-7, each element
-// converted once). In fp32 the lane holding the max (e = 1) rounds each later term to
-// ulp(1) / 2; the sums whose rest beside that 1 matters are kept this way:
+// on AVX2 and AVX-512, which sum each float vector in two double vectors (its low and high
+// lanes, each element converted once). In fp32 the lane holding the max (e = 1) rounds each
+// later term to ulp(1) / 2; the sums whose rest beside that 1 matters are kept this way:
 //   - token_stats' s1: p at the argmax = 1 / s1 (max_prob, which the backward uses for log s1)
 //     had 3.0e-7 relative error on peaked rows where PyTorch's cascade sum has 1.8e-7;
 //   - its s2: the logit-gradient proxy (1 - p_c)^2 + (C - p_c^2) takes s2 - 1, the rest's sum of
@@ -125,41 +134,60 @@ struct WideLanes {
   row_sum_t<acc_t> total() const { return sum_lanes(v); }
 };
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// The low and high halves of a float vector's lanes, converted to double.
+PGK_VECTOR_INLINE Vec<double> low_half(const Vec<float>& e) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtps_pd(_mm512_castps512_ps256(e));
+#else
+  return _mm256_cvtps_pd(_mm256_castps256_ps128(e));
+#endif
+}
+PGK_VECTOR_INLINE Vec<double> high_half(const Vec<float>& e) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+#else
+  return _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1));
+#endif
+}
+// The inverse: two double vectors rounded to one float vector.
+PGK_VECTOR_INLINE Vec<float> join_halves(const Vec<double>& lo, const Vec<double>& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castpd_ps(_mm512_insertf64x4(
+      _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(lo))),
+      _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1));
+#else
+  return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+#endif
+}
+
 template <>
 struct WideLanes<float> {
-  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-  static __m256d low_half(const Vec<float>& e) {
-    return _mm256_cvtps_pd(_mm256_castps256_ps128(__m256(e)));
-  }
-  static __m256d high_half(const Vec<float>& e) {
-    return _mm256_cvtps_pd(_mm256_extractf128_ps(__m256(e), 1));
-  }
+  Vec<double> lo{0.0}, hi{0.0};
   void add(const Vec<float>& e) {
-    lo = _mm256_add_pd(lo, low_half(e));
-    hi = _mm256_add_pd(hi, high_half(e));
+    lo = lo + low_half(e);
+    hi = hi + high_half(e);
   }
   void add_square(const Vec<float>& e) {  // e^2 formed in double
-    const __m256d l = low_half(e), h = high_half(e);
-    lo = _mm256_fmadd_pd(l, l, lo);
-    hi = _mm256_fmadd_pd(h, h, hi);
+    const Vec<double> l = low_half(e), h = high_half(e);
+    lo = at::vec::fmadd(l, l, lo);
+    hi = at::vec::fmadd(h, h, hi);
   }
   void scale(double a) {
-    const __m256d va = _mm256_set1_pd(a);
-    lo = _mm256_mul_pd(va, lo);
-    hi = _mm256_mul_pd(va, hi);
+    const Vec<double> va(a);
+    lo = va * lo;
+    hi = va * hi;
   }
-  WideLanes operator+(const WideLanes& o) const {
-    return {_mm256_add_pd(lo, o.lo), _mm256_add_pd(hi, o.hi)};
-  }
-  Vec<float> lanes() const { return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)); }
-  // Lanes 0-7 in a fixed order (deterministic).
+  WideLanes operator+(const WideLanes& o) const { return {lo + o.lo, hi + o.hi}; }
+  Vec<float> lanes() const { return join_halves(lo, hi); }
+  // Lanes in a fixed order (deterministic).
   double total() const {
-    alignas(32) double l[8];
-    _mm256_store_pd(l, lo);
-    _mm256_store_pd(l + 4, hi);
+    constexpr int64_t W = Vec<double>::size();
+    alignas(64) double l[2 * W];
+    lo.store(l);
+    hi.store(l + W);
     double s = 0;
-    for (int i = 0; i < 8; ++i) s += l[i];
+    for (int64_t i = 0; i < 2 * W; ++i) s += l[i];
     return s;
   }
 };
@@ -181,18 +209,24 @@ inline bool fill_skipped_row(scalar_t* grad_row, int64_t V, bool ignored, bool n
   return true;
 }
 
-// Prefetches the next chunk of a row while this one computes, one prefetch per call from the
-// compute loop (a line, or half of one, of new data per loop step): x is the row (V elements),
-// begin the current chunk's start, i the loop's element offset in it. The compute loops read L1
-// chunk buffers only, so for the length of a chunk no load reaches the input stream and the
-// hardware prefetchers stop running ahead: each chunk's load then waited on DRAM (load_chunk was
-// 23 % of step_stats' forward at 256 x 32000 fp32 in perf, 10 % after). Spread over the loop it
-// took that forward from 40-42 to 30-31.5 ms (one thread); the whole next chunk prefetched into
-// L2 at once, right after the load, gained nothing measurable.
-template <typename scalar_t>
+// Prefetches the next chunk of a row while this one computes, from the compute loop: each call
+// covers the kSpan elements the loop's step consumes (every cache line of them, at least one
+// prefetch: half a line of new data per step in bf16 and the W-step loops on AVX2, two lines
+// per 2 W-step of fp32 on AVX-512). x is the row (V elements), begin the current chunk's start,
+// i the loop's element offset in it. The compute loops read L1 chunk buffers only, so for the
+// length of a chunk no load reaches the input stream and the hardware prefetchers stop running
+// ahead: each chunk's load then waited on DRAM (load_chunk was 23 % of step_stats' forward at
+// 256 x 32000 fp32 in perf, 10 % after). Spread over the loop it took that forward from 40-42
+// to 30-31.5 ms (one thread, AVX2); the whole next chunk prefetched into L2 at once, right
+// after the load, gained nothing measurable.
+template <int64_t kSpan, typename scalar_t>
 PGK_VECTOR_INLINE void prefetch_next_chunk(const scalar_t* x, int64_t begin, int64_t V,
                                            int64_t i) {
-  if (begin + kChunk + i < V) __builtin_prefetch(x + begin + kChunk + i, 0, 3);
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements per cache line
+  const int64_t next = begin + kChunk + i;
+  for (int64_t j = 0; j < kSpan; j += kLine) {
+    if (next + j < V) __builtin_prefetch(x + next + j, 0, 3);
+  }
 }
 
 // x / tau of one vector, rounded once (quotient_rn: three FMA-class instructions with
@@ -323,7 +357,18 @@ uint32_t lane_bits(const Vec<acc_t>& mask) {
   return bits;
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline uint32_t lane_bits(const Vec<float>& mask) {
+  const __m512i m = _mm512_castps_si512(mask);
+  return uint32_t(_mm512_test_epi32_mask(m, m));
+}
+template <>
+inline uint32_t lane_bits(const Vec<double>& mask) {
+  const __m512i m = _mm512_castpd_si512(mask);
+  return uint32_t(_mm512_test_epi64_mask(m, m));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
 template <>
 inline uint32_t lane_bits(const Vec<float>& mask) {
   return uint32_t(_mm256_movemask_ps(__m256(mask)));
