@@ -58,28 +58,21 @@ struct RowLayout {
 };
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-// y 2^n for integral n in [-126, 127] (exactly), 0 where v < lo.
-PGK_VECTOR_INLINE Vec<float> times_pow2_or_zero(const Vec<float>& y, const Vec<float>& n,
-                                                const Vec<float>& v, const Vec<float>& lo) {
-#if defined(CPU_CAPABILITY_AVX512)
-  // One masked scalef; a blendv on a vector mask cost two more instructions per exp.
-  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(v, lo, _CMP_NLT_UQ), y, n);
-#else
-  const __m256i scale = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_blendv_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(scale)), _mm256_setzero_ps(),
-                          _mm256_cmp_ps(v, lo, _CMP_LT_OQ));
-#endif
-}
-
 // exp for fp32 lanes, ~1 ulp for the arguments these kernels use (x <= 0): Cody-Waite range
 // reduction x = n ln2 + r with a two-part ln2, then Cephes' degree-6 polynomial for e^r.
 // ATen's exp_u20 is as fast but ~15 ulp, which showed up as 3x the error of plain PyTorch in
 // the gradients; Sleef's 1-ulp exp is ~1.6x slower. Results below ln(FLT_MIN) flush to 0; NaN
-// stays NaN. AVX2 and AVX-512 give the same e^x bit for bit (x < 88.3).
+// stays NaN. AVX2 and AVX-512 give the same e^x bit for bit for x < 88.3 and -inf (the callers
+// pass d <= 0 or -inf; +inf gives inf on AVX2, NaN on AVX-512).
 PGK_VECTOR_INLINE Vec<float> exp_1ulp(const Vec<float>& v) {
   const Vec<float> lo(-87.33654475f);
+#if defined(CPU_CAPABILITY_AVX512)
+  // scalef takes any n: no clamp (two instructions of ~17) where 2^n is not built by hand.
+  const Vec<float>& x = v;
+#else
+  // 2^n is built in the exponent field below: n must stay in [-126, 128].
   const Vec<float> x = at::vec::clamp(v, lo, Vec<float>(88.72283905f));
+#endif
   const Vec<float> n = (x * Vec<float>(1.44269504088896341f)).round();
   Vec<float> r = at::vec::fnmadd(n, Vec<float>(0.693359375f), x);
   r = at::vec::fnmadd(n, Vec<float>(-2.12194440e-4f), r);
@@ -89,7 +82,16 @@ PGK_VECTOR_INLINE Vec<float> exp_1ulp(const Vec<float>& v) {
     p = at::vec::fmadd(p, r, Vec<float>(c));
   }
   const Vec<float> y = at::vec::fmadd(p, r * r, r) + Vec<float>(1.0f);
-  return times_pow2_or_zero(y, n, v, lo);
+  // y 2^n, and 0 where v < lo.
+#if defined(CPU_CAPABILITY_AVX512)
+  // One masked scalef; a blendv on a vector mask cost two more instructions.
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(v, lo, _CMP_NLT_UQ), y, n);
+#else
+  const __m256i scale = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_blendv_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(scale)), _mm256_setzero_ps(),
+                          _mm256_cmp_ps(v, lo, _CMP_LT_OQ));
+#endif
 }
 #endif
 
