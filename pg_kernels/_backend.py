@@ -55,13 +55,14 @@ def _cpu_status():
     """The CPU kernels built for the vector ISA ATen itself runs here: pg_kernels._C_avx512 where
     `torch.backends.cpu.get_cpu_capability()` is AVX512 (ATEN_CPU_CAPABILITY=avx2 selects the
     AVX2 build on such a CPU), else pg_kernels._C (AVX2, or generic code)."""
-    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+    isa = torch.backends.cpu.get_cpu_capability()
+    if isa == "AVX512":
         ext, _ = _load("pg_kernels._C_avx512")
         if ext is not None:
             return ext, None
     ext, why = _load("pg_kernels._C")
     if ext is not None and ext.cpu_capability == "avx2":
-        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        if isa not in ("AVX2", "AVX512"):
             why = (
                 "the extension was built for AVX2, which this CPU lacks "
                 "(rebuild with PG_KERNELS_CPU_CAPABILITY=default)"
