@@ -570,3 +570,396 @@ def test_pruned_logprob(backend_device, data):
         op, ref, (c["x"], c["y"]), {"temperature": t}, diff_fields=("logprob",),
         forward_floor={"tail_mass": floor},
     )  # fmt: skip
+
+
+# --- the fused lm_head path (ops/*_from_hidden.py) ------------------------------------------
+# Its row kernels are the ops' own, fuzzed above; what these add is the chunking over rows (a
+# ragged last chunk, chunks of one row, chunks straddling the two levels of a shifted hidden),
+# the projection (D = 0, a bias with masked tokens, 16-bit weights whose gradient is summed
+# over chunks in fp32) and the gradients w.r.t. hidden, weight and bias. C++ only on CPU: the
+# Triton interpreter would run one launch per chunk and pass, and adds no chunking of its own.
+
+
+@st.composite
+def projection_cases(draw):
+    """hidden [..., D] (contiguous, the shifted [2, T+1, D][:, :-1] view, or rows inside
+    NaN-padded ones), weight [V, D] scaled to a drawn logit size, an optional bias (maybe with
+    a run of -inf tokens, never the whole vocabulary), labels with ignore rows and a chunk
+    size, all drawn in float64 and cast once."""
+    dtype = draw(st.sampled_from(DTYPES))
+    v = draw(_vocab("cpu"))
+    d = draw(st.one_of(st.sampled_from([0, 1, 2, 3]), st.integers(1, 64)))
+    layout = draw(st.sampled_from(["contiguous", "shifted", "padded"]))
+    if layout == "shifted":
+        t = draw(st.integers(1, 8))
+        full_shape, shape = (2, t + 1), (2, t)
+    else:
+        full_shape = shape = (draw(st.integers(1, 16)),)
+    n = math.prod(shape)
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    logit_std = math.exp(draw(st.floats(math.log(1e-2), math.log(30.0))))
+    h64 = torch.randn(*full_shape, d, generator=g, dtype=torch.float64)
+    w64 = torch.randn(v, d, generator=g, dtype=torch.float64) * (logit_std / max(d, 1) ** 0.5)
+    flat_h = h64.view(-1, d) if d else h64
+    if d >= 1 and draw(st.booleans()):  # a near one-hot row: aligned with one token's weights
+        r, j = draw(st.integers(0, flat_h.shape[0] - 1)), draw(st.integers(0, v - 1))
+        norm2 = float(w64[j].square().sum())
+        if norm2 > 0:
+            flat_h[r] = w64[j] / norm2 * draw(st.floats(5.0, 80.0))
+    b64 = None
+    masked = torch.zeros(v, dtype=torch.bool)
+    if draw(st.booleans()):
+        b64 = torch.randn(v, generator=g, dtype=torch.float64) * logit_std
+        if v >= 2 and draw(st.booleans()):  # masked tokens (vocabulary padding), not all
+            a = draw(st.integers(0, v - 2))
+            masked[a : draw(st.integers(a + 1, v - 1))] = True
+            b64[masked] = float("-inf")
+    y = make_labels(full_shape, v, seed=seed)
+    fy = y.view(-1)
+    fy[(fy >= 0) & masked[fy.clamp_min(0)]] = int((~masked).nonzero()[0])  # labels on tokens
+    if draw(st.booleans()) and fy.numel() >= 2:
+        fy[draw(st.integers(0, fy.numel() - 1))] = -100
+    h = h64.to(dtype)
+    if layout == "shifted":
+        h, y = h[:, :-1], y[:, :-1]
+    elif layout == "padded":
+        wide = torch.full((*shape, d + draw(st.integers(1, 9))), float("nan"), dtype=dtype)
+        wide[..., :d] = h
+        h = wide[..., :d]
+    chunk = draw(st.one_of(st.none(), st.integers(1, n + 2)))
+    return dict(h=h, w=w64.to(dtype), b=None if b64 is None else b64.to(dtype), y=y, d=d, v=v,
+                shape=shape, dtype=dtype, seed=seed, masked=masked, chunk=chunk,
+                layout=layout)  # fmt: skip
+
+
+def _show_projection(p, **kw):
+    temps = {k: (f"tensor{list(t.shape)}" if isinstance(t, torch.Tensor) else t)
+             for k, t in kw.items()}  # fmt: skip
+    return (f"dtype={p['dtype']} hidden={list(p['h'].shape)} stride={p['h'].stride()} "
+            f"V={p['v']} bias={p['b'] is not None} masked={int(p['masked'].sum())} "
+            f"chunk={p['chunk']} seed={p['seed']} {temps}")  # fmt: skip
+
+
+# argmax is left out: from 16-bit logits it may pick the other of two tokens whose float64
+# logits differ by less than the rounding (tests/test_from_hidden.py).
+HIDDEN_FIELDS = ("logprob", "entropy", "collision", "lgp", "lse", "max_prob")
+
+
+def _linear(hidden, weight, bias, upcast):
+    if upcast:
+        hidden, weight = hidden.double(), weight.double()
+        bias = None if bias is None else bias.double()
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def _logit_rounding(h, w, b, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """z = (h @ w.T + b) / tau in float64 and eta, a bound on how far from it the logits that
+    plain PyTorch and the fused path compute lie, in z units: both round each logit to the
+    inputs' dtype (u |x_j|, u its unit roundoff) after a D-term dot product summed in fp32 (fp64
+    for fp64 inputs), which may err by up to D u_acc sum_k |h_k w_jk| (its standard bound)."""
+    u = torch.finfo(h.dtype).eps / 2
+    u_acc = torch.finfo(torch.float64 if h.dtype == torch.float64 else torch.float32).eps / 2
+    x = _linear(h, w, b, upcast=True)
+    dots = torch.nn.functional.linear(h.double().abs(), w.double().abs())
+    eta = u * x.abs() + h.shape[-1] * u_acc * dots
+    return scaled(x, t, torch.float64), scaled(eta, t, torch.float64)
+
+
+def _softmax_moves(z, eta):
+    """softmax quantities of z and, for each, its first-order move when every z_j moves by up to
+    eta_j: p, log p, H, C and bounds dp_j = p_j (eta_j + E), E = sum_j p_j eta_j, dH, dC."""
+    eta = eta.masked_fill(torch.isneginf(z), 0.0)
+    p = torch.softmax(z, -1)
+    logp = torch.log_softmax(z, -1).masked_fill(p == 0, 0.0)
+    big_e = (p * eta).sum(-1, keepdim=True)
+    entropy = -(p * logp).sum(-1, keepdim=True)
+    collision = (p * p).sum(-1, keepdim=True)
+    dp = p * (eta + big_e)
+    d_entropy = (p * eta * (logp + entropy).abs()).sum(-1, keepdim=True)
+    d_collision = 2 * (p * eta * (p - collision).abs()).sum(-1, keepdim=True)
+    return dict(p=p, logp=logp, eta=eta, big_e=big_e, entropy=entropy, collision=collision,
+                dp=dp, d_entropy=d_entropy, d_collision=d_collision)  # fmt: skip
+
+
+def _hidden_grad_floor(h, w, b, y, t):
+    """grad_floor for test_token_stats_from_hidden: the first-order move of each gradient entry
+    when every logit moves by up to eta_j (_logit_rounding), as the forward's floor. The loss is
+    sum over rows of g_lp logprob + g_H H + g_C C + g_lse lse (`ups`), whose logits' gradient is
+    G_j = (g_lp (1[j = c] - p_j) - g_H p_j (log p_j + H) + 2 g_C p_j (p_j - C) + g_lse p_j) / tau,
+    and a move of z moves each term by at most (dp_j from _softmax_moves)
+    dp_j, dp_j |log p_j + H| + p_j (eta_j + E + dH), 2 dp_j |p_j - C| + 2 p_j (p_j dp_j / p_j + dC)
+    and dp_j. Through the projection: |dG| @ |weight| for hidden, |dG|^T @ |hidden| for weight,
+    the rows' sum for bias (ignore rows carry no gradient). Seen: fp16 [2, 8, 1] hidden at
+    per-row tau, V = 160, a weight-gradient entry of 0.965 off by 5.9e-3 where plain was
+    1.5e-3 off."""
+    z, eta = _logit_rounding(h, w, b, t)
+    m = _softmax_moves(z, eta)
+    p, dp = m["p"], m["dp"]
+    tau = (t.double().unsqueeze(-1) if isinstance(t, torch.Tensor)
+           else torch.tensor(float(t), dtype=torch.float64))  # fmt: skip
+    keep = (y != -100).unsqueeze(-1)
+    moves = {
+        "logprob": dp,
+        "entropy": dp * (m["logp"] + m["entropy"]).abs()
+        + p * (m["eta"] + m["big_e"] + m["d_entropy"]),
+        "collision": 2 * dp * (p - m["collision"]).abs() + 2 * p * (dp + m["d_collision"]),
+        "lse": dp,
+    }  # fmt: skip
+    hd, wd = h.double().abs().reshape(y.numel(), h.shape[-1]), w.double().abs()
+
+    def floor(i, ups):
+        d_g = sum(ups[f].abs().unsqueeze(-1) * moves[f] for f in moves) / tau
+        d_g = torch.where(keep, d_g, 0.0).nan_to_num(0.0, posinf=0.0).reshape(y.numel(), -1)
+        if i == 0:
+            return (d_g @ wd).reshape(h.shape)
+        if i == 1:
+            return d_g.t() @ hd
+        return d_g.sum(0)
+
+    return floor
+
+
+def _hidden_rounding_floor(h, w, b, y, t) -> dict[str, torch.Tensor]:
+    """Per row and field of token_stats: the first-order move of the output when every logit
+    moves by up to eta_j (_logit_rounding). The truth takes the float64 logits; plain PyTorch
+    and the fused path each round them, and which of the two lands nearer on a row is luck (a
+    bf16 [2, 1, 2] hidden, V = 1584, a peaked row: entropy 1.2e-5 off where plain was 4.8e-6 off
+    and the bound is 3.8e-5). With p = softmax(z), H the entropy, C = sum p^2, E = sum_j p_j eta_j:
+    lse E; log p_c eta_c + E; H sum_j p_j eta_j |log p_j + H|; C 2 sum_j p_j eta_j |p_j - C|;
+    p_c, p_max p (eta + E); lgp = 1 - 2 p_c + C the sum of two of those."""
+    z, eta = _logit_rounding(h, w, b, t)
+    eta = eta.masked_fill(torch.isneginf(z), 0.0)
+    p = torch.softmax(z, -1)
+    logp = torch.log_softmax(z, -1).masked_fill(p == 0, 0.0)
+    big_e = (p * eta).sum(-1)
+    entropy = -(p * logp).sum(-1)
+    collision = (p * p).sum(-1)
+    label = y.clamp_min(0)[..., None]
+    p_c, eta_c = p.gather(-1, label)[..., 0], eta.gather(-1, label)[..., 0]
+    p_max, arg = p.max(-1)
+    eta_max = eta.gather(-1, arg[..., None])[..., 0]
+    d_collision = 2 * (p * eta * (p - collision[..., None]).abs()).sum(-1)
+    floors = {
+        "lse": big_e,
+        "logprob": eta_c + big_e,
+        "entropy": (p * eta * (logp + entropy[..., None]).abs()).sum(-1),
+        "collision": d_collision,
+        "lgp": 2 * p_c * (eta_c + big_e) + d_collision,
+        "max_prob": p_max * (eta_max + big_e),
+    }
+    return {k: v.nan_to_num(0.0, posinf=0.0) for k, v in floors.items()}
+
+
+@pytest.mark.op("token_stats")
+@pytest.mark.cpu_backends("cpu")
+@given(data=st.data())
+def test_token_stats_from_hidden(backend_device, data):
+    backend, device = backend_device
+    p = data.draw(projection_cases())
+    t = _temperature(data.draw, p["shape"])
+    hypothesis.note(_show_projection(p, temperature=t))
+
+    def op(h, w, b, y, **kw):
+        return pg_kernels.token_stats_from_hidden(h, w, y, bias=b, chunk_size=p["chunk"],
+                                                  backend=backend, **kw)  # fmt: skip
+
+    def ref(h, w, b, y, *, upcast, **kw):
+        return reference.token_stats(_linear(h, w, b, upcast), y, upcast=upcast, **kw)
+
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
+                 for a in (p["h"], p["w"], p["b"], p["y"]))  # fmt: skip
+    _check(
+        p, backend, op, ref, args, {"temperature": t},
+        diff_fields=("logprob", "entropy", "collision", "lse"), check_fields=HIDDEN_FIELDS,
+        grad_args=(0, 1) if p["b"] is None else (0, 1, 2),
+        forward_floor=_hidden_rounding_floor(p["h"], p["w"], p["b"], p["y"], t),
+        grad_floor=_hidden_grad_floor(p["h"], p["w"], p["b"], p["y"], t),
+    )  # fmt: skip
+
+
+def _teacher(draw, p):
+    """The teacher's hidden, weight and bias for p's student: its own width and weights, or the
+    student's own projection perturbed by a drawn amount (0: p == q; near-equal rows take the
+    pair passes' excess path). A bias shares the student's masked tokens: a token one side
+    cannot produce makes the KL infinite (the ops' own fuzz cases draw that)."""
+    g = torch.Generator().manual_seed(p["seed"] + 2)
+    h64, w64 = p["h"].double(), p["w"].double()
+    b64 = None if p["b"] is None else p["b"].double()
+    if draw(st.booleans()):  # another model
+        d = draw(st.one_of(st.sampled_from([0, 1]), st.integers(1, 48)))
+        rh = torch.randn(*p["h"].shape[:-1], d, generator=g, dtype=torch.float64)
+        scale = math.exp(draw(st.floats(math.log(1e-2), math.log(30.0))))
+        rw = torch.randn(p["v"], d, generator=g, dtype=torch.float64) * (scale / max(d, 1) ** 0.5)
+        rb = None
+        if b64 is not None or bool(p["masked"].any()) or draw(st.booleans()):
+            rb = torch.randn(p["v"], generator=g, dtype=torch.float64) * scale
+            rb[p["masked"]] = float("-inf")
+    else:
+        noise = draw(st.sampled_from([0.0, 1e-3, 0.1]))
+        rh = h64.clone()
+        rw = w64 + noise * torch.randn(w64.shape, generator=g, dtype=torch.float64) * (
+            w64.abs().max() if w64.numel() else 0.0
+        )
+        rb = (
+            None
+            if b64 is None
+            else b64 + noise * torch.randn(b64.shape, generator=g, dtype=torch.float64)
+        )
+    return rh.to(p["dtype"]), rw.to(p["dtype"]), None if rb is None else rb.to(p["dtype"])
+
+
+def _kl_hidden_floors(p, rh, rw, rb, kw):
+    """(forward floor per row, grad_floor) for test_kl_divergence_from_hidden: the op's own
+    floors on the logits both paths compute (test_kl_divergence's _kl_grad_floor, the forward's
+    _z_rounding_floor), plus the first-order move of the KL and of each logit's gradient when
+    the student's and the teacher's logits move by up to their eta (_logit_rounding), as
+    _hidden_rounding_floor. With w the weight side, v the other, rho_j = log w_j - log v_j:
+      KL:     sum_j eta_w,j w_j |rho_j - KL| + sum_j eta_v,j |v_j - w_j|, and for near-equal
+              rows the second-order 1/2 (max_j (eta_w,j + eta_v,j))^2 (KL ~ Var_w / 2 of the moves);
+      w side: g w_j (rho_j - KL) moves by g (dw_j |rho_j - KL| + w_j (dw_j / w_j + dv_j / v_j
+              + dKL)), dw_j = w_j (eta_w,j + E_w) (_softmax_moves);
+      v side: g (v_j - w_j) by g (dv_j + dw_j);
+    each over its side's tau, then through the projection as _hidden_grad_floor. Seen: bf16
+    [2, 1, 24] hidden, V = 2, a KL of 3.7e-6 computed 8.1e-6 where plain was 5.1e-7 off; fp32
+    [1, 10], V = 31 at a per-row tau, a weight-gradient entry of 5.1e-5 off by 4.1e-9 (plain
+    1.2e-9, allowed 2.9e-9)."""
+    t = kw["temperature"]
+    rt = t if kw["ref_temperature"] is None else kw["ref_temperature"]
+    reverse = kw["direction"] == "reverse"
+    sides = [(p["h"], p["w"], p["b"], t), (rh, rw, rb, rt)]  # the student's, the teacher's
+    rounded = [_linear(h, w, b, upcast=False) for h, w, b, _ in sides]
+    z, eta = zip(*(_logit_rounding(h, w, b, tau) for h, w, b, tau in sides))
+    w_i, v_i = (0, 1) if reverse else (1, 0)  # which side is the weight side w
+    mw, mv = _softmax_moves(z[w_i], eta[w_i]), _softmax_moves(z[v_i], eta[v_i])
+    w, v = mw["p"], mv["p"]
+    rho = torch.where(w > 0, mw["logp"] - mv["logp"], 0.0)
+    kl = (w * rho).sum(-1, keepdim=True)
+    d_kl = (mw["eta"] * w * (rho - kl).abs()).sum(-1, keepdim=True) + (
+        mv["eta"] * (v - w).abs()).sum(-1, keepdim=True)  # fmt: skip
+    mass = (w > 0) | (v > 0)
+    near = 0.5 * torch.where(mass, mw["eta"] + mv["eta"], 0.0).amax(-1, keepdim=True) ** 2
+    rows = (d_kl + near).squeeze(-1).nan_to_num(0.0, posinf=0.0)
+    op_kw = {k: kw[k] for k in ("direction", "temperature", "ref_temperature")}
+    forward = rows + _z_rounding_floor({"dtype": p["dtype"], "x": rounded[0]}, rounded[1], t,
+                                       kw["ref_temperature"], kw["direction"])  # fmt: skip
+    op_floor = _kl_grad_floor(rounded[0], rounded[1], op_kw)
+    ratio_w = torch.where(w > 0, mw["dp"] / w, 0.0)
+    ratio_v = torch.where(v > 0, mv["dp"] / v, 0.0)
+    moves = [None, None]
+    moves[w_i] = mw["dp"] * (rho - kl).abs() + w * (ratio_w + ratio_v + d_kl)
+    moves[v_i] = mv["dp"] + mw["dp"]
+    keep = None if kw["labels"] is None else (kw["labels"] != -100).unsqueeze(-1)
+    n = rows.numel()
+
+    def floor(i, ups):
+        side, part = divmod(i, 3)  # (student, teacher) x (hidden, weight, bias)
+        h, wt, _, tau = sides[side]
+        tau = tau.double().unsqueeze(-1) if isinstance(tau, torch.Tensor) else tau
+        g = ups["out"].abs().unsqueeze(-1)
+        d_g = g * moves[side] / tau + op_floor(side, ups)
+        if keep is not None:
+            d_g = torch.where(keep, d_g, 0.0)
+        d_g = d_g.nan_to_num(0.0, posinf=0.0).reshape(n, -1)
+        if part == 0:
+            return (d_g @ wt.double().abs()).reshape(h.shape)
+        if part == 1:
+            return d_g.t() @ h.double().abs().reshape(n, h.shape[-1])
+        return d_g.sum(0)
+
+    return forward, floor
+
+
+@pytest.mark.op("kl_divergence")
+@pytest.mark.cpu_backends("cpu")
+@given(data=st.data())
+def test_kl_divergence_from_hidden(backend_device, data):
+    backend, device = backend_device
+    p = data.draw(projection_cases())
+    rh, rw, rb = _teacher(data.draw, p)
+    kw = {
+        "direction": data.draw(st.sampled_from(["reverse", "forward"])),
+        "temperature": _temperature(data.draw, p["shape"]),
+        "ref_temperature": _temperature(data.draw, p["shape"]) if data.draw(st.booleans()) else None,  # noqa: E501
+        "labels": p["y"] if data.draw(st.booleans()) else None,
+    }  # fmt: skip
+    teacher_grads = data.draw(st.booleans())
+    hypothesis.note(
+        _show_projection(p, temperature=kw["temperature"], ref=kw["ref_temperature"])
+        + f" teacher D={rh.shape[-1]} bias={rb is not None} grads={teacher_grads}"
+    )
+
+    def op(h, w, b, rh, rw, rb, **kw):
+        return pg_kernels.kl_divergence_from_hidden(
+            h, w, rh, rw, bias=b, ref_bias=rb, chunk_size=p["chunk"], backend=backend, **kw
+        )
+
+    def ref(h, w, b, rh, rw, rb, *, upcast, **kw):
+        return reference.kl_divergence(_linear(h, w, b, upcast), _linear(rh, rw, rb, upcast),
+                                       upcast=upcast, **kw)  # fmt: skip
+
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
+                 for a in (p["h"], p["w"], p["b"], rh, rw, rb))  # fmt: skip
+    grad_args = [0, 1] + ([2] if p["b"] is not None else [])
+    if teacher_grads:
+        grad_args += [3, 4] + ([5] if rb is not None else [])
+    forward_floor, grad_floor = _kl_hidden_floors(p, rh, rw, rb, kw)
+    _check(
+        p,
+        backend,
+        op,
+        ref,
+        args,
+        kw,
+        diff_fields=("out",),
+        grad_args=tuple(grad_args),
+        forward_floor={"out": forward_floor},
+        grad_floor=grad_floor,
+    )
+
+
+@pytest.mark.op("token_stats")
+@pytest.mark.cpu_backends("cpu")
+@given(data=st.data())
+def test_token_loss_from_hidden(backend_device, data):
+    """A loss linear in the four differentiable statistics with drawn per-row coefficients, its
+    gradients formed in the forward chunk by chunk: the loss and the gradients w.r.t. hidden,
+    weight and bias, under test_token_stats_from_hidden's floors with those coefficients (times
+    the loss's upstream gradient) as the statistics' upstream gradients."""
+    backend, device = backend_device
+    p = data.draw(projection_cases())
+    t = _temperature(data.draw, p["shape"])
+    hypothesis.note(_show_projection(p, temperature=t))
+    diff = ("logprob", "entropy", "collision", "lse")
+    g = torch.Generator().manual_seed(p["seed"] + 3)
+    coef = {f: torch.randn(p["shape"], generator=g, dtype=torch.float64) for f in diff}
+
+    def linear_loss(stats, rows=slice(None)):
+        def term(f):
+            x = getattr(stats, f).reshape(-1)
+            return (x * coef[f].reshape(-1)[rows].to(device=x.device, dtype=x.dtype)).sum()
+
+        return sum(term(f) for f in diff)
+
+    def op(h, w, b, y, **kw):
+        return pg_kernels.token_loss_from_hidden(
+            h, w, y, linear_loss, bias=b, chunk_size=p["chunk"], backend=backend, **kw
+        ).loss
+
+    def ref(h, w, b, y, *, upcast, **kw):
+        return linear_loss(reference.token_stats(_linear(h, w, b, upcast), y, upcast=upcast, **kw))
+
+    rows = _hidden_rounding_floor(p["h"], p["w"], p["b"], p["y"], t)
+    forward = sum((coef[f].abs() * rows[f]).sum() for f in diff)
+    stats_floor = _hidden_grad_floor(p["h"], p["w"], p["b"], p["y"], t)
+
+    def grad_floor(i, ups):
+        return stats_floor(i, {f: coef[f] * ups["out"].abs() for f in diff})
+
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
+                 for a in (p["h"], p["w"], p["b"], p["y"]))  # fmt: skip
+    _check(
+        p, backend, op, ref, args, {"temperature": t}, diff_fields=("out",),
+        grad_args=(0, 1) if p["b"] is None else (0, 1, 2),
+        forward_floor={"out": forward}, grad_floor=grad_floor,
+    )  # fmt: skip

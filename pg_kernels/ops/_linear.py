@@ -173,7 +173,7 @@ class ChunkedProjection:
             else:  # one 16-bit rounding per chunk's product, summed in fp32, in vocab blocks
                 # so that the 16-bit product never takes more than PRODUCT_BYTES
                 v, d = self.grad_weight.shape
-                block = max(1, PRODUCT_BYTES // (d * h.dtype.itemsize))
+                block = max(1, PRODUCT_BYTES // (max(d, 1) * h.dtype.itemsize))  # D = 0 too
                 for v0 in range(0, v, block):
                     g = grad_logits[:, v0 : v0 + block]
                     self.grad_weight[v0 : v0 + block].add_(g.t() @ h)
