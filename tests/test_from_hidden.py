@@ -421,6 +421,29 @@ def test_weight_gradient_in_vocab_blocks(monkeypatch):
     assert torch.equal(weight_grad(), whole)
 
 
+def test_16bit_weight_gradient_sums_chunks_in_fp32():
+    """One-row chunks (512 of them) give a bf16 weight gradient as accurate as one chunk of all
+    rows: the chunks' products are summed in fp32, not in a bf16 running sum (measured max
+    errors against the float64 gradient, largest entry 29: 0.092 either way; a bf16 running
+    sum, 1.21)."""
+    g = torch.Generator().manual_seed(21)
+    n, d, v = 512, 8, 64
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * 0.5
+    y = torch.randint(0, v, (n,), generator=g)
+
+    def weight_grad(dtype, chunk):
+        ww = w.to(dtype).clone().requires_grad_()
+        out = pg_kernels.token_stats_from_hidden(h.to(dtype), ww, y, chunk_size=chunk)
+        out.logprob.sum().backward()
+        return ww.grad.double()
+
+    truth = weight_grad(torch.float64, None)
+    one_chunk = (weight_grad(torch.bfloat16, n) - truth).abs().max()
+    row_chunks = (weight_grad(torch.bfloat16, 1) - truth).abs().max()
+    assert row_chunks <= 2 * one_chunk, (float(row_chunks), float(one_chunk))
+
+
 def test_gradcheck_float64():
     """Finite differences against autograd through both fused ops: hidden, weight and bias of
     the policy, and the teacher's hidden (tiny fp64 shapes, ragged chunks)."""
