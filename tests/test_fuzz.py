@@ -699,6 +699,18 @@ def _softmax_moves(z, eta):
                 dp=dp, d_entropy=d_entropy, d_collision=d_collision)  # fmt: skip
 
 
+def _through_projection(d_g, hidden, weight, part):
+    """An elementwise bound d_g [N, V] on the logits' gradient, carried to the gradient of the
+    projection's `part` (0 hidden, 1 weight, 2 bias): |d_g| @ |weight|, |d_g|^T @ |hidden|, the
+    rows' sum."""
+    d_g = d_g.nan_to_num(0.0, posinf=0.0).reshape(-1, weight.shape[0])
+    if part == 0:
+        return (d_g @ weight.double().abs()).reshape(hidden.shape)
+    if part == 1:
+        return d_g.t() @ hidden.double().abs().reshape(d_g.shape[0], hidden.shape[-1])
+    return d_g.sum(0)
+
+
 def _hidden_grad_floor(h, w, b, y, t):
     """grad_floor for test_token_stats_from_hidden: the first-order move of each gradient entry
     when every logit moves by up to eta_j (_logit_rounding), as the forward's floor. The loss is
@@ -733,17 +745,11 @@ def _hidden_grad_floor(h, w, b, y, t):
         "lse": p,
     }
     u = torch.finfo(h.dtype).eps / 2
-    hd, wd = h.double().abs().reshape(y.numel(), h.shape[-1]), w.double().abs()
 
     def floor(i, ups):
         d_g = sum(ups[f].abs().unsqueeze(-1) * moves[f] for f in moves) / tau
         d_g = d_g + u * sum(ups[f].unsqueeze(-1) * grads[f] for f in grads).abs() / tau
-        d_g = torch.where(keep, d_g, 0.0).nan_to_num(0.0, posinf=0.0).reshape(y.numel(), -1)
-        if i == 0:
-            return (d_g @ wd).reshape(h.shape)
-        if i == 1:
-            return d_g.t() @ hd
-        return d_g.sum(0)
+        return _through_projection(torch.where(keep, d_g, 0.0), h, w, i)
 
     return floor
 
@@ -756,24 +762,18 @@ def _hidden_rounding_floor(h, w, b, y, t) -> dict[str, torch.Tensor]:
     and the bound is 3.8e-5). With p = softmax(z), H the entropy, C = sum p^2, E = sum_j p_j eta_j:
     lse E; log p_c eta_c + E; H sum_j p_j eta_j |log p_j + H|; C 2 sum_j p_j eta_j |p_j - C|;
     p_c, p_max p (eta + E); lgp = 1 - 2 p_c + C the sum of two of those."""
-    z, eta = _logit_rounding(h, w, b, t)
-    eta = eta.masked_fill(torch.isneginf(z), 0.0)
-    p = torch.softmax(z, -1)
-    logp = torch.log_softmax(z, -1).masked_fill(p == 0, 0.0)
-    big_e = (p * eta).sum(-1)
-    entropy = -(p * logp).sum(-1)
-    collision = (p * p).sum(-1)
+    m = _softmax_moves(*_logit_rounding(h, w, b, t))
+    p, eta, big_e = m["p"], m["eta"], m["big_e"][..., 0]
     label = y.clamp_min(0)[..., None]
     p_c, eta_c = p.gather(-1, label)[..., 0], eta.gather(-1, label)[..., 0]
     p_max, arg = p.max(-1)
     eta_max = eta.gather(-1, arg[..., None])[..., 0]
-    d_collision = 2 * (p * eta * (p - collision[..., None]).abs()).sum(-1)
     floors = {
         "lse": big_e,
         "logprob": eta_c + big_e,
-        "entropy": (p * eta * (logp + entropy[..., None]).abs()).sum(-1),
-        "collision": d_collision,
-        "lgp": 2 * p_c * (eta_c + big_e) + d_collision,
+        "entropy": m["d_entropy"][..., 0],
+        "collision": m["d_collision"][..., 0],
+        "lgp": 2 * p_c * (eta_c + big_e) + m["d_collision"][..., 0],
         "max_prob": p_max * (eta_max + big_e),
     }
     return {k: v.nan_to_num(0.0, posinf=0.0) for k, v in floors.items()}
@@ -884,7 +884,6 @@ def _kl_hidden_floors(p, rh, rw, rb, kw):
     grads = [None, None]
     grads[w_i], grads[v_i] = w * (rho - kl), v - w
     keep = None if kw["labels"] is None else (kw["labels"] != -100).unsqueeze(-1)
-    n = rows.numel()
 
     def floor(i, ups):
         side, part = divmod(i, 3)  # (student, teacher) x (hidden, weight, bias)
@@ -894,12 +893,7 @@ def _kl_hidden_floors(p, rh, rw, rb, kw):
         d_g = g * (moves[side] + u * grads[side].abs()) / tau + op_floor(side, ups)
         if keep is not None:
             d_g = torch.where(keep, d_g, 0.0)
-        d_g = d_g.nan_to_num(0.0, posinf=0.0).reshape(n, -1)
-        if part == 0:
-            return (d_g @ wt.double().abs()).reshape(h.shape)
-        if part == 1:
-            return d_g.t() @ h.double().abs().reshape(n, h.shape[-1])
-        return d_g.sum(0)
+        return _through_projection(d_g, h, wt, part)
 
     beyond = any(_beyond_first_order(zs, es) for zs, es in zip(z, eta))
     return forward, floor, beyond
