@@ -718,9 +718,10 @@ def _through_projection(d_g, hidden, weight, part):
     return d_g.sum(0)
 
 
-def _hidden_grad_floor(h, w, b, y, t):
-    """grad_floor for test_token_stats_from_hidden: the first-order move of each gradient entry
-    when every logit moves by up to eta_j (_logit_rounding), as the forward's floor. The loss is
+def _hidden_grad_floor(m, h, w, y, t):
+    """grad_floor for test_token_stats_from_hidden (m: _softmax_moves of its logits' rounding):
+    the first-order move of each gradient entry when every logit moves by up to eta_j
+    (_logit_rounding), as the forward's floor. The loss is
     sum over rows of g_lp logprob + g_H H + g_C C + g_lse lse (`ups`), whose logits' gradient is
     G_j = (g_lp (1[j = c] - p_j) - g_H p_j (log p_j + H) + 2 g_C p_j (p_j - C) + g_lse p_j) / tau,
     and a move of z moves each term by at most (dp_j from _softmax_moves)
@@ -731,8 +732,6 @@ def _hidden_grad_floor(h, w, b, y, t):
     at per-row tau, V = 160, a weight-gradient entry of 0.965 off by 5.9e-3 where plain was
     1.5e-3 off; bf16 at D = 0 (logits = bias), a bias-gradient entry of 0.0559, the sum of four
     rows' rounded G, 2 ulps off where plain was 1.5e-5 off."""
-    z, eta = _logit_rounding(h, w, b, t)
-    m = _softmax_moves(z, eta)
     p, dp = m["p"], m["dp"]
     tau = (t.double().unsqueeze(-1) if isinstance(t, torch.Tensor)
            else torch.tensor(float(t), dtype=torch.float64))  # fmt: skip
@@ -761,15 +760,15 @@ def _hidden_grad_floor(h, w, b, y, t):
     return floor
 
 
-def _hidden_rounding_floor(h, w, b, y, t) -> dict[str, torch.Tensor]:
-    """Per row and field of token_stats: the first-order move of the output when every logit
+def _hidden_rounding_floor(m, y) -> dict[str, torch.Tensor]:
+    """Per row and field of token_stats (m: _softmax_moves of the logits' rounding): the
+    first-order move of the output when every logit
     moves by up to eta_j (_logit_rounding). The truth takes the float64 logits; plain PyTorch
     and the fused path each round them, and which of the two lands nearer on a row is luck (a
     bf16 [2, 1, 2] hidden, V = 1584, a peaked row: entropy 1.2e-5 off where plain was 4.8e-6 off
     and the bound is 3.8e-5). With p = softmax(z), H the entropy, C = sum p^2, E = sum_j p_j eta_j:
     lse E; log p_c eta_c + E; H sum_j p_j eta_j |log p_j + H|; C 2 sum_j p_j eta_j |p_j - C|;
     p_c, p_max p (eta + E); lgp = 1 - 2 p_c + C the sum of two of those."""
-    m = _softmax_moves(*_logit_rounding(h, w, b, t))
     p, eta, big_e = m["p"], m["eta"], m["big_e"][..., 0]
     label = y.clamp_min(0)[..., None]
     p_c, eta_c = p.gather(-1, label)[..., 0], eta.gather(-1, label)[..., 0]
@@ -784,6 +783,15 @@ def _hidden_rounding_floor(h, w, b, y, t) -> dict[str, torch.Tensor]:
         "max_prob": p_max * (eta_max + big_e),
     }
     return {k: v.nan_to_num(0.0, posinf=0.0) for k, v in floors.items()}
+
+
+def _hidden_floors(p, t):
+    """(forward floors per field, grad_floor, beyond first order) of the token_stats cases, from
+    one evaluation of the logits' rounding (_logit_rounding)."""
+    z, eta = _logit_rounding(p["h"], p["w"], p["b"], t)
+    m = _softmax_moves(z, eta)
+    return (_hidden_rounding_floor(m, p["y"]), _hidden_grad_floor(m, p["h"], p["w"], p["y"], t),
+            _beyond_first_order(z, eta))  # fmt: skip
 
 
 @pytest.mark.op("token_stats")
@@ -804,13 +812,12 @@ def test_token_stats_from_hidden(backend_device, data):
 
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
                  for a in (p["h"], p["w"], p["b"], p["y"]))  # fmt: skip
-    p["beyond_first_order"] = _beyond_first_order(*_logit_rounding(p["h"], p["w"], p["b"], t))
+    forward_floor, grad_floor, p["beyond_first_order"] = _hidden_floors(p, t)
     _check(
         p, backend, op, ref, args, {"temperature": t},
         diff_fields=("logprob", "entropy", "collision", "lse"), check_fields=HIDDEN_FIELDS,
         grad_args=tuple(_differentiated(data.draw, p["b"])),
-        forward_floor=_hidden_rounding_floor(p["h"], p["w"], p["b"], p["y"], t),
-        grad_floor=_hidden_grad_floor(p["h"], p["w"], p["b"], p["y"], t),
+        forward_floor=forward_floor, grad_floor=grad_floor,
     )  # fmt: skip
 
 
@@ -858,10 +865,9 @@ def _kl_hidden_floors(p, rh, rw, rb, kw):
       v side: g (v_j - w_j) by g (dv_j + dw_j);
     and each side's G rounded to the inputs' dtype, u |G_j|; each over its side's tau, then
     through the projection as _hidden_grad_floor. The third value: _beyond_first_order of
-    either side. Seen: bf16
-    [2, 1, 24] hidden, V = 2, a KL of 3.7e-6 computed 8.1e-6 where plain was 5.1e-7 off; fp32
-    [1, 10], V = 31 at a per-row tau, a weight-gradient entry of 5.1e-5 off by 4.1e-9 (plain
-    1.2e-9, allowed 2.9e-9)."""
+    either side. Seen: bf16 [2, 1, 24] hidden, V = 2, a KL of 3.7e-6 computed 8.1e-6 where
+    plain was 5.1e-7 off; fp32 [1, 10], V = 31 at a per-row tau, a weight-gradient entry of
+    5.1e-5 off by 4.1e-9 (plain 1.2e-9, allowed 2.9e-9)."""
     t = kw["temperature"]
     rt = t if kw["ref_temperature"] is None else kw["ref_temperature"]
     reverse = kw["direction"] == "reverse"
@@ -985,16 +991,14 @@ def test_token_loss_from_hidden(backend_device, data):
     def ref(h, w, b, y, *, upcast, **kw):
         return linear_loss(reference.token_stats(_linear(h, w, b, upcast), y, upcast=upcast, **kw))
 
-    rows = _hidden_rounding_floor(p["h"], p["w"], p["b"], p["y"], t)
+    rows, stats_floor, p["beyond_first_order"] = _hidden_floors(p, t)
     forward = sum((coef[f].abs() * rows[f]).sum() for f in diff)
-    stats_floor = _hidden_grad_floor(p["h"], p["w"], p["b"], p["y"], t)
 
     def grad_floor(i, ups):
         return stats_floor(i, {f: coef[f] * ups["out"].abs() for f in diff})
 
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
                  for a in (p["h"], p["w"], p["b"], p["y"]))  # fmt: skip
-    p["beyond_first_order"] = _beyond_first_order(*_logit_rounding(p["h"], p["w"], p["b"], t))
     _check(
         p, backend, op, ref, args, {"temperature": t}, diff_fields=("out",),
         grad_args=tuple(_differentiated(data.draw, p["b"])),
