@@ -149,13 +149,18 @@ def _merge(gathered: torch.Tensor, ref_p: torch.Tensor, ref_q: torch.Tensor, rev
         d_min = torch.minimum(d_min, torch.where(both[r], d[r], d_min))
     weight = torch.exp(log_w)
     # log (V / W over the near shards) relative to D*: log sum_r W_r e^{-(D_r - D*)}, as
-    # log1p of sum_r W_r expm1(-(D_r - D*)) where that is small (sum_r W_r = 1 there)
-    small, total = zero, zero
+    # log1p of sum_r W_r expm1(-(D_r - D*)) where that is small (sum_r W_r = 1 there), else
+    # as a logsumexp of log W_r - (D_r - D*): the shard of D* can hold a mass W_r that
+    # underflows, and the others e^{-(D_r - D*)} that do (a sum of 0, its log -inf, and a
+    # NaN KL: a bf16 row at tau_ref 0.061 had log W_r = -6553 and D_r - D* = 6469).
+    small = zero
+    log_terms = []
     for r in range(world):
         e = torch.where(both[r], d_min - d[r], zero)  # <= 0
         small = small + torch.where(both[r], weight[r] * torch.expm1(e), zero)
-        total = total + torch.where(both[r], weight[r] * torch.exp(e), zero)
-    log_ratio = torch.where(small.abs() < 0.5, torch.log1p(small), torch.log(total))
+        log_terms.append(torch.where(both[r], log_w[r] + e, torch.full_like(e, -INF)))
+    log_total = torch.logsumexp(torch.stack(log_terms), 0)
+    log_ratio = torch.where(small.abs() < 0.5, torch.log1p(small), log_total)
     d_row = d_min - log_ratio  # L_w - L_v of the whole row
     delta = torch.where(near, d - d_row, log_w - log_v)
     kl = zero
