@@ -679,22 +679,34 @@ def test_argmax_beyond_2_24_ids_is_exact():
     assert pts._merge(gathered, 1.0)[5].tolist() == [big]
 
 
-def test_kl_merge_of_a_shard_whose_mass_underflows():
-    """The merge's log sum_r W_r e^{-(D_r - D*)} when the shard of D* has a mass W_r that
-    underflows fp64 and the other shards' e^{-(D_r - D*)} do too: a logsumexp, not the log of
-    a sum that is 0 (a NaN KL). A random layout found it: bf16, forward KL, the reference at
-    tau 0.061 (its shard masses e^-6553 and 1), the logits at tau 4.69 (e^-83.5 and 1)."""
+def test_kl_merge_of_shards_far_apart():
+    """The merge's log sum_r W_r e^{-(D_r - D*)} where the shards' D_r lie far apart, from rows
+    random layouts found (bf16, gathered states as the kernels gave them). Referred to the
+    least D_r, the sum's terms underflowed: a KL of NaN or 0. D* is now the dominant term's."""
     pkl = importlib.import_module("pg_kernels.parallel.kl_divergence")
-    gathered = torch.zeros(2, 1, 6, dtype=torch.float64)
-    gathered[:, 0, pkl.M_P] = torch.tensor([121.00991821289062, 204.5238037109375])
-    gathered[:, 0, pkl.M_Q] = torch.tensor([9304.7861328125, 15857.4521484375])
-    ref_p, ref_q = gathered[..., pkl.M_P], gathered[..., pkl.M_Q]
-    kl, delta, _, _ = pkl._merge(gathered, ref_p, ref_q, reverse=False)
-    # KL = sum_r W_r delta_r (each shard's own KL is 0): W = (e^-6553, 1 - ...), and delta_1 =
-    # log W_1 - log V_1 = log1p(e^-83.5) ~ 5e-37
-    assert torch.isfinite(delta).all(), delta
-    assert 0.0 <= float(kl[0]) < 1e-30, kl
-    assert abs(float(delta[0, 0]) - (-6552.666 + 83.514)) < 1e-2, delta
+
+    def merge(reverse, **columns):
+        gathered = torch.zeros(2, 1, 6, dtype=torch.float64)
+        for name, values in columns.items():
+            gathered[:, 0, getattr(pkl, name)] = torch.tensor(values, dtype=torch.float64)
+        ref_p, ref_q = gathered[..., pkl.M_P], gathered[..., pkl.M_Q]
+        kl, delta, _, _ = pkl._merge(gathered, ref_p, ref_q, reverse=reverse)
+        assert torch.isfinite(delta).all(), delta
+        return float(kl[0]), delta[:, 0].tolist()
+
+    # Forward KL, the reference at tau 0.061 (shard masses e^-6553 and 1), the logits at tau
+    # 4.69 (e^-83.5 and 1); each shard's own KL 0. KL = W_1 delta_1 = log1p(e^-83.5) ~ 5e-37.
+    kl, delta = merge(False, M_P=[121.00991821289062, 204.5238037109375],
+                      M_Q=[9304.7861328125, 15857.4521484375])  # fmt: skip
+    assert 0.0 <= kl < 1e-30, kl
+    assert abs(delta[0] - (-6552.666 + 83.514)) < 1e-2, delta
+    # Reverse KL, shard 1 masked whole with -1e30 on both sides (maxes -1e30 / tau, no mass):
+    # the KL is shard 0's own, exactly (its delta 0).
+    kl0 = 4.97098517e-05
+    kl, delta = merge(True, M_P=[-2.94718575, -1.47396951e30], LS_P=[5.1908288, 4.96981335],
+                      M_Q=[0.663442194, -6.66214161e29], LS_Q=[5.21562481, 4.96981335],
+                      C=[-0.0247464925, 0.0], KL=[kl0, 0.0])  # fmt: skip
+    assert delta[0] == 0.0 and kl == kl0, (kl, delta)
 
 
 def test_tiling_verdict():

@@ -18,8 +18,9 @@ delta_r is formed from small numbers only: D_r = L_w,r - L_v,r = (a_w,r / tau_w 
 tau_v) + (c_r - KL_r) (the kernels' l_w - l_v, not the difference of two rounded log s1;
 each side's frames taken relative to their max over the shards, since only differences of
 the D_r count: a side masked whole with -1e30 has frames whose fp64 ulp is 2e14),
-and delta_r = D_r - D with D = L_w - L_v = D* - log sum_r W_r e^{-(D_r - D*)} (D* = min_r
-D_r; the log as log1p of the sum of W_r expm1(-(D_r - D*)) when that is small). No O(1) term
+and delta_r = D_r - D with D = L_w - L_v = D* - log sum_r W_r e^{-(D_r - D*)} (D* the D_r of
+the shard with the largest term; the log as log1p of the sum of W_r expm1(-(D_r - D*)) when
+that is small). No O(1) term
 cancels: where the rows are near-equal every term is O(KL), and the fp32 roundings of the
 gathered log s1 enter only through the masses W_r, relative to the KL (the old merge,
 c - log S_w + log S_v, carried them absolutely: ~1e-7 on KLs of ~1e-4). A shard where w is
@@ -143,25 +144,30 @@ def _merge(gathered: torch.Tensor, ref_p: torch.Tensor, ref_q: torch.Tensor, rev
     both = has_w & has_v & torch.isfinite(d)
     zero = torch.zeros_like(m_p)
     near = torch.ones_like(m_p, dtype=torch.bool)  # every shard: both sides or neither
-    d_min = torch.full_like(m_p, INF)
     for r in range(world):
         near = near & (both[r] | ~(has_w[r] | has_v[r]))
-        d_min = torch.minimum(d_min, torch.where(both[r], d[r], d_min))
+    # D* = D_r of the shard whose term W_r e^{-D_r} dominates the row's (max of log W_r - D_r):
+    # every term is then at most W_r* e^{-D*}, and one shard's own D_r cannot push the others'
+    # out of range. (The least D_r did: a shard masked whole with -1e30 on both sides under two
+    # temperatures has D_r ~ -8e29 and no mass, and rows with one shard of mass e^-6553 summed
+    # terms that all underflowed: a KL of 0 or NaN.)
+    score = torch.where(both, log_w - d, torch.full_like(d, -INF))
+    d_ref = torch.where(both.any(0), d.gather(0, score.argmax(0, keepdim=True))[0], INF)
     weight = torch.exp(log_w)
-    # log (V / W over the near shards) relative to D*: log sum_r W_r e^{-(D_r - D*)}, as
-    # log1p of sum_r W_r expm1(-(D_r - D*)) where that is small (sum_r W_r = 1 there), else
-    # as a logsumexp of log W_r - (D_r - D*): the shard of D* can hold a mass W_r that
-    # underflows, and the others e^{-(D_r - D*)} that do (a sum of 0, its log -inf, and a
-    # NaN KL: a bf16 row at tau_ref 0.061 had log W_r = -6553 and D_r - D* = 6469).
+    # log (V / W over the near shards) relative to D*: log sum_r W_r e^{x_r}, x_r = D* - D_r,
+    # as log1p of sum_r W_r expm1(x_r) where that is small (sum_r W_r = 1 there: exactly 0 for
+    # equal rows), else as a logsumexp of log W_r + x_r. W_r expm1(x_r) is formed as e^{log W_r
+    # + x_r} - W_r where x_r > 1: W_r can underflow where e^{x_r} overflows.
     small = zero
     log_terms = []
     for r in range(world):
-        e = torch.where(both[r], d_min - d[r], zero)  # <= 0
-        small = small + torch.where(both[r], weight[r] * torch.expm1(e), zero)
-        log_terms.append(torch.where(both[r], log_w[r] + e, torch.full_like(e, -INF)))
+        x = torch.where(both[r], d_ref - d[r], zero)
+        term = torch.where(x > 1, torch.exp(log_w[r] + x) - weight[r], weight[r] * torch.expm1(x))
+        small = small + torch.where(both[r], term, zero)
+        log_terms.append(torch.where(both[r], log_w[r] + x, torch.full_like(x, -INF)))
     log_total = torch.logsumexp(torch.stack(log_terms), 0)
     log_ratio = torch.where(small.abs() < 0.5, torch.log1p(small), log_total)
-    d_row = d_min - log_ratio  # L_w - L_v of the whole row
+    d_row = d_ref - log_ratio  # L_w - L_v of the whole row
     delta = torch.where(near, d - d_row, log_w - log_v)
     kl = zero
     for r in range(world):
