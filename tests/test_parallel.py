@@ -105,6 +105,17 @@ def _cases() -> list[dict]:
         case["name"] = f"{case['op']}-{case['layout']}-{case['backend']}-{str(case['dtype'])[6:]}"
         case["seed"] = i
         case["shards"] = LAYOUTS[case["layout"]]
+    # A peaked row whose label is its top token (_peaked_inputs), alone in its batch so that
+    # the rule's absolute floor (atol x the largest |truth|) is its lgp's size, ~1e-7: the merge
+    # must not form lgp = 1 - 2 p_c + C from fp32 numbers near 1 (a random layout found 7e-8).
+    for shards in ([(0, 8)], [(3, 5), (0, 3)]):
+        for dtype in (torch.float32, torch.bfloat16):
+            sizes = "+".join(str(size) for _, size in shards)
+            cases.append({
+                "layout": "peaked", "backend": "cpu", "dtype": dtype, "op": "token_stats",
+                "per_row_temperature": False, "shards": shards, "seed": len(cases),
+                "name": f"token_stats-peaked{sizes}-cpu-{str(dtype)[6:]}",
+            })  # fmt: skip
     return cases
 
 
@@ -122,9 +133,11 @@ RANDOM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def _random_cases(seed: int, count: int) -> list[dict]:
     """`count` cases of random shard layouts: 1-3 ranks in a random order, shards of 1 to ~130
-    columns (V up to 400, odd and prime sizes alike), every op, dtype and backend but Triton
-    (its interpreter costs ~1 s per call), scalar or per-row temperatures. Their inputs are
-    _random_inputs'."""
+    columns (V up to 400, odd and prime sizes alike), every op and dtype, scalar or per-row
+    temperatures; their inputs are _random_inputs'. The C++ backend: the merge is the same
+    Python on every backend; interpreted Triton costs ~1 s per call; and the reference
+    backend's single-device op is plain PyTorch, whose error the rule's "2x" cannot tell from
+    another plain computation's (its tiny KLs came out 2-3x apart either way)."""
     g = random.Random(seed)
     cases = []
     for i in range(count):
@@ -136,16 +149,15 @@ def _random_cases(seed: int, count: int) -> list[dict]:
         g.shuffle(shards)  # ranks hold them out of vocab order
         case = {
             "op": g.choice(("token_stats", "kl_reverse", "kl_forward")),
-            "backend": g.choice(("cpu", "cpu", "reference")),
+            "backend": "cpu",
             "dtype": g.choice(RANDOM_DTYPES),
             "per_row_temperature": g.random() < 0.5,
             "layout": "random",
             "shards": shards,
             "seed": g.randrange(2**31),
         }
-        case["name"] = (
-            f"random{seed}.{i}-{case['op']}-{case['backend']}-{str(case['dtype'])[6:]}-"
-            + "+".join(str(size) for _, size in shards)
+        case["name"] = f"random{seed}.{i}-{case['op']}-{str(case['dtype'])[6:]}-" + "+".join(
+            str(size) for _, size in shards
         )
         cases.append(case)
     return cases
@@ -193,6 +205,8 @@ def _inputs(case: dict) -> dict:
         return _near_inputs(case)
     if case["layout"] == "random":
         return _random_inputs(case)
+    if case["layout"] == "peaked":
+        return _peaked_inputs(case)
     layout, seed = case["shards"], case["seed"]
     v = _vocab(case)
     g = torch.Generator().manual_seed(seed)
@@ -248,6 +262,23 @@ def _inputs(case: dict) -> dict:
         "temperature": temperature,
         "ref_temperature": ref_temperature,
         "weights": torch.randn(4, N, generator=g, dtype=torch.float64).to(acc),
+    }
+
+
+def _peaked_inputs(case: dict) -> dict:
+    """One row of 8 logits ~ N(0, 0.5^2), the label's (id 4) raised to 10: p_c ~ 1 - 3e-4,
+    lgp ~ 1e-7."""
+    g = torch.Generator().manual_seed(case["seed"])
+    x = torch.randn(1, 8, generator=g, dtype=torch.float64) * 0.5
+    x[0, 4] = 10.0
+    acc = torch.float32
+    return {
+        "logits": x.to(case["dtype"]),
+        "ref_logits": x.to(case["dtype"]),
+        "labels": torch.tensor([4]),
+        "temperature": 1.0,
+        "ref_temperature": None,
+        "weights": torch.randn(4, 1, generator=g, dtype=torch.float64).to(acc),
     }
 
 
@@ -491,16 +522,46 @@ def test_matches_single_device_and_reference(worlds, case):
 def test_random_layouts(worlds, case):
     """Random shard layouts and inputs (_random_cases, _random_inputs): the outputs bitwise
     equal on every rank and between two calls, argmax the single-device op's, every other
-    output and gradient as close to the single-device op as it is to the float64 truth.
-    Not against plain PyTorch: at the drawn temperatures and scales the single-device op meets
-    that rule with tests/test_fuzz.py's floors, which fuzz it (and the merge adds none)."""
+    output and gradient within the project's rule against float64, with the larger error of
+    the single-device op and of plain PyTorch at the input precision as "plain": the merge
+    adds the roundings of its fp32 partial states (2^-24 of each: a log-prob of -2.3e-4 off by
+    2.4e-8, an lgp of 4.2e-5 by 7e-8, where the single-device op's error is ~1e-11), above the
+    kernels' error on outputs near 0 but below plain PyTorch's. At these temperatures and
+    scales plain PyTorch alone needs tests/test_fuzz.py's floors, which fuzz the kernels."""
     _check_against_single_device(worlds, case, against_plain=False)
 
 
+def _worse(a: torch.Tensor, b: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Whichever of a and b has the larger error against the truth (finite entries)."""
+
+    def err(t):
+        e = (t.detach().double() - truth.detach().double()).abs()
+        e = e[torch.isfinite(e)]
+        return float(e.max()) if e.numel() else 0.0
+
+    return a if err(a) >= err(b) else b
+
+
+def _f64_resolution(inputs: dict) -> torch.Tensor:
+    """Per row, how far the float64 reference resolves a KL near 0: its log-probs each carry
+    ~2^-53 (|z_j| + |lse|) (log_softmax of numbers of size |z|), and a KL of (near-)equal rows
+    is a sum of such terms, weighted by the probabilities, that cancel. A merge of equal rows
+    at V = 3 gave 7e-33 where the truth read 0.0 (it clamps its own rounding at 0)."""
+    tau, tau_ref = inputs["temperature"], inputs["ref_temperature"]
+    z = scaled(inputs["logits"], tau, torch.float64)
+    zr = scaled(inputs["ref_logits"], tau if tau_ref is None else tau_ref, torch.float64)
+    size = torch.logsumexp(z, -1).abs() + torch.logsumexp(zr, -1).abs()
+    both = (z.abs() + zr.abs()) * (z.softmax(-1) + zr.softmax(-1))  # masked entries: 0 * inf
+    size = size + both.nan_to_num(nan=0.0, posinf=0.0).sum(-1)
+    return 8 * torch.finfo(torch.float64).eps * (1 + size.nan_to_num(nan=0.0, posinf=0.0))
+
+
 def _check_against_single_device(worlds, case: dict, against_plain: bool) -> None:
-    """Every rank's outputs bitwise equal (and between two calls), argmax exact, the outputs and
-    the gathered gradient shards as close to the single-device op as it is to the float64
-    truth; with against_plain, also to the truth within the rule against plain PyTorch."""
+    """Every rank's outputs bitwise equal (and between two calls), argmax exact. With
+    against_plain, the outputs and the gathered gradient shards as close to the single-device
+    op as it is to the float64 truth, and to the truth within the rule against plain PyTorch;
+    else to the truth within the rule against the worse of plain PyTorch and the single-device
+    op (test_random_layouts)."""
     layout = case["shards"]
     world = len(layout)
     results = [worlds[world][r][case["name"]] for r in range(world)]
@@ -518,14 +579,15 @@ def _check_against_single_device(worlds, case: dict, against_plain: bool) -> Non
         if value.dtype == torch.int64:  # argmax, a global id
             assert torch.equal(value, single_out[name]), (name, value, single_out[name])
             continue
-        # as close to the single-device op as that op is to the float64 truth
-        assert_close_to_truth(
-            f"{name} vs single device", value, single_out[name], truth_out[name], tol
-        )
+        truth, single, plain = truth_out[name], single_out[name], plain_out[name]
         if against_plain:
-            assert_close_to_truth(
-                f"{name} vs float64", value, truth_out[name], plain_out[name], tol
-            )
+            # as close to the single-device op as that op is to the float64 truth
+            assert_close_to_truth(f"{name} vs single device", value, single, truth, tol)
+            assert_close_to_truth(f"{name} vs float64", value, truth, plain, tol)
+        else:
+            floor = _f64_resolution(inputs) if name == "kl" else None
+            worse = _worse(single, plain, truth)
+            assert_close_to_truth(f"{name} vs float64", value, truth, worse, tol, floor=floor)
     # Backward: each rank's gradient is its shard of the single-device gradient.
     finite_rows = torch.isfinite(single_out["kl" if "kl" in single_out else "lse"])
     order = [c for start, size in layout for c in range(start, start + size)]
@@ -535,6 +597,14 @@ def _check_against_single_device(worlds, case: dict, against_plain: bool) -> Non
         full = torch.empty_like(got)
         full[:, order] = got
         floor = _kl_grad_floor(case, inputs, side)
+        truth, plain = truth_grads[side][finite_rows], plain_grads[side][finite_rows]
+        floor_f = None if floor is None else floor[finite_rows]
+        if not against_plain:
+            worse = _worse(single_grad[finite_rows], plain, truth)
+            assert_close_to_truth(
+                f"grad {side} vs float64", full[finite_rows], truth, worse, gtol, floor=floor_f
+            )
+            continue
         # The reference backend's single-device gradient is autograd's, which on +inf KL rows
         # gives NaN where the op's contract keeps the non-weighting side finite: finite rows
         # only there, and against the float64 truth (also autograd) everywhere.
@@ -543,12 +613,9 @@ def _check_against_single_device(worlds, case: dict, against_plain: bool) -> Non
             f"grad {side} vs single device", full[rows], single_grad[rows],
             truth_grads[side][rows], gtol, floor=None if floor is None else floor[rows],
         )  # fmt: skip
-        if against_plain:
-            assert_close_to_truth(
-                f"grad {side} vs float64", full[finite_rows], truth_grads[side][finite_rows],
-                plain_grads[side][finite_rows], gtol,
-                floor=None if floor is None else floor[finite_rows],
-            )  # fmt: skip
+        assert_close_to_truth(
+            f"grad {side} vs float64", full[finite_rows], truth, plain, gtol, floor=floor_f
+        )
 
 
 NEAR_CASES = [c for c in CASES if c["layout"] in NEAR]
@@ -608,7 +675,9 @@ def _kl_grad_floor(case: dict, inputs: dict, side: str) -> torch.Tensor | None:
     zq = scaled(inputs["ref_logits"], tau_ref, torch.float64)
     zw, zv = (zp, zq) if op == "kl_reverse" else (zq, zp)
     lw, lv = zw.log_softmax(-1), zv.log_softmax(-1)
-    kl = (lw.exp() * (lw - lv)).nan_to_num().sum(-1, keepdim=True)
+    # clamped: the float64 sum of equal rows can be -1e-17, and a negative floor fails exact
+    # zeros
+    kl = (lw.exp() * (lw - lv)).nan_to_num().sum(-1, keepdim=True).clamp_min(0)
     size = (lw - lv).abs() + kl
     g = inputs["weights"][0].double().abs().unsqueeze(-1)
     eps = torch.finfo(torch.float64 if case["dtype"] == torch.float64 else torch.float32).eps
@@ -666,7 +735,7 @@ def test_argmax_beyond_2_24_ids_is_exact():
     # the module, not the function of the same name that pg_kernels.parallel exports
     pts = importlib.import_module("pg_kernels.parallel.token_stats")
     big = 2**24 + 1
-    gathered = torch.zeros(2, 1, 9)
+    gathered = torch.zeros(2, 1, pts.COLUMNS)
     gathered[..., pts.MAX_PROB] = 0.5
     gathered[0, 0, pts.MAX] = 1.0  # rank 0: id 7
     gathered[0, 0, pts.ARG_LO] = 7

@@ -2,9 +2,10 @@
 (docs/math.md §§1, 2, 3, 8).
 
 Forward: the single-device op runs on the local shard (labels off the shard become a dummy
-local id), giving the shard's lse_r, entropy H_r, collision C_r, max_prob_r, argmax and the
-label's logit x_c on the rank that owns it; each rank also reads its rows' max logit.
-One all-gather of 9 numbers per row ([world, N, 9], fp32; fp64 for fp64 logits) carries them
+local id), giving the shard's lse_r, entropy H_r, collision C_r, max_prob_r, argmax, and on
+the rank that owns the label its logit x_c, its shard-local log-prob logprob_r and the shard's
+lgp_r; each rank also reads its rows' max logit.
+One all-gather of 11 numbers per row ([world, N, 11], fp32; fp64 for fp64 logits) carries them
 to every rank, which merges in fixed rank order. The shard masses w_r come from each shard's
 max z_r and log s1_r = -log max_prob_r relative to the maxes (merge_lse), not from the rounded
 lse_r, whose ulp(L) / 2 the single-device kernels avoid, and in fp64, each output rounded
@@ -13,8 +14,20 @@ log-prob plus log w_r: that rounded twice, 1.9e-6 at log-probs of -16):
 
     L = logsumexp_r (z_r + log s1_r)   H = sum_r w_r (H_r - log w_r)   C = sum_r w_r^2 C_r
     logprob = (x_c - max_r x_r) / T - log S    (S = sum_r e^{(x_r - max x) / T + log s1_r})
+              or, where the label's shard has |logprob_r| < 1, logprob_r + log w_r
     max_prob, argmax from the rank with the largest max logit (ties: the smallest global id)
-    lgp = (1 - p_c)^2 + (C - p_c^2), clamped >= 0
+    lgp = w^2 lgp_r + (1 - w)((1 - w) + 2 w (1 - q_c)) + sum_(r' != r) w_r'^2 C_r'
+          (r the label's shard, w = w_r, q_c = e^{logprob_r} its shard-local probability)
+
+log S carries the roundings of the fp32 log s1_r, ~2^-24 absolute, which a log-prob near 0 (a
+confident token) would keep: -3.5e-4 came out 2.7e-8 off where the single-device op is 4e-11
+off. logprob_r carries ulp(logprob_r) / 2 instead, and log w_r the roundings relative to the
+other shards' mass (log s1_r is in both terms of (z_r + log s1_r) - L; for one shard it is 0).
+lgp = 1 - 2 p_c + C in the form above has no term that cancels: each part is >= 0 and carries the
+roundings of the fp32 partial states relative to itself (1 - w = -expm1(log w); 1 - q_c =
+-expm1(logprob_r); lgp_r the kernel's). As (1 - p_c)^2 + (C - p_c^2) from the merged C and p_c,
+C - p_c^2 cancelled two fp32-rounded numbers near 1 where p_c is: an lgp of 4.2e-5 came out
+7e-8 off (plain fp32 PyTorch 1e-8, the single-device op 3e-12).
 
 A shard whose row is all -inf is an empty partial (w_r = 0); the kernels report it as NaN, and
 the row max tells the two apart (it also settles argmax ties between shards exactly).
@@ -51,12 +64,19 @@ from pg_kernels.parallel._shard import (
 OP = "parallel.token_stats"
 KERNELS = _backend.KERNELS["token_stats"]
 LOCAL_IGNORE = -1  # ignore_index of the local calls: local labels are >= 0 otherwise
-# Columns of the gathered [world, N, 9] tensor.
-LSE, ENTROPY, COLLISION, LOGPROB, OWNS, MAX, ARG_HI, ARG_LO, MAX_PROB = range(9)
+# Columns of the gathered [world, N, COLUMNS] tensor. LOGPROB: the label's raw logit;
+# LOCAL_LOGPROB, LGP: the shard's own log-prob of the label and lgp (on the label's shard).
+COLUMNS = 11
+LSE, ENTROPY, COLLISION, LOGPROB, OWNS, MAX, ARG_HI, ARG_LO, MAX_PROB, LOCAL_LOGPROB, LGP = range(
+    COLUMNS
+)
+
+
+LOCAL_FIELDS = ("logprob", "entropy", "collision", "lse", "max_prob", "argmax", "lgp")
 
 
 def _local_forward(logits, local_labels, temp, temperature, backend):
-    """(logprob, entropy, collision, lse, max_prob, argmax) of the shard, flat [N]."""
+    """(logprob, entropy, collision, lse, max_prob, argmax, lgp) of the shard, flat [N]."""
     if backend == "reference":
         out = reference.token_stats(
             logits, local_labels, temperature=temperature, ignore_index=LOCAL_IGNORE,
@@ -68,15 +88,12 @@ def _local_forward(logits, local_labels, temp, temperature, backend):
                 logits, local_labels, temp.tensor, temp.scalar, LOCAL_IGNORE, backend
             )
         )
-    return tuple(
-        t.reshape(-1)
-        for t in (out.logprob, out.entropy, out.collision, out.lse, out.max_prob, out.argmax)
-    )
+    return tuple(getattr(out, f).reshape(-1) for f in LOCAL_FIELDS)
 
 
 def _merge(gathered: torch.Tensor, tau):
-    """Merge [world, N, 9] partial rows in rank order -> per-row global statistics and the log
-    of each shard's probability mass [world, N].
+    """Merge [world, N, COLUMNS] partial rows in rank order -> per-row global statistics and
+    the log of each shard's probability mass [world, N].
 
     The masses come from each shard's (max z_r, log s1_r = -log max_prob_r), relative to the
     maxes (merge_lse): from the rounded lse_r they would carry ulp(L) / 2, the error the
@@ -95,7 +112,8 @@ def _merge(gathered: torch.Tensor, tau):
     lse = (top / tau + big) + log_total  # big: 0 (NaN on an invalid row)
     w = torch.exp(log_w)
     zero = torch.zeros_like(lse)
-    entropy, collision, logprob, owners = zero, zero, zero, zero
+    entropy, collision, logprob, owners, lgp = zero, zero, zero, zero, zero
+    near_lp, near = zero, torch.zeros_like(zero, dtype=torch.bool)
     best_max = torch.full_like(lse, float("-inf"))
     # Global ids in int64: a float holds every integer only up to 2^24 (fp32), below the
     # largest vocabularies' ids; the two digits are exact in any float.
@@ -108,6 +126,16 @@ def _merge(gathered: torch.Tensor, tau):
         collision = collision + w[r] * w[r] * g[:, COLLISION]
         owns = g[:, OWNS] > 0
         logprob = logprob + torch.where(owns, (g[:, LOGPROB] - top) / tau, zero)
+        # A log-prob near 0 (module docstring): the shard's own plus its log mass.
+        local_near = owns & (g[:, LOCAL_LOGPROB].abs() < 1)
+        near = near | local_near
+        near_lp = near_lp + torch.where(local_near, g[:, LOCAL_LOGPROB] + log_w[r], zero)
+        # lgp (module docstring): the label's shard w^2 lgp_r + (1 - w)((1 - w) + 2 w (1 - q_c)),
+        # the others w^2 C_r (an empty label shard: w = 0, 1 - w = 1, lgp 1 + C)
+        one_minus_w = -torch.expm1(log_w[r])
+        one_minus_q = -torch.expm1(g[:, LOCAL_LOGPROB])
+        own = w[r] * w[r] * g[:, LGP] + one_minus_w * (one_minus_w + 2 * w[r] * one_minus_q)
+        lgp = lgp + torch.where(owns, own, w[r] * w[r] * g[:, COLLISION])
         owners = owners + g[:, OWNS]
         idx = g[:, ARG_HI].to(torch.int64) * DIGIT + g[:, ARG_LO].to(torch.int64)
         take = (g[:, MAX] > best_max) | ((g[:, MAX] == best_max) & (idx < best_idx))
@@ -115,8 +143,9 @@ def _merge(gathered: torch.Tensor, tau):
         best_idx = torch.where(take, idx, best_idx)
         max_prob = torch.where(take, g[:, MAX_PROB] * w[r], max_prob)
     # No owner: the label is outside the global vocabulary (possible only on CUDA, unchecked).
-    logprob = torch.where(owners == 1, logprob - (big + log_total), torch.nan)
-    return lse, entropy, collision, logprob, max_prob, best_idx, log_w
+    logprob = torch.where(near, near_lp, logprob - (big + log_total))
+    logprob = torch.where(owners == 1, logprob, torch.nan)
+    return lse, entropy, collision, logprob, max_prob, best_idx, log_w, lgp.clamp_min(0)
 
 
 class _TokenStatsFn(torch.autograd.Function):
@@ -130,7 +159,7 @@ class _TokenStatsFn(torch.autograd.Function):
         # Off-shard labels read local id 0 (any valid id: their logprob is not used).
         local_labels = torch.where(owns, local, torch.zeros_like(local))
         local_labels = torch.where(keep, local_labels, torch.full_like(local, LOCAL_IGNORE))
-        _, entropy_r, collision_r, lse_r, max_prob_r, argmax_r = _local_forward(
+        logprob_r, entropy_r, collision_r, lse_r, max_prob_r, argmax_r, lgp_r = _local_forward(
             logits, local_labels.view(labels.shape), temp, temperature, backend
         )
         row_max = neg_inf_rows(logits, acc)
@@ -152,6 +181,9 @@ class _TokenStatsFn(torch.autograd.Function):
                 torch.div(arg, DIGIT, rounding_mode="floor").to(acc),
                 torch.remainder(arg, DIGIT).to(acc),
                 torch.where(empty, zero, max_prob_r),
+                # an empty label shard: q_c = 0 (log-prob -inf), w = 0
+                torch.where(owns & ~empty, logprob_r, neg_inf),
+                torch.where(owns & ~empty, lgp_r, zero),
             ],
             dim=1,
         )
@@ -161,13 +193,11 @@ class _TokenStatsFn(torch.autograd.Function):
                 check_labels(flat_labels, layout.vocab_size, ignore_index)
             except ValueError as e:
                 raise ValueError(f"{OP}: {e}") from None
-        # In fp64, each output rounded once (N x 9 numbers); tau as the kernels use it (acc)
+        # In fp64, each output rounded once (N x COLUMNS numbers); tau as the kernels use it
         tau = torch.full_like(zero, temp.scalar) if temp.tensor is None else temp.tensor
         merged = _merge(gathered.double(), tau.double())
-        p_c = torch.exp(merged[3])
-        lgp = ((1 - p_c) ** 2 + (merged[2] - p_c * p_c)).clamp_min(0).to(acc)
         lse, entropy, collision, logprob, max_prob = (t.to(acc) for t in merged[:5])
-        argmax, log_w = merged[5], merged[6].to(acc)
+        argmax, log_w, lgp = merged[5], merged[6].to(acc), merged[7].to(acc)
         nan = torch.full_like(lse, float("nan"))
         invalid = ~torch.isfinite(lse)
         if layout.ok is not None:
@@ -295,7 +325,7 @@ def token_stats(
         TokenStats of [...] tensors (fp32; fp64 for fp64 logits), as `pg_kernels.token_stats`;
         argmax is a global id.
 
-    One all-gather of 9 numbers per row (36 bytes in fp32) per call; the backward needs no
+    One all-gather of 11 numbers per row (44 bytes in fp32) per call; the backward needs no
     collective. Argument errors found before the all-gather (types, shapes,
     vocab_start_index < 0) raise on the calling rank alone: a rank that calls with different
     arguments (a different number of rows or dtype) breaks the collective: NCCL leaves the
