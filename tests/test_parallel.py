@@ -123,10 +123,13 @@ CASES = _cases()
 
 # Random layouts: PGK_FUZZ=long (the fuzzer's profile, tests/test_fuzz.py) draws
 # PGK_FUZZ_EXAMPLES of them from PGK_FUZZ_SEED (default: a fresh seed, printed in each case's
-# name); the default draws RANDOM_CI from a fixed seed.
+# name; under pytest-xdist the run's id, which every worker shares, so that all collect the
+# same cases); the default draws RANDOM_CI from a fixed seed.
 RANDOM_CI = 36
 _LONG = os.environ.get("PGK_FUZZ") == "long"
-RANDOM_SEED = int(os.environ.get("PGK_FUZZ_SEED", random.randrange(2**31) if _LONG else 20261204))
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_FRESH = int(_RUN_ID, 16) % 2**31 if _RUN_ID else random.randrange(2**31)
+RANDOM_SEED = int(os.environ.get("PGK_FUZZ_SEED", _FRESH if _LONG else 20261204))
 RANDOM_COUNT = int(os.environ.get("PGK_FUZZ_EXAMPLES", "300")) if _LONG else RANDOM_CI
 RANDOM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
