@@ -1449,9 +1449,12 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
       g_entropy = __ldg(p.g_entropy + row);
       g_collision = __ldg(p.g_collision + row);
       g_lse = __ldg(p.g_lse + row);
-      // A row whose forward was NaN (NaN / +inf logits, all -inf) has a non-finite L.
-      if (!(fabs(lse) < -neg_inf<acc_t>())) kind = RowKind::kInvalid;
-      if constexpr (!Tr::kPacked16) {
+      if constexpr (Tr::kPacked16) {
+        // A row whose forward was NaN (NaN / +inf logits, all -inf) has a non-finite L; so has
+        // a vocabulary masked whole with finfo.min at tau < 1 (L overflows fp32): launch 2
+        // writes that row again from its raw max.
+        if (!(fabs(lse) < -neg_inf<acc_t>())) kind = RowKind::kInvalid;
+      } else {
         // fp32 / fp64 work relative to the row max (BackwardTerm): m from the saved argmax,
         // log s1 from max_prob. A saved state that is not a finished forward row's (argmax out
         // of range, max_prob not in (0, 1]) makes the row NaN, and nothing out of it is read.
