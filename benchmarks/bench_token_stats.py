@@ -274,8 +274,13 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         _eager(temperature),
         _compile(temperature),
         # Liger writes the gradient into the logits during its forward: give it its own copies.
-        Provider("liger", functools.partial(_liger, temperature=temperature), mutates_inputs=True),
-        Provider("flash_attn", functools.partial(_flash, temperature=temperature)),
+        Provider(
+            "liger",
+            functools.partial(_liger, temperature=temperature),
+            mutates_inputs=True,
+            peer=True,
+        ),
+        Provider("flash_attn", functools.partial(_flash, temperature=temperature), peer=True),
     ]
     # amax / copy rows; on a CPU the floor is one exp per element per pass.
     ceilings, rows = harness.one_read_ceilings(device, _amax())

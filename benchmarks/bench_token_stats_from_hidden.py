@@ -218,7 +218,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     providers = [_fused(b) for b in backends] + [_token_loss(b) for b in backends]
     providers += [_unfused(b) for b in backends]
     providers.append(Provider("eager", _eager))
-    providers += [Provider("liger_flce", _liger_flce), Provider("cce", _cce)]
+    providers += [Provider("liger_flce", _liger_flce, peer=True), Provider("cce", _cce, peer=True)]
     main = f"pg_kernels:{backends[0]}"
     unfused = f"unfused:{backends[0]}"
     if device.type == "cpu":

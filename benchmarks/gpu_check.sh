@@ -50,6 +50,8 @@
 #   PGK_GIT_SHA       the commit this copy is (the device's copy has no .git): recorded in the
 #                     results; PGK_GIT_DIRTY=1 if the tree differed from it
 #   PGK_TEST_JOBS     pytest-xdist workers (default 8)
+#   PGK_TEST_S        each GPU test step's time limit (default 150; the Triton step compiles
+#                     every kernel variant: ~250 s with 8 workers beside the sanitizers)
 #   PGK_BENCH_OPS     ops to benchmark (default all five)
 #   PGK_BENCH_COMPILE ops whose N=16384, T=1 run also times torch.compile of the reference
 #                     (default none: each compile costs 30-60 s per shape and mode; e.g.
@@ -71,6 +73,7 @@ fi
 BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 420 || echo 540)}"
 STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph fidelity step_stats bench hidden} "
 JOBS="${PGK_TEST_JOBS:-8}"
+TEST_S="${PGK_TEST_S:-150}"
 BENCH_OPS="${PGK_BENCH_OPS:-token_stats kl_divergence mismatch_stats pruned_logprob topk_kl}"
 BENCH_COMPILE=" ${PGK_BENCH_COMPILE:-} "
 RESERVE=12  # seconds kept for the summary and the archives
@@ -233,7 +236,9 @@ tests() {
   local phase="$1" xml="$WORK/logs/$1.xml" rc skips
   shift
   mapfile -t plugins < <(pytest_args)
-  "$PYTHON" -m pytest -q -rs -p no:cacheprovider --junitxml="$xml" "${plugins[@]}" "$@"
+  # -v: each test's outcome as it finishes (a step killed at its limit says which ran).
+  "$PYTHON" -m pytest -v -rs --durations=15 -p no:cacheprovider --junitxml="$xml" \
+    "${plugins[@]}" "$@"
   rc=$?
   echo "pytest exit $rc"
   "$PYTHON" benchmarks/gpu_test_skips.py "$WORK/logs/$phase.skips.txt" "$xml"
@@ -366,6 +371,20 @@ else
   skip_step build "$( (( NO_GPU )) && echo 'no GPU' || echo 'not in PGK_STEPS')"
 fi
 
+# The Triton tests need no extension: with no benchmark to disturb (PGK_STEPS without bench),
+# they start beside the build and have its minute too.
+GPU_TESTS=(tests)
+[[ $DRY == 1 ]] && GPU_TESTS=(tests/test_token_stats.py)
+pids=()
+triton_tests_started=0
+if (( ! NO_GPU )) && wants tests && ! wants bench && [[ $DRY == 0 ]]; then
+  export TORCHINDUCTOR_COMPILE_THREADS=1
+  ORDER+=(tests_triton)
+  run_step tests_triton "$TEST_S" tests tests_triton "${GPU_TESTS[@]}" -m gpu -k triton &
+  pids+=($!)
+  triton_tests_started=1
+fi
+
 # bench_step NAME MAX OP TEMP TAG PROVIDERS SHAPES...: a benchmark, skipped when an earlier call
 # on this machine finished it (its files are in $BENCH_DIR already).
 bench_step() {
@@ -405,23 +424,22 @@ if (( ! NO_GPU )) && wants bench && [[ $DRY == 0 ]]; then
 fi
 
 # Correctness, side by side (no timing): both test runs and both sanitizers.
-GPU_TESTS=(tests)
-[[ $DRY == 1 ]] && GPU_TESTS=(tests/test_token_stats.py)
-pids=()
-if (( NO_GPU )); then
-  :
-elif wants tests; then
+if (( ! triton_tests_started )) && (( ! NO_GPU )) && wants tests; then
   # One inductor compile thread per test worker: 8 workers, each compiling, on 16 cores.
   export TORCHINDUCTOR_COMPILE_THREADS=1
   ORDER+=(tests_triton)
-  run_step tests_triton 150 tests tests_triton "${GPU_TESTS[@]}" -m gpu -k triton &
+  run_step tests_triton "$TEST_S" tests tests_triton "${GPU_TESTS[@]}" -m gpu -k triton &
   pids+=($!)
   [[ $DRY == 1 ]] && { wait "${pids[@]}"; pids=(); }  # two cores: one at a time
+fi
+if (( NO_GPU )); then
+  :
+elif wants tests; then
   ORDER+=(tests_cuda)
   if [[ $DRY == 1 ]]; then
     run_step tests_cuda 120 tests tests_cuda tests/test_token_stats.py -k "cpu-cpu and ignore" &
   else
-    run_step tests_cuda 150 tests tests_cuda tests -m gpu -k "not triton" &
+    run_step tests_cuda "$TEST_S" tests tests_cuda tests -m gpu -k "not triton" &
   fi
   pids+=($!)
   [[ $DRY == 1 ]] && { wait "${pids[@]}"; pids=(); }

@@ -91,12 +91,16 @@ class Provider:
     `build` runs outside timing (it may compile); the first calls of `fn` happen during the
     check and the warm-up, also outside timing. Set `mutates_inputs` for kernels that write
     into their inputs (e.g. in-place backward): they get private clones of the input sets.
+    `peer`: another library, compared for speed at its own precision: its error against the
+    float64 truth is recorded and noted, and it is timed even beyond pg_kernels' tolerance
+    (Liger-Kernel returns a bf16 loss for bf16 logits: 1.7e-3 relative on an H200).
     """
 
     name: str
     build: Callable[[Case], Callable[[Inputs], Outputs]]
     modes: tuple[str, ...] = MODES
     mutates_inputs: bool = False
+    peer: bool = False
 
 
 @dataclasses.dataclass
@@ -728,7 +732,9 @@ def _check(
     # precision (measured on the same data), plus a small floor. A baseline over
     # BASELINE_MAX_ERR (or NaN) is not recorded: the floor alone then bounds the others. No
     # provider passes with a non-finite error of its own.
-    base = g.baseline_err.get(kind, {})
+    # The forward fields of fwd+bwd are the forward's: the fwd run's baseline errors stand in
+    # where the baseline has none of its own here (out of memory with its autograd graph).
+    base = {**g.baseline_err.get("fwd", {}), **g.baseline_err.get(kind, {})}
     tols = {f: 2 * base.get(f, 0.0) + bench.tolerance_floor(case, f) for f in errs}
     if prov.name == bench.precision_baseline:  # its own bound is no check: a sanity ceiling
         tols = {f: BASELINE_MAX_ERR for f in errs}
@@ -891,9 +897,14 @@ def _time_provider(
         ok, errs, tols = _check(bench, g, case, prov, fn, check_input)
         del check_input
         rec["check"] = {"rel_err": errs, "tol": tols, "rows": bench.check_rows(case)}
-        if not ok:
+        bad = [f"{f} {errs[f]:.2e} > {tols[f]:.2e}" for f in errs if not errs[f] <= tols[f]]
+        if not ok and prov.peer and errs and all(math.isfinite(e) for e in errs.values()):
+            notes.append(
+                f"{prov.name} {case.mode} {case.shape_str}: timed at its own precision, beyond "
+                "pg_kernels' tolerance: " + ", ".join(bad)
+            )
+        elif not ok:
             rec["status"] = "failed"
-            bad = [f"{f} {errs[f]:.2e} > {tols[f]:.2e}" for f in errs if errs[f] > tols[f]]
             rec["error"] = "check against float64 truth failed: " + ", ".join(bad or ["no fields"])
             return rec
         setup, timed = _mode_fns(bench, case, fn, sets)

@@ -77,23 +77,23 @@ def _vocab(backend: str):
     )
 
 
-def _temperature(draw, shape, allow_tensor=True):
-    """A float or a per-row float64 tensor, log-uniform in [0.05, 20]."""
+def _temperature(draw, shape, allow_tensor=True, device="cpu"):
+    """A float or a per-row float64 tensor on `device`, log-uniform in [0.05, 20]."""
     log_t = st.floats(math.log(0.05), math.log(20.0))
     if not allow_tensor or draw(st.booleans()):
         return math.exp(draw(log_t))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(shape, generator=g, dtype=torch.float64)
-    return (u * (math.log(20.0) - math.log(0.05)) + math.log(0.05)).exp()
+    return (u * (math.log(20.0) - math.log(0.05)) + math.log(0.05)).exp().to(device)
 
 
 @st.composite
-def logit_cases(draw, backend: str):
-    """Logits, labels with ignore rows, the float64 master copy (the edits are made there, then
-    cast once) and the -inf mask. Layouts: contiguous; "shifted", the [2, T+1, V][:, :-1] view
-    (two strided levels of rows); "padded", rows of V inside rows of V + pad whose padding is
-    NaN (a kernel that reads past V gives a NaN row)."""
+def logit_cases(draw, backend: str, device: str = "cpu"):
+    """Logits and labels with ignore rows on `device`; on the CPU, the float64 master copy (the
+    edits are made there, then cast once) and the -inf mask. Layouts: contiguous; "shifted",
+    the [2, T+1, V][:, :-1] view (two strided levels of rows); "padded", rows of V inside rows
+    of V + pad whose padding is NaN (a kernel that reads past V gives a NaN row)."""
     dtype = draw(st.sampled_from(DTYPES))
     v = draw(_vocab(backend))
     max_rows = 4 if backend == "triton" else 12
@@ -151,8 +151,8 @@ def logit_cases(draw, backend: str):
         wide = torch.full((*shape, v + draw(st.integers(1, 9))), float("nan"), dtype=dtype)
         wide[..., :v] = x
         x = wide[..., :v]
-    return dict(x=x, y=y, x64=x64, neg_inf=neg_inf.reshape(x.shape), shape=shape, v=v,
-                dtype=dtype, seed=seed, fill=fill)  # fmt: skip
+    return dict(x=x.to(device), y=y.to(device), x64=x64, neg_inf=neg_inf.reshape(x.shape),
+                shape=shape, v=v, dtype=dtype, seed=seed, fill=fill)  # fmt: skip
 
 
 def _perturbed(draw, c, shift: float, salt: int = 1):
@@ -178,7 +178,7 @@ def _perturbed(draw, c, shift: float, salt: int = 1):
     elif sides == "fewer":
         gone = masked
         flat[gone] = torch.randn(int(gone.sum()), generator=g, dtype=torch.float64) + shift
-    return out.to(c["dtype"])
+    return out.to(c["x"].device, c["dtype"])
 
 
 def _show(c, **kw):
@@ -303,9 +303,9 @@ FIELDS = {"token_stats": ("logprob", "entropy", "collision", "lse")}
 @pytest.mark.op("token_stats")
 @given(data=st.data())
 def test_token_stats(backend_device, data):
-    backend, _ = backend_device
-    c = data.draw(logit_cases(backend))
-    t = _temperature(data.draw, c["shape"])
+    backend, device = backend_device
+    c = data.draw(logit_cases(backend, device))
+    t = _temperature(data.draw, c["shape"], device=device)
     hypothesis.note(_show(c, temperature=t))
     op = functools.partial(pg_kernels.token_stats, backend=backend)
     _check(
@@ -318,13 +318,13 @@ def test_token_stats(backend_device, data):
 @pytest.mark.op("kl_divergence")
 @given(data=st.data())
 def test_kl_divergence(backend_device, data):
-    backend, _ = backend_device
-    c = data.draw(logit_cases(backend))
+    backend, device = backend_device
+    c = data.draw(logit_cases(backend, device))
     xr = _perturbed(data.draw, c, shift=3.0)
     kw = {
         "direction": data.draw(st.sampled_from(["reverse", "forward"])),
-        "temperature": _temperature(data.draw, c["shape"]),
-        "ref_temperature": _temperature(data.draw, c["shape"]) if data.draw(st.booleans()) else None,  # noqa: E501
+        "temperature": _temperature(data.draw, c["shape"], device=device),
+        "ref_temperature": _temperature(data.draw, c["shape"], device=device) if data.draw(st.booleans()) else None,  # noqa: E501
         "labels": c["y"],
     }  # fmt: skip
     hypothesis.note(_show(c, temperature=kw["temperature"], ref=kw["ref_temperature"]))
@@ -390,10 +390,10 @@ def _z_rounding_floor(c, x_other, t, t_other, direction) -> torch.Tensor:
 
 
 def _mismatch(backend_device, data, with_rollout_logits):
-    backend, _ = backend_device
-    c = data.draw(logit_cases(backend))
-    t = _temperature(data.draw, c["shape"])
-    rt = _temperature(data.draw, c["shape"]) if data.draw(st.booleans()) else None
+    backend, device = backend_device
+    c = data.draw(logit_cases(backend, device))
+    t = _temperature(data.draw, c["shape"], device=device)
+    rt = _temperature(data.draw, c["shape"], device=device) if data.draw(st.booleans()) else None  # noqa: E501
     xr = _perturbed(data.draw, c, shift=-2.0)
     lp = _rollout_logprobs(data, c, xr, t, rt)
     kw = {
@@ -470,11 +470,11 @@ def test_step_stats(backend_device, data):
     (k3 in the bundle's flat view), which are held to their float64 formulas on the op's own
     logprob as in `_mismatch`; the gradients of logprob, entropy, collision, lse and the KL to
     both logits tensors that require them."""
-    backend, _ = backend_device
-    c = data.draw(logit_cases(backend))
-    t = _temperature(data.draw, c["shape"])
-    rt = _temperature(data.draw, c["shape"]) if data.draw(st.booleans()) else None
-    qt = _temperature(data.draw, c["shape"]) if data.draw(st.booleans()) else None
+    backend, device = backend_device
+    c = data.draw(logit_cases(backend, device))
+    t = _temperature(data.draw, c["shape"], device=device)
+    rt = _temperature(data.draw, c["shape"], device=device) if data.draw(st.booleans()) else None  # noqa: E501
+    qt = _temperature(data.draw, c["shape"], device=device) if data.draw(st.booleans()) else None  # noqa: E501
     xr = _perturbed(data.draw, c, shift=-2.0) if data.draw(st.booleans()) else None
     lp = None
     if xr is not None or data.draw(st.booleans()):
@@ -518,14 +518,14 @@ def test_step_stats(backend_device, data):
 @given(data=st.data())
 def test_topk_kl(backend_device, data):
     backend, device = backend_device
-    c = data.draw(logit_cases(backend))
+    c = data.draw(logit_cases(backend, device))
     finite = int((~c["neg_inf"]).sum(-1).min())  # top-k of q stays finite
     k = data.draw(st.integers(1, max(1, min(finite, 24))))
     ids, lp, _ = make_topk(c["x64"], k, seed=c["seed"], noise=data.draw(st.sampled_from(
         [0.0, 0.1, 1.0, 4.0])))  # fmt: skip
     if c["dtype"] != torch.float64:
         lp = lp.float()
-    t = _temperature(data.draw, c["shape"])
+    t = _temperature(data.draw, c["shape"], device=device)
     hypothesis.note(_show(c, temperature=t) + f" k={k}")
     op = functools.partial(pg_kernels.topk_kl, backend=backend)
     _check(
@@ -562,10 +562,10 @@ def _topk_z_rounding_floor(c, ids, lp, t) -> torch.Tensor:
 @pytest.mark.op("pruned_logprob")
 @given(data=st.data())
 def test_pruned_logprob(backend_device, data):
-    backend, _ = backend_device
-    c = data.draw(logit_cases(backend))
+    backend, device = backend_device
+    c = data.draw(logit_cases(backend, device))
     alpha = data.draw(st.one_of(st.sampled_from([1e-3, 0.2]), st.floats(1e-6, 0.99)))
-    t = _temperature(data.draw, c["shape"])
+    t = _temperature(data.draw, c["shape"], device=device)
     hypothesis.note(_show(c, temperature=t) + f" alpha={alpha}")
     op = functools.partial(pg_kernels.pruned_logprob, alpha=alpha, backend=backend)
     ref = functools.partial(reference.pruned_logprob, alpha=alpha)
