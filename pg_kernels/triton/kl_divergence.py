@@ -15,7 +15,8 @@ Bytes per row of V elements of s bytes (the minimum: both rows read once; the gr
   forward   2 V s read (0 for an ignored row) + 32 n_chunks bytes of partial state written and
             read back + 6 numbers out.
   backward  2 V s read + V s per requested gradient written.
-Checked under TRITON_INTERPRET=1 on CPU tensors (the test suite); not yet run or timed on a GPU.
+Checked under TRITON_INTERPRET=1 on CPU tensors (the test suite); timed on an H200
+(benchmarks/results/cuda-h200).
 
 GPU design (sm_90, compiled offline by .ci/check_triton_sm90.py): the forward's pair pass keeps
 per-lane state with one merge per chunk (see triton/_pair.py for its counts). The backward

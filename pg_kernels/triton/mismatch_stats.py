@@ -24,8 +24,9 @@ acq_rel counter per row) merges the row and re-reads it for TV while the row is 
 was read by the row's programs microseconds before), keeping the fixed merge order.
 
 Checked under TRITON_INTERPRET=1 on CPU tensors (the test suite) and compiled for sm_90 offline
-(.ci/check_triton_sm90.py); not yet run or timed on a GPU. The TV pass and the backward divide
-nothing per element (`_pair.row_exponent`: p_j = 2^{(x - a) k - b} relative to the row max).
+(.ci/check_triton_sm90.py); timed on an H200 (benchmarks/results/cuda-h200). The TV pass and
+the backward divide nothing per element (`_pair.row_exponent`: p_j = 2^{(x - a) k - b}
+relative to the row max).
 Hot-loop SASS instructions per element (pair for TV), tau = 1 / with a temperature, before ->
 after: TV bf16 17.6 / 47.6 -> 12.2 / 12.2 (fp16 11.4, fp32 10.0; 59 / 44 / 32 registers);
 backward bf16 16.8 / 30.9 -> 9.3 / 9.3 (fp16 8.8, fp32 8.6; 40 / 40 / 34 registers; the row

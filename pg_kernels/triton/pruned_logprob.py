@@ -33,7 +33,7 @@ writes it last). Ignored and NaN rows read nothing: a store-only loop fills them
 Bytes per row of V elements of s bytes: forward 2 V s read + 12 n_chunks bytes of partials
 (fp32) + ~28 B of per-row values; backward V s read + V s written (+ the label's entry twice).
 Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
-(.ci/check_triton_sm90.py); not yet run or timed on a GPU.
+(.ci/check_triton_sm90.py); timed on an H200 (benchmarks/results/cuda-h200).
 
 GPU design (sm_90, triton 3.6, offline compile; hot-loop SASS instructions per element, the
 budget 12 for 16-bit logits, 24 for fp32; the same kernels serve temperature 1 and != 1: 1 / tau

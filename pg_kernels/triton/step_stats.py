@@ -48,7 +48,7 @@ second pass), + (20 + 32 [rollout] + 32 [ref]) n_chunks bytes of partial state w
 read back; backward V s (+ V s of the reference in rows with g_kl != 0) read, V s per requested
 gradient written. Every reduction runs in a fixed order and the blocking depends on V and the
 dtype only: deterministic and batch invariant. Checked under TRITON_INTERPRET=1 on CPU tensors
-and compiled for sm_90 offline (.ci/check_triton_sm90.py); not yet run or timed on a GPU.
+and compiled for sm_90 offline (.ci/check_triton_sm90.py); not yet timed on a GPU.
 
 GPU design (sm_90 offline, not timed on a GPU): no spills. Hot-loop SASS instructions per
 element triple (forward, budget 30) / pair (backward with the KL term, both gradients, budget

@@ -44,7 +44,7 @@ copies) + 16 n_chunks bytes of partial states (fp64) + ~16 B written; backward V
 V s written + ~(16 + 2 s) K (ids, log-probs, the head logits, the head entries written a
 second time).
 Checked under TRITON_INTERPRET=1 on CPU tensors and compiled for sm_90 offline
-(.ci/check_triton_sm90.py); not yet run or timed on a GPU.
+(.ci/check_triton_sm90.py); timed on an H200 (benchmarks/results/cuda-h200).
 
 GPU design (sm_90, triton 3.6, offline compile; hot-loop SASS instructions per element, the
 budget 12 for 16-bit logits, 24 for fp32; the same kernels serve temperature 1 and != 1: 1 / tau
