@@ -1,6 +1,7 @@
 """pg_kernels.algorithms advantages: against loop references in float64, hand cases, properties."""
 
 import math
+import unittest.mock
 
 import pytest
 import torch
@@ -306,6 +307,14 @@ def test_turns_to_tokens():
     torch.testing.assert_close(turns_to_tokens(v, ids), want)
     with pytest.raises(ValueError, match="turn_ids"):
         turns_to_tokens(v, ids[:1])
+    # No turns at all (K = 0): zeros, still in turn_values' graph; an id >= 0 then is refused
+    v0 = torch.zeros(2, 0, dtype=f64, requires_grad=True)
+    none = torch.full((2, 4), -1)
+    out = turns_to_tokens(v0, none)
+    assert torch.equal(out, torch.zeros(2, 4, dtype=f64))
+    assert torch.autograd.grad(out.sum(), v0)[0].shape == (2, 0)
+    with pytest.raises(ValueError, match="turn_ids"):
+        turns_to_tokens(v0, torch.zeros(2, 4, dtype=torch.int64))
 
 
 def ref_empg(A, H, mask, sid, k, kf, zeta):
@@ -440,6 +449,25 @@ def test_advantages_low_precision_match_float64(name, dtype):
     err = float((got.double() - want).abs().max())
     assert err <= 64 * 2**-24 * float(want.abs().max()), err
     assert want.dtype == f64 and got.dtype == torch.float32
+
+
+def test_empg_step_ids_beyond_T():
+    """slot i * T + id: a step id >= T would join row i + 1's step. CPU refuses it; the same
+    kernel, as a GPU runs it (the check skipped), gives its token NaN and leaves row i + 1 as
+    without it."""
+    A = torch.tensor([1.0, -1.0], dtype=f64)
+    H = torch.rand(2, 4, generator=torch.Generator().manual_seed(3), dtype=f64)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    sid = torch.tensor([[0, 0, 1, 4], [0, 1, 1, 2]])
+    with pytest.raises(ValueError, match=r"step_ids must lie in \[-1, T\)"):
+        empg_advantages(A, H, mask, sid)
+    with unittest.mock.patch.object(torch.compiler, "is_compiling", return_value=True):
+        got = empg_advantages(A, H, mask, sid)
+    mask_without = mask.clone()
+    mask_without[0, 3] = False
+    want = empg_advantages(A, H, mask_without, sid.clamp(max=3))
+    assert torch.isnan(got[0, 3]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[0, :3], want[0, :3])
 
 
 def test_empg_errors():

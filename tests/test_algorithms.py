@@ -129,6 +129,12 @@ def test_response_length_scheduler_rules():
         s.last_decay_step,
         0.5,
     )
+    # A NaN length is refused and leaves the state as it was (a NaN average never triggers)
+    before = s.state_dict()
+    for bad in (float("nan"), float("inf"), -1.0, torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match="mean_response_length"):
+            s.step(bad)
+    assert s.state_dict() == before
     with pytest.raises(ValueError, match="gamma"):
         ResponseLengthLRScheduler(_opt(), gamma=1.5)
     with pytest.raises(TypeError, match="optimizer"):

@@ -530,6 +530,17 @@ def test_cuda_graph_forward_backward(op_backend_device):
 
 
 @pytest.mark.gpu
+def test_auto_takes_the_cuda_kernel_first(op_backend_device):
+    """On CUDA tensors "auto" serves an op with its CUDA kernel where it has one (token_stats':
+    the faster at every shape an H200 timed, benchmarks/results/cuda-h200), else Triton."""
+    from pg_kernels import _backend
+
+    op, _, device = op_backend_device
+    want = "cuda" if "cuda" in _backend.KERNELS[op] else "triton"
+    assert _backend.resolve(op, "auto", torch.device(device)) == want
+
+
+@pytest.mark.gpu
 def test_tensors_on_a_device_that_is_not_current(op_backend_device):
     """Inputs on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (a launch on cuda:0
     would fault on cuda:1's memory or give other bits) and cuda:0 stays current."""

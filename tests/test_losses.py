@@ -69,11 +69,20 @@ def test_geometric_rejection_hand_cases():
         dtype=f64,
     )
     assert geometric_rejection(lr, mask).tolist() == [True, False, False, True, False]
-    # clamp: +-30 clamped to +-20 averages to 0; with veto off the row is kept
+    # +-30 average to 0; with veto off the row is kept
     lr2 = torch.tensor([[30.0, -30.0]], dtype=f64)
     assert geometric_rejection(lr2, torch.ones(1, 2), veto=0.0).tolist() == [True]
     assert geometric_rejection(lr2, torch.ones(1, 2), veto=0.0, clamp=40.0).tolist() == [True]
     assert geometric_rejection(lr2, torch.ones(1, 2)).tolist() == [False]
+    # The clamp bounds the mean, not each token: one delta of +45 among 24999 tiny ones is a
+    # mean of 1.8e-3 (exp 1.0018 > 1.001: reject); clamped to 20 first it was 8e-4 (kept).
+    lr3 = torch.zeros(1, 25000, dtype=f64)
+    lr3[0, 0] = 45.0
+    assert 1.001 < math.exp(float(lr3.mean())) and math.exp(20.0 / 25000) < 1.001
+    assert geometric_rejection(lr3, torch.ones(1, 25000)).tolist() == [False]
+    # A mean beyond the clamp stays finite: rejected, not NaN
+    lr4 = torch.tensor([[1e6, float("inf")]], dtype=f64)
+    assert geometric_rejection(lr4, torch.ones(1, 2), veto=0.0).tolist() == [False]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -245,8 +245,8 @@ def turns_to_tokens(turn_values: torch.Tensor, turn_ids: torch.Tensor) -> torch.
     Args:
         turn_values: [B, K] float.
         turn_ids: [B, T] int64 / int32, the turn of each token in [0, K), -1 for tokens
-            outside any turn (they get 0). Ids >= K are not checked (that would sync the
-            host); on CPU the gather raises on them.
+            outside any turn (they get 0). Ids >= K are not checked on a GPU (that would
+            sync the host); on CPU the gather raises on them. K = 0: every id is -1.
 
     Returns:
         [B, T], dtype of turn_values; differentiable w.r.t. turn_values.
@@ -260,6 +260,11 @@ def turns_to_tokens(turn_values: torch.Tensor, turn_ids: torch.Tensor) -> torch.
         )
     check_same_device(turn_values=turn_values, turn_ids=turn_ids)
     ids = turn_ids.to(torch.int64)
+    if turn_values.shape[1] == 0:  # no turn to gather from (the gather of id 0 would raise)
+        if ids.device.type == "cpu" and bool((ids >= 0).any()):
+            raise ValueError("turn_ids must all be -1 when turn_values has no turn (K = 0)")
+        # zeros that stay in turn_values' graph (an empty gradient, not an unused input)
+        return turn_values.sum(1, keepdim=True).expand(ids.shape).clone()
     out = turn_values.gather(1, ids.clamp(min=0))
     return torch.where(ids >= 0, out, 0)
 
@@ -293,7 +298,9 @@ def empg_advantages(
         advantages: [B] float, the outcome advantage of each row.
         token_entropy: [B, T] float (`token_stats(...).entropy`).
         mask: [B, T] bool, int or float.
-        step_ids: [B, T] int64 / int32, values in [-1, T) (not checked: that would sync).
+        step_ids: [B, T] int64 / int32, values in [-1, T). A value >= T raises on CPU; on a GPU
+            (where checking would sync the host) its token gets NaN instead of joining another
+            row's step.
         k, k_f, zeta: the EMPG constants.
 
     Returns:
@@ -312,9 +319,13 @@ def empg_advantages(
     )
     dtype = compute_dtype(token_entropy, advantages)
     ids = step_ids.to(torch.int64)
-    tok = valid(mask) & (ids >= 0)
+    beyond = ids >= T  # slot i * T + id would be the next row's
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling() and bool(beyond.any()):
+        raise ValueError(f"step_ids must lie in [-1, T) = [-1, {T}), got {int(ids.max())}")
+    tok = valid(mask) & (ids >= 0) & ~beyond
     # Steps live in a [B, T] buffer (a row has at most T steps): slot (i, s) = step s of row i.
-    flat = (torch.arange(B, device=ids.device)[:, None] * T + ids.clamp(min=0)).reshape(-1)
+    slot = torch.where(beyond, 0, ids.clamp(min=0))
+    flat = (torch.arange(B, device=ids.device)[:, None] * T + slot).reshape(-1)
     # The entropy weighs the advantage; no gradient flows back through it (an advantage is a
     # constant of the policy loss, and `token_stats(...).entropy` is differentiable).
     ent = torch.where(tok, token_entropy.detach().to(dtype), 0).reshape(-1)
@@ -337,4 +348,4 @@ def empg_advantages(
     a = torch.where(exists, g * advantages.to(dtype)[:, None] + zeta * f_next, 0)
     a = torch.where(exists, a - a.sum() / n_steps, 0)
     out = a.reshape(-1).gather(0, flat).view(B, T)
-    return torch.where(tok, out, 0)
+    return torch.where(tok, out, torch.where(beyond & valid(mask), float("nan"), 0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,9 +22,9 @@ class ResponseLengthLRScheduler:
                            (a group already at or below min_lr is left alone)
                            ema <- ema_coef * ema + (1 - ema_coef) * x     (after the check)
 
-    `step` takes a Python float or a 0-d tensor; a tensor is read with `float()`, a host sync
-    (the scheduler is host-side Python between optimizer steps, like torch's schedulers, and
-    is not meant to be traced by torch.compile).
+    `step` takes a Python float or a 0-d tensor, finite and >= 0 (else ValueError); a tensor
+    is read with `float()`, a host sync (the scheduler is host-side Python between optimizer
+    steps, like torch's schedulers, and is not meant to be traced by torch.compile).
 
     Args:
         optimizer: a torch.optim.Optimizer.
@@ -70,6 +71,9 @@ class ResponseLengthLRScheduler:
     def step(self, mean_response_length: float | torch.Tensor) -> bool:
         """Feed one batch's mean response length; returns True when the lr was decayed."""
         x = float(mean_response_length)
+        if not (math.isfinite(x) and x >= 0.0):
+            # A NaN would make the average NaN for good: no later step could trigger.
+            raise ValueError(f"mean_response_length must be finite and >= 0, got {x}")
         self.step_count += 1
         if self.ema is None:
             self.ema = x
