@@ -11,21 +11,21 @@
 #   preflight       nvidia-smi, versions, torch.cuda.is_available() (none: summary, exit), tools;
 #                   private Triton and inductor caches under /tmp
 #   build           .ci/build_ext.sh with this machine's python3 (both extensions, sm_90 only),
-#                   in the background (CPU only) while the first benchmarks run
-#   bench ... t1    the five ops' Triton kernels against eager (token_stats also against
-#                   Liger-Kernel), bf16, N=16384, V=151936 and 128256, T=1: the headline targets
-#   bench cuda      after the build: token_stats' CUDA kernel beside Triton at N=16384, 512, 1
-#                   (what "auto" picks per shape class)
-#   tests_triton    pytest -m gpu -k triton (xdist workers), then the skip check     } side by
-#   tests_cuda      pytest -m gpu -k "not triton", then the skip check: any skip      } side
+#                   in the background (CPU only)
+#   tests_triton    pytest -m gpu -k triton (xdist workers), beside the build, then the skip
+#                   check: any unexpected skip fails                                 } side by
+#   tests_cuda      after the build: pytest -m gpu -k "not triton", the skip check    } side
 #   memcheck        compute-sanitizer memcheck, benchmarks/gpu_sanitize.py bf16/fp32 }
 #   racecheck       compute-sanitizer racecheck, token_stats bf16/fp32                }
 #   graph           benchmarks/gpu_graph_check.py: token_stats fwd+bwd CUDA-graph replay == eager
-#   then, while time is left: every op at T=0.7 and at N in {512, 1}; step_stats (the bundle
-#   against the three single ops); token_stats_from_hidden at 16384x151936x4096 against the
-#   unfused path, Liger's fused linear cross entropy and Cut-Cross-Entropy (their wheels:
-#   benchmarks/fetch_peers.sh, carried in benchmarks/peers/); fidelity (every op against
-#   float64 on the GPU, 256 x 32000).
+#   then the benchmarks, alone on the GPU, in the order of what is still owed (the first H200
+#   run, benchmarks/results/cuda-h200, timed the five ops at their headline shapes): token_stats
+#   at 16384x151936 bf16 (CUDA, Triton, eager, Liger-Kernel, torch.compile); step_stats (the
+#   bundle against the three single ops); token_stats_from_hidden at 16384x151936x4096 against
+#   the unfused path, Liger's fused linear cross entropy and Cut-Cross-Entropy (their wheels:
+#   benchmarks/fetch_peers.sh, carried in benchmarks/peers/); the other ops at N in {16384,
+#   512, 1}; token_stats' CUDA kernel beside Triton at 128256 and N in {512, 1}; every op at
+#   T=0.7; fidelity (every op against float64 on the GPU, 256 x 32000).
 # A benchmark step whose results are already in /tmp/pgk-gpucheck-bench (an earlier call on a
 # still-warm machine) is not run again; its files are in bench.tar.gz with the new ones.
 # OUT (created; at most 6 files, none deeper than OUT/):
@@ -50,12 +50,13 @@
 #   PGK_GIT_SHA       the commit this copy is (the device's copy has no .git): recorded in the
 #                     results; PGK_GIT_DIRTY=1 if the tree differed from it
 #   PGK_TEST_JOBS     pytest-xdist workers (default 8)
-#   PGK_TEST_S        each GPU test step's time limit (default 150; the Triton step compiles
-#                     every kernel variant: ~250 s with 8 workers beside the sanitizers)
+#   PGK_TEST_S        each GPU test step's time limit (default 200; the Triton step compiles
+#                     every kernel variant: it was ~60 % done after 150 s beside the CUDA tests
+#                     and the sanitizers on 16 cores)
 #   PGK_BENCH_OPS     ops to benchmark (default all five)
-#   PGK_BENCH_COMPILE ops whose N=16384, T=1 run also times torch.compile of the reference
-#                     (default none: each compile costs 30-60 s per shape and mode; e.g.
-#                     PGK_STEPS=bench PGK_BENCH_COMPILE=token_stats in a second call)
+#   PGK_BENCH_COMPILE ops whose T=1 run also times torch.compile of the reference (default
+#                     token_stats, the target's comparison; each compile costs 30-60 s per shape
+#                     and mode; empty for none)
 # shellcheck disable=SC2329  # the step functions are invoked through run_step
 set -uo pipefail
 
@@ -73,9 +74,9 @@ fi
 BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 420 || echo 540)}"
 STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph fidelity step_stats bench hidden} "
 JOBS="${PGK_TEST_JOBS:-8}"
-TEST_S="${PGK_TEST_S:-150}"
+TEST_S="${PGK_TEST_S:-200}"
 BENCH_OPS="${PGK_BENCH_OPS:-token_stats kl_divergence mismatch_stats pruned_logprob topk_kl}"
-BENCH_COMPILE=" ${PGK_BENCH_COMPILE:-} "
+BENCH_COMPILE=" ${PGK_BENCH_COMPILE-token_stats} "
 RESERVE=12  # seconds kept for the summary and the archives
 MIN_START=$([[ $DRY == 1 ]] && echo 15 || echo 30)  # fewer seconds left than this: not started
 T0=$SECONDS
@@ -371,66 +372,22 @@ else
   skip_step build "$( (( NO_GPU )) && echo 'no GPU' || echo 'not in PGK_STEPS')"
 fi
 
-# The Triton tests need no extension: with no benchmark to disturb (PGK_STEPS without bench),
-# they start beside the build and have its minute too.
+# Correctness first, no timing beside it. The Triton tests need no extension: they start
+# beside the build; after it, the CUDA tests and both sanitizers, side by side.
 GPU_TESTS=(tests)
 [[ $DRY == 1 ]] && GPU_TESTS=(tests/test_token_stats.py)
 pids=()
-triton_tests_started=0
-if (( ! NO_GPU )) && wants tests && ! wants bench && [[ $DRY == 0 ]]; then
-  export TORCHINDUCTOR_COMPILE_THREADS=1
-  ORDER+=(tests_triton)
-  run_step tests_triton "$TEST_S" tests tests_triton "${GPU_TESTS[@]}" -m gpu -k triton &
-  pids+=($!)
-  triton_tests_started=1
-fi
-
-# bench_step NAME MAX OP TEMP TAG PROVIDERS SHAPES...: a benchmark, skipped when an earlier call
-# on this machine finished it (its files are in $BENCH_DIR already).
-bench_step() {
-  local name="$1"
-  if [[ -f "$BENCH_DIR/.done/$name" ]]; then skip_step "$name" "done by an earlier call"; return; fi
-  ORDER+=("$name")
-  MIN_LEFT=$([[ $DRY == 1 ]] && echo 15 || echo 60) run_step "$1" "$2" bench "${@:3}"
-  [[ "$(cut -f2 "$WORK/status/$name" 2>/dev/null)" == PASS ]] && : > "$BENCH_DIR/.done/$name"
-  return 0
-}
-BIG=(16384x151936 16384x128256)
-if (( NO_GPU )); then
-  :
-elif ! wants bench; then
-  skip_step bench "not in PGK_STEPS"
-elif [[ $DRY == 1 ]]; then
-  # eager sets the check's tolerance: it runs beside the kernel.
-  for op in $BENCH_OPS; do bench_step "bench_${op}_t0.7" 60 "$op" 0.7 dry x; done
-else
-  # The headline targets first, beside the build (Triton needs none; GPU time is measured
-  # with events, the build takes CPU cores only).
-  for op in $BENCH_OPS; do
-    providers="pg_kernels:triton eager"
-    [[ $op == token_stats ]] && providers+=" liger"
-    [[ "$BENCH_COMPILE" == *" $op "* ]] && providers+=" compile"
-    bench_step "bench_${op}_t1_n16384" 150 "$op" 1 n16384 "$providers" "${BIG[@]}"
-  done
-fi
-if [[ -n "$build_pid" ]]; then
-  say "waiting for the build"
-  wait "$build_pid"
-fi
-if (( ! NO_GPU )) && wants bench && [[ $DRY == 0 ]]; then
-  # The CUDA kernel beside Triton on the same shapes: "auto"'s order per shape class.
-  bench_step bench_token_stats_cuda_t1 150 token_stats 1 cuda \
-    "pg_kernels:cuda pg_kernels:triton" 16384x151936 512x151936 1x151936
-fi
-
-# Correctness, side by side (no timing): both test runs and both sanitizers.
-if (( ! triton_tests_started )) && (( ! NO_GPU )) && wants tests; then
+if (( ! NO_GPU )) && wants tests; then
   # One inductor compile thread per test worker: 8 workers, each compiling, on 16 cores.
   export TORCHINDUCTOR_COMPILE_THREADS=1
   ORDER+=(tests_triton)
   run_step tests_triton "$TEST_S" tests tests_triton "${GPU_TESTS[@]}" -m gpu -k triton &
   pids+=($!)
   [[ $DRY == 1 ]] && { wait "${pids[@]}"; pids=(); }  # two cores: one at a time
+fi
+if [[ -n "$build_pid" ]]; then
+  say "waiting for the build"
+  wait "$build_pid"
 fi
 if (( NO_GPU )); then
   :
@@ -466,38 +423,57 @@ if (( NO_GPU )); then
   :
 elif wants graph; then start_step graph 60 graph; else skip_step graph "not in PGK_STEPS"; fi
 
-# Then what time is left: T=0.7, the small batches, the bundle, the fused lm_head path.
-if (( ! NO_GPU )) && wants bench && [[ $DRY == 0 ]]; then
-  for op in $BENCH_OPS; do
-    bench_step "bench_${op}_t0.7_n16384" 150 "$op" 0.7 n16384 "pg_kernels:triton pg_kernels:cuda eager" \
-      16384x151936
-  done
-  for op in $BENCH_OPS; do
-    [[ $op == token_stats ]] && continue  # bench_token_stats_cuda_t1 has its small batches
-    bench_step "bench_${op}_t1_n512_n1" 60 "$op" 1 small "pg_kernels:triton eager" 512x151936 1x151936
-  done
-fi
+# bench_step NAME MAX OP TEMP TAG PROVIDERS SHAPES...: a benchmark, skipped when an earlier call
+# on this machine finished it (its files are in $BENCH_DIR already).
+bench_step() {
+  local name="$1"
+  if [[ -f "$BENCH_DIR/.done/$name" ]]; then skip_step "$name" "done by an earlier call"; return; fi
+  ORDER+=("$name")
+  MIN_LEFT=$([[ $DRY == 1 ]] && echo 15 || echo 60) run_step "$1" "$2" bench "${@:3}"
+  [[ "$(cut -f2 "$WORK/status/$name" 2>/dev/null)" == PASS ]] && : > "$BENCH_DIR/.done/$name"
+  return 0
+}
+
+# Then the benchmarks, alone on the GPU, in the order of what issue 9 still owes (the first run,
+# benchmarks/results/cuda-h200, timed the five ops' headline shapes): token_stats against
+# torch.compile and Liger-Kernel; the bundle; the fused lm_head path; then the rest again.
 if (( NO_GPU )); then
   :
-elif wants step_stats; then
-  # The bundle (one read of each logits tensor) against the three single ops.
-  if [[ $DRY == 1 ]]; then
-    bench_step bench_step_stats_t0.7 60 step_stats 0.7 dry x
-  else
+elif [[ $DRY == 1 ]]; then
+  if wants bench; then
+    # eager sets the check's tolerance: it runs beside the kernel.
+    for op in $BENCH_OPS; do bench_step "bench_${op}_t0.7" 60 "$op" 0.7 dry x; done
+  fi
+  wants step_stats && bench_step bench_step_stats_t0.7 60 step_stats 0.7 dry x
+  wants hidden && bench_step bench_token_stats_from_hidden 60 token_stats_from_hidden 1 dry x
+else
+  if wants bench; then
+    providers="pg_kernels:cuda pg_kernels:triton eager liger"
+    [[ "$BENCH_COMPILE" == *" token_stats "* ]] && providers+=" compile"
+    bench_step bench_token_stats_t1_n16384 200 token_stats 1 n16384 "$providers" 16384x151936
+  fi
+  if wants step_stats; then  # the bundle (one read of each logits tensor) against the three ops
     bench_step bench_step_stats_t1_n16384 150 step_stats 1 n16384 \
       "pg_kernels:triton separate:triton eager" 16384x151936
   fi
-else
-  skip_step bench_step_stats "not in PGK_STEPS"
-fi
-if (( NO_GPU )); then
-  :
-elif wants hidden; then  # the fused lm_head path at a real model's shape (bf16, D = 4096)
-  if [[ $DRY == 1 ]]; then
-    bench_step bench_token_stats_from_hidden 60 token_stats_from_hidden 1 dry x
-  else
+  if wants hidden; then  # the fused lm_head path at a real model's shape (bf16, D = 4096)
     bench_step bench_token_stats_from_hidden 120 token_stats_from_hidden 1 hidden \
       "pg_kernels:triton pg_kernels:cuda unfused:triton liger_flce cce" 16384x151936x4096
+  fi
+  if wants bench; then
+    for op in $BENCH_OPS; do
+      [[ $op == token_stats ]] && continue
+      providers="pg_kernels:triton eager"
+      [[ "$BENCH_COMPILE" == *" $op "* ]] && providers+=" compile"
+      bench_step "bench_${op}_t1_n16384" 150 "$op" 1 n16384 "$providers" \
+        16384x151936 512x151936 1x151936
+    done
+    bench_step bench_token_stats_cuda_t1 150 token_stats 1 cuda \
+      "pg_kernels:cuda pg_kernels:triton" 16384x128256 512x151936 1x151936
+    for op in $BENCH_OPS; do
+      bench_step "bench_${op}_t0.7_n16384" 150 "$op" 0.7 n16384 \
+        "pg_kernels:triton pg_kernels:cuda eager" 16384x151936
+    done
   fi
 fi
 
