@@ -158,13 +158,14 @@ def ref_otb(G, lgp, mask, ids, isw=None, zero_tail=False, eps=1e-8):
     adv = torch.zeros(B, T, dtype=f64)
     for members in _groups(ids).values():
         lens = {i: float(mask[i].sum()) for i in members}
+        n = sum(1 for i in members if bool((mask[i] != 0).any()))  # rows masked whole: none
         for t in range(T):
             num = sum(float(G[i, t] * W[i, t] * mask[i, t]) for i in members)
             den = sum(float(W[i, t] * mask[i, t]) for i in members)
-            b = num / (den + eps) if len(members) > 1 else 0.0
+            b = num / (den + eps) if n > 1 else 0.0
             for i in members:
                 bi = b
-                if zero_tail and len(members) > 1:
+                if zero_tail and n > 1:
                     srt = sorted(lens.values())
                     if lens[i] == srt[-1] and srt[-1] > srt[-2] and t >= srt[-2]:
                         bi = 0.0
@@ -213,6 +214,22 @@ def test_otb_singleton_and_hand_zero_tail():
     torch.testing.assert_close(a[2], torch.tensor([5.0, 5.0, 5.0, 0.0], dtype=f64))  # singleton
     z = otb_advantages(R, lgp, mask, ids, eps=0.0, handle_zero_tail=True)
     torch.testing.assert_close(z[0], torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=f64))
+
+
+@pytest.mark.parametrize("zero_tail", [False, True])
+def test_otb_rows_masked_whole_are_no_members(zero_tail):
+    """A row masked whole (batch padding) in a group changes no other row: with it, the group
+    of one real row kept B = own return (A = 0) where alone it is a singleton (A = G m)."""
+    g = torch.Generator().manual_seed(5)
+    lgp, R = torch.rand(4, 5, generator=g, dtype=f64), torch.randn(4, generator=g, dtype=f64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    ids = torch.tensor([0, 0, 1, 1])
+    got = otb_advantages(R, lgp, mask, ids, handle_zero_tail=zero_tail)
+    keep = [0, 2, 3]
+    alone = otb_advantages(R[keep], lgp[keep], mask[keep], ids[keep], handle_zero_tail=zero_tail)
+    torch.testing.assert_close(got[keep], alone, rtol=0, atol=0)
+    assert not got[1].any()
+    torch.testing.assert_close(got[0], R[0] * mask[0].to(f64))  # a singleton: A = G m
 
 
 def test_otb_ignores_padding_is_weights_and_counts_float_mask_lengths():

@@ -120,7 +120,8 @@ def otb_advantages(
         B_t^g = sum_{i in g} G_t^i W_t^i m_t^i / (sum_{i in g} W_t^i m_t^i + eps)
         A_t^i = (G_t^i - B_t^g) m_t^i
 
-    per prompt group g and position t. A one-member group has baseline 0 (A = G m).
+    per prompt group g and position t. A one-member group has baseline 0 (A = G m); members
+    are the rows with a valid token (a row masked whole, batch padding, changes nothing).
     `handle_zero_tail`: in a group whose longest row (length = its count of mask != 0 tokens,
     as verl counts a 0/1 mask) is unique, that row's baseline is 0 at positions t >= the
     second-longest length, where it is the only member left and B_t would equal its own return.
@@ -166,7 +167,7 @@ def otb_advantages(
     num = segment_sum(torch.where(ok, G, 0) * Wm, gid, B)[gid]
     den = segment_sum(Wm, gid, B)[gid]
     baseline = num / (den + eps)
-    count = segment_sum(torch.ones_like(gid), gid, B)[gid]
+    count = segment_sum(ok.any(1).to(torch.int64), gid, B)[gid]
     zero = (count == 1)[:, None].expand(B, T)
     if handle_zero_tail:
         length = ok.sum(1).to(dtype)  # tokens, whatever a float mask weighs them
