@@ -48,6 +48,7 @@ def test_mismatch_metrics_vs_loop():
 
     want = {
         "kl": sum(-d(i, t) for i, t in toks) / len(toks),
+        "k2_kl": sum(0.5 * d(i, t) ** 2 for i, t in toks) / len(toks),
         "k3_kl": sum(math.exp(d(i, t)) - 1 - d(i, t) for i, t in toks) / len(toks),
         "chi2_token": sum(math.exp(2 * d(i, t)) for i, t in toks) / len(toks) - 1,
         "chi2_seq": rmean(lambda i: math.exp(2 * sum(d(i, t) for t in range(T) if mask[i, t]))) - 1,

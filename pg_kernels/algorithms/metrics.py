@@ -35,6 +35,7 @@ def mismatch_metrics(
     | key                | value                                           | verl name        |
     |--------------------|-------------------------------------------------|------------------|
     | kl                 | token mean of k1 = -delta (KL(roll||train) est.)| kl               |
+    | k2_kl              | token mean of k2 = delta^2 / 2                  | (none)           |
     | k3_kl              | token mean of k3 = rho - 1 - delta              | k3_kl            |
     | chi2_token         | token mean of rho^2, minus 1                    | chi2_token       |
     | chi2_seq           | row mean of exp(2 clamp(sum_t delta, +-20)), -1 | chi2_seq         |
@@ -101,6 +102,7 @@ def mismatch_metrics(
     seq_log = (delta * okf).sum(1).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     out = {
         "kl": tmean(-delta),
+        "k2_kl": tmean(0.5 * delta * delta),
         "k3_kl": tmean(rho - 1 - delta),
         "chi2_token": tmean(rho * rho) - 1,
         "chi2_seq": rmean(torch.exp(2 * seq_log)) - 1,
