@@ -262,7 +262,8 @@ def turns_to_tokens(turn_values: torch.Tensor, turn_ids: torch.Tensor) -> torch.
     check_same_device(turn_values=turn_values, turn_ids=turn_ids)
     ids = turn_ids.to(torch.int64)
     if turn_values.shape[1] == 0:  # no turn to gather from (the gather of id 0 would raise)
-        if ids.device.type == "cpu" and bool((ids >= 0).any()):
+        on_cpu = ids.device.type == "cpu" and not torch.compiler.is_compiling()
+        if on_cpu and bool((ids >= 0).any()):
             raise ValueError("turn_ids must all be -1 when turn_values has no turn (K = 0)")
         # zeros that stay in turn_values' graph (an empty gradient, not an unused input)
         return turn_values.sum(1, keepdim=True).expand(ids.shape).clone()
