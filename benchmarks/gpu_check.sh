@@ -17,6 +17,8 @@
 #   tests_cuda      after the build: pytest -m gpu -k "not triton", the skip check    } side
 #   memcheck        compute-sanitizer memcheck, benchmarks/gpu_sanitize.py bf16/fp32 }
 #   racecheck       compute-sanitizer racecheck, token_stats bf16/fp32                }
+#   throw_probe     after the build: a failed check in the CUDA extension must raise (it
+#                   crashed once); a crash is run again under cuda-gdb for its backtrace
 #   graph           benchmarks/gpu_graph_check.py: token_stats fwd+bwd CUDA-graph replay == eager
 #   then the benchmarks, alone on the GPU, in the order of what is still owed (the first H200
 #   run, benchmarks/results/cuda-h200, timed the five ops at their headline shapes): token_stats
@@ -305,6 +307,34 @@ sanitize() {
   return "$rc"
 }
 
+# A check that fails in the CUDA extension must raise, not kill the process: on the first H200
+# run a wrong-shape `out` to the backward (test_backward_writes_into_out) crashed its worker
+# (SIGSEGV). The call alone, then, if it did not exit cleanly, again under cuda-gdb for the
+# native backtrace.
+throw_probe() {
+  local code rc
+  code='import torch, pg_kernels
+from pg_kernels.ops.token_stats import _token_stats_backward
+x = torch.randn(4, 64, device="cuda")
+y = torch.zeros(4, dtype=torch.long, device="cuda")
+o = pg_kernels.token_stats(x, y, backend="cuda")
+g = [torch.ones(4, device="cuda")] * 4
+args = (*g, x, y, None, 1.0, -100, o.lse, o.entropy, o.collision, o.max_prob, o.argmax, "cuda")
+try:
+    _token_stats_backward(*args, out=torch.empty(3, 64, device="cuda"))
+except (RuntimeError, ValueError) as e:
+    print("raised:", str(e).splitlines()[0])
+    raise SystemExit(0)
+raise SystemExit("no error for a wrong-shape out")'
+  "$PYTHON" -X faulthandler -c "$code"
+  rc=$?
+  if (( rc != 0 )) && command -v cuda-gdb >/dev/null; then
+    echo "exit $rc; the same under cuda-gdb:"
+    timeout 90 cuda-gdb -q -batch -ex 'set pagination off' -ex run -ex bt --args "$PYTHON" -c "$code"
+  fi
+  return "$rc"
+}
+
 graph() {
   if [[ $DRY == 1 ]]; then
     "$PYTHON" benchmarks/gpu_graph_check.py --shape 64x1000
@@ -349,8 +379,8 @@ bench() {
 }
 
 # The steps run in `bash -c` under timeout: they see these functions and variables.
-export -f preflight build pytest_args tests sanitizer sanitize graph fidelity bench archive \
-  archive_bench
+export -f preflight build pytest_args tests sanitizer sanitize throw_probe graph fidelity bench \
+  archive archive_bench
 export DRY PYTHON WORK OUT JOBS REPO BUDGET
 
 # ---------------------------------------------------------------------------- schedule
@@ -397,6 +427,9 @@ elif wants tests; then
     run_step tests_cuda 120 tests tests_cuda tests/test_token_stats.py -k "cpu-cpu and ignore" &
   else
     run_step tests_cuda "$TEST_S" tests tests_cuda tests -m gpu -k "not triton" &
+    pids+=($!)
+    ORDER+=(throw_probe)
+    run_step throw_probe 120 throw_probe &
   fi
   pids+=($!)
   [[ $DRY == 1 ]] && { wait "${pids[@]}"; pids=(); }
