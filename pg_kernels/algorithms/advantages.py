@@ -25,6 +25,7 @@ from pg_kernels.algorithms._common import (
     masked_amin,
     segment_sum,
     valid,
+    values_checkable,
     weights,
 )
 
@@ -262,8 +263,7 @@ def turns_to_tokens(turn_values: torch.Tensor, turn_ids: torch.Tensor) -> torch.
     check_same_device(turn_values=turn_values, turn_ids=turn_ids)
     ids = turn_ids.to(torch.int64)
     if turn_values.shape[1] == 0:  # no turn to gather from (the gather of id 0 would raise)
-        on_cpu = ids.device.type == "cpu" and not torch.compiler.is_compiling()
-        if on_cpu and bool((ids >= 0).any()):
+        if values_checkable(ids) and bool((ids >= 0).any()):
             raise ValueError("turn_ids must all be -1 when turn_values has no turn (K = 0)")
         # zeros that stay in turn_values' graph (an empty gradient, not an unused input)
         return turn_values.sum(1, keepdim=True).expand(ids.shape).clone()
@@ -322,7 +322,7 @@ def empg_advantages(
     dtype = compute_dtype(token_entropy, advantages)
     ids = step_ids.to(torch.int64)
     beyond = ids >= T  # slot i * T + id would be the next row's
-    if ids.device.type == "cpu" and not torch.compiler.is_compiling() and bool(beyond.any()):
+    if values_checkable(ids) and bool(beyond.any()):
         raise ValueError(f"step_ids must lie in [-1, T) = [-1, {T}), got {int(ids.max())}")
     tok = valid(mask) & (ids >= 0) & ~beyond
     # Steps live in a [B, T] buffer (a row has at most T steps): slot (i, s) = step s of row i.

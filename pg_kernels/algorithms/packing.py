@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels.algorithms._common import check_int, check_mask, check_same_device
+from pg_kernels.algorithms._common import (
+    check_int,
+    check_mask,
+    check_same_device,
+    values_checkable,
+)
 
 
 def packed_to_padded(
@@ -39,8 +44,7 @@ def packed_to_padded(
     if max_seqlen is None:
         max_seqlen = int(lens.max()) if B > 0 else 0
     N = x.shape[0]
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        # Value checks cost nothing on CPU tensors (no device sync); on GPU they are skipped.
+    if values_checkable(x):
         if B >= 0 and (int(cu[0]) != 0 or int(cu[-1]) != N or bool((lens < 0).any())):
             raise ValueError(
                 f"cu_seqlens must start at 0, be nondecreasing and end at x.shape[0] = {N}"
