@@ -22,7 +22,9 @@
 #   graph           benchmarks/gpu_graph_check.py: token_stats fwd+bwd CUDA-graph replay == eager
 #   then the benchmarks, alone on the GPU, in the order of what is still owed (the first H200
 #   run, benchmarks/results/cuda-h200, timed the five ops at their headline shapes): token_stats
-#   at 16384x151936 bf16 (CUDA, Triton, eager, Liger-Kernel, torch.compile); step_stats (the
+#   at 16384x151936 bf16 (CUDA, Triton, eager, Liger-Kernel, torch.compile); tune (the Triton
+#   token_stats kernels' blocking variants at that shape, bench_token_stats.TRITON_BLOCKINGS:
+#   why the forward reads at 1.72x one read where the CUDA kernel reads at 1.04x); step_stats (the
 #   bundle against the three single ops); token_stats_from_hidden at 16384x151936x4096 against
 #   the unfused path, Liger's fused linear cross entropy and Cut-Cross-Entropy (their wheels:
 #   benchmarks/fetch_peers.sh, carried in benchmarks/peers/); the other ops at N in {16384,
@@ -47,8 +49,8 @@
 #   PGK_BUDGET_S      seconds for the whole run (default 540; dry run 420, ~250 s used on an
 #                     idle 2-core machine)
 #   PGK_STEPS         the steps to run (default all: "preflight build tests sanitize graph
-#                     fidelity step_stats bench hidden"; hidden = the token_stats_from_hidden
-#                     benchmark, after the others)
+#                     fidelity step_stats bench tune hidden"; tune = the Triton blocking
+#                     sweep; hidden = the token_stats_from_hidden benchmark, after the others)
 #   PGK_GIT_SHA       the commit this copy is (the device's copy has no .git): recorded in the
 #                     results; PGK_GIT_DIRTY=1 if the tree differed from it
 #   PGK_TEST_JOBS     pytest-xdist workers (default 8)
@@ -74,7 +76,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ $DRY == 1 && -x .venv/bin/python ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 420 || echo 540)}"
-STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph fidelity step_stats bench hidden} "
+STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph fidelity step_stats bench tune hidden} "
 JOBS="${PGK_TEST_JOBS:-8}"
 TEST_S="${PGK_TEST_S:-200}"
 BENCH_OPS="${PGK_BENCH_OPS:-token_stats kl_divergence mismatch_stats pruned_logprob topk_kl}"
@@ -361,7 +363,12 @@ fidelity() {
 bench() {
   local op="$1" temp="$2" tag="$3" providers="$4" rc
   shift 4
-  if [[ $DRY == 1 ]]; then
+  if [[ $DRY == 1 && $tag == tune ]]; then
+    # The blocking variants' code path (the interpreter; its timings mean nothing).
+    TRITON_INTERPRET=1 "$PYTHON" benchmarks/bench_"$op".py --device cpu --shapes 4x3000 \
+      --dtypes bf16 --modes fwd fwd+bwd --providers eager triton@F16384x2 triton@B8192x4 \
+      --max-wait 0 --temperature "$temp" --tag "$tag" --out "$WORK/bench" --no-progress
+  elif [[ $DRY == 1 ]]; then
     local small=16x1000
     [[ $op == token_stats_from_hidden ]] && small=16x1000x32
     "$PYTHON" benchmarks/bench_"$op".py --device cpu --shapes "$small" --dtypes bf16 --modes fwd \
@@ -477,6 +484,7 @@ elif [[ $DRY == 1 ]]; then
     # eager sets the check's tolerance: it runs beside the kernel.
     for op in $BENCH_OPS; do bench_step "bench_${op}_t0.7" 60 "$op" 0.7 dry x; done
   fi
+  wants tune && bench_step bench_token_stats_tune 60 token_stats 1 tune x
   wants step_stats && bench_step bench_step_stats_t0.7 60 step_stats 0.7 dry x
   wants hidden && bench_step bench_token_stats_from_hidden 60 token_stats_from_hidden 1 dry x
 else
@@ -484,6 +492,11 @@ else
     providers="pg_kernels:cuda pg_kernels:triton eager liger"
     [[ "$BENCH_COMPILE" == *" token_stats "* ]] && providers+=" compile"
     bench_step bench_token_stats_t1_n16384 200 token_stats 1 n16384 "$providers" 16384x151936
+  fi
+  if wants tune; then  # the Triton kernels' blockings (bench_token_stats.TRITON_BLOCKINGS)
+    blockings="triton@F16384x2 triton@F16384x1 triton@F16384x4 triton@F16384x10 triton@F8192x4"
+    blockings+=" triton@F8192x8 triton@B4096x8 triton@B8192x4 triton@B8192x8 triton@B2048x8"
+    bench_step bench_token_stats_tune 120 token_stats 1 tune "eager $blockings" 16384x151936
   fi
   if wants step_stats; then  # the bundle (one read of each logits tensor) against the three ops
     bench_step bench_step_stats_t1_n16384 150 step_stats 1 n16384 \

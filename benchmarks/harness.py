@@ -94,6 +94,7 @@ class Provider:
     `peer`: another library, compared for speed at its own precision: its error against the
     float64 truth is recorded and noted, and it is timed even beyond pg_kernels' tolerance
     (Liger-Kernel returns a bf16 loss for bf16 logits: 1.7e-3 relative on an H200).
+    `opt_in`: runs only when --providers names it (a kernel's blocking variants, for tuning).
     """
 
     name: str
@@ -101,6 +102,7 @@ class Provider:
     modes: tuple[str, ...] = MODES
     mutates_inputs: bool = False
     peer: bool = False
+    opt_in: bool = False
 
 
 @dataclasses.dataclass
@@ -805,7 +807,12 @@ def run_sweep(
         "git_dirty": dirty,
         "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
-    selected = [p for p in bench.providers if providers is None or p.name in providers]
+    selected = [
+        p for p in bench.providers if (not p.opt_in if providers is None else p.name in providers)
+    ]
+    unknown = sorted(set(providers or ()) - {p.name for p in bench.providers})
+    if unknown:
+        notes.append(f"not providers of {bench.op} (not run): {', '.join(unknown)}")
     # The precision baseline runs first in each mode: its error sets the others' tolerance.
     order = sorted(selected, key=lambda p: p.name != bench.precision_baseline)
     groups: dict[tuple, list[Case]] = {}
