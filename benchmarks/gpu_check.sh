@@ -311,20 +311,24 @@ sanitize() {
 
 # A check that fails in the CUDA extension must raise, not kill the process: on the first H200
 # run a wrong-shape `out` to the backward (test_backward_writes_into_out) crashed its worker
-# (SIGSEGV). The call alone, then, if it did not exit cleanly, again under cuda-gdb for the
-# native backtrace.
+# (SIGSEGV) when the extension's TORCH_CHECK threw. The op layer now refuses that `out` before
+# any backend runs; this probe calls the extension's launcher itself. The call alone, then, if
+# it did not exit cleanly, again under cuda-gdb for the native backtrace.
 throw_probe() {
   local code rc
   code='import torch, pg_kernels
-from pg_kernels.ops.token_stats import _token_stats_backward
+from pg_kernels import _backend
+from pg_kernels.ops._common import row_layout
 x = torch.randn(4, 64, device="cuda")
 y = torch.zeros(4, dtype=torch.long, device="cuda")
 o = pg_kernels.token_stats(x, y, backend="cuda")
 g = [torch.ones(4, device="cuda")] * 4
-args = (*g, x, y, None, 1.0, -100, o.lse, o.entropy, o.collision, o.max_prob, o.argmax, "cuda")
+_, backward = _backend.launchers("token_stats", "cuda")
+args = (*g, x, y, None, 1.0, -100, o.lse, o.entropy, o.collision, o.max_prob, o.argmax,
+        *row_layout("token_stats", "logits", x))
 try:
-    _token_stats_backward(*args, out=torch.empty(3, 64, device="cuda"))
-except (RuntimeError, ValueError) as e:
+    backward(*args, torch.empty(3, 64, device="cuda"))
+except RuntimeError as e:
     print("raised:", str(e).splitlines()[0])
     raise SystemExit(0)
 raise SystemExit("no error for a wrong-shape out")'

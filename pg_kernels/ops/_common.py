@@ -58,6 +58,21 @@ def check_logits_pair(op: str, logits: torch.Tensor, other: torch.Tensor, name: 
         raise ValueError(f"{op}: {name} is on {other.device} but logits on {logits.device}")
 
 
+def check_gradient_out(op: str, logits: torch.Tensor, out: torch.Tensor) -> None:
+    """A buffer a backward writes the logits' gradient into: a contiguous tensor of the logits'
+    shape, dtype and device, sharing no memory with them (a row's label entry is read after the
+    row is written). Checked before any backend runs, each of which checks it again."""
+    if (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device
+            or not out.is_contiguous()):  # fmt: skip
+        raise ValueError(
+            f"{op}: out must be a contiguous tensor of logits' shape {tuple(logits.shape)}, "
+            f"dtype {logits.dtype} and device {logits.device}, got {tuple(out.shape)} "
+            f"{out.dtype} on {out.device}"
+        )
+    if out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+        raise ValueError(f"{op}: out must not share memory with logits")
+
+
 def check_float_arg(op: str, name: str, value, *, low: float | None = None) -> float:
     """A finite float hyper-parameter (optionally > low)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

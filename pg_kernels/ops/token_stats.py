@@ -17,6 +17,7 @@ import torch
 from pg_kernels import _backend, _library, reference  # noqa: F401  (_library defines the schemas)
 from pg_kernels.ops._common import (
     acc_dtype,
+    check_gradient_out,
     check_ignore_index,
     check_labels_arg,
     check_labels_on_cpu,
@@ -63,6 +64,8 @@ def _token_stats_backward(
     """The backward launcher; `out` (not in the op's schema: for callers looping over chunks,
     e.g. token_stats_from_hidden) is a reused buffer to write the gradient into."""
     _, backward = _backend.launchers(OP, backend)
+    if out is not None:
+        check_gradient_out(f"{OP}_backward", logits, out)
     layout = row_layout(OP, "logits", logits)
     flat = [t.reshape(-1).contiguous() for t in (g_logprob, g_entropy, g_collision, g_lse)]
     saved = [t.reshape(-1) for t in (lse, entropy, collision, max_prob, argmax)]

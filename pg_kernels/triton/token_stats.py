@@ -73,7 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pg_kernels.ops._common import check_labels
+from pg_kernels.ops._common import check_gradient_out, check_labels
 from pg_kernels.triton import _common
 from pg_kernels.triton._common import (
     D_MIN,
@@ -899,19 +899,10 @@ def token_stats_forward(
 
 
 def gradient_output(logits: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """`out` when given (checked as the compiled backends check it), else a fresh contiguous
-    tensor of logits' shape and dtype."""
+    """`out` when given (checked), else a fresh contiguous tensor of logits' shape and dtype."""
     if out is None:
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    if (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device
-            or not out.is_contiguous()):  # fmt: skip
-        raise ValueError(
-            f"{OP}_backward: out must be a contiguous tensor of logits' shape {tuple(logits.shape)}"
-            f", dtype {logits.dtype} and device {logits.device}, got {tuple(out.shape)} "
-            f"{out.dtype} on {out.device}"
-        )
-    if out.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
-        raise ValueError(f"{OP}_backward: out must not share memory with logits")
+    check_gradient_out(f"{OP}_backward", logits, out)
     return out
 
 
