@@ -156,14 +156,18 @@ def _bwd_factors(l_w, l_v, dl, c, s_w, s_v, DIVIDE: tl.constexpr):
     f_vv = s_v / s1_v and f_d = s_v / s1_w - f_vv = f_vv expm1(dl), dl = log s1_v - log s1_w,
     so that the other side's v_j - w_j never cancels the two normalizers (at a shared max
     e_v = e_w = 1 and v_j - w_j = -f_d alone: a near one-hot row's s1 = 1 + 1e-5 left that
-    difference to the rounding of e^{dl} = 1 + 1e-5, 5 % off); f_vw = s_v / s1_w = f_vv + f_d."""
+    difference to the rounding of e^{dl} = 1 + 1e-5, 5 % off); f_vw = s_v / s1_w = f_vv + f_d.
+    A vocab-parallel shard's row state (pg_kernels.parallel) carries log s1 minus the log of the
+    shard's mass, hundreds where that side's mass lies on other ranks: there e^{-l_v} is 0 and
+    e^{dl} overflows, so beyond dl = 64 (e^{-l_v} below 2^-92 of e^{-l_w}) f_d is s_v / s1_w -
+    f_vv itself (was 0 * inf: NaN gradient rows)."""
     f_ww = s_w * exp_acc(-l_w)
     f_vv = s_v * exp_acc(-l_v)
     f_wr = f_ww
     if DIVIDE:
         if f_ww.dtype != tl.float64:
             f_wr = f_ww * LN2
-    f_d = f_vv * expm1_acc(dl)
+    f_d = tl.where(dl > 64.0, s_v * exp_acc(-l_w) - f_vv, f_vv * expm1_acc(tl.minimum(dl, 64.0)))
     return f_wr, c * f_ww, f_vv, f_d, f_vv + f_d
 
 
