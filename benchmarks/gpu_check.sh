@@ -328,7 +328,7 @@ args = (*g, x, y, None, 1.0, -100, o.lse, o.entropy, o.collision, o.max_prob, o.
         *row_layout("token_stats", "logits", x))
 try:
     backward(*args, torch.empty(3, 64, device="cuda"))
-except RuntimeError as e:
+except (RuntimeError, ValueError) as e:
     print("raised:", str(e).splitlines()[0])
     raise SystemExit(0)
 raise SystemExit("no error for a wrong-shape out")'
