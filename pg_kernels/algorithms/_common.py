@@ -9,12 +9,6 @@ from __future__ import annotations
 import torch
 
 
-def values_checkable(t: torch.Tensor) -> bool:
-    """Whether a check of t's values is free: a CPU tensor (no device sync), outside
-    torch.compile (a data-dependent branch would break the graph). On a GPU it is skipped."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def check_float(name: str, t: torch.Tensor, ndim: int | tuple[int, ...]) -> None:
     """`t` must be a floating tensor with `ndim` dims (an int or a tuple of allowed ints)."""
     if not isinstance(t, torch.Tensor):

@@ -25,9 +25,9 @@ from pg_kernels.algorithms._common import (
     masked_amin,
     segment_sum,
     valid,
-    values_checkable,
     weights,
 )
+from pg_kernels.ops._common import values_checkable
 
 GROUP_METHODS = ("grpo", "dr_grpo", "rloo")
 

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels.algorithms._common import (
-    check_int,
-    check_mask,
-    check_same_device,
-    values_checkable,
-)
+from pg_kernels.algorithms._common import check_int, check_mask, check_same_device
+from pg_kernels.ops._common import values_checkable
 
 
 def packed_to_padded(

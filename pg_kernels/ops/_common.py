@@ -16,6 +16,12 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether a check of t's values is free: a CPU tensor (no device sync), outside
+    torch.compile (a data-dependent branch would break the graph). On a GPU it is skipped."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation and per-token output dtype for logits of `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -151,7 +157,7 @@ def make_temperature(
         if temperature.requires_grad:
             raise ValueError(f"{op}: {name} is not differentiable; pass {name}.detach()")
         flat = temperature.detach().reshape(-1).to(acc_dtype(logits.dtype)).contiguous()
-        if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+        if values_checkable(flat):
             bad = ~(torch.isfinite(flat) & (flat > 0))
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
@@ -189,7 +195,7 @@ def check_ignore_index(op: str, ignore_index, labels: torch.Tensor | None = None
 
 def check_labels_on_cpu(op: str, labels: torch.Tensor, vocab_size: int, ignore_index: int):
     """Label range check where it costs no host sync: CPU tensors, outside torch.compile."""
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+    if values_checkable(labels):
         try:
             check_labels(labels, vocab_size, ignore_index)
         except ValueError as e:

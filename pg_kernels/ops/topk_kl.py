@@ -34,6 +34,7 @@ from pg_kernels.ops._common import (
     check_logits,
     make_temperature,
     row_layout,
+    values_checkable,
 )
 
 OP = "topk_kl"
@@ -166,7 +167,7 @@ def _check_topk_args(logits: torch.Tensor, topk_ids, topk_logprobs) -> None:
 def _check_topk_ids_on_cpu(topk_ids: torch.Tensor, vocab: int, keep: torch.Tensor | None):
     """Range and distinctness of the ids of kept rows, where it costs no host sync (CPU tensors,
     outside torch.compile). Ids of ignored rows are never read (padding may hold anything)."""
-    if topk_ids.device.type != "cpu" or torch.compiler.is_compiling():
+    if not values_checkable(topk_ids):
         return
     rows = topk_ids.reshape(-1, topk_ids.shape[-1]).long()
     kept = torch.ones(rows.shape[0], dtype=torch.bool) if keep is None else keep.reshape(-1)
