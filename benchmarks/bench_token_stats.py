@@ -229,6 +229,14 @@ def _blocking_name(fwd: tuple[int, int] | None, bwd: tuple[int, int] | None) -> 
     return "triton@" + "".join(parts)
 
 
+def _blocking_args(blocking: tuple[int, int] | None) -> dict[str, int]:
+    """A launcher's private overrides for (elements per step, steps per program)."""
+    if blocking is None:
+        return {}
+    step, steps = blocking
+    return {"_block_v": step, "_chunk": step * steps}
+
+
 class _TritonBlocked(torch.autograd.Function):
     """token_stats through the Triton launchers with explicit blockings (outputs and gradient as
     the op's; blocking changes only the order of the fp32 sums)."""
@@ -239,9 +247,8 @@ class _TritonBlocked(torch.autograd.Function):
         from pg_kernels.triton import token_stats as tt
 
         layout = row_layout(OP, "logits", logits)
-        kw = {} if fwd is None else {"_block_v": fwd[0], "_chunk": fwd[0] * fwd[1]}
         outs = tt.token_stats_forward(
-            logits, labels, None, temperature, IGNORE_INDEX, *layout, **kw
+            logits, labels, None, temperature, IGNORE_INDEX, *layout, **_blocking_args(fwd)
         )
         _, entropy, collision, _, lse, max_prob, argmax = outs
         ctx.save_for_backward(logits, labels, lse, entropy, collision, max_prob, argmax)
@@ -254,12 +261,11 @@ class _TritonBlocked(torch.autograd.Function):
         from pg_kernels.triton import token_stats as tt
 
         logits, labels, lse, entropy, collision, max_prob, argmax = ctx.saved_tensors
-        kw = {} if ctx.bwd is None else {"_block_v": ctx.bwd[0], "_chunk": ctx.bwd[0] * ctx.bwd[1]}
         zero = torch.zeros_like(lse)
         g = [zero if t is None else t for t in (g_lp, g_h, g_c, g_lse)]
         grad = tt.token_stats_backward(
             *g, logits, labels, None, ctx.temperature, IGNORE_INDEX, lse, entropy, collision,
-            max_prob, argmax, *ctx.layout, **kw,
+            max_prob, argmax, *ctx.layout, **_blocking_args(ctx.bwd),
         )  # fmt: skip
         return grad, None, None, None, None
 
@@ -279,6 +285,11 @@ def _triton_blocked(
         return fn
 
     return Provider(_blocking_name(fwd, bwd), build, opt_in=True)
+
+
+def blocking_providers() -> list[str]:
+    """The names of the opt-in blocking variants, TRITON_BLOCKINGS' order (gpu_check's tune)."""
+    return [_blocking_name(f, b) for f, b in TRITON_BLOCKINGS]
 
 
 # ----------------------------------------------------------------------------- ceilings

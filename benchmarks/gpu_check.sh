@@ -498,8 +498,8 @@ else
     bench_step bench_token_stats_t1_n16384 200 token_stats 1 n16384 "$providers" 16384x151936
   fi
   if wants tune; then  # the Triton kernels' blockings (bench_token_stats.TRITON_BLOCKINGS)
-    blockings="triton@F16384x2 triton@F16384x1 triton@F16384x4 triton@F16384x10 triton@F8192x4"
-    blockings+=" triton@F8192x8 triton@B4096x8 triton@B8192x4 triton@B8192x8 triton@B2048x8"
+    blockings=$("$PYTHON" -c 'from benchmarks.bench_token_stats import blocking_providers as b
+print(*b())')
     bench_step bench_token_stats_tune 120 token_stats 1 tune "eager $blockings" 16384x151936
   fi
   if wants step_stats; then  # the bundle (one read of each logits tensor) against the three ops

@@ -161,13 +161,14 @@ def _bwd_factors(l_w, l_v, dl, c, s_w, s_v, DIVIDE: tl.constexpr):
     shard's mass, hundreds where that side's mass lies on other ranks: there e^{-l_v} is 0 and
     e^{dl} overflows, so beyond dl = 64 (e^{-l_v} below 2^-92 of e^{-l_w}) f_d is s_v / s1_w -
     f_vv itself (was 0 * inf: NaN gradient rows)."""
-    f_ww = s_w * exp_acc(-l_w)
+    inv_s1_w = exp_acc(-l_w)
+    f_ww = s_w * inv_s1_w
     f_vv = s_v * exp_acc(-l_v)
     f_wr = f_ww
     if DIVIDE:
         if f_ww.dtype != tl.float64:
             f_wr = f_ww * LN2
-    f_d = tl.where(dl > 64.0, s_v * exp_acc(-l_w) - f_vv, f_vv * expm1_acc(tl.minimum(dl, 64.0)))
+    f_d = tl.where(dl > 64.0, s_v * inv_s1_w - f_vv, f_vv * expm1_acc(tl.minimum(dl, 64.0)))
     return f_wr, c * f_ww, f_vv, f_d, f_vv + f_d
 
 
