@@ -368,9 +368,14 @@ bench() {
   local op="$1" temp="$2" tag="$3" providers="$4" rc
   shift 4
   if [[ $DRY == 1 && $tag == tune ]]; then
-    # The blocking variants' code path (the interpreter; its timings mean nothing).
+    # The blocking variants' code path, one forward and one backward variant (the interpreter;
+    # its timings mean nothing).
+    # shellcheck disable=SC2046  # two provider names
     TRITON_INTERPRET=1 "$PYTHON" benchmarks/bench_"$op".py --device cpu --shapes 4x3000 \
-      --dtypes bf16 --modes fwd fwd+bwd --providers eager triton@F16384x2 triton@B8192x4 \
+      --dtypes bf16 --modes fwd fwd+bwd --providers eager $("$PYTHON" -c '
+from benchmarks.bench_token_stats import blocking_providers
+names = blocking_providers()
+print(names[0], next(n for n in names if "@B" in n))') \
       --max-wait 0 --temperature "$temp" --tag "$tag" --out "$WORK/bench" --no-progress
   elif [[ $DRY == 1 ]]; then
     local small=16x1000
