@@ -254,11 +254,9 @@ def _check(c, backend: str, *args, **kwargs):
 # (test, backend) cases on which the CI profile's examples still find failures outside KNOWN,
 # found by this fuzzer and open (README, Testing): xfail (not strict), so CI stays green while
 # the rest of the fuzzer guards; remove an entry once its case passes.
-OPEN: dict[tuple[str, str], str] = {
-    ("test_kl_divergence", "triton"): "open class (1) (README, Testing): the 16-bit Triton pair "
-    "lanes take a near-equal pair's KL as a difference of rounded normalizers; a CI example, "
-    "fp16 [3, 2] at tau 8.8, a KL of 9.9e-8 computed 0 (allowed 3.3e-8, plain 1.6e-8)",
-}
+# (Empty: Triton kl_divergence's entry, whose CI examples met open class (1), xpassed in every
+# full run by 2026-12-04; its examples pass with and without the pair lanes' exact exponents.)
+OPEN: dict[tuple[str, str], str] = {}
 
 # (test, backend) cases whose CI examples meet a class that only a GPU's arithmetic shows
 # (tests/conftest.py, PGK_EMULATE_GPU) and that is open: they run on the interpreter's numpy

@@ -8,11 +8,10 @@ cut as `row_blocking` cuts it (a function of V and the dtype only) and `pair_chu
 FOLD neighbours of one 16-byte vector share a lane, so nothing leaves a thread inside the loop):
 each lane has its own running max per side and rescales itself when it rises (branchless, one
 exp per lane and side per step). After the loop one cross-lane merge (`_side_total`: the chunk
-max, each lane moved to it, plain sums) gives the chunk state. No division per element: under
-a temperature the exponent of an entry is one fma x k - r with k = log2(e) / tau and r = (lane
-max) k, whose rounding r cancels exactly in the merge, so the error is relative to z - m, not
-to z; at temperature 1 it is (x - m) k, exact differences of 16-bit logits, so two rows that
-differ by a constant get the same exps bitwise.
+max, each lane moved to it, plain sums) gives the chunk state. No division per element: the
+exponent of an entry is (x - m) k with k = log2(e) / tau and m the lane's max logit, an exact
+difference of 16-bit logits rounded once, so the error is relative to z - m, not to z, and
+two rows that differ by a constant get the same exps bitwise at any temperature.
 u takes d_w - d_v from exact differences of the logits at temperature 1, from the exponents
 otherwise (each rounded relative to z - m, as z = x / tau itself would be relative to z).
 A chunk's sums are relative to its max logit's own z, x_max / tau unrounded (e = x_max / tau -
@@ -57,6 +56,8 @@ merge per step: 8 block reductions, 24 BAR + 54 SHFL per step) -> after (no BAR,
     fp32  59.6 -> 17.8,             90.5 -> 15.8 (budget 40 per fp32 pair); 48 registers
     fp32 with the excess k: 35.1 at tau = 1, 35.9 with a temperature ((x - m) k there too);
           48-80 registers
+    (x - m) k at every temperature (2026-12-04): bf16 19.2-19.4, fp16 17.9-18.0, fp32 with the
+          excess k 33.1-33.8; 59-64 registers (16-bit), 63-64 (fp32)
 Full blocks are loaded unmasked (block i + 1 before block i is reduced; the last step reloads
 its own block rather than masking, whose fill values cost an instruction per element).
 """
@@ -404,64 +405,50 @@ def row_exponent(m, log_s1, tau, row_ptr, V, DIVIDE: tl.constexpr, XDT: tl.const
 @triton.constexpr_function
 def has_excess(XDT):
     """Whether the pair states of logits of dtype XDT carry the excess k (`excess_terms`): fp32
-    only. It costs ~N SASS instructions per pair where the 16-bit pair loops sit at 17.4-19.2 of
-    their budget of 20; fp64 lanes cancel at ~1e-16 (the rule's fp64 floor)."""
+    only. It costs ~15 SASS instructions per pair where the 16-bit pair loops sit at 17.9-19.4
+    of their budget of 20; fp64 lanes cancel at ~1e-16 (the rule's fp64 floor)."""
     return XDT == tl.float32
 
 
 @triton.jit
-def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, k, DIVIDE: tl.constexpr,
+def _pair_lanes(xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE: tl.constexpr,
                 EXCESS: tl.constexpr):  # fmt: skip
     """One block of [LANES, FOLD] logits of each side (raw, in the accumulation dtype, -inf where
     masked) into the per-lane state; FOLD neighbours of one 16-byte vector share a lane, so
     every reduction here stays inside a thread.
 
     Lane state: mw, mv = running max of the raw logits (monotone in z = x / tau, tau > 0);
-    rw, rv = their exponents m * k (k = log2(e) / tau, rounded: every exponent below is
-    relative to this r, and r cancels exactly in the chunk merge); sw, sv = sums of 2^t with
-    t = x k - r (one fma, its rounding relative to t); u = sum 2^{t_w} (d_w - d_v), in nats
-    (without DIVIDE: d_w - d_v = (x_w - x_v) - (m_w - m_v), exact differences of 16-bit logits,
-    rounded once relative to the result) or in exponent units (DIVIDE: t_w - t_v, each t
-    rounded relative to itself, i.e. to z - m, not z). A term with x_w finite and x_v = -inf
-    (w_j > 0 = v_j) makes u +inf or NaN: the chunk's `inf` flag. Rescaling a lane to a higher
-    max is branchless: 2^{delta}, delta = 0 once the lane's max has settled.
+    sw, sv = sums of 2^t with t = (x - m) k (k = log2(e) / tau rounded; x - m is exact for
+    16-bit logits, so t rounds once relative to itself, i.e. to z - m, not z); u = sum 2^{t_w}
+    (d_w - d_v), in nats (without DIVIDE: d_w - d_v = (x_w - x_v) - (m_w - m_v), exact
+    differences of 16-bit logits, rounded once relative to the result) or in exponent units
+    (DIVIDE: t_w - t_v). Two rows that differ by a constant get the same exps bitwise, at any
+    temperature, and a KL of exactly 0. (One fma x k - fl(m k) per entry, an instruction less
+    per pair, rounded each row's reference differently: 16-bit KLs of 3e-8..6e-8 where the
+    truth is 0 at tau 5.7 and 12.7, and peaked rows whose lane sums 1 + rest rounded apart by
+    ulp(1) / 2, a KL of 6e-8 for 9e-14; in fp32, with the excess k, KLs of 1e-21..4e-16.)
+    A term with x_w finite and x_v = -inf (w_j > 0 = v_j) makes u +inf or NaN: the chunk's
+    `inf` flag. Rescaling a lane to a higher max is branchless: 2^{delta}, delta = 0 once the
+    lane's max has settled.
     EXCESS: k = sum e_w f(delta) too (`excess_terms`, delta = -(d_w - d_v) in nats), moved with
     the lane's maxes by `rescale_excess`.
     """
     mw_new = tl.maximum(mw, tl.max(xw, 1))
     mv_new = tl.maximum(mv, tl.max(xv, 1))
-    rw_new = mw_new * kw
-    rv_new = mv_new * kv
-    if DIVIDE and not EXCESS:
-        dw = rw - rw_new
-        dv = rv - rv_new
-        ew = exp_base(fma_acc(xw, kw, -rw_new[:, None]))
-        tv = fma_acc(xv, kv, -rv_new[:, None])
-        ev = exp_base(tv)
-        diff = fma_acc(xw, kw, -rw_new[:, None]) - tv
+    dxw = xw - mw_new[:, None]
+    dxv = xv - mv_new[:, None]
+    dw = (mw - mw_new) * kw
+    dv = (mv - mv_new) * kv
+    tw = dxw * kw
+    tv = dxv * kv
+    ew = exp_base(tw)
+    ev = exp_base(tv)
+    if DIVIDE:
+        diff = tw - tv
         shift = dw - dv
     else:
-        # At temperature 1 the exponents are (x - m) k, relative to the lane max itself: exact
-        # differences of 16-bit logits, so two rows that differ by a constant get the same
-        # exps bitwise and a KL of exactly 0 (one fma x k - fl(m k) rounded each row
-        # differently: 3.9e-8 where plain PyTorch has 0). With EXCESS under a temperature too
-        # (`_side_total`'s EXACT): in the frame x k - fl(m k) every delta of a lane is off by
-        # the two references' roundings, which k's moves take out only to ~ulp of f of them
-        # (rows shifted by a constant: KLs of 1e-21..4e-16 where the truth is exactly 0).
-        dxw = xw - mw_new[:, None]
-        dxv = xv - mv_new[:, None]
-        dw = (mw - mw_new) * kw
-        dv = (mv - mv_new) * kv
-        tw = dxw * kw
-        tv = dxv * kv
-        ew = exp_base(tw)
-        ev = exp_base(tv)
-        if DIVIDE:
-            diff = tw - tv
-            shift = dw - dv
-        else:
-            diff = dxw - dxv
-            shift = (mw - mw_new) - (mv - mv_new)
+        diff = dxw - dxv
+        shift = (mw - mw_new) - (mv - mv_new)
     aw = exp_base(dw)
     av = exp_base(dv)
     # x_w = -inf: diff = -inf (or NaN with x_v = -inf too) meets e_w = 0; the floor makes the
@@ -475,7 +462,7 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, k, DIVIDE: tl.constex
     u = aw * (u + shift * sw) + tl.sum(ew * diff, 1)
     sw = aw * sw + tl.sum(ew, 1)
     sv = av * sv + tl.sum(ev, 1)
-    return mw_new, mv_new, rw_new, rv_new, sw, sv, u, k
+    return mw_new, mv_new, sw, sv, u, k
 
 
 @triton.jit
@@ -500,8 +487,8 @@ def nats_per_unit(x, DIVIDE: tl.constexpr):
 def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexpr, d):
     """One side of a chunk from its lanes: (max in z units, raw max, lane -> chunk exponent,
     2^exponent, the sum less its max entry's 1, e: the sums are relative to mz + e, e = 0
-    without DIVIDE). EXACT: the lanes' exponents are (x - m) k (`_pair_lanes`), else
-    x k - r. d: None, or a per-lane shift of the logits whose exponents the lanes summed,
+    without DIVIDE). EXACT: the lanes' exponents are (x - m) k (`_pair_lanes`; r unused),
+    else x k - r. d: None, or a per-lane shift of the logits whose exponents the lanes summed,
     (x + d) k - r (step_stats' sides framed on its logits' lanes, temperature 1; EXACT False):
     the lane maxes m are of x, the exponents of x + d, so a lane moves to the chunk's
     reference by r - (mc + d) k and its top entry is m + d."""
@@ -568,7 +555,7 @@ def pair_chunk_kernel(
     v_row = xv_ptr + row_offset(row, v_n_inner, v_s_outer, v_s_inner)
     floor_w = lane_floor(kw)
     floor_v = lane_floor(kv)
-    mw, mv, rw, rv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, kw, kv, LANES)
+    mw, mv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, kw, kv, LANES)
     # The excess k (`excess_terms`) for fp32 logits only: the 16-bit loops have no room for it
     # in their budget of 20 SASS instructions per pair, fp64 no need (`has_excess`).
     EXCESS: tl.constexpr = has_excess(xw_ptr.dtype.element_ty)
@@ -591,18 +578,18 @@ def pair_chunk_kernel(
         col = tl.minimum(start + (i + 1) * BLOCK_V, last)
         nxt_w = tl.load(w_row + col + offs)
         nxt_v = tl.load(v_row + col + offs)
-        mw, mv, rw, rv, sw, sv, u, k = _pair_lanes(
-            xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, k, DIVIDE, EXCESS
+        mw, mv, sw, sv, u, k = _pair_lanes(
+            xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS
         )
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + offs
         xw = tl.load(w_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
         xv = tl.load(v_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
-        mw, mv, rw, rv, sw, sv, u, k = _pair_lanes(
-            xw, xv, kw, kv, mw, mv, rw, rv, sw, sv, u, k, DIVIDE, EXCESS
+        mw, mv, sw, sv, u, k = _pair_lanes(
+            xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS
         )
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _chunk_state(
-        mw, mv, rw, rv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
+        mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
     )
     store_chunk_state(
         part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
@@ -666,15 +653,15 @@ def redo_far_chunk(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
 
 
 @triton.jit
-def _chunk_state(mw, mv, rw, rv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v,
+def _chunk_state(mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v,
                  DIVIDE: tl.constexpr, EXCESS: tl.constexpr):  # fmt: skip
     """A chunk's pair state (`PARTIAL`: m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k) from its lane
     state (`_pair_lanes`)."""
     ACC: tl.constexpr = kw.dtype
     # One cross-lane merge per chunk: each lane moved to the chunk's max (merge_pair per lane).
-    EXACT: tl.constexpr = (not DIVIDE) or EXCESS  # `_pair_lanes`' frame
-    m_w, mc_w, cw, fw, r_w, e_w = _side_total(mw, rw, sw, kw, tau_w, floor_w, DIVIDE, EXACT, None)
-    m_v, mc_v, cv, fv, r_v, e_v = _side_total(mv, rv, sv, kv, tau_v, floor_v, DIVIDE, EXACT, None)
+    # The lanes' exponents are (x - m) k (`_pair_lanes`): no lane reference r.
+    m_w, mc_w, cw, fw, r_w, e_w = _side_total(mw, None, sw, kw, tau_w, floor_w, DIVIDE, True, None)
+    m_v, mc_v, cv, fv, r_v, e_v = _side_total(mv, None, sv, kv, tau_v, floor_v, DIVIDE, True, None)
     if DIVIDE:
         shift = cw - cv
     else:
@@ -708,7 +695,7 @@ def _chunk_state(mw, mv, rw, rv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, fl
 
 @triton.jit
 def _empty_lanes(floor_w, floor_v, kw, kv, LANES: tl.constexpr):
-    """The lane state of `_pair_lanes` before any logit: (mw, mv, rw, rv, sw, sv, u, k), each
+    """The lane state of `_pair_lanes` before any logit: (mw, mv, sw, sv, u, k), each
     side's max at its floor (`lane_floor`), the sums 0."""
     ACC: tl.constexpr = kw.dtype
     mw = tl.zeros([LANES], ACC) + floor_w
@@ -717,7 +704,7 @@ def _empty_lanes(floor_w, floor_v, kw, kv, LANES: tl.constexpr):
     sv = tl.zeros([LANES], ACC)
     u = tl.zeros([LANES], ACC)
     k = tl.zeros([LANES], ACC)
-    return mw, mv, mw * kw, mv * kv, sw, sv, u, k
+    return mw, mv, sw, sv, u, k
 
 
 @triton.jit
@@ -732,17 +719,17 @@ def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w
     prefetch, half its lanes (so that the SASS checks see the main loop as the hot one)."""
     ACC: tl.constexpr = kw.dtype
     HALF: tl.constexpr = (LANES + 1) // 2
-    mw, mv, rw, rv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, kw, kv, HALF)
+    mw, mv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, kw, kv, HALF)
     offs = tl.arange(0, HALF)[:, None] * FOLD + tl.arange(0, FOLD)[None, :]
     for i in range(0, n_valid, HALF * FOLD):
         valid = offs + i < n_valid
         xw = tl.load(w_row + start + i + offs, mask=valid, other=float("-inf")).to(ACC)
         xv = tl.load(v_row + start + i + offs, mask=valid, other=float("-inf")).to(ACC)
-        mw, mv, rw, rv, sw, sv, u, k = _pair_lanes(
-            xw - shift_w, xv - shift_v, kw, kv, mw, mv, rw, rv, sw, sv, u, k, DIVIDE, EXCESS
+        mw, mv, sw, sv, u, k = _pair_lanes(
+            xw - shift_w, xv - shift_v, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS
         )
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _chunk_state(
-        mw, mv, rw, rv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
+        mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
     )
     m_w, e_w = _moved_max(m_w, e_w, shift_w, tau_w, DIVIDE)
     m_v, e_v = _moved_max(m_v, e_v, shift_v, tau_v, DIVIDE)
