@@ -411,6 +411,26 @@ def has_excess(XDT):
 
 
 @triton.jit
+def pair_exps(xw, xv, aw, av, kw, kv, DIVIDE: tl.constexpr):
+    """Each side's exps 2^t, t = (x - a) k relative to a reference logit a (a lane's max in the
+    forward, `row_exponent`'s a in the backward), and their log-ratio: t_w - t_v (DIVIDE: each t
+    rounded relative to itself, i.e. to z - a / tau, not z), else (x_w - a_w) - (x_v - a_v) in
+    nats (exact differences of 16-bit logits, rounded once relative to the result). Two rows
+    that differ by a constant get the same exps bitwise, at any temperature."""
+    dxw = xw - aw
+    dxv = xv - av
+    tw = dxw * kw
+    tv = dxv * kv
+    ew = exp_base(tw)
+    ev = exp_base(tv)
+    if DIVIDE:
+        diff = tw - tv
+    else:
+        diff = dxw - dxv
+    return ew, ev, diff
+
+
+@triton.jit
 def _pair_lanes(xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE: tl.constexpr,
                 EXCESS: tl.constexpr):  # fmt: skip
     """One block of [LANES, FOLD] logits of each side (raw, in the accumulation dtype, -inf where
@@ -435,19 +455,12 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE: tl.constexpr,
     """
     mw_new = tl.maximum(mw, tl.max(xw, 1))
     mv_new = tl.maximum(mv, tl.max(xv, 1))
-    dxw = xw - mw_new[:, None]
-    dxv = xv - mv_new[:, None]
+    ew, ev, diff = pair_exps(xw, xv, mw_new[:, None], mv_new[:, None], kw, kv, DIVIDE)
     dw = (mw - mw_new) * kw
     dv = (mv - mv_new) * kv
-    tw = dxw * kw
-    tv = dxv * kv
-    ew = exp_base(tw)
-    ev = exp_base(tv)
     if DIVIDE:
-        diff = tw - tv
         shift = dw - dv
     else:
-        diff = dxw - dxv
         shift = (mw - mw_new) - (mv - mv_new)
     aw = exp_base(dw)
     av = exp_base(dv)

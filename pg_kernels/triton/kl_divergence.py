@@ -51,7 +51,6 @@ from pg_kernels.triton._common import (
 from pg_kernels.triton._pair import (
     FINISH_BLOCK_R,
     LN2,
-    exp_base,
     finalize_kl,
     fma_acc,
     has_excess,
@@ -59,6 +58,7 @@ from pg_kernels.triton._pair import (
     merge_row,
     needs_division,
     other_side_difference,
+    pair_exps,
     pair_partials,
     reference_shift,
     row_exponent,
@@ -129,16 +129,7 @@ def _bwd_block(xw, xv, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u,
     rounding, a few ulps of w_j, into a result that near-equal rows cancel to ~w_j |delta|.
     """
     ACC: tl.constexpr = f_vv.dtype
-    dxw = xw.to(ACC) - a_w
-    dxv = xv.to(ACC) - a_v
-    pw = dxw * k_w
-    pv = dxv * k_v
-    ew = exp_base(pw)
-    ev = exp_base(pv)
-    if DIVIDE:
-        r = pw - pv
-    else:
-        r = dxw - dxv
+    ew, ev, r = pair_exps(xw.to(ACC), xv.to(ACC), a_w, a_v, k_w, k_v, DIVIDE)
     # Where w_j = 0 (x_w = -inf) r is -inf or NaN: floored, so the product is 0 (r > -150 log2
     # units wherever e_w > 0, far above the floor). x_v = -inf under w_j > 0 is a KL = +inf
     # row, NaN through f_wr.
