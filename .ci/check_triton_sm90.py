@@ -25,6 +25,7 @@ ops are compiled in WORKERS processes (Triton's compile and ptxas are single-thr
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import re
@@ -167,8 +168,13 @@ def exercise(only: tuple[str, ...], V: int = 151936, dtypes=ALL_DTYPES) -> None:
             if "topk_kl" in only:
                 pg_kernels.topk_kl(x, ids, id_lp, labels=y, **t).sum().backward()
             if "step_stats" in only:
-                # Every tensor given (the 3-tensor pass), both gradients.
-                for direction in ("reverse", "forward"):
+                # Every tensor given (the 3-tensor pass), both gradients; the other sides at the
+                # logits' temperature (framed on the logits' lanes) and, under a temperature, at
+                # their own (each side's own lanes).
+                own = dict(rollout_temperature=per_row * 1.25, ref_temperature=0.9)
+                for direction, others in itertools.product(
+                    ("reverse", "forward"), ({}, own) if temperature is per_row else ({},)
+                ):
                     out = pg_kernels.step_stats(
                         x,
                         y,
@@ -177,6 +183,7 @@ def exercise(only: tuple[str, ...], V: int = 151936, dtypes=ALL_DTYPES) -> None:
                         ref_logits=xr,
                         kl_direction=direction,
                         **t,
+                        **others,
                     )
                     (out.token.logprob + out.token.entropy + out.kl).sum().backward()
             if "pruned_logprob" in only:

@@ -12,14 +12,17 @@ Forward:
          rollout pair (w = roll, v = logits):   s_r += e_r,  u_r += e_r (t_r - t_p)
          reference, reverse (w = logits, v = q): s_q += e_q,  u_q += e_p (t_p - t_q)
                     forward (w = q, v = logits): s_q += e_q,  u_q += e_q (t_q - t_p)
-     Every pair side forms its exponents as `_pair`'s lanes, t = x k - r in one rounding
-     (`fma_acc`; `_pair`'s units: log2 in fp32, natural in fp64, `exp_base`), so equal rows at
-     equal temperatures get equal exps bitwise. The logits' side (t_p, e_p, sums s_p) is
+     Every pair side forms its exponents t = x k - r in one rounding (`fma_acc`; `_pair`'s
+     units: log2 in fp32, natural in fp64, `exp_base`), so equal rows at equal temperatures get
+     equal exps bitwise (not `_pair`'s (x - m) k: the logits' side shares its fma and exp with
+     token_stats' sums). The logits' side (t_p, e_p, sums s_p) is
      token_stats' d2 and e in fp32 on a GPU (the same fma and exp after CSE); under the
      interpreter, whose tl.fma rounds x c first, and in fp64 it is formed on its own. With both
-     temperatures of a pair exactly 1 (no division) the other side is framed on the logits'
-     lanes: t = (x + d) k - r_p, d = the lanes' max difference (`_framed_exps`), so a row that
-     differs from the logits by a constant gets their exponents bitwise. Each side's lanes
+     temperatures of a pair exactly 1 (no division), or one and the same temperature on 16-bit
+     logits (`FRAME_R` / `FRAME_Q`), the other side is framed on the logits' lanes:
+     t = (x + d) k - r_p, d = the lanes' max difference (`_framed_exps`; x + d is exact for
+     16-bit logits), so a row that differs from the logits by a constant gets their exponents
+     bitwise. Each side's lanes
      rescale themselves when their max rises (a pair's u moves by f_w (u + shift s_w),
      docs/math.md §4). After the loop: the token_stats chunk state (`chunk_total`,
      `store_partial`), bitwise the one token_stats' chunk kernel stores, and each pair's chunk
@@ -254,11 +257,11 @@ def _framed_exps(x, d, k, r):
 @triton.jit
 def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, kx_r, sq, uq,
               kx_q, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
-              DIV_R: tl.constexpr, DIV_Q: tl.constexpr, EXCESS: tl.constexpr):  # fmt: skip
+              OWN_R: tl.constexpr, OWN_Q: tl.constexpr, EXCESS: tl.constexpr):  # fmt: skip
     """One block (or bf16 half-block) of each tensor into the lanes' sums. Every pair side forms
-    its exponents t = x k - r as `_pair`'s lanes do (one rounding, `fma_acc`; exps `exp_base`),
+    its exponents t = x k - r in one rounding (`fma_acc`; exps `exp_base`),
     so that equal rows at equal temperatures get equal exps bitwise on both sides of a pair;
-    without a division (DIV_R / DIV_Q False) the other side is framed on the logits' lanes
+    where OWN_R / OWN_Q is False the other side is framed on the logits' lanes
     (`_framed_exps`, rr / rq its shift d) and rows that differ by a constant match too.
     The logits' pair side (kp, rp, sums sp): in fp32 on a GPU the same fma and exp as
     token_stats' d2 and e (one instruction each after CSE: one exp per element per tensor);
@@ -273,7 +276,7 @@ def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, 
         e_p = exp_base(tl.maximum(t_p, D_MIN, propagate_nan=tl.PropagateNan.ALL))  # lane_exps' e
         sp += tl.sum(tl.sum(e_p, axis=2), axis=0)
     if HAS_ROLL:  # KL(pi_roll || pi_theta): w = rollout, v = logits
-        if DIV_R:
+        if OWN_R:
             t_r = fma_acc(xr, kr, -rr[None, :, None])
         else:
             t_r = _framed_exps(xr, rr, kp, rp)
@@ -284,7 +287,7 @@ def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, 
         if EXCESS:
             kx_r += _excess_sum(e_r, e_p, diff)
     if HAS_REF:
-        if DIV_Q:
+        if OWN_Q:
             t_q = fma_acc(xq, kq, -rq[None, :, None])
         else:
             t_q = _framed_exps(xq, rq, kp, rp)
@@ -311,12 +314,12 @@ def _excess_sum(e_w, e_v, diff):
 
 
 @triton.jit
-def _other_rescale(xa, xb, k, m, r, s, dp, mx, rp_old, rp, DIVIDE: tl.constexpr):
+def _other_rescale(xa, xb, k, m, r, s, dp, mx, rp_old, rp, OWN: tl.constexpr):
     """The rollout's or the reference's lanes moved to the block's max: in their own frame
-    (`_side_rescale`) with DIVIDE, else framed on the logits' lanes (`_framed_rescale`, r
+    (`_side_rescale`) with OWN, else framed on the logits' lanes (`_framed_rescale`, r
     holding d). Returns (m, r, s, f, the move of its exponents relative to the logits' pair
     exponents, dp = the latter's move)."""
-    if DIVIDE:
+    if OWN:
         m, r, s, delta, f = _side_rescale(xa, xb, k, m, r, s)
         shift = delta - dp
     else:
@@ -327,7 +330,7 @@ def _other_rescale(xa, xb, k, m, r, s, dp, mx, rp_old, rp, DIVIDE: tl.constexpr)
 @triton.jit
 def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr,
           ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
-          REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr,
+          REVERSE: tl.constexpr, OWN_R: tl.constexpr, OWN_Q: tl.constexpr,
           EXCESS: tl.constexpr):  # fmt: skip
     """One loop step: every side's lanes moved to their new max (u and the excess kx moved with
     them, `_pair.rescale_excess`), then the block's exps added. xb / rb / qb: the second bf16
@@ -346,13 +349,13 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, 
     # u <- f_w (u + shift s_w) = f_w u + shift (f_w s_w), shift = the move of t_w - t_v.
     if HAS_ROLL:
         sr_old = sr
-        mr, rr, sr, fr, shift = _other_rescale(ra, rb, kr, mr, rr, sr, dp, mx, rp_old, rp, DIV_R)
+        mr, rr, sr, fr, shift = _other_rescale(ra, rb, kr, mr, rr, sr, dp, mx, rp_old, rp, OWN_R)
         if EXCESS:
             kx_r = _move_excess(kx_r, ur, sr_old, fr, fp, shift)
         ur = tl.fma(shift, sr, fr * ur)
     if HAS_REF:
         sq_old = sq
-        mq, rq, sq, fq, shift = _other_rescale(qa, qb, kq, mq, rq, sq, dp, mx, rp_old, rp, DIV_Q)
+        mq, rq, sq, fq, shift = _other_rescale(qa, qb, kq, mq, rq, sq, dp, mx, rp_old, rp, OWN_Q)
         if REVERSE:
             if EXCESS:
                 kx_q = _move_excess(kx_q, uq, sp_old, fp, fq, -shift)
@@ -363,12 +366,12 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, 
             uq = tl.fma(shift, sq, fq * uq)
     s1, s2, t2, sp, sr, ur, kx_r, sq, uq, kx_q = _add_half(
         xa, ra, qa, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, kx_r, sq, uq, kx_q,
-        HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q, EXCESS,
+        HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q, EXCESS,
     )  # fmt: skip
     if xb is not None:
         s1, s2, t2, sp, sr, ur, kx_r, sq, uq, kx_q = _add_half(
             xb, rb, qb, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, kx_r, sq, uq,
-            kx_q, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q, EXCESS,
+            kx_q, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q, EXCESS,
         )  # fmt: skip
     return mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q
 
@@ -388,9 +391,9 @@ def _chunk_side(m, r, s, k, tau, d, DIVIDE: tl.constexpr):
     s1 - 1): (m, the chunk's raw max, each lane's move g to the chunk's reference and
     f = e^g, the rest, e). m = x_max / tau rounded, -inf while empty, NaN when the rest is (a
     NaN or +inf logit). d: the shift of a side framed on the logits' lanes
-    (`_framed_rescale`; temperature 1, no DIVIDE: z = x and e = 0), whose exponents are of
-    x + d against the logits' pair references r, else None: a row that differs from the
-    logits' by a constant has mc + d = the logits' mc and their g and rest bitwise."""
+    (`_framed_rescale`; without DIVIDE z = x and e = 0), whose exponents are of x + d against
+    the logits' pair references r, else None: a row that differs from the logits' by a
+    constant has mc + d = the logits' mc and their g and rest bitwise."""
     mz, mc, g, f, rest, e = pair_side_total(m, r, s, k, tau, float("-inf"), DIVIDE, False, d)
     mz = tl.where(rest != rest, float("nan"), tl.where(mc == float("-inf"), mc, mz))
     return mz, mc, g, f, rest, e
@@ -453,15 +456,21 @@ def _fwd_chunk_kernel(
     ignore_index, V, N, n_inner, stride_outer, stride_inner, r_n_inner, r_s_outer, r_s_inner,
     q_n_inner, q_s_outer, q_s_inner, part_ptr, part_idx_ptr, part_r_ptr, part_q_ptr,
     HAS_TEMP: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
-    REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_V: tl.constexpr, U: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
+    REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, FRAME_R: tl.constexpr,
+    FRAME_Q: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, U: tl.constexpr,
+    VEC: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): token_stats' partial state of one chunk of one row (part_ptr
     [4, n_chunks, N], part_idx_ptr [n_chunks, N]) and the pair states against the rollout
     (part_r_ptr) and the reference (part_q_ptr), each [PARTIAL, n_chunks, N]. Ignored rows read
-    nothing and store empty states."""
+    nothing and store empty states. FRAME_R / FRAME_Q: that side's temperature is the logits'
+    (the same scalar or tensor): its exponents are framed on the logits' lanes (`_framed_exps`),
+    so a row that differs from the logits by a constant gets their exponents bitwise; else
+    each side's own lanes (DIV_R / DIV_Q then True: a division runs)."""
     ACC: tl.constexpr = acc_of(x_ptr.dtype.element_ty)
     LANES: tl.constexpr = BLOCK_V // (U * VEC)
+    OWN_R: tl.constexpr = not FRAME_R
+    OWN_Q: tl.constexpr = not FRAME_Q
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -473,6 +482,11 @@ def _fwd_chunk_kernel(
     kp = _pair_scale(c, tau_p)
     kr = _pair_scale(_log2_scale(tr_ptr, row, True, 0, True).to(ACC), tau_r)
     kq = _pair_scale(_log2_scale(tq_ptr, row, True, 0, True).to(ACC), tau_q)
+    # A framed side's exponents and moves take the logits' scale, bitwise (the same temperature).
+    if FRAME_R:
+        kr = kp
+    if FRAME_Q:
+        kq = kp
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
     xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
@@ -526,7 +540,7 @@ def _fwd_chunk_kernel(
                 qa = _lanes(_load_pair_block(xq_row, w_block, col0, PAIRS), ACC, VEC)
         mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q = _step(
             xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp, mr, rr,
-            sr, ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q, EXCESS,
+            sr, ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q, EXCESS,
         )  # fmt: skip
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         col0 = start + n_full * BLOCK_V
@@ -539,7 +553,7 @@ def _fwd_chunk_kernel(
             qa = _lanes(tl.load(xq_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
         mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q = _step(
             xa, None, ra, None, qa, None, n_full, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp,
-            mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, DIV_R, DIV_Q,
+            mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q,
             EXCESS,
         )  # fmt: skip
 
@@ -556,12 +570,12 @@ def _fwd_chunk_kernel(
         mx = tl.where(far, float("-inf"), mx)
         m_p, _, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p, None, True)
     if HAS_ROLL:
-        if DIV_R:
+        if OWN_R:
             mr = tl.where(far_lane(mr, kr), float("-inf"), mr)
             m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r, None, True)
         else:
             mr = tl.where(far, float("-inf"), mr)
-            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rp, sr, kp, tau_r, rr, False)
+            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rp, sr, kp, tau_r, rr, DIV_R)
         kx = tl.sum(kx_r, 0)  # 0 without EXCESS
         if EXCESS:
             kx = _chunk_excess(kx_r, ur, mr, sr, f_r, f_p, g_r, g_p)
@@ -570,12 +584,12 @@ def _fwd_chunk_kernel(
                     start, n_valid, tau_r, tau_p, DIV_R, EXCESS, U * LANES, VEC,
                     BLOCK_V)  # fmt: skip
     if HAS_REF:
-        if DIV_Q:
+        if OWN_Q:
             mq = tl.where(far_lane(mq, kq), float("-inf"), mq)
             m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q, None, True)
         else:
             mq = tl.where(far, float("-inf"), mq)
-            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rp, sq, kp, tau_q, rq, False)
+            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rp, sq, kp, tau_q, rq, DIV_Q)
         kx = tl.sum(kx_q, 0)  # 0 without EXCESS
         if REVERSE:
             if EXCESS:
@@ -990,6 +1004,17 @@ def _bwd_kernel(
 # Launchers: the interface of pg_kernels._C step_stats_forward / step_stats_backward.
 
 
+def _same_temperature(a, b) -> bool:
+    """Whether two (per-row tensor or None, scalar) temperatures are the same one: the same
+    scalar, or the same tensor (the ops pass the logits' own when the other is not given)."""
+    (ta, sa), (tb, sb) = a, b
+    if ta is None or tb is None:
+        return ta is None and tb is None and sa == sb
+    return (ta.data_ptr(), ta.shape, ta.stride(), ta.dtype) == (
+        tb.data_ptr(), tb.shape, tb.stride(), tb.dtype,
+    )  # fmt: skip
+
+
 def _temperatures(t, scalar, n, acc, device):
     """(HAS_TEMP, the tensor passed as temp_ptr, scale_bits) as token_stats' kernels take them."""
     if t is not None:
@@ -1047,13 +1072,24 @@ def step_stats_forward(
         temperature, temperature_scalar, rollout_temperature, rollout_temperature_scalar
     )
     div_q = needs_division(temperature, temperature_scalar, ref_temperature, ref_temperature_scalar)
+    # Framed on the logits' lanes under a temperature too where x + d, the other side's logit
+    # moved by the lanes' max difference, is exact: 16-bit logits (fp32 rounds it at ulp(|d|):
+    # rows far apart, a KL gradient of 2.1e-6 where the truth is 0 and each side's own lanes
+    # give 1.9e-7; its excess k keeps shifted rows' KLs at ~1e-15 instead).
+    t_args = (temperature, temperature_scalar)
+    exact_move = logits.dtype.itemsize == 2
+    roll_args = (rollout_temperature, rollout_temperature_scalar)
+    same_r = exact_move and _same_temperature(t_args, roll_args)
+    same_q = exact_move and _same_temperature(t_args, (ref_temperature, ref_temperature_scalar))
     flags = dict(HAS_TEMP=has_temp, HAS_ROLL=has_roll, HAS_REF=has_ref, REVERSE=bool(reverse))
     _fwd_chunk_kernel[(N, blk.n_chunks)](
         logits, rollout_logits if has_roll else logits, ref_logits if has_ref else logits, labels,
         temp if has_temp else labels, scale_bits, t, tr, tq, ignore_index, V, N, *layout,
         *roll_layout, *ref_layout, part, part_idx, part_r if has_roll else unused,
         part_q if has_ref else unused, **flags, CHUNK=blk.chunk, BLOCK_V=blk.block_v, U=u,
-        VEC=vec, PAIRS=pairs, DIV_R=div_r, DIV_Q=div_q, num_warps=blk.num_warps,
+        VEC=vec, PAIRS=pairs, DIV_R=div_r, DIV_Q=div_q,
+        FRAME_R=not div_r or same_r, FRAME_Q=not div_q or same_q,
+        num_warps=blk.num_warps,
     )  # fmt: skip
     p_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
     r_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
