@@ -463,10 +463,10 @@ def _fwd_chunk_kernel(
     """Program (row, chunk): token_stats' partial state of one chunk of one row (part_ptr
     [4, n_chunks, N], part_idx_ptr [n_chunks, N]) and the pair states against the rollout
     (part_r_ptr) and the reference (part_q_ptr), each [PARTIAL, n_chunks, N]. Ignored rows read
-    nothing and store empty states. FRAME_R / FRAME_Q: that side's temperature is the logits'
-    (the same scalar or tensor): its exponents are framed on the logits' lanes (`_framed_exps`),
-    so a row that differs from the logits by a constant gets their exponents bitwise; else
-    each side's own lanes (DIV_R / DIV_Q then True: a division runs)."""
+    nothing and store empty states. FRAME_R / FRAME_Q: that side's exponents are framed on the
+    logits' lanes (`_framed_exps`; both temperatures 1, or the logits' own temperature on
+    16-bit logits: `step_stats_forward`), so a row that differs from the logits by a constant
+    gets their exponents bitwise; else each side's own lanes."""
     ACC: tl.constexpr = acc_of(x_ptr.dtype.element_ty)
     LANES: tl.constexpr = BLOCK_V // (U * VEC)
     OWN_R: tl.constexpr = not FRAME_R
