@@ -568,7 +568,7 @@ def pair_chunk_kernel(
     v_row = xv_ptr + row_offset(row, v_n_inner, v_s_outer, v_s_inner)
     floor_w = lane_floor(kw)
     floor_v = lane_floor(kv)
-    mw, mv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, kw, kv, LANES)
+    mw, mv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, LANES)
     # The excess k (`excess_terms`) for fp32 logits only: the 16-bit loops have no room for it
     # in their budget of 20 SASS instructions per pair, fp64 no need (`has_excess`).
     EXCESS: tl.constexpr = has_excess(xw_ptr.dtype.element_ty)
@@ -707,10 +707,10 @@ def _chunk_state(mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v,
 
 
 @triton.jit
-def _empty_lanes(floor_w, floor_v, kw, kv, LANES: tl.constexpr):
+def _empty_lanes(floor_w, floor_v, LANES: tl.constexpr):
     """The lane state of `_pair_lanes` before any logit: (mw, mv, sw, sv, u, k), each
-    side's max at its floor (`lane_floor`), the sums 0."""
-    ACC: tl.constexpr = kw.dtype
+    side's max at its floor (`lane_floor`, in the accumulation dtype), the sums 0."""
+    ACC: tl.constexpr = floor_w.dtype
     mw = tl.zeros([LANES], ACC) + floor_w
     mv = tl.zeros([LANES], ACC) + floor_v
     sw = tl.zeros([LANES], ACC)
@@ -732,7 +732,7 @@ def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w
     prefetch, half its lanes (so that the SASS checks see the main loop as the hot one)."""
     ACC: tl.constexpr = kw.dtype
     HALF: tl.constexpr = (LANES + 1) // 2
-    mw, mv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, kw, kv, HALF)
+    mw, mv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, HALF)
     offs = tl.arange(0, HALF)[:, None] * FOLD + tl.arange(0, FOLD)[None, :]
     for i in range(0, n_valid, HALF * FOLD):
         valid = offs + i < n_valid

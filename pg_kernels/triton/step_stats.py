@@ -19,7 +19,7 @@ Forward:
      token_stats' d2 and e in fp32 on a GPU (the same fma and exp after CSE); under the
      interpreter, whose tl.fma rounds x c first, and in fp64 it is formed on its own. With both
      temperatures of a pair exactly 1 (no division), or one and the same temperature on 16-bit
-     logits (`FRAME_R` / `FRAME_Q`), the other side is framed on the logits' lanes:
+     logits (`OWN_R` / `OWN_Q` False), the other side is framed on the logits' lanes:
      t = (x + d) k - r_p, d = the lanes' max difference (`_framed_exps`; x + d is exact for
      16-bit logits), so a row that differs from the logits by a constant gets their exponents
      bitwise. Each side's lanes
@@ -456,21 +456,19 @@ def _fwd_chunk_kernel(
     ignore_index, V, N, n_inner, stride_outer, stride_inner, r_n_inner, r_s_outer, r_s_inner,
     q_n_inner, q_s_outer, q_s_inner, part_ptr, part_idx_ptr, part_r_ptr, part_q_ptr,
     HAS_TEMP: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
-    REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, FRAME_R: tl.constexpr,
-    FRAME_Q: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, U: tl.constexpr,
+    REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, OWN_R: tl.constexpr,
+    OWN_Q: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, U: tl.constexpr,
     VEC: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): token_stats' partial state of one chunk of one row (part_ptr
     [4, n_chunks, N], part_idx_ptr [n_chunks, N]) and the pair states against the rollout
     (part_r_ptr) and the reference (part_q_ptr), each [PARTIAL, n_chunks, N]. Ignored rows read
-    nothing and store empty states. FRAME_R / FRAME_Q: that side's exponents are framed on the
-    logits' lanes (`_framed_exps`; both temperatures 1, or the logits' own temperature on
-    16-bit logits: `step_stats_forward`), so a row that differs from the logits by a constant
-    gets their exponents bitwise; else each side's own lanes."""
+    nothing and store empty states. OWN_R / OWN_Q: that side sums in its own lanes; else its
+    exponents are framed on the logits' lanes (`_framed_exps`; both temperatures 1, or the
+    logits' own temperature on 16-bit logits: `step_stats_forward`), so a row that differs from
+    the logits by a constant gets their exponents bitwise."""
     ACC: tl.constexpr = acc_of(x_ptr.dtype.element_ty)
     LANES: tl.constexpr = BLOCK_V // (U * VEC)
-    OWN_R: tl.constexpr = not FRAME_R
-    OWN_Q: tl.constexpr = not FRAME_Q
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -483,9 +481,9 @@ def _fwd_chunk_kernel(
     kr = _pair_scale(_log2_scale(tr_ptr, row, True, 0, True).to(ACC), tau_r)
     kq = _pair_scale(_log2_scale(tq_ptr, row, True, 0, True).to(ACC), tau_q)
     # A framed side's exponents and moves take the logits' scale, bitwise (the same temperature).
-    if FRAME_R:
+    if not OWN_R:
         kr = kp
-    if FRAME_Q:
+    if not OWN_Q:
         kq = kp
     x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
     xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
@@ -1087,9 +1085,8 @@ def step_stats_forward(
         temp if has_temp else labels, scale_bits, t, tr, tq, ignore_index, V, N, *layout,
         *roll_layout, *ref_layout, part, part_idx, part_r if has_roll else unused,
         part_q if has_ref else unused, **flags, CHUNK=blk.chunk, BLOCK_V=blk.block_v, U=u,
-        VEC=vec, PAIRS=pairs, DIV_R=div_r, DIV_Q=div_q,
-        FRAME_R=not div_r or same_r, FRAME_Q=not div_q or same_q,
-        num_warps=blk.num_warps,
+        VEC=vec, PAIRS=pairs, DIV_R=div_r, DIV_Q=div_q, OWN_R=div_r and not same_r,
+        OWN_Q=div_q and not same_q, num_warps=blk.num_warps,
     )  # fmt: skip
     p_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
     r_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
