@@ -66,10 +66,12 @@ def _kl_divergence(
         ref_temperature_scalar, ignore_index, direction == "reverse", *_layouts(logits, ref_logits),
     )  # fmt: skip
     kl, row_state = outs
-    return kl.view(logits.shape[:-1]), row_state.view(*logits.shape[:-1], ROW_STATE)
+    lead = logits.shape[:-1]
+    row_state = row_state.view(*lead, ROW_STATE)  # ints: ~1 us, a torch.Size ~2.5 us
+    return (kl.view(*lead) if lead else kl.view(())), row_state
 
 
-torch.library.register_kernel("pg_kernels::kl_divergence", ("cpu", "cuda"), _kl_divergence)
+_library.register_kernel("kl_divergence")(_kl_divergence)
 
 
 @torch.library.register_fake("pg_kernels::kl_divergence")
@@ -101,9 +103,7 @@ def _kl_divergence_backward(
     return tuple(grads)
 
 
-torch.library.register_kernel(
-    "pg_kernels::kl_divergence_backward", ("cpu", "cuda"), _kl_divergence_backward
-)
+_library.register_kernel("kl_divergence_backward")(_kl_divergence_backward)
 
 
 @torch.library.register_fake("pg_kernels::kl_divergence_backward")
@@ -134,7 +134,7 @@ def _backward(ctx, g_kl, g_row_state):
     need_logits, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_logits or need_ref):
         return (None,) * 10
-    grad, grad_ref = torch.ops.pg_kernels.kl_divergence_backward(
+    grad, grad_ref = _library.call("kl_divergence_backward",
         g_kl, logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
         ref_temperature_scalar, ignore_index, direction, kl, row_state, need_logits, need_ref,
         backend,
@@ -222,7 +222,7 @@ def kl_divergence(
             ref_temperature=ref_temperature, labels=labels, ignore_index=ignore_index,
             upcast=False,
         )  # fmt: skip
-    kl, _ = torch.ops.pg_kernels.kl_divergence(
+    kl, _ = _library.call("kl_divergence",
         logits, ref_logits, labels, temp.tensor, temp.scalar, ref_temp.tensor, ref_temp.scalar,
         ignore_index, direction, backend,
     )  # fmt: skip

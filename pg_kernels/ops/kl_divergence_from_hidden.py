@@ -60,7 +60,7 @@ def _forward_fake(
     return hidden.new_empty((n,), dtype=acc), hidden.new_empty((n, _kl.ROW_STATE), dtype=acc)
 
 
-torch.library.register_kernel("pg_kernels::kl_divergence_from_hidden", ("cpu", "cuda"), _forward)
+_library.register_kernel("kl_divergence_from_hidden")(_forward)
 torch.library.register_fake("pg_kernels::kl_divergence_from_hidden", _forward_fake)
 
 
@@ -97,9 +97,7 @@ def _backward_fake(
     )
 
 
-torch.library.register_kernel(
-    "pg_kernels::kl_divergence_from_hidden_backward", ("cpu", "cuda"), _backward_impl
-)
+_library.register_kernel("kl_divergence_from_hidden_backward")(_backward_impl)
 torch.library.register_fake("pg_kernels::kl_divergence_from_hidden_backward", _backward_fake)
 
 
@@ -127,7 +125,7 @@ def _backward(ctx, g_kl, g_row_state):
     wanted = list(ctx.needs_input_grad[:6])
     if not any(wanted):
         return (None,) * 15
-    grads = torch.ops.pg_kernels.kl_divergence_from_hidden_backward(
+    grads = _library.call("kl_divergence_from_hidden_backward",
         g_kl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature,
         temperature_scalar, ref_temperature, ref_temperature_scalar, ignore_index, direction,
         chunk_size, kl, row_state, wanted, backend,
@@ -213,7 +211,7 @@ def kl_divergence_from_hidden(
             direction=direction, temperature=temperature, ref_temperature=ref_temperature,
             labels=labels, ignore_index=ignore_index, upcast=False,
         )  # fmt: skip
-    kl, _ = torch.ops.pg_kernels.kl_divergence_from_hidden(
+    kl, _ = _library.call("kl_divergence_from_hidden",
         hidden, weight, bias,
         ref_hidden, ref_weight, ref_bias,
         None if labels is None else labels.reshape(-1), temp.tensor, temp.scalar,

@@ -51,7 +51,7 @@ def _flat(labels):
     return labels.reshape(-1).contiguous()
 
 
-@torch.library.register_kernel("pg_kernels::mismatch_stats", ("cpu", "cuda"))
+@_library.register_kernel("mismatch_stats")
 def _mismatch_stats(
     logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
     rollout_temperature_scalar, ignore_index, backend,
@@ -63,8 +63,8 @@ def _mismatch_stats(
         rollout_temperature, rollout_temperature_scalar, ignore_index,
         *row_layout(OP, "logits", logits), *row_layout(OP, "rollout_logits", rollout_logits),
     )  # fmt: skip
-    lead = labels.shape
-    return (logprob.view(lead), token_kl.view(lead), token_tv.view(lead), row_state.view(*lead, 2))
+    rows = (o.view_as(labels) for o in (logprob, token_kl, token_tv))
+    return (*rows, row_state.view(*labels.shape, 2))
 
 
 @torch.library.register_fake("pg_kernels::mismatch_stats")
@@ -77,7 +77,7 @@ def _mismatch_stats_fake(
     return out, torch.empty_like(out), torch.empty_like(out), row_state
 
 
-@torch.library.register_kernel("pg_kernels::mismatch_stats_backward", ("cpu", "cuda"))
+@_library.register_kernel("mismatch_stats_backward")
 def _mismatch_stats_backward(
     grad_logprob, logits, labels, temperature, temperature_scalar, ignore_index, row_state,
     backend,
@@ -114,7 +114,7 @@ def _backward(ctx, g_logprob, g_kl, g_tv, g_row_state):
     grad = None
     if ctx.needs_input_grad[0]:
         # d logprob / dz_j = 1[j = c] - p_j
-        grad = torch.ops.pg_kernels.mismatch_stats_backward(
+        grad = _library.call("mismatch_stats_backward",
             g_logprob, logits, labels, temperature, temperature_scalar, ignore_index, row_state,
             backend,
         )  # fmt: skip
@@ -270,7 +270,7 @@ def mismatch_stats(
                 logits, rollout_logits, rollout_temperature=rt, **shared
             ).detach()
         else:
-            logprob, token_kl, token_tv, _ = torch.ops.pg_kernels.mismatch_stats(
+            logprob, token_kl, token_tv, _ = _library.call("mismatch_stats",
                 logits, rollout_logits, labels, temp.tensor, temp.scalar, roll_temp.tensor,
                 roll_temp.scalar, ignore_index, backend,
             )  # fmt: skip

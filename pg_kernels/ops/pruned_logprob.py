@@ -43,7 +43,7 @@ OP = "pruned_logprob"
 KERNELS = _backend.KERNELS[OP]  # backends with a kernel; the reference serves the others
 
 
-@torch.library.register_kernel("pg_kernels::pruned_logprob", ("cpu", "cuda"))
+@_library.register_kernel("pruned_logprob")
 def _pruned_logprob(logits, labels, temperature, temperature_scalar, alpha, ignore_index, backend):
     forward, _ = _backend.launchers(OP, backend)
     layout = row_layout(OP, "logits", logits)
@@ -56,7 +56,7 @@ def _pruned_logprob(logits, labels, temperature, temperature_scalar, alpha, igno
         ignore_index,
         *layout,
     )
-    return tuple(o.view(labels.shape) for o in outs)
+    return tuple(o.view_as(labels) for o in outs)
 
 
 @torch.library.register_fake("pg_kernels::pruned_logprob")
@@ -71,7 +71,7 @@ def _pruned_logprob_fake(
     )
 
 
-@torch.library.register_kernel("pg_kernels::pruned_logprob_backward", ("cpu", "cuda"))
+@_library.register_kernel("pruned_logprob_backward")
 def _pruned_logprob_backward(
     g_logprob, logits, labels, temperature, temperature_scalar, ignore_index, lse_safe,
     threshold, row_max, backend,
@@ -111,7 +111,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_logprob, g_in_safe, g_tail_mass, g_lse_safe, g_threshold, g_row_max):
     logits, labels, temperature, lse_safe, threshold, row_max = ctx.saved_tensors
     temperature_scalar, ignore_index, backend = ctx.scalars
-    grad = torch.ops.pg_kernels.pruned_logprob_backward(
+    grad = _library.call("pruned_logprob_backward",
         g_logprob, logits, labels, temperature, temperature_scalar, ignore_index, lse_safe,
         threshold, row_max, backend,
     )  # fmt: skip
@@ -176,7 +176,7 @@ def pruned_logprob(
             ignore_index=ignore_index,
             upcast=False,
         )
-    logprob, in_safe, tail_mass, *_ = torch.ops.pg_kernels.pruned_logprob(
-        logits, labels, temp.tensor, temp.scalar, alpha, ignore_index, backend
+    logprob, in_safe, tail_mass, *_ = _library.call(
+        "pruned_logprob", logits, labels, temp.tensor, temp.scalar, alpha, ignore_index, backend
     )
     return PrunedLogprob(logprob, in_safe, tail_mass)

@@ -51,7 +51,7 @@ def _flat(t):
 
 
 def _outputs_like(labels, dtype, has_roll, has_ref):
-    """Empty outputs of the op (the fake's, and the shapes the kernels' views take)."""
+    """Empty outputs of the op: the fake's, in the shapes the kernel returns."""
     lead = labels.shape
 
     def rows(given):
@@ -62,7 +62,7 @@ def _outputs_like(labels, dtype, has_roll, has_ref):
     return (*token, rows(has_roll), rows(has_roll), rows(has_ref), kl_state)
 
 
-@torch.library.register_kernel("pg_kernels::step_stats", ("cpu", "cuda"))
+@_library.register_kernel("step_stats")
 def _step_stats(
     logits, rollout_logits, ref_logits, labels, temperature, temperature_scalar,
     rollout_temperature, rollout_temperature_scalar, ref_temperature, ref_temperature_scalar,
@@ -78,9 +78,14 @@ def _step_stats(
         direction == "reverse", ignore_index, *_layout("logits", logits),
         *_layout("rollout_logits", rollout_logits), *_layout("ref_logits", ref_logits),
     )  # fmt: skip
-    like = _outputs_like(labels, acc_dtype(logits.dtype), rollout_logits is not None,
-                         ref_logits is not None)  # fmt: skip
-    return tuple(o.view(t.shape) for o, t in zip(outs, like))
+    # The shapes of `_outputs_like`, without building it (host time at small batches).
+    *token, token_kl, token_tv, kl, kl_state = outs
+    token = [o.view_as(labels) for o in token]
+    if rollout_logits is not None:
+        token_kl, token_tv = token_kl.view_as(labels), token_tv.view_as(labels)
+    if ref_logits is not None:
+        kl, kl_state = kl.view_as(labels), kl_state.view(*labels.shape, KL_STATE)
+    return (*token, token_kl, token_tv, kl, kl_state)
 
 
 @torch.library.register_fake("pg_kernels::step_stats")
@@ -93,7 +98,7 @@ def _step_stats_fake(
                          ref_logits is not None)  # fmt: skip
 
 
-@torch.library.register_kernel("pg_kernels::step_stats_backward", ("cpu", "cuda"))
+@_library.register_kernel("step_stats_backward")
 def _step_stats_backward(
     g_logprob, g_entropy, g_collision, g_lse, g_kl, logits, ref_logits, labels, temperature,
     temperature_scalar, ref_temperature, ref_temperature_scalar, direction, ignore_index, lse,
@@ -150,7 +155,7 @@ def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, 
     need_ref = ctx.has_ref and ctx.needs_input_grad[2]
     if not (need_logits or need_ref):
         return (None,) * 13
-    grad, grad_ref = torch.ops.pg_kernels.step_stats_backward(
+    grad, grad_ref = _library.call("step_stats_backward",
         g_logprob, g_entropy, g_collision, g_lse, g_kl if ctx.has_ref else None, logits,
         ref_logits, labels, temperature, temperature_scalar, ref_temperature,
         ref_temperature_scalar, direction, ignore_index, lse, entropy, collision, max_prob,
@@ -244,7 +249,7 @@ def step_stats(
         if rollout_logits is not None:  # not differentiable, as the kernels' outputs
             token_kl, token_tv = out.mismatch.token_kl.detach(), out.mismatch.token_tv.detach()
     else:
-        *fields, token_kl, token_tv, kl, _ = torch.ops.pg_kernels.step_stats(
+        *fields, token_kl, token_tv, kl, _ = _library.call("step_stats",
             logits, rollout_logits, ref_logits, labels, temp.tensor, temp.scalar,
             roll_temp.tensor, roll_temp.scalar, ref_temp.tensor, ref_temp.scalar, kl_direction,
             ignore_index, backend,

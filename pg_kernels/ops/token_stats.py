@@ -42,10 +42,10 @@ def _token_stats(logits, labels, temperature, temperature_scalar, ignore_index, 
         ignore_index,
         *layout,
     )
-    return tuple(o.view(labels.shape) for o in outs)
+    return tuple(o.view_as(labels) for o in outs)  # view_as: ~1 us; view(labels.shape) ~2.5 us
 
 
-torch.library.register_kernel("pg_kernels::token_stats", ("cpu", "cuda"), _token_stats)
+_library.register_kernel("token_stats")(_token_stats)
 
 
 @torch.library.register_fake("pg_kernels::token_stats")
@@ -82,9 +82,7 @@ def _token_stats_backward(
     )
 
 
-torch.library.register_kernel(
-    "pg_kernels::token_stats_backward", ("cpu", "cuda"), _token_stats_backward
-)
+_library.register_kernel("token_stats_backward")(_token_stats_backward)
 
 
 @torch.library.register_fake("pg_kernels::token_stats_backward")
@@ -106,7 +104,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, g_argmax):
     logits, labels, temperature, lse, entropy, collision, max_prob, argmax = ctx.saved_tensors
     temperature_scalar, ignore_index, backend = ctx.scalars
-    grad = torch.ops.pg_kernels.token_stats_backward(
+    grad = _library.call("token_stats_backward",
         g_logprob, g_entropy, g_collision, g_lse, logits, labels, temperature,
         temperature_scalar, ignore_index, lse, entropy, collision, max_prob, argmax, backend,
     )  # fmt: skip
@@ -154,7 +152,7 @@ def token_stats(
         )
         return out
     return TokenStats(
-        *torch.ops.pg_kernels.token_stats(
-            logits, labels, temp.tensor, temp.scalar, ignore_index, backend
+        *_library.call(
+            "token_stats", logits, labels, temp.tensor, temp.scalar, ignore_index, backend
         )
     )

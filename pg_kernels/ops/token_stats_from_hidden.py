@@ -71,7 +71,7 @@ def _forward_fake(
     return empty_stats(hidden, labels)
 
 
-torch.library.register_kernel("pg_kernels::token_stats_from_hidden", ("cpu", "cuda"), _forward)
+_library.register_kernel("token_stats_from_hidden")(_forward)
 torch.library.register_fake("pg_kernels::token_stats_from_hidden", _forward_fake)
 
 
@@ -100,9 +100,7 @@ def _backward_fake(
     return empty_gradients(hidden, weight, bias, output_mask)
 
 
-torch.library.register_kernel(
-    "pg_kernels::token_stats_from_hidden_backward", ("cpu", "cuda"), _backward_impl
-)
+_library.register_kernel("token_stats_from_hidden_backward")(_backward_impl)
 torch.library.register_fake("pg_kernels::token_stats_from_hidden_backward", _backward_fake)
 
 
@@ -124,7 +122,7 @@ def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, 
     wanted = list(ctx.needs_input_grad[:3])
     if not any(wanted):
         return (None,) * 9
-    grads = torch.ops.pg_kernels.token_stats_from_hidden_backward(
+    grads = _library.call("token_stats_from_hidden_backward",
         g_logprob, g_entropy, g_collision, g_lse, hidden, weight, bias, labels, temperature,
         temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, max_prob, argmax,
         wanted, backend,
@@ -196,7 +194,7 @@ def token_stats_from_hidden(
             logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=False
         )
     lead = labels.shape
-    outs = torch.ops.pg_kernels.token_stats_from_hidden(
+    outs = _library.call("token_stats_from_hidden",
         hidden, weight, bias, labels.reshape(-1), temp.tensor, temp.scalar, ignore_index,
         chunk_size, backend,
     )  # fmt: skip

@@ -50,7 +50,7 @@ def _flat(topk_ids, topk_logprobs, labels):
     )
 
 
-@torch.library.register_kernel("pg_kernels::topk_kl", ("cpu", "cuda"))
+@_library.register_kernel("topk_kl")
 def _topk_kl(
     logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar, ignore_index, backend
 ):
@@ -79,7 +79,7 @@ def _topk_kl_fake(
     return stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(stat)
 
 
-@torch.library.register_kernel("pg_kernels::topk_kl_backward", ("cpu", "cuda"))
+@_library.register_kernel("topk_kl_backward")
 def _topk_kl_backward(
     grad_kl, logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar,
     ignore_index, row_max, log_s, logp_tail, backend,
@@ -123,7 +123,7 @@ def _backward(ctx, g_kl, g_row_max, g_log_s, g_logp_tail):
     (logits, topk_ids, topk_logprobs, labels, temperature, row_max, log_s,
      logp_tail) = ctx.saved_tensors  # fmt: skip
     temperature_scalar, ignore_index, backend = ctx.scalars
-    grad = torch.ops.pg_kernels.topk_kl_backward(
+    grad = _library.call("topk_kl_backward",
         g_kl, logits, topk_ids, topk_logprobs, labels, temperature, temperature_scalar,
         ignore_index, row_max, log_s, logp_tail, backend,
     )  # fmt: skip
@@ -250,7 +250,8 @@ def topk_kl(
             ignore_index=ignore_index,
             upcast=False,
         )
-    kl, _, _, _ = torch.ops.pg_kernels.topk_kl(
+    kl, _, _, _ = _library.call(
+        "topk_kl",
         logits,
         topk_ids,
         topk_logprobs.to(acc_dtype(logits.dtype)),

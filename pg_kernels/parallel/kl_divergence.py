@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from pg_kernels import _backend
+from pg_kernels import _backend, _library
 from pg_kernels.ops._common import (
     acc_dtype,
     check_logits,
@@ -89,7 +89,7 @@ def _local_forward(logits, ref_logits, labels, temp, ref_temp, ignore_index, dir
         z = logits.reshape(-1, v).to(acc) / _tau(temp)
         zr = ref_logits.reshape(-1, v).to(acc) / _tau(ref_temp)
         return _reference_state(z, zr, direction == "reverse")
-    kl, state = torch.ops.pg_kernels.kl_divergence(
+    kl, state = _library.call("kl_divergence",
         logits, ref_logits, labels, temp.tensor, temp.scalar, ref_temp.tensor, ref_temp.scalar,
         ignore_index, direction, backend,
     )  # fmt: skip
@@ -259,7 +259,7 @@ class _KLFn(torch.autograd.Function):
                 direction, kl, row_state, g,
             )  # fmt: skip
         else:
-            grad, grad_ref = torch.ops.pg_kernels.kl_divergence_backward(
+            grad, grad_ref = _library.call("kl_divergence_backward",
                 g, logits, ref_logits, labels, tau_t, tau_s, ref_tau_t, ref_tau_s, ignore_index,
                 direction, kl, row_state.contiguous(), need_logits, need_ref, backend,
             )  # fmt: skip

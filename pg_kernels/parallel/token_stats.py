@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from pg_kernels import _backend, reference
+from pg_kernels import _backend, _library, reference
 from pg_kernels.ops._common import (
     acc_dtype,
     check_ignore_index,
@@ -84,8 +84,14 @@ def _local_forward(logits, local_labels, temp, temperature, backend):
         )  # fmt: skip
     else:
         out = TokenStats(
-            *torch.ops.pg_kernels.token_stats(
-                logits, local_labels, temp.tensor, temp.scalar, LOCAL_IGNORE, backend
+            *_library.call(
+                "token_stats",
+                logits,
+                local_labels,
+                temp.tensor,
+                temp.scalar,
+                LOCAL_IGNORE,
+                backend,
             )
         )
     return tuple(getattr(out, f).reshape(-1) for f in LOCAL_FIELDS)
@@ -257,7 +263,7 @@ class _TokenStatsFn(torch.autograd.Function):
         # state is the kernel's NaN row, so its gradient is NaN as the single-device op's.
         skip = empty & torch.isfinite(lse)
         labels = torch.where(skip, torch.full_like(local_labels, LOCAL_IGNORE), local_labels)
-        grad = torch.ops.pg_kernels.token_stats_backward(
+        grad = _library.call("token_stats_backward",
             g_lp_local.contiguous(), (w * g_h).contiguous(), (w * w * g_c).contiguous(),
             g_l_local.contiguous(), logits, labels.view(shape), temp_tensor, temp_scalar,
             LOCAL_IGNORE, lse_r, zero, zero, max_prob_r, argmax_r, backend,
