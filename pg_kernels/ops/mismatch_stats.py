@@ -165,13 +165,15 @@ def sampled_estimators(
     k3 = rho - 1 - delta and chi2 = (rho - 1)^2 use expm1: rho - 1 in float32 loses all
     digits of a small delta (k3 ~ delta^2 / 2 would be pure rounding below |delta| ~ 1e-3).
     """
+    # delta is 0 on rows not kept, where every field but the ratio's is then 0 too: one mask
+    # instead of one per field (each a launch on a GPU, host time at small batches).
     delta = logprob.detach() - rollout_logprobs.detach().to(logprob.dtype)
+    delta = torch.where(keep, delta, 0.0)
     clamped = delta.clamp(-RATIO_CLAMP, RATIO_CLAMP)
-    rho = clamped.exp()
     rho_m1 = clamped.expm1()
-    # NaN stays NaN (a NaN row is NaN in every field), outside the band is 0.
-    in_band = ((rho >= icepop_low) & (rho <= icepop_high)) | rho.isnan()
-    fields = {
+    rho = torch.where(keep, clamped.exp(), 0.0)
+    abs_delta = delta.abs()
+    return {
         "log_ratio": delta,
         "ratio": rho,
         "k1": -delta,
@@ -179,14 +181,14 @@ def sampled_estimators(
         # e^delta - 1 - delta >= 0 exactly: clamp the last rounding; past the ratio clamp,
         # e^20 - 1 - delta as SPEC's formula gives it (negative beyond delta = e^20 - 1).
         "k3": torch.where(
-            delta.abs() <= RATIO_CLAMP, (rho_m1 - delta).clamp_min(0), rho_m1 - delta
+            abs_delta <= RATIO_CLAMP, (rho_m1 - delta).clamp_min(0), rho_m1 - delta
         ),
-        "abs_log_ratio": delta.abs(),
+        "abs_log_ratio": abs_delta,
         "chi2": rho_m1 * rho_m1,
         "tis_weight": rho.clamp_max(tis_cap),
-        "icepop_weight": torch.where(in_band, rho, torch.zeros_like(rho)),
+        # 0 outside the band; NaN stays NaN (a NaN row is NaN in every field).
+        "icepop_weight": torch.where((rho < icepop_low) | (rho > icepop_high), 0.0, rho),
     }
-    return {k: torch.where(keep, v, torch.zeros_like(v)) for k, v in fields.items()}
 
 
 def mismatch_stats(
