@@ -19,7 +19,8 @@
 #   racecheck       compute-sanitizer racecheck, token_stats bf16/fp32                }
 #   throw_probe     after the build: a failed check in the CUDA extension must raise (it
 #                   crashed once); a crash is run again under cuda-gdb for its backtrace
-#   graph           benchmarks/gpu_graph_check.py: token_stats fwd+bwd CUDA-graph replay == eager
+#   graph           benchmarks/gpu_graph_check.py: token_stats fwd+bwd CUDA-graph replay == eager;
+#                   then benchmarks/host_time.py: every op's forward at N = 1 against amax
 #   then the benchmarks, alone on the GPU, in the order of what is still owed (the first H200
 #   run, benchmarks/results/cuda-h200, timed the five ops at their headline shapes): token_stats
 #   at 16384x151936 bf16 (CUDA, Triton, eager, Liger-Kernel, torch.compile); tune (the Triton
@@ -343,9 +344,12 @@ raise SystemExit("no error for a wrong-shape out")'
 
 graph() {
   if [[ $DRY == 1 ]]; then
-    "$PYTHON" benchmarks/gpu_graph_check.py --shape 64x1000
+    "$PYTHON" benchmarks/gpu_graph_check.py --shape 64x1000 || return
+    "$PYTHON" benchmarks/host_time.py --device cpu --calls 200
   else
-    "$PYTHON" benchmarks/gpu_graph_check.py --shape 4096x151936 --temperature 0.7
+    "$PYTHON" benchmarks/gpu_graph_check.py --shape 4096x151936 --temperature 0.7 || return
+    # Each op's forward at N = 1 against amax (the small-batch target), host time included.
+    "$PYTHON" benchmarks/host_time.py --device cuda --vocab 151936 --dtype bf16 --calls 300
   fi
 }
 
@@ -470,7 +474,7 @@ fi
 
 if (( NO_GPU )); then
   :
-elif wants graph; then start_step graph 60 graph; else skip_step graph "not in PGK_STEPS"; fi
+elif wants graph; then start_step graph 90 graph; else skip_step graph "not in PGK_STEPS"; fi
 
 # bench_step NAME MAX OP TEMP TAG PROVIDERS SHAPES...: a benchmark, skipped when an earlier call
 # on this machine finished it (its files are in $BENCH_DIR already).

@@ -202,6 +202,12 @@ def check_labels_on_cpu(op: str, labels: torch.Tensor, vocab_size: int, ignore_i
             raise ValueError(f"{op}: {e}") from None
 
 
+def view_rows(t: torch.Tensor, lead: torch.Size, *trailing: int) -> torch.Tensor:
+    """A kernel's per-row output t ([N] or [N, *trailing]) viewed as [*lead, *trailing]. The
+    sizes go in as ints: a torch.Size argument costs ~2.5 us of host time, ints ~1 us."""
+    return t.view(*lead, *trailing) if lead or trailing else t.view(())
+
+
 class RowLayout(NamedTuple):
     """Row r of [..., V] starts at (r // n_inner) * stride_outer + (r % n_inner) * stride_inner."""
 

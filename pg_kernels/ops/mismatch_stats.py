@@ -37,6 +37,7 @@ from pg_kernels.ops._common import (
     check_logits_pair,
     make_temperature,
     row_layout,
+    view_rows,
 )
 from pg_kernels.ops.token_stats import token_stats
 from pg_kernels.outputs import MismatchStats
@@ -64,7 +65,7 @@ def _mismatch_stats(
         *row_layout(OP, "logits", logits), *row_layout(OP, "rollout_logits", rollout_logits),
     )  # fmt: skip
     rows = (o.view_as(labels) for o in (logprob, token_kl, token_tv))
-    return (*rows, row_state.view(*labels.shape, 2))
+    return (*rows, view_rows(row_state, labels.shape, 2))
 
 
 @torch.library.register_fake("pg_kernels::mismatch_stats")

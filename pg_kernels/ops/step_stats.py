@@ -30,6 +30,7 @@ from pg_kernels.ops._common import (
     check_logits_pair,
     make_temperature,
     row_layout,
+    view_rows,
 )
 from pg_kernels.ops.kl_divergence import DIRECTIONS, check_kl_args
 from pg_kernels.ops.mismatch_stats import check_estimator_args, sampled_estimators
@@ -84,7 +85,7 @@ def _step_stats(
     if rollout_logits is not None:
         token_kl, token_tv = token_kl.view_as(labels), token_tv.view_as(labels)
     if ref_logits is not None:
-        kl, kl_state = kl.view_as(labels), kl_state.view(*labels.shape, KL_STATE)
+        kl, kl_state = kl.view_as(labels), view_rows(kl_state, labels.shape, KL_STATE)
     return (*token, token_kl, token_tv, kl, kl_state)
 
 

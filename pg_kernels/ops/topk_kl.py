@@ -35,6 +35,7 @@ from pg_kernels.ops._common import (
     make_temperature,
     row_layout,
     values_checkable,
+    view_rows,
 )
 
 OP = "topk_kl"
@@ -64,7 +65,8 @@ def _topk_kl(
         ignore_index,
         *layout,
     )
-    return tuple(o.view(logits.shape[:-1]) for o in outs)
+    lead = logits.shape[:-1]
+    return tuple(view_rows(o, lead) for o in outs)
 
 
 @torch.library.register_fake("pg_kernels::topk_kl")
