@@ -386,20 +386,60 @@ def row_exponent(m, log_s1, tau, row_ptr, V, DIVIDE: tl.constexpr, XDT: tl.const
     relative to |z - m| and |log s1|, never to |z|. Without DIVIDE: a = m. A side far out
     (`reads_max`) takes a = its max logit itself, read again from row_ptr [0, V) in blocks of
     BLOCK: its log s1 is relative to that (`reference_shift`)."""
-    k = lane_scale(tau, DIVIDE)
     if DIVIDE:
         a = max_logit(m, tau, XDT)
         if XDT.primitive_bitwidth > 16:
             far = reads_max(m, DIVIDE, XDT)
             a = tl.where(far, row_max(row_ptr, V, far, m.dtype, BLOCK), a)
-        if m.dtype == tl.float64:
-            b = log_s1
-        else:
-            b = log_s1 * LOG2E
     else:
         a = m
-        b = log_s1 * k
+    k, b = frame_scales(log_s1, tau, DIVIDE)
     return a, k, b
+
+
+@triton.jit
+def frame_scales(log_s1, tau, DIVIDE: tl.constexpr):
+    """(k, b) of a frame whose reference logit a is known: p = 2^{(x - a) k - b} (e^ in fp64),
+    k = `lane_scale`, b = log s1 in the exponent's units."""
+    k = lane_scale(tau, DIVIDE)
+    if DIVIDE and log_s1.dtype != tl.float64:
+        b = log_s1 * LOG2E
+    elif DIVIDE:
+        b = log_s1
+    else:
+        b = log_s1 * k
+    return k, b
+
+
+@triton.jit
+def tv_frame(m, r, e, tau, DIVIDE: tl.constexpr):
+    """(a, log s1) of a merged side (`merge_row`: max z m, rest r = s1 - 1, residual e) for the
+    TV pass: a = the side's max logit itself and log s1 relative to a / tau unrounded, the
+    reference the sums already have (`_side_total`), so no shift rounds into it. a comes back
+    exactly from m and e: fma(m, tau, e tau) is x_max plus the residual's own rounding, ~2^-23
+    of ulp(x_max). Relative to `row_exponent`'s a = fl(m tau) instead (an ulp from x_max on
+    some fp32 rows) each side's log s1 carried its own shift, rounded to fp32 apart: fp32 rows
+    that differ by a constant had TVs of 8.3e-9 and 3.0e-7 where the truth is 0 (plain fp32
+    PyTorch 9.8e-8 and 9.3e-9). log s1 is rounded once from fp64."""
+    ok = side_is_valid(m)
+    m0 = tl.where(ok, m, 0.0)
+    if DIVIDE:
+        a = fma_acc(m0, tau, tl.where(ok, e, 0.0) * tau)
+    else:
+        a = m0
+    log_s1 = log1p_acc(tl.where(ok, r, 0.0).to(tl.float64)).to(m.dtype)
+    return a, log_s1
+
+
+@triton.jit
+def store_tv_frame(norm_ptr, rows, rmask, keep, m, r, e, tau, DIVIDE: tl.constexpr):
+    """A side's `tv_frame` (max logit, log s1) into norm_ptr [N, 2] for `_tv_chunk_kernel`:
+    NaN for an invalid side, 0 for a row not kept (ignored)."""
+    a, log_s1 = tv_frame(m, r, e, tau, DIVIDE)
+    ok = side_is_valid(m)
+    nan = float("nan")
+    tl.store(norm_ptr + 2 * rows, tl.where(keep, tl.where(ok, a, nan), 0.0), mask=rmask)
+    tl.store(norm_ptr + 2 * rows + 1, tl.where(keep, tl.where(ok, log_s1, nan), 0.0), mask=rmask)
 
 
 @triton.constexpr_function

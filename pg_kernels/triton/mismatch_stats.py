@@ -54,6 +54,7 @@ from pg_kernels.triton._pair import (
     exp_base,
     finalize_kl,
     fma_acc,
+    frame_scales,
     has_excess,
     load_divided,
     merge_row,
@@ -62,6 +63,7 @@ from pg_kernels.triton._pair import (
     reference_shift,
     row_exponent,
     side_is_valid,
+    store_tv_frame,
 )
 
 OP = "mismatch_stats"
@@ -69,12 +71,13 @@ OP = "mismatch_stats"
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _fwd_finish_kernel(
-    part_ptr, x_ptr, labels_ptr, t_ptr, tr_ptr, logprob_ptr, kl_ptr, st_ptr, q_norm_ptr, V, N,
-    n_chunks, ignore_index, n_inner, s_outer, s_inner,
+    part_ptr, x_ptr, labels_ptr, t_ptr, tr_ptr, logprob_ptr, kl_ptr, st_ptr, p_norm_ptr,
+    q_norm_ptr, V, N, n_chunks, ignore_index, n_inner, s_outer, s_inner,
     DIVIDE: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_R rows per program: logprob, token_kl, the row state (m_p, log s1_p), and the
-    rollout side's (m_q, log s1_q) for the TV pass."""
+    """BLOCK_R rows per program: logprob, token_kl, the row state (m_p, log s1_p) of the
+    backward, and each side's frame for the TV pass (`tv_frame`: its max logit and log s1,
+    p_norm_ptr and q_norm_ptr [N, 2]; NaN marks an invalid side, 0 an ignored row)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     label = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64)
@@ -83,11 +86,10 @@ def _fwd_finish_kernel(
     EXCESS: tl.constexpr = has_excess(XDT)
     m_q, r_q, m_p, r_p, u, inf, e_q, e_p, k = merge_row(part_ptr, rows, rmask, N, n_chunks, EXCESS)
     tau = tl.load(t_ptr + rows, mask=rmask, other=1.0)
-    d_q = reference_shift(m_q, e_q, tl.load(tr_ptr + rows, mask=rmask, other=1.0), DIVIDE, XDT)
+    tau_q = tl.load(tr_ptr + rows, mask=rmask, other=1.0)
     d_p = reference_shift(m_p, e_p, tau, DIVIDE, XDT)
-    kl, l_q, l_p, _ = finalize_kl(m_q, r_q, m_p, r_p, u, inf, d_q, d_p, k, EXCESS)
+    kl, _, l_p, _ = finalize_kl(m_q, r_q, m_p, r_p, u, inf, 0.0 * e_q, d_p, k, EXCESS)
     ok_p = side_is_valid(m_p)
-    ok_q = side_is_valid(m_q)
     in_range = (label >= 0) & (label < V)
     x_row = x_ptr + row_offset(rows, n_inner, s_outer, s_inner)
     read = rmask & keep & in_range & ok_p
@@ -102,8 +104,8 @@ def _fwd_finish_kernel(
     tl.store(kl_ptr + rows, tl.where(keep, kl, 0.0), mask=rmask)
     tl.store(st_ptr + 2 * rows, tl.where(keep, tl.where(ok_p, m_p, nan), 0.0), mask=rmask)
     tl.store(st_ptr + 2 * rows + 1, tl.where(keep, tl.where(ok_p, l_p, nan), 0.0), mask=rmask)
-    tl.store(q_norm_ptr + 2 * rows, tl.where(ok_q, m_q, nan), mask=rmask)
-    tl.store(q_norm_ptr + 2 * rows + 1, tl.where(ok_q, l_q, nan), mask=rmask)
+    store_tv_frame(p_norm_ptr, rows, rmask, keep, m_p, r_p, e_p, tau, DIVIDE)
+    store_tv_frame(q_norm_ptr, rows, rmask, keep, m_q, r_q, e_q, tau_q, DIVIDE)
 
 
 @triton.jit
@@ -116,29 +118,28 @@ def _tv_block(x_p, x_q, a_p, k_p, b_p, a_q, k_q, b_q, acc):
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _tv_chunk_kernel(
-    x_ptr, xr_ptr, labels_ptr, t_ptr, tr_ptr, st_ptr, q_norm_ptr, part_ptr, V, N, ignore_index,
-    n_inner, s_outer, s_inner, r_n_inner, r_s_outer, r_s_inner,
+    x_ptr, xr_ptr, labels_ptr, t_ptr, tr_ptr, p_norm_ptr, q_norm_ptr, part_ptr, V, N,
+    ignore_index, n_inner, s_outer, s_inner, r_n_inner, r_s_outer, r_s_inner,
     DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): sum |q_j - p_j| over one chunk, into part_ptr [n_chunks, N]. Rows
     that are ignored or invalid on either side read nothing (their TV is 0 or NaN anyway).
-    p_j = 2^{(x_j - a) k - b} (`row_exponent`: no division per element), relative to
-    `max_logit` in the logits' dtype, as this op's and step_stats' finish hand the states on."""
+    p_j = 2^{(x_j - a) k - b} (`frame_scales`: no division per element), a the side's max
+    logit itself (`tv_frame`, as this op's and step_stats' finish hand the frames on): two rows
+    that differ by a constant get the same p_j bitwise."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     keep = tl.load(labels_ptr + row).to(tl.int64) != ignore_index
-    m_p, l_p = tl.load(st_ptr + 2 * row), tl.load(st_ptr + 2 * row + 1)
-    m_q, l_q = tl.load(q_norm_ptr + 2 * row), tl.load(q_norm_ptr + 2 * row + 1)
-    read = keep & (m_p == m_p) & (m_q == m_q)  # the finish kernel wrote NaN for invalid sides
-    m_p, l_p = tl.where(read, m_p, 0.0), tl.where(read, l_p, 0.0)
-    m_q, l_q = tl.where(read, m_q, 0.0), tl.where(read, l_q, 0.0)
-    XDT: tl.constexpr = x_ptr.dtype.element_ty
+    a_p, l_p = tl.load(p_norm_ptr + 2 * row), tl.load(p_norm_ptr + 2 * row + 1)
+    a_q, l_q = tl.load(q_norm_ptr + 2 * row), tl.load(q_norm_ptr + 2 * row + 1)
+    read = keep & (a_p == a_p) & (a_q == a_q)  # the finish kernel wrote NaN for invalid sides
+    a_p, l_p = tl.where(read, a_p, 0.0), tl.where(read, l_p, 0.0)
+    a_q, l_q = tl.where(read, a_q, 0.0), tl.where(read, l_q, 0.0)
     x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
     xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
-    a_p, k_p, b_p = row_exponent(m_p, l_p, tl.load(t_ptr + row), x_row, V, DIVIDE, XDT, BLOCK_V)
-    a_q, k_q, b_q = row_exponent(m_q, l_q, tl.load(tr_ptr + row), xr_row, V, DIVIDE, XDT,
-                                 BLOCK_V)  # fmt: skip
-    acc = tl.zeros([BLOCK_V], m_p.dtype)
+    k_p, b_p = frame_scales(l_p, tl.load(t_ptr + row), DIVIDE)
+    k_q, b_q = frame_scales(l_q, tl.load(tr_ptr + row), DIVIDE)
+    acc = tl.zeros([BLOCK_V], a_p.dtype)
     start = chunk * CHUNK
     n_valid = tl.where(read, tl.minimum(V - start, CHUNK), 0)
     n_full = n_valid // BLOCK_V
@@ -165,15 +166,15 @@ def _tv_chunk_kernel(
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _tv_finish_kernel(
-    part_ptr, labels_ptr, st_ptr, q_norm_ptr, tv_ptr, N, n_chunks, ignore_index,
+    part_ptr, labels_ptr, p_norm_ptr, q_norm_ptr, tv_ptr, N, n_chunks, ignore_index,
     BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     keep = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64) != ignore_index
-    m_p = tl.load(st_ptr + 2 * rows, mask=rmask, other=0.0)
-    m_q = tl.load(q_norm_ptr + 2 * rows, mask=rmask, other=0.0)
-    valid = (m_p == m_p) & (m_q == m_q)  # NaN: that side is invalid (the finish kernel's mark)
+    a_p = tl.load(p_norm_ptr + 2 * rows, mask=rmask, other=0.0)
+    a_q = tl.load(q_norm_ptr + 2 * rows, mask=rmask, other=0.0)
+    valid = (a_p == a_p) & (a_q == a_q)  # NaN: that side is invalid (the finish kernel's mark)
     total = tl.zeros([BLOCK_R], part_ptr.dtype.element_ty)
     chunk_off = tl.zeros([], tl.int64)
     for _ in range(0, n_chunks):
@@ -278,20 +279,20 @@ def mismatch_stats_forward(
     part = pair_partials(
         rollout_logits, logits, labels, tr, t, ignore_index, roll_layout, layout, blk, divide
     )
-    q_norm = torch.empty(n, 2, dtype=acc, device=logits.device)
+    p_norm, q_norm = torch.empty(2, n, 2, dtype=acc, device=logits.device)
     finish_grid = (triton.cdiv(n, FINISH_BLOCK_R),)
     _fwd_finish_kernel[finish_grid](
-        part, logits, labels, t, tr, logprob, token_kl, row_state, q_norm, V, n, blk.n_chunks,
-        ignore_index, *layout, DIVIDE=divide, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
+        part, logits, labels, t, tr, logprob, token_kl, row_state, p_norm, q_norm, V, n,
+        blk.n_chunks, ignore_index, *layout, DIVIDE=divide, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
     )  # fmt: skip
     tv_part = part[0]  # reused: the pair partials are spent; [n_chunks, N] of the same dtype
     _tv_chunk_kernel[(n, blk.n_chunks)](
-        logits, rollout_logits, labels, t, tr, row_state, q_norm, tv_part, V, n, ignore_index,
+        logits, rollout_logits, labels, t, tr, p_norm, q_norm, tv_part, V, n, ignore_index,
         *layout, *roll_layout, DIVIDE=divide, CHUNK=blk.chunk,
         BLOCK_V=blk.block_v, num_warps=blk.num_warps,
     )  # fmt: skip
     _tv_finish_kernel[finish_grid](
-        tv_part, labels, row_state, q_norm, token_tv, n, blk.n_chunks, ignore_index,
+        tv_part, labels, p_norm, q_norm, token_tv, n, blk.n_chunks, ignore_index,
         BLOCK_R=FINISH_BLOCK_R, num_warps=4,
     )  # fmt: skip
     return [logprob, token_kl, token_tv, row_state]

@@ -150,6 +150,7 @@ from pg_kernels.triton._pair import (
     row_exponent,
     side_is_valid,
     store_chunk_state,
+    store_tv_frame,
 )
 from pg_kernels.triton._pair import _side_total as pair_side_total
 from pg_kernels.triton.token_stats import (
@@ -630,9 +631,10 @@ def _fwd_finish_kernel(
     keep = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64) != ignore_index
     valid = side_is_valid(mx)  # the logits' state (softmax_stats.h state_is_valid)
     nan = float("nan")
-    # Each side's sums are relative to its max logit's own z (`_chunk_side`); log s1 and c are
-    # handed on relative to a / tau (`reference_shift`), the raw logit `row_exponent` rebuilds
-    # from m in the TV pass and the backward, as mismatch_stats' and kl_divergence's finish.
+    # Each side's sums are relative to its max logit's own z (`_chunk_side`); the reference's
+    # log s1 and c are handed on relative to a / tau (`reference_shift`), the raw logit
+    # `row_exponent` rebuilds from m in the backward, as kl_divergence's finish; the TV pass
+    # takes each side's max logit itself (`tv_frame`).
     XDT: tl.constexpr = x_ptr.dtype.element_ty
     EXCESS: tl.constexpr = has_excess(XDT)
     tau_p = tl.load(t_ptr + rows, mask=rmask, other=1.0)
@@ -641,19 +643,13 @@ def _fwd_finish_kernel(
             part_r_ptr, rows, rmask, N, n_chunks, EXCESS
         )
         tau_r = tl.load(tr_ptr + rows, mask=rmask, other=1.0)
-        d_r = reference_shift(m_r, e_r, tau_r, DIV_R, XDT)
-        d_p = reference_shift(m_p, e_p, tau_p, DIV_R, XDT)
-        kl, l_r, l_p, _ = finalize_kl(m_r, r_r, m_p, r_p, u, inf, d_r, d_p, k, EXCESS)
+        kl, _, _, _ = finalize_kl(m_r, r_r, m_p, r_p, u, inf, 0.0 * e_r, 0.0 * e_p, k, EXCESS)
         tl.store(token_kl_ptr + rows, tl.where(keep, tl.where(valid, kl, nan), 0.0), mask=rmask)
-        ok_p = valid & side_is_valid(m_p)
-        ok_r = side_is_valid(m_r)
-        # mismatch_stats' TV pass reads these: NaN marks an invalid side, 0 an ignored row.
-        tl.store(p_norm_ptr + 2 * rows, tl.where(keep, tl.where(ok_p, m_p, nan), 0.0), mask=rmask)
-        tl.store(
-            p_norm_ptr + 2 * rows + 1, tl.where(keep, tl.where(ok_p, l_p, nan), 0.0), mask=rmask
-        )
-        tl.store(r_norm_ptr + 2 * rows, tl.where(ok_r, m_r, nan), mask=rmask)
-        tl.store(r_norm_ptr + 2 * rows + 1, tl.where(ok_r, l_r, nan), mask=rmask)
+        # mismatch_stats' TV pass reads these (NaN marks an invalid side, 0 an ignored row); a
+        # row whose token_stats state is invalid is invalid there too.
+        m_p = tl.where(valid, m_p, nan)
+        store_tv_frame(p_norm_ptr, rows, rmask, keep, m_p, r_p, e_p, tau_p, DIV_R)
+        store_tv_frame(r_norm_ptr, rows, rmask, keep, m_r, r_r, e_r, tau_r, DIV_R)
     if HAS_REF:
         m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = merge_row(
             part_q_ptr, rows, rmask, N, n_chunks, EXCESS
