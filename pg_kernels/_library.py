@@ -6,6 +6,8 @@ constants of a kernel), and `backend` names the kernel that runs: one op, severa
 Implementations, fakes and autograd formulas are registered in `pg_kernels/ops/<op>.py`.
 """
 
+import os
+
 import torch
 
 LIB = torch.library.Library("pg_kernels", "DEF")
@@ -30,22 +32,32 @@ def call(name: str, *args):
     """torch.ops.pg_kernels.<name>(*args), in the schema's argument order.
 
     Where the dispatcher has nothing to add, its kernel is called straight: eager (no
-    torch.compile, tracing or functorch transform), no mode or profiler that should see the op,
-    every tensor a plain CPU or CUDA tensor, and none that autograd must track. The Python
-    dispatch of a `torch.library` op costs ~12 us of host time per call (2-core AMD EPYC VM),
-    six times the whole `amax` of a row: at small batches on a GPU, host time is the op's time.
+    torch.compile, tracing or functorch transform), no autocast, no mode or profiler that
+    should see the op, every tensor a plain CPU or CUDA tensor with nothing for the dispatcher
+    to resolve (no negative bit, no zero tensor), and none that autograd must track. The
+    Python dispatch of a `torch.library` op costs ~12 us of host time per call (2-core AMD EPYC
+    VM), six times the whole `amax` of a row: at small batches on a GPU, host time is the op's
+    time. What the direct call cannot see: a kernel or autocast rule registered for these ops
+    after import, a profiler started on another thread (all-threads profiling) and an
+    ExecutionTraceObserver; PGK_ALWAYS_DISPATCH=1 in the environment sends every call through
+    the dispatcher.
     """
     op, kernel = _KERNELS[name]
     return kernel(*args) if _nothing_to_dispatch(args) else op(*args)
 
 
+_ALWAYS_DISPATCH = os.environ.get("PGK_ALWAYS_DISPATCH", "0") == "1"
+
+
 def _nothing_to_dispatch(args) -> bool:
     if (
-        torch.compiler.is_compiling()
+        _ALWAYS_DISPATCH
+        or torch.compiler.is_compiling()
         or torch._C._get_tracing_state() is not None
         or torch._C._are_functorch_transforms_active()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_any_autocast_enabled()
         or torch.autograd._profiler_enabled()
     ):
         return False
@@ -54,6 +66,8 @@ def _nothing_to_dispatch(args) -> bool:
         if not isinstance(a, torch.Tensor):
             continue
         if type(a) is not torch.Tensor or not (a.is_cpu or a.is_cuda) or (grad and a.requires_grad):
+            return False
+        if a.is_neg() or a._is_zerotensor():
             return False
     return True
 

@@ -178,6 +178,14 @@ def test_eager_calls_skip_the_dispatcher_only_where_it_adds_nothing(monkeypatch)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         stats(x)
     assert any(e.name == "pg_kernels::token_stats" for e in prof.events())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast rules live in the dispatcher
+        stats(x)
+    # A negative-bit view (what the dispatcher resolves before a kernel sees the data).
+    flipped = torch._neg_view(-x)
+    assert flipped.is_neg()
+    for got, want in zip(stats(flipped), eager):
+        assert torch.equal(got, want)
+    assert len(direct) == 1
     logits = x.clone().requires_grad_()
     out = stats(logits)
     assert out.logprob.requires_grad and len(direct) == 1

@@ -177,7 +177,7 @@ def sampled_estimators(
     return {
         "log_ratio": delta,
         "ratio": rho,
-        "k1": -delta,
+        "k1": 0.0 - delta,  # not -delta: -0.0 on the rows not kept
         "k2": 0.5 * delta * delta,
         # e^delta - 1 - delta >= 0 exactly: clamp the last rounding; past the ratio clamp,
         # e^20 - 1 - delta as SPEC's formula gives it (negative beyond delta = e^20 - 1).
