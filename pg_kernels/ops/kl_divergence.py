@@ -6,10 +6,10 @@ student samples, the teacher q scores); "forward" is KL(q || p), distillation.
 
 Layers: public function `kl_divergence` -> op `pg_kernels::kl_divergence` (schema in
 _library.py) -> kernel chosen by `backend`: C++ (`pg_kernels._C`) or Triton
-(`pg_kernels.triton`; checked under its interpreter and compiled for sm_90, not yet timed on a
-GPU). Autograd saves only per-row scalars: KL, each side's max m and log s1 =
-log sum exp(z - m) (log-probs as (z - m) - log s1 are exact at the top token; z - L would lose
-ulp(L)), and c = E_w[d_w - d_v] with d = z - m, so that the backward's
+(`pg_kernels.triton`; checked under its interpreter, compiled for sm_90 and timed on an H200:
+benchmarks/results/cuda-h200). Autograd saves only per-row scalars: KL, each side's max m and
+log s1 = log sum exp(z - m) (log-probs as (z - m) - log s1 are exact at the top token; z - L
+would lose ulp(L)), and c = E_w[d_w - d_v] with d = z - m, so that the backward's
 (log w_j - log v_j) - KL = (d_w,j - d_v,j) - c exactly, without the O(log V) terms that cancel.
 The backward op recomputes p_j and q_j in one pass and writes each requested gradient once:
     reverse  d/dz = p ((log p - log q) - KL)      d/dz_ref = q - p

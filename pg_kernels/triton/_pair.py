@@ -48,7 +48,8 @@ invariant. Partial-state traffic is 32 (fp32) or 64 (fp64) bytes per chunk and r
 carries its e into the merges): V = 151936 bf16 has 10 chunks per row, 320 B
 against 608 KiB of logits read.
 
-GPU design (sm_90, compiled offline by .ci/check_triton_sm90.py; not yet timed on a GPU): the
+GPU design (sm_90, compiled offline by .ci/check_triton_sm90.py; the forward at T = 1 read at
+0.97x two reads on an H200, benchmarks/results/cuda-h200): the
 hot loop's SASS instructions per element pair, before (one block max, three block sums and a
 merge per step: 8 block reductions, 24 BAR + 54 SHFL per step) -> after (no BAR, no SHFL):
     bf16  43.8 -> 19.2 at tau = 1,  74.8 -> 17.4 with a temperature;  74 / 64 registers
