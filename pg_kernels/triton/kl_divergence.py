@@ -39,6 +39,7 @@ import triton.language as tl
 from pg_kernels.triton._common import (
     LOG2E,
     acc_dtype_of,
+    cdiv,
     div_acc,
     exp_acc,
     expm1_acc,
@@ -311,7 +312,7 @@ def kl_divergence_forward(
         part = pair_partials(
             ref_logits, logits, labels, tr, t, ignore_index, ref_layout, layout, blk, divide
         )
-    _fwd_finish_kernel[(triton.cdiv(n, FINISH_BLOCK_R),)](
+    _fwd_finish_kernel[(cdiv(n, FINISH_BLOCK_R),)](
         part, logits, labels if labels is not None else kl, t if reverse else tr,
         tr if reverse else t, kl, state, n, blk.n_chunks, ignore_index,
         HAS_LABELS=labels is not None,

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from pg_kernels.triton._common import (
     acc_dtype_of,
+    cdiv,
     div_acc,
     expm1_acc,
     per_row_temperature,
@@ -279,8 +280,8 @@ def mismatch_stats_forward(
     part = pair_partials(
         rollout_logits, logits, labels, tr, t, ignore_index, roll_layout, layout, blk, divide
     )
-    p_norm, q_norm = torch.empty(2, n, 2, dtype=acc, device=logits.device)
-    finish_grid = (triton.cdiv(n, FINISH_BLOCK_R),)
+    p_norm, q_norm = (torch.empty(n, 2, dtype=acc, device=logits.device) for _ in range(2))
+    finish_grid = (cdiv(n, FINISH_BLOCK_R),)
     _fwd_finish_kernel[finish_grid](
         part, logits, labels, t, tr, logprob, token_kl, row_state, p_norm, q_norm, V, n,
         blk.n_chunks, ignore_index, *layout, DIVIDE=divide, BLOCK_R=FINISH_BLOCK_R, num_warps=4,

@@ -67,6 +67,7 @@ from pg_kernels.ops._common import check_labels
 from pg_kernels.triton._common import (
     LOG2E,
     acc_dtype_of,
+    cdiv,
     ex2,
     exp_acc,
     max_nan,
@@ -372,7 +373,7 @@ def pruned_logprob_forward(
             logits, labels, inv_tau, log_alpha, ignore_index, V, N, blk.n_chunks, *layout,
             maxes, sums, **step,
         )  # fmt: skip
-        _fwd_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
+        _fwd_finish_kernel[(cdiv(N, FINISH_BLOCK_R),)](
             logits, labels, inv_tau, log_alpha, ignore_index, V, N, blk.n_chunks, *layout,
             maxes, sums, outs[0], in_safe, *outs[1:],
             BLOCK_R=FINISH_BLOCK_R, num_warps=4,

@@ -121,6 +121,7 @@ from pg_kernels.triton._common import (
     LOG2E_F64,
     acc_dtype_of,
     acc_of,
+    cdiv,
     div_acc,
     floor_log_ratio,
     per_row_temperature,
@@ -1086,7 +1087,7 @@ def step_stats_forward(
     )  # fmt: skip
     p_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
     r_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
-    _fwd_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
+    _fwd_finish_kernel[(cdiv(N, FINISH_BLOCK_R),)](
         logits, labels, temp if has_temp else labels, t, tr, tq, scale_bits, ignore_index, V, N,
         blk.n_chunks, *layout, part, part_idx, part_r if has_roll else unused,
         part_q if has_ref else unused, *token, token_kl if has_roll else unused,
@@ -1103,7 +1104,7 @@ def step_stats_forward(
             *layout, *roll_layout, DIVIDE=div_r, CHUNK=tv_blk.chunk,
             BLOCK_V=tv_blk.block_v, num_warps=tv_blk.num_warps,
         )  # fmt: skip
-        _mismatch._tv_finish_kernel[(triton.cdiv(N, FINISH_BLOCK_R),)](
+        _mismatch._tv_finish_kernel[(cdiv(N, FINISH_BLOCK_R),)](
             tv_part, labels, p_norm, r_norm, token_tv, N, tv_blk.n_chunks, ignore_index,
             BLOCK_R=FINISH_BLOCK_R, num_warps=4,
         )  # fmt: skip

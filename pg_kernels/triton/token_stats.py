@@ -81,6 +81,7 @@ from pg_kernels.triton._common import (
     LOG2E_F64,
     acc_dtype_of,
     acc_of,
+    cdiv,
     exp2_acc,
     lowest_finite,
     max_nan,
@@ -889,7 +890,7 @@ def token_stats_forward(
         num_warps=blk.num_warps,
     )  # fmt: skip
     if not single:
-        _fwd_merge_kernel[(triton.cdiv(N, MERGE_BLOCK_R),)](
+        _fwd_merge_kernel[(cdiv(N, MERGE_BLOCK_R),)](
             logits, labels, temp, scale_bits, ignore_index, V, N, blk.n_chunks,
             n_inner, stride_outer, stride_inner,
             part, part_idx, *outs, argmax,

@@ -76,10 +76,12 @@ import triton.language as tl
 
 from pg_kernels.triton._common import (
     acc_dtype_of,
+    cdiv,
     exp_acc,
     log1p_acc,
     lowest_finite,
     merge_states,
+    next_power_of_2,
     per_row_inv_temperature,
     push_far,
     round_to,
@@ -596,10 +598,10 @@ def _launch_args(topk_ids, labels, V, dtype, block_v, chunk):
     # longer chunks are cut (still a function of V and the dtype only).
     max_chunk = (32 // _lane_fold(blk, dtype)) * blk.block_v
     if blk.chunk > max_chunk:
-        blk = blk._replace(chunk=max_chunk, n_chunks=triton.cdiv(V, max_chunk))
+        blk = blk._replace(chunk=max_chunk, n_chunks=cdiv(V, max_chunk))
     meta = dict(
         HAS_LABELS=labels is not None,
-        K_PAD=max(16, triton.next_power_of_2(topk_ids.shape[1])),
+        K_PAD=max(16, next_power_of_2(topk_ids.shape[1])),
         CHUNK=blk.chunk,
         BLOCK_V=blk.block_v,
         num_warps=blk.num_warps,
