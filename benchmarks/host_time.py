@@ -7,6 +7,11 @@ backend that has a kernel for the op on --device, beside `torch.amax` of the sam
 prints the best of three rounds in microseconds per call. A CUDA round synchronizes once at its
 end, so a call's time is the larger of its host time and its kernels'; with a small row that is
 the host's. This is the cost the small-batch targets (N = 1 within 2x of amax) meet first.
+
+--stub-triton (CPU): every Triton kernel launch is replaced by a no-op and the Triton backend
+timed on CPU tensors: what pg_kernels' own Python costs around its launches (the launches
+themselves, Triton's binding and the driver, are the GPU's to measure). The CPU-only label
+checks are included there; on CUDA tensors they do not run.
 """
 
 from __future__ import annotations
@@ -75,8 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=64)
     ap.add_argument("--dtype", choices=DTYPES, default="fp32")
     ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--stub-triton", action="store_true", help="CPU: Triton launches as no-ops")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.stub_triton:
+        if device.type != "cpu":
+            ap.error("--stub-triton times the Triton backend's Python on CPU tensors")
+        import triton.runtime.jit
+
+        triton.runtime.jit.JITFunction.__getitem__ = lambda self, grid: lambda *a, **k: None
+        _backend.triton_interpreted = lambda: True  # let the Triton backend take CPU tensors
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# forward at N = 1, V = {args.vocab}, {args.dtype}: {name}, torch {torch.__version__}")
     print("| op | backend | us per call | / amax |")
@@ -92,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if _backend.unavailable_reason(backend, device) is not None:
                     continue
-                if backend == "triton" and device.type == "cpu":
+                if backend == "triton" and device.type == "cpu" and not args.stub_triton:
                     continue  # the interpreter: nothing a GPU call would cost
                 us = time_us(functools.partial(f, backend), device, args.calls)
                 print(f"| {op} | {backend} | {us:.1f} | {us / amax:.1f} |")
