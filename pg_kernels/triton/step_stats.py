@@ -22,7 +22,9 @@ Forward:
      logits (`OWN_R` / `OWN_Q` False), the other side is framed on the logits' lanes:
      t = (x + d) k - r_p, d = the lanes' max difference (`_framed_exps`; x + d is exact for
      16-bit logits), so a row that differs from the logits by a constant gets their exponents
-     bitwise. Each side's lanes
+     bitwise. A lane whose d is far beyond its own scale (the logits masked there with a huge
+     finite fill) gives the frame up, and its chunk is summed again in the side's own frame
+     (`_framed_rescale`, `_pair_again`). Each side's lanes
      rescale themselves when their max rises (a pair's u moves by f_w (u + shift s_w),
      docs/math.md §4). After the loop: the token_stats chunk state (`chunk_total`,
      `store_partial`), bitwise the one token_stats' chunk kernel stores, and each pair's chunk
@@ -139,6 +141,7 @@ from pg_kernels.triton._pair import (
     fma_acc,
     has_excess,
     has_other_series,
+    lane_floor,
     lane_scale,
     max_logit,
     merge_row,
@@ -153,6 +156,7 @@ from pg_kernels.triton._pair import (
     store_chunk_state,
     store_tv_frame,
 )
+from pg_kernels.triton._pair import _shifted_chunk as pair_chunk_again
 from pg_kernels.triton._pair import _side_total as pair_side_total
 from pg_kernels.triton.token_stats import (
     MOVE_MIN,
@@ -229,6 +233,12 @@ def _side_rescale(xa, xb, k, m, r, s):
     return m, r_new, f * s, delta, f
 
 
+# How far (in units of max(1, |its lane max|)) a framed side's lane may lie from the logits'
+# lane before its frame is given up (`_framed_rescale`): rows alike, or a teacher of the same
+# scale, stay well inside; a lane masked with -1e4 or -1e30 in the logits only does not.
+FRAME_SPAN = tl.constexpr(64.0)
+
+
 @triton.jit
 def _framed_rescale(xa, xb, k, m, d, s, mx, rp_old, rp):
     """A side framed on the logits' lanes (both temperatures exactly 1; `_framed_exps`) moved
@@ -240,6 +250,12 @@ def _framed_rescale(xa, xb, k, m, d, s, mx, rp_old, rp):
         bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
     m_new = tl.maximum(m, bmax)
     d_new = _reference(mx) - _reference(m_new)
+    # x + d rounds at ulp(d): where the logits' lane lies far from this side's (a lane of the
+    # logits masked with a huge finite fill), its exponents would lose x. Such a lane's d is
+    # made NaN, which poisons the side's sums for good (the chunk is then summed again in the
+    # side's own frame: `_pair_again`).
+    d_new = tl.where(tl.abs(d_new) > FRAME_SPAN * tl.maximum(tl.abs(m_new), 1.0), float("nan"),
+                     d_new)  # fmt: skip
     dd = d_new - d
     # R_old - R_new in one rounding; a lane that was empty has zero sums (any factor would do).
     delta = tl.where(m == float("-inf"), 0.0, fma_acc(dd, k, rp_old - rp))
@@ -442,6 +458,38 @@ def _store_pair(part_ptr, chunk, row, N, m_w, r_w, e_w, m_v, r_v, e_v, u, kx, w_
 
 
 @triton.jit
+def _gave_up(s, OWN: tl.constexpr):
+    """Whether a framed side's lane sums s came out NaN or infinite (`_framed_rescale` gave a
+    lane's frame up; a NaN logit; both rows' lanes masked with different huge fills, whose
+    x + d cancelled to an exponent far above the frame): its chunk is summed again
+    (`_pair_again`). Never for OWN lanes."""
+    if OWN:
+        return tl.full([], 0, tl.int32) > 0
+    else:
+        return tl.sum((~(tl.abs(s) < float("inf"))).to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _pair_again(part_ptr, chunk, row, N, w_row, v_row, start, n_valid, tau_w, tau_v,
+                DIVIDE: tl.constexpr, EXCESS: tl.constexpr, LANES: tl.constexpr,
+                FOLD: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """A pair's chunk state summed again by `_pair`'s own lanes (`_pair._shifted_chunk`, each
+    side in its own frame) and stored (`_pair.store_chunk_state`): the rare second pass of a
+    chunk whose framed side gave up its frame (`_framed_rescale`) or holds a NaN."""
+    kw = lane_scale(tau_w, DIVIDE)
+    kv = lane_scale(tau_v, DIVIDE)
+    zero = tau_w * 0
+    m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = pair_chunk_again(
+        w_row, v_row, start, n_valid, zero, zero, kw, kv, tau_w, tau_v, lane_floor(kw),
+        lane_floor(kv), DIVIDE, EXCESS, LANES, FOLD,
+    )  # fmt: skip
+    store_chunk_state(
+        part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
+        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V,
+    )  # fmt: skip
+
+
+@triton.jit
 def _load_pair_block(row_ptr, w_block, col0, PAIRS: tl.constexpr):
     """A full step's raw block, as int32 bf16 pairs (PAIRS) or elements. Unmasked: full steps
     lie inside the row, and an ignored row runs none (a masked load's fill values cost an
@@ -570,41 +618,56 @@ def _fwd_chunk_kernel(
         mx = tl.where(far, float("-inf"), mx)
         m_p, _, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p, None, True)
     if HAS_ROLL:
-        if OWN_R:
-            mr = tl.where(far_lane(mr, kr), float("-inf"), mr)
-            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r, None, True)
+        # A framed side whose frame was given up (or that holds a NaN) has non-finite sums: its
+        # chunk is summed again in its own frame (`_pair_again`; KL(pi_roll || pi_theta), w =
+        # the rollout).
+        if _gave_up(sr, OWN_R):
+            _pair_again(part_r_ptr, chunk, row, N, xr_row, x_row, start, n_valid, tau_r, tau_p,
+                        DIV_R, EXCESS, U * LANES, VEC, BLOCK_V)  # fmt: skip
         else:
-            mr = tl.where(far, float("-inf"), mr)
-            m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rp, sr, kp, tau_r, rr, DIV_R)
-        kx = tl.sum(kx_r, 0)  # 0 without EXCESS
-        if EXCESS:
-            kx = _chunk_excess(kx_r, ur, mr, sr, f_r, f_p, g_r, g_p)
-        u = _chunk_u(ur, mr, sr, f_r, g_r, g_p)
-        _store_pair(part_r_ptr, chunk, row, N, m_r, r_r, e_r, m_p, r_p, e_p, u, kx, xr_row, x_row,
-                    start, n_valid, tau_r, tau_p, DIV_R, EXCESS, U * LANES, VEC,
-                    BLOCK_V)  # fmt: skip
+            if OWN_R:
+                mr = tl.where(far_lane(mr, kr), float("-inf"), mr)
+                m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r, None, True)
+            else:
+                mr = tl.where(far, float("-inf"), mr)
+                m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rp, sr, kp, tau_r, rr, DIV_R)
+            kx = tl.sum(kx_r, 0)  # 0 without EXCESS
+            if EXCESS:
+                kx = _chunk_excess(kx_r, ur, mr, sr, f_r, f_p, g_r, g_p)
+            u = _chunk_u(ur, mr, sr, f_r, g_r, g_p)
+            _store_pair(part_r_ptr, chunk, row, N, m_r, r_r, e_r, m_p, r_p, e_p, u, kx, xr_row,
+                        x_row, start, n_valid, tau_r, tau_p, DIV_R, EXCESS, U * LANES, VEC,
+                        BLOCK_V)  # fmt: skip
     if HAS_REF:
-        if OWN_Q:
-            mq = tl.where(far_lane(mq, kq), float("-inf"), mq)
-            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q, None, True)
+        if _gave_up(sq, OWN_Q):
+            if REVERSE:
+                _pair_again(part_q_ptr, chunk, row, N, x_row, xq_row, start, n_valid, tau_p,
+                            tau_q, DIV_Q, EXCESS, U * LANES, VEC, BLOCK_V)  # fmt: skip
+            else:
+                _pair_again(part_q_ptr, chunk, row, N, xq_row, x_row, start, n_valid, tau_q,
+                            tau_p, DIV_Q, EXCESS, U * LANES, VEC, BLOCK_V)  # fmt: skip
         else:
-            mq = tl.where(far, float("-inf"), mq)
-            m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rp, sq, kp, tau_q, rq, DIV_Q)
-        kx = tl.sum(kx_q, 0)  # 0 without EXCESS
-        if REVERSE:
-            if EXCESS:
-                kx = _chunk_excess(kx_q, uq, mx, sp, f_p, f_q, g_p, g_q)
-            u = _chunk_u(uq, mx, sp, f_p, g_p, g_q)
-            _store_pair(part_q_ptr, chunk, row, N, m_p, r_p, e_p, m_q, r_q, e_q, u, kx, x_row,
-                        xq_row, start, n_valid, tau_p, tau_q, DIV_Q, EXCESS, U * LANES, VEC,
-                        BLOCK_V)  # fmt: skip
-        else:
-            if EXCESS:
-                kx = _chunk_excess(kx_q, uq, mq, sq, f_q, f_p, g_q, g_p)
-            u = _chunk_u(uq, mq, sq, f_q, g_q, g_p)
-            _store_pair(part_q_ptr, chunk, row, N, m_q, r_q, e_q, m_p, r_p, e_p, u, kx, xq_row,
-                        x_row, start, n_valid, tau_q, tau_p, DIV_Q, EXCESS, U * LANES, VEC,
-                        BLOCK_V)  # fmt: skip
+            if OWN_Q:
+                mq = tl.where(far_lane(mq, kq), float("-inf"), mq)
+                m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q, None, True)
+            else:
+                mq = tl.where(far, float("-inf"), mq)
+                m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rp, sq, kp, tau_q, rq, DIV_Q)
+            kx = tl.sum(kx_q, 0)  # 0 without EXCESS
+            if REVERSE:
+                if EXCESS:
+                    kx = _chunk_excess(kx_q, uq, mx, sp, f_p, f_q, g_p, g_q)
+                u = _chunk_u(uq, mx, sp, f_p, g_p, g_q)
+                _store_pair(part_q_ptr, chunk, row, N, m_p, r_p, e_p, m_q, r_q, e_q, u, kx, x_row,
+                            xq_row, start, n_valid, tau_p, tau_q, DIV_Q, EXCESS, U * LANES, VEC,
+                            BLOCK_V)  # fmt: skip
+            else:
+                if EXCESS:
+                    kx = _chunk_excess(kx_q, uq, mq, sq, f_q, f_p, g_q, g_p)
+                u = _chunk_u(uq, mq, sq, f_q, g_q, g_p)
+                _store_pair(part_q_ptr, chunk, row, N, m_q, r_q, e_q, m_p, r_p, e_p, u, kx, xq_row,
+                            x_row, start, n_valid, tau_q, tau_p, DIV_Q, EXCESS, U * LANES, VEC,
+                            BLOCK_V)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
