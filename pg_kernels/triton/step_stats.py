@@ -458,6 +458,21 @@ def _store_pair(part_ptr, chunk, row, N, m_w, r_w, e_w, m_v, r_v, e_v, u, kx, w_
 
 
 @triton.jit
+def _other_side(m, r, s, k, tau, far, rp, kp, OWN: tl.constexpr, DIVIDE: tl.constexpr):
+    """The rollout's or the reference's chunk side (`_chunk_side`) from its lanes: in its own
+    frame with OWN (a lane far out in it, `far_lane`, is empty), else framed on the logits'
+    lanes (r holding d; a lane far out in the logits', `far`, is empty). Returns its lane maxes
+    as the pair's u and excess moves take them, then `_chunk_side`'s m, g, f, rest, e."""
+    if OWN:
+        m = tl.where(far_lane(m, k), float("-inf"), m)
+        mz, _, g, f, rest, e = _chunk_side(m, r, s, k, tau, None, True)
+    else:
+        m = tl.where(far, float("-inf"), m)
+        mz, _, g, f, rest, e = _chunk_side(m, rp, s, kp, tau, r, DIVIDE)
+    return m, mz, g, f, rest, e
+
+
+@triton.jit
 def _gave_up(s, OWN: tl.constexpr):
     """Whether a framed side's lane sums s came out NaN or infinite (`_framed_rescale` gave a
     lane's frame up; a NaN logit; both rows' lanes masked with different huge fills, whose
@@ -625,12 +640,8 @@ def _fwd_chunk_kernel(
             _pair_again(part_r_ptr, chunk, row, N, xr_row, x_row, start, n_valid, tau_r, tau_p,
                         DIV_R, EXCESS, U * LANES, VEC, BLOCK_V)  # fmt: skip
         else:
-            if OWN_R:
-                mr = tl.where(far_lane(mr, kr), float("-inf"), mr)
-                m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rr, sr, kr, tau_r, None, True)
-            else:
-                mr = tl.where(far, float("-inf"), mr)
-                m_r, _, g_r, f_r, r_r, e_r = _chunk_side(mr, rp, sr, kp, tau_r, rr, DIV_R)
+            mr, m_r, g_r, f_r, r_r, e_r = _other_side(mr, rr, sr, kr, tau_r, far, rp, kp, OWN_R,
+                                                      DIV_R)  # fmt: skip
             kx = tl.sum(kx_r, 0)  # 0 without EXCESS
             if EXCESS:
                 kx = _chunk_excess(kx_r, ur, mr, sr, f_r, f_p, g_r, g_p)
@@ -647,12 +658,8 @@ def _fwd_chunk_kernel(
                 _pair_again(part_q_ptr, chunk, row, N, xq_row, x_row, start, n_valid, tau_q,
                             tau_p, DIV_Q, EXCESS, U * LANES, VEC, BLOCK_V)  # fmt: skip
         else:
-            if OWN_Q:
-                mq = tl.where(far_lane(mq, kq), float("-inf"), mq)
-                m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rq, sq, kq, tau_q, None, True)
-            else:
-                mq = tl.where(far, float("-inf"), mq)
-                m_q, _, g_q, f_q, r_q, e_q = _chunk_side(mq, rp, sq, kp, tau_q, rq, DIV_Q)
+            mq, m_q, g_q, f_q, r_q, e_q = _other_side(mq, rq, sq, kq, tau_q, far, rp, kp, OWN_Q,
+                                                      DIV_Q)  # fmt: skip
             kx = tl.sum(kx_q, 0)  # 0 without EXCESS
             if REVERSE:
                 if EXCESS:
