@@ -440,19 +440,27 @@ def _chunk_excess(kx, u, m_w, s_w, f_w, f_v, g_w, g_v):
 
 
 @triton.jit
-def _store_pair(part_ptr, chunk, row, N, m_w, r_w, e_w, m_v, r_v, e_v, u, kx, w_row, v_row,
-                start, n_valid, tau_w, tau_v, DIVIDE: tl.constexpr, EXCESS: tl.constexpr,
-                LANES: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    """A pair chunk state into part_ptr [PARTIAL, n_chunks, N] (`_pair.store_chunk_state`;
-    each side's s1 - 1 and e, `_chunk_side`; with EXCESS the excess kx); an infinite or NaN u
-    (nats) as the `inf` flag. A side that came out empty though it holds finite logits (every
-    lane far out, `far_lane`: a chunk masked whole with a huge finite fill) is summed again
-    relative to its raw max (`_pair.store_chunk_state`, rows w_row, v_row; LANES lanes of VEC)."""
+def _store_pair(part_ptr, chunk, row, N, kx, u, lm_w, s_w, f_w, g_w, f_v, g_v, m_w, r_w, e_w,
+                m_v, r_v, e_v, w_row, v_row, start, n_valid, tau_w, tau_v, DIVIDE: tl.constexpr,
+                EXCESS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+                BLOCK_V: tl.constexpr):  # fmt: skip
+    """A pair chunk state into part_ptr [PARTIAL, n_chunks, N] (`_pair.store_chunk_state`)
+    from its lanes: the lanes' excess kx and u moved to both sides' chunk references
+    (`_chunk_excess`, `_chunk_u`; lm_w, s_w the weight side's lane maxes and sums, f, g each
+    side's lane moves), each side's chunk max m, s1 - 1 and e (`_chunk_side`); an infinite or
+    NaN u (nats) as the `inf` flag. A side that came out empty though it holds finite logits
+    (every lane far out, `far_lane`: a chunk masked whole with a huge finite fill) is summed
+    again relative to its raw max (`_pair.store_chunk_state`, rows w_row, v_row; LANES lanes
+    of VEC)."""
+    k = tl.sum(kx, 0)  # 0 without EXCESS
+    if EXCESS:
+        k = _chunk_excess(kx, u, lm_w, s_w, f_w, f_v, g_w, g_v)
+    u = _chunk_u(u, lm_w, s_w, f_w, g_w, g_v)
     inf = tl.where((u == u) & (tl.abs(u) < float("inf")), 0.0, 1.0).to(u.dtype)
     u = tl.where(inf > 0, 0.0, u)
-    kx = tl.where(inf > 0, 0.0, kx)
+    k = tl.where(inf > 0, 0.0, k)
     store_chunk_state(
-        part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, kx, w_row, v_row, start,
+        part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
         n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, VEC, BLOCK_V,
     )  # fmt: skip
 
@@ -642,13 +650,9 @@ def _fwd_chunk_kernel(
         else:
             mr, m_r, g_r, f_r, r_r, e_r = _other_side(mr, rr, sr, kr, tau_r, far, rp, kp, OWN_R,
                                                       DIV_R)  # fmt: skip
-            kx = tl.sum(kx_r, 0)  # 0 without EXCESS
-            if EXCESS:
-                kx = _chunk_excess(kx_r, ur, mr, sr, f_r, f_p, g_r, g_p)
-            u = _chunk_u(ur, mr, sr, f_r, g_r, g_p)
-            _store_pair(part_r_ptr, chunk, row, N, m_r, r_r, e_r, m_p, r_p, e_p, u, kx, xr_row,
-                        x_row, start, n_valid, tau_r, tau_p, DIV_R, EXCESS, U * LANES, VEC,
-                        BLOCK_V)  # fmt: skip
+            _store_pair(part_r_ptr, chunk, row, N, kx_r, ur, mr, sr, f_r, g_r, f_p, g_p, m_r, r_r,
+                        e_r, m_p, r_p, e_p, xr_row, x_row, start, n_valid, tau_r, tau_p, DIV_R,
+                        EXCESS, U * LANES, VEC, BLOCK_V)  # fmt: skip
     if HAS_REF:
         if _gave_up(sq, OWN_Q):
             if REVERSE:
@@ -660,21 +664,14 @@ def _fwd_chunk_kernel(
         else:
             mq, m_q, g_q, f_q, r_q, e_q = _other_side(mq, rq, sq, kq, tau_q, far, rp, kp, OWN_Q,
                                                       DIV_Q)  # fmt: skip
-            kx = tl.sum(kx_q, 0)  # 0 without EXCESS
             if REVERSE:
-                if EXCESS:
-                    kx = _chunk_excess(kx_q, uq, mx, sp, f_p, f_q, g_p, g_q)
-                u = _chunk_u(uq, mx, sp, f_p, g_p, g_q)
-                _store_pair(part_q_ptr, chunk, row, N, m_p, r_p, e_p, m_q, r_q, e_q, u, kx, x_row,
-                            xq_row, start, n_valid, tau_p, tau_q, DIV_Q, EXCESS, U * LANES, VEC,
-                            BLOCK_V)  # fmt: skip
+                _store_pair(part_q_ptr, chunk, row, N, kx_q, uq, mx, sp, f_p, g_p, f_q, g_q, m_p,
+                            r_p, e_p, m_q, r_q, e_q, x_row, xq_row, start, n_valid, tau_p, tau_q,
+                            DIV_Q, EXCESS, U * LANES, VEC, BLOCK_V)  # fmt: skip
             else:
-                if EXCESS:
-                    kx = _chunk_excess(kx_q, uq, mq, sq, f_q, f_p, g_q, g_p)
-                u = _chunk_u(uq, mq, sq, f_q, g_q, g_p)
-                _store_pair(part_q_ptr, chunk, row, N, m_q, r_q, e_q, m_p, r_p, e_p, u, kx, xq_row,
-                            x_row, start, n_valid, tau_q, tau_p, DIV_Q, EXCESS, U * LANES, VEC,
-                            BLOCK_V)  # fmt: skip
+                _store_pair(part_q_ptr, chunk, row, N, kx_q, uq, mq, sq, f_q, g_q, f_p, g_p, m_q,
+                            r_q, e_q, m_p, r_p, e_p, xq_row, x_row, start, n_valid, tau_q, tau_p,
+                            DIV_Q, EXCESS, U * LANES, VEC, BLOCK_V)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
