@@ -1,9 +1,10 @@
-"""Schemas of the pg_kernels ops, then the compiled kernels.
+"""Schemas of the pg_kernels ops, and `call`, the one way the ops layer invokes them.
 
 Every op is a `torch.library` op with an explicit schema, so `torch.compile(fullgraph=True)`
 sees one opaque node per op. Hyper-parameters are plain schema arguments (never compile-time
 constants of a kernel), and `backend` names the kernel that runs: one op, several kernels.
-Implementations, fakes and autograd formulas are registered in `pg_kernels/ops/<op>.py`.
+Implementations (`register_kernel`), fakes and autograd formulas are registered in
+`pg_kernels/ops/<op>.py`; plain eager calls skip the dispatcher (`call`).
 """
 
 import os
