@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels import _backend, _library, reference  # noqa: F401  (_library defines the schemas)
+from pg_kernels import _backend, _library, reference
 from pg_kernels.ops._common import (
     acc_dtype,
     check_gradient_out,
