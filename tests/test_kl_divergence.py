@@ -603,6 +603,70 @@ def test_one_sided_neg_inf(bd):
     _check(backend, x[[0, 2, 3]], xr[[0, 2, 3]], direction="forward")
 
 
+def one_sided_fill_rows(dtype, fill, device):
+    """[4, 300] logits and reference: the reference masked with a huge finite fill where the
+    logits have mass (row 0 a leading run, row 1 every third entry), the logits where the
+    reference has mass (row 2 a tail), row 3 unmasked. Float64 copies for the truth."""
+    x, xr = _pair(4, 300, dtype, "cpu", seed=3)
+    lo = torch.finfo(dtype).min if fill == "finfo.min" else fill
+    xr[0, :100] = xr[1, ::3] = x[2, 50:] = lo
+    return x.to(device), xr.to(device)
+
+
+def kl_and_grads(op, x, xr, **kw):
+    """The KL of each row and both gradients under the upstream weights 1, 2, 3, 4."""
+    a, b = x.clone().requires_grad_(), xr.clone().requires_grad_()
+    kl = op(a, b, **kw)
+    (kl * torch.arange(1.0, 1.0 + len(kl), device=kl.device, dtype=kl.dtype)).sum().backward()
+    return kl.detach().double(), a.grad.double(), b.grad.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fill", ["finfo.min", -1e30], ids=str)
+def test_one_sided_huge_finite_mask(bd, dtype, fill):
+    """A side masked with a huge finite fill where the other has mass: a KL of ~1e29 (-1e30)
+    or ~1e38 (finfo(float32).min) in float64 and in plain fp32 PyTorch. The C++ pass gave 0
+    for some of the latter (its fp32 lane sums of u overflowed, and the row's compensated sum
+    made inf - inf, a NaN the clamp at 0 hid): such a chunk now sums u and k again in double.
+    The other side's gradient took dl = KL - c, two numbers of ~1e29 whose difference rounded
+    at ~1e22: 0.62 off on Triton (-1e30) and 4.5 % off on C++ (finfo.min), where plain fp32
+    PyTorch is 2e-8 off; dl now comes from the logs there (`log_s1_difference`).
+    The Triton lanes sum u in fp32 and read terms that overflow them as +inf, as a -inf mask
+    reads: the KL of such a row is +inf (never 0 or NaN), its weight side's gradient NaN and
+    the other side's still exact. The float64 truth's gradients: plain PyTorch's are NaN there,
+    and the usual floor is vacuous (|z| ~ 1e30 with mass), so the bounds are measured ones, 2-4x
+    over the worst (2026-12-05), with bf16's output rounding on top: the KL 4e-6 relative (1.6e-6,
+    Triton bf16), the other side's gradient 4e-7 per unit of upstream gradient (1.8e-7, Triton
+    fp32), the weight side's 2e-5 relative (5.2e-6, C++ fp32; its entries w_j ((d_w - d_v) - c)
+    take a difference of two ~1e38 numbers)."""
+    backend, device = bd
+    x, xr = one_sided_fill_rows(dtype, fill, device)
+    overflows = fill == "finfo.min" and backend == "triton"  # Triton's fp32 lanes read +inf
+    eps_out = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0  # the gradients' output rounding
+    for t in (1.0, 1.3):
+        for direction in DIRECTIONS:
+            kw = {"temperature": t, "direction": direction}
+            got = kl_and_grads(_op(backend), x, xr, **kw)
+            truth = kl_and_grads(reference.kl_divergence, x.double(), xr.double(), **kw)
+            weight_masked = [0, 1] if direction == "reverse" else [2]  # KL ~1e29 / 1e38 rows
+            kl_err = (got[0] - truth[0]).abs() / truth[0].abs().clamp_min(1.0)
+            if overflows:
+                assert got[0][weight_masked].eq(INF).all(), (t, direction, got[0])
+                kl_err[weight_masked] = 0.0
+            assert float(kl_err.max()) < 4e-6, (t, direction, kl_err)
+            w_grad, v_grad = (got[1], got[2]) if direction == "reverse" else (got[2], got[1])
+            w_true, v_true = (truth[1], truth[2]) if direction == "reverse" else (truth[2], truth[1])
+            up = torch.arange(1.0, 5.0, dtype=torch.float64, device=device)[:, None]
+            v_bound = 4e-7 * up + eps_out * v_true.abs()
+            assert bool(((v_grad - v_true).abs() <= v_bound).all()), (t, direction)
+            if overflows:
+                assert w_grad[weight_masked].isnan().all()
+                keep = [r for r in range(4) if r not in weight_masked]
+                w_grad, w_true, up = w_grad[keep], w_true[keep], up[keep]
+            w_bound = (2e-5 + eps_out) * (w_true.abs() + up)
+            assert bool(((w_grad - w_true).abs() <= w_bound).all()), (t, direction)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_one_sided_neg_inf_of_an_underflowing_weight(bd, dtype):
     """A finite logit has mass however far its probability underflows: against -inf on the

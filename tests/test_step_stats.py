@@ -10,7 +10,13 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from test_kl_divergence import NEAR_EQUAL_SMALL_V2_ROWS, NEAR_EQUAL_V2_ROWS, _kl_grad_floor
+from test_kl_divergence import (
+    NEAR_EQUAL_SMALL_V2_ROWS,
+    NEAR_EQUAL_V2_ROWS,
+    _kl_grad_floor,
+    kl_and_grads,
+    one_sided_fill_rows,
+)
 from test_token_stats import _logprob_grad_error, _peaked_rows
 
 import pg_kernels
@@ -383,6 +389,40 @@ def test_logits_masked_where_the_others_are_not(bd, dtype, blocks, request):
             diff_fields=["logprob", "entropy", "collision", "lse", "kl"], grad_args=grad_args,
             forward_floor=TRITON_KL_FLOOR if backend == "triton" else None,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fill", ["finfo.min", -1e30], ids=str)
+def test_one_sided_huge_finite_mask_kl(bd, dtype, fill):
+    """The bundle's KL and its gradients on a teacher masked with a huge finite fill where the
+    logits have mass, and the other way round, are kl_divergence's (held to float64 there:
+    test_kl_divergence's test_one_sided_huge_finite_mask), +inf and NaN included: the same
+    chunk sums again in double (C++), and the same dl from the logs where KL and c are ~1e29
+    (Triton's bundle had the other side's gradient 2.1e-4 off, -1e30 at tau 1)."""
+    backend, device = bd
+    x, xq = one_sided_fill_rows(dtype, fill, device)
+    y = torch.tensor([3, 1, 2, 7], device=device)
+    for t in (1.0, 1.3):
+        for direction in DIRECTIONS:
+
+            def bundle(a, b):
+                return pg_kernels.step_stats(a, y, ref_logits=b, temperature=t,
+                                             kl_direction=direction, backend=backend).kl  # fmt: skip
+
+            def op(a, b):
+                return pg_kernels.kl_divergence(a, b, temperature=t, direction=direction,
+                                                backend=backend)  # fmt: skip
+
+            got, want = kl_and_grads(bundle, x, xq), kl_and_grads(op, x, xq)
+            # Relative: entries of the weight side's gradient are ~1e37. bf16 gradients: an ulp
+            # of their output apart (2^-8 relative, 2^-7 below a power of two).
+            rtol = 2e-5 if dtype == torch.float32 else 2.0**-7
+            if backend == "triton" and dtype == torch.bfloat16 and direction == "forward":
+                # Row 2's teacher gradient q_j ((d_q - d_p) - c) at the logits' -1e30 weighs d_p
+                # floored at D2_FAR on Triton's 16-bit path (as in the test above).
+                got, want = (*got[:2], got[2][[0, 1, 3]]), (*want[:2], want[2][[0, 1, 3]])
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=rtol, atol=4e-7, equal_nan=True)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

@@ -189,7 +189,7 @@ std::vector<at::Tensor> kl_divergence_backward(
               const SideState<acc_t> sw{frame_max(pw.m, tw, xw, V), pw.log_s1},
                   sv{frame_max(pv.m, tv, xv, V), pv.log_s1};
               const acc_t c = st[4];
-              const acc_t dl = kl_r - c;  // log s1_v - log s1_w, since KL = c - l_w + l_v
+              const acc_t dl = log_s1_difference(kl_r, c, sw.log_s1, sv.log_s1);
               const acc_t gw = up[r] / tw.tau, gv = up[r] / tv.tau;  // d/dx = d/dz / tau
               if (do_w && need_v) {
                 kl_backward_row<scalar_t, acc_t, true, true>(xw, tw, xv, tv, V, sw, sv, c, dl, gw,

@@ -200,6 +200,35 @@ struct PairLanes {
   }
 };
 
+// A chunk's pair state with u and k summed again term by term in row_sum_t where its acc_t
+// lanes overflowed. A side masked with a huge finite fill (finfo(float32).min) where the other
+// side has mass makes u's terms e_w (d_w - d_v) ~3.4e38 e_w, whose fp32 lane sums overflow
+// (their KL, ~1e38 in float64 and in plain fp32 PyTorch, came out 0: inf - inf in the row's
+// compensated sum, a NaN the clamp at 0 hid). dw, dv: the chunk's d as the lanes read them.
+// Rare (a chunk with such terms); s1 stays the lanes'. A row whose terms overflow row_sum_t too
+// (fp64 logits masked with finfo(float64).min) keeps them: its KL reads +inf.
+template <typename acc_t>
+PairState<row_sum_t<acc_t>> resum_overflowed(PairState<row_sum_t<acc_t>> s, const acc_t* dw,
+                                             const acc_t* dv, int64_t n) {
+  using sum_t = row_sum_t<acc_t>;
+  const bool finite = std::isfinite(s.u) && std::isfinite(s.k);
+  if (finite || s.inf || !side_is_valid(s.m_w) || !side_is_valid(s.m_v)) return s;
+  sum_t u = 0, k = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const sum_t ew = std::exp(sum_t(dw[j])), ev = std::exp(sum_t(dv[j]));
+    if (ew == sum_t(0)) {  // the term is e_v - e_w - e_w delta = e_v (excess_terms)
+      k += ev;
+      continue;
+    }
+    const sum_t diff = sum_t(dw[j]) - sum_t(dv[j]);  // v_j > 0 here: `inf` is not set
+    u += ew * diff;
+    k += ew * expm1_excess(-diff);
+  }
+  s.u = u;
+  s.k = k;
+  return s;
+}
+
 // One vector of a pair pass from d_w, d_v, each side's scaled logits relative to its chunk's
 // reference (shift_divide_chunk). Returns e_w, e_v through ew, ev (kept by mismatch_stats for
 // its TV sweep). unmasked: as PairLanes::add_exps.
@@ -253,7 +282,7 @@ PairState<row_sum_t<acc_t>> pair_chunk(const acc_t* bw, const acc_t* bv, int64_t
   int64_t i = 0;
   for (; i < n_unmasked; i += 2 * W) step(std::true_type{}, i);
   for (; i < n_pad; i += 2 * W) step(std::false_type{}, i);
-  return PairLanes<acc_t>::join(lo, hi, rw, rv);
+  return resum_overflowed(PairLanes<acc_t>::join(lo, hi, rw, rv), bw, bv, n);
 }
 
 // Neumaier summation of chunk totals into the row total: on a peaked row one chunk holds an
@@ -513,7 +542,7 @@ SavedSide<acc_t> saved_side(acc_t xm, Temperature<acc_t> tau, row_sum_t<acc_t> r
 
 // v_j - w_j, the KL's gradient w.r.t. the other side's z (docs/math.md §4), from the two
 // probabilities w_j = e^{d_w,j - l_w}, v_j = e^{d_v,j - l_v}, their d (unclamped) and
-// dl = l_v - l_w = KL - c from the forward. Of near-equal rows v_j - w_j cancels two
+// dl = l_v - l_w (log_s1_difference) from the forward. Of near-equal rows v_j - w_j cancels two
 // probabilities each rounded once (~3e-8 at 0.5, where the truth can be 1e-8): where
 // |log v_j - log w_j| < 1/4 it is w_j expm1(delta_j) instead, delta_j = (d_v,j - d_w,j) - dl (dl:
 // two small numbers when the rows are near-equal, not the difference of two rounded log s1).
@@ -528,6 +557,19 @@ PGK_VECTOR_INLINE Vec<acc_t> other_side_difference(const Vec<acc_t>& w, const Ve
   return Vec<acc_t>::blendv(v - w, w * delta.expm1(), close);
 }
 
+// dl = l_v - l_w for other_side_difference, from the forward's KL and c = E_w[d_w - d_v]
+// (KL = c - l_w + l_v) where those are the smaller numbers, else from the two logs: each form
+// rounds at an ulp of its operands. Near-equal rows have two small numbers in KL - c, not the
+// difference of two rounded logs; a side masked in part with finfo.min where the other has mass
+// has a KL and a c of ~1e37, whose difference rounded at ~1e30 (the other side's gradient 4.5 %
+// off, fp32 V = 300 at tau 1, where plain PyTorch is 1.6e-8 off).
+template <typename acc_t>
+acc_t log_s1_difference(acc_t kl, acc_t c, acc_t l_w, acc_t l_v) {
+  const bool by_logs =
+      std::max(std::abs(kl), std::abs(c)) > std::max(std::abs(l_w), std::abs(l_v));
+  return by_logs ? l_v - l_w : kl - c;
+}
+
 // The same for one entry (step_stats' label entry, in double): delta = log v - log w.
 inline double other_side_difference(double w, double v, double delta) {
   return std::abs(delta) < 0.25 ? w * std::expm1(delta) : v - w;
@@ -538,7 +580,7 @@ inline double other_side_difference(double w, double v, double delta) {
 // loaded as the forward loaded it, and c = E_w[d_w - d_v] relative to the same points:
 //   grad_w,j = g / tau_w * w_j ((d_w,j - d_v,j) - c),  w_j = e^{d_w,j - l_w},  0 where w_j = 0
 //   grad_v,j = g / tau_v * (v_j - w_j),                 v_j = e^{d_v,j - l_v}
-// with v_j - w_j from other_side_difference (dl = KL - c).
+// with v_j - w_j from other_side_difference (dl = log_s1_difference).
 // kW / kV: which gradients to write; only grad_v needs v_j's exp.
 template <typename scalar_t, typename acc_t, bool kW, bool kV>
 void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_t* xv,

@@ -222,12 +222,13 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     // The logits' s1 lanes, summed once (the token lanes), are both pairs' logits side.
     if constexpr (kRoll) {
       pr.s1v = lo.s1 + hi.s1;
-      roll.merge(pr.state(tpr.reference(xmr), m));
+      roll.merge(resum_overflowed(pr.state(tpr.reference(xmr), m), cr, cp, n));
     }
     if constexpr (kRef) {
       (reverse ? pq.s1w : pq.s1v) = lo.s1 + hi.s1;
       const auto mq = tpq.reference(xmq);
-      kl.merge(reverse ? pq.state(m, mq) : pq.state(mq, m));
+      kl.merge(reverse ? resum_overflowed(pq.state(m, mq), cp, scratch.ref, n)
+                       : resum_overflowed(pq.state(mq, m), scratch.ref, cp, n));
     }
   }
   const auto state = row.state(tp.reference(xm));
@@ -263,8 +264,8 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
 }
 
 // The KL part of a backward row: the reference's raw max xm and log s1, the shift c,
-// dl = l_v - l_w = KL - c (the other side's gradient, pair_rows.h's other_side_difference) and
-// the upstream gradient divided by each side's temperature.
+// dl = l_v - l_w (pair_rows.h's log_s1_difference, for the other side's gradient) and the
+// upstream gradient divided by each side's temperature.
 template <typename acc_t>
 struct KLBackward {
   acc_t xm, log_s1, c, dl, g_p, g_q;

@@ -257,10 +257,13 @@ std::vector<at::Tensor> step_stats_backward(
             }
             const scalar_t* xq_row = has_ref ? xq + ref_layout.offset(r) : nullptr;
             const acc_t tq = has_ref ? tau_q(r).tau : acc_t(1);
+            // dl = l_v - l_w, the logits' log s1 from the token lanes: the pair's sums.
+            const acc_t dl = kl_mode == 0 ? 0
+                             : reverse    ? log_s1_difference(s_kl[r], st[2], row.log_s1, st[1])
+                                          : log_s1_difference(s_kl[r], st[2], st[1], row.log_s1);
             const KLBackward<acc_t> klb =
-                kl_mode == 0
-                    ? KLBackward<acc_t>{0, 0, 0, 0, 0, 0}
-                    : KLBackward<acc_t>{st[0], st[1], st[2], s_kl[r] - st[2], up / tp.tau, up / tq};
+                kl_mode == 0 ? KLBackward<acc_t>{0, 0, 0, 0, 0, 0}
+                             : KLBackward<acc_t>{st[0], st[1], st[2], dl, up / tp.tau, up / tq};
             step_backward_row<scalar_t, acc_t>(kl_mode, do_p, do_q, xp, tp, xq_row, tq, V,
                                                    c, row, klb, bp, bq, gp, gq);
           }

@@ -278,6 +278,18 @@ def other_side_difference(w, y, far, LOG2: tl.constexpr):
     return tl.where(near, w * (y * p), far)
 
 
+@triton.jit
+def log_s1_difference(kl, c, l_w, l_v):
+    """dl = log s1_v - log s1_w for the other side's gradient, from the forward's KL and
+    c = E_w[d_w - d_v] (KL = c - l_w + l_v) where those are the smaller numbers, else from the
+    two logs (pair_rows.h's log_s1_difference): each form rounds at an ulp of its operands.
+    Near-equal rows have two small numbers in KL - c; a side masked in part with -1e30 where
+    the other has mass, a KL and a c of ~1e29, whose difference rounded at ~1e22 (the other
+    side's gradient 0.62 off, fp32 V = 300 at tau 1). NaN or infinite KLs take the logs."""
+    small = tl.maximum(tl.abs(kl), tl.abs(c)) <= tl.maximum(tl.abs(l_w), tl.abs(l_v))
+    return tl.where(small, kl - c, l_v - l_w)
+
+
 @triton.constexpr_function
 def has_other_series(XDT):
     """Whether the backward of logits of dtype XDT takes the other side's v_j - w_j from

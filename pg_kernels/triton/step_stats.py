@@ -143,6 +143,7 @@ from pg_kernels.triton._pair import (
     has_other_series,
     lane_floor,
     lane_scale,
+    log_s1_difference,
     max_logit,
     merge_row,
     nats_per_unit,
@@ -250,12 +251,15 @@ def _framed_rescale(xa, xb, k, m, d, s, mx, rp_old, rp):
         bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
     m_new = tl.maximum(m, bmax)
     d_new = _reference(mx) - _reference(m_new)
-    # x + d rounds at ulp(d): where the logits' lane lies far from this side's (a lane of the
-    # logits masked with a huge finite fill), its exponents would lose x. Such a lane's d is
-    # made NaN, which poisons the side's sums for good (the chunk is then summed again in the
-    # side's own frame: `_pair_again`).
-    d_new = tl.where(tl.abs(d_new) > FRAME_SPAN * tl.maximum(tl.abs(m_new), 1.0), float("nan"),
-                     d_new)  # fmt: skip
+    # x + d rounds at ulp(d) and at ulp(x): where the logits' lane lies far from this side's (a
+    # lane of either masked with a huge finite fill where the other's is not), its exponents
+    # would lose x. Such a lane's d is made NaN, which poisons the side's sums for good (the
+    # chunk is then summed again in the side's own frame: `_pair_again`). Measured against the
+    # smaller of the two lane maxes: a teacher lane of finfo.min logits beside the logits' 8
+    # (|d| ~ 3.4e38, within 64 |its max|) formed exps of ~0 +- 2e31 and a forward KL of +inf
+    # where the truth is 48.3 (temperature 1). An empty lane (-inf) keeps its d.
+    span = FRAME_SPAN * tl.maximum(tl.minimum(tl.abs(m_new), tl.abs(mx)), 1.0)
+    d_new = tl.where(tl.abs(d_new) > span, float("nan"), d_new)
     dd = d_new - d
     # R_old - R_new in one rounding; a lane that was empty has zero sums (any factor would do).
     delta = tl.where(m == float("-inf"), 0.0, fma_acc(dd, k, rp_old - rp))
@@ -972,13 +976,19 @@ def _bwd_kernel(
             c_kl += d_ref
         g_p = tl.where(kl_on, tl.where(p_nan, nan, up * inv_p), 0.0)  # d/dx = d/dz / tau
         g_q = tl.where(kl_on, tl.where(q_nan, nan, div_acc(up, tau_q)), 0.0)
-        # The other side's log s1_v - log s1_w = KL - c (c now relative to m), in log2 units,
-        # for `_bwd_values`' SERIES; NaN (so never near) on a KL = +inf or unread row.
-        dl = (kl.to(tl.float64) - c_kl.to(tl.float64)) * LOG2E_F64
-        dl_u = tl.where(read_q & (kl < big), dl.to(ACC), nan)
+        # The other side's log s1_v - log s1_w (c now relative to m), in log2 units, for
+        # `_bwd_values`' SERIES: KL - c, or from the logs where those are the smaller numbers
+        # (`_pair.log_s1_difference`; the logits' l_p = L - m / tau); NaN (so never near) on a
+        # KL = +inf or unread row.
+        f64 = tl.float64
+        l_p = tl.load(lse_ptr + row).to(f64) - m.to(f64) / tau_p.to(f64)
+        if REVERSE:
+            dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_p, l_q.to(f64))
+        else:
+            dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_q.to(f64), l_p)
+        dl_u = tl.where(read_q & (kl < big), (dl * LOG2E_F64).to(ACC), nan)
         # The log-ratio's d_p = z - m = ln2 (d2 + rho_hi) (`bwd_exps`: d2 = (x - m) c - rho_hi)
         # goes into per-row factors, its constant part computed in fp64 and rounded once.
-        f64 = tl.float64
         ln2 = _ln2(g_p)
         ln2_rho = _ln2(rho_hi.to(f64)) * rho_hi.to(f64)
         if REVERSE:

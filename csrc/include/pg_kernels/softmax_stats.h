@@ -461,7 +461,7 @@ PGK_HD T finalize_kl(const PairState<T>& s) {
     const T near = s.k / s.s1_w - (r - std::log1p(r));
     return near > T(0) ? near : T(0);
   }
-  return kl > T(0) ? kl : T(0);
+  return kl < T(0) ? T(0) : kl;  // a NaN stays NaN (an overflow, never a silent 0)
 }
 
 // Gradients of KL(w || v) (one pass, recomputing w_j and v_j):
