@@ -654,8 +654,9 @@ def test_one_sided_huge_finite_mask(bd, dtype, fill):
                 assert got[0][weight_masked].eq(INF).all(), (t, direction, got[0])
                 kl_err[weight_masked] = 0.0
             assert float(kl_err.max()) < 4e-6, (t, direction, kl_err)
-            w_grad, v_grad = (got[1], got[2]) if direction == "reverse" else (got[2], got[1])
-            w_true, v_true = (truth[1], truth[2]) if direction == "reverse" else (truth[2], truth[1])
+            order = (1, 2) if direction == "reverse" else (2, 1)  # (weight, other) gradients
+            w_grad, v_grad = (got[i] for i in order)
+            w_true, v_true = (truth[i] for i in order)
             up = torch.arange(1.0, 5.0, dtype=torch.float64, device=device)[:, None]
             v_bound = 4e-7 * up + eps_out * v_true.abs()
             assert bool(((v_grad - v_true).abs() <= v_bound).all()), (t, direction)

@@ -402,18 +402,19 @@ def test_one_sided_huge_finite_mask_kl(bd, dtype, fill):
     backend, device = bd
     x, xq = one_sided_fill_rows(dtype, fill, device)
     y = torch.tensor([3, 1, 2, 7], device=device)
+
+    def bundle(a, b, t, direction):
+        out = pg_kernels.step_stats(a, y, ref_logits=b, temperature=t, kl_direction=direction,
+                                    backend=backend)  # fmt: skip
+        return out.kl
+
+    def op(a, b, t, direction):
+        return pg_kernels.kl_divergence(a, b, temperature=t, direction=direction, backend=backend)
+
     for t in (1.0, 1.3):
         for direction in DIRECTIONS:
-
-            def bundle(a, b):
-                return pg_kernels.step_stats(a, y, ref_logits=b, temperature=t,
-                                             kl_direction=direction, backend=backend).kl  # fmt: skip
-
-            def op(a, b):
-                return pg_kernels.kl_divergence(a, b, temperature=t, direction=direction,
-                                                backend=backend)  # fmt: skip
-
-            got, want = kl_and_grads(bundle, x, xq), kl_and_grads(op, x, xq)
+            kw = {"t": t, "direction": direction}
+            got, want = kl_and_grads(bundle, x, xq, **kw), kl_and_grads(op, x, xq, **kw)
             # Relative: entries of the weight side's gradient are ~1e37. bf16 gradients: an ulp
             # of their output apart (2^-8 relative, 2^-7 below a power of two).
             rtol = 2e-5 if dtype == torch.float32 else 2.0**-7
