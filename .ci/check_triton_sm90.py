@@ -25,6 +25,7 @@ ops are compiled in WORKERS processes (Triton's compile and ptxas are single-thr
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import multiprocessing
 import os
@@ -165,6 +166,9 @@ def exercise(only: tuple[str, ...], V: int = 151936, dtypes=ALL_DTYPES) -> None:
             if "mismatch_stats" in only:
                 m = pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr.detach(), **t)
                 m.logprob.sum().backward()
+                # Its sampled estimators (on CPU tensors the op takes the C++ kernel for them).
+                estimators = importlib.import_module("pg_kernels.triton.sampled_estimators")
+                estimators.sampled_estimators_forward(lp.to(acc), lp, y, -100, 2.0, 0.5, 2.0)
             if "topk_kl" in only:
                 pg_kernels.topk_kl(x, ids, id_lp, labels=y, **t).sum().backward()
             if "step_stats" in only:

@@ -41,6 +41,10 @@ KERNELS = {
     "step_stats": ("cpu", "triton"),
 }
 
+# The kernel backends of ops that serve the public ones (not in the public ops' test matrix):
+# mismatch_stats' and step_stats' sampled-token estimators.
+INTERNAL_KERNELS = {"sampled_estimators": ("cpu", "triton")}
+
 # The device types each kernel backend takes tensors of (when it is available at all; Triton
 # takes CPU tensors only under its interpreter, see `unavailable_reason`).
 DEVICE_TYPES = {"cpu": ("cpu",), "triton": ("cpu", "cuda"), "cuda": ("cuda",)}
@@ -113,9 +117,10 @@ def launchers(op: str, backend: str):
             module = importlib.import_module(f"pg_kernels.triton.{op}")
         else:
             raise RuntimeError(f"{op}: no kernel for backend {backend!r}")
-        found = tuple(getattr(module, f"{op}_{step}") for step in ("forward", "backward"))
+        # A forward-only op (sampled_estimators) has no backward launcher.
+        found = tuple(getattr(module, f"{op}_{s}", None) for s in ("forward", "backward"))
         if backend in ("triton", "cuda"):
-            found = tuple(_on_inputs_device(f) for f in found)
+            found = tuple(f and _on_inputs_device(f) for f in found)
         _LAUNCHERS[(op, backend)] = found
     return found
 

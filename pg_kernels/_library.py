@@ -159,6 +159,13 @@ LIB.define(
     "Tensor? temperature, float temperature_scalar, int ignore_index, Tensor row_state, "
     "str backend) -> Tensor"
 )
+# The sampled-token estimators of mismatch_stats and step_stats: nine fields of the labels'
+# shape (ops/sampled_estimators.py's SAMPLED_FIELDS) in the log-prob's dtype; the three inputs
+# share that shape.
+LIB.define(
+    "sampled_estimators(Tensor logprob, Tensor rollout_logprobs, Tensor labels, int ignore_index, "
+    "float tis_cap, float icepop_low, float icepop_high, str backend) -> Tensor[]"
+)
 # step_stats: token_stats of the logits, plus the exact mismatch against rollout_logits and the
 # KL to ref_logits when given (an absent tensor's outputs are empty: token_kl and token_tv [0],
 # kl [0], kl_state [0, 3]). kl_state [..., 3] = the reference's (max, log sum exp(z - max)) and

@@ -24,17 +24,18 @@ def _exported_ops(module) -> set[str]:
 
 
 def test_kernel_table_matches_the_kernels():
-    """Every op is in the table; each compiled module exports exactly the ops the table gives it,
-    and every Triton op has its module."""
+    """Every op is in the table; each compiled module exports exactly the ops the table gives it
+    (the public ops' and the internal ones'), and every Triton op has its module."""
     assert set(_backend.KERNELS) == set(OPS)
-    for op, backends in _backend.KERNELS.items():
+    tables = {**_backend.KERNELS, **_backend.INTERNAL_KERNELS}
+    for op, backends in tables.items():
         assert set(backends) <= {"cpu", "triton", "cuda"}, op
         has_triton = importlib.util.find_spec(f"pg_kernels.triton.{op}") is not None
         assert has_triton == ("triton" in backends), op
     for backend, ext in (("cpu", _backend.cpu_extension()), ("cuda", _backend.cuda_extension())):
         if ext is None:
             continue  # not built here (the CUDA extension needs a CUDA build of torch)
-        want = {op for op, backends in _backend.KERNELS.items() if backend in backends}
+        want = {op for op, backends in tables.items() if backend in backends}
         assert _exported_ops(ext) == want, backend
 
 

@@ -25,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kl_divergence_backward", &pg_kernels::cpu::kl_divergence_backward);
   m.def("mismatch_stats_forward", &pg_kernels::cpu::mismatch_stats_forward);
   m.def("mismatch_stats_backward", &pg_kernels::cpu::mismatch_stats_backward);
+  m.def("sampled_estimators_forward", &pg_kernels::cpu::sampled_estimators_forward);
   m.def("step_stats_forward", &pg_kernels::cpu::step_stats_forward);
   m.def("step_stats_backward", &pg_kernels::cpu::step_stats_backward);
 }

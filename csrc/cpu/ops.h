@@ -171,6 +171,15 @@ at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Ten
                                    const at::Tensor& row_state, int64_t n_inner,
                                    int64_t stride_outer, int64_t stride_inner);
 
+// The sampled-token estimators of mismatch_stats and step_stats (sampled_estimators.cpp):
+// nine fields of the labels' shape, in the log-prob's dtype, from log-probs, rollout log-probs
+// and labels of one shape.
+std::vector<at::Tensor> sampled_estimators_forward(const at::Tensor& logprob,
+                                                   const at::Tensor& rollout_logprobs,
+                                                   const at::Tensor& labels, int64_t ignore_index,
+                                                   double tis_cap, double icepop_low,
+                                                   double icepop_high);
+
 // step_stats (step_stats.cpp). Layout ints describe the logits' rows, then the rollout
 // logits', then the reference logits'.
 std::vector<at::Tensor> step_stats_forward(

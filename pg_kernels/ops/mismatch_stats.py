@@ -29,7 +29,6 @@ import torch
 from pg_kernels import _backend, _library, reference
 from pg_kernels.ops._common import (
     acc_dtype,
-    check_float_arg,
     check_ignore_index,
     check_labels_arg,
     check_labels_on_cpu,
@@ -39,12 +38,12 @@ from pg_kernels.ops._common import (
     row_layout,
     view_rows,
 )
+from pg_kernels.ops.sampled_estimators import check_estimator_args, sampled_estimators
 from pg_kernels.ops.token_stats import token_stats
 from pg_kernels.outputs import MismatchStats
 
 OP = "mismatch_stats"
 KERNELS = _backend.KERNELS[OP]  # backends with a fused kernel for the rollout-logits case
-RATIO_CLAMP = 20.0  # rho = exp(clamp(delta, -20, 20)): no overflow on wild tokens
 
 
 def _flat(labels):
@@ -126,70 +125,6 @@ torch.library.register_autograd(
     "pg_kernels::mismatch_stats", _backward, setup_context=_setup_context
 )
 _library.differentiable_once("mismatch_stats_backward")
-
-
-def check_estimator_args(op, logits, labels, rollout_logprobs, tis_cap, icepop_low, icepop_high):
-    """The checks of the sampled estimators' inputs, shared with step_stats; returns the
-    keyword arguments of `sampled_estimators` (tis_cap, icepop_low, icepop_high) as floats."""
-    if not isinstance(rollout_logprobs, torch.Tensor) or not rollout_logprobs.is_floating_point():
-        raise TypeError(f"{op}: rollout_logprobs must be a floating tensor of log-probs")
-    if tuple(rollout_logprobs.shape) != tuple(labels.shape):
-        raise ValueError(
-            f"{op}: rollout_logprobs must have the labels' shape {tuple(labels.shape)}, "
-            f"got {tuple(rollout_logprobs.shape)}"
-        )
-    if rollout_logprobs.device != logits.device:
-        raise ValueError(
-            f"{op}: rollout_logprobs is on {rollout_logprobs.device} but logits on {logits.device}"
-        )
-    tis_cap = check_float_arg(op, "tis_cap", tis_cap, low=0.0)
-    icepop_low = check_float_arg(op, "icepop_low", icepop_low)
-    icepop_high = check_float_arg(op, "icepop_high", icepop_high)
-    if not 0 <= icepop_low <= icepop_high:
-        raise ValueError(
-            f"{op}: need 0 <= icepop_low <= icepop_high, got {icepop_low} and {icepop_high}"
-        )
-    return {"tis_cap": tis_cap, "icepop_low": icepop_low, "icepop_high": icepop_high}
-
-
-def sampled_estimators(
-    logprob: torch.Tensor,
-    rollout_logprobs: torch.Tensor,
-    keep: torch.Tensor,
-    *,
-    tis_cap: float,
-    icepop_low: float,
-    icepop_high: float,
-) -> dict[str, torch.Tensor]:
-    """docs/math.md §5 from [...] log-probs, 0 where `keep` is False. Elementwise, no grad.
-
-    k3 = rho - 1 - delta and chi2 = (rho - 1)^2 use expm1: rho - 1 in float32 loses all
-    digits of a small delta (k3 ~ delta^2 / 2 would be pure rounding below |delta| ~ 1e-3).
-    """
-    # delta is 0 on rows not kept, where every field but the ratio's is then 0 too: one mask
-    # instead of one per field (each a launch on a GPU, host time at small batches).
-    delta = logprob.detach() - rollout_logprobs.detach().to(logprob.dtype)
-    delta = torch.where(keep, delta, 0.0)
-    clamped = delta.clamp(-RATIO_CLAMP, RATIO_CLAMP)
-    rho_m1 = clamped.expm1()
-    rho = torch.where(keep, clamped.exp(), 0.0)
-    abs_delta = delta.abs()
-    return {
-        "log_ratio": delta,
-        "ratio": rho,
-        "k1": 0.0 - delta,  # not -delta: -0.0 on the rows not kept
-        "k2": 0.5 * delta * delta,
-        # e^delta - 1 - delta >= 0 exactly: clamp the last rounding; past the ratio clamp,
-        # e^20 - 1 - delta as SPEC's formula gives it (negative beyond delta = e^20 - 1).
-        "k3": torch.where(
-            abs_delta <= RATIO_CLAMP, (rho_m1 - delta).clamp_min(0), rho_m1 - delta
-        ),
-        "abs_log_ratio": abs_delta,
-        "chi2": rho_m1 * rho_m1,
-        "tis_weight": rho.clamp_max(tis_cap),
-        # 0 outside the band; NaN stays NaN (a NaN row is NaN in every field).
-        "icepop_weight": torch.where((rho < icepop_low) | (rho > icepop_high), 0.0, rho),
-    }
 
 
 def mismatch_stats(
@@ -277,5 +212,7 @@ def mismatch_stats(
                 logits, rollout_logits, labels, temp.tensor, temp.scalar, roll_temp.tensor,
                 roll_temp.scalar, ignore_index, backend,
             )  # fmt: skip
-    sampled = sampled_estimators(logprob, rollout_logprobs, labels != ignore_index, **bands)
+    sampled = sampled_estimators(
+        logprob, rollout_logprobs, labels, ignore_index, **bands, backend=backend
+    )
     return MismatchStats(logprob=logprob, **sampled, token_kl=token_kl, token_tv=token_tv)

@@ -33,7 +33,7 @@ from pg_kernels.ops._common import (
     view_rows,
 )
 from pg_kernels.ops.kl_divergence import DIRECTIONS, check_kl_args
-from pg_kernels.ops.mismatch_stats import check_estimator_args, sampled_estimators
+from pg_kernels.ops.sampled_estimators import check_estimator_args, sampled_estimators
 from pg_kernels.outputs import MismatchStats, StepStats, TokenStats
 
 OP = "step_stats"
@@ -261,7 +261,7 @@ def step_stats(
     mismatch = None
     if rollout_logprobs is not None:
         sampled = sampled_estimators(
-            token.logprob, rollout_logprobs, labels != ignore_index, **bands
+            token.logprob, rollout_logprobs, labels, ignore_index, **bands, backend=backend
         )
         mismatch = MismatchStats(
             logprob=token.logprob, **sampled, token_kl=token_kl, token_tv=token_tv

@@ -296,6 +296,13 @@ def _round_to_f32(x: float) -> float:
         return math.copysign(math.inf, x)
 
 
+def float64_bits(x: float) -> int:
+    """The int64 bit pattern of x as a float64: a kernel argument that keeps every bit (Triton
+    passes a Python float as fp32); the kernel reads it back with
+    `bits.to(tl.int64).to(tl.float64, bitcast=True)`."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
 def scalar_inv_temperature_bits(temperature: float, acc: torch.dtype) -> int:
     """The int64 bit pattern of the float64 holding 1 / temperature as the CPU kernel computes it:
     acc(1) / acc(temperature) (fp32: exact, since a double quotient of two floats rounds to the
@@ -308,7 +315,7 @@ def scalar_inv_temperature_bits(temperature: float, acc: torch.dtype) -> int:
         inv = _round_to_f32(1.0 / t32) if t32 > 0.0 else math.inf
     else:
         inv = 1.0 / t
-    return struct.unpack("<q", struct.pack("<d", inv))[0]
+    return float64_bits(inv)
 
 
 class RowBlocking(NamedTuple):
@@ -414,7 +421,7 @@ def scalar_log2_scale_bits(temperature: float, acc: torch.dtype) -> int:
     if acc == torch.float32:
         t = _round_to_f32(t)
     scale = 1.4426950408889634 / t if 0.0 < t < math.inf else math.nan
-    return struct.unpack("<q", struct.pack("<d", scale))[0]
+    return float64_bits(scale)
 
 
 @triton.jit
