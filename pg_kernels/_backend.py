@@ -118,7 +118,7 @@ def launchers(op: str, backend: str):
         else:
             raise RuntimeError(f"{op}: no kernel for backend {backend!r}")
         # A forward-only op (sampled_estimators) has no backward launcher.
-        found = tuple(getattr(module, f"{op}_{s}", None) for s in ("forward", "backward"))
+        found = (getattr(module, f"{op}_forward"), getattr(module, f"{op}_backward", None))
         if backend in ("triton", "cuda"):
             found = tuple(f and _on_inputs_device(f) for f in found)
         _LAUNCHERS[(op, backend)] = found

@@ -42,6 +42,7 @@ def _tokens(dtype, shape=(3, 67), seed=0):
     rl = lp + torch.randn(n, generator=g, dtype=torch.float64) * scale
     rl[3], rl[5], lp[7] = NAN, -INF, -INF
     rl[9], rl[11] = lp[9] - 25.0, lp[11] + 25.0
+    lp[15], rl[15] = -0.69314718, 0.0  # a ratio that rounds to icepop_low (0.5) in fp32
     y = torch.randint(0, 100, (n,), generator=g)
     y[::13] = -100
     return lp.to(dtype).view(shape), rl.to(dtype).view(shape), y.view(shape)
@@ -53,13 +54,18 @@ def _truth(lp, rl, labels):
                               backend="reference")  # fmt: skip
 
 
+LAYOUTS = ["contiguous", "strided", "int32 labels", "bf16 rollout", "fp8 rollout"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "int32 labels", "bf16 rollout"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_field_rounds_once(bd, dtype, layout):
     """Each field within half an ulp of its float64 value (fp32; fp64 within 1e-12 relative:
     the truth's own expm1(delta) - delta cancels ~1e-16 / delta); NaN exactly where the truth
     has NaN; +0.0, never -0.0, in k1 of an ignored row. Plain fp32 PyTorch's k3 of a small
-    delta cancels: 12 % off at delta ~1e-6."""
+    delta cancels: 12 % off at delta ~1e-6. tis_weight and icepop_weight are the ratio field's
+    own value capped and banded (a ratio that rounds to icepop_low is in the band, as the
+    PyTorch formulas on the rounded ratio have it; the kernels once banded the unrounded one)."""
     backend, device = bd
     lp, rl, y = _tokens(dtype)
     if layout == "strided":
@@ -69,18 +75,29 @@ def test_every_field_rounds_once(bd, dtype, layout):
         y = y.int()
     elif layout == "bf16 rollout":
         rl = rl.bfloat16()
+    elif layout == "fp8 rollout":  # no kernel reads it: converted first
+        rl = rl.clamp(-400.0, 400.0).to(torch.float8_e4m3fn)
     truth = _truth(lp, rl, y)
     got = sampled_estimators(lp.to(device), rl.to(device), y.to(device), -100, **BANDS,
                              backend=backend)  # fmt: skip
     rtol = torch.finfo(dtype).eps / 2 if dtype == torch.float32 else 1e-12
-    for name in SAMPLED_FIELDS:
+    ratio = got["ratio"].cpu()
+    kept = y != -100
+    capped = torch.where(ratio > BANDS["tis_cap"], BANDS["tis_cap"], ratio)
+    banded = torch.where((ratio < 0.5) | (ratio > 2.0), 0.0, ratio)
+    torch.testing.assert_close(got["tis_weight"].cpu(), capped, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got["icepop_weight"].cpu(), banded, rtol=0, atol=0,
+                               equal_nan=True)  # fmt: skip
+    if dtype == torch.float32 and layout != "fp8 rollout":
+        assert float(got["icepop_weight"].cpu().view(-1)[15]) == 0.5
+    for name in SAMPLED_FIELDS[:7]:
         g, t = got[name].cpu(), truth[name]
         assert g.shape == y.shape and g.dtype == dtype, name
         assert torch.equal(g.isnan(), t.isnan()), name
         err = (g.double() - t).abs().nan_to_num(0.0)  # inf - inf: equal infinities
         err[g.double() == t] = 0.0
         assert bool(((err <= rtol * t.abs()) | t.isnan()).all()), (name, float(err.max()))
-    k1 = got["k1"].cpu()[y == -100]
+    k1 = got["k1"].cpu()[~kept]
     assert bool((k1 == 0).all()) and not bool(k1.signbit().any())
 
 
@@ -105,8 +122,11 @@ def test_empty(bd):
     assert all(got[k].shape == (0, 5) for k in SAMPLED_FIELDS)
 
 
-def test_opcheck():
+def test_opcheck(bd):
+    """Schema, fake and kernel agree (nine separate outputs: the Triton launcher once returned
+    nine views of one tensor, which the fake does not)."""
+    backend, device = bd
     lp, rl, y = _tokens(torch.float32, shape=(2, 9))
     rl[0, 3] = -1.0  # a finite row: opcheck's comparisons take NaN != NaN
-    torch.library.opcheck(torch.ops.pg_kernels.sampled_estimators,
-                          (lp, rl, y, -100, 2.0, 0.5, 2.0, "cpu"))  # fmt: skip
+    args = (lp.to(device), rl.to(device), y.to(device), -100, 2.0, 0.5, 2.0, backend)
+    torch.library.opcheck(torch.ops.pg_kernels.sampled_estimators, args)

@@ -16,6 +16,8 @@ from test_kl_divergence import (
     _kl_grad_floor,
     kl_and_grads,
     one_sided_fill_rows,
+    other_side_top_error,
+    peaked_rows_with_shifted_tails,
 )
 from test_token_stats import _logprob_grad_error, _peaked_rows
 
@@ -424,6 +426,25 @@ def test_one_sided_huge_finite_mask_kl(bd, dtype, fill):
                 got, want = (*got[:2], got[2][[0, 1, 3]]), (*want[:2], want[2][[0, 1, 3]])
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=rtol, atol=4e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_peaked_rows_other_side_gradient(bd, direction):
+    """The bundle's other-side KL gradient at the top token of peaked rows, as kl_divergence's
+    (test_kl_divergence.py, same name): dl from the logs made it 0.10 off on Triton (its l_p =
+    L - m / tau carries ulp(L)) and 3.1e-3 on C++, where KL - c gives ~2e-6."""
+    backend, device = bd
+    y = torch.zeros(6, dtype=torch.long, device=device)
+    for offset in (0.0, 30.0):
+        x, xq = (t.to(device) for t in peaked_rows_with_shifted_tails(offset))
+        for t in (1.0, 0.7):
+
+            def op(a, b, t=t):
+                kw = {"temperature": t, "kl_direction": direction, "backend": backend}
+                return pg_kernels.step_stats(a, y, ref_logits=b, **kw).kl
+
+            err = other_side_top_error(op, x, xq, direction, t)
+            assert err <= 1e-4, (offset, t, err)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

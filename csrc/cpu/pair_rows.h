@@ -206,7 +206,7 @@ struct PairLanes {
 // (their KL, ~1e38 in float64 and in plain fp32 PyTorch, came out 0: inf - inf in the row's
 // compensated sum, a NaN the clamp at 0 hid). dw, dv: the chunk's d as the lanes read them.
 // Rare (a chunk with such terms); s1 stays the lanes'. A row whose terms overflow row_sum_t too
-// (fp64 logits masked with finfo(float64).min) keeps them: its KL reads +inf.
+// (fp64 logits masked with finfo(float64).min) keeps them: its KL reads +inf (RowSum::add).
 template <typename acc_t>
 PairState<row_sum_t<acc_t>> resum_overflowed(PairState<row_sum_t<acc_t>> s, const acc_t* dw,
                                              const acc_t* dv, int64_t n) {
@@ -295,11 +295,13 @@ struct RowSum {
   PairState<acc_t> hi = empty_pair<acc_t>();
   acc_t lo_s1w = 0, lo_s1v = 0, lo_u = 0, lo_k = 0;
 
-  static acc_t add(acc_t& sum, acc_t x) {  // sum += x, returns the rounding error
+  // sum += x, returns the rounding error: none once the sum overflowed (inf - inf would make
+  // the total NaN where it is +inf: an fp64 KL past the range, finfo(float64).min masks).
+  static acc_t add(acc_t& sum, acc_t x) {
     const acc_t s = sum + x;
     const acc_t e = std::abs(sum) >= std::abs(x) ? (sum - s) + x : (x - s) + sum;
     sum = s;
-    return e;
+    return std::isfinite(s) ? e : acc_t(0);
   }
 
   void merge(const PairState<acc_t>& chunk) {
@@ -558,15 +560,18 @@ PGK_VECTOR_INLINE Vec<acc_t> other_side_difference(const Vec<acc_t>& w, const Ve
 }
 
 // dl = l_v - l_w for other_side_difference, from the forward's KL and c = E_w[d_w - d_v]
-// (KL = c - l_w + l_v) where those are the smaller numbers, else from the two logs: each form
-// rounds at an ulp of its operands. Near-equal rows have two small numbers in KL - c, not the
-// difference of two rounded logs; a side masked in part with finfo.min where the other has mass
-// has a KL and a c of ~1e37, whose difference rounded at ~1e30 (the other side's gradient 4.5 %
-// off, fp32 V = 300 at tau 1, where plain PyTorch is 1.6e-8 off).
+// (KL = c - l_w + l_v). The finish forms KL as c + (l_v - l_w), so KL - c gives l_v - l_w to
+// the rounding of KL and c: better than the two saved logs, each rounded on its own (~ulp(1)
+// apart: the top entry of a peaked row's v_j - w_j came out 3.1e-3 off from the logs, 2.9e-6
+// from KL - c). Where KL and c are 2^10 times the logs' size and more, their roundings are the
+// larger: a side masked in part with a huge finite fill where the other has mass has a KL and
+// a c of ~1e29, whose difference rounded at ~1e22 (the other side's gradient 4.5 % off, fp32
+// V = 300 at tau 1, where plain PyTorch is 1.6e-8 off). There it takes the logs, as for a
+// KL of +inf.
 template <typename acc_t>
 acc_t log_s1_difference(acc_t kl, acc_t c, acc_t l_w, acc_t l_v) {
-  const bool by_logs =
-      std::max(std::abs(kl), std::abs(c)) > std::max(std::abs(l_w), std::abs(l_v));
+  const acc_t logs = std::max({acc_t(1), std::abs(l_w), std::abs(l_v)});
+  const bool by_logs = std::max(std::abs(kl), std::abs(c)) > acc_t(1024) * logs;
   return by_logs ? l_v - l_w : kl - c;
 }
 

@@ -31,7 +31,9 @@ void estimators(double lp, double rl, bool keep, double tis_cap, double low, dou
                          : delta > kRatioClamp ? kRatioClamp
                                                : delta;
   const double rho_m1 = std::expm1(clamped);
-  const double rho = keep ? std::exp(clamped) : 0.0;
+  // The ratio as its field holds it: the cap and the band compare that value (a ratio that
+  // rounds to icepop_low is in the band, as in the field the user reads).
+  const double rho = keep ? double(scalar_t(std::exp(clamped))) : 0.0;
   const double excess = rho_m1 - delta;  // e^delta - 1 - delta >= 0 inside the clamp
   const double fields[kFields] = {
       delta,                                                        // log_ratio

@@ -21,7 +21,8 @@ from pg_kernels.ops._common import check_float_arg
 OP = "sampled_estimators"
 KERNELS = _backend.INTERNAL_KERNELS[OP]
 RATIO_CLAMP = 20.0  # rho = exp(clamp(delta, -20, 20)): no overflow on wild tokens
-SAMPLED_FIELDS = (  # the kernels' output rows, in this order
+_ROLLOUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SAMPLED_FIELDS = (  # the kernels' outputs, in this order
     "log_ratio", "ratio", "k1", "k2", "k3", "abs_log_ratio", "chi2", "tis_weight",
     "icepop_weight",
 )  # fmt: skip
@@ -112,6 +113,8 @@ def sampled_estimators(
     SAMPLED_FIELDS, no grad. `backend`: the calling op's; "reference" takes PyTorch ops, any
     other the kernel for the tensors' device ("auto")."""
     logprob, rollout_logprobs = logprob.detach(), rollout_logprobs.detach()
+    if rollout_logprobs.dtype not in _ROLLOUT_DTYPES:  # float8: the kernels read 16 bits up
+        rollout_logprobs = rollout_logprobs.to(logprob.dtype)
     if backend != "reference":
         backend = _backend.resolve(OP, "auto", logprob.device, kernels=KERNELS)
     if backend == "reference":

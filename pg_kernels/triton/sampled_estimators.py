@@ -23,9 +23,10 @@ def _f64(bits):
 
 
 @triton.jit(do_not_specialize=["n", "ignore_index", "cap_bits", "low_bits", "high_bits"])
-def _estimators_kernel(lp_ptr, rl_ptr, labels_ptr, out_ptr, n, ignore_index, cap_bits, low_bits,
-                       high_bits, BLOCK: tl.constexpr):  # fmt: skip
-    """Tokens [pid BLOCK, (pid + 1) BLOCK) into out [FIELDS, n] (the order of SAMPLED_FIELDS in
+def _estimators_kernel(lp_ptr, rl_ptr, labels_ptr, log_ratio_ptr, ratio_ptr, k1_ptr, k2_ptr,
+                       k3_ptr, abs_ptr, chi2_ptr, tis_ptr, icepop_ptr, n, ignore_index, cap_bits,
+                       low_bits, high_bits, BLOCK: tl.constexpr):  # fmt: skip
+    """Tokens [pid BLOCK, (pid + 1) BLOCK) into the nine fields (SAMPLED_FIELDS in
     pg_kernels/ops/sampled_estimators.py). delta = 0 where not kept; NaN stays NaN."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
@@ -45,33 +46,35 @@ def _estimators_kernel(lp_ptr, rl_ptr, labels_ptr, out_ptr, n, ignore_index, cap
     clamped = tl.where(delta < -RATIO_CLAMP, -RATIO_CLAMP,
                        tl.where(delta > RATIO_CLAMP, RATIO_CLAMP, delta))  # fmt: skip
     rho_m1 = expm1_acc(clamped)
-    rho = tl.where(keep, tl.exp(clamped), 0.0)
+    # The ratio as its field holds it: the cap and the band compare that value.
+    rho = tl.where(keep, tl.exp(clamped).to(ACC), 0.0).to(f64)
     excess = rho_m1 - delta  # e^delta - 1 - delta >= 0 inside the clamp
     abs_delta = tl.abs(delta)
-    fields = out_ptr + i
-    tl.store(fields, delta.to(ACC), mask=mask)  # log_ratio
-    tl.store(fields + n, rho.to(ACC), mask=mask)  # ratio
-    tl.store(fields + 2 * n, (0.0 - delta).to(ACC), mask=mask)  # k1 (+0 where not kept)
-    tl.store(fields + 3 * n, (0.5 * delta * delta).to(ACC), mask=mask)  # k2
     k3 = tl.where((abs_delta <= RATIO_CLAMP) & (excess < 0.0), 0.0, excess)
-    tl.store(fields + 4 * n, k3.to(ACC), mask=mask)
-    tl.store(fields + 5 * n, abs_delta.to(ACC), mask=mask)  # abs_log_ratio
-    tl.store(fields + 6 * n, (rho_m1 * rho_m1).to(ACC), mask=mask)  # chi2
-    tl.store(fields + 7 * n, tl.where(rho > cap, cap, rho).to(ACC), mask=mask)  # tis (NaN stays)
     icepop = tl.where((rho < low) | (rho > high), 0.0, rho)
-    tl.store(fields + 8 * n, icepop.to(ACC), mask=mask)
+    tl.store(log_ratio_ptr + i, delta.to(ACC), mask=mask)
+    tl.store(ratio_ptr + i, rho.to(ACC), mask=mask)
+    tl.store(k1_ptr + i, (0.0 - delta).to(ACC), mask=mask)  # +0 where not kept
+    tl.store(k2_ptr + i, (0.5 * delta * delta).to(ACC), mask=mask)
+    tl.store(k3_ptr + i, k3.to(ACC), mask=mask)
+    tl.store(abs_ptr + i, abs_delta.to(ACC), mask=mask)
+    tl.store(chi2_ptr + i, (rho_m1 * rho_m1).to(ACC), mask=mask)
+    tl.store(tis_ptr + i, tl.where(rho > cap, cap, rho).to(ACC), mask=mask)  # NaN stays NaN
+    tl.store(icepop_ptr + i, icepop.to(ACC), mask=mask)
 
 
 def sampled_estimators_forward(logprob, rollout_logprobs, labels, ignore_index, tis_cap,
                                icepop_low, icepop_high):  # fmt: skip
-    """The nine fields as one [FIELDS, ...] tensor's rows, each of the labels' shape, in the
-    log-prob's dtype; the signature of pg_kernels._C.sampled_estimators_forward."""
+    """The nine fields, each a tensor of the labels' shape in the log-prob's dtype (separate
+    tensors, as the op's schema and fake have them); the signature of
+    pg_kernels._C.sampled_estimators_forward."""
     n = labels.numel()
-    out = torch.empty(FIELDS, *labels.shape, dtype=logprob.dtype, device=logprob.device)
+    out = [torch.empty(labels.shape, dtype=logprob.dtype, device=logprob.device)
+           for _ in range(FIELDS)]  # fmt: skip
     if n > 0:
         _estimators_kernel[(cdiv(n, BLOCK),)](
-            logprob.contiguous(), rollout_logprobs.contiguous(), labels.contiguous(), out, n,
+            logprob.contiguous(), rollout_logprobs.contiguous(), labels.contiguous(), *out, n,
             ignore_index, float64_bits(tis_cap), float64_bits(icepop_low),
             float64_bits(icepop_high), BLOCK=BLOCK, num_warps=4,
         )  # fmt: skip
-    return list(out.unbind(0))
+    return out

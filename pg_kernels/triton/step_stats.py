@@ -977,15 +977,18 @@ def _bwd_kernel(
         g_p = tl.where(kl_on, tl.where(p_nan, nan, up * inv_p), 0.0)  # d/dx = d/dz / tau
         g_q = tl.where(kl_on, tl.where(q_nan, nan, div_acc(up, tau_q)), 0.0)
         # The other side's log s1_v - log s1_w (c now relative to m), in log2 units, for
-        # `_bwd_values`' SERIES: KL - c, or from the logs where those are the smaller numbers
-        # (`_pair.log_s1_difference`; the logits' l_p = L - m / tau); NaN (so never near) on a
-        # KL = +inf or unread row.
+        # `_bwd_values`' SERIES: KL - c, or from the logs where KL and c are far larger
+        # (`_pair.log_s1_difference`; the logits' l_p = L - m / tau, good to ulp(L) and
+        # ulp(m / tau)); NaN (so never near) on a KL = +inf or unread row.
         f64 = tl.float64
-        l_p = tl.load(lse_ptr + row).to(f64) - m.to(f64) / tau_p.to(f64)
+        lse = tl.load(lse_ptr + row).to(f64)
+        m_z = m.to(f64) / tau_p.to(f64)
+        l_p = lse - m_z
+        size = tl.maximum(tl.maximum(tl.abs(lse), tl.abs(m_z)), tl.abs(l_q).to(f64))
         if REVERSE:
-            dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_p, l_q.to(f64))
+            dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_p, l_q.to(f64), size)
         else:
-            dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_q.to(f64), l_p)
+            dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_q.to(f64), l_p, size)
         dl_u = tl.where(read_q & (kl < big), (dl * LOG2E_F64).to(ACC), nan)
         # The log-ratio's d_p = z - m = ln2 (d2 + rho_hi) (`bwd_exps`: d2 = (x - m) c - rho_hi)
         # goes into per-row factors, its constant part computed in fp64 and rounded once.
