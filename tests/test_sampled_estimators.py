@@ -16,11 +16,10 @@ NAN, INF = float("nan"), float("inf")
 
 @pytest.fixture(
     params=[
-        pytest.param((b, d), marks=[pytest.mark.gpu] if d == "cuda" else [])
+        pytest.param((b, d), marks=[pytest.mark.gpu] if d == "cuda" else [], id=f"{b}-{d}")
         for b in KERNELS
-        for d in ("cpu", "cuda")
-    ],
-    ids=str,
+        for d in _backend.DEVICE_TYPES[b]
+    ]
 )
 def bd(request):
     backend, device = request.param
