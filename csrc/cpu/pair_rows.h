@@ -559,19 +559,18 @@ PGK_VECTOR_INLINE Vec<acc_t> other_side_difference(const Vec<acc_t>& w, const Ve
   return Vec<acc_t>::blendv(v - w, w * delta.expm1(), close);
 }
 
-// dl = l_v - l_w for other_side_difference, from the forward's KL and c = E_w[d_w - d_v]
-// (KL = c - l_w + l_v). The finish forms KL as c + (l_v - l_w), so KL - c gives l_v - l_w to
-// the rounding of KL and c: better than the two saved logs, each rounded on its own (~ulp(1)
-// apart: the top entry of a peaked row's v_j - w_j came out 3.1e-3 off from the logs, 2.9e-6
-// from KL - c). Where KL and c are 2^10 times the logs' size and more, their roundings are the
-// larger: a side masked in part with a huge finite fill where the other has mass has a KL and
-// a c of ~1e29, whose difference rounded at ~1e22 (the other side's gradient 4.5 % off, fp32
-// V = 300 at tau 1, where plain PyTorch is 1.6e-8 off). There it takes the logs, as for a
-// KL of +inf.
+// dl = l_v - l_w for other_side_difference: from the forward's KL and c = E_w[d_w - d_v]
+// (KL = c - l_w + l_v), or from the two saved logs. KL - c rounds at ~ulp(max(|KL|, |c|)), the
+// logs at ~ulp(max(1, |l|)) (each log s1 of a sum >= 1, rounded on its own), so it takes the
+// logs where KL or c exceeds max(1, |l_w|, |l_v|). Near-equal and peaked rows (KL and c
+// below 1: the top entry of a peaked row's v_j - w_j, 2.9e-6 off from KL - c, 3.1e-3 from the
+// logs, whose ulp(1) is large beside a c of ~1e-3) keep KL - c; a side masked in part with a
+// fill where the other has mass (KL ~ 1e2 .. 1e29) takes the logs: KL - c was 0.62 off at
+// -1e30 and 3.7e-5 at -1e4 (KL 853), where plain fp32 PyTorch is 2e-8 and 6e-7 off.
 template <typename acc_t>
 acc_t log_s1_difference(acc_t kl, acc_t c, acc_t l_w, acc_t l_v) {
   const acc_t logs = std::max({acc_t(1), std::abs(l_w), std::abs(l_v)});
-  const bool by_logs = std::max(std::abs(kl), std::abs(c)) > acc_t(1024) * logs;
+  const bool by_logs = std::max(std::abs(kl), std::abs(c)) > logs;
   return by_logs ? l_v - l_w : kl - c;
 }
 

@@ -280,15 +280,15 @@ def other_side_difference(w, y, far, LOG2: tl.constexpr):
 
 @triton.jit
 def log_s1_difference(kl, c, l_w, l_v, size):
-    """dl = log s1_v - log s1_w for the other side's gradient, from the forward's KL and
-    c = E_w[d_w - d_v] (KL = c - l_w + l_v), or from the two logs where KL and c are 2^10 times
-    `size` and more (the logs' magnitude, and what they were formed from; pair_rows.h's
-    log_s1_difference). The finish forms KL as c + (l_v - l_w), so KL - c is the better on
-    ordinary rows (the top entry of a peaked row's v_j - w_j: 4.5e-3 off from the logs, 1.9e-6
-    from KL - c); a side masked in part with -1e30 where the other has mass has a KL and a c of
-    ~1e29, whose difference rounded at ~1e22 (the other side's gradient 0.62 off, fp32 V = 300
-    at tau 1). NaN or infinite KLs take the logs."""
-    small = tl.maximum(tl.abs(kl), tl.abs(c)) <= 1024.0 * tl.maximum(size, 1.0)
+    """dl = log s1_v - log s1_w for the other side's gradient (pair_rows.h's
+    log_s1_difference): KL - c (KL = c - l_w + l_v), rounded at ~ulp(max(|KL|, |c|)), or the
+    two logs, rounded at ~ulp(max(1, size)) (`size`: the logs' magnitude and what they were
+    formed from), whichever is the finer: the logs where KL or c exceeds max(1, size).
+    Peaked and near-equal rows keep KL - c (the top entry of a peaked row's v_j - w_j: 1.9e-6
+    off against 4.5e-3 from the logs); a side masked in part with a fill where the other has
+    mass takes the logs (KL - c: 0.62 off at -1e30, 3.4e-5 at -1e4 where plain fp32 PyTorch is
+    6e-7). NaN or infinite KLs take the logs."""
+    small = tl.maximum(tl.abs(kl), tl.abs(c)) <= tl.maximum(size, 1.0)
     return tl.where(small, kl - c, l_v - l_w)
 
 

@@ -978,13 +978,14 @@ def _bwd_kernel(
         g_q = tl.where(kl_on, tl.where(q_nan, nan, div_acc(up, tau_q)), 0.0)
         # The other side's log s1_v - log s1_w (c now relative to m), in log2 units, for
         # `_bwd_values`' SERIES: KL - c, or from the logs where KL and c are far larger
-        # (`_pair.log_s1_difference`; the logits' l_p = L - m / tau, good to ulp(L) and
-        # ulp(m / tau)); NaN (so never near) on a KL = +inf or unread row.
+        # (`_pair.log_s1_difference`). The logits' log s1 relative to m / tau is -log max_prob
+        # (max_prob = e_m / s1, the sums' own term), good to ~1e-7 absolute; as L - m / tau it
+        # carried ulp(L) (7.6e-6 at L ~ 110: on near-equal rows masked in part with -1e6, tau
+        # 0.3, the other side's gradient 7.7e-4 off where plain fp32 PyTorch is 1.0e-4). NaN
+        # (so never near) on a KL = +inf or unread row.
         f64 = tl.float64
-        lse = tl.load(lse_ptr + row).to(f64)
-        m_z = m.to(f64) / tau_p.to(f64)
-        l_p = lse - m_z
-        size = tl.maximum(tl.maximum(tl.abs(lse), tl.abs(m_z)), tl.abs(l_q).to(f64))
+        l_p = -tl.log(tl.load(max_prob_ptr + row).to(f64))
+        size = tl.maximum(tl.abs(l_p), tl.abs(l_q).to(f64))
         if REVERSE:
             dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_p, l_q.to(f64), size)
         else:
