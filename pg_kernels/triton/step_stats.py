@@ -1144,16 +1144,23 @@ def step_stats_forward(
     part_idx = torch.empty((blk.n_chunks, N), dtype=torch.int32, device=dev)
     part_r = torch.empty((PARTIAL, blk.n_chunks, N) if has_roll else (0,), dtype=acc, device=dev)
     part_q = torch.empty((PARTIAL, blk.n_chunks, N) if has_ref else (0,), dtype=acc, device=dev)
+    exact_move = logits.dtype.itemsize == 2  # x + d of 16-bit logits is exact in fp32
     div_r = needs_division(
         temperature, temperature_scalar, rollout_temperature, rollout_temperature_scalar
     )
-    div_q = needs_division(temperature, temperature_scalar, ref_temperature, ref_temperature_scalar)
+    # An fp32 / fp64 teacher sums in its own lanes at temperature 1 too (the division path, by
+    # 1): x + d rounds at ulp(the logits' lane max), and a teacher of another scale lost that
+    # (logits at +1000, a teacher at -300: the other side's KL gradient 2.9e-5 off where plain
+    # fp32 PyTorch is 4e-8; 4.4e-7 since). Shifted teacher rows' KLs are then ~1e-15 (the
+    # excess k), not 0; the rollout, the same model's logits, stays framed.
+    div_q = not exact_move or needs_division(
+        temperature, temperature_scalar, ref_temperature, ref_temperature_scalar
+    )
     # Framed on the logits' lanes under a temperature too where x + d, the other side's logit
     # moved by the lanes' max difference, is exact: 16-bit logits (fp32 rounds it at ulp(|d|):
     # rows far apart, a KL gradient of 2.1e-6 where the truth is 0 and each side's own lanes
     # give 1.9e-7; its excess k keeps shifted rows' KLs at ~1e-15 instead).
     t_args = (temperature, temperature_scalar)
-    exact_move = logits.dtype.itemsize == 2
     roll_args = (rollout_temperature, rollout_temperature_scalar)
     same_r = exact_move and _same_temperature(t_args, roll_args)
     same_q = exact_move and _same_temperature(t_args, (ref_temperature, ref_temperature_scalar))
