@@ -279,16 +279,17 @@ def other_side_difference(w, y, far, LOG2: tl.constexpr):
 
 
 @triton.jit
-def log_s1_difference(kl, c, l_w, l_v, size):
+def log_s1_difference(kl, c, l_w, l_v):
     """dl = log s1_v - log s1_w for the other side's gradient (pair_rows.h's
     log_s1_difference): KL - c (KL = c - l_w + l_v), rounded at ~ulp(max(|KL|, |c|)), or the
-    two logs, rounded at ~ulp(max(1, size)) (`size`: the logs' magnitude and what they were
-    formed from), whichever is the finer: the logs where KL or c exceeds max(1, size).
+    two logs, rounded at ~ulp(max(1, |l_w|, |l_v|)), whichever is the finer: the logs where KL
+    or c exceeds max(1, |l_w|, |l_v|).
     Peaked and near-equal rows keep KL - c (the top entry of a peaked row's v_j - w_j: 1.9e-6
     off against 4.5e-3 from the logs); a side masked in part with a fill where the other has
     mass takes the logs (KL - c: 0.62 off at -1e30, 3.4e-5 at -1e4 where plain fp32 PyTorch is
     6e-7). NaN or infinite KLs take the logs."""
-    small = tl.maximum(tl.abs(kl), tl.abs(c)) <= tl.maximum(size, 1.0)
+    logs = tl.maximum(tl.maximum(tl.abs(l_w), tl.abs(l_v)), 1.0)
+    small = tl.maximum(tl.abs(kl), tl.abs(c)) <= logs
     return tl.where(small, kl - c, l_v - l_w)
 
 

@@ -225,8 +225,7 @@ def _bwd_kernel(
     # p_w - p_v and c cancel exactly. log s1_v - log s1_w as KL - c, two small numbers where
     # the rows are near-equal (the C++ kernel's dl), or from the logs (`log_s1_difference`: a
     # KL = +inf row, whose other side is still exact, or one of ~1e29).
-    size = tl.maximum(tl.abs(l_w), tl.abs(l_v))
-    dl = tl.where(compute, log_s1_difference(kl, c, l_w, l_v, size), 0.0)
+    dl = tl.where(compute, log_s1_difference(kl, c, l_w, l_v), 0.0)
     f_wr, f_wc, f_vv, f_d, f_vw = _bwd_factors(l_w, l_v, dl, c, s_w, s_v, DIVIDE)
     SERIES: tl.constexpr = has_other_series(XDT)
     dl_u = dl  # in `_bwd_block`'s r units: log2 with DIVIDE in fp32, else nats

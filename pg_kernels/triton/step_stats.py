@@ -985,11 +985,10 @@ def _bwd_kernel(
         # (so never near) on a KL = +inf or unread row.
         f64 = tl.float64
         l_p = -tl.log(tl.load(max_prob_ptr + row).to(f64))
-        size = tl.maximum(tl.abs(l_p), tl.abs(l_q).to(f64))
         if REVERSE:
-            dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_p, l_q.to(f64), size)
+            dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_p, l_q.to(f64))
         else:
-            dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_q.to(f64), l_p, size)
+            dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_q.to(f64), l_p)
         dl_u = tl.where(read_q & (kl < big), (dl * LOG2E_F64).to(ACC), nan)
         # The log-ratio's d_p = z - m = ln2 (d2 + rho_hi) (`bwd_exps`: d2 = (x - m) c - rho_hi)
         # goes into per-row factors, its constant part computed in fp64 and rounded once.
