@@ -142,6 +142,8 @@ def test_group_advantages_errors():
         group_advantages(torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="method"):
         group_advantages(r, torch.zeros(4, dtype=torch.int64), method="ppo")
+    with pytest.raises(ValueError, match="eps"):  # a negative eps: A = -inf / +inf at std = -eps
+        group_advantages(r, torch.zeros(4, dtype=torch.int64), eps=-0.5)
 
 
 def ref_otb(G, lgp, mask, ids, isw=None, zero_tail=False, eps=1e-8):
@@ -273,6 +275,8 @@ def test_otb_errors():
     )
     with pytest.raises(ValueError, match="is_weights"):
         otb_advantages(torch.zeros(2), torch.zeros(2, 3), m, ids, is_weights=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="eps"):
+        otb_advantages(torch.zeros(2), torch.zeros(2, 3), m, ids, eps=float("nan"))
 
 
 def ref_trloo(r, tm, ids, gamma):
@@ -347,7 +351,9 @@ def ref_empg(A, H, mask, sid, k, kf, zeta):
     mean_e = sum(math.exp(-k * h) for h in Hn.values()) / len(Hn)
     a = {}
     for (i, s), h in Hn.items():
-        bonus = zeta * math.exp(-kf * Hn[(i, s + 1)]) if (i, s + 1) in Hn else 0.0
+        # the row's next step that exists (a step whose tokens are all masked is skipped)
+        later = [r for (j, r) in Hn if j == i and r > s]
+        bonus = zeta * math.exp(-kf * Hn[(i, min(later))]) if later else 0.0
         a[(i, s)] = math.exp(-k * h) / mean_e * float(A[i]) + bonus
     mean_a = sum(a.values()) / len(a)
     out = torch.zeros(B, T, dtype=f64)
@@ -384,6 +390,22 @@ def test_empg_vs_loop():
         if mask[i, t] and sid[i, t] >= 0
     }
     assert abs(sum(steps.values())) < 1e-10
+
+
+def test_empg_bonus_skips_a_step_without_tokens():
+    """The bonus is f of the row's next step that exists: step ids that count a masked tool
+    message (a step with no valid token) give what the ids without it give. It was f of slot
+    s + 1, 0 there: step 0's bonus lost (0.4621 instead of 0.4805)."""
+    A = torch.tensor([1.0, -0.5], dtype=f64)
+    H = torch.tensor([[0.2, 0.2, 9.9, 9.9, 1.0, 1.0], [0.5, 2.0, 2.0, 0.1, 0.1, 0.1]], dtype=f64)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1]])
+    sid = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 2, 2, 2]])
+    renumbered = torch.tensor([[0, 0, -1, -1, 1, 1], [0, 1, 1, 2, 2, 2]])
+    got = empg_advantages(A, H, mask, sid)
+    torch.testing.assert_close(got, empg_advantages(A, H, mask, renumbered), rtol=0, atol=1e-15)
+    torch.testing.assert_close(got, ref_empg(A, H, mask, sid, 1.0, 1.0, 0.1), rtol=0, atol=1e-15)
+    one = empg_advantages(A[:1], H[:1], mask[:1], sid[:1])  # the single row of the report
+    assert abs(float(one[0, 0]) - 0.48051112463320833) < 1e-12
 
 
 def test_empg_takes_the_entropy_detached():
@@ -488,6 +510,13 @@ def test_empg_step_ids_beyond_T():
 
 
 def test_empg_errors():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    args = (torch.zeros(2), torch.zeros(2, 3), torch.ones(2, 3), ids)
+    for name in ("k", "k_f", "zeta"):
+        with pytest.raises(ValueError, match=name):
+            empg_advantages(*args, **{name: float("nan")})
+        with pytest.raises(TypeError, match=name):
+            empg_advantages(*args, **{name: "1"})
     with pytest.raises(ValueError, match="step_ids"):
         empg_advantages(
             torch.zeros(2),

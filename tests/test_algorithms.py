@@ -98,6 +98,22 @@ def _opt(lr=1.0):
     return torch.optim.SGD([{"params": [p], "lr": lr}, {"params": [], "lr": 0.5 * lr}])
 
 
+def test_response_length_scheduler_tensor_lr_in_place():
+    """A tensor lr (torch.compile'd or capturable optimizer steps read it) is decayed in place,
+    as torch's own schedulers do: it had been replaced by a new tensor, then by a float at the
+    floor."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    lr = torch.tensor(1.0)
+    opt = torch.optim.Adam([p], lr=lr)
+    s = ResponseLengthLRScheduler(opt, ema=0.5, trigger_ratio=0.1, gamma=0.5, cooldown=0,
+                                  min_lr=0.4)  # fmt: skip
+    held = opt.param_groups[0]["lr"]
+    assert s.step(100.0) is False and s.step(200.0) is True
+    assert opt.param_groups[0]["lr"] is held and float(held) == 0.5
+    assert s.step(10_000.0) is True  # floored
+    assert opt.param_groups[0]["lr"] is held and float(held) == pytest.approx(0.4)
+
+
 def test_response_length_scheduler_rules():
     opt = _opt()
     s = ResponseLengthLRScheduler(

@@ -413,6 +413,9 @@ def test_trl_selective_log_softmax(trl, dtype, temperature):
         row_mask=topk_mask,
     )
     assert got[0][0, 1, 2] == 0 and got[0][2, 0, 0] == 0 and (got[0][topk_mask] != 0).all()
+    # TRL's kernel takes one token per row: every [..., K] call is its torch path's, whose
+    # output keeps the logits' dtype (ours was fp32 for bf16)
+    assert got[0].dtype == dtype
     _compare(
         "selective_log_softmax_and_entropy",
         trl.utils.selective_log_softmax_and_entropy,
@@ -609,6 +612,33 @@ def test_drop_ins_compile(fn):
     got, grad = _run(compiled, x, *args)
     torch.testing.assert_close(got, eager)
     torch.testing.assert_close(grad, eager_grad)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        pgk_verl.logprobs_from_logits,
+        pgk_verl.entropy_from_logits,
+        pgk_verl.calculate_sum_pi_squared_from_logits,
+        pgk_trl.selective_log_softmax,
+        pgk_trl.selective_log_softmax_and_entropy,
+        pgk_openrlhf.log_probs_from_logits,
+        pgk_openrlhf.compute_entropy,
+        pgk_slime.calculate_log_probs_and_entropy,
+    ],
+    ids=lambda f: f"{f.__module__.rsplit('.', 1)[-1]}.{f.__name__}",
+)
+def test_drop_ins_take_any_layout(fn):
+    """Logits whose vocab dim is not contiguous (a transposed view), which the trainers'
+    functions take: the drop-ins give what they give on a contiguous copy (they raised, the ops
+    refusing a strided vocab dim)."""
+    x = _logits((6,), torch.float32, seed=15).t().contiguous().t()  # [6, V], stride (1, 6)
+    assert x.stride(-1) != 1
+    takes_labels = "prob" in fn.__name__ or "selective" in fn.__name__  # a log-prob's
+    args = (_labels((6,), seed=15),) if takes_labels else ()
+    got, want = fn(x, *args), fn(x.contiguous(), *args)
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
+        assert a is None and b is None or torch.equal(a, b)
 
 
 def test_fused_linear_for_ppo_saves_no_logits():

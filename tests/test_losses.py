@@ -54,6 +54,9 @@ def test_trm_errors():
         trm_mask(m, k2=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="k3"):
         trm_mask(m, k2=torch.zeros(2, 3), k3=torch.zeros(2, 4))
+    for name in ("max_threshold", "avg_threshold"):
+        with pytest.raises(ValueError, match=name):
+            trm_mask(m, token_kl=torch.zeros(2, 3), **{name: -0.01})
 
 
 def test_geometric_rejection_hand_cases():
@@ -74,6 +77,10 @@ def test_geometric_rejection_hand_cases():
     assert geometric_rejection(lr2, torch.ones(1, 2), veto=0.0).tolist() == [True]
     assert geometric_rejection(lr2, torch.ones(1, 2), veto=0.0, clamp=40.0).tolist() == [True]
     assert geometric_rejection(lr2, torch.ones(1, 2)).tolist() == [False]
+    # A reversed band (every row rejected), a negative veto or a clamp of 0 are refused
+    for bad in (dict(low=1.001, high=0.999), dict(veto=-1.0), dict(clamp=0.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            geometric_rejection(lr2, torch.ones(1, 2), **bad)
     # The clamp bounds the mean, not each token: one delta of +45 among 24999 tiny ones is a
     # mean of 1.8e-3 (exp 1.0018 > 1.001: reject); clamped to 20 first it was 8e-4 (kept).
     lr3 = torch.zeros(1, 25000, dtype=f64)
@@ -469,6 +476,18 @@ def test_policy_loss_errors():
         policy_loss(lp, old, adv, mask, seq_mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(TypeError, match="logprob"):
         policy_loss(lp.long(), old, adv, mask)
+    # Constants that flip or stop the update silently (tis_cap -1: the loss's sign flipped;
+    # clip_high -0.5: every token clipped, no gradient).
+    for bad in (dict(clip_low=-0.1), dict(clip_high=-0.5), dict(clip_high=float("nan")),
+                dict(tis_cap=0.0), dict(tis_cap=-1.0), dict(icepop_low=-1.0),
+                dict(icepop_low=2.0, icepop_high=0.5)):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            policy_loss(lp, old, adv, mask, rollout_logprob=roll, rollout_correction="tis", **bad)
+    with pytest.raises(TypeError, match="clip_low"):
+        policy_loss(lp, old, adv, mask, clip_low=torch.tensor(0.2))
+    # +inf is a bound that never binds: no cap, no upper band
+    policy_loss(lp, old, adv, mask, rollout_logprob=roll, rollout_correction="tis",
+                tis_cap=float("inf"), icepop_high=float("inf"))  # fmt: skip
 
 
 def test_policy_loss_float32():

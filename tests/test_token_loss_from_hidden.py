@@ -129,13 +129,39 @@ def test_second_derivative_raises(backend):
     assert grad.abs().sum() > 0
 
 
-def test_empty_batch_loss_is_zero():
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_empty_batch_loss_is_zero(backend):
+    """No rows, no chunk: loss_fn is not called and the loss is 0 on every backend (the
+    reference path called it on an empty chunk: a token-mean's 0 / 0 gave NaN there)."""
     h, w, _ = _projection(4, 8, 30, torch.float32, seed=7, bias=False)
     hh = h[:0].clone().requires_grad_()
-    loss, stats = pg_kernels.token_loss_from_hidden(hh, w, torch.zeros(0, dtype=torch.long),
-                                                    lambda s, rows: -s.logprob.sum())  # fmt: skip
+    calls = []
+
+    def loss_fn(s, rows):
+        calls.append(rows)
+        return s.logprob.mean()
+
+    loss, stats = pg_kernels.token_loss_from_hidden(
+        hh, w, torch.zeros(0, dtype=torch.long), loss_fn, backend=backend
+    )
     loss.backward()
     assert float(loss.detach()) == 0.0 and stats.entropy.shape == (0,) and hh.grad.shape == (0, 8)
+    assert calls == []
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_constant_loss_is_returned_as_a_new_tensor(backend):
+    """A loss_fn that returns a captured constant (a fully masked chunk's 0): the op's loss is
+    a new tensor, and the constant stays one (on the kernels' path with one chunk it had been
+    the very object, given a grad_fn that kept the saved gradients alive)."""
+    h, w, _ = _projection(6, 8, 50, torch.float32, seed=12, bias=False)
+    zero = torch.zeros(())
+    hh = h.clone().requires_grad_()
+    loss, _ = pg_kernels.token_loss_from_hidden(hh, w, _labels((6,), 50, seed=12),
+                                                lambda s, rows: zero, backend=backend)  # fmt: skip
+    assert loss is not zero and not zero.requires_grad and zero.grad_fn is None
+    loss.backward()
+    assert float(hh.grad.abs().max()) == 0.0
 
 
 def test_reference_backend_and_compile_agree():

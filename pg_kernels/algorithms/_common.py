@@ -56,6 +56,29 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def check_number(
+    name: str, value, *, at_least: float | None = None, above: float | None = None
+) -> float:
+    """A real constant (a Python number, +inf included), not NaN, >= `at_least` and > `above`
+    where given. Returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    low_ok = at_least is None or v >= at_least
+    if v != v or not low_ok or (above is not None and not v > above):
+        bound = f" >= {at_least:g}" if at_least is not None else ""
+        bound += f" > {above:g}" if above is not None else ""
+        raise ValueError(f"{name} must be a number{bound}, got {value}")
+    return v
+
+
+def check_band(low_name: str, low, high_name: str, high, *, at_least: float = 0.0) -> None:
+    """Two constants of a band: each >= at_least and low <= high."""
+    lo, hi = check_number(low_name, low, at_least=at_least), check_number(high_name, high)
+    if not lo <= hi:
+        raise ValueError(f"{low_name} must be <= {high_name}, got {low} > {high}")
+
+
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """The dtype the algorithms compute in and return (docs/math.md §0): the promoted dtype of
     the floating `tensors`, at least float32, so bf16 / fp16 / fp32 -> fp32 and fp64 -> fp64.

@@ -17,6 +17,7 @@ from pg_kernels.algorithms._common import (
     check_float,
     check_int,
     check_mask,
+    check_number,
     check_same_device,
     check_shape,
     compute_dtype,
@@ -69,6 +70,7 @@ def group_advantages(
     check_shape("group_ids", group_ids, rewards.shape)
     check_same_device(rewards=rewards, group_ids=group_ids)
     check_choice("method", method, GROUP_METHODS)
+    check_number("eps", eps, at_least=0.0)
     B = rewards.shape[0]
     out_dtype = compute_dtype(rewards)
     gid = dense_group_ids(group_ids)
@@ -155,6 +157,7 @@ def otb_advantages(
     check_same_device(
         returns=returns, lgp=lgp, mask=mask, group_ids=group_ids, is_weights=is_weights
     )
+    check_number("eps", eps, at_least=0.0)
     dtype = compute_dtype(lgp, returns, is_weights)
     m = weights(mask, dtype)
     ok = valid(mask)
@@ -224,6 +227,7 @@ def trloo_advantages(
     check_int("group_ids", group_ids, 1)
     check_shape("group_ids", group_ids, (B,))
     check_same_device(turn_rewards=turn_rewards, turn_mask=turn_mask, group_ids=group_ids)
+    check_number("gamma", gamma, at_least=0.0)
     dtype = compute_dtype(turn_rewards)
     ok = valid(turn_mask)
     r = torch.where(ok, turn_rewards.to(dtype), 0)
@@ -319,6 +323,8 @@ def empg_advantages(
     check_same_device(
         advantages=advantages, token_entropy=token_entropy, mask=mask, step_ids=step_ids
     )
+    for name, value in (("k", k), ("k_f", k_f), ("zeta", zeta)):
+        check_number(name, value)
     dtype = compute_dtype(token_entropy, advantages)
     ids = step_ids.to(torch.int64)
     beyond = ids >= T  # slot i * T + id would be the next row's
@@ -346,7 +352,13 @@ def empg_advantages(
     e_mean = e.sum() / n_steps
     g = e / torch.where(e_mean != 0, e_mean, 1)
     f = torch.where(exists, torch.exp(-k_f * Hn), 0)
-    f_next = torch.cat([f[:, 1:], f.new_zeros(B, 1)], dim=1)  # 0 after a row's last step
+    # The bonus is f of the row's next step that exists (ids may skip a step whose tokens are all
+    # masked, a tool output between two model steps), 0 after its last step: the smallest
+    # existing slot after s, from a reverse running min over [B, T] (T: none).
+    slots = torch.arange(T, device=ids.device).expand(B, T)
+    first_from = torch.where(exists, slots, T).flip(1).cummin(1).values.flip(1)
+    next_slot = torch.cat([first_from[:, 1:], first_from.new_full((B, 1), T)], dim=1)
+    f_next = torch.cat([f, f.new_zeros(B, 1)], dim=1).gather(1, next_slot)
     a = torch.where(exists, g * advantages.to(dtype)[:, None] + zeta * f_next, 0)
     a = torch.where(exists, a - a.sum() / n_steps, 0)
     out = a.reshape(-1).gather(0, flat).view(B, T)

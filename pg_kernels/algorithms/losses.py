@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 
 from pg_kernels.algorithms._common import (
+    check_band,
     check_choice,
     check_float,
     check_mask,
+    check_number,
     check_same_device,
     check_shape,
     compute_dtype,
@@ -164,6 +166,10 @@ def policy_loss(
     check_choice("agg", agg, AGGREGATIONS)
     _check_norm_length(norm_length)
     check_choice("rollout_correction", rollout_correction, ROLLOUT_CORRECTIONS)
+    check_number("clip_low", clip_low, at_least=0.0)
+    check_number("clip_high", clip_high, at_least=0.0)
+    check_number("tis_cap", tis_cap, above=0.0)
+    check_band("icepop_low", icepop_low, "icepop_high", icepop_high)
     if dual_clip is not None:
         if loss_type == "cispo":
             raise ValueError("dual_clip applies to loss_type 'ppo' and 'gspo', not 'cispo'")

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 
 from pg_kernels.algorithms._common import (
+    check_band,
     check_float,
     check_mask,
+    check_number,
     check_same_device,
     check_shape,
     compute_dtype,
@@ -66,6 +68,8 @@ def trm_mask(
             check_float(name, t, 2)
             check_shape(name, t, mask.shape)
     check_same_device(mask=mask, token_kl=token_kl, k2=k2, k3=k3)
+    check_number("max_threshold", max_threshold, at_least=0.0)
+    check_number("avg_threshold", avg_threshold, at_least=0.0)
     d_max, d_avg = (token_kl, token_kl) if exact else (k2, k3)
     d_max, d_avg = d_max.to(compute_dtype(d_max)), d_avg.to(compute_dtype(d_avg))
     ok = valid(mask)
@@ -110,6 +114,9 @@ def geometric_rejection(
     check_float("log_ratio", log_ratio, 2)
     check_mask("mask", mask, log_ratio.shape)
     check_same_device(log_ratio=log_ratio, mask=mask)
+    check_band("low", low, "high", high)
+    check_number("veto", veto, at_least=0.0)
+    check_number("clamp", clamp, above=0.0)
     ok = valid(mask)
     delta = log_ratio.to(compute_dtype(log_ratio))
     geo = torch.exp(masked_row_mean(delta, ok.to(delta.dtype)).clamp(-clamp, clamp))

@@ -86,8 +86,15 @@ class ResponseLengthLRScheduler:
         decayed = False
         if triggered:
             for group in self.optimizer.param_groups:
-                if group["lr"] > self.min_lr:
-                    group["lr"] = max(group["lr"] * self.gamma, self.min_lr)
+                lr = float(group["lr"])
+                if lr > self.min_lr:
+                    new_lr = max(lr * self.gamma, self.min_lr)
+                    # A tensor lr (compiled or capturable optimizers) is updated in place, as
+                    # torch's schedulers do: a step captured with it reads the new value.
+                    if isinstance(group["lr"], torch.Tensor):
+                        group["lr"].fill_(new_lr)
+                    else:
+                        group["lr"] = new_lr
                     decayed = True
         if decayed:  # every group already at min_lr: no decay, no cooldown
             self.last_decay_step = self.step_count

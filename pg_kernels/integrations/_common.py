@@ -10,13 +10,24 @@ from pg_kernels.outputs import TokenStats
 IGNORE_INDEX = -100
 
 
+def stats(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor = 1.0
+) -> TokenStats:
+    """token_stats for a drop-in: logits of any layout, as the trainers' functions take them (a
+    vocab dim that is not contiguous, e.g. a transposed view, is copied first; the ops read the
+    vocab dim in place and refuse it)."""
+    if logits.dim() > 0 and logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return token_stats(logits, labels, temperature=temperature)
+
+
 def row_stats(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> TokenStats:
-    """token_stats of every row when no label is wanted (entropy, collision, lse).
+    """`stats` of every row when no label is wanted (entropy, collision, lse).
 
     Label 0 is a valid index of every row (V >= 1); the logprob field is then meaningless.
     """
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    return token_stats(logits, labels, temperature=temperature)
+    return stats(logits, labels, temperature)
 
 
 def masked_labels(labels: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels import token_stats
-from pg_kernels.integrations._common import row_stats
+from pg_kernels.integrations._common import row_stats, stats
 from pg_kernels.integrations._patching import Patcher
 
 __all__ = ["compute_entropy", "log_probs_from_logits", "patch", "unpatch"]
@@ -32,7 +31,7 @@ def log_probs_from_logits(
         labels: [...] int; -100 gives 0 with zero gradient.
         temperature: float or [...] tensor, > 0.
     """
-    return token_stats(logits, labels, temperature=temperature).logprob.to(logits.dtype)
+    return stats(logits, labels, temperature).logprob.to(logits.dtype)
 
 
 def compute_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,8 @@ def calculate_log_probs_and_entropy(
         log_prob = logits.new_zeros((0,))
         return log_prob, (logits.new_zeros((0,)) if with_entropy else None)
     tokens = tokens.to(torch.int64)
+    if logits.stride(-1) != 1:  # any layout, as slime takes it (the ops read the vocab in place)
+        logits = logits.contiguous()
 
     def stats(x):
         return parallel.token_stats(x, tokens, group=tp_group) if tp else token_stats(x, tokens)

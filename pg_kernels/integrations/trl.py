@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels import token_stats
-from pg_kernels.integrations._common import check_temperature, masked_labels, row_stats
+from pg_kernels.integrations._common import check_temperature, masked_labels, row_stats, stats
 from pg_kernels.integrations._patching import Patcher
 
 __all__ = [
@@ -42,12 +41,14 @@ def selective_log_softmax(
         row_mask: optional, `index`'s shape; where 0 the output is 0.
 
     Returns:
-        `index`'s shape, fp32 (fp64 for fp64 logits).
+        `index`'s shape: one token per row fp32 (fp64 for fp64 logits), as TRL's CUDA kernel
+        path; K per row in the logits' dtype, as TRL (its kernel takes one token per row only,
+        every K call goes through its torch path).
     """
     check_temperature(temperature)
     if index.dim() == logits.dim() - 1:
         labels = masked_labels(index, row_mask)
-        return token_stats(logits, labels, temperature=temperature).logprob
+        return stats(logits, labels, temperature).logprob
     if index.dim() != logits.dim():
         raise ValueError(
             f"index must have logits' leading shape {tuple(logits.shape[:-1])} (+ K), "
@@ -59,7 +60,7 @@ def selective_log_softmax(
     out = z - lse.unsqueeze(-1)
     if row_mask is not None:
         out = out.masked_fill(row_mask == 0, 0.0)
-    return out
+    return out.to(logits.dtype)
 
 
 def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
@@ -83,7 +84,7 @@ def fused_selective_log_softmax_and_entropy(
     Returns: two [...] fp32 tensors (fp64 for fp64 logits), 0 where row_mask == 0.
     """
     check_temperature(temperature)
-    out = token_stats(logits, masked_labels(index, row_mask), temperature=temperature)
+    out = stats(logits, masked_labels(index, row_mask), temperature)
     return out.logprob, out.entropy
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pg_kernels import token_stats, token_stats_from_hidden
+from pg_kernels import token_stats_from_hidden
 from pg_kernels.algorithms import otb_advantages
 from pg_kernels.algorithms.estimators import sampled_kl
-from pg_kernels.integrations._common import row_stats
+from pg_kernels.integrations._common import row_stats, stats
 from pg_kernels.integrations._patching import Patcher
 
 __all__ = [
@@ -47,7 +47,7 @@ def logprobs_from_logits(
         labels: [...] int; -100 gives 0 with zero gradient.
     """
     del inplace_backward
-    return token_stats(logits, labels).logprob
+    return stats(logits, labels).logprob
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,9 @@ def _chunk_loss(loss_fn, stats, start: int, stop: int):
             )  # fmt: skip
             raise TypeError(f"{OP}: loss_fn must return a 0-d floating tensor, got {got}")
         if not loss.requires_grad:  # a loss that ignores the statistics: zero gradients
-            return loss, [torch.zeros_like(leaf) for leaf in leaves]
+            # A copy: the caller's tensor (a captured constant) must not become the op's
+            # output, on which autograd would hang its graph.
+            return loss.detach().clone(), [torch.zeros_like(leaf) for leaf in leaves]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return loss.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
 
@@ -158,7 +160,11 @@ def token_loss_from_hidden(
                                       ignore_index=ignore_index, upcast=False)  # fmt: skip
         # loss_fn as the kernels' path calls it (one chunk): its gradient reaches hidden,
         # weight and bias through the statistics only, every other tensor a constant.
-        value, grads = _chunk_loss(loss_fn, stats, 0, labels.numel())
+        if labels.numel() == 0:  # no chunk, no call: the loss is 0, as on the kernels' path
+            value = stats.logprob.new_zeros(())
+            grads = [torch.zeros_like(getattr(stats, f)) for f in DIFFERENTIABLE]
+        else:
+            value, grads = _chunk_loss(loss_fn, stats, 0, labels.numel())
         loss = _ThroughStats.apply(value, grads, *(getattr(stats, f) for f in DIFFERENTIABLE))
         detached = TokenStats(*(t.detach().view(labels.shape) for t in stats))
         return TokenLoss(loss, detached)
