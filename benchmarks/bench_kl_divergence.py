@@ -128,6 +128,30 @@ def _pg_provider(backend: str, temperature: float) -> Provider:
     return Provider(f"pg_kernels:{backend}", build)
 
 
+def _excess_provider(temperature: float) -> Provider:
+    """pg_kernels:triton with the 16-bit pair lanes' excess k (`_pair.EXCESS_16BIT`, README,
+    Testing, open class (1)): its forward timed beside the default (opt-in, the GPU check's
+    step `excess`)."""
+
+    def build(case: Case):
+        why = _backend.op_unavailable_reason(OP, "triton", case.device)
+        if why is not None:
+            raise Skip(why)
+        from pg_kernels.triton import _pair
+
+        def fn(inputs: Inputs) -> Outputs:
+            with _pair.excess_16bit():
+                kl = pg_kernels.kl_divergence(
+                    inputs["logits"], inputs["ref_logits"], direction=DIRECTION,
+                    temperature=temperature, backend="triton",
+                )  # fmt: skip
+            return {"kl": kl}
+
+        return fn
+
+    return Provider("excess16:triton", build, opt_in=True)
+
+
 def _eager(case: Case, temperature: float):
     return lambda inputs: {"kl": _ref_fn(inputs["logits"], inputs["ref_logits"], temperature)}
 
@@ -178,6 +202,16 @@ def targets(
             ],
         )
         for backend in backends
+    ] + [
+        harness.targets_summary(
+            f"The 16-bit excess k (`_pair.EXCESS_16BIT`) at 16384×151936{note}",
+            "excess16:triton",
+            {"N": 16384, "V": 151936},
+            [
+                Target("fwd / 2 reads ≤ 1.1", "fwd", reads, at_most=1.1),
+                Target("fwd / default", "fwd", "pg_kernels:triton", time_ratio=True),
+            ],
+        )
     ]
 
 
@@ -187,6 +221,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     providers += [
         Provider("eager", functools.partial(_eager, temperature=temperature)),
         Provider("compile", functools.partial(_compile, temperature=temperature)),
+        _excess_provider(temperature),
     ]
     ceilings = {
         "amax:logits": harness.amax_ceiling("logits"),

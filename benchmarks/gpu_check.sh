@@ -50,8 +50,10 @@
 #   PGK_BUDGET_S      seconds for the whole run (default 540; dry run 420, ~250 s used on an
 #                     idle 2-core machine)
 #   PGK_STEPS         the steps to run (default all: "preflight build tests sanitize graph
-#                     fidelity step_stats bench tune hidden"; tune = the Triton blocking
-#                     sweep; hidden = the token_stats_from_hidden benchmark, after the others)
+#                     fidelity step_stats bench tune hidden excess"; tune = the Triton blocking
+#                     sweep; hidden = the token_stats_from_hidden benchmark, after the others;
+#                     excess = kl_divergence's forward with the 16-bit pair lanes' excess k
+#                     beside the default, the A/B for open fidelity class (1))
 #   PGK_GIT_SHA       the commit this copy is (the device's copy has no .git): recorded in the
 #                     results; PGK_GIT_DIRTY=1 if the tree differed from it
 #   PGK_TEST_JOBS     pytest-xdist workers (default 8)
@@ -77,7 +79,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ $DRY == 1 && -x .venv/bin/python ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 420 || echo 540)}"
-STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph fidelity step_stats bench tune hidden} "
+STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph fidelity step_stats bench tune hidden excess} "
 JOBS="${PGK_TEST_JOBS:-8}"
 TEST_S="${PGK_TEST_S:-200}"
 BENCH_OPS="${PGK_BENCH_OPS:-token_stats kl_divergence mismatch_stats pruned_logprob topk_kl}"
@@ -371,7 +373,12 @@ fidelity() {
 bench() {
   local op="$1" temp="$2" tag="$3" providers="$4" rc
   shift 4
-  if [[ $DRY == 1 && $tag == tune ]]; then
+  if [[ $DRY == 1 && $tag == excess16 ]]; then
+    # The excess provider's code path under the interpreter (its timings mean nothing).
+    TRITON_INTERPRET=1 "$PYTHON" benchmarks/bench_"$op".py --device cpu --shapes 4x3000 \
+      --dtypes bf16 --modes fwd --providers eager excess16:triton --max-wait 0 \
+      --temperature "$temp" --tag "$tag" --out "$WORK/bench" --no-progress
+  elif [[ $DRY == 1 && $tag == tune ]]; then
     # The blocking variants' code path, one forward and one backward variant (the interpreter;
     # its timings mean nothing).
     # shellcheck disable=SC2046  # two provider names
@@ -388,9 +395,11 @@ print(names[0], next(n for n in names if "@B" in n))') \
       --providers pg_kernels:cpu eager --max-wait 0 --temperature "$temp" --tag "$tag" \
       --out "$WORK/bench" --no-progress
   else
-    # shellcheck disable=SC2086  # providers is a list
+    local modes="fwd fwd+bwd"
+    [[ $tag == excess16 ]] && modes="fwd"  # the excess k is the forward's only
+    # shellcheck disable=SC2086  # providers and modes are lists
     "$PYTHON" benchmarks/bench_"$op".py --device cuda --shapes "$@" --dtypes bf16 \
-      --modes fwd fwd+bwd --providers $providers --temperature "$temp" --tag "$tag" \
+      --modes $modes --providers $providers --temperature "$temp" --tag "$tag" \
       --out "$WORK/bench" --no-progress
   fi
   rc=$?
@@ -500,6 +509,7 @@ elif [[ $DRY == 1 ]]; then
   wants tune && bench_step bench_token_stats_tune 60 token_stats 1 tune x
   wants step_stats && bench_step bench_step_stats_t0.7 60 step_stats 0.7 dry x
   wants hidden && bench_step bench_token_stats_from_hidden 60 token_stats_from_hidden 1 dry x
+  wants excess && bench_step bench_kl_divergence_excess16 60 kl_divergence 0.7 excess16 x
 else
   if wants bench; then
     providers="pg_kernels:cuda pg_kernels:triton eager liger"
@@ -518,6 +528,12 @@ print(*b())')
   if wants hidden; then  # the fused lm_head path at a real model's shape (bf16, D = 4096)
     bench_step bench_token_stats_from_hidden 120 token_stats_from_hidden 1 hidden \
       "pg_kernels:triton pg_kernels:cuda unfused:triton liger_flce cce" 16384x151936x4096
+  fi
+  if wants excess; then  # the 16-bit pair lanes' excess k beside the default (fidelity (1))
+    for temp in 1 0.7; do
+      bench_step "bench_kl_divergence_excess16_t$temp" 90 kl_divergence "$temp" excess16 \
+        "pg_kernels:triton excess16:triton" 16384x151936
+    done
   fi
   if wants bench; then
     for op in $BENCH_OPS; do

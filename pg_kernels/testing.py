@@ -91,6 +91,25 @@ def peaked_logits(n: int, vocab: int, generator: torch.Generator) -> torch.Tenso
     return x
 
 
+def near_equal_rows(dtype: torch.dtype, seed: int = 0) -> list[tuple]:
+    """Near-equal row pairs (x, other, temperature) of `dtype`, the KLs of 1e-7 .. 1e-4 whose
+    16-bit Triton pair passes open class (1) of the fidelity notes is about (README, Testing):
+    the fuzzer's bf16 [1, 2] pair at tau 16.7 (KL 9.5e-8), then [4, V] logits (randn * 3)
+    against a copy + 1 + noise of 1e-2 .. 1e-3 (V = 2, 5, 300, 5003) or none (a shifted copy,
+    KL 0), each at temperature 1, 0.7 and per row (0.3, 1, 2.5, 16.7)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor([[16.625, 3.953125]], dtype=dtype)
+    other = torch.tensor([[19.625, 6.96875]], dtype=dtype)
+    rows = [(x, other, torch.tensor([16.714989565055827]))]
+    for v, noise in ((2, 1e-2), (5, 1e-2), (300, 3e-3), (5003, 1e-3), (5003, 0.0)):
+        x = (torch.randn(4, v, generator=g, dtype=torch.float64) * 3).to(dtype)
+        eps = torch.randn(4, v, generator=g, dtype=torch.float64) * noise
+        other = (x.double() + eps + 1.0).to(dtype)
+        for t in (1.0, 0.7, torch.tensor([0.3, 1.0, 2.5, 16.7])):
+            rows.append((x, other, t))
+    return rows
+
+
 def make_labels(
     shape: Sequence[int], vocab: int, *, device="cpu", seed: int | None = None, ignore_index=-100
 ) -> torch.Tensor:

@@ -152,3 +152,13 @@ def numpy_arithmetic(monkeypatch):
 
         monkeypatch.setattr(_common, "EMULATE_GPU", tl.constexpr(False))
         monkeypatch.setattr(InterpreterBuilder, "create_fma", _common.NUMPY_FMA)
+
+
+@pytest.fixture
+def pair_excess_16bit(monkeypatch):
+    """The Triton pair passes of 16-bit logits with the excess k (`_pair.EXCESS_16BIT`, as
+    PGK_PAIR_EXCESS_16BIT=1 sets it; off by default until a GPU run times it, README, Testing,
+    open class (1))."""
+    from pg_kernels.triton import _pair
+
+    monkeypatch.setattr(_pair, "EXCESS_16BIT", True)

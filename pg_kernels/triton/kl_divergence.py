@@ -54,12 +54,12 @@ from pg_kernels.triton._pair import (
     LN2,
     finalize_kl,
     fma_acc,
-    has_excess,
     has_other_series,
     log_s1_difference,
     merge_row,
     needs_division,
     other_side_difference,
+    pair_excess,
     pair_exps,
     pair_partials,
     reference_shift,
@@ -75,18 +75,17 @@ ROW_STATE = 5  # (m, log s1) of the logits, of the reference, then c = E_w[d_w -
 def _fwd_finish_kernel(
     part_ptr, x_ptr, labels_ptr, tw_ptr, tv_ptr, kl_ptr, st_ptr, N, n_chunks, ignore_index,
     HAS_LABELS: tl.constexpr, REVERSE: tl.constexpr, DIVIDE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    EXCESS: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_R rows per program: merge each row's chunk states, write kl and the row state
     (tw_ptr, tv_ptr: the weight and the other side's temperatures; x_ptr: the logits, for their
-    dtype)."""
+    dtype). EXCESS: the partials carry k (`_pair.pair_excess`)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     keep = rmask
     if HAS_LABELS:
         keep = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64) != ignore_index
     XDT: tl.constexpr = x_ptr.dtype.element_ty
-    EXCESS: tl.constexpr = has_excess(XDT)
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = merge_row(part_ptr, rows, rmask, N, n_chunks, EXCESS)
     dw = reference_shift(m_w, e_w, tl.load(tw_ptr + rows, mask=rmask, other=1.0), DIVIDE, XDT)
     dv = reference_shift(m_v, e_v, tl.load(tv_ptr + rows, mask=rmask, other=1.0), DIVIDE, XDT)
@@ -317,7 +316,8 @@ def kl_divergence_forward(
         part, logits, labels if labels is not None else kl, t if reverse else tr,
         tr if reverse else t, kl, state, n, blk.n_chunks, ignore_index,
         HAS_LABELS=labels is not None,
-        REVERSE=bool(reverse), DIVIDE=divide, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
+        REVERSE=bool(reverse), DIVIDE=divide, EXCESS=pair_excess(logits.dtype),
+        BLOCK_R=FINISH_BLOCK_R, num_warps=4,
     )  # fmt: skip
     return kl, state
 

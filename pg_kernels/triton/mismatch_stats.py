@@ -56,10 +56,10 @@ from pg_kernels.triton._pair import (
     finalize_kl,
     fma_acc,
     frame_scales,
-    has_excess,
     load_divided,
     merge_row,
     needs_division,
+    pair_excess,
     pair_partials,
     reference_shift,
     row_exponent,
@@ -74,17 +74,17 @@ OP = "mismatch_stats"
 def _fwd_finish_kernel(
     part_ptr, x_ptr, labels_ptr, t_ptr, tr_ptr, logprob_ptr, kl_ptr, st_ptr, p_norm_ptr,
     q_norm_ptr, V, N, n_chunks, ignore_index, n_inner, s_outer, s_inner,
-    DIVIDE: tl.constexpr, BLOCK_R: tl.constexpr,
+    DIVIDE: tl.constexpr, EXCESS: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_R rows per program: logprob, token_kl, the row state (m_p, log s1_p) of the
     backward, and each side's frame for the TV pass (`tv_frame`: its max logit and log s1,
-    p_norm_ptr and q_norm_ptr [N, 2]; NaN marks an invalid side, 0 an ignored row)."""
+    p_norm_ptr and q_norm_ptr [N, 2]; NaN marks an invalid side, 0 an ignored row). EXCESS:
+    the partials carry k (`_pair.pair_excess`)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     label = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64)
     keep = label != ignore_index
     XDT: tl.constexpr = x_ptr.dtype.element_ty
-    EXCESS: tl.constexpr = has_excess(XDT)
     m_q, r_q, m_p, r_p, u, inf, e_q, e_p, k = merge_row(part_ptr, rows, rmask, N, n_chunks, EXCESS)
     tau = tl.load(t_ptr + rows, mask=rmask, other=1.0)
     tau_q = tl.load(tr_ptr + rows, mask=rmask, other=1.0)
@@ -284,7 +284,8 @@ def mismatch_stats_forward(
     finish_grid = (cdiv(n, FINISH_BLOCK_R),)
     _fwd_finish_kernel[finish_grid](
         part, logits, labels, t, tr, logprob, token_kl, row_state, p_norm, q_norm, V, n,
-        blk.n_chunks, ignore_index, *layout, DIVIDE=divide, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
+        blk.n_chunks, ignore_index, *layout, DIVIDE=divide, EXCESS=pair_excess(logits.dtype),
+        BLOCK_R=FINISH_BLOCK_R, num_warps=4,
     )  # fmt: skip
     tv_part = part[0]  # reused: the pair partials are spent; [n_chunks, N] of the same dtype
     _tv_chunk_kernel[(n, blk.n_chunks)](

@@ -139,7 +139,6 @@ from pg_kernels.triton._pair import (
     exp_base,
     finalize_kl,
     fma_acc,
-    has_excess,
     has_other_series,
     lane_floor,
     lane_scale,
@@ -149,6 +148,7 @@ from pg_kernels.triton._pair import (
     nats_per_unit,
     needs_division,
     other_side_difference,
+    pair_excess,
     reads_max,
     reference_shift,
     rescale_excess,
@@ -535,7 +535,7 @@ def _fwd_chunk_kernel(
     HAS_TEMP: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
     REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, OWN_R: tl.constexpr,
     OWN_Q: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, U: tl.constexpr,
-    VEC: tl.constexpr, PAIRS: tl.constexpr,
+    VEC: tl.constexpr, PAIRS: tl.constexpr, EXCESS: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): token_stats' partial state of one chunk of one row (part_ptr
     [4, n_chunks, N], part_idx_ptr [n_chunks, N]) and the pair states against the rollout
@@ -592,7 +592,6 @@ def _fwd_chunk_kernel(
     uq = tl.zeros([LANES], ACC)
     kx_r = tl.zeros([LANES], ACC)
     kx_q = tl.zeros([LANES], ACC)
-    EXCESS: tl.constexpr = has_excess(x_ptr.dtype.element_ty)
     # No prefetch (unlike token_stats): three tensors' blocks in flight would not fit in
     # registers; the other tensors' loads of a step overlap each other instead.
     for i in range(0, n_full):
@@ -685,7 +684,8 @@ def _fwd_finish_kernel(
     part_q_ptr, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr,
     argmax_ptr, token_kl_ptr, kl_ptr, kl_state_ptr, p_norm_ptr, r_norm_ptr,
     HAS_TEMP: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
-    REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+    REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, EXCESS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_R rows per program: token_stats' outputs (its merge), token_kl and the (m, log s1)
     of the logits and of the rollout (p_norm_ptr, r_norm_ptr [N, 2], for the TV pass), kl and
@@ -708,7 +708,6 @@ def _fwd_finish_kernel(
     # `row_exponent` rebuilds from m in the backward, as kl_divergence's finish; the TV pass
     # takes each side's max logit itself (`tv_frame`).
     XDT: tl.constexpr = x_ptr.dtype.element_ty
-    EXCESS: tl.constexpr = has_excess(XDT)
     tau_p = tl.load(t_ptr + rows, mask=rmask, other=1.0)
     if HAS_ROLL:
         m_r, r_r, m_p, r_p, u, inf, e_r, e_p, k = merge_row(
@@ -1164,6 +1163,7 @@ def step_stats_forward(
     same_r = exact_move and _same_temperature(t_args, roll_args)
     same_q = exact_move and _same_temperature(t_args, (ref_temperature, ref_temperature_scalar))
     flags = dict(HAS_TEMP=has_temp, HAS_ROLL=has_roll, HAS_REF=has_ref, REVERSE=bool(reverse))
+    flags |= dict(EXCESS=pair_excess(logits.dtype))
     _fwd_chunk_kernel[(N, blk.n_chunks)](
         logits, rollout_logits if has_roll else logits, ref_logits if has_ref else logits, labels,
         temp if has_temp else labels, scale_bits, t, tr, tq, ignore_index, V, N, *layout,
