@@ -48,6 +48,15 @@ def finish(value: torch.Tensor, invalid: torch.Tensor, keep: torch.Tensor | None
     return value
 
 
+def without_ignored(z: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """z with ignored rows' entries set to 0 (a valid row): `finish` makes their outputs 0, and
+    their gradient is then exactly 0. Computed on their own entries (padding rows of -inf, a
+    NaN), logsumexp's backward gave 0 * NaN: a NaN gradient where the contract says 0."""
+    if keep is None:
+        return z
+    return torch.where(keep.unsqueeze(-1), z, torch.zeros_like(z))
+
+
 def label_mask(labels: torch.Tensor | None, ignore_index: int):
     """(keep, safe_labels): rows to keep, and labels with ignored ones replaced by 0."""
     if labels is None:

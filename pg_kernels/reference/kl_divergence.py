@@ -17,6 +17,7 @@ from pg_kernels.reference._util import (
     log_softmax_keeping_rest,
     scaled,
     scaled_from_max,
+    without_ignored,
 )
 
 DIRECTIONS = ("reverse", "forward")
@@ -59,14 +60,15 @@ def kl_divergence(
     # The truth shifts each side by its max before the division (`scaled_from_max`) and keeps
     # each normalizer's s1 - 1; plain PyTorch (upcast=False) is log_softmax of x / T.
     scale = scaled_from_max if upcast else scaled
-    z = scale(logits, temperature, dtype)
-    zr = scale(ref_logits, temperature if ref_temperature is None else ref_temperature, dtype)
+    keep, _ = label_mask(labels, ignore_index)
+    z = without_ignored(scale(logits, temperature, dtype), keep)
+    t_ref = temperature if ref_temperature is None else ref_temperature
+    zr = without_ignored(scale(ref_logits, t_ref, dtype), keep)
     if upcast:
         logp, logq = log_softmax_keeping_rest(z), log_softmax_keeping_rest(zr)
     else:
         logp, logq = z.log_softmax(-1), zr.log_softmax(-1)
     kl = _kl(logp, logq) if direction == "reverse" else _kl(logq, logp)
-    keep, _ = label_mask(labels, ignore_index)
     return finish(kl, invalid_rows(z) | invalid_rows(zr), keep)
 
 
@@ -83,10 +85,9 @@ def rollout_tv(
     """Total variation 1/2 sum |p - q| per row [...]."""
     dtype = compute_dtype(logits.dtype, upcast)
     scale = scaled_from_max if upcast else scaled  # as kl_divergence
-    z = scale(logits, temperature, dtype)
-    zr = scale(
-        rollout_logits, temperature if rollout_temperature is None else rollout_temperature, dtype
-    )
-    tv = 0.5 * (z.softmax(-1) - zr.softmax(-1)).abs().sum(-1)
     keep, _ = label_mask(labels, ignore_index)
+    z = without_ignored(scale(logits, temperature, dtype), keep)
+    t_roll = temperature if rollout_temperature is None else rollout_temperature
+    zr = without_ignored(scale(rollout_logits, t_roll, dtype), keep)
+    tv = 0.5 * (z.softmax(-1) - zr.softmax(-1)).abs().sum(-1)
     return finish(tv, invalid_rows(z) | invalid_rows(zr), keep)

@@ -7,7 +7,14 @@ import math
 import torch
 
 from pg_kernels.outputs import PrunedLogprob
-from pg_kernels.reference._util import compute_dtype, finish, invalid_rows, label_mask, scaled
+from pg_kernels.reference._util import (
+    compute_dtype,
+    finish,
+    invalid_rows,
+    label_mask,
+    scaled,
+    without_ignored,
+)
 
 
 def pruned_logprob(
@@ -22,8 +29,8 @@ def pruned_logprob(
     """S = {v: z_v >= max z + log alpha} plus the label; logprob = z_c - logsumexp_S z."""
     if not (0 < alpha < 1):
         raise ValueError(f"pruned_logprob: alpha must be in (0, 1), got {alpha}")
-    z = scaled(logits, temperature, compute_dtype(logits.dtype, upcast))
     keep, c = label_mask(labels, ignore_index)
+    z = without_ignored(scaled(logits, temperature, compute_dtype(logits.dtype, upcast)), keep)
     invalid = invalid_rows(z)
     top = z.amax(-1, keepdim=True).detach()
     # SPEC's S, in z units as SPEC writes it and C++ decides it (Triton tests d = z - max z

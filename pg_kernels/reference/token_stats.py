@@ -12,6 +12,7 @@ from pg_kernels.reference._util import (
     label_mask,
     relative_to_max,
     scaled,
+    without_ignored,
     zero_where_neginf,
 )
 
@@ -28,8 +29,8 @@ def token_stats(
 
     Differentiable by autograd through logprob, entropy, collision and lse.
     """
-    z = scaled(logits, temperature, compute_dtype(logits.dtype, upcast))
     keep, c = label_mask(labels, ignore_index)
+    z = without_ignored(scaled(logits, temperature, compute_dtype(logits.dtype, upcast)), keep)
     invalid = invalid_rows(z)
     lse = torch.logsumexp(z, -1)
     neginf = torch.isneginf(z)

@@ -11,6 +11,7 @@ from pg_kernels.reference._util import (
     label_mask,
     relative_to_max,
     scaled,
+    without_ignored,
 )
 
 
@@ -43,7 +44,8 @@ def topk_kl(
     them, Q = sum_K q_v + q_tail), not in topk_logprobs.
     """
     dtype = compute_dtype(logits.dtype, upcast)
-    z = scaled(logits, temperature, dtype)
+    keep, _ = label_mask(labels, ignore_index)
+    z = without_ignored(scaled(logits, temperature, dtype), keep)
     # log p = base - lse. The truth's are relative to the row max with the normalizer's
     # s1 - 1 kept (z - L rounds L at ulp(L) / 2: at |z| ~ 1800 a head log-prob of -1.1e-13
     # came out 0 and a KL of 1.1e-13 as -7e-17); plain PyTorch (upcast=False) takes
@@ -52,7 +54,6 @@ def topk_kl(
         base, lse = relative_to_max(z)
     else:
         base, lse = z, torch.logsumexp(z, -1, keepdim=True)
-    keep, _ = label_mask(labels, ignore_index)
     ids = topk_ids.long()
     if keep is not None:  # ignored rows may hold padding ids: read distinct in-range ones instead
         spare = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
@@ -66,7 +67,12 @@ def topk_kl(
     # logsumexp's backward off that all -inf row (it would give 0 * nan).
     z_tail = base.scatter(-1, ids, float("-inf"))
     tail_empty = torch.isneginf(z_tail).all(-1)
-    lse_tail = torch.logsumexp(torch.where(tail_empty.unsqueeze(-1), 0.0, z_tail), -1)
+    # Relative to the tail's own max (a constant to autograd): logsumexp's backward e^(z - lse)
+    # with lse rounded at ulp(z) read 1 per entry for a tail at -1e16 (each entry's p_j / P_tail
+    # is 1/3 for three tied ones).
+    z_tail = torch.where(tail_empty.unsqueeze(-1), 0.0, z_tail)
+    top_tail = z_tail.detach().amax(-1, keepdim=True)
+    lse_tail = (top_tail + torch.logsumexp(z_tail - top_tail, -1, keepdim=True)).squeeze(-1)
     logp_tail = torch.where(tail_empty, float("-inf"), lse_tail) - lse.squeeze(-1)
     if upcast:
         # An empty tail's log P_tail = -inf keeps the gradient of -L = -(z_i + lse), the

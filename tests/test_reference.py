@@ -1,0 +1,63 @@
+"""The PyTorch references themselves, the float64 truth (`upcast=True`) and the plain "reference"
+backend (`upcast=False`): the contract's edge cases where autograd, not a kernel, decides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pg_kernels import reference
+
+INF = float("inf")
+NAN = float("nan")
+
+
+def _ops(x, labels, upcast):
+    """Each reference op's differentiable output on logits x [N, V] and labels [N]."""
+    ids = torch.tensor([[0, 1]] * x.shape[0])
+    q = torch.log(torch.tensor([[0.5, 0.3]] * x.shape[0], dtype=torch.float64))
+    other = torch.zeros_like(x)  # a valid row everywhere
+    kw = dict(labels=labels, upcast=upcast)
+    return {
+        "token_stats": reference.token_stats(x, labels, upcast=upcast).logprob,
+        "pruned_logprob": reference.pruned_logprob(x, labels, alpha=1e-3, upcast=upcast).logprob,
+        "topk_kl": reference.topk_kl(x, ids, q, **kw),
+        "kl_divergence": reference.kl_divergence(x, other, **kw),
+        "kl_divergence (reference side)": reference.kl_divergence(other, x, **kw),
+        "rollout_tv": reference.rollout_tv(x, other, **kw),
+    }
+
+
+@pytest.mark.parametrize("upcast", [True, False], ids=["truth", "plain"])
+@pytest.mark.parametrize("fill", [-INF, NAN, INF], ids=["-inf", "nan", "+inf"])
+def test_ignored_rows_of_non_finite_logits_have_zero_gradient(upcast, fill):
+    """An ignored row's outputs and gradient are 0 (SPEC §0) whatever it holds: a padding row
+    of -inf, or a NaN / +inf. The references zeroed the outputs after computing them, and
+    logsumexp's backward there was 0 * NaN: the whole row's gradient NaN (every reference op,
+    both precisions), which a masked padding row spreads to every parameter."""
+    x = torch.tensor([[1.0, 0.5, -2.0], [fill] * 3], dtype=torch.float64, requires_grad=True)
+    if fill != -INF:  # one non-finite entry among finite ones
+        x = torch.tensor([[1.0, 0.5, -2.0], [0.3, fill, 1.0]], dtype=torch.float64)
+        x.requires_grad_()
+    labels = torch.tensor([2, -100])
+    for name, out in _ops(x, labels, upcast).items():
+        assert float(out[1].detach()) == 0.0, name
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert torch.equal(grad[1], torch.zeros(3, dtype=torch.float64)), (name, grad)
+        assert bool(torch.isfinite(grad[0]).all()), (name, grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("fill", [-1e30, -1e16, -1e6], ids=str)
+@pytest.mark.parametrize("upcast", [True, False], ids=["truth", "plain"])
+def test_topk_kl_tail_gradient_far_below_the_head(dtype, fill, upcast):
+    """topk_kl's gradient on a tail far below the head (a masked vocabulary: three tied tail
+    logits at `fill`): p_j (Q - q_tail / P_tail) = -q_tail / 3 each. The tail's logsumexp
+    rounded to its entries' own value at |fill| >= 1e16 (plain fp32 from ~1e10), and its
+    backward e^(z - lse) gave each entry 1, the tail -q_tail each (-0.2 for -0.0667)."""
+    x = torch.tensor([[5.0, 4.0, fill, fill, fill]], dtype=dtype, requires_grad=True)
+    q = torch.log(torch.tensor([[0.5, 0.3]], dtype=torch.float64))
+    out = reference.topk_kl(x, torch.tensor([[0, 1]]), q, upcast=upcast)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    want = torch.full((3,), -0.2 / 3, dtype=torch.float64)
+    torch.testing.assert_close(grad[0, 2:].double(), want, rtol=1e-6, atol=0)
