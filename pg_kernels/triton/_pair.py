@@ -462,7 +462,7 @@ def store_tv_frame(norm_ptr, rows, rmask, keep, m, r, e, tau, DIVIDE: tl.constex
 
 # The excess k in the 16-bit pair lanes as well (PGK_PAIR_EXCESS_16BIT=1; the launchers read
 # this flag at each call): the accurate near-equal KL of open class (1) (README, Testing) at
-# ~13 more SASS instructions per pair, for the GPU run to time against the default
+# 13-14 more SASS instructions per pair, for the GPU run to time against the default
 # (benchmarks/gpu_check.sh, step `excess`).
 EXCESS_16BIT = os.environ.get("PGK_PAIR_EXCESS_16BIT", "0") == "1"
 
@@ -480,9 +480,9 @@ def excess_16bit():
 
 def pair_excess(dtype: torch.dtype) -> bool:
     """Whether the pair states of logits of `dtype` carry the excess k (`excess_terms`; the
-    kernels' constexpr EXCESS): fp32, and bf16 / fp16 with `EXCESS_16BIT`. It costs ~15 SASS
-    instructions per pair where the 16-bit pair loops sit at 17.9-19.4 of their budget of 20;
-    fp64 lanes cancel at ~1e-16 (the rule's fp64 floor)."""
+    kernels' constexpr EXCESS): fp32, and bf16 / fp16 with `EXCESS_16BIT`. In the 16-bit pair
+    loop it costs 13-14 SASS instructions per pair (17.9-19.4 of their budget of 20 -> 31.6-32.8)
+    and doubles the registers; fp64 lanes cancel at ~1e-16 (the rule's fp64 floor)."""
     return dtype == torch.float32 or (EXCESS_16BIT and dtype.itemsize == 2)
 
 
