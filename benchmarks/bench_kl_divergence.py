@@ -17,6 +17,7 @@ Bytes moved (the minimum an ideal kernel moves), s = the logits' itemsize:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -110,46 +111,34 @@ def _ref_fn(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) 
     )
 
 
-def _pg_provider(backend: str, temperature: float) -> Provider:
+def _pg_provider(backend: str, temperature: float, excess16: bool = False) -> Provider:
+    """pg_kernels on `backend`; `excess16`: Triton with the 16-bit pair lanes' excess k
+    (`_pair.EXCESS_16BIT`, README, Testing, open class (1)), its forward timed beside the
+    default (opt-in, the GPU check's step `excess`)."""
+
     def build(case: Case):
         why = _backend.op_unavailable_reason(OP, backend, case.device)
         if why is not None:
             raise Skip(why)
+        variant = contextlib.nullcontext
+        if excess16:
+            from pg_kernels.triton import _pair
+
+            variant = _pair.excess_16bit
 
         def fn(inputs: Inputs) -> Outputs:
-            kl = pg_kernels.kl_divergence(
-                inputs["logits"], inputs["ref_logits"], direction=DIRECTION,
-                temperature=temperature, backend=backend,
-            )  # fmt: skip
-            return {"kl": kl}
-
-        return fn
-
-    return Provider(f"pg_kernels:{backend}", build)
-
-
-def _excess_provider(temperature: float) -> Provider:
-    """pg_kernels:triton with the 16-bit pair lanes' excess k (`_pair.EXCESS_16BIT`, README,
-    Testing, open class (1)): its forward timed beside the default (opt-in, the GPU check's
-    step `excess`)."""
-
-    def build(case: Case):
-        why = _backend.op_unavailable_reason(OP, "triton", case.device)
-        if why is not None:
-            raise Skip(why)
-        from pg_kernels.triton import _pair
-
-        def fn(inputs: Inputs) -> Outputs:
-            with _pair.excess_16bit():
+            with variant():
                 kl = pg_kernels.kl_divergence(
                     inputs["logits"], inputs["ref_logits"], direction=DIRECTION,
-                    temperature=temperature, backend="triton",
+                    temperature=temperature, backend=backend,
                 )  # fmt: skip
             return {"kl": kl}
 
         return fn
 
-    return Provider("excess16:triton", build, opt_in=True)
+    if excess16:
+        return Provider(f"excess16:{backend}", build, opt_in=True)
+    return Provider(f"pg_kernels:{backend}", build)
 
 
 def _eager(case: Case, temperature: float):
@@ -221,7 +210,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     providers += [
         Provider("eager", functools.partial(_eager, temperature=temperature)),
         Provider("compile", functools.partial(_compile, temperature=temperature)),
-        _excess_provider(temperature),
+        _pg_provider("triton", temperature, excess16=True),
     ]
     ceilings = {
         "amax:logits": harness.amax_ceiling("logits"),

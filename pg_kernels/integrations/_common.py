@@ -10,15 +10,20 @@ from pg_kernels.outputs import TokenStats
 IGNORE_INDEX = -100
 
 
+def any_layout(logits: torch.Tensor) -> torch.Tensor:
+    """Logits of any layout, as the trainers' functions take them: a vocab dim that is not
+    contiguous (e.g. a transposed view) is copied; the ops read the vocab dim in place and
+    refuse it."""
+    if logits.dim() > 0 and logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        return logits.contiguous()
+    return logits
+
+
 def stats(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor = 1.0
 ) -> TokenStats:
-    """token_stats for a drop-in: logits of any layout, as the trainers' functions take them (a
-    vocab dim that is not contiguous, e.g. a transposed view, is copied first; the ops read the
-    vocab dim in place and refuse it)."""
-    if logits.dim() > 0 and logits.shape[-1] > 1 and logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    return token_stats(logits, labels, temperature=temperature)
+    """token_stats for a drop-in, on logits of any layout (`any_layout`)."""
+    return token_stats(any_layout(logits), labels, temperature=temperature)
 
 
 def row_stats(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> TokenStats:

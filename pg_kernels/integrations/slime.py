@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from pg_kernels import parallel, token_stats
-from pg_kernels.integrations._common import row_stats
+from pg_kernels.integrations._common import any_layout, row_stats
 
 __all__ = ["calculate_log_probs_and_entropy"]
 
@@ -70,8 +70,7 @@ def calculate_log_probs_and_entropy(
         log_prob = logits.new_zeros((0,))
         return log_prob, (logits.new_zeros((0,)) if with_entropy else None)
     tokens = tokens.to(torch.int64)
-    if logits.stride(-1) != 1:  # any layout, as slime takes it (the ops read the vocab in place)
-        logits = logits.contiguous()
+    logits = any_layout(logits)  # as slime takes them
 
     def stats(x):
         return parallel.token_stats(x, tokens, group=tp_group) if tp else token_stats(x, tokens)
