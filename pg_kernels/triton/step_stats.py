@@ -1137,7 +1137,7 @@ def step_stats_forward(
     t = per_row_temperature(temperature, temperature_scalar, N, acc, dev)
     tr = per_row_temperature(rollout_temperature, rollout_temperature_scalar, N, acc, dev)
     tq = per_row_temperature(ref_temperature, ref_temperature_scalar, N, acc, dev)
-    part = torch.empty((4, blk.n_chunks, N), dtype=_token.part_dtype(logits.dtype), device=dev)
+    part = torch.empty((4, blk.n_chunks, N), dtype=_token.PART_DTYPE, device=dev)
     unused = rows(False)  # the pointer of an absent tensor's arguments, never read
     part_idx = torch.empty((blk.n_chunks, N), dtype=torch.int32, device=dev)
     part_r = torch.empty((PARTIAL, blk.n_chunks, N) if has_roll else (0,), dtype=acc, device=dev)

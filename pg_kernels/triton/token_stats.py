@@ -36,10 +36,10 @@ label's entry is rewritten after the loop by the program that holds it (no per-e
 Passes over V: forward 1 (read), backward 1 (read + write).
 Bytes per row of V elements of s bytes (the minimum is the logits once, the gradient once):
   forward   V s read (0 for an ignored row) + label, temperature and the label's logit
-            + 20 n_chunks bytes of partial state written and read back (36 for fp64; none when
-            n_chunks == 1) + 6 * 4 + 8 bytes of outputs, + the argmax re-read (one lane's share
-            of one step per chunk, from L2). V = 151936 bf16: 303872 B of logits, 5 chunks,
-            200 B of partial-state traffic (0.07 %).
+            + 36 n_chunks bytes of partial state written and read back (`PART_DTYPE`; none
+            when n_chunks == 1) + 6 * 4 + 8 bytes of outputs, + the argmax re-read (one lane's
+            share of one step per chunk, from L2). V = 151936 bf16: 303872 B of logits, 5
+            chunks, 360 B of partial-state traffic (0.12 %).
   backward  V s read (0 for an ignored row) + V s written + ~40 B of per-row scalars.
 
 GPU design (H200 target: bf16, N = 16384, V = 151936; not timed yet: no GPU was available):
@@ -213,10 +213,12 @@ def sum_dtype(XDT):
     return tl.float64 if XDT == tl.float32 or XDT == tl.float64 else tl.float32
 
 
-def part_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the chunk states [4, n_chunks, N] of logits of `dtype`: `sum_dtype`'s (the
-    raw max and t2 travel in it exactly)."""
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+# The chunk states [4, n_chunks, N] (raw max, s1, s2, t2; the max and t2 travel exactly) are
+# fp64 for every logits dtype: a peaked row's s1 and s2 hold its max's term ~1, and the rests
+# beside it are its outputs (lgp's s2 - e_c^2); 32 bytes per chunk and row.
+PART_DTYPE = torch.float64
 
 
 @triton.jit
@@ -310,7 +312,7 @@ def add_exps(d2, e, s1, s2, t2):
 
 
 @triton.jit
-def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
+def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok, SUM: tl.constexpr):
     """docs/math.md §2 from a row's merged base-2 state (softmax_stats.h's finalize_token_stats).
 
     mx: the row's raw max; s1, s2, t2 relative to r2 = reference(mx) * c (c = c64 rounded to ACC,
@@ -325,6 +327,7 @@ def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
         lse      = ln2 (mx c64 + log2 s1 - l_m)
         logprob  = ln2 ((x_c - mx) c64 + l_m - log2 s1)
         lgp      = ((s1 - e_c)^2 + (s2 - e_c^2)) / s1^2,   e_c = e_m 2^((x_c - mx) c64)
+                   (e_c^2 at the max: e_m^2 as the loop rounded it, in SUM)
         entropy  = ln2 (log2 s1 - t2 / s1),  t2's max term e_m eps taken as e_m l_m
     round once: log p_c stays exact as p_c -> 1 (no z_c - L cancellation), large |log p| carry
     no base-2 rounding, and lgp = (1 - p_c)^2 + sum_{j != c} p_j^2 cancels nothing (at the
@@ -353,7 +356,12 @@ def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
     log2_p_c = (x_label - mx) * c64 + log2_e_m - log2_s1
     logprob = (ln2 * log2_p_c).to(ACC)
     e_c = e_m * tl.exp(ln2 * ((x_label - mx) * c64))  # e_m itself at the max (exp(0) = 1)
-    lgp = ((s1 - e_c) * (s1 - e_c) + (s2 - e_c * e_c)) / (s1 * s1)
+    # s2 - e_c^2 is the rest of a peaked row's s2: at the max, take away the very term the loop
+    # added (e_m squared in SUM: fp32 for 16-bit logits rounds it by up to ulp(1) / 2, as much
+    # as an lgp of 1e-7), not the exact square.
+    e_m_sum = e_m.to(SUM)
+    e_c2 = tl.where(x_label == mx, (e_m_sum * e_m_sum).to(f64), e_c * e_c)
+    lgp = ((s1 - e_c) * (s1 - e_c) + (s2 - e_c2)) / (s1 * s1)
     lgp = tl.where(lgp > 0.0, lgp, 0.0).to(ACC)
     collision = (s2 / (s1 * s1)).to(ACC)
     # t2 holds the max's term as e_m eps (rounded in ACC): entropy is taken relative to the
@@ -405,8 +413,10 @@ def chunk_total(
     cmax = tl.max(mx, axis=0)
     delta = tl.maximum(tl.minimum(r2 - frame(cmax, c), 0.0), MOVE_MIN)
     f = exp2_acc(delta)
-    s1_sum = tl.sum(f * s1, axis=0)
-    s2_sum = tl.sum((f * f) * s2, axis=0)
+    # s1, s2 added across the lanes in fp64 (once per chunk): the lane holding the max carries
+    # its term ~1, and a 16-bit row's fp32 tree over 256 lanes would round each rest against it.
+    s1_sum = tl.sum(f * s1.to(tl.float64), axis=0)
+    s2_sum = tl.sum((f * f) * s2.to(tl.float64), axis=0)
     t2_sum = tl.sum(f * tl.fma(delta, s1.to(t2.dtype), t2), axis=0)
     if exact_frame(cmax, c):
         s1_sum, s2_sum, t2_sum = exact_sums(
@@ -460,6 +470,7 @@ def _fwd_chunk_kernel(
     """
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     LANES: tl.constexpr = BLOCK_V // (U * VEC)
+    SUM: tl.constexpr = sum_dtype(x_ptr.dtype.element_ty)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -477,8 +488,8 @@ def _fwd_chunk_kernel(
     block = tl.arange(0, U)[:, None] * (LANES * VEC) + tl.arange(0, LANES * VEC)[None, :]
     mx = tl.full([LANES], float("-inf"), ACC)
     r2 = tl.zeros([LANES], ACC)
-    s1 = tl.zeros([LANES], sum_dtype(x_ptr.dtype.element_ty))
-    s2 = tl.zeros([LANES], sum_dtype(x_ptr.dtype.element_ty))
+    s1 = tl.zeros([LANES], SUM)
+    s2 = tl.zeros([LANES], SUM)
     t2 = tl.zeros([LANES], ACC)
     st = tl.zeros([LANES], tl.int32)
     # Software pipelining by hand: block i + 1 is loaded (into registers, as raw logits) before
@@ -520,7 +531,7 @@ def _fwd_chunk_kernel(
     if FINALIZE:
         ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
         x_label = tl.load(x_row + tl.where(ok, label, 0), mask=ok, other=0.0).to(ACC)
-        vals = _finalize(cmax, s1_sum, s2_sum, t2_sum, am, x_label, c64, keep, ok)
+        vals = _finalize(cmax, s1_sum, s2_sum, t2_sum, am, x_label, c64, keep, ok, SUM)
         _store_outputs(
             row, True, vals, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr,
             max_prob_ptr, argmax_ptr,
@@ -598,7 +609,8 @@ def merge_rows(
     ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
     x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
     x_label = tl.load(x_row + tl.where(ok, label, 0), mask=ok & rmask, other=0.0).to(ACC)
-    return _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok), mx
+    SUM: tl.constexpr = sum_dtype(x_ptr.dtype.element_ty)
+    return _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok, SUM), mx
 
 
 @triton.jit
@@ -878,8 +890,7 @@ def token_stats_forward(
         part = outs[0]  # unused
         part_idx = argmax
     else:
-        dt = part_dtype(logits.dtype)
-        part = torch.empty((4, blk.n_chunks, N), dtype=dt, device=logits.device)
+        part = torch.empty((4, blk.n_chunks, N), dtype=PART_DTYPE, device=logits.device)
         part_idx = torch.empty((blk.n_chunks, N), dtype=torch.int32, device=logits.device)
     _fwd_chunk_kernel[(N, blk.n_chunks)](
         logits, labels, temp, scale_bits, ignore_index, V, N,
