@@ -422,6 +422,28 @@ def test_neg_inf_entries(backend_device):
     assert out.logprob[2] == float("-inf") and out.lgp[2] > 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_neg_inf_entries_add_exactly_nothing(backend_device, dtype):
+    """A -inf logit's gradient and a one-entry row's entropy are exactly 0 in every dtype: the
+    exponent floor zeroes 2^d2 in fp64 too (Triton floored d2 at -1024, an fp64 subnormal: a
+    gradient of 3.9e-306 and an entropy of 5.9e-305). And an fp64 row of finfo.min has a finite
+    lse (Triton's mx log2(e) overflowed to -inf)."""
+    backend, device = backend_device
+    inf = float("inf")
+    x = torch.tensor([[0.0, -inf, 1.0, -inf], [0.0, -inf, -inf, -inf]], dtype=dtype)
+    x = x.to(device).requires_grad_()
+    out = _op(backend)(x, torch.tensor([2, 0], device=device))
+    (out.logprob + out.entropy + out.lse + out.collision).sum().backward()
+    assert torch.all(x.grad[torch.isneginf(x.detach())] == 0), x.grad
+    assert out.entropy[1] == 0 and out.logprob[1] == 0, out
+    fmin = torch.finfo(dtype).min
+    far = torch.full((1, 5), fmin, dtype=dtype, device=device)
+    far[0, 1] = fmin / 2
+    lse = _op(backend)(far, torch.tensor([1], device=device)).lse
+    truth = reference.token_stats(far.double(), torch.tensor([1])).lse.to(lse.dtype)
+    assert torch.isfinite(lse).all() and torch.equal(lse.cpu(), truth), (lse, truth)
+
+
 def test_invalid_rows_stay_local(backend_device):
     """NaN, +inf and all -inf rows give NaN outputs (argmax -1) and leave other rows untouched."""
     backend, device = backend_device
@@ -522,6 +544,30 @@ def test_deterministic_and_batch_invariant(backend_device):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert torch.equal(getattr(a, name)[4:5], getattr(alone, name)), name
     assert torch.equal(ga, gb) and torch.equal(ga[4:5], g_alone)
+
+
+@pytest.mark.backends("triton")
+def test_bf16_rows_alone_and_in_a_batch_of_odd_stride(backend_device, small_triton_blocks):
+    """bf16 rows of odd V: alone (4-byte aligned, full steps load int32 pairs) and inside the
+    batch (odd row stride, element loads) the same bits. The element path adds the pairs
+    path's even and odd halves one after the other (`even_odd`); it had added each lane's
+    elements in one tree (V = 50257: a max_prob 1.5e-8 apart)."""
+    backend, device = backend_device
+    x = make_logits(9, 301, torch.bfloat16, device=device, seed=8)
+    y = make_labels((9,), 301, device=device, seed=8)
+
+    def run(xs, ys):
+        xg = xs.clone().requires_grad_()
+        out = _op(backend)(xg, ys, temperature=0.8)
+        (out.logprob * 0.3 + out.entropy - out.collision).sum().backward()
+        return out, xg.grad
+
+    batch, g_batch = run(x, y)
+    for r in range(9):
+        alone, g_alone = run(x[r : r + 1], y[r : r + 1])
+        for name in batch._fields:
+            assert torch.equal(getattr(batch, name)[r : r + 1], getattr(alone, name)), (r, name)
+        assert torch.equal(g_batch[r : r + 1], g_alone), r
 
 
 def test_lgp_expectation_links_to_collision(backend_device):

@@ -29,11 +29,13 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# Floor for d = z - m in the products e * d and p * (b d) (exp_zero_below in softmax_stats.h):
-# e^d is exactly 0 below -745 in fp64 (-104 in fp32), so a floor below that changes no nonzero
-# term, while d = -inf (a -inf logit) would give 0 * -inf = NaN. Not the lowest float: b * lowest
-# overflows to inf when |b| > 1. One value serves fp32 and fp64 (the header uses -128 for fp32).
-D_MIN = tl.constexpr(-1024.0)
+# Floor for d = z - m in the products e * d and p * (b d) (exp_zero_below in softmax_stats.h),
+# in natural or base-2 units alike: e^d is exactly 0 below -745 in fp64 (-104 in fp32) and 2^d
+# below -1075 (-150), so a floor below that changes no nonzero term, while d = -inf (a -inf
+# logit) would give 0 * -inf = NaN. (At -1024, 2^d is an fp64 subnormal: a -inf logit of an
+# fp64 row had a gradient of 4e-306 and a one-entry row an entropy of 6e-305.) Not the lowest
+# float: b * lowest overflows to inf when |b| > 1. One value serves fp32 and fp64.
+D_MIN = tl.constexpr(-1100.0)
 
 
 # The interpreter converts fp32 -> bf16 by truncation (triton 3.6, with or without

@@ -170,6 +170,7 @@ from pg_kernels.triton.token_stats import (
     bwd_exps,
     bwd_row,
     chunk_total,
+    even_odd,
     far_lane,
     frame,
     lane_exps,
@@ -186,7 +187,7 @@ KL_STATE = 3  # the reference's (m, log s1) and c = E_w[d_w - d_v] per row
 # below any real logit difference, and its product with a gradient factor stays finite.
 XQ_FLOOR = tl.constexpr(-1e30)
 # The floor of the logits' exponent d2 (base 2) where forward KL's teacher gradient
-# q_j ((d_q - d_p) - c) weighs it: token_stats' D_MIN (-1024) zeroes p_j but cut a sharp
+# q_j ((d_q - d_p) - c) weighs it: token_stats' D_MIN (-1100) zeroes p_j but cut a sharp
 # policy's d_p (-852 nats, tau 0.095, against a teacher at tau 14.3: a teacher-gradient entry
 # 26 % off). Finite, so that a -inf logit keeps e (b d2) = 0 and q_j d2 finite, and small enough
 # that b d2 and k_d d2 stay finite for any per-row factor below 1e26.
@@ -604,6 +605,19 @@ def _fwd_chunk_kernel(
                 ra, rb = _bf16_pair_halves(_load_pair_block(xr_row, w_block, col0, PAIRS))
             if HAS_REF:
                 qa, qb = _bf16_pair_halves(_load_pair_block(xq_row, w_block, col0, PAIRS))
+        elif x_ptr.dtype.element_ty == tl.bfloat16:
+            # The pairs path's halves, loaded element-wise (`even_odd`): the same sums bitwise
+            # whichever path a row's layout (and its batch's) takes.
+            xa, xb = even_odd(_lanes(_load_pair_block(x_row, w_block, col0, PAIRS), ACC, VEC))
+            ra, rb, qa, qb = xa, xb, xa, xb
+            if HAS_ROLL:
+                ra, rb = even_odd(
+                    _lanes(_load_pair_block(xr_row, w_block, col0, PAIRS), ACC, VEC)
+                )
+            if HAS_REF:
+                qa, qb = even_odd(
+                    _lanes(_load_pair_block(xq_row, w_block, col0, PAIRS), ACC, VEC)
+                )
         else:
             xa = _lanes(_load_pair_block(x_row, w_block, col0, PAIRS), ACC, VEC)
             xb, rb, qb = None, None, None
@@ -779,7 +793,7 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
         if REVERSE:
             # d/dz_j KL(p || q) = p_j ((d_p - d_q) - c); d/dz_q,j = q_j - p_j. A -inf reference
             # logit under a -inf logit (e = 0) must add 0: its difference floored, far below
-            # any logit (not D_MIN: x_q - a_q is not a log-ratio and may be < -1024).
+            # any logit (not D_MIN: x_q - a_q is not a log-ratio and may be < -1100).
             dq = tl.fma(e, -kp, q_j) * g_q
             if SERIES:
                 # r = (d_p - d_q) / ln2, one small difference (near-equal rows: ~|d_p - d_q|,

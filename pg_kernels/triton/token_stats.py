@@ -240,6 +240,15 @@ def _bf16_pair_halves(w):
 
 
 @triton.jit
+def even_odd(x):
+    """A full step's [U, LANES, VEC] bf16 block loaded element-wise -> its even and odd
+    elements, [U, LANES, VEC // 2] each: the halves the pairs path (`_bf16_pair_halves`) adds
+    one after the other. A row's sums then do not depend on which path its layout took (alone,
+    or in a batch whose odd row stride rules the pairs out): bitwise batch invariance."""
+    return tl.split(tl.reshape(x, [x.shape[0], x.shape[1], x.shape[2] // 2, 2]))
+
+
+@triton.jit
 def _fwd_step(xa, xb, i, c, mx, r2, s1, s2, t2, st):
     """One loop step (see `rescale_lanes`): the lanes moved to their new max, then the block's
     exps added."""
@@ -352,7 +361,9 @@ def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok, SUM: tl.constexpr):
     mx = mx.to(f64)
     log2_s1 = tl.log2(s1)
     ln2 = tl.full([], LN2, f64)
-    lse = (ln2 * (mx * c64 + log2_s1 - log2_e_m)).to(ACC)
+    # mx / tau as mx (ln2 c64), not ln2 (mx c64): an fp64 row's mx c64 overflows from |mx| ~
+    # 1.2e308 tau (finfo(float64).min at tau 1 had an lse of -inf).
+    lse = (mx * (ln2 * c64) + ln2 * (log2_s1 - log2_e_m)).to(ACC)
     log2_p_c = (x_label - mx) * c64 + log2_e_m - log2_s1
     logprob = (ln2 * log2_p_c).to(ACC)
     e_c = e_m * tl.exp(ln2 * ((x_label - mx) * c64))  # e_m itself at the max (exp(0) = 1)
@@ -510,6 +521,12 @@ def _fwd_chunk_kernel(
             col0 = start + i * BLOCK_V
             x_next = tl.load(
                 w_row + (col0 + BLOCK_V) // 2 + w_block, mask=i + 1 < n_full, other=-8388608
+            )
+        elif x_ptr.dtype.element_ty == tl.bfloat16:
+            xa, xb = even_odd(_lanes(x_next, ACC, VEC))
+            col0 = start + i * BLOCK_V
+            x_next = tl.load(
+                x_row + (col0 + BLOCK_V) + block, mask=i + 1 < n_full, other=float("-inf")
             )
         else:
             xa, xb = _lanes(x_next, ACC, VEC), None
