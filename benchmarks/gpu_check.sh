@@ -18,17 +18,20 @@
 #   memcheck        compute-sanitizer memcheck, benchmarks/gpu_sanitize.py bf16/fp32 }
 #   racecheck       compute-sanitizer racecheck, token_stats bf16/fp32                }
 #   throw_probe     after the build: a failed check in the CUDA extension must raise (it
-#                   crashed once); a crash is run again under cuda-gdb for its backtrace
+#                   crashed once); a crash (a signal) is run again under cuda-gdb for its
+#                   backtrace
 #   graph           benchmarks/gpu_graph_check.py: token_stats fwd+bwd CUDA-graph replay == eager;
 #                   then benchmarks/host_time.py: every op's forward at N = 1 against amax
 #   then the benchmarks, alone on the GPU, in the order of what is still owed (the first H200
 #   run, benchmarks/results/cuda-h200, timed the five ops at their headline shapes): token_stats
-#   at 16384x151936 bf16 (CUDA, Triton, eager, Liger-Kernel, torch.compile); tune (the Triton
+#   at 16384x151936 bf16 (CUDA, Triton, eager, Liger-Kernel); tune (the Triton
 #   token_stats kernels' blocking variants at that shape, bench_token_stats.TRITON_BLOCKINGS:
 #   why the forward reads at 1.72x one read where the CUDA kernel reads at 1.04x); step_stats (the
 #   bundle against the three single ops); token_stats_from_hidden at 16384x151936x4096 against
 #   the unfused path, Liger's fused linear cross entropy and Cut-Cross-Entropy (their wheels:
-#   benchmarks/fetch_peers.sh, carried in benchmarks/peers/); the other ops at N in {16384,
+#   benchmarks/fetch_peers.sh, carried in benchmarks/peers/); excess (the 16-bit pair lanes'
+#   excess k, kl_divergence's forward); torch.compile of the reference (PGK_BENCH_COMPILE), a
+#   run of its own beside the kernels; the other ops at N in {16384,
 #   512, 1}; token_stats' CUDA kernel beside Triton at 128256 and N in {512, 1}; every op at
 #   T=0.7; fidelity (every op against float64 on the GPU, 256 x 32000).
 # A benchmark step whose results are already in /tmp/pgk-gpucheck-bench (an earlier call on a
@@ -61,9 +64,9 @@
 #                     every kernel variant: it was ~60 % done after 150 s beside the CUDA tests
 #                     and the sanitizers on 16 cores)
 #   PGK_BENCH_OPS     ops to benchmark (default all five)
-#   PGK_BENCH_COMPILE ops whose T=1 run also times torch.compile of the reference (default
-#                     token_stats, the target's comparison; each compile costs 30-60 s per shape
-#                     and mode; empty for none)
+#   PGK_BENCH_COMPILE ops whose torch.compile of the reference is timed, each in a run of its
+#                     own beside the kernels at 16384x151936 (default token_stats, the target's
+#                     comparison; each compile costs 30-60 s per shape and mode; empty for none)
 # shellcheck disable=SC2329  # the step functions are invoked through run_step
 set -uo pipefail
 
@@ -152,7 +155,8 @@ run_step() {
   start=$SECONDS
   say "$name: start (timeout ${t}s): $*"
   # timeout signals its whole process group: pytest workers and sanitized programs too.
-  timeout -k 10 "$t" bash -c '"$@"' "$name" "$@" \
+  # PGK_STEP_DEADLINE (epoch seconds): when that happens, for a step that can wrap up first.
+  PGK_STEP_DEADLINE=$(( $(date +%s) + t )) timeout -k 10 "$t" bash -c '"$@"' "$name" "$@" \
     > >(tee "$WORK/logs/$name.log" | sed -u "s/^/[$name] /" >> "$OUT/run.log") 2>&1
   rc=$?
   sleep 0.2  # let the log pipe drain
@@ -231,11 +235,15 @@ build() {
   # Two cores left to the benchmarks that run beside it (their launches, the timing loop).
   # No AVX-512 CPU module: the GPU checks do not use it, and it would compile after _C (~35 s).
   local jobs=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
+  # A second call's Triton test workers (started beside this build) may have an earlier call's
+  # extensions mapped: unlink them rather than let the build rewrite them in place (a SIGBUS
+  # in those workers). The objects stay in build/: an unchanged source only relinks.
+  rm -f pg_kernels/_C*.so
   PG_KERNELS_BUILD_AVX512=0 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$jobs" bash .ci/build_ext.sh "$PYTHON"
 }
 
 pytest_args() {  # the plugin options this interpreter has
-  "$PYTHON" -c 'import xdist' 2>/dev/null && printf '%s\n' -n "$JOBS"
+  "$PYTHON" -c 'import xdist' 2>/dev/null && printf '%s\n' -n "$JOBS" --dist worksteal
   "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && printf '%s\n' --timeout 150
 }
 
@@ -244,14 +252,22 @@ tests() {
   local phase="$1" xml="$WORK/logs/$1.xml" rc skips
   shift
   mapfile -t plugins < <(pytest_args)
-  # -v: each test's outcome as it finishes (a step killed at its limit says which ran).
-  "$PYTHON" -m pytest -v -rs --durations=15 -p no:cacheprovider --junitxml="$xml" \
+  # -v: each test's outcome as it finishes. 25 s before the step's limit the tests not yet
+  # started skip ("deadline", tests/conftest.py), so that pytest still ends with its junit XML
+  # and tracebacks (a killed pytest writes neither).
+  PGK_TEST_DEADLINE=$(( PGK_STEP_DEADLINE - 25 )) \
+    "$PYTHON" -m pytest -v -rs --durations=15 -p no:cacheprovider --junitxml="$xml" \
     "${plugins[@]}" "$@"
   rc=$?
   echo "pytest exit $rc"
   "$PYTHON" benchmarks/gpu_test_skips.py "$WORK/logs/$phase.skips.txt" "$xml"
   skips=$?
   { echo "== $phase: $*"; cat "$WORK/logs/$phase.skips.txt"; echo; } >> "$OUT/test_skips.txt"
+  if [[ $skips == 3 ]]; then  # all that ran passed; the rest met the deadline
+    echo "TIMEOUT $(grep -m1 -oE '[0-9]+ not run' "$WORK/logs/$phase.skips.txt") (deadline)" \
+      > "$WORK/status/$phase.override"
+    return 1
+  fi
   if [[ $DRY == 1 && "$phase" == tests_triton ]]; then
     # No GPU here: every CUDA case skips with "no GPU". The check must catch that.
     if [[ $skips == 1 ]] && grep -q "no GPU" "$WORK/logs/$phase.skips.txt"; then
@@ -337,7 +353,7 @@ except (RuntimeError, ValueError) as e:
 raise SystemExit("no error for a wrong-shape out")'
   "$PYTHON" -X faulthandler -c "$code"
   rc=$?
-  if (( rc != 0 )) && command -v cuda-gdb >/dev/null; then
+  if (( rc > 128 )) && command -v cuda-gdb >/dev/null; then  # a signal, not an exception
     echo "exit $rc; the same under cuda-gdb:"
     timeout 90 cuda-gdb -q -batch -ex 'set pagination off' -ex run -ex bt --args "$PYTHON" -c "$code"
   fi
@@ -437,10 +453,11 @@ GPU_TESTS=(tests)
 [[ $DRY == 1 ]] && GPU_TESTS=(tests/test_token_stats.py)
 pids=()
 if (( ! NO_GPU )) && wants tests; then
-  # One inductor compile thread per test worker: 8 workers, each compiling, on 16 cores.
-  export TORCHINDUCTOR_COMPILE_THREADS=1
   ORDER+=(tests_triton)
-  run_step tests_triton "$TEST_S" tests tests_triton "${GPU_TESTS[@]}" -m gpu -k triton &
+  # One inductor compile thread per test worker (8 workers, each compiling, on 16 cores); the
+  # benchmarks' torch.compile keeps the default.
+  TORCHINDUCTOR_COMPILE_THREADS=1 \
+    run_step tests_triton "$TEST_S" tests tests_triton "${GPU_TESTS[@]}" -m gpu -k triton &
   pids+=($!)
   [[ $DRY == 1 ]] && { wait "${pids[@]}"; pids=(); }  # two cores: one at a time
 fi
@@ -455,7 +472,8 @@ elif wants tests; then
   if [[ $DRY == 1 ]]; then
     run_step tests_cuda 120 tests tests_cuda tests/test_token_stats.py -k "cpu-cpu and ignore" &
   else
-    run_step tests_cuda "$TEST_S" tests tests_cuda tests -m gpu -k "not triton" &
+    TORCHINDUCTOR_COMPILE_THREADS=1 \
+      run_step tests_cuda "$TEST_S" tests tests_cuda tests -m gpu -k "not triton" &
     pids+=($!)
     ORDER+=(throw_probe)
     run_step throw_probe 120 throw_probe &
@@ -512,9 +530,8 @@ elif [[ $DRY == 1 ]]; then
   wants excess && bench_step bench_kl_divergence_excess16 60 kl_divergence 0.7 excess16 x
 else
   if wants bench; then
-    providers="pg_kernels:cuda pg_kernels:triton eager liger"
-    [[ "$BENCH_COMPILE" == *" token_stats "* ]] && providers+=" compile"
-    bench_step bench_token_stats_t1_n16384 200 token_stats 1 n16384 "$providers" 16384x151936
+    bench_step bench_token_stats_t1_n16384 120 token_stats 1 n16384 \
+      "pg_kernels:cuda pg_kernels:triton eager liger" 16384x151936
   fi
   if wants tune; then  # the Triton kernels' blockings (bench_token_stats.TRITON_BLOCKINGS)
     blockings=$("$PYTHON" -c 'from benchmarks.bench_token_stats import blocking_providers as b
@@ -526,8 +543,10 @@ print(*b())')
       "pg_kernels:triton separate:triton eager" 16384x151936
   fi
   if wants hidden; then  # the fused lm_head path at a real model's shape (bf16, D = 4096)
+    # eager (plain PyTorch on the bf16 logits) sets the others' tolerance: without it, the
+    # float64 check allows only its floor, and bf16 logits are ~1e-3 off.
     bench_step bench_token_stats_from_hidden 120 token_stats_from_hidden 1 hidden \
-      "pg_kernels:triton pg_kernels:cuda unfused:triton liger_flce cce" 16384x151936x4096
+      "eager pg_kernels:triton pg_kernels:cuda unfused:triton liger_flce cce" 16384x151936x4096
   fi
   if wants excess; then  # the 16-bit pair lanes' excess k beside the default (fidelity (1))
     for temp in 1 0.7; do
@@ -536,10 +555,15 @@ print(*b())')
     done
   fi
   if wants bench; then
+    # torch.compile of the reference (30-60 s of compiling per shape and mode) in a run of its
+    # own, after the rows that need none, with the kernels it is compared with.
+    for op in $BENCH_COMPILE; do
+      bench_step "bench_${op}_compile_t1" 200 "$op" 1 compile \
+        "pg_kernels:cuda pg_kernels:triton eager compile" 16384x151936
+    done
     for op in $BENCH_OPS; do
       [[ $op == token_stats ]] && continue
       providers="pg_kernels:triton eager"
-      [[ "$BENCH_COMPILE" == *" $op "* ]] && providers+=" compile"
       bench_step "bench_${op}_t1_n16384" 150 "$op" 1 n16384 "$providers" \
         16384x151936 512x151936 1x151936
     done

@@ -8,7 +8,8 @@ run. A skip is unexpected when its reason says a GPU, an extension or Triton is 
 whose reason is not allowed (PGK_ALLOWED_SKIPS: a second GPU missing, an op without a kernel
 for that backend). Writes the counts and every distinct skip reason (with its count) to OUT.txt,
 prints the unexpected ones, and exits 1 when there is any unexpected skip, failure or error, or
-when no test ran.
+when no test ran; else 3 when tests were left unrun at the run's deadline (tests/conftest.py,
+PGK_TEST_DEADLINE), else 0.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ BAD = os.environ.get(
 )
 ALLOWED = os.environ.get("PGK_ALLOWED_SKIPS", r"needs 2 GPUs|has no \w+ kernel")
 CUDA_CASE = re.compile(r"[\[-]cuda[\]-]")
+DEADLINE = "deadline: "  # tests/conftest.py SKIP_DEADLINE: not run, not a skip of the code's
 
 
 def main(argv: list[str]) -> int:
@@ -47,6 +49,9 @@ def main(argv: list[str]) -> int:
             kinds = {child.tag for child in case}
             if "skipped" in kinds:
                 msg = case.find("skipped").get("message", "")
+                if msg.startswith(DEADLINE):
+                    counts["not run"] += 1
+                    continue
                 counts["skipped"] += 1
                 reasons[msg] += 1
                 bad = re.search(BAD, msg) or (
@@ -61,7 +66,8 @@ def main(argv: list[str]) -> int:
                 counts["passed"] += 1
     lines = [
         f"passed {counts['passed']}, failed or error {counts['failed']}, "
-        f"skipped {counts['skipped']} (unexpected {len(unexpected)})",
+        f"skipped {counts['skipped']} (unexpected {len(unexpected)}), "
+        f"{counts['not run']} not run (the deadline)",
         "",
         "skip reasons (count, reason):",
         *(f"  {n:5d}  {msg}" for msg, n in reasons.most_common()),
@@ -80,7 +86,7 @@ def main(argv: list[str]) -> int:
     if len(unexpected) > 30:
         print(f"... and {len(unexpected) - 30} more (see {out_path})")
     ok = not unexpected and not broken and counts["passed"] > 0
-    return 0 if ok else 1
+    return 1 if not ok else 3 if counts["not run"] else 0
 
 
 if __name__ == "__main__":

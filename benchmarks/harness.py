@@ -32,6 +32,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -787,6 +788,16 @@ def _fill_time(rec: dict, times: list[float], nbytes: int) -> None:
     )
 
 
+class CutShort(BaseException):
+    """SIGTERM during a sweep (a time limit: benchmarks/gpu_check.sh runs each benchmark under
+    `timeout`): the sweep stops and the rows timed so far are written. A BaseException, so that
+    no provider's `except Exception` takes it for the provider's own failure."""
+
+
+def _cut_short(signum, frame):
+    raise CutShort
+
+
 def run_sweep(
     bench: OpBench,
     cases: list[Case],
@@ -826,6 +837,9 @@ def run_sweep(
     flush = _flush_buffer(device)
     records: list[dict] = []
     skipped: set[tuple[str, str]] = set()
+    done: dict[str, dict] = {}
+    mine: dict[str, dict] = {}
+    on_term = signal.signal(signal.SIGTERM, _cut_short)
     try:
         for group_cases in groups.values():
             g = _GroupState(bench, group_cases[0], timing, notes)
@@ -865,7 +879,18 @@ def run_sweep(
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    except CutShort:
+        # The rows of the case being timed that are finished: kept, without their callables.
+        for rec in (*mine.values(), *done.values()):
+            rec.pop("_fn", None)
+            if not any(rec is r for r in records):
+                records.append(rec)
+        env["cut_short"] = True
+        notes.append(
+            f"cut short by SIGTERM (a time limit) after {len(records)} rows: the rest not run"
+        )
     finally:
+        signal.signal(signal.SIGTERM, on_term)
         bar.close()
     _fill_ratios(bench, records)
     return records, notes, env
@@ -1390,4 +1415,6 @@ def main(
     plot(bench, records, out_dir / f"{stem}.png", f"{op} on {env['device']}")
     print(md)
     print(f"wrote {out_dir / stem}.{{json,md,png}} in {runtime:.0f} s", file=sys.stderr)
+    if env.get("cut_short"):
+        return 1
     return 0 if all(r["status"] != "failed" for r in records) else 1

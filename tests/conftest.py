@@ -15,10 +15,15 @@ Every CUDA-device case carries the `gpu` mark. A case that cannot run here is sk
 reason that starts with one of the SKIP_* phrases below, so that a script can tell them apart:
 on a GPU machine with the extensions built, no CUDA case may skip (but for SKIP_TWO_GPUS on a
 one-GPU machine).
+
+PGK_TEST_DEADLINE (epoch seconds; benchmarks/gpu_check.sh sets it shortly before a step's time
+limit): tests that have not started by then skip with SKIP_DEADLINE, so that a run cut short
+still ends normally, with its junit XML and tracebacks.
 """
 
 import os
 import tempfile
+import time
 
 import torch
 
@@ -44,6 +49,8 @@ SKIP_NO_CUDA_EXT = "CUDA extension not importable"
 SKIP_NO_CPU_EXT = "C++ extension unavailable"
 SKIP_NO_TRITON = "Triton unavailable"
 SKIP_TWO_GPUS = "needs 2 GPUs"  # the only skip expected on a one-GPU machine
+SKIP_DEADLINE = "deadline: not started before PGK_TEST_DEADLINE"
+_DEADLINE = float(os.environ.get("PGK_TEST_DEADLINE") or "inf")
 
 
 def skip_reason(backend: str, device: str) -> str | None:
@@ -119,6 +126,11 @@ def pytest_generate_tests(metafunc):
     else:
         params = [_param((o, b, d), o, b, d, True) for o, b, d in cases]
         metafunc.parametrize("op_backend_device", params)
+
+
+def pytest_runtest_setup(item):
+    if time.time() > _DEADLINE:
+        pytest.skip(SKIP_DEADLINE)
 
 
 def pytest_configure(config):
