@@ -367,13 +367,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     ]
     # amax / copy rows; on a CPU the floor is one exp per element per pass.
     ceilings, rows = harness.one_read_ceilings(device, _amax())
-    extra = {}
-    for mod, key in (("liger_kernel", "liger_kernel"), ("flash_attn", "flash_attn")):
-        if device.type == "cuda":
-            try:
-                extra[key] = getattr(__import__(mod), "__version__", "?")
-            except ImportError:
-                pass
+    extra = harness.installed_versions("liger-kernel", "flash-attn") if device.type == "cuda" else {}
     return OpBench(
         op=OP,
         shape_dims=DIMS,

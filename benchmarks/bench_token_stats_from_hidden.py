@@ -257,6 +257,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         ceilings={},
         ceiling_rows={},
         baselines=(unfused, "eager", "liger_flce", "cce"),
+        extra_versions=harness.installed_versions("liger-kernel", "cut-cross-entropy"),
         notes=[
             "matmul-bound: GB/s counts only hidden, weight and per-row tensors; compare times "
             "and peak memory",

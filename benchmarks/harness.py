@@ -345,6 +345,21 @@ def device_kind(device: torch.device) -> str:
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
+def installed_versions(*dists: str) -> dict[str, str]:
+    """The installed versions of the named distributions (the peers' wheels), the absent ones
+    left out: from their metadata, since a module need not have `__version__` (liger_kernel
+    0.8.5 has none)."""
+    from importlib import metadata
+
+    found = {}
+    for dist in dists:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
 def versions(extra: Mapping[str, str] | None = None) -> dict[str, str | None]:
     try:
         import triton
