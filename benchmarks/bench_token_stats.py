@@ -367,7 +367,8 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     ]
     # amax / copy rows; on a CPU the floor is one exp per element per pass.
     ceilings, rows = harness.one_read_ceilings(device, _amax())
-    extra = harness.installed_versions("liger-kernel", "flash-attn") if device.type == "cuda" else {}
+    peers = ("liger-kernel", "flash-attn")
+    extra = harness.installed_versions(*peers) if device.type == "cuda" else {}
     return OpBench(
         op=OP,
         shape_dims=DIMS,
