@@ -39,14 +39,15 @@
 //   so they carry no partial-vector code; other rows take the element-wise kernels.
 // Backward, one launch (token_stats_backward_kernel): same chunking and grid; per element
 //   p = exp(d), d = (x - x_max) / tau - log s1 relative to the row max from the saved argmax and
-//   max_prob (fp32 / fp64; 16-bit logits: d = z - L from the saved L, one FFMA, the label's
-//   entry included), dz = p (a + b d + c p) (+ g_l at the label), divided by tau
+//   max_prob (fp32 / fp64; 16-bit logits: d = z - L from the saved L, one FFMA; their label's
+//   entry in double relative to the max, label_grad16), dz = p (a + b d + c p) (+ g_l at the
+//   label), divided by tau
 //   (folded into a, b, c), rounded once to the logits' dtype and stored as 16-byte vectors. The
 //   label's entry (which adds g_l, with the accurate exp of label_grad) is computed once per item
 //   by the thread that stored the label's vector, which then overwrites that one element.
 //   16-bit logits, a second launch (token_stats_backward_far_kernel): rows whose saved L lies
-//   beyond kFarRef (a vocabulary masked whole with -1e30 or finfo.min, finished by exact_row in
-//   the forward) are written again relative to their raw max; every other row reads 3 scalars.
+//   beyond kFarLse (|L| ~ 1420: vocabularies masked whole, or logits far beyond a model's) are
+//   written again relative to their raw max; every other row reads 3 scalars.
 //
 // ---- Bytes moved per row (S = sizeof(logit), A = sizeof(acc) = 4, 8 for fp64) ----------------
 //   forward:  reads V*S (each logit once) + label + tau + the label logit (one 32 B sector);
@@ -1239,10 +1240,16 @@ PGK_HD FinalRow<float> exact_row(Load load, int64_t V, float inv_tau, int64_t la
   return rounded_final<float>(finalize_token_stats_relative(s, d_label), argmax);
 }
 
-// Whether a 16-bit row's saved L lies beyond ForwardTermFast::kFarRef (or is not finite): then
-// BackwardTermFast's exponent x c - fl(L log2e) would round by ~|L| 2^-24 itself, and the row's
-// gradient is taken relative to its raw max instead (token_stats_backward_far_kernel).
-PGK_HD bool far_lse(float lse) { return !(fabsf(hd_mul(lse, kLog2e)) < ForwardTermFast::kFarRef); }
+// Whether a 16-bit row's saved L is too far out for BackwardTermFast (or not finite): its
+// exponent x c - fl(L log2e) rounds by ~|L log2e| 2^-24 (and c's rounding as much again), a
+// relative error on every p_j. From |L log2e| = 2^11 (|L| ~ 1420) that is 2^-12, near fp16's half
+// ulp, and the row's gradient is taken relative to its raw max instead
+// (token_stats_backward_far_kernel). At the forward's kFarRef (2^28) this switch let p_j of rows
+// at L = -6.6e4 through 1.7 bf16 half ulps off, at L = -1e6 22 (an fp16 vocabulary masked whole
+// with finfo.min at tau 0.7 has L = -9.4e4). Rows that far out are masked, or scaled far beyond a
+// model's logits.
+constexpr float kFarLse = 0x1p11f;
+PGK_HD bool far_lse(float lse) { return !(fabsf(hd_mul(lse, kLog2e)) < kFarLse); }
 
 // A row's outputs from its folded partial states, as token_stats_finalize_kernel computes them.
 // load(j) gives the row's logit j (one more read per row for the label, and for 16-bit logits the
@@ -1393,12 +1400,25 @@ PGK_HD acc_t label_grad(acc_t x_c, acc_t inv_tau, acc_t x_max, acc_t log_s1,
   }
 }
 
-// The label's entry of 16-bit logits, from the saved L (fp32: d_c = z_c - L).
+// The label's entry of 16-bit logits, from the saved L (fp32: d_c = z_c - L): for a row whose
+// saved state is not a finished forward's (label_grad16 cannot take its max).
 PGK_HD float label_grad_from_lse(float x_c, float inv_tau, float lse,
                                  const TokenStatsGradCoef<float>& k, float g_logprob) {
   const float d = fmaxf(hd_sub(hd_mul(x_c, inv_tau), lse), min_d32());
   const float pc = hd_exp_accurate(d);
   return hd_mul(fmaf(pc, fmaf(k.c, pc, fmaf(k.b, d, k.a)), g_logprob), inv_tau);
+}
+
+// The label's entry of 16-bit logits in double, relative to the row max (x_max, the logit at the
+// saved argmax; log s1 = -log max_prob), as the C++ and Triton backwards take it. From L in fp32
+// (label_grad_from_lse) its g_l (1 - p_c) kept ulp(L) / 2 of L: a confident token's entry (1 - p_c
+// 1e-3 .. 1e-5) 3-12 % off at z_c 20-80 (plain fp32 PyTorch's error), 0.4-1.7 % from the max in
+// fp32. Once per row: off the per-element budget.
+PGK_HD float label_grad16(float x_c, float inv_tau, float x_max, float max_prob,
+                          const TokenStatsGradCoef<float>& k, float g_logprob) {
+  const TokenStatsGradCoef<double> k64{double(k.a), double(k.b), double(k.c)};
+  return float(label_grad<double>(double(x_c), double(inv_tau), double(x_max),
+                                  -::log(double(max_prob)), k64, double(g_logprob)));
 }
 
 template <typename Tag, bool kAligned>
@@ -1503,33 +1523,32 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocks)
         }
       }
     }
-    if (!valid) continue;
     // The label's entry gets g_l too: the thread that stored the label's vector (vector lv of the
     // chunk, lv = u * T + tid) overwrites that one element, after its own store of the vector
     // (program order), with the label's gradient computed once (label_grad), rounded once.
-    // (lv = (s * kUnroll + u) * T + tid for some step s and slot u.)
-    const int lv = cur.label / Tr::kVec - vec0;
-    if (lv >= tid && lv < n_here && (lv - tid) % T == 0) {
-      const acc_t x_c = bits_to_acc<Tag>(__ldg(logits + row_offset + cur.label));
-      acc_t dz_c;
-      if constexpr (Tr::kPacked16) {
-        dz_c = label_grad_from_lse(x_c, cur.inv_tau, lse, coef, g_logprob);
-      } else {
-        dz_c = label_grad(x_c, cur.inv_tau, x_max, log_s1, coef, g_logprob);
+    // (lv = (s * kUnroll + u) * T + tid for some step s and slot u.) 16-bit logits: launch 2
+    // writes it (label_grad16: in double from the row max, whose loads would cost this loop).
+    if constexpr (!Tr::kPacked16) {
+      if (!valid) continue;
+      const int lv = cur.label / Tr::kVec - vec0;
+      if (lv >= tid && lv < n_here && (lv - tid) % T == 0) {
+        const acc_t x_c = bits_to_acc<Tag>(__ldg(logits + row_offset + cur.label));
+        g_row[cur.label] =
+            acc_to_bits<Tag>(label_grad(x_c, cur.inv_tau, x_max, log_s1, coef, g_logprob));
       }
-      g_row[cur.label] = acc_to_bits<Tag>(dz_c);
     }
   }
 }
 
-// Backward, launch 2 (16-bit logits only): the rows whose saved L lies beyond kFarRef (far_lse;
-// rows finished by exact_row, a vocabulary masked whole with -1e30 or finfo.min), whose gradient
-// launch 1 cannot form from L (x c - fl(L log2e) rounds by ~|L| 2^-24: 2^77 at -1e30; an L that
-// rounded to -inf made the row NaN there). Each is written again, relative to its raw max as the
-// fp32 rows are (BackwardTerm<F32>, label_grad): x_max at the saved argmax, log s1 =
-// -log(max_prob). One CTA per row, grid-stride; every other row costs its label, temperature and
-// L loads. A row with no finished forward (argmax out of range, max_prob not in (0, 1]) keeps
-// launch 1's NaN fill.
+// Backward, launch 2 (16-bit logits only). Every valid row's label entry (label_grad16, one thread:
+// launch 1 writes the label's p_j term only). And the rows whose saved L lies beyond kFarLse
+// (far_lse; rows finished by exact_row, a vocabulary masked whole with -1e30 or finfo.min), whose
+// gradient launch 1 cannot form from L (x c - fl(L log2e) rounds by ~|L log2e| 2^-24 relative on
+// p: 2^77 at -1e30; an L that rounded to -inf made the row NaN there): each is written again,
+// relative to its raw max as the fp32 rows are (BackwardTerm<F32>, label_grad): x_max at the
+// saved argmax, log s1 = -log(max_prob). One CTA per row, grid-stride. A far row with no finished
+// forward (argmax out of range, max_prob not in (0, 1]) keeps launch 1's NaN fill; a near one
+// gets its label entry from L.
 template <typename Tag>
 __global__ void __launch_bounds__(kFinalizeThreads)
     token_stats_backward_far_kernel(const BackwardParams<float> p) {
@@ -1541,20 +1560,31 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     const RowScalars<float> rs = load_row_scalars(in, row);
     if (rs.kind != RowKind::kValid) continue;
     const float lse = __ldg(p.lse + row);
-    if (!far_lse(lse)) continue;
+    const bool far = far_lse(lse);
+    if (!far && threadIdx.x != 0) continue;  // the label's entry alone: one thread
     const int64_t am = __ldg(p.argmax + row);
     const float max_prob = __ldg(p.max_prob + row);
-    if (!(am >= 0 && am < in.V) || !(max_prob > 0.0f && max_prob <= 1.0f)) continue;
+    const bool finished = am >= 0 && am < in.V && max_prob > 0.0f && max_prob <= 1.0f;
+    if (far && !finished) continue;
     const bits_t* x = logits + in.layout.offset(row);
-    const float x_max = bits_to_acc<Tag>(__ldg(x + am));
-    const float log_s1 = float(-::log(double(max_prob)));  // double: no fast-math logf
     const float g_logprob = __ldg(p.g_logprob + row);
     const TokenStatsGradCoef<float> coef =
         token_stats_grad_coef(g_logprob, __ldg(p.g_entropy + row), __ldg(p.g_collision + row),
                               __ldg(p.g_lse + row), __ldg(p.entropy + row),
                               __ldg(p.collision + row));
-    const BackwardTerm<F32> term(rs.inv_tau, lse, x_max, log_s1, coef);
     bits_t* g_row = grad + row * in.V;
+    if (!far) {
+      const float x_c = bits_to_acc<Tag>(__ldg(x + rs.label));
+      g_row[rs.label] = acc_to_bits<Tag>(
+          finished
+              ? label_grad16(x_c, rs.inv_tau, bits_to_acc<Tag>(__ldg(x + am)), max_prob, coef,
+                             g_logprob)
+              : label_grad_from_lse(x_c, rs.inv_tau, lse, coef, g_logprob));
+      continue;
+    }
+    const float x_max = bits_to_acc<Tag>(__ldg(x + am));
+    const float log_s1 = float(-::log(double(max_prob)));  // double: no fast-math logf
+    const BackwardTerm<F32> term(rs.inv_tau, lse, x_max, log_s1, coef);
     for (int64_t j = threadIdx.x; j < in.V; j += blockDim.x) {
       const float xj = bits_to_acc<Tag>(__ldg(x + j));
       const float g = j == rs.label ? label_grad(xj, rs.inv_tau, x_max, log_s1, coef, g_logprob)

@@ -22,6 +22,8 @@
 //   6. cached_count (the occupancy and SM-count caches of the launchers): a failed query falls
 //      back to 1 and is asked again next time; a successful one is cached and asked once.
 //      Without a GPU the real occupancy query fails: that fallback is checked too.
+//   7. The label's entry of confident bf16 rows (label_grad16): within max_prob's own error.
+//   8. The backward of bf16 rows far from 0, by the path far_lse picks: p_j within 2^-11.
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -392,7 +394,7 @@ static void test_forward_thread_math() {
 }
 
 // The backward of one row as token_stats_backward_kernel computes it (BackwardTerm<Tag>::grad per
-// element, the label's entry from label_grad_from_lse (16-bit) or label_grad (fp32), from the
+// element, the label's entry from label_grad16 (16-bit) or label_grad (fp32), from the
 // forward's own saved lse, entropy, collision, max_prob and argmax), with random upstream
 // gradients, against float64 from the raw logits: dz_j = (p_j (A + B log p_j + C' p_j) + g_l
 // [j = c]) / tau. Entries with p_j = 0 in float64 (-inf, masked) must be exactly 0; the others
@@ -417,7 +419,7 @@ static double check_backward_row(const char* name, const std::vector<float>& x, 
   const BackwardTerm<Tag> term(inv_tau, got.stats.lse, x_max, log_s1, coef);
   const BackwardTerm<F32> relative(inv_tau, got.stats.lse, x_max, log_s1, coef);
   const float x_c = x[label];
-  const float dz_c = fast ? label_grad_from_lse(x_c, inv_tau, got.stats.lse, coef, g_l)
+  const float dz_c = fast ? label_grad16(x_c, inv_tau, x_max, got.stats.max_prob, coef, g_l)
                           : label_grad(x_c, inv_tau, x_max, log_s1, coef, g_l);
   // float64 truth from the raw logits.
   double zm = -INFINITY;
@@ -473,6 +475,34 @@ static double check_backward_row(const char* name, const std::vector<float>& x, 
 // and chunks of it, before the max too); 1 to 3 chunks (fp32: up to 5). Beside the kernel's error, the error of
 // rounding z = x / tau alone (the rest exact), which plain fp32 PyTorch and every z - m method
 // carry.
+// A row's forward as the kernels run it: every chunk emulated (emulate_chunk), folded and
+// finished as token_stats_finalize_kernel does.
+template <typename Tag>
+static FinalRow<float> forward_row(const std::vector<float>& x, float inv_tau, int64_t label) {
+  using Tr = DTypeTraits<Tag>;
+  const int64_t V = int64_t(x.size());
+  const ChunkPlan plan = plan_chunks(V, Tr::kVec);
+  const int64_t C = plan.n_chunks, per = int64_t(plan.vecs_per_chunk) * Tr::kVec;
+  std::vector<float> wm(C), ws1(C), ws2(C), wt(C);
+  std::vector<int32_t> widx(C);
+  for (int64_t k = 0; k < C; ++k) {
+    const int64_t lo = k * per, n = std::min<int64_t>(V, lo + per) - lo;
+    const ChunkOut c = emulate_chunk<Tag>(x.data() + lo, int(n), plan.threads, inv_tau);
+    wm[k] = c.m;
+    ws1[k] = c.s1;
+    ws2[k] = c.s2;
+    wt[k] = c.t;
+    widx[k] = c.idx == INT_MAX ? INT_MAX : int32_t(lo + c.idx);
+  }
+  const ForwardTerm<Tag> term(inv_tau);
+  const FoldedRow folded =
+      fold_row(term, wm.data(), ws1.data(), ws2.data(), wt.data(), widx.data(), C, 1, 0);
+  return finish_row(term, folded, [&](int64_t j) { return x[j]; }, V, label);
+}
+
+// max_prob's bound relative to the truth (test_rows measures it on every row).
+constexpr double kMaxProbErr = 6e-7;
+
 template <typename Tag>
 static void test_rows(const char* name) {
   using Tr = DTypeTraits<Tag>;
@@ -528,23 +558,7 @@ static void test_rows(const char* name) {
       for (auto& v : x) v = ninf;
     if (kind == 9) x[rng() % V] = std::numeric_limits<float>::quiet_NaN();
 
-    const ChunkPlan plan = plan_chunks(V, Tr::kVec);
-    const int64_t C = plan.n_chunks, per = int64_t(plan.vecs_per_chunk) * Tr::kVec;
-    std::vector<float> wm(C), ws1(C), ws2(C), wt(C);
-    std::vector<int32_t> widx(C);
-    for (int64_t k = 0; k < C; ++k) {
-      const int64_t lo = k * per, n = std::min<int64_t>(V, lo + per) - lo;
-      const ChunkOut c = emulate_chunk<Tag>(x.data() + lo, int(n), plan.threads, inv_tau);
-      wm[k] = c.m;
-      ws1[k] = c.s1;
-      ws2[k] = c.s2;
-      wt[k] = c.t;
-      widx[k] = c.idx == INT_MAX ? INT_MAX : int32_t(lo + c.idx);
-    }
-    const ForwardTerm<Tag> term(inv_tau);
-    const FoldedRow folded =
-        fold_row(term, wm.data(), ws1.data(), ws2.data(), wt.data(), widx.data(), C, 1, 0);
-    const FinalRow<float> got = finish_row(term, folded, [&](int64_t j) { return x[j]; }, V, label);
+    const FinalRow<float> got = forward_row<Tag>(x, inv_tau, label);
     if (kind >= 8) {  // all -inf, or a NaN: a NaN row (argmax -1)
       CHECK(std::isnan(got.stats.lse) && std::isnan(got.stats.logprob) &&
                 std::isnan(got.stats.entropy) && std::isnan(got.stats.max_prob) && got.argmax == -1,
@@ -585,7 +599,7 @@ static void test_rows(const char* name) {
     // 4.6e-7 relative on these rows; bf16 3.5e-7 in pairwise groups). Plain fp32's
     // exp(z_m - lse) carries ulp(lse) / 2 relative: 1.9e-6 at lse ~ 40.
     const double max_prob_err = std::fabs(got.stats.max_prob - truth.max_prob) / truth.max_prob;
-    CHECK(got.stats.max_prob <= 1.0f && max_prob_err <= 6e-7,
+    CHECK(got.stats.max_prob <= 1.0f && max_prob_err <= kMaxProbErr,
           "%s max_prob %.9g vs %.9g (trial %d)", name, got.stats.max_prob, truth.max_prob, trial);
     worst_max_prob = std::max(worst_max_prob, max_prob_err);
     worst_grad = std::max(worst_grad, check_backward_row<Tag>(name, x, label, inv_tau, got, trial));
@@ -631,6 +645,75 @@ static void test_rows(const char* name) {
               "entry's scale: %.3g\n", name, worst_grad);
 }
 
+// 7. The label's entry of confident bf16 rows (label = argmax, 1 - p_c 1e-2 .. 1e-5, z_c 20-80),
+// the upstream gradient on logprob alone: (1 - p_c) / tau, taken relative to the row max by
+// label_grad16, is off by max_prob's own error at most (kMaxProbErr, and its fp32 rounding). From
+// the saved L (label_grad_from_lse) it carried ulp(L) / 2: 3-12 % of the entry at z_c 20-80.
+static void test_confident_label_entry() {
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  double worst = 0;
+  for (float inv_tau : {1.0f, 1.0f / 0.7f}) {
+    for (float top : {20.0f, 40.0f, 80.0f}) {
+      for (int trial = 0; trial < 6; ++trial) {
+        const int64_t V = 32000, c = int64_t(rng() % V);
+        const float gap = 14.0f + float(rng() % 80) / 10.0f;
+        std::vector<float> x(V);
+        for (auto& v : x) v = to_bf16(top - gap + 0.5f * normal(rng));
+        x[c] = to_bf16(top);
+        const FinalRow<float> got = forward_row<BF16>(x, inv_tau, c);
+        const TokenStatsGradCoef<float> coef =
+            token_stats_grad_coef(1.0f, 0.0f, 0.0f, 0.0f, got.stats.entropy, got.stats.collision);
+        const float g = label_grad16(x[c], inv_tau, x[got.argmax], got.stats.max_prob, coef, 1.0f);
+        double r1 = 0;
+        for (int64_t j = 0; j < V; ++j) r1 += std::exp((double(x[j]) - double(x[c])) * inv_tau);
+        const double want = -std::expm1(-std::log(r1)) * inv_tau;  // (1 - p_c) / tau
+        const double err = std::fabs(double(g) - want) / ((kMaxProbErr + 0x1p-24) * inv_tau);
+        CHECK(err <= 1.0, "bf16 label entry %.9g vs %.9g (z_c %g, tau %g)", double(g), want,
+              double(top * inv_tau), 1.0 / inv_tau);
+        worst = std::max(worst, err);
+      }
+    }
+  }
+  std::printf("test_confident_label_entry: max error over (6e-7 + 2^-24) / tau: %.3g\n", worst);
+}
+
+// 8. bf16 rows far from 0 (L from -1e3 to -1e7, tau 1 and 0.1): the lse's gradient p_j / tau, by
+// the path far_lse picks (launch 1 from L, or launch 2 relative to the max), within 2^-11 of p_j
+// (fp16's half ulp is 2^-12 of it). Switching at the forward's 2^28 let launch 1 take rows at
+// L = -1e6 22 bf16 half ulps off (0.32 relative at L = -1e7).
+static void test_far_rows_backward() {
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  const int64_t V = 1000;
+  double worst = 0;
+  for (float inv_tau : {1.0f, 10.0f}) {
+    for (float base : {-1e3f, -1e4f, -6.6e4f, -1e6f, -1e7f}) {
+      std::vector<float> x(V);
+      for (auto& v : x) v = to_bf16(base + normal(rng) * std::fabs(base) * 0x1p-12f);
+      const FinalRow<float> got = forward_row<BF16>(x, inv_tau, 0);
+      const TokenStatsGradCoef<float> coef =
+          token_stats_grad_coef(0.0f, 0.0f, 0.0f, 1.0f, got.stats.entropy, got.stats.collision);
+      const float x_max = x[got.argmax];
+      const float log_s1 = float(-std::log(double(got.stats.max_prob)));
+      const BackwardTerm<BF16> from_lse(inv_tau, got.stats.lse, x_max, log_s1, coef);
+      const BackwardTerm<F32> relative(inv_tau, got.stats.lse, x_max, log_s1, coef);
+      const bool far = far_lse(got.stats.lse);
+      double r1 = 0;
+      for (int64_t j = 0; j < V; ++j) r1 += std::exp((double(x[j]) - double(x_max)) * inv_tau);
+      for (int64_t j = 1; j < V; ++j) {  // (j = 0: the label's entry)
+        const double p = std::exp((double(x[j]) - double(x_max)) * inv_tau) / r1;
+        const float g = far ? relative.grad(x[j]) : from_lse.grad(x[j]);
+        const double err = std::fabs(double(g) / inv_tau - p) / (p * 0x1p-11 + 1e-38);
+        CHECK(err <= 1.0, "bf16 row at %g, tau %g (L %g, far %d): p_j %.9g vs %.9g", double(base),
+              1.0 / inv_tau, double(got.stats.lse), int(far), double(g) / inv_tau, p);
+        worst = std::max(worst, err);
+      }
+    }
+  }
+  std::printf("test_far_rows_backward: max error of p_j over 2^-11 of it: %.3g\n", worst);
+}
+
 static void test_cached_count() {
   std::atomic<int> slot{0};
   int calls = 0;
@@ -668,6 +751,8 @@ int main() {
   test_forward_thread_math();
   test_rows<BF16>("bf16");
   test_rows<F32>("fp32");
+  test_confident_label_entry();
+  test_far_rows_backward();
   test_cached_count();
   std::printf("host_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
