@@ -15,7 +15,7 @@ Logged per step: mean reward, and two gradient-size measures: the logit-gradient
 sum_t A_t^2 lgp_t per sequence (the quantity OTB's baseline minimises, up to the cumulative
 weighting) and the measured parameter-gradient norm.
 
-    python examples/grpo_toy.py              # default size (3 seeds x 3 configs)
+    python examples/grpo_toy.py              # default size (5 seeds x 3 configs)
     python examples/grpo_toy.py --quick      # seconds; CI
     python examples/grpo_toy.py --out DIR    # where grpo_toy.png / grpo_toy.md go
 """
