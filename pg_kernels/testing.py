@@ -252,8 +252,10 @@ def check_against_reference(
     leaves_p, out_p = run(ref, False)
     dtype = args[0].dtype
     errors: dict[str, float] = {}
-    for name in check_fields or [f for f, v in out_k.items() if isinstance(v, torch.Tensor)]:
+    # The truth's fields: one the kernel left out (None) fails rather than going unchecked.
+    for name in check_fields or [f for f, v in out_t.items() if isinstance(v, torch.Tensor)]:
         k, t, p = out_k[name], out_t[name], out_p[name]
+        assert isinstance(k, torch.Tensor), f"{name}: {k!r} where the truth has a tensor"
         if not k.is_floating_point():
             assert torch.equal(k.cpu(), t.cpu()), f"{name}: {k} != {t}"
             continue
