@@ -213,11 +213,9 @@ def sum_dtype(XDT):
     return tl.float64 if XDT == tl.float32 or XDT == tl.float64 else tl.float32
 
 
-
-
 # The chunk states [4, n_chunks, N] (raw max, s1, s2, t2; the max and t2 travel exactly) are
 # fp64 for every logits dtype: a peaked row's s1 and s2 hold its max's term ~1, and the rests
-# beside it are its outputs (lgp's s2 - e_c^2); 32 bytes per chunk and row.
+# beside it are its outputs (lgp's s2 - e_c^2); 32 bytes per chunk and row (36 with the argmax).
 PART_DTYPE = torch.float64
 
 
