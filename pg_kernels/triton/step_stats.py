@@ -161,16 +161,15 @@ from pg_kernels.triton._pair import _shifted_chunk as pair_chunk_again
 from pg_kernels.triton._pair import _side_total as pair_side_total
 from pg_kernels.triton.token_stats import (
     MOVE_MIN,
-    _bf16_pair_halves,
     _lanes,
     _log2_scale,
     _reference,
     _store_outputs,
     add_exps,
+    bf16_halves,
     bwd_exps,
     bwd_row,
     chunk_total,
-    even_odd,
     far_lane,
     frame,
     lane_exps,
@@ -528,6 +527,14 @@ def _load_pair_block(row_ptr, w_block, col0, PAIRS: tl.constexpr):
         return tl.load(row_ptr + col0 + w_block)
 
 
+@triton.jit
+def _load_step_halves(
+    row_ptr, w_block, col0, ACC: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr
+):
+    """A full bf16 step's even and odd elements (`bf16_halves`)."""
+    return bf16_halves(_load_pair_block(row_ptr, w_block, col0, PAIRS), ACC, VEC, PAIRS)
+
+
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
 def _fwd_chunk_kernel(
     x_ptr, xr_ptr, xq_ptr, labels_ptr, temp_ptr, scale_bits, t_ptr, tr_ptr, tq_ptr,
@@ -598,26 +605,15 @@ def _fwd_chunk_kernel(
     for i in range(0, n_full):
         col0 = start + i * BLOCK_V
         # (Absent tensors take the logits' block as a placeholder, never read.)
-        if PAIRS:
-            xa, xb = _bf16_pair_halves(_load_pair_block(x_row, w_block, col0, PAIRS))
+        if x_ptr.dtype.element_ty == tl.bfloat16:
+            # Even and odd elements apart, however a row was loaded (`bf16_halves`): the same
+            # sums bitwise whichever path a row's layout (and its batch's) takes.
+            xa, xb = _load_step_halves(x_row, w_block, col0, ACC, VEC, PAIRS)
             ra, rb, qa, qb = xa, xb, xa, xb
             if HAS_ROLL:
-                ra, rb = _bf16_pair_halves(_load_pair_block(xr_row, w_block, col0, PAIRS))
+                ra, rb = _load_step_halves(xr_row, w_block, col0, ACC, VEC, PAIRS)
             if HAS_REF:
-                qa, qb = _bf16_pair_halves(_load_pair_block(xq_row, w_block, col0, PAIRS))
-        elif x_ptr.dtype.element_ty == tl.bfloat16:
-            # The pairs path's halves, loaded element-wise (`even_odd`): the same sums bitwise
-            # whichever path a row's layout (and its batch's) takes.
-            xa, xb = even_odd(_lanes(_load_pair_block(x_row, w_block, col0, PAIRS), ACC, VEC))
-            ra, rb, qa, qb = xa, xb, xa, xb
-            if HAS_ROLL:
-                ra, rb = even_odd(
-                    _lanes(_load_pair_block(xr_row, w_block, col0, PAIRS), ACC, VEC)
-                )
-            if HAS_REF:
-                qa, qb = even_odd(
-                    _lanes(_load_pair_block(xq_row, w_block, col0, PAIRS), ACC, VEC)
-                )
+                qa, qb = _load_step_halves(xq_row, w_block, col0, ACC, VEC, PAIRS)
         else:
             xa = _lanes(_load_pair_block(x_row, w_block, col0, PAIRS), ACC, VEC)
             xb, rb, qb = None, None, None

@@ -247,6 +247,17 @@ def even_odd(x):
 
 
 @triton.jit
+def bf16_halves(raw, ACC: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr):
+    """A full step's raw bf16 block, int32 pairs (PAIRS) or elements -> its even and odd
+    elements, the halves a step adds one after the other whichever the load."""
+    if PAIRS:
+        xa, xb = _bf16_pair_halves(raw)
+    else:
+        xa, xb = even_odd(_lanes(raw, ACC, VEC))
+    return xa, xb
+
+
+@triton.jit
 def _fwd_step(xa, xb, i, c, mx, r2, s1, s2, t2, st):
     """One loop step (see `rescale_lanes`): the lanes moved to their new max, then the block's
     exps added."""
@@ -514,21 +525,16 @@ def _fwd_chunk_kernel(
     for i in range(0, n_full):
         # Converted first: the raw registers are then free for the prefetch to land in (no
         # register copies to carry the prefetched block into the next trip).
+        if x_ptr.dtype.element_ty == tl.bfloat16:
+            xa, xb = bf16_halves(x_next, ACC, VEC, PAIRS)
+        else:
+            xa, xb = _lanes(x_next, ACC, VEC), None
+        col0 = start + i * BLOCK_V
         if PAIRS:
-            xa, xb = _bf16_pair_halves(x_next)
-            col0 = start + i * BLOCK_V
             x_next = tl.load(
                 w_row + (col0 + BLOCK_V) // 2 + w_block, mask=i + 1 < n_full, other=-8388608
             )
-        elif x_ptr.dtype.element_ty == tl.bfloat16:
-            xa, xb = even_odd(_lanes(x_next, ACC, VEC))
-            col0 = start + i * BLOCK_V
-            x_next = tl.load(
-                x_row + (col0 + BLOCK_V) + block, mask=i + 1 < n_full, other=float("-inf")
-            )
         else:
-            xa, xb = _lanes(x_next, ACC, VEC), None
-            col0 = start + i * BLOCK_V
             x_next = tl.load(
                 x_row + (col0 + BLOCK_V) + block, mask=i + 1 < n_full, other=float("-inf")
             )
