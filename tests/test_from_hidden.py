@@ -81,6 +81,7 @@ def test_token_stats_from_hidden_matches_float64(backend_device, dtype, per_row)
     check_against_reference(
         _ts_op(backend, 8), _ts_ref, (h, w, b, y), {"temperature": temperature},
         diff_fields=("logprob", "entropy", "collision", "lse"), grad_args=(0, 1, 2),
+        whole_args=(0, 1, 2),
         check_fields=FLOAT_FIELDS,
     )  # fmt: skip
 
@@ -96,6 +97,7 @@ def test_token_stats_from_hidden_leading_dims_strided_no_bias(backend_device):
     check_against_reference(
         _ts_op(backend, 4), _ts_ref, (h, w, None, y), {},
         diff_fields=("logprob", "entropy", "collision", "lse"), grad_args=(0, 1),
+        whole_args=(0, 1),
         check_fields=FLOAT_FIELDS,
     )  # fmt: skip
 
@@ -224,7 +226,7 @@ def test_kl_divergence_from_hidden_matches_float64(backend_device, dtype, direct
         kw["ref_temperature"] = t.double()
     check_against_reference(
         _kl_op(backend, 6), _kl_ref, (h, w, b, rh, rw), kw, diff_fields=("out",),
-        grad_args=(0, 1, 2, 3, 4),
+        grad_args=(0, 1, 2, 3, 4), whole_args=(0, 1, 2, 3, 4),
     )  # fmt: skip
 
 

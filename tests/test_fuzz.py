@@ -656,6 +656,11 @@ def _show_projection(p, **kw):
             f"chunk={p['chunk']} seed={p['seed']} {temps}")  # fmt: skip
 
 
+# (hidden, weight, bias, ...)'s gradients are matmuls of the logits' gradient: checked whole
+# (`check_against_reference`'s whole_args).
+HIDDEN_ARGS = (0, 1, 2)
+
+
 def _differentiated(draw, bias, first=0) -> list[int]:
     """A drawn non-empty subset of the argument indices of (hidden, weight, bias), from `first`
     (a frozen lm_head, a frozen bias, hidden alone...): each subset takes its own gradient work."""
@@ -822,7 +827,7 @@ def test_token_stats_from_hidden(backend_device, data):
     _check(
         p, backend, op, ref, args, {"temperature": t},
         diff_fields=("logprob", "entropy", "collision", "lse"), check_fields=HIDDEN_FIELDS,
-        grad_args=tuple(_differentiated(data.draw, p["b"])),
+        grad_args=tuple(_differentiated(data.draw, p["b"])), whole_args=HIDDEN_ARGS,
         forward_floor=forward_floor, grad_floor=grad_floor,
     )  # fmt: skip
 
@@ -961,6 +966,7 @@ def test_kl_divergence_from_hidden(backend_device, data):
         kw,
         diff_fields=("out",),
         grad_args=tuple(grad_args),
+        whole_args=(*HIDDEN_ARGS, 3, 4, 5),
         forward_floor={"out": forward_floor},
         grad_floor=grad_floor,
     )
@@ -1007,6 +1013,6 @@ def test_token_loss_from_hidden(backend_device, data):
                  for a in (p["h"], p["w"], p["b"], p["y"]))  # fmt: skip
     _check(
         p, backend, op, ref, args, {"temperature": t}, diff_fields=("out",),
-        grad_args=tuple(_differentiated(data.draw, p["b"])),
+        grad_args=tuple(_differentiated(data.draw, p["b"])), whole_args=HIDDEN_ARGS,
         forward_floor={"out": forward}, grad_floor=grad_floor,
     )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pg_kernels.testing import FORWARD_TOL, assert_close_to_truth
+from pg_kernels.testing import FORWARD_TOL, GRAD_TOL, assert_close_to_truth
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
@@ -18,3 +18,19 @@ def test_a_non_finite_plain_baseline_does_not_widen_the_bound(bad):
     with pytest.raises(AssertionError, match="max error"):
         assert_close_to_truth("wrong", torch.tensor([5.0, -7.0, 100.0]), truth, plain,
                               FORWARD_TOL[torch.float32])  # fmt: skip
+
+
+def test_per_row_bound_sees_a_small_row_wrong():
+    """A confident row's gradient entries (~1e-6 here) doubled: within the whole tensor's bound
+    (2x plain's largest error + 1e-5 of its largest entry), outside the row's own."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(3, 50, generator=g, dtype=torch.float64)
+    truth[1] *= 1e-6
+    plain = (truth * (1 + 1e-7 * torch.randn(3, 50, generator=g, dtype=torch.float64))).float()
+    out = truth.clone().float()
+    out[1] *= 2
+    tol = GRAD_TOL[torch.float32]
+    assert_close_to_truth("whole", out, truth, plain, tol)
+    with pytest.raises(AssertionError, match=r"worst at \(1, "):
+        assert_close_to_truth("per row", out, truth, plain, tol, per_row=True)
+    assert_close_to_truth("per row, right", truth.float(), truth, plain, tol, per_row=True)
