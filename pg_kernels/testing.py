@@ -222,7 +222,34 @@ def assert_close_to_truth(
             f"{float(o.flatten()[i])!r}, truth {float(t.flatten()[i])!r}, allowed "
             f"{float(allowed.expand(t.shape).flatten()[i]):.3e} [{tol.why}]"
         )
+    if out.dtype in (torch.bfloat16, torch.float16):
+        _assert_unbiased(name, o, t, p, finite & torch.isfinite(p), out.dtype)
     return float(err.max())
+
+
+def _assert_unbiased(name, o, t, p, finite, dtype) -> None:
+    """A 16-bit output's signed error, summed as sum (o - t) sign(t) / sum |t| (a tensor scaled
+    by 1 + e gives e), within twice plain's own, 2^-12 and 4 sigma of the roundings' noise.
+
+    One rounding to nearest adds a noise of mean 0: its relative error may reach 2^-8 (bf16)
+    per entry, which the elementwise rule must allow, so a gradient scaled by 1.004 passed it.
+    Summed over the tensor, the noise shrinks as 1 / sqrt(n) while a bias does not. 2^-12 covers
+    an fp32 computation's own systematic error (~1e-6 relative) with a wide margin. Entries below
+    the dtype's normal range (whose spacing is fixed) are left out."""
+    keep = finite & (t.abs() >= torch.finfo(dtype).tiny)
+    if int(keep.sum()) < 32:
+        return
+    o, t, p = o[keep], t[keep], p[keep]
+    mass = float(t.abs().sum())
+    bias = float(((o - t) * t.sign()).sum()) / mass
+    plain = float(((p - t) * t.sign()).sum()) / mass
+    half_ulp = torch.finfo(dtype).eps / 2 * 2.0 ** torch.floor(torch.log2(t.abs()))
+    sigma = float((half_ulp.square() / 3).sum().sqrt()) / mass
+    allowed = 2 * abs(plain) + 2.0**-12 + 4 * sigma
+    assert abs(bias) <= allowed, (
+        f"{name}: biased: the signed error sums to {bias:.3e} of the tensor's mass (plain "
+        f"PyTorch {plain:.3e}), allowed {allowed:.3e}"
+    )
 
 
 def _leaf_like(a: torch.Tensor) -> torch.Tensor:
