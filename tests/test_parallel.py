@@ -617,7 +617,8 @@ def _check_against_single_device(worlds, case: dict, against_plain: bool) -> Non
         if not against_plain:
             worse = _worse(single_grad[finite_rows], plain, truth)
             assert_close_to_truth(
-                f"grad {side} vs float64", full[finite_rows], truth, worse, gtol, floor=floor_f
+                f"grad {side} vs float64", full[finite_rows], truth, worse, gtol, floor=floor_f,
+                per_row=True,
             )
             continue
         # The reference backend's single-device gradient is autograd's, which on +inf KL rows
@@ -627,9 +628,11 @@ def _check_against_single_device(worlds, case: dict, against_plain: bool) -> Non
         assert_close_to_truth(
             f"grad {side} vs single device", full[rows], single_grad[rows],
             truth_grads[side][rows], gtol, floor=None if floor is None else floor[rows],
+            per_row=True,
         )  # fmt: skip
         assert_close_to_truth(
-            f"grad {side} vs float64", full[finite_rows], truth, plain, gtol, floor=floor_f
+            f"grad {side} vs float64", full[finite_rows], truth, plain, gtol, floor=floor_f,
+            per_row=True,
         )
 
 
