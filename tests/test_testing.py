@@ -20,20 +20,24 @@ def test_a_non_finite_plain_baseline_does_not_widen_the_bound(bad):
                               FORWARD_TOL[torch.float32])  # fmt: skip
 
 
-def test_per_row_bound_sees_a_small_row_wrong():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_per_row_bound_sees_a_small_row_wrong(dtype):
     """A confident row's gradient entries (~1e-6 here) doubled: within the whole tensor's bound
-    (2x plain's largest error + 1e-5 of its largest entry), outside the row's own."""
+    (2x plain's largest error + 1e-5 of its largest entry), outside the row's own. The truth is
+    rounded to the dtype, as check_against_reference's (the float64 gradient of a 16-bit leaf),
+    so plain's 16-bit error is mostly 0."""
     g = torch.Generator().manual_seed(0)
     truth = torch.randn(3, 50, generator=g, dtype=torch.float64)
     truth[1] *= 1e-6
-    plain = (truth * (1 + 1e-7 * torch.randn(3, 50, generator=g, dtype=torch.float64))).float()
-    out = truth.clone().float()
+    truth = truth.to(dtype).double()
+    plain = (truth * (1 + 1e-7 * torch.randn(3, 50, generator=g, dtype=torch.float64))).to(dtype)
+    out = truth.to(dtype)
     out[1] *= 2
-    tol = GRAD_TOL[torch.float32]
+    tol = GRAD_TOL[dtype]
     assert_close_to_truth("whole", out, truth, plain, tol)
     with pytest.raises(AssertionError, match=r"worst at \(1, "):
         assert_close_to_truth("per row", out, truth, plain, tol, per_row=True)
-    assert_close_to_truth("per row, right", truth.float(), truth, plain, tol, per_row=True)
+    assert_close_to_truth("per row, right", truth.to(dtype), truth, plain, tol, per_row=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -42,9 +46,15 @@ def test_a_16bit_gradient_scaled_by_a_rounding_is_biased(dtype):
     passed every op's tests): not within the bias rule; the truth rounded to the dtype (noise of
     mean 0) passes both."""
     g = torch.Generator().manual_seed(1)
-    truth = torch.randn(8, 300, generator=g, dtype=torch.float64)
-    plain = truth.to(dtype)
+    exact = torch.randn(8, 300, generator=g, dtype=torch.float64)
     tol = GRAD_TOL[dtype]
-    assert_close_to_truth("rounded", truth.to(dtype), truth, plain, tol, per_row=True)
-    with pytest.raises(AssertionError, match="biased"):
-        assert_close_to_truth("scaled", (truth * (1 + tol.rtol / 2)).to(dtype), truth, plain, tol)
+    # The truth exact, and rounded to the dtype as check_against_reference's is.
+    for truth in (exact, exact.to(dtype).double()):
+        plain = truth.to(dtype)
+        assert_close_to_truth("rounded", truth.to(dtype), truth, plain, tol, per_row=True)
+        scaled = (truth * (1 + tol.rtol / 2)).to(dtype)
+        with pytest.raises(AssertionError, match="biased"):
+            assert_close_to_truth("scaled", scaled, truth, plain, tol)
+        # unless the caller's floor covers it (scaled by an ulp and rounded: up to two, rtol)
+        floor = tol.rtol * truth.abs()
+        assert_close_to_truth("scaled, floored", scaled, truth, plain, tol, floor)
