@@ -60,6 +60,15 @@ def main() -> None:
         )
         report("verl entropy_from_logits", tf.entropy_from_logits, pv.entropy_from_logits, x)
         report(
+            "verl entropy_from_logits_with_chunking",
+            tf.entropy_from_logits_with_chunking,
+            pv.entropy_from_logits_with_chunking,
+            x.view(-1, T.V),
+            chunk_size=64,
+            # verl's chunked form upcasts with .float(): its float64 run would be fp32
+            truth_fn=lambda z, chunk_size: tf.entropy_from_logits(z),
+        )
+        report(
             "verl calculate_sum_pi_squared",
             tf.calculate_sum_pi_squared_from_logits,
             pv.calculate_sum_pi_squared_from_logits,
