@@ -155,10 +155,6 @@ def masked_with_a_huge_finite_fill(
     return [t.masked_fill(mask, lo).to(dtype) for t in sides]
 
 
-def _err(out: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    return (out.double() - truth.double()).abs()
-
-
 def assert_close_to_truth(
     name: str,
     out: torch.Tensor,
