@@ -544,6 +544,34 @@ def test_tv_properties(bd):
     assert (same.token_kl == 0).all() and (same.token_tv.abs() < 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_near_one_hot_rows_tv(bd, dtype):
+    """Near one-hot rows (a spike 8..14 over the rest at tau 0.5 and 1) and a rollout equal but
+    for noise: half the TV sits at the two top entries, each probability ~1, whose difference
+    is below the rounding of either. Both backends took |q_j - p_j| from each side rounded on
+    its own: a TV of 6.3e-10 read 3.2e-10 (C++) and 3.0e-8 (Triton), 9.3e-8 read 2.8e-7
+    (Triton); plain fp32 PyTorch is up to 50 % off here. They now factor the normalizers out
+    (C++ `total_variation`'s r - 1 in double, Triton's r1 in fp64): at most 1.4e-3 relative
+    (the tails' own roundings, TVs of 4.5e-13 .. 1.8e-4)."""
+    backend, device = bd
+    x = make_logits(8, 500, torch.float64, seed=21)
+    x[:, 7] = x.amax(-1) + torch.tensor([8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 10.5],
+                                        dtype=torch.float64)  # fmt: skip
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    x, xr = x.to(dtype), (x + 0.1 * noise - 2.0).to(dtype)
+    y = torch.full((8,), 7)
+    for tau in (0.5, 1.0):
+        truth = reference.rollout_tv(x, xr, temperature=tau)
+        assert float(truth.min()) > 1e-13  # resolved by double normalizers (C++): ~1e-16
+        lp = reference.token_stats(xr, y, temperature=tau).logprob.float()
+        out = _op(backend)(x.to(device), y.to(device), lp.to(device), rollout_logits=xr.to(device),
+                           temperature=tau).token_tv.cpu()  # fmt: skip
+        rel = ((out.double() - truth) / truth).abs()
+        assert float(rel.max()) < 1e-2, (tau, rel.max(), out, truth)
+        _check(backend, x.to(device), y.to(device), lp.to(device),
+               rollout_logits=xr.to(device), temperature=tau)  # fmt: skip
+
+
 def test_fp64_tv_of_split_tied_maxima_at_large_z(bd):
     """fp64 logits at |z| ~ 2500 (T = 0.1372): two tied maxima, and a rollout that splits them
     by 5e-4 (the rest ~e^-1278, 0 in fp64). Then TV = tanh(delta / 2) / 2 = 9.1e-4 with

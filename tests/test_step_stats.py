@@ -27,6 +27,7 @@ from test_token_stats import _logprob_grad_error, _peaked_rows
 import pg_kernels
 from pg_kernels import reference
 from pg_kernels.testing import (
+    TRITON_16BIT_PAIR_FLOOR,
     check_against_reference,
     make_labels,
     make_logits,
@@ -123,16 +124,28 @@ def _check(backend, x, y, xr, lp, xq, **kw):
     return check_against_reference(
         _op(backend), _ref, (x, y, xr, lp, xq), kw, diff_fields=diff,
         grad_args=(0,) if xq is None else (0, 4), grad_floor=floor,
-        forward_floor=TRITON_KL_FLOOR if backend == "triton" and x.dtype in BITS16 else None,
+        forward_floor=_triton_floor(backend, x.dtype),
     )  # fmt: skip
 
 
-# The Triton 16-bit pair sums are fp32 lanes reduced in fp32: a small KL = u / s_w - log s_w +
-# log s_v then carries the rounding of the two normalizers, ~1e-7 absolute. Measured on a bf16
-# V = 7 row (KL 1.7e-3 and 8.2e-3; plain fp32 PyTorch 6e-9 and 2.3e-8): Triton's mismatch_stats
-# 6.6e-8 and 1.2e-7, the bundle 9.1e-8 and 3.4e-8. Bound: 2 fp32 ulps of an O(1) logarithm.
-# fp32 logits sum the excess k and get no floor.
-TRITON_KL_FLOOR = {"token_kl": 2.0**-22, "kl": 2.0**-22}
+# The Triton 16-bit pair sums: pg_kernels.testing.TRITON_16BIT_PAIR_FLOOR (measured here on a
+# bf16 V = 7 row: mismatch_stats 6.6e-8 and 1.2e-7, the bundle 9.1e-8 and 3.4e-8). fp32 logits
+# sum the excess k and get no floor.
+TRITON_KL_FLOOR = {"token_kl": TRITON_16BIT_PAIR_FLOOR, "kl": TRITON_16BIT_PAIR_FLOOR}
+# The Triton bundle's fp32 token_kl of near one-hot rows under a temperature (row 0 of `_inputs`
+# at tau 0.7, both sides' rests ~1e-25): 2^-60 = 8.7e-19 where the truth is 6.2e-27, while
+# mismatch_stats' own pass is 1e-31 off and plain fp32 PyTorch 4e-26 (found by the per-value
+# forward rule; open, README Testing). Not yet traced; it fits the top entries' exponents
+# x k - fl(m k) (the logits' side shares token_stats' frame; mismatch_stats' pass forms
+# (x - m) k): a residual rho <= ulp(m k) ~ 2^-17 on each side, whose excess ~rho^2 / 2 is
+# carried to fp32's 2^-24 of itself, ~2^-59. Floor 2^-50 (the tests' |m k| < 200).
+TRITON_FP32_TOKEN_KL_FLOOR = {"token_kl": 2.0**-50}
+
+
+def _triton_floor(backend, dtype):
+    if backend != "triton":
+        return None
+    return TRITON_KL_FLOOR if dtype in BITS16 else TRITON_FP32_TOKEN_KL_FLOOR
 BITS16 = (torch.bfloat16, torch.float16)
 
 
@@ -395,7 +408,7 @@ def test_logits_masked_where_the_others_are_not(bd, dtype, blocks, request):
         check_against_reference(
             _op(backend), _ref, (x, y, xr, lp, xq), {"kl_direction": "forward", **kw},
             diff_fields=["logprob", "entropy", "collision", "lse", "kl"], grad_args=grad_args,
-            forward_floor=TRITON_KL_FLOOR if backend == "triton" and x.dtype in BITS16 else None,
+            forward_floor=_triton_floor(backend, x.dtype),
         )  # fmt: skip
 
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pg_kernels.testing import FORWARD_TOL, GRAD_TOL, assert_close_to_truth
+from pg_kernels import reference
+from pg_kernels.outputs import TokenStats
+from pg_kernels.testing import (
+    FORWARD_TOL,
+    GRAD_TOL,
+    assert_close_to_truth,
+    check_against_reference,
+    make_labels,
+    make_logits,
+    near_one_hot,
+)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
@@ -58,3 +68,32 @@ def test_a_16bit_gradient_scaled_by_a_rounding_is_biased(dtype):
         # unless the caller's floor covers it (scaled by an ulp and rounded: up to two, rtol)
         floor = tol.rtol * truth.abs()
         assert_close_to_truth("scaled, floored", scaled, truth, plain, tol, floor)
+
+
+def test_per_value_bound_sees_a_small_output_wrong():
+    """A confident token's log-prob (-1.8e-6, plain fp32 1.5e-7 off) doubled: within the whole
+    tensor's bound (2x plain's largest error + 1e-6 of the largest value: 1.3e-5 for log-probs
+    down to -12), outside the value's own (plain's error there, or an fp32 ulp of its size plus
+    what rounding its logits moves it by)."""
+    logits = make_logits(6, 500, seed=3)
+    labels = make_labels((6,), 500, seed=3)
+    near_one_hot(logits, [2], gap=15.0)
+    labels[2] = int(logits[2].argmax())
+
+    def fp32(double: bool):
+        def op(*args, **kwargs):
+            out = reference.token_stats(*args, **kwargs, upcast=True)._asdict()
+            out = {f: v.float() if v.is_floating_point() else v for f, v in out.items()}
+            if double:
+                out["logprob"] = torch.where(torch.arange(6) == 2, 2, 1) * out["logprob"]
+            return TokenStats(**out)
+
+        return op
+
+    truth = reference.token_stats(logits, labels).logprob[2]
+    assert -1e-5 < float(truth) < -1e-6
+    check_against_reference(fp32(False), reference.token_stats, (logits, labels), {},
+                            diff_fields=())  # fmt: skip
+    with pytest.raises(AssertionError, match=r"logprob: .*for this value\); worst at \(2,\)"):
+        check_against_reference(fp32(True), reference.token_stats, (logits, labels), {},
+                                diff_fields=())  # fmt: skip

@@ -89,5 +89,15 @@ def rollout_tv(
     z = without_ignored(scale(logits, temperature, dtype), keep)
     t_roll = temperature if rollout_temperature is None else rollout_temperature
     zr = without_ignored(scale(rollout_logits, t_roll, dtype), keep)
-    tv = 0.5 * (z.softmax(-1) - zr.softmax(-1)).abs().sum(-1)
+    if upcast:
+        # |p_j - q_j| = max(p_j, q_j) |expm1(-|log p_j - log q_j|)|, the logs keeping each
+        # normalizer's s1 - 1: p_j - q_j rounds both top entries of near one-hot rows to 1 in
+        # float64 (rests below 1.1e-16 lost), and that entry, half the TV, read 0 (fp32 rows
+        # whose rests are ~1e-25: a TV of 1.13e-26 for 2.25e-26).
+        lp, lq = log_softmax_keeping_rest(z), log_softmax_keeping_rest(zr)
+        hi = torch.maximum(lp, lq)
+        gap = torch.where(torch.isneginf(hi), 0.0, (lp - lq).abs())  # both -inf: no term
+        tv = 0.5 * (hi.exp() * -torch.expm1(-gap)).sum(-1)
+    else:
+        tv = 0.5 * (z.softmax(-1) - zr.softmax(-1)).abs().sum(-1)
     return finish(tv, invalid_rows(z) | invalid_rows(zr), keep)
