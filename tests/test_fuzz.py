@@ -133,7 +133,7 @@ def logit_cases(draw, backend: str, device: str = "cpu"):
     # the fp32 range at every drawn temperature. finfo(float32).min / tau overflows it, to
     # -inf as in fp32 PyTorch, which under another temperature on a pair's other side is a
     # KL of +inf against a finite truth: tests/test_token_stats.py and test_step_stats.py
-    # test it at one temperature. Not fp64: README, Testing (4).
+    # test it at one temperature. Not fp64: docs/fidelity.md, (4).
     fill = float("-inf")
     if dtype != torch.float64 and draw(st.booleans()):
         fill = torch.finfo(dtype).min if dtype == torch.float16 else -1e30

@@ -176,7 +176,7 @@ def test_single_entry_rows_are_exact(bd, dtype):
         assert torch.equal(out.token_kl.cpu(), torch.zeros(3)), (kw, out.token_kl)
 
 
-# Open under a GPU's arithmetic (PGK_EMULATE_GPU, CONTRIBUTING.md; README, Testing, open (5)).
+# Open under a GPU's arithmetic (PGK_EMULATE_GPU, CONTRIBUTING.md; docs/fidelity.md, open (5)).
 @pytest.mark.usefixtures("numpy_arithmetic")
 def test_single_entry_rows_token_tv_is_exact(bd):
     """V = 1 fp32 rows at temperatures where (x / tau rounded) tau rounded is an ulp from x: the

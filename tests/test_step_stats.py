@@ -135,10 +135,12 @@ TRITON_KL_FLOOR = {"token_kl": TRITON_16BIT_PAIR_FLOOR, "kl": TRITON_16BIT_PAIR_
 # The Triton bundle's fp32 token_kl of near one-hot rows under a temperature (row 0 of `_inputs`
 # at tau 0.7, both sides' rests ~1e-25): 2^-60 = 8.7e-19 where the truth is 6.2e-27, while
 # mismatch_stats' own pass is 1e-31 off and plain fp32 PyTorch 4e-26 (found by the per-value
-# forward rule; open, README Testing). Not yet traced; it fits the top entries' exponents
-# x k - fl(m k) (the logits' side shares token_stats' frame; mismatch_stats' pass forms
-# (x - m) k): a residual rho <= ulp(m k) ~ 2^-17 on each side, whose excess ~rho^2 / 2 is
-# carried to fp32's 2^-24 of itself, ~2^-59. Floor 2^-50 (the tests' |m k| < 200).
+# forward rule; open, README Testing). The logits' side shares token_stats' exponents x k -
+# fl(m k) (one exp per element for both), so each side's top entry carries a residual rho <=
+# ulp(m k) / 2 (mismatch_stats' pass forms (x - m) k: 0), and its excess ~rho^2 / 2 ~ 2^-37 in
+# the lane's fp32 k rounds the rest's ~1e-26 away. Rows shifted so that both maxima are 0 are
+# exact (1.7551e-27 for 1.7551e-27). Floor 2^-50: (ulp(m k) / 2)^2 2^-24 at the tests' |m k| <
+# 200 is 2^-60.
 TRITON_FP32_TOKEN_KL_FLOOR = {"token_kl": 2.0**-50}
 
 
