@@ -9,9 +9,11 @@ float64 reference
     torch         plain PyTorch at the input precision (the reference's formulas in the logits'
                   dtype: bf16 math for bf16 logits)
     torch fp32    plain PyTorch upcast to fp32 (the reference with upcast=False)
-Gradients are those of sum(w * output) for a fixed random w per output, w.r.t. the logits (and
-the reference logits for kl_divergence), in the logits' dtype (the truth's in float64), so bf16
-rows include the bf16 rounding of the gradient itself (~2^-9 relative).
+mismatch_stats gets the rollout engine's logits (the reference logits), so its exact token_kl
+and token_tv are measured too. Gradients are those of sum(w * output) for a fixed random w per
+output, w.r.t. the logits (and the reference logits for kl_divergence), in the logits' dtype
+(the truth's in float64), so bf16 rows include the bf16 rounding of the gradient itself (~2^-9
+relative).
 
 Inputs: realistic peaked logits, randn * 4 with a spike of +5..15 on half of the rows, labels
 sampled from the float64 softmax at the temperature (as a rollout samples them).
@@ -112,8 +114,11 @@ def _kl(fn, d, tau, **kw):
 
 
 def _mismatch(fn, d, tau, **kw):
-    out = fn(d["logits"], d["labels"], d["rollout_logprobs"], temperature=tau, **kw)
-    return {k: getattr(out, k) for k in ("logprob", "log_ratio", "ratio", "k3")}
+    # With the rollout engine's logits (the second policy): the exact token KL and TV too.
+    out = fn(d["logits"], d["labels"], d["rollout_logprobs"], rollout_logits=d["ref_logits"],
+             temperature=tau, **kw)  # fmt: skip
+    names = ("logprob", "log_ratio", "ratio", "k3", "token_kl", "token_tv")
+    return {k: getattr(out, k) for k in names}
 
 
 def _topk(fn, d, tau, **kw):
