@@ -59,7 +59,6 @@ from pg_kernels.triton._pair import (
     finalize_kl,
     fma_acc,
     frame_scales,
-    load_divided,
     merge_row,
     needs_division,
     pair_excess,
@@ -68,6 +67,7 @@ from pg_kernels.triton._pair import (
     row_exponent,
     side_is_valid,
     store_tv_frame,
+    tv_frame,
 )
 
 OP = "mismatch_stats"
@@ -97,11 +97,18 @@ def _fwd_finish_kernel(
     in_range = (label >= 0) & (label < V)
     x_row = x_ptr + row_offset(rows, n_inner, s_outer, s_inner)
     read = rmask & keep & in_range & ok_p
-    z_c = load_divided(x_row, tl.where(read, label, 0), read, tau, DIVIDE)
-    # log s1 relative to the max logit's own z (l_p - d_p; the state's l_p is relative to
-    # a / tau), whose rounding m shares with z_c at the max entry: there z_c - m is exactly 0,
-    # and a single-entry row's log-prob is exactly 0.
-    logprob = (tl.where(read, z_c, 0.0) - tl.where(ok_p, m_p, 0.0)) - (l_p - d_p)
+    # The log-prob relative to the max logit itself, (x_c - a) / tau - log s1 (`tv_frame`: a =
+    # x_max exactly, log s1 relative to a / tau unrounded), one rounding of the difference as
+    # token_stats forms it. z_c - m, two quotients rounded apart, kept ulp(z) / 2 at |z| ~ 30:
+    # 2.0e-6 at tau 0.7 in fp32 (plain fp32 PyTorch's own), token_stats 5.5e-7
+    # (benchmarks/fidelity.py). At the max entry x_c - a is exactly 0: a single-entry row's
+    # log-prob is exactly 0.
+    a_p, log_s1_p = tv_frame(m_p, r_p, e_p, tau, DIVIDE)
+    x_c = tl.load(x_row + tl.where(read, label, 0), mask=read, other=0.0).to(m_p.dtype)
+    d_c = tl.where(read, x_c - a_p, 0.0)
+    if DIVIDE:
+        d_c = div_acc(d_c, tau)
+    logprob = d_c - log_s1_p
     nan = float("nan")
     logprob = tl.where(keep, tl.where(read, logprob, nan), 0.0)
     tl.store(logprob_ptr + rows, logprob, mask=rmask)
