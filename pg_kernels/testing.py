@@ -185,7 +185,8 @@ def assert_close_to_truth(
     tensor's largest entry, so entries below ~2.4e-7 of it stay checked only as a whole). NaN
     and infinities must sit at the same places with the same values; an infinity is the truth
     rounded to the output's dtype (-4.9e38 is -inf in fp32). A 16-bit output is also held to
-    no bias (`_assert_unbiased`). Returns the max error.
+    no bias (`_assert_unbiased`). With `sensitivity` (per element, `_sensitivities`) the bound
+    is also taken per value and the smaller one kept. Returns the max error.
 
     `known(name, truth, err)`, if given, names the classes of error that are the rule's or the
     reference's, each with the elements it covers ({class: bool mask}); an element outside the
@@ -213,14 +214,7 @@ def assert_close_to_truth(
     # the bound NaN / inf and let any output pass.
     plain_errs = torch.where(finite & torch.isfinite(p), (p - t).abs(), 0.0)
     per_row = per_row and t.dim() >= 2
-    if sensitivity is not None:
-        # Per value: each output's scale is its own size plus what a relative rounding of its
-        # inputs moves it by, sum_j |d t / d x_j| |x_j| (first order), and plain's error counts
-        # as at least one fp32 ulp of that scale (a lucky exact plain must not fail a kernel).
-        eps = torch.finfo(torch.promote_types(out.dtype, torch.float32)).eps
-        scale = torch.where(finite, sensitivity.double().to(out.device), 0.0) + t.abs()
-        plain_err = torch.maximum(plain_errs, eps * scale)
-    elif per_row:
+    if per_row:
         # A row's plain error, but at least one ulp of the tensor's largest entry: a row whose
         # gradient cancels to ~0 (near-equal distributions) may come out of plain PyTorch
         # exact by luck, and a kernel's rounding of the terms is then ~eps of their size
@@ -233,6 +227,18 @@ def assert_close_to_truth(
     else:
         plain_err, scale = plain_errs.max(), t.abs().max()
     allowed = 2 * plain_err + tol.rtol * t.abs() + tol.atol * scale.clamp_min(1e-30) + tol.floor
+    if sensitivity is not None:
+        # Tightened per value: each output's own scale is its size plus what a relative rounding
+        # of its inputs moves it by (`_sensitivities`), and plain's error at that value counts
+        # as at least one fp32 ulp of that scale (a lucky exact plain must not fail a kernel).
+        # The bound is the smaller of the two: per value alone, atol times a large sensitivity
+        # (a TV of near-equal rows: ~4) would allow more than the whole tensor's rule does.
+        eps = torch.finfo(torch.promote_types(out.dtype, torch.float32)).eps
+        own = torch.where(finite, sensitivity.double().to(out.device), 0.0) + t.abs()
+        plain_own = torch.maximum(plain_errs, eps * own)
+        per_value = 2 * plain_own + tol.rtol * t.abs() + tol.atol * own + tol.floor
+        allowed = torch.minimum(allowed, per_value)
+        plain_err = torch.minimum(plain_err.expand(t.shape), plain_own)
     if floor is not None:
         floor = floor.double().to(out.device).expand(truth.shape)
         allowed = allowed + floor
@@ -301,38 +307,44 @@ def _leaf_like(a: torch.Tensor) -> torch.Tensor:
     return leaf.copy_(a.detach()).requires_grad_()
 
 
-def _sensitivities(ref: Callable, args: Sequence, kwargs: dict, names) -> dict[str, torch.Tensor]:
+def _sensitivities(
+    ref: Callable, args: Sequence, kwargs: dict, names, whole_args: Sequence[int] = ()
+) -> dict[str, torch.Tensor]:
     """sum_j |d t_i / d a_j| (|a_j| + |a_j - max a|) for each per-token output t_i of the float64
     reference: how far a relative rounding of each input entry, or of its distance to its row's
     largest (the softmax's exponents), moves it, to first order. The inputs summed over are
-    the float tensors whose rows are the output's tokens (shape [..., V] for an output [...]): a
-    token's output depends on its own rows only, so one backward of the summed output gives
-    every token's terms. An output with no such input (a matmul's weight is every token's) is
-    left out and checked per tensor."""
-    rows = [i for i, a in enumerate(args)
-            if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() >= 1]  # fmt: skip
+    the float tensors, positional or keyword, whose rows are the output's tokens (shape [..., V]
+    for an output [...]): a token's output depends on its own rows only, so one backward of the
+    summed output gives every token's terms. `whole_args` (the fused lm_head path's hidden
+    states, weight and bias: a weight [V, D] has the shape of N tokens' rows when N = V, and
+    every token's output depends on it) are left out, and an output with no input left is
+    checked per tensor."""
+    given = {**dict(enumerate(args)), **kwargs}
+    rows = [k for k, a in given.items() if k not in whole_args and isinstance(a, torch.Tensor)
+            and a.is_floating_point() and a.dim() >= 1]  # fmt: skip
     if not rows:
         return {}
-    leaves = [_leaf_like(a) if i in rows else a for i, a in enumerate(args)]
+    leaves = {k: _leaf_like(a) if k in rows else a for k, a in given.items()}
     with torch.enable_grad():
-        out = ref(*leaves, **kwargs, upcast=True)
+        out = ref(*[leaves[i] for i in range(len(args))],
+                  **{k: leaves[k] for k in kwargs}, upcast=True)  # fmt: skip
     fields = out._asdict() if hasattr(out, "_asdict") else {"out": out}
     result = {}
     for name in names:
         t = fields.get(name)
         if not isinstance(t, torch.Tensor) or not t.requires_grad or t.dim() == 0:
             continue
-        mine = [i for i in rows if args[i].shape[:-1] == t.shape]
+        mine = [k for k in rows if given[k].shape[:-1] == t.shape]
         if not mine:
             continue
         finite = torch.isfinite(t.detach())
         loss = torch.where(finite, t, 0.0).sum()
-        grads = torch.autograd.grad(loss, [leaves[i] for i in mine], retain_graph=True,
+        grads = torch.autograd.grad(loss, [leaves[k] for k in mine], retain_graph=True,
                                     allow_unused=True)  # fmt: skip
         s = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
-        for i, g in zip(mine, grads):
-            if g is not None and g.shape[-1] > 0:  # hidden states of width 0: no terms
-                a = args[i].detach().double()
+        for k, g in zip(mine, grads):
+            if g is not None and g.shape[-1] > 0:  # rows of width 0: no terms
+                a = given[k].detach().double()
                 a_max = a.masked_fill(~torch.isfinite(a), float("-inf")).amax(-1, keepdim=True)
                 a_max = torch.where(torch.isfinite(a_max), a_max, 0.0)
                 term = g.double().abs() * (a.abs() + (a - a_max).abs())
@@ -390,7 +402,7 @@ def check_against_reference(
     errors: dict[str, float] = {}
     # The truth's fields: one the kernel left out (None) fails rather than going unchecked.
     names = check_fields or [f for f, v in out_t.items() if isinstance(v, torch.Tensor)]
-    sensitivities = _sensitivities(ref, args, kwargs, names)
+    sensitivities = _sensitivities(ref, args, kwargs, names, whole_args)
     for name in names:
         k, t, p = out_k[name], out_t[name], out_p[name]
         assert isinstance(k, torch.Tensor), f"{name}: {k!r} where the truth has a tensor"

@@ -201,8 +201,9 @@ def _show(c, **kw):
 # listed in README (Testing) and, where the "ci" examples meet them, in OPEN.
 KNOWN = {
     "fp64 ~0": "fp64 output whose truth is ~0 (KL or TV of near-equal rows, tail mass below "
-    "ulp(lse)): the rule's atol scales with the largest |truth| of the tensor, so a batch whose "
-    "every row is ~0 gets no floor; seen: <= 3e-14 absolute, a few ulps of the O(1..100) terms "
+    "ulp(lse)): the rule's atol scales with the largest |truth| of the tensor (or of the value "
+    "and its sensitivity, whichever is smaller), so a batch whose every row is ~0 gets no "
+    "floor; seen: <= 3e-14 absolute, a few ulps of the O(1..100) terms "
     "that cancel (for pruned_logprob's tail_mass the fp64 reference's -expm1(lse_in - lse) is "
     "the inexact side)",
     "k3 ~0": "mismatch_stats' k3 = e^d - 1 - d of a tiny mismatch d ~ 1e-6: an ulp of the "

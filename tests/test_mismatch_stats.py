@@ -572,6 +572,39 @@ def test_near_one_hot_rows_tv(bd, dtype):
                rollout_logits=xr.to(device), temperature=tau)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_tv_of_a_peaked_row_against_a_flat_one(bd, dtype):
+    """A one-hot policy row (a spike of 64) against a flat rollout, and the reverse, at V = 40000:
+    a TV of 1 - 1/V. The normalizers' ratio is ~1/V: its difference from 1 near -1 keeps only
+    ulp(1) of the ratio, the same sign in every term, which the TV passes' first form of the
+    top entries' fix took (Triton 5.1e-4 off, C++ 2.4e-5; plain fp32 PyTorch 1.5e-7; the rule
+    allows 2e-5 of the TV). Also a peaked row against the same row at rollout temperature 4
+    (Triton 9.9e-6 off then). C++'s fp32 TV here is 1.5e-6 off, as before that fix: its
+    per-chunk lane sums in fp32."""
+    backend, device = bd
+    v = 40000
+    flat = torch.zeros(2, v, dtype=dtype)
+    peaked = flat.clone()
+    peaked[:, 0] = 64.0
+    y = torch.zeros(2, dtype=torch.long)
+    lp = torch.zeros(2)
+    for x, xr in ((peaked, flat), (flat, peaked)):
+        check_against_reference(
+            _op(backend), reference.mismatch_stats, (x.to(device), y.to(device), lp.to(device)),
+            {"rollout_logits": xr.to(device)}, diff_fields=(), check_fields=("token_tv",),
+        )  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 32000, generator=g, dtype=torch.float64) * 4).to(dtype)
+    x[:, 7] += 12.0
+    kw = dict(rollout_logits=x.to(device), rollout_temperature=4.0)
+    y = torch.full((4,), 7)
+    lp = reference.token_stats(x, y, temperature=4.0).logprob.float()
+    check_against_reference(
+        _op(backend), reference.mismatch_stats, (x.to(device), y.to(device), lp.to(device)), kw,
+        diff_fields=("logprob",), check_fields=("token_kl", "token_tv"),
+    )  # fmt: skip
+
+
 def test_fp64_tv_of_split_tied_maxima_at_large_z(bd):
     """fp64 logits at |z| ~ 2500 (T = 0.1372): two tied maxima, and a rollout that splits them
     by 5e-4 (the rest ~e^-1278, 0 in fp64). Then TV = tanh(delta / 2) / 2 = 9.1e-4 with
