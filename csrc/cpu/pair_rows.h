@@ -338,7 +338,6 @@ struct ExpScale {
     if (xm_k == neg_inf<acc_t>()) return neg_inf<sum_t>();  // the side is all -inf here: e = 0
     return (sum_t(xm_k) - sum_t(xm)) / sum_t(tau) - log_s1;
   }
-  acc_t operator()(acc_t xm_k) const { return acc_t(std::exp(exponent(xm_k))); }
 };
 
 // Row-sized scratch of one thread for a TV sweep (mismatch_stats, step_stats): e_w, e_v and the

@@ -451,10 +451,15 @@ def tv_frame(m, r, e, tau, DIVIDE: tl.constexpr):
 
 @triton.jit
 def store_tv_frame(norm_ptr, rows, rmask, keep, m, r, e, tau, DIVIDE: tl.constexpr):
-    """A side's `tv_frame` (max logit, log s1) into norm_ptr [N, 2] for `_tv_chunk_kernel`:
-    NaN for an invalid side, 0 for a row not kept (ignored)."""
+    """A side's `tv_frame` (max logit, log s1) into norm_ptr [N, 2] for `_tv_chunk_kernel`."""
     a, log_s1 = tv_frame(m, r, e, tau, DIVIDE)
-    ok = side_is_valid(m)
+    store_frame(norm_ptr, rows, rmask, keep, side_is_valid(m), a, log_s1)
+
+
+@triton.jit
+def store_frame(norm_ptr, rows, rmask, keep, ok, a, log_s1):
+    """A frame already taken (`tv_frame`) into norm_ptr [N, 2]: NaN for an invalid side (not
+    ok), 0 for a row not kept (ignored)."""
     nan = float("nan")
     tl.store(norm_ptr + 2 * rows, tl.where(keep, tl.where(ok, a, nan), 0.0), mask=rmask)
     tl.store(norm_ptr + 2 * rows + 1, tl.where(keep, tl.where(ok, log_s1, nan), 0.0), mask=rmask)

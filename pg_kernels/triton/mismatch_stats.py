@@ -53,8 +53,6 @@ from pg_kernels.triton._common import (
 from pg_kernels.triton._pair import (
     FINISH_BLOCK_R,
     LN2,
-    NEAR,
-    excess_series,
     exp_base,
     finalize_kl,
     fma_acc,
@@ -66,6 +64,7 @@ from pg_kernels.triton._pair import (
     reference_shift,
     row_exponent,
     side_is_valid,
+    store_frame,
     store_tv_frame,
     tv_frame,
 )
@@ -115,7 +114,7 @@ def _fwd_finish_kernel(
     tl.store(kl_ptr + rows, tl.where(keep, kl, 0.0), mask=rmask)
     tl.store(st_ptr + 2 * rows, tl.where(keep, tl.where(ok_p, m_p, nan), 0.0), mask=rmask)
     tl.store(st_ptr + 2 * rows + 1, tl.where(keep, tl.where(ok_p, l_p, nan), 0.0), mask=rmask)
-    store_tv_frame(p_norm_ptr, rows, rmask, keep, m_p, r_p, e_p, tau, DIVIDE)
+    store_frame(p_norm_ptr, rows, rmask, keep, ok_p, a_p, log_s1_p)
     store_tv_frame(q_norm_ptr, rows, rmask, keep, m_q, r_q, e_q, tau_q, DIVIDE)
 
 
@@ -139,14 +138,13 @@ def _tv_block(x_p, x_q, a_p, k_p, a_q, k_q, c, r, acc):
 @triton.jit
 def _tv_scales(b_p, b_q):
     """(c, r) of `_tv_block` from b in the exponent's units (log2 for fp32 lanes), in fp64 and
-    rounded once: r1 = S_q / S_p - 1 = expm1(b_p - b_q) from its series near 0; (1, r1) where
+    rounded once: r1 = S_q / S_p - 1 = expm1(b_p - b_q); (1, r1) where
     |r1| <= 1/2, else (0, S_q / S_p)."""
     y = b_p.to(tl.float64) - b_q.to(tl.float64)
     if b_p.dtype == tl.float32:
         y = y * LN2
-    near = tl.abs(y) < NEAR
     ratio = tl.exp(y)  # s1_p / s1_q, within [1 / V, V]
-    r1 = tl.where(near, y + excess_series(tl.where(near, y, 0.0)), ratio - 1.0)
+    r1 = expm1_acc(y)
     close = tl.abs(r1) <= 0.5
     c = tl.where(close, 1.0, 0.0)
     r = tl.where(close, r1, ratio)
