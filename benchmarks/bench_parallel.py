@@ -25,7 +25,6 @@ import argparse
 import functools
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -97,9 +96,10 @@ def _time(fn, reps: int, barrier=None) -> list[float]:
     return times
 
 
-def _worker(rank: int, world: int, port: int, args: dict, folder: str) -> None:
+def _worker(rank: int, world: int, args: dict, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    # a file rendezvous: a TCP port probed free can be taken before rank 0 listens on it
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
                             world_size=world)  # fmt: skip
     sent = []
     gather = _shard._all_gather
@@ -136,12 +136,6 @@ def _worker(rank: int, world: int, port: int, args: dict, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark pg_kernels.parallel on CPU (gloo).")
     parser.add_argument("--shape", default="256x32000", metavar="NxV")
@@ -165,7 +159,7 @@ def main(argv=None) -> int:
                                 "times_ms": times, "load_1min": load})  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="pgk-bench-parallel-") as folder:
         load = os.getloadavg()[0]
-        mp.spawn(_worker, args=(a.world, _free_port(), args, folder), nprocs=a.world)
+        mp.spawn(_worker, args=(a.world, args, folder), nprocs=a.world)
         ranks = [torch.load(Path(folder) / f"rank{r}.pt") for r in range(a.world)]
     for (op, mode), rec in ranks[0].items():
         slowest = [max(r[(op, mode)]["times"][i] for r in ranks) for i in range(a.reps)]

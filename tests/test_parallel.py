@@ -13,7 +13,6 @@ import importlib
 import math
 import os
 import random
-import socket
 import tempfile
 from pathlib import Path
 
@@ -454,10 +453,12 @@ def _slime(rank: int):
     return out
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
+def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
+    # A file rendezvous, not a TCP port: a port probed free can be taken by another process
+    # before rank 0 listens on it (EADDRINUSE under a parallel test run).
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world
     )
     try:
         results = {}
@@ -480,12 +481,6 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def worlds():
     """{world size: [rank 0 results, rank 1 results, ...]} from one spawn per world size."""
@@ -498,7 +493,7 @@ def worlds():
                 if len(c["shards"]) == world
             ]
             torch.save(cases, Path(folder) / "cases.pt")
-            mp.spawn(_worker, args=(world, _free_port(), folder), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, folder), nprocs=world, join=True)
             out[world] = [
                 torch.load(Path(folder) / f"rank{r}.pt", weights_only=False) for r in range(world)
             ]
