@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pg_kernels.reference._util import every_field_differentiable
+
 
 @dataclass(frozen=True)
 class Tol:
@@ -325,7 +327,9 @@ def _sensitivities(
     if not rows:
         return {}
     leaves = {k: _leaf_like(a) if k in rows else a for k, a in given.items()}
-    with torch.enable_grad():
+    # every_field_differentiable: the fields the ops give no gradient (lgp, max_prob,
+    # tail_mass) have a sensitivity too.
+    with torch.enable_grad(), every_field_differentiable():
         out = ref(*[leaves[i] for i in range(len(args))],
                   **{k: leaves[k] for k in kwargs}, upcast=True)  # fmt: skip
     fields = out._asdict() if hasattr(out, "_asdict") else {"out": out}

@@ -70,14 +70,20 @@ def test_a_16bit_gradient_scaled_by_a_rounding_is_biased(dtype):
         assert_close_to_truth("scaled, floored", scaled, truth, plain, tol, floor)
 
 
-def test_per_value_bound_sees_a_small_output_wrong():
-    """A confident token's log-prob (-1.8e-6, plain fp32 1.5e-7 off) doubled: within the whole
-    tensor's bound (2x plain's largest error + 1e-6 of the largest value: 1.3e-5 for log-probs
-    down to -12), outside the value's own (plain's error there, or an fp32 ulp of its size plus
-    what rounding its logits moves it by)."""
+@pytest.mark.parametrize(
+    "field, gap, low, high",
+    [("logprob", 15.0, -1e-5, -1e-6), ("lgp", 12.0, 1e-10, 1e-8)],
+)
+def test_per_value_bound_sees_a_small_output_wrong(field, gap, low, high):
+    """A confident token's output doubled: its log-prob (-1.8e-6, plain fp32 1.5e-7 off) or its
+    lgp (1.3e-9, plain 1.4e-10 off; a field the reference gives no gradient, whose sensitivity
+    comes from `every_field_differentiable`). Within the whole tensor's bound (2x plain's
+    largest error + 1e-6 of the largest value: 1.3e-5 for log-probs down to -12), outside the
+    value's own (plain's error there, or an fp32 ulp of its size plus what rounding its logits
+    moves it by)."""
     logits = make_logits(6, 500, seed=3)
     labels = make_labels((6,), 500, seed=3)
-    near_one_hot(logits, [2], gap=15.0)
+    near_one_hot(logits, [2], gap=gap)
     labels[2] = int(logits[2].argmax())
 
     def fp32(double: bool):
@@ -85,15 +91,15 @@ def test_per_value_bound_sees_a_small_output_wrong():
             out = reference.token_stats(*args, **kwargs, upcast=True)._asdict()
             out = {f: v.float() if v.is_floating_point() else v for f, v in out.items()}
             if double:
-                out["logprob"] = torch.where(torch.arange(6) == 2, 2, 1) * out["logprob"]
+                out[field] = torch.where(torch.arange(6) == 2, 2, 1) * out[field]
             return TokenStats(**out)
 
         return op
 
-    truth = reference.token_stats(logits, labels).logprob[2]
-    assert -1e-5 < float(truth) < -1e-6
+    truth = getattr(reference.token_stats(logits, labels), field)[2]
+    assert low < float(truth) < high
     check_against_reference(fp32(False), reference.token_stats, (logits, labels), {},
                             diff_fields=())  # fmt: skip
-    with pytest.raises(AssertionError, match=r"logprob: .*for this value\); worst at \(2,\)"):
+    with pytest.raises(AssertionError, match=rf"{field}: .*for this value\); worst at \(2,\)"):
         check_against_reference(fp32(True), reference.token_stats, (logits, labels), {},
                                 diff_fields=())  # fmt: skip

@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
+
+# Set by `every_field_differentiable`: the fields the ops give no gradient (lgp, max_prob,
+# tail_mass) keep their graph, for the tests' first-order sensitivities
+# (pg_kernels.testing._sensitivities).
+_KEEP_GRAPH = contextvars.ContextVar("pg_kernels_reference_keep_graph", default=False)
+
+
+@contextlib.contextmanager
+def every_field_differentiable():
+    """Within: the references' no-gradient fields stay differentiable (`no_gradient`)."""
+    token = _KEEP_GRAPH.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_GRAPH.reset(token)
+
+
+def no_gradient(value: torch.Tensor) -> torch.Tensor:
+    """A field the ops return without a gradient: detached, as theirs, unless within
+    `every_field_differentiable`."""
+    return value if _KEEP_GRAPH.get() else value.detach()
 
 
 def compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:

@@ -12,6 +12,7 @@ from pg_kernels.reference._util import (
     finish,
     invalid_rows,
     label_mask,
+    no_gradient,
     scaled,
     without_ignored,
 )
@@ -55,5 +56,5 @@ def pruned_logprob(
     return PrunedLogprob(
         logprob=finish(logprob, invalid, keep),
         in_safe=in_safe & keep & ~invalid,
-        tail_mass=finish(tail_mass, invalid, keep).detach(),
+        tail_mass=no_gradient(finish(tail_mass, invalid, keep)),
     )

@@ -10,6 +10,7 @@ from pg_kernels.reference._util import (
     finish,
     invalid_rows,
     label_mask,
+    no_gradient,
     relative_to_max,
     scaled,
     without_ignored,
@@ -66,8 +67,8 @@ def token_stats(
         logprob=finish(logprob, invalid, keep),
         entropy=finish(entropy, invalid, keep),
         collision=finish(collision, invalid, keep),
-        lgp=finish(lgp, invalid, keep).detach(),
+        lgp=no_gradient(finish(lgp, invalid, keep)),
         lse=finish(lse, invalid, keep),
-        max_prob=finish(p.amax(-1), invalid, keep).detach(),
+        max_prob=no_gradient(finish(p.amax(-1), invalid, keep)),
         argmax=torch.where(keep, argmax, torch.zeros_like(argmax)),
     )
