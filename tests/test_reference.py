@@ -61,3 +61,19 @@ def test_topk_kl_tail_gradient_far_below_the_head(dtype, fill, upcast):
     (grad,) = torch.autograd.grad(out.sum(), x)
     want = torch.full((3,), -0.2 / 3, dtype=torch.float64)
     torch.testing.assert_close(grad[0, 2:].double(), want, rtol=1e-6, atol=0)
+
+
+def test_sampled_estimators_truth_of_tiny_log_ratios():
+    """The float64 truth's k3 = e^d - 1 - d and chi2 = (e^d - 1)^2 without cancelling: rho - 1
+    of d = 1e-23 is 0 in float64, and rho - 1 - d of d = 1e-9 kept 1e-7 of k3 (a truth of
+    -6.1e-18 where the kernels read 5e-19). Plain keeps the trainers' form."""
+    d = torch.tensor([1e-23, 1e-9, -1e-9, 1e-4, 0.2, -0.3, 3.0], dtype=torch.float64)
+    exact = reference.sampled_mismatch(d, torch.zeros_like(d), exact=True)
+    series = d * d * (0.5 + d * (1 / 6 + d * (1 / 24 + d / 120)))  # to d^5: enough below 1e-3
+    small = d.abs() < 1e-3
+    assert torch.allclose(exact["k3"][small], series[small], rtol=1e-15, atol=0)
+    assert torch.allclose(exact["k3"][~small], torch.expm1(d[~small]) - d[~small], rtol=1e-14)
+    assert torch.allclose(exact["chi2"], torch.expm1(d) ** 2, rtol=1e-15, atol=0)
+    assert float(exact["chi2"][0]) > 0 and float(exact["k3"][1]) > 0
+    naive = reference.sampled_mismatch(d, torch.zeros_like(d))
+    assert float(naive["chi2"][0]) == 0.0  # rho - 1 = 0: why the truth does not take it

@@ -103,3 +103,15 @@ def test_per_value_bound_sees_a_small_output_wrong(field, gap, low, high):
     with pytest.raises(AssertionError, match=rf"{field}: .*for this value\); worst at \(2,\)"):
         check_against_reference(fp32(True), reference.token_stats, (logits, labels), {},
                                 diff_fields=())  # fmt: skip
+
+
+def test_per_value_bound_allows_a_flush_below_the_smallest_normal():
+    """An fp32 output below finfo(float32).tiny may read 0 (the kernels' exps flush subnormal
+    results; plain PyTorch on a CPU keeps them); just above it, the value is checked."""
+    tol = FORWARD_TOL[torch.float32]
+    out, zero = torch.tensor([0.0, 1.0]), torch.zeros(2, dtype=torch.float64)
+    t = torch.tensor([1e-40, 1.0], dtype=torch.float64)
+    assert_close_to_truth("tiny", out, t, t.float(), tol, sensitivity=zero)
+    t = torch.tensor([1e-37, 1.0], dtype=torch.float64)
+    with pytest.raises(AssertionError, match="tiny"):
+        assert_close_to_truth("tiny", out, t, t.float(), tol, sensitivity=zero)

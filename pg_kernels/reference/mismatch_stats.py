@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pg_kernels.outputs import MismatchStats
@@ -12,6 +14,15 @@ from pg_kernels.reference.token_stats import token_stats
 RATIO_CLAMP = 20.0  # rho = exp(clamp(delta, -20, 20)): no overflow on wild tokens
 
 
+def _excess(delta: torch.Tensor) -> torch.Tensor:
+    """e^delta - 1 - delta without cancelling: its series where |delta| <= 1/4 (to delta^18,
+    below 1e-20 of the sum), else expm1(delta) - delta."""
+    series = torch.zeros_like(delta)
+    for n in range(18, 1, -1):
+        series = (series + 1 / math.factorial(n)) * (delta if n > 2 else delta * delta)
+    return torch.where(delta.abs() <= 0.25, series, torch.expm1(delta) - delta)
+
+
 def sampled_mismatch(
     logprob: torch.Tensor,
     rollout_logprobs: torch.Tensor,
@@ -19,10 +30,19 @@ def sampled_mismatch(
     tis_cap: float = 2.0,
     icepop_low: float = 0.5,
     icepop_high: float = 2.0,
+    exact: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The sampled-token estimators of docs/math.md §5 from per-token log-probs."""
+    """The sampled-token estimators of docs/math.md §5 from per-token log-probs.
+
+    exact=False takes k3 = rho - 1 - delta and chi2 = (rho - 1)^2 as trainers do; exact=True
+    (the float64 truth) without cancelling: rho - 1 of a delta of 1e-23 is 0 in float64, and
+    rho - 1 - delta of a delta of 1e-9 keeps only 1e-7 of k3 ~ 5e-19 (a truth of -6.1e-18)."""
     delta = logprob - rollout_logprobs.to(logprob.dtype)
-    rho = delta.clamp(-RATIO_CLAMP, RATIO_CLAMP).exp()
+    clamped = delta.clamp(-RATIO_CLAMP, RATIO_CLAMP)
+    rho = clamped.exp()
+    rho_m1 = torch.expm1(clamped) if exact else rho - 1
+    k3 = torch.where(delta.abs() <= RATIO_CLAMP, _excess(delta), rho_m1 - delta) if exact \
+        else rho - 1 - delta
     # A NaN ratio stays NaN (NaN rows are NaN in every field); out of the band is 0.
     in_band = ((rho >= icepop_low) & (rho <= icepop_high)) | rho.isnan()
     return {
@@ -30,9 +50,9 @@ def sampled_mismatch(
         "ratio": rho,
         "k1": -delta,
         "k2": 0.5 * delta * delta,
-        "k3": rho - 1 - delta,
+        "k3": k3,
         "abs_log_ratio": delta.abs(),
-        "chi2": (rho - 1) ** 2,
+        "chi2": rho_m1**2,
         "tis_weight": rho.clamp_max(tis_cap),
         "icepop_weight": torch.where(in_band, rho, torch.zeros_like(rho)),
     }
@@ -64,6 +84,7 @@ def mismatch_stats(
         tis_cap=tis_cap,
         icepop_low=icepop_low,
         icepop_high=icepop_high,
+        exact=upcast,
     )
     sampled = {k: torch.where(keep, v, torch.zeros_like(v)) for k, v in sampled.items()}
     token_kl = token_tv = None

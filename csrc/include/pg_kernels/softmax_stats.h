@@ -109,7 +109,7 @@ struct TokenStatsRow {
   T logprob;    // (z_c - m) - log s1 = z_c - L
   T entropy;    // log s1 - t / s1
   T collision;  // s2 / s1^2
-  T lgp;        // 1 - 2 p_c + C, as (1 - p_c)^2 + (C - p_c^2), clamped >= 0
+  T lgp;        // 1 - 2 p_c + C, as ((s1 - e_c)^2 + (s2 - e_c^2)) / s1^2, clamped >= 0
   T lse;        // m + log s1
   T max_prob;   // e^{m - L} = 1 / s1
 };
@@ -139,9 +139,13 @@ PGK_HD TokenStatsRow<T> finalize_token_stats_relative(const SoftmaxState<T>& s, 
   // log p_c ~ -1e-4 on a peaked row; z_c - m is exact near the max.
   const T logprob = d_label - log_s1;
   const T collision = s.s2 / (s.s1 * s.s1);
-  const T p_c = std::exp(logprob);
-  // Two non-negative terms instead of 1 - 2 p_c + C: no cancellation when p_c -> 1.
-  T lgp = (T(1) - p_c) * (T(1) - p_c) + (collision - p_c * p_c);
+  // 1 - 2 p_c + C as ((s1 - e_c)^2 + (s2 - e_c^2)) / s1^2, e_c the label's term in the sums:
+  // (1 - p_c)^2 + sum_{j != c} p_j^2, and at the label = argmax (e_c = the max's own term) the
+  // rests s1 - e_c, s2 - e_c^2 come out of the sums exactly. (1 - p_c)^2 + (C - p_c^2) took
+  // the second term as a difference of two rounded numbers ~1: an lgp of 2.0e-17 read 2^-53.
+  const T e_c = max.e * std::exp(d_label);
+  const T rest1 = s.s1 - e_c;
+  T lgp = (rest1 * rest1 + (s.s2 - e_c * e_c)) / (s.s1 * s.s1);
   lgp = lgp > T(0) ? lgp : T(0);
   // entropy = log s1 - t / s1 with t's max term e d taken as e log e, written relative to that
   // term: log(s1 / e) + log e (s1 - e) / s1 - rest / s1, rest = t - e d. t holds e d rounded in
