@@ -5,8 +5,10 @@ gathers over a real row's length is out of its reach: a lane holding a row's top
 rounds every later term at ulp(1) / 2. (C++'s TV sweep left 1.5e-6 of a one-hot row against a
 flat one, within the rule's 2e-5 relative: test_mismatch_stats.py holds that row to 2x plain.)
 Its first run found the float64 truth's k3, chi2 and lgp cancelling, subnormal terms the
-kernels flush (the rule's `flushed_terms`) and open finding (9) (`_open_9`). Rows: flat; a spike of 10, 20 and 64 over randn * 0.5 (one-hot: rests of 1e-4 ..
-1e-28 at tau 0.7); randn * 4; randn * 0.01. Pairs: each row against itself plus 1e-3 of noise,
+kernels flush (the rule's `flushed_terms`) and open finding (9) (`_open_9`).
+
+Rows: flat; a spike of 10, 20 and 64 over randn * 0.5 (one-hot: rests of 1e-4 .. 1e-28 at tau
+0.7); randn * 4; randn * 0.01. Pairs: each row against itself plus 1e-3 of noise,
 the flat row and the spike of 64. V = 151936 (Qwen's vocabulary), 4000 for the Triton
 interpreter; fp32 and bf16 at temperatures 1 and 0.7. step_stats' fields are these ops' own
 (bitwise or to rounding, tests/test_step_stats.py). docs/fidelity.md, "Adversarial rows at a
