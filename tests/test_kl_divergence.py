@@ -1030,6 +1030,7 @@ def test_opcheck():
         args = (torch.randn(4), x, xr, y, None, 1.0, t, 1.0, -100, "reverse", kl, row_state,
                 *need, "cpu")  # fmt: skip
         torch.library.opcheck(bwd, args)
+    torch.library.opcheck(bwd, (*args, False))  # whole_rows=False: pg_kernels.parallel's shards
 
 
 @needs_cpu_ext

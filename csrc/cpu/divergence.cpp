@@ -105,9 +105,9 @@ std::vector<at::Tensor> kl_divergence_backward(
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& temperature,
     double temperature_scalar, const std::optional<at::Tensor>& ref_temperature,
     double ref_temperature_scalar, int64_t ignore_index, bool reverse, const at::Tensor& kl,
-    const at::Tensor& row_state, bool need_logits_grad, bool need_ref_grad, int64_t n_inner,
-    int64_t stride_outer, int64_t stride_inner, int64_t ref_n_inner, int64_t ref_stride_outer,
-    int64_t ref_stride_inner) {
+    const at::Tensor& row_state, bool need_logits_grad, bool need_ref_grad, bool whole_rows,
+    int64_t n_inner, int64_t stride_outer, int64_t stride_inner, int64_t ref_n_inner,
+    int64_t ref_stride_outer, int64_t ref_stride_inner) {
   const int64_t V = logits.size(-1);
   const int64_t N = V > 0 ? logits.numel() / V : 0;
   check_pair_inputs("kl_divergence_backward", logits, ref_logits, labels, temperature,
@@ -193,13 +193,16 @@ std::vector<at::Tensor> kl_divergence_backward(
               const acc_t gw = up[r] / tw.tau, gv = up[r] / tv.tau;  // d/dx = d/dz / tau
               if (do_w && need_v) {
                 kl_backward_row<scalar_t, acc_t, true, true>(xw, tw, xv, tv, V, sw, sv, c, dl, gw,
-                                                             gv, bw, bv, grad_w, grad_v);
+                                                             gv, whole_rows, bw, bv, grad_w,
+                                                             grad_v);
               } else if (do_w) {
                 kl_backward_row<scalar_t, acc_t, true, false>(xw, tw, xv, tv, V, sw, sv, c, dl, gw,
-                                                              gv, bw, bv, grad_w, grad_v);
+                                                              gv, whole_rows, bw, bv, grad_w,
+                                                              grad_v);
               } else if (need_v) {
                 kl_backward_row<scalar_t, acc_t, false, true>(xw, tw, xv, tv, V, sw, sv, c, dl, gw,
-                                                              gv, bw, bv, grad_w, grad_v);
+                                                              gv, whole_rows, bw, bv, grad_w,
+                                                              grad_v);
               }
             }
           }

@@ -609,41 +609,81 @@ inline double other_side_difference(double w, double v, double delta) {
 //   grad_v,j = g / tau_v * (v_j - w_j),                 v_j = e^{d_v,j - l_v}
 // with v_j - w_j from other_side_difference (dl = log_s1_difference).
 // kW / kV: which gradients to write; only grad_v needs v_j's exp.
+//
+// grad_w sums to 0 over a whole row (sum_j w_j (delta_j - c) = c - c). Its entry at a dominant
+// w_j > 1/2 (one at most) is written as minus the sum of the others: there w_j (delta_j - c)
+// cancels to ~rest x |delta| (0 for a one-hot row), below the rounding of delta_j and c at
+// ulp(|delta|) (a one-hot reference row at tau 0.7: 1.2e-6 where the truth is ~0 and plain fp32
+// PyTorch, whose sum_k w_k g_k with w_j rounded to 1 cancels g_j exactly, ~0), while the other
+// entries' errors are relative to themselves: ~eps x rest x |delta| in all (the sum's own
+// rounding in acc_t lanes adds ~eps x 128 of the entry per chunk).
 template <typename scalar_t, typename acc_t, bool kW, bool kV>
 void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_t* xv,
                      Temperature<acc_t> tau_v, int64_t V, SideState<acc_t> sw,
-                     SideState<acc_t> sv, acc_t c, acc_t dl, acc_t gw, acc_t gv, acc_t* bw, acc_t* bv,
-                     scalar_t* grad_w, scalar_t* grad_v) {
+                     SideState<acc_t> sv, acc_t c, acc_t dl, acc_t gw, acc_t gv, bool whole_row,
+                     acc_t* bw, acc_t* bv, scalar_t* grad_w, scalar_t* grad_v) {
   constexpr int64_t W = Vec<acc_t>::size();
   const Vec<acc_t> vlw(sw.log_s1), vlv(sv.log_s1), vc(c), vgw(gw), vgv(gv), zero(acc_t(0)),
-      lowest(exp_zero_below<acc_t>()), vdl(dl);
+      lowest(exp_zero_below<acc_t>()), vdl(dl), half(acc_t(0.5));
   const PairFrame<acc_t> fw(tau_w), fv(tau_v);
-  for (int64_t begin = 0; begin < V; begin += kChunk) {
-    const int64_t n = std::min(kChunk, V - begin);
-    fw.load(xw + begin, n, bw);
-    shift_divide_chunk(bw, n, fw.tau, sw.m);
-    fv.load(xv + begin, n, bv);
-    shift_divide_chunk(bv, n, fv.tau, sv.m);
-    for (int64_t i = 0; i < n; i += W) {
-      prefetch_next_chunk<W>(xw, begin, V, i);
-      prefetch_next_chunk<W>(xv, begin, V, i);
-      const Vec<acc_t> dw = Vec<acc_t>::loadu(bw + i);
-      const Vec<acc_t> dv = Vec<acc_t>::loadu(bv + i);
-      const Vec<acc_t> w = vexp(at::vec::clamp_min(dw - vlw, lowest));
-      if constexpr (kW) {
-        // d/dz_w of sum w (log w - log v) = w_j (log w_j - log v_j - KL); the blend keeps
-        // w_j = 0 terms at exactly 0 when z_v = -inf too ((-inf) - (-inf) = NaN).
-        const Vec<acc_t> g = w * ((dw - dv) - vc) * vgw;
-        Vec<acc_t>::blendv(g, zero, w == zero).store(bw + i);
+  // kDominant: the row's max has w = e^{-l_w} > 1/2. Then the loop also sums grad_w (per chunk
+  // in acc_t lanes, the chunks in row_sum_t) and finds that entry; other rows pay nothing.
+  const auto rows = [&](auto dominant) __attribute__((always_inline)) {
+    constexpr bool kDominant = decltype(dominant)::value;
+    row_sum_t<acc_t> sum = 0;  // of grad_w over the row
+    int64_t top = -1;          // the entry with w_j > 1/2, if the loop's w finds one
+    acc_t top_grad = 0;        // its grad_w as the loop formed it
+    for (int64_t begin = 0; begin < V; begin += kChunk) {
+      const int64_t n = std::min(kChunk, V - begin);
+      const acc_t mw = fw.load(xw + begin, n, bw);
+      shift_divide_chunk(bw, n, fw.tau, sw.m);
+      fv.load(xv + begin, n, bv);
+      shift_divide_chunk(bv, n, fv.tau, sv.m);
+      Vec<acc_t> chunk_sum(acc_t(0));
+      // Whether this chunk's max may be the dominant entry (with a margin for the roundings):
+      // only there does the loop look for it.
+      const bool look = kDominant && (mw - sw.m) / fw.tau.tau - sw.log_s1 > acc_t(-0.7);
+      for (int64_t i = 0; i < n; i += W) {
+        prefetch_next_chunk<W>(xw, begin, V, i);
+        prefetch_next_chunk<W>(xv, begin, V, i);
+        const Vec<acc_t> dw = Vec<acc_t>::loadu(bw + i);
+        const Vec<acc_t> dv = Vec<acc_t>::loadu(bv + i);
+        const Vec<acc_t> w = vexp(at::vec::clamp_min(dw - vlw, lowest));
+        if constexpr (kW) {
+          // d/dz_w of sum w (log w - log v) = w_j (log w_j - log v_j - KL); the blend keeps
+          // w_j = 0 terms at exactly 0 when z_v = -inf too ((-inf) - (-inf) = NaN).
+          const Vec<acc_t> g = Vec<acc_t>::blendv(w * ((dw - dv) - vc) * vgw, zero, w == zero);
+          g.store(bw + i);
+          if constexpr (kDominant) {
+            chunk_sum = chunk_sum + g;  // lanes past n: w of the -inf padding, 0
+            const int small = look ? (w > half).zero_mask() : (1 << W) - 1;  // w_j <= 1/2
+            if (small != (1 << W) - 1) {
+              const int lane = __builtin_ctz(~small);
+              top = begin + i + lane;
+              top_grad = bw[i + lane];
+            }
+          }
+        }
+        if constexpr (kV) {
+          // d/dz_v of -sum w log v = v_j sum w - w_j = v_j - w_j
+          const Vec<acc_t> v = vexp(at::vec::clamp_min(dv - vlv, lowest));
+          (other_side_difference(w, v, dw, dv, vdl) * vgv).store(bv + i);
+        }
       }
-      if constexpr (kV) {
-        // d/dz_v of -sum w log v = v_j sum w - w_j = v_j - w_j
-        const Vec<acc_t> v = vexp(at::vec::clamp_min(dv - vlv, lowest));
-        (other_side_difference(w, v, dw, dv, vdl) * vgv).store(bv + i);
-      }
+      if constexpr (kDominant) sum += row_sum_t<acc_t>(sum_lanes(chunk_sum));
+      if constexpr (kW) store_row(bw, grad_w + begin, n);
+      if constexpr (kV) store_row(bv, grad_v + begin, n);
     }
-    if constexpr (kW) store_row(bw, grad_w + begin, n);
-    if constexpr (kV) store_row(bv, grad_v + begin, n);
+    if constexpr (kDominant) {
+      const row_sum_t<acc_t> others = sum - row_sum_t<acc_t>(top_grad);
+      if (top >= 0 && std::isfinite(others)) grad_w[top] = scalar_t(acc_t(-others));
+    }
+  };
+  // A shard of a wider row (pg_kernels.parallel) does not sum to 0 alone.
+  if (kW && whole_row && sw.log_s1 < acc_t(0.6931471805599453)) {  // ln 2
+    rows(std::true_type{});
+  } else {
+    rows(std::false_type{});
   }
 }
 

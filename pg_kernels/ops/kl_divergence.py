@@ -90,15 +90,17 @@ def _kl_divergence_fake(
 def _kl_divergence_backward(
     grad_kl, logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
     ref_temperature_scalar, ignore_index, direction, kl, row_state, logits_grad, ref_grad,
-    backend,
+    backend, whole_rows=True,
 ):  # fmt: skip
+    """whole_rows=False: the rows are shards of wider rows (pg_kernels.parallel), whose
+    gradients the kernel may not complete from the row's own sum (C++ kl_backward_row)."""
     _, backward = _backend.launchers(OP, backend)
     acc = acc_dtype(logits.dtype)
     grad_kl, kl, row_state = (t.reshape(-1).to(acc).contiguous() for t in (grad_kl, kl, row_state))
     grads = backward(
         grad_kl, logits, ref_logits, _flat(labels), temperature, temperature_scalar,
         ref_temperature, ref_temperature_scalar, ignore_index, direction == "reverse", kl,
-        row_state, logits_grad, ref_grad, *_layouts(logits, ref_logits),
+        row_state, logits_grad, ref_grad, whole_rows, *_layouts(logits, ref_logits),
     )  # fmt: skip
     return tuple(grads)
 
@@ -110,7 +112,7 @@ _library.register_kernel("kl_divergence_backward")(_kl_divergence_backward)
 def _kl_divergence_backward_fake(
     grad_kl, logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
     ref_temperature_scalar, ignore_index, direction, kl, row_state, logits_grad, ref_grad,
-    backend,
+    backend, whole_rows=True,
 ):  # fmt: skip
     def grad_like(x, wanted):
         shape = x.shape if wanted else (0,)

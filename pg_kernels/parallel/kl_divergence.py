@@ -261,7 +261,7 @@ class _KLFn(torch.autograd.Function):
         else:
             grad, grad_ref = _library.call("kl_divergence_backward",
                 g, logits, ref_logits, labels, tau_t, tau_s, ref_tau_t, ref_tau_s, ignore_index,
-                direction, kl, row_state.contiguous(), need_logits, need_ref, backend,
+                direction, kl, row_state.contiguous(), need_logits, need_ref, backend, False,
             )  # fmt: skip
         return (
             grad if need_logits else None,

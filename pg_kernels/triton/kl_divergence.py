@@ -325,10 +325,11 @@ def kl_divergence_forward(
 def kl_divergence_backward(
     grad_kl, logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
     ref_temperature_scalar, ignore_index, reverse, kl, row_state, need_logits_grad,
-    need_ref_grad, n_inner, stride_outer, stride_inner, ref_n_inner, ref_stride_outer,
-    ref_stride_inner, *, _block_v=None, _chunk=None,
+    need_ref_grad, whole_rows, n_inner, stride_outer, stride_inner, ref_n_inner,
+    ref_stride_outer, ref_stride_inner, *, _block_v=None, _chunk=None,
 ):  # fmt: skip
-    """(grad_logits, grad_ref_logits), empty where not requested; as the C++ launcher."""
+    """(grad_logits, grad_ref_logits), empty where not requested; as the C++ launcher (whose
+    whole_rows only the C++ kernel reads: open finding (9) stays open here)."""
     V = logits.shape[-1]
     n = logits.numel() // V if V else 0
     grad = (
