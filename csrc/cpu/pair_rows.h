@@ -610,8 +610,9 @@ inline double other_side_difference(double w, double v, double delta) {
 // with v_j - w_j from other_side_difference (dl = log_s1_difference).
 // kW / kV: which gradients to write; only grad_v needs v_j's exp.
 //
-// grad_w sums to 0 over a whole row (sum_j w_j (delta_j - c) = c - c). Its entry at a dominant
-// w_j > 1/2 (one at most) is written as minus the sum of the others: there w_j (delta_j - c)
+// grad_w sums to 0 over a whole row (sum_j w_j (delta_j - c) = c - c). Where the row's rest is
+// below 2^-7, its entry at the dominant w_j is written as minus the sum of the others: there
+// w_j (delta_j - c)
 // cancels to ~rest x |delta| (0 for a one-hot row), below the rounding of delta_j and c at
 // ulp(|delta|) (a one-hot reference row at tau 0.7: 1.2e-6 where the truth is ~0 and plain fp32
 // PyTorch, whose sum_k w_k g_k with w_j rounded to 1 cancels g_j exactly, ~0), while the other
@@ -626,8 +627,9 @@ void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_
   const Vec<acc_t> vlw(sw.log_s1), vlv(sv.log_s1), vc(c), vgw(gw), vgv(gv), zero(acc_t(0)),
       lowest(exp_zero_below<acc_t>()), vdl(dl), half(acc_t(0.5));
   const PairFrame<acc_t> fw(tau_w), fv(tau_v);
-  // kDominant: the row's max has w = e^{-l_w} > 1/2. Then the loop also sums grad_w (per chunk
-  // in acc_t lanes, the chunks in row_sum_t) and finds that entry; other rows pay nothing.
+  // kDominant: the row's max has w = e^{-l_w} near 1 (below). Then the loop also sums grad_w
+  // (per chunk in acc_t lanes, the chunks in row_sum_t) and finds the entry with w_j > 1/2;
+  // other rows pay nothing.
   const auto rows = [&](auto dominant) __attribute__((always_inline)) {
     constexpr bool kDominant = decltype(dominant)::value;
     row_sum_t<acc_t> sum = 0;  // of grad_w over the row
@@ -679,8 +681,11 @@ void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_
       if (top >= 0 && std::isfinite(others)) grad_w[top] = scalar_t(acc_t(-others));
     }
   };
-  // A shard of a wider row (pg_kernels.parallel) does not sum to 0 alone.
-  if (kW && whole_row && sw.log_s1 < acc_t(0.6931471805599453)) {  // ln 2
+  // A shard of a wider row (pg_kernels.parallel) does not sum to 0 alone. The rest 1 - w_max
+  // below 2^-7 (l_w = -log(1 - rest)): the others' sum, in acc_t lanes of up to 128 terms per
+  // chunk, rounds at ~128 eps x rest x |delta|, less than the direct form's eps |delta| only
+  // there (with rests up to 1/2 the fidelity table's fp32 KL gradient went 1.1e-7 -> 2.5e-7).
+  if (kW && whole_row && sw.log_s1 < acc_t(0x1p-7)) {
     rows(std::true_type{});
   } else {
     rows(std::false_type{});
