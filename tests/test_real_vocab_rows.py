@@ -57,6 +57,15 @@ def _pairs(v: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(p), torch.stack(q)
 
 
+def _labelled_rows(backend: str, device: str, dtype: torch.dtype):
+    """The rows in `dtype` and their labels: the spike, but a flat row's and a broad row's label
+    away from it."""
+    x = _rows(_vocab(backend, device)).to(dtype)
+    y = torch.full((x.shape[0],), SPIKE)
+    y[0], y[4] = 5, 7
+    return x, y
+
+
 def _kernel(fn, backend):
     def op(*args, **kwargs):
         return fn(*args, backend=backend, **kwargs)
@@ -73,9 +82,7 @@ def _on(device, *tensors):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_token_stats(backend_device, dtype, tau):
     backend, device = backend_device
-    x = _rows(_vocab(backend, device)).to(dtype)
-    y = torch.full((x.shape[0],), SPIKE)
-    y[0], y[4] = 5, 7  # a flat row's and a broad row's label away from the spike
+    x, y = _labelled_rows(backend, device, dtype)
     check_against_reference(
         _kernel(pg_kernels.token_stats, backend), reference.token_stats, _on(device, x, y),
         {"temperature": tau}, diff_fields=("logprob", "entropy", "collision", "lse"),
@@ -120,7 +127,8 @@ def test_kl_divergence(backend_device, dtype, tau, direction):
     )  # fmt: skip
 
 
-def _rollout_logprobs(q: torch.Tensor, tau: float) -> torch.Tensor:
+def _rollout_logprobs(q: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (the spike) and the rollout's log-probs of them, from the q rows."""
     y = torch.full((q.shape[0],), SPIKE)
     return y, reference.token_stats(q, y, temperature=tau).logprob.float()
 
@@ -164,9 +172,7 @@ def test_topk_kl(backend_device, dtype, tau):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_pruned_logprob(backend_device, dtype, tau):
     backend, device = backend_device
-    x = _rows(_vocab(backend, device)).to(dtype)
-    y = torch.full((x.shape[0],), SPIKE)
-    y[0], y[4] = 5, 7
+    x, y = _labelled_rows(backend, device, dtype)
     check_against_reference(
         _kernel(pg_kernels.pruned_logprob, backend), reference.pruned_logprob, _on(device, x, y),
         {"alpha": 1e-4, "temperature": tau}, diff_fields=("logprob",),
