@@ -105,7 +105,9 @@ def _open_9(backend: str, w: torch.Tensor, w_arg: int, tau: float):
     def known(name, truth, err):
         if name != f"grad of argument {w_arg}":
             return {}
-        return {"(9) the KL gradient at a one-hot row's top entry": mask.to(truth.device)}
+        # up to 1e-5 (measured 1.1e-7 with upstream gradients ~1): a larger error is a bug
+        covered = mask.to(truth.device) & (err <= 1e-5)
+        return {"(9) the KL gradient at a one-hot row's top entry": covered}
 
     return known
 

@@ -17,10 +17,13 @@ RATIO_CLAMP = 20.0  # rho = exp(clamp(delta, -20, 20)): no overflow on wild toke
 def _excess(delta: torch.Tensor) -> torch.Tensor:
     """e^delta - 1 - delta without cancelling: its series where |delta| <= 1/4 (to delta^18,
     below 1e-20 of the sum), else expm1(delta) - delta."""
-    series = torch.zeros_like(delta)
+    small = delta.abs() <= 0.25
+    d = torch.where(small, delta, 0.0)  # each branch on values it cannot overflow on: the
+    big = torch.where(small, 1.0, delta).clamp(-RATIO_CLAMP, RATIO_CLAMP)  # other's backward
+    series = torch.zeros_like(delta)  # would give 0 * inf (a delta of 1e30: NaN gradients)
     for n in range(18, 1, -1):
-        series = (series + 1 / math.factorial(n)) * (delta if n > 2 else delta * delta)
-    return torch.where(delta.abs() <= 0.25, series, torch.expm1(delta) - delta)
+        series = (series + 1 / math.factorial(n)) * (d if n > 2 else d * d)
+    return torch.where(small, series, torch.expm1(big) - big)
 
 
 def sampled_mismatch(
