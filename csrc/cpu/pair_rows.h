@@ -611,13 +611,12 @@ inline double other_side_difference(double w, double v, double delta) {
 // kW / kV: which gradients to write; only grad_v needs v_j's exp.
 //
 // grad_w sums to 0 over a whole row (sum_j w_j (delta_j - c) = c - c). Where the row's rest is
-// below 2^-7, its entry at the dominant w_j is written as minus the sum of the others: there
-// w_j (delta_j - c)
-// cancels to ~rest x |delta| (0 for a one-hot row), below the rounding of delta_j and c at
-// ulp(|delta|) (a one-hot reference row at tau 0.7: 1.2e-6 where the truth is ~0 and plain fp32
-// PyTorch, whose sum_k w_k g_k with w_j rounded to 1 cancels g_j exactly, ~0), while the other
-// entries' errors are relative to themselves: ~eps x rest x |delta| in all (the sum's own
-// rounding in acc_t lanes adds ~eps x 128 of the entry per chunk).
+// below 2^-7, its entry at the dominant w_j is written as minus the sum of the others (where
+// that is the more accurate form, below): there w_j (delta_j - c) cancels to ~rest x |delta|
+// (0 for a one-hot row), below the rounding of delta_j and c at ulp(|delta|) (a one-hot
+// reference row at tau 0.7: 1.2e-6 where the truth is ~0 and plain fp32 PyTorch, whose
+// sum_k w_k g_k with w_j rounded to 1 cancels g_j exactly, ~0), while the other entries'
+// errors are relative to themselves.
 template <typename scalar_t, typename acc_t, bool kW, bool kV>
 void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_t* xv,
                      Temperature<acc_t> tau_v, int64_t V, SideState<acc_t> sw,

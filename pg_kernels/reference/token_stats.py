@@ -60,7 +60,6 @@ def token_stats(
         entropy = lse - (p * zero_where_neginf(z, neginf)).sum(-1)
     collision = (p * p).sum(-1)
     logprob = logp.gather(-1, c.unsqueeze(-1)).squeeze(-1)
-    p_c = logprob.exp()
     if upcast:
         # (1 - p_c)^2 + sum_{j != c} p_j^2 with neither term a difference: C - p_c^2 lost the
         # rest's p_j^2 to ulp(1) of C (an lgp of 1.16e-11, a row at p_c = 1 - 3.4e-6, was
@@ -69,6 +68,7 @@ def token_stats(
         rest2 = torch.where(others, p * p, 0.0).sum(-1)
         lgp = torch.expm1(logprob) ** 2 + rest2
     else:
+        p_c = logprob.exp()
         lgp = ((1 - p_c) ** 2 + (collision - p_c**2)).clamp_min(0)
     argmax = torch.where(invalid, torch.full_like(c, -1), z.argmax(-1))
     return TokenStats(
