@@ -131,9 +131,9 @@ def logit_cases(draw, backend: str, device: str = "cpu"):
     # The run's fill: -inf, or a finite mask: -1e30 (fp16: its finfo.min), whose x / tau lies
     # far beyond what an fp32 exponent offset rounds to within 1 (Triton's `frame`), but in
     # the fp32 range at every drawn temperature. finfo(float32).min / tau overflows it, to
-    # -inf as in fp32 PyTorch, which under another temperature on a pair's other side is a
-    # KL of +inf against a finite truth: tests/test_token_stats.py and test_step_stats.py
-    # test it at one temperature. Not fp64: docs/fidelity.md, (4).
+    # -inf as in fp32 PyTorch, which under another temperature on a pair's other side read a
+    # KL of +inf against a finite truth: open (10) on Triton, fixed on C++
+    # (test_shared_finfo_min_mask_under_two_temperatures). Not fp64: docs/fidelity.md, (4).
     fill = float("-inf")
     if dtype != torch.float64 and draw(st.booleans()):
         fill = torch.finfo(dtype).min if dtype == torch.float16 else -1e30

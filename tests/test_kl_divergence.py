@@ -530,6 +530,56 @@ def test_shared_huge_finite_mask(bd, dtype, fill, small_triton_blocks):
             _check(backend, x.to(device), xr.to(device), direction=direction, temperature=t)
 
 
+# Open finding (10) on Triton: its pair lanes scale x - m by log2(e) / tau in fp32 and read
+# a quotient past the float range as -inf (README, Testing).
+OPEN_10_ON_TRITON = "open (10): a finite logit whose x / tau overflows reads as masked"
+
+
+def two_temperatures_past_the_range():
+    """Per-row temperatures (logits', other side's) under which a finfo.min fill's x / tau
+    leaves the float range on one side of a pair only (0.3, and 0.7 against 2 in Triton's
+    log2 units), and on neither (rows 1 and 3 of the other ordering)."""
+    t = torch.tensor([0.7, 1.0, 0.3, 2.0], dtype=torch.float64)
+    return t, t.flip(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_blocks, request):
+    """A mask of finfo.min shared by both sides, each side at its own per-row temperature:
+    where fill / tau leaves the float range on one side only, fp32 x / tau read -inf there, a
+    masked entry against the other side's finite one: KL +inf and NaN gradients (C++, both
+    directions) where the float64 truth (finite quotients, no mass) is 0.58 .. 1.5. The C++
+    quotient of a finite logit now stops at the lowest finite value (quotient_rn): a finite
+    logit with no mass, as in the truth."""
+    backend, device = bd
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(reason=OPEN_10_ON_TRITON, strict=True))
+    x, xr = masked_with_a_huge_finite_fill(dtype, "finfo.min", [0.3], whole=False, seed=5)
+    t, t_ref = (u.to(device) for u in two_temperatures_past_the_range())
+    for direction in DIRECTIONS:
+        _check(backend, x.to(device), xr.to(device), direction=direction, temperature=t,
+               ref_temperature=t_ref)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_finfo_min_fill_against_a_masked_side(bd, dtype, request):
+    """The logits filled with finfo.min where the reference is -inf: a finite logit against
+    none, so the reverse KL is +inf at every temperature (the truth reads mass off the
+    logits, `reference.kl_divergence`), and the forward KL finite. At tau 0.5 the fill's
+    quotient leaves the float range, and C++ read it as masked: a finite reverse KL."""
+    backend, device = bd
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(reason=OPEN_10_ON_TRITON, strict=True))
+    g = torch.Generator().manual_seed(0)
+    x, xr = (torch.randn(2, 300, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    x[:, 100:200] = torch.finfo(dtype).min
+    xr[:, 100:200] = -INF
+    x, xr = x.to(dtype=dtype, device=device), xr.to(dtype=dtype, device=device)
+    for t in (0.5, 1.0):
+        assert _op(backend)(x, xr, temperature=t).eq(INF).all(), t
+        _check(backend, x, xr, direction="forward", temperature=t)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_rows_masked_whole_with_a_finite_fill(bd, dtype, small_triton_blocks):
     """A row masked whole with -1e30 on both sides is two uniform distributions: KL 0 and

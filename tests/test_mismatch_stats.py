@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from test_kl_divergence import OPEN_10_ON_TRITON, two_temperatures_past_the_range
 
 import pg_kernels
 from pg_kernels import reference
@@ -340,6 +341,21 @@ def test_shared_huge_finite_mask(bd, dtype, fill, small_triton_blocks):
     for t in (1.0, 0.7, 2.0):
         lp = reference.token_stats(xr, y, temperature=t).logprob.float()
         _check(backend, x, y, lp, rollout_logits=xr, temperature=t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_blocks, request):
+    """A shared finfo.min mask with the rollout at its own per-row temperature, where fill /
+    tau leaves the float range on one side only: C++ token_kl read +inf (a finite logit
+    against a quotient read as -inf) where the float64 truth is 0.06 .. 1.5
+    (test_kl_divergence's test of the same name)."""
+    backend, device = bd
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(reason=OPEN_10_ON_TRITON, strict=True))
+    x, xr, y = _masked_finite(dtype, "finfo.min", whole=False, device=device)
+    t, t_roll = (u.to(device) for u in two_temperatures_past_the_range())
+    lp = reference.token_stats(xr, y, temperature=t_roll).logprob.float()
+    _check(backend, x, y, lp, rollout_logits=xr, temperature=t, rollout_temperature=t_roll)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_kl_divergence import (
     MODERATE_FILLS,
+    OPEN_10_ON_TRITON,
     NEAR_EQUAL_SMALL_V2_ROWS,
     NEAR_EQUAL_V2_ROWS,
     _kl_grad_floor,
@@ -21,6 +22,7 @@ from test_kl_divergence import (
     other_side_errors,
     other_side_top_error,
     peaked_rows_with_shifted_tails,
+    two_temperatures_past_the_range,
 )
 from test_token_stats import _logprob_grad_error, _peaked_rows
 
@@ -337,6 +339,27 @@ def test_vocab_masked_with_a_huge_finite_fill(bd, dtype, temperature, small_trit
     lp = reference.token_stats(xr[:3], y[:3], **kw).logprob.float()
     for direction in DIRECTIONS:
         _check(backend, x[:3], y[:3], xr[:3], lp, xq[:3], kl_direction=direction, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_blocks, request):
+    """All three tensors masked alike with finfo.min, the rollout and the teacher at their own
+    per-row temperatures, fill / tau past the float range on one side of each pair only: the
+    bundle's KL and token_kl read +inf on C++ where the float64 truth is finite
+    (test_kl_divergence's test of the same name)."""
+    backend, device = bd
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(reason=OPEN_10_ON_TRITON, strict=True))
+    x, xr, xq = (
+        u.to(device)
+        for u in masked_with_a_huge_finite_fill(dtype, "finfo.min", [0.1, 0.5], whole=False, seed=3)
+    )
+    y = torch.tensor([3, 50, 2, 7], device=device)
+    t, t_other = (u.to(device) for u in two_temperatures_past_the_range())
+    lp = reference.token_stats(xr, y, temperature=t_other).logprob.float()
+    for direction in DIRECTIONS:
+        _check(backend, x, y, xr, lp, xq, kl_direction=direction, temperature=t,
+               rollout_temperature=t_other, ref_temperature=t_other)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -386,7 +386,12 @@ PairRow<acc_t> pair_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scal
     const acc_t mw = fw.load(xw + begin, n, bw);
     const acc_t mv = fv.load(xv + begin, n, bv);
     shift_divide_chunk(bw, n, fw.tau, finite_shift(mw));
-    const bool v_no_neg_inf = shift_divide_chunk<true>(bv, n, fv.tau, finite_shift(mv));
+    bool v_no_neg_inf = shift_divide_chunk<true>(bv, n, fv.tau, finite_shift(mv));
+    if (!v_no_neg_inf) {
+      unmask_overflowed(bw, xw + begin, n, fw.tau);
+      unmask_overflowed(bv, xv + begin, n, fv.tau);
+      v_no_neg_inf = no_neg_inf(bv, n);
+    }
     xm_w = max_nan(xm_w, mw);
     xm_v = max_nan(xm_v, mv);
     acc_t *ew = nullptr, *ev = nullptr;

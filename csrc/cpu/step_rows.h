@@ -130,8 +130,8 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     // Whether each v side (the logits: rollout pair, forward KL; the reference: reverse KL) is
     // free of -inf here, from the pass that forms its d.
     const bool p_is_v = kRoll || (kRef && !reverse), q_is_v = kRef && reverse;
-    const bool p_no_neg_inf = p_is_v ? shift_divide_chunk<true>(cp, n, tp, finite_shift(xm))
-                                     : shift_divide_chunk(cp, n, tp, finite_shift(xm));
+    bool p_no_neg_inf = p_is_v ? shift_divide_chunk<true>(cp, n, tp, finite_shift(xm))
+                               : shift_divide_chunk(cp, n, tp, finite_shift(xm));
     bool q_no_neg_inf = true;
     if constexpr (kRoll) {
       xmr = max_nan(xmr, load_chunk(xr + begin, n, cr));
@@ -144,6 +144,13 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       xmq = max_nan(xmq, load_chunk(xq + begin, n, scratch.ref));
       q_no_neg_inf = q_is_v ? shift_divide_chunk<true>(scratch.ref, n, tpq, finite_shift(xmq))
                             : shift_divide_chunk(scratch.ref, n, tpq, finite_shift(xmq));
+    }
+    if (!p_no_neg_inf || !q_no_neg_inf) {  // a -inf may be a fill's quotient past the range
+      unmask_overflowed(cp, xp + begin, n, tp);
+      if constexpr (kRoll) unmask_overflowed(cr, xr + begin, n, tpr);
+      if constexpr (kRef) unmask_overflowed(scratch.ref, xq + begin, n, tpq);
+      if (p_is_v) p_no_neg_inf = no_neg_inf(cp, n);
+      if (q_is_v) q_no_neg_inf = no_neg_inf(scratch.ref, n);
     }
     // One sweep of the chunk per group of sums, each over the L1-resident buffers: the token
     // lanes (which keep the logits' exps), then the rollout pair, then the reference pair. In

@@ -456,6 +456,24 @@ inline bool shift_divide_chunk(acc_t* buf, int64_t n, const Temperature<acc_t>& 
   return all;
 }
 
+// A chunk side's d (shift_divide_chunk's, from the raw logits x[0, n)) with each finite logit
+// kept finite: under tau < 1 a huge finite fill (finfo.min, as Hugging Face masks) has
+// (x - shift) / tau past the float range, -inf, a masked entry, and against the other side's
+// finite entry a pair pass reads mass against none, KL +inf, where the float64 truth (a finite
+// quotient, no mass) is finite. Such entries become the lowest finite value. Called for both
+// sides of a chunk whose v side holds a -inf (`no_neg_inf`): the w side's alone is harmless (no
+// mass against a v that has some), and a pair pass over unmasked rows pays nothing. At
+// tau >= 1 only a shift above ~1e31 could overflow: not handled.
+template <typename scalar_t, typename acc_t>
+void unmask_overflowed(acc_t* d, const scalar_t* x, int64_t n, const Temperature<acc_t>& tau) {
+  if (!(tau.tau < acc_t(1))) return;
+  for (int64_t j = 0; j < n; ++j) {
+    if (d[j] == neg_inf<acc_t>() && acc_t(x[j]) > neg_inf<acc_t>()) {
+      d[j] = std::numeric_limits<acc_t>::lowest();
+    }
+  }
+}
+
 // Per-row temperature: a per-row tensor when given, else the scalar (rounded to acc_t). A
 // per-row value that is not finite and > 0 (Python checks the tensor only outside
 // torch.compile) maps to NaN: a NaN row, as the Triton and CUDA kernels give.
