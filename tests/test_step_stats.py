@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_kl_divergence import (
     MODERATE_FILLS,
-    OPEN_10_ON_TRITON,
     NEAR_EQUAL_SMALL_V2_ROWS,
     NEAR_EQUAL_V2_ROWS,
+    OPEN_10_ON_TRITON,
     _kl_grad_floor,
     kl_and_grads,
     moderate_fill_rows,
