@@ -549,8 +549,8 @@ def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_bl
     where fill / tau leaves the float range on one side only, fp32 x / tau read -inf there, a
     masked entry against the other side's finite one: KL +inf and NaN gradients (C++, both
     directions) where the float64 truth (finite quotients, no mass) is 0.58 .. 1.5. The C++
-    quotient of a finite logit now stops at the lowest finite value (quotient_rn): a finite
-    logit with no mass, as in the truth."""
+    passes now read such an entry as the lowest finite value where the other side has no mass
+    there (`unmask_overflowed`)."""
     backend, device = bd
     if backend == "triton":
         request.applymarker(pytest.mark.xfail(reason=OPEN_10_ON_TRITON, strict=True))
@@ -578,6 +578,21 @@ def test_finfo_min_fill_against_a_masked_side(bd, dtype, request):
     for t in (0.5, 1.0):
         assert _op(backend)(x, xr, temperature=t).eq(INF).all(), t
         _check(backend, x, xr, direction="forward", temperature=t)
+
+
+def test_finfo_min_fill_past_the_range_where_the_other_side_has_mass(bd):
+    """The reference filled with finfo.min (fp32) where the logits have mass, at a reference
+    temperature that takes the fill past the float range: the reverse KL's term there,
+    w_j |fill| / tau_ref, is ~6.8e38 in float64 (tau_ref 0.25), +inf in fp32. Reading the
+    overflowed quotient as the lowest finite value there too (a review of the first repair)
+    gave 1.7e38, and a gradient of +inf behind a finite KL; the forward KL, whose weight
+    side has no mass there, stays finite."""
+    backend, device = bd
+    x = torch.tensor([[0.0, 0.0, -1.0]], device=device)
+    xr = torch.tensor([[0.0, torch.finfo(torch.float32).min, 1.0]], device=device)
+    kw = {"temperature": 1.0, "ref_temperature": 0.25}
+    assert float(_op(backend)(x, xr, **kw)[0]) == INF
+    _check(backend, x, xr, direction="forward", **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

@@ -389,7 +389,7 @@ PairRow<acc_t> pair_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scal
     bool v_no_neg_inf = shift_divide_chunk<true>(bv, n, fv.tau, finite_shift(mv));
     if (!v_no_neg_inf) {
       unmask_overflowed(bw, xw + begin, n, fw.tau);
-      unmask_overflowed(bv, xv + begin, n, fv.tau);
+      unmask_overflowed(bv, xv + begin, n, fv.tau, bw);
       v_no_neg_inf = no_neg_inf(bv, n);
     }
     xm_w = max_nan(xm_w, mw);

@@ -146,9 +146,18 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
                             : shift_divide_chunk(scratch.ref, n, tpq, finite_shift(xmq));
     }
     if (!p_no_neg_inf || !q_no_neg_inf) {  // a -inf may be a fill's quotient past the range
-      unmask_overflowed(cp, xp + begin, n, tp);
+      // The w sides first (the rollout; the reference of the forward KL), then each v side
+      // where its pairs' w sides have no mass (unmask_overflowed).
+      const bool ref_is_w = kRef && !reverse;
       if constexpr (kRoll) unmask_overflowed(cr, xr + begin, n, tpr);
-      if constexpr (kRef) unmask_overflowed(scratch.ref, xq + begin, n, tpq);
+      if constexpr (kRef) {
+        if (ref_is_w) unmask_overflowed(scratch.ref, xq + begin, n, tpq);
+      }
+      unmask_overflowed(cp, xp + begin, n, tp, kRoll ? cr : nullptr,
+                        ref_is_w ? scratch.ref : nullptr);
+      if constexpr (kRef) {
+        if (!ref_is_w) unmask_overflowed(scratch.ref, xq + begin, n, tpq, cp);
+      }
       if (p_is_v) p_no_neg_inf = no_neg_inf(cp, n);
       if (q_is_v) q_no_neg_inf = no_neg_inf(scratch.ref, n);
     }

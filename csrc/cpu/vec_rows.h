@@ -457,18 +457,27 @@ inline bool shift_divide_chunk(acc_t* buf, int64_t n, const Temperature<acc_t>& 
 }
 
 // A chunk side's d (shift_divide_chunk's, from the raw logits x[0, n)) with each finite logit
-// kept finite: under tau < 1 a huge finite fill (finfo.min, as Hugging Face masks) has
-// (x - shift) / tau past the float range, -inf, a masked entry, and against the other side's
-// finite entry a pair pass reads mass against none, KL +inf, where the float64 truth (a finite
-// quotient, no mass) is finite. Such entries become the lowest finite value. Called for both
-// sides of a chunk whose v side holds a -inf (`no_neg_inf`): the w side's alone is harmless (no
-// mass against a v that has some), and a pair pass over unmasked rows pays nothing. At
-// tau >= 1 only a shift above ~1e31 could overflow: not handled.
+// kept finite where the other side has no mass: under tau < 1 a huge finite fill (finfo.min,
+// as Hugging Face masks) has (x - shift) / tau past the float range, -inf, a masked entry.
+// Against the other side's finite entry a pair pass then read mass against none, KL +inf,
+// where the float64 truth (a finite quotient) has no mass on either side there: a KL term of
+// 0. Such entries become the lowest finite value. Where the other side has mass (`other_a`,
+// `other_b`: the other sides' d over the same entries, if any; mass: d above exp_zero_below)
+// the truth's term w_j |x| / tau lies beyond the lowest: the -inf stays, and the KL is +inf
+// (the truth rounded to fp32 where w_j > ~0.3). Called for the sides of a chunk whose v side
+// holds a -inf (`no_neg_inf`), so a pair pass over unmasked rows pays nothing. Not for fp64,
+// whose truth overflows alike; at tau >= 1 only a shift above ~1e31 could overflow.
 template <typename scalar_t, typename acc_t>
-void unmask_overflowed(acc_t* d, const scalar_t* x, int64_t n, const Temperature<acc_t>& tau) {
+void unmask_overflowed(acc_t* d, const scalar_t* x, int64_t n, const Temperature<acc_t>& tau,
+                       const acc_t* other_a = nullptr, const acc_t* other_b = nullptr) {
+  if constexpr (std::is_same_v<acc_t, double>) return;
   if (!(tau.tau < acc_t(1))) return;
+  const auto massless = [](const acc_t* other, int64_t j) {
+    return other == nullptr || !(other[j] > exp_zero_below<acc_t>());
+  };
   for (int64_t j = 0; j < n; ++j) {
-    if (d[j] == neg_inf<acc_t>() && acc_t(x[j]) > neg_inf<acc_t>()) {
+    if (d[j] == neg_inf<acc_t>() && acc_t(x[j]) > neg_inf<acc_t>() && massless(other_a, j) &&
+        massless(other_b, j)) {
       d[j] = std::numeric_limits<acc_t>::lowest();
     }
   }
