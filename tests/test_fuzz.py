@@ -132,11 +132,14 @@ def logit_cases(draw, backend: str, device: str = "cpu"):
     # far beyond what an fp32 exponent offset rounds to within 1 (Triton's `frame`), but in
     # the fp32 range at every drawn temperature. finfo(float32).min / tau overflows it, to
     # -inf as in fp32 PyTorch, which under another temperature on a pair's other side read a
-    # KL of +inf against a finite truth: open (10) on Triton, fixed on C++
-    # (test_shared_finfo_min_mask_under_two_temperatures). Not fp64: docs/fidelity.md, (4).
+    # KL of +inf against a finite truth: open (10) on Triton; fixed on C++, whose draws take
+    # finfo.min too (test_shared_finfo_min_mask_under_two_temperatures). Not fp64:
+    # docs/fidelity.md, (4).
     fill = float("-inf")
     if dtype != torch.float64 and draw(st.booleans()):
         fill = torch.finfo(dtype).min if dtype == torch.float16 else -1e30
+        if backend == "cpu" and dtype != torch.float16 and draw(st.booleans()):
+            fill = torch.finfo(dtype).min
     flat[neg_inf] = fill
     y = make_labels(full_shape, v, seed=seed)
     fy = y.view(-1)
