@@ -348,7 +348,8 @@ def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_bl
     """A shared finfo.min mask with the rollout at its own per-row temperature, where fill /
     tau leaves the float range on one side only: C++ token_kl read +inf (a finite logit
     against a quotient read as -inf) where the float64 truth is 0.06 .. 1.5
-    (test_kl_divergence's test of the same name)."""
+    (test_kl_divergence's test of the same name). Triton reads +inf, and 0 or NaN where a
+    chunk is masked whole (small blocks): open (10)."""
     backend, device = bd
     if backend == "triton":
         request.applymarker(pytest.mark.xfail(reason=OPEN_10_ON_TRITON, strict=True))
@@ -356,6 +357,20 @@ def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_bl
     t, t_roll = (u.to(device) for u in two_temperatures_past_the_range())
     lp = reference.token_stats(xr, y, temperature=t_roll).logprob.float()
     _check(backend, x, y, lp, rollout_logits=xr, temperature=t, rollout_temperature=t_roll)
+
+
+def test_finfo_min_fill_past_the_range_where_the_rollout_has_mass(bd):
+    """The logits filled with finfo.min where the rollout has mass (w_j = 0.42), at a
+    temperature that takes the fill past the float range: KL(pi_roll || pi_theta)'s term there,
+    w_j |fill| / tau, is 5.8e38 in float64, +inf in fp32; the repair of overflowed fills must
+    leave that -inf alone (a review found the first C++ repair reading 1.7e38 there)."""
+    backend, device = bd
+    x = torch.tensor([[0.0, torch.finfo(torch.float32).min, -1.0]], device=device)
+    xr = torch.tensor([[0.0, 0.0, -1.0]], device=device)
+    y = torch.tensor([0], device=device)
+    out = _op(backend)(x, y, torch.zeros(1, device=device), rollout_logits=xr, temperature=0.25,
+                       rollout_temperature=1.0)  # fmt: skip
+    assert float(out.token_kl[0]) == INF
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
