@@ -342,6 +342,24 @@ def test_vocab_masked_with_a_huge_finite_fill(bd, dtype, temperature, small_trit
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shared_finfo_min_mask_at_two_temperatures_in_range(bd, dtype, small_triton_blocks):
+    """All three tensors masked alike with finfo.min, the rollout and the teacher at their own
+    temperatures, every quotient in range (test_kl_divergence's test of the same name: the
+    Triton finish's merge of chunks masked whole)."""
+    backend, device = bd
+    x, xr, xq = (
+        u.to(device)
+        for u in masked_with_a_huge_finite_fill(dtype, "finfo.min", [0.1, 0.5], whole=False, seed=3)
+    )
+    y = torch.tensor([3, 50, 2, 7], device=device)
+    for t, t_other in ((1.5, 2.0), (2.0, 1.6)):
+        lp = reference.token_stats(xr, y, temperature=t_other).logprob.float()
+        for direction in DIRECTIONS:
+            _check(backend, x, y, xr, lp, xq, kl_direction=direction, temperature=t,
+                   rollout_temperature=t_other, ref_temperature=t_other)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_blocks, request):
     """All three tensors masked alike with finfo.min, the rollout and the teacher at their own
     per-row temperatures, fill / tau past the float range on one side of each pair only: the

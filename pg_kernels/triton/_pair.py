@@ -81,6 +81,7 @@ from pg_kernels.triton._common import (
     exp_acc,
     floor_log_ratio,
     log1p_acc,
+    lowest_finite,
     max_nan,
     round_to,
     row_offset,
@@ -148,9 +149,18 @@ def merge_pair(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, bm_w, br_w, bm_v, br_v, 
         k = rescale_excess(k, u, s_a, aw, av, dv_a - dw_a) + rescale_excess(
             bk, bu, s_b, bw, bv, dv_b - dw_b
         )
-    u = aw * (u + (dw_a - dv_a) * (1.0 + r_w)) + bw * (bu + (dw_b - dv_b) * (1.0 + br_w))
+    # A state whose w side moves by a factor of 0 adds nothing to u: its D_w - D_v can be ~1e38
+    # (chunks masked whole with finfo.min, each side's M / tau at its own temperature), and
+    # times s1_w that overflowed to inf, 0 * inf = NaN: a KL of 0 where the truth is 0.11.
+    u = _moved_u(aw, u, dw_a - dv_a, r_w) + _moved_u(bw, bu, dw_b - dv_b, br_w)
     return (new_w, _merge_rest(aw, r_w, bw, br_w), new_v, _merge_rest(av, r_v, bv, br_v), u,
             tl.maximum(inf, binf), ne_w, ne_v, k)  # fmt: skip
+
+
+@triton.jit
+def _moved_u(a_w, u, dd, r_w):
+    """e^{D_w} (u + (D_w - D_v) s1_w) of `merge_pair`, 0 where e^{D_w} is 0 (NaN stays NaN)."""
+    return tl.where(a_w == 0, 0.0, a_w * (u + dd * (1.0 + r_w)))
 
 
 @triton.jit
@@ -492,7 +502,7 @@ def pair_excess(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def pair_exps(xw, xv, aw, av, kw, kv, DIVIDE: tl.constexpr):
+def pair_exps(xw, xv, aw, av, kw, kv, DIVIDE: tl.constexpr, CLAMP: tl.constexpr):
     """Each side's exps 2^t, t = (x - a) k relative to a reference logit a (a lane's max in the
     forward, `row_exponent`'s a in the backward), and their log-ratio: t_w - t_v (DIVIDE: each t
     rounded relative to itself, i.e. to z - a / tau, not z), else (x_w - a_w) - (x_v - a_v) in
@@ -502,7 +512,14 @@ def pair_exps(xw, xv, aw, av, kw, kv, DIVIDE: tl.constexpr):
     dxv = xv - av
     tw = dxw * kw
     tv = dxv * kv
+    # CLAMP (WIP, open finding (10)): a finite logit whose exponent overflowed is the lowest
+    # finite value: on the w side always, on the v side where w has no mass.
+    if CLAMP and tw.dtype != tl.float64:
+        lo = lowest_finite(tw.dtype)
+        tw = tl.where((tw == float("-inf")) & (dxw > float("-inf")), lo, tw)
     ew = exp_base(tw)
+    if CLAMP and tv.dtype != tl.float64:
+        tv = tl.where((tv == float("-inf")) & (dxv > float("-inf")) & (ew == 0), lo, tv)
     ev = exp_base(tv)
     if DIVIDE:
         diff = tw - tv
@@ -513,7 +530,7 @@ def pair_exps(xw, xv, aw, av, kw, kv, DIVIDE: tl.constexpr):
 
 @triton.jit
 def _pair_lanes(xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE: tl.constexpr,
-                EXCESS: tl.constexpr):  # fmt: skip
+                EXCESS: tl.constexpr, CLAMP: tl.constexpr):  # fmt: skip
     """One block of [LANES, FOLD] logits of each side (raw, in the accumulation dtype, -inf where
     masked) into the per-lane state; FOLD neighbours of one 16-byte vector share a lane, so
     every reduction here stays inside a thread.
@@ -536,7 +553,7 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE: tl.constexpr,
     """
     mw_new = tl.maximum(mw, tl.max(xw, 1))
     mv_new = tl.maximum(mv, tl.max(xv, 1))
-    ew, ev, diff = pair_exps(xw, xv, mw_new[:, None], mv_new[:, None], kw, kv, DIVIDE)
+    ew, ev, diff = pair_exps(xw, xv, mw_new[:, None], mv_new[:, None], kw, kv, DIVIDE, CLAMP)
     dw = (mw - mw_new) * kw
     dv = (mv - mv_new) * kv
     if DIVIDE:
@@ -630,7 +647,7 @@ def pair_chunk_kernel(
     xw_ptr, xv_ptr, labels_ptr, tw_ptr, tv_ptr, part_ptr, V, N, ignore_index,
     w_n_inner, w_s_outer, w_s_inner, v_n_inner, v_s_outer, v_s_inner,
     HAS_LABELS: tl.constexpr, DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
-    FOLD: tl.constexpr, EXCESS: tl.constexpr,
+    FOLD: tl.constexpr, EXCESS: tl.constexpr, REPAIR: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the pair state of one chunk of one row, into part_ptr
     [PARTIAL, n_chunks, N]. Ignored rows read nothing and store the empty state. EXCESS: the
@@ -671,21 +688,21 @@ def pair_chunk_kernel(
         nxt_w = tl.load(w_row + col + offs)
         nxt_v = tl.load(v_row + col + offs)
         mw, mv, sw, sv, u, k = _pair_lanes(
-            xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS
+            xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS, False
         )
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + offs
         xw = tl.load(w_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
         xv = tl.load(v_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
         mw, mv, sw, sv, u, k = _pair_lanes(
-            xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS
+            xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS, False
         )
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _chunk_state(
         mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
     )
     store_chunk_state(
         part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
-        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V,
+        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V, REPAIR,
     )  # fmt: skip
 
 
@@ -693,12 +710,12 @@ def pair_chunk_kernel(
 def store_chunk_state(part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row,
                       v_row, start, n_valid, tau_w, tau_v, DIVIDE: tl.constexpr,
                       EXCESS: tl.constexpr, LANES: tl.constexpr, FOLD: tl.constexpr,
-                      BLOCK: tl.constexpr):  # fmt: skip
+                      BLOCK: tl.constexpr, REPAIR: tl.constexpr):  # fmt: skip
     """A chunk's pair state into part_ptr [PARTIAL, n_chunks, N] (grid (N, n_chunks)), after
     `redo_far_chunk` (the rows w_row, v_row; the chunk [start, start + n_valid))."""
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = redo_far_chunk(
         m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start, n_valid, tau_w, tau_v,
-        DIVIDE, EXCESS, LANES, FOLD, BLOCK,
+        DIVIDE, EXCESS, LANES, FOLD, BLOCK, REPAIR,
     )  # fmt: skip
     idx = chunk.to(tl.int64) * N + row
     plane = tl.num_programs(1).to(tl.int64) * N
@@ -718,7 +735,7 @@ def store_chunk_state(part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, 
 @triton.jit
 def redo_far_chunk(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start, n_valid, tau_w,
                    tau_v, DIVIDE: tl.constexpr, EXCESS: tl.constexpr, LANES: tl.constexpr,
-                   FOLD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                   FOLD: tl.constexpr, BLOCK: tl.constexpr, REPAIR: tl.constexpr):  # fmt: skip
     """A chunk's pair state as given (`PARTIAL`: m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k) or,
     where a side of it came out empty (m = -inf) and yet holds a finite logit, the chunk summed
     again relative to that side's raw max M (`_shifted_chunk`). Such a side had no logit above
@@ -729,17 +746,20 @@ def redo_far_chunk(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
     -inf on one side costs the read for its max only."""
     empty_w = m_w == float("-inf")
     empty_v = m_v == float("-inf")
-    if empty_w | empty_v:
+    repair = empty_w != empty_w  # False, as a tensor
+    if REPAIR and m_w.dtype != tl.float64:
+        repair = inf > 0  # WIP (10): summed again with CLAMP
+    if empty_w | empty_v | repair:
         top_w = row_max(w_row + start, n_valid, empty_w, m_w.dtype, BLOCK)
         top_v = row_max(v_row + start, n_valid, empty_v, m_v.dtype, BLOCK)
         shift_w = tl.where(side_is_valid(top_w), top_w, 0.0)
         shift_v = tl.where(side_is_valid(top_v), top_v, 0.0)
-        if (shift_w != 0) | (shift_v != 0):
+        if (shift_w != 0) | (shift_v != 0) | repair:
             kw = lane_scale(tau_w, DIVIDE)
             kv = lane_scale(tau_v, DIVIDE)
             m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _shifted_chunk(
                 w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w, tau_v,
-                lane_floor(kw), lane_floor(kv), DIVIDE, EXCESS, LANES, FOLD,
+                lane_floor(kw), lane_floor(kv), DIVIDE, EXCESS, LANES, FOLD, REPAIR,
             )  # fmt: skip
     return m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k
 
@@ -802,7 +822,7 @@ def _empty_lanes(floor_w, floor_v, LANES: tl.constexpr):
 @triton.jit
 def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w, tau_v, floor_w,
                    floor_v, DIVIDE: tl.constexpr, EXCESS: tl.constexpr, LANES: tl.constexpr,
-                   FOLD: tl.constexpr):  # fmt: skip
+                   FOLD: tl.constexpr, CLAMP: tl.constexpr):  # fmt: skip
     """The pair state of a chunk (`_chunk_state`) whose logits are moved by -shift_w and
     -shift_v, each side's raw max or 0: x - M is exact wherever it matters (from x >= 2 M;
     below that e^{(x - M) / tau} is 0 anyway), and the side's max is then 0, inside the floor;
@@ -818,24 +838,30 @@ def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w
         xw = tl.load(w_row + start + i + offs, mask=valid, other=float("-inf")).to(ACC)
         xv = tl.load(v_row + start + i + offs, mask=valid, other=float("-inf")).to(ACC)
         mw, mv, sw, sv, u, k = _pair_lanes(
-            xw - shift_w, xv - shift_v, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS
+            xw - shift_w, xv - shift_v, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS, CLAMP
         )
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _chunk_state(
         mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
     )
-    m_w, e_w = _moved_max(m_w, e_w, shift_w, tau_w, DIVIDE)
-    m_v, e_v = _moved_max(m_v, e_v, shift_v, tau_v, DIVIDE)
+    m_w, e_w = _moved_max(m_w, e_w, shift_w, tau_w, DIVIDE, CLAMP)
+    m_v, e_v = _moved_max(m_v, e_v, shift_v, tau_v, DIVIDE, CLAMP)
     return m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k
 
 
 @triton.jit
-def _moved_max(m, e, shift, tau, DIVIDE: tl.constexpr):
+def _moved_max(m, e, shift, tau, DIVIDE: tl.constexpr, CLAMP: tl.constexpr):
     """(m, e) of a side summed relative to its max with its logits moved by -shift (0: kept):
-    the z of the max logit M = shift and its division's residual, as `_side_total` forms them."""
+    the z of the max logit M = shift and its division's residual, as `_side_total` forms them.
+    CLAMP (`pair_exps`'): an M / tau past the float range (a finfo.min fill under tau < 1)
+    is the lowest finite value, residual 0, not -inf (an empty side)."""
     moved = shift != 0
     if DIVIDE:
         mz = div_acc(shift, tau)
         e_moved = z_residual(mz, shift, tau)
+        if CLAMP and mz.dtype != tl.float64:
+            over = mz == float("-inf")
+            mz = tl.where(over, lowest_finite(mz.dtype), mz)
+            e_moved = tl.where(over, 0.0, e_moved)
     else:
         mz = shift
         e_moved = shift * 0
@@ -977,7 +1003,8 @@ def finalize_kl(m_w, r_w, m_v, r_v, u, inf, dw, dv, k, EXCESS: tl.constexpr):
 
 
 def pair_partials(
-    xw, xv, labels, tau_w, tau_v, ignore_index, w_layout, v_layout, blocking, divide
+    xw, xv, labels, tau_w, tau_v, ignore_index, w_layout, v_layout, blocking, divide,
+    repair=False,
 ) -> torch.Tensor:
     """Launch `pair_chunk_kernel` over N rows of V; returns partials [PARTIAL, n_chunks, N]."""
     V = xw.shape[-1]
@@ -988,7 +1015,7 @@ def pair_partials(
         *w_layout, *v_layout,
         HAS_LABELS=labels is not None, DIVIDE=divide, CHUNK=blocking.chunk,
         BLOCK_V=blocking.block_v, FOLD=lane_fold(xw.dtype, blocking.block_v),
-        EXCESS=pair_excess(xw.dtype), num_warps=blocking.num_warps,
+        EXCESS=pair_excess(xw.dtype), REPAIR=repair, num_warps=blocking.num_warps,
     )  # fmt: skip
     return part
 

@@ -130,7 +130,7 @@ def _bwd_block(xw, xv, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u,
     rounding, a few ulps of w_j, into a result that near-equal rows cancel to ~w_j |delta|.
     """
     ACC: tl.constexpr = f_vv.dtype
-    ew, ev, r = pair_exps(xw.to(ACC), xv.to(ACC), a_w, a_v, k_w, k_v, DIVIDE)
+    ew, ev, r = pair_exps(xw.to(ACC), xv.to(ACC), a_w, a_v, k_w, k_v, DIVIDE, False)
     # Where w_j = 0 (x_w = -inf) r is -inf or NaN: floored, so the product is 0 (r > -150 log2
     # units wherever e_w > 0, far above the floor). x_v = -inf under w_j > 0 is a KL = +inf
     # row, NaN through f_wr.

@@ -465,7 +465,7 @@ def _store_pair(part_ptr, chunk, row, N, kx, u, lm_w, s_w, f_w, g_w, f_v, g_v, m
     k = tl.where(inf > 0, 0.0, k)
     store_chunk_state(
         part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
-        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, VEC, BLOCK_V,
+        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, VEC, BLOCK_V, False,
     )  # fmt: skip
 
 
@@ -508,11 +508,11 @@ def _pair_again(part_ptr, chunk, row, N, w_row, v_row, start, n_valid, tau_w, ta
     zero = tau_w * 0
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = pair_chunk_again(
         w_row, v_row, start, n_valid, zero, zero, kw, kv, tau_w, tau_v, lane_floor(kw),
-        lane_floor(kv), DIVIDE, EXCESS, LANES, FOLD,
+        lane_floor(kv), DIVIDE, EXCESS, LANES, FOLD, False,
     )  # fmt: skip
     store_chunk_state(
         part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
-        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V,
+        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V, False,
     )  # fmt: skip
 
 
