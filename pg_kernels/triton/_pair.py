@@ -507,13 +507,16 @@ def pair_exps(xw, xv, aw, av, kw, kv, DIVIDE: tl.constexpr, CLAMP: tl.constexpr)
     forward, `row_exponent`'s a in the backward), and their log-ratio: t_w - t_v (DIVIDE: each t
     rounded relative to itself, i.e. to z - a / tau, not z), else (x_w - a_w) - (x_v - a_v) in
     nats (exact differences of 16-bit logits, rounded once relative to the result). Two rows
-    that differ by a constant get the same exps bitwise, at any temperature."""
+    that differ by a constant get the same exps bitwise, at any temperature.
+    CLAMP (`redo_far_chunk`'s REPAIR, fp32 lanes): an exponent that overflowed to -inf from a
+    finite logit (a finfo.min fill times k > 1) is the lowest finite value instead, a finite
+    logit with no mass as in the float64 truth, not a masked entry: on the w side always, on
+    the v side where w has no mass there (where it has, the truth's term w_j |x| / tau is
+    beyond fp32's range or near it: the -inf stays, KL +inf, as the C++ `unmask_overflowed`)."""
     dxw = xw - aw
     dxv = xv - av
     tw = dxw * kw
     tv = dxv * kv
-    # CLAMP (WIP, open finding (10)): a finite logit whose exponent overflowed is the lowest
-    # finite value: on the w side always, on the v side where w has no mass.
     if CLAMP and tw.dtype != tl.float64:
         lo = lowest_finite(tw.dtype)
         tw = tl.where((tw == float("-inf")) & (dxw > float("-inf")), lo, tw)
@@ -549,7 +552,7 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE: tl.constexpr,
     `inf` flag. Rescaling a lane to a higher max is branchless: 2^{delta}, delta = 0 once the
     lane's max has settled.
     EXCESS: k = sum e_w f(delta) too (`excess_terms`, delta = -(d_w - d_v) in nats), moved with
-    the lane's maxes by `rescale_excess`.
+    the lane's maxes by `rescale_excess`. CLAMP: `pair_exps`' (the rare second pass).
     """
     mw_new = tl.maximum(mw, tl.max(xw, 1))
     mv_new = tl.maximum(mv, tl.max(xv, 1))
@@ -651,7 +654,7 @@ def pair_chunk_kernel(
 ):  # fmt: skip
     """Program (row, chunk): the pair state of one chunk of one row, into part_ptr
     [PARTIAL, n_chunks, N]. Ignored rows read nothing and store the empty state. EXCESS: the
-    excess k too (`pair_excess`)."""
+    excess k too (`pair_excess`). REPAIR: `redo_far_chunk`'s."""
     LANES: tl.constexpr = BLOCK_V // FOLD
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -743,12 +746,18 @@ def redo_far_chunk(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
     finfo.min), whose exps relative to the floor are all 0, so that a row masked whole read as
     a row of -inf (NaN) where it is uniform. A rare second pass over the chunk (BLOCK elements
     a step for the maxes; LANES lanes of FOLD for the sums, as the main loop's); a chunk of
-    -inf on one side costs the read for its max only."""
+    -inf on one side costs the read for its max only.
+    REPAIR (fp32 lanes; mismatch_stats, whose gradient has no pair term): a chunk whose `inf`
+    flag is up is summed again too, with `pair_exps`' CLAMP: where a finite fill's exponent
+    overflowed on one side only, its -inf had read as mass against none (open finding (10),
+    README). A row with a real -inf against mass pays that second pass and is +inf anyway.
+    Not for the KLs with a gradient: their backward reads the same -inf, and bounding it there
+    costs an instruction per element (docs/fidelity.md, (10))."""
     empty_w = m_w == float("-inf")
     empty_v = m_v == float("-inf")
     repair = empty_w != empty_w  # False, as a tensor
     if REPAIR and m_w.dtype != tl.float64:
-        repair = inf > 0  # WIP (10): summed again with CLAMP
+        repair = inf > 0
     if empty_w | empty_v | repair:
         top_w = row_max(w_row + start, n_valid, empty_w, m_w.dtype, BLOCK)
         top_v = row_max(v_row + start, n_valid, empty_v, m_v.dtype, BLOCK)
@@ -843,25 +852,23 @@ def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _chunk_state(
         mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
     )
-    m_w, e_w = _moved_max(m_w, e_w, shift_w, tau_w, DIVIDE, CLAMP)
-    m_v, e_v = _moved_max(m_v, e_v, shift_v, tau_v, DIVIDE, CLAMP)
+    m_w, e_w = _moved_max(m_w, e_w, shift_w, tau_w, DIVIDE)
+    m_v, e_v = _moved_max(m_v, e_v, shift_v, tau_v, DIVIDE)
     return m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k
 
 
 @triton.jit
-def _moved_max(m, e, shift, tau, DIVIDE: tl.constexpr, CLAMP: tl.constexpr):
+def _moved_max(m, e, shift, tau, DIVIDE: tl.constexpr):
     """(m, e) of a side summed relative to its max with its logits moved by -shift (0: kept):
     the z of the max logit M = shift and its division's residual, as `_side_total` forms them.
-    CLAMP (`pair_exps`'): an M / tau past the float range (a finfo.min fill under tau < 1)
-    is the lowest finite value, residual 0, not -inf (an empty side)."""
+    An M / tau past the float range (finfo.min under tau < 1) is -inf: an empty side, no mass
+    beside the row's other chunks (clamped to the lowest finite value instead, a row masked
+    whole read as a finite frame that its backward and TV cannot rebuild: silent wrong values
+    where it is NaN now)."""
     moved = shift != 0
     if DIVIDE:
         mz = div_acc(shift, tau)
         e_moved = z_residual(mz, shift, tau)
-        if CLAMP and mz.dtype != tl.float64:
-            over = mz == float("-inf")
-            mz = tl.where(over, lowest_finite(mz.dtype), mz)
-            e_moved = tl.where(over, 0.0, e_moved)
     else:
         mz = shift
         e_moved = shift * 0
@@ -1006,7 +1013,8 @@ def pair_partials(
     xw, xv, labels, tau_w, tau_v, ignore_index, w_layout, v_layout, blocking, divide,
     repair=False,
 ) -> torch.Tensor:
-    """Launch `pair_chunk_kernel` over N rows of V; returns partials [PARTIAL, n_chunks, N]."""
+    """Launch `pair_chunk_kernel` over N rows of V; returns partials [PARTIAL, n_chunks, N].
+    repair: `redo_far_chunk`'s REPAIR (a pair pass whose op has no pair gradient)."""
     V = xw.shape[-1]
     N = tau_w.numel()
     part = torch.empty((PARTIAL, blocking.n_chunks, N), dtype=tau_w.dtype, device=xw.device)

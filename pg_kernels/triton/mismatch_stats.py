@@ -313,6 +313,7 @@ def mismatch_stats_forward(
         temperature, temperature_scalar, rollout_temperature, rollout_temperature_scalar
     )
     # KL(pi_roll || pi_theta): the rollout distribution is the weight side.
+    # repair: the gradient has no pair term (`_pair.redo_far_chunk`).
     part = pair_partials(
         rollout_logits, logits, labels, tr, t, ignore_index, roll_layout, layout, blk, divide,
         repair=True,
