@@ -862,9 +862,9 @@ def _moved_max(m, e, shift, tau, DIVIDE: tl.constexpr):
     """(m, e) of a side summed relative to its max with its logits moved by -shift (0: kept):
     the z of the max logit M = shift and its division's residual, as `_side_total` forms them.
     An M / tau past the float range (finfo.min under tau < 1) is -inf: an empty side, no mass
-    beside the row's other chunks (clamped to the lowest finite value instead, a row masked
-    whole read as a finite frame that its backward and TV cannot rebuild: silent wrong values
-    where it is NaN now)."""
+    beside the row's other chunks. Not clamped to the lowest finite value: a row masked whole
+    would then read as a finite frame that its backward and TV cannot rebuild (silent wrong
+    values where the row is NaN, as in fp32 PyTorch)."""
     moved = shift != 0
     if DIVIDE:
         mz = div_acc(shift, tau)
