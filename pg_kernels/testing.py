@@ -164,6 +164,20 @@ def masked_with_a_huge_finite_fill(
     return [t.masked_fill(mask, lo).to(dtype) for t in sides]
 
 
+def filled_against_no_mass(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """[4, 100] logits (randn * 2) masked with -1e4 (an older Hugging Face mask value) where
+    `masked_with_a_huge_finite_fill` masks its rows (row 3: the first half), and another side
+    (randn * 2) masked there with finfo.min: finite logits of no mass, in float64 too, against
+    a fill whose x / tau leaves the float range at tau < 1 (and whose x - m is near it at
+    tau = 1). The float64 truth is finite, the fill's terms 0."""
+    g = torch.Generator().manual_seed(seed)
+    x, other = (torch.randn(4, 100, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    mask = torch.zeros(4, 100, dtype=torch.bool)
+    mask[0, 40:] = mask[1, :50] = mask[1, 52:] = mask[2, 5:95] = mask[3, :50] = True
+    fill = torch.finfo(dtype).min
+    return [x.masked_fill(mask, -1e4).to(dtype), other.masked_fill(mask, fill).to(dtype)]
+
+
 def assert_close_to_truth(
     name: str,
     out: torch.Tensor,

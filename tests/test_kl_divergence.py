@@ -11,6 +11,7 @@ from pg_kernels.reference._util import scaled
 from pg_kernels.testing import (
     TRITON_16BIT_PAIR_FLOOR,
     check_against_reference,
+    filled_against_no_mass,
     make_labels,
     make_logits,
     masked_with_a_huge_finite_fill,
@@ -545,10 +546,11 @@ def test_shared_finfo_min_mask_at_two_temperatures_in_range(bd, dtype, small_tri
                    ref_temperature=t_ref)  # fmt: skip
 
 
-# Open finding (10) on Triton's kl_divergence and step_stats: their pair lanes scale x - m by
-# log2(e) / tau in fp32 and read a quotient past the float range as -inf, and their backward
-# reads it alike (README, Testing; mismatch_stats, with no pair gradient, is repaired).
-OPEN_10_ON_TRITON = "open (10): a finite logit whose x / tau overflows reads as masked"
+# Open finding (10) on Triton: its pair lanes scale x - m by log2(e) / tau in fp32, and a
+# finfo.min fill whose quotient leaves the float range reads -inf. Their second pass repairs
+# a chunk whose `inf` flag is up (`_pair.redo_far_chunk`); a fill against a -inf entry of the
+# other side raises no flag (-inf - -inf, floored) and stays two masked entries (README).
+OPEN_10_ON_TRITON = "open (10): a finfo.min fill past the float range against -inf reads masked"
 
 
 def two_temperatures_past_the_range():
@@ -560,16 +562,15 @@ def two_temperatures_past_the_range():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_blocks, request):
+def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_blocks):
     """A mask of finfo.min shared by both sides, each side at its own per-row temperature:
     where fill / tau leaves the float range on one side only, fp32 x / tau read -inf there, a
     masked entry against the other side's finite one: KL +inf and NaN gradients (C++, both
     directions) where the float64 truth (finite quotients, no mass) is 0.58 .. 1.5. The C++
     passes now read such an entry as the lowest finite value where the other side has no mass
-    there (`unmask_overflowed`)."""
+    there (`unmask_overflowed`); Triton's second pass over a chunk whose `inf` flag is up
+    (`_pair.redo_far_chunk`'s REPAIR), its backward's log-ratio capped (`log_ratio_cap`)."""
     backend, device = bd
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(reason=OPEN_10_ON_TRITON, strict=True))
     x, xr = masked_with_a_huge_finite_fill(dtype, "finfo.min", [0.3], whole=False, seed=5)
     t, t_ref = (u.to(device) for u in two_temperatures_past_the_range())
     for direction in DIRECTIONS:
@@ -594,6 +595,31 @@ def test_finfo_min_fill_against_a_masked_side(bd, dtype, request):
     for t in (0.5, 1.0):
         assert _op(backend)(x, xr, temperature=t).eq(INF).all(), t
         _check(backend, x, xr, direction="forward", temperature=t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_finfo_min_fill_against_logits_of_no_mass(bd, dtype, blocks, request):
+    """The reference filled with finfo.min where the logits are finite with no fp32 mass
+    (`filled_against_no_mass`): the truth is finite and both gradients 0 there. The Triton
+    pair pass moved its states by the two sides' max shift times a sum, which overflowed (or
+    was +inf: the fill's x / tau past the range) while the factor was 0: KL +inf and NaN
+    gradients at every temperature, 1 included (`_pair._moved_u`); its backward's log-ratio
+    there was as large against a weight of 0, NaN once g / tau s1 > 1 (`log_ratio_cap`)."""
+    backend, device = bd
+    if blocks == "small":
+        request.getfixturevalue("small_triton_blocks")
+    x, xr = (u.to(device) for u in filled_against_no_mass(dtype, seed=11))
+    masked = (xr == torch.finfo(dtype).min).cpu()
+    t, _ = two_temperatures_past_the_range()
+    for temperature in (1.0, 0.7, t.to(device)):
+        for direction in DIRECTIONS:
+            _check(backend, x, xr, direction=direction, temperature=temperature)
+            xa, xra = x.clone().requires_grad_(), xr.clone().requires_grad_()
+            kl = _op(backend)(xa, xra, temperature=temperature, direction=direction)
+            (4 * kl.sum()).backward()  # an upstream gradient above 1 (a loss scale)
+            for grad in (xa.grad.cpu(), xra.grad.cpu()):
+                assert grad.isfinite().all() and not grad[masked].any()
 
 
 def test_finfo_min_fill_past_the_range_where_the_other_side_has_mass(bd):

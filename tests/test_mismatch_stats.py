@@ -14,6 +14,7 @@ import pg_kernels
 from pg_kernels import reference
 from pg_kernels.testing import (
     check_against_reference,
+    filled_against_no_mass,
     make_labels,
     make_logits,
     masked_with_a_huge_finite_fill,
@@ -356,6 +357,25 @@ def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_bl
     t, t_roll = (u.to(device) for u in two_temperatures_past_the_range())
     lp = reference.token_stats(xr, y, temperature=t_roll).logprob.float()
     _check(backend, x, y, lp, rollout_logits=xr, temperature=t, rollout_temperature=t_roll)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("filled", ["rollout", "logits"])
+def test_finfo_min_fill_against_logits_of_no_mass(bd, dtype, filled, small_triton_blocks):
+    """One side filled with finfo.min where the other's logits are finite with no fp32 mass
+    (`filled_against_no_mass`): token_kl is finite in float64. The Triton pair pass moved a
+    lane or chunk state by an overflowed max shift times a sum under a factor of 0 (0 * inf):
+    +inf at every temperature (test_kl_divergence's test of the same name)."""
+    backend, device = bd
+    x, xr = (u.to(device) for u in filled_against_no_mass(dtype, seed=12))
+    if filled == "logits":
+        x, xr = xr, x
+    y = torch.tensor([3, 51, 97, 70], device=device)
+    t, t_roll = (u.to(device) for u in two_temperatures_past_the_range())
+    for temperature, rollout_temperature in ((1.0, 1.0), (0.7, 0.7), (t, t_roll)):
+        lp = reference.token_stats(xr, y, temperature=rollout_temperature).logprob.float()
+        _check(backend, x, y, lp, rollout_logits=xr, temperature=temperature,
+               rollout_temperature=rollout_temperature)  # fmt: skip
 
 
 def test_finfo_min_fill_past_the_range_where_the_rollout_has_mass(bd):

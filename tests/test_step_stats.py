@@ -14,7 +14,6 @@ from test_kl_divergence import (
     MODERATE_FILLS,
     NEAR_EQUAL_SMALL_V2_ROWS,
     NEAR_EQUAL_V2_ROWS,
-    OPEN_10_ON_TRITON,
     _kl_grad_floor,
     kl_and_grads,
     moderate_fill_rows,
@@ -31,6 +30,7 @@ from pg_kernels import reference
 from pg_kernels.testing import (
     TRITON_16BIT_PAIR_FLOOR,
     check_against_reference,
+    filled_against_no_mass,
     make_labels,
     make_logits,
     masked_with_a_huge_finite_fill,
@@ -360,14 +360,12 @@ def test_shared_finfo_min_mask_at_two_temperatures_in_range(bd, dtype, small_tri
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_blocks, request):
+def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_blocks):
     """All three tensors masked alike with finfo.min, the rollout and the teacher at their own
     per-row temperatures, fill / tau past the float range on one side of each pair only: the
     bundle's KL and token_kl read +inf on C++ where the float64 truth is finite
     (test_kl_divergence's test of the same name)."""
     backend, device = bd
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(reason=OPEN_10_ON_TRITON, strict=True))
     x, xr, xq = (
         u.to(device)
         for u in masked_with_a_huge_finite_fill(dtype, "finfo.min", [0.1, 0.5], whole=False, seed=3)
@@ -378,6 +376,27 @@ def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_bl
     for direction in DIRECTIONS:
         _check(backend, x, y, xr, lp, xq, kl_direction=direction, temperature=t,
                rollout_temperature=t_other, ref_temperature=t_other)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("filled", ["others", "logits"])
+def test_finfo_min_fill_against_logits_of_no_mass(bd, dtype, filled, small_triton_blocks):
+    """The rollout and the teacher filled with finfo.min where the logits are finite with no
+    fp32 mass (`filled_against_no_mass`), or the logits filled where the other two have none:
+    the bundle's token_kl and KL are finite in float64 (test_kl_divergence's test of the same
+    name: +inf and NaN gradients on Triton at every temperature)."""
+    backend, device = bd
+    x, other = (u.to(device) for u in filled_against_no_mass(dtype, seed=13))
+    if filled == "logits":
+        x, other = other, x
+    y = torch.tensor([3, 51, 97, 70], device=device)
+    t, t_other = (u.to(device) for u in two_temperatures_past_the_range())
+    for temperature, t_o in ((1.0, 1.0), (0.7, 0.7), (t, t_other)):
+        lp = reference.token_stats(other, y, temperature=t_o).logprob.float()
+        for direction in DIRECTIONS:
+            _check(backend, x, y, other, lp, other, kl_direction=direction,
+                   temperature=temperature, rollout_temperature=t_o,
+                   ref_temperature=t_o)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -152,6 +152,22 @@ def round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def widen(x, ACC: tl.constexpr):
+    """Logits x in the accumulation dtype ACC. bf16 -> fp32 on a GPU is a bit move: each 32-bit
+    register holds two bf16 (the lower element in its low half), whose fp32 values are the
+    register shifted left 16 and the register with its low half cleared: one instruction each
+    (the compiler's conversion extracted the high half with a PRMT and shifted it back: three
+    instructions per two elements, ~1 more per element pair in the two-tensor loops)."""
+    if (not INTERPRETED) and x.dtype == tl.bfloat16 and ACC == tl.float32:
+        return tl.inline_asm_elementwise(
+            "shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000;",
+            "=r,=r,r", [x], dtype=tl.float32, is_pure=True, pack=2,
+        )  # fmt: skip
+    else:
+        return x.to(ACC)
+
+
+@triton.jit
 def row_offset(row, n_inner, stride_outer, stride_inner):
     """Element offset of row `row` (RowLayout): in int64, since N * V overflows int32.
 
@@ -204,6 +220,25 @@ def floor_log_ratio(d):
         return tl.where(d > D_MIN, d, D_MIN)
     else:
         return tl.maximum(d, D_MIN)
+
+
+@triton.jit
+def log_ratio_cap(f):
+    """The cap of a log-ratio r whose product r f + b (a row factor f, |b| below 7/8 of the
+    float range) a weight multiplies: an eighth of the range over max(|f|, 1), so that the
+    product stays finite and a weight of 0 gives 0. The backward's r is +inf, or near the
+    range, where a finfo.min fill meets a weight that underflowed to 0 (the fill's x k
+    overflowed at k > 1: open finding (10), or a quotient of ~3.4e38 at k = 1), and 0 * inf
+    was a NaN gradient. A finite r above the cap where the weight is not 0 is a term past
+    2^125 already; it reads capped. A NaN f (a NaN row) leaves r uncapped on a GPU (FMNMX
+    returns the other operand): the product is NaN either way."""
+    return (lowest_finite(f.dtype) * -0.125) / tl.maximum(tl.abs(f), 1.0)
+
+
+@triton.jit
+def bounded_log_ratio(d, cap):
+    """`floor_log_ratio` and at most `cap` (`log_ratio_cap`): one FMNMX more per element."""
+    return tl.minimum(floor_log_ratio(d), cap)
 
 
 @triton.jit

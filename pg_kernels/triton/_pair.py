@@ -59,6 +59,9 @@ merge per step: 8 block reductions, 24 BAR + 54 SHFL per step) -> after (no BAR,
           48-80 registers
     (x - m) k at every temperature (2026-12-04): bf16 19.2-19.4, fp16 17.9-18.0, fp32 with the
           excess k 33.1-33.8; 59-64 registers (16-bit), 63-64 (fp32)
+    bf16 widened by `_common.widen` (a shift or a mask per element, 2026-12-05), a lane's u
+          moved by a factor of 0 adding 0 (`_moved_u`): bf16 18.2-18.9, fp16 18.3-18.9, fp32
+          34.1-34.8
 Full blocks are loaded unmasked (block i + 1 before block i is reduced; the last step reloads
 its own block rather than masking, whose fill values cost an instruction per element).
 """
@@ -85,6 +88,7 @@ from pg_kernels.triton._common import (
     max_nan,
     round_to,
     row_offset,
+    widen,
 )
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -152,15 +156,18 @@ def merge_pair(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, bm_w, br_w, bm_v, br_v, 
     # A state whose w side moves by a factor of 0 adds nothing to u: its D_w - D_v can be ~1e38
     # (chunks masked whole with finfo.min, each side's M / tau at its own temperature), and
     # times s1_w that overflowed to inf, 0 * inf = NaN: a KL of 0 where the truth is 0.11.
-    u = _moved_u(aw, u, dw_a - dv_a, r_w) + _moved_u(bw, bu, dw_b - dv_b, br_w)
+    u = _moved_u(aw, u, dw_a - dv_a, 1.0 + r_w) + _moved_u(bw, bu, dw_b - dv_b, 1.0 + br_w)
     return (new_w, _merge_rest(aw, r_w, bw, br_w), new_v, _merge_rest(av, r_v, bv, br_v), u,
             tl.maximum(inf, binf), ne_w, ne_v, k)  # fmt: skip
 
 
 @triton.jit
-def _moved_u(a_w, u, dd, r_w):
-    """e^{D_w} (u + (D_w - D_v) s1_w) of `merge_pair`, 0 where e^{D_w} is 0 (NaN stays NaN)."""
-    return tl.where(a_w == 0, 0.0, a_w * (u + dd * (1.0 + r_w)))
+def _moved_u(a_w, u, dd, s_w):
+    """u moved with its pair state, e^{D_w} (u + (D_w - D_v) s_w) (`merge_pair`, the lanes'
+    moves), 0 where e^{D_w} is 0 (NaN stays NaN): a state without mass after the move, whose
+    dd may be infinite (a v side's move past the float range: a finfo.min fill, k > 1) or its
+    product with s_w overflow (one near the range), 0 * inf."""
+    return tl.where(a_w == 0, 0.0, a_w * (u + dd * s_w))
 
 
 @triton.jit
@@ -259,8 +266,9 @@ def rescale_excess(k, u, s_w, a_w, a_v, dd):
     An empty w side must come with s_w = u = 0."""
     near = tl.abs(dd) < NEAR
     fd = a_w * excess_series(tl.where(near, dd, 0.0))
-    b = tl.where(near, fd, (a_v - a_w) - a_w * dd)  # a_w f(dd)
-    a = tl.where(near, fd + a_w * dd, a_v - a_w)  # a_w expm1(dd)
+    wd = tl.where(a_w == 0, 0.0, a_w * dd)  # 0, not 0 * inf, where the w side moved to nothing
+    b = tl.where(near, fd, (a_v - a_w) - wd)  # a_w f(dd)
+    a = tl.where(near, fd + wd, a_v - a_w)  # a_w expm1(dd)
     return a_v * k - a * u + b * s_w
 
 
@@ -573,7 +581,7 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE: tl.constexpr,
         unit = nats_per_unit(xw, DIVIDE)
         k = rescale_excess(k, u * unit, sw, aw, av, shift * -unit)
         k += tl.sum(excess_terms(ew, ev, diff, DIVIDE), 1)
-    u = aw * (u + shift * sw) + tl.sum(ew * diff, 1)
+    u = _moved_u(aw, u, shift, sw) + tl.sum(ew * diff, 1)
     sw = aw * sw + tl.sum(ew, 1)
     sv = av * sv + tl.sum(ev, 1)
     return mw_new, mv_new, sw, sv, u, k
@@ -683,8 +691,8 @@ def pair_chunk_kernel(
     nxt_v = tl.load(v_row + start + offs, mask=n_full > 0, other=float("-inf"))
     last = start + (n_full - 1) * BLOCK_V
     for i in range(0, n_full):
-        xw = nxt_w.to(ACC)
-        xv = nxt_v.to(ACC)
+        xw = widen(nxt_w, ACC)
+        xv = widen(nxt_v, ACC)
         # The last step prefetches its own block again: always in bounds, so no mask (whose
         # fill values cost an instruction per element).
         col = tl.minimum(start + (i + 1) * BLOCK_V, last)
@@ -695,8 +703,8 @@ def pair_chunk_kernel(
         )
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + offs
-        xw = tl.load(w_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
-        xv = tl.load(v_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
+        xw = widen(tl.load(w_row + cols, mask=cols < V, other=float("-inf")), ACC)
+        xv = widen(tl.load(v_row + cols, mask=cols < V, other=float("-inf")), ACC)
         mw, mv, sw, sv, u, k = _pair_lanes(
             xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS, False
         )
@@ -798,7 +806,7 @@ def _chunk_state(mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v,
         k = tl.sum(rescale_excess(k, u * unit, sw, fw, fv, dd), 0)
     else:
         k = tl.sum(k, 0)  # 0: one value per chunk, as with EXCESS
-    u = tl.sum(fw * (u + shift * sw), 0)
+    u = tl.sum(_moved_u(fw, u, shift, sw), 0)
     if DIVIDE:
         if ACC != tl.float64:
             u = u * LN2  # exponent units (log2) -> nats

@@ -25,9 +25,11 @@ divides nothing per element (`_bwd_block`: e^{d} = 2^{(x - a) k} relative to the
 blocks of computed rows without masks and stores the other rows' constant in a second loop.
 Hot-loop SASS instructions per element pair, both gradients (one gradient), at tau = 1 and
 with a temperature alike:
-    bf16  19.3 (13.4)    fp16  18.3 (12.4)    fp32  28.6 (11.8)
-(first version 33.9 (24.2) bf16 at tau = 1, 64.5 (55.2) with a temperature; fp32 17.6 before
-the other side's series, `_bwd_block`'s SERIES, 32-40 registers, no spills).
+    bf16  19.3 (13.4)    fp16  19.3 (13.4)    fp32  28.8-29.2 (12.6-12.8)
+(with the cap of the log-ratio, `log_ratio_cap`: one FMNMX per pair, which `_common.widen`
+paid for in bf16; 18.3 (12.4) fp16 and 28.6 (11.8) fp32 without it; first version 33.9 (24.2)
+bf16 at tau = 1, 64.5 (55.2) with a temperature; fp32 17.6 before the other side's series,
+`_bwd_block`'s SERIES, 32-40 registers, no spills).
 """
 
 from __future__ import annotations
@@ -39,15 +41,17 @@ import triton.language as tl
 from pg_kernels.triton._common import (
     LOG2E,
     acc_dtype_of,
+    bounded_log_ratio,
     cdiv,
     div_acc,
     exp_acc,
     expm1_acc,
-    floor_log_ratio,
+    log_ratio_cap,
     per_row_temperature,
     round_to,
     row_blocking,
     row_offset,
+    widen,
 )
 from pg_kernels.triton._pair import (
     FINISH_BLOCK_R,
@@ -110,7 +114,7 @@ def _fwd_finish_kernel(
 
 
 @triton.jit
-def _bwd_block(xw, xv, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u,
+def _bwd_block(xw, xv, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_hi,
                DIVIDE: tl.constexpr, SERIES: tl.constexpr):  # fmt: skip
     """Both gradients of one block from the raw logits of each side.
 
@@ -123,18 +127,19 @@ def _bwd_block(xw, xv, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u,
     (fp32 [2, 40]: 7.5e-8 off where plain PyTorch was 3.1e-8), and the normalizers never cancel
     (f_d). r: without DIVIDE (x_w - a_w) - (x_v - a_v), exact differences of the logits rounded
     relative to the result (the one-pass bound of the tests); with DIVIDE p_w - p_v, each p
-    rounded relative to d, not to z.
+    rounded relative to d, not to z. r_hi: the cap of r (`log_ratio_cap` of f_wr).
     SERIES (fp32 logits, `has_other_series`): where the two sides are close, (v_j - w_j) s_v =
     e_w f_vw expm1(delta) instead (`other_side_difference`, y = r + dl_u, f_vw = s_v / s1_w,
     dl_u = log s1_v - log s1_w in r's units): the difference of the two exps carried each one's
     rounding, a few ulps of w_j, into a result that near-equal rows cancel to ~w_j |delta|.
     """
     ACC: tl.constexpr = f_vv.dtype
-    ew, ev, r = pair_exps(xw.to(ACC), xv.to(ACC), a_w, a_v, k_w, k_v, DIVIDE, False)
+    ew, ev, r = pair_exps(widen(xw, ACC), widen(xv, ACC), a_w, a_v, k_w, k_v, DIVIDE, False)
     # Where w_j = 0 (x_w = -inf) r is -inf or NaN: floored, so the product is 0 (r > -150 log2
     # units wherever e_w > 0, far above the floor). x_v = -inf under w_j > 0 is a KL = +inf
-    # row, NaN through f_wr.
-    grad_w = ew * fma_acc(floor_log_ratio(r), f_wr, -f_wc)
+    # row, NaN through f_wr. Where w_j underflowed to 0 against a finfo.min fill, r is +inf or
+    # near the float range: capped (`log_ratio_cap`), so the product is 0 there too.
+    grad_w = ew * fma_acc(bounded_log_ratio(r, r_hi), f_wr, -f_wc)
     grad_v = fma_acc(ev - ew, f_vv, -(ew * f_d))
     if SERIES:
         grad_v = other_side_difference(ew * f_vw, r + dl_u, grad_v, DIVIDE)
@@ -152,7 +157,7 @@ def _bwd_factors(l_w, l_v, dl, c, s_w, s_v, DIVIDE: tl.constexpr):
     A vocab-parallel shard's row state (pg_kernels.parallel) carries log s1 minus the log of the
     shard's mass, hundreds where that side's mass lies on other ranks: there e^{-l_v} is 0 and
     e^{dl} overflows, so beyond dl = 64 (e^{-l_v} below 2^-92 of e^{-l_w}) f_d is s_v / s1_w -
-    f_vv itself (was 0 * inf: NaN gradient rows)."""
+    f_vv itself (was 0 * inf: NaN gradient rows). r_hi: `_bwd_block`'s cap of r."""
     inv_s1_w = exp_acc(-l_w)
     f_ww = s_w * inv_s1_w
     f_vv = s_v * exp_acc(-l_v)
@@ -161,7 +166,7 @@ def _bwd_factors(l_w, l_v, dl, c, s_w, s_v, DIVIDE: tl.constexpr):
         if f_ww.dtype != tl.float64:
             f_wr = f_ww * LN2
     f_d = tl.where(dl > 64.0, s_v * inv_s1_w - f_vv, f_vv * expm1_acc(tl.minimum(dl, 64.0)))
-    return f_wr, c * f_ww, f_vv, f_d, f_vv + f_d
+    return f_wr, c * f_ww, f_vv, f_d, f_vv + f_d, log_ratio_cap(f_wr)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -225,7 +230,7 @@ def _bwd_kernel(
     # the rows are near-equal (the C++ kernel's dl), or from the logs (`log_s1_difference`: a
     # KL = +inf row, whose other side is still exact, or one of ~1e29).
     dl = tl.where(compute, log_s1_difference(kl, c, l_w, l_v), 0.0)
-    f_wr, f_wc, f_vv, f_d, f_vw = _bwd_factors(l_w, l_v, dl, c, s_w, s_v, DIVIDE)
+    f_wr, f_wc, f_vv, f_d, f_vw, r_hi = _bwd_factors(l_w, l_v, dl, c, s_w, s_v, DIVIDE)
     SERIES: tl.constexpr = has_other_series(XDT)
     dl_u = dl  # in `_bwd_block`'s r units: log2 with DIVIDE in fp32, else nats
     if SERIES and DIVIDE:
@@ -243,7 +248,7 @@ def _bwd_kernel(
         xp = tl.load(x_row + cols)
         xq = tl.load(xr_row + cols)
         _bwd_store(xp, xq, gx_ptr + out + cols, gxr_ptr + out + cols, a_w, k_w, a_v, k_v, f_wr,
-                   f_wc, f_vv, f_d, f_vw, dl_u, None, REVERSE, NEED_X, NEED_XR, DIVIDE,
+                   f_wc, f_vv, f_d, f_vw, dl_u, r_hi, None, REVERSE, NEED_X, NEED_XR, DIVIDE,
                    SERIES)  # fmt: skip
     constant = tl.zeros([BLOCK_V], f_vv.dtype) + tl.where(nan_row, nan, 0.0)
     for i in range(0, tl.where(compute, 0, n_full)):
@@ -258,22 +263,22 @@ def _bwd_kernel(
         xp = tl.load(x_row + cols, mask=in_row & compute, other=0.0)
         xq = tl.load(xr_row + cols, mask=in_row & compute, other=0.0)
         _bwd_store(xp, xq, gx_ptr + out + cols, gxr_ptr + out + cols, a_w, k_w, a_v, k_v, f_wr,
-                   f_wc, f_vv, f_d, f_vw, dl_u, in_row, REVERSE, NEED_X, NEED_XR, DIVIDE,
+                   f_wc, f_vv, f_d, f_vw, dl_u, r_hi, in_row, REVERSE, NEED_X, NEED_XR, DIVIDE,
                    SERIES)  # fmt: skip
 
 
 @triton.jit
-def _bwd_store(xp, xq, gx, gxr, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, mask,
+def _bwd_store(xp, xq, gx, gxr, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_hi, mask,
                REVERSE: tl.constexpr, NEED_X: tl.constexpr, NEED_XR: tl.constexpr,
                DIVIDE: tl.constexpr, SERIES: tl.constexpr):  # fmt: skip
     if REVERSE:
         grad_w, grad_v = _bwd_block(
-            xp, xq, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, DIVIDE, SERIES
+            xp, xq, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_hi, DIVIDE, SERIES
         )
         grad_x, grad_xr = grad_w, grad_v
     else:
         grad_w, grad_v = _bwd_block(
-            xq, xp, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, DIVIDE, SERIES
+            xq, xp, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_hi, DIVIDE, SERIES
         )
         grad_x, grad_xr = grad_v, grad_w
     if NEED_X:
@@ -306,11 +311,13 @@ def kl_divergence_forward(
     )
     if reverse:  # the weight side first
         part = pair_partials(
-            logits, ref_logits, labels, t, tr, ignore_index, layout, ref_layout, blk, divide
+            logits, ref_logits, labels, t, tr, ignore_index, layout, ref_layout, blk, divide,
+            repair=True,
         )
     else:
         part = pair_partials(
-            ref_logits, logits, labels, tr, t, ignore_index, ref_layout, layout, blk, divide
+            ref_logits, logits, labels, tr, t, ignore_index, ref_layout, layout, blk, divide,
+            repair=True,
         )
     _fwd_finish_kernel[(cdiv(n, FINISH_BLOCK_R),)](
         part, logits, labels if labels is not None else kl, t if reverse else tr,

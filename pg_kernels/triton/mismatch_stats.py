@@ -49,6 +49,7 @@ from pg_kernels.triton._common import (
     round_to,
     row_blocking,
     row_offset,
+    widen,
 )
 from pg_kernels.triton._pair import (
     FINISH_BLOCK_R,
@@ -130,8 +131,8 @@ def _tv_block(x_p, x_q, a_p, k_p, a_q, k_q, c, r, acc):
     which keeps the ratio to its own precision (as S_q / S_p - 1 near -1 would not: a one-hot
     row against a flat one, V = 40000, 5.1e-4 off). Two SASS instructions per element pair more
     (sm_90: bf16 12.2 -> 14.2 of 20, fp16 11.4 -> 13.6, fp32 10.0 -> 12.0 of 40)."""
-    e_p = exp_base((x_p.to(acc.dtype) - a_p) * k_p)
-    e_q = exp_base((x_q.to(acc.dtype) - a_q) * k_q)
+    e_p = exp_base((widen(x_p, acc.dtype) - a_p) * k_p)
+    e_q = exp_base((widen(x_q, acc.dtype) - a_q) * k_q)
     return acc + tl.abs(fma_acc(e_q, r, fma_acc(e_q, c, -e_p)))
 
 
@@ -284,7 +285,7 @@ def _bwd_kernel(
 @triton.jit
 def _bwd_block(x, lanes, label_lane, a, k, b, scale, g_label):
     # d/dz_j of -L = -p_j (scale = -g / tau); the label's entry (lane label_lane) replaced.
-    p = exp_base(fma_acc(x.to(scale.dtype) - a, k, -b))
+    p = exp_base(fma_acc(widen(x, scale.dtype) - a, k, -b))
     return tl.where(lanes == label_lane, g_label, scale * p)
 
 

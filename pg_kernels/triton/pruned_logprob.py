@@ -75,6 +75,7 @@ from pg_kernels.triton._common import (
     round_to,
     row_blocking,
     row_offset,
+    widen,
 )
 from pg_kernels.triton._pair import FAR_Z, fma_acc
 
@@ -113,7 +114,7 @@ def _max_chunk_kernel(
     start = chunk * CHUNK
     for off in range(0, tl.where(keep, tl.minimum(V - start, CHUNK), 0), BLOCK_V):
         cols = start + off + tl.arange(0, BLOCK_V)
-        x = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(ACC)
+        x = widen(tl.load(x_row + cols, mask=cols < end, other=float("-inf")), ACC)
         z = x * inv_tau
         mvec = tl.maximum(mvec, x)
         bad = bad | ((z != z) | (z == float("inf"))).to(tl.int32)
@@ -150,7 +151,7 @@ def _e_chunk(x_ptr, cols, V, inv_tau, shift, m, log_alpha, label, s_in, s_out,
         x = tl.load(x_ptr + cols, mask=cols < V, other=float("-inf"))
     else:
         x = tl.load(x_ptr + cols)
-    d = fma_acc(x.to(s_in.dtype) - shift, inv_tau, -m)  # as the finish kernel's d_c and d_m
+    d = fma_acc(widen(x, s_in.dtype) - shift, inv_tau, -m)  # as the finish kernel's d_c and d_m
     e = exp_acc(d)
     safe = d >= log_alpha
     if LABEL:
@@ -276,7 +277,7 @@ def _bwd_step(x_ptr, grad_ptr, cols, V, inv_tau, shift, m, threshold, lse, neg_g
         x = tl.load(x_ptr + cols, mask=cols < V, other=float("-inf"))
     else:
         x = tl.load(x_ptr + cols)
-    d = fma_acc(x.to(lse.dtype) - shift, inv_tau, -m)
+    d = fma_acc(widen(x, lse.dtype) - shift, inv_tau, -m)
     # p~ = e^(d - lse) on S, e^-inf = 0 off it: selected before the exp (a select of the product
     # was moved past the bf16 rounding, two byte permutes more per element). fp32: one fma and
     # an ex2, lse log2(e) a row constant.

@@ -123,14 +123,17 @@ from pg_kernels.triton._common import (
     LOG2E_F64,
     acc_dtype_of,
     acc_of,
+    bounded_log_ratio,
     cdiv,
     div_acc,
     floor_log_ratio,
+    log_ratio_cap,
     per_row_temperature,
     round_to,
     row_blocking,
     row_offset,
     scalar_log2_scale_bits,
+    widen,
 )
 from pg_kernels.triton._pair import (
     FINISH_BLOCK_R,
@@ -465,7 +468,7 @@ def _store_pair(part_ptr, chunk, row, N, kx, u, lm_w, s_w, f_w, g_w, f_v, g_v, m
     k = tl.where(inf > 0, 0.0, k)
     store_chunk_state(
         part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
-        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, VEC, BLOCK_V, False,
+        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, VEC, BLOCK_V, True,
     )  # fmt: skip
 
 
@@ -512,7 +515,7 @@ def _pair_again(part_ptr, chunk, row, N, w_row, v_row, start, n_valid, tau_w, ta
     )  # fmt: skip
     store_chunk_state(
         part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
-        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V, False,
+        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V, True,
     )  # fmt: skip
 
 
@@ -757,7 +760,8 @@ def _fwd_finish_kernel(
 
 @triton.jit
 def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o,
-                dl_u, KL: tl.constexpr, REVERSE: tl.constexpr, SERIES: tl.constexpr):  # fmt: skip
+                dl_u, r_hi, KL: tl.constexpr, REVERSE: tl.constexpr,
+                SERIES: tl.constexpr):  # fmt: skip
     """(dz_p, dz_q) / tau of one block of logits x and reference logits xq (ACC), without the
     label term; with KL the K term and the reference's gradient (per-row factors set up by
     `_bwd_kernel`), else dz_q = 0. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
@@ -778,7 +782,8 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
     either that near-equal rows left in their difference. SERIES also forms the weight side
     from r = (d_p - d_q) / ln2 (reverse; forward (d_q - d_p) / ln2) in one difference per
     element, not from d_p folded into O(1) coefficients: reverse e fma(r, G ln2, coef), -G c in
-    a and b as token_stats' (g_p = G ln2); forward q_j fma(r, k_d, shift), shift = -g_q c."""
+    a and b as token_stats' (g_p = G ln2); forward q_j fma(r, k_d, shift), shift = -g_q c;
+    r capped at r_hi (`log_ratio_cap` of g_p, reverse, or k_d, forward)."""
     # Forward KL weighs d_p by q_j, which is not 0 where p_j is: d2 floored far lower there.
     d2, e = bwd_exps(x, m, c, rho_hi, D2_FAR if KL and not REVERSE else D_MIN)
     coef = tl.fma(q, e, tl.fma(b, d2, a))
@@ -796,9 +801,10 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
                 # not the O(1) coefficients' ulps); g_p = G ln2, -G c in a. r is -inf or NaN
                 # only where e = 0 (a -inf logit): floored, the product 0. (The weight's own
                 # product is the one rounded apart: where both overflow, finfo.min logits on
-                # both sides at tau < 1, r is then -inf, not +inf.)
+                # both sides at tau < 1, r is then -inf, not +inf.) +inf where the reference's
+                # finfo.min fill overflowed against an e of 0: capped, the product 0.
                 r = fma_acc(dxq, -k_q, (x - m) * c)
-                dz = e * tl.fma(floor_log_ratio(r), g_p, coef)
+                dz = e * tl.fma(bounded_log_ratio(r, r_hi), g_p, coef)
                 dq = other_side_difference(e * f_o, r + dl_u, dq, True)
             else:
                 dz = e * tl.fma(g_p, _floor_at(dxq, XQ_FLOOR), coef)
@@ -812,7 +818,7 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
                 # k_d = g_q ln2, shift = -g_q c.
                 r = fma_acc(x - m, -c, dxq * k_q)
                 dz = tl.fma(e, coef, other_side_difference(qg, r + dl_u, tl.fma(e, f_o, -qg), True))
-                dq = q_j * tl.fma(floor_log_ratio(r), k_d, shift)
+                dq = q_j * tl.fma(bounded_log_ratio(r, r_hi), k_d, shift)
             else:
                 dz = tl.fma(q_j, -g_p, e * coef)
                 dxq = _floor_at(dxq, XQ_FLOOR)
@@ -832,7 +838,7 @@ def _load_halves(row_ptr, col0, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp, a_q,
-               k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, READ: tl.constexpr,
+               k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, READ: tl.constexpr,
                KL: tl.constexpr, REVERSE: tl.constexpr, NEED_X: tl.constexpr,
                NEED_Q: tl.constexpr, PAIRS: tl.constexpr, SERIES: tl.constexpr,
                BLOCK_V: tl.constexpr):  # fmt: skip
@@ -856,20 +862,21 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
                 if KL:
                     xq_lo, xq_hi = _load_halves(xq_row, col0, BLOCK_V)
                 dz_lo, dq_lo = _bwd_values(x_lo, xq_lo, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q,
-                                           f_q, k_d, shift, g_p, g_q, f_o, dl_u, KL, REVERSE,
+                                           f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE,
                                            SERIES)  # fmt: skip
                 dz_hi, dq_hi = _bwd_values(x_hi, xq_hi, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q,
-                                           f_q, k_d, shift, g_p, g_q, f_o, dl_u, KL, REVERSE,
+                                           f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE,
                                            SERIES)  # fmt: skip
                 dz = tl.reshape(tl.join(dz_lo, dz_hi), [BLOCK_V])
                 dq = tl.reshape(tl.join(dq_lo, dq_hi), [BLOCK_V])
             else:
-                x = tl.load((x_row + col0) + lanes).to(ACC)
+                x = widen(tl.load((x_row + col0) + lanes), ACC)
                 xq = x
                 if KL:
-                    xq = tl.load((xq_row + col0) + lanes).to(ACC)
+                    xq = widen(tl.load((xq_row + col0) + lanes), ACC)
                 dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
-                                     shift, g_p, g_q, f_o, dl_u, KL, REVERSE, SERIES)  # fmt: skip
+                                     shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE,
+                                     SERIES)  # fmt: skip
             if NEED_X:
                 tl.store((g_row + col0) + lanes, round_to(dz, OUT))
             if NEED_Q:
@@ -883,12 +890,12 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
         cols = start + n_full * BLOCK_V + lanes
         in_row = cols < V
         if READ:
-            x = tl.load(x_row + cols, mask=in_row, other=float("-inf")).to(ACC)
+            x = widen(tl.load(x_row + cols, mask=in_row, other=float("-inf")), ACC)
             xq = x
             if KL:
-                xq = tl.load(xq_row + cols, mask=in_row, other=0.0).to(ACC)
+                xq = widen(tl.load(xq_row + cols, mask=in_row, other=0.0), ACC)
             dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
-                                 shift, g_p, g_q, f_o, dl_u, KL, REVERSE, SERIES)  # fmt: skip
+                                 shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE, SERIES)  # fmt: skip
             if NEED_X:
                 tl.store(g_row + cols, round_to(dz, OUT), mask=in_row)
             if NEED_Q:
@@ -942,6 +949,7 @@ def _bwd_kernel(
     g_q = tl.zeros([], ACC)
     f_o = tl.zeros([], ACC)
     dl_u = tl.zeros([], ACC)
+    r_hi = tl.zeros([], ACC)  # `_bwd_values`' cap of its SERIES log-ratio
     SERIES: tl.constexpr = has_other_series(x_ptr.dtype.element_ty)
     a_kl = a
     b_kl = b
@@ -1011,6 +1019,7 @@ def _bwd_kernel(
                 # on a; token_stats' b as it is.
                 a_kl = (a.to(f64) - big_g.to(f64) * c_kl.to(f64)).to(ACC)
                 g_p = big_g * ln2
+                r_hi = log_ratio_cap(g_p)
             else:
                 # = e G (ln2 d2 + ln2 rho_hi - c - d_q): G ln2 on b, G (ln2 rho_hi - c) on a,
                 # -G / tau_q on x_q - a_q (as g_p).
@@ -1025,6 +1034,7 @@ def _bwd_kernel(
                 # p_j g_p joins the other side's difference; g_q ((d_q - d_p) - c) = g_q ln2 r -
                 # g_q c, r = (d_q - d_p) / ln2 from one small difference per element.
                 shift = -g_q * c_kl
+                r_hi = log_ratio_cap(k_d)
             else:
                 # p_j g_p on a; g_q ((d_q - d_p) - c) = f_q (x_q - a_q) - k_d d2 + shift.
                 a_kl = tl.fma(kp, g_p, a)
@@ -1039,15 +1049,15 @@ def _bwd_kernel(
     if keep:
         if kl_on:
             _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a_kl, b_kl,
-                       q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, True, HAS_REF,
-                       REVERSE, NEED_X, NEED_Q, PAIRS, SERIES, BLOCK_V)  # fmt: skip
+                       q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, True,
+                       HAS_REF, REVERSE, NEED_X, NEED_Q, PAIRS, SERIES, BLOCK_V)  # fmt: skip
         else:
             _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q,
-                       kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, True, False,
+                       kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, True, False,
                        REVERSE, NEED_X, NEED_Q, PAIRS, SERIES, BLOCK_V)  # fmt: skip
     else:
         _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp,
-                   a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, False, False, REVERSE,
+                   a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, False, False, REVERSE,
                    NEED_X, NEED_Q, PAIRS, SERIES, BLOCK_V)  # fmt: skip
     # The label's entry: dz + g_l / tau, rounded once, by the program holding it (the barrier
     # orders it after the block store of the same address by another thread). Without the KL
@@ -1076,7 +1086,7 @@ def _bwd_kernel(
                         x_c = tl.load(x_row + label).to(ACC)
                         xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
                         dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b_kl, q, kp, a_q,
-                                              k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u,
+                                              k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi,
                                               HAS_REF, REVERSE, SERIES)  # fmt: skip
                         dz_c += g_l * inv_tau
                         tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))

@@ -92,6 +92,7 @@ from pg_kernels.triton._common import (
     scalar_log2_scale_bits,
     ulp_of_one,
     valid_inv_temperature,
+    widen,
 )
 
 OP = "token_stats"
@@ -758,13 +759,13 @@ def _bwd_kernel(
     for i in range(0, n_full):
         cols = start + i * BLOCK_V + lanes
         # A uniform mask (one flag for the whole block) keeps the loads vectorized.
-        x = tl.load(x_row + cols, mask=keep, other=float("-inf")).to(ACC)
+        x = widen(tl.load(x_row + cols, mask=keep, other=float("-inf")), ACC)
         dz = _bwd_values(x, m, c, rho_hi, a, b, q)
         tl.store(g_row + cols, round_to(dz, g_row.dtype.element_ty))
     if n_full * BLOCK_V < n_valid:
         cols = start + n_full * BLOCK_V + lanes
         in_row = cols < V
-        x = tl.load(x_row + cols, mask=in_row & keep, other=float("-inf")).to(ACC)
+        x = widen(tl.load(x_row + cols, mask=in_row & keep, other=float("-inf")), ACC)
         dz = _bwd_values(x, m, c, rho_hi, a, b, q)
         tl.store(g_row + cols, round_to(dz, g_row.dtype.element_ty), mask=in_row)
     # The label's and the argmax's entries again, in fp64 from fp64 coefficients and rounded

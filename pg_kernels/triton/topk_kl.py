@@ -88,6 +88,7 @@ from pg_kernels.triton._common import (
     row_blocking,
     row_offset,
     ulp_of_one,
+    widen,
 )
 from pg_kernels.triton._pair import FAR_Z, fma_acc, row_max
 
@@ -167,7 +168,7 @@ def _tail_step(x, cur, inv_tau, low, r, mref, s, FOLD: tl.constexpr):
     is one exp per lane per step, without a branch: exp(mref_old - mref_new) <= 1, and an empty
     lane's s is 0 whatever it gives. s is fp64 (one conversion and one fp64 fma per lane per
     step, FOLD elements): fp32 lanes lost ~1e-6 of a tail of 4078 tied logits."""
-    x = x.to(r.dtype)
+    x = widen(x, r.dtype)
     if FOLD == 8:
         y0, y1 = tl.split(tl.reshape(x, [x.shape[0] // 8, 2, 2, 2]))  # element offset 4a + 2b + c
         y00, y01 = tl.split(y0)
@@ -531,12 +532,13 @@ def _bwd_kernel(
     n_full = n_valid // BLOCK_V
     for i in range(0, n_full):  # full blocks: vector loads and stores (a uniform load mask)
         cols = start + i * BLOCK_V + lanes
-        x = tl.load(x_row + cols, mask=valid, other=float("-inf")).to(ACC)
+        x = widen(tl.load(x_row + cols, mask=valid, other=float("-inf")), ACC)
         g = scale * exp_acc(fma_acc(x - shift, inv_tau, -m_off) - off)
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty))
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         cols = start + n_full * BLOCK_V + lanes
-        x = tl.load(x_row + cols, mask=cols < tl.where(valid, V, 0), other=float("-inf")).to(ACC)
+        end = tl.where(valid, V, 0)
+        x = widen(tl.load(x_row + cols, mask=cols < end, other=float("-inf")), ACC)
         g = scale * exp_acc(fma_acc(x - shift, inv_tau, -m_off) - off)
         tl.store(grad_row + cols, round_to(g, grad_ptr.dtype.element_ty), mask=cols < V)
 
