@@ -569,7 +569,7 @@ def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_bl
     directions) where the float64 truth (finite quotients, no mass) is 0.58 .. 1.5. The C++
     passes now read such an entry as the lowest finite value where the other side has no mass
     there (`unmask_overflowed`); Triton's second pass over a chunk whose `inf` flag is up
-    (`_pair.redo_far_chunk`'s REPAIR), its backward's log-ratio capped (`log_ratio_cap`)."""
+    (`_pair.redo_far_chunk`), its backward's log-ratio capped (`log_ratio_cap`)."""
     backend, device = bd
     x, xr = masked_with_a_huge_finite_fill(dtype, "finfo.min", [0.3], whole=False, seed=5)
     t, t_ref = (u.to(device) for u in two_temperatures_past_the_range())

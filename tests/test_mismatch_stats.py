@@ -351,7 +351,7 @@ def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_bl
     against a quotient read as -inf) where the float64 truth is 0.06 .. 1.5
     (test_kl_divergence's test of the same name); Triton read +inf too, and 0 where a chunk
     is masked whole (small blocks). Its pair pass now sums a chunk whose `inf` flag is up
-    again with the overflowed exponents clamped (`_pair.redo_far_chunk`'s REPAIR)."""
+    again with the overflowed exponents clamped (`_pair.redo_far_chunk`)."""
     backend, device = bd
     x, xr, y = _masked_finite(dtype, "finfo.min", whole=False, device=device)
     t, t_roll = (u.to(device) for u in two_temperatures_past_the_range())

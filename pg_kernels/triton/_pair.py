@@ -516,7 +516,7 @@ def pair_exps(xw, xv, aw, av, kw, kv, DIVIDE: tl.constexpr, CLAMP: tl.constexpr)
     rounded relative to itself, i.e. to z - a / tau, not z), else (x_w - a_w) - (x_v - a_v) in
     nats (exact differences of 16-bit logits, rounded once relative to the result). Two rows
     that differ by a constant get the same exps bitwise, at any temperature.
-    CLAMP (`redo_far_chunk`'s REPAIR, fp32 lanes): an exponent that overflowed to -inf from a
+    CLAMP (`redo_far_chunk`'s second pass, fp32 lanes): an exponent that overflowed to -inf from a
     finite logit (a finfo.min fill times k > 1) is the lowest finite value instead, a finite
     logit with no mass as in the float64 truth, not a masked entry: on the w side always, on
     the v side where w has no mass there (where it has, the truth's term w_j |x| / tau is
@@ -658,11 +658,11 @@ def pair_chunk_kernel(
     xw_ptr, xv_ptr, labels_ptr, tw_ptr, tv_ptr, part_ptr, V, N, ignore_index,
     w_n_inner, w_s_outer, w_s_inner, v_n_inner, v_s_outer, v_s_inner,
     HAS_LABELS: tl.constexpr, DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
-    FOLD: tl.constexpr, EXCESS: tl.constexpr, REPAIR: tl.constexpr,
+    FOLD: tl.constexpr, EXCESS: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the pair state of one chunk of one row, into part_ptr
     [PARTIAL, n_chunks, N]. Ignored rows read nothing and store the empty state. EXCESS: the
-    excess k too (`pair_excess`). REPAIR: `redo_far_chunk`'s."""
+    excess k too (`pair_excess`)."""
     LANES: tl.constexpr = BLOCK_V // FOLD
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -713,7 +713,7 @@ def pair_chunk_kernel(
     )
     store_chunk_state(
         part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
-        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V, REPAIR,
+        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V,
     )  # fmt: skip
 
 
@@ -721,12 +721,12 @@ def pair_chunk_kernel(
 def store_chunk_state(part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row,
                       v_row, start, n_valid, tau_w, tau_v, DIVIDE: tl.constexpr,
                       EXCESS: tl.constexpr, LANES: tl.constexpr, FOLD: tl.constexpr,
-                      BLOCK: tl.constexpr, REPAIR: tl.constexpr):  # fmt: skip
+                      BLOCK: tl.constexpr):  # fmt: skip
     """A chunk's pair state into part_ptr [PARTIAL, n_chunks, N] (grid (N, n_chunks)), after
     `redo_far_chunk` (the rows w_row, v_row; the chunk [start, start + n_valid))."""
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = redo_far_chunk(
         m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start, n_valid, tau_w, tau_v,
-        DIVIDE, EXCESS, LANES, FOLD, BLOCK, REPAIR,
+        DIVIDE, EXCESS, LANES, FOLD, BLOCK,
     )  # fmt: skip
     idx = chunk.to(tl.int64) * N + row
     plane = tl.num_programs(1).to(tl.int64) * N
@@ -746,7 +746,7 @@ def store_chunk_state(part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, 
 @triton.jit
 def redo_far_chunk(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start, n_valid, tau_w,
                    tau_v, DIVIDE: tl.constexpr, EXCESS: tl.constexpr, LANES: tl.constexpr,
-                   FOLD: tl.constexpr, BLOCK: tl.constexpr, REPAIR: tl.constexpr):  # fmt: skip
+                   FOLD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """A chunk's pair state as given (`PARTIAL`: m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k) or,
     where a side of it came out empty (m = -inf) and yet holds a finite logit, the chunk summed
     again relative to that side's raw max M (`_shifted_chunk`). Such a side had no logit above
@@ -755,16 +755,15 @@ def redo_far_chunk(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
     a row of -inf (NaN) where it is uniform. A rare second pass over the chunk (BLOCK elements
     a step for the maxes; LANES lanes of FOLD for the sums, as the main loop's); a chunk of
     -inf on one side costs the read for its max only.
-    REPAIR (fp32 lanes; mismatch_stats, whose gradient has no pair term): a chunk whose `inf`
-    flag is up is summed again too, with `pair_exps`' CLAMP: where a finite fill's exponent
-    overflowed on one side only, its -inf had read as mass against none (open finding (10),
-    README). A row with a real -inf against mass pays that second pass and is +inf anyway.
-    Not for the KLs with a gradient: their backward reads the same -inf, and bounding it there
-    costs an instruction per element (docs/fidelity.md, (10))."""
+    With fp32 lanes a chunk whose `inf` flag is up is summed again too, with `pair_exps`'
+    CLAMP: where a finite fill's exponent overflowed on one side only, its -inf had read as
+    mass against none (finding (10), README; the backwards cap their log-ratio there,
+    `_common.log_ratio_cap`). A row with a real -inf against mass pays that second pass and is
+    +inf anyway."""
     empty_w = m_w == float("-inf")
     empty_v = m_v == float("-inf")
     repair = empty_w != empty_w  # False, as a tensor
-    if REPAIR and m_w.dtype != tl.float64:
+    if m_w.dtype != tl.float64:
         repair = inf > 0
     if empty_w | empty_v | repair:
         top_w = row_max(w_row + start, n_valid, empty_w, m_w.dtype, BLOCK)
@@ -776,7 +775,7 @@ def redo_far_chunk(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
             kv = lane_scale(tau_v, DIVIDE)
             m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _shifted_chunk(
                 w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w, tau_v,
-                lane_floor(kw), lane_floor(kv), DIVIDE, EXCESS, LANES, FOLD, REPAIR,
+                lane_floor(kw), lane_floor(kv), DIVIDE, EXCESS, LANES, FOLD, True,
             )  # fmt: skip
     return m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k
 
@@ -1018,11 +1017,9 @@ def finalize_kl(m_w, r_w, m_v, r_v, u, inf, dw, dv, k, EXCESS: tl.constexpr):
 
 
 def pair_partials(
-    xw, xv, labels, tau_w, tau_v, ignore_index, w_layout, v_layout, blocking, divide,
-    repair=False,
+    xw, xv, labels, tau_w, tau_v, ignore_index, w_layout, v_layout, blocking, divide
 ) -> torch.Tensor:
-    """Launch `pair_chunk_kernel` over N rows of V; returns partials [PARTIAL, n_chunks, N].
-    repair: `redo_far_chunk`'s REPAIR (a pair pass whose op has no pair gradient)."""
+    """Launch `pair_chunk_kernel` over N rows of V; returns partials [PARTIAL, n_chunks, N]."""
     V = xw.shape[-1]
     N = tau_w.numel()
     part = torch.empty((PARTIAL, blocking.n_chunks, N), dtype=tau_w.dtype, device=xw.device)
@@ -1031,7 +1028,7 @@ def pair_partials(
         *w_layout, *v_layout,
         HAS_LABELS=labels is not None, DIVIDE=divide, CHUNK=blocking.chunk,
         BLOCK_V=blocking.block_v, FOLD=lane_fold(xw.dtype, blocking.block_v),
-        EXCESS=pair_excess(xw.dtype), REPAIR=repair, num_warps=blocking.num_warps,
+        EXCESS=pair_excess(xw.dtype), num_warps=blocking.num_warps,
     )  # fmt: skip
     return part
 

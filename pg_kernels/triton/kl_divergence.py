@@ -311,13 +311,11 @@ def kl_divergence_forward(
     )
     if reverse:  # the weight side first
         part = pair_partials(
-            logits, ref_logits, labels, t, tr, ignore_index, layout, ref_layout, blk, divide,
-            repair=True,
+            logits, ref_logits, labels, t, tr, ignore_index, layout, ref_layout, blk, divide
         )
     else:
         part = pair_partials(
-            ref_logits, logits, labels, tr, t, ignore_index, ref_layout, layout, blk, divide,
-            repair=True,
+            ref_logits, logits, labels, tr, t, ignore_index, ref_layout, layout, blk, divide
         )
     _fwd_finish_kernel[(cdiv(n, FINISH_BLOCK_R),)](
         part, logits, labels if labels is not None else kl, t if reverse else tr,

@@ -314,10 +314,8 @@ def mismatch_stats_forward(
         temperature, temperature_scalar, rollout_temperature, rollout_temperature_scalar
     )
     # KL(pi_roll || pi_theta): the rollout distribution is the weight side.
-    # repair: the gradient has no pair term (`_pair.redo_far_chunk`).
     part = pair_partials(
-        rollout_logits, logits, labels, tr, t, ignore_index, roll_layout, layout, blk, divide,
-        repair=True,
+        rollout_logits, logits, labels, tr, t, ignore_index, roll_layout, layout, blk, divide
     )
     p_norm, q_norm = (torch.empty(n, 2, dtype=acc, device=logits.device) for _ in range(2))
     finish_grid = (cdiv(n, FINISH_BLOCK_R),)

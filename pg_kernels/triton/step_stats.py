@@ -468,7 +468,7 @@ def _store_pair(part_ptr, chunk, row, N, kx, u, lm_w, s_w, f_w, g_w, f_v, g_v, m
     k = tl.where(inf > 0, 0.0, k)
     store_chunk_state(
         part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
-        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, VEC, BLOCK_V, True,
+        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, VEC, BLOCK_V,
     )  # fmt: skip
 
 
@@ -515,7 +515,7 @@ def _pair_again(part_ptr, chunk, row, N, w_row, v_row, start, n_valid, tau_w, ta
     )  # fmt: skip
     store_chunk_state(
         part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
-        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V, True,
+        n_valid, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD, BLOCK_V,
     )  # fmt: skip
 
 
