@@ -929,6 +929,65 @@ def test_one_sided_neg_inf_of_an_underflowing_weight(bd, dtype):
             assert torch.equal(torch.isinf(got), torch.isinf(want)), (t, direction, got, want)
 
 
+def neg_inf_against_a_far_weight(dtype, device):
+    """(x, other, tau): x finite where `other` is -inf, at entries whose weight e^{z - m}
+    underflows because x's max lies in another lane (fp32 lanes hold 4 neighbours, 16-bit 8),
+    or in a later block of the same lane: the KL(x || other) is +inf (docs/math.md), at tau
+    0.05 and 0.1. Rows 0, 1: 5 entries (`test_one_sided_neg_inf_of_an_underflowing_weight`'s
+    row with the max moved across a lane), rows 2, 3 of 4096: a -inf at 0 and a spike of 14
+    at 2048, and the spike first."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 4096, generator=g, dtype=torch.float64)
+    other = torch.randn(4, 4096, generator=g, dtype=torch.float64)
+    x[:2, 5:] = other[:2, 5:] = -INF
+    x[0, :5] = torch.tensor([2.0, -INF, -INF, -INF, 15.0])
+    other[0, :5] = torch.tensor([-INF, 0.0, 0.0, 0.0, 18.0])
+    x[1, :5] = torch.tensor([15.0, -INF, -INF, -INF, 2.0])
+    other[1, :5] = torch.tensor([18.0, 0.0, 0.0, 0.0, -INF])
+    other[2, 0] = -INF
+    x[2, 2048:2052] = 14.0
+    x[3, :4] = 14.0
+    other[3, 2048] = -INF
+    return x.to(dtype=dtype, device=device), other.to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_neg_inf_against_a_weight_in_another_lane(bd, dtype):
+    """The Triton pair lanes moved a lane's u, +inf from a finite logit against -inf, to the
+    chunk's max as e^{D_w} (u + ...) selected to 0 where e^{D_w} underflowed (to drop a
+    finfo.min fill's infinite shift): the `inf` flag, read off u, was lost and the KL read 0
+    or 39.2 where it is +inf. u itself now stays (0 * u, `_pair._moved_u`)."""
+    backend, device = bd
+    x, xr = neg_inf_against_a_far_weight(dtype, device)
+    for t in (0.05, 0.1):
+        assert _op(backend)(x, xr, direction="reverse", temperature=t).eq(INF).all(), t
+        assert _op(backend)(xr, x, direction="forward", temperature=t).eq(INF).all(), t
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_mass_against_a_finfo_min_fill_in_range(bd, direction):
+    """The weight side with mass at an entry where the other side holds fp32's finfo.min, at
+    tau 2: its quotient (-1.7e38) is in range, the KL ~1e37 and every gradient finite. A cap
+    of the backward's log-ratio at an eighth of the float range (`log_ratio_cap`'s first
+    form) read the weight's gradient there as -7.3e37 where it is 8.4e37 (upstream 2)."""
+    backend, device = bd
+    g = torch.Generator().manual_seed(0)
+    x, xr = (torch.randn(2, 64, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    w, v = (x, xr) if direction == "reverse" else (xr, x)
+    w[:, 5] += 8.0
+    v[:, 5] = torch.finfo(torch.float32).min
+    kw = {"temperature": 2.0, "direction": direction}
+    got = kl_and_grads(_op(backend), x.float().to(device), xr.float().to(device), **kw)
+    want = kl_and_grads(reference.kl_divergence, x, xr, **kw)
+    # Measured: the KL and both gradients' entry 5 within 2e-6 relative (fp32 sums of terms
+    # ~1e37 and the fill's quotient rounded once).
+    for a, b in zip(got, want):
+        a = a.cpu()
+        if a.dim() > 1:
+            a, b = a[:, 5], b[:, 5]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0.0)
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_infinite_kl_gradients(bd, direction):
     """On a +inf row the weighting side's gradient is NaN, the other side's is exact (v - w);

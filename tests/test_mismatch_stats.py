@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_kl_divergence import two_temperatures_past_the_range
+from test_kl_divergence import neg_inf_against_a_far_weight, two_temperatures_past_the_range
 
 import pg_kernels
 from pg_kernels import reference
@@ -376,6 +376,20 @@ def test_finfo_min_fill_against_logits_of_no_mass(bd, dtype, filled, small_trito
         lp = reference.token_stats(xr, y, temperature=rollout_temperature).logprob.float()
         _check(backend, x, y, lp, rollout_logits=xr, temperature=temperature,
                rollout_temperature=rollout_temperature)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_neg_inf_against_a_weight_in_another_lane(bd, dtype):
+    """KL(pi_roll || pi_theta) of rollout mass (underflowing at tau 0.05, 0.1) where the logits
+    are -inf, the rollout's max in another lane or a later block: +inf
+    (test_kl_divergence's test of the same name: the Triton pair lanes lost the flag)."""
+    backend, device = bd
+    xr, x = neg_inf_against_a_far_weight(dtype, device)
+    y = torch.tensor([4, 0, 1, 0], device=device)
+    for t in (0.05, 0.1):
+        out = _op(backend)(x, y, torch.zeros(4, device=device), rollout_logits=xr,
+                           temperature=t, rollout_temperature=t)  # fmt: skip
+        assert out.token_kl.eq(INF).all(), (t, out.token_kl)
 
 
 def test_finfo_min_fill_past_the_range_where_the_rollout_has_mass(bd):

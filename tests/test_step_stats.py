@@ -17,6 +17,7 @@ from test_kl_divergence import (
     _kl_grad_floor,
     kl_and_grads,
     moderate_fill_rows,
+    neg_inf_against_a_far_weight,
     one_sided_fill_rows,
     other_side_errors,
     other_side_top_error,
@@ -376,6 +377,25 @@ def test_shared_finfo_min_mask_under_two_temperatures(bd, dtype, small_triton_bl
     for direction in DIRECTIONS:
         _check(backend, x, y, xr, lp, xq, kl_direction=direction, temperature=t,
                rollout_temperature=t_other, ref_temperature=t_other)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_neg_inf_against_a_weight_in_another_lane(bd, dtype):
+    """The bundle's reverse KL with the teacher -inf where the logits have (underflowing) mass,
+    and its token_kl with the logits -inf where the rollout has, the weight's max in another
+    lane or a later block: +inf (test_kl_divergence's test of the same name)."""
+    backend, device = bd
+    x, other = neg_inf_against_a_far_weight(dtype, device)
+    lp = torch.zeros(4, device=device)
+    for t in (0.05, 0.1):
+        kw = {"temperature": t, "rollout_temperature": t, "ref_temperature": t}
+        out = pg_kernels.step_stats(x, torch.tensor([4, 0, 2048, 0], device=device),
+                                    ref_logits=other, backend=backend, **kw)  # fmt: skip
+        assert out.kl.eq(INF).all(), (t, out.kl)
+        out = pg_kernels.step_stats(other, torch.tensor([4, 0, 1, 0], device=device),
+                                    rollout_logprobs=lp, rollout_logits=x, backend=backend,
+                                    **kw)  # fmt: skip
+        assert out.mismatch.token_kl.eq(INF).all(), (t, out.mismatch.token_kl)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

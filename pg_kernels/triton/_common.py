@@ -224,15 +224,19 @@ def floor_log_ratio(d):
 
 @triton.jit
 def log_ratio_cap(f):
-    """The cap of a log-ratio r whose product r f + b (a row factor f, |b| below 7/8 of the
-    float range) a weight multiplies: an eighth of the range over max(|f|, 1), so that the
-    product stays finite and a weight of 0 gives 0. The backward's r is +inf, or near the
-    range, where a finfo.min fill meets a weight that underflowed to 0 (the fill's x k
-    overflowed at k > 1: open finding (10), or a quotient of ~3.4e38 at k = 1), and 0 * inf
-    was a NaN gradient. A finite r above the cap where the weight is not 0 is a term past
-    2^125 already; it reads capped. A NaN f (a NaN row) leaves r uncapped on a GPU (FMNMX
-    returns the other operand): the product is NaN either way."""
-    return (lowest_finite(f.dtype) * -0.125) / tl.maximum(tl.abs(f), 1.0)
+    """The cap of a log-ratio r whose product fma(r, f, b) a weight multiplies (f a row
+    factor): (1 - 2^-20) of the float range over max(|f|, 1), below which r f cannot overflow,
+    so that a weight of 0 gives 0. The backward's r is +inf, or near the range, where a
+    finfo.min fill meets a weight that underflowed to 0 (the fill's x k overflowed at k > 1:
+    finding (10), or a quotient of ~3.4e38 at k = 1), and 0 * inf was a NaN gradient. Only an
+    r whose r f overflowed before (+-inf where the weight is not 0) is capped: a finite
+    gradient keeps its value (an eighth of the range capped w_j > 0 entries of a fill at
+    tau 2, KL ~1e37, to gradients of the wrong sign). With b of the range's order and the
+    product's sign (|c| ~1e31 in kl_divergence's f_wc) the weight's 0 still meets inf. No cap
+    for an infinite f (an infinite upstream gradient: r f stays +-inf); a NaN f leaves r
+    uncapped on a GPU (FMNMX returns the other operand): the product is NaN either way."""
+    cap = (lowest_finite(f.dtype) * -0.999999) / tl.maximum(tl.abs(f), 1.0)
+    return tl.where(tl.abs(f) < float("inf"), cap, float("inf"))
 
 
 @triton.jit

@@ -59,9 +59,9 @@ merge per step: 8 block reductions, 24 BAR + 54 SHFL per step) -> after (no BAR,
           48-80 registers
     (x - m) k at every temperature (2026-12-04): bf16 19.2-19.4, fp16 17.9-18.0, fp32 with the
           excess k 33.1-33.8; 59-64 registers (16-bit), 63-64 (fp32)
-    bf16 widened by `_common.widen` (a shift or a mask per element, 2026-12-05), a lane's u
-          moved by a factor of 0 adding 0 (`_moved_u`): bf16 18.2-18.9, fp16 18.3-18.9, fp32
-          34.1-34.8
+    bf16 widened by `_common.widen` (a shift or a mask per element) and the excess k moved
+          by a factor of 0 adding 0 (`rescale_excess`), 2026-12-05: bf16 17.8-18.6, fp16
+          17.9-18.4, fp32 33.6-34.2
 Full blocks are loaded unmasked (block i + 1 before block i is reduced; the last step reloads
 its own block rather than masking, whose fill values cost an instruction per element).
 """
@@ -163,10 +163,13 @@ def merge_pair(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, bm_w, br_w, bm_v, br_v, 
 
 @triton.jit
 def _moved_u(a_w, u, dd, s_w):
-    """u moved with its pair state, e^{D_w} (u + (D_w - D_v) s_w) (`merge_pair`, the lanes'
-    moves), 0 where e^{D_w} is 0 (NaN stays NaN): a state without mass after the move, whose
-    dd may be infinite (a v side's move past the float range: a finfo.min fill, k > 1) or its
-    product with s_w overflow (one near the range), 0 * inf."""
+    """u moved with its pair state, e^{D_w} (u + (D_w - D_v) s_w), 0 where e^{D_w} is 0: a
+    state without mass after the move, whose dd may be infinite (a v side's move past the
+    float range: a finfo.min fill, k > 1) or its product with s_w overflow (one near the
+    range), 0 * inf. Where the `inf` flag travels apart from u (`merge_pair`: each chunk's
+    flag; `_shifted_chunk`: the chunk read for a -inf against a finite logit), never where it
+    is read off u (the main loop's lanes: a lane's u of +inf from a finite w logit against a
+    -inf, whose w_j underflows after a later move, must still raise it)."""
     return tl.where(a_w == 0, 0.0, a_w * (u + dd * s_w))
 
 
@@ -581,7 +584,10 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE: tl.constexpr,
         unit = nats_per_unit(xw, DIVIDE)
         k = rescale_excess(k, u * unit, sw, aw, av, shift * -unit)
         k += tl.sum(excess_terms(ew, ev, diff, DIVIDE), 1)
-    u = _moved_u(aw, u, shift, sw) + tl.sum(ew * diff, 1)
+    if CLAMP:
+        u = _moved_u(aw, u, shift, sw) + tl.sum(ew * diff, 1)
+    else:
+        u = aw * (u + shift * sw) + tl.sum(ew * diff, 1)
     sw = aw * sw + tl.sum(ew, 1)
     sv = av * sv + tl.sum(ev, 1)
     return mw_new, mv_new, sw, sv, u, k
@@ -709,7 +715,7 @@ def pair_chunk_kernel(
             xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS, False
         )
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _chunk_state(
-        mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
+        mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS, False
     )
     store_chunk_state(
         part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
@@ -782,9 +788,9 @@ def redo_far_chunk(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
 
 @triton.jit
 def _chunk_state(mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v,
-                 DIVIDE: tl.constexpr, EXCESS: tl.constexpr):  # fmt: skip
+                 DIVIDE: tl.constexpr, EXCESS: tl.constexpr, CLAMP: tl.constexpr):  # fmt: skip
     """A chunk's pair state (`PARTIAL`: m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k) from its lane
-    state (`_pair_lanes`)."""
+    state (`_pair_lanes`). CLAMP: `_pair_lanes`' (lanes moved by a factor of 0 add 0)."""
     ACC: tl.constexpr = kw.dtype
     # One cross-lane merge per chunk: each lane moved to the chunk's max (merge_pair per lane).
     # The lanes' exponents are (x - m) k (`_pair_lanes`): no lane reference r.
@@ -805,7 +811,10 @@ def _chunk_state(mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v,
         k = tl.sum(rescale_excess(k, u * unit, sw, fw, fv, dd), 0)
     else:
         k = tl.sum(k, 0)  # 0: one value per chunk, as with EXCESS
-    u = tl.sum(_moved_u(fw, u, shift, sw), 0)
+    if CLAMP:
+        u = tl.sum(_moved_u(fw, u, shift, sw), 0)
+    else:
+        u = tl.sum(fw * (u + shift * sw), 0)
     if DIVIDE:
         if ACC != tl.float64:
             u = u * LN2  # exponent units (log2) -> nats
@@ -844,21 +853,30 @@ def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w
     below that e^{(x - M) / tau} is 0 anyway), and the side's max is then 0, inside the floor;
     its sums are relative to 0, that is to M / tau: the state takes M's z and residual, as
     `_side_total` forms them. The rare second pass of `pair_chunk_kernel`: masked loads, no
-    prefetch, half its lanes (so that the SASS checks see the main loop as the hot one)."""
+    prefetch, half its lanes (so that the SASS checks see the main loop as the hot one).
+    CLAMP: `pair_exps`' and `_moved_u`'s (`redo_far_chunk`'s repair), the `inf` flag then
+    read off the logits themselves, a finite w logit against a -inf v, not off u."""
     ACC: tl.constexpr = kw.dtype
     HALF: tl.constexpr = (LANES + 1) // 2
     mw, mv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, HALF)
     offs = tl.arange(0, HALF)[:, None] * FOLD + tl.arange(0, FOLD)[None, :]
+    unsupported = tl.zeros([HALF, FOLD], tl.int32)
     for i in range(0, n_valid, HALF * FOLD):
         valid = offs + i < n_valid
         xw = tl.load(w_row + start + i + offs, mask=valid, other=float("-inf")).to(ACC)
         xv = tl.load(v_row + start + i + offs, mask=valid, other=float("-inf")).to(ACC)
+        if CLAMP:
+            unsupported |= ((xv == float("-inf")) & (xw > float("-inf"))).to(tl.int32)
         mw, mv, sw, sv, u, k = _pair_lanes(
             xw - shift_w, xv - shift_v, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS, CLAMP
         )
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _chunk_state(
-        mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS
+        mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS, CLAMP
     )
+    if CLAMP:
+        inf = tl.maximum(inf, tl.max(tl.max(unsupported, 1), 0).to(ACC))
+        u = tl.where(inf > 0, 0.0, u)
+        k = tl.where(inf > 0, 0.0, k)
     m_w, e_w = _moved_max(m_w, e_w, shift_w, tau_w, DIVIDE)
     m_v, e_v = _moved_max(m_v, e_v, shift_v, tau_v, DIVIDE)
     return m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k
