@@ -609,14 +609,14 @@ def test_finfo_min_fill_against_logits_of_no_mass(bd, dtype, blocks, request):
     backend, device = bd
     if blocks == "small":
         request.getfixturevalue("small_triton_blocks")
-    x, xr = (u.to(device) for u in filled_against_no_mass(dtype, seed=11))
+    x, xr, _, temps = against_no_mass(dtype, 11, False, device)
     masked = (xr == torch.finfo(dtype).min).cpu()
-    t, _ = two_temperatures_past_the_range()
-    for temperature in (1.0, 0.7, t.to(device)):
+    for t, t_ref in temps:
+        kw = {"temperature": t, "ref_temperature": t_ref}
         for direction in DIRECTIONS:
-            _check(backend, x, xr, direction=direction, temperature=temperature)
+            _check(backend, x, xr, direction=direction, **kw)
             xa, xra = x.clone().requires_grad_(), xr.clone().requires_grad_()
-            kl = _op(backend)(xa, xra, temperature=temperature, direction=direction)
+            kl = _op(backend)(xa, xra, direction=direction, **kw)
             (4 * kl.sum()).backward()  # an upstream gradient above 1 (a loss scale)
             for grad in (xa.grad.cpu(), xra.grad.cpu()):
                 assert grad.isfinite().all() and not grad[masked].any()
@@ -927,6 +927,19 @@ def test_one_sided_neg_inf_of_an_underflowing_weight(bd, dtype):
         for direction, got in (("forward", fwd), ("reverse", rev)):
             want = reference.kl_divergence(x, xr, direction=direction, temperature=t)
             assert torch.equal(torch.isinf(got), torch.isinf(want)), (t, direction, got, want)
+
+
+def against_no_mass(dtype, seed, swap, device):
+    """`filled_against_no_mass` (the second side filled; with `swap` the first) on `device`,
+    labels on entries no row masks, and the (temperature, other side's temperature) pairs to
+    run: 1 (the fill's x - m near the float range), 0.7 (past it) and per row, one side past
+    it only (`two_temperatures_past_the_range`)."""
+    x, other = (u.to(device) for u in filled_against_no_mass(dtype, seed=seed))
+    if swap:
+        x, other = other, x
+    t, t_other = (u.to(device) for u in two_temperatures_past_the_range())
+    temps = ((1.0, 1.0), (0.7, 0.7), (t, t_other))
+    return x, other, torch.tensor([3, 51, 97, 70], device=device), temps
 
 
 def neg_inf_against_a_far_weight(dtype, device):

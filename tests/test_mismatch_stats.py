@@ -8,13 +8,16 @@ import math
 
 import pytest
 import torch
-from test_kl_divergence import neg_inf_against_a_far_weight, two_temperatures_past_the_range
+from test_kl_divergence import (
+    against_no_mass,
+    neg_inf_against_a_far_weight,
+    two_temperatures_past_the_range,
+)
 
 import pg_kernels
 from pg_kernels import reference
 from pg_kernels.testing import (
     check_against_reference,
-    filled_against_no_mass,
     make_labels,
     make_logits,
     masked_with_a_huge_finite_fill,
@@ -367,12 +370,8 @@ def test_finfo_min_fill_against_logits_of_no_mass(bd, dtype, filled, small_trito
     lane or chunk state by an overflowed max shift times a sum under a factor of 0 (0 * inf):
     +inf at every temperature (test_kl_divergence's test of the same name)."""
     backend, device = bd
-    x, xr = (u.to(device) for u in filled_against_no_mass(dtype, seed=12))
-    if filled == "logits":
-        x, xr = xr, x
-    y = torch.tensor([3, 51, 97, 70], device=device)
-    t, t_roll = (u.to(device) for u in two_temperatures_past_the_range())
-    for temperature, rollout_temperature in ((1.0, 1.0), (0.7, 0.7), (t, t_roll)):
+    x, xr, y, temps = against_no_mass(dtype, 12, filled == "logits", device)
+    for temperature, rollout_temperature in temps:
         lp = reference.token_stats(xr, y, temperature=rollout_temperature).logprob.float()
         _check(backend, x, y, lp, rollout_logits=xr, temperature=temperature,
                rollout_temperature=rollout_temperature)  # fmt: skip

@@ -15,6 +15,7 @@ from test_kl_divergence import (
     NEAR_EQUAL_SMALL_V2_ROWS,
     NEAR_EQUAL_V2_ROWS,
     _kl_grad_floor,
+    against_no_mass,
     kl_and_grads,
     moderate_fill_rows,
     neg_inf_against_a_far_weight,
@@ -31,7 +32,6 @@ from pg_kernels import reference
 from pg_kernels.testing import (
     TRITON_16BIT_PAIR_FLOOR,
     check_against_reference,
-    filled_against_no_mass,
     make_labels,
     make_logits,
     masked_with_a_huge_finite_fill,
@@ -406,12 +406,8 @@ def test_finfo_min_fill_against_logits_of_no_mass(bd, dtype, filled, small_trito
     the bundle's token_kl and KL are finite in float64 (test_kl_divergence's test of the same
     name: +inf and NaN gradients on Triton at every temperature)."""
     backend, device = bd
-    x, other = (u.to(device) for u in filled_against_no_mass(dtype, seed=13))
-    if filled == "logits":
-        x, other = other, x
-    y = torch.tensor([3, 51, 97, 70], device=device)
-    t, t_other = (u.to(device) for u in two_temperatures_past_the_range())
-    for temperature, t_o in ((1.0, 1.0), (0.7, 0.7), (t, t_other)):
+    x, other, y, temps = against_no_mass(dtype, 13, filled == "logits", device)
+    for temperature, t_o in temps:
         lp = reference.token_stats(other, y, temperature=t_o).logprob.float()
         for direction in DIRECTIONS:
             _check(backend, x, y, other, lp, other, kl_direction=direction,
