@@ -522,8 +522,9 @@ def pair_exps(xw, xv, aw, av, kw, kv, DIVIDE: tl.constexpr, CLAMP: tl.constexpr)
     CLAMP (`redo_far_chunk`'s second pass, fp32 lanes): an exponent that overflowed to -inf from a
     finite logit (a finfo.min fill times k > 1) is the lowest finite value instead, a finite
     logit with no mass as in the float64 truth, not a masked entry: on the w side always, on
-    the v side where w has no mass there (where it has, the truth's term w_j |x| / tau is
-    beyond fp32's range or near it: the -inf stays, KL +inf, as the C++ `unmask_overflowed`)."""
+    the v side where w has no mass there. Where it has, the -inf stays (KL +inf), as the C++
+    `unmask_overflowed`: the truth where w_j |x| / tau is past fp32's range; where w_j is small
+    the truth is finite (open: `test_small_mass_against_a_finfo_min_fill`)."""
     dxw = xw - aw
     dxv = xv - av
     tw = dxw * kw
