@@ -432,16 +432,23 @@ def test_deterministic(op_backend_device):
 @pytest.mark.parametrize("per_row", [True, False], ids=["tensor_temp", "scalar_temp"])
 def test_batch_invariant(op_backend_device, per_row):
     """A row's outputs and gradient are the same bits alone and inside batches of 64 and 512
-    rows (real V on the GPU: every row spans many chunk programs)."""
+    rows (real V on the GPU: every row spans many chunk programs). V is odd, so the batches'
+    rows start at odd elements and the Triton kernels load them element-wise (`row_align`),
+    while a row alone, copied, is 16-byte aligned and loads vectors: both ways must add the
+    same elements in the same order."""
     op, backend, device = op_backend_device
     ad = ADAPTERS[op]
-    v, batches, rows = (REAL_V, (64, 512), (0, 1, 37, 63)) if device == "cuda" else (
-        1000, (8, 32), (0, 1, 5, 7)
+    v, batches, rows = (REAL_V + 1, (64, 512), (0, 1, 37, 63)) if device == "cuda" else (
+        1001, (8, 32), (0, 1, 5, 7)
     )  # fmt: skip
     d = ad.make(max(batches), v, torch.bfloat16, device, seed=5, per_row=per_row)
     in_batch = {b: _forward_backward(ad, backend, _rows(d, slice(0, b))) for b in batches}
     for r in rows:
-        outs, grads = _forward_backward(ad, backend, _rows(d, slice(r, r + 1)))
+        alone = {
+            k: t.clone() if isinstance(t, torch.Tensor) else t
+            for k, t in _rows(d, slice(r, r + 1)).items()
+        }
+        outs, grads = _forward_backward(ad, backend, alone)
         for b, (outs_b, grads_b) in in_batch.items():
             where = f"{op} row {r} alone vs in a batch of {b}"
             _assert_bitwise(outs, [o[r : r + 1] for o in outs_b], f"{where}: outputs")

@@ -168,13 +168,69 @@ def widen(x, ACC: tl.constexpr):
 
 
 @triton.jit
-def row_offset(row, n_inner, stride_outer, stride_inner):
+def row_offset(row, n_inner, stride_outer, stride_inner, ALIGN: tl.constexpr = 1):
     """Element offset of row `row` (RowLayout): in int64, since N * V overflows int32.
 
     (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+
+    ALIGN (`row_align`): a multiple of which every row's offset is, as the launcher checked.
+    Triton knows a stride's divisibility only by 16 elements; told this, it loads 16-byte
+    vectors from rows whose stride is a multiple of 16 bytes but not of 16 elements.
     """
     r = row.to(tl.int64)
-    return (r // n_inner) * stride_outer + (r % n_inner) * stride_inner
+    offset = (r // n_inner) * stride_outer + (r % n_inner) * stride_inner
+    if ALIGN > 1:
+        offset = tl.multiple_of(offset, ALIGN)
+    return offset
+
+
+@triton.jit
+def _interleave(a, b):
+    """[U, LANES, n] a and b -> [U, LANES, 2n]: a at the even positions, b at the odd ones
+    (within each thread's registers: no data moves)."""
+    return tl.reshape(tl.join(a, b), [a.shape[0], a.shape[1], 2 * a.shape[2]])
+
+
+@triton.jit
+def _load_lane_elements(ptrs, cols, end, MASKED: tl.constexpr):
+    """*ptrs for [U, LANES] pointers one element apart from no other (where cols < end with
+    MASKED, else -inf), loaded as [LANES, U]: Triton lays out an access whose dims are all
+    non-contiguous with its threads along the first dim, and the lanes must lie across the
+    threads (a thread's U elements in its registers) as in the lanes' layout, or every reduction
+    over U and every use in the lanes' layout shuffles."""
+    if MASKED:
+        x = tl.load(tl.trans(ptrs), mask=tl.trans(cols) < end, other=float("-inf"))
+    else:
+        x = tl.load(tl.trans(ptrs))
+    return tl.trans(x)
+
+
+@triton.jit
+def load_lanes(ptrs, N: tl.constexpr, STRIDE: tl.constexpr, cols, end, MASKED: tl.constexpr):
+    """[U, LANES, N] with [u, l, j] = *(ptrs[u, l] + j * STRIDE): N scalar loads, each of ptrs'
+    shape and the lanes' layout (one element per thread and lane, the U in registers). With
+    MASKED, elements at columns cols + j * STRIDE >= end read -inf.
+
+    For rows that are not 16-byte aligned (`row_align` 1): a block loaded whole as
+    [U, LANES * VEC] got a layout of one element per thread (the load cannot be vectorized)
+    and moving it into the lanes' [U, LANES, VEC] cost ~25 SASS per element in shuffles
+    (sm_90). The element order is that of one contiguous load reshaped."""
+    if N == 2:
+        return tl.join(
+            _load_lane_elements(ptrs, cols, end, MASKED),
+            _load_lane_elements(ptrs + STRIDE, cols + STRIDE, end, MASKED),
+        )
+    elif N == 4:
+        return _interleave(
+            load_lanes(ptrs, 2, 2 * STRIDE, cols, end, MASKED),
+            load_lanes(ptrs + STRIDE, 2, 2 * STRIDE, cols + STRIDE, end, MASKED),
+        )
+    else:
+        tl.static_assert(N == 8, "load_lanes: N must be 2, 4 or 8")
+        return _interleave(
+            load_lanes(ptrs, 4, 2 * STRIDE, cols, end, MASKED),
+            load_lanes(ptrs + STRIDE, 4, 2 * STRIDE, cols + STRIDE, end, MASKED),
+        )
 
 
 @triton.jit
@@ -311,6 +367,14 @@ def valid_inv_temperature(inv_tau):
 
 # ------------------------------------------------------------------------------------------------
 # Host side
+
+
+def row_align(x: torch.Tensor, n_inner: int, stride_outer: int, stride_inner: int) -> int:
+    """`row_offset`'s ALIGN for rows of x (RowLayout): 16 // itemsize where every row starts
+    16-byte aligned (a kernel can load 16-byte vectors), else 1."""
+    a = 16 // x.dtype.itemsize
+    aligned = x.data_ptr() % 16 == 0 and stride_outer % a == 0 and stride_inner % a == 0
+    return a if aligned else 1
 
 
 def acc_dtype_of(dtype: torch.dtype) -> torch.dtype:

@@ -130,6 +130,7 @@ from pg_kernels.triton._common import (
     log_ratio_cap,
     per_row_temperature,
     round_to,
+    row_align,
     row_blocking,
     row_offset,
     scalar_log2_scale_bits,
@@ -164,20 +165,22 @@ from pg_kernels.triton._pair import _shifted_chunk as pair_chunk_again
 from pg_kernels.triton._pair import _side_total as pair_side_total
 from pg_kernels.triton.token_stats import (
     MOVE_MIN,
-    _lanes,
     _log2_scale,
     _reference,
     _store_outputs,
     add_exps,
-    bf16_halves,
     bwd_exps,
     bwd_row,
     chunk_total,
     far_lane,
     frame,
     lane_exps,
+    load_last_step,
+    load_step,
     merge_rows,
     rescale_lanes,
+    step_halves,
+    step_offsets,
     store_entry64,
     store_partial,
     sum_dtype,
@@ -520,22 +523,13 @@ def _pair_again(part_ptr, chunk, row, N, w_row, v_row, start, n_valid, tau_w, ta
 
 
 @triton.jit
-def _load_pair_block(row_ptr, w_block, col0, PAIRS: tl.constexpr):
-    """A full step's raw block, as int32 bf16 pairs (PAIRS) or elements. Unmasked: full steps
-    lie inside the row, and an ignored row runs none (a masked load's fill values cost an
-    instruction per 16-bit pair)."""
-    if PAIRS:
-        return tl.load(row_ptr.to(tl.pointer_type(tl.int32)) + col0 // 2 + w_block)
-    else:
-        return tl.load(row_ptr + col0 + w_block)
-
-
-@triton.jit
-def _load_step_halves(
-    row_ptr, w_block, col0, ACC: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr
-):
-    """A full bf16 step's even and odd elements (`bf16_halves`)."""
-    return bf16_halves(_load_pair_block(row_ptr, w_block, col0, PAIRS), ACC, VEC, PAIRS)
+def _full_step(row_ptr, col0, step, ACC: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
+               ALIGN: tl.constexpr):  # fmt: skip
+    """A full step of one tensor as token_stats' (xa, xb) (`step_halves`), loaded unmasked:
+    full steps lie inside the row, and an ignored row runs none (a masked load's fill values
+    cost an instruction per 16-bit pair)."""
+    ra, rb = load_step(row_ptr, col0, step, None, VEC, PAIRS, ALIGN)
+    return step_halves(ra, rb, ACC, VEC, PAIRS, ALIGN)
 
 
 @triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
@@ -546,7 +540,7 @@ def _fwd_chunk_kernel(
     HAS_TEMP: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
     REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, OWN_R: tl.constexpr,
     OWN_Q: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, U: tl.constexpr,
-    VEC: tl.constexpr, PAIRS: tl.constexpr, EXCESS: tl.constexpr,
+    VEC: tl.constexpr, PAIRS: tl.constexpr, EXCESS: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): token_stats' partial state of one chunk of one row (part_ptr
     [4, n_chunks, N], part_idx_ptr [n_chunks, N]) and the pair states against the rollout
@@ -573,18 +567,15 @@ def _fwd_chunk_kernel(
         kr = kp
     if not OWN_Q:
         kq = kp
-    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
-    xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner, ALIGN)
+    xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner, ALIGN)
+    xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner, ALIGN)
 
     start = chunk * CHUNK
     n_valid = tl.where(keep, tl.minimum(V - start, CHUNK), 0)
     n_full = n_valid // BLOCK_V
     block = tl.arange(0, U)[:, None] * (LANES * VEC) + tl.arange(0, LANES * VEC)[None, :]
-    if PAIRS:
-        w_block = tl.arange(0, U)[:, None] * (LANES * VEC // 2) + tl.arange(0, LANES * VEC // 2)
-    else:
-        w_block = block
+    step = step_offsets(U, LANES, VEC, PAIRS, ALIGN)
     mx = tl.full([LANES], float("-inf"), ACC)
     r2 = tl.zeros([LANES], ACC)
     s1 = tl.zeros([LANES], sum_dtype(x_ptr.dtype.element_ty))
@@ -607,37 +598,29 @@ def _fwd_chunk_kernel(
     # registers; the other tensors' loads of a step overlap each other instead.
     for i in range(0, n_full):
         col0 = start + i * BLOCK_V
-        # (Absent tensors take the logits' block as a placeholder, never read.)
-        if x_ptr.dtype.element_ty == tl.bfloat16:
-            # Even and odd elements apart, however a row was loaded (`bf16_halves`): the same
-            # sums bitwise whichever path a row's layout (and its batch's) takes.
-            xa, xb = _load_step_halves(x_row, w_block, col0, ACC, VEC, PAIRS)
-            ra, rb, qa, qb = xa, xb, xa, xb
-            if HAS_ROLL:
-                ra, rb = _load_step_halves(xr_row, w_block, col0, ACC, VEC, PAIRS)
-            if HAS_REF:
-                qa, qb = _load_step_halves(xq_row, w_block, col0, ACC, VEC, PAIRS)
-        else:
-            xa = _lanes(_load_pair_block(x_row, w_block, col0, PAIRS), ACC, VEC)
+        # (Absent tensors take the logits' block as a placeholder, never read.) A bf16 step's
+        # even and odd elements apart, however a row was loaded (`bf16_halves`): the same sums
+        # bitwise whichever path a row's layout (and its batch's) takes.
+        xa, xb = _full_step(x_row, col0, step, ACC, VEC, PAIRS, ALIGN)
+        ra, rb, qa, qb = xa, xb, xa, xb
+        if HAS_ROLL:
+            ra, rb = _full_step(xr_row, col0, step, ACC, VEC, PAIRS, ALIGN)
+        if HAS_REF:
+            qa, qb = _full_step(xq_row, col0, step, ACC, VEC, PAIRS, ALIGN)
+        if x_ptr.dtype.element_ty != tl.bfloat16:
             xb, rb, qb = None, None, None
-            ra, qa = xa, xa
-            if HAS_ROLL:
-                ra = _lanes(_load_pair_block(xr_row, w_block, col0, PAIRS), ACC, VEC)
-            if HAS_REF:
-                qa = _lanes(_load_pair_block(xq_row, w_block, col0, PAIRS), ACC, VEC)
         mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q = _step(
             xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp, mr, rr,
             sr, ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q, EXCESS,
         )  # fmt: skip
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         col0 = start + n_full * BLOCK_V
-        in_row = col0 + block < V
-        xa = _lanes(tl.load(x_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
+        xa = load_last_step(x_row, col0, V, U, LANES, VEC, ALIGN).to(ACC)
         ra, qa = xa, xa
         if HAS_ROLL:
-            ra = _lanes(tl.load(xr_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
+            ra = load_last_step(xr_row, col0, V, U, LANES, VEC, ALIGN).to(ACC)
         if HAS_REF:
-            qa = _lanes(tl.load(xq_row + col0 + block, mask=in_row, other=float("-inf")), ACC, VEC)
+            qa = load_last_step(xq_row, col0, V, U, LANES, VEC, ALIGN).to(ACC)
         mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q = _step(
             xa, None, ra, None, qa, None, n_full, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp,
             mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q,
@@ -1148,11 +1131,14 @@ def step_stats_forward(
     layout = (n_inner, stride_outer, stride_inner)
     roll_layout = (rollout_n_inner, rollout_stride_outer, rollout_stride_inner)
     ref_layout = (ref_n_inner, ref_stride_outer, ref_stride_inner)
-    pairs = _token._bf16_pairs(logits, *layout)
+    # Full steps load 16-byte vectors where every row of every tensor starts 16-byte aligned
+    # (bf16 as int32 pairs), else element-wise (`row_align`).
+    align = row_align(logits, *layout)
     if has_roll:
-        pairs = pairs and _token._bf16_pairs(rollout_logits, *roll_layout)
+        align = min(align, row_align(rollout_logits, *roll_layout))
     if has_ref:
-        pairs = pairs and _token._bf16_pairs(ref_logits, *ref_layout)
+        align = min(align, row_align(ref_logits, *ref_layout))
+    pairs = logits.dtype == torch.bfloat16 and align > 1
     has_temp, temp, scale_bits = _temperatures(temperature, temperature_scalar, N, acc, dev)
     t = per_row_temperature(temperature, temperature_scalar, N, acc, dev)
     tr = per_row_temperature(rollout_temperature, rollout_temperature_scalar, N, acc, dev)
@@ -1189,7 +1175,7 @@ def step_stats_forward(
         temp if has_temp else labels, scale_bits, t, tr, tq, ignore_index, V, N, *layout,
         *roll_layout, *ref_layout, part, part_idx, part_r if has_roll else unused,
         part_q if has_ref else unused, **flags, CHUNK=blk.chunk, BLOCK_V=blk.block_v, U=u,
-        VEC=vec, PAIRS=pairs, DIV_R=div_r, DIV_Q=div_q, OWN_R=div_r and not same_r,
+        VEC=vec, PAIRS=pairs, ALIGN=align, DIV_R=div_r, DIV_Q=div_q, OWN_R=div_r and not same_r,
         OWN_Q=div_q and not same_q, num_warps=blk.num_warps,
     )  # fmt: skip
     p_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)

@@ -83,10 +83,12 @@ from pg_kernels.triton._common import (
     acc_of,
     cdiv,
     exp2_acc,
+    load_lanes,
     lowest_finite,
     max_nan,
     push_far,
     round_to,
+    row_align,
     row_blocking,
     row_offset,
     scalar_log2_scale_bits,
@@ -255,6 +257,82 @@ def bf16_halves(raw, ACC: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr):
         xa, xb = _bf16_pair_halves(raw)
     else:
         xa, xb = even_odd(_lanes(raw, ACC, VEC))
+    return xa, xb
+
+
+@triton.jit
+def step_offsets(U: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
+                  ALIGN: tl.constexpr):  # fmt: skip
+    """The offsets `load_step` loads a full step at: [U, LANES * VEC // 2] int32 pairs (PAIRS),
+    each lane's first element [U, LANES] (rows not 16-byte aligned: `load_lanes`), or the
+    elements [U, LANES * VEC]."""
+    if PAIRS:
+        return tl.arange(0, U)[:, None] * (LANES * VEC // 2) + tl.arange(0, LANES * VEC // 2)
+    elif ALIGN == 1:
+        return tl.arange(0, U)[:, None] * (LANES * VEC) + tl.arange(0, LANES)[None, :] * VEC
+    else:
+        return tl.arange(0, U)[:, None] * (LANES * VEC) + tl.arange(0, LANES * VEC)[None, :]
+
+
+@triton.jit
+def load_step(x_row, col0, step, mask, VEC: tl.constexpr, PAIRS: tl.constexpr,
+               ALIGN: tl.constexpr):  # fmt: skip
+    """The raw full step at column col0 (`step_offsets`' `step`) as two tensors for
+    `step_halves`: a bf16 step loaded element-wise as its even and odd elements, any other
+    step twice. `mask` is uniform (a prefetch past the last step loads nothing) or None (no
+    mask: a mask's fill values cost an instruction per 16-bit pair). Rows that are not 16-byte
+    aligned (ALIGN 1) load unmasked."""
+    if PAIRS:
+        w_row = x_row.to(tl.pointer_type(tl.int32))
+        if mask is None:
+            ra = tl.load(w_row + col0 // 2 + step)
+        else:
+            ra = tl.load(w_row + col0 // 2 + step, mask=mask, other=-8388608)
+        rb = ra
+    elif ALIGN == 1:
+        lanes = x_row + col0 + step
+        if x_row.dtype.element_ty == tl.bfloat16:  # even and odd elements apart
+            ra = load_lanes(lanes, VEC // 2, 2, step, 0, False)
+            rb = load_lanes(lanes + 1, VEC // 2, 2, step, 0, False)
+        else:
+            ra = load_lanes(lanes, VEC, 1, step, 0, False)
+            rb = ra
+    elif mask is None:
+        ra = tl.load(x_row + col0 + step)
+        rb = ra
+    else:
+        ra = tl.load(x_row + col0 + step, mask=mask, other=float("-inf"))
+        rb = ra
+    return ra, rb
+
+
+@triton.jit
+def load_last_step(x_row, col0, V, U: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
+                   ALIGN: tl.constexpr):  # fmt: skip
+    """The raw step at column col0 that holds the row's end, as [U, LANES, VEC] lanes: columns
+    at or past V read -inf."""
+    if ALIGN == 1:
+        lanes = col0 + step_offsets(U, LANES, VEC, False, ALIGN)
+        x = load_lanes(x_row + lanes, VEC, 1, lanes, V, True)
+    else:
+        block = tl.arange(0, U)[:, None] * (LANES * VEC) + tl.arange(0, LANES * VEC)[None, :]
+        x = tl.load(x_row + col0 + block, mask=col0 + block < V, other=float("-inf"))
+        x = _lanes(x, x_row.dtype.element_ty, VEC)
+    return x
+
+
+@triton.jit
+def step_halves(ra, rb, ACC: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
+                 ALIGN: tl.constexpr):  # fmt: skip
+    """A raw step (`load_step`) -> (xa, xb): a bf16 step's even and odd elements
+    [U, LANES, VEC // 2] (`bf16_halves`), another dtype's [U, LANES, VEC] lanes twice."""
+    if PAIRS or ra.dtype == tl.bfloat16 and ALIGN > 1:
+        xa, xb = bf16_halves(ra, ACC, VEC, PAIRS)
+    elif ALIGN == 1:  # already in lanes (`load_lanes`)
+        xa, xb = ra.to(ACC), rb.to(ACC)
+    else:
+        xa = _lanes(ra, ACC, VEC)
+        xb = xa
     return xa, xb
 
 
@@ -480,7 +558,7 @@ def _fwd_chunk_kernel(
     part_ptr, part_idx_ptr,
     logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr, argmax_ptr,
     HAS_TEMP: tl.constexpr, FINALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
-    U: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr,
+    U: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the partial state of one chunk of one row.
 
@@ -498,7 +576,7 @@ def _fwd_chunk_kernel(
     keep = label != ignore_index
     c64 = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP)
     c = c64.to(ACC)
-    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner, ALIGN)
 
     start = chunk * CHUNK
     # Ignored rows: no step runs, nothing is read, the state stays empty.
@@ -513,38 +591,32 @@ def _fwd_chunk_kernel(
     s2 = tl.zeros([LANES], SUM)
     t2 = tl.zeros([LANES], ACC)
     st = tl.zeros([LANES], tl.int32)
-    # Software pipelining by hand: block i + 1 is loaded (into registers, as raw logits) before
-    # block i is reduced. Full blocks need no bounds mask; the mask is one uniform flag (the last
-    # prefetch loads nothing), which keeps the loads vectorized.
-    if PAIRS:
-        # bf16 rows at even offsets: full steps load int32 pairs (same bytes, same LDG.128).
-        w_row = x_row.to(tl.pointer_type(tl.int32))
-        w_block = tl.arange(0, U)[:, None] * (LANES * VEC // 2) + tl.arange(0, LANES * VEC // 2)
-        x_next = tl.load(w_row + start // 2 + w_block, mask=n_full > 0, other=-8388608)
-    else:
-        x_next = tl.load(x_row + start + block, mask=n_full > 0, other=float("-inf"))
+    # Rows of 16-byte vectors (ALIGN > 1): software pipelining by hand, block i + 1 loaded (into
+    # registers, as raw logits) before block i is reduced. Full blocks need no bounds mask; the
+    # mask is one uniform flag (the last prefetch loads nothing), which keeps the loads
+    # vectorized. Other rows load element-wise (`load_lanes`) in the trip that reduces them:
+    # carried into the next trip, a prefetched block's scalar registers cost copies (sm_90:
+    # 11.1-12.0 SASS per element against 9.7-10.4; CONTRIBUTING.md).
+    PREFETCH: tl.constexpr = ALIGN > 1
+    step = step_offsets(U, LANES, VEC, PAIRS, ALIGN)
+    if PREFETCH:
+        ra, rb = load_step(x_row, start, step, n_full > 0, VEC, PAIRS, ALIGN)
     for i in range(0, n_full):
+        col0 = start + i * BLOCK_V
+        if not PREFETCH:
+            ra, rb = load_step(x_row, col0, step, None, VEC, PAIRS, ALIGN)
         # Converted first: the raw registers are then free for the prefetch to land in (no
         # register copies to carry the prefetched block into the next trip).
-        if x_ptr.dtype.element_ty == tl.bfloat16:
-            xa, xb = bf16_halves(x_next, ACC, VEC, PAIRS)
-        else:
-            xa, xb = _lanes(x_next, ACC, VEC), None
-        col0 = start + i * BLOCK_V
-        if PAIRS:
-            x_next = tl.load(
-                w_row + (col0 + BLOCK_V) // 2 + w_block, mask=i + 1 < n_full, other=-8388608
-            )
-        else:
-            x_next = tl.load(
-                x_row + (col0 + BLOCK_V) + block, mask=i + 1 < n_full, other=float("-inf")
-            )
+        xa, xb = step_halves(ra, rb, ACC, VEC, PAIRS, ALIGN)
+        if x_ptr.dtype.element_ty != tl.bfloat16:
+            xb = None
+        if PREFETCH:
+            ra, rb = load_step(x_row, col0 + BLOCK_V, step, i + 1 < n_full, VEC, PAIRS, ALIGN)
         mx, r2, s1, s2, t2, st = _fwd_step(xa, xb, i, c, mx, r2, s1, s2, t2, st)
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         col0 = start + n_full * BLOCK_V
-        x = tl.load(x_row + col0 + block, mask=col0 + block < V, other=float("-inf"))
-        xa, xb = _lanes(x, ACC, VEC), None
-        mx, r2, s1, s2, t2, st = _fwd_step(xa, xb, n_full, c, mx, r2, s1, s2, t2, st)
+        x = load_last_step(x_row, col0, V, U, LANES, VEC, ALIGN).to(ACC)
+        mx, r2, s1, s2, t2, st = _fwd_step(x, None, n_full, c, mx, r2, s1, s2, t2, st)
 
     cmax, s1_sum, s2_sum, t2_sum, am = chunk_total(
         mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V, U, LANES, VEC, BLOCK_V
@@ -908,6 +980,7 @@ def token_stats_forward(
     temp = temperature if has_temp else labels  # never read without HAS_TEMP
     scale_bits = 0 if has_temp else scalar_log2_scale_bits(temperature_scalar, acc)
     single = blk.n_chunks == 1
+    align = row_align(logits, n_inner, stride_outer, stride_inner)
     if single:
         part = outs[0]  # unused
         part_idx = argmax
@@ -919,7 +992,7 @@ def token_stats_forward(
         n_inner, stride_outer, stride_inner,
         part, part_idx, *outs, argmax,
         HAS_TEMP=has_temp, FINALIZE=single, CHUNK=blk.chunk, BLOCK_V=blk.block_v,
-        U=u, VEC=vec, PAIRS=_bf16_pairs(logits, n_inner, stride_outer, stride_inner),
+        U=u, VEC=vec, PAIRS=logits.dtype == torch.bfloat16 and align > 1, ALIGN=align,
         num_warps=blk.num_warps,
     )  # fmt: skip
     if not single:
