@@ -447,6 +447,34 @@ def test_many_chunks_per_row(bd, small_triton_blocks):
     )
 
 
+@pytest.mark.backends("triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_of_odd_stride(bd, dtype, small_triton_blocks):
+    """Rows that start at odd elements (a [3, 1001] tensor sliced to V = 1000: `row_align` 1,
+    each lane's elements by scalar loads) give the same bits as the same rows contiguous
+    (vector loads), forward and gradient, with ids on the lanes' bits of full blocks (small
+    blocks), and the float64 reference's values."""
+    backend, device = bd
+    base = make_logits(3, 1001, dtype, device=device, seed=26)
+    ids, lp, _ = make_topk(base[:, :1000], 12, seed=26)
+    ids[0, :4] = torch.tensor([31, 32, 63, 64], device=device)  # on block and chunk edges
+    base[1, 200:400] = -INF
+
+    def run(x):
+        out = _op(backend)(x, ids, lp, temperature=0.8)
+        out.sum().backward()
+        return out
+
+    odd = base.clone().requires_grad_()
+    dense = base[:, :1000].contiguous().requires_grad_()
+    assert torch.equal(run(odd[:, :1000]), run(dense))
+    assert torch.equal(odd.grad[:, :1000], dense.grad)
+    check_against_reference(
+        _op(backend), reference.topk_kl, (base[:, :1000], ids, lp), {"temperature": 0.8},
+        diff_fields=("out",),
+    )  # fmt: skip
+
+
 def test_ids_on_every_lane_bit(bd):
     """Ids on chosen elements of 16-byte vectors (8 bf16) at the first and the last step of a
     Triton chunk (4096-element steps, 4 per chunk: bits 0-31 of a lane's id bits), next to
