@@ -358,7 +358,7 @@ def main() -> int:
     print(f"check_triton_sm90: {len(records)} kernel variants compiled for sm_90")
     print("\nhot-loop SASS instructions per element (pair), sm_90, against the budget:")
     over = []
-    worst: dict[tuple[str, str], float] = {}
+    worst: dict[tuple[str, str, str], float] = {}
     for r in records:
         if "count" not in r:
             continue
@@ -391,7 +391,7 @@ def main() -> int:
         )
         failed.extend(over + stale)
     owed_now = {k: round(v, 1) for k, v in worst.items() if v > budget_of(*k)}
-    print(f"check_triton_sm90: {len(owed_now)} (kernel, dtype) pairs over budget: {owed_now}")
+    print(f"check_triton_sm90: {len(owed_now)} (kernel, dtype, rows) over budget: {owed_now}")
     return 1 if failed else 0
 
 

@@ -92,10 +92,10 @@ def test_many_chunks_per_row(bd, small_triton_blocks):
 @pytest.mark.backends("triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rows_of_odd_stride(bd, dtype, small_triton_blocks):
-    """Rows that start at odd elements (a [4, 1001] tensor sliced to V = 1000: `row_align` 1,
-    element loads) give the same bits as the same rows contiguous (vector loads), forward and
-    gradient, with full blocks in every chunk (small blocks), and the float64 reference's
-    values."""
+    """Rows that start at odd elements (a [4, 1001] tensor sliced to V = 1000: scalar loads on
+    a GPU) give the same bits as the same rows contiguous, forward and gradient, with full
+    blocks in every chunk (small blocks: the max kernel's unmasked full blocks and masked end),
+    and the float64 reference's values."""
     backend, device = bd
     base = make_logits(4, 1001, dtype, device=device, seed=27)
     base[0, 990] = base[0].max() + 5.0  # the max in the last chunk

@@ -656,22 +656,36 @@ def test_deterministic_and_batch_invariant(bd):
 
 
 @pytest.mark.backends("triton")
-def test_bf16_rows_alone_and_in_a_batch_of_odd_stride(bd, small_triton_blocks):
-    """bf16 rows of odd V: alone (4-byte aligned, full steps load int32 pairs) and inside the
-    batch (odd row stride, element loads) the same bits, for every output and both gradients:
-    the element path adds the pairs path's even and odd halves apart (`even_odd`)."""
+@pytest.mark.parametrize(
+    "dtype, tensors",
+    [(torch.bfloat16, "both"), (torch.float16, "both"), (torch.float32, "both"),
+     (torch.bfloat16, "rollout"), (torch.bfloat16, "ref")],
+    ids=str,
+)  # fmt: skip
+def test_rows_alone_and_in_a_batch_of_odd_stride(bd, dtype, tensors, small_triton_blocks):
+    """Rows of odd V: alone (16-byte aligned: vector loads, bf16's full steps int32 pairs) and
+    inside the batch (odd row stride: each lane's elements by scalar loads, `load_lanes`) the
+    same bits, for every output and both gradients, with rollout and teacher logits, or one of
+    them (each set of tensors is a kernel variant): the bf16 element path adds the pairs path's
+    even and odd halves apart."""
     backend, device = bd
-    x, y, xr, lp, xq = _inputs(6, 301, torch.bfloat16, device, seed=16)
+    x, y, xr, lp, xq = _inputs(6, 301, dtype, device, seed=16)
+    has_rollout, has_ref = tensors in ("both", "rollout"), tensors in ("both", "ref")
 
     def run(rows):
         xg, xqg = x[rows].clone().requires_grad_(), xq[rows].clone().requires_grad_()
         out = pg_kernels.step_stats(xg, y[rows], rollout_logprobs=lp[rows],
-                                    rollout_logits=xr[rows], ref_logits=xqg, temperature=0.8,
+                                    rollout_logits=xr[rows] if has_rollout else None,
+                                    ref_logits=xqg if has_ref else None, temperature=0.8,
                                     backend=backend)  # fmt: skip
-        (out.token.logprob + out.token.entropy + out.mismatch.token_kl + out.kl).sum().backward()
         m = out.mismatch
-        stats = [*out.token[:6], m.token_kl, m.token_tv, m.k3, m.log_ratio, out.kl]
-        return torch.stack(stats), xg.grad, xqg.grad
+        loss = out.token.logprob + out.token.entropy
+        loss = loss + m.token_kl if has_rollout else loss
+        (loss + out.kl if has_ref else loss).sum().backward()
+        stats = [*out.token[:6], *(f for f in m if f is not None and f.dtype.is_floating_point)]
+        if has_ref:
+            stats.append(out.kl)
+        return [torch.stack(stats), xg.grad] + ([xqg.grad] if has_ref else [])
 
     batch = run(slice(None))
     for r in range(6):

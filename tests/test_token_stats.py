@@ -603,13 +603,15 @@ def test_deterministic_and_batch_invariant(backend_device):
 
 
 @pytest.mark.backends("triton")
-def test_bf16_rows_alone_and_in_a_batch_of_odd_stride(backend_device, small_triton_blocks):
-    """bf16 rows of odd V: alone (4-byte aligned, full steps load int32 pairs) and inside the
-    batch (odd row stride, element loads) the same bits. The element path adds the pairs
-    path's even and odd halves one after the other (`even_odd`); it had added each lane's
-    elements in one tree (V = 50257: a max_prob 1.5e-8 apart)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_rows_alone_and_in_a_batch_of_odd_stride(backend_device, dtype, small_triton_blocks):
+    """Rows of odd V: alone (16-byte aligned: vector loads, bf16's full steps int32 pairs) and
+    inside the batch (odd row stride: each lane's elements by scalar loads, `load_lanes`) the
+    same bits. The bf16 element path adds the pairs path's even and odd halves one after the
+    other; it had added each lane's elements in one tree (V = 50257: a max_prob 1.5e-8
+    apart)."""
     backend, device = backend_device
-    x = make_logits(9, 301, torch.bfloat16, device=device, seed=8)
+    x = make_logits(9, 301, dtype, device=device, seed=8)
     y = make_labels((9,), 301, device=device, seed=8)
 
     def run(xs, ys):

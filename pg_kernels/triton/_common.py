@@ -214,7 +214,7 @@ def load_lanes(ptrs, N: tl.constexpr, STRIDE: tl.constexpr, cols, end, MASKED: t
     For rows that are not 16-byte aligned (`row_align` 1): a block loaded whole as
     [U, LANES * VEC] got a layout of one element per thread (the load cannot be vectorized)
     and moving it into the lanes' [U, LANES, VEC] cost ~25 SASS per element in shuffles
-    (sm_90). The element order is that of one contiguous load reshaped."""
+    (sm_90). With STRIDE 1 the element order is that of one contiguous load reshaped."""
     if N == 2:
         return tl.join(
             _load_lane_elements(ptrs, cols, end, MASKED),

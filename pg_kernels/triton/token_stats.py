@@ -290,6 +290,7 @@ def load_step(x_row, col0, step, mask, VEC: tl.constexpr, PAIRS: tl.constexpr,
             ra = tl.load(w_row + col0 // 2 + step, mask=mask, other=-8388608)
         rb = ra
     elif ALIGN == 1:
+        tl.static_assert(mask is None, "load_step: rows not 16-byte aligned load unmasked")
         lanes = x_row + col0 + step
         if x_row.dtype.element_ty == tl.bfloat16:  # even and odd elements apart
             ra = load_lanes(lanes, VEC // 2, 2, step, 0, False)
@@ -596,7 +597,7 @@ def _fwd_chunk_kernel(
     # mask is one uniform flag (the last prefetch loads nothing), which keeps the loads
     # vectorized. Other rows load element-wise (`load_lanes`) in the trip that reduces them:
     # carried into the next trip, a prefetched block's scalar registers cost copies (sm_90:
-    # 11.1-12.0 SASS per element against 9.7-10.4; CONTRIBUTING.md).
+    # 10.0-10.8 SASS per element against 9.7-10.4; CONTRIBUTING.md).
     PREFETCH: tl.constexpr = ALIGN > 1
     step = step_offsets(U, LANES, VEC, PAIRS, ALIGN)
     if PREFETCH:
