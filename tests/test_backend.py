@@ -198,3 +198,29 @@ def test_eager_calls_skip_the_dispatcher_only_where_it_adds_nothing(monkeypatch)
         fx, fl = fake.from_tensor(x), fake.from_tensor(labels)
         out = _library.call("token_stats", fx, fl, None, 1.0, -100, backend)
     assert out[0].shape == labels.shape and len(direct) == 2  # the op's fake ran
+
+
+def test_row_alignment_the_triton_launchers_pass():
+    """`row_align` / `rows_align`: the ALIGN a Triton launcher tells its kernel (every row offset
+    a multiple of it; a claim too large is a misaligned vector access on a GPU, which the
+    interpreter cannot show). 16 bytes in elements where the pointer and the strides allow it,
+    else 1; the least over the tensors a kernel applies it to."""
+    from pg_kernels.triton._common import row_align, rows_align
+
+    bf16 = torch.zeros(4, 1001, dtype=torch.bfloat16)
+    assert row_align(bf16[:, :1000].contiguous(), 1, 1000, 0) == 8
+    assert row_align(bf16[:, :1000], 1, 1001, 0) == 1  # odd stride
+    assert row_align(bf16[:, :1000].contiguous()[:, 1:], 1, 1000, 0) == 1  # odd start
+    wide = torch.zeros(4, 1016, dtype=torch.bfloat16)
+    assert row_align(wide[:, :1000], 1, 1016, 0) == 8  # 8 mod 16: `row_offset` tells Triton
+    fp32 = torch.zeros(2, 3, 1002)
+    assert row_align(fp32, 3, 3006, 1002) == 1  # 1002 % 4 != 0
+    assert row_align(fp32[..., :1000], 3, 3006, 1002) == 1
+    assert row_align(torch.zeros(2, 3, 1000), 3, 3000, 1000) == 4
+    assert row_align(torch.zeros(2, 3, 1000, dtype=torch.float64), 3, 3000, 1000) == 2
+    # A gradient (a tensor alone: fresh and contiguous, rows V apart) and the least of several.
+    assert rows_align(torch.zeros(4, 1000, dtype=torch.bfloat16)) == 8
+    assert rows_align(torch.zeros(4, 1001, dtype=torch.bfloat16)) == 1
+    x = torch.zeros(4, 1000, dtype=torch.bfloat16)
+    assert rows_align((x, 1, 1000, 0), torch.zeros(4, 1000)) == 4  # fp32: 4 elements
+    assert rows_align((x, 1, 1000, 0), (bf16[:, :1000], 1, 1001, 0)) == 1

@@ -185,6 +185,16 @@ def row_offset(row, n_inner, stride_outer, stride_inner, ALIGN: tl.constexpr = 1
 
 
 @triton.jit
+def dense_row_offset(row, V, ALIGN: tl.constexpr = 1):
+    """Element offset of row `row` of a fresh contiguous [N, V] tensor (a gradient), in int64;
+    ALIGN as `row_offset`'s."""
+    offset = row.to(tl.int64) * V
+    if ALIGN > 1:
+        offset = tl.multiple_of(offset, ALIGN)
+    return offset
+
+
+@triton.jit
 def _interleave(a, b):
     """[U, LANES, n] a and b -> [U, LANES, 2n]: a at the even positions, b at the odd ones
     (within each thread's registers: no data moves)."""
@@ -375,6 +385,16 @@ def row_align(x: torch.Tensor, n_inner: int, stride_outer: int, stride_inner: in
     a = 16 // x.dtype.itemsize
     aligned = x.data_ptr() % 16 == 0 and stride_outer % a == 0 and stride_inner % a == 0
     return a if aligned else 1
+
+
+def rows_align(*rows) -> int:
+    """The ALIGN of a kernel that applies one to the rows of several tensors: the least
+    `row_align`. A row is (tensor, n_inner, stride_outer, stride_inner), or a tensor alone for
+    a fresh contiguous one (a gradient, `dense_row_offset`)."""
+    return min(
+        row_align(r, 1, r.shape[-1], 0) if isinstance(r, torch.Tensor) else row_align(*r)
+        for r in rows
+    )
 
 
 def acc_dtype_of(dtype: torch.dtype) -> torch.dtype:

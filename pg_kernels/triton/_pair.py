@@ -88,8 +88,8 @@ from pg_kernels.triton._common import (
     lowest_finite,
     max_nan,
     round_to,
-    row_align,
     row_offset,
+    rows_align,
     widen,
 )
 
@@ -1095,7 +1095,7 @@ def pair_partials(
         *w_layout, *v_layout,
         HAS_LABELS=labels is not None, DIVIDE=divide, CHUNK=blocking.chunk,
         BLOCK_V=blocking.block_v, FOLD=lane_fold(xw.dtype, blocking.block_v),
-        EXCESS=pair_excess(xw.dtype), ALIGN=min(row_align(xw, *w_layout), row_align(xv, *v_layout)),
+        EXCESS=pair_excess(xw.dtype), ALIGN=rows_align((xw, *w_layout), (xv, *v_layout)),
         num_warps=blocking.num_warps,
     )  # fmt: skip
     return part

@@ -43,6 +43,7 @@ from pg_kernels.triton._common import (
     acc_dtype_of,
     bounded_log_ratio,
     cdiv,
+    dense_row_offset,
     div_acc,
     exp_acc,
     expm1_acc,
@@ -51,6 +52,7 @@ from pg_kernels.triton._common import (
     round_to,
     row_blocking,
     row_offset,
+    rows_align,
     widen,
 )
 from pg_kernels.triton._pair import (
@@ -175,10 +177,12 @@ def _bwd_kernel(
     ignore_index, n_inner, s_outer, s_inner, r_n_inner, r_s_outer, r_s_inner,
     HAS_LABELS: tl.constexpr, REVERSE: tl.constexpr, NEED_X: tl.constexpr,
     NEED_XR: tl.constexpr, DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): both requested gradients of one chunk of one row. No division per
     element; the row cases (ignored or zero upstream: 0, NaN row: NaN, KL = +inf: the weight
-    side NaN) are folded into the two factors s_w = g / tau_w and s_v = g / tau_v."""
+    side NaN) are folded into the two factors s_w = g / tau_w and s_v = g / tau_v. ALIGN: every
+    row's (`rows_align`)."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     keep = row >= 0
@@ -215,8 +219,8 @@ def _bwd_kernel(
     m_v, l_v = tl.where(compute, m_v, 0.0), tl.where(compute, l_v, 0.0)
     c = tl.where(compute & (kl < big), c, 0.0)
     XDT: tl.constexpr = x_ptr.dtype.element_ty
-    x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
-    xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
+    x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner, ALIGN)
+    xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner, ALIGN)
     if REVERSE:
         w_row, v_row = x_row, xr_row
     else:
@@ -235,7 +239,7 @@ def _bwd_kernel(
     dl_u = dl  # in `_bwd_block`'s r units: log2 with DIVIDE in fp32, else nats
     if SERIES and DIVIDE:
         dl_u = dl * LOG2E
-    out = row.to(tl.int64) * V  # gradients are fresh contiguous tensors
+    out = dense_row_offset(row, V, ALIGN)  # gradients are fresh contiguous tensors
     start = chunk * CHUNK
     n_valid = tl.minimum(V - start, CHUNK)  # the last chunk can end early
     n_full = n_valid // BLOCK_V
@@ -362,7 +366,9 @@ def kl_divergence_backward(
         ignore_index, n_inner, stride_outer, stride_inner, ref_n_inner, ref_stride_outer,
         ref_stride_inner, HAS_LABELS=labels is not None, REVERSE=bool(reverse),
         NEED_X=bool(need_logits_grad), NEED_XR=bool(need_ref_grad),
-        DIVIDE=divide,
+        DIVIDE=divide, ALIGN=rows_align((logits, n_inner, stride_outer, stride_inner),
+                                        (ref_logits, ref_n_inner, ref_stride_outer,
+                                         ref_stride_inner), grad, grad_ref),
         CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
     )  # fmt: skip
     return grad, grad_ref

@@ -43,12 +43,14 @@ import triton.language as tl
 from pg_kernels.triton._common import (
     acc_dtype_of,
     cdiv,
+    dense_row_offset,
     div_acc,
     expm1_acc,
     per_row_temperature,
     round_to,
     row_blocking,
     row_offset,
+    rows_align,
     widen,
 )
 from pg_kernels.triton._pair import (
@@ -156,7 +158,7 @@ def _tv_scales(b_p, b_q):
 def _tv_chunk_kernel(
     x_ptr, xr_ptr, labels_ptr, t_ptr, tr_ptr, p_norm_ptr, q_norm_ptr, part_ptr, V, N,
     ignore_index, n_inner, s_outer, s_inner, r_n_inner, r_s_outer, r_s_inner,
-    DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): sum |q_j - p_j| over one chunk, into part_ptr [n_chunks, N]. Rows
     that are ignored or invalid on either side read nothing (their TV is 0 or NaN anyway).
@@ -172,8 +174,8 @@ def _tv_chunk_kernel(
     read = keep & (a_p == a_p) & (a_q == a_q)  # the finish kernel wrote NaN for invalid sides
     a_p, l_p = tl.where(read, a_p, 0.0), tl.where(read, l_p, 0.0)
     a_q, l_q = tl.where(read, a_q, 0.0), tl.where(read, l_q, 0.0)
-    x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
-    xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner)
+    x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner, ALIGN)
+    xr_row = xr_ptr + row_offset(row, r_n_inner, r_s_outer, r_s_inner, ALIGN)
     k_p, b_p = frame_scales(l_p, tl.load(t_ptr + row), DIVIDE)
     k_q, b_q = frame_scales(l_q, tl.load(tr_ptr + row), DIVIDE)
     c, r = _tv_scales(b_p, b_q)
@@ -226,7 +228,7 @@ def _tv_finish_kernel(
 def _bwd_kernel(
     g_ptr, x_ptr, labels_ptr, t_ptr, st_ptr, grad_ptr, V, ignore_index,
     n_inner, s_outer, s_inner,
-    DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): d logprob / dx of one chunk of one row, written once:
     -g / tau p_j with p_j = 2^{(x_j - a) k - b} (`row_exponent`: no division per element),
@@ -243,7 +245,7 @@ def _bwd_kernel(
     gt = div_acc(tl.load(g_ptr + row), tau)  # d/dx = d/dz / tau
     compute = keep & ok
     m, log_s1 = tl.where(compute, m, 0.0), tl.where(compute, log_s1, 0.0)
-    x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner)
+    x_row = x_ptr + row_offset(row, n_inner, s_outer, s_inner, ALIGN)
     a, k, b = row_exponent(m, log_s1, tau, x_row, V, DIVIDE, x_ptr.dtype.element_ty, BLOCK_V)
     k, b = tl.where(compute, k, 0.0), tl.where(compute, b, 0.0)  # p = 1 on rows not computed
     # d/dz_c of z_c - L = 1 - p_c = -expm1(log p_c): the label's entry, rounded once. log p_c =
@@ -259,7 +261,7 @@ def _bwd_kernel(
     g_label = -expm1_acc(d_c - log_s1) * gt
     g_label = tl.where(keep, tl.where(ok, g_label, float("nan")), 0.0)
     label_col = tl.where(compute, label, -1).to(tl.int32)
-    g_row = grad_ptr + row.to(tl.int64) * V  # the gradient is a fresh contiguous tensor
+    g_row = grad_ptr + dense_row_offset(row, V, ALIGN)  # a fresh contiguous gradient
     start = chunk * CHUNK
     n_valid = tl.minimum(V - start, CHUNK)  # the last chunk can end early
     n_full = n_valid // BLOCK_V
@@ -328,7 +330,8 @@ def mismatch_stats_forward(
     _tv_chunk_kernel[(n, blk.n_chunks)](
         logits, rollout_logits, labels, t, tr, p_norm, q_norm, tv_part, V, n, ignore_index,
         *layout, *roll_layout, DIVIDE=divide, CHUNK=blk.chunk,
-        BLOCK_V=blk.block_v, num_warps=blk.num_warps,
+        BLOCK_V=blk.block_v, ALIGN=rows_align((logits, *layout), (rollout_logits, *roll_layout)),
+        num_warps=blk.num_warps,
     )  # fmt: skip
     _tv_finish_kernel[finish_grid](
         tv_part, labels, p_norm, q_norm, token_tv, n, blk.n_chunks, ignore_index,
@@ -356,5 +359,6 @@ def mismatch_stats_backward(
         n_inner, stride_outer, stride_inner,
         DIVIDE=needs_division(temperature, temperature_scalar, None, 1.0), CHUNK=blk.chunk,
         BLOCK_V=blk.block_v, num_warps=blk.num_warps,
+        ALIGN=rows_align((logits, n_inner, stride_outer, stride_inner), grad),
     )  # fmt: skip
     return grad

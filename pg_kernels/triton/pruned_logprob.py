@@ -69,6 +69,7 @@ from pg_kernels.triton._common import (
     LOG2E,
     acc_dtype_of,
     cdiv,
+    dense_row_offset,
     ex2,
     exp_acc,
     max_nan,
@@ -76,6 +77,7 @@ from pg_kernels.triton._common import (
     round_to,
     row_blocking,
     row_offset,
+    rows_align,
     widen,
 )
 from pg_kernels.triton._pair import FAR_Z, fma_acc
@@ -107,7 +109,7 @@ def _max_step(x, inv_tau, mvec, bad):
 @triton.jit(do_not_specialize=["ignore_index"])
 def _max_chunk_kernel(
     x_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, N, n_inner, stride_outer, stride_inner,
-    part_ptr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    part_ptr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the chunk's max raw logit, NaN if it holds a NaN or a z of +inf (z
     = x / tau rounds monotonically, so m = x_m / tau is the max z)."""
@@ -116,7 +118,7 @@ def _max_chunk_kernel(
     chunk = tl.program_id(1)
     keep = tl.load(labels_ptr + row).to(tl.int64) != ignore_index
     inv_tau = tl.load(inv_tau_ptr + row)
-    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner, ALIGN)
     mvec = tl.full([BLOCK_V], float("-inf"), ACC)
     bad = tl.zeros([BLOCK_V], tl.int32)
     start = chunk * CHUNK
@@ -180,7 +182,7 @@ def _e_chunk(x_ptr, cols, V, inv_tau, shift, m, log_alpha, label, s_in, s_out,
 def _sum_chunk_kernel(
     x_ptr, labels_ptr, inv_tau_ptr, log_alpha_ptr, ignore_index, V, N, n_chunks,
     n_inner, stride_outer, stride_inner, max_ptr, part_ptr,
-    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the chunk's s_in and s_out into part_ptr [2, n_chunks, N],
     relative to the row's max. The label's term goes to s_in wherever it lies: subtracted from
@@ -196,7 +198,7 @@ def _sum_chunk_kernel(
     shift, m_ref = _frame(x_m, inv_tau, valid)
     log_alpha = tl.load(log_alpha_ptr)
     label32 = tl.where(valid, label, -1).to(tl.int32)  # in [0, V) where a row is read
-    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner, ALIGN)
     s_in = tl.zeros([BLOCK_V], ACC)
     s_out = tl.zeros([BLOCK_V], ACC)
     start = chunk * CHUNK
@@ -313,7 +315,7 @@ def _bwd_step(x_ptr, grad_ptr, cols, V, inv_tau, shift, m, threshold, lse, neg_g
 def _bwd_kernel(
     g_ptr, x_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, n_inner, stride_outer, stride_inner,
     lse_safe_ptr, threshold_ptr, row_max_ptr, grad_ptr, CHUNK: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the gradient of one chunk of one row: -p~_j g / tau on S, 0 off S,
     then the label's (1 - p~_c) g / tau written over its entry (the label is in S whatever its
@@ -331,8 +333,8 @@ def _bwd_kernel(
     shift, m = _frame(tl.load(row_max_ptr + row), inv_tau, valid)  # the forward's, bit for bit
     read = keep & valid  # ignored and NaN rows read no logits: 0 or NaN from `fill` below
     neg_g = tl.where(keep, tl.where(valid, -g_tau, float("nan")), 0.0)
-    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner, ALIGN)
+    grad_row = grad_ptr + dense_row_offset(row, V, ALIGN)  # a fresh contiguous gradient
     start = chunk * CHUNK
     lanes = tl.arange(0, BLOCK_V)
     n_valid = tl.minimum(V - start, CHUNK)
@@ -381,7 +383,8 @@ def pruned_logprob_forward(
         layout = (n_inner, stride_outer, stride_inner)
         maxes = torch.empty((blk.n_chunks, N), dtype=acc, device=logits.device)
         sums = torch.empty((2, blk.n_chunks, N), dtype=acc, device=logits.device)
-        step = dict(CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps)
+        step = dict(CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
+                    ALIGN=rows_align((logits, *layout)))  # fmt: skip
         _max_chunk_kernel[(N, blk.n_chunks)](
             logits, labels, inv_tau, ignore_index, V, N, *layout, maxes, **step
         )
@@ -411,5 +414,6 @@ def pruned_logprob_backward(
             grad_logprob.to(acc), logits, labels, inv_tau, ignore_index, V, n_inner,
             stride_outer, stride_inner, lse_safe, threshold, row_max, grad,
             CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
+            ALIGN=rows_align((logits, n_inner, stride_outer, stride_inner), grad),
         )  # fmt: skip
     return grad

@@ -125,6 +125,7 @@ from pg_kernels.triton._common import (
     acc_of,
     bounded_log_ratio,
     cdiv,
+    dense_row_offset,
     div_acc,
     floor_log_ratio,
     log_ratio_cap,
@@ -133,6 +134,7 @@ from pg_kernels.triton._common import (
     row_align,
     row_blocking,
     row_offset,
+    rows_align,
     scalar_log2_scale_bits,
     widen,
 )
@@ -898,7 +900,7 @@ def _bwd_kernel(
     collision_ptr, max_prob_ptr, argmax_ptr, kl_ptr, kl_state_ptr, grad_ptr, grad_q_ptr,
     HAS_TEMP: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
     NEED_X: tl.constexpr, NEED_Q: tl.constexpr, DIVIDE_Q: tl.constexpr, PAIRS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the requested gradients of one chunk of one row, written once.
 
@@ -913,8 +915,8 @@ def _bwd_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
     c = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP).to(ACC)
-    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
-    xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner, ALIGN)
+    xq_row = xq_ptr + row_offset(row, q_n_inner, q_s_outer, q_s_inner, ALIGN)
     m, c, rho_hi, a, b, q, inv_tau, g_l, ok, kp, _row64 = bwd_row(
         x_row, row, label, keep, c, V, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr,
         lse_ptr, entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr,
@@ -1024,7 +1026,7 @@ def _bwd_kernel(
                 f_q = g_q * inv_q
                 shift = (-g_q.to(f64) * (ln2_rho + c_kl.to(f64))).to(ACC)
 
-    out = row.to(tl.int64) * V  # the gradients are fresh contiguous tensors
+    out = dense_row_offset(row, V, ALIGN)  # the gradients are fresh contiguous tensors
     g_row = grad_ptr + out
     gq_row = grad_q_ptr + out
     start = chunk * CHUNK
@@ -1196,6 +1198,7 @@ def step_stats_forward(
             logits, rollout_logits, labels, t, tr, p_norm, r_norm, tv_part, V, N, ignore_index,
             *layout, *roll_layout, DIVIDE=div_r, CHUNK=tv_blk.chunk,
             BLOCK_V=tv_blk.block_v, num_warps=tv_blk.num_warps,
+            ALIGN=rows_align((logits, *layout), (rollout_logits, *roll_layout)),
         )  # fmt: skip
         _mismatch._tv_finish_kernel[(cdiv(N, FINISH_BLOCK_R),)](
             tv_part, labels, p_norm, r_norm, token_tv, N, tv_blk.n_chunks, ignore_index,
@@ -1269,5 +1272,8 @@ def step_stats_backward(
         NEED_X=bool(need_logits_grad), NEED_Q=bool(need_ref_grad),
         DIVIDE_Q=needs_division(ref_temperature, ref_temperature_scalar, None, 1.0),
         PAIRS=pairs, CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
+        ALIGN=rows_align((logits, *layout), grad, grad_ref,
+                         *([(ref_logits, ref_n_inner, ref_stride_outer, ref_stride_inner)]
+                           if has_ref else [])),
     )  # fmt: skip
     return [grad, grad_ref]

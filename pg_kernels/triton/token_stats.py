@@ -82,6 +82,7 @@ from pg_kernels.triton._common import (
     acc_dtype_of,
     acc_of,
     cdiv,
+    dense_row_offset,
     exp2_acc,
     load_lanes,
     lowest_finite,
@@ -91,6 +92,7 @@ from pg_kernels.triton._common import (
     row_align,
     row_blocking,
     row_offset,
+    rows_align,
     scalar_log2_scale_bits,
     ulp_of_one,
     valid_inv_temperature,
@@ -793,7 +795,7 @@ def _bwd_kernel(
     n_inner, stride_outer, stride_inner,
     g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, lse_ptr, entropy_ptr, collision_ptr,
     max_prob_ptr, argmax_ptr, grad_ptr,
-    HAS_TEMP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_TEMP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the gradient of one chunk of one row, written once (rounded once).
 
@@ -818,13 +820,13 @@ def _bwd_kernel(
     keep = label != ignore_index
     c64 = _log2_scale(temp_ptr, row, True, scale_bits, HAS_TEMP)
     c = c64.to(ACC)
-    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner, ALIGN)
     m, c, rho_hi, a, b, q, inv_tau, g_l, ok, _, row64 = bwd_row(
         x_row, row, label, keep, c, V, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr,
         lse_ptr, entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr,
     )  # fmt: skip
 
-    g_row = grad_ptr + row.to(tl.int64) * V  # the gradient is a fresh contiguous tensor
+    g_row = grad_ptr + dense_row_offset(row, V, ALIGN)  # a fresh contiguous gradient
     start = chunk * CHUNK
     n_valid = tl.minimum(V - start, CHUNK)
     n_full = n_valid // BLOCK_V
@@ -1079,5 +1081,6 @@ def token_stats_backward(
         n_inner, stride_outer, stride_inner,
         *upstream, *saved, grad,
         HAS_TEMP=has_temp, CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
+        ALIGN=rows_align((logits, n_inner, stride_outer, stride_inner), grad),
     )  # fmt: skip
     return grad

@@ -79,6 +79,7 @@ import triton.language as tl
 from pg_kernels.triton._common import (
     acc_dtype_of,
     cdiv,
+    dense_row_offset,
     exp_acc,
     load_lanes,
     log1p_acc,
@@ -91,6 +92,7 @@ from pg_kernels.triton._common import (
     row_align,
     row_blocking,
     row_offset,
+    rows_align,
     ulp_of_one,
     widen,
 )
@@ -479,6 +481,7 @@ def _bwd_kernel(
     g_ptr, x_ptr, ids_ptr, lq_ptr, labels_ptr, inv_tau_ptr, ignore_index, V, K,
     n_inner, stride_outer, stride_inner, m_ptr, log_s_ptr, logp_tail_ptr, grad_ptr,
     HAS_LABELS: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the gradient of one chunk of one row, written once."""
     ACC: tl.constexpr = m_ptr.dtype.element_ty
@@ -491,9 +494,9 @@ def _bwd_kernel(
     valid = ok & (tl.abs(m) < float("inf")) & (tl.abs(log_s) < float("inf"))  # NaN rows: NaN
     inv_tau = tl.load(inv_tau_ptr + row)
     g_tau = tl.load(g_ptr + row).to(ACC) * inv_tau
-    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner)
+    x_row = x_ptr + row_offset(row, n_inner, stride_outer, stride_inner, ALIGN)
     lq_row = lq_ptr + row.to(tl.int64) * K
-    grad_row = grad_ptr + row.to(tl.int64) * V  # a fresh contiguous gradient
+    grad_row = grad_ptr + dense_row_offset(row, V, ALIGN)  # a fresh contiguous gradient
 
     # topk_kl_grad_coef (softmax_stats.h) in fp64 (per program, so free), with log(1 - y) for
     # log1p(-y): the same absolute error in tail_log, i.e. the same relative error of the
@@ -671,6 +674,7 @@ def topk_kl_backward(
         labels_arg, blk, meta = _launch_args(topk_ids, labels, V, logits.dtype, _block_v, _chunk)
         _bwd_kernel[(N, blk.n_chunks)](
             grad_kl.to(acc), logits, ids, lq, labels_arg, inv_tau, ignore_index, V, K, n_inner,
-            stride_outer, stride_inner, row_max, log_s, logp_tail, grad, **meta,
+            stride_outer, stride_inner, row_max, log_s, logp_tail, grad,
+            ALIGN=rows_align((logits, n_inner, stride_outer, stride_inner), grad), **meta,
         )  # fmt: skip
     return grad
