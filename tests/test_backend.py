@@ -224,3 +224,4 @@ def test_row_alignment_the_triton_launchers_pass():
     x = torch.zeros(4, 1000, dtype=torch.bfloat16)
     assert rows_align((x, 1, 1000, 0), torch.zeros(4, 1000)) == 4  # fp32: 4 elements
     assert rows_align((x, 1, 1000, 0), (bf16[:, :1000], 1, 1001, 0)) == 1
+    assert rows_align((x, 1, 1000, 0), (None, 1, 0, 0)) == 8  # an input not given

@@ -390,10 +390,12 @@ def row_align(x: torch.Tensor, n_inner: int, stride_outer: int, stride_inner: in
 def rows_align(*rows) -> int:
     """The ALIGN of a kernel that applies one to the rows of several tensors: the least
     `row_align`. A row is (tensor, n_inner, stride_outer, stride_inner), or a tensor alone for
-    a fresh contiguous one (a gradient, `dense_row_offset`)."""
+    a fresh contiguous one (a gradient, `dense_row_offset`); a row whose tensor is None (an
+    input not given, never read) does not count."""
     return min(
         row_align(r, 1, r.shape[-1], 0) if isinstance(r, torch.Tensor) else row_align(*r)
         for r in rows
+        if r is not None and not (isinstance(r, tuple) and r[0] is None)
     )
 
 

@@ -751,8 +751,8 @@ def pair_chunk_kernel(
         # 21.3 SASS per element pair against 19.1).
         for i in range(0, n_full):
             col = start + i * BLOCK_V
-            xw = _pair_block(w_row, col, V, LANES, FOLD, ALIGN, False).to(ACC)
-            xv = _pair_block(v_row, col, V, LANES, FOLD, ALIGN, False).to(ACC)
+            xw = _widen_block(_pair_block(w_row, col, V, LANES, FOLD, ALIGN, False), ACC, ALIGN)
+            xv = _widen_block(_pair_block(v_row, col, V, LANES, FOLD, ALIGN, False), ACC, ALIGN)
             mw, mv, sw, sv, u, k = _pair_lanes(
                 xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS, False
             )

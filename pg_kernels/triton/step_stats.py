@@ -131,7 +131,6 @@ from pg_kernels.triton._common import (
     log_ratio_cap,
     per_row_temperature,
     round_to,
-    row_align,
     row_blocking,
     row_offset,
     rows_align,
@@ -1135,11 +1134,8 @@ def step_stats_forward(
     ref_layout = (ref_n_inner, ref_stride_outer, ref_stride_inner)
     # Full steps load 16-byte vectors where every row of every tensor starts 16-byte aligned
     # (bf16 as int32 pairs), else element-wise (`row_align`).
-    align = row_align(logits, *layout)
-    if has_roll:
-        align = min(align, row_align(rollout_logits, *roll_layout))
-    if has_ref:
-        align = min(align, row_align(ref_logits, *ref_layout))
+    align = rows_align((logits, *layout), (rollout_logits, *roll_layout),
+                       (ref_logits, *ref_layout))  # fmt: skip
     pairs = logits.dtype == torch.bfloat16 and align > 1
     has_temp, temp, scale_bits = _temperatures(temperature, temperature_scalar, N, acc, dev)
     t = per_row_temperature(temperature, temperature_scalar, N, acc, dev)
@@ -1273,7 +1269,6 @@ def step_stats_backward(
         DIVIDE_Q=needs_division(ref_temperature, ref_temperature_scalar, None, 1.0),
         PAIRS=pairs, CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
         ALIGN=rows_align((logits, *layout), grad, grad_ref,
-                         *([(ref_logits, ref_n_inner, ref_stride_outer, ref_stride_inner)]
-                           if has_ref else [])),
+                         (ref_logits, ref_n_inner, ref_stride_outer, ref_stride_inner)),
     )  # fmt: skip
     return [grad, grad_ref]
