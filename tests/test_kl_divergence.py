@@ -622,29 +622,57 @@ def test_finfo_min_fill_against_logits_of_no_mass(bd, dtype, blocks, request):
                 assert grad.isfinite().all() and not grad[masked].any()
 
 
-# Open on Triton (README, finding (10)): the two cases below, found by a review.
-OPEN_10_MASS_ON_TRITON = "open (10): Triton reads +inf where the truth's fill term is finite"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fill_masked_chunk_against_a_partly_filled_side(bd, dtype, small_triton_blocks, request):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_fill_masked_chunk_against_a_partly_filled_side(bd, dtype, small_triton_blocks):
     """The logits masked with finfo.min from entry 32 of 64 on (whole chunks under small
     blocks), the reference masked alike but for 3 of those entries: the logits have no mass
     there and the KL is finite (0.25 .. 1.34 at temperatures (1, 1), (2, 2), (1, 0.5)).
     Triton's second pass sums such a chunk relative to its fill, every weight 1 against the
-    reference's fill, and the overflow of its u raises the chunk's `inf` flag, which the finish
-    keeps though the chunk's factor into the row is 0: +inf (fp32, and fp64 at temperatures
-    where float64's fill stays in range; bf16's fill keeps the sums in range)."""
+    reference's fill, and its u overflows (fp32): that chunk's `inf` flag, which the finish
+    kept though the chunk's factor into the row is 0, read +inf (a review's find; fp64 too). The
+    flag of such a u is `_pair.OVERFLOWED`, which a move by a factor of 0 drops
+    (`_pair._moved_flag`). fp64 at (1, 0.5): the truth's own quotient fill / 0.5 is -inf, no
+    support against the logits' fill: +inf (`_pair._against_none`)."""
     backend, device = bd
-    if backend == "triton" and dtype == torch.float32:
-        request.applymarker(pytest.mark.xfail(reason=OPEN_10_MASS_ON_TRITON, strict=True))
     g = torch.Generator().manual_seed(0)
     x, xr = (torch.randn(1, 64, generator=g, dtype=torch.float64) for _ in range(2))
     x[0, 32:] = torch.finfo(dtype).min
     xr[0, 35:] = torch.finfo(dtype).min
     x, xr = x.to(dtype=dtype, device=device), xr.to(dtype=dtype, device=device)
     for t, t_ref in ((1.0, 1.0), (2.0, 2.0), (1.0, 0.5)):
-        _check(backend, x, xr, temperature=t, ref_temperature=t_ref)
+        kw = {"temperature": t, "ref_temperature": t_ref}
+        if dtype == torch.float64 and t != 2.0:
+            # fp64 fills at the range's edge: at (1, 0.5) a KL of +inf (the ops' weight-side
+            # gradient NaN), at (1, 1) the float64 reference's own gradients are NaN.
+            want = reference.kl_divergence(x, xr, **kw)
+            torch.testing.assert_close(_op(backend)(x, xr, **kw), want, rtol=1e-12, atol=0.0)
+            continue
+        _check(backend, x, xr, **kw)
+
+
+OPEN_10_PER_CHUNK_ON_CPU = "open (10) on C++: mass against a fill is judged per chunk"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mass_in_its_chunk_only_against_a_fill(bd, dtype, request):
+    """A logit of 10 against a finfo.min fill in one chunk, the row's max of 20 in another, tau
+    0.05: that logit's weight is ~e^-200 in the row (0 in fp32) but 1 in its own chunk, whose
+    u (~|fill| / tau) overflows: +inf where the truth is 57.7 (fp32) / 127.2 (bf16). Triton
+    drops that chunk's flag where its move into the row is by a factor of 0
+    (`_pair._moved_flag`); the C++ lanes judge mass per chunk still (docs/fidelity.md)."""
+    backend, device = bd
+    if backend == "cpu":
+        request.applymarker(pytest.mark.xfail(reason=OPEN_10_PER_CHUNK_ON_CPU, strict=True))
+    g = torch.Generator().manual_seed(0)
+    v = 9000 if dtype == torch.float32 else 20000  # the two entries in different chunks
+    x, xr = (torch.randn(1, v, generator=g, dtype=torch.float64) for _ in range(2))
+    x[0, 10], x[0, v - 5], xr[0, 10] = 10.0, 20.0, torch.finfo(dtype).min
+    _check(backend, x.to(dtype=dtype, device=device), xr.to(dtype=dtype, device=device),
+           temperature=0.05)  # fmt: skip
+
+
+# Open on Triton (README, finding (10)), found by a review.
+OPEN_10_MASS_ON_TRITON = "open (10): Triton reads +inf where the truth's fill term is finite"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -652,7 +680,11 @@ def test_small_mass_against_a_finfo_min_fill(bd, dtype, request):
     """The logits with a little mass (30 and 60 below their max) where the reference holds
     finfo.min: the KL's term there, w_j |fill| / tau, is finite (1.8e22 .. 2.1e12 here) and the
     C++ kernel reads it to 1e-3. Triton scales by log2(e) / tau, so the fill overflows from tau
-    below ~1.44 (C++: 1), and its second pass keeps the -inf where the weight has mass: +inf."""
+    below ~1.44 (C++: 1), and its second pass keeps the -inf where the weight has mass: +inf.
+    Open because of the backward: its log-ratio (x_w - a_w) k_w - (x_v - a_v) k_v overflows
+    there too, so a forward summing those terms in fp64 (tried: within 2e-6 of the truth) left
+    its weight side's gradient capped (`_common.log_ratio_cap`), 10 % off and finite where
+    it was NaN behind a KL of +inf (`test_one_sided_huge_finite_mask`, tau 1.3)."""
     backend, device = bd
     if backend == "triton":
         request.applymarker(pytest.mark.xfail(reason=OPEN_10_MASS_ON_TRITON, strict=True))

@@ -95,12 +95,15 @@ from pg_kernels.triton._common import (
 
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Fields of a chunk's partial state: m_w, s1_w - 1, m_v, s1_v - 1, u, inf (0 or 1), e_w, e_v,
-# and the excess k (`excess_terms`; 0 without `pair_excess`).
+# Fields of a chunk's partial state: m_w, s1_w - 1, m_v, s1_v - 1, u, inf (0, 1 or
+# `OVERFLOWED`), e_w, e_v, and the excess k (`excess_terms`; 0 without `pair_excess`).
 # Each side's sum is kept as r = s1 - 1, the sum without its max entry (exactly 1): a peaked
 # row's s1 = 1 + 2.6e-6 rounded to fp32 lost ulp(1) = 1.2e-7 of a log s1 ~ 2.6e-6 (a KL of
 # 4.1e-5 off by 1.6e-7, plain PyTorch 3.9e-8); r keeps its own 24 bits (log1p in the finish).
 PARTIAL = 9
+# The `inf` flag of a chunk whose u overflowed in its own frame, no -inf against mass in it
+# (`_shifted_chunk`): +inf only while that chunk's w side keeps mass in the row (`_moved_flag`).
+OVERFLOWED = tl.constexpr(2.0)
 # Rows per program of the finish kernels: they move ~32 bytes per (row, chunk).
 FINISH_BLOCK_R = 128
 
@@ -159,8 +162,18 @@ def merge_pair(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, bm_w, br_w, bm_v, br_v, 
     # (chunks masked whole with finfo.min, each side's M / tau at its own temperature), and
     # times s1_w that overflowed to inf, 0 * inf = NaN: a KL of 0 where the truth is 0.11.
     u = _moved_u(aw, u, dw_a - dv_a, 1.0 + r_w) + _moved_u(bw, bu, dw_b - dv_b, 1.0 + br_w)
+    inf = tl.maximum(_moved_flag(aw, inf), _moved_flag(bw, binf))
     return (new_w, _merge_rest(aw, r_w, bw, br_w), new_v, _merge_rest(av, r_v, bv, br_v), u,
-            tl.maximum(inf, binf), ne_w, ne_v, k)  # fmt: skip
+            inf, ne_w, ne_v, k)  # fmt: skip
+
+
+@triton.jit
+def _moved_flag(a_w, inf):
+    """A state's `inf` flag after its w side moved by a_w: an `OVERFLOWED` u is dropped where
+    a_w is 0 (no mass of that state's w side is left in the row: a chunk masked with finfo.min
+    whose own frame summed every fill as 1 against the other side's, +inf where the truth is
+    0.25 .. 1.34); a -inf against mass (1) stays whatever the move."""
+    return tl.where((inf == OVERFLOWED) & (a_w == 0), 0.0, inf)
 
 
 @triton.jit
@@ -566,7 +579,8 @@ def _pair_lanes(xw, xv, kw, kv, mw, mv, sw, sv, u, k, DIVIDE: tl.constexpr,
     `inf` flag. Rescaling a lane to a higher max is branchless: 2^{delta}, delta = 0 once the
     lane's max has settled.
     EXCESS: k = sum e_w f(delta) too (`excess_terms`, delta = -(d_w - d_v) in nats), moved with
-    the lane's maxes by `rescale_excess`. CLAMP: `pair_exps`' (the rare second pass).
+    the lane's maxes by `rescale_excess`. CLAMP: `pair_exps`' and `_moved_u`'s (the rare second
+    pass, `redo_far_chunk`).
     """
     mw_new = tl.maximum(mw, tl.max(xw, 1))
     mv_new = tl.maximum(mv, tl.max(xv, 1))
@@ -826,11 +840,9 @@ def redo_far_chunk(m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
         shift_w = tl.where(side_is_valid(top_w), top_w, 0.0)
         shift_v = tl.where(side_is_valid(top_v), top_v, 0.0)
         if (shift_w != 0) | (shift_v != 0) | repair:
-            kw = lane_scale(tau_w, DIVIDE)
-            kv = lane_scale(tau_v, DIVIDE)
             m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = _shifted_chunk(
-                w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w, tau_v,
-                lane_floor(kw), lane_floor(kv), DIVIDE, EXCESS, LANES, FOLD, True,
+                w_row, v_row, start, n_valid, shift_w, shift_v, tau_w, tau_v, DIVIDE, EXCESS,
+                LANES, FOLD, True,
             )  # fmt: skip
     return m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k
 
@@ -894,8 +906,8 @@ def _empty_lanes(floor_w, floor_v, LANES: tl.constexpr):
 
 
 @triton.jit
-def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w, tau_v, floor_w,
-                   floor_v, DIVIDE: tl.constexpr, EXCESS: tl.constexpr, LANES: tl.constexpr,
+def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, tau_w, tau_v,
+                   DIVIDE: tl.constexpr, EXCESS: tl.constexpr, LANES: tl.constexpr,
                    FOLD: tl.constexpr, CLAMP: tl.constexpr):  # fmt: skip
     """The pair state of a chunk (`_chunk_state`) whose logits are moved by -shift_w and
     -shift_v, each side's raw max or 0: x - M is exact wherever it matters (from x >= 2 M;
@@ -904,9 +916,14 @@ def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w
     `_side_total` forms them. The rare second pass of `pair_chunk_kernel`: masked loads, no
     prefetch, half its lanes (so that the SASS checks see the main loop as the hot one).
     CLAMP: `pair_exps`' and `_moved_u`'s (`redo_far_chunk`'s repair), the `inf` flag then
-    read off the logits themselves, a finite w logit against a -inf v, not off u."""
-    ACC: tl.constexpr = kw.dtype
+    read off the logits themselves, a finite w logit against a -inf v (1), and a u that
+    overflowed without one `OVERFLOWED`."""
+    ACC: tl.constexpr = tau_w.dtype
     HALF: tl.constexpr = (LANES + 1) // 2
+    kw = lane_scale(tau_w, DIVIDE)
+    kv = lane_scale(tau_v, DIVIDE)
+    floor_w = lane_floor(kw)
+    floor_v = lane_floor(kv)
     mw, mv, sw, sv, u, k = _empty_lanes(floor_w, floor_v, HALF)
     offs = tl.arange(0, HALF)[:, None] * FOLD + tl.arange(0, FOLD)[None, :]
     unsupported = tl.zeros([HALF, FOLD], tl.int32)
@@ -915,7 +932,7 @@ def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w
         xw = tl.load(w_row + start + i + offs, mask=valid, other=float("-inf")).to(ACC)
         xv = tl.load(v_row + start + i + offs, mask=valid, other=float("-inf")).to(ACC)
         if CLAMP:
-            unsupported |= ((xv == float("-inf")) & (xw > float("-inf"))).to(tl.int32)
+            unsupported |= _against_none(xw, xv, tau_w, tau_v)
         mw, mv, sw, sv, u, k = _pair_lanes(
             xw - shift_w, xv - shift_v, kw, kv, mw, mv, sw, sv, u, k, DIVIDE, EXCESS, CLAMP
         )
@@ -923,12 +940,32 @@ def _shifted_chunk(w_row, v_row, start, n_valid, shift_w, shift_v, kw, kv, tau_w
         mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v, DIVIDE, EXCESS, CLAMP
     )
     if CLAMP:
-        inf = tl.maximum(inf, tl.max(tl.max(unsupported, 1), 0).to(ACC))
+        # The flag read off the logits (a finite w logit against a -inf v: KL +inf) is 1. A u
+        # that overflowed without one (mass in the chunk's own frame against a fill whose
+        # exponent left the range, or a sum of many ~1e38 terms) is `OVERFLOWED`, which
+        # `merge_pair` drops where the chunk's w side moves into the row by a factor of 0; its
+        # k is then the one that moves as its v side does (k = s_v - s_w + u, with u = 0).
+        against_none = tl.max(tl.max(unsupported, 1), 0) > 0
+        inf = tl.where(against_none, 1.0, OVERFLOWED * inf).to(ACC)
         u = tl.where(inf > 0, 0.0, u)
-        k = tl.where(inf > 0, 0.0, k)
+        k = tl.where(inf == OVERFLOWED, r_v - r_w, tl.where(inf > 0, 0.0, k))
     m_w, e_w = _moved_max(m_w, e_w, shift_w, tau_w, DIVIDE)
     m_v, e_v = _moved_max(m_v, e_v, shift_v, tau_v, DIVIDE)
     return m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k
+
+
+@triton.jit
+def _against_none(xw, xv, tau_w, tau_v):
+    """1 where a w logit with support faces a v logit without (KL +inf), else 0, as the float64
+    truth reads them: x = -inf, and for fp64 logits also x / tau past the range (the truth's own
+    quotient; fp32 and 16-bit fills stay inside float64's range, where the lanes' exponents
+    past fp32's only make u `OVERFLOWED`)."""
+    zw = xw
+    zv = xv
+    if xw.dtype == tl.float64:
+        zw = xw / tau_w
+        zv = xv / tau_v
+    return ((zv == float("-inf")) & (zw > float("-inf"))).to(tl.int32)
 
 
 @triton.jit

@@ -145,7 +145,6 @@ from pg_kernels.triton._pair import (
     finalize_kl,
     fma_acc,
     has_other_series,
-    lane_floor,
     lane_scale,
     log_s1_difference,
     max_logit,
@@ -510,12 +509,10 @@ def _pair_again(part_ptr, chunk, row, N, w_row, v_row, start, n_valid, tau_w, ta
     """A pair's chunk state summed again by `_pair`'s own lanes (`_pair._shifted_chunk`, each
     side in its own frame) and stored (`_pair.store_chunk_state`): the rare second pass of a
     chunk whose framed side gave up its frame (`_framed_rescale`) or holds a NaN."""
-    kw = lane_scale(tau_w, DIVIDE)
-    kv = lane_scale(tau_v, DIVIDE)
     zero = tau_w * 0
     m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = pair_chunk_again(
-        w_row, v_row, start, n_valid, zero, zero, kw, kv, tau_w, tau_v, lane_floor(kw),
-        lane_floor(kv), DIVIDE, EXCESS, LANES, FOLD, False,
+        w_row, v_row, start, n_valid, zero, zero, tau_w, tau_v, DIVIDE, EXCESS, LANES, FOLD,
+        False,
     )  # fmt: skip
     store_chunk_state(
         part_ptr, chunk, row, N, m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k, w_row, v_row, start,
