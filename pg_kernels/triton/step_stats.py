@@ -1200,6 +1200,13 @@ def step_stats_forward(
     return outs
 
 
+def _bf16_pairs(logits: torch.Tensor, n_inner: int, stride_outer: int, stride_inner: int) -> bool:
+    """Whether every row of bf16 logits starts 4-byte aligned, so the backward's full steps can
+    load int32 pairs (`PAIRS`)."""
+    even_rows = stride_outer % 2 == 0 and (n_inner == 1 or stride_inner % 2 == 0)
+    return logits.dtype == torch.bfloat16 and logits.data_ptr() % 4 == 0 and even_rows
+
+
 def step_stats_backward(
     grad_logprob, grad_entropy, grad_collision, grad_lse, grad_kl, logits, ref_logits, labels,
     temperature, temperature_scalar, ref_temperature, ref_temperature_scalar, reverse,
@@ -1248,10 +1255,10 @@ def step_stats_backward(
     tq = per_row_temperature(ref_temperature, ref_temperature_scalar, N, acc, dev)
     blk = row_blocking(V, logits.dtype, _block_v, _chunk)
     layout = (n_inner, stride_outer, stride_inner)
-    pairs = _token._bf16_pairs(logits, *layout) and blk.block_v % 2 == 0
+    pairs = _bf16_pairs(logits, *layout) and blk.block_v % 2 == 0
     if has_ref:
-        pairs = pairs and _token._bf16_pairs(ref_logits, ref_n_inner, ref_stride_outer,
-                                             ref_stride_inner)  # fmt: skip
+        pairs = pairs and _bf16_pairs(ref_logits, ref_n_inner, ref_stride_outer,
+                                      ref_stride_inner)  # fmt: skip
     g_kl = flat["grad_kl"] if has_ref else flat["lse"]
     kl_rows = flat["kl"] if has_ref else flat["lse"]
     _bwd_kernel[(N, blk.n_chunks)](

@@ -898,12 +898,6 @@ def _forward_blocking(V: int, dtype: torch.dtype, block_v: int | None, chunk: in
     return row_blocking(V, dtype, block_v, chunk)
 
 
-def _bf16_pairs(logits: torch.Tensor, n_inner: int, stride_outer: int, stride_inner: int) -> bool:
-    """Whether every row of bf16 logits starts 4-byte aligned, so full steps can load pairs."""
-    even_rows = stride_outer % 2 == 0 and (n_inner == 1 or stride_inner % 2 == 0)
-    return logits.dtype == torch.bfloat16 and logits.data_ptr() % 4 == 0 and even_rows
-
-
 def _check_inputs(
     logits: torch.Tensor, labels: torch.Tensor, temperature: torch.Tensor | None, ignore_index: int
 ) -> None:
