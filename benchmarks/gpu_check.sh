@@ -27,7 +27,8 @@
 #   at 16384x151936 bf16 (CUDA, Triton, eager, Liger-Kernel); tune (the Triton
 #   token_stats kernels' blocking variants at that shape, bench_token_stats.TRITON_BLOCKINGS:
 #   why the forward reads at 1.72x one read where the CUDA kernel reads at 1.04x); step_stats (the
-#   bundle against the three single ops); token_stats_from_hidden at 16384x151936x4096 against
+#   bundle against the three single ops); token_stats at V = 50257 (rows not 16-byte aligned:
+#   element-wise loads) beside 50304; token_stats_from_hidden at 16384x151936x4096 against
 #   the unfused path, Liger's fused linear cross entropy and Cut-Cross-Entropy (their wheels:
 #   benchmarks/fetch_peers.sh, carried in benchmarks/peers/); excess (the 16-bit pair lanes'
 #   excess k, kl_divergence's forward); torch.compile of the reference (PGK_BENCH_COMPILE), a
@@ -407,6 +408,7 @@ print(names[0], next(n for n in names if "@B" in n))') \
   elif [[ $DRY == 1 ]]; then
     local small=16x1000
     [[ $op == token_stats_from_hidden ]] && small=16x1000x32
+    [[ $tag == odd_v ]] && small=16x1001  # rows not 16-byte aligned
     "$PYTHON" benchmarks/bench_"$op".py --device cpu --shapes "$small" --dtypes bf16 --modes fwd \
       --providers pg_kernels:cpu eager --max-wait 0 --temperature "$temp" --tag "$tag" \
       --out "$WORK/bench" --no-progress
@@ -526,6 +528,7 @@ elif [[ $DRY == 1 ]]; then
   fi
   wants tune && bench_step bench_token_stats_tune 60 token_stats 1 tune x
   wants step_stats && bench_step bench_step_stats_t0.7 60 step_stats 0.7 dry x
+  wants bench && bench_step bench_token_stats_odd_v 60 token_stats 1 odd_v x
   wants hidden && bench_step bench_token_stats_from_hidden 60 token_stats_from_hidden 1 dry x
   wants excess && bench_step bench_kl_divergence_excess16 60 kl_divergence 0.7 excess16 x
 else
@@ -541,6 +544,10 @@ print(*b())')
   if wants step_stats; then  # the bundle (one read of each logits tensor) against the three ops
     bench_step bench_step_stats_t1_n16384 150 step_stats 1 n16384 \
       "pg_kernels:triton separate:triton eager" 16384x151936
+  fi
+  if wants bench; then  # rows not 16-byte aligned (GPT-2's V = 50257) beside aligned ones
+    bench_step bench_token_stats_odd_v 90 token_stats 1 odd_v \
+      "pg_kernels:triton pg_kernels:cuda eager" 16384x50257 16384x50304
   fi
   if wants hidden; then  # the fused lm_head path at a real model's shape (bf16, D = 4096)
     # eager (plain PyTorch on the bf16 logits) sets the others' tolerance: without it, the
