@@ -650,25 +650,31 @@ def test_fill_masked_chunk_against_a_partly_filled_side(bd, dtype, small_triton_
         _check(backend, x, xr, **kw)
 
 
-OPEN_10_PER_CHUNK_ON_CPU = "open (10) on C++: mass against a fill is judged per chunk"
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_mass_in_its_chunk_only_against_a_fill(bd, dtype, request):
+def test_mass_in_its_chunk_only_against_a_fill(bd, dtype):
     """A logit of 10 against a finfo.min fill in one chunk, the row's max of 20 in another, tau
     0.05: that logit's weight is ~e^-200 in the row (0 in fp32) but 1 in its own chunk, whose
-    u (~|fill| / tau) overflows: +inf where the truth is 57.7 (fp32) / 127.2 (bf16). Triton
-    drops that chunk's flag where its move into the row is by a factor of 0
-    (`_pair._moved_flag`); the C++ lanes judge mass per chunk still (docs/fidelity.md)."""
+    u (~|fill| / tau) overflows: +inf where the truth is 57.7 (fp32) / 127.2 (bf16), on both
+    backends. Triton now drops that chunk's flag where its move into the row is by a factor of
+    0 (`_pair._moved_flag`); C++ judges the mass again in the row's frame where its chunk's
+    frame kept a -inf (`row_frame_shift`). step_stats' pairs alike: its reverse KL (the logits'
+    mass against the reference's fill) and its forward KL (the reference's mass against the
+    logits' fill)."""
     backend, device = bd
-    if backend == "cpu":
-        request.applymarker(pytest.mark.xfail(reason=OPEN_10_PER_CHUNK_ON_CPU, strict=True))
     g = torch.Generator().manual_seed(0)
     v = 9000 if dtype == torch.float32 else 20000  # the two entries in different chunks
     x, xr = (torch.randn(1, v, generator=g, dtype=torch.float64) for _ in range(2))
     x[0, 10], x[0, v - 5], xr[0, 10] = 10.0, 20.0, torch.finfo(dtype).min
-    _check(backend, x.to(dtype=dtype, device=device), xr.to(dtype=dtype, device=device),
-           temperature=0.05)  # fmt: skip
+    x, xr = x.to(dtype=dtype, device=device), xr.to(dtype=dtype, device=device)
+    kw = {"temperature": 0.05, "ref_temperature": 0.05}
+    _check(backend, x, xr, **kw)
+    y = torch.zeros(1, dtype=torch.int64, device=device)
+    for direction, (a, b) in (("reverse", (x, xr)), ("forward", (xr, x))):
+        got = pg_kernels.step_stats(a, y, ref_logits=b, kl_direction=direction, backend=backend,
+                                    **kw).kl  # fmt: skip
+        want = reference.kl_divergence(a.double(), b.double(), direction=direction, **kw)
+        # Measured: 1e-8 (C++) .. 6e-8 (Triton) relative, the fp32 sums of finite terms.
+        torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-6, atol=0.0)
 
 
 # Open on Triton (README, finding (10)), found by a review.

@@ -381,6 +381,7 @@ PairRow<acc_t> pair_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scal
   const PairFrame<acc_t> fw(tau_w), fv(tau_v);
   RowSum<sum_t> row;
   acc_t xm_w = neg_inf<acc_t>(), xm_v = neg_inf<acc_t>();
+  acc_t row_max_w = quiet_nan<acc_t>();  // read once, where a chunk's frame kept a -inf
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
     const acc_t mw = fw.load(xw + begin, n, bw);
@@ -389,7 +390,11 @@ PairRow<acc_t> pair_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scal
     bool v_no_neg_inf = shift_divide_chunk<true>(bv, n, fv.tau, finite_shift(mv));
     if (!v_no_neg_inf) {
       unmask_overflowed(bw, xw + begin, n, fw.tau);
-      unmask_overflowed(bv, xv + begin, n, fv.tau, bw);
+      if (unmask_overflowed(bv, xv + begin, n, fv.tau, bw)) {  // w's mass in its row's frame
+        const acc_t to_row = row_frame_shift(xw, V, mw, fw.tau, row_max_w);
+        unmask_overflowed(bv, xv + begin, n, fv.tau, bw, static_cast<const acc_t*>(nullptr),
+                          to_row);
+      }
       v_no_neg_inf = no_neg_inf(bv, n);
     }
     xm_w = max_nan(xm_w, mw);

@@ -111,6 +111,8 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   // them (relative to each chunk's own max, the reference's KL was 2.1e-9 on a shifted fp32 row
   // whose second chunk has a lower max).
   acc_t xm = neg_inf<acc_t>(), xmr = neg_inf<acc_t>(), xmq = neg_inf<acc_t>();
+  // Each side's row max, read once where a chunk's frame kept a -inf (row_frame_shift).
+  acc_t row_max_p = quiet_nan<acc_t>(), row_max_r = row_max_p, row_max_q = row_max_p;
   const Temperature<acc_t> tpr = temperature(tr), tpq = temperature(tq);
   int64_t argmax = 0;
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
@@ -153,10 +155,19 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       if constexpr (kRef) {
         if (ref_is_w) unmask_overflowed(scratch.ref, xq + begin, n, tpq);
       }
-      unmask_overflowed(cp, xp + begin, n, tp, kRoll ? cr : nullptr,
-                        ref_is_w ? scratch.ref : nullptr);
+      const acc_t* w_roll = kRoll ? cr : nullptr;
+      const acc_t* w_ref = ref_is_w ? scratch.ref : nullptr;
+      if (unmask_overflowed(cp, xp + begin, n, tp, w_roll, w_ref)) {  // mass in the rows' frames
+        const acc_t to_roll = kRoll ? row_frame_shift(xr, V, xmr, tpr, row_max_r) : acc_t(0);
+        const acc_t to_ref = ref_is_w ? row_frame_shift(xq, V, xmq, tpq, row_max_q) : acc_t(0);
+        unmask_overflowed(cp, xp + begin, n, tp, w_roll, w_ref, to_roll, to_ref);
+      }
       if constexpr (kRef) {
-        if (!ref_is_w) unmask_overflowed(scratch.ref, xq + begin, n, tpq, cp);
+        if (!ref_is_w && unmask_overflowed(scratch.ref, xq + begin, n, tpq, cp)) {
+          const acc_t to_row = row_frame_shift(xp, V, xm, tp, row_max_p);
+          unmask_overflowed(scratch.ref, xq + begin, n, tpq, cp,
+                            static_cast<const acc_t*>(nullptr), to_row);
+        }
       }
       if (p_is_v) p_no_neg_inf = no_neg_inf(cp, n);
       if (q_is_v) q_no_neg_inf = no_neg_inf(scratch.ref, n);

@@ -462,25 +462,51 @@ inline bool shift_divide_chunk(acc_t* buf, int64_t n, const Temperature<acc_t>& 
 // Against the other side's finite entry a pair pass then read mass against none, KL +inf,
 // where the float64 truth (a finite quotient) has no mass on either side there: a KL term of
 // 0. Such entries become the lowest finite value. Where the other side has mass (`other_a`,
-// `other_b`: the other sides' d over the same entries, if any; mass: d above exp_zero_below)
-// the truth's term w_j |x| / tau lies beyond the lowest: the -inf stays, and the KL is +inf
-// (the truth rounded to fp32 where w_j > ~0.3). Called for the sides of a chunk whose v side
-// holds a -inf (`no_neg_inf`), so a pair pass over unmasked rows pays nothing. Not for fp64,
-// whose truth overflows alike; at tau >= 1 only a shift above ~1e31 could overflow.
+// `other_b`: the other sides' d over the same entries, if any, each moved by `to_a`, `to_b`
+// into the frame where mass is judged; mass: d above exp_zero_below) the truth's term
+// w_j |x| / tau lies beyond the lowest: the -inf stays, and the KL is +inf (the truth rounded
+// to fp32 where w_j > ~0.3). Returns whether such an entry stayed -inf (its callers judge
+// mass in the chunk's frame first, then, if one did, in the row's: `row_frame_shift`).
+// Called for the sides of a chunk whose v side holds a -inf (`no_neg_inf`), so a pair pass
+// over unmasked rows pays nothing. Not for fp64, whose truth overflows alike; at tau >= 1 only
+// a shift above ~1e31 could overflow.
 template <typename scalar_t, typename acc_t>
-void unmask_overflowed(acc_t* d, const scalar_t* x, int64_t n, const Temperature<acc_t>& tau,
-                       const acc_t* other_a = nullptr, const acc_t* other_b = nullptr) {
-  if constexpr (std::is_same_v<acc_t, double>) return;
-  if (!(tau.tau < acc_t(1))) return;
-  const auto massless = [](const acc_t* other, int64_t j) {
-    return other == nullptr || !(other[j] > exp_zero_below<acc_t>());
+bool unmask_overflowed(acc_t* d, const scalar_t* x, int64_t n, const Temperature<acc_t>& tau,
+                       const acc_t* other_a = nullptr, const acc_t* other_b = nullptr,
+                       acc_t to_a = acc_t(0), acc_t to_b = acc_t(0)) {
+  if constexpr (std::is_same_v<acc_t, double>) return false;
+  if (!(tau.tau < acc_t(1))) return false;
+  const auto massless = [](const acc_t* other, acc_t to, int64_t j) {
+    return other == nullptr || !(other[j] + to > exp_zero_below<acc_t>());
   };
+  bool kept = false;
   for (int64_t j = 0; j < n; ++j) {
-    if (d[j] == neg_inf<acc_t>() && acc_t(x[j]) > neg_inf<acc_t>() && massless(other_a, j) &&
-        massless(other_b, j)) {
-      d[j] = std::numeric_limits<acc_t>::lowest();
+    if (d[j] == neg_inf<acc_t>() && acc_t(x[j]) > neg_inf<acc_t>()) {
+      if (massless(other_a, to_a, j) && massless(other_b, to_b, j)) {
+        d[j] = std::numeric_limits<acc_t>::lowest();
+      } else {
+        kept = true;
+      }
     }
   }
+  return kept;
+}
+
+// The move of a side's d from its frame (relative to the raw max `frame_max`, as
+// shift_divide_chunk formed them) to its whole row's (x[0, V), raw), <= 0: where
+// unmask_overflowed judges the other side's mass once the chunk's own frame kept a -inf. A
+// logit of 10 against a finfo.min fill, its row's max of 20 in another chunk, tau 0.05: its
+// w_j is e^-200 in the row, 1 in its chunk, and the KL read +inf for 57.7. Reads the row
+// (rare: a fill past the range against mass in the chunk's frame); `row_max` caches the max
+// (NaN: not read yet).
+template <typename scalar_t, typename acc_t>
+acc_t row_frame_shift(const scalar_t* x, int64_t V, acc_t frame_max,
+                      const Temperature<acc_t>& tau, acc_t& row_max) {
+  if (std::isnan(row_max)) {
+    row_max = neg_inf<acc_t>();
+    for (int64_t j = 0; j < V; ++j) row_max = std::max(row_max, acc_t(x[j]));
+  }
+  return tau.divide(finite_shift(frame_max) - finite_shift(row_max));
 }
 
 // Per-row temperature: a per-row tensor when given, else the scalar (rounded to acc_t). A
