@@ -93,7 +93,6 @@ template <typename scalar_t, typename acc_t, bool kRoll, bool kRef>
 void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t* xr, acc_t tr,
                  const scalar_t* xq, acc_t tq, bool reverse, int64_t V, int64_t label,
                  StepScratch<acc_t>& scratch, StepRow<acc_t>& out) {
-  constexpr int64_t W = Vec<acc_t>::size();
   const Vec<acc_t> lowest(exp_zero_below<acc_t>());
   // token_stats' lanes, relative to the running max m. Sums run in two levels: per chunk (two
   // independent chains of at most kChunk / (2 W) terms per lane), then chunk totals into the
