@@ -8,8 +8,13 @@ Backward, one kernel `_bwd_kernel`, grid (N, n_chunks): recomputes w_j and v_j f
 row state and writes each requested gradient once:
     grad_w = g / tau_w * w_j ((d_w - d_v) - c),  0 where w_j = 0
     grad_v = g / tau_v * (v_j - w_j)   (fp32 logits: w_j expm1(delta) where the two are close)
-The blocking depends on V and the dtype only and every reduction runs in a fixed order:
-deterministic and batch invariant.
+Rows whose weight side has a dominant entry (w_j > 1/2, rest below 2^-7) are written by a second
+launch of the same kernel (DOMINANT_ROWS, one program per row, `_dominant_row`), which writes
+that entry's grad_w as minus the sum of the row's others where that is the more accurate form:
+the direct form rounds at ulp of the log-ratio there (1e-6 off on a one-hot row, where plain
+fp32 PyTorch is ~0), as the C++ kernel does. Vocab-parallel shards (whole_rows False) keep the
+direct form. The blocking depends on V and the dtype only and every reduction runs in a fixed
+order: deterministic and batch invariant.
 
 Bytes per row of V elements of s bytes (the minimum: both rows read once; the gradient written):
   forward   2 V s read (0 for an ignored row) + 32 n_chunks bytes of partial state written and
@@ -29,7 +34,11 @@ with a temperature alike:
 (with the cap of the log-ratio, `log_ratio_cap`: one FMNMX per pair, which `_common.widen`
 paid for in bf16; 18.3 (12.4) fp16 and 28.6 (11.8) fp32 without it; first version 33.9 (24.2)
 bf16 at tau = 1, 64.5 (55.2) with a temperature; fp32 17.6 before the other side's series,
-`_bwd_block`'s SERIES, 32-40 registers, no spills).
+`_bwd_block`'s SERIES, 32-40 registers, no spills). The dominant rows' loop (DOMINANT_ROWS, its
+own budget in .ci/check_triton_sm90.py): 23.6-23.9 (18.1) bf16 / fp16, 32.4-33.1 (16.9-17.9)
+fp32, 29.4 (23.6) on bf16 rows that start at odd elements. In the same kernel as the main
+loop it had made that loop 1.8 instructions per pair dearer on rows that start at odd elements
+(22.1 -> 23.9, over the budget of 23): a launch of its own leaves the main loop as it was.
 """
 
 from __future__ import annotations
@@ -75,6 +84,11 @@ from pg_kernels.triton._pair import (
 
 OP = "kl_divergence"
 ROW_STATE = 5  # (m, log s1) of the logits, of the reference, then c = E_w[d_w - d_v]
+# Rows whose weight side's rest 1 - w_max is below 2^-7 (log s1 relative to the max below
+# -log(1 - 2^-7) ~ 2^-7) write the dominant entry's gradient as minus the others' sum
+# (`_dominant_row`): elsewhere that sum is rarely the more accurate (the C++ kernel's threshold:
+# with rests up to 1/2 the fidelity table's fp32 KL gradient went 1.1e-7 -> 2.5e-7).
+DOMINANT_LOG_S1 = tl.constexpr(2.0**-7)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -145,7 +159,7 @@ def _bwd_block(xw, xv, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_
     grad_v = fma_acc(ev - ew, f_vv, -(ew * f_d))
     if SERIES:
         grad_v = other_side_difference(ew * f_vw, r + dl_u, grad_v, DIVIDE)
-    return grad_w, grad_v
+    return grad_w, grad_v, ew
 
 
 @triton.jit
@@ -177,12 +191,16 @@ def _bwd_kernel(
     ignore_index, n_inner, s_outer, s_inner, r_n_inner, r_s_outer, r_s_inner,
     HAS_LABELS: tl.constexpr, REVERSE: tl.constexpr, NEED_X: tl.constexpr,
     NEED_XR: tl.constexpr, DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, DOMINANT: tl.constexpr, DOMINANT_ROWS: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): both requested gradients of one chunk of one row. No division per
     element; the row cases (ignored or zero upstream: 0, NaN row: NaN, KL = +inf: the weight
     side NaN) are folded into the two factors s_w = g / tau_w and s_v = g / tau_v. ALIGN: every
-    row's (`rows_align`)."""
+    row's (`rows_align`).
+    DOMINANT (whole rows, the weight side's gradient asked for): rows whose weight side has a
+    dominant entry (`DOMINANT_LOG_S1`) are left to a second launch with DOMINANT_ROWS, grid
+    (N, 1), whose program writes such a row whole (`_dominant_row`); its other programs return
+    at once. Their loop is not in the other launch's kernel, whose hot loop stays as it was."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     keep = row >= 0
@@ -240,6 +258,16 @@ def _bwd_kernel(
     if SERIES and DIVIDE:
         dl_u = dl * LOG2E
     out = dense_row_offset(row, V, ALIGN)  # gradients are fresh contiguous tensors
+    dominant = row < 0
+    if DOMINANT:
+        dominant = compute & (l_w < DOMINANT_LOG_S1)
+    if DOMINANT_ROWS:
+        if dominant:
+            _dominant_row(x_row, xr_row, gx_ptr + out, gxr_ptr + out, V, l_w, a_w, k_w, a_v,
+                          k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_hi, REVERSE, NEED_X, NEED_XR,
+                          DIVIDE, SERIES, BLOCK_V)  # fmt: skip
+        return
+    compute = compute & ~dominant  # written by the DOMINANT_ROWS launch
     start = chunk * CHUNK
     n_valid = tl.minimum(V - start, CHUNK)  # the last chunk can end early
     n_full = n_valid // BLOCK_V
@@ -255,13 +283,13 @@ def _bwd_kernel(
                    f_wc, f_vv, f_d, f_vw, dl_u, r_hi, None, REVERSE, NEED_X, NEED_XR, DIVIDE,
                    SERIES)  # fmt: skip
     constant = tl.zeros([BLOCK_V], f_vv.dtype) + tl.where(nan_row, nan, 0.0)
-    for i in range(0, tl.where(compute, 0, n_full)):
+    for i in range(0, tl.where(compute | dominant, 0, n_full)):
         cols = start + i * BLOCK_V + lanes
         if NEED_X:
             tl.store(gx_ptr + out + cols, round_to(constant, gx_ptr.dtype.element_ty))
         if NEED_XR:
             tl.store(gxr_ptr + out + cols, round_to(constant, gxr_ptr.dtype.element_ty))
-    if n_full * BLOCK_V < n_valid:
+    if (n_full * BLOCK_V < n_valid) & ~dominant:
         cols = start + n_full * BLOCK_V + lanes
         in_row = cols < V
         xp = tl.load(x_row + cols, mask=in_row & compute, other=0.0)
@@ -275,13 +303,15 @@ def _bwd_kernel(
 def _bwd_store(xp, xq, gx, gxr, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_hi, mask,
                REVERSE: tl.constexpr, NEED_X: tl.constexpr, NEED_XR: tl.constexpr,
                DIVIDE: tl.constexpr, SERIES: tl.constexpr):  # fmt: skip
+    """Stores the requested gradients of one block; returns the weight side's (before its
+    rounding to the gradient's dtype) and its e_w, for `_dominant_row`."""
     if REVERSE:
-        grad_w, grad_v = _bwd_block(
+        grad_w, grad_v, ew = _bwd_block(
             xp, xq, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_hi, DIVIDE, SERIES
         )
         grad_x, grad_xr = grad_w, grad_v
     else:
-        grad_w, grad_v = _bwd_block(
+        grad_w, grad_v, ew = _bwd_block(
             xq, xp, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_hi, DIVIDE, SERIES
         )
         grad_x, grad_xr = grad_v, grad_w
@@ -289,6 +319,66 @@ def _bwd_store(xp, xq, gx, gxr, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw,
         tl.store(gx, round_to(grad_x, gx.dtype.element_ty), mask=mask)
     if NEED_XR:
         tl.store(gxr, round_to(grad_xr, gxr.dtype.element_ty), mask=mask)
+    return grad_w, ew
+
+
+@triton.jit
+def _dominant_row(x_row, xr_row, gx, gxr, V, l_w, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw,
+                  dl_u, r_hi, REVERSE: tl.constexpr, NEED_X: tl.constexpr, NEED_XR: tl.constexpr,
+                  DIVIDE: tl.constexpr, SERIES: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """Both requested gradients of a whole row whose weight side has a dominant entry (w_j >
+    1/2, rest below 2^-7), that entry's weight-side gradient then written again as minus the
+    sum of the row's others where that is the more accurate form.
+
+    The gradient sums to 0 over a whole row (sum_j w_j (delta_j - c) = c - c). At the dominant
+    entry the direct form w_j ((d_w - d_v) - c) cancels to ~rest x |delta| (0 for a one-hot
+    row) below the rounding of delta_j and c at ulp(|delta|): 1.1e-7 off where plain fp32
+    PyTorch, whose w_j rounds to 1, is ~0. The others' errors are relative to themselves. The
+    criterion is the C++ kernel's (`kl_backward_row`): 32 times the others' summed size below
+    the direct form's rounding scale w_j (|delta_j| + |c|) |g / tau_w| (where both sides share
+    the argmax, delta_j ~ 0 and the direct form is exact to ~eps c). The others sum in the
+    lanes (the dominant entry's own term left out, each lane's step where it met it kept),
+    then across them in fp64."""
+    ACC: tl.constexpr = f_vv.dtype
+    lanes = tl.arange(0, BLOCK_V)
+    others = tl.zeros([BLOCK_V], ACC)
+    size = tl.zeros([BLOCK_V], ACC)
+    at = tl.full([BLOCK_V], -1, tl.int32)
+    half_s1 = 0.5 * exp_acc(l_w)  # e_w above it: w_j > 1/2
+    n_full = V // BLOCK_V
+    for i in range(0, n_full):
+        cols = i * BLOCK_V + lanes
+        grad_w, ew = _bwd_store(
+            tl.load(x_row + cols), tl.load(xr_row + cols), gx + cols, gxr + cols, a_w, k_w, a_v,
+            k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_hi, None, REVERSE, NEED_X, NEED_XR, DIVIDE,
+            SERIES,
+        )  # fmt: skip
+        top = ew > half_s1
+        g = tl.where(top, 0.0, grad_w)
+        others, size, at = others + g, size + tl.abs(g), tl.where(top, i, at)
+    if n_full * BLOCK_V < V:
+        cols = n_full * BLOCK_V + lanes
+        in_row = cols < V
+        xp = tl.load(x_row + cols, mask=in_row, other=0.0)
+        xq = tl.load(xr_row + cols, mask=in_row, other=0.0)
+        grad_w, ew = _bwd_store(xp, xq, gx + cols, gxr + cols, a_w, k_w, a_v, k_v, f_wr, f_wc,
+                                f_vv, f_d, f_vw, dl_u, r_hi, in_row, REVERSE, NEED_X, NEED_XR,
+                                DIVIDE, SERIES)  # fmt: skip
+        top = in_row & (ew > half_s1)
+        g = tl.where(top | ~in_row, 0.0, grad_w)
+        others, size, at = others + g, size + tl.abs(g), tl.where(top, n_full, at)
+    col = tl.max(tl.where(at >= 0, at * BLOCK_V + lanes, -1))
+    if col >= 0:
+        if REVERSE:
+            xw, xv, gw = tl.load(x_row + col), tl.load(xr_row + col), gx + col
+        else:
+            xw, xv, gw = tl.load(xr_row + col), tl.load(x_row + col), gxr + col
+        ew, _, r = pair_exps(widen(xw, ACC), widen(xv, ACC), a_w, a_v, k_w, k_v, DIVIDE, False)
+        scale = ew * (tl.abs(r * f_wr) + tl.abs(f_wc))
+        total = tl.sum(others.to(tl.float64))
+        better = 32.0 * tl.sum(size.to(tl.float64)) < scale
+        if better & (tl.abs(total) < float("inf")):
+            tl.store(gw, round_to(-total, gw.dtype.element_ty))
 
 
 def kl_divergence_forward(
@@ -337,8 +427,9 @@ def kl_divergence_backward(
     need_ref_grad, whole_rows, n_inner, stride_outer, stride_inner, ref_n_inner,
     ref_stride_outer, ref_stride_inner, *, _block_v=None, _chunk=None,
 ):  # fmt: skip
-    """(grad_logits, grad_ref_logits), empty where not requested; as the C++ launcher (whose
-    whole_rows only the C++ kernel reads: open finding (9) stays open here)."""
+    """(grad_logits, grad_ref_logits), empty where not requested; as the C++ launcher.
+    whole_rows: each row is whole (not a vocab-parallel shard's), so that the weight side's
+    gradient sums to 0 over it (`_dominant_row`)."""
     V = logits.shape[-1]
     n = logits.numel() // V if V else 0
     grad = (
@@ -360,15 +451,19 @@ def kl_divergence_backward(
     divide = needs_division(
         temperature, temperature_scalar, ref_temperature, ref_temperature_scalar
     )
-    _bwd_kernel[(n, blk.n_chunks)](
-        grad_kl, logits, ref_logits, labels if labels is not None else kl, t, tr, kl, row_state,
-        grad if need_logits_grad else grad_ref, grad_ref if need_ref_grad else grad, V,
-        ignore_index, n_inner, stride_outer, stride_inner, ref_n_inner, ref_stride_outer,
-        ref_stride_inner, HAS_LABELS=labels is not None, REVERSE=bool(reverse),
-        NEED_X=bool(need_logits_grad), NEED_XR=bool(need_ref_grad),
-        DIVIDE=divide, ALIGN=rows_align((logits, n_inner, stride_outer, stride_inner),
-                                        (ref_logits, ref_n_inner, ref_stride_outer,
-                                         ref_stride_inner), grad, grad_ref),
-        CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
-    )  # fmt: skip
+    dominant = bool(whole_rows and (need_logits_grad if reverse else need_ref_grad))
+    for rows in (False, True) if dominant else (False,):
+        _bwd_kernel[(n, 1 if rows else blk.n_chunks)](
+            grad_kl, logits, ref_logits, labels if labels is not None else kl, t, tr, kl,
+            row_state, grad if need_logits_grad else grad_ref,
+            grad_ref if need_ref_grad else grad, V, ignore_index, n_inner, stride_outer,
+            stride_inner, ref_n_inner, ref_stride_outer, ref_stride_inner,
+            HAS_LABELS=labels is not None, REVERSE=bool(reverse), NEED_X=bool(need_logits_grad),
+            NEED_XR=bool(need_ref_grad), DIVIDE=divide,
+            CHUNK=blk.chunk, BLOCK_V=blk.block_v,
+            ALIGN=rows_align((logits, n_inner, stride_outer, stride_inner),
+                             (ref_logits, ref_n_inner, ref_stride_outer, ref_stride_inner), grad,
+                             grad_ref),
+            DOMINANT=dominant, DOMINANT_ROWS=rows, num_warps=blk.num_warps,
+        )  # fmt: skip
     return grad, grad_ref
