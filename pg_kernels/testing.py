@@ -178,6 +178,46 @@ def filled_against_no_mass(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
     return [x.masked_fill(mask, -1e4).to(dtype), other.masked_fill(mask, fill).to(dtype)]
 
 
+# The dominant entry's column in `dominant_entry_rows`, and the rows whose argmax the other side
+# does not share (the finding's rows).
+DOMINANT_COLUMN = 123
+DOMINANT_ROWS = slice(0, 9)
+
+
+def dominant_entry_rows(v: int, seed: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w, other) [12, v] float64: w a spike of 40, 24, 16 over randn * 0.5 at DOMINANT_COLUMN
+    (rests of ~1e-17, ~1e-10, ~1e-7 at tau 1), four times; the other side randn * 4 against
+    the first nine rows (DOMINANT_ROWS: whether the direct form rounds at the top entry
+    depends on the draw) and w + 1e-3 randn against the last three (a shared argmax, where
+    a KL gradient's direct form is exact to ~eps c)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(12, v, generator=g, dtype=torch.float64) * 0.5
+    w[:, DOMINANT_COLUMN] += torch.tensor([40.0, 24.0, 16.0] * 4, dtype=torch.float64)
+    other = torch.randn(12, v, generator=g, dtype=torch.float64) * 4
+    other[9:] = w[9:] + 1e-3 * torch.randn(3, v, generator=g, dtype=torch.float64)
+    return w, other
+
+
+def assert_dominant_entry(
+    ours: torch.Tensor, truth: torch.Tensor, plain: torch.Tensor, log_w: torch.Tensor,
+    log_v: torch.Tensor, dtype: torch.dtype, context=None,
+) -> None:  # fmt: skip
+    """Finding (9) on `dominant_entry_rows`: the KL gradient of the side the expectation is over
+    (w: ours, the float64 truth and plain fp32 PyTorch's, [6, v]) at the dominant entry of
+    DOMINANT_ROWS, held to 2x plain's error there plus: 64 fp32 eps of the others' summed size
+    (the kernels write it as minus their sum, in fp32 lanes), half an ulp of the gradient's
+    dtype, and the float64 truth's own rounding of its direct form, ulp((d_w - d_v) - KL) (4e-15
+    at a spike of 40, where plain fp32 reads ~0). log_w, log_v: the float64 log-softmaxes."""
+    col, rows = DOMINANT_COLUMN, DOMINANT_ROWS
+    err, err_plain = ((g.double().cpu() - truth)[rows, col].abs() for g in (ours, plain))
+    others = truth[rows].abs().sum(-1) - truth[rows, col].abs()
+    kl = (log_w.exp() * (log_w - log_v)).sum(-1)[rows]
+    truth_rounding = 8 * 2.0**-52 * ((log_w - log_v)[rows, col].abs() + kl.abs())
+    allowed = (2 * err_plain + 64 * 2.0**-23 * others
+               + torch.finfo(dtype).eps / 2 * truth[rows, col].abs() + truth_rounding)  # fmt: skip
+    assert (err <= allowed).all(), (context, err, err_plain, allowed)
+
+
 def assert_close_to_truth(
     name: str,
     out: torch.Tensor,

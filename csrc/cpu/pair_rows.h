@@ -612,6 +612,69 @@ inline double other_side_difference(double w, double v, double delta) {
   return std::abs(delta) < 0.25 ? w * std::expm1(delta) : v - w;
 }
 
+// The dominant entry of a whole row's weight-side KL gradient, written as minus the sum of the
+// row's others. grad_w sums to 0 over a whole row (sum_j w_j (delta_j - c) = c - c); at the
+// dominant w_j (> 1/2) of a row whose rest is below 2^-7 the direct form w_j (delta_j - c)
+// cancels to ~rest x |delta| (0 for a one-hot row), below the rounding of delta_j and c at
+// ulp(|delta|) (a one-hot reference row at tau 0.7: 1.2e-6 where the truth is ~0 and plain fp32
+// PyTorch, whose sum_k w_k g_k with w_j rounded to 1 cancels g_j exactly, ~0), while the other
+// entries' errors are relative to themselves. The loop adds each vector of weight-side terms
+// (per chunk in acc_t lanes, the chunks in row_sum_t) and finds the entry with w_j > 1/2; only
+// the chunk that may hold it looks. `base`: the rest of that entry's gradient, which the
+// rewrite keeps (step_stats' token terms; 0 in kl_divergence).
+template <typename acc_t>
+struct DominantEntry {
+  static constexpr int W = int(Vec<acc_t>::size());
+  // Whether a row takes the form (l_w = -log(1 - rest) below 2^-7). Elsewhere the others' sum
+  // is rarely the more accurate: with rests up to 1/2 the fidelity table's fp32 KL gradient
+  // went 1.1e-7 -> 2.5e-7.
+  static bool applies(acc_t log_s1_w) { return log_s1_w < acc_t(0x1p-7); }
+
+  row_sum_t<acc_t> sum = 0, size = 0;  // of the terms and |terms| over the row
+  Vec<acc_t> chunk_sum = Vec<acc_t>(acc_t(0)), chunk_size = Vec<acc_t>(acc_t(0));
+  int64_t top = -1;  // the entry with w_j > 1/2, if the loop's w finds one
+  acc_t top_term = 0, top_base = 0, top_scale = 0;  // its term, base, w_j (|delta_j| + |c|)
+
+  void add(const Vec<acc_t>& term, const Vec<acc_t>& w, const Vec<acc_t>& delta,
+           const Vec<acc_t>& base, acc_t c, int64_t at, bool look) {
+    chunk_sum = chunk_sum + term;  // lanes past the row's end: w of the -inf padding, 0
+    chunk_size = chunk_size + term.abs();
+    const int small = look ? (w > Vec<acc_t>(acc_t(0.5))).zero_mask() : (1 << W) - 1;
+    if (small != (1 << W) - 1) {
+      const int lane = __builtin_ctz(~small);
+      acc_t lanes_term[W], lanes_w[W], lanes_delta[W], lanes_base[W];
+      term.store(lanes_term);
+      w.store(lanes_w);
+      delta.store(lanes_delta);
+      base.store(lanes_base);
+      top = at + lane;
+      top_term = lanes_term[lane];
+      top_base = lanes_base[lane];
+      top_scale = lanes_w[lane] * (std::abs(lanes_delta[lane]) + std::abs(c));
+    }
+  }
+
+  void end_chunk() {
+    sum += row_sum_t<acc_t>(sum_lanes(chunk_sum));
+    size += row_sum_t<acc_t>(sum_lanes(chunk_size));
+    chunk_sum = chunk_size = Vec<acc_t>(acc_t(0));
+  }
+
+  // Minus the others' sum, where it is the more accurate: the direct form rounds at ~eps w_j
+  // (|delta_j| + |c|) |g|, the others' sum at up to ~32 eps of their sizes (acc_t lanes, 128
+  // terms per chunk). Where both sides share the argmax, delta_j ~ 0 there and the direct
+  // form is exact to ~eps c: the sum's rounding was 10x larger (V = 151936, a spike of 16 and
+  // 1e-3 of noise: 1.3-3.1e-6 relative against 0.7-4.4e-7). g: the upstream gradient over
+  // the weight side's temperature.
+  bool minus_others(acc_t g, row_sum_t<acc_t>& out) const {
+    const row_sum_t<acc_t> others = sum - row_sum_t<acc_t>(top_term);
+    const row_sum_t<acc_t> others_size = size - std::abs(row_sum_t<acc_t>(top_term));
+    out = -others;
+    return top >= 0 && 32 * others_size < row_sum_t<acc_t>(top_scale) * std::abs(g) &&
+           std::isfinite(others);
+  }
+};
+
 // Gradients of KL(w || v) for one row, times the upstream gradient g (docs/math.md §4), from
 // each side's rebuilt raw max a and l = log s1 relative to a / tau (saved_side), d = (x - a) / tau
 // loaded as the forward loaded it, and c = E_w[d_w - d_v] relative to the same points:
@@ -620,13 +683,8 @@ inline double other_side_difference(double w, double v, double delta) {
 // with v_j - w_j from other_side_difference (dl = log_s1_difference).
 // kW / kV: which gradients to write; only grad_v needs v_j's exp.
 //
-// grad_w sums to 0 over a whole row (sum_j w_j (delta_j - c) = c - c). Where the row's rest is
-// below 2^-7, its entry at the dominant w_j is written as minus the sum of the others (where
-// that is the more accurate form, below): there w_j (delta_j - c) cancels to ~rest x |delta|
-// (0 for a one-hot row), below the rounding of delta_j and c at ulp(|delta|) (a one-hot
-// reference row at tau 0.7: 1.2e-6 where the truth is ~0 and plain fp32 PyTorch, whose
-// sum_k w_k g_k with w_j rounded to 1 cancels g_j exactly, ~0), while the other entries'
-// errors are relative to themselves.
+// Where the row is whole and its w side's rest below 2^-7, the entry at the dominant w_j is
+// written as minus the sum of the row's others (DominantEntry).
 template <typename scalar_t, typename acc_t, bool kW, bool kV>
 void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_t* xv,
                      Temperature<acc_t> tau_v, int64_t V, SideState<acc_t> sw,
@@ -634,23 +692,18 @@ void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_
                      acc_t* bw, acc_t* bv, scalar_t* grad_w, scalar_t* grad_v) {
   constexpr int64_t W = Vec<acc_t>::size();
   const Vec<acc_t> vlw(sw.log_s1), vlv(sv.log_s1), vc(c), vgw(gw), vgv(gv), zero(acc_t(0)),
-      lowest(exp_zero_below<acc_t>()), vdl(dl), half(acc_t(0.5));
+      lowest(exp_zero_below<acc_t>()), vdl(dl);
   const PairFrame<acc_t> fw(tau_w), fv(tau_v);
-  // kDominant: the row's max has w = e^{-l_w} near 1 (below). Then the loop also sums grad_w
-  // (per chunk in acc_t lanes, the chunks in row_sum_t) and finds the entry with w_j > 1/2;
-  // other rows pay nothing.
+  // kDominant: the row's max has w = e^{-l_w} near 1 (DominantEntry); other rows pay nothing.
   const auto rows = [&](auto dominant) __attribute__((always_inline)) {
     constexpr bool kDominant = decltype(dominant)::value;
-    row_sum_t<acc_t> sum = 0, size = 0;  // of grad_w and |grad_w| over the row
-    int64_t top = -1;  // the entry with w_j > 1/2, if the loop's w finds one
-    acc_t top_grad = 0, top_scale = 0;  // its grad_w as the loop formed it, w_j (|delta_j| + |c|)
+    DominantEntry<acc_t> top;
     for (int64_t begin = 0; begin < V; begin += kChunk) {
       const int64_t n = std::min(kChunk, V - begin);
       const acc_t mw = fw.load(xw + begin, n, bw);
       shift_divide_chunk(bw, n, fw.tau, sw.m);
       fv.load(xv + begin, n, bv);
       shift_divide_chunk(bv, n, fv.tau, sv.m);
-      Vec<acc_t> chunk_sum(acc_t(0)), chunk_size(acc_t(0));
       // Whether this chunk's max may be the dominant entry (with a margin for the roundings):
       // only there does the loop look for it.
       const bool look = kDominant && (mw - sw.m) / fw.tau.tau - sw.log_s1 > acc_t(-0.7);
@@ -666,20 +719,7 @@ void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_
           const Vec<acc_t> delta = dw - dv;
           const Vec<acc_t> g = Vec<acc_t>::blendv(w * (delta - vc) * vgw, zero, w == zero);
           g.store(bw + i);
-          if constexpr (kDominant) {
-            chunk_sum = chunk_sum + g;  // lanes past n: w of the -inf padding, 0
-            chunk_size = chunk_size + g.abs();
-            const int small = look ? (w > half).zero_mask() : (1 << W) - 1;  // w_j <= 1/2
-            if (small != (1 << W) - 1) {
-              const int lane = __builtin_ctz(~small);
-              acc_t lanes_w[W], lanes_delta[W];
-              w.store(lanes_w);
-              delta.store(lanes_delta);
-              top = begin + i + lane;
-              top_grad = bw[i + lane];
-              top_scale = lanes_w[lane] * (std::abs(lanes_delta[lane]) + std::abs(c));
-            }
-          }
+          if constexpr (kDominant) top.add(g, w, delta, zero, c, begin + i, look);
         }
         if constexpr (kV) {
           // d/dz_v of -sum w log v = v_j sum w - w_j = v_j - w_j
@@ -687,30 +727,17 @@ void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_
           (other_side_difference(w, v, dw, dv, vdl) * vgv).store(bv + i);
         }
       }
-      if constexpr (kDominant) {
-        sum += row_sum_t<acc_t>(sum_lanes(chunk_sum));
-        size += row_sum_t<acc_t>(sum_lanes(chunk_size));
-      }
+      if constexpr (kDominant) top.end_chunk();
       if constexpr (kW) store_row(bw, grad_w + begin, n);
       if constexpr (kV) store_row(bv, grad_v + begin, n);
     }
+    row_sum_t<acc_t> value;
     if constexpr (kDominant) {
-      // Where it is the more accurate: the direct form rounds at ~eps w_j (|delta_j| + |c|)
-      // |g|, the others' sum at up to ~32 eps of their sizes (acc_t lanes, 128 terms per chunk).
-      // Where both sides share the argmax, delta_j ~ 0 there and the direct form is exact to
-      // ~eps c: the sum's rounding was 10x larger (V = 151936, a spike of 16 and 1e-3 of
-      // noise: 1.3-3.1e-6 relative against 0.7-4.4e-7).
-      const row_sum_t<acc_t> others = sum - row_sum_t<acc_t>(top_grad);
-      const row_sum_t<acc_t> others_size = size - std::abs(row_sum_t<acc_t>(top_grad));
-      const bool better = 32 * others_size < row_sum_t<acc_t>(top_scale) * std::abs(gw);
-      if (top >= 0 && better && std::isfinite(others)) grad_w[top] = scalar_t(acc_t(-others));
+      if (top.minus_others(gw, value)) grad_w[top.top] = scalar_t(acc_t(value));
     }
   };
-  // A shard of a wider row (pg_kernels.parallel) does not sum to 0 alone. The rest 1 - w_max
-  // below 2^-7 (l_w = -log(1 - rest)): elsewhere the others' sum is rarely the more accurate
-  // (with rests up to 1/2 the fidelity table's fp32 KL gradient went 1.1e-7 -> 2.5e-7), and
-  // other rows pay nothing.
-  if (kW && whole_row && sw.log_s1 < acc_t(0x1p-7)) {
+  // A shard of a wider row (pg_kernels.parallel) does not sum to 0 alone.
+  if (kW && whole_row && DominantEntry<acc_t>::applies(sw.log_s1)) {
     rows(std::true_type{});
   } else {
     rows(std::false_type{});

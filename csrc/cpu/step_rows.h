@@ -298,8 +298,10 @@ struct KLBackward {
 };
 
 // One backward row. kKL: 0 no KL term, 1 reverse, 2 forward. kP / kQ: write the logits' /
-// the reference's gradient.
-template <typename scalar_t, typename acc_t, int kKL, bool kP, bool kQ>
+// the reference's gradient. kDominant: the KL's weight side (the logits for reverse, the
+// reference for forward) has a dominant entry whose KL term is written as minus the sum of
+// the row's others (DominantEntry, as kl_divergence's); its other terms (token_stats') stay.
+template <typename scalar_t, typename acc_t, int kKL, bool kP, bool kQ, bool kDominant>
 void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t* xq, acc_t tq,
                   int64_t V, int64_t label, const BackwardRow<acc_t>& row,
                   const KLBackward<acc_t>& kl, acc_t* bp, acc_t* bq, scalar_t* grad,
@@ -309,6 +311,7 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
       lowest(exp_zero_below<acc_t>());
   const Vec<acc_t> vlq(kl.log_s1), vshift(kl.c), vdl(kl.dl), vgp(kl.g_p), vgq(kl.g_q);
   const Temperature<acc_t> tpq = temperature(tq);
+  DominantEntry<acc_t> top;
   for (int64_t begin = 0; begin < V; begin += kChunk) {
     const int64_t n = std::min(kChunk, V - begin);
     // d relative to each side's max as the forward loaded it (shift_divide_chunk).
@@ -329,8 +332,11 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
       if constexpr (kKL == 1) {  // reverse: w = p, v = q
         const Vec<acc_t> dq_raw = Vec<acc_t>::loadu(bq + i);
         if constexpr (kP) {
-          const Vec<acc_t> term = p * ((dp_raw - dq_raw) - vshift) * vgp;
-          g = g + Vec<acc_t>::blendv(term, zero, p == zero);
+          const Vec<acc_t> delta = dp_raw - dq_raw;
+          const Vec<acc_t> term =
+              Vec<acc_t>::blendv(p * (delta - vshift) * vgp, zero, p == zero);
+          if constexpr (kDominant) top.add(term, p, delta, g, kl.c, begin + i, true);
+          g = g + term;
         }
         if constexpr (kQ) {
           const Vec<acc_t> q = vexp(at::vec::clamp_min(dq_raw - vlq, lowest));
@@ -343,17 +349,28 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
           g = at::vec::fmadd(other_side_difference(q, p, dq_raw, dp_raw, vdl), vgp, g);
         }
         if constexpr (kQ) {
-          const Vec<acc_t> term = q * ((dq_raw - dp_raw) - vshift) * vgq;
-          gq = Vec<acc_t>::blendv(term, zero, q == zero);
+          const Vec<acc_t> delta = dq_raw - dp_raw;
+          gq = Vec<acc_t>::blendv(q * (delta - vshift) * vgq, zero, q == zero);
+          if constexpr (kDominant) top.add(gq, q, delta, zero, kl.c, begin + i, true);
         }
       }
       if constexpr (kP) g.store(bp + i);
       if constexpr (kQ) gq.store(bq + i);
     }
+    if constexpr (kDominant) top.end_chunk();
     if constexpr (kP) store_row(bp, grad + begin, n);
     if constexpr (kQ) store_row(bq, grad_ref + begin, n);
   }
+  // The dominant entry's KL term as minus the others' (kDominant), where that is the better.
+  row_sum_t<acc_t> others = 0;
+  const bool rewrite = kDominant && top.minus_others(kKL == 1 ? kl.g_p : kl.g_q, others);
+  if constexpr (kKL == 2 && kQ) {
+    if (rewrite) grad_ref[top.top] = scalar_t(acc_t(others));
+  }
   if constexpr (kP) {
+    if (kKL == 1 && rewrite && top.top != label) {
+      grad[top.top] = scalar_t(acc_t(row_sum_t<acc_t>(top.top_base) + others));
+    }
     // The label's entry gets + g_l / tau, added in double before the one rounding (as in
     // token_stats' backward), its KL term recomputed in double too.
     const acc_t dp_c = tp.divide(acc_t(xp[label]) - row.xm);
@@ -364,7 +381,9 @@ void step_backward_row_impl(const scalar_t* xp, Temperature<acc_t> tp, const sca
       const double dq_c = tpq.divide(acc_t(xq[label]) - kl.xm);
       // Where p_c is 0 in acc_t (d_c at the floor: the vector path's blend), no KL term: a
       // -inf label logit would otherwise add p_c (dp_c - ...) = -inf through the floor's p_c.
-      if (d_c > exp_zero_below<acc_t>()) {
+      if (rewrite && top.top == label) {
+        value += double(others);
+      } else if (d_c > exp_zero_below<acc_t>()) {
         value += double(kl.g_p) * p_c * ((double(dp_c) - dq_c) - double(kl.c));
       }
     } else if constexpr (kKL == 2) {
@@ -384,8 +403,16 @@ void step_backward_row(int kl_mode, bool do_p, bool do_q, const scalar_t* xp,
                            int64_t label, const BackwardRow<acc_t>& row,
                            const KLBackward<acc_t>& kl, acc_t* bp, acc_t* bq, scalar_t* grad,
                            scalar_t* grad_ref) {
-#define PGK_ROW(K, P, Q) \
-  step_backward_row_impl<scalar_t, acc_t, K, P, Q>(xp, tp, xq, tq, V, label, row, kl, bp, bq, grad, grad_ref)
+  // The KL's weight side has a dominant entry (DominantEntry): the logits' for reverse, the
+  // reference's for forward, when its gradient is asked for.
+  const bool dominant = kl_mode == 1   ? do_p && DominantEntry<acc_t>::applies(row.log_s1)
+                        : kl_mode == 2 ? do_q && DominantEntry<acc_t>::applies(kl.log_s1)
+                                       : false;
+#define PGK_ROW(K, P, Q)                                                                      \
+  (dominant ? step_backward_row_impl<scalar_t, acc_t, K, P, Q, true>(                          \
+                  xp, tp, xq, tq, V, label, row, kl, bp, bq, grad, grad_ref)                   \
+            : step_backward_row_impl<scalar_t, acc_t, K, P, Q, false>(                         \
+                  xp, tp, xq, tq, V, label, row, kl, bp, bq, grad, grad_ref))
   if (kl_mode == 0) {
     if (do_p) PGK_ROW(0, true, false);
   } else if (kl_mode == 1) {
