@@ -93,7 +93,8 @@ def _kl_divergence_backward(
     backend, whole_rows=True,
 ):  # fmt: skip
     """whole_rows=False: the rows are shards of wider rows (pg_kernels.parallel), whose
-    gradients the kernel may not complete from the row's own sum (C++ kl_backward_row)."""
+    gradients the kernel may not complete from the row's own sum (a dominant entry's: C++
+    DominantEntry, Triton `_dominant_row`)."""
     _, backward = _backend.launchers(OP, backend)
     acc = acc_dtype(logits.dtype)
     grad_kl, kl, row_state = (t.reshape(-1).to(acc).contiguous() for t in (grad_kl, kl, row_state))
