@@ -9,6 +9,11 @@ Providers: pg_kernels on every backend with a kernel here (cpu), the eager refer
 (`reference.kl_divergence(..., upcast=False)`, what a plain PyTorch trainer computes) and
 `torch.compile` of it.
 
+PGK_BENCH_DOMINANT=f (0 .. 1): the first f of the rows carry a spike of 24 on both sides (a
+shared argmax; the logits' rest ~2e-3 at V = 151936), so that the backward's rows with a
+dominant weight entry (w_j > 1/2, rest below 2^-7: an RL policy's confident tokens) take
+their own path (Triton: a second launch, one program per row; C++: the others' sum).
+
 Bytes moved (the minimum an ideal kernel moves), s = the logits' itemsize:
   fwd      2 N V s (logits, ref_logits) + N * 4 (kl out)
   bwd      2 N V s read + N V s grad written + N * 16 (saved L, L_ref, KL; upstream)
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +52,7 @@ DIMS = ("N", "V")
 DIRECTION = "reverse"
 LOGIT_STD = 2.0
 TEACHER_NOISE = 0.5  # the reference is a perturbation of the logits: KL ~ 0.1 nats, realistic
+DOMINANT_SPIKE = 24.0  # PGK_BENCH_DOMINANT's spike
 
 
 def default_shapes(device: torch.device, quick: bool) -> list[dict[str, int]]:
@@ -69,6 +76,9 @@ def make_inputs(case: Case, seed: int) -> Inputs:
         noise = torch.randn(rows, v, generator=gen, device=case.device) * TEACHER_NOISE
         logits[r : r + rows] = chunk.to(case.dtype)
         ref[r : r + rows] = (chunk + noise).to(case.dtype)
+    dominant = round(float(os.environ.get("PGK_BENCH_DOMINANT", "0")) * n)
+    logits[:dominant, v // 3] += DOMINANT_SPIKE
+    ref[:dominant, v // 3] += DOMINANT_SPIKE
     w = torch.randn(n, generator=gen, device=case.device)
     return {"logits": logits, "ref_logits": ref, "w": w}
 
