@@ -45,7 +45,12 @@ plus the KL term, written once per element:
 and the reference's gradient (kl_divergence's) when asked. A row whose g_kl is 0 (or with no
 reference) skips the K term and never reads the reference: a NaN teacher row whose KL is not in
 the loss leaves the policy's gradient finite. Each row case (ignored, without the K term, with
-it) runs its own loop, so no loop carries a per-element select or a masked load.
+it) runs its own loop, so no loop carries a per-element select or a masked load. Rows whose KL
+weight side (the logits for reverse, the reference for forward) has a dominant entry (w_j >
+1/2, rest below 2^-7) are written by a second launch (DOMINANT_ROWS, one program per row,
+`_dominant_row`), which writes that entry's K term as minus the sum of the row's others, as
+kl_divergence does (its direct form rounds at ulp of the log-ratio: 1.8e-6 off at a spike of
+40, where plain fp32 PyTorch reads ~0).
 
 Bytes per row of V elements of s bytes (minimum: each tensor read once, each gradient written
 once): forward (1 + [rollout] + [ref]) V s read, + 2 V s more for TV with rollout logits (the
@@ -70,6 +75,10 @@ element triple (forward, budget 30) / pair (backward with the KL term, both grad
              the fp64 label / argmax entries after the loop (their row numbers recomputed
              there, not kept live through it: kept, one variant read 20.1 and 80 registers);
              fp32 30.8 with the series' Horner start (`_pair.horner`)
+The dominant rows' loop (DOMINANT_ROWS, its own budget in .ci/check_triton_sm90.py: the K term
+formed alone beside the folded one, element loads, every block masked): 35.6-37.6 per bf16 /
+fp16 pair, 43.2-45.2 on bf16 rows that start at odd elements, fp32 50.4-52.2; the main loop as
+before (bf16 18.6-19.6, fp16 18.6-20.0, fp32 30.4-31.6).
 Forward: unmasked full-step loads (a uniform -inf fill cost a MOV per register: 1.5 per triple)
 and the log-ratio floors as tl.maximum (a select became compares whose predicates were packed
 into integers and back: ~4 per floor). The pair sides in `_pair`'s convention (the top entry
@@ -171,6 +180,7 @@ from pg_kernels.triton.token_stats import (
     add_exps,
     bwd_exps,
     bwd_row,
+    bwd_value64,
     chunk_total,
     far_lane,
     frame,
@@ -191,6 +201,9 @@ KL_STATE = 3  # the reference's (m, log s1) and c = E_w[d_w - d_v] per row
 # The backward's floor of a reference logit's difference to its max (-inf there: 0 weight):
 # below any real logit difference, and its product with a gradient factor stays finite.
 XQ_FLOOR = tl.constexpr(-1e30)
+# Rows whose KL weight side's rest 1 - w_max is below 2^-7 take that entry's KL term from the
+# others' sum (`_dominant_row`; kl_divergence's threshold).
+DOMINANT_LOG_S1 = tl.constexpr(2.0**-7)
 # The floor of the logits' exponent d2 (base 2) where forward KL's teacher gradient
 # q_j ((d_q - d_p) - c) weighs it: token_stats' D_MIN (-1100) zeroes p_j but cut a sharp
 # policy's d_p (-852 nats, tau 0.095, against a teacher at tau 14.3: a teacher-gradient entry
@@ -810,6 +823,110 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
 
 
 @triton.jit
+def _kl_term(x, xq, m, c, rho_hi, kp, a_q, k_q, b_q, big_w, c_w, inv_qw, REVERSE: tl.constexpr):
+    """The KL term of the weight side alone, unfolded, and that side's w_j and log-ratio
+    delta = d_w - d_v in nats (`_dominant_row`): reverse p_j G ((d_p - d_q) - c) with p_j =
+    kp e, G = kp g_p; forward q_j g_q ((d_q - d_p) - c). d_p = ln2 (d2 + rho_hi), d_q =
+    (x_q - a_q) / tau_q floored as `_bwd_values` floors it (a 0 weight's term is 0)."""
+    d2, e = bwd_exps(x, m, c, rho_hi, D_MIN if REVERSE else D2_FAR)
+    d_p = LN2 * (d2 + rho_hi)
+    dxq = _floor_at(xq - a_q, XQ_FLOOR)
+    d_q = dxq * inv_qw
+    if REVERSE:
+        delta = d_p - d_q
+        w = kp * e
+        term = e * (big_w * (delta - c_w))
+    else:
+        delta = d_q - d_p
+        w = exp_base(fma_acc(dxq, k_q, -b_q))
+        term = w * (big_w * (delta - c_w))
+    return tl.where(w == 0, 0.0, term), w, delta
+
+
+@triton.jit
+def _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a, b, q, kp, a_q,
+                  k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, big_w, c_w, inv_qw, g_l,
+                  inv_tau, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, lse_ptr,
+                  entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr, REVERSE: tl.constexpr,
+                  NEED_X: tl.constexpr, NEED_Q: tl.constexpr, SERIES: tl.constexpr,
+                  BLOCK_V: tl.constexpr):  # fmt: skip
+    """A whole row whose KL weight side has a dominant entry (w_j > 1/2, rest below 2^-7): its
+    requested gradients as `_bwd_chunk` and the label's entry as `_bwd_kernel` write them, then
+    that entry's KL term written as minus the sum of the row's others, where that is the more
+    accurate form (kl_divergence's `_dominant_row`, the C++ DominantEntry): the direct form
+    rounds at ulp of the log-ratio there (1.8e-6 off at a spike of 40, where plain fp32 PyTorch
+    reads ~0). The loop forms the weight side's KL term alone as well (`_kl_term`; the stored
+    gradients fold it into token_stats' coefficients) and sums the others' in the lanes, then
+    across them in fp64. The dominant entry's other terms (token_stats', on the logits) come
+    from fp64 (`bwd_value64`), as the label's or the argmax's entry of a row without the KL.
+    Elements are loaded one tensor element at a time (no int32 pairs)."""
+    ACC: tl.constexpr = m.dtype
+    OUT: tl.constexpr = g_row.dtype.element_ty
+    lanes = tl.arange(0, BLOCK_V)
+    others = tl.zeros([BLOCK_V], ACC)
+    size = tl.zeros([BLOCK_V], ACC)
+    at = tl.full([BLOCK_V], -1, tl.int32)
+    n_full = V // BLOCK_V
+    for i in range(0, n_full + 1):
+        cols = i * BLOCK_V + lanes
+        in_row = cols < V
+        x = widen(tl.load(x_row + cols, mask=in_row, other=float("-inf")), ACC)
+        xq = widen(tl.load(xq_row + cols, mask=in_row, other=0.0), ACC)
+        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift,
+                             g_p, g_q, f_o, dl_u, r_hi, True, REVERSE, SERIES)  # fmt: skip
+        if NEED_X:
+            tl.store(g_row + cols, round_to(dz, OUT), mask=in_row)
+        if NEED_Q:
+            tl.store(gq_row + cols, round_to(dq, OUT), mask=in_row)
+        term, w, _ = _kl_term(x, xq, m, c, rho_hi, kp, a_q, k_q, b_q, big_w, c_w, inv_qw,
+                              REVERSE)  # fmt: skip
+        top = in_row & (w > 0.5)
+        term = tl.where(top | ~in_row, 0.0, term)
+        others, size, at = others + term, size + tl.abs(term), tl.where(top, i, at)
+    col = tl.max(tl.where(at >= 0, at * BLOCK_V + lanes, -1))
+    found = col >= 0
+    at_col = tl.maximum(col, 0)
+    x_t = tl.load(x_row + at_col).to(ACC)
+    xq_t = tl.load(xq_row + at_col).to(ACC)
+    _, w_t, delta_t = _kl_term(x_t, xq_t, m, c, rho_hi, kp, a_q, k_q, b_q, big_w, c_w, inv_qw,
+                               REVERSE)  # fmt: skip
+    # The direct form rounds at ~eps w_j (|delta_j| + |c|) |G / kp|, the others' sum at up to
+    # ~32 eps of their sizes (the C++ DominantEntry's criterion).
+    if REVERSE:
+        scale = w_t * (tl.abs(delta_t) + tl.abs(c_w)) * tl.abs(big_w / kp)
+    else:
+        scale = w_t * (tl.abs(delta_t) + tl.abs(c_w)) * tl.abs(big_w)
+    total = tl.sum(others.to(tl.float64))
+    better = found & (32.0 * tl.sum(size.to(tl.float64)) < scale) & (tl.abs(total) < float("inf"))
+    tl.debug_barrier()  # after the loop's block stores of the same addresses
+    if NEED_Q:
+        if not REVERSE:
+            if better:
+                tl.store(gq_row + col, round_to(-total, OUT))
+    if NEED_X:
+        row64 = bwd_row(x_row, row, label, row >= 0, c, V, g_logprob_ptr, g_entropy_ptr,
+                        g_collision_ptr, g_lse_ptr, lse_ptr, entropy_ptr, collision_ptr,
+                        max_prob_ptr, argmax_ptr)[10]  # fmt: skip
+        rewrite = better & (row < 0)  # the logits' entry: reverse only
+        if REVERSE:
+            rewrite = better
+        if rewrite & (col == label):
+            value = bwd_value64(x_t, m, c, rho_hi, row64, g_l) - total
+            tl.store(g_row + label, round_to(value, OUT))
+        else:
+            # The label's entry as `_bwd_kernel` writes it in a row with the KL term.
+            x_c = tl.load(x_row + label).to(ACC)
+            xq_c = tl.load(xq_row + label).to(ACC)
+            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
+                                  shift, g_p, g_q, f_o, dl_u, r_hi, True, REVERSE,
+                                  SERIES)  # fmt: skip
+            tl.store(g_row + label, round_to(dz_c + g_l * inv_tau, OUT))
+            if rewrite:
+                tl.store(g_row + col, round_to(bwd_value64(x_t, m, c, rho_hi, row64, 0.0) - total,
+                                               OUT))  # fmt: skip
+
+
+@triton.jit
 def _load_halves(row_ptr, col0, BLOCK_V: tl.constexpr):
     """A full block of bf16 logits as int32 pairs -> (even, odd) elements in fp32: a bf16 is
     the upper half of its fp32, so each is one shift or one mask (token_stats' PAIRS)."""
@@ -896,9 +1013,16 @@ def _bwd_kernel(
     collision_ptr, max_prob_ptr, argmax_ptr, kl_ptr, kl_state_ptr, grad_ptr, grad_q_ptr,
     HAS_TEMP: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
     NEED_X: tl.constexpr, NEED_Q: tl.constexpr, DIVIDE_Q: tl.constexpr, PAIRS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, DOMINANT: tl.constexpr,
+    DOMINANT_ROWS: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the requested gradients of one chunk of one row, written once.
+
+    DOMINANT (the KL in the loss, its weight side's gradient asked for): rows whose weight side
+    (the logits for reverse, the reference for forward) has a dominant entry are left to a
+    second launch with DOMINANT_ROWS, grid (N, 1), whose program writes such a row whole
+    (`_dominant_row`: that entry's KL term as minus the sum of the row's others); its other
+    programs return at once, and the main launch's hot loop stays as it was.
 
     Row cases (as the C++ kernel): ignored rows 0; a NaN token row NaN (and its reference
     gradient NaN when the KL is in the loss); with the KL in the loss (g_kl != 0): a NaN KL or
@@ -936,6 +1060,12 @@ def _bwd_kernel(
     b_kl = b
     read_q = keep & (row < 0)
     kl_on = read_q
+    dominant = read_q  # False; see DOMINANT
+    # The KL term unfolded, for `_dominant_row`: its factor G on the weight side (kp g_p
+    # reverse, g_q forward, both over tau) and c, and 1 / tau_q.
+    big_w = tl.zeros([], ACC)
+    c_w = tl.zeros([], ACC)
+    inv_qw = tl.zeros([], ACC)
     if HAS_REF:
         up = tl.load(g_kl_ptr + row)
         kl = tl.load(kl_ptr + row)
@@ -988,6 +1118,13 @@ def _bwd_kernel(
         else:
             dl = log_s1_difference(kl.to(f64), c_kl.to(f64), l_q.to(f64), l_p)
         dl_u = tl.where(read_q & (kl < big), (dl * LOG2E_F64).to(ACC), nan)
+        c_w = c_kl
+        inv_qw = inv_q
+        big_w = kp * g_p if REVERSE else g_q
+        if DOMINANT:
+            # The weight side's rest 1 - w_max below 2^-7 (log s1 relative to its max).
+            l_w = l_p if REVERSE else l_q.to(f64)
+            dominant = read_q & (kl < big) & (l_w < DOMINANT_LOG_S1)
         # The log-ratio's d_p = z - m = ln2 (d2 + rho_hi) (`bwd_exps`: d2 = (x - m) c - rho_hi)
         # goes into per-row factors, its constant part computed in fp64 and rounded once.
         ln2 = _ln2(g_p)
@@ -1025,8 +1162,18 @@ def _bwd_kernel(
     out = dense_row_offset(row, V, ALIGN)  # the gradients are fresh contiguous tensors
     g_row = grad_ptr + out
     gq_row = grad_q_ptr + out
+    if DOMINANT_ROWS:
+        if dominant:
+            _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a_kl, b_kl,
+                          q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi,
+                          big_w, c_w, inv_qw, g_l, inv_tau, g_logprob_ptr,
+                          g_entropy_ptr, g_collision_ptr, g_lse_ptr, lse_ptr, entropy_ptr,
+                          collision_ptr, max_prob_ptr, argmax_ptr, REVERSE, NEED_X, NEED_Q,
+                          SERIES, BLOCK_V)  # fmt: skip
+        return
     start = chunk * CHUNK
-    n_valid = tl.minimum(V - start, CHUNK)
+    # Dominant rows are the DOMINANT_ROWS launch's: nothing to write here.
+    n_valid = tl.where(dominant, 0, tl.minimum(V - start, CHUNK))
     if keep:
         if kl_on:
             _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a_kl, b_kl,
@@ -1048,7 +1195,7 @@ def _bwd_kernel(
     # arithmetic: 3.3e-7 off, plain PyTorch 3.5e-7, now 1.1e-7); with it, the label's entry
     # adds the K term in fp32 (the reference is not read otherwise: q_j = 1).
     if NEED_X:
-        if keep & ok:
+        if keep & ok & ~dominant:
             am = tl.load(argmax_ptr + row).to(tl.int64)
             label_here = (label >= start) & (label < start + n_valid)
             am_here = (am >= start) & (am < start + n_valid) & (am != label) & (~kl_on)
@@ -1261,18 +1408,22 @@ def step_stats_backward(
                                       ref_stride_inner)  # fmt: skip
     g_kl = flat["grad_kl"] if has_ref else flat["lse"]
     kl_rows = flat["kl"] if has_ref else flat["lse"]
-    _bwd_kernel[(N, blk.n_chunks)](
-        logits, ref_logits if has_ref else logits, labels, temp if has_temp else labels,
-        scale_bits, t, tq, ignore_index, V, n_inner, stride_outer, stride_inner, ref_n_inner,
-        ref_stride_outer, ref_stride_inner, flat["grad_logprob"], flat["grad_entropy"],
-        flat["grad_collision"], flat["grad_lse"], g_kl, flat["lse"], flat["entropy"],
-        flat["collision"], flat["max_prob"], am, kl_rows, st,
-        grad if need_logits_grad else grad_ref, grad_ref if need_ref_grad else grad,
-        HAS_TEMP=has_temp, HAS_REF=has_ref, REVERSE=bool(reverse),
-        NEED_X=bool(need_logits_grad), NEED_Q=bool(need_ref_grad),
-        DIVIDE_Q=needs_division(ref_temperature, ref_temperature_scalar, None, 1.0),
-        PAIRS=pairs, CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
-        ALIGN=rows_align((logits, *layout), grad, grad_ref,
-                         (ref_logits, ref_n_inner, ref_stride_outer, ref_stride_inner)),
-    )  # fmt: skip
+    # Rows whose KL weight side has a dominant entry take a launch of their own (DOMINANT_ROWS).
+    dominant = has_ref and bool(need_logits_grad if reverse else need_ref_grad)
+    for rows in (False, True) if dominant else (False,):
+        _bwd_kernel[(N, 1 if rows else blk.n_chunks)](
+            logits, ref_logits if has_ref else logits, labels, temp if has_temp else labels,
+            scale_bits, t, tq, ignore_index, V, n_inner, stride_outer, stride_inner, ref_n_inner,
+            ref_stride_outer, ref_stride_inner, flat["grad_logprob"], flat["grad_entropy"],
+            flat["grad_collision"], flat["grad_lse"], g_kl, flat["lse"], flat["entropy"],
+            flat["collision"], flat["max_prob"], am, kl_rows, st,
+            grad if need_logits_grad else grad_ref, grad_ref if need_ref_grad else grad,
+            HAS_TEMP=has_temp, HAS_REF=has_ref, REVERSE=bool(reverse),
+            NEED_X=bool(need_logits_grad), NEED_Q=bool(need_ref_grad),
+            DIVIDE_Q=needs_division(ref_temperature, ref_temperature_scalar, None, 1.0),
+            PAIRS=pairs, CHUNK=blk.chunk, BLOCK_V=blk.block_v, num_warps=blk.num_warps,
+            ALIGN=rows_align((logits, *layout), grad, grad_ref,
+                             (ref_logits, ref_n_inner, ref_stride_outer, ref_stride_inner)),
+            DOMINANT=dominant, DOMINANT_ROWS=rows,
+        )  # fmt: skip
     return [grad, grad_ref]
