@@ -368,6 +368,7 @@ def _dominant_row(x_row, xr_row, gx, gxr, V, l_w, a_w, k_w, a_v, k_v, f_wr, f_wc
         g = tl.where(top | ~in_row, 0.0, grad_w)
         others, size, at = others + g, size + tl.abs(g), tl.where(top, n_full, at)
     col = tl.max(tl.where(at >= 0, at * BLOCK_V + lanes, -1))
+    tl.debug_barrier()  # the rewrite after the loop's store of the same address by another thread
     if col >= 0:
         if REVERSE:
             xw, xv, gw = tl.load(x_row + col), tl.load(xr_row + col), gx + col
