@@ -203,7 +203,7 @@ def assert_dominant_entry(
     log_v: torch.Tensor, dtype: torch.dtype, context=None,
 ) -> None:  # fmt: skip
     """Finding (9) on `dominant_entry_rows`: the KL gradient of the side the expectation is over
-    (w: ours, the float64 truth and plain fp32 PyTorch's, [6, v]) at the dominant entry of
+    (w: ours, the float64 truth and plain fp32 PyTorch's, [12, v]) at the dominant entry of
     DOMINANT_ROWS, held to 2x plain's error there plus: 64 fp32 eps of the others' summed size
     (the kernels write it as minus their sum, in fp32 lanes), half an ulp of the gradient's
     dtype, and the float64 truth's own rounding of its direct form, ulp((d_w - d_v) - KL) (4e-15
