@@ -570,4 +570,3 @@ def push_far(ref, far, push):
     reference, so its exps are exactly 0: such a lane has no mass. far push >= 2^9 keeps
     that true; the product is exact (a power of two)."""
     return tl.where(tl.abs(ref) >= far, ref + tl.abs(ref) * push, ref)
-

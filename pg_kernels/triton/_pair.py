@@ -1120,6 +1120,46 @@ def finalize_kl(m_w, r_w, m_v, r_v, u, inf, dw, dv, k, EXCESS: tl.constexpr):
     return kl.to(ACC), l_w.to(ACC), l_v.to(ACC), c.to(ACC)
 
 
+# The dominant entry of a whole row's weight side (w_j > 1/2, rest 1 - w_j below 2^-7: log s1
+# relative to the max below -log(1 - 2^-7) ~ 2^-7). Its gradient's direct form w_j ((d_w - d_v)
+# - c) cancels to ~rest x |delta| below the rounding of delta_j and c; the row's gradient sums
+# to 0, so minus the others' sum is the more accurate form there (C++: DominantEntry in
+# pair_rows.h, whose criterion these follow). Elsewhere that sum is rarely the more accurate
+# (with rests up to 1/2 the fidelity table's fp32 KL gradient went 1.1e-7 -> 2.5e-7).
+DOMINANT_LOG_S1 = tl.constexpr(2.0**-7)
+
+
+@triton.jit
+def others_zeros(ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The lanes of `others_add`: (others' sum, their summed size, the step that met the top)."""
+    zero = tl.zeros([BLOCK_V], ACC)
+    return zero, zero, tl.full([BLOCK_V], -1, tl.int32)
+
+
+@triton.jit
+def others_add(others, size, at, term, top, skip, step):
+    """Adds one block's weight-side terms but where `skip` (the dominant entry's own term, `top`,
+    selected out rather than subtracted afterwards, and lanes past the row's end); a lane that
+    meets the top keeps the step."""
+    g = tl.where(skip, 0.0, term)
+    return others + g, size + tl.abs(g), tl.where(top, step, at)
+
+
+@triton.jit
+def others_column(at, BLOCK_V: tl.constexpr):
+    """The dominant entry's column from the lanes' steps (-1: not met)."""
+    return tl.max(tl.where(at >= 0, at * BLOCK_V + tl.arange(0, BLOCK_V), -1))
+
+
+@triton.jit
+def others_total(others, size, scale):
+    """(the others' sum across the lanes in fp64, whether minus it beats the direct form): the
+    direct form rounds at ~eps `scale`, the sum at up to ~32 eps of the others' sizes."""
+    total = tl.sum(others.to(tl.float64))
+    better = (32.0 * tl.sum(size.to(tl.float64)) < scale) & (tl.abs(total) < float("inf"))
+    return total, better
+
+
 def pair_partials(
     xw, xv, labels, tau_w, tau_v, ignore_index, w_layout, v_layout, blocking, divide
 ) -> torch.Tensor:

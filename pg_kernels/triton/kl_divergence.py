@@ -65,6 +65,7 @@ from pg_kernels.triton._common import (
     widen,
 )
 from pg_kernels.triton._pair import (
+    DOMINANT_LOG_S1,
     FINISH_BLOCK_R,
     LN2,
     finalize_kl,
@@ -74,6 +75,10 @@ from pg_kernels.triton._pair import (
     merge_row,
     needs_division,
     other_side_difference,
+    others_add,
+    others_column,
+    others_total,
+    others_zeros,
     pair_excess,
     pair_exps,
     pair_partials,
@@ -84,11 +89,6 @@ from pg_kernels.triton._pair import (
 
 OP = "kl_divergence"
 ROW_STATE = 5  # (m, log s1) of the logits, of the reference, then c = E_w[d_w - d_v]
-# Rows whose weight side's rest 1 - w_max is below 2^-7 (log s1 relative to the max below
-# -log(1 - 2^-7) ~ 2^-7) write the dominant entry's gradient as minus the others' sum
-# (`_dominant_row`): elsewhere that sum is rarely the more accurate (the C++ kernel's threshold:
-# with rests up to 1/2 the fidelity table's fp32 KL gradient went 1.1e-7 -> 2.5e-7).
-DOMINANT_LOG_S1 = tl.constexpr(2.0**-7)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -341,9 +341,7 @@ def _dominant_row(x_row, xr_row, gx, gxr, V, l_w, a_w, k_w, a_v, k_v, f_wr, f_wc
     then across them in fp64."""
     ACC: tl.constexpr = f_vv.dtype
     lanes = tl.arange(0, BLOCK_V)
-    others = tl.zeros([BLOCK_V], ACC)
-    size = tl.zeros([BLOCK_V], ACC)
-    at = tl.full([BLOCK_V], -1, tl.int32)
+    others, size, at = others_zeros(ACC, BLOCK_V)
     half_s1 = 0.5 * exp_acc(l_w)  # e_w above it: w_j > 1/2
     n_full = V // BLOCK_V
     for i in range(0, n_full):
@@ -354,8 +352,7 @@ def _dominant_row(x_row, xr_row, gx, gxr, V, l_w, a_w, k_w, a_v, k_v, f_wr, f_wc
             SERIES,
         )  # fmt: skip
         top = ew > half_s1
-        g = tl.where(top, 0.0, grad_w)
-        others, size, at = others + g, size + tl.abs(g), tl.where(top, i, at)
+        others, size, at = others_add(others, size, at, grad_w, top, top, i)
     if n_full * BLOCK_V < V:
         cols = n_full * BLOCK_V + lanes
         in_row = cols < V
@@ -365,9 +362,8 @@ def _dominant_row(x_row, xr_row, gx, gxr, V, l_w, a_w, k_w, a_v, k_v, f_wr, f_wc
                                 f_vv, f_d, f_vw, dl_u, r_hi, in_row, REVERSE, NEED_X, NEED_XR,
                                 DIVIDE, SERIES)  # fmt: skip
         top = in_row & (ew > half_s1)
-        g = tl.where(top | ~in_row, 0.0, grad_w)
-        others, size, at = others + g, size + tl.abs(g), tl.where(top, n_full, at)
-    col = tl.max(tl.where(at >= 0, at * BLOCK_V + lanes, -1))
+        others, size, at = others_add(others, size, at, grad_w, top, top | ~in_row, n_full)
+    col = others_column(at, BLOCK_V)
     tl.debug_barrier()  # the rewrite after the loop's store of the same address by another thread
     if col >= 0:
         if REVERSE:
@@ -375,10 +371,8 @@ def _dominant_row(x_row, xr_row, gx, gxr, V, l_w, a_w, k_w, a_v, k_v, f_wr, f_wc
         else:
             xw, xv, gw = tl.load(xr_row + col), tl.load(x_row + col), gxr + col
         ew, _, r = pair_exps(widen(xw, ACC), widen(xv, ACC), a_w, a_v, k_w, k_v, DIVIDE, False)
-        scale = ew * (tl.abs(r * f_wr) + tl.abs(f_wc))
-        total = tl.sum(others.to(tl.float64))
-        better = 32.0 * tl.sum(size.to(tl.float64)) < scale
-        if better & (tl.abs(total) < float("inf")):
+        total, better = others_total(others, size, ew * (tl.abs(r * f_wr) + tl.abs(f_wc)))
+        if better:
             tl.store(gw, round_to(-total, gw.dtype.element_ty))
 
 

@@ -147,6 +147,7 @@ from pg_kernels.triton._common import (
     widen,
 )
 from pg_kernels.triton._pair import (
+    DOMINANT_LOG_S1,
     FINISH_BLOCK_R,
     PARTIAL,
     excess_terms,
@@ -161,6 +162,10 @@ from pg_kernels.triton._pair import (
     nats_per_unit,
     needs_division,
     other_side_difference,
+    others_add,
+    others_column,
+    others_total,
+    others_zeros,
     pair_excess,
     reads_max,
     reference_shift,
@@ -201,9 +206,6 @@ KL_STATE = 3  # the reference's (m, log s1) and c = E_w[d_w - d_v] per row
 # The backward's floor of a reference logit's difference to its max (-inf there: 0 weight):
 # below any real logit difference, and its product with a gradient factor stays finite.
 XQ_FLOOR = tl.constexpr(-1e30)
-# Rows whose KL weight side's rest 1 - w_max is below 2^-7 take that entry's KL term from the
-# others' sum (`_dominant_row`; kl_divergence's threshold).
-DOMINANT_LOG_S1 = tl.constexpr(2.0**-7)
 # The floor of the logits' exponent d2 (base 2) where forward KL's teacher gradient
 # q_j ((d_q - d_p) - c) weighs it: token_stats' D_MIN (-1100) zeroes p_j but cut a sharp
 # policy's d_p (-852 nats, tau 0.095, against a teacher at tau 14.3: a teacher-gradient entry
@@ -863,9 +865,7 @@ def _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a, 
     ACC: tl.constexpr = m.dtype
     OUT: tl.constexpr = g_row.dtype.element_ty
     lanes = tl.arange(0, BLOCK_V)
-    others = tl.zeros([BLOCK_V], ACC)
-    size = tl.zeros([BLOCK_V], ACC)
-    at = tl.full([BLOCK_V], -1, tl.int32)
+    others, size, at = others_zeros(ACC, BLOCK_V)
     n_full = V // BLOCK_V
     for i in range(0, n_full + 1):
         cols = i * BLOCK_V + lanes
@@ -881,9 +881,8 @@ def _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a, 
         term, w, _ = _kl_term(x, xq, m, c, rho_hi, kp, a_q, k_q, b_q, big_w, c_w, inv_qw,
                               REVERSE)  # fmt: skip
         top = in_row & (w > 0.5)
-        term = tl.where(top | ~in_row, 0.0, term)
-        others, size, at = others + term, size + tl.abs(term), tl.where(top, i, at)
-    col = tl.max(tl.where(at >= 0, at * BLOCK_V + lanes, -1))
+        others, size, at = others_add(others, size, at, term, top, top | ~in_row, i)
+    col = others_column(at, BLOCK_V)
     found = col >= 0
     at_col = tl.maximum(col, 0)
     x_t = tl.load(x_row + at_col).to(ACC)
@@ -896,8 +895,8 @@ def _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a, 
         scale = w_t * (tl.abs(delta_t) + tl.abs(c_w)) * tl.abs(big_w / kp)
     else:
         scale = w_t * (tl.abs(delta_t) + tl.abs(c_w)) * tl.abs(big_w)
-    total = tl.sum(others.to(tl.float64))
-    better = found & (32.0 * tl.sum(size.to(tl.float64)) < scale) & (tl.abs(total) < float("inf"))
+    total, better = others_total(others, size, scale)
+    better = found & better
     tl.debug_barrier()  # after the loop's block stores of the same addresses
     if NEED_Q:
         if not REVERSE:

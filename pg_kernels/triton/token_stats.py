@@ -521,9 +521,7 @@ def chunk_total(
     s2_sum = tl.sum((f * f) * s2.to(tl.float64), axis=0)
     t2_sum = tl.sum(f * tl.fma(delta, s1.to(t2.dtype), t2), axis=0)
     if exact_frame(cmax, c):
-        s1_sum, s2_sum, t2_sum = exact_sums(
-            x_row, start, n_valid, cmax, c, s1_sum, s2_sum, t2_sum
-        )
+        s1_sum, s2_sum, t2_sum = exact_sums(x_row, start, n_valid, cmax, c, s1_sum, s2_sum, t2_sum)
     # The first argmax: the lanes holding the chunk max re-read their elements of the step that
     # raised it (from L2: just read) and take the first column equal to it.
     # (An empty chunk, e.g. an ignored row, re-reads nothing: its bound is 0.)
