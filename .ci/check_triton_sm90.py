@@ -199,6 +199,14 @@ def exercise(
                     kl = pg_kernels.kl_divergence(x, xr, direction=direction, labels=y, **t)
                     kl.sum().backward()
                 pg_kernels.kl_divergence(x, xr.detach(), **t).sum().backward()  # one side only
+                if pad == 0:  # a vocab-parallel shard's backward (outside_terms)
+                    tau = (per_row, 1.0) if temperature is per_row else (None, temperature)
+                    fwd_args = (x.detach(), xr.detach(), None, *tau, None, 1.0, -100, "reverse")
+                    kl, state = torch.ops.pg_kernels.kl_divergence(*fwd_args, "triton")
+                    torch.ops.pg_kernels.kl_divergence_backward(
+                        torch.ones_like(kl), *fwd_args, kl, state, True, True, "triton",
+                        torch.zeros(2, 2, dtype=acc),
+                    )  # fmt: skip
             if "mismatch_stats" in only:
                 m = pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr.detach(), **t)
                 m.logprob.sum().backward()

@@ -142,7 +142,8 @@ LIB.define(
     "kl_divergence_backward(Tensor grad_kl, Tensor logits, Tensor ref_logits, Tensor? labels, "
     "Tensor? temperature, float temperature_scalar, Tensor? ref_temperature, "
     "float ref_temperature_scalar, int ignore_index, str direction, Tensor kl, "
-    "Tensor row_state, bool logits_grad, bool ref_grad, str backend, bool whole_rows=True) "
+    "Tensor row_state, bool logits_grad, bool ref_grad, str backend, "
+    "Tensor? outside_terms=None) "
     "-> (Tensor grad_logits, Tensor grad_ref_logits)"
 )
 # mismatch_stats with rollout logits: the row reductions (the sampled-token estimators are

@@ -1330,7 +1330,10 @@ def test_opcheck():
         args = (torch.randn(4), x, xr, y, None, 1.0, t, 1.0, -100, "reverse", kl, row_state,
                 *need, "cpu")  # fmt: skip
         torch.library.opcheck(bwd, args)
-    torch.library.opcheck(bwd, (*args, False))  # whole_rows=False: pg_kernels.parallel's shards
+    # pg_kernels.parallel's shards: the others' terms on other ranks (sum, size) per row
+    torch.library.opcheck(bwd, (*args, torch.rand(4, 2)))
+    with pytest.raises(ValueError, match=r"outside_terms must be \[4, 2\] torch.float32"):
+        bwd(*args, torch.rand(4, 3))
 
 
 @needs_cpu_ext

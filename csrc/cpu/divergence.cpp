@@ -105,7 +105,8 @@ std::vector<at::Tensor> kl_divergence_backward(
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& temperature,
     double temperature_scalar, const std::optional<at::Tensor>& ref_temperature,
     double ref_temperature_scalar, int64_t ignore_index, bool reverse, const at::Tensor& kl,
-    const at::Tensor& row_state, bool need_logits_grad, bool need_ref_grad, bool whole_rows,
+    const at::Tensor& row_state, bool need_logits_grad, bool need_ref_grad,
+    const std::optional<at::Tensor>& outside_terms,
     int64_t n_inner, int64_t stride_outer, int64_t stride_inner, int64_t ref_n_inner,
     int64_t ref_stride_outer, int64_t ref_stride_inner) {
   const int64_t V = logits.size(-1);
@@ -120,6 +121,14 @@ std::vector<at::Tensor> kl_divergence_backward(
   }
   TORCH_CHECK(grad_kl.numel() == N && kl.numel() == N && row_state.numel() == kRowState * N,
               "kl_divergence_backward: expected ", N, " rows in grad_kl, kl and row_state");
+  // A vocab-parallel shard's rows (pg_kernels.parallel): per row, the sum and summed size of
+  // the weight side's terms on the other ranks (OutsideTerms); None for whole rows.
+  if (outside_terms) {
+    TORCH_CHECK(outside_terms->scalar_type() == acc_dtype && outside_terms->is_contiguous() &&
+                    outside_terms->numel() == 2 * N,
+                "kl_divergence_backward: outside_terms must be a contiguous [", N, ", 2] ",
+                acc_dtype, " tensor");
+  }
   // Fresh contiguous gradients (row r at r * V); an empty tensor for a side not requested.
   const auto contiguous = at::MemoryFormat::Contiguous;
   at::Tensor grad = need_logits_grad
@@ -146,6 +155,7 @@ std::vector<at::Tensor> kl_divergence_backward(
                                           acc_t(ref_temperature_scalar)};
         const acc_t *up = grad_kl.const_data_ptr<acc_t>(), *s_kl = kl.const_data_ptr<acc_t>(),
                     *s_st = row_state.const_data_ptr<acc_t>();
+        const acc_t* s_out = outside_terms ? outside_terms->const_data_ptr<acc_t>() : nullptr;
         const std::optional<LabelReader> read_label =
             labels ? std::optional<LabelReader>(LabelReader(*labels)) : std::nullopt;
         at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
@@ -191,17 +201,20 @@ std::vector<at::Tensor> kl_divergence_backward(
               const acc_t c = st[4];
               const acc_t dl = log_s1_difference(kl_r, c, sw.log_s1, sv.log_s1);
               const acc_t gw = up[r] / tw.tau, gv = up[r] / tv.tau;  // d/dx = d/dz / tau
+              const OutsideTerms<acc_t> outside =
+                  s_out ? OutsideTerms<acc_t>{s_out[2 * r], s_out[2 * r + 1]}
+                        : OutsideTerms<acc_t>{};
               if (do_w && need_v) {
                 kl_backward_row<scalar_t, acc_t, true, true>(xw, tw, xv, tv, V, sw, sv, c, dl, gw,
-                                                             gv, whole_rows, bw, bv, grad_w,
+                                                             gv, outside, bw, bv, grad_w,
                                                              grad_v);
               } else if (do_w) {
                 kl_backward_row<scalar_t, acc_t, true, false>(xw, tw, xv, tv, V, sw, sv, c, dl, gw,
-                                                              gv, whole_rows, bw, bv, grad_w,
+                                                              gv, outside, bw, bv, grad_w,
                                                               grad_v);
               } else if (need_v) {
                 kl_backward_row<scalar_t, acc_t, false, true>(xw, tw, xv, tv, V, sw, sv, c, dl, gw,
-                                                              gv, whole_rows, bw, bv, grad_w,
+                                                              gv, outside, bw, bv, grad_w,
                                                               grad_v);
               }
             }

@@ -153,7 +153,8 @@ std::vector<at::Tensor> kl_divergence_backward(
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& temperature,
     double temperature_scalar, const std::optional<at::Tensor>& ref_temperature,
     double ref_temperature_scalar, int64_t ignore_index, bool reverse, const at::Tensor& kl,
-    const at::Tensor& row_state, bool need_logits_grad, bool need_ref_grad, bool whole_rows,
+    const at::Tensor& row_state, bool need_logits_grad, bool need_ref_grad,
+    const std::optional<at::Tensor>& outside_terms,
     int64_t n_inner, int64_t stride_outer, int64_t stride_inner, int64_t ref_n_inner,
     int64_t ref_stride_outer, int64_t ref_stride_inner);
 

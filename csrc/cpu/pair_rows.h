@@ -622,6 +622,14 @@ inline double other_side_difference(double w, double v, double delta) {
 // (per chunk in acc_t lanes, the chunks in row_sum_t) and finds the entry with w_j > 1/2; only
 // the chunk that may hold it looks. `base`: the rest of that entry's gradient, which the
 // rewrite keeps (step_stats' token terms; 0 in kl_divergence).
+// A vocab-parallel shard's row (pg_kernels.parallel): the sum and the summed size of the weight
+// side's terms w_j ((d_w,j - d_v,j) - KL) over the row's entries on the other ranks, which the
+// dominant entry's others include. 0 for a whole row.
+template <typename acc_t>
+struct OutsideTerms {
+  acc_t sum = 0, size = 0;
+};
+
 template <typename acc_t>
 struct DominantEntry {
   static constexpr int W = int(Vec<acc_t>::size());
@@ -665,10 +673,13 @@ struct DominantEntry {
   // terms per chunk). Where both sides share the argmax, delta_j ~ 0 there and the direct
   // form is exact to ~eps c: the sum's rounding was 10x larger (V = 151936, a spike of 16 and
   // 1e-3 of noise: 1.3-3.1e-6 relative against 0.7-4.4e-7). g: the upstream gradient over
-  // the weight side's temperature.
-  bool minus_others(acc_t g, row_sum_t<acc_t>& out) const {
-    const row_sum_t<acc_t> others = sum - row_sum_t<acc_t>(top_term);
-    const row_sum_t<acc_t> others_size = size - std::abs(row_sum_t<acc_t>(top_term));
+  // the weight side's temperature. outside: the row's terms on other ranks, for a vocab-parallel
+  // shard (the sum and summed size of w_j ((d_w,j - d_v,j) - KL) there, before g).
+  bool minus_others(acc_t g, row_sum_t<acc_t>& out, OutsideTerms<acc_t> outside = {}) const {
+    const row_sum_t<acc_t> others =
+        sum - row_sum_t<acc_t>(top_term) + row_sum_t<acc_t>(outside.sum) * g;
+    const row_sum_t<acc_t> others_size = size - std::abs(row_sum_t<acc_t>(top_term)) +
+                                         row_sum_t<acc_t>(outside.size) * std::abs(g);
     out = -others;
     return top >= 0 && 32 * others_size < row_sum_t<acc_t>(top_scale) * std::abs(g) &&
            std::isfinite(others);
@@ -683,13 +694,14 @@ struct DominantEntry {
 // with v_j - w_j from other_side_difference (dl = log_s1_difference).
 // kW / kV: which gradients to write; only grad_v needs v_j's exp.
 //
-// Where the row is whole and its w side's rest below 2^-7, the entry at the dominant w_j is
-// written as minus the sum of the row's others (DominantEntry).
+// Where the w side's rest is below 2^-7, the entry at the dominant w_j is written as minus the
+// sum of the row's others (DominantEntry), those on other ranks (`outside`) included.
 template <typename scalar_t, typename acc_t, bool kW, bool kV>
 void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_t* xv,
                      Temperature<acc_t> tau_v, int64_t V, SideState<acc_t> sw,
-                     SideState<acc_t> sv, acc_t c, acc_t dl, acc_t gw, acc_t gv, bool whole_row,
-                     acc_t* bw, acc_t* bv, scalar_t* grad_w, scalar_t* grad_v) {
+                     SideState<acc_t> sv, acc_t c, acc_t dl, acc_t gw, acc_t gv,
+                     OutsideTerms<acc_t> outside, acc_t* bw, acc_t* bv, scalar_t* grad_w,
+                     scalar_t* grad_v) {
   constexpr int64_t W = Vec<acc_t>::size();
   const Vec<acc_t> vlw(sw.log_s1), vlv(sv.log_s1), vc(c), vgw(gw), vgv(gv), zero(acc_t(0)),
       lowest(exp_zero_below<acc_t>()), vdl(dl);
@@ -733,11 +745,10 @@ void kl_backward_row(const scalar_t* xw, Temperature<acc_t> tau_w, const scalar_
     }
     row_sum_t<acc_t> value;
     if constexpr (kDominant) {
-      if (top.minus_others(gw, value)) grad_w[top.top] = scalar_t(acc_t(value));
+      if (top.minus_others(gw, value, outside)) grad_w[top.top] = scalar_t(acc_t(value));
     }
   };
-  // A shard of a wider row (pg_kernels.parallel) does not sum to 0 alone.
-  if (kW && whole_row && DominantEntry<acc_t>::applies(sw.log_s1)) {
+  if (kW && DominantEntry<acc_t>::applies(sw.log_s1)) {
     rows(std::true_type{});
   } else {
     rows(std::false_type{});

@@ -90,18 +90,26 @@ def _kl_divergence_fake(
 def _kl_divergence_backward(
     grad_kl, logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
     ref_temperature_scalar, ignore_index, direction, kl, row_state, logits_grad, ref_grad,
-    backend, whole_rows=True,
+    backend, outside_terms=None,
 ):  # fmt: skip
-    """whole_rows=False: the rows are shards of wider rows (pg_kernels.parallel), whose
-    gradients the kernel may not complete from the row's own sum (a dominant entry's: C++
-    DominantEntry, Triton `_dominant_row`)."""
+    """outside_terms [N, 2], given where the rows are shards of wider rows (pg_kernels.parallel):
+    per row, the sum and summed size of the weight side's terms w_j ((d_w,j - d_v,j) - KL) on
+    the other shards, which the gradient of a dominant entry, minus the sum of the row's others,
+    takes in (C++ DominantEntry, Triton `_dominant_row`). None: the rows are whole."""
     _, backward = _backend.launchers(OP, backend)
     acc = acc_dtype(logits.dtype)
     grad_kl, kl, row_state = (t.reshape(-1).to(acc).contiguous() for t in (grad_kl, kl, row_state))
+    if outside_terms is not None:
+        if outside_terms.shape != (kl.numel(), 2) or outside_terms.dtype != acc:
+            raise ValueError(
+                f"kl_divergence_backward: outside_terms must be [{kl.numel()}, 2] {acc}, got "
+                f"{list(outside_terms.shape)} {outside_terms.dtype}"
+            )
+        outside_terms = outside_terms.contiguous()
     grads = backward(
         grad_kl, logits, ref_logits, _flat(labels), temperature, temperature_scalar,
         ref_temperature, ref_temperature_scalar, ignore_index, direction == "reverse", kl,
-        row_state, logits_grad, ref_grad, whole_rows, *_layouts(logits, ref_logits),
+        row_state, logits_grad, ref_grad, outside_terms, *_layouts(logits, ref_logits),
     )  # fmt: skip
     return tuple(grads)
 
@@ -113,7 +121,7 @@ _library.register_kernel("kl_divergence_backward")(_kl_divergence_backward)
 def _kl_divergence_backward_fake(
     grad_kl, logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
     ref_temperature_scalar, ignore_index, direction, kl, row_state, logits_grad, ref_grad,
-    backend, whole_rows=True,
+    backend, outside_terms=None,
 ):  # fmt: skip
     def grad_like(x, wanted):
         shape = x.shape if wanted else (0,)

@@ -33,7 +33,12 @@ Backward: no collective. Each rank runs the single-device backward kernel on its
 the merged row state relative to its own frames: log s1' = log s1_r - log W_r (resp.
 - log V_r), so that d - log s1' is the global log-probability, and c' = KL + l'_w - l'_v =
 c_r + (KL - KL_r) - delta_r, again from small numbers only (the backward's KL - c' is the
-global l'_v - l'_w of near-equal rows), rounded once from fp64.
+global l'_v - l'_w of near-equal rows), rounded once from fp64. A row whose weight side has a
+dominant entry (w_j > 1/2, rest below 2^-7; docs/fidelity.md, finding (9)) gets that entry's
+gradient as minus the sum of the row's others, as on one device; the others on the other
+ranks sum to sum_{s != r} W_s (KL_s + delta_s - KL) (shard s's terms w_j (log w_j - log v_j -
+KL), with log w_j = log w_j|s + log W_s), which the forward forms from the gathered states
+(`_outside_terms`) and the backward kernel adds to its own shard's.
 """
 
 from __future__ import annotations
@@ -118,6 +123,27 @@ def _frames(m: torch.Tensor, temp, dtype: torch.dtype, backend: str) -> torch.Te
     if dtype.itemsize == 2:
         a = a.to(dtype).float()
     return a.double() / tau
+
+
+def _outside_terms(
+    gathered: torch.Tensor, delta: torch.Tensor, log_w: torch.Tensor, kl: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """[N, 2] fp64: per row, the sum and summed size over the other ranks' shards of the weight
+    side's gradient terms w_j ((d_w,j - d_v,j) - KL) (before g / tau_w), for the backward
+    kernel's dominant entry (module docstring): shard r's sum is W_r (KL_r + delta_r - KL),
+    its size bounded by W_r (|KL_r| + |delta_r| + |KL|), the scale of that sum's rounding. A
+    shard without w mass adds 0; a non-finite sum leaves the kernel's direct form."""
+    weight = torch.exp(log_w)
+    kl_r = gathered[..., KL]
+    terms = weight * (kl_r + delta - kl)
+    size = weight * (kl_r.abs() + delta.abs() + kl.abs())
+    other = torch.ones(gathered.shape[0], dtype=torch.bool, device=kl.device)
+    other[rank] = False
+    keep = (weight > 0) & other.unsqueeze(-1)
+    zero = torch.zeros_like(terms)
+    return torch.stack(
+        [torch.where(keep, terms, zero).sum(0), torch.where(keep, size, zero).sum(0)], dim=-1
+    )
 
 
 def _merge(gathered: torch.Tensor, ref_p: torch.Tensor, ref_q: torch.Tensor, reverse: bool):
@@ -221,6 +247,7 @@ class _KLFn(torch.autograd.Function):
             kl = torch.where(keep, kl, zero)
         if backend == "reference":  # both sides' global (max M, log S)
             row_state = torch.stack(merged, dim=1).to(acc)
+            outside = None
         else:  # this rank's row state for the backward kernel (module docstring)
             r = shard.rank
             g = gathered[r]
@@ -237,8 +264,11 @@ class _KLFn(torch.autograd.Function):
                 [torch.where(e | ~torch.isfinite(t), zero, t) for t, e in zip(shifted, empty)],
                 dim=1,
             )
+            outside = _outside_terms(
+                gathered, delta, log_mp if reverse else log_mq, kl64, shard.rank
+            ).to(acc)
         ctx.save_for_backward(
-            logits, ref_logits, labels, temp.tensor, ref_temp.tensor, kl, row_state
+            logits, ref_logits, labels, temp.tensor, ref_temp.tensor, kl, row_state, outside
         )
         ctx.scalars = (temp.scalar, ref_temp.scalar, ignore_index, direction, backend)
         return kl.view(logits.shape[:-1])
@@ -246,7 +276,7 @@ class _KLFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_kl):
-        logits, ref_logits, labels, tau_t, ref_tau_t, kl, row_state = ctx.saved_tensors
+        logits, ref_logits, labels, tau_t, ref_tau_t, kl, row_state, outside = ctx.saved_tensors
         tau_s, ref_tau_s, ignore_index, direction, backend = ctx.scalars
         need_logits, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_logits or need_ref):
@@ -261,7 +291,7 @@ class _KLFn(torch.autograd.Function):
         else:
             grad, grad_ref = _library.call("kl_divergence_backward",
                 g, logits, ref_logits, labels, tau_t, tau_s, ref_tau_t, ref_tau_s, ignore_index,
-                direction, kl, row_state.contiguous(), need_logits, need_ref, backend, False,
+                direction, kl, row_state.contiguous(), need_logits, need_ref, backend, outside,
             )  # fmt: skip
         return (
             grad if need_logits else None,

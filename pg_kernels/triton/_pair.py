@@ -1152,11 +1152,14 @@ def others_column(at, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def others_total(others, size, scale):
+def others_total(others, size, scale, o_sum, o_size):
     """(the others' sum across the lanes in fp64, whether minus it beats the direct form): the
-    direct form rounds at ~eps `scale`, the sum at up to ~32 eps of the others' sizes."""
-    total = tl.sum(others.to(tl.float64))
-    better = (32.0 * tl.sum(size.to(tl.float64)) < scale) & (tl.abs(total) < float("inf"))
+    direct form rounds at ~eps `scale`, the sum at up to ~32 eps of the others' sizes. o_sum,
+    o_size: others outside the lanes (a vocab-parallel shard's on other ranks), their sum and
+    summed size."""
+    total = tl.sum(others.to(tl.float64)) + o_sum.to(tl.float64)
+    size_all = tl.sum(size.to(tl.float64)) + o_size.to(tl.float64)
+    better = (32.0 * size_all < scale) & (tl.abs(total) < float("inf"))
     return total, better
 
 

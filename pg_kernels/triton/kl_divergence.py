@@ -12,9 +12,10 @@ Rows whose weight side has a dominant entry (w_j > 1/2, rest below 2^-7) are wri
 launch of the same kernel (DOMINANT_ROWS, one program per row, `_dominant_row`), which writes
 that entry's grad_w as minus the sum of the row's others where that is the more accurate form:
 the direct form rounds at ulp of the log-ratio there (1e-6 off on a one-hot row, where plain
-fp32 PyTorch is ~0), as the C++ kernel does. Vocab-parallel shards (whole_rows False) keep the
-direct form. The blocking depends on V and the dtype only and every reduction runs in a fixed
-order: deterministic and batch invariant.
+fp32 PyTorch is ~0), as the C++ kernel does; a vocab-parallel shard's others include those on
+the other ranks (`outside_terms`, from pg_kernels.parallel's merge). The blocking depends on V
+and the dtype only and every reduction runs in a fixed order: deterministic and batch
+invariant.
 
 Bytes per row of V elements of s bytes (the minimum: both rows read once; the gradient written):
   forward   2 V s read (0 for an ignored row) + 32 n_chunks bytes of partial state written and
@@ -187,11 +188,12 @@ def _bwd_factors(l_w, l_v, dl, c, s_w, s_v, DIVIDE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["ignore_index"])
 def _bwd_kernel(
-    g_ptr, x_ptr, xr_ptr, labels_ptr, t_ptr, tr_ptr, kl_ptr, st_ptr, gx_ptr, gxr_ptr, V,
-    ignore_index, n_inner, s_outer, s_inner, r_n_inner, r_s_outer, r_s_inner,
+    g_ptr, x_ptr, xr_ptr, labels_ptr, t_ptr, tr_ptr, kl_ptr, st_ptr, out_ptr, gx_ptr, gxr_ptr,
+    V, ignore_index, n_inner, s_outer, s_inner, r_n_inner, r_s_outer, r_s_inner,
     HAS_LABELS: tl.constexpr, REVERSE: tl.constexpr, NEED_X: tl.constexpr,
     NEED_XR: tl.constexpr, DIVIDE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
     ALIGN: tl.constexpr, DOMINANT: tl.constexpr, DOMINANT_ROWS: tl.constexpr,
+    OUTSIDE: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): both requested gradients of one chunk of one row. No division per
     element; the row cases (ignored or zero upstream: 0, NaN row: NaN, KL = +inf: the weight
@@ -200,7 +202,9 @@ def _bwd_kernel(
     DOMINANT (whole rows, the weight side's gradient asked for): rows whose weight side has a
     dominant entry (`DOMINANT_LOG_S1`) are left to a second launch with DOMINANT_ROWS, grid
     (N, 1), whose program writes such a row whole (`_dominant_row`); its other programs return
-    at once. Their loop is not in the other launch's kernel, whose hot loop stays as it was."""
+    at once. Their loop is not in the other launch's kernel, whose hot loop stays as it was.
+    OUTSIDE: the rows are vocab-parallel shards; out_ptr [N, 2] holds the sum and summed size
+    of each row's weight-side terms w_j ((d_w,j - d_v,j) - KL) on the other ranks."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     keep = row >= 0
@@ -263,9 +267,14 @@ def _bwd_kernel(
         dominant = compute & (l_w < DOMINANT_LOG_S1)
     if DOMINANT_ROWS:
         if dominant:
+            o_sum = tl.zeros([], s_w.dtype)
+            o_size = o_sum
+            if OUTSIDE:
+                o_row = out_ptr + row.to(tl.int64) * 2
+                o_sum, o_size = s_w * tl.load(o_row), tl.abs(s_w) * tl.load(o_row + 1)
             _dominant_row(x_row, xr_row, gx_ptr + out, gxr_ptr + out, V, l_w, a_w, k_w, a_v,
-                          k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_hi, REVERSE, NEED_X, NEED_XR,
-                          DIVIDE, SERIES, BLOCK_V)  # fmt: skip
+                          k_v, f_wr, f_wc, f_vv, f_d, f_vw, dl_u, r_hi, o_sum, o_size, REVERSE,
+                          NEED_X, NEED_XR, DIVIDE, SERIES, BLOCK_V)  # fmt: skip
         return
     compute = compute & ~dominant  # written by the DOMINANT_ROWS launch
     start = chunk * CHUNK
@@ -324,8 +333,9 @@ def _bwd_store(xp, xq, gx, gxr, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw,
 
 @triton.jit
 def _dominant_row(x_row, xr_row, gx, gxr, V, l_w, a_w, k_w, a_v, k_v, f_wr, f_wc, f_vv, f_d, f_vw,
-                  dl_u, r_hi, REVERSE: tl.constexpr, NEED_X: tl.constexpr, NEED_XR: tl.constexpr,
-                  DIVIDE: tl.constexpr, SERIES: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+                  dl_u, r_hi, o_sum, o_size, REVERSE: tl.constexpr, NEED_X: tl.constexpr,
+                  NEED_XR: tl.constexpr, DIVIDE: tl.constexpr, SERIES: tl.constexpr,
+                  BLOCK_V: tl.constexpr):  # fmt: skip
     """Both requested gradients of a whole row whose weight side has a dominant entry (w_j >
     1/2, rest below 2^-7), that entry's weight-side gradient then written again as minus the
     sum of the row's others where that is the more accurate form.
@@ -338,7 +348,8 @@ def _dominant_row(x_row, xr_row, gx, gxr, V, l_w, a_w, k_w, a_v, k_v, f_wr, f_wc
     the direct form's rounding scale w_j (|delta_j| + |c|) |g / tau_w| (where both sides share
     the argmax, delta_j ~ 0 and the direct form is exact to ~eps c). The others sum in the
     lanes (the dominant entry's own term left out, each lane's step where it met it kept),
-    then across them in fp64."""
+    then across them in fp64, with a vocab-parallel shard's others on other ranks (o_sum,
+    o_size: their sum and summed size, times g / tau_w; 0 for whole rows)."""
     ACC: tl.constexpr = f_vv.dtype
     lanes = tl.arange(0, BLOCK_V)
     others, size, at = others_zeros(ACC, BLOCK_V)
@@ -371,7 +382,8 @@ def _dominant_row(x_row, xr_row, gx, gxr, V, l_w, a_w, k_w, a_v, k_v, f_wr, f_wc
         else:
             xw, xv, gw = tl.load(xr_row + col), tl.load(x_row + col), gxr + col
         ew, _, r = pair_exps(widen(xw, ACC), widen(xv, ACC), a_w, a_v, k_w, k_v, DIVIDE, False)
-        total, better = others_total(others, size, ew * (tl.abs(r * f_wr) + tl.abs(f_wc)))
+        scale = ew * (tl.abs(r * f_wr) + tl.abs(f_wc))
+        total, better = others_total(others, size, scale, o_sum, o_size)
         if better:
             tl.store(gw, round_to(-total, gw.dtype.element_ty))
 
@@ -419,12 +431,12 @@ def kl_divergence_forward(
 def kl_divergence_backward(
     grad_kl, logits, ref_logits, labels, temperature, temperature_scalar, ref_temperature,
     ref_temperature_scalar, ignore_index, reverse, kl, row_state, need_logits_grad,
-    need_ref_grad, whole_rows, n_inner, stride_outer, stride_inner, ref_n_inner,
+    need_ref_grad, outside_terms, n_inner, stride_outer, stride_inner, ref_n_inner,
     ref_stride_outer, ref_stride_inner, *, _block_v=None, _chunk=None,
 ):  # fmt: skip
     """(grad_logits, grad_ref_logits), empty where not requested; as the C++ launcher.
-    whole_rows: each row is whole (not a vocab-parallel shard's), so that the weight side's
-    gradient sums to 0 over it (`_dominant_row`)."""
+    outside_terms [N, 2] or None: a vocab-parallel shard's rows, the sum and summed size of each
+    row's weight-side terms on the other ranks (`_dominant_row`); None: whole rows."""
     V = logits.shape[-1]
     n = logits.numel() // V if V else 0
     grad = (
@@ -446,11 +458,12 @@ def kl_divergence_backward(
     divide = needs_division(
         temperature, temperature_scalar, ref_temperature, ref_temperature_scalar
     )
-    dominant = bool(whole_rows and (need_logits_grad if reverse else need_ref_grad))
+    dominant = bool(need_logits_grad if reverse else need_ref_grad)
     for rows in (False, True) if dominant else (False,):
         _bwd_kernel[(n, 1 if rows else blk.n_chunks)](
             grad_kl, logits, ref_logits, labels if labels is not None else kl, t, tr, kl,
-            row_state, grad if need_logits_grad else grad_ref,
+            row_state, outside_terms if outside_terms is not None else kl,
+            grad if need_logits_grad else grad_ref,
             grad_ref if need_ref_grad else grad, V, ignore_index, n_inner, stride_outer,
             stride_inner, ref_n_inner, ref_stride_outer, ref_stride_inner,
             HAS_LABELS=labels is not None, REVERSE=bool(reverse), NEED_X=bool(need_logits_grad),
@@ -459,6 +472,7 @@ def kl_divergence_backward(
             ALIGN=rows_align((logits, n_inner, stride_outer, stride_inner),
                              (ref_logits, ref_n_inner, ref_stride_outer, ref_stride_inner), grad,
                              grad_ref),
-            DOMINANT=dominant, DOMINANT_ROWS=rows, num_warps=blk.num_warps,
+            DOMINANT=dominant, DOMINANT_ROWS=rows, OUTSIDE=outside_terms is not None,
+            num_warps=blk.num_warps,
         )  # fmt: skip
     return grad, grad_ref

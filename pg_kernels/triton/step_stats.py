@@ -895,7 +895,8 @@ def _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a, 
         scale = w_t * (tl.abs(delta_t) + tl.abs(c_w)) * tl.abs(big_w / kp)
     else:
         scale = w_t * (tl.abs(delta_t) + tl.abs(c_w)) * tl.abs(big_w)
-    total, better = others_total(others, size, scale)
+    no_outside = tl.zeros([], tl.float64)  # whole rows
+    total, better = others_total(others, size, scale, no_outside, no_outside)
     better = found & better
     tl.debug_barrier()  # after the loop's block stores of the same addresses
     if NEED_Q:
