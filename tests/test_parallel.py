@@ -527,9 +527,11 @@ def _worker(rank: int, world: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def worlds():
-    """{world size: [rank 0 results, rank 1 results, ...]} from one spawn per world size."""
+    """{world size: [rank 0 results, rank 1 results, ...]} from one spawn per world size.
+    Session-scoped: a module fixture is set up again whenever a pytest-xdist worker comes back
+    to this module after another's tests (worksteal), ~60 s each time."""
     out = {}
     for world in (1, 2, 3):
         with tempfile.TemporaryDirectory(prefix="pgk-parallel-") as folder:
