@@ -131,10 +131,12 @@ def _kl_op_calls(backend, d):
         args = (x, xr, y, tt, ts, None, 1.3, IGNORE, direction, backend)
         calls.append((fwd, (x.clone().requires_grad_(), xr.clone().requires_grad_(), *args[2:])))
         kl, row_state = fwd(*args)
+        up = d["up"][:, 0].contiguous()
         for need in ((True, True), (True, False), (False, True)):
-            calls.append(
-                (bwd, (d["up"][:, 0].contiguous(), *args[:9], kl, row_state, *need, backend))
-            )
+            calls.append((bwd, (up, *args[:9], kl, row_state, *need, backend)))
+        # a vocab-parallel shard's: the row's terms on other ranks (pg_kernels.parallel)
+        outside = torch.rand(kl.numel(), 2, dtype=kl.dtype, device=kl.device)
+        calls.append((bwd, (up, *args[:9], kl, row_state, True, True, backend, outside)))
     return calls
 
 
