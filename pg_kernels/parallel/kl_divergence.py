@@ -264,9 +264,11 @@ class _KLFn(torch.autograd.Function):
                 [torch.where(e | ~torch.isfinite(t), zero, t) for t, e in zip(shifted, empty)],
                 dim=1,
             )
-            outside = _outside_terms(
-                gathered, delta, log_mp if reverse else log_mq, kl64, shard.rank
-            ).to(acc)
+            outside = None  # only the weight side's gradient has a dominant entry to write
+            if ctx.needs_input_grad[0 if reverse else 1]:
+                outside = _outside_terms(
+                    gathered, delta, log_mp if reverse else log_mq, kl64, shard.rank
+                ).to(acc)
         ctx.save_for_backward(
             logits, ref_logits, labels, temp.tensor, ref_temp.tensor, kl, row_state, outside
         )
