@@ -614,6 +614,15 @@ def _f64_resolution(inputs: dict) -> torch.Tensor:
     return 8 * torch.finfo(torch.float64).eps * (1 + size.nan_to_num(nan=0.0, posinf=0.0))
 
 
+def _unshard(layout, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The full rows from each rank's shard (`parts` in rank order, `layout` their (start,
+    size))."""
+    got = torch.cat(parts, dim=-1)
+    full = torch.empty_like(got)
+    full[:, [c for start, size in layout for c in range(start, start + size)]] = got
+    return full
+
+
 def _check_against_single_device(worlds, case: dict, against_plain: bool) -> None:
     """Every rank's outputs bitwise equal (and between two calls), argmax exact. With
     against_plain, the outputs and the gathered gradient shards as close to the single-device
@@ -648,12 +657,9 @@ def _check_against_single_device(worlds, case: dict, against_plain: bool) -> Non
             assert_close_to_truth(f"{name} vs float64", value, truth, worse, tol, floor=floor)
     # Backward: each rank's gradient is its shard of the single-device gradient.
     finite_rows = torch.isfinite(single_out["kl" if "kl" in single_out else "lse"])
-    order = [c for start, size in layout for c in range(start, start + size)]
     gtol = GRAD_TOL[case["dtype"]]
     for side, single_grad in single_grads.items():
-        got = torch.cat([results[r]["grads"][side] for r in range(world)], dim=-1)
-        full = torch.empty_like(got)
-        full[:, order] = got
+        full = _unshard(layout, [results[r]["grads"][side] for r in range(world)])
         floor = _kl_grad_floor(case, inputs, side)
         truth, plain = truth_grads[side][finite_rows], plain_grads[side][finite_rows]
         floor_f = None if floor is None else floor[finite_rows]
@@ -759,15 +765,11 @@ def test_dominant_entry_gradient_across_shards(worlds, world):
     tau 0.7 (fp32, every world size), where plain fp32 PyTorch is 3.0e-6 off and the rule's
     bound (`assert_dominant_entry`) 1e-10; now 1e-11 (C++) and 1e-11 (Triton)."""
     layout = DOMINANT_SHARDS[world]
-    order = [c for start, size in layout for c in range(start, start + size)]
     for key in _dominant_cases():
         backend, direction, dtype, tau = key
-        got = torch.cat([worlds[world][r]["dominant"][key] for r in range(world)], dim=-1)
-        ours = torch.empty_like(got)
-        ours[:, order] = got
+        ours = _unshard(layout, [worlds[world][r]["dominant"][key] for r in range(world)])
         x, xr = _dominant_inputs(direction, dtype)
         arg = 0 if direction == "reverse" else 1
-
         kw = {"direction": direction, "temperature": tau}
         truth = _weight_grad(x.double(), xr.double(), arg, **kw)
         plain = _weight_grad(x.float(), xr.float(), arg, upcast=False, **kw)

@@ -472,7 +472,8 @@ def kl_divergence_backward(
             ALIGN=rows_align((logits, n_inner, stride_outer, stride_inner),
                              (ref_logits, ref_n_inner, ref_stride_outer, ref_stride_inner), grad,
                              grad_ref),
-            DOMINANT=dominant, DOMINANT_ROWS=rows, OUTSIDE=outside_terms is not None,
+            # OUTSIDE only where it is read: the main launch's code is the same either way.
+            DOMINANT=dominant, DOMINANT_ROWS=rows, OUTSIDE=rows and outside_terms is not None,
             num_warps=blk.num_warps,
         )  # fmt: skip
     return grad, grad_ref
