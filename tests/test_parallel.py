@@ -1,10 +1,11 @@
 """pg_kernels.parallel: vocab-parallel ops on real gloo process groups (1, 2 and 3 ranks).
 
-Each world size is spawned once (module fixture `worlds`); the workers run every case of that
-world and save their forward outputs and gradients to a file. The tests then check, per case:
-values and gradient shards against the single-device op on the concatenated logits and
-against the float64 reference (the tolerance rule of pg_kernels.testing), bitwise equality of
-the outputs across ranks and between two calls, and the errors of bad layouts and labels.
+Each world size is spawned once per test run (session fixture `worlds`); the workers run every
+case of that world and save their forward outputs and gradients to a file. The tests then
+check, per case: values and gradient shards against the single-device op on the concatenated
+logits and against the float64 reference (the tolerance rule of pg_kernels.testing), bitwise
+equality of the outputs across ranks and between two calls, and the errors of bad layouts and
+labels.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from filelock import FileLock
 
 import pg_kernels
 from pg_kernels import _backend, parallel, reference
@@ -527,11 +529,8 @@ def _worker(rank: int, world: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="session")
-def worlds():
-    """{world size: [rank 0 results, rank 1 results, ...]} from one spawn per world size.
-    Session-scoped: a module fixture is set up again whenever a pytest-xdist worker comes back
-    to this module after another's tests (worksteal), ~60 s each time."""
+def _spawn_worlds() -> dict:
+    """{world size: [rank 0 results, rank 1 results, ...]} from one spawn per world size."""
     out = {}
     for world in (1, 2, 3):
         with tempfile.TemporaryDirectory(prefix="pgk-parallel-") as folder:
@@ -546,6 +545,23 @@ def worlds():
                 torch.load(Path(folder) / f"rank{r}.pt", weights_only=False) for r in range(world)
             ]
     return out
+
+
+@pytest.fixture(scope="session")
+def worlds(tmp_path_factory):
+    """`_spawn_worlds`, once per test run. Session-scoped: a module fixture is set up again
+    whenever a pytest-xdist worker comes back to this module after another's tests (worksteal),
+    ~60 s each time. Under xdist the first worker to need it spawns the worlds under a file
+    lock in the run's shared temporary folder and the others load its file (every worker
+    spawning its own cost ~60 s of one core each; the workers draw the same cases,
+    `RANDOM_SEED`)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _spawn_worlds()
+    shared = tmp_path_factory.getbasetemp().parent / "pgk-parallel-worlds.pt"
+    with FileLock(f"{shared}.lock"):
+        if not shared.is_file():
+            torch.save(_spawn_worlds(), shared)
+        return torch.load(shared, weights_only=False)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
