@@ -139,22 +139,10 @@ def _check(backend, x, y, xr, lp, xq, **kw):
 # bf16 V = 7 row: mismatch_stats 6.6e-8 and 1.2e-7, the bundle 9.1e-8 and 3.4e-8). fp32 logits
 # sum the excess k and get no floor.
 TRITON_KL_FLOOR = {"token_kl": TRITON_16BIT_PAIR_FLOOR, "kl": TRITON_16BIT_PAIR_FLOOR}
-# The Triton bundle's fp32 token_kl of near one-hot rows under a temperature (row 0 of `_inputs`
-# at tau 0.7, both sides' rests ~1e-25): 2^-60 = 8.7e-19 where the truth is 6.2e-27, while
-# mismatch_stats' own pass is 1e-31 off and plain fp32 PyTorch 4e-26 (found by the per-value
-# forward rule; open, README Testing). The logits' side shares token_stats' exponents x k -
-# fl(m k) (one exp per element for both), so each side's top entry carries a residual rho <=
-# ulp(m k) / 2 (mismatch_stats' pass forms (x - m) k: 0), and its excess ~rho^2 / 2 ~ 2^-37 in
-# the lane's fp32 k rounds the rest's ~1e-26 away. Rows shifted so that both maxima are 0 are
-# exact (1.7551e-27 for 1.7551e-27). Floor 2^-50: (ulp(m k) / 2)^2 2^-24 at the tests' |m k| <
-# 200 is 2^-60.
-TRITON_FP32_TOKEN_KL_FLOOR = {"token_kl": 2.0**-50}
-
-
 def _triton_floor(backend, dtype):
     if backend != "triton":
         return None
-    return TRITON_KL_FLOOR if dtype in BITS16 else TRITON_FP32_TOKEN_KL_FLOOR
+    return TRITON_KL_FLOOR if dtype in BITS16 else None
 BITS16 = (torch.bfloat16, torch.float16)
 
 
@@ -190,6 +178,34 @@ def test_any_subset_of_the_other_tensors(bd, parts):
     assert (out.mismatch is None) == (lp is None) and (out.kl is None) == (xq is None)
     if out.mismatch is not None:
         assert (out.mismatch.token_kl is None) == (xr is None)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_near_one_hot_kls_under_a_temperature(bd, direction, blocks, request):
+    """Near one-hot rows whose rollout and teacher share the argmax (KLs of 1e-38 .. 1e-14),
+    under temperatures that keep each side in its own lane frame on Triton (fp32: `OWN_R`,
+    `OWN_Q`), per value against float64 (the rule's 2x plain fp32 PyTorch, no floor). Triton's
+    lanes read a token_kl of 2^-60 = 8.7e-19 where the truth is 6.2e-27 (plain 4e-26) and a kl
+    of 1.3e-18 for 7.5e-27, until each own side's lane reference took the offset of the two
+    frames' residuals (`step_stats._frame_offset`): ~1e-5 relative since."""
+    backend, device = bd
+    if blocks == "small":
+        if backend != "triton":
+            pytest.skip("Triton's blocking")
+        request.getfixturevalue("small_triton_blocks")
+    g = torch.Generator().manual_seed(8)
+    x = make_logits(4, 1000, torch.float64, seed=8)
+    near_one_hot(x, slice(None))
+    xr = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64) - 2.0).float()
+    xq = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64) + 1.5).float()
+    x, xr, xq = x.float().to(device), xr.to(device), xq.to(device)
+    y = make_labels((4,), 1000, device=device, seed=8)
+    per_row = torch.tensor([0.5, 0.7, 1.3, 0.3], dtype=torch.float64, device=device)
+    for t, tr, tq in ((0.7, None, None), (0.5, None, 2.0), (per_row, 0.8, per_row)):
+        lp = reference.token_stats(xr, y, temperature=t if tr is None else tr).logprob.float()
+        _check(backend, x, y, xr, lp, xq, kl_direction=direction, temperature=t,
+               rollout_temperature=tr, ref_temperature=tq)  # fmt: skip
 
 
 def test_peaked_rows_logprob_gradient(bd):

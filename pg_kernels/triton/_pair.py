@@ -244,7 +244,7 @@ def excess_series(y):
 # units (u = ln 2). 5 terms: the first left out is <= 3.9e-7 of f at |delta| = 1/4, a tenth of
 # the far side's cancellation there (e_v - e_w (1 + delta): ~70 fp32 ulps of f), so a sixth
 # would cost step_stats' forward, with two pairs per element, 2 SASS instructions per fp32
-# element triple (56.1 of 60 now) for no accuracy.
+# element triple (57.0-57.5 of 60 now) for no accuracy.
 EXCESS_NATS = tl.constexpr(tuple(c * (-1.0) ** n for n, c in enumerate(EXCESS_COEF.value[:5])))
 EXCESS_LOG2 = tl.constexpr(
     tuple(c * (-LN2.value) ** n * LN2.value**2 for n, c in enumerate(EXCESS_COEF.value[:5]))
@@ -629,14 +629,16 @@ def nats_per_unit(x, DIVIDE: tl.constexpr):
 
 
 @triton.jit
-def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexpr, d):
+def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexpr, d, off):
     """One side of a chunk from its lanes: (max in z units, raw max, lane -> chunk exponent,
     2^exponent, the sum less its max entry's 1, e: the sums are relative to mz + e, e = 0
     without DIVIDE). EXACT: the lanes' exponents are (x - m) k (`_pair_lanes`; r unused),
     else x k - r. d: None, or a per-lane shift of the logits whose exponents the lanes summed,
     (x + d) k - r (step_stats' sides framed on its logits' lanes, temperature 1; EXACT False):
     the lane maxes m are of x, the exponents of x + d, so a lane moves to the chunk's
-    reference by r - (mc + d) k and its top entry is m + d."""
+    reference by r - (mc + d) k and its top entry is m + d. off: None, or a per-lane offset of
+    the lanes' reference, exponents (x k - r) - off (step_stats' own sides, `_frame_offset`):
+    a lane moves to the chunk's reference by (r - mc k) + off."""
     mc = tl.max(m, 0)
     mz = div_acc(mc, tau) if DIVIDE else mc
     # The chunk's sums are relative to the raw max itself, mc / tau unrounded: its entry is
@@ -659,6 +661,8 @@ def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexp
         c = (m - mc) * k  # the lanes' exponents are relative to their max itself
     else:
         c = fma_acc(-mt, k, r)  # r - mc k in one rounding: the lane's r cancels exactly
+        if off is not None:
+            c = c + off  # at the top entry: minus its exponent (x k - r) - off, bitwise
     # An empty lane (still at the floor) adds nothing; its r is ~-2^28, rounded by 8 at most.
     f = tl.where(m == floor, 0.0, exp_base(c))
     # A lane holding the chunk max summed that entry as E = 2^rho (rho = m k - r, the rounding
@@ -670,7 +674,10 @@ def _side_total(m, r, s, k, tau, floor, DIVIDE: tl.constexpr, EXACT: tl.constexp
     if EXACT:
         e_top = exp_base((m - m) * k)  # 1 (0 * k), as the loop formed it
     else:
-        e_top = exp_base(fma_acc(xt, k, -tl.where(top, r, xt * k)))
+        t_top = fma_acc(xt, k, -tl.where(top, r, xt * k))
+        if off is not None:
+            t_top = t_top - tl.where(top, off, 0.0)
+        e_top = exp_base(t_top)
     ties = tl.maximum(tl.sum(top.to(s.dtype), 0) - 1.0, 0.0)
     rest = tl.sum(tl.where(top, (s - e_top) * f, f * s), 0) + ties
     return mz, mc, c, f, rest, e
@@ -855,8 +862,12 @@ def _chunk_state(mw, mv, sw, sv, u, k, kw, kv, tau_w, tau_v, floor_w, floor_v,
     ACC: tl.constexpr = kw.dtype
     # One cross-lane merge per chunk: each lane moved to the chunk's max (merge_pair per lane).
     # The lanes' exponents are (x - m) k (`_pair_lanes`): no lane reference r.
-    m_w, mc_w, cw, fw, r_w, e_w = _side_total(mw, None, sw, kw, tau_w, floor_w, DIVIDE, True, None)
-    m_v, mc_v, cv, fv, r_v, e_v = _side_total(mv, None, sv, kv, tau_v, floor_v, DIVIDE, True, None)
+    m_w, mc_w, cw, fw, r_w, e_w = _side_total(
+        mw, None, sw, kw, tau_w, floor_w, DIVIDE, True, None, None
+    )
+    m_v, mc_v, cv, fv, r_v, e_v = _side_total(
+        mv, None, sv, kv, tau_v, floor_v, DIVIDE, True, None, None
+    )
     if DIVIDE:
         shift = cw - cv
     else:

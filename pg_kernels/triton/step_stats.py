@@ -68,7 +68,8 @@ element triple (forward, budget 30) / pair (backward with the KL term, both grad
              (`token_stats.sum_dtype`; the pair's s_p no longer shares s1's adds) -> 52.2-56.1
              with the excess terms' series started at its top coefficient (`_pair.horner`)
              and their far side without a unary minus (4 instructions per triple: Triton's
-             -x is 0 - x, an FADD that ptxas cannot fold into the FFMA)
+             -x is 0 - x, an FADD that ptxas cannot fold into the FFMA) -> 57.0-57.5 with
+             the own sides' frame offsets (`_frame_offset`: an FADD per element and side)
     backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 -> 32.2 with the other
              side's series (fp32 only, `_bwd_values`' SERIES; budget 40) -> 31.2 with the
              weight side's d_p - d_q as one difference (SERIES); fp16 20.0 and fp32 31.6 with
@@ -96,7 +97,10 @@ fp32 48-64 with the series and the weight side's one difference, 40-59 before it
 without).
 Accuracy: fp32 logits sum each pair's excess kx = sum e_w f(delta) too (`_pair.excess_terms`,
 moved with the lanes by `_pair.rescale_excess`) and finish near-equal rows from it (a KL of 2e-8
-to a near-equal V = 2 teacher: 3.0e-8 -> 1.1e-12 off); what follows is of 16-bit logits, and
+to a near-equal V = 2 teacher: 3.0e-8 -> 1.1e-12 off); a side in its own frame takes the
+offset of the two frames' rounding residuals on its lane reference (`_frame_offset`), so that a
+shared argmax's log-ratio is ~0 (near one-hot rows at tau 0.7: KLs of ~1e-26 had read 2^-60,
+~1e-5 relative since: docs/fidelity.md, finding (8)); what follows is of 16-bit logits, and
 was of fp32 before. A KL of 1e-3 between near rows carries the fp32 roundings of both sums through
 log s_w - log s_v: on a bf16 V = 7 row under the interpreter s_w and s_v were off by +4.7e-8 and
 -4.2e-8 (relative), the KL by 9.1e-8, over tests/test_step_stats.py's 8.7e-8 (the C++ kernel:
@@ -241,18 +245,39 @@ def _pair_scale(c, tau):
 
 
 @triton.jit
-def _side_rescale(xa, xb, k, m, r, s):
+def _frame_offset(m, k, r, mx, kp, rp):
+    """The offset c of an own-frame pair side's lane reference (OFFSET: fp32 with the excess k;
+    exponents (x k - r) - c, sums relative to r + c): rho - rho_p, the rounding residuals of
+    its frame (rho = m k - r, token_stats' `frame`) and of the logits' lane beside it (rho_p =
+    mx kp - rp), each exact (`fma_acc`). Both lanes' maxes then sit at exponents rho_p: where
+    the rows share their argmax its log-ratio is ~0 (rho - rho_p, rounded, less c), not the
+    frames' difference of ~ulp(m k), whose excess ~2^-37 in a lane's fp32 k, moved out of it
+    only at the chunk's end, had rounded away a near one-hot row's KL of ~1e-26 (2^-60 read).
+    0 where a lane's frame lies far out (`frame`) or a max is NaN: any c is exact as long as
+    every move and the chunk's end take the same one."""
+    c = fma_acc(_reference(m), k, -r) - fma_acc(_reference(mx), kp, -rp)
+    return tl.where(tl.abs(c) < 1.0, c, 0.0)
+
+
+@triton.jit
+def _side_rescale(xa, xb, k, m, r, s, mx_old, mx, kp, rp_old, rp, OFFSET: tl.constexpr):
     """A pair side's lanes moved to the block's max, as token_stats' `rescale_lanes` moves the
-    logits' (in `_pair`'s units, `exp_base`). Returns (m, r, s, delta, f = e^delta)."""
+    logits' (in `_pair`'s units, `exp_base`); with OFFSET, relative to r + `_frame_offset`
+    (mx_old, rp_old / mx, rp: the logits' lanes before / after their own move). Returns (m, r,
+    s, delta, f = e^delta, the new offset or 0)."""
     bmax = tl.max(tl.max(xa, axis=2), axis=0)
     if xb is not None:
         bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
-    m = tl.maximum(m, bmax)
-    r_new = frame(m, k)  # token_stats' frame: far out (finfo.min lanes) it sums exactly 0
+    m_new = tl.maximum(m, bmax)
+    r_new = frame(m_new, k)  # token_stats' frame: far out (finfo.min lanes) it sums exactly 0
     # <= 0: an empty lane (r = 0, sums 0) whose first max is negative adds nothing.
     delta = tl.maximum(tl.minimum(r - r_new, 0.0), MOVE_MIN)
+    c_new = tl.zeros_like(s)
+    if OFFSET:  # the offset's move too (|c| < 1 each; also where the logits' lane alone moved)
+        c_new = _frame_offset(m_new, k, r_new, mx, kp, rp)
+        delta = delta + (_frame_offset(m, k, r, mx_old, kp, rp_old) - c_new)
     f = exp_base(delta)
-    return m, r_new, f * s, delta, f
+    return m_new, r_new, f * s, delta, f, c_new
 
 
 # How far (in units of max(1, |its lane max|)) a framed side's lane may lie from the logits'
@@ -298,9 +323,10 @@ def _framed_exps(x, d, k, r):
 
 
 @triton.jit
-def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, kx_r, sq, uq,
-              kx_q, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr, REVERSE: tl.constexpr,
-              OWN_R: tl.constexpr, OWN_Q: tl.constexpr, EXCESS: tl.constexpr):  # fmt: skip
+def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, cr, kq, rq, cq, s1, s2, t2, sp, sr, ur, kx_r,
+              sq, uq, kx_q, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
+              REVERSE: tl.constexpr, OWN_R: tl.constexpr, OWN_Q: tl.constexpr,
+              EXCESS: tl.constexpr):  # fmt: skip
     """One block (or bf16 half-block) of each tensor into the lanes' sums. Every pair side forms
     its exponents t = x k - r in one rounding (`fma_acc`; exps `exp_base`),
     so that equal rows at equal temperatures get equal exps bitwise on both sides of a pair;
@@ -311,7 +337,8 @@ def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, 
     under the interpreter, whose tl.fma rounds x c first, the GPU's rounding (`fma_acc`), and
     in fp64 natural units (e^t, its own frame rp). Log-ratios are differences of exponents,
     floored (`floor_log_ratio`), in `_pair`'s units. EXCESS: each pair's excess kx too
-    (`_pair.excess_terms`, delta = -(t_w - t_v) in nats)."""
+    (`_pair.excess_terms`, delta = -(t_w - t_v) in nats), and an own side's exponents less its
+    lane offset cr / cq (`_frame_offset`: a second rounding, one FADD per element)."""
     _, d2, e = lane_exps(x, c, r2)
     s1, s2, t2 = add_exps(d2, e, s1, s2, t2)
     if HAS_ROLL or HAS_REF:
@@ -321,6 +348,8 @@ def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, 
     if HAS_ROLL:  # KL(pi_roll || pi_theta): w = rollout, v = logits
         if OWN_R:
             t_r = fma_acc(xr, kr, -rr[None, :, None])
+            if EXCESS:
+                t_r = t_r - cr[None, :, None]
         else:
             t_r = _framed_exps(xr, rr, kp, rp)
         e_r = exp_base(t_r)
@@ -332,6 +361,8 @@ def _add_half(x, xr, xq, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, 
     if HAS_REF:
         if OWN_Q:
             t_q = fma_acc(xq, kq, -rq[None, :, None])
+            if EXCESS:
+                t_q = t_q - cq[None, :, None]
         else:
             t_q = _framed_exps(xq, rq, kp, rp)
         e_q = exp_base(t_q)
@@ -357,17 +388,20 @@ def _excess_sum(e_w, e_v, diff):
 
 
 @triton.jit
-def _other_rescale(xa, xb, k, m, r, s, dp, mx, rp_old, rp, OWN: tl.constexpr):
+def _other_rescale(xa, xb, k, m, r, s, dp, mx_old, mx, kp, rp_old, rp, OWN: tl.constexpr,
+                   OFFSET: tl.constexpr):  # fmt: skip
     """The rollout's or the reference's lanes moved to the block's max: in their own frame
-    (`_side_rescale`) with OWN, else framed on the logits' lanes (`_framed_rescale`, r
-    holding d). Returns (m, r, s, f, the move of its exponents relative to the logits' pair
-    exponents, dp = the latter's move)."""
+    (`_side_rescale`, with OFFSET relative to r + `_frame_offset`) with OWN, else framed on the
+    logits' lanes (`_framed_rescale`, r holding d). Returns (m, r, s, f, the move of its
+    exponents relative to the logits' pair exponents, dp = the latter's move, the offset)."""
     if OWN:
-        m, r, s, delta, f = _side_rescale(xa, xb, k, m, r, s)
+        m, r, s, delta, f, off = _side_rescale(xa, xb, k, m, r, s, mx_old, mx, kp, rp_old, rp,
+                                               OFFSET)  # fmt: skip
         shift = delta - dp
     else:
         m, r, s, f, shift = _framed_rescale(xa, xb, k, m, r, s, mx, rp_old, rp)
-    return m, r, s, f, shift
+        off = tl.zeros_like(s)
+    return m, r, s, f, shift, off
 
 
 @triton.jit
@@ -379,6 +413,7 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, 
     them, `_pair.rescale_excess`), then the block's exps added. xb / rb / qb: the second bf16
     halves, or None."""
     rp_old = rp
+    mx_old = mx
     mx, r2, s1, s2, t2, st, dp, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
     # The logits' pair side: token_stats' frame and move in fp32, its own in fp64 (e^t).
     if mx.dtype == tl.float64:
@@ -390,15 +425,19 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, 
     sp_old = sp
     sp = fp * sp
     # u <- f_w (u + shift s_w) = f_w u + shift (f_w s_w), shift = the move of t_w - t_v.
+    cr = tl.zeros_like(sr)  # each side's `_frame_offset` (OWN with EXCESS), else 0 and unused
+    cq = tl.zeros_like(sq)
     if HAS_ROLL:
         sr_old = sr
-        mr, rr, sr, fr, shift = _other_rescale(ra, rb, kr, mr, rr, sr, dp, mx, rp_old, rp, OWN_R)
+        mr, rr, sr, fr, shift, cr = _other_rescale(ra, rb, kr, mr, rr, sr, dp, mx_old, mx, kp,
+                                                   rp_old, rp, OWN_R, OWN_R and EXCESS)
         if EXCESS:
             kx_r = _move_excess(kx_r, ur, sr_old, fr, fp, shift)
         ur = tl.fma(shift, sr, fr * ur)
     if HAS_REF:
         sq_old = sq
-        mq, rq, sq, fq, shift = _other_rescale(qa, qb, kq, mq, rq, sq, dp, mx, rp_old, rp, OWN_Q)
+        mq, rq, sq, fq, shift, cq = _other_rescale(qa, qb, kq, mq, rq, sq, dp, mx_old, mx, kp,
+                                                   rp_old, rp, OWN_Q, OWN_Q and EXCESS)
         if REVERSE:
             if EXCESS:
                 kx_q = _move_excess(kx_q, uq, sp_old, fp, fq, -shift)
@@ -408,13 +447,13 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, 
                 kx_q = _move_excess(kx_q, uq, sq_old, fq, fp, shift)
             uq = tl.fma(shift, sq, fq * uq)
     s1, s2, t2, sp, sr, ur, kx_r, sq, uq, kx_q = _add_half(
-        xa, ra, qa, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, kx_r, sq, uq, kx_q,
-        HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q, EXCESS,
+        xa, ra, qa, c, r2, mx, kp, rp, kr, rr, cr, kq, rq, cq, s1, s2, t2, sp, sr, ur, kx_r, sq,
+        uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q, EXCESS,
     )  # fmt: skip
     if xb is not None:
         s1, s2, t2, sp, sr, ur, kx_r, sq, uq, kx_q = _add_half(
-            xb, rb, qb, c, r2, mx, kp, rp, kr, rr, kq, rq, s1, s2, t2, sp, sr, ur, kx_r, sq, uq,
-            kx_q, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q, EXCESS,
+            xb, rb, qb, c, r2, mx, kp, rp, kr, rr, cr, kq, rq, cq, s1, s2, t2, sp, sr, ur, kx_r,
+            sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q, EXCESS,
         )  # fmt: skip
     return mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q
 
@@ -428,7 +467,7 @@ def _move_excess(kx, u, s_w, f_w, f_v, shift):
 
 
 @triton.jit
-def _chunk_side(m, r, s, k, tau, d, DIVIDE: tl.constexpr):
+def _chunk_side(m, r, s, k, tau, d, off, DIVIDE: tl.constexpr):
     """A pair side's chunk from its lanes, in `_pair`'s convention (`_pair._side_total`: sums
     relative to the max logit's own z, x_max / tau unrounded, that entry exactly 1, kept as
     s1 - 1): (m, the chunk's raw max, each lane's move g to the chunk's reference and
@@ -436,8 +475,10 @@ def _chunk_side(m, r, s, k, tau, d, DIVIDE: tl.constexpr):
     NaN or +inf logit). d: the shift of a side framed on the logits' lanes
     (`_framed_rescale`; without DIVIDE z = x and e = 0), whose exponents are of x + d against
     the logits' pair references r, else None: a row that differs from the logits' by a
-    constant has mc + d = the logits' mc and their g and rest bitwise."""
-    mz, mc, g, f, rest, e = pair_side_total(m, r, s, k, tau, float("-inf"), DIVIDE, False, d)
+    constant has mc + d = the logits' mc and their g and rest bitwise. off: an own side's lane
+    offsets (`_frame_offset`), its sums relative to r + off, else None."""
+    mz, mc, g, f, rest, e = pair_side_total(m, r, s, k, tau, float("-inf"), DIVIDE, False, d,
+                                            off)  # fmt: skip
     mz = tl.where(rest != rest, float("nan"), tl.where(mc == float("-inf"), mc, mz))
     return mz, mc, g, f, rest, e
 
@@ -491,17 +532,18 @@ def _store_pair(part_ptr, chunk, row, N, kx, u, lm_w, s_w, f_w, g_w, f_v, g_v, m
 
 
 @triton.jit
-def _other_side(m, r, s, k, tau, far, rp, kp, OWN: tl.constexpr, DIVIDE: tl.constexpr):
+def _other_side(m, r, s, k, tau, far, rp, kp, off, OWN: tl.constexpr, DIVIDE: tl.constexpr):
     """The rollout's or the reference's chunk side (`_chunk_side`) from its lanes: in its own
-    frame with OWN (a lane far out in it, `far_lane`, is empty), else framed on the logits'
-    lanes (r holding d; a lane far out in the logits', `far`, is empty). Returns its lane maxes
-    as the pair's u and excess moves take them, then `_chunk_side`'s m, g, f, rest, e."""
+    frame with OWN (a lane far out in it, `far_lane`, is empty; off its lane offsets or None,
+    `_frame_offset`), else framed on the logits' lanes (r holding d; a lane far out in the
+    logits', `far`, is empty). Returns its lane maxes as the pair's u and excess moves take
+    them, then `_chunk_side`'s m, g, f, rest, e."""
     if OWN:
         m = tl.where(far_lane(m, k), float("-inf"), m)
-        mz, _, g, f, rest, e = _chunk_side(m, r, s, k, tau, None, True)
+        mz, _, g, f, rest, e = _chunk_side(m, r, s, k, tau, None, off, True)
     else:
         m = tl.where(far, float("-inf"), m)
-        mz, _, g, f, rest, e = _chunk_side(m, rp, s, kp, tau, r, DIVIDE)
+        mz, _, g, f, rest, e = _chunk_side(m, rp, s, kp, tau, r, None, DIVIDE)
     return m, mz, g, f, rest, e
 
 
@@ -648,10 +690,14 @@ def _fwd_chunk_kernel(
     # whose frame lies far out (token_stats' `frame`: finfo.min logits) summed exactly 0: to
     # the pairs it is an empty lane, as a lane below `_pair.lane_floor`; a chunk side of
     # nothing else is summed again relative to its raw max (`_store_pair`).
+    # The own sides' lane offsets as the loop's last step left them (before the logits' far
+    # lanes are emptied: `_frame_offset` is 0 there either way).
+    off_r = _frame_offset(mr, kr, rr, mx, kp, rp) if OWN_R and EXCESS else None
+    off_q = _frame_offset(mq, kq, rq, mx, kp, rp) if OWN_Q and EXCESS else None
     if HAS_ROLL or HAS_REF:
         far = far_lane(mx, kp)
         mx = tl.where(far, float("-inf"), mx)
-        m_p, _, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p, None, True)
+        m_p, _, g_p, f_p, r_p, e_p = _chunk_side(mx, rp, sp, kp, tau_p, None, None, True)
     if HAS_ROLL:
         # A framed side whose frame was given up (or that holds a NaN) has non-finite sums: its
         # chunk is summed again in its own frame (`_pair_again`; KL(pi_roll || pi_theta), w =
@@ -660,8 +706,8 @@ def _fwd_chunk_kernel(
             _pair_again(part_r_ptr, chunk, row, N, xr_row, x_row, start, n_valid, tau_r, tau_p,
                         DIV_R, EXCESS, U * LANES, VEC, BLOCK_V)  # fmt: skip
         else:
-            mr, m_r, g_r, f_r, r_r, e_r = _other_side(mr, rr, sr, kr, tau_r, far, rp, kp, OWN_R,
-                                                      DIV_R)  # fmt: skip
+            mr, m_r, g_r, f_r, r_r, e_r = _other_side(mr, rr, sr, kr, tau_r, far, rp, kp, off_r,
+                                                      OWN_R, DIV_R)  # fmt: skip
             _store_pair(part_r_ptr, chunk, row, N, kx_r, ur, mr, sr, f_r, g_r, f_p, g_p, m_r, r_r,
                         e_r, m_p, r_p, e_p, xr_row, x_row, start, n_valid, tau_r, tau_p, DIV_R,
                         EXCESS, U * LANES, VEC, BLOCK_V)  # fmt: skip
@@ -674,8 +720,8 @@ def _fwd_chunk_kernel(
                 _pair_again(part_q_ptr, chunk, row, N, xq_row, x_row, start, n_valid, tau_q,
                             tau_p, DIV_Q, EXCESS, U * LANES, VEC, BLOCK_V)  # fmt: skip
         else:
-            mq, m_q, g_q, f_q, r_q, e_q = _other_side(mq, rq, sq, kq, tau_q, far, rp, kp, OWN_Q,
-                                                      DIV_Q)  # fmt: skip
+            mq, m_q, g_q, f_q, r_q, e_q = _other_side(mq, rq, sq, kq, tau_q, far, rp, kp, off_q,
+                                                      OWN_Q, DIV_Q)  # fmt: skip
             if REVERSE:
                 _store_pair(part_q_ptr, chunk, row, N, kx_q, uq, mx, sp, f_p, g_p, f_q, g_q, m_p,
                             r_p, e_p, m_q, r_q, e_q, x_row, xq_row, start, n_valid, tau_p, tau_q,
