@@ -114,9 +114,6 @@ def test_temperature(bd):
         _check(backend, x, y, lp, rollout_logits=xr, temperature=t, rollout_temperature=tr)
 
 
-# Open under a GPU's arithmetic (PGK_EMULATE_GPU, CONTRIBUTING.md):
-# token_tv of rows within rounding of each other.
-@pytest.mark.usefixtures("numpy_arithmetic")
 def test_neg_inf_entries(bd):
     """Shared -inf (padded vocab) adds 0; a token the rollout could sample but the policy cannot
     (-inf in logits only) makes token_kl = KL(pi_roll || pi_theta) = +inf; -inf in the rollout
@@ -181,13 +178,12 @@ def test_single_entry_rows_are_exact(bd, dtype):
         assert torch.equal(out.token_kl.cpu(), torch.zeros(3)), (kw, out.token_kl)
 
 
-# Open under a GPU's arithmetic (PGK_EMULATE_GPU, CONTRIBUTING.md; docs/fidelity.md, open (5)).
-@pytest.mark.usefixtures("numpy_arithmetic")
 def test_single_entry_rows_token_tv_is_exact(bd):
     """V = 1 fp32 rows at temperatures where (x / tau rounded) tau rounded is an ulp from x: the
-    TV pass's exponent of the one entry, (x - a) k - b, is ~1e-16, not 0. numpy's exp2 gives 1
-    there, a TV of exactly 0; the suite's emulated MUFU.EX2 (within 2^-22 at every non-integer
-    exponent) gives 1.2e-7. Whether MUFU.EX2 returns exactly 1 that close to 0 decides it."""
+    TV pass's exponent of the one entry had been ~1e-16, not 0, a TV of 1.2e-7 under the
+    suite's emulated MUFU.EX2 (within 2^-22 at every non-integer exponent; numpy's exp2 gave 1).
+    Its frame is the max logit itself now (`_pair.tv_frame`): the exponent is exactly 0 and the
+    TV exactly 0 under a GPU's arithmetic too (docs/fidelity.md, (5))."""
     backend, device = bd
     x = torch.tensor([[0.003835241077467799], [-0.006374443415552378]], device=device)
     xr = torch.tensor([[0.37651991844177246], [0.35916343331336975]], device=device)

@@ -152,9 +152,6 @@ def _shapes(backend, device):
     return [(3, 7), (16, 1000), (4, 32003), (2, 151936)]
 
 
-# Open under a GPU's arithmetic (PGK_EMULATE_GPU, CONTRIBUTING.md):
-# token_tv of the near one-hot row 0.
-@pytest.mark.usefixtures("numpy_arithmetic")
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(bd, dtype, direction):
