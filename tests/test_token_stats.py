@@ -752,8 +752,12 @@ def test_more_than_2_31_elements():
     n, v = 16385, 131072
     x = torch.empty(n, v, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(14)
+    # One block of random rows, repeated (drawing 2^31 normals took most of the test's ~50 s),
+    # the last two drawn apart: an offset wrapped modulo 2^31 would read row 0's twin there.
+    block = (torch.randn(2048, v, generator=g) * 3).to(torch.bfloat16)
     for i in range(0, n, 2048):
-        x[i : i + 2048] = torch.randn(min(2048, n - i), v, generator=g) * 3
+        x[i : i + 2048] = block[: n - i]
+    x[-2:] = torch.randn(2, v, generator=g) * 3
     y = torch.randint(0, v, (n,), generator=g)
     out = pg_kernels.token_stats(x, y, backend="cpu")
     rows = [0, n // 2, n - 2, n - 1]  # the last rows start past 2^31 elements
