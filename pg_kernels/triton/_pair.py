@@ -244,7 +244,7 @@ def excess_series(y):
 # units (u = ln 2). 5 terms: the first left out is <= 3.9e-7 of f at |delta| = 1/4, a tenth of
 # the far side's cancellation there (e_v - e_w (1 + delta): ~70 fp32 ulps of f), so a sixth
 # would cost step_stats' forward, with two pairs per element, 2 SASS instructions per fp32
-# element triple (57.0-57.5 of 60 now) for no accuracy.
+# element triple (56.7-56.9 of 60 now) for no accuracy.
 EXCESS_NATS = tl.constexpr(tuple(c * (-1.0) ** n for n, c in enumerate(EXCESS_COEF.value[:5])))
 EXCESS_LOG2 = tl.constexpr(
     tuple(c * (-LN2.value) ** n * LN2.value**2 for n, c in enumerate(EXCESS_COEF.value[:5]))

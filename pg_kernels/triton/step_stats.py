@@ -68,7 +68,7 @@ element triple (forward, budget 30) / pair (backward with the KL term, both grad
              (`token_stats.sum_dtype`; the pair's s_p no longer shares s1's adds) -> 52.2-56.1
              with the excess terms' series started at its top coefficient (`_pair.horner`)
              and their far side without a unary minus (4 instructions per triple: Triton's
-             -x is 0 - x, an FADD that ptxas cannot fold into the FFMA) -> 57.0-57.5 with
+             -x is 0 - x, an FADD that ptxas cannot fold into the FFMA) -> 56.7-56.9 with
              the own sides' frame offsets (`_frame_offset`: an FADD per element and side)
     backward bf16 28.1 -> 19.6, fp16 27.1 -> 19.9, fp32 26.0 -> 19.1 -> 32.2 with the other
              side's series (fp32 only, `_bwd_values`' SERIES; budget 40) -> 31.2 with the
@@ -260,11 +260,11 @@ def _frame_offset(m, k, r, mx, kp, rp):
 
 
 @triton.jit
-def _side_rescale(xa, xb, k, m, r, s, mx_old, mx, kp, rp_old, rp, OFFSET: tl.constexpr):
+def _side_rescale(xa, xb, k, m, r, s, c, mx, kp, rp, OFFSET: tl.constexpr):
     """A pair side's lanes moved to the block's max, as token_stats' `rescale_lanes` moves the
-    logits' (in `_pair`'s units, `exp_base`); with OFFSET, relative to r + `_frame_offset`
-    (mx_old, rp_old / mx, rp: the logits' lanes before / after their own move). Returns (m, r,
-    s, delta, f = e^delta, the new offset or 0)."""
+    logits' (in `_pair`'s units, `exp_base`); with OFFSET, relative to r + `_frame_offset` (c:
+    the lanes' offset before the move; mx, rp: the logits' lanes after their own). Returns (m,
+    r, s, delta, f = e^delta, the new offset, or c)."""
     bmax = tl.max(tl.max(xa, axis=2), axis=0)
     if xb is not None:
         bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
@@ -272,10 +272,10 @@ def _side_rescale(xa, xb, k, m, r, s, mx_old, mx, kp, rp_old, rp, OFFSET: tl.con
     r_new = frame(m_new, k)  # token_stats' frame: far out (finfo.min lanes) it sums exactly 0
     # <= 0: an empty lane (r = 0, sums 0) whose first max is negative adds nothing.
     delta = tl.maximum(tl.minimum(r - r_new, 0.0), MOVE_MIN)
-    c_new = tl.zeros_like(s)
+    c_new = c
     if OFFSET:  # the offset's move too (|c| < 1 each; also where the logits' lane alone moved)
         c_new = _frame_offset(m_new, k, r_new, mx, kp, rp)
-        delta = delta + (_frame_offset(m, k, r, mx_old, kp, rp_old) - c_new)
+        delta = delta + (c - c_new)
     f = exp_base(delta)
     return m_new, r_new, f * s, delta, f, c_new
 
@@ -388,32 +388,31 @@ def _excess_sum(e_w, e_v, diff):
 
 
 @triton.jit
-def _other_rescale(xa, xb, k, m, r, s, dp, mx_old, mx, kp, rp_old, rp, OWN: tl.constexpr,
+def _other_rescale(xa, xb, k, m, r, s, c, dp, mx, kp, rp_old, rp, OWN: tl.constexpr,
                    OFFSET: tl.constexpr):  # fmt: skip
     """The rollout's or the reference's lanes moved to the block's max: in their own frame
     (`_side_rescale`, with OFFSET relative to r + `_frame_offset`) with OWN, else framed on the
     logits' lanes (`_framed_rescale`, r holding d). Returns (m, r, s, f, the move of its
-    exponents relative to the logits' pair exponents, dp = the latter's move, the offset)."""
+    exponents relative to the logits' pair exponents, dp = the latter's move, the offset c
+    moved with the lanes)."""
     if OWN:
-        m, r, s, delta, f, off = _side_rescale(xa, xb, k, m, r, s, mx_old, mx, kp, rp_old, rp,
-                                               OFFSET)  # fmt: skip
+        m, r, s, delta, f, c = _side_rescale(xa, xb, k, m, r, s, c, mx, kp, rp, OFFSET)
         shift = delta - dp
     else:
         m, r, s, f, shift = _framed_rescale(xa, xb, k, m, r, s, mx, rp_old, rp)
-        off = tl.zeros_like(s)
-    return m, r, s, f, shift, off
+    return m, r, s, f, shift, c
 
 
 @triton.jit
 def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr,
-          ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
+          ur, kx_r, cr, mq, rq, sq, uq, kx_q, cq, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
           REVERSE: tl.constexpr, OWN_R: tl.constexpr, OWN_Q: tl.constexpr,
           EXCESS: tl.constexpr):  # fmt: skip
     """One loop step: every side's lanes moved to their new max (u and the excess kx moved with
     them, `_pair.rescale_excess`), then the block's exps added. xb / rb / qb: the second bf16
-    halves, or None."""
+    halves, or None. cr / cq: each own side's `_frame_offset` (OWN with EXCESS; else 0, unused),
+    carried from step to step."""
     rp_old = rp
-    mx_old = mx
     mx, r2, s1, s2, t2, st, dp, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
     # The logits' pair side: token_stats' frame and move in fp32, its own in fp64 (e^t).
     if mx.dtype == tl.float64:
@@ -425,18 +424,16 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, 
     sp_old = sp
     sp = fp * sp
     # u <- f_w (u + shift s_w) = f_w u + shift (f_w s_w), shift = the move of t_w - t_v.
-    cr = tl.zeros_like(sr)  # each side's `_frame_offset` (OWN with EXCESS), else 0 and unused
-    cq = tl.zeros_like(sq)
     if HAS_ROLL:
         sr_old = sr
-        mr, rr, sr, fr, shift, cr = _other_rescale(ra, rb, kr, mr, rr, sr, dp, mx_old, mx, kp,
+        mr, rr, sr, fr, shift, cr = _other_rescale(ra, rb, kr, mr, rr, sr, cr, dp, mx, kp,
                                                    rp_old, rp, OWN_R, OWN_R and EXCESS)
         if EXCESS:
             kx_r = _move_excess(kx_r, ur, sr_old, fr, fp, shift)
         ur = tl.fma(shift, sr, fr * ur)
     if HAS_REF:
         sq_old = sq
-        mq, rq, sq, fq, shift, cq = _other_rescale(qa, qb, kq, mq, rq, sq, dp, mx_old, mx, kp,
+        mq, rq, sq, fq, shift, cq = _other_rescale(qa, qb, kq, mq, rq, sq, cq, dp, mx, kp,
                                                    rp_old, rp, OWN_Q, OWN_Q and EXCESS)
         if REVERSE:
             if EXCESS:
@@ -455,7 +452,7 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, 
             xb, rb, qb, c, r2, mx, kp, rp, kr, rr, cr, kq, rq, cq, s1, s2, t2, sp, sr, ur, kx_r,
             sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q, EXCESS,
         )  # fmt: skip
-    return mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q
+    return mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, cr, mq, rq, sq, uq, kx_q, cq
 
 
 @triton.jit
@@ -649,6 +646,9 @@ def _fwd_chunk_kernel(
     uq = tl.zeros([LANES], ACC)
     kx_r = tl.zeros([LANES], ACC)
     kx_q = tl.zeros([LANES], ACC)
+    # Each own side's lane offset (`_frame_offset`; 0 for the empty lanes it starts from).
+    cr = tl.zeros([LANES], ACC)
+    cq = tl.zeros([LANES], ACC)
     # No prefetch (unlike token_stats): three tensors' blocks in flight would not fit in
     # registers; the other tensors' loads of a step overlap each other instead.
     for i in range(0, n_full):
@@ -664,9 +664,10 @@ def _fwd_chunk_kernel(
             qa, qb = _full_step(xq_row, col0, step, ACC, VEC, PAIRS, ALIGN)
         if x_ptr.dtype.element_ty != tl.bfloat16:
             xb, rb, qb = None, None, None
-        mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q = _step(
+        mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, cr, mq, rq, sq, uq, kx_q, cq = _step(
             xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp, mr, rr,
-            sr, ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q, EXCESS,
+            sr, ur, kx_r, cr, mq, rq, sq, uq, kx_q, cq, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q,
+            EXCESS,
         )  # fmt: skip
     if n_full * BLOCK_V < n_valid:  # only the row's last chunk can end inside a block
         col0 = start + n_full * BLOCK_V
@@ -676,10 +677,10 @@ def _fwd_chunk_kernel(
             ra = load_last_step(xr_row, col0, V, U, LANES, VEC, ALIGN).to(ACC)
         if HAS_REF:
             qa = load_last_step(xq_row, col0, V, U, LANES, VEC, ALIGN).to(ACC)
-        mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q = _step(
+        mx, r2, s1, s2, t2, st, rp, sp, mr, rr, sr, ur, kx_r, cr, mq, rq, sq, uq, kx_q, cq = _step(
             xa, None, ra, None, qa, None, n_full, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, sp,
-            mr, rr, sr, ur, kx_r, mq, rq, sq, uq, kx_q, HAS_ROLL, HAS_REF, REVERSE, OWN_R, OWN_Q,
-            EXCESS,
+            mr, rr, sr, ur, kx_r, cr, mq, rq, sq, uq, kx_q, cq, HAS_ROLL, HAS_REF, REVERSE, OWN_R,
+            OWN_Q, EXCESS,
         )  # fmt: skip
 
     cmax, s1_sum, s2_sum, t2_sum, am = chunk_total(
@@ -690,10 +691,9 @@ def _fwd_chunk_kernel(
     # whose frame lies far out (token_stats' `frame`: finfo.min logits) summed exactly 0: to
     # the pairs it is an empty lane, as a lane below `_pair.lane_floor`; a chunk side of
     # nothing else is summed again relative to its raw max (`_store_pair`).
-    # The own sides' lane offsets as the loop's last step left them (before the logits' far
-    # lanes are emptied: `_frame_offset` is 0 there either way).
-    off_r = _frame_offset(mr, kr, rr, mx, kp, rp) if OWN_R and EXCESS else None
-    off_q = _frame_offset(mq, kq, rq, mx, kp, rp) if OWN_Q and EXCESS else None
+    # The own sides' lane offsets as the loop's last step left them.
+    off_r = cr if OWN_R and EXCESS else None
+    off_q = cq if OWN_Q and EXCESS else None
     if HAS_ROLL or HAS_REF:
         far = far_lane(mx, kp)
         mx = tl.where(far, float("-inf"), mx)
