@@ -125,7 +125,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
       if (xm != neg_inf<acc_t>()) row.rescale(acc_t(tp.reference(xm) - tp.reference(chunk_max)));
       xm = chunk_max;
       // Strictly greater than every earlier max: its first index here is the row's first argmax.
-      argmax = begin + (std::find(cp, cp + n, chunk_max) - cp);
+      argmax = begin + find_first(cp, n, chunk_max);
     }
     if (!(xm < -neg_inf<acc_t>())) break;  // NaN or +inf logits: every field of the row is NaN
     // Whether each v side (the logits: rollout pair, forward KL; the reference: reverse KL) is
