@@ -297,25 +297,6 @@ struct ChunkMax {
   }
 };
 
-// The first index of value in buf[0, n) (n if none, NaN never found), as std::find, a vector
-// at a time: a chunk holding a new row max looks it up, ~3 chunks of a random row, and the
-// scalar search (~n / 2 compares each) was ~15 % of token_stats' forward outside its sweep.
-template <typename acc_t>
-int64_t find_first(const acc_t* buf, int64_t n, acc_t value) {
-  constexpr int64_t W = Vec<acc_t>::size();
-  const Vec<acc_t> v(value);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    // != is all ones (NaN as a float) where the lanes differ, +0 where they are equal.
-    const int equal = (Vec<acc_t>::loadu(buf + i) != v).zero_mask();
-    if (equal != 0) return i + __builtin_ctz(static_cast<unsigned>(equal));
-  }
-  for (; i < n; ++i) {
-    if (buf[i] == value) return i;
-  }
-  return n;
-}
-
 // buf as copy_padded leaves it. Returns the chunk's max (NaN if the chunk holds a NaN). The max
 // is taken as the chunk is converted, in the same loop (a separate pass over the buffer cost
 // ~5-10 % of kl_divergence's forward, whose chunks are then shifted and divided in place).
@@ -457,6 +438,24 @@ bool all_lanes_set(const Vec<acc_t>& mask) {
 template <typename acc_t>
 bool any_lane_set(const Vec<acc_t>& mask) {
   return lane_bits(mask) != 0;
+}
+
+// The first index of value in buf[0, n) (n if none, NaN never found), as std::find, a vector
+// at a time: a chunk holding a new row max looks it up, ~3 chunks of a random row, and the
+// scalar search (~n / 2 compares each) was ~15 % of token_stats' forward outside its sweep.
+template <typename acc_t>
+int64_t find_first(const acc_t* buf, int64_t n, acc_t value) {
+  constexpr int64_t W = Vec<acc_t>::size();
+  const Vec<acc_t> v(value);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const uint32_t equal = lane_bits(Vec<acc_t>::loadu(buf + i) == v);
+    if (equal != 0) return i + __builtin_ctz(equal);
+  }
+  for (; i < n; ++i) {
+    if (buf[i] == value) return i;
+  }
+  return n;
 }
 
 // Whether d[0, n) holds no -inf (NaN counts as -inf). For a pair pass's v side (v_j = 0 nowhere):
