@@ -520,6 +520,38 @@ def test_invalid_rows_stay_local(backend_device):
     assert torch.isnan(xg.grad[1:4]).all() and torch.isfinite(xg.grad[[0, 4]]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_first_argmax_and_nan_at_any_position(backend_device, dtype):
+    """A row's max taken in several independent chains (the C++ loads: four, each lane of a
+    vector its own) and its first index found a vector at a time: tied maxima inside one vector,
+    across vectors and across chunks (the first wins, as torch.argmax), a max of 0 held as -0
+    before +0, and a NaN at every position class of those chains and of the scalar tail (the
+    row NaN, argmax -1)."""
+    backend, device = backend_device
+    v = 5003  # C++: chunks of 2048, the last of 907 entries (a scalar tail of 11)
+    x = make_logits(12, v, torch.float64, seed=41)
+    ties = {0: (17, 18), 1: (100, 1500), 2: (3000, 4500), 3: (4999, 5001)}
+    for r, cols in ties.items():
+        x[r, list(cols)] = x[r].max() + 2.0
+    x[1, 40] = x[1].max() - 0.5  # a lower max in an earlier vector
+    x[4] = -x[4].abs() - 1.0
+    x[4, 5], x[4, 10] = -0.0, 0.0
+    nan_cols = (5, 20, 40, 60, 2048 + 33, 4096 + 900)
+    for r, col in enumerate(nan_cols, start=5):
+        x[r, col] = float("nan")
+    x = x.to(dtype=dtype, device=device)
+    y = torch.randint(0, v, (12,), generator=torch.Generator().manual_seed(41)).to(device)
+    out = _op(backend)(x, y)
+    want = x[:5].double().cpu().argmax(-1)
+    assert want.tolist()[:4] == [17, 100, 3000, 4999] and want[4] == 5
+    assert torch.equal(out.argmax[:5].cpu(), want)
+    assert out.argmax[5:11].tolist() == [-1] * 6 and torch.isnan(out.lse[5:11]).all()
+    check_against_reference(
+        _op(backend), reference.token_stats, (x[[0, 1, 2, 3, 4, 11]], y[[0, 1, 2, 3, 4, 11]]),
+        {}, diff_fields=DIFF,
+    )  # fmt: skip
+
+
 def test_ignore_index_rows(backend_device):
     backend, device = backend_device
     x = make_logits(4, 1000, torch.float32, device=device, seed=4)
