@@ -63,6 +63,31 @@ def test_cpu_module_follows_atens_vector_isa():
     assert run.stdout.split() == ["pg_kernels._C"]
 
 
+@pytest.mark.parametrize(
+    ("mode", "env", "hinted"),
+    [
+        ("always [madvise] never\n", None, True),
+        ("always [madvise] never\n", "1", False),
+        ("[always] madvise never\n", None, False),
+        ("always madvise [never]\n", None, False),
+        (None, None, False),  # no such file: not Linux
+    ],
+)
+def test_env_report_names_huge_pages_where_they_would_help(monkeypatch, tmp_path, mode, env,
+                                                           hinted):  # fmt: skip
+    """Huge pages for CPU backwards' fresh gradients: hinted only where Linux gives them on
+    request (`madvise`) and PyTorch's allocator does not ask (THP_MEM_ALLOC_ENABLE unset)."""
+    path = tmp_path / "enabled"
+    if mode is not None:
+        path.write_text(mode)
+    monkeypatch.setattr(_backend, "THP_MODE_FILE", str(path))
+    if env is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", env)
+    assert ("THP_MEM_ALLOC_ENABLE=1" in _backend.env_report()) == hinted
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_forcing_a_backend_without_a_kernel_names_it(backend):
     for op, backends in _backend.KERNELS.items():
