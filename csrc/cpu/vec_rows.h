@@ -271,7 +271,7 @@ inline int64_t copy_padded(const scalar_t* src, int64_t n, acc_t* buf) {
 }
 
 // The max of a chunk's vectors in four independent chains (NaN if one is NaN).
-// at::vec::maximum propagates NaN through a compare and a blend on its chain, ~8 cycles per
+// at::vec::maximum propagates NaN through a compare and an OR on its chain, ~8 cycles per
 // vector on Zen 4 (AVX-512): with one chain the loads below were bound by that latency, not by
 // memory (~370 ns per 8 KiB fp32 chunk). Four chains took the fp32 forwards at 256 x 32000
 // (one thread, AMD EPYC) from 14.5 to 10.3 ms (kl_divergence, two loads per chunk) and from
