@@ -130,13 +130,9 @@ std::vector<at::Tensor> kl_divergence_backward(
                 acc_dtype, " tensor");
   }
   // Fresh contiguous gradients (row r at r * V); an empty tensor for a side not requested.
-  const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor grad = need_logits_grad
-                        ? at::empty(logits.sizes(), logits.options().memory_format(contiguous))
-                        : at::empty({0}, logits.options());
+  at::Tensor grad = need_logits_grad ? fresh_gradient(logits) : at::empty({0}, logits.options());
   at::Tensor grad_ref =
-      need_ref_grad ? at::empty(ref_logits.sizes(), ref_logits.options().memory_format(contiguous))
-                    : at::empty({0}, ref_logits.options());
+      need_ref_grad ? fresh_gradient(ref_logits) : at::empty({0}, ref_logits.options());
   const RowLayout layout{n_inner, stride_outer, stride_inner};
   const RowLayout ref_layout{ref_n_inner, ref_stride_outer, ref_stride_inner};
   // The weight side w is the logits for reverse KL(p || q), the reference for forward.
@@ -310,8 +306,7 @@ at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Ten
   }
   TORCH_CHECK(grad_logprob.numel() == N && row_state.numel() == 2 * N,
               "mismatch_stats_backward: expected ", N, " rows in grad_logprob and row_state");
-  at::Tensor grad =
-      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = fresh_gradient(logits);
   const RowLayout layout{n_inner, stride_outer, stride_inner};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, logits.scalar_type(), "mismatch_stats_backward", [&] {

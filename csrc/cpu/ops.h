@@ -7,6 +7,8 @@
 #include <optional>
 #include <vector>
 
+#include "pg_kernels/gradient_output.h"
+
 namespace pg_kernels::cpu {
 
 // The Python layer validates user input with friendly messages; these checks guard the

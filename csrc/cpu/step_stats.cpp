@@ -180,13 +180,9 @@ std::vector<at::Tensor> step_stats_backward(
                 op, ": kl_state must be a contiguous ", acc_dtype, " tensor of ", N, " x ",
                 kKLState);
   }
-  const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor grad = need_logits_grad
-                        ? at::empty(logits.sizes(), logits.options().memory_format(contiguous))
-                        : at::empty({0}, logits.options());
+  at::Tensor grad = need_logits_grad ? fresh_gradient(logits) : at::empty({0}, logits.options());
   at::Tensor grad_ref =
-      need_ref_grad ? at::empty(ref_logits->sizes(), ref_logits->options().memory_format(contiguous))
-                    : at::empty({0}, logits.options());
+      need_ref_grad ? fresh_gradient(*ref_logits) : at::empty({0}, logits.options());
   const RowLayout layout{n_inner, stride_outer, stride_inner};
   const RowLayout ref_layout{ref_n_inner, ref_stride_outer, ref_stride_inner};
   AT_DISPATCH_FLOATING_TYPES_AND2(

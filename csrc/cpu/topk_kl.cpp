@@ -366,9 +366,7 @@ at::Tensor topk_kl_backward(const at::Tensor& grad_kl, const at::Tensor& logits,
                     t->scalar_type() == acc_dtype,
                 "topk_kl_backward: per-row tensors must be contiguous ", acc_dtype, " [", N, "]");
   }
-  // The gradient is a fresh contiguous tensor: row r starts at r * V.
-  at::Tensor grad =
-      at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = fresh_gradient(logits);  // contiguous: row r starts at r * V
   const RowLayout layout{n_inner, stride_outer, stride_inner};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_kl_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
