@@ -221,18 +221,25 @@ def resolve(
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def thp_mode() -> str | None:
+    """Linux's transparent huge pages mode, the bracketed word of THP_MODE_FILE: `always`,
+    `madvise` or `never`; None where there is no such file (not Linux, or no THP support)."""
+    try:
+        with open(THP_MODE_FILE) as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
+
+
 def _huge_pages_hint() -> str | None:
     """How the rest of a CPU training step avoids faulting in every large new tensor page by
     page (README, Performance), where huge pages are available to PyTorch's allocator but not
     asked for. pg_kernels' own backwards ask for them (`fresh_gradient`)."""
     if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1":
         return None
-    try:
-        with open(THP_MODE_FILE) as f:
-            mode = f.read()
-    except OSError:  # not Linux, or no THP support
-        return None
-    if "[madvise]" not in mode:  # `always` gives them unasked; `never` not at all
+    if thp_mode() != "madvise":  # `always` gives them unasked; `never` not at all
         return None
     return (
         "CPU training: PyTorch's large new tensors are faulted in 4 KiB at a time (pg_kernels' "
