@@ -412,7 +412,7 @@ def add_exps(d2, e, s1, s2, t2):
 
 
 @triton.jit
-def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok, SUM: tl.constexpr):
+def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok):
     """docs/math.md §2 from a row's merged base-2 state (softmax_stats.h's finalize_token_stats).
 
     mx: the row's raw max; s1, s2, t2 relative to r2 = reference(mx) * c (c = c64 rounded to ACC,
@@ -427,7 +427,7 @@ def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok, SUM: tl.constexpr):
         lse      = ln2 (mx c64 + log2 s1 - l_m)
         logprob  = ln2 ((x_c - mx) c64 + l_m - log2 s1)
         lgp      = ((s1 - e_c)^2 + (s2 - e_c^2)) / s1^2,   e_c = e_m 2^((x_c - mx) c64)
-                   (e_c^2 at the max: e_m^2 as the loop rounded it, in SUM)
+                   (e_c^2 at the max: e_m^2, exact in fp64 as the sums hold it)
         entropy  = ln2 (log2 s1 - t2 / s1),  t2's max term e_m eps taken as e_m l_m
     round once: log p_c stays exact as p_c -> 1 (no z_c - L cancellation), large |log p| carry
     no base-2 rounding, and lgp = (1 - p_c)^2 + sum_{j != c} p_j^2 cancels nothing (at the
@@ -458,11 +458,10 @@ def _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok, SUM: tl.constexpr):
     log2_p_c = (x_label - mx) * c64 + log2_e_m - log2_s1
     logprob = (ln2 * log2_p_c).to(ACC)
     e_c = e_m * tl.exp(ln2 * ((x_label - mx) * c64))  # e_m itself at the max (exp(0) = 1)
-    # s2 - e_c^2 is the rest of a peaked row's s2: at the max, take away the very term the loop
-    # added (e_m squared in SUM: fp32 for 16-bit logits rounds it by up to ulp(1) / 2, as much
-    # as an lgp of 1e-7), not the exact square.
-    e_m_sum = e_m.to(SUM)
-    e_c2 = tl.where(x_label == mx, (e_m_sum * e_m_sum).to(f64), e_c * e_c)
+    # s2 - e_c^2 is the rest of a peaked row's s2: at the max, take away the very term the sums
+    # hold, e_m squared in fp64 (the lane holding the max is summed in fp64 on every dtype:
+    # `chunk_total`), not e_c^2 through exp (an lgp of 1e-7 at ulp(1) / 2).
+    e_c2 = tl.where(x_label == mx, e_m * e_m, e_c * e_c)
     lgp = ((s1 - e_c) * (s1 - e_c) + (s2 - e_c2)) / (s1 * s1)
     lgp = tl.where(lgp > 0.0, lgp, 0.0).to(ACC)
     collision = (s2 / (s1 * s1)).to(ACC)
@@ -507,18 +506,34 @@ def _store_outputs(
 def chunk_total(
     mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V,
     U: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):  # fmt: skip
     """A chunk's state from its lanes: (raw max, NaN if a sum is; s1, s2, t2 in the frame of
     the max (`frame`; exactly relative to max * c when it lies far out, `exact_sums`); first
     argmax as int32). The chunk is [start, start + n_valid) of the row x_row."""
     # The chunk: every lane rescaled to the chunk's max, then plain sums (one reduction each).
     cmax = tl.max(mx, axis=0)
-    delta = tl.maximum(tl.minimum(r2 - frame(cmax, c), 0.0), MOVE_MIN)
+    r2_max = frame(cmax, c)
+    delta = tl.maximum(tl.minimum(r2 - r2_max, 0.0), MOVE_MIN)
     f = exp2_acc(delta)
     # s1, s2 added across the lanes in fp64 (once per chunk): the lane holding the max carries
     # its term ~1, and a 16-bit row's fp32 tree over 256 lanes would round each rest against it.
-    s1_sum = tl.sum(f * s1.to(tl.float64), axis=0)
-    s2_sum = tl.sum((f * f) * s2.to(tl.float64), axis=0)
+    s1_lanes = f * s1.to(tl.float64)
+    s2_lanes = (f * f) * s2.to(tl.float64)
+    if s1.dtype == tl.float32:
+        # 16-bit logits, fp32 lanes: the lane holding the max has rounded every term it added
+        # beside the max's ~1 at ulp(1) / 2, and a peaked row's outputs are those rests (lgp's
+        # s2 - e_c^2, entropy's and log p_c's s1 - e_m). That lane is summed again in fp64.
+        lanes = tl.arange(0, LANES)
+        lane = tl.min(tl.where(mx == cmax, lanes, LANES), axis=0)
+        own = lanes == lane
+        own_s1, own_s2 = lane_sums64(x_row, lane, start, n_valid, r2_max, c, U, LANES, VEC,
+                                     BLOCK_V, CHUNK)  # fmt: skip
+        s1_sum = tl.sum(tl.where(own, 0.0, s1_lanes), axis=0) + own_s1
+        s2_sum = tl.sum(tl.where(own, 0.0, s2_lanes), axis=0) + own_s2
+    else:
+        s1_sum = tl.sum(s1_lanes, axis=0)
+        s2_sum = tl.sum(s2_lanes, axis=0)
     t2_sum = tl.sum(f * tl.fma(delta, s1.to(t2.dtype), t2), axis=0)
     if exact_frame(cmax, c):
         s1_sum, s2_sum, t2_sum = exact_sums(x_row, start, n_valid, cmax, c, s1_sum, s2_sum, t2_sum)
@@ -538,6 +553,28 @@ def chunk_total(
     # and the finalize check (the max itself may have dropped the NaN).
     cmax = tl.where(s1_sum != s1_sum, float("nan"), cmax)
     return cmax, s1_sum, s2_sum, t2_sum, am
+
+
+@triton.jit
+def lane_sums64(
+    x_row, lane, start, n_valid, r2, c,
+    U: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
+    CHUNK: tl.constexpr,
+):  # fmt: skip
+    """s1 and s2 of one lane of the chunk [start, start + n_valid) (0 for lane LANES: none),
+    its elements read again (from L2: just read, CHUNK / LANES of them) and their exps formed
+    as the loop formed them relative to r2, the lane's frame, then summed in fp64. Once per
+    chunk, outside the loop: the hot loop keeps its fp32 lanes (fp64 ones took 161-168
+    registers against 128, and a rest kept beside each lane 2-3 instructions per element)."""
+    STEPS: tl.constexpr = triton.next_power_of_2(CHUNK // BLOCK_V)
+    # Element (step, u, k) of the lane: column step * BLOCK_V + u * LANES * VEC + lane * VEC + k.
+    first = tl.arange(0, STEPS)[:, None] * BLOCK_V + tl.arange(0, U)[None, :] * (LANES * VEC)
+    cols = tl.reshape(first, [STEPS * U, 1, 1]) + lane * VEC + tl.arange(0, VEC)[None, None, :]
+    x = tl.load(x_row + start + cols, mask=(cols < n_valid) & (lane < LANES),
+                other=float("-inf"))  # fmt: skip
+    _, _, e = lane_exps(x.to(c.dtype), c, tl.zeros([1], c.dtype) + r2)
+    e = tl.reshape(e, [STEPS * U * VEC]).to(tl.float64)
+    return tl.sum(e, axis=0), tl.sum(e * e, axis=0)
 
 
 @triton.jit
@@ -620,13 +657,13 @@ def _fwd_chunk_kernel(
         mx, r2, s1, s2, t2, st = _fwd_step(x, None, n_full, c, mx, r2, s1, s2, t2, st)
 
     cmax, s1_sum, s2_sum, t2_sum, am = chunk_total(
-        mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V, U, LANES, VEC, BLOCK_V
+        mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V, U, LANES, VEC, BLOCK_V, CHUNK
     )
 
     if FINALIZE:
         ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
         x_label = tl.load(x_row + tl.where(ok, label, 0), mask=ok, other=0.0).to(ACC)
-        vals = _finalize(cmax, s1_sum, s2_sum, t2_sum, am, x_label, c64, keep, ok, SUM)
+        vals = _finalize(cmax, s1_sum, s2_sum, t2_sum, am, x_label, c64, keep, ok)
         _store_outputs(
             row, True, vals, logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr,
             max_prob_ptr, argmax_ptr,
@@ -704,8 +741,7 @@ def merge_rows(
     ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
     x_row = x_ptr + row_offset(rows, n_inner, stride_outer, stride_inner)
     x_label = tl.load(x_row + tl.where(ok, label, 0), mask=ok & rmask, other=0.0).to(ACC)
-    SUM: tl.constexpr = sum_dtype(x_ptr.dtype.element_ty)
-    return _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok, SUM), mx
+    return _finalize(mx, s1, s2, t2, am, x_label, c64, keep, ok), mx
 
 
 @triton.jit
