@@ -565,7 +565,11 @@ def lane_sums64(
     its elements read again (from L2: just read, CHUNK / LANES of them) and their exps formed
     as the loop formed them relative to r2, the lane's frame, then summed in fp64. Once per
     chunk, outside the loop: the hot loop keeps its fp32 lanes (fp64 ones took 161-168
-    registers against 128, and a rest kept beside each lane 2-3 instructions per element)."""
+    registers against 128, and a rest kept beside each lane 2-3 instructions per element).
+    The load is scalar on every path (sm_90 TTGIR, Triton 3.6: sizePerThread [1, 1, 1] for
+    aligned and unaligned rows alike), so the fp64 sums run in one order whatever the row's
+    alignment: a row's outputs stay bitwise the same alone, in a batch of odd stride, and in
+    the step_stats bundle."""
     STEPS: tl.constexpr = triton.next_power_of_2(CHUNK // BLOCK_V)
     # Element (step, u, k) of the lane: column step * BLOCK_V + u * LANES * VEC + lane * VEC + k.
     first = tl.arange(0, STEPS)[:, None] * BLOCK_V + tl.arange(0, U)[None, :] * (LANES * VEC)
