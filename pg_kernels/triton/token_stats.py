@@ -561,7 +561,8 @@ def lane_sums64(
     U: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
     CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """s1 and s2 of one lane of the chunk [start, start + n_valid) (0 for lane LANES: none),
+    """s1 and s2 of one lane of the chunk [start, start + n_valid) (NaN for lane LANES, which
+    `chunk_total` passes only when no lane holds the max: a chunk holding a NaN, NaN anyway),
     its elements read again (from L2: just read, CHUNK / LANES of them) and their exps formed
     as the loop formed them relative to r2, the lane's frame, then summed in fp64. Once per
     chunk, outside the loop: the hot loop keeps its fp32 lanes (fp64 ones took 161-168
