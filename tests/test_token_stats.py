@@ -667,18 +667,21 @@ def test_rows_alone_and_in_a_batch_of_odd_stride(backend_device, dtype, v, reque
     if v == 301:
         request.getfixturevalue("small_triton_blocks")
     n = 9 if v == 301 else 3
-    x = make_logits(n, v + 1 - v % 2, dtype, device=device, seed=8)[:, :v]
+    # Rows of an odd stride: V itself, or V + 1 with the last column left out.
+    base = make_logits(n, v + 1 - v % 2, dtype, device=device, seed=8)
     y = make_labels((n,), v, device=device, seed=8)
 
-    def run(xs, ys):
-        xg = xs.clone().requires_grad_()
-        out = _op(backend)(xg, ys, temperature=0.8)
+    def run(rows):
+        # A copy of those rows of base (one row alone starts the copy: 16-byte aligned), the op
+        # on its first V columns.
+        leaf = base[rows].clone().requires_grad_()
+        out = _op(backend)(leaf[:, :v], y[rows], temperature=0.8)
         (out.logprob * 0.3 + out.entropy - out.collision).sum().backward()
-        return out, xg.grad
+        return out, leaf.grad[:, :v]
 
-    batch, g_batch = run(x, y)
+    batch, g_batch = run(slice(None))
     for r in range(n):
-        alone, g_alone = run(x[r : r + 1].clone(), y[r : r + 1])
+        alone, g_alone = run(slice(r, r + 1))
         for name in batch._fields:
             assert torch.equal(getattr(batch, name)[r : r + 1], getattr(alone, name)), (r, name)
         assert torch.equal(g_batch[r : r + 1], g_alone), r
