@@ -158,17 +158,19 @@ std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::
         p.in = make_row_inputs<acc_t>(logits, labels, temperature, temperature_scalar,
                                       ignore_index, n_inner, stride_outer, stride_inner,
                                       DTypeTraits<Tag>::kVec);
-        // Workspace: 4 acc_t + 1 int32 per (chunk, row); every valid row's C entries are
-        // written by the partial kernel before finalize reads them (same stream), and invalid
-        // or ignored rows are never read, so no initialization is needed.
+        // Workspace: 2 acc_t (m, t), 2 double (s1, s2) and 1 int32 per (chunk, row); every
+        // valid row's C entries are written by the partial kernel before finalize reads them
+        // (same stream), and invalid or ignored rows are never read, so no initialization is
+        // needed.
         const int64_t CN = int64_t(p.in.plan.n_chunks) * N;
-        at::Tensor ws = at::empty({4 * CN}, opts);
+        at::Tensor ws = at::empty({2 * CN}, opts);
+        at::Tensor ws_sums = at::empty({2 * CN}, opts.dtype(at::kDouble));
         at::Tensor ws_idx = at::empty({CN}, opts.dtype(at::kInt));
         acc_t* w = ws.data_ptr<acc_t>();
         p.ws_m = w;
-        p.ws_s1 = w + CN;
-        p.ws_s2 = w + 2 * CN;
-        p.ws_t = w + 3 * CN;
+        p.ws_t = w + CN;
+        p.ws_s1 = ws_sums.data_ptr<double>();
+        p.ws_s2 = p.ws_s1 + CN;
         p.ws_idx = ws_idx.data_ptr<int32_t>();
         p.logprob = logprob.data_ptr<acc_t>();
         p.entropy = entropy.data_ptr<acc_t>();

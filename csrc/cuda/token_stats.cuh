@@ -25,8 +25,10 @@
 //           re-read their recorded step's vectors to find their first index of m;
 //        d) reduces (s1, s2, t, first argmax) over the CTA in a fixed order (xor-butterfly in
 //           each warp, lane 0's value, then the warp partials by an xor-butterfly over 8 lanes
-//           of warp 0, absent warps adding 0) and writes
-//           the chunk's partial state (m, s1, s2, t, argmax) to a [C][N] workspace.
+//           of warp 0, absent warps adding 0), the top thread's s1 and s2 (the first thread
+//           holding the chunk's max; fp32 / 16-bit logits) left out of those sums and summed again
+//           in fp64 by its warp (top_vector_sums), and writes the chunk's partial state (m, s1,
+//           s2, t, argmax; s1 and s2 in double) to a [C][N] workspace.
 //   2. token_stats_finalize_kernel: one thread per row folds its C partial states left to right
 //      (chunk 0, 1, ..., C-1) with the docs/math.md §1 merge, in double precision, reads the label
 //      logit (16-bit logits: and the max logit, at the argmax), and writes the seven outputs
@@ -51,8 +53,8 @@
 //
 // ---- Bytes moved per row (S = sizeof(logit), A = sizeof(acc) = 4, 8 for fp64) ----------------
 //   forward:  reads V*S (each logit once) + label + tau + the label logit (one 32 B sector);
-//             writes C*(4A + 4) partial bytes, which finalize reads back; writes 6A + 8 outputs.
-//             Qwen vocab, bf16: V*S = 303,872 B, C = 10, partials 200 B: 0.07 % overhead.
+//             writes C*(2A + 20) partial bytes, which finalize reads back; writes 6A + 8 outputs.
+//             Qwen vocab, bf16: V*S = 303,872 B, C = 3, partials 84 B: 0.03 % overhead.
 //   backward: reads V*S + 9 per-row scalars, writes V*S (the gradient), once each.
 //
 // ---- Launch configuration ---------------------------------------------------------------------
@@ -108,7 +110,13 @@
 //     (0.5 per element) and the per-element clamp (1 per element). The element-wise kernels
 //     (kAligned = false: rows not 16-byte aligned or V % kVec != 0) are printed by the check,
 //     not budgeted (bf16: partial 19.0, backward 24.9). On an H200 (2026-12-04, bf16
-//     16384 x 151936): forward 1.04x one read, fwd+bwd 1.22x read + copy.
+//     16384 x 151936): forward 1.04x one read, fwd+bwd 1.22x read + copy. Then the top
+//     thread's fp64 sums (top_vector_sums: its warp reads its 32 vectors again, one per lane, and
+//     sums their terms in fp64; 2026-12-07): 2558 -> 2718 (10.6 per element, owed in
+//     check_cuda_budgets.py; fp32 18.1 -> 19.3 of 20). ~15 of those instructions run in every
+//     warp (the top warp's ballot, leaving the top thread's sums out); the rest in the top
+//     thread's warp only, once per item, its load issued before the argmax search so that the
+//     two reads overlap. Not yet timed on a GPU.
 //   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
 //     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item (4 steps).
 //   * Row scalars (label, tau; in backward also L, H, C and the four upstream grads) of the next
@@ -122,7 +130,10 @@
 //     (fold_row, finalize_row_fast), so it cancels; what stays is the exponent's rounding
 //     relative to |d| and the fp32 sums (host_test's 16-bit rows: lse, log p, entropy and lgp
 //     within 7.2e-7 beyond their fp32 rounding, against 5e-5 when finished in z units; s1 adds
-//     pairwise sums of 16 values, run_add).
+//     pairwise sums of 16 values, run_add). The thread holding the chunk's max is summed again
+//     in fp64 (top_vector_sums): its fp32 sums rounded every term beside the max's ~1 at
+//     ulp(1) / 2, which is all a peaked row's lgp, entropy and log p are made of (host_test's
+//     peaked and confident rows).
 //   * fp32 logits: relative to the raw max, as the CPU rows: d = (x - x_ref) / tau as the
 //     difference rounded once times 1 / tau, an error relative to |d| (z = x / tau rounded, then
 //     z - m, carried ulp(z) / 2 of each: plain PyTorch's error, host_test's fp32 rows up to 3.9e-5
@@ -343,8 +354,8 @@ struct ForwardParams {
   RowInputs<acc_t> in;
   // Workspace, [C][N] each (chunk-major: finalize reads it coalesced).
   acc_t* ws_m;
-  acc_t* ws_s1;
-  acc_t* ws_s2;
+  double* ws_s1;  // double: the top thread's sums join the chunk's in fp64 (top_thread_sums)
+  double* ws_s2;
   acc_t* ws_t;
   int32_t* ws_idx;  // first argmax of the chunk, as an index into the row
   // Outputs, [N] each.
@@ -699,6 +710,19 @@ PGK_HD float hd_ex2(float x) {
   return y < std::numeric_limits<float>::min() ? 0.0f : y;
 #endif
 }
+// float -> double, exact. The device's cvt without .ftz: --use_fast_math flushes a subnormal
+// operand of cvt.f64.f32 with an FMUL by 1 first, and the callers' operands (ex2.approx.ftz
+// results, fp32 sums) are never subnormal.
+PGK_HD double hd_widen(float x) {
+#if defined(__CUDA_ARCH__)
+  double d;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(d) : "f"(x));
+  return d;
+#else
+  return double(x);
+#endif
+}
+PGK_HD double hd_widen(double x) { return x; }
 PGK_HD float hd_mul(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
@@ -841,6 +865,29 @@ PGK_HD void run_add(const Term& term, const acc_t (&x)[kN], ThreadRun<acc_t>& r)
   for (int w = 1; w < kN; w *= 2)
     for (int j = 0; j + w < kN; j += 2 * w) e[j] = e[j] + e[j + w];
   r.s1 = r.s1 + e[0];
+}
+
+// The top thread: the first thread of a chunk (lowest tid) whose max is the chunk's. Its sums
+// carry the max's term e_m ~ 1, and each add beside it in fp32 rounds at ulp(1) / 2: in its
+// per-thread chains (s2 element by element, s1 per pairwise group) and in the CTA's butterflies.
+// A peaked row's lgp (s2 - e_c^2), entropy and log p (s1 - e_m) are those rests: host emulation of
+// bf16 / fp16 rows with runner-ups (lgp 1e-10 .. 2e-2) put the lgp at 1.0-2.4x plain fp32
+// PyTorch's mean error, its worst up to 3.4x plain's worst. So that thread's sums leave the CTA's
+// fp32 sums, and its warp sums its kSteps x kUnroll vectors again in fp64 (lane l: step
+// l / kUnroll, slot l % kUnroll, read from L1 / L2), each term formed as the thread's loop forms it
+// relative to the chunk's reference (Term::add), so the max's own term is bitwise the one
+// finalize_row_fast takes away; the workspace holds the chunk's s1, s2 in double. The other
+// threads' sums round relative to their own rests. A thread tied at the max keeps its e_m in fp32:
+// such a chunk's rest is at least e_m, so those roundings are relative to it.
+// top_vector_sums: one lane's vector, its kN values in order, into (f1, f2) in double.
+template <typename Term, typename acc_t, int kN>
+PGK_HD void top_vector_sums(const Term& term, ThreadRun<acc_t> r, const acc_t (&x)[kN],
+                            double& f1, double& f2) {
+  for (int j = 0; j < kN; ++j) {
+    const double e = hd_widen(term.add(x[j], r));  // r: a copy, whose s2 and t are dropped
+    f1 = j == 0 ? e : f1 + e;
+    f2 = j == 0 ? e * e : fma_acc(e, e, f2);
+  }
 }
 
 // Per-element terms: s2 += e^2, t += e d relative to r.ref; each add returns e (run_add sums s1).
@@ -997,6 +1044,10 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
   __shared__ acc_t sh_s2[kMaxWarps];
   __shared__ acc_t sh_t[kMaxWarps];
   __shared__ int sh_idx[kMaxWarps];
+  __shared__ double sh_top[2];  // the top thread's fp64 s1, s2 (top_vector_sums)
+  // fp64 logits' sums are double already.
+  constexpr bool kTopSums = std::is_same<acc_t, float>::value;
+  static_assert(kSteps * kUnroll == 32, "the top thread's vectors, one per lane of its warp");
 
   const RowInputs<acc_t>& in = p.in;
   const int T = blockDim.x;
@@ -1058,7 +1109,29 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
 
     // c) every thread's sums relative to the chunk's reference (one exp per thread).
     run_rescale(run, term.ref_of(m), term);
-    const acc_t s1 = run.s1, s2 = run.s2, t = term.finish_t(run.t);
+    acc_t s1 = run.s1, s2 = run.s2;
+    const acc_t t = term.finish_t(run.t);
+
+    // The top thread (top_vector_sums): the first warp whose max is the chunk's (none for a NaN
+    // chunk: w_top = -1, uniform over the CTA), its first lane at the max; that warp's lane l
+    // loads the top thread's vector l here, before the argmax search, so the two reads overlap.
+    int w_top = -1, tid_top = -1;
+    uint4 top_raw = splat_bits<Tag>(Tr::kNegInfBits);
+    if constexpr (kTopSums) {
+      const bool warp_at_max = lane < n_warps && term.scale(sh_max[lane & (kMaxWarps - 1)]) == m;
+      w_top = __ffs(__ballot_sync(0xFFFFFFFFu, warp_at_max)) - 1;
+      if (warp == w_top) {  // warp-uniform
+        tid_top = warp * 32 + __ffs(__ballot_sync(0xFFFFFFFFu, run.mz == m)) - 1;
+        const int v = (lane / kUnroll) * kUnroll * T + (lane % kUnroll) * T + tid_top;
+        if (v < n_here) {
+          if constexpr (kAligned) {
+            top_raw = __ldg(reinterpret_cast<const uint4*>(x) + static_cast<uint32_t>(vec0 + v));
+          } else {
+            top_raw = load_vector<Tag>(x, vec0 + v, V);
+          }
+        }
+      }
+    }
 
     // First index of the max, as the CPU (the raw logits; 16-bit logits compare their z, equal
     // only for equal logits). Only threads whose own max equals m can hold it (rarely more than
@@ -1086,6 +1159,23 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
       }
     }
 
+    if constexpr (kTopSums) {
+      if (warp == w_top) {
+        acc_t xs[Tr::kVec];
+#pragma unroll
+        for (int j = 0; j < Tr::kVec; ++j) xs[j] = element<Tag>(top_raw, j);
+        double f1 = 0.0, f2 = 0.0;
+        top_vector_sums(term, run, xs, f1, f2);
+        f1 = warp_sum(f1);
+        f2 = warp_sum(f2);
+        if (lane == 0) {
+          sh_top[0] = f1;
+          sh_top[1] = f2;
+        }
+      }
+      if (tid == tid_top) s1 = s2 = acc_t(0);  // its terms are in sh_top
+    }
+
     // d) CTA reduction of (s1, s2, t, idx) in a fixed order.
     const acc_t w1 = warp_sum(s1), w2 = warp_sum(s2), wt = warp_sum(t);
     const int wi = warp_min(idx);
@@ -1111,8 +1201,9 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
       if (lane == 0) {
         const int64_t o = int64_t(chunk) * in.N + row;
         p.ws_m[o] = m;
-        p.ws_s1[o] = a1;
-        p.ws_s2[o] = a2;
+        const bool top = kTopSums && w_top >= 0;
+        p.ws_s1[o] = double(a1) + (top ? sh_top[0] : 0.0);
+        p.ws_s2[o] = double(a2) + (top ? sh_top[1] : 0.0);
         p.ws_t[o] = at;
         p.ws_idx[o] = ai;
       }
@@ -1147,14 +1238,13 @@ struct FoldedRow {
 };
 
 template <typename Term, typename acc_t>
-PGK_HD FoldedRow fold_row(const Term& term, const acc_t* ws_m, const acc_t* ws_s1,
-                          const acc_t* ws_s2, const acc_t* ws_t, const int32_t* ws_idx, int64_t C,
+PGK_HD FoldedRow fold_row(const Term& term, const acc_t* ws_m, const double* ws_s1,
+                          const double* ws_s2, const acc_t* ws_t, const int32_t* ws_idx, int64_t C,
                           int64_t N, int64_t r) {
   FoldedRow f{empty_state<double>(), 0, neg_inf<double>()};
   for (int64_t k = 0; k < C; ++k) {
     const int64_t o = k * N + r;
-    const SoftmaxState<double> part{term.chunk_ref(ws_m[o]), double(ws_s1[o]), double(ws_s2[o]),
-                                    double(ws_t[o])};
+    const SoftmaxState<double> part{term.chunk_ref(ws_m[o]), ws_s1[o], ws_s2[o], double(ws_t[o])};
     if (double(ws_m[o]) > f.m_max) {  // strictly greater: the first chunk holding the max wins
       f.m_max = double(ws_m[o]);
       f.argmax = ws_idx[o];

@@ -24,6 +24,10 @@
 //      Without a GPU the real occupancy query fails: that fallback is checked too.
 //   7. The label's entry of confident bf16 rows (label_grad16): within max_prob's own error.
 //   8. The backward of bf16 rows far from 0, by the path far_lse picks: p_j within 2^-11.
+//   9. Peaked bf16 and fp32 rows with runner-ups: lgp, entropy and log p within 1e-9 absolute
+//      plus 2^-20 relative (the top thread's fp64 sums, top_vector_sums).
+//  10. Confident rows: entropy and log p within 1e-9 absolute; lgp of 1e-7 .. 1e-17 within
+//      1e-3 relative.
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -212,10 +216,11 @@ static void test_finalize() {
 }
 
 
-// A warp's xor-butterfly sum as the kernel's warp_sum leaves it in lane 0 (fp32, fixed order).
-static float butterfly_sum(std::vector<float> v) {
+// A warp's xor-butterfly sum as the kernel's warp_sum leaves it in lane 0 (fixed order).
+template <typename T>
+static T butterfly_sum(std::vector<T> v) {
   for (size_t o = v.size() / 2; o > 0; o >>= 1) {
-    std::vector<float> next(v.size());
+    std::vector<T> next(v.size());
     for (size_t l = 0; l < v.size(); ++l) next[l] = v[l] + v[l ^ o];
     v = next;
   }
@@ -226,7 +231,9 @@ static float butterfly_sum(std::vector<float> v) {
 // the kernel's per-thread functions: the partial state it writes (m, s1, s2, t, first argmax),
 // its raw max M, and whether every thread holding the max found it in its recorded step.
 struct ChunkOut {
-  float M, m, s1, s2, t;
+  float M, m;
+  double s1, s2;  // the workspace's: the top thread's terms in fp64 (top_vector_sums)
+  float t;
   int idx;
   bool found_ok;
 };
@@ -284,6 +291,30 @@ static ChunkOut emulate_chunk(const float* x, int n_elem, int T, float inv_tau) 
       out.idx = std::min(out.idx, found);
     }
   }
+  // The top thread: the first lane at the max of the first warp whose max is the chunk's; its
+  // sums leave the fp32 ones, and its warp's lane l sums its vector l in fp64 (none when the
+  // chunk is NaN).
+  double top1 = 0.0, top2 = 0.0;
+  for (int w = 0; w < T / 32; ++w) {
+    float wmax = runs[32 * w].mx;
+    for (int l = 1; l < 32; ++l) wmax = max_nan(wmax, runs[32 * w + l].mx);
+    if (!(term.scale(wmax) == out.m)) continue;
+    int tid_top = 32 * w;
+    while (!(runs[tid_top].mz == out.m)) ++tid_top;
+    ThreadRun<float> r = runs[tid_top];
+    run_rescale(r, term.ref_of(out.m), term);
+    std::vector<double> f1(32), f2(32);
+    for (int l = 0; l < 32; ++l) {
+      const int v = (l / kUnroll) * kUnroll * T + (l % kUnroll) * T + tid_top;
+      float xs[Tr::kVec];
+      for (int j = 0; j < Tr::kVec; ++j) xs[j] = elem(v, j);
+      top_vector_sums(term, r, xs, f1[l], f2[l]);
+    }
+    top1 = butterfly_sum(f1);
+    top2 = butterfly_sum(f2);
+    t1[tid_top] = t2[tid_top] = 0.0f;
+    break;
+  }
   for (int w = 0; w < T / 32; ++w) {
     const auto lanes = [&](const std::vector<float>& v) {
       return std::vector<float>(v.begin() + 32 * w, v.begin() + 32 * (w + 1));
@@ -292,8 +323,8 @@ static ChunkOut emulate_chunk(const float* x, int n_elem, int T, float inv_tau) 
     w2[w] = butterfly_sum(lanes(t2));
     wt[w] = butterfly_sum(lanes(tt));
   }
-  out.s1 = butterfly_sum(w1);
-  out.s2 = butterfly_sum(w2);
+  out.s1 = double(butterfly_sum(w1)) + top1;
+  out.s2 = double(butterfly_sum(w2)) + top2;
   out.t = butterfly_sum(wt);
   return out;
 }
@@ -483,7 +514,8 @@ static FinalRow<float> forward_row(const std::vector<float>& x, float inv_tau, i
   const int64_t V = int64_t(x.size());
   const ChunkPlan plan = plan_chunks(V, Tr::kVec);
   const int64_t C = plan.n_chunks, per = int64_t(plan.vecs_per_chunk) * Tr::kVec;
-  std::vector<float> wm(C), ws1(C), ws2(C), wt(C);
+  std::vector<float> wm(C), wt(C);
+  std::vector<double> ws1(C), ws2(C);
   std::vector<int32_t> widx(C);
   for (int64_t k = 0; k < C; ++k) {
     const int64_t lo = k * per, n = std::min<int64_t>(V, lo + per) - lo;
@@ -596,7 +628,8 @@ static void test_rows(const char* name) {
           (long long)got.argmax, (long long)first, trial);
     // max_prob = 1 / s1 relative to the max's term: off by s1's fp32 rounding, the thread that
     // holds the max adding each e to its own 1 at ulp(1) / 2 (fp32 adds them one by one: up to
-    // 4.6e-7 relative on these rows; bf16 3.5e-7 in pairwise groups). Plain fp32's
+    // 4.6e-7 relative on these rows; bf16 3.5e-7 in pairwise groups), until that thread was
+    // summed in fp64 (top_vector_sums): 1.8e-7 / 2.0e-7, the other threads' sums. Plain fp32's
     // exp(z_m - lse) carries ulp(lse) / 2 relative: 1.9e-6 at lse ~ 40.
     const double max_prob_err = std::fabs(got.stats.max_prob - truth.max_prob) / truth.max_prob;
     CHECK(got.stats.max_prob <= 1.0f && max_prob_err <= kMaxProbErr,
@@ -617,7 +650,9 @@ static void test_rows(const char* name) {
     // 1.3e-7, log p 3.4e-7, lgp 2.0e-7), from the fp32 sums (the per-thread chains of s2 and t,
     // and of s1 one add per pairwise sum of sum_group values); the z-units finish was up to 5e-5
     // off (|z| ~ 1000 at tau 0.05: the chunk's base-2 reference rounded). fp32, relative to the
-    // raw max: lse 2.9e-7, log p 4.8e-7, entropy 4.8e-7, lgp 3.1e-7, where rounding z = x / tau
+    // raw max: lse 2.9e-7, log p 4.8e-7, entropy 4.8e-7, lgp 3.1e-7. With the top thread's sums
+    // in fp64 (top_vector_sums, 2026-12-07): bf16 entropy 5.5e-7, lse 1.1e-7, log p 1.0e-7, lgp
+    // 7.8e-8; fp32 lse 8.5e-8, log p 7.2e-8, entropy 2.4e-7, lgp 1.1e-7, where rounding z = x / tau
     // alone (the z - m form of the earlier fp32 kernel and of plain PyTorch) is off by 3.9e-5,
     // 1.0e-5 and 1.9e-5 in log p, entropy and lgp (|z| ~ 800).
     const char* names[4] = {"lse", "logprob", "entropy", "lgp"};
@@ -714,6 +749,128 @@ static void test_far_rows_backward() {
   std::printf("test_far_rows_backward: max error of p_j over 2^-11 of it: %.3g\n", worst);
 }
 
+// 9. Peaked rows with runner-ups (randn * 2, 1-5 runner-ups 0-2 above the rest, the label 5-13
+// above those: lgp 1e-10 .. 2e-2, 1 - p_c down to ~1e-6), bf16 and fp32, the runner-ups anywhere
+// or in the label's own vector (one thread's): lgp, entropy and log p absolute, against float64
+// from the raw logits. The lgp is s2 - e_c^2 and the entropy and log p s1 - e_m: the rests the
+// top thread's fp64 sums keep (top_vector_sums). With that thread summed in fp32 like the others
+// (its chains and the CTA's butterflies adding to its e_m ~ 1 at ulp(1) / 2) the lgp was 1.0-2.4x
+// plain fp32 PyTorch's mean error (~1e-8 .. 3e-8) and its worst up to 3.4x plain's (a numpy
+// emulation of this kernel, bf16 / fp16 [64, 128] and [16, 4096], tau 1 and 0.7).
+template <typename Tag>
+static void test_peaked_rows(const char* name) {
+  using Tr = DTypeTraits<Tag>;
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+  const auto round_in = [](float v) { return Tr::kPacked16 ? to_bf16(v) : v; };
+  double worst[3] = {0, 0, 0};  // lgp, entropy, logprob
+  for (int trial = 0; trial < 128; ++trial) {
+    const bool beside = trial % 2;
+    const float inv_tau = trial % 4 < 2 ? 1.0f : 1.0f / 0.7f;
+    const int64_t V = trial < 64 ? 128 : 1024 + int64_t(rng() % 140000);
+    std::vector<float> x(V);
+    float top = -INFINITY;
+    for (auto& v : x) top = std::max(top, v = normal(rng));
+    const int64_t label = beside ? Tr::kVec * int64_t(rng() % (V / Tr::kVec)) : int64_t(rng() % V);
+    const int k = 1 + int(rng() % 5);
+    for (int i = 0; i < k; ++i) {
+      const int64_t j = beside ? label + 1 + i : int64_t(rng() % V);
+      if (j != label) x[j] = top + 2.0f * unit(rng);
+    }
+    x[label] = top + 5.0f + 8.0f * unit(rng);
+    for (auto& v : x) v = round_in(v);
+    const FinalRow<float> got = forward_row<Tag>(x, inv_tau, label);
+    double r1 = 0, rest1 = 0, rest2 = 0, rt = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      const double d = (double(x[j]) - double(x[label])) * inv_tau;  // the label is the max
+      const double e = std::exp(d);
+      r1 += e;
+      rt += e * d;
+      if (j != label) rest1 += e, rest2 += e * e;
+    }
+    const double lgp = (rest1 * rest1 + rest2) / (r1 * r1);
+    const double H = std::log(r1) - rt / r1, logprob = -std::log1p(rest1);
+    const double err[3] = {std::fabs(got.stats.lgp - lgp), std::fabs(got.stats.entropy - H),
+                           std::fabs(got.stats.logprob - logprob)};
+    // Bounds: 1e-9 absolute plus 2^-20 relative (the fp32 sums of the rest, over up to 1.4e5
+    // terms in other threads).
+    const double val[3] = {lgp, H, std::fabs(logprob)};
+    const char* names[3] = {"lgp", "entropy", "logprob"};
+    for (int i = 0; i < 3; ++i) {
+      CHECK(err[i] <= 1e-9 + val[i] * 0x1p-20, "%s peaked row %s %.9g vs %.9g (trial %d, V %lld)",
+            name, names[i], i == 0 ? double(got.stats.lgp) : i == 1 ? double(got.stats.entropy)
+            : double(got.stats.logprob), i == 0 ? lgp : i == 1 ? H : logprob, trial, (long long)V);
+      worst[i] = std::max(worst[i], err[i] / (1e-9 + val[i] * 0x1p-20));
+    }
+  }
+  std::printf("test_peaked_rows<%s>: max error over its bound: lgp %.3g, entropy %.3g, logprob "
+              "%.3g\n", name, worst[0], worst[1], worst[2]);
+}
+
+// 10. Confident rows (tests/test_token_stats.py's: 48 x 301, randn * 2, the label 8-22 + log V
+// above the rest, 1 - p_c from ~1e-2 down to ~1e-10): entropy and log p within 1e-9 absolute, as
+// on the other backends, where plain fp32 PyTorch is 100 % off.
+template <typename Tag>
+static void test_confident_rows(const char* name) {
+  using Tr = DTypeTraits<Tag>;
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  const auto round_in = [](float v) { return Tr::kPacked16 ? to_bf16(v) : v; };
+  const int64_t V = 301;
+  double worst = 0;
+  for (float inv_tau : {1.0f, 1.0f / 0.7f}) {
+    for (int i = 0; i < 48; ++i) {
+      std::vector<float> x(V);
+      float top = -INFINITY;
+      for (auto& v : x) top = std::max(top, v = round_in(normal(rng)));
+      const int64_t label = int64_t(rng() % V);
+      x[label] = round_in(top + 8.0f + 14.0f * float(i) / 47.0f + std::log(float(V)));
+      const FinalRow<float> got = forward_row<Tag>(x, inv_tau, label);
+      double r1 = 0, rest1 = 0, rt = 0;
+      for (int64_t j = 0; j < V; ++j) {
+        const double d = (double(x[j]) - double(x[label])) * inv_tau;
+        const double e = std::exp(d);
+        r1 += e;
+        rt += e * d;
+        if (j != label) rest1 += e;
+      }
+      const double H = std::log(r1) - rt / r1, logprob = -std::log1p(rest1);
+      const double err = std::max(std::fabs(got.stats.entropy - H),
+                                  std::fabs(got.stats.logprob - logprob));
+      CHECK(err <= 1e-9, "%s confident row: entropy %.9g vs %.9g, log p %.9g vs %.9g (row %d)",
+            name, double(got.stats.entropy), H, double(got.stats.logprob), logprob, i);
+      worst = std::max(worst, err);
+    }
+  }
+  // Rows more confident still (test_logit_gradient_proxy_far_below_ulp_1's: 9 x 4000, randn *
+  // 0.5, the label a spike of 12-20 at tau 0.7): lgp 1e-7 .. 6e-18 within 1e-3 relative.
+  std::normal_distribution<float> narrow(0.0f, 0.5f);
+  double worst_lgp = 0;
+  for (int i = 0; i < 9; ++i) {
+    const int64_t V2 = 4000, label = 123;
+    const float inv_tau = 1.0f / 0.7f;
+    std::vector<float> x(V2);
+    for (auto& v : x) v = narrow(rng);
+    x[label] += 12.0f + float(i);
+    for (auto& v : x) v = round_in(v);
+    const FinalRow<float> got = forward_row<Tag>(x, inv_tau, label);
+    double r1 = 0, rest1 = 0, rest2 = 0;
+    for (int64_t j = 0; j < V2; ++j) {
+      const double e = std::exp((double(x[j]) - double(x[label])) * inv_tau);
+      r1 += e;
+      if (j != label) rest1 += e, rest2 += e * e;
+    }
+    const double lgp = (rest1 * rest1 + rest2) / (r1 * r1);
+    const double rel = std::fabs(got.stats.lgp - lgp) / lgp;
+    CHECK(rel <= 1e-3, "%s lgp far below ulp(1): %.9g vs %.9g (row %d)", name,
+          double(got.stats.lgp), lgp, i);
+    worst_lgp = std::max(worst_lgp, rel);
+  }
+  std::printf("test_confident_rows<%s>: entropy and log p, max error %.3g (bound 1e-9); lgp of "
+              "1e-7 .. 1e-17, relative %.3g (bound 1e-3)\n", name, worst, worst_lgp);
+}
+
 static void test_cached_count() {
   std::atomic<int> slot{0};
   int calls = 0;
@@ -753,6 +910,10 @@ int main() {
   test_rows<F32>("fp32");
   test_confident_label_entry();
   test_far_rows_backward();
+  test_peaked_rows<BF16>("bf16");
+  test_peaked_rows<F32>("fp32");
+  test_confident_rows<BF16>("bf16");
+  test_confident_rows<F32>("fp32");
   test_cached_count();
   std::printf("host_test: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
