@@ -107,16 +107,22 @@
 //     device memory (address select instead of the fill moves) reach 9.9 on sm_90, but the bf16
 //     vector kernel then spills on sm_80 (around the CALL of __frcp_rn's slow path in
 //     load_row_scalars), at 80 and at 128 registers alike. Left for more headroom: the -inf fill
-//     (0.5 per element) and the per-element clamp (1 per element). The element-wise kernels
-//     (kAligned = false: rows not 16-byte aligned or V % kVec != 0) are printed by the check,
-//     not budgeted (bf16: partial 19.0, backward 24.9). On an H200 (2026-12-04, bf16
-//     16384 x 151936): forward 1.04x one read, fwd+bwd 1.22x read + copy. Then the top
-//     thread's fp64 sums (top_vector_sums: its warp reads its 32 vectors again, one per lane, and
-//     sums their terms in fp64; 2026-12-07): 2558 -> 2718 (10.6 per element, owed in
-//     check_cuda_budgets.py; fp32 18.1 -> 19.3 of 20). ~15 of those instructions run in every
-//     warp (the top warp's ballot, leaving the top thread's sums out); the rest in the top
-//     thread's warp only, once per item, its load issued before the argmax search so that the
-//     two reads overlap. Not yet timed on a GPU.
+//     (0.5 per element; on sm_90 since, below) and the per-element clamp (1 per element). The
+//     element-wise kernels (kAligned = false: rows not 16-byte aligned or V % kVec != 0) are
+//     printed by the check, not budgeted (bf16: partial 19.0, backward 24.9). On an H200
+//     (2026-12-04, bf16 16384 x 151936): forward 1.04x one read, fwd+bwd 1.22x read + copy. Then
+//     the top thread's fp64 sums (top_vector_sums: its warp reads its 32 vectors again, one per
+//     lane, and sums their terms in fp64; 2026-12-07): 2558 -> 2718 (10.6 per element; fp32
+//     18.1 -> 19.3 of 20). ~15 of those instructions run in every warp (the top warp's ballot, leaving
+//     the top thread's sums out); the rest in the top thread's warp only, once per item, its
+//     load issued before the argmax search so that the two reads overlap. Then load_item's
+//     slots past a chunk read a -inf vector from device memory (kNegInfVectors) through an
+//     address select, 2 SEL, instead of a predicated load and 4 moves of the fill: 8 -> 6 per
+//     16-byte load on sm_90. Written as `c ? a : b` nvcc made it 4 moves for fp16 and fp32, so it
+//     is one selp.b64 (select_address); on sm_80 the 16-bit forward then spilled 12 B at its 80
+//     registers, so sm_80 keeps the fill. sm_90: partial 16-bit 2718 -> 2644 (10.3, owed in
+//     check_cuda_budgets.py), fp32 19.3 -> 18.5; backward 16-bit 11.2 -> 11.0, fp32 21.1 ->
+//     20.7. Not yet timed on a GPU.
 //   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
 //     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item (4 steps).
 //   * Row scalars (label, tau; in backward also L, H, C and the four upstream grads) of the next
@@ -637,6 +643,30 @@ __device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* 
   }
 }
 
+// A 16-byte vector of -inf per dtype in device memory (bf16, fp16, fp32, fp64): on sm_90
+// load_item's slots past a chunk read it (an address select, 2 instructions) instead of filling
+// 4 registers beside a predicated load.
+static __device__ const uint4 kNegInfVectors[4] = {
+    {0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u},
+    {0xFC00FC00u, 0xFC00FC00u, 0xFC00FC00u, 0xFC00FC00u},
+    {0xFF800000u, 0xFF800000u, 0xFF800000u, 0xFF800000u},
+    {0x00000000u, 0xFFF00000u, 0x00000000u, 0xFFF00000u},
+};
+// c ? a : b as one selp.b64 (2 SEL): written as C++, nvcc turned it into 2 MOVs of b and 2
+// predicated MOVs of a for some dtypes.
+__device__ __forceinline__ const uint4* select_address(bool c, const uint4* a, const uint4* b) {
+  const uint4* r;
+  asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %3, 0;\n\tselp.b64 %0, %1, %2, p;\n\t}"
+      : "=l"(r)
+      : "l"(a), "l"(b), "r"(int(c)));
+  return r;
+}
+template <typename Tag>
+constexpr int neg_inf_vector_index() {
+  return std::is_same<Tag, BF16>::value ? 0 : std::is_same<Tag, F16>::value ? 1
+         : std::is_same<Tag, F32>::value ? 2 : 3;
+}
+
 // The kUnroll vectors of a thread for one load step of an item: vector v = first + u * T + tid
 // of the chunk (first = step * kUnroll * T), i.e. the warp's 32 lanes read 512 contiguous bytes
 // per u. Slots past the chunk read as -inf.
@@ -653,11 +683,20 @@ __device__ __forceinline__ void load_item(uint4 (&raw)[kUnroll],
   const uint4 fill = splat_bits<Tag>(Tr::kNegInfBits);
   if constexpr (kAligned) {
     const uint4* src = reinterpret_cast<const uint4*>(x);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const uint4* neg_inf = &kNegInfVectors[neg_inf_vector_index<Tag>()];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int v = vec0 + first + u * T + tid;
+      raw[u] = __ldg(select_address(v < vec0 + n_here, src + static_cast<uint32_t>(v), neg_inf));
+    }
+#else  // sm_80: the 16-bit forward spilled 12 B at its 80 registers with the address select
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int v = vec0 + first + u * T + tid;
       raw[u] = v < vec0 + n_here ? __ldg(src + static_cast<uint32_t>(v)) : fill;
     }
+#endif
   } else {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
