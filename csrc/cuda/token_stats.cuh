@@ -1162,7 +1162,7 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
       if (warp == w_top) {  // warp-uniform
         tid_top = warp * 32 + __ffs(__ballot_sync(0xFFFFFFFFu, run.mz == m)) - 1;
         const int v = (lane / kUnroll) * kUnroll * T + (lane % kUnroll) * T + tid_top;
-        if (v < n_here) {
+        if (static_cast<unsigned>(v) < static_cast<unsigned>(n_here)) {  // never before the chunk
           if constexpr (kAligned) {
             top_raw = __ldg(reinterpret_cast<const uint4*>(x) + static_cast<uint32_t>(vec0 + v));
           } else {
