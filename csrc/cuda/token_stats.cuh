@@ -360,7 +360,7 @@ struct ForwardParams {
   RowInputs<acc_t> in;
   // Workspace, [C][N] each (chunk-major: finalize reads it coalesced).
   acc_t* ws_m;
-  double* ws_s1;  // double: the top thread's sums join the chunk's in fp64 (top_thread_sums)
+  double* ws_s1;  // double: the top thread's sums join the chunk's in fp64 (top_vector_sums)
   double* ws_s2;
   acc_t* ws_t;
   int32_t* ws_idx;  // first argmax of the chunk, as an index into the row
