@@ -6,7 +6,9 @@
 Providers: pg_kernels on every backend this device can run (cpu; triton and cuda on a GPU),
 the eager reference (`reference.token_stats(..., upcast=False)`, what a plain PyTorch trainer
 computes), `torch.compile` of it, and on GPU the log-prob-only cross entropies of Liger-Kernel
-and flash-attention when installed. The backward modes differentiate
+and flash-attention when installed; opt-in (named by --providers): the Triton blockings
+(`triton@...`) and `top32:cuda`, the CUDA kernel with each chunk's top thread summed in fp32
+(PGK_CUDA_TOP_SUMS=0), to time `top_vector_sums` in one build. The backward modes differentiate
 loss = sum(w_lp * logprob + w_H * entropy + w_C * collision) with random per-row weights, so
 every gradient term runs (peers without entropy/collision get the logprob term only).
 
@@ -19,6 +21,7 @@ Bytes moved (the minimum an ideal kernel moves), s = logits' itemsize:
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -152,6 +155,35 @@ def _pg_provider(backend: str, temperature: float) -> Provider:
         return fn
 
     return Provider(f"pg_kernels:{backend}", build)
+
+
+def _top32_provider(temperature: float) -> Provider:
+    """The CUDA kernel with each chunk's top thread summed in fp32 like the others
+    (PGK_CUDA_TOP_SUMS=0: its arithmetic before `top_vector_sums`), timed beside the default to
+    price that epilogue in one build (opt-in; the GPU check's step `bench`)."""
+
+    def build(case: Case) -> Callable[[Inputs], Outputs]:
+        why = _backend.op_unavailable_reason(OP, "cuda", case.device)
+        if why is not None:
+            raise Skip(why)
+
+        def fn(inputs: Inputs) -> Outputs:
+            before = os.environ.get("PGK_CUDA_TOP_SUMS")
+            os.environ["PGK_CUDA_TOP_SUMS"] = "0"
+            try:
+                return pg_kernels.token_stats(
+                    inputs["logits"], inputs["labels"], temperature=temperature,
+                    ignore_index=IGNORE_INDEX, backend="cuda",
+                )._asdict()  # fmt: skip
+            finally:
+                if before is None:
+                    del os.environ["PGK_CUDA_TOP_SUMS"]
+                else:
+                    os.environ["PGK_CUDA_TOP_SUMS"] = before
+
+        return fn
+
+    return Provider("top32:cuda", build, opt_in=True)
 
 
 def _eager(temperature: float) -> Provider:
@@ -348,6 +380,8 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
     for b in backends:
         providers.append(_pg_provider(b, temperature))
+    if device.type == "cuda":
+        providers.append(_top32_provider(temperature))
     if device.type == "cpu":
         notes.append(
             "pg_kernels:triton not timed on CPU: the Triton interpreter is not a performance path"

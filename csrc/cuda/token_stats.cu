@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -118,6 +120,14 @@ RowInputs<acc_t> make_row_inputs(const at::Tensor& logits, const at::Tensor& lab
   return in;
 }
 
+// PGK_CUDA_TOP_SUMS=0: the forward sums each chunk's top thread in fp32 like the others
+// (ForwardParams::top_sums), for timing it beside the default in one build
+// (benchmarks/bench_token_stats.py's provider top32:cuda). Read on every call (~0.1 us).
+bool top_sums_on() {
+  const char* v = std::getenv("PGK_CUDA_TOP_SUMS");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 void check_per_row(const char* op, const char* name, const at::Tensor& t,
                    const at::Tensor& logits, int64_t N) {
   const auto acc = acc_type_of(logits.scalar_type());
@@ -179,6 +189,7 @@ std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::
         p.lse = lse.data_ptr<acc_t>();
         p.max_prob = max_prob.data_ptr<acc_t>();
         p.argmax = argmax.data_ptr<int64_t>();
+        p.top_sums = top_sums_on();
         const bool aligned = rows_are_16b_aligned(p.in.logits, logits.element_size(), N,
                                                   p.in.layout);
         C10_CUDA_CHECK(launch_token_stats_forward<Tag>(p, aligned, logits.get_device(), stream));

@@ -364,6 +364,9 @@ struct ForwardParams {
   double* ws_s2;
   acc_t* ws_t;
   int32_t* ws_idx;  // first argmax of the chunk, as an index into the row
+  // false: each chunk's top thread summed in fp32 like the others (no top_vector_sums), the
+  // kernel's earlier arithmetic, for timing the two in one build (PGK_CUDA_TOP_SUMS=0).
+  bool top_sums;
   // Outputs, [N] each.
   acc_t* logprob;
   acc_t* entropy;
@@ -1157,7 +1160,8 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
     int w_top = -1, tid_top = -1;
     uint4 top_raw = splat_bits<Tag>(Tr::kNegInfBits);
     if constexpr (kTopSums) {
-      const bool warp_at_max = lane < n_warps && term.scale(sh_max[lane & (kMaxWarps - 1)]) == m;
+      const bool warp_at_max = p.top_sums && lane < n_warps &&
+                               term.scale(sh_max[lane & (kMaxWarps - 1)]) == m;
       w_top = __ffs(__ballot_sync(0xFFFFFFFFu, warp_at_max)) - 1;
       if (warp == w_top) {  // warp-uniform
         tid_top = warp * 32 + __ffs(__ballot_sync(0xFFFFFFFFu, run.mz == m)) - 1;
