@@ -122,7 +122,8 @@
 //     is one selp.b64 (select_address); on sm_80 the 16-bit forward then spilled 12 B at its 80
 //     registers, so sm_80 keeps the fill. sm_90: partial 16-bit 2718 -> 2644 (10.3, owed in
 //     check_cuda_budgets.py), fp32 19.3 -> 18.5; backward 16-bit 11.2 -> 11.0, fp32 21.1 ->
-//     20.7. Not yet timed on a GPU.
+//     20.7. Not yet timed on a GPU: gpu_check's step bench times it beside the same build with
+//     the epilogue off (ForwardParams::top_sums, PGK_CUDA_TOP_SUMS=0; provider top32:cuda).
 //   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
 //     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item (4 steps).
 //   * Row scalars (label, tau; in backward also L, H, C and the four upstream grads) of the next
