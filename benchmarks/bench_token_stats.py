@@ -7,8 +7,10 @@ Providers: pg_kernels on every backend this device can run (cpu; triton and cuda
 the eager reference (`reference.token_stats(..., upcast=False)`, what a plain PyTorch trainer
 computes), `torch.compile` of it, and on GPU the log-prob-only cross entropies of Liger-Kernel
 and flash-attention when installed; opt-in (named by --providers): the Triton blockings
-(`triton@...`) and `top32:cuda`, the CUDA kernel with each chunk's top thread summed in fp32
-(PGK_CUDA_TOP_SUMS=0), to time `top_vector_sums` in one build. The backward modes differentiate
+(`triton@...`), `top32:cuda`, the CUDA kernel with each chunk's top thread summed in fp32
+(PGK_CUDA_TOP_SUMS=0), to time `top_vector_sums` in one build, and `lane32:triton`, the Triton
+kernel with the lane holding each chunk's max left in fp32 (`lane_sums64` off). The backward
+modes differentiate
 loss = sum(w_lp * logprob + w_H * entropy + w_C * collision) with random per-row weights, so
 every gradient term runs (peers without entropy/collision get the logprob term only).
 
@@ -184,6 +186,29 @@ def _top32_provider(temperature: float) -> Provider:
         return fn
 
     return Provider("top32:cuda", build, opt_in=True)
+
+
+def _lane32_provider(temperature: float) -> Provider:
+    """The Triton kernel with the lane holding each chunk's max left in fp32 (its 16-bit
+    forward before `token_stats.lane_sums64`), timed beside the default to price that epilogue
+    in one run (opt-in; the GPU check's step `bench`)."""
+
+    def build(case: Case) -> Callable[[Inputs], Outputs]:
+        why = _backend.op_unavailable_reason(OP, "triton", case.device)
+        if why is not None:
+            raise Skip(why)
+        from pg_kernels.triton import token_stats as triton_token_stats
+
+        def fn(inputs: Inputs) -> Outputs:
+            with triton_token_stats.lane_resum_off():
+                return pg_kernels.token_stats(
+                    inputs["logits"], inputs["labels"], temperature=temperature,
+                    ignore_index=IGNORE_INDEX, backend="triton",
+                )._asdict()  # fmt: skip
+
+        return fn
+
+    return Provider("lane32:triton", build, opt_in=True)
 
 
 def _eager(temperature: float) -> Provider:
@@ -381,7 +406,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     for b in backends:
         providers.append(_pg_provider(b, temperature))
     if device.type == "cuda":
-        providers.append(_top32_provider(temperature))
+        providers += [_top32_provider(temperature), _lane32_provider(temperature)]
     if device.type == "cpu":
         notes.append(
             "pg_kernels:triton not timed on CPU: the Triton interpreter is not a performance path"

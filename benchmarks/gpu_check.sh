@@ -24,8 +24,8 @@
 #                   then benchmarks/host_time.py: every op's forward at N = 1 against amax
 #   then the benchmarks, alone on the GPU, in the order of what is still owed (the first H200
 #   run, benchmarks/results/cuda-h200, timed the five ops at their headline shapes): token_stats
-#   at 16384x151936 bf16 (CUDA, CUDA without its top thread's fp64 sums (top32), Triton, eager,
-#   Liger-Kernel); tune (the Triton
+#   at 16384x151936 bf16 (CUDA, Triton, each without its max's fp64 re-sum (top32, lane32),
+#   eager, Liger-Kernel); tune (the Triton
 #   token_stats kernels' blocking variants at that shape, bench_token_stats.TRITON_BLOCKINGS:
 #   why the forward reads at 1.72x one read where the CUDA kernel reads at 1.04x); step_stats (the
 #   bundle against the three single ops); token_stats at V = 50257 (rows not 16-byte aligned:
@@ -541,9 +541,10 @@ elif [[ $DRY == 1 ]]; then
   wants bench && bench_step bench_kl_divergence_dominant 60 kl_divergence 1 dominant x
 else
   if wants bench; then
-    # top32:cuda: the CUDA forward without its top thread's fp64 sums (its cost, same build).
+    # top32:cuda, lane32:triton: each forward without its max's thread / lane summed again in
+    # fp64 (that epilogue's cost, same build).
     bench_step bench_token_stats_t1_n16384 120 token_stats 1 n16384 \
-      "pg_kernels:cuda top32:cuda pg_kernels:triton eager liger" 16384x151936
+      "pg_kernels:cuda top32:cuda pg_kernels:triton lane32:triton eager liger" 16384x151936
   fi
   if wants tune; then  # the Triton kernels' blockings (bench_token_stats.TRITON_BLOCKINGS)
     blockings=$("$PYTHON" -c 'from benchmarks.bench_token_stats import blocking_providers as b

@@ -684,8 +684,9 @@ def _fwd_chunk_kernel(
         )  # fmt: skip
 
     cmax, s1_sum, s2_sum, t2_sum, am = chunk_total(
-        mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V, U, LANES, VEC, BLOCK_V, CHUNK
-    )
+        mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V, U, LANES, VEC, BLOCK_V, CHUNK,
+        True,
+    )  # fmt: skip
     store_partial(part_ptr, part_idx_ptr, chunk, row, N, cmax, s1_sum, s2_sum, t2_sum, am)
     # The pairs' chunk states in `_pair`'s convention (`_chunk_side`), u moved with them. A lane
     # whose frame lies far out (token_stats' `frame`: finfo.min logits) summed exactly 0: to

@@ -69,6 +69,8 @@ GPU design (H200 target: bf16, N = 16384, V = 151936; not timed yet: no GPU was 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -102,6 +104,10 @@ from pg_kernels.triton._common import (
 OP = "token_stats"
 # Rows per program of the merge kernel: it moves ~20 bytes per (row, chunk), a tiny kernel.
 MERGE_BLOCK_R = 128
+# False: the 16-bit forward leaves the lane holding each chunk's max in fp32 (`chunk_total`'s
+# RESUM off), only to time `lane_sums64` beside the default in one run (`lane_resum_off`;
+# benchmarks/bench_token_stats.py's provider lane32:triton).
+LANE_RESUM = True
 
 
 @triton.jit
@@ -506,11 +512,13 @@ def _store_outputs(
 def chunk_total(
     mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V,
     U: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, RESUM: tl.constexpr,
 ):  # fmt: skip
     """A chunk's state from its lanes: (raw max, NaN if a sum is; s1, s2, t2 in the frame of
     the max (`frame`; exactly relative to max * c when it lies far out, `exact_sums`); first
-    argmax as int32). The chunk is [start, start + n_valid) of the row x_row."""
+    argmax as int32). The chunk is [start, start + n_valid) of the row x_row. RESUM: the fp32
+    lane holding the max summed again in fp64 (`lane_sums64`); off only to time it
+    (`LANE_RESUM`)."""
     # The chunk: every lane rescaled to the chunk's max, then plain sums (one reduction each).
     cmax = tl.max(mx, axis=0)
     r2_max = frame(cmax, c)
@@ -520,7 +528,7 @@ def chunk_total(
     # its term ~1, and a 16-bit row's fp32 tree over 256 lanes would round each rest against it.
     s1_lanes = f * s1.to(tl.float64)
     s2_lanes = (f * f) * s2.to(tl.float64)
-    if s1.dtype == tl.float32:
+    if s1.dtype == tl.float32 and RESUM:
         # 16-bit logits, fp32 lanes: the lane holding the max has rounded every term it added
         # beside the max's ~1 at ulp(1) / 2, and a peaked row's outputs are those rests (lgp's
         # s2 - e_c^2, entropy's and log p_c's s1 - e_m). That lane is summed again in fp64.
@@ -602,6 +610,7 @@ def _fwd_chunk_kernel(
     logprob_ptr, entropy_ptr, collision_ptr, lgp_ptr, lse_ptr, max_prob_ptr, argmax_ptr,
     HAS_TEMP: tl.constexpr, FINALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
     U: tl.constexpr, VEC: tl.constexpr, PAIRS: tl.constexpr, ALIGN: tl.constexpr,
+    RESUM: tl.constexpr,
 ):  # fmt: skip
     """Program (row, chunk): the partial state of one chunk of one row.
 
@@ -662,8 +671,9 @@ def _fwd_chunk_kernel(
         mx, r2, s1, s2, t2, st = _fwd_step(x, None, n_full, c, mx, r2, s1, s2, t2, st)
 
     cmax, s1_sum, s2_sum, t2_sum, am = chunk_total(
-        mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V, U, LANES, VEC, BLOCK_V, CHUNK
-    )
+        mx, r2, s1, s2, t2, st, c, x_row, start, n_valid, block, V, U, LANES, VEC, BLOCK_V, CHUNK,
+        RESUM,
+    )  # fmt: skip
 
     if FINALIZE:
         ok = keep & (label >= 0) & (label < V) & valid_inv_temperature(c)
@@ -1029,7 +1039,7 @@ def token_stats_forward(
         part, part_idx, *outs, argmax,
         HAS_TEMP=has_temp, FINALIZE=single, CHUNK=blk.chunk, BLOCK_V=blk.block_v,
         U=u, VEC=vec, PAIRS=logits.dtype == torch.bfloat16 and align > 1, ALIGN=align,
-        num_warps=blk.num_warps,
+        RESUM=LANE_RESUM, num_warps=blk.num_warps,
     )  # fmt: skip
     if not single:
         _fwd_merge_kernel[(cdiv(N, MERGE_BLOCK_R),)](
@@ -1039,6 +1049,17 @@ def token_stats_forward(
             HAS_TEMP=has_temp, BLOCK_R=MERGE_BLOCK_R, num_warps=4,
         )  # fmt: skip
     return [*outs, argmax]
+
+
+@contextlib.contextmanager
+def lane_resum_off():
+    """`LANE_RESUM` off for the launches inside (the benchmark's A/B against the default)."""
+    global LANE_RESUM
+    before, LANE_RESUM = LANE_RESUM, False
+    try:
+        yield
+    finally:
+        LANE_RESUM = before
 
 
 def gradient_output(logits: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
