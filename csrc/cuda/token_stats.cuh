@@ -123,7 +123,8 @@
 //     registers, so sm_80 keeps the fill. sm_90: partial 16-bit 2718 -> 2644 (10.3, owed in
 //     check_cuda_budgets.py), fp32 19.3 -> 18.5; backward 16-bit 11.2 -> 11.0, fp32 21.1 ->
 //     20.7. Not yet timed on a GPU: gpu_check's step bench times it beside the same build with
-//     the epilogue off (ForwardParams::top_sums, PGK_CUDA_TOP_SUMS=0; provider top32:cuda).
+//     the epilogue off (ForwardParams::top_sums, PGK_CUDA_TOP_SUMS=0; provider top32:cuda),
+//     whose uniform test costs 2 more (partial 16-bit 2646).
 //   * Shared memory: 8 warps x 5 scalars per reduction stage; one word per warp, written by lane
 //     0 and read as broadcasts, so there are no bank conflicts. Two barriers per item (4 steps).
 //   * Row scalars (label, tau; in backward also L, H, C and the four upstream grads) of the next
@@ -367,7 +368,7 @@ struct ForwardParams {
   int32_t* ws_idx;  // first argmax of the chunk, as an index into the row
   // false: each chunk's top thread summed in fp32 like the others (no top_vector_sums), the
   // kernel's earlier arithmetic, for timing the two in one build (PGK_CUDA_TOP_SUMS=0).
-  bool top_sums;
+  bool top_sums = true;
   // Outputs, [N] each.
   acc_t* logprob;
   acc_t* entropy;
@@ -687,7 +688,7 @@ __device__ __forceinline__ void load_item(uint4 (&raw)[kUnroll],
   const uint4 fill = splat_bits<Tag>(Tr::kNegInfBits);
   if constexpr (kAligned) {
     const uint4* src = reinterpret_cast<const uint4*>(x);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // sm_90 and later (checked on sm_90)
     const uint4* neg_inf = &kNegInfVectors[neg_inf_vector_index<Tag>()];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {

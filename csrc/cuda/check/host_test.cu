@@ -751,7 +751,8 @@ static void test_far_rows_backward() {
 
 // 9. Peaked rows with runner-ups (randn * 2, 1-5 runner-ups 0-2 above the rest, the label 5-13
 // above those: lgp 1e-10 .. 2e-2, 1 - p_c down to ~1e-6), bf16 and fp32, the runner-ups anywhere
-// or in the label's own vector (one thread's): lgp, entropy and log p absolute, against float64
+// or right after the label (bf16: in its own vector, one thread's; fp32's 4-wide vectors hold 3
+// of them, the rest in the next vector): lgp, entropy and log p absolute, against float64
 // from the raw logits. The lgp is s2 - e_c^2 and the entropy and log p s1 - e_m: the rests the
 // top thread's fp64 sums keep (top_vector_sums). With that thread summed in fp32 like the others
 // (its chains and the CTA's butterflies adding to its e_m ~ 1 at ulp(1) / 2) the lgp was 1.0-2.4x
@@ -776,7 +777,7 @@ static void test_peaked_rows(const char* name) {
     const int k = 1 + int(rng() % 5);
     for (int i = 0; i < k; ++i) {
       const int64_t j = beside ? label + 1 + i : int64_t(rng() % V);
-      if (j != label) x[j] = top + 2.0f * unit(rng);
+      if (j != label && j < V) x[j] = top + 2.0f * unit(rng);
     }
     x[label] = top + 5.0f + 8.0f * unit(rng);
     for (auto& v : x) v = round_in(v);
