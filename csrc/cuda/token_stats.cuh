@@ -113,10 +113,10 @@
 //     (2026-12-04, bf16 16384 x 151936): forward 1.04x one read, fwd+bwd 1.22x read + copy. Then
 //     the top thread's fp64 sums (top_vector_sums: its warp reads its 32 vectors again, one per
 //     lane, and sums their terms in fp64; 2026-12-07): 2558 -> 2718 (10.6 per element; fp32
-//     18.1 -> 19.3 of 20). ~15 of those instructions run in every warp (the top warp's ballot, leaving
-//     the top thread's sums out); the rest in the top thread's warp only, once per item, its
-//     load issued before the argmax search so that the two reads overlap. Then load_item's
-//     slots past a chunk read a -inf vector from device memory (kNegInfVectors) through an
+//     18.1 -> 19.3 of 20). ~15 of those instructions run in every warp (the top warp's ballot,
+//     leaving the top thread's sums out); the rest in the top thread's warp only, once per item,
+//     its load issued before the argmax search so that the two reads overlap. Then load_item's
+//     slots past a chunk read a -inf vector from device memory (kNegInfVector) through an
 //     address select, 2 SEL, instead of a predicated load and 4 moves of the fill: 8 -> 6 per
 //     16-byte load on sm_90. Written as `c ? a : b` nvcc made it 4 moves for fp16 and fp32, so it
 //     is one selp.b64 (select_address); on sm_80 the 16-bit forward then spilled 12 B at its 80
@@ -583,18 +583,18 @@ __device__ __forceinline__ typename DTypeTraits<Tag>::bits_t acc_to_bits(
   }
 }
 
-// A vector whose every element has the given bits.
+// A vector whose every element has the given bits (constexpr: kNegInfVector's initializer).
 template <typename Tag>
-__device__ __forceinline__ uint4 splat_bits(typename DTypeTraits<Tag>::bits_t b) {
+__host__ __device__ constexpr uint4 splat_bits(typename DTypeTraits<Tag>::bits_t b) {
   using Tr = DTypeTraits<Tag>;
   if constexpr (sizeof(typename Tr::bits_t) == 2) {
     const uint32_t w = static_cast<uint32_t>(b) | (static_cast<uint32_t>(b) << 16);
-    return make_uint4(w, w, w, w);
+    return uint4{w, w, w, w};
   } else if constexpr (sizeof(typename Tr::bits_t) == 4) {
-    return make_uint4(b, b, b, b);
+    return uint4{b, b, b, b};
   } else {
     const uint32_t lo = static_cast<uint32_t>(b), hi = static_cast<uint32_t>(b >> 32);
-    return make_uint4(lo, hi, lo, hi);
+    return uint4{lo, hi, lo, hi};
   }
 }
 
@@ -648,15 +648,22 @@ __device__ __forceinline__ void store_vector(typename DTypeTraits<Tag>::bits_t* 
   }
 }
 
-// A 16-byte vector of -inf per dtype in device memory (bf16, fp16, fp32, fp64): on sm_90
-// load_item's slots past a chunk read it (an address select, 2 instructions) instead of filling
-// 4 registers beside a predicated load.
-static __device__ const uint4 kNegInfVectors[4] = {
-    {0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u, 0xFF80FF80u},
-    {0xFC00FC00u, 0xFC00FC00u, 0xFC00FC00u, 0xFC00FC00u},
-    {0xFF800000u, 0xFF800000u, 0xFF800000u, 0xFF800000u},
-    {0x00000000u, 0xFFF00000u, 0x00000000u, 0xFFF00000u},
-};
+// Vector g of a row: one 16-byte load (kAligned rows) or element-wise (load_vector).
+template <typename Tag, bool kAligned>
+__device__ __forceinline__ uint4 row_vector(const typename DTypeTraits<Tag>::bits_t* x, int g,
+                                            int V) {
+  if constexpr (kAligned) {
+    return __ldg(reinterpret_cast<const uint4*>(x) + static_cast<uint32_t>(g));
+  } else {
+    return load_vector<Tag>(x, g, V);
+  }
+}
+
+// A 16-byte vector of -inf in device memory, per dtype: on sm_90 load_item's slots past a
+// chunk read it (an address select, 2 instructions) instead of filling 4 registers beside a
+// predicated load.
+template <typename Tag>
+static __device__ const uint4 kNegInfVector = splat_bits<Tag>(DTypeTraits<Tag>::kNegInfBits);
 // c ? a : b as one selp.b64 (2 SEL): written as C++, nvcc turned it into 2 MOVs of b and 2
 // predicated MOVs of a for some dtypes.
 __device__ __forceinline__ const uint4* select_address(bool c, const uint4* a, const uint4* b) {
@@ -665,11 +672,6 @@ __device__ __forceinline__ const uint4* select_address(bool c, const uint4* a, c
       : "=l"(r)
       : "l"(a), "l"(b), "r"(int(c)));
   return r;
-}
-template <typename Tag>
-constexpr int neg_inf_vector_index() {
-  return std::is_same<Tag, BF16>::value ? 0 : std::is_same<Tag, F16>::value ? 1
-         : std::is_same<Tag, F32>::value ? 2 : 3;
 }
 
 // The kUnroll vectors of a thread for one load step of an item: vector v = first + u * T + tid
@@ -689,7 +691,7 @@ __device__ __forceinline__ void load_item(uint4 (&raw)[kUnroll],
   if constexpr (kAligned) {
     const uint4* src = reinterpret_cast<const uint4*>(x);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // sm_90 and later (checked on sm_90)
-    const uint4* neg_inf = &kNegInfVectors[neg_inf_vector_index<Tag>()];
+    const uint4* neg_inf = &kNegInfVector<Tag>;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int v = vec0 + first + u * T + tid;
@@ -1169,11 +1171,7 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
         tid_top = warp * 32 + __ffs(__ballot_sync(0xFFFFFFFFu, run.mz == m)) - 1;
         const int v = (lane / kUnroll) * kUnroll * T + (lane % kUnroll) * T + tid_top;
         if (static_cast<unsigned>(v) < static_cast<unsigned>(n_here)) {  // never before the chunk
-          if constexpr (kAligned) {
-            top_raw = __ldg(reinterpret_cast<const uint4*>(x) + static_cast<uint32_t>(vec0 + v));
-          } else {
-            top_raw = load_vector<Tag>(x, vec0 + v, V);
-          }
+          top_raw = row_vector<Tag, kAligned>(x, vec0 + v, V);
         }
       }
     }
@@ -1190,12 +1188,7 @@ __global__ void __launch_bounds__(kMaxThreads, DTypeTraits<Tag>::kMinBlocksFwd)
       for (int u = 0; u < kUnroll; ++u) {
         const int v = first + u * T;
         if (v >= n_here) break;
-        uint4 w;
-        if constexpr (kAligned) {
-          w = __ldg(reinterpret_cast<const uint4*>(x) + static_cast<uint32_t>(vec0 + v));
-        } else {
-          w = load_vector<Tag>(x, vec0 + v, V);
-        }
+        const uint4 w = row_vector<Tag, kAligned>(x, vec0 + v, V);
         const int e0 = (vec0 + v) * Tr::kVec;
 #pragma unroll
         for (int j = Tr::kVec - 1; j >= 0; --j)  // descending: the first match is written last
