@@ -3,7 +3,8 @@
     python benchmarks/bench_token_stats_from_hidden.py [--device cpu|cuda] [--quick]
         [--shapes NxVxD ...] [--dtypes fp32 bf16] [--modes fwd bwd fwd+bwd] [--out ...]
 
-Providers: pg_kernels on every backend this device can run (chunked: [N, V] never exists);
+Providers: pg_kernels on every backend this device can run (chunked: [N, V] never exists),
+and opt-in `rows:<backend>`, the same with its backward in row chunks (`backward_order`);
 on GPU, Liger-Kernel's fused linear cross entropy (`liger_flce`) and Cut-Cross-Entropy (`cce`),
 which give the log-prob only (their wheels: benchmarks/fetch_peers.sh);
 `unfused`, the same statistics from materialized logits (`hidden @ weight.T`, then
@@ -87,16 +88,22 @@ def tolerance_floor(case: Case, field: str) -> float:
     return 1e-5
 
 
-def _fused(backend: str) -> Provider:
+def _fused(backend: str, order: str = "auto") -> Provider:
+    """token_stats_from_hidden; `rows:<backend>` (opt-in) forces its backward into row chunks,
+    to time the two orders in one run (the default at N < V: vocabulary blocks)."""
+
     def build(case: Case) -> Callable[[Inputs], Outputs]:
         why = _backend.op_unavailable_reason("token_stats", backend, case.device)
         if why is not None:
             raise Skip(why)
         return lambda x: pg_kernels.token_stats_from_hidden(
-            x["hidden"], x["weight"], x["labels"], ignore_index=IGNORE_INDEX, backend=backend
-        )._asdict()
+            x["hidden"], x["weight"], x["labels"], ignore_index=IGNORE_INDEX,
+            backward_order=order, backend=backend,
+        )._asdict()  # fmt: skip
 
-    return Provider(f"pg_kernels:{backend}", build)
+    if order == "auto":
+        return Provider(f"pg_kernels:{backend}", build)
+    return Provider(f"{order}:{backend}", build, opt_in=True)
 
 
 def loss(out: Outputs, inputs: Inputs) -> torch.Tensor:
@@ -216,6 +223,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         raise SystemExit(f"{OP}: --temperature is not supported by this benchmark")
     backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
     providers = [_fused(b) for b in backends] + [_token_loss(b) for b in backends]
+    providers += [_fused(b, "rows") for b in backends]
     providers += [_unfused(b) for b in backends]
     providers.append(Provider("eager", _eager))
     providers += [Provider("liger_flce", _liger_flce, peer=True), Provider("cce", _cce, peer=True)]

@@ -189,20 +189,22 @@ LIB.define(
     "Tensor grad_ref_logits)"
 )
 # From hidden states: the op of the same name on logits = hidden @ weight.T + bias ([N, D] and
-# [V, D]), computed `chunk_size` rows at a time so [N, V] never exists. The backward recomputes
-# each chunk's logits and returns an empty tensor in place of a gradient that was not asked for.
+# [V, D]), computed `chunk_size` rows at a time so [N, V] never exists; max_logit is each row's
+# logit at argmax as the forward's matmul formed it (the frame a backward in vocabulary blocks
+# hands its kernel). The backward recomputes the logits and returns an empty tensor in place of
+# a gradient that was not asked for.
 LIB.define(
     "token_stats_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
     "Tensor? temperature, float temperature_scalar, int ignore_index, int chunk_size, "
-    "str backend) -> (Tensor logprob, Tensor entropy, Tensor collision, Tensor lgp, Tensor lse, "
-    "Tensor max_prob, Tensor argmax)"
+    "str backward_order, str backend) -> (Tensor logprob, Tensor entropy, Tensor collision, "
+    "Tensor lgp, Tensor lse, Tensor max_prob, Tensor argmax, Tensor max_logit)"
 )
 LIB.define(
     "token_stats_from_hidden_backward(Tensor grad_logprob, Tensor grad_entropy, "
     "Tensor grad_collision, Tensor grad_lse, Tensor hidden, Tensor weight, Tensor? bias, "
     "Tensor labels, Tensor? temperature, float temperature_scalar, int ignore_index, "
-    "int chunk_size, Tensor lse, Tensor entropy, Tensor collision, Tensor max_prob, "
-    "Tensor argmax, bool[3] output_mask, str backend) "
+    "int chunk_size, str backward_order, Tensor lse, Tensor entropy, Tensor collision, "
+    "Tensor max_prob, Tensor argmax, Tensor max_logit, bool[3] output_mask, str backend) "
     "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)"
 )
 LIB.define(

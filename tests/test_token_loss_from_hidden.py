@@ -4,7 +4,8 @@ Its statistics come from the same chunked matmuls and token_stats kernels as
 token_stats_from_hidden, and the gradient of each chunk's logits from the same backward kernel
 with the same upstream gradients, so outputs and gradients equal token_stats_from_hidden's
 followed by the loss, bitwise for a unit upstream gradient (that op is checked against float64
-in test_from_hidden.py);
+in test_from_hidden.py) when that op's backward takes row chunks too (`_stats_then_loss`; in
+vocabulary blocks it sums the same gradient entries in another order);
 the loss itself is checked against float64 here.
 """
 
@@ -40,8 +41,9 @@ def _grpo_loss(n, seed, device="cpu"):
 
 
 def _stats_then_loss(h, w, b, y, loss_fn, **kw):
-    """token_stats_from_hidden, then loss_fn on all (flattened) rows at once."""
-    stats = pg_kernels.token_stats_from_hidden(h, w, y, bias=b, **kw)
+    """token_stats_from_hidden, then loss_fn on all (flattened) rows at once; its backward in
+    row chunks, the order in which token_loss_from_hidden forms its gradients."""
+    stats = pg_kernels.token_stats_from_hidden(h, w, y, bias=b, backward_order="rows", **kw)
     flat = type(stats)(*(t.reshape(-1) for t in stats))
     return loss_fn(flat, slice(0, y.numel())), stats
 

@@ -13,6 +13,14 @@ contribution, where a 16-bit running sum would also round the sum once per chunk
 hidden is read in place, whatever its leading strides (`row_layout`: e.g. the shifted
 `last_hidden_state[:, :-1]` of a [B, T, D] tensor): a chunk's rows are a view of it, or, where
 they straddle the outer level, a copy of that chunk's rows only.
+
+With fewer rows than vocabulary entries, a backward that wants the weight gradient runs in
+vocabulary blocks instead (`VocabBlocks`, `backward_order`): per block of columns the logits of
+every row, its gradient, then weight[block]'s gradient in one matmul over all N rows (summed in
+the matmul's fp32 accumulator and rounded once: no [V, D] accumulator at all) and hidden's
+gradient added into an [N, D] one. Each row-chunk pass instead reads and writes the whole [V, D]
+accumulator (fp32 for 16-bit weights), and with chunks of a few hundred rows that traffic is
+most of the backward on a GPU (docs/performance.md, "The fused lm_head path on a GPU").
 """
 
 from __future__ import annotations
@@ -167,30 +175,40 @@ class ChunkedProjection:
         if self.grad_hidden is not None:
             torch.mm(grad_logits, self.weight, out=self.grad_hidden[start:stop])
         if self.grad_weight is not None:
-            h = self.hidden_rows(start, stop)
-            if self.grad_weight.dtype == grad_logits.dtype:
-                self.grad_weight.addmm_(grad_logits.t(), h)
-            else:  # one 16-bit rounding per chunk's product, summed in fp32, in vocab blocks
-                # so that the 16-bit product never takes more than PRODUCT_BYTES
-                v, d = self.grad_weight.shape
-                block = max(1, PRODUCT_BYTES // (max(d, 1) * h.dtype.itemsize))  # D = 0 too
-                for v0 in range(0, v, block):
-                    g = grad_logits[:, v0 : v0 + block]
-                    self.grad_weight[v0 : v0 + block].add_(g.t() @ h)
+            add_product(self.grad_weight, grad_logits.t(), self.hidden_rows(start, stop))
         if self.grad_bias is not None:
             self.grad_bias.add_(grad_logits.sum(0, dtype=self.grad_bias.dtype))
 
     def gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        def finish(grad, like):
-            return like.new_empty((0,)) if grad is None else grad.to(like.dtype)
+        return finished_gradients(
+            (self.grad_hidden, self.grad_weight, self.grad_bias), self.hidden, self.weight,
+            self.bias,
+        )  # fmt: skip
 
-        bias_like = self.weight if self.bias is None else self.bias
-        grad_hidden = None if self.grad_hidden is None else self.grad_hidden.view(self.hidden.shape)
-        return (
-            finish(grad_hidden, self.hidden),
-            finish(self.grad_weight, self.weight),
-            finish(self.grad_bias, bias_like),
-        )
+
+def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b. Into a wider accumulator (fp32 for 16-bit operands) the product is rounded
+    to the operands' dtype once (the BLAS has no fp32 output for 16-bit operands on every
+    device) and added in acc's, PRODUCT_BYTES of it (rows of a) at a time."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    step = max(1, PRODUCT_BYTES // (max(b.shape[1], 1) * a.dtype.itemsize))  # D = 0 too
+    for i in range(0, acc.shape[0], step):
+        acc[i : i + step].add_(a[i : i + step] @ b)
+
+
+def finished_gradients(grads, hidden, weight, bias) -> tuple[torch.Tensor, ...]:
+    """(hidden's, weight's, bias') gradients from their accumulators (None: not asked for, an
+    empty tensor in its place), in the inputs' dtypes, hidden's in its shape."""
+    grad_hidden, grad_weight, grad_bias = grads
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.view(hidden.shape)
+    bias_like = weight if bias is None else bias
+    return tuple(
+        like.new_empty((0,)) if grad is None else grad.to(like.dtype)
+        for grad, like in ((grad_hidden, hidden), (grad_weight, weight), (grad_bias, bias_like))
+    )
 
 
 def empty_gradients(hidden, weight, bias, wanted) -> tuple[torch.Tensor, ...]:
@@ -200,3 +218,112 @@ def empty_gradients(hidden, weight, bias, wanted) -> tuple[torch.Tensor, ...]:
         torch.empty(t.shape if w else (0,), dtype=t.dtype, device=t.device)
         for t, w in zip((hidden, weight, bias_like), wanted)
     )
+
+
+# The backward orders of `token_stats_from_hidden` (its `backward_order` argument).
+BACKWARD_ORDERS = ("auto", "rows", "vocab")
+
+
+def backward_order(order: str, n_rows: int, vocab_size: int, wanted) -> str:
+    """The order to take, "vocab" or "rows": `order` itself, or for "auto" vocabulary blocks
+    where the weight's gradient is wanted and there are fewer rows than vocabulary entries.
+    Vocabulary blocks pay an [N, D] accumulator for hidden's gradient (fp32 for 16-bit inputs)
+    where row chunks pay a [V, D] one for the weight's, and each block (chunk) pass reads and
+    writes it whole: the smaller of N and V wins. Without the weight's gradient row chunks need
+    no accumulator."""
+    if order == "auto":
+        return "vocab" if wanted[1] and n_rows < vocab_size else "rows"
+    return order
+
+
+def check_backward_order(op: str, order) -> str:
+    if order not in BACKWARD_ORDERS:
+        raise ValueError(f"{op}: backward_order must be one of {BACKWARD_ORDERS}, got {order!r}")
+    return order
+
+
+# Columns a block's buffer carries beyond its logits (VocabBlocks.logits): the row's max logit
+# as the forward saw it (the backward kernels' frame), then a column for labels outside the
+# block, whose gradient is dropped. Rows are padded with -inf to a multiple of 16 elements, so
+# that they stay 16-byte aligned for the kernels' vector loads.
+EXTRA_COLUMNS = 2
+ROW_ALIGN = 16
+
+
+def vocab_block_size(n_rows: int, vocab_size: int, chunk_size: int) -> int:
+    """Columns per vocabulary block: the forward's chunk of chunk_size x V logits spread over all
+    N rows, a multiple of 64 (at least 64, at most V)."""
+    cols = chunk_size * vocab_size // max(n_rows, 1)
+    return min(vocab_size, max(64, cols - cols % 64))
+
+
+class VocabBlocks:
+    """The backward's projection in vocabulary blocks: `logits(v0, v1, frame)` gives every row's
+    logits of columns v0:v1 in a reused [N, width] buffer (valid until the next call) followed
+    by EXTRA_COLUMNS copies of `frame` and -inf padding; `grad_buffer(v0, v1)` a second buffer
+    of that shape; `accumulate(grad, v0, v1)` adds a block's logit gradient [N, v1 - v0] to
+    the gradients `wanted` = (hidden, weight, bias) asks for; `gradients()` returns them as
+    ChunkedProjection.gradients does.
+
+    weight[v0:v1]'s gradient is grad.T @ hidden, one matmul over every row, written once in the
+    weight's dtype; hidden's is the sum over blocks of grad @ weight[v0:v1], in fp32 for 16-bit
+    inputs (each block's product rounded to 16 bits once, as ChunkedProjection sums the weight's).
+    hidden is taken as an [N, D] matrix: a view of its storage where its layout allows, else a
+    copy (the shifted [:, :-1] rows of a [B, T, D] tensor).
+    """
+
+    def __init__(self, hidden, weight, bias, chunk_size: int, wanted):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.n, v, d = num_rows(hidden), weight.shape[0], hidden.shape[-1]
+        self.vocab_size, self.block = v, vocab_block_size(self.n, v, chunk_size)
+        self.h = _row_levels(hidden).reshape(self.n, d)
+        self._buffers = [hidden.new_empty(self.n * _padded_width(self.block)), None]
+        acc = torch.float32 if weight.dtype.itemsize < 4 else weight.dtype
+        self.grad_hidden = hidden.new_zeros((self.n, d), dtype=acc) if wanted[0] else None
+        self.grad_weight = torch.empty_like(weight) if wanted[1] else None
+        self.grad_bias = weight.new_empty((v,), dtype=acc) if wanted[2] else None
+
+    def ranges(self):
+        """(v0, v1) of each vocabulary block, in order; the last may be narrower."""
+        return chunks(self.vocab_size, self.block)
+
+    def _view(self, which: int, v0: int, v1: int) -> torch.Tensor:
+        width = _padded_width(v1 - v0)
+        if self._buffers[which] is None:
+            self._buffers[which] = torch.empty_like(self._buffers[0])
+        return self._buffers[which][: self.n * width].view(self.n, width)
+
+    def logits(self, v0: int, v1: int, frame: torch.Tensor) -> torch.Tensor:
+        buf = self._view(0, v0, v1)
+        vb = v1 - v0
+        out = buf[:, :vb]
+        # Straight into the buffer's first vb columns (a matmul output of leading dimension width).
+        if self.bias is None:
+            torch.mm(self.h, self.weight[v0:v1].t(), out=out)
+        else:
+            torch.addmm(self.bias[v0:v1], self.h, self.weight[v0:v1].t(), out=out)
+        buf[:, vb : vb + EXTRA_COLUMNS] = frame.to(buf.dtype).unsqueeze(1)
+        buf[:, vb + EXTRA_COLUMNS :] = float("-inf")
+        return buf
+
+    def grad_buffer(self, v0: int, v1: int) -> torch.Tensor:
+        return self._view(1, v0, v1)
+
+    def accumulate(self, grad: torch.Tensor, v0: int, v1: int) -> None:
+        if self.grad_weight is not None:
+            torch.mm(grad.t(), self.h, out=self.grad_weight[v0:v1])
+        if self.grad_bias is not None:
+            torch.sum(grad, 0, dtype=self.grad_bias.dtype, out=self.grad_bias[v0:v1])
+        if self.grad_hidden is not None:
+            add_product(self.grad_hidden, grad, self.weight[v0:v1])
+
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return finished_gradients(
+            (self.grad_hidden, self.grad_weight, self.grad_bias), self.hidden, self.weight,
+            self.bias,
+        )  # fmt: skip
+
+
+def _padded_width(cols: int) -> int:
+    """A block's buffer width: its columns and EXTRA_COLUMNS, padded to a multiple of ROW_ALIGN."""
+    return -(-(cols + EXTRA_COLUMNS) // ROW_ALIGN) * ROW_ALIGN

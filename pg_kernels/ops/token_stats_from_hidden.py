@@ -2,12 +2,19 @@
 [N, V] logits (docs/math.md §§1-3 per row; the chunking is in `_linear.py`).
 
 Forward: per chunk of rows, the matmul into a reused buffer, then the token_stats kernel. Only
-the per-row outputs survive. Backward: per chunk, the matmul again, the token_stats backward
-kernel (one pass, gradient of the chunk's logits), then grad_hidden = g @ W and
-grad_weight += g.T @ h. The logits are recomputed rather than kept: the upstream gradients of
-logprob / entropy / collision / lse are unknown until the loss is built (the statistics feed
-arbitrary losses, advantages and metrics), so the gradient cannot be formed in the forward the
-way a fused cross-entropy does.
+the per-row outputs survive, and each row's logit at its argmax (`max_logit`). Backward, in
+the order `_linear.backward_order` picks: per chunk of rows, the matmul again, the token_stats
+backward kernel (one pass, gradient of the chunk's logits), then grad_hidden = g @ W and
+grad_weight += g.T @ h; or per block of vocabulary columns (fewer rows than vocabulary entries,
+the weight's gradient wanted), every row's logits of the block, the same kernel, then
+grad_weight[block] = g.T @ h and grad_hidden += g @ W[block]. The kernel reads a row's frame
+(the raw logit at the saved argmax) from the row, so a block's buffer carries the forward's
+`max_logit` in an extra column (and in the argmax's own column, where the block holds it): each
+entry's gradient is the row kernel's, relative to the very logit the forward's statistics are.
+The logits are recomputed rather than kept: the upstream gradients of logprob / entropy /
+collision / lse are unknown until the loss is built (the statistics feed arbitrary losses,
+advantages and metrics), so the gradient cannot be formed in the forward the way a fused
+cross-entropy does.
 """
 
 from __future__ import annotations
@@ -24,7 +31,11 @@ from pg_kernels.ops._common import (
     make_temperature,
 )
 from pg_kernels.ops._linear import (
+    EXTRA_COLUMNS,
     ChunkedProjection,
+    VocabBlocks,
+    backward_order,
+    check_backward_order,
     check_chunk_size,
     check_projection,
     chunks,
@@ -38,18 +49,22 @@ OP = "token_stats_from_hidden"
 
 def _forward(
     hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
-    backend,
+    backward_order, backend,
 ):  # fmt: skip
     proj = ChunkedProjection(hidden, weight, bias, chunk_size)
     outs = empty_stats(hidden, labels)
+    max_logit = hidden.new_empty(labels.shape)
     for s, e in chunks(proj.n, chunk_size):
+        logits = proj.logits(s, e)
         stats = _ts._token_stats(
-            proj.logits(s, e), labels[s:e], rows(temperature, s, e), temperature_scalar,
-            ignore_index, backend,
+            logits, labels[s:e], rows(temperature, s, e), temperature_scalar, ignore_index,
+            backend,
         )  # fmt: skip
         for out, stat in zip(outs, stats):
             out[s:e] = stat
-    return outs
+        # argmax is -1 on a NaN row (any column does: the backward writes NaN there anyway)
+        max_logit[s:e] = logits.gather(1, stats[6].clamp_min(0).unsqueeze(1)).squeeze(1)
+    return (*outs, max_logit)
 
 
 def empty_stats(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -66,9 +81,9 @@ def empty_stats(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 def _forward_fake(
     hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
-    backend,
+    backward_order, backend,
 ):  # fmt: skip
-    return empty_stats(hidden, labels)
+    return (*empty_stats(hidden, labels), hidden.new_empty(labels.shape))
 
 
 _library.register_kernel("token_stats_from_hidden")(_forward)
@@ -77,25 +92,65 @@ torch.library.register_fake("pg_kernels::token_stats_from_hidden", _forward_fake
 
 def _backward_impl(
     g_logprob, g_entropy, g_collision, g_lse, hidden, weight, bias, labels, temperature,
-    temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, max_prob, argmax,
-    output_mask, backend,
+    temperature_scalar, ignore_index, chunk_size, order, lse, entropy, collision, max_prob,
+    argmax, max_logit, output_mask, backend,
 ):  # fmt: skip
-    proj = ChunkedProjection(hidden, weight, bias, chunk_size, tuple(output_mask))
+    wanted = tuple(output_mask)
+    saved = (lse, entropy, collision, max_prob)
+    if backward_order(order, labels.numel(), weight.shape[0], wanted) == "vocab":
+        return _backward_in_vocab_blocks(
+            (g_logprob, g_entropy, g_collision, g_lse), hidden, weight, bias, labels,
+            temperature, temperature_scalar, ignore_index, chunk_size, saved, argmax, max_logit,
+            wanted, backend,
+        )  # fmt: skip
+    proj = ChunkedProjection(hidden, weight, bias, chunk_size, wanted)
     for s, e in chunks(proj.n, chunk_size):
         grad_logits = _ts._token_stats_backward(
             g_logprob[s:e], g_entropy[s:e], g_collision[s:e], g_lse[s:e], proj.logits(s, e),
-            labels[s:e], rows(temperature, s, e), temperature_scalar, ignore_index, lse[s:e],
-            entropy[s:e], collision[s:e], max_prob[s:e], argmax[s:e], backend,
-            out=proj.grad_buffer(s, e),
+            labels[s:e], rows(temperature, s, e), temperature_scalar, ignore_index,
+            *(t[s:e] for t in saved), argmax[s:e], backend, out=proj.grad_buffer(s, e),
         )  # fmt: skip
         proj.accumulate(grad_logits, s, e)
     return proj.gradients()
 
 
+def _backward_in_vocab_blocks(
+    grads, hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index,
+    chunk_size, saved, argmax, max_logit, wanted, backend,
+):  # fmt: skip
+    """The backward a block of vocabulary columns at a time (module docstring). A block of vb
+    columns is handed to the row kernel as rows of its own: the block's logits, then
+    max_logit at column vb (the argmax's stand-in where the block does not hold it) and at
+    vb + 1 (the label's, where the block does not hold the label: that entry's gradient, the
+    label's term included, is dropped), then -inf. Where the block holds the argmax, its own
+    column takes max_logit too: the row's frame and that entry are the forward's logit, not the
+    recomputed one, which a matmul of another shape may round apart."""
+    blocks = VocabBlocks(hidden, weight, bias, chunk_size, wanted)
+    keep = labels != ignore_index
+    for v0, v1 in blocks.ranges():
+        vb = v1 - v0
+        logits = blocks.logits(v0, v1, max_logit)
+        holds_argmax = (argmax >= v0) & (argmax < v1)
+        col = (argmax - v0).clamp(0, vb - 1).unsqueeze(1)
+        forward_max = torch.where(holds_argmax, max_logit, logits.gather(1, col).squeeze(1))
+        logits.scatter_(1, col, forward_max.unsqueeze(1))
+        # argmax -1 marks a NaN row: kept, so the kernel writes the row NaN as a full row's would
+        block_argmax = torch.where(holds_argmax, argmax - v0, torch.where(argmax < 0, argmax, vb))
+        holds_label = (labels >= v0) & (labels < v1)
+        dropped = torch.full_like(labels, vb + EXTRA_COLUMNS - 1)
+        block_labels = torch.where(keep, torch.where(holds_label, labels - v0, dropped), labels)
+        grad = _ts._token_stats_backward(
+            *grads, logits, block_labels, temperature, temperature_scalar, ignore_index, *saved,
+            block_argmax, backend, out=blocks.grad_buffer(v0, v1),
+        )  # fmt: skip
+        blocks.accumulate(grad[:, :vb], v0, v1)
+    return blocks.gradients()
+
+
 def _backward_fake(
     g_logprob, g_entropy, g_collision, g_lse, hidden, weight, bias, labels, temperature,
-    temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, max_prob, argmax,
-    output_mask, backend,
+    temperature_scalar, ignore_index, chunk_size, order, lse, entropy, collision, max_prob,
+    argmax, max_logit, output_mask, backend,
 ):  # fmt: skip
     return empty_gradients(hidden, weight, bias, output_mask)
 
@@ -106,28 +161,31 @@ torch.library.register_fake("pg_kernels::token_stats_from_hidden_backward", _bac
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
-     backend) = inputs  # fmt: skip
-    _, entropy, collision, lgp, lse, max_prob, argmax = output
+     order, backend) = inputs  # fmt: skip
+    _, entropy, collision, lgp, lse, max_prob, argmax, max_logit = output
     ctx.save_for_backward(
-        hidden, weight, bias, labels, temperature, lse, entropy, collision, max_prob, argmax
-    )
-    ctx.scalars = (temperature_scalar, ignore_index, chunk_size, backend)
-    ctx.mark_non_differentiable(lgp, max_prob, argmax)
+        hidden, weight, bias, labels, temperature, lse, entropy, collision, max_prob, argmax,
+        max_logit,
+    )  # fmt: skip
+    ctx.scalars = (temperature_scalar, ignore_index, chunk_size, order, backend)
+    ctx.mark_non_differentiable(lgp, max_prob, argmax, max_logit)
 
 
-def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, g_argmax):
-    (hidden, weight, bias, labels, temperature, lse, entropy, collision, max_prob,
-     argmax) = ctx.saved_tensors  # fmt: skip
-    temperature_scalar, ignore_index, chunk_size, backend = ctx.scalars
+def _backward(
+    ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, g_argmax, g_max_logit
+):
+    (hidden, weight, bias, labels, temperature, lse, entropy, collision, max_prob, argmax,
+     max_logit) = ctx.saved_tensors  # fmt: skip
+    temperature_scalar, ignore_index, chunk_size, order, backend = ctx.scalars
     wanted = list(ctx.needs_input_grad[:3])
     if not any(wanted):
-        return (None,) * 9
+        return (None,) * 10  # one per input of the op
     grads = _library.call("token_stats_from_hidden_backward",
         g_logprob, g_entropy, g_collision, g_lse, hidden, weight, bias, labels, temperature,
-        temperature_scalar, ignore_index, chunk_size, lse, entropy, collision, max_prob, argmax,
-        wanted, backend,
+        temperature_scalar, ignore_index, chunk_size, order, lse, entropy, collision, max_prob,
+        argmax, max_logit, wanted, backend,
     )  # fmt: skip
-    return (*(g if w else None for g, w in zip(grads, wanted)), *(None,) * 6)
+    return (*(g if w else None for g, w in zip(grads, wanted)), *(None,) * 7)
 
 
 torch.library.register_autograd(
@@ -160,6 +218,7 @@ def token_stats_from_hidden(
     temperature: float | torch.Tensor = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    backward_order: str = "auto",
     backend: str = "auto",
 ) -> TokenStats:
     """`token_stats(hidden @ weight.T + bias, labels, ...)` without materializing the logits.
@@ -175,7 +234,14 @@ def token_stats_from_hidden(
             to a multiple of 64 rows (512 rows at V = 32000 fp32, 192 at V = 151936 bf16); see
             ops/_linear.py for why.
             Peak extra memory is about 2 x chunk_size x V elements (the chunk's logits and
-            their gradient), plus an fp32 [V, D] weight-gradient accumulator for 16-bit weights.
+            their gradient), plus the backward's accumulator (below).
+        backward_order: "rows": the backward in chunks of rows, each adding its share of the
+            weight's gradient into a [V, D] accumulator (fp32 for 16-bit weights); "vocab": in
+            blocks of vocabulary columns holding every row (chunk_size x V logits each), each
+            block's weight gradient one matmul over all rows written once, hidden's gradient
+            added into an [N, D] accumulator (fp32 for 16-bit inputs); "auto" (default):
+            "vocab" when the weight's gradient is wanted and N < V, else "rows". The orders
+            give the same gradient entries summed in another order (equal to rounding).
         backend: the token_stats kernel: "auto", "reference", "cpu", "triton" or "cuda".
             "reference" materializes the logits and runs the float reference (for testing).
 
@@ -188,6 +254,7 @@ def token_stats_from_hidden(
     ignore_index, chunk_size, temp, backend = check_args(
         OP, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, backend
     )
+    check_backward_order(OP, backward_order)
     if backend == "reference":
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return reference.token_stats(
@@ -196,6 +263,6 @@ def token_stats_from_hidden(
     lead = labels.shape
     outs = _library.call("token_stats_from_hidden",
         hidden, weight, bias, labels.reshape(-1), temp.tensor, temp.scalar, ignore_index,
-        chunk_size, backend,
+        chunk_size, backward_order, backend,
     )  # fmt: skip
-    return TokenStats(*(o.view(lead) for o in outs))
+    return TokenStats(*(o.view(lead) for o in outs[:7]))  # max_logit is the backward's
