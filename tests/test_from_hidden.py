@@ -531,17 +531,21 @@ def test_vocab_block_backward_equals_row_chunks(backend_device, chunk_size):
     assert nan_rows[3] and nan_rows.sum() == 1
 
 
+def _plain_projection(n, d, v, seed):
+    """float64 hidden [n, d] ~ N(0, 1), weight [v, d] ~ N(0, 1/4) and labels, no bias."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * 0.5
+    return h, w, torch.randint(0, v, (n,), generator=g)
+
+
 def test_16bit_hidden_gradient_sums_blocks_in_fp32():
     """Vocabulary blocks of 64 columns (64 of them) give a bf16 hidden gradient about as
     accurate as row chunks, whose hidden gradient is one matmul over the whole vocabulary, and
     a bf16 weight gradient at least as accurate (one matmul over every row, rounded once).
     Measured max errors against float64 (largest entries 2.8 and 4.9): hidden 0.0223 in
     blocks, 0.0243 in row chunks; weight 0.0536 both (the logits' own bf16 rounding)."""
-    g = torch.Generator().manual_seed(33)
-    n, d, v = 64, 16, 4096
-    h = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w = torch.randn(v, d, generator=g, dtype=torch.float64) * 0.5
-    y = torch.randint(0, v, (n,), generator=g)
+    h, w, y = _plain_projection(64, 16, 4096, seed=33)
 
     def grads(dtype, order):
         hh, ww = (t.to(dtype).clone().requires_grad_() for t in (h, w))
@@ -561,20 +565,18 @@ def test_16bit_weight_gradient_sums_chunks_in_fp32():
     rows: the chunks' products are summed in fp32, not in a bf16 running sum (measured max
     errors against the float64 gradient, largest entry 29: 0.092 either way; a bf16 running
     sum, 1.21)."""
-    g = torch.Generator().manual_seed(21)
-    n, d, v = 512, 8, 64
-    h = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w = torch.randn(v, d, generator=g, dtype=torch.float64) * 0.5
-    y = torch.randint(0, v, (n,), generator=g)
+    h, w, y = _plain_projection(512, 8, 64, seed=21)
 
     def weight_grad(dtype, chunk):
         ww = w.to(dtype).clone().requires_grad_()
-        out = pg_kernels.token_stats_from_hidden(h.to(dtype), ww, y, chunk_size=chunk)
+        out = pg_kernels.token_stats_from_hidden(
+            h.to(dtype), ww, y, chunk_size=chunk, backward_order="rows"
+        )
         out.logprob.sum().backward()
         return ww.grad.double()
 
     truth = weight_grad(torch.float64, None)
-    one_chunk = (weight_grad(torch.bfloat16, n) - truth).abs().max()
+    one_chunk = (weight_grad(torch.bfloat16, 512) - truth).abs().max()
     row_chunks = (weight_grad(torch.bfloat16, 1) - truth).abs().max()
     assert row_chunks <= 2 * one_chunk, (float(row_chunks), float(one_chunk))
 
