@@ -384,11 +384,15 @@ def test_opcheck(backend_device):
     y = _labels((7,), 33, seed=15).to(device)
     t = torch.rand(7, device=device) + 0.5
     ops = torch.ops.pg_kernels
-    for order in ("rows", "vocab"):
+    # V = 150 at 3 rows per chunk: three vocabulary blocks of 64 columns for "vocab"
+    hv, wv, bv = (x.to(device) for x in _projection(7, 8, 150, torch.float32, seed=15))
+    yv = _labels((7,), 150, seed=15).to(device)
+    for order, (hh, ww, bb, yy) in (("rows", (h, w, b, y)), ("vocab", (hv, wv, bv, yv))):
+        bb[1] = 0.0
         torch.library.opcheck(
             ops.token_stats_from_hidden.default,
-            (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), y, t, 1.0, IGNORE, 3,
-             order, backend),
+            (hh.requires_grad_(), ww.requires_grad_(), bb.requires_grad_(), yy, t, 1.0, IGNORE,
+             3, order, backend),
         )  # fmt: skip
     kl_backend = backend if backend in pg_kernels.ops.kl_divergence.KERNELS else "cpu"
     if device == "cpu" or kl_backend != "cpu":
@@ -529,6 +533,39 @@ def test_vocab_block_backward_equals_row_chunks(backend_device, chunk_size):
         torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-13, equal_nan=True, msg=name)
     nan_rows = rows[0].isnan().any(1)
     assert nan_rows[3] and nan_rows.sum() == 1
+
+
+@pytest.mark.op("token_stats")
+@pytest.mark.parametrize("ignore_index", [5, 65, 0])
+def test_vocab_blocks_with_a_column_index_as_ignore_index(backend_device, ignore_index):
+    """A non-negative ignore_index that is a column index inside a block (5: label 69 is
+    column 5 of the second 64-wide block), the blocks' dropped-label column (65), or a label
+    (0): the kernel sees the blocks' own labels, so ignored rows are marked apart from them
+    (a kept row read as ignored lost its block's gradient: 2.69 -> 0.016 of weight[64:])."""
+    backend, device = backend_device
+    h, w, b = (t.to(device) for t in _projection(6, 8, 200, torch.float64, seed=41))
+    y = torch.tensor([69, 3, 65, ignore_index, 130, 5], device=device)
+    args = (h, w, b, y)
+    kw = {"ignore_index": ignore_index, "temperature": 0.9}
+    rows = _ordered_grads("rows", args, 1, backend, **kw)
+    vocab = _ordered_grads("vocab", args, 1, backend, **kw)
+    for name, a, c in zip(("hidden", "weight", "bias"), rows, vocab):
+        torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-13, msg=name)
+    ignored = (y == ignore_index).cpu()
+    grad_rows = rows[0].cpu().abs().amax(1)
+    assert not grad_rows[ignored].any() and (grad_rows[~ignored] > 0).all()
+
+
+def test_empty_batch_backward():
+    """N = 0 (e.g. the shifted rows of T = 1 sequences) with the weight's gradient wanted: empty
+    gradients in either order (the blocks' empty buffers made the kernel's aliasing check fail)."""
+    for order in ("auto", "vocab", "rows"):
+        h = torch.randn(2, 1, 8)[:, :-1].requires_grad_()
+        w = torch.randn(100, 8, requires_grad=True)
+        y = torch.zeros(2, 0, dtype=torch.long)
+        out = pg_kernels.token_stats_from_hidden(h, w, y, backward_order=order)
+        (out.logprob.sum() + out.entropy.sum()).backward()
+        assert h.grad.shape == (2, 0, 8) and not w.grad.any()
 
 
 def _plain_projection(n, d, v, seed):

@@ -231,6 +231,9 @@ def backward_order(order: str, n_rows: int, vocab_size: int, wanted) -> str:
     where row chunks pay a [V, D] one for the weight's, and each block (chunk) pass reads and
     writes it whole: the smaller of N and V wins. Without the weight's gradient row chunks need
     no accumulator."""
+    check_backward_order("token_stats_from_hidden", order)  # direct torch.ops calls too
+    if n_rows == 0:  # nothing to compute: row chunks handle the empty batch
+        return "rows"
     if order == "auto":
         return "vocab" if wanted[1] and n_rows < vocab_size else "rows"
     return order
@@ -266,8 +269,10 @@ class VocabBlocks:
     ChunkedProjection.gradients does.
 
     weight[v0:v1]'s gradient is grad.T @ hidden, one matmul over every row, written once in the
-    weight's dtype; hidden's is the sum over blocks of grad @ weight[v0:v1], in fp32 for 16-bit
-    inputs (each block's product rounded to 16 bits once, as ChunkedProjection sums the weight's).
+    weight's dtype (cuBLAS may reduce split-K partial sums in bf16, torch's default
+    `allow_bf16_reduced_precision_reduction`); hidden's is the sum over blocks of
+    grad @ weight[v0:v1], in fp32 for 16-bit inputs (each block's product rounded to 16 bits
+    once, as ChunkedProjection sums the weight's).
     hidden is taken as an [N, D] matrix: a view of its storage where its layout allows, else a
     copy (the shifted [:, :-1] rows of a [B, T, D] tensor).
     """

@@ -7,10 +7,11 @@ the order `_linear.backward_order` picks: per chunk of rows, the matmul again, t
 backward kernel (one pass, gradient of the chunk's logits), then grad_hidden = g @ W and
 grad_weight += g.T @ h; or per block of vocabulary columns (fewer rows than vocabulary entries,
 the weight's gradient wanted), every row's logits of the block, the same kernel, then
-grad_weight[block] = g.T @ h and grad_hidden += g @ W[block]. The kernel reads a row's frame
-(the raw logit at the saved argmax) from the row, so a block's buffer carries the forward's
+grad_weight[block] = g.T @ h and grad_hidden += g @ W[block]. The kernels read a row's frame
+(the raw logit at the saved argmax; CUDA's 16-bit rows take the saved lse instead, and the
+argmax's logit for the label's entry) from the row, so a block's buffer carries the forward's
 `max_logit` in an extra column (and in the argmax's own column, where the block holds it): each
-entry's gradient is the row kernel's, relative to the very logit the forward's statistics are.
+entry's gradient is the row kernel's, in the frame of the forward's statistics.
 The logits are recomputed rather than kept: the upstream gradients of logprob / entropy /
 collision / lse are unknown until the loss is built (the statistics feed arbitrary losses,
 advantages and metrics), so the gradient cannot be formed in the forward the way a fused
@@ -127,6 +128,9 @@ def _backward_in_vocab_blocks(
     recomputed one, which a matmul of another shape may round apart."""
     blocks = VocabBlocks(hidden, weight, bias, chunk_size, wanted)
     keep = labels != ignore_index
+    # A block's labels are its own column indices (>= 0); ignored rows take -1, which the kernel
+    # is told to ignore: the caller's ignore_index may be a column index of the block.
+    block_ignore = -1
     for v0, v1 in blocks.ranges():
         vb = v1 - v0
         logits = blocks.logits(v0, v1, max_logit)
@@ -137,10 +141,10 @@ def _backward_in_vocab_blocks(
         # argmax -1 marks a NaN row: kept, so the kernel writes the row NaN as a full row's would
         block_argmax = torch.where(holds_argmax, argmax - v0, torch.where(argmax < 0, argmax, vb))
         holds_label = (labels >= v0) & (labels < v1)
-        dropped = torch.full_like(labels, vb + EXTRA_COLUMNS - 1)
-        block_labels = torch.where(keep, torch.where(holds_label, labels - v0, dropped), labels)
+        outside = torch.where(keep, vb + EXTRA_COLUMNS - 1, block_ignore)  # the dropped column
+        block_labels = torch.where(keep & holds_label, labels - v0, outside.to(labels.dtype))
         grad = _ts._token_stats_backward(
-            *grads, logits, block_labels, temperature, temperature_scalar, ignore_index, *saved,
+            *grads, logits, block_labels, temperature, temperature_scalar, block_ignore, *saved,
             block_argmax, backend, out=blocks.grad_buffer(v0, v1),
         )  # fmt: skip
         blocks.accumulate(grad[:, :vb], v0, v1)
