@@ -127,6 +127,7 @@ def _backward_in_vocab_blocks(
     column takes max_logit too: the row's frame and that entry are the forward's logit, not the
     recomputed one, which a matmul of another shape may round apart."""
     blocks = VocabBlocks(hidden, weight, bias, chunk_size, wanted)
+    grads = tuple(g.reshape(-1).contiguous() for g in grads)  # once, not per block (expanded)
     keep = labels != ignore_index
     # A block's labels are its own column indices (>= 0); ignored rows take -1, which the kernel
     # is told to ignore: the caller's ignore_index may be a column index of the block.
