@@ -282,7 +282,8 @@ class VocabBlocks:
         self.n, v, d = num_rows(hidden), weight.shape[0], hidden.shape[-1]
         self.vocab_size, self.block = v, vocab_block_size(self.n, v, chunk_size)
         self.h = _row_levels(hidden).reshape(self.n, d)
-        self._buffers = [hidden.new_empty(self.n * _padded_width(self.block)), None]
+        self._logits_buffer = hidden.new_empty(self.n * _padded_width(self.block))
+        self._grad_buffer = None
         acc = torch.float32 if weight.dtype.itemsize < 4 else weight.dtype
         self.grad_hidden = hidden.new_zeros((self.n, d), dtype=acc) if wanted[0] else None
         self.grad_weight = torch.empty_like(weight) if wanted[1] else None
@@ -292,14 +293,13 @@ class VocabBlocks:
         """(v0, v1) of each vocabulary block, in order; the last may be narrower."""
         return chunks(self.vocab_size, self.block)
 
-    def _view(self, which: int, v0: int, v1: int) -> torch.Tensor:
+    def _rows(self, storage: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+        """storage's start as [N, width] rows of the block v0:v1."""
         width = _padded_width(v1 - v0)
-        if self._buffers[which] is None:
-            self._buffers[which] = torch.empty_like(self._buffers[0])
-        return self._buffers[which][: self.n * width].view(self.n, width)
+        return storage[: self.n * width].view(self.n, width)
 
     def logits(self, v0: int, v1: int, frame: torch.Tensor) -> torch.Tensor:
-        buf = self._view(0, v0, v1)
+        buf = self._rows(self._logits_buffer, v0, v1)
         vb = v1 - v0
         out = buf[:, :vb]
         # Straight into the buffer's first vb columns (a matmul output of leading dimension width).
@@ -312,7 +312,9 @@ class VocabBlocks:
         return buf
 
     def grad_buffer(self, v0: int, v1: int) -> torch.Tensor:
-        return self._view(1, v0, v1)
+        if self._grad_buffer is None:
+            self._grad_buffer = torch.empty_like(self._logits_buffer)
+        return self._rows(self._grad_buffer, v0, v1)
 
     def accumulate(self, grad: torch.Tensor, v0: int, v1: int) -> None:
         if self.grad_weight is not None:

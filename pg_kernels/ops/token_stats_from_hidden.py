@@ -135,12 +135,13 @@ def _backward_in_vocab_blocks(
     for v0, v1 in blocks.ranges():
         vb = v1 - v0
         logits = blocks.logits(v0, v1, max_logit)
+        # The argmax's column in the block, else the stand-in column vb: max_logit written there
+        # (again, at vb) is the row's frame.
         holds_argmax = (argmax >= v0) & (argmax < v1)
-        col = (argmax - v0).clamp(0, vb - 1).unsqueeze(1)
-        forward_max = torch.where(holds_argmax, max_logit, logits.gather(1, col).squeeze(1))
-        logits.scatter_(1, col, forward_max.unsqueeze(1))
+        frame_col = torch.where(holds_argmax, argmax - v0, vb)
+        logits.scatter_(1, frame_col.unsqueeze(1), max_logit.unsqueeze(1))
         # argmax -1 marks a NaN row: kept, so the kernel writes the row NaN as a full row's would
-        block_argmax = torch.where(holds_argmax, argmax - v0, torch.where(argmax < 0, argmax, vb))
+        block_argmax = torch.where(argmax < 0, argmax, frame_col)
         holds_label = (labels >= v0) & (labels < v1)
         outside = torch.where(keep, vb + EXTRA_COLUMNS - 1, block_ignore)  # the dropped column
         block_labels = torch.where(keep & holds_label, labels - v0, outside.to(labels.dtype))
