@@ -90,7 +90,7 @@ def tolerance_floor(case: Case, field: str) -> float:
 
 def _fused(backend: str, order: str = "auto") -> Provider:
     """token_stats_from_hidden; `rows:<backend>` (opt-in) forces its backward into row chunks,
-    to time the two orders in one run (the default at N < V: vocabulary blocks)."""
+    to time the two orders in one run (the default: vocabulary blocks)."""
 
     def build(case: Case) -> Callable[[Inputs], Outputs]:
         why = _backend.op_unavailable_reason("token_stats", backend, case.device)

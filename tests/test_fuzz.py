@@ -20,6 +20,7 @@ examples). Under "ci" that pool is empty (`_fixed_draws`); "long" keeps it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -40,6 +41,7 @@ from test_topk_kl import make_topk  # noqa: E402
 
 import pg_kernels  # noqa: E402
 from pg_kernels import reference  # noqa: E402
+from pg_kernels.ops import _linear as _linear_op  # noqa: E402
 from pg_kernels.reference._util import scaled  # noqa: E402
 from pg_kernels.testing import (  # noqa: E402
     Known,
@@ -845,12 +847,27 @@ def test_token_stats_from_hidden(backend_device, data):
     # The floors take p["y"]'s ignore rows (-100): a label equal to a drawn ignore_index by
     # chance is ignored by both paths (0 either way) and only loosens its row's floor.
     forward_floor, grad_floor, p["beyond_first_order"] = _hidden_floors(p, t)
-    _check(
-        p, backend, op, ref, args, {"temperature": t, "ignore_index": ignore},
-        diff_fields=("logprob", "entropy", "collision", "lse"), check_fields=HIDDEN_FIELDS,
-        grad_args=tuple(_differentiated(data.draw, p["b"])), whole_args=HIDDEN_ARGS,
-        forward_floor=forward_floor, grad_floor=grad_floor,
-    )  # fmt: skip
+    with _narrow_vocab_blocks():
+        _check(
+            p, backend, op, ref, args, {"temperature": t, "ignore_index": ignore},
+            diff_fields=("logprob", "entropy", "collision", "lse"), check_fields=HIDDEN_FIELDS,
+            grad_args=tuple(_differentiated(data.draw, p["b"])), whole_args=HIDDEN_ARGS,
+            forward_floor=forward_floor, grad_floor=grad_floor,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _narrow_vocab_blocks():
+    """The backward's vocabulary blocks 64 columns wide at the drawn D (<= 64), so that a drawn
+    vocabulary spans several, the last ragged; at the default width (at least 1024 columns)
+    each would be one block. (A context manager: hypothesis's health checks reject a
+    function-scoped fixture such as monkeypatch.)"""
+    before = _linear_op.MIN_VOCAB_BLOCK
+    _linear_op.MIN_VOCAB_BLOCK = 64
+    try:
+        yield
+    finally:
+        _linear_op.MIN_VOCAB_BLOCK = before
 
 
 def _teacher(draw, p):

@@ -14,13 +14,14 @@ hidden is read in place, whatever its leading strides (`row_layout`: e.g. the sh
 `last_hidden_state[:, :-1]` of a [B, T, D] tensor): a chunk's rows are a view of it, or, where
 they straddle the outer level, a copy of that chunk's rows only.
 
-With fewer rows than vocabulary entries, a backward that wants the weight gradient runs in
-vocabulary blocks instead (`VocabBlocks`, `backward_order`): per block of columns the logits of
-every row, its gradient, then weight[block]'s gradient in one matmul over all N rows (summed in
-the matmul's fp32 accumulator and rounded once: no [V, D] accumulator at all) and hidden's
-gradient added into an [N, D] one. Each row-chunk pass instead reads and writes the whole [V, D]
-accumulator (fp32 for 16-bit weights), and with chunks of a few hundred rows that traffic is
-most of the backward on a GPU (docs/performance.md, "The fused lm_head path on a GPU").
+A backward that wants the weight gradient runs in vocabulary blocks instead (`VocabBlocks`,
+`backward_order`): per block of columns the logits of every row, its gradient, then
+weight[block]'s gradient in one matmul over all N rows (summed in the matmul's fp32 accumulator
+and rounded once: no [V, D] accumulator at all) and hidden's gradient added into an [N, D] one.
+Each row-chunk pass instead reads and writes the whole [V, D] accumulator (fp32 for 16-bit
+weights), and with chunks of a few hundred rows that traffic is most of the backward on a GPU
+(docs/performance.md, "The fused lm_head path on a GPU"). Neither the order nor the blocks
+depend on N: a row's hidden gradient sums the same blocks' products at every batch size.
 """
 
 from __future__ import annotations
@@ -224,18 +225,19 @@ def empty_gradients(hidden, weight, bias, wanted) -> tuple[torch.Tensor, ...]:
 BACKWARD_ORDERS = ("auto", "rows", "vocab")
 
 
-def backward_order(order: str, n_rows: int, vocab_size: int, wanted) -> str:
+def backward_order(order: str, n_rows: int, wanted) -> str:
     """The order to take, "vocab" or "rows": `order` itself, or for "auto" vocabulary blocks
-    where the weight's gradient is wanted and there are fewer rows than vocabulary entries.
+    where the weight's gradient is wanted, else row chunks (which then need no accumulator).
     Vocabulary blocks pay an [N, D] accumulator for hidden's gradient (fp32 for 16-bit inputs)
-    where row chunks pay a [V, D] one for the weight's, and each block (chunk) pass reads and
-    writes it whole: the smaller of N and V wins. Without the weight's gradient row chunks need
-    no accumulator."""
+    where row chunks pay a [V, D] one for the weight's, but each row-chunk pass reads and writes
+    its accumulator whole, ~V / block_width times more often than the blocks do theirs
+    (module docstring). "auto" never looks at N: the order, and with it how a row's hidden
+    gradient is summed, is the same at every batch size."""
     check_backward_order("token_stats_from_hidden", order)  # direct torch.ops calls too
     if n_rows == 0:  # nothing to compute: row chunks handle the empty batch
         return "rows"
     if order == "auto":
-        return "vocab" if wanted[1] and n_rows < vocab_size else "rows"
+        return "vocab" if wanted[1] else "rows"
     return order
 
 
@@ -253,11 +255,18 @@ EXTRA_COLUMNS = 2
 ROW_ALIGN = 16
 
 
-def vocab_block_size(n_rows: int, vocab_size: int, chunk_size: int) -> int:
-    """Columns per vocabulary block: the forward's chunk of chunk_size x V logits spread over all
-    N rows, a multiple of 64 (at least 64, at most V)."""
-    cols = chunk_size * vocab_size // max(n_rows, 1)
-    return min(vocab_size, max(64, cols - cols % 64))
+# The narrowest vocabulary block (columns): each block costs a few kernel launches and a pass over
+# the [N, D] accumulator of hidden's gradient, so V = 262144 takes at most 256 of them.
+MIN_VOCAB_BLOCK = 1024
+
+
+def vocab_block_size(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Columns per vocabulary block, a function of V, D and the dtype, never of N: a block's two
+    buffers (logits and their gradient) take 4 D bytes per row, what a row of hidden's fp32
+    gradient accumulator takes (4096 columns at D = 4096 bf16), and at least MIN_VOCAB_BLOCK
+    columns; a multiple of 64, at most V."""
+    cols = 4 * hidden_size // (2 * dtype.itemsize)
+    return min(vocab_size, max(MIN_VOCAB_BLOCK, cols - cols % 64))
 
 
 class VocabBlocks:
@@ -277,10 +286,10 @@ class VocabBlocks:
     copy (the shifted [:, :-1] rows of a [B, T, D] tensor).
     """
 
-    def __init__(self, hidden, weight, bias, chunk_size: int, wanted):
+    def __init__(self, hidden, weight, bias, wanted):
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.n, v, d = num_rows(hidden), weight.shape[0], hidden.shape[-1]
-        self.vocab_size, self.block = v, vocab_block_size(self.n, v, chunk_size)
+        self.vocab_size, self.block = v, vocab_block_size(v, d, hidden.dtype)
         self.h = _row_levels(hidden).reshape(self.n, d)
         self._logits_buffer = hidden.new_empty(self.n * _padded_width(self.block))
         self._grad_buffer = None

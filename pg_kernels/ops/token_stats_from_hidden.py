@@ -5,8 +5,8 @@ Forward: per chunk of rows, the matmul into a reused buffer, then the token_stat
 the per-row outputs survive, and each row's logit at its argmax (`max_logit`). Backward, in
 the order `_linear.backward_order` picks: per chunk of rows, the matmul again, the token_stats
 backward kernel (one pass, gradient of the chunk's logits), then grad_hidden = g @ W and
-grad_weight += g.T @ h; or per block of vocabulary columns (fewer rows than vocabulary entries,
-the weight's gradient wanted), every row's logits of the block, the same kernel, then
+grad_weight += g.T @ h; or per block of vocabulary columns (where the weight's gradient is
+wanted), every row's logits of the block, the same kernel, then
 grad_weight[block] = g.T @ h and grad_hidden += g @ W[block]. The kernels read a row's frame
 (the raw logit at the saved argmax; CUDA's 16-bit rows take the saved lse instead, and the
 argmax's logit for the label's entry) from the row, so a block's buffer carries the forward's
@@ -98,11 +98,11 @@ def _backward_impl(
 ):  # fmt: skip
     wanted = tuple(output_mask)
     saved = (lse, entropy, collision, max_prob)
-    if backward_order(order, labels.numel(), weight.shape[0], wanted) == "vocab":
+    if backward_order(order, labels.numel(), wanted) == "vocab":
         return _backward_in_vocab_blocks(
             (g_logprob, g_entropy, g_collision, g_lse), hidden, weight, bias, labels,
-            temperature, temperature_scalar, ignore_index, chunk_size, saved, argmax, max_logit,
-            wanted, backend,
+            temperature, temperature_scalar, ignore_index, saved, argmax, max_logit, wanted,
+            backend,
         )  # fmt: skip
     proj = ChunkedProjection(hidden, weight, bias, chunk_size, wanted)
     for s, e in chunks(proj.n, chunk_size):
@@ -116,8 +116,8 @@ def _backward_impl(
 
 
 def _backward_in_vocab_blocks(
-    grads, hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index,
-    chunk_size, saved, argmax, max_logit, wanted, backend,
+    grads, hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, saved,
+    argmax, max_logit, wanted, backend,
 ):  # fmt: skip
     """The backward a block of vocabulary columns at a time (module docstring). A block of vb
     columns is handed to the row kernel as rows of its own: the block's logits, then
@@ -126,7 +126,7 @@ def _backward_in_vocab_blocks(
     label's term included, is dropped), then -inf. Where the block holds the argmax, its own
     column takes max_logit too: the row's frame and that entry are the forward's logit, not the
     recomputed one, which a matmul of another shape may round apart."""
-    blocks = VocabBlocks(hidden, weight, bias, chunk_size, wanted)
+    blocks = VocabBlocks(hidden, weight, bias, wanted)
     grads = tuple(g.reshape(-1).contiguous() for g in grads)  # once, not per block (expanded)
     keep = labels != ignore_index
     # A block's labels are its own column indices (>= 0); ignored rows take -1, which the kernel
@@ -236,18 +236,22 @@ def token_stats_from_hidden(
         bias: optional [V] lm_head bias.
         temperature: a float or a [...] tensor (per row), finite and > 0. Not differentiable.
         ignore_index: label value of rows to skip.
-        chunk_size: rows per chunk; default: 64 MiB of logits in hidden's dtype, rounded down
-            to a multiple of 64 rows (512 rows at V = 32000 fp32, 192 at V = 151936 bf16); see
-            ops/_linear.py for why.
-            Peak extra memory is about 2 x chunk_size x V elements (the chunk's logits and
-            their gradient), plus the backward's accumulator (below).
+        chunk_size: rows per chunk of the forward and of a backward in row chunks; default:
+            64 MiB of logits in hidden's dtype, rounded down to a multiple of 64 rows (512 rows
+            at V = 32000 fp32, 192 at V = 151936 bf16); see ops/_linear.py for why. Extra
+            memory there is about 2 x chunk_size x V elements (the chunk's logits and their
+            gradient), plus the backward's accumulator (below).
         backward_order: "rows": the backward in chunks of rows, each adding its share of the
             weight's gradient into a [V, D] accumulator (fp32 for 16-bit weights); "vocab": in
-            blocks of vocabulary columns holding every row (chunk_size x V logits each), each
-            block's weight gradient one matmul over all rows written once, hidden's gradient
-            added into an [N, D] accumulator (fp32 for 16-bit inputs); "auto" (default):
-            "vocab" when the weight's gradient is wanted and N < V, else "rows". The orders
-            give the same gradient entries summed in another order (equal to rounding).
+            blocks of vocabulary columns holding every row, each block's weight gradient one
+            matmul over all rows written once, hidden's gradient added into an [N, D]
+            accumulator (fp32 for 16-bit inputs); a block's logits and their gradient take
+            about as much memory as that accumulator (`_linear.vocab_block_size`: 4096
+            columns at D = 4096 bf16, at least 1024). "auto" (default): "vocab" when the
+            weight's gradient is wanted, else "rows" (no accumulator then). Neither depends
+            on N, so a row's gradients are summed alike at every batch size. The orders give
+            the same gradient entries summed in another order (equal to rounding); where N
+            exceeds V, "rows" takes less memory.
         backend: the token_stats kernel: "auto", "reference", "cpu", "triton" or "cuda".
             "reference" materializes the logits and runs the float reference (for testing).
 
