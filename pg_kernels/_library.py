@@ -192,7 +192,8 @@ LIB.define(
 # [V, D]), computed `chunk_size` rows at a time so [N, V] never exists; max_logit is each row's
 # logit at argmax as the forward's matmul formed it (the frame a backward in vocabulary blocks
 # hands its kernel). The backward recomputes the logits and returns an empty tensor in place of
-# a gradient that was not asked for.
+# a gradient that was not asked for. kl_divergence_from_hidden's `state` is its rows' state
+# ([N, 5], row chunks) or every vocabulary block's partial state of every row ([blocks, N, 6]).
 LIB.define(
     "token_stats_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
     "Tensor? temperature, float temperature_scalar, int ignore_index, int chunk_size, "
@@ -211,15 +212,15 @@ LIB.define(
     "kl_divergence_from_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, "
     "Tensor ref_weight, Tensor? ref_bias, Tensor? labels, Tensor? temperature, "
     "float temperature_scalar, Tensor? ref_temperature, float ref_temperature_scalar, "
-    "int ignore_index, str direction, int chunk_size, str backend) "
-    "-> (Tensor kl, Tensor row_state)"
+    "int ignore_index, str direction, int chunk_size, str backward_order, str backend) "
+    "-> (Tensor kl, Tensor state)"
 )
 LIB.define(
     "kl_divergence_from_hidden_backward(Tensor grad_kl, Tensor hidden, Tensor weight, "
     "Tensor? bias, Tensor ref_hidden, Tensor ref_weight, Tensor? ref_bias, Tensor? labels, "
     "Tensor? temperature, float temperature_scalar, Tensor? ref_temperature, "
-    "float ref_temperature_scalar, int ignore_index, str direction, int chunk_size, Tensor kl, "
-    "Tensor row_state, bool[6] output_mask, str backend) -> (Tensor grad_hidden, "
-    "Tensor grad_weight, Tensor grad_bias, Tensor grad_ref_hidden, Tensor grad_ref_weight, "
-    "Tensor grad_ref_bias)"
+    "float ref_temperature_scalar, int ignore_index, str direction, int chunk_size, "
+    "str backward_order, Tensor kl, Tensor state, bool[6] output_mask, str backend) "
+    "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, Tensor grad_ref_hidden, "
+    "Tensor grad_ref_weight, Tensor grad_ref_bias)"
 )

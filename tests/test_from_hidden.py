@@ -20,7 +20,13 @@ from pg_kernels import reference
 from pg_kernels.ops import _linear
 from pg_kernels.ops._linear import default_chunk_size
 from pg_kernels.outputs import TokenStats
-from pg_kernels.testing import check_against_reference, make_labels
+from pg_kernels.reference._util import scaled
+from pg_kernels.testing import (
+    assert_dominant_entry,
+    check_against_reference,
+    dominant_entry_rows,
+    make_labels,
+)
 
 IGNORE = -100
 # argmax is compared in the fp64 test below: from 16-bit logits it may pick the other of two
@@ -49,6 +55,13 @@ def _labels(shape, v, seed):
     flat[1] = IGNORE
     flat[0] = v // 2
     return y
+
+
+@pytest.fixture
+def narrow_vocab_blocks(monkeypatch):
+    """Vocabulary blocks of 64 columns at the tests' small D (`_linear.vocab_block_size`), so
+    that a small vocabulary has several, the last ragged."""
+    monkeypatch.setattr(_linear, "MIN_VOCAB_BLOCK", 64)
 
 
 def _ts_op(backend, chunk_size):
@@ -199,7 +212,7 @@ def _kl_op(backend, chunk_size):
     return op
 
 
-def _kl_ref(hidden, weight, bias, ref_hidden, ref_weight, *, upcast, **kw):
+def _kl_ref(hidden, weight, bias, ref_hidden, ref_weight, *, upcast, backward_order=None, **kw):
     if upcast:
         hidden, weight, ref_hidden, ref_weight = (
             t.double() for t in (hidden, weight, ref_hidden, ref_weight)
@@ -211,11 +224,17 @@ def _kl_ref(hidden, weight, bias, ref_hidden, ref_weight, *, upcast, **kw):
 
 
 @pytest.mark.op("kl_divergence")
+@pytest.mark.parametrize("order", ["rows", "vocab"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
-def test_kl_divergence_from_hidden_matches_float64(backend_device, dtype, direction):
-    """A teacher with its own width (D_ref = 40 vs D = 24) and no bias; gradients to all five."""
+def test_kl_divergence_from_hidden_matches_float64(
+    backend_device, dtype, direction, order, request
+):
+    """A teacher with its own width (D_ref = 40 vs D = 24) and no bias; gradients to all five;
+    in row chunks of 6 and in 16 vocabulary blocks of 64 columns."""
     backend, device = backend_device
+    if order == "vocab":
+        request.getfixturevalue("narrow_vocab_blocks")
     n, v = 29, 1001
     h, w, b = (t.to(device) for t in _projection(n, 24, v, dtype, seed=5))
     b[1] = 0.0  # a -inf student logit under a finite teacher one makes KL infinite
@@ -226,6 +245,7 @@ def test_kl_divergence_from_hidden_matches_float64(backend_device, dtype, direct
     kw = {"direction": direction, "labels": y, "temperature": 0.8, "ref_temperature": t}
     if dtype == torch.float64:
         kw["ref_temperature"] = t.double()
+    kw["backward_order"] = order
     check_against_reference(
         _kl_op(backend, 6), _kl_ref, (h, w, b, rh, rw), kw, diff_fields=("out",),
         grad_args=(0, 1, 2, 3, 4), whole_args=(0, 1, 2, 3, 4),
@@ -250,6 +270,76 @@ def test_kl_divergence_from_hidden_student_only_gradients(backend_device):
         grads.append(hh.grad)
     assert rws[0].grad is None and rws[1].grad is not None
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def _kl_leaves_grads(args, order, backend, **kw):
+    """kl_divergence_from_hidden of fresh leaves (hidden, weight, bias, ref_hidden, ref_weight,
+    ref_bias) in `order`, a random weighting of its rows backpropagated: [kl, *their grads]."""
+    leaves = [t.clone().requires_grad_() for t in args]
+    h, w, b, rh, rw, rb = leaves
+    kl = pg_kernels.kl_divergence_from_hidden(
+        h, w, rh, rw, bias=b, ref_bias=rb, backward_order=order, backend=backend, **kw
+    )
+    up = torch.rand(kl.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (up.to(kl) * kl).sum().backward()  # drawn in fp64: the same weights in every dtype
+    return [kl.detach(), *(t.grad for t in leaves)]
+
+
+@pytest.mark.op("kl_divergence")
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_kl_vocab_blocks_equal_row_chunks(backend_device, narrow_vocab_blocks, direction):
+    """fp64: the KL and all six gradients agree between the orders to the last bits of their
+    sums (vocabulary blocks merged as vocab-parallel shards, against whole rows), with ignore
+    rows, per-row temperatures on both sides, a token masked in both biases, a near one-hot row
+    on both sides whose top entry lies in a middle block, and a ragged last block (V = 333:
+    five blocks of 64 and one of 13)."""
+    backend, device = backend_device
+    n, v = 17, 333
+    student = _projection(n, 12, v, torch.float64, seed=61)
+    teacher = _projection(n, 7, v, torch.float64, seed=62)
+    args = tuple(t.to(device) for t in (*student, *teacher))
+    g = torch.Generator().manual_seed(63)
+    kw = {
+        "direction": direction, "labels": _labels((n,), v, seed=61).to(device), "chunk_size": 5,
+        "temperature": (torch.rand(n, generator=g, dtype=torch.float64) + 0.4).to(device),
+        "ref_temperature": (torch.rand(n, generator=g, dtype=torch.float64) + 0.6).to(device),
+    }  # fmt: skip
+    rows = _kl_leaves_grads(args, "rows", backend, **kw)
+    vocab = _kl_leaves_grads(args, "vocab", backend, **kw)
+    names = ("kl", "hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
+    for name, a, c in zip(names, rows, vocab):
+        torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-13, msg=name)
+    ignored = kw["labels"] == IGNORE
+    assert ignored.sum() >= 1 and torch.equal(rows[0] > 0, ~ignored)  # 0 on ignored rows only
+
+
+@pytest.mark.op("kl_divergence")
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_kl_dominant_entry_across_vocab_blocks(backend_device, narrow_vocab_blocks, direction):
+    """Finding (9) across vocabulary blocks: rows whose weight side has a dominant entry (rests
+    of 1e-17 .. 1e-7) in the second of five blocks, where the kernels write that entry's
+    gradient as minus the sum of the row's others (docs/fidelity.md); the others in the other
+    blocks come in from their partial states (`outside_terms`), as across vocab-parallel ranks.
+    Logits = hidden @ I, so hidden's gradient is the logits'. Held to `assert_dominant_entry`'s
+    rule (2x plain fp32 PyTorch's error there, and the others' rounding); with the other
+    blocks' terms left out, fp32 at tau 1 read 1.5e-4 .. 2.7e-4 off on the rows of rest ~1e-7,
+    where the rule allows 8.7e-8 .. 2.0e-7."""
+    backend, device = backend_device
+    v = 300
+    w, other = dominant_entry_rows(v)
+    x, xr = (w, other) if direction == "reverse" else (other, w)
+    side = 1 if direction == "reverse" else 4  # the weight side's hidden: its logits' gradient
+    eye, zero = torch.eye(v, dtype=torch.float64), torch.zeros(v, dtype=torch.float64)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = tuple(t.to(dtype) for t in (x, eye, zero, xr, eye, zero))
+        for tau in (1.0, 0.7):
+            kw = {"direction": direction, "temperature": tau}
+            truth = _kl_leaves_grads(tuple(t.double() for t in args), "rows", "reference", **kw)
+            plain = _kl_leaves_grads(tuple(t.float() for t in args), "rows", "reference", **kw)
+            ours = _kl_leaves_grads(tuple(t.to(device) for t in args), "vocab", backend, **kw)
+            lp, lq = (scaled(t, tau, torch.float64).log_softmax(-1) for t in args[::3])
+            lw, lv = (lp, lq) if direction == "reverse" else (lq, lp)
+            assert_dominant_entry(ours[side], truth[side], plain[side], lw, lv, dtype, (dtype, tau))
 
 
 # --- the contract: chunking, memory, compile, opcheck, inputs ----------------------------
@@ -373,13 +463,6 @@ def test_compile_fullgraph_matches_eager():
         assert torch.equal(a, c)
 
 
-@pytest.fixture
-def narrow_vocab_blocks(monkeypatch):
-    """Vocabulary blocks of 64 columns at the tests' small D (`_linear.vocab_block_size`), so
-    that a small vocabulary has several, the last ragged."""
-    monkeypatch.setattr(_linear, "MIN_VOCAB_BLOCK", 64)
-
-
 @pytest.mark.op("token_stats")
 @pytest.mark.cpu_backends("cpu", "triton")
 def test_opcheck(backend_device, narrow_vocab_blocks):
@@ -403,11 +486,14 @@ def test_opcheck(backend_device, narrow_vocab_blocks):
         )  # fmt: skip
     kl_backend = backend if backend in pg_kernels.ops.kl_divergence.KERNELS else "cpu"
     if device == "cpu" or kl_backend != "cpu":
-        torch.library.opcheck(
-            ops.kl_divergence_from_hidden.default,
-            (h, w, b, rh.requires_grad_(), rw, None, y, None, 0.9, t, 1.0, IGNORE, "forward",
-             3, kl_backend),
-        )  # fmt: skip
+        for order, (hh, ww, bb, yy) in (("rows", (h, w, b, y)), ("vocab", (hv, wv, bv, yv))):
+            teacher = _projection(7, 5, ww.shape[0], torch.float32, seed=16, bias=False)
+            rhh, rww = (x.to(device) for x in teacher[:2])
+            torch.library.opcheck(
+                ops.kl_divergence_from_hidden.default,
+                (hh, ww, bb, rhh.requires_grad_(), rww, None, yy, None, 0.9, t, 1.0, IGNORE,
+                 "forward", 3, order, kl_backend),
+            )  # fmt: skip
 
 
 BAD = [
@@ -499,6 +585,8 @@ def test_backward_order():
     h, w, _ = _projection(4, 3, 10, torch.float32, seed=1)
     with pytest.raises(ValueError, match="backward_order must be one of"):
         pg_kernels.token_stats_from_hidden(h, w, _labels((4,), 10, 1), backward_order="cols")
+    with pytest.raises(ValueError, match="kl_divergence_from_hidden: backward_order must be"):
+        pg_kernels.kl_divergence_from_hidden(h, w, h, w, backward_order="cols")
 
 
 def _ordered_grads(order, args, chunk_size, backend, **kw):
@@ -601,6 +689,33 @@ def test_rows_do_not_depend_on_the_batch_size(narrow_vocab_blocks, dtype, order)
     whole = run(300)
     for n in (1, 37):
         for name, a, c in zip((*TokenStats._fields, "grad hidden"), run(n), whole):
+            assert torch.equal(a, c[:n]), (n, name)
+
+
+@pytest.mark.parametrize("order", ["auto", "rows"])
+def test_kl_rows_do_not_depend_on_the_batch_size(narrow_vocab_blocks, order):
+    """kl_divergence_from_hidden, bf16 on C++: a row's KL and both sides' hidden gradients are
+    the same bits in batches of 1, 37 and 300 rows ("auto": 47 vocabulary blocks, merged per
+    row)."""
+    student = _projection(300, 16, 3000, torch.bfloat16, seed=53)
+    teacher = _projection(300, 12, 3000, torch.bfloat16, seed=54)
+    y = _labels((300,), 3000, seed=53)
+
+    def run(n):
+        h, w, b, rh, rw, rb = (t[:n] if i in (0, 3) else t for i, t in
+                               enumerate((*student, *teacher)))  # fmt: skip
+        h, rh = h.clone().requires_grad_(), rh.clone().requires_grad_()
+        kl = pg_kernels.kl_divergence_from_hidden(
+            h, w, rh, rw, bias=b, ref_bias=rb, labels=y[:n], temperature=0.9, chunk_size=16,
+            backward_order=order, backend="cpu",
+        )  # fmt: skip
+        up = torch.linspace(0.5, 1.5, 300, dtype=torch.float32)[:n]
+        (up * kl).sum().backward()
+        return kl.detach(), h.grad, rh.grad
+
+    whole = run(300)
+    for n in (1, 37):
+        for name, a, c in zip(("kl", "grad hidden", "grad ref_hidden"), run(n), whole):
             assert torch.equal(a, c[:n]), (n, name)
 
 

@@ -270,12 +270,13 @@ def vocab_block_size(vocab_size: int, hidden_size: int, dtype: torch.dtype) -> i
 
 
 class VocabBlocks:
-    """The backward's projection in vocabulary blocks: `logits(v0, v1, frame)` gives every row's
-    logits of columns v0:v1 in a reused [N, width] buffer (valid until the next call) followed
-    by EXTRA_COLUMNS copies of `frame` and -inf padding; `grad_buffer(v0, v1)` a second buffer
-    of that shape; `accumulate(grad, v0, v1)` adds a block's logit gradient [N, v1 - v0] to
-    the gradients `wanted` = (hidden, weight, bias) asks for; `gradients()` returns them as
-    ChunkedProjection.gradients does.
+    """The projection in vocabulary blocks of `block` columns (default `vocab_block_size`):
+    `logits(v0, v1, frame)` gives every row's logits of columns v0:v1 in a reused [N, width]
+    buffer (valid until the next call) followed by EXTRA_COLUMNS copies of `frame` and -inf
+    padding (without a frame: the [N, v1 - v0] logits alone, a view of that buffer);
+    `grad_buffer(v0, v1)` a second buffer of that shape; `accumulate(grad, v0, v1)` adds a
+    block's logit gradient [N, v1 - v0] to the gradients `wanted` = (hidden, weight, bias) asks
+    for; `gradients()` returns them as ChunkedProjection.gradients does.
 
     weight[v0:v1]'s gradient is grad.T @ hidden, one matmul over every row, written once in the
     weight's dtype (cuBLAS may reduce split-K partial sums in bf16, torch's default
@@ -286,10 +287,11 @@ class VocabBlocks:
     copy (the shifted [:, :-1] rows of a [B, T, D] tensor).
     """
 
-    def __init__(self, hidden, weight, bias, wanted):
+    def __init__(self, hidden, weight, bias, wanted, block: int | None = None):
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.n, v, d = num_rows(hidden), weight.shape[0], hidden.shape[-1]
-        self.vocab_size, self.block = v, vocab_block_size(v, d, hidden.dtype)
+        self.vocab_size = v
+        self.block = vocab_block_size(v, d, hidden.dtype) if block is None else block
         self.h = _row_levels(hidden).reshape(self.n, d)
         self._logits_buffer = hidden.new_empty(self.n * _padded_width(self.block))
         self._grad_buffer = None
@@ -307,7 +309,7 @@ class VocabBlocks:
         width = _padded_width(v1 - v0)
         return storage[: self.n * width].view(self.n, width)
 
-    def logits(self, v0: int, v1: int, frame: torch.Tensor) -> torch.Tensor:
+    def logits(self, v0: int, v1: int, frame: torch.Tensor | None = None) -> torch.Tensor:
         buf = self._rows(self._logits_buffer, v0, v1)
         vb = v1 - v0
         out = buf[:, :vb]
@@ -316,6 +318,8 @@ class VocabBlocks:
             torch.mm(self.h, self.weight[v0:v1].t(), out=out)
         else:
             torch.addmm(self.bias[v0:v1], self.h, self.weight[v0:v1].t(), out=out)
+        if frame is None:
+            return out
         buf[:, vb : vb + EXTRA_COLUMNS] = frame.to(buf.dtype).unsqueeze(1)
         buf[:, vb + EXTRA_COLUMNS :] = float("-inf")
         return buf

@@ -39,9 +39,14 @@ gradient as minus the sum of the row's others, as on one device; the others on t
 ranks sum to sum_{s != r} W_s (KL_s + delta_s - KL) (shard s's terms w_j (log w_j - log v_j -
 KL), with log w_j = log w_j|s + log W_s), which the forward forms from the gathered states
 (`_outside_terms`) and the backward kernel adds to its own shard's.
+
+`kl_divergence_from_hidden` runs its vocabulary blocks as such shards, one after another on one
+device (`partial_rows`, `merge_partials`, `shard_backward_state`), without the collective.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -64,6 +69,7 @@ from pg_kernels.reference.kl_divergence import _kl as reference_kl
 OP = "parallel.kl_divergence"
 KERNELS = _backend.KERNELS["kl_divergence"]
 M_P, LS_P, M_Q, LS_Q, C, KL = range(6)  # columns of the gathered [world, N, 6] tensor
+PARTIAL_STATE = 6  # numbers per row of a shard's partial state
 INF = float("inf")
 
 
@@ -207,6 +213,80 @@ def _merge(gathered: torch.Tensor, ref_p: torch.Tensor, ref_q: torch.Tensor, rev
     return kl, delta, (log_mp, log_mq), (m_p, ls_p, m_q, ls_q)
 
 
+def partial_rows(logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend):
+    """One shard's partial state [N, 6] in the acc dtype, as the ranks gather it (columns M_P ..
+    KL): `_local_forward`'s, with a side whose row is all -inf on the shard marked empty (max
+    -inf, log s1 0; c and KL_r 0 where either side is), which the kernels report as NaN."""
+    acc = acc_dtype(logits.dtype)
+    state = _local_forward(
+        logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend
+    )
+    empty_p = neg_inf_rows(logits, acc) == float("-inf")
+    empty_q = neg_inf_rows(ref_logits, acc) == float("-inf")
+    zero = torch.zeros_like(state[:, 0])
+    neg_inf = torch.full_like(zero, float("-inf"))
+    empty_pq = empty_p | empty_q  # the kernels' NaN KL_r and c_r: not used (0)
+    return torch.stack(
+        [
+            torch.where(empty_p, neg_inf, state[:, M_P]),
+            torch.where(empty_p, zero, state[:, LS_P]),
+            torch.where(empty_q, neg_inf, state[:, M_Q]),
+            torch.where(empty_q, zero, state[:, LS_Q]),
+            torch.where(empty_pq, zero, state[:, C]),
+            torch.where(empty_pq, zero, state[:, KL]),
+        ],
+        dim=1,
+    )
+
+
+class Merged(NamedTuple):
+    """The shards' partial states merged (`merge_partials`), in fp64."""
+
+    kl: torch.Tensor  # [N]
+    delta: torch.Tensor  # [world, N]: log W_r - log V_r
+    log_mass: tuple[torch.Tensor, torch.Tensor]  # ([world, N], [world, N]): p's and q's
+    sides: tuple[torch.Tensor, ...]  # [N] each: p's (M, log S), then q's
+
+
+def merge_partials(gathered: torch.Tensor, temp, ref_temp, dtype, backend, reverse) -> Merged:
+    """The KL of the whole rows from every shard's `partial_rows` ([world, N, 6] fp64, in rank
+    order; temp, ref_temp: `make_temperature`'s; dtype: the logits')."""
+    ref_p = _frames(gathered[..., M_P], temp, dtype, backend)
+    ref_q = _frames(gathered[..., M_Q], ref_temp, dtype, backend)
+    return Merged(*_merge(gathered, ref_p, ref_q, reverse))
+
+
+def shard_backward_state(gathered, merged: Merged, rank: int, acc, outside_wanted: bool,
+                         reverse: bool):  # fmt: skip
+    """Shard `rank`'s row state [N, 5] for the single-device backward kernel, relative to its
+    own frames (module docstring): log s1' = log s1_r - log (shard mass), c' = c_r + (KL - KL_r)
+    - delta_r (small terms only); an empty side's entries 0 (any finite (m, log s1) gives its
+    zero probabilities), and c' 0 on a +inf row (the kernel reads the +inf off the KL). With
+    `outside_wanted` (the weight side's gradient is asked for: its dominant entry), also the
+    other shards' terms [N, 2] (`_outside_terms`), else None."""
+    g = gathered[rank]
+    log_mp, log_mq = merged.log_mass
+    kl64 = merged.kl
+    shifted = [
+        t.to(acc) for t in (
+            g[:, M_P], g[:, LS_P] - log_mp[rank], g[:, M_Q], g[:, LS_Q] - log_mq[rank],
+            g[:, C] + (kl64 - g[:, KL]) - merged.delta[rank],
+        )
+    ]  # fmt: skip
+    empty_p, empty_q = g[:, M_P] == float("-inf"), g[:, M_Q] == float("-inf")
+    empty = [empty_p, empty_p, empty_q, empty_q, empty_p | empty_q]
+    zero = torch.zeros_like(shifted[0])
+    row_state = torch.stack(
+        [torch.where(e | ~torch.isfinite(t), zero, t) for t, e in zip(shifted, empty)], dim=1
+    )
+    outside = None
+    if outside_wanted:
+        outside = _outside_terms(
+            gathered, merged.delta, log_mp if reverse else log_mq, kl64, rank
+        ).to(acc)
+    return row_state, outside
+
+
 class _KLFn(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -214,61 +294,27 @@ class _KLFn(torch.autograd.Function):
     ):
         reverse = direction == "reverse"
         acc = acc_dtype(logits.dtype)
-        state = _local_forward(
+        rows = partial_rows(
             logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend
-        )
-        empty_p = neg_inf_rows(logits, acc) == float("-inf")
-        empty_q = neg_inf_rows(ref_logits, acc) == float("-inf")
-        zero = torch.zeros_like(state[:, 0])
-        neg_inf = torch.full_like(zero, float("-inf"))
-        empty_pq = empty_p | empty_q  # the kernels' NaN KL_r and c_r: not used (0)
-        rows = torch.stack(
-            [
-                torch.where(empty_p, neg_inf, state[:, M_P]),
-                torch.where(empty_p, zero, state[:, LS_P]),
-                torch.where(empty_q, neg_inf, state[:, M_Q]),
-                torch.where(empty_q, zero, state[:, LS_Q]),
-                torch.where(empty_pq, zero, state[:, C]),
-                torch.where(empty_pq, zero, state[:, KL]),
-            ],
-            dim=1,
         )
         gathered, layout = gather_rows(OP, shard, rows)
         # In fp64, rounded once: N x 6 numbers, free next to the kernels.
         gathered = gathered.double()
-        ref_p = _frames(gathered[..., M_P], temp, logits.dtype, backend)
-        ref_q = _frames(gathered[..., M_Q], ref_temp, logits.dtype, backend)
-        kl64, delta, (log_mp, log_mq), merged = _merge(gathered, ref_p, ref_q, reverse)
-        kl = kl64.to(acc)
+        merged = merge_partials(gathered, temp, ref_temp, logits.dtype, backend, reverse)
+        kl = merged.kl.to(acc)
         if layout.ok is not None:
             kl = torch.where(layout.ok, kl, torch.full_like(kl, float("nan")))
         keep = None if labels is None else labels.reshape(-1) != ignore_index
         if keep is not None:
-            kl = torch.where(keep, kl, zero)
+            kl = torch.where(keep, kl, torch.zeros_like(kl))
         if backend == "reference":  # both sides' global (max M, log S)
-            row_state = torch.stack(merged, dim=1).to(acc)
+            row_state = torch.stack(merged.sides, dim=1).to(acc)
             outside = None
-        else:  # this rank's row state for the backward kernel (module docstring)
-            r = shard.rank
-            g = gathered[r]
-            # relative to this shard's own frames: log s1' = log s1_r - log (shard mass), and
-            # c' = c_r + (KL - KL_r) - delta_r (small terms only)
-            shifted = [
-                state[:, M_P], (g[:, LS_P] - log_mp[r]).to(acc), state[:, M_Q],
-                (g[:, LS_Q] - log_mq[r]).to(acc), (g[:, C] + (kl64 - g[:, KL]) - delta[r]).to(acc),
-            ]  # fmt: skip
-            empty = [empty_p, empty_p, empty_q, empty_q, empty_pq]
-            # An all -inf side: any finite (m, log s1) gives its zero probabilities. c' of a
-            # +inf row: 0 (the kernel reads the +inf off the KL).
-            row_state = torch.stack(
-                [torch.where(e | ~torch.isfinite(t), zero, t) for t, e in zip(shifted, empty)],
-                dim=1,
-            )
-            outside = None  # only the weight side's gradient has a dominant entry to write
-            if ctx.needs_input_grad[0 if reverse else 1]:
-                outside = _outside_terms(
-                    gathered, delta, log_mp if reverse else log_mq, kl64, shard.rank
-                ).to(acc)
+        else:  # this rank's row state for the backward kernel
+            row_state, outside = shard_backward_state(
+                gathered, merged, shard.rank, acc, ctx.needs_input_grad[0 if reverse else 1],
+                reverse,
+            )  # fmt: skip
         ctx.save_for_backward(
             logits, ref_logits, labels, temp.tensor, ref_temp.tensor, kl, row_state, outside
         )
