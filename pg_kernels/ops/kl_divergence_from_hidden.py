@@ -8,8 +8,8 @@ In one of two orders (`backward_order`), for the forward and the backward alike:
   kernel (one pass over both). The backward recomputes both chunks' logits and runs the
   kl_divergence backward kernel for the sides that need a gradient, then the gradient matmuls
   of each side, adding each chunk's share of a weight's gradient into a [V, D] accumulator.
-- Vocabulary blocks (where an lm_head weight's gradient is wanted): the blocks are vocab-parallel
-  shards taken in turn on one device (pg_kernels/parallel/kl_divergence.py). The forward runs
+- Vocabulary blocks (the default): the blocks are vocab-parallel shards taken in turn on one
+  device (pg_kernels/parallel/kl_divergence.py). The forward runs
   the kernel on every row's logits of each block of columns, keeps each block's partial state
   (6 numbers per row and block) and merges them as the ranks do; the backward recomputes each
   block and runs the backward kernel with that block's row state and the other blocks' terms of
