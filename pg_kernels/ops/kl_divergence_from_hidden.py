@@ -61,16 +61,17 @@ def _forward(
         temperature_scalar, ref_temperature, ref_temperature_scalar, ignore_index, direction,
         chunk_size, order, backend,
     )  # fmt: skip
-    temps = (temperature, temperature_scalar, ref_temperature, ref_temperature_scalar)
     if order == "vocab":
+        temp, ref_temp = _temperatures(
+            temperature, temperature_scalar, ref_temperature, ref_temperature_scalar
+        )
         blocks, ref_blocks = _blocks(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
         for i, (v0, v1) in enumerate(blocks.ranges()):
             state[i] = partial_rows(
-                blocks.logits(v0, v1), ref_blocks.logits(v0, v1), labels,
-                *_temperatures(*temps), ignore_index, direction, backend,
+                blocks.logits(v0, v1), ref_blocks.logits(v0, v1), labels, temp, ref_temp,
+                ignore_index, direction, backend,
             )  # fmt: skip
-        merged = _merged(state, hidden.dtype, temps, direction, backend)
-        kl.copy_(merged.kl)
+        kl.copy_(_merged(state.double(), temp, ref_temp, hidden.dtype, direction, backend).kl)
         if labels is not None:
             kl.masked_fill_(labels == ignore_index, 0.0)
         return kl, state
@@ -95,16 +96,15 @@ def _blocks(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, wanted=(Fals
 
 
 def _temperatures(temperature, temperature_scalar, ref_temperature, ref_temperature_scalar):
+    """Both sides' temperatures as `parallel.merge_partials` and `partial_rows` take them."""
     return Temperature(temperature, temperature_scalar), Temperature(
         ref_temperature, ref_temperature_scalar
     )
 
 
-def _merged(state, dtype, temps, direction, backend) -> Merged:
-    """The blocks' partial states [blocks, N, 6] merged in fp64 (`parallel.merge_partials`)."""
-    return merge_partials(
-        state.double(), *_temperatures(*temps), dtype, backend, direction == "reverse"
-    )
+def _merged(gathered, temp, ref_temp, dtype, direction, backend) -> Merged:
+    """The blocks' partial states [blocks, N, 6] (fp64) merged (`parallel.merge_partials`)."""
+    return merge_partials(gathered, temp, ref_temp, dtype, backend, direction == "reverse")
 
 
 def _forward_fake(
@@ -167,9 +167,11 @@ def _backward_in_vocab_blocks(
     wanted, ref_wanted = tuple(output_mask[:3]), tuple(output_mask[3:])
     blocks, ref_blocks = _blocks(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
                                  output_mask)  # fmt: skip
-    temps = (temperature, temperature_scalar, ref_temperature, ref_temperature_scalar)
-    merged = _merged(state, hidden.dtype, temps, direction, backend)  # N-sized work, redone
+    temp, ref_temp = _temperatures(
+        temperature, temperature_scalar, ref_temperature, ref_temperature_scalar
+    )
     gathered = state.double()
+    merged = _merged(gathered, temp, ref_temp, hidden.dtype, direction, backend)  # N-sized, redone
     reverse = direction == "reverse"
     acc = acc_dtype(hidden.dtype)
     for i, (v0, v1) in enumerate(blocks.ranges()):
@@ -312,8 +314,10 @@ def kl_divergence_from_hidden(
     lead = tuple(hidden.shape[:-1])
     chunk_size = check_chunk_size(OP, chunk_size, weight.shape[0], hidden)
     order = check_backward_order(OP, backward_order)
-    if order == "auto" or num_rows(hidden) == 0:
-        order = "vocab" if num_rows(hidden) > 0 else "rows"
+    if num_rows(hidden) == 0:  # nothing to compute: row chunks handle the empty batch
+        order = "rows"
+    elif order == "auto":
+        order = "vocab"
     # hidden[..., :1] stands in for the logits: the checks read only their leading shape
     ignore_index, temp, ref_temp = _kl.check_kl_args(
         OP, hidden[..., :1], direction, labels, ignore_index, temperature, ref_temperature,
