@@ -26,6 +26,7 @@ from filelock import FileLock
 import pg_kernels
 from pg_kernels import _backend, parallel, reference
 from pg_kernels.integrations import slime
+from pg_kernels.ops._common import Temperature
 from pg_kernels.parallel._shard import tiling_ok
 from pg_kernels.reference._util import scaled
 from pg_kernels.testing import (
@@ -886,6 +887,37 @@ def test_kl_merge_of_shards_far_apart():
                       M_Q=[0.663442194, -6.66214161e29], LS_Q=[5.21562481, 4.96981335],
                       C=[-0.0247464925, 0.0], KL=[kl0, 0.0])  # fmt: skip
     assert delta[0] == 0.0 and kl == kl0, (kl, delta)
+
+
+def test_kl_merge_runs_over_all_shards_at_once():
+    """The merge and the backward's row states take N-sized operations over all shards at once,
+    plus one add per shard for each sum in rank order: 4 in the merge, 2 x 2 for the backward's
+    other shards' terms. kl_divergence_from_hidden runs each of its ~40 vocabulary blocks as a
+    shard, and per shard they took ~135 operations, ~5000 launches per fwd+bwd on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    pkl = importlib.import_module("pg_kernels.parallel.kl_divergence")
+    temp = Temperature(None, 0.7)
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    def ops(world):
+        g = torch.Generator().manual_seed(world)
+        gathered = torch.rand(world, 5, 6, generator=g, dtype=torch.float64)
+        with Count() as count:
+            merged = pkl.merge_partials(gathered, temp, temp, torch.bfloat16, "cpu", True)
+            pkl.shard_backward_states(gathered, merged, torch.float32, True, True)
+        return count.ops
+
+    per_shard = (ops(36) - ops(4)) / 32
+    assert per_shard <= 8, per_shard
 
 
 def test_tiling_verdict():

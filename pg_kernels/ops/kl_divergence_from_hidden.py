@@ -42,10 +42,12 @@ from pg_kernels.ops._linear import (
 )
 from pg_kernels.parallel.kl_divergence import (
     PARTIAL_STATE,
+    SHARD_ROWS,
     Merged,
     merge_partials,
-    partial_rows,
-    shard_backward_state,
+    partial_state,
+    shard_backward_states,
+    shard_rows,
 )
 
 OP = "kl_divergence_from_hidden"
@@ -66,11 +68,13 @@ def _forward(
             temperature, temperature_scalar, ref_temperature, ref_temperature_scalar
         )
         blocks, ref_blocks = _blocks(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+        per_block = state.new_empty((*state.shape[:2], SHARD_ROWS))
         for i, (v0, v1) in enumerate(blocks.ranges()):
-            state[i] = partial_rows(
+            per_block[i] = shard_rows(
                 blocks.logits(v0, v1), ref_blocks.logits(v0, v1), labels, temp, ref_temp,
                 ignore_index, direction, backend,
             )  # fmt: skip
+        state.copy_(partial_state(per_block))
         kl.copy_(_merged(state.double(), temp, ref_temp, hidden.dtype, direction, backend).kl)
         if labels is not None:
             kl.masked_fill_(labels == ignore_index, 0.0)
@@ -96,7 +100,7 @@ def _blocks(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, wanted=(Fals
 
 
 def _temperatures(temperature, temperature_scalar, ref_temperature, ref_temperature_scalar):
-    """Both sides' temperatures as `parallel.merge_partials` and `partial_rows` take them."""
+    """Both sides' temperatures as `parallel.merge_partials` and `shard_rows` take them."""
     return Temperature(temperature, temperature_scalar), Temperature(
         ref_temperature, ref_temperature_scalar
     )
@@ -174,14 +178,15 @@ def _backward_in_vocab_blocks(
     merged = _merged(gathered, temp, ref_temp, hidden.dtype, direction, backend)  # N-sized, redone
     reverse = direction == "reverse"
     acc = acc_dtype(hidden.dtype)
+    row_states, outside = shard_backward_states(
+        gathered, merged, acc, any(wanted if reverse else ref_wanted), reverse
+    )
     for i, (v0, v1) in enumerate(blocks.ranges()):
-        row_state, outside = shard_backward_state(
-            gathered, merged, i, acc, any(wanted if reverse else ref_wanted), reverse
-        )
         grad, ref_grad = _kl._kl_divergence_backward(
             grad_kl, blocks.logits(v0, v1), ref_blocks.logits(v0, v1), labels, temperature,
             temperature_scalar, ref_temperature, ref_temperature_scalar, ignore_index,
-            direction, kl, row_state, any(wanted), any(ref_wanted), backend, outside,
+            direction, kl, row_states[i], any(wanted), any(ref_wanted), backend,
+            None if outside is None else outside[i],
         )  # fmt: skip
         if any(wanted):
             blocks.accumulate(grad, v0, v1)

@@ -138,6 +138,29 @@ def _check_tiling(op: str, starts: torch.Tensor, sizes: torch.Tensor) -> int:
     return end
 
 
+def rank_order_sum(terms: torch.Tensor) -> torch.Tensor:
+    """terms [world, ...] summed over the ranks left to right, ((0 + t_0) + t_1) + ..., with
+    elementwise adds: the same bits on every device and for every N. (A reduction or scan
+    kernel picks its own order, which may follow the shape: CUDA's cumsum over [world, 1]
+    runs a parallel scan.) One add per rank, whatever the rest of the shape."""
+    total = torch.zeros_like(terms[0])
+    for t in terms:
+        total = total + t
+    return total
+
+
+def others_sum(terms: torch.Tensor) -> torch.Tensor:
+    """[world, ...] -> [world, ...]: each rank's sum of the other ranks' terms, as the sum of
+    those before it (left to right) and those after it (right to left); never the total less
+    its own term, which cancels where one rank's term is most of the row's."""
+    zero = torch.zeros_like(terms[0])
+    before, after = [zero], [zero]
+    for r in range(terms.shape[0] - 1):
+        before.append(before[-1] + terms[r])
+        after.append(after[-1] + terms[-1 - r])
+    return torch.stack(before) + torch.stack(after[::-1])
+
+
 def merge_lse(m: torch.Tensor, log_s1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge per-rank (max m_r, log s1_r) rows [world, N] in fixed rank order (docs/math.md §1).
 
@@ -147,15 +170,12 @@ def merge_lse(m: torch.Tensor, log_s1: torch.Tensor) -> tuple[torch.Tensor, torc
     Empty shards (m_r = -inf) add nothing and get log_mass -inf; all empty, or a NaN, gives NaN.
     """
     big = m.amax(0)
-    rel = [(m[r] - big) + log_s1[r] for r in range(m.shape[0])]
-    total = torch.zeros_like(big)
-    for r in range(m.shape[0]):
-        total = total + torch.exp(rel[r])
-    log_total = torch.log(total)
+    rel = (m - big) + log_s1
+    log_total = torch.log(rank_order_sum(torch.exp(rel)))
     bad = ~torch.isfinite(big)
     nan = torch.full_like(big, float("nan"))
     big, log_total = torch.where(bad, nan, big), torch.where(bad, nan, log_total)
-    return big, log_total, torch.stack(rel) - log_total
+    return big, log_total, rel - log_total
 
 
 def neg_inf_rows(logits: torch.Tensor, acc: torch.dtype) -> torch.Tensor:

@@ -41,7 +41,9 @@ KL), with log w_j = log w_j|s + log W_s), which the forward forms from the gathe
 (`_outside_terms`) and the backward kernel adds to its own shard's.
 
 `kl_divergence_from_hidden` runs its vocabulary blocks as such shards, one after another on one
-device (`partial_rows`, `merge_partials`, `shard_backward_state`), without the collective.
+device (`shard_rows`, `partial_state`, `merge_partials`, `shard_backward_states`), without the
+collective. Every step after the kernels is N-sized and runs over all shards at once, except
+the sums in rank order, one add per shard (`rank_order_sum`, `others_sum`).
 """
 
 from __future__ import annotations
@@ -62,14 +64,18 @@ from pg_kernels.parallel._shard import (
     gather_rows,
     merge_lse,
     neg_inf_rows,
+    others_sum,
+    rank_order_sum,
     resolve_shard,
 )
 from pg_kernels.reference.kl_divergence import _kl as reference_kl
 
 OP = "parallel.kl_divergence"
 KERNELS = _backend.KERNELS["kl_divergence"]
-M_P, LS_P, M_Q, LS_Q, C, KL = range(6)  # columns of the gathered [world, N, 6] tensor
+# Columns of the gathered [world, N, 6] tensor, then shard_rows' two row maxes.
+M_P, LS_P, M_Q, LS_Q, C, KL, MAX_P, MAX_Q = range(8)
 PARTIAL_STATE = 6  # numbers per row of a shard's partial state
+SHARD_ROWS = PARTIAL_STATE + 2  # shard_rows' columns: the state, then both sides' max logit
 INF = float("inf")
 
 
@@ -132,24 +138,19 @@ def _frames(m: torch.Tensor, temp, dtype: torch.dtype, backend: str) -> torch.Te
 
 
 def _outside_terms(
-    gathered: torch.Tensor, delta: torch.Tensor, log_w: torch.Tensor, kl: torch.Tensor, rank: int
+    gathered: torch.Tensor, delta: torch.Tensor, log_w: torch.Tensor, kl: torch.Tensor
 ) -> torch.Tensor:
-    """[N, 2] fp64: per row, the sum and summed size over the other ranks' shards of the weight
-    side's gradient terms w_j ((d_w,j - d_v,j) - KL) (before g / tau_w), for the backward
-    kernel's dominant entry (module docstring): shard r's sum is W_r (KL_r + delta_r - KL),
-    its size bounded by W_r (|KL_r| + |delta_r| + |KL|), the scale of that sum's rounding. A
-    shard without w mass adds 0; a non-finite sum leaves the kernel's direct form."""
+    """[world, N, 2] fp64: per shard and row, the sum and summed size over the other shards of
+    the weight side's gradient terms w_j ((d_w,j - d_v,j) - KL) (before g / tau_w), for the
+    backward kernel's dominant entry (module docstring): shard s's sum is W_s (KL_s + delta_s -
+    KL), its size bounded by W_s (|KL_s| + |delta_s| + |KL|), the scale of that sum's
+    rounding. A shard without w mass adds 0; a non-finite sum leaves the kernel's direct form."""
     weight = torch.exp(log_w)
     kl_r = gathered[..., KL]
-    terms = weight * (kl_r + delta - kl)
-    size = weight * (kl_r.abs() + delta.abs() + kl.abs())
-    other = torch.ones(gathered.shape[0], dtype=torch.bool, device=kl.device)
-    other[rank] = False
-    keep = (weight > 0) & other.unsqueeze(-1)
-    zero = torch.zeros_like(terms)
-    return torch.stack(
-        [torch.where(keep, terms, zero).sum(0), torch.where(keep, size, zero).sum(0)], dim=-1
-    )
+    keep = weight > 0
+    terms = torch.where(keep, weight * (kl_r + delta - kl), 0.0)
+    size = torch.where(keep, weight * (kl_r.abs() + delta.abs() + kl.abs()), 0.0)
+    return torch.stack([others_sum(terms), others_sum(size)], dim=-1)
 
 
 def _merge(gathered: torch.Tensor, ref_p: torch.Tensor, ref_q: torch.Tensor, reverse: bool):
@@ -165,7 +166,6 @@ def _merge(gathered: torch.Tensor, ref_p: torch.Tensor, ref_q: torch.Tensor, rev
     ref_w, ref_v = (ref_p, ref_q) if reverse else (ref_q, ref_p)
     log_w, log_v = (log_mp, log_mq) if reverse else (log_mq, log_mp)
     kl_r = gathered[..., KL]
-    world = gathered.shape[0]
     has_w, has_v = ref_w > -INF, ref_v > -INF  # False for an all -inf shard (and NaN)
     # D_r = L_w,r - L_v,r from the kernels' l_w - l_v = c_r - KL_r, both small where the rows
     # are near-equal; only where both sides have mass and KL_r is finite. Each side's frames are
@@ -174,69 +174,58 @@ def _merge(gathered: torch.Tensor, ref_p: torch.Tensor, ref_q: torch.Tensor, rev
     # ~-1e30 / tau, an fp64 ulp of 2e14) would otherwise swallow every small term.
     d = ((ref_w - ref_w.amax(0)) - (ref_v - ref_v.amax(0))) + (gathered[..., C] - kl_r)
     both = has_w & has_v & torch.isfinite(d)
-    zero = torch.zeros_like(m_p)
-    near = torch.ones_like(m_p, dtype=torch.bool)  # every shard: both sides or neither
-    for r in range(world):
-        near = near & (both[r] | ~(has_w[r] | has_v[r]))
+    near = (both | ~(has_w | has_v)).all(0)  # every shard: both sides or neither
     # D* = D_r of the shard whose term W_r e^{-D_r} dominates the row's (max of log W_r - D_r):
     # every term is then at most W_r* e^{-D*}, and one shard's own D_r cannot push the others'
     # out of range. (The least D_r did: a shard masked whole with -1e30 on both sides under two
     # temperatures has D_r ~ -8e29 and no mass, and rows with one shard of mass e^-6553 summed
     # terms that all underflowed: a KL of 0 or NaN.)
-    score = torch.where(both, log_w - d, torch.full_like(d, -INF))
+    score = torch.where(both, log_w - d, -INF)
     d_ref = torch.where(both.any(0), d.gather(0, score.argmax(0, keepdim=True))[0], INF)
     weight = torch.exp(log_w)
     # log (V / W over the near shards) relative to D*: log sum_r W_r e^{x_r}, x_r = D* - D_r,
     # as log1p of sum_r W_r expm1(x_r) where that is small (sum_r W_r = 1 there: exactly 0 for
     # equal rows), else as a logsumexp of log W_r + x_r. W_r expm1(x_r) is formed as e^{log W_r
     # + x_r} - W_r where x_r > 1: W_r can underflow where e^{x_r} overflows.
-    small = zero
-    log_terms = []
-    for r in range(world):
-        x = torch.where(both[r], d_ref - d[r], zero)
-        term = torch.where(x > 1, torch.exp(log_w[r] + x) - weight[r], weight[r] * torch.expm1(x))
-        small = small + torch.where(both[r], term, zero)
-        log_terms.append(torch.where(both[r], log_w[r] + x, torch.full_like(x, -INF)))
-    log_total = torch.logsumexp(torch.stack(log_terms), 0)
+    x = torch.where(both, d_ref - d, 0.0)
+    term = torch.where(x > 1, torch.exp(log_w + x) - weight, weight * torch.expm1(x))
+    small = rank_order_sum(torch.where(both, term, 0.0))
+    log_total = torch.logsumexp(torch.where(both, log_w + x, -INF), 0)
     log_ratio = torch.where(small.abs() < 0.5, torch.log1p(small), log_total)
     d_row = d_ref - log_ratio  # L_w - L_v of the whole row
     delta = torch.where(near, d - d_row, log_w - log_v)
-    kl = zero
-    for r in range(world):
-        term = weight[r] * (kl_r[r] + delta[r])
-        # a finite logit has mass, however far its weight underflows: never 0 * inf
-        term = torch.where((kl_r[r] == INF) | (delta[r] == INF), torch.full_like(kl, INF), term)
-        kl = kl + torch.where(has_w[r], term, zero)
-    kl = kl.clamp_min(0)
+    term = weight * (kl_r + delta)
+    # a finite logit has mass, however far its weight underflows: never 0 * inf
+    term = torch.where((kl_r == INF) | (delta == INF), INF, term)
+    kl = rank_order_sum(torch.where(has_w, term, 0.0)).clamp_min(0)
     invalid = torch.isnan(m_p) | torch.isnan(m_q)
-    kl = torch.where(invalid, torch.full_like(kl, float("nan")), kl)
+    kl = torch.where(invalid, float("nan"), kl)
     return kl, delta, (log_mp, log_mq), (m_p, ls_p, m_q, ls_q)
 
 
-def partial_rows(logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend):
-    """One shard's partial state [N, 6] in the acc dtype, as the ranks gather it (columns M_P ..
-    KL): `_local_forward`'s, with a side whose row is all -inf on the shard marked empty (max
-    -inf, log s1 0; c and KL_r 0 where either side is), which the kernels report as NaN."""
+def shard_rows(logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend):
+    """One shard's rows [N, 8] in the acc dtype: `_local_forward`'s state (columns M_P .. KL),
+    then each side's max logit (`neg_inf_rows`), which `partial_state` reads to tell a side
+    whose row is all -inf on the shard (the kernels report it as NaN) from a NaN row."""
     acc = acc_dtype(logits.dtype)
     state = _local_forward(
         logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend
     )
-    empty_p = neg_inf_rows(logits, acc) == float("-inf")
-    empty_q = neg_inf_rows(ref_logits, acc) == float("-inf")
-    zero = torch.zeros_like(state[:, 0])
-    neg_inf = torch.full_like(zero, float("-inf"))
+    maxes = [neg_inf_rows(t, acc).unsqueeze(1) for t in (logits, ref_logits)]
+    return torch.cat([state, *maxes], dim=1)
+
+
+def partial_state(rows: torch.Tensor) -> torch.Tensor:
+    """[..., N, 6] partial states, as the ranks gather them, from `shard_rows`' [..., N, 8]
+    (of one shard or stacked): a side whose row is all -inf on the shard marked empty (max
+    -inf, log s1 0; c and KL_r 0 where either side is)."""
+    empty_p, empty_q = rows[..., MAX_P] == -INF, rows[..., MAX_Q] == -INF
     empty_pq = empty_p | empty_q  # the kernels' NaN KL_r and c_r: not used (0)
-    return torch.stack(
-        [
-            torch.where(empty_p, neg_inf, state[:, M_P]),
-            torch.where(empty_p, zero, state[:, LS_P]),
-            torch.where(empty_q, neg_inf, state[:, M_Q]),
-            torch.where(empty_q, zero, state[:, LS_Q]),
-            torch.where(empty_pq, zero, state[:, C]),
-            torch.where(empty_pq, zero, state[:, KL]),
-        ],
-        dim=1,
-    )
+    empty = torch.stack([empty_p, empty_p, empty_q, empty_q, empty_pq, empty_pq], dim=-1)
+    state = torch.where(empty, 0.0, rows[..., :MAX_P])
+    state[..., M_P].masked_fill_(empty_p, -INF)
+    state[..., M_Q].masked_fill_(empty_q, -INF)
+    return state
 
 
 class Merged(NamedTuple):
@@ -249,42 +238,39 @@ class Merged(NamedTuple):
 
 
 def merge_partials(gathered: torch.Tensor, temp, ref_temp, dtype, backend, reverse) -> Merged:
-    """The KL of the whole rows from every shard's `partial_rows` ([world, N, 6] fp64, in rank
+    """The KL of the whole rows from every shard's `partial_state` ([world, N, 6] fp64, in rank
     order; temp, ref_temp: `make_temperature`'s; dtype: the logits')."""
     ref_p = _frames(gathered[..., M_P], temp, dtype, backend)
     ref_q = _frames(gathered[..., M_Q], ref_temp, dtype, backend)
     return Merged(*_merge(gathered, ref_p, ref_q, reverse))
 
 
-def shard_backward_state(gathered, merged: Merged, rank: int, acc, outside_wanted: bool,
-                         reverse: bool):  # fmt: skip
-    """Shard `rank`'s row state [N, 5] for the single-device backward kernel, relative to its
-    own frames (module docstring): log s1' = log s1_r - log (shard mass), c' = c_r + (KL - KL_r)
-    - delta_r (small terms only); an empty side's entries 0 (any finite (m, log s1) gives its
-    zero probabilities), and c' 0 on a +inf row (the kernel reads the +inf off the KL). With
-    `outside_wanted` (the weight side's gradient is asked for: its dominant entry), also the
-    other shards' terms [N, 2] (`_outside_terms`), else None."""
-    g = gathered[rank]
+def shard_backward_states(gathered, merged: Merged, acc, outside_wanted: bool, reverse: bool):
+    """Every shard's row state [world, N, 5] for the single-device backward kernel, relative to
+    its own frames (module docstring): log s1' = log s1_r - log (shard mass), c' = c_r + (KL -
+    KL_r) - delta_r (small terms only); an empty side's entries 0 (any finite (m, log s1) gives
+    its zero probabilities), and c' 0 on a +inf row (the kernel reads the +inf off the KL).
+    With `outside_wanted` (the weight side's gradient is asked for: its dominant entry), also
+    each shard's other shards' terms [world, N, 2] (`_outside_terms`), else None. N-sized
+    operations over all shards at once: a vocabulary-block caller has dozens of shards."""
+    g = gathered
     log_mp, log_mq = merged.log_mass
-    kl64 = merged.kl
-    shifted = [
-        t.to(acc) for t in (
-            g[:, M_P], g[:, LS_P] - log_mp[rank], g[:, M_Q], g[:, LS_Q] - log_mq[rank],
-            g[:, C] + (kl64 - g[:, KL]) - merged.delta[rank],
-        )
-    ]  # fmt: skip
-    empty_p, empty_q = g[:, M_P] == float("-inf"), g[:, M_Q] == float("-inf")
-    empty = [empty_p, empty_p, empty_q, empty_q, empty_p | empty_q]
-    zero = torch.zeros_like(shifted[0])
-    row_state = torch.stack(
-        [torch.where(e | ~torch.isfinite(t), zero, t) for t, e in zip(shifted, empty)], dim=1
-    )
+    shifted = torch.stack(
+        [
+            g[..., M_P], g[..., LS_P] - log_mp, g[..., M_Q], g[..., LS_Q] - log_mq,
+            g[..., C] + (merged.kl - g[..., KL]) - merged.delta,
+        ],
+        dim=-1,
+    ).to(acc)  # fmt: skip
+    empty_p, empty_q = g[..., M_P] == -INF, g[..., M_Q] == -INF
+    empty = torch.stack([empty_p, empty_p, empty_q, empty_q, empty_p | empty_q], dim=-1)
+    row_states = torch.where(empty | ~torch.isfinite(shifted), 0.0, shifted)
     outside = None
     if outside_wanted:
         outside = _outside_terms(
-            gathered, merged.delta, log_mp if reverse else log_mq, kl64, rank
+            gathered, merged.delta, log_mp if reverse else log_mq, merged.kl
         ).to(acc)
-    return row_state, outside
+    return row_states, outside
 
 
 class _KLFn(torch.autograd.Function):
@@ -294,8 +280,8 @@ class _KLFn(torch.autograd.Function):
     ):
         reverse = direction == "reverse"
         acc = acc_dtype(logits.dtype)
-        rows = partial_rows(
-            logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend
+        rows = partial_state(
+            shard_rows(logits, ref_logits, labels, temp, ref_temp, ignore_index, direction, backend)
         )
         gathered, layout = gather_rows(OP, shard, rows)
         # In fp64, rounded once: N x 6 numbers, free next to the kernels.
@@ -311,10 +297,11 @@ class _KLFn(torch.autograd.Function):
             row_state = torch.stack(merged.sides, dim=1).to(acc)
             outside = None
         else:  # this rank's row state for the backward kernel
-            row_state, outside = shard_backward_state(
-                gathered, merged, shard.rank, acc, ctx.needs_input_grad[0 if reverse else 1],
-                reverse,
-            )  # fmt: skip
+            row_states, outside = shard_backward_states(
+                gathered, merged, acc, ctx.needs_input_grad[0 if reverse else 1], reverse
+            )
+            row_state = row_states[shard.rank]
+            outside = None if outside is None else outside[shard.rank]
         ctx.save_for_backward(
             logits, ref_logits, labels, temp.tensor, ref_temp.tensor, kl, row_state, outside
         )
