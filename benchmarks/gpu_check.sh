@@ -35,7 +35,8 @@
 #   excess k, kl_divergence's forward); torch.compile of the reference (PGK_BENCH_COMPILE), a
 #   run of its own beside the kernels; the other ops at N in {16384,
 #   512, 1}; token_stats' CUDA kernel beside Triton at 128256 and N in {512, 1}; every op at
-#   T=0.7; fidelity (every op against float64 on the GPU, 256 x 32000).
+#   T=0.7; kl_divergence_from_hidden's vocabulary blocks against row chunks and the unfused
+#   path at 16384x151936x4096; fidelity (every op against float64 on the GPU, 256 x 32000).
 # A benchmark step whose results are already in /tmp/pgk-gpucheck-bench (an earlier call on a
 # still-warm machine) is not run again; its files are in bench.tar.gz with the new ones.
 # OUT (created; at most 6 files, none deeper than OUT/):
@@ -58,7 +59,9 @@
 #                     fidelity step_stats bench tune hidden excess"; tune = the Triton blocking
 #                     sweep; hidden = the token_stats_from_hidden benchmark, after the others;
 #                     excess = kl_divergence's forward with the 16-bit pair lanes' excess k
-#                     beside the default, the A/B for open fidelity class (1))
+#                     beside the default, the A/B for open fidelity class (1)); kl_hidden =
+#                     kl_divergence_from_hidden's orders at 16384x151936x4096, the last
+#                     benchmark (it runs on what the others leave, or alone in a second call)
 #   PGK_GIT_SHA       the commit this copy is (the device's copy has no .git): recorded in the
 #                     results; PGK_GIT_DIRTY=1 if the tree differed from it
 #   PGK_TEST_JOBS     pytest-xdist workers (default 8)
@@ -84,7 +87,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ $DRY == 1 && -x .venv/bin/python ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
 BUDGET="${PGK_BUDGET_S:-$([[ $DRY == 1 ]] && echo 420 || echo 540)}"
-STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph fidelity step_stats bench tune hidden excess} "
+STEPS=" ${PGK_STEPS:-preflight build tests sanitize graph fidelity step_stats bench tune hidden excess kl_hidden} "
 JOBS="${PGK_TEST_JOBS:-8}"
 TEST_S="${PGK_TEST_S:-200}"
 BENCH_OPS="${PGK_BENCH_OPS:-token_stats kl_divergence mismatch_stats pruned_logprob topk_kl}"
@@ -410,7 +413,7 @@ print(names[0], next(n for n in names if "@B" in n))') \
       --max-wait 0 --temperature "$temp" --tag "$tag" --out "$WORK/bench" --no-progress
   elif [[ $DRY == 1 ]]; then
     local small=16x1000
-    [[ $op == token_stats_from_hidden ]] && small=16x1000x32
+    [[ $op == *_from_hidden ]] && small=16x1000x32
     [[ $tag == odd_v ]] && small=16x1001  # rows not 16-byte aligned
     local dry_providers="pg_kernels:cpu eager"
     # Plain bf16 PyTorch fails the float64 check on a spike's rows (a KL 6e-2 off): not a peer.
@@ -539,6 +542,7 @@ elif [[ $DRY == 1 ]]; then
   wants hidden && bench_step bench_token_stats_from_hidden 60 token_stats_from_hidden 1 dry x
   wants excess && bench_step bench_kl_divergence_excess16 60 kl_divergence 0.7 excess16 x
   wants bench && bench_step bench_kl_divergence_dominant 60 kl_divergence 1 dominant x
+  wants kl_hidden && bench_step bench_kl_divergence_from_hidden 60 kl_divergence_from_hidden 1 dry x
 else
   if wants bench; then
     # top32:cuda, lane32:triton: each forward without its max's thread / lane summed again in
@@ -599,6 +603,11 @@ print(*b())')
       bench_step "bench_${op}_t0.7_n16384" 150 "$op" 0.7 n16384 \
         "pg_kernels:triton pg_kernels:cuda eager" 16384x151936
     done
+  fi
+  if wants kl_hidden; then  # dense KL to a teacher from both lm_heads: vocabulary blocks (each
+    # run as a vocab-parallel shard, then merged) against row chunks and the unfused path
+    bench_step bench_kl_divergence_from_hidden 150 kl_divergence_from_hidden 1 kl_hidden \
+      "eager pg_kernels:triton rows:triton unfused:triton" 16384x151936x4096
   fi
 fi
 
