@@ -918,6 +918,60 @@ def test_equal_and_shifted_rollout_rows_are_exact(bd, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_teacher_equal_to_the_logits_has_zero_kl_gradients(bd, dtype, direction):
+    """The KL penalty's first step: a reference (teacher) whose logits equal the policy's, or
+    16-bit logits shifted by a constant, at the logits' own temperature. The KL is 0 and so are
+    both its gradients, exactly, as plain PyTorch, kl_divergence and the C++ bundle give. The
+    Triton bundle's 16-bit backward formed p_j from token_stats' frame and q_j from the
+    reference's own, and the weight side's log-ratio from per-row coefficients: up to 7.7e-7
+    (fp16, tau 0.7) on these rows (the fuzzer: 1.1e-8 on a bf16 row shifted by 3 at tau 16.7,
+    plain 5e-10). Both sides now share one frame (`_bwd_values`' FRAMED). fp32 rows take the
+    log-ratio from two products rounded alike (1.6e-8 -> 0 at temperature 1); under another
+    temperature the Triton bundle's peaked fp32 rows keep ~3e-9 (their dominant entry, from
+    the rebuilt reference max), within the rounding of z that the rule allows, and fp64 rows
+    ~1e-16."""
+    backend, device = bd
+    g = torch.Generator().manual_seed(11)
+    # On grids that 16-bit logits and their shifts by 3 and -2 hold exactly.
+    x = (torch.randn(12, 700, generator=g, dtype=torch.float64) * 12).round().div(4).clamp(-30, 30)
+    x[:4] = (x[:4] * 4).round().clamp(-120, 120)  # peaked rows: the dominant-entry launch
+    x[5, 600:] = -INF  # a masked tail on both sides
+    y = torch.randint(0, 700, (12,), generator=g)
+    per_row = torch.linspace(0.3, 17.0, 12, dtype=torch.float64)
+    cases = [(0.0, 1.0), (0.0, 0.7), (0.0, per_row)]
+    if dtype.itemsize == 2:
+        cases += [(3.0, 0.7), (-2.0, per_row)]  # exact shifts of 16-bit logits
+    for shift, t in cases:
+        if (
+            backend == "triton"
+            and dtype == torch.float32
+            and not (isinstance(t, float) and t == 1.0)
+        ):
+            continue  # the ~3e-9 above
+        xs = x.to(dtype)
+        xq = (xs.double() + shift).to(dtype)
+        finite = xs.isfinite()
+        assert bool(((xq.double() - xs.double())[finite] == shift).all()), shift
+        xa = xs.to(device).requires_grad_()
+        qa = xq.to(device).requires_grad_()
+        tt = t.to(device) if isinstance(t, torch.Tensor) else t
+        out = pg_kernels.step_stats(xa, y.to(device), ref_logits=qa, kl_direction=direction,
+                                    temperature=tt, backend=backend)  # fmt: skip
+        up = torch.rand(12, generator=g, dtype=torch.float64).to(device=device,
+                                                                 dtype=out.kl.dtype)  # fmt: skip
+        gx, gq = torch.autograd.grad(out.kl, (xa, qa), up)
+        where = (shift, "per-row" if isinstance(t, torch.Tensor) else t)
+        # Triton's fp64 rows keep the plain difference of the two sides (`has_other_series`):
+        # ~1e-16 (seen 1.3e-16), the rule's fp64 floor; 8 eps64 of a gradient entry's scale.
+        most = 8 * torch.finfo(torch.float64).eps / float(torch.as_tensor(t).min()) if (
+            backend == "triton" and dtype == torch.float64) else 0.0  # fmt: skip
+        assert float(out.kl.abs().max()) == 0.0, where
+        assert float(gx.abs().max()) <= most, (where, float(gx.abs().max()))
+        assert float(gq.abs().max()) <= most, (where, float(gq.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_single_entry_rows_are_exact(bd, dtype):
     """V = 1: every distribution is [1]: logprob, token_kl, token_tv and the KL to the teacher
     are exactly 0 at any temperatures, as plain PyTorch gives, and the KL's gradients are 0 to

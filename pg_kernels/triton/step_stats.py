@@ -801,10 +801,18 @@ def _fwd_finish_kernel(
         tl.store(st + 2, tl.where(keep, c, 0.0), mask=rmask)
 
 
+@triton.constexpr_function
+def frames_reference(XDT):
+    """Whether the backward takes the reference's exponent in the logits' frame (`_bwd_values`'
+    FRAMED): 16-bit logits, whose loop has no room for fp32's two products and other side's
+    series (`has_other_series`), and whose x - a_q is exact (a_q the max logit itself)."""
+    return XDT.primitive_bitwidth == 16
+
+
 @triton.jit
-def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o,
-                dl_u, r_hi, KL: tl.constexpr, REVERSE: tl.constexpr,
-                SERIES: tl.constexpr):  # fmt: skip
+def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, ratio, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q,
+                f_o, dl_u, r_hi, KL: tl.constexpr, REVERSE: tl.constexpr, SERIES: tl.constexpr,
+                FRAMED: tl.constexpr):  # fmt: skip
     """(dz_p, dz_q) / tau of one block of logits x and reference logits xq (ACC), without the
     label term; with KL the K term and the reference's gradient (per-row factors set up by
     `_bwd_kernel`), else dz_q = 0. p_j = kp e, e = 2^d2 (token_stats' backward); q_j = exp of
@@ -826,12 +834,34 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
     from r = (d_p - d_q) / ln2 (reverse; forward (d_q - d_p) / ln2) in one difference per
     element, not from d_p folded into O(1) coefficients: reverse e fma(r, G ln2, coef), -G c in
     a and b as token_stats' (g_p = G ln2); forward q_j fma(r, k_d, shift), shift = -g_q c;
-    r capped at r_hi (`log_ratio_cap` of g_p, reverse, or k_d, forward)."""
+    r capped at r_hi (`log_ratio_cap` of g_p, reverse, or k_d, forward); r = d_p c - d_xq k_q
+    from two products rounded alike, so that a reference equal to the logits gives r = 0.
+    FRAMED (16-bit logits, `frames_reference`): the reference's exponent in the logits' frame,
+    d2_q = (x_q - a_q) k_q - rho_hi, e_q = 2^d2_q (k_q = c where both sides share a temperature,
+    so that equal or constant-shifted rows give e_q = e and d2_q = d2 bitwise), q_j = e_q kq;
+    p_j and q_j then differ by the per-row `ratio` of their normalizers (e^dl, 1 exactly where
+    the forward's KL and c are 0) and by e_q - e, and the log-ratio is d2 - d2_q in one
+    difference: reverse, dq = (e_q - ratio e) f_q (ratio = kp / kq, f_q = kq g_q) and the
+    weight e (G ln2 (d2 - d2_q) + coef) (g_p = G ln2, -G c in a); forward, dz = e coef +
+    (e - ratio e_q) g_p (ratio = kq / kp, g_p = kp g / tau) and dq = e_q (k_d (d2_q - d2) +
+    shift) (k_d = kq g_q ln2, shift = -kq g_q c). Both products are 0 on such rows, where the
+    folded forms left each probability's rounding (up to 7.7e-7 on fp16 rows equal to the
+    logits, tau 0.7)."""
     # Forward KL weighs d_p by q_j, which is not 0 where p_j is: d2 floored far lower there.
     d2, e = bwd_exps(x, m, c, rho_hi, D2_FAR if KL and not REVERSE else D_MIN)
     coef = tl.fma(q, e, tl.fma(b, d2, a))
     dq = tl.zeros_like(e)
-    if KL:
+    if KL and FRAMED:
+        # Floored before the product: -1e30 k_q - rho_hi is finite, its exponent 0.
+        d2_q = tl.fma(tl.maximum(xq - a_q, XQ_FLOOR), k_q, -rho_hi)
+        e_q = exp_base(d2_q)
+        if REVERSE:
+            dq = tl.fma(e, -ratio, e_q) * f_q
+            dz = e * tl.fma(d2 - d2_q, g_p, coef)
+        else:
+            dz = tl.fma(tl.fma(e_q, -ratio, e), g_p, e * coef)
+            dq = e_q * tl.fma(d2_q - d2, k_d, shift)
+    elif KL:
         dxq = xq - a_q
         q_j = exp_base(fma_acc(dxq, k_q, -b_q))
         if REVERSE:
@@ -840,13 +870,12 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
             # any logit (not D_MIN: x_q - a_q is not a log-ratio and may be < -1100).
             dq = tl.fma(e, -kp, q_j) * g_q
             if SERIES:
-                # r = (d_p - d_q) / ln2, one small difference (near-equal rows: ~|d_p - d_q|,
-                # not the O(1) coefficients' ulps); g_p = G ln2, -G c in a. r is -inf or NaN
-                # only where e = 0 (a -inf logit): floored, the product 0. (The weight's own
-                # product is the one rounded apart: where both overflow, finfo.min logits on
-                # both sides at tau < 1, r is then -inf, not +inf.) +inf where the reference's
-                # finfo.min fill overflowed against an e of 0: capped, the product 0.
-                r = fma_acc(dxq, -k_q, (x - m) * c)
+                # r = (d_p - d_q) / ln2, one small difference of two products rounded alike
+                # (near-equal rows: ~|d_p - d_q|, not the O(1) coefficients' ulps; a reference
+                # equal to the logits: 0); g_p = G ln2, -G c in a. r is -inf or NaN only where
+                # e = 0 (a -inf logit, or a finfo.min one whose product overflows): floored,
+                # the product 0. +inf where the reference's finfo.min fill overflowed: capped.
+                r = (x - m) * c - dxq * k_q
                 dz = e * tl.fma(bounded_log_ratio(r, r_hi), g_p, coef)
                 dq = other_side_difference(e * f_o, r + dl_u, dq, True)
             else:
@@ -857,9 +886,8 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
             # and x_q - a_q, so no floor (which would drop a NaN factor) after it.
             if SERIES:
                 qg = q_j * g_p
-                # r = (d_q - d_p) / ln2 (as reverse, the weight's product rounded apart);
-                # k_d = g_q ln2, shift = -g_q c.
-                r = fma_acc(x - m, -c, dxq * k_q)
+                # r = (d_q - d_p) / ln2 (as reverse); k_d = g_q ln2, shift = -g_q c.
+                r = dxq * k_q - (x - m) * c
                 dz = tl.fma(e, coef, other_side_difference(qg, r + dl_u, tl.fma(e, f_o, -qg), True))
                 dq = q_j * tl.fma(bounded_log_ratio(r, r_hi), k_d, shift)
             else:
@@ -872,33 +900,40 @@ def _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift
 
 
 @triton.jit
-def _kl_term(x, xq, m, c, rho_hi, kp, a_q, k_q, b_q, big_w, c_w, inv_qw, REVERSE: tl.constexpr):
+def _kl_term(x, xq, m, c, rho_hi, kp, a_q, k_q, b_q, big_w, c_w, inv_qw, REVERSE: tl.constexpr,
+             SERIES: tl.constexpr, FRAMED: tl.constexpr):  # fmt: skip
     """The KL term of the weight side alone, unfolded, and that side's w_j and log-ratio
     delta = d_w - d_v in nats (`_dominant_row`): reverse p_j G ((d_p - d_q) - c) with p_j =
-    kp e, G = kp g_p; forward q_j g_q ((d_q - d_p) - c). d_p = ln2 (d2 + rho_hi), d_q =
-    (x_q - a_q) / tau_q floored as `_bwd_values` floors it (a 0 weight's term is 0)."""
+    kp e, G = kp g_p; forward q_j g_q ((d_q - d_p) - c). d_p - d_q as `_bwd_values` forms it
+    (fp32: two products rounded alike; FRAMED: d2 - d2_q; fp64: d_p = ln2 (d2 + rho_hi) and
+    d_q = (x_q - a_q) / tau_q floored as `_bwd_values` floors it), so that a reference equal to
+    the logits leaves every term 0 (a 0 weight's term is 0)."""
     d2, e = bwd_exps(x, m, c, rho_hi, D_MIN if REVERSE else D2_FAR)
-    d_p = LN2 * (d2 + rho_hi)
     dxq = _floor_at(xq - a_q, XQ_FLOOR)
-    d_q = dxq * inv_qw
+    if FRAMED:
+        d_pq = LN2 * (d2 - tl.fma(dxq, k_q, -rho_hi))
+    elif SERIES:
+        d_pq = LN2 * floor_log_ratio((x - m) * c - dxq * k_q)
+    else:
+        d_pq = LN2 * (d2 + rho_hi) - dxq * inv_qw
     if REVERSE:
-        delta = d_p - d_q
+        delta = d_pq
         w = kp * e
         term = e * (big_w * (delta - c_w))
     else:
-        delta = d_q - d_p
+        delta = -d_pq
         w = exp_base(fma_acc(dxq, k_q, -b_q))
         term = w * (big_w * (delta - c_w))
     return tl.where(w == 0, 0.0, term), w, delta
 
 
 @triton.jit
-def _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a, b, q, kp, a_q,
-                  k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, big_w, c_w, inv_qw, g_l,
-                  inv_tau, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, lse_ptr,
+def _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a, b, q, kp, ratio,
+                  a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, big_w, c_w, inv_qw,
+                  g_l, inv_tau, g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, lse_ptr,
                   entropy_ptr, collision_ptr, max_prob_ptr, argmax_ptr, REVERSE: tl.constexpr,
                   NEED_X: tl.constexpr, NEED_Q: tl.constexpr, SERIES: tl.constexpr,
-                  BLOCK_V: tl.constexpr):  # fmt: skip
+                  FRAMED: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     """A whole row whose KL weight side has a dominant entry (w_j > 1/2, rest below 2^-7): its
     requested gradients as `_bwd_chunk` and the label's entry as `_bwd_kernel` write them, then
     that entry's KL term written as minus the sum of the row's others, where that is the more
@@ -919,14 +954,15 @@ def _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a, 
         in_row = cols < V
         x = widen(tl.load(x_row + cols, mask=in_row, other=float("-inf")), ACC)
         xq = widen(tl.load(xq_row + cols, mask=in_row, other=0.0), ACC)
-        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d, shift,
-                             g_p, g_q, f_o, dl_u, r_hi, True, REVERSE, SERIES)  # fmt: skip
+        dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, ratio, a_q, k_q, b_q, f_q, k_d,
+                             shift, g_p, g_q, f_o, dl_u, r_hi, True, REVERSE, SERIES,
+                             FRAMED)  # fmt: skip
         if NEED_X:
             tl.store(g_row + cols, round_to(dz, OUT), mask=in_row)
         if NEED_Q:
             tl.store(gq_row + cols, round_to(dq, OUT), mask=in_row)
         term, w, _ = _kl_term(x, xq, m, c, rho_hi, kp, a_q, k_q, b_q, big_w, c_w, inv_qw,
-                              REVERSE)  # fmt: skip
+                              REVERSE, SERIES, FRAMED)  # fmt: skip
         top = in_row & (w > 0.5)
         others, size, at = others_add(others, size, at, term, top, top | ~in_row, i)
     col = others_column(at, BLOCK_V)
@@ -935,7 +971,7 @@ def _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a, 
     x_t = tl.load(x_row + at_col).to(ACC)
     xq_t = tl.load(xq_row + at_col).to(ACC)
     _, w_t, delta_t = _kl_term(x_t, xq_t, m, c, rho_hi, kp, a_q, k_q, b_q, big_w, c_w, inv_qw,
-                               REVERSE)  # fmt: skip
+                               REVERSE, SERIES, FRAMED)  # fmt: skip
     # The direct form rounds at ~eps w_j (|delta_j| + |c|) |G / kp|, the others' sum at up to
     # ~32 eps of their sizes (the C++ DominantEntry's criterion).
     if REVERSE:
@@ -964,9 +1000,9 @@ def _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a, 
             # The label's entry as `_bwd_kernel` writes it in a row with the KL term.
             x_c = tl.load(x_row + label).to(ACC)
             xq_c = tl.load(xq_row + label).to(ACC)
-            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
-                                  shift, g_p, g_q, f_o, dl_u, r_hi, True, REVERSE,
-                                  SERIES)  # fmt: skip
+            dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a, b, q, kp, ratio, a_q, k_q, b_q, f_q,
+                                  k_d, shift, g_p, g_q, f_o, dl_u, r_hi, True, REVERSE, SERIES,
+                                  FRAMED)  # fmt: skip
             tl.store(g_row + label, round_to(dz_c + g_l * inv_tau, OUT))
             if rewrite:
                 tl.store(g_row + col, round_to(bwd_value64(x_t, m, c, rho_hi, row64, 0.0) - total,
@@ -982,11 +1018,11 @@ def _load_halves(row_ptr, col0, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp, a_q,
-               k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, READ: tl.constexpr,
+def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp, ratio,
+               a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, READ: tl.constexpr,
                KL: tl.constexpr, REVERSE: tl.constexpr, NEED_X: tl.constexpr,
                NEED_Q: tl.constexpr, PAIRS: tl.constexpr, SERIES: tl.constexpr,
-               BLOCK_V: tl.constexpr):  # fmt: skip
+               FRAMED: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     """One chunk's requested gradients, block by block: READ (not an ignored row) reads the
     logits (and with KL the reference) and writes `_bwd_values`; else zeros. One such loop per
     row case, so that none carries a per-element select or a masked load's fill values.
@@ -1006,12 +1042,12 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
                 xq_lo, xq_hi = x_lo, x_hi
                 if KL:
                     xq_lo, xq_hi = _load_halves(xq_row, col0, BLOCK_V)
-                dz_lo, dq_lo = _bwd_values(x_lo, xq_lo, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q,
-                                           f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE,
-                                           SERIES)  # fmt: skip
-                dz_hi, dq_hi = _bwd_values(x_hi, xq_hi, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q,
-                                           f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE,
-                                           SERIES)  # fmt: skip
+                dz_lo, dq_lo = _bwd_values(x_lo, xq_lo, m, c, rho_hi, a, b, q, kp, ratio, a_q, k_q,
+                                           b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, KL,
+                                           REVERSE, SERIES, FRAMED)  # fmt: skip
+                dz_hi, dq_hi = _bwd_values(x_hi, xq_hi, m, c, rho_hi, a, b, q, kp, ratio, a_q, k_q,
+                                           b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, KL,
+                                           REVERSE, SERIES, FRAMED)  # fmt: skip
                 dz = tl.reshape(tl.join(dz_lo, dz_hi), [BLOCK_V])
                 dq = tl.reshape(tl.join(dq_lo, dq_hi), [BLOCK_V])
             else:
@@ -1019,9 +1055,9 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
                 xq = x
                 if KL:
                     xq = widen(tl.load((xq_row + col0) + lanes), ACC)
-                dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
-                                     shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE,
-                                     SERIES)  # fmt: skip
+                dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, ratio, a_q, k_q, b_q, f_q,
+                                     k_d, shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE, SERIES,
+                                     FRAMED)  # fmt: skip
             if NEED_X:
                 tl.store((g_row + col0) + lanes, round_to(dz, OUT))
             if NEED_Q:
@@ -1039,8 +1075,9 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
             xq = x
             if KL:
                 xq = widen(tl.load(xq_row + cols, mask=in_row, other=0.0), ACC)
-            dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, a_q, k_q, b_q, f_q, k_d,
-                                 shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE, SERIES)  # fmt: skip
+            dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, ratio, a_q, k_q, b_q, f_q, k_d,
+                                 shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE, SERIES, FRAMED
+                                 )  # fmt: skip
             if NEED_X:
                 tl.store(g_row + cols, round_to(dz, OUT), mask=in_row)
             if NEED_Q:
@@ -1052,9 +1089,9 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
                 tl.store(gq_row + cols, zero, mask=in_row)
 
 
-@triton.jit(do_not_specialize=["scale_bits", "ignore_index"])
+@triton.jit(do_not_specialize=["scale_bits", "ignore_index", "same_tau"])
 def _bwd_kernel(
-    x_ptr, xq_ptr, labels_ptr, temp_ptr, scale_bits, t_ptr, tq_ptr, ignore_index, V,
+    x_ptr, xq_ptr, labels_ptr, temp_ptr, scale_bits, t_ptr, tq_ptr, same_tau, ignore_index, V,
     n_inner, stride_outer, stride_inner, q_n_inner, q_s_outer, q_s_inner,
     g_logprob_ptr, g_entropy_ptr, g_collision_ptr, g_lse_ptr, g_kl_ptr, lse_ptr, entropy_ptr,
     collision_ptr, max_prob_ptr, argmax_ptr, kl_ptr, kl_state_ptr, grad_ptr, grad_q_ptr,
@@ -1102,7 +1139,9 @@ def _bwd_kernel(
     f_o = tl.zeros([], ACC)
     dl_u = tl.zeros([], ACC)
     r_hi = tl.zeros([], ACC)  # `_bwd_values`' cap of its SERIES log-ratio
+    ratio = tl.zeros([], ACC)  # FRAMED: the two normalizers' ratio (`_bwd_values`)
     SERIES: tl.constexpr = has_other_series(x_ptr.dtype.element_ty)
+    FRAMED: tl.constexpr = frames_reference(x_ptr.dtype.element_ty)
     a_kl = a
     b_kl = b
     read_q = keep & (row < 0)
@@ -1128,6 +1167,11 @@ def _bwd_kernel(
         # `reference_shift`), what `row_exponent` rebuilds here.
         a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, xq_row, V, DIVIDE_Q,
                                      xq_ptr.dtype.element_ty, BLOCK_V)  # fmt: skip
+        if FRAMED:
+            # One scale for both exponents where the temperatures are the same one: the
+            # logits' c (from the fp64 tau) and the reference's own (fp32 tau) may be an ulp
+            # apart, which would leave equal rows' exponents apart too.
+            k_q = tl.where(same_tau != 0, c, k_q)
         one = tl.full([], 1.0, ACC)
         inv_q = div_acc(one, tau_q)
         tau_p = tl.load(t_ptr + row)
@@ -1176,9 +1220,25 @@ def _bwd_kernel(
         # goes into per-row factors, its constant part computed in fp64 and rounded once.
         ln2 = _ln2(g_p)
         ln2_rho = _ln2(rho_hi.to(f64)) * rho_hi.to(f64)
+        if FRAMED:
+            # q_j = e_q kq, kq = 2^(rho_hi - b_q): kp / kq (reverse; kq / kp forward) is e^dl,
+            # exactly 1 where the forward's KL and c are 0 (a reference equal to the logits);
+            # where dl is not finite (a KL = +inf row, whose other side keeps its gradient)
+            # from the two normalizers.
+            kq_own = tl.exp((rho_hi.to(f64) - b_q.to(f64)) * _ln2(rho_hi.to(f64)))
+            own = kp.to(f64) / kq_own if REVERSE else kq_own / kp.to(f64)
+            ratio64 = tl.where((dl == dl) & (tl.abs(dl) < big), tl.exp(dl), own)
+            kq = kp.to(f64) / ratio64 if REVERSE else kp.to(f64) * ratio64
+            ratio = ratio64.to(ACC)
         if REVERSE:
             big_g = kp * g_p
-            if SERIES:
+            if FRAMED:
+                # (q_j - p_j) g_q = (e_q - ratio e) kq g_q; the weight's G ((d_p - d_q) - c) =
+                # G ln2 (d2 - d2_q) - G c: G ln2 as g_p, -G c on a.
+                a_kl = (a.to(f64) - big_g.to(f64) * c_kl.to(f64)).to(ACC)
+                g_p = big_g * ln2
+                f_q = (kq * g_q.to(f64)).to(ACC)
+            elif SERIES:
                 # p_j g_p ((d_p - d_q) - c) = e (G ln2 r - G c), G = kp g_p, r = (d_p - d_q) /
                 # ln2 from one small difference per element (`_bwd_values`): G ln2 as g_p, -G c
                 # on a; token_stats' b as it is.
@@ -1195,7 +1255,14 @@ def _bwd_kernel(
         else:
             f_o = kp * g_p
             k_d = g_q * ln2
-            if SERIES:
+            if FRAMED:
+                # (p_j - q_j) g_p = (e - ratio e_q) kp g_p (not on a); q_j g_q ((d_q - d_p) - c)
+                # = e_q (kq g_q ln2 (d2_q - d2) - kq g_q c).
+                g_p = kp * g_p
+                kq_g = kq * g_q.to(f64)
+                k_d = (kq_g * ln2.to(f64)).to(ACC)
+                shift = (-kq_g * c_kl.to(f64)).to(ACC)
+            elif SERIES:
                 # p_j g_p joins the other side's difference; g_q ((d_q - d_p) - c) = g_q ln2 r -
                 # g_q c, r = (d_q - d_p) / ln2 from one small difference per element.
                 shift = -g_q * c_kl
@@ -1212,11 +1279,11 @@ def _bwd_kernel(
     if DOMINANT_ROWS:
         if dominant:
             _dominant_row(x_row, xq_row, g_row, gq_row, row, label, V, m, c, rho_hi, a_kl, b_kl,
-                          q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi,
-                          big_w, c_w, inv_qw, g_l, inv_tau, g_logprob_ptr,
+                          q, kp, ratio, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u,
+                          r_hi, big_w, c_w, inv_qw, g_l, inv_tau, g_logprob_ptr,
                           g_entropy_ptr, g_collision_ptr, g_lse_ptr, lse_ptr, entropy_ptr,
                           collision_ptr, max_prob_ptr, argmax_ptr, REVERSE, NEED_X, NEED_Q,
-                          SERIES, BLOCK_V)  # fmt: skip
+                          SERIES, FRAMED, BLOCK_V)  # fmt: skip
         return
     start = chunk * CHUNK
     # Dominant rows are the DOMINANT_ROWS launch's: nothing to write here.
@@ -1224,16 +1291,18 @@ def _bwd_kernel(
     if keep:
         if kl_on:
             _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a_kl, b_kl,
-                       q, kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, True,
-                       HAS_REF, REVERSE, NEED_X, NEED_Q, PAIRS, SERIES, BLOCK_V)  # fmt: skip
+                       q, kp, ratio, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi,
+                       True, HAS_REF, REVERSE, NEED_X, NEED_Q, PAIRS, SERIES, FRAMED,
+                       BLOCK_V)  # fmt: skip
         else:
             _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q,
-                       kp, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, True, False,
-                       REVERSE, NEED_X, NEED_Q, PAIRS, SERIES, BLOCK_V)  # fmt: skip
+                       kp, ratio, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, True,
+                       False, REVERSE, NEED_X, NEED_Q, PAIRS, SERIES, FRAMED,
+                       BLOCK_V)  # fmt: skip
     else:
         _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a, b, q, kp,
-                   a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, False, False, REVERSE,
-                   NEED_X, NEED_Q, PAIRS, SERIES, BLOCK_V)  # fmt: skip
+                   ratio, a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi, False, False,
+                   REVERSE, NEED_X, NEED_Q, PAIRS, SERIES, FRAMED, BLOCK_V)  # fmt: skip
     # The label's entry: dz + g_l / tau, rounded once, by the program holding it (the barrier
     # orders it after the block store of the same address by another thread). Without the KL
     # term in the row (no reference, or its upstream gradient 0) the label's and the argmax's
@@ -1260,9 +1329,9 @@ def _bwd_kernel(
                     if kl_on:
                         x_c = tl.load(x_row + label).to(ACC)
                         xq_c = tl.load(xq_row + label, mask=read_q, other=0.0).to(ACC)
-                        dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b_kl, q, kp, a_q,
-                                              k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u, r_hi,
-                                              HAS_REF, REVERSE, SERIES)  # fmt: skip
+                        dz_c, _ = _bwd_values(x_c, xq_c, m, c, rho_hi, a_kl, b_kl, q, kp, ratio,
+                                              a_q, k_q, b_q, f_q, k_d, shift, g_p, g_q, f_o, dl_u,
+                                              r_hi, HAS_REF, REVERSE, SERIES, FRAMED)  # fmt: skip
                         dz_c += g_l * inv_tau
                         tl.store(g_row + label, round_to(dz_c, g_row.dtype.element_ty))
                     else:
@@ -1447,6 +1516,9 @@ def step_stats_backward(
     has_temp, temp, scale_bits = _temperatures(temperature, temperature_scalar, N, acc, dev)
     t = per_row_temperature(temperature, temperature_scalar, N, acc, dev)
     tq = per_row_temperature(ref_temperature, ref_temperature_scalar, N, acc, dev)
+    same_tau = int(_same_temperature(
+        (temperature, temperature_scalar), (ref_temperature, ref_temperature_scalar)
+    ))  # fmt: skip
     blk = row_blocking(V, logits.dtype, _block_v, _chunk)
     layout = (n_inner, stride_outer, stride_inner)
     pairs = _bf16_pairs(logits, *layout) and blk.block_v % 2 == 0
@@ -1460,7 +1532,8 @@ def step_stats_backward(
     for rows in (False, True) if dominant else (False,):
         _bwd_kernel[(N, 1 if rows else blk.n_chunks)](
             logits, ref_logits if has_ref else logits, labels, temp if has_temp else labels,
-            scale_bits, t, tq, ignore_index, V, n_inner, stride_outer, stride_inner, ref_n_inner,
+            scale_bits, t, tq, same_tau, ignore_index, V, n_inner, stride_outer, stride_inner,
+            ref_n_inner,
             ref_stride_outer, ref_stride_inner, flat["grad_logprob"], flat["grad_entropy"],
             flat["grad_collision"], flat["grad_lse"], g_kl, flat["lse"], flat["entropy"],
             flat["collision"], flat["max_prob"], am, kl_rows, st,
