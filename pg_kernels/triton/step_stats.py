@@ -133,6 +133,7 @@ from pg_kernels.triton._common import (
     D_MIN,
     INTERPRETED,
     LN2,
+    LOG2E,
     LOG2E_F64,
     acc_dtype_of,
     acc_of,
@@ -1167,7 +1168,7 @@ def _bwd_kernel(
         # `reference_shift`), what `row_exponent` rebuilds here.
         a_q, k_q, b_q = row_exponent(m_q, l_q, tau_q, xq_row, V, DIVIDE_Q,
                                      xq_ptr.dtype.element_ty, BLOCK_V)  # fmt: skip
-        if FRAMED:
+        if FRAMED or SERIES:
             # One scale for both exponents where the temperatures are the same one: the
             # logits' c (from the fp64 tau) and the reference's own (fp32 tau) may be an ulp
             # apart, which would leave equal rows' exponents apart too.
@@ -1176,6 +1177,19 @@ def _bwd_kernel(
         inv_q = div_acc(one, tau_q)
         tau_p = tl.load(t_ptr + row)
         inv_p = div_acc(one, tau_p)
+        d_ref_q = tl.zeros([], ACC)
+        if SERIES:
+            # fp32: the reference's frame a_q = (m_q / tau_q) tau_q rounded, an ulp from its max
+            # logit, would leave a teacher equal to the logits with (x - m) c and (x_q - a_q) k_q
+            # rounded apart. Where a_q lies within a few ulps of m, the reference takes m as its
+            # frame too: its exponent offset, log s1 and c move by d_ref_q = (m - a_q) / tau_q,
+            # once per row (a frame further away keeps a_q: x_q - m would round relative to
+            # the distance between the two maxes).
+            near_m = tl.abs(m - a_q) <= tl.abs(m) * 2.0**-21
+            d_ref_q = tl.where(near_m & read_q, (m - a_q) * inv_q, 0.0)
+            a_q = tl.where(near_m & read_q, m, a_q)
+            b_q = b_q - d_ref_q * LOG2E
+            l_q = l_q - d_ref_q
         # The forward's c is relative to each side's a / tau: the reference's a_q and the
         # logits' a_p = `max_logit` of the forward's stored max m / tau rounded (m itself for
         # 16-bit logits, else usually). d_p here is relative to m: the difference
@@ -1186,13 +1200,13 @@ def _bwd_kernel(
         d_ref = (m - max_logit(m_z, tau_p, XDT)) * inv_p
         d_ref = tl.where(reads_max(m_z, DIVIDE_Q, XDT), 0.0, d_ref)
         if REVERSE:
-            c_kl -= d_ref
+            c_kl = (c_kl - d_ref) + d_ref_q
             p_nan = kl_on & ((~kl_ok) | (kl == big))  # the weight side of an infinite KL
             q_nan = kl_on & ((~kl_ok) | (~ok))
         else:
             p_nan = kl_on & (~kl_ok)
             q_nan = kl_on & ((~kl_ok) | (~ok) | (kl == big))
-            c_kl += d_ref
+            c_kl = (c_kl + d_ref) - d_ref_q
         g_p = tl.where(kl_on, tl.where(p_nan, nan, up * inv_p), 0.0)  # d/dx = d/dz / tau
         g_q = tl.where(kl_on, tl.where(q_nan, nan, div_acc(up, tau_q)), 0.0)
         # The other side's log s1_v - log s1_w (c now relative to m), in log2 units, for
