@@ -1077,8 +1077,8 @@ def _bwd_chunk(x_row, xq_row, g_row, gq_row, start, n_valid, V, m, c, rho_hi, a,
             if KL:
                 xq = widen(tl.load(xq_row + cols, mask=in_row, other=0.0), ACC)
             dz, dq = _bwd_values(x, xq, m, c, rho_hi, a, b, q, kp, ratio, a_q, k_q, b_q, f_q, k_d,
-                                 shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE, SERIES, FRAMED
-                                 )  # fmt: skip
+                                 shift, g_p, g_q, f_o, dl_u, r_hi, KL, REVERSE, SERIES,
+                                 FRAMED)  # fmt: skip
             if NEED_X:
                 tl.store(g_row + cols, round_to(dz, OUT), mask=in_row)
             if NEED_Q:
