@@ -215,14 +215,20 @@ def shard_rows(logits, ref_logits, labels, temp, ref_temp, ignore_index, directi
     return torch.cat([state, *maxes], dim=1)
 
 
+def _emptied_columns(empty_p: torch.Tensor, empty_q: torch.Tensor) -> torch.Tensor:
+    """[..., N, 6]: which of a partial state's columns (M_P .. KL) a side whose row is all -inf
+    on the shard voids: its own (m, log s1), and c and KL_r where either side is (the kernels
+    report NaN there; not used)."""
+    either = empty_p | empty_q
+    return torch.stack([empty_p, empty_p, empty_q, empty_q, either, either], dim=-1)
+
+
 def partial_state(rows: torch.Tensor) -> torch.Tensor:
     """[..., N, 6] partial states, as the ranks gather them, from `shard_rows`' [..., N, 8]
     (of one shard or stacked): a side whose row is all -inf on the shard marked empty (max
     -inf, log s1 0; c and KL_r 0 where either side is)."""
     empty_p, empty_q = rows[..., MAX_P] == -INF, rows[..., MAX_Q] == -INF
-    empty_pq = empty_p | empty_q  # the kernels' NaN KL_r and c_r: not used (0)
-    empty = torch.stack([empty_p, empty_p, empty_q, empty_q, empty_pq, empty_pq], dim=-1)
-    state = torch.where(empty, 0.0, rows[..., :MAX_P])
+    state = torch.where(_emptied_columns(empty_p, empty_q), 0.0, rows[..., :MAX_P])
     state[..., M_P].masked_fill_(empty_p, -INF)
     state[..., M_Q].masked_fill_(empty_q, -INF)
     return state
@@ -253,17 +259,12 @@ def shard_backward_states(gathered, merged: Merged, acc, outside_wanted: bool, r
     With `outside_wanted` (the weight side's gradient is asked for: its dominant entry), also
     each shard's other shards' terms [world, N, 2] (`_outside_terms`), else None. N-sized
     operations over all shards at once: a vocabulary-block caller has dozens of shards."""
-    g = gathered
+    m_p, ls_p, m_q, ls_q, c, kl = gathered.unbind(-1)
     log_mp, log_mq = merged.log_mass
     shifted = torch.stack(
-        [
-            g[..., M_P], g[..., LS_P] - log_mp, g[..., M_Q], g[..., LS_Q] - log_mq,
-            g[..., C] + (merged.kl - g[..., KL]) - merged.delta,
-        ],
-        dim=-1,
-    ).to(acc)  # fmt: skip
-    empty_p, empty_q = g[..., M_P] == -INF, g[..., M_Q] == -INF
-    empty = torch.stack([empty_p, empty_p, empty_q, empty_q, empty_p | empty_q], dim=-1)
+        [m_p, ls_p - log_mp, m_q, ls_q - log_mq, c + (merged.kl - kl) - merged.delta], dim=-1
+    ).to(acc)
+    empty = _emptied_columns(m_p == -INF, m_q == -INF)[..., :KL]
     row_states = torch.where(empty | ~torch.isfinite(shifted), 0.0, shifted)
     outside = None
     if outside_wanted:

@@ -1241,7 +1241,7 @@ def _bwd_kernel(
             # from the two normalizers.
             kq_own = tl.exp((rho_hi.to(f64) - b_q.to(f64)) * _ln2(rho_hi.to(f64)))
             own = kp.to(f64) / kq_own if REVERSE else kq_own / kp.to(f64)
-            ratio64 = tl.where((dl == dl) & (tl.abs(dl) < big), tl.exp(dl), own)
+            ratio64 = tl.where(tl.abs(dl) < big, tl.exp(dl), own)
             kq = kp.to(f64) / ratio64 if REVERSE else kp.to(f64) * ratio64
             ratio = ratio64.to(ACC)
         if REVERSE:
