@@ -5,6 +5,8 @@
 
 Providers: pg_kernels on every backend this device can run (chunked: [N, V] never exists),
 and opt-in `rows:<backend>`, the same with its backward in row chunks (`backward_order`);
+`token_loss:<backend>`, token_loss_from_hidden (the loss fused, gradients formed in the
+forward), and opt-in `token_loss_rows:<backend>` / `token_loss_vocab:<backend>`, its two orders;
 on GPU, Liger-Kernel's fused linear cross entropy (`liger_flce`) and Cut-Cross-Entropy (`cce`),
 which give the log-prob only (their wheels: benchmarks/fetch_peers.sh);
 `unfused`, the same statistics from materialized logits (`hidden @ weight.T`, then
@@ -111,9 +113,11 @@ def loss(out: Outputs, inputs: Inputs) -> torch.Tensor:
     return out["loss"] if "loss" in out else stats_loss(out, inputs)
 
 
-def _token_loss(backend: str) -> Provider:
+def _token_loss(backend: str, order: str = "auto") -> Provider:
     """token_loss_from_hidden with this benchmark's loss: the gradients formed in the forward
-    (3 matmuls). Its backward alone only scales them, so it has no "bwd" row."""
+    (3 matmuls in row chunks, 4 in vocabulary blocks). Its backward alone only scales them, so
+    it has no "bwd" row. `token_loss_<order>:<backend>` (opt-in) forces `backward_order`, to
+    time both orders in one run (the default: vocabulary blocks on CUDA, row chunks on a CPU)."""
 
     def build(case: Case) -> Callable[[Inputs], Outputs]:
         why = _backend.op_unavailable_reason("token_stats", backend, case.device)
@@ -126,13 +130,15 @@ def _token_loss(backend: str) -> Provider:
 
             out = pg_kernels.token_loss_from_hidden(
                 x["hidden"], x["weight"], x["labels"], loss_fn, ignore_index=IGNORE_INDEX,
-                backend=backend,
+                backward_order=order, backend=backend,
             )  # fmt: skip
             return {**out.stats._asdict(), "loss": out.loss}
 
         return fn
 
-    return Provider(f"token_loss:{backend}", build)
+    if order == "auto":
+        return Provider(f"token_loss:{backend}", build)
+    return Provider(f"token_loss_{order}:{backend}", build, opt_in=True)
 
 
 def _unfused(backend: str) -> Provider:
@@ -224,6 +230,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
     providers = [_fused(b) for b in backends] + [_token_loss(b) for b in backends]
     providers += [_fused(b, "rows") for b in backends]
+    providers += [_token_loss(b, order) for b in backends for order in ("rows", "vocab")]
     providers += [_unfused(b) for b in backends]
     providers.append(Provider("eager", _eager))
     providers += [Provider("liger_flce", _liger_flce, peer=True), Provider("cce", _cce, peer=True)]

@@ -566,9 +566,10 @@ print(*b())')
   if wants hidden; then  # the fused lm_head path at a real model's shape (bf16, D = 4096)
     # eager (plain PyTorch on the bf16 logits) sets the others' tolerance: without it, the
     # float64 check allows only its floor, and bf16 logits are ~1e-3 off. rows:cuda: the
-    # backward in row chunks beside the default vocabulary blocks (docs/performance.md).
-    bench_step bench_token_stats_from_hidden 120 token_stats_from_hidden 1 hidden \
-      "eager pg_kernels:triton pg_kernels:cuda rows:cuda unfused:triton liger_flce cce" \
+    # backward in row chunks beside the default vocabulary blocks (docs/performance.md);
+    # token_loss: the loss fused, in vocabulary blocks (CUDA's default) and in row chunks.
+    bench_step bench_token_stats_from_hidden 140 token_stats_from_hidden 1 hidden \
+      "eager pg_kernels:triton pg_kernels:cuda rows:cuda token_loss:triton token_loss_rows:triton unfused:triton liger_flce cce" \
       16384x151936x4096
   fi
   if wants excess; then  # the 16-bit pair lanes' excess k beside the default (fidelity (1))

@@ -152,6 +152,15 @@ def small_triton_blocks(monkeypatch):
 
 
 @pytest.fixture
+def narrow_vocab_blocks(monkeypatch):
+    """Vocabulary blocks of 64 columns at the tests' small D (`_linear.vocab_block_size`) for
+    the *_from_hidden ops, so that a small vocabulary has several, the last ragged."""
+    from pg_kernels.ops import _linear
+
+    monkeypatch.setattr(_linear, "MIN_VOCAB_BLOCK", 64)
+
+
+@pytest.fixture
 def numpy_arithmetic(monkeypatch):
     """The Triton interpreter's own numpy arithmetic for one test (exps within ~0.5 ulp, fma
     rounded twice) instead of the GPU's the suite emulates: for the tests that GPU arithmetic

@@ -57,13 +57,6 @@ def _labels(shape, v, seed):
     return y
 
 
-@pytest.fixture
-def narrow_vocab_blocks(monkeypatch):
-    """Vocabulary blocks of 64 columns at the tests' small D (`_linear.vocab_block_size`), so
-    that a small vocabulary has several, the last ragged."""
-    monkeypatch.setattr(_linear, "MIN_VOCAB_BLOCK", 64)
-
-
 def _ts_op(backend, chunk_size):
     def op(hidden, weight, bias, labels, **kw):
         return pg_kernels.token_stats_from_hidden(

@@ -1018,7 +1018,10 @@ def test_token_loss_from_hidden(backend_device, data):
     backend, device = backend_device
     p = data.draw(projection_cases())
     t = _temperature(data.draw, p["shape"])
-    hypothesis.note(_show_projection(p, temperature=t))
+    # Row chunks are a CPU's default order; the long profile draws vocabulary blocks (CUDA's)
+    # too (the ci profile's derandomized examples stay as they were).
+    order = data.draw(st.sampled_from(["auto", "vocab"])) if PROFILE != "ci" else "auto"
+    hypothesis.note(_show_projection(p, temperature=t) + f" {order}")
     diff = ("logprob", "entropy", "collision", "lse")
     g = torch.Generator().manual_seed(p["seed"] + 3)
     coef = {f: torch.randn(p["shape"], generator=g, dtype=torch.float64) for f in diff}
@@ -1032,8 +1035,9 @@ def test_token_loss_from_hidden(backend_device, data):
 
     def op(h, w, b, y, **kw):
         return pg_kernels.token_loss_from_hidden(
-            h, w, y, linear_loss, bias=b, chunk_size=p["chunk"], backend=backend, **kw
-        ).loss
+            h, w, y, linear_loss, bias=b, chunk_size=p["chunk"], backward_order=order,
+            backend=backend, **kw,
+        ).loss  # fmt: skip
 
     def ref(h, w, b, y, *, upcast, **kw):
         return linear_loss(reference.token_stats(_linear(h, w, b, upcast), y, upcast=upcast, **kw))
@@ -1046,8 +1050,9 @@ def test_token_loss_from_hidden(backend_device, data):
 
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
                  for a in (p["h"], p["w"], p["b"], p["y"]))  # fmt: skip
-    _check(
-        p, backend, op, ref, args, {"temperature": t}, diff_fields=("out",),
-        grad_args=tuple(_differentiated(data.draw, p["b"])), whole_args=HIDDEN_ARGS,
-        forward_floor={"out": forward}, grad_floor=grad_floor,
-    )  # fmt: skip
+    with _narrow_vocab_blocks():
+        _check(
+            p, backend, op, ref, args, {"temperature": t}, diff_fields=("out",),
+            grad_args=tuple(_differentiated(data.draw, p["b"])), whole_args=HIDDEN_ARGS,
+            forward_floor={"out": forward}, grad_floor=grad_floor,
+        )  # fmt: skip

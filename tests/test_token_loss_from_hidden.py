@@ -4,8 +4,8 @@ Its statistics come from the same chunked matmuls and token_stats kernels as
 token_stats_from_hidden, and the gradient of each chunk's logits from the same backward kernel
 with the same upstream gradients, so outputs and gradients equal token_stats_from_hidden's
 followed by the loss, bitwise for a unit upstream gradient (that op is checked against float64
-in test_from_hidden.py) when that op's backward takes row chunks too (`_stats_then_loss`; in
-vocabulary blocks it sums the same gradient entries in another order);
+in test_from_hidden.py) when both take the same `backward_order` (`_stats_then_loss`: in row
+chunks or in vocabulary blocks; the two orders sum the same gradient entries otherwise);
 the loss itself is checked against float64 here.
 """
 
@@ -18,6 +18,8 @@ from test_from_hidden import _labels, _projection
 
 import pg_kernels
 from pg_kernels import reference
+from pg_kernels.ops import _linear
+from pg_kernels.ops import token_loss_from_hidden as token_loss_module
 
 pytestmark = pytest.mark.op("token_stats")
 
@@ -40,25 +42,30 @@ def _grpo_loss(n, seed, device="cpu"):
     return loss_fn
 
 
-def _stats_then_loss(h, w, b, y, loss_fn, **kw):
+def _stats_then_loss(h, w, b, y, loss_fn, backward_order="rows", **kw):
     """token_stats_from_hidden, then loss_fn on all (flattened) rows at once; its backward in
-    row chunks, the order in which token_loss_from_hidden forms its gradients."""
-    stats = pg_kernels.token_stats_from_hidden(h, w, y, bias=b, backward_order="rows", **kw)
+    `backward_order` (row chunks: the order in which token_loss_from_hidden forms its
+    gradients by default on a CPU)."""
+    stats = pg_kernels.token_stats_from_hidden(h, w, y, bias=b, backward_order=backward_order, **kw)
     flat = type(stats)(*(t.reshape(-1) for t in stats))
     return loss_fn(flat, slice(0, y.numel())), stats
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("per_row", [False, True], ids=["T0.7", "per-row-T"])
-def test_equals_token_stats_from_hidden_then_the_loss(backend_device, dtype, per_row):
+@pytest.mark.parametrize("order", ["rows", "vocab"])
+def test_equals_token_stats_from_hidden_then_the_loss(
+    backend_device, narrow_vocab_blocks, dtype, per_row, order
+):
     """[2, 10] leading dims, chunks of 8 (a ragged last one), an ignored row, a -inf bias entry,
-    a near one-hot row."""
+    a near one-hot row; in each order, vocabulary blocks of 64 columns (a ragged last one)."""
     backend, device = backend_device
     h, w, b = (t.to(device) for t in _projection(20, 24, 509, dtype, seed=3, lead=(2, 10)))
     y = _labels((2, 10), 509, seed=3).to(device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     t = torch.rand(2, 10, generator=torch.Generator().manual_seed(4), dtype=acc) + 0.4
-    kw = dict(temperature=t.to(device) if per_row else 0.7, chunk_size=8, backend=backend)
+    kw = dict(temperature=t.to(device) if per_row else 0.7, chunk_size=8, backend=backend,
+              backward_order=order)  # fmt: skip
     loss_fn = _grpo_loss(20, seed=3, device=device)
     grads = []
     for fused in (False, True):
@@ -99,16 +106,20 @@ def test_loss_matches_float64(dtype):
     assert abs(float(loss) - truth) <= 2 * abs(plain - truth) + 1e-7
 
 
-def test_only_the_inputs_that_require_grad():
+@pytest.mark.parametrize("order", ["rows", "vocab"])
+def test_only_the_inputs_that_require_grad(narrow_vocab_blocks, order):
     h, w, b = _projection(20, 8, 300, torch.float32, seed=6)
     y = _labels((20,), 300, seed=6)
     loss_fn = _grpo_loss(20, seed=6)
-    ww = w.clone().requires_grad_()  # a trained lm_head over frozen hidden states
-    loss, _ = pg_kernels.token_loss_from_hidden(h, ww, y, loss_fn, bias=b, chunk_size=7)
-    loss.backward()
-    w2 = w.clone().requires_grad_()
-    _stats_then_loss(h, w2, b, y, loss_fn, chunk_size=7)[0].backward()
-    assert torch.equal(ww.grad, w2.grad)
+    kw = dict(chunk_size=7, backward_order=order)
+    for trained in (1, 0):  # a trained lm_head over frozen hidden states; the reverse
+        fused, unfused = ([t.clone().requires_grad_(i == trained) for i, t in enumerate((h, w))]
+                          for _ in range(2))  # fmt: skip
+        loss, _ = pg_kernels.token_loss_from_hidden(*fused, y, loss_fn, bias=b, **kw)
+        loss.backward()
+        _stats_then_loss(*unfused, b, y, loss_fn, **kw)[0].backward()
+        assert torch.equal(fused[trained].grad, unfused[trained].grad)
+        assert fused[1 - trained].grad is None
     hh = h.clone().requires_grad_()
     with torch.no_grad():  # no gradient work: the loss and statistics only
         loss, stats = pg_kernels.token_loss_from_hidden(hh, w, y, loss_fn, chunk_size=7)
@@ -226,12 +237,35 @@ def test_bad_loss_fn_is_named():
         pg_kernels.token_loss_from_hidden(h, w[:, :4], y, lambda s, rows: s.logprob.sum())
 
 
-def test_gradcheck_float64(backend_device):
+def test_auto_order_is_vocabulary_blocks_on_cuda_only_for_the_weight():
+    """ "auto": token_stats_from_hidden's choice on CUDA (blocks where the weight's gradient is
+    wanted), row chunks on a CPU (matmul-bound: 3 matmuls, not 4), and without any gradient or
+    rows; an explicit order is kept wherever there is a gradient to form."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    resolve = token_loss_module.resolve_order
+    assert resolve("auto", cuda, 10, (True, True, False)) == "vocab"
+    assert resolve("auto", cuda, 10, (True, False, False)) == "rows"
+    assert resolve("auto", cpu, 10, (True, True, True)) == "rows"
+    assert resolve("vocab", cpu, 10, (True, False, False)) == "vocab"
+    assert resolve("rows", cuda, 10, (True, True, True)) == "rows"
+    assert resolve("vocab", cuda, 10, (False, False, False)) == "rows"  # statistics only
+    assert resolve("vocab", cuda, 0, (True, True, True)) == "rows"  # no rows
+    h, w, _ = _projection(4, 8, 30, torch.float32, seed=6)
+    with pytest.raises(ValueError, match="backward_order must be one of"):
+        pg_kernels.token_loss_from_hidden(
+            h, w, _labels((4,), 30, seed=6), lambda s, r: s.logprob.sum(), backward_order="cols"
+        )
+
+
+@pytest.mark.parametrize("order", ["rows", "vocab"])
+def test_gradcheck_float64(backend_device, monkeypatch, order):
     """Finite differences against the gradients formed in the forward, w.r.t. hidden, weight
     and bias together: per-row temperatures, an ignored row (its statistics still get upstream
     gradients from loss_fn, which must not reach hidden), chunks of 2 over 5 rows (a ragged
     last one), a loss non-linear in logprob, entropy, collision and lse with per-row weights,
-    and an upstream gradient other than 1 (the backward's scaling)."""
+    and an upstream gradient other than 1 (the backward's scaling); vocabulary blocks of 3, 3
+    and 1 columns."""
+    monkeypatch.setattr(_linear, "MIN_VOCAB_BLOCK", 3)
     backend, device = backend_device
     h, w, b = (t.to(device) for t in _projection(5, 3, 7, torch.float64, seed=21))
     b[1] = 0.0  # finite everywhere: gradcheck perturbs every entry
@@ -247,8 +281,9 @@ def test_gradcheck_float64(backend_device):
 
     def f(h, w, b):
         loss = pg_kernels.token_loss_from_hidden(
-            h, w, y, loss_fn, bias=b, temperature=t, chunk_size=2, backend=backend
-        ).loss
+            h, w, y, loss_fn, bias=b, temperature=t, chunk_size=2, backward_order=order,
+            backend=backend,
+        ).loss  # fmt: skip
         return 1.5 * loss
 
     leaves = [x.clone().requires_grad_() for x in (h, w, b)]

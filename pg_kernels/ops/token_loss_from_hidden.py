@@ -9,6 +9,15 @@ logits are still in the buffer: per chunk, the matmul, the token_stats kernel, `
 chunk's statistics and its gradients w.r.t. them (autograd on per-row numbers), the token_stats
 backward kernel, then grad_hidden = g @ W and grad_weight += g.T @ h. The backward only scales
 the saved gradients by the loss's upstream gradient.
+
+That row-chunk order reads and writes the weight gradient's [V, D] accumulator (fp32 for 16-bit
+weights) once per chunk, which on a GPU costs more than a matmul (docs/performance.md, "The
+fused lm_head path on a GPU": ~170 ms of traffic at 16384 x 151936 x 4096 bf16 against ~30 ms
+per N·V·D matmul, predicted). `backward_order="vocab"` (the default on CUDA where the weight's
+gradient is wanted) takes token_stats_from_hidden's order instead, still inside the forward:
+the statistics in row chunks, loss_fn on each chunk's as above, then every gradient in
+vocabulary blocks from those per-row gradients (`_backward_in_vocab_blocks`): 4 matmuls, no
+[V, D] accumulator. On a CPU the matmuls are the time, and the 3 of row chunks win (README).
 """
 
 from __future__ import annotations
@@ -17,7 +26,14 @@ import torch
 
 from pg_kernels import _library, reference
 from pg_kernels.ops import token_stats as _ts
-from pg_kernels.ops._linear import ChunkedProjection, chunks, rows
+from pg_kernels.ops import token_stats_from_hidden as _tsh
+from pg_kernels.ops._linear import (
+    ChunkedProjection,
+    backward_order,
+    check_backward_order,
+    chunks,
+    rows,
+)
 from pg_kernels.ops.token_stats_from_hidden import check_args, empty_stats
 from pg_kernels.outputs import TokenLoss, TokenStats
 
@@ -45,6 +61,15 @@ def _chunk_loss(loss_fn, stats, start: int, stop: int):
     return loss.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
 
 
+def resolve_order(order: str, device: torch.device, n_rows: int, wanted) -> str:
+    """The order the forward forms the gradients in, "rows" or "vocab" (`backward_order`): "auto" is
+    token_stats_from_hidden's choice (vocabulary blocks where the weight's gradient is wanted)
+    on CUDA, and row chunks elsewhere; without any gradient, row chunks (statistics only)."""
+    if not any(wanted) or (order == "auto" and device.type != "cuda"):
+        return "rows"
+    return backward_order(order, n_rows, wanted)
+
+
 # torch.compile runs it eagerly (a graph break): loss_fn is differentiated inside the forward.
 @torch.compiler.disable
 def _apply(*args):
@@ -54,7 +79,16 @@ def _apply(*args):
 class _TokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index,
-                chunk_size, backend, loss_fn, wanted):  # fmt: skip
+                chunk_size, order, backend, loss_fn, wanted):  # fmt: skip
+        ctx.wanted = wanted
+        if order == "vocab":
+            loss, outs, gradients = _in_vocab_blocks(
+                hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index,
+                chunk_size, backend, loss_fn, wanted,
+            )  # fmt: skip
+            ctx.save_for_backward(*gradients)
+            ctx.mark_non_differentiable(*outs)
+            return loss, *outs
         proj = ChunkedProjection(hidden, weight, bias, chunk_size, wanted)
         outs = empty_stats(hidden, labels)
         loss = None
@@ -77,7 +111,6 @@ class _TokenLoss(torch.autograd.Function):
         if loss is None:  # no rows: the sum over no chunks
             loss = outs[0].new_zeros(())
         ctx.save_for_backward(*proj.gradients())
-        ctx.wanted = wanted
         ctx.mark_non_differentiable(*outs)
         return loss, *outs
 
@@ -86,7 +119,35 @@ class _TokenLoss(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants
             raise _library.not_twice(OP)
         grads = [g * grad_loss if w else None for g, w in zip(ctx.saved_tensors, ctx.wanted)]
-        return *grads, *(None,) * 8
+        return *grads, *(None,) * 9
+
+
+def _in_vocab_blocks(
+    hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
+    backend, loss_fn, wanted,
+):  # fmt: skip
+    """The forward of `backward_order="vocab"` (module docstring): token_stats_from_hidden's
+    forward (the same row chunks, matmuls and kernel, so the same statistics), loss_fn on each
+    chunk's statistics (the same calls, so the same loss and per-row gradients as row chunks),
+    then token_stats_from_hidden's backward in vocabulary blocks from those per-row gradients.
+    Returns (loss, the statistics, the inputs' gradients)."""
+    *outs, max_logit = _tsh._forward(
+        hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
+        "vocab", backend,
+    )  # fmt: skip
+    stats = TokenStats(*outs)
+    loss, row_grads = None, [[] for _ in DIFFERENTIABLE]  # resolve_order: at least one row
+    for s, e in chunks(labels.numel(), chunk_size):
+        part, grads = _chunk_loss(loss_fn, TokenStats(*(t[s:e] for t in stats)), s, e)
+        loss = part if loss is None else loss + part
+        for acc, g in zip(row_grads, grads):
+            acc.append(g)
+    saved = (stats.lse, stats.entropy, stats.collision, stats.max_prob)
+    gradients = _tsh._backward_in_vocab_blocks(
+        [torch.cat(g) for g in row_grads], hidden, weight, bias, labels, temperature,
+        temperature_scalar, ignore_index, saved, stats.argmax, max_logit, wanted, backend,
+    )  # fmt: skip
+    return loss, outs, gradients
 
 
 class _ThroughStats(torch.autograd.Function):
@@ -115,6 +176,7 @@ def token_loss_from_hidden(
     temperature: float | torch.Tensor = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    backward_order: str = "auto",
     backend: str = "auto",
 ) -> TokenLoss:
     """`loss_fn` of `token_stats(hidden @ weight.T + bias, labels, ...)`, with the gradients
@@ -123,6 +185,15 @@ def token_loss_from_hidden(
     Args:
         hidden, weight, labels, bias, temperature, ignore_index, chunk_size, backend: as
             `token_stats_from_hidden`.
+        backward_order: the order in which the forward forms the gradients. "rows": each
+            chunk's right after its statistics, 3 lm_head matmuls, the weight's gradient added
+            into a [V, D] accumulator (fp32 for 16-bit weights) once per chunk; "vocab": all
+            the statistics and losses first, then every gradient in vocabulary blocks as
+            `token_stats_from_hidden`'s backward (the logits recomputed: 4 matmuls, no [V, D]
+            accumulator, an [N, D] one for hidden's gradient). "auto" (default): "vocab" on
+            CUDA where the weight's gradient is wanted (a GPU is bound by the accumulator's
+            traffic, not the matmul it saves), else "rows" (a CPU is bound by the matmuls).
+            Never a function of N. The loss and statistics are the same either way.
         loss_fn: `loss_fn(stats: TokenStats, rows: slice) -> 0-d tensor`, called once per chunk
             with that chunk's statistics (rows `rows` of the flattened [N] tokens, i.e. of
             `labels.reshape(-1)`); the loss is the sum of its values. It must be separable over
@@ -153,6 +224,7 @@ def token_loss_from_hidden(
     ignore_index, chunk_size, temp, backend = check_args(
         OP, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, backend
     )
+    check_backward_order(OP, backward_order)
     if backend == "reference":
         logits = torch.nn.functional.linear(hidden, weight, bias).reshape(-1, weight.shape[0])
         flat_temp = temp.scalar if temp.tensor is None else temp.tensor
@@ -171,8 +243,9 @@ def token_loss_from_hidden(
     wanted = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not torch.is_grad_enabled():
         wanted = (False, False, False)
+    order = resolve_order(backward_order, hidden.device, labels.numel(), wanted)
     loss, *outs = _apply(
         hidden, weight, bias, labels.reshape(-1), temp.tensor, temp.scalar, ignore_index,
-        chunk_size, backend, loss_fn, wanted,
+        chunk_size, order, backend, loss_fn, wanted,
     )  # fmt: skip
     return TokenLoss(loss, TokenStats(*(o.view(labels.shape) for o in outs)))
