@@ -10,8 +10,11 @@ sum(w * kl). Providers: pg_kernels on every backend this device can run, in its 
 `backward_order="rows"`: a [V, D] accumulator for the weight's gradient, fp32 for 16-bit
 weights); `unfused`, both logits materialized (`hidden @ weight.T`), then
 pg_kernels.kl_divergence on the same backend; `eager`, the same in plain PyTorch at the input
-precision (the trainer path). Six N·V·D matmuls fused (the backward recomputes both sides'
-logits), four unfused: the op is matmul-bound, and its point is the memory (`peak MB`).
+precision (the trainer path); `kl_loss:<backend>`, kl_loss_from_hidden with the same loss
+(gradients formed in the forward: four matmuls in row chunks, a CPU's default order; six in
+vocabulary blocks, CUDA's) and opt-in `kl_loss_rows:<backend>` / `kl_loss_vocab:<backend>`.
+Six N·V·D matmuls fused (the backward recomputes both sides' logits), four unfused: the op is
+matmul-bound, and its point is the memory (`peak MB`).
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ def truth(inputs: Inputs) -> Outputs:
 
 
 def loss(out: Outputs, inputs: Inputs) -> torch.Tensor:
-    return (inputs["w"] * out["kl"]).sum()
+    """sum(w * kl), or the loss a provider fused (out["loss"])."""
+    return out["loss"] if "loss" in out else (inputs["w"] * out["kl"]).sum()
 
 
 def _fused(backend: str, order: str = "auto") -> Provider:
@@ -99,6 +103,30 @@ def _fused(backend: str, order: str = "auto") -> Provider:
         }
 
     return Provider(f"pg_kernels:{backend}" if order == "auto" else f"{order}:{backend}", build)
+
+
+def _kl_loss(backend: str, order: str = "auto") -> Provider:
+    """kl_loss_from_hidden with this benchmark's loss. Its backward alone only scales the
+    gradients the forward formed, so it has no "bwd" row."""
+
+    def build(case: Case) -> Callable[[Inputs], Outputs]:
+        why = _backend.op_unavailable_reason("kl_divergence", backend, case.device)
+        if why is not None or case.mode == "bwd":
+            raise Skip(why or "its gradients are formed in the forward: see fwd+bwd")
+
+        def fn(x: Inputs) -> Outputs:
+            out = pg_kernels.kl_loss_from_hidden(
+                x["hidden"], x["weight"], x["ref_hidden"], x["ref_weight"],
+                lambda kl, rows: (x["w"][rows] * kl).sum(), backward_order=order,
+                backend=backend,
+            )  # fmt: skip
+            return {"kl": out.kl, "loss": out.loss}
+
+        return fn
+
+    if order == "auto":
+        return Provider(f"kl_loss:{backend}", build)
+    return Provider(f"kl_loss_{order}:{backend}", build, opt_in=True)
 
 
 def _unfused(backend: str) -> Provider:
@@ -130,6 +158,8 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         raise SystemExit(f"{OP}: --temperature is not supported by this benchmark")
     backends = ("cpu",) if device.type == "cpu" else ("triton",)
     providers = [_fused(b) for b in backends] + [_fused(b, "rows") for b in backends]
+    providers += [_kl_loss(b) for b in backends]
+    providers += [_kl_loss(b, order) for b in backends for order in ("rows", "vocab")]
     providers += [_unfused(b) for b in backends] + [Provider("eager", _eager)]
     main, rows = f"pg_kernels:{backends[0]}", f"rows:{backends[0]}"
     unfused = f"unfused:{backends[0]}"
@@ -139,6 +169,12 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         f"Vocabulary blocks against row chunks and the unfused path at {at}", main, shape,
         [Target(f"fwd+bwd / {rows}", "fwd+bwd", rows, time_ratio=True),
          Target(f"fwd+bwd / {unfused}", "fwd+bwd", unfused, time_ratio=True)],
+    )  # fmt: skip
+    fused_loss = f"kl_loss:{backends[0]}"
+    loss_summary = harness.targets_summary(
+        f"{fused_loss} (the loss fused: gradients formed in the forward) at {at}", fused_loss,
+        shape, [Target(f"fwd+bwd / {main}", "fwd+bwd", main, time_ratio=True),
+                Target(f"fwd+bwd / {unfused}", "fwd+bwd", unfused, time_ratio=True)],
     )  # fmt: skip
     return OpBench(
         op=OP,
@@ -160,7 +196,7 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
             "matmul-bound: GB/s counts only hidden, weight and per-row tensors; compare times "
             "and peak memory",
         ],
-        summaries=[summary],
+        summaries=[summary, loss_summary],
     )
 
 

@@ -136,3 +136,19 @@ _document_fields(
     loss="0-d: the sum of loss_fn over the chunks; differentiable w.r.t. hidden, weight, bias",
     stats="TokenStats of every row, detached (for metrics; the loss carries the gradients)",
 )
+
+
+class KLLoss(NamedTuple):
+    """A per-row loss of the KL between two projections of hidden states, its gradients formed
+    in the forward (`pg_kernels.kl_loss_from_hidden`)."""
+
+    loss: torch.Tensor
+    kl: torch.Tensor
+
+
+_document_fields(
+    KLLoss,
+    loss="0-d: the sum of loss_fn over the chunks; differentiable w.r.t. hidden, weight, bias "
+    "(and the teacher's, where they require grad)",
+    kl="[...] KL of every row, detached (for metrics; the loss carries the gradients)",
+)

@@ -961,20 +961,26 @@ def _kl_hidden_floors(p, rh, rw, rb, kw):
     return forward, floor, beyond
 
 
+def _kl_hidden_case(draw):
+    """The drawn student (projection_cases), teacher (_teacher), KL arguments and whether the
+    teacher's gradients are asked for, of the KL-from-hidden ops' cases."""
+    p = draw(projection_cases())
+    teacher = _teacher(draw, p)
+    kw = {
+        "direction": draw(st.sampled_from(["reverse", "forward"])),
+        "temperature": _temperature(draw, p["shape"]),
+        "ref_temperature": _temperature(draw, p["shape"]) if draw(st.booleans()) else None,
+        "labels": p["y"] if draw(st.booleans()) else None,
+    }
+    return p, teacher, kw, draw(st.booleans())
+
+
 @pytest.mark.op("kl_divergence")
 @pytest.mark.backends("cpu")
 @given(data=st.data())
 def test_kl_divergence_from_hidden(backend_device, data):
     backend, device = backend_device
-    p = data.draw(projection_cases())
-    rh, rw, rb = _teacher(data.draw, p)
-    kw = {
-        "direction": data.draw(st.sampled_from(["reverse", "forward"])),
-        "temperature": _temperature(data.draw, p["shape"]),
-        "ref_temperature": _temperature(data.draw, p["shape"]) if data.draw(st.booleans()) else None,  # noqa: E501
-        "labels": p["y"] if data.draw(st.booleans()) else None,
-    }  # fmt: skip
-    teacher_grads = data.draw(st.booleans())
+    p, (rh, rw, rb), kw, teacher_grads = _kl_hidden_case(data.draw)
     # The default order is vocabulary blocks; the long profile draws row chunks too (the ci
     # profile's derandomized examples stay as they were).
     order = data.draw(st.sampled_from(["auto", "rows"])) if PROFILE != "ci" else "auto"
@@ -1004,6 +1010,56 @@ def test_kl_divergence_from_hidden(backend_device, data):
             p, backend, op, ref, args, kw, diff_fields=("out",), grad_args=tuple(grad_args),
             whole_args=(*HIDDEN_ARGS, 3, 4, 5), forward_floor={"out": forward_floor},
             grad_floor=grad_floor,
+        )  # fmt: skip
+
+
+@pytest.mark.op("kl_divergence")
+@pytest.mark.backends("cpu")
+@given(data=st.data())
+def test_kl_loss_from_hidden(backend_device, data):
+    """A loss linear in the KL with drawn per-row coefficients, its gradients formed in the
+    forward: the loss and the six inputs' gradients, under test_kl_divergence_from_hidden's
+    floors with those coefficients (times the loss's upstream gradient) as the KL's upstream
+    gradient."""
+    backend, device = backend_device
+    p, (rh, rw, rb), kw, teacher_grads = _kl_hidden_case(data.draw)
+    order = data.draw(st.sampled_from(["auto", "vocab"]))  # auto: row chunks on a CPU
+    hypothesis.note(
+        _show_projection(p, temperature=kw["temperature"], ref=kw["ref_temperature"])
+        + f" teacher D={rh.shape[-1]} bias={rb is not None} grads={teacher_grads} {order}"
+    )
+    coef = torch.randn(p["shape"], generator=torch.Generator().manual_seed(p["seed"] + 5),
+                       dtype=torch.float64)  # fmt: skip
+
+    def linear_loss(kl, rows=slice(None)):
+        return (kl.reshape(-1) * coef.reshape(-1)[rows].to(device=kl.device, dtype=kl.dtype)).sum()
+
+    def op(h, w, b, rh, rw, rb, **kw):
+        return pg_kernels.kl_loss_from_hidden(
+            h, w, rh, rw, linear_loss, bias=b, ref_bias=rb, chunk_size=p["chunk"],
+            backward_order=order, backend=backend, **kw,
+        ).loss  # fmt: skip
+
+    def ref(h, w, b, rh, rw, rb, *, upcast, **kw):
+        return linear_loss(reference.kl_divergence(
+            _linear(h, w, b, upcast), _linear(rh, rw, rb, upcast), upcast=upcast, **kw
+        ))  # fmt: skip
+
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
+                 for a in (p["h"], p["w"], p["b"], rh, rw, rb))  # fmt: skip
+    grad_args = _differentiated(data.draw, p["b"])
+    if teacher_grads:
+        grad_args += _differentiated(data.draw, rb, first=3)
+    rows, kl_floor, p["beyond_first_order"] = _kl_hidden_floors(p, rh, rw, rb, kw)
+
+    def grad_floor(i, ups):
+        return kl_floor(i, {"out": coef * ups["out"].abs()})
+
+    with _narrow_vocab_blocks():
+        _check(
+            p, backend, op, ref, args, kw, diff_fields=("out",), grad_args=tuple(grad_args),
+            whole_args=(*HIDDEN_ARGS, 3, 4, 5),
+            forward_floor={"out": (coef.abs() * rows).sum()}, grad_floor=grad_floor,
         )  # fmt: skip
 
 

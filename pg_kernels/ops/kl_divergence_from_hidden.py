@@ -248,6 +248,45 @@ torch.library.register_autograd(
 _library.differentiable_once("kl_divergence_from_hidden_backward")
 
 
+def check_args(
+    op, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, direction, labels, ignore_index,
+    temperature, ref_temperature, chunk_size, backward_order, backend,
+):  # fmt: skip
+    """The shared argument checks of the KL-from-hidden ops: (chunk_size, backward_order,
+    ignore_index, temperature, ref_temperature, backend), each validated and resolved but the
+    order ("auto" stays for the op to resolve)."""
+    check_projection(op, "", hidden, weight, bias)
+    check_projection(op, "ref_", ref_hidden, ref_weight, ref_bias)
+    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{op}: ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(ref_hidden.shape[:-1])}"
+        )
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"{op}: ref_weight must have weight's vocabulary size V = {weight.shape[0]}, "
+            f"got {ref_weight.shape[0]}"
+        )
+    if ref_hidden.dtype != hidden.dtype:
+        raise TypeError(
+            f"{op}: ref_hidden must have hidden's dtype {hidden.dtype}, got {ref_hidden.dtype} "
+            "(cast one side)"
+        )
+    if ref_hidden.device != hidden.device:
+        raise ValueError(
+            f"{op}: ref_hidden is on {ref_hidden.device} but hidden on {hidden.device}"
+        )
+    chunk_size = check_chunk_size(op, chunk_size, weight.shape[0], hidden)
+    order = check_backward_order(op, backward_order)
+    # hidden[..., :1] stands in for the logits: the checks read only their leading shape
+    ignore_index, temp, ref_temp = _kl.check_kl_args(
+        op, hidden[..., :1], direction, labels, ignore_index, temperature, ref_temperature,
+        of="hidden",
+    )  # fmt: skip
+    backend = _backend.resolve(op, backend, hidden.device, kernels=_kl.KERNELS)
+    return chunk_size, order, ignore_index, temp, ref_temp, backend
+
+
 def kl_divergence_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -295,40 +334,15 @@ def kl_divergence_from_hidden(
         respect to hidden, weight, bias and, when they require grad, the teacher's tensors;
         gradients come back in the inputs' dtypes.
     """
-    check_projection(OP, "", hidden, weight, bias)
-    check_projection(OP, "ref_", ref_hidden, ref_weight, ref_bias)
-    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"{OP}: ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
-            f"got {tuple(ref_hidden.shape[:-1])}"
-        )
-    if ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(
-            f"{OP}: ref_weight must have weight's vocabulary size V = {weight.shape[0]}, "
-            f"got {ref_weight.shape[0]}"
-        )
-    if ref_hidden.dtype != hidden.dtype:
-        raise TypeError(
-            f"{OP}: ref_hidden must have hidden's dtype {hidden.dtype}, got {ref_hidden.dtype} "
-            "(cast one side)"
-        )
-    if ref_hidden.device != hidden.device:
-        raise ValueError(
-            f"{OP}: ref_hidden is on {ref_hidden.device} but hidden on {hidden.device}"
-        )
+    chunk_size, order, ignore_index, temp, ref_temp, backend = check_args(
+        OP, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, direction, labels,
+        ignore_index, temperature, ref_temperature, chunk_size, backward_order, backend,
+    )  # fmt: skip
     lead = tuple(hidden.shape[:-1])
-    chunk_size = check_chunk_size(OP, chunk_size, weight.shape[0], hidden)
-    order = check_backward_order(OP, backward_order)
     if num_rows(hidden) == 0:  # nothing to compute: row chunks handle the empty batch
         order = "rows"
     elif order == "auto":
         order = "vocab"
-    # hidden[..., :1] stands in for the logits: the checks read only their leading shape
-    ignore_index, temp, ref_temp = _kl.check_kl_args(
-        OP, hidden[..., :1], direction, labels, ignore_index, temperature, ref_temperature,
-        of="hidden",
-    )  # fmt: skip
-    backend = _backend.resolve(OP, backend, hidden.device, kernels=_kl.KERNELS)
     if backend == "reference":
         return reference.kl_divergence(
             torch.nn.functional.linear(hidden, weight, bias),

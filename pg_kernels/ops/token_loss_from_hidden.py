@@ -27,13 +27,7 @@ import torch
 from pg_kernels import _library, reference
 from pg_kernels.ops import token_stats as _ts
 from pg_kernels.ops import token_stats_from_hidden as _tsh
-from pg_kernels.ops._linear import (
-    ChunkedProjection,
-    backward_order,
-    check_backward_order,
-    chunks,
-    rows,
-)
+from pg_kernels.ops._linear import ChunkedProjection, check_backward_order, chunks, rows
 from pg_kernels.ops.token_stats_from_hidden import check_args, empty_stats
 from pg_kernels.outputs import TokenLoss, TokenStats
 
@@ -41,18 +35,18 @@ OP = "token_loss_from_hidden"
 DIFFERENTIABLE = ("logprob", "entropy", "collision", "lse")  # token_stats' backward inputs
 
 
-def _chunk_loss(loss_fn, stats, start: int, stop: int):
-    """loss_fn on one chunk's statistics; returns (loss, its gradients w.r.t. DIFFERENTIABLE)."""
-    fields = stats._asdict()
-    leaves = [fields[name].detach().requires_grad_() for name in DIFFERENTIABLE]
-    fields.update(zip(DIFFERENTIABLE, leaves))
+def chunk_loss(op: str, loss_fn, values, build, start: int, stop: int):
+    """loss_fn(build(*leaves), slice(start, stop)) on detached leaves of `values` (one chunk's
+    per-row outputs); returns (loss, its gradients w.r.t. each of `values`, zeros where unused).
+    Shared by the *_loss_from_hidden ops, whose `op` names the error."""
+    leaves = [v.detach().requires_grad_() for v in values]
     with torch.enable_grad():
-        loss = loss_fn(TokenStats(**fields), slice(start, stop))
+        loss = loss_fn(build(*leaves), slice(start, stop))
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
             got = type(loss).__name__ if not isinstance(loss, torch.Tensor) else (
                 f"a {loss.dtype} tensor of shape {tuple(loss.shape)}"
             )  # fmt: skip
-            raise TypeError(f"{OP}: loss_fn must return a 0-d floating tensor, got {got}")
+            raise TypeError(f"{op}: loss_fn must return a 0-d floating tensor, got {got}")
         if not loss.requires_grad:  # a loss that ignores the statistics: zero gradients
             # A copy: the caller's tensor (a captured constant) must not become the op's
             # output, on which autograd would hang its graph.
@@ -61,13 +55,27 @@ def _chunk_loss(loss_fn, stats, start: int, stop: int):
     return loss.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
 
 
-def resolve_order(order: str, device: torch.device, n_rows: int, wanted) -> str:
-    """The order the forward forms the gradients in, "rows" or "vocab" (`backward_order`): "auto" is
-    token_stats_from_hidden's choice (vocabulary blocks where the weight's gradient is wanted)
-    on CUDA, and row chunks elsewhere; without any gradient, row chunks (statistics only)."""
-    if not any(wanted) or (order == "auto" and device.type != "cuda"):
+def _stats_loss(loss_fn, stats: TokenStats, start: int, stop: int):
+    """chunk_loss on one chunk's statistics, w.r.t. DIFFERENTIABLE."""
+    fields = stats._asdict()
+
+    def build(*leaves):
+        return TokenStats(**{**fields, **dict(zip(DIFFERENTIABLE, leaves))})
+
+    return chunk_loss(OP, loss_fn, [fields[f] for f in DIFFERENTIABLE], build, start, stop)
+
+
+def resolve_order(order: str, device: torch.device, n_rows: int, gradient: bool,
+                  weight_gradient: bool) -> str:  # fmt: skip
+    """The order in which a *_loss_from_hidden op's forward forms its gradients, "rows" or
+    "vocab" (`backward_order`): "auto" takes vocabulary blocks on CUDA where a weight's
+    gradient is wanted (token_stats_from_hidden's choice there), else row chunks; without any
+    gradient or rows, row chunks (the outputs only)."""
+    if not gradient or n_rows == 0:
         return "rows"
-    return backward_order(order, n_rows, wanted)
+    if order == "auto":
+        return "vocab" if device.type == "cuda" and weight_gradient else "rows"
+    return order
 
 
 # torch.compile runs it eagerly (a graph break): loss_fn is differentiated inside the forward.
@@ -99,7 +107,7 @@ class _TokenLoss(torch.autograd.Function):
             ))  # fmt: skip
             for out, value in zip(outs, stats):
                 out[s:e] = value
-            part, grads = _chunk_loss(loss_fn, stats, s, e)
+            part, grads = _stats_loss(loss_fn, stats, s, e)
             loss = part if loss is None else loss + part
             if any(wanted):
                 grad_logits = _ts._token_stats_backward(
@@ -138,7 +146,7 @@ def _in_vocab_blocks(
     stats = TokenStats(*outs)
     loss, row_grads = None, [[] for _ in DIFFERENTIABLE]  # resolve_order: at least one row
     for s, e in chunks(labels.numel(), chunk_size):
-        part, grads = _chunk_loss(loss_fn, TokenStats(*(t[s:e] for t in stats)), s, e)
+        part, grads = _stats_loss(loss_fn, TokenStats(*(t[s:e] for t in stats)), s, e)
         loss = part if loss is None else loss + part
         for acc, g in zip(row_grads, grads):
             acc.append(g)
@@ -150,9 +158,9 @@ def _in_vocab_blocks(
     return loss, outs, gradients
 
 
-class _ThroughStats(torch.autograd.Function):
+class ThroughStats(torch.autograd.Function):
     """The reference path's loss: `value`, whose gradient w.r.t. the live statistics is
-    `grads` (loss_fn's, taken on detached leaves by _chunk_loss)."""
+    `grads` (loss_fn's, taken on detached leaves by `chunk_loss`)."""
 
     @staticmethod
     def forward(ctx, value, grads, *stats):
@@ -236,14 +244,14 @@ def token_loss_from_hidden(
             value = stats.logprob.new_zeros(())
             grads = [torch.zeros_like(getattr(stats, f)) for f in DIFFERENTIABLE]
         else:
-            value, grads = _chunk_loss(loss_fn, stats, 0, labels.numel())
-        loss = _ThroughStats.apply(value, grads, *(getattr(stats, f) for f in DIFFERENTIABLE))
+            value, grads = _stats_loss(loss_fn, stats, 0, labels.numel())
+        loss = ThroughStats.apply(value, grads, *(getattr(stats, f) for f in DIFFERENTIABLE))
         detached = TokenStats(*(t.detach().view(labels.shape) for t in stats))
         return TokenLoss(loss, detached)
     wanted = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not torch.is_grad_enabled():
         wanted = (False, False, False)
-    order = resolve_order(backward_order, hidden.device, labels.numel(), wanted)
+    order = resolve_order(backward_order, hidden.device, labels.numel(), any(wanted), wanted[1])
     loss, *outs = _apply(
         hidden, weight, bias, labels.reshape(-1), temp.tensor, temp.scalar, ignore_index,
         chunk_size, order, backend, loss_fn, wanted,
