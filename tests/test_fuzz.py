@@ -961,18 +961,25 @@ def _kl_hidden_floors(p, rh, rw, rb, kw):
     return forward, floor, beyond
 
 
-def _kl_hidden_case(draw):
-    """The drawn student (projection_cases), teacher (_teacher), KL arguments and whether the
-    teacher's gradients are asked for, of the KL-from-hidden ops' cases."""
+def _kl_hidden_case(draw, device):
+    """The KL-from-hidden ops' drawn case: the student (projection_cases), the teacher
+    (_teacher), the KL's keyword arguments, whether the teacher's gradients are asked for, the
+    six tensors on `device` and the indices of those differentiated."""
     p = draw(projection_cases())
-    teacher = _teacher(draw, p)
+    rh, rw, rb = _teacher(draw, p)
     kw = {
         "direction": draw(st.sampled_from(["reverse", "forward"])),
         "temperature": _temperature(draw, p["shape"]),
         "ref_temperature": _temperature(draw, p["shape"]) if draw(st.booleans()) else None,
         "labels": p["y"] if draw(st.booleans()) else None,
     }
-    return p, teacher, kw, draw(st.booleans())
+    teacher_grads = draw(st.booleans())
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
+                 for a in (p["h"], p["w"], p["b"], rh, rw, rb))  # fmt: skip
+    grad_args = _differentiated(draw, p["b"])
+    if teacher_grads:
+        grad_args += _differentiated(draw, rb, first=3)
+    return p, (rh, rw, rb), kw, teacher_grads, args, tuple(grad_args)
 
 
 @pytest.mark.op("kl_divergence")
@@ -980,7 +987,7 @@ def _kl_hidden_case(draw):
 @given(data=st.data())
 def test_kl_divergence_from_hidden(backend_device, data):
     backend, device = backend_device
-    p, (rh, rw, rb), kw, teacher_grads = _kl_hidden_case(data.draw)
+    p, (rh, rw, rb), kw, teacher_grads, args, grad_args = _kl_hidden_case(data.draw, device)
     # The default order is vocabulary blocks; the long profile draws row chunks too (the ci
     # profile's derandomized examples stay as they were).
     order = data.draw(st.sampled_from(["auto", "rows"])) if PROFILE != "ci" else "auto"
@@ -999,15 +1006,10 @@ def test_kl_divergence_from_hidden(backend_device, data):
         return reference.kl_divergence(_linear(h, w, b, upcast), _linear(rh, rw, rb, upcast),
                                        upcast=upcast, **kw)  # fmt: skip
 
-    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
-                 for a in (p["h"], p["w"], p["b"], rh, rw, rb))  # fmt: skip
-    grad_args = _differentiated(data.draw, p["b"])
-    if teacher_grads:
-        grad_args += _differentiated(data.draw, rb, first=3)
     forward_floor, grad_floor, p["beyond_first_order"] = _kl_hidden_floors(p, rh, rw, rb, kw)
     with _narrow_vocab_blocks():
         _check(
-            p, backend, op, ref, args, kw, diff_fields=("out",), grad_args=tuple(grad_args),
+            p, backend, op, ref, args, kw, diff_fields=("out",), grad_args=grad_args,
             whole_args=(*HIDDEN_ARGS, 3, 4, 5), forward_floor={"out": forward_floor},
             grad_floor=grad_floor,
         )  # fmt: skip
@@ -1022,7 +1024,7 @@ def test_kl_loss_from_hidden(backend_device, data):
     floors with those coefficients (times the loss's upstream gradient) as the KL's upstream
     gradient."""
     backend, device = backend_device
-    p, (rh, rw, rb), kw, teacher_grads = _kl_hidden_case(data.draw)
+    p, (rh, rw, rb), kw, teacher_grads, args, grad_args = _kl_hidden_case(data.draw, device)
     order = data.draw(st.sampled_from(["auto", "vocab"]))  # auto: row chunks on a CPU
     hypothesis.note(
         _show_projection(p, temperature=kw["temperature"], ref=kw["ref_temperature"])
@@ -1045,11 +1047,6 @@ def test_kl_loss_from_hidden(backend_device, data):
             _linear(h, w, b, upcast), _linear(rh, rw, rb, upcast), upcast=upcast, **kw
         ))  # fmt: skip
 
-    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
-                 for a in (p["h"], p["w"], p["b"], rh, rw, rb))  # fmt: skip
-    grad_args = _differentiated(data.draw, p["b"])
-    if teacher_grads:
-        grad_args += _differentiated(data.draw, rb, first=3)
     rows, kl_floor, p["beyond_first_order"] = _kl_hidden_floors(p, rh, rw, rb, kw)
 
     def grad_floor(i, ups):
@@ -1057,7 +1054,7 @@ def test_kl_loss_from_hidden(backend_device, data):
 
     with _narrow_vocab_blocks():
         _check(
-            p, backend, op, ref, args, kw, diff_fields=("out",), grad_args=tuple(grad_args),
+            p, backend, op, ref, args, kw, diff_fields=("out",), grad_args=grad_args,
             whole_args=(*HIDDEN_ARGS, 3, 4, 5),
             forward_floor={"out": (coef.abs() * rows).sum()}, grad_floor=grad_floor,
         )  # fmt: skip

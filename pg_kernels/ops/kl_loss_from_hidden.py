@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import torch
 
-from pg_kernels import _library, reference
+from pg_kernels import reference
 from pg_kernels.ops import kl_divergence as _kl
 from pg_kernels.ops import kl_divergence_from_hidden as _klh
 from pg_kernels.ops._common import acc_dtype
 from pg_kernels.ops._linear import ChunkedProjection, chunks, num_rows, rows
-from pg_kernels.ops.token_loss_from_hidden import ThroughStats, chunk_loss, resolve_order
+from pg_kernels.ops.token_loss_from_hidden import (
+    ThroughStats,
+    chunk_loss,
+    formed_in_forward,
+    resolve_order,
+)
 from pg_kernels.outputs import KLLoss
 
 OP = "kl_loss_from_hidden"
@@ -37,43 +42,13 @@ def _kl_loss(loss_fn, kl: torch.Tensor, start: int, stop: int):
     return chunk_loss(OP, loss_fn, [kl], lambda leaf: leaf, start, stop)
 
 
-# torch.compile runs it eagerly (a graph break): loss_fn is differentiated inside the forward.
-@torch.compiler.disable
-def _apply(*args):
-    return _KLLoss.apply(*args)
-
-
-class _KLLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
-                temperature, temperature_scalar, ref_temperature, ref_temperature_scalar,
-                ignore_index, direction, chunk_size, order, backend, loss_fn, wanted):  # fmt: skip
-        args = (
-            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature,
-            temperature_scalar, ref_temperature, ref_temperature_scalar, ignore_index, direction,
-            chunk_size, order, backend, loss_fn, wanted,
-        )  # fmt: skip
-        loss, kl, gradients = (_in_vocab_blocks if order == "vocab" else _in_row_chunks)(*args)
-        ctx.wanted = wanted
-        ctx.save_for_backward(*gradients)
-        ctx.mark_non_differentiable(kl)
-        return loss, kl
-
-    @staticmethod
-    def backward(ctx, grad_loss, _):
-        if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants
-            raise _library.not_twice(OP)
-        grads = [g * grad_loss if w else None for g, w in zip(ctx.saved_tensors, ctx.wanted)]
-        return *grads, *(None,) * 12
-
-
 def _in_row_chunks(
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature,
     temperature_scalar, ref_temperature, ref_temperature_scalar, ignore_index, direction,
-    chunk_size, order, backend, loss_fn, wanted,
+    chunk_size, backend, loss_fn, wanted,
 ):  # fmt: skip
     """Per chunk: both projections, the KL, loss_fn, the backward kernel, the gradients' shares.
-    Returns (loss, kl, the six inputs' gradients)."""
+    Returns (loss, (kl,), the six inputs' gradients)."""
     proj = ChunkedProjection(hidden, weight, bias, chunk_size, wanted[:3])
     ref_proj = ChunkedProjection(ref_hidden, ref_weight, ref_bias, chunk_size, wanted[3:])
     student, teacher = any(wanted[:3]), any(wanted[3:])
@@ -101,17 +76,17 @@ def _in_row_chunks(
                 ref_proj.accumulate(ref_grad, s, e)
     if loss is None:  # no rows: the sum over no chunks
         loss = kl.new_zeros(())
-    return loss, kl, (*proj.gradients(), *ref_proj.gradients())
+    return loss, (kl,), (*proj.gradients(), *ref_proj.gradients())
 
 
 def _in_vocab_blocks(
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature,
     temperature_scalar, ref_temperature, ref_temperature_scalar, ignore_index, direction,
-    chunk_size, order, backend, loss_fn, wanted,
+    chunk_size, backend, loss_fn, wanted,
 ):  # fmt: skip
     """kl_divergence_from_hidden's forward and backward in vocabulary blocks, with loss_fn on
     each chunk of the merged KL between them (the same calls as in row chunks). Returns (loss,
-    kl, the six inputs' gradients)."""
+    (kl,), the six inputs' gradients)."""
     pair = (
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature,
         temperature_scalar, ref_temperature, ref_temperature_scalar, ignore_index, direction,
@@ -125,7 +100,7 @@ def _in_vocab_blocks(
     gradients = _klh._backward_in_vocab_blocks(
         torch.cat(grad_kl), *pair, kl, state, list(wanted), backend
     )
-    return loss, kl, gradients
+    return loss, (kl,), gradients
 
 
 def kl_loss_from_hidden(
@@ -205,9 +180,11 @@ def kl_loss_from_hidden(
         wanted = (False,) * 6
     # Either side's weight gradient is an accumulator in row chunks.
     order = resolve_order(order, hidden.device, n, any(wanted), wanted[1] or wanted[4])
-    loss, kl = _apply(
+    args = (
         *tensors, None if labels is None else labels.reshape(-1), temp.tensor, temp.scalar,
-        ref_temp.tensor, ref_temp.scalar, ignore_index, direction, chunk_size, order, backend,
-        loss_fn, wanted,
+        ref_temp.tensor, ref_temp.scalar, ignore_index, direction, chunk_size, backend, loss_fn,
+        wanted,
     )  # fmt: skip
+    forward = _in_vocab_blocks if order == "vocab" else _in_row_chunks
+    loss, kl = formed_in_forward(OP, lambda: forward(*args), wanted, *tensors)
     return KLLoss(loss, kl.view(lead))

@@ -80,54 +80,59 @@ def resolve_order(order: str, device: torch.device, n_rows: int, gradient: bool,
 
 # torch.compile runs it eagerly (a graph break): loss_fn is differentiated inside the forward.
 @torch.compiler.disable
-def _apply(*args):
-    return _TokenLoss.apply(*args)
+def formed_in_forward(op: str, forward, wanted, *inputs):
+    """The loss of the *_loss_from_hidden ops: `forward()` returns (loss, outputs, the gradients
+    of `inputs` as the chunked projections give them), run without autograd; the loss's
+    backward only scales those gradients (where `wanted`) by its upstream gradient. Returns
+    (loss, *outputs), the outputs not differentiable."""
+    return _FormedInForward.apply(op, forward, wanted, *inputs)
 
 
-class _TokenLoss(torch.autograd.Function):
+class _FormedInForward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index,
-                chunk_size, order, backend, loss_fn, wanted):  # fmt: skip
-        ctx.wanted = wanted
-        if order == "vocab":
-            loss, outs, gradients = _in_vocab_blocks(
-                hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index,
-                chunk_size, backend, loss_fn, wanted,
-            )  # fmt: skip
-            ctx.save_for_backward(*gradients)
-            ctx.mark_non_differentiable(*outs)
-            return loss, *outs
-        proj = ChunkedProjection(hidden, weight, bias, chunk_size, wanted)
-        outs = empty_stats(hidden, labels)
-        loss = None
-        for s, e in chunks(proj.n, chunk_size):
-            logits, t = proj.logits(s, e), rows(temperature, s, e)
-            stats = TokenStats(*_ts._token_stats(
-                logits, labels[s:e], t, temperature_scalar, ignore_index, backend
-            ))  # fmt: skip
-            for out, value in zip(outs, stats):
-                out[s:e] = value
-            part, grads = _stats_loss(loss_fn, stats, s, e)
-            loss = part if loss is None else loss + part
-            if any(wanted):
-                grad_logits = _ts._token_stats_backward(
-                    *grads, logits, labels[s:e], t, temperature_scalar, ignore_index, stats.lse,
-                    stats.entropy, stats.collision, stats.max_prob, stats.argmax, backend,
-                    out=proj.grad_buffer(s, e),
-                )  # fmt: skip
-                proj.accumulate(grad_logits, s, e)
-        if loss is None:  # no rows: the sum over no chunks
-            loss = outs[0].new_zeros(())
-        ctx.save_for_backward(*proj.gradients())
+    def forward(ctx, op, forward, wanted, *inputs):
+        loss, outs, gradients = forward()
+        ctx.op, ctx.wanted = op, wanted
+        ctx.save_for_backward(*gradients)
         ctx.mark_non_differentiable(*outs)
         return loss, *outs
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants
-            raise _library.not_twice(OP)
+            raise _library.not_twice(ctx.op)
         grads = [g * grad_loss if w else None for g, w in zip(ctx.saved_tensors, ctx.wanted)]
-        return *grads, *(None,) * 9
+        return None, None, None, *grads
+
+
+def _in_row_chunks(
+    hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index, chunk_size,
+    backend, loss_fn, wanted,
+):  # fmt: skip
+    """Per chunk: the statistics, loss_fn, the backward kernel, the gradients' shares (module
+    docstring). Returns (loss, the statistics, the inputs' gradients)."""
+    proj = ChunkedProjection(hidden, weight, bias, chunk_size, wanted)
+    outs = empty_stats(hidden, labels)
+    loss = None
+    for s, e in chunks(proj.n, chunk_size):
+        logits, t = proj.logits(s, e), rows(temperature, s, e)
+        stats = TokenStats(*_ts._token_stats(
+            logits, labels[s:e], t, temperature_scalar, ignore_index, backend
+        ))  # fmt: skip
+        for out, value in zip(outs, stats):
+            out[s:e] = value
+        part, grads = _stats_loss(loss_fn, stats, s, e)
+        loss = part if loss is None else loss + part
+        if any(wanted):
+            grad_logits = _ts._token_stats_backward(
+                *grads, logits, labels[s:e], t, temperature_scalar, ignore_index, stats.lse,
+                stats.entropy, stats.collision, stats.max_prob, stats.argmax, backend,
+                out=proj.grad_buffer(s, e),
+            )  # fmt: skip
+            proj.accumulate(grad_logits, s, e)
+    if loss is None:  # no rows: the sum over no chunks
+        loss = outs[0].new_zeros(())
+    return loss, outs, proj.gradients()
 
 
 def _in_vocab_blocks(
@@ -252,8 +257,8 @@ def token_loss_from_hidden(
     if not torch.is_grad_enabled():
         wanted = (False, False, False)
     order = resolve_order(backward_order, hidden.device, labels.numel(), any(wanted), wanted[1])
-    loss, *outs = _apply(
-        hidden, weight, bias, labels.reshape(-1), temp.tensor, temp.scalar, ignore_index,
-        chunk_size, order, backend, loss_fn, wanted,
-    )  # fmt: skip
+    args = (hidden, weight, bias, labels.reshape(-1), temp.tensor, temp.scalar, ignore_index,
+            chunk_size, backend, loss_fn, wanted)  # fmt: skip
+    forward = _in_vocab_blocks if order == "vocab" else _in_row_chunks
+    loss, *outs = formed_in_forward(OP, lambda: forward(*args), wanted, hidden, weight, bias)
     return TokenLoss(loss, TokenStats(*(o.view(labels.shape) for o in outs)))
