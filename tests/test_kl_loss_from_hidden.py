@@ -172,20 +172,27 @@ def test_gradcheck_float64(backend_device, monkeypatch, order):
     assert torch.autograd.gradcheck(f, leaves, fast_mode=backend == "triton")
 
 
-def test_reference_backend_agrees_and_raises_on_a_second_derivative():
-    """The reference path (materialized logits, loss_fn on all rows) against the kernels', and
-    create_graph=True raising on both (the saved gradients are constants)."""
+def test_reference_backend_and_compile_agree_and_raise_on_a_second_derivative():
+    """The reference path (materialized logits, loss_fn on all rows) against the kernels', the
+    kernels' under torch.compile (a graph break: the same eager call, bitwise), and
+    create_graph=True raising on both paths (the saved gradients are constants)."""
     args = _pair(13, 301, torch.float32, seed=8)
     loss_fn = _distill_loss(13, seed=8)
+
+    def step(*leaves, backend):
+        return _fused(leaves, loss_fn, chunk_size=4, backend=backend)
+
     results = []
-    for backend in ("cpu", "reference"):
+    for fn, backend in ((step, "cpu"), (torch.compile(step), "cpu"), (step, "reference")):
         leaves = [t.clone().requires_grad_() for t in args]
-        loss, kl = _fused(leaves, loss_fn, chunk_size=4, backend=backend)
-        with pytest.raises(RuntimeError, match="differentiable once"):
-            torch.autograd.grad(loss, leaves[0], create_graph=True)
+        loss, kl = fn(*leaves, backend=backend)
+        if fn is step:
+            with pytest.raises(RuntimeError, match="differentiable once"):
+                torch.autograd.grad(loss, leaves[0], create_graph=True)
         loss.backward()
         results.append([loss.detach(), kl, *(t.grad for t in leaves)])
-    for name, a, c in zip(("loss", "kl", *NAMES), *results):
+    assert all(torch.equal(a, c) for a, c in zip(results[0], results[1]))
+    for name, a, c in zip(("loss", "kl", *NAMES), results[0], results[2]):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6, msg=name)
 
 
