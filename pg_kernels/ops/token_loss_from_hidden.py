@@ -193,7 +193,8 @@ def token_loss_from_hidden(
     backend: str = "auto",
 ) -> TokenLoss:
     """`loss_fn` of `token_stats(hidden @ weight.T + bias, labels, ...)`, with the gradients
-    w.r.t. hidden, weight and bias formed in the forward: 3 lm_head matmuls, never [N, V].
+    w.r.t. hidden, weight and bias formed in the forward: 3 lm_head matmuls in row chunks (4
+    in vocabulary blocks), never [N, V].
 
     Args:
         hidden, weight, labels, bias, temperature, ignore_index, chunk_size, backend: as
