@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -29,21 +30,56 @@ def test_check_compares_a_shared_weight_gradient_whole(tmp_path):
 
 
 def test_kl_divergence_from_hidden_benchmark_checks_both_orders(tmp_path):
-    """bench_kl_divergence_from_hidden at a small size: both orders' KL and gradients pass the
-    float64 check (the benchmark's wiring; at V = 300 the default order has one block, and the
-    orders' agreement over several is test_from_hidden's)."""
+    """bench_kl_divergence_from_hidden at a small size: both orders' KL and gradients, and
+    kl_loss_from_hidden's in both of its orders, pass the float64 check (the benchmark's
+    wiring; at V = 300 the default order has one block, and the orders' agreement over several
+    is test_from_hidden's)."""
+    ours = ("pg_kernels:cpu", "rows:cpu", "kl_loss:cpu", "kl_loss_vocab:cpu")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_kl_divergence_from_hidden.py"),
          "--device", "cpu", "--shapes", "64x300x32", "--dtypes", "fp32", "--modes", "fwd+bwd",
-         "--providers", "pg_kernels:cpu", "rows:cpu", "eager", "--max-wait", "0", "--out",
-         str(tmp_path), "--no-progress"],
+         "--providers", *ours, "eager", "--max-wait", "0", "--out", str(tmp_path),
+         "--no-progress"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     path = tmp_path / "kl_divergence_from_hidden_cpu.json"
     records = json.loads(path.read_text())["records"]
-    ours = [r for r in records if r["provider"] in ("pg_kernels:cpu", "rows:cpu")]
-    assert len(ours) == 2 and all(r["status"] == "ok" for r in ours), ours
+    ours = [r for r in records if r["provider"] in ours]
+    assert len(ours) == 4 and all(r["status"] == "ok" for r in ours), ours
     for r in ours:
         errs = r["check"]["rel_err"]
         assert 0 <= errs["kl"] < 1e-5 and 0 <= errs["grad:weight"] < 1e-5, (r["provider"], errs)
+
+
+def _gpu_script_benchmarks():
+    """(op, [provider names]) of each literal `bench_step` of benchmarks/gpu_check.sh's GPU
+    branch (after the dry run's), continuation lines joined; names holding a variable left
+    out."""
+    script = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")).read().replace("\\\n", " ")
+    benchmarks = script[script.rindex("\nelif [[ $DRY == 1 ]]") :]  # the benchmarks' branches
+    gpu_branch = benchmarks[benchmarks.index("\nelse\n") :]
+    steps = []
+    for line in gpu_branch.splitlines():
+        code = line.split("#", 1)[0]
+        words = shlex.split(code.split("bench_step ", 1)[1]) if "bench_step " in code else []
+        if len(words) >= 6 and not words[2].startswith("$"):  # NAME MAX OP TEMP TAG PROVIDERS
+            steps.append((words[2], [p for p in words[5].split() if "$" not in p]))
+    return steps
+
+
+def test_gpu_script_names_only_providers_its_benchmarks_have():
+    """Every provider a GPU step of gpu_check.sh names exists in that benchmark on CUDA (an
+    unknown name is only noted by the harness, and the step would time nothing for it: a typo
+    would cost a scarce GPU run). Built for a CUDA device without one: building a provider
+    list needs no GPU."""
+    import importlib
+
+    import torch
+
+    steps = _gpu_script_benchmarks()
+    assert len(steps) >= 8 and any(op == "token_stats_from_hidden" for op, _ in steps), steps
+    for op, names in steps:
+        bench = importlib.import_module(f"benchmarks.bench_{op}").make_bench(torch.device("cuda"))
+        known = {p.name for p in bench.providers}
+        assert set(names) <= known, (op, sorted(set(names) - known))
