@@ -13,20 +13,23 @@ def test_check_compares_a_shared_weight_gradient_whole(tmp_path):
     """token_stats_from_hidden fwd+bwd with every row checked (N = 64 < V): the weight's
     gradient [V, D] is compared whole with its float64 truth. It was cut to the checked rows'
     count, [64, D], against a [256, D] truth: every provider FAILED with an error of inf
-    (the CPU `--quick` default, 1024 x 32000 x 1024, met it)."""
+    (the CPU `--quick` default, 1024 x 32000 x 1024, met it). token_loss_from_hidden's two
+    orders too (the loss fused)."""
+    ours = ("pg_kernels:cpu", "token_loss:cpu", "token_loss_vocab:cpu")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_token_stats_from_hidden.py"),
          "--device", "cpu", "--shapes", "64x256x32", "--dtypes", "fp32", "--modes", "fwd+bwd",
-         "--providers", "pg_kernels:cpu", "eager", "--max-wait", "0", "--out", str(tmp_path),
+         "--providers", *ours, "eager", "--max-wait", "0", "--out", str(tmp_path),
          "--no-progress"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = json.loads((tmp_path / "token_stats_from_hidden_cpu.json").read_text())["records"]
-    checked = [r for r in records if r["provider"] == "pg_kernels:cpu"]
-    assert checked and all(r["status"] == "ok" for r in checked), checked
-    errs = checked[0]["check"]["rel_err"]
-    assert 0 <= errs["grad:weight"] < 1e-5, errs
+    checked = [r for r in records if r["provider"] in ours]
+    assert len(checked) == 3 and all(r["status"] == "ok" for r in checked), checked
+    for r in checked:
+        errs = r["check"]["rel_err"]
+        assert 0 <= errs["grad:weight"] < 1e-5, (r["provider"], errs)
 
 
 def test_kl_divergence_from_hidden_benchmark_checks_both_orders(tmp_path):
