@@ -606,9 +606,11 @@ print(*b())')
     done
   fi
   if wants kl_hidden; then  # dense KL to a teacher from both lm_heads: vocabulary blocks (each
-    # run as a vocab-parallel shard, then merged) against row chunks and the unfused path
-    bench_step bench_kl_divergence_from_hidden 150 kl_divergence_from_hidden 1 kl_hidden \
-      "eager pg_kernels:triton rows:triton unfused:triton" 16384x151936x4096
+    # run as a vocab-parallel shard, then merged) against row chunks and the unfused path;
+    # kl_loss: the loss fused, in vocabulary blocks (CUDA's default) and in row chunks
+    bench_step bench_kl_divergence_from_hidden 180 kl_divergence_from_hidden 1 kl_hidden \
+      "eager pg_kernels:triton rows:triton kl_loss:triton kl_loss_rows:triton unfused:triton" \
+      16384x151936x4096
   fi
 fi
 
