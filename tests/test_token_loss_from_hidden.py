@@ -243,13 +243,14 @@ def test_auto_order_is_vocabulary_blocks_on_cuda_only_for_the_weight():
     rows; an explicit order is kept wherever there is a gradient to form."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     resolve = token_loss_module.resolve_order
-    assert resolve("auto", cuda, 10, True, True) == "vocab"
-    assert resolve("auto", cuda, 10, True, False) == "rows"
-    assert resolve("auto", cpu, 10, True, True) == "rows"
-    assert resolve("vocab", cpu, 10, True, False) == "vocab"
-    assert resolve("rows", cuda, 10, True, True) == "rows"
-    assert resolve("vocab", cuda, 10, False, False) == "rows"  # the outputs only
-    assert resolve("vocab", cuda, 0, True, True) == "rows"  # no rows
+    everything, no_weight, none = (True, True, True), (True, False, False), (False,) * 3
+    assert resolve("auto", cuda, 10, everything) == "vocab"
+    assert resolve("auto", cuda, 10, no_weight) == "rows"
+    assert resolve("auto", cpu, 10, everything) == "rows"
+    assert resolve("vocab", cpu, 10, no_weight) == "vocab"
+    assert resolve("rows", cuda, 10, everything) == "rows"
+    assert resolve("vocab", cuda, 10, none) == "rows"  # the outputs only
+    assert resolve("vocab", cuda, 0, everything) == "rows"  # no rows
     h, w, _ = _projection(4, 8, 30, torch.float32, seed=6)
     with pytest.raises(ValueError, match="backward_order must be one of"):
         pg_kernels.token_loss_from_hidden(

@@ -30,6 +30,7 @@ from pg_kernels.ops.token_loss_from_hidden import (
     ThroughStats,
     chunk_loss,
     formed_in_forward,
+    losses_by_chunk,
     resolve_order,
 )
 from pg_kernels.outputs import KLLoss
@@ -92,14 +93,10 @@ def _in_vocab_blocks(
         temperature_scalar, ref_temperature, ref_temperature_scalar, ignore_index, direction,
     )  # fmt: skip
     kl, state = _klh._forward(*pair, chunk_size, "vocab", backend)
-    loss, grad_kl = None, []  # resolve_order: at least one row
-    for s, e in chunks(kl.numel(), chunk_size):
-        part, (grad,) = _kl_loss(loss_fn, kl[s:e], s, e)
-        loss = part if loss is None else loss + part
-        grad_kl.append(grad)
-    gradients = _klh._backward_in_vocab_blocks(
-        torch.cat(grad_kl), *pair, kl, state, list(wanted), backend
+    loss, (grad_kl,) = losses_by_chunk(
+        kl.numel(), chunk_size, lambda s, e: _kl_loss(loss_fn, kl[s:e], s, e)
     )
+    gradients = _klh._backward_in_vocab_blocks(grad_kl, *pair, kl, state, list(wanted), backend)
     return loss, (kl,), gradients
 
 
@@ -179,7 +176,8 @@ def kl_loss_from_hidden(
     if not torch.is_grad_enabled():
         wanted = (False,) * 6
     # Either side's weight gradient is an accumulator in row chunks.
-    order = resolve_order(order, hidden.device, n, any(wanted), wanted[1] or wanted[4])
+    either_side = tuple(a or b for a, b in zip(wanted[:3], wanted[3:]))
+    order = resolve_order(order, hidden.device, n, either_side)
     args = (
         *tensors, None if labels is None else labels.reshape(-1), temp.tensor, temp.scalar,
         ref_temp.tensor, ref_temp.scalar, ignore_index, direction, chunk_size, backend, loss_fn,

@@ -27,7 +27,13 @@ import torch
 from pg_kernels import _library, reference
 from pg_kernels.ops import token_stats as _ts
 from pg_kernels.ops import token_stats_from_hidden as _tsh
-from pg_kernels.ops._linear import ChunkedProjection, check_backward_order, chunks, rows
+from pg_kernels.ops._linear import (
+    ChunkedProjection,
+    backward_order,
+    check_backward_order,
+    chunks,
+    rows,
+)
 from pg_kernels.ops.token_stats_from_hidden import check_args, empty_stats
 from pg_kernels.outputs import TokenLoss, TokenStats
 
@@ -55,6 +61,18 @@ def chunk_loss(op: str, loss_fn, values, build, start: int, stop: int):
     return loss.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
 
 
+def losses_by_chunk(n_rows: int, chunk_size: int, loss_at):
+    """The vocabulary-block forwards' losses, with every row computed first: `loss_at(s, e)`
+    (chunk_loss on rows s:e) on the same chunks as the row-chunk order, so the same calls and
+    sums. Returns (the loss, each per-row gradient over all rows)."""
+    loss, grads = None, []  # resolve_order: at least one row
+    for s, e in chunks(n_rows, chunk_size):
+        part, chunk_grads = loss_at(s, e)
+        loss = part if loss is None else loss + part
+        grads.append(chunk_grads)
+    return loss, [torch.cat(column) for column in zip(*grads)]
+
+
 def _stats_loss(loss_fn, stats: TokenStats, start: int, stop: int):
     """chunk_loss on one chunk's statistics, w.r.t. DIFFERENTIABLE."""
     fields = stats._asdict()
@@ -65,17 +83,15 @@ def _stats_loss(loss_fn, stats: TokenStats, start: int, stop: int):
     return chunk_loss(OP, loss_fn, [fields[f] for f in DIFFERENTIABLE], build, start, stop)
 
 
-def resolve_order(order: str, device: torch.device, n_rows: int, gradient: bool,
-                  weight_gradient: bool) -> str:  # fmt: skip
+def resolve_order(order: str, device: torch.device, n_rows: int, wanted) -> str:
     """The order in which a *_loss_from_hidden op's forward forms its gradients, "rows" or
-    "vocab" (`backward_order`): "auto" takes vocabulary blocks on CUDA where a weight's
-    gradient is wanted (token_stats_from_hidden's choice there), else row chunks; without any
-    gradient or rows, row chunks (the outputs only)."""
-    if not gradient or n_rows == 0:
+    "vocab" (`backward_order`), given `wanted`, the (hidden, weight, bias) gradients asked for
+    (of either side): "auto" is `_linear.backward_order`'s choice on CUDA (vocabulary blocks
+    where a weight's gradient is wanted) and row chunks elsewhere; without any gradient, row
+    chunks (the outputs only)."""
+    if not any(wanted) or (order == "auto" and device.type != "cuda"):
         return "rows"
-    if order == "auto":
-        return "vocab" if device.type == "cuda" and weight_gradient else "rows"
-    return order
+    return backward_order(order, n_rows, wanted)
 
 
 # torch.compile runs it eagerly (a graph break): loss_fn is differentiated inside the forward.
@@ -149,16 +165,14 @@ def _in_vocab_blocks(
         "vocab", backend,
     )  # fmt: skip
     stats = TokenStats(*outs)
-    loss, row_grads = None, [[] for _ in DIFFERENTIABLE]  # resolve_order: at least one row
-    for s, e in chunks(labels.numel(), chunk_size):
-        part, grads = _stats_loss(loss_fn, TokenStats(*(t[s:e] for t in stats)), s, e)
-        loss = part if loss is None else loss + part
-        for acc, g in zip(row_grads, grads):
-            acc.append(g)
+    loss, row_grads = losses_by_chunk(
+        labels.numel(), chunk_size,
+        lambda s, e: _stats_loss(loss_fn, TokenStats(*(t[s:e] for t in stats)), s, e),
+    )  # fmt: skip
     saved = (stats.lse, stats.entropy, stats.collision, stats.max_prob)
     gradients = _tsh._backward_in_vocab_blocks(
-        [torch.cat(g) for g in row_grads], hidden, weight, bias, labels, temperature,
-        temperature_scalar, ignore_index, saved, stats.argmax, max_logit, wanted, backend,
+        row_grads, hidden, weight, bias, labels, temperature, temperature_scalar, ignore_index,
+        saved, stats.argmax, max_logit, wanted, backend,
     )  # fmt: skip
     return loss, outs, gradients
 
@@ -257,7 +271,7 @@ def token_loss_from_hidden(
     wanted = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not torch.is_grad_enabled():
         wanted = (False, False, False)
-    order = resolve_order(backward_order, hidden.device, labels.numel(), any(wanted), wanted[1])
+    order = resolve_order(backward_order, hidden.device, labels.numel(), wanted)
     args = (hidden, weight, bias, labels.reshape(-1), temp.tensor, temp.scalar, ignore_index,
             chunk_size, backend, loss_fn, wanted)  # fmt: skip
     forward = _in_vocab_blocks if order == "vocab" else _in_row_chunks
