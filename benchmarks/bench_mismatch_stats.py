@@ -7,10 +7,13 @@ Every field of MismatchStats is computed: logprob, the sampled estimators agains
 engine's log-probs, and token_kl = KL(pi_roll || pi_theta), token_tv = 1/2 sum |p - q| from the
 rollout logits. The backward modes differentiate loss = sum(w * logprob) (the only
 differentiable field). Providers: pg_kernels on every backend with a kernel here (cpu), the
-eager reference (`reference.mismatch_stats(..., upcast=False)`) and `torch.compile` of it.
+same with `token_tv=False` (`no_tv:<backend>`: no TV, whose normalizers a GPU kernel knows only
+after a first read of both tensors, so it reads them again), the eager reference
+(`reference.mismatch_stats(..., upcast=False)`) and `torch.compile` of it.
 
 Bytes moved (minimum), s = the logits' itemsize:
   fwd      2 N V s (logits, rollout_logits) + N * 16 (label, rollout log-prob) + N * 48 (12 out)
+           (a GPU reads both tensors again for token_tv: 4 N V s; `no_tv` skips that)
   bwd      N V s read + N V s grad written + N * 16
   fwd+bwd  the sum of both.
 """
@@ -36,6 +39,7 @@ from benchmarks.harness import (
     Outputs,
     Provider,
     Skip,
+    Target,
 )
 from pg_kernels import _backend, reference
 
@@ -127,7 +131,7 @@ def _args(inputs: Inputs):
     return inputs["logits"], inputs["labels"], inputs["rollout_logprobs"], inputs["rollout_logits"]
 
 
-def _pg_provider(backend: str, temperature: float) -> Provider:
+def _pg_provider(backend: str, temperature: float, tv: bool = True) -> Provider:
     def build(case: Case):
         why = _backend.op_unavailable_reason(OP, backend, case.device)
         if why is not None:
@@ -137,13 +141,35 @@ def _pg_provider(backend: str, temperature: float) -> Provider:
             x, y, lp, xr = _args(inputs)
             return _fields(
                 pg_kernels.mismatch_stats(
-                    x, y, lp, rollout_logits=xr, temperature=temperature, backend=backend
+                    x, y, lp, rollout_logits=xr, temperature=temperature, token_tv=tv,
+                    backend=backend,
                 )
-            )
+            )  # fmt: skip
 
         return fn
 
-    return Provider(f"pg_kernels:{backend}", build)
+    return Provider(f"{'pg_kernels' if tv else 'no_tv'}:{backend}", build)
+
+
+def without_tv_summaries(device: torch.device, backends: tuple[str, ...]) -> list:
+    """token_tv=False against the default in the same run: on a GPU its forward's reads (the
+    target's two, TV's second read skipped), on a CPU the time of two exp passes."""
+    if device.type == "cpu":
+        shape, against = {"N": 1024, "V": 32000}, "ceiling:exp:logits+exp:rollout_logits"
+        bound = Target("ms / ms(2 exp passes)", "fwd", against, time_ratio=True)
+    else:
+        shape, against = {"N": 16384, "V": 151936}, "ceiling:amax:logits+amax:rollout_logits"
+        bound = Target("fwd / 2 reads ≤ 1.1", "fwd", against, at_most=1.1)
+    where = "×".join(str(n) for n in shape.values())
+    return [
+        harness.targets_summary(
+            f"token_tv=False ({b}) at {where}",
+            f"no_tv:{b}",
+            shape,
+            [bound, Target("fwd / with token_tv", "fwd", f"pg_kernels:{b}", time_ratio=True)],
+        )
+        for b in backends
+    ]
 
 
 def _eager(case: Case, temperature: float):
@@ -158,7 +184,7 @@ def _compile(case: Case, temperature: float):
 
 def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     backends = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
-    providers = [_pg_provider(b, temperature) for b in backends]
+    providers = [_pg_provider(b, temperature, tv) for b in backends for tv in (True, False)]
     providers += [
         Provider("eager", functools.partial(_eager, temperature=temperature)),
         Provider("compile", functools.partial(_compile, temperature=temperature)),
@@ -200,7 +226,8 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         notes=["with rollout_logits: every MismatchStats field, token_kl and token_tv included"],
         summaries=bench_kl_divergence.targets(
             device, backends, other="rollout_logits", note=" (with rollout logits)"
-        ),
+        )
+        + without_tv_summaries(device, backends),
         paired=(("pg_kernels:cpu", "ceiling:exp:logits+exp:rollout_logits"),),
     )
 

@@ -8,8 +8,8 @@ Every statistic is computed: TokenStats, MismatchStats with token_kl and token_t
 reverse KL to the teacher. The backward modes differentiate
 loss = sum(w1 logprob + w2 entropy + w3 kl) (the policy's gradient, written once by the bundle,
 three times by the single ops). Providers: pg_kernels' bundle on every backend with a kernel
-here, `separate:<backend>` (token_stats, mismatch_stats, kl_divergence) and the eager
-references.
+here, the same with `token_tv=False` (`no_tv:<backend>`), `separate:<backend>` (token_stats,
+mismatch_stats, kl_divergence) and the eager references.
 
 Target (forward): the bundle's time <= 1.1 x (token_stats of the logits + the reads of the
 other two tensors). "A read" is what a one-pass kernel over one tensor costs on this device:
@@ -18,7 +18,8 @@ token_stats kernel itself on that tensor (`ts:<tensor>`: one exp per element, th
 softmax normalizer costs).
 
 Bytes moved (minimum), s = the logits' itemsize:
-  fwd      3 N V s + N * 16 (label, rollout log-prob) + N * 80 (20 outputs)
+  fwd      3 N V s + N * 16 (label, rollout log-prob) + N * 80 (20 outputs); a GPU reads the
+           logits and the rollout logits again for token_tv (5 N V s; `no_tv` skips that)
   bwd      2 N V s (logits read, gradient written; the teacher is not differentiated here, and
            its reverse-KL term needs it: + N V s) = 3 N V s + N * 16
   fwd+bwd  the sum of both.
@@ -108,7 +109,7 @@ def bytes_moved(case: Case) -> int:
 def _fields(token, mismatch, kl) -> Outputs:
     out = {k: v for k, v in token._asdict().items() if k != "argmax"}
     out.update(token_kl=mismatch.token_kl, token_tv=mismatch.token_tv, k3=mismatch.k3, kl=kl)
-    return out
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _args(inputs: Inputs):
@@ -142,20 +143,23 @@ def _unavailable(backend: str, device: torch.device, op: str = OP) -> None:
         raise Skip(why)
 
 
-def _bundle(backend: str, temperature: float) -> Provider:
+def _bundle(backend: str, temperature: float, tv: bool = True) -> Provider:
+    """step_stats; `no_tv:<backend>` with token_tv=False (no TV, whose second read of the logits
+    and the rollout logits on a GPU the bundle's one read per tensor leaves out)."""
+
     def build(case: Case):
         _unavailable(backend, case.device)
 
         def fn(inputs: Inputs) -> Outputs:
             x, y, lp, xr, xq = _args(inputs)
             out = pg_kernels.step_stats(x, y, rollout_logprobs=lp, rollout_logits=xr,
-                                        ref_logits=xq, temperature=temperature,
+                                        ref_logits=xq, temperature=temperature, token_tv=tv,
                                         backend=backend)  # fmt: skip
             return _fields(out.token, out.mismatch, out.kl)
 
         return fn
 
-    return Provider(f"pg_kernels:{backend}", build)
+    return Provider(f"{'pg_kernels' if tv else 'no_tv'}:{backend}", build)
 
 
 def _separate(backend: str, temperature: float) -> Provider:
@@ -195,7 +199,7 @@ def token_stats_ceiling(tensor: str, backend: str, temperature: float) -> Ceilin
 
 def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
     backends = ("cpu",) if device.type == "cpu" else ("triton",)
-    providers = [_bundle(b, temperature) for b in backends]
+    providers = [_bundle(b, temperature, tv) for b in backends for tv in (True, False)]
     providers += [_separate(b, temperature) for b in backends]
     providers.append(Provider("eager", functools.partial(_eager, temperature=temperature)))
     tensors = ("logits", "rollout_logits", "ref_logits")
@@ -229,6 +233,14 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
                 Target("fwd+bwd ×separate", "fwd+bwd", f"separate:{b}"),
                 Target("fwd ×eager", "fwd", "eager"),
             ],
+        )  # fmt: skip
+        for b in backends
+    ] + [
+        harness.targets_summary(
+            f"token_tv=False: {title}",
+            f"no_tv:{b}",
+            shape,
+            [target, Target("fwd / with token_tv", "fwd", f"pg_kernels:{b}", time_ratio=True)],
         )  # fmt: skip
         for b in backends
     ]

@@ -555,9 +555,10 @@ else
 print(*b())')
     bench_step bench_token_stats_tune 120 token_stats 1 tune "eager $blockings" 16384x151936
   fi
-  if wants step_stats; then  # the bundle (one read of each logits tensor) against the three ops
-    bench_step bench_step_stats_t1_n16384 150 step_stats 1 n16384 \
-      "pg_kernels:triton separate:triton eager" 16384x151936
+  if wants step_stats; then  # the bundle (one read of each logits tensor) against the three ops;
+    # no_tv: token_tv=False, without TV's second read of the logits and the rollout logits
+    bench_step bench_step_stats_t1_n16384 170 step_stats 1 n16384 \
+      "pg_kernels:triton no_tv:triton separate:triton eager" 16384x151936
   fi
   if wants bench; then  # rows not 16-byte aligned (GPT-2's V = 50257) beside aligned ones
     bench_step bench_token_stats_odd_v 90 token_stats 1 odd_v \
@@ -595,6 +596,8 @@ print(*b())')
     for op in $BENCH_OPS; do
       [[ $op == token_stats ]] && continue
       providers="pg_kernels:triton eager"
+      # token_tv=False: the forward without TV's second read of both tensors
+      [[ $op == mismatch_stats ]] && providers="pg_kernels:triton no_tv:triton eager"
       bench_step "bench_${op}_t1_n16384" 150 "$op" 1 n16384 "$providers" \
         16384x151936 512x151936 1x151936
     done

@@ -148,12 +148,13 @@ LIB.define(
 )
 # mismatch_stats with rollout logits: the row reductions (the sampled-token estimators are
 # elementwise functions of logprob, computed by the public function). row_state [..., 2] =
-# (max, log sum exp(z - max)) of the logits, saved for the backward of logprob.
+# (max, log sum exp(z - max)) of the logits, saved for the backward of logprob. tv=False skips
+# the total variation (its second read of both tensors on a GPU): token_tv is then [0].
 LIB.define(
     "mismatch_stats(Tensor logits, Tensor rollout_logits, Tensor labels, Tensor? temperature, "
     "float temperature_scalar, Tensor? rollout_temperature, float rollout_temperature_scalar, "
-    "int ignore_index, str backend) -> (Tensor logprob, Tensor token_kl, Tensor token_tv, "
-    "Tensor row_state)"
+    "int ignore_index, str backend, bool tv=True) -> (Tensor logprob, Tensor token_kl, "
+    "Tensor token_tv, Tensor row_state)"
 )
 LIB.define(
     "mismatch_stats_backward(Tensor grad_logprob, Tensor logits, Tensor labels, "
@@ -169,14 +170,15 @@ LIB.define(
 )
 # step_stats: token_stats of the logits, plus the exact mismatch against rollout_logits and the
 # KL to ref_logits when given (an absent tensor's outputs are empty: token_kl and token_tv [0],
-# kl [0], kl_state [0, 3]). kl_state [..., 3] = the reference's (max, log sum exp(z - max)) and
-# E_w[(z_w - max_w) - (z_v - max_v)] (as kl_divergence's row_state), saved for the backward.
+# kl [0], kl_state [0, 3]; token_tv [0] also with tv=False, as mismatch_stats). kl_state
+# [..., 3] = the reference's (max, log sum exp(z - max)) and E_w[(z_w - max_w) - (z_v - max_v)]
+# (as kl_divergence's row_state), saved for the backward.
 LIB.define(
     "step_stats(Tensor logits, Tensor? rollout_logits, Tensor? ref_logits, Tensor labels, "
     "Tensor? temperature, float temperature_scalar, Tensor? rollout_temperature, "
     "float rollout_temperature_scalar, Tensor? ref_temperature, float ref_temperature_scalar, "
-    "str direction, int ignore_index, str backend) -> (Tensor logprob, Tensor entropy, "
-    "Tensor collision, Tensor lgp, Tensor lse, Tensor max_prob, Tensor argmax, "
+    "str direction, int ignore_index, str backend, bool tv=True) -> (Tensor logprob, "
+    "Tensor entropy, Tensor collision, Tensor lgp, Tensor lse, Tensor max_prob, Tensor argmax, "
     "Tensor token_kl, Tensor token_tv, Tensor kl, Tensor kl_state)"
 )
 LIB.define(

@@ -603,6 +603,30 @@ def test_tv_properties(bd):
     assert (same.token_kl == 0).all() and (same.token_tv.abs() < 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_tv_off_keeps_every_other_field(bd, dtype):
+    """token_tv=False skips TV (no second read of both tensors on a GPU): token_tv is None and
+    every other field, and the logits' gradient, are the same bits as with it; ignore rows,
+    per-row temperatures on both sides, -inf entries and a NaN rollout row included."""
+    backend, device = bd
+    x, xr, y, lp = _inputs(6, 257, dtype, device, seed=40)
+    x[2, 3], xr[3, 9], xr[4, 0] = -INF, -INF, float("nan")
+    t = torch.linspace(0.5, 1.5, 6, device=device)
+    kw = dict(rollout_logits=xr, temperature=t, rollout_temperature=t.flip(0))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with_tv = _op(backend)(xa, y, lp, **kw)
+    without = _op(backend)(xb, y, lp, token_tv=False, **kw)
+    assert with_tv.token_tv is not None and without.token_tv is None
+    for field in ("logprob", *SAMPLED, "token_kl"):
+        a, b = getattr(with_tv, field), getattr(without, field)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=field)
+    assert without.token_kl[4].isnan() and with_tv.token_tv[4].isnan()  # the NaN rollout row
+    g = torch.randn(6, device=device)
+    (with_tv.logprob * g).sum().backward()
+    (without.logprob * g).sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_near_one_hot_rows_tv(bd, dtype):
     """Near one-hot rows (a spike 8..14 over the rest at tau 0.5 and 1) and a rollout equal but
@@ -749,8 +773,8 @@ def test_opcheck():
     y = make_labels((4,), 33, seed=18)
     t = torch.rand(4) + 0.5
     op = torch.ops.pg_kernels.mismatch_stats.default
-    for temp, roll_temp in ((None, None), (t, None), (None, t)):
-        args = (x.clone().requires_grad_(), xr, y, temp, 1.3, roll_temp, 0.9, -100, "cpu")
+    for temp, roll_temp, tv in ((None, None, True), (t, None, True), (None, t, False)):
+        args = (x.clone().requires_grad_(), xr, y, temp, 1.3, roll_temp, 0.9, -100, "cpu", tv)
         torch.library.opcheck(op, args)
     _, _, _, row_state = op(x, xr, y, t, 1.0, None, 1.0, -100, "cpu")
     bwd = torch.ops.pg_kernels.mismatch_stats_backward.default
@@ -777,6 +801,20 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
     torch.testing.assert_close(ra[1], rb[1], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=0)
+
+
+@needs_cpu_ext
+def test_compile_fullgraph_without_token_tv():
+    x, xr, y, lp = _inputs((2, 3), 500, torch.float32, "cpu", seed=20)
+
+    def kl_only(x, xr, y, lp):
+        out = pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr, token_tv=False)
+        assert out.token_tv is None
+        return out.token_kl, out.logprob
+
+    eager = kl_only(x, xr, y, lp)
+    compiled = torch.compile(kl_only, fullgraph=True)(x, xr, y, lp)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
 
 
 # --- bad input ----------------------------------------------------------------------------
@@ -809,6 +847,8 @@ BAD_INPUTS = [
      "rollout_temperature must be finite and > 0"),
     (lambda x, xr, y, lp: MS(x, y, lp, backend="tpu"), ValueError,
      "mismatch_stats: backend must be one of"),  # without rollout logits: token_stats' kernel
+    (lambda x, xr, y, lp: MS(x, y, lp, rollout_logits=xr, token_tv=0), TypeError,
+     "mismatch_stats: token_tv must be a bool, got int"),
 ]  # fmt: skip
 
 

@@ -268,6 +268,38 @@ def test_equals_the_single_ops(bd, direction):
     torch.testing.assert_close(qa.grad, qc.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_ref", [False, True], ids=["rollout", "rollout+ref"])
+def test_token_tv_off_keeps_every_other_field(bd, dtype, with_ref):
+    """token_tv=False skips TV (no second read of the logits and the rollout on a GPU):
+    token_tv is None and every other field and both gradients are the same bits as with it."""
+    backend, device = bd
+    x, y, xr, lp, xq = _inputs(5, 301, dtype, device, seed=41)
+    y[2] = -100
+    x[3, 7], xr[4, 11] = -INF, -INF
+    t = torch.linspace(0.6, 1.4, 5, device=device)
+    kw = dict(rollout_logprobs=lp, rollout_logits=xr, temperature=t, backend=backend)
+    outs, grads = [], []
+    for tv in (True, False):
+        xa = x.clone().requires_grad_()
+        qa = xq.clone().requires_grad_() if with_ref else None
+        out = pg_kernels.step_stats(xa, y, ref_logits=qa, token_tv=tv, **kw)
+        loss = out.token.logprob.sum() + out.token.entropy.sum()
+        (loss + out.kl.sum() if with_ref else loss).backward()
+        outs.append(out)
+        grads.append((xa.grad, None if qa is None else qa.grad))
+    (a, b), ((ga, qa), (gb, qb)) = outs, grads
+    assert a.mismatch.token_tv is not None and b.mismatch.token_tv is None
+    for f in a.token._fields:
+        assert torch.equal(getattr(a.token, f), getattr(b.token, f)), f
+    for f in a.mismatch._fields:
+        if f != "token_tv":
+            assert torch.equal(getattr(a.mismatch, f), getattr(b.mismatch, f)), f
+    assert torch.equal(ga, gb)
+    if with_ref:
+        assert torch.equal(a.kl, b.kl) and torch.equal(qa, qb)
+
+
 def test_temperature(bd):
     backend, device = bd
     gen = torch.Generator().manual_seed(2)
@@ -779,10 +811,10 @@ def test_opcheck():
     t = torch.rand(4) + 0.5
     op = torch.ops.pg_kernels.step_stats.default
     for roll, ref, temp in ((None, None, None), (xr, None, t), (None, xq, None), (xr, xq, t)):
-        for direction in DIRECTIONS:
+        for direction, tv in zip(DIRECTIONS, (True, False)):
             args = (x.clone().requires_grad_(), roll, None if ref is None else
                     ref.clone().requires_grad_(), y, temp, 1.3, None, 0.8, t, 1.0, direction,
-                    -100, "cpu")  # fmt: skip
+                    -100, "cpu", tv)  # fmt: skip
             torch.library.opcheck(op, args)
     outs = op(x, xr, xq, y, None, 1.0, None, 1.0, None, 1.0, "reverse", -100, "cpu")
     _, entropy, collision, _, lse, max_prob, argmax, _, _, kl, kl_state = outs
@@ -845,6 +877,8 @@ def test_bad_input_names_the_argument():
         S(x, y[:2])
     with pytest.raises(TypeError, match="step_stats: labels must be a torch.Tensor"):
         S(x, None)
+    with pytest.raises(TypeError, match="step_stats: token_tv must be a bool, got Tensor"):
+        S(x, y, rollout_logprobs=lp, rollout_logits=xr, token_tv=torch.tensor(True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -21,6 +21,7 @@
 //                           L2 for V = 32k) and the chunk maxes they are relative to; a second
 //                           sweep over that scratch, with no exp and no read of the logits,
 //                           sums |e_w a_k - e_v b_k| with per-chunk scales a_k = e^{m_w,k - L_w}.
+//                           Without TV (tv = false) the pass keeps nothing.
 //   mismatch_stats backward of logprob only: g (1[j = c] - p_j) / tau in one pass.
 // Rows are independent, each computed by one thread in a fixed order: deterministic and
 // batch invariant.
@@ -224,7 +225,7 @@ std::vector<at::Tensor> mismatch_stats_forward(
     const at::Tensor& logits, const at::Tensor& rollout_logits, const at::Tensor& labels,
     const std::optional<at::Tensor>& temperature, double temperature_scalar,
     const std::optional<at::Tensor>& rollout_temperature, double rollout_temperature_scalar,
-    int64_t ignore_index, int64_t n_inner, int64_t stride_outer, int64_t stride_inner,
+    int64_t ignore_index, bool tv, int64_t n_inner, int64_t stride_outer, int64_t stride_inner,
     int64_t rollout_n_inner, int64_t rollout_stride_outer, int64_t rollout_stride_inner) {
   const int64_t V = logits.size(-1);
   const int64_t N = labels.numel();
@@ -235,7 +236,7 @@ std::vector<at::Tensor> mismatch_stats_forward(
   const auto opts = logits.options().dtype(acc_dtype);
   // row_state [N, 2]: the logits' (max, log s1), saved for the backward of logprob.
   at::Tensor logprob = at::empty({N}, opts), token_kl = at::empty({N}, opts),
-             token_tv = at::empty({N}, opts), row_state = at::empty({N, 2}, opts);
+             token_tv = at::empty({tv ? N : 0}, opts), row_state = at::empty({N, 2}, opts);
   const RowLayout layout{n_inner, stride_outer, stride_inner};
   const RowLayout roll_layout{rollout_n_inner, rollout_stride_outer, rollout_stride_inner};
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -251,20 +252,23 @@ std::vector<at::Tensor> mismatch_stats_forward(
               *o_tv = token_tv.data_ptr<acc_t>(), *o_st = row_state.data_ptr<acc_t>();
         const LabelReader read_label(labels);
         at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
-          ExpScratch<acc_t> scratch(V);
+          ExpScratch<acc_t> scratch(tv ? V : 0);
           alignas(64) acc_t bw[kBufferSize<acc_t>];
           alignas(64) acc_t bv[kBufferSize<acc_t>];
           for (int64_t r = begin; r < end; ++r) {
             const int64_t c = read_label(r);
             if (c == ignore_index) {
-              o_lp[r] = o_kl[r] = o_tv[r] = o_st[2 * r] = o_st[2 * r + 1] = acc_t(0);
+              o_lp[r] = o_kl[r] = o_st[2 * r] = o_st[2 * r + 1] = acc_t(0);
+              if (tv) o_tv[r] = acc_t(0);
               continue;
             }
             const scalar_t *xp = x + layout.offset(r), *xq = xr + roll_layout.offset(r);
             const Temperature<acc_t> tp = tau(r), tq = tau_r(r);
-            // KL(pi_roll || pi_theta): the weight side is the rollout distribution q.
-            const PairRow<acc_t> row = pair_row<scalar_t, acc_t, true>(
-                xq, tq, xp, tp, V, false, bw, bv, &scratch);
+            // KL(pi_roll || pi_theta): the weight side is the rollout distribution q. The exps
+            // are kept only for TV (the same sums either way).
+            const PairRow<acc_t> row =
+                tv ? pair_row<scalar_t, acc_t, true>(xq, tq, xp, tp, V, false, bw, bv, &scratch)
+                   : pair_row<scalar_t, acc_t, false>(xq, tq, xp, tp, V, false, bw, bv, nullptr);
             const auto& s = row.sums;
             const SideState<acc_t> p = saved_side<scalar_t>(row.xm_v, tp, s.m_v, s.s1_v).side;
             o_st[2 * r] = p.m;
@@ -275,6 +279,7 @@ std::vector<at::Tensor> mismatch_stats_forward(
             o_lp[r] = is_finite(p.m) ? acc_t(row_sum_t<acc_t>(d_c) - std::log(s.s1_v))
                                      : quiet_nan<acc_t>();
             o_kl[r] = acc_t(finalize_kl(s));
+            if (!tv) continue;
             o_tv[r] = (side_is_valid(s.m_w) && side_is_valid(s.m_v))
                           ? total_variation(scratch.ew(), scratch.ev(), scratch.chunk_xm(), V,
                                             row.w_scale(), row.v_scale())

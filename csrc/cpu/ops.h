@@ -164,7 +164,7 @@ std::vector<at::Tensor> mismatch_stats_forward(
     const at::Tensor& logits, const at::Tensor& rollout_logits, const at::Tensor& labels,
     const std::optional<at::Tensor>& temperature, double temperature_scalar,
     const std::optional<at::Tensor>& rollout_temperature, double rollout_temperature_scalar,
-    int64_t ignore_index, int64_t n_inner, int64_t stride_outer, int64_t stride_inner,
+    int64_t ignore_index, bool tv, int64_t n_inner, int64_t stride_outer, int64_t stride_inner,
     int64_t rollout_n_inner, int64_t rollout_stride_outer, int64_t rollout_stride_inner);
 
 at::Tensor mismatch_stats_backward(const at::Tensor& grad_logprob, const at::Tensor& logits,
@@ -184,14 +184,15 @@ std::vector<at::Tensor> sampled_estimators_forward(const at::Tensor& logprob,
                                                    double icepop_high);
 
 // step_stats (step_stats.cpp). Layout ints describe the logits' rows, then the rollout
-// logits', then the reference logits'.
+// logits', then the reference logits'. tv = false (mismatch_stats too): no total variation,
+// token_tv [0].
 std::vector<at::Tensor> step_stats_forward(
     const at::Tensor& logits, const std::optional<at::Tensor>& rollout_logits,
     const std::optional<at::Tensor>& ref_logits, const at::Tensor& labels,
     const std::optional<at::Tensor>& temperature, double temperature_scalar,
     const std::optional<at::Tensor>& rollout_temperature, double rollout_temperature_scalar,
     const std::optional<at::Tensor>& ref_temperature, double ref_temperature_scalar,
-    bool reverse, int64_t ignore_index, int64_t n_inner, int64_t stride_outer,
+    bool reverse, int64_t ignore_index, bool tv, int64_t n_inner, int64_t stride_outer,
     int64_t stride_inner, int64_t rollout_n_inner, int64_t rollout_stride_outer,
     int64_t rollout_stride_inner, int64_t ref_n_inner, int64_t ref_stride_outer,
     int64_t ref_stride_inner);

@@ -24,15 +24,16 @@ struct StepRow {
   acc_t kl_state[kKLState];
 };
 
-// Buffers of one thread: each tensor's chunk, and when the rollout is given the row's exps of
-// it and of the logits for TV (ExpScratch: only the exps are stored there).
+// Buffers of one thread: each tensor's chunk, and for TV the row's exps of the rollout and of
+// the logits (ExpScratch: only the exps are stored there; V_kept = 0 without TV).
 template <typename acc_t>
 struct StepScratch {
   ExpScratch<acc_t> exps;  // ew: rollout, ev: logits, chunk_xm: their raw maxes per chunk
   alignas(64) acc_t logits[kBufferSize<acc_t>];
   alignas(64) acc_t roll[kBufferSize<acc_t>];
   alignas(64) acc_t ref[kBufferSize<acc_t>];
-  alignas(64) acc_t exps_p[kBufferSize<acc_t>];  // the logits' exps of a chunk (no rollout)
+  alignas(64) acc_t exps_p[kBufferSize<acc_t>];  // the logits' exps of a chunk (no TV)
+  alignas(64) acc_t exps_r[kBufferSize<acc_t>];  // the rollout's exps of a chunk (no TV)
   explicit StepScratch(int64_t V_kept) : exps(V_kept) {}
 };
 
@@ -88,10 +89,11 @@ __attribute__((noinline)) void pair_sweep(int64_t n, bool v_no_neg_inf, Step ste
   s1_out = lo + hi;
 }
 
-// kRoll / kRef: whether the rollout / reference logits are given.
+// kRoll / kRef: whether the rollout / reference logits are given; tv: whether token_tv is
+// wanted (with the rollout: the row's exps kept in scratch.exps for its sweep).
 template <typename scalar_t, typename acc_t, bool kRoll, bool kRef>
 void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t* xr, acc_t tr,
-                 const scalar_t* xq, acc_t tq, bool reverse, int64_t V, int64_t label,
+                 const scalar_t* xq, acc_t tq, bool reverse, bool tv, int64_t V, int64_t label,
                  StepScratch<acc_t>& scratch, StepRow<acc_t>& out) {
   const Vec<acc_t> lowest(exp_zero_below<acc_t>());
   // token_stats' lanes, relative to the running max m. Sums run in two levels: per chunk (two
@@ -118,8 +120,8 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     const int64_t n = std::min(kChunk, V - begin);
     acc_t* cp = scratch.logits;
     acc_t* cr = scratch.roll;
-    acc_t* ep_row = kRoll ? scratch.exps.ev() + begin : nullptr;  // the exps kept for TV
-    acc_t* er_row = kRoll ? scratch.exps.ew() + begin : nullptr;
+    const bool keep = kRoll && tv;  // the exps kept for TV, else in chunk buffers
+    acc_t* er_row = keep ? scratch.exps.ew() + begin : scratch.exps_r;
     const acc_t chunk_max = load_chunk(xp + begin, n, cp);
     if (!(chunk_max <= xm)) {  // a new max, or a NaN (as token_stats' forward_row)
       if (xm != neg_inf<acc_t>()) row.rescale(acc_t(tp.reference(xm) - tp.reference(chunk_max)));
@@ -137,9 +139,10 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     if constexpr (kRoll) {
       xmr = max_nan(xmr, load_chunk(xr + begin, n, cr));
       shift_divide_chunk(cr, n, tpr, finite_shift(xmr));
-      // the exps of this chunk are e^{d}, relative to these raw maxes (total_variation)
-      scratch.exps.chunk_xm()[2 * k] = xmr;
-      scratch.exps.chunk_xm()[2 * k + 1] = xm;
+      if (keep) {  // the exps of this chunk are e^{d}, relative to these raw maxes
+        scratch.exps.chunk_xm()[2 * k] = xmr;
+        scratch.exps.chunk_xm()[2 * k + 1] = xm;
+      }
     }
     if constexpr (kRef) {
       xmq = max_nan(xmq, load_chunk(xq + begin, n, scratch.ref));
@@ -180,9 +183,9 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     // 1.02 (bf16), AVX2, paired. Each sum keeps its order: the results are bitwise those of one
     // sweep.
     LaneSums<acc_t> lo, hi;
-    // The logits' exps of this chunk: kept for TV in the row's scratch when the rollout is
-    // given, else in a chunk buffer, for the pair sweeps.
-    acc_t* ep_chunk = kRoll ? ep_row : scratch.exps_p;
+    // The logits' exps of this chunk: kept for TV in the row's scratch, else in a chunk buffer,
+    // for the pair sweeps.
+    acc_t* ep_chunk = keep ? scratch.exps.ev() + begin : scratch.exps_p;
     const int64_t n_pad = round_up(n, kStep<acc_t>);
     // The next chunk of each tensor, over the token sweep (by value: as roll_step below).
     const auto prefetch = [xp, xr, xq, begin, V](int64_t i) __attribute__((always_inline)) {
@@ -269,7 +272,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     const auto s = roll.total();
     out.token_kl = valid ? acc_t(finalize_kl(s)) : nan;
     out.token_tv = nan;
-    if (valid && side_is_valid(s.m_w)) {
+    if (tv && valid && side_is_valid(s.m_w)) {
       // Both sides' log s1 from the same pair sums (not the logits' from token_stats' lanes,
       // summed in another order): equal rows get equal scales.
       out.token_tv = total_variation(scratch.exps.ew(), scratch.exps.ev(), scratch.exps.chunk_xm(),

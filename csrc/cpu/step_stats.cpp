@@ -16,7 +16,8 @@
 // the running row max instead of each chunk's max, and the u and k lanes in one chain instead
 // of two (AVX2's 16 registers; equal up to rounding). TV needs both
 // normalizers: as in mismatch_stats the pass keeps the logits' and the rollout logits' exps in
-// a row-sized scratch (in L2 for V = 32k) and sweeps it once at the row's end (no exp).
+// a row-sized scratch (in L2 for V = 32k) and sweeps it once at the row's end (no exp); without
+// TV (tv = false) the exps stay in chunk buffers.
 // Backward: one pass over the logits (and over the reference logits only in rows whose KL
 // upstream gradient is not 0) writes each requested gradient once. With log p_j = d_j - log s1
 // recomputed as token_stats' backward does (x_max and log s1 from the saved argmax and
@@ -46,7 +47,7 @@ std::vector<at::Tensor> step_stats_forward(
     const std::optional<at::Tensor>& temperature, double temperature_scalar,
     const std::optional<at::Tensor>& rollout_temperature, double rollout_temperature_scalar,
     const std::optional<at::Tensor>& ref_temperature, double ref_temperature_scalar,
-    bool reverse, int64_t ignore_index, int64_t n_inner, int64_t stride_outer,
+    bool reverse, int64_t ignore_index, bool tv, int64_t n_inner, int64_t stride_outer,
     int64_t stride_inner, int64_t rollout_n_inner, int64_t rollout_stride_outer,
     int64_t rollout_stride_inner, int64_t ref_n_inner, int64_t ref_stride_outer,
     int64_t ref_stride_inner) {
@@ -62,13 +63,14 @@ std::vector<at::Tensor> step_stats_forward(
   }
   check_labels_in_range("step_stats", labels, V, ignore_index);
   const bool has_roll = rollout_logits.has_value(), has_ref = ref_logits.has_value();
+  tv = tv && has_roll;
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = labels.options().dtype(acc_dtype);
   const auto rows = [&](bool given) { return at::empty({given ? N : 0}, opts); };
   at::Tensor logprob = rows(true), entropy = rows(true), collision = rows(true), lgp = rows(true),
              lse = rows(true), max_prob = rows(true),
              argmax = at::empty({N}, opts.dtype(at::kLong)), token_kl = rows(has_roll),
-             token_tv = rows(has_roll), kl = rows(has_ref),
+             token_tv = rows(tv), kl = rows(has_ref),
              kl_state = at::empty({has_ref ? N : 0, kKLState}, opts);
   const RowLayout layout{n_inner, stride_outer, stride_inner};
   const RowLayout roll_layout{rollout_n_inner, rollout_stride_outer, rollout_stride_inner};
@@ -93,7 +95,7 @@ std::vector<at::Tensor> step_stats_forward(
         int64_t* o_am = argmax.data_ptr<int64_t>();
         const LabelReader read_label(labels);
         at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
-          StepScratch<acc_t> scratch(has_roll ? V : 0);
+          StepScratch<acc_t> scratch(tv ? V : 0);
           for (int64_t r = begin; r < end; ++r) {
             const int64_t c = read_label(r);
             StepRow<acc_t> out{};
@@ -105,7 +107,7 @@ std::vector<at::Tensor> step_stats_forward(
               const acc_t tq = has_ref ? tau_q(r).tau : acc_t(1);
               const auto run = [&](auto roll, auto ref) {
                 step_forward_row<scalar_t, acc_t, decltype(roll)::value, decltype(ref)::value>(
-                    xp, tau(r), xr_row, tr, xq_row, tq, reverse, V, c, scratch, out);
+                    xp, tau(r), xr_row, tr, xq_row, tq, reverse, tv, V, c, scratch, out);
               };
               using Yes = std::true_type;
               using No = std::false_type;
@@ -123,7 +125,7 @@ std::vector<at::Tensor> step_stats_forward(
             o_am[r] = out.argmax;
             if (has_roll) {
               o_rkl[r] = out.token_kl;
-              o_tv[r] = out.token_tv;
+              if (tv) o_tv[r] = out.token_tv;
             }
             if (has_ref) {
               o_kl[r] = out.kl;

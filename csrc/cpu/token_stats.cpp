@@ -76,8 +76,8 @@ std::vector<at::Tensor> token_stats_forward(const at::Tensor& logits, const at::
         // step_stats' row without the rollout and the reference logits.
         StepRow<acc_t> out;
         step_forward_row<scalar_t, acc_t, false, false>(x + layout.offset(r), tau(r), nullptr,
-                                                        acc_t(1), nullptr, acc_t(1), true, V, c,
-                                                        scratch, out);
+                                                        acc_t(1), nullptr, acc_t(1), true, false,
+                                                        V, c, scratch, out);
         const TokenStatsRow<acc_t>& row = out.token;
         o_am[r] = out.argmax;
         o_lp[r] = row.logprob;

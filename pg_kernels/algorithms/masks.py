@@ -37,7 +37,8 @@ def trm_mask(
     """Trust Region Masking: keep a row only if its token divergence stays in the trust region.
 
     Exact mode (`token_kl`, the per-token KL(pi_roll || pi_theta) from
-    `mismatch_stats(..., rollout_logits=...)`): D_max = D_avg = token_kl. Sampled mode (no
+    `mismatch_stats(..., rollout_logits=..., token_tv=False)`: the mask needs no TV, which on a
+    GPU costs a second read of both tensors): D_max = D_avg = token_kl. Sampled mode (no
     rollout logits): D_max = k2 = delta^2 / 2 and D_avg = k3 = rho - 1 - delta. Over row i's valid
     tokens V_i:
 

@@ -59,7 +59,8 @@ def mismatch_metrics(
         rollout_logprob: [B, T] float, the rollout engine's log-probs of the same tokens.
         mask: [B, T] bool, int or float (nonzero = valid).
         token_kl: optional [B, T] float, exact per-token KL(pi_roll || pi_theta)
-            (`mismatch_stats(..., rollout_logits=...).token_kl`).
+            (`mismatch_stats(..., rollout_logits=..., token_tv=False).token_kl`; token_tv=False
+            spares the TV this function does not use).
 
     Returns:
         dict of 0-d tensors in the inputs' promoted float dtype, at least float32 (bf16 in:

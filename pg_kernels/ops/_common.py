@@ -90,6 +90,13 @@ def check_float_arg(op: str, name: str, value, *, low: float | None = None) -> f
     return v
 
 
+def check_flag(op: str, name: str, value) -> bool:
+    """A bool switch (an int or a tensor in its place is a mistake: `token_tv=0` or a mask)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_labels(
     labels: torch.Tensor, vocab_size: int, ignore_index: int = -100, *, name: str = "labels"
 ) -> None:

@@ -29,6 +29,7 @@ import torch
 from pg_kernels import _backend, _library, reference
 from pg_kernels.ops._common import (
     acc_dtype,
+    check_flag,
     check_ignore_index,
     check_labels_arg,
     check_labels_on_cpu,
@@ -54,27 +55,29 @@ def _flat(labels):
 @_library.register_kernel("mismatch_stats")
 def _mismatch_stats(
     logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
-    rollout_temperature_scalar, ignore_index, backend,
+    rollout_temperature_scalar, ignore_index, backend, tv=True,
 ):  # fmt: skip
     check_logits_pair(OP, logits, rollout_logits, "rollout_logits")  # direct torch.ops calls too
     forward, _ = _backend.launchers(OP, backend)
     logprob, token_kl, token_tv, row_state = forward(
         logits, rollout_logits, _flat(labels), temperature, temperature_scalar,
-        rollout_temperature, rollout_temperature_scalar, ignore_index,
+        rollout_temperature, rollout_temperature_scalar, ignore_index, tv,
         *row_layout(OP, "logits", logits), *row_layout(OP, "rollout_logits", rollout_logits),
     )  # fmt: skip
-    rows = (o.view_as(labels) for o in (logprob, token_kl, token_tv))
-    return (*rows, view_rows(row_state, labels.shape, 2))
+    token_tv = token_tv.view_as(labels) if tv else token_tv  # [0] without TV
+    rows = (o.view_as(labels) for o in (logprob, token_kl))
+    return (*rows, token_tv, view_rows(row_state, labels.shape, 2))
 
 
 @torch.library.register_fake("pg_kernels::mismatch_stats")
 def _mismatch_stats_fake(
     logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
-    rollout_temperature_scalar, ignore_index, backend,
+    rollout_temperature_scalar, ignore_index, backend, tv=True,
 ):  # fmt: skip
     out = labels.new_empty(labels.shape, dtype=acc_dtype(logits.dtype))
     row_state = labels.new_empty((*labels.shape, 2), dtype=acc_dtype(logits.dtype))
-    return out, torch.empty_like(out), torch.empty_like(out), row_state
+    token_tv = torch.empty_like(out) if tv else out.new_empty((0,))
+    return out, torch.empty_like(out), token_tv, row_state
 
 
 @_library.register_kernel("mismatch_stats_backward")
@@ -101,7 +104,7 @@ def _mismatch_stats_backward_fake(
 
 def _setup_context(ctx, inputs, output):
     (logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
-     rollout_temperature_scalar, ignore_index, backend) = inputs  # fmt: skip
+     rollout_temperature_scalar, ignore_index, backend, _) = inputs  # fmt: skip
     _, token_kl, token_tv, row_state = output
     ctx.save_for_backward(logits, labels, temperature, row_state)
     ctx.scalars = (temperature_scalar, ignore_index, backend)
@@ -118,7 +121,7 @@ def _backward(ctx, g_logprob, g_kl, g_tv, g_row_state):
             g_logprob, logits, labels, temperature, temperature_scalar, ignore_index, row_state,
             backend,
         )  # fmt: skip
-    return grad, *(None,) * 8
+    return grad, *(None,) * 9
 
 
 torch.library.register_autograd(
@@ -139,6 +142,7 @@ def mismatch_stats(
     tis_cap: float = 2.0,
     icepop_low: float = 0.5,
     icepop_high: float = 2.0,
+    token_tv: bool = True,
     backend: str = "auto",
 ) -> MismatchStats:
     """Training-vs-rollout mismatch per token: sampled estimators, and exact KL / TV.
@@ -155,6 +159,10 @@ def mismatch_stats(
         ignore_index: label value of rows to skip.
         tis_cap: truncated-IS cap C, > 0: tis_weight = min(rho, C).
         icepop_low, icepop_high: IcePop band, 0 <= low <= high: rho * 1[low <= rho <= high].
+        token_tv: False skips the total variation (token_tv is then None): TV needs both
+            normalizers first, so a GPU reads both tensors a second time for it (~1.8x the
+            forward's time), and a CPU sweeps the exps it kept. token_kl and every other field
+            are the same bits either way.
         backend: "auto", "reference", "cpu", "triton"; without rollout_logits also what
             token_stats takes.
 
@@ -164,7 +172,8 @@ def mismatch_stats(
         logprob (differentiable w.r.t. logits), log_ratio, ratio, k1 = -delta,
         k2 = delta^2 / 2, k3 = rho - 1 - delta, abs_log_ratio, chi2 = (rho - 1)^2, tis_weight,
         icepop_weight; token_kl = KL(pi_roll || pi_theta) and token_tv = 1/2 sum |p - q| when
-        rollout_logits is given, else None. E_{c ~ pi_roll}[k3] = token_kl.
+        rollout_logits is given (token_tv only with token_tv=True), else None.
+        E_{c ~ pi_roll}[k3] = token_kl.
         Every field but logprob is a no-grad diagnostic. A NaN in rollout_logprobs makes that
         row's estimators NaN; a NaN / +inf / all -inf row of rollout_logits makes that row's
         token_kl and token_tv NaN (logprob is unaffected). token_kl is +inf where the rollout
@@ -183,6 +192,7 @@ def mismatch_stats(
         else make_temperature(OP, rollout_temperature, logits, "rollout_temperature")
     )
     check_labels_on_cpu(OP, labels, logits.shape[-1], ignore_index)  # errors name this op
+    tv = check_flag(OP, "token_tv", token_tv)
     token_kl = token_tv = None
     if rollout_logits is None:  # token_stats' kernel; errors name this op
         kernels = _backend.KERNELS["token_stats"]
@@ -204,14 +214,16 @@ def mismatch_stats(
             token_kl = reference.kl_divergence(
                 logits, rollout_logits, direction="forward", ref_temperature=rt, **shared
             ).detach()
-            token_tv = reference.rollout_tv(
-                logits, rollout_logits, rollout_temperature=rt, **shared
-            ).detach()
+            if tv:
+                token_tv = reference.rollout_tv(
+                    logits, rollout_logits, rollout_temperature=rt, **shared
+                ).detach()
         else:
             logprob, token_kl, token_tv, _ = _library.call("mismatch_stats",
                 logits, rollout_logits, labels, temp.tensor, temp.scalar, roll_temp.tensor,
-                roll_temp.scalar, ignore_index, backend,
+                roll_temp.scalar, ignore_index, backend, tv,
             )  # fmt: skip
+            token_tv = token_tv if tv else None
     sampled = sampled_estimators(
         logprob, rollout_logprobs, labels, ignore_index, **bands, backend=backend
     )

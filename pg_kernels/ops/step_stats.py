@@ -24,6 +24,7 @@ from pg_kernels import _backend, _library, reference
 from pg_kernels.ops._common import (
     RowLayout,
     acc_dtype,
+    check_flag,
     check_labels_arg,
     check_labels_on_cpu,
     check_logits,
@@ -51,7 +52,7 @@ def _flat(t):
     return None if t is None else t.reshape(-1).contiguous()
 
 
-def _outputs_like(labels, dtype, has_roll, has_ref):
+def _outputs_like(labels, dtype, has_roll, has_ref, tv):
     """Empty outputs of the op: the fake's, in the shapes the kernel returns."""
     lead = labels.shape
 
@@ -60,14 +61,14 @@ def _outputs_like(labels, dtype, has_roll, has_ref):
 
     token = [rows(True) for _ in range(6)] + [labels.new_empty(lead, dtype=torch.int64)]
     kl_state = labels.new_empty((*lead, KL_STATE) if has_ref else (0, KL_STATE), dtype=dtype)
-    return (*token, rows(has_roll), rows(has_roll), rows(has_ref), kl_state)
+    return (*token, rows(has_roll), rows(has_roll and tv), rows(has_ref), kl_state)
 
 
 @_library.register_kernel("step_stats")
 def _step_stats(
     logits, rollout_logits, ref_logits, labels, temperature, temperature_scalar,
     rollout_temperature, rollout_temperature_scalar, ref_temperature, ref_temperature_scalar,
-    direction, ignore_index, backend,
+    direction, ignore_index, backend, tv=True,
 ):  # fmt: skip
     for name, other in (("rollout_logits", rollout_logits), ("ref_logits", ref_logits)):
         if other is not None:  # direct torch.ops calls too (step_stats() checks them first)
@@ -76,14 +77,15 @@ def _step_stats(
     outs = forward(
         logits, rollout_logits, ref_logits, _flat(labels), temperature, temperature_scalar,
         rollout_temperature, rollout_temperature_scalar, ref_temperature, ref_temperature_scalar,
-        direction == "reverse", ignore_index, *_layout("logits", logits),
+        direction == "reverse", ignore_index, tv, *_layout("logits", logits),
         *_layout("rollout_logits", rollout_logits), *_layout("ref_logits", ref_logits),
     )  # fmt: skip
     # The shapes of `_outputs_like`, without building it (host time at small batches).
     *token, token_kl, token_tv, kl, kl_state = outs
     token = [o.view_as(labels) for o in token]
     if rollout_logits is not None:
-        token_kl, token_tv = token_kl.view_as(labels), token_tv.view_as(labels)
+        token_kl = token_kl.view_as(labels)
+        token_tv = token_tv.view_as(labels) if tv else token_tv
     if ref_logits is not None:
         kl, kl_state = kl.view_as(labels), view_rows(kl_state, labels.shape, KL_STATE)
     return (*token, token_kl, token_tv, kl, kl_state)
@@ -93,10 +95,10 @@ def _step_stats(
 def _step_stats_fake(
     logits, rollout_logits, ref_logits, labels, temperature, temperature_scalar,
     rollout_temperature, rollout_temperature_scalar, ref_temperature, ref_temperature_scalar,
-    direction, ignore_index, backend,
+    direction, ignore_index, backend, tv=True,
 ):  # fmt: skip
     return _outputs_like(labels, acc_dtype(logits.dtype), rollout_logits is not None,
-                         ref_logits is not None)  # fmt: skip
+                         ref_logits is not None, tv)  # fmt: skip
 
 
 @_library.register_kernel("step_stats_backward")
@@ -136,7 +138,7 @@ def _step_stats_backward_fake(
 def _setup_context(ctx, inputs, output):
     (logits, rollout_logits, ref_logits, labels, temperature, temperature_scalar,
      rollout_temperature, rollout_temperature_scalar, ref_temperature, ref_temperature_scalar,
-     direction, ignore_index, backend) = inputs  # fmt: skip
+     direction, ignore_index, backend, _) = inputs  # fmt: skip
     _, entropy, collision, lgp, lse, max_prob, argmax, token_kl, token_tv, kl, kl_state = output
     ctx.save_for_backward(
         logits, ref_logits, labels, temperature, ref_temperature, lse, entropy, collision,
@@ -155,7 +157,7 @@ def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, 
     need_logits = ctx.needs_input_grad[0]
     need_ref = ctx.has_ref and ctx.needs_input_grad[2]
     if not (need_logits or need_ref):
-        return (None,) * 13
+        return (None,) * 14
     grad, grad_ref = _library.call("step_stats_backward",
         g_logprob, g_entropy, g_collision, g_lse, g_kl if ctx.has_ref else None, logits,
         ref_logits, labels, temperature, temperature_scalar, ref_temperature,
@@ -163,7 +165,7 @@ def _backward(ctx, g_logprob, g_entropy, g_collision, g_lgp, g_lse, g_max_prob, 
         argmax, kl if ctx.has_ref else None, kl_state if ctx.has_ref else None, need_logits,
         need_ref, backend,
     )  # fmt: skip
-    return grad if need_logits else None, None, grad_ref if need_ref else None, *(None,) * 10
+    return grad if need_logits else None, None, grad_ref if need_ref else None, *(None,) * 11
 
 
 torch.library.register_autograd("pg_kernels::step_stats", _backward, setup_context=_setup_context)
@@ -185,6 +187,7 @@ def step_stats(
     tis_cap: float = 2.0,
     icepop_low: float = 0.5,
     icepop_high: float = 2.0,
+    token_tv: bool = True,
     backend: str = "auto",
 ) -> StepStats:
     """token_stats, mismatch_stats and the KL to a reference in one read of each logits tensor.
@@ -207,7 +210,9 @@ def step_stats(
         kl_direction: "reverse" for KL(p || q), "forward" for KL(q || p) (as kl_divergence).
         temperature: float or [...] tensor for the logits; rollout_temperature and
             ref_temperature (default: temperature) for the other two.
-        ignore_index, tis_cap, icepop_low, icepop_high: as in token_stats / mismatch_stats.
+        ignore_index, tis_cap, icepop_low, icepop_high, token_tv: as in token_stats /
+            mismatch_stats (token_tv=False: no TV, and on a GPU no second read of the logits
+            and the rollout logits for it).
         backend: "auto", "reference", "cpu" or "triton".
 
     Returns:
@@ -239,6 +244,7 @@ def step_stats(
         check_logits_pair(OP, logits, ref_logits, "ref_logits")
     backend = _backend.resolve(OP, backend, logits.device, kernels=KERNELS)
     check_labels_on_cpu(OP, labels, logits.shape[-1], ignore_index)
+    tv = check_flag(OP, "token_tv", token_tv)
     if backend == "reference":
         out = reference.step_stats(
             logits, labels, rollout_logprobs=rollout_logprobs, rollout_logits=rollout_logits,
@@ -248,15 +254,18 @@ def step_stats(
         )  # fmt: skip
         token, kl, token_kl, token_tv = out.token, out.kl, None, None
         if rollout_logits is not None:  # not differentiable, as the kernels' outputs
-            token_kl, token_tv = out.mismatch.token_kl.detach(), out.mismatch.token_tv.detach()
+            token_kl = out.mismatch.token_kl.detach()
+            token_tv = out.mismatch.token_tv.detach() if tv else None
     else:
         *fields, token_kl, token_tv, kl, _ = _library.call("step_stats",
             logits, rollout_logits, ref_logits, labels, temp.tensor, temp.scalar,
             roll_temp.tensor, roll_temp.scalar, ref_temp.tensor, ref_temp.scalar, kl_direction,
-            ignore_index, backend,
+            ignore_index, backend, tv,
         )  # fmt: skip
         token = TokenStats(*fields)
-        token_kl, token_tv = (None, None) if rollout_logits is None else (token_kl, token_tv)
+        if rollout_logits is None:
+            token_kl = None
+        token_tv = token_tv if rollout_logits is not None and tv else None
         kl = None if ref_logits is None else kl
     mismatch = None
     if rollout_logprobs is not None:

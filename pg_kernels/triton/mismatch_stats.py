@@ -11,6 +11,7 @@ fixed order: deterministic and batch invariant):
   3. `_tv_chunk_kernel`, grid (N, n_chunks): TV needs both normalizers, known only now, so each
      chunk is read again and sum |q_j - p_j| taken per lane (two exps per element);
   4. `_tv_finish_kernel`: token_tv = min(1/2 sum over the chunks in order, 1).
+  (3 and 4 only with tv: `token_tv=False` stops after 2, two reads instead of four.)
 Backward (of logprob only), `_bwd_kernel`, grid (N, n_chunks): g (1[j = c] - p_j) / tau with
 p_j = e^{(z_j - m) - l} from the saved row state; the label's entry is -expm1(log p_c) g / tau
 (no cancellation of 1 - p_c when p_c -> 1).
@@ -293,16 +294,16 @@ def _bwd_block(x, lanes, label_lane, a, k, b, scale, g_label):
 
 def mismatch_stats_forward(
     logits, rollout_logits, labels, temperature, temperature_scalar, rollout_temperature,
-    rollout_temperature_scalar, ignore_index, n_inner, stride_outer, stride_inner,
+    rollout_temperature_scalar, ignore_index, tv, n_inner, stride_outer, stride_inner,
     rollout_n_inner, rollout_stride_outer, rollout_stride_inner, *, _block_v=None, _chunk=None,
 ):  # fmt: skip
     """[logprob, token_kl, token_tv, row_state [N, 2]]; the signature of
-    pg_kernels._C.mismatch_stats_forward. _block_v, _chunk: private overrides of the row
-    blocking (tests and tuning only)."""
+    pg_kernels._C.mismatch_stats_forward (tv False: token_tv [0], and no second read of the two
+    tensors). _block_v, _chunk: private overrides of the row blocking (tests and tuning only)."""
     V = logits.shape[-1]
     n = labels.numel()
     acc = acc_dtype_of(logits.dtype)
-    outs = [torch.empty(n, dtype=acc, device=logits.device) for _ in range(3)]
+    outs = [torch.empty(n if i < 2 or tv else 0, dtype=acc, device=logits.device) for i in range(3)]
     row_state = torch.empty(n, 2, dtype=acc, device=logits.device)
     if n == 0:
         return [*outs, row_state]
@@ -326,6 +327,8 @@ def mismatch_stats_forward(
         blk.n_chunks, ignore_index, *layout, DIVIDE=divide, EXCESS=pair_excess(logits.dtype),
         BLOCK_R=FINISH_BLOCK_R, num_warps=4,
     )  # fmt: skip
+    if not tv:
+        return [logprob, token_kl, token_tv, row_state]
     tv_part = part[0]  # reused: the pair partials are spent; [n_chunks, N] of the same dtype
     _tv_chunk_kernel[(n, blk.n_chunks)](
         logits, rollout_logits, labels, t, tr, p_norm, q_norm, tv_part, V, n, ignore_index,

@@ -1377,14 +1377,15 @@ def _temperatures(t, scalar, n, acc, device):
 def step_stats_forward(
     logits, rollout_logits, ref_logits, labels, temperature, temperature_scalar,
     rollout_temperature, rollout_temperature_scalar, ref_temperature, ref_temperature_scalar,
-    reverse, ignore_index, n_inner, stride_outer, stride_inner, rollout_n_inner,
+    reverse, ignore_index, tv, n_inner, stride_outer, stride_inner, rollout_n_inner,
     rollout_stride_outer, rollout_stride_inner, ref_n_inner, ref_stride_outer, ref_stride_inner,
     *, _block_v=None, _chunk=None,
 ):  # fmt: skip
     """[logprob, entropy, collision, lgp, lse, max_prob, argmax, token_kl, token_tv, kl,
     kl_state]: as pg_kernels._C.step_stats_forward (an absent tensor's outputs are empty:
-    token_kl / token_tv / kl [0], kl_state [0, 3]). _block_v, _chunk: private overrides of the
-    row blocking (tests and tuning only)."""
+    token_kl / token_tv / kl [0], kl_state [0, 3]; token_tv [0] with tv False, which skips its
+    second read of the logits and the rollout). _block_v, _chunk: private overrides of the row
+    blocking (tests and tuning only)."""
     _token._check_inputs(logits, labels, temperature, ignore_index)
     N, V = labels.numel(), logits.shape[-1]
     acc = acc_dtype_of(logits.dtype)
@@ -1395,7 +1396,8 @@ def step_stats_forward(
         return torch.empty(N if given else 0, dtype=acc, device=dev)
 
     token = [rows(True) for _ in range(6)] + [torch.empty(N, dtype=torch.int64, device=dev)]
-    token_kl, token_tv, kl = rows(has_roll), rows(has_roll), rows(has_ref)
+    tv = tv and has_roll
+    token_kl, token_tv, kl = rows(has_roll), rows(tv), rows(has_ref)
     kl_state = torch.empty((N if has_ref else 0, KL_STATE), dtype=acc, device=dev)
     outs = [*token, token_kl, token_tv, kl, kl_state]
     if N == 0:
@@ -1460,7 +1462,7 @@ def step_stats_forward(
         r_norm if has_roll else unused, **flags, DIV_R=div_r, DIV_Q=div_q, BLOCK_R=FINISH_BLOCK_R,
         num_warps=4,
     )  # fmt: skip
-    if has_roll:
+    if tv:
         # TV needs both normalizers: mismatch_stats' second pass over the logits and the rollout.
         tv_blk = row_blocking(V, logits.dtype, _block_v, _chunk)
         tv_part = torch.empty((tv_blk.n_chunks, N), dtype=acc, device=dev)
