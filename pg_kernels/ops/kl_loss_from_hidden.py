@@ -143,7 +143,9 @@ def kl_loss_from_hidden(
         KLLoss(loss, kl): the 0-d loss, differentiable w.r.t. hidden, weight and bias, and the
         teacher's tensors where they require grad (the saved gradients, rounded to the inputs'
         dtypes, are scaled by the loss's upstream gradient: scale inside loss_fn; not
-        differentiable twice), and the [...] KL of every row, detached.
+        differentiable twice), and the [...] KL of every row, detached. Under torch.compile
+        it runs eagerly (a graph break: loss_fn is differentiated inside the forward), so
+        fullgraph=True rejects it.
 
     Example, on-policy distillation (a frozen teacher; mask of [B, T]):
         m = mask.reshape(-1).float()
