@@ -423,14 +423,17 @@ def _mismatch(backend_device, data, with_rollout_logits):
     }  # fmt: skip
     if with_rollout_logits:
         kw["rollout_logits"] = xr
-    hypothesis.note(_show(c, temperature=t, rollout=rt))
-    op = functools.partial(pg_kernels.mismatch_stats, backend=backend)
+    # The long profile draws token_tv=False too (the ci profile's examples stay as they were).
+    tv = data.draw(st.booleans()) if with_rollout_logits and PROFILE != "ci" else True
+    hypothesis.note(_show(c, temperature=t, rollout=rt) + ("" if tv else " token_tv=False"))
+    op = functools.partial(pg_kernels.mismatch_stats, backend=backend, token_tv=tv)
     # The sampled estimators are elementwise functions of logprob and the given rollout
     # log-prob: logprob (and the exact token_kl / token_tv) is held to the rule, the estimators
     # to the float64 formulas evaluated on the op's own logprob. Held to the rule directly,
     # log_ratio = logprob - lp would get a tolerance scaled by |log_ratio| ~ 0 for an error that
     # is logprob's own, ~ulp(|logprob|).
     fields = ("logprob", "token_kl", "token_tv") if with_rollout_logits else ("logprob",)
+    fields = fields if tv else fields[:2]
     z_floor = _z_rounding_floor(c, xr, t, rt, "forward")  # KL(pi_roll || pi_theta)
     _check(
         c, backend,
@@ -502,8 +505,10 @@ def test_step_stats(backend_device, data):
     xq = _perturbed(data.draw, c, shift=3.0, salt=2) if data.draw(st.booleans()) else None
     kw = {"kl_direction": data.draw(st.sampled_from(["reverse", "forward"])),
           "temperature": t, "rollout_temperature": rt, "ref_temperature": qt}  # fmt: skip
+    tv = data.draw(st.booleans()) if xr is not None and PROFILE != "ci" else True  # as _mismatch
     hypothesis.note(_show(c, temperature=t, rollout=rt, ref=qt) + f" rollout_logits="
-                    f"{xr is not None} logprobs={lp is not None} ref={xq is not None}")  # fmt: skip
+                    f"{xr is not None} logprobs={lp is not None} ref={xq is not None}"
+                    f" token_tv={tv}")  # fmt: skip
     diff = ("logprob", "entropy", "collision", "lse") + (("kl",) if xq is not None else ())
     kl_floor = None if xq is None else _kl_grad_floor(c["x"], xq, {
         "direction": kw["kl_direction"], "temperature": t, "ref_temperature": qt})  # fmt: skip
@@ -523,9 +528,11 @@ def test_step_stats(backend_device, data):
 
     _check(
         c, backend,
-        _step_op(backend), _step_ref, (c["x"], c["y"], xr, lp, xq), kw, diff_fields=diff,
+        functools.partial(_step_op(backend), token_tv=tv), _step_ref,
+        (c["x"], c["y"], xr, lp, xq), kw, diff_fields=diff,
         grad_args=(0,) if xq is None else (0, 4), grad_floor=grad_floor,
-        check_fields=[f for f in _StepFlat._fields if f != "k3"], forward_floor=floors,
+        check_fields=[f for f in _StepFlat._fields if f != "k3" and (tv or f != "token_tv")],
+        forward_floor=floors,
     )  # fmt: skip
     if lp is not None:
         est = {"tis_cap": 2.0, "icepop_low": 0.5, "icepop_high": 2.0}  # step_stats' defaults
