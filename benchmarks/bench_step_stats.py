@@ -261,7 +261,9 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
         notes=["every field: TokenStats, MismatchStats with token_kl and token_tv, reverse KL"],
         summaries=summaries,
         # The CPU target's ratio, also timed as back-to-back pairs (harness._paired_ratio).
-        paired=tuple((f"pg_kernels:{b}", target.against) for b in backends)
+        paired=tuple(
+            (f"{name}:{b}", target.against) for b in backends for name in ("pg_kernels", "no_tv")
+        )
         if device.type == "cpu"
         else (),
     )

@@ -167,6 +167,7 @@ def _mismatch_op_calls(backend, d):
     bwd_args = (d["up"][:, 0].contiguous(), x, y, tt, ts, IGNORE, row_state, backend)
     return [
         (fwd, (x.clone().requires_grad_(), *args[1:])),
+        (fwd, (x.clone().requires_grad_(), *args[1:], False)),  # token_tv=False
         (torch.ops.pg_kernels.mismatch_stats_backward.default, bwd_args),
     ]
 
@@ -257,10 +258,10 @@ def _step_op_calls(backend, d):
     bwd = torch.ops.pg_kernels.step_stats_backward.default
     g = [d["up"][:, j].contiguous() for j in range(5)]
     calls = []
-    for direction in ("reverse", "forward"):
+    for direction, tv in (("reverse", True), ("forward", False)):
         args = (x, xr, xq, y, tt, ts, None, 0.9, None, 1.3, direction, IGNORE, backend)
         calls.append((fwd, (x.clone().requires_grad_(), xr, xq.clone().requires_grad_(),
-                            *args[3:])))  # fmt: skip
+                            *args[3:], tv)))  # fmt: skip
         _, entropy, collision, _, lse, max_prob, argmax, _, _, kl, kl_state = fwd(*args)
         for need in ((True, True), (True, False), (False, True)):
             saved = (lse, entropy, collision, max_prob, argmax, kl, kl_state)
