@@ -228,7 +228,10 @@ def make_bench(device: torch.device, temperature: float = 1.0) -> OpBench:
             device, backends, other="rollout_logits", note=" (with rollout logits)"
         )
         + without_tv_summaries(device, backends),
-        paired=(("pg_kernels:cpu", "ceiling:exp:logits+exp:rollout_logits"),),
+        paired=tuple(
+            (f"{name}:cpu", "ceiling:exp:logits+exp:rollout_logits")
+            for name in ("pg_kernels", "no_tv")
+        ),
     )
 
 

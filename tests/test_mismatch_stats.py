@@ -604,13 +604,18 @@ def test_tv_properties(bd):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_token_tv_off_keeps_every_other_field(bd, dtype):
-    """token_tv=False skips TV (no second read of both tensors on a GPU): token_tv is None and
-    every other field, and the logits' gradient, are the same bits as with it; ignore rows,
-    per-row temperatures on both sides, -inf entries and a NaN rollout row included."""
+def test_token_tv_off_keeps_every_other_field(bd, dtype, small_triton_blocks):
+    """token_tv=False skips TV (no second read of both tensors on a GPU): the kernel returns an
+    empty token_tv, the op None, and every other field, and the logits' gradient, are the same
+    bits as with it; several chunks per row (C++: V past one 2048-wide chunk; Triton: small
+    blocks), an ignore row, per-row temperatures on both sides, -inf entries on both sides and
+    a NaN rollout row."""
     backend, device = bd
-    x, xr, y, lp = _inputs(6, 257, dtype, device, seed=40)
-    x[2, 3], xr[3, 9], xr[4, 0] = -INF, -INF, float("nan")
+    v = 4099 if backend == "cpu" else 257
+    x, xr, y, lp = _inputs(6, v, dtype, device, seed=40)
+    y = y.clamp(min=0)
+    y[3] = -100
+    x[2, 3], xr[2, 9], xr[5, v - 2], xr[4, 0] = -INF, -INF, -INF, float("nan")
     t = torch.linspace(0.5, 1.5, 6, device=device)
     kw = dict(rollout_logits=xr, temperature=t, rollout_temperature=t.flip(0))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -621,10 +626,16 @@ def test_token_tv_off_keeps_every_other_field(bd, dtype):
         a, b = getattr(with_tv, field), getattr(without, field)
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=field)
     assert without.token_kl[4].isnan() and with_tv.token_tv[4].isnan()  # the NaN rollout row
+    # KL(pi_roll || pi_theta): +inf where the logits hold a -inf against rollout mass (row 2),
+    # finite where only the rollout does (row 5).
+    assert without.token_kl[2] == INF and without.token_kl[5].isfinite()
     g = torch.randn(6, device=device)
     (with_tv.logprob * g).sum().backward()
     (without.logprob * g).sum().backward()
     assert torch.equal(xa.grad, xb.grad)
+    op = torch.ops.pg_kernels.mismatch_stats.default
+    for tv, rows in ((True, (6,)), (False, (0,))):  # the kernel's own token_tv
+        assert op(x, xr, y, None, 0.7, None, 0.9, -100, backend, tv)[2].shape == rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -270,13 +270,17 @@ def test_equals_the_single_ops(bd, direction):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_ref", [False, True], ids=["rollout", "rollout+ref"])
-def test_token_tv_off_keeps_every_other_field(bd, dtype, with_ref):
-    """token_tv=False skips TV (no second read of the logits and the rollout on a GPU):
-    token_tv is None and every other field and both gradients are the same bits as with it."""
+def test_token_tv_off_keeps_every_other_field(bd, dtype, with_ref, small_triton_blocks):
+    """token_tv=False skips TV (no second read of the logits and the rollout on a GPU): the
+    kernel returns an empty token_tv, the op None, and every other field and both gradients
+    are the same bits as with it; several chunks per row (C++: V past one 2048-wide chunk;
+    Triton: small blocks), an ignore row, -inf entries and a NaN rollout row."""
     backend, device = bd
-    x, y, xr, lp, xq = _inputs(5, 301, dtype, device, seed=41)
+    v = 4099 if backend == "cpu" else 301
+    x, y, xr, lp, xq = _inputs(5, v, dtype, device, seed=41)
+    y = y.clamp(min=0)
     y[2] = -100
-    x[3, 7], xr[4, 11] = -INF, -INF
+    x[3, 7], xr[4, v - 3], xr[1, 5] = -INF, -INF, float("nan")
     t = torch.linspace(0.6, 1.4, 5, device=device)
     kw = dict(rollout_logprobs=lp, rollout_logits=xr, temperature=t, backend=backend)
     outs, grads = [], []
@@ -290,14 +294,17 @@ def test_token_tv_off_keeps_every_other_field(bd, dtype, with_ref):
         grads.append((xa.grad, None if qa is None else qa.grad))
     (a, b), ((ga, qa), (gb, qb)) = outs, grads
     assert a.mismatch.token_tv is not None and b.mismatch.token_tv is None
-    for f in a.token._fields:
-        assert torch.equal(getattr(a.token, f), getattr(b.token, f)), f
-    for f in a.mismatch._fields:
-        if f != "token_tv":
-            assert torch.equal(getattr(a.mismatch, f), getattr(b.mismatch, f)), f
-    assert torch.equal(ga, gb)
-    if with_ref:
-        assert torch.equal(a.kl, b.kl) and torch.equal(qa, qb)
+    assert a.mismatch.token_kl[1].isnan() and a.mismatch.token_tv[1].isnan()  # the NaN row
+    pairs = [(f, getattr(a.token, f), getattr(b.token, f)) for f in a.token._fields]
+    pairs += [(f, getattr(a.mismatch, f), getattr(b.mismatch, f)) for f in a.mismatch._fields
+              if f != "token_tv"]  # fmt: skip
+    pairs += [("grad", ga, gb)] + ([("kl", a.kl, b.kl), ("grad_ref", qa, qb)] if with_ref else [])
+    for name, u, w in pairs:
+        torch.testing.assert_close(u, w, rtol=0, atol=0, equal_nan=True, msg=name)
+    op = torch.ops.pg_kernels.step_stats.default
+    for tv, rows in ((True, (5,)), (False, (0,))):  # the kernel's own token_tv
+        out = op(x, xr, None, y, None, 0.8, None, 1.0, None, 1.0, "reverse", -100, backend, tv)
+        assert out[8].shape == rows
 
 
 def test_temperature(bd):
@@ -837,22 +844,24 @@ def test_compile_fullgraph_matches_eager():
         lp.view(2, 3),
     )
 
-    def loss(x, xq):
+    def loss(x, xq, tv):
         out = pg_kernels.step_stats(x, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xq,
-                                    temperature=0.9)  # fmt: skip
+                                    temperature=0.9, token_tv=tv)  # fmt: skip
         t = out.token
         total = (t.logprob * out.mismatch.tis_weight + 0.1 * t.entropy + out.kl).sum()
-        return total, torch.stack([t.logprob, out.mismatch.token_tv, out.kl])
+        tv_field = out.mismatch.token_tv if tv else torch.zeros_like(t.logprob)
+        return total, torch.stack([t.logprob, out.mismatch.token_kl, tv_field, out.kl])
 
     compiled = torch.compile(loss, fullgraph=True)
-    xa, xb, qa, qb = (t.clone().requires_grad_() for t in (x, x, xq, xq))
-    la, fa = loss(xa, qa)
-    lb, fb = compiled(xb, qb)
-    la.backward()
-    lb.backward()
-    assert torch.equal(fa, fb)
-    torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
-    assert torch.equal(xa.grad, xb.grad) and torch.equal(qa.grad, qb.grad)
+    for tv in (True, False):
+        xa, xb, qa, qb = (t.clone().requires_grad_() for t in (x, x, xq, xq))
+        la, fa = loss(xa, qa, tv)
+        lb, fb = compiled(xb, qb, tv)
+        la.backward()
+        lb.backward()
+        assert torch.equal(fa, fb)
+        torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
+        assert torch.equal(xa.grad, xb.grad) and torch.equal(qa.grad, qb.grad)
 
 
 # --- bad input ----------------------------------------------------------------------------

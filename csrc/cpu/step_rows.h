@@ -33,7 +33,6 @@ struct StepScratch {
   alignas(64) acc_t roll[kBufferSize<acc_t>];
   alignas(64) acc_t ref[kBufferSize<acc_t>];
   alignas(64) acc_t exps_p[kBufferSize<acc_t>];  // the logits' exps of a chunk (no TV)
-  alignas(64) acc_t exps_r[kBufferSize<acc_t>];  // the rollout's exps of a chunk (no TV)
   explicit StepScratch(int64_t V_kept) : exps(V_kept) {}
 };
 
@@ -121,7 +120,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     acc_t* cp = scratch.logits;
     acc_t* cr = scratch.roll;
     const bool keep = kRoll && tv;  // the exps kept for TV, else in chunk buffers
-    acc_t* er_row = keep ? scratch.exps.ew() + begin : scratch.exps_r;
+    acc_t* er_row = keep ? scratch.exps.ew() + begin : nullptr;  // the rollout's, for TV only
     const acc_t chunk_max = load_chunk(xp + begin, n, cp);
     if (!(chunk_max <= xm)) {  // a new max, or a NaN (as token_stats' forward_row)
       if (xm != neg_inf<acc_t>()) row.rescale(acc_t(tp.reference(xm) - tp.reference(chunk_max)));
@@ -198,7 +197,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
     if constexpr (kRoll) {  // KL(pi_roll || pi_theta): w = rollout, v = logits
       // By value: a vector store may alias anything (__m256 is may_alias), and captured
       // references would be reloaded after each.
-      const auto roll_step = [cp, ep_chunk, cr, er_row, lowest](
+      const auto roll_step = [cp, ep_chunk, cr, er_row, keep, lowest](
                                  auto unmasked, int64_t i, PairLanes<acc_t>& pr,
                                  WideLanes<acc_t>& s1r) __attribute__((always_inline)) {
         const Vec<acc_t> dp_raw = Vec<acc_t>::loadu(cp + i);  // unclamped: a log-ratio term
@@ -216,7 +215,7 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
           pr.template add_exps<false, false>(unmasked, dr, dr_raw, er, dp_raw, ep);
         }
         s1r.add(er);
-        er.store(er_row + i);
+        if (keep) er.store(er_row + i);  // loop-invariant
       };
       pair_sweep(n, p_no_neg_inf, roll_step, pr, pr.s1w);
     }

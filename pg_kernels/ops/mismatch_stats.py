@@ -160,9 +160,9 @@ def mismatch_stats(
         tis_cap: truncated-IS cap C, > 0: tis_weight = min(rho, C).
         icepop_low, icepop_high: IcePop band, 0 <= low <= high: rho * 1[low <= rho <= high].
         token_tv: False skips the total variation (token_tv is then None): TV needs both
-            normalizers first, so a GPU reads both tensors a second time for it (~1.8x the
-            forward's time), and a CPU sweeps the exps it kept. token_kl and every other field
-            are the same bits either way.
+            normalizers first, so a GPU reads both tensors a second time for it (the forward
+            then takes ~1.8x two reads, against ~1x without), and a CPU sweeps the exps it
+            kept. token_kl and every other field are the same bits either way.
         backend: "auto", "reference", "cpu", "triton"; without rollout_logits also what
             token_stats takes.
 
