@@ -611,6 +611,8 @@ def test_token_tv_off_keeps_every_other_field(bd, dtype, small_triton_blocks):
     blocks), an ignore row, per-row temperatures on both sides, -inf entries on both sides and
     a NaN rollout row."""
     backend, device = bd
+    if backend == "triton" and device == "cpu" and dtype in (torch.float16, torch.float64):
+        pytest.skip("interpreter time: Triton's token_tv switch is a launch, not a dtype's path")
     v = 4099 if backend == "cpu" else 257
     x, xr, y, lp = _inputs(6, v, dtype, device, seed=40)
     y = y.clamp(min=0)

@@ -276,6 +276,8 @@ def test_token_tv_off_keeps_every_other_field(bd, dtype, with_ref, small_triton_
     are the same bits as with it; several chunks per row (C++: V past one 2048-wide chunk;
     Triton: small blocks), an ignore row, -inf entries and a NaN rollout row."""
     backend, device = bd
+    if backend == "triton" and device == "cpu" and dtype in (torch.float16, torch.float64):
+        pytest.skip("interpreter time: Triton's token_tv switch is a launch, not a dtype's path")
     v = 4099 if backend == "cpu" else 301
     x, y, xr, lp, xq = _inputs(5, v, dtype, device, seed=41)
     y = y.clamp(min=0)
@@ -305,6 +307,26 @@ def test_token_tv_off_keeps_every_other_field(bd, dtype, with_ref, small_triton_
     for tv, rows in ((True, (5,)), (False, (0,))):  # the kernel's own token_tv
         out = op(x, xr, None, y, None, 0.8, None, 1.0, None, 1.0, "reverse", -100, backend, tv)
         assert out[8].shape == rows
+
+
+def test_token_tv_off_on_the_reference_backend():
+    """The reference path skips TV too (reference.mismatch_stats / step_stats' token_tv) and
+    keeps every other field."""
+    x, y, xr, lp, xq = _inputs(4, 50, torch.float32, "cpu", seed=42)
+    for tv in (True, False):
+        out = pg_kernels.step_stats(x, y, rollout_logprobs=lp, rollout_logits=xr, ref_logits=xq,
+                                    token_tv=tv, backend="reference")  # fmt: skip
+        ms = pg_kernels.mismatch_stats(x, y, lp, rollout_logits=xr, token_tv=tv,
+                                       backend="reference")  # fmt: skip
+        ref = reference.step_stats(x, y, rollout_logprobs=lp, rollout_logits=xr, token_tv=tv)
+        assert (out.mismatch.token_tv is None) is (ms.token_tv is None) is (not tv)
+        assert (ref.mismatch.token_tv is None) is (not tv)
+        if tv:
+            kept = out, ms
+        else:
+            assert torch.equal(out.mismatch.token_kl, kept[0].mismatch.token_kl)
+            assert torch.equal(out.token.logprob, kept[0].token.logprob)
+            assert torch.equal(ms.token_kl, kept[1].token_kl)
 
 
 def test_temperature(bd):

@@ -250,7 +250,7 @@ def step_stats(
             logits, labels, rollout_logprobs=rollout_logprobs, rollout_logits=rollout_logits,
             ref_logits=ref_logits, kl_direction=kl_direction, temperature=temperature,
             rollout_temperature=rollout_temperature, ref_temperature=ref_temperature,
-            ignore_index=ignore_index, upcast=False,
+            ignore_index=ignore_index, token_tv=tv, upcast=False,
         )  # fmt: skip
         token, kl, token_kl, token_tv = out.token, out.kl, None, None
         if rollout_logits is not None:  # not differentiable, as the kernels' outputs

@@ -73,9 +73,11 @@ def mismatch_stats(
     tis_cap: float = 2.0,
     icepop_low: float = 0.5,
     icepop_high: float = 2.0,
+    token_tv: bool = True,
     upcast: bool = True,
 ) -> MismatchStats:
-    """logits [..., V], labels [...], rollout_logprobs [...], optional rollout_logits [..., V]."""
+    """logits [..., V], labels [...], rollout_logprobs [...], optional rollout_logits [..., V];
+    token_tv=False leaves the TV out (None), as the op's switch."""
     stats = token_stats(
         logits, labels, temperature=temperature, ignore_index=ignore_index, upcast=upcast
     )
@@ -90,7 +92,7 @@ def mismatch_stats(
         exact=upcast,
     )
     sampled = {k: torch.where(keep, v, torch.zeros_like(v)) for k, v in sampled.items()}
-    token_kl = token_tv = None
+    token_kl = tv = None
     if rollout_logits is not None:
         shared = dict(
             temperature=temperature,
@@ -103,5 +105,6 @@ def mismatch_stats(
         token_kl = kl_divergence(
             logits, rollout_logits, direction="forward", ref_temperature=rt, **shared
         )
-        token_tv = rollout_tv(logits, rollout_logits, rollout_temperature=rt, **shared)
-    return MismatchStats(logprob=stats.logprob, **sampled, token_kl=token_kl, token_tv=token_tv)
+        if token_tv:
+            tv = rollout_tv(logits, rollout_logits, rollout_temperature=rt, **shared)
+    return MismatchStats(logprob=stats.logprob, **sampled, token_kl=token_kl, token_tv=tv)

@@ -26,6 +26,7 @@ def step_stats(
     tis_cap: float = 2.0,
     icepop_low: float = 0.5,
     icepop_high: float = 2.0,
+    token_tv: bool = True,
     upcast: bool = True,
 ) -> StepStats:
     """StepStats from token_stats, mismatch_stats and kl_divergence's references.
@@ -43,7 +44,8 @@ def step_stats(
         rt = temperature if rollout_temperature is None else rollout_temperature
         mismatch = mismatch_stats(
             x, labels, rollout_logprobs, rollout_logits=rollout_logits, rollout_temperature=rt,
-            tis_cap=tis_cap, icepop_low=icepop_low, icepop_high=icepop_high, **shared,
+            tis_cap=tis_cap, icepop_low=icepop_low, icepop_high=icepop_high, token_tv=token_tv,
+            **shared,
         )  # fmt: skip
     if ref_logits is not None:
         kl = kl_divergence(
