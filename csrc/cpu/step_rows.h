@@ -115,11 +115,11 @@ void step_forward_row(const scalar_t* xp, Temperature<acc_t> tp, const scalar_t*
   acc_t row_max_p = quiet_nan<acc_t>(), row_max_r = row_max_p, row_max_q = row_max_p;
   const Temperature<acc_t> tpr = temperature(tr), tpq = temperature(tq);
   int64_t argmax = 0;
+  const bool keep = kRoll && tv;  // the exps kept for TV, else in chunk buffers
   for (int64_t begin = 0, k = 0; begin < V; begin += kChunk, ++k) {
     const int64_t n = std::min(kChunk, V - begin);
     acc_t* cp = scratch.logits;
     acc_t* cr = scratch.roll;
-    const bool keep = kRoll && tv;  // the exps kept for TV, else in chunk buffers
     acc_t* er_row = keep ? scratch.exps.ew() + begin : nullptr;  // the rollout's, for TV only
     const acc_t chunk_max = load_chunk(xp + begin, n, cp);
     if (!(chunk_max <= xm)) {  // a new max, or a NaN (as token_stats' forward_row)

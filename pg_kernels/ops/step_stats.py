@@ -264,8 +264,9 @@ def step_stats(
         )  # fmt: skip
         token = TokenStats(*fields)
         if rollout_logits is None:
-            token_kl = None
-        token_tv = token_tv if rollout_logits is not None and tv else None
+            token_kl = token_tv = None
+        elif not tv:
+            token_tv = None
         kl = None if ref_logits is None else kl
     mismatch = None
     if rollout_logprobs is not None:
