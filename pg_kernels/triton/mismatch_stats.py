@@ -80,12 +80,12 @@ OP = "mismatch_stats"
 def _fwd_finish_kernel(
     part_ptr, x_ptr, labels_ptr, t_ptr, tr_ptr, logprob_ptr, kl_ptr, st_ptr, p_norm_ptr,
     q_norm_ptr, V, N, n_chunks, ignore_index, n_inner, s_outer, s_inner,
-    DIVIDE: tl.constexpr, EXCESS: tl.constexpr, BLOCK_R: tl.constexpr,
+    DIVIDE: tl.constexpr, EXCESS: tl.constexpr, TV: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_R rows per program: logprob, token_kl, the row state (m_p, log s1_p) of the
-    backward, and each side's frame for the TV pass (`tv_frame`: its max logit and log s1,
-    p_norm_ptr and q_norm_ptr [N, 2]; NaN marks an invalid side, 0 an ignored row). EXCESS:
-    the partials carry k (`_pair.pair_excess`)."""
+    backward, and with TV each side's frame for the TV pass (`tv_frame`: its max logit and log
+    s1, p_norm_ptr and q_norm_ptr [N, 2]; NaN marks an invalid side, 0 an ignored row).
+    EXCESS: the partials carry k (`_pair.pair_excess`)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     label = tl.load(labels_ptr + rows, mask=rmask, other=0).to(tl.int64)
@@ -118,8 +118,9 @@ def _fwd_finish_kernel(
     tl.store(kl_ptr + rows, tl.where(keep, kl, 0.0), mask=rmask)
     tl.store(st_ptr + 2 * rows, tl.where(keep, tl.where(ok_p, m_p, nan), 0.0), mask=rmask)
     tl.store(st_ptr + 2 * rows + 1, tl.where(keep, tl.where(ok_p, l_p, nan), 0.0), mask=rmask)
-    store_frame(p_norm_ptr, rows, rmask, keep, ok_p, a_p, log_s1_p)
-    store_tv_frame(q_norm_ptr, rows, rmask, keep, m_q, r_q, e_q, tau_q, DIVIDE)
+    if TV:
+        store_frame(p_norm_ptr, rows, rmask, keep, ok_p, a_p, log_s1_p)
+        store_tv_frame(q_norm_ptr, rows, rmask, keep, m_q, r_q, e_q, tau_q, DIVIDE)
 
 
 @triton.jit
@@ -320,12 +321,13 @@ def mismatch_stats_forward(
     part = pair_partials(
         rollout_logits, logits, labels, tr, t, ignore_index, roll_layout, layout, blk, divide
     )
-    p_norm, q_norm = (torch.empty(n, 2, dtype=acc, device=logits.device) for _ in range(2))
+    p_norm, q_norm = (torch.empty((n, 2) if tv else (0,), dtype=acc, device=logits.device)
+                      for _ in "pq")  # fmt: skip
     finish_grid = (cdiv(n, FINISH_BLOCK_R),)
     _fwd_finish_kernel[finish_grid](
         part, logits, labels, t, tr, logprob, token_kl, row_state, p_norm, q_norm, V, n,
         blk.n_chunks, ignore_index, *layout, DIVIDE=divide, EXCESS=pair_excess(logits.dtype),
-        BLOCK_R=FINISH_BLOCK_R, num_warps=4,
+        TV=tv, BLOCK_R=FINISH_BLOCK_R, num_warps=4,
     )  # fmt: skip
     if not tv:
         return [logprob, token_kl, token_tv, row_state]

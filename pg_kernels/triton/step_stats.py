@@ -742,11 +742,12 @@ def _fwd_finish_kernel(
     argmax_ptr, token_kl_ptr, kl_ptr, kl_state_ptr, p_norm_ptr, r_norm_ptr,
     HAS_TEMP: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_REF: tl.constexpr,
     REVERSE: tl.constexpr, DIV_R: tl.constexpr, DIV_Q: tl.constexpr, EXCESS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    TV: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_R rows per program: token_stats' outputs (its merge), token_kl and the (m, log s1)
-    of the logits and of the rollout (p_norm_ptr, r_norm_ptr [N, 2], for the TV pass), kl and
-    kl_state [N, 3]. A row whose logits' state is invalid has NaN KLs; ignored rows are 0."""
+    """BLOCK_R rows per program: token_stats' outputs (its merge), token_kl and, with TV, the
+    (m, log s1) of the logits and of the rollout (p_norm_ptr, r_norm_ptr [N, 2], for the TV
+    pass), kl and kl_state [N, 3]. A row whose logits' state is invalid has NaN KLs; ignored
+    rows are 0."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     vals, mx = merge_rows(
@@ -773,11 +774,12 @@ def _fwd_finish_kernel(
         tau_r = tl.load(tr_ptr + rows, mask=rmask, other=1.0)
         kl, _, _, _ = finalize_kl(m_r, r_r, m_p, r_p, u, inf, 0.0 * e_r, 0.0 * e_p, k, EXCESS)
         tl.store(token_kl_ptr + rows, tl.where(keep, tl.where(valid, kl, nan), 0.0), mask=rmask)
-        # mismatch_stats' TV pass reads these (NaN marks an invalid side, 0 an ignored row); a
-        # row whose token_stats state is invalid is invalid there too.
-        m_p = tl.where(valid, m_p, nan)
-        store_tv_frame(p_norm_ptr, rows, rmask, keep, m_p, r_p, e_p, tau_p, DIV_R)
-        store_tv_frame(r_norm_ptr, rows, rmask, keep, m_r, r_r, e_r, tau_r, DIV_R)
+        if TV:
+            # mismatch_stats' TV pass reads these (NaN marks an invalid side, 0 an ignored
+            # row); a row whose token_stats state is invalid is invalid there too.
+            m_p = tl.where(valid, m_p, nan)
+            store_tv_frame(p_norm_ptr, rows, rmask, keep, m_p, r_p, e_p, tau_p, DIV_R)
+            store_tv_frame(r_norm_ptr, rows, rmask, keep, m_r, r_r, e_r, tau_r, DIV_R)
     if HAS_REF:
         m_w, r_w, m_v, r_v, u, inf, e_w, e_v, k = merge_row(
             part_q_ptr, rows, rmask, N, n_chunks, EXCESS
@@ -1452,15 +1454,14 @@ def step_stats_forward(
         VEC=vec, PAIRS=pairs, ALIGN=align, DIV_R=div_r, DIV_Q=div_q, OWN_R=div_r and not same_r,
         OWN_Q=div_q and not same_q, num_warps=blk.num_warps,
     )  # fmt: skip
-    p_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
-    r_norm = torch.empty((N, 2) if has_roll else (0,), dtype=acc, device=dev)
+    p_norm, r_norm = (torch.empty((N, 2) if tv else (0,), dtype=acc, device=dev) for _ in "pr")
     _fwd_finish_kernel[(cdiv(N, FINISH_BLOCK_R),)](
         logits, labels, temp if has_temp else labels, t, tr, tq, scale_bits, ignore_index, V, N,
         blk.n_chunks, *layout, part, part_idx, part_r if has_roll else unused,
         part_q if has_ref else unused, *token, token_kl if has_roll else unused,
-        kl if has_ref else unused, kl_state if has_ref else unused, p_norm if has_roll else unused,
-        r_norm if has_roll else unused, **flags, DIV_R=div_r, DIV_Q=div_q, BLOCK_R=FINISH_BLOCK_R,
-        num_warps=4,
+        kl if has_ref else unused, kl_state if has_ref else unused, p_norm if tv else unused,
+        r_norm if tv else unused, **flags, DIV_R=div_r, DIV_Q=div_q, TV=tv,
+        BLOCK_R=FINISH_BLOCK_R, num_warps=4,
     )  # fmt: skip
     if tv:
         # TV needs both normalizers: mismatch_stats' second pass over the logits and the rollout.
