@@ -7,6 +7,7 @@ upcast=False), plus a small floor from the tables below. Each floor carries its 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,22 @@ class Tol:
     atol: float  # relative to the largest |truth| of the tensor (absolute for per-token outputs)
     why: str
     floor: float = 0.0  # absolute: fp64's (the plain baseline is the truth itself), fp16's spacing
+
+
+def interpreted(backend: str, device) -> bool:
+    """Whether a kernel case runs under the Triton interpreter (Triton on a CPU tensor), where
+    each program costs ~10-40 ms: tests keep their shapes small there and may run a covering
+    subset of their cases (every value of each axis at least once); a GPU runs them all."""
+    return backend == "triton" and str(device) == "cpu"
+
+
+def cases_of(*axes: Sequence, cover: bool = False) -> list[tuple]:
+    """Every combination of the axes' values (itertools.product), or with `cover` only as many
+    as the longest axis has values, which together take every value of each axis: case i takes
+    value i mod len(axis) of each (the interpreter's subset, `interpreted`)."""
+    if not cover:
+        return list(itertools.product(*axes))
+    return [tuple(a[i % len(a)] for a in axes) for i in range(max(len(a) for a in axes))]
 
 
 # Per-token outputs are fp32 sums over the row for bf16/fp16/fp32 logits alike (the truth is

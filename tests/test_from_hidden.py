@@ -25,6 +25,7 @@ from pg_kernels.testing import (
     assert_dominant_entry,
     check_against_reference,
     dominant_entry_rows,
+    interpreted,
     make_labels,
 )
 
@@ -221,13 +222,17 @@ def _kl_ref(hidden, weight, bias, ref_hidden, ref_weight, *, upcast, backward_or
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 def test_kl_divergence_from_hidden_matches_float64(
-    backend_device, dtype, direction, order, request
+    backend_device, dtype, direction, order, request, monkeypatch
 ):
     """A teacher with its own width (D_ref = 40 vs D = 24) and no bias; gradients to all five;
-    in row chunks of 6 and in 16 vocabulary blocks of 64 columns."""
+    in row chunks of 6 and in 16 vocabulary blocks of 64 columns (4 of 256 under the Triton
+    interpreter, whose cost grows with the blocks' launches: the blocks' merge is the same
+    Python on every backend)."""
     backend, device = backend_device
     if order == "vocab":
         request.getfixturevalue("narrow_vocab_blocks")
+        if interpreted(backend, device):
+            monkeypatch.setattr(_linear, "MIN_VOCAB_BLOCK", 256)
     n, v = 29, 1001
     h, w, b = (t.to(device) for t in _projection(n, 24, v, dtype, seed=5))
     b[1] = 0.0  # a -inf student logit under a finite teacher one makes KL infinite

@@ -11,9 +11,11 @@ from pg_kernels.reference._util import scaled
 from pg_kernels.testing import (
     TRITON_16BIT_PAIR_FLOOR,
     assert_dominant_entry,
+    cases_of,
     check_against_reference,
     dominant_entry_rows,
     filled_against_no_mass,
+    interpreted,
     make_labels,
     make_logits,
     masked_with_a_huge_finite_fill,
@@ -44,7 +46,7 @@ def bd(backend_device):
 
 def _shapes(backend: str, device: str):
     """(N, V): odd vocab sizes and a real one; fewer rows for the Triton interpreter."""
-    if backend == "triton" and device == "cpu":
+    if interpreted(backend, device):
         return [(3, 7), (4, 1000), (2, 5003), (2, 32003)]
     return [(3, 7), (16, 1000), (8, 32003), (2, 151936)]
 
@@ -520,23 +522,24 @@ def test_dominant_entry_gradient(bd, direction, small_triton_blocks):
     # the interpreter, cut into chunks of 32 (small blocks) with a ragged last block.
     w, other = dominant_entry_rows(301 if backend == "triton" else 4000)
     arg = 0 if direction == "reverse" else 1
-    for dtype in (torch.float32, torch.bfloat16):
+    # The interpreter: each dtype and each temperature once.
+    dtypes_taus = cases_of((torch.float32, torch.bfloat16), (1.0, 0.7), cover=interpreted(*bd))
+    for dtype, tau in dtypes_taus:
         x, xr = ((w, other) if direction == "reverse" else (other, w))
         x, xr = x.to(dtype), xr.to(dtype)
-        for tau in (1.0, 0.7):
-            kw = dict(direction=direction, temperature=tau)
-            _check(backend, x.to(device), xr.to(device), **kw)
+        kw = dict(direction=direction, temperature=tau)
+        _check(backend, x.to(device), xr.to(device), **kw)
 
-            def grad(fn, a, b, kw=kw, **more):
-                a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
-                return torch.autograd.grad(fn(a, b, **kw, **more).sum(), (a, b))[arg].cpu()
+        def grad(fn, a, b, kw=kw, **more):
+            a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+            return torch.autograd.grad(fn(a, b, **kw, **more).sum(), (a, b))[arg].cpu()
 
-            truth = grad(reference.kl_divergence, x.double(), xr.double()).double()
-            plain = grad(reference.kl_divergence, x.float(), xr.float(), upcast=False)
-            ours = grad(_op(backend), x.to(device), xr.to(device))
-            lp, lq = (scaled(t, tau, torch.float64).log_softmax(-1) for t in (x, xr))
-            lw, lv = (lp, lq) if direction == "reverse" else (lq, lp)
-            assert_dominant_entry(ours, truth, plain, lw, lv, dtype, (dtype, tau))
+        truth = grad(reference.kl_divergence, x.double(), xr.double()).double()
+        plain = grad(reference.kl_divergence, x.float(), xr.float(), upcast=False)
+        ours = grad(_op(backend), x.to(device), xr.to(device))
+        lp, lq = (scaled(t, tau, torch.float64).log_softmax(-1) for t in (x, xr))
+        lw, lv = (lp, lq) if direction == "reverse" else (lq, lp)
+        assert_dominant_entry(ours, truth, plain, lw, lv, dtype, (dtype, tau))
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -561,9 +564,9 @@ def test_shared_huge_finite_mask(bd, dtype, fill, small_triton_blocks):
     interpreter at tau 2 (its emulated fp64 fma overflowed Veltkamp's split), not a kernel's."""
     backend, device = bd
     x, xr = masked_with_a_huge_finite_fill(dtype, fill, [0.3], whole=False, seed=5)
-    for t in (1.0, 0.7, 2.0):
-        for direction in DIRECTIONS:
-            _check(backend, x.to(device), xr.to(device), direction=direction, temperature=t)
+    # The interpreter: each temperature, and each direction, once.
+    for t, direction in cases_of((1.0, 0.7, 2.0), DIRECTIONS, cover=interpreted(*bd)):
+        _check(backend, x.to(device), xr.to(device), direction=direction, temperature=t)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -646,15 +649,15 @@ def test_finfo_min_fill_against_logits_of_no_mass(bd, dtype, blocks, request):
         request.getfixturevalue("small_triton_blocks")
     x, xr, _, temps = against_no_mass(dtype, 11, False, device)
     masked = (xr == torch.finfo(dtype).min).cpu()
-    for t, t_ref in temps:
+    # The interpreter: each temperature pair, and each direction, once.
+    for (t, t_ref), direction in cases_of(temps, DIRECTIONS, cover=interpreted(*bd)):
         kw = {"temperature": t, "ref_temperature": t_ref}
-        for direction in DIRECTIONS:
-            _check(backend, x, xr, direction=direction, **kw)
-            xa, xra = x.clone().requires_grad_(), xr.clone().requires_grad_()
-            kl = _op(backend)(xa, xra, direction=direction, **kw)
-            (4 * kl.sum()).backward()  # an upstream gradient above 1 (a loss scale)
-            for grad in (xa.grad.cpu(), xra.grad.cpu()):
-                assert grad.isfinite().all() and not grad[masked].any()
+        _check(backend, x, xr, direction=direction, **kw)
+        xa, xra = x.clone().requires_grad_(), xr.clone().requires_grad_()
+        kl = _op(backend)(xa, xra, direction=direction, **kw)
+        (4 * kl.sum()).backward()  # an upstream gradient above 1 (a loss scale)
+        for grad in (xa.grad.cpu(), xra.grad.cpu()):
+            assert grad.isfinite().all() and not grad[masked].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -769,15 +772,16 @@ def test_rows_masked_whole_with_a_finite_fill(bd, dtype, small_triton_blocks):
     backend, device = bd
     x, xr = masked_with_a_huge_finite_fill(dtype, -1e30, [0.3], whole=True, seed=6)
     x, xr = x.to(device), xr.to(device)
-    for t in (1.0, 0.7, MISSES_THE_FILL[-1e30]):
-        for direction in DIRECTIONS:
-            _check(backend, x, xr, temperature=t, direction=direction)
-            xa, xra = x.clone().requires_grad_(), xr.clone().requires_grad_()
-            kl = _op(backend)(xa, xra, temperature=t, direction=direction)
-            kl.sum().backward()
-            # The floor of `_check` is vacuous on that row (|z| ~ 1e30 entries with mass).
-            assert float(kl[3]) == 0.0
-            assert not xa.grad[3].any() and not xra.grad[3].any()
+    # The interpreter: each temperature, and each direction, once.
+    temps = (1.0, 0.7, MISSES_THE_FILL[-1e30])
+    for t, direction in cases_of(temps, DIRECTIONS, cover=interpreted(*bd)):
+        _check(backend, x, xr, temperature=t, direction=direction)
+        xa, xra = x.clone().requires_grad_(), xr.clone().requires_grad_()
+        kl = _op(backend)(xa, xra, temperature=t, direction=direction)
+        kl.sum().backward()
+        # The floor of `_check` is vacuous on that row (|z| ~ 1e30 entries with mass).
+        assert float(kl[3]) == 0.0
+        assert not xa.grad[3].any() and not xra.grad[3].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -795,19 +799,19 @@ def test_one_side_masked_whole_is_uniform(bd, dtype, fill, small_triton_blocks):
     lo = torch.finfo(dtype).min if fill == "finfo.min" else fill
     masked = torch.full_like(x, lo)
     zeros = torch.zeros_like(x)
-    for t in (1.0, 2.0 if fill == "finfo.min" else 0.7, MISSES_THE_FILL[fill]):
-        for direction in DIRECTIONS:
-            for uniform_ref in (True, False):
-                pair = (x, masked) if uniform_ref else (masked, x)
-                same = (x, zeros) if uniform_ref else (zeros, x)
-                got = _kl_and_grads(backend, pair, temperature=t, direction=direction)
-                want = _kl_and_grads(backend, same, temperature=t, direction=direction)
-                # Rounding apart: the masked side sums relative to its raw max, chunk by chunk
-                # (63 chunks per row in small blocks), the zeros relative to 0: measured up to
-                # 2.4e-7 apart on gradient entries where each is ~4e-7 from float64 (Triton,
-                # fp32, tau 0.6).
-                for g, w in zip(got, want):
-                    torch.testing.assert_close(g, w, rtol=1e-6, atol=5e-7)
+    temps = (1.0, 2.0 if fill == "finfo.min" else 0.7, MISSES_THE_FILL[fill])
+    sides = cases_of(DIRECTIONS, (True, False))
+    # The interpreter: each temperature, and each (direction, side), once.
+    for t, (direction, uniform_ref) in cases_of(temps, sides, cover=interpreted(*bd)):
+        pair = (x, masked) if uniform_ref else (masked, x)
+        same = (x, zeros) if uniform_ref else (zeros, x)
+        got = _kl_and_grads(backend, pair, temperature=t, direction=direction)
+        want = _kl_and_grads(backend, same, temperature=t, direction=direction)
+        # Rounding apart: the masked side sums relative to its raw max, chunk by chunk (5 fp32
+        # chunks per row in small blocks), the zeros relative to 0: measured up to 2.4e-7 apart
+        # on gradient entries where each is ~4e-7 from float64 (Triton, fp32, tau 0.6).
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=5e-7)
 
 
 def _kl_and_grads(backend, pair, **kw):

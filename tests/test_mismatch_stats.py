@@ -18,6 +18,7 @@ import pg_kernels
 from pg_kernels import reference
 from pg_kernels.testing import (
     check_against_reference,
+    interpreted,
     make_labels,
     make_logits,
     masked_with_a_huge_finite_fill,
@@ -75,7 +76,7 @@ def _check(backend, x, y, lp, **kw):
 
 def _shapes(backend: str, device: str):
     """(N, V): odd vocab sizes and a real one; fewer rows for the Triton interpreter."""
-    if backend == "triton" and device == "cpu":
+    if interpreted(backend, device):
         return [(3, 7), (16, 1000), (2, 5003), (2, 32003)]
     return [(3, 7), (16, 1000), (8, 32003), (2, 151936)]
 
@@ -560,8 +561,7 @@ def test_k3_is_unbiased_for_token_kl(bd):
     sampled = torch.multinomial(log_q.exp().cpu(), n, replacement=True, generator=gen).to(device)
     # Under the Triton interpreter (~30 ms per row) the samples' k3 are gathered from the rows
     # above: a row's outputs depend on its label alone (batch invariance has its own test).
-    interpreted = (backend, device) == ("triton", "cpu")
-    k3 = every.k3[sampled] if interpreted else stats(sampled).k3
+    k3 = every.k3[sampled] if interpreted(backend, device) else stats(sampled).k3
     stderr = float(k3.std()) / math.sqrt(n)
     assert abs(float(k3.mean()) - float(kl)) < 5 * stderr, (float(k3.mean()), float(kl), stderr)
     # Pinsker: TV <= sqrt(KL / 2).
@@ -611,7 +611,7 @@ def test_token_tv_off_keeps_every_other_field(bd, dtype, small_triton_blocks):
     blocks), an ignore row, per-row temperatures on both sides, -inf entries on both sides and
     a NaN rollout row."""
     backend, device = bd
-    if backend == "triton" and device == "cpu" and dtype in (torch.float16, torch.float64):
+    if interpreted(backend, device) and dtype in (torch.float16, torch.float64):
         pytest.skip("interpreter time: Triton's token_tv switch is a launch, not a dtype's path")
     v = 4099 if backend == "cpu" else 257
     x, xr, y, lp = _inputs(6, v, dtype, device, seed=40)

@@ -34,8 +34,10 @@ from pg_kernels.testing import (
     DOMINANT_COLUMN,
     TRITON_16BIT_PAIR_FLOOR,
     assert_dominant_entry,
+    cases_of,
     check_against_reference,
     dominant_entry_rows,
+    interpreted,
     make_labels,
     make_logits,
     masked_with_a_huge_finite_fill,
@@ -147,7 +149,7 @@ BITS16 = (torch.bfloat16, torch.float16)
 
 
 def _shapes(backend, device):
-    if backend == "triton" and device == "cpu":
+    if interpreted(backend, device):
         return [(3, 7), (4, 1000), (2, 5003)]
     return [(3, 7), (16, 1000), (4, 32003), (2, 151936)]
 
@@ -276,7 +278,7 @@ def test_token_tv_off_keeps_every_other_field(bd, dtype, with_ref, small_triton_
     are the same bits as with it; several chunks per row (C++: V past one 2048-wide chunk;
     Triton: small blocks), an ignore row, -inf entries and a NaN rollout row."""
     backend, device = bd
-    if backend == "triton" and device == "cpu" and dtype in (torch.float16, torch.float64):
+    if interpreted(backend, device) and dtype in (torch.float16, torch.float64):
         pytest.skip("interpreter time: Triton's token_tv switch is a launch, not a dtype's path")
     v = 4099 if backend == "cpu" else 301
     x, y, xr, lp, xq = _inputs(5, v, dtype, device, seed=41)
@@ -489,12 +491,11 @@ def test_finfo_min_fill_against_logits_of_no_mass(bd, dtype, filled, small_trito
     name: +inf and NaN gradients on Triton at every temperature)."""
     backend, device = bd
     x, other, y, temps = against_no_mass(dtype, 13, filled == "logits", device)
-    for temperature, t_o in temps:
+    # The interpreter: each temperature pair, and each direction, once.
+    for (temperature, t_o), direction in cases_of(temps, DIRECTIONS, cover=interpreted(*bd)):
         lp = reference.token_stats(other, y, temperature=t_o).logprob.float()
-        for direction in DIRECTIONS:
-            _check(backend, x, y, other, lp, other, kl_direction=direction,
-                   temperature=temperature, rollout_temperature=t_o,
-                   ref_temperature=t_o)  # fmt: skip
+        _check(backend, x, y, other, lp, other, kl_direction=direction, temperature=temperature,
+               rollout_temperature=t_o, ref_temperature=t_o)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -511,23 +512,24 @@ def test_rows_masked_whole_with_a_finite_fill(bd, dtype, small_triton_blocks):
         for t in masked_with_a_huge_finite_fill(dtype, -1e30, [0.1, 0.5], whole=True, seed=3)
     )
     y = torch.tensor([3, 50, 2, 7], device=device)
-    for t in (1.0, 0.7, 0.6):  # 0.6: m tau rounded misses -1e30 (test_kl_divergence)
+    # 0.6: m tau rounded misses -1e30 (test_kl_divergence). The interpreter: each temperature,
+    # and each direction, once.
+    for t, direction in cases_of((1.0, 0.7, 0.6), DIRECTIONS, cover=interpreted(*bd)):
         lp = reference.token_stats(xr, y, temperature=t).logprob.float()
-        for direction in DIRECTIONS:
-            kw = {"temperature": t, "kl_direction": direction}
-            _check(backend, x, y, xr, lp, xq, **kw)
-            xa, qa = x.clone().requires_grad_(), xq.clone().requires_grad_()
-            out = pg_kernels.step_stats(xa, y, rollout_logprobs=lp, rollout_logits=xr,
-                                        ref_logits=qa, backend=backend, **kw)  # fmt: skip
-            out.kl.sum().backward()
-            assert float(out.kl[3]) == 0.0 and float(out.mismatch.token_kl[3]) == 0.0
-            assert float(out.mismatch.token_tv[3]) == 0.0
-            # The other side's q_j - p_j takes p_j and q_j from two normalizers (token_stats'
-            # and the pair pass's), each rounded: a few fp32 ulps of p_j = 1 / V, / tau
-            # (Triton bf16: 9.3e-10 at tau 1, 1.3e-9 at 0.7; the weight side exactly 0).
-            bound = 4 * torch.finfo(torch.float32).eps / x.shape[-1] / t
-            assert float(xa.grad[3].abs().max()) <= bound
-            assert float(qa.grad[3].abs().max()) <= bound
+        kw = {"temperature": t, "kl_direction": direction}
+        _check(backend, x, y, xr, lp, xq, **kw)
+        xa, qa = x.clone().requires_grad_(), xq.clone().requires_grad_()
+        out = pg_kernels.step_stats(xa, y, rollout_logprobs=lp, rollout_logits=xr,
+                                    ref_logits=qa, backend=backend, **kw)  # fmt: skip
+        out.kl.sum().backward()
+        assert float(out.kl[3]) == 0.0 and float(out.mismatch.token_kl[3]) == 0.0
+        assert float(out.mismatch.token_tv[3]) == 0.0
+        # The other side's q_j - p_j takes p_j and q_j from two normalizers (token_stats'
+        # and the pair pass's), each rounded: a few fp32 ulps of p_j = 1 / V, / tau
+        # (Triton bf16: 9.3e-10 at tau 1, 1.3e-9 at 0.7; the weight side exactly 0).
+        bound = 4 * torch.finfo(torch.float32).eps / x.shape[-1] / t
+        assert float(xa.grad[3].abs().max()) <= bound
+        assert float(qa.grad[3].abs().max()) <= bound
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -621,29 +623,31 @@ def test_dominant_entry_kl_gradient(bd, direction, small_triton_blocks):
     # the interpreter, cut into chunks of 32 (small blocks) with a ragged last block.
     w, other = dominant_entry_rows(301 if backend == "triton" else 4000)
     col = DOMINANT_COLUMN
-    for dtype in (torch.float32, torch.bfloat16):
+    # The interpreter: each dtype, and each (temperature, tokens), once.
+    runs = ((1.0, False), (0.7, False), (0.7, True))
+    for dtype, (tau, tokens) in cases_of((torch.float32, torch.bfloat16), runs,
+                                         cover=interpreted(*bd)):  # fmt: skip
         x, xq = ((w, other) if direction == "reverse" else (other, w))
         x, xq = x.to(dtype), xq.to(dtype)
         y = torch.full((x.shape[0],), col if direction == "reverse" else 7)
-        for tau, tokens in ((1.0, False), (0.7, False), (0.7, True)):
-            kw = dict(kl_direction=direction, temperature=tau)
+        kw = dict(kl_direction=direction, temperature=tau)
 
-            def grad(fn, a, b, kw=kw, tokens=tokens, y=y, **more):
-                a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
-                out = fn(a, y.to(a.device), ref_logits=b, **kw, **more)
-                loss = out.kl.sum()
-                if tokens:
-                    loss = loss + 0.5 * out.token.logprob.sum() + 0.3 * out.token.entropy.sum()
-                g = torch.autograd.grad(loss, (a, b))
-                return (g[0] if direction == "reverse" else g[1]).cpu()
+        def grad(fn, a, b, kw=kw, tokens=tokens, y=y, **more):
+            a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+            out = fn(a, y.to(a.device), ref_logits=b, **kw, **more)
+            loss = out.kl.sum()
+            if tokens:
+                loss = loss + 0.5 * out.token.logprob.sum() + 0.3 * out.token.entropy.sum()
+            g = torch.autograd.grad(loss, (a, b))
+            return (g[0] if direction == "reverse" else g[1]).cpu()
 
-            ours = grad(functools.partial(pg_kernels.step_stats, backend=backend), x.to(device),
-                        xq.to(device))  # fmt: skip
-            truth = grad(reference.step_stats, x.double(), xq.double()).double()
-            plain = grad(reference.step_stats, x.float(), xq.float(), upcast=False)
-            lp, lq = (scaled(t, tau, torch.float64).log_softmax(-1) for t in (x, xq))
-            lw, lv = (lp, lq) if direction == "reverse" else (lq, lp)
-            assert_dominant_entry(ours, truth, plain, lw, lv, dtype, (dtype, tau, tokens))
+        ours = grad(functools.partial(pg_kernels.step_stats, backend=backend), x.to(device),
+                    xq.to(device))  # fmt: skip
+        truth = grad(reference.step_stats, x.double(), xq.double()).double()
+        plain = grad(reference.step_stats, x.float(), xq.float(), upcast=False)
+        lp, lq = (scaled(t, tau, torch.float64).log_softmax(-1) for t in (x, xq))
+        lw, lv = (lp, lq) if direction == "reverse" else (lq, lp)
+        assert_dominant_entry(ours, truth, plain, lw, lv, dtype, (dtype, tau, tokens))
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

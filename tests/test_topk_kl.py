@@ -9,7 +9,13 @@ import torch
 
 import pg_kernels
 from pg_kernels import reference
-from pg_kernels.testing import check_against_reference, make_labels, make_logits, near_one_hot
+from pg_kernels.testing import (
+    check_against_reference,
+    interpreted,
+    make_labels,
+    make_logits,
+    near_one_hot,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 INF = float("inf")
@@ -45,14 +51,9 @@ def make_topk(logits, k, *, seed, noise=1.0, lp_dtype=None):
     return ids.gather(-1, perm).to(dev), lp.gather(-1, perm).to(lp_dtype).to(dev), ref_logits
 
 
-def _interpreted(backend: str, device: str) -> bool:
-    """The Triton interpreter costs ~ms per (program x loop step): keep its shapes small."""
-    return backend == "triton" and device == "cpu"
-
-
 def _shapes(backend: str, device: str):
     """(N, V, K): odd vocab sizes and a real one."""
-    if _interpreted(backend, device):
+    if interpreted(backend, device):
         return [(3, 7, 3), (4, 1000, 20), (2, 5003, 20)]
     return [(3, 7, 3), (16, 1000, 20), (8, 32003, 50), (2, 151936, 20)]
 
@@ -502,7 +503,7 @@ def test_neg_inf_entries(bd):
     +inf with the finite limit gradient (Q p_j - q_j on the ids, 0 on -inf logits)."""
     backend, device = bd
     # several CPU chunks / Triton blocks; the first all -inf in row 1
-    v, k = (9000 if _interpreted(backend, device) else 70000), 30
+    v, k = (9000 if interpreted(backend, device) else 70000), 30
     x = make_logits(5, v, torch.float32, device=device, seed=3)
     mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.3
     x[mask.to(device)] = -INF
@@ -557,7 +558,7 @@ def test_ids_covering_every_finite_logit(bd, dtype):
 
 def test_equals_full_kl_at_k_equals_v(bd):
     backend, device = bd
-    for v in (7, 200 if _interpreted(backend, device) else 1000):
+    for v in (7, 200 if interpreted(backend, device) else 1000):
         x = make_logits(3, v, torch.float64, device=device, seed=4)
         ids, lp, ref_logits = make_topk(x, v, seed=4)
         xk = x.clone().requires_grad_()
@@ -575,7 +576,7 @@ def test_equals_full_kl_at_k_equals_v(bd):
 def test_lower_bound_on_full_kl(bd):
     """Data processing: KL_k <= KL(q || p) for every k, and KL_k grows with k."""
     backend, device = bd
-    v = 200 if _interpreted(backend, device) else 1000
+    v = 200 if interpreted(backend, device) else 1000
     x = make_logits(8, v, torch.float64, device=device, seed=5)
     _, _, ref_logits = make_topk(x, 1, seed=5, noise=2.0)
     logq = ref_logits.log_softmax(-1).to(device)
