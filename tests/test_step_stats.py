@@ -575,6 +575,38 @@ def test_logits_masked_where_the_others_are_not(bd, dtype, blocks, request):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_run_ending_inside_a_chunk(bd, dtype, small_triton_blocks, monkeypatch):
+    """One side masked with -1e4 over a whole step of a chunk and not in its next step, the
+    other sides with mass there: each lane's max rises by ~1.4e4 log2 units from one step to the
+    next, so a log-ratio against that side moves by as much. Row 0: the logits masked (forward
+    KL to the teacher, and the rollout's token_kl, both ~1e3); row 1: the teacher masked
+    (reverse KL); row 2: the rollout masked; row 3 plain. The Triton bundle floored that move
+    at 2048 units (MOVE_MIN, the floor of its factor 2^delta) wherever the other side kept its
+    mass: a forward KL of 3.0e28 for 1.7e29 on test_logits_masked_where_the_others_are_not's
+    rows at two steps per chunk. Small blocks of two steps per chunk (the GPU default's count;
+    the fixture's alone gives one), the mask on the second chunk's first step."""
+    backend, device = bd
+    from pg_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "STEPS_PER_CHUNK", 4)  # the forward's chunk: 4 // 2 steps
+    step = 4 * 64 // dtype.itemsize  # small blocks: 64-byte common steps, 4 per loop step
+    v = 4 * step + 44
+    g = torch.Generator().manual_seed(17)
+    x, xr, xq = (torch.randn(4, v, generator=g) * 2 for _ in range(3))
+    xr = x + 0.3 * xr
+    run = slice(2 * step, 3 * step)
+    x[0, run], xq[1, run], xr[2, run] = -1e4, -1e4, -1e4
+    x, xr, xq = (t.to(dtype=dtype, device=device) for t in (x, xr, xq))
+    y = torch.tensor([3, 1, 2, 7], device=device)
+    # At tau 0.7 fp32 takes the rollout's and the teacher's own lanes (the move above), at 1
+    # (16-bit: at both) the logits' frame; the interpreter runs the former only.
+    for t, direction in cases_of((0.7,) if interpreted(*bd) else (0.7, 1.0), DIRECTIONS):
+        lp = reference.token_stats(xr, y, temperature=t).logprob.float()
+        kw = {"temperature": t, "rollout_temperature": t, "kl_direction": direction}
+        _check(backend, x, y, xr, lp, xq, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fill", ["finfo.min", -1e30], ids=str)
 def test_one_sided_huge_finite_mask_kl(bd, dtype, fill):
     """The bundle's KL and its gradients on a teacher masked with a huge finite fill where the

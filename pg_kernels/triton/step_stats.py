@@ -265,19 +265,20 @@ def _side_rescale(xa, xb, k, m, r, s, c, mx, kp, rp, OFFSET: tl.constexpr):
     """A pair side's lanes moved to the block's max, as token_stats' `rescale_lanes` moves the
     logits' (in `_pair`'s units, `exp_base`); with OFFSET, relative to r + `_frame_offset` (c:
     the lanes' offset before the move; mx, rp: the logits' lanes after their own). Returns (m,
-    r, s, delta, f = e^delta, the new offset, or c)."""
+    r, s, delta, f = e^delta, the new offset, or c); delta unfloored (the move of the side's
+    exponents, for the log-ratios), f = e^max(delta, MOVE_MIN)."""
     bmax = tl.max(tl.max(xa, axis=2), axis=0)
     if xb is not None:
         bmax = tl.maximum(bmax, tl.max(tl.max(xb, axis=2), axis=0))
     m_new = tl.maximum(m, bmax)
     r_new = frame(m_new, k)  # token_stats' frame: far out (finfo.min lanes) it sums exactly 0
     # <= 0: an empty lane (r = 0, sums 0) whose first max is negative adds nothing.
-    delta = tl.maximum(tl.minimum(r - r_new, 0.0), MOVE_MIN)
+    delta = tl.minimum(r - r_new, 0.0)
     c_new = c
     if OFFSET:  # the offset's move too (|c| < 1 each; also where the logits' lane alone moved)
         c_new = _frame_offset(m_new, k, r_new, mx, kp, rp)
         delta = delta + (c - c_new)
-    f = exp_base(delta)
+    f = exp_base(tl.maximum(delta, MOVE_MIN))
     return m_new, r_new, f * s, delta, f, c_new
 
 
@@ -414,14 +415,18 @@ def _step(xa, xb, ra, rb, qa, qb, i, c, kp, kr, kq, mx, r2, s1, s2, t2, st, rp, 
     halves, or None. cr / cq: each own side's `_frame_offset` (OWN with EXCESS; else 0, unused),
     carried from step to step."""
     rp_old = rp
-    mx, r2, s1, s2, t2, st, dp, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
+    mx, r2, s1, s2, t2, st, _, fp = rescale_lanes(xa, xb, i, c, mx, r2, s1, s2, t2, st)
     # The logits' pair side: token_stats' frame and move in fp32, its own in fp64 (e^t).
     if mx.dtype == tl.float64:
         rp = frame(mx, kp)
-        dp = tl.maximum(tl.minimum(rp_old - rp, 0.0), MOVE_MIN)
-        fp = exp_base(dp)
+        fp = exp_base(tl.maximum(tl.minimum(rp_old - rp, 0.0), MOVE_MIN))
     else:
         rp = r2
+    # The move of the logits' pair exponents, unfloored: a log-ratio against them moves by all
+    # of it where the other side keeps its mass. (Floored at MOVE_MIN, as the factor fp is, a
+    # lane of the logits masked with -1e4 in one step and not in the next lost all but 2048
+    # units of its log-ratio: a forward KL to a teacher with mass there of 3.0e28 for 1.7e29.)
+    dp = tl.minimum(rp_old - rp, 0.0)
     sp_old = sp
     sp = fp * sp
     # u <- f_w (u + shift s_w) = f_w u + shift (f_w s_w), shift = the move of t_w - t_v.
