@@ -158,8 +158,31 @@ def logit_cases(draw, backend: str, device: str = "cpu"):
         wide = torch.full((*shape, v + draw(st.integers(1, 9))), float("nan"), dtype=dtype)
         wide[..., :v] = x
         x = wide[..., :v]
+    # The long profile: Triton's small blocks at times, 64-byte steps and 1 or 2 loop steps per
+    # chunk program, so that a drawn row spans several chunks and a lane's state moves within
+    # one (a floored move went unseen while the tests ran one step per chunk: docs/fidelity.md).
+    blocks = None
+    if backend == "triton" and PROFILE != "ci" and draw(st.integers(0, 2)) == 0:
+        blocks = draw(st.sampled_from([2, 4]))  # STEPS_PER_CHUNK (token_stats: 1 or 2 steps)
     return dict(x=x.to(device), y=y.to(device), x64=x64, neg_inf=neg_inf.reshape(x.shape),
-                shape=shape, v=v, dtype=dtype, seed=seed, fill=fill)  # fmt: skip
+                shape=shape, v=v, dtype=dtype, seed=seed, fill=fill, blocks=blocks)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _triton_blocks(steps_per_chunk):
+    """conftest's small_triton_blocks for one example (64-byte steps, `steps_per_chunk` per
+    program; None: the defaults). A context manager, as `_narrow_vocab_blocks`."""
+    if steps_per_chunk is None:
+        yield
+        return
+    from pg_kernels.triton import _common
+
+    before = _common.STEP_BYTES, _common.STEPS_PER_CHUNK
+    _common.STEP_BYTES, _common.STEPS_PER_CHUNK = 64, steps_per_chunk
+    try:
+        yield
+    finally:
+        _common.STEP_BYTES, _common.STEPS_PER_CHUNK = before
 
 
 def _perturbed(draw, c, shift: float, salt: int = 1):
@@ -196,7 +219,8 @@ def _show(c, **kw):
     }
     n_inf, n_ignored = int(c["neg_inf"].sum()), int((c["y"] == -100).sum())
     return (f"dtype={c['dtype']} shape={list(x.shape)} stride={x.stride()} seed={c['seed']} "
-            f"masked={n_inf} fill={c['fill']} ignore={n_ignored} {temps}")  # fmt: skip
+            f"masked={n_inf} fill={c['fill']} ignore={n_ignored} blocks={c.get('blocks')} "
+            f"{temps}")  # fmt: skip
 
 
 # Failure classes the fuzzer has found that are the reference's or the rule's, not a kernel's:
@@ -260,10 +284,13 @@ def _check(c, backend: str, *args, **kwargs):
     """check_against_reference with the KNOWN classes' elements excused (counted as events); an
     example whose logits' rounding goes beyond first order is dropped if it fails (counted)."""
     excused: set[str] = set()
+    if c.get("blocks") is not None:
+        hypothesis.event(f"small Triton blocks, STEPS_PER_CHUNK {c['blocks']}")
     try:
-        check_against_reference(
-            *args, seed=c["seed"], known=_known(c, backend), excused=excused, **kwargs
-        )
+        with _triton_blocks(c.get("blocks")):
+            check_against_reference(
+                *args, seed=c["seed"], known=_known(c, backend), excused=excused, **kwargs
+            )
     except AssertionError:
         if not c.get("beyond_first_order"):
             raise
