@@ -21,6 +21,7 @@ limit): tests that have not started by then skip with SKIP_DEADLINE, so that a r
 still ends normally, with its junit XML and tracebacks.
 """
 
+import contextlib
 import os
 import tempfile
 import time
@@ -141,14 +142,27 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_backends(*names): on CPU, only these backends")
 
 
-@pytest.fixture
-def small_triton_blocks(monkeypatch):
-    """Triton row blocking shrunk to 64-byte steps, 2 steps per program: V = 1000 fp32 becomes
-    63 chunk programs per row, so the cross-program merges run on small test shapes."""
+@contextlib.contextmanager
+def small_blocks(steps_per_chunk: int = 2):
+    """Triton row blocking shrunk to 64-byte steps, `steps_per_chunk` per program (token_stats'
+    and step_stats' forwards: half as many, of 4 such steps each): V = 1000 fp32 becomes 63
+    chunk programs per row at 2, so the cross-program merges run on small test shapes. A
+    context manager for tests/test_fuzz.py, whose hypothesis examples take no fixture."""
     from pg_kernels.triton import _common
 
-    monkeypatch.setattr(_common, "STEP_BYTES", 64)
-    monkeypatch.setattr(_common, "STEPS_PER_CHUNK", 2)
+    before = _common.STEP_BYTES, _common.STEPS_PER_CHUNK
+    _common.STEP_BYTES, _common.STEPS_PER_CHUNK = 64, steps_per_chunk
+    try:
+        yield
+    finally:
+        _common.STEP_BYTES, _common.STEPS_PER_CHUNK = before
+
+
+@pytest.fixture
+def small_triton_blocks():
+    """`small_blocks` for one test."""
+    with small_blocks():
+        yield
 
 
 @pytest.fixture

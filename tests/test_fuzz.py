@@ -30,6 +30,7 @@ import torch
 
 PROFILE = os.environ.get("PGK_FUZZ", "ci")
 hypothesis = pytest.importorskip("hypothesis")
+from conftest import small_blocks  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_kl_divergence import _kl_grad_floor, finite_abs_max  # noqa: E402
@@ -168,23 +169,6 @@ def logit_cases(draw, backend: str, device: str = "cpu"):
                 shape=shape, v=v, dtype=dtype, seed=seed, fill=fill, blocks=blocks)  # fmt: skip
 
 
-@contextlib.contextmanager
-def _triton_blocks(steps_per_chunk):
-    """conftest's small_triton_blocks for one example (64-byte steps, `steps_per_chunk` per
-    program; None: the defaults). A context manager, as `_narrow_vocab_blocks`."""
-    if steps_per_chunk is None:
-        yield
-        return
-    from pg_kernels.triton import _common
-
-    before = _common.STEP_BYTES, _common.STEPS_PER_CHUNK
-    _common.STEP_BYTES, _common.STEPS_PER_CHUNK = 64, steps_per_chunk
-    try:
-        yield
-    finally:
-        _common.STEP_BYTES, _common.STEPS_PER_CHUNK = before
-
-
 def _perturbed(draw, c, shift: float, salt: int = 1):
     """A second set of logits, contiguous: c's plus noise of a drawn size, in c's dtype; the
     noise is 0 on some draws (p == q). `salt` tells two such sets apart. Its masked entries
@@ -287,7 +271,8 @@ def _check(c, backend: str, *args, **kwargs):
     if c.get("blocks") is not None:
         hypothesis.event(f"small Triton blocks, STEPS_PER_CHUNK {c['blocks']}")
     try:
-        with _triton_blocks(c.get("blocks")):
+        blocks = c.get("blocks")
+        with contextlib.nullcontext() if blocks is None else small_blocks(blocks):
             check_against_reference(
                 *args, seed=c["seed"], known=_known(c, backend), excused=excused, **kwargs
             )

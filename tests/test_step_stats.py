@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from conftest import small_blocks
 from test_kl_divergence import (
     MODERATE_FILLS,
     NEAR_EQUAL_SMALL_V2_ROWS,
@@ -575,7 +576,7 @@ def test_logits_masked_where_the_others_are_not(bd, dtype, blocks, request):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_masked_run_ending_inside_a_chunk(bd, dtype, small_triton_blocks, monkeypatch):
+def test_masked_run_ending_inside_a_chunk(bd, dtype):
     """One side masked with -1e4 over a whole step of a chunk and not in its next step, the
     other sides with mass there: each lane's max rises by ~1.4e4 log2 units from one step to the
     next, so a log-ratio against that side moves by as much. Row 0: the logits masked (forward
@@ -586,9 +587,6 @@ def test_masked_run_ending_inside_a_chunk(bd, dtype, small_triton_blocks, monkey
     rows at two steps per chunk. Small blocks of two steps per chunk (the GPU default's count;
     the fixture's alone gives one), the mask on the second chunk's first step."""
     backend, device = bd
-    from pg_kernels.triton import _common
-
-    monkeypatch.setattr(_common, "STEPS_PER_CHUNK", 4)  # the forward's chunk: 4 // 2 steps
     step = 4 * 64 // dtype.itemsize  # small blocks: 64-byte common steps, 4 per loop step
     v = 4 * step + 44
     g = torch.Generator().manual_seed(17)
@@ -600,10 +598,11 @@ def test_masked_run_ending_inside_a_chunk(bd, dtype, small_triton_blocks, monkey
     y = torch.tensor([3, 1, 2, 7], device=device)
     # At tau 0.7 fp32 takes the rollout's and the teacher's own lanes (the move above), at 1
     # (16-bit: at both) the logits' frame; the interpreter runs the former only.
-    for t, direction in cases_of((0.7,) if interpreted(*bd) else (0.7, 1.0), DIRECTIONS):
-        lp = reference.token_stats(xr, y, temperature=t).logprob.float()
-        kw = {"temperature": t, "rollout_temperature": t, "kl_direction": direction}
-        _check(backend, x, y, xr, lp, xq, **kw)
+    with small_blocks(4):  # the forward's chunks: 4 // 2 loop steps
+        for t, direction in cases_of((0.7,) if interpreted(*bd) else (0.7, 1.0), DIRECTIONS):
+            lp = reference.token_stats(xr, y, temperature=t).logprob.float()
+            kw = {"temperature": t, "rollout_temperature": t, "kl_direction": direction}
+            _check(backend, x, y, xr, lp, xq, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

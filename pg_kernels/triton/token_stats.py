@@ -42,7 +42,7 @@ Bytes per row of V elements of s bytes (the minimum is the logits once, the grad
             chunks, 360 B of partial-state traffic (0.12 %).
   backward  V s read (0 for an ignored row) + V s written + ~40 B of per-row scalars.
 
-GPU design (H200 target: bf16, N = 16384, V = 151936; not timed yet: no GPU was available):
+GPU design (H200 target: bf16, N = 16384, V = 151936; timed once, benchmarks/results/cuda-h200):
   - Forward step: 32 KiB of logits (BLOCK_V = 16384 bf16 / 8192 fp32 / 4096 fp64) at 8 warps,
     U = 8 16-byte vectors per thread, unmasked except on a row's last step; bf16 rows at even
     element offsets load int32 pairs and convert each half by one shift or mask (PAIRS). Two
