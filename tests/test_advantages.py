@@ -336,6 +336,9 @@ def test_turns_to_tokens():
     assert torch.autograd.grad(out.sum(), v0)[0].shape == (2, 0)
     with pytest.raises(ValueError, match="turn_ids"):
         turns_to_tokens(v0, torch.zeros(2, 4, dtype=torch.int64))
+    # An id below -1 is refused (it read as -1: a token silently outside every turn)
+    with pytest.raises(ValueError, match="turn_ids"):
+        turns_to_tokens(v, torch.where(ids == -1, -2, ids))
 
 
 def ref_empg(A, H, mask, sid, k, kf, zeta):
@@ -524,6 +527,9 @@ def test_empg_errors():
             torch.ones(2, 3),
             torch.zeros(2, 2, dtype=torch.int64),
         )
+    for bad in (-2, 3):  # outside [-1, T): below -1 read as -1 before, >= T another row's step
+        with pytest.raises(ValueError, match=f"step_ids.*got {bad}"):
+            empg_advantages(*args[:3], torch.full((2, 3), bad, dtype=torch.int64))
     with pytest.raises(ValueError, match="advantages"):
         empg_advantages(
             torch.zeros(3),

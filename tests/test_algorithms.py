@@ -154,6 +154,10 @@ def test_response_length_scheduler_rules():
     assert s.state_dict() == before
     with pytest.raises(ValueError, match="gamma"):
         ResponseLengthLRScheduler(_opt(), gamma=1.5)
+    # NaN passed `x < 0` and turned the floor or the cooldown off
+    for name in ("min_lr", "cooldown"):
+        with pytest.raises(ValueError, match=name):
+            ResponseLengthLRScheduler(_opt(), **{name: float("nan")})
     with pytest.raises(TypeError, match="optimizer"):
         ResponseLengthLRScheduler(None)
 

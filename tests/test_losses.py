@@ -57,6 +57,8 @@ def test_trm_errors():
     for name in ("max_threshold", "avg_threshold"):
         with pytest.raises(ValueError, match=name):
             trm_mask(m, token_kl=torch.zeros(2, 3), **{name: -0.01})
+    with pytest.raises(TypeError, match="mask"):  # not an AttributeError on .dim()
+        trm_mask([[1.0, 0.0]], token_kl=torch.zeros(1, 2))
 
 
 def test_geometric_rejection_hand_cases():
@@ -571,3 +573,101 @@ def test_hybrid_il_rl_loss_vs_loop():
     assert not torch.allclose(g0, lp1.grad)
     with pytest.raises(ValueError, match="token_kl"):
         hybrid_il_rl_loss(lp, adv, kl[:, :2], mask, beta=0.1)
+
+
+def _row_with_a_neg_inf_logprob(requires_grad=True):
+    """Two rows of three tokens; row 0's second token has log-prob -inf (a token the policy
+    cannot produce), row 1 sits on its old log-probs (ratio 1)."""
+    lp = torch.tensor([[-1.0, -math.inf, -0.5], [-0.3, -0.2, -0.1]], dtype=f64,
+                      requires_grad=requires_grad)  # fmt: skip
+    old = torch.tensor([[-1.1, -2.0, -0.5], [-0.3, -0.2, -0.1]], dtype=f64)
+    return lp, old, torch.ones(2, 3, dtype=torch.bool)
+
+
+def test_gspo_neg_inf_logprob_stays_in_its_row():
+    """GSPO's straight-through ratio sg(s_i) exp(l - sg(l)) read -inf - -inf = NaN at a -inf
+    log-prob: a NaN loss and a NaN gradient for the whole batch, where ppo on the same input
+    is finite. Its row's sequence mean is clamped to -20: s_0 = e^-20."""
+    lp, old, mask = _row_with_a_neg_inf_logprob()
+    adv = torch.tensor([1.0, 0.5], dtype=f64)
+    loss, _ = policy_loss(lp, old, adv, mask, loss_type="gspo", agg="seq-mean-token-mean")
+    loss.backward()
+    s0 = math.exp(-20.0)
+    want = (max(-s0, -0.8) + -0.5 * 1.0) / 2  # each row's tokens share L = max(-A s, -A clip(s))
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    assert lp.grad.isfinite().all()
+    assert lp.grad[0, 1] == 0  # the -inf token takes no gradient (ppo's clamp gives it none)
+
+
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo", "cispo"])
+def test_neg_inf_logprob_under_a_zero_advantage_adds_nothing(loss_type):
+    """A -inf log-prob in a row whose advantage is 0 (every row of a group whose rewards are
+    equal): cispo's -sg(clip(r)) A l read 0 * -inf = NaN; the loss is row 1's alone."""
+    lp, old, mask = _row_with_a_neg_inf_logprob()
+    adv = torch.tensor([0.0, 0.5], dtype=f64)
+    loss, _ = policy_loss(lp, old, adv, mask, loss_type=loss_type, agg="seq-mean-token-mean")
+    loss.backward()
+    lp1 = lp.detach()[1:].clone().requires_grad_(True)
+    alone, _ = policy_loss(lp1, old[1:], adv[1:], mask[1:], loss_type=loss_type,
+                           agg="seq-mean-token-mean")  # fmt: skip
+    alone.backward()
+    assert loss.item() == pytest.approx(alone.item() / 2, rel=1e-12)
+    torch.testing.assert_close(lp.grad[1], lp1.grad[0] / 2, rtol=1e-12, atol=0)
+    assert (lp.grad[0] == 0).all()
+
+
+def test_hybrid_neg_inf_logprob_under_a_zero_shaped_advantage_adds_nothing():
+    lp, _, mask = _row_with_a_neg_inf_logprob()
+    kl = torch.zeros(2, 3, dtype=f64)
+    loss = hybrid_il_rl_loss(lp, torch.tensor([0.0, 0.5], dtype=f64), kl, mask, beta=0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5 * 0.6 / 6, rel=1e-12)  # -(0.5)(-0.6) over 6 tokens
+    assert lp.grad.isfinite().all()
+
+
+def test_hybrid_suffix_sums_do_not_cancel():
+    """sum_{t' > t} KL_t' as the inclusive reverse cumsum minus KL_t cancelled in float32 where a
+    large KL_t sits beside small later ones: KL 5e3 at t = 0 and 1e-4 at the other 1999 tokens
+    gave token 0's suffix 0.19971 for 0.1999 (1e-3 relative). Now the float32 gradient agrees
+    with float64's to float32's rounding."""
+    T = 2000
+    kl = torch.full((1, T), 1e-4, dtype=f64)
+    kl[0, 0] = 5e3
+    lp = torch.full((1, T), -1.0, dtype=f64)
+    mask = torch.ones(1, T, dtype=torch.bool)
+    adv = torch.tensor([1.0], dtype=f64)
+    grads = []
+    for dtype in (torch.float32, f64):
+        x = lp.to(dtype).requires_grad_(True)
+        hybrid_il_rl_loss(x, adv.to(dtype), kl.to(dtype), mask, beta=1.0).backward()
+        grads.append(x.grad.double())
+    # d loss / d l_0 = -(A - suffix_0) / T; suffix_0 = 1999e-4
+    assert grads[1][0, 0].item() == pytest.approx(-(1.0 - 0.1999) / T, rel=1e-12)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=0)
+
+
+def test_hybrid_infinite_kl_keeps_its_own_and_later_gradients_finite():
+    """An infinite KL at token t: the suffix after t is finite (inf - inf read NaN at t)."""
+    kl = torch.tensor([[0.1, math.inf, 0.2]], dtype=f64)
+    lp = torch.full((1, 3), -1.0, dtype=f64, requires_grad=True)
+    hybrid_il_rl_loss(lp, torch.tensor([1.0], dtype=f64), kl, torch.ones(1, 3, dtype=torch.bool),
+                      beta=0.5).backward()  # fmt: skip
+    assert lp.grad[0, 1].item() == pytest.approx(-(1.0 - 0.5 * 0.2) / 3, rel=1e-12)
+    assert lp.grad[0, 2].item() == pytest.approx(-1.0 / 3, rel=1e-12)
+
+
+def test_loss_coefficients_are_checked():
+    lp, old, _, adv, mask = _inputs()
+    kl = torch.rand(lp.shape, dtype=f64)
+    for name, bad, err in (("beta", float("nan"), ValueError), ("beta", "a", TypeError)):
+        with pytest.raises(err, match=name):
+            hybrid_il_rl_loss(lp, adv, kl, mask, **{name: bad})
+    bad_kwargs = (
+        (dict(entropy_coef=float("nan"), entropy=kl), ValueError),
+        (dict(kl_coef="0.1", kl=kl), TypeError),
+        (dict(dual_clip="3"), TypeError),
+        (dict(dual_clip=1.0), ValueError),
+    )
+    for kw, err in bad_kwargs:
+        with pytest.raises(err, match=next(iter(kw))):
+            policy_loss(lp, old, adv, mask, **kw)

@@ -251,8 +251,9 @@ def turns_to_tokens(turn_values: torch.Tensor, turn_ids: torch.Tensor) -> torch.
     Args:
         turn_values: [B, K] float.
         turn_ids: [B, T] int64 / int32, the turn of each token in [0, K), -1 for tokens
-            outside any turn (they get 0). Ids >= K are not checked on a GPU (that would
-            sync the host); on CPU the gather raises on them. K = 0: every id is -1.
+            outside any turn (they get 0). Ids >= K and below -1 are not checked on a GPU
+            (that would sync the host; there the gather fails on the first, the second read as
+            -1); on CPU both raise. K = 0: every id is -1.
 
     Returns:
         [B, T], dtype of turn_values; differentiable w.r.t. turn_values.
@@ -266,6 +267,8 @@ def turns_to_tokens(turn_values: torch.Tensor, turn_ids: torch.Tensor) -> torch.
         )
     check_same_device(turn_values=turn_values, turn_ids=turn_ids)
     ids = turn_ids.to(torch.int64)
+    if values_checkable(ids) and bool((ids < -1).any()):
+        raise ValueError(f"turn_ids must be -1 or a turn in [0, K), got {int(ids.min())}")
     if turn_values.shape[1] == 0:  # no turn to gather from (the gather of id 0 would raise)
         if values_checkable(ids) and bool((ids >= 0).any()):
             raise ValueError("turn_ids must all be -1 when turn_values has no turn (K = 0)")
@@ -304,9 +307,9 @@ def empg_advantages(
         advantages: [B] float, the outcome advantage of each row.
         token_entropy: [B, T] float (`token_stats(...).entropy`).
         mask: [B, T] bool, int or float.
-        step_ids: [B, T] int64 / int32, values in [-1, T). A value >= T raises on CPU; on a GPU
-            (where checking would sync the host) its token gets NaN instead of joining another
-            row's step.
+        step_ids: [B, T] int64 / int32, values in [-1, T). A value >= T or below -1 raises on
+            CPU; on a GPU (where checking would sync the host) a value >= T gets NaN instead of
+            joining another row's step, and one below -1 is read as -1.
         k, k_f, zeta: the EMPG constants.
 
     Returns:
@@ -328,8 +331,9 @@ def empg_advantages(
     dtype = compute_dtype(token_entropy, advantages)
     ids = step_ids.to(torch.int64)
     beyond = ids >= T  # slot i * T + id would be the next row's
-    if values_checkable(ids) and bool(beyond.any()):
-        raise ValueError(f"step_ids must lie in [-1, T) = [-1, {T}), got {int(ids.max())}")
+    if values_checkable(ids) and bool(beyond.any() | (ids < -1).any()):
+        bad = int(ids.max()) if bool(beyond.any()) else int(ids.min())
+        raise ValueError(f"step_ids must lie in [-1, T) = [-1, {T}), got {bad}")
     tok = valid(mask) & (ids >= 0) & ~beyond
     # Steps live in a [B, T] buffer (a row has at most T steps): slot (i, s) = step s of row i.
     slot = torch.where(beyond, 0, ids.clamp(min=0))

@@ -173,8 +173,9 @@ def policy_loss(
     if dual_clip is not None:
         if loss_type == "cispo":
             raise ValueError("dual_clip applies to loss_type 'ppo' and 'gspo', not 'cispo'")
-        if not dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        check_number("dual_clip", dual_clip, above=1.0)
+    check_number("entropy_coef", entropy_coef)
+    check_number("kl_coef", kl_coef)
     if seq_mask is not None:
         check_mask("seq_mask", seq_mask, (shape[0],))
     if rollout_correction is not None:
@@ -217,7 +218,7 @@ def policy_loss(
     dual_active = torch.zeros_like(ok)
     if loss_type == "cispo":
         ratio = torch.exp(log_ratio)
-        token_loss = -ratio.clamp(lo, hi).detach() * adv * lp
+        token_loss = _score_term(-ratio.clamp(lo, hi).detach() * adv, lp)
         clipped = (ratio < lo) | (ratio > hi)
         ratio_stat = ratio
     else:
@@ -225,7 +226,10 @@ def policy_loss(
             n = m.sum(1, keepdim=True)
             seq_log = (raw_log_ratio * m).sum(1, keepdim=True) / torch.where(n != 0, n, 1)
             seq_log = seq_log.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
-            ratio = torch.exp(seq_log.detach() + lp - lp.detach())
+            # lp - sg(lp) is 0 with the gradient of lp; at a -inf log-prob (-inf - -inf: NaN)
+            # it is 0 and takes no gradient, as ppo's clamped log ratio gives that token none.
+            st = torch.where(lp > -torch.inf, lp - lp.detach(), 0)
+            ratio = torch.exp(seq_log.detach() + st)
             ratio_stat = torch.exp(seq_log).expand(shape)
         else:
             ratio = torch.exp(log_ratio)
@@ -314,6 +318,7 @@ def hybrid_il_rl_loss(
     check_float("token_kl", token_kl, 2)
     check_shape("token_kl", token_kl, shape)
     check_mask("mask", mask, shape)
+    check_number("beta", beta)
     check_choice("agg", agg, AGGREGATIONS)
     _check_norm_length(norm_length)
     check_same_device(logprob=logprob, advantages=advantages, token_kl=token_kl, mask=mask)
@@ -322,8 +327,17 @@ def hybrid_il_rl_loss(
     m = weights(mask, dtype)
     kl = torch.where(ok, token_kl.to(dtype), 0)
     km = (kl * m).detach()
-    suffix_after = km.flip(1).cumsum(1).flip(1) - km  # sum over t' > t
+    # sum over t' > t: the reverse cumsum from t + 1 (the inclusive one minus km_t cancelled
+    # where a large KL_t sits beside small later ones, and read inf - inf at an infinite KL_t).
+    suffix = km.flip(1).cumsum(1).flip(1)
+    suffix_after = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], 1)
     # Masked tokens' advantages and log-probs stay out of the gradient (as in policy_loss).
     shaped = torch.where(ok, adv.to(dtype) - beta * suffix_after, 0).detach()
-    token_loss = -shaped * torch.where(ok, logprob.to(dtype), 0) + beta * kl
+    token_loss = _score_term(-shaped, torch.where(ok, logprob.to(dtype), 0)) + beta * kl
     return _aggregate(token_loss, m, m, agg, norm_length)
+
+
+def _score_term(coef: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """coef * lp with a detached coef, 0 where coef is 0: a -inf log-prob under an advantage of
+    0 (every row of a group whose rewards are equal) adds nothing, not 0 * -inf = NaN."""
+    return torch.where(coef != 0, coef * lp, 0)

@@ -58,9 +58,9 @@ def trm_mask(
     Returns:
         bool [B], True = keep.
     """
+    check_mask("mask", mask, getattr(mask, "shape", ()))
     if mask.dim() != 2:
         raise ValueError(f"mask must be 2-d [B, T], got shape {tuple(mask.shape)}")
-    check_mask("mask", mask, mask.shape)
     exact = token_kl is not None
     if exact == (k2 is not None or k3 is not None) or (not exact and (k2 is None or k3 is None)):
         raise ValueError("give either token_kl (exact mode) or both k2 and k3 (sampled mode)")

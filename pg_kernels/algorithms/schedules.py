@@ -53,9 +53,10 @@ class ResponseLengthLRScheduler:
             raise ValueError(f"trigger_ratio must be > 0, got {trigger_ratio}")
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-        if cooldown < 0:
+        # (`not x >= 0`: a NaN fails it; `x < 0` let a NaN cooldown or floor turn it off.)
+        if not cooldown >= 0:
             raise ValueError(f"cooldown must be >= 0, got {cooldown}")
-        if min_lr < 0.0:
+        if not min_lr >= 0.0:
             raise ValueError(f"min_lr must be >= 0, got {min_lr}")
         self.optimizer = optimizer
         self.ema_coef = ema
