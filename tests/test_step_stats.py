@@ -937,6 +937,10 @@ def test_bad_input_names_the_argument():
         S(x, y, rollout_logprobs=lp[:2])
     with pytest.raises(ValueError, match="tis_cap"):
         S(x, y, rollout_logprobs=lp, tis_cap=-1.0)
+    # checked without rollout_logprobs too, as rollout_temperature is (it returned normally)
+    for kw in (dict(tis_cap=-1.0), dict(icepop_low=3.0)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            S(x, y, **kw)
     with pytest.raises(ValueError, match="ref_temperature"):
         S(x, y, ref_logits=xq, ref_temperature=0.0)
     with pytest.raises(ValueError, match="labels"):

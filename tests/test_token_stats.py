@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -853,6 +854,28 @@ BAD_INPUTS = [
         ValueError,
         "temperature must be finite and > 0 in float32",
     ),
+    (  # subnormal: 1 / tau overflows fp32 (NaN rows from the kernels; the truth is finite)
+        lambda x, y: pg_kernels.token_stats(x, y, temperature=3e-39),
+        ValueError,
+        "temperature must be finite and > 0 in float32 (at least its smallest normal",
+    ),
+    (
+        lambda x, y: pg_kernels.token_stats(x, y, temperature=torch.full((2, 3), 1e-39)),
+        ValueError,
+        "temperature.flatten()[0] = 1.0000002153053333e-39 must be finite and > 0 in float32",
+    ),
+    (  # the value as passed, not as rounded to fp32 (0.0)
+        lambda x, y: pg_kernels.token_stats(
+            x, y, temperature=torch.full((2, 3), 1e-320, dtype=torch.float64)
+        ),
+        ValueError,
+        "temperature.flatten()[0] = 1e-320 must be",
+    ),
+    (  # an int past the float range: not a bare OverflowError naming nothing
+        lambda x, y: pg_kernels.token_stats(x, y, temperature=10**400),
+        ValueError,
+        "temperature must be finite",
+    ),
     (
         lambda x, y: pg_kernels.token_stats(x, y, temperature=float("nan")),
         ValueError,
@@ -918,6 +941,30 @@ def test_bad_input_raises_clear_error(case):
     with pytest.raises(exc, match=None) as info:
         fn(x, y)
     assert msg in str(info.value), str(info.value)
+
+
+def test_numpy_scalars_are_numbers():
+    """NumPy scalars (a temperature read off a config array, an ignore_index from a tokenizer)
+    are numbers: they were refused with a TypeError ("got float32", which reads as torch's)."""
+    x, y = make_logits((2, 3), 50, seed=15), make_labels((2, 3), 50, seed=15)
+    y[0, 1] = -100
+    want = pg_kernels.token_stats(x, y, temperature=0.5, ignore_index=-100)
+    got = pg_kernels.token_stats(x, y, temperature=np.float32(0.5), ignore_index=np.int64(-100))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_least_temperature_is_the_smallest_normal():
+    """The bound's edge: the smallest normal fp32 is taken and its rows are right (logits in
+    units of it, so that x / tau stays in range; forward only: the gradient, divided by tau,
+    leaves fp32's range)."""
+    tau = torch.finfo(torch.float32).smallest_normal
+    x, y = make_logits((3,), 7, seed=4) * tau, make_labels((3,), 7, seed=4)
+    got = pg_kernels.token_stats(x, y, temperature=tau)
+    want = reference.token_stats(x.double(), y, temperature=tau)
+    for name in ("logprob", "entropy", "collision", "lse"):
+        torch.testing.assert_close(getattr(got, name).double(), getattr(want, name),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
 def test_check_labels_names_position():

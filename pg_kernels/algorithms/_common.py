@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from pg_kernels.ops._common import as_real
+
 
 def check_float(name: str, t: torch.Tensor, ndim: int | tuple[int, ...]) -> None:
     """`t` must be a floating tensor with `ndim` dims (an int or a tuple of allowed ints)."""
@@ -61,9 +63,9 @@ def check_number(
 ) -> float:
     """A real constant (a Python number, +inf included), not NaN, >= `at_least` and > `above`
     where given. Returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    v = as_real(value)
+    if v is None:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
     low_ok = at_least is None or v >= at_least
     if v != v or not low_ok or (above is not None and not v > above):
         bound = f" >= {at_least:g}" if at_least is not None else ""

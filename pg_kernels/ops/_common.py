@@ -8,6 +8,7 @@ host-syncing validation step a caller may choose to run.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -79,11 +80,22 @@ def check_gradient_out(op: str, logits: torch.Tensor, out: torch.Tensor) -> None
         raise ValueError(f"{op}: out must not share memory with logits")
 
 
+def as_real(value) -> float | None:
+    """A real Python or NumPy scalar as a float (+-inf past the float range: an int of 10**400),
+    None for anything else (a bool, a tensor, a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return float("inf") if value > 0 else float("-inf")
+
+
 def check_float_arg(op: str, name: str, value, *, low: float | None = None) -> float:
     """A finite float hyper-parameter (optionally > low)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    v = as_real(value)
+    if v is None:
         raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
-    v = float(value)
     if not (abs(v) < float("inf")) or (low is not None and not v > low):
         bound = "" if low is None else f" and > {low:g}"
         raise ValueError(f"{op}: {name} must be finite{bound}, got {value}")
@@ -165,34 +177,47 @@ def make_temperature(
             raise ValueError(f"{op}: {name} is not differentiable; pass {name}.detach()")
         flat = temperature.detach().reshape(-1).to(acc_dtype(logits.dtype)).contiguous()
         if values_checkable(flat):
-            bad = ~(torch.isfinite(flat) & (flat > 0))
+            bad = ~(torch.isfinite(flat) & (flat >= _least_temperature(flat.dtype)))
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
+                given = float(temperature.detach().reshape(-1)[i])  # as passed, not rounded
                 raise ValueError(
-                    f"{op}: {name}.flatten()[{i}] = {float(flat[i])} must be finite and > 0"
+                    f"{op}: {name}.flatten()[{i}] = {given} must be finite and > 0 "
+                    f"{_in_range(flat.dtype)}"
                 )
         return Temperature(flat, 1.0)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    t = as_real(temperature)
+    if t is None:
         raise TypeError(
             f"{op}: {name} must be a float or a tensor, got {type(temperature).__name__}"
         )
-    t = float(temperature)
     # As the kernels take it, rounded to the accumulation dtype (as a per-row tensor is checked):
-    # 1e-46 rounds to 0 in fp32 and 4e38 to inf, and gave NaN rows.
-    info = torch.finfo(acc_dtype(logits.dtype))
-    least = info.smallest_normal * info.eps  # the least subnormal; half of it rounds to 0
-    if not (t > least / 2 and t < info.max * (1 + info.eps / 2)):
-        raise ValueError(
-            f"{op}: {name} must be finite and > 0 in {info.dtype}, got {temperature}"
-        )
+    # 4e38 rounds to inf in fp32 and gave NaN rows.
+    dtype = acc_dtype(logits.dtype)
+    info = torch.finfo(dtype)
+    if not (t >= _least_temperature(dtype) and t < info.max * (1 + info.eps / 2)):
+        raise ValueError(f"{op}: {name} must be finite and > 0 {_in_range(dtype)}, got {t}")
     return Temperature(None, t)
+
+
+def _least_temperature(dtype: torch.dtype) -> float:
+    """The least temperature the kernels take: the dtype's smallest normal. Below it 1 / tau
+    overflows or nearly does (fp32 from ~2.9e-39), and subnormal temperatures gave NaN rows
+    (token_stats, kl_divergence, topk_kl) and a top token outside pruned_logprob's safe set."""
+    return torch.finfo(dtype).smallest_normal
+
+
+def _in_range(dtype: torch.dtype) -> str:
+    info = torch.finfo(dtype)
+    return f"in {info.dtype} (at least its smallest normal, {info.smallest_normal:g})"
 
 
 def check_ignore_index(op: str, ignore_index, labels: torch.Tensor | None = None) -> int:
     """An int that the labels' dtype can hold: torch compares `labels != 2**32` on int32 labels
     with the scalar wrapped to 0, where the kernels compare in int64."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = int(ignore_index)
     dtype = torch.int64 if labels is None else labels.dtype  # the ops' schemas take an int64
     info = torch.iinfo(dtype)
     if not info.min <= ignore_index <= info.max:

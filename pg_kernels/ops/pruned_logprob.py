@@ -30,6 +30,7 @@ import torch
 from pg_kernels import _backend, _library, reference
 from pg_kernels.ops._common import (
     acc_dtype,
+    as_real,
     check_ignore_index,
     check_labels_arg,
     check_labels_on_cpu,
@@ -125,11 +126,12 @@ _library.differentiable_once("pruned_logprob_backward")
 
 
 def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    a = as_real(alpha)
+    if a is None:
         raise TypeError(f"{OP}: alpha must be a float in (0, 1), got {type(alpha).__name__}")
-    if not (0 < alpha < 1):
+    if not (0 < a < 1):
         raise ValueError(f"{OP}: alpha must be in (0, 1), got {alpha}")
-    return float(alpha)
+    return a
 
 
 def pruned_logprob(

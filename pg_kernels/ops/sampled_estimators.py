@@ -43,6 +43,11 @@ def check_estimator_args(op, logits, labels, rollout_logprobs, tis_cap, icepop_l
         raise ValueError(
             f"{op}: rollout_logprobs is on {rollout_logprobs.device} but logits on {logits.device}"
         )
+    return estimator_constants(op, tis_cap, icepop_low, icepop_high)
+
+
+def estimator_constants(op, tis_cap, icepop_low, icepop_high) -> dict[str, float]:
+    """tis_cap, icepop_low and icepop_high checked, as floats (`sampled_estimators`' kwargs)."""
     tis_cap = check_float_arg(op, "tis_cap", tis_cap, low=0.0)
     icepop_low = check_float_arg(op, "icepop_low", icepop_low)
     icepop_high = check_float_arg(op, "icepop_high", icepop_high)

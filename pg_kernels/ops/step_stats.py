@@ -34,7 +34,11 @@ from pg_kernels.ops._common import (
     view_rows,
 )
 from pg_kernels.ops.kl_divergence import DIRECTIONS, check_kl_args
-from pg_kernels.ops.sampled_estimators import check_estimator_args, sampled_estimators
+from pg_kernels.ops.sampled_estimators import (
+    check_estimator_args,
+    estimator_constants,
+    sampled_estimators,
+)
 from pg_kernels.outputs import MismatchStats, StepStats, TokenStats
 
 OP = "step_stats"
@@ -226,11 +230,11 @@ def step_stats(
     ignore_index, temp, ref_temp = check_kl_args(
         OP, logits, kl_direction, labels, ignore_index, temperature, ref_temperature
     )
-    bands = None
+    # Checked without rollout_logprobs too, as rollout_temperature is: a bad constant raises
+    # whichever inputs come with it.
+    bands = estimator_constants(OP, tis_cap, icepop_low, icepop_high)
     if rollout_logprobs is not None:
-        bands = check_estimator_args(
-            OP, logits, labels, rollout_logprobs, tis_cap, icepop_low, icepop_high
-        )
+        check_estimator_args(OP, logits, labels, rollout_logprobs, tis_cap, icepop_low, icepop_high)
     if rollout_logits is not None:
         if rollout_logprobs is None:
             raise ValueError(f"{OP}: rollout_logits needs rollout_logprobs (the estimators' input)")
