@@ -269,6 +269,11 @@ def test_verl_kl_penalty(verl, mode):
     ours, grad = run(pgk_verl.kl_penalty, logprob, ref)
     assert_close_to_truth(mode, ours, truth, plain, FORWARD_TOL[torch.float32])
     assert_close_to_truth(mode + " grad", grad, truth_grad, plain_grad, GRAD_TOL[torch.float32])
+    # The two tensors broadcast, as in verl (every mode but "abs" refused it: sampled_kl's shapes)
+    rows, col = logprob.view(8, 8), ref.view(8, 8)[:, :1]
+    broadcast = pgk_verl.kl_penalty(rows, col, mode)
+    assert broadcast.shape == verl.kl_penalty(rows, col, mode).shape
+    assert torch.equal(broadcast, pgk_verl.kl_penalty(rows, col.expand(8, 8), mode))
 
 
 @pytest.mark.parametrize("zero_tail", [True, False])
@@ -527,6 +532,10 @@ def test_openrlhf(openrlhf, dtype, temperature):
     )
     assert got[0].dtype == plain[0].dtype == dtype
     _same_signature(openrlhf.utils.log_probs_from_logits, pgk_openrlhf.log_probs_from_logits)
+    # A temperature tensor of one element, which OpenRLHF broadcasts, is every row's
+    for t in (torch.tensor([temperature]), torch.full((1, 1), temperature)):
+        assert torch.equal(pgk_openrlhf.log_probs_from_logits(x, labels, t),
+                           pgk_openrlhf.log_probs_from_logits(x, labels, temperature))  # fmt: skip
 
 
 def test_openrlhf_patch_unpatch(openrlhf):

@@ -29,8 +29,11 @@ def log_probs_from_logits(
     Args:
         logits: [..., V] float; not modified (OpenRLHF's divides it in place).
         labels: [...] int; -100 gives 0 with zero gradient.
-        temperature: float or [...] tensor, > 0.
+        temperature: float or [...] tensor, > 0; a tensor of one element (OpenRLHF divides by
+            it in place, broadcasting) is that temperature for every row.
     """
+    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
+        temperature = temperature.reshape(())
     return stats(logits, labels, temperature).logprob.to(logits.dtype)
 
 

@@ -118,8 +118,10 @@ def kl_penalty_forward(
     """verl's per-token KL estimate of KL(pi || pi_ref) from tokens sampled from pi.
 
     Modes "kl"/"k1" (logprob - ref_logprob), "abs", "mse"/"k2", "low_var_kl"/"k3" (with verl's
-    clamps: log-ratio to +-20, estimate to +-10); "full" raises as in verl.
+    clamps: log-ratio to +-20, estimate to +-10); "full" raises as in verl. The two log-prob
+    tensors broadcast, as in verl.
     """
+    logprob, ref_logprob = torch.broadcast_tensors(logprob, ref_logprob)
     if kl_penalty == "abs":
         return (logprob - ref_logprob).abs()
     if kl_penalty == "full":
@@ -137,6 +139,7 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
     """verl's `kl_penalty`: a trailing "+" (e.g. "k3+") keeps the mode's value but takes the
     gradient of k2 (straight-through), whose gradient is the unbiased KL gradient."""
     base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    logprob, ref_logprob = torch.broadcast_tensors(logprob, ref_logprob)
     value = kl_penalty_forward(logprob, ref_logprob, base)
     if not kl_penalty.endswith("+") or kl_penalty in ("mse", "k2"):
         return value
