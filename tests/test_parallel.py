@@ -264,6 +264,12 @@ def _inputs(case: dict) -> dict:
     # row 10: masked whole with a huge finite fill on every shard in both tensors (uniform: KLs
     # 0); row 11: so in the logits only (a uniform p against a real q)
     x[10], xr[10], x[11] = -1e30, -1e30, -1e30
+    # row 3 (its label on another rank): the logits masked with -1e30 on rank 0's shard only,
+    # the reference not (the reverse KL's weight side without mass there: log W_r and D_r both
+    # ~-1e30 / tau cancelled in the merge, a KL of 0.71 for 0.33); row 0 (its label on rank
+    # 0): the reference so on the last rank's shard (the forward KL's weight side)
+    x[3, first[0] : first[0] + first[1]] = -1e30
+    xr[0, layout[-1][0] : layout[-1][0] + layout[-1][1]] = -1e30
     temperature = (
         torch.rand(N, generator=g, dtype=torch.float64) * 1.2 + 0.4
         if case["per_row_temperature"]

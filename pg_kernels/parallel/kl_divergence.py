@@ -173,8 +173,15 @@ def _merge(gathered: torch.Tensor, ref_p: torch.Tensor, ref_q: torch.Tensor, rev
     # through their differences, and a side masked whole with a huge finite fill (frames
     # ~-1e30 / tau, an fp64 ulp of 2e14) would otherwise swallow every small term.
     d = ((ref_w - ref_w.amax(0)) - (ref_v - ref_v.amax(0))) + (gathered[..., C] - kl_r)
-    both = has_w & has_v & torch.isfinite(d)
-    near = (both | ~(has_w | has_v)).all(0)  # every shard: both sides or neither
+    # Only a shard where w has mass in fp64 takes part: one whose w side is masked whole with a
+    # huge finite fill adds nothing to the KL, and there log W_r and D_r are both ~fill / tau,
+    # so log W_r - D_r and log W_r + x_r below cancel numbers whose fp64 ulp exceeds the row's
+    # KL (0.125 at -1e15, 1.4e14 at -1e30: a KL of 0.33 read 0.71, or 0). A shard without mass
+    # on either side is as one of neither.
+    weight = torch.exp(log_w)
+    has_mass_w, has_mass_v = weight > 0, torch.exp(log_v) > 0
+    both = has_w & has_v & torch.isfinite(d) & has_mass_w
+    near = (both | ~(has_mass_w | has_mass_v)).all(0)  # every shard: both sides or neither
     # D* = D_r of the shard whose term W_r e^{-D_r} dominates the row's (max of log W_r - D_r):
     # every term is then at most W_r* e^{-D*}, and one shard's own D_r cannot push the others'
     # out of range. (The least D_r did: a shard masked whole with -1e30 on both sides under two
@@ -182,7 +189,6 @@ def _merge(gathered: torch.Tensor, ref_p: torch.Tensor, ref_q: torch.Tensor, rev
     # terms that all underflowed: a KL of 0 or NaN.)
     score = torch.where(both, log_w - d, -INF)
     d_ref = torch.where(both.any(0), d.gather(0, score.argmax(0, keepdim=True))[0], INF)
-    weight = torch.exp(log_w)
     # log (V / W over the near shards) relative to D*: log sum_r W_r e^{x_r}, x_r = D* - D_r,
     # as log1p of sum_r W_r expm1(x_r) where that is small (sum_r W_r = 1 there: exactly 0 for
     # equal rows), else as a logsumexp of log W_r + x_r. W_r expm1(x_r) is formed as e^{log W_r
