@@ -431,8 +431,12 @@ def _subgroup_inputs():
 def _subgroup(rank: int):
     """token_stats and kl_divergence over a group that leaves out rank 1."""
     group = dist.new_group([0, 2])  # every rank of the world takes part in creating it
-    if rank not in SUBGROUP:
-        return None
+    if rank not in SUBGROUP:  # its handle is an int: the error says so, not "got int"
+        try:
+            parallel.token_stats(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), group=group)
+        except ValueError as e:
+            return str(e)
+        return "no error"
     x, xr, labels = _subgroup_inputs()
     start, size = SUBGROUP[rank]
     cols = slice(start, start + size)
@@ -805,7 +809,7 @@ def test_subgroup(worlds):
     x, xr, labels = _subgroup_inputs()
     stats = pg_kernels.token_stats(x, labels)
     kl = pg_kernels.kl_divergence(x, xr, labels=labels)
-    assert worlds[3][1]["subgroup"] is None
+    assert worlds[3][1]["subgroup"] == "parallel.token_stats: this process is not a member of group"
     for rank in SUBGROUP:
         got = worlds[3][rank]["subgroup"]
         for name in ("lse", "logprob"):

@@ -12,6 +12,7 @@ Integers travel exactly as floats: each is split into base-4096 digits (exact in
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,9 @@ def resolve_shard(
         )
     if group is None:
         group = dist.group.WORLD
+    if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+        # new_group's handle on the ranks outside it (an int)
+        raise ValueError(f"{op}: this process is not a member of group")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(
             f"{op}: group must be a torch.distributed.ProcessGroup or None, "
@@ -69,7 +73,9 @@ def resolve_shard(
     size = logits.shape[-1]
     if vocab_start_index is None:
         start = rank * size
-    elif isinstance(vocab_start_index, bool) or not isinstance(vocab_start_index, int):
+    elif isinstance(vocab_start_index, bool) or not isinstance(
+        vocab_start_index, numbers.Integral
+    ):
         raise TypeError(
             f"{op}: vocab_start_index must be an int or None, "
             f"got {type(vocab_start_index).__name__}"
@@ -77,7 +83,7 @@ def resolve_shard(
     elif vocab_start_index < 0:
         raise ValueError(f"{op}: vocab_start_index must be >= 0, got {vocab_start_index}")
     else:
-        start = vocab_start_index
+        start = int(vocab_start_index)
     return Shard(group, rank, world, start, size)
 
 
