@@ -26,7 +26,7 @@ from filelock import FileLock
 import pg_kernels
 from pg_kernels import _backend, parallel, reference
 from pg_kernels.integrations import slime
-from pg_kernels.ops._common import Temperature
+from pg_kernels.ops._common import Temperature, make_temperature
 from pg_kernels.parallel._shard import tiling_ok
 from pg_kernels.reference._util import scaled
 from pg_kernels.testing import (
@@ -949,3 +949,30 @@ def test_needs_an_initialized_group():
         pytest.skip("a process group is already initialized in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         parallel.token_stats(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def test_kl_merge_of_a_shard_whose_fill_overflows():
+    """A side masked with finfo.min on a whole shard under tau < 1: the fill's x / tau leaves
+    fp32's range, and the shard kernel reports that side's frame as NaN. Its partial state
+    read NaN into the merge (a NaN KL and gradients where the single-device op is finite); it
+    is now a side without mass there. Two shards merged in-process, against the single-device
+    op on the whole rows, both directions (row 0: the logits masked on the second shard, row 1:
+    the reference on the first)."""
+    pkl = importlib.import_module("pg_kernels.parallel.kl_divergence")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, generator=g) * 2
+    xr = x + torch.randn(2, 8, generator=g) * 0.5
+    x[0, 4:] = xr[1, :4] = torch.finfo(torch.float32).min
+    for direction in ("reverse", "forward"):
+        for tau in (1.0, 0.7):
+            temp = make_temperature("kl_divergence", tau, x)
+            rows = [
+                pkl.shard_rows(x[:, cols], xr[:, cols], None, temp, temp, IGNORE, direction, "cpu")
+                for cols in (slice(0, 4), slice(4, 8))
+            ]
+            gathered = pkl.partial_state(torch.stack(rows)).double()
+            merged = pkl.merge_partials(
+                gathered, temp, temp, torch.float32, "cpu", direction == "reverse"
+            )
+            want = pg_kernels.kl_divergence(x, xr, temperature=tau, direction=direction)
+            torch.testing.assert_close(merged.kl.float(), want, rtol=2e-7, atol=0)

@@ -232,8 +232,16 @@ def _emptied_columns(empty_p: torch.Tensor, empty_q: torch.Tensor) -> torch.Tens
 def partial_state(rows: torch.Tensor) -> torch.Tensor:
     """[..., N, 6] partial states, as the ranks gather them, from `shard_rows`' [..., N, 8]
     (of one shard or stacked): a side whose row is all -inf on the shard marked empty (max
-    -inf, log s1 0; c and KL_r 0 where either side is)."""
-    empty_p, empty_q = rows[..., MAX_P] == -INF, rows[..., MAX_Q] == -INF
+    -inf, log s1 0; c and KL_r 0 where either side is). So is a side of finite logits whose
+    frame the kernel could not give (NaN or -inf): its x / tau left the float range (finfo.min
+    under tau < 1), no mass beside the row's other shards, as fp32 PyTorch reads it; the state
+    holds frames in the acc dtype. (It read NaN, where the single-device op is finite.)"""
+
+    def empty(max_col: int, m_col: int) -> torch.Tensor:
+        raw_max, m = rows[..., max_col], rows[..., m_col]
+        return (raw_max == -INF) | (torch.isfinite(raw_max) & ~(m > -INF))
+
+    empty_p, empty_q = empty(MAX_P, M_P), empty(MAX_Q, M_Q)
     state = torch.where(_emptied_columns(empty_p, empty_q), 0.0, rows[..., :MAX_P])
     state[..., M_P].masked_fill_(empty_p, -INF)
     state[..., M_Q].masked_fill_(empty_q, -INF)
