@@ -407,6 +407,10 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         # default start rank * V_local = 5 for rank 1 leaves a gap at 4
         "gap": lambda: parallel.token_stats(x, labels),
         "label": lambda: parallel.token_stats(x, torch.tensor([0, 9]), vocab_start_index=4 * rank),
+        # the position in the labels' own shape, as the single-device op names it (was flat)
+        "label_2d": lambda: parallel.token_stats(
+            x.view(2, 1, -1), torch.tensor([[0], [9]]), vocab_start_index=4 * rank
+        ),
         "start_type": lambda: parallel.token_stats(x, labels, vocab_start_index=1.0),
         "start_negative": lambda: parallel.kl_divergence(x, x, vocab_start_index=-1),
     }
@@ -843,6 +847,7 @@ def test_errors_name_the_argument(worlds):
         assert "an overlap" in got["overlap"], got["overlap"]
         assert got["gap"].startswith("ValueError") and "a gap at global id 4" in got["gap"]
         assert got["label"].startswith("ValueError") and "labels[1] = 9" in got["label"]
+        assert "labels[1, 0] = 9" in got["label_2d"], got["label_2d"]
         assert (
             got["start_type"].startswith("TypeError") and "vocab_start_index" in got["start_type"]
         )

@@ -196,7 +196,7 @@ class _TokenStatsFn(torch.autograd.Function):
         gathered, layout = gather_rows(OP, shard, rows)
         if layout.vocab_size is not None:  # CPU: checked here, on every rank alike
             try:
-                check_labels(flat_labels, layout.vocab_size, ignore_index)
+                check_labels(labels, layout.vocab_size, ignore_index)
             except ValueError as e:
                 raise ValueError(f"{OP}: {e}") from None
         # In fp64, each output rounded once (N x COLUMNS numbers); tau as the kernels use it
