@@ -224,7 +224,12 @@ class Target:
             if not (self.time_ratio or self.at_most is not None):
                 lo, hi = 1 / hi, 1 / lo
             mark = f" (paired: {paired['pairs']} pairs, IQR {lo:.2f}–{hi:.2f})"
-        return f"{value:.2f}" + (f" {'✅' if ok else '❌'}" if bound else "") + mark
+        if (record.get("other_load") or 0.0) > LOAD_WARN:  # as the tables' rows: timed under load
+            mark += " *"
+        # Two decimals, or three where they would round onto the bound (1.0504 read "1.05 ❌")
+        near = [b for b in (self.at_least, self.at_most) if b is not None]
+        digits = 3 if any(abs(value - b) < 0.005 for b in near) else 2
+        return f"{value:.{digits}f}" + (f" {'✅' if ok else '❌'}" if bound else "") + mark
 
 
 def targets_summary(
@@ -382,6 +387,33 @@ def versions(extra: Mapping[str, str] | None = None) -> dict[str, str | None]:
     }
     out.update(extra or {})
     return out
+
+
+# Environment variables that change what a run times: the C++ kernels' ISA (ATen's), huge
+# pages and glibc's reuse of freed memory (pg_kernels' CPU backwards advise their gradients for
+# huge pages, PyTorch's tensors take them only with THP_MEM_ALLOC_ENABLE=1: eager's backward
+# moved 323 -> 104 ms with it, a 3x change of x eager), threads, and pg_kernels' own switches.
+RUN_ENV_PREFIXES = ("ATEN_", "THP_", "MALLOC_", "OMP_", "MKL_", "PGK_", "PG_KERNELS_", "TRITON_")
+
+
+def run_environment() -> dict[str, str | None]:
+    """What beside the versions changes a CPU timing: the vector ISA ATen runs and the C++ build
+    pg_kernels loaded for it, the kernel's transparent huge page mode, and the variables of
+    RUN_ENV_PREFIXES that are set."""
+    from pg_kernels import _backend
+
+    ext = _backend.cpu_extension()
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        thp = None
+    variables = {k: v for k, v in sorted(os.environ.items()) if k.startswith(RUN_ENV_PREFIXES)}
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "pg_kernels_cpu_build": None if ext is None else ext.__name__,
+        "transparent_hugepage": thp,
+        "variables": " ".join(f"{k}={v}" for k, v in variables.items()) or None,
+    }
 
 
 def git_state() -> tuple[str | None, bool | None]:
@@ -838,6 +870,7 @@ def run_sweep(
         "git_sha": sha,
         "git_dirty": dirty,
         "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "environment": run_environment(),
     }
     selected = [
         p for p in bench.providers if (not p.opt_in if providers is None else p.name in providers)
@@ -1160,6 +1193,12 @@ def markdown(bench: OpBench, records: list[dict], notes: list[str], meta: dict) 
     ]
     if meta.get("torch_threads"):
         lines.append(f"- torch threads: {meta['torch_threads']}")
+    run_env = meta.get("environment") or {}
+    if any(val is not None for val in run_env.values()):
+        lines.append(
+            "- environment: "
+            + ", ".join(f"{k} {val}" for k, val in run_env.items() if val is not None)
+        )
     lines += [
         (
             "- ms: median over repetitions (p20–p80 beside it); GB/s: minimum bytes the op must "

@@ -86,3 +86,52 @@ def test_gpu_script_names_only_providers_its_benchmarks_have():
         bench = importlib.import_module(f"benchmarks.bench_{op}").make_bench(torch.device("cuda"))
         known = {p.name for p in bench.providers}
         assert set(names) <= known, (op, sorted(set(names) - known))
+
+
+def _harness():
+    sys.path.insert(0, ROOT)
+    from benchmarks import bench_token_stats_from_hidden, harness
+
+    return harness, bench_token_stats_from_hidden
+
+
+def test_target_cells_mark_load_and_never_round_onto_the_bound():
+    """A verdict's row timed under load carries the tables' '*'; a value that two decimals would
+    round onto its bound (1.0504 against <= 1.05 read "1.05 ❌") takes three."""
+    harness, _ = _harness()
+    at_most = harness.Target("fwd / amax ≤ 1.05", "fwd", "ceiling:amax", at_most=1.05)
+    loaded = {"speedup_vs": {"ceiling:amax": 1 / 1.0504}, "other_load": 1.6}
+    assert at_most.cell(loaded) == "1.050 ❌ *"
+    assert at_most.cell({"speedup_vs": {"ceiling:amax": 1 / 1.2}}) == "1.20 ❌"
+    at_least = harness.Target("×eager ≥ 8", "fwd", "eager", at_least=8)
+    assert at_least.cell({"speedup_vs": {"eager": 7.996}, "other_load": 0.1}) == "7.996 ❌"
+
+
+def test_from_hidden_memory_verdict_follows_the_device():
+    """The CPU target is 20 % of N·V·4; a GPU provider's is cce's peak at the same dtype (it was
+    held to the CPU rule: 1500 MB against cce's 600 read ✅)."""
+    _, bench = _harness()
+    shape = {"N": 16384, "V": 151936, "D": 4096}
+
+    def rows(*peaks):
+        return [dict(mode="fwd+bwd", shape=shape, peak_mem_mb=mb, provider=p, dtype="bf16")
+                for p, mb in peaks]  # fmt: skip
+
+    gpu = "\n".join(bench.memory_summary("pg_kernels:triton", shape, rows(
+        ("pg_kernels:triton", 1500), ("cce", 600))))  # fmt: skip
+    assert "| pg_kernels:triton | bf16 | 1500 | 15.8 ❌ (above cce) |" in gpu
+    alone = "\n".join(bench.memory_summary("pg_kernels:triton", shape, rows(
+        ("pg_kernels:triton", 500),)))  # fmt: skip
+    assert "(no cce row)" in alone
+    cpu = "\n".join(bench.memory_summary("pg_kernels:cpu", shape, rows(("pg_kernels:cpu", 1000),)))
+    assert "| 10.5 ✅ |" in cpu
+
+
+def test_results_record_what_changes_a_cpu_timing(monkeypatch):
+    """The ISA ATen runs, the C++ build loaded for it, the huge-page mode and the variables that
+    move a timing (THP_MEM_ALLOC_ENABLE moved eager's backward 323 -> 104 ms, a 3x x eager)."""
+    harness, _ = _harness()
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    env = harness.run_environment()
+    assert env["cpu_capability"] and env["pg_kernels_cpu_build"].startswith("pg_kernels._C")
+    assert "THP_MEM_ALLOC_ENABLE=1" in env["variables"]
