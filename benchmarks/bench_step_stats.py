@@ -6,8 +6,9 @@ one read of each logits tensor, against the three ops called one after the other
 
 Every statistic is computed: TokenStats, MismatchStats with token_kl and token_tv, and the
 reverse KL to the teacher. The backward modes differentiate
-loss = sum(w1 logprob + w2 entropy + w3 kl) (the policy's gradient, written once by the bundle,
-three times by the single ops). Providers: pg_kernels' bundle on every backend with a kernel
+loss = sum(w1 logprob + w2 entropy + w3 kl) (the policy's gradient, written once by the bundle;
+by the single ops twice, token_stats' and kl_divergence's, then added: mismatch_stats' outputs
+are not in the loss). Providers: pg_kernels' bundle on every backend with a kernel
 here, the same with `token_tv=False` (`no_tv:<backend>`), `separate:<backend>` (token_stats,
 mismatch_stats, kl_divergence) and the eager references.
 

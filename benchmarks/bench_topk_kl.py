@@ -10,8 +10,8 @@ pg_kernels on every backend with a kernel here (cpu; triton on a GPU), the eager
 (`reference.topk_kl(..., upcast=False)`) and `torch.compile` of it.
 
 Bytes moved (the minimum an ideal kernel moves), s = the logits' itemsize:
-  fwd      N V s logits + N K 16 (int64 ids, fp32 log-probs, read) + N * 4 (kl out)
-  bwd      N V s read + N V s grad written + N K 16 + N * 12 (saved lse, log p_tail; upstream)
+  fwd      N V s logits + N K 12 (int64 ids, fp32 log-probs, read) + N * 4 (kl out)
+  bwd      N V s read + N V s grad written + N K 12 + N * 12 (saved lse, log p_tail; upstream)
   fwd+bwd  the sum of both.
 """
 
