@@ -54,9 +54,14 @@ def scaled_from_max(logits: torch.Tensor, temperature, dtype: torch.dtype) -> to
     against 8e-20 from this form; 50-digit mpmath). -inf, +inf and NaN entries stay so. The
     shift is a constant to autograd: the gradient is that of x / T."""
     x = logits.to(dtype)
+    return scaled(x - finite_row_max(x), temperature, dtype)
+
+
+def finite_row_max(x: torch.Tensor) -> torch.Tensor:
+    """Each row's largest finite entry (keepdim; 0 if none), detached: `scaled_from_max`'s
+    shift."""
     x_max = x.detach().masked_fill(~torch.isfinite(x), float("-inf")).amax(-1, keepdim=True)
-    x_max = torch.where(torch.isfinite(x_max), x_max, torch.zeros_like(x_max))
-    return scaled(x - x_max, temperature, dtype)
+    return torch.where(torch.isfinite(x_max), x_max, torch.zeros_like(x_max))
 
 
 def invalid_rows(z: torch.Tensor) -> torch.Tensor:
