@@ -575,11 +575,11 @@ def test_hybrid_il_rl_loss_vs_loop():
         hybrid_il_rl_loss(lp, adv, kl[:, :2], mask, beta=0.1)
 
 
-def _row_with_a_neg_inf_logprob(requires_grad=True):
+def _row_with_a_neg_inf_logprob():
     """Two rows of three tokens; row 0's second token has log-prob -inf (a token the policy
     cannot produce), row 1 sits on its old log-probs (ratio 1)."""
     lp = torch.tensor([[-1.0, -math.inf, -0.5], [-0.3, -0.2, -0.1]], dtype=f64,
-                      requires_grad=requires_grad)  # fmt: skip
+                      requires_grad=True)  # fmt: skip
     old = torch.tensor([[-1.1, -2.0, -0.5], [-0.3, -0.2, -0.1]], dtype=f64)
     return lp, old, torch.ones(2, 3, dtype=torch.bool)
 

@@ -39,7 +39,11 @@ from pg_kernels.ops._common import (
     row_layout,
     view_rows,
 )
-from pg_kernels.ops.sampled_estimators import check_estimator_args, sampled_estimators
+from pg_kernels.ops.sampled_estimators import (
+    check_rollout_logprobs,
+    estimator_constants,
+    sampled_estimators,
+)
 from pg_kernels.ops.token_stats import token_stats
 from pg_kernels.outputs import MismatchStats
 
@@ -182,9 +186,8 @@ def mismatch_stats(
     check_logits(OP, "logits", logits)
     check_labels_arg(OP, logits, labels)
     ignore_index = check_ignore_index(OP, ignore_index, labels)
-    bands = check_estimator_args(
-        OP, logits, labels, rollout_logprobs, tis_cap, icepop_low, icepop_high
-    )
+    check_rollout_logprobs(OP, logits, labels, rollout_logprobs)
+    bands = estimator_constants(OP, tis_cap, icepop_low, icepop_high)
     temp = make_temperature(OP, temperature, logits)
     roll_temp = (  # checked here whether or not rollout_logits use it
         temp

@@ -28,10 +28,9 @@ SAMPLED_FIELDS = (  # the kernels' outputs, in this order
 )  # fmt: skip
 
 
-def check_estimator_args(op, logits, labels, rollout_logprobs, tis_cap, icepop_low, icepop_high):
-    """The checks of the sampled estimators' inputs, shared by mismatch_stats and step_stats;
-    returns the keyword arguments of `sampled_estimators` (tis_cap, icepop_low, icepop_high) as
-    floats."""
+def check_rollout_logprobs(op, logits, labels, rollout_logprobs) -> None:
+    """The sampled estimators' tensor input, shared by mismatch_stats and step_stats (their
+    constants: `estimator_constants`)."""
     if not isinstance(rollout_logprobs, torch.Tensor) or not rollout_logprobs.is_floating_point():
         raise TypeError(f"{op}: rollout_logprobs must be a floating tensor of log-probs")
     if tuple(rollout_logprobs.shape) != tuple(labels.shape):
@@ -43,7 +42,6 @@ def check_estimator_args(op, logits, labels, rollout_logprobs, tis_cap, icepop_l
         raise ValueError(
             f"{op}: rollout_logprobs is on {rollout_logprobs.device} but logits on {logits.device}"
         )
-    return estimator_constants(op, tis_cap, icepop_low, icepop_high)
 
 
 def estimator_constants(op, tis_cap, icepop_low, icepop_high) -> dict[str, float]:

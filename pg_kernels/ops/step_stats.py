@@ -35,7 +35,7 @@ from pg_kernels.ops._common import (
 )
 from pg_kernels.ops.kl_divergence import DIRECTIONS, check_kl_args
 from pg_kernels.ops.sampled_estimators import (
-    check_estimator_args,
+    check_rollout_logprobs,
     estimator_constants,
     sampled_estimators,
 )
@@ -234,7 +234,7 @@ def step_stats(
     # whichever inputs come with it.
     bands = estimator_constants(OP, tis_cap, icepop_low, icepop_high)
     if rollout_logprobs is not None:
-        check_estimator_args(OP, logits, labels, rollout_logprobs, tis_cap, icepop_low, icepop_high)
+        check_rollout_logprobs(OP, logits, labels, rollout_logprobs)
     if rollout_logits is not None:
         if rollout_logprobs is None:
             raise ValueError(f"{OP}: rollout_logits needs rollout_logprobs (the estimators' input)")

@@ -89,8 +89,7 @@ def _kl_near(zw: torch.Tensor, zv: torch.Tensor, logw: torch.Tensor, d: torch.Te
     off = w_zero & ~v_zero
     has_off = off.any(-1, keepdim=True)
     lse_off = torch.where(has_off, torch.where(off, zv, -torch.inf), torch.zeros_like(zv))
-    lse_w = torch.where(w_zero, -torch.inf, zw)
-    log_u = lse_off.logsumexp(-1) - c[..., 0] - lse_w.logsumexp(-1)
+    log_u = lse_off.logsumexp(-1) - c[..., 0] - zw.logsumexp(-1)
     safe = has_off[..., 0] & near
     u = torch.where(safe, torch.where(safe, log_u, torch.zeros_like(log_u)).exp(), 0.0)
     s = k + u + (w * delta).sum(-1)
